@@ -1,0 +1,68 @@
+// Schemas of every native op, in one TORCH_LIBRARY block, so that the CPU and
+// CUDA implementations (TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp, csrc/cuda/*.cu)
+// and the Python fake/autograd registrations (rlhf_fast/ops/*.py) agree on one
+// signature. The ops appear as torch.ops.rlhf_fast.<name>.
+//
+// Conventions: tensors arrive contiguous and flattened by the Python front end
+// ([N, V] logits, [N] labels, [B, T] per-token tensors). Reductions that return
+// "stats" return one float tensor whose entries are documented beside the op.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module, so that `import rlhf_fast._C` loads this library (and with it
+// the registrations below) without pybind11, which would double compile time.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rlhf_fast, m) {
+  // ---- log-probs (csrc/cpu/logprobs.cpp) --------------------------------
+  // logits [N, V] any float dtype, labels [N] int64. logp/entropy/lse [N] in
+  // float32 (float64 for float64 logits); entropy is [0] when not requested.
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, bool return_entropy, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // grad_logits [N, V] in the logits dtype.
+  m.def("token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+
+  // ---- fused LM head + log-probs (csrc/cpu/fused_linear.cpp) ------------
+  // hidden [N, H], weight [V, H], bias [V]; chunk_size tokens per chunk (0 = auto).
+  m.def("fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, bool return_entropy, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
+  m.def("fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+
+  // ---- KL estimators (csrc/cpu/kl.cpp) ----------------------------------
+  // kind in {k1, k2, k3, abs, mse}; elementwise on any shape.
+  m.def("kl_penalty_fwd(Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+  m.def("kl_penalty_bwd(Tensor grad, Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+
+  // ---- advantages and masked statistics (csrc/cpu/advantages.cpp) -------
+  // [B, T] in, (advantages, returns) [B, T] out.
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("discounted_returns(Tensor rewards, Tensor mask, float gamma) -> Tensor");
+  // scores [B], kind in {grpo, rloo, dr_grpo}.
+  m.def("group_advantages(Tensor scores, int group_size, str kind, bool normalize_std, float eps) -> Tensor");
+  // full reductions over the masked entries of any shape
+  m.def("masked_mean(Tensor x, Tensor mask) -> Tensor");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
+
+  // ---- PPO losses (csrc/cpu/ppo_loss.cpp) -------------------------------
+  // agg in {token-mean, seq-mean-token-mean, seq-mean-token-sum,
+  // seq-mean-token-sum-norm}; normalizer: 0-dim tensor replacing the default
+  // denominator. Returns (loss 0-dim, stats [5] = clip_frac, dual_clip_frac,
+  // approx_kl, ratio_mean, ratio_max).
+  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, float clip_high, float? dual_clip, str agg, Tensor? normalizer) -> (Tensor, Tensor)");
+  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, float clip_high, float? dual_clip, str agg, Tensor? normalizer) -> Tensor");
+  // Returns (loss 0-dim, stats [2] = clip_frac, values_mean).
+  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, str agg, Tensor? normalizer) -> (Tensor, Tensor)");
+  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, str agg, Tensor? normalizer) -> Tensor");
+
+  // ---- sampling (csrc/cpu/sampling.cpp) ---------------------------------
+  // logits [B, V], uniforms [B] float64 in [0, 1): inverse CDF in vocabulary
+  // order over the processed distribution. Returns (tokens [B] int64, logp [B] float32).
+  m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float min_p) -> (Tensor, Tensor)");
+
+  // ---- CUDA-only ops (csrc/cuda/*.cu) -----------------------------------
+  // (schemas of ops that only the CUDA backend implements go here)
+}

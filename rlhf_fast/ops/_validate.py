@@ -1,0 +1,89 @@
+"""Argument checks shared by the public ops: each raises ValueError/TypeError naming the
+argument and what was expected. Data-dependent checks (label range) are eager on CPU,
+device-side asserts on GPU (no host sync), and skipped while torch.compile traces."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def tensor(name: str, x, *, floating: bool = False, integer: bool = False, ndim: Optional[int] = None,
+           min_ndim: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if integer and x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 preferred), got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def mask(name: str, m, shape: Sequence[int]) -> None:
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool or 0/1), got {type(m).__name__}")
+    if m.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or 0/1, got {m.dtype}")
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(m.shape)}")
+
+
+def same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    ref = tuple(tensors[0].shape)
+    for n, t in zip(names[1:], tensors[1:]):
+        if tuple(t.shape) != ref:
+            raise ValueError(f"{n} must have the shape of {names[0]} {ref}, got {tuple(t.shape)}")
+
+
+def same_device(names: Sequence[str], tensors: Iterable[Optional[torch.Tensor]]) -> None:
+    pairs = [(n, t) for n, t in zip(names, tensors) if isinstance(t, torch.Tensor)]
+    dev = pairs[0][1].device
+    for n, t in pairs[1:]:
+        if t.device != dev:
+            raise ValueError(f"{n} is on {t.device} but {pairs[0][0]} is on {dev}; put all inputs on one device")
+
+
+def labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if _compiling() or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.device.type == "cpu":
+        if bool(bad.any()):
+            v = labels[bad][0].item()
+            raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {v}")
+    else:
+        torch._assert_async(~bad.any(), f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+
+
+def temperature(t, *, allow_zero: bool = False) -> None:
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(t).__name__}")
+    if t < 0 or (t == 0 and not allow_zero) or t != t:
+        want = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"temperature must be {want}, got {t}")
+
+
+def choice(name: str, value, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def nonneg(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")

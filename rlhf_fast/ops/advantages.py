@@ -1,0 +1,108 @@
+"""Advantage estimators and masked statistics: gae, discounted_returns,
+group_advantages, masked_mean, masked_whiten.
+
+Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/advantages.cpp), ``cuda``
+(csrc/cuda/advantages.cu).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _validate, reference
+from .reference import GROUP_KINDS
+
+
+def _check_rows(names, tensors, mask_name, mask):
+    for n, t in zip(names, tensors):
+        _validate.tensor(n, t, floating=True, ndim=2)
+    _validate.same_shape(names, tensors)
+    _validate.mask(mask_name, mask, tensors[0].shape)
+    _validate.same_device(tuple(names) + (mask_name,), tuple(tensors) + (mask,))
+
+
+def _check_discount(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0.0 <= x <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation. rewards, values, mask ``[B, T]``.
+
+    Masked positions are skipped (each row is the sequence of its unmasked tokens; left/right
+    padding and holes all work); the value after a row's last unmasked token is 0. Returns
+    ``(advantages, returns)`` ``[B, T]`` float32 (float64 for float64 input), 0 where masked.
+    """
+    _check_rows(("rewards", "values"), (rewards, values), "mask", mask)
+    _check_discount("gamma", gamma)
+    _check_discount("lam", lam)
+    return _dispatch.call("gae", rewards.device, rewards, values, mask, gamma=gamma, lam=lam)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE returns G_t = r_t + γ·G_next over the unmasked tokens of each row.
+
+    rewards, mask ``[B, T]``. Returns ``[B, T]`` float32 (float64 for float64), 0 where masked.
+    """
+    _check_rows(("rewards",), (rewards,), "mask", mask)
+    _check_discount("gamma", gamma)
+    return _dispatch.call("discounted_returns", rewards.device, rewards, mask, gamma=gamma)
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, *, kind: str = "grpo", normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Critic-free advantages of scores ``[B]`` in consecutive groups of ``group_size``.
+
+    ``grpo``: (s − mean) / (std + eps), std unbiased as ``torch.std`` (groups of one give 0);
+    ``rloo``: s − mean of the other answers; ``dr_grpo``: s − mean. Returns ``[B]`` float32
+    (float64 for float64 scores).
+    """
+    _validate.tensor("scores", scores, floating=True, ndim=1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if scores.shape[0] % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the number of scores B={scores.shape[0]}")
+    _validate.choice("kind", kind, GROUP_KINDS)
+    if kind == "rloo" and group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
+    _validate.nonneg("eps", eps)
+    return _dispatch.call("group_advantages", scores.device, scores, group_size, kind=kind,
+                          normalize_std=normalize_std, eps=eps)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, group=None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is set (over ``dim`` if given; empty → 0).
+
+    ``group``: a torch.distributed process group whose ranks' sums are all-reduced first.
+    float32 result (float64 for float64 x).
+    """
+    _validate.tensor("x", x, floating=True)
+    _validate.mask("mask", mask, x.shape)
+    _validate.same_device(("x", "mask"), (x, mask))
+    if dim is not None or group is not None:
+        return reference.masked_mean(x, mask, dim, group=group)
+    return _dispatch.call("masked_mean", x.device, x, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, group=None):
+    """(x − mean) / sqrt(var + eps), mean and unbiased variance over the masked entries.
+
+    ``shift_mean=False`` adds the mean back (rescale only). Masked-out positions give 0.
+    ``group``: all-reduce the statistics over a torch.distributed process group. Same shape
+    as x, float32 (float64 for float64).
+    """
+    _validate.tensor("x", x, floating=True)
+    _validate.mask("mask", mask, x.shape)
+    _validate.same_device(("x", "mask"), (x, mask))
+    _validate.nonneg("eps", eps)
+    if group is not None:
+        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, group=group)
+    return _dispatch.call("masked_whiten", x.device, x, mask, shift_mean=shift_mean, eps=eps)
+
+
+_dispatch.register("gae", "torch", reference.gae)
+_dispatch.register("discounted_returns", "torch", reference.discounted_returns)
+_dispatch.register("group_advantages", "torch", reference.group_advantages)
+_dispatch.register("masked_mean", "torch", reference.masked_mean)
+_dispatch.register("masked_whiten", "torch", reference.masked_whiten)

@@ -1,0 +1,122 @@
+"""fused_linear_logprobs and fused_linear_policy_loss: the LM head fused with the
+log-softmax (and the PPO loss), never holding more than one chunk of logits.
+
+Backends: ``torch`` (reference, materialises logits), ``cpp`` (csrc/cpu/fused_linear.cpp),
+``triton`` (kernels/fused_linear.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _validate, reference
+from .reference import AGG_MODES, KL_KINDS
+
+
+def _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, hidden_ndim):
+    _validate.tensor("hidden", hidden, floating=True, ndim=hidden_ndim)
+    _validate.tensor("weight", weight, floating=True, ndim=2)
+    _validate.tensor("labels", labels, integer=True)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    if bias is not None:
+        _validate.tensor("bias", bias, floating=True, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    _validate.same_device(("hidden", "weight", "labels", "bias"), (hidden, weight, labels, bias))
+    _validate.temperature(temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _validate.labels_in_range("labels", labels, weight.shape[0], ignore_index)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    ignore_index: int = -100,
+):
+    """Log-probs (and entropy) of ``labels`` under softmax((hidden @ weight.T + bias) / T).
+
+    hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]`` int (or
+    ``ignore_index``, giving 0). Returns logp ``[N]`` (and entropy ``[N]``) float32 (float64 for
+    float64 hidden). Gradients flow to hidden, weight and bias. Native backends never hold
+    more than ``chunk_size`` rows of logits at once.
+    """
+    _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, 2)
+    return _dispatch.call(
+        "fused_linear_logprobs", hidden.device, hidden, weight, labels, bias=bias, temperature=temperature,
+        return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index,
+    )
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    agg: str = "token-mean",
+    normalizer=None,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    ignore_index: int = -100,
+):
+    """The policy-loss step from the last hidden state, never holding the ``[B·T, V]`` logits.
+
+    hidden ``[B, T, H]``, weight ``[V, H]``; labels, old_logp, advantages, mask (and ref_logp)
+    ``[B, T]``. loss = agg(ppo token loss + kl_coef·KL(logp, ref_logp) − entropy_coef·entropy),
+    every term aggregated with the same ``agg`` (and ``normalizer``, a number or device tensor
+    replacing the denominator). Returns ``(loss, stats)``: loss 0-dim float32; stats as
+    :func:`ppo_policy_loss` plus ``kl``, ``entropy`` (masked means) and ``logp`` ``[B, T]``
+    (detached). Gradients to hidden, weight (and bias).
+    """
+    _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, 3)
+    shape = tuple(labels.shape)
+    for name, t in (("old_logp", old_logp), ("advantages", advantages)):
+        _validate.tensor(name, t, floating=True)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape [B, T] = {shape}, got {tuple(t.shape)}")
+    if ref_logp is not None:
+        _validate.tensor("ref_logp", ref_logp, floating=True)
+        if tuple(ref_logp.shape) != shape:
+            raise ValueError(f"ref_logp must have shape [B, T] = {shape}, got {tuple(ref_logp.shape)}")
+    _validate.mask("mask", mask, shape)
+    _validate.same_device(("hidden", "old_logp", "advantages", "mask", "ref_logp"),
+                          (hidden, old_logp, advantages, mask, ref_logp))
+    _validate.choice("kl_kind", kl_kind, KL_KINDS)
+    _validate.choice("agg", agg, AGG_MODES)
+    _validate.nonneg("clip_low", clip_low)
+    _validate.nonneg("clip_high", clip_high, allow_none=True)
+    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
+        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    return _dispatch.call(
+        "fused_linear_policy_loss", hidden.device, hidden, weight, labels, old_logp, advantages, mask,
+        ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias,
+        chunk_size=chunk_size, ignore_index=ignore_index,
+    )
+
+
+_dispatch.register("fused_linear_logprobs", "torch", reference.fused_linear_logprobs)
+_dispatch.register("fused_linear_policy_loss", "torch", reference.fused_linear_policy_loss)

@@ -1,0 +1,95 @@
+"""ppo_policy_loss and ppo_value_loss: clipped PPO losses, one fused pass forward and
+backward, with their statistics.
+
+Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/ppo_loss.cpp), ``triton``
+(kernels/ppo_loss.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _validate, reference
+from .reference import AGG_MODES
+
+
+def check_normalizer(normalizer) -> None:
+    if normalizer is None or isinstance(normalizer, torch.Tensor):
+        if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer > 0:
+        raise ValueError(f"normalizer must be a positive number, a 1-element tensor or None, got {normalizer!r}")
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    agg: str = "token-mean",
+    normalizer=None,
+):
+    """Clipped PPO policy loss over ``[B, T]`` logp, old_logp, advantages and mask.
+
+    Per token r = exp(logp − old_logp) (log-ratio clamped to ±20),
+    loss = max(−A·r, −A·clip(r, 1−clip_low, 1+clip_high)) (clip_high defaults to clip_low);
+    with ``dual_clip=c`` tokens with A < 0 take min(that, −A·c). ``agg`` is one of
+    token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm;
+    ``normalizer`` (number or device tensor) replaces its denominator. Returns
+    ``(loss, stats)``: loss 0-dim float32 (float64 for float64 logp), differentiable in logp;
+    stats: clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max (0-dim, detached).
+    """
+    names = ("logp", "old_logp", "advantages")
+    for n, t in zip(names, (logp, old_logp, advantages)):
+        _validate.tensor(n, t, floating=True, ndim=2)
+    _validate.same_shape(names, (logp, old_logp, advantages))
+    _validate.mask("mask", mask, logp.shape)
+    _validate.same_device(names + ("mask",), (logp, old_logp, advantages, mask))
+    _validate.nonneg("clip_low", clip_low)
+    _validate.nonneg("clip_high", clip_high, allow_none=True)
+    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
+        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    _validate.choice("agg", agg, AGG_MODES)
+    check_normalizer(normalizer)
+    return _dispatch.call("ppo_policy_loss", logp.device, logp, old_logp, advantages, mask, clip_low=clip_low,
+                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: Optional[float] = 0.2,
+    agg: str = "token-mean",
+    normalizer=None,
+):
+    """Clipped value loss over ``[B, T]`` values, old_values, returns and mask.
+
+    Per token 0.5·max((v − R)², (old + clip(v − old, −c, c) − R)²); ``clip=None`` gives
+    0.5·(v − R)². Aggregated as :func:`ppo_policy_loss`. Returns ``(loss, stats)`` with stats
+    clip_frac and values_mean; differentiable in values.
+    """
+    names = ("values", "old_values", "returns")
+    for n, t in zip(names, (values, old_values, returns)):
+        _validate.tensor(n, t, floating=True, ndim=2)
+    _validate.same_shape(names, (values, old_values, returns))
+    _validate.mask("mask", mask, values.shape)
+    _validate.same_device(names + ("mask",), (values, old_values, returns, mask))
+    _validate.nonneg("clip", clip, allow_none=True)
+    _validate.choice("agg", agg, AGG_MODES)
+    check_normalizer(normalizer)
+    return _dispatch.call("ppo_value_loss", values.device, values, old_values, returns, mask, clip=clip, agg=agg,
+                          normalizer=normalizer)
+
+
+_dispatch.register("ppo_policy_loss", "torch", reference.ppo_policy_loss)
+_dispatch.register("ppo_value_loss", "torch", reference.ppo_value_loss)

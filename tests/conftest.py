@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Keep the suite deterministic and light on the 2-core CI machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def live_cpu_backends():
+    """The backends that can run CPU tensors here (always 'torch'; 'cpp' when built)."""
+    from rlhf_fast.ops import _dispatch
+
+    out = ["torch"]
+    if _dispatch.backend_available("cpp")[0]:
+        out.append("cpp")
+    return out

@@ -54,10 +54,13 @@ setup(
         "rlhf_fast.trainers",
         "rlhf_fast.data",
         "rlhf_fast.kernels",
+        "rlhf_fast.benchmarks",
+        "rlhf_fast.demo",
     ],
     # Triton sources live at the top of the repository, where kernel authors look for
     # them, and ship as the subpackage rlhf_fast.kernels.
-    package_dir={"rlhf_fast.kernels": "kernels"},
+    # benchmarks/ likewise ships as rlhf_fast.benchmarks so that `rlhf-fast bench` works from a wheel.
+    package_dir={"rlhf_fast.kernels": "kernels", "rlhf_fast.benchmarks": "benchmarks"},
     package_data={"rlhf_fast.data": ["*.txt", "*.jsonl", "*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,84 +1,68 @@
-"""`rlhf-fast` command line: env, demo, and (as they land) sft / reward / ppo / grpo /
-rloo / label / plot / eval / bench. Bad arguments exit with code 2 and one line."""
+"""`rlhf-fast` command line.
+
+Each subcommand lives in the module that owns it, which defines
+``add_arguments(parser)`` and ``run(args) -> int``; only that module is imported, so
+``rlhf-fast env`` stays fast. Bad input exits with code 2 and one readable line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "env": ("rlhf_fast.env_report", "report torch/Triton/CUDA versions and which backends are live"),
+    "demo": ("rlhf_fast.demo.cli", "the main job: an end-to-end RLHF run on the CPU in minutes"),
+    "sft": ("rlhf_fast.trainers.sft", "supervised fine-tuning: rlhf-fast sft CONFIG.yaml [--key value ...]"),
+    "reward": ("rlhf_fast.trainers.reward", "train a reward model: rlhf-fast reward CONFIG.yaml [--key value ...]"),
+    "label": ("rlhf_fast.feedback.label", "label pairs in the terminal: rlhf-fast label PAIRS.jsonl --out LABELS.jsonl"),
+    "judge": ("rlhf_fast.feedback.judge", "AI feedback: label pairs or score responses with a judge model"),
+    "ppo": ("rlhf_fast.trainers.rl_cli", "PPO with a critic and GAE: rlhf-fast ppo CONFIG.yaml [--key value ...]"),
+    "grpo": ("rlhf_fast.trainers.rl_cli", "GRPO (group-relative, no critic): rlhf-fast grpo CONFIG.yaml"),
+    "rloo": ("rlhf_fast.trainers.rl_cli", "RLOO (leave-one-out, no critic): rlhf-fast rloo CONFIG.yaml"),
+    "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
+    "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),
+    "bench": ("rlhf_fast.benchmarks.cli", "benchmarks: rlhf-fast bench ops|e2e|all [--device cpu|cuda] [--quick]"),
+}
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def _cmd_env(args) -> int:
-    from rlhf_fast import backends
-
-    info = backends()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    for k, v in info.items():
-        if k != "backends":
-            print(f"{k:12s} {v}")
-    print("backends:")
-    for name, b in info["backends"].items():
-        print(f"  {name:7s} {'live' if b['available'] else 'off ':4s}  {b['reason']}")
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from rlhf_fast.ops_report import run_ops_report
-
-    return run_ops_report(quick=args.quick)
-
-
-# name -> (help, add_arguments, run); subcommands register here as they land
-COMMANDS: Dict[str, tuple] = {}
-
-
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    def deco(fn):
-        COMMANDS[name] = (help, add_arguments, fn)
-        return fn
-
-    return deco
-
-
-command("env", "report torch/Triton/CUDA versions and live backends",
-        lambda p: p.add_argument("--json", action="store_true", help="print JSON"))(_cmd_env)
-command("demo", "run the main job (end-to-end RLHF on the CPU)",
-        lambda p: p.add_argument("--quick", action="store_true", help="tiny sizes"))(_cmd_demo)
-
-
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one readable line, exit 2
-        self.exit(2, f"rlhf-fast: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rlhf-fast", description="RLHF trainer on fused kernels")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (help_, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_))
-    return parser
+def _usage() -> str:
+    lines = ["usage: rlhf-fast COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rlhf-fast: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = ArgumentParser(prog=f"rlhf-fast {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command = name
     try:
-        return int(COMMANDS[args.command][2](args) or 0)
-    except CLIError as e:
-        print(f"rlhf-fast: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
+        return int(module.run(args) or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"rlhf-fast {name}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ from .kl import kl_penalty
 from .logprobs import token_logprobs
 from .ppo_loss import ppo_policy_loss, ppo_value_loss
 from .sampling import sample
+from . import _cuda, _triton  # noqa: E402,F401  (register GPU backends after the front ends)
 
 _dispatch.probe_all()
 

@@ -1,0 +1,37 @@
+"""Policy-optimisation building blocks composed from :mod:`rlhf_fast.ops`: advantage
+estimators (GAE, GRPO, Dr.GRPO, RLOO, REINFORCE++), KL controllers, reward shaping and
+reward sources."""
+
+from .advantages import (
+    CRITIC_ESTIMATORS,
+    ESTIMATORS,
+    GROUP_ESTIMATORS,
+    compute_advantages,
+    gae_advantages,
+    group_estimator_advantages,
+    reinforce_pp_advantages,
+    token_rewards,
+)
+from .kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from .rewards import (
+    CallableReward,
+    CombinedReward,
+    JudgeReward,
+    LengthPenalty,
+    RepetitionPenalty,
+    RewardContext,
+    RewardError,
+    RewardModelReward,
+    RewardOutput,
+    RewardSource,
+    load_callable,
+)
+from .shaping import RunningMoments, shape_scores
+
+__all__ = [
+    "ESTIMATORS", "CRITIC_ESTIMATORS", "GROUP_ESTIMATORS", "compute_advantages", "gae_advantages",
+    "group_estimator_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
+    "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward",
+    "JudgeReward", "LengthPenalty", "RepetitionPenalty", "CombinedReward", "RewardContext", "RewardOutput",
+    "RewardError", "load_callable", "RunningMoments", "shape_scores",
+]

@@ -1,0 +1,141 @@
+"""Advantage estimators: GAE with a critic; GRPO, Dr.GRPO, RLOO and REINFORCE++ without one.
+
+Each estimator maps a batch of rewards (and values) to ``(advantages, returns)`` ``[B, T]``
+float32, zero outside the response mask, and does its per-token work through
+:mod:`rlhf_fast.ops`. Sequence-level scores ``[B]`` become token rewards with
+:func:`token_rewards` (score on the last response token, minus the per-token KL penalty
+when the KL is placed in the reward).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from rlhf_fast import ops
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++")
+CRITIC_ESTIMATORS = ("gae",)
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def _check_mask(mask: torch.Tensor, B: Optional[int] = None) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    if B is not None and mask.shape[0] != B:
+        raise ValueError(f"mask must have B={B} rows (one per score), got shape {tuple(mask.shape)}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last set position of each row of mask ``[B, T]`` (0 for empty rows). ``[B]`` int64."""
+    m = mask.bool()
+    T = m.shape[1]
+    pos = torch.arange(T, device=m.device).expand_as(m)
+    return torch.where(m, pos, torch.full_like(pos, -1)).max(dim=1).values.clamp(min=0)
+
+
+def token_rewards(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Dense token rewards ``[B, T]`` float32: ``scores[b]`` on the last response token of row b,
+    minus ``kl_coef · kl`` on every response token (KL in the reward, Ziegler et al.).
+
+    scores ``[B]``, mask ``[B, T]`` (bool or 0/1), kl ``[B, T]`` per-token estimate (k1) or None.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+    _check_mask(mask, scores.shape[0])
+    m = mask.bool()
+    r = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+    idx = last_token_index(m)
+    has = m.any(dim=1)
+    r[torch.arange(m.shape[0], device=m.device), idx] = torch.where(has, scores.float(), torch.zeros_like(scores.float()))
+    if kl is not None and kl_coef != 0.0:
+        if tuple(kl.shape) != tuple(m.shape):
+            raise ValueError(f"kl must have the shape of mask {tuple(m.shape)}, got {tuple(kl.shape)}")
+        r = r - kl_coef * kl.float() * m
+    return r
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PPO's estimator: GAE over the response tokens. rewards, values, mask ``[B, T]``.
+
+    Returns ``(advantages, returns)`` ``[B, T]`` float32; returns are the critic's targets.
+    """
+    return ops.gae(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
+
+
+def group_estimator_advantages(
+    scores: torch.Tensor, mask: torch.Tensor, group_size: int, *, kind: str = "grpo", eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO / Dr.GRPO / RLOO: one advantage per answer ``[B]`` from its group of ``group_size``
+    consecutive answers to the same prompt, broadcast to every response token.
+
+    scores ``[B]`` (already including any KL-in-reward term), mask ``[B, T]``. Returns
+    ``(advantages, returns)`` ``[B, T]`` float32; returns = scores broadcast (for logging).
+    """
+    _check_mask(mask, scores.shape[0])
+    a = ops.group_advantages(scores.float(), group_size, kind=kind, eps=eps)
+    m = mask.to(torch.float32)
+    return a[:, None] * m, scores.float()[:, None] * m
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++: token-level discounted returns of the rewards (KL already in them), whitened
+    over all response tokens of the batch. rewards, mask ``[B, T]``.
+
+    Returns ``(advantages, returns)`` ``[B, T]`` float32.
+    """
+    returns = ops.discounted_returns(rewards.float(), mask, gamma=gamma)
+    return ops.masked_whiten(returns, mask), returns
+
+
+def compute_advantages(
+    estimator: str,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    values: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns ``[B, T]`` float32 for one of :data:`ESTIMATORS`.
+
+    scores ``[B]`` sequence rewards; mask ``[B, T]`` response mask; values ``[B, T]`` (gae only);
+    kl ``[B, T]`` per-token k1 estimate put in the reward with ``kl_coef`` (pass kl_coef=0 when
+    the KL goes in the loss). For group estimators the KL term is summed per sequence and
+    added to the score. ``whiten`` whitens the advantages over the masked tokens
+    (REINFORCE++ always does).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_mask(mask, scores.shape[0])
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("values must be given (a [B, T] tensor from the critic) for estimator 'gae'")
+        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+        adv, ret = gae_advantages(r, values, mask, gamma=gamma, lam=lam)
+    elif estimator == "reinforce++":
+        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+        return reinforce_pp_advantages(r, mask, gamma=gamma)
+    else:
+        s = scores.float()
+        if kl is not None and kl_coef != 0.0:
+            s = s - kl_coef * (kl.float() * mask.to(torch.float32)).sum(dim=1)
+        adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator)
+    if whiten:
+        adv = ops.masked_whiten(adv, mask)
+    return adv, ret

@@ -1,0 +1,259 @@
+"""Reward sources and their weighted combination.
+
+A source maps ``(prompts, completions)`` (two lists of B strings, plus optional token ids) to
+B floats: a reward model, a plain Python callable ``fn(prompts, completions) -> list[float]``
+(rule-based / verifiable rewards), the AI judge, a length penalty, a repetition penalty.
+:class:`CombinedReward` sums them with weights, keeps each one for logging, and never lets a
+NaN/inf or an exception through silently: it raises :class:`RewardError` naming the source,
+or with ``on_bad_reward="drop"`` marks the sample invalid and counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+ON_BAD_REWARD = ("raise", "drop")
+
+
+class RewardError(ValueError):
+    """A reward source failed or returned a non-finite value."""
+
+
+@dataclass
+class RewardContext:
+    """What a source may use besides the texts. input_ids / attention_mask ``[B, L]`` of the
+    whole prompt+response rollout (left-padded prompt), response_lengths ``[B]`` tokens."""
+
+    input_ids: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    response_lengths: Optional[List[int]] = None
+
+
+class RewardSource:
+    """Base class: ``name`` for logs; ``__call__(prompts, completions, ctx) -> list[float]`` (B)."""
+
+    name = "reward"
+
+    def __call__(self, prompts: List[str], completions: List[str], ctx: RewardContext) -> Sequence[float]:
+        raise NotImplementedError
+
+
+class CallableReward(RewardSource):
+    """A plain function ``fn(prompts: list[str], completions: list[str]) -> list[float]``."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (prompts, completions) -> list[float], got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def __call__(self, prompts, completions, ctx):
+        return self.fn(list(prompts), list(completions))
+
+
+class RewardModelReward(RewardSource):
+    """A scalar reward model scored with :func:`rlhf_fast.models.loading.reward_scores`.
+
+    With ``tokenizer`` the texts are re-tokenised (reward model with its own vocabulary);
+    without, the rollout's own ``input_ids`` / ``attention_mask`` are used."""
+
+    def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
+        self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, ctx):
+        from rlhf_fast.models.loading import reward_scores
+
+        device = next(self.model.parameters()).device
+        if self.tokenizer is None:
+            if ctx.input_ids is None:
+                raise ValueError(f"reward source {self.name!r} needs a tokenizer or the rollout's input_ids")
+            ids, am = ctx.input_ids.to(device), ctx.attention_mask.to(device)
+        else:
+            tok = self.tokenizer
+            if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"  # reward read at the last position
+            enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
+                      truncation=True, max_length=self.max_length)
+            ids, am = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        return reward_scores(self.model, ids, am).float().cpu().tolist()
+
+
+class JudgeReward(RewardSource):
+    """The AI judge (:mod:`rlhf_fast.feedback.judge`): any object with
+    ``score(prompts, responses) -> list[float]``, or a callable of that signature."""
+
+    def __init__(self, judge, name: str = "judge"):
+        if not (hasattr(judge, "score") or callable(judge)):
+            raise TypeError("judge must have a score(prompts, responses) method or be callable")
+        self.judge, self.name = judge, name
+
+    def __call__(self, prompts, completions, ctx):
+        fn = self.judge.score if hasattr(self.judge, "score") else self.judge
+        return fn(list(prompts), list(completions))
+
+
+class LengthPenalty(RewardSource):
+    """−|length − target| (or −length without a target), in response tokens when the rollout
+    gives them, else characters. Combine with a (small) positive weight."""
+
+    def __init__(self, target: Optional[int] = None, name: str = "length_penalty"):
+        self.target, self.name = target, name
+
+    def __call__(self, prompts, completions, ctx):
+        lengths = ctx.response_lengths if ctx.response_lengths is not None else [len(c) for c in completions]
+        if self.target is None:
+            return [-float(n) for n in lengths]
+        return [-abs(float(n) - self.target) for n in lengths]
+
+
+class RepetitionPenalty(RewardSource):
+    """−(fraction of repeated n-grams) of each completion, over whitespace words when there are
+    more than n of them, else over characters. In [−1, 0]."""
+
+    def __init__(self, n: int = 3, name: str = "repetition_penalty"):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.n, self.name = n, name
+
+    def _frac(self, text: str) -> float:
+        units = text.split()
+        if len(units) <= self.n:
+            units = list(text)
+        grams = [tuple(units[i:i + self.n]) for i in range(len(units) - self.n + 1)]
+        if not grams:
+            return 0.0
+        return 1.0 - len(set(grams)) / len(grams)
+
+    def __call__(self, prompts, completions, ctx):
+        return [-self._frac(c) for c in completions]
+
+
+@dataclass
+class RewardOutput:
+    """total ``[B]`` float32 (weighted sum; 0 where invalid); per_source name → ``[B]`` float32
+    unweighted (NaN where that source failed); valid ``[B]`` bool; dropped: per-source count of
+    samples dropped."""
+
+    total: torch.Tensor
+    per_source: Dict[str, torch.Tensor]
+    valid: torch.Tensor
+    dropped: Dict[str, int] = field(default_factory=dict)
+
+
+class CombinedReward:
+    """Weighted sum of reward sources. ``sources``: list of RewardSource (or ``(source, weight)``
+    pairs; plain callables are wrapped in :class:`CallableReward`). ``on_bad_reward``:
+    "raise" (default) or "drop"."""
+
+    def __init__(self, sources, weights: Optional[Sequence[float]] = None, on_bad_reward: str = "raise"):
+        if on_bad_reward not in ON_BAD_REWARD:
+            raise ValueError(f"on_bad_reward must be one of {ON_BAD_REWARD}, got {on_bad_reward!r}")
+        items = []
+        for i, s in enumerate(sources):
+            w = 1.0
+            if isinstance(s, tuple):
+                s, w = s
+            if not isinstance(s, RewardSource):
+                s = CallableReward(s)
+            items.append((s, float(w if weights is None else weights[i])))
+        if not items:
+            raise ValueError("sources must hold at least one reward source (reward model, callable or judge)")
+        if weights is not None and len(weights) != len(items):
+            raise ValueError(f"weights must have one entry per source ({len(items)}), got {len(weights)}")
+        names = [s.name for s, _ in items]
+        # Duplicate names would overwrite each other in the logs: make them unique.
+        seen: Dict[str, int] = {}
+        for s, _ in items:
+            k = seen.get(s.name, 0)
+            seen[s.name] = k + 1
+            if names.count(s.name) > 1:
+                s.name = f"{s.name}_{k}"
+        self.sources = items
+        self.on_bad_reward = on_bad_reward
+
+    def _call_one(self, src: RewardSource, prompts, completions, ctx):
+        B = len(completions)
+        try:
+            out = src(prompts, completions, ctx)
+        except Exception as e:  # noqa: BLE001 - reported with the source's name
+            if self.on_bad_reward == "raise":
+                raise RewardError(f"reward source {src.name!r} raised {type(e).__name__}: {e}") from e
+            # Isolate the failing samples by scoring one at a time.
+            vals = []
+            for i in range(B):
+                sub = RewardContext(
+                    input_ids=None if ctx.input_ids is None else ctx.input_ids[i:i + 1],
+                    attention_mask=None if ctx.attention_mask is None else ctx.attention_mask[i:i + 1],
+                    response_lengths=None if ctx.response_lengths is None else ctx.response_lengths[i:i + 1])
+                try:
+                    v = src([prompts[i]], [completions[i]], sub)
+                    vals.append(float(list(v)[0]))
+                except Exception:  # noqa: BLE001
+                    vals.append(float("nan"))
+            return vals
+        try:
+            vals = [float(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"reward source {src.name!r} must return a list of B={B} floats, got "
+                              f"{type(out).__name__}: {e}") from e
+        if len(vals) != B:
+            raise RewardError(f"reward source {src.name!r} returned {len(vals)} rewards for {B} completions")
+        return vals
+
+    def __call__(self, prompts: List[str], completions: List[str], ctx: Optional[RewardContext] = None) -> RewardOutput:
+        """Score B completions. Returns a :class:`RewardOutput`; raises :class:`RewardError`
+        naming the source on a failure or NaN/inf when ``on_bad_reward="raise"``."""
+        ctx = ctx or RewardContext()
+        B = len(completions)
+        if len(prompts) != B:
+            raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and {B}")
+        total = torch.zeros(B, dtype=torch.float32)
+        valid = torch.ones(B, dtype=torch.bool)
+        per, dropped = {}, {}
+        for src, w in self.sources:
+            vals = self._call_one(src, prompts, completions, ctx)
+            bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+            if bad and self.on_bad_reward == "raise":
+                raise RewardError(f"reward source {src.name!r} returned a non-finite reward ({vals[bad[0]]}) for "
+                                  f"sample {bad[0]} (completion {completions[bad[0]][:60]!r}); set "
+                                  f"on_bad_reward='drop' to skip such samples")
+            t = torch.tensor(vals, dtype=torch.float32)
+            per[src.name] = t
+            dropped[src.name] = len(bad)
+            ok = torch.isfinite(t)
+            valid &= ok
+            total += w * torch.where(ok, t, torch.zeros_like(t))
+        total = torch.where(valid, total, torch.zeros_like(total))
+        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped)
+
+
+def load_callable(spec: str) -> Callable:
+    """Import ``module:function`` (or ``path/to/file.py:function``) and return the function."""
+    import importlib
+    import importlib.util
+    import os
+
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"reward function must be given as 'module:function', got {spec!r}")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        if not os.path.exists(mod_name):
+            raise FileNotFoundError(f"reward function file {mod_name!r} does not exist")
+        s = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"cannot import reward module {mod_name!r} from {spec!r}: {e}") from e
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"{spec!r}: module {mod_name!r} has no callable {fn_name!r}")
+    return fn

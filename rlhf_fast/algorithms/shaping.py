@@ -1,0 +1,65 @@
+"""Reward shaping before the estimator: clipping and whitening of sequence scores.
+
+Whitening here is over the batch (optionally with running statistics carried across steps,
+so a stopped and resumed run sees the same normalisation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+class RunningMoments:
+    """Running mean / variance of scalar rewards (Chan et al. parallel update); JSON state."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold in a batch ``[N]`` of finite values."""
+        n = float(x.numel())
+        if n == 0:
+            return
+        xm = float(x.mean())
+        xv = float(x.var(unbiased=False)) if n > 1 else 0.0
+        tot = self.count + n
+        delta = xm - self.mean
+        m2 = self.var * self.count + xv * n + delta * delta * self.count * n / tot
+        self.mean += delta * n / tot
+        self.var = m2 / tot
+        self.count = tot
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.mean, self.var, self.count = float(s["mean"]), float(s["var"]), float(s["count"])
+
+
+def shape_scores(
+    scores: torch.Tensor,
+    *,
+    clip: Optional[float] = None,
+    whiten: bool = False,
+    moments: Optional[RunningMoments] = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Scores ``[B]`` float → ``[B]`` float32: whitened (batch statistics, or running ones when
+    ``moments`` is given, updated first), then clipped to ``[-clip, clip]``."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+    s = scores.float()
+    if whiten:
+        if moments is not None:
+            moments.update(s)
+            s = (s - moments.mean) / math.sqrt(moments.var + eps)
+        elif s.numel() > 1:
+            s = (s - s.mean()) / torch.sqrt(s.var() + eps)
+        else:
+            s = s - s.mean()
+    if clip is not None:
+        s = s.clamp(-clip, clip)
+    return s

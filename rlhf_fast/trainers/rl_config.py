@@ -1,0 +1,280 @@
+"""Configuration of the RL trainer (PPO / GRPO / Dr.GRPO / RLOO / REINFORCE++).
+
+Nested dataclasses with defaults that train a tiny model on the CPU in seconds; every
+``__post_init__`` validates its section and raises ValueError naming the key. Loaded from
+YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.load_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from rlhf_fast.algorithms.advantages import ESTIMATORS
+from rlhf_fast.ops.reference import AGG_MODES
+
+KL_PLACEMENTS = ("reward", "loss")
+KL_CONTROLLERS = ("fixed", "adaptive")
+LOSS_KL_KINDS = ("k1", "k2", "k3")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _pos(name, v, allow_zero=False, integer=False):
+    kind = int if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if allow_zero else v <= 0):
+        what = "an int" if integer else "a number"
+        raise ValueError(f"{name} must be {what} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+def _choice(name, v, options):
+    if v not in options:
+        raise ValueError(f"{name} must be one of {options}, got {v!r}")
+
+
+@dataclass
+class ModelConfig:
+    """policy: a local HF path or ``tiny:FAMILY`` (a random tiny model with a BPE tokenizer
+    trained locally, sized by the tiny_* fields). reference: defaults to a frozen copy of the
+    initial policy. critic: a saved ValueModel path, else built from the policy's backbone."""
+
+    policy: str = "tiny:llama"
+    tokenizer: Optional[str] = None
+    reference: Optional[str] = None
+    critic: Optional[str] = None
+    tiny_vocab_size: int = 96
+    tiny_hidden_size: int = 32
+    tiny_num_layers: int = 2
+    tiny_num_heads: int = 2
+    tiny_seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"model.policy must be a path or 'tiny:FAMILY', got {self.policy!r}")
+        for k in ("tiny_vocab_size", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads"):
+            _pos(f"model.{k}", getattr(self, k), integer=True)
+
+
+@dataclass
+class DataConfig:
+    """Prompts inline (``prompts``) or from a file (``prompts_file``: .txt one per line, or
+    .jsonl with ``prompt_key``). Shuffled each pass with the run's seed."""
+
+    prompts: List[str] = field(default_factory=lambda: ["count:", "list:", "go:", "write:"])
+    prompts_file: Optional[str] = None
+    prompt_key: str = "prompt"
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.prompts_file is None and not self.prompts:
+            raise ValueError("data.prompts must be a non-empty list of strings (or set data.prompts_file)")
+        if not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError("data.prompts must be a list of strings")
+
+
+@dataclass
+class RolloutConfig:
+    """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2)."""
+
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_strings: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
+        _pos("rollout.group_size", self.group_size, integer=True)
+        _pos("rollout.max_new_tokens", self.max_new_tokens, integer=True)
+        _pos("rollout.temperature", self.temperature)
+        _pos("rollout.top_k", self.top_k, allow_zero=True, integer=True)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"rollout.min_p must be in [0, 1), got {self.min_p!r}")
+
+
+@dataclass
+class RewardConfig:
+    """Sources: ``functions`` ("module:function" or "file.py:function"), a reward model path,
+    the length and repetition penalties (weight 0 = off). ``weights`` (one per function, default 1).
+    Shaping: ``whiten`` (running statistics) then ``clip``. ``on_bad_reward``: raise | drop."""
+
+    functions: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
+    reward_model: Optional[str] = None
+    reward_model_weight: float = 1.0
+    length_penalty: float = 0.0
+    length_target: Optional[int] = None
+    repetition_penalty: float = 0.0
+    repetition_ngram: int = 3
+    clip: Optional[float] = None
+    whiten: bool = False
+    on_bad_reward: str = "raise"
+
+    def __post_init__(self):
+        _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
+        if self.weights and len(self.weights) != len(self.functions):
+            raise ValueError(f"reward.weights must have one entry per reward.functions entry "
+                             f"({len(self.functions)}), got {len(self.weights)}")
+        for f in self.functions:
+            if not isinstance(f, str) or ":" not in f:
+                raise ValueError(f"reward.functions entries must be 'module:function', got {f!r}")
+        if self.clip is not None:
+            _pos("reward.clip", self.clip)
+        _pos("reward.length_penalty", self.length_penalty, allow_zero=True)
+        _pos("reward.repetition_penalty", self.repetition_penalty, allow_zero=True)
+
+
+@dataclass
+class KLConfig:
+    """KL to the reference: ``placement`` "reward" (per-token k1 in the reward) or "loss"
+    (``kind`` k1/k2/k3 through fused_linear_policy_loss's kl_coef). ``controller`` "fixed" or
+    "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples)."""
+
+    coef: float = 0.05
+    placement: str = "reward"
+    kind: str = "k3"
+    controller: str = "fixed"
+    target: float = 6.0
+    horizon: float = 10000.0
+
+    def __post_init__(self):
+        _pos("kl.coef", self.coef, allow_zero=True)
+        _choice("kl.placement", self.placement, KL_PLACEMENTS)
+        _choice("kl.kind", self.kind, LOSS_KL_KINDS)
+        _choice("kl.controller", self.controller, KL_CONTROLLERS)
+        _pos("kl.target", self.target)
+        _pos("kl.horizon", self.horizon)
+
+
+@dataclass
+class PPOConfig:
+    """The update: ``epochs`` passes over the rollout in mini-batches of ``mini_batch_size``
+    rows, each split into micro-batches of ``micro_batch_size`` (gradient accumulation; the
+    loss is normalised by the whole mini-batch's token/row count). ``target_kl``: stop the
+    update early when a mini-batch's approx KL exceeds 1.5×target. ``trpo``: replace the
+    optimiser step by a KL-constrained backtracking line search (``trpo_max_kl``).
+    ``is_cap``: truncated importance sampling weight cap for rollout/training log-prob
+    mismatch (None = off)."""
+
+    epochs: int = 2
+    mini_batch_size: int = 8
+    micro_batch_size: int = 8
+    clip_low: float = 0.2
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    entropy_coef: float = 0.0
+    value_coef: float = 0.5
+    value_clip: Optional[float] = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    agg: str = "token-mean"
+    whiten_advantages: bool = False
+    target_kl: Optional[float] = None
+    max_grad_norm: Optional[float] = 1.0
+    trpo: bool = False
+    trpo_max_kl: float = 0.01
+    trpo_backtrack_steps: int = 10
+    trpo_backtrack_ratio: float = 0.5
+    is_cap: Optional[float] = None
+
+    def __post_init__(self):
+        _pos("ppo.epochs", self.epochs, integer=True)
+        _pos("ppo.mini_batch_size", self.mini_batch_size, integer=True)
+        _pos("ppo.micro_batch_size", self.micro_batch_size, integer=True)
+        if self.mini_batch_size % self.micro_batch_size != 0:
+            raise ValueError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide ppo.mini_batch_size "
+                             f"({self.mini_batch_size})")
+        _pos("ppo.clip_low", self.clip_low, allow_zero=True)
+        if self.clip_high is not None:
+            _pos("ppo.clip_high", self.clip_high, allow_zero=True)
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"ppo.dual_clip must be > 1 or None, got {self.dual_clip!r}")
+        _pos("ppo.entropy_coef", self.entropy_coef, allow_zero=True)
+        _pos("ppo.value_coef", self.value_coef, allow_zero=True)
+        if self.value_clip is not None:
+            _pos("ppo.value_clip", self.value_clip)
+        for k in ("gamma", "lam"):
+            v = getattr(self, k)
+            if not 0 <= v <= 1:
+                raise ValueError(f"ppo.{k} must be in [0, 1], got {v!r}")
+        _choice("ppo.agg", self.agg, AGG_MODES)
+        if self.target_kl is not None:
+            _pos("ppo.target_kl", self.target_kl)
+        if self.max_grad_norm is not None:
+            _pos("ppo.max_grad_norm", self.max_grad_norm)
+        _pos("ppo.trpo_max_kl", self.trpo_max_kl)
+        _pos("ppo.trpo_backtrack_steps", self.trpo_backtrack_steps, integer=True)
+        if not 0 < self.trpo_backtrack_ratio < 1:
+            raise ValueError(f"ppo.trpo_backtrack_ratio must be in (0, 1), got {self.trpo_backtrack_ratio!r}")
+        if self.is_cap is not None:
+            _pos("ppo.is_cap", self.is_cap)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the policy (``lr``) and the critic (``critic_lr``); LR ``schedule`` with
+    ``warmup_steps`` of linear warm-up."""
+
+    lr: float = 1e-3
+    critic_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+
+    def __post_init__(self):
+        _pos("optim.lr", self.lr)
+        _pos("optim.critic_lr", self.critic_lr)
+        _pos("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _pos("optim.warmup_steps", self.warmup_steps, allow_zero=True, integer=True)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+
+
+@dataclass
+class RLConfig:
+    """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
+    reinforce++. ``steps`` rollout+update steps; a run folder ``output_dir`` gets config.yaml,
+    metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
+    0 = only at the end). ``resume``: a run folder to continue exactly."""
+
+    estimator: str = "grpo"
+    steps: int = 20
+    seed: int = 0
+    output_dir: str = "runs/rl"
+    resume: Optional[str] = None
+    device: str = "cpu"
+    log_every: int = 1
+    sample_every: int = 5
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _pos("steps", self.steps, integer=True)
+        _pos("log_every", self.log_every, integer=True)
+        _pos("sample_every", self.sample_every, allow_zero=True, integer=True)
+        _pos("save_every", self.save_every, allow_zero=True, integer=True)
+        _pos("keep_checkpoints", self.keep_checkpoints, integer=True)
+        if self.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for estimator {self.estimator!r} "
+                             f"(advantages compare answers within a group), got {self.rollout.group_size}")
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if batch % self.ppo.mini_batch_size != 0:
+            raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
+                             f"rollout.prompts_per_step × rollout.group_size = {batch}")
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per step: prompts_per_step × group_size."""
+        return self.rollout.prompts_per_step * self.rollout.group_size

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate, reference
+from . import _dispatch, _native, _validate, reference
 
 
 def sample(
@@ -47,4 +47,33 @@ def sample(
                           min_p=min_p, generator=generator)
 
 
+# ------------------------------------------------------------------ C++ CPU backend
+
+
+def _sample_cpp(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    # The uniforms come from the torch generator here, as reference.sample draws them, so the
+    # two backends pick the same tokens for the same generator state.
+    B = logits.shape[0]
+    if temperature == 0:
+        uniforms = torch.zeros(B, dtype=torch.float64)  # greedy consumes no randomness
+    else:
+        uniforms = torch.rand(B, generator=generator, dtype=torch.float64)
+    try:
+        return torch.ops.rlhf_fast.sample(logits.detach(), uniforms, float(temperature), int(top_k), float(top_p),
+                                          float(min_p))
+    except RuntimeError as e:
+        # TORCH_CHECK_VALUE already maps to ValueError; older torch builds wrap it
+        if "sample: logits" in str(e):
+            raise ValueError(str(e).splitlines()[0]) from None
+        raise
+
+
+def _fake(logits, uniforms, temperature, top_k, top_p, min_p):
+    B = logits.shape[0]
+    return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32)
+
+
+_native.register_meta_and_autograd("sample", _fake)
+
 _dispatch.register("sample", "torch", reference.sample)
+_dispatch.register("sample", "cpp", _sample_cpp)

@@ -1,0 +1,185 @@
+"""sample: every live CPU backend against reference.sample / reference.process_logits.
+
+Token-for-token equality uses the same generator state (the cpp glue draws the uniforms as the
+reference does); the statistical tests draw 1e5 samples from one row repeated 1e5 times.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.ops import _dispatch, reference
+
+from .conftest import live_cpu_backends
+
+FILTERS = [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=10),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, min_p=0.1),
+    dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+    dict(temperature=1.0, top_k=1),
+    dict(temperature=2.0, top_p=0.3),
+]
+
+
+def _ids(f):
+    return ",".join(f"{k}={v}" for k, v in f.items())
+
+
+def _draw(backend, logits, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    with ops.use_backend(backend):
+        return ops.sample(logits, generator=g, **kw)
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+@pytest.mark.parametrize("filt", FILTERS, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_same_tokens_as_reference(backend, filt, dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(37, 1013, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if dtype == torch.bfloat16:
+        # bf16 has many exact ties; tie-free logits are what the equality claim is about
+        logits = (torch.randperm(37 * 1013, generator=g).reshape(37, 1013).double() / 4000).to(dtype)
+    tok, lp = _draw(backend, logits, 7, **filt)
+    g2 = torch.Generator().manual_seed(7)
+    ref_tok, ref_lp = reference.sample(logits, generator=g2, **filt)
+    assert tok.dtype == torch.int64 and lp.dtype == torch.float32 and tok.shape == (37,)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+@pytest.mark.parametrize("V", [151936, 262147])
+def test_large_vocab_matches_reference(backend, V):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, V, generator=g) * 4
+    for filt in (dict(temperature=1.0), dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.02)):
+        tok, lp = _draw(backend, logits, 3, **filt)
+        ref_tok, ref_lp = reference.sample(logits, generator=torch.Generator().manual_seed(3), **filt)
+        assert torch.equal(tok, ref_tok), filt
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=5e-5)
+
+
+def _tv_bound(p: torch.Tensor, n: int) -> float:
+    # E[TV] <= ½·Σ sqrt(p_i(1-p_i)/n) (Jensen), and TV has bounded differences 1/n per draw, so
+    # McDiarmid puts it above its mean by more than 5/sqrt(n) with probability < 2·exp(-50).
+    return 0.5 * float(torch.sqrt(p * (1 - p) / n).sum()) + 5.0 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+@pytest.mark.parametrize("filt", FILTERS, ids=_ids)
+def test_distribution_of_100k_draws(backend, filt):
+    n, V = 100_000, 64
+    row = torch.randn(1, V, generator=torch.Generator().manual_seed(4)) * 2
+    logits = row.expand(n, V).contiguous()
+    tok, lp = _draw(backend, logits, 11, **filt)
+    target = reference.process_logits(row, **filt)[0].double()  # [V] log-probs
+    p = target.exp()
+    counts = torch.bincount(tok, minlength=V).double()
+    assert counts[p == 0].sum() == 0, "mass outside the kept set"
+    tv = 0.5 * (counts / n - p).abs().sum().item()
+    assert tv < _tv_bound(p, n), (tv, _tv_bound(p, n))
+    torch.testing.assert_close(lp.double(), target[tok], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_ties_follow_the_stable_order(backend):
+    # ties at the top-k / top-p boundaries: the reference keeps the lowest indices
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 1.0]]).expand(20000, 8).contiguous()
+    for filt in (dict(top_k=3), dict(top_p=0.5), dict(top_k=5, top_p=0.6), dict(min_p=0.5)):
+        tok, lp = _draw(backend, logits, 5, **filt)
+        target = reference.process_logits(logits[:1], **filt)[0]
+        kept = torch.isfinite(target)
+        assert kept[tok].all(), filt
+        assert set(tok.unique().tolist()) == set(kept.nonzero().flatten().tolist()), filt
+        torch.testing.assert_close(lp, target[tok], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_greedy_is_argmax(backend):
+    logits = torch.randn(9, 301, generator=torch.Generator().manual_seed(6))
+    logits[3, 10] = logits[3, 20] = 100.0  # first index on ties
+    logits[4] = float("-inf")
+    logits[4, 7] = 0.0
+    with ops.use_backend(backend):
+        tok, lp = ops.sample(logits, temperature=0.0, top_k=5, top_p=0.5)
+    assert torch.equal(tok, logits.argmax(-1))
+    assert tok[3] == 10 and tok[4] == 7
+    assert torch.equal(lp, torch.zeros(9))
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_generator_seed_reproduces(backend):
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(8))
+    a = _draw(backend, logits, 123, top_p=0.9)
+    b = _draw(backend, logits, 123, top_p=0.9)
+    c = _draw(backend, logits, 124, top_p=0.9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_neg_inf_logits_are_never_drawn(backend):
+    logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(9))
+    logits[:, ::2] = float("-inf")
+    tok, lp = _draw(backend, logits, 1, top_p=0.95)
+    assert (tok % 2 == 1).all()
+    assert torch.isfinite(lp).all()
+
+
+def test_cpp_rejects_nan_and_undefined_rows():
+    if "cpp" not in live_cpu_backends():
+        pytest.skip("rlhf_fast._C not built")
+    bad = torch.randn(3, 10)
+    bad[1, 4] = float("nan")
+    with ops.use_backend("cpp"):
+        for t in (1.0, 0.0):
+            with pytest.raises(ValueError, match="NaN"):
+                ops.sample(bad, temperature=t)
+        pinf = torch.randn(2, 10)
+        pinf[0, 1] = float("inf")
+        with pytest.raises(ValueError, match="inf"):
+            ops.sample(pinf)
+        with pytest.raises(ValueError, match="-inf"):
+            ops.sample(torch.full((2, 5), float("-inf")), top_p=0.5)
+
+
+def test_cpp_opcheck():
+    if "cpp" not in live_cpu_backends():
+        pytest.skip("rlhf_fast._C not built")
+    logits = torch.randn(5, 77)
+    u = torch.rand(5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.rlhf_fast.sample.default, (logits, u, 0.8, 10, 0.9, 0.05),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample(x, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample(x, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.sample(x, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        ops.sample(x, top_k=-1)
+    with pytest.raises(ValueError, match="min_p"):
+        ops.sample(x, min_p=1.5)
+    with pytest.raises(ValueError, match="min_p"):
+        ops.sample(x, min_p=-0.1)
+    with pytest.raises(ValueError, match="logits"):
+        ops.sample(torch.randn(10))
+    with pytest.raises(TypeError, match="logits"):
+        ops.sample(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="generator"):
+        ops.sample(x, generator=1)
+
+
+def test_cpp_is_the_automatic_cpu_backend():
+    if "cpp" not in live_cpu_backends():
+        pytest.skip("rlhf_fast._C not built")
+    assert _dispatch.select("sample", torch.device("cpu"))[0] == "cpp"

@@ -1,0 +1,234 @@
+"""Atomic, exactly-resumable training checkpoints.
+
+Layout of one checkpoint folder ``<run_dir>/checkpoints/step_000123/``::
+
+    models/<name>/            save_pretrained output (HF models) or model.safetensors (nn.Module)
+    optimizers/<name>.pt      optimizer state_dict
+    schedulers/<name>.pt      LR scheduler state_dict
+    rng.pt                    python, numpy, torch CPU (and CUDA) generator states
+    extra.json                JSON-able trainer state: step, data position, KL controller, ...
+    COMPLETE                  written last; a folder without it is ignored
+
+Everything is first written to a hidden temporary folder in the same parent, fsynced,
+then renamed with ``os.replace``, so a crash mid-save never leaves a checkpoint that
+looks valid but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(dirpath)
+
+
+def rng_state() -> Dict[str, Any]:
+    """The states of every random generator a training step may draw from."""
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore generator states captured by :func:`rng_state`."""
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_model(model: torch.nn.Module, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared storage (tied weights); clone so each tensor owns its data
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+
+
+def _load_model(model: torch.nn.Module, folder: str) -> None:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        sd = load_file(path)
+    else:
+        # save_pretrained may shard big models
+        sd = {}
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(folder, name)))
+        if not sd:
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # tied weights are saved once by save_pretrained; anything else missing is an error
+    tied = set()
+    if hasattr(model, "_tied_weights_keys") and model._tied_weights_keys:
+        tk = model._tied_weights_keys
+        tied = set(tk.keys() if isinstance(tk, dict) else tk)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save_checkpoint(
+    directory: str,
+    *,
+    models: Optional[Mapping[str, torch.nn.Module]] = None,
+    optimizers: Optional[Mapping[str, Any]] = None,
+    schedulers: Optional[Mapping[str, Any]] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> str:
+    """Atomically write a checkpoint to ``directory`` (replaced if it exists); returns it.
+
+    ``models``: name -> nn.Module or PreTrainedModel (weights as safetensors);
+    ``optimizers`` / ``schedulers``: name -> object with ``state_dict()``;
+    ``extra``: JSON-able dict (step, data position, controller state, ...).
+    RNG states are always saved.
+    """
+    models, optimizers, schedulers = dict(models or {}), dict(optimizers or {}), dict(schedulers or {})
+    extra = dict(extra or {})
+    for name in list(models) + list(optimizers) + list(schedulers):
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"checkpoint entry names must be plain non-empty strings, got {name!r}")
+    try:
+        extra_text = json.dumps(extra, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"extra must be JSON-serialisable: {e}") from None
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        for name, model in models.items():
+            _save_model(model, os.path.join(tmp, "models", name))
+        for kind, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
+            if objs:
+                os.makedirs(os.path.join(tmp, kind))
+            for name, obj in objs.items():
+                torch.save(obj.state_dict(), os.path.join(tmp, kind, name + ".pt"))
+        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "extra.json"), "w", encoding="utf-8") as f:
+            f.write(extra_text)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+        _fsync_tree(tmp)
+        if os.path.exists(directory):
+            # os.replace cannot replace a non-empty folder: move the old one aside first
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rmdir(old)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(
+    directory: str,
+    *,
+    models: Optional[Mapping[str, torch.nn.Module]] = None,
+    optimizers: Optional[Mapping[str, Any]] = None,
+    schedulers: Optional[Mapping[str, Any]] = None,
+    restore_rng: bool = True,
+    map_location: Any = "cpu",
+) -> Dict[str, Any]:
+    """Restore models, optimizers, schedulers (in place) and RNG states; return ``extra``.
+
+    Every name passed must exist in the checkpoint (ValueError otherwise).
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isfile(os.path.join(directory, "COMPLETE")):
+        raise FileNotFoundError(f"not a complete checkpoint: {directory}")
+    for name, model in (models or {}).items():
+        folder = os.path.join(directory, "models", name)
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint {directory} has no model {name!r}")
+        _load_model(model, folder)
+    for kind, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
+        for name, obj in objs.items():
+            path = os.path.join(directory, kind, name + ".pt")
+            if not os.path.isfile(path):
+                raise ValueError(f"checkpoint {directory} has no {kind[:-1]} {name!r}")
+            obj.load_state_dict(torch.load(path, map_location=map_location, weights_only=False))
+    if restore_rng:
+        set_rng_state(torch.load(os.path.join(directory, "rng.pt"), weights_only=False))
+    with open(os.path.join(directory, "extra.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    """The folder of the checkpoint at ``step`` inside ``run_dir``."""
+    return os.path.join(run_dir, "checkpoints", f"step_{int(step):08d}")
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The complete checkpoint with the highest step under ``run_dir/checkpoints`` (or None)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    best, best_step = None, -1
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "COMPLETE")) and int(m.group(1)) > best_step:
+            best, best_step = path, int(m.group(1))
+    return best
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the ``keep`` most recent complete checkpoints (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_RE.match(n)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "prune_checkpoints",
+           "rng_state", "set_rng_state"]

@@ -1,0 +1,293 @@
+"""Dataclass configs filled from YAML and ``--key value`` command-line overrides.
+
+A config is a dataclass whose fields may themselves be dataclasses. Values from YAML
+and from the command line are converted to each field's annotated type (bool, int,
+float, str, Optional[...], Literal[...], tuple/list of those, dict), so a typo in a key
+or a value of the wrong type fails early with a ValueError that names the dotted key
+and the type that was expected. Validation of ranges stays in each dataclass's
+``__post_init__``, which runs again once every value is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+T = TypeVar("T")
+
+_TRUE = {"true", "yes", "1", "on", "y"}
+_FALSE = {"false", "no", "0", "off", "n"}
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_optional(tp) -> Tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return True, (args[0] if len(args) == 1 else Union[tuple(args)])
+    return False, tp
+
+
+def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
+    """Convert ``value`` to the annotated type ``tp``; ``from_string`` for CLI text."""
+    err = ValueError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    optional, inner = _is_optional(tp)
+    if optional:
+        if value is None or (from_string and isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            return None
+        return _convert(value, inner, key, from_string)
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key, from_string)
+            except ValueError:
+                continue
+        raise err
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            try:
+                if _convert(value, type(c), key, from_string) == c:
+                    return c
+            except ValueError:
+                continue
+        raise ValueError(f"config key {key!r}: expected one of {list(choices)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE:
+            return True
+        if isinstance(value, str) and value.strip().lower() in _FALSE:
+            return False
+        raise err
+    if tp is int:
+        if isinstance(value, bool):
+            raise err
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise err from None
+                if f.is_integer():
+                    return int(f)
+        raise err
+    if tp is float:
+        if isinstance(value, bool):
+            raise err
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise err from None
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # YAML turns `name: 123` into an int; a str field takes it as text
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise err
+    if origin in (list, tuple, List, Tuple, Sequence) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise err
+        if origin is tuple or tp is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(v, args[0], f"{key}[{i}]", True) for i, v in enumerate(value))
+            if args:
+                if len(args) != len(value):
+                    raise ValueError(f"config key {key!r}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+                return tuple(_convert(v, a, f"{key}[{i}]", True) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(value)
+        elem = args[0] if args else Any
+        return [_convert(v, elem, f"{key}[{i}]", True) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise err
+        args = typing.get_args(tp)
+        if args:
+            return {_convert(k, args[0], key, True): _convert(v, args[1], f"{key}.{k}", True)
+                    for k, v in value.items()}
+        return dict(value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise err
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ValueError(f"unknown config key {prefix + k!r} (valid keys: {', '.join(sorted(names))})")
+        kwargs[k] = _convert(v, hints[k], prefix + k, from_string=False)
+    return cls(**kwargs)
+
+
+def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
+    """Set ``data[a][b] = raw`` for ``--a.b raw``, checking the key against ``cls``."""
+    parts = dotted.split(".")
+    cur_cls, cur = cls, data
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cur_cls) if f.init}
+        key = ".".join(parts[: i + 1])
+        if part not in names:
+            raise ValueError(f"unknown config key {key!r} (valid keys: {', '.join(sorted(names))})")
+        tp = _hints(cur_cls)[part]
+        _, inner = _is_optional(tp)
+        if i == len(parts) - 1:
+            cur[part] = _convert(raw, tp, key, from_string=True)
+            return
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"config key {key!r} is {_type_name(tp)}, not a section; cannot set {dotted!r}")
+        sub = cur.get(part)
+        if sub is None:
+            sub = {}
+        elif dataclasses.is_dataclass(sub):
+            sub = to_dict(sub)
+        cur[part] = sub
+        cur_cls, cur = inner, sub
+
+
+def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``[("a.b", "1"), ("c", "x"), ("flag", "true")]``."""
+    out: List[Tuple[str, str]] = []
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        tok = items[i]
+        if not isinstance(tok, str) or not tok.startswith("--") or len(tok) == 2:
+            raise ValueError(f"overrides: expected '--key value' pairs, got {tok!r}")
+        body = tok[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(items) and not (items[i + 1].startswith("--") and len(items[i + 1]) > 2
+                                         and not _looks_numeric(items[i + 1])):
+            k, v = body, items[i + 1]
+            i += 2
+        else:
+            k, v = body, "true"  # a bare --flag sets a bool
+            i += 1
+        out.append((k.replace("-", "_"), v))
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
+    """Build the dataclass ``cls`` from the YAML file ``path`` then ``--key value`` overrides.
+
+    ``overrides`` is a list of command-line tokens (``["--lr", "1e-4", "--model.name", "tiny:llama"]``;
+    ``--key=value`` and a bare ``--flag`` meaning true also work). Lists and tuples come from
+    YAML sequences or comma-separated text. Raises ValueError naming the dotted key and the
+    expected type for unknown keys or unconvertible values, FileNotFoundError for a missing file.
+    """
+    import yaml
+
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"cls must be a dataclass type, got {cls!r}")
+    data: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, "r", encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
+        # convert once so YAML errors name the key before overrides are mixed in
+        data = to_dict(_build(cls, loaded))
+    for key, raw in parse_overrides(overrides):
+        _set_path(data, cls, key, raw)
+    return _build(cls, data)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """A plain nested dict (tuples as lists) of the dataclass ``cfg``, ready for YAML/JSON."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"cfg must be a dataclass instance, got {type(cfg).__name__}")
+
+    def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write the resolved config ``cfg`` as YAML to ``path`` atomically (temp file + os.replace)."""
+    import yaml
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old or the new file, never a half one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["load_config", "to_dict", "save_config", "parse_overrides", "atomic_write_text"]

@@ -1,0 +1,165 @@
+"""Config loading (YAML + overrides), checkpoints (exact resume) and the shared trainer pieces."""
+
+import dataclasses
+import json
+import os
+import random
+from typing import List, Literal, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_fast.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, checkpoint_dir
+from rlhf_fast.trainers.common import MetricsLogger, RunDir, lr_lambda, make_scheduler, read_metrics, seed_everything
+from rlhf_fast.trainers.config import load_config, save_config, to_dict
+
+
+@dataclasses.dataclass
+class Opt:
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+
+@dataclasses.dataclass
+class Cfg:
+    name: str = "run"
+    steps: int = 10
+    bf16: bool = False
+    max_len: Optional[int] = None
+    tags: List[str] = dataclasses.field(default_factory=list)
+    kind: Literal["a", "b"] = "a"
+    opt: Opt = dataclasses.field(default_factory=Opt)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = _yaml(tmp_path, "name: x\nsteps: 5\ntags: [a, b]\nopt:\n  lr: 0.5\n")
+    cfg = load_config(Cfg, p, ["--steps", "7", "--opt.betas", "0.1,0.2", "--bf16", "--max_len", "none",
+                               "--kind=b", "--opt.lr", "-1e-2"])
+    assert cfg == Cfg(name="x", steps=7, bf16=True, max_len=None, tags=["a", "b"], kind="b",
+                      opt=Opt(lr=-0.01, betas=(0.1, 0.2)))
+    cfg2 = load_config(Cfg, None, ["--max_len", "12", "--bf16", "false", "--tags", "x,y"])
+    assert cfg2.max_len == 12 and cfg2.bf16 is False and cfg2.tags == ["x", "y"]
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, str(out))
+    assert load_config(Cfg, str(out), []) == cfg
+    assert to_dict(cfg)["opt"]["betas"] == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("yaml_text,overrides,needle", [
+    ("nme: x\n", [], "'nme'"),
+    ("steps: abc\n", [], "'steps': expected int"),
+    ("bf16: 3\n", [], "'bf16': expected bool"),
+    ("opt:\n  lrr: 1\n", [], "'opt.lrr'"),
+    ("opt: 5\n", [], "'opt'"),
+    ("", ["--opt.lr", "fast"], "'opt.lr': expected float"),
+    ("", ["--kind", "c"], "'kind': expected one of"),
+    ("", ["--bogus", "1"], "'bogus'"),
+    ("", ["--opt.betas", "1,2,3"], "'opt.betas'"),
+    ("", ["--steps", "0"], "steps must be >= 1"),
+    ("", ["steps", "3"], "expected '--key value'"),
+    ("- a\n- b\n", [], "mapping"),
+    ("a: [\n", [], "invalid YAML"),
+])
+def test_config_errors(tmp_path, yaml_text, overrides, needle):
+    p = _yaml(tmp_path, yaml_text)
+    with pytest.raises(ValueError) as e:
+        load_config(Cfg, p, overrides)
+    assert needle in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(Cfg, str(tmp_path / "nope.yaml"), [])
+
+
+def _train(model, opt, sched, steps):
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 4)
+        noise = np.random.randn() + random.random()
+        loss = ((model(torch.nn.functional.dropout(x, 0.3)) - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _fresh():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = make_scheduler(opt, warmup_steps=2, total_steps=10, kind="cosine")
+    return model, opt, sched
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    seed_everything(3)
+    model, opt, sched = _fresh()
+    full = _train(model, opt, sched, 8)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    seed_everything(3)
+    model, opt, sched = _fresh()
+    first = _train(model, opt, sched, 4)
+    d = save_checkpoint(checkpoint_dir(str(tmp_path), 4), models={"policy": model}, optimizers={"opt": opt},
+                        schedulers={"lr": sched}, extra={"step": 4})
+    _train(model, opt, sched, 3)  # disturb everything, then restore
+    seed_everything(99)
+    model2, opt2, sched2 = _fresh()
+    extra = load_checkpoint(latest_checkpoint(str(tmp_path)), models={"policy": model2},
+                            optimizers={"opt": opt2}, schedulers={"lr": sched2})
+    assert extra == {"step": 4} and d == latest_checkpoint(str(tmp_path))
+    rest = _train(model2, opt2, sched2, 4)
+    assert first + rest == full
+    for a, b in zip(model2.parameters(), final):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_hf_model_and_latest(tmp_path):
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    m = tiny_causal_lm(50, hidden_size=16, num_layers=1, num_heads=2, tie_word_embeddings=True, seed=1)
+    save_checkpoint(checkpoint_dir(str(tmp_path), 1), models={"policy": m}, extra={"step": 1})
+    save_checkpoint(checkpoint_dir(str(tmp_path), 2), models={"policy": m}, extra={"step": 2})
+    os.makedirs(os.path.join(tmp_path, "checkpoints", "step_00000009"))  # incomplete: ignored
+    assert latest_checkpoint(str(tmp_path)).endswith("step_00000002")
+    m2 = tiny_causal_lm(50, hidden_size=16, num_layers=1, num_heads=2, tie_word_embeddings=True, seed=2)
+    assert load_checkpoint(latest_checkpoint(str(tmp_path)), models={"policy": m2})["step"] == 2
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError):
+        load_checkpoint(latest_checkpoint(str(tmp_path)), models={"critic": m2})
+    with pytest.raises(TypeError):
+        save_checkpoint(str(tmp_path / "x"), extra={"bad": object()})
+    assert latest_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_lr_schedule_and_metrics(tmp_path):
+    assert lr_lambda(0, warmup_steps=4, total_steps=10) == pytest.approx(0.25)
+    assert lr_lambda(3, warmup_steps=4, total_steps=10) == pytest.approx(1.0)
+    assert lr_lambda(10, warmup_steps=4, total_steps=10, kind="cosine") == pytest.approx(0.0)
+    assert lr_lambda(7, warmup_steps=4, total_steps=10, kind="linear") == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), total_steps=5, kind="step")
+    run = RunDir(str(tmp_path / "run"), Cfg())
+    assert os.path.isfile(os.path.join(run.path, "config.yaml"))
+    with MetricsLogger(run.path, tensorboard=False) as log:
+        log.log(1, {"loss": torch.tensor(0.5), "acc": 1})
+        log.log(2, {"loss": float("nan")})
+        # flushed per line: readable while still open
+        assert len(read_metrics(run.path)) == 2
+    recs = read_metrics(run.path)
+    assert recs[0] == {"step": 1, "loss": 0.5, "acc": 1}
+    assert json.loads(open(run.metrics_path).readline())["step"] == 1

@@ -57,3 +57,167 @@ def test_tiny_reward_model(tok):
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
     enc = tok(["hello world", "the cat"], padding=True, return_tensors="pt")
     assert rm(**enc).logits.shape == (2, 1)
+
+
+# --------------------------------------------------------------------------- log-probs
+
+import warnings  # noqa: E402
+
+from rlhf_fast import ops  # noqa: E402
+from rlhf_fast.models import logprobs as lp  # noqa: E402
+from rlhf_fast.ops import reference  # noqa: E402
+
+
+def _batch(tok, texts=("hello world the cat sat on the mat", "a dog", "one two three four five")):
+    enc = tok(list(texts), padding=True, return_tensors="pt")
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    # responses: the last 3 tokens of each row
+    resp = torch.zeros_like(am)
+    resp[:, -3:] = 1
+    return ids, am, resp
+
+
+def _logits_path(model, ids, am, resp, temperature=1.0):
+    """The oracle: log_softmax of the model's real logits, shifted, masked."""
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=am, position_ids=pos).logits.float() / temperature
+    logp_all = torch.log_softmax(logits[:, :-1], -1)
+    got = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    m = (am.bool() & resp.bool())[:, 1:] & am[:, :-1].bool()  # a left-padded row's first token has no context
+    z = torch.zeros(ids.shape[0], 1)
+    return torch.cat([z, got * m], 1), torch.cat([z, ent * m], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequence_logprobs_equals_logits_path(tok, family):
+    model = tiny_causal_lm(len(tok), family=family, seed=2)
+    ids, am, resp = _batch(tok)
+    with torch.no_grad():
+        logp, ent = lp.sequence_logprobs(model, ids, am, response_mask=resp, temperature=0.7, return_entropy=True)
+        exp_lp, exp_ent = _logits_path(model, ids, am, resp, 0.7)
+    assert logp.dtype == torch.float32 and logp.shape == ids.shape
+    torch.testing.assert_close(logp, exp_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, exp_ent, rtol=1e-5, atol=1e-5)
+    # without a response mask every attended position after the first is computed
+    with torch.no_grad():
+        full = lp.sequence_logprobs(model, ids, am, chunk_size=3)
+        exp_full, _ = _logits_path(model, ids, am, torch.ones_like(am))
+    torch.testing.assert_close(full, exp_full, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_logprobs_gradients_match(tok):
+    model = tiny_causal_lm(len(tok), seed=3)
+    ids, am, resp = _batch(tok)
+    w = torch.randn(ids.shape)
+    a = (lp.sequence_logprobs(model, ids, am, response_mask=resp, chunk_size=2) * w).sum()
+    ga = torch.autograd.grad(a, list(model.parameters()))
+    b = (_logits_path(model, ids, am, resp)[0] * w).sum()
+    gb = torch.autograd.grad(b, list(model.parameters()))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_packed_equals_padded(family):
+    tok = train_tokenizer(sample_texts(), 256, padding_side="right")
+    model = tiny_causal_lm(len(tok), family=family, seed=4)
+    for side in ("left", "right"):
+        tok.padding_side = side
+        ids, am, resp = _batch(tok)
+        resp = am.clone()
+        with torch.no_grad():
+            a, ea = lp.sequence_logprobs(model, ids, am, response_mask=resp, return_entropy=True)
+            b, eb = lp.sequence_logprobs(model, ids, am, response_mask=resp, return_entropy=True, packed=True)
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-5)
+
+
+def test_policy_loss_matches_composition(tok):
+    model = tiny_causal_lm(len(tok), seed=5)
+    ids, am, resp = _batch(tok)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = lp.sequence_logprobs(model, ids, am, response_mask=resp)
+    old = base + 0.1 * torch.randn(ids.shape, generator=g)
+    ref = base + 0.1 * torch.randn(ids.shape, generator=g)
+    adv = torch.randn(ids.shape, generator=g)
+    kw = dict(kl_coef=0.1, entropy_coef=0.01, clip_low=0.2, agg="seq-mean-token-mean")
+    loss, stats = lp.policy_loss(model, ids, am, resp, old, adv, ref_logp=ref, **kw)
+    gl = torch.autograd.grad(loss, list(model.parameters()))
+    logp, ent = _logits_path(model, ids, am, resp)
+    m = resp.bool() & am.bool()
+    m[:, 0] = False
+    m[:, 1:] &= am[:, :-1].bool()
+    exp, _ = reference.policy_loss_from_logp(logp, ent, old, adv, m, ref_logp=ref, **kw)
+    ge = torch.autograd.grad(exp, list(model.parameters()))
+    torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["logp"], logp.detach() * m, rtol=1e-5, atol=1e-5)
+    for x, y in zip(gl, ge):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def _gemma2(vocab):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0,
+                       pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_softcapped_head_falls_back_with_warning(tok):
+    model = _gemma2(len(tok))
+    assert "final_logit_softcapping" in lp.unfusable_reason(model)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        lp.lm_head_params(model)
+    ids, am, resp = _batch(tok)
+    lp._warn_unfused.cache_clear()
+    with pytest.warns(RuntimeWarning, match="final_logit_softcapping"):
+        with torch.no_grad():
+            got = lp.sequence_logprobs(model, ids, am, response_mask=resp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-time: the second call is silent
+        with torch.no_grad():
+            lp.sequence_logprobs(model, ids, am, response_mask=resp)
+            exp, _ = _logits_path(model, ids, am, resp)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    # and the (capped) head really differs from the plain matmul
+    with torch.no_grad():
+        h = lp.hidden_states(model, ids, am)
+        plain = torch.log_softmax((h @ model.lm_head.weight.t()).float(), -1)
+    assert not torch.allclose(plain[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * resp[:, 1:], exp[:, 1:])
+
+
+def test_fused_path_never_allocates_btv():
+    from torch.profiler import ProfilerActivity, profile
+
+    V, B, T = 65536, 2, 48
+    model = tiny_causal_lm(V, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    btv = B * T * V * 4
+
+    def peak_alloc(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.no_grad():
+                fn()
+        return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+    fused = peak_alloc(lambda: lp.sequence_logprobs(model, ids, am, chunk_size=8))
+    plain = peak_alloc(lambda: torch.log_softmax(model(input_ids=ids, attention_mask=am).logits.float(), -1))
+    assert plain >= btv * 0.9  # the logits path holds [B, T, V]
+    assert fused < btv / 8, (fused, btv)
+
+
+def test_sequence_logprobs_bad_input(tok):
+    model = tiny_causal_lm(len(tok))
+    ids, am, resp = _batch(tok)
+    with pytest.raises(ValueError, match="response_mask"):
+        lp.sequence_logprobs(model, ids, am, response_mask=resp[:, 1:])
+    with pytest.raises(ValueError, match="temperature"):
+        lp.sequence_logprobs(model, ids, am, temperature=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        lp.sequence_logprobs(model, ids[0], am)

@@ -1,0 +1,339 @@
+"""Per-token log-probs and the policy loss of a Hugging Face causal LM without its logits.
+
+The backbone gives the final hidden state ``[B, T, H]`` (after the final norm); the LM head
+is applied inside :func:`rlhf_fast.ops.fused_linear_logprobs` /
+:func:`rlhf_fast.ops.fused_linear_policy_loss`, which never hold the ``[B, T, V]`` logits.
+
+Alignment convention shared by every trainer: all ``[B, T]`` tensors are aligned to
+``input_ids`` positions; ``logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t])``, 0 at
+``t = 0`` and wherever ``response_mask`` is 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from rlhf_fast import ops
+from rlhf_fast.ops import _dispatch
+
+# Config attributes that change the logits after the LM-head matmul, with the value at
+# which they are a no-op. A head with any of them active cannot be fused.
+_UNFUSABLE_HEAD_ATTRS = (
+    ("final_logit_softcapping", (None, 0, 0.0)),  # Gemma2/3: logits = c·tanh(logits / c)
+    ("logit_scale", (None, 1, 1.0)),  # Cohere: logits *= logit_scale
+    ("logits_scaling", (None, 1, 1.0)),  # Granite (MuP): logits /= logits_scaling
+    ("output_multiplier_scale", (None, 1, 1.0)),
+    ("mup_width_scale", (None, 1, 1.0)),
+    ("mup_output_multiplier", (None, 1, 1.0)),
+    ("lm_head_multiplier", (None, 1, 1.0)),
+)
+
+# Rows of logits the Python chunk loop materialises at once when the op runs on the
+# PyTorch reference (which holds all rows of logits it is given): 4M logits = 16 MB fp32.
+_REFERENCE_CHUNK_ELEMS = 1 << 22
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers ``PreTrainedModel`` inside a peft ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The base transformer of a causal LM (``model.model``, ``model.transformer``, ...)."""
+    m = unwrap(model)
+    prefix = getattr(m, "base_model_prefix", None)
+    inner = getattr(m, prefix, None) if prefix else None
+    if inner is None:
+        raise TypeError(f"model must be a transformers PreTrainedModel with a base model, got {type(m).__name__}")
+    return inner
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` int64 that count only attended tokens (as ``generate`` does),
+    so a left-padded row gets the same positions as the unpadded sequence."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
+def hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype).
+
+    input_ids ``[B, T]`` int, attention_mask ``[B, T]`` 0/1 (None: all attended). Calls the
+    base model only, never the LM head. Position ids default to the cumulative count of
+    attended tokens, matching generation with left padding.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    if position_ids is None and attention_mask is not None:
+        position_ids = default_position_ids(attention_mask)
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, return_dict=True)
+    return out.last_hidden_state
+
+
+def unfusable_reason(model: nn.Module) -> Optional[str]:
+    """Why the LM head of ``model`` cannot be fused into the log-prob kernel, or None."""
+    m = unwrap(model)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    if head is None:
+        return "the model has no output embedding (LM head)"
+    if not isinstance(head, nn.Linear) and not hasattr(head, "base_layer"):
+        return f"the LM head is a {type(head).__name__}, not a Linear"
+    if hasattr(head, "base_layer"):
+        # a peft-wrapped head (LoRA on lm_head): its output is not weight @ h
+        return "the LM head carries a peft adapter"
+    cfg = getattr(m, "config", None)
+    for name, neutral in _UNFUSABLE_HEAD_ATTRS:
+        val = getattr(cfg, name, None) if cfg is not None else None
+        if val not in neutral:
+            return f"config.{name}={val!r} transforms the logits after the LM head"
+    return None
+
+
+def lm_head_params(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight [V, H], bias [V] or None)`` of the LM head (tied weights included).
+
+    Raises ValueError when the head cannot be fused (see :func:`unfusable_reason`).
+    """
+    why = unfusable_reason(model)
+    if why is not None:
+        raise ValueError(f"cannot fuse the LM head: {why}")
+    head = unwrap(model).get_output_embeddings()
+    return head.weight, head.bias
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unfused(reason: str) -> None:
+    warnings.warn(f"rlhf_fast: falling back to full logits for log-probs because {reason}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _fallback_reason(model: nn.Module) -> Optional[str]:
+    why = unfusable_reason(model)
+    if why is not None:
+        _warn_unfused(why)
+    return why
+
+
+def _chunked_head_logprobs(h, weight, bias, labels, *, temperature, return_entropy, chunk_size):
+    """fused_linear_logprobs over rows ``h [N, H]``; on the PyTorch reference backend the rows
+    are fed in chunks (each checkpointed under autograd) so at most one chunk of logits lives."""
+    N = h.shape[0]
+    backend, _ = _dispatch.select("fused_linear_logprobs", h.device)
+    if backend != "torch":
+        return ops.fused_linear_logprobs(h, weight, labels, bias=bias, temperature=temperature,
+                                         return_entropy=return_entropy, chunk_size=chunk_size)
+    rows = chunk_size or max(1, _REFERENCE_CHUNK_ELEMS // weight.shape[0])
+    if N <= rows:
+        return ops.fused_linear_logprobs(h, weight, labels, bias=bias, temperature=temperature,
+                                         return_entropy=return_entropy)
+
+    def one(hc, w, b, lc):
+        out = ops.fused_linear_logprobs(hc, w, lc, bias=b, temperature=temperature, return_entropy=return_entropy)
+        return out if return_entropy else (out,)
+
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    outs = []
+    for s in range(0, N, rows):
+        args = (h[s:s + rows], weight, bias, labels[s:s + rows])
+        if grad:
+            # recompute this chunk's logits in backward instead of keeping them
+            outs.append(torch.utils.checkpoint.checkpoint(one, *args, use_reentrant=False))
+        else:
+            outs.append(one(*args))
+    cat = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    return tuple(cat) if return_entropy else cat[0]
+
+
+def _check_bt(name, t, shape):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, T] = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _target_mask(attention_mask, response_mask):
+    """Positions ``[B, T]`` bool that get a log-prob: attended, in the response (if given) and
+    preceded by an attended token (never t = 0 nor a left-padded row's first token)."""
+    am = attention_mask.bool()
+    target = am.clone() if response_mask is None else am & response_mask.bool()
+    target[:, 0] = False
+    target[:, 1:] &= am[:, :-1]
+    return target
+
+
+def _pack(input_ids, attention_mask):
+    """Concatenate the attended tokens of every row into one row ``[1, N]`` with position ids
+    restarting at 0 per sequence; returns (ids, pos, rows, cols) with rows/cols ``[N]`` the
+    original coordinates of each packed token."""
+    rows, cols = attention_mask.bool().nonzero(as_tuple=True)  # row-major: each row's tokens in order
+    ids = input_ids[rows, cols].unsqueeze(0)
+    counts = attention_mask.bool().sum(-1)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=ids.device) - starts[rows]
+    return ids, pos.unsqueeze(0), rows, cols
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    response_mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    packed: bool = False,
+    position_ids: Optional[torch.Tensor] = None,
+):
+    """Per-token log-probs ``[B, T]`` float32 of ``input_ids`` under ``model`` at ``temperature``.
+
+    input_ids ``[B, T]`` int; attention_mask / response_mask ``[B, T]`` 0/1 or bool.
+    ``logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` placed at position t; 0 at
+    t = 0, at padding and wherever ``response_mask`` is 0 (only those positions are
+    computed). With ``return_entropy`` also returns the entropy ``[B, T]`` float32 of the
+    distribution that predicted position t, same placement. ``packed=True`` runs one
+    padding-free row with per-sequence position ids (Llama/Qwen/Mistral-style attention).
+    Differentiable in the model's parameters.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    B, T = input_ids.shape
+    _check_bt("attention_mask", attention_mask, (B, T))
+    _check_bt("response_mask", response_mask, (B, T))
+    _check_bt("position_ids", position_ids, (B, T))
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    target = _target_mask(attention_mask, response_mask)
+
+    if packed:
+        if position_ids is not None:
+            raise ValueError("position_ids must be None with packed=True (they are rebuilt per sequence)")
+        ids, pos, rows, cols = _pack(input_ids, attention_mask)
+        if _fallback_reason(model) is not None:
+            raise ValueError("packed=True needs a fusable LM head")
+        h = hidden_states(model, ids, None, pos)[0]  # [N, H]
+        # packed token k predicts token k + 1 when both belong to the same row
+        same = torch.zeros_like(rows, dtype=torch.bool)
+        same[:-1] = rows[1:] == rows[:-1]
+        nxt = torch.arange(rows.numel(), device=rows.device) + 1
+        sel = same.clone()
+        sel[:-1] &= target[rows[1:], cols[1:]]
+        src = sel.nonzero(as_tuple=True)[0]
+        tr, tc = rows[nxt[src]], cols[nxt[src]]
+        h_sel, labels = h[src], ids[0, nxt[src]]
+    else:
+        tr, tc = target.nonzero(as_tuple=True)
+        why = _fallback_reason(model)
+        if why is not None:
+            pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                           use_cache=False).logits  # [B, T, V]: this head cannot be fused
+            out = ops.token_logprobs(logits[tr, tc - 1], input_ids[tr, tc], temperature=temperature,
+                                     return_entropy=return_entropy)
+            return _scatter(out, tr, tc, B, T, return_entropy)
+        h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
+        h_sel, labels = h[tr, tc - 1], input_ids[tr, tc]
+
+    weight, bias = lm_head_params(model)
+    out = _chunked_head_logprobs(h_sel, weight, bias, labels, temperature=temperature,
+                                 return_entropy=return_entropy, chunk_size=chunk_size)
+    return _scatter(out, tr, tc, B, T, return_entropy)
+
+
+def _scatter(out, tr, tc, B, T, return_entropy):
+    vals = out if return_entropy else (out,)
+    res = []
+    for v in vals:
+        full = torch.zeros(B, T, dtype=torch.float32 if v.dtype != torch.float64 else v.dtype, device=v.device)
+        res.append(full.index_put((tr, tc), v.to(full.dtype)))
+    return tuple(res) if return_entropy else res[0]
+
+
+def policy_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    ref_logp: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    **loss_kwargs,
+):
+    """The PPO-family policy loss of ``model`` on a rollout batch, from the last hidden state.
+
+    Every ``[B, T]`` tensor (input_ids, attention_mask, response_mask, old_logp, advantages,
+    ref_logp) is aligned to input_ids positions, as :func:`sequence_logprobs` returns them;
+    the loss mask is ``response_mask`` (position 0 never counts). ``loss_kwargs`` go to
+    :func:`rlhf_fast.ops.fused_linear_policy_loss` (kl_coef, kl_kind, entropy_coef,
+    temperature, clip_low, clip_high, dual_clip, agg, normalizer, chunk_size). Returns
+    ``(loss 0-dim float32, stats)``; ``stats["logp"]`` is ``[B, T]`` aligned the same way.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    shape = tuple(input_ids.shape)
+    for name, t in (("attention_mask", attention_mask), ("response_mask", response_mask),
+                    ("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
+        _check_bt(name, t, shape)
+    if response_mask is None or old_logp is None or advantages is None:
+        raise ValueError("response_mask, old_logp and advantages are required")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = _target_mask(attention_mask, response_mask)
+    temperature = loss_kwargs.get("temperature", 1.0)
+    why = _fallback_reason(model)
+    if why is not None:
+        # the head cannot be fused: the same loss composed from the real logits
+        from rlhf_fast.ops import reference
+
+        logp, entropy = sequence_logprobs(model, input_ids, attention_mask, response_mask=mask,
+                                          temperature=temperature, return_entropy=True, position_ids=position_ids)
+        kw = {k: v for k, v in loss_kwargs.items() if k not in ("temperature", "chunk_size")}
+        return reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp,
+                                               kl_fn=ops.kl_penalty, **kw)
+    h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
+    # the state predicting position t is h[:, t - 1]; a zero row at t = 0 keeps T columns so
+    # every [B, T] tensor (and agg modes that divide by B·T) stays aligned with input_ids
+    h_shift = torch.cat([h.new_zeros(h.shape[0], 1, h.shape[2]), h[:, :-1]], dim=1)
+    weight, bias = lm_head_params(model)
+    loss, stats = ops.fused_linear_policy_loss(h_shift, weight, input_ids, old_logp, advantages, mask,
+                                               ref_logp=ref_logp, bias=bias, **loss_kwargs)
+    if "logp" in stats:
+        # same convention as sequence_logprobs: 0 outside the loss mask
+        stats["logp"] = torch.where(mask, stats["logp"], torch.zeros_like(stats["logp"]))
+    return loss, stats
+
+
+__all__ = [
+    "hidden_states",
+    "lm_head_params",
+    "unfusable_reason",
+    "sequence_logprobs",
+    "policy_loss",
+    "default_position_ids",
+    "backbone",
+    "unwrap",
+]

@@ -11,14 +11,16 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate, reference
-from .reference import AGG_MODES, KL_KINDS
+from . import _dispatch, _native, _validate, kl, reference
+from .reference import AGG_MODES, KL_KINDS, out_dtype
 
 
 def _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, hidden_ndim):
     _validate.tensor("hidden", hidden, floating=True, ndim=hidden_ndim)
     _validate.tensor("weight", weight, floating=True, ndim=2)
     _validate.tensor("labels", labels, integer=True)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -118,5 +120,74 @@ def fused_linear_policy_loss(
     )
 
 
+# ------------------------------------------------------------------ C++ CPU backend
+
+
+def _fused_linear_logprobs_cpp(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
+                               chunk_size=None, ignore_index=-100):
+    """csrc/cpu/fused_linear.cpp: hidden ``[N, H]``, weight ``[V, H]``; one chunk of logits at a time."""
+    logp, entropy, _ = torch.ops.rlhf_fast.fused_linear_logprobs_fwd(
+        hidden, weight, bias, labels.long(), float(temperature), bool(return_entropy), int(ignore_index),
+        int(chunk_size or 0),
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+def _fused_linear_policy_loss_cpp(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
+                                  kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                                  dual_clip=None, agg="token-mean", normalizer=None, bias=None, chunk_size=None,
+                                  ignore_index=-100):
+    """The native LM head + log-probs, then the reference epilogue through autograd: the
+    per-token tensors are [B, T], so memory stays at one chunk of logits."""
+    B, T, H = hidden.shape
+    logp, entropy = _fused_linear_logprobs_cpp(
+        hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias=bias, temperature=temperature,
+        return_entropy=True, chunk_size=chunk_size, ignore_index=ignore_index,
+    )
+    return reference.policy_loss_from_logp(
+        logp.reshape(B, T), entropy.reshape(B, T), old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef,
+        kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        agg=agg, normalizer=normalizer, kl_fn=kl.kl_penalty,
+    )
+
+
+def _fwd_fake(hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size):
+    n = hidden.shape[0]
+    dt = out_dtype(hidden.dtype)
+    return (hidden.new_empty((n,), dtype=dt), hidden.new_empty((n if return_entropy else 0,), dtype=dt),
+            hidden.new_empty((n,), dtype=dt))
+
+
+def _bwd_fake(gl, ge, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size):
+    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,), dtype=out_dtype(hidden.dtype))
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, _, ignore_index, chunk_size = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = lse.new_zeros(lse.shape)
+    # the logits are recomputed chunk by chunk; lse is internal and gets no gradient
+    grad_hidden, grad_weight, grad_bias = torch.ops.rlhf_fast.fused_linear_logprobs_bwd(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature, ctx.ignore_index,
+        ctx.chunk_size,
+    )
+    return grad_hidden, grad_weight, (grad_bias if bias is not None else None), None, None, None, None, None
+
+
+_native.register_meta_and_autograd("fused_linear_logprobs_fwd", _fwd_fake, _backward, _setup)
+_native.register_meta_and_autograd("fused_linear_logprobs_bwd", _bwd_fake)
+
 _dispatch.register("fused_linear_logprobs", "torch", reference.fused_linear_logprobs)
+_dispatch.register("fused_linear_logprobs", "cpp", _fused_linear_logprobs_cpp)
 _dispatch.register("fused_linear_policy_loss", "torch", reference.fused_linear_policy_loss)
+_dispatch.register("fused_linear_policy_loss", "cpp", _fused_linear_policy_loss_cpp)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate, reference
+from . import _dispatch, _native, _validate, reference
+from .reference import out_dtype
 
 
 def token_logprobs(
@@ -43,4 +44,52 @@ def token_logprobs(
     )
 
 
+
+# ------------------------------------------------------------------ C++ CPU backend
+
+
+def _token_logprobs_cpp(logits, labels, *, temperature=1.0, return_entropy=False, ignore_index=-100):
+    """csrc/cpu/logprobs.cpp on ``[..., V]`` logits: flattened to ``[N, V]`` rows and back."""
+    shape = labels.shape
+    logp, entropy, _ = torch.ops.rlhf_fast.token_logprobs_fwd(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), float(temperature), bool(return_entropy),
+        int(ignore_index),
+    )
+    if return_entropy:
+        return logp.reshape(shape), entropy.reshape(shape)
+    return logp.reshape(shape)
+
+
+def _fwd_fake(logits, labels, temperature, return_entropy, ignore_index):
+    n = logits.shape[0]
+    dt = out_dtype(logits.dtype)
+    return (logits.new_empty((n,), dtype=dt), logits.new_empty((n if return_entropy else 0,), dtype=dt),
+            logits.new_empty((n,), dtype=dt))
+
+
+def _setup(ctx, inputs, output):
+    logits, labels, temperature, _, ignore_index = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = lse.new_zeros(lse.shape)
+    # lse is an internal output: its gradient is never used
+    grad = torch.ops.rlhf_fast.token_logprobs_bwd(
+        grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+    )
+    return grad, None, None, None, None
+
+
+_native.register_meta_and_autograd("token_logprobs_fwd", _fwd_fake, _backward, _setup)
+_native.register_meta_and_autograd(
+    "token_logprobs_bwd", lambda gl, ge, logits, labels, lse, ent, t, ii: torch.empty_like(logits)
+)
+
 _dispatch.register("token_logprobs", "torch", reference.token_logprobs)
+_dispatch.register("token_logprobs", "cpp", _token_logprobs_cpp)

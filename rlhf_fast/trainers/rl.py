@@ -1,0 +1,664 @@
+"""One RL loop for PPO (critic + GAE), GRPO, Dr.GRPO, RLOO and REINFORCE++.
+
+Python API (thin; everything per-token goes through :mod:`rlhf_fast.ops`)::
+
+    from rlhf_fast.trainers.rl import RLTrainer
+    from rlhf_fast.trainers.rl_config import RLConfig
+    cfg = RLConfig(estimator="grpo")               # "gae" = PPO, "rloo", "dr_grpo", "reinforce++"
+    trainer = RLTrainer(cfg, policy, tokenizer, reward_fns=[my_fn])  # my_fn(prompts, completions) -> floats
+    trainer.train()                                # or trainer.step() for one rollout + update
+
+:class:`PPOTrainer`, :class:`GRPOTrainer` and :class:`RLOOTrainer` only fix the estimator.
+
+One step: rollout (HFRolloutEngine, ``group_size`` samples per prompt) → per-token log-probs
+of the policy and the reference (sequence_logprobs) and critic values (gae) → rewards
+(weighted sources, each logged) → advantages (rlhf_fast.algorithms) → ``ppo.epochs`` passes
+over mini-batches with gradient accumulation over micro-batches, the loss normalised by the
+token/row count of the whole mini-batch (so micro-batching never changes the gradient), the
+policy loss through fused_linear_policy_loss (asymmetric / dual clip, entropy bonus, KL in
+the loss), optional TRPO-style line search, early stop on approx KL → KL controller update.
+A run folder holds config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events and atomic
+checkpoints from which ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.algorithms import (
+    CRITIC_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    CallableReward,
+    CombinedReward,
+    JudgeReward,
+    LengthPenalty,
+    RepetitionPenalty,
+    RewardContext,
+    RewardError,
+    RewardModelReward,
+    RewardSource,
+    RunningMoments,
+    compute_advantages,
+    load_callable,
+    make_kl_controller,
+    shape_scores,
+)
+from rlhf_fast.trainers.rl_config import RLConfig
+
+
+@dataclass
+class RolloutTensors:
+    """The tensors of one step, all on the training device, rows = samples kept.
+
+    input_ids ``[B, L]`` int64; attention_mask, response_mask ``[B, L]`` bool (response_mask
+    never set at column 0); old_logp, ref_logp, behaviour_logp ``[B, L]`` float32 (0 outside
+    the response); values, advantages, returns ``[B, L]`` float32 (values zero without a
+    critic); scores ``[B]`` float32 (shaped sequence rewards)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    behaviour_logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "RolloutTensors":
+        """The rows ``idx`` of every tensor."""
+        return RolloutTensors(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+def build_tiny_policy(cfg: RLConfig, extra_texts: Sequence[str] = ()):
+    """A ``tiny:FAMILY`` policy and its locally trained tokenizer, sized by ``cfg.model``."""
+    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+
+    family = cfg.model.policy.split(":", 1)[1] or "llama"
+    texts = sample_texts(256, seed=cfg.model.tiny_seed) + list(cfg.data.prompts) + list(extra_texts)
+    texts += ["0 1 2 3 4 5 6 7 8 9", "a b c d e f g h i j k l m n o p q r s t u v w x y z"]
+    tok = train_tokenizer(texts, cfg.model.tiny_vocab_size)
+    model = tiny_causal_lm(len(tok), family=family, hidden_size=cfg.model.tiny_hidden_size,
+                           num_layers=cfg.model.tiny_num_layers, num_heads=cfg.model.tiny_num_heads,
+                           seed=cfg.model.tiny_seed, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+    return model, tok
+
+
+def _make_critic(policy, path: Optional[str] = None):
+    from rlhf_fast.models import loading
+
+    if path is not None:
+        return loading.ValueModel.from_pretrained(path)
+    if hasattr(loading.ValueModel, "from_policy"):
+        return loading.ValueModel.from_policy(policy)
+    return loading.ValueModel(policy)
+
+
+def _token_normalizer(mask: torch.Tensor, agg: str):
+    """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once."""
+    if agg == "token-mean":
+        return mask.sum().clamp(min=1).to(torch.float32)
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return float(mask.shape[0])
+    return float(mask.numel())  # seq-mean-token-sum-norm
+
+
+class RLTrainer:
+    """RL fine-tuning of a causal LM; the estimator (``config.estimator``) picks the algorithm:
+    ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++`` without one.
+
+    config: :class:`RLConfig`. policy / tokenizer: a HF causal LM and its tokenizer (built from
+    ``config.model`` when None). reward_fns: callables ``fn(prompts, completions) -> list[float]``
+    or :class:`rlhf_fast.algorithms.RewardSource` objects (weights: ``reward_weights``, default 1);
+    reward_models: list of ``(model, tokenizer_or_None)`` or models scored with
+    :func:`rlhf_fast.models.loading.reward_scores`; judge: the AI judge (``score(prompts,
+    responses)``). prompts: list of prompt strings (else from ``config.data``). reference /
+    critic / engine: override the frozen reference, the ValueModel or the RolloutEngine.
+    """
+
+    def __init__(
+        self,
+        config: RLConfig,
+        policy=None,
+        tokenizer=None,
+        *,
+        reward_fns: Sequence = (),
+        reward_weights: Optional[Sequence[float]] = None,
+        reward_models: Sequence = (),
+        judge=None,
+        prompts: Optional[Sequence[str]] = None,
+        reference=None,
+        critic=None,
+        engine=None,
+    ):
+        from rlhf_fast.trainers.common import resolve_device, seed_everything
+
+        if not isinstance(config, RLConfig):
+            raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+        if (policy is None) != (tokenizer is None):
+            raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")
+        self.config = cfg = config
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        if policy is None:
+            policy, tokenizer = self._load_policy()
+        self.policy = policy.to(self.device)
+        # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
+        self.policy.eval()
+        self.tokenizer = tokenizer
+        if reference is None:
+            from rlhf_fast.models import loading
+
+            reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
+                         else loading.make_reference(self.policy))
+        self.reference = reference.to(self.device).eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.critic = None
+        if cfg.estimator in CRITIC_ESTIMATORS:
+            self.critic = (critic if critic is not None else _make_critic(self.policy, cfg.model.critic)).to(self.device)
+            self.critic.eval()
+        if engine is None:
+            from rlhf_fast.rollout import HFRolloutEngine
+
+            engine = HFRolloutEngine(self.policy, tokenizer, device=self.device)
+        self.engine = engine
+        self.reward = self._build_rewards(reward_fns, reward_weights, reward_models, judge)
+        self.prompts = list(prompts) if prompts is not None else self._load_prompts()
+        if not self.prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.critic_optimizer = None
+        if self.critic is not None:
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.optim.critic_lr,
+                                                      weight_decay=cfg.optim.weight_decay)
+        from rlhf_fast.trainers.common import make_scheduler
+
+        total = cfg.steps * cfg.ppo.epochs * max(1, cfg.batch_size // cfg.ppo.mini_batch_size)
+        kw = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=max(1, total), kind=cfg.optim.schedule)
+        self.scheduler = make_scheduler(self.optimizer, **kw)
+        self.critic_scheduler = make_scheduler(self.critic_optimizer, **kw) if self.critic_optimizer else None
+        self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+        self.reward_moments = RunningMoments()
+        self.global_step = 0
+        self.prompt_pos = 0  # prompts consumed so far (data position)
+        self.dropped_total = 0
+        self.run_dir = None
+        self._logger = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _load_policy(self):
+        cfg = self.config
+        if cfg.model.policy.startswith("tiny:"):
+            return build_tiny_policy(cfg)
+        from transformers import AutoTokenizer
+
+        from rlhf_fast.models.loading import load_policy
+
+        if not os.path.exists(cfg.model.policy):
+            raise FileNotFoundError(f"model.policy: no such path {cfg.model.policy!r} (or use 'tiny:llama')")
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy)
+        tok.padding_side = "left"
+        return load_policy(cfg.model.policy), tok
+
+    def _load_prompts(self) -> List[str]:
+        d = self.config.data
+        if d.prompts_file is None:
+            return list(d.prompts)
+        if not os.path.isfile(d.prompts_file):
+            raise FileNotFoundError(f"data.prompts_file not found: {d.prompts_file}")
+        out = []
+        with open(d.prompts_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if d.prompts_file.endswith(".jsonl"):
+                    rec = json.loads(line)
+                    if d.prompt_key not in rec or not isinstance(rec[d.prompt_key], str):
+                        raise ValueError(f"{d.prompts_file}:{n}: missing string field {d.prompt_key!r}")
+                    out.append(rec[d.prompt_key])
+                else:
+                    out.append(line.rstrip("\n"))
+        return out
+
+    def _build_rewards(self, reward_fns, reward_weights, reward_models, judge) -> CombinedReward:
+        rc = self.config.reward
+        sources, weights = [], []
+        fns = list(reward_fns)
+        ws = list(reward_weights) if reward_weights is not None else [1.0] * len(fns)
+        if len(ws) != len(fns):
+            raise ValueError(f"reward_weights must have one entry per reward_fns entry ({len(fns)}), got {len(ws)}")
+        for fn, w in zip(fns, ws):
+            sources.append(fn if isinstance(fn, RewardSource) else CallableReward(fn))
+            weights.append(w)
+        for spec, w in zip(rc.functions, rc.weights or [1.0] * len(rc.functions)):
+            sources.append(CallableReward(load_callable(spec), name=spec.rsplit(":", 1)[1]))
+            weights.append(w)
+        for i, rm in enumerate(reward_models):
+            model, tok = rm if isinstance(rm, tuple) else (rm, None)
+            sources.append(RewardModelReward(model.to(self.device).eval(), tok, name=f"reward_model{i or ''}"))
+            weights.append(rc.reward_model_weight)
+        if rc.reward_model is not None:
+            from transformers import AutoTokenizer
+
+            from rlhf_fast.models.loading import load_reward_model
+
+            sources.append(RewardModelReward(load_reward_model(rc.reward_model, device=self.device),
+                                             AutoTokenizer.from_pretrained(rc.reward_model), name="reward_model"))
+            weights.append(rc.reward_model_weight)
+        if judge is not None:
+            sources.append(JudgeReward(judge))
+            weights.append(1.0)
+        if rc.length_penalty > 0:
+            sources.append(LengthPenalty(rc.length_target))
+            weights.append(rc.length_penalty)
+        if rc.repetition_penalty > 0:
+            sources.append(RepetitionPenalty(rc.repetition_ngram))
+            weights.append(rc.repetition_penalty)
+        if not sources:
+            raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
+                             "or reward.reward_model in the config")
+        return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward)
+
+    def _next_prompts(self) -> List[str]:
+        """The next ``prompts_per_step`` prompts; a fresh seeded permutation each pass."""
+        n, k = len(self.prompts), self.config.rollout.prompts_per_step
+        out = []
+        for pos in range(self.prompt_pos, self.prompt_pos + k):
+            epoch, i = divmod(pos, n)
+            if self.config.data.shuffle:
+                g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+                i = int(torch.randperm(n, generator=g)[i])
+            out.append(self.prompts[i])
+        self.prompt_pos += k
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def rollout(self) -> tuple:
+        """Generate, score and estimate advantages. Returns ``(RolloutTensors, metrics)``."""
+        from rlhf_fast.models.logprobs import sequence_logprobs
+        from rlhf_fast.rollout import SamplingParams, logprob_gap
+
+        cfg, ro = self.config, self.config.rollout
+        m: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompts = self._next_prompts()
+        params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
+                                max_new_tokens=ro.max_new_tokens, n=ro.group_size,
+                                stop_strings=tuple(ro.stop_strings),
+                                seed=(cfg.seed * 1_000_003 + self.global_step) % (2**31))
+        with torch.no_grad():
+            batch = self.engine.generate(prompts, params)
+        t1 = time.perf_counter()
+        dev = self.device
+        ids = batch.input_ids.to(dev)
+        am = batch.attention_mask.to(dev).bool()
+        rm = batch.response_mask.to(dev).bool() & am
+        rm[:, 0] = False  # position 0 has no log-prob (alignment convention)
+        beh = batch.behaviour_logp.to(dev).float() * rm
+        with torch.no_grad():
+            old_logp, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm, temperature=ro.temperature,
+                                                  return_entropy=True)
+            ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=ro.temperature)
+            values = (self.critic(ids, am).float() * rm if self.critic is not None
+                      else torch.zeros_like(old_logp))
+        t2 = time.perf_counter()
+        lengths = rm.sum(1).tolist()
+        out = self.reward(list(batch.prompt_texts), list(batch.response_texts),
+                          RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths))
+        for name, v in out.per_source.items():
+            fin = torch.isfinite(v)
+            m[f"reward/{name}"] = float(v[fin].mean()) if fin.any() else float("nan")
+        keep = out.valid.clone()
+        G = ro.group_size
+        if cfg.estimator in GROUP_ESTIMATORS and not keep.all():
+            # a group with a dropped answer cannot give group-relative advantages: drop it whole
+            keep = keep.view(-1, G).all(dim=1).repeat_interleave(G)
+        n_dropped = int((~out.valid).sum())
+        self.dropped_total += n_dropped
+        m["reward/dropped"] = n_dropped
+        m["reward/dropped_total"] = self.dropped_total
+        if not keep.any():
+            raise RewardError(f"every sample of step {self.global_step} was dropped for a bad reward "
+                              f"(per source: {out.dropped}); check the reward sources")
+        idx = keep.nonzero(as_tuple=True)[0].to(dev)
+        raw = out.total[keep.cpu()].to(dev)
+        scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
+                              moments=self.reward_moments if cfg.reward.whiten else None)
+        ids, am, rm = ids[idx], am[idx], rm[idx]
+        old_logp, ref_logp, beh, values, entropy = (t[idx] for t in (old_logp, ref_logp, beh, values, entropy))
+        kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
+        beta = self.kl_ctl.value
+        adv, ret = compute_advantages(
+            cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_tok,
+            kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
+            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages)
+        gap = logprob_gap(beh, old_logp, rm)
+        m["logprob_gap/mean"] = float(gap["mean"])
+        m["logprob_gap/max"] = float(gap["max"])
+        if cfg.ppo.is_cap is not None:
+            # truncated importance sampling: the rollout came from the behaviour distribution
+            w = torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cfg.ppo.is_cap) * rm
+            m["is_weight/mean"] = float(ops.masked_mean(w, rm))
+            adv = adv * w
+        seq_kl = (kl_tok.sum(1)).mean()
+        m.update({
+            "reward/total": float(raw.mean()), "reward/shaped": float(scores.mean()),
+            "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
+            "kl/seq": float(seq_kl), "kl/token": float(ops.masked_mean(kl_tok, rm)), "kl/coef": beta,
+            "entropy": float(ops.masked_mean(entropy, rm)),
+            "response_length/mean": float(rm.sum(1).float().mean()),
+            "response_length/max": float(rm.sum(1).max()),
+            "advantages/mean": float(ops.masked_mean(adv, rm)),
+            "returns/mean": float(ops.masked_mean(ret, rm)),
+            "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0),
+            "time/generate": t1 - t0, "time/logprobs": t2 - t1,
+        })
+        if self.critic is not None:
+            var_r = torch.var(ret[rm]) if rm.sum() > 1 else torch.tensor(0.0)
+            ev = 1.0 - torch.var((ret - values)[rm]) / var_r if var_r > 0 else torch.tensor(0.0)
+            m["value/explained_variance"] = float(ev)
+            m["value/mean"] = float(ops.masked_mean(values, rm))
+        data = RolloutTensors(ids, am, rm, old_logp, ref_logp, beh, values, adv, ret, scores)
+        self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
+                            for i in idx.tolist()]
+        return data, m
+
+    def _loss_kwargs(self) -> dict:
+        cfg = self.config
+        in_loss = cfg.kl.placement == "loss"
+        return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.kind,
+                    entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
+                    clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg)
+
+    def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None) -> Dict[str, float]:
+        """Accumulate the policy gradient of the whole batch ``data`` (one mini-batch) over
+        micro-batches of ``micro_batch_size`` rows; the normaliser (token or row count of the
+        whole mini-batch) is computed once so the gradient does not depend on the split.
+        Returns the loss and statistics, averaged over micro-batches by token count."""
+        from rlhf_fast.models.logprobs import policy_loss
+
+        mb = micro_batch_size or self.config.ppo.micro_batch_size
+        kw = self._loss_kwargs()
+        norm = _token_normalizer(data.response_mask, kw["agg"])
+        B = data.input_ids.shape[0]
+        ntok = data.response_mask.sum().clamp(min=1).float()
+        acc: Dict[str, float] = {}
+        for s in range(0, B, mb):
+            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
+            loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
+                                   d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
+            loss.backward()
+            w = float(d.response_mask.sum()) / float(ntok)
+            acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
+                if k in st:
+                    acc[k] = acc.get(k, 0.0) + w * float(st[k])
+            acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]))
+        return acc
+
+    def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None) -> Dict[str, float]:
+        """Accumulate the clipped value-loss gradient of ``data`` over micro-batches."""
+        mb = micro_batch_size or self.config.ppo.micro_batch_size
+        agg = self.config.ppo.agg
+        norm = _token_normalizer(data.response_mask, agg)
+        B = data.input_ids.shape[0]
+        out = {"value_loss": 0.0, "value_clip_frac": 0.0}
+        ntok = data.response_mask.sum().clamp(min=1).float()
+        for s in range(0, B, mb):
+            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
+            v = self.critic(d.input_ids, d.attention_mask).float()
+            loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask, clip=self.config.ppo.value_clip,
+                                          agg=agg, normalizer=norm)
+            (self.config.ppo.value_coef * loss).backward()
+            out["value_loss"] += float(loss.detach())
+            out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
+        return out
+
+    @torch.no_grad()
+    def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor):
+        """(loss, KL to the pre-step policy) of the current parameters on ``data`` (no grad)."""
+        from rlhf_fast.models.logprobs import policy_loss
+
+        kw = self._loss_kwargs()
+        loss, st = policy_loss(self.policy, data.input_ids, data.attention_mask, data.response_mask, data.old_logp,
+                               data.advantages, ref_logp=data.ref_logp,
+                               normalizer=_token_normalizer(data.response_mask, kw["agg"]), **kw)
+        d = st["logp"] - pre_logp
+        return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))
+
+    def _trpo_step(self, data: RolloutTensors) -> Dict[str, float]:
+        """Take the optimiser's proposed step, then backtrack along it until the surrogate
+        improves and the KL to the pre-step policy is within ``ppo.trpo_max_kl``."""
+        from rlhf_fast.models.logprobs import sequence_logprobs
+
+        cfg = self.config.ppo
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        with torch.no_grad():
+            pre_logp = sequence_logprobs(self.policy, data.input_ids, data.attention_mask,
+                                         response_mask=data.response_mask, temperature=self.config.rollout.temperature)
+        loss0, _ = self._surrogate(data, pre_logp)
+        old = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        delta = [p.detach() - o for p, o in zip(params, old)]
+        frac, accepted = 1.0, False
+        for _ in range(cfg.trpo_backtrack_steps):
+            with torch.no_grad():
+                for p, o, dl in zip(params, old, delta):
+                    p.copy_(o + frac * dl)
+            loss, kl = self._surrogate(data, pre_logp)
+            if kl <= cfg.trpo_max_kl and loss <= loss0:
+                accepted = True
+                break
+            frac *= cfg.trpo_backtrack_ratio
+        if not accepted:
+            with torch.no_grad():
+                for p, o in zip(params, old):
+                    p.copy_(o)
+            frac = 0.0
+        return {"trpo_step_frac": frac}
+
+    def update(self, data: RolloutTensors) -> Dict[str, float]:
+        """``ppo.epochs`` passes over ``data`` in shuffled mini-batches; returns mean statistics."""
+        cfg = self.config.ppo
+        B = data.input_ids.shape[0]
+        g = torch.Generator().manual_seed(self.config.seed * 7919 + self.global_step)
+        sums: Dict[str, float] = {}
+        n_updates, stopped = 0, False
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(B, generator=g).to(data.input_ids.device)
+            for s in range(0, B, cfg.mini_batch_size):
+                mini = data.select(perm[s:s + cfg.mini_batch_size])
+                self.optimizer.zero_grad(set_to_none=True)
+                st = self.policy_backward(mini)
+                if cfg.max_grad_norm is not None:
+                    st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                if cfg.trpo:
+                    st.update(self._trpo_step(mini))
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                if self.critic is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    st.update(self.critic_backward(mini))
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                    self.critic_optimizer.step()
+                    self.critic_scheduler.step()
+                for k, v in st.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+                if cfg.target_kl is not None and st["approx_kl"] > 1.5 * cfg.target_kl:
+                    stopped = True
+                    break
+            if stopped:
+                break
+        out = {f"policy/{k}" if not k.startswith("value") else k.replace("value_", "value/"): v / n_updates
+               for k, v in sums.items()}
+        out["policy/updates"] = n_updates
+        out["policy/early_stopped"] = int(stopped)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def step(self) -> Dict[str, float]:
+        """One rollout + update. Returns the step's metrics (also logged when a run folder is open)."""
+        t0 = time.perf_counter()
+        data, m = self.rollout()
+        t1 = time.perf_counter()
+        m.update(self.update(data))
+        m["time/update"] = time.perf_counter() - t1
+        # Ziegler et al. update β with the measured sequence KL, counted in samples
+        self.kl_ctl.update(m["kl/seq"], data.input_ids.shape[0])
+        m["time/step"] = time.perf_counter() - t0
+        self.global_step += 1
+        if self._logger is not None:
+            self._logger.log(self.global_step, m)
+            self._write_samples()
+        return m
+
+    # ------------------------------------------------------------------ run folder
+
+    def _write_samples(self) -> None:
+        every = self.config.sample_every
+        if not every or self.global_step % every != 0 or self.run_dir is None:
+            return
+        with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
+            for p, c, r in self._last_texts[: 2 * self.config.rollout.group_size]:
+                f.write(json.dumps({"step": self.global_step, "prompt": p, "completion": c, "reward": r}) + "\n")
+
+    def state_dict_extra(self) -> dict:
+        """JSON state that checkpoints carry besides weights/optimisers/RNG."""
+        return {"step": self.global_step, "prompt_pos": self.prompt_pos, "kl_ctl": self.kl_ctl.state_dict(),
+                "reward_moments": self.reward_moments.state_dict(), "dropped_total": self.dropped_total}
+
+    def _ckpt_parts(self):
+        models = {"policy": self.policy}
+        opts = {"policy": self.optimizer}
+        scheds = {"policy": self.scheduler}
+        if self.critic is not None:
+            models["critic"], opts["critic"], scheds["critic"] = self.critic, self.critic_optimizer, self.critic_scheduler
+        return models, opts, scheds
+
+    def save(self) -> str:
+        """Write an atomic checkpoint of everything needed to continue; returns its folder."""
+        from rlhf_fast.trainers.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+
+        models, opts, scheds = self._ckpt_parts()
+        path = save_checkpoint(checkpoint_dir(self.run_dir.path, self.global_step), models=models, optimizers=opts,
+                               schedulers=scheds, extra=self.state_dict_extra())
+        prune_checkpoints(self.run_dir.path, self.config.keep_checkpoints)
+        return path
+
+    def load(self, run_dir: str) -> int:
+        """Restore the latest checkpoint of ``run_dir``; returns its step. Metrics logged after
+        that checkpoint are discarded so the log continues as if never stopped."""
+        from rlhf_fast.trainers.checkpoint import latest_checkpoint, load_checkpoint
+
+        ck = latest_checkpoint(run_dir)
+        if ck is None:
+            raise FileNotFoundError(f"resume: no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}")
+        models, opts, scheds = self._ckpt_parts()
+        extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
+        self.global_step = int(extra["step"])
+        self.prompt_pos = int(extra["prompt_pos"])
+        self.kl_ctl.load_state_dict(extra["kl_ctl"])
+        self.reward_moments.load_state_dict(extra["reward_moments"])
+        self.dropped_total = int(extra.get("dropped_total", 0))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            p = os.path.join(run_dir, name)
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.global_step]
+                with open(p, "w", encoding="utf-8") as f:
+                    f.writelines(lines)
+        return self.global_step
+
+    def train(self, steps: Optional[int] = None) -> List[Dict[str, float]]:
+        """Run until ``config.steps`` (or ``steps`` more steps) in the run folder
+        ``config.output_dir`` (or ``config.resume`` to continue it). Returns the metrics of the
+        steps run here. Saves a checkpoint every ``save_every`` steps and at the end, and the
+        final policy (and critic) under ``RUN_DIR/final``."""
+        from rlhf_fast.trainers.common import MetricsLogger, RunDir
+
+        cfg = self.config
+        out_dir = cfg.resume or cfg.output_dir
+        self.run_dir = RunDir(out_dir, None if cfg.resume else cfg)
+        if cfg.resume:
+            self.load(cfg.resume)
+        end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
+        self._logger = MetricsLogger(self.run_dir.path)
+        history = []
+        bar = None
+        if cfg.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.steps, initial=self.global_step, desc=f"{cfg.estimator}", dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        try:
+            while self.global_step < end:
+                m = self.step()
+                history.append(m)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m['kl/seq']:.3f}")
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
+                    self.save()
+            if not cfg.save_every or self.global_step % cfg.save_every != 0:
+                self.save()
+            if self.global_step >= cfg.steps:
+                self.save_final()
+        finally:
+            if bar is not None:
+                bar.close()
+            self._logger.close()
+            self._logger = None
+        return history
+
+    def save_final(self) -> str:
+        """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``."""
+        path = os.path.join(self.run_dir.path, "final")
+        self.policy.save_pretrained(os.path.join(path, "policy"))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(os.path.join(path, "policy"))
+        if self.critic is not None and hasattr(self.critic, "save_pretrained"):
+            self.critic.save_pretrained(os.path.join(path, "critic"))
+        return path
+
+
+class PPOTrainer(RLTrainer):
+    """PPO with a critic and GAE: :class:`RLTrainer` with ``estimator="gae"``."""
+
+    def __init__(self, config: RLConfig, *args, **kwargs):
+        super().__init__(replace(config, estimator="gae"), *args, **kwargs)
+
+
+class GRPOTrainer(RLTrainer):
+    """GRPO: :class:`RLTrainer` with ``estimator="grpo"`` (``dr_grpo=True`` for Dr.GRPO)."""
+
+    def __init__(self, config: RLConfig, *args, dr_grpo: bool = False, **kwargs):
+        super().__init__(replace(config, estimator="dr_grpo" if dr_grpo else "grpo"), *args, **kwargs)
+
+
+class RLOOTrainer(RLTrainer):
+    """RLOO: :class:`RLTrainer` with ``estimator="rloo"``."""
+
+    def __init__(self, config: RLConfig, *args, **kwargs):
+        super().__init__(replace(config, estimator="rloo"), *args, **kwargs)
+
+
+__all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy"]

@@ -1,0 +1,101 @@
+"""`rlhf-fast bench ops|e2e|all [--device cpu|cuda] [--quick] [--out DIR]`.
+
+* ``ops``: on the CPU, the ops report (every op × live backend: error, time, speed-up)
+  and the C++-vs-reference foundation benchmark (bench_cpu_ops); with ``--device cuda``
+  the GPU op benchmarks other modules of this package expose (bench_triton,
+  bench_gae_sampling), when present.
+* ``e2e``: one PPO and one GRPO step of rlhf_fast against the TRL-equivalent step.
+* ``all``: both.
+
+Prints every table and appends them, with the device name, versions of torch / Triton /
+CUDA / every peer installed and the git commit, to ``<out>/<device>-<date>.json`` and
+``.md`` (``<out>`` defaults to benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from .common import RESULTS_DIR, Table, write_results
+
+SUITES = ("ops", "e2e", "all")
+# Benchmarks written in other modules of this package; each is used when it exists and
+# exposes `run_suite(device=..., quick=...) -> Table | list[Table]`.
+OPTIONAL_OP_SUITES = ("bench_triton", "bench_gae_sampling", "bench_rollout")
+
+
+def add_arguments(parser) -> None:
+    """Arguments of `rlhf-fast bench`."""
+    parser.add_argument("suite", choices=SUITES, help="which benchmarks to run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to benchmark (cpu)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no subprocess memory runs")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+
+
+def _as_tables(x) -> List[Table]:
+    if x is None:
+        return []
+    if isinstance(x, Table):
+        return [x]
+    return [t for t in x if isinstance(t, Table)]
+
+
+def _optional_suites(device: str, quick: bool) -> List[Table]:
+    tables: List[Table] = []
+    for name in OPTIONAL_OP_SUITES:
+        try:
+            mod = importlib.import_module(f"rlhf_fast.benchmarks.{name}")
+        except ModuleNotFoundError:
+            continue
+        fn = getattr(mod, "run_suite", None)
+        if fn is None:
+            continue
+        try:
+            tables += _as_tables(fn(device=device, quick=quick))
+        except TypeError:
+            continue  # a different signature: not ours to guess
+        except Exception as e:
+            t = Table(f"{name} failed", ["error"])
+            t.add(error=f"{type(e).__name__}: {e}")
+            tables.append(t)
+    return tables
+
+
+def ops_tables(device: str = "cpu", quick: bool = False) -> List[Table]:
+    """The op benchmark tables for ``device``."""
+    tables: List[Table] = []
+    if device == "cpu":
+        from . import bench_cpu_ops, ops_report
+
+        tables.append(ops_report.collect(quick=quick))
+        # quick: a small-scale smoke run of the foundation benchmark without memory subprocesses
+        tables.append(bench_cpu_ops.run_suite(scale=0.02 if quick else 1.0, memory=not quick,
+                                              rep=1 if quick else 5, max_time_s=0.2 if quick else 3.0))
+    tables += _optional_suites(device, quick)
+    return tables
+
+
+def run(args) -> int:
+    """Run the chosen suites, print the tables, write the results files."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    t0 = time.perf_counter()
+    tables: List[Table] = []
+    if args.suite in ("ops", "all"):
+        tables += ops_tables(args.device, args.quick)
+    if args.suite in ("e2e", "all"):
+        from . import e2e
+
+        tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick))
+    for t in tables:
+        print(t.markdown() + "\n")
+    paths = write_results(tables, device=args.device, out_dir=args.out, suite=f"bench {args.suite}"
+                          + (" --quick" if args.quick else ""))
+    print(f"wrote {paths['json']} and {paths['md']} ({time.perf_counter() - t0:.1f} s)")
+    failed = [r for t in tables for r in t.rows if r.get("error")]
+    return 1 if failed else 0

@@ -1,4 +1,16 @@
 """Registration of the Triton implementations (kernels/*.py, shipped as rlhf_fast.kernels)
 with the dispatch. Lazy "module:attr" paths, so `import rlhf_fast` never imports Triton."""
 
-from . import _dispatch  # noqa: F401
+from . import _dispatch
+
+_IMPLS = {
+    "token_logprobs": "rlhf_fast.kernels.token_logprobs:token_logprobs",
+    "fused_linear_logprobs": "rlhf_fast.kernels.fused_linear:fused_linear_logprobs",
+    "fused_linear_policy_loss": "rlhf_fast.kernels.fused_linear:fused_linear_policy_loss",
+    "kl_penalty": "rlhf_fast.kernels.kl:kl_penalty",
+    "ppo_policy_loss": "rlhf_fast.kernels.ppo_loss:ppo_policy_loss",
+    "ppo_value_loss": "rlhf_fast.kernels.ppo_loss:ppo_value_loss",
+}
+
+for _op, _path in _IMPLS.items():
+    _dispatch.register(_op, "triton", _path)

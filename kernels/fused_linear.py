@@ -1,0 +1,278 @@
+"""Triton kernels for fused_linear_logprobs and fused_linear_policy_loss: the LM-head matmul
+fused with the log-sum-exp, the target logit and the entropy statistics, so the [N, V]
+logits are never written to memory in the forward.
+
+Naive version (``rlhf_fast.ops.reference.fused_linear_logprobs``): logits = hidden @ W.T
+(write N·V·2 bytes in bf16), cast to fp32 (N·V·4 more), log_softmax, gather, entropy — for
+N = 16k tokens and V = 152k that is ~15 GB of temporaries. Here:
+
+* forward — one kernel, a flattened 1D grid over (row tile, V split). Each program loops
+  over its V tiles; per tile it computes the [BLOCK_N, BLOCK_V] logits with tl.dot over H
+  (fp32 accumulation; TF32 optional for fp32 inputs) and folds them into per-row running
+  statistics (max m, Σe^{z−m}, Σ(z−m)e^{z−m}, target logit). The per-split statistics
+  ([N, SPLIT] fp32) are merged by a few torch ops. Splitting V keeps all SMs busy when
+  N is small (rollout-sized batches) — a row-tile grid alone would give 64 programs for
+  N = 4096.
+* backward — recompute, chunked over rows: the logits of ``chunk_size`` rows are rebuilt
+  with one cuBLAS matmul, turned into dlogits *in place* by the token_logprobs backward
+  kernel (from the saved fp32 lse/entropy), then dHidden = dlogits @ W and
+  dW += dlogitsᵀ @ hidden. Only fp32 per-token statistics are saved by the forward.
+  Why recompute rather than Liger's grads-in-forward: the forward is also used without
+  grad (old/ref log-probs, the bulk of RLHF log-prob calls), where computing dW would
+  double the cost; and recomputation lets the forward stay a single pass that never
+  materialises a logits chunk. Why cuBLAS for the two gradient matmuls rather than
+  tl.dot with atomics into dHidden/dW: they are plain GEMMs that cuBLAS runs near peak,
+  deterministically, while atomics into a [V, H] fp32 buffer are neither; the chunk of
+  dlogits (chunk_size·V in the matmul dtype) is the only [·, V] memory held.
+
+float64 runs the reference (tl.dot has no fp64 path on every target).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_fast.ops import reference
+
+from .ppo_loss import policy_loss_rows
+from .token_logprobs import token_logprobs_backward
+
+
+@triton.jit
+def _fused_linear_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
+    N, V, H, stride_h, stride_w, temperature, ignore_index, n_row_tiles, split, tiles_per_split,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    # row tiles vary fastest: programs running together share the same W tiles in L2
+    rt = pid % n_row_tiles
+    sp = pid // n_row_tiles
+    rows = rt * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    m = tl.full([BLOCK_N], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    w = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = sp * tiles_per_split * BLOCK_V
+    for t in range(0, tiles_per_split):
+        cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < H
+            a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = acc / temperature
+        z = tl.where(col_ok[None, :], z, -float("inf"))
+        zt += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe[:, None])
+        if ENTROPY:
+            zl = tl.where(e > 0, (z - m_safe[:, None]) * e, 0.0)
+            w = alpha * (w + tl.where(s > 0, (m - m_safe) * s, 0.0)) + tl.sum(zl, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = part_ptr + (rows * split + sp) * 4
+    tl.store(out + 0, m, mask=row_ok)
+    tl.store(out + 1, s, mask=row_ok)
+    tl.store(out + 2, w, mask=row_ok)
+    tl.store(out + 3, zt, mask=row_ok)
+
+
+def _merge_splits(part: torch.Tensor):
+    """Merge per-split statistics ``[N, S, 4]`` (m, s, w, z_target) into lse and entropy ``[N]``."""
+    m, s, w, zt = part.unbind(-1)
+    M = m.max(dim=1).values
+    M_safe = torch.where(torch.isinf(M) & (M < 0), torch.zeros_like(M), M)
+    a = torch.exp(m - M_safe[:, None])  # 0 for an all -inf split
+    shift = torch.where(s > 0, (m - M_safe[:, None]) * s, torch.zeros_like(s))
+    s_tot = (a * s).sum(1)
+    w_tot = (a * (w + shift)).sum(1)
+    lse = M_safe + torch.log(s_tot)
+    ent = torch.log(s_tot) - w_tot / s_tot
+    return lse, ent, zt.sum(1)
+
+
+def _config(N: int, V: int, H: int, device: torch.device):
+    if device.type == "cpu":
+        # interpreter: big tiles are fewer (slow) Python-level iterations
+        return 32, 512, 256
+    return 64, 128, 64
+
+
+def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
+                         allow_tf32=True, split_v=None):
+    """Launch the forward: hidden ``[N, H]``, weight ``[V, H]`` (same dtype, unit stride in
+    H), bias ``[V]`` or None, labels ``[N]``. Returns ``(logp, entropy, lse)`` ``[N]`` fp32
+    (entropy always computed when ``return_entropy``, else None)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    BN, BV, BK = _config(N, V, H, dev)
+    n_row_tiles = triton.cdiv(N, BN)
+    n_v_tiles = triton.cdiv(V, BV)
+    if split_v is None:
+        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        split_v = max(1, min(n_v_tiles, triton.cdiv(target, n_row_tiles)))
+    split_v = max(1, min(int(split_v), n_v_tiles))
+    tiles_per_split = triton.cdiv(n_v_tiles, split_v)
+    split_v = triton.cdiv(n_v_tiles, tiles_per_split)
+    part = torch.empty(N, split_v, 4, dtype=torch.float32, device=dev)
+    if N:
+        _fused_linear_fwd_kernel[(n_row_tiles * split_v,)](
+            hidden, weight, bias if bias is not None else weight, labels, part,
+            N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index),
+            n_row_tiles, split_v, tiles_per_split,
+            HAS_BIAS=bias is not None, ENTROPY=bool(return_entropy), PREC="tf32" if allow_tf32 else "ieee",
+            # Triton's CPU interpreter mis-multiplies 16-bit tl.dot operands (garbage for bf16,
+            # triton 3.9): exact fp32 products of the same bf16 values instead
+            UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4, num_stages=3,
+        )
+    lse, ent, zt = _merge_splits(part)
+    valid = labels != ignore_index
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, zt - lse, zero)
+    ent = torch.where(valid, ent, zero) if return_entropy else None
+    return logp, ent, lse
+
+
+def _default_chunk(N: int, V: int) -> int:
+    # about 2^27 logits (256 MiB in bf16) per chunk: big enough for full-speed GEMMs
+    return max(1, min(N, (1 << 27) // max(V, 1)))
+
+
+def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
+                          ignore_index, chunk_size=None):
+    """Gradients ``(d_hidden [N, H], d_weight [V, H], d_bias [V] or None)`` in the inputs'
+    dtypes, recomputing the logits one chunk of rows at a time."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    chunk = chunk_size or _default_chunk(N, V)
+    dh = torch.empty_like(hidden)
+    # fp32 accumulation of dW / db across chunks; a single chunk writes the result directly
+    dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        h = hidden[c0:c1]
+        logits = h @ weight.t()  # [C, V] in the matmul dtype
+        if bias is not None:
+            logits += bias
+        dz = token_logprobs_backward(
+            logits, labels[c0:c1], lse[c0:c1], entropy[c0:c1] if entropy is not None else None,
+            grad_logp[c0:c1] if grad_logp is not None else None,
+            grad_entropy[c0:c1] if grad_entropy is not None else None, temperature, ignore_index, out=logits,
+        )
+        torch.mm(dz, weight, out=dh[c0:c1])
+        dw += (dz.t() @ h).float()
+        if db is not None:
+            db += dz.float().sum(0)
+    return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+
+
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """Autograd for fused_linear_logprobs: outputs (logp, entropy) ``[N]`` fp32 (entropy is
+    a dummy zero tensor when not requested); saves hidden, weight, bias and fp32 lse/entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size,
+                allow_tf32, split_v):
+        dt = torch.promote_types(hidden.dtype, weight.dtype)
+        h = hidden.to(dt)
+        w = weight.to(dt)
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        w = w if w.stride(-1) == 1 else w.contiguous()
+        lab = labels.contiguous()
+        logp, ent, lse = fused_linear_forward(h, w, lab, bias, temperature, ignore_index, return_entropy,
+                                              allow_tf32=allow_tf32, split_v=split_v)
+        ctx.save_for_backward(h, w, bias, lab, lse, ent)
+        ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype)
+        # a loss that ignores the entropy sends None, not a zero tensor to push through V
+        ctx.set_materialize_grads(False)
+        if ent is None:
+            ent = torch.zeros_like(logp)
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        h, w, bias, lab, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, chunk_size, h_dtype, w_dtype = ctx.cfg
+        if ent is None:
+            grad_ent = None
+        if grad_logp is None and grad_ent is None:
+            return (None,) * 10
+        dh, dw, db = fused_linear_backward(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
+                                           ignore_index, chunk_size)
+        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None
+
+
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
+                          chunk_size=None, ignore_index=-100, allow_tf32=True, split_v=None):
+    """log softmax((hidden @ weight.T + bias) / T)[labels] (Triton), never writing the logits.
+
+    hidden ``[N, H]`` bf16/fp16/fp32, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]``
+    int (``ignore_index`` gives 0). Returns logp ``[N]`` fp32 (and entropy ``[N]`` fp32).
+    Gradients to hidden, weight, bias; the backward holds ``chunk_size`` rows of logits at a
+    time. ``allow_tf32`` picks TF32 (else IEEE fp32) for fp32 inputs in the forward matmul;
+    ``split_v`` overrides the number of vocabulary splits. float64 runs the reference.
+    """
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                               return_entropy=return_entropy, ignore_index=ignore_index)
+    logp, ent = FusedLinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
+                                                  bool(return_entropy), int(ignore_index), chunk_size,
+                                                  bool(allow_tf32), split_v)
+    return (logp, ent) if return_entropy else logp
+
+
+def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
+                             kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
+                             dual_clip=None, agg="token-mean", normalizer=None, bias=None, chunk_size=None,
+                             ignore_index=-100, allow_tf32=True, split_v=None):
+    """The policy-loss step from hidden ``[B, T, H]`` and the LM head ``[V, H]`` (Triton):
+    agg(ppo token loss + kl_coef·KL(logp, ref_logp) − entropy_coef·entropy).
+
+    Per-token tensors ``[B, T]``. Returns ``(loss 0-dim fp32, stats)`` with the reference's
+    keys (clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max, kl, entropy, logp).
+    Gradients to hidden, weight (and bias). float64 runs the reference.
+    """
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return reference.fused_linear_policy_loss(
+            hidden, weight, labels, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef,
+            kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low,
+            clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias,
+            ignore_index=ignore_index)
+    B, T, H = hidden.shape
+    logp, ent = FusedLinearLogprobsFunction.apply(
+        hidden.reshape(B * T, H), weight, bias, labels.reshape(B * T), float(temperature), True,
+        int(ignore_index), chunk_size, bool(allow_tf32), split_v)
+    logp = logp.reshape(B, T)
+    ent = ent.reshape(B, T)
+    loss, stats = policy_loss_rows(
+        logp, ent, old_logp.detach(), advantages.detach(), mask,
+        ref_logp=ref_logp.detach() if ref_logp is not None else None, kl_coef=kl_coef, kl_kind=kl_kind,
+        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+        normalizer=normalizer)
+    if ref_logp is None:
+        stats["kl"] = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    stats["logp"] = logp.detach()
+    return loss, stats

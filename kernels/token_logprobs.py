@@ -1,0 +1,209 @@
+"""Triton kernels for token_logprobs: log softmax(logits / T)[label] and the entropy.
+
+Naive version (``rlhf_fast.ops.reference.token_logprobs``): cast the ``[N, V]`` logits to
+fp32 (write 4·N·V bytes), log_softmax (read + write), gather, and for the entropy exp and
+a product (two more [N, V] fp32 tensors). Here the forward reads the logits once in their
+own dtype and writes three fp32 numbers per row (logp, entropy, lse); the backward reads
+the logits once more and writes the gradient once — into the logits' own storage when the
+caller allows (``inplace_backward``, as flash-attn's cross-entropy), so backward needs no
+[N, V] allocation at all.
+
+Online log-sum-exp per row, tiles of BLOCK_V over the vocabulary (any V): running max m
+(identity −inf), s = Σ e^{z−m} and w = Σ (z−m)·e^{z−m}; then lse = m + log s and the
+entropy H = log s − w / s. Keeping w relative to the running max avoids the cancellation
+of lse − Σ p·z when logits are ~1e4.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_fast.ops import reference
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    V, stride_row, temperature, ignore_index,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    cols0 = tl.arange(0, BLOCK_V)
+    # running statistics, fp32 scalars per row
+    m = -float("inf")
+    s = 0.0
+    w = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        z = x / temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # all -inf so far: keep the identity (avoid -inf - -inf = nan)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        s_blk = tl.sum(e, axis=0)
+        if ENTROPY:
+            # (z - m) * e is 0 where e is 0 (z = -inf), never nan
+            zl = tl.where(e > 0, (z - m_safe) * e, 0.0)
+            w = alpha * (w + tl.where(s > 0, (m - m_safe) * s, 0.0)) + tl.sum(zl, axis=0)
+        s = alpha * s + s_blk
+        m = m_new
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    lse = m_safe + tl.log(s)
+    safe_label = tl.where(valid, label, 0)
+    z_t = tl.load(base + safe_label).to(tl.float32) / temperature
+    logp = tl.where(valid, z_t - lse, 0.0)
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    if ENTROPY:
+        ent = tl.log(s) - w / s
+        tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlogits_ptr,
+    V, stride_row, stride_drow, temperature, ignore_index,
+    HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # d logp / dz_j = δ_jy − p_j ;  d H / dz_j = −p_j (log p_j + H) ;  dz/dlogits = 1/T
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    dbase = dlogits_ptr + row * stride_drow
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_lp = 0.0
+    g_en = 0.0
+    if HAS_GLOGP:
+        g_lp = tl.load(glogp_ptr + row).to(tl.float32)
+    if HAS_GENT:
+        g_en = tl.load(gent_ptr + row).to(tl.float32)
+        ent = tl.load(ent_ptr + row)
+    g_lp = tl.where(valid, g_lp, 0.0)
+    g_en = tl.where(valid, g_en, 0.0)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        inb = cols < V
+        x = tl.load(base + cols, mask=inb, other=-float("inf")).to(tl.float32)
+        logp = x / temperature - lse
+        p = tl.exp(logp)
+        dz = tl.where(cols == label, g_lp, 0.0) - g_lp * p
+        if HAS_GENT:
+            dz -= g_en * tl.where(p > 0, p * (logp + ent), 0.0)
+        dz = dz / temperature
+        tl.store(dbase + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=inb)
+
+
+def _block_v(V: int, device: torch.device) -> int:
+    if device.type == "cpu":
+        # the interpreter runs each tile as one numpy op: large tiles are much faster
+        return min(triton.next_power_of_2(V), 16384)
+    return min(triton.next_power_of_2(V), 4096)
+
+
+def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                           return_entropy: bool):
+    """Launch the forward on logits ``[N, V]`` (unit stride in V) and labels ``[N]``.
+
+    Returns ``(logp [N], entropy [N] or None, lse [N])``, all float32.
+    """
+    N, V = logits.shape
+    dev = logits.device
+    logp = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev) if return_entropy else lse
+    if N:
+        _token_logprobs_fwd_kernel[(N,)](
+            logits, labels, logp, ent, lse, V, logits.stride(0), float(temperature), int(ignore_index),
+            ENTROPY=return_entropy, BLOCK_V=_block_v(V, dev), num_warps=8 if V >= 8192 else 4,
+        )
+    return logp, (ent if return_entropy else None), lse
+
+
+def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                            entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
+                            grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient with respect to logits ``[N, V]``, in the logits' dtype.
+
+    ``out`` is the buffer the gradient is written into (it may be ``logits`` itself: each
+    tile is read before it is overwritten by the same program); a new tensor when None.
+    """
+    N, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    if N == 0 or (grad_logp is None and grad_entropy is None):
+        return out.zero_()
+    dummy = lse
+    _token_logprobs_bwd_kernel[(N,)](
+        logits, labels, lse, entropy if entropy is not None else dummy,
+        grad_logp.contiguous() if grad_logp is not None else dummy,
+        grad_entropy.contiguous() if grad_entropy is not None else dummy, out,
+        V, logits.stride(0), out.stride(0), float(temperature), int(ignore_index),
+        HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
+        BLOCK_V=_block_v(V, logits.device), num_warps=8 if V >= 8192 else 4,
+    )
+    return out
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd for token_logprobs. Saves the logits (no copy) and fp32 lse/entropy per row."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, inplace_backward):
+        shape = logits.shape
+        x = logits.reshape(-1, shape[-1])
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        lab = labels.reshape(-1).contiguous()
+        logp, ent, lse = token_logprobs_forward(x, lab, temperature, ignore_index, return_entropy)
+        ctx.save_for_backward(x, lab, lse, ent)
+        ctx.cfg = (temperature, ignore_index, inplace_backward, shape)
+        lead = shape[:-1]
+        if return_entropy:
+            return logp.reshape(lead), ent.reshape(lead)
+        return logp.reshape(lead)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *rest):
+        x, lab, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, inplace, shape = ctx.cfg
+        grad_ent = rest[0] if rest else None
+        glp = grad_logp.reshape(-1) if grad_logp is not None else None
+        gen = grad_ent.reshape(-1) if grad_ent is not None else None
+        dx = token_logprobs_backward(x, lab, lse, ent, glp, gen, temperature, ignore_index,
+                                     out=x if inplace else None)
+        return dx.reshape(shape), None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+):
+    """log softmax(logits / temperature)[labels] (Triton), and optionally the entropy.
+
+    logits ``[..., V]`` bf16/fp16/fp32, labels ``[...]`` int (``ignore_index`` gives 0).
+    Returns logp ``[...]`` float32 (and entropy ``[...]`` float32). Differentiable in logits.
+    ``inplace_backward=True`` writes the logits gradient into the logits' storage (the caller
+    must not use the logits after backward). float64 logits run the reference.
+    """
+    if logits.dtype == torch.float64:
+        return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                        ignore_index=ignore_index)
+    return TokenLogprobsFunction.apply(logits, labels, float(temperature), bool(return_entropy), int(ignore_index),
+                                       bool(inplace_backward))

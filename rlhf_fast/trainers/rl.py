@@ -160,9 +160,11 @@ class RLTrainer:
 
             reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
                          else loading.make_reference(self.policy))
-        self.reference = reference.to(self.device).eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        if isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
+            reference = reference.to(self.device).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        self.reference = reference
         self.critic = None
         if cfg.estimator in CRITIC_ESTIMATORS:
             self.critic = (critic if critic is not None else _make_critic(self.policy, cfg.model.critic)).to(self.device)

@@ -1,0 +1,222 @@
+"""Human labelling in the terminal: ``rlhf-fast label PAIRS.jsonl --out LABELS.jsonl --annotator NAME``.
+
+Shows a prompt and two responses (A and B) with rich and reads one answer a line:
+``a`` / ``b`` (preferred response), ``t`` (tie), ``s`` (skip), ``u`` (undo the last label),
+``q`` (quit; end of input also quits). Each label is appended to the output file with
+write + flush + fsync, so a crash loses at most the item on screen; undo rewrites the file
+atomically. Re-running with the same output file and annotator resumes at the first
+item not yet labelled. Works with scripted stdin (one answer per line).
+
+Input lines: ``{"prompt", "a", "b"}`` (also ``response_a``/``response_b``, ``responses``
+[2] or ``chosen``/``rejected``). Output lines: ``{"item", "key", "prompt", "a", "b",
+"label": "A"|"B"|"tie"|"skip", "annotator"}``; :func:`labels_to_pairs` turns them into
+:class:`~rlhf_fast.feedback.formats.PairRecord`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, TextIO
+
+from .formats import PairRecord, Problem, format_problems, read_rows, render_prompt
+
+ANSWERS = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip",
+           "u": "undo", "undo": "undo", "q": "quit", "quit": "quit"}
+
+
+def item_key(prompt: Any, a: str, b: str) -> str:
+    """A stable id of an item (prompt and the two responses in the order shown)."""
+    return hashlib.sha256(json.dumps([prompt, a, b], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List[Dict[str, Any]]:
+    """Items ``{"item", "key", "prompt", "a", "b"}`` from a pairs file; ValueError listing
+    every malformed line (file:line: field: message). ``shuffle_sides`` swaps A and B for a
+    seeded half of the items, so a labeller's position bias does not follow the file."""
+    name, rows = read_rows(path)
+    rng = random.Random(seed)
+    items, problems = [], []
+    for line, row in rows:
+        if not isinstance(row, dict):
+            problems.append(Problem(name, line, "<line>", "expected a JSON object"))
+            continue
+        a = b = None
+        for ka, kb in (("a", "b"), ("response_a", "response_b"), ("chosen", "rejected")):
+            if ka in row or kb in row:
+                a, b = row.get(ka), row.get(kb)
+                fields = (ka, kb)
+                break
+        else:
+            if isinstance(row.get("responses"), list) and len(row["responses"]) == 2:
+                a, b = row["responses"]
+                fields = ("responses[0]", "responses[1]")
+            else:
+                problems.append(Problem(name, line, "a", "missing field (need a/b, response_a/response_b, "
+                                                          "chosen/rejected or responses[2])"))
+                continue
+        prompt = row.get("prompt")
+        ok = True
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or not isinstance(prompt, (str, list)):
+            problems.append(Problem(name, line, "prompt", "missing field" if prompt is None else "empty or not text/chat"))
+            ok = False
+        for f, v in zip(fields, (a, b)):
+            if not isinstance(v, str) or not v.strip():
+                problems.append(Problem(name, line, f, "missing field" if v is None else "empty text"))
+                ok = False
+        if not ok:
+            continue
+        if shuffle_sides and rng.random() < 0.5:
+            a, b = b, a
+        items.append({"item": len(items), "key": item_key(prompt, a, b), "prompt": prompt, "a": a, "b": b})
+    if problems:
+        raise ValueError(f"{name}: {len(problems)} problem(s) in pairs to label:\n" + format_problems(problems))
+    return items
+
+
+def read_labels(path: str) -> List[Dict[str, Any]]:
+    """Label records of ``path`` ([] when absent). A torn last line (crash mid-write) is
+    dropped and the file rewritten; a bad line elsewhere is an error."""
+    from rlhf_fast.trainers.config import atomic_write_text
+
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out))
+                break
+            raise ValueError(f"{path}:{i + 1}: <line>: invalid JSON in the labels file") from None
+    return out
+
+
+def _append(path: str, record: Dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def label_pairs(
+    items: List[Dict[str, Any]],
+    out: str,
+    annotator: str,
+    *,
+    read_line: Callable[[], str],
+    console: Any = None,
+    tokenizer: Any = None,
+) -> Dict[str, int]:
+    """Run the labelling loop over ``items`` (from :func:`load_items`), appending to ``out``.
+
+    ``read_line`` returns the next answer line ("" at end of input). Returns counts
+    ``{"labelled", "remaining", "A", "B", "tie", "skip", "undone"}`` for this annotator.
+    """
+    from rlhf_fast.trainers.config import atomic_write_text
+
+    if not isinstance(annotator, str) or not annotator.strip():
+        raise ValueError(f"annotator must be a non-empty name, got {annotator!r}")
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    from rich.panel import Panel
+
+    all_labels = read_labels(out)
+    by_key = {it["key"]: it for it in items}
+    mine = [r for r in all_labels if r.get("annotator") == annotator and r.get("key") in by_key]
+    done = {r["key"] for r in mine}
+    undone = 0
+    if done:
+        console.print(f"[dim]resuming: {len(done)} of {len(items)} already labelled by {annotator}[/dim]")
+    while True:
+        pending = [it for it in items if it["key"] not in done]
+        if not pending:
+            console.print(f"[green]all {len(items)} items labelled[/green]")
+            break
+        it = pending[0]
+        console.rule(f"item {it['item'] + 1} of {len(items)}  ({len(done)} labelled)")
+        console.print(Panel(render_prompt(it["prompt"], tokenizer), title="prompt", expand=True))
+        console.print(Panel(it["a"], title="A", border_style="cyan", expand=True))
+        console.print(Panel(it["b"], title="B", border_style="magenta", expand=True))
+        while True:
+            console.print("[bold]a[/bold]/[bold]b[/bold] better, [bold]t[/bold]ie, [bold]s[/bold]kip, "
+                          "[bold]u[/bold]ndo, [bold]q[/bold]uit > ", end="")
+            line = read_line()
+            if line == "":
+                answer = "quit"  # end of input
+                break
+            answer = ANSWERS.get(line.strip().lower())
+            if answer is not None:
+                break
+            console.print(f"[red]unknown answer {line.strip()!r}[/red]")
+        if answer == "quit":
+            break
+        if answer == "undo":
+            if not mine:
+                console.print("[yellow]nothing to undo[/yellow]")
+                continue
+            last = mine.pop()
+            # drop exactly that record (the last of this annotator) and rewrite atomically
+            idx = max(i for i, r in enumerate(all_labels) if r is last)
+            del all_labels[idx]
+            atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in all_labels))
+            done.discard(last["key"])
+            undone += 1
+            # show the undone item next, even if earlier ones were skipped by resume
+            items = [by_key[last["key"]]] + [x for x in items if x["key"] != last["key"]]
+            continue
+        rec = {"item": it["item"], "key": it["key"], "prompt": it["prompt"], "a": it["a"], "b": it["b"],
+               "label": answer, "annotator": annotator, "time": round(time.time(), 3)}
+        _append(out, rec)
+        all_labels.append(rec)
+        mine.append(rec)
+        done.add(it["key"])
+    counts = {k: sum(r["label"] == k for r in mine) for k in ("A", "B", "tie", "skip")}
+    counts.update(labelled=len(done), remaining=len(items) - len(done), undone=undone)
+    console.print(f"saved to {out}: {counts}")
+    return counts
+
+
+def labels_to_pairs(path: str, *, annotator: Optional[str] = None) -> List[PairRecord]:
+    """PairRecords (chosen, rejected) from a labels file: A/B labels only (ties and skips
+    carry no preference); only ``annotator``'s when given."""
+    out = []
+    for r in read_labels(path):
+        if annotator is not None and r.get("annotator") != annotator:
+            continue
+        if r.get("label") == "A":
+            out.append(PairRecord(r["prompt"], r["a"], r["b"], 0.0, r.get("annotator")))
+        elif r.get("label") == "B":
+            out.append(PairRecord(r["prompt"], r["b"], r["a"], 0.0, r.get("annotator")))
+    return out
+
+
+def add_arguments(parser) -> None:
+    """CLI arguments of ``rlhf-fast label``."""
+    parser.add_argument("pairs", help="JSONL of items to label: {prompt, a, b} per line")
+    parser.add_argument("--out", required=True, help="labels JSONL (appended; resumed when it exists)")
+    parser.add_argument("--annotator", default=os.environ.get("USER", "anonymous"), help="your annotator id")
+    parser.add_argument("--shuffle-sides", action="store_true", help="swap A/B for a seeded half of the items")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args, stdin: Optional[TextIO] = None) -> int:
+    """Entry point of ``rlhf-fast label``; answers are read from ``stdin`` (default sys.stdin)."""
+    stream = stdin if stdin is not None else sys.stdin
+    items = load_items(args.pairs, shuffle_sides=args.shuffle_sides, seed=args.seed)
+    label_pairs(items, args.out, args.annotator, read_line=stream.readline)
+    return 0
+
+
+__all__ = ["load_items", "label_pairs", "labels_to_pairs", "read_labels", "item_key", "add_arguments", "run"]

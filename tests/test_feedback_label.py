@@ -1,0 +1,68 @@
+"""The terminal labelling tool driven by scripted input: labels, ties, skips, undo, quit, resume."""
+
+import io
+import json
+import sys
+
+import pytest
+
+from rlhf_fast import cli
+from rlhf_fast.feedback.label import labels_to_pairs, read_labels
+
+
+def _pairs(tmp_path, n=4):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "a": f"ans A{i}", "b": f"ans B{i}"}) + "\n" for i in range(n)))
+    return str(p)
+
+
+def _run(monkeypatch, argv, answers):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(a + "\n" for a in answers)))
+    return cli.main(["label"] + argv)
+
+
+def test_label_quit_resume_undo(tmp_path, monkeypatch, capsys):
+    pairs, out = _pairs(tmp_path), str(tmp_path / "labels.jsonl")
+    args = [pairs, "--out", out, "--annotator", "ann"]
+    # item0 -> A, item1 -> "what?" (rejected, asked again) then B, then quit
+    assert _run(monkeypatch, args, ["a", "what?", "B", "q"]) == 0
+    assert "unknown answer" in capsys.readouterr().out
+    recs = read_labels(out)
+    assert [(r["prompt"], r["label"]) for r in recs] == [("q0", "A"), ("q1", "B")]
+    # resume: starts at item 2; tie, then undo (drops the tie), skip item 2, end of input quits
+    assert _run(monkeypatch, args, ["t", "u", "s"]) == 0
+    assert "resuming: 2 of 4" in capsys.readouterr().out
+    recs = read_labels(out)
+    assert [(r["prompt"], r["label"]) for r in recs] == [("q0", "A"), ("q1", "B"), ("q2", "skip")]
+    # undo across sessions removes item 2's skip; then label 2 and 3
+    assert _run(monkeypatch, args, ["u", "b", "a"]) == 0
+    assert "all 4 items labelled" in capsys.readouterr().out
+    recs = read_labels(out)
+    assert [(r["prompt"], r["label"]) for r in recs] == [("q0", "A"), ("q1", "B"), ("q2", "B"), ("q3", "A")]
+    pairs_out = labels_to_pairs(out)
+    assert [(p.chosen, p.rejected) for p in pairs_out] == [
+        ("ans A0", "ans B0"), ("ans B1", "ans A1"), ("ans B2", "ans A2"), ("ans A3", "ans B3")]
+    # nothing left: a further run asks nothing
+    assert _run(monkeypatch, args, []) == 0
+    # a second annotator labels the same file independently
+    assert _run(monkeypatch, [pairs, "--out", out, "--annotator", "other"], ["b"]) == 0
+    assert len(read_labels(out)) == 5 and len(labels_to_pairs(out, annotator="other")) == 1
+
+
+def test_torn_last_line_and_bad_input(tmp_path, monkeypatch, capsys):
+    pairs, out = _pairs(tmp_path, 2), tmp_path / "labels.jsonl"
+    assert _run(monkeypatch, [pairs, "--out", str(out), "--annotator", "x"], ["a", "q"]) == 0
+    with open(out, "a") as f:
+        f.write('{"item": 1, "key": "tor')  # crash mid-write
+    assert _run(monkeypatch, [pairs, "--out", str(out), "--annotator", "x"], ["b"]) == 0
+    assert [r["label"] for r in read_labels(str(out))] == ["A", "B"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "a": "x"}) + "\n" + json.dumps({"a": "x", "b": "y"}) + "\n")
+    capsys.readouterr()
+    assert _run(monkeypatch, [str(bad), "--out", str(out)], []) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    with pytest.raises(ValueError) as e:
+        from rlhf_fast.feedback.label import load_items
+        load_items(str(bad))
+    assert f"{bad}:1: b: missing field" in str(e.value) and f"{bad}:2: prompt: missing field" in str(e.value)

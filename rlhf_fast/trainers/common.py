@@ -189,4 +189,70 @@ def resolve_device(device: str) -> torch.device:
 
 
 __all__ = ["seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",
+           "load_causal_lm", "parse_tiny_spec",
            "autocast_context", "resolve_device", "to_dict"]
+
+
+def parse_tiny_spec(spec: str) -> Dict[str, Any]:
+    """``"tiny:llama:hidden_size=64,num_layers=2,vocab_size=300"`` -> keyword arguments
+    (``family`` plus ints for sizes). ``"tiny:"`` alone means a default tiny llama."""
+    if not spec.startswith("tiny:"):
+        raise ValueError(f"model spec must start with 'tiny:', got {spec!r}")
+    parts = spec[len("tiny:"):].split(":", 1)
+    out: Dict[str, Any] = {"family": parts[0] or "llama"}
+    if len(parts) > 1 and parts[1]:
+        for kv in parts[1].split(","):
+            if "=" not in kv:
+                raise ValueError(f"model spec {spec!r}: expected key=value after the family, got {kv!r}")
+            k, v = kv.split("=", 1)
+            try:
+                out[k.strip()] = int(v)
+            except ValueError:
+                raise ValueError(f"model spec {spec!r}: {k} must be an int, got {v!r}") from None
+    return out
+
+
+def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "causal", tokenizer: Any = None):
+    """``(model, tokenizer)`` from a local folder (save_pretrained output) or a ``tiny:`` spec.
+
+    ``kind`` "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
+    one label). For ``tiny:`` specs a byte-level BPE tokenizer is trained on ``texts``
+    (plus a small built-in corpus) unless ``tokenizer`` is given; spec keys: family,
+    vocab_size (default 512), hidden_size, num_layers, num_heads, seed. Nothing is downloaded.
+    """
+    if kind not in ("causal", "reward"):
+        raise ValueError(f"kind must be 'causal' or 'reward', got {kind!r}")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model must be a local path or a 'tiny:' spec, got {spec!r}")
+    if spec.startswith("tiny:"):
+        from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, tiny_reward_model, train_tokenizer
+
+        kw = parse_tiny_spec(spec)
+        vocab = kw.pop("vocab_size", 512)
+        if tokenizer is None:
+            corpus = list(texts or []) + sample_texts(64)
+            # right padding: trainers build [prompt | completion | pad] rows
+            tokenizer = train_tokenizer(corpus, vocab, padding_side="right")
+        allowed = {"family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                   "max_position_embeddings", "seed"}
+        bad = sorted(set(kw) - allowed)
+        if bad:
+            raise ValueError(f"model spec {spec!r}: unknown keys {bad} (valid: {sorted(allowed | {'vocab_size'})})")
+        build = tiny_causal_lm if kind == "causal" else tiny_reward_model
+        model = build(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.bos_token_id, **kw)
+        return model, tokenizer
+    if not os.path.isdir(spec):
+        raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(spec)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(spec)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -1,0 +1,379 @@
+"""AI feedback (RLAIF): a judge that prefers one of two responses or scores one.
+
+Two backends:
+
+* ``http``: an OpenAI-compatible ``/v1/chat/completions`` endpoint (base URL and key from
+  the config or ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``), called with ``urllib``; 5xx, 429,
+  connection errors and timeouts are retried with exponential back-off. When the server
+  returns token log-probs the preference is P(A) / (P(A) + P(B)) of the first token,
+  otherwise 1 / 0 / 0.5 from the text's verdict.
+* ``local``: a transformers causal LM; the preference is the softmax over the summed
+  log-probs of the continuations " A" and " B" after the prompt template (computed with
+  the fused :func:`rlhf_fast.models.logprobs.sequence_logprobs`).
+
+Position bias is mitigated by asking in both orders and averaging
+P(A better) = (P(first | A, B) + 1 − P(first | B, A)) / 2. Every answer is cached on disk
+in a JSON file keyed by a hash of (backend, model, template, prompt, responses, order), so
+a re-run costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Sequence
+
+PAIR_TEMPLATE = (
+    "You are comparing two responses to the same prompt.\n\n"
+    "Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "Which response is better? Answer with a single letter, A or B.\nAnswer:"
+)
+SCORE_TEMPLATE = (
+    "Rate the response to the prompt on a scale from 1 (bad) to 10 (excellent).\n\n"
+    "Prompt:\n{prompt}\n\nResponse:\n{response}\n\nAnswer with a single number.\nScore:"
+)
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    """Judge settings. ``backend`` "http" or "local"; ``model``: the endpoint's model name,
+    or a local path / ``tiny:`` spec for "local"; ``cache``: JSON cache path (None: none)."""
+
+    backend: str = "http"
+    model: str = "gpt-4o-mini"
+    base_url: Optional[str] = None
+    api_key: Optional[str] = None
+    pair_template: str = PAIR_TEMPLATE
+    score_template: str = SCORE_TEMPLATE
+    both_orders: bool = True
+    max_retries: int = 4
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    timeout: float = 60.0
+    max_tokens: int = 4
+    cache: Optional[str] = ".rlhf_fast_cache/judge.json"
+
+    def __post_init__(self):
+        if self.backend not in ("http", "local"):
+            raise ValueError(f"backend must be 'http' or 'local', got {self.backend!r}")
+        if not self.model:
+            raise ValueError("model must be a non-empty name or path")
+        for name, keys in (("pair_template", ("{prompt}", "{a}", "{b}")), ("score_template", ("{prompt}", "{response}"))):
+            missing = [k for k in keys if k not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"{name} must contain {', '.join(keys)}; missing {', '.join(missing)}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.backoff < 0 or self.timeout <= 0:
+            raise ValueError(f"backoff must be >= 0 and timeout > 0, got {self.backoff}, {self.timeout}")
+
+
+class JudgeError(RuntimeError):
+    """The judge could not get an answer (after retries, or a non-retryable HTTP error)."""
+
+
+class JsonCache:
+    """A JSON dict on disk; written atomically after every new entry."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.data: Dict[str, Any] = {}
+        self.hits = self.misses = 0
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    self.data = json.load(f)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}: judge cache is not valid JSON (delete it to start over)") from None
+
+    def get(self, key: str) -> Any:
+        if key in self.data:
+            self.hits += 1
+            return self.data[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        if self.path:
+            from rlhf_fast.trainers.config import atomic_write_text
+
+            atomic_write_text(self.path, json.dumps(self.data))
+
+
+def cache_key(*parts: Any) -> str:
+    """sha256 of the JSON of ``parts``."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- backends
+
+class HTTPBackend:
+    """OpenAI-compatible chat completions over urllib, with retries and back-off."""
+
+    def __init__(self, cfg: JudgeConfig, sleep=time.sleep):
+        self.cfg = cfg
+        base = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        base = base.rstrip("/")
+        self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.api_key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
+        self.sleep = sleep
+        self.requests = 0
+
+    def _post(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = None
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.sleep(self.cfg.backoff * 2 ** (attempt - 1))
+            self.requests += 1
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
+                    return json.loads(resp.read().decode())
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code} {e.reason}"
+                if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying will not help
+                    raise JudgeError(f"{self.url}: {last}: {e.read()[:200].decode(errors='replace')}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except json.JSONDecodeError:
+                last = "invalid JSON in the response"
+        raise JudgeError(f"{self.url}: no answer after {self.cfg.max_retries + 1} attempts (last: {last})")
+
+    def ask(self, text: str, *, want_logprobs: bool) -> Dict[str, Any]:
+        """``{"text": answer, "top_logprobs": {token: logp} or None}`` for one user message."""
+        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}],
+                "temperature": 0, "max_tokens": self.cfg.max_tokens}
+        if want_logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        out = self._post(body)
+        try:
+            choice = out["choices"][0]
+            answer = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"{self.url}: unexpected response shape: {json.dumps(out)[:200]}") from None
+        top = None
+        lp = choice.get("logprobs") or {}
+        content = lp.get("content") if isinstance(lp, dict) else None
+        if content:
+            top = {t["token"]: t["logprob"] for t in content[0].get("top_logprobs", []) if "token" in t}
+        return {"text": answer, "top_logprobs": top}
+
+    def prefer_first(self, text: str) -> float:
+        """P(the judge answers A) for the rendered pair prompt ``text``."""
+        out = self.ask(text, want_logprobs=True)
+        top = out["top_logprobs"]
+        if top:
+            pa = sum(math.exp(v) for k, v in top.items() if k.strip().upper() == "A")
+            pb = sum(math.exp(v) for k, v in top.items() if k.strip().upper() == "B")
+            if pa + pb > 0:
+                return pa / (pa + pb)
+        return _verdict(out["text"])
+
+    def score(self, text: str) -> float:
+        """The number in the judge's answer to the rendered score prompt ``text``."""
+        answer = self.ask(text, want_logprobs=False)["text"]
+        m = re.search(r"-?\d+(?:\.\d+)?", answer)
+        if not m:
+            raise JudgeError(f"{self.url}: no number in the judge's answer {answer[:80]!r}")
+        return float(m.group())
+
+
+def _verdict(answer: str) -> float:
+    """1.0 for an "A" verdict, 0.0 for "B", 0.5 when unclear."""
+    m = re.search(r"\b([AB])\b", answer.strip().upper())
+    if not m:
+        return 0.5
+    return 1.0 if m.group(1) == "A" else 0.0
+
+
+class LocalBackend:
+    """A transformers causal LM as judge: compares the log-probs of " A" and " B" (and of
+    " 1".." 10" for scores) after the rendered template."""
+
+    def __init__(self, model, tokenizer, *, choices=(" A", " B")):
+        self.model, self.tokenizer = model, tokenizer
+        self.choices = choices
+
+    def _continuation_logps(self, text: str, continuations: Sequence[str]) -> List[float]:
+        import torch
+
+        from rlhf_fast.models.logprobs import sequence_logprobs
+
+        tok = self.tokenizer
+        prefix = tok(text, add_special_tokens=False)["input_ids"]
+        rows, masks = [], []
+        for c in continuations:
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"continuation {c!r} encodes to no tokens")
+            rows.append(prefix + ids)
+            masks.append([0] * len(prefix) + [1] * len(ids))
+        T = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # right padding: positions of the prefix do not move between continuations
+        input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        attn = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        resp = torch.tensor([m + [0] * (T - len(m)) for m in masks])
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            logp = sequence_logprobs(self.model, input_ids.to(device), attn.to(device), response_mask=resp.to(device))
+        return logp.sum(1).tolist()
+
+    def prefer_first(self, text: str) -> float:
+        la, lb = self._continuation_logps(text, self.choices)
+        return 1.0 / (1.0 + math.exp(lb - la))
+
+    def score(self, text: str) -> float:
+        lps = self._continuation_logps(text, [f" {k}" for k in range(1, 11)])
+        m = max(lps)
+        w = [math.exp(v - m) for v in lps]
+        return sum(k * wk for k, wk in zip(range(1, 11), w)) / sum(w)
+
+
+# --------------------------------------------------------------------------- judge
+
+class Judge:
+    """Preferences and scores from a backend, cached, with position-bias mitigation."""
+
+    def __init__(self, cfg: JudgeConfig, backend: Any = None, *, tokenizer: Any = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if backend is None:
+            if cfg.backend == "http":
+                backend = HTTPBackend(cfg)
+            else:
+                from rlhf_fast.trainers.common import load_causal_lm
+
+                model, tok = load_causal_lm(cfg.model)
+                backend = LocalBackend(model, tok)
+                self.tokenizer = self.tokenizer or tok
+        self.backend = backend
+        self.cache = JsonCache(cfg.cache)
+
+    def _render_prompt(self, prompt: Any) -> str:
+        from .formats import render_prompt
+
+        # chats are shown to the judge as plain "role: content" lines, not a model template
+        return render_prompt(prompt, None) if not isinstance(prompt, str) else prompt
+
+    def _first(self, prompt: Any, first: str, second: str) -> float:
+        text = self.cfg.pair_template.format(prompt=self._render_prompt(prompt), a=first, b=second)
+        key = cache_key("pair", self.cfg.backend, self.cfg.model, self.cfg.pair_template, prompt, first, second)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return float(hit)
+        p = float(self.backend.prefer_first(text))
+        self.cache.put(key, p)
+        return p
+
+    def compare(self, prompt: Any, a: str, b: str) -> float:
+        """P(``a`` is better than ``b``) in [0, 1]; averaged over both orders when
+        ``both_orders`` (a judge that always picks the first answer gives 0.5)."""
+        p = self._first(prompt, a, b)
+        if self.cfg.both_orders:
+            p = 0.5 * (p + 1.0 - self._first(prompt, b, a))
+        return p
+
+    def score(self, prompt: Any, response: str) -> float:
+        """The judge's score of ``response`` (cached)."""
+        text = self.cfg.score_template.format(prompt=self._render_prompt(prompt), response=response)
+        key = cache_key("score", self.cfg.backend, self.cfg.model, self.cfg.score_template, prompt, response)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return float(hit)
+        s = float(self.backend.score(text))
+        self.cache.put(key, s)
+        return s
+
+    def label_items(self, items: Sequence[Dict[str, Any]], *, tie_band: float = 0.05) -> List[Dict[str, Any]]:
+        """Label records (the format of ``rlhf-fast label``) for items ``{prompt, a, b}``:
+        label "A" when P(A) > 0.5 + tie_band, "B" when < 0.5 − tie_band, else "tie"."""
+        from .label import item_key
+
+        out = []
+        for i, it in enumerate(items):
+            p = self.compare(it["prompt"], it["a"], it["b"])
+            label = "A" if p > 0.5 + tie_band else "B" if p < 0.5 - tie_band else "tie"
+            out.append({"item": it.get("item", i), "key": it.get("key") or item_key(it["prompt"], it["a"], it["b"]),
+                        "prompt": it["prompt"], "a": it["a"], "b": it["b"], "label": label,
+                        "annotator": f"judge:{self.cfg.model}", "p_a": round(p, 6)})
+        return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    """CLI arguments of ``rlhf-fast judge`` (explicit options override the YAML config)."""
+    parser.add_argument("input", help="JSONL: {prompt, a, b} per line (pairs) or {prompt, response} (scores)")
+    parser.add_argument("--out", required=True, help="output JSONL (label records or score records)")
+    parser.add_argument("--mode", choices=("pairs", "scores"), default="pairs")
+    parser.add_argument("--config", default=None, help="YAML with JudgeConfig fields")
+    parser.add_argument("--backend", choices=("http", "local"), default=None)
+    parser.add_argument("--model", default=None, help="endpoint model name, or a local path / tiny: spec")
+    parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default $OPENAI_BASE_URL)")
+    parser.add_argument("--cache", default=None, help="JSON cache file")
+    parser.add_argument("--max-retries", default=None)
+    parser.add_argument("--backoff", default=None)
+    parser.add_argument("--timeout", default=None)
+    parser.add_argument("--single-order", action="store_true", help="ask in one order only (no position-bias mitigation)")
+    parser.add_argument("--tie-band", type=float, default=0.05)
+
+
+def run(args) -> int:
+    """Entry point of ``rlhf-fast judge``: labels or scores every line of the input."""
+    from rlhf_fast.trainers.config import load_config
+
+    from .formats import write_jsonl
+
+    overrides = []
+    for name in ("backend", "model", "base_url", "cache", "max_retries", "backoff", "timeout"):
+        v = getattr(args, name, None)
+        if v is not None:
+            overrides += [f"--{name}", str(v)]
+    if getattr(args, "single_order", False):
+        overrides += ["--both_orders", "false"]
+    cfg = load_config(JudgeConfig, args.config, overrides)
+    judge = Judge(cfg)
+    try:
+        out = _judge_file(judge, cfg, args)
+    except JudgeError as e:  # the endpoint failed: one line, exit 1 (not a usage error)
+        print(f"rlhf-fast judge: error: {e}", file=sys.stderr)
+        return 1
+    write_jsonl(out, args.out)
+    print(f"judged {len(out)} items -> {args.out} (cache hits {judge.cache.hits}, misses {judge.cache.misses})",
+          file=sys.stderr)
+    return 0
+
+
+def _judge_file(judge: Judge, cfg: JudgeConfig, args) -> List[Dict[str, Any]]:
+    from .formats import load_records
+    from .label import load_items
+
+    if args.mode == "pairs":
+        out = judge.label_items(load_items(args.input), tie_band=args.tie_band)
+    else:
+        with open(args.input, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
+                raise ValueError(f"{args.input}:{i + 1}: response: missing field (need prompt and response)")
+        out = [{"prompt": r["prompt"], "response": r["response"], "score": judge.score(r["prompt"], r["response"]),
+                "annotator": f"judge:{cfg.model}"} for r in rows]
+        load_records(out, "scores")  # the output must itself be valid score records
+    return out
+
+
+__all__ = ["JudgeConfig", "Judge", "JudgeError", "HTTPBackend", "LocalBackend", "JsonCache", "cache_key",
+           "PAIR_TEMPLATE", "SCORE_TEMPLATE", "add_arguments", "run"]

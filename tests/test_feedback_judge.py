@@ -1,0 +1,186 @@
+"""The AI judge against a fake OpenAI-compatible server on 127.0.0.1 (failures, retries,
+timeouts, cache hits, position bias) and against a tiny local model."""
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from rlhf_fast import cli
+from rlhf_fast.feedback.judge import HTTPBackend, Judge, JudgeConfig, JudgeError, LocalBackend
+
+
+class FakeServer:
+    """Chat completions that prefer the response containing "good" (or always "A" when
+    ``biased``), with scripted failures: a list of "500", "429", "400", "slow" consumed in order."""
+
+    def __init__(self):
+        self.requests, self.failures, self.biased, self.logprobs = [], [], False, False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                fail = outer.failures.pop(0) if outer.failures else None
+                if fail == "slow":
+                    time.sleep(0.6)
+                if fail in ("500", "429", "400"):
+                    self.send_response(int(fail))
+                    self.end_headers()
+                    self.wfile.write(b"fail")
+                    return
+                text = body["messages"][0]["content"]
+                if "Score:" in text:
+                    answer = "7" if "good" in text.split("Response:")[1] else "2"
+                    choice = {"message": {"content": answer}}
+                else:
+                    a = text.split("Response A:")[1].split("Response B:")[0]
+                    verdict = "A" if outer.biased or "good" in a else "B"
+                    choice = {"message": {"content": verdict}}
+                    if outer.logprobs:
+                        pa = 0.9 if verdict == "A" else 0.2
+                        choice["logprobs"] = {"content": [{"token": verdict, "top_logprobs": [
+                            {"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]}]}
+                data = json.dumps({"choices": [choice]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+def _cfg(server, tmp_path, **kw):
+    base = dict(backend="http", model="fake-judge", base_url=server.url, api_key="sk-test", backoff=0.01,
+                timeout=0.3, max_retries=3, cache=str(tmp_path / "cache.json"))
+    base.update(kw)
+    return JudgeConfig(**base)
+
+
+def test_compare_both_orders_retries_and_cache(server, tmp_path):
+    sleeps = []
+    cfg = _cfg(server, tmp_path)
+    judge = Judge(cfg, HTTPBackend(cfg, sleep=sleeps.append))
+    server.failures = ["500", "429"]
+    assert judge.compare("q", "a good answer", "a poor answer") == 1.0
+    assert sleeps == [0.01, 0.02]  # exponential back-off
+    assert len(server.requests) == 4  # 2 failures + both orders
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+    assert server.requests[0]["auth"] == "Bearer sk-test" and server.requests[0]["body"]["model"] == "fake-judge"
+    assert judge.compare("q", "meh", "so good") == 0.0
+    n = len(server.requests)
+    # a fresh judge on the same cache file asks nothing
+    judge2 = Judge(cfg, HTTPBackend(cfg))
+    assert judge2.compare("q", "a good answer", "a poor answer") == 1.0
+    assert judge2.compare("q", "meh", "so good") == 0.0
+    assert len(server.requests) == n and judge2.cache.hits == 4 and judge2.cache.misses == 0
+    # a different template is a different cache key
+    cfg3 = _cfg(server, tmp_path, pair_template="P {prompt}\nResponse A:{a}\nResponse B:{b}\nAnswer:")
+    Judge(cfg3, HTTPBackend(cfg3)).compare("q", "a good answer", "a poor answer")
+    assert len(server.requests) == n + 2
+
+
+def test_position_bias_and_logprobs(server, tmp_path):
+    server.biased = True  # always answers "A"
+    both = _cfg(server, tmp_path, cache=None)
+    assert Judge(both).compare("q", "x", "y") == 0.5
+    one = _cfg(server, tmp_path, cache=None, both_orders=False)
+    assert Judge(one).compare("q", "x", "y") == 1.0
+    server.biased = False
+    server.logprobs = True
+    p = Judge(both).compare("q", "good", "bad")  # P(A)=0.9 in order 1, P(A)=0.2 in order 2
+    assert p == pytest.approx(0.5 * (0.9 + 1 - 0.2))
+
+
+def test_failures(server, tmp_path):
+    cfg = _cfg(server, tmp_path, cache=None)
+    server.failures = ["400"]
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        Judge(cfg).compare("q", "x", "y")
+    assert len(server.requests) == 1  # a client error is not retried
+    server.requests.clear()
+    server.failures = ["500"] * 10
+    with pytest.raises(JudgeError, match="after 4 attempts"):
+        Judge(cfg).compare("q", "x", "y")
+    assert len(server.requests) == 4
+    server.failures = ["slow"]  # the first attempt times out, the retry answers
+    assert Judge(cfg).score("q", "good stuff") == 7.0
+    with pytest.raises(ValueError, match="pair_template"):
+        JudgeConfig(pair_template="no fields")
+
+
+def test_cli_pairs_and_scores(server, tmp_path, monkeypatch, capsys):
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"prompt": "q1", "a": "good one", "b": "bad one"}) + "\n"
+                     + json.dumps({"prompt": "q2", "a": "bad", "b": "good"}) + "\n")
+    out = tmp_path / "labels.jsonl"
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "env-key")
+    args = ["judge", str(items), "--out", str(out), "--model", "m", "--cache", str(tmp_path / "c.json"), "--backoff", "0"]
+    assert cli.main(args) == 0
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["label"] for r in recs] == ["A", "B"] and recs[0]["annotator"] == "judge:m"
+    assert server.requests[0]["auth"] == "Bearer env-key"
+    n = len(server.requests)
+    assert cli.main(args) == 0 and len(server.requests) == n
+    assert "cache hits 4, misses 0" in capsys.readouterr().err
+    from rlhf_fast.feedback.label import labels_to_pairs
+    assert [(p.chosen, p.rejected) for p in labels_to_pairs(str(out))] == [("good one", "bad one"), ("good", "bad")]
+    scores_in = tmp_path / "s.jsonl"
+    scores_in.write_text(json.dumps({"prompt": "q", "response": "good"}) + "\n" + json.dumps({"prompt": "q", "response": "x"}) + "\n")
+    assert cli.main(["judge", str(scores_in), "--out", str(out), "--mode", "scores", "--cache", "none"]) == 0
+    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [7.0, 2.0]
+    server.failures = ["500"] * 10
+    assert cli.main(["judge", str(items), "--out", str(out), "--cache", "none", "--max-retries", "1", "--backoff", "0"]) == 1
+    assert cli.main(["judge", str(items), "--out", str(out), "--max-retries", "many"]) == 2
+    assert "max_retries" in capsys.readouterr().err
+
+
+def test_local_judge_matches_direct_computation(tmp_path):
+    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+
+    tok = train_tokenizer(sample_texts(32) + ["Answer: A", "Answer: B"], 300, padding_side="right")
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    cfg = JudgeConfig(backend="local", model="tiny", cache=str(tmp_path / "c.json"), both_orders=False)
+    judge = Judge(cfg, LocalBackend(model, tok))
+    p = judge.compare("the cat", "sat", "ran")
+    text = cfg.pair_template.format(prompt="the cat", a="sat", b="ran")
+
+    def direct(cont):  # independent oracle: full logits, log_softmax
+        ids = tok(text + cont, add_special_tokens=False)["input_ids"]
+        n_prefix = len(tok(text, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        return sum(lp[t - 1, ids[t]].item() for t in range(n_prefix, len(ids)))
+
+    assert p == pytest.approx(1 / (1 + math.exp(direct(" B") - direct(" A"))), abs=1e-5)
+    assert 0 < p < 1
+    s = judge.score("the cat", "sat")
+    assert 1.0 <= s <= 10.0
+    assert Judge(cfg, LocalBackend(model, tok)).compare("the cat", "sat", "ran") == p  # cache hit

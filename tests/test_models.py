@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; fail fast instead of retrying
+
 import pytest
 import torch
 
@@ -221,3 +225,143 @@ def test_sequence_logprobs_bad_input(tok):
         lp.sequence_logprobs(model, ids, am, temperature=0)
     with pytest.raises(ValueError, match="input_ids"):
         lp.sequence_logprobs(model, ids[0], am)
+
+
+# --------------------------------------------------------------------------- loading
+
+from rlhf_fast.models import (  # noqa: E402
+    AdapterDisabledReference,
+    ValueModel,
+    load_policy,
+    load_reward_model,
+    make_reference,
+    reward_scores,
+)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_policy_save_load_roundtrip(tok, family, tmp_path):
+    model = tiny_causal_lm(len(tok), family=family, seed=6)
+    model.save_pretrained(tmp_path)
+    loaded = load_policy(str(tmp_path))
+    ids, am, resp = _batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(lp.sequence_logprobs(loaded, ids, am), lp.sequence_logprobs(model, ids, am))
+    bf = load_policy(model, dtype=torch.bfloat16, gradient_checkpointing=True)
+    assert bf.dtype == torch.bfloat16 and any(getattr(m, "gradient_checkpointing", False) for m in bf.modules())
+
+
+def test_load_policy_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="model_or_path"):
+        load_policy(str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="model_or_path"):
+        load_policy(3)
+    with pytest.raises(TypeError, match="dtype"):
+        load_policy(tiny_causal_lm(50), dtype="fp16")
+
+
+def test_make_reference_is_frozen_copy(tok):
+    policy = tiny_causal_lm(len(tok), seed=7)
+    ref = make_reference(policy)
+    assert ref is not policy and not any(p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+    assert not torch.equal(next(policy.parameters()), next(ref.parameters()))
+
+
+def test_lora_policy_reference_and_roundtrip(tok, tmp_path):
+    base = tiny_causal_lm(len(tok), seed=8)
+    ids, am, resp = _batch(tok)
+    with torch.no_grad():
+        base_lp = lp.sequence_logprobs(base, ids, am)
+        base_logits = base(input_ids=ids, attention_mask=am).logits
+    policy = load_policy(base, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    # move the adapters off zero so the policy differs from its base
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ref = make_reference(policy)
+    assert isinstance(ref, AdapterDisabledReference)
+    with torch.no_grad():
+        pol_lp = lp.sequence_logprobs(policy, ids, am)
+    ref_lp = lp.sequence_logprobs(ref, ids, am)
+    assert not ref_lp.requires_grad
+    torch.testing.assert_close(ref_lp, base_lp)  # adapters disabled = the base model
+    assert (pol_lp - base_lp).abs().max() > 1e-3
+    torch.testing.assert_close(ref(input_ids=ids, attention_mask=am).logits, base_logits)
+    # gradients reach only the adapters through the fused path
+    loss = -lp.sequence_logprobs(policy, ids, am).sum()
+    loss.backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if p.requires_grad)
+    policy.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    base_copy = tiny_causal_lm(len(tok), seed=8)  # a fresh base (the first one now carries the adapters)
+    base_copy.save_pretrained(tmp_path / "base")
+    reloaded = load_policy(str(tmp_path / "base"), lora=str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(lp.sequence_logprobs(reloaded, ids, am), pol_lp)
+    assert any(p.requires_grad for p in reloaded.parameters())
+    # an adapter saved from a policy whose base came from disk reloads from its directory alone
+    reloaded.save_pretrained(tmp_path / "adapter2")
+    again = load_policy(str(tmp_path / "adapter2"))
+    with torch.no_grad():
+        torch.testing.assert_close(lp.sequence_logprobs(again, ids, am), pol_lp)
+
+
+def test_value_model_roundtrip_and_padding(tok, tmp_path):
+    policy = tiny_causal_lm(len(tok), seed=9)
+    vm = ValueModel(policy)
+    assert vm.backbone is not policy.model
+    ids, am, _ = _batch(tok)
+    v = vm(ids, am)
+    assert v.shape == ids.shape and v.dtype == torch.float32
+    v.sum().backward()
+    assert vm.value_head.weight.grad is not None and next(vm.backbone.parameters()).grad is not None
+    # a left-padded row has the values of the same sequence unpadded
+    row = 1
+    real = am[row].bool()
+    single = vm(ids[row:row + 1, real], am[row:row + 1, real])
+    torch.testing.assert_close(v[row, real], single[0], rtol=1e-5, atol=1e-5)
+    vm.save_pretrained(tmp_path)
+    vm2 = ValueModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(vm2(ids, am), vm(ids, am))
+    with pytest.raises(ValueError, match="ValueModel"):
+        ValueModel.from_pretrained(tmp_path / "nope")
+
+
+def test_value_model_from_reward_model_starts_at_its_score(tok):
+    rm = tiny_reward_model(len(tok), seed=10)
+    vm = ValueModel(rm)
+    ids, am, _ = _batch(tok)
+    with torch.no_grad():
+        v = vm(ids, am)
+        s = reward_scores(rm, ids, am)
+    last = am.shape[1] - 1  # left padding: the last column is every row's last token
+    torch.testing.assert_close(v[:, last], s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_reward_scores_and_roundtrip(side, tmp_path):
+    tok = train_tokenizer(sample_texts(), 256, padding_side=side)
+    rm = tiny_reward_model(len(tok), seed=11)
+    texts = ["hello world the cat sat", "a dog", "one two three"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = reward_scores(rm, enc["input_ids"], enc["attention_mask"])
+        # oracle: each text scored alone (no padding), by the model's own forward
+        alone = torch.stack([rm(**tok([t], return_tensors="pt")).logits[0, 0] for t in texts])
+    assert got.shape == (3,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    rm.save_pretrained(tmp_path)
+    rm2 = load_reward_model(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(rm2, enc["input_ids"], enc["attention_mask"]), got)
+    with pytest.raises(ValueError, match="num_labels"):
+        bad = tiny_reward_model(len(tok), hidden_size=16, num_layers=1, num_heads=2)
+        bad.config.num_labels = 2
+        load_reward_model(bad)

@@ -38,8 +38,25 @@ _UNFUSABLE_HEAD_ATTRS = (
 _REFERENCE_CHUNK_ELEMS = 1 << 22
 
 
+def _honour_context(fn):
+    """Let wrappers such as ``AdapterDisabledReference`` (attributes ``rlhf_wrapped`` and
+    ``rlhf_context()``) run the wrapped model inside their context (adapters disabled)."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        ctx = getattr(model, "rlhf_context", None)
+        if ctx is not None and hasattr(model, "rlhf_wrapped"):
+            with ctx():
+                return fn(model.rlhf_wrapped, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    return wrapped
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` inside a peft ``PeftModel`` (or the model itself)."""
+    if hasattr(model, "rlhf_wrapped"):
+        model = model.rlhf_wrapped
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()
@@ -63,6 +80,7 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp_(min=0)
 
 
+@_honour_context
 def hidden_states(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -191,6 +209,7 @@ def _pack(input_ids, attention_mask):
     return ids, pos.unsqueeze(0), rows, cols
 
 
+@_honour_context
 def sequence_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,

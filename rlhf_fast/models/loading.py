@@ -1,0 +1,321 @@
+"""Loading policies, frozen references, value models and reward models (Hugging Face).
+
+Llama, Qwen2/3, Mistral and GPT-2 families (anything AutoModelForCausalLM /
+AutoModelForSequenceClassification loads whose base model returns ``last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .logprobs import backbone, default_position_ids, hidden_states, unwrap
+
+PathLike = Union[str, os.PathLike]
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None))
+
+
+def _check_dtype_device(dtype, device):
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str, torch.device or None, got {type(device).__name__}")
+
+
+def _lora_config(lora):
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - peft is a declared dependency here
+        raise ImportError("lora=... needs the `peft` package (pip install peft)") from e
+    if isinstance(lora, peft.LoraConfig):
+        return lora
+    if isinstance(lora, dict):
+        kw = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+        kw.update(lora)
+        return peft.LoraConfig(**kw)
+    raise TypeError(f"lora must be a dict, a peft.LoraConfig or None, got {type(lora).__name__}")
+
+
+def load_policy(
+    model_or_path,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    gradient_checkpointing: bool = False,
+    lora=None,
+):
+    """A causal-LM policy from a local directory or an in-memory ``PreTrainedModel``.
+
+    A directory holding a peft adapter (``adapter_config.json``) loads base + adapter,
+    trainable. ``lora`` (a dict of LoraConfig fields, defaults r=8, alpha=16, all linear
+    layers; or a ``peft.LoraConfig``) wraps the model in a trainable peft model.
+    ``lora`` may also be a saved adapter directory (loaded trainable onto the base).
+    ``gradient_checkpointing`` turns it on (non-reentrant) and the KV cache off.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    _check_dtype_device(dtype, device)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = os.fspath(model_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
+        adapter_cfg = os.path.join(path, "adapter_config.json")
+        if os.path.exists(adapter_cfg):
+            with open(adapter_cfg) as f:
+                base_path = json.load(f).get("base_model_name_or_path")
+            if not base_path or not os.path.isdir(base_path):
+                raise ValueError(f"the adapter in {path!r} names base model {base_path!r}, which is not a local "
+                                 "directory; load the base and pass the adapter directory as lora=")
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            lora = path if lora is None else lora
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif isinstance(model_or_path, PreTrainedModel) or _is_peft(model_or_path):
+        model = model_or_path
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        raise TypeError(f"model_or_path must be a path or a PreTrainedModel, got {type(model_or_path).__name__}")
+    if device is not None:
+        model = model.to(device)
+    if gradient_checkpointing:
+        base = unwrap(model)
+        # transformers 5 renamed it; keep the old name for older versions
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        if lora is not None or _is_peft(model):
+            # frozen embeddings would otherwise cut the graph before the checkpointed blocks
+            base.enable_input_require_grads()
+    if lora is not None:
+        if _is_peft(model):
+            raise ValueError("lora was given but the model already carries a peft adapter")
+        if isinstance(lora, (str, os.PathLike)):
+            from peft import PeftModel
+
+            if not os.path.exists(os.path.join(os.fspath(lora), "adapter_config.json")):
+                raise ValueError(f"lora must be a directory holding adapter_config.json, got {os.fspath(lora)!r}")
+            model = PeftModel.from_pretrained(model, os.fspath(lora), is_trainable=True)
+        else:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config(lora))
+    return model
+
+
+class AdapterDisabledReference:
+    """The reference model of a peft policy: the same weights with adapters disabled.
+
+    No second copy of the base model. Calls (and :func:`rlhf_fast.models.sequence_logprobs`,
+    which honours :meth:`rlhf_context`) run under ``policy.disable_adapter()`` and
+    ``torch.no_grad()``.
+    """
+
+    def __init__(self, policy):
+        if not _is_peft(policy):
+            raise TypeError(f"policy must be a peft model, got {type(policy).__name__}")
+        self.policy = policy
+
+    @property
+    def rlhf_wrapped(self):
+        return self.policy
+
+    @contextlib.contextmanager
+    def rlhf_context(self):
+        with self.policy.disable_adapter(), torch.no_grad():
+            yield
+
+    def __call__(self, *args, **kwargs):
+        with self.rlhf_context():
+            return self.policy(*args, **kwargs)
+
+    @property
+    def device(self):
+        return next(self.policy.parameters()).device
+
+    @property
+    def config(self):
+        return unwrap(self.policy).config
+
+
+def make_reference(policy, *, device=None, dtype=None):
+    """A frozen eval-mode reference of ``policy`` for KL penalties.
+
+    A peft policy gives an :class:`AdapterDisabledReference` (no copy; ``device``/``dtype``
+    must then be None). Otherwise a deep copy with ``requires_grad=False``, moved to
+    ``device``/``dtype`` when given.
+    """
+    _check_dtype_device(dtype, device)
+    if _is_peft(policy):
+        if device is not None or dtype is not None:
+            raise ValueError("device/dtype must be None for a peft policy: its reference shares the policy's weights")
+        return AdapterDisabledReference(policy)
+    ref = copy.deepcopy(policy)
+    if any(getattr(m, "gradient_checkpointing", False) for m in ref.modules()):
+        disable = getattr(ref, "activation_checkpointing_disable", None) or ref.gradient_checkpointing_disable
+        disable()
+    ref.eval().requires_grad_(False)
+    if dtype is not None:
+        ref = ref.to(dtype)
+    if device is not None:
+        ref = ref.to(device)
+    return ref
+
+
+_VALUE_HEAD_FILE = "value_head.pt"
+_VALUE_META_FILE = "value_model.json"
+
+
+class ValueModel(nn.Module):
+    """A critic: a transformer backbone plus a scalar value head.
+
+    ``ValueModel(model)`` copies the base model of ``model`` (a causal LM policy or a reward
+    model); from a reward model with one label the head starts from its score head. The head
+    is float32 whatever the backbone's dtype.
+    """
+
+    def __init__(self, model: nn.Module, *, copy_backbone: bool = True):
+        super().__init__()
+        base = unwrap(model)
+        if copy_backbone:
+            self.backbone = copy.deepcopy(backbone(base))
+        else:
+            self.backbone = base  # already a base model (from_pretrained)
+        H = self.backbone.config.hidden_size if hasattr(self.backbone.config, "hidden_size") else self.backbone.config.n_embd
+        self.value_head = nn.Linear(H, 1, bias=True, dtype=torch.float32)
+        score = getattr(base, "score", None)
+        with torch.no_grad():
+            if isinstance(score, nn.Linear) and score.out_features == 1:
+                self.value_head.weight.copy_(score.weight.float())
+                if score.bias is not None:
+                    self.value_head.bias.copy_(score.bias.float())
+                else:
+                    self.value_head.bias.zero_()
+            else:
+                # small init: values start near 0, the scale of whitened returns
+                nn.init.normal_(self.value_head.weight, std=1.0 / (H + 1) ** 0.5 * 0.1)
+                self.value_head.bias.zero_()
+        self.backbone.requires_grad_(True)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Values ``[B, T]`` float32 (the value of the state after reading token t).
+
+        input_ids / attention_mask / position_ids ``[B, T]``; position ids default to the count
+        of attended tokens (left padding as in generation).
+        """
+        if position_ids is None and attention_mask is not None:
+            position_ids = default_position_ids(attention_mask)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, return_dict=True).last_hidden_state  # [B, T, H]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, save_directory: PathLike) -> None:
+        """Write the backbone (HF format) and the value head into ``save_directory``."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.backbone.save_pretrained(save_directory)
+        torch.save(self.value_head.state_dict(), os.path.join(save_directory, _VALUE_HEAD_FILE))
+        with open(os.path.join(save_directory, _VALUE_META_FILE), "w") as f:
+            json.dump({"format": "rlhf_fast.ValueModel", "version": 1}, f)
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, *, dtype: Optional[torch.dtype] = None, device=None) -> "ValueModel":
+        """Load a ValueModel written by :meth:`save_pretrained`."""
+        from transformers import AutoModel
+
+        _check_dtype_device(dtype, device)
+        head = os.path.join(directory, _VALUE_HEAD_FILE)
+        if not os.path.exists(head):
+            raise ValueError(f"directory must hold a saved ValueModel ({_VALUE_HEAD_FILE} missing in {directory!r})")
+        base = AutoModel.from_pretrained(directory, dtype=dtype)
+        vm = cls(base, copy_backbone=False)
+        vm.value_head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
+        if device is not None:
+            vm = vm.to(device)
+        return vm
+
+
+def load_reward_model(model_or_path, *, device=None, dtype=None):
+    """A scalar reward model (AutoModelForSequenceClassification with one label), eval mode.
+
+    ``model_or_path``: a local directory or an in-memory model. Raises ValueError when the
+    model does not have exactly one label.
+    """
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+    _check_dtype_device(dtype, device)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = os.fspath(model_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    elif isinstance(model_or_path, PreTrainedModel):
+        model = model_or_path if dtype is None else model_or_path.to(dtype)
+    else:
+        raise TypeError(f"model_or_path must be a path or a PreTrainedModel, got {type(model_or_path).__name__}")
+    if getattr(model.config, "num_labels", None) != 1:
+        raise ValueError(f"a reward model must have num_labels=1, got {getattr(model.config, 'num_labels', None)}")
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index ``[B]`` int64 of each row's last attended token (left or right padding)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(-1).values.clamp(min=0)
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores ``[B]`` float32: the reward head at each row's last attended token.
+
+    input_ids / attention_mask ``[B, T]``; left or right padding (the attention mask, not the
+    pad id, locates the last token, so a pad id that also occurs in text is harmless).
+    Differentiable in the model's parameters.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    base = unwrap(model)
+    head = getattr(base, "score", None)
+    if head is None:
+        head = getattr(base, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"model must be a sequence-classification model with a `score` head, got {type(base).__name__}")
+    h = hidden_states(model, input_ids, attention_mask)  # [B, T, H]
+    last = last_token_index(attention_mask)
+    h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, H]
+    out = head(h_last)
+    if out.shape[-1] != 1:
+        raise ValueError(f"the reward head must output one score, got {out.shape[-1]}")
+    return out[:, 0].float()
+
+
+__all__ = [
+    "load_policy",
+    "make_reference",
+    "AdapterDisabledReference",
+    "ValueModel",
+    "load_reward_model",
+    "reward_scores",
+    "last_token_index",
+]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate, reference
-from .reference import GROUP_KINDS
+from . import _dispatch, _native, _validate, reference
+from .reference import GROUP_KINDS, out_dtype
 
 
 def _check_rows(names, tensors, mask_name, mask):
@@ -101,8 +101,81 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     return _dispatch.call("masked_whiten", x.device, x, mask, shift_mean=shift_mean, eps=eps)
 
 
+# ------------------------------------------------------------------ C++ CPU backend
+# The advantage ops are not differentiated (advantages and returns are constants of the
+# update). When an input does require grad, the glue hands over to the reference so the
+# result keeps the reference's autograd graph instead of silently dropping it.
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _gae_cpp(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    if _wants_grad(rewards, values):
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return torch.ops.rlhf_fast.gae(rewards, values, mask, float(gamma), float(lam))
+
+
+def _returns_cpp(rewards, mask, *, gamma=1.0):
+    if _wants_grad(rewards):
+        return reference.discounted_returns(rewards, mask, gamma=gamma)
+    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, float(gamma))
+
+
+def _group_cpp(scores, group_size, *, kind="grpo", normalize_std=True, eps=1e-6):
+    if _wants_grad(scores):
+        return reference.group_advantages(scores, group_size, kind=kind, normalize_std=normalize_std, eps=eps)
+    return torch.ops.rlhf_fast.group_advantages(scores, int(group_size), kind, bool(normalize_std), float(eps))
+
+
+def _masked_mean_cpp(x, mask, dim=None, *, group=None):
+    if dim is not None or group is not None:
+        return reference.masked_mean(x, mask, dim, group=group)
+    return torch.ops.rlhf_fast.masked_mean(x, mask)
+
+
+def _whiten_cpp(x, mask, *, shift_mean=True, eps=1e-8, group=None):
+    if group is not None or _wants_grad(x):
+        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, group=group)
+    return torch.ops.rlhf_fast.masked_whiten(x, mask, bool(shift_mean), float(eps))
+
+
+def _gae_fake(rewards, values, mask, gamma, lam):
+    dt = out_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    return rewards.new_empty(rewards.shape, dtype=dt), rewards.new_empty(rewards.shape, dtype=dt)
+
+
+def _masked_mean_setup(ctx, inputs, output):
+    x, mask = inputs
+    ctx.save_for_backward(mask)
+    ctx.x_dtype = x.dtype
+
+
+def _masked_mean_backward(ctx, grad):
+    # masked_mean is a plain loss building block (entropy bonus, KL in the loss): d/dx = m / n
+    (mask,) = ctx.saved_tensors
+    m = mask.to(grad.dtype)
+    return (grad * m / m.sum().clamp(min=1)).to(ctx.x_dtype), None
+
+
+_native.register_meta_and_autograd("gae", _gae_fake)
+_native.register_meta_and_autograd(
+    "discounted_returns", lambda r, m, gamma: r.new_empty(r.shape, dtype=out_dtype(r.dtype)))
+_native.register_meta_and_autograd(
+    "group_advantages", lambda s, g, kind, norm, eps: s.new_empty(s.shape, dtype=out_dtype(s.dtype)))
+_native.register_meta_and_autograd(
+    "masked_mean", lambda x, m: x.new_empty((), dtype=out_dtype(x.dtype)), _masked_mean_backward, _masked_mean_setup)
+_native.register_meta_and_autograd(
+    "masked_whiten", lambda x, m, shift, eps: x.new_empty(x.shape, dtype=out_dtype(x.dtype)))
+
 _dispatch.register("gae", "torch", reference.gae)
 _dispatch.register("discounted_returns", "torch", reference.discounted_returns)
 _dispatch.register("group_advantages", "torch", reference.group_advantages)
 _dispatch.register("masked_mean", "torch", reference.masked_mean)
 _dispatch.register("masked_whiten", "torch", reference.masked_whiten)
+_dispatch.register("gae", "cpp", _gae_cpp)
+_dispatch.register("discounted_returns", "cpp", _returns_cpp)
+_dispatch.register("group_advantages", "cpp", _group_cpp)
+_dispatch.register("masked_mean", "cpp", _masked_mean_cpp)
+_dispatch.register("masked_whiten", "cpp", _whiten_cpp)

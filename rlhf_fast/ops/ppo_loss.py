@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate, reference
-from .reference import AGG_MODES
+from . import _dispatch, _native, _validate, reference
+from .reference import AGG_MODES, out_dtype
 
 
 def check_normalizer(normalizer) -> None:
@@ -22,6 +22,14 @@ def check_normalizer(normalizer) -> None:
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer > 0:
         raise ValueError(f"normalizer must be a positive number, a 1-element tensor or None, got {normalizer!r}")
+
+
+def _as_scalar(normalizer, like: torch.Tensor):
+    # a [1] or float64 tensor would broadcast the loss to [1] or promote its dtype: every
+    # backend sees a 0-dim tensor in the loss dtype
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.reshape(()).to(out_dtype(like.dtype))
+    return normalizer
 
 
 def ppo_policy_loss(
@@ -58,6 +66,7 @@ def ppo_policy_loss(
         raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
     _validate.choice("agg", agg, AGG_MODES)
     check_normalizer(normalizer)
+    normalizer = _as_scalar(normalizer, logp)
     return _dispatch.call("ppo_policy_loss", logp.device, logp, old_logp, advantages, mask, clip_low=clip_low,
                           clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer)
 
@@ -87,9 +96,77 @@ def ppo_value_loss(
     _validate.nonneg("clip", clip, allow_none=True)
     _validate.choice("agg", agg, AGG_MODES)
     check_normalizer(normalizer)
+    normalizer = _as_scalar(normalizer, values)
     return _dispatch.call("ppo_value_loss", values.device, values, old_values, returns, mask, clip=clip, agg=agg,
                           normalizer=normalizer)
 
 
+# ------------------------------------------------------------------ C++ CPU backend
+
+# entries of the stats tensors of the native ops (csrc/ops.cpp), in order
+POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
+VALUE_STATS = ("clip_frac", "values_mean")
+
+
+def _stats_dict(names, stats: torch.Tensor) -> dict:
+    stats = stats.detach()
+    return {n: stats[i] for i, n in enumerate(names)}
+
+
+def _normalizer(normalizer, like: torch.Tensor):
+    # a 0-dim tensor in the loss dtype; the count is a constant, never differentiated
+    norm = _native.as_normalizer(normalizer, like.new_empty((), dtype=out_dtype(like.dtype)))
+    return None if norm is None else norm.detach()
+
+
+def _policy_cpp(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
+                agg="token-mean", normalizer=None):
+    loss, stats = torch.ops.rlhf_fast.ppo_policy_loss_fwd(
+        logp, old_logp.detach(), advantages.detach(), mask, float(clip_low),
+        float(clip_low if clip_high is None else clip_high), None if dual_clip is None else float(dual_clip), agg,
+        _normalizer(normalizer, logp))
+    return loss, _stats_dict(POLICY_STATS, stats)
+
+
+def _value_cpp(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", normalizer=None):
+    loss, stats = torch.ops.rlhf_fast.ppo_value_loss_fwd(
+        values, old_values.detach(), returns.detach(), mask, None if clip is None else float(clip), agg,
+        _normalizer(normalizer, values))
+    return loss, _stats_dict(VALUE_STATS, stats)
+
+
+def _loss_fake(n_stats):
+    def fake(x, *args):
+        dt = out_dtype(x.dtype)
+        return x.new_empty((), dtype=dt), x.new_empty((n_stats,), dtype=dt)
+
+    return fake
+
+
+def _setup(ctx, inputs, output):
+    # inputs: the three [B, T] tensors and the mask, the float/str arguments, the normalizer
+    ctx.save_for_backward(*inputs[:4], inputs[-1])
+    ctx.args = inputs[4:-1]
+
+
+def _policy_backward(ctx, grad_loss, grad_stats):
+    logp, old_logp, advantages, mask, normalizer = ctx.saved_tensors
+    g = torch.ops.rlhf_fast.ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, *ctx.args, normalizer)
+    return (g,) + (None,) * 8
+
+
+def _value_backward(ctx, grad_loss, grad_stats):
+    values, old_values, returns, mask, normalizer = ctx.saved_tensors
+    g = torch.ops.rlhf_fast.ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, *ctx.args, normalizer)
+    return (g,) + (None,) * 6
+
+
+_native.register_meta_and_autograd("ppo_policy_loss_fwd", _loss_fake(len(POLICY_STATS)), _policy_backward, _setup)
+_native.register_meta_and_autograd("ppo_policy_loss_bwd", lambda g, lp, *args: torch.empty_like(lp))
+_native.register_meta_and_autograd("ppo_value_loss_fwd", _loss_fake(len(VALUE_STATS)), _value_backward, _setup)
+_native.register_meta_and_autograd("ppo_value_loss_bwd", lambda g, v, *args: torch.empty_like(v))
+
 _dispatch.register("ppo_policy_loss", "torch", reference.ppo_policy_loss)
 _dispatch.register("ppo_value_loss", "torch", reference.ppo_value_loss)
+_dispatch.register("ppo_policy_loss", "cpp", _policy_cpp)
+_dispatch.register("ppo_value_loss", "cpp", _value_cpp)

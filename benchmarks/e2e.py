@@ -1,0 +1,406 @@
+"""End-to-end step benchmark: one PPO step and one GRPO step, rlhf_fast against TRL.
+
+Both sides get the same tiny Llama-family policy (built from a config with the same seed,
+tokenizer trained locally), the same prompts, the same reward function and the same
+step configuration (prompts × group size, new tokens, epochs, mini-batch, learning rate,
+KL coefficient, clip ranges). A step = generation → per-token log-probs of the policy and
+the reference (and critic values for PPO) → rewards and advantages → the update.
+
+What "TRL" is here. TRL 1.x (1.16 in this venv) ships GRPOTrainer but no longer PPOTrainer,
+and its trainers run a whole ``train()`` loop through accelerate/datasets that cannot be
+split into phases. So the TRL side is the step those trainers perform, written with TRL's
+own utilities where TRL has them:
+
+* generation: ``model.generate`` with a ``GenerationConfig``, as GRPOTrainer does without
+  vLLM; the completion mask stops after the first EOS, as in GRPOTrainer;
+* log-probs: ``logits_to_keep`` forward and ``trl.trainer.utils.selective_log_softmax``
+  (GRPOTrainer._get_per_token_logps);
+* GRPO: group mean / std advantages and the clipped loss with the k3 KL term in the loss,
+  token-mean aggregation (GRPOTrainer._compute_loss, loss_type "bnpo");
+* PPO: the algorithm of TRL's last PPOTrainer (0.2x): k1 KL in the per-token reward, score
+  at the last token, GAE as a Python loop over time, whitened advantages, clipped policy
+  and value losses in one backward through a policy+value optimiser.
+
+Each (framework, algorithm) runs in a fresh subprocess: one warm-up step, then ``steps``
+timed steps (median per phase), and the extra peak RSS of one step (VmHWM after
+``/proc/self/clear_refs``). If rlhf_fast's trainer cannot run, its rows say so; no
+number is made up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .common import Table, fmt_bytes
+
+PROMPTS = ["count: 1 2 3", "list the digits:", "numbers please:", "go on: 4 5", "write 7 8 9:", "digits:",
+           "say 0 1:", "more numbers:"]
+PHASES = ("generate", "logprobs", "reward_adv", "update")
+
+
+def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
+    """The shared, checkable reward: the fraction of non-space characters that are digits."""
+    out = []
+    for c in completions:
+        chars = [ch for ch in c if not ch.isspace()]
+        out.append(sum(ch.isdigit() for ch in chars) / max(1, len(chars)))
+    return out
+
+
+@dataclass
+class E2EConfig:
+    """One step's configuration, shared by both frameworks.
+
+    The batch is ``prompts_per_step × group_size`` sequences of at most ``max_new_tokens``
+    new tokens; ``steps`` timed steps follow one warm-up step.
+    """
+
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_new_tokens: int = 32
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    epochs: int = 1
+    mini_batch_size: int = 16
+    lr: float = 1e-4
+    kl_coef: float = 0.05
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0
+    steps: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
+                  "num_heads", "epochs", "mini_batch_size", "steps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size must be divisible by num_heads, got {self.hidden_size}, {self.num_heads}")
+        if not (self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @classmethod
+    def quick(cls) -> "E2EConfig":
+        return cls(max_new_tokens=8, hidden_size=32, steps=1)
+
+
+def build_model(cfg: E2EConfig):
+    """The tiny policy and tokenizer both sides start from (same seed, same weights)."""
+    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+
+    texts = sample_texts(256, seed=cfg.seed) + PROMPTS + ["0 1 2 3 4 5 6 7 8 9"]
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    model = tiny_causal_lm(len(tok), family="llama", hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                           num_heads=cfg.num_heads, seed=cfg.seed, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- TRL side
+
+
+class TRLStep:
+    """The TRL-equivalent PPO or GRPO step (see the module docstring for what is TRL's own)."""
+
+    def __init__(self, cfg: E2EConfig, algo: str):
+        from transformers import GenerationConfig
+
+        self.cfg, self.algo = cfg, algo
+        self.model, self.tok = build_model(cfg)
+        self.model.train(False)
+        self.ref = copy.deepcopy(self.model).requires_grad_(False)
+        params = list(self.model.parameters())
+        self.critic = None
+        if algo == "ppo":
+            # TRL's PPO value model: the policy's backbone with a scalar score head
+            H = self.model.config.hidden_size
+            self.critic = torch.nn.ModuleDict({"backbone": copy.deepcopy(self.model.model),
+                                               "head": torch.nn.Linear(H, 1)})
+            params += list(self.critic.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr)
+        self.gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                        max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                        eos_token_id=self.tok.eos_token_id)
+        self.pos = 0
+
+    def _prompts(self) -> List[str]:
+        k = self.cfg.prompts_per_step
+        ps = [PROMPTS[(self.pos + i) % len(PROMPTS)] for i in range(k)]
+        self.pos += k
+        return [p for p in ps for _ in range(self.cfg.group_size)]  # RepeatSampler order
+
+    def _logps(self, model, ids, am, keep):
+        from trl.trainer.utils import selective_log_softmax
+
+        logits = model(input_ids=ids, attention_mask=am, logits_to_keep=keep + 1).logits
+        logits = logits[:, :-1, :][:, -keep:, :] / self.cfg.temperature
+        return selective_log_softmax(logits, ids[:, -keep:])  # [B, C]
+
+    def _values(self, ids, am, keep):
+        h = self.critic["backbone"](input_ids=ids, attention_mask=am).last_hidden_state
+        return self.critic["head"](h).squeeze(-1)[:, -keep - 1:-1]  # value of the state before each token
+
+    def step(self) -> Dict[str, float]:
+        cfg, tok = self.cfg, self.tok
+        t0 = time.perf_counter()
+        prompts = self._prompts()
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                      generation_config=self.gen_cfg)
+        P = enc.input_ids.shape[1]
+        comp = out[:, P:]
+        is_eos = comp == tok.eos_token_id
+        eos_idx = torch.full((comp.shape[0],), comp.shape[1], dtype=torch.long)
+        has = is_eos.any(1)
+        eos_idx[has] = is_eos.int().argmax(1)[has]
+        cmask = (torch.arange(comp.shape[1]).unsqueeze(0) <= eos_idx.unsqueeze(1)).long()  # [B, C]
+        am = torch.cat([enc.attention_mask, cmask], 1)
+        C = comp.shape[1]
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            old = self._logps(self.model, out, am, C)
+            ref = self._logps(self.ref, out, am, C)
+            values = self._values(out, am, C) if self.critic is not None else None
+        t2 = time.perf_counter()
+        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        scores = torch.tensor(digit_reward(prompts, texts), dtype=torch.float32)
+        m = cmask.float()
+        if self.algo == "grpo":
+            G = cfg.group_size
+            mean = scores.view(-1, G).mean(1).repeat_interleave(G)
+            std = scores.view(-1, G).std(1).repeat_interleave(G)
+            adv = ((scores - mean) / (std + 1e-4)).unsqueeze(1).expand_as(m)
+            returns = None
+        else:
+            kl = old - ref
+            rewards = -cfg.kl_coef * kl * m
+            last = (m.sum(1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(scores)), last] += scores
+            values = values * m
+            lastgaelam = torch.zeros(len(scores))
+            rev = []
+            for t in reversed(range(C)):  # TRL's PPO GAE loop
+                nextvalues = values[:, t + 1] if t < C - 1 else 0.0
+                delta = rewards[:, t] + cfg.gamma * nextvalues - values[:, t]
+                lastgaelam = delta + cfg.gamma * cfg.lam * lastgaelam
+                rev.append(lastgaelam)
+            adv = torch.stack(rev[::-1], 1)
+            returns = adv + values
+            mu = (adv * m).sum() / m.sum()
+            var = (((adv - mu) ** 2) * m).sum() / (m.sum() - 1).clamp(min=1)
+            adv = (adv - mu) * torch.rsqrt(var + 1e-8) * m  # masked_whiten
+        t3 = time.perf_counter()
+        B = out.shape[0]
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(B)
+            for s in range(0, B, cfg.mini_batch_size):
+                i = perm[s:s + cfg.mini_batch_size]
+                logp = self._logps(self.model, out[i], am[i], C)
+                mi = m[i]
+                ratio = torch.exp(logp - old[i])
+                l1 = -adv[i] * ratio
+                l2 = -adv[i] * torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip)
+                tok_loss = torch.maximum(l1, l2)
+                if self.algo == "grpo":
+                    d = ref[i] - logp
+                    tok_loss = tok_loss + cfg.kl_coef * (torch.exp(d) - d - 1)
+                loss = (tok_loss * mi).sum() / mi.sum().clamp(min=1)
+                if self.algo == "ppo":
+                    v = self._values(out[i], am[i], C)
+                    vc = torch.clamp(v, values[i] - cfg.value_clip, values[i] + cfg.value_clip)
+                    vf = 0.5 * (torch.maximum((v - returns[i]) ** 2, (vc - returns[i]) ** 2) * mi).sum() / mi.sum()
+                    loss = loss + cfg.value_coef * vf
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        return dict(generate=t1 - t0, logprobs=t2 - t1, reward_adv=t3 - t2, update=t4 - t3, step=t4 - t0,
+                    tokens=float(m.sum()), reward=float(scores.mean()))
+
+
+# --------------------------------------------------------------------------- rlhf_fast side
+
+
+class RLHFFastStep:
+    """rlhf_fast's RLTrainer.step() on the same model, prompts, reward and configuration."""
+
+    def __init__(self, cfg: E2EConfig, algo: str):
+        from rlhf_fast.trainers.rl import RLTrainer
+        from rlhf_fast.trainers.rl_config import (DataConfig, KLConfig, OptimConfig, PPOConfig, RLConfig,
+                                                  RolloutConfig)
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        ppo = algo == "ppo"
+        rl_cfg = RLConfig(
+            estimator="gae" if ppo else "grpo", steps=cfg.steps + 1, seed=cfg.seed, device="cpu", progress=False,
+            sample_every=0,
+            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            kl=KLConfig(coef=cfg.kl_coef, placement="reward" if ppo else "loss", kind="k1" if ppo else "k3"),
+            ppo=PPOConfig(epochs=cfg.epochs, mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.mini_batch_size,
+                          clip_low=cfg.clip, value_clip=cfg.value_clip, value_coef=cfg.value_coef, gamma=cfg.gamma,
+                          lam=cfg.lam, whiten_advantages=ppo, max_grad_norm=1.0),
+            optim=OptimConfig(lr=cfg.lr, critic_lr=cfg.lr),
+        )
+        self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
+
+    def step(self) -> Dict[str, float]:
+        t0 = time.perf_counter()
+        m = self.trainer.step()
+        step = time.perf_counter() - t0
+        gen, lp, upd = m.get("time/generate", 0.0), m.get("time/logprobs", 0.0), m.get("time/update", 0.0)
+        n = self.cfg.batch_size - m.get("reward/dropped", 0)
+        return dict(generate=gen, logprobs=lp, reward_adv=max(0.0, step - gen - lp - upd), update=upd, step=step,
+                    tokens=float(m.get("response_length/mean", 0.0)) * n, reward=float(m.get("reward/total", 0.0)))
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
+    """Run one side in this process: warm-up, ``cfg.steps`` timed steps, median per phase,
+    tokens/s, and the extra peak RSS of the last step (bytes; None where not measurable)."""
+    torch.manual_seed(cfg.seed)
+    maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
+    runner = maker(cfg, algo)
+    runner.step()  # warm-up
+    recs = []
+    peak = None
+    for k in range(cfg.steps):
+        last = k == cfg.steps - 1
+        if last:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                before = _status_kb("VmRSS")
+            except OSError:
+                before = None
+        recs.append(runner.step())
+        if last and before is not None:
+            peak = max(0, _status_kb("VmHWM") - before) * 1024
+    med = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
+    med["tokens_per_s"] = statistics.median(r["tokens"] / r["step"] for r in recs)
+    med["extra_peak_bytes"] = peak
+    med["rss_bytes"] = _status_kb("VmHWM") * 1024
+    return med
+
+
+def _subprocess(framework: str, algo: str, cfg: E2EConfig, timeout_s: float) -> Dict[str, object]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, "-m", "rlhf_fast.benchmarks.e2e", "--framework", framework, "--algo", algo,
+           "--config", json.dumps(asdict(cfg)), "--threads", str(torch.get_num_threads())]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if res.returncode != 0:
+        tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeError(tail[-1] if tail else f"exit code {res.returncode}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
+              timeout_s: float = 600.0) -> Table:
+    """PPO and GRPO steps, rlhf_fast vs TRL; one row per (algo, framework) and a ratio row."""
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu' for the e2e benchmark in this version, got {device!r}")
+    cfg = cfg or (E2EConfig.quick() if quick else E2EConfig())
+    table = Table(
+        f"one RL step on a tiny Llama (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
+        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {torch.get_num_threads()} CPU threads",
+        ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
+         "extra_peak", "note"],
+    )
+    for algo in ("ppo", "grpo"):
+        got = {}
+        for fw in ("trl", "rlhf_fast"):
+            row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else "TRL-equivalent (trl utils)")
+            try:
+                r = _subprocess(fw, algo, cfg, timeout_s)
+            except Exception as e:
+                what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
+                row["note"] = f"{what}: {str(e)[:200]}"
+                table.rows.append(row)
+                continue
+            got[fw] = r
+            row.update({f"{p}_s": r[p] for p in PHASES}, step_s=r["step"], tokens_per_s=r["tokens_per_s"],
+                       extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"])
+            table.rows.append(row)
+        if len(got) == 2:
+            a, b = got["trl"], got["rlhf_fast"]
+            ratio = {f"{p}_s": (a[p] / b[p] if b[p] > 0 else None) for p in PHASES}
+            mem = (a["extra_peak_bytes"] / max(b["extra_peak_bytes"], 4096)
+                   if a["extra_peak_bytes"] is not None and b["extra_peak_bytes"] is not None else None)
+            table.rows.append(dict(algo=algo, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
+                                   tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
+                                   extra_peak=f"{mem:.2f}×" if mem is not None else None,
+                                   note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
+    table.notes += [
+        "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
+        "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
+        "median over timed steps after one warm-up; each framework in a fresh subprocess; extra_peak = peak RSS "
+        "of one step above the RSS before it",
+        "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with "
+        "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py)",
+        "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
+    ]
+    return table
+
+
+def main(quick: bool = False) -> Table:
+    """Run the suite and print its table."""
+    t = run_suite(quick=quick)
+    print(t.markdown())
+    return t
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="one PPO / GRPO step, rlhf_fast vs TRL")
+    p.add_argument("--framework", choices=("trl", "rlhf_fast"))
+    p.add_argument("--algo", choices=("ppo", "grpo"))
+    p.add_argument("--config", default=None, help="E2EConfig as JSON")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.framework is None:
+        main(quick=a.quick)
+    else:
+        known = {f.name for f in fields(E2EConfig)}
+        c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})
+        print(json.dumps(measure(a.framework, a.algo, c)))

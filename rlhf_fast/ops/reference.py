@@ -58,8 +58,9 @@ def token_logprobs(
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    # p·log p is 0 where p is 0 (logits of -inf), never NaN.
-    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+    # p·log p is 0 where p is 0 (logits of -inf), never NaN; log p is masked before the
+    # product so that the backward does not form 0·(-inf) either.
+    plogp = p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))
     entropy = -plogp.sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy

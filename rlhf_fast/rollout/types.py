@@ -1,0 +1,146 @@
+"""Rollout records and the engine interface: SamplingParams, RolloutBatch, RolloutEngine.
+
+An engine turns prompts into a :class:`RolloutBatch` whose tensors are laid out the way the
+trainers consume them (every ``[B, P+R]`` tensor aligned to ``input_ids`` positions, the
+convention of :func:`rlhf_fast.models.sequence_logprobs`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
+
+
+@dataclass
+class SamplingParams:
+    """How to sample responses.
+
+    temperature: 0 is greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off (order of the
+    filters as in :func:`rlhf_fast.ops.sample`). n: samples per prompt (one shared prefill).
+    stop_token_ids: extra stop tokens (the tokenizer's eos always stops unless ignore_eos).
+    stop_strings: generation of a row stops at the token that completes one of them (the
+    token and the string stay in the response). seed: seeds the sampling generator.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_new_tokens: int = 32
+    n: int = 1
+    stop_token_ids: Tuple[int, ...] = ()
+    stop_strings: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if isinstance(self.stop_token_ids, int) or isinstance(self.stop_strings, str):
+            raise TypeError("stop_token_ids and stop_strings must be sequences (e.g. a tuple), not a single value")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_strings = tuple(self.stop_strings)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+
+@dataclass
+class RolloutBatch:
+    """One batch of rollouts, B = number of prompts × n.
+
+    input_ids: ``[B, P+R]`` int64 — left-padded prompts (width P) followed by right-padded
+    responses (width R, the longest response).
+    attention_mask: ``[B, P+R]`` int64 — 1 on real prompt and response tokens.
+    response_mask: ``[B, P+R]`` int64 — 1 on generated tokens, the stop token included.
+    behaviour_logp: ``[B, P+R]`` float32 — log-prob of each generated token under the
+    processed sampling distribution when it was drawn, at its position; 0 elsewhere (and 0
+    for greedy decoding).
+    prompt_texts / response_texts: ``list[str]`` of length B (each prompt repeated n times
+    consecutively; responses decoded without special tokens).
+    group_index: ``[B]`` int64 — which prompt each row answers.
+    num_generated_tokens: response tokens in the batch; tokens_per_second: that over the
+    wall time of the generate call. prompt_length: P. finish_reasons: per row "stop"
+    (eos / stop token / stop string) or "length".
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    behaviour_logp: torch.Tensor
+    prompt_texts: List[str]
+    response_texts: List[str]
+    group_index: torch.Tensor
+    num_generated_tokens: int
+    tokens_per_second: float
+    prompt_length: int = 0
+    finish_reasons: List[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """``[B, R]`` the response part of input_ids (padded with the pad id)."""
+        return self.input_ids[:, self.prompt_length:]
+
+    def to(self, device) -> "RolloutBatch":
+        """A copy with every tensor moved to ``device``."""
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return RolloutBatch(**kw)
+
+
+class RolloutEngine(abc.ABC):
+    """Turns prompts into a :class:`RolloutBatch`. Backends: :class:`HFRolloutEngine`
+    (transformers + rlhf_fast.ops.sample); a vLLM engine can implement the same interface."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Prompts, params: SamplingParams) -> RolloutBatch:
+        """Sample ``params.n`` responses for each prompt (texts, or lists of token ids)."""
+
+    def greedy(self, prompts: Prompts, max_new_tokens: int = 32, **kwargs) -> RolloutBatch:
+        """Greedy decoding (temperature 0), one response per prompt."""
+        return self.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, **kwargs))
+
+    def update_weights(self, model) -> None:  # pragma: no cover - engines sharing the module need nothing
+        """Called by trainers after an optimiser step; engines holding a copy resync here."""
+
+
+def logprob_gap(behaviour_logp: torch.Tensor, recomputed_logp: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    """How far the trainer's recomputed log-probs drift from the sampler's.
+
+    All ``[B, T]``. Returns ``{"mean": mean |Δ|, "max": max |Δ|}`` over response tokens as
+    0-dim float32 tensors (no host sync); 0 when the mask is empty.
+    """
+    for name, t in (("behaviour_logp", behaviour_logp), ("recomputed_logp", recomputed_logp),
+                    ("response_mask", response_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(behaviour_logp.shape):
+            raise ValueError(f"{name} must have shape {tuple(behaviour_logp.shape)}, got {tuple(t.shape)}")
+    m = response_mask.bool()
+    d = (behaviour_logp.float() - recomputed_logp.float()).abs() * m
+    count = m.sum().clamp(min=1)
+    return {"mean": d.sum() / count, "max": d.max() if d.numel() else d.new_zeros(())}
+
+
+__all__ = ["SamplingParams", "RolloutBatch", "RolloutEngine", "logprob_gap", "Prompts"]

@@ -1,0 +1,176 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rlhf_fast.models import sample_texts, sequence_logprobs, tiny_causal_lm, train_tokenizer  # noqa: E402
+from rlhf_fast.rollout import HFRolloutEngine, RolloutBatch, SamplingParams, logprob_gap  # noqa: E402
+
+PROMPTS = ["hello world", "the cat sat on the", "one", "what is two and three"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(sample_texts(), 256)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_causal_lm(len(tok), seed=0)
+
+
+def _hf_responses(model, tok, prompts, **gen_kwargs):
+    """The oracle: transformers' own generate, responses cut after eos."""
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        seqs = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **gen_kwargs)
+    out = []
+    for row in seqs[:, enc["input_ids"].shape[1]:].tolist():
+        out.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+    return out
+
+
+def _responses(batch: RolloutBatch):
+    return [r[m.bool()].tolist() for r, m in zip(batch.response_ids, batch.response_mask[:, batch.prompt_length:])]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_equals_hf_generate(tok, family):
+    model = tiny_causal_lm(len(tok), family=family, seed=1)
+    engine = HFRolloutEngine(model, tok)
+    batch = engine.greedy(PROMPTS, max_new_tokens=12)
+    assert _responses(batch) == _hf_responses(model, tok, PROMPTS, do_sample=False, max_new_tokens=12)
+    assert batch.input_ids.shape[0] == len(PROMPTS) and batch.tokens_per_second > 0
+
+
+def test_beam_search_equals_hf_generate(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    batch = engine.beam_search(PROMPTS, num_beams=3, max_new_tokens=8)
+    assert _responses(batch) == _hf_responses(model, tok, PROMPTS, do_sample=False, num_beams=3, max_new_tokens=8)
+
+
+def test_batch_layout(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=3, seed=0)
+    b = engine.generate(PROMPTS, params)
+    B = len(PROMPTS) * 3
+    P = b.prompt_length
+    assert b.input_ids.shape == b.attention_mask.shape == b.response_mask.shape == b.behaviour_logp.shape
+    assert b.input_ids.shape[0] == B and b.behaviour_logp.dtype == torch.float32
+    assert b.prompt_texts == [p for p in PROMPTS for _ in range(3)]
+    assert b.group_index.tolist() == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    # prompts left-padded, responses right-padded
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    assert torch.equal(b.input_ids[::3, :P], enc["input_ids"]) and torch.equal(b.attention_mask[::3, :P],
+                                                                              enc["attention_mask"])
+    rm = b.response_mask[:, P:]
+    assert (rm[:, 1:] <= rm[:, :-1]).all() and (rm[:, 0] == 1).all()
+    assert b.response_mask[:, :P].sum() == 0 and torch.equal(b.attention_mask[:, P:], rm)
+    assert (b.behaviour_logp[b.response_mask == 0] == 0).all() and (b.behaviour_logp[b.response_mask == 1] < 0).all()
+    assert b.num_generated_tokens == int(rm.sum())
+    assert b.response_texts == tok.batch_decode(_responses(b), skip_special_tokens=True)
+    # seeded: reproducible
+    again = engine.generate(PROMPTS, params)
+    assert torch.equal(again.input_ids, b.input_ids)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logp_equals_fresh_forward(tok, model, temperature, packed):
+    engine = HFRolloutEngine(model, tok)
+    b = engine.generate(PROMPTS, SamplingParams(temperature=temperature, max_new_tokens=10, n=2, seed=1))
+    with torch.no_grad():
+        lp = sequence_logprobs(model, b.input_ids, b.attention_mask, response_mask=b.response_mask,
+                               temperature=temperature, packed=packed)
+    torch.testing.assert_close(lp, b.behaviour_logp, rtol=1e-4, atol=1e-4)
+    gap = logprob_gap(b.behaviour_logp, lp, b.response_mask)
+    assert float(gap["max"]) < 1e-4 and float(gap["mean"]) <= float(gap["max"])
+
+
+def test_n_samples_share_one_prefill(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        b = engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, n=4, seed=0, ignore_eos=True))
+    finally:
+        hook.remove()
+    P = b.prompt_length
+    assert seen[0] == (len(PROMPTS), P)  # one prefill over the distinct prompts
+    assert all(s == (len(PROMPTS) * 4, 1) for s in seen[1:])  # then one token per row per step
+    assert len(seen) == 4  # the last sampled token needs no forward
+    # the 4 samples of a prompt are not copies of each other
+    r = b.response_ids.reshape(len(PROMPTS), 4, -1)
+    assert any(not torch.equal(r[i, 0], r[i, j]) for i in range(len(PROMPTS)) for j in range(1, 4))
+
+
+def test_stop_strings_and_stop_tokens(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, seed=3, ignore_eos=True))
+    # pick a stop string that the free run produces mid-response in row 0
+    resp0 = _responses(free)[0]
+    piece = tok.decode(resp0[4:6])
+    cut = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, seed=3, ignore_eos=True, stop_strings=(piece,)))
+    r0 = _responses(cut)[0]
+    text0 = tok.decode(r0)
+    assert piece in text0 and piece not in tok.decode(r0[:-1])  # stops at the completing token
+    assert r0 == resp0[: len(r0)] and len(r0) <= 6
+    assert cut.finish_reasons[0] == "stop"
+    # a stop token id: the row ends with it
+    stop_id = resp0[2]
+    st = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, seed=3, ignore_eos=True, stop_token_ids=(stop_id,)))
+    r0 = _responses(st)[0]
+    assert r0 == resp0[: resp0.index(stop_id) + 1]
+
+
+def test_token_id_prompts_and_top_k(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    a = engine.generate(ids, SamplingParams(max_new_tokens=5, top_k=5, top_p=0.9, seed=4))
+    b = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5, top_k=5, top_p=0.9, seed=4))
+    assert torch.equal(a.input_ids, b.input_ids)
+    # every sampled token lies in the top-5 of the recomputed distribution
+    with torch.no_grad():
+        logits = model(input_ids=a.input_ids, attention_mask=a.attention_mask,
+                       position_ids=(a.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    top5 = logits[:, :-1].topk(5, -1).indices
+    m = a.response_mask[:, 1:].bool()
+    assert (top5 == a.input_ids[:, 1:, None]).any(-1)[m].all()
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="n must"):
+        SamplingParams(n=0)
+    with pytest.raises(TypeError, match="stop_strings"):
+        SamplingParams(stop_strings="x")
+    with pytest.raises(ValueError, match="stop_strings"):
+        SamplingParams(stop_strings=("",))
+
+
+def test_engine_bad_input(tok, model):
+    engine = HFRolloutEngine(model, tok)
+    with pytest.raises(TypeError, match="prompts"):
+        engine.generate("hello", SamplingParams())
+    with pytest.raises(TypeError, match="prompts"):
+        engine.generate(["a", [1, 2]], SamplingParams())
+    with pytest.raises(TypeError, match="params"):
+        engine.generate(["a"], {"temperature": 1.0})
+
+
+def test_logprob_gap():
+    a = torch.tensor([[0.0, -1.0, -2.0]])
+    b = torch.tensor([[5.0, -1.5, -2.0]])
+    m = torch.tensor([[0, 1, 1]])
+    g = logprob_gap(a, b, m)
+    assert float(g["mean"]) == pytest.approx(0.25) and float(g["max"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="recomputed_logp"):
+        logprob_gap(a, b[:, :2], m)

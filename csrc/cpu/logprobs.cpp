@@ -57,8 +57,8 @@ constexpr acc_t neg_inf() {
 // One row: returns lse of z = x / T and, when `want_ent`, H = lse - E_p[z], computed as
 // log s - Σ e^(z-m)(z-m) / s so that logits of ±1e4 lose no digits to cancellation.
 template <typename in_t, typename acc_t>
-void row_fwd(const in_t* x, int64_t V, acc_t inv_t, bool scale, bool want_ent, acc_t* zbuf, acc_t& lse_out,
-             acc_t& ent_out) {
+void row_fwd(const in_t* x, int64_t V, acc_t inv_t, bool scale, bool want_ent, acc_t* zbuf, acc_t& max_out,
+             acc_t& log_s_out, acc_t& ent_out) {
   acc_t m = neg_inf<acc_t>();
   acc_t s = 0;  // Σ e^(z - m)
   acc_t t = 0;  // Σ e^(z - m)·(z - m)
@@ -108,7 +108,8 @@ void row_fwd(const in_t* x, int64_t V, acc_t inv_t, bool scale, bool want_ent, a
     t += bt;
   }
   const acc_t log_s = std::log(s);
-  lse_out = m + log_s;
+  max_out = m;
+  log_s_out = log_s;
   ent_out = want_ent ? log_s - t / s : acc_t(0);
 }
 
@@ -123,9 +124,9 @@ void fwd_impl(const in_t* x, const int64_t* labels, int64_t N, int64_t V, double
     std::vector<acc_t> zbuf(static_cast<size_t>(std::min(kBlock, V)));
     for (int64_t r = r0; r < r1; ++r) {
       const in_t* row = x + r * V;
-      acc_t l, h;
-      row_fwd<in_t, acc_t>(row, V, inv_t, scale, want_ent, zbuf.data(), l, h);
-      lse[r] = l;
+      acc_t m, log_s, h;
+      row_fwd<in_t, acc_t>(row, V, inv_t, scale, want_ent, zbuf.data(), m, log_s, h);
+      lse[r] = m + log_s;
       const int64_t y = labels[r];
       if (y == ignore_index) {
         logp[r] = 0;
@@ -133,7 +134,9 @@ void fwd_impl(const in_t* x, const int64_t* labels, int64_t N, int64_t V, double
         continue;
       }
       const acc_t zy = scale ? static_cast<acc_t>(row[y]) * inv_t : static_cast<acc_t>(row[y]);
-      logp[r] = zy - l;
+      // (z - m) - log s as log_softmax does: exact for the likely tokens, where rounding
+      // m + log s to the magnitude of the logits would cost up to one ulp of lse
+      logp[r] = (zy - m) - log_s;
       if (want_ent) ent[r] = h;
     }
   });

@@ -1,0 +1,235 @@
+"""token_logprobs on every live CPU backend against the reference (and an fp64 oracle):
+forward and backward, awkward vocabularies, temperature, ignore_index, extreme logits,
+torch.compile, opcheck, memory and argument validation."""
+
+import pytest
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.ops import reference
+
+from .conftest import live_cpu_backends
+
+BACKENDS = live_cpu_backends()
+needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="rlhf_fast._C not built")
+
+
+def _inputs(shape, V, dtype, seed=0, scale=3.0, n_ignore=1):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, V, generator=g) * scale).to(dtype)
+    labels = torch.randint(0, V, shape, generator=g)
+    flat = labels.view(-1)
+    if n_ignore and flat.numel() > 1:
+        flat[torch.randperm(flat.numel(), generator=g)[:n_ignore]] = -100
+    return logits, labels
+
+
+def _oracle(logits, labels, temperature, entropy, grads):
+    """fp64 reference on the same values (exact inputs), forward outputs and input gradient.
+    -inf logits are replaced by -1e30: the same distribution, but the reference's entropy
+    backward stays finite (it computes 0·(-inf) there)."""
+    x = logits.detach().double().masked_fill(torch.isneginf(logits), -1e30).requires_grad_()
+    out = reference.token_logprobs(x, labels, temperature=temperature, return_entropy=entropy)
+    outs = out if entropy else (out,)
+    (gx,) = torch.autograd.grad(sum((o * g.double()).sum() for o, g in zip(outs, grads)), x)
+    return [o.detach() for o in outs], gx
+
+
+def _run(backend, logits, labels, temperature, entropy, grads):
+    x = logits.detach().clone().requires_grad_()
+    with ops.use_backend(backend):
+        out = ops.token_logprobs(x, labels, temperature=temperature, return_entropy=entropy)
+    outs = out if entropy else (out,)
+    (gx,) = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, grads)), x)
+    return [o.detach() for o in outs], gx
+
+
+def _assert_near_oracle(ours, torch_low, oracle, atol, what):
+    """Error against the fp64 oracle at most twice PyTorch's own (the reference at the same
+    precision), plus atol."""
+    err = (ours.double() - oracle).abs().max().item()
+    base = (torch_low.double() - oracle).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} vs reference's {base:.3g} (atol {atol})"
+
+
+def _check(backend, logits, labels, temperature, entropy, atol_out, atol_grad):
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(labels.shape, generator=g) for _ in range(2 if entropy else 1)]
+    outs, gx = _run(backend, logits, labels, temperature, entropy, grads)
+    ref_outs, ref_gx = (outs, gx) if backend == "torch" else _run("torch", logits, labels, temperature, entropy, grads)
+    ora_outs, ora_gx = _oracle(logits, labels, temperature, entropy, grads)
+    for o, r, a, name in zip(outs, ref_outs, ora_outs, ("logp", "entropy")):
+        assert o.shape == labels.shape and o.dtype == reference.out_dtype(logits.dtype), name
+        assert torch.isfinite(o).all(), name
+        _assert_near_oracle(o, r, a, atol_out, name)
+        # ignore_index positions give exactly 0
+        assert (o[labels == -100] == 0).all(), name
+    assert gx.dtype == logits.dtype and gx.shape == logits.shape
+    assert torch.isfinite(gx).all()
+    ref_gx = torch.where(torch.isfinite(ref_gx), ref_gx, ora_gx.to(ref_gx.dtype))
+    # Native backwards recompute p = exp(z - lse) from the saved lse, an fp32 number as large
+    # as the logits: log p then carries up to ~1 ulp of |lse| that log_softmax's (z - m) - log s
+    # does not, so the gradient may be off by about p·eps·|lse|·|g|/T more than the reference.
+    acc = reference.out_dtype(logits.dtype)
+    if acc == torch.float32:
+        z = logits.double().masked_fill(torch.isneginf(logits), -1e30) / temperature
+        lse = torch.logsumexp(z, -1).abs().max().item()
+        g = max(t.abs().max().item() for t in grads)
+        atol_grad = max(atol_grad, 2 * torch.finfo(acc).eps * lse * g / temperature)
+    _assert_near_oracle(gx, ref_gx, ora_gx, atol_grad, "grad_logits")
+    assert (gx[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [2, 37, 4099])
+@pytest.mark.parametrize("shape", [(2, 1), (2, 3)])  # [B, T=1], [B, T]
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference(backend, dtype, V, shape, entropy, temperature):
+    logits, labels = _inputs(shape, V, dtype, seed=V)
+    _check(backend, logits, labels, temperature, entropy, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [129920, 151936])
+def test_large_vocab(backend, dtype, V):
+    logits, labels = _inputs((2,), V, dtype, seed=V, scale=5.0)
+    _check(backend, logits, labels, 0.7, True, 1e-4, 1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_extreme_logits(backend, dtype, entropy):
+    logits, labels = _inputs((4,), 4099, dtype, seed=3, n_ignore=0)
+    logits[0, :7] = 1e4  # a few huge logits: the rest have p = 0 in fp32
+    logits[0, 100:110] = -1e4
+    logits[1, ::2] = float("-inf")  # half the vocabulary impossible
+    logits[2, :] = -1e4
+    logits[2, 5] = 1e4  # one-hot distribution, entropy 0
+    logits[3, 1:] = float("-inf")
+    labels[0], labels[1], labels[2], labels[3] = 3, 1, 5, 0  # labels on reachable tokens
+    _check(backend, logits, labels, 1.0, entropy, 1e-4, 1e-6)
+    _check(backend, logits, labels, 0.7, entropy, 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gradcheck(backend, entropy, temperature):
+    logits, labels = _inputs((2, 3), 11, torch.float64, seed=7)
+    logits.requires_grad_()
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x: ops.token_logprobs(x, labels, temperature=temperature, return_entropy=entropy), (logits,)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_requested_but_unused(backend):
+    # only logp feeds the loss: the entropy output gets no (or a zero) gradient
+    logits, labels = _inputs((2, 4), 37, torch.float32, seed=5)
+    x = logits.clone().requires_grad_()
+    with ops.use_backend(backend):
+        logp, _ = ops.token_logprobs(x, labels, return_entropy=True)
+    logp.sum().backward()
+    y = logits.clone().requires_grad_()
+    reference.token_logprobs(y, labels).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    logits, labels = _inputs((2, 3), 37, torch.float32, seed=9)
+
+    def loss(x, y):
+        lp, ent = ops.token_logprobs(x, y, temperature=0.7, return_entropy=True)
+        return lp.sum() + 0.1 * ent.sum()
+
+    with ops.use_backend(backend):
+        f = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        x = logits.clone().requires_grad_()
+        out = f(x, labels)
+        out.backward()
+    y = logits.clone().requires_grad_()
+    lp, ent = reference.token_logprobs(y, labels, temperature=0.7, return_entropy=True)
+    exp = lp.sum() + 0.1 * ent.sum()
+    exp.backward()
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_opcheck(dtype, entropy):
+    logits, labels = _inputs((6,), 13, dtype, seed=11)
+    fwd = torch.ops.rlhf_fast.token_logprobs_fwd.default
+    torch.library.opcheck(fwd, (logits.clone().requires_grad_(), labels, 0.7, entropy, -100))
+    logp, ent, lse = fwd(logits, labels, 0.7, entropy, -100)
+    gl = torch.randn_like(logp)
+    ge = torch.randn_like(ent) if entropy else None
+    torch.library.opcheck(torch.ops.rlhf_fast.token_logprobs_bwd.default,
+                          (gl, ge, logits, labels, lse, ent, 0.7, -100))
+
+
+def _memory(fn):
+    """(peak live bytes, largest single allocation) of the tensors ``fn`` allocates, from
+    the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    cur = peak = big = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        name = getattr(action, "name", str(action))
+        if name == "CREATE":
+            cur += size
+            big = max(big, size)
+        elif name == "DESTROY":
+            cur -= size
+        peak = max(peak, cur)
+    return peak, big
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_has_no_rowwise_fp32_temporary(dtype):
+    N, V = 64, 32000
+    logits, labels = _inputs((N,), V, dtype, seed=13)
+    nv_fp32 = N * V * 4
+    # the measurement sees the reference's [N, V] temporaries (so it can fail) ...
+    ref_peak, ref_big = _memory(lambda: reference.token_logprobs(logits, labels, return_entropy=True))
+    assert ref_big >= nv_fp32
+    # ... and the native forward allocates only the [N] outputs
+    with ops.use_backend("cpp"):
+        peak, big = _memory(lambda: ops.token_logprobs(logits, labels, return_entropy=True))
+    assert big <= N * 8, f"largest allocation {big} B"
+    assert peak <= 3 * N * 8, f"peak {peak} B"
+
+
+def test_bad_input():
+    x = torch.randn(2, 3, 5)
+    y = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels"):
+        ops.token_logprobs(x, torch.full((2, 3), 5))
+    with pytest.raises(ValueError, match="labels"):
+        ops.token_logprobs(x, torch.full((2, 3), -1))
+    with pytest.raises(ValueError, match="labels"):
+        ops.token_logprobs(x, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="logits"):
+        ops.token_logprobs(torch.zeros(2, 3, 5, dtype=torch.long), y)
+    with pytest.raises(TypeError, match="labels"):
+        ops.token_logprobs(x, y.float())
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.token_logprobs(x, y, temperature=t)
+
+
+@needs_cpp
+def test_native_op_rejects_out_of_range_labels():
+    # the kernel indexes rows by label, so the op itself refuses bad labels too
+    with pytest.raises(ValueError, match="labels"):
+        torch.ops.rlhf_fast.token_logprobs_fwd(torch.randn(2, 5), torch.tensor([0, 7]), 1.0, False, -100)

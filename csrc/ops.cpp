@@ -65,4 +65,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
 
   // ---- CUDA-only ops (csrc/cuda/*.cu) -----------------------------------
   // (schemas of ops that only the CUDA backend implements go here)
+  // sample with in-kernel Philox4x32-10 (key = seed, counter = (vocab index, row, offset)):
+  // Gumbel-max; seed/offset come from the torch CUDA generator on the host (no device sync).
+  m.def("sample_philox(Tensor logits, int seed, int offset, float temperature, int top_k, float top_p, float min_p) -> (Tensor, Tensor)");
 }

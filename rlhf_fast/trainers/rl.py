@@ -112,6 +112,15 @@ def _token_normalizer(mask: torch.Tensor, agg: str):
     return float(mask.numel())  # seq-mean-token-sum-norm
 
 
+class _StateDictOnly(torch.nn.Module):
+    """Checkpoints a module through its state_dict (safetensors), not its own save_pretrained
+    (ValueModel's save_pretrained writes a layout the checkpoint loader does not read back)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
 class RLTrainer:
     """RL fine-tuning of a causal LM; the estimator (``config.estimator``) picks the algorithm:
     ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++`` without one.
@@ -551,7 +560,8 @@ class RLTrainer:
         opts = {"policy": self.optimizer}
         scheds = {"policy": self.scheduler}
         if self.critic is not None:
-            models["critic"], opts["critic"], scheds["critic"] = self.critic, self.critic_optimizer, self.critic_scheduler
+            models["critic"] = _StateDictOnly(self.critic)
+            opts["critic"], scheds["critic"] = self.critic_optimizer, self.critic_scheduler
         return models, opts, scheds
 
     def save(self) -> str:

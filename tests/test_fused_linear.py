@@ -1,0 +1,313 @@
+"""fused_linear_logprobs and fused_linear_policy_loss on every live CPU backend against the
+reference (and an fp64 oracle): forward, gradients to hidden/weight/bias, chunking,
+torch.compile, opcheck, memory (one chunk of logits) and argument validation."""
+
+import pytest
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.ops import reference
+
+from .conftest import live_cpu_backends
+
+BACKENDS = live_cpu_backends()
+needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="rlhf_fast._C not built")
+
+
+def _head(N, H, V, dtype, seed=0, bias=True, n_ignore=1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / H**0.5)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    if n_ignore and N > 1:
+        labels[torch.randperm(N, generator=g)[:n_ignore]] = -100
+    return hidden, weight, b, labels
+
+
+def _run(backend, hidden, weight, bias, labels, grads, **kw):
+    """Outputs and gradients (hidden, weight, bias) of sum(out_i · grads_i); ``backend=None``
+    runs the reference in fp64 on the same values (the oracle)."""
+    leaves = [t.detach().clone() for t in (hidden, weight, bias) if t is not None]
+    if backend is None:
+        leaves = [t.double() for t in leaves]
+    leaves = [t.requires_grad_() for t in leaves]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bias is not None else None
+    if backend is None:
+        out = reference.fused_linear_logprobs(h, w, labels, bias=b, **kw)
+    else:
+        with ops.use_backend(backend):
+            out = ops.fused_linear_logprobs(h, w, labels, bias=b, **kw)
+    outs = out if kw.get("return_entropy") else (out,)
+    loss = sum((o * gr.to(o.dtype)).sum() for o, gr in zip(outs, grads))
+    gs = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], list(gs)
+
+
+def _near(ours, ref, oracle, atol, what, rtol=0.0):
+    """Error against the fp64 oracle at most twice the reference's own, plus atol (and rtol of
+    the oracle, for low-precision outputs whose rounding differs element by element)."""
+    err = ((ours.double() - oracle).abs() - rtol * oracle.abs()).max().item()
+    base = (ref.double() - oracle).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} vs reference's {base:.3g} (atol {atol}, rtol {rtol})"
+
+
+def _check(backend, hidden, weight, bias, labels, atol_out, atol_grad, **kw):
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(labels.shape, generator=g) for _ in range(2 if kw.get("return_entropy") else 1)]
+    outs, gs = _run(backend, hidden, weight, bias, labels, grads, **kw)
+    ref_outs, ref_gs = (outs, gs) if backend == "torch" else _run("torch", hidden, weight, bias, labels, grads, **kw)
+    ora_outs, ora_gs = _run(None, hidden, weight, bias, labels, grads, **kw)
+    for o, r, a, name in zip(outs, ref_outs, ora_outs, ("logp", "entropy")):
+        assert o.shape == labels.shape and o.dtype == reference.out_dtype(hidden.dtype), name
+        assert (o[labels == -100] == 0).all(), name
+        _near(o, r, a, atol_out, name)
+    for t, gt, r, a, name in zip((hidden, weight, bias), gs, ref_gs, ora_gs, ("hidden", "weight", "bias")):
+        assert gt.dtype == t.dtype and gt.shape == t.shape, name
+        assert torch.isfinite(gt).all(), name
+        # the gradient scale grows with the rows summed into it (weight, bias: all N tokens)
+        # bf16 gradients: the native kernels round dlogits to bf16 as the reference does, but
+        # not always to the same neighbour, and weight/bias sum N of them: allow 2 bf16 ulps
+        rtol = 2 * torch.finfo(gt.dtype).eps if gt.dtype in (torch.bfloat16, torch.float16) else 0.0
+        _near(gt, r, a, atol_grad * (1 if name == "hidden" else labels.numel()), f"grad_{name}", rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [2, 37, 4099])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("entropy,temperature", [(False, 1.0), (True, 0.7)])
+def test_matches_reference(backend, dtype, V, chunk_size, bias, entropy, temperature):
+    hidden, weight, b, labels = _head(7, 16, V, dtype, seed=V, bias=bias)
+    _check(backend, hidden, weight, b, labels, 2e-5, 2e-5, temperature=temperature, return_entropy=entropy,
+           chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [129920, 151936])
+def test_large_vocab(backend, V):
+    hidden, weight, b, labels = _head(3, 8, V, torch.float32, seed=V, n_ignore=0)
+    _check(backend, hidden, weight, b, labels, 1e-4, 1e-5, temperature=0.7, return_entropy=True, chunk_size=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_through_bias(backend):
+    # a bias of -inf masks tokens out; ±1e4 makes the distribution (nearly) one-hot
+    hidden, weight, b, labels = _head(5, 8, 257, torch.float32, seed=2, n_ignore=0)
+    b[::3] = float("-inf")
+    b[1] = 1e4
+    b[2] = -1e4
+    labels[:] = torch.tensor([1, 4, 5, 7, 8])
+    outs, gs = _run(backend, hidden, weight, b, labels, [torch.ones(5), torch.ones(5)], return_entropy=True)
+    ora_outs, ora_gs = _run(None, hidden, weight, b.masked_fill(torch.isneginf(b), -1e30), labels,
+                            [torch.ones(5), torch.ones(5)], return_entropy=True)
+    for o, a in zip(outs + gs, ora_outs + ora_gs):
+        a = a.masked_fill(a.abs() > 1e29, 0)  # the oracle's -1e30 stand-in carries no gradient either way
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o.double(), a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck(backend, entropy, bias):
+    hidden, weight, b, labels = _head(5, 4, 9, torch.float64, seed=3, bias=bias)
+    args = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
+
+    def f(h, w, bb=None):
+        return ops.fused_linear_logprobs(h, w, labels, bias=bb, temperature=0.7, return_entropy=entropy, chunk_size=2)
+
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(f, tuple(args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    hidden, weight, b, labels = _head(6, 8, 37, torch.float32, seed=4)
+
+    def loss(h, w, bb, y):
+        lp, ent = ops.fused_linear_logprobs(h, w, y, bias=bb, return_entropy=True, chunk_size=4)
+        return lp.sum() + 0.1 * ent.sum()
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    with ops.use_backend(backend):
+        out = torch.compile(loss, backend="aot_eager", fullgraph=True)(*leaves, labels)
+        out.backward()
+    ref = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    lp, ent = reference.fused_linear_logprobs(ref[0], ref[1], labels, bias=ref[2], return_entropy=True)
+    exp = lp.sum() + 0.1 * ent.sum()
+    exp.backward()
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    for a, r in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(dtype, bias):
+    hidden, weight, b, labels = _head(5, 4, 11, dtype, seed=5, bias=bias)
+    fwd = torch.ops.rlhf_fast.fused_linear_logprobs_fwd.default
+    req = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    torch.library.opcheck(fwd, (req[0], req[1], req[2], labels, 0.7, True, -100, 2))
+    logp, ent, lse = fwd(hidden, weight, b, labels, 0.7, True, -100, 2)
+    torch.library.opcheck(torch.ops.rlhf_fast.fused_linear_logprobs_bwd.default,
+                          (torch.randn_like(logp), torch.randn_like(ent), hidden, weight, b, labels, lse, ent, 0.7,
+                           -100, 2))
+
+
+def _memory(fn):
+    """(peak live bytes, largest single allocation) of the tensors ``fn`` allocates, from
+    the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    cur = peak = big = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        name = getattr(action, "name", str(action))
+        if name == "CREATE":
+            cur += size
+            big = max(big, size)
+        elif name == "DESTROY":
+            cur -= size
+        peak = max(peak, cur)
+    return peak, big
+
+
+@needs_cpp
+def test_holds_one_chunk_of_logits():
+    N, H, V, C = 512, 16, 4096, 32
+    hidden, weight, b, labels = _head(N, H, V, torch.float32, seed=6)
+    chunk, full, w_bytes = C * V * 4, N * V * 4, V * H * 4
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def step(backend):
+        with ops.use_backend(backend):
+            lp, ent = ops.fused_linear_logprobs(hidden, weight, labels, bias=b, return_entropy=True, chunk_size=C)
+        (lp.sum() + ent.sum()).backward()
+
+    # the measurement sees the reference's full [N, V] logits (so it can fail) ...
+    ref_peak, ref_big = _memory(lambda: step("torch"))
+    assert ref_big >= full
+    # ... while the native op never has more than about one chunk of logits alive: at most
+    # the chunk, its gradient, the fp32 weight-gradient accumulator and [N, H] / [N] tensors
+    peak, big = _memory(lambda: step("cpp"))
+    assert big <= max(chunk, w_bytes), f"largest allocation {big} B, one chunk {chunk} B"
+    budget = 2 * chunk + 2 * w_bytes + 2 * N * H * 4 + 16 * N * 4
+    assert peak <= budget, f"peak {peak} B > {budget} B (full logits {full} B)"
+    assert peak < full / 2
+
+
+@needs_cpp
+def test_auto_chunk_is_bounded():
+    # chunk_size=None: one chunk of fp32 logits stays <= 32 MiB, whatever N
+    N, H, V = 1024, 4, 32768 * 2  # full logits 256 MiB; auto chunk = 128 rows = 32 MiB
+    hidden, weight, _, labels = _head(N, H, V, torch.float32, seed=8, bias=False)
+    with ops.use_backend("cpp"):
+        peak, big = _memory(lambda: ops.fused_linear_logprobs(hidden, weight, labels))
+    assert big <= 32 * 2**20 + 4096, big
+    assert peak <= 32 * 2**20 + 64 * N, peak
+
+
+def _policy_inputs(B, T, H, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight, b, labels = _head(B * T, H, V, dtype, seed=seed)
+    hidden = hidden.reshape(B, T, H)
+    labels = labels.reshape(B, T)
+    old_logp = -torch.rand(B, T, generator=g) * 5
+    ref_logp = -torch.rand(B, T, generator=g) * 5
+    adv = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0, 0] = True
+    mask[labels == -100] = False
+    return hidden, weight, b, labels, old_logp, ref_logp, adv, mask
+
+
+def _composed_policy_loss(hidden, weight, b, labels, old_logp, ref_logp, adv, mask, *, kl_coef, kl_kind,
+                          entropy_coef, temperature, agg, normalizer, **clip):
+    """The fused loss as a composition of separate reference ops (the spec of the fused op)."""
+    B, T, H = hidden.shape
+    logp, ent = reference.fused_linear_logprobs(hidden.reshape(B * T, H), weight, labels.reshape(-1), bias=b,
+                                                temperature=temperature, return_entropy=True)
+    logp, ent = logp.reshape(B, T), ent.reshape(B, T)
+    tok = reference.ppo_token_loss(logp, old_logp, adv, **clip)[0]
+    tok = tok + kl_coef * reference.kl_penalty(logp, ref_logp, kl_kind) - entropy_coef * ent
+    loss = reference.aggregate(tok, mask, agg, normalizer)
+    _, stats = reference.ppo_policy_loss(logp, old_logp, adv, mask, agg=agg, normalizer=normalizer, **clip)
+    stats["kl"] = reference.masked_mean(reference.kl_penalty(logp, ref_logp, kl_kind), mask)
+    stats["entropy"] = reference.masked_mean(ent, mask)
+    return loss, stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", reference.AGG_MODES)
+@pytest.mark.parametrize("kl_kind", ["k1", "k3"])
+def test_policy_loss_equals_composition(backend, agg, kl_kind):
+    hidden, weight, b, labels, old_logp, ref_logp, adv, mask = _policy_inputs(3, 5, 8, 37, torch.float32, seed=10)
+    kw = dict(kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.01, temperature=0.7, agg=agg,
+              normalizer=torch.tensor(11.0))
+    clip = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    with ops.use_backend(backend):
+        loss, stats = ops.fused_linear_policy_loss(leaves[0], leaves[1], labels, old_logp, adv, mask,
+                                                   ref_logp=ref_logp, bias=leaves[2], chunk_size=4, **kw, **clip)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    exp, exp_stats = _composed_policy_loss(*ref_leaves, labels, old_logp, ref_logp, adv, mask, **kw, **clip)
+    exp_grads = torch.autograd.grad(exp, ref_leaves)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
+    for name in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "kl", "entropy"):
+        torch.testing.assert_close(stats[name], exp_stats[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert stats["logp"].shape == labels.shape and not stats["logp"].requires_grad
+    for g, e, name in zip(grads, exp_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_without_ref_and_default_normalizer(backend):
+    hidden, weight, _, labels, old_logp, _, adv, mask = _policy_inputs(2, 4, 8, 37, torch.float64, seed=12)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with ops.use_backend(backend):
+        loss, stats = ops.fused_linear_policy_loss(*leaves, labels, old_logp.double(), adv.double(), mask,
+                                                   entropy_coef=0.05)
+    exp, _ = _composed_policy_loss(hidden, weight, None, labels, old_logp.double(), ref_logp=old_logp.double(),
+                                   adv=adv.double(), mask=mask, kl_coef=0.0, kl_kind="k1", entropy_coef=0.05,
+                                   temperature=1.0, agg="token-mean", normalizer=None)
+    torch.testing.assert_close(loss, exp)
+    assert stats["kl"] == 0
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w: ops.fused_linear_policy_loss(h, w, labels, old_logp.double(), adv.double(), mask,
+                                                      entropy_coef=0.05)[0], tuple(leaves))
+
+
+def test_bad_input():
+    h, w, b, y = _head(4, 8, 11, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        ops.fused_linear_logprobs(h, w, torch.full((4,), 11))
+    with pytest.raises(ValueError, match="labels"):
+        ops.fused_linear_logprobs(h, w, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight"):
+        ops.fused_linear_logprobs(h, torch.randn(11, 7), y)
+    with pytest.raises(TypeError, match="weight"):
+        ops.fused_linear_logprobs(h, w.double(), y)
+    with pytest.raises(TypeError, match="hidden"):
+        ops.fused_linear_logprobs(h.long(), w, y)
+    with pytest.raises(ValueError, match="bias"):
+        ops.fused_linear_logprobs(h, w, y, bias=torch.zeros(10))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.fused_linear_logprobs(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ops.fused_linear_logprobs(h, w, y, chunk_size=0)
+    hb, wb, _, yb, old, ref, adv, mask = _policy_inputs(2, 3, 8, 11, torch.float32)
+    with pytest.raises(ValueError, match="old_logp"):
+        ops.fused_linear_policy_loss(hb, wb, yb, old[:, :2], adv, mask)
+    with pytest.raises(ValueError, match="agg"):
+        ops.fused_linear_policy_loss(hb, wb, yb, old, adv, mask, agg="mean")
+    with pytest.raises(ValueError, match="hidden"):
+        ops.fused_linear_policy_loss(hb.reshape(6, 8), wb, yb, old, adv, mask)

@@ -39,7 +39,7 @@ import triton.language as tl
 from rlhf_fast.ops import reference
 
 from .ppo_loss import policy_loss_rows
-from .token_logprobs import token_logprobs_backward
+from .token_logprobs import token_logprobs_backward, token_logprobs_forward
 
 
 @triton.jit
@@ -85,8 +85,8 @@ def _fused_linear_fwd_kernel(
         alpha = tl.exp(m - m_safe)
         e = tl.exp(z - m_safe[:, None])
         if ENTROPY:
-            zl = tl.where(e > 0, (z - m_safe[:, None]) * e, 0.0)
-            w = alpha * (w + tl.where(s > 0, (m - m_safe) * s, 0.0)) + tl.sum(zl, axis=1)
+            zl = (tl.where(e > 0, z, m_safe[:, None]) - m_safe[:, None]) * e
+            w = alpha * (w + (tl.where(s > 0, m, m_safe) - m_safe) * s) + tl.sum(zl, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     out = part_ptr + (rows * split + sp) * 4
@@ -113,7 +113,7 @@ def _merge_splits(part: torch.Tensor):
 def _config(N: int, V: int, H: int, device: torch.device):
     if device.type == "cpu":
         # interpreter: big tiles are fewer (slow) Python-level iterations
-        return 32, 512, 256
+        return 32, max(16, min(4096, triton.next_power_of_2(V))), max(16, min(256, triton.next_power_of_2(H)))
     return 64, 128, 64
 
 
@@ -176,8 +176,20 @@ def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
         logits = h @ weight.t()  # [C, V] in the matmul dtype
         if bias is not None:
             logits += bias
+        lab = labels[c0:c1]
+        lse_c = lse[c0:c1]
+        ent_c = entropy[c0:c1] if entropy is not None else None
+        if logits.dtype != torch.float32:
+            # The chunk is rounded to 16 bits while the forward's lse came from the fp32
+            # accumulator: softmax(rounded) with the old lse does not sum to 1 and the gradient
+            # picks up that bias (2-3x the reference's bf16 error in tests). Re-deriving lse
+            # (and entropy) from the rounded chunk costs one read of the chunk (~3% of the
+            # backward's time) and makes the gradient that of softmax(rounded logits), exactly
+            # the reference's.
+            _, ent_r, lse_c = token_logprobs_forward(logits, lab, temperature, ignore_index, ent_c is not None)
+            ent_c = ent_r
         dz = token_logprobs_backward(
-            logits, labels[c0:c1], lse[c0:c1], entropy[c0:c1] if entropy is not None else None,
+            logits, lab, lse_c, ent_c,
             grad_logp[c0:c1] if grad_logp is not None else None,
             grad_entropy[c0:c1] if grad_entropy is not None else None, temperature, ignore_index, out=logits,
         )

@@ -28,87 +28,93 @@ from rlhf_fast.ops import reference
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
-    V, stride_row, temperature, ignore_index,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, stride_row, temperature, ignore_index,
+    ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    # ROWS rows per program: 1 on GPUs (one row streams through one SM, as flash-attn's
+    # cross-entropy); more under the interpreter, where each program costs Python time
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    base = logits_ptr + rows * stride_row  # [ROWS] pointers
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = label != ignore_index
     cols0 = tl.arange(0, BLOCK_V)
-    # running statistics, fp32 scalars per row
-    m = -float("inf")
-    s = 0.0
-    w = 0.0
+    # running statistics per row, fp32
+    m = tl.full([ROWS], -float("inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    w = tl.zeros([ROWS], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        x = tl.load(base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < V)[None, :],
+                    other=-float("inf")).to(tl.float32)
         z = x / temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
         # all -inf so far: keep the identity (avoid -inf - -inf = nan)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe)
-        s_blk = tl.sum(e, axis=0)
+        e = tl.exp(z - m_safe[:, None])
         if ENTROPY:
-            # (z - m) * e is 0 where e is 0 (z = -inf), never nan
-            zl = tl.where(e > 0, (z - m_safe) * e, 0.0)
-            w = alpha * (w + tl.where(s > 0, (m - m_safe) * s, 0.0)) + tl.sum(zl, axis=0)
-        s = alpha * s + s_blk
+            # (z - m)·e is 0 where e is 0; select before multiplying so no -inf·0 is formed
+            zl = (tl.where(e > 0, z, m_safe[:, None]) - m_safe[:, None]) * e
+            w = alpha * (w + (tl.where(s > 0, m, m_safe) - m_safe) * s) + tl.sum(zl, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     m_safe = tl.where(m == -float("inf"), 0.0, m)
+    s = tl.where(row_ok, s, 1.0)  # padding rows of the last program: no log(0)
     lse = m_safe + tl.log(s)
     safe_label = tl.where(valid, label, 0)
-    z_t = tl.load(base + safe_label).to(tl.float32) / temperature
-    logp = tl.where(valid, z_t - lse, 0.0)
-    tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    z_t = tl.load(base + safe_label, mask=row_ok, other=0.0).to(tl.float32) / temperature
+    tl.store(logp_ptr + rows, tl.where(valid, z_t - lse, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     if ENTROPY:
         ent = tl.log(s) - w / s
-        tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+        tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlogits_ptr,
-    V, stride_row, stride_drow, temperature, ignore_index,
-    HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, stride_row, stride_drow, temperature, ignore_index,
+    HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # d logp / dz_j = δ_jy − p_j ;  d H / dz_j = −p_j (log p_j + H) ;  dz/dlogits = 1/T
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    dbase = dlogits_ptr + row * stride_drow
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    base = logits_ptr + rows * stride_row
+    dbase = dlogits_ptr + rows * stride_drow
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = label != ignore_index
-    lse = tl.load(lse_ptr + row)
-    g_lp = 0.0
-    g_en = 0.0
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.zeros([ROWS], tl.float32)
+    g_en = tl.zeros([ROWS], tl.float32)
     if HAS_GLOGP:
-        g_lp = tl.load(glogp_ptr + row).to(tl.float32)
+        g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_GENT:
-        g_en = tl.load(gent_ptr + row).to(tl.float32)
-        ent = tl.load(ent_ptr + row)
+        g_en = tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.where(valid, g_lp, 0.0)
     g_en = tl.where(valid, g_en, 0.0)
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        inb = cols < V
-        x = tl.load(base + cols, mask=inb, other=-float("inf")).to(tl.float32)
-        logp = x / temperature - lse
+        inb = row_ok[:, None] & (cols < V)[None, :]
+        x = tl.load(base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(tl.float32)
+        logp = x / temperature - lse[:, None]
         p = tl.exp(logp)
-        dz = tl.where(cols == label, g_lp, 0.0) - g_lp * p
+        dz = tl.where(cols[None, :] == label[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
         if HAS_GENT:
-            dz -= g_en * tl.where(p > 0, p * (logp + ent), 0.0)
+            dz -= g_en[:, None] * p * (tl.where(p > 0, logp, 0.0) + ent[:, None])
         dz = dz / temperature
-        tl.store(dbase + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=inb)
+        tl.store(dbase[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty), mask=inb)
 
 
-def _block_v(V: int, device: torch.device) -> int:
+def _launch_cfg(N: int, V: int, device: torch.device):
+    """(ROWS, BLOCK_V, num_warps): rows per program and vocabulary tile."""
     if device.type == "cpu":
-        # the interpreter runs each tile as one numpy op: large tiles are much faster
-        return min(triton.next_power_of_2(V), 16384)
-    return min(triton.next_power_of_2(V), 4096)
+        # the interpreter runs each tile op as one numpy call: few, large tiles are fastest
+        bv = min(triton.next_power_of_2(V), 16384)
+        return max(1, min(triton.next_power_of_2(N), 65536 // bv)), bv, 4
+    return 1, min(triton.next_power_of_2(V), 4096), 8 if V >= 8192 else 4
 
 
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
@@ -123,9 +129,10 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperatu
     lse = torch.empty(N, dtype=torch.float32, device=dev)
     ent = torch.empty(N, dtype=torch.float32, device=dev) if return_entropy else lse
     if N:
-        _token_logprobs_fwd_kernel[(N,)](
-            logits, labels, logp, ent, lse, V, logits.stride(0), float(temperature), int(ignore_index),
-            ENTROPY=return_entropy, BLOCK_V=_block_v(V, dev), num_warps=8 if V >= 8192 else 4,
+        rows, bv, nw = _launch_cfg(N, V, dev)
+        _token_logprobs_fwd_kernel[(triton.cdiv(N, rows),)](
+            logits, labels, logp, ent, lse, N, V, logits.stride(0), float(temperature), int(ignore_index),
+            ENTROPY=return_entropy, ROWS=rows, BLOCK_V=bv, num_warps=nw,
         )
     return logp, (ent if return_entropy else None), lse
 
@@ -145,14 +152,22 @@ def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: tor
     if N == 0 or (grad_logp is None and grad_entropy is None):
         return out.zero_()
     dummy = lse
-    _token_logprobs_bwd_kernel[(N,)](
+    # Triton's CPU interpreter truncates fp32 -> bf16 on store (GPUs round to nearest even);
+    # the truncation bias adds up in the matmuls downstream, so under the interpreter the
+    # gradient goes through an fp32 buffer and torch's rounding.
+    dst = out
+    if logits.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16):
+        dst = torch.empty(out.shape, dtype=torch.float32)
+    rows, bv, nw = _launch_cfg(N, V, logits.device)
+    _token_logprobs_bwd_kernel[(triton.cdiv(N, rows),)](
         logits, labels, lse, entropy if entropy is not None else dummy,
         grad_logp.contiguous() if grad_logp is not None else dummy,
-        grad_entropy.contiguous() if grad_entropy is not None else dummy, out,
-        V, logits.stride(0), out.stride(0), float(temperature), int(ignore_index),
-        HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-        BLOCK_V=_block_v(V, logits.device), num_warps=8 if V >= 8192 else 4,
+        grad_entropy.contiguous() if grad_entropy is not None else dummy, dst,
+        N, V, logits.stride(0), dst.stride(0), float(temperature), int(ignore_index),
+        HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None, ROWS=rows, BLOCK_V=bv, num_warps=nw,
     )
+    if dst is not out:
+        out.copy_(dst)
     return out
 
 

@@ -365,3 +365,23 @@ def test_reward_scores_and_roundtrip(side, tmp_path):
         bad = tiny_reward_model(len(tok), hidden_size=16, num_layers=1, num_heads=2)
         bad.config.num_labels = 2
         load_reward_model(bad)
+
+
+def test_softcapped_policy_loss_fallback_matches_composition(tok):
+    model = _gemma2(len(tok))
+    ids, am, resp = _batch(tok)
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(ids.shape, generator=g)
+    adv = torch.randn(ids.shape, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss, stats = lp.policy_loss(model, ids, am, resp, old, adv, kl_coef=0.0, entropy_coef=0.01)
+    gl = torch.autograd.grad(loss, [model.lm_head.weight])[0]
+    logp, ent = _logits_path(model, ids, am, resp)
+    m = resp.bool() & am.bool()
+    m[:, 0] = False
+    m[:, 1:] &= am[:, :-1].bool()
+    exp, _ = reference.policy_loss_from_logp(logp, ent, old, adv, m, entropy_coef=0.01)
+    ge = torch.autograd.grad(exp, [model.lm_head.weight])[0]
+    torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gl, ge, rtol=1e-4, atol=1e-6)

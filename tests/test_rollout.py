@@ -174,3 +174,29 @@ def test_logprob_gap():
     assert float(g["mean"]) == pytest.approx(0.25) and float(g["max"]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="recomputed_logp"):
         logprob_gap(a, b[:, :2], m)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_behaviour_logp_other_families(tok, family):
+    model = tiny_causal_lm(len(tok), family=family, seed=5)
+    b = HFRolloutEngine(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=2))
+    with torch.no_grad():
+        lp = sequence_logprobs(model, b.input_ids, b.attention_mask, response_mask=b.response_mask)
+    torch.testing.assert_close(lp, b.behaviour_logp, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_on_lora_policy_and_training_mode(tok):
+    from rlhf_fast.models import load_policy
+
+    policy = load_policy(tiny_causal_lm(len(tok), seed=6), lora={"r": 4, "lora_dropout": 0.5})
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    policy.train()
+    b = HFRolloutEngine(policy, tok).generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=0))
+    assert policy.training  # restored after generation (which runs in eval mode: no dropout)
+    policy.eval()
+    with torch.no_grad():
+        lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=b.response_mask)
+    torch.testing.assert_close(lp, b.behaviour_logp, rtol=1e-4, atol=1e-4)

@@ -93,6 +93,28 @@ def build_tiny_policy(cfg: RLConfig, extra_texts: Sequence[str] = ()):
     return model, tok
 
 
+def load_prompts(d) -> List[str]:
+    """The prompts of a :class:`~rlhf_fast.trainers.rl_config.DataConfig`: inline, or from a
+    .txt file (one per line) or a .jsonl file (field ``prompt_key``)."""
+    if d.prompts_file is None:
+        return list(d.prompts)
+    if not os.path.isfile(d.prompts_file):
+        raise FileNotFoundError(f"data.prompts_file not found: {d.prompts_file}")
+    out = []
+    with open(d.prompts_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if d.prompts_file.endswith(".jsonl"):
+                rec = json.loads(line)
+                if d.prompt_key not in rec or not isinstance(rec[d.prompt_key], str):
+                    raise ValueError(f"{d.prompts_file}:{n}: missing string field {d.prompt_key!r}")
+                out.append(rec[d.prompt_key])
+            else:
+                out.append(line.rstrip("\n"))
+    return out
+
+
 def _make_critic(policy, path: Optional[str] = None):
     from rlhf_fast.models import loading
 
@@ -225,24 +247,7 @@ class RLTrainer:
         return load_policy(cfg.model.policy), tok
 
     def _load_prompts(self) -> List[str]:
-        d = self.config.data
-        if d.prompts_file is None:
-            return list(d.prompts)
-        if not os.path.isfile(d.prompts_file):
-            raise FileNotFoundError(f"data.prompts_file not found: {d.prompts_file}")
-        out = []
-        with open(d.prompts_file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if d.prompts_file.endswith(".jsonl"):
-                    rec = json.loads(line)
-                    if d.prompt_key not in rec or not isinstance(rec[d.prompt_key], str):
-                        raise ValueError(f"{d.prompts_file}:{n}: missing string field {d.prompt_key!r}")
-                    out.append(rec[d.prompt_key])
-                else:
-                    out.append(line.rstrip("\n"))
-        return out
+        return load_prompts(self.config.data)
 
     def _build_rewards(self, reward_fns, reward_weights, reward_models, judge) -> CombinedReward:
         rc = self.config.reward
@@ -522,6 +527,8 @@ class RLTrainer:
         out["policy/updates"] = n_updates
         out["policy/early_stopped"] = int(stopped)
         out["lr"] = self.scheduler.get_last_lr()[0]
+        if hasattr(self.engine, "update_weights"):
+            self.engine.update_weights(self.policy)  # engines holding a weight copy resync here
         return out
 
     def step(self) -> Dict[str, float]:
@@ -673,4 +680,4 @@ class RLOOTrainer(RLTrainer):
         super().__init__(replace(config, estimator="rloo"), *args, **kwargs)
 
 
-__all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy"]
+__all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy", "load_prompts"]

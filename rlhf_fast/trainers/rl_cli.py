@@ -1,0 +1,83 @@
+"""``rlhf-fast ppo|grpo|rloo CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
+
+The command picks the estimator family: ``ppo`` → gae (or reinforce++ when the config says
+so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo. Overrides use dotted keys of
+:class:`~rlhf_fast.trainers.rl_config.RLConfig` (``--rollout.group_size 8``). With only
+``--resume RUN_DIR`` the run's own config.yaml is used. The policy is a local path or a
+``tiny:FAMILY`` spec (``--model.policy``); rewards come from ``--reward.functions
+module:function`` and/or ``--reward.reward_model PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",))}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG.yaml then ``--key value`` overrides (any RLConfig key, dotted for sections)."""
+    parser.add_argument("args", nargs=argparse.REMAINDER,
+                        help="CONFIG.yaml [--key value ...] [--resume RUN_DIR]")
+
+
+def split_args(tokens):
+    """``[CONFIG] --k v ...`` → (config path or None, override tokens, resume dir or None)."""
+    tokens = list(tokens)
+    config = None
+    if tokens and not tokens[0].startswith("--"):
+        config = tokens.pop(0)
+    resume = None
+    rest = []
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t == "--resume" and i + 1 < len(tokens):
+            resume = tokens[i + 1]
+            i += 2
+            continue
+        if t.startswith("--resume="):
+            resume = t.split("=", 1)[1]
+            i += 1
+            continue
+        rest.append(t)
+        i += 1
+    return config, rest, resume
+
+
+def build_config(command: str, tokens):
+    """The resolved RLConfig of a command line (estimator fixed by the command's family)."""
+    from rlhf_fast.trainers.config import load_config
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    if command not in FAMILIES:
+        raise ValueError(f"command must be one of {tuple(FAMILIES)}, got {command!r}")
+    config, overrides, resume = split_args(tokens)
+    if resume is not None:
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume: run folder not found: {resume}")
+        if config is None:
+            config = os.path.join(resume, "config.yaml")
+        overrides = overrides + ["--resume", resume]
+    if config is None:
+        raise ValueError(f"usage: rlhf-fast {command} CONFIG.yaml [--key value ...] [--resume RUN_DIR]")
+    cfg = load_config(RLConfig, config, overrides)
+    default, allowed = FAMILIES[command]
+    if cfg.estimator not in allowed:
+        cfg = dataclasses.replace(cfg, estimator=default)
+    return cfg
+
+
+def run(args) -> int:
+    """Train; prints the run folder and the last step's reward and KL."""
+    from rlhf_fast.trainers.rl import RLTrainer
+
+    cfg = build_config(args.command, args.args)
+    trainer = RLTrainer(cfg)
+    hist = trainer.train()
+    last = hist[-1] if hist else {}
+    print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
+          f"reward {last.get('reward/total', float('nan')):.4f} kl {last.get('kl/seq', float('nan')):.4f}")
+    return 0

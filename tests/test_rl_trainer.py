@@ -1,0 +1,217 @@
+"""RLTrainer internals: PPO pieces against the reference ops on a recorded batch, micro-batching
+independence, exact resume, reward failures, TRPO / early stop / importance sampling options,
+and the run folder."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from rlhf_fast.algorithms import RewardError, token_rewards
+from rlhf_fast.ops import reference
+from rlhf_fast.trainers.rl import RLTrainer
+from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RolloutConfig
+from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trainer(tmp_path, estimator="grpo", reward_fns=(frac_a,), **kw):
+    pol, tok = make_policy()
+    kw.setdefault("rollout", RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5))
+    cfg = make_config(tmp_path, estimator, **kw)
+    return RLTrainer(cfg, pol, tok, reward_fns=list(reward_fns), prompts=PROMPTS)
+
+
+def n_chars(prompts, completions):
+    """A dense reward: groups rarely tie, so advantages (and updates) are non-zero."""
+    return [float(len(c)) for c in completions]
+
+
+def _grads(model):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _perturb(trainer, data):
+    """One optimiser step so the current policy differs from old_logp (ratios ≠ 1, clipping active)."""
+    trainer.optimizer.zero_grad()
+    trainer.policy_backward(data)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_micro_batching_gives_the_same_gradient(tmp_path, agg):
+    tr = _trainer(tmp_path, "gae", ppo=PPOConfig(agg=agg, mini_batch_size=8, micro_batch_size=8, entropy_coef=0.01),
+                  kl=KLConfig(coef=0.1, placement="loss"))
+    data, _ = tr.rollout()
+    assert data.input_ids.shape[0] == 8
+    _perturb(tr, data)
+    for model, backward in ((tr.policy, tr.policy_backward), (tr.critic, tr.critic_backward)):
+        model.zero_grad(set_to_none=True)
+        backward(data, 8)  # 1 x 8
+        g1 = _grads(model)
+        model.zero_grad(set_to_none=True)
+        backward(data, 2)  # 4 x 2
+        g2 = _grads(model)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert any(a.abs().sum() > 0 for a in g1)
+
+
+def test_ppo_internals_match_reference_ops(tmp_path):
+    """On a recorded batch: log-probs, rewards, GAE, policy loss (asymmetric + dual clip,
+    entropy bonus, k3 KL in the loss) and value loss equal the reference composition."""
+    ppo = PPOConfig(mini_batch_size=8, micro_batch_size=4, clip_low=0.1, clip_high=0.3, dual_clip=3.0,
+                    entropy_coef=0.01, gamma=0.97, lam=0.9, value_clip=0.2)
+    tr = _trainer(tmp_path, "gae", ppo=ppo, kl=KLConfig(coef=0.05, placement="reward"))
+    data, _ = tr.rollout()
+    ids, am, rm = data.input_ids, data.attention_mask, data.response_mask
+
+    def ref_logp_entropy(model):
+        logits = model(input_ids=ids, attention_mask=am.long(),
+                       position_ids=(am.long().cumsum(1) - 1).clamp(min=0)).logits.float()
+        lp, ent = reference.token_logprobs(logits[:, :-1], ids[:, 1:], return_entropy=True)
+        z = torch.zeros(ids.shape[0], 1)
+        return torch.cat([z, lp], 1) * rm, torch.cat([z, ent], 1) * rm
+
+    with torch.no_grad():
+        lp0, _ = ref_logp_entropy(tr.policy)
+        lr0, _ = ref_logp_entropy(tr.reference)
+    torch.testing.assert_close(data.old_logp, lp0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(data.ref_logp, lr0, rtol=1e-4, atol=1e-5)
+    # rewards: score on the last token, −β·k1 everywhere; then GAE with the critic's values
+    kl = reference.kl_penalty(lp0, lr0, "k1") * rm
+    r = token_rewards(data.scores, rm, kl=kl, kl_coef=0.05)
+    adv, ret = reference.gae(r, data.values, rm, gamma=0.97, lam=0.9)
+    torch.testing.assert_close(data.advantages, adv, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(data.returns, ret, rtol=1e-4, atol=1e-5)
+
+    # the loss with KL in the loss (k3), evaluated after one update so ratios ≠ 1
+    tr.config.kl.placement = "loss"
+    _perturb(tr, data)
+    tr.policy.zero_grad(set_to_none=True)
+    st = tr.policy_backward(data)
+    g_ours = _grads(tr.policy)
+    tr.policy.zero_grad(set_to_none=True)
+    lp, ent = ref_logp_entropy(tr.policy)
+    tok, ratio, clipped, dual = reference.ppo_token_loss(lp, data.old_logp, data.advantages, clip_low=0.1,
+                                                         clip_high=0.3, dual_clip=3.0)
+    total = tok + 0.05 * reference.kl_penalty(lp, data.ref_logp, "k3") - 0.01 * ent
+    loss = reference.aggregate(total, rm, "token-mean")
+    loss.backward()
+    g_ref = _grads(tr.policy)
+    assert st["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
+    assert st["clip_frac"] == pytest.approx(float(reference.masked_mean(clipped.float(), rm)), abs=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    # value loss
+    tr.critic.zero_grad(set_to_none=True)
+    vs = tr.critic_backward(data)
+    v = tr.critic(ids, am).float()
+    vl, _ = reference.ppo_value_loss(v, data.values, data.returns, rm, clip=0.2)
+    assert vs["value_loss"] == pytest.approx(float(vl.detach()), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_resume_equals_uninterrupted(tmp_path, estimator):
+    kw = dict(steps=4, save_every=2, kl=KLConfig(coef=0.02, controller="adaptive", target=1.0, horizon=50))
+    kw_r = dict(kw)
+    a = _trainer(tmp_path / "a", estimator, **kw)
+    a.config.reward.whiten = True
+    a.train()
+    b = _trainer(tmp_path / "b", estimator, **kw_r)
+    b.config.reward.whiten = True
+    b.train(steps=2)  # stopped after the checkpoint at step 2
+    cfg = b.config
+    cfg.resume = cfg.output_dir
+    pol, tok = make_policy()  # a fresh process would rebuild the initial policy
+    c = RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS)
+    c.train()
+
+    def rows(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per"))} for ln in f]
+
+    ra, rb = rows(a.config.output_dir), rows(cfg.output_dir)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert ra == rb
+    for p, q in zip(a.policy.parameters(), c.policy.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_rewards_raise_or_drop(tmp_path):
+    def nan_reward(prompts, completions):
+        return [float("nan")] + [1.0] * (len(completions) - 1)
+
+    def failing(prompts, completions):
+        raise RuntimeError("grader crashed")
+
+    tr = _trainer(tmp_path / "a", reward_fns=[nan_reward])
+    with pytest.raises(RewardError, match="nan_reward"):
+        tr.step()
+    tr = _trainer(tmp_path / "b", reward_fns=[failing])
+    with pytest.raises(RewardError, match="failing.*grader crashed"):
+        tr.step()
+    tr = _trainer(tmp_path / "c", reward_fns=[nan_reward, frac_a])
+    tr.config.reward.on_bad_reward = "drop"
+    tr.reward.on_bad_reward = "drop"
+    m = tr.step()
+    assert m["reward/dropped"] == 1 and math.isfinite(m["reward/total"])
+    assert m["reward/frac_a"] >= 0
+    tr = _trainer(tmp_path / "d", reward_fns=[failing])
+    tr.reward.on_bad_reward = "drop"
+    with pytest.raises(RewardError, match="every sample"):
+        tr.step()
+    with pytest.raises(ValueError, match="no reward source"):
+        _trainer(tmp_path / "e", reward_fns=[])
+
+
+def test_trpo_step_respects_the_kl_bound(tmp_path):
+    from rlhf_fast.models.logprobs import sequence_logprobs
+
+    ppo = PPOConfig(epochs=1, mini_batch_size=8, micro_batch_size=8, trpo=True, trpo_max_kl=1e-4)
+    tr = _trainer(tmp_path, "grpo", reward_fns=[n_chars], ppo=ppo, optim=OptimConfig(lr=5e-2))
+    data, _ = tr.rollout()
+    m = tr.update(data)
+    with torch.no_grad():
+        lp = sequence_logprobs(tr.policy, data.input_ids, data.attention_mask, response_mask=data.response_mask)
+    d = lp - data.old_logp
+    assert float(reference.masked_mean(0.5 * d * d, data.response_mask)) <= 1e-4 + 1e-7
+    assert 0.0 <= m["policy/trpo_step_frac"] < 1.0  # lr 5e-2 overshoots: it had to backtrack
+
+
+def test_early_stop_and_importance_sampling(tmp_path):
+    ppo = PPOConfig(epochs=4, mini_batch_size=4, micro_batch_size=2, target_kl=1e-6, is_cap=2.0)
+    tr = _trainer(tmp_path, "rloo", reward_fns=[n_chars], ppo=ppo)
+    m = tr.step()
+    assert m["policy/early_stopped"] == 1 and m["policy/updates"] < 8
+    assert m["is_weight/mean"] == pytest.approx(1.0, abs=1e-3)  # sampler and trainer agree
+    assert m["logprob_gap/mean"] < 1e-4
+
+
+def test_run_folder(tmp_path):
+    tr = _trainer(tmp_path, "grpo", steps=3, sample_every=1, save_every=2)
+    tr.train()
+    run = tr.config.output_dir
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "final/policy/config.json"):
+        assert os.path.exists(os.path.join(run, name)), name
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000002", "step_00000003"]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        recs = [json.loads(ln) for ln in f]
+    need = ["reward/total", "reward/frac_a", "kl/seq", "kl/coef", "entropy", "policy/clip_frac", "policy/approx_kl",
+            "response_length/mean", "tokens_per_second", "time/generate", "time/logprobs", "time/update",
+            "logprob_gap/mean", "logprob_gap/max", "policy/loss"]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(k in recs[-1] for k in need), [k for k in need if k not in recs[-1]]
+    with open(os.path.join(run, "samples.jsonl")) as f:
+        s = [json.loads(ln) for ln in f]
+    assert {"step", "prompt", "completion", "reward"} <= set(s[0])

@@ -196,8 +196,9 @@ def run_suite(*, scale: float = 1.0, memory: bool = True, rep: int = 5, max_time
         if "cpp" in measured:
             (tr, mr), (tc, mc) = measured["torch"], measured["cpp"]
             sp = tr.median_ms / tc.median_ms
-            # a cpp peak under one page reads as one page (4 KiB), so the ratio stays finite
-            mr_ratio = (mr / max(mc, 4096)) if (mr is not None and mc is not None) else None
+            # blocks under glibc's 64 KiB mmap threshold may come from heap pages already resident,
+            # so 64 KiB is the resolution: a smaller cpp peak counts as 64 KiB (finite, conservative)
+            mr_ratio = (mr / max(mc, 65536)) if (mr is not None and mc is not None) else None
             verdict = []
             if case.goal_speedup is not None:
                 verdict.append(f"speed {sp:.2f}× {'meets' if sp >= case.goal_speedup else 'misses'} "
@@ -215,7 +216,7 @@ def run_suite(*, scale: float = 1.0, memory: bool = True, rep: int = 5, max_time
         "ms: median per call, p20/p80 the 20th/80th percentiles",
         "extra_peak: peak resident memory of one call above its inputs, in a fresh subprocess "
         "(VmHWM after /proc/self/clear_refs; glibc forced to mmap ≥ 64 KiB blocks)",
-        "mem_ratio: reference extra peak ÷ cpp extra peak (a cpp peak below 4 KiB counts as 4 KiB)",
+        "mem_ratio: reference extra peak ÷ cpp extra peak (a cpp peak below the 64 KiB resolution counts as 64 KiB)",
         "goals are the foundation issue's targets, stated next to the measured ratios, not asserted",
     ]
     return table

@@ -275,6 +275,8 @@ def environment(device: str = "cpu") -> Dict[str, object]:
         "device": device_name(device),
         "device_type": torch.device(device).type,
         "cpu_threads": torch.get_num_threads(),
+        # other processes competing for the cores make CPU timings noisy: record how busy it was
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -361,7 +363,7 @@ def write_results(tables: Sequence[Table], *, device: str = "cpu", out_dir: Opti
     jpath.write_text(json.dumps(runs, indent=1, default=str))
     peers = ", ".join(f"{k} {v}" for k, v in env["peers"].items() if v)
     header = (f"## {suite or 'bench'} — {env['time_utc']}\n\n"
-              f"device: {env['device']} ({env['cpu_threads']} threads) · torch {env['torch']} · "
+              f"device: {env['device']} ({env['cpu_threads']} threads, load avg {env['load_avg_1m']}) · torch {env['torch']} · "
               f"triton {env['triton']} · cuda {env['cuda']} · commit {env['git_commit']}\n\npeers: {peers}\n")
     with open(mpath, "a") as f:
         f.write(header + "\n" + "\n\n".join(t.markdown() for t in tables) + "\n\n")

@@ -1,0 +1,87 @@
+"""Compile every Triton kernel of rlhf_fast for an H100 (sm_90) without a GPU: the real
+Triton front end, TTIR/TTGIR/LLVM passes and ptxas — what the interpreter never runs.
+
+Run in a process *without* TRITON_INTERPRET (the interpreter replaces @triton.jit);
+tests/triton/test_compile.py does that in a subprocess. Prints one line per kernel
+variant and exits non-zero on the first failure.
+"""
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rlhf_fast.kernels import fused_linear, kl, ppo_loss, token_logprobs  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, types: dict, consts: dict, num_warps=4, num_stages=3):
+    """types: arg name -> Triton type string; consts: arg name -> constexpr value."""
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in consts else types[name]
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts))
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants(dtypes=("fp32", "bf16")):
+    for dt in dtypes:
+        # token_logprobs
+        for ent in (False, True):
+            yield "tl_fwd", token_logprobs._token_logprobs_fwd_kernel, dict(
+                logits_ptr=f"*{dt}", labels_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32", lse_ptr="*fp32",
+                N="i32", V="i32", stride_row="i64", temperature="fp32", ignore_index="i32"), dict(
+                ENTROPY=ent, ROWS=1, BLOCK_V=4096), 8
+            yield "tl_bwd", token_logprobs._token_logprobs_bwd_kernel, dict(
+                logits_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", glogp_ptr="*fp32",
+                gent_ptr="*fp32", dlogits_ptr=f"*{dt}", N="i32", V="i32", stride_row="i64", stride_drow="i64",
+                temperature="fp32", ignore_index="i32"), dict(HAS_GLOGP=True, HAS_GENT=ent, ROWS=1, BLOCK_V=4096), 8
+        # fused linear forward
+        for bias, ent in ((False, True), (True, False)):
+            yield "fl_fwd", fused_linear._fused_linear_fwd_kernel, dict(
+                h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", part_ptr="*fp32", N="i32",
+                V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
+                n_row_tiles="i32", split="i32", tiles_per_split="i32"), dict(
+                HAS_BIAS=bias, ENTROPY=ent, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=128, BLOCK_K=64), 4
+        # kl
+        for kind in (0, 1, 2, 3):
+            yield "kl_fwd", kl._kl_fwd_kernel, dict(logp_ptr=f"*{dt}", ref_ptr=f"*{dt}", out_ptr="*fp32", n="i64"), dict(
+                KIND=kind, CLAMP=20.0, BLOCK=1024), 4
+            yield "kl_bwd", kl._kl_bwd_kernel, dict(grad_ptr="*fp32", logp_ptr=f"*{dt}", ref_ptr=f"*{dt}",
+                                                    dlogp_ptr=f"*{dt}", n="i64"), dict(KIND=kind, CLAMP=20.0, BLOCK=1024), 4
+        # ppo policy / value
+        common = dict(logp_ptr=f"*{dt}", old_ptr="*fp32", adv_ptr="*fp32", mask_ptr="*fp32", ref_ptr="*fp32",
+                      T="i32", n_tiles="i32", clip_low="fp32", clip_high="fp32", dual_clip="fp32", kl_coef="fp32",
+                      ent_coef="fp32")
+        for dual, ref, ent in ((False, False, False), (True, True, True)):
+            c = dict(HAS_DUAL=dual, HAS_REF=ref, HAS_ENT=ent, KL_KIND=2, CLAMP=20.0, BLOCK_T=1024)
+            yield "ppo_fwd", ppo_loss._policy_fwd_kernel, dict(common, ent_ptr="*fp32", part_ptr="*fp32"), dict(c, NP=10), 4
+            yield "ppo_bwd", ppo_loss._policy_bwd_kernel, dict(common, grow_ptr="*fp32", dlogp_ptr=f"*{dt}",
+                                                               dent_ptr="*fp32"), c, 4
+        vcommon = dict(v_ptr=f"*{dt}", old_ptr="*fp32", ret_ptr="*fp32", mask_ptr="*fp32", T="i32", n_tiles="i32",
+                       clip="fp32")
+        for clip in (False, True):
+            yield "value_fwd", ppo_loss._value_fwd_kernel, dict(vcommon, part_ptr="*fp32"), dict(
+                HAS_CLIP=clip, NV=5, BLOCK_T=1024), 4
+            yield "value_bwd", ppo_loss._value_bwd_kernel, dict(vcommon, grow_ptr="*fp32", dv_ptr=f"*{dt}"), dict(
+                HAS_CLIP=clip, BLOCK_T=1024), 4
+
+
+def main() -> int:
+    # --bf16: the 16-bit variants only (the ones training uses), about half the time
+    dtypes = ("bf16",) if "--bf16" in sys.argv else ("fp32", "bf16")
+    for name, fn, types, consts, nw in variants(dtypes):
+        k = compile_kernel(fn, types, consts, num_warps=nw)
+        print(f"ok {name} {types.get('logits_ptr') or types.get('h_ptr') or types.get('logp_ptr') or types.get('v_ptr')}"
+              f" {consts} cubin={len(k.asm['cubin'])}B shared={k.metadata.shared}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

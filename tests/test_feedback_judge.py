@@ -14,6 +14,15 @@ from rlhf_fast import cli
 from rlhf_fast.feedback.judge import HTTPBackend, Judge, JudgeConfig, JudgeError, LocalBackend
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is ~15x faster than two on a shared, oversubscribed CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeServer:
     """Chat completions that prefer the response containing "good" (or always "A" when
     ``biased``), with scripted failures: a list of "500", "429", "400", "slow" consumed in order."""

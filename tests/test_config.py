@@ -4,7 +4,7 @@ import dataclasses
 import json
 import os
 import random
-from typing import List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -29,6 +29,7 @@ class Cfg:
     max_len: Optional[int] = None
     tags: List[str] = dataclasses.field(default_factory=list)
     kind: Literal["a", "b"] = "a"
+    weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     opt: Opt = dataclasses.field(default_factory=Opt)
 
     def __post_init__(self):
@@ -163,3 +164,20 @@ def test_lr_schedule_and_metrics(tmp_path):
     recs = read_metrics(run.path)
     assert recs[0] == {"step": 1, "loss": 0.5, "acc": 1}
     assert json.loads(open(run.metrics_path).readline())["step"] == 1
+
+
+def test_dict_override_and_truncate_metrics(tmp_path):
+    from rlhf_fast.trainers.common import truncate_metrics
+
+    p = _yaml(tmp_path, "weights:\n  a: 1\n")
+    cfg = load_config(Cfg, p, ["--weights.b", "0.5"])
+    assert cfg.weights == {"a": 1.0, "b": 0.5}
+    with pytest.raises(ValueError, match="'weights.b': expected float"):
+        load_config(Cfg, p, ["--weights.b", "heavy"])
+    with pytest.raises(ValueError, match="not a section"):
+        load_config(Cfg, p, ["--steps.x", "1"])
+    with MetricsLogger(str(tmp_path), tensorboard=False) as log:
+        for s in range(1, 6):
+            log.log(s, {"x": s})
+    truncate_metrics(str(tmp_path), 3)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]

@@ -156,3 +156,16 @@ def test_agreement_and_flip_rate():
     assert w["perfect"] > w["n1"] and w["perfect"] > w["n2"]
     single = agreement_stats([PairRecord("p", "a", "b", annotator="u")])
     assert single.agreement is None and single.flip_rate is None and single.n_multi == 0
+
+
+def test_dataset_like_source():
+    class FakeDataset:  # the part of datasets.Dataset that is used: column_names and iteration
+        column_names = ["prompt", "completion"]
+
+        def __iter__(self):
+            return iter([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}])
+
+    recs, problems = load_records(FakeDataset(), "sft", strict=False)
+    assert recs == [SFTRecord("p", "c")] and str(problems[0]) == "<dataset>:2: completion: empty text"
+    with pytest.raises(TypeError, match="source must be"):
+        load_records(42, "sft")

@@ -132,6 +132,19 @@ def read_metrics(run_dir: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop records after ``step`` from ``run_dir/metrics.jsonl`` (on resume from a
+    checkpoint at ``step``, so the log continues as if the run had never stopped)."""
+    from .config import atomic_write_text
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(keep))
+
+
 class RunDir:
     """A run's output folder: creates it and writes the resolved config as ``config.yaml``.
 
@@ -189,7 +202,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 __all__ = ["seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",
-           "load_causal_lm", "parse_tiny_spec",
+           "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "resolve_device", "to_dict"]
 
 

@@ -173,6 +173,15 @@ def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
         if i == len(parts) - 1:
             cur[part] = _convert(raw, tp, key, from_string=True)
             return
+        if typing.get_origin(inner) is dict or inner is dict:
+            if i != len(parts) - 2:
+                raise ValueError(f"config key {key!r} is a mapping; set one entry with --{key}.NAME value")
+            args = typing.get_args(inner)
+            sub = dict(cur.get(part) or {})
+            name = parts[-1]
+            sub[name] = _convert(raw, args[1] if args else Any, f"{key}.{name}", from_string=True)
+            cur[part] = sub
+            return
         if not dataclasses.is_dataclass(inner):
             raise ValueError(f"config key {key!r} is {_type_name(tp)}, not a section; cannot set {dotted!r}")
         sub = cur.get(part)

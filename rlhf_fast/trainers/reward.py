@@ -21,7 +21,7 @@ from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, sc
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
-                     seed_everything)
+                     seed_everything, truncate_metrics)
 from .sft import _Batches, split_records
 
 
@@ -322,6 +322,7 @@ class RewardTrainer:
                                     schedulers={"scheduler": self.scheduler})
             self.step = int(extra["step"])
             self.batches.load(extra["data"])
+            truncate_metrics(self.run.path, self.step)
         last: Dict[str, float] = {}
         with MetricsLogger(self.run.path) as log:
             while self.step < cfg.max_steps:

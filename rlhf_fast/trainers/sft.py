@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
-                     seed_everything)
+                     seed_everything, truncate_metrics)
 
 
 @dataclasses.dataclass
@@ -252,6 +252,7 @@ class SFTTrainer:
                                 schedulers={"scheduler": self.scheduler})
         self.step = int(extra["step"])
         self.batches.load(extra["data"])
+        truncate_metrics(self.run.path, self.step)
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""

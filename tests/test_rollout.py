@@ -45,10 +45,35 @@ def test_greedy_equals_hf_generate(tok, family):
     assert batch.input_ids.shape[0] == len(PROMPTS) and batch.tokens_per_second > 0
 
 
-def test_beam_search_equals_hf_generate(tok, model):
-    engine = HFRolloutEngine(model, tok)
-    batch = engine.beam_search(PROMPTS, num_beams=3, max_new_tokens=8)
-    assert _responses(batch) == _hf_responses(model, tok, PROMPTS, do_sample=False, num_beams=3, max_new_tokens=8)
+@pytest.fixture(scope="module")
+def eos_model(tok, model):
+    """The tiny model with an eos logit near the top for typical states, so some beams end on
+    eos and others run to the length limit."""
+    import copy
+
+    from rlhf_fast.models import hidden_states
+
+    m = copy.deepcopy(model)
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = hidden_states(m, enc["input_ids"], enc["attention_mask"])
+        d = h[enc["attention_mask"].bool()].mean(0)
+        m.lm_head.weight[tok.eos_token_id] = d / d.norm() ** 2 * 0.5  # eos logit ≈ 0.5 along the mean state
+    return m
+
+
+@pytest.mark.parametrize("num_beams,max_new,length_penalty,early_stopping",
+                         [(3, 8, 1.0, False), (2, 10, 0.5, True), (4, 10, 2.0, "never"), (1, 5, 1.0, False)])
+def test_beam_search_equals_hf_generate(tok, eos_model, num_beams, max_new, length_penalty, early_stopping):
+    engine = HFRolloutEngine(eos_model, tok)
+    batch = engine.beam_search(PROMPTS, num_beams=num_beams, max_new_tokens=max_new, length_penalty=length_penalty,
+                               early_stopping=early_stopping)
+    exp = _hf_responses(eos_model, tok, PROMPTS, do_sample=False, num_beams=num_beams, max_new_tokens=max_new,
+                        length_penalty=length_penalty, early_stopping=early_stopping)
+    got = _responses(batch)
+    assert got == exp
+    if num_beams == 3:
+        assert any(r[-1] == tok.eos_token_id for r in got) and any(len(r) == max_new for r in got)
 
 
 def test_batch_layout(tok, model):
@@ -200,3 +225,10 @@ def test_engine_on_lora_policy_and_training_mode(tok):
     with torch.no_grad():
         lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=b.response_mask)
     torch.testing.assert_close(lp, b.behaviour_logp, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_stops_at_eos_like_hf_generate(tok, eos_model):
+    batch = HFRolloutEngine(eos_model, tok).greedy(PROMPTS, max_new_tokens=10)
+    exp = _hf_responses(eos_model, tok, PROMPTS, do_sample=False, max_new_tokens=10)
+    assert _responses(batch) == exp
+    assert [r == "stop" for r in batch.finish_reasons] == [e[-1] == tok.eos_token_id for e in exp]

@@ -172,25 +172,97 @@ class HFRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ evaluation
 
     def beam_search(self, prompts: Prompts, num_beams: int = 4, max_new_tokens: int = 32,
-                    *, length_penalty: float = 1.0) -> RolloutBatch:
-        """The best beam per prompt, for evaluation (transformers' beam search, so results
-        match ``model.generate(num_beams=...)``), packed as a :class:`RolloutBatch`
-        (behaviour_logp is 0: beams are not samples)."""
+                    *, length_penalty: float = 1.0, early_stopping=False) -> RolloutBatch:
+        """The best beam per prompt, for evaluation, packed as a :class:`RolloutBatch` (one row
+        per prompt; behaviour_logp is 0: beams are not samples).
+
+        Same algorithm as transformers' beam search (``generate(num_beams=...)``: 2·num_beams
+        candidates per step, finished hypotheses scored sum-logp / length**length_penalty,
+        the same early-stopping heuristic), on this engine's KV cache with one prefill per
+        prompt shared by its beams.
+        """
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        from transformers import DynamicCache
+
         ids, texts = self._encode(prompts)
         t0 = time.perf_counter()
         prompt_ids, prompt_mask = self._left_pad(ids)
-        P = prompt_ids.shape[1]
+        Bp, P = prompt_ids.shape
+        nb, L, dev = num_beams, P + max_new_tokens, self.device
+        eos = self.tokenizer.eos_token_id
+        eos_ids = torch.tensor([] if eos is None else [eos], dtype=torch.long, device=dev)
+        keep = max(2, 1 + eos_ids.numel()) * nb  # candidates per step, so nb survive the finished ones
+        top_nb = torch.arange(keep, device=dev) < nb
+        offset = torch.arange(Bp, device=dev).view(-1, 1) * nb
+        NEG = -1.0e9
+
+        running = torch.full((Bp, nb, L), self.pad_id, dtype=torch.long, device=dev)
+        running[:, :, :P] = prompt_ids[:, None]
+        finished = running.clone()
+        run_scores = torch.zeros(Bp, nb, device=dev)
+        run_scores[:, 1:] = NEG  # all beams start identical: expand only the first
+        fin_scores = torch.full((Bp, nb), NEG, device=dev)
+        fin_done = torch.zeros(Bp, nb, dtype=torch.bool, device=dev)
+        unsatisfied = torch.ones(Bp, 1, dtype=torch.bool, device=dev)
+
+        def gather(t, idx):  # t [Bp, K, ...], idx [Bp, k]
+            return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+
         with self._eval_mode():
-            seqs = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=num_beams,
-                max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=self.pad_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        resp = seqs[:, P:]
+            cache = DynamicCache(config=unwrap(self.model).config)
+            out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                             position_ids=default_position_ids(prompt_mask), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(nb)
+            logits = out.logits[:, -1].repeat_interleave(nb, dim=0)  # [Bp·nb, V]
+            attn = prompt_mask.repeat_interleave(nb, dim=0)
+            cur = P
+            while True:
+                V = logits.shape[-1]
+                acc = (torch.log_softmax(logits.float(), -1).view(Bp, nb, V) + run_scores[:, :, None]).view(Bp, -1)
+                top_lp, top_idx = torch.topk(acc, keep)  # [Bp, keep]
+                origin, tok = top_idx // V, top_idx % V
+                cand = gather(running, origin)
+                cand[:, :, cur] = tok
+                hits = torch.isin(tok, eos_ids) | (cur + 1 >= L)
+                # next running beams: the best candidates that did not stop
+                nxt = torch.topk(top_lp + hits.float() * NEG, nb)[1]
+                running = gather(cand, nxt)
+                run_scores = gather(top_lp + hits.float() * NEG, nxt)
+                beam_idx = (gather(origin, nxt) + offset).flatten()
+                # finished hypotheses: stopped candidates ranked within the top nb, length-normalised
+                just = hits & top_nb[None]
+                fin_lp = top_lp / ((cur + 1 - P) ** length_penalty)
+                full = fin_done.all(-1, keepdim=True) & (early_stopping is True)
+                fin_lp = fin_lp + full.float() * NEG + (~unsatisfied).float() * NEG + (~just).float() * NEG
+                m_scores = torch.cat([fin_scores, fin_lp], 1)
+                sel = torch.topk(m_scores, nb)[1]
+                finished = gather(torch.cat([finished, cand], 1), sel)
+                fin_scores = gather(m_scores, sel)
+                fin_done = gather(torch.cat([fin_done, just], 1), sel)
+                cur += 1
+                best_len = (L - P) if (early_stopping == "never" and length_penalty > 0.0) else (cur - P)
+                best_running = run_scores[:, :1] / (best_len ** length_penalty)
+                worst_fin = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+                unsatisfied = unsatisfied & (best_running > worst_fin).any(-1, keepdim=True)
+                go_on = bool(unsatisfied.any()) and not (bool(fin_done.all()) and early_stopping is True) \
+                    and not bool(hits.all())
+                if not go_on:
+                    break
+                cache.reorder_cache(beam_idx)
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+                pos = (attn.sum(-1, keepdim=True) - 1).clamp(min=0)
+                out = self.model(input_ids=running[:, :, cur - 1].reshape(-1, 1), attention_mask=attn,
+                                 position_ids=pos, past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1]
+                cache = out.past_key_values
+        resp = finished[:, 0, P:cur]
         return self._pack_fixed(prompt_ids, prompt_mask, resp, texts, time.perf_counter() - t0)
 
     def _pack_fixed(self, prompt_ids, prompt_mask, resp, texts, elapsed) -> RolloutBatch:

@@ -1,14 +1,42 @@
-"""`rlhf-fast demo`: until the trainers land, runs every op on every live backend and
-prints a correctness and speed table (rlhf_fast.benchmarks.ops_report)."""
+"""`rlhf-fast demo`: the main job (see :mod:`rlhf_fast.demo.pipeline`)."""
 
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny sizes")
+    parser.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
+                        help="preference (SFT → annotators → reward model → RL) or arithmetic (GRPO, verifiable reward)")
+    parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="ppo", help="RL algorithm (preference task)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/demo-TASK-TIMESTAMP)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by the tests)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--ops-report", action="store_true", help="instead: every op on every live backend, "
+                        "correctness and speed table")
 
 
 def run(args) -> int:
-    from rlhf_fast.benchmarks.ops_report import main as ops_report
+    if args.ops_report:
+        from rlhf_fast.benchmarks.ops_report import main as ops_report
 
-    return ops_report(quick=args.quick)
+        return ops_report(quick=args.quick)
+    import torch
+
+    from .pipeline import DemoConfig
+    from .pipeline import run as run_demo
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    cfg = DemoConfig(task=args.task, algo=args.algo, out_dir=args.out, seed=args.seed, quick=args.quick,
+                     progress=not args.no_progress)
+    report = run_demo(cfg)
+    ev = report["stages"]["evaluation"]
+    print()
+    print(f"run folder: {cfg.out_dir}")
+    print(f"report:     {cfg.out_dir}/report.md")
+    for k, v in ev.items():
+        print(f"  {k:34s} {v:.3f}" if isinstance(v, float) else f"  {k:34s} {v}")
+    if cfg.task == "preference":
+        rm = report["stages"]["reward_model"]
+        print(f"  {'rm_heldout_agreement_vs_hidden':34s} {rm['rm_heldout_agreement_vs_hidden']}")
+    print(f"  {'wall_seconds':34s} {report['wall_seconds']:.1f}")
+    return 0

@@ -1,0 +1,94 @@
+"""The demo's report: PNG plots and a Markdown page that state what was measured."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "—" if v is None else str(v)
+
+
+def _curve_png(history: List[Dict], keys: List[str], path: str, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(i + 1, h) for i, h in enumerate(history)]
+    drawn = False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(s, h[k]) for s, h in rows if isinstance(h.get(k), (int, float))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+            drawn = True
+    ax.set_xlabel("RL step")
+    ax.set_title(title)
+    if drawn:
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(cfg, report: Dict, trainer) -> str:
+    """Write plots (RL curves via :func:`rlhf_fast.trainers.plot.plot_run` and the demo's own
+    summary figures) and ``report.md`` into ``cfg.out_dir``; returns the report's path."""
+    from rlhf_fast.trainers.plot import plot_run
+
+    out = cfg.out_dir
+    plots = os.path.join(out, "plots")
+    os.makedirs(plots, exist_ok=True)
+    images = []
+    try:
+        images += plot_run(trainer.run_dir.path, plots)
+    except Exception as e:  # plots must not lose the run's numbers
+        report.setdefault("warnings", []).append(f"plot_run failed: {e}")
+    from rlhf_fast.trainers.common import read_metrics
+
+    history = read_metrics(trainer.run_dir.path)
+    p = os.path.join(plots, "demo_reward_kl.png")
+    if _curve_png(history, [k for k in ("reward/total", "kl/seq") if any(k in h for h in history)], p,
+                  "reward and KL during RL"):
+        images.append(p)
+
+    ev = report["stages"].get("evaluation", {})
+    lines = [f"# rlhf_fast demo — {cfg.task}", ""]
+    lines.append(f"Run folder: `{out}` · algorithm: {cfg.algo if cfg.task == 'preference' else 'grpo'} · "
+                 f"wall time: {report.get('wall_seconds', 0):.0f} s on the CPU · seed {cfg.seed}"
+                 + (" · QUICK (tiny sizes)" if cfg.quick else ""))
+    lines += ["", "## Results", "", "| measure | value |", "|---|---|"]
+    for k, v in ev.items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    if cfg.task == "preference":
+        rm = report["stages"].get("reward_model", {})
+        lines += ["", "## Reward model", "", "| measure | value |", "|---|---|"]
+        for k, v in rm.items():
+            lines.append(f"| {k} | {_fmt(v)} |")
+        lines += ["", "How to read this: the true win-rate is judged by the hidden preference the simulated "
+                  "annotators follow (warm adjectives good, cold ones bad), not by the reward model. "
+                  "`rm_minus_true_win_rate` > 0 means the reward model believes in more progress than there "
+                  "is (reward over-optimisation; here partly the annotators' length bias, "
+                  f"{cfg.length_bias} utility per word, and their {cfg.annotator_noise:.0%} label noise)."]
+    sft = report["stages"].get("sft", {})
+    lines += ["", "## SFT", "", "| measure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sft.items()]
+    if report.get("examples"):
+        lines += ["", "## Samples (same prompt, SFT vs tuned)", ""]
+        for ex in report["examples"]:
+            lines += [f"- **{ex['prompt']}**", f"  - SFT: {ex['sft']!r}", f"  - tuned: {ex['tuned']!r}"]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{os.path.basename(i)}](plots/{os.path.basename(i)})" for i in images]
+    for w in report.get("warnings", []):
+        lines += ["", f"> warning: {w}"]
+    path = os.path.join(out, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
+    return path

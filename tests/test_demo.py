@@ -1,0 +1,50 @@
+"""The main job end to end at tiny sizes: every stage runs, the report and plots exist,
+and RL raises the reward model's score of the policy above the SFT policy's."""
+
+import json
+import os
+
+import pytest
+
+from rlhf_fast.demo import world
+from rlhf_fast.demo.pipeline import DemoConfig, run
+
+
+def test_world_preference_and_annotator():
+    assert world.true_utility("The cat is kind. It is warm and sad.") == 1.0
+    ann = world.SimulatedAnnotator(noise=0.0, length_bias=0.0)
+    assert ann.prefers_first("The cat is kind.", "The cat is rude.")
+    assert not ann.prefers_first("The cat is cold.", "The cat is calm.")
+    noisy = world.SimulatedAnnotator(noise=0.3, length_bias=0.0, seed=1)
+    flips = sum(not noisy.prefers_first("The cat is kind.", "The cat is rude.") for _ in range(2000))
+    assert 0.25 < flips / 2000 < 0.35
+    assert world.win_rate([1, 0, 2], [0, 0, 3]) == pytest.approx(0.5)
+    assert world.arithmetic_reward(["3+4=", "9+9="], ["7", "19"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="noise"):
+        world.SimulatedAnnotator(noise=0.9)
+
+
+def test_demo_config_validation():
+    with pytest.raises(ValueError, match="algo"):
+        DemoConfig(algo="dpo")
+    with pytest.raises(ValueError, match="task"):
+        DemoConfig(task="chess")
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    cfg = DemoConfig(quick=True, out_dir=str(tmp_path / "run"), progress=False)
+    report = run(cfg)
+    out = cfg.out_dir
+    for stage in ("sft", "reward_model", "evaluation"):
+        assert stage in report["stages"], stage
+    sft = report["stages"]["sft"]
+    assert sft["sft_eval_loss_after"] < sft["sft_eval_loss_before"]
+    ev = report["stages"]["evaluation"]
+    assert ev["rm_score_tuned"] > ev["rm_score_sft"]
+    assert 0.0 <= ev["true_win_rate_tuned_vs_sft"] <= 1.0
+    assert os.path.isfile(os.path.join(out, "report.md"))
+    assert json.load(open(os.path.join(out, "summary.json")))["stages"]["evaluation"]
+    pngs = [f for f in os.listdir(os.path.join(out, "plots")) if f.endswith(".png")]
+    assert pngs
+    assert os.path.isfile(os.path.join(out, "rl", "metrics.jsonl"))
+    assert os.path.isdir(os.path.join(out, "policy"))

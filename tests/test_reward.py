@@ -132,3 +132,30 @@ def test_cli(tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
     assert cli.main(["reward", str(cfg), "--data", str(bad)]) == 2
     assert "1 problem(s)" in capsys.readouterr().err
+
+
+def test_from_causal_lm_folder_and_label_files(tmp_path, tok, capsys):
+    """The usual pipeline: the RM starts from a saved (SFT) causal LM and trains on label files."""
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    lm = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tok.pad_token_id)
+    lm.save_pretrained(str(tmp_path / "sft"))
+    tok.save_pretrained(str(tmp_path / "sft"))
+    labels = tmp_path / "labels.jsonl"
+    rows = []
+    for i, r in enumerate(synthetic_preference_records(12, seed=9)):
+        a, b, lab = (r.chosen, r.rejected, "A") if i % 2 else (r.rejected, r.chosen, "B")
+        rows.append({"item": i, "key": str(i), "prompt": r.prompt, "a": a, "b": b, "label": lab, "annotator": "h"})
+    rows.append({"item": 99, "key": "t", "prompt": "p", "a": "x", "b": "y", "label": "tie", "annotator": "h"})
+    labels.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert cli.main(["reward", "none", "--model", str(tmp_path / "sft"), "--data", str(labels), "--data_kind", "labels",
+                     "--max_steps", "2", "--batch_size", "4", "--output_dir", str(tmp_path / "rm")]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "final"))
+    assert rm.config.num_labels == 1
+    cfg = RewardConfig(model=str(tmp_path / "sft"), data=str(labels), data_kind="labels", output_dir=str(tmp_path / "rm2"))
+    tr = RewardTrainer(cfg)
+    assert len(tr.train_items) + len(tr.eval_items) == 12  # the tie carries no preference
+    # the backbone is the saved causal LM's
+    torch.testing.assert_close(tr.model.model.embed_tokens.weight, lm.model.embed_tokens.weight)

@@ -64,8 +64,8 @@ class RewardConfig:
     dedup: bool = True
 
     def __post_init__(self):
-        if self.data_kind not in ("pairs", "rankings", "scores"):
-            raise ValueError(f"data_kind must be 'pairs', 'rankings' or 'scores', got {self.data_kind!r}")
+        if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
+            raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
         for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -163,6 +163,16 @@ class RewardTrainer:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         kind = cfg.data_kind
+        if kind == "labels":
+            # files written by `rlhf-fast label` / `rlhf-fast judge`: A/B labels become pairs
+            from rlhf_fast.feedback.formats import dedup_records
+            from rlhf_fast.feedback.label import labels_to_pairs
+
+            def load_records(path, _kind, dedup=True):  # noqa: F811
+                recs = labels_to_pairs(path)
+                return dedup_records(recs) if dedup else recs
+
+            kind = "pairs"
         if train_records is None:
             if cfg.data:
                 records = load_records(cfg.data, kind, dedup=cfg.dedup)

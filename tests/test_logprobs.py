@@ -92,6 +92,13 @@ def test_matches_reference(backend, dtype, V, shape, entropy, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_float16(backend, entropy):
+    logits, labels = _inputs((2, 3), 4099, torch.float16, seed=17)
+    _check(backend, logits, labels, 0.7, entropy, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [129920, 151936])
 def test_large_vocab(backend, dtype, V):

@@ -124,3 +124,16 @@ def test_cli(tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "p"}) + "\n")
     assert cli.main(["sft", str(cfg), "--data", str(bad)]) == 2
     assert f"{bad}:1: completion: missing field" not in capsys.readouterr().err  # one line only: the count
+
+
+def test_one_bos_for_text_and_chat_prompts():
+    from rlhf_fast.feedback.formats import SFTRecord
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
+
+    tok = train_tokenizer(sample_texts(32), 300, add_bos=True, padding_side="right")
+    recs = [SFTRecord("the cat", "sat"), SFTRecord([{"role": "user", "content": "the cat"}], "sat")]
+    rows, dropped = tokenize_sft(recs, tok, 64)
+    assert dropped == 0
+    for row in rows:
+        assert row["input_ids"][0] == tok.bos_token_id and row["input_ids"].count(tok.bos_token_id) == 1
+    assert tokenize_sft([SFTRecord("the cat " * 40, "sat")], tok, 16) == ([], 1)  # prompt leaves no room

@@ -94,6 +94,7 @@ class JsonCache:
                     raise ValueError(f"{path}: judge cache is not valid JSON (delete it to start over)") from None
 
     def get(self, key: str) -> Any:
+        """The cached value of ``key`` or None (counts hits and misses)."""
         if key in self.data:
             self.hits += 1
             return self.data[key]
@@ -101,6 +102,7 @@ class JsonCache:
         return None
 
     def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` and rewrite the file atomically."""
         self.data[key] = value
         if self.path:
             from rlhf_fast.trainers.config import atomic_write_text

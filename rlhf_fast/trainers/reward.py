@@ -108,7 +108,8 @@ def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0
 def _encode(tokenizer, prompt: Any, response: str, max_len: int) -> List[int]:
     from rlhf_fast.feedback.formats import render_prompt
 
-    ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=True)["input_ids"]
+    # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
+    ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
     ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]

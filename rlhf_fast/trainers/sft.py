@@ -95,7 +95,8 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[
 
     rows, dropped = [], 0
     for r in records:
-        p = tokenizer(render_prompt(r.prompt, tokenizer), add_special_tokens=True)["input_ids"]
+        # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
+        p = tokenizer(render_prompt(r.prompt, tokenizer), add_special_tokens=isinstance(r.prompt, str))["input_ids"]
         c = tokenizer(r.completion, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             c = c + [tokenizer.eos_token_id]

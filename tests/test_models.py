@@ -67,7 +67,6 @@ def test_tiny_reward_model(tok):
 
 import warnings  # noqa: E402
 
-from rlhf_fast import ops  # noqa: E402
 from rlhf_fast.models import logprobs as lp  # noqa: E402
 from rlhf_fast.ops import reference  # noqa: E402
 
@@ -122,7 +121,7 @@ def test_sequence_logprobs_gradients_match(tok):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", sorted(lp.PACKED_TESTED))
 def test_packed_equals_padded(family):
     tok = train_tokenizer(sample_texts(), 256, padding_side="right")
     model = tiny_causal_lm(len(tok), family=family, seed=4)

@@ -33,6 +33,10 @@ _UNFUSABLE_HEAD_ATTRS = (
     ("lm_head_multiplier", (None, 1, 1.0)),
 )
 
+# Model types whose attention builds the block-diagonal mask from per-sequence position ids
+# (transformers' masking_utils), checked packed == padded in tests/test_models.py.
+PACKED_TESTED = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2"})
+
 # Rows of logits the Python chunk loop materialises at once when the op runs on the
 # PyTorch reference (which holds all rows of logits it is given): 4M logits = 16 MB fp32.
 _REFERENCE_CHUNK_ELEMS = 1 << 22
@@ -139,6 +143,13 @@ def lm_head_params(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tenso
 def _warn_unfused(reason: str) -> None:
     warnings.warn(f"rlhf_fast: falling back to full logits for log-probs because {reason}",
                   RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_packed_untested(model_type) -> None:
+    warnings.warn(f"rlhf_fast: packed=True is untested for model_type={model_type!r}; it is exact only if the "
+                  "model's attention separates sequences by their position ids (check packed == padded once)",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _fallback_reason(model: nn.Module) -> Optional[str]:
@@ -252,6 +263,9 @@ def sequence_logprobs(
         ids, pos, rows, cols = _pack(input_ids, attention_mask)
         if _fallback_reason(model) is not None:
             raise ValueError("packed=True needs a fusable LM head")
+        mtype = getattr(unwrap(model).config, "model_type", None)
+        if mtype not in PACKED_TESTED:
+            _warn_packed_untested(mtype)
         h = hidden_states(model, ids, None, pos)[0]  # [N, H]
         # packed token k predicts token k + 1 when both belong to the same row
         same = torch.zeros_like(rows, dtype=torch.bool)

@@ -6,7 +6,7 @@ the models are randomly initialised from a config of the chosen Hugging Face fam
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 

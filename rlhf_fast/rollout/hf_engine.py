@@ -75,6 +75,21 @@ class HFRolloutEngine(RolloutEngine):
         finally:
             self.model.train(was_training)
 
+    def _prefill(self, prompt_ids, prompt_mask):
+        """One forward over the left-padded prompts ``[Bp, P]`` filling a fresh DynamicCache;
+        only the last position's logits are computed where the model supports it."""
+        from transformers import DynamicCache
+
+        kw = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=default_position_ids(prompt_mask),
+                  past_key_values=DynamicCache(config=unwrap(self.model).config), use_cache=True)
+        try:
+            return self.model(**kw, logits_to_keep=1)
+        except TypeError as e:  # older/custom models without logits_to_keep
+            if "logits_to_keep" not in str(e):
+                raise
+            kw["past_key_values"] = DynamicCache(config=unwrap(self.model).config)
+            return self.model(**kw)
+
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
         stop = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
@@ -102,13 +117,8 @@ class HFRolloutEngine(RolloutEngine):
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = self._stop_ids(params)
-        from transformers import DynamicCache
-
         with self._eval_mode():
-            cache = DynamicCache(config=unwrap(self.model).config)
-            out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                             position_ids=default_position_ids(prompt_mask), past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self._prefill(prompt_ids, prompt_mask)
             logits = out.logits[:, -1]  # [Bp, V]
             cache = out.past_key_values
             if n > 1:
@@ -187,8 +197,6 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        from transformers import DynamicCache
-
         ids, texts = self._encode(prompts)
         t0 = time.perf_counter()
         prompt_ids, prompt_mask = self._left_pad(ids)
@@ -214,10 +222,7 @@ class HFRolloutEngine(RolloutEngine):
             return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
         with self._eval_mode():
-            cache = DynamicCache(config=unwrap(self.model).config)
-            out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                             position_ids=default_position_ids(prompt_mask), past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self._prefill(prompt_ids, prompt_mask)
             cache = out.past_key_values
             cache.batch_repeat_interleave(nb)
             logits = out.logits[:, -1].repeat_interleave(nb, dim=0)  # [Bp·nb, V]

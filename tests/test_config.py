@@ -49,6 +49,8 @@ def test_yaml_and_overrides(tmp_path):
                                "--kind=b", "--opt.lr", "-1e-2"])
     assert cfg == Cfg(name="x", steps=7, bf16=True, max_len=None, tags=["a", "b"], kind="b",
                       opt=Opt(lr=-0.01, betas=(0.1, 0.2)))
+    # an override may fix a value the YAML gets wrong; validation runs on the merged result
+    assert load_config(Cfg, _yaml(tmp_path, "steps: 0\n"), ["--steps", "2"]).steps == 2
     cfg2 = load_config(Cfg, None, ["--max_len", "12", "--bf16", "false", "--tags", "x,y"])
     assert cfg2.max_len == 12 and cfg2.bf16 is False and cfg2.tags == ["x", "y"]
     out = tmp_path / "resolved.yaml"
@@ -63,6 +65,7 @@ def test_yaml_and_overrides(tmp_path):
     ("bf16: 3\n", [], "'bf16': expected bool"),
     ("opt:\n  lrr: 1\n", [], "'opt.lrr'"),
     ("opt: 5\n", [], "'opt'"),
+    ("opt: 5\n", ["--opt.lr", "1"], "'opt': expected a mapping"),
     ("", ["--opt.lr", "fast"], "'opt.lr': expected float"),
     ("", ["--kind", "c"], "'kind': expected one of"),
     ("", ["--bogus", "1"], "'bogus'"),

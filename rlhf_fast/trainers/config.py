@@ -189,6 +189,10 @@ def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
             sub = {}
         elif dataclasses.is_dataclass(sub):
             sub = to_dict(sub)
+        elif not isinstance(sub, dict):
+            raise ValueError(f"config key {key!r}: expected a mapping for {_type_name(inner)}, got {sub!r}")
+        else:
+            sub = dict(sub)
         cur[part] = sub
         cur_cls, cur = inner, sub
 
@@ -250,8 +254,8 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
             loaded = {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
-        # convert once so YAML errors name the key before overrides are mixed in
-        data = to_dict(_build(cls, loaded))
+        # validated only once overrides are applied, so an override may fix a YAML value
+        data = loaded
     for key, raw in parse_overrides(overrides):
         _set_path(data, cls, key, raw)
     return _build(cls, data)

@@ -193,3 +193,13 @@ def test_local_judge_matches_direct_computation(tmp_path):
     s = judge.score("the cat", "sat")
     assert 1.0 <= s <= 10.0
     assert Judge(cfg, LocalBackend(model, tok)).compare("the cat", "sat", "ran") == p  # cache hit
+
+
+def test_cli_local_tiny_judge(tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"prompt": f"q{i}", "a": "yes", "b": "no"}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["judge", str(items), "--out", str(out), "--backend", "local", "--cache", "none",
+                     "--model", "tiny:llama:hidden_size=16,num_layers=1,num_heads=2,vocab_size=300"]) == 0
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(recs) == 3 and all(0.0 <= r["p_a"] <= 1.0 and r["label"] in ("A", "B", "tie") for r in recs)

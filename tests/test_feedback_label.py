@@ -66,3 +66,17 @@ def test_torn_last_line_and_bad_input(tmp_path, monkeypatch, capsys):
         from rlhf_fast.feedback.label import load_items
         load_items(str(bad))
     assert f"{bad}:1: b: missing field" in str(e.value) and f"{bad}:2: prompt: missing field" in str(e.value)
+
+
+def test_shuffle_sides(tmp_path, monkeypatch):
+    from rlhf_fast.feedback.label import load_items
+
+    pairs = _pairs(tmp_path, 40)
+    items = load_items(pairs, shuffle_sides=True, seed=1)
+    swapped = [it for it in items if it["a"].startswith("ans B")]
+    assert 5 < len(swapped) < 35 and load_items(pairs, shuffle_sides=True, seed=1) == items
+    out = str(tmp_path / "l.jsonl")
+    # always answer "a": the preferred response is whatever was shown as A
+    assert _run(monkeypatch, [pairs, "--out", out, "--annotator", "z", "--shuffle-sides", "--seed", "1"], ["a"] * 40) == 0
+    chosen = {p.prompt: p.chosen for p in labels_to_pairs(out)}
+    assert all(chosen[it["prompt"]] == it["a"] for it in items)

@@ -309,6 +309,13 @@ def test_lora_policy_reference_and_roundtrip(tok, tmp_path):
     again = load_policy(str(tmp_path / "adapter2"))
     with torch.no_grad():
         torch.testing.assert_close(lp.sequence_logprobs(again, ids, am), pol_lp)
+    # a critic from a LoRA policy holds the base weights and no adapter modules
+    vm = ValueModel(policy)
+    assert not any("lora" in n for n, _ in vm.named_parameters())
+    assert any("lora" in n for n, _ in policy.named_parameters())  # the policy keeps its adapters
+    with torch.no_grad():
+        torch.testing.assert_close(vm.backbone(input_ids=ids).last_hidden_state,
+                                   lp.backbone(base_copy)(input_ids=ids).last_hidden_state)
 
 
 def test_value_model_roundtrip_and_padding(tok, tmp_path):

@@ -180,15 +180,19 @@ _VALUE_META_FILE = "value_model.json"
 class ValueModel(nn.Module):
     """A critic: a transformer backbone plus a scalar value head.
 
-    ``ValueModel(model)`` copies the base model of ``model`` (a causal LM policy or a reward
-    model); from a reward model with one label the head starts from its score head. The head
+    ``ValueModel(model)`` copies the base model of ``model`` (a causal LM policy — for a peft
+    policy the base weights without the adapters — or a reward model); from a reward model with one label the head starts from its score head. The head
     is float32 whatever the backbone's dtype.
     """
 
     def __init__(self, model: nn.Module, *, copy_backbone: bool = True):
         super().__init__()
         base = unwrap(model)
-        if copy_backbone:
+        if copy_backbone and _is_peft(model):
+            # a LoRA policy: the critic starts from the base weights, without adapter modules
+            base = copy.deepcopy(model).unload()
+            self.backbone = backbone(base)
+        elif copy_backbone:
             self.backbone = copy.deepcopy(backbone(base))
         else:
             self.backbone = base  # already a base model (from_pretrained)

@@ -165,25 +165,20 @@ class RewardTrainer:
         self.device = resolve_device(cfg.device)
         kind = cfg.data_kind
         if kind == "labels":
-            # files written by `rlhf-fast label` / `rlhf-fast judge`: A/B labels become pairs
-            from rlhf_fast.feedback.formats import dedup_records
-            from rlhf_fast.feedback.label import labels_to_pairs
-
-            def load_records(path, _kind, dedup=True):  # noqa: F811
-                recs = labels_to_pairs(path)
-                return dedup_records(recs) if dedup else recs
-
             kind = "pairs"
+            load = _load_label_file
+        else:
+            load = load_records
         if train_records is None:
             if cfg.data:
-                records = load_records(cfg.data, kind, dedup=cfg.dedup)
+                records = load(cfg.data, kind, dedup=cfg.dedup)
             elif kind == "pairs":
                 records = synthetic_preference_records(seed=cfg.seed)
             else:
                 raise ValueError(f"data must be set for data_kind={kind!r} (the synthetic task has pairs only)")
             if eval_records is None:
                 if cfg.eval_data:
-                    eval_records = load_records(cfg.eval_data, kind, dedup=cfg.dedup)
+                    eval_records = load(cfg.eval_data, kind, dedup=cfg.dedup)
                 else:
                     records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
             train_records = records
@@ -353,6 +348,17 @@ class RewardTrainer:
         self.model.save_pretrained(final)
         self.tokenizer.save_pretrained(final)
         return last
+
+
+def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:
+    """PairRecords from a file written by ``rlhf-fast label`` / ``rlhf-fast judge`` (A/B labels)."""
+    from rlhf_fast.feedback.formats import dedup_records
+    from rlhf_fast.feedback.label import labels_to_pairs
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file not found: {path}")
+    recs = labels_to_pairs(path)
+    return dedup_records(recs) if dedup else recs
 
 
 def _texts(r) -> List[str]:

@@ -24,6 +24,11 @@ N = 16k tokens and V = 152k that is ~15 GB of temporaries. Here:
   tl.dot with atomics into dHidden/dW: they are plain GEMMs that cuBLAS runs near peak,
   deterministically, while atomics into a [V, H] fp32 buffer are neither; the chunk of
   dlogits (chunk_size·V in the matmul dtype) is the only [·, V] memory held.
+  ``backward="triton"`` is the all-Triton alternative: one kernel over (row tile, V tile)
+  recomputes the logits tile with tl.dot and adds dz @ W and dzᵀ @ hidden into fp32
+  buffers with atomics (no [·, V] buffer at all; 4 GEMM-equivalents instead of 3 plus
+  atomic traffic, non-deterministic order). Neither has been timed on a GPU yet:
+  benchmarks/bench_triton.py decides the default.
 
 float64 runs the reference (tl.dot has no fp64 path on every target).
 """
@@ -94,6 +99,72 @@ def _fused_linear_fwd_kernel(
     tl.store(out + 1, s, mask=row_ok)
     tl.store(out + 2, w, mask=row_ok)
     tl.store(out + 3, zt, mask=row_ok)
+
+
+@triton.jit
+def _fused_linear_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_h, stride_w, temperature, ignore_index, n_row_tiles,
+    HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One (row tile, V tile) per program: recompute the logits tile exactly as the forward
+    # (same fp32 accumulation, so the saved lse is consistent), turn it into dz, and add
+    # dz @ W into dHidden and dzᵀ @ hidden into dW (fp32 buffers, atomics).
+    pid = tl.program_id(0).to(tl.int64)
+    rt = pid % n_row_tiles
+    vt = pid // n_row_tiles
+    rows = rt * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = row_ok & (labels != ignore_index)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    logp = tl.where(col_ok[None, :], acc / temperature - lse[:, None], -float("inf"))
+    p = tl.exp(logp)
+    g_lp = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_GLOGP:
+        g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    g_lp = tl.where(valid, g_lp, 0.0)
+    dz = tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+    if HAS_GENT:
+        g_en = tl.where(valid, tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        dz -= g_en[:, None] * p * (tl.where(p > 0, logp, 0.0) + ent[:, None])
+    dz = dz / temperature
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
+    # the gradient GEMMs run on tensor cores in the inputs' dtype, as the reference's do
+    if UPCAST:
+        dzc = dz  # interpreter: fp32 operands (its bf16 cast truncates, see the forward)
+    else:
+        dzc = dz.to(h_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        wt = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        ht = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            wt = wt.to(tl.float32)
+            ht = ht.to(tl.float32)
+        dh = tl.dot(dzc, wt, input_precision=PREC)  # [BLOCK_N, BLOCK_K]
+        tl.atomic_add(dh_ptr + rows[:, None] * H + k[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
+        dw = tl.dot(tl.trans(dzc), ht, input_precision=PREC)  # [BLOCK_V, BLOCK_K]
+        tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
 def _merge_splits(part: torch.Tensor):
@@ -200,13 +271,42 @@ def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
     return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
 
 
+def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
+                                 ignore_index, allow_tf32=True):
+    """Same contract as :func:`fused_linear_backward`, in one Triton kernel over (row tile,
+    V tile) with fp32 atomics into dHidden / dW: nothing of size [·, V] is allocated, at
+    the price of non-deterministic summation order and [N, H] + [V, H] fp32 buffers."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    BN, BV, BK = _config(N, V, H, dev)
+    if dev.type != "cpu":
+        BN, BV, BK = 64, 64, 64  # three [·, 64] operand tiles + the logits tile fit in registers
+    dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
+    n_row_tiles = triton.cdiv(N, BN)
+    if N and (grad_logp is not None or grad_entropy is not None):
+        _fused_linear_bwd_kernel[(n_row_tiles * triton.cdiv(V, BV),)](
+            hidden, weight, bias if bias is not None else weight, labels, lse,
+            entropy if entropy is not None else lse,
+            grad_logp.contiguous() if grad_logp is not None else lse,
+            grad_entropy.contiguous() if grad_entropy is not None else lse, dh, dw, db if db is not None else dw,
+            N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index), n_row_tiles,
+            HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
+            PREC="tf32" if allow_tf32 else "ieee", UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4, num_stages=2,
+        )
+    return dh.to(hidden.dtype), dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd for fused_linear_logprobs: outputs (logp, entropy) ``[N]`` fp32 (entropy is
     a dummy zero tensor when not requested); saves hidden, weight, bias and fp32 lse/entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size,
-                allow_tf32, split_v):
+                allow_tf32, split_v, backward):
         dt = torch.promote_types(hidden.dtype, weight.dtype)
         h = hidden.to(dt)
         w = weight.to(dt)
@@ -216,7 +316,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         logp, ent, lse = fused_linear_forward(h, w, lab, bias, temperature, ignore_index, return_entropy,
                                               allow_tf32=allow_tf32, split_v=split_v)
         ctx.save_for_backward(h, w, bias, lab, lse, ent)
-        ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype)
+        ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype, allow_tf32, backward)
         # a loss that ignores the entropy sends None, not a zero tensor to push through V
         ctx.set_materialize_grads(False)
         if ent is None:
@@ -227,39 +327,47 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         h, w, bias, lab, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, chunk_size, h_dtype, w_dtype = ctx.cfg
+        temperature, ignore_index, chunk_size, h_dtype, w_dtype, allow_tf32, how = ctx.cfg
         if ent is None:
             grad_ent = None
         if grad_logp is None and grad_ent is None:
-            return (None,) * 10
-        dh, dw, db = fused_linear_backward(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
-                                           ignore_index, chunk_size)
-        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None
+            return (None,) * 11
+        if how == "triton":
+            dh, dw, db = fused_linear_backward_triton(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
+                                                      ignore_index, allow_tf32)
+        else:
+            dh, dw, db = fused_linear_backward(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
+                                               ignore_index, chunk_size)
+        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                          chunk_size=None, ignore_index=-100, allow_tf32=True, split_v=None):
+                          chunk_size=None, ignore_index=-100, allow_tf32=True, split_v=None, backward="chunked"):
     """log softmax((hidden @ weight.T + bias) / T)[labels] (Triton), never writing the logits.
 
     hidden ``[N, H]`` bf16/fp16/fp32, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]``
     int (``ignore_index`` gives 0). Returns logp ``[N]`` fp32 (and entropy ``[N]`` fp32).
     Gradients to hidden, weight, bias; the backward holds ``chunk_size`` rows of logits at a
     time. ``allow_tf32`` picks TF32 (else IEEE fp32) for fp32 inputs in the forward matmul;
-    ``split_v`` overrides the number of vocabulary splits. float64 runs the reference.
+    ``split_v`` overrides the number of vocabulary splits. ``backward``: ``"chunked"``
+    (recompute a chunk of logits with cuBLAS, deterministic) or ``"triton"`` (one tl.dot kernel
+    with fp32 atomics, no [·, V] buffer). float64 runs the reference.
     """
+    if backward not in ("chunked", "triton"):
+        raise ValueError(f"backward must be 'chunked' or 'triton', got {backward!r}")
     if torch.float64 in (hidden.dtype, weight.dtype):
         return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                                return_entropy=return_entropy, ignore_index=ignore_index)
     logp, ent = FusedLinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
                                                   bool(return_entropy), int(ignore_index), chunk_size,
-                                                  bool(allow_tf32), split_v)
+                                                  bool(allow_tf32), split_v, backward)
     return (logp, ent) if return_entropy else logp
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                              kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                              dual_clip=None, agg="token-mean", normalizer=None, bias=None, chunk_size=None,
-                             ignore_index=-100, allow_tf32=True, split_v=None):
+                             ignore_index=-100, allow_tf32=True, split_v=None, backward="chunked"):
     """The policy-loss step from hidden ``[B, T, H]`` and the LM head ``[V, H]`` (Triton):
     agg(ppo token loss + kl_coef·KL(logp, ref_logp) − entropy_coef·entropy).
 
@@ -267,6 +375,8 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask,
     keys (clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max, kl, entropy, logp).
     Gradients to hidden, weight (and bias). float64 runs the reference.
     """
+    if backward not in ("chunked", "triton"):
+        raise ValueError(f"backward must be 'chunked' or 'triton', got {backward!r}")
     if torch.float64 in (hidden.dtype, weight.dtype):
         return reference.fused_linear_policy_loss(
             hidden, weight, labels, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef,
@@ -276,7 +386,7 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask,
     B, T, H = hidden.shape
     logp, ent = FusedLinearLogprobsFunction.apply(
         hidden.reshape(B * T, H), weight, bias, labels.reshape(B * T), float(temperature), True,
-        int(ignore_index), chunk_size, bool(allow_tf32), split_v)
+        int(ignore_index), chunk_size, bool(allow_tf32), split_v, backward)
     logp = logp.reshape(B, T)
     ent = ent.reshape(B, T)
     loss, stats = policy_loss_rows(

@@ -49,6 +49,14 @@ def variants(dtypes=("fp32", "bf16")):
                 V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
                 n_row_tiles="i32", split="i32", tiles_per_split="i32"), dict(
                 HAS_BIAS=bias, ENTROPY=ent, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=128, BLOCK_K=64), 4
+        for bias, ent in ((False, True), (True, False)):
+            yield "fl_bwd", fused_linear._fused_linear_bwd_kernel, dict(
+                h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
+                glogp_ptr="*fp32", gent_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", N="i32",
+                V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
+                n_row_tiles="i32"), dict(
+                HAS_BIAS=bias, HAS_GLOGP=True, HAS_GENT=ent, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=64,
+                BLOCK_K=64), 4
         # kl
         for kind in (0, 1, 2, 3):
             yield "kl_fwd", kl._kl_fwd_kernel, dict(logp_ptr=f"*{dt}", ref_ptr=f"*{dt}", out_ptr="*fp32", n="i64"), dict(

@@ -37,9 +37,11 @@ def _grads(outs, leaves, seed=5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,H,V,split,chunk", [(1, 16, 37, None, None), (33, 48, 1000, 3, 8), (70, 64, 771, 1, None)])
+@pytest.mark.parametrize("N,H,V,split,chunk,bwd", [(1, 16, 37, None, None, "chunked"), (33, 48, 1000, 3, 8, "chunked"),
+                                                   (70, 64, 771, 1, None, "chunked"), (33, 48, 1000, 2, None, "triton"),
+                                                   (1, 16, 37, 1, None, "triton")])
 @pytest.mark.parametrize("bias,entropy", [(False, False), (False, True), (True, True)])
-def test_logprobs_matches_reference(dtype, N, H, V, split, chunk, bias, entropy):
+def test_logprobs_matches_reference(dtype, N, H, V, split, chunk, bwd, bias, entropy):
     from rlhf_fast.kernels.fused_linear import fused_linear_logprobs as fl_triton
 
     h, w, b, lab = _head(N, H, V, dtype, bias=bias)
@@ -51,7 +53,7 @@ def test_logprobs_matches_reference(dtype, N, H, V, split, chunk, bias, entropy)
             out = ops.fused_linear_logprobs(ours_in[0], ours_in[1], lab, bias=ours_in[2], chunk_size=chunk, **kw)
     else:  # the V-split and chunked paths are reached through the kernel's extra keywords
         out = fl_triton(ours_in[0], ours_in[1], lab, bias=ours_in[2], chunk_size=chunk, split_v=split,
-                        allow_tf32=False, **kw)
+                        allow_tf32=False, backward=bwd, **kw)
     ref_in = _leaves(h, w, b)
     exp = reference.fused_linear_logprobs(ref_in[0], ref_in[1], lab, bias=ref_in[2], **kw)
     orc_in = _leaves(*(t.double() if t is not None else None for t in (h, w, b)))
@@ -133,7 +135,12 @@ def test_policy_loss_matches_reference(agg, case, dtype):
     hi, wi = _leaves(h.reshape(B, T, H), w)
     with ops.use_backend("triton"):
         assert _dispatch.select("fused_linear_policy_loss", h.device)[0] == "triton"
-        la, sa = ops.fused_linear_policy_loss(hi, wi, lab, old, adv, mask, chunk_size=7, **kw)
+        if case == 3:  # the atomics backward through the whole policy loss
+            from rlhf_fast.kernels.fused_linear import fused_linear_policy_loss as flp_triton
+
+            la, sa = flp_triton(hi, wi, lab, old, adv, mask, backward="triton", **kw)
+        else:
+            la, sa = ops.fused_linear_policy_loss(hi, wi, lab, old, adv, mask, chunk_size=7, **kw)
     hr, wr = _leaves(h.reshape(B, T, H), w)
     lb, sb = reference.fused_linear_policy_loss(hr, wr, lab, old, adv, mask, **kw)
     ho, wo = _leaves(h.reshape(B, T, H).double(), w.double())

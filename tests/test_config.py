@@ -15,6 +15,15 @@ from rlhf_fast.trainers.common import MetricsLogger, RunDir, lr_lambda, make_sch
 from rlhf_fast.trainers.config import load_config, save_config, to_dict
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is far faster than two on a shared, oversubscribed CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @dataclasses.dataclass
 class Opt:
     lr: float = 1e-3

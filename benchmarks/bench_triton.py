@@ -146,6 +146,11 @@ def _providers(op: str) -> Dict[str, Callable]:
             "ppo_policy_loss": ppo_loss.ppo_policy_loss, "ppo_value_loss": ppo_loss.ppo_value_loss}[op]
     ref = getattr(reference, op)
     out = {"rlhf_fast-triton": lambda x: _call(op, ours, x), "reference": lambda x: _call(op, ref, x)}
+    if op.startswith("fused_linear"):
+        import functools
+
+        atomics = functools.partial(ours, backward="triton")
+        out["rlhf_fast-triton (backward=triton, atomics)"] = lambda x: _call(op, atomics, x)
     compiled = torch.compile(ref, dynamic=False)
     out["torch.compile(reference)"] = lambda x: _call(op, compiled, x)
     if op == "token_logprobs":

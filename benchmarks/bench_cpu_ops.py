@@ -148,7 +148,7 @@ def _cpp_has(op: str) -> bool:
     return "cpp" in _dispatch.implemented(op) and _dispatch.backend_available("cpp")[0]
 
 
-def run_suite(*, scale: float = 1.0, memory: bool = True, rep: int = 5, max_time_s: float = 3.0,
+def run_suite(*, scale: float = 1.0, memory: bool = True, rep: int = 50, max_time_s: float = 3.0,
               cases: Optional[List[str]] = None) -> Table:
     """Run the cases; return a table with one row per (case, provider) and a summary per case.
 

@@ -35,6 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to benchmark (cpu)")
     parser.add_argument("--quick", action="store_true", help="small sizes, no subprocess memory runs")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
 
 
 def _as_tables(x) -> List[Table]:
@@ -75,7 +77,7 @@ def ops_tables(device: str = "cpu", quick: bool = False) -> List[Table]:
         tables.append(ops_report.collect(quick=quick))
         # quick: a small-scale smoke run of the foundation benchmark without memory subprocesses
         tables.append(bench_cpu_ops.run_suite(scale=0.02 if quick else 1.0, memory=not quick,
-                                              rep=1 if quick else 5, max_time_s=0.2 if quick else 3.0))
+                                              rep=3 if quick else 50, max_time_s=0.2 if quick else 3.0))
     tables += _optional_suites(device, quick)
     return tables
 
@@ -84,6 +86,10 @@ def run(args) -> int:
     """Run the chosen suites, print the tables, write the results files."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tables: List[Table] = []
     if args.suite in ("ops", "all"):

@@ -189,7 +189,7 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
     label_agree = sum(1 for r, t in zip(records, truth) if t != 0 and
                       (world.true_utility(r.chosen) > world.true_utility(r.rejected))) / max(1, sum(t != 0 for t in truth))
     ev = trainer.evaluate()
-    return {"rm": rm, "pairs": len(records), "rm_heldout_accuracy_vs_labels": ev.get("accuracy"),
+    return {"rm": rm, "pairs": len(records), "rm_heldout_accuracy_vs_labels": ev.get("eval_accuracy"),
             "rm_heldout_agreement_vs_hidden": agree / len(held) if held else None,
             "rm_heldout_pairs_strict": len(held), "annotator_agreement_vs_hidden": label_agree}
 

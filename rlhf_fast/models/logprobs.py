@@ -58,7 +58,10 @@ def _honour_context(fn):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers ``PreTrainedModel`` inside a peft ``PeftModel`` (or the model itself)."""
+    """The transformers ``PreTrainedModel`` inside a peft ``PeftModel`` or a DDP wrapper (or
+    the model itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     if hasattr(model, "rlhf_wrapped"):
         model = model.rlhf_wrapped
     get_base = getattr(model, "get_base_model", None)
@@ -103,9 +106,25 @@ def hidden_states(
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
+    if _data_parallel_root(model):
+        # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
+        # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1, return_dict=True)
+        return out.hidden_states[-1]
     out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, return_dict=True)
     return out.last_hidden_state
+
+
+def _data_parallel_root(model: nn.Module) -> bool:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def unfusable_reason(model: nn.Module) -> Optional[str]:

@@ -1,0 +1,224 @@
+"""Beyond one device: ``torchrun`` process groups, DDP / FSDP2 wrapping, global reductions
+and sharded checkpoints.
+
+Launch any script that uses this module with ``torchrun --nproc_per_node N script.py``
+(several machines: add ``--nnodes M --rdzv_backend c10d --rdzv_endpoint HOST:PORT``). Without
+torchrun's environment everything degrades to one process: the same code runs unchanged.
+
+Loss normalisation across ranks: every rank computes ``local_sum / global_count`` where the
+count (tokens or rows) is all-reduced once per mini-batch (:meth:`DistContext.all_reduce_sum`).
+DDP and FSDP2 *average* gradients over ranks, so the local loss is multiplied by
+:attr:`DistContext.grad_scale` (= world size) to make the summed gradient equal the
+one-process gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("none", "ddp", "fsdp2")
+
+
+@dataclass
+class DistributedConfig:
+    """``strategy``: none | ddp | fsdp2. ``backend``: process-group backend (default gloo on
+    CPU, nccl on CUDA). ``mixed_precision``: bf16 parameters/activations with fp32 gradient
+    reduction under FSDP2 on GPU (ignored on CPU). ``offload_reference``: keep the frozen
+    reference model on the CPU."""
+
+    strategy: str = "none"
+    backend: Optional[str] = None
+    mixed_precision: bool = True
+    reshard_after_forward: bool = True
+    offload_reference: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"distributed.backend must be None, 'gloo' or 'nccl', got {self.backend!r}")
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` (``local_rank`` on its node),
+    its ``device``, and the process ``group`` (None = the default group, or no group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes the run folder and the non-sharded files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def grad_scale(self) -> float:
+        """Multiply a ``local_sum / global_count`` loss by this under DDP/FSDP2 (they average)."""
+        return float(self.world_size)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ranks (a new tensor; ``t`` itself unchanged). No-op on one process."""
+        out = t.clone()
+        if self.distributed:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        if self.distributed:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return out
+
+    def mean_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """Average a dict of scalar metrics over ranks (one all-reduce for all of them)."""
+        if not self.distributed or not metrics:
+            return dict(metrics)
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        vec = self.all_reduce_sum(vec.to(self.device)).cpu() / self.world_size
+        out = dict(metrics)
+        out.update({k: float(v) for k, v in zip(keys, vec)})
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous block of ``n`` items (``n`` must divide evenly, so every rank
+        does the same work and the global batch equals the one-process batch)."""
+        if n % self.world_size != 0:
+            raise ValueError(f"the global batch ({n}) must be divisible by the number of ranks ({self.world_size})")
+        k = n // self.world_size
+        return range(self.rank * k, (self.rank + 1) * k)
+
+
+def init_distributed(backend: Optional[str] = None) -> DistContext:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*);
+    a single process without those variables gets a one-rank context and no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, ctx: DistContext, *, mixed_precision: bool = False,
+               reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Wrap ``model`` for data parallelism. ``ddp``: DistributedDataParallel. ``fsdp2``:
+    ``fully_shard`` on every transformer block (found as ``model.model.layers`` /
+    ``model.transformer.h`` / ``model.layers``) and then on the root, so parameters,
+    gradients and optimiser state are sharded across ranks. ``none`` returns it as is."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "none" or not ctx.distributed:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: Dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision and ctx.device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, **kw)
+    # The root keeps its parameters (embeddings, final norm, LM head) gathered after forward:
+    # the fused log-prob ops read the LM-head weight outside the module's forward, and the
+    # root's post-backward reduce-scatter still sees its gradient.
+    fully_shard(model, **{**kw, "reshard_after_forward": False})
+    return model
+
+
+def transformer_blocks(model: torch.nn.Module):
+    """The repeated decoder blocks of a Hugging Face causal LM (empty if none is found)."""
+    for path in ("model.layers", "transformer.h", "layers", "base_model.model.model.layers", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return list(obj)
+    return []
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
+    return getattr(model, "module", model)
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], ctx: DistContext,
+                 extra: Optional[Dict[str, Any]] = None) -> str:
+    """Save model (and optimiser) state with ``torch.distributed.checkpoint``: every rank
+    writes its own shard, no rank gathers the full model. Written to ``path.tmp`` and renamed
+    by rank 0 after all ranks finished, so a crash never leaves a half checkpoint at ``path``.
+    ``extra`` (JSON-able: step, data position, ...) goes to ``extra.json``. Loadable on any
+    number of ranks with :func:`load_sharded`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path.rstrip("/") + ".tmp"
+    if ctx.is_main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    ctx.barrier()
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": msd}
+    if optimizer is not None:
+        state["optim"] = osd
+    dcp.save(state, checkpoint_id=tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        with open(os.path.join(tmp, "extra.json"), "w") as f:
+            json.dump(extra or {}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    ctx.barrier()
+    return path
+
+
+def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 ctx: DistContext) -> Dict[str, Any]:
+    """Load a :func:`save_sharded` checkpoint into ``model`` (and ``optimizer``), however
+    they are wrapped now and on however many ranks (DCP reshards). Returns ``extra``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no sharded checkpoint at {path}")
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": msd}
+    if optimizer is not None:
+        state["optim"] = osd
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+    with open(os.path.join(path, "extra.json")) as f:
+        return json.load(f)

@@ -1,0 +1,95 @@
+"""Run under torchrun (or alone) by tests/test_distributed.py: a few optimiser steps of SFT or
+of the GRPO policy update on a fixed global batch, sharded over the ranks, with DDP or FSDP2.
+Writes the global losses and the final full weights so the test can compare 1 vs 2 ranks."""
+
+import argparse
+import json
+import os
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.distributed import init_distributed, load_sharded, save_sharded, wrap_model
+from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
+from rlhf_fast.models.tiny import tiny_causal_lm
+
+B, T, V = 8, 12, 96
+
+
+def batch():
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(4, V, (B, T), generator=g)
+    attn = torch.ones(B, T, dtype=torch.long)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    for i, n in enumerate(lengths.tolist()):  # right padding of uneven rows
+        attn[i, n:] = 0
+        ids[i, n:] = 0
+    resp = attn.clone()
+    resp[:, : T // 3] = 0  # a prompt prefix that does not count
+    scores = torch.randn(B, generator=g)
+    return ids, attn, resp, scores
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="none:sft", help="comma list of STRATEGY:MODE[:STEPS[:LOAD[:SAVE]]]")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ctx = init_distributed()
+    results = {}
+    for spec in args.runs.split(","):
+        parts = spec.split(":") + [""] * 5
+        strategy, mode, steps, load, save = parts[:5]
+        losses, full = run_one(ctx, strategy, mode, int(steps or 3), load or None, save or None)
+        if ctx.is_main:
+            results[spec] = losses
+            torch.save({k: v.detach().clone() for k, v in full.items()}, f"{args.out}.{len(results) - 1}.pt")
+    if ctx.is_main:
+        with open(args.out, "w") as f:
+            json.dump({"runs": results, "world_size": ctx.world_size}, f)
+    if ctx.distributed:
+        torch.distributed.destroy_process_group()
+
+
+def run_one(ctx, strategy, mode, steps, load, save):
+    model = tiny_causal_lm(V, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    model.train()
+    model = wrap_model(model, strategy, ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if load:
+        load_sharded(load, model, opt, ctx)
+    ids, attn, resp, scores = batch()
+    rows = ctx.shard(B)
+    ids, attn, resp = ids[rows], attn[rows], resp[rows]
+    mask = resp.bool() & attn.bool()
+    mask[:, 0] = False
+    # the global token count, computed once and shared: the loss does not depend on the split
+    n_tok = ctx.all_reduce_sum(mask.sum().double()).float()
+    losses = []
+    old_logp = None
+    for _ in range(steps):
+        if mode == "sft":
+            logp = sequence_logprobs(model, ids, attn, response_mask=resp)
+            local = -(logp * mask).sum() / n_tok
+        else:
+            if old_logp is None:
+                with torch.no_grad():
+                    old_logp = sequence_logprobs(model, ids, attn, response_mask=resp)
+                adv_rows = ops.group_advantages(scores, 4)[rows]  # groups of 4 never straddle ranks
+                adv = adv_rows[:, None].expand_as(old_logp).contiguous()
+            local, _ = policy_loss(model, ids, attn, mask.long(), old_logp, adv, normalizer=n_tok)
+        (local * ctx.grad_scale).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(ctx.all_reduce_sum(local.detach())))
+    if save:
+        save_sharded(save, model, opt, ctx, extra={"steps": steps})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return losses, full
+
+
+if __name__ == "__main__":
+    main()

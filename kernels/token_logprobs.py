@@ -28,14 +28,16 @@ from rlhf_fast.ops import reference
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
-    N, V, stride_row, temperature, ignore_index,
+    N, V, T_inner, stride_b, stride_t, temperature, ignore_index,
     ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # ROWS rows per program: 1 on GPUs (one row streams through one SM, as flash-attn's
     # cross-entropy); more under the interpreter, where each program costs Python time
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
-    base = logits_ptr + rows * stride_row  # [ROWS] pointers
+    # row r of the flattened [N, V] view is (r // T_inner, r % T_inner) of a [B, T, V] tensor,
+    # so slices such as logits[:, :-1] are read in place, without a copy
+    base = logits_ptr + (rows // T_inner) * stride_b + (rows % T_inner) * stride_t  # [ROWS] pointers
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = label != ignore_index
     cols0 = tl.arange(0, BLOCK_V)
@@ -74,14 +76,14 @@ def _token_logprobs_fwd_kernel(
 @triton.jit
 def _token_logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlogits_ptr,
-    N, V, stride_row, stride_drow, temperature, ignore_index,
+    N, V, T_inner, stride_b, stride_t, dstride_b, dstride_t, temperature, ignore_index,
     HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # d logp / dz_j = δ_jy − p_j ;  d H / dz_j = −p_j (log p_j + H) ;  dz/dlogits = 1/T
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
-    base = logits_ptr + rows * stride_row
-    dbase = dlogits_ptr + rows * stride_drow
+    base = logits_ptr + (rows // T_inner) * stride_b + (rows % T_inner) * stride_t
+    dbase = dlogits_ptr + (rows // T_inner) * dstride_b + (rows % T_inner) * dstride_t
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = label != ignore_index
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -108,6 +110,14 @@ def _token_logprobs_bwd_kernel(
         tl.store(dbase[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty), mask=inb)
 
 
+def _row_layout(x: torch.Tensor):
+    """(T_inner, stride_b, stride_t) addressing the rows of ``x`` ([N, V] or [B, T, V], unit
+    stride in V) as row r -> (r // T_inner)·stride_b + (r % T_inner)·stride_t."""
+    if x.dim() == 2:
+        return max(x.shape[0], 1), 0, x.stride(0)
+    return max(x.shape[1], 1), x.stride(0), x.stride(1)
+
+
 def _launch_cfg(N: int, V: int, device: torch.device):
     """(ROWS, BLOCK_V, num_warps): rows per program and vocabulary tile."""
     if device.type == "cpu":
@@ -119,11 +129,12 @@ def _launch_cfg(N: int, V: int, device: torch.device):
 
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                            return_entropy: bool):
-    """Launch the forward on logits ``[N, V]`` (unit stride in V) and labels ``[N]``.
+    """Launch the forward on logits ``[N, V]`` or ``[B, T, V]`` (any strides but a unit
+    stride in V) and labels ``[N]`` (``N = B·T``).
 
     Returns ``(logp [N], entropy [N] or None, lse [N])``, all float32.
     """
-    N, V = logits.shape
+    N, V = logits.numel() // logits.shape[-1], logits.shape[-1]
     dev = logits.device
     logp = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
@@ -131,7 +142,7 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperatu
     if N:
         rows, bv, nw = _launch_cfg(N, V, dev)
         _token_logprobs_fwd_kernel[(triton.cdiv(N, rows),)](
-            logits, labels, logp, ent, lse, N, V, logits.stride(0), float(temperature), int(ignore_index),
+            logits, labels, logp, ent, lse, N, V, *_row_layout(logits), float(temperature), int(ignore_index),
             ENTROPY=return_entropy, ROWS=rows, BLOCK_V=bv, num_warps=nw,
         )
     return logp, (ent if return_entropy else None), lse
@@ -146,9 +157,9 @@ def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: tor
     ``out`` is the buffer the gradient is written into (it may be ``logits`` itself: each
     tile is read before it is overwritten by the same program); a new tensor when None.
     """
-    N, V = logits.shape
+    N, V = logits.numel() // logits.shape[-1], logits.shape[-1]
     if out is None:
-        out = torch.empty_like(logits)
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N == 0 or (grad_logp is None and grad_entropy is None):
         return out.zero_()
     dummy = lse
@@ -163,7 +174,7 @@ def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: tor
         logits, labels, lse, entropy if entropy is not None else dummy,
         grad_logp.contiguous() if grad_logp is not None else dummy,
         grad_entropy.contiguous() if grad_entropy is not None else dummy, dst,
-        N, V, logits.stride(0), dst.stride(0), float(temperature), int(ignore_index),
+        N, V, *_row_layout(logits), *_row_layout(dst)[1:], float(temperature), int(ignore_index),
         HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None, ROWS=rows, BLOCK_V=bv, num_warps=nw,
     )
     if dst is not out:
@@ -177,9 +188,12 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, inplace_backward):
         shape = logits.shape
-        x = logits.reshape(-1, shape[-1])
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        if logits.dim() == 3 and logits.stride(-1) == 1:
+            x = logits  # [B, T, V] read in place, whatever its batch/time strides
+        else:
+            x = logits.reshape(-1, shape[-1])
+            if x.stride(-1) != 1:
+                x = x.contiguous()
         lab = labels.reshape(-1).contiguous()
         logp, ent, lse = token_logprobs_forward(x, lab, temperature, ignore_index, return_entropy)
         ctx.save_for_backward(x, lab, lse, ent)

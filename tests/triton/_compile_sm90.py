@@ -36,12 +36,13 @@ def variants(dtypes=("fp32", "bf16")):
         for ent in (False, True):
             yield "tl_fwd", token_logprobs._token_logprobs_fwd_kernel, dict(
                 logits_ptr=f"*{dt}", labels_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32", lse_ptr="*fp32",
-                N="i32", V="i32", stride_row="i64", temperature="fp32", ignore_index="i32"), dict(
+                N="i32", V="i32", T_inner="i32", stride_b="i64", stride_t="i64", temperature="fp32",
+                ignore_index="i32"), dict(
                 ENTROPY=ent, ROWS=1, BLOCK_V=4096), 8
             yield "tl_bwd", token_logprobs._token_logprobs_bwd_kernel, dict(
                 logits_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", glogp_ptr="*fp32",
-                gent_ptr="*fp32", dlogits_ptr=f"*{dt}", N="i32", V="i32", stride_row="i64", stride_drow="i64",
-                temperature="fp32", ignore_index="i32"), dict(HAS_GLOGP=True, HAS_GENT=ent, ROWS=1, BLOCK_V=4096), 8
+                gent_ptr="*fp32", dlogits_ptr=f"*{dt}", N="i32", V="i32", T_inner="i32", stride_b="i64", stride_t="i64",
+                dstride_b="i64", dstride_t="i64", temperature="fp32", ignore_index="i32"), dict(HAS_GLOGP=True, HAS_GENT=ent, ROWS=1, BLOCK_V=4096), 8
         # fused linear forward
         for bias, ent in ((False, True), (True, False)):
             yield "fl_fwd", fused_linear._fused_linear_fwd_kernel, dict(

@@ -123,3 +123,26 @@ def test_float64_gradcheck():
 def test_cuda_large(V, dtype):
     logits, labels = _inputs((8, 256), V, dtype, n_ignore=17)
     _check(logits, labels, temperature=0.9, entropy=True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sliced_logits_read_in_place(inplace):
+    """logits[:, :-1] (the usual shift) is strided in B and T: read without a copy, and the
+    gradient (into the slice itself with inplace_backward) equals the reference's."""
+    from rlhf_fast.kernels.token_logprobs import token_logprobs as tl_triton
+
+    full, labels = _inputs((3, 6), 129, torch.bfloat16)
+    labels = labels[:, 1:]
+    exp_in = full.clone().requires_grad_()
+    lp, ent = reference.token_logprobs(exp_in[:, :-1], labels, return_entropy=True)
+    (expected,) = torch.autograd.grad(lp.sum() + ent.sum(), exp_in)
+    base = full.clone().requires_grad_()
+    sl = base[:, :-1] if not inplace else full.clone()[:, :-1].requires_grad_()
+    assert not sl.is_contiguous()
+    lp2, ent2 = tl_triton(sl, labels, return_entropy=True, inplace_backward=inplace)
+    torch.testing.assert_close(lp2, lp, **TOL[torch.bfloat16])
+    torch.testing.assert_close(ent2, ent, **TOL[torch.bfloat16])
+    (g,) = torch.autograd.grad(lp2.sum() + ent2.sum(), sl)
+    if inplace:
+        assert g.data_ptr() == sl.data_ptr()
+    torch.testing.assert_close(g.float(), expected[:, :-1].float(), **GTOL[torch.bfloat16])

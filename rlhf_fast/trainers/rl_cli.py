@@ -18,9 +18,18 @@ FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG.yaml then ``--key value`` overrides (any RLConfig key, dotted for sections)."""
-    parser.add_argument("args", nargs=argparse.REMAINDER,
-                        help="CONFIG.yaml [--key value ...] [--resume RUN_DIR]")
+    """CONFIG.yaml then ``--key value`` overrides (any RLConfig key, dotted for sections).
+
+    The overrides are open-ended, so every token after the command is kept in order as
+    ``args.args`` (argparse's REMAINDER cannot start with an option such as ``--resume``)."""
+    parser.usage = "rlhf-fast {ppo,grpo,rloo} CONFIG.yaml [--key value ...] [--resume RUN_DIR]"
+
+    def parse_args(args=None, namespace=None):
+        ns, extra = parser.parse_known_args(args, namespace)
+        ns.args = extra
+        return ns
+
+    parser.parse_args = parse_args
 
 
 def split_args(tokens):

@@ -173,7 +173,12 @@ def main(argv=None):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    header = (f"device={dev_name} threads={torch.get_num_threads()} torch={torch.__version__} commit={commit} "
+    from rlhf_fast.ops import _dispatch
+
+    backends = ",".join(f"{op}:{_dispatch.select(op, device)[0]}" for op in ("fused_linear_logprobs", "sample"))
+    load = f" load={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    header = (f"device={dev_name} threads={torch.get_num_threads()}{load} backends={backends} "
+              f"torch={torch.__version__} commit={commit} "
               f"V={V} H={args.hidden} L={args.layers} B={B} T={T} resp={args.resp} dtype={args.dtype}")
     print(header)
     print(f"{'provider':38s} {'mode':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'peak MiB':>9s} {'tok/s':>8s}")

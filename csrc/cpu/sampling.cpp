@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -43,6 +44,49 @@ struct XW {
   float x;
   float w;
 };
+
+// exp(x) for x <= 0 (the scaled logits minus their max), written so that the compiler
+// vectorises it (glibc's expf does not vectorise without -ffast-math): Cephes' degree-6
+// polynomial after the reduction x = n·ln2 + r, |r| <= ln2/2; < 2 ulp on [-87, 0], and exactly
+// 0 below (so -inf logits have weight 0). With it and the no-filter fast path, plain sampling
+// went from 30 to 19 ms (B=64, V=32000, one thread, 2-core CI machine; std::exp before).
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.0f);
+  // round to nearest by the 1.5·2^23 trick: std::nearbyint is a libm call on baseline x86-64
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  // __builtin_bit_cast, not memcpy: with memcpy GCC 12 refuses to vectorise the loop
+  int32_t bits = __builtin_bit_cast(int32_t, e);
+  bits += static_cast<int32_t>(n) << 23;  // e·2^n
+  const float out = __builtin_bit_cast(float, bits);
+  return x < -87.0f ? 0.0f : out;
+}
+
+// w = exp(x - m) over a row; a separate function with restrict pointers so that GCC vectorises it
+__attribute__((noinline)) float exp_weights(const float* __restrict x, float* __restrict w, float m, int64_t V) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < V; ++i) {
+    w[i] = exp_nonpos(x[i] - m);
+    s += w[i];
+  }
+  return s;
+}
+
+// Order-preserving uint32 key of a float (larger float -> larger key).
+inline uint32_t float_key(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 
 // Weighted quickselect: among `c` (values x with weights w), the value t such that the mass of
 // entries with x > t is < target and the mass with x >= t is >= target. Returns false when the
@@ -85,7 +129,7 @@ bool weighted_select(std::vector<XW>& c, double target, float* t_out) {
 template <typename scalar_t>
 int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_t top_k, double top_p,
                double min_p, std::vector<float>& x, std::vector<float>& w, std::vector<float>& scratch,
-               std::vector<XW>& cand, int64_t* tok_out, float* logp_out) {
+               std::vector<XW>& cand, std::vector<double>& hist, int64_t* tok_out, float* logp_out) {
   // ---- greedy: first argmax, log-prob 0 (the one-hot distribution)
   if (temperature == 0.0f) {
     float best = -std::numeric_limits<float>::infinity();
@@ -108,15 +152,41 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
 
   // ---- 1. scaled logits and their max
   float m = -std::numeric_limits<float>::infinity();
+  int nan = 0;
+  float* xp = x.data();
+  float* wp = w.data();
+#pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t i = 0; i < V; ++i) {
     const float xi = static_cast<float>(z[i]) / temperature;
-    if (std::isnan(xi)) return kNaN;
-    x[i] = xi;
+    nan |= xi != xi;
+    xp[i] = xi;
     m = std::max(m, xi);
   }
+  if (nan) return kNaN;
   if (m == std::numeric_limits<float>::infinity()) return kPosInf;
   if (m == -std::numeric_limits<float>::infinity()) return kAllNegInf;
-  for (int64_t i = 0; i < V; ++i) w[i] = std::exp(x[i] - m);
+  exp_weights(xp, wp, m, V);
+  const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0 || min_p > 0.0;
+  if (!filtered) {
+    // plain temperature sampling: inverse CDF straight over w (no kept-set bookkeeping)
+    double S = 0.0;
+    for (int64_t i = 0; i < V; ++i) S += wp[i];
+    const double target = u * S;
+    double cum = 0.0;
+    int64_t chosen = -1, last = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      if (wp[i] > 0.0f) last = i;
+      cum += wp[i];
+      if (cum > target) {
+        chosen = i;
+        break;
+      }
+    }
+    if (chosen < 0) chosen = last;
+    *tok_out = chosen;
+    *logp_out = static_cast<float>(static_cast<double>(xp[chosen]) - m - std::log(S));
+    return kOk;
+  }
 
   Kept kept;
   // ---- 2. top-k by selection
@@ -139,15 +209,33 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
 
   // ---- 3. top-p: weighted selection of the boundary value, then exact tie resolution
   if (top_p < 1.0) {
-    cand.clear();
+    // A 4096-bin histogram of the kept mass by the top 12 bits of the order-preserving key
+    // finds the bin holding the boundary in one pass; only that bin's tokens go to the
+    // weighted quickselect (typically a few hundred of V).
+    constexpr int kBins = 4096;
+    hist.assign(kBins, 0.0);
     double total = 0.0;
     for_kept(kept, [&](int64_t i) {
+      hist[float_key(x[i]) >> 20] += w[i];
       total += w[i];
-      if (w[i] > 0.0f) cand.push_back({x[i], w[i]});
     });
-    const double target = top_p * total;
+    const double target_all = top_p * total;
+    double above_bins = 0.0;
+    int bin = 0;
+    for (int b = kBins - 1; b >= 0; --b) {
+      if (above_bins + hist[b] >= target_all && hist[b] > 0.0) {
+        bin = b;
+        break;
+      }
+      above_bins += hist[b];
+    }
+    cand.clear();
+    for_kept(kept, [&](int64_t i) {
+      if (static_cast<int>(float_key(x[i]) >> 20) == bin && w[i] > 0.0f) cand.push_back({x[i], w[i]});
+    });
+    const double target = target_all;
     float t;
-    if (weighted_select(cand, target, &t)) {
+    if (weighted_select(cand, target - above_bins, &t)) {
       double m_gt = 0.0;
       int64_t n_eq_kept = 0;  // ties at t that survived the earlier stage
       for_kept(kept, [&](int64_t i) {
@@ -155,7 +243,7 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
         else if (x[i] == t) ++n_eq_kept;
       });
       // stable order: the j-th tie (by index) is kept iff the mass before it is < target
-      const float wt = std::exp(t - m);  // the same fp32 weight the ties carry in w
+      const float wt = exp_nonpos(t - m);  // the same fp32 weight the ties carry in w
       int64_t ntie = 0;
       while (ntie < n_eq_kept && m_gt + static_cast<double>(ntie) * wt < target) ++ntie;
       kept.thr = t;
@@ -220,10 +308,11 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
       std::vector<float> x(need_buffers ? V : 0), w(need_buffers ? V : 0);
       std::vector<float> scratch((need_buffers && top_k > 0 && top_k < V) ? V : 0);
       std::vector<XW> cand;
+      std::vector<double> hist;
       if (need_buffers && top_p < 1.0) cand.reserve(V);
       for (int64_t b = b0; b < b1; ++b) {
         const int st = sample_row<scalar_t>(zp + b * V, V, up[b], static_cast<float>(temperature), top_k, top_p,
-                                            min_p, x, w, scratch, cand, tp + b, lp + b);
+                                            min_p, x, w, scratch, cand, hist, tp + b, lp + b);
         if (st != kOk) {
           int expected = kOk;
           if (status.compare_exchange_strong(expected, st)) bad_row.store(b);

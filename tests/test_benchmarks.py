@@ -100,6 +100,10 @@ def test_bench_cli_writes_results(tmp_path, monkeypatch, quick_table):
     labels = {r["op"].split()[0] for r in runs[0]["tables"][0]["rows"]}
     assert labels == PUBLIC_OPS
     assert "token_logprobs" in mds[0].read_text()
+    # the foundation benchmark ran (small scale) on both providers without a failure
+    cpu_ops = next(t for t in runs[0]["tables"] if t["title"].startswith("C++ CPU kernels"))
+    assert not [r for r in cpu_ops["rows"] if r.get("error")]
+    assert {r["backend"] for r in cpu_ops["rows"]} >= {"torch"}
 
 
 def test_bench_cli_rejects_cuda_without_gpu(capsys):
@@ -135,6 +139,11 @@ def test_subprocess_peak_memory_sees_a_known_allocation(monkeypatch):
         assert 46 <= mib <= 64, m
     else:
         assert 47.9 <= mib <= 48.1, m
+
+
+def test_profiler_peak_memory_sees_a_known_allocation():
+    b = common.profiler_extra_peak_bytes(lambda: torch.ones(1 << 20).sum())  # 4 MiB, freed at once
+    assert b == pytest.approx(4 * 2**20, rel=0.01)
 
 
 def test_results_append(tmp_path):

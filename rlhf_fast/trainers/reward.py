@@ -5,6 +5,11 @@ per-annotator weights), rankings with Plackett–Luce (or as all implied pairs),
 regression. Held-out metrics: pairwise accuracy for pairs and rankings, Pearson and
 Spearman correlation for scores. The final model is saved with ``save_pretrained`` (plus
 its tokenizer), so ``AutoModelForSequenceClassification.from_pretrained`` reloads it.
+
+Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its contiguous
+share of every global batch; the weighted-mean loss is normalised by the global weight sum,
+so the run matches one process on the same global batch and seed. Rank 0 writes the run
+folder; checkpoints are sharded and resumable on another number of ranks.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import torch
 
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
+from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
+from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler,
                      seed_everything, truncate_metrics)
-from .sft import _Batches, split_records
+from rlhf_fast.distributed import DistributedConfig, wrap_model
+
+from .sft import (NullLogger, _Batches, load_any_checkpoint, local_span, save_final_model, save_sharded_checkpoint,
+                  scalar_norm, setup_distributed, split_records)
 
 
 @dataclasses.dataclass
@@ -62,8 +70,13 @@ class RewardConfig:
     device: str = "auto"
     resume: bool = True
     dedup: bool = True
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
+        if isinstance(self.distributed, dict):
+            self.distributed = DistributedConfig(**self.distributed)
+        if not isinstance(self.distributed, DistributedConfig):
+            raise TypeError(f"distributed must be a DistributedConfig, got {type(self.distributed).__name__}")
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
         for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
@@ -161,8 +174,8 @@ class RewardTrainer:
         if not isinstance(cfg, RewardConfig):
             raise TypeError(f"cfg must be a RewardConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
         kind = cfg.data_kind
         if kind == "labels":
             kind = "pairs"
@@ -204,6 +217,9 @@ class RewardTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.pad_id
+        dcfg = cfg.distributed
+        self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
+                                reshard_after_forward=dcfg.reshard_after_forward)
         self.train_items = [self._encode_record(r) for r in train_records]
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
@@ -212,7 +228,7 @@ class RewardTrainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0
-        self.run = RunDir(cfg.output_dir, cfg)
+        self.run = RunDir(cfg.output_dir, cfg if self.ctx.is_main else None)  # rank 0 writes config.yaml
 
     def _encode_record(self, r) -> Dict[str, Any]:
         enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len)  # noqa: E731
@@ -298,39 +314,57 @@ class RewardTrainer:
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches."""
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(cfg.grad_accum):
-            chunk = [self.train_items[i] for i in self.batches.next()]
-            loss = self.loss(chunk) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            idx = self.batches.next()
+            lo, hi = local_span(len(idx), ctx)
+            # an empty share (fewer items than ranks) still runs one item at weight 0, so every
+            # rank makes the forward/backward the DDP/FSDP2 collectives expect
+            chunk = [self.train_items[i] for i in (idx[lo:hi] if hi > lo else idx[:1])]
+            w_local = sum(it["weight"] for it in chunk) if hi > lo else 0.0
+            # the loss is a weighted mean: this rank's mean times its share of the global weight
+            w_global = float(ctx.all_reduce_sum(torch.tensor(w_local, dtype=torch.float64, device=self.device)))
+            frac = w_local / w_global if w_global > 0 else (hi - lo) / len(idx)
+            loss = self.loss(chunk) * (frac / cfg.grad_accum)
+            # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+            (loss * ctx.grad_scale).backward()
+            total += loss.detach().double()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": total, "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0]}
+        m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": scalar_norm(gnorm),
+             "lr": self.scheduler.get_last_lr()[0]}
+        return ctx.mean_metrics(m)
 
     def _save(self) -> None:
-        save_checkpoint(checkpoint_dir(self.run.path, self.step), models={"reward": self.model},
-                        optimizers={"optimizer": self.optimizer}, schedulers={"scheduler": self.scheduler},
-                        extra={"step": self.step, "data": self.batches.state()})
-        prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
+        extra = {"step": self.step, "data": self.batches.state()}
+        directory = checkpoint_dir(self.run.path, self.step)
+        if self.cfg.distributed.strategy == "none":
+            save_checkpoint(directory, models={"reward": self.model}, optimizers={"optimizer": self.optimizer},
+                            schedulers={"scheduler": self.scheduler}, extra=extra)
+        else:
+            save_sharded_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.ctx, extra)
+        if self.ctx.is_main:
+            prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
+        self.ctx.barrier()
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""
         cfg = self.cfg
         ck = latest_checkpoint(self.run.path) if cfg.resume else None
         if ck is not None:
-            extra = load_checkpoint(ck, models={"reward": self.model}, optimizers={"optimizer": self.optimizer},
-                                    schedulers={"scheduler": self.scheduler})
+            extra = load_any_checkpoint(ck, "reward", self.model, self.optimizer, self.scheduler, self.ctx)
             self.step = int(extra["step"])
             self.batches.load(extra["data"])
-            truncate_metrics(self.run.path, self.step)
+            if self.ctx.is_main:
+                truncate_metrics(self.run.path, self.step)
+            self.ctx.barrier()
         last: Dict[str, float] = {}
-        with MetricsLogger(self.run.path) as log:
+        with (MetricsLogger(self.run.path) if self.ctx.is_main else NullLogger()) as log:
             while self.step < cfg.max_steps:
                 m = self.train_step()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -344,9 +378,8 @@ class RewardTrainer:
                 last.update(self.evaluate())
                 log.log(self.step, last)
         self._save()
-        final = os.path.join(self.run.path, "final")
-        self.model.save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
+        save_final_model(self.model, self.tokenizer, os.path.join(self.run.path, "final"), self.ctx,
+                         cfg.distributed.strategy)
         return last
 
 

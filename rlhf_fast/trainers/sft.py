@@ -7,10 +7,17 @@ padding do not count), computed with the fused log-prob path
 whole optimizer step, so the result does not depend on the micro-batch split. Optional
 padding-free packing, LR warm-up, gradient clipping, bf16 autocast on GPU, eval loss and
 perplexity, atomic checkpoints and exact resume.
+
+Under ``torchrun`` with ``distributed.strategy`` ddp or fsdp2, each rank takes its contiguous
+share of every global batch (so the global batch and the seed define the run, whatever the
+number of ranks), the loss is normalised by the global completion-token count, rank 0 alone
+writes the run folder, and checkpoints are sharded (``torch.distributed.checkpoint``) and
+resumable on another number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -18,6 +25,8 @@ import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from rlhf_fast.distributed import DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded, wrap_model
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
@@ -53,8 +62,13 @@ class SFTConfig:
     device: str = "auto"
     resume: bool = True
     dedup: bool = True
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
+        if isinstance(self.distributed, dict):
+            self.distributed = DistributedConfig(**self.distributed)
+        if not isinstance(self.distributed, DistributedConfig):
+            raise TypeError(f"distributed must be a DistributedConfig, got {type(self.distributed).__name__}")
         for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             v = getattr(self, name)
             if v < 1:
@@ -175,6 +189,105 @@ def split_records(records: list, eval_fraction: float, seed: int) -> Tuple[list,
     return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
 
 
+# ------------------------------------------------------------------ distributed glue (shared with reward.py)
+
+
+def setup_distributed(dcfg: DistributedConfig, device: str) -> Tuple[DistContext, torch.device]:
+    """Join torchrun's process group when there is one; returns (context, this rank's device).
+
+    One process without torchrun's environment gets a one-rank context and ``device`` as
+    configured, so strategy "none" behaves exactly as a plain single-process run."""
+    if dcfg.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("distributed.strategy must be 'ddp' or 'fsdp2' under torchrun "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']}), got 'none'")
+    ctx = init_distributed(dcfg.backend) if dcfg.strategy != "none" else DistContext()
+    if ctx.distributed:
+        return ctx, ctx.device  # torchrun: the local rank's GPU, or the CPU
+    return ctx, resolve_device(device)
+
+
+def local_span(n: int, ctx: DistContext) -> Tuple[int, int]:
+    """This rank's contiguous block ``[lo, hi)`` of ``n`` items. Near-equal blocks (unlike
+    :meth:`DistContext.shard`) so the short last batch of an epoch also splits; a block may
+    be empty when ``n`` < world size."""
+    return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+
+
+def _is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def scalar_norm(x) -> float:
+    """A gradient norm as a float (FSDP2 returns a DTensor)."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+class NullLogger:
+    """Stands in for :class:`MetricsLogger` on ranks other than 0 (they log nothing)."""
+
+    def log(self, step: int, metrics):
+        return metrics
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def save_sharded_checkpoint(directory: str, model, optimizer, scheduler, ctx: DistContext, extra: Dict[str, Any]) -> None:
+    """A ``torch.distributed.checkpoint`` checkpoint in ``directory`` (every rank writes its
+    shard) plus the scheduler state and ``extra`` in ``extra.json``; ``COMPLETE`` is written
+    last, so :func:`latest_checkpoint` ignores a half-written one."""
+    extra = {**extra, "scheduler": scheduler.state_dict(), "format": "sharded"}
+    save_sharded(directory, model, optimizer, ctx, extra=extra)
+    if ctx.is_main:
+        with open(os.path.join(directory, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+    ctx.barrier()
+
+
+def is_sharded_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` was written by :func:`save_sharded_checkpoint` (DCP metadata)."""
+    return os.path.isfile(os.path.join(directory, ".metadata"))
+
+
+def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler, ctx: DistContext) -> Dict[str, Any]:
+    """Load a sharded checkpoint (written on any number of ranks, loaded into this wrapping)
+    or a single-process one (``save_checkpoint`` format, into an unsharded model); returns
+    the trainer's ``extra`` state."""
+    if is_sharded_checkpoint(directory):
+        extra = load_sharded(directory, model, optimizer, ctx)
+        scheduler.load_state_dict(extra.pop("scheduler"))
+        return extra
+    from rlhf_fast.distributed import unwrap
+
+    return load_checkpoint(directory, models={name: unwrap(model)}, optimizers={"optimizer": optimizer},
+                           schedulers={"scheduler": scheduler})
+
+
+def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: str) -> None:
+    """``save_pretrained`` of the full model (and tokenizer) by rank 0; under FSDP2 every
+    rank takes part in gathering the full state dict first."""
+    from rlhf_fast.distributed import unwrap
+
+    sd = None
+    if ctx.distributed and strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        base = unwrap(model)
+        if sd is not None:
+            base.save_pretrained(folder, state_dict=sd)
+        else:
+            base.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    ctx.barrier()
+
+
 class SFTTrainer:
     """Fine-tunes a causal LM on prompt/completion records (see the module docstring).
 
@@ -186,8 +299,9 @@ class SFTTrainer:
         if not isinstance(cfg, SFTConfig):
             raise TypeError(f"cfg must be an SFTConfig, got {type(cfg).__name__}")
         self.cfg = cfg
+        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # the same seed on every rank: identical initial weights (FSDP2 shards each rank's copy)
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
         if train_records is None:
             from rlhf_fast.feedback.formats import load_records
 
@@ -205,6 +319,9 @@ class SFTTrainer:
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        dcfg = cfg.distributed
+        self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
+                                reshard_after_forward=dcfg.reshard_after_forward)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.train_rows, dropped = tokenize_sft(train_records, tokenizer, cfg.max_len)
         self.eval_rows, _ = tokenize_sft(self.eval_records, tokenizer, cfg.max_len)
@@ -215,11 +332,22 @@ class SFTTrainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0
-        self.run = RunDir(cfg.output_dir, cfg)
+        self.run = RunDir(cfg.output_dir, cfg if self.ctx.is_main else None)  # rank 0 writes config.yaml
 
     def _batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
         b = collate([rows[i] for i in idx], self.pad_id)
         return {k: v.to(self.device) for k, v in b.items()}
+
+    def _local_batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
+        """This rank's contiguous share of the global batch ``idx``. An empty share (fewer
+        rows than ranks) becomes one row with nothing counted, so every rank still runs the
+        forward/backward the collectives of DDP/FSDP2 expect."""
+        lo, hi = local_span(len(idx), self.ctx)
+        if hi > lo:
+            return self._batch(idx[lo:hi], rows)
+        b = self._batch(idx[:1], rows)
+        b["response_mask"] = torch.zeros_like(b["response_mask"])
+        return b
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -228,54 +356,68 @@ class SFTTrainer:
             return {}
         was = self.model.training
         self.model.eval()
-        tot, n = 0.0, 0
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # (nll sum, tokens)
         for i in range(0, len(self.eval_rows), self.cfg.batch_size):
-            batch = self._batch(list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows)))), self.eval_rows)
+            batch = self._local_batch(list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows)))), self.eval_rows)
             with autocast_context(self.device, self.cfg.bf16):
                 s, c = completion_nll_sum(self.model, batch)
-            tot += s.item()
-            n += int(c)
+            tot += torch.stack([s.double(), c.double()])
+        tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
+        tot, n = float(tot[0]), int(tot[1])
         self.model.train(was)
         loss = tot / max(n, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}
 
     def _save(self) -> None:
-        save_checkpoint(checkpoint_dir(self.run.path, self.step), models={"policy": self.model},
-                        optimizers={"optimizer": self.optimizer}, schedulers={"scheduler": self.scheduler},
-                        extra={"step": self.step, "data": self.batches.state()})
-        prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
+        extra = {"step": self.step, "data": self.batches.state()}
+        directory = checkpoint_dir(self.run.path, self.step)
+        if self.cfg.distributed.strategy == "none":
+            save_checkpoint(directory, models={"policy": self.model}, optimizers={"optimizer": self.optimizer},
+                            schedulers={"scheduler": self.scheduler}, extra=extra)
+        else:
+            save_sharded_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.ctx, extra)
+        if self.ctx.is_main:
+            prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
+        self.ctx.barrier()
 
     def _maybe_resume(self) -> None:
         ck = latest_checkpoint(self.run.path) if self.cfg.resume else None
         if ck is None:
             return
-        extra = load_checkpoint(ck, models={"policy": self.model}, optimizers={"optimizer": self.optimizer},
-                                schedulers={"scheduler": self.scheduler})
+        extra = load_any_checkpoint(ck, "policy", self.model, self.optimizer, self.scheduler, self.ctx)
         self.step = int(extra["step"])
         self.batches.load(extra["data"])
-        truncate_metrics(self.run.path, self.step)
+        if self.ctx.is_main:
+            truncate_metrics(self.run.path, self.step)
+        self.ctx.barrier()
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg = self.cfg
         self.model.train()
-        micro = [self._batch(self.batches.next(), self.train_rows) for _ in range(cfg.grad_accum)]
-        # normalise by the completion tokens of the whole step, not per micro-batch
-        n_tok = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum()) for b in micro)
-        n_tok = max(n_tok, 1)
-        total = 0.0
-        for b in micro:
-            with autocast_context(self.device, cfg.bf16):
-                s, _ = completion_nll_sum(self.model, b, packed=cfg.packing)
-            (s / n_tok).backward()
-            total += s.item()
+        ctx = self.ctx
+        micro = [self._local_batch(self.batches.next(), self.train_rows) for _ in range(cfg.grad_accum)]
+        # normalise by the completion tokens of the whole global step (all micro-batches, all
+        # ranks), so neither the micro-batch split nor the number of ranks changes the loss
+        n_local = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum()) for b in micro)
+        n_tok = max(int(ctx.all_reduce_sum(torch.tensor(n_local, dtype=torch.float64, device=self.device))), 1)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, b in enumerate(micro):
+            # DDP: all-reduce the gradients once, after the last micro-batch
+            with (self.model.no_sync() if i < len(micro) - 1 and _is_ddp(self.model) else contextlib.nullcontext()):
+                with autocast_context(self.device, cfg.bf16):
+                    s, _ = completion_nll_sum(self.model, b, packed=cfg.packing)
+                # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+                (s / n_tok * ctx.grad_scale).backward()
+            total += s.detach().double()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": total / n_tok, "grad_norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0],
-                "tokens": n_tok, "epoch": self.batches.epoch}
+        m = {"loss": float(ctx.all_reduce_sum(total)) / n_tok, "grad_norm": scalar_norm(gnorm),
+             "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
+        return ctx.mean_metrics(m)
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
@@ -283,7 +425,7 @@ class SFTTrainer:
         cfg = self.cfg
         self._maybe_resume()
         last: Dict[str, float] = {}
-        with MetricsLogger(self.run.path) as log:
+        with (MetricsLogger(self.run.path) if self.ctx.is_main else NullLogger()) as log:
             if self.step == 0 and self.eval_rows:
                 log.log(0, self.evaluate())
             while self.step < cfg.max_steps:
@@ -299,9 +441,8 @@ class SFTTrainer:
                 last.update(self.evaluate())
                 log.log(self.step, last)
         self._save()
-        final = os.path.join(self.run.path, "final")
-        self.model.save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
+        save_final_model(self.model, self.tokenizer, os.path.join(self.run.path, "final"), self.ctx,
+                         cfg.distributed.strategy)
         return last
 
 

@@ -129,7 +129,7 @@ bool weighted_select(std::vector<XW>& c, double target, float* t_out) {
 template <typename scalar_t>
 int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_t top_k, double top_p,
                double min_p, std::vector<float>& x, std::vector<float>& w, std::vector<float>& scratch,
-               std::vector<XW>& cand, std::vector<double>& hist, int64_t* tok_out, float* logp_out) {
+               std::vector<XW>& cand, std::vector<double>& hist, std::vector<int64_t>& counts, int64_t* tok_out, float* logp_out) {
   // ---- greedy: first argmax, log-prob 0 (the one-hot distribution)
   if (temperature == 0.0f) {
     float best = -std::numeric_limits<float>::infinity();
@@ -191,9 +191,20 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
   Kept kept;
   // ---- 2. top-k by selection
   if (top_k > 0 && top_k < V) {
-    std::copy(x.begin(), x.begin() + V, scratch.begin());
-    std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.begin() + V, std::greater<float>());
-    const float vk = scratch[top_k - 1];
+    // a 4096-bin count histogram of the key's top 12 bits finds the bin holding the k-th
+    // largest value; std::nth_element then runs on that bin's values only
+    constexpr int kBins = 4096;
+    counts.assign(kBins, 0);
+    for (int64_t i = 0; i < V; ++i) ++counts[float_key(x[i]) >> 20];
+    int64_t above = 0;
+    int bin = kBins - 1;
+    for (; bin > 0 && above + counts[bin] < top_k; --bin) above += counts[bin];
+    int64_t nb = 0;
+    for (int64_t i = 0; i < V; ++i)
+      if (static_cast<int>(float_key(x[i]) >> 20) == bin) scratch[nb++] = x[i];
+    const int64_t r = top_k - 1 - above;  // rank of the k-th largest inside the bin
+    std::nth_element(scratch.begin(), scratch.begin() + r, scratch.begin() + nb, std::greater<float>());
+    const float vk = scratch[r];
     int64_t n_gt = 0;
     for (int64_t i = 0; i < V; ++i) n_gt += x[i] > vk;
     kept.thr = vk;
@@ -309,10 +320,11 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
       std::vector<float> scratch((need_buffers && top_k > 0 && top_k < V) ? V : 0);
       std::vector<XW> cand;
       std::vector<double> hist;
+      std::vector<int64_t> counts;
       if (need_buffers && top_p < 1.0) cand.reserve(V);
       for (int64_t b = b0; b < b1; ++b) {
         const int st = sample_row<scalar_t>(zp + b * V, V, up[b], static_cast<float>(temperature), top_k, top_p,
-                                            min_p, x, w, scratch, cand, hist, tp + b, lp + b);
+                                            min_p, x, w, scratch, cand, hist, counts, tp + b, lp + b);
         if (st != kOk) {
           int expected = kOk;
           if (status.compare_exchange_strong(expected, st)) bad_row.store(b);

@@ -9,11 +9,13 @@
 // all keep "the most likely tokens" — so the kept set of each stage is described by a
 // threshold value `thr` and the number `ntie` of tokens equal to `thr` that survive (the
 // ones with the lowest indices, as the reference's stable argsort keeps). Per row:
-//   1. x = z / T (fp32), max m, with NaN / +inf / all -inf detection;  w = exp(x - m)
-//   2. top-k: std::nth_element on a copy of x (O(V)) gives the k-th largest value;
-//   3. top-p: weighted quickselect (pivot partitions on (x, w) pairs, expected O(V)) finds the
-//      value t where the mass of the larger tokens is < p·S and with t's ties reaches it; the
-//      ties at t are then resolved one by one in index order, as the stable sort would;
+//   1. x = z / T (fp32), max m, NaN / +inf / all -inf detection; w = exp(x - m) (polynomial exp)
+//   2. top-k: a 4096-bin count histogram of the order-preserving key's top 12 bits finds the bin
+//      of the k-th largest value, std::nth_element on that bin's values gives it (O(V));
+//   3. top-p: the same histogram of mass finds the boundary bin; a weighted quickselect (pivot
+//      partitions on (x, w) pairs) inside it finds the value t where the mass of the larger
+//      tokens is < p·S and with t's ties reaches it; the ties at t are then resolved one by one
+//      in index order, as the stable sort would;
 //   4. min-p: a threshold w >= min_p (p_max has weight exp(0) = 1 and is always kept);
 //   5. inverse CDF over the kept weights in vocabulary order.
 // Sums are fp64, so the kept set differs from the fp32 sort-based reference only when a

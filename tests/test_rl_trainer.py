@@ -212,6 +212,39 @@ def test_run_folder(tmp_path):
             "logprob_gap/mean", "logprob_gap/max", "policy/loss"]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(k in recs[-1] for k in need), [k for k in need if k not in recs[-1]]
+    try:
+        import tensorboard  # noqa: F401
+
+        assert any(n.startswith("events") for n in os.listdir(os.path.join(run, "tb")))
+    except ImportError:
+        pass
     with open(os.path.join(run, "samples.jsonl")) as f:
         s = [json.loads(ln) for ln in f]
     assert {"step", "prompt", "completion", "reward"} <= set(s[0])
+
+
+def test_reward_model_and_judge_sources_are_logged_each(tmp_path):
+    from rlhf_fast.feedback.judge import Judge, JudgeConfig
+    from rlhf_fast.models.tiny import tiny_reward_model
+
+    class LengthBackend:  # a stand-in judge model: longer answers score higher
+        def score(self, text):
+            return float(len(text))
+
+        def prefer_first(self, text):
+            return 0.5
+
+    pol, tok = make_policy()
+    rm = tiny_reward_model(len(tok), hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tok.pad_token_id)
+    judge = Judge(JudgeConfig(backend="local", model="stub", cache=None), backend=LengthBackend())
+    cfg = make_config(tmp_path, "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[frac_a], reward_models=[rm], judge=judge, prompts=PROMPTS)
+    data, m = tr.rollout()
+    for k in ("reward/frac_a", "reward/reward_model", "reward/judge"):
+        assert math.isfinite(m[k]), k
+    # the reward model scores the rollout's own tokens: compare with a direct call
+    from rlhf_fast.models.loading import reward_scores
+
+    with torch.no_grad():
+        direct = reward_scores(rm, data.input_ids, data.attention_mask.long())
+    assert m["reward/reward_model"] == pytest.approx(float(direct.mean()), abs=1e-5)

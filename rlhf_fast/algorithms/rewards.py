@@ -85,15 +85,20 @@ class RewardModelReward(RewardSource):
 
 
 class JudgeReward(RewardSource):
-    """The AI judge (:mod:`rlhf_fast.feedback.judge`): any object with
+    """The AI judge: a :class:`rlhf_fast.feedback.judge.Judge` (``score(prompt, response) ->
+    float``, called per sample and cached by the judge), or any object with a batched
     ``score(prompts, responses) -> list[float]``, or a callable of that signature."""
 
     def __init__(self, judge, name: str = "judge"):
         if not (hasattr(judge, "score") or callable(judge)):
-            raise TypeError("judge must have a score(prompts, responses) method or be callable")
+            raise TypeError("judge must have a score method or be callable (prompts, responses) -> list[float]")
         self.judge, self.name = judge, name
+        # the feedback Judge scores one (prompt, response) at a time; it also has compare()
+        self.per_sample = hasattr(judge, "score") and hasattr(judge, "compare")
 
     def __call__(self, prompts, completions, ctx):
+        if self.per_sample:
+            return [self.judge.score(p, c) for p, c in zip(prompts, completions)]
         fn = self.judge.score if hasattr(self.judge, "score") else self.judge
         return fn(list(prompts), list(completions))
 

@@ -50,6 +50,8 @@ def test_grpo_cli_resume_plot_eval(tmp_path, capsys):
     # continue the same run to step 5 from its own config
     assert main(["grpo", "--resume", run, "--steps", "5"]) == 0
     assert _steps(run) == [1, 2, 3, 4, 5]
+    with open(os.path.join(run, "config.yaml")) as f:
+        assert yaml.safe_load(f)["steps"] == 5  # the resolved config of the resumed run
     assert main(["plot", run]) == 0
     pngs = sorted(os.listdir(os.path.join(run, "plots")))
     assert "reward.png" in pngs and "kl.png" in pngs

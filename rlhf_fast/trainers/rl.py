@@ -614,7 +614,8 @@ class RLTrainer:
 
         cfg = self.config
         out_dir = cfg.resume or cfg.output_dir
-        self.run_dir = RunDir(out_dir, None if cfg.resume else cfg)
+        # the resolved config, as this (possibly resumed, with new overrides) run uses it
+        self.run_dir = RunDir(out_dir, replace(cfg, resume=None))
         if cfg.resume:
             self.load(cfg.resume)
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)

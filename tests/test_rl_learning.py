@@ -70,9 +70,22 @@ def test_reward_rises(tmp_path, estimator, kl):
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.3 and last > 0.4, (estimator, r)
     kls = [h["kl/seq"] for h in hist]
-    # 6 tokens against a fixed reference: bounded well below the uniform-vs-peaked maximum
-    assert all(math.isfinite(k) for k in kls) and max(kls) < 6 * math.log(48), kls
+    # with the weak coefficient used here the policy may become nearly deterministic: its KL then
+    # approaches the reference's cross-entropy of 6 tokens, about 6·log(48) (the random reference
+    # is close to uniform); finite and not beyond that ceiling (plus slack)
+    assert all(math.isfinite(k) for k in kls) and max(kls) < 6 * math.log(48) + 2.0, kls
     assert all(math.isfinite(h["policy/loss"]) for h in hist)
     if estimator == "gae":
         assert "value/explained_variance" in hist[-1] and math.isfinite(hist[-1]["value/loss"])
         assert hist[-1]["kl/coef"] != 0.01  # the adaptive controller moved
+
+
+def test_kl_penalty_keeps_the_policy_near_the_reference(tmp_path):
+    """The same task with a strong KL-in-reward coefficient: the policy stays close to the
+    reference (a free policy reaches ~6·log(48) ≈ 23 nats per sequence here)."""
+    torch.manual_seed(0)
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=16, kl=KLConfig(coef=0.3))
+    hist = RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    kls = [h["kl/seq"] for h in hist]
+    assert all(math.isfinite(k) for k in kls) and max(kls) < 5.0, kls

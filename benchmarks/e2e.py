@@ -82,7 +82,7 @@ class E2EConfig:
     gamma: float = 1.0
     lam: float = 0.95
     temperature: float = 1.0
-    steps: int = 3
+    steps: int = 5
     seed: int = 0
 
     def __post_init__(self):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,11 +31,15 @@ def main() -> int:
     for p in include_paths() + [sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]:
         incs += ["-I", p]
     failed = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for src in sources:
+    # one nvcc per source in parallel: each is single-threaded and takes minutes (two archs)
+    jobs = max(1, min(len(sources), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        def compile_one(src):
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-Xcompiler", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1"] + nvcc_flags() + incs
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            return src, subprocess.run(cmd, capture_output=True, text=True)
+
+        for src, r in pool.map(compile_one, sources):
             status = "ok" if r.returncode == 0 else "FAILED"
             print(f"check-cuda: {os.path.relpath(src, ROOT)} {status}")
             if r.returncode != 0:

@@ -229,10 +229,12 @@ class ValueModel(nn.Module):
                           use_cache=False, return_dict=True).last_hidden_state  # [B, T, H]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, save_directory: PathLike) -> None:
-        """Write the backbone (HF format) and the value head into ``save_directory``."""
+    def save_pretrained(self, save_directory: PathLike, **kwargs) -> None:
+        """Write the backbone (HF format) and the value head into ``save_directory``.
+        ``kwargs`` (e.g. ``safe_serialization``) go to the backbone's save_pretrained, so a
+        ValueModel saves wherever a PreTrainedModel does (checkpoints included)."""
         os.makedirs(save_directory, exist_ok=True)
-        self.backbone.save_pretrained(save_directory)
+        self.backbone.save_pretrained(save_directory, **kwargs)
         torch.save(self.value_head.state_dict(), os.path.join(save_directory, _VALUE_HEAD_FILE))
         with open(os.path.join(save_directory, _VALUE_META_FILE), "w") as f:
             json.dump({"format": "rlhf_fast.ValueModel", "version": 1}, f)

@@ -30,6 +30,10 @@ def sample(
     reaches p; 1 = off), min-p (keep p ≥ min_p·p_max; 0 = off). Returns
     ``(tokens [B] int64, logp [B] float32)``: logp of each chosen token under the processed
     distribution (0 for greedy). ``generator`` seeds the draw (reproducible).
+
+    Rows whose logits contain NaN or +inf, or are all -inf, have no distribution: the cpp
+    backend raises ValueError; the cuda backend returns logp = NaN for them (and a token in
+    [0, V)), since raising would cost a host sync.
     """
     _validate.tensor("logits", logits, floating=True, ndim=2)
     if logits.shape[1] == 0:

@@ -72,6 +72,7 @@ def test_two_ranks_match_one(runs, pair):
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4, abs=1e-6), key
     losses = [v for _, v in _series(one, "loss")]
     assert len(losses) >= 2 and losses[0] != losses[-1]  # and training did something
+    assert runs[pair[0] + "|in_sync"]  # DDP replicas end bit-identical
     wa, wb = _weights(runs["root"], pair[0]), _weights(runs["root"], pair[1])
     assert wa.keys() == wb.keys()
     for k in wa:

@@ -17,7 +17,71 @@ from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 MODEL = "tiny:llama:hidden_size=32,num_layers=2,num_heads=2"
 
 
+def _length_reward(prompts, completions):
+    """A checkable rule reward: longer completions score higher."""
+    return [float(len(c)) for c in completions]
+
+
+def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool):
+    from rlhf_fast.trainers.rl_config import PPOConfig, RLConfig, RolloutConfig
+
+    return RLConfig(estimator=estimator, steps=steps, output_dir=out_dir, resume=out_dir if resume else None,
+                    device="cpu", progress=False, sample_every=1,
+                    rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4),
+                    ppo=PPOConfig(mini_batch_size=8, micro_batch_size=2, whiten_advantages=True),
+                    distributed=DistributedConfig(strategy=strategy))
+
+
+def run_rl(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool):
+    """Whole RL steps (sampled rollouts differ per rank, so only sync/logging/resume are checked)."""
+    from rlhf_fast.trainers.rl import RLTrainer
+
+    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume), reward_fns=[_length_reward])
+    trainer.train()
+    trainer.run = trainer.run_dir
+    return trainer
+
+
+def run_rl_update(strategy: str, steps: int, out_dir: str):
+    """``steps`` GRPO policy updates on one fixed global rollout batch (B = 8 rows), each rank
+    taking its contiguous rows: the global token normaliser and whitening make the result
+    equal to one process updating on all 8 rows. Logs the update metrics per step."""
+    from rlhf_fast.models.logprobs import sequence_logprobs
+    from rlhf_fast.trainers.common import MetricsLogger
+    from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors
+
+    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, "grpo", False), reward_fns=[_length_reward])
+    g = torch.Generator().manual_seed(5)
+    B, L, V = 8, 10, trainer.policy.module.config.vocab_size if trainer.ctx.distributed else trainer.policy.config.vocab_size
+    ids = torch.randint(4, V, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.bool)
+    am[torch.arange(B) % 3 == 0, -3:] = False  # uneven lengths
+    rm = am.clone()
+    rm[:, :4] = False
+    with torch.no_grad():
+        old = sequence_logprobs(trainer.policy, ids, am, response_mask=rm) * rm
+    adv = torch.randn(B, 1, generator=g).expand(B, L) * rm
+    full = RolloutTensors(ids, am, rm, old, old.clone(), old.clone(), torch.zeros(B, L), adv.contiguous(),
+                          torch.zeros(B, L), torch.zeros(B))
+    lo, hi = trainer.ctx.rank * B // trainer.ctx.world_size, (trainer.ctx.rank + 1) * B // trainer.ctx.world_size
+    data = full.select(torch.arange(lo, hi))
+    trainer.run = trainer.run_dir = __import__("rlhf_fast.trainers.common", fromlist=["RunDir"]).RunDir(out_dir)
+    log = MetricsLogger(out_dir) if trainer.ctx.is_main else None
+    for step in range(1, steps + 1):
+        trainer.global_step = step - 1
+        m = trainer.update(data)
+        if log is not None:
+            log.log(step, {"loss": m["policy/loss"], "approx_kl": m["policy/approx_kl"]})
+    if log is not None:
+        log.close()
+    return trainer
+
+
 def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int):
+    if kind in ("grpo", "gae", "grpo_resume"):
+        return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"))
+    if kind == "grpo_update":
+        return run_rl_update(strategy, steps, out_dir)
     common = dict(model=MODEL, output_dir=out_dir, max_len=48, batch_size=8, grad_accum=grad_accum, lr=1e-2,
                   warmup_steps=0, lr_schedule="constant", max_steps=steps, log_every=1, eval_every=0, seed=0,
                   device="cpu", bf16=False, distributed=DistributedConfig(strategy=strategy))
@@ -27,6 +91,25 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         trainer = RewardTrainer(RewardConfig(eval_fraction=0.05, **common))
     trainer.train()
     return trainer
+
+
+def _full_weights(trainer):
+    """The full (gathered) state dict; under FSDP2 every rank takes part, rank 0 gets it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = getattr(trainer, "model", None) or trainer.policy
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _same_weights_on_every_rank(trainer) -> bool:
+    """Whether every DDP replica ends with the same weights (FSDP2 holds one sharded copy)."""
+    model = getattr(trainer, "model", None) or trainer.policy
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    vec = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    # the mean over ranks equals the max exactly only when all ranks agree
+    mean = trainer.ctx.all_reduce_sum(vec) / trainer.ctx.world_size
+    return bool(torch.equal(mean, trainer.ctx.all_reduce_max(vec)))
 
 
 def main():
@@ -41,8 +124,12 @@ def main():
         kind, strategy, steps, name, *rest = spec.split(":")
         trainer = run_one(kind, strategy, int(steps), os.path.join(args.root, name), int(rest[0]) if rest else 1)
         world = trainer.ctx.world_size
+        in_sync = _same_weights_on_every_rank(trainer)
+        weights = _full_weights(trainer)
         if trainer.ctx.is_main:
             results[spec] = read_metrics(trainer.run.path)
+            results[spec + "|in_sync"] = in_sync
+            torch.save(weights, os.path.join(args.root, f"{spec.split(':')[3]}.weights.pt"))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": world}, f)

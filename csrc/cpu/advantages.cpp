@@ -41,8 +41,14 @@ void check_discount(double x, const char* name, const char* op) {
   TORCH_CHECK_VALUE(x >= 0.0 && x <= 1.0, op, ": ", name, " must be in [0, 1], got ", x);
 }
 
-// rows per task: about 16k tokens of work each
-int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
+// Work per parallel task, in elements. Large on purpose: one thread scans ~5 tokens/ns,
+// so a task is ~0.1-0.2 ms, well above a fork/join; with a 16k grain, gae at B=64, T=2048
+// took 12-24 ms on a loaded 2-core machine (threads descheduled at the join) against
+// 0.21 ms on one thread.
+constexpr int64_t kTaskElems = 1 << 17;
+
+// rows per task
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(T, 1)); }
 
 // ------------------------------------------------------------------ gae / returns
 
@@ -144,7 +150,7 @@ GroupKind parse_group_kind(const std::string& kind) {
 template <typename in_t, typename acc_t>
 void group_impl(const in_t* s, acc_t* out, int64_t n_groups, int64_t G, GroupKind kind, bool normalize_std,
                 double eps) {
-  at::parallel_for(0, n_groups, std::max<int64_t>(1, 4096 / G), [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, n_groups, std::max<int64_t>(1, kTaskElems / G), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const in_t* x = s + g * G;
       acc_t* y = out + g * G;
@@ -209,7 +215,7 @@ std::pair<double, int64_t> masked_sum_count(const in_t* x, const bool* m, int64_
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks, 0.0);
   std::vector<int64_t> counts(n_chunks, 0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, n_chunks, kTaskElems / kChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double s = 0;
       int64_t k = 0;
@@ -236,7 +242,7 @@ template <typename in_t>
 double masked_sq_dev(const in_t* x, const bool* m, int64_t n, double mean) {
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks, 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, n_chunks, kTaskElems / kChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double s = 0;
       for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
@@ -292,7 +298,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool s
     const acc_t mu = static_cast<acc_t>(mean);
     const acc_t back = shift_mean ? acc_t(0) : mu;
     acc_t* op = out.data_ptr<acc_t>();
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, kTaskElems, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) op[i] = mp[i] ? (static_cast<acc_t>(xp[i]) - mu) * scale + back : acc_t(0);
     });
   });

@@ -1,6 +1,6 @@
 """The SFT and reward trainers under torchrun: two gloo processes give the same per-step losses,
 eval metrics and final weights as one process on the same global batch and seed (SFT under DDP
-and FSDP2, with and without gradient accumulation; reward under DDP), and a sharded SFT
+and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), and a sharded SFT
 checkpoint written by two ranks resumes on one process as if the run had never stopped.
 Two launches in all (one of two ranks, one of one process) to keep start-ups few."""
 
@@ -20,6 +20,7 @@ PAIRS = [
     ("sft:fsdp2:3:sft_fsdp2", "sft:none:3:sft_one"),
     ("sft:ddp:2:sft_ddp_ga:2", "sft:none:2:sft_one_ga:2"),
     ("reward:ddp:3:rw_ddp", "reward:none:3:rw_one"),
+    ("reward:fsdp2:3:rw_fsdp2", "reward:none:3:rw_one"),
 ]
 SAVE = "sft:fsdp2:2:resume"  # 2 steps on 2 ranks, sharded checkpoint at the end
 RESUME = "sft:none:3:resume"  # the same folder on one process: resumes at step 2, runs step 3

@@ -71,7 +71,8 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
         trainer.global_step = step - 1
         m = trainer.update(data)
         if log is not None:
-            log.log(step, {"loss": m["policy/loss"], "approx_kl": m["policy/approx_kl"]})
+            log.log(step, {"loss": m["policy/loss"], "approx_kl": m["policy/approx_kl"],
+                           "grad_norm": m["policy/grad_norm"]})
     if log is not None:
         log.close()
     return trainer

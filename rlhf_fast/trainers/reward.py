@@ -325,7 +325,8 @@ class RewardTrainer:
             chunk = [self.train_items[i] for i in (idx[lo:hi] if hi > lo else idx[:1])]
             w_local = sum(it["weight"] for it in chunk) if hi > lo else 0.0
             # the loss is a weighted mean: this rank's mean times its share of the global weight
-            w_global = float(ctx.all_reduce_sum(torch.tensor(w_local, dtype=torch.float64, device=self.device)))
+            w_global = torch.tensor(w_local, dtype=torch.float64, device=self.device)
+            w_global = float(ctx.all_reduce_sum(w_global))
             frac = w_local / w_global if w_global > 0 else (hi - lo) / len(idx)
             loss = self.loss(chunk) * (frac / cfg.grad_accum)
             # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum

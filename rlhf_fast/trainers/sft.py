@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rlhf_fast.distributed import DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded, wrap_model
+from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded,
+                                   wrap_model)
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
@@ -237,7 +238,8 @@ class NullLogger:
         return None
 
 
-def save_sharded_checkpoint(directory: str, model, optimizer, scheduler, ctx: DistContext, extra: Dict[str, Any]) -> None:
+def save_sharded_checkpoint(directory: str, model, optimizer, scheduler, ctx: DistContext,
+                            extra: Dict[str, Any]) -> None:
     """A ``torch.distributed.checkpoint`` checkpoint in ``directory`` (every rank writes its
     shard) plus the scheduler state and ``extra`` in ``extra.json``; ``COMPLETE`` is written
     last, so :func:`latest_checkpoint` ignores a half-written one."""
@@ -254,7 +256,8 @@ def is_sharded_checkpoint(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, ".metadata"))
 
 
-def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler, ctx: DistContext) -> Dict[str, Any]:
+def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
+                        ctx: DistContext) -> Dict[str, Any]:
     """Load a sharded checkpoint (written on any number of ranks, loaded into this wrapping)
     or a single-process one (``save_checkpoint`` format, into an unsharded model); returns
     the trainer's ``extra`` state."""
@@ -358,7 +361,8 @@ class SFTTrainer:
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # (nll sum, tokens)
         for i in range(0, len(self.eval_rows), self.cfg.batch_size):
-            batch = self._local_batch(list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows)))), self.eval_rows)
+            idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
+            batch = self._local_batch(idx, self.eval_rows)
             with autocast_context(self.device, self.cfg.bf16):
                 s, c = completion_nll_sum(self.model, batch)
             tot += torch.stack([s.double(), c.double()])
@@ -399,12 +403,15 @@ class SFTTrainer:
         micro = [self._local_batch(self.batches.next(), self.train_rows) for _ in range(cfg.grad_accum)]
         # normalise by the completion tokens of the whole global step (all micro-batches, all
         # ranks), so neither the micro-batch split nor the number of ranks changes the loss
-        n_local = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum()) for b in micro)
-        n_tok = max(int(ctx.all_reduce_sum(torch.tensor(n_local, dtype=torch.float64, device=self.device))), 1)
+        n_local = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum())
+                      for b in micro)
+        n_tok = torch.tensor(n_local, dtype=torch.float64, device=self.device)
+        n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
             # DDP: all-reduce the gradients once, after the last micro-batch
-            with (self.model.no_sync() if i < len(micro) - 1 and _is_ddp(self.model) else contextlib.nullcontext()):
+            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
+            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 with autocast_context(self.device, cfg.bf16):
                     s, _ = completion_nll_sum(self.model, b, packed=cfg.packing)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum

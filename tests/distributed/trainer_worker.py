@@ -47,12 +47,14 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
     taking its contiguous rows: the global token normaliser and whitening make the result
     equal to one process updating on all 8 rows. Logs the update metrics per step."""
     from rlhf_fast.models.logprobs import sequence_logprobs
-    from rlhf_fast.trainers.common import MetricsLogger
+    from rlhf_fast.trainers.common import MetricsLogger, RunDir
     from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors
 
     trainer = RLTrainer(_rl_config(strategy, steps, out_dir, "grpo", False), reward_fns=[_length_reward])
     g = torch.Generator().manual_seed(5)
-    B, L, V = 8, 10, trainer.policy.module.config.vocab_size if trainer.ctx.distributed else trainer.policy.config.vocab_size
+    from rlhf_fast.distributed import unwrap
+
+    B, L, V = 8, 10, unwrap(trainer.policy).config.vocab_size
     ids = torch.randint(4, V, (B, L), generator=g)
     am = torch.ones(B, L, dtype=torch.bool)
     am[torch.arange(B) % 3 == 0, -3:] = False  # uneven lengths
@@ -63,9 +65,10 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
     adv = torch.randn(B, 1, generator=g).expand(B, L) * rm
     full = RolloutTensors(ids, am, rm, old, old.clone(), old.clone(), torch.zeros(B, L), adv.contiguous(),
                           torch.zeros(B, L), torch.zeros(B))
-    lo, hi = trainer.ctx.rank * B // trainer.ctx.world_size, (trainer.ctx.rank + 1) * B // trainer.ctx.world_size
+    rank, world = trainer.ctx.rank, trainer.ctx.world_size
+    lo, hi = rank * B // world, (rank + 1) * B // world
     data = full.select(torch.arange(lo, hi))
-    trainer.run = trainer.run_dir = __import__("rlhf_fast.trainers.common", fromlist=["RunDir"]).RunDir(out_dir)
+    trainer.run = trainer.run_dir = RunDir(out_dir)
     log = MetricsLogger(out_dir) if trainer.ctx.is_main else None
     for step in range(1, steps + 1):
         trainer.global_step = step - 1
@@ -123,7 +126,8 @@ def main():
     results, world = {}, 1
     for spec in args.runs.split(","):
         kind, strategy, steps, name, *rest = spec.split(":")
-        trainer = run_one(kind, strategy, int(steps), os.path.join(args.root, name), int(rest[0]) if rest else 1)
+        grad_accum = int(rest[0]) if rest else 1
+        trainer = run_one(kind, strategy, int(steps), os.path.join(args.root, name), grad_accum)
         world = trainer.ctx.world_size
         in_sync = _same_weights_on_every_rank(trainer)
         weights = _full_weights(trainer)

@@ -19,6 +19,8 @@ def test_world_preference_and_annotator():
     flips = sum(not noisy.prefers_first("The cat is kind.", "The cat is rude.") for _ in range(2000))
     assert 0.25 < flips / 2000 < 0.35
     assert world.win_rate([1, 0, 2], [0, 0, 3]) == pytest.approx(0.5)
+    assert world.on_topic("Describe the fox.", "The fox is calm.")
+    assert not world.on_topic("Describe the fox.", "The owl is calm.")
     assert world.arithmetic_reward(["3+4=", "9+9="], ["7", "19"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="noise"):
         world.SimulatedAnnotator(noise=0.9)

@@ -67,6 +67,7 @@ class DemoConfig:
     max_new_tokens: int = 24
     rl_lr: float = 1e-3
     kl_coef: float = 0.02
+    arithmetic_rl_steps: int = 200
     # evaluation
     eval_prompts: int = 256
     progress: bool = True
@@ -83,6 +84,7 @@ class DemoConfig:
             self.sft_examples, self.sft_steps, self.sft_batch_size = 300, 40, 16
             self.pair_prompts, self.rm_steps, self.rm_batch_size = 64, 20, 16
             self.rl_steps, self.prompts_per_step, self.group_size = 4, 4, 2
+            self.arithmetic_rl_steps = 4
             self.eval_prompts, self.max_new_tokens = 24, 14
         if self.out_dir is None:
             self.out_dir = os.path.join("runs", f"demo-{self.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -308,6 +310,9 @@ def run_preference(cfg: DemoConfig) -> Dict:
         "rm_score_tuned": mean(s_after),
         "rm_score_gain": mean(s_after) - mean(s_before),
         "kl_tuned_vs_sft_per_sequence": kl,
+        # what the hidden utility does not see: staying on the prompt's subject
+        "on_topic_rate_sft": mean([float(world.on_topic(p, r)) for p, r in zip(eval_prompts, before)]),
+        "on_topic_rate_tuned": mean([float(world.on_topic(p, r)) for p, r in zip(eval_prompts, after)]),
         "length_words_sft": mean([len(r.split()) for r in before]),
         "length_words_tuned": mean([len(r.split()) for r in after]),
     }
@@ -346,6 +351,7 @@ def run_arithmetic(cfg: DemoConfig) -> Dict:
     train_prompts = [p for p, _ in world.arithmetic_problems(512, seed=cfg.seed + 21)]
     acfg = copy.copy(cfg)
     acfg.max_new_tokens = 4
+    acfg.rl_steps = cfg.arithmetic_rl_steps
     acfg.group_size = max(cfg.group_size, 8) if not cfg.quick else cfg.group_size
     rl = _rl(acfg, model, tok, train_prompts, cfg.out_dir, reward_fns=[world.arithmetic_reward], estimator="grpo")
     policy = rl["trainer"].policy.eval()

@@ -75,7 +75,10 @@ def write_report(cfg, report: Dict, trainer) -> str:
                   "annotators follow (warm adjectives good, cold ones bad), not by the reward model. "
                   "`rm_minus_true_win_rate` > 0 means the reward model believes in more progress than there "
                   "is (reward over-optimisation; here partly the annotators' length bias, "
-                  f"{cfg.length_bias} utility per word, and their {cfg.annotator_noise:.0%} label noise)."]
+                  f"{cfg.length_bias} utility per word, and their {cfg.annotator_noise:.0%} label noise). "
+                  "The hidden utility itself can be gamed too: `on_topic_rate` (the response names the "
+                  "prompt's subject and no other) and the samples below show what neither the annotators "
+                  "nor the reward model check."]
     sft = report["stages"].get("sft", {})
     lines += ["", "## SFT", "", "| measure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sft.items()]
     if report.get("examples"):

@@ -56,6 +56,13 @@ def prompts(n: int, seed: int = 1) -> List[str]:
     return [make_prompt(rng) for _ in range(n)]
 
 
+def on_topic(prompt: str, response: str) -> bool:
+    """The response talks about the prompt's subject (and no other one)."""
+    words = {w.strip(".,!?").lower() for w in response.split()}
+    named = {s for s in SUBJECTS if s in words}
+    return named == {subject_of(prompt)}
+
+
 def true_utility(response: str) -> float:
     """The hidden preference: warm adjectives count +1, cold ones −1."""
     words = [w.strip(".,!?").lower() for w in response.split()]

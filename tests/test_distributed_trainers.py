@@ -1,7 +1,10 @@
 """The SFT and reward trainers under torchrun: two gloo processes give the same per-step losses,
 eval metrics and final weights as one process on the same global batch and seed (SFT under DDP
-and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), and a sharded SFT
+and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), a sharded SFT
 checkpoint written by two ranks resumes on one process as if the run had never stopped.
+The RL trainer under DDP: GRPO updates on a fixed global rollout batch match one process;
+whole GRPO and PPO steps (sampling differs per rank) keep the replicas identical, log once
+and write sharded checkpoints that one process resumes.
 Two launches in all (one of two ranks, one of one process) to keep start-ups few."""
 
 import json
@@ -24,6 +27,9 @@ PAIRS = [
 ]
 SAVE = "sft:fsdp2:2:resume"  # 2 steps on 2 ranks, sharded checkpoint at the end
 RESUME = "sft:none:3:resume"  # the same folder on one process: resumes at step 2, runs step 3
+RL_UPDATE = ("grpo_update:ddp:3:rlu_ddp", "grpo_update:none:3:rlu_one")
+RL_RUNS = ["grpo:ddp:2:rl_grpo", "gae:ddp:2:rl_ppo"]
+RL_RESUME = "grpo_resume:none:3:rl_grpo"  # one process continues the 2-rank GRPO run to step 3
 
 
 def _free_port() -> int:
@@ -48,8 +54,8 @@ def _launch(root, name, nproc, runs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
-    two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE])
-    one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME])
+    two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + RL_RUNS)
+    one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1], RL_RESUME])
     assert two["world_size"] == 2 and one["world_size"] == 1
     return {"root": root, **two["runs"], **one["runs"]}
 
@@ -100,3 +106,42 @@ def test_sharded_checkpoint_resumes_on_one_process(runs):
     wa, wb = _weights(runs["root"], RESUME), _weights(runs["root"], "sft:none:3:sft_one")
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_rl_update_two_ranks_match_one(runs):
+    two, one = runs[RL_UPDATE[0]], runs[RL_UPDATE[1]]
+    for key in ("grad_norm", "loss", "approx_kl"):  # grad_norm: the all-reduced gradient itself
+        assert [v for _, v in _series(two, key)] == pytest.approx([v for _, v in _series(one, key)], rel=1e-4, abs=1e-6)
+    assert runs[RL_UPDATE[0] + "|in_sync"]
+    wa = torch.load(os.path.join(runs["root"], "rlu_ddp.weights.pt"))
+    wb = torch.load(os.path.join(runs["root"], "rlu_one.weights.pt"))
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    losses = [v for _, v in _series(one, "loss")]
+    assert losses[0] != losses[-1]
+
+
+@pytest.mark.parametrize("spec", RL_RUNS)
+def test_rl_steps_under_ddp(runs, spec):
+    folder = os.path.join(runs["root"], spec.split(":")[3])
+    if spec == RL_RUNS[0]:
+        recs = [r for r in runs[spec]]  # this folder was resumed later: read the 2-rank records
+    else:
+        recs = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [1, 2]  # rank 0 alone logs
+    assert all(r["reward/total"] == r["reward/total"] for r in recs)  # finite (not NaN)
+    assert runs[spec + "|in_sync"]
+    ck = os.path.join(folder, "checkpoints", "step_00000002")
+    assert os.path.isfile(os.path.join(ck, "policy", ".metadata")) and os.path.isfile(os.path.join(ck, "COMPLETE"))
+    if spec.startswith("gae"):
+        assert os.path.isfile(os.path.join(ck, "critic", ".metadata"))
+        assert os.path.isdir(os.path.join(folder, "final", "critic"))
+    assert os.path.isfile(os.path.join(folder, "final", "policy", "config.json"))
+
+
+def test_rl_sharded_checkpoint_resumes_on_one_process(runs):
+    two, resumed = runs[RL_RUNS[0]], runs[RL_RESUME]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(two, resumed[:2]):  # the log up to the checkpoint is kept as it was
+        assert a["policy/loss"] == b["policy/loss"]
+    assert resumed[2]["policy/loss"] == resumed[2]["policy/loss"]

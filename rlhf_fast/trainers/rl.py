@@ -171,15 +171,20 @@ class RLTrainer:
         critic=None,
         engine=None,
     ):
-        from rlhf_fast.trainers.common import resolve_device, seed_everything
+        from rlhf_fast.trainers.common import seed_everything
 
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
         if (policy is None) != (tokenizer is None):
             raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")
+        from rlhf_fast.trainers.sft import setup_distributed
+
         self.config = cfg = config
+        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        if self.ctx.distributed and cfg.rollout.prompts_per_step % self.ctx.world_size != 0:
+            raise ValueError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be divisible by the "
+                             f"number of ranks ({self.ctx.world_size})")
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
         if policy is None:
             policy, tokenizer = self._load_policy()
         self.policy = policy.to(self.device)
@@ -209,6 +214,16 @@ class RLTrainer:
         self.prompts = list(prompts) if prompts is not None else self._load_prompts()
         if not self.prompts:
             raise ValueError("prompts must be a non-empty list of strings")
+        if self.ctx.distributed:
+            # DDP after the engine took the bare policy: generation needs no gradient sync
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from rlhf_fast.distributed import wrap_model
+
+            self.policy = wrap_model(self.policy, "ddp", self.ctx)
+            if self.critic is not None:  # a value model built from the policy leaves its LM head unused
+                self.critic = DDP(self.critic, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None,
+                                  find_unused_parameters=True)
 
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
@@ -312,10 +327,15 @@ class RLTrainer:
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
         prompts = self._next_prompts()
+        if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
+            from rlhf_fast.trainers.sft import local_span
+
+            lo, hi = local_span(len(prompts), self.ctx)
+            prompts = prompts[lo:hi]
         params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
                                 stop_strings=tuple(ro.stop_strings),
-                                seed=(cfg.seed * 1_000_003 + self.global_step) % (2**31))
+                                seed=(cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank) % (2**31))
         with torch.no_grad():
             batch = self.engine.generate(prompts, params)
         t1 = time.perf_counter()
@@ -358,10 +378,13 @@ class RLTrainer:
         old_logp, ref_logp, beh, values, entropy = (t[idx] for t in (old_logp, ref_logp, beh, values, entropy))
         kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
         beta = self.kl_ctl.value
+        whiten_global = cfg.ppo.whiten_advantages and self.ctx.distributed
         adv, ret = compute_advantages(
             cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_tok,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
-            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages)
+            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages and not whiten_global)
+        if whiten_global:  # statistics over every rank's tokens, as one process would see them
+            adv = ops.masked_whiten(adv, rm, group=self.ctx.group or torch.distributed.group.WORLD)
         gap = logprob_gap(beh, old_logp, rm)
         m["logprob_gap/mean"] = float(gap["mean"])
         m["logprob_gap/max"] = float(gap["max"])
@@ -409,15 +432,17 @@ class RLTrainer:
 
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         kw = self._loss_kwargs()
-        norm = _token_normalizer(data.response_mask, kw["agg"])
+        norm = self._global_normalizer(data.response_mask, kw["agg"])
         B = data.input_ids.shape[0]
         ntok = data.response_mask.sum().clamp(min=1).float()
         acc: Dict[str, float] = {}
         for s in range(0, B, mb):
             d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
-            loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
-                                   d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
-            loss.backward()
+            with self._no_sync(self.policy, s + mb < B):
+                loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
+                                       d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
+                # DDP averages gradients over ranks; grad_scale turns that into the global sum
+                (loss * self.ctx.grad_scale).backward()
             w = float(d.response_mask.sum()) / float(ntok)
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
@@ -430,19 +455,61 @@ class RLTrainer:
         """Accumulate the clipped value-loss gradient of ``data`` over micro-batches."""
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         agg = self.config.ppo.agg
-        norm = _token_normalizer(data.response_mask, agg)
+        norm = self._global_normalizer(data.response_mask, agg)
         B = data.input_ids.shape[0]
         out = {"value_loss": 0.0, "value_clip_frac": 0.0}
         ntok = data.response_mask.sum().clamp(min=1).float()
         for s in range(0, B, mb):
             d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
-            v = self.critic(d.input_ids, d.attention_mask).float()
-            loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask, clip=self.config.ppo.value_clip,
-                                          agg=agg, normalizer=norm)
-            (self.config.ppo.value_coef * loss).backward()
+            with self._no_sync(self.critic, s + mb < B):
+                v = self.critic(d.input_ids, d.attention_mask).float()
+                loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
+                                              clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
+                (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
             out["value_loss"] += float(loss.detach())
             out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
         return out
+
+    def _no_sync(self, model, skip: bool):
+        """DDP: no gradient all-reduce for this micro-batch (``skip``), so every rank reduces
+        once per mini-batch even when ranks hold different numbers of micro-batches."""
+        import contextlib
+
+        return model.no_sync() if skip and self.ctx.distributed else contextlib.nullcontext()
+
+    def _global_normalizer(self, mask: torch.Tensor, agg: str):
+        """:func:`_token_normalizer` summed over ranks (one process: unchanged)."""
+        n = _token_normalizer(mask, agg)
+        if not self.ctx.distributed:
+            return n
+        t = n.float() if isinstance(n, torch.Tensor) else torch.tensor(float(n), device=mask.device)
+        return self.ctx.all_reduce_sum(t)
+
+    def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
+        """:meth:`policy_backward` statistics over every rank, as one process computes them:
+        token-weighted means, the loss parts summed, ratio_max the maximum."""
+        keys = sorted(k for k in st if k not in ("loss", "ratio_max"))
+        n = float(mask.sum())
+        vec = [st["loss"], n] + [st[k] * n if n > 0 else 0.0 for k in keys]
+        vec = torch.tensor(vec, dtype=torch.float64, device=self.device)
+        vec = self.ctx.all_reduce_sum(vec)
+        out = {"loss": float(vec[0]), **{k: float(v) / max(float(vec[1]), 1.0) for k, v in zip(keys, vec[2:])}}
+        if "ratio_max" in st:
+            out["ratio_max"] = float(self.ctx.all_reduce_max(torch.tensor(st["ratio_max"], dtype=torch.float64,
+                                                                            device=self.device)))
+        return out
+
+    def _minibatches(self, perm: torch.Tensor) -> list:
+        """Row indices of each mini-batch of one epoch. Distributed: the same number of
+        mini-batches on every rank (the global batch over the global ``mini_batch_size``),
+        each a near-equal block of this rank's rows (possibly empty), so the DDP collectives
+        line up even when ranks dropped different numbers of rows."""
+        B, mbs = perm.shape[0], self.config.ppo.mini_batch_size
+        if not self.ctx.distributed:
+            return [perm[s:s + mbs] for s in range(0, B, mbs)]
+        n = torch.tensor(float(-(-B // max(1, mbs // self.ctx.world_size))), device=perm.device)
+        n_mb = int(self.ctx.all_reduce_max(n))
+        return list(torch.tensor_split(perm, n_mb))
 
     @torch.no_grad()
     def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor):
@@ -496,10 +563,14 @@ class RLTrainer:
         n_updates, stopped = 0, False
         for _ in range(cfg.epochs):
             perm = torch.randperm(B, generator=g).to(data.input_ids.device)
-            for s in range(0, B, cfg.mini_batch_size):
-                mini = data.select(perm[s:s + cfg.mini_batch_size])
+            for rows in self._minibatches(perm):
+                mini = data.select(rows if rows.numel() else perm[:1])
+                if not rows.numel():  # more mini-batches than rows here: a row that counts nothing
+                    mini = replace(mini, response_mask=torch.zeros_like(mini.response_mask))
                 self.optimizer.zero_grad(set_to_none=True)
                 st = self.policy_backward(mini)
+                if self.ctx.distributed:  # the same statistics on every rank, so early stopping agrees
+                    st = self._global_stats(st, mini.response_mask)
                 if cfg.max_grad_norm is not None:
                     st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
                 if cfg.trpo:
@@ -509,7 +580,12 @@ class RLTrainer:
                 self.scheduler.step()
                 if self.critic is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                    st.update(self.critic_backward(mini))
+                    cst = self.critic_backward(mini)
+                    if self.ctx.distributed:
+                        gs = self._global_stats({"loss": cst["value_loss"], "value_clip_frac": cst["value_clip_frac"]},
+                                                mini.response_mask)
+                        cst = {"value_loss": gs["loss"], "value_clip_frac": gs["value_clip_frac"]}
+                    st.update(cst)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                     self.critic_optimizer.step()
@@ -528,7 +604,9 @@ class RLTrainer:
         out["policy/early_stopped"] = int(stopped)
         out["lr"] = self.scheduler.get_last_lr()[0]
         if hasattr(self.engine, "update_weights"):
-            self.engine.update_weights(self.policy)  # engines holding a weight copy resync here
+            from rlhf_fast.distributed import unwrap
+
+            self.engine.update_weights(unwrap(self.policy))  # engines holding a weight copy resync here
         return out
 
     def step(self) -> Dict[str, float]:
@@ -538,8 +616,9 @@ class RLTrainer:
         t1 = time.perf_counter()
         m.update(self.update(data))
         m["time/update"] = time.perf_counter() - t1
+        m = self.ctx.mean_metrics(m)  # every rank then updates β with the same numbers
         # Ziegler et al. update β with the measured sequence KL, counted in samples
-        self.kl_ctl.update(m["kl/seq"], data.input_ids.shape[0])
+        self.kl_ctl.update(m["kl/seq"], data.input_ids.shape[0] * self.ctx.world_size)
         m["time/step"] = time.perf_counter() - t0
         self.global_step += 1
         if self._logger is not None:
@@ -551,7 +630,7 @@ class RLTrainer:
 
     def _write_samples(self) -> None:
         every = self.config.sample_every
-        if not every or self.global_step % every != 0 or self.run_dir is None:
+        if not every or self.global_step % every != 0 or self.run_dir is None or not self.ctx.is_main:
             return
         with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
             for p, c, r in self._last_texts[: 2 * self.config.rollout.group_size]:
@@ -563,11 +642,13 @@ class RLTrainer:
                 "reward_moments": self.reward_moments.state_dict(), "dropped_total": self.dropped_total}
 
     def _ckpt_parts(self):
-        models = {"policy": self.policy}
+        from rlhf_fast.distributed import unwrap
+
+        models = {"policy": unwrap(self.policy)}
         opts = {"policy": self.optimizer}
         scheds = {"policy": self.scheduler}
         if self.critic is not None:
-            models["critic"] = _StateDictOnly(self.critic)
+            models["critic"] = _StateDictOnly(unwrap(self.critic))
             opts["critic"], scheds["critic"] = self.critic_optimizer, self.critic_scheduler
         return models, opts, scheds
 
@@ -575,10 +656,35 @@ class RLTrainer:
         """Write an atomic checkpoint of everything needed to continue; returns its folder."""
         from rlhf_fast.trainers.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
 
+        if self.config.distributed.strategy != "none":
+            return self._save_sharded(checkpoint_dir(self.run_dir.path, self.global_step))
         models, opts, scheds = self._ckpt_parts()
         path = save_checkpoint(checkpoint_dir(self.run_dir.path, self.global_step), models=models, optimizers=opts,
                                schedulers=scheds, extra=self.state_dict_extra())
         prune_checkpoints(self.run_dir.path, self.config.keep_checkpoints)
+        return path
+
+    def _sharded_parts(self):
+        parts = [("policy", self.policy, self.optimizer, self.scheduler)]
+        if self.critic is not None:
+            parts.append(("critic", self.critic, self.critic_optimizer, self.critic_scheduler))
+        return parts
+
+    def _save_sharded(self, path: str) -> str:
+        """Every rank writes its shard of each model/optimiser (torch.distributed.checkpoint);
+        rank 0 adds extra.json and COMPLETE last. Loadable on any number of ranks."""
+        from rlhf_fast.distributed import save_sharded
+        from rlhf_fast.trainers.checkpoint import prune_checkpoints
+
+        for name, model, opt, sched in self._sharded_parts():
+            save_sharded(os.path.join(path, name), model, opt, self.ctx, extra={"scheduler": sched.state_dict()})
+        if self.ctx.is_main:
+            with open(os.path.join(path, "extra.json"), "w", encoding="utf-8") as f:
+                json.dump(self.state_dict_extra(), f)
+            with open(os.path.join(path, "COMPLETE"), "w") as f:
+                f.write("ok\n")
+            prune_checkpoints(self.run_dir.path, self.config.keep_checkpoints)
+        self.ctx.barrier()
         return path
 
     def load(self, run_dir: str) -> int:
@@ -589,8 +695,16 @@ class RLTrainer:
         ck = latest_checkpoint(run_dir)
         if ck is None:
             raise FileNotFoundError(f"resume: no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}")
-        models, opts, scheds = self._ckpt_parts()
-        extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
+        if os.path.isfile(os.path.join(ck, "policy", ".metadata")):  # sharded: any number of ranks
+            from rlhf_fast.distributed import load_sharded
+
+            for name, model, opt, sched in self._sharded_parts():
+                sched.load_state_dict(load_sharded(os.path.join(ck, name), model, opt, self.ctx)["scheduler"])
+            with open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
+                extra = json.load(f)
+        else:
+            models, opts, scheds = self._ckpt_parts()
+            extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
         self.global_step = int(extra["step"])
         self.prompt_pos = int(extra["prompt_pos"])
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
@@ -598,11 +712,12 @@ class RLTrainer:
         self.dropped_total = int(extra.get("dropped_total", 0))
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)
-            if os.path.exists(p):
+            if os.path.exists(p) and self.ctx.is_main:
                 with open(p, encoding="utf-8") as f:
                     lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.global_step]
                 with open(p, "w", encoding="utf-8") as f:
                     f.writelines(lines)
+        self.ctx.barrier()
         return self.global_step
 
     def train(self, steps: Optional[int] = None) -> List[Dict[str, float]]:
@@ -615,14 +730,14 @@ class RLTrainer:
         cfg = self.config
         out_dir = cfg.resume or cfg.output_dir
         # the resolved config, as this (possibly resumed, with new overrides) run uses it
-        self.run_dir = RunDir(out_dir, replace(cfg, resume=None))
+        self.run_dir = RunDir(out_dir, replace(cfg, resume=None) if self.ctx.is_main else None)  # rank 0 writes
         if cfg.resume:
             self.load(cfg.resume)
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
-        self._logger = MetricsLogger(self.run_dir.path)
+        self._logger = MetricsLogger(self.run_dir.path) if self.ctx.is_main else None
         history = []
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.ctx.is_main:
             try:
                 from tqdm.auto import tqdm
 
@@ -645,18 +760,24 @@ class RLTrainer:
         finally:
             if bar is not None:
                 bar.close()
-            self._logger.close()
+            if self._logger is not None:
+                self._logger.close()
             self._logger = None
         return history
 
     def save_final(self) -> str:
         """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``."""
+        from rlhf_fast.distributed import unwrap
+
         path = os.path.join(self.run_dir.path, "final")
-        self.policy.save_pretrained(os.path.join(path, "policy"))
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(os.path.join(path, "policy"))
-        if self.critic is not None and hasattr(self.critic, "save_pretrained"):
-            self.critic.save_pretrained(os.path.join(path, "critic"))
+        if self.ctx.is_main:  # DDP: every rank holds the same full weights
+            unwrap(self.policy).save_pretrained(os.path.join(path, "policy"))
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(os.path.join(path, "policy"))
+            critic = unwrap(self.critic) if self.critic is not None else None
+            if critic is not None and hasattr(critic, "save_pretrained"):
+                critic.save_pretrained(os.path.join(path, "critic"))
+        self.ctx.barrier()
         return path
 
 

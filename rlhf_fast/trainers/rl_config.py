@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS
+from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.ops.reference import AGG_MODES
 
 KL_PLACEMENTS = ("reward", "loss")
@@ -258,9 +259,16 @@ class RLConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
+        if self.distributed.strategy == "fsdp2":
+            # every rank decodes its own prompts for its own number of steps, while FSDP2 needs
+            # the same forwards on all ranks; generation from a sharded policy is not done yet
+            raise ValueError("distributed.strategy 'fsdp2' is not supported by the RL trainer yet; use 'ddp'")
+        if self.distributed.strategy != "none" and self.ppo.trpo:
+            raise ValueError("ppo.trpo is not supported with distributed.strategy 'ddp' (the line search is per rank)")
         _pos("steps", self.steps, integer=True)
         _pos("log_every", self.log_every, integer=True)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)

@@ -417,8 +417,10 @@ def run(args) -> int:
     cfg = load_config(RewardConfig, path, args.overrides)
     trainer = RewardTrainer(cfg)
     m = trainer.train()
-    print(f"reward: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
-          + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
+    if trainer.ctx.is_main:  # under torchrun one summary, not one per rank
+        print(f"reward: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                                                             if isinstance(v, float))
+              + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
     return 0
 
 

@@ -469,8 +469,10 @@ def run(args) -> int:
     cfg = load_config(SFTConfig, path, args.overrides)
     trainer = SFTTrainer(cfg)
     m = trainer.train()
-    print(f"sft: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
-          + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
+    if trainer.ctx.is_main:  # under torchrun one summary, not one per rank
+        print(f"sft: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                                                             if isinstance(v, float))
+              + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
     return 0
 
 

@@ -269,3 +269,26 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def add_config_arguments(parser) -> None:
+    """CLI arguments shared by the trainer commands: CONFIG.yaml ('none' for the defaults)
+    then ``--key value`` overrides (``--a.b value`` for nested keys)."""
+    import argparse
+
+    parser.add_argument("config", help="YAML config file ('none': defaults)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides (--a.b for nested keys)")
+
+
+def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
+    """Load ``config_cls`` from ``args`` (see :func:`add_config_arguments`), train with
+    ``trainer_cls`` and print one summary line (rank 0 only under torchrun)."""
+    from .config import load_config
+
+    path = None if args.config in ("none", "-") else args.config
+    trainer = trainer_cls(load_config(config_cls, path, args.overrides))
+    m = trainer.train()
+    if trainer.ctx.is_main:
+        print(f"{name}: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
+              + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
+    return 0

@@ -25,7 +25,7 @@ import torch
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler,
+from .common import (MetricsLogger, add_config_arguments, run_trainer_cli, RunDir, autocast_context, load_causal_lm, make_scheduler,
                      seed_everything, truncate_metrics)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
@@ -403,25 +403,12 @@ def _texts(r) -> List[str]:
 
 def add_arguments(parser) -> None:
     """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    import argparse
-
-    parser.add_argument("config", help="YAML config file ('none': defaults)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides")
+    add_config_arguments(parser)
 
 
 def run(args) -> int:
     """Entry point of ``rlhf-fast reward``."""
-    from .config import load_config
-
-    path = None if args.config in ("none", "-") else args.config
-    cfg = load_config(RewardConfig, path, args.overrides)
-    trainer = RewardTrainer(cfg)
-    m = trainer.train()
-    if trainer.ctx.is_main:  # under torchrun one summary, not one per rank
-        print(f"reward: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
-                                                             if isinstance(v, float))
-              + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
-    return 0
+    return run_trainer_cli("reward", RewardConfig, RewardTrainer, args)
 
 
 __all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "add_arguments", "run"]

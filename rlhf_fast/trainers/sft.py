@@ -30,7 +30,7 @@ from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distribu
                                    wrap_model)
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
+from .common import (MetricsLogger, add_config_arguments, run_trainer_cli, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
                      seed_everything, truncate_metrics)
 
 
@@ -455,25 +455,12 @@ class SFTTrainer:
 
 def add_arguments(parser) -> None:
     """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    import argparse
-
-    parser.add_argument("config", help="YAML config file ('none': defaults)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides (--a.b for nested keys)")
+    add_config_arguments(parser)
 
 
 def run(args) -> int:
     """Entry point of ``rlhf-fast sft``."""
-    from .config import load_config
-
-    path = None if args.config in ("none", "-") else args.config
-    cfg = load_config(SFTConfig, path, args.overrides)
-    trainer = SFTTrainer(cfg)
-    m = trainer.train()
-    if trainer.ctx.is_main:  # under torchrun one summary, not one per rank
-        print(f"sft: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
-                                                             if isinstance(v, float))
-              + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
-    return 0
+    return run_trainer_cli("sft", SFTConfig, SFTTrainer, args)
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "synthetic_sft_records", "tokenize_sft", "collate", "completion_nll_sum",

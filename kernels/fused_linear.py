@@ -35,7 +35,6 @@ float64 runs the reference (tl.dot has no fp64 path on every target).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton

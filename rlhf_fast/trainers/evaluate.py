@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 

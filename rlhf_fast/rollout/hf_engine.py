@@ -19,6 +19,80 @@ from ..models.logprobs import default_position_ids, unwrap
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class _LlamaDecoder:
+    """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2: pre-norm, RoPE, sdpa)
+    on a preallocated ``[B, kv_heads, P + R, d]`` KV buffer.
+
+    The same operations in the same order as the transformers forward (its norm / MLP / head
+    modules are called as they are), without the per-call work that does not depend on the
+    step: the growing ``torch.cat`` of DynamicCache, the mask construction, the RoPE tables
+    (computed once for positions ``0 .. P + R - 1``) and the output dataclasses.
+    """
+
+    _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+    @classmethod
+    def supported(cls, model) -> bool:
+        """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks) full-attention
+        Llama-style LM on sdpa, in eval mode."""
+        if unwrap(model) is not model or type(model).__name__ not in cls._CLASSES or model.training:
+            return False
+        if model._forward_hooks or model._forward_pre_hooks:  # hooks on the model see its own forward
+            return False
+        cfg = model.config
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        return (layers is not None and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and getattr(cfg, "sliding_window", None) is None and getattr(cfg, "pretraining_tp", 1) == 1
+                and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
+                and all(hasattr(layer.self_attn, "head_dim") for layer in layers))
+
+    def __init__(self, model, cache, B: int, P: int, R: int):
+        base = model.model
+        self.model, self.layers = model, list(base.layers)
+        self.K, self.V = [], []
+        for layer in cache.layers:  # the prompt's (repeated) keys / values go first
+            k, v = layer.keys, layer.values  # [B, kv_heads, P, d]
+            kb = k.new_empty(B, k.shape[1], P + R, k.shape[3])
+            vb = v.new_empty(B, v.shape[1], P + R, v.shape[3])
+            kb[:, :, :P] = k
+            vb[:, :, :P] = v
+            self.K.append(kb)
+            self.V.append(vb)
+        cos, sin = base.rotary_emb(self.K[0], torch.arange(P + R, device=self.K[0].device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # [P + R, d]
+
+    def step(self, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
+        """Logits ``[B, V]`` after feeding ``tok [B]`` at KV column ``col`` with position ids
+        ``pos [B, 1]`` and the boolean key mask ``mask [B, 1, 1, col + 1]``."""
+        base = self.model.model
+        B = tok.shape[0]
+        h = base.embed_tokens(tok[:, None])  # [B, 1, H]
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, 1, d]
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
+            k = a.k_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
+            v = a.v_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            self.K[i][:, :, col] = k[:, :, 0]
+            self.V[i][:, :, col] = v[:, :, 0]
+            gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, self.K[i][:, :, :col + 1], self.V[i][:, :, :col + 1], attn_mask=mask, dropout_p=0.0,
+                scale=a.scaling, **gqa)
+            o = o.transpose(1, 2).contiguous().reshape(B, 1, -1)
+            h = h + a.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(base.norm(h))[:, -1]
+
+
 class HFRolloutEngine(RolloutEngine):
     """Generation engine on a transformers causal LM (plain or peft) and its tokenizer.
 
@@ -90,6 +164,15 @@ class HFRolloutEngine(RolloutEngine):
             kw["past_key_values"] = DynamicCache(config=unwrap(self.model).config)
             return self.model(**kw)
 
+    def _bool_mask_ok(self) -> bool:
+        """Whether decode steps may pass a ready 4D boolean mask: sdpa attention on a
+        full-attention Llama-style model (no sliding window, whose mask transformers builds)."""
+        cfg = getattr(unwrap(self.model), "config", None)
+        return (cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and getattr(cfg, "model_type", None) in ("llama", "qwen2", "qwen3", "mistral")
+                and getattr(cfg, "sliding_window", None) is None
+                and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ())))
+
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
         stop = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
@@ -125,20 +208,31 @@ class HFRolloutEngine(RolloutEngine):
                 # the group shares one prefill: repeat the prompt's cache rows n times
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, dim=0)
-            attn = prompt_mask.repeat_interleave(n, dim=0)  # [B, P] grows by one column per step
-            tokens, logps, alive_cols = [], [], []
+            R = params.max_new_tokens
+            # preallocated [B, P + R] buffers written in place: no per-token torch.cat / stack
+            attn = torch.zeros(B, P + R, dtype=torch.long, device=self.device)
+            attn[:, :P] = prompt_mask.repeat_interleave(n, dim=0)
+            resp = torch.full((B, R), self.pad_id, dtype=torch.long, device=self.device)
+            resp_logp = torch.zeros(B, R, dtype=torch.float32, device=self.device)
+            resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
+            pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
+            fast_mask = self._bool_mask_ok()
+            fast = _LlamaDecoder(self.model, cache, B, P, R) if fast_mask and _LlamaDecoder.supported(self.model) \
+                else None
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
+            check_ids = stop_ids.numel() > 0
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
-            for step in range(params.max_new_tokens):
+            R_used = 0
+            for step in range(R):
                 tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
                                      top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
-                tok = torch.where(alive, tok, torch.full_like(tok, self.pad_id))
-                lp = torch.where(alive, lp, torch.zeros_like(lp))
-                tokens.append(tok)
-                logps.append(lp)
-                alive_cols.append(alive.clone())
-                stopped = alive & torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(alive)
+                tok = tok.masked_fill_(~alive, self.pad_id)
+                resp[:, step] = tok
+                resp_logp[:, step] = lp.float().masked_fill_(~alive, 0.0)
+                resp_mask[:, step] = alive
+                R_used = step + 1
+                stopped = alive & torch.isin(tok, stop_ids) if check_ids else torch.zeros_like(alive)
                 if params.stop_strings:
                     tl = tok.tolist()
                     for i in alive.nonzero().flatten().tolist():
@@ -146,19 +240,25 @@ class HFRolloutEngine(RolloutEngine):
                         if not stopped[i] and self._hits_stop_string(texts_so_far[i], params.stop_strings):
                             stopped[i] = True
                 finished_by_stop |= stopped
-                alive = alive & ~stopped
-                if step + 1 == params.max_new_tokens or not bool(alive.any()):
-                    break
                 # finished rows keep feeding pad tokens, masked out, so shapes stay rectangular
-                attn = torch.cat([attn, alive_cols[-1].long().unsqueeze(1)], dim=1)
-                pos = (attn.sum(-1, keepdim=True) - 1).clamp(min=0)
-                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=pos,
+                attn[:, P + step] = alive
+                alive = alive & ~stopped
+                if step + 1 == R or not bool(alive.any()):
+                    break
+                cur = attn[:, :P + step + 1]
+                # sdpa takes a ready [B, 1, 1, K] boolean mask as is: skips transformers' per-call
+                # mask construction (the same mask: one query row, every key up to now visible)
+                mask_arg = cur.bool()[:, None, None, :] if fast_mask else cur
+                pos = pos + cur[:, P + step:P + step + 1]
+                if fast is not None:
+                    logits = fast.step(tok, mask_arg, (pos - 1).clamp(min=0), P + step)
+                    continue
+                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg, position_ids=(pos - 1).clamp(min=0),
                                  past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1]
                 cache = out.past_key_values
-        resp = torch.stack(tokens, 1)  # [B, R]
-        resp_mask = torch.stack(alive_cols, 1).long()  # [B, R]
-        resp_logp = torch.stack(logps, 1).float() * resp_mask
+        resp, resp_mask = resp[:, :R_used], resp_mask[:, :R_used]
+        resp_logp = resp_logp[:, :R_used] * resp_mask
         elapsed = time.perf_counter() - t0
         prompt_rep = prompt_ids.repeat_interleave(n, dim=0)
         prompt_mask_rep = prompt_mask.repeat_interleave(n, dim=0)

@@ -225,12 +225,14 @@ class RLTrainer:
                 self.critic = DDP(self.critic, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None,
                                   find_unused_parameters=True)
 
+        # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters
+        # (the default on CUDA only); the same arithmetic, bit for bit
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                           weight_decay=cfg.optim.weight_decay)
+                                           weight_decay=cfg.optim.weight_decay, foreach=True)
         self.critic_optimizer = None
         if self.critic is not None:
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.optim.critic_lr,
-                                                      weight_decay=cfg.optim.weight_decay)
+                                                      weight_decay=cfg.optim.weight_decay, foreach=True)
         from rlhf_fast.trainers.common import make_scheduler
 
         total = cfg.steps * cfg.ppo.epochs * max(1, cfg.batch_size // cfg.ppo.mini_batch_size)

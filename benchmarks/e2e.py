@@ -331,30 +331,54 @@ def _subprocess(framework: str, algo: str, cfg: E2EConfig, timeout_s: float) -> 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _median_runs(runs: List[Dict[str, object]]) -> Dict[str, object]:
+    """Per-key median over repeated subprocess runs (None where any run has None)."""
+    out: Dict[str, object] = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs]
+        out[k] = None if any(v is None for v in vals) else statistics.median(vals)
+    return out
+
+
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
-              timeout_s: float = 600.0) -> Table:
-    """PPO and GRPO steps, rlhf_fast vs TRL; one row per (algo, framework) and a ratio row."""
+              timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """PPO and GRPO steps, rlhf_fast vs TRL; one row per (algo, framework) and a ratio row.
+
+    ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
+    both sides see the same machine load; every column is the median over them.
+    """
     if device != "cpu":
         raise ValueError(f"device must be 'cpu' for the e2e benchmark in this version, got {device!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     cfg = cfg or (E2EConfig.quick() if quick else E2EConfig())
     table = Table(
         f"one RL step on a tiny Llama (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
-        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {torch.get_num_threads()} CPU threads",
+        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {torch.get_num_threads()} CPU threads, "
+        f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
         ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
          "extra_peak", "note"],
     )
     for algo in ("ppo", "grpo"):
+        runs: Dict[str, List[Dict[str, object]]] = {"trl": [], "rlhf_fast": []}
+        errors: Dict[str, str] = {}
+        for _ in range(repeats):
+            for fw in ("trl", "rlhf_fast"):
+                if fw in errors:
+                    continue
+                try:
+                    runs[fw].append(_subprocess(fw, algo, cfg, timeout_s))
+                except Exception as e:
+                    errors[fw] = str(e)[:200]
         got = {}
         for fw in ("trl", "rlhf_fast"):
             row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else "TRL-equivalent (trl utils)")
-            try:
-                r = _subprocess(fw, algo, cfg, timeout_s)
-            except Exception as e:
+            if fw in errors:
                 what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
-                row["note"] = f"{what}: {str(e)[:200]}"
+                row["note"] = f"{what}: {errors[fw]}"
                 table.rows.append(row)
                 continue
-            got[fw] = r
+            r = got[fw] = _median_runs(runs[fw])
             row.update({f"{p}_s": r[p] for p in PHASES}, step_s=r["step"], tokens_per_s=r["tokens_per_s"],
                        extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"])
             table.rows.append(row)
@@ -379,10 +403,16 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
     return table
 
 
-def main(quick: bool = False) -> Table:
-    """Run the suite and print its table."""
-    t = run_suite(quick=quick)
+def main(quick: bool = False, repeats: int = 1, write: bool = False) -> Table:
+    """Run the suite and print its table; ``write``: also append it to benchmarks/results."""
+    t = run_suite(quick=quick, repeats=repeats)
     print(t.markdown())
+    if write:
+        from .common import write_results
+
+        paths = write_results([t], device="cpu", suite=f"e2e --repeats {repeats} --threads {torch.get_num_threads()}"
+                              + (" --quick" if quick else ""))
+        print(f"wrote {paths['json']} and {paths['md']}")
     return t
 
 
@@ -395,11 +425,13 @@ if __name__ == "__main__":
     p.add_argument("--config", default=None, help="E2EConfig as JSON")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="subprocess runs per side (median), alternating sides")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/results/cpu-<date>.{json,md}")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
-        main(quick=a.quick)
+        main(quick=a.quick, repeats=a.repeats, write=a.write)
     else:
         known = {f.name for f in fields(E2EConfig)}
         c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})

@@ -253,8 +253,8 @@ class HFRolloutEngine(RolloutEngine):
                 if fast is not None:
                     logits = fast.step(tok, mask_arg, (pos - 1).clamp(min=0), P + step)
                     continue
-                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg, position_ids=(pos - 1).clamp(min=0),
-                                 past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg,
+                                 position_ids=(pos - 1).clamp(min=0), past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1]
                 cache = out.past_key_values
         resp, resp_mask = resp[:, :R_used], resp_mask[:, :R_used]

@@ -232,3 +232,26 @@ def test_greedy_stops_at_eos_like_hf_generate(tok, eos_model):
     exp = _hf_responses(eos_model, tok, PROMPTS, do_sample=False, max_new_tokens=10)
     assert _responses(batch) == exp
     assert [r == "stop" for r in batch.finish_reasons] == [e[-1] == tok.eos_token_id for e in exp]
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", None), ("llama", 2), ("qwen2", 2), ("mistral", None)])
+def test_fast_decode_path_equals_generic_path(tok, family, kv_heads):
+    """The preallocated-KV decoder (_LlamaDecoder) must give the tokens and behaviour
+    log-probs of the generic transformers forward, which a no-op forward hook forces."""
+    from rlhf_fast.rollout.hf_engine import _LlamaDecoder
+
+    m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=3)
+    if family == "mistral":
+        m.config.sliding_window = None
+    assert _LlamaDecoder.supported(m), family
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=10, n=2, seed=11)
+    fast = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    handle = m.register_forward_hook(lambda *a: None)
+    try:
+        assert not _LlamaDecoder.supported(m)
+        slow = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    finally:
+        handle.remove()
+    assert torch.equal(fast.input_ids, slow.input_ids)
+    assert torch.equal(fast.response_mask, slow.response_mask)
+    torch.testing.assert_close(fast.behaviour_logp, slow.behaviour_logp, rtol=0, atol=1e-5)

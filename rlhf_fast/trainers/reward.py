@@ -25,12 +25,12 @@ import torch
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, add_config_arguments, run_trainer_cli, RunDir, autocast_context, load_causal_lm, make_scheduler,
+from .common import (RunDir, add_config_arguments, autocast_context, load_causal_lm, make_scheduler, run_trainer_cli,
                      seed_everything, truncate_metrics)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
-from .sft import (NullLogger, _Batches, load_any_checkpoint, local_span, save_final_model, save_sharded_checkpoint,
-                  scalar_norm, setup_distributed, split_records)
+from .sft import (_Batches, load_any_checkpoint, local_span, save_sharded_checkpoint, scalar_norm, setup_distributed,
+                  split_records, training_loop)
 
 
 @dataclasses.dataclass
@@ -364,24 +364,7 @@ class RewardTrainer:
             if self.ctx.is_main:
                 truncate_metrics(self.run.path, self.step)
             self.ctx.barrier()
-        last: Dict[str, float] = {}
-        with (MetricsLogger(self.run.path) if self.ctx.is_main else NullLogger()) as log:
-            while self.step < cfg.max_steps:
-                m = self.train_step()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    m.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "eval_loss" in m:
-                    log.log(self.step, m)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self._save()
-                last = m
-            if "eval_loss" not in last and self.eval_items:
-                last.update(self.evaluate())
-                log.log(self.step, last)
-        self._save()
-        save_final_model(self.model, self.tokenizer, os.path.join(self.run.path, "final"), self.ctx,
-                         cfg.distributed.strategy)
-        return last
+        return training_loop(self, has_eval=bool(self.eval_items))
 
 
 def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:

@@ -30,8 +30,8 @@ from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distribu
                                    wrap_model)
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, add_config_arguments, run_trainer_cli, RunDir, autocast_context, load_causal_lm, make_scheduler, resolve_device,
-                     seed_everything, truncate_metrics)
+from .common import (MetricsLogger, RunDir, add_config_arguments, autocast_context, load_causal_lm, make_scheduler,
+                     resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
 
 
 @dataclasses.dataclass
@@ -271,6 +271,34 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                            schedulers={"scheduler": scheduler})
 
 
+def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Dict[str, float]:
+    """The step / eval / log / checkpoint loop shared by the SFT and reward trainers, from
+    ``trainer.step`` to ``trainer.cfg.max_steps``; then the last checkpoint and the final
+    model. ``trainer`` provides cfg, step, ctx, run, model, tokenizer, train_step(),
+    evaluate() and _save(). Returns the last step's metrics (with a final evaluation)."""
+    cfg = trainer.cfg
+    last: Dict[str, float] = {}
+    with (MetricsLogger(trainer.run.path) if trainer.ctx.is_main else NullLogger()) as log:
+        if eval_at_start and trainer.step == 0 and has_eval:
+            log.log(0, trainer.evaluate())
+        while trainer.step < cfg.max_steps:
+            m = trainer.train_step()
+            if cfg.eval_every and trainer.step % cfg.eval_every == 0:
+                m.update(trainer.evaluate())
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps or "eval_loss" in m:
+                log.log(trainer.step, m)
+            if cfg.save_every and trainer.step % cfg.save_every == 0:
+                trainer._save()
+            last = m
+        if "eval_loss" not in last and has_eval:
+            last.update(trainer.evaluate())
+            log.log(trainer.step, last)
+    trainer._save()
+    save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
+                     cfg.distributed.strategy)
+    return last
+
+
 def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: str) -> None:
     """``save_pretrained`` of the full model (and tokenizer) by rank 0; under FSDP2 every
     rank takes part in gathering the full state dict first."""
@@ -429,28 +457,8 @@ class SFTTrainer:
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
         the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
-        cfg = self.cfg
         self._maybe_resume()
-        last: Dict[str, float] = {}
-        with (MetricsLogger(self.run.path) if self.ctx.is_main else NullLogger()) as log:
-            if self.step == 0 and self.eval_rows:
-                log.log(0, self.evaluate())
-            while self.step < cfg.max_steps:
-                m = self.train_step()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    m.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "eval_loss" in m:
-                    log.log(self.step, m)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self._save()
-                last = m
-            if "eval_loss" not in last and self.eval_rows:
-                last.update(self.evaluate())
-                log.log(self.step, last)
-        self._save()
-        save_final_model(self.model, self.tokenizer, os.path.join(self.run.path, "final"), self.ctx,
-                         cfg.distributed.strategy)
-        return last
+        return training_loop(self, has_eval=bool(self.eval_rows), eval_at_start=True)
 
 
 def add_arguments(parser) -> None:

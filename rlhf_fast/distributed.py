@@ -14,16 +14,21 @@ one-process gradient of the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 STRATEGIES = ("none", "ddp", "fsdp2")
+# Device types on which ``mixed_precision`` applies. Not the CPU: bf16 matmuls there are
+# slower than fp32 on most machines. gloo itself handles bf16, so tests add "cpu" to run the
+# GPU configuration's bf16 path on a CPU machine.
+MIXED_PRECISION_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -84,6 +89,16 @@ class DistContext:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return out
 
+    def all_gather_ints(self, values: Sequence[int]) -> List[List[int]]:
+        """``values`` (the same number on every rank) of every rank, in rank order:
+        ``[world_size][len(values)]``. One process: ``[list(values)]``."""
+        if not self.distributed:
+            return [list(values)]
+        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.group)
+        return [o.tolist() for o in out]
+
     def mean_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
         """Average a dict of scalar metrics over ranks (one all-reduce for all of them)."""
         if not self.distributed or not metrics:
@@ -124,11 +139,14 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
 
 
 def wrap_model(model: torch.nn.Module, strategy: str, ctx: DistContext, *, mixed_precision: bool = False,
-               reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Wrap ``model`` for data parallelism. ``ddp``: DistributedDataParallel. ``fsdp2``:
-    ``fully_shard`` on every transformer block (found as ``model.model.layers`` /
-    ``model.transformer.h`` / ``model.layers``) and then on the root, so parameters,
-    gradients and optimiser state are sharded across ranks. ``none`` returns it as is."""
+               reshard_after_forward: bool = True, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` for data parallelism. ``ddp``: DistributedDataParallel
+    (``find_unused_parameters`` passed on). ``fsdp2``: ``fully_shard`` on every transformer
+    block (found as ``model.model.layers`` / ``model.transformer.h`` / ``model.layers`` /
+    ``model.backbone.layers``) and then on the root, so parameters, gradients and optimiser
+    state are sharded across ranks; ``mixed_precision`` (bf16 parameters and activations,
+    fp32 gradient reduction) applies on CUDA only (:data:`MIXED_PRECISION_DEVICES`). ``none``
+    returns it as is."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "none" or not ctx.distributed:
@@ -136,11 +154,12 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: DistContext, *, mixed
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                   find_unused_parameters=find_unused_parameters)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw: Dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mixed_precision and ctx.device.type == "cuda":
+    if mixed_precision and ctx.device.type in MIXED_PRECISION_DEVICES:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in transformer_blocks(model):
         fully_shard(block, **kw)
@@ -153,7 +172,8 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: DistContext, *, mixed
 
 def transformer_blocks(model: torch.nn.Module):
     """The repeated decoder blocks of a Hugging Face causal LM (empty if none is found)."""
-    for path in ("model.layers", "transformer.h", "layers", "base_model.model.model.layers", "gpt_neox.layers"):
+    for path in ("model.layers", "transformer.h", "layers", "base_model.model.model.layers",
+                 "gpt_neox.layers", "backbone.layers", "backbone.h"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -167,6 +187,60 @@ def transformer_blocks(model: torch.nn.Module):
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
     return getattr(model, "module", model)
+
+
+def fsdp_units(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The ``fully_shard`` units inside ``model`` (itself included), in module order; empty
+    when ``model`` is not sharded with FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free every gathered parameter copy of an FSDP2 ``model`` (no-op without FSDP2 units).
+    Call after changing the parameters outside an optimiser step that follows a backward
+    (e.g. a line search): a unit still gathered from a forward without backward (the root
+    keeps its parameters after forward) would otherwise compute with the old values."""
+    for unit in fsdp_units(model):
+        unit.reshard()
+
+
+def _reshards_after_forward(unit) -> bool:
+    # FSDP2 exposes a setter only; a parameter group without a post-forward mesh keeps its
+    # parameters gathered after forward
+    groups = unit._get_fsdp_state()._fsdp_param_groups
+    return any(getattr(g, "post_forward_mesh_info", True) is not None for g in groups)
+
+
+@contextlib.contextmanager
+def gathered_params(model: torch.nn.Module) -> Iterator[bool]:
+    """Hold the full parameters of an FSDP2 ``model`` on every rank for the duration of the
+    block, e.g. for generation: one all-gather per unit on entry (a collective: every rank
+    must enter), then forwards — and direct calls of submodules — issue no collectives, so
+    ranks may run different numbers of them (each rank decodes its own prompts until its own
+    rows stop). On exit every unit is resharded and its ``reshard_after_forward`` setting
+    restored. Costs one full copy of the parameters per rank while inside. Yields whether
+    ``model`` is sharded; a model without FSDP2 units is left alone (yields False)."""
+    units = fsdp_units(model)
+    if not units:
+        yield False
+        return
+    settings = [_reshards_after_forward(u) for u in units]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        handles = [u.unshard(async_op=True) for u in units]
+        for h in handles:
+            if h is not None:
+                h.wait()
+        yield True
+    finally:
+        for u, keep in zip(units, settings):
+            u.reshard()
+            u.set_reshard_after_forward(keep, recurse=False)
 
 
 # ----------------------------------------------------------------------- checkpoints

@@ -15,6 +15,7 @@ import torch
 
 from rlhf_fast import ops
 
+from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, unwrap
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
@@ -37,12 +38,19 @@ class _LlamaDecoder:
     _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
     @classmethod
-    def supported(cls, model) -> bool:
+    def supported(cls, model, *, gathered: bool = False) -> bool:
         """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks) full-attention
-        Llama-style LM on sdpa, in eval mode."""
-        if unwrap(model) is not model or type(model).__name__ not in cls._CLASSES or model.training:
+        Llama-style LM on sdpa, in eval mode. ``gathered``: ``model`` is an FSDP2 model whose
+        parameters :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is
+        then FSDP's subclass and its hooks are FSDP's, which have nothing left to do."""
+        if unwrap(model) is not model or model.training:
             return False
-        if model._forward_hooks or model._forward_pre_hooks:  # hooks on the model see its own forward
+        classes = [type(model)]
+        if gathered:  # fully_shard swaps in a subclass of (FSDPModule, the model's class)
+            classes = [b for b in type(model).__bases__ if b.__name__ != "FSDPModule"]
+        if not any(c.__name__ in cls._CLASSES for c in classes):
+            return False
+        if not gathered and (model._forward_hooks or model._forward_pre_hooks):  # they see the forward
             return False
         cfg = model.config
         layers = getattr(getattr(model, "model", None), "layers", None)
@@ -186,6 +194,22 @@ class HFRolloutEngine(RolloutEngine):
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
         return any(s in tail for s in stop_strings)
 
+    def _sample_rows(self, logits: torch.Tensor, alive: torch.Tensor, gens: List[torch.Generator],
+                     params: SamplingParams):
+        """``ops.sample`` on each live row of ``logits [B, V]`` alone, with that row's generator
+        (a sampler call draws its random numbers for the rows it is given, so a batched call
+        would tie each row's draw to its place in the batch). Dead rows get the pad token."""
+        tok = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long, device=logits.device)
+        lp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        rows = alive.nonzero().flatten()
+        draws = [ops.sample(logits[i:i + 1], temperature=float(params.temperature), top_k=params.top_k,
+                            top_p=float(params.top_p), min_p=float(params.min_p), generator=gens[i])
+                 for i in rows.tolist()]
+        if draws:
+            tok[rows] = torch.cat([t for t, _ in draws])
+            lp[rows] = torch.cat([v for _, v in draws]).float()
+        return tok, lp
+
     def generate(self, prompts: Prompts, params: Optional[SamplingParams] = None) -> RolloutBatch:
         """Sample ``params.n`` responses per prompt; see :class:`RolloutBatch` for the layout."""
         params = SamplingParams() if params is None else params
@@ -196,11 +220,19 @@ class HFRolloutEngine(RolloutEngine):
         prompt_ids, prompt_mask = self._left_pad(ids)  # [Bp, P]
         n, Bp, P = params.n, prompt_ids.shape[0], prompt_ids.shape[1]
         B = Bp * n
-        gen = None
-        if params.seed is not None:
+        gen, row_gens = None, None
+        if params.sample_seeds is not None:
+            if len(params.sample_seeds) != B:
+                raise ValueError(f"sample_seeds must have one seed per response row "
+                                 f"(len(prompts) × n = {B}), got {len(params.sample_seeds)}")
+            if params.temperature > 0:  # greedy draws nothing
+                row_gens = [torch.Generator(device=self.device).manual_seed(s) for s in params.sample_seeds]
+        elif params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = self._stop_ids(params)
-        with self._eval_mode():
+        # FSDP2: the full weights on every rank for the whole call, so decode steps (as many
+        # as this rank's rows need) run without collectives
+        with self._eval_mode(), gathered_params(self.model) as gathered:
             out = self._prefill(prompt_ids, prompt_mask)
             logits = out.logits[:, -1]  # [Bp, V]
             cache = out.past_key_values
@@ -217,16 +249,19 @@ class HFRolloutEngine(RolloutEngine):
             resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
             pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
             fast_mask = self._bool_mask_ok()
-            fast = _LlamaDecoder(self.model, cache, B, P, R) if fast_mask and _LlamaDecoder.supported(self.model) \
-                else None
+            fast = _LlamaDecoder(self.model, cache, B, P, R) \
+                if fast_mask and _LlamaDecoder.supported(self.model, gathered=gathered) else None
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
             check_ids = stop_ids.numel() > 0
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
             R_used = 0
             for step in range(R):
-                tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
-                                     top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
+                if row_gens is None:
+                    tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
+                                         top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
+                else:
+                    tok, lp = self._sample_rows(logits, alive, row_gens, params)
                 tok = tok.masked_fill_(~alive, self.pad_id)
                 resp[:, step] = tok
                 resp_logp[:, step] = lp.float().masked_fill_(~alive, 0.0)
@@ -321,7 +356,7 @@ class HFRolloutEngine(RolloutEngine):
         def gather(t, idx):  # t [Bp, K, ...], idx [Bp, k]
             return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
-        with self._eval_mode():
+        with self._eval_mode(), gathered_params(self.model):
             out = self._prefill(prompt_ids, prompt_mask)
             cache = out.past_key_values
             cache.batch_repeat_interleave(nb)

@@ -24,7 +24,12 @@ class SamplingParams:
     filters as in :func:`rlhf_fast.ops.sample`). n: samples per prompt (one shared prefill).
     stop_token_ids: extra stop tokens (the tokenizer's eos always stops unless ignore_eos).
     stop_strings: generation of a row stops at the token that completes one of them (the
-    token and the string stay in the response). seed: seeds the sampling generator.
+    token and the string stay in the response). seed: seeds the sampling generator (one for
+    the whole batch). sample_seeds: one seed per response row (``len(prompts) × n``, in the
+    batch's row order; overrides ``seed``): each row draws from its own generator, so its
+    tokens depend only on its prompt and its seed, not on which other rows share the batch —
+    how the RL trainer makes a run independent of the number of ranks. Slower: one sampler
+    call per live row and decode step instead of one per step.
     """
 
     temperature: float = 1.0
@@ -37,6 +42,7 @@ class SamplingParams:
     stop_strings: Tuple[str, ...] = ()
     seed: Optional[int] = None
     ignore_eos: bool = False
+    sample_seeds: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -61,6 +67,15 @@ class SamplingParams:
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.sample_seeds is not None:
+            if isinstance(self.sample_seeds, (int, str, torch.Tensor)):
+                raise TypeError("sample_seeds must be a sequence of ints (one per response row) or None")
+            self.sample_seeds = tuple(self.sample_seeds)
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+                     for v in self.sample_seeds)
+            if not self.sample_seeds or not ok:
+                raise ValueError(f"sample_seeds must be a non-empty sequence of ints in [0, 2**63), "
+                                 f"got {self.sample_seeds!r}")
 
 
 @dataclass

@@ -52,7 +52,43 @@ def main():
         torch.distributed.destroy_process_group()
 
 
+def run_generate(ctx, strategy, family):
+    """Sample 2 answers to each of 4 prompts, each rank its share, every row seeded by its
+    global index; rows stop on any of 16 tokens of 96, so the ranks decode for
+    different numbers of steps. Returns per global row [token-id sum, tokens, logp sum]."""
+    from rlhf_fast.models import sample_texts, train_tokenizer
+    from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
+
+    tok = train_tokenizer(sample_texts(), 96)
+    model = tiny_causal_lm(len(tok), family=family, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    model = wrap_model(model, strategy, ctx)
+    prompts = ["hello world", "the cat sat on the", "one", "what is two and three"]
+    rows = ctx.shard(len(prompts))
+    seeds = [2 * rows.start + i for i in range(2 * len(rows))]
+    from rlhf_fast.rollout.hf_engine import _LlamaDecoder
+
+    steps, step = [0], _LlamaDecoder.step
+    _LlamaDecoder.step = lambda self, *a: (steps.__setitem__(0, steps[0] + 1), step(self, *a))[1]
+    try:
+        b = HFRolloutEngine(model, tok).generate([prompts[i] for i in rows], SamplingParams(
+            max_new_tokens=12, n=2, sample_seeds=seeds, stop_token_ids=tuple(range(4, 20)), ignore_eos=True))
+    finally:
+        _LlamaDecoder.step = step
+    P = b.prompt_length
+    m = b.response_mask[:, P:].bool()
+    out = torch.zeros(2 * len(prompts), 3, dtype=torch.float64)
+    for i, (ids, lp, mk) in enumerate(zip(b.response_ids, b.behaviour_logp[:, P:], m)):
+        out[seeds[i]] = torch.tensor([float(ids[mk].sum()), float(mk.sum()), float(lp[mk].sum())])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fast = ctx.all_reduce_max(torch.tensor([float(steps[0] > 0)]))  # the preallocated-KV decoder ran
+    return ctx.all_reduce_sum(out).flatten().tolist() + fast.tolist(), full
+
+
 def run_one(ctx, strategy, mode, steps, load, save):
+    if mode.startswith("gen_"):
+        return run_generate(ctx, strategy, mode[4:])
     model = tiny_causal_lm(V, hidden_size=32, num_layers=2, num_heads=2, seed=0)
     model.train()
     model = wrap_model(model, strategy, ctx)

@@ -1,6 +1,8 @@
 """Two gloo processes under torchrun give the same losses and weights as one process, for
-SFT and the GRPO policy update, under DDP and FSDP2; a sharded checkpoint written by two
-ranks resumes on one. (Each launch runs several configurations to keep process start-ups few.)"""
+SFT and the GRPO policy update, under DDP and FSDP2; sampling from an FSDP2 model (gathered
+for generation, ranks decoding for different numbers of steps) gives one process's tokens; a
+sharded checkpoint written by two ranks resumes on one. (Each launch runs several
+configurations to keep process start-ups few.)"""
 
 import json
 import os
@@ -13,6 +15,9 @@ import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
 COMBOS = [f"{s}:{m}" for s in ("ddp", "fsdp2") for m in ("sft", "grpo")]
+# sampling with per-sample seeds from an FSDP2 model (gathered for generation): llama takes
+# the preallocated-KV decoder, gpt2 the generic transformers forward
+GEN = ["fsdp2:gen_llama", "fsdp2:gen_gpt2"]
 
 
 def _free_port() -> int:
@@ -38,8 +43,9 @@ def _run(tmp_path, name, nproc, runs):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     ck = str(tmp / "ck")
-    one, _ = _run(tmp, "one", 1, ["none:sft", "none:grpo", "none:sft:3"])
-    two, world = _run(tmp, "two", 2, COMBOS + [f"fsdp2:sft:2::{ck}"])
+    one, _ = _run(tmp, "one", 1, ["none:sft", "none:grpo", "none:sft:3"]
+                  + [g.replace("fsdp2", "none") for g in GEN])
+    two, world = _run(tmp, "two", 2, COMBOS + [f"fsdp2:sft:2::{ck}"] + GEN)
     resumed, _ = _run(tmp, "resumed", 1, [f"none:sft:1:{ck}"])
     return {"one": one, "two": two, "world": world, "resumed": resumed[0], "ck": ck}
 
@@ -60,6 +66,15 @@ def test_two_ranks_match_one(runs, i):
     assert one[0][0] != one[0][-1]  # and training did something
 
 
+@pytest.mark.parametrize("i", range(len(GEN)), ids=GEN)
+def test_fsdp2_generation_matches_one_process(runs, i):
+    one, two = runs["one"][3 + i], runs["two"][len(COMBOS) + 1 + i]
+    _close(one, two)  # the same tokens and behaviour log-probs, row by row; the weights untouched
+    assert one[0][-1] == float(GEN[i].endswith("llama"))  # which decode path ran
+    lengths = one[0][1:-1:3]
+    assert max(lengths[:4]) != max(lengths[4:])  # the two ranks decoded for different numbers of steps
+
+
 def test_sharded_checkpoint_resumes_on_fewer_ranks(runs):
     ck = runs["ck"]
     assert os.path.isfile(os.path.join(ck, "extra.json")) and not os.path.exists(ck + ".tmp")
@@ -68,3 +83,45 @@ def test_sharded_checkpoint_resumes_on_fewer_ranks(runs):
     assert losses[0] == pytest.approx(straight[0][2], rel=1e-4)
     for k in straight[1]:
         torch.testing.assert_close(weights[k], straight[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _tiny_rl(strategy, **rollout):
+    from rlhf_fast.distributed import DistributedConfig
+    from rlhf_fast.trainers.rl import RLTrainer
+    from rlhf_fast.trainers.rl_config import PPOConfig, RLConfig, RolloutConfig
+
+    cfg = RLConfig(steps=1, progress=False,
+                   rollout=RolloutConfig(prompts_per_step=2, group_size=2, **rollout),
+                   ppo=PPOConfig(mini_batch_size=4, micro_batch_size=2, trpo=True),
+                   distributed=DistributedConfig(strategy=strategy))
+    return RLTrainer(cfg, reward_fns=[lambda prompts, completions: [float(len(c)) for c in completions]])
+
+
+def test_rl_per_sample_seeds_default_and_what_is_refused(monkeypatch):
+    """FSDP2 and the TRPO line search are accepted (tests/test_distributed_trainers.py runs
+    them on two ranks); per-sample seeds are on by default exactly when a strategy is set
+    (so a one-process run of that strategy samples what N ranks sample); strategy "none"
+    under torchrun is still refused (every rank would train its own copy)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _tiny_rl("fsdp2").per_sample_seeds and _tiny_rl("ddp").per_sample_seeds
+    assert not _tiny_rl("none").per_sample_seeds
+    assert not _tiny_rl("ddp", per_sample_seeds=False).per_sample_seeds
+    assert _tiny_rl("none", per_sample_seeds=True).per_sample_seeds
+    t = _tiny_rl("none", per_sample_seeds=True)
+    assert t.step()["reward/total"] > 0  # a whole step on the per-sample path
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="strategy"):
+        _tiny_rl("none")
+
+
+def test_gathered_params_leaves_unsharded_models_alone():
+    from rlhf_fast.distributed import fsdp_units, gathered_params, reshard
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    m = tiny_causal_lm(96, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert fsdp_units(m) == []
+    with gathered_params(m) as gathered:
+        assert gathered is False
+    reshard(m)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

@@ -2,9 +2,12 @@
 eval metrics and final weights as one process on the same global batch and seed (SFT under DDP
 and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), a sharded SFT
 checkpoint written by two ranks resumes on one process as if the run had never stopped.
-The RL trainer under DDP: GRPO updates on a fixed global rollout batch match one process;
-whole GRPO and PPO steps (sampling differs per rank) keep the replicas identical, log once
-and write sharded checkpoints that one process resumes.
+The RL trainer: GRPO updates on a fixed global rollout batch match one process under DDP;
+whole steps — generation, rewards (a prompt's group dropped for a bad reward, so ranks keep
+different numbers of rows), advantages, two mini-batches per step — of GRPO, PPO (GAE with a
+critic) and GRPO with the TRPO line search give one process's metrics and weights under DDP
+and FSDP2 (sampling seeded per sample); a sharded GRPO checkpoint of two FSDP2 ranks resumes
+on one process as if never stopped; FSDP2 bf16 mixed precision runs (on gloo, forced on).
 Two launches in all (one of two ranks, one of one process) to keep start-ups few."""
 
 import json
@@ -28,8 +31,24 @@ PAIRS = [
 SAVE = "sft:fsdp2:2:resume"  # 2 steps on 2 ranks, sharded checkpoint at the end
 RESUME = "sft:none:3:resume"  # the same folder on one process: resumes at step 2, runs step 3
 RL_UPDATE = ("grpo_update:ddp:3:rlu_ddp", "grpo_update:none:3:rlu_one")
-RL_RUNS = ["grpo:ddp:2:rl_grpo", "gae:ddp:2:rl_ppo"]
-RL_RESUME = "grpo_resume:none:3:rl_grpo"  # one process continues the 2-rank GRPO run to step 3
+# whole RL steps: (2-rank spec, the 1-process spec it must match)
+RL_PAIRS = [
+    ("grpo:ddp:2:rl_grpo_ddp", "grpo:none:2:rl_grpo_one"),
+    ("grpo:fsdp2:2:rl_grpo_fsdp2", "grpo:none:2:rl_grpo_one"),
+    ("gae:ddp:2:rl_ppo_ddp", "gae:none:2:rl_ppo_one"),
+    ("gae:fsdp2:2:rl_ppo_fsdp2", "gae:none:2:rl_ppo_one"),
+    ("trpo:ddp:2:rl_trpo_ddp", "trpo:none:2:rl_trpo_one"),
+    ("trpo:fsdp2:2:rl_trpo_fsdp2", "trpo:none:2:rl_trpo_one"),
+]
+RL_KEYS = ["reward/total", "reward/std", "reward/dropped", "reward/_length_reward_dropping", "kl/seq",
+           "kl/token", "entropy", "advantages/mean", "returns/mean", "response_length/mean",
+           "logprob_gap/max", "policy/loss", "policy/approx_kl", "policy/clip_frac", "policy/ratio_max",
+           "policy/grad_norm", "policy/updates"]
+RL_EXTRA_KEYS = {"gae": ["value/loss", "value/clip_frac", "value/mean", "value/explained_variance"],
+                 "trpo": ["policy/trpo_step_frac"], "grpo": []}
+# one process continues the 2-rank FSDP2 GRPO run from its step-2 checkpoint, vs 3 straight steps
+RL_RESUME = ("grpo_resume:none:3:rl_grpo_fsdp2", "grpo:none:3:rl_grpo_one3")
+RL_BF16 = "grpo_bf16:fsdp2:1:rl_bf16"
 
 
 def _free_port() -> int:
@@ -54,8 +73,10 @@ def _launch(root, name, nproc, runs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
-    two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + RL_RUNS)
-    one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1], RL_RESUME])
+    two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
+                  + [RL_BF16])
+    one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
+                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME))
     assert two["world_size"] == 2 and one["world_size"] == 1
     return {"root": root, **two["runs"], **one["runs"]}
 
@@ -121,27 +142,69 @@ def test_rl_update_two_ranks_match_one(runs):
     assert losses[0] != losses[-1]
 
 
-@pytest.mark.parametrize("spec", RL_RUNS)
-def test_rl_steps_under_ddp(runs, spec):
-    folder = os.path.join(runs["root"], spec.split(":")[3])
-    if spec == RL_RUNS[0]:
-        recs = [r for r in runs[spec]]  # this folder was resumed later: read the 2-rank records
-    else:
-        recs = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
-    assert [r["step"] for r in recs] == [1, 2]  # rank 0 alone logs
-    assert all(r["reward/total"] == r["reward/total"] for r in recs)  # finite (not NaN)
-    assert runs[spec + "|in_sync"]
+def _rl_weights(root, spec, part="weights"):
+    name = spec.split(":")[3] + (".resumed" if spec.split(":")[0].endswith("_resume") else "")
+    return torch.load(os.path.join(root, f"{name}.{part}.pt"))
+
+
+def _assert_weights_close(wa, wb):
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        # AdamW's normalised step (lr 5e-3) magnifies rounding differences of near-zero
+        # gradients; 1e-4 is 2% of one step
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("pair", RL_PAIRS, ids=[p[0] for p in RL_PAIRS])
+def test_rl_steps_two_ranks_match_one(runs, pair):
+    two, one = runs[pair[0]], runs[pair[1]]
+    keys = RL_KEYS + RL_EXTRA_KEYS[pair[0].split(":")[0]]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]  # rank 0 alone logs
+    for key in keys:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    assert [r["reward/dropped"] for r in one] == [2, 2]  # the "go:" group, on one of the ranks
+    assert one[0]["policy/loss"] != one[1]["policy/loss"] and one[0]["kl/seq"] != one[1]["kl/seq"]
+    if pair[0].startswith("trpo"):
+        assert all(0.0 < r["policy/trpo_step_frac"] < 1.0 for r in one)  # it backtracked, and accepted
+    assert runs[pair[0] + "|in_sync"]
+    assert runs[pair[0] + "|lm_head_dtypes"] == ["torch.float32"]
+    root = runs["root"]
+    _assert_weights_close(_rl_weights(root, pair[0]), _rl_weights(root, pair[1]))
+    folder = os.path.join(root, pair[0].split(":")[3])
     ck = os.path.join(folder, "checkpoints", "step_00000002")
     assert os.path.isfile(os.path.join(ck, "policy", ".metadata")) and os.path.isfile(os.path.join(ck, "COMPLETE"))
-    if spec.startswith("gae"):
+    if pair[0].startswith("gae"):
+        critic = _rl_weights(root, pair[0], "critic")
+        _assert_weights_close(critic, _rl_weights(root, pair[1], "critic"))
         assert os.path.isfile(os.path.join(ck, "critic", ".metadata"))
-        assert os.path.isdir(os.path.join(folder, "final", "critic"))
-    assert os.path.isfile(os.path.join(folder, "final", "policy", "config.json"))
+        from rlhf_fast.models.loading import ValueModel
+
+        saved = ValueModel.from_pretrained(os.path.join(folder, "final", "critic")).state_dict()
+        for k, v in critic.items():  # the final critic holds the full (gathered) weights
+            torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(folder, "final", "policy", "model.safetensors"))
+    # (the resumed run later rewrote final/ of the folder it continued)
+    last = RL_RESUME[0] if pair[0].split(":")[3] == RL_RESUME[0].split(":")[3] else pair[0]
+    for k, v in _rl_weights(root, last).items():
+        if k in saved:  # (tied LM head saved once)
+            torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_rl_sharded_checkpoint_resumes_on_one_process(runs):
-    two, resumed = runs[RL_RUNS[0]], runs[RL_RESUME]
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(two, resumed[:2]):  # the log up to the checkpoint is kept as it was
-        assert a["policy/loss"] == b["policy/loss"]
-    assert resumed[2]["policy/loss"] == resumed[2]["policy/loss"]
+    two, resumed, straight = runs["grpo:fsdp2:2:rl_grpo_fsdp2"], runs[RL_RESUME[0]], runs[RL_RESUME[1]]
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [1, 2, 3]
+    assert resumed[:2] == two  # the log up to the checkpoint is kept as it was
+    for key in RL_KEYS:
+        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-4, abs=1e-5), key
+    _assert_weights_close(_rl_weights(runs["root"], RL_RESUME[0]), _rl_weights(runs["root"], RL_RESUME[1]))
+
+
+def test_rl_fsdp2_bf16_mixed_precision_runs(runs):
+    rec = runs[RL_BF16]
+    assert [r["step"] for r in rec] == [1]
+    assert runs[RL_BF16 + "|lm_head_dtypes"] == ["torch.bfloat16"]  # generation ran on bf16 weights
+    assert all(rec[0][k] == rec[0][k] for k in ("policy/loss", "kl/seq", "policy/grad_norm"))  # not NaN
+    weights = _rl_weights(runs["root"], RL_BF16)
+    assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 master weights

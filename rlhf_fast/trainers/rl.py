@@ -23,6 +23,7 @@ checkpoints from which ``resume`` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -125,6 +126,14 @@ def _make_critic(policy, path: Optional[str] = None):
     return loading.ValueModel(policy)
 
 
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of response ``index`` of the global batch of ``step`` (63 bits; an
+    LCG-style mix so nearby (step, index) pairs give unrelated generator states)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**64)
+    x ^= x >> 31
+    return (x * 0xD6E8FEB86659FD93 % (2**64)) >> 1
+
+
 def _token_normalizer(mask: torch.Tensor, agg: str):
     """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once."""
     if agg == "token-mean":
@@ -132,6 +141,32 @@ def _token_normalizer(mask: torch.Tensor, agg: str):
     if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return float(mask.shape[0])
     return float(mask.numel())  # seq-mean-token-sum-norm
+
+
+def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
+    """One row shaped like ``data``'s rows that counts nothing (no response token; attended,
+    so every value stays finite): what a rank without rows feeds to keep its forwards and
+    backwards in step with the other ranks."""
+    fields = {k: getattr(data, k) for k in data.__dataclass_fields__}
+    out = {k: (v[:1].clone() if v.shape[0] else v.new_zeros((1, *v.shape[1:]))) for k, v in fields.items()}
+    out["response_mask"].zero_()
+    out["attention_mask"].fill_(True)
+    return RolloutTensors(**out)
+
+
+def _save_critic(critic, folder: str, full: Optional[dict]) -> None:
+    """``critic.save_pretrained(folder)``; ``full``: its gathered state dict (FSDP2 holds only
+    shards in the module), written in place of the module's own tensors."""
+    from rlhf_fast.models import loading
+
+    if full is None or not isinstance(critic, loading.ValueModel):
+        critic.save_pretrained(folder)
+        return
+    critic.save_pretrained(folder, state_dict={k[len("backbone."):]: v for k, v in full.items()
+                                               if k.startswith("backbone.")})
+    # the value head file as ValueModel.save_pretrained writes it, from the gathered tensors
+    torch.save({k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")},
+               os.path.join(folder, loading._VALUE_HEAD_FILE))
 
 
 class _StateDictOnly(torch.nn.Module):
@@ -215,15 +250,18 @@ class RLTrainer:
         if not self.prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         if self.ctx.distributed:
-            # DDP after the engine took the bare policy: generation needs no gradient sync
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
+            # DDP: after the engine took the bare policy, so generation needs no gradient sync.
+            # FSDP2 shards the engine's policy in place; the engine gathers it for each generate.
             from rlhf_fast.distributed import wrap_model
 
-            self.policy = wrap_model(self.policy, "ddp", self.ctx)
+            dc = cfg.distributed
+            kw = dict(mixed_precision=dc.mixed_precision, reshard_after_forward=dc.reshard_after_forward)
+            self.policy = wrap_model(self.policy, dc.strategy, self.ctx, **kw)
             if self.critic is not None:  # a value model built from the policy leaves its LM head unused
-                self.critic = DDP(self.critic, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None,
-                                  find_unused_parameters=True)
+                self.critic = wrap_model(self.critic, dc.strategy, self.ctx, find_unused_parameters=True,
+                                         **kw)
+        ps = cfg.rollout.per_sample_seeds
+        self.per_sample_seeds = cfg.distributed.strategy != "none" if ps is None else ps
 
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters
         # (the default on CUDA only); the same arithmetic, bit for bit
@@ -329,15 +367,20 @@ class RLTrainer:
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
         prompts = self._next_prompts()
+        lo = 0
         if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
             from rlhf_fast.trainers.sft import local_span
 
             lo, hi = local_span(len(prompts), self.ctx)
             prompts = prompts[lo:hi]
+        seeds = {"seed": (cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank) % (2**31)}
+        if self.per_sample_seeds:  # by the row's index in the step's global batch: any number of ranks
+            first = lo * ro.group_size
+            seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + i)
+                                      for i in range(len(prompts) * ro.group_size)]}
         params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
-                                stop_strings=tuple(ro.stop_strings),
-                                seed=(cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank) % (2**31))
+                                stop_strings=tuple(ro.stop_strings), **seeds)
         with torch.no_grad():
             batch = self.engine.generate(prompts, params)
         t1 = time.perf_counter()
@@ -365,13 +408,19 @@ class RLTrainer:
         if cfg.estimator in GROUP_ESTIMATORS and not keep.all():
             # a group with a dropped answer cannot give group-relative advantages: drop it whole
             keep = keep.view(-1, G).all(dim=1).repeat_interleave(G)
-        n_dropped = int((~out.valid).sum())
+        # (dropped, kept) of every rank: the step's totals, and every rank raises together
+        counts = self.ctx.all_gather_ints([int((~out.valid).sum()), int(keep.sum())])
+        n_dropped = sum(c[0] for c in counts)
         self.dropped_total += n_dropped
         m["reward/dropped"] = n_dropped
         m["reward/dropped_total"] = self.dropped_total
-        if not keep.any():
+        if not any(c[1] for c in counts):
             raise RewardError(f"every sample of step {self.global_step} was dropped for a bad reward "
                               f"(per source: {out.dropped}); check the reward sources")
+        if not all(c[1] for c in counts):
+            raise RewardError(f"rank {[c[1] for c in counts].index(0)} dropped every one of its samples of "
+                              f"step {self.global_step} for a bad reward (per source on this rank: "
+                              f"{out.dropped}); check the reward sources")
         idx = keep.nonzero(as_tuple=True)[0].to(dev)
         raw = out.total[keep.cpu()].to(dev)
         scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
@@ -413,10 +462,59 @@ class RLTrainer:
             ev = 1.0 - torch.var((ret - values)[rm]) / var_r if var_r > 0 else torch.tensor(0.0)
             m["value/explained_variance"] = float(ev)
             m["value/mean"] = float(ops.masked_mean(values, rm))
+        if self.ctx.distributed:  # the same numbers from every rank's rows together
+            m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
+                                                  values, (beh - old_logp).abs() * rm,
+                                                  w if cfg.ppo.is_cap is not None else None))
         data = RolloutTensors(ids, am, rm, old_logp, ref_logp, beh, values, adv, ret, scores)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
         return data, m
+
+    def _global_rollout_metrics(self, per_source, raw, scores, kl_tok, rm, entropy, adv, ret, values, gap,
+                                is_w):
+        """The rollout metrics of every rank's rows together, as one process computes them
+        on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
+        second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
+        recomputed log-prob| on response tokens, ``is_w`` the importance weights or None."""
+        d = lambda t: t.double().sum()  # noqa: E731
+        rows, tok = float(raw.numel()), d(rm)
+        parts = {f"reward/{k}": (d(v[torch.isfinite(v)]), d(torch.isfinite(v)))
+                 for k, v in per_source.items()}
+        parts.update({
+            "reward/total": (d(raw), rows), "reward/shaped": (d(scores), rows), "kl/seq": (d(kl_tok), rows),
+            "kl/token": (d(kl_tok * rm), tok), "entropy": (d(entropy * rm), tok),
+            "response_length/mean": (tok, rows), "advantages/mean": (d(adv * rm), tok),
+            "returns/mean": (d(ret * rm), tok), "logprob_gap/mean": (d(gap), tok),
+            "reward/sq": (d(raw * raw), rows),
+        })
+        if is_w is not None:
+            parts["is_weight/mean"] = (d(is_w * rm), tok)
+        if self.critic is not None:
+            err = ret - values
+            parts.update({"value/mean": (d(values * rm), tok), "value/ret_sq": (d(ret * ret * rm), tok),
+                          "value/err": (d(err * rm), tok), "value/err_sq": (d(err * err * rm), tok)})
+        vec = torch.tensor([float(x) for pair in parts.values() for x in pair], dtype=torch.float64)
+        vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu().view(-1, 2)
+        tot = {k: (float(v[0]), float(v[1])) for k, v in zip(parts, vec)}
+        out = {k: (s / n if n > 0 else float("nan")) for k, (s, n) in tot.items() if k not in ("reward/sq",)}
+
+        def var(s, sq, n):  # unbiased, as torch.var
+            return (sq - s * s / n) / (n - 1) if n > 1 else 0.0
+
+        n = tot["reward/total"][1]
+        out["reward/std"] = max(var(tot["reward/total"][0], tot["reward/sq"][0], n), 0.0) ** 0.5
+        if self.critic is not None:
+            n = tot["returns/mean"][1]
+            var_r = var(tot["returns/mean"][0], tot["value/ret_sq"][0], n)
+            var_e = var(tot["value/err"][0], tot["value/err_sq"][0], n)
+            out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
+            for k in ("value/ret_sq", "value/err", "value/err_sq"):
+                out.pop(k)
+        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max())], dtype=torch.float64, device=self.device)
+        mx = self.ctx.all_reduce_max(mx).cpu()
+        out["response_length/max"], out["logprob_gap/max"] = float(mx[0]), float(mx[1])
+        return out
 
     def _loss_kwargs(self) -> dict:
         cfg = self.config
@@ -425,10 +523,14 @@ class RLTrainer:
                     entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
                     clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg)
 
-    def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None) -> Dict[str, float]:
+    def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
+                        n_micro: Optional[int] = None) -> Dict[str, float]:
         """Accumulate the policy gradient of the whole batch ``data`` (one mini-batch) over
         micro-batches of ``micro_batch_size`` rows; the normaliser (token or row count of the
         whole mini-batch) is computed once so the gradient does not depend on the split.
+        ``n_micro``: run that many micro-batches (at least the ones ``data`` fills), the extra
+        ones on a blank row that adds nothing — so every rank runs the same forwards and
+        backwards, as FSDP2 needs, however many rows it holds (``data`` may be empty).
         Returns the loss and statistics, averaged over micro-batches by token count."""
         from rlhf_fast.models.logprobs import policy_loss
 
@@ -436,56 +538,78 @@ class RLTrainer:
         kw = self._loss_kwargs()
         norm = self._global_normalizer(data.response_mask, kw["agg"])
         B = data.input_ids.shape[0]
+        n_micro = -(-B // mb) if n_micro is None else max(n_micro, -(-B // mb))
         ntok = data.response_mask.sum().clamp(min=1).float()
         acc: Dict[str, float] = {}
-        for s in range(0, B, mb):
-            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
-            with self._no_sync(self.policy, s + mb < B):
+        for j in range(n_micro):
+            s = j * mb
+            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device)) if s < B \
+                else _blank_row(data)
+            with self._no_sync(self.policy, j + 1 < n_micro):
                 loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
                                        d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 (loss * self.ctx.grad_scale).backward()
             w = float(d.response_mask.sum()) / float(ntok)
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+            # a blank row's statistics are of no token: it adds the keys (the same on every
+            # rank, for the reduction of the statistics) but no value (ratios are > 0)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
                 if k in st:
-                    acc[k] = acc.get(k, 0.0) + w * float(st[k])
-            acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]))
+                    acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if s < B else 0.0)
+            acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if s < B else 0.0)
         return acc
 
-    def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None) -> Dict[str, float]:
-        """Accumulate the clipped value-loss gradient of ``data`` over micro-batches."""
+    def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
+                        n_micro: Optional[int] = None) -> Dict[str, float]:
+        """Accumulate the clipped value-loss gradient of ``data`` over micro-batches
+        (``n_micro`` as in :meth:`policy_backward`)."""
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         agg = self.config.ppo.agg
         norm = self._global_normalizer(data.response_mask, agg)
         B = data.input_ids.shape[0]
+        n_micro = -(-B // mb) if n_micro is None else max(n_micro, -(-B // mb))
         out = {"value_loss": 0.0, "value_clip_frac": 0.0}
         ntok = data.response_mask.sum().clamp(min=1).float()
-        for s in range(0, B, mb):
-            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device))
-            with self._no_sync(self.critic, s + mb < B):
+        for j in range(n_micro):
+            s = j * mb
+            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device)) if s < B \
+                else _blank_row(data)
+            with self._no_sync(self.critic, j + 1 < n_micro):
                 v = self.critic(d.input_ids, d.attention_mask).float()
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
                 (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
             out["value_loss"] += float(loss.detach())
-            out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
+            if s < B:
+                out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
         return out
 
+    @contextlib.contextmanager
     def _no_sync(self, model, skip: bool):
-        """DDP: no gradient all-reduce for this micro-batch (``skip``), so every rank reduces
-        once per mini-batch even when ranks hold different numbers of micro-batches."""
-        import contextlib
-
-        return model.no_sync() if skip and self.ctx.distributed else contextlib.nullcontext()
+        """No gradient reduction for this micro-batch (``skip``; DDP ``no_sync``, FSDP2
+        ``set_requires_gradient_sync(False)``): gradients accumulate locally and are reduced
+        once per mini-batch, on its last micro-batch."""
+        if not (skip and self.ctx.distributed):
+            yield
+        elif hasattr(model, "no_sync"):
+            with model.no_sync():
+                yield
+        else:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
 
     def _global_normalizer(self, mask: torch.Tensor, agg: str):
-        """:func:`_token_normalizer` summed over ranks (one process: unchanged)."""
-        n = _token_normalizer(mask, agg)
+        """:func:`_token_normalizer` of every rank's rows together (one process: unchanged)."""
         if not self.ctx.distributed:
-            return n
-        t = n.float() if isinstance(n, torch.Tensor) else torch.tensor(float(n), device=mask.device)
-        return self.ctx.all_reduce_sum(t)
+            return _token_normalizer(mask, agg)
+        if agg == "token-mean":  # clamped after the sum: a rank may hold no token
+            return self.ctx.all_reduce_sum(mask.sum().to(torch.float32)).clamp(min=1)
+        n = _token_normalizer(mask, agg)
+        return self.ctx.all_reduce_sum(torch.tensor(float(n), device=mask.device))
 
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
         """:meth:`policy_backward` statistics over every rank, as one process computes them:
@@ -501,41 +625,60 @@ class RLTrainer:
                                                                             device=self.device)))
         return out
 
-    def _minibatches(self, perm: torch.Tensor) -> list:
-        """Row indices of each mini-batch of one epoch. Distributed: the same number of
-        mini-batches on every rank (the global batch over the global ``mini_batch_size``),
-        each a near-equal block of this rank's rows (possibly empty), so the DDP collectives
-        line up even when ranks dropped different numbers of rows."""
+    def _minibatches(self, perm: torch.Tensor, counts: Sequence[int]) -> list:
+        """``(rows, n_micro)`` of each mini-batch of one epoch. ``perm`` is a permutation of
+        the global batch — rank r's rows numbered after those of ranks < r, ``counts[r]`` of
+        them — the same on every rank; mini-batch j is ``perm[j·mbs:(j+1)·mbs]``, as one
+        process takes it. ``rows``: this rank's (local) rows of it, possibly none;
+        ``n_micro``: the most micro-batches any rank needs for its rows of it, so every rank
+        runs the same number of forwards (None on one process)."""
         B, mbs = perm.shape[0], self.config.ppo.mini_batch_size
         if not self.ctx.distributed:
-            return [perm[s:s + mbs] for s in range(0, B, mbs)]
-        n = torch.tensor(float(-(-B // max(1, mbs // self.ctx.world_size))), device=perm.device)
-        n_mb = int(self.ctx.all_reduce_max(n))
-        return list(torch.tensor_split(perm, n_mb))
+            return [(perm[s:s + mbs], None) for s in range(0, B, mbs)]
+        mb, rank = self.config.ppo.micro_batch_size, self.ctx.rank
+        ends = torch.tensor(counts, device=perm.device).cumsum(0)
+        lo = int(ends[rank]) - counts[rank]
+        out = []
+        for s in range(0, B, mbs):
+            glob = perm[s:s + mbs]
+            owner = torch.bucketize(glob, ends, right=True)  # the rank holding each row
+            per_rank = torch.bincount(owner, minlength=len(counts)).tolist()
+            out.append((glob[owner == rank] - lo, max(1, max(-(-c // mb) for c in per_rank))))
+        return out
 
     @torch.no_grad()
-    def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor):
-        """(loss, KL to the pre-step policy) of the current parameters on ``data`` (no grad)."""
+    def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor, norm):
+        """(loss, KL to the pre-step policy) of the current parameters on ``data`` (no grad),
+        over every rank's rows (``norm``: the global normaliser), so all ranks take the same
+        line-search decisions."""
         from rlhf_fast.models.logprobs import policy_loss
 
         kw = self._loss_kwargs()
         loss, st = policy_loss(self.policy, data.input_ids, data.attention_mask, data.response_mask, data.old_logp,
-                               data.advantages, ref_logp=data.ref_logp,
-                               normalizer=_token_normalizer(data.response_mask, kw["agg"]), **kw)
+                               data.advantages, ref_logp=data.ref_logp, normalizer=norm, **kw)
         d = st["logp"] - pre_logp
-        return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))
+        if not self.ctx.distributed:
+            return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))
+        m = data.response_mask
+        vec = torch.stack([loss.detach().double(), (0.5 * d * d * m).double().sum(), m.double().sum()])
+        vec = self.ctx.all_reduce_sum(vec)
+        return float(vec[0]), float(vec[1] / vec[2].clamp(min=1))
 
     def _trpo_step(self, data: RolloutTensors) -> Dict[str, float]:
         """Take the optimiser's proposed step, then backtrack along it until the surrogate
         improves and the KL to the pre-step policy is within ``ppo.trpo_max_kl``."""
+        from rlhf_fast.distributed import reshard
         from rlhf_fast.models.logprobs import sequence_logprobs
 
         cfg = self.config.ppo
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        norm = self._global_normalizer(data.response_mask, self.config.ppo.agg)
+        if data.input_ids.shape[0] == 0:  # this rank holds none of the mini-batch: still run the forwards
+            data = _blank_row(data)
         with torch.no_grad():
             pre_logp = sequence_logprobs(self.policy, data.input_ids, data.attention_mask,
                                          response_mask=data.response_mask, temperature=self.config.rollout.temperature)
-        loss0, _ = self._surrogate(data, pre_logp)
+        loss0, _ = self._surrogate(data, pre_logp, norm)
         old = [p.detach().clone() for p in params]
         self.optimizer.step()
         delta = [p.detach() - o for p, o in zip(params, old)]
@@ -544,7 +687,8 @@ class RLTrainer:
             with torch.no_grad():
                 for p, o, dl in zip(params, old, delta):
                     p.copy_(o + frac * dl)
-            loss, kl = self._surrogate(data, pre_logp)
+            reshard(self.policy)  # FSDP2: the surrogate's forward gathers the new parameters
+            loss, kl = self._surrogate(data, pre_logp, norm)
             if kl <= cfg.trpo_max_kl and loss <= loss0:
                 accepted = True
                 break
@@ -554,27 +698,30 @@ class RLTrainer:
                 for p, o in zip(params, old):
                     p.copy_(o)
             frac = 0.0
+        reshard(self.policy)
         return {"trpo_step_frac": frac}
 
     def update(self, data: RolloutTensors) -> Dict[str, float]:
         """``ppo.epochs`` passes over ``data`` in shuffled mini-batches; returns mean statistics."""
+        from rlhf_fast.trainers.sft import scalar_norm
+
         cfg = self.config.ppo
-        B = data.input_ids.shape[0]
+        # rows on every rank: the global batch one process would hold, numbered rank by rank
+        counts = [c[0] for c in self.ctx.all_gather_ints([data.input_ids.shape[0]])]
         g = torch.Generator().manual_seed(self.config.seed * 7919 + self.global_step)
         sums: Dict[str, float] = {}
         n_updates, stopped = 0, False
         for _ in range(cfg.epochs):
-            perm = torch.randperm(B, generator=g).to(data.input_ids.device)
-            for rows in self._minibatches(perm):
-                mini = data.select(rows if rows.numel() else perm[:1])
-                if not rows.numel():  # more mini-batches than rows here: a row that counts nothing
-                    mini = replace(mini, response_mask=torch.zeros_like(mini.response_mask))
+            perm = torch.randperm(sum(counts), generator=g).to(data.input_ids.device)
+            for rows, n_micro in self._minibatches(perm, counts):
+                mini = data.select(rows)
                 self.optimizer.zero_grad(set_to_none=True)
-                st = self.policy_backward(mini)
+                st = self.policy_backward(mini, n_micro=n_micro)
                 if self.ctx.distributed:  # the same statistics on every rank, so early stopping agrees
                     st = self._global_stats(st, mini.response_mask)
                 if cfg.max_grad_norm is not None:
-                    st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                    st["grad_norm"] = scalar_norm(torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                                                 cfg.max_grad_norm))
                 if cfg.trpo:
                     st.update(self._trpo_step(mini))
                 else:
@@ -582,7 +729,7 @@ class RLTrainer:
                 self.scheduler.step()
                 if self.critic is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                    cst = self.critic_backward(mini)
+                    cst = self.critic_backward(mini, n_micro=n_micro)
                     if self.ctx.distributed:
                         gs = self._global_stats({"loss": cst["value_loss"], "value_clip_frac": cst["value_clip_frac"]},
                                                 mini.response_mask)
@@ -772,13 +919,22 @@ class RLTrainer:
         from rlhf_fast.distributed import unwrap
 
         path = os.path.join(self.run_dir.path, "final")
+        full = {}  # FSDP2: every rank helps gather the full weights (to rank 0, on the CPU)
+        if self.ctx.distributed and self.config.distributed.strategy == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full["policy"] = get_model_state_dict(self.policy, options=opts)
+            if self.critic is not None:
+                full["critic"] = get_model_state_dict(self.critic, options=opts)
         if self.ctx.is_main:  # DDP: every rank holds the same full weights
-            unwrap(self.policy).save_pretrained(os.path.join(path, "policy"))
+            kw = {"state_dict": full["policy"]} if full else {}
+            unwrap(self.policy).save_pretrained(os.path.join(path, "policy"), **kw)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(os.path.join(path, "policy"))
             critic = unwrap(self.critic) if self.critic is not None else None
             if critic is not None and hasattr(critic, "save_pretrained"):
-                critic.save_pretrained(os.path.join(path, "critic"))
+                _save_critic(critic, os.path.join(path, "critic"), full.get("critic"))
         self.ctx.barrier()
         return path
 

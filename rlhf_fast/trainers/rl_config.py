@@ -74,7 +74,13 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2)."""
+    """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2).
+
+    ``per_sample_seeds``: seed every response from (seed, step, its index in the step's global
+    batch) instead of one generator per rank, so a step samples the same responses on any
+    number of ranks (slower sampling: one sampler call per live row and token). ``None``
+    (default): on exactly when ``distributed.strategy`` is ddp or fsdp2, so one-process runs of
+    strategy ``none`` keep the faster single-generator path and its numbers."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -84,6 +90,7 @@ class RolloutConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     stop_strings: List[str] = field(default_factory=list)
+    per_sample_seeds: Optional[bool] = None
 
     def __post_init__(self):
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
@@ -95,6 +102,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"rollout.min_p must be in [0, 1), got {self.min_p!r}")
+        if self.per_sample_seeds not in (None, True, False):
+            raise ValueError(f"rollout.per_sample_seeds must be true, false or null, "
+                             f"got {self.per_sample_seeds!r}")
 
 
 @dataclass
@@ -263,12 +273,6 @@ class RLConfig:
 
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
-        if self.distributed.strategy == "fsdp2":
-            # every rank decodes its own prompts for its own number of steps, while FSDP2 needs
-            # the same forwards on all ranks; generation from a sharded policy is not done yet
-            raise ValueError("distributed.strategy 'fsdp2' is not supported by the RL trainer yet; use 'ddp'")
-        if self.distributed.strategy != "none" and self.ppo.trpo:
-            raise ValueError("ppo.trpo is not supported with distributed.strategy 'ddp' (the line search is per rank)")
         _pos("steps", self.steps, integer=True)
         _pos("log_every", self.log_every, integer=True)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)

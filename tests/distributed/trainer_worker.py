@@ -1,6 +1,6 @@
-"""Run under torchrun (or alone) by tests/test_distributed_trainers.py: a few steps of the SFT
-or reward trainer (tiny model, synthetic data, fixed global batch and seed) with DDP, FSDP2 or
-no wrapping. Rank 0 writes the per-step losses and eval metrics it logged, so the test can
+"""Run under torchrun (or alone) by tests/test_distributed_trainers.py: a few steps of the SFT,
+reward or RL trainer (tiny model, synthetic data, fixed global batch and seed) with DDP, FSDP2
+or no wrapping. Rank 0 writes the per-step losses and metrics it logged, so the test can
 compare one process with two."""
 
 import argparse
@@ -22,21 +22,44 @@ def _length_reward(prompts, completions):
     return [float(len(c)) for c in completions]
 
 
-def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool):
-    from rlhf_fast.trainers.rl_config import PPOConfig, RLConfig, RolloutConfig
+def _length_reward_dropping(prompts, completions):
+    """The length reward, NaN (dropped, with its GRPO group) for the prompt "go:": ranks then
+    keep different numbers of rows, 2 and 4, or 4 and 2, of the step's 8."""
+    return [float("nan") if p == "go:" else float(len(c)) for p, c in zip(prompts, completions)]
 
+
+def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
+               trpo: bool = False, bf16: bool = False):
+    """``same``: sampling seeded per sample and two mini-batches per step (of 4 rows, in
+    micro-batches of 2), so 2 ranks must give what one process gives."""
+    from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
+
+    ppo = dict(mini_batch_size=4 if same else 8, micro_batch_size=2, whiten_advantages=True)
+    if trpo:  # a bound the first proposals overshoot, so the line search backtracks
+        ppo.update(trpo=True, trpo_max_kl=2e-5, epochs=1)
     return RLConfig(estimator=estimator, steps=steps, output_dir=out_dir, resume=out_dir if resume else None,
-                    device="cpu", progress=False, sample_every=1,
-                    rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4),
-                    ppo=PPOConfig(mini_batch_size=8, micro_batch_size=2, whiten_advantages=True),
-                    distributed=DistributedConfig(strategy=strategy))
+                    device="cpu", progress=False, sample_every=1, optim=OptimConfig(lr=5e-3),
+                    rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4,
+                                          per_sample_seeds=True if same else None),
+                    reward=RewardConfig(on_bad_reward="drop" if same else "raise"), ppo=PPOConfig(**ppo),
+                    distributed=DistributedConfig(strategy=strategy, mixed_precision=bf16))
 
 
-def run_rl(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool):
-    """Whole RL steps (sampled rollouts differ per rank, so only sync/logging/resume are checked)."""
+LM_HEAD_DTYPES = set()
+
+
+def run_rl(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, **kw):
+    """Whole RL steps: rollout (generation included), rewards, advantages, update."""
     from rlhf_fast.trainers.rl import RLTrainer
 
-    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume), reward_fns=[_length_reward])
+    same = kw.get("same", False)
+    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume, **kw),
+                        reward_fns=[_length_reward_dropping if same else _length_reward])
+    from rlhf_fast.distributed import unwrap
+
+    # the dtype generation computes the logits in (bf16 under FSDP2 mixed precision)
+    unwrap(trainer.policy).lm_head.register_forward_pre_hook(
+        lambda mod, args: LM_HEAD_DTYPES.add(str(args[0].dtype)))
     trainer.train()
     trainer.run = trainer.run_dir
     return trainer
@@ -82,8 +105,18 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
 
 
 def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int):
-    if kind in ("grpo", "gae", "grpo_resume"):
-        return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"))
+    if kind in ("grpo", "gae", "grpo_resume"):  # whole steps, 2 ranks equal to one process
+        return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
+    if kind == "trpo":
+        return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)
+    if kind == "grpo_bf16":  # FSDP2 bf16 mixed precision, applied on the CPU too for this check
+        import rlhf_fast.distributed as d
+
+        d.MIXED_PRECISION_DEVICES = ("cuda", "cpu")
+        try:
+            return run_rl(strategy, steps, out_dir, "grpo", False, bf16=True)
+        finally:
+            d.MIXED_PRECISION_DEVICES = ("cuda",)
     if kind == "grpo_update":
         return run_rl_update(strategy, steps, out_dir)
     common = dict(model=MODEL, output_dir=out_dir, max_len=48, batch_size=8, grad_accum=grad_accum, lr=1e-2,
@@ -97,11 +130,11 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
     return trainer
 
 
-def _full_weights(trainer):
+def _full_weights(trainer, model=None):
     """The full (gathered) state dict; under FSDP2 every rank takes part, rank 0 gets it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    model = getattr(trainer, "model", None) or trainer.policy
+    model = model or getattr(trainer, "model", None) or trainer.policy
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -131,10 +164,17 @@ def main():
         world = trainer.ctx.world_size
         in_sync = _same_weights_on_every_rank(trainer)
         weights = _full_weights(trainer)
+        critic = getattr(trainer, "critic", None)
+        critic_weights = _full_weights(trainer, critic) if critic is not None else None
         if trainer.ctx.is_main:
             results[spec] = read_metrics(trainer.run.path)
             results[spec + "|in_sync"] = in_sync
-            torch.save(weights, os.path.join(args.root, f"{spec.split(':')[3]}.weights.pt"))
+            results[spec + "|lm_head_dtypes"] = sorted(LM_HEAD_DTYPES)
+            stem = os.path.join(args.root, name + (".resumed" if kind.endswith("_resume") else ""))
+            torch.save(weights, f"{stem}.weights.pt")
+            if critic_weights is not None:
+                torch.save(critic_weights, f"{stem}.critic.pt")
+        LM_HEAD_DTYPES.clear()
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": world}, f)

@@ -46,9 +46,18 @@ constexpr int kScanThreads = 1024;
 
 template <typename acc_t>
 struct ScanItems {
-  // 1024 threads x ITEMS tokens per tile; fits the 48 KB static shared memory limit
+  // 1024 threads x ITEMS tokens per tile fit the 48 KB default shared memory limit
   static constexpr int value = sizeof(acc_t) == 8 ? 2 : 4;
 };
+
+// Dynamic shared memory of one tile: rewards (and values) in acc_t, then the mask. Sized by
+// the launch's block, so the 64-thread blocks of short rows take 2.3 KB instead of a
+// 1024-thread tile's 37 KB, and many of them fit on an SM.
+template <typename acc_t, bool HAS_VALUES>
+size_t scan_smem_bytes(int threads) {
+  const size_t tile = static_cast<size_t>(threads) * ScanItems<acc_t>::value;
+  return tile * sizeof(acc_t) * (HAS_VALUES ? 2 : 1) + tile * sizeof(bool);
+}
 
 // One block per row. HAS_VALUES = false is discounted_returns (values 0, λ = 1).
 template <typename scalar_t, typename acc_t, bool HAS_VALUES>
@@ -58,15 +67,16 @@ __global__ void __launch_bounds__(kScanThreads) gae_scan_kernel(const scalar_t* 
                                                                  acc_t* __restrict__ ret, int64_t T, acc_t gamma,
                                                                  acc_t c /* γλ */) {
   constexpr int ITEMS = ScanItems<acc_t>::value;
-  constexpr int TILE = kScanThreads * ITEMS;
-  __shared__ acc_t s_r[TILE];
-  __shared__ acc_t s_v[HAS_VALUES ? TILE : 1];
-  __shared__ bool s_m[TILE];
+  extern __shared__ __align__(16) unsigned char scan_smem[];  // scan_smem_bytes(blockDim.x)
+  const int tile = blockDim.x * ITEMS;
+  acc_t* s_r = reinterpret_cast<acc_t*>(scan_smem);
+  acc_t* s_v = s_r + (HAS_VALUES ? tile : 0);  // aliases s_r without values: never touched then
+  bool* s_m = reinterpret_cast<bool*>(s_r + (HAS_VALUES ? 2 : 1) * tile);
   __shared__ acc_t s_a[32], s_V[32];  // state entering each warp from the right
   __shared__ Affine<acc_t> s_warp[32];
 
+  // blockDim.x is a multiple of 32 (scan_threads): whole warps, full shuffle masks
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const int tile = blockDim.x * ITEMS;
   const int64_t row = blockIdx.x;
   const scalar_t* r_row = rewards + row * T;
   const scalar_t* v_row = HAS_VALUES ? values + row * T : nullptr;
@@ -167,6 +177,11 @@ int scan_threads(int64_t B, int64_t T) {
   return kScanThreads;
 }
 
+void check_rows(const char* op, int64_t B) {
+  // one block per row on gridDim.x
+  TORCH_CHECK_VALUE(B < (int64_t(1) << 31), op, ": at most 2^31 - 1 rows, got ", B);
+}
+
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
   TORCH_CHECK_VALUE(rewards.dim() == 2 && values.sizes() == rewards.sizes() && mask.sizes() == rewards.sizes(),
@@ -180,10 +195,13 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   auto adv = at::empty({B, T}, r.options().dtype(out_dtype(dt)));
   auto ret = at::empty_like(adv);
   if (B == 0 || T == 0) return {adv, ret};
+  check_rows("gae", B);
   const cudaStream_t stream = current_stream(r);
+  const int threads = scan_threads(B, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "gae_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    gae_scan_kernel<scalar_t, acc_t, true><<<B, scan_threads(B, T), 0, stream>>>(
+    gae_scan_kernel<scalar_t, acc_t, true>
+        <<<static_cast<unsigned int>(B), threads, scan_smem_bytes<acc_t, true>(threads), stream>>>(
         r.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m.data_ptr<bool>(), adv.data_ptr<acc_t>(),
         ret.data_ptr<acc_t>(), T, static_cast<acc_t>(gamma), static_cast<acc_t>(gamma * lam));
   });
@@ -200,11 +218,14 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   const int64_t B = r.size(0), T = r.size(1);
   auto out = at::empty({B, T}, r.options().dtype(out_dtype(r.scalar_type())));
   if (B == 0 || T == 0) return out;
+  check_rows("discounted_returns", B);
   const cudaStream_t stream = current_stream(r);
+  const int threads = scan_threads(B, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "discounted_returns_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     // G_t = r_t + γ·G_next: the GAE map with V = 0 and γλ = γ
-    gae_scan_kernel<scalar_t, acc_t, false><<<B, scan_threads(B, T), 0, stream>>>(
+    gae_scan_kernel<scalar_t, acc_t, false>
+        <<<static_cast<unsigned int>(B), threads, scan_smem_bytes<acc_t, false>(threads), stream>>>(
         r.data_ptr<scalar_t>(), nullptr, m.data_ptr<bool>(), out.data_ptr<acc_t>(), nullptr, T,
         static_cast<acc_t>(0), static_cast<acc_t>(gamma));
   });
@@ -271,11 +292,12 @@ at::Tensor group_advantages_cuda(const at::Tensor& scores, int64_t group_size, c
   auto out = at::empty({s.size(0)}, s.options().dtype(out_dtype(s.scalar_type())));
   const int64_t n_groups = s.size(0) / group_size;
   if (n_groups == 0) return out;
-  constexpr int kThreads = 256;
+  constexpr int kThreads = 256;  // a multiple of 32: every warp is whole and exits whole
   const int64_t blocks = ceil_div(n_groups * 32, kThreads);
+  TORCH_CHECK_VALUE(blocks < (int64_t(1) << 31), "group_advantages: too many groups (", n_groups, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "group_advantages_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    group_adv_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, current_stream(s)>>>(
+    group_adv_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), kThreads, 0, current_stream(s)>>>(
         s.data_ptr<scalar_t>(), out.data_ptr<acc_t>(), n_groups, group_size, kind, normalize_std, eps);
   });
   check_launch("group_advantages");

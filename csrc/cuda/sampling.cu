@@ -2,20 +2,25 @@
 // min-p processed distribution, without sorting the vocabulary. One block per row.
 //
 // * Plain temperature sampling with in-kernel Philox (sample_philox, no filters): ONE pass.
-//   Gumbel-max — argmax_i x_i + g_i with g_i = -log(-log u_i) — is an exact draw from
+//   Gumbel-max — argmax_i x_i + g_i with g_i = -log(E_i), E_i ~ Exp(1) — is an exact draw from
 //   softmax(x); the same pass keeps the online max / sum-exp for the chosen token's log-prob.
 // * Filters: every filter keeps a prefix of the order (value desc, index asc), so the kept set
 //   is a threshold key plus the number of ties at it that survive (lowest indices first, as the
 //   reference's stable sort). The thresholds are found by radix select on the order-preserving
 //   uint32 key of the fp32 scaled logit (as torch.topk does): 4 passes of 8 bits, each a
-//   256-bin shared-memory histogram of counts (top-k) or probability mass (top-p), so the
-//   boundary is exact without any sort. min-p is a weight threshold. A last pass in index
-//   order ranks the boundary ties and draws: Gumbel-max over the kept set (Philox variant) or
-//   the inverse CDF in vocabulary order of a given uniform (the `sample` schema, which picks
-//   the reference's tokens for the same uniforms).
+//   256-bin shared-memory histogram of counts (top-k) or of fixed-point probability mass
+//   (top-p). Integer masses make the sums exact and independent of the atomics' order, so the
+//   boundary is deterministic and the bookkeeping across passes consistent. min-p is a weight
+//   threshold. A last pass in index order ranks the boundary ties and draws: Gumbel-max over
+//   the kept set (Philox variant) or the inverse CDF in vocabulary order of a given uniform
+//   (the `sample` schema, which picks the reference's tokens for the same uniforms).
 // * Rows with NaN, +inf, or only -inf logits have no distribution: they give a defined token
-//   (0, or the first +inf) and logp = NaN, never an out-of-range index. The Python glue
-//   documents it; no host sync is spent to raise.
+//   (0, or the first +inf) and logp = NaN, never an out-of-range index (greedy rows with +inf
+//   are defined: the first +inf, logp 0, as the other backends). The Python glue documents it;
+//   no host sync is spent to raise.
+// * Philox stream: key = seed, counter = (offset / 4 as 64 bits, row·V + i as 64 bits) — the
+//   layout of curand_init(seed, subsequence = row·V + i, offset), so one launch uses exactly
+//   the slot [offset, offset + 4) that the Python glue reserves by advancing the generator.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -31,13 +36,47 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kBins = 256;
 
+// -0.0 and +0.0 share one key: the reference's sort sees them as equal
 __device__ __forceinline__ uint32_t float_key(float x) {
-  const uint32_t b = __float_as_uint(x);
+  uint32_t b = __float_as_uint(x);
+  if (b == 0x80000000u) b = 0u;
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
 __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// x = z / T with IEEE division, as the reference and the CPU kernel (fast-math `/` is not
+// correctly rounded and would move ties and top-k / top-p boundaries)
+template <typename scalar_t>
+__device__ __forceinline__ float scaled(scalar_t z, float temperature) {
+  return __fdiv_rn(static_cast<float>(z), temperature);
+}
+
+// exp(x - m). __fsub_rn is never contracted into an FMA, so the weight of a key recomputed from
+// key_float() is bit-identical to the weight the same token got in a histogram.
+__device__ __forceinline__ float weight(float x, float m) { return __expf(__fsub_rn(x, m)); }
+
+// w in [0, 1] as an integer count of 2^-e units; e = 62 - bits(V) keeps V weights below 2^62.
+__device__ __forceinline__ unsigned long long fixed_weight(float w, float scale) {
+  return __float2ull_rz(w * scale);
+}
+
+// Gumbel noise -log(E), E = -log(1 - v) ~ Exp(1), v uniform on (0, 1) with 2^-32 resolution
+// near 0: the large noise values, which let unlikely tokens win, are resolved up to ~22.9
+// (24 bits of u in -log(-log u) would cap them at 17.3, making every token 20 nats below the
+// max impossible). v is capped below 1 so that the noise is always finite.
+__device__ __forceinline__ float gumbel(uint32_t bits) {
+  const float v = fminf((static_cast<float>(bits) + 0.5f) * 2.3283064365386963e-10f, 0.99999994f);
+  return -__logf(-log1pf(-v));
+}
+
+__device__ __forceinline__ float philox_gumbel(uint2 key, uint64_t ctr_hi /* offset / 4 */, uint64_t sub) {
+  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(ctr_hi), static_cast<uint32_t>(ctr_hi >> 32),
+                                           static_cast<uint32_t>(sub), static_cast<uint32_t>(sub >> 32)),
+                                key);
+  return gumbel(r.x);
 }
 
 // online (max, Σ exp(x - max)) merge, -inf as the identity
@@ -61,18 +100,15 @@ __device__ __forceinline__ void arg_merge(float& v, int64_t& i, float v2, int64_
   }
 }
 
-struct RowStats {
-  float m, s;
-  int64_t argmax, first_posinf;
-  int nan;
-};
-
-// Block-wide merge of the per-thread online statistics (and a Gumbel argmax when used).
+// Block-wide merge of the per-thread online statistics (and a Gumbel argmax when used); every
+// thread gets the result. blockDim.x is a multiple of 32.
 __device__ void block_reduce_stats(float& m, float& s, float& best, int64_t& arg, int64_t& pinf, int& nan) {
   __shared__ float sm[32], ss[32], sb[32];
   __shared__ int64_t sa[32], sp[32];
   __shared__ int sn[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  // shfl_down tree: lanes past the end merge with themselves, but lane 0 only ever reads
+  // lanes whose values are still exact
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_down_sync(kFull, m, o), s2 = __shfl_down_sync(kFull, s, o);
@@ -112,116 +148,111 @@ struct Kept {
 
 struct SelectResult {
   uint32_t key;
-  int64_t above_cnt;   // kept entries with key > result key
-  double above_mass;   // their mass (weights exp(x - m))
-  int64_t eq_cnt;      // kept entries with key == result key
+  unsigned long long above;   // kept entries with key > result key: count (top-k) or fixed mass (top-p)
+  long long eq_cnt;           // kept entries with key == result key
+  unsigned long long target;  // the count / fixed mass that had to be reached
 };
 
-// Radix select over the kept entries `prev` for the boundary key where the count (MASS =
-// false) or the mass (MASS = true) from the top first reaches `target`. Exact: 4 passes.
+// Radix select over the kept entries `prev` (those with key > prev.thr, plus prev.ntie entries
+// at prev.thr) for the boundary key where the count (MASS = false; target = param = top_k) or
+// the fixed-point mass (MASS = true; target = ceil(param·total), param = top_p) from the top
+// first reaches the target. Exact: 4 passes, integer sums. Invariant at every pass:
+// above < target <= above + (sum of this pass's bins), so a bin is always found.
 template <typename scalar_t, bool MASS>
-__device__ SelectResult radix_select(const scalar_t* __restrict__ z, int64_t V, float inv_temp, float m,
-                                     const Kept& prev, double target) {
-  __shared__ uint32_t h_cnt[kBins];
-  __shared__ float h_mass[kBins];
+__device__ SelectResult radix_select(const scalar_t* __restrict__ z, int64_t V, float temperature, float m,
+                                     float scale, const Kept& prev, double param) {
+  __shared__ unsigned long long h_mass[MASS ? kBins : 1];
+  __shared__ unsigned int h_cnt[kBins];
   __shared__ uint32_t s_prefix;
-  __shared__ long long s_above_cnt;
-  __shared__ double s_above_mass;
+  __shared__ unsigned long long s_above, s_target;
   __shared__ long long s_eq;
   if (threadIdx.x == 0) {
     s_prefix = 0;
-    s_above_cnt = 0;
-    s_above_mass = 0.0;
+    s_above = 0;
+    s_target = MASS ? 0ull : static_cast<unsigned long long>(param);
     s_eq = 0;
   }
-  const float w_prev = prev.all ? 0.f : __expf(key_float(prev.thr) * 1.0f - m);
+  const unsigned long long w_prev = prev.all ? 0ull : fixed_weight(weight(key_float(prev.thr), m), scale);
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
       h_cnt[b] = 0;
-      h_mass[b] = 0.f;
+      if (MASS) h_mass[b] = 0;
     }
-    __syncthreads();
+    __syncthreads();  // also publishes thread 0's s_* of the previous pass / the init
     const uint32_t prefix = s_prefix;
     const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
     for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float x = static_cast<float>(z[i]) * inv_temp;
+      const float x = scaled(z[i], temperature);
       const uint32_t k = float_key(x);
       // ties at the previous threshold are added below as `ntie` virtual entries
       if (!prev.all && k <= prev.thr) continue;
-      if ((k & hi_mask) != (prefix & hi_mask)) continue;
+      if ((k ^ prefix) & hi_mask) continue;
       const int bin = (k >> shift) & 0xff;
       atomicAdd(&h_cnt[bin], 1u);
-      if (MASS) atomicAdd(&h_mass[bin], __expf(x - m));
+      if (MASS) atomicAdd(&h_mass[bin], fixed_weight(weight(x, m), scale));
     }
     __syncthreads();
-    if (threadIdx.x == 0 && !prev.all && (prev.thr & hi_mask) == (prefix & hi_mask)) {
+    if (threadIdx.x == 0 && !prev.all && ((prev.thr ^ prefix) & hi_mask) == 0) {
       const int bin = (prev.thr >> shift) & 0xff;
-      h_cnt[bin] += static_cast<uint32_t>(prev.ntie);
-      if (MASS) h_mass[bin] += static_cast<float>(prev.ntie) * w_prev;
+      h_cnt[bin] += static_cast<unsigned int>(prev.ntie);
+      if (MASS) h_mass[bin] += static_cast<unsigned long long>(prev.ntie) * w_prev;
     }
     __syncthreads();
     // warp 0 finds the bin where the running total from the top reaches the target: lane L
     // owns bins 255-8L .. 248-8L
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
-      double tot = 0.0;
+      unsigned long long tot = 0;
+#pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int bin = 255 - 8 * lane - j;
-        tot += MASS ? static_cast<double>(h_mass[bin]) : static_cast<double>(h_cnt[bin]);
+        tot += MASS ? h_mass[bin] : static_cast<unsigned long long>(h_cnt[bin]);
       }
-      double inc = tot;
+      unsigned long long inc = tot;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        const double n = __shfl_up_sync(kFull, inc, o);
+        const unsigned long long n = __shfl_up_sync(kFull, inc, o);
         if (lane >= o) inc += n;
       }
-      const double base = MASS ? s_above_mass : static_cast<double>(s_above_cnt);
-      const double excl = inc - tot;
-      const unsigned hit = __ballot_sync(kFull, base + inc >= target && tot > 0.0);
-      // rounding can leave the whole mass just below target: then keep everything (the
-      // lowest non-empty bin)
-      const unsigned nonempty = __ballot_sync(kFull, tot > 0.0);
-      const int owner = hit ? (__ffs(hit) - 1) : (nonempty ? 31 - __clz(nonempty) : 0);
-      if (lane == owner) {
-        double run = base + excl;
-        long long cnt_before = 0;
-        double mass_before = 0.0;
+      unsigned long long target = s_target;
+      if (MASS && shift == 24) {
+        // the kept set's total mass is the first pass's sum; keep the smallest prefix whose
+        // mass reaches top_p of it (the reference's `mass_before < p`); >= 1 unit and <= total
+        const unsigned long long total = __shfl_sync(kFull, inc, 31);
+        const double t = ceil(param * static_cast<double>(total));
+        target = t < 1.0 ? 1ull : (t >= static_cast<double>(total) ? total : static_cast<unsigned long long>(t));
+      }
+      const unsigned long long base = s_above;
+      const unsigned hit = __ballot_sync(kFull, base + inc >= target);
+      // hit != 0 by the invariant; if it ever were 0, s_prefix keeps zero bits here: a
+      // wrong-but-defined threshold, never an out-of-range access
+      if (hit && lane == __ffs(hit) - 1) {
+        unsigned long long run = base + inc - tot;
         int chosen = 255 - 8 * lane - 7;
         for (int j = 0; j < 8; ++j) {
           const int bin = 255 - 8 * lane - j;
-          const double v = MASS ? static_cast<double>(h_mass[bin]) : static_cast<double>(h_cnt[bin]);
-          if (hit ? (run + v >= target && v > 0.0) : false) {
+          const unsigned long long v = MASS ? h_mass[bin] : static_cast<unsigned long long>(h_cnt[bin]);
+          if (run + v >= target) {
             chosen = bin;
             break;
           }
-          if (!hit && h_cnt[bin] > 0) chosen = bin;  // keep walking to the lowest non-empty
           run += v;
         }
-        // totals of the bins above `chosen` (all lanes before `owner`, then this lane's)
-        for (int L = 0; L < 32; ++L) {
-          for (int j = 0; j < 8; ++j) {
-            const int bin = 255 - 8 * L - j;
-            if (bin <= chosen) break;
-            cnt_before += h_cnt[bin];
-            mass_before += h_mass[bin];
-          }
-          if (255 - 8 * L - 7 <= chosen) break;
-        }
         s_prefix = prefix | (static_cast<uint32_t>(chosen) << shift);
-        s_above_cnt += cnt_before;
-        s_above_mass += mass_before;
+        s_above = run;
         s_eq = h_cnt[chosen];
+        s_target = target;
       }
     }
     __syncthreads();
   }
-  SelectResult r{s_prefix, s_above_cnt, s_above_mass, s_eq};
-  __syncthreads();
+  SelectResult r{s_prefix, s_above, s_eq, s_target};
+  __syncthreads();  // the next call's thread 0 re-initialises the shared state
   return r;
 }
 
 // One block per row. uniforms != nullptr: inverse CDF of uniforms[row]; else Gumbel-max with
-// Philox(seed; counter = (index, row, offset)).
+// Philox (see the file comment for the counter).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __restrict__ logits, int64_t V,
                                                           float temperature, int64_t top_k, float top_p, float min_p,
@@ -231,10 +262,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * V;
   const bool greedy = temperature == 0.f;
-  const float inv_temp = greedy ? 1.f : 1.f / temperature;
+  const float temp = greedy ? 1.f : temperature;
   const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.f || min_p > 0.f;
   const bool gumbel_one_pass = !greedy && !filtered && uniforms == nullptr;
   const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint64_t ctr_hi = offset >> 2;  // torch keeps Philox offsets multiples of 4
+  const uint64_t sub0 = static_cast<uint64_t>(row) * static_cast<uint64_t>(V);
 
   // ---- pass 1: online max / sum-exp, argmax, NaN / +inf detection (and, without filters,
   // the whole Gumbel-max draw)
@@ -242,24 +275,25 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   int64_t arg = V, pinf = V;
   int nan = 0;
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    const float x = static_cast<float>(z[i]) * inv_temp;
+    const float x = scaled(z[i], temp);
     if (isnan(x)) {
       nan = 1;
       continue;
     }
     if (x == INFINITY) pinf = min(pinf, i);
     lse_merge(m, s, x, 1.f);
-    float score = x;
-    if (gumbel_one_pass) {
-      const uint4 r = philox4x32_10(
-          make_uint4(static_cast<uint32_t>(i), static_cast<uint32_t>(row), static_cast<uint32_t>(offset),
-                     static_cast<uint32_t>(offset >> 32)),
-          key);
-      score = x - __logf(-__logf(uniform_open(r.x)));
-    }
+    const float score = gumbel_one_pass ? x + philox_gumbel(key, ctr_hi, sub0 + i) : x;
     arg_merge(best, arg, score, i);
   }
   block_reduce_stats(m, s, best, arg, pinf, nan);
+  // all of the branches below depend only on block-uniform values
+  if (greedy && !nan && m != -INFINITY) {
+    if (threadIdx.x == 0) {
+      tokens[row] = arg;  // first index of the max (the first +inf if any)
+      logp_out[row] = 0.f;
+    }
+    return;
+  }
   if (nan || pinf < V || m == -INFINITY) {
     if (threadIdx.x == 0) {
       tokens[row] = pinf < V ? pinf : 0;
@@ -267,91 +301,72 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
     }
     return;
   }
-  if (greedy) {
-    if (threadIdx.x == 0) {
-      tokens[row] = arg;  // first index of the max (best holds the logits themselves)
-      logp_out[row] = 0.f;
-    }
-    return;
-  }
   if (gumbel_one_pass) {
     if (threadIdx.x == 0) {
-      tokens[row] = arg;
-      logp_out[row] = static_cast<float>(z[arg]) * inv_temp - m - __logf(s);
+      const int64_t tok = arg < V ? arg : 0;
+      tokens[row] = tok;
+      logp_out[row] = scaled(z[tok], temp) - m - __logf(s);
     }
     return;
   }
 
   // ---- filters: thresholds by radix select
+  // fixed-point scale 2^(62 - bits(V)): V weights <= 1 sum below 2^62
+  const int vbits = 64 - __clzll(static_cast<unsigned long long>(V));
+  const float scale = __int_as_float((127 + 62 - vbits) << 23);
   Kept kept{0u, 0, true};
-  double mass = s;  // mass of the kept set, in units of exp(x - m)
   if (top_k > 0 && top_k < V) {
-    const SelectResult r = radix_select<scalar_t, false>(z, V, inv_temp, m, kept, static_cast<double>(top_k));
-    kept = Kept{r.key, top_k - r.above_cnt, false};
-    // mass of the top-k set: the entries above, then the kept ties (one weight each)
-    const float wt = __expf(key_float(r.key) - m);
-    double above = 0.0;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float x = static_cast<float>(z[i]) * inv_temp;
-      if (float_key(x) > r.key) above += __expf(x - m);
-    }
-    __shared__ double red[33];
-    above = block_sum(above, red);
-    mass = above + static_cast<double>(kept.ntie) * wt;
+    const SelectResult r = radix_select<scalar_t, false>(z, V, temp, m, scale, kept, static_cast<double>(top_k));
+    kept = Kept{r.key, top_k - static_cast<int64_t>(r.above), false};
   }
   if (top_p < 1.f) {
-    const double target = static_cast<double>(top_p) * mass;
-    const SelectResult r = radix_select<scalar_t, true>(z, V, inv_temp, m, kept, target);
-    const float wt = __expf(key_float(r.key) - m);
-    // stable order: the j-th tie is kept iff the mass before it is < target
-    const double need = (target - r.above_mass) / static_cast<double>(wt);
-    int64_t ntie = need > 0.0 ? static_cast<int64_t>(ceil(need)) : 1;
+    const SelectResult r = radix_select<scalar_t, true>(z, V, temp, m, scale, kept, static_cast<double>(top_p));
+    // stable order: the j-th tie (by index) is kept iff the mass before it is < target, i.e.
+    // j < ceil((target - above) / wt); at least one, at most all of them
+    const unsigned long long wt = fixed_weight(weight(key_float(r.key), m), scale);
+    const unsigned long long need = r.target > r.above ? r.target - r.above : 0ull;
+    long long ntie = wt > 0 ? static_cast<long long>((need + wt - 1) / wt) : r.eq_cnt;
     ntie = ntie < r.eq_cnt ? ntie : r.eq_cnt;
     if (ntie < 1) ntie = 1;
     kept = Kept{r.key, ntie, false};
   }
 
-  // ---- last pass(es) in index order: rank the ties, then draw
+  // ---- last pass(es) in index order: rank the ties, apply min-p, then draw
   __shared__ int s_scan[33];
   __shared__ double s_dscan[33];
+  __shared__ double s_red[33];
   __shared__ double s_S;
-  __shared__ long long s_found;
-  const float wmin = min_p;
-  const double u = uniforms ? uniforms[row] : 0.0;
-  double S = 0.0;  // kept mass
+  __shared__ long long s_found, s_last;
+  const float wmin = min_p;  // p >= min_p·p_max  <=>  exp(x - m) >= min_p (the max is always kept)
+  double S = 0.0;  // kept mass, in units of exp(x - m)
   best = -INFINITY;
   arg = V;
   int64_t last_kept = -1;
-  const int passes = uniforms ? 2 : 1;  // inverse CDF needs the total first
+  const int passes = uniforms ? 2 : 1;  // the inverse CDF needs the total first
   double target = 0.0, cum = 0.0;
-  if (threadIdx.x == 0) s_found = V;  // V: not found yet (atomicMin below)
   for (int pass = 0; pass < passes; ++pass) {
+    const bool draw = pass + 1 == passes && uniforms;
     int64_t tie_base = 0;
+    // uniform trip count: block_exclusive_scan has __syncthreads inside
     for (int64_t start = 0; start < V; start += blockDim.x) {
       const int64_t i = start + threadIdx.x;
       float x = -INFINITY;
       uint32_t k = 0;
       if (i < V) {
-        x = static_cast<float>(z[i]) * inv_temp;
+        x = scaled(z[i], temp);
         k = float_key(x);
       }
       const int eq = (i < V && !kept.all && k == kept.thr) ? 1 : 0;
       int tie_total;
       const int rank = block_exclusive_scan(eq, s_scan, &tie_total);
-      const float w = __expf(x - m);
+      const float w = i < V ? weight(x, m) : 0.f;
       const bool in = i < V && (kept.all || k > kept.thr || (eq && tie_base + rank < kept.ntie)) && w >= wmin;
       tie_base += tie_total;
-      if (pass + 1 < passes || !uniforms) {
+      if (!draw) {
         if (in) {
           S += w;
-          last_kept = max(last_kept, i);
-          if (!uniforms) {
-            const uint4 r = philox4x32_10(
-                make_uint4(static_cast<uint32_t>(i), static_cast<uint32_t>(row), static_cast<uint32_t>(offset),
-                           static_cast<uint32_t>(offset >> 32)),
-                key);
-            arg_merge(best, arg, x - __logf(-__logf(uniform_open(r.x))), i);
-          }
+          if (w > 0.f) last_kept = max(last_kept, i);  // never fall back onto a zero-probability token
+          if (!uniforms) arg_merge(best, arg, x + philox_gumbel(key, ctr_hi, sub0 + i), i);
         }
       } else {
         // inverse CDF: first index whose cumulative kept mass exceeds u·S
@@ -362,60 +377,55 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
         if (hit && (threadIdx.x & 31) == __ffs(hit) - 1) atomicMin(&s_found, static_cast<long long>(i));
         cum += tile_total;
         __syncthreads();
-        if (s_found < V) break;  // uniform: every thread reads the same shared value
+        if (s_found < V) break;  // block-uniform: every thread reads the same shared value
       }
     }
-    if (pass + 1 < passes) {
-      __shared__ double red2[33];
-      S = block_sum(S, red2);
-      target = u * S;
-      __shared__ long long s_last;
-      if (threadIdx.x == 0) s_last = -1;
+    if (!draw && uniforms) {
+      S = block_sum(S, s_red);
+      target = uniforms[row] * S;
+      if (threadIdx.x == 0) {
+        s_last = -1;
+        s_found = V;  // V: not found yet (atomicMin in the draw pass)
+        s_S = S;
+      }
       __syncthreads();
       atomicMax(&s_last, static_cast<long long>(last_kept));
-      __syncthreads();
-      last_kept = s_last;
-      if (threadIdx.x == 0) {
-        s_S = S;
-        s_found = V;
-      }
       __syncthreads();
     }
   }
   if (uniforms) {
     if (threadIdx.x == 0) {
-      int64_t tok = s_found < V ? s_found : last_kept;  // u·S rounded to S: the last kept token
-      if (tok < 0) tok = 0;
+      // u·S rounded up to S: the last kept token (the reference's clamp to the end)
+      int64_t tok = s_found < V ? s_found : s_last;
+      if (tok < 0 || tok >= V) tok = 0;
       tokens[row] = tok;
-      logp_out[row] = static_cast<float>(static_cast<double>(static_cast<float>(z[tok]) * inv_temp - m) - log(s_S));
+      logp_out[row] = static_cast<float>(static_cast<double>(__fsub_rn(scaled(z[tok], temp), m)) - log(s_S));
     }
     return;
   }
-  {
-    __shared__ double red3[33];
-    S = block_sum(S, red3);
-    float mm = 0.f, ss = 0.f;  // unused lanes of the shared reduction
-    int64_t pp = V;
-    int nn = 0;
-    block_reduce_stats(mm, ss, best, arg, pp, nn);
-    if (threadIdx.x == 0) {
-      const int64_t tok = arg < V ? arg : 0;
-      tokens[row] = tok;
-      logp_out[row] = static_cast<float>(static_cast<double>(static_cast<float>(z[tok]) * inv_temp - m) - log(S));
-    }
+  S = block_sum(S, s_red);
+  float mm = 0.f, ss = 0.f;  // unused lanes of the shared reduction
+  int64_t pp = V;
+  int nn = 0;
+  block_reduce_stats(mm, ss, best, arg, pp, nn);
+  if (threadIdx.x == 0) {
+    const int64_t tok = arg < V ? arg : 0;
+    tokens[row] = tok;
+    logp_out[row] = static_cast<float>(static_cast<double>(__fsub_rn(scaled(z[tok], temp), m)) - log(S));
   }
 }
 
 void check_args(const at::Tensor& logits, double temperature, int64_t top_k, double top_p, double min_p) {
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, "sample: logits must be [B, V] with V > 0");
   TORCH_CHECK_VALUE(logits.size(1) < (int64_t(1) << 31), "sample: V must be < 2^31");
+  TORCH_CHECK_VALUE(logits.size(0) < (int64_t(1) << 31), "sample: B must be < 2^31 (one block per row)");
   TORCH_CHECK_VALUE(temperature >= 0.0, "sample: temperature must be >= 0, got ", temperature);
   TORCH_CHECK_VALUE(top_k >= 0, "sample: top_k must be >= 0, got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "sample: top_p must be in (0, 1], got ", top_p);
   TORCH_CHECK_VALUE(min_p >= 0.0 && min_p <= 1.0, "sample: min_p must be in [0, 1], got ", min_p);
 }
 
-std::tuple<at::Tensor, at::Tensor> launch(const at::Tensor& logits, const double* uniforms, double temperature,
+std::tuple<at::Tensor, at::Tensor> launch(const at::Tensor& logits, const at::Tensor* uniforms, double temperature,
                                           int64_t top_k, double top_p, double min_p, uint64_t seed,
                                           uint64_t offset) {
   const c10::DeviceGuard guard(logits.device());
@@ -424,11 +434,15 @@ std::tuple<at::Tensor, at::Tensor> launch(const at::Tensor& logits, const double
   auto tokens = at::empty({B}, z.options().dtype(at::kLong));
   auto logp = at::empty({B}, z.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logp};
+  at::Tensor u;
+  if (uniforms) u = uniforms->to(z.device(), at::kDouble).contiguous();
+  // a temperature that rounds to 0 in fp32 would divide by 0: treat it as greedy, the limit
+  const float t32 = static_cast<float>(temperature);
   const int threads = V >= 4096 ? kThreads : 128;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "sample_cuda", [&] {
-    sample_kernel<scalar_t><<<B, threads, 0, current_stream(z)>>>(
-        z.data_ptr<scalar_t>(), V, static_cast<float>(temperature), top_k, static_cast<float>(top_p),
-        static_cast<float>(min_p), uniforms, seed, offset, tokens.data_ptr<int64_t>(), logp.data_ptr<float>());
+    sample_kernel<scalar_t><<<static_cast<unsigned int>(B), threads, 0, current_stream(z)>>>(
+        z.data_ptr<scalar_t>(), V, t32, top_k, static_cast<float>(top_p), static_cast<float>(min_p),
+        uniforms ? u.data_ptr<double>() : nullptr, seed, offset, tokens.data_ptr<int64_t>(), logp.data_ptr<float>());
   });
   check_launch("sample");
   return {tokens, logp};
@@ -439,14 +453,15 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const a
   check_args(logits, temperature, top_k, top_p, min_p);
   TORCH_CHECK_VALUE(uniforms.dim() == 1 && uniforms.size(0) == logits.size(0),
                     "sample: uniforms must be [B] with B = logits.size(0)");
-  auto u = uniforms.to(logits.device(), at::kDouble).contiguous();
-  return launch(logits, u.data_ptr<double>(), temperature, top_k, top_p, min_p, 0, 0);
+  return launch(logits, &uniforms, temperature, top_k, top_p, min_p, 0, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_philox_cuda(const at::Tensor& logits, int64_t seed, int64_t offset,
                                                       double temperature, int64_t top_k, double top_p,
                                                       double min_p) {
   check_args(logits, temperature, top_k, top_p, min_p);
+  TORCH_CHECK_VALUE(offset >= 0 && offset % 4 == 0, "sample: the Philox offset must be a multiple of 4 >= 0, got ",
+                    offset);
   return launch(logits, nullptr, temperature, top_k, top_p, min_p, static_cast<uint64_t>(seed),
                 static_cast<uint64_t>(offset));
 }

@@ -1,12 +1,15 @@
 """Registration of the CUDA C++ implementations (csrc/cuda/*.cu in rlhf_fast._C) with the
 dispatch, under backend ``cuda``.
 
-The wrappers take exactly the public ops' arguments. Advantages, returns and whitened values
-are treated as constants (inputs are detached), as every RL trainer uses them. ``sample`` on
+The wrappers take exactly the public ops' arguments. As in the cpp glue, an input that requires
+grad hands gae / discounted_returns / group_advantages / masked_whiten over to the reference
+(whose autograd graph the result keeps), and masked_mean keeps its registered autograd, so a
+result never silently drops a gradient on one device that it keeps on another. ``sample`` on
 CUDA uses the in-kernel Philox variant (``sample_philox``): its seed and offset are read from
-the torch CUDA generator on the host and the offset advanced, so no device sync happens. Rows
-whose logits hold NaN, +inf or only -inf give logp = NaN (and a token inside [0, V)) instead of
-an error, because raising would need a host sync.
+the torch CUDA generator on the host and the offset advanced by one Philox block (4), so no
+device sync happens and consecutive calls never reuse noise. Rows whose logits hold NaN, +inf or
+only -inf give logp = NaN (and a token inside [0, V)) instead of an error, because raising would
+need a host sync.
 """
 
 from __future__ import annotations
@@ -15,42 +18,70 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _native
+from . import _dispatch, _native, reference
+from .advantages import _wants_grad
 
 _U64 = 1 << 64
+PHILOX_INCREMENT = 4  # one Philox4x32 block per (row, vocabulary index) subsequence
 
 
 def _gae_cuda(rewards, values, mask, *, gamma=1.0, lam=0.95):
-    return torch.ops.rlhf_fast.gae(rewards.detach(), values.detach(), mask, float(gamma), float(lam))
+    if _wants_grad(rewards, values):
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return torch.ops.rlhf_fast.gae(rewards, values, mask, float(gamma), float(lam))
 
 
 def _discounted_returns_cuda(rewards, mask, *, gamma=1.0):
-    return torch.ops.rlhf_fast.discounted_returns(rewards.detach(), mask, float(gamma))
+    if _wants_grad(rewards):
+        return reference.discounted_returns(rewards, mask, gamma=gamma)
+    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, float(gamma))
 
 
 def _group_advantages_cuda(scores, group_size, *, kind="grpo", normalize_std=True, eps=1e-6):
-    return torch.ops.rlhf_fast.group_advantages(scores.detach(), int(group_size), kind, bool(normalize_std), float(eps))
+    if _wants_grad(scores):
+        return reference.group_advantages(scores, group_size, kind=kind, normalize_std=normalize_std, eps=eps)
+    return torch.ops.rlhf_fast.group_advantages(scores, int(group_size), kind, bool(normalize_std), float(eps))
 
 
 def _masked_mean_cuda(x, mask, dim=None, *, group=None):
-    return torch.ops.rlhf_fast.masked_mean(x.detach(), mask)
+    if dim is not None or group is not None:
+        return reference.masked_mean(x, mask, dim, group=group)
+    # not detached: rlhf_fast::masked_mean has a registered backward (m / n)
+    return torch.ops.rlhf_fast.masked_mean(x, mask)
 
 
 def _masked_whiten_cuda(x, mask, *, shift_mean=True, eps=1e-8, group=None):
-    return torch.ops.rlhf_fast.masked_whiten(x.detach(), mask, bool(shift_mean), float(eps))
+    if group is not None or _wants_grad(x):
+        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, group=group)
+    return torch.ops.rlhf_fast.masked_whiten(x, mask, bool(shift_mean), float(eps))
 
 
-def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator] = None, increment: int = 4):
+def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator] = None,
+                       increment: int = PHILOX_INCREMENT):
     """``(seed, offset)`` for one kernel launch from ``generator`` (default: the device's
     default CUDA generator), advancing its Philox offset by ``increment`` — host-side only.
 
-    ``seed`` is returned as a signed int64 (the kernel reinterprets it as uint64)."""
+    The kernel uses the counters torch reserves for ``[offset, offset + increment)``, the same
+    layout as ``curand_init(seed, subsequence, offset)``, so the draws never overlap those of
+    torch's own random kernels on the same generator. ``seed`` is returned as a signed int64
+    (the kernel reinterprets it as uint64). Raises TypeError for a generator that is not a CUDA
+    generator on ``device``, and RuntimeError inside CUDA graph capture, where a host-side offset
+    would be frozen into the graph and every replay would repeat the same noise."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
     if generator is None:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[idx]
+    else:
+        gdev = generator.device
+        if gdev.type != "cuda" or (gdev.index is not None and gdev.index != idx):
+            raise TypeError(f"generator must be a torch.Generator on {torch.device('cuda', idx)} (the logits' "
+                            f"device), got one on {gdev}")
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("sample: the cuda backend reads the Philox offset on the host and cannot be captured in "
+                           "a CUDA graph (every replay would draw the same tokens); sample outside the graph")
     seed = int(generator.initial_seed())
-    offset = int(generator.get_offset())
-    generator.set_offset(offset + increment)  # torch keeps Philox offsets multiples of 4
+    # torch keeps Philox offsets multiples of 4 (one 128-bit block); round up if one is not
+    offset = -(-int(generator.get_offset()) // 4) * 4
+    generator.set_offset(offset + increment)
     if seed >= 1 << 63:
         seed -= _U64
     return seed, offset

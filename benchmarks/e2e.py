@@ -16,10 +16,20 @@ own utilities where TRL has them:
 * log-probs: ``logits_to_keep`` forward and ``trl.trainer.utils.selective_log_softmax``
   (GRPOTrainer._get_per_token_logps);
 * GRPO: group mean / std advantages and the clipped loss with the k3 KL term in the loss,
-  token-mean aggregation (GRPOTrainer._compute_loss, loss_type "bnpo");
-* PPO: the algorithm of TRL's last PPOTrainer (0.2x): k1 KL in the per-token reward, score
-  at the last token, GAE as a Python loop over time, whitened advantages, clipped policy
-  and value losses in one backward through a policy+value optimiser.
+  token-mean aggregation (GRPOTrainer._compute_loss, loss_type "bnpo"); with one epoch and
+  one mini-batch the old-policy forward is skipped and the current log-probs, detached,
+  stand in (as GRPOTrainer does when num_iterations is 1);
+* PPO: the algorithm of TRL's last PPOTrainer (0.2x): the policy's rollout log-probs from
+  the generation scores (``output_scores``, no second forward), k1 KL in the per-token
+  reward, score at the last token, GAE as a Python loop over time, whitened advantages,
+  clipped policy and value losses in one backward through a policy+value optimiser.
+
+rlhf_fast runs with ``ppo.old_logp="behaviour"`` (the sampler's log-probs, no second
+forward), the same saving on both sides.
+
+Configurations: on the CPU the tiny model with a 256-token vocabulary (the framework-overhead
+regime) and the same model with a 32768-token vocabulary (the LM head dominates, as in real
+models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
 
 Each (framework, algorithm) runs in a fresh subprocess: one warm-up step, then ``steps``
 timed steps (median per phase), and the extra peak RSS of one step (VmHWM after
@@ -32,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -84,6 +95,10 @@ class E2EConfig:
     temperature: float = 1.0
     steps: int = 5
     seed: int = 0
+    family: str = "llama"
+    num_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    device: str = "cpu"
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
@@ -97,6 +112,8 @@ class E2EConfig:
             raise ValueError(f"hidden_size must be divisible by num_heads, got {self.hidden_size}, {self.num_heads}")
         if not (self.temperature > 0):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
     @property
     def batch_size(self) -> int:
@@ -106,17 +123,49 @@ class E2EConfig:
     def quick(cls) -> "E2EConfig":
         return cls(max_new_tokens=8, hidden_size=32, steps=1)
 
+    @classmethod
+    def large_vocab(cls) -> "E2EConfig":
+        """The same tiny transformer with a real-sized vocabulary (32768 BPE tokens, as
+        Llama-2 / Mistral), where the LM head and its [B, T, V] logits dominate."""
+        return cls(vocab_size=32768)
+
+    @classmethod
+    def gpu_0p5b(cls, quick: bool = False) -> "E2EConfig":
+        """A Qwen2-0.5B-shaped model (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
+        vocabulary 151936; 0.63B parameters with an untied head) built from a config on the GPU:
+        64 sequences (8 prompts × 8) of up to 256 new tokens, fp32 weights with TF32 matmuls.
+        ``quick``: 4 layers, 16 sequences of 32 tokens."""
+        big = dict(family="qwen2", vocab_size=151936, hidden_size=896, num_heads=14, num_kv_heads=2,
+                   intermediate_size=4864, device="cuda")
+        if quick:
+            return cls(num_layers=4, prompts_per_step=4, group_size=4, max_new_tokens=32, mini_batch_size=16, steps=2,
+                       **big)
+        return cls(num_layers=24, prompts_per_step=8, group_size=8, max_new_tokens=256, mini_batch_size=64, steps=3,
+                   **big)
+
 
 def build_model(cfg: E2EConfig):
     """The tiny policy and tokenizer both sides start from (same seed, same weights)."""
     from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
 
     texts = sample_texts(256, seed=cfg.seed) + PROMPTS + ["0 1 2 3 4 5 6 7 8 9"]
+    if cfg.vocab_size > 1024:  # enough distinct words for BPE to fill a real-sized vocabulary
+        rng = random.Random(cfg.seed)
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9))) for _ in range(3 * cfg.vocab_size)]
+        texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
     tok = train_tokenizer(texts, cfg.vocab_size)
-    model = tiny_causal_lm(len(tok), family="llama", hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                           num_heads=cfg.num_heads, seed=cfg.seed, pad_token_id=tok.pad_token_id,
+    model = tiny_causal_lm(len(tok), family=cfg.family, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                           num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                           intermediate_size=cfg.intermediate_size, seed=cfg.seed, pad_token_id=tok.pad_token_id,
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return model, tok
+    return model.to(cfg.device), tok
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so a phase's wall time includes its kernels."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------- TRL side
@@ -138,7 +187,7 @@ class TRLStep:
             # TRL's PPO value model: the policy's backbone with a scalar score head
             H = self.model.config.hidden_size
             self.critic = torch.nn.ModuleDict({"backbone": copy.deepcopy(self.model.model),
-                                               "head": torch.nn.Linear(H, 1)})
+                                               "head": torch.nn.Linear(H, 1)}).to(cfg.device)
             params += list(self.critic.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr)
         self.gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
@@ -164,30 +213,47 @@ class TRLStep:
         return self.critic["head"](h).squeeze(-1)[:, -keep - 1:-1]  # value of the state before each token
 
     def step(self) -> Dict[str, float]:
-        cfg, tok = self.cfg, self.tok
+        cfg, tok, dev = self.cfg, self.tok, self.cfg.device
+        _sync(dev)
         t0 = time.perf_counter()
         prompts = self._prompts()
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
+        ppo = self.algo == "ppo"
         with torch.no_grad():
-            out = self.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                      generation_config=self.gen_cfg)
+            # TRL's last PPOTrainer (batch_generation) keeps the sampler's scores [B, C, V] and
+            # takes the policy's rollout log-probs from them instead of a second forward
+            gen = self.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                      generation_config=self.gen_cfg, output_scores=ppo,
+                                      return_dict_in_generate=True)
+        out = gen.sequences
         P = enc.input_ids.shape[1]
         comp = out[:, P:]
         is_eos = comp == tok.eos_token_id
-        eos_idx = torch.full((comp.shape[0],), comp.shape[1], dtype=torch.long)
+        eos_idx = torch.full((comp.shape[0],), comp.shape[1], dtype=torch.long, device=dev)
         has = is_eos.any(1)
         eos_idx[has] = is_eos.int().argmax(1)[has]
-        cmask = (torch.arange(comp.shape[1]).unsqueeze(0) <= eos_idx.unsqueeze(1)).long()  # [B, C]
+        cmask = (torch.arange(comp.shape[1], device=dev).unsqueeze(0) <= eos_idx.unsqueeze(1)).long()  # [B, C]
         am = torch.cat([enc.attention_mask, cmask], 1)
         C = comp.shape[1]
+        _sync(dev)
         t1 = time.perf_counter()
+        # GRPOTrainer skips the old-policy forward when each generation gets exactly one
+        # optimiser step (num_iterations 1, one mini-batch): old log-probs = current, detached
+        on_policy = self.algo == "grpo" and cfg.epochs == 1 and out.shape[0] <= cfg.mini_batch_size
         with torch.no_grad():
-            old = self._logps(self.model, out, am, C)
+            if ppo:
+                from trl.trainer.utils import selective_log_softmax
+
+                old = selective_log_softmax(torch.stack(gen.scores, 1), comp)
+            else:
+                old = None if on_policy else self._logps(self.model, out, am, C)
+            del gen
             ref = self._logps(self.ref, out, am, C)
             values = self._values(out, am, C) if self.critic is not None else None
+        _sync(dev)
         t2 = time.perf_counter()
         texts = tok.batch_decode(comp, skip_special_tokens=True)
-        scores = torch.tensor(digit_reward(prompts, texts), dtype=torch.float32)
+        scores = torch.tensor(digit_reward(prompts, texts), dtype=torch.float32, device=dev)
         m = cmask.float()
         if self.algo == "grpo":
             G = cfg.group_size
@@ -199,9 +265,9 @@ class TRLStep:
             kl = old - ref
             rewards = -cfg.kl_coef * kl * m
             last = (m.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(scores)), last] += scores
+            rewards[torch.arange(len(scores), device=dev), last] += scores
             values = values * m
-            lastgaelam = torch.zeros(len(scores))
+            lastgaelam = torch.zeros(len(scores), device=dev)
             rev = []
             for t in reversed(range(C)):  # TRL's PPO GAE loop
                 nextvalues = values[:, t + 1] if t < C - 1 else 0.0
@@ -213,15 +279,16 @@ class TRLStep:
             mu = (adv * m).sum() / m.sum()
             var = (((adv - mu) ** 2) * m).sum() / (m.sum() - 1).clamp(min=1)
             adv = (adv - mu) * torch.rsqrt(var + 1e-8) * m  # masked_whiten
+        _sync(dev)
         t3 = time.perf_counter()
         B = out.shape[0]
         for _ in range(cfg.epochs):
-            perm = torch.randperm(B)
+            perm = torch.randperm(B).to(dev)
             for s in range(0, B, cfg.mini_batch_size):
                 i = perm[s:s + cfg.mini_batch_size]
                 logp = self._logps(self.model, out[i], am[i], C)
                 mi = m[i]
-                ratio = torch.exp(logp - old[i])
+                ratio = torch.exp(logp - (logp.detach() if old is None else old[i]))
                 l1 = -adv[i] * ratio
                 l2 = -adv[i] * torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip)
                 tok_loss = torch.maximum(l1, l2)
@@ -238,6 +305,7 @@ class TRLStep:
                 torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
+        _sync(dev)
         t4 = time.perf_counter()
         return dict(generate=t1 - t0, logprobs=t2 - t1, reward_adv=t3 - t2, update=t4 - t3, step=t4 - t0,
                     tokens=float(m.sum()), reward=float(scores.mean()))
@@ -258,7 +326,7 @@ class RLHFFastStep:
         model, tok = build_model(cfg)
         ppo = algo == "ppo"
         rl_cfg = RLConfig(
-            estimator="gae" if ppo else "grpo", steps=cfg.steps + 1, seed=cfg.seed, device="cpu", progress=False,
+            estimator="gae" if ppo else "grpo", steps=cfg.steps + 1, seed=cfg.seed, device=cfg.device, progress=False,
             sample_every=0,
             data=DataConfig(prompts=list(PROMPTS), shuffle=False),
             rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
@@ -266,14 +334,18 @@ class RLHFFastStep:
             kl=KLConfig(coef=cfg.kl_coef, placement="reward" if ppo else "loss", kind="k1" if ppo else "k3"),
             ppo=PPOConfig(epochs=cfg.epochs, mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.mini_batch_size,
                           clip_low=cfg.clip, value_clip=cfg.value_clip, value_coef=cfg.value_coef, gamma=cfg.gamma,
-                          lam=cfg.lam, whiten_advantages=ppo, max_grad_norm=1.0),
+                          lam=cfg.lam, whiten_advantages=ppo, max_grad_norm=1.0,
+                          # as the TRL side: PPO's log-probs from generation, GRPO's on-policy shortcut
+                          old_logp="behaviour"),
             optim=OptimConfig(lr=cfg.lr, critic_lr=cfg.lr),
         )
         self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
 
     def step(self) -> Dict[str, float]:
+        _sync(self.cfg.device)
         t0 = time.perf_counter()
         m = self.trainer.step()
+        _sync(self.cfg.device)
         step = time.perf_counter() - t0
         gen, lp, upd = m.get("time/generate", 0.0), m.get("time/logprobs", 0.0), m.get("time/update", 0.0)
         n = self.cfg.batch_size - m.get("reward/dropped", 0)
@@ -296,6 +368,10 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
     """Run one side in this process: warm-up, ``cfg.steps`` timed steps, median per phase,
     tokens/s, and the extra peak RSS of the last step (bytes; None where not measurable)."""
     torch.manual_seed(cfg.seed)
+    cuda = cfg.device == "cuda"
+    if cuda:  # both sides: fp32 weights, TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
     runner = maker(cfg, algo)
     runner.step()  # warm-up
@@ -303,7 +379,12 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
     peak = None
     for k in range(cfg.steps):
         last = k == cfg.steps - 1
-        if last:
+        before = None
+        if last and cuda:  # the caching allocator's peak above what the step starts with
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        elif last:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -312,11 +393,12 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
                 before = None
         recs.append(runner.step())
         if last and before is not None:
-            peak = max(0, _status_kb("VmHWM") - before) * 1024
+            peak = (max(0, torch.cuda.max_memory_allocated() - before) if cuda
+                    else max(0, _status_kb("VmHWM") - before) * 1024)
     med = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
     med["tokens_per_s"] = statistics.median(r["tokens"] / r["step"] for r in recs)
     med["extra_peak_bytes"] = peak
-    med["rss_bytes"] = _status_kb("VmHWM") * 1024
+    med["rss_bytes"] = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     return med
 
 
@@ -341,20 +423,35 @@ def _median_runs(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
-              timeout_s: float = 600.0, repeats: int = 1) -> Table:
-    """PPO and GRPO steps, rlhf_fast vs TRL; one row per (algo, framework) and a ratio row.
+              timeout_s: float = 600.0, repeats: int = 1) -> List[Table]:
+    """PPO and GRPO steps, rlhf_fast vs TRL: one table per configuration — ``cfg`` if given,
+    else the quick one, else the tiny model with its 256-token vocabulary and again with a
+    real-sized one (:meth:`E2EConfig.large_vocab`).
 
     ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
     both sides see the same machine load; every column is the median over them.
     """
-    if device != "cpu":
-        raise ValueError(f"device must be 'cpu' for the e2e benchmark in this version, got {device!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' needs a CUDA GPU, and torch sees none")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    cfg = cfg or (E2EConfig.quick() if quick else E2EConfig())
+    if cfg is not None:
+        cfgs = [cfg]
+    elif device == "cuda":
+        cfgs = [E2EConfig.gpu_0p5b(quick=quick)]
+    else:
+        cfgs = [E2EConfig.quick()] if quick else [E2EConfig(), E2EConfig.large_vocab()]
+    return [run_table(c, timeout_s=timeout_s, repeats=repeats) for c in cfgs]
+
+
+def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration: a row per (algo, framework) and a TRL ÷ rlhf_fast ratio row."""
+    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
     table = Table(
-        f"one RL step on a tiny Llama (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
-        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {torch.get_num_threads()} CPU threads, "
+        f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
+        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
         f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
         ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
          "extra_peak", "note"],
@@ -391,26 +488,34 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
                                    tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
                                    extra_peak=f"{mem:.2f}×" if mem is not None else None,
                                    note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
+    if cfg.device == "cuda":
+        table.notes.append("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's "
+                           "phase split comes from its own timers, which do not synchronise (the step total does); "
+                           "extra_peak = torch.cuda.max_memory_allocated above the allocation before the step")
     table.notes += [
         "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
         "median over timed steps after one warm-up; each framework in a fresh subprocess; extra_peak = peak RSS "
         "of one step above the RSS before it",
         "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with "
-        "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py)",
+        "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py), keeping TRL's "
+        "shortcuts (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: no "
+        "old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
+        "goals (issue 10, not asserted): step time ratio >= 2 and extra_peak ratio >= 1.43 (30% less memory)",
         "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
     ]
     return table
 
 
-def main(quick: bool = False, repeats: int = 1, write: bool = False) -> Table:
-    """Run the suite and print its table; ``write``: also append it to benchmarks/results."""
-    t = run_suite(quick=quick, repeats=repeats)
-    print(t.markdown())
+def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu") -> List[Table]:
+    """Run the suite and print its tables; ``write``: also append them to benchmarks/results."""
+    t = run_suite(device=device, quick=quick, repeats=repeats)
+    for table in t:
+        print(table.markdown())
     if write:
         from .common import write_results
 
-        paths = write_results([t], device="cpu", suite=f"e2e --repeats {repeats} --threads {torch.get_num_threads()}"
+        paths = write_results(t, device=device, suite=f"e2e --repeats {repeats} --threads {torch.get_num_threads()}"
                               + (" --quick" if quick else ""))
         print(f"wrote {paths['json']} and {paths['md']}")
     return t
@@ -424,6 +529,7 @@ if __name__ == "__main__":
     p.add_argument("--algo", choices=("ppo", "grpo"))
     p.add_argument("--config", default=None, help="E2EConfig as JSON")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="subprocess runs per side (median), alternating sides")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/results/cpu-<date>.{json,md}")
@@ -431,7 +537,7 @@ if __name__ == "__main__":
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
-        main(quick=a.quick, repeats=a.repeats, write=a.write)
+        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device)
     else:
         known = {f.name for f in fields(E2EConfig)}
         c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})

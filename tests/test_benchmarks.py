@@ -185,8 +185,38 @@ def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
                     tokens_per_s=3.2, extra_peak_bytes=1 << 20, rss_bytes=1 << 30)
 
     monkeypatch.setattr(e2e, "_subprocess", fake)
-    table = e2e.run_suite(cfg=cfg)
+    (table,) = e2e.run_suite(cfg=cfg)
     ours = [r for r in table.rows if r["framework"] == "rlhf_fast"]
     assert len(ours) == 2
     for r in ours:
         assert "rlhf_fast trainer not available" in r["note"] and r.get("step_s") is None
+
+
+def test_e2e_device_is_checked():
+    from rlhf_fast.benchmarks import e2e
+
+    with pytest.raises(ValueError, match="device"):
+        e2e.E2EConfig(device="tpu")
+    with pytest.raises(ValueError, match="device"):
+        e2e.run_suite(device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPU"):
+            e2e.run_suite(device="cuda")
+    big = e2e.E2EConfig.gpu_0p5b()
+    assert (big.device, big.family, big.num_kv_heads, big.batch_size) == ("cuda", "qwen2", 2, 64)
+
+
+def test_e2e_sides_run_a_gqa_qwen2_step_with_a_large_vocabulary():
+    """The configuration path the GPU run takes (GQA Qwen2, BPE vocabulary filled from a
+    synthetic corpus), on the CPU at toy size, for both frameworks and both algorithms."""
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, hidden_size=32, num_heads=4,
+                        num_kv_heads=2, intermediate_size=48, family="qwen2", vocab_size=2048, mini_batch_size=4,
+                        steps=1)
+    model, tok = e2e.build_model(cfg)
+    assert len(tok) > 1024 and model.config.num_key_value_heads == 2
+    for algo in ("ppo", "grpo"):
+        for fw in ("trl", "rlhf_fast"):
+            rec = e2e.measure(fw, algo, cfg)
+            assert rec["step"] > 0 and rec["tokens"] > 0, (algo, fw)

@@ -390,9 +390,13 @@ class RLTrainer:
         rm = batch.response_mask.to(dev).bool() & am
         rm[:, 0] = False  # position 0 has no log-prob (alignment convention)
         beh = batch.behaviour_logp.to(dev).float() * rm
+        recompute = cfg.ppo.old_logp == "recompute"
         with torch.no_grad():
-            old_logp, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm, temperature=ro.temperature,
-                                                  return_entropy=True)
+            if recompute:
+                old_logp, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
+                                                      temperature=ro.temperature, return_entropy=True)
+            else:  # the sampler's log-probs stand in: one policy forward fewer per step
+                old_logp, entropy = beh.clone(), None
             ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=ro.temperature)
             values = (self.critic(ids, am).float() * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
@@ -426,7 +430,7 @@ class RLTrainer:
         scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
                               moments=self.reward_moments if cfg.reward.whiten else None)
         ids, am, rm = ids[idx], am[idx], rm[idx]
-        old_logp, ref_logp, beh, values, entropy = (t[idx] for t in (old_logp, ref_logp, beh, values, entropy))
+        old_logp, ref_logp, beh, values = (t[idx] for t in (old_logp, ref_logp, beh, values))
         kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
         beta = self.kl_ctl.value
         whiten_global = cfg.ppo.whiten_advantages and self.ctx.distributed
@@ -436,9 +440,11 @@ class RLTrainer:
             lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages and not whiten_global)
         if whiten_global:  # statistics over every rank's tokens, as one process would see them
             adv = ops.masked_whiten(adv, rm, group=self.ctx.group or torch.distributed.group.WORLD)
-        gap = logprob_gap(beh, old_logp, rm)
-        m["logprob_gap/mean"] = float(gap["mean"])
-        m["logprob_gap/max"] = float(gap["max"])
+        if recompute:  # (zero by construction otherwise)
+            gap = logprob_gap(beh, old_logp, rm)
+            m["logprob_gap/mean"] = float(gap["mean"])
+            m["logprob_gap/max"] = float(gap["max"])
+            m["entropy"] = float(ops.masked_mean(entropy[idx], rm))
         if cfg.ppo.is_cap is not None:
             # truncated importance sampling: the rollout came from the behaviour distribution
             w = torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cfg.ppo.is_cap) * rm
@@ -449,7 +455,6 @@ class RLTrainer:
             "reward/total": float(raw.mean()), "reward/shaped": float(scores.mean()),
             "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
             "kl/seq": float(seq_kl), "kl/token": float(ops.masked_mean(kl_tok, rm)), "kl/coef": beta,
-            "entropy": float(ops.masked_mean(entropy, rm)),
             "response_length/mean": float(rm.sum(1).float().mean()),
             "response_length/max": float(rm.sum(1).max()),
             "advantages/mean": float(ops.masked_mean(adv, rm)),

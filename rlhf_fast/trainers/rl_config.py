@@ -15,6 +15,7 @@ from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.ops.reference import AGG_MODES
 
 KL_PLACEMENTS = ("reward", "loss")
+OLD_LOGP_SOURCES = ("recompute", "behaviour")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOSS_KL_KINDS = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -169,7 +170,12 @@ class PPOConfig:
     update early when a mini-batch's approx KL exceeds 1.5×target. ``trpo``: replace the
     optimiser step by a KL-constrained backtracking line search (``trpo_max_kl``).
     ``is_cap``: truncated importance sampling weight cap for rollout/training log-prob
-    mismatch (None = off)."""
+    mismatch (None = off). ``old_logp``: where the rollout-time policy log-probs (the
+    ratio's denominator and the KL-in-reward term) come from: ``recompute`` (a no-grad
+    forward of the policy after generation) or ``behaviour`` (the sampler's own log-probs,
+    saving that forward, as TRL's PPOTrainer did with its generation scores; only for plain
+    temperature sampling, where they are the same distribution up to float rounding —
+    ``logprob_gap/*`` measures it under ``recompute``)."""
 
     epochs: int = 2
     mini_batch_size: int = 8
@@ -191,6 +197,7 @@ class PPOConfig:
     trpo_backtrack_steps: int = 10
     trpo_backtrack_ratio: float = 0.5
     is_cap: Optional[float] = None
+    old_logp: str = "recompute"
 
     def __post_init__(self):
         _pos("ppo.epochs", self.epochs, integer=True)
@@ -223,6 +230,10 @@ class PPOConfig:
             raise ValueError(f"ppo.trpo_backtrack_ratio must be in (0, 1), got {self.trpo_backtrack_ratio!r}")
         if self.is_cap is not None:
             _pos("ppo.is_cap", self.is_cap)
+        _choice("ppo.old_logp", self.old_logp, OLD_LOGP_SOURCES)
+        if self.old_logp == "behaviour" and self.is_cap is not None:
+            raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
+                             "weight is 1 by construction)")
 
 
 @dataclass
@@ -285,6 +296,11 @@ class RLConfig:
         if batch % self.ppo.mini_batch_size != 0:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
                              f"rollout.prompts_per_step × rollout.group_size = {batch}")
+        ro = self.rollout
+        if self.ppo.old_logp == "behaviour" and (ro.top_k or ro.top_p < 1 or ro.min_p > 0):
+            # the sampler's log-probs are under the filtered distribution, the loss's under the full one
+            raise ValueError("ppo.old_logp 'behaviour' needs plain temperature sampling (rollout.top_k 0, "
+                             f"top_p 1, min_p 0), got top_k={ro.top_k}, top_p={ro.top_p}, min_p={ro.min_p}")
 
     @property
     def batch_size(self) -> int:

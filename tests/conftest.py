@@ -16,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matmuls run faster without OpenMP wake-ups on a
+    shared 2-core machine (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def live_cpu_backends():
     """The backends that can run CPU tensors here (always 'torch'; 'cpp' when built)."""
     from rlhf_fast.ops import _dispatch

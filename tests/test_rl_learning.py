@@ -43,13 +43,7 @@ def make_config(tmp_path, estimator, steps=30, lr=5e-3, **kw):
     return RLConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls: one thread avoids oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("estimator,kl", [

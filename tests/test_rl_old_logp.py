@@ -11,12 +11,7 @@ from rlhf_fast.trainers.rl_config import KLConfig, PPOConfig, RLConfig, RolloutC
 from tests.test_rl_learning import PROMPTS, make_config, make_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_chars(prompts, completions):

@@ -16,12 +16,7 @@ from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, Rollo
 from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tmp_path, estimator="grpo", reward_fns=(frac_a,), **kw):

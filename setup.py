@@ -24,7 +24,10 @@ def _extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     have_nvcc = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
     with_cuda = os.environ.get("RLHF_FAST_FORCE_CUDA") == "1" or (torch.version.cuda is not None and have_nvcc)
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    # -fno-trapping-math: lets GCC if-convert the clamps and selects of the branch-free exp loops
+    # (csrc/cpu/*.cpp) and vectorise them; it changes no result, only assumes FP exceptions are
+    # not inspected (sampling's exp pass: 142 -> 34 us for V = 32768 with SSE2 alone)
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
     if os.environ.get("RLHF_FAST_NATIVE_ARCH", "0") == "1":
         cxx.append("-march=native")
     if with_cuda and cuda_sources:

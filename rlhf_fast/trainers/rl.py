@@ -431,6 +431,7 @@ class RLTrainer:
                               moments=self.reward_moments if cfg.reward.whiten else None)
         ids, am, rm = ids[idx], am[idx], rm[idx]
         old_logp, ref_logp, beh, values = (t[idx] for t in (old_logp, ref_logp, beh, values))
+        entropy = entropy[idx] if recompute else None
         kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
         beta = self.kl_ctl.value
         whiten_global = cfg.ppo.whiten_advantages and self.ctx.distributed
@@ -444,7 +445,7 @@ class RLTrainer:
             gap = logprob_gap(beh, old_logp, rm)
             m["logprob_gap/mean"] = float(gap["mean"])
             m["logprob_gap/max"] = float(gap["max"])
-            m["entropy"] = float(ops.masked_mean(entropy[idx], rm))
+            m["entropy"] = float(ops.masked_mean(entropy, rm))
         if cfg.ppo.is_cap is not None:
             # truncated importance sampling: the rollout came from the behaviour distribution
             w = torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cfg.ppo.is_cap) * rm
@@ -469,7 +470,7 @@ class RLTrainer:
             m["value/mean"] = float(ops.masked_mean(values, rm))
         if self.ctx.distributed:  # the same numbers from every rank's rows together
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
-                                                  values, (beh - old_logp).abs() * rm,
+                                                  values, (beh - old_logp).abs() * rm if recompute else None,
                                                   w if cfg.ppo.is_cap is not None else None))
         data = RolloutTensors(ids, am, rm, old_logp, ref_logp, beh, values, adv, ret, scores)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
@@ -481,18 +482,20 @@ class RLTrainer:
         """The rollout metrics of every rank's rows together, as one process computes them
         on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
         second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
-        recomputed log-prob| on response tokens, ``is_w`` the importance weights or None."""
+        recomputed log-prob| on response tokens, ``is_w`` the importance weights or None;
+        ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward)."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
         parts = {f"reward/{k}": (d(v[torch.isfinite(v)]), d(torch.isfinite(v)))
                  for k, v in per_source.items()}
         parts.update({
             "reward/total": (d(raw), rows), "reward/shaped": (d(scores), rows), "kl/seq": (d(kl_tok), rows),
-            "kl/token": (d(kl_tok * rm), tok), "entropy": (d(entropy * rm), tok),
-            "response_length/mean": (tok, rows), "advantages/mean": (d(adv * rm), tok),
-            "returns/mean": (d(ret * rm), tok), "logprob_gap/mean": (d(gap), tok),
+            "kl/token": (d(kl_tok * rm), tok), "response_length/mean": (tok, rows),
+            "advantages/mean": (d(adv * rm), tok), "returns/mean": (d(ret * rm), tok),
             "reward/sq": (d(raw * raw), rows),
         })
+        if gap is not None:
+            parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
         if is_w is not None:
             parts["is_weight/mean"] = (d(is_w * rm), tok)
         if self.critic is not None:
@@ -516,9 +519,12 @@ class RLTrainer:
             out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
             for k in ("value/ret_sq", "value/err", "value/err_sq"):
                 out.pop(k)
-        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max())], dtype=torch.float64, device=self.device)
+        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max()) if gap is not None else 0.0],
+                          dtype=torch.float64, device=self.device)
         mx = self.ctx.all_reduce_max(mx).cpu()
-        out["response_length/max"], out["logprob_gap/max"] = float(mx[0]), float(mx[1])
+        out["response_length/max"] = float(mx[0])
+        if gap is not None:
+            out["logprob_gap/max"] = float(mx[1])
         return out
 
     def _loss_kwargs(self) -> dict:

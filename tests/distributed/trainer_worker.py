@@ -29,7 +29,7 @@ def _length_reward_dropping(prompts, completions):
 
 
 def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
-               trpo: bool = False, bf16: bool = False):
+               trpo: bool = False, bf16: bool = False, behaviour: bool = False):
     """``same``: sampling seeded per sample and two mini-batches per step (of 4 rows, in
     micro-batches of 2), so 2 ranks must give what one process gives."""
     from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
@@ -37,6 +37,8 @@ def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: 
     ppo = dict(mini_batch_size=4 if same else 8, micro_batch_size=2, whiten_advantages=True)
     if trpo:  # a bound the first proposals overshoot, so the line search backtracks
         ppo.update(trpo=True, trpo_max_kl=2e-5, epochs=1)
+    if behaviour:  # the sampler's log-probs as old_logp: no entropy / logprob_gap to reduce
+        ppo.update(old_logp="behaviour")
     return RLConfig(estimator=estimator, steps=steps, output_dir=out_dir, resume=out_dir if resume else None,
                     device="cpu", progress=False, sample_every=1, optim=OptimConfig(lr=5e-3),
                     rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4,
@@ -109,6 +111,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
     if kind == "trpo":
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)
+    if kind == "gae_beh":
+        return run_rl(strategy, steps, out_dir, "gae", False, same=True, behaviour=True)
     if kind == "grpo_bf16":  # FSDP2 bf16 mixed precision, applied on the CPU too for this check
         import rlhf_fast.distributed as d
 

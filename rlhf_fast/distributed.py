@@ -35,8 +35,9 @@ MIXED_PRECISION_DEVICES = ("cuda",)
 class DistributedConfig:
     """``strategy``: none | ddp | fsdp2. ``backend``: process-group backend (default gloo on
     CPU, nccl on CUDA). ``mixed_precision``: bf16 parameters/activations with fp32 gradient
-    reduction under FSDP2 on GPU (ignored on CPU). ``offload_reference``: keep the frozen
-    reference model on the CPU."""
+    reduction under FSDP2 on GPU (ignored on CPU). ``offload_reference`` (RL): keep the frozen
+    reference model in CPU memory and move it to the device only for its log-prob pass each
+    step (saves its weights' device memory for the rest of the step; costs two copies)."""
 
     strategy: str = "none"
     backend: Optional[str] = None

@@ -232,9 +232,15 @@ class RLTrainer:
             reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
                          else loading.make_reference(self.policy))
         if isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
-            reference = reference.to(self.device).eval()
+            # distributed.offload_reference: it lives in CPU memory and visits the device per step
+            home = torch.device("cpu") if cfg.distributed.offload_reference else self.device
+            reference = reference.to(home).eval()
             for p in reference.parameters():
                 p.requires_grad_(False)
+        elif cfg.distributed.offload_reference:
+            raise ValueError("distributed.offload_reference needs a separate reference model; this reference "
+                             f"({type(reference).__name__}) shares the policy's weights (a peft policy with its "
+                             "adapters disabled), so there is nothing to offload")
         self.reference = reference
         self.critic = None
         if cfg.estimator in CRITIC_ESTIMATORS:
@@ -397,7 +403,9 @@ class RLTrainer:
                                                       temperature=ro.temperature, return_entropy=True)
             else:  # the sampler's log-probs stand in: one policy forward fewer per step
                 old_logp, entropy = beh.clone(), None
-            ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=ro.temperature)
+            with self._reference_on_device():
+                ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
+                                             temperature=ro.temperature)
             values = (self.critic(ids, am).float() * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
         t2 = time.perf_counter()
@@ -526,6 +534,21 @@ class RLTrainer:
         if gap is not None:
             out["logprob_gap/max"] = float(mx[1])
         return out
+
+    @contextlib.contextmanager
+    def _reference_on_device(self):
+        """With ``distributed.offload_reference`` on an accelerator, move the frozen reference
+        to the training device for its log-prob pass and back to the CPU after it, so the
+        device holds it only for that pass (one host-device copy of its weights each way per
+        step). Otherwise (or on a CPU device) a no-op."""
+        move = self.config.distributed.offload_reference and self.device.type != "cpu"
+        if move:
+            self.reference.to(self.device)
+        try:
+            yield
+        finally:
+            if move:
+                self.reference.to("cpu")
 
     def _loss_kwargs(self) -> dict:
         cfg = self.config

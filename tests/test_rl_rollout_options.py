@@ -1,6 +1,9 @@
-"""``ppo.old_logp``: the rollout's policy log-probs recomputed by a forward pass or taken from
+"""Rollout-phase options of the RL trainer.
+
+``ppo.old_logp``: the rollout's policy log-probs recomputed by a forward pass or taken from
 the sampler. With plain temperature sampling both give the same update up to float rounding,
-and ``behaviour`` skips the forward."""
+and ``behaviour`` skips the forward. ``distributed.offload_reference``: the frozen reference
+lives on the CPU and visits the device only for its log-prob pass."""
 
 import pytest
 import torch
@@ -66,3 +69,63 @@ def test_behaviour_needs_plain_sampling_and_no_is_cap():
     with pytest.raises(ValueError, match="ppo.old_logp"):
         PPOConfig(old_logp="sampler")
     RLConfig(rollout=RolloutConfig(top_k=5), ppo=PPOConfig(old_logp="recompute"))  # fine with a forward
+
+
+# --------------------------------------------------------------------------- distributed.offload_reference
+
+
+def _offload_trainer(tmp_path, device="cpu", offload=True):
+    from rlhf_fast.distributed import DistributedConfig
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path / f"off{offload}", "grpo", steps=1, device=device,
+                      rollout=RolloutConfig(prompts_per_step=2, group_size=2, max_new_tokens=4),
+                      ppo=PPOConfig(epochs=1, mini_batch_size=4, micro_batch_size=4),
+                      distributed=DistributedConfig(offload_reference=offload))
+    return RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+
+
+def test_offload_reference_moves_it_only_around_its_pass(tmp_path):
+    tr = _offload_trainer(tmp_path)
+    assert all(p.device.type == "cpu" for p in tr.reference.parameters())
+    moves = []
+
+    class Spy(torch.nn.Module):
+        def to(self, *args, **kw):
+            moves.append(torch.device(args[0]).type)
+            return self
+
+    tr.reference, tr.device = Spy(), torch.device("cuda")  # the context manager's logic only
+    with tr._reference_on_device():
+        assert moves == ["cuda"]
+    assert moves == ["cuda", "cpu"]
+    with pytest.raises(RuntimeError), tr._reference_on_device():  # back to the CPU on errors too
+        raise RuntimeError("boom")
+    assert moves[-1] == "cpu"
+    tr.config.distributed.offload_reference = False
+    with tr._reference_on_device():
+        pass
+    assert len(moves) == 4
+
+
+def test_offload_reference_refuses_a_shared_weights_reference(tmp_path):
+    from rlhf_fast.distributed import DistributedConfig
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, distributed=DistributedConfig(offload_reference=True))
+
+    class SharedRef:  # what a peft policy's adapter-disabled reference is: not a module of its own
+        pass
+
+    with pytest.raises(ValueError, match="offload_reference"):
+        RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS, reference=SharedRef())
+
+
+@pytest.mark.cuda
+def test_offload_reference_on_gpu_gives_the_same_step(tmp_path):
+    a = _offload_trainer(tmp_path / "a", device="cuda", offload=False)
+    b = _offload_trainer(tmp_path / "b", device="cuda", offload=True)
+    ma, mb = a.step(), b.step()
+    assert all(p.device.type == "cpu" for p in b.reference.parameters())
+    for k in ("kl/seq", "policy/loss"):
+        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k

@@ -100,6 +100,17 @@ def test_ties_follow_the_stable_order(backend):
 
 
 @pytest.mark.parametrize("backend", live_cpu_backends())
+def test_negative_zero_ties_with_zero_at_the_top_k_cut(backend):
+    # -0.0 == 0.0: the stable order keeps the lower index (the -0.0 at 1), never the 0.0 at 2
+    logits = torch.tensor([[1.0, -0.0, 0.0, -1.0]]).expand(4000, 4).contiguous()
+    with ops.use_backend(backend):
+        tok, _ = ops.sample(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(tok.unique().tolist()) == {0, 1}
+    target = reference.process_logits(logits[:1], top_k=2)[0]
+    assert torch.isfinite(target).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
 def test_greedy_is_argmax(backend):
     logits = torch.randn(9, 301, generator=torch.Generator().manual_seed(6))
     logits[3, 10] = logits[3, 20] = 100.0  # first index on ties

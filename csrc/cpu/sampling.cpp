@@ -95,6 +95,7 @@ __attribute__((noinline)) RLHF_FAST_SIMD_CLONES float exp_weights(const float* _
 
 // Order-preserving uint32 key of a float (larger float -> larger key).
 inline uint32_t float_key(float x) {
+  if (x == 0.0f) x = 0.0f;  // -0.0 ties with +0.0, as in the reference's sort
   uint32_t b;
   std::memcpy(&b, &x, sizeof(b));
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);

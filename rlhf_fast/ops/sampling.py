@@ -33,7 +33,8 @@ def sample(
 
     Rows whose logits contain NaN or +inf, or are all -inf, have no distribution: the cpp
     backend raises ValueError; the cuda backend returns logp = NaN for them (and a token in
-    [0, V)), since raising would cost a host sync.
+    [0, V)), since raising would cost a host sync. Greedy (temperature 0) is defined with
+    +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
     _validate.tensor("logits", logits, floating=True, ndim=2)
     if logits.shape[1] == 0:

@@ -132,6 +132,60 @@ def test_extreme_log_ratios(backend):
     torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_long_rows_and_closed_bounds(backend, agg, dtype):
+    """Rows of 2500 tokens (the C++ kernels work in blocks of 1024: two boundaries and a partial
+    block) with holes in the mask, and tokens exactly on the closed bounds, where the gradient
+    still passes: log-ratio 0 is ratio 1 = 1 + clip_high when clip_high = 0 (the loss1/loss2 tie,
+    half each, both nonzero), log-ratio ±20 on the clamp bound, and for the value loss
+    v − old = clip (an err/err_clip tie)."""
+    B, T = 3, 2500
+    logp, old, adv, m = _policy_inputs(B, T, dtype, seed=21)
+    logp = logp.detach()
+    tie, hi, lo = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool), torch.zeros(
+        B, T, dtype=torch.bool)
+    tie[:, 1000:1100:3] = True  # across the first block boundary
+    hi[:, 2040:2060:4] = True
+    lo[:, 2041:2060:4] = True
+    logp[tie] = old[tie]
+    old[hi | lo] = 0.0
+    logp[hi], logp[lo] = 20.0, -20.0
+    adv[hi], adv[lo] = -adv[hi].abs(), adv[lo].abs()  # the signs for which the unclipped branch wins
+    m[:, 1020:1030] = True  # the tokens around the boundary are in
+    logp.requires_grad_()
+    gtol = dict(rtol=8e-3, atol=1e-6) if dtype == torch.bfloat16 else _tol(dtype)
+    for dual in (None, 3.0):
+        kw = dict(clip_low=0.2, clip_high=0.0, dual_clip=dual, agg=agg)
+        with ops.use_backend(backend):
+            loss, stats = ops.ppo_policy_loss(logp, old, adv, m, **kw)
+        eloss, estats = reference.ppo_policy_loss(logp, old, adv, m, **kw)
+        torch.testing.assert_close(loss, eloss, **_tol(dtype))
+        _check_stats(stats, estats, dtype)
+        (ga,) = torch.autograd.grad(loss, logp)
+        (gb,) = torch.autograd.grad(eloss, logp)
+        torch.testing.assert_close(ga, gb, **gtol)
+        # the bounds carry gradient (with the dual clip the +20 tokens are dual-clipped instead);
+        # at -20 it is ~1e-13, below atol, so compared relatively
+        on = (tie | lo | (hi if dual is None else tie)) & m
+        assert (gb[on] != 0).all()
+        torch.testing.assert_close(ga[on], gb[on], rtol=gtol["rtol"], atol=0)
+
+    v, vold, R, _ = _value_inputs(B, T, dtype, seed=22)
+    v = v.detach()
+    vold[tie], v[tie] = 0.0, 0.25  # v − old = clip exactly
+    v.requires_grad_()
+    with ops.use_backend(backend):
+        vloss, vstats = ops.ppo_value_loss(v, vold, R, m, clip=0.25, agg=agg)
+    evloss, evstats = reference.ppo_value_loss(v, vold, R, m, clip=0.25, agg=agg)
+    torch.testing.assert_close(vloss, evloss, **_tol(dtype))
+    _check_stats(vstats, evstats, dtype)
+    (ga,) = torch.autograd.grad(vloss, v)
+    (gb,) = torch.autograd.grad(evloss, v)
+    torch.testing.assert_close(ga, gb, **gtol)
+
+
 # ----------------------------------------------------------------- gradcheck (fp64)
 
 

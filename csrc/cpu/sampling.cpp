@@ -74,8 +74,9 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
 
 // The exp loop also compiled for AVX-512 and AVX2, picked at load time by the CPU (GCC function
 // multi-versioning, as logprobs.cpp's row loops) while the extension stays baseline x86-64:
-// 34 -> 17 us a row at V = 32768 with AVX2. The same IEEE operations in the same order (no FMA
-// contraction under -std=c++17), so every clone gives bit-identical weights.
+// 34 -> 17 us a row at V = 32768 with AVX2. GCC may contract the polynomial's multiply-adds into
+// FMAs in the AVX2 / AVX-512 clones, so weights can differ from the baseline clone in the last
+// bit (draws are deterministic on a given machine, not across CPU generations).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -194,3 +194,34 @@ def test_cpp_is_the_automatic_cpu_backend():
     if "cpp" not in live_cpu_backends():
         pytest.skip("rlhf_fast._C not built")
     assert _dispatch.select("sample", torch.device("cpu"))[0] == "cpp"
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+@pytest.mark.parametrize("filt", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9, min_p=0.02)])
+def test_sample_with_uniforms_equals_one_row_calls_with_their_generators(backend, filt):
+    from rlhf_fast.ops.sampling import sample_with_uniforms
+
+    logits = torch.randn(7, 301, generator=torch.Generator().manual_seed(11))
+    seeds = [3, 1, 4, 1, 5, 9, 2]
+    with ops.use_backend(backend):
+        one = [ops.sample(logits[i:i + 1], generator=torch.Generator().manual_seed(s), **filt)
+               for i, s in enumerate(seeds)]
+        u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds])
+        tok, lp = sample_with_uniforms(logits, u, **filt)
+        # a row's draw does not depend on the other rows: the reversed batch gives the reversed result
+        tok_r, lp_r = sample_with_uniforms(logits.flip(0), u.flip(0), **filt)
+    assert torch.equal(tok, torch.cat([t for t, _ in one]))
+    assert torch.equal(lp, torch.cat([v for _, v in one]))
+    assert torch.equal(tok_r, tok.flip(0)) and torch.equal(lp_r, lp.flip(0))
+
+
+def test_sample_with_uniforms_checks_its_uniforms():
+    from rlhf_fast.ops.sampling import sample_with_uniforms
+
+    x = torch.randn(3, 10)
+    for bad in (torch.rand(2, dtype=torch.float64), torch.zeros(3, dtype=torch.long), torch.rand(3, 1),
+                torch.tensor([0.1, 1.0, 0.2]), torch.tensor([0.1, -0.1, 0.2]), [0.1, 0.2, 0.3]):
+        with pytest.raises(ValueError, match="uniforms"):
+            sample_with_uniforms(x, bad)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_with_uniforms(x, torch.rand(3), top_p=0.0)

@@ -36,6 +36,14 @@ def sample(
     [0, V)), since raising would cost a host sync. Greedy (temperature 0) is defined with
     +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
+    _check_filters(logits, temperature, top_k, top_p, min_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return _dispatch.call("sample", logits.device, logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, generator=generator)
+
+
+def _check_filters(logits, temperature, top_k, top_p, min_p) -> None:
     _validate.tensor("logits", logits, floating=True, ndim=2)
     if logits.shape[1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
@@ -46,10 +54,39 @@ def sample(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not (0.0 <= min_p <= 1.0):
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return _dispatch.call("sample", logits.device, logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, generator=generator)
+
+
+def sample_with_uniforms(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+):
+    """:func:`sample` with its random numbers given: ``uniforms [B]`` (float, in [0, 1), one
+    per row of ``logits [B, V]``); row b's token is the inverse CDF of ``uniforms[b]`` under
+    its processed distribution, as the cpp and torch backends draw it from a generator. Row b's
+    result depends only on ``logits[b]`` and ``uniforms[b]``, not on the rest of the batch: one
+    call serves rows that each have their own generator (per-sample seeds). Returns
+    ``(tokens [B] int64, logp [B] float32)``. Runs the C++ kernel where ``sample`` would (CPU
+    tensors), else the reference on any device (on CUDA: sort-based, not the Gumbel-max kernel,
+    which draws its own noise). The range check reads ``uniforms``: pass them on the CPU (they
+    are moved to the logits' device) to keep a GPU step free of host syncs. Not part of the
+    ``rlhf_fast.ops`` contract.
+    """
+    _check_filters(logits, temperature, top_k, top_p, min_p)
+    if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point() or uniforms.dim() != 1 \
+            or uniforms.shape[0] != logits.shape[0]:
+        raise ValueError(f"uniforms must be a float [B] tensor with B = {logits.shape[0]} (logits' rows), got "
+                         f"{getattr(uniforms, 'dtype', type(uniforms))} {tuple(getattr(uniforms, 'shape', ()))}")
+    if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        raise ValueError("uniforms must lie in [0, 1)")
+    kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p))
+    if _dispatch.select("sample", logits.device)[0] == "cpp":
+        return _cpp_from_uniforms(logits, uniforms.to(torch.float64), **kw)
+    return reference.sample(logits, uniforms=uniforms.to(device=logits.device, dtype=torch.float64), **kw)
 
 
 # ------------------------------------------------------------------ C++ CPU backend
@@ -63,6 +100,10 @@ def _sample_cpp(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, gener
         uniforms = torch.zeros(B, dtype=torch.float64)  # greedy consumes no randomness
     else:
         uniforms = torch.rand(B, generator=generator, dtype=torch.float64)
+    return _cpp_from_uniforms(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def _cpp_from_uniforms(logits, uniforms, *, temperature, top_k, top_p, min_p):
     try:
         return torch.ops.rlhf_fast.sample(logits.detach(), uniforms, float(temperature), int(top_k), float(top_p),
                                           float(min_p))

@@ -17,6 +17,7 @@ from rlhf_fast import ops
 
 from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, unwrap
+from ..ops.sampling import sample_with_uniforms
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
 
@@ -196,18 +197,20 @@ class HFRolloutEngine(RolloutEngine):
 
     def _sample_rows(self, logits: torch.Tensor, alive: torch.Tensor, gens: List[torch.Generator],
                      params: SamplingParams):
-        """``ops.sample`` on each live row of ``logits [B, V]`` alone, with that row's generator
-        (a sampler call draws its random numbers for the rows it is given, so a batched call
-        would tie each row's draw to its place in the batch). Dead rows get the pad token."""
+        """One draw per live row of ``logits [B, V]``, each from its own (CPU) generator: the
+        row's uniform comes from its generator and one batched inverse-CDF call
+        (:func:`rlhf_fast.ops.sampling.sample_with_uniforms`) turns them into tokens, so a row's
+        draw does not depend on its place in the batch. Dead rows get the pad token."""
         tok = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long, device=logits.device)
         lp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         rows = alive.nonzero().flatten()
-        draws = [ops.sample(logits[i:i + 1], temperature=float(params.temperature), top_k=params.top_k,
-                            top_p=float(params.top_p), min_p=float(params.min_p), generator=gens[i])
-                 for i in rows.tolist()]
-        if draws:
-            tok[rows] = torch.cat([t for t, _ in draws])
-            lp[rows] = torch.cat([v for _, v in draws]).float()
+        if rows.numel():
+            # torch.rand(1) per row: what a one-row ops.sample call draws from its generator
+            u = torch.cat([torch.rand(1, generator=gens[i], dtype=torch.float64) for i in rows.tolist()])
+            t, v = sample_with_uniforms(logits[rows], u, temperature=float(params.temperature), top_k=params.top_k,
+                                        top_p=float(params.top_p), min_p=float(params.min_p))
+            tok[rows] = t
+            lp[rows] = v.float()
         return tok, lp
 
     def generate(self, prompts: Prompts, params: Optional[SamplingParams] = None) -> RolloutBatch:
@@ -226,7 +229,8 @@ class HFRolloutEngine(RolloutEngine):
                 raise ValueError(f"sample_seeds must have one seed per response row "
                                  f"(len(prompts) × n = {B}), got {len(params.sample_seeds)}")
             if params.temperature > 0:  # greedy draws nothing
-                row_gens = [torch.Generator(device=self.device).manual_seed(s) for s in params.sample_seeds]
+                # on the CPU whatever the device: the uniforms are drawn on the host, one per row
+                row_gens = [torch.Generator().manual_seed(s) for s in params.sample_seeds]
         elif params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = self._stop_ids(params)

@@ -183,6 +183,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": world}, f)
     if torch.distributed.is_initialized():
+        # every rank done (rank 0 writes the results last) before gloo's pairs close
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -49,6 +49,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": ctx.world_size}, f)
     if ctx.distributed:
+        # every rank done (rank 0 writes the results last) before gloo's pairs close
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

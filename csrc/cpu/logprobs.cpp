@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace rlhf_fast {
 namespace {
 
@@ -24,28 +26,9 @@ namespace {
 // block, so the inner loops are branch-free and vectorise (8 KiB of fp32 per block, in L1).
 constexpr int64_t kBlock = 2048;
 
-// exp(x) for x <= 0 in float: Cephes' range reduction and degree-6 polynomial (about 2 ulp),
-// written without calls or branches so that `omp simd` vectorises it; std::exp does not
-// vectorise without -ffast-math. Underflows to exactly 0 below -88, and exp(-inf) = 0.
-inline float exp_nonpos(float x) {
-  x = x < -88.0f ? -88.0f : x;
-  // round-to-nearest by the 1.5·2^23 trick (exact for |v| < 2^22; vectorises on SSE2)
-  const float v = x * 1.44269504088896341f;
-  const float n = (v + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n; n = -127 gives +0
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
+// exp(x) for x <= 0 in float, vectorisable (fast_exp.h); exactly 0 at and below -88, and
+// exp(-inf) = 0.
+inline float exp_nonpos(float x) { return fast_exp(x < -88.0f ? -88.0f : x); }
 
 inline double exp_nonpos(double x) { return std::exp(x); }
 

@@ -24,6 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace rlhf_fast {
 namespace {
 
@@ -145,28 +147,10 @@ int64_t row_count(const bool* m, int64_t T) {
 // folded into the row's double partials. One block covers a row of T = 1024 in one call.
 constexpr int64_t kBlock = 1024;
 
-// exp(x) for the clamped log-ratio, x in [-20, 20] (or NaN): Cephes' range reduction
-// x = n·ln2 + r and degree-6 polynomial (as sampling.cpp's exp_nonpos) without calls or
-// branches, so that `omp simd` vectorises it; std::exp does not without -ffast-math.
-// Within 1 ulp of the correctly rounded exp for every float in [-20, 20] (checked
-// exhaustively against double std::exp, compiled for x86-64, -v3 and -v4, i.e. with and
-// without FMA contraction), and exp(0) = 1 exactly, so ratio = 1 ties stay ties.
-// |n| <= 29 here, so 2^n is a normal float built from its exponent bits.
-__attribute__((always_inline)) inline float exp_clamped(float x) {
-  // round to nearest by the 1.5·2^23 trick: std::nearbyint is a libm call on baseline x86-64
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  // __builtin_bit_cast, not memcpy: with memcpy GCC 12 refuses to vectorise the loop
-  return e * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
+// exp of the clamped log-ratio, x in [-20, 20] (or NaN): fast_exp.h. Within 1 ulp of the
+// correctly rounded exp for every float in [-20, 20] (checked exhaustively against double
+// std::exp for x86-64, -v3 and -v4), and exp(0) = 1 exactly, so ratio = 1 ties stay ties.
+__attribute__((always_inline)) inline float exp_clamped(float x) { return fast_exp(x); }
 
 // fp64 keeps libm's exp: the fp64 path is the gradcheck / reference-precision one, not the hot one
 __attribute__((always_inline)) inline double exp_clamped(double x) { return std::exp(x); }

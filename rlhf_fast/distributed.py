@@ -185,6 +185,17 @@ def transformer_blocks(model: torch.nn.Module):
     return []
 
 
+def full_state_dict(model: torch.nn.Module, ctx: "DistContext", strategy: str) -> Optional[Dict[str, Any]]:
+    """Under FSDP2 (distributed): the full, unsharded state dict of ``model`` on the CPU,
+    gathered with every rank's help (a collective: all ranks must call it), for rank 0 to
+    ``save_pretrained``. Otherwise None: the module holds its full weights itself."""
+    if not (ctx.distributed and strategy == "fsdp2"):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
     return getattr(model, "module", model)

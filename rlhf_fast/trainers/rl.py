@@ -154,6 +154,19 @@ def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
     return RolloutTensors(**out)
 
 
+def _micro_batches(data: "RolloutTensors", mb: int, n_micro: Optional[int]):
+    """Yields ``(micro-batch, real, more)`` over ``data`` in micro-batches of ``mb`` rows: at
+    least the ones ``data`` fills, ``n_micro`` if that is more, the extra ones a blank row that
+    adds nothing (``real`` False); ``more``: another micro-batch follows."""
+    B = data.input_ids.shape[0]
+    n = -(-B // mb) if n_micro is None else max(n_micro, -(-B // mb))
+    for j in range(n):
+        s = j * mb
+        real = s < B
+        d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device)) if real else _blank_row(data)
+        yield d, real, j + 1 < n
+
+
 def _save_critic(critic, folder: str, full: Optional[dict]) -> None:
     """``critic.save_pretrained(folder)``; ``full``: its gathered state dict (FSDP2 holds only
     shards in the module), written in place of the module's own tensors."""
@@ -571,15 +584,10 @@ class RLTrainer:
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         kw = self._loss_kwargs()
         norm = self._global_normalizer(data.response_mask, kw["agg"])
-        B = data.input_ids.shape[0]
-        n_micro = -(-B // mb) if n_micro is None else max(n_micro, -(-B // mb))
         ntok = data.response_mask.sum().clamp(min=1).float()
         acc: Dict[str, float] = {}
-        for j in range(n_micro):
-            s = j * mb
-            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device)) if s < B \
-                else _blank_row(data)
-            with self._no_sync(self.policy, j + 1 < n_micro):
+        for d, real, more in _micro_batches(data, mb, n_micro):
+            with self._no_sync(self.policy, more):
                 loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
                                        d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
@@ -590,8 +598,8 @@ class RLTrainer:
             # rank, for the reduction of the statistics) but no value (ratios are > 0)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
                 if k in st:
-                    acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if s < B else 0.0)
-            acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if s < B else 0.0)
+                    acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if real else 0.0)
+            acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if real else 0.0)
         return acc
 
     def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
@@ -601,21 +609,16 @@ class RLTrainer:
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         agg = self.config.ppo.agg
         norm = self._global_normalizer(data.response_mask, agg)
-        B = data.input_ids.shape[0]
-        n_micro = -(-B // mb) if n_micro is None else max(n_micro, -(-B // mb))
         out = {"value_loss": 0.0, "value_clip_frac": 0.0}
         ntok = data.response_mask.sum().clamp(min=1).float()
-        for j in range(n_micro):
-            s = j * mb
-            d = data.select(torch.arange(s, min(B, s + mb), device=data.input_ids.device)) if s < B \
-                else _blank_row(data)
-            with self._no_sync(self.critic, j + 1 < n_micro):
+        for d, real, more in _micro_batches(data, mb, n_micro):
+            with self._no_sync(self.critic, more):
                 v = self.critic(d.input_ids, d.attention_mask).float()
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
                 (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
             out["value_loss"] += float(loss.detach())
-            if s < B:
+            if real:
                 out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
         return out
 
@@ -950,25 +953,21 @@ class RLTrainer:
 
     def save_final(self) -> str:
         """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``."""
-        from rlhf_fast.distributed import unwrap
+        from rlhf_fast.distributed import full_state_dict, unwrap
 
         path = os.path.join(self.run_dir.path, "final")
-        full = {}  # FSDP2: every rank helps gather the full weights (to rank 0, on the CPU)
-        if self.ctx.distributed and self.config.distributed.strategy == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full["policy"] = get_model_state_dict(self.policy, options=opts)
-            if self.critic is not None:
-                full["critic"] = get_model_state_dict(self.critic, options=opts)
+        # FSDP2: every rank helps gather the full weights (None otherwise)
+        strategy = self.config.distributed.strategy
+        policy_sd = full_state_dict(self.policy, self.ctx, strategy)
+        critic_sd = full_state_dict(self.critic, self.ctx, strategy) if self.critic is not None else None
         if self.ctx.is_main:  # DDP: every rank holds the same full weights
-            kw = {"state_dict": full["policy"]} if full else {}
+            kw = {"state_dict": policy_sd} if policy_sd is not None else {}
             unwrap(self.policy).save_pretrained(os.path.join(path, "policy"), **kw)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(os.path.join(path, "policy"))
             critic = unwrap(self.critic) if self.critic is not None else None
             if critic is not None and hasattr(critic, "save_pretrained"):
-                _save_critic(critic, os.path.join(path, "critic"), full.get("critic"))
+                _save_critic(critic, os.path.join(path, "critic"), critic_sd)
         self.ctx.barrier()
         return path
 

@@ -302,13 +302,9 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
 def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: str) -> None:
     """``save_pretrained`` of the full model (and tokenizer) by rank 0; under FSDP2 every
     rank takes part in gathering the full state dict first."""
-    from rlhf_fast.distributed import unwrap
+    from rlhf_fast.distributed import full_state_dict, unwrap
 
-    sd = None
-    if ctx.distributed and strategy == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = full_state_dict(model, ctx, strategy)
     if ctx.is_main:
         base = unwrap(model)
         if sd is not None:

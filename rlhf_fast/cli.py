@@ -66,5 +66,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``rlhf-fast`` console script and ``python -m rlhf_fast.cli`` (what ``torchrun -m``
+    starts): :func:`main`, then, in a process that joined a process group, leave it — a
+    barrier and ``destroy_process_group`` after a success; at once after an error, so peers
+    waiting in a collective fail instead of hanging — and exit without interpreter
+    finalisation (:func:`rlhf_fast.distributed.exit_process` says why)."""
+    code = main()
+    dist = sys.modules.get("torch.distributed")  # only loaded by commands that can use it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from rlhf_fast.distributed import exit_process, shutdown
+
+        if code == 0:
+            shutdown()
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

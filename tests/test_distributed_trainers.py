@@ -212,3 +212,31 @@ def test_rl_fsdp2_bf16_mixed_precision_runs(runs):
     assert all(rec[0][k] == rec[0][k] for k in ("policy/loss", "kl/seq", "policy/grad_norm"))  # not NaN
     weights = _rl_weights(runs["root"], RL_BF16)
     assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 master weights
+
+
+def test_cli_under_torchrun_ends_cleanly_and_errors_do_not_hang(tmp_path):
+    """``torchrun -m rlhf_fast.cli``: a run exits 0 with its final model written (every rank
+    leaves the group, then skips interpreter finalisation); a bad option fails on every rank
+    with the one-line error, and the launch ends instead of hanging."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n"
+                            for w in ["yes", "no", "cat", "dog", "sun", "sky", "one", "two"]))
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("model: 'tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300'\n"
+                   f"data: {data}\nmax_steps: 2\nbatch_size: 2\neval_fraction: 0.25\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "rlhf_fast.cli", "sft", str(cfg),
+               "--output_dir", str(tmp_path / "out"), "--distributed.strategy", "ddp", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    ok = launch()
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "2 steps" in ok.stdout
+    assert os.path.exists(tmp_path / "out" / "final" / "config.json")
+    bad = launch("--lrr", "1")
+    assert bad.returncode != 0
+    assert bad.stderr.count("unknown config key 'lrr'") == 2, bad.stderr[-3000:]

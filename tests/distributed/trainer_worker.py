@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from rlhf_fast.distributed import DistributedConfig
+from rlhf_fast.distributed import DistributedConfig, exit_process, shutdown
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
@@ -182,11 +182,9 @@ def main():
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": world}, f)
-    if torch.distributed.is_initialized():
-        # every rank done (rank 0 writes the results last) before gloo's pairs close
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown()  # every rank done (rank 0 writes the results last) before gloo's pairs close
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter finalisation: see rlhf_fast.distributed.exit_process

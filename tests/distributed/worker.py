@@ -9,7 +9,7 @@ import os
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.distributed import init_distributed, load_sharded, save_sharded, wrap_model
+from rlhf_fast.distributed import exit_process, init_distributed, load_sharded, save_sharded, shutdown, wrap_model
 from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
 from rlhf_fast.models.tiny import tiny_causal_lm
 
@@ -48,10 +48,7 @@ def main():
     if ctx.is_main:
         with open(args.out, "w") as f:
             json.dump({"runs": results, "world_size": ctx.world_size}, f)
-    if ctx.distributed:
-        # every rank done (rank 0 writes the results last) before gloo's pairs close
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown()  # every rank done (rank 0 writes the results last) before gloo's pairs close
 
 
 def run_generate(ctx, strategy, family):
@@ -131,3 +128,4 @@ def run_one(ctx, strategy, mode, steps, load, save):
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter finalisation: see rlhf_fast.distributed.exit_process

@@ -37,7 +37,8 @@ class DistributedConfig:
     CPU, nccl on CUDA). ``mixed_precision``: bf16 parameters/activations with fp32 gradient
     reduction under FSDP2 on GPU (ignored on CPU). ``offload_reference`` (RL): keep the frozen
     reference model in CPU memory and move it to the device only for its log-prob pass each
-    step (saves its weights' device memory for the rest of the step; costs two copies)."""
+    step (saves its weights' device memory for the rest of the step; costs two copies);
+    without it, ``fsdp2`` shards the reference like the policy."""
 
     strategy: str = "none"
     backend: Optional[str] = None

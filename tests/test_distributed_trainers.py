@@ -6,7 +6,7 @@ The RL trainer: GRPO updates on a fixed global rollout batch match one process u
 whole steps — generation, rewards (a prompt's group dropped for a bad reward, so ranks keep
 different numbers of rows), advantages, two mini-batches per step — of GRPO, PPO (GAE with a
 critic) and GRPO with the TRPO line search give one process's metrics and weights under DDP
-and FSDP2 (sampling seeded per sample); a sharded GRPO checkpoint of two FSDP2 ranks resumes
+and FSDP2 (sampling seeded per sample; FSDP2 shards the frozen reference too); a sharded GRPO checkpoint of two FSDP2 ranks resumes
 on one process as if never stopped; FSDP2 bf16 mixed precision runs (on gloo, forced on).
 Two launches in all (one of two ranks, one of one process) to keep start-ups few."""
 
@@ -172,6 +172,9 @@ def test_rl_steps_two_ranks_match_one(runs, pair):
         assert all(0.0 < r["policy/trpo_step_frac"] < 1.0 for r in one)  # it backtracked, and accepted
     assert runs[pair[0] + "|in_sync"]
     assert runs[pair[0] + "|lm_head_dtypes"] == ["torch.float32"]
+    # FSDP2 shards the frozen reference too (rank 0's share of its weights); DDP replicates it
+    frac = runs[pair[0] + "|ref_local_fraction"]
+    assert frac == 1.0 if pair[0].split(":")[1] == "ddp" else 0.4 < frac < 0.6, frac
     root = runs["root"]
     _assert_weights_close(_rl_weights(root, pair[0]), _rl_weights(root, pair[1]))
     folder = os.path.join(root, pair[0].split(":")[3])

@@ -255,6 +255,7 @@ class RLTrainer:
                              f"({type(reference).__name__}) shares the policy's weights (a peft policy with its "
                              "adapters disabled), so there is nothing to offload")
         self.reference = reference
+        self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
         self.critic = None
         if cfg.estimator in CRITIC_ESTIMATORS:
             self.critic = (critic if critic is not None else _make_critic(self.policy, cfg.model.critic)).to(self.device)
@@ -279,6 +280,11 @@ class RLTrainer:
             if self.critic is not None:  # a value model built from the policy leaves its LM head unused
                 self.critic = wrap_model(self.critic, dc.strategy, self.ctx, find_unused_parameters=True,
                                          **kw)
+            if dc.strategy == "fsdp2" and isinstance(self.reference, torch.nn.Module) and not dc.offload_reference:
+                # the frozen reference sharded like the policy: each rank keeps 1/N of its weights
+                # between steps; its one forward per step lines up on every rank (same row count)
+                self.reference = wrap_model(self.reference, "fsdp2", self.ctx, **kw)
+                self.reference_sharded = True
         ps = cfg.rollout.per_sample_seeds
         self.per_sample_seeds = cfg.distributed.strategy != "none" if ps is None else ps
 
@@ -379,6 +385,7 @@ class RLTrainer:
 
     def rollout(self) -> tuple:
         """Generate, score and estimate advantages. Returns ``(RolloutTensors, metrics)``."""
+        from rlhf_fast.distributed import reshard
         from rlhf_fast.models.logprobs import sequence_logprobs
         from rlhf_fast.rollout import SamplingParams, logprob_gap
 
@@ -419,6 +426,8 @@ class RLTrainer:
             with self._reference_on_device():
                 ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
                                              temperature=ro.temperature)
+            if self.reference_sharded:  # free the root's gathered copy (kept after forward for the head)
+                reshard(self.reference)
             values = (self.critic(ids, am).float() * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
         t2 = time.perf_counter()

@@ -153,6 +153,14 @@ def _same_weights_on_every_rank(trainer) -> bool:
     return bool(torch.equal(mean, trainer.ctx.all_reduce_max(vec)))
 
 
+def _local_fraction(model) -> float:
+    """The share of ``model``'s parameter elements this rank holds (FSDP2: about 1/world)."""
+    if not isinstance(model, torch.nn.Module):
+        return -1.0
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return local / sum(p.numel() for p in model.parameters())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", required=True, help="comma list of TRAINER:STRATEGY:STEPS:NAME[:GRAD_ACCUM]")
@@ -174,6 +182,7 @@ def main():
             results[spec] = read_metrics(trainer.run.path)
             results[spec + "|in_sync"] = in_sync
             results[spec + "|lm_head_dtypes"] = sorted(LM_HEAD_DTYPES)
+            results[spec + "|ref_local_fraction"] = _local_fraction(getattr(trainer, "reference", None))
             stem = os.path.join(args.root, name + (".resumed" if kind.endswith("_resume") else ""))
             torch.save(weights, f"{stem}.weights.pt")
             if critic_weights is not None:

@@ -549,10 +549,10 @@ def sample(
         cdf = logp.double().exp().cumsum(-1)
         u = uniforms.to(torch.float64).reshape(B, 1) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
-        # never land on a removed token (possible only through rounding at the very end)
+        # never land on a removed token (possible only through rounding at the very end);
+        # unconditional, so a GPU decode step waits on no host sync
         bad = torch.isinf(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
-        if bad.any():
-            tok = torch.where(bad, logp.argmax(-1), tok)
+        tok = torch.where(bad, logp.argmax(-1), tok)
     chosen = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).float()
     return tok, chosen
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -247,6 +248,11 @@ def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, de
                             if on_gpu:
                                 torch.cuda.empty_cache()
                         t.add(**row)
+                        # one line per measurement as it lands: a device lease that runs out
+                        # mid-table still leaves the rows measured so far in the log
+                        print(f"bench_triton: {op} {shape} {mode} {name}: "
+                              + (f"{row['median_ms']:.3f} ms" if row.get("median_ms") is not None
+                                 else str(row.get("error") or row.get("peak_mem"))), file=sys.stderr, flush=True)
         tables.append(t)
     return tables
 

@@ -35,6 +35,7 @@ float64 runs the reference (tl.dot has no fp64 path on every target).
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 import triton
@@ -178,6 +179,16 @@ def _merge_splits(part: torch.Tensor):
     lse = M_safe + torch.log(s_tot)
     ent = torch.log(s_tot) - w_tot / s_tot
     return lse, ent, zt.sum(1)
+
+
+def _use_tf32(allow_tf32) -> bool:
+    """``allow_tf32`` as given, or torch's own switch for fp32 matmuls when None (off by
+    default), so the fused head rounds like the ``hidden @ weight.T`` it replaces."""
+    if allow_tf32 is not None:
+        return bool(allow_tf32)
+    with warnings.catch_warnings():  # newer torch steers towards fp32_precision; both still read
+        warnings.simplefilter("ignore")
+        return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _config(N: int, V: int, H: int, device: torch.device):
@@ -341,13 +352,14 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                          chunk_size=None, ignore_index=-100, allow_tf32=True, split_v=None, backward="chunked"):
+                          chunk_size=None, ignore_index=-100, allow_tf32=None, split_v=None, backward="chunked"):
     """log softmax((hidden @ weight.T + bias) / T)[labels] (Triton), never writing the logits.
 
     hidden ``[N, H]`` bf16/fp16/fp32, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]``
     int (``ignore_index`` gives 0). Returns logp ``[N]`` fp32 (and entropy ``[N]`` fp32).
     Gradients to hidden, weight, bias; the backward holds ``chunk_size`` rows of logits at a
-    time. ``allow_tf32`` picks TF32 (else IEEE fp32) for fp32 inputs in the forward matmul;
+    time. ``allow_tf32`` picks TF32 (else IEEE fp32) for fp32 inputs in the Triton matmuls; None
+    follows ``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 matmuls do;
     ``split_v`` overrides the number of vocabulary splits. ``backward``: ``"chunked"``
     (recompute a chunk of logits with cuBLAS, deterministic) or ``"triton"`` (one tl.dot kernel
     with fp32 atomics, no [·, V] buffer). float64 runs the reference.
@@ -359,14 +371,14 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
                                                return_entropy=return_entropy, ignore_index=ignore_index)
     logp, ent = FusedLinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
                                                   bool(return_entropy), int(ignore_index), chunk_size,
-                                                  bool(allow_tf32), split_v, backward)
+                                                  _use_tf32(allow_tf32), split_v, backward)
     return (logp, ent) if return_entropy else logp
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                              kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                              dual_clip=None, agg="token-mean", normalizer=None, bias=None, chunk_size=None,
-                             ignore_index=-100, allow_tf32=True, split_v=None, backward="chunked"):
+                             ignore_index=-100, allow_tf32=None, split_v=None, backward="chunked"):
     """The policy-loss step from hidden ``[B, T, H]`` and the LM head ``[V, H]`` (Triton):
     agg(ppo token loss + kl_coef·KL(logp, ref_logp) − entropy_coef·entropy).
 
@@ -385,7 +397,7 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask,
     B, T, H = hidden.shape
     logp, ent = FusedLinearLogprobsFunction.apply(
         hidden.reshape(B * T, H), weight, bias, labels.reshape(B * T), float(temperature), True,
-        int(ignore_index), chunk_size, bool(allow_tf32), split_v, backward)
+        int(ignore_index), chunk_size, _use_tf32(allow_tf32), split_v, backward)
     logp = logp.reshape(B, T)
     ent = ent.reshape(B, T)
     loss, stats = policy_loss_rows(

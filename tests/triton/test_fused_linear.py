@@ -213,3 +213,18 @@ def test_cuda_large(V):
     gb = _grads([elp, eent], [hr, wr])
     for a, e in zip(ga, gb):
         torch.testing.assert_close(a.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_tf32_follows_torch_unless_given():
+    """fp32 inputs: the Triton matmuls round like torch's own (IEEE unless TF32 is switched on);
+    on Hopper TF32 was 5e-4 off the reference, so the default must not opt in by itself."""
+    from rlhf_fast.kernels.fused_linear import _use_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _use_tf32(None) is False and _use_tf32(True) is True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _use_tf32(None) is True and _use_tf32(False) is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

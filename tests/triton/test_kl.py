@@ -46,12 +46,14 @@ def test_extreme_log_ratios(kind):
 
 
 def test_no_gradient_to_reference_and_fp64_gradcheck():
-    lp = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    ref = torch.randn(4, 6, dtype=torch.float64)
+    # on the kernel's device: CPU tensors on a GPU machine would leave the triton backend
+    dev = device()
+    lp = torch.randn(4, 6, dtype=torch.float64, device=dev, requires_grad=True)
+    ref = torch.randn(4, 6, dtype=torch.float64, device=dev)
     with ops.use_backend("triton"):
         assert torch.autograd.gradcheck(lambda a: ops.kl_penalty(a, ref, "k3"), (lp,))
-        r = torch.randn(3, requires_grad=True)
-        ops.kl_penalty(torch.randn(3, requires_grad=True), r, "k3").sum().backward()
+        r = torch.randn(3, device=dev, requires_grad=True)
+        ops.kl_penalty(torch.randn(3, device=dev, requires_grad=True), r, "k3").sum().backward()
     assert r.grad is None
 
 

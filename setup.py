@@ -60,10 +60,11 @@ setup(
         "rlhf_fast.benchmarks",
         "rlhf_fast.demo",
     ],
-    # Triton sources live at the top of the repository, where kernel authors look for
-    # them, and ship as the subpackage rlhf_fast.kernels.
-    # benchmarks/ likewise ships as rlhf_fast.benchmarks so that `rlhf-fast bench` works from a wheel.
-    package_dir={"rlhf_fast.kernels": "kernels", "rlhf_fast.benchmarks": "benchmarks"},
+    # The Triton sources are rlhf_fast/kernels/, not a top-level kernels/: transformers (5.2x)
+    # depends on Hugging Face's `kernels` package, and a kernels/ folder at the repository root
+    # shadows it for anything run from there (tests, `python -m rlhf_fast.cli`).
+    # benchmarks/ ships as rlhf_fast.benchmarks so that `rlhf-fast bench` works from a wheel.
+    package_dir={"rlhf_fast.benchmarks": "benchmarks"},
     package_data={"rlhf_fast.data": ["*.txt", "*.jsonl", "*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

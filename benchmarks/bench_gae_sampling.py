@@ -1,6 +1,6 @@
 """Benchmark: GAE and sampling, ours against the ways peers do them.
 
-GAE at (B, T) in {(512, 4096), (64, 32768), (1, 131072)}:
+GAE at (B, T) in {(512, 4096), (64, 32768), (1, 131072), (16, 1024)}:
   ours (cuda on a GPU, the cpp kernel on CPU) · cpp (the C++ CPU kernel) · python-loop (a
   Python loop over T on tensors, as TRL / verl / OpenRLHF compute it).
 Sampling at B in {1, 128, 256}, V in {32000, 151936}, for plain temperature, top-p 0.9 and
@@ -32,7 +32,8 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops import _dispatch, reference
 
-GAE_SHAPES = [(512, 4096), (64, 32768), (1, 131072)]
+# the issue's three shapes, and a small batch for its "<= 20 us for small batches" goal
+GAE_SHAPES = [(512, 4096), (64, 32768), (1, 131072), (16, 1024)]
 GAE_SHAPES_QUICK = [(64, 512), (8, 4096), (1, 16384)]
 SAMPLE_B = [1, 128, 256]
 SAMPLE_B_QUICK = [1, 64]

@@ -76,7 +76,8 @@ for t in tables:
     print(t.markdown())
 print(write_results(tables, device="cuda", suite=f"e2e gpu_0p5b max_new_tokens={cfg.max_new_tokens} steps=2"))
 EOF
-# one op at a time, each table written as soon as it is done (the budget may cut the rest)
+# one op at a time, each table written as soon as it is done (the budget may cut the rest);
+# OPS, OPS_SIZES, OPS_VOCABS narrow it (torch.compile of the reference compiles per shape and mode)
 want bench-ops && stage "Triton op benchmark" 200 "$OUT/bench.log" $PY - <<'EOF'
 import os
 from rlhf_fast.benchmarks import bench_triton
@@ -84,7 +85,8 @@ from rlhf_fast.benchmarks.common import write_results
 sizes = tuple(int(s) for s in os.environ.get("OPS_SIZES", "65536").split(","))
 for op in os.environ.get("OPS", "token_logprobs,ppo_policy_loss,kl_penalty,fused_linear_logprobs,"
                          "fused_linear_policy_loss,ppo_value_loss").split(","):
-    tables = bench_triton.run_gpu([op], sizes, rep=5)
+    vocabs = tuple(int(v) for v in os.environ.get("OPS_VOCABS", "32000,151936").split(","))
+    tables = bench_triton.run_gpu([op], sizes, vocabs, rep=5)
     for t in tables:
         print(t.markdown(), flush=True)
     write_results(tables, device="cuda", suite=f"bench_triton --ops {op} --sizes {','.join(map(str, sizes))}")

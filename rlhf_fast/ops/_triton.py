@@ -1,4 +1,4 @@
-"""Registration of the Triton implementations (kernels/*.py, shipped as rlhf_fast.kernels)
+"""Registration of the Triton implementations (rlhf_fast/kernels/*.py)
 with the dispatch. Lazy "module:attr" paths, so `import rlhf_fast` never imports Triton."""
 
 from . import _dispatch

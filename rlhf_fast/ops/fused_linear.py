@@ -2,7 +2,7 @@
 log-softmax (and the PPO loss), never holding more than one chunk of logits.
 
 Backends: ``torch`` (reference, materialises logits), ``cpp`` (csrc/cpu/fused_linear.cpp),
-``triton`` (kernels/fused_linear.py).
+``triton`` (rlhf_fast/kernels/fused_linear.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """kl_penalty: per-token KL estimators between policy and reference log-probs.
 
-Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/kl.cpp), ``triton`` (kernels/kl.py).
+Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/kl.cpp), ``triton`` (rlhf_fast/kernels/kl.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """token_logprobs: per-token log-probs (and entropy) of labels under softmax(logits / T).
 
 Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/logprobs.cpp), ``triton``
-(kernels/token_logprobs.py).
+(rlhf_fast/kernels/token_logprobs.py).
 """
 
 from __future__ import annotations

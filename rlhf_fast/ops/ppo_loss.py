@@ -2,7 +2,7 @@
 backward, with their statistics.
 
 Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/ppo_loss.cpp), ``triton``
-(kernels/ppo_loss.py).
+(rlhf_fast/kernels/ppo_loss.py).
 """
 
 from __future__ import annotations

@@ -191,6 +191,11 @@ def _use_tf32(allow_tf32) -> bool:
         return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
+def _precision(allow_tf32) -> str:
+    """tl.dot's input_precision for fp32 operands (16-bit ones ignore it)."""
+    return "tf32" if _use_tf32(allow_tf32) else "ieee"
+
+
 def _config(N: int, V: int, H: int, device: torch.device):
     if device.type == "cpu":
         # interpreter: big tiles are fewer (slow) Python-level iterations
@@ -199,7 +204,7 @@ def _config(N: int, V: int, H: int, device: torch.device):
 
 
 def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
-                         allow_tf32=True, split_v=None):
+                         allow_tf32=None, split_v=None):
     """Launch the forward: hidden ``[N, H]``, weight ``[V, H]`` (same dtype, unit stride in
     H), bias ``[V]`` or None, labels ``[N]``. Returns ``(logp, entropy, lse)`` ``[N]`` fp32
     (entropy always computed when ``return_entropy``, else None)."""
@@ -221,7 +226,7 @@ def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index
             hidden, weight, bias if bias is not None else weight, labels, part,
             N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index),
             n_row_tiles, split_v, tiles_per_split,
-            HAS_BIAS=bias is not None, ENTROPY=bool(return_entropy), PREC="tf32" if allow_tf32 else "ieee",
+            HAS_BIAS=bias is not None, ENTROPY=bool(return_entropy), PREC=_precision(allow_tf32),
             # Triton's CPU interpreter mis-multiplies 16-bit tl.dot operands (garbage for bf16,
             # triton 3.9): exact fp32 products of the same bf16 values instead
             UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
@@ -282,7 +287,7 @@ def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
 
 
 def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                                 ignore_index, allow_tf32=True):
+                                 ignore_index, allow_tf32=None):
     """Same contract as :func:`fused_linear_backward`, in one Triton kernel over (row tile,
     V tile) with fp32 atomics into dHidden / dW: nothing of size [·, V] is allocated, at
     the price of non-deterministic summation order and [N, H] + [V, H] fp32 buffers."""
@@ -304,7 +309,7 @@ def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, gra
             grad_entropy.contiguous() if grad_entropy is not None else lse, dh, dw, db if db is not None else dw,
             N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index), n_row_tiles,
             HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-            PREC="tf32" if allow_tf32 else "ieee", UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
+            PREC=_precision(allow_tf32), UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4, num_stages=2,
         )
     return dh.to(hidden.dtype), dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)

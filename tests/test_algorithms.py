@@ -240,3 +240,5 @@ def test_rl_config_validation():
         PPOConfig(dual_clip=0.5)
     with pytest.raises(ValueError, match="rollout.top_p"):
         RolloutConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="rollout.cuda_graphs"):
+        RolloutConfig(cuda_graphs="no")

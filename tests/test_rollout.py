@@ -257,6 +257,57 @@ def test_fast_decode_path_equals_generic_path(tok, family, kv_heads):
     torch.testing.assert_close(fast.behaviour_logp, slow.behaviour_logp, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 2)])
+def test_static_decode_steps_equal_sliced_steps(tok, family, kv_heads, monkeypatch):
+    """The graph-capturable static steps (whole KV buffer under a mask, column as a tensor)
+    give the tokens and behaviour log-probs of the sliced steps; on the CPU the same code runs
+    without the capture, so the CUDA test below only has to check the graph itself."""
+    m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=5)
+    params = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=12, n=3, seed=4)
+    sliced = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    monkeypatch.setattr(HFRolloutEngine, "_static_decode", lambda self, gathered: True)
+    static = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    assert torch.equal(static.input_ids, sliced.input_ids)
+    assert torch.equal(static.response_mask, sliced.response_mask)
+    torch.testing.assert_close(static.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
+
+
+def test_cuda_graphs_must_be_a_bool(model, tok):
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        HFRolloutEngine(model, tok, cuda_graphs="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(tok, stop_early, monkeypatch):
+    """On a GPU the decode step is captured once per call and replayed: same tokens and
+    log-probs as eager decoding, the graph really used, no fallback warning."""
+    import warnings
+
+    from rlhf_fast.rollout import hf_engine
+
+    m = tiny_causal_lm(len(tok), family="qwen2", num_heads=4, num_kv_heads=2, seed=6).cuda()
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24, n=4, seed=9,
+                            ignore_eos=not stop_early)
+    eager = HFRolloutEngine(m, tok, cuda_graphs=False).generate(PROMPTS, params)
+    built = []
+    real = hf_engine._CUDAGraphStep
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    monkeypatch.setattr(hf_engine, "_CUDAGraphStep", Counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graphed = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    assert len(built) == 1
+    assert torch.equal(graphed.input_ids, eager.input_ids)
+    assert torch.equal(graphed.response_mask, eager.response_mask)
+    torch.testing.assert_close(graphed.behaviour_logp, eager.behaviour_logp, rtol=0, atol=1e-4)
+
+
 def _rows(batch: RolloutBatch):
     """(response token list, response behaviour log-probs) of every row."""
     P = batch.prompt_length

@@ -8,7 +8,10 @@ repeated ``n`` times (``DynamicCache.batch_repeat_interleave``) for the group of
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -19,6 +22,19 @@ from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, unwrap
 from ..ops.sampling import sample_with_uniforms
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.25 (where
+    ``past_key_values`` warns that it is deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache of a causal LM's output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +50,12 @@ class _LlamaDecoder:
     modules are called as they are), without the per-call work that does not depend on the
     step: the growing ``torch.cat`` of DynamicCache, the mask construction, the RoPE tables
     (computed once for positions ``0 .. P + R - 1``) and the output dataclasses.
+
+    ``static``: every step has the same shapes and no Python-int index, so it can be captured
+    once as a CUDA graph (:class:`_CUDAGraphStep`): keys / values are written at a column given
+    as a tensor and attention reads the whole zero-initialised buffer under the mask (columns
+    not yet written are masked). Otherwise attention reads only the columns written so far,
+    which is cheaper eagerly.
     """
 
     _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -60,14 +82,16 @@ class _LlamaDecoder:
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
                 and all(hasattr(layer.self_attn, "head_dim") for layer in layers))
 
-    def __init__(self, model, cache, B: int, P: int, R: int):
+    def __init__(self, model, cache, B: int, P: int, R: int, *, static: bool = False):
         base = model.model
-        self.model, self.layers = model, list(base.layers)
+        self.model, self.layers, self.static = model, list(base.layers), static
         self.K, self.V = [], []
+        # static: masked columns are still multiplied by a zero weight, so they must hold no NaN
+        alloc = torch.Tensor.new_zeros if static else torch.Tensor.new_empty
         for layer in cache.layers:  # the prompt's (repeated) keys / values go first
             k, v = layer.keys, layer.values  # [B, kv_heads, P, d]
-            kb = k.new_empty(B, k.shape[1], P + R, k.shape[3])
-            vb = v.new_empty(B, v.shape[1], P + R, v.shape[3])
+            kb = alloc(k, (B, k.shape[1], P + R, k.shape[3]))
+            vb = alloc(v, (B, v.shape[1], P + R, v.shape[3]))
             kb[:, :, :P] = k
             vb[:, :, :P] = v
             self.K.append(kb)
@@ -75,9 +99,10 @@ class _LlamaDecoder:
         cos, sin = base.rotary_emb(self.K[0], torch.arange(P + R, device=self.K[0].device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [P + R, d]
 
-    def step(self, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
+    def step(self, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col) -> torch.Tensor:
         """Logits ``[B, V]`` after feeding ``tok [B]`` at KV column ``col`` with position ids
-        ``pos [B, 1]`` and the boolean key mask ``mask [B, 1, 1, col + 1]``."""
+        ``pos [B, 1]`` and the boolean key mask ``mask [B, 1, 1, col + 1]``; when ``static``,
+        ``col`` is an int64 tensor ``[1]`` and ``mask`` is ``[B, 1, 1, P + R]``."""
         base = self.model.model
         B = tok.shape[0]
         h = base.embed_tokens(tok[:, None])  # [B, 1, H]
@@ -90,16 +115,61 @@ class _LlamaDecoder:
             v = a.v_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
-            self.K[i][:, :, col] = k[:, :, 0]
-            self.V[i][:, :, col] = v[:, :, 0]
-            gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+            if self.static:
+                keys, values = self.K[i].index_copy_(2, col, k), self.V[i].index_copy_(2, col, v)
+            else:
+                self.K[i][:, :, col] = k[:, :, 0]
+                self.V[i][:, :, col] = v[:, :, 0]
+                keys, values = self.K[i][:, :, :col + 1], self.V[i][:, :, :col + 1]
+            # grouped-query attention of one new token: the G query heads that share a KV head
+            # become G query rows of that head (heads h = j·G .. j·G + G - 1 read KV head j, as
+            # transformers' repeat_kv), so no backend repeats the keys / values G times
+            kv_heads = keys.shape[1]
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, self.K[i][:, :, :col + 1], self.V[i][:, :, :col + 1], attn_mask=mask, dropout_p=0.0,
-                scale=a.scaling, **gqa)
-            o = o.transpose(1, 2).contiguous().reshape(B, 1, -1)
+                q.reshape(B, kv_heads, -1, a.head_dim), keys, values, attn_mask=mask, dropout_p=0.0,
+                scale=a.scaling)
+            o = o.reshape(B, 1, -1)  # [B, kv_heads, G, d] is [B, heads, d] in head order
             h = h + a.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(base.norm(h))[:, -1]
+
+
+class _CUDAGraphStep:
+    """A static :class:`_LlamaDecoder` step captured once as a CUDA graph and replayed for
+    every token. A decode step of a small model at a modest batch is launch-bound (a few
+    hundred kernels of microseconds each, every one launched from Python); a replay launches
+    them all at once.
+
+    Built on the first decode step's inputs: two eager warm-up steps on a side stream (writing
+    the same keys / values the captured step writes), the capture, then one replay whose logits
+    must match the eager ones, else RuntimeError (the caller falls back to eager steps). The
+    graph reads ``mask`` (the caller's ``[B, 1, 1, P + R]`` buffer, updated in place) and its
+    own copies of the token, position and column.
+    """
+
+    def __init__(self, decoder: "_LlamaDecoder", tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int):
+        self.tok, self.pos, self.mask = tok.clone(), pos.clone(), mask
+        self.col = torch.full((1,), col, dtype=torch.long, device=tok.device)
+        side = torch.cuda.Stream(device=tok.device)
+        side.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # cuBLAS / sdpa pick and allocate their workspaces outside the capture
+                eager = decoder.step(self.tok, self.mask, self.pos, self.col)
+        torch.cuda.current_stream(tok.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decoder.step(self.tok, self.mask, self.pos, self.col)
+        self.graph.replay()
+        if not torch.allclose(self.out, eager, rtol=1e-3, atol=1e-3):
+            raise RuntimeError("the CUDA-graph decode step does not reproduce the eager step's logits")
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
+        """Logits ``[B, V]`` (the graph's output buffer, overwritten by the next call)."""
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.col.fill_(col)
+        self.graph.replay()
+        return self.out
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -107,9 +177,15 @@ class HFRolloutEngine(RolloutEngine):
 
     ``device``: where prompts go (default: the model's device). The model is used as is
     (no copy): weights updated by the trainer are picked up by the next call.
+    ``cuda_graphs``: on a CUDA device, with a model the preallocated-KV decoder supports (bare
+    Llama / Mistral / Qwen2 on sdpa, not FSDP-sharded), capture the decode step once per
+    :meth:`generate` call as a CUDA graph and replay it per token; if the capture fails or its
+    logits differ from the eager step's, the call warns and decodes eagerly.
     """
 
-    def __init__(self, model, tokenizer, *, device=None):
+    def __init__(self, model, tokenizer, *, device=None, cuda_graphs: bool = True):
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
             raise TypeError("tokenizer must be a transformers tokenizer (with encode/decode)")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -118,6 +194,8 @@ class HFRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.cuda_graphs = cuda_graphs
+        self._cache_kw = _cache_kwarg(type(unwrap(model)))
 
     # ------------------------------------------------------------------ prompts
 
@@ -164,13 +242,14 @@ class HFRolloutEngine(RolloutEngine):
         from transformers import DynamicCache
 
         kw = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=default_position_ids(prompt_mask),
-                  past_key_values=DynamicCache(config=unwrap(self.model).config), use_cache=True)
+                  use_cache=True)
+        kw[self._cache_kw] = DynamicCache(config=unwrap(self.model).config)
         try:
             return self.model(**kw, logits_to_keep=1)
         except TypeError as e:  # older/custom models without logits_to_keep
             if "logits_to_keep" not in str(e):
                 raise
-            kw["past_key_values"] = DynamicCache(config=unwrap(self.model).config)
+            kw[self._cache_kw] = DynamicCache(config=unwrap(self.model).config)
             return self.model(**kw)
 
     def _bool_mask_ok(self) -> bool:
@@ -181,6 +260,12 @@ class HFRolloutEngine(RolloutEngine):
                 and getattr(cfg, "model_type", None) in ("llama", "qwen2", "qwen3", "mistral")
                 and getattr(cfg, "sliding_window", None) is None
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ())))
+
+    def _static_decode(self, gathered: bool) -> bool:
+        """Whether the preallocated-KV decoder runs static (graph-capturable) steps: CUDA graphs
+        on, a CUDA device and unsharded weights (FSDP2's gathered parameters are freed and
+        re-gathered elsewhere after the call)."""
+        return self.cuda_graphs and self.device.type == "cuda" and not gathered
 
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
         stop = set(params.stop_token_ids)
@@ -239,7 +324,7 @@ class HFRolloutEngine(RolloutEngine):
         with self._eval_mode(), gathered_params(self.model) as gathered:
             out = self._prefill(prompt_ids, prompt_mask)
             logits = out.logits[:, -1]  # [Bp, V]
-            cache = out.past_key_values
+            cache = _returned_cache(out)
             if n > 1:
                 # the group shares one prefill: repeat the prompt's cache rows n times
                 cache.batch_repeat_interleave(n)
@@ -253,8 +338,12 @@ class HFRolloutEngine(RolloutEngine):
             resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
             pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
             fast_mask = self._bool_mask_ok()
-            fast = _LlamaDecoder(self.model, cache, B, P, R) \
+            static = self._static_decode(gathered)
+            fast = _LlamaDecoder(self.model, cache, B, P, R, static=static) \
                 if fast_mask and _LlamaDecoder.supported(self.model, gathered=gathered) else None
+            # static steps attend to all P + R columns under this mask (written in place)
+            full_mask = attn.bool()[:, None, None, :] if fast is not None and static else None
+            graphed, graph_failed = None, not (static and self.device.type == "cuda")
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
             check_ids = stop_ids.numel() > 0
@@ -285,17 +374,35 @@ class HFRolloutEngine(RolloutEngine):
                 if step + 1 == R or not bool(alive.any()):
                     break
                 cur = attn[:, :P + step + 1]
+                pos = pos + cur[:, P + step:P + step + 1]
+                if full_mask is not None:
+                    col = P + step
+                    full_mask[:, 0, 0, col] = attn[:, col] != 0
+                    if graphed is not None:
+                        logits = graphed(tok, (pos - 1).clamp(min=0), col)
+                        continue
+                    if not graph_failed:
+                        try:
+                            graphed = _CUDAGraphStep(fast, tok, full_mask, (pos - 1).clamp(min=0), col)
+                            logits = graphed.out
+                            continue
+                        except RuntimeError as e:
+                            graph_failed = True
+                            warnings.warn(f"CUDA-graph decoding is off for this generate call ({e}); "
+                                          f"decoding eagerly", RuntimeWarning, stacklevel=2)
+                    logits = fast.step(tok, full_mask, (pos - 1).clamp(min=0),
+                                       torch.full((1,), col, dtype=torch.long, device=tok.device))
+                    continue
                 # sdpa takes a ready [B, 1, 1, K] boolean mask as is: skips transformers' per-call
                 # mask construction (the same mask: one query row, every key up to now visible)
                 mask_arg = cur.bool()[:, None, None, :] if fast_mask else cur
-                pos = pos + cur[:, P + step:P + step + 1]
                 if fast is not None:
                     logits = fast.step(tok, mask_arg, (pos - 1).clamp(min=0), P + step)
                     continue
                 out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg,
-                                 position_ids=(pos - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+                                 position_ids=(pos - 1).clamp(min=0), use_cache=True, **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
-                cache = out.past_key_values
+                cache = _returned_cache(out)
         resp, resp_mask = resp[:, :R_used], resp_mask[:, :R_used]
         resp_logp = resp_logp[:, :R_used] * resp_mask
         elapsed = time.perf_counter() - t0
@@ -362,7 +469,7 @@ class HFRolloutEngine(RolloutEngine):
 
         with self._eval_mode(), gathered_params(self.model):
             out = self._prefill(prompt_ids, prompt_mask)
-            cache = out.past_key_values
+            cache = _returned_cache(out)
             cache.batch_repeat_interleave(nb)
             logits = out.logits[:, -1].repeat_interleave(nb, dim=0)  # [Bp·nb, V]
             attn = prompt_mask.repeat_interleave(nb, dim=0)
@@ -403,9 +510,9 @@ class HFRolloutEngine(RolloutEngine):
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
                 pos = (attn.sum(-1, keepdim=True) - 1).clamp(min=0)
                 out = self.model(input_ids=running[:, :, cur - 1].reshape(-1, 1), attention_mask=attn,
-                                 position_ids=pos, past_key_values=cache, use_cache=True)
+                                 position_ids=pos, use_cache=True, **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
-                cache = out.past_key_values
+                cache = _returned_cache(out)
         resp = finished[:, 0, P:cur]
         return self._pack_fixed(prompt_ids, prompt_mask, resp, texts, time.perf_counter() - t0)
 

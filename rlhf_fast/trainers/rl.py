@@ -263,7 +263,8 @@ class RLTrainer:
         if engine is None:
             from rlhf_fast.rollout import HFRolloutEngine
 
-            engine = HFRolloutEngine(self.policy, tokenizer, device=self.device)
+            engine = HFRolloutEngine(self.policy, tokenizer, device=self.device,
+                                     cuda_graphs=cfg.rollout.cuda_graphs)
         self.engine = engine
         self.reward = self._build_rewards(reward_fns, reward_weights, reward_models, judge)
         self.prompts = list(prompts) if prompts is not None else self._load_prompts()

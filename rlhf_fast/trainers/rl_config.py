@@ -81,7 +81,10 @@ class RolloutConfig:
     batch) instead of one generator per rank, so a step samples the same responses on any
     number of ranks (slower sampling: one sampler call per live row and token). ``None``
     (default): on exactly when ``distributed.strategy`` is ddp or fsdp2, so one-process runs of
-    strategy ``none`` keep the faster single-generator path and its numbers."""
+    strategy ``none`` keep the faster single-generator path and its numbers.
+
+    ``cuda_graphs``: on a GPU, replay each generate call's decode step as a CUDA graph (see
+    :class:`rlhf_fast.rollout.HFRolloutEngine`); no effect on the CPU."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -92,6 +95,7 @@ class RolloutConfig:
     min_p: float = 0.0
     stop_strings: List[str] = field(default_factory=list)
     per_sample_seeds: Optional[bool] = None
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
@@ -106,6 +110,8 @@ class RolloutConfig:
         if self.per_sample_seeds not in (None, True, False):
             raise ValueError(f"rollout.per_sample_seeds must be true, false or null, "
                              f"got {self.per_sample_seeds!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"rollout.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
 
 @dataclass

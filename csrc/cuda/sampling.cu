@@ -10,17 +10,21 @@
 //   uint32 key of the fp32 scaled logit (as torch.topk does): 4 passes of 8 bits, each a
 //   256-bin shared-memory histogram of counts (top-k) or of fixed-point probability mass
 //   (top-p). Integer masses make the sums exact and independent of the atomics' order, so the
-//   boundary is deterministic and the bookkeeping across passes consistent. min-p is a weight
-//   threshold. A last pass in index order ranks the boundary ties and draws: Gumbel-max over
+//   boundary is deterministic and the bookkeeping across passes consistent. Each warp adds one
+//   atomic per distinct bin among its 32 entries: in the first passes (sign and exponent bits)
+//   nearly all of a row falls into a few bins, where per-entry shared atomics serialise. min-p
+//   is a weight threshold. A last pass in index order ranks the boundary ties (block scans,
+//   only when some ties are cut; continuous logits rarely tie) and draws: Gumbel-max over
 //   the kept set (Philox variant) or the inverse CDF in vocabulary order of a given uniform
 //   (the `sample` schema, which picks the reference's tokens for the same uniforms).
 // * Rows with NaN, +inf, or only -inf logits have no distribution: they give a defined token
 //   (0, or the first +inf) and logp = NaN, never an out-of-range index (greedy rows with +inf
 //   are defined: the first +inf, logp 0, as the other backends). The Python glue documents it;
 //   no host sync is spent to raise.
-// * Philox stream: key = seed, counter = (offset / 4 as 64 bits, row·V + i as 64 bits) — the
-//   layout of curand_init(seed, subsequence = row·V + i, offset), so one launch uses exactly
-//   the slot [offset, offset + 4) that the Python glue reserves by advancing the generator.
+// * Philox stream: key = seed, counter = (offset / 4 as 64 bits, row·⌈V/4⌉ + i/4 as 64 bits),
+//   output i mod 4 — the layout of curand_init(seed, subsequence = row·⌈V/4⌉ + i/4, offset),
+//   each Philox block serving 4 consecutive entries, so one launch uses exactly the slot
+//   [offset, offset + 4) that the Python glue reserves by advancing the generator.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -72,11 +76,44 @@ __device__ __forceinline__ float gumbel(uint32_t bits) {
   return -__logf(-log1pf(-v));
 }
 
-__device__ __forceinline__ float philox_gumbel(uint2 key, uint64_t ctr_hi /* offset / 4 */, uint64_t sub) {
-  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(ctr_hi), static_cast<uint32_t>(ctr_hi >> 32),
-                                           static_cast<uint32_t>(sub), static_cast<uint32_t>(sub >> 32)),
-                                key);
-  return gumbel(r.x);
+__device__ __forceinline__ uint4 philox_block(uint2 key, uint64_t ctr_hi /* offset / 4 */, uint64_t sub) {
+  return philox4x32_10(make_uint4(static_cast<uint32_t>(ctr_hi), static_cast<uint32_t>(ctr_hi >> 32),
+                                  static_cast<uint32_t>(sub), static_cast<uint32_t>(sub >> 32)),
+                       key);
+}
+
+__device__ __forceinline__ uint32_t philox_word(const uint4& r, int j) {
+  return j == 0 ? r.x : (j == 1 ? r.y : (j == 2 ? r.z : r.w));
+}
+
+// The noise of entry i of the row whose first Philox subsequence is sub0 (see the file comment).
+__device__ __forceinline__ float philox_gumbel(uint2 key, uint64_t ctr_hi, uint64_t sub0, int64_t i) {
+  return gumbel(philox_word(philox_block(key, ctr_hi, sub0 + static_cast<uint64_t>(i >> 2)), static_cast<int>(i & 3)));
+}
+
+// Adds a warp's entries to a radix histogram: `bin` (-1: not counted) and, with MASS, the
+// fixed-point weight `w`. One count atomic per distinct bin of the warp; the masses of up to
+// 4 distinct bins are warp sums (one atomic each), beyond that one atomic per entry. Every lane
+// of the warp must call it (warp-uniform trip counts); integer sums keep it exact.
+template <bool MASS>
+__device__ __forceinline__ void warp_histogram_add(int bin, unsigned long long w, unsigned int* h_cnt,
+                                                   unsigned long long* h_mass) {
+  const int lane = threadIdx.x & 31;
+  const unsigned peers = __match_any_sync(kFull, bin);
+  const bool leader = bin >= 0 && lane == __ffs(peers) - 1;
+  const unsigned leaders = __ballot_sync(kFull, leader);
+  if (leader) atomicAdd(&h_cnt[bin], static_cast<unsigned int>(__popc(peers)));
+  if (!MASS) return;
+  if (__popc(leaders) <= 4) {
+    for (unsigned rest = leaders; rest; rest &= rest - 1) {  // warp-uniform loop
+      const int l = __ffs(rest) - 1;
+      const int b = __shfl_sync(kFull, bin, l);
+      const unsigned long long sum = warp_sum<unsigned long long>(bin == b ? w : 0ull);
+      if (lane == l) atomicAdd(&h_mass[b], sum);
+    }
+  } else if (bin >= 0) {
+    atomicAdd(&h_mass[bin], w);
+  }
 }
 
 // online (max, Σ exp(x - max)) merge, -inf as the identity
@@ -143,7 +180,8 @@ __device__ void block_reduce_stats(float& m, float& s, float& best, int64_t& arg
 struct Kept {
   uint32_t thr;
   int64_t ntie;
-  bool all;  // no filter yet: everything is kept
+  bool all;       // no filter yet: everything is kept
+  bool all_ties;  // every entry with key == thr is kept (ntie is their count): no ranking needed
 };
 
 struct SelectResult {
@@ -181,15 +219,21 @@ __device__ SelectResult radix_select(const scalar_t* __restrict__ z, int64_t V, 
     __syncthreads();  // also publishes thread 0's s_* of the previous pass / the init
     const uint32_t prefix = s_prefix;
     const uint32_t hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float x = scaled(z[i], temperature);
-      const uint32_t k = float_key(x);
-      // ties at the previous threshold are added below as `ntie` virtual entries
-      if (!prev.all && k <= prev.thr) continue;
-      if ((k ^ prefix) & hi_mask) continue;
-      const int bin = (k >> shift) & 0xff;
-      atomicAdd(&h_cnt[bin], 1u);
-      if (MASS) atomicAdd(&h_mass[bin], fixed_weight(weight(x, m), scale));
+    // warp-uniform trip count: warp_histogram_add is a warp collective
+    for (int64_t base = threadIdx.x & ~31; base < V; base += blockDim.x) {
+      const int64_t i = base + (threadIdx.x & 31);
+      int bin = -1;
+      unsigned long long w = 0;
+      if (i < V) {
+        const float x = scaled(z[i], temperature);
+        const uint32_t k = float_key(x);
+        // ties at the previous threshold are added below as `ntie` virtual entries
+        if ((prev.all || k > prev.thr) && ((k ^ prefix) & hi_mask) == 0) {
+          bin = static_cast<int>((k >> shift) & 0xff);
+          if (MASS) w = fixed_weight(weight(x, m), scale);
+        }
+      }
+      warp_histogram_add<MASS>(bin, w, h_cnt, h_mass);
     }
     __syncthreads();
     if (threadIdx.x == 0 && !prev.all && ((prev.thr ^ prefix) & hi_mask) == 0) {
@@ -267,23 +311,30 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   const bool gumbel_one_pass = !greedy && !filtered && uniforms == nullptr;
   const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const uint64_t ctr_hi = offset >> 2;  // torch keeps Philox offsets multiples of 4
-  const uint64_t sub0 = static_cast<uint64_t>(row) * static_cast<uint64_t>(V);
+  const uint64_t sub0 = static_cast<uint64_t>(row) * static_cast<uint64_t>((V + 3) >> 2);
 
   // ---- pass 1: online max / sum-exp, argmax, NaN / +inf detection (and, without filters,
   // the whole Gumbel-max draw)
   float m = -INFINITY, s = 0.f, best = -INFINITY;
   int64_t arg = V, pinf = V;
   int nan = 0;
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    const float x = scaled(z[i], temp);
-    if (isnan(x)) {
-      nan = 1;
-      continue;
+  // 4 consecutive entries per thread: one Philox block gives their 4 noises
+  for (int64_t g = threadIdx.x; 4 * g < V; g += blockDim.x) {
+    const uint4 r = gumbel_one_pass ? philox_block(key, ctr_hi, sub0 + static_cast<uint64_t>(g)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * g + j;
+      if (i >= V) break;
+      const float x = scaled(z[i], temp);
+      if (isnan(x)) {
+        nan = 1;
+        continue;
+      }
+      if (x == INFINITY) pinf = min(pinf, i);
+      lse_merge(m, s, x, 1.f);
+      const float score = gumbel_one_pass ? x + gumbel(philox_word(r, j)) : x;
+      arg_merge(best, arg, score, i);
     }
-    if (x == INFINITY) pinf = min(pinf, i);
-    lse_merge(m, s, x, 1.f);
-    const float score = gumbel_one_pass ? x + philox_gumbel(key, ctr_hi, sub0 + i) : x;
-    arg_merge(best, arg, score, i);
   }
   block_reduce_stats(m, s, best, arg, pinf, nan);
   // all of the branches below depend only on block-uniform values
@@ -314,10 +365,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   // fixed-point scale 2^(62 - bits(V)): V weights <= 1 sum below 2^62
   const int vbits = 64 - __clzll(static_cast<unsigned long long>(V));
   const float scale = __int_as_float((127 + 62 - vbits) << 23);
-  Kept kept{0u, 0, true};
+  Kept kept{0u, 0, true, true};
   if (top_k > 0 && top_k < V) {
     const SelectResult r = radix_select<scalar_t, false>(z, V, temp, m, scale, kept, static_cast<double>(top_k));
-    kept = Kept{r.key, top_k - static_cast<int64_t>(r.above), false};
+    const int64_t ntie = top_k - static_cast<int64_t>(r.above);  // <= r.eq_cnt by the select's invariant
+    kept = Kept{r.key, ntie, false, ntie >= r.eq_cnt};
   }
   if (top_p < 1.f) {
     const SelectResult r = radix_select<scalar_t, true>(z, V, temp, m, scale, kept, static_cast<double>(top_p));
@@ -328,7 +380,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
     long long ntie = wt > 0 ? static_cast<long long>((need + wt - 1) / wt) : r.eq_cnt;
     ntie = ntie < r.eq_cnt ? ntie : r.eq_cnt;
     if (ntie < 1) ntie = 1;
-    kept = Kept{r.key, ntie, false};
+    // r.eq_cnt counts the real ties, unless the threshold is top-k's, where it counts the ties
+    // top-k kept: all of the real ones only if top-k kept them all
+    const bool same_thr = !kept.all && r.key == kept.thr;
+    kept = Kept{r.key, ntie, false, ntie >= r.eq_cnt && (!same_thr || kept.all_ties)};
   }
 
   // ---- last pass(es) in index order: rank the ties, apply min-p, then draw
@@ -357,16 +412,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
         k = float_key(x);
       }
       const int eq = (i < V && !kept.all && k == kept.thr) ? 1 : 0;
-      int tie_total;
-      const int rank = block_exclusive_scan(eq, s_scan, &tie_total);
+      int tie_total = 0, rank = 0;
+      if (!kept.all_ties) rank = block_exclusive_scan(eq, s_scan, &tie_total);  // block-uniform branch
       const float w = i < V ? weight(x, m) : 0.f;
-      const bool in = i < V && (kept.all || k > kept.thr || (eq && tie_base + rank < kept.ntie)) && w >= wmin;
+      const bool in = i < V && (kept.all || k > kept.thr || (eq && (kept.all_ties || tie_base + rank < kept.ntie))) &&
+                      w >= wmin;
       tie_base += tie_total;
       if (!draw) {
         if (in) {
           S += w;
           if (w > 0.f) last_kept = max(last_kept, i);  // never fall back onto a zero-probability token
-          if (!uniforms) arg_merge(best, arg, x + philox_gumbel(key, ctr_hi, sub0 + i), i);
+          if (!uniforms) arg_merge(best, arg, x + philox_gumbel(key, ctr_hi, sub0, i), i);
         }
       } else {
         // inverse CDF: first index whose cumulative kept mass exceeds u·S

@@ -22,7 +22,7 @@ from . import _dispatch, _native, reference
 from .advantages import _wants_grad
 
 _U64 = 1 << 64
-PHILOX_INCREMENT = 4  # one Philox4x32 block per (row, vocabulary index) subsequence
+PHILOX_INCREMENT = 4  # one Philox4x32 block per subsequence (a row's 4 consecutive vocabulary entries)
 
 
 def _gae_cuda(rewards, values, mask, *, gamma=1.0, lam=0.95):

@@ -164,8 +164,13 @@ def main(argv=None):
                                       temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=args.max_new,
                                       min_new_tokens=args.max_new, pad_token_id=0)
 
+        providers = [("ours (HFRolloutEngine + ops.sample)", ours_gen)]
+        if device.type == "cuda":  # the decode step replayed as a CUDA graph (the default) vs eager
+            eager_engine = HFRolloutEngine(model, _IdTokenizer(V), device=device, cuda_graphs=False)
+            providers.append(("ours, eager decode (no CUDA graph)", lambda: eager_engine.generate(prompts, params)))
+        providers.append(("transformers generate", hf_gen))
         n_tok = args.gen_batch * args.max_new
-        for name, fn in (("ours (HFRolloutEngine + ops.sample)", ours_gen), ("transformers generate", hf_gen)):
+        for name, fn in providers:
             med, p20, p80 = time_it(fn, device, max(1, args.repeats // 2))
             gen_rows.append({"provider": name, "mode": "generate", "ms": med * 1e3, "p20_ms": p20 * 1e3,
                              "p80_ms": p80 * 1e3, "tokens_per_s": n_tok / med})

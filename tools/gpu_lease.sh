@@ -17,8 +17,9 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-420}
-# STAGES: which of triton-tests, cuda-tests, bench-gae, bench-e2e, bench-ops to run (all by default)
-STAGES=${STAGES:-"triton-tests cuda-tests bench-gae bench-e2e bench-ops"}
+# STAGES: which of triton-tests, cuda-tests, bench-gae, bench-rollout, bench-e2e, bench-ops to run
+# (all by default)
+STAGES=${STAGES:-"triton-tests cuda-tests bench-gae bench-rollout bench-e2e bench-ops"}
 TRITON_TESTS=${TRITON_TESTS:-tests/triton}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 LOG="$OUT/log.txt"
@@ -65,6 +66,10 @@ want cuda-tests && stage "pytest -m cuda" 100 "$OUT/pytest-cuda.log" \
   $PY -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/triton --timeout=60 -n 8 --durations=10
 want bench-gae && stage "GAE / sampling benchmark" 70 "$OUT/bench.log" \
   $PY -m rlhf_fast.benchmarks.bench_gae_sampling --device cuda --budget 0.25 --out "$OUT/gae_sampling.jsonl"
+# generation alone on a 0.5B-shaped Llama (V=151936, 24 layers): CUDA-graph decode vs eager vs HF generate
+want bench-rollout && stage "rollout benchmark" 90 "$OUT/bench.log" \
+  $PY benchmarks/bench_rollout.py --device cuda --vocab 151936 --hidden 896 --layers 24 --heads 14 --batch 4 \
+  --seq 512 --resp 256 --gen-batch 64 --prompt-len 32 --max-new 128 --repeats 4 --out "$OUT/rollout.jsonl"
 want bench-e2e && stage "e2e PPO / GRPO step vs TRL" 150 "$OUT/bench.log" $PY - <<'EOF'
 import dataclasses, os
 from rlhf_fast.benchmarks import e2e

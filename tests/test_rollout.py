@@ -265,11 +265,89 @@ def test_static_decode_steps_equal_sliced_steps(tok, family, kv_heads, monkeypat
     m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=5)
     params = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=12, n=3, seed=4)
     sliced = HFRolloutEngine(m, tok).generate(PROMPTS, params)
-    monkeypatch.setattr(HFRolloutEngine, "_static_decode", lambda self, gathered: True)
+    monkeypatch.setattr(HFRolloutEngine, "_decode_plan", lambda self, gathered: (True, False))
     static = HFRolloutEngine(m, tok).generate(PROMPTS, params)
     assert torch.equal(static.input_ids, sliced.input_ids)
     assert torch.equal(static.response_mask, sliced.response_mask)
     torch.testing.assert_close(static.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
+
+
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph with a graph's semantics: the decoder step called
+    between capture_begin and capture_end is recorded with its argument tensors, and replay()
+    re-runs it on whatever those tensors hold then, writing into the captured output."""
+
+    capturing = None
+    replays = 0
+
+    def __init__(self, corrupt=False):
+        self.corrupt, self.call = corrupt, None
+
+    def capture_begin(self):
+        _FakeGraph.capturing = self
+
+    def capture_end(self):
+        _FakeGraph.capturing = None
+
+    def replay(self):
+        step, args, out = self.call
+        out.copy_(step(*args) + (1.0 if self.corrupt else 0.0))
+        _FakeGraph.replays += 1
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _fake_cuda_graphs(monkeypatch, corrupt=False):
+    """Runs _CUDAGraphStep's Python plumbing (static buffers, column, replay, fallback) on the CPU."""
+    import contextlib
+
+    from rlhf_fast.rollout import hf_engine
+
+    real_step = hf_engine._LlamaDecoder.step
+
+    def step(self, *args):
+        out = real_step(self, *args)
+        if _FakeGraph.capturing is not None:
+            _FakeGraph.capturing.call = (lambda *a: real_step(self, *a), args, out)
+        return out
+
+    monkeypatch.setattr(hf_engine._LlamaDecoder, "step", step)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(corrupt))
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(HFRolloutEngine, "_decode_plan", lambda self, gathered: (True, True))
+    _FakeGraph.replays = 0
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_graph_replay_plumbing_equals_sliced_steps(tok, corrupt, monkeypatch):
+    """With a stand-in graph that replays by re-running the captured step on its static input
+    buffers, generation gives the sliced steps' tokens: the engine feeds each token, position
+    and column through the buffers. A graph whose logits differ from the eager step's is
+    refused with a warning and the call decodes eagerly, with the same result."""
+    m = tiny_causal_lm(len(tok), family="qwen2", num_heads=4, num_kv_heads=2, seed=8)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, n=2, seed=1)
+    sliced = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    _fake_cuda_graphs(monkeypatch, corrupt=corrupt)
+    if corrupt:
+        with pytest.warns(RuntimeWarning, match="CUDA-graph decoding is off"):
+            graphed = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+        assert _FakeGraph.replays == 1  # the check's replay only
+    else:
+        graphed = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+        assert _FakeGraph.replays == graphed.response_mask.shape[1] - graphed.prompt_length - 1
+    assert torch.equal(graphed.input_ids, sliced.input_ids)
+    torch.testing.assert_close(graphed.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
 
 
 def test_cuda_graphs_must_be_a_bool(model, tok):

@@ -150,15 +150,22 @@ class _CUDAGraphStep:
     def __init__(self, decoder: "_LlamaDecoder", tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int):
         self.tok, self.pos, self.mask = tok.clone(), pos.clone(), mask
         self.col = torch.full((1,), col, dtype=torch.long, device=tok.device)
+        self.graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(device=tok.device)
         side.wait_stream(torch.cuda.current_stream(tok.device))
+        # capture_begin / capture_end rather than the torch.cuda.graph context, which empties
+        # the caching allocator first: the log-prob and update phases would then have to
+        # cudaMalloc their (large) blocks again after every generate call
         with torch.cuda.stream(side):
             for _ in range(2):  # cuBLAS / sdpa pick and allocate their workspaces outside the capture
                 eager = decoder.step(self.tok, self.mask, self.pos, self.col)
+            side.synchronize()  # as torch.cuda.graph does: nothing of the warm-up still in flight
+            self.graph.capture_begin()
+            try:
+                self.out = decoder.step(self.tok, self.mask, self.pos, self.col)
+            finally:
+                self.graph.capture_end()
         torch.cuda.current_stream(tok.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = decoder.step(self.tok, self.mask, self.pos, self.col)
         self.graph.replay()
         if not torch.allclose(self.out, eager, rtol=1e-3, atol=1e-3):
             raise RuntimeError("the CUDA-graph decode step does not reproduce the eager step's logits")
@@ -261,11 +268,13 @@ class HFRolloutEngine(RolloutEngine):
                 and getattr(cfg, "sliding_window", None) is None
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ())))
 
-    def _static_decode(self, gathered: bool) -> bool:
-        """Whether the preallocated-KV decoder runs static (graph-capturable) steps: CUDA graphs
-        on, a CUDA device and unsharded weights (FSDP2's gathered parameters are freed and
-        re-gathered elsewhere after the call)."""
-        return self.cuda_graphs and self.device.type == "cuda" and not gathered
+    def _decode_plan(self, gathered: bool):
+        """``(static, graphs)``: whether the preallocated-KV decoder runs static steps, and
+        whether they are captured as a CUDA graph — both when CUDA graphs are on, the device is
+        CUDA and the weights are unsharded (FSDP2's gathered parameters are freed and
+        re-gathered elsewhere after the call). Tests run the static steps without a graph."""
+        on = self.cuda_graphs and self.device.type == "cuda" and not gathered
+        return on, on
 
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
         stop = set(params.stop_token_ids)
@@ -338,12 +347,12 @@ class HFRolloutEngine(RolloutEngine):
             resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
             pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
             fast_mask = self._bool_mask_ok()
-            static = self._static_decode(gathered)
+            static, graphs = self._decode_plan(gathered)
             fast = _LlamaDecoder(self.model, cache, B, P, R, static=static) \
                 if fast_mask and _LlamaDecoder.supported(self.model, gathered=gathered) else None
             # static steps attend to all P + R columns under this mask (written in place)
             full_mask = attn.bool()[:, None, None, :] if fast is not None and static else None
-            graphed, graph_failed = None, not (static and self.device.type == "cuda")
+            graphed, graph_failed = None, not (static and graphs)
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
             check_ids = stop_ids.numel() > 0

@@ -1,7 +1,8 @@
 """Benchmark: GAE and sampling, ours against the ways peers do them.
 
 GAE at (B, T) in {(512, 4096), (64, 32768), (1, 131072), (16, 1024)}:
-  ours (cuda on a GPU, the cpp kernel on CPU) · cpp (the C++ CPU kernel) · python-loop (a
+  ours (cuda on a GPU, the cpp kernel on CPU) · ours (triton) on a GPU (the fallback when the
+  extension has no CUDA kernels) · cpp (the C++ CPU kernel) · python-loop (a
   Python loop over T on tensors, as TRL / verl / OpenRLHF compute it).
 Sampling at B in {1, 128, 256}, V in {32000, 151936}, for plain temperature, top-p 0.9 and
 top-k 50 + top-p 0.9:
@@ -173,6 +174,9 @@ def run_gae(device, shapes, budget_s, bw) -> List[dict]:
         providers: Dict[str, Callable] = {}
         if _dispatch.backend_available(ours)[0]:
             providers["ours"] = lambda: _with(ours, lambda: ops.gae(r, v, m, gamma=1.0, lam=0.95))
+        if device.type == "cuda" and _dispatch.backend_available("triton")[0]:
+            # the GPU path where rlhf_fast._C has no CUDA kernels
+            providers["ours (triton)"] = lambda: _with("triton", lambda: ops.gae(r, v, m, gamma=1.0, lam=0.95))
         if device.type == "cuda" and _dispatch.backend_available("cpp")[0] and "cpp" in _dispatch.implemented("gae"):
             rc, vc, mc = r.cpu(), v.cpu(), m.cpu()  # our C++ CPU kernel, on host copies
             providers["cpp (host)"] = lambda: _with("cpp", lambda: ops.gae(rc, vc, mc, gamma=1.0, lam=0.95))
@@ -228,11 +232,11 @@ def _measure(op, shape, providers, device, budget_s, bw, nbytes) -> List[dict]:
 
 def print_table(rows: List[dict]) -> None:
     has_bw = any("bw_frac" in r for r in rows)
-    head = f"{'op':7s} {'shape':36s} {'provider':12s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} {'x ours':>8s}"
+    head = f"{'op':7s} {'shape':36s} {'provider':14s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} {'x ours':>8s}"
     print(head + (f" {'bw frac':>8s}" if has_bw else ""))
     print("-" * (len(head) + (9 if has_bw else 0)))
     for r in rows:
-        line = (f"{r['op']:7s} {r['shape']:36s} {r['provider']:12s} {r['median_ms']:10.3f} {r['p20_ms']:9.3f} "
+        line = (f"{r['op']:7s} {r['shape']:36s} {r['provider']:14s} {r['median_ms']:10.3f} {r['p20_ms']:9.3f} "
                 f"{r['p80_ms']:9.3f} {r['vs_ours']:8.2f}")
         if has_bw:
             line += f" {r.get('bw_frac', float('nan')):8.3f}"

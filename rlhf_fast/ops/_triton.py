@@ -10,6 +10,8 @@ _IMPLS = {
     "kl_penalty": "rlhf_fast.kernels.kl:kl_penalty",
     "ppo_policy_loss": "rlhf_fast.kernels.ppo_loss:ppo_policy_loss",
     "ppo_value_loss": "rlhf_fast.kernels.ppo_loss:ppo_value_loss",
+    "gae": "rlhf_fast.kernels.advantages:gae",
+    "discounted_returns": "rlhf_fast.kernels.advantages:discounted_returns",
 }
 
 for _op, _path in _IMPLS.items():

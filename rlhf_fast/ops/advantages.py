@@ -2,7 +2,8 @@
 group_advantages, masked_mean, masked_whiten.
 
 Backends: ``torch`` (reference), ``cpp`` (csrc/cpu/advantages.cpp), ``cuda``
-(csrc/cuda/advantages.cu).
+(csrc/cuda/advantages.cu); gae and discounted_returns also ``triton``
+(rlhf_fast/kernels/advantages.py: the GPU path when the extension has no CUDA kernels).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rlhf_fast.kernels import fused_linear, kl, ppo_loss, token_logprobs  # noqa: E402
+from rlhf_fast.kernels import advantages, fused_linear, kl, ppo_loss, token_logprobs  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -80,6 +80,16 @@ def variants(dtypes=("fp32", "bf16")):
                 HAS_CLIP=clip, NV=5, BLOCK_T=1024), 4
             yield "value_bwd", ppo_loss._value_bwd_kernel, dict(vcommon, grow_ptr="*fp32", dv_ptr=f"*{dt}"), dict(
                 HAS_CLIP=clip, BLOCK_T=1024), 4
+        # gae / discounted returns, always with the 16-bit input (the --bf16 run), and fp64 input
+        # (fp64 state, as the reference) with the fp32 one
+        for rdt in (dt, "fp64") if dt == "fp32" else (dt,):
+            acc = "fp64" if rdt == "fp64" else "fp32"
+            yield "gae", advantages._gae_kernel, dict(
+                r_ptr=f"*{rdt}", v_ptr=f"*{rdt}", m_ptr="*u8", adv_ptr=f"*{acc}", ret_ptr=f"*{acc}", T="i32",
+                gamma_hi="fp32", gamma_lo="fp32", c_hi="fp32", c_lo="fp32"), dict(BLOCK=1024), 4
+            yield "returns", advantages._returns_kernel, dict(
+                r_ptr=f"*{rdt}", m_ptr="*u8", out_ptr=f"*{acc}", T="i32", gamma_hi="fp32", gamma_lo="fp32"), dict(
+                BLOCK=1024), 4
 
 
 def main() -> int:
@@ -87,7 +97,8 @@ def main() -> int:
     dtypes = ("bf16",) if "--bf16" in sys.argv else ("fp32", "bf16")
     for name, fn, types, consts, nw in variants(dtypes):
         k = compile_kernel(fn, types, consts, num_warps=nw)
-        print(f"ok {name} {types.get('logits_ptr') or types.get('h_ptr') or types.get('logp_ptr') or types.get('v_ptr')}"
+        first = next(v for v in types.values() if v.startswith("*"))
+        print(f"ok {name} {first}"
               f" {consts} cubin={len(k.asm['cubin'])}B shared={k.metadata.shared}", flush=True)
     return 0
 

@@ -1,0 +1,118 @@
+"""gae / discounted_returns Triton kernels against rlhf_fast.ops.reference (float64 oracle):
+masks with padding on either side, holes and empty rows, rows longer than one tile, every
+input dtype, and the edge values of γ and λ."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.ops import _dispatch, reference
+
+from .conftest import device
+
+
+def _mask(B, T, g, kind):
+    if kind == "random":
+        return torch.rand(B, T, generator=g) > 0.3
+    m = torch.ones(B, T, dtype=torch.bool)
+    if kind == "left_pad":
+        for b in range(B):
+            m[b, : (b * 7) % max(T, 1)] = False
+    if kind == "empty_rows":
+        m[::2] = False
+    if kind == "holes":  # multi-turn: masked runs in the middle and a masked right end
+        m[:, 1::3] = False
+        m[:, T - T // 4:] = False
+    return m
+
+
+def _check(r, v, m, gamma, lam, *, tol):
+    dev = device()
+    with ops.use_backend("triton"):
+        assert _dispatch.select("gae", dev)[0] == "triton"
+        adv, ret = ops.gae(r.to(dev), v.to(dev), m.to(dev), gamma=gamma, lam=lam)
+        dr = ops.discounted_returns(r.to(dev), m.to(dev), gamma=gamma)
+    mb = m.bool()
+    # the oracle in float64: the scan reassociates the recurrence
+    ea, er = reference.gae(r.double(), v.double(), mb, gamma=gamma, lam=lam)
+    ed = reference.discounted_returns(r.double(), mb, gamma=gamma)
+    want = reference.out_dtype(torch.promote_types(r.dtype, v.dtype))
+    assert adv.dtype == ret.dtype == want and dr.dtype == reference.out_dtype(r.dtype)
+    for got, exp in ((adv, ea), (ret, er), (dr, ed)):
+        torch.testing.assert_close(got.cpu().double(), exp, **tol)
+        assert (got.cpu()[~mb] == 0).all()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """64-token tiles on the interpreter (whose scan costs Python time per element), so a few
+    hundred tokens cross several tiles; on a GPU the real tile size."""
+    from rlhf_fast.kernels import advantages
+
+    if device().type == "cpu":
+        monkeypatch.setattr(advantages, "BLOCK", 64)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (5, 200)])
+@pytest.mark.parametrize("mask_kind", ["full", "random", "left_pad", "empty_rows", "holes"])
+def test_matches_reference(shape, mask_kind, small_tiles):
+    g = torch.Generator().manual_seed(0)
+    B, T = shape
+    r = torch.randn(B, T, generator=g)
+    v = torch.randn(B, T, generator=g)
+    m = _mask(B, T, g, mask_kind)
+    for gamma, lam in ((1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.5)):
+        _check(r, v, m, gamma, lam, tol=dict(rtol=1e-4, atol=1e-4 * math.sqrt(T)))
+
+
+def test_real_tile_size_across_two_tiles():
+    g = torch.Generator().manual_seed(4)
+    r, v = torch.randn(2, 1100, generator=g), torch.randn(2, 1100, generator=g)
+    _check(r, v, _mask(2, 1100, g, "holes"), 0.99, 0.95, tol=dict(rtol=1e-4, atol=4e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(dtype, small_tiles):
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
+    m = _mask(4, 300, g, "random")
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=4e-3)
+    _check(r, v, m, 0.999, 0.95, tol=tol)
+
+
+def test_mixed_dtypes_strides_float_mask_and_empty():
+    g = torch.Generator().manual_seed(9)
+    r = torch.randn(6, 33, generator=g).to(torch.bfloat16)
+    v = torch.randn(33, 6, generator=g).t()  # non-contiguous fp32
+    m = (torch.rand(6, 33, generator=g) > 0.5).float()  # 0/1 float mask
+    _check(r, v, m, 0.97, 0.9, tol=dict(rtol=1e-5, atol=1e-5))
+    _check(r[:, ::2], v[:, ::2], m[:, ::2].long(), 0.97, 0.9, tol=dict(rtol=1e-5, atol=1e-5))
+    for B, T in ((0, 5), (5, 0), (0, 0)):
+        z = torch.zeros(B, T, device=device())
+        with ops.use_backend("triton"):
+            a, b = ops.gae(z, z, z.bool(), gamma=0.9)
+            c = ops.discounted_returns(z, z.bool())
+        assert a.shape == b.shape == c.shape == (B, T)
+
+
+def test_long_row_against_a_plain_loop(small_tiles):
+    # many tiles in one row; the oracle is a plain loop over the unmasked tokens, not reference.py
+    g = torch.Generator().manual_seed(3)
+    T = 600 if device().type == "cpu" else 131072
+    r = torch.randn(1, T, generator=g, dtype=torch.float64)
+    v = torch.randn(1, T, generator=g, dtype=torch.float64)
+    m = torch.rand(1, T, generator=g) > 0.1
+    with ops.use_backend("triton"):
+        adv, _ = ops.gae(r.to(device()), v.to(device()), m.to(device()), gamma=0.999, lam=0.95)
+    rr, vv, mm = r[0].tolist(), v[0].tolist(), m[0].tolist()
+    exp = [0.0] * T
+    a = nv = 0.0
+    for t in range(T - 1, -1, -1):
+        if mm[t]:
+            a = rr[t] + 0.999 * nv - vv[t] + 0.999 * 0.95 * a
+            nv = vv[t]
+            exp[t] = a
+    torch.testing.assert_close(adv.cpu()[0], torch.tensor(exp, dtype=torch.float64), rtol=1e-9, atol=1e-9)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast.ops import reference
+from rlhf_fast.ops.advantages import _wants_grad
 from rlhf_fast.ops.reference import out_dtype
 
 BLOCK = 1024
@@ -119,7 +121,11 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95):
     """:func:`rlhf_fast.ops.gae` on Triton: rewards, values, mask ``[B, T]`` (validated by the
-    op) → ``(advantages, returns)`` ``[B, T]`` float32 (float64 for float64 input)."""
+    op) → ``(advantages, returns)`` ``[B, T]`` float32 (float64 for float64 input). Inputs
+    that require grad go to the reference, whose result keeps the autograd graph (as the
+    native backends do)."""
+    if _wants_grad(rewards, values):
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     dt = out_dtype(torch.promote_types(rewards.dtype, values.dtype))
     B, T = rewards.shape
     adv = torch.empty(B, T, dtype=dt, device=rewards.device)
@@ -132,7 +138,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
     """:func:`rlhf_fast.ops.discounted_returns` on Triton: rewards, mask ``[B, T]`` →
-    ``[B, T]`` float32 (float64 for float64 input)."""
+    ``[B, T]`` float32 (float64 for float64 input); inputs that require grad go to the reference."""
+    if _wants_grad(rewards):
+        return reference.discounted_returns(rewards, mask, gamma=gamma)
     B, T = rewards.shape
     out = torch.empty(B, T, dtype=out_dtype(rewards.dtype), device=rewards.device)
     if B and T:

@@ -12,6 +12,7 @@ _IMPLS = {
     "ppo_value_loss": "rlhf_fast.kernels.ppo_loss:ppo_value_loss",
     "gae": "rlhf_fast.kernels.advantages:gae",
     "discounted_returns": "rlhf_fast.kernels.advantages:discounted_returns",
+    "sample": "rlhf_fast.kernels.sampling:sample",
 }
 
 for _op, _path in _IMPLS.items():

@@ -116,3 +116,16 @@ def test_long_row_against_a_plain_loop(small_tiles):
             nv = vv[t]
             exp[t] = a
     torch.testing.assert_close(adv.cpu()[0], torch.tensor(exp, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_inputs_that_require_grad_keep_their_graph():
+    # as the native backends: the reference's differentiable result, never a silent detach
+    dev = device()
+    r = torch.randn(2, 9, device=dev, requires_grad=True)
+    v = torch.randn(2, 9, device=dev, requires_grad=True)
+    m = torch.ones(2, 9, dtype=torch.bool, device=dev)
+    with ops.use_backend("triton"):
+        adv, ret = ops.gae(r, v, m, gamma=0.9, lam=0.8)
+        dr = ops.discounted_returns(r, m, gamma=0.9)
+    (adv.sum() + ret.sum() + dr.sum()).backward()
+    assert r.grad is not None and v.grad is not None

@@ -6,7 +6,7 @@ GAE at (B, T) in {(512, 4096), (64, 32768), (1, 131072), (16, 1024)}:
   Python loop over T on tensors, as TRL / verl / OpenRLHF compute it).
 Sampling at B in {1, 128, 256}, V in {32000, 151936}, for plain temperature, top-p 0.9 and
 top-k 50 + top-p 0.9:
-  ours · ours (triton), plain temperature on a GPU · reference (our sort-based oracle) · torch-sort (transformers' TopK/TopP logits
+  ours · ours (triton) on a GPU · reference (our sort-based oracle) · torch-sort (transformers' TopK/TopP logits
   processors: full sort, cumsum, mask, softmax, multinomial) · multinomial (softmax +
   torch.multinomial, plain temperature only) · flashinfer / vllm when importable.
 
@@ -202,8 +202,7 @@ def run_sampling(device, bs, vs, budget_s, bw) -> List[dict]:
                 providers: Dict[str, Callable] = {}
                 if _dispatch.backend_available(ours)[0]:
                     providers["ours"] = lambda kw=kw: _with(ours, lambda: ops.sample(logits, **kw))
-                if mode == "temp1.0" and device.type == "cuda" and _dispatch.backend_available("triton")[0]:
-                    # the Triton sampler runs plain sampling itself (top-k / top-p: the reference)
+                if device.type == "cuda" and _dispatch.backend_available("triton")[0]:
                     providers["ours (triton)"] = lambda kw=kw: _with("triton", lambda: ops.sample(logits, **kw))
                 providers["reference"] = lambda kw=kw: reference.sample(logits, **kw)
                 providers["torch-sort"] = lambda kw=kw: sample_torch_sort(logits, **kw)

@@ -1,13 +1,18 @@
-"""Triton sampler for ``sample``: greedy, temperature and min-p in one or two passes over each
-row, with in-kernel Philox noise (Gumbel-max); top-k / top-p go to the reference.
+"""Triton sampler for ``sample``: greedy, temperature, top-k, top-p and min-p without sorting
+the vocabulary, with in-kernel Philox noise (Gumbel-max).
 
 One program per row, tiles of BLOCK_V logits:
 
 * pass 1: the online max and Σ exp(x − max) of the scaled logits x = z / T (the chosen
   token's log-prob), NaN / +inf detection, and the argmax of x + g — Gumbel-max, an exact
   draw from softmax(x) — or of x alone for greedy;
-* min-p (a second pass, the max being known): the kept set exp(x − max) ≥ min_p, its mass,
-  and the Gumbel-max over it.
+* top-k / top-p: every filter keeps a prefix of the order (value desc, index asc), so the kept
+  set is a threshold key plus how many of its ties (lowest indices first) survive, as the
+  reference's stable sort. The threshold comes from a radix select on the order-preserving
+  key of the fp32 logit: 8 passes of 4 bits, each a 16-bin histogram of counts (top-k) or of
+  fixed-point probability mass (top-p) — the CUDA kernel's algorithm, with 4-bit digits;
+* a last pass in index order: the kept set (min-p: exp(x − max) ≥ min_p), its mass and the
+  Gumbel-max over it.
 
 The noise is the CUDA kernel's (csrc/cuda/sampling.cu): Philox4x32-10 with key = seed and
 counter = (offset / 4, row·⌈V/4⌉ + i/4), word i mod 4 for entry i, the seed and offset
@@ -27,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import reference
 
 BLOCK_V = 2048
+RADIX_BLOCK = 512
 
 
 @triton.jit
@@ -58,8 +63,82 @@ def _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, min_p, seed, ctr_lo, ctr_hi,
-                   GREEDY: tl.constexpr, MIN_P: tl.constexpr, BLOCK_V: tl.constexpr):
+def _key(x):
+    """The order-preserving key of fp32 x as an int64 in [0, 2^32) (csrc/cuda/sampling.cu's
+    float_key): −0.0 and +0.0 share one key."""
+    v = x.to(tl.int32, bitcast=True).to(tl.int64)
+    v = tl.where(v == -2147483648, 0, v)
+    return tl.where(v >= 0, v + 2147483648, -1 - v)
+
+
+@triton.jit
+def _kept(key, inb, thr, ntie, run):
+    """Membership of a tile in the kept set {key > thr} ∪ {the first ntie entries, by index,
+    with key == thr} (thr = −1: everything), given ``run`` ties at thr in earlier tiles;
+    returns (kept, run after this tile)."""
+    eq = (inb & (key == thr)).to(tl.int64)
+    rank = run + tl.cumsum(eq, axis=0) - eq
+    return inb & ((key > thr) | ((eq > 0) & (rank < ntie))), run + tl.sum(eq, axis=0)
+
+
+@triton.jit
+def _radix_select(z_row, V, temperature, m, scale, thr, ntie, top_k, top_p, MASS: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """The boundary key of a filter over the kept set (thr, ntie): where the count (top-k,
+    target top_k) or the fixed-point mass (top-p, target ⌈top_p · total⌉) of the entries from
+    the top first reaches the target. 8 passes of 4 bits, each a 16-bin histogram of the entries
+    whose key matches the digits chosen so far; integer sums, so the result does not depend on
+    the order of the additions. Returns (key, count or mass strictly above it, entries at it,
+    their mass, target)."""
+    lanes = tl.arange(0, BLOCK_V)
+    bins = tl.arange(0, 16).to(tl.int64)
+    prefix = tl.zeros((), tl.int64)
+    above = tl.zeros((), tl.int64)
+    target = tl.zeros((), tl.int64) + top_k
+    eq_cnt = tl.zeros((), tl.int64)
+    eq_mass = tl.zeros((), tl.int64)
+    for p in range(8):  # not unrolled: 8 copies of the tile loop would only grow the code
+        shift = 28 - 4 * p
+        cnt = tl.zeros((16,), tl.int64)
+        mass = tl.zeros((16,), tl.int64)
+        run = tl.zeros((), tl.int64)
+        for start in range(0, V, BLOCK_V):
+            offs = start + lanes
+            inb = offs < V
+            x = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(tl.float32) / temperature
+            key = _key(x)
+            kept, run = _kept(key, inb, thr, ntie, run)
+            part = kept & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
+            hit = part[:, None] & (((key >> shift) & 15)[:, None] == bins[None, :])
+            cnt += tl.sum(hit.to(tl.int32), axis=0).to(tl.int64)
+            if MASS:
+                fw = (tl.exp(x - m) * scale).to(tl.int64)
+                mass += tl.sum(tl.where(hit, fw[:, None], 0), axis=0)
+        if MASS:
+            val = mass
+            # the kept set's total mass is the first pass's sum; keep the smallest prefix whose
+            # mass reaches top_p of it (the reference's mass_before < p): >= 1 unit, <= total
+            total = tl.sum(val, axis=0)
+            t = tl.ceil(tl.cast(top_p, tl.float64) * total.to(tl.float64)).to(tl.int64)
+            target = tl.where(p == 0, tl.minimum(tl.maximum(t, 1), total), target)
+        else:
+            val = cnt
+        # from the top: the highest bin where the running total reaches the target
+        upto = tl.sum(tl.where(bins[None, :] >= bins[:, None], val[None, :], 0), axis=1)
+        chosen = tl.maximum(tl.max(tl.where(above + upto >= target, bins, -1), axis=0), 0)
+        sel = bins == chosen
+        above += tl.sum(tl.where(sel, upto - val, 0), axis=0)
+        prefix = prefix | (chosen << shift)
+        eq_cnt = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        eq_mass = tl.sum(tl.where(sel, mass, 0), axis=0)
+    return prefix, above, eq_cnt, eq_mass, target
+
+
+@triton.jit
+def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_p, min_p, scale, seed, ctr_lo,
+                   ctr_hi, GREEDY: tl.constexpr, TOPK: tl.constexpr, TOPP: tl.constexpr, MIN_P: tl.constexpr,
+                   BLOCK_V: tl.constexpr, RADIX_BLOCK: tl.constexpr):
+    FILTERED: tl.constexpr = TOPK or TOPP or MIN_P
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride
     sub0 = row * ((V + 3) // 4)
@@ -71,6 +150,8 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, min_p, seed
     arg = tl.zeros((), tl.int64) + V
     pinf = tl.zeros((), tl.int64) + V
     nan = tl.zeros((), tl.int32)
+    # pass 1: max, Σ exp(x − max), NaN / +inf, and the argmax of x (greedy) or of x + noise
+    # (plain sampling, the whole draw)
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         inb = offs < V
@@ -83,7 +164,7 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, min_p, seed
         shift = tl.where(m_new == NEG, 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
-        if GREEDY or MIN_P:
+        if GREEDY or FILTERED:
             score = x
         else:
             score = x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V)
@@ -92,17 +173,40 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, min_p, seed
         arg = tl.where(t_best > best, t_arg, arg)  # earlier tiles win ties: the first maximum
         best = tl.maximum(best, t_best)
     total = s
-    if MIN_P:
-        # p >= min_p·p_max  <=>  exp(x − max) >= min_p (the max is always kept)
+    if FILTERED:
+        # the kept set: a threshold key and how many of its ties (lowest indices first) survive,
+        # as the reference's stable sort; thr = −1 keeps everything
+        thr = tl.zeros((), tl.int64) - 1
+        ntie = tl.zeros((), tl.int64)
+        if TOPK:
+            key_k, above_k, _c, _m, _t = _radix_select(z_row, V, temperature, m, scale, thr, ntie, top_k, top_p,
+                                                       False, RADIX_BLOCK)
+            thr = key_k
+            ntie = top_k - above_k  # <= the entries at key_k, by the select's invariant
+        if TOPP:
+            key_p, above_p, eq_cnt, eq_mass, target = _radix_select(z_row, V, temperature, m, scale, thr, ntie,
+                                                                    top_k, top_p, True, RADIX_BLOCK)
+            # the j-th tie (by index) is kept iff the mass before it is < target: at least one,
+            # at most all of them
+            wt = eq_mass // tl.maximum(eq_cnt, 1)
+            need = tl.maximum(target - above_p, 0)
+            n_p = tl.where(wt > 0, (need + wt - 1) // tl.maximum(wt, 1), eq_cnt)
+            ntie = tl.maximum(tl.minimum(n_p, eq_cnt), 1)
+            thr = key_p
+        # last pass in index order: the kept set (min-p: exp(x − max) >= min_p, the max always
+        # kept), its mass, and the Gumbel-max over it
         total = tl.zeros((), tl.float32)
         best = tl.full((), NEG, tl.float32)
         arg = tl.zeros((), tl.int64) + V
+        run = tl.zeros((), tl.int64)
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
             inb = offs < V
             x = tl.load(z_row + offs, mask=inb, other=NEG).to(tl.float32) / temperature
+            keep, run = _kept(_key(x), inb, thr, ntie, run)
             w = tl.exp(x - m)
-            keep = inb & (w >= min_p)
+            if MIN_P:
+                keep = keep & (w >= min_p)
             total += tl.sum(tl.where(keep, w, 0.0), axis=0)
             score = tl.where(keep, x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V), NEG)
             t_best = tl.max(score, axis=0)
@@ -142,27 +246,29 @@ def _seed_offset(device: torch.device, generator: Optional[torch.Generator]):
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            min_p: float = 0.0, generator: Optional[torch.Generator] = None):
     """:func:`rlhf_fast.ops.sample` on Triton: logits ``[B, V]`` (validated by the op) →
-    ``(tokens [B] int64, logp [B] float32)``. Greedy, temperature and min-p run the kernel;
-    top-k / top-p run the reference (sort-based)."""
-    V = logits.shape[1]
-    if (0 < top_k < V) or top_p < 1.0:
-        return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                generator=generator)
+    ``(tokens [B] int64, logp [B] float32)``, logp under the processed distribution (0 for
+    greedy)."""
     z = logits.detach()
     if z.stride(1) != 1:
         z = z.contiguous()
-    B = z.shape[0]
+    B, V = z.shape
     tok = torch.empty(B, dtype=torch.int64, device=z.device)
     logp = torch.empty(B, dtype=torch.float32, device=z.device)
     if B == 0:
         return tok, logp
-    greedy = temperature == 0
-    seed, offset = (0, 0) if greedy else _seed_offset(z.device, generator)
-    ctr = (offset // 4) % 2**64
     # fp32 temperature as the other backends; one that rounds to 0 is greedy, the limit
     t32 = float(torch.tensor(temperature, dtype=torch.float32))
-    greedy = greedy or t32 == 0.0
-    _sample_kernel[(B,)](z, tok, logp, V, z.stride(0), 1.0 if greedy else t32, float(min_p), seed,
-                         ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, MIN_P=(not greedy and min_p > 0.0),
-                         BLOCK_V=min(BLOCK_V, max(16, triton.next_power_of_2(V))))
+    greedy = temperature == 0 or t32 == 0.0
+    seed, offset = (0, 0) if greedy else _seed_offset(z.device, generator)
+    ctr = (offset // 4) % 2**64
+    topk = not greedy and 0 < top_k < V
+    topp = not greedy and top_p < 1.0
+    # fixed-point mass unit 2^-(62 - bits(V)): V weights <= 1 sum below 2^62
+    scale = float(2 ** (62 - V.bit_length()))
+    _sample_kernel[(B,)](z, tok, logp, V, z.stride(0), 1.0 if greedy else t32, int(top_k), float(top_p),
+                         float(min_p), scale, seed, ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, TOPK=topk, TOPP=topp,
+                         MIN_P=(not greedy and min_p > 0.0),
+                         BLOCK_V=min(BLOCK_V, max(16, triton.next_power_of_2(V))),
+                         # a 16-bin histogram holds [tile, 16] flags: a smaller tile for the radix passes
+                         RADIX_BLOCK=min(RADIX_BLOCK, BLOCK_V, max(16, triton.next_power_of_2(V))))
     return tok, logp

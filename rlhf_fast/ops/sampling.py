@@ -2,9 +2,9 @@
 distribution, without sorting the vocabulary in the native backends.
 
 Backends: ``torch`` (reference, sort-based), ``cpp`` (csrc/cpu/sampling.cpp), ``cuda``
-(csrc/cuda/sampling.cu), ``triton`` (rlhf_fast/kernels/sampling.py: greedy, temperature and
-min-p in the kernel with the cuda backend's Philox stream, top-k / top-p through the
-reference; the GPU path when the extension has no CUDA kernels).
+(csrc/cuda/sampling.cu), ``triton`` (rlhf_fast/kernels/sampling.py: the same algorithm —
+radix-select thresholds, Gumbel-max on the cuda backend's Philox stream — as the GPU path
+when the extension has no CUDA kernels).
 """
 
 from __future__ import annotations

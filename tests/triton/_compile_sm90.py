@@ -90,14 +90,15 @@ def variants(dtypes=("fp32", "bf16")):
             yield "returns", advantages._returns_kernel, dict(
                 r_ptr=f"*{rdt}", m_ptr="*u8", out_ptr=f"*{acc}", T="i32", gamma_hi="fp32", gamma_lo="fp32"), dict(
                 BLOCK=1024), 4
-        # sampler: greedy / Gumbel-max / min-p (seed and counter words as int32 and as int64:
-        # Triton types a Python int by its value)
-        for greedy, minp in ((True, False), (False, False), (False, True)):
+        # sampler: greedy, Gumbel-max, top-k / top-p / min-p (seed and counter words typed as
+        # int32 and as int64: Triton types a Python int by its value)
+        for greedy, topk, topp, minp in ((True, False, False, False), (False, False, False, False),
+                                         (False, True, True, True), (False, False, True, False)):
             for ctr in ("i32", "i64"):
                 yield "sample", sampling._sample_kernel, dict(
                     z_ptr=f"*{dt}", tok_ptr="*i64", logp_ptr="*fp32", V="i32", stride="i64", temperature="fp32",
-                    min_p="fp32", seed=ctr, ctr_lo=ctr, ctr_hi=ctr), dict(GREEDY=greedy, MIN_P=minp,
-                                                                             BLOCK_V=2048), 4
+                    top_k="i32", top_p="fp32", min_p="fp32", scale="fp32", seed=ctr, ctr_lo=ctr, ctr_hi=ctr), dict(
+                    GREEDY=greedy, TOPK=topk, TOPP=topp, MIN_P=minp, BLOCK_V=2048, RADIX_BLOCK=512), 4
 
 
 def main() -> int:

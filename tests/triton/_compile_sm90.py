@@ -80,16 +80,22 @@ def variants(dtypes=("fp32", "bf16")):
                 HAS_CLIP=clip, NV=5, BLOCK_T=1024), 4
             yield "value_bwd", ppo_loss._value_bwd_kernel, dict(vcommon, grow_ptr="*fp32", dv_ptr=f"*{dt}"), dict(
                 HAS_CLIP=clip, BLOCK_T=1024), 4
-        # gae / discounted returns, always with the 16-bit input (the --bf16 run), and fp64 input
-        # (fp64 state, as the reference) with the fp32 one
+        # gae / discounted returns (HAS_VALUES off), one program per row and split rows, always
+        # with the 16-bit input (the --bf16 run), and fp64 input (fp64 state) with the fp32 one
         for rdt in (dt, "fp64") if dt == "fp32" else (dt,):
             acc = "fp64" if rdt == "fp64" else "fp32"
-            yield "gae", advantages._gae_kernel, dict(
-                r_ptr=f"*{rdt}", v_ptr=f"*{rdt}", m_ptr="*u8", adv_ptr=f"*{acc}", ret_ptr=f"*{acc}", T="i32",
-                gamma_hi="fp32", gamma_lo="fp32", c_hi="fp32", c_lo="fp32"), dict(BLOCK=1024), 4
-            yield "returns", advantages._returns_kernel, dict(
-                r_ptr=f"*{rdt}", m_ptr="*u8", out_ptr=f"*{acc}", T="i32", gamma_hi="fp32", gamma_lo="fp32"), dict(
-                BLOCK=1024), 4
+            scal = dict(gamma_hi="fp32", gamma_lo="fp32", c_hi="fp32", c_lo="fp32")
+            ins = dict(r_ptr=f"*{rdt}", v_ptr=f"*{rdt}", m_ptr="*u8")
+            for hv in (True, False):
+                yield "gae_rows", advantages._rows_kernel, dict(
+                    ins, adv_ptr=f"*{acc}", ret_ptr=f"*{acc}", T="i32", **scal), dict(HAS_VALUES=hv, BLOCK=1024), 4
+                yield "gae_maps", advantages._tile_maps_kernel, dict(
+                    ins, maps_ptr=f"*{acc}", T="i32", n_tiles="i32", **scal), dict(HAS_VALUES=hv, BLOCK=1024), 4
+                yield "gae_apply", advantages._apply_kernel, dict(
+                    ins, adv_ptr=f"*{acc}", ret_ptr=f"*{acc}", carry_ptr=f"*{acc}", T="i32", n_tiles="i32", **scal), dict(
+                    HAS_VALUES=hv, BLOCK=1024), 4
+            yield "gae_carry", advantages._carry_kernel, dict(maps_ptr=f"*{acc}", carry_ptr=f"*{acc}", n_tiles="i32"), dict(
+                CHUNK=1024), 4
         # sampler: greedy, Gumbel-max, top-k / top-p / min-p (seed and counter words typed as
         # int32 and as int64: Triton types a Python int by its value)
         for greedy, topk, topp, minp in ((True, False, False, False), (False, False, False, False),

@@ -55,7 +55,19 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(advantages, "BLOCK", 64)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (5, 200)])
+@pytest.fixture(params=["rows", "split"])
+def layout(request, monkeypatch):
+    """One program per row, or each row's tiles spread over programs (a tile-map pass, a carry
+    scan over tiles in chunks of 4, and an apply pass) — the GPU's choice for few long rows."""
+    from rlhf_fast.kernels import advantages
+
+    if request.param == "split":
+        monkeypatch.setattr(advantages, "_split_rows", lambda B, n_tiles, dev: n_tiles > 1)
+        monkeypatch.setattr(advantages, "CARRY_CHUNK", 4)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (5, 130)])
 @pytest.mark.parametrize("mask_kind", ["full", "random", "left_pad", "empty_rows", "holes"])
 def test_matches_reference(shape, mask_kind, small_tiles):
     g = torch.Generator().manual_seed(0)
@@ -67,6 +79,17 @@ def test_matches_reference(shape, mask_kind, small_tiles):
         _check(r, v, m, gamma, lam, tol=dict(rtol=1e-4, atol=1e-4 * math.sqrt(T)))
 
 
+@pytest.mark.parametrize("mask_kind", ["random", "left_pad", "empty_rows", "holes"])
+def test_split_rows_match_reference(mask_kind, small_tiles, monkeypatch):
+    from rlhf_fast.kernels import advantages
+
+    monkeypatch.setattr(advantages, "_split_rows", lambda B, n_tiles, dev: True)
+    monkeypatch.setattr(advantages, "CARRY_CHUNK", 4)
+    g = torch.Generator().manual_seed(5)
+    r, v = torch.randn(3, 500, generator=g), torch.randn(3, 500, generator=g)  # 8 tiles, 2 carry chunks
+    _check(r, v, _mask(3, 500, g, mask_kind), 0.99, 0.9, tol=dict(rtol=1e-4, atol=1e-3))
+
+
 def test_real_tile_size_across_two_tiles():
     g = torch.Generator().manual_seed(4)
     r, v = torch.randn(2, 1100, generator=g), torch.randn(2, 1100, generator=g)
@@ -74,7 +97,7 @@ def test_real_tile_size_across_two_tiles():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_dtypes(dtype, small_tiles):
+def test_dtypes(dtype, small_tiles, layout):
     g = torch.Generator().manual_seed(1)
     r = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
@@ -98,7 +121,7 @@ def test_mixed_dtypes_strides_float_mask_and_empty():
         assert a.shape == b.shape == c.shape == (B, T)
 
 
-def test_long_row_against_a_plain_loop(small_tiles):
+def test_long_row_against_a_plain_loop(small_tiles, layout):
     # many tiles in one row; the oracle is a plain loop over the unmasked tokens, not reference.py
     g = torch.Generator().manual_seed(3)
     T = 600 if device().type == "cpu" else 131072

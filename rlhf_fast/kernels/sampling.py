@@ -14,6 +14,9 @@ One program per row, tiles of BLOCK_V logits:
 * a last pass in index order: the kept set (min-p: exp(x − max) ≥ min_p), its mass and the
   Gumbel-max over it.
 
+Plain and greedy sampling of few long rows (B·4 ≤ SMs) spread each row over programs: pass 1
+per chunk, then a merge of the chunks' statistics — the same tokens as one program per row.
+
 The noise is the CUDA kernel's (csrc/cuda/sampling.cu): Philox4x32-10 with key = seed and
 counter = (offset / 4, row·⌈V/4⌉ + i/4), word i mod 4 for entry i, the seed and offset
 reserved on the torch generator exactly as the cuda backend does — so a draw advances the
@@ -144,34 +147,10 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_
     sub0 = row * ((V + 3) // 4)
     lanes = tl.arange(0, BLOCK_V)
     NEG: tl.constexpr = float("-inf")
-    m = tl.full((), NEG, tl.float32)
-    s = tl.zeros((), tl.float32)
-    best = tl.full((), NEG, tl.float32)
-    arg = tl.zeros((), tl.int64) + V
-    pinf = tl.zeros((), tl.int64) + V
-    nan = tl.zeros((), tl.int32)
     # pass 1: max, Σ exp(x − max), NaN / +inf, and the argmax of x (greedy) or of x + noise
     # (plain sampling, the whole draw)
-    for start in range(0, V, BLOCK_V):
-        offs = start + lanes
-        inb = offs < V
-        x = tl.load(z_row + offs, mask=inb, other=NEG).to(tl.float32) / temperature
-        bad = x != x
-        nan = tl.maximum(nan, tl.max(bad.to(tl.int32), axis=0))
-        pinf = tl.minimum(pinf, tl.min(tl.where(x == float("inf"), offs, V), axis=0))
-        x = tl.where(bad, NEG, x)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == NEG, 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = m_new
-        if GREEDY or FILTERED:
-            score = x
-        else:
-            score = x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V)
-        t_best = tl.max(score, axis=0)
-        t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
-        arg = tl.where(t_best > best, t_arg, arg)  # earlier tiles win ties: the first maximum
-        best = tl.maximum(best, t_best)
+    m, s, best, arg, pinf, nan = _row_stats(z_row, 0, V, V, temperature, seed, ctr_lo, ctr_hi, sub0,
+                                            GREEDY or FILTERED, BLOCK_V)
     total = s
     if FILTERED:
         # the kept set: a threshold key and how many of its ties (lowest indices first) survive,
@@ -213,19 +192,121 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_
             t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
             arg = tl.where(t_best > best, t_arg, arg)
             best = tl.maximum(best, t_best)
+    _finish(z_row, tok_ptr + row, logp_ptr + row, V, temperature, m, total, arg, pinf, nan, GREEDY)
+
+
+@triton.jit
+def _row_stats(z_row, lo, hi, V, temperature, seed, ctr_lo, ctr_hi, sub0, NO_NOISE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Entries lo .. hi - 1 of a row (lo a multiple of BLOCK_V): max and Σ exp(x − max) of the
+    scaled logits, NaN flag, first +inf (V: none), and the best score with its first index (V:
+    none); the score is x + Gumbel noise, or x when NO_NOISE."""
+    lanes = tl.arange(0, BLOCK_V)
+    NEG: tl.constexpr = float("-inf")
+    m = tl.full((), NEG, tl.float32)
+    s = tl.zeros((), tl.float32)
+    best = tl.full((), NEG, tl.float32)
+    arg = tl.zeros((), tl.int64) + V
+    pinf = tl.zeros((), tl.int64) + V
+    nan = tl.zeros((), tl.int32)
+    for start in range(lo, hi, BLOCK_V):
+        offs = start + lanes
+        inb = offs < hi
+        x = tl.load(z_row + offs, mask=inb, other=NEG).to(tl.float32) / temperature
+        bad = x != x
+        nan = tl.maximum(nan, tl.max(bad.to(tl.int32), axis=0))
+        pinf = tl.minimum(pinf, tl.min(tl.where(x == float("inf"), offs, V), axis=0))
+        x = tl.where(bad, NEG, x)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        shift = tl.where(m_new == NEG, 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        m = m_new
+        if NO_NOISE:
+            score = x
+        else:
+            score = x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V)
+        t_best = tl.max(score, axis=0)
+        t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
+        arg = tl.where(t_best > best, t_arg, arg)  # earlier tiles win ties: the first maximum
+        best = tl.maximum(best, t_best)
+    return m, s, best, arg, pinf, nan
+
+
+@triton.jit
+def _finish(z_row, tok_out, logp_out, V, temperature, m, total, arg, pinf, nan, GREEDY: tl.constexpr):
+    """Store a row's token and log-prob (total: Σ exp(x − m) over the kept tokens)."""
     # no distribution: NaN, +inf (greedy excepted: its answer is the first +inf) or only −inf
     if GREEDY:
-        broken = (nan > 0) | (m == NEG)
+        broken = (nan > 0) | (m == float("-inf"))
     else:
-        broken = (nan > 0) | (pinf < V) | (m == NEG)
+        broken = (nan > 0) | (pinf < V) | (m == float("-inf"))
     tok = tl.where(broken, tl.where(pinf < V, pinf, 0), tl.where(arg < V, arg, 0))
     x_tok = tl.load(z_row + tok).to(tl.float32) / temperature
     if GREEDY:
         lp = tl.where(broken, float("nan"), 0.0)
-    else:  # total: Σ exp(x − max) over the kept tokens
+    else:
         lp = tl.where(broken, float("nan"), x_tok - m - tl.log(total))
-    tl.store(tok_ptr + row, tok)
-    tl.store(logp_ptr + row, lp)
+    tl.store(tok_out, tok)
+    tl.store(logp_out, lp)
+
+
+@triton.jit
+def _partial_kernel(z_ptr, part_f_ptr, part_i_ptr, V, stride, chunk, n_chunks, temperature, seed, ctr_lo, ctr_hi,
+                    GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Split rows, step 1 — grid (B, chunks): pass 1 over one chunk of a row; (max, Σ exp,
+    best score) and (first index of it, first +inf, NaN flag) to the partial buffers."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    lo = c * chunk
+    m, s, best, arg, pinf, nan = _row_stats(z_ptr + row * stride, lo, tl.minimum(lo + chunk, V), V, temperature,
+                                            seed, ctr_lo, ctr_hi, row * ((V + 3) // 4), GREEDY, BLOCK_V)
+    k = (row * n_chunks + c) * 3
+    tl.store(part_f_ptr + k, m)
+    tl.store(part_f_ptr + k + 1, s)
+    tl.store(part_f_ptr + k + 2, best)
+    tl.store(part_i_ptr + k, arg)
+    tl.store(part_i_ptr + k + 1, pinf)
+    tl.store(part_i_ptr + k + 2, nan.to(tl.int64))
+
+
+@triton.jit
+def _merge_kernel(z_ptr, part_f_ptr, part_i_ptr, tok_ptr, logp_ptr, V, stride, n_chunks, temperature,
+                  GREEDY: tl.constexpr, CHUNKS: tl.constexpr):
+    """Split rows, step 2 — one program per row: the chunks' statistics merged (the lowest
+    index wins a tie of best scores, as in one pass), then the token and its log-prob."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, CHUNKS)
+    ok = j < n_chunks
+    k = (row * n_chunks + j) * 3
+    NEG: tl.constexpr = float("-inf")
+    ms = tl.load(part_f_ptr + k, mask=ok, other=NEG)
+    ss = tl.load(part_f_ptr + k + 1, mask=ok, other=0.0)
+    bs = tl.load(part_f_ptr + k + 2, mask=ok, other=NEG)
+    args = tl.load(part_i_ptr + k, mask=ok, other=V)
+    pinfs = tl.load(part_i_ptr + k + 1, mask=ok, other=V)
+    nans = tl.load(part_i_ptr + k + 2, mask=ok, other=0)
+    m = tl.max(ms, axis=0)
+    shift = tl.where(m == NEG, 0.0, m)
+    total = tl.sum(ss * tl.exp(ms - shift), axis=0)
+    best = tl.max(bs, axis=0)
+    arg = tl.min(tl.where((bs == best) & (args < V), args, V), axis=0)
+    _finish(z_ptr + row * stride, tok_ptr + row, logp_ptr + row, V, temperature, m, total, arg,
+            tl.min(pinfs, axis=0), tl.max(nans, axis=0), GREEDY)
+
+
+SPLIT_MIN_TILES = 8  # a row of this many tiles, or more, may be spread over programs
+
+
+def _split_chunks(B: int, V: int, blk: int, device: torch.device) -> int:
+    """How many programs share a row in plain / greedy sampling: 1 (one program per row) unless
+    the rows are few next to the SMs (B·4 <= SMs) and long; then about 2·SMs programs in all."""
+    tiles = triton.cdiv(V, blk)
+    if tiles < SPLIT_MIN_TILES or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if B * 4 > sms:
+        return 1
+    return max(1, min(tiles, (2 * sms) // B))
 
 
 def _seed_offset(device: torch.device, generator: Optional[torch.Generator]):
@@ -263,12 +344,25 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     ctr = (offset // 4) % 2**64
     topk = not greedy and 0 < top_k < V
     topp = not greedy and top_p < 1.0
+    blk = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+    minp = not greedy and min_p > 0.0
+    n_chunks = _split_chunks(B, V, blk, z.device) if not (topk or topp or minp) else 1
+    if n_chunks > 1:
+        chunk = triton.cdiv(triton.cdiv(V, n_chunks), blk) * blk
+        n_chunks = triton.cdiv(V, chunk)
+        part_f = torch.empty(B, n_chunks, 3, dtype=torch.float32, device=z.device)
+        part_i = torch.empty(B, n_chunks, 3, dtype=torch.int64, device=z.device)
+        temp = 1.0 if greedy else t32
+        _partial_kernel[(B, n_chunks)](z, part_f, part_i, V, z.stride(0), chunk, n_chunks, temp, seed,
+                                       ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, BLOCK_V=blk)
+        _merge_kernel[(B,)](z, part_f, part_i, tok, logp, V, z.stride(0), n_chunks, temp, GREEDY=greedy,
+                            CHUNKS=max(2, triton.next_power_of_2(n_chunks)))
+        return tok, logp
     # fixed-point mass unit 2^-(62 - bits(V)): V weights <= 1 sum below 2^62
     scale = float(2 ** (62 - V.bit_length()))
     _sample_kernel[(B,)](z, tok, logp, V, z.stride(0), 1.0 if greedy else t32, int(top_k), float(top_p),
                          float(min_p), scale, seed, ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, TOPK=topk, TOPP=topp,
-                         MIN_P=(not greedy and min_p > 0.0),
-                         BLOCK_V=min(BLOCK_V, max(16, triton.next_power_of_2(V))),
+                         MIN_P=minp, BLOCK_V=blk,
                          # a 16-bin histogram holds [tile, 16] flags: a smaller tile for the radix passes
                          RADIX_BLOCK=min(RADIX_BLOCK, BLOCK_V, max(16, triton.next_power_of_2(V))))
     return tok, logp

@@ -105,6 +105,14 @@ def variants(dtypes=("fp32", "bf16")):
                     z_ptr=f"*{dt}", tok_ptr="*i64", logp_ptr="*fp32", V="i32", stride="i64", temperature="fp32",
                     top_k="i32", top_p="fp32", min_p="fp32", scale="fp32", seed=ctr, ctr_lo=ctr, ctr_hi=ctr), dict(
                     GREEDY=greedy, TOPK=topk, TOPP=topp, MIN_P=minp, BLOCK_V=2048, RADIX_BLOCK=512), 4
+        for greedy in (True, False):  # few long rows: partial statistics per chunk, then a merge
+            yield "sample_partial", sampling._partial_kernel, dict(
+                z_ptr=f"*{dt}", part_f_ptr="*fp32", part_i_ptr="*i64", V="i32", stride="i64", chunk="i32",
+                n_chunks="i32", temperature="fp32", seed="i64", ctr_lo="i64", ctr_hi="i64"), dict(
+                GREEDY=greedy, BLOCK_V=2048), 4
+            yield "sample_merge", sampling._merge_kernel, dict(
+                z_ptr=f"*{dt}", part_f_ptr="*fp32", part_i_ptr="*i64", tok_ptr="*i64", logp_ptr="*fp32", V="i32",
+                stride="i64", n_chunks="i32", temperature="fp32"), dict(GREEDY=greedy, CHUNKS=256), 4
 
 
 def main() -> int:

@@ -130,6 +130,44 @@ def test_greedy_ties_infinities_and_broken_rows(small_tiles):
     assert ((stok >= 0) & (stok < 40)).all()
 
 
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Plain and greedy rows spread over 3 programs each (partial statistics, then a merge):
+    the GPU's layout for few long rows."""
+    from rlhf_fast.kernels import sampling
+
+    monkeypatch.setattr(sampling, "_split_chunks", lambda B, V, blk, dev: 3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_split_rows_draw_the_same_tokens(temperature, small_tiles, split_rows):
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(3, 70, generator=g) * 2).to(device())  # 5 tiles over 3 chunks
+    logits[1, 10] = logits[1, 60] = 30.0  # a tie across chunks: the lower index wins greedy
+    gen = torch.Generator(device=device()).manual_seed(12)
+    seed, offset = _seed_offset_of_next_call(gen)
+    with ops.use_backend("triton"):
+        tok, lp = ops.sample(logits, temperature=temperature, generator=gen)
+        gtok, glp = ops.sample(logits, temperature=0.0)
+    assert torch.equal(tok.cpu(), _expected(logits.cpu(), seed, offset, temperature=temperature))
+    target = reference.process_logits(logits.cpu(), temperature=temperature)
+    torch.testing.assert_close(lp.cpu(), target.gather(1, tok.cpu()[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gtok.cpu(), logits.cpu().argmax(-1)) and gtok[1].item() == 10 and (glp == 0).all()
+
+
+def test_split_rows_broken_rows(small_tiles, split_rows):
+    z = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    z[0, 40] = float("inf")
+    z[1, 20] = float("nan")
+    z[2] = float("-inf")
+    z = z.to(device())
+    with ops.use_backend("triton"):
+        tok, lp = ops.sample(z, generator=torch.Generator(device=device()).manual_seed(0))
+        gtok, glp = ops.sample(z, temperature=0.0)
+    assert tok[0].item() == 40 and torch.isnan(lp[:3]).all() and torch.isfinite(lp[3])
+    assert gtok[0].item() == 40 and glp[0].item() == 0 and torch.isnan(glp[1:3]).all()
+
+
 def test_generator_reproduces_and_advances():
     z = torch.zeros(64, 100, device=device())  # uniform: two fresh draws agree on ~1% of rows
     with ops.use_backend("triton"):

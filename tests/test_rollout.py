@@ -350,6 +350,22 @@ def test_graph_replay_plumbing_equals_sliced_steps(tok, corrupt, monkeypatch):
     torch.testing.assert_close(graphed.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("every", [3, 8])
+def test_checking_for_finished_rows_every_few_steps_changes_nothing(tok, model, every):
+    """On a GPU the engine reads "all rows finished?" every 8 steps; the steps run after the
+    last row finished are trimmed, so the batch is the one a check at every step gives."""
+    # stop tokens common enough that every row stops early, at different steps
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, n=3, seed=5, stop_token_ids=tuple(range(120)))
+    each = HFRolloutEngine(model, tok).generate(PROMPTS, params)
+    engine = HFRolloutEngine(model, tok)
+    engine.alive_check_every = every
+    few = engine.generate(PROMPTS, params)
+    assert set(each.finish_reasons) == {"stop"} and each.response_mask.shape[1] < each.prompt_length + 20
+    assert len(set(each.response_mask.sum(1).tolist())) > 1
+    assert torch.equal(few.input_ids, each.input_ids) and torch.equal(few.response_mask, each.response_mask)
+    assert torch.equal(few.behaviour_logp, each.behaviour_logp) and few.finish_reasons == each.finish_reasons
+
+
 def test_cuda_graphs_must_be_a_bool(model, tok):
     with pytest.raises(TypeError, match="cuda_graphs"):
         HFRolloutEngine(model, tok, cuda_graphs="yes")

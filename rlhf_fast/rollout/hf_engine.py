@@ -188,6 +188,10 @@ class HFRolloutEngine(RolloutEngine):
     Llama / Mistral / Qwen2 on sdpa, not FSDP-sharded), capture the decode step once per
     :meth:`generate` call as a CUDA graph and replay it per token; if the capture fails or its
     logits differ from the eager step's, the call warns and decodes eagerly.
+    ``alive_check_every`` (attribute): decode steps between host reads of "have all rows
+    finished?" — None: every step on the CPU, every 8 on a GPU, where the read is a device sync
+    that would stop the host from queueing the next step. Steps run after the last row finished
+    are trimmed, so the result does not depend on it.
     """
 
     def __init__(self, model, tokenizer, *, device=None, cuda_graphs: bool = True):
@@ -202,6 +206,8 @@ class HFRolloutEngine(RolloutEngine):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.cuda_graphs = cuda_graphs
+        # decode steps between host reads of "all rows finished": None = 1 on the CPU, 8 on a GPU
+        self.alive_check_every: Optional[int] = None
         self._cache_kw = _cache_kwarg(type(unwrap(model)))
 
     # ------------------------------------------------------------------ prompts
@@ -356,6 +362,9 @@ class HFRolloutEngine(RolloutEngine):
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
             check_ids = stop_ids.numel() > 0
+            check_every = self.alive_check_every or (1 if self.device.type == "cpu" else 8)
+            if params.stop_strings:  # decoded on the host every step anyway
+                check_every = 1
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
             R_used = 0
             for step in range(R):
@@ -380,7 +389,10 @@ class HFRolloutEngine(RolloutEngine):
                 # finished rows keep feeding pad tokens, masked out, so shapes stay rectangular
                 attn[:, P + step] = alive
                 alive = alive & ~stopped
-                if step + 1 == R or not bool(alive.any()):
+                # "all rows done?" reads a device flag on the host; on a GPU only every few steps,
+                # so the host can queue the next steps meanwhile (the extra steps of finished rows
+                # are masked and trimmed below)
+                if step + 1 == R or ((step + 1) % check_every == 0 and not bool(alive.any())):
                     break
                 cur = attn[:, :P + step + 1]
                 pos = pos + cur[:, P + step:P + step + 1]
@@ -412,6 +424,8 @@ class HFRolloutEngine(RolloutEngine):
                                  position_ids=(pos - 1).clamp(min=0), use_cache=True, **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
                 cache = _returned_cache(out)
+        if check_every > 1:  # drop the steps run after every row had finished
+            R_used = int(resp_mask[:, :R_used].any(0).nonzero().max()) + 1
         resp, resp_mask = resp[:, :R_used], resp_mask[:, :R_used]
         resp_logp = resp_logp[:, :R_used] * resp_mask
         elapsed = time.perf_counter() - t0

@@ -11,6 +11,8 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops import _cuda, _dispatch, reference
 
+from .gae_cases import gae_loop, gae_mask
+
 
 @pytest.fixture
 def _cuda_backend():
@@ -109,21 +111,6 @@ def test_dispatch_picks_cuda_only_for_cuda_tensors():
 # ---------------------------------------------------------------- advantages
 
 
-def _mask(B, T, g, kind):
-    if kind == "random":
-        return torch.rand(B, T, generator=g) > 0.3
-    m = torch.ones(B, T, dtype=torch.bool)
-    if kind == "left_pad":
-        for b in range(B):
-            m[b, : (b * 7) % max(T, 1)] = False
-    if kind == "empty_rows":
-        m[::2] = False
-    if kind == "holes":  # multi-turn: masked runs in the middle and a masked right end
-        m[:, 1::3] = False
-        m[:, T - T // 4:] = False
-    return m
-
-
 SHAPES = [(1, 1), (3, 37), (5, 257), (4, 5000), (2, 20000), (300, 64), (257, 1000), (2, 4097)]
 
 
@@ -136,7 +123,7 @@ def test_gae_and_returns_match_reference(shape, mask_kind, dtype):
     B, T = shape
     r = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
-    m = _mask(B, T, g, mask_kind)
+    m = gae_mask(B, T, g, mask_kind)
     for gamma, lam in ((1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.5)):
         with ops.use_backend("cuda"):
             adv, ret = ops.gae(r.cuda(), v.cuda(), m.cuda(), gamma=gamma, lam=lam)
@@ -184,16 +171,7 @@ def test_gae_long_single_row():
     m = torch.rand(1, T, generator=g) > 0.1
     with ops.use_backend("cuda"):
         adv, ret = ops.gae(r.cuda(), v.cuda(), m.cuda(), gamma=0.999, lam=0.95)
-    # independent oracle: a plain backward loop over the unmasked tokens, in float64
-    rr, vv, mm = r[0].tolist(), v[0].tolist(), m[0].tolist()
-    exp = [0.0] * T
-    a = nv = 0.0
-    for t in range(T - 1, -1, -1):
-        if mm[t]:
-            a = rr[t] + 0.999 * nv - vv[t] + 0.999 * 0.95 * a
-            nv = vv[t]
-            exp[t] = a
-    torch.testing.assert_close(adv.cpu()[0], torch.tensor(exp, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(adv.cpu()[0], gae_loop(r[0], v[0], m[0], 0.999, 0.95), rtol=1e-9, atol=1e-9)
 
 
 def _free_gpu_bytes():

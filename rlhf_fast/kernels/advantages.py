@@ -46,6 +46,12 @@ def _last(x, i, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t: tl.constexpr):
+    """γ and c = γλ in the state's dtype from their fp32 hi / lo halves (see _split)."""
+    return tl.cast(gamma_hi, acc_t) + tl.cast(gamma_lo, acc_t), tl.cast(c_hi, acc_t) + tl.cast(c_lo, acc_t)
+
+
+@triton.jit
 def _tile_scan(r_ptr, v_ptr, m_ptr, base, start, T, gamma, c, acc_t: tl.constexpr, HAS_VALUES: tl.constexpr,
                BLOCK: tl.constexpr):
     """The maps of tokens T-1-start, T-2-start, ... (BLOCK of them, latest first), composed
@@ -86,8 +92,7 @@ def _rows_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma_hi, gamma_lo, c
     i = tl.arange(0, BLOCK)
     base = row * T
     acc_t: tl.constexpr = adv_ptr.dtype.element_ty
-    gamma = tl.cast(gamma_hi, acc_t) + tl.cast(gamma_lo, acc_t)
-    c = tl.cast(c_hi, acc_t) + tl.cast(c_lo, acc_t)
+    gamma, c = _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t)
     A = tl.zeros((), dtype=acc_t)  # advantage and next value after the row's last token
     N = tl.zeros((), dtype=acc_t)
     for start in range(0, T, BLOCK):
@@ -106,8 +111,7 @@ def _tile_maps_kernel(r_ptr, v_ptr, m_ptr, maps_ptr, T, n_tiles, gamma_hi, gamma
     k = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, BLOCK)
     acc_t: tl.constexpr = maps_ptr.dtype.element_ty
-    gamma = tl.cast(gamma_hi, acc_t) + tl.cast(gamma_lo, acc_t)
-    c = tl.cast(c_hi, acc_t) + tl.cast(c_lo, acc_t)
+    gamma, c = _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t)
     a, b, e, f, g, t, inb, v, m = _tile_scan(r_ptr, v_ptr, m_ptr, row * T, k * BLOCK, T, gamma, c, acc_t, HAS_VALUES,
                                              BLOCK)
     out = maps_ptr + (row * n_tiles + k) * 5
@@ -154,8 +158,7 @@ def _apply_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, carry_ptr, T, n_tiles, 
     row = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
     acc_t: tl.constexpr = adv_ptr.dtype.element_ty
-    gamma = tl.cast(gamma_hi, acc_t) + tl.cast(gamma_lo, acc_t)
-    c = tl.cast(c_hi, acc_t) + tl.cast(c_lo, acc_t)
+    gamma, c = _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t)
     base = row * T
     a, b, e, f, g, t, inb, v, m = _tile_scan(r_ptr, v_ptr, m_ptr, base, k * BLOCK, T, gamma, c, acc_t, HAS_VALUES,
                                              BLOCK)

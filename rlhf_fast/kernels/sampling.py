@@ -66,6 +66,15 @@ def _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _argmax_merge(score, offs, V, best, arg):
+    """The running (best score, its first index) after one more tile of scores at ``offs``:
+    earlier tiles win ties, so the result is the first maximum (index V: none yet)."""
+    t_best = tl.max(score, axis=0)
+    t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
+    return tl.maximum(best, t_best), tl.where(t_best > best, t_arg, arg)
+
+
+@triton.jit
 def _key(x):
     """The order-preserving key of fp32 x as an int64 in [0, 2^32) (csrc/cuda/sampling.cu's
     float_key): −0.0 and +0.0 share one key."""
@@ -188,10 +197,7 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_
                 keep = keep & (w >= min_p)
             total += tl.sum(tl.where(keep, w, 0.0), axis=0)
             score = tl.where(keep, x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V), NEG)
-            t_best = tl.max(score, axis=0)
-            t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
-            arg = tl.where(t_best > best, t_arg, arg)
-            best = tl.maximum(best, t_best)
+            best, arg = _argmax_merge(score, offs, V, best, arg)
     _finish(z_row, tok_ptr + row, logp_ptr + row, V, temperature, m, total, arg, pinf, nan, GREEDY)
 
 
@@ -225,10 +231,7 @@ def _row_stats(z_row, lo, hi, V, temperature, seed, ctr_lo, ctr_hi, sub0, NO_NOI
             score = x
         else:
             score = x + _noise(seed, ctr_lo, ctr_hi, sub0, start, BLOCK_V)
-        t_best = tl.max(score, axis=0)
-        t_arg = tl.min(tl.where(score == t_best, offs, V), axis=0)
-        arg = tl.where(t_best > best, t_arg, arg)  # earlier tiles win ties: the first maximum
-        best = tl.maximum(best, t_best)
+        best, arg = _argmax_merge(score, offs, V, best, arg)
     return m, s, best, arg, pinf, nan
 
 
@@ -346,13 +349,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     topp = not greedy and top_p < 1.0
     blk = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     minp = not greedy and min_p > 0.0
+    temp = 1.0 if greedy else t32
     n_chunks = _split_chunks(B, V, blk, z.device) if not (topk or topp or minp) else 1
     if n_chunks > 1:
         chunk = triton.cdiv(triton.cdiv(V, n_chunks), blk) * blk
         n_chunks = triton.cdiv(V, chunk)
         part_f = torch.empty(B, n_chunks, 3, dtype=torch.float32, device=z.device)
         part_i = torch.empty(B, n_chunks, 3, dtype=torch.int64, device=z.device)
-        temp = 1.0 if greedy else t32
         _partial_kernel[(B, n_chunks)](z, part_f, part_i, V, z.stride(0), chunk, n_chunks, temp, seed,
                                        ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, BLOCK_V=blk)
         _merge_kernel[(B,)](z, part_f, part_i, tok, logp, V, z.stride(0), n_chunks, temp, GREEDY=greedy,
@@ -360,9 +363,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
         return tok, logp
     # fixed-point mass unit 2^-(62 - bits(V)): V weights <= 1 sum below 2^62
     scale = float(2 ** (62 - V.bit_length()))
-    _sample_kernel[(B,)](z, tok, logp, V, z.stride(0), 1.0 if greedy else t32, int(top_k), float(top_p),
+    _sample_kernel[(B,)](z, tok, logp, V, z.stride(0), temp, int(top_k), float(top_p),
                          float(min_p), scale, seed, ctr & 0xFFFFFFFF, ctr >> 32, GREEDY=greedy, TOPK=topk, TOPP=topp,
                          MIN_P=minp, BLOCK_V=blk,
                          # a 16-bin histogram holds [tile, 16] flags: a smaller tile for the radix passes
-                         RADIX_BLOCK=min(RADIX_BLOCK, BLOCK_V, max(16, triton.next_power_of_2(V))))
+                         RADIX_BLOCK=min(RADIX_BLOCK, blk))
     return tok, logp

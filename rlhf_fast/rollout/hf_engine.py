@@ -148,7 +148,7 @@ class _CUDAGraphStep:
     """
 
     def __init__(self, decoder: "_LlamaDecoder", tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int):
-        self.tok, self.pos, self.mask = tok.clone(), pos.clone(), mask
+        self.tok, self.pos = tok.clone(), pos.clone()
         self.col = torch.full((1,), col, dtype=torch.long, device=tok.device)
         self.graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(device=tok.device)
@@ -158,11 +158,11 @@ class _CUDAGraphStep:
         # cudaMalloc their (large) blocks again after every generate call
         with torch.cuda.stream(side):
             for _ in range(2):  # cuBLAS / sdpa pick and allocate their workspaces outside the capture
-                eager = decoder.step(self.tok, self.mask, self.pos, self.col)
+                eager = decoder.step(self.tok, mask, self.pos, self.col)
             side.synchronize()  # as torch.cuda.graph does: nothing of the warm-up still in flight
             self.graph.capture_begin()
             try:
-                self.out = decoder.step(self.tok, self.mask, self.pos, self.col)
+                self.out = decoder.step(self.tok, mask, self.pos, self.col)
             finally:
                 self.graph.capture_end()
         torch.cuda.current_stream(tok.device).wait_stream(side)
@@ -396,32 +396,33 @@ class HFRolloutEngine(RolloutEngine):
                     break
                 cur = attn[:, :P + step + 1]
                 pos = pos + cur[:, P + step:P + step + 1]
+                pos_ids = (pos - 1).clamp(min=0)
                 if full_mask is not None:
                     col = P + step
                     full_mask[:, 0, 0, col] = attn[:, col] != 0
                     if graphed is not None:
-                        logits = graphed(tok, (pos - 1).clamp(min=0), col)
+                        logits = graphed(tok, pos_ids, col)
                         continue
                     if not graph_failed:
                         try:
-                            graphed = _CUDAGraphStep(fast, tok, full_mask, (pos - 1).clamp(min=0), col)
+                            graphed = _CUDAGraphStep(fast, tok, full_mask, pos_ids, col)
                             logits = graphed.out
                             continue
                         except RuntimeError as e:
                             graph_failed = True
                             warnings.warn(f"CUDA-graph decoding is off for this generate call ({e}); "
                                           f"decoding eagerly", RuntimeWarning, stacklevel=2)
-                    logits = fast.step(tok, full_mask, (pos - 1).clamp(min=0),
-                                       torch.full((1,), col, dtype=torch.long, device=tok.device))
+                    col_t = torch.full((1,), col, dtype=torch.long, device=tok.device)
+                    logits = fast.step(tok, full_mask, pos_ids, col_t)
                     continue
                 # sdpa takes a ready [B, 1, 1, K] boolean mask as is: skips transformers' per-call
                 # mask construction (the same mask: one query row, every key up to now visible)
                 mask_arg = cur.bool()[:, None, None, :] if fast_mask else cur
                 if fast is not None:
-                    logits = fast.step(tok, mask_arg, (pos - 1).clamp(min=0), P + step)
+                    logits = fast.step(tok, mask_arg, pos_ids, P + step)
                     continue
-                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg,
-                                 position_ids=(pos - 1).clamp(min=0), use_cache=True, **{self._cache_kw: cache})
+                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg, position_ids=pos_ids,
+                                 use_cache=True, **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
                 cache = _returned_cache(out)
         if check_every > 1:  # drop the steps run after every row had finished

@@ -10,22 +10,8 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops import _dispatch, reference
 
+from ..gae_cases import gae_loop, gae_mask
 from .conftest import device
-
-
-def _mask(B, T, g, kind):
-    if kind == "random":
-        return torch.rand(B, T, generator=g) > 0.3
-    m = torch.ones(B, T, dtype=torch.bool)
-    if kind == "left_pad":
-        for b in range(B):
-            m[b, : (b * 7) % max(T, 1)] = False
-    if kind == "empty_rows":
-        m[::2] = False
-    if kind == "holes":  # multi-turn: masked runs in the middle and a masked right end
-        m[:, 1::3] = False
-        m[:, T - T // 4:] = False
-    return m
 
 
 def _check(r, v, m, gamma, lam, *, tol):
@@ -74,7 +60,7 @@ def test_matches_reference(shape, mask_kind, small_tiles):
     B, T = shape
     r = torch.randn(B, T, generator=g)
     v = torch.randn(B, T, generator=g)
-    m = _mask(B, T, g, mask_kind)
+    m = gae_mask(B, T, g, mask_kind)
     for gamma, lam in ((1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.5)):
         _check(r, v, m, gamma, lam, tol=dict(rtol=1e-4, atol=1e-4 * math.sqrt(T)))
 
@@ -87,13 +73,13 @@ def test_split_rows_match_reference(mask_kind, small_tiles, monkeypatch):
     monkeypatch.setattr(advantages, "CARRY_CHUNK", 4)
     g = torch.Generator().manual_seed(5)
     r, v = torch.randn(3, 500, generator=g), torch.randn(3, 500, generator=g)  # 8 tiles, 2 carry chunks
-    _check(r, v, _mask(3, 500, g, mask_kind), 0.99, 0.9, tol=dict(rtol=1e-4, atol=1e-3))
+    _check(r, v, gae_mask(3, 500, g, mask_kind), 0.99, 0.9, tol=dict(rtol=1e-4, atol=1e-3))
 
 
 def test_real_tile_size_across_two_tiles():
     g = torch.Generator().manual_seed(4)
     r, v = torch.randn(2, 1100, generator=g), torch.randn(2, 1100, generator=g)
-    _check(r, v, _mask(2, 1100, g, "holes"), 0.99, 0.95, tol=dict(rtol=1e-4, atol=4e-3))
+    _check(r, v, gae_mask(2, 1100, g, "holes"), 0.99, 0.95, tol=dict(rtol=1e-4, atol=4e-3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -101,7 +87,7 @@ def test_dtypes(dtype, small_tiles, layout):
     g = torch.Generator().manual_seed(1)
     r = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(4, 300, generator=g, dtype=torch.float64).to(dtype)
-    m = _mask(4, 300, g, "random")
+    m = gae_mask(4, 300, g, "random")
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=4e-3)
     _check(r, v, m, 0.999, 0.95, tol=tol)
 
@@ -130,15 +116,7 @@ def test_long_row_against_a_plain_loop(small_tiles, layout):
     m = torch.rand(1, T, generator=g) > 0.1
     with ops.use_backend("triton"):
         adv, _ = ops.gae(r.to(device()), v.to(device()), m.to(device()), gamma=0.999, lam=0.95)
-    rr, vv, mm = r[0].tolist(), v[0].tolist(), m[0].tolist()
-    exp = [0.0] * T
-    a = nv = 0.0
-    for t in range(T - 1, -1, -1):
-        if mm[t]:
-            a = rr[t] + 0.999 * nv - vv[t] + 0.999 * 0.95 * a
-            nv = vv[t]
-            exp[t] = a
-    torch.testing.assert_close(adv.cpu()[0], torch.tensor(exp, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(adv.cpu()[0], gae_loop(r[0], v[0], m[0], 0.999, 0.95), rtol=1e-9, atol=1e-9)
 
 
 def test_inputs_that_require_grad_keep_their_graph():

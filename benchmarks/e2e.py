@@ -46,8 +46,9 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -99,6 +100,9 @@ class E2EConfig:
     num_kv_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
     device: str = "cpu"
+    # a tokenizer saved by build_tokenizer (run_table trains it once and hands it to every
+    # subprocess: 7 s per subprocess at V=151936 on 2 cores); None: train it in build_model
+    tokenizer_dir: Optional[str] = None
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
@@ -144,9 +148,10 @@ class E2EConfig:
                    **big)
 
 
-def build_model(cfg: E2EConfig):
-    """The tiny policy and tokenizer both sides start from (same seed, same weights)."""
-    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+def build_tokenizer(cfg: E2EConfig):
+    """The BPE tokenizer both sides use, trained locally on sample texts (and, for a
+    real-sized vocabulary, enough random words to fill it); deterministic in ``cfg.seed``."""
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
 
     texts = sample_texts(256, seed=cfg.seed) + PROMPTS + ["0 1 2 3 4 5 6 7 8 9"]
     if cfg.vocab_size > 1024:  # enough distinct words for BPE to fill a real-sized vocabulary
@@ -154,7 +159,20 @@ def build_model(cfg: E2EConfig):
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
         words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9))) for _ in range(3 * cfg.vocab_size)]
         texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
-    tok = train_tokenizer(texts, cfg.vocab_size)
+    return train_tokenizer(texts, cfg.vocab_size)
+
+
+def build_model(cfg: E2EConfig):
+    """The tiny policy and tokenizer both sides start from (same seed, same weights); the
+    tokenizer is loaded from ``cfg.tokenizer_dir`` when set."""
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    if cfg.tokenizer_dir is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(cfg.tokenizer_dir)
+    else:
+        tok = build_tokenizer(cfg)
     model = tiny_causal_lm(len(tok), family=cfg.family, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                            intermediate_size=cfg.intermediate_size, seed=cfg.seed, pad_token_id=tok.pad_token_id,
@@ -413,6 +431,17 @@ def _subprocess(framework: str, algo: str, cfg: E2EConfig, timeout_s: float) -> 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _progress_line(algo: str, framework: str, run: Optional[Dict[str, object]], error: Optional[str],
+                   wall_s: float) -> str:
+    """One line per finished subprocess: its step and phase times, or its error."""
+    head = f"e2e {algo} {framework} ({wall_s:.0f} s in the subprocess):"
+    if run is None:
+        return f"{head} failed: {error}"
+    phases = " ".join(f"{p} {run[p]:.3f}" for p in PHASES if run.get(p) is not None)
+    tps = run.get("tokens_per_s")
+    return f"{head} step {run['step']:.3f} s ({phases})" + (f", {tps:.0f} tokens/s" if tps else "")
+
+
 def _median_runs(runs: List[Dict[str, object]]) -> Dict[str, object]:
     """Per-key median over repeated subprocess runs (None where any run has None)."""
     out: Dict[str, object] = {}
@@ -447,7 +476,14 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
 
 
 def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
-    """One configuration: a row per (algo, framework) and a TRL ÷ rlhf_fast ratio row."""
+    """One configuration: a row per (algo, framework) and a TRL ÷ rlhf_fast ratio row.
+
+    The tokenizer is trained once here and loaded by every subprocess; each finished
+    subprocess prints one progress line to stderr, so a run cut short still shows its rows."""
+    if cfg.tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return run_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
     where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
     table = Table(
         f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
@@ -463,10 +499,13 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
             for fw in ("trl", "rlhf_fast"):
                 if fw in errors:
                     continue
+                t0 = time.perf_counter()
                 try:
                     runs[fw].append(_subprocess(fw, algo, cfg, timeout_s))
                 except Exception as e:
                     errors[fw] = str(e)[:200]
+                print(_progress_line(algo, fw, runs[fw][-1] if fw not in errors else None, errors.get(fw),
+                                     time.perf_counter() - t0), file=sys.stderr, flush=True)
         got = {}
         for fw in ("trl", "rlhf_fast"):
             row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else "TRL-equivalent (trl utils)")

@@ -192,6 +192,40 @@ def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
         assert "rlhf_fast trainer not available" in r["note"] and r.get("step_s") is None
 
 
+def test_e2e_suite_trains_the_tokenizer_once_and_prints_each_finished_run(monkeypatch, capsys):
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, hidden_size=16, steps=1,
+                        mini_batch_size=4, vocab_size=2048)
+    fresh = e2e.build_tokenizer(cfg)
+    trained = []
+    real_build = e2e.build_tokenizer
+    monkeypatch.setattr(e2e, "build_tokenizer", lambda c: trained.append(c) or real_build(c))
+    seen = []
+
+    def fake(framework, algo, c, timeout_s):
+        # what a subprocess gets: a saved tokenizer that encodes, pads and specials as the fresh one
+        _, tok = e2e.build_model(c)
+        seen.append(c.tokenizer_dir)
+        text = [e2e.PROMPTS[0], "0 1 2 3 zq9 x"]
+        assert tok(text, padding=True)["input_ids"] == fresh(text, padding=True)["input_ids"]
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.padding_side, len(tok)) == \
+            (fresh.pad_token_id, fresh.eos_token_id, fresh.bos_token_id, fresh.padding_side, len(fresh))
+        if (framework, algo) == ("trl", "grpo"):
+            raise RuntimeError("boom")
+        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.1, tokens=10.0,
+                    tokens_per_s=3.2, extra_peak_bytes=1 << 20, rss_bytes=1 << 30)
+
+    monkeypatch.setattr(e2e, "_subprocess", fake)
+    e2e.run_suite(cfg=cfg)
+    assert len(trained) == 1 and len(seen) == 4 and len(set(seen)) == 1 and seen[0] is not None
+    assert not os.path.exists(seen[0])  # the temporary tokenizer is removed with the suite
+    err = capsys.readouterr().err.splitlines()
+    lines = [ln for ln in err if ln.startswith("e2e ")]
+    assert len(lines) == 4 and "e2e ppo trl" in lines[0] and "step 3.100 s" in lines[0]
+    assert "e2e grpo trl" in lines[2] and "failed: boom" in lines[2]
+
+
 def test_e2e_device_is_checked():
     from rlhf_fast.benchmarks import e2e
 

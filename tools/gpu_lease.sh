@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of issues 4, 9 and 10 in ONE device call under a wall-clock budget
 # (a lent GPU has ~15 min in all, machine start included): the CUDA build runs while the
-# Triton tests run on the GPU, then `pytest -m cuda`, the GAE / sampling benchmark, the
-# end-to-end PPO / GRPO step against TRL on a Qwen2-0.5B-shaped model, and the Triton op
+# Triton tests run on the GPU, then `pytest -m cuda`, the end-to-end PPO / GRPO step against
+# TRL on a Qwen2-0.5B-shaped model (the headline figure of issue 10, so it runs before the
+# op benchmarks), the GAE / sampling benchmark, generation alone, and the Triton op
 # benchmark, each stage cut off at what is left of the budget. Logs and result tables go
-# to $OUT (at most 8 files come back from a device call).
+# to $OUT, 8 files at most (the most a device call brings back): log.txt, build.log,
+# pytest.log, bench.log, gae_sampling.jsonl, rollout.jsonl and the results .md / .json.
 #
 #   BUDGET_S=420 tools/gpu_lease.sh           # on the device machine, from the repo root
 #
@@ -14,6 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+export OUT
 PY=${PY:-python3}
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-420}
@@ -53,34 +56,34 @@ fi
 RLHF_FAST_NO_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >"$OUT/build.log" 2>&1 \
   || echo "editable install failed (see build.log)"
 (RLHF_FAST_CUDA_ARCHS=${RLHF_FAST_CUDA_ARCHS:-90} MAX_JOBS=$(nproc) timeout 300 $PY setup.py build_ext --inplace \
-  >>"$OUT/build.log" 2>&1; echo "build rc=$?" >>"$OUT/build.log") &
+  >>"$OUT/build.log" 2>&1; echo "build rc=$? after $(( $(date +%s) - T0 ))s" >>"$OUT/build.log") &
 BUILD=$!
-want triton-tests && stage "triton tests on the GPU" 130 "$OUT/pytest-triton.log" \
+want triton-tests && stage "triton tests on the GPU" 70 "$OUT/pytest.log" \
   $PY -m pytest -q -p no:cacheprovider $TRITON_TESTS --timeout=120
 echo "== waiting for the extension build"
 wait $BUILD
 tail -n 30 "$OUT/build.log" | sed 's/^/   /'
 $PY -c "from rlhf_fast.ops._dispatch import backend_available as b; print('backends', {k: b(k) for k in ('cpp', 'cuda', 'triton')})"
 # xdist: the float64 oracles of the long GAE shapes are Python loops on the CPU (16 cores here)
-want cuda-tests && stage "pytest -m cuda" 100 "$OUT/pytest-cuda.log" \
+want cuda-tests && stage "pytest -m cuda" 100 "$OUT/pytest.log" \
   $PY -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/triton --timeout=60 -n 8 --durations=10
+want bench-e2e && stage "e2e PPO / GRPO step vs TRL" 240 "$OUT/bench.log" $PY - <<'EOF'
+import dataclasses, os
+from rlhf_fast.benchmarks import e2e
+from rlhf_fast.benchmarks.common import write_results
+# the 0.5B model of the issue, 64 sequences; 128 new tokens and 2 timed steps to fit the lease
+cfg = dataclasses.replace(e2e.E2EConfig.gpu_0p5b(), max_new_tokens=int(os.environ.get("E2E_TOKENS", 128)), steps=2)
+tables = e2e.run_suite(device="cuda", cfg=cfg, timeout_s=150)
+for t in tables:
+    print(t.markdown())
+print(write_results(tables, device="cuda", out_dir=os.environ["OUT"], suite=f"e2e gpu_0p5b max_new_tokens={cfg.max_new_tokens} steps=2"))
+EOF
 want bench-gae && stage "GAE / sampling benchmark" 70 "$OUT/bench.log" \
   $PY -m rlhf_fast.benchmarks.bench_gae_sampling --device cuda --budget 0.25 --out "$OUT/gae_sampling.jsonl"
 # generation alone on a 0.5B-shaped Llama (V=151936, 24 layers): CUDA-graph decode vs eager vs HF generate
 want bench-rollout && stage "rollout benchmark" 90 "$OUT/bench.log" \
   $PY benchmarks/bench_rollout.py --device cuda --vocab 151936 --hidden 896 --layers 24 --heads 14 --batch 4 \
   --seq 512 --resp 256 --gen-batch 64 --prompt-len 32 --max-new 128 --repeats 4 --out "$OUT/rollout.jsonl"
-want bench-e2e && stage "e2e PPO / GRPO step vs TRL" 150 "$OUT/bench.log" $PY - <<'EOF'
-import dataclasses, os
-from rlhf_fast.benchmarks import e2e
-from rlhf_fast.benchmarks.common import write_results
-# the 0.5B model of the issue, 64 sequences; 128 new tokens and 2 timed steps to fit the lease
-cfg = dataclasses.replace(e2e.E2EConfig.gpu_0p5b(), max_new_tokens=int(os.environ.get("E2E_TOKENS", 128)), steps=2)
-tables = e2e.run_suite(device="cuda", cfg=cfg, timeout_s=110)
-for t in tables:
-    print(t.markdown())
-print(write_results(tables, device="cuda", suite=f"e2e gpu_0p5b max_new_tokens={cfg.max_new_tokens} steps=2"))
-EOF
 # one op at a time, each table written as soon as it is done (the budget may cut the rest);
 # OPS, OPS_SIZES, OPS_VOCABS narrow it (torch.compile of the reference compiles per shape and mode)
 want bench-ops && stage "Triton op benchmark" 200 "$OUT/bench.log" $PY - <<'EOF'
@@ -94,7 +97,6 @@ for op in os.environ.get("OPS", "token_logprobs,ppo_policy_loss,kl_penalty,fused
     tables = bench_triton.run_gpu([op], sizes, vocabs, rep=5)
     for t in tables:
         print(t.markdown(), flush=True)
-    write_results(tables, device="cuda", suite=f"bench_triton --ops {op} --sizes {','.join(map(str, sizes))}")
+    write_results(tables, device="cuda", out_dir=os.environ["OUT"], suite=f"bench_triton --ops {op} --sizes {','.join(map(str, sizes))}")
 EOF
-cp benchmarks/results/*"$(date +%F)"*.md benchmarks/results/*"$(date +%F)"*.json "$OUT/" 2>/dev/null
 echo "== done at +$(( $(date +%s) - T0 ))s"

@@ -102,6 +102,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="append a JSON line with the results to this file")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, profile one call of our generate (torch.profiler) and print where "
+                         "its time goes: the top ops by self CPU time and, on CUDA, the top kernels and GPU busy time")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -175,6 +178,9 @@ def main(argv=None):
             gen_rows.append({"provider": name, "mode": "generate", "ms": med * 1e3, "p20_ms": p20 * 1e3,
                              "p80_ms": p80 * 1e3, "tokens_per_s": n_tok / med})
 
+    if args.profile and not args.skip_generate:
+        print(profile_summary(ours_gen, device))
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
@@ -197,6 +203,31 @@ def main(argv=None):
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps({"header": header, "rows": rows + gen_rows}) + "\n")
+
+
+def profile_summary(fn, device: torch.device, rows: int = 15) -> str:
+    """One profiled call of ``fn`` (after the timed ones, so nothing is compiled or captured
+    for the first time in it): wall time, the top ops by self CPU time and, on CUDA, the top
+    kernels by self CUDA time and their sum (GPU busy time; wall minus it is host-bound time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    out = [f"profile of one generate call: {wall * 1e3:.1f} ms wall (profiler overhead included)",
+           avg.table(sort_by="self_cpu_time_total", row_limit=rows)]
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in avg) / 1e3
+        out += [f"GPU busy {busy:.1f} ms of {wall * 1e3:.1f} ms wall", avg.table(sort_by="self_device_time_total",
+                                                                                row_limit=rows)]
+    return "\n".join(out)
 
 
 class _IdTokenizer:

@@ -254,3 +254,15 @@ def test_e2e_sides_run_a_gqa_qwen2_step_with_a_large_vocabulary():
         for fw in ("trl", "rlhf_fast"):
             rec = e2e.measure(fw, algo, cfg)
             assert rec["step"] > 0 and rec["tokens"] > 0, (algo, fw)
+
+
+def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):
+    from rlhf_fast.benchmarks import bench_rollout
+
+    bench_rollout.main(["--device", "cpu", "--vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2",
+                        "--batch", "2", "--seq", "16", "--resp", "8", "--gen-batch", "2", "--prompt-len", "4",
+                        "--max-new", "3", "--repeats", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert "profile of one generate call" in out
+    assert "Self CPU time total" in out and "aten::" in out  # the profiler's op table
+    assert "ours (HFRolloutEngine + ops.sample)" in out

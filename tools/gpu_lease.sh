@@ -83,7 +83,7 @@ want bench-gae && stage "GAE / sampling benchmark" 70 "$OUT/bench.log" \
 # generation alone on a 0.5B-shaped Llama (V=151936, 24 layers): CUDA-graph decode vs eager vs HF generate
 want bench-rollout && stage "rollout benchmark" 90 "$OUT/bench.log" \
   $PY benchmarks/bench_rollout.py --device cuda --vocab 151936 --hidden 896 --layers 24 --heads 14 --batch 4 \
-  --seq 512 --resp 256 --gen-batch 64 --prompt-len 32 --max-new 128 --repeats 4 --out "$OUT/rollout.jsonl"
+  --seq 512 --resp 256 --gen-batch 64 --prompt-len 32 --max-new 128 --repeats 4 --profile --out "$OUT/rollout.jsonl"
 # one op at a time, each table written as soon as it is done (the budget may cut the rest);
 # OPS, OPS_SIZES, OPS_VOCABS narrow it (torch.compile of the reference compiles per shape and mode)
 want bench-ops && stage "Triton op benchmark" 200 "$OUT/bench.log" $PY - <<'EOF'

@@ -266,3 +266,45 @@ def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):
     assert "profile of one generate call" in out
     assert "Self CPU time total" in out and "aten::" in out  # the profiler's op table
     assert "ours (HFRolloutEngine + ops.sample)" in out
+
+
+def test_gae_sampling_bench_times_bursts_of_calls_between_cuda_events(monkeypatch):
+    """The CUDA timing path, with stand-in events on the CPU: a fast call is timed as a burst
+    divided by its length; a slow one as single calls; the CPU path times single calls."""
+    import time
+
+    from rlhf_fast.benchmarks import bench_gae_sampling as bgs
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(bgs, "_sync", lambda device: None)
+    calls = []
+    fast = bgs.bench(lambda: calls.append(1), torch.device("cuda"), budget_s=0.01, max_reps=5)
+    assert fast["burst"] == 100 and len(calls) == 1 + 100 * fast["reps"]
+    assert fast["median_ms"] < 0.05  # per call, not per burst
+
+    slow = bgs.bench(lambda: time.sleep(0.003), torch.device("cuda"), budget_s=0.0, max_reps=3)
+    assert slow["burst"] == 1 and slow["reps"] == 3 and 2.5 < slow["median_ms"] < 50
+
+    cpu = bgs.bench(lambda: time.sleep(0.002), torch.device("cpu"), budget_s=0.0)
+    assert cpu["burst"] == 1 and 1.5 < cpu["median_ms"] < 50
+
+
+def test_gae_sampling_bench_quick_run_prints_a_table(capsys):
+    from rlhf_fast.benchmarks import bench_gae_sampling as bgs
+
+    bgs.main(["--quick", "--only", "gae", "--budget", "0.01"])
+    out = capsys.readouterr().out
+    assert "wall time per call" in out and "python-loop" in out and "B=64 T=512" in out

@@ -170,11 +170,16 @@ at::Tensor bool_mask(const at::Tensor& mask) {
   return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
-int scan_threads(int64_t B, int64_t T) {
-  // short rows with many of them: fewer threads per block wastes less on padding
-  if (T <= 256) return 64;
-  if (T <= 1024 && B >= 256) return 256;
-  return kScanThreads;
+// Threads per block: just enough for one tile to cover a row of up to 1024·ITEMS tokens
+// (whole warps, at least 2), else the largest block. Padding threads would only load and
+// scan identities, and a smaller block also shortens the serial per-warp carry of the scan and
+// lets more rows share an SM: (16, 1024) in fp32 takes 256 threads, not 1024.
+template <typename acc_t>
+int scan_threads(int64_t T) {
+  constexpr int64_t items = ScanItems<acc_t>::value;
+  const int64_t need = (T + items - 1) / items;
+  const int64_t warps = (need + 31) / 32;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(warps, 2) * 32, kScanThreads));
 }
 
 void check_rows(const char* op, int64_t B) {
@@ -197,9 +202,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   if (B == 0 || T == 0) return {adv, ret};
   check_rows("gae", B);
   const cudaStream_t stream = current_stream(r);
-  const int threads = scan_threads(B, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "gae_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const int threads = scan_threads<acc_t>(T);
     gae_scan_kernel<scalar_t, acc_t, true>
         <<<static_cast<unsigned int>(B), threads, scan_smem_bytes<acc_t, true>(threads), stream>>>(
         r.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m.data_ptr<bool>(), adv.data_ptr<acc_t>(),
@@ -220,9 +225,9 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   if (B == 0 || T == 0) return out;
   check_rows("discounted_returns", B);
   const cudaStream_t stream = current_stream(r);
-  const int threads = scan_threads(B, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "discounted_returns_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const int threads = scan_threads<acc_t>(T);
     // G_t = r_t + γ·G_next: the GAE map with V = 0 and γλ = γ
     gae_scan_kernel<scalar_t, acc_t, false>
         <<<static_cast<unsigned int>(B), threads, scan_smem_bytes<acc_t, false>(threads), stream>>>(

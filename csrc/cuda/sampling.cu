@@ -53,9 +53,11 @@ __device__ __forceinline__ float key_float(uint32_t k) {
 
 // x = z / T with IEEE division, as the reference and the CPU kernel (fast-math `/` is not
 // correctly rounded and would move ties and top-k / top-p boundaries)
+// z / 1 is z exactly (NaN and ±inf included), so temperature 1 — the usual RL rollout —
+// skips the division, which every radix pass repeats per entry.
 template <typename scalar_t>
 __device__ __forceinline__ float scaled(scalar_t z, float temperature) {
-  return __fdiv_rn(static_cast<float>(z), temperature);
+  return temperature == 1.f ? static_cast<float>(z) : __fdiv_rn(static_cast<float>(z), temperature);
 }
 
 // exp(x - m). __fsub_rn is never contracted into an FMA, so the weight of a key recomputed from

@@ -137,8 +137,10 @@ def _call(op: str, impl: Callable, x: Dict[str, torch.Tensor]):
     return impl(x["values"], x["old_values"], x["returns"], x["mask"])[0]
 
 
-def _providers(op: str) -> Dict[str, Callable]:
-    """name -> callable(x) returning a scalar to backpropagate."""
+def _providers(op: str, compile_peer: bool = True) -> Dict[str, Callable]:
+    """name -> callable(x) returning a scalar to backpropagate; ``compile_peer``: include
+    torch.compile(reference), which compiles anew for every shape and mode (tens of seconds
+    each on a GPU machine)."""
     from rlhf_fast.kernels import fused_linear, kl, ppo_loss, token_logprobs
     from rlhf_fast.ops import reference
 
@@ -152,8 +154,9 @@ def _providers(op: str) -> Dict[str, Callable]:
 
         atomics = functools.partial(ours, backward="triton")
         out["rlhf_fast-triton (backward=triton, atomics)"] = lambda x: _call(op, atomics, x)
-    compiled = torch.compile(ref, dynamic=False)
-    out["torch.compile(reference)"] = lambda x: _call(op, compiled, x)
+    if compile_peer:
+        compiled = torch.compile(ref, dynamic=False)
+        out["torch.compile(reference)"] = lambda x: _call(op, compiled, x)
     if op == "token_logprobs":
         sel, ent = _peer("trl_selective_log_softmax"), _peer("trl_entropy_from_logits")
         if sel is not None and ent is not None:
@@ -201,9 +204,12 @@ def _flops(op: str, x: Dict[str, torch.Tensor], backward: bool) -> int:
     return f * (4 if backward else 1)  # backward: recompute + two gradient GEMMs
 
 
-def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, device="cuda") -> List[Table]:
+def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, device="cuda",
+            compile_peer: bool = True) -> List[Table]:
     """The GPU benchmark: every op × shape × mode × provider. (``device="cpu"`` with tiny
-    sizes under the interpreter only exercises this code path; its numbers mean nothing.)"""
+    sizes under the interpreter only exercises this code path; its numbers mean nothing.)
+    ``compile_peer=False`` leaves out torch.compile(reference), whose per-shape compiles
+    take most of a short GPU lease."""
     on_gpu = torch.device(device).type == "cuda"
     limits = measured_limits(device) if on_gpu else {"copy_Bps": float("nan"), "mm_flops": float("nan")}
     tables = []
@@ -213,7 +219,7 @@ def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, de
                        f"bf16 mm {limits['mm_flops'] / 1e12:.0f} TFLOP/s")
         matmul = op.startswith("fused_linear")
         vs = vocabs if (matmul or op == "token_logprobs") else (None,)
-        providers = _providers(op)  # once per op: torch.compile caches per callable
+        providers = _providers(op, compile_peer)  # once per op: torch.compile caches per callable
         for BT in sizes:
             for V in vs:
                 shape = f"BT={BT}" + (f" V={V}" if V else "") + (f" H={hidden}" if matmul else "")

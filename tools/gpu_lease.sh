@@ -85,7 +85,8 @@ want bench-rollout && stage "rollout benchmark" 90 "$OUT/bench.log" \
   $PY benchmarks/bench_rollout.py --device cuda --vocab 151936 --hidden 896 --layers 24 --heads 14 --batch 4 \
   --seq 512 --resp 256 --gen-batch 64 --prompt-len 32 --max-new 128 --repeats 4 --profile --out "$OUT/rollout.jsonl"
 # one op at a time, each table written as soon as it is done (the budget may cut the rest);
-# OPS, OPS_SIZES, OPS_VOCABS narrow it (torch.compile of the reference compiles per shape and mode)
+# OPS, OPS_SIZES, OPS_VOCABS narrow it; torch.compile of the reference compiles per shape and
+# mode (tens of seconds each), so its rows come only with OPS_COMPILE=1
 want bench-ops && stage "Triton op benchmark" 200 "$OUT/bench.log" $PY - <<'EOF'
 import os
 from rlhf_fast.benchmarks import bench_triton
@@ -94,7 +95,7 @@ sizes = tuple(int(s) for s in os.environ.get("OPS_SIZES", "65536").split(","))
 for op in os.environ.get("OPS", "token_logprobs,ppo_policy_loss,kl_penalty,fused_linear_logprobs,"
                          "fused_linear_policy_loss,ppo_value_loss").split(","):
     vocabs = tuple(int(v) for v in os.environ.get("OPS_VOCABS", "32000,151936").split(","))
-    tables = bench_triton.run_gpu([op], sizes, vocabs, rep=5)
+    tables = bench_triton.run_gpu([op], sizes, vocabs, rep=5, compile_peer=os.environ.get("OPS_COMPILE", "0") == "1")
     for t in tables:
         print(t.markdown(), flush=True)
     write_results(tables, device="cuda", out_dir=os.environ["OUT"], suite=f"bench_triton --ops {op} --sizes {','.join(map(str, sizes))}")

@@ -26,3 +26,13 @@ def test_fused_linear_backward_choice_is_validated():
     with pytest.raises(ValueError, match="backward"):
         fused_linear_policy_loss(h[None], w, lab[None], torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2),
                                  backward="x")
+
+
+def test_gpu_table_can_leave_out_the_torch_compile_peer():
+    from rlhf_fast.benchmarks import bench_triton
+
+    for op in bench_triton.OPS:
+        with_compile = bench_triton._providers(op)
+        without = bench_triton._providers(op, compile_peer=False)
+        assert "torch.compile(reference)" in with_compile and "torch.compile(reference)" not in without
+        assert set(with_compile) - set(without) == {"torch.compile(reference)"}

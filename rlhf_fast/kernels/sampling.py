@@ -94,14 +94,24 @@ def _kept(key, inb, thr, ntie, run):
 
 
 @triton.jit
-def _radix_select(z_row, V, temperature, m, scale, thr, ntie, top_k, top_p, MASS: tl.constexpr,
+def _kept_fast(key, inb, thr, ntie, run, all_ties):
+    """``_kept`` without its index-order tie ranking (a cumsum per tile) when every tie at thr
+    is kept — the usual case with continuous logits — or when nothing is filtered (thr = −1)."""
+    if all_ties:
+        return inb & (key >= thr), run
+    else:
+        return _kept(key, inb, thr, ntie, run)
+
+
+@triton.jit
+def _radix_select(z_row, V, temperature, m, scale, thr, ntie, all_ties, top_k, top_p, MASS: tl.constexpr,
                   BLOCK_V: tl.constexpr):
-    """The boundary key of a filter over the kept set (thr, ntie): where the count (top-k,
-    target top_k) or the fixed-point mass (top-p, target ⌈top_p · total⌉) of the entries from
-    the top first reaches the target. 8 passes of 4 bits, each a 16-bin histogram of the entries
-    whose key matches the digits chosen so far; integer sums, so the result does not depend on
-    the order of the additions. Returns (key, count or mass strictly above it, entries at it,
-    their mass, target)."""
+    """The boundary key of a filter over the kept set (thr, ntie; ``all_ties``: every entry at
+    thr is kept): where the count (top-k, target top_k) or the fixed-point mass (top-p, target
+    ⌈top_p · total⌉) of the entries from the top first reaches the target. 8 passes of 4 bits,
+    each a 16-bin histogram of the entries whose key matches the digits chosen so far; integer
+    sums, so the result does not depend on the order of the additions. Returns (key, count or
+    mass strictly above it, entries at it, their mass, target)."""
     lanes = tl.arange(0, BLOCK_V)
     bins = tl.arange(0, 16).to(tl.int64)
     prefix = tl.zeros((), tl.int64)
@@ -119,7 +129,7 @@ def _radix_select(z_row, V, temperature, m, scale, thr, ntie, top_k, top_p, MASS
             inb = offs < V
             x = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(tl.float32) / temperature
             key = _key(x)
-            kept, run = _kept(key, inb, thr, ntie, run)
+            kept, run = _kept_fast(key, inb, thr, ntie, run, all_ties)
             part = kept & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
             hit = part[:, None] & (((key >> shift) & 15)[:, None] == bins[None, :])
             cnt += tl.sum(hit.to(tl.int32), axis=0).to(tl.int64)
@@ -166,20 +176,25 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_
         # as the reference's stable sort; thr = −1 keeps everything
         thr = tl.zeros((), tl.int64) - 1
         ntie = tl.zeros((), tl.int64)
+        all_ties = thr < 0  # nothing filtered yet: every entry is kept
         if TOPK:
-            key_k, above_k, _c, _m, _t = _radix_select(z_row, V, temperature, m, scale, thr, ntie, top_k, top_p,
-                                                       False, RADIX_BLOCK)
+            key_k, above_k, eq_k, _m, _t = _radix_select(z_row, V, temperature, m, scale, thr, ntie, all_ties,
+                                                         top_k, top_p, False, RADIX_BLOCK)
             thr = key_k
             ntie = top_k - above_k  # <= the entries at key_k, by the select's invariant
+            all_ties = ntie >= eq_k
         if TOPP:
             key_p, above_p, eq_cnt, eq_mass, target = _radix_select(z_row, V, temperature, m, scale, thr, ntie,
-                                                                    top_k, top_p, True, RADIX_BLOCK)
+                                                                    all_ties, top_k, top_p, True, RADIX_BLOCK)
             # the j-th tie (by index) is kept iff the mass before it is < target: at least one,
             # at most all of them
             wt = eq_mass // tl.maximum(eq_cnt, 1)
             need = tl.maximum(target - above_p, 0)
             n_p = tl.where(wt > 0, (need + wt - 1) // tl.maximum(wt, 1), eq_cnt)
             ntie = tl.maximum(tl.minimum(n_p, eq_cnt), 1)
+            # eq_cnt counts the kept entries at key_p: all of its real ties unless key_p is
+            # top-k's threshold and top-k cut some of them
+            all_ties = (ntie >= eq_cnt) & ((key_p != thr) | all_ties)
             thr = key_p
         # last pass in index order: the kept set (min-p: exp(x − max) >= min_p, the max always
         # kept), its mass, and the Gumbel-max over it
@@ -191,7 +206,7 @@ def _sample_kernel(z_ptr, tok_ptr, logp_ptr, V, stride, temperature, top_k, top_
             offs = start + lanes
             inb = offs < V
             x = tl.load(z_row + offs, mask=inb, other=NEG).to(tl.float32) / temperature
-            keep, run = _kept(_key(x), inb, thr, ntie, run)
+            keep, run = _kept_fast(_key(x), inb, thr, ntie, run, all_ties)
             w = tl.exp(x - m)
             if MIN_P:
                 keep = keep & (w >= min_p)

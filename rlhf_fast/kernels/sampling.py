@@ -114,6 +114,7 @@ def _radix_select(z_row, V, temperature, m, scale, thr, ntie, all_ties, top_k, t
     mass strictly above it, entries at it, their mass, target)."""
     lanes = tl.arange(0, BLOCK_V)
     bins = tl.arange(0, 16).to(tl.int64)
+    halves = tl.arange(0, 2)
     prefix = tl.zeros((), tl.int64)
     above = tl.zeros((), tl.int64)
     target = tl.zeros((), tl.int64) + top_k
@@ -131,11 +132,17 @@ def _radix_select(z_row, V, temperature, m, scale, thr, ntie, all_ties, top_k, t
             key = _key(x)
             kept, run = _kept_fast(key, inb, thr, ntie, run, all_ties)
             part = kept & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
-            hit = part[:, None] & (((key >> shift) & 15)[:, None] == bins[None, :])
-            cnt += tl.sum(hit.to(tl.int32), axis=0).to(tl.int64)
+            digit = (key >> shift) & 15
             if MASS:
+                hit = part[:, None] & (digit[:, None] == bins[None, :])
+                cnt += tl.sum(hit.to(tl.int32), axis=0).to(tl.int64)
                 fw = (tl.exp(x - m) * scale).to(tl.int64)
                 mass += tl.sum(tl.where(hit, fw[:, None], 0), axis=0)
+            else:
+                # counts alone: tl.histogram (warp ballots) instead of a [tile, 16] one-hot sum;
+                # entries outside the prefix go to bin 16, the upper half of 32 bins, dropped
+                h = tl.reshape(tl.histogram(tl.where(part, digit, 16).to(tl.int32), 32), (2, 16))
+                cnt += tl.sum(tl.where(halves[:, None] == 0, h, 0), axis=0).to(tl.int64)
         if MASS:
             val = mass
             # the kept set's total mass is the first pass's sum; keep the smallest prefix whose

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast.kernels._grid import few_long_rows
 from rlhf_fast.ops import reference
 from rlhf_fast.ops.advantages import _wants_grad
 from rlhf_fast.ops.reference import out_dtype
@@ -184,16 +185,12 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
         torch.uint8)
 
 
-SPLIT_MIN_TILES = 8  # a row this many tiles long, or longer, may be split over programs
 CARRY_CHUNK = 1024
 
 
 def _split_rows(B: int, n_tiles: int, device: torch.device) -> bool:
-    """Whether to spread each row's tiles over programs: when one program per row would leave
-    most of the GPU idle (fewer rows than a quarter of the SMs) and rows are long."""
-    if n_tiles < SPLIT_MIN_TILES or device.type != "cuda":
-        return False
-    return B * 4 <= torch.cuda.get_device_properties(device).multi_processor_count
+    """Whether to spread each row's tiles over programs (maps, carries, apply)."""
+    return few_long_rows(B, n_tiles, device)
 
 
 def _launch(r, v, m, adv, ret, gamma, c, has_values):

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast.kernels._grid import few_long_rows, sm_count
 
 BLOCK_V = 2048
 RADIX_BLOCK = 512
@@ -319,19 +320,13 @@ def _merge_kernel(z_ptr, part_f_ptr, part_i_ptr, tok_ptr, logp_ptr, V, stride, n
             tl.min(pinfs, axis=0), tl.max(nans, axis=0), GREEDY)
 
 
-SPLIT_MIN_TILES = 8  # a row of this many tiles, or more, may be spread over programs
-
-
 def _split_chunks(B: int, V: int, blk: int, device: torch.device) -> int:
     """How many programs share a row in plain / greedy sampling: 1 (one program per row) unless
-    the rows are few next to the SMs (B·4 <= SMs) and long; then about 2·SMs programs in all."""
+    the rows are few next to the SMs and long (``few_long_rows``); then about 2·SMs programs in all."""
     tiles = triton.cdiv(V, blk)
-    if tiles < SPLIT_MIN_TILES or device.type != "cuda":
+    if not few_long_rows(B, tiles, device):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if B * 4 > sms:
-        return 1
-    return max(1, min(tiles, (2 * sms) // B))
+    return max(1, min(tiles, (2 * sm_count(device)) // B))
 
 
 def _seed_offset(device: torch.device, generator: Optional[torch.Generator]):

@@ -63,6 +63,13 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // order over the processed distribution. Returns (tokens [B] int64, logp [B] float32).
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float min_p) -> (Tensor, Tensor)");
 
+  // ---- decoding (csrc/cpu/decode.cpp; internal, used by rlhf_fast/rollout/llama_decode.py)
+  // One decode step of one Llama-style layer, float32, CPU: h [B, H] -> [B, H]; writes this
+  // token's keys / values at column `col` of K, V [B, n_kv, S, d]; mask [B, > col] bool.
+  m.def("llama_decode_layer(Tensor h, Tensor ln1_w, float ln1_eps, Tensor qkv_wt, Tensor? qkv_b, Tensor o_wt, Tensor? o_b, Tensor ln2_w, float ln2_eps, Tensor gate_up_wt, Tensor? gate_up_b, Tensor down_wt, Tensor? down_b, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, int n_q, float scaling) -> Tensor");
+  // transformers' Llama RMSNorm of x [B, H] float32 with weight [H].
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+
   // ---- CUDA-only ops (csrc/cuda/*.cu) -----------------------------------
   // (schemas of ops that only the CUDA backend implements go here)
   // sample with in-kernel Philox4x32-10 (key = seed, counter = (vocab index, row, offset)):

@@ -21,6 +21,7 @@ from rlhf_fast import ops
 from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, unwrap
 from ..ops.sampling import sample_with_uniforms
+from .llama_decode import _CUDAGraphStep, _LlamaDecoder
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
 
@@ -35,148 +36,6 @@ def _returned_cache(out):
     """The KV cache of a causal LM's output, under either name."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-class _LlamaDecoder:
-    """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2: pre-norm, RoPE, sdpa)
-    on a preallocated ``[B, kv_heads, P + R, d]`` KV buffer.
-
-    The same operations in the same order as the transformers forward (its norm / MLP / head
-    modules are called as they are), without the per-call work that does not depend on the
-    step: the growing ``torch.cat`` of DynamicCache, the mask construction, the RoPE tables
-    (computed once for positions ``0 .. P + R - 1``) and the output dataclasses.
-
-    ``static``: every step has the same shapes and no Python-int index, so it can be captured
-    once as a CUDA graph (:class:`_CUDAGraphStep`): keys / values are written at a column given
-    as a tensor and attention reads the whole zero-initialised buffer under the mask (columns
-    not yet written are masked). Otherwise attention reads only the columns written so far,
-    which is cheaper eagerly.
-    """
-
-    _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-    @classmethod
-    def supported(cls, model, *, gathered: bool = False) -> bool:
-        """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks) full-attention
-        Llama-style LM on sdpa, in eval mode. ``gathered``: ``model`` is an FSDP2 model whose
-        parameters :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is
-        then FSDP's subclass and its hooks are FSDP's, which have nothing left to do."""
-        if unwrap(model) is not model or model.training:
-            return False
-        classes = [type(model)]
-        if gathered:  # fully_shard swaps in a subclass of (FSDPModule, the model's class)
-            classes = [b for b in type(model).__bases__ if b.__name__ != "FSDPModule"]
-        if not any(c.__name__ in cls._CLASSES for c in classes):
-            return False
-        if not gathered and (model._forward_hooks or model._forward_pre_hooks):  # they see the forward
-            return False
-        cfg = model.config
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        return (layers is not None and getattr(cfg, "_attn_implementation", None) == "sdpa"
-                and getattr(cfg, "sliding_window", None) is None and getattr(cfg, "pretraining_tp", 1) == 1
-                and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
-                and all(hasattr(layer.self_attn, "head_dim") for layer in layers))
-
-    def __init__(self, model, cache, B: int, P: int, R: int, *, static: bool = False):
-        base = model.model
-        self.model, self.layers, self.static = model, list(base.layers), static
-        self.K, self.V = [], []
-        # static: masked columns are still multiplied by a zero weight, so they must hold no NaN
-        alloc = torch.Tensor.new_zeros if static else torch.Tensor.new_empty
-        for layer in cache.layers:  # the prompt's (repeated) keys / values go first
-            k, v = layer.keys, layer.values  # [B, kv_heads, P, d]
-            kb = alloc(k, (B, k.shape[1], P + R, k.shape[3]))
-            vb = alloc(v, (B, v.shape[1], P + R, v.shape[3]))
-            kb[:, :, :P] = k
-            vb[:, :, :P] = v
-            self.K.append(kb)
-            self.V.append(vb)
-        cos, sin = base.rotary_emb(self.K[0], torch.arange(P + R, device=self.K[0].device)[None])
-        self.cos, self.sin = cos[0], sin[0]  # [P + R, d]
-
-    def step(self, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col) -> torch.Tensor:
-        """Logits ``[B, V]`` after feeding ``tok [B]`` at KV column ``col`` with position ids
-        ``pos [B, 1]`` and the boolean key mask ``mask [B, 1, 1, col + 1]``; when ``static``,
-        ``col`` is an int64 tensor ``[1]`` and ``mask`` is ``[B, 1, 1, P + R]``."""
-        base = self.model.model
-        B = tok.shape[0]
-        h = base.embed_tokens(tok[:, None])  # [B, 1, H]
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, 1, d]
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = a.q_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
-            k = a.k_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
-            v = a.v_proj(x).view(B, 1, -1, a.head_dim).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            if self.static:
-                keys, values = self.K[i].index_copy_(2, col, k), self.V[i].index_copy_(2, col, v)
-            else:
-                self.K[i][:, :, col] = k[:, :, 0]
-                self.V[i][:, :, col] = v[:, :, 0]
-                keys, values = self.K[i][:, :, :col + 1], self.V[i][:, :, :col + 1]
-            # grouped-query attention of one new token: the G query heads that share a KV head
-            # become G query rows of that head (heads h = j·G .. j·G + G - 1 read KV head j, as
-            # transformers' repeat_kv), so no backend repeats the keys / values G times
-            kv_heads = keys.shape[1]
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.reshape(B, kv_heads, -1, a.head_dim), keys, values, attn_mask=mask, dropout_p=0.0,
-                scale=a.scaling)
-            o = o.reshape(B, 1, -1)  # [B, kv_heads, G, d] is [B, heads, d] in head order
-            h = h + a.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(base.norm(h))[:, -1]
-
-
-class _CUDAGraphStep:
-    """A static :class:`_LlamaDecoder` step captured once as a CUDA graph and replayed for
-    every token. A decode step of a small model at a modest batch is launch-bound (a few
-    hundred kernels of microseconds each, every one launched from Python); a replay launches
-    them all at once.
-
-    Built on the first decode step's inputs: two eager warm-up steps on a side stream (writing
-    the same keys / values the captured step writes), the capture, then one replay whose logits
-    must match the eager ones, else RuntimeError (the caller falls back to eager steps). The
-    graph reads ``mask`` (the caller's ``[B, 1, 1, P + R]`` buffer, updated in place) and its
-    own copies of the token, position and column.
-    """
-
-    def __init__(self, decoder: "_LlamaDecoder", tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, col: int):
-        self.tok, self.pos = tok.clone(), pos.clone()
-        self.col = torch.full((1,), col, dtype=torch.long, device=tok.device)
-        self.graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(device=tok.device)
-        side.wait_stream(torch.cuda.current_stream(tok.device))
-        # capture_begin / capture_end rather than the torch.cuda.graph context, which empties
-        # the caching allocator first: the log-prob and update phases would then have to
-        # cudaMalloc their (large) blocks again after every generate call
-        with torch.cuda.stream(side):
-            for _ in range(2):  # cuBLAS / sdpa pick and allocate their workspaces outside the capture
-                eager = decoder.step(self.tok, mask, self.pos, self.col)
-            side.synchronize()  # as torch.cuda.graph does: nothing of the warm-up still in flight
-            self.graph.capture_begin()
-            try:
-                self.out = decoder.step(self.tok, mask, self.pos, self.col)
-            finally:
-                self.graph.capture_end()
-        torch.cuda.current_stream(tok.device).wait_stream(side)
-        self.graph.replay()
-        if not torch.allclose(self.out, eager, rtol=1e-3, atol=1e-3):
-            raise RuntimeError("the CUDA-graph decode step does not reproduce the eager step's logits")
-
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
-        """Logits ``[B, V]`` (the graph's output buffer, overwritten by the next call)."""
-        self.tok.copy_(tok)
-        self.pos.copy_(pos)
-        self.col.fill_(col)
-        self.graph.replay()
-        return self.out
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -295,20 +154,23 @@ class HFRolloutEngine(RolloutEngine):
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
         return any(s in tail for s in stop_strings)
 
-    def _sample_rows(self, logits: torch.Tensor, alive: torch.Tensor, gens: List[torch.Generator],
+    def _sample_rows(self, logits: torch.Tensor, alive: torch.Tensor, uniforms: torch.Tensor,
                      params: SamplingParams):
-        """One draw per live row of ``logits [B, V]``, each from its own (CPU) generator: the
-        row's uniform comes from its generator and one batched inverse-CDF call
-        (:func:`rlhf_fast.ops.sampling.sample_with_uniforms`) turns them into tokens, so a row's
-        draw does not depend on its place in the batch. Dead rows get the pad token."""
+        """One draw per live row of ``logits [B, V]`` from that row's own uniform
+        (``uniforms [B]`` float64 on the CPU, drawn from the row's generator): one batched
+        inverse-CDF call (:func:`rlhf_fast.ops.sampling.sample_with_uniforms`) turns them into
+        tokens, so a row's draw does not depend on its place in the batch. Dead rows get the
+        pad token."""
+        rows = alive.nonzero().flatten()
+        if rows.numel() == logits.shape[0]:  # every row live: no gather / scatter
+            t, v = sample_with_uniforms(logits, uniforms, temperature=float(params.temperature), top_k=params.top_k,
+                                        top_p=float(params.top_p), min_p=float(params.min_p))
+            return t, v.float()
         tok = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long, device=logits.device)
         lp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-        rows = alive.nonzero().flatten()
         if rows.numel():
-            # torch.rand(1) per row: what a one-row ops.sample call draws from its generator
-            u = torch.cat([torch.rand(1, generator=gens[i], dtype=torch.float64) for i in rows.tolist()])
-            t, v = sample_with_uniforms(logits[rows], u, temperature=float(params.temperature), top_k=params.top_k,
-                                        top_p=float(params.top_p), min_p=float(params.min_p))
+            t, v = sample_with_uniforms(logits[rows], uniforms[rows.cpu()], temperature=float(params.temperature),
+                                        top_k=params.top_k, top_p=float(params.top_p), min_p=float(params.min_p))
             tok[rows] = t
             lp[rows] = v.float()
         return tok, lp
@@ -323,14 +185,18 @@ class HFRolloutEngine(RolloutEngine):
         prompt_ids, prompt_mask = self._left_pad(ids)  # [Bp, P]
         n, Bp, P = params.n, prompt_ids.shape[0], prompt_ids.shape[1]
         B = Bp * n
-        gen, row_gens = None, None
+        gen, row_uniforms = None, None
         if params.sample_seeds is not None:
             if len(params.sample_seeds) != B:
                 raise ValueError(f"sample_seeds must have one seed per response row "
                                  f"(len(prompts) × n = {B}), got {len(params.sample_seeds)}")
             if params.temperature > 0:  # greedy draws nothing
                 # on the CPU whatever the device: the uniforms are drawn on the host, one per row
-                row_gens = [torch.Generator().manual_seed(s) for s in params.sample_seeds]
+                # a row's k-th draw is the k-th torch.rand(1) of its generator, what a one-row
+                # ops.sample call at that step would draw; rand(R) gives the same R numbers in one
+                # call (the CPU generator fills a tensor serially), so they are drawn up front
+                row_uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                                   dtype=torch.float64) for s in params.sample_seeds])  # [B, R]
         elif params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = self._stop_ids(params)
@@ -368,11 +234,11 @@ class HFRolloutEngine(RolloutEngine):
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
             R_used = 0
             for step in range(R):
-                if row_gens is None:
+                if row_uniforms is None:
                     tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
                                          top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
                 else:
-                    tok, lp = self._sample_rows(logits, alive, row_gens, params)
+                    tok, lp = self._sample_rows(logits, alive, row_uniforms[:, step], params)
                 tok = tok.masked_fill_(~alive, self.pad_id)
                 resp[:, step] = tok
                 resp_logp[:, step] = lp.float().masked_fill_(~alive, 0.0)

@@ -1,0 +1,142 @@
+"""The C++ decode-layer op (csrc/cpu/decode.cpp) against the Python decode step it replaces,
+and the engine with and without it."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from rlhf_fast import ops  # noqa: E402
+from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer  # noqa: E402
+from rlhf_fast.ops import _dispatch  # noqa: E402
+from rlhf_fast.rollout import HFRolloutEngine, SamplingParams  # noqa: E402
+from rlhf_fast.rollout.llama_decode import _Layer, _LlamaDecoder, _rope  # noqa: E402
+
+needs_cpp = pytest.mark.skipif(not _dispatch.backend_available("cpp")[0], reason="rlhf_fast._C not built")
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["hello world", "the cat sat on the", "one", "what is two and three"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(sample_texts(), 256)
+
+
+def _python_layer(L: _Layer, h, K, V, cos, sin, mask, col):
+    """The decode step's Python ops for one layer (the ``use_backend("torch")`` path), with
+    the same sliced-KV semantics as the op."""
+    B, d = h.shape[0], L.head_dim
+    q, k, v = L.qkv(L.norm1(h))
+    q, k = _rope(q.view(B, -1, d), cos[:, None], sin[:, None]), _rope(k.view(B, -1, d), cos[:, None], sin[:, None])
+    K[:, :, col], V[:, :, col] = k, v.view(B, -1, d)
+    keys, values = K[:, :, :col + 1], V[:, :, :col + 1]
+    o = F.scaled_dot_product_attention(q.reshape(B, keys.shape[1], -1, d), keys, values,
+                                       attn_mask=mask[:, None, None, :col + 1], scale=L.scaling)
+    h = h + L.o(o.reshape(B, -1))[0]
+    return h + L.mlp(L.norm2(h))
+
+
+@needs_cpp
+@pytest.mark.parametrize("family,heads,kv_heads,B,col", [("llama", 4, 2, 3, 5), ("qwen2", 4, 2, 1, 0),
+                                                         ("llama", 2, None, 5, 11), ("qwen2", 8, 2, 2, 7)])
+def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col):
+    """GQA and plain heads, Qwen2's q/k/v biases, B = 1, the first and the last column, and
+    keys masked in the middle of a row: the op writes the same keys / values at ``col`` and
+    returns the same layer output as the Python ops (float32 rounding apart)."""
+    m = tiny_causal_lm(len(tok), family=family, num_heads=heads, num_kv_heads=kv_heads, seed=2).eval()
+    g = torch.Generator().manual_seed(col)
+    with torch.no_grad():
+        for p in m.parameters():  # random norms and biases too, so a swapped weight shows
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        L = _Layer(m.model.layers[0], pack=True)
+        args = L.native_args()
+        assert args is not None and (args[3] is not None) == (family == "qwen2")
+        H, d, n_kv, S = m.config.hidden_size, L.head_dim, kv_heads or heads, col + 1 + 2
+        h = torch.randn(B, H, generator=g)
+        K0, V0 = torch.randn(B, n_kv, S, d, generator=g), torch.randn(B, n_kv, S, d, generator=g)
+        cos, sin = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
+        mask = torch.rand(B, S, generator=g) > 0.3
+        mask[:, col] = True
+        K1, V1, K2, V2 = K0.clone(), V0.clone(), K0.clone(), V0.clone()
+        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, mask, col, L.n_q, L.scaling)
+        exp = _python_layer(L, h, K2, V2, cos, sin, mask, col)
+    torch.testing.assert_close(K1, K2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(V1, V2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+    assert torch.equal(K1[:, :, col + 1:], K0[:, :, col + 1:]) and torch.equal(K1[:, :, :col], K0[:, :, :col])
+
+
+@needs_cpp
+def test_rms_norm_op_equals_transformers_norm(tok):
+    m = tiny_causal_lm(len(tok), seed=1)
+    norm = m.model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-2, 2, norm.weight.numel()))
+        x = torch.randn(7, norm.weight.numel()) * 3
+        torch.testing.assert_close(torch.ops.rlhf_fast.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@needs_cpp
+def test_decode_layer_op_rejects_bad_input(tok):
+    m = tiny_causal_lm(len(tok), seed=1).eval()
+    with torch.no_grad():
+        L = _Layer(m.model.layers[0], pack=True)
+        args = L.native_args()
+        H, d = m.config.hidden_size, L.head_dim
+        n_kv = m.config.num_key_value_heads
+        h, K, V = torch.randn(2, H), torch.zeros(2, n_kv, 4, d), torch.zeros(2, n_kv, 4, d)
+        cos, sin, mask = torch.ones(2, d), torch.zeros(2, d), torch.ones(2, 4, dtype=torch.bool)
+        with pytest.raises(ValueError, match="h must be a contiguous float32"):
+            torch.ops.rlhf_fast.llama_decode_layer(h.double(), *args, K, V, cos, sin, mask, 1, L.n_q, L.scaling)
+        with pytest.raises(ValueError, match="col must be in"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 4, L.n_q, L.scaling)
+        with pytest.raises(ValueError, match="mask must be a contiguous bool"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask.float(), 1, L.n_q, L.scaling)
+        with pytest.raises(ValueError, match="n_q must be a multiple"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 1, n_kv + 1, L.scaling)
+
+
+@needs_cpp
+@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 2), ("mistral", None)])
+def test_engine_with_the_op_equals_engine_on_python_ops(tok, family, kv_heads):
+    """Generation through the op gives the tokens and behaviour log-probs of the Python decode
+    ops (forced with use_backend("torch")), and the op path is the one a float32 CPU model takes."""
+    m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=4)
+    if family == "mistral":
+        m.config.sliding_window = None
+    params = SamplingParams(temperature=1.0, top_k=30, max_new_tokens=16, n=3, seed=2)
+    built = []
+    real_init = _LlamaDecoder.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        built.append(self.native is not None)
+
+    try:
+        _LlamaDecoder.__init__ = init
+        native = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+        with ops.use_backend("torch"):
+            python = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    finally:
+        _LlamaDecoder.__init__ = real_init
+    assert built == [True, False]
+    assert torch.equal(native.input_ids, python.input_ids)
+    assert torch.equal(native.response_mask, python.response_mask)
+    torch.testing.assert_close(native.behaviour_logp, python.behaviour_logp, rtol=0, atol=1e-5)
+
+
+def test_decoder_keeps_python_ops_for_layers_the_op_does_not_compute(tok):
+    """A bfloat16 model, or an MLP whose activation is not SiLU, decodes on the Python ops."""
+    m = tiny_causal_lm(len(tok), seed=1).eval()
+    L = _Layer(m.model.layers[0], pack=True)
+    m.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert _Layer(m.model.layers[0], pack=True).native_args() is None
+    assert _Layer(m.model.layers[1], pack=False).native_args() is None  # unpacked projections
+    assert L.native_args() is not None
+    with torch.no_grad():
+        b = tiny_causal_lm(len(tok), seed=1).to(torch.bfloat16).eval()
+        assert _Layer(b.model.layers[0], pack=True).native_args() is None

@@ -66,7 +66,9 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // ---- decoding (csrc/cpu/decode.cpp; internal, used by rlhf_fast/rollout/llama_decode.py)
   // One decode step of one Llama-style layer, float32, CPU: h [B, H] -> [B, H]; writes this
   // token's keys / values at column `col` of K, V [B, n_kv, S, d]; mask [B, > col] bool.
-  m.def("llama_decode_layer(Tensor h, Tensor ln1_w, float ln1_eps, Tensor qkv_wt, Tensor? qkv_b, Tensor o_wt, Tensor? o_b, Tensor ln2_w, float ln2_eps, Tensor gate_up_wt, Tensor? gate_up_b, Tensor down_wt, Tensor? down_b, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, int n_q, float scaling) -> Tensor");
+  // Projection weights as [in, out] (x @ w): qkv 3 tensors or 1 with q | k | v side by side,
+  // gate_up 2 or 1; a bias (or None) per weight tensor; norms and eps: the two RMSNorms'.
+  m.def("llama_decode_layer(Tensor h, Tensor[] norms, float[] eps, Tensor[] qkv, Tensor?[] qkv_bias, Tensor o, Tensor? o_bias, Tensor[] gate_up, Tensor?[] gate_up_bias, Tensor down, Tensor? down_bias, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, float scaling) -> Tensor");
   // transformers' Llama RMSNorm of x [B, H] float32 with weight [H].
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 

@@ -29,31 +29,38 @@ def _python_layer(L: _Layer, h, K, V, cos, sin, mask, col):
     """The decode step's Python ops for one layer (the ``use_backend("torch")`` path), with
     the same sliced-KV semantics as the op."""
     B, d = h.shape[0], L.head_dim
-    q, k, v = L.qkv(L.norm1(h))
-    q, k = _rope(q.view(B, -1, d), cos[:, None], sin[:, None]), _rope(k.view(B, -1, d), cos[:, None], sin[:, None])
-    K[:, :, col], V[:, :, col] = k, v.view(B, -1, d)
+    x = L.norm1(h)
+    q, k = _rope(L.q(x).view(B, -1, d), cos[:, None], sin[:, None]), _rope(L.k(x).view(B, -1, d), cos[:, None],
+                                                                           sin[:, None])
+    K[:, :, col], V[:, :, col] = k, L.v(x).view(B, -1, d)
     keys, values = K[:, :, :col + 1], V[:, :, :col + 1]
     o = F.scaled_dot_product_attention(q.reshape(B, keys.shape[1], -1, d), keys, values,
                                        attn_mask=mask[:, None, None, :col + 1], scale=L.scaling)
-    h = h + L.o(o.reshape(B, -1))[0]
+    h = h + L.o(o.reshape(B, -1))
     return h + L.mlp(L.norm2(h))
 
 
 @needs_cpp
+@pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("family,heads,kv_heads,B,col", [("llama", 4, 2, 3, 5), ("qwen2", 4, 2, 1, 0),
                                                          ("llama", 2, None, 5, 11), ("qwen2", 8, 2, 2, 7)])
-def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col):
-    """GQA and plain heads, Qwen2's q/k/v biases, B = 1, the first and the last column, and
-    keys masked in the middle of a row: the op writes the same keys / values at ``col`` and
-    returns the same layer output as the Python ops (float32 rounding apart)."""
+def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col, stack, monkeypatch):
+    """GQA and plain heads, Qwen2's q/k/v biases, B = 1, the first and the last column, keys
+    masked in the middle of a row, with q / k / v and gate / up stacked (a small model) or as
+    the modules' own weights: the op writes the same keys / values at ``col`` and returns the
+    same layer output as the Python ops (float32 rounding apart)."""
+    from rlhf_fast.rollout import llama_decode
+
+    monkeypatch.setattr(llama_decode, "_STACK_MAX_BYTES", llama_decode._STACK_MAX_BYTES if stack else 0)
     m = tiny_causal_lm(len(tok), family=family, num_heads=heads, num_kv_heads=kv_heads, seed=2).eval()
     g = torch.Generator().manual_seed(col)
     with torch.no_grad():
         for p in m.parameters():  # random norms and biases too, so a swapped weight shows
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        L = _Layer(m.model.layers[0], pack=True)
+        L = _Layer(m.model.layers[0])
         args = L.native_args()
-        assert args is not None and (args[3] is not None) == (family == "qwen2")
+        assert args is not None and len(args[2]) == (1 if stack else 3)
+        assert (args[3][0] is not None) == (family == "qwen2")  # Qwen2's q / k / v biases
         H, d, n_kv, S = m.config.hidden_size, L.head_dim, kv_heads or heads, col + 1 + 2
         h = torch.randn(B, H, generator=g)
         K0, V0 = torch.randn(B, n_kv, S, d, generator=g), torch.randn(B, n_kv, S, d, generator=g)
@@ -61,7 +68,7 @@ def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col)
         mask = torch.rand(B, S, generator=g) > 0.3
         mask[:, col] = True
         K1, V1, K2, V2 = K0.clone(), V0.clone(), K0.clone(), V0.clone()
-        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, mask, col, L.n_q, L.scaling)
+        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, mask, col, L.scaling)
         exp = _python_layer(L, h, K2, V2, cos, sin, mask, col)
     torch.testing.assert_close(K1, K2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(V1, V2, rtol=1e-5, atol=1e-5)
@@ -84,20 +91,32 @@ def test_rms_norm_op_equals_transformers_norm(tok):
 def test_decode_layer_op_rejects_bad_input(tok):
     m = tiny_causal_lm(len(tok), seed=1).eval()
     with torch.no_grad():
-        L = _Layer(m.model.layers[0], pack=True)
+        L = _Layer(m.model.layers[0])
         args = L.native_args()
         H, d = m.config.hidden_size, L.head_dim
         n_kv = m.config.num_key_value_heads
         h, K, V = torch.randn(2, H), torch.zeros(2, n_kv, 4, d), torch.zeros(2, n_kv, 4, d)
         cos, sin, mask = torch.ones(2, d), torch.zeros(2, d), torch.ones(2, 4, dtype=torch.bool)
+        norms, eps, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b = args
         with pytest.raises(ValueError, match="h must be a contiguous float32"):
-            torch.ops.rlhf_fast.llama_decode_layer(h.double(), *args, K, V, cos, sin, mask, 1, L.n_q, L.scaling)
+            torch.ops.rlhf_fast.llama_decode_layer(h.double(), *args, K, V, cos, sin, mask, 1, L.scaling)
         with pytest.raises(ValueError, match="col must be in"):
-            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 4, L.n_q, L.scaling)
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 4, L.scaling)
         with pytest.raises(ValueError, match="mask must be a contiguous bool"):
-            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask.float(), 1, L.n_q, L.scaling)
-        with pytest.raises(ValueError, match="n_q must be a multiple"):
-            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 1, n_kv + 1, L.scaling)
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask.float(), 1, L.scaling)
+        with pytest.raises(ValueError, match="o must be"):  # K holds one KV head too many for o's heads
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K.repeat(1, 2, 1, 1)[:, :n_kv + 1].contiguous(),
+                                                   V.repeat(1, 2, 1, 1)[:, :n_kv + 1].contiguous(), cos, sin, mask,
+                                                   1, L.scaling)
+        with pytest.raises(ValueError, match="norms and eps must have 2 entries"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, norms[:1], eps, qkv, qkv_b, o, o_b, gu, gu_b, down, down_b,
+                                                   K, V, cos, sin, mask, 1, L.scaling)
+        with pytest.raises(ValueError, match="qkv weight 0 must be a float32"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, norms, eps, [qkv[0].double()], qkv_b, o, o_b, gu, gu_b, down,
+                                                   down_b, K, V, cos, sin, mask, 1, L.scaling)
+        with pytest.raises(ValueError, match="gate_up must be 1 or 2 weights"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, norms, eps, qkv, qkv_b, o, o_b, gu * 3, gu_b * 3, down,
+                                                   down_b, K, V, cos, sin, mask, 1, L.scaling)
 
 
 @needs_cpp
@@ -130,13 +149,18 @@ def test_engine_with_the_op_equals_engine_on_python_ops(tok, family, kv_heads):
 
 
 def test_decoder_keeps_python_ops_for_layers_the_op_does_not_compute(tok):
-    """A bfloat16 model, or an MLP whose activation is not SiLU, decodes on the Python ops."""
+    """A bfloat16 model, an MLP whose activation is not SiLU, or a projection that is not a
+    plain nn.Linear (a quantised or adapter layer) decodes on the Python ops."""
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
     m = tiny_causal_lm(len(tok), seed=1).eval()
-    L = _Layer(m.model.layers[0], pack=True)
+    assert _Layer(m.model.layers[0]).native_args() is not None
     m.model.layers[0].mlp.act_fn = torch.nn.GELU()
-    assert _Layer(m.model.layers[0], pack=True).native_args() is None
-    assert _Layer(m.model.layers[1], pack=False).native_args() is None  # unpacked projections
-    assert L.native_args() is not None
-    with torch.no_grad():
-        b = tiny_causal_lm(len(tok), seed=1).to(torch.bfloat16).eval()
-        assert _Layer(b.model.layers[0], pack=True).native_args() is None
+    assert _Layer(m.model.layers[0]).native_args() is None
+    up = m.model.layers[1].mlp.up_proj
+    m.model.layers[1].mlp.up_proj = Wrapped(up.in_features, up.out_features, bias=False)
+    assert _Layer(m.model.layers[1]).native_args() is None
+    b = tiny_causal_lm(len(tok), seed=1).to(torch.bfloat16).eval()
+    assert _Layer(b.model.layers[0]).native_args() is None

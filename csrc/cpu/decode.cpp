@@ -2,9 +2,10 @@
 // attention over a preallocated KV buffer, SiLU-gated MLP) for a batch of single tokens,
 // float32 on the CPU. Called by rlhf_fast/rollout/llama_decode.py in place of ~40 Python
 // tensor ops per layer: at a small model's decode shapes ([B, H] activations) each of those
-// costs microseconds of Python and dispatcher overhead, more than its arithmetic. The four
-// matmuls go to at::mm (MKL / oneDNN); norms, RoPE, the KV append, attention and the gated
-// activation are plain loops over the rows.
+// costs microseconds of Python and dispatcher overhead, more than its arithmetic. The
+// projections go to at::mm (MKL / oneDNN): on the modules' own weights, or for a small
+// model on copies with q / k / v and gate / up stacked (see rollout/llama_decode.py); norms,
+// RoPE, the KV append, attention and the gated activation are plain loops over the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,87 +39,129 @@ at::Tensor rms_norm_f32(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-at::Tensor mm_bias(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
-}
-
 void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
                     "llama_decode_layer: ", name, " must be a contiguous float32 CPU tensor with ", dim,
                     " dims, got ", t.scalar_type(), " ", t.sizes());
 }
 
-// h [B, H]; qkv_wt [H, (n_q + 2 n_kv) d]; o_wt [n_q d, H]; gate_up_wt [H, 2 I]; down_wt [I, H];
+// Columns of one projection's output: row b starts at p + b * stride.
+struct Cols {
+  float* p;
+  int64_t stride;
+  float* row(int64_t b) const { return p + b * stride; }
+};
+
+// x [B, in] times the weights `parts` given as [in, out] (an nn.Linear weight's transposed
+// view, read by MKL without a copy, or a contiguous copy of several stacked: one call for
+// q / k / v): one mm / addmm per part. Returns the outputs; `widths` are the logical
+// projections' output sizes (q, k, v or gate, up), `cols` gets where each one lies.
+std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList parts,
+                                const c10::List<std::optional<at::Tensor>>& bias, const std::vector<int64_t>& widths,
+                                std::vector<Cols>& cols, const char* name) {
+  TORCH_CHECK_VALUE(parts.size() == 1 || parts.size() == widths.size(), "llama_decode_layer: ", name, " must be 1 or ",
+                    widths.size(), " weights, got ", parts.size());
+  TORCH_CHECK_VALUE(bias.size() == parts.size(), "llama_decode_layer: ", name, " needs one bias (or None) per weight");
+  int64_t total = 0;
+  for (int64_t w : widths) total += w;
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const at::Tensor& w = parts[i];
+    const int64_t want = parts.size() == 1 ? total : widths[i];
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat && w.device().is_cpu() && w.dim() == 2 && w.size(0) == x.size(1) &&
+                          w.size(1) == want,
+                      "llama_decode_layer: ", name, " weight ", i, " must be a float32 CPU [", x.size(1), ", ", want,
+                      "] tensor, got ", w.scalar_type(), " ", w.sizes());
+    const std::optional<at::Tensor> b = bias.get(i);
+    outs.push_back((b.has_value() ? at::addmm(*b, x, w) : at::mm(x, w)).contiguous());
+  }
+  cols.clear();
+  int64_t off = 0;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    at::Tensor& o = outs[parts.size() == 1 ? 0 : i];
+    cols.push_back({o.data_ptr<float>() + (parts.size() == 1 ? off : 0), o.size(1)});
+    off += widths[i];
+  }
+  return outs;
+}
+
+// h [B, H]; norms = (input norm, post-attention norm) weights [H], eps theirs; qkv: the q, k,
+// v weights as [in, out] (3 tensors, or 1 holding them side by side), qkv_bias one per
+// tensor; o [n_q d, H]; gate_up: gate, up as [in, out] (2, or 1 side by side); down [I, H];
 // K, V [B, n_kv, S, d] (column `col` is written); cos, sin_signed [B, d] (sin with its first
 // half negated: rotate_half's sign); mask [B, S'] bool, S' > col: the keys 0..col to attend.
 // Returns the layer's output [B, H].
-at::Tensor llama_decode_layer(const at::Tensor& h, const at::Tensor& ln1_w, double ln1_eps, const at::Tensor& qkv_wt,
-                              const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_wt,
-                              const c10::optional<at::Tensor>& o_b, const at::Tensor& ln2_w, double ln2_eps,
-                              const at::Tensor& gate_up_wt, const c10::optional<at::Tensor>& gate_up_b,
-                              const at::Tensor& down_wt, const c10::optional<at::Tensor>& down_b, at::Tensor& K,
-                              at::Tensor& V, const at::Tensor& cos, const at::Tensor& sin_signed,
-                              const at::Tensor& mask, int64_t col, int64_t n_q, double scaling) {
+at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::ArrayRef<double> eps, at::TensorList qkv,
+                              const c10::List<std::optional<at::Tensor>>& qkv_bias, const at::Tensor& o_w,
+                              const std::optional<at::Tensor>& o_bias, at::TensorList gate_up,
+                              const c10::List<std::optional<at::Tensor>>& gate_up_bias, const at::Tensor& down_w,
+                              const std::optional<at::Tensor>& down_bias, at::Tensor& K, at::Tensor& V,
+                              const at::Tensor& cos, const at::Tensor& sin_signed, const at::Tensor& mask, int64_t col,
+                              double scaling) {
+  TORCH_CHECK_VALUE(norms.size() == 2 && eps.size() == 2, "llama_decode_layer: norms and eps must have 2 entries");
   check_f32(h, "h", 2);
   check_f32(K, "K", 4);
   check_f32(V, "V", 4);
   check_f32(cos, "cos", 2);
   check_f32(sin_signed, "sin_signed", 2);
-  check_f32(ln1_w, "ln1_w", 1);
-  check_f32(ln2_w, "ln2_w", 1);
+  check_f32(norms[0], "norms[0]", 1);
+  check_f32(norms[1], "norms[1]", 1);
   const int64_t B = h.size(0), H = h.size(1), n_kv = K.size(1), S = K.size(2), d = K.size(3);
-  TORCH_CHECK_VALUE(n_q > 0 && n_q % n_kv == 0, "llama_decode_layer: n_q must be a multiple of n_kv, got ", n_q, ", ",
-                    n_kv);
+  TORCH_CHECK_VALUE(norms[0].size(0) == H && norms[1].size(0) == H, "llama_decode_layer: norms must be [", H, "]");
   TORCH_CHECK_VALUE(d % 2 == 0, "llama_decode_layer: head_dim must be even, got ", d);
+  TORCH_CHECK_VALUE(o_w.dim() == 2 && o_w.size(1) == H && o_w.size(0) % (d * n_kv) == 0,
+                    "llama_decode_layer: o must be [n_q d, ", H, "] with n_q a multiple of n_kv (K's dim 1), got ",
+                    o_w.sizes());
+  const int64_t n_q = o_w.size(0) / d, G = n_q / n_kv, half = d / 2;
   TORCH_CHECK_VALUE(col >= 0 && col < S, "llama_decode_layer: col must be in [0, ", S, "), got ", col);
-  TORCH_CHECK_VALUE(ln1_w.size(0) == H && ln2_w.size(0) == H, "llama_decode_layer: ln1_w and ln2_w must be [H]");
-  TORCH_CHECK_VALUE(qkv_wt.size(0) == H && qkv_wt.size(1) == (n_q + 2 * n_kv) * d,
-                    "llama_decode_layer: qkv_wt must be [H, (n_q + 2 n_kv) d], got ", qkv_wt.sizes());
   TORCH_CHECK_VALUE(V.sizes() == K.sizes() && cos.size(0) == B && cos.size(1) == d && sin_signed.sizes() == cos.sizes(),
                     "llama_decode_layer: V, cos and sin_signed must match K [B, n_kv, S, d]");
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B && mask.size(1) > col &&
                         mask.is_contiguous(),
                     "llama_decode_layer: mask must be a contiguous bool [B, > col] tensor, got ", mask.sizes());
-  const int64_t G = n_q / n_kv, half = d / 2, nqk = n_q + n_kv, width = (n_q + 2 * n_kv) * d;
 
-  at::Tensor y = mm_bias(rms_norm_f32(h, ln1_w, ln1_eps), qkv_wt, qkv_b);  // [B, width]
+  std::vector<Cols> c_qkv, c_gu;
+  const std::vector<at::Tensor> y =
+      project(rms_norm_f32(h, norms[0], eps[0]), qkv, qkv_bias, {n_q * d, n_kv * d, n_kv * d}, c_qkv, "qkv");
+  const Cols cq = c_qkv[0], ck = c_qkv[1], cv = c_qkv[2];
   at::Tensor attn = at::empty({B, n_q * d}, h.options());
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin_signed.data_ptr<float>();
   const bool* mk = mask.data_ptr<bool>();
   const int64_t mstride = mask.size(1);
-  float* yp = y.data_ptr<float>();
   float* Kp = K.data_ptr<float>();
   float* Vp = V.data_ptr<float>();
   float* ap = attn.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> tmp(d), p(col + 1);
+    // RoPE: x·cos + roll(x, d/2)·sin_signed (= rotate_half(x)·sin), in place on one head
+    auto rope = [&](float* x, const float* c, const float* s) {
+      for (int64_t j = 0; j < d; ++j) tmp[j] = x[j] * c[j] + x[(j + half) % d] * s[j];
+      std::copy(tmp.begin(), tmp.end(), x);
+    };
     for (int64_t b = b0; b < b1; ++b) {
-      float* yr = yp + b * width;
       const float* c = cs + b * d;
       const float* s = sn + b * d;
-      // RoPE on the q and k heads: x·cos + roll(x, d/2)·sin_signed (= rotate_half(x)·sin)
-      for (int64_t hd = 0; hd < nqk; ++hd) {
-        float* x = yr + hd * d;
-        for (int64_t j = 0; j < d; ++j) tmp[j] = x[j] * c[j] + x[(j + half) % d] * s[j];
-        std::copy(tmp.begin(), tmp.end(), x);
-      }
-      for (int64_t kh = 0; kh < n_kv; ++kh) {  // append this token's keys / values at `col`
+      float* qb = cq.row(b);
+      for (int64_t hd = 0; hd < n_q; ++hd) rope(qb + hd * d, c, s);
+      for (int64_t kh = 0; kh < n_kv; ++kh) {  // rotate this token's keys, append keys / values at `col`
+        float* kr = ck.row(b) + kh * d;
+        rope(kr, c, s);
         const int64_t at_col = ((b * n_kv + kh) * S + col) * d;
-        std::copy(yr + (n_q + kh) * d, yr + (n_q + kh + 1) * d, Kp + at_col);
-        std::copy(yr + (nqk + kh) * d, yr + (nqk + kh + 1) * d, Vp + at_col);
+        std::copy(kr, kr + d, Kp + at_col);
+        std::copy(cv.row(b) + kh * d, cv.row(b) + (kh + 1) * d, Vp + at_col);
       }
       const bool* mr = mk + b * mstride;
-      for (int64_t qh = 0; qh < n_q; ++qh) {
-        const float* q = yr + qh * d;
+      for (int64_t qh = 0; qh < n_q; ++qh) {  // query head qh reads KV head qh / G, as repeat_kv
+        const float* qr = qb + qh * d;
         const float* Kh = Kp + (b * n_kv + qh / G) * S * d;
         const float* Vh = Vp + (b * n_kv + qh / G) * S * d;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t <= col; ++t) {
           if (!mr[t]) continue;
           float dot = 0.f;
-          for (int64_t j = 0; j < d; ++j) dot += q[j] * Kh[t * d + j];
+          for (int64_t j = 0; j < d; ++j) dot += qr[j] * Kh[t * d + j];
           p[t] = dot * sc;
           mx = std::max(mx, p[t]);
         }
@@ -137,20 +180,23 @@ at::Tensor llama_decode_layer(const at::Tensor& h, const at::Tensor& ln1_w, doub
       }
     }
   });
-  at::Tensor h2 = mm_bias(attn, o_wt, o_b).add_(h);
-  at::Tensor gu = mm_bias(rms_norm_f32(h2, ln2_w, ln2_eps), gate_up_wt, gate_up_b);  // [B, 2 I]
-  const int64_t I = gu.size(1) / 2;
+  at::Tensor h2 = (o_bias.has_value() ? at::addmm(*o_bias, attn, o_w) : at::mm(attn, o_w)).add_(h);
+  const int64_t I = down_w.size(0);
+  TORCH_CHECK_VALUE(down_w.dim() == 2 && down_w.size(1) == H, "llama_decode_layer: down must be [I, ", H, "], got ",
+                    down_w.sizes());
+  const std::vector<at::Tensor> gu =
+      project(rms_norm_f32(h2, norms[1], eps[1]), gate_up, gate_up_bias, {I, I}, c_gu, "gate_up");
   at::Tensor act = at::empty({B, I}, h.options());
-  const float* gp = gu.data_ptr<float>();
   float* acp = act.data_ptr<float>();
+  const Cols cg = c_gu[0], cu = c_gu[1];
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t j = 0; j < I; ++j) {
-        const float g = gp[b * 2 * I + j];
-        acp[b * I + j] = (g / (1.f + std::exp(-g))) * gp[b * 2 * I + I + j];
-      }
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* g = cg.row(b);
+      const float* u = cu.row(b);
+      for (int64_t j = 0; j < I; ++j) acp[b * I + j] = (g[j] / (1.f + std::exp(-g[j]))) * u[j];
+    }
   });
-  return mm_bias(act, down_wt, down_b).add_(h2);
+  return (down_bias.has_value() ? at::addmm(*down_bias, act, down_w) : at::mm(act, down_w)).add_(h2);
 }
 
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {

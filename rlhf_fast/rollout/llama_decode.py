@@ -6,13 +6,11 @@ A decode step of a small model is dispatch-bound: a few hundred operations on ``
 activations, each of which costs a few microseconds of Python, module and dispatcher
 overhead, more than its arithmetic. The decoder therefore calls the ops itself on the
 modules' weights (no module calls, no output dataclasses, no mask or RoPE-table
-construction per step) and keeps the activations two-dimensional. On the CPU it also packs
-the projections that share an input (q / k / v, gate / up) into one pre-transposed matrix,
-built once per :meth:`HFRolloutEngine.generate` call, so a layer runs four matmuls instead
-of seven; on a GPU the copy would cost memory (the MLP weights of a 7B model are GBs) and
-the CUDA graph already removes the launch overhead, so the projections stay separate there.
-Modules of classes it does not know (quantised linears, kernel-library norms) are called as
-they are.
+construction per step) and keeps the activations two-dimensional. On the CPU, for a float32
+model, each layer is one call of the C++ op ``rlhf_fast::llama_decode_layer``
+(csrc/cpu/decode.cpp), which takes the modules' own weights (no copy); on a GPU the CUDA
+graph removes the launch overhead instead. Modules of classes it does not know (quantised
+linears, kernel-library norms) are called as they are, and such layers run the Python ops.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # transformers' RMSNorm / gated MLP classes of the supported families: the same formula each,
-# written out in _rms_norm / _Layer.mlp; other classes (Liger's, a hub kernel's) are called
+# written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub kernel's) are called
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 _SILUS = ("SiLUActivation", "SiLU")
@@ -51,77 +49,83 @@ def _norm(module: nn.Module):
     return _RMSNorm(module)
 
 
-class _Projections:
-    """The linear layers ``mods`` applied to one input ``x [B, H]``; returns their outputs.
+def _linear(module: nn.Module):
+    """``module`` as a function of ``x [B, in]``: ``F.linear`` on its weights for a plain
+    ``nn.Linear`` (no module call), else the module itself."""
+    if type(module) is not nn.Linear:
+        return module
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
 
-    ``pack`` (plain ``nn.Linear`` layers only): one ``[H, sum(out)]`` contiguous copy of the
-    stacked, transposed weights (and biases), so the layers are one ``mm`` / ``addmm``."""
 
-    def __init__(self, mods: List[nn.Module], pack: bool):
-        self.mods = mods
-        self.plain = all(type(m) is nn.Linear for m in mods)
-        self.sizes = [m.weight.shape[0] for m in mods] if self.plain else None
-        self.wt: Optional[torch.Tensor] = None
-        self.bias: Optional[torch.Tensor] = None
-        if self.plain and pack:
-            self.wt = torch.cat([m.weight for m in mods]).t().contiguous()
-            if any(m.bias is not None for m in mods):
-                self.bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
-                                       for m in mods])
+# Stack q / k / v and gate / up into one copied matrix each when a layer's projection
+# weights are at most this many bytes: a small model's decode matmuls are dispatch-bound, so
+# three calls -> one is a third of the time, while the copy (made once per generate call) is
+# negligible; a larger model's matmuls are bound by reading the weights, which stacking does
+# not change, and the copy would double their memory. 4 MiB: a hidden size of ~256.
+_STACK_MAX_BYTES = 4 << 20
 
-    @property
-    def packed(self) -> bool:
-        return self.wt is not None
 
-    def joint(self, x: torch.Tensor) -> torch.Tensor:
-        """The packed layers' outputs side by side, ``[B, sum(out)]``."""
-        return torch.mm(x, self.wt) if self.bias is None else torch.addmm(self.bias, x, self.wt)
+def _as_in_out(mods: List[nn.Linear], stack: bool):
+    """The weights of ``mods`` (sharing one input) as ``x @ w`` operands ``[in, out]``: one
+    contiguous stacked copy when ``stack``, else each weight's transposed view (no copy);
+    with one bias (or None) per operand."""
+    if not stack or len(mods) == 1:
+        return [m.weight.detach().t() for m in mods], [None if m.bias is None else m.bias.detach() for m in mods]
+    w = torch.cat([m.weight.detach() for m in mods]).t().contiguous()
+    if all(m.bias is None for m in mods):
+        return [w], [None]
+    return [w], [torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                            for m in mods])]
 
-    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if self.packed:
-            return list(self.joint(x).split(self.sizes, -1))
-        if self.plain:
-            return [F.linear(x, m.weight, m.bias) for m in self.mods]
-        return [m(x) for m in self.mods]
+
+def _native_layer_args(layer: "_Layer", attn: nn.Module, mlp: nn.Module) -> Optional[tuple]:
+    """The weight arguments of ``rlhf_fast::llama_decode_layer`` for one gated, RMSNorm layer
+    (see :meth:`_Layer.native_args`), or None unless its projections are float32 nn.Linear."""
+    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    linears = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
+    if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+               for m in linears):
+        return None
+    if not all(n.weight.dtype == torch.float32 for n in (layer.norm1, layer.norm2)):
+        return None
+    stack = sum(m.weight.numel() * 4 for m in linears) <= _STACK_MAX_BYTES
+    (o,), (o_b,) = _as_in_out([attn.o_proj], False)
+    (down,), (down_b,) = _as_in_out([mlp.down_proj], False)
+    return ([layer.norm1.weight.detach(), layer.norm2.weight.detach()], [layer.norm1.eps, layer.norm2.eps],
+            *_as_in_out(qkv, stack), o, o_b, *_as_in_out(gate_up, stack), down, down_b)
 
 
 class _Layer:
     """One decoder layer's weights and functions, gathered once per decoder."""
 
-    def __init__(self, layer: nn.Module, pack: bool):
+    def __init__(self, layer: nn.Module):
         a, mlp = layer.self_attn, layer.mlp
         self.head_dim, self.scaling = a.head_dim, a.scaling
-        self.n_q = a.q_proj.weight.shape[0] // a.head_dim if type(a.q_proj) is nn.Linear else None
-        self.qkv = _Projections([a.q_proj, a.k_proj, a.v_proj], pack)
-        self.o = _Projections([a.o_proj], pack)
+        self.q, self.k, self.v, self.o = (_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
         self.norm1, self.norm2 = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
         gated = type(mlp).__name__ in _GATED_MLPS and "forward" not in mlp.__dict__
         self.mlp_module = None if gated else mlp
+        self.act = None
         if gated:
             self.act = F.silu if type(mlp.act_fn).__name__ in _SILUS else mlp.act_fn
-            self.gate_up = _Projections([mlp.gate_proj, mlp.up_proj], pack)
-            self.down = _Projections([mlp.down_proj], pack)
+            self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self._attn, self._mlp = a, (mlp if gated else None)
 
     def native_args(self) -> Optional[tuple]:
-        """The weights :func:`torch.ops.rlhf_fast.llama_decode_layer` takes, or None when this
-        layer is not the float32, packed, RMSNorm + SiLU-gated layer that op computes."""
-        if self.mlp_module is not None or self.act is not F.silu or not (self.qkv.packed and self.o.packed
-                                                                          and self.gate_up.packed and self.down.packed):
+        """The weight arguments of :func:`torch.ops.rlhf_fast.llama_decode_layer` (norms, eps,
+        qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias), or None when this
+        layer is not the float32 RMSNorm + SiLU-gated layer of plain CPU linears that op
+        computes. Stacked copies (see ``_STACK_MAX_BYTES``) are made here, once per call."""
+        if self._mlp is None or self.act is not F.silu or not (isinstance(self.norm1, _RMSNorm)
+                                                                and isinstance(self.norm2, _RMSNorm)):
             return None
-        if not (isinstance(self.norm1, _RMSNorm) and isinstance(self.norm2, _RMSNorm)):
-            return None
-        ts = (self.norm1.weight, self.qkv.wt, self.o.wt, self.norm2.weight, self.gate_up.wt, self.down.wt)
-        if any(t.dtype != torch.float32 for t in ts):
-            return None
-        return (self.norm1.weight.detach(), self.norm1.eps, self.qkv.wt, self.qkv.bias, self.o.wt, self.o.bias,
-                self.norm2.weight.detach(), self.norm2.eps, self.gate_up.wt, self.gate_up.bias, self.down.wt,
-                self.down.bias)
+        return _native_layer_args(self, self._attn, self._mlp)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp_module is not None:
             return self.mlp_module(x)
-        g, u = self.gate_up(x)
-        return self.down(self.act(g) * u)[0]
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,6 @@ class _LlamaDecoder:
     as a tensor and attention reads the whole zero-initialised buffer under the mask (columns
     not yet written are masked). Otherwise attention reads only the columns written so far,
     which is cheaper eagerly.
-    ``pack``: pack the projections that share an input (default: on the CPU).
     """
 
     _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -191,14 +194,13 @@ class _LlamaDecoder:
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
                 and all(hasattr(layer.self_attn, "head_dim") for layer in layers))
 
-    def __init__(self, model, cache, B: int, P: int, R: int, *, static: bool = False, pack: Optional[bool] = None):
+    def __init__(self, model, cache, B: int, P: int, R: int, *, static: bool = False):
         base = model.model
         self.model, self.static = model, static
-        pack = (next(model.parameters()).device.type == "cpu") if pack is None else pack
-        self.layers = [_Layer(layer, pack) for layer in base.layers]
+        self.layers = [_Layer(layer) for layer in base.layers]
         self.embed = base.embed_tokens
         self.norm = _norm(base.norm)
-        self.head = _Projections([model.lm_head], pack=False)  # V × H: too large to copy per call
+        self.head = _linear(model.lm_head)
         self.native = None if static else _native_layers(self.layers, self.norm)
         self.K, self.V = [], []
         # static: masked columns are still multiplied by a zero weight, so they must hold no NaN
@@ -231,21 +233,14 @@ class _LlamaDecoder:
         if self.native is not None:  # one C++ op per layer (see _native_layers)
             cos, sin, keys = self.cos[pos[:, 0]], self.sin_signed[pos[:, 0]], mask.reshape(B, -1)
             for i, (L, args) in enumerate(zip(self.layers, self.native)):
-                h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, self.K[i], self.V[i], cos, sin, keys, col, L.n_q,
+                h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, self.K[i], self.V[i], cos, sin, keys, col,
                                                            L.scaling)
-            return self.head(torch.ops.rlhf_fast.rms_norm(h, self.norm.weight.detach(), self.norm.eps))[0]
+            return self.head(torch.ops.rlhf_fast.rms_norm(h, self.norm.weight.detach(), self.norm.eps))
         cos, sin = self.cos[pos], self.sin_signed[pos]  # [B, 1, d]: broadcast over heads
         for i, L in enumerate(self.layers):
             d = L.head_dim
             x = L.norm1(h)
-            if L.qkv.packed:  # q and k side by side: one RoPE for both
-                y = L.qkv.joint(x)
-                n_qk = L.n_q + self.K[i].shape[1]
-                qk = _rope(y[:, :n_qk * d].view(B, n_qk, d), cos, sin)
-                q, k, v = qk[:, :L.n_q], qk[:, L.n_q:], y[:, n_qk * d:].view(B, -1, d)
-            else:
-                q, k, v = L.qkv(x)
-                q, k, v = _rope(q.view(B, -1, d), cos, sin), _rope(k.view(B, -1, d), cos, sin), v.view(B, -1, d)
+            q, k, v = _rope(L.q(x).view(B, -1, d), cos, sin), _rope(L.k(x).view(B, -1, d), cos, sin), L.v(x).view(B, -1, d)
             if self.static:
                 keys = self.K[i].index_copy_(2, col, k.unsqueeze(2))
                 values = self.V[i].index_copy_(2, col, v.unsqueeze(2))
@@ -259,9 +254,9 @@ class _LlamaDecoder:
             kv_heads = keys.shape[1]
             o = F.scaled_dot_product_attention(q.reshape(B, kv_heads, -1, d), keys, values, attn_mask=mask,
                                                dropout_p=0.0, scale=L.scaling)
-            h = h + L.o(o.reshape(B, -1))[0]  # [B, kv_heads, G, d] is [B, heads·d] in head order
+            h = h + L.o(o.reshape(B, -1))  # [B, kv_heads, G, d] is [B, heads·d] in head order
             h = h + L.mlp(L.norm2(h))
-        return self.head(self.norm(h))[0]
+        return self.head(self.norm(h))
 
 
 class _CUDAGraphStep:

@@ -162,6 +162,27 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def tighten_malloc() -> bool:
+    """From now on, have glibc mmap every block >= 64 KiB and return freed heap at once (the
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` settings, applied with ``mallopt``
+    in a running process), then trim what is cached: the RSS then follows live memory, so a
+    peak-RSS measurement sees every allocation. It slows allocation-heavy code, so time before
+    calling it. False where the C library has no ``mallopt`` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    ok = mallopt(M_MMAP_THRESHOLD, 65536) == 1 and mallopt(M_TRIM_THRESHOLD, 0) == 1
+    gc.collect()
+    trim(0)
+    return ok
+
+
 def rss_extra_peak_bytes_here(fn: Callable[[], object]) -> Optional[int]:
     """Extra peak resident memory of one call of ``fn`` in *this* process (bytes), or None
     where the peak-RSS counter cannot be reset. Run it in a fresh process (see

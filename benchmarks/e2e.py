@@ -32,16 +32,15 @@ regime) and the same model with a 32768-token vocabulary (the LM head dominates,
 models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
 
 Each (framework, algorithm) runs in a fresh subprocess: one warm-up step, then ``steps``
-timed steps (median per phase), and the extra peak RSS of one step (VmHWM after
-``/proc/self/clear_refs``). If rlhf_fast's trainer cannot run, its rows say so; no
-number is made up.
+timed steps (median per phase) on the default allocator, then one more step for the extra
+peak RSS (VmHWM after ``/proc/self/clear_refs``, glibc made to return freed memory at once).
+If rlhf_fast's trainer cannot run, its rows say so; no number is made up.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -53,7 +52,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .common import Table, fmt_bytes
+from .common import Table, _status_kb, fmt_bytes, rss_extra_peak_bytes_here, tighten_malloc
 
 PROMPTS = ["count: 1 2 3", "list the digits:", "numbers please:", "go on: 4 5", "write 7 8 9:", "digits:",
            "say 0 1:", "more numbers:"]
@@ -374,17 +373,12 @@ class RLHFFastStep:
 # --------------------------------------------------------------------------- harness
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
-    """Run one side in this process: warm-up, ``cfg.steps`` timed steps, median per phase,
-    tokens/s, and the extra peak RSS of the last step (bytes; None where not measurable)."""
+    """Run one side in this process: warm-up, ``cfg.steps`` timed steps (median per phase,
+    tokens/s), then one more step for the extra peak memory above what the step starts with
+    (bytes; None where not measurable): on the CPU the peak RSS with glibc made to return freed
+    memory at once (:func:`common.tighten_malloc`, which slows allocation, so only after the
+    timed steps), on CUDA the caching allocator's peak."""
     torch.manual_seed(cfg.seed)
     cuda = cfg.device == "cuda"
     if cuda:  # both sides: fp32 weights, TF32 matmuls
@@ -393,26 +387,15 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
     maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
     runner = maker(cfg, algo)
     runner.step()  # warm-up
-    recs = []
-    peak = None
-    for k in range(cfg.steps):
-        last = k == cfg.steps - 1
-        before = None
-        if last and cuda:  # the caching allocator's peak above what the step starts with
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        elif last:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                before = _status_kb("VmRSS")
-            except OSError:
-                before = None
-        recs.append(runner.step())
-        if last and before is not None:
-            peak = (max(0, torch.cuda.max_memory_allocated() - before) if cuda
-                    else max(0, _status_kb("VmHWM") - before) * 1024)
+    recs = [runner.step() for _ in range(cfg.steps)]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.step()
+        peak = max(0, torch.cuda.max_memory_allocated() - before)
+    else:
+        peak = rss_extra_peak_bytes_here(runner.step) if tighten_malloc() else None
     med = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
     med["tokens_per_s"] = statistics.median(r["tokens"] / r["step"] for r in recs)
     med["extra_peak_bytes"] = peak
@@ -421,10 +404,10 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
 
 
 def _subprocess(framework: str, algo: str, cfg: E2EConfig, timeout_s: float) -> Dict[str, object]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    # the allocator as users have it: measure() tightens it only for its memory step
     cmd = [sys.executable, "-m", "rlhf_fast.benchmarks.e2e", "--framework", framework, "--algo", algo,
            "--config", json.dumps(asdict(cfg)), "--threads", str(torch.get_num_threads())]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if res.returncode != 0:
         tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         raise RuntimeError(tail[-1] if tail else f"exit code {res.returncode}")
@@ -535,7 +518,8 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
         "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
         "median over timed steps after one warm-up; each framework in a fresh subprocess; extra_peak = peak RSS "
-        "of one step above the RSS before it",
+        "of one more step above the RSS before it, with glibc returning freed memory at once (set after the timed "
+        "steps, which run on the default allocator)",
         "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with "
         "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py), keeping TRL's "
         "shortcuts (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: no "

@@ -85,6 +85,13 @@ def sample_with_uniforms(
                          f"{getattr(uniforms, 'dtype', type(uniforms))} {tuple(getattr(uniforms, 'shape', ()))}")
     if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
         raise ValueError("uniforms must lie in [0, 1)")
+    return sample_with_uniforms_unchecked(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          min_p=min_p)
+
+
+def sample_with_uniforms_unchecked(logits, uniforms, *, temperature, top_k, top_p, min_p):
+    """:func:`sample_with_uniforms` without its argument checks, for a caller that made them
+    once for many calls (the generation loop: a few microseconds per token)."""
     kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p))
     if _dispatch.select("sample", logits.device)[0] == "cpp":
         return _cpp_from_uniforms(logits, uniforms.to(torch.float64), **kw)

@@ -20,7 +20,7 @@ from rlhf_fast import ops
 
 from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, unwrap
-from ..ops.sampling import sample_with_uniforms
+from ..ops.sampling import sample_with_uniforms, sample_with_uniforms_unchecked
 from .llama_decode import _CUDAGraphStep, _LlamaDecoder
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
@@ -76,7 +76,7 @@ class HFRolloutEngine(RolloutEngine):
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise TypeError("prompts must be a non-empty list of str or a non-empty list of lists of token ids")
         if all(isinstance(p, str) for p in prompts):
-            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+            ids = [list(p) for p in self.tokenizer(list(prompts))["input_ids"]]  # one batched call
             texts = list(prompts)
         elif all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
             ids = [list(p) for p in prompts]
@@ -154,26 +154,17 @@ class HFRolloutEngine(RolloutEngine):
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
         return any(s in tail for s in stop_strings)
 
-    def _sample_rows(self, logits: torch.Tensor, alive: torch.Tensor, uniforms: torch.Tensor,
-                     params: SamplingParams):
-        """One draw per live row of ``logits [B, V]`` from that row's own uniform
-        (``uniforms [B]`` float64 on the CPU, drawn from the row's generator): one batched
-        inverse-CDF call (:func:`rlhf_fast.ops.sampling.sample_with_uniforms`) turns them into
-        tokens, so a row's draw does not depend on its place in the batch. Dead rows get the
-        pad token."""
-        rows = alive.nonzero().flatten()
-        if rows.numel() == logits.shape[0]:  # every row live: no gather / scatter
-            t, v = sample_with_uniforms(logits, uniforms, temperature=float(params.temperature), top_k=params.top_k,
-                                        top_p=float(params.top_p), min_p=float(params.min_p))
-            return t, v.float()
-        tok = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long, device=logits.device)
-        lp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-        if rows.numel():
-            t, v = sample_with_uniforms(logits[rows], uniforms[rows.cpu()], temperature=float(params.temperature),
-                                        top_k=params.top_k, top_p=float(params.top_p), min_p=float(params.min_p))
-            tok[rows] = t
-            lp[rows] = v.float()
-        return tok, lp
+    def _sample_rows(self, logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams, checked: bool):
+        """One draw per row of ``logits [B, V]`` from that row's own uniform (``uniforms [B]``
+        float64 on the CPU, drawn from the row's generator): one batched inverse-CDF call
+        (:func:`rlhf_fast.ops.sampling.sample_with_uniforms`) turns them into tokens, so a row's
+        draw depends only on its logits and its uniform, not on its place in the batch.
+        Finished rows draw too (with uniforms no live row uses) and are masked by the caller,
+        as with ``ops.sample``. ``checked``: the arguments were checked on an earlier step."""
+        draw = sample_with_uniforms_unchecked if checked else sample_with_uniforms
+        t, v = draw(logits, uniforms, temperature=float(params.temperature), top_k=params.top_k,
+                    top_p=float(params.top_p), min_p=float(params.min_p))
+        return t, v.float()
 
     def generate(self, prompts: Prompts, params: Optional[SamplingParams] = None) -> RolloutBatch:
         """Sample ``params.n`` responses per prompt; see :class:`RolloutBatch` for the layout."""
@@ -238,7 +229,7 @@ class HFRolloutEngine(RolloutEngine):
                     tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
                                          top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
                 else:
-                    tok, lp = self._sample_rows(logits, alive, row_uniforms[:, step], params)
+                    tok, lp = self._sample_rows(logits, row_uniforms[:, step], params, checked=step > 0)
                 tok = tok.masked_fill_(~alive, self.pad_id)
                 resp[:, step] = tok
                 resp_logp[:, step] = lp.float().masked_fill_(~alive, 0.0)

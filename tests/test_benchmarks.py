@@ -280,7 +280,7 @@ def test_gae_sampling_bench_times_bursts_of_calls_between_cuda_events(monkeypatc
             self.t = None
 
         def record(self):
-            self.t = time.perf_counter()
+            self.t = bgs.time.perf_counter()
 
         def synchronize(self):
             pass
@@ -288,12 +288,25 @@ def test_gae_sampling_bench_times_bursts_of_calls_between_cuda_events(monkeypatc
         def elapsed_time(self, end):
             return (end.t - self.t) * 1e3
 
+    class SimulatedClock:  # the fast case on a clock its calls advance: no dependence on load
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
+
+    def fast_call():
+        calls.append(1)
+        SimulatedClock.now += 1e-6  # 1 µs per call
+
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(bgs, "_sync", lambda device: None)
     calls = []
-    fast = bgs.bench(lambda: calls.append(1), torch.device("cuda"), budget_s=0.01, max_reps=5)
-    assert fast["burst"] == 100 and len(calls) == 1 + 100 * fast["reps"]
-    assert fast["median_ms"] < 0.05  # per call, not per burst
+    monkeypatch.setattr(bgs, "time", SimulatedClock)
+    fast = bgs.bench(fast_call, torch.device("cuda"), budget_s=0.01, max_reps=5)
+    assert fast["burst"] == 100 and fast["reps"] == 5 and len(calls) == 1 + 100 * fast["reps"]
+    assert fast["median_ms"] == pytest.approx(1e-3)  # per call, not per burst
+    monkeypatch.setattr(bgs, "time", time)
 
     slow = bgs.bench(lambda: time.sleep(0.003), torch.device("cuda"), budget_s=0.0, max_reps=3)
     assert slow["burst"] == 1 and slow["reps"] == 3 and 2.5 < slow["median_ms"] < 50

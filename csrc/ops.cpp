@@ -64,8 +64,9 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float min_p) -> (Tensor, Tensor)");
 
   // ---- decoding (csrc/cpu/decode.cpp; internal, used by rlhf_fast/rollout/llama_decode.py)
-  // One decode step of one Llama-style layer, float32, CPU: h [B, H] -> [B, H]; writes this
-  // token's keys / values at column `col` of K, V [B, n_kv, S, d]; mask [B, > col] bool.
+  // One decode step of one Llama-style layer, float32, CPU: h [B T, H] -> [B T, H] for T new
+  // tokens per row (1 when decoding); writes their keys / values at columns col .. col + T - 1
+  // of K, V [B, n_kv, S, d]; mask [B, >= col + T] bool, causal within the new tokens.
   // Projection weights as [in, out] (x @ w): qkv 3 tensors or 1 with q | k | v side by side,
   // gate_up 2 or 1; a bias (or None) per weight tensor; norms and eps: the two RMSNorms'.
   m.def("llama_decode_layer(Tensor h, Tensor[] norms, float[] eps, Tensor[] qkv, Tensor?[] qkv_bias, Tensor o, Tensor? o_bias, Tensor[] gate_up, Tensor?[] gate_up_bias, Tensor down, Tensor? down_bias, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, float scaling) -> Tensor");

@@ -120,29 +120,36 @@ def test_decode_layer_op_rejects_bad_input(tok):
 
 
 @needs_cpp
-@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 2), ("mistral", None)])
-def test_engine_with_the_op_equals_engine_on_python_ops(tok, family, kv_heads):
-    """Generation through the op gives the tokens and behaviour log-probs of the Python decode
-    ops (forced with use_backend("torch")), and the op path is the one a float32 CPU model takes."""
+@pytest.mark.parametrize("family,kv_heads,prefill_max", [("llama", 2, 64), ("qwen2", 2, 64), ("mistral", None, 64),
+                                                         ("qwen2", 2, 2)])
+def test_engine_with_the_op_equals_engine_on_python_ops(tok, family, kv_heads, prefill_max, monkeypatch):
+    """Generation through the op (prefill included, for prompts up to NATIVE_PREFILL_MAX tokens;
+    longer ones take transformers' prefill) gives the tokens and behaviour log-probs of the
+    Python decode ops (forced with use_backend("torch")), and the op path is the one a float32
+    CPU model takes."""
     m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=4)
     if family == "mistral":
         m.config.sliding_window = None
+    monkeypatch.setattr(_LlamaDecoder, "NATIVE_PREFILL_MAX", prefill_max)
     params = SamplingParams(temperature=1.0, top_k=30, max_new_tokens=16, n=3, seed=2)
-    built = []
-    real_init = _LlamaDecoder.__init__
+    built, prefilled = [], []
+    real_init, real_prefill = _LlamaDecoder.__init__, _LlamaDecoder.prefill
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
         built.append(self.native is not None)
 
-    try:
-        _LlamaDecoder.__init__ = init
-        native = HFRolloutEngine(m, tok).generate(PROMPTS, params)
-        with ops.use_backend("torch"):
-            python = HFRolloutEngine(m, tok).generate(PROMPTS, params)
-    finally:
-        _LlamaDecoder.__init__ = real_init
+    def prefill(self, *a, **k):
+        prefilled.append(True)
+        return real_prefill(self, *a, **k)
+
+    monkeypatch.setattr(_LlamaDecoder, "__init__", init)
+    monkeypatch.setattr(_LlamaDecoder, "prefill", prefill)
+    native = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    with ops.use_backend("torch"):
+        python = HFRolloutEngine(m, tok).generate(PROMPTS, params)
     assert built == [True, False]
+    assert prefilled == ([True] if prefill_max == 64 else [])  # the prompts here are 2-7 tokens
     assert torch.equal(native.input_ids, python.input_ids)
     assert torch.equal(native.response_mask, python.response_mask)
     torch.testing.assert_close(native.behaviour_logp, python.behaviour_logp, rtol=0, atol=1e-5)

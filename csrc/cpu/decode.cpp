@@ -1,6 +1,6 @@
 // One decode step of one Llama-style decoder layer (pre-norm RMSNorm, RoPE, grouped-query
-// attention over a preallocated KV buffer, SiLU-gated MLP) for a batch of single tokens,
-// float32 on the CPU. Called by rlhf_fast/rollout/llama_decode.py in place of ~40 Python
+// attention over a preallocated KV buffer, SiLU-gated MLP) for a batch of single tokens (or
+// of a few tokens per row: a short prompt's prefill), float32 on the CPU. Called by rlhf_fast/rollout/llama_decode.py in place of ~40 Python
 // tensor ops per layer: at a small model's decode shapes ([B, H] activations) each of those
 // costs microseconds of Python and dispatcher overhead, more than its arithmetic. The
 // projections go to at::mm (MKL / oneDNN): on the modules' own weights, or for a small
@@ -85,12 +85,14 @@ std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList parts,
   return outs;
 }
 
-// h [B, H]; norms = (input norm, post-attention norm) weights [H], eps theirs; qkv: the q, k,
+// h [B T, H]: T new tokens per row (1 when decoding); norms = (input norm, post-attention norm) weights [H], eps theirs; qkv: the q, k,
 // v weights as [in, out] (3 tensors, or 1 holding them side by side), qkv_bias one per
 // tensor; o [n_q d, H]; gate_up: gate, up as [in, out] (2, or 1 side by side); down [I, H];
-// K, V [B, n_kv, S, d] (column `col` is written); cos, sin_signed [B, d] (sin with its first
-// half negated: rotate_half's sign); mask [B, S'] bool, S' > col: the keys 0..col to attend.
-// Returns the layer's output [B, H].
+// K, V [B, n_kv, S, d] (columns col .. col + T - 1 are written); cos, sin_signed [B T, d] (sin
+// with its first half negated: rotate_half's sign); mask [B, S'] bool, S' >= col + T: the keys
+// to attend, token t of a row seeing columns 0 .. col + t of them (causal). A token with no
+// key to attend (a left-pad query) gets zeros from attention, not NaN.
+// Returns the layer's output [B T, H].
 at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::ArrayRef<double> eps, at::TensorList qkv,
                               const c10::List<std::optional<at::Tensor>>& qkv_bias, const at::Tensor& o_w,
                               const std::optional<at::Tensor>& o_bias, at::TensorList gate_up,
@@ -106,25 +108,29 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   check_f32(sin_signed, "sin_signed", 2);
   check_f32(norms[0], "norms[0]", 1);
   check_f32(norms[1], "norms[1]", 1);
-  const int64_t B = h.size(0), H = h.size(1), n_kv = K.size(1), S = K.size(2), d = K.size(3);
+  const int64_t B = K.size(0), N = h.size(0), H = h.size(1), n_kv = K.size(1), S = K.size(2), d = K.size(3);
+  TORCH_CHECK_VALUE(B > 0 && N % B == 0, "llama_decode_layer: h must be [B T, H] with B = K.size(0) = ", B, ", got ",
+                    h.sizes());
+  const int64_t T = N / B;  // new tokens per row: 1 when decoding, the prompt when prefilling
   TORCH_CHECK_VALUE(norms[0].size(0) == H && norms[1].size(0) == H, "llama_decode_layer: norms must be [", H, "]");
   TORCH_CHECK_VALUE(d % 2 == 0, "llama_decode_layer: head_dim must be even, got ", d);
   TORCH_CHECK_VALUE(o_w.dim() == 2 && o_w.size(1) == H && o_w.size(0) % (d * n_kv) == 0,
                     "llama_decode_layer: o must be [n_q d, ", H, "] with n_q a multiple of n_kv (K's dim 1), got ",
                     o_w.sizes());
   const int64_t n_q = o_w.size(0) / d, G = n_q / n_kv, half = d / 2;
-  TORCH_CHECK_VALUE(col >= 0 && col < S, "llama_decode_layer: col must be in [0, ", S, "), got ", col);
-  TORCH_CHECK_VALUE(V.sizes() == K.sizes() && cos.size(0) == B && cos.size(1) == d && sin_signed.sizes() == cos.sizes(),
-                    "llama_decode_layer: V, cos and sin_signed must match K [B, n_kv, S, d]");
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B && mask.size(1) > col &&
-                        mask.is_contiguous(),
-                    "llama_decode_layer: mask must be a contiguous bool [B, > col] tensor, got ", mask.sizes());
+  TORCH_CHECK_VALUE(col >= 0 && col + T <= S, "llama_decode_layer: col must be in [0, ", S - T, "] (", T,
+                    " new tokens per row, ", S, " KV columns), got ", col);
+  TORCH_CHECK_VALUE(V.sizes() == K.sizes() && cos.size(0) == N && cos.size(1) == d && sin_signed.sizes() == cos.sizes(),
+                    "llama_decode_layer: V must match K [B, n_kv, S, d], cos and sin_signed must be [B T, d]");
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
+                        mask.size(1) >= col + T && mask.is_contiguous(),
+                    "llama_decode_layer: mask must be a contiguous bool [B, >= col + T] tensor, got ", mask.sizes());
 
   std::vector<Cols> c_qkv, c_gu;
   const std::vector<at::Tensor> y =
       project(rms_norm_f32(h, norms[0], eps[0]), qkv, qkv_bias, {n_q * d, n_kv * d, n_kv * d}, c_qkv, "qkv");
   const Cols cq = c_qkv[0], ck = c_qkv[1], cv = c_qkv[2];
-  at::Tensor attn = at::empty({B, n_q * d}, h.options());
+  at::Tensor attn = at::empty({N, n_q * d}, h.options());
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin_signed.data_ptr<float>();
   const bool* mk = mask.data_ptr<bool>();
@@ -134,23 +140,26 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   float* ap = attn.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> tmp(d), p(col + 1);
+    std::vector<float> tmp(d), p(col + T);
     // RoPE: x·cos + roll(x, d/2)·sin_signed (= rotate_half(x)·sin), in place on one head
     auto rope = [&](float* x, const float* c, const float* s) {
       for (int64_t j = 0; j < d; ++j) tmp[j] = x[j] * c[j] + x[(j + half) % d] * s[j];
       std::copy(tmp.begin(), tmp.end(), x);
     };
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* c = cs + b * d;
-      const float* s = sn + b * d;
-      float* qb = cq.row(b);
+    // token t of row b (h's row r = b T + t) sits at KV column c_t = col + t and attends to
+    // the unmasked columns 0 .. c_t: its keys are written before its query reads them
+    for (int64_t r = b0 * T; r < b1 * T; ++r) {
+      const int64_t b = r / T, ct = col + r % T;
+      const float* c = cs + r * d;
+      const float* s = sn + r * d;
+      float* qb = cq.row(r);
       for (int64_t hd = 0; hd < n_q; ++hd) rope(qb + hd * d, c, s);
-      for (int64_t kh = 0; kh < n_kv; ++kh) {  // rotate this token's keys, append keys / values at `col`
-        float* kr = ck.row(b) + kh * d;
+      for (int64_t kh = 0; kh < n_kv; ++kh) {  // rotate this token's keys, append keys / values at c_t
+        float* kr = ck.row(r) + kh * d;
         rope(kr, c, s);
-        const int64_t at_col = ((b * n_kv + kh) * S + col) * d;
+        const int64_t at_col = ((b * n_kv + kh) * S + ct) * d;
         std::copy(kr, kr + d, Kp + at_col);
-        std::copy(cv.row(b) + kh * d, cv.row(b) + (kh + 1) * d, Vp + at_col);
+        std::copy(cv.row(r) + kh * d, cv.row(r) + (kh + 1) * d, Vp + at_col);
       }
       const bool* mr = mk + b * mstride;
       for (int64_t qh = 0; qh < n_q; ++qh) {  // query head qh reads KV head qh / G, as repeat_kv
@@ -158,18 +167,18 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
         const float* Kh = Kp + (b * n_kv + qh / G) * S * d;
         const float* Vh = Vp + (b * n_kv + qh / G) * S * d;
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t <= col; ++t) {
+        for (int64_t t = 0; t <= ct; ++t) {
           if (!mr[t]) continue;
           float dot = 0.f;
           for (int64_t j = 0; j < d; ++j) dot += qr[j] * Kh[t * d + j];
           p[t] = dot * sc;
           mx = std::max(mx, p[t]);
         }
-        float* o = ap + (b * n_q + qh) * d;
+        float* o = ap + (r * n_q + qh) * d;
         std::fill(o, o + d, 0.f);
         if (mx == -std::numeric_limits<float>::infinity()) continue;  // no key to attend: zeros, not NaN
         float z = 0.f;
-        for (int64_t t = 0; t <= col; ++t) {
+        for (int64_t t = 0; t <= ct; ++t) {
           if (!mr[t]) continue;
           const float e = std::exp(p[t] - mx);
           z += e;
@@ -186,10 +195,10 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
                     down_w.sizes());
   const std::vector<at::Tensor> gu =
       project(rms_norm_f32(h2, norms[1], eps[1]), gate_up, gate_up_bias, {I, I}, c_gu, "gate_up");
-  at::Tensor act = at::empty({B, I}, h.options());
+  at::Tensor act = at::empty({N, I}, h.options());
   float* acp = act.data_ptr<float>();
   const Cols cg = c_gu[0], cu = c_gu[1];
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* g = cg.row(b);
       const float* u = cu.row(b);

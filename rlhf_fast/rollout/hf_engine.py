@@ -194,14 +194,24 @@ class HFRolloutEngine(RolloutEngine):
         # FSDP2: the full weights on every rank for the whole call, so decode steps (as many
         # as this rank's rows need) run without collectives
         with self._eval_mode(), gathered_params(self.model) as gathered:
-            out = self._prefill(prompt_ids, prompt_mask)
-            logits = out.logits[:, -1]  # [Bp, V]
-            cache = _returned_cache(out)
-            if n > 1:
-                # the group shares one prefill: repeat the prompt's cache rows n times
-                cache.batch_repeat_interleave(n)
-                logits = logits.repeat_interleave(n, dim=0)
             R = params.max_new_tokens
+            static, graphs = self._decode_plan(gathered)
+            fast_mask = self._bool_mask_ok()
+            fast = _LlamaDecoder(self.model, B, P, R, static=static) \
+                if fast_mask and _LlamaDecoder.supported(self.model, gathered=gathered) else None
+            if fast is not None and fast.prefills(P):
+                # a short prompt on the C++ decode op (see _LlamaDecoder.prefills)
+                logits = fast.prefill(prompt_ids, prompt_mask, n)
+            else:
+                out = self._prefill(prompt_ids, prompt_mask)
+                logits = out.logits[:, -1]  # [Bp, V]
+                cache = _returned_cache(out)
+                if n > 1:
+                    # the group shares one prefill: repeat the prompt's cache rows n times
+                    cache.batch_repeat_interleave(n)
+                    logits = logits.repeat_interleave(n, dim=0)
+                if fast is not None:
+                    fast.load_cache(cache)
             # preallocated [B, P + R] buffers written in place: no per-token torch.cat / stack
             attn = torch.zeros(B, P + R, dtype=torch.long, device=self.device)
             attn[:, :P] = prompt_mask.repeat_interleave(n, dim=0)
@@ -209,10 +219,6 @@ class HFRolloutEngine(RolloutEngine):
             resp_logp = torch.zeros(B, R, dtype=torch.float32, device=self.device)
             resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
             pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
-            fast_mask = self._bool_mask_ok()
-            static, graphs = self._decode_plan(gathered)
-            fast = _LlamaDecoder(self.model, cache, B, P, R, static=static) \
-                if fast_mask and _LlamaDecoder.supported(self.model, gathered=gathered) else None
             # static steps attend to all P + R columns under this mask (written in place)
             full_mask = attn.bool()[:, None, None, :] if fast is not None and static else None
             graphed, graph_failed = None, not (static and graphs)

@@ -194,29 +194,75 @@ class _LlamaDecoder:
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
                 and all(hasattr(layer.self_attn, "head_dim") for layer in layers))
 
-    def __init__(self, model, cache, B: int, P: int, R: int, *, static: bool = False):
+    # prompts of at most this many tokens are prefilled by the C++ op when it runs the decode:
+    # its attention is plain loops, cheap for a few dozen tokens (where the transformers forward
+    # costs a millisecond of Python overhead at a small model's size) but not for long prompts
+    NATIVE_PREFILL_MAX = 64
+
+    def __init__(self, model, B: int, P: int, R: int, *, static: bool = False):
+        """Decode ``B`` rows of prompts of ``P`` columns for up to ``R`` tokens; the KV buffers
+        are filled by :meth:`load_cache` (a transformers prefill) or :meth:`prefill`."""
         base = model.model
-        self.model, self.static = model, static
+        self.model, self.static, self.B, self.P, self.R = model, static, B, P, R
         self.layers = [_Layer(layer) for layer in base.layers]
         self.embed = base.embed_tokens
         self.norm = _norm(base.norm)
         self.head = _linear(model.lm_head)
         self.native = None if static else _native_layers(self.layers, self.norm)
-        self.K, self.V = [], []
-        # static: masked columns are still multiplied by a zero weight, so they must hold no NaN
-        alloc = torch.Tensor.new_zeros if static else torch.Tensor.new_empty
-        for layer in cache.layers:  # the prompt's (repeated) keys / values go first
-            k, v = layer.keys, layer.values  # [B, kv_heads, P, d]
-            kb = alloc(k, (B, k.shape[1], P + R, k.shape[3]))
-            vb = alloc(v, (B, v.shape[1], P + R, v.shape[3]))
-            kb[:, :, :P] = k
-            vb[:, :, :P] = v
-            self.K.append(kb)
-            self.V.append(vb)
-        cos, sin = base.rotary_emb(self.K[0], torch.arange(P + R, device=self.K[0].device)[None])
+        self.K: List[torch.Tensor] = []
+        self.V: List[torch.Tensor] = []
+        w = self.embed.weight if hasattr(self.embed, "weight") else next(model.parameters())
+        cos, sin = base.rotary_emb(w.new_empty(0), torch.arange(P + R, device=w.device)[None])
         half = cos.shape[-1] // 2
         self.cos = cos[0]  # [P + R, d]
         self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+
+    def load_cache(self, cache) -> None:
+        """Take the prompt's keys / values from a transformers cache (rows already repeated
+        to ``B``) into the preallocated ``[B, kv_heads, P + R, d]`` buffers."""
+        # static: masked columns are still multiplied by a zero weight, so they must hold no NaN
+        alloc = torch.Tensor.new_zeros if self.static else torch.Tensor.new_empty
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values  # [B, kv_heads, P, d]
+            kb = alloc(k, (self.B, k.shape[1], self.P + self.R, k.shape[3]))
+            vb = alloc(v, (self.B, v.shape[1], self.P + self.R, v.shape[3]))
+            kb[:, :, :self.P] = k
+            vb[:, :, :self.P] = v
+            self.K.append(kb)
+            self.V.append(vb)
+
+    def prefills(self, P: int) -> bool:
+        """Whether :meth:`prefill` runs prompts of ``P`` columns (the C++ op is live and the
+        prompt is short: ``NATIVE_PREFILL_MAX``)."""
+        return self.native is not None and P <= self.NATIVE_PREFILL_MAX
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """Run the left-padded prompts ``[Bp, P]`` (``B = Bp · n``) through the C++ op, one call
+        per layer for all their tokens, and fill the KV buffers with each prompt's keys / values
+        repeated ``n`` times; returns the last column's logits repeated, ``[B, V]``. Positions
+        count attended tokens, as transformers' prefill here; a pad token attends to nothing
+        (zeros, not NaN) and is never attended to."""
+        from ..models.logprobs import default_position_ids
+
+        Bp, P = prompt_ids.shape
+        pos = default_position_ids(prompt_mask).reshape(-1)
+        cos, sin, keys = self.cos[pos], self.sin_signed[pos], prompt_mask.bool().contiguous()
+        h = self._embed(prompt_ids.reshape(-1))  # [Bp P, H]
+        cfg = self.model.config
+        n_kv, d = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, self.layers[0].head_dim
+        for L, args in zip(self.layers, self.native):
+            k = h.new_empty(Bp, n_kv, P, d)
+            v = h.new_empty(Bp, n_kv, P, d)
+            h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, k, v, cos, sin, keys, 0, L.scaling)
+            kb = h.new_empty(self.B, n_kv, P + self.R, d)
+            vb = h.new_empty(self.B, n_kv, P + self.R, d)
+            kb[:, :, :P] = k.repeat_interleave(n, dim=0)
+            vb[:, :, :P] = v.repeat_interleave(n, dim=0)
+            self.K.append(kb)
+            self.V.append(vb)
+        last = h.view(Bp, P, -1)[:, -1]
+        logits = self.head(torch.ops.rlhf_fast.rms_norm(last.contiguous(), self.norm.weight.detach(), self.norm.eps))
+        return logits.repeat_interleave(n, dim=0)
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:
         if type(self.embed) is nn.Embedding:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import time
 from typing import Callable, Dict, List, Optional
@@ -31,6 +30,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.benchmarks import common
 from rlhf_fast.ops import _dispatch, reference
 
 # the issue's three shapes, and a small batch for its "<= 20 us for small batches" goal
@@ -49,46 +49,12 @@ MODES = {
 # ----------------------------------------------------------------------------- timing
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench(fn: Callable[[], object], device: torch.device, *, budget_s: float, max_reps: int = 50) -> Dict[str, float]:
-    """Median / p20 / p80 time per call in ms of ``fn`` after one warm-up call; runs until
-    ``budget_s`` is spent (at least 3 and at most ``max_reps`` samples).
-
-    CPU: wall time of one call. CUDA: each sample is a burst of back-to-back calls between two
-    CUDA events, divided by the burst length (as ``triton.testing.do_bench``): the time per call
-    of a stream of calls — the kernel's time, or the host's dispatch time where that is longer —
-    without the host-device sync that a per-call wall time adds to a microsecond kernel. The
-    burst is sized from the warm-up to last ~1 ms (1 call for the slow peers)."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    cuda = device.type == "cuda"
-    # sized by the warm-up call (an overestimate of a call: it may compile or allocate)
-    burst = max(1, min(100, int(1e-3 / max(time.perf_counter() - t0, 1e-6)))) if cuda else 1
-    times: List[float] = []
-    spent = 0.0
-    while len(times) < 3 or (spent < budget_s and len(times) < max_reps):
-        t0 = time.perf_counter()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(burst):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / burst)
-        else:
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        spent += time.perf_counter() - t0
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(times),
-            "burst": burst}
+    """Median / p20 / p80 time per call in ms of ``fn`` after one warm-up call
+    (:func:`rlhf_fast.benchmarks.common.bench`: bursts between CUDA events on a GPU), until
+    ``budget_s`` is spent, at least 3 and at most ``max_reps`` samples."""
+    t = common.bench(fn, warmup=1, rep=max_reps, max_time_s=budget_s, device=device.type, min_rep=min(3, max_reps))
+    return {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.n, "burst": t.burst}
 
 
 def copy_bandwidth(device: torch.device) -> Optional[float]:

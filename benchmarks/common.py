@@ -1,8 +1,9 @@
 """Timing, peak-memory and results helpers shared by every benchmark of rlhf_fast.
 
-Timing follows ``triton.testing.do_bench`` / pytest-benchmark: warm-up calls, then
-repeated calls each timed alone (with a CUDA synchronise on the GPU), reported as the
-median with the 20th and 80th percentiles.
+Timing follows ``triton.testing.do_bench`` / pytest-benchmark: warm-up calls, then timed
+samples reported as the median with the 20th and 80th percentiles. On the CPU a sample is
+one call's wall time; on a GPU a burst of back-to-back calls between two CUDA events,
+divided by the burst length, so a microsecond kernel is not timed with a host sync.
 
 Peak memory is the *extra* memory one call needs on top of its inputs:
 
@@ -50,12 +51,13 @@ PEERS = ("trl", "transformers", "accelerate", "peft", "liger_kernel", "flash_att
 
 @dataclass
 class Timing:
-    """Per-call wall time in milliseconds over ``n`` timed calls."""
+    """Per-call time in milliseconds over ``n`` timed samples of ``burst`` calls each."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     n: int
+    burst: int = 1
 
     def __str__(self) -> str:
         return f"{self.median_ms:.3f} ms [{self.p20_ms:.3f}, {self.p80_ms:.3f}]"
@@ -83,31 +85,52 @@ def bench(
     rep: int = 5,
     max_time_s: float = 2.0,
     device: Optional[str] = "cpu",
+    min_rep: int = 1,
 ) -> Timing:
-    """Time ``fn()`` (no arguments): ``warmup`` untimed calls, then up to ``rep`` timed ones.
+    """Time ``fn()`` (no arguments): ``warmup`` untimed calls, then up to ``rep`` timed samples.
 
-    Stops early once ``max_time_s`` of timed calls have run (at least one call is timed),
-    so a slow reference does not blow the budget. Returns a :class:`Timing` in ms.
+    CPU: a sample is the wall time of one call. CUDA: a sample is a burst of back-to-back calls
+    between two CUDA events, divided by the burst length (as ``triton.testing.do_bench``): the
+    time per call of a stream of calls — the kernels' time, or the host's dispatch time where
+    that is longer — without the host-device sync that a per-call wall time adds to a
+    microsecond kernel. The burst is sized from the last warm-up call to last about 1 ms (one
+    call for slow ones, and without warm-up). Stops once ``max_time_s`` of samples have run
+    and at least ``min_rep`` are timed, so a slow reference does not blow the budget. Returns a
+    :class:`Timing` in ms per call.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if warmup < 0 or rep < 1:
-        raise ValueError(f"warmup must be >= 0 and rep >= 1, got warmup={warmup}, rep={rep}")
+    if warmup < 0 or rep < 1 or not 1 <= min_rep <= rep:
+        raise ValueError(f"warmup must be >= 0 and 1 <= min_rep <= rep, got warmup={warmup}, rep={rep}, "
+                         f"min_rep={min_rep}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    burst = 1
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        _sync(device)
+        if cuda:  # sized by the last warm-up call (an overestimate: it includes the sync)
+            burst = max(1, min(100, int(1e-3 / max(time.perf_counter() - t0, 1e-6))))
     _sync(device)
     times: List[float] = []
     spent = 0.0
     for _ in range(rep):
         t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
-        if spent >= max_time_s:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(burst):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / burst)
+        else:
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        spent += time.perf_counter() - t0
+        if spent >= max_time_s and len(times) >= min_rep:
             break
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times), burst)
 
 
 # --------------------------------------------------------------------------- memory

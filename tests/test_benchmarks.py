@@ -268,19 +268,21 @@ def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):
     assert "ours (HFRolloutEngine + ops.sample)" in out
 
 
-def test_gae_sampling_bench_times_bursts_of_calls_between_cuda_events(monkeypatch):
-    """The CUDA timing path, with stand-in events on the CPU: a fast call is timed as a burst
-    divided by its length; a slow one as single calls; the CPU path times single calls."""
+def test_bench_times_bursts_of_calls_between_cuda_events(monkeypatch):
+    """The CUDA timing path of common.bench (and bench_gae_sampling.bench over it), with
+    stand-in events on the CPU: a fast call is timed as a burst divided by its length; a slow
+    one as single calls; the CPU path times single calls."""
     import time
 
     from rlhf_fast.benchmarks import bench_gae_sampling as bgs
+    from rlhf_fast.benchmarks import common
 
     class FakeEvent:
         def __init__(self, enable_timing=False):
             self.t = None
 
         def record(self):
-            self.t = bgs.time.perf_counter()
+            self.t = common.time.perf_counter()
 
         def synchronize(self):
             pass
@@ -300,19 +302,22 @@ def test_gae_sampling_bench_times_bursts_of_calls_between_cuda_events(monkeypatc
         SimulatedClock.now += 1e-6  # 1 µs per call
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(bgs, "_sync", lambda device: None)
+    monkeypatch.setattr(common, "_sync", lambda device: None)
     calls = []
-    monkeypatch.setattr(bgs, "time", SimulatedClock)
+    monkeypatch.setattr(common, "time", SimulatedClock)
     fast = bgs.bench(fast_call, torch.device("cuda"), budget_s=0.01, max_reps=5)
     assert fast["burst"] == 100 and fast["reps"] == 5 and len(calls) == 1 + 100 * fast["reps"]
     assert fast["median_ms"] == pytest.approx(1e-3)  # per call, not per burst
-    monkeypatch.setattr(bgs, "time", time)
+    calls.clear()
+    t = common.bench(fast_call, warmup=2, rep=4, device="cuda")
+    assert (t.burst, t.n, len(calls)) == (100, 4, 2 + 400) and t.median_ms == pytest.approx(1e-3)
+    monkeypatch.setattr(common, "time", time)
 
     slow = bgs.bench(lambda: time.sleep(0.003), torch.device("cuda"), budget_s=0.0, max_reps=3)
     assert slow["burst"] == 1 and slow["reps"] == 3 and 2.5 < slow["median_ms"] < 50
 
     cpu = bgs.bench(lambda: time.sleep(0.002), torch.device("cpu"), budget_s=0.0)
-    assert cpu["burst"] == 1 and 1.5 < cpu["median_ms"] < 50
+    assert cpu["burst"] == 1 and cpu["reps"] == 3 and 1.5 < cpu["median_ms"] < 50
 
 
 def test_gae_sampling_bench_quick_run_prints_a_table(capsys):

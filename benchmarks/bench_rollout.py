@@ -135,12 +135,16 @@ def main(argv=None):
         with torch.no_grad():
             plain_logprobs(model, ids, am, resp)
 
+    # gradients zeroed in place, not freed: on the CPU the peak is replayed from the allocator's
+    # events of the call, where freeing the last call's gradients first would count as negative
+    # and hide that much of the call's own peak (ours measured 165 MiB, plain 25 MiB, at V=32000,
+    # H=512, 4 layers; 116 and 132 MiB with the gradients kept)
     def ours_train():
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=False)
         sequence_logprobs(model, ids, am, response_mask=resp).sum().backward()
 
     def plain_train():
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=False)
         plain_logprobs(model, ids, am, resp).sum().backward()
 
     record("ours (fused head)", "logprob no-grad", ours_nograd)

@@ -67,8 +67,10 @@ def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col,
         cos, sin = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
         mask = torch.rand(B, S, generator=g) > 0.3
         mask[:, col] = True
+        wide = torch.zeros(B, S + 3, dtype=torch.bool)  # the engine passes a slice of a wider buffer
+        wide[:, :col + 1] = mask[:, :col + 1]
         K1, V1, K2, V2 = K0.clone(), V0.clone(), K0.clone(), V0.clone()
-        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, mask, col, L.scaling)
+        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, wide[:, :col + 1], col, L.scaling)
         exp = _python_layer(L, h, K2, V2, cos, sin, mask, col)
     torch.testing.assert_close(K1, K2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(V1, V2, rtol=1e-5, atol=1e-5)
@@ -102,8 +104,11 @@ def test_decode_layer_op_rejects_bad_input(tok):
             torch.ops.rlhf_fast.llama_decode_layer(h.double(), *args, K, V, cos, sin, mask, 1, L.scaling)
         with pytest.raises(ValueError, match="col must be in"):
             torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 4, L.scaling)
-        with pytest.raises(ValueError, match="mask must be a contiguous bool"):
+        with pytest.raises(ValueError, match="mask must be a bool"):
             torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask.float(), 1, L.scaling)
+        with pytest.raises(ValueError, match="with contiguous rows"):  # columns strided: not a row slice
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask.t().contiguous().t(), 1,
+                                                   L.scaling)
         with pytest.raises(ValueError, match="o must be"):  # K holds one KV head too many for o's heads
             torch.ops.rlhf_fast.llama_decode_layer(h, *args, K.repeat(1, 2, 1, 1)[:, :n_kv + 1].contiguous(),
                                                    V.repeat(1, 2, 1, 1)[:, :n_kv + 1].contiguous(), cos, sin, mask,

@@ -123,8 +123,9 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   TORCH_CHECK_VALUE(V.sizes() == K.sizes() && cos.size(0) == N && cos.size(1) == d && sin_signed.sizes() == cos.sizes(),
                     "llama_decode_layer: V must match K [B, n_kv, S, d], cos and sin_signed must be [B T, d]");
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
-                        mask.size(1) >= col + T && mask.is_contiguous(),
-                    "llama_decode_layer: mask must be a contiguous bool [B, >= col + T] tensor, got ", mask.sizes());
+                        mask.size(1) >= col + T && (mask.size(1) == 1 || mask.stride(1) == 1),
+                    "llama_decode_layer: mask must be a bool [B, >= col + T] tensor with contiguous rows, got ",
+                    mask.sizes(), " with strides ", mask.strides());
 
   std::vector<Cols> c_qkv, c_gu;
   const std::vector<at::Tensor> y =
@@ -134,7 +135,7 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin_signed.data_ptr<float>();
   const bool* mk = mask.data_ptr<bool>();
-  const int64_t mstride = mask.size(1);
+  const int64_t mstride = mask.stride(0);  // rows may be a slice of a wider buffer
   float* Kp = K.data_ptr<float>();
   float* Vp = V.data_ptr<float>();
   float* ap = attn.data_ptr<float>();

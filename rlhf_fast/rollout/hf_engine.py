@@ -218,9 +218,12 @@ class HFRolloutEngine(RolloutEngine):
             resp = torch.full((B, R), self.pad_id, dtype=torch.long, device=self.device)
             resp_logp = torch.zeros(B, R, dtype=torch.float32, device=self.device)
             resp_mask = torch.zeros(B, R, dtype=torch.long, device=self.device)
-            pos = attn.sum(-1, keepdim=True)  # attended tokens so far [B, 1]
-            # static steps attend to all P + R columns under this mask (written in place)
-            full_mask = attn.bool()[:, None, None, :] if fast is not None and static else None
+            # the keys each row attends to, as the bool mask sdpa and the decode op take (a view of
+            # it per step; static steps attend to all P + R columns under it, written in place)
+            key_mask = attn.bool()
+            full_mask = key_mask[:, None, None, :] if fast is not None and static else None
+            # position of the next token: attended tokens so far - 1 (every prompt has a token)
+            pos_ids = attn.sum(-1, keepdim=True) - 1  # [B, 1]
             graphed, graph_failed = None, not (static and graphs)
             alive = torch.ones(B, dtype=torch.bool, device=self.device)
             finished_by_stop = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -236,12 +239,14 @@ class HFRolloutEngine(RolloutEngine):
                                          top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
                 else:
                     tok, lp = self._sample_rows(logits, row_uniforms[:, step], params, checked=step > 0)
-                tok = tok.masked_fill_(~alive, self.pad_id)
+                dead = ~alive
+                tok = tok.masked_fill_(dead, self.pad_id)
                 resp[:, step] = tok
-                resp_logp[:, step] = lp.float().masked_fill_(~alive, 0.0)
+                resp_logp[:, step] = lp.float().masked_fill_(dead, 0.0)
                 resp_mask[:, step] = alive
                 R_used = step + 1
-                stopped = alive & torch.isin(tok, stop_ids) if check_ids else torch.zeros_like(alive)
+                hit = (tok == stop_ids[0]) if stop_ids.numel() == 1 else torch.isin(tok, stop_ids)
+                stopped = alive & hit if check_ids else torch.zeros_like(alive)
                 if params.stop_strings:
                     tl = tok.tolist()
                     for i in alive.nonzero().flatten().tolist():
@@ -251,18 +256,16 @@ class HFRolloutEngine(RolloutEngine):
                 finished_by_stop |= stopped
                 # finished rows keep feeding pad tokens, masked out, so shapes stay rectangular
                 attn[:, P + step] = alive
+                key_mask[:, P + step] = alive
+                pos_ids += attn[:, P + step:P + step + 1]
                 alive = alive & ~stopped
                 # "all rows done?" reads a device flag on the host; on a GPU only every few steps,
                 # so the host can queue the next steps meanwhile (the extra steps of finished rows
                 # are masked and trimmed below)
                 if step + 1 == R or ((step + 1) % check_every == 0 and not bool(alive.any())):
                     break
-                cur = attn[:, :P + step + 1]
-                pos = pos + cur[:, P + step:P + step + 1]
-                pos_ids = (pos - 1).clamp(min=0)
                 if full_mask is not None:
                     col = P + step
-                    full_mask[:, 0, 0, col] = attn[:, col] != 0
                     if graphed is not None:
                         logits = graphed(tok, pos_ids, col)
                         continue
@@ -280,7 +283,7 @@ class HFRolloutEngine(RolloutEngine):
                     continue
                 # sdpa takes a ready [B, 1, 1, K] boolean mask as is: skips transformers' per-call
                 # mask construction (the same mask: one query row, every key up to now visible)
-                mask_arg = cur.bool()[:, None, None, :] if fast_mask else cur
+                mask_arg = key_mask[:, None, None, :P + step + 1] if fast_mask else attn[:, :P + step + 1]
                 if fast is not None:
                     logits = fast.step(tok, mask_arg, pos_ids, P + step)
                     continue

@@ -1,11 +1,12 @@
 // One decode step of one Llama-style decoder layer (pre-norm RMSNorm, RoPE, grouped-query
 // attention over a preallocated KV buffer, SiLU-gated MLP) for a batch of single tokens (or
-// of a few tokens per row: a short prompt's prefill), float32 on the CPU. Called by rlhf_fast/rollout/llama_decode.py in place of ~40 Python
-// tensor ops per layer: at a small model's decode shapes ([B, H] activations) each of those
-// costs microseconds of Python and dispatcher overhead, more than its arithmetic. The
-// projections go to at::mm (MKL / oneDNN): on the modules' own weights, or for a small
-// model on copies with q / k / v and gate / up stacked (see rollout/llama_decode.py); norms,
-// RoPE, the KV append, attention and the gated activation are plain loops over the rows.
+// of a few tokens per row: a short prompt's prefill), float32 on the CPU. Called by
+// rlhf_fast/rollout/llama_decode.py in place of ~40 Python tensor ops per layer: at a small
+// model's decode shapes ([B, H] activations) each of those costs microseconds of Python and
+// dispatcher overhead, more than its arithmetic. The projections go to at::mm (MKL /
+// oneDNN): on the modules' own weights, or for a small model on copies with q / k / v and
+// gate / up stacked (see rollout/llama_decode.py); norms, RoPE, the KV append and attention
+// are plain loops over the rows; the gated activation is ATen's silu and mul.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,20 +46,22 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
                     " dims, got ", t.scalar_type(), " ", t.sizes());
 }
 
-// Columns of one projection's output: row b starts at p + b * stride.
-struct Cols {
+// Rows of a [rows, cols] float32 view: row r starts at p + r * stride.
+struct Rows {
   float* p;
   int64_t stride;
-  float* row(int64_t b) const { return p + b * stride; }
+  explicit Rows(const at::Tensor& t) : p(t.data_ptr<float>()), stride(t.stride(0)) {}
+  float* row(int64_t r) const { return p + r * stride; }
 };
 
 // x [B, in] times the weights `parts` given as [in, out] (an nn.Linear weight's transposed
-// view, read by MKL without a copy, or a contiguous copy of several stacked: one call for
-// q / k / v): one mm / addmm per part. Returns the outputs; `widths` are the logical
-// projections' output sizes (q, k, v or gate, up), `cols` gets where each one lies.
+// view, read by MKL without a copy, or one contiguous copy of several stacked side by side:
+// one call for q / k / v): one mm / addmm per part. Returns one [B, width] output per logical
+// projection of `widths` (q, k, v or gate, up): the parts' outputs, or column views of the
+// stacked one.
 std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList parts,
                                 const c10::List<std::optional<at::Tensor>>& bias, const std::vector<int64_t>& widths,
-                                std::vector<Cols>& cols, const char* name) {
+                                const char* name) {
   TORCH_CHECK_VALUE(parts.size() == 1 || parts.size() == widths.size(), "llama_decode_layer: ", name, " must be 1 or ",
                     widths.size(), " weights, got ", parts.size());
   TORCH_CHECK_VALUE(bias.size() == parts.size(), "llama_decode_layer: ", name, " needs one bias (or None) per weight");
@@ -75,23 +78,24 @@ std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList parts,
     const std::optional<at::Tensor> b = bias.get(i);
     outs.push_back((b.has_value() ? at::addmm(*b, x, w) : at::mm(x, w)).contiguous());
   }
-  cols.clear();
+  if (parts.size() > 1) return outs;
+  std::vector<at::Tensor> views;
   int64_t off = 0;
-  for (size_t i = 0; i < widths.size(); ++i) {
-    at::Tensor& o = outs[parts.size() == 1 ? 0 : i];
-    cols.push_back({o.data_ptr<float>() + (parts.size() == 1 ? off : 0), o.size(1)});
-    off += widths[i];
+  for (int64_t w : widths) {
+    views.push_back(outs[0].narrow(1, off, w));
+    off += w;
   }
-  return outs;
+  return views;
 }
 
-// h [B T, H]: T new tokens per row (1 when decoding); norms = (input norm, post-attention norm) weights [H], eps theirs; qkv: the q, k,
-// v weights as [in, out] (3 tensors, or 1 holding them side by side), qkv_bias one per
-// tensor; o [n_q d, H]; gate_up: gate, up as [in, out] (2, or 1 side by side); down [I, H];
-// K, V [B, n_kv, S, d] (columns col .. col + T - 1 are written); cos, sin_signed [B T, d] (sin
-// with its first half negated: rotate_half's sign); mask [B, S'] bool, S' >= col + T: the keys
-// to attend, token t of a row seeing columns 0 .. col + t of them (causal). A token with no
-// key to attend (a left-pad query) gets zeros from attention, not NaN.
+// h [B T, H]: T new tokens per row (1 when decoding); norms = (input norm, post-attention
+// norm) weights [H], eps theirs; qkv: the q, k, v weights as [in, out] (3 tensors, or 1
+// holding them side by side), qkv_bias one per tensor; o [n_q d, H]; gate_up: gate, up as
+// [in, out] (2, or 1 side by side); down [I, H]; K, V [B, n_kv, S, d] (columns
+// col .. col + T - 1 are written); cos, sin_signed [B T, d] (sin with its first half negated:
+// rotate_half's sign); mask [B, S'] bool (rows contiguous), S' >= col + T: the keys to attend,
+// token t of a row seeing columns 0 .. col + t of them (causal). A token with no key to attend
+// (a left-pad query) gets zeros from attention, not NaN.
 // Returns the layer's output [B T, H].
 at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::ArrayRef<double> eps, at::TensorList qkv,
                               const c10::List<std::optional<at::Tensor>>& qkv_bias, const at::Tensor& o_w,
@@ -127,10 +131,9 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
                     "llama_decode_layer: mask must be a bool [B, >= col + T] tensor with contiguous rows, got ",
                     mask.sizes(), " with strides ", mask.strides());
 
-  std::vector<Cols> c_qkv, c_gu;
   const std::vector<at::Tensor> y =
-      project(rms_norm_f32(h, norms[0], eps[0]), qkv, qkv_bias, {n_q * d, n_kv * d, n_kv * d}, c_qkv, "qkv");
-  const Cols cq = c_qkv[0], ck = c_qkv[1], cv = c_qkv[2];
+      project(rms_norm_f32(h, norms[0], eps[0]), qkv, qkv_bias, {n_q * d, n_kv * d, n_kv * d}, "qkv");
+  const Rows cq(y[0]), ck(y[1]), cv(y[2]);
   at::Tensor attn = at::empty({N, n_q * d}, h.options());
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin_signed.data_ptr<float>();
@@ -195,11 +198,10 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   TORCH_CHECK_VALUE(down_w.dim() == 2 && down_w.size(1) == H, "llama_decode_layer: down must be [I, ", H, "], got ",
                     down_w.sizes());
   const std::vector<at::Tensor> gu =
-      project(rms_norm_f32(h2, norms[1], eps[1]), gate_up, gate_up_bias, {I, I}, c_gu, "gate_up");
+      project(rms_norm_f32(h2, norms[1], eps[1]), gate_up, gate_up_bias, {I, I}, "gate_up");
   // SiLU(gate) * up with ATen's vectorised kernels (an expf call per element costs more than
   // the rest of the layer's loops at a small model's width)
-  const bool stacked = gu.size() == 1;
-  at::Tensor act = at::silu(stacked ? gu[0].narrow(1, 0, I) : gu[0]).mul_(stacked ? gu[0].narrow(1, I, I) : gu[1]);
+  at::Tensor act = at::silu(gu[0]).mul_(gu[1]);
   return (down_bias.has_value() ? at::addmm(*down_bias, act, down_w) : at::mm(act, down_w)).add_(h2);
 }
 

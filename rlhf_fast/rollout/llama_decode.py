@@ -79,51 +79,46 @@ def _as_in_out(mods: List[nn.Linear], stack: bool):
                             for m in mods])]
 
 
-def _native_layer_args(layer: "_Layer", attn: nn.Module, mlp: nn.Module) -> Optional[tuple]:
-    """The weight arguments of ``rlhf_fast::llama_decode_layer`` for one gated, RMSNorm layer
-    (see :meth:`_Layer.native_args`), or None unless its projections are float32 nn.Linear."""
-    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-    linears = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
-    if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-               for m in linears):
-        return None
-    if not all(n.weight.dtype == torch.float32 for n in (layer.norm1, layer.norm2)):
-        return None
-    stack = sum(m.weight.numel() * 4 for m in linears) <= _STACK_MAX_BYTES
-    (o,), (o_b,) = _as_in_out([attn.o_proj], False)
-    (down,), (down_b,) = _as_in_out([mlp.down_proj], False)
-    return ([layer.norm1.weight.detach(), layer.norm2.weight.detach()], [layer.norm1.eps, layer.norm2.eps],
-            *_as_in_out(qkv, stack), o, o_b, *_as_in_out(gate_up, stack), down, down_b)
-
-
 class _Layer:
     """One decoder layer's weights and functions, gathered once per decoder."""
 
     def __init__(self, layer: nn.Module):
         a, mlp = layer.self_attn, layer.mlp
         self.head_dim, self.scaling = a.head_dim, a.scaling
+        self.attn, self.mlp_module = a, mlp
         self.q, self.k, self.v, self.o = (_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
         self.norm1, self.norm2 = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
-        gated = type(mlp).__name__ in _GATED_MLPS and "forward" not in mlp.__dict__
-        self.mlp_module = None if gated else mlp
+        # transformers' gated MLP written out below; other MLP classes are called as they are
+        self.gated = type(mlp).__name__ in _GATED_MLPS and "forward" not in mlp.__dict__
         self.act = None
-        if gated:
+        if self.gated:
             self.act = F.silu if type(mlp.act_fn).__name__ in _SILUS else mlp.act_fn
             self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self._attn, self._mlp = a, (mlp if gated else None)
 
     def native_args(self) -> Optional[tuple]:
         """The weight arguments of :func:`torch.ops.rlhf_fast.llama_decode_layer` (norms, eps,
         qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias), or None when this
         layer is not the float32 RMSNorm + SiLU-gated layer of plain CPU linears that op
         computes. Stacked copies (see ``_STACK_MAX_BYTES``) are made here, once per call."""
-        if self._mlp is None or self.act is not F.silu or not (isinstance(self.norm1, _RMSNorm)
-                                                                and isinstance(self.norm2, _RMSNorm)):
+        if not self.gated or self.act is not F.silu:
             return None
-        return _native_layer_args(self, self._attn, self._mlp)
+        norms = (self.norm1, self.norm2)
+        if not all(isinstance(n, _RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+            return None
+        a, mlp = self.attn, self.mlp_module
+        qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
+        linears = qkv + [a.o_proj] + gate_up + [mlp.down_proj]
+        if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+                   for m in linears):
+            return None
+        stack = sum(m.weight.numel() * 4 for m in linears) <= _STACK_MAX_BYTES
+        (o,), (o_b,) = _as_in_out([a.o_proj], False)
+        (down,), (down_b,) = _as_in_out([mlp.down_proj], False)
+        return ([n.weight.detach() for n in norms], [n.eps for n in norms], *_as_in_out(qkv, stack), o, o_b,
+                *_as_in_out(gate_up, stack), down, down_b)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mlp_module is not None:
+        if not self.gated:
             return self.mlp_module(x)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
@@ -250,9 +245,8 @@ class _LlamaDecoder:
         h = self._embed(prompt_ids.reshape(-1))  # [Bp P, H]
         cfg = self.model.config
         n_kv, d = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, self.layers[0].head_dim
+        k, v = h.new_empty(Bp, n_kv, P, d), h.new_empty(Bp, n_kv, P, d)  # one prompt copy, repeated below
         for L, args in zip(self.layers, self.native):
-            k = h.new_empty(Bp, n_kv, P, d)
-            v = h.new_empty(Bp, n_kv, P, d)
             h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, k, v, cos, sin, keys, 0, L.scaling)
             kb = h.new_empty(self.B, n_kv, P + self.R, d)
             vb = h.new_empty(self.B, n_kv, P + self.R, d)
@@ -260,9 +254,11 @@ class _LlamaDecoder:
             vb[:, :, :P] = v.repeat_interleave(n, dim=0)
             self.K.append(kb)
             self.V.append(vb)
-        last = h.view(Bp, P, -1)[:, -1]
-        logits = self.head(torch.ops.rlhf_fast.rms_norm(last.contiguous(), self.norm.weight.detach(), self.norm.eps))
-        return logits.repeat_interleave(n, dim=0)
+        return self._native_logits(h.view(Bp, P, -1)[:, -1].contiguous()).repeat_interleave(n, dim=0)
+
+    def _native_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, V]`` of the last layer's output ``h [N, H]`` (final RMSNorm in C++)."""
+        return self.head(torch.ops.rlhf_fast.rms_norm(h, self.norm.weight.detach(), self.norm.eps))
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:
         if type(self.embed) is nn.Embedding:
@@ -281,12 +277,13 @@ class _LlamaDecoder:
             for i, (L, args) in enumerate(zip(self.layers, self.native)):
                 h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, self.K[i], self.V[i], cos, sin, keys, col,
                                                            L.scaling)
-            return self.head(torch.ops.rlhf_fast.rms_norm(h, self.norm.weight.detach(), self.norm.eps))
+            return self._native_logits(h)
         cos, sin = self.cos[pos], self.sin_signed[pos]  # [B, 1, d]: broadcast over heads
         for i, L in enumerate(self.layers):
             d = L.head_dim
             x = L.norm1(h)
-            q, k, v = _rope(L.q(x).view(B, -1, d), cos, sin), _rope(L.k(x).view(B, -1, d), cos, sin), L.v(x).view(B, -1, d)
+            q, k = _rope(L.q(x).view(B, -1, d), cos, sin), _rope(L.k(x).view(B, -1, d), cos, sin)
+            v = L.v(x).view(B, -1, d)
             if self.static:
                 keys = self.K[i].index_copy_(2, col, k.unsqueeze(2))
                 values = self.V[i].index_copy_(2, col, v.unsqueeze(2))

@@ -52,7 +52,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .common import Table, _status_kb, fmt_bytes, rss_extra_peak_bytes_here, tighten_malloc
+from .common import (Table, _status_kb, fmt_bytes, profiler_extra_peak_bytes, rss_extra_peak_bytes_here,
+                     tighten_malloc)
 
 PROMPTS = ["count: 1 2 3", "list the digits:", "numbers please:", "go on: 4 5", "write 7 8 9:", "digits:",
            "say 0 1:", "more numbers:"]
@@ -376,9 +377,10 @@ class RLHFFastStep:
 def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
     """Run one side in this process: warm-up, ``cfg.steps`` timed steps (median per phase,
     tokens/s), then one more step for the extra peak memory above what the step starts with
-    (bytes; None where not measurable): on the CPU the peak RSS with glibc made to return freed
-    memory at once (:func:`common.tighten_malloc`, which slows allocation, so only after the
-    timed steps), on CUDA the caching allocator's peak."""
+    (bytes; None where not measurable): on CUDA the caching allocator's peak; on the CPU the
+    torch allocator's peak from the profiler's allocation events, and, as ``extra_rss_bytes``,
+    the peak RSS of one more step with glibc made to return freed memory at once
+    (:func:`common.tighten_malloc`, which slows allocation, so only after the timed steps)."""
     torch.manual_seed(cfg.seed)
     cuda = cfg.device == "cuda"
     if cuda:  # both sides: fp32 weights, TF32 matmuls
@@ -394,11 +396,16 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         before = torch.cuda.memory_allocated()
         runner.step()
         peak = max(0, torch.cuda.max_memory_allocated() - before)
+        rss = None
     else:
-        peak = rss_extra_peak_bytes_here(runner.step) if tighten_malloc() else None
+        # the torch allocator's peak (the CPU counterpart of max_memory_allocated), then the
+        # peak RSS of one more step, which also counts non-tensor memory the step touches
+        peak = profiler_extra_peak_bytes(runner.step)
+        rss = rss_extra_peak_bytes_here(runner.step) if tighten_malloc() else None
     med = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
     med["tokens_per_s"] = statistics.median(r["tokens"] / r["step"] for r in recs)
     med["extra_peak_bytes"] = peak
+    med["extra_rss_bytes"] = rss
     med["rss_bytes"] = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     return med
 
@@ -458,6 +465,12 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
     return [run_table(c, timeout_s=timeout_s, repeats=repeats) for c in cfgs]
 
 
+def _mem_ratio(trl: Dict[str, object], ours: Dict[str, object], key: str) -> Optional[str]:
+    """TRL's extra memory ÷ ours as ``"1.23×"`` (ours floored at 4 KiB), or None."""
+    a, b = trl.get(key), ours.get(key)
+    return None if a is None or b is None else f"{a / max(b, 4096):.2f}×"
+
+
 def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
     """One configuration: a row per (algo, framework) and a TRL ÷ rlhf_fast ratio row.
 
@@ -473,7 +486,7 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
         f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
         f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
         ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
-         "extra_peak", "note"],
+         "extra_peak", "extra_rss", "note"],
     )
     for algo in ("ppo", "grpo"):
         runs: Dict[str, List[Dict[str, object]]] = {"trl": [], "rlhf_fast": []}
@@ -499,27 +512,32 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
                 continue
             r = got[fw] = _median_runs(runs[fw])
             row.update({f"{p}_s": r[p] for p in PHASES}, step_s=r["step"], tokens_per_s=r["tokens_per_s"],
-                       extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"])
+                       extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"],
+                       extra_rss=fmt_bytes(r.get("extra_rss_bytes")), extra_rss_bytes=r.get("extra_rss_bytes"))
             table.rows.append(row)
         if len(got) == 2:
             a, b = got["trl"], got["rlhf_fast"]
             ratio = {f"{p}_s": (a[p] / b[p] if b[p] > 0 else None) for p in PHASES}
-            mem = (a["extra_peak_bytes"] / max(b["extra_peak_bytes"], 4096)
-                   if a["extra_peak_bytes"] is not None and b["extra_peak_bytes"] is not None else None)
+            mem, rss = (_mem_ratio(a, b, k) for k in ("extra_peak_bytes", "extra_rss_bytes"))
             table.rows.append(dict(algo=algo, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
                                    tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
-                                   extra_peak=f"{mem:.2f}×" if mem is not None else None,
+                                   extra_peak=mem, extra_rss=rss,
                                    note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
     if cfg.device == "cuda":
-        table.notes.append("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's "
-                           "phase split comes from its own timers, which do not synchronise (the step total does); "
-                           "extra_peak = torch.cuda.max_memory_allocated above the allocation before the step")
+        memory = ("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's phase split "
+                  "comes from its own timers, which do not synchronise (the step total does); extra_peak = "
+                  "torch.cuda.max_memory_allocated above the allocation before the step")
+    else:
+        memory = ("extra_peak = the torch allocator's peak during one more step above what was allocated before it "
+                  "(the profiler's allocation events: the CPU counterpart of torch.cuda.max_memory_allocated); "
+                  "extra_rss = peak RSS of one more step above the RSS before it, with glibc returning freed memory "
+                  "at once (set after the timed steps, which run on the default allocator): it also counts the "
+                  "non-tensor memory the step touches (Python objects, heap pages re-touched after the trim)")
     table.notes += [
         "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
-        "median over timed steps after one warm-up; each framework in a fresh subprocess; extra_peak = peak RSS "
-        "of one more step above the RSS before it, with glibc returning freed memory at once (set after the timed "
-        "steps, which run on the default allocator)",
+        "median over timed steps after one warm-up; each framework in a fresh subprocess",
+        memory,
         "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with "
         "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py), keeping TRL's "
         "shortcuts (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: no "

@@ -254,6 +254,30 @@ def test_e2e_sides_run_a_gqa_qwen2_step_with_a_large_vocabulary():
         for fw in ("trl", "rlhf_fast"):
             rec = e2e.measure(fw, algo, cfg)
             assert rec["step"] > 0 and rec["tokens"] > 0, (algo, fw)
+            # a step allocates activations: the torch allocator's peak is positive
+            assert rec["extra_peak_bytes"] > 0, (algo, fw)
+            assert rec["extra_rss_bytes"] is None or rec["extra_rss_bytes"] >= 0
+
+
+def test_e2e_ratio_row_reports_both_memory_measures(monkeypatch):
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, hidden_size=16, steps=1,
+                        mini_batch_size=4, tokenizer_dir="unused")
+
+    def fake(framework, algo, c, timeout_s):
+        trl = framework == "trl"
+        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.0 if trl else 1.5, tokens=10.0,
+                    tokens_per_s=3.2, extra_peak_bytes=(3 if trl else 2) << 20, extra_rss_bytes=(8 if trl else 2) << 20,
+                    rss_bytes=1 << 30)
+
+    monkeypatch.setattr(e2e, "_subprocess", fake)
+    (table,) = e2e.run_suite(cfg=cfg)
+    ratio = [r for r in table.rows if r["framework"] == "TRL ÷ rlhf_fast"]
+    assert [(r["step_s"], r["extra_peak"], r["extra_rss"]) for r in ratio] == [(2.0, "1.50×", "4.00×")] * 2
+    ours = [r for r in table.rows if r["framework"] == "rlhf_fast"]
+    assert ours[0]["extra_peak"] == "2.0 MiB" and ours[0]["extra_rss"] == "2.0 MiB"
+    assert any("torch allocator's peak" in n for n in table.notes)
 
 
 def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):

@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import llama_forward
 from .logprobs import backbone, default_position_ids, hidden_states, unwrap
 
 PathLike = Union[str, os.PathLike]
@@ -225,8 +226,11 @@ class ValueModel(nn.Module):
         """
         if position_ids is None and attention_mask is not None:
             position_ids = default_position_ids(attention_mask)
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False, return_dict=True).last_hidden_state  # [B, T, H]
+        if llama_forward.supported(self.backbone, input_ids.shape[1]):
+            h = llama_forward.hidden_states(self.backbone, input_ids, attention_mask, position_ids)  # [B, T, H]
+        else:
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, return_dict=True).last_hidden_state
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def save_pretrained(self, save_directory: PathLike, **kwargs) -> None:

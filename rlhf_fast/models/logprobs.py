@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rlhf_fast import ops
+from rlhf_fast.models import llama_forward
 from rlhf_fast.ops import _dispatch
 
 # Config attributes that change the logits after the LM-head matmul, with the value at
@@ -112,8 +113,11 @@ def hidden_states(
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1, return_dict=True)
         return out.hidden_states[-1]
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False, return_dict=True)
+    base = backbone(model)
+    if llama_forward.supported(base, input_ids.shape[1]):
+        return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+               return_dict=True)
     return out.last_hidden_state
 
 

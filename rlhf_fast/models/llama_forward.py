@@ -1,0 +1,250 @@
+"""The final hidden state of a Llama-style backbone (Llama, Mistral, Qwen2, Qwen3) without
+the transformers forward, for log-probs, values and the policy update.
+
+The same operations as transformers' modules, called on the modules' own weights, with two
+autograd functions that keep less for the backward:
+
+- :class:`_RMSNormFn` saves the norm's input and the per-row ``rstd`` ``[N, 1]``, where the
+  module's composite formula also keeps the normalised copy ``[N, H]``;
+- :class:`_SwiGLUDownFn` computes ``down(silu(gate) · up)`` and saves ``gate`` and ``up``
+  only, recomputing ``silu(gate) · up`` in the backward, where the modules keep ``silu(gate)``
+  and the product too (two ``[N, intermediate]`` tensors per layer).
+
+With the MLP's intermediate a few times the hidden size, that is about 40% less activation
+memory per layer in the update, for one extra elementwise pass in the backward. The
+per-call work that does not depend on the layer (mask construction from a 2-D attention
+mask, RoPE tables, output dataclasses, module calls) is done once or not at all.
+
+:func:`supported` says when a backbone is one this module computes exactly as transformers
+does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, sdpa or
+eager attention, no hooks, no sliding window shorter than the input); anything else (peft
+adapters, kernel-library modules, FSDP-sharded layers, gradient checkpointing) runs the
+transformers forward. ``rlhf_fast.ops.use_backend("torch")`` forces the transformers
+forward too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
+_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+_SILUS = ("SiLUActivation", "SiLU")
+
+
+# --------------------------------------------------------------------------- autograd functions
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    # transformers' norms compute in float32; float64 (tests, gradcheck) keeps its precision
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """transformers' Llama RMSNorm (float32 statistics; weight times the normalised input cast
+    back to x's dtype) and the per-row rstd ``[..., 1]`` (float32, float64 for float64 x)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and hasattr(torch.ops.aten, "_fused_rms_norm"):
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # one pass, same values
+    xf = x.to(_stat_dtype(x))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm over the last dim that saves only its input and the rstd for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        # y = w · x̂, x̂ = x · rstd: dx = rstd · (g·w - x̂ · mean(g·w·x̂)), dw = Σ_rows g·x̂
+        acc = _stat_dtype(x)
+        xh = x.to(acc) * rstd
+        gf = gy.to(acc)
+        gw = gf * weight.to(acc)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (rstd * (gw - xh * (gw * xh).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (gf * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+class _SwiGLUDownFn(torch.autograd.Function):
+    """``F.linear(silu(gate) · up, weight, bias)`` that saves gate and up (not silu(gate) nor
+    the product) and recomputes the product in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.silu(gate) * up, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        gate, up, weight = ctx.saved_tensors
+        act = F.silu(gate)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        d_gate = d_up = d_w = d_b = None
+        if ctx.needs_input_grad[2]:
+            d_w = gy2.t().mm((act * up).reshape(-1, up.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            d_b = gy2.sum(0)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_prod = gy.matmul(weight)  # [..., intermediate]
+            if ctx.needs_input_grad[0]:
+                d_gate = torch.ops.aten.silu_backward(d_prod * up, gate)
+            if ctx.needs_input_grad[1]:
+                d_up = d_prod * act
+        return d_gate, d_up, d_w, d_b
+
+
+# --------------------------------------------------------------------------- support check
+
+
+def _plain_class(module: nn.Module, names) -> bool:
+    """``module`` is one of the transformers classes ``names`` with its own forward (not an
+    instance-level replacement) and no hooks."""
+    return (type(module).__name__ in names and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def supported(base: nn.Module, seq_len: int) -> bool:
+    """Whether :func:`hidden_states` computes ``base`` (a transformers backbone: LlamaModel,
+    MistralModel, Qwen2Model, Qwen3Model) for ``seq_len``-token inputs exactly as its own
+    forward does; False sends the caller to that forward."""
+    from ..ops import _dispatch
+
+    if _dispatch.forced_backend() == "torch" or not _plain_class(base, _BACKBONES) or _global_hooks():
+        return False
+    cfg = base.config
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager") or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and seq_len > window:
+        return False
+    if base.training and (getattr(cfg, "attention_dropout", 0.0) or getattr(base, "gradient_checkpointing", False)):
+        return False
+    if type(base.embed_tokens) is not nn.Embedding or not _plain_class(base.norm, _RMS_NORMS):
+        return False
+    if base.rotary_emb._forward_hooks or base.rotary_emb._forward_pre_hooks:
+        return False
+    for layer in base.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        if not (_plain_class(layer, _LAYERS) and _plain_class(a, _ATTENTIONS) and _plain_class(mlp, _GATED_MLPS)):
+            return False
+        if not (_plain_class(layer.input_layernorm, _RMS_NORMS) and _plain_class(layer.post_attention_layernorm,
+                                                                                  _RMS_NORMS)):
+            return False
+        if not all(_plain_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
+                                              mlp.down_proj)):
+            return False
+        if type(mlp.act_fn).__name__ not in _SILUS or not hasattr(a, "head_dim"):
+            return False
+        for qk in ("q_norm", "k_norm"):  # Qwen3's per-head norms
+            if hasattr(a, qk) and not _plain_class(getattr(a, qk), _RMS_NORMS):
+                return False
+        if getattr(a, "sliding_window", None) is not None and seq_len > a.sliding_window:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _rms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _RMSNormFn.apply(x, module.weight, float(module.variance_epsilon))
+
+
+def _key_mask(attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, T: int) -> Optional[torch.Tensor]:
+    """The bool mask ``[B, 1, T, T]`` transformers builds for sdpa, or None where its attention
+    is plain causal (sdpa's ``is_causal``).
+
+    With a 2-D attention mask: causal, and only attended keys. Without one, position ids that
+    restart mark packed sequences (transformers' ``find_packed_sequence_indices``): causal
+    within each. A query with no key to attend (a left-padding token) gets zeros from sdpa
+    (torch >= 2.5), as in transformers.
+    """
+    device = position_ids.device
+    if attention_mask is not None:
+        if bool(attention_mask.all()):
+            return None
+        keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    else:
+        first = position_ids[:, :1] - 1
+        seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # [B, T]
+        if not bool(seq[:, -1].any()):
+            return None
+        keys = (seq[:, :, None] == seq[:, None, :])[:, None]  # [B, 1, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+    return keys & causal
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x·cos + rotate_half(x)·sin`` with the negation of rotate_half's first
+    half carried by ``sin_signed`` (exact), so rotate_half is a roll."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
+
+
+def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype) of a
+    backbone for which :func:`supported` holds: ``base(input_ids, attention_mask,
+    position_ids).last_hidden_state`` at every attended position, differentiable in the
+    weights. input_ids ``[B, T]`` int; attention_mask ``[B, T]`` 0/1 or None; position_ids
+    ``[B, T]`` or ``[1, T]`` int64, or None for ``0 .. T-1``."""
+    B, T = input_ids.shape
+    emb = base.embed_tokens
+    h = F.embedding(input_ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq,
+                    emb.sparse)
+    if position_ids is None:
+        position_ids = torch.arange(T, device=input_ids.device)[None]
+    position_ids = position_ids.expand(B, T)
+    cos, sin = base.rotary_emb(h, position_ids)  # [B, T, d] in h's dtype
+    half = cos.shape[-1] // 2
+    cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
+    mask = _key_mask(attention_mask, position_ids, T)
+    for layer in base.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        d = a.head_dim
+        x = _rms(layer.input_layernorm, h)
+        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(B, T, -1, d)
+        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, d)
+        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(B, T, -1, d)
+        if hasattr(a, "q_norm"):
+            q, k = _rms(a.q_norm, q), _rms(a.k_norm, k)
+        q = _rope(q.transpose(1, 2), cos, sin)
+        k = _rope(k.transpose(1, 2), cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=a.scaling, enable_gqa=q.shape[1] != k.shape[1])
+        h = h + F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
+        x = _rms(layer.post_attention_layernorm, h)
+        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        h = h + _SwiGLUDownFn.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return _rms(base.norm, h)
+
+
+__all__ = ["supported", "hidden_states"]

@@ -1,0 +1,270 @@
+"""The Llama-family training forward (rlhf_fast/models/llama_forward.py) against the
+transformers forward it replaces: hidden states and every parameter's gradient, for each
+family, dtype and mask layout; its two autograd functions; the memory it saves; and the
+models it must leave to transformers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from rlhf_fast import ops  # noqa: E402
+from rlhf_fast.models import ValueModel, llama_forward, sequence_logprobs, tiny_causal_lm  # noqa: E402
+from rlhf_fast.models.llama_forward import _RMSNormFn, _SwiGLUDownFn  # noqa: E402
+from rlhf_fast.models.logprobs import backbone, default_position_ids  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 97
+
+
+def _model(family, kv_heads=None, dtype=torch.float32, seed=0, **kw):
+    m = tiny_causal_lm(V, family=family, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
+                       intermediate_size=80, seed=seed, dtype=dtype, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # random norms and biases too, so a swapped or dropped weight shows
+        for p in m.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.3).to(p.dtype))
+    return m
+
+
+def _batch(B=5, T=19, seed=0):
+    """Rows left-padded, right-padded, both, and one with a hole in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[0, :4] = 0
+    am[1, 15:] = 0
+    am[2, :2] = 0
+    am[2, 12:] = 0
+    am[3, 7:9] = 0
+    return ids, am
+
+
+def _hf_and_ours(base, ids, am, pos):
+    """Hidden states and parameter gradients (of a random projection of the attended rows) from
+    the transformers forward and from ours."""
+    params = [p for p in base.parameters()]
+    sel = am.bool() if am is not None else torch.ones(ids.shape, dtype=torch.bool)
+    out = []
+    for fn in (lambda: base(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state,
+               lambda: llama_forward.hidden_states(base, ids, am, pos)):
+        h = fn()
+        proj = torch.randn(h.shape, generator=torch.Generator().manual_seed(7)).to(h.dtype) * sel[..., None]
+        grads = torch.autograd.grad((h * proj).float().sum(), params, allow_unused=True)
+        out.append((h, grads))
+    return out, sel
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", None), ("llama", 2), ("qwen2", 1), ("qwen3", 2),
+                                             ("mistral", 2)])
+def test_hidden_states_and_gradients_equal_transformers_float32(family, kv_heads):
+    m = _model(family, kv_heads)
+    base = backbone(m)
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    assert llama_forward.supported(base, ids.shape[1])
+    ((h_ref, g_ref), (h, g)), sel = _hf_and_ours(base, ids, am, pos)
+    assert torch.equal(h, h_ref)  # the same ops in the same order, padding rows included
+    for (name, _), a, b in zip(base.named_parameters(), g, g_ref):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bfloat16_error_is_that_of_transformers(family):
+    """bf16: the forward matches transformers bit for bit; the gradients round differently
+    (our backward runs the norm in float32), so each is compared with the float32 truth: our
+    error is at most about transformers' own."""
+    m32 = _model(family, 2)
+    m16 = _model(family, 2, dtype=torch.bfloat16)
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    ((_, truth), _), sel = _hf_and_ours(backbone(m32), ids, am, pos)
+    ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(backbone(m16), ids, am, pos)
+    assert torch.equal(h[sel], h_ref[sel])
+    for (name, _), a, b, t in zip(backbone(m16).named_parameters(), g, g_ref, truth):
+        ours, theirs = (a.float() - t).norm(), (b.float() - t).norm()
+        assert ours <= 2 * theirs + 1e-3 * t.norm(), (name, ours.item(), theirs.item())
+
+
+def test_packed_rows_and_no_mask_equal_transformers():
+    """No attention mask: plain causal (sdpa's is_causal), and position ids that restart, from
+    which transformers builds a block-diagonal mask (packed sequences)."""
+    base = backbone(_model("qwen2", 2))
+    ids = torch.randint(3, V, (2, 13), generator=torch.Generator().manual_seed(0))
+    ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(base, ids, None, None)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    packed_pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]]).expand(2, -1)
+    ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(base, ids, None, packed_pos)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and the packed sequences really are separate: the second one alone gives the same states
+    alone = llama_forward.hidden_states(base, ids[:, 4:7], None, None)
+    torch.testing.assert_close(h[:, 4:7], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_with_nothing_attended_stays_finite():
+    base = backbone(_model("llama", 2))
+    ids, am = _batch()
+    am[4] = 0
+    h = llama_forward.hidden_states(base, ids, am, default_position_ids(am))
+    assert h.isfinite().all()
+    h[:4].sum().backward()
+    assert all(p.grad.isfinite().all() for p in base.parameters() if p.grad is not None)
+
+
+def test_sequence_logprobs_and_values_run_through_it(monkeypatch):
+    """The trainers' entry points (sequence_logprobs, ValueModel) take this forward for a
+    supported model and give what the transformers forward gives."""
+    m = _model("llama", 2)
+    ids, am = _batch()
+    calls = []
+    real = llama_forward.hidden_states
+    monkeypatch.setattr(llama_forward, "hidden_states", lambda *a: calls.append(1) or real(*a))
+    logp = sequence_logprobs(m, ids, am)
+    assert calls
+    logits = m(input_ids=ids, attention_mask=am, position_ids=default_position_ids(am)).logits
+    want = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    target = am.bool().clone()
+    target[:, 0] = False
+    target[:, 1:] &= am[:, :-1].bool()
+    torch.testing.assert_close(logp[target], want[target[:, 1:]], rtol=1e-5, atol=1e-5)
+    critic = ValueModel(m)
+    calls.clear()
+    values = critic(ids, am)
+    assert calls
+    h = critic.backbone(input_ids=ids, attention_mask=am, position_ids=default_position_ids(am)).last_hidden_state
+    want_v = critic.value_head(h).squeeze(-1)
+    torch.testing.assert_close(values[am.bool()], want_v[am.bool()], rtol=1e-5, atol=1e-6)
+
+
+def _saved_bytes(fn, params):
+    """Bytes of the tensors autograd saves during ``fn()``, the parameters' storage excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_it_keeps_less_for_the_backward_than_transformers():
+    """The point of the two autograd functions: an RMSNorm that keeps its input and rstd,
+    and a SwiGLU that keeps gate and up, not their products. With the MLP 2.5× the hidden size
+    the saved activations shrink by more than a quarter."""
+    base = backbone(_model("llama", 2))
+    ids, am = _batch(B=8, T=32)
+    pos = default_position_ids(am)
+    params = list(base.parameters())
+    theirs = _saved_bytes(lambda: base(input_ids=ids, attention_mask=am, position_ids=pos,
+                                       use_cache=False).last_hidden_state, params)
+    ours = _saved_bytes(lambda: llama_forward.hidden_states(base, ids, am, pos), params)
+    assert ours < 0.75 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autograd_functions_pass_gradcheck(bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFn.apply(x, w, 1e-5), (x, w))
+    gate = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    wd = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bd = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    args = (gate, up, wd) + ((bd,) if bias else ())
+    assert torch.autograd.gradcheck(lambda a, b, c, *d: _SwiGLUDownFn.apply(a, b, c, d[0] if d else None), args)
+    # only some inputs needing a gradient (a frozen projection, say)
+    y = _SwiGLUDownFn.apply(gate, up, wd.detach(), None)
+    dg, du = torch.autograd.grad(y.sum(), (gate, up))
+    ref_dg, ref_du = torch.autograd.grad((nn.functional.silu(gate) * up @ wd.detach().t()).sum(), (gate, up))
+    torch.testing.assert_close((dg, du), (ref_dg, ref_du))
+
+
+def _set_attn(m, impl):
+    m.config._attn_implementation = impl
+    m.model.config._attn_implementation = impl
+
+
+def test_models_it_must_leave_to_transformers(monkeypatch):
+    m = _model("llama", 2)
+    base = backbone(m)
+    T = 19
+    assert llama_forward.supported(base, T)
+    # a forward hook somewhere inside: it would be skipped
+    handle = base.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert not llama_forward.supported(base, T)
+    handle.remove()
+    # a module of a class it does not know (a kernel library's norm, say)
+    real = base.layers[0].input_layernorm
+    base.layers[0].input_layernorm = nn.LayerNorm(32)
+    assert not llama_forward.supported(base, T)
+    base.layers[0].input_layernorm = real
+    # an attention implementation other than sdpa / eager
+    _set_attn(m, "flex_attention")
+    assert not llama_forward.supported(base, T)
+    _set_attn(m, "eager")
+    assert llama_forward.supported(base, T)
+    _set_attn(m, "sdpa")
+    # gradient checkpointing while training, attention dropout while training
+    base.gradient_checkpointing = True
+    base.train()
+    assert not llama_forward.supported(base, T)
+    base.gradient_checkpointing = False
+    assert llama_forward.supported(base, T)
+    base.eval()
+    # the op backend forced to the PyTorch references
+    with ops.use_backend("torch"):
+        assert not llama_forward.supported(base, T)
+    # a sliding window shorter than the input
+    mis = backbone(_model("mistral", 2))
+    mis.config.sliding_window = 8
+    assert not llama_forward.supported(mis, T) and llama_forward.supported(mis, 8)
+    # other families
+    assert not llama_forward.supported(backbone(tiny_causal_lm(V, family="gpt2", hidden_size=32, num_heads=4)), T)
+
+
+def test_peft_adapters_are_left_to_transformers():
+    peft = pytest.importorskip("peft")
+    m = _model("llama", 2)
+    lora = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not llama_forward.supported(backbone(lora), 19)
+    ids, am = _batch()
+    logp = sequence_logprobs(lora, ids, am)  # runs, through the transformers forward
+    assert logp.isfinite().all()
+
+
+def test_eager_attention_gives_the_same_states():
+    m = _model("llama", 2)
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    _set_attn(m, "eager")
+    ref = m.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state
+    h = llama_forward.hidden_states(m.model, ids, am, pos)
+    torch.testing.assert_close(h[am.bool()], ref[am.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_hidden_states_and_gradients_match_transformers(dtype):
+    m = _model("qwen2", 2, dtype=dtype).cuda()
+    base = backbone(m)
+    ids, am = (t.cuda() for t in _batch(B=6, T=40))
+    pos = default_position_ids(am)
+    ((h_ref, g_ref), (h, g)), sel = _hf_and_ours(base, ids, am, pos)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(h[sel].float(), h_ref[sel].float(), **tol)
+    assert h.isfinite().all()
+    for a, b in zip(g, g_ref):
+        scale = b.float().abs().max().clamp(min=1e-3)
+        assert ((a.float() - b.float()).abs().max() / scale).item() < (1e-3 if dtype == torch.float32 else 5e-2)

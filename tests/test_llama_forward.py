@@ -244,6 +244,21 @@ def test_peft_adapters_are_left_to_transformers():
     assert logp.isfinite().all()
 
 
+def test_grouped_heads_repeated_or_not_give_the_same_attention():
+    """The KV-head repeat taken with a mask on a GPU computes what sdpa's grouped heads do."""
+    from rlhf_fast.models.llama_forward import _attention, _key_mask
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, n, 9, 8, generator=g) for n in (6, 2, 2))
+    am = torch.ones(3, 9, dtype=torch.long)
+    am[0, :3] = 0
+    am[1, 7:] = 0
+    mask = _key_mask(am, default_position_ids(am), 9)
+    for m in (mask, None):
+        torch.testing.assert_close(_attention(q, k, v, m, 0.3, repeat_kv=True),
+                                   _attention(q, k, v, m, 0.3, repeat_kv=False), rtol=1e-5, atol=1e-6)
+
+
 def test_eager_attention_gives_the_same_states():
     m = _model("llama", 2)
     ids, am = _batch()

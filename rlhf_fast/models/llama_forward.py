@@ -71,14 +71,15 @@ class _RMSNormFn(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         # y = w · x̂, x̂ = x · rstd: dx = rstd · (g·w - x̂ · mean(g·w·x̂)), dw = Σ_rows g·x̂
         acc = _stat_dtype(x)
-        xh = x.to(acc) * rstd
+        xh = x.to(acc) * rstd  # fresh buffers (xh, gw) are reused in place below
         gf = gy.to(acc)
-        gw = gf * weight.to(acc)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = (rstd * (gw - xh * (gw * xh).mean(-1, keepdim=True))).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = (gf * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gw = gf * weight.to(acc)
+            dot = (gw * xh).mean(-1, keepdim=True)
+            dx = gw.sub_(xh.mul_(dot)).mul_(rstd).to(x.dtype)
         return dx, dw, None
 
 
@@ -103,11 +104,13 @@ class _SwiGLUDownFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             d_b = gy2.sum(0)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # in place where a buffer is dead, so at most two [N, intermediate] temporaries are
+            # live at once: this is where the update's memory peaks (all activations still held)
             d_prod = gy.matmul(weight)  # [..., intermediate]
-            if ctx.needs_input_grad[0]:
-                d_gate = torch.ops.aten.silu_backward(d_prod * up, gate)
             if ctx.needs_input_grad[1]:
-                d_up = d_prod * act
+                d_up = act.mul_(d_prod)  # act is not needed after this
+            if ctx.needs_input_grad[0]:
+                d_gate = torch.ops.aten.silu_backward.grad_input(d_prod.mul_(up), gate, grad_input=d_prod)
         return d_gate, d_up, d_w, d_b
 
 
@@ -208,6 +211,20 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+               repeat_kv: Optional[bool] = None) -> torch.Tensor:
+    """sdpa of ``q [B, heads, T, d]`` over ``k, v [B, kv_heads, T, d]`` under ``mask`` (None:
+    causal). Grouped KV heads go to sdpa as they are (``enable_gqa``) except with a mask off
+    the CPU (``repeat_kv=None``): CUDA's masked kernels take no grouped heads and sdpa would
+    fall back to its math kernel, so the KV heads are repeated there, as transformers does."""
+    if repeat_kv is None:
+        repeat_kv = mask is not None and q.device.type != "cpu"
+    if repeat_kv and q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   position_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype) of a
@@ -236,9 +253,8 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
         if hasattr(a, "q_norm"):
             q, k = _rms(a.q_norm, q), _rms(a.k_norm, k)
         q = _rope(q.transpose(1, 2), cos, sin)
-        k = _rope(k.transpose(1, 2), cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=a.scaling, enable_gqa=q.shape[1] != k.shape[1])
+        k, v = _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+        o = _attention(q, k, v, mask, a.scaling)
         h = h + F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
         x = _rms(layer.post_attention_layernorm, h)
         gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)

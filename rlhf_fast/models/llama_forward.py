@@ -10,8 +10,8 @@ autograd functions that keep less for the backward:
   only, recomputing ``silu(gate) · up`` in the backward, where the modules keep ``silu(gate)``
   and the product too (two ``[N, intermediate]`` tensors per layer).
 
-With the MLP's intermediate a few times the hidden size, that is about 40% less activation
-memory per layer in the update, for one extra elementwise pass in the backward. The
+At Qwen2-0.5B's layer shapes that is 46% less activation memory per layer in the update,
+for one extra elementwise pass in the backward. The
 per-call work that does not depend on the layer (mask construction from a 2-D attention
 mask, RoPE tables, output dataclasses, module calls) is done once or not at all.
 

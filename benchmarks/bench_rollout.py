@@ -2,8 +2,9 @@
 
 Providers side by side:
 * log-prob pass (no grad, as for old/reference log-probs) and forward+backward (training):
-  ours (``rlhf_fast.models.sequence_logprobs``, LM head fused, no [B, T, V] logits) vs a plain
-  ``model(...).logits`` + ``log_softmax`` + gather;
+  ours (``rlhf_fast.models.sequence_logprobs``, LM head fused, no [B, T, V] logits), the same
+  with the backbone run by transformers' modules instead of ``models/llama_forward.py``, and a
+  plain ``model(...).logits`` + ``log_softmax`` + gather;
 * generation: ours (``HFRolloutEngine`` on ``rlhf_fast.ops.sample``) vs ``model.generate``
   with transformers' sampling processors (temperature, top-k, top-p).
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_fast.models import sequence_logprobs, tiny_causal_lm  # noqa: E402
+from rlhf_fast.models import llama_forward, sequence_logprobs, tiny_causal_lm  # noqa: E402
 from rlhf_fast.rollout import HFRolloutEngine, SamplingParams  # noqa: E402
 
 
@@ -147,9 +149,19 @@ def main(argv=None):
         model.zero_grad(set_to_none=False)
         plain_logprobs(model, ids, am, resp).sum().backward()
 
+    def on_transformers_backbone(fn):
+        # the same call with the backbone run by transformers' modules instead of
+        # models/llama_forward.py: what that forward alone changes
+        def call():
+            with mock.patch.object(llama_forward, "supported", lambda *a: False):
+                fn()
+        return call
+
     record("ours (fused head)", "logprob no-grad", ours_nograd)
+    record("ours, transformers backbone", "logprob no-grad", on_transformers_backbone(ours_nograd))
     record("logits + log_softmax", "logprob no-grad", plain_nograd)
     record("ours (fused head)", "logprob fwd+bwd", ours_train)
+    record("ours, transformers backbone", "logprob fwd+bwd", on_transformers_backbone(ours_train))
     record("logits + log_softmax", "logprob fwd+bwd", plain_train)
     model.zero_grad(set_to_none=True)
 
@@ -201,9 +213,11 @@ def main(argv=None):
         print(f"{r['provider']:38s} {r['mode']:18s} {r['ms']:10.1f} {r['p20_ms']:8.1f} {r['p80_ms']:8.1f} "
               f"{r.get('peak_MiB', float('nan')):9.1f} {r.get('tokens_per_s', float('nan')):8.1f}")
     for mode in ("logprob no-grad", "logprob fwd+bwd"):
-        o, p = [r for r in rows if r["mode"] == mode]
+        o, t, p = [r for r in rows if r["mode"] == mode]  # ours, ours on transformers' backbone, plain
         print(f"{mode}: peak memory {p['peak_MiB'] / max(o['peak_MiB'], 1e-9):.1f}x lower, "
-              f"time {p['ms'] / o['ms']:.2f}x (plain / ours); B*T*V*4 = {B * T * V * 4 / 2**20:.0f} MiB")
+              f"time {p['ms'] / o['ms']:.2f}x (plain / ours); backbone forward alone: peak "
+              f"{t['peak_MiB'] / max(o['peak_MiB'], 1e-9):.2f}x lower, time {t['ms'] / o['ms']:.2f}x "
+              f"(transformers' / ours); B*T*V*4 = {B * T * V * 4 / 2**20:.0f} MiB")
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps({"header": header, "rows": rows + gen_rows}) + "\n")

@@ -244,23 +244,40 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
     mask = _key_mask(attention_mask, position_ids, T)
     for layer in base.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        d = a.head_dim
-        x = _rms(layer.input_layernorm, h)
-        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(B, T, -1, d)
-        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, d)
-        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(B, T, -1, d)
-        if hasattr(a, "q_norm"):
-            q, k = _rms(a.q_norm, q), _rms(a.k_norm, k)
-        q = _rope(q.transpose(1, 2), cos, sin)
-        k, v = _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
-        o = _attention(q, k, v, mask, a.scaling)
-        h = h + F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
-        x = _rms(layer.post_attention_layernorm, h)
-        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        h = h + _SwiGLUDownFn.apply(gate, up, mlp.down_proj.weight, mlp.down_proj.bias)
+        h = _layer(layer, h, cos, sin, mask)
     return _rms(base.norm, h)
+
+
+def _layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """One decoder layer on ``h [B, T, H]`` (a function, so its intermediates die with it)."""
+    B, T = h.shape[:2]
+    a = layer.self_attn
+    d = a.head_dim
+    x = _rms(layer.input_layernorm, h)
+    q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(B, T, -1, d)
+    k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, d)
+    v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(B, T, -1, d)
+    del x  # without autograd nothing else holds these: drop each as soon as it is used
+    if hasattr(a, "q_norm"):
+        q, k = _rms(a.q_norm, q), _rms(a.k_norm, k)
+    q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+    o = _attention(q, k, v.transpose(1, 2), mask, a.scaling)
+    del q, k, v
+    h = h + F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
+    del o
+    return h + _mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    down = mlp.down_proj
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or down.weight.requires_grad
+                                    or (down.bias is not None and down.bias.requires_grad)):
+        return _SwiGLUDownFn.apply(gate, up, down.weight, down.bias)
+    # nothing to differentiate (reference log-probs, values): in place, one [N, intermediate] less
+    return F.linear(F.silu(gate, inplace=True).mul_(up), down.weight, down.bias)
 
 
 __all__ = ["supported", "hidden_states"]

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# transformers' RMSNorm / gated MLP classes of the supported families: the same formula each,
-# written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub kernel's) are called
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
-_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-_SILUS = ("SiLUActivation", "SiLU")
+# transformers' RMSNorm / gated MLP classes of the Llama family (the training forward's list):
+# the same formula each, written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub
+# kernel's) are called as they are
+from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _SILUS
 
 
 class _RMSNorm:

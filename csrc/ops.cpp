@@ -69,7 +69,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // of K, V [B, n_kv, S, d]; mask [B, >= col + T] bool, causal within the new tokens.
   // Projection weights as [in, out] (x @ w): qkv 3 tensors or 1 with q | k | v side by side,
   // gate_up 2 or 1; a bias (or None) per weight tensor; norms and eps: the two RMSNorms'.
-  m.def("llama_decode_layer(Tensor h, Tensor[] norms, float[] eps, Tensor[] qkv, Tensor?[] qkv_bias, Tensor o, Tensor? o_bias, Tensor[] gate_up, Tensor?[] gate_up_bias, Tensor down, Tensor? down_bias, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, float scaling) -> Tensor");
+  m.def("llama_decode_layer(Tensor h, Tensor[] norms, float[] eps, Tensor[] qkv, Tensor?[] qkv_bias, Tensor o, Tensor? o_bias, Tensor[] gate_up, Tensor?[] gate_up_bias, Tensor down, Tensor? down_bias, Tensor(a!) K, Tensor(b!) V, Tensor cos, Tensor sin_signed, Tensor mask, int col, float scaling, Tensor? q_norm=None, Tensor? k_norm=None, float qk_eps=1e-6) -> Tensor");
   // transformers' Llama RMSNorm of x [B, H] float32 with weight [H].
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 

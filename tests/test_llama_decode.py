@@ -13,7 +13,7 @@ from rlhf_fast import ops  # noqa: E402
 from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer  # noqa: E402
 from rlhf_fast.ops import _dispatch  # noqa: E402
 from rlhf_fast.rollout import HFRolloutEngine, SamplingParams  # noqa: E402
-from rlhf_fast.rollout.llama_decode import _Layer, _LlamaDecoder, _rope  # noqa: E402
+from rlhf_fast.rollout.llama_decode import _Layer, _LlamaDecoder  # noqa: E402
 
 needs_cpp = pytest.mark.skipif(not _dispatch.backend_available("cpp")[0], reason="rlhf_fast._C not built")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,8 +30,7 @@ def _python_layer(L: _Layer, h, K, V, cos, sin, mask, col):
     the same sliced-KV semantics as the op."""
     B, d = h.shape[0], L.head_dim
     x = L.norm1(h)
-    q, k = _rope(L.q(x).view(B, -1, d), cos[:, None], sin[:, None]), _rope(L.k(x).view(B, -1, d), cos[:, None],
-                                                                           sin[:, None])
+    q, k = L.qk(x, cos[:, None], sin[:, None])
     K[:, :, col], V[:, :, col] = k, L.v(x).view(B, -1, d)
     keys, values = K[:, :, :col + 1], V[:, :, :col + 1]
     o = F.scaled_dot_product_attention(q.reshape(B, keys.shape[1], -1, d), keys, values,
@@ -43,12 +42,14 @@ def _python_layer(L: _Layer, h, K, V, cos, sin, mask, col):
 @needs_cpp
 @pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("family,heads,kv_heads,B,col", [("llama", 4, 2, 3, 5), ("qwen2", 4, 2, 1, 0),
-                                                         ("llama", 2, None, 5, 11), ("qwen2", 8, 2, 2, 7)])
+                                                         ("llama", 2, None, 5, 11), ("qwen2", 8, 2, 2, 7),
+                                                         ("qwen3", 4, 2, 3, 4)])
 def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col, stack, monkeypatch):
     """GQA and plain heads, Qwen2's q/k/v biases, B = 1, the first and the last column, keys
     masked in the middle of a row, with q / k / v and gate / up stacked (a small model) or as
     the modules' own weights: the op writes the same keys / values at ``col`` and returns the
-    same layer output as the Python ops (float32 rounding apart)."""
+    same layer output as the Python ops (float32 rounding apart); Qwen3's per-head q / k norms
+    go in as the op's trailing arguments."""
     from rlhf_fast.rollout import llama_decode
 
     monkeypatch.setattr(llama_decode, "_STACK_MAX_BYTES", llama_decode._STACK_MAX_BYTES if stack else 0)
@@ -70,7 +71,9 @@ def test_decode_layer_op_equals_python_ops(tok, family, heads, kv_heads, B, col,
         wide = torch.zeros(B, S + 3, dtype=torch.bool)  # the engine passes a slice of a wider buffer
         wide[:, :col + 1] = mask[:, :col + 1]
         K1, V1, K2, V2 = K0.clone(), V0.clone(), K0.clone(), V0.clone()
-        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, wide[:, :col + 1], col, L.scaling)
+        got = torch.ops.rlhf_fast.llama_decode_layer(h, *args, K1, V1, cos, sin, wide[:, :col + 1], col, L.scaling,
+                                                     *L.native_head_norms())
+        assert (L.native_head_norms()[0] is not None) == (family == "qwen3")
         exp = _python_layer(L, h, K2, V2, cos, sin, mask, col)
     torch.testing.assert_close(K1, K2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(V1, V2, rtol=1e-5, atol=1e-5)
@@ -119,6 +122,11 @@ def test_decode_layer_op_rejects_bad_input(tok):
         with pytest.raises(ValueError, match="qkv weight 0 must be a float32"):
             torch.ops.rlhf_fast.llama_decode_layer(h, norms, eps, [qkv[0].double()], qkv_b, o, o_b, gu, gu_b, down,
                                                    down_b, K, V, cos, sin, mask, 1, L.scaling)
+        with pytest.raises(ValueError, match="q_norm and k_norm go together"):
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 1, L.scaling, torch.ones(d), None)
+        with pytest.raises(ValueError, match=r"q_norm and k_norm must be \["):
+            torch.ops.rlhf_fast.llama_decode_layer(h, *args, K, V, cos, sin, mask, 1, L.scaling, torch.ones(d + 2),
+                                                   torch.ones(d + 2))
         with pytest.raises(ValueError, match="gate_up must be 1 or 2 weights"):
             torch.ops.rlhf_fast.llama_decode_layer(h, norms, eps, qkv, qkv_b, o, o_b, gu * 3, gu_b * 3, down,
                                                    down_b, K, V, cos, sin, mask, 1, L.scaling)
@@ -126,7 +134,7 @@ def test_decode_layer_op_rejects_bad_input(tok):
 
 @needs_cpp
 @pytest.mark.parametrize("family,kv_heads,prefill_max", [("llama", 2, 64), ("qwen2", 2, 64), ("mistral", None, 64),
-                                                         ("qwen2", 2, 2)])
+                                                         ("qwen2", 2, 2), ("qwen3", 2, 64)])
 def test_engine_with_the_op_equals_engine_on_python_ops(tok, family, kv_heads, prefill_max, monkeypatch):
     """Generation through the op (prefill included, for prompts up to NATIVE_PREFILL_MAX tokens;
     longer ones take transformers' prefill) gives the tokens and behaviour log-probs of the

@@ -19,17 +19,18 @@
 namespace rlhf_fast {
 namespace {
 
-// transformers' Llama RMSNorm in float32: w * (x * rsqrt(mean(x^2) + eps))
+// transformers' Llama RMSNorm in float32 of one row of H: w * (x * rsqrt(mean(x^2) + eps));
+// out may be x
+inline void rms_norm_row(const float* x, const float* w, float eps, float* out, int64_t H) {
+  float ss = 0.f;
+  for (int64_t j = 0; j < H; ++j) ss += x[j] * x[j];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+  for (int64_t j = 0; j < H; ++j) out[j] = w[j] * (x[j] * r);
+}
+
 void rms_norm_rows(const float* x, const float* w, float eps, float* out, int64_t B, int64_t H) {
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* xr = x + b * H;
-      float* o = out + b * H;
-      float ss = 0.f;
-      for (int64_t j = 0; j < H; ++j) ss += xr[j] * xr[j];
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-      for (int64_t j = 0; j < H; ++j) o[j] = w[j] * (xr[j] * r);
-    }
+    for (int64_t b = b0; b < b1; ++b) rms_norm_row(x + b * H, w, eps, out + b * H, H);
   });
 }
 
@@ -95,7 +96,8 @@ std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList parts,
 // col .. col + T - 1 are written); cos, sin_signed [B T, d] (sin with its first half negated:
 // rotate_half's sign); mask [B, S'] bool (rows contiguous), S' >= col + T: the keys to attend,
 // token t of a row seeing columns 0 .. col + t of them (causal). A token with no key to attend
-// (a left-pad query) gets zeros from attention, not NaN.
+// (a left-pad query) gets zeros from attention, not NaN. q_norm / k_norm [d] (Qwen3, eps
+// qk_eps): an RMSNorm over each head's query / key before RoPE, or None.
 // Returns the layer's output [B T, H].
 at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::ArrayRef<double> eps, at::TensorList qkv,
                               const c10::List<std::optional<at::Tensor>>& qkv_bias, const at::Tensor& o_w,
@@ -103,7 +105,8 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
                               const c10::List<std::optional<at::Tensor>>& gate_up_bias, const at::Tensor& down_w,
                               const std::optional<at::Tensor>& down_bias, at::Tensor& K, at::Tensor& V,
                               const at::Tensor& cos, const at::Tensor& sin_signed, const at::Tensor& mask, int64_t col,
-                              double scaling) {
+                              double scaling, const std::optional<at::Tensor>& q_norm,
+                              const std::optional<at::Tensor>& k_norm, double qk_eps) {
   TORCH_CHECK_VALUE(norms.size() == 2 && eps.size() == 2, "llama_decode_layer: norms and eps must have 2 entries");
   check_f32(h, "h", 2);
   check_f32(K, "K", 4);
@@ -126,6 +129,13 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
                     " new tokens per row, ", S, " KV columns), got ", col);
   TORCH_CHECK_VALUE(V.sizes() == K.sizes() && cos.size(0) == N && cos.size(1) == d && sin_signed.sizes() == cos.sizes(),
                     "llama_decode_layer: V must match K [B, n_kv, S, d], cos and sin_signed must be [B T, d]");
+  TORCH_CHECK_VALUE(q_norm.has_value() == k_norm.has_value(), "llama_decode_layer: q_norm and k_norm go together");
+  if (q_norm.has_value()) {
+    check_f32(*q_norm, "q_norm", 1);
+    check_f32(*k_norm, "k_norm", 1);
+    TORCH_CHECK_VALUE(q_norm->size(0) == d && k_norm->size(0) == d, "llama_decode_layer: q_norm and k_norm must be [",
+                      d, "]");
+  }
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
                         mask.size(1) >= col + T && (mask.size(1) == 1 || mask.stride(1) == 1),
                     "llama_decode_layer: mask must be a bool [B, >= col + T] tensor with contiguous rows, got ",
@@ -143,10 +153,15 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
   float* Vp = V.data_ptr<float>();
   float* ap = attn.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
+  const float* qn = q_norm.has_value() ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = k_norm.has_value() ? k_norm->data_ptr<float>() : nullptr;
+  const float qk_e = static_cast<float>(qk_eps);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> tmp(d), p(col + T);
-    // RoPE: x·cos + roll(x, d/2)·sin_signed (= rotate_half(x)·sin), in place on one head
-    auto rope = [&](float* x, const float* c, const float* s) {
+    // [the head's RMSNorm, then] RoPE: x·cos + roll(x, d/2)·sin_signed (= rotate_half(x)·sin),
+    // in place on one head
+    auto rope = [&](float* x, const float* norm_w, const float* c, const float* s) {
+      if (norm_w != nullptr) rms_norm_row(x, norm_w, qk_e, x, d);
       for (int64_t j = 0; j < d; ++j) tmp[j] = x[j] * c[j] + x[(j + half) % d] * s[j];
       std::copy(tmp.begin(), tmp.end(), x);
     };
@@ -157,10 +172,10 @@ at::Tensor llama_decode_layer(const at::Tensor& h, at::TensorList norms, at::Arr
       const float* c = cs + r * d;
       const float* s = sn + r * d;
       float* qb = cq.row(r);
-      for (int64_t hd = 0; hd < n_q; ++hd) rope(qb + hd * d, c, s);
+      for (int64_t hd = 0; hd < n_q; ++hd) rope(qb + hd * d, qn, c, s);
       for (int64_t kh = 0; kh < n_kv; ++kh) {  // rotate this token's keys, append keys / values at c_t
         float* kr = ck.row(r) + kh * d;
-        rope(kr, c, s);
+        rope(kr, kn, c, s);
         const int64_t at_col = ((b * n_kv + kh) * S + ct) * d;
         std::copy(kr, kr + d, Kp + at_col);
         std::copy(cv.row(r) + kh * d, cv.row(r) + (kh + 1) * d, Vp + at_col);

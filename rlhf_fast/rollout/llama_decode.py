@@ -87,6 +87,9 @@ class _Layer:
         self.attn, self.mlp_module = a, mlp
         self.q, self.k, self.v, self.o = (_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
         self.norm1, self.norm2 = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        # Qwen3: an RMSNorm over each head's q / k before RoPE
+        self.q_norm = _norm(a.q_norm) if hasattr(a, "q_norm") else None
+        self.k_norm = _norm(a.k_norm) if hasattr(a, "k_norm") else None
         # transformers' gated MLP written out below; other MLP classes are called as they are
         self.gated = type(mlp).__name__ in _GATED_MLPS and "forward" not in mlp.__dict__
         self.act = None
@@ -98,11 +101,15 @@ class _Layer:
         """The weight arguments of :func:`torch.ops.rlhf_fast.llama_decode_layer` (norms, eps,
         qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias), or None when this
         layer is not the float32 RMSNorm + SiLU-gated layer of plain CPU linears that op
-        computes. Stacked copies (see ``_STACK_MAX_BYTES``) are made here, once per call."""
+        computes. Stacked copies (see ``_STACK_MAX_BYTES``) are made here, once per call. The
+        op's trailing arguments are :meth:`native_head_norms`."""
         if not self.gated or self.act is not F.silu:
             return None
         norms = (self.norm1, self.norm2)
-        if not all(isinstance(n, _RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+        head_norms = () if self.q_norm is None else (self.q_norm, self.k_norm)
+        if not all(isinstance(n, _RMSNorm) and n.weight.dtype == torch.float32 for n in norms + head_norms):
+            return None
+        if head_norms and self.q_norm.eps != self.k_norm.eps:
             return None
         a, mlp = self.attn, self.mlp_module
         qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
@@ -115,6 +122,20 @@ class _Layer:
         (down,), (down_b,) = _as_in_out([mlp.down_proj], False)
         return ([n.weight.detach() for n in norms], [n.eps for n in norms], *_as_in_out(qkv, stack), o, o_b,
                 *_as_in_out(gate_up, stack), down, down_b)
+
+    def native_head_norms(self) -> tuple:
+        """The op's ``q_norm, k_norm, qk_eps`` arguments: Qwen3's per-head norms, or None."""
+        if self.q_norm is None:
+            return None, None, 1e-6
+        return self.q_norm.weight.detach(), self.k_norm.weight.detach(), self.q_norm.eps
+
+    def qk(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+        """The rotated queries and keys ``[B, heads, d]`` of the normed input ``x [B, H]``."""
+        B, d = x.shape[0], self.head_dim
+        q, k = self.q(x).view(B, -1, d), self.k(x).view(B, -1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _rope(q, cos, sin_signed), _rope(k, cos, sin_signed)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
@@ -147,7 +168,7 @@ def _native_layers(layers: List[_Layer], norm) -> Optional[List[tuple]]:
 
 
 class _LlamaDecoder:
-    """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2: pre-norm, RoPE, sdpa)
+    """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2, Qwen3: pre-norm, RoPE, sdpa)
     on a preallocated ``[B, kv_heads, P + R, d]`` KV buffer.
 
     The operations of the transformers forward written out on the modules' weights (see the
@@ -162,7 +183,7 @@ class _LlamaDecoder:
     which is cheaper eagerly.
     """
 
-    _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
     @classmethod
     def supported(cls, model, *, gathered: bool = False) -> bool:
@@ -246,7 +267,8 @@ class _LlamaDecoder:
         n_kv, d = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, self.layers[0].head_dim
         k, v = h.new_empty(Bp, n_kv, P, d), h.new_empty(Bp, n_kv, P, d)  # one prompt copy, repeated below
         for L, args in zip(self.layers, self.native):
-            h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, k, v, cos, sin, keys, 0, L.scaling)
+            h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, k, v, cos, sin, keys, 0, L.scaling,
+                                                       *L.native_head_norms())
             kb = h.new_empty(self.B, n_kv, P + self.R, d)
             vb = h.new_empty(self.B, n_kv, P + self.R, d)
             kb[:, :, :P] = k.repeat_interleave(n, dim=0)
@@ -275,13 +297,13 @@ class _LlamaDecoder:
             cos, sin, keys = self.cos[pos[:, 0]], self.sin_signed[pos[:, 0]], mask.reshape(B, -1)
             for i, (L, args) in enumerate(zip(self.layers, self.native)):
                 h = torch.ops.rlhf_fast.llama_decode_layer(h, *args, self.K[i], self.V[i], cos, sin, keys, col,
-                                                           L.scaling)
+                                                           L.scaling, *L.native_head_norms())
             return self._native_logits(h)
         cos, sin = self.cos[pos], self.sin_signed[pos]  # [B, 1, d]: broadcast over heads
         for i, L in enumerate(self.layers):
             d = L.head_dim
             x = L.norm1(h)
-            q, k = _rope(L.q(x).view(B, -1, d), cos, sin), _rope(L.k(x).view(B, -1, d), cos, sin)
+            q, k = L.qk(x, cos, sin)
             v = L.v(x).view(B, -1, d)
             if self.static:
                 keys = self.K[i].index_copy_(2, col, k.unsqueeze(2))

@@ -44,7 +44,7 @@ class HFRolloutEngine(RolloutEngine):
     ``device``: where prompts go (default: the model's device). The model is used as is
     (no copy): weights updated by the trainer are picked up by the next call.
     ``cuda_graphs``: on a CUDA device, with a model the preallocated-KV decoder supports (bare
-    Llama / Mistral / Qwen2 on sdpa, not FSDP-sharded), capture the decode step once per
+    Llama / Mistral / Qwen2 / Qwen3 on sdpa, not FSDP-sharded), capture the decode step once per
     :meth:`generate` call as a CUDA graph and replay it per token; if the capture fails or its
     logits differ from the eager step's, the call warns and decodes eagerly.
     ``alive_check_every`` (attribute): decode steps between host reads of "have all rows

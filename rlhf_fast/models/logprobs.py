@@ -98,8 +98,10 @@ def hidden_states(
     """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype).
 
     input_ids ``[B, T]`` int, attention_mask ``[B, T]`` 0/1 (None: all attended). Calls the
-    base model only, never the LM head. Position ids default to the cumulative count of
-    attended tokens, matching generation with left padding.
+    base model only, never the LM head: through :mod:`rlhf_fast.models.llama_forward` for a
+    Llama / Mistral / Qwen2 / Qwen3 backbone it computes exactly (less memory for the
+    backward), else the backbone's own forward. Position ids default to the cumulative count
+    of attended tokens, matching generation with left padding.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")

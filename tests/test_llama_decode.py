@@ -184,3 +184,21 @@ def test_decoder_keeps_python_ops_for_layers_the_op_does_not_compute(tok):
     assert _Layer(m.model.layers[1]).native_args() is None
     b = tiny_causal_lm(len(tok), seed=1).to(torch.bfloat16).eval()
     assert _Layer(b.model.layers[0]).native_args() is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_decoder_runs_the_layers_of_a_shortened_config(tok, native):
+    """transformers runs ``layers[:config.num_hidden_layers]``; the decoder does too, through
+    the op (prefill included) and through the Python ops."""
+    m = tiny_causal_lm(len(tok), num_heads=4, num_kv_heads=2, num_layers=3, seed=7)
+    m.config.num_hidden_layers = 2
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=3)
+    with ops.use_backend("cpp" if native else "torch"):
+        fast = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    handle = m.register_forward_hook(lambda *a: None)  # forces transformers' own decode
+    try:
+        slow = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    finally:
+        handle.remove()
+    assert torch.equal(fast.input_ids, slow.input_ids)
+    torch.testing.assert_close(fast.behaviour_logp, slow.behaviour_logp, rtol=0, atol=1e-5)

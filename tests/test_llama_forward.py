@@ -109,6 +109,17 @@ def test_packed_rows_and_no_mask_equal_transformers():
     torch.testing.assert_close(h[:, 4:7], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_shortened_config_runs_its_layers_only():
+    """transformers runs ``layers[:config.num_hidden_layers]`` (a model with layers dropped
+    from its config): so does this forward."""
+    base = backbone(_model("llama", 2))
+    base.config.num_hidden_layers = 1
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    ref = base(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state
+    assert torch.equal(llama_forward.hidden_states(base, ids, am, pos), ref)
+
+
 def test_a_row_with_nothing_attended_stays_finite():
     base = backbone(_model("llama", 2))
     ids, am = _batch()

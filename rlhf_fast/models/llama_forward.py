@@ -243,7 +243,7 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     half = cos.shape[-1] // 2
     cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
     mask = _key_mask(attention_mask, position_ids, T)
-    for layer in base.layers:
+    for layer in base.layers[:base.config.num_hidden_layers]:  # as transformers: a shortened config drops layers
         h = _layer(layer, h, cos, sin, mask)
     return _rms(base.norm, h)
 

@@ -219,7 +219,7 @@ class _LlamaDecoder:
         are filled by :meth:`load_cache` (a transformers prefill) or :meth:`prefill`."""
         base = model.model
         self.model, self.static, self.B, self.P, self.R = model, static, B, P, R
-        self.layers = [_Layer(layer) for layer in base.layers]
+        self.layers = [_Layer(layer) for layer in base.layers[:model.config.num_hidden_layers]]
         self.embed = base.embed_tokens
         self.norm = _norm(base.norm)
         self.head = _linear(model.lm_head)

@@ -225,3 +225,32 @@ def test_sample_with_uniforms_checks_its_uniforms():
             sample_with_uniforms(x, bad)
     with pytest.raises(ValueError, match="top_p"):
         sample_with_uniforms(x, torch.rand(3), top_p=0.0)
+
+
+def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypatch):
+    """Where the automatic choice is Triton (a GPU without the CUDA kernels), top-k / top-p /
+    min-p draws run the sort-based reference (measured faster); plain temperature sampling
+    and greedy stay on the kernel, and a forced Triton backend always runs it."""
+    calls = []
+
+    def kernel(logits, **kw):
+        calls.append("triton")
+        return torch.zeros(logits.shape[0], dtype=torch.long), torch.zeros(logits.shape[0])
+
+    real_select = _dispatch.select
+    monkeypatch.setattr(_dispatch, "select",
+                        lambda op, device: ("triton", kernel) if op == "sample" else real_select(op, device))
+    logits = torch.randn(3, 50)
+    cases = [(dict(top_p=0.9), "reference"), (dict(top_k=5), "reference"), (dict(min_p=0.1), "reference"),
+             (dict(top_k=50), "triton"), (dict(), "triton"), (dict(temperature=0.0, top_p=0.5), "triton")]
+    for kw, want in cases:
+        calls.clear()
+        tok, logp = ops.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+        assert calls == ([want] if want == "triton" else []), kw
+        if want == "reference":  # the reference's own draw for the same generator
+            ref = reference.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+            assert torch.equal(tok, ref[0]) and torch.equal(logp, ref[1])
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    calls.clear()
+    ops.sample(logits, top_p=0.9)
+    assert calls == ["triton"]

@@ -228,8 +228,8 @@ def test_sample_with_uniforms_checks_its_uniforms():
 
 
 def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypatch):
-    """Where the automatic choice is Triton (a GPU without the CUDA kernels), top-k / top-p /
-    min-p draws run the sort-based reference (measured faster); plain temperature sampling
+    """Where the automatic choice is Triton (a GPU without the CUDA kernels), top-k / top-p
+    draws run the sort-based reference (measured faster); plain temperature sampling, min-p
     and greedy stay on the kernel, and a forced Triton backend always runs it."""
     calls = []
 
@@ -241,7 +241,7 @@ def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypat
     monkeypatch.setattr(_dispatch, "select",
                         lambda op, device: ("triton", kernel) if op == "sample" else real_select(op, device))
     logits = torch.randn(3, 50)
-    cases = [(dict(top_p=0.9), "reference"), (dict(top_k=5), "reference"), (dict(min_p=0.1), "reference"),
+    cases = [(dict(top_p=0.9), "reference"), (dict(top_k=5), "reference"), (dict(min_p=0.1), "triton"),
              (dict(top_k=50), "triton"), (dict(), "triton"), (dict(temperature=0.0, top_p=0.5), "triton")]
     for kw, want in cases:
         calls.clear()

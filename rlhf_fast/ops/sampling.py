@@ -5,8 +5,8 @@ Backends: ``torch`` (reference, sort-based), ``cpp`` (csrc/cpu/sampling.cpp), ``
 (csrc/cuda/sampling.cu), ``triton`` (rlhf_fast/kernels/sampling.py: the same algorithm —
 radix-select thresholds, Gumbel-max on the cuda backend's Philox stream — as the GPU path
 when the extension has no CUDA kernels; chosen automatically there for plain temperature
-sampling and greedy, while top-k / top-p / min-p draws go to the reference, which measured
-faster than its filtered paths).
+sampling, min-p and greedy, while top-k / top-p draws go to the reference, which measured
+faster than its radix-select paths).
 """
 
 from __future__ import annotations
@@ -45,20 +45,21 @@ def sample(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     name, impl = _dispatch.select("sample", logits.device)
     if name == "triton" and _dispatch.forced_backend() != "triton" and \
-            _filtered(logits.shape[1], temperature, top_k, top_p, min_p):
-        # The Triton kernel's filtered paths measured 1.6-23x slower than the sort-based
+            _filtered(logits.shape[1], temperature, top_k, top_p):
+        # The Triton kernel's top-k / top-p paths measured 1.6-23x slower than the sort-based
         # reference at every B in {1, 128, 256}, V in {32000, 151936} on an H200
         # (benchmarks/results/nvidia-h200-2026-12-04.md, second run), so the automatic choice
         # (a GPU whose extension has no CUDA kernels) sends them to the reference; plain
-        # temperature sampling stays on Triton (1.5-3.5x faster than the reference there).
+        # temperature sampling stays on Triton (1.5-3.5x faster than the reference there), and
+        # so does min-p alone (not measured).
         # use_backend("triton") still runs the kernel.
         impl = reference.sample
     return impl(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
 
-def _filtered(V: int, temperature: float, top_k: int, top_p: float, min_p: float) -> bool:
-    """Whether a top-k / top-p / min-p filter changes a sampled (temperature > 0) draw."""
-    return temperature > 0 and (0 < top_k < V or top_p < 1.0 or min_p > 0.0)
+def _filtered(V: int, temperature: float, top_k: int, top_p: float) -> bool:
+    """Whether a top-k / top-p filter (the radix-select paths) changes a sampled draw."""
+    return temperature > 0 and (0 < top_k < V or top_p < 1.0)
 
 
 def _check_filters(logits, temperature, top_k, top_p, min_p) -> None:

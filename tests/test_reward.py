@@ -113,7 +113,9 @@ def test_annotator_weights_and_config_errors(tmp_path, tok):
     assert tr.weights["w"] == 0.5 and tr.weights["u"] > tr.weights["x"]
     assert [it["weight"] for it in tr.train_items[:4]] == [tr.weights[a] for a in ("u", "v", "w", "x")]
     for kw, needle in ((dict(label_smoothing=0.5), "label_smoothing"), (dict(data_kind="votes"), "data_kind"),
-                       (dict(annotator_weights={"a": -1.0}), "annotator_weights")):
+                       (dict(annotator_weights={"a": -1.0}), "annotator_weights"),
+                       (dict(grad_clip=-1.0), "grad_clip"), (dict(lr_schedule="step"), "lr_schedule"),
+                       (dict(batch_size=0), "batch_size")):
         with pytest.raises(ValueError, match=needle):
             _cfg(tmp_path, "x", **kw)
 

@@ -182,6 +182,32 @@ class RunDir:
         return self.path
 
 
+def check_training_schedule(cfg) -> None:
+    """The checks every supervised trainer config (SFT, reward) shares: ``distributed`` given as
+    a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip and
+    lr_schedule in range. Raises TypeError / ValueError naming the field."""
+    from rlhf_fast.distributed import DistributedConfig
+
+    if isinstance(cfg.distributed, dict):
+        cfg.distributed = DistributedConfig(**cfg.distributed)
+    if not isinstance(cfg.distributed, DistributedConfig):
+        raise TypeError(f"distributed must be a DistributedConfig, got {type(cfg.distributed).__name__}")
+    for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
+
+
 def autocast_context(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when ``bf16``; a no-op context elsewhere (CPU trains in fp32)."""
     import contextlib

@@ -25,8 +25,8 @@ import torch
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (RunDir, add_config_arguments, autocast_context, load_causal_lm, make_scheduler, run_trainer_cli,
-                     seed_everything, truncate_metrics)
+from .common import (RunDir, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
+                     make_scheduler, run_trainer_cli, seed_everything, truncate_metrics)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, load_any_checkpoint, local_span, save_sharded_checkpoint, scalar_norm, setup_distributed,
@@ -73,26 +73,11 @@ class RewardConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if isinstance(self.distributed, dict):
-            self.distributed = DistributedConfig(**self.distributed)
-        if not isinstance(self.distributed, DistributedConfig):
-            raise TypeError(f"distributed must be a DistributedConfig, got {type(self.distributed).__name__}")
+        check_training_schedule(self)
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
-        for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {self.lr_schedule!r}")
         for k, w in self.annotator_weights.items():
             if w < 0:
                 raise ValueError(f"annotator_weights[{k!r}] must be >= 0, got {w}")

@@ -30,8 +30,8 @@ from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distribu
                                    wrap_model)
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, RunDir, add_config_arguments, autocast_context, load_causal_lm, make_scheduler,
-                     resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
+from .common import (MetricsLogger, RunDir, add_config_arguments, autocast_context, check_training_schedule,
+                     load_causal_lm, make_scheduler, resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
 
 
 @dataclasses.dataclass
@@ -66,25 +66,7 @@ class SFTConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if isinstance(self.distributed, dict):
-            self.distributed = DistributedConfig(**self.distributed)
-        if not isinstance(self.distributed, DistributedConfig):
-            raise TypeError(f"distributed must be a DistributedConfig, got {type(self.distributed).__name__}")
-        for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-            v = getattr(self, name)
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {self.lr_schedule!r}")
+        check_training_schedule(self)
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
 

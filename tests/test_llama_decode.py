@@ -92,6 +92,20 @@ def test_rms_norm_op_equals_transformers_norm(tok):
                                    rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_python_rms_norm_equals_transformers_norm(tok, dtype):
+    """The decode step's RMSNorm (the fused ATen kernel in float32, the module's formula
+    otherwise) gives the module's values, on [B, H] rows and on [B, heads, d] heads (Qwen3)."""
+    from rlhf_fast.rollout.llama_decode import _RMSNorm
+
+    m = tiny_causal_lm(len(tok), family="qwen3", num_heads=4, num_kv_heads=2, seed=1, dtype=dtype)
+    for norm, shape in ((m.model.norm, (7, 64)), (m.model.layers[0].self_attn.q_norm, (7, 4, 16))):
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(-2, 2, norm.weight.numel()))
+            x = (torch.randn(shape) * 3).to(dtype)
+            assert torch.equal(_RMSNorm(norm)(x), norm(x))
+
+
 @needs_cpp
 def test_decode_layer_op_rejects_bad_input(tok):
     m = tiny_causal_lm(len(tok), seed=1).eval()

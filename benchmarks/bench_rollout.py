@@ -93,6 +93,10 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention); "
+                                                                 "default: --heads")
+    ap.add_argument("--family", default="llama", choices=["llama", "qwen2", "qwen3", "mistral", "gpt2"])
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 2 x --hidden)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--resp", type=int, default=256, help="response tokens per row (the computed positions)")
@@ -112,7 +116,8 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = tiny_causal_lm(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+    model = tiny_causal_lm(args.vocab, family=args.family, hidden_size=args.hidden, num_layers=args.layers,
+                           num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
                            max_position_embeddings=max(args.seq, args.prompt_len + args.max_new) + 8,
                            dtype=dtype).to(device)
     B, T, V = args.batch, args.seq, args.vocab
@@ -206,7 +211,9 @@ def main(argv=None):
     load = f" load={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     header = (f"device={dev_name} threads={torch.get_num_threads()}{load} backends={backends} "
               f"torch={torch.__version__} commit={commit} "
-              f"V={V} H={args.hidden} L={args.layers} B={B} T={T} resp={args.resp} dtype={args.dtype}")
+              f"family={args.family} V={V} H={args.hidden} I={getattr(model.config, 'intermediate_size', None)} "
+              f"L={args.layers} heads={args.heads}/{args.kv_heads or args.heads} B={B} T={T} resp={args.resp} "
+              f"dtype={args.dtype}")
     print(header)
     print(f"{'provider':38s} {'mode':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'peak MiB':>9s} {'tok/s':>8s}")
     for r in rows + gen_rows:

@@ -152,7 +152,8 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         return False
     if type(base.embed_tokens) is not nn.Embedding or not _plain_class(base.norm, _RMS_NORMS):
         return False
-    if base.rotary_emb._forward_hooks or base.rotary_emb._forward_pre_hooks:
+    rotary = getattr(base, "rotary_emb", None)  # one per backbone (transformers >= 4.45)
+    if rotary is None or rotary._forward_hooks or rotary._forward_pre_hooks:
         return False
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -164,7 +165,7 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         if not all(_plain_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
                                               mlp.down_proj)):
             return False
-        if type(mlp.act_fn).__name__ not in _SILUS or not hasattr(a, "head_dim"):
+        if type(mlp.act_fn).__name__ not in _SILUS or not (hasattr(a, "head_dim") and hasattr(a, "scaling")):
             return False
         for qk in ("q_norm", "k_norm"):  # Qwen3's per-head norms
             if hasattr(a, qk) and not _plain_class(getattr(a, qk), _RMS_NORMS):

@@ -92,6 +92,43 @@ def test_bfloat16_error_is_that_of_transformers(family):
         assert ours <= 2 * theirs + 1e-3 * t.norm(), (name, ours.item(), theirs.item())
 
 
+def _autocast_grads(model, ids, am, device_type, ours):
+    """Log-probs and parameter gradients of ``model`` under bf16 autocast (the SFT / reward
+    trainers' GPU setting), through this forward or through transformers'."""
+    from unittest import mock
+
+    model.zero_grad(set_to_none=True)
+    use = llama_forward.supported if ours else (lambda *a: False)
+    with mock.patch.object(llama_forward, "supported", use), torch.autocast(device_type, dtype=torch.bfloat16):
+        logp = sequence_logprobs(model, ids, am)
+    logp.sum().backward()
+    return logp.detach(), [p.grad.float().clone() for p in model.parameters()]
+
+
+def _check_autocast(family, device):
+    m = _model(family, 2).to(device)
+    ids, am = (t.to(device) for t in _batch())
+    model_params = list(m.parameters())
+    m.zero_grad(set_to_none=True)
+    sequence_logprobs(m, ids, am).sum().backward()  # float32, no autocast: the truth
+    truth = [p.grad.float().clone() for p in model_params]
+    lp_theirs, g_theirs = _autocast_grads(m, ids, am, device, ours=False)
+    lp_ours, g_ours = _autocast_grads(m, ids, am, device, ours=True)
+    torch.testing.assert_close(lp_ours, lp_theirs, rtol=1e-2, atol=1e-2)
+    for (name, _), a, b, t in zip(m.named_parameters(), g_ours, g_theirs, truth):
+        assert a.dtype == b.dtype
+        ours, theirs = (a - t).norm(), (b - t).norm()
+        assert ours <= 2 * theirs + 1e-3 * t.norm(), (name, ours.item(), theirs.item())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_bf16_autocast_backward_runs_and_matches_transformers(family):
+    """Under autocast a float32 model's matmuls run in bf16: the backward (where autocast is
+    off) casts explicitly, and its gradients are as close to the float32 truth as
+    transformers' own under autocast."""
+    _check_autocast(family, "cpu")
+
+
 def test_packed_rows_and_no_mask_equal_transformers():
     """No attention mask: plain causal (sdpa's is_causal), and position ids that restart, from
     which transformers builds a block-diagonal mask (packed sequences)."""
@@ -300,6 +337,11 @@ def test_eager_attention_gives_the_same_states():
     ref = m.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state
     h = llama_forward.hidden_states(m.model, ids, am, pos)
     torch.testing.assert_close(h[am.bool()], ref[am.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_autocast_backward_matches_transformers():
+    _check_autocast("qwen2", "cuda")
 
 
 @pytest.mark.cuda

@@ -96,17 +96,21 @@ class _SwiGLUDownFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         gate, up, weight = ctx.saved_tensors
+        # Under autocast the forward's matmul ran in a lower precision than the float32 weight
+        # (gy's dtype); autocast is off in a backward, so the casts are explicit here
+        w = weight.to(gy.dtype)
+        up = up.to(gate.dtype)
         act = F.silu(gate)
         gy2 = gy.reshape(-1, gy.shape[-1])
         d_gate = d_up = d_w = d_b = None
         if ctx.needs_input_grad[2]:
-            d_w = gy2.t().mm((act * up).reshape(-1, up.shape[-1]))
+            d_w = gy2.t().mm((act * up).reshape(-1, up.shape[-1]).to(gy.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             d_b = gy2.sum(0)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # in place where a buffer is dead, so at most two [N, intermediate] temporaries are
             # live at once: this is where the update's memory peaks (all activations still held)
-            d_prod = gy.matmul(weight)  # [..., intermediate]
+            d_prod = gy.matmul(w).to(gate.dtype)  # [..., intermediate]
             if ctx.needs_input_grad[1]:
                 d_up = act.mul_(d_prod)  # act is not needed after this
             if ctx.needs_input_grad[0]:

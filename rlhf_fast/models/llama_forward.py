@@ -62,7 +62,13 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = _rms_forward(x, weight, eps)
+        # in x's own precision whatever autocast says, as the module's ops (all on autocast's
+        # float32 list or promoting) compute it
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                y, rstd = _rms_forward(x, weight, eps)
+        else:
+            y, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 

@@ -75,6 +75,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, rstd = ctx.saved_tensors
+        rstd = rstd.reshape(*x.shape[:-1], 1)  # [..., 1] whichever kernel produced it
         # y = w · x̂, x̂ = x · rstd: dx = rstd · (g·w - x̂ · mean(g·w·x̂)), dw = Σ_rows g·x̂
         acc = _stat_dtype(x)
         xh = x.to(acc) * rstd  # fresh buffers (xh, gw) are reused in place below

@@ -261,7 +261,7 @@ def test_fast_decode_path_equals_generic_path(tok, family, kv_heads, device):
     torch.testing.assert_close(fast.behaviour_logp, slow.behaviour_logp, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 2)])
+@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 2), ("qwen3", 2)])
 def test_static_decode_steps_equal_sliced_steps(tok, family, kv_heads, monkeypatch):
     """The graph-capturable static steps (whole KV buffer under a mask, column as a tensor)
     give the tokens and behaviour log-probs of the sliced steps; on the CPU the same code runs

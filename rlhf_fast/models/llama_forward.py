@@ -20,7 +20,8 @@ does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, 
 eager attention, no hooks, no sliding window shorter than the input); anything else (peft
 adapters, kernel-library modules, FSDP-sharded layers, gradient checkpointing) runs the
 transformers forward. ``rlhf_fast.ops.use_backend("torch")`` forces the transformers
-forward too.
+forward too. A DDP-wrapped model (without ``find_unused_parameters``) runs it as the forward
+of DDP's call (``models.logprobs.hidden_states``), so DDP's gradient reduction is unchanged.
 """
 
 from __future__ import annotations

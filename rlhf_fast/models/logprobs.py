@@ -109,18 +109,43 @@ def hidden_states(
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
+    base = backbone(model)
+    fast = llama_forward.supported(base, input_ids.shape[1])
+    if fast and _plain_ddp(model):
+        # the forward DDP runs is ours, so DDP still prepares the gradient reduction as it does
+        # for any forward call (the LM head's gradient, from the fused op after it, is reduced
+        # like every other parameter's)
+        return _as_ddp_forward(model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask,
+                                                                           position_ids))
     if _data_parallel_root(model):
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1, return_dict=True)
         return out.hidden_states[-1]
-    base = backbone(model)
-    if llama_forward.supported(base, input_ids.shape[1]):
+    if fast:
         return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                return_dict=True)
     return out.last_hidden_state
+
+
+def _plain_ddp(model: nn.Module) -> bool:
+    """A DDP wrapper whose reducer needs no search of the forward's outputs: with
+    ``find_unused_parameters`` it would mark the LM head unused (the fused op reads it after
+    the forward) and then fail when its gradient arrives."""
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
+
+
+def _as_ddp_forward(ddp: nn.Module, fn):
+    """``fn()`` run as the forward of the module inside ``ddp`` (through ``ddp.__call__``, which
+    syncs buffers before and prepares the reducer after it)."""
+    inner = ddp.module
+    inner.forward = lambda: fn()  # shadows the class's forward for this one call
+    try:
+        return ddp()
+    finally:
+        del inner.forward
 
 
 def _data_parallel_root(model: nn.Module) -> bool:

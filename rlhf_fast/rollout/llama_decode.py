@@ -24,7 +24,7 @@ from torch.nn import functional as F
 # transformers' RMSNorm / gated MLP classes of the Llama family (the training forward's list):
 # the same formula each, written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub
 # kernel's) are called as they are
-from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _SILUS
+from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _SILUS, _rms_forward
 
 
 class _RMSNorm:
@@ -35,15 +35,9 @@ class _RMSNorm:
         self.weight, self.eps = module.weight, float(module.variance_epsilon)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and self._fused:
-            # one kernel instead of six (pow, mean, add, rsqrt, mul, mul): a GPU decode step runs
-            # two norms per layer, each a few microseconds of launch-bound work
-            return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], self.weight, self.eps)[0]
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-    _fused = hasattr(torch.ops.aten, "_fused_rms_norm")  # torch >= 2.8: the same formula in float32
+        # the training forward's formula, whose float32 path is one fused kernel instead of six:
+        # a GPU decode step runs two norms per layer, each a few microseconds of launch-bound work
+        return _rms_forward(x, self.weight, self.eps)[0]
 
 
 def _norm(module: nn.Module):

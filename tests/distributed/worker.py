@@ -3,6 +3,7 @@ of the GRPO policy update on a fixed global batch, sharded over the ranks, with 
 Writes the global losses and the final full weights so the test can compare 1 vs 2 ranks."""
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -10,6 +11,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.distributed import exit_process, init_distributed, load_sharded, save_sharded, shutdown, wrap_model
+from rlhf_fast.models import llama_forward
 from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
 from rlhf_fast.models.tiny import tiny_causal_lm
 
@@ -37,18 +39,36 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     ctx = init_distributed()
-    results = {}
+    results, fast_calls = {}, {}
     for spec in args.runs.split(","):
         parts = spec.split(":") + [""] * 5
         strategy, mode, steps, load, save = parts[:5]
-        losses, full = run_one(ctx, strategy, mode, int(steps or 3), load or None, save or None)
+        with _counting(llama_forward, "hidden_states") as calls:
+            losses, full = run_one(ctx, strategy, mode, int(steps or 3), load or None, save or None)
         if ctx.is_main:
             results[spec] = losses
+            fast_calls[spec] = calls[0]
             torch.save({k: v.detach().clone() for k, v in full.items()}, f"{args.out}.{len(results) - 1}.pt")
     if ctx.is_main:
         with open(args.out, "w") as f:
-            json.dump({"runs": results, "world_size": ctx.world_size}, f)
+            json.dump({"runs": results, "fast_calls": fast_calls, "world_size": ctx.world_size}, f)
     shutdown()  # every rank done (rank 0 writes the results last) before gloo's pairs close
+
+
+@contextlib.contextmanager
+def _counting(module, name):
+    """Count the calls of ``module.name`` (a one-element list) while the block runs."""
+    fn, calls = getattr(module, name), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, fn)
 
 
 def run_generate(ctx, strategy, family):

@@ -186,6 +186,8 @@ def run_sampling(device, bs, vs, budget_s, bw) -> List[dict]:
                 providers: Dict[str, Callable] = {}
                 if _dispatch.backend_available(ours)[0]:
                     providers["ours"] = lambda kw=kw: _with(ours, lambda: ops.sample(logits, **kw))
+                if device.type == "cuda":  # what ops.sample picks by itself (the reference for some shapes)
+                    providers["ours (auto)"] = lambda kw=kw: ops.sample(logits, **kw)
                 if device.type == "cuda" and _dispatch.backend_available("triton")[0]:
                     providers["ours (triton)"] = lambda kw=kw: _with("triton", lambda: ops.sample(logits, **kw))
                 providers["reference"] = lambda kw=kw: reference.sample(logits, **kw)

@@ -65,9 +65,9 @@ def test_two_ranks_match_one(runs, i):
     one = runs["one"][0 if mode == "sft" else 1]
     _close(one, runs["two"][i])
     assert one[0][0] != one[0][-1]  # and training did something
-    # DDP runs our Llama training forward inside its own forward call (the gradient sync above
-    # proves the reduction still happened); FSDP2's hooked layers take transformers' forward
-    assert (runs["fast_calls"][COMBOS[i]] > 0) == COMBOS[i].startswith("ddp:")
+    # our Llama training forward ran inside DDP's / FSDP2's forward calls (the equality above
+    # proves gathering and gradient reduction still happened)
+    assert runs["fast_calls"][COMBOS[i]] > 0
 
 
 @pytest.mark.parametrize("i", range(len(GEN)), ids=GEN)

@@ -254,3 +254,35 @@ def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypat
     calls.clear()
     ops.sample(logits, top_p=0.9)
     assert calls == ["triton"]
+
+
+def test_automatic_cuda_choice_sends_few_long_filtered_rows_to_the_reference(monkeypatch):
+    """Where the automatic choice is the CUDA kernel, top-k / top-p draws of at most 8 rows
+    of a vocabulary of at least 65536 run the sort-based reference (measured faster there);
+    more rows, a shorter vocabulary, plain temperature sampling and a forced cuda backend run
+    the kernel."""
+    calls = []
+
+    def kernel(logits, **kw):
+        calls.append("cuda")
+        return torch.zeros(logits.shape[0], dtype=torch.long), torch.zeros(logits.shape[0])
+
+    real_select = _dispatch.select
+    monkeypatch.setattr(_dispatch, "select",
+                        lambda op, device: ("cuda", kernel) if op == "sample" else real_select(op, device))
+    cases = [((8, 65536), dict(top_p=0.9), "reference"), ((1, 65536), dict(top_k=50, top_p=0.9), "reference"),
+             ((9, 65536), dict(top_p=0.9), "cuda"), ((8, 65535), dict(top_p=0.9), "cuda"),
+             ((1, 65536), dict(), "cuda"), ((1, 65536), dict(min_p=0.1), "cuda"),
+             ((1, 65536), dict(temperature=0.0, top_k=5), "cuda")]
+    for shape, kw, want in cases:
+        logits = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        calls.clear()
+        tok, logp = ops.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+        assert calls == ([want] if want == "cuda" else []), (shape, kw)
+        if want == "reference":
+            ref = reference.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+            assert torch.equal(tok, ref[0]) and torch.equal(logp, ref[1])
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cuda")
+    calls.clear()
+    ops.sample(torch.randn(1, 65536), top_p=0.9)
+    assert calls == ["cuda"]

@@ -17,11 +17,12 @@ mask, RoPE tables, output dataclasses, module calls) is done once or not at all.
 
 :func:`supported` says when a backbone is one this module computes exactly as transformers
 does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, sdpa or
-eager attention, no hooks, no sliding window shorter than the input); anything else (peft
-adapters, kernel-library modules, FSDP-sharded layers, gradient checkpointing) runs the
-transformers forward. ``rlhf_fast.ops.use_backend("torch")`` forces the transformers
-forward too. A DDP-wrapped model (without ``find_unused_parameters``) runs it as the forward
-of DDP's call (``models.logprobs.hidden_states``), so DDP's gradient reduction is unchanged.
+eager attention, no hooks but FSDP2's, no sliding window shorter than the input); anything
+else (peft adapters, kernel-library modules, gradient checkpointing) runs the transformers
+forward. ``rlhf_fast.ops.use_backend("torch")`` forces the transformers
+forward too. Under DDP (without ``find_unused_parameters``) and FSDP2 it runs as the forward
+of the wrapper's call, and each FSDP2-sharded layer as its layer's (:func:`call_as_forward`),
+so the wrappers' gathering and gradient reduction are unchanged.
 """
 
 from __future__ import annotations
@@ -131,9 +132,46 @@ class _SwiGLUDownFn(torch.autograd.Function):
 
 def _plain_class(module: nn.Module, names) -> bool:
     """``module`` is one of the transformers classes ``names`` with its own forward (not an
-    instance-level replacement) and no hooks."""
-    return (type(module).__name__ in names and "forward" not in module.__dict__
-            and not module._forward_hooks and not module._forward_pre_hooks)
+    instance-level replacement) and no hooks but FSDP2's (which :func:`call_as_forward` runs)."""
+    return (_own_class(module).__name__ in names and "forward" not in module.__dict__
+            and all(_is_fsdp_hook(module, h) for h in (*module._forward_hooks.values(),
+                                                       *module._forward_pre_hooks.values())))
+
+
+def _fsdp_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _own_class(module: nn.Module) -> type:
+    """The class of ``module``, seen through the subclass ``fully_shard`` swaps in
+    (``FSDP<Name>(FSDPModule, <Name>)``)."""
+    cls = type(module)
+    if _fsdp_module(module) and len(cls.__bases__) == 2:
+        return cls.__bases__[1]
+    return cls
+
+
+def _is_fsdp_hook(module: nn.Module, hook) -> bool:
+    # FSDP2's pre/post-forward hooks are bound methods of its per-module state object
+    return _fsdp_module(module) and type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+
+
+def call_as_forward(module: nn.Module, fn, *args):
+    """``fn(*args)`` run as the forward of ``module`` through ``module.__call__``, so that the
+    hooks of a DDP or FSDP2 wrapper run around it as around the module's own forward (DDP:
+    buffer sync before, reducer preparation after; FSDP2: parameters gathered before,
+    resharded after, gradient reduction hooked on ``args`` and the output)."""
+    # DDP calls its inner module's forward; FSDP2's hooks sit on the module itself
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    inner.forward = fn  # an instance attribute shadows the class's forward for this one call
+    try:
+        return module(*args)
+    finally:
+        del inner.forward
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -257,7 +295,10 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
     mask = _key_mask(attention_mask, position_ids, T)
     for layer in base.layers[:base.config.num_hidden_layers]:  # as transformers: a shortened config drops layers
-        h = _layer(layer, h, cos, sin, mask)
+        if _fsdp_module(layer):  # sharded: gathered by its hooks for the forward and again for the backward
+            h = call_as_forward(layer, lambda x, layer=layer: _layer(layer, x, cos, sin, mask), h)
+        else:
+            h = _layer(layer, h, cos, sin, mask)
     return _rms(base.norm, h)
 
 
@@ -293,4 +334,4 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(gate, inplace=True).mul_(up), down.weight, down.bias)
 
 
-__all__ = ["supported", "hidden_states"]
+__all__ = ["supported", "hidden_states", "call_as_forward"]

@@ -111,12 +111,12 @@ def hidden_states(
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
     fast = llama_forward.supported(base, input_ids.shape[1])
-    if fast and _plain_ddp(model):
-        # the forward DDP runs is ours, so DDP still prepares the gradient reduction as it does
-        # for any forward call (the LM head's gradient, from the fused op after it, is reduced
-        # like every other parameter's)
-        return _as_ddp_forward(model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask,
-                                                                           position_ids))
+    if fast and (_plain_ddp(model) or _fsdp_root(model)):
+        # DDP / FSDP2: our forward as the wrapper's, so DDP still prepares the gradient
+        # reduction and FSDP2 gathers the root parameters as for any forward call (the LM
+        # head's gradient, from the fused op after it, is reduced like every other one)
+        return llama_forward.call_as_forward(
+            model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask, position_ids))
     if _data_parallel_root(model):
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
@@ -137,25 +137,16 @@ def _plain_ddp(model: nn.Module) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
 
 
-def _as_ddp_forward(ddp: nn.Module, fn):
-    """``fn()`` run as the forward of the module inside ``ddp`` (through ``ddp.__call__``, which
-    syncs buffers before and prepares the reducer after it)."""
-    inner = ddp.module
-    inner.forward = lambda: fn()  # shadows the class's forward for this one call
-    try:
-        return ddp()
-    finally:
-        del inner.forward
-
-
-def _data_parallel_root(model: nn.Module) -> bool:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return True
+def _fsdp_root(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6
         return False
     return isinstance(model, FSDPModule)
+
+
+def _data_parallel_root(model: nn.Module) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or _fsdp_root(model)
 
 
 def unfusable_reason(model: nn.Module) -> Optional[str]:

@@ -6,7 +6,8 @@ Backends: ``torch`` (reference, sort-based), ``cpp`` (csrc/cpu/sampling.cpp), ``
 radix-select thresholds, Gumbel-max on the cuda backend's Philox stream — as the GPU path
 when the extension has no CUDA kernels; chosen automatically there for plain temperature
 sampling, min-p and greedy, while top-k / top-p draws go to the reference, which measured
-faster than its radix-select paths).
+faster than its radix-select paths). The cuda backend's top-k / top-p draws of at most 8 rows
+of a vocabulary of at least 65536 go to the reference too (measured faster there).
 """
 
 from __future__ import annotations
@@ -54,7 +55,23 @@ def sample(
         # up to 3.1x; 0.23 vs 0.20 ms at B=1, V=151936), and so does min-p alone (not measured).
         # use_backend("triton") still runs the kernel.
         impl = reference.sample
+    elif name == "cuda" and _dispatch.forced_backend() != "cuda" and \
+            _filtered(logits.shape[1], temperature, top_k, top_p) and \
+            logits.shape[0] <= _CUDA_SORT_MAX_ROWS and logits.shape[1] >= _CUDA_SORT_MIN_VOCAB:
+        # The CUDA kernel gives each row one block, whose radix-select passes over a long row
+        # are latency-bound: ~13 ns per entry for top-p whatever B (up to one row per SM),
+        # where the reference's sort costs ~0.35 ms plus ~0.2 ns per entry. At B=1, V=151936
+        # on an H200 that is 1.94 vs 0.38 ms (top-p 0.9) and 0.92 vs 0.49 ms (top-k 50 +
+        # top-p 0.9); at V=32000, and at B=128 for both vocabularies, the kernel wins
+        # (benchmarks/results/nvidia-h200-2026-12-04.md). Few rows of a long vocabulary go to
+        # the reference; use_backend("cuda") still runs the kernel.
+        impl = reference.sample
     return impl(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+
+
+# where the automatic choice sends filtered CUDA draws to the sort-based reference (see sample)
+_CUDA_SORT_MAX_ROWS = 8
+_CUDA_SORT_MIN_VOCAB = 65536
 
 
 def _filtered(V: int, temperature: float, top_k: int, top_p: float) -> bool:

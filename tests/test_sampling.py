@@ -227,19 +227,26 @@ def test_sample_with_uniforms_checks_its_uniforms():
         sample_with_uniforms(x, torch.rand(3), top_p=0.0)
 
 
-def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypatch):
-    """Where the automatic choice is Triton (a GPU without the CUDA kernels), top-k / top-p
-    draws run the sort-based reference (measured faster); plain temperature sampling, min-p
-    and greedy stay on the kernel, and a forced Triton backend always runs it."""
+def _count_sample_kernel(monkeypatch, backend: str) -> list:
+    """Make ``backend`` the automatic choice for sample, as a stand-in kernel that records
+    its calls (in the returned list) and returns zeros."""
     calls = []
 
     def kernel(logits, **kw):
-        calls.append("triton")
+        calls.append(backend)
         return torch.zeros(logits.shape[0], dtype=torch.long), torch.zeros(logits.shape[0])
 
     real_select = _dispatch.select
     monkeypatch.setattr(_dispatch, "select",
-                        lambda op, device: ("triton", kernel) if op == "sample" else real_select(op, device))
+                        lambda op, device: (backend, kernel) if op == "sample" else real_select(op, device))
+    return calls
+
+
+def test_automatic_triton_choice_sends_filtered_draws_to_the_reference(monkeypatch):
+    """Where the automatic choice is Triton (a GPU without the CUDA kernels), top-k / top-p
+    draws run the sort-based reference (measured faster); plain temperature sampling, min-p
+    and greedy stay on the kernel, and a forced Triton backend always runs it."""
+    calls = _count_sample_kernel(monkeypatch, "triton")
     logits = torch.randn(3, 50)
     cases = [(dict(top_p=0.9), "reference"), (dict(top_k=5), "reference"), (dict(min_p=0.1), "triton"),
              (dict(top_k=50), "triton"), (dict(), "triton"), (dict(temperature=0.0, top_p=0.5), "triton")]
@@ -261,15 +268,7 @@ def test_automatic_cuda_choice_sends_few_long_filtered_rows_to_the_reference(mon
     of a vocabulary of at least 65536 run the sort-based reference (measured faster there);
     more rows, a shorter vocabulary, plain temperature sampling and a forced cuda backend run
     the kernel."""
-    calls = []
-
-    def kernel(logits, **kw):
-        calls.append("cuda")
-        return torch.zeros(logits.shape[0], dtype=torch.long), torch.zeros(logits.shape[0])
-
-    real_select = _dispatch.select
-    monkeypatch.setattr(_dispatch, "select",
-                        lambda op, device: ("cuda", kernel) if op == "sample" else real_select(op, device))
+    calls = _count_sample_kernel(monkeypatch, "cuda")
     cases = [((8, 65536), dict(top_p=0.9), "reference"), ((1, 65536), dict(top_k=50, top_p=0.9), "reference"),
              ((9, 65536), dict(top_p=0.9), "cuda"), ((8, 65535), dict(top_p=0.9), "cuda"),
              ((1, 65536), dict(), "cuda"), ((1, 65536), dict(min_p=0.1), "cuda"),

@@ -315,6 +315,84 @@ __attribute__((noinline)) RLHF_PPO_CLONES void policy_bwd_block(const acc_t* __r
   }
 }
 
+// d loss / d (one token's loss) before the per-row weighting: grad_loss / the aggregation's
+// denominator (the mask's global count only for token-mean without a normalizer)
+double grad_over_denominator(const at::Tensor& grad_loss, Agg agg, const c10::optional<at::Tensor>& normalizer,
+                             const at::Tensor& mask) {
+  const bool need_count = agg == Agg::TokenMean && !(normalizer.has_value() && normalizer->defined());
+  const int64_t count = need_count ? mask_count(mask) : 0;
+  return grad_loss.item<double>() / agg_denominator(agg, normalizer, count, mask.size(0), mask.size(1));
+}
+
+// The forward driver: rows in parallel, each in kBlock-token blocks whose inputs are converted
+// to the math dtype acc_t where they are not in it. make_block(Tag<acc_t>) returns the block
+// kernel, called as block(x, a, b, mask_bytes, n, BlockSums<acc_t>&). Returns each row's sums.
+template <typename MakeBlock>
+std::vector<RowPartial> forward_rows(const Inputs& in, MakeBlock&& make_block) {
+  const int64_t B = in.x.size(0), T = in.x.size(1);
+  std::vector<RowPartial> rows(B);
+  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
+    using x_t = typename decltype(x_tag)::type;
+    using aux_t = typename decltype(aux_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    const auto block = make_block(acc_tag);
+    const x_t* x = in.x.data_ptr<x_t>();
+    const aux_t* a = in.a.data_ptr<aux_t>();
+    const aux_t* bv = in.b.data_ptr<aux_t>();
+    // the kernels read the mask as bytes: with bool loads GCC 12 does not vectorise the masked stores
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(in.mask.data_ptr<bool>());
+    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      acc_t buf[3][kBlock];
+      for (int64_t b = b0; b < b1; ++b) {
+        RowPartial r;
+        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
+          const int64_t n = std::min(kBlock, e - o);
+          BlockSums<acc_t> s;
+          block(as_acc(x + o, n, buf[0]), as_acc(a + o, n, buf[1]), as_acc(bv + o, n, buf[2]), mb + o, n, s);
+          s.fold_into(r);
+        }
+        rows[b] = r;
+      }
+    });
+  });
+  return rows;
+}
+
+// The backward driver: d loss / d x in x's dtype, row by row as forward_rows; each token's
+// weight is token_weight(agg, g_over_den, its row's count). make_block(Tag<acc_t>) returns
+// the block kernel, called as block(x, a, b, mask_bytes, n, weight, grad_out).
+template <typename MakeBlock>
+at::Tensor backward_rows(const Inputs& in, Agg agg, double g_over_den, MakeBlock&& make_block) {
+  const int64_t B = in.x.size(0), T = in.x.size(1);
+  auto out = at::empty_like(in.x);
+  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
+    using x_t = typename decltype(x_tag)::type;
+    using aux_t = typename decltype(aux_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    const auto block = make_block(acc_tag);
+    const x_t* x = in.x.data_ptr<x_t>();
+    const aux_t* a = in.a.data_ptr<aux_t>();
+    const aux_t* bv = in.b.data_ptr<aux_t>();
+    const bool* m = in.mask.data_ptr<bool>();
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);  // bytes: see forward_rows
+    x_t* g = out.data_ptr<x_t>();
+    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      acc_t buf[4][kBlock];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t rc = agg == Agg::SeqMeanTokenMean ? row_count(m + b * T, T) : 0;
+        const acc_t w = static_cast<acc_t>(token_weight(agg, g_over_den, rc));
+        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
+          const int64_t n = std::min(kBlock, e - o);
+          acc_t* go = out_acc(g + o, buf[3]);
+          block(as_acc(x + o, n, buf[0]), as_acc(a + o, n, buf[1]), as_acc(bv + o, n, buf[2]), mb + o, n, w, go);
+          store_from(go, n, g + o);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 template <typename acc_t>
 PolicyParams<acc_t> policy_params(double clip_low, double clip_high, c10::optional<double> dual_clip) {
   TORCH_CHECK_VALUE(clip_low >= 0, "ppo_policy_loss: clip_low must be >= 0, got ", clip_low);
@@ -335,32 +413,11 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& log
   const Agg agg = parse_agg(std::string(agg_sv), "ppo_policy_loss");
   Inputs in = prepare(logp, old_logp, advantages, mask, "ppo_policy_loss", "logp", "old_logp", "advantages");
   const int64_t B = in.x.size(0), T = in.x.size(1);
-  std::vector<RowPartial> rows(B);
-  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
-    using x_t = typename decltype(x_tag)::type;
-    using aux_t = typename decltype(aux_tag)::type;
+  const auto rows = forward_rows(in, [&](auto acc_tag) {
     using acc_t = typename decltype(acc_tag)::type;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
-    const x_t* lp = in.x.data_ptr<x_t>();
-    const aux_t* old = in.a.data_ptr<aux_t>();
-    const aux_t* adv = in.b.data_ptr<aux_t>();
-    const bool* m = in.mask.data_ptr<bool>();
-    // the kernels read the mask as bytes: with bool loads GCC 12 does not vectorise the masked stores
-    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      acc_t buf[3][kBlock];  // the inputs of a block converted to the math dtype, when they are not in it
-      for (int64_t b = b0; b < b1; ++b) {
-        RowPartial r;
-        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
-          const int64_t n = std::min(kBlock, e - o);
-          BlockSums<acc_t> s;
-          policy_fwd_block<acc_t>(as_acc(lp + o, n, buf[0]), as_acc(old + o, n, buf[1]), as_acc(adv + o, n, buf[2]),
-                                  mb + o, n, p, s);
-          s.fold_into(r);
-        }
-        rows[b] = r;
-      }
-    });
+    return [p](const acc_t* lp, const acc_t* old, const acc_t* adv, const uint8_t* m, int64_t n,
+               BlockSums<acc_t>& s) { policy_fwd_block<acc_t>(lp, old, adv, m, n, p, s); };
   });
   RowPartial tot;
   for (const auto& r : rows) {
@@ -390,39 +447,12 @@ at::Tensor ppo_policy_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const c10::optional<at::Tensor>& normalizer) {
   const Agg agg = parse_agg(std::string(agg_sv), "ppo_policy_loss");
   Inputs in = prepare(logp, old_logp, advantages, mask, "ppo_policy_loss", "logp", "old_logp", "advantages");
-  const int64_t B = in.x.size(0), T = in.x.size(1);
-  const bool need_count = agg == Agg::TokenMean && !(normalizer.has_value() && normalizer->defined());
-  const int64_t count = need_count ? mask_count(in.mask) : 0;
-  const double g_over_den = grad_loss.item<double>() / agg_denominator(agg, normalizer, count, B, T);
-  auto out = at::empty_like(in.x);
-  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
-    using x_t = typename decltype(x_tag)::type;
-    using aux_t = typename decltype(aux_tag)::type;
+  return backward_rows(in, agg, grad_over_denominator(grad_loss, agg, normalizer, in.mask), [&](auto acc_tag) {
     using acc_t = typename decltype(acc_tag)::type;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
-    const x_t* lp = in.x.data_ptr<x_t>();
-    const aux_t* old = in.a.data_ptr<aux_t>();
-    const aux_t* adv = in.b.data_ptr<aux_t>();
-    const bool* m = in.mask.data_ptr<bool>();
-    // the kernels read the mask as bytes: with bool loads GCC 12 does not vectorise the masked stores
-    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
-    x_t* g = out.data_ptr<x_t>();
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      acc_t buf[4][kBlock];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t rc = agg == Agg::SeqMeanTokenMean ? row_count(m + b * T, T) : 0;
-        const acc_t w = static_cast<acc_t>(token_weight(agg, g_over_den, rc));
-        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
-          const int64_t n = std::min(kBlock, e - o);
-          acc_t* go = out_acc(g + o, buf[3]);
-          policy_bwd_block<acc_t>(as_acc(lp + o, n, buf[0]), as_acc(old + o, n, buf[1]), as_acc(adv + o, n, buf[2]),
-                                  mb + o, n, p, w, go);
-          store_from(go, n, g + o);
-        }
-      }
-    });
+    return [p](const acc_t* lp, const acc_t* old, const acc_t* adv, const uint8_t* m, int64_t n, acc_t w,
+               acc_t* go) { policy_bwd_block<acc_t>(lp, old, adv, m, n, p, w, go); };
   });
-  return out;
 }
 
 // ------------------------------------------------------------------ value loss
@@ -506,39 +536,18 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd_cpu(const at::Tensor& valu
                     clip.value_or(0.0));
   Inputs in = prepare(values, old_values, returns, mask, "ppo_value_loss", "values", "old_values", "returns");
   const int64_t B = in.x.size(0), T = in.x.size(1);
-  std::vector<RowPartial> rows(B);
-  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
-    using x_t = typename decltype(x_tag)::type;
-    using aux_t = typename decltype(aux_tag)::type;
+  const auto rows = forward_rows(in, [&](auto acc_tag) {
     using acc_t = typename decltype(acc_tag)::type;
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
-    const x_t* v = in.x.data_ptr<x_t>();
-    const aux_t* old = in.a.data_ptr<aux_t>();
-    const aux_t* R = in.b.data_ptr<aux_t>();
-    const bool* m = in.mask.data_ptr<bool>();
-    // the kernels read the mask as bytes: with bool loads GCC 12 does not vectorise the masked stores
-    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      acc_t buf[3][kBlock];
-      for (int64_t b = b0; b < b1; ++b) {
-        RowPartial r;
-        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
-          const int64_t n = std::min(kBlock, e - o);
-          const acc_t* vb = as_acc(v + o, n, buf[0]);
-          const acc_t* ob = as_acc(old + o, n, buf[1]);
-          const acc_t* Rb = as_acc(R + o, n, buf[2]);
-          BlockSums<acc_t> s;
-          if (has_clip) {
-            value_fwd_block<acc_t, true>(vb, ob, Rb, mb + o, n, c, s);
-          } else {
-            value_fwd_block<acc_t, false>(vb, ob, Rb, mb + o, n, c, s);
-          }
-          s.fold_into(r);
-        }
-        rows[b] = r;
+    return [has_clip, c](const acc_t* v, const acc_t* old, const acc_t* R, const uint8_t* m, int64_t n,
+                         BlockSums<acc_t>& s) {
+      if (has_clip) {
+        value_fwd_block<acc_t, true>(v, old, R, m, n, c, s);
+      } else {
+        value_fwd_block<acc_t, false>(v, old, R, m, n, c, s);
       }
-    });
+    };
   });
   double value = 0;
   int64_t count = 0, clipped = 0;
@@ -561,46 +570,19 @@ at::Tensor ppo_value_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor&
                                   c10::string_view agg_sv, const c10::optional<at::Tensor>& normalizer) {
   const Agg agg = parse_agg(std::string(agg_sv), "ppo_value_loss");
   Inputs in = prepare(values, old_values, returns, mask, "ppo_value_loss", "values", "old_values", "returns");
-  const int64_t B = in.x.size(0), T = in.x.size(1);
-  const bool need_count = agg == Agg::TokenMean && !(normalizer.has_value() && normalizer->defined());
-  const int64_t count = need_count ? mask_count(in.mask) : 0;
-  const double g_over_den = grad_loss.item<double>() / agg_denominator(agg, normalizer, count, B, T);
-  auto out = at::empty_like(in.x);
-  dispatch_inputs(in, [&](auto x_tag, auto aux_tag, auto acc_tag) {
-    using x_t = typename decltype(x_tag)::type;
-    using aux_t = typename decltype(aux_tag)::type;
+  return backward_rows(in, agg, grad_over_denominator(grad_loss, agg, normalizer, in.mask), [&](auto acc_tag) {
     using acc_t = typename decltype(acc_tag)::type;
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
-    const x_t* v = in.x.data_ptr<x_t>();
-    const aux_t* old = in.a.data_ptr<aux_t>();
-    const aux_t* R = in.b.data_ptr<aux_t>();
-    const bool* m = in.mask.data_ptr<bool>();
-    // the kernels read the mask as bytes: with bool loads GCC 12 does not vectorise the masked stores
-    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
-    x_t* g = out.data_ptr<x_t>();
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      acc_t buf[4][kBlock];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t rc = agg == Agg::SeqMeanTokenMean ? row_count(m + b * T, T) : 0;
-        const acc_t w = static_cast<acc_t>(token_weight(agg, g_over_den, rc));
-        for (int64_t o = b * T, e = (b + 1) * T; o < e; o += kBlock) {
-          const int64_t n = std::min(kBlock, e - o);
-          const acc_t* vb = as_acc(v + o, n, buf[0]);
-          const acc_t* ob = as_acc(old + o, n, buf[1]);
-          const acc_t* Rb = as_acc(R + o, n, buf[2]);
-          acc_t* go = out_acc(g + o, buf[3]);
-          if (has_clip) {
-            value_bwd_block<acc_t, true>(vb, ob, Rb, mb + o, n, c, w, go);
-          } else {
-            value_bwd_block<acc_t, false>(vb, ob, Rb, mb + o, n, c, w, go);
-          }
-          store_from(go, n, g + o);
-        }
+    return [has_clip, c](const acc_t* v, const acc_t* old, const acc_t* R, const uint8_t* m, int64_t n, acc_t w,
+                         acc_t* go) {
+      if (has_clip) {
+        value_bwd_block<acc_t, true>(v, old, R, m, n, c, w, go);
+      } else {
+        value_bwd_block<acc_t, false>(v, old, R, m, n, c, w, go);
       }
-    });
+    };
   });
-  return out;
 }
 
 }  // namespace

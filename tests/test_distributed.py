@@ -1,8 +1,8 @@
 """Two gloo processes under torchrun give the same losses and weights as one process, for
-SFT and the GRPO policy update, under DDP and FSDP2; sampling from an FSDP2 model (gathered
-for generation, ranks decoding for different numbers of steps) gives one process's tokens; a
-sharded checkpoint written by two ranks resumes on one. (Each launch runs several
-configurations to keep process start-ups few.)"""
+SFT and the GRPO policy update (also under activation checkpointing), under DDP and FSDP2;
+sampling from an FSDP2 model (gathered for generation, ranks decoding for different numbers
+of steps) gives one process's tokens; a sharded checkpoint written by two ranks resumes on
+one. (Each launch runs several configurations to keep process start-ups few.)"""
 
 import json
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
-COMBOS = [f"{s}:{m}" for s in ("ddp", "fsdp2") for m in ("sft", "grpo")]
+COMBOS = [f"{s}:{m}" for s in ("ddp", "fsdp2") for m in ("sft", "grpo", "grpo_ckpt")]
 # sampling with per-sample seeds from an FSDP2 model (gathered for generation): llama takes
 # the preallocated-KV decoder, gpt2 the generic transformers forward
 GEN = ["fsdp2:gen_llama", "fsdp2:gen_gpt2"]
@@ -62,7 +62,7 @@ def _close(a, b):
 def test_two_ranks_match_one(runs, i):
     assert runs["world"] == 2
     mode = COMBOS[i].split(":")[1]
-    one = runs["one"][0 if mode == "sft" else 1]
+    one = runs["one"][0 if mode == "sft" else 1]  # grpo_ckpt: activation checkpointing, the same numbers
     _close(one, runs["two"][i])
     assert one[0][0] != one[0][-1]  # and training did something
     # our Llama training forward ran inside DDP's / FSDP2's forward calls (the equality above

@@ -286,12 +286,16 @@ def test_models_it_must_leave_to_transformers(monkeypatch):
     _set_attn(m, "eager")
     assert llama_forward.supported(base, T)
     _set_attn(m, "sdpa")
-    # gradient checkpointing while training, attention dropout while training
-    base.gradient_checkpointing = True
+    # attention dropout while training
     base.train()
+    base.config.attention_dropout = 0.1
+    assert not llama_forward.supported(base, T)
+    base.config.attention_dropout = 0.0
+    assert llama_forward.supported(base, T)
+    # checkpointing switched on without transformers' checkpoint function to run a layer under
+    base.gradient_checkpointing = True
     assert not llama_forward.supported(base, T)
     base.gradient_checkpointing = False
-    assert llama_forward.supported(base, T)
     base.eval()
     # the op backend forced to the PyTorch references
     with ops.use_backend("torch"):
@@ -302,6 +306,58 @@ def test_models_it_must_leave_to_transformers(monkeypatch):
     assert not llama_forward.supported(mis, T) and llama_forward.supported(mis, 8)
     # other families
     assert not llama_forward.supported(backbone(tiny_causal_lm(V, family="gpt2", hidden_size=32, num_heads=4)), T)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_kept_and_gives_the_same_gradients(reentrant):
+    """With transformers' activation checkpointing on, each layer runs under its checkpoint
+    function (the user's use_reentrant choice included): the same states and gradients as
+    without it, and the recompute happens in the backward."""
+    m = _model("qwen3", 2)
+    base = backbone(m)
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    ((h_plain, g_plain),), _ = _ours_only(base, ids, am, pos)
+    enable = getattr(m, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    m.train()
+    assert llama_forward.supported(base, ids.shape[1])
+    calls = []
+    real = llama_forward._layer
+    llama_forward._layer = lambda *a: calls.append(torch.is_grad_enabled()) or real(*a)
+    try:
+        ((h, g),), _ = _ours_only(base, ids, am, pos)
+    finally:
+        llama_forward._layer = real
+    # each layer ran twice: in the forward (without autograd under the reentrant checkpoint)
+    # and again in the backward, with it
+    n = len(base.layers)
+    assert len(calls) == 2 * n and calls[n:] == [True] * n and calls[:n] == [not reentrant] * n
+    # the embedding's hooks run (checkpointing's enable_input_require_grads among them)
+    seen = []
+    handle = base.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    llama_forward.hidden_states(base, ids, am, pos)
+    handle.remove()
+    assert seen == [ids.shape + (32,)]
+    assert torch.equal(h, h_plain)
+    for (name, _), a, b in zip(base.named_parameters(), g, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _ours_only(base, ids, am, pos):
+    """Our hidden states and parameter gradients, as the second half of _hf_and_ours (through
+    .backward(): the reentrant checkpoint takes no autograd.grad)."""
+    params = list(base.parameters())
+    sel = am.bool()
+    h = llama_forward.hidden_states(base, ids, am, pos)
+    proj = torch.randn(h.shape, generator=torch.Generator().manual_seed(7)).to(h.dtype) * sel[..., None]
+    for p in params:
+        p.grad = None
+    (h * proj).float().sum().backward()
+    return [(h.detach(), [p.grad for p in params])], sel
 
 
 def test_peft_adapters_are_left_to_transformers():

@@ -18,15 +18,18 @@ mask, RoPE tables, output dataclasses, module calls) is done once or not at all.
 :func:`supported` says when a backbone is one this module computes exactly as transformers
 does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, sdpa or
 eager attention, no hooks but FSDP2's, no sliding window shorter than the input); anything
-else (peft adapters, kernel-library modules, gradient checkpointing) runs the transformers
-forward. ``rlhf_fast.ops.use_backend("torch")`` forces the transformers
-forward too. Under DDP (without ``find_unused_parameters``) and FSDP2 it runs as the forward
-of the wrapper's call, and each FSDP2-sharded layer as its layer's (:func:`call_as_forward`),
-so the wrappers' gathering and gradient reduction are unchanged.
+else (peft adapters, kernel-library modules) runs the transformers forward, and so does
+everything under ``rlhf_fast.ops.use_backend("torch")``. Activation checkpointing set up by
+transformers (``gradient_checkpointing_enable``) is kept: each layer runs under the
+checkpoint function transformers holds for it. Under DDP (without
+``find_unused_parameters``) and FSDP2 this forward runs as the forward of the wrapper's call,
+and each FSDP2-sharded layer as that layer's (:func:`call_as_forward`), so the wrappers'
+gathering and gradient reduction are unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -198,8 +201,10 @@ def supported(base: nn.Module, seq_len: int) -> bool:
     window = getattr(cfg, "sliding_window", None)
     if window is not None and seq_len > window:
         return False
-    if base.training and (getattr(cfg, "attention_dropout", 0.0) or getattr(base, "gradient_checkpointing", False)):
+    if base.training and getattr(cfg, "attention_dropout", 0.0):
         return False
+    if base.training and getattr(base, "gradient_checkpointing", False) and _checkpoint_fn(base) is None:
+        return False  # checkpointing on, but no function of transformers' to run a layer under
     if type(base.embed_tokens) is not nn.Embedding or not _plain_class(base.norm, _RMS_NORMS):
         return False
     rotary = getattr(base, "rotary_emb", None)  # one per backbone (transformers >= 4.45)
@@ -284,9 +289,9 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     weights. input_ids ``[B, T]`` int; attention_mask ``[B, T]`` 0/1 or None; position_ids
     ``[B, T]`` or ``[1, T]`` int64, or None for ``0 .. T-1``."""
     B, T = input_ids.shape
-    emb = base.embed_tokens
-    h = F.embedding(input_ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq,
-                    emb.sparse)
+    # the module itself, so that its hooks run: transformers' activation checkpointing adds one
+    # that makes the embeddings require grad (enable_input_require_grads)
+    h = base.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device)[None]
     position_ids = position_ids.expand(B, T)
@@ -295,11 +300,26 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
     mask = _key_mask(attention_mask, position_ids, T)
     for layer in base.layers[:base.config.num_hidden_layers]:  # as transformers: a shortened config drops layers
+        run = _layer
+        ckpt = _checkpoint_fn(layer) or _checkpoint_fn(base)
+        if ckpt is not None and layer.training and torch.is_grad_enabled() and \
+                (getattr(layer, "gradient_checkpointing", False) or getattr(base, "gradient_checkpointing", False)):
+            # transformers' activation checkpointing, with its function (and so the user's
+            # use_reentrant choice): the layer's input kept, the layer recomputed in the backward
+            run = functools.partial(ckpt, _layer)
         if _fsdp_module(layer):  # sharded: gathered by its hooks for the forward and again for the backward
-            h = call_as_forward(layer, lambda x, layer=layer: _layer(layer, x, cos, sin, mask), h)
+            # (hooks outside the checkpoint, as transformers does, so they do not run twice)
+            h = call_as_forward(layer, lambda x, layer=layer, run=run: run(layer, x, cos, sin, mask), h)
         else:
-            h = _layer(layer, h, cos, sin, mask)
+            h = run(layer, h, cos, sin, mask)
     return _rms(base.norm, h)
+
+
+def _checkpoint_fn(module: nn.Module):
+    """The activation-checkpointing function transformers set on ``module`` (a partial of
+    ``torch.utils.checkpoint.checkpoint``), or None."""
+    fn = getattr(module, "_gradient_checkpointing_func", None)
+    return fn if callable(fn) else None
 
 
 def _layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -110,6 +110,13 @@ def run_one(ctx, strategy, mode, steps, load, save):
         return run_generate(ctx, strategy, mode[4:])
     model = tiny_causal_lm(V, hidden_size=32, num_layers=2, num_heads=2, seed=0)
     model.train()
+    if mode.endswith("_ckpt"):  # transformers' activation checkpointing, which our forward keeps
+        mode = mode[: -len("_ckpt")]
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model, strategy, ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     if load:

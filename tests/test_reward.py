@@ -112,10 +112,18 @@ def test_annotator_weights_and_config_errors(tmp_path, tok):
                        train_records=recs, eval_records=[], tokenizer=tok)
     assert tr.weights["w"] == 0.5 and tr.weights["u"] > tr.weights["x"]
     assert [it["weight"] for it in tr.train_items[:4]] == [tr.weights[a] for a in ("u", "v", "w", "x")]
+    # activation checkpointing: on the reward model's layers, the same loss as without it
+    losses = []
+    for name, ckpt in (("plain", False), ("ckpt", True)):
+        t = RewardTrainer(_cfg(tmp_path, name, max_steps=1, gradient_checkpointing=ckpt), train_records=recs,
+                          eval_records=[], tokenizer=tok)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in t.model.modules()) == ckpt
+        losses.append(t.train_step()["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for kw, needle in ((dict(label_smoothing=0.5), "label_smoothing"), (dict(data_kind="votes"), "data_kind"),
                        (dict(annotator_weights={"a": -1.0}), "annotator_weights"),
                        (dict(grad_clip=-1.0), "grad_clip"), (dict(lr_schedule="step"), "lr_schedule"),
-                       (dict(batch_size=0), "batch_size")):
+                       (dict(batch_size=0), "batch_size"), (dict(gradient_checkpointing="yes"), "gradient_checkpointing")):
         with pytest.raises(ValueError, match=needle):
             _cfg(tmp_path, "x", **kw)
 

@@ -12,7 +12,7 @@ import torch
 from rlhf_fast.algorithms import RewardError, token_rewards
 from rlhf_fast.ops import reference
 from rlhf_fast.trainers.rl import RLTrainer
-from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RolloutConfig
+from rlhf_fast.trainers.rl_config import KLConfig, ModelConfig, OptimConfig, PPOConfig, RolloutConfig
 from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
 
 
@@ -60,6 +60,37 @@ def test_micro_batching_gives_the_same_gradient(tmp_path, agg):
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         assert any(a.abs().sum() > 0 for a in g1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, monkeypatch):
+    """model.gradient_checkpointing: the policy and the critic built from it recompute each
+    layer in the update's backward (eval mode, as RL keeps them) and get the gradients of the
+    plain run; the frozen reference does not checkpoint."""
+    from rlhf_fast.models import llama_forward
+
+    tr = _trainer(tmp_path / "plain", "gae")
+    ck = _trainer(tmp_path / "ckpt", "gae", model=ModelConfig(gradient_checkpointing=True))
+    assert not tr.policy.training and not ck.policy.training
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in ck.reference.modules())
+    data, _ = tr.rollout()
+    calls = []
+    real = llama_forward._layer
+    monkeypatch.setattr(llama_forward, "_layer", lambda *a: calls.append(1) or real(*a))
+
+    def backward(trainer, which):
+        """The gradients of one update of ``which`` on the batch, and the layer runs it took."""
+        model = getattr(trainer, which)
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        getattr(trainer, f"{which}_backward")(data, 8)
+        return _grads(model), len(calls)
+
+    for which in ("policy", "critic"):
+        (g_plain, n_plain), (g_ckpt, n_ckpt) = backward(tr, which), backward(ck, which)
+        for a, b in zip(g_plain, g_ckpt):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert any(a.abs().sum() > 0 for a in g_plain)
+        assert n_ckpt == 2 * n_plain > 0, which  # every layer ran again in the backward
 
 
 def test_ppo_internals_match_reference_ops(tmp_path):

@@ -92,19 +92,22 @@ def test_loss_falls_and_resume_is_exact(tmp_path, tok):
 
 
 @pytest.mark.filterwarnings("ignore:Seems like")
-def test_grad_accum_and_packing_match(tmp_path, tok):
+def test_grad_accum_packing_and_checkpointing_match(tmp_path, tok):
     recs = synthetic_sft_records(16)
     grads = {}
     for name, kw in (("one", dict(batch_size=8, grad_accum=1)), ("two", dict(batch_size=4, grad_accum=2)),
-                     ("packed", dict(batch_size=8, grad_accum=1, packing=True))):
+                     ("packed", dict(batch_size=8, grad_accum=1, packing=True)),
+                     ("checkpointed", dict(batch_size=8, grad_accum=1, gradient_checkpointing=True))):
         tr = SFTTrainer(_cfg(tmp_path, output_dir=str(tmp_path / name), grad_clip=0.0, **kw),
                         train_records=recs[:8], eval_records=[], tokenizer=tok)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in tr.model.modules()) == (name == "checkpointed")
         tr.optimizer.step = lambda: None  # keep the gradients, skip the update
         tr.optimizer.zero_grad = lambda set_to_none=True: None
         tr.train_step()
         grads[name] = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
     torch.testing.assert_close(grads["two"], grads["one"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads["packed"], grads["one"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(grads["checkpointed"], grads["one"], rtol=1e-5, atol=1e-7)
 
 
 def test_cli(tmp_path, capsys):

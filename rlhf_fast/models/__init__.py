@@ -3,6 +3,7 @@
 from .loading import (
     AdapterDisabledReference,
     ValueModel,
+    enable_activation_checkpointing,
     last_token_index,
     load_policy,
     load_reward_model,
@@ -24,6 +25,7 @@ __all__ = [
     "sequence_logprobs",
     "policy_loss",
     "load_policy",
+    "enable_activation_checkpointing",
     "make_reference",
     "AdapterDisabledReference",
     "ValueModel",

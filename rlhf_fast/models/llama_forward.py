@@ -20,8 +20,8 @@ does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, 
 eager attention, no hooks but FSDP2's, no sliding window shorter than the input); anything
 else (peft adapters, kernel-library modules) runs the transformers forward, and so does
 everything under ``rlhf_fast.ops.use_backend("torch")``. Activation checkpointing set up by
-transformers (``gradient_checkpointing_enable``) is kept: each layer runs under the
-checkpoint function transformers holds for it. Under DDP (without
+transformers (``gradient_checkpointing_enable``) is kept, in eval mode too: each layer runs
+under the checkpoint function transformers holds for it. Under DDP (without
 ``find_unused_parameters``) and FSDP2 this forward runs as the forward of the wrapper's call,
 and each FSDP2-sharded layer as that layer's (:func:`call_as_forward`), so the wrappers'
 gathering and gradient reduction are unchanged.
@@ -203,7 +203,7 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         return False
     if base.training and getattr(cfg, "attention_dropout", 0.0):
         return False
-    if base.training and getattr(base, "gradient_checkpointing", False) and _checkpoint_fn(base) is None:
+    if getattr(base, "gradient_checkpointing", False) and _checkpoint_fn(base) is None:
         return False  # checkpointing on, but no function of transformers' to run a layer under
     if type(base.embed_tokens) is not nn.Embedding or not _plain_class(base.norm, _RMS_NORMS):
         return False
@@ -302,10 +302,12 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     for layer in base.layers[:base.config.num_hidden_layers]:  # as transformers: a shortened config drops layers
         run = _layer
         ckpt = _checkpoint_fn(layer) or _checkpoint_fn(base)
-        if ckpt is not None and layer.training and torch.is_grad_enabled() and \
+        if ckpt is not None and torch.is_grad_enabled() and \
                 (getattr(layer, "gradient_checkpointing", False) or getattr(base, "gradient_checkpointing", False)):
             # transformers' activation checkpointing, with its function (and so the user's
-            # use_reentrant choice): the layer's input kept, the layer recomputed in the backward
+            # use_reentrant choice): the layer's input kept, the layer recomputed in the backward.
+            # Also in eval mode, unlike transformers: an RL policy is kept in eval mode (no
+            # dropout) while it trains, and recomputing changes no value.
             run = functools.partial(ckpt, _layer)
         if _fsdp_module(layer):  # sharded: gathered by its hooks for the forward and again for the backward
             # (hooks outside the checkpoint, as transformers does, so they do not run twice)

@@ -46,6 +46,23 @@ def _lora_config(lora):
     raise TypeError(f"lora must be a dict, a peft.LoraConfig or None, got {type(lora).__name__}")
 
 
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on transformers' activation checkpointing (non-reentrant) for ``model`` (a
+    ``PreTrainedModel``, or a peft / DDP wrapper of one) and its KV cache off; returns the
+    transformers model. Each decoder layer keeps only its input for the backward and runs
+    again there: less activation memory for about one more forward per update. The
+    Llama-family training forward (:mod:`rlhf_fast.models.llama_forward`) checkpoints too,
+    also in eval mode (the RL trainers keep the policy in eval mode, without dropout)."""
+    base = unwrap(model)
+    # transformers 5 renamed it; keep the old name for older versions
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    return base
+
+
 def load_policy(
     model_or_path,
     *,
@@ -89,13 +106,7 @@ def load_policy(
     if device is not None:
         model = model.to(device)
     if gradient_checkpointing:
-        base = unwrap(model)
-        # transformers 5 renamed it; keep the old name for older versions
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
+        base = enable_activation_checkpointing(model)
         if lora is not None or _is_peft(model):
             # frozen embeddings would otherwise cut the graph before the checkpointed blocks
             base.enable_input_require_grads()
@@ -322,6 +333,7 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 __all__ = [
     "load_policy",
+    "enable_activation_checkpointing",
     "make_reference",
     "AdapterDisabledReference",
     "ValueModel",

@@ -184,8 +184,8 @@ class RunDir:
 
 def check_training_schedule(cfg) -> None:
     """The checks every supervised trainer config (SFT, reward) shares: ``distributed`` given as
-    a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip and
-    lr_schedule in range. Raises TypeError / ValueError naming the field."""
+    a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip,
+    lr_schedule and gradient_checkpointing in range. Raises TypeError / ValueError naming the field."""
     from rlhf_fast.distributed import DistributedConfig
 
     if isinstance(cfg.distributed, dict):
@@ -206,6 +206,8 @@ def check_training_schedule(cfg) -> None:
         raise ValueError(f"grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
+    if not isinstance(cfg.gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing must be true or false, got {cfg.gradient_checkpointing!r}")
 
 
 def autocast_context(device: torch.device, bf16: bool):

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
+from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (RunDir, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
@@ -57,6 +58,7 @@ class RewardConfig:
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
+    gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
     label_smoothing: float = 0.0
     use_margin: bool = True
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -203,6 +205,8 @@ class RewardTrainer:
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.pad_id
         dcfg = cfg.distributed
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
                                 reshard_after_forward=dcfg.reshard_after_forward)
         self.train_items = [self._encode_record(r) for r in train_records]

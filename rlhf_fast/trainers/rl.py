@@ -248,6 +248,10 @@ class RLTrainer:
         seed_everything(cfg.seed)
         if policy is None:
             policy, tokenizer = self._load_policy()
+        if cfg.model.gradient_checkpointing:  # before the reference and critic copies are made
+            from rlhf_fast.models.loading import enable_activation_checkpointing
+
+            enable_activation_checkpointing(policy)
         self.policy = policy.to(self.device)
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()

@@ -37,7 +37,9 @@ def _choice(name, v, options):
 class ModelConfig:
     """policy: a local HF path or ``tiny:FAMILY`` (a random tiny model with a BPE tokenizer
     trained locally, sized by the tiny_* fields). reference: defaults to a frozen copy of the
-    initial policy. critic: a saved ValueModel path, else built from the policy's backbone."""
+    initial policy. critic: a saved ValueModel path, else built from the policy's backbone.
+    gradient_checkpointing: transformers' activation checkpointing on the policy (and a critic
+    built from it): each layer recomputed in the update's backward, for less memory."""
 
     policy: str = "tiny:llama"
     tokenizer: Optional[str] = None
@@ -48,12 +50,15 @@ class ModelConfig:
     tiny_num_layers: int = 2
     tiny_num_heads: int = 2
     tiny_seed: int = 0
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"model.policy must be a path or 'tiny:FAMILY', got {self.policy!r}")
         for k in ("tiny_vocab_size", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads"):
             _pos(f"model.{k}", getattr(self, k), integer=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"model.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
 @dataclass

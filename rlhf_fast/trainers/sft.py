@@ -28,6 +28,7 @@ import torch
 
 from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded,
                                    wrap_model)
+from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, RunDir, add_config_arguments, autocast_context, check_training_schedule,
@@ -54,6 +55,7 @@ class SFTConfig:
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
+    gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
     packing: bool = False
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
@@ -329,6 +331,8 @@ class SFTTrainer:
             raise ValueError("tokenizer must be given together with model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
         dcfg = cfg.distributed
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
                                 reshard_after_forward=dcfg.reshard_after_forward)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -275,6 +275,18 @@ def test_models_it_must_leave_to_transformers(monkeypatch):
     handle = base.layers[1].mlp.register_forward_hook(lambda *a: None)
     assert not llama_forward.supported(base, T)
     handle.remove()
+    # backward hooks (on a module, on the activation, or global) and the activation's hooks
+    for mod in (base.layers[0].mlp, base.layers[1].self_attn.q_proj, base.norm):
+        handle = mod.register_full_backward_hook(lambda *a: None)
+        assert not llama_forward.supported(base, T)
+        handle.remove()
+    handle = base.layers[0].mlp.act_fn.register_forward_hook(lambda *a: None)
+    assert not llama_forward.supported(base, T)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None)
+    assert not llama_forward.supported(base, T)
+    handle.remove()
+    assert llama_forward.supported(base, T)
     # a module of a class it does not know (a kernel library's norm, say)
     real = base.layers[0].input_layernorm
     base.layers[0].input_layernorm = nn.LayerNorm(32)
@@ -345,6 +357,35 @@ def test_activation_checkpointing_is_kept_and_gives_the_same_gradients(reentrant
     assert torch.equal(h, h_plain)
     for (name, _), a, b in zip(base.named_parameters(), g, g_plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reentrant_checkpointing_in_eval_mode_is_left_off_as_transformers_does():
+    """transformers checkpoints only while training; we also do in eval mode, but only with the
+    non-reentrant function: the reentrant one would refuse autograd.grad there."""
+    m = _model("llama", 2)
+    base = backbone(m)
+    enable = getattr(m, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    m.eval()
+    ids, am = _batch()
+    ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(base, ids, am, default_position_ids(am))  # autograd.grad
+    assert torch.equal(h, h_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_call_as_forward_refuses_to_bypass_an_instance_forward():
+    m = _model("llama", 2)
+    m.forward = lambda *a, **k: None  # an autocast wrapper, say
+    with pytest.raises(ValueError, match="instance-level forward"):
+        llama_forward.call_as_forward(m, lambda: 0)
+    assert "forward" in m.__dict__  # left as it was
+    layer = backbone(m).layers[0]
+    assert llama_forward.call_as_forward(layer, lambda x: x + 1, torch.zeros(1)).item() == 1
+    assert "forward" not in layer.__dict__
 
 
 def _ours_only(base, ids, am, pos):

@@ -20,8 +20,8 @@ does (plain ``nn.Linear`` projections, the families' own RMSNorm / MLP classes, 
 eager attention, no hooks but FSDP2's, no sliding window shorter than the input); anything
 else (peft adapters, kernel-library modules) runs the transformers forward, and so does
 everything under ``rlhf_fast.ops.use_backend("torch")``. Activation checkpointing set up by
-transformers (``gradient_checkpointing_enable``) is kept, in eval mode too: each layer runs
-under the checkpoint function transformers holds for it. Under DDP (without
+transformers (``gradient_checkpointing_enable``) is kept, in eval mode too when it is
+non-reentrant: each layer runs under the checkpoint function transformers holds for it. Under DDP (without
 ``find_unused_parameters``) and FSDP2 this forward runs as the forward of the wrapper's call,
 and each FSDP2-sharded layer as that layer's (:func:`call_as_forward`), so the wrappers'
 gathering and gradient reduction are unchanged.
@@ -133,12 +133,23 @@ class _SwiGLUDownFn(torch.autograd.Function):
 # --------------------------------------------------------------------------- support check
 
 
-def _plain_class(module: nn.Module, names) -> bool:
+def _plain_class(module: nn.Module, names, fsdp: bool = False) -> bool:
     """``module`` is one of the transformers classes ``names`` with its own forward (not an
-    instance-level replacement) and no hooks but FSDP2's (which :func:`call_as_forward` runs)."""
-    return (_own_class(module).__name__ in names and "forward" not in module.__dict__
-            and all(_is_fsdp_hook(module, h) for h in (*module._forward_hooks.values(),
-                                                       *module._forward_pre_hooks.values())))
+    instance-level replacement) and no hooks; with ``fsdp``, FSDP2's hooks are allowed (a
+    sharded decoder layer: :func:`hidden_states` runs them through :func:`call_as_forward`)."""
+    if _own_class(module).__name__ not in names or "forward" in module.__dict__:
+        return False
+    if _fsdp_module(module) and not fsdp:
+        return False
+    forward_hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return (all(_is_fsdp_hook(module, h) for h in forward_hooks) and not module._backward_hooks
+            and not module._backward_pre_hooks)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """No forward or backward hooks on ``module`` (the functions below would skip them)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _fsdp_module(module: nn.Module) -> bool:
@@ -170,6 +181,9 @@ def call_as_forward(module: nn.Module, fn, *args):
     resharded after, gradient reduction hooked on ``args`` and the output)."""
     # DDP calls its inner module's forward; FSDP2's hooks sit on the module itself
     inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    if "forward" in inner.__dict__:
+        raise ValueError("call_as_forward: the module already has an instance-level forward, which this call "
+                         "would bypass")
     inner.forward = fn  # an instance attribute shadows the class's forward for this one call
     try:
         return module(*args)
@@ -178,13 +192,14 @@ def call_as_forward(module: nn.Module, fn, *args):
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is nn.Linear and _no_hooks(module)
 
 
 def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 def supported(base: nn.Module, seq_len: int) -> bool:
@@ -212,7 +227,8 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         return False
     for layer in base.layers:
         a, mlp = layer.self_attn, layer.mlp
-        if not (_plain_class(layer, _LAYERS) and _plain_class(a, _ATTENTIONS) and _plain_class(mlp, _GATED_MLPS)):
+        if not (_plain_class(layer, _LAYERS, fsdp=True) and _plain_class(a, _ATTENTIONS)
+                and _plain_class(mlp, _GATED_MLPS)):
             return False
         if not (_plain_class(layer.input_layernorm, _RMS_NORMS) and _plain_class(layer.post_attention_layernorm,
                                                                                   _RMS_NORMS)):
@@ -220,7 +236,8 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         if not all(_plain_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
                                               mlp.down_proj)):
             return False
-        if type(mlp.act_fn).__name__ not in _SILUS or not (hasattr(a, "head_dim") and hasattr(a, "scaling")):
+        if type(mlp.act_fn).__name__ not in _SILUS or not _no_hooks(mlp.act_fn) or \
+                not (hasattr(a, "head_dim") and hasattr(a, "scaling")):
             return False
         for qk in ("q_norm", "k_norm"):  # Qwen3's per-head norms
             if hasattr(a, qk) and not _plain_class(getattr(a, qk), _RMS_NORMS):
@@ -302,12 +319,13 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     for layer in base.layers[:base.config.num_hidden_layers]:  # as transformers: a shortened config drops layers
         run = _layer
         ckpt = _checkpoint_fn(layer) or _checkpoint_fn(base)
-        if ckpt is not None and torch.is_grad_enabled() and \
+        if ckpt is not None and torch.is_grad_enabled() and (layer.training or _non_reentrant(ckpt)) and \
                 (getattr(layer, "gradient_checkpointing", False) or getattr(base, "gradient_checkpointing", False)):
             # transformers' activation checkpointing, with its function (and so the user's
             # use_reentrant choice): the layer's input kept, the layer recomputed in the backward.
-            # Also in eval mode, unlike transformers: an RL policy is kept in eval mode (no
-            # dropout) while it trains, and recomputing changes no value.
+            # Also in eval mode when non-reentrant, unlike transformers: an RL policy is kept in
+            # eval mode (no dropout) while it trains, and recomputing changes no value (the
+            # reentrant checkpoint would refuse autograd.grad, which transformers allows there).
             run = functools.partial(ckpt, _layer)
         if _fsdp_module(layer):  # sharded: gathered by its hooks for the forward and again for the backward
             # (hooks outside the checkpoint, as transformers does, so they do not run twice)
@@ -315,6 +333,10 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
         else:
             h = run(layer, h, cos, sin, mask)
     return _rms(base.norm, h)
+
+
+def _non_reentrant(ckpt) -> bool:
+    return isinstance(ckpt, functools.partial) and ckpt.keywords.get("use_reentrant") is False
 
 
 def _checkpoint_fn(module: nn.Module):

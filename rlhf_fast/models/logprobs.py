@@ -111,7 +111,7 @@ def hidden_states(
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
     fast = llama_forward.supported(base, input_ids.shape[1])
-    if fast and (_plain_ddp(model) or _fsdp_root(model)):
+    if fast and (_plain_ddp(model) or _fsdp_root(model)) and "forward" not in _ddp_inner(model).__dict__:
         # DDP / FSDP2: our forward as the wrapper's, so DDP still prepares the gradient
         # reduction and FSDP2 gathers the root parameters as for any forward call (the LM
         # head's gradient, from the fused op after it, is reduced like every other one)
@@ -135,6 +135,12 @@ def _plain_ddp(model: nn.Module) -> bool:
     ``find_unused_parameters`` it would mark the LM head unused (the fused op reads it after
     the forward) and then fail when its gradient arrives."""
     return isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
+
+
+def _ddp_inner(model: nn.Module) -> nn.Module:
+    """The module a DDP wrapper calls (or ``model``): an instance-level forward there (an
+    autocast wrapper, say) keeps the wrapper's own forward, which ours would bypass."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _fsdp_root(model: nn.Module) -> bool:

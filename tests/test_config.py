@@ -193,3 +193,16 @@ def test_dict_override_and_truncate_metrics(tmp_path):
             log.log(s, {"x": s})
     truncate_metrics(str(tmp_path), 3)
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_resolve_device_names_a_device_this_machine_lacks():
+    from rlhf_fast.trainers.common import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="cuda:99"):
+        resolve_device("cuda:99")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")

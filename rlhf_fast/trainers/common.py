@@ -220,13 +220,22 @@ def autocast_context(device: torch.device, bf16: bool):
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available else cpu; otherwise ``torch.device(device)``."""
+    """``"auto"`` -> cuda when available else cpu; otherwise ``torch.device(device)``, which
+    must exist on this machine (ValueError naming it otherwise)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device "
+                             "(use 'cpu' or 'auto')")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r} was asked for, but this machine has {n} CUDA device(s)")
+    return dev
 
 
 __all__ = ["seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",

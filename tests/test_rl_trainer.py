@@ -174,6 +174,34 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
         assert torch.equal(p, q)
 
 
+def test_a_resume_that_cannot_load_leaves_the_run_as_it_was(tmp_path):
+    """Resuming with a model of another size is one ValueError naming the checkpoint, and the
+    run's config.yaml and metrics are untouched; so is a damaged optimiser file."""
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    b = _trainer(tmp_path, "grpo", steps=1)
+    b.train()
+    run = b.config.output_dir
+    files = {n: open(os.path.join(run, n)).read() for n in ("config.yaml", "metrics.jsonl")}
+    cfg = b.config
+    cfg.resume = run
+    _, tok = make_policy()
+    other = tiny_causal_lm(len(tok), hidden_size=16, num_layers=2, num_heads=2, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with pytest.raises(ValueError, match="checkpoint .*cannot restore model 'policy'"):
+        RLTrainer(cfg, other, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    assert {n: open(os.path.join(run, n)).read() for n in files} == files
+    from rlhf_fast.trainers.checkpoint import latest_checkpoint
+
+    opt = os.path.join(latest_checkpoint(run), "optimizers", "policy.pt")
+    with open(opt, "r+b") as f:
+        f.truncate(50)
+    pol, tok = make_policy()
+    with pytest.raises(ValueError, match="cannot restore optimizer 'policy'"):
+        RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    assert {n: open(os.path.join(run, n)).read() for n in files} == files
+
+
 def test_bad_rewards_raise_or_drop(tmp_path):
     def nan_reward(prompts, completions):
         return [float("nan")] + [1.0] * (len(completions) - 1)

@@ -16,6 +16,7 @@ looks valid but is not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -186,17 +187,34 @@ def load_checkpoint(
         folder = os.path.join(directory, "models", name)
         if not os.path.isdir(folder):
             raise ValueError(f"checkpoint {directory} has no model {name!r}")
-        _load_model(model, folder)
+        with _restoring(directory, f"model {name!r}"):
+            _load_model(model, folder)
     for kind, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
         for name, obj in objs.items():
             path = os.path.join(directory, kind, name + ".pt")
             if not os.path.isfile(path):
                 raise ValueError(f"checkpoint {directory} has no {kind[:-1]} {name!r}")
-            obj.load_state_dict(torch.load(path, map_location=map_location, weights_only=False))
+            with _restoring(directory, f"{kind[:-1]} {name!r}"):
+                obj.load_state_dict(torch.load(path, map_location=map_location, weights_only=False))
     if restore_rng:
-        set_rng_state(torch.load(os.path.join(directory, "rng.pt"), weights_only=False))
-    with open(os.path.join(directory, "extra.json"), encoding="utf-8") as f:
-        return json.load(f)
+        with _restoring(directory, "the RNG states"):
+            set_rng_state(torch.load(os.path.join(directory, "rng.pt"), weights_only=False))
+    with _restoring(directory, "extra.json"):
+        with open(os.path.join(directory, "extra.json"), encoding="utf-8") as f:
+            return json.load(f)
+
+
+@contextlib.contextmanager
+def _restoring(directory: str, what: str):
+    """Any failure to read or apply part of a checkpoint (a size mismatch with the model being
+    restored, a truncated or corrupt file) as one ValueError naming the checkpoint and part."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        raise ValueError(f"checkpoint {directory}: cannot restore {what} ({type(e).__name__}: {first}) — is it "
+                         "from another model or configuration, or damaged?") from e
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:

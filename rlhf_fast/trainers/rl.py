@@ -936,13 +936,15 @@ class RLTrainer:
         steps run here. Saves a checkpoint every ``save_every`` steps and at the end, and the
         final policy (and critic) under ``RUN_DIR/final``."""
         from rlhf_fast.trainers.common import MetricsLogger, RunDir
+        from rlhf_fast.trainers.config import save_config
 
         cfg = self.config
         out_dir = cfg.resume or cfg.output_dir
-        # the resolved config, as this (possibly resumed, with new overrides) run uses it
-        self.run_dir = RunDir(out_dir, replace(cfg, resume=None) if self.ctx.is_main else None)  # rank 0 writes
+        self.run_dir = RunDir(out_dir)
         if cfg.resume:
-            self.load(cfg.resume)
+            self.load(cfg.resume)  # before config.yaml is rewritten: a failed resume leaves the run as it was
+        if self.ctx.is_main:  # the resolved config, as this (possibly resumed, with new overrides) run uses it
+            save_config(replace(cfg, resume=None), os.path.join(self.run_dir.path, "config.yaml"))
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
         self._logger = MetricsLogger(self.run_dir.path) if self.ctx.is_main else None
         history = []

@@ -330,11 +330,7 @@ def test_activation_checkpointing_is_kept_and_gives_the_same_gradients(reentrant
     ids, am = _batch()
     pos = default_position_ids(am)
     ((h_plain, g_plain),), _ = _ours_only(base, ids, am, pos)
-    enable = getattr(m, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-    else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    _enable_checkpointing(m, reentrant)
     m.train()
     assert llama_forward.supported(base, ids.shape[1])
     calls = []
@@ -364,11 +360,7 @@ def test_reentrant_checkpointing_in_eval_mode_is_left_off_as_transformers_does()
     non-reentrant function: the reentrant one would refuse autograd.grad there."""
     m = _model("llama", 2)
     base = backbone(m)
-    enable = getattr(m, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _enable_checkpointing(m, reentrant=True)
     m.eval()
     ids, am = _batch()
     ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(base, ids, am, default_position_ids(am))  # autograd.grad
@@ -386,6 +378,15 @@ def test_call_as_forward_refuses_to_bypass_an_instance_forward():
     layer = backbone(m).layers[0]
     assert llama_forward.call_as_forward(layer, lambda x: x + 1, torch.zeros(1)).item() == 1
     assert "forward" not in layer.__dict__
+
+
+def _enable_checkpointing(m, reentrant: bool) -> None:
+    """transformers' activation checkpointing on ``m`` (renamed in transformers 5)."""
+    enable = getattr(m, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
 def _ours_only(base, ids, am, pos):

@@ -203,3 +203,11 @@ def test_cli_local_tiny_judge(tmp_path):
                      "--model", "tiny:llama:hidden_size=16,num_layers=1,num_heads=2,vocab_size=300"]) == 0
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(recs) == 3 and all(0.0 <= r["p_a"] <= 1.0 and r["label"] in ("A", "B", "tie") for r in recs)
+
+
+@pytest.mark.parametrize("band", [-0.1, 0.5, 0.7, float("nan")])
+def test_tie_band_outside_zero_to_half_is_refused(band):
+    from rlhf_fast.feedback.judge import Judge
+
+    with pytest.raises(ValueError, match=r"tie_band must be a number in \[0, 0.5\)"):
+        Judge.label_items(None, [], tie_band=band)

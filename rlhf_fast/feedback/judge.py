@@ -304,6 +304,7 @@ class Judge:
         label "A" when P(A) > 0.5 + tie_band, "B" when < 0.5 − tie_band, else "tie"."""
         from .label import item_key
 
+        _check_tie_band(tie_band, "tie_band")
         out = []
         for i, it in enumerate(items):
             p = self.compare(it["prompt"], it["a"], it["b"])
@@ -333,12 +334,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tie-band", type=float, default=0.05)
 
 
+def _check_tie_band(value, name: str) -> None:
+    # outside [0, 0.5) one side's label could never be given (or every item would be a tie)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 0.5:
+        raise ValueError(f"{name} must be a number in [0, 0.5), got {value!r}")
+
+
 def run(args) -> int:
     """Entry point of ``rlhf-fast judge``: labels or scores every line of the input."""
     from rlhf_fast.trainers.config import load_config
 
     from .formats import write_jsonl
 
+    _check_tie_band(args.tie_band, "--tie-band")  # before any item is judged
     overrides = []
     for name in ("backend", "model", "base_url", "cache", "max_retries", "backoff", "timeout"):
         v = getattr(args, name, None)

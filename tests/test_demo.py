@@ -31,6 +31,15 @@ def test_demo_config_validation():
         DemoConfig(algo="dpo")
     with pytest.raises(ValueError, match="task"):
         DemoConfig(task="chess")
+    # the CLI: --algo belongs to the preference task (arithmetic always runs GRPO)
+    import argparse
+
+    from rlhf_fast.demo import cli as demo_cli
+
+    parser = argparse.ArgumentParser()
+    demo_cli.add_arguments(parser)
+    with pytest.raises(ValueError, match="--algo ppo applies to --task preference"):
+        demo_cli.run(parser.parse_args(["--task", "arithmetic", "--algo", "ppo"]))
 
 
 def test_demo_quick_end_to_end(tmp_path):

@@ -6,7 +6,8 @@ from __future__ import annotations
 def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
                         help="preference (SFT → annotators → reward model → RL) or arithmetic (GRPO, verifiable reward)")
-    parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="ppo", help="RL algorithm (preference task)")
+    parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default=None,
+                        help="RL algorithm of the preference task (default ppo); the arithmetic task runs GRPO")
     parser.add_argument("--out", default=None, help="run folder (default runs/demo-TASK-TIMESTAMP)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by the tests)")
@@ -20,13 +21,15 @@ def run(args) -> int:
         from rlhf_fast.benchmarks.ops_report import main as ops_report
 
         return ops_report(quick=args.quick)
+    if args.task == "arithmetic" and args.algo not in (None, "grpo"):
+        raise ValueError(f"--algo {args.algo} applies to --task preference; the arithmetic task runs GRPO")
     import torch
 
     from .pipeline import DemoConfig
     from .pipeline import run as run_demo
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    cfg = DemoConfig(task=args.task, algo=args.algo, out_dir=args.out, seed=args.seed, quick=args.quick,
+    cfg = DemoConfig(task=args.task, algo=args.algo or "ppo", out_dir=args.out, seed=args.seed, quick=args.quick,
                      progress=not args.no_progress)
     report = run_demo(cfg)
     ev = report["stages"]["evaluation"]

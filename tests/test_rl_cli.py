@@ -81,6 +81,17 @@ def test_cli_errors(tmp_path, capsys):
     assert "no_such_mod_xyz" in capsys.readouterr().err
     assert main(["rloo", "--resume", str(tmp_path / "missing")]) == 2
     assert main(["plot", str(tmp_path / "missing")]) == 2
+    # an estimator of another family asked for on the command line, or the resumed run's own,
+    # is refused rather than silently replaced by the command's
+    assert main(["grpo", cfg, "--estimator", "rloo"]) == 2
+    assert "rlhf-fast rloo" in capsys.readouterr().err
+    assert main(["grpo", cfg, "--estimator=gae"]) == 2
+    assert "rlhf-fast ppo" in capsys.readouterr().err
+    run = tmp_path / "ppo_run"
+    run.mkdir()
+    (run / "config.yaml").write_text(open(cfg).read().replace("estimator: grpo", "estimator: gae"))
+    assert main(["grpo", "--resume", str(run)]) == 2
+    assert "that run used estimator 'gae'" in capsys.readouterr().err
 
 
 def test_rule_rewards():

@@ -1,7 +1,9 @@
 """``rlhf-fast ppo|grpo|rloo CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
 
 The command picks the estimator family: ``ppo`` → gae (or reinforce++ when the config says
-so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo. Overrides use dotted keys of
+so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo; a config file's estimator of another
+family becomes the command's, while one asked for with ``--estimator`` or the estimator of a
+run being resumed is an error. Overrides use dotted keys of
 :class:`~rlhf_fast.trainers.rl_config.RLConfig` (``--rollout.group_size 8``). With only
 ``--resume RUN_DIR`` the run's own config.yaml is used. The policy is a local path or a
 ``tiny:FAMILY`` spec (``--model.policy``); rewards come from ``--reward.functions
@@ -75,8 +77,32 @@ def build_config(command: str, tokens):
     cfg = load_config(RLConfig, config, overrides)
     default, allowed = FAMILIES[command]
     if cfg.estimator not in allowed:
+        # a config file of another family is reused as the command's own; an estimator asked
+        # for on the command line, or the run being resumed, is not silently replaced
+        asked = _override_value(overrides, "estimator")
+        if asked is not None:
+            raise ValueError(f"--estimator {asked} is not of the {command} family {allowed}; use "
+                             f"rlhf-fast {_family_of(asked)}")
+        if resume is not None and config == os.path.join(resume, "config.yaml"):
+            raise ValueError(f"--resume {resume}: that run used estimator {cfg.estimator!r}; resume it with "
+                             f"rlhf-fast {_family_of(cfg.estimator)}")
         cfg = dataclasses.replace(cfg, estimator=default)
     return cfg
+
+
+def _override_value(overrides, key: str):
+    """The value of ``--key value`` / ``--key=value`` among the override tokens (the last), or None."""
+    found = None
+    for i, t in enumerate(overrides):
+        if t == f"--{key}" and i + 1 < len(overrides):
+            found = overrides[i + 1]
+        elif t.startswith(f"--{key}="):
+            found = t.split("=", 1)[1]
+    return found
+
+
+def _family_of(estimator: str) -> str:
+    return next((cmd for cmd, (_, allowed) in FAMILIES.items() if estimator in allowed), "ppo|grpo|rloo")
 
 
 def run(args) -> int:

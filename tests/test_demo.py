@@ -59,3 +59,17 @@ def test_demo_quick_end_to_end(tmp_path):
     assert pngs
     assert os.path.isfile(os.path.join(out, "rl", "metrics.jsonl"))
     assert os.path.isdir(os.path.join(out, "policy"))
+    # a second demo into the same folder is refused before any stage runs (it would overwrite the first)
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError, match=r"--out .*run already holds a demo run \(policy, report.json, report.md"):
+        run(DemoConfig(quick=True, out_dir=out, progress=False))
+    assert sorted(os.listdir(out)) == before
+
+
+def test_demo_refuses_a_file_as_out(tmp_path):
+    from rlhf_fast import cli
+
+    path = tmp_path / "taken"
+    path.write_text("not a folder")
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(path)]) == 2
+    assert path.read_text() == "not a folder"

@@ -56,6 +56,20 @@ def test_torn_last_line_and_bad_input(tmp_path, monkeypatch, capsys):
         f.write('{"item": 1, "key": "tor')  # crash mid-write
     assert _run(monkeypatch, [pairs, "--out", str(out), "--annotator", "x"], ["b"]) == 0
     assert [r["label"] for r in read_labels(str(out))] == ["A", "B"]
+    # --out that is not a labels file (the items file, notes, a one-line text) is refused, untouched
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for target in (pairs, str(notes)):
+        before = open(target).read()
+        capsys.readouterr()
+        assert _run(monkeypatch, [pairs, "--out", target, "--annotator", "x"], ["a"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("itself" in err or "not a labels file" in err), err
+        assert open(target).read() == before
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "p", "a": "x", "b": "y"}) + "\n")
+    assert _run(monkeypatch, [pairs, "--out", str(other), "--annotator", "x"], ["a"]) == 2
+    assert f"{other}:1: not a label record" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "a": "x"}) + "\n" + json.dumps({"a": "x", "b": "y"}) + "\n")
     capsys.readouterr()

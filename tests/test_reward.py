@@ -10,6 +10,7 @@ import torch
 
 from rlhf_fast import cli
 from rlhf_fast.feedback.formats import PairRecord, RankingRecord, ScoreRecord
+from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2"
@@ -136,6 +137,14 @@ def test_cli(tmp_path, capsys):
     cfg.write_text(f"model: '{TINY}'\ndata: {data}\nmax_steps: 2\nbatch_size: 4\n")
     assert cli.main(["reward", str(cfg), "--output_dir", str(tmp_path / "out"), "--label_smoothing", "0.1"]) == 0
     assert "eval_accuracy" in capsys.readouterr().out
+    log = read_metrics(str(tmp_path / "out"))
+    # a fresh run into that folder is refused; resuming it (the default) runs to the new max_steps
+    assert cli.main(["reward", str(cfg), "--output_dir", str(tmp_path / "out"), "--resume", "false"]) == 2
+    assert "out already holds a run (checkpoints, final, metrics.jsonl)" in capsys.readouterr().err
+    assert cli.main(["reward", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3"]) == 0
+    resumed = read_metrics(str(tmp_path / "out"))
+    assert resumed[:len(log)] == log and resumed[-1]["step"] == 3 and len(resumed) > len(log)
+    capsys.readouterr()
     assert cli.main(["reward", str(cfg), "--label_smoothing", "0.7"]) == 2
     assert "label_smoothing must be in [0, 0.5)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

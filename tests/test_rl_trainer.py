@@ -200,6 +200,22 @@ def test_a_resume_that_cannot_load_leaves_the_run_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="cannot restore optimizer 'policy'"):
         RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
     assert {n: open(os.path.join(run, n)).read() for n in files} == files
+    # a new run (no resume) into that folder is refused before it writes anything
+    cfg.resume = None
+    pol, tok = make_policy()
+    with pytest.raises(ValueError, match=f"output_dir {run} already holds a run \\(checkpoints, final, metrics.jsonl\\): "
+                                         f"continue it \\(resume: {run}, or --resume {run}\\)"):
+        RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    assert {n: open(os.path.join(run, n)).read() for n in files} == files
+
+
+def test_train_in_parts_continues_its_own_run(tmp_path):
+    """train(steps=k) again on the same trainer continues the run it started (not a new one)."""
+    tr = _trainer(tmp_path, "grpo", steps=3)
+    tr.train(steps=1)
+    tr.train(steps=2)
+    with open(os.path.join(tr.config.output_dir, "metrics.jsonl")) as f:
+        assert [json.loads(ln)["step"] for ln in f] == [1, 2, 3]
 
 
 def test_bad_rewards_raise_or_drop(tmp_path):

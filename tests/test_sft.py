@@ -91,6 +91,38 @@ def test_loss_falls_and_resume_is_exact(tmp_path, tok):
     assert [m["loss"] for m in m_full if m["step"] > 3] == [m["loss"] for m in m_res if m["step"] > 3]
 
 
+def test_run_folder_is_never_mixed_with_another_run(tmp_path, tok):
+    recs = synthetic_sft_records(16)
+    cfg = _cfg(tmp_path, max_steps=2, save_every=1)
+    SFTTrainer(cfg, train_records=recs, eval_records=[], tokenizer=tok).train()
+    config_yaml = os.path.join(cfg.output_dir, "config.yaml")
+    log, saved_config = read_metrics(cfg.output_dir), open(config_yaml).read()
+    # a fresh run (resume false) into it is refused before anything is written
+    with pytest.raises(ValueError, match=r"output_dir .*run already holds a run \(checkpoints, final, metrics.jsonl\)"
+                                         r": continue it \(resume: true\)"):
+        SFTTrainer(_cfg(tmp_path, max_steps=3, resume=False, lr=1e-4), train_records=recs, eval_records=[],
+                   tokenizer=tok)
+    assert read_metrics(cfg.output_dir) == log and open(config_yaml).read() == saved_config
+    # a resume that cannot load (another model's sizes) leaves config.yaml as it was
+    other = _cfg(tmp_path, max_steps=3, model=TINY.replace("hidden_size=32", "hidden_size=64"))
+    with pytest.raises(ValueError, match="checkpoint"):
+        SFTTrainer(other, train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert read_metrics(cfg.output_dir) == log and open(config_yaml).read() == saved_config
+    # resuming continues the run: the log keeps steps 1-2, step 3 follows, config.yaml is the new one
+    SFTTrainer(_cfg(tmp_path, max_steps=3, save_every=1), train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert read_metrics(cfg.output_dir)[:2] == log[:2] and [m["step"] for m in read_metrics(cfg.output_dir)] == [1, 2, 3]
+    assert "max_steps: 3" in open(config_yaml).read()
+
+    # a run interrupted before its first checkpoint starts again, without the old log
+    crashed = _cfg(tmp_path, output_dir=str(tmp_path / "crashed"), max_steps=2)
+    os.makedirs(crashed.output_dir)
+    with open(os.path.join(crashed.output_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "loss": 123.0}) + "\n")
+    SFTTrainer(crashed, train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert [m["step"] for m in read_metrics(crashed.output_dir)] == [1, 2]
+    assert 123.0 not in [m["loss"] for m in read_metrics(crashed.output_dir)]
+
+
 @pytest.mark.filterwarnings("ignore:Seems like")
 def test_grad_accum_packing_and_checkpointing_match(tmp_path, tok):
     recs = synthetic_sft_records(16)
@@ -119,6 +151,10 @@ def test_cli(tmp_path, capsys):
     assert "2 steps" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "final"))
+    capsys.readouterr()
+    assert cli.main(["sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--resume", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and len(err.strip().splitlines()) == 1, err
     assert cli.main(["sft", str(cfg), "--max_steps", "zero"]) == 2
     assert "'max_steps': expected int" in capsys.readouterr().err
     assert cli.main(["sft", str(cfg), "--lrr", "1"]) == 2

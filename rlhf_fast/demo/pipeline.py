@@ -374,9 +374,26 @@ def _finish(cfg: DemoConfig, report: Dict, trainer, policy, tok) -> None:
     write_report(cfg, report, trainer)
 
 
+_DEMO_OUTPUTS = ("sft", "reward", "rl", "policy", "report.md", "report.json", "summary.json")
+
+
+def check_demo_folder(out_dir: str) -> None:
+    """Refuse (ValueError naming ``--out``) a folder that already holds a demo's outputs, before
+    any stage runs: a second demo there would overwrite the first one's models and report."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise ValueError(f"--out {out_dir}: expected a folder, found a file")
+        return
+    held = sorted(n for n in _DEMO_OUTPUTS if os.path.exists(os.path.join(out_dir, n)))
+    if held:
+        raise ValueError(f"--out {out_dir} already holds a demo run ({', '.join(held)}): choose another folder "
+                         "or remove that one first")
+
+
 def run(cfg: DemoConfig) -> Dict:
     """Run the demo described by ``cfg``; returns the report dict (also written to disk)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars per stage; no "Writing model shards" noise
+    check_demo_folder(cfg.out_dir)
     return run_arithmetic(cfg) if cfg.task == "arithmetic" else run_preference(cfg)

@@ -78,26 +78,39 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
     return items
 
 
+_LABEL_FIELDS = ("key", "prompt", "a", "b", "label")
+
+
 def read_labels(path: str) -> List[Dict[str, Any]]:
-    """Label records of ``path`` ([] when absent). A torn last line (crash mid-write) is
-    dropped and the file rewritten; a bad line elsewhere is an error."""
+    """Label records of ``path`` ([] when absent). A torn last line (a crash mid-write: a
+    record cut short, no newline after it) is dropped and the file rewritten; any other line
+    that is not a label record is a ValueError naming the file and line, so a file that is
+    not a labels file is never rewritten or appended to."""
     from rlhf_fast.trainers.config import atomic_write_text
 
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: expected a labels file, found a folder")
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 and line.lstrip().startswith("{") and not text.endswith("\n"):
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out))
                 break
-            raise ValueError(f"{path}:{i + 1}: <line>: invalid JSON in the labels file") from None
+            raise ValueError(f"{path}:{i + 1}: invalid JSON: not a labels file") from None
+        missing = [k for k in _LABEL_FIELDS if k not in rec] if isinstance(rec, dict) else list(_LABEL_FIELDS)
+        if missing or rec["label"] not in ("A", "B", "tie", "skip"):
+            raise ValueError(f"{path}:{i + 1}: not a label record (expected the fields {', '.join(_LABEL_FIELDS)} "
+                             f"with label A, B, tie or skip, as `rlhf-fast label` and `rlhf-fast judge` write)")
+        out.append(rec)
     return out
 
 
@@ -214,6 +227,8 @@ def add_arguments(parser) -> None:
 def run(args, stdin: Optional[TextIO] = None) -> int:
     """Entry point of ``rlhf-fast label``; answers are read from ``stdin`` (default sys.stdin)."""
     stream = stdin if stdin is not None else sys.stdin
+    if os.path.exists(args.out) and os.path.exists(args.pairs) and os.path.samefile(args.out, args.pairs):
+        raise ValueError(f"--out {args.out} is the items file itself; write the labels to another file")
     items = load_items(args.pairs, shuffle_sides=args.shuffle_sides, seed=args.seed)
     label_pairs(items, args.out, args.annotator, read_line=stream.readline)
     return 0

@@ -159,7 +159,13 @@ class RunDir:
         self.checkpoints = os.path.join(self.path, "checkpoints")
         self.metrics_path = os.path.join(self.path, "metrics.jsonl")
         if config is not None:
-            save_config(config, os.path.join(self.path, "config.yaml"))
+            self.write_config(config)
+
+    def write_config(self, config: Any) -> str:
+        """Write ``config`` (a dataclass) as ``config.yaml`` in the run folder; returns the path."""
+        p = os.path.join(self.path, "config.yaml")
+        save_config(config, p)
+        return p
 
     def file(self, *parts: str) -> str:
         """A path inside the run folder (parents created)."""
@@ -180,6 +186,60 @@ class RunDir:
 
     def __str__(self) -> str:
         return self.path
+
+
+def run_contents(path: str, *, include_log: bool = True) -> list:
+    """What of a finished or interrupted run the folder ``path`` already holds: ``"checkpoints"``
+    (complete ones), ``"final"`` (a saved model) and, with ``include_log``, a non-empty
+    ``"metrics.jsonl"``. Empty when ``path`` does not exist."""
+    from .checkpoint import latest_checkpoint
+
+    held = []
+    if not os.path.isdir(path):
+        return held
+    if latest_checkpoint(path) is not None:
+        held.append("checkpoints")
+    if os.path.exists(os.path.join(path, "final")):
+        held.append("final")
+    log = os.path.join(path, "metrics.jsonl")
+    if include_log and os.path.isfile(log) and os.path.getsize(log) > 0:
+        held.append("metrics.jsonl")
+    return held
+
+
+def check_fresh_run_dir(path: str, *, option: str = "output_dir", resume_hint: Optional[str] = "resume: true",
+                        include_log: bool = True) -> None:
+    """Refuse to start a new run in a folder that already holds one: its checkpoints, final
+    model and metrics log would be mixed with (and partly overwritten by) the new run's.
+    Raises ValueError naming ``option``, the folder, what it holds and how to continue it
+    (``resume_hint``; None when it cannot be continued)."""
+    held = run_contents(path, include_log=include_log)
+    if held:
+        how = f"continue it ({resume_hint}), or " if resume_hint else "it has no checkpoint to continue from: "
+        raise ValueError(f"{option} {path} already holds a run ({', '.join(held)}): {how}"
+                         f"choose another {option}, or remove that folder first")
+
+
+def open_supervised_run(cfg, is_main: bool):
+    """The run folder of an SFT / reward trainer and the checkpoint it will resume from (None
+    for a fresh start). ``cfg.resume`` continues the latest complete checkpoint of
+    ``cfg.output_dir``; a fresh start into a folder holding another run is refused
+    (``check_fresh_run_dir``), except that with ``resume`` the log of a run interrupted before its
+    first checkpoint is dropped and the run starts again. config.yaml is written now for a fresh
+    start; a resumed run writes it once its checkpoint has loaded (``write_config``), so a failed
+    resume leaves the folder as it was."""
+    from .checkpoint import latest_checkpoint
+
+    path = os.path.abspath(cfg.output_dir) if isinstance(cfg.output_dir, str) and cfg.output_dir else cfg.output_dir
+    ck = latest_checkpoint(path) if cfg.resume and isinstance(path, str) else None
+    if ck is None and isinstance(path, str):
+        check_fresh_run_dir(path, include_log=not cfg.resume, resume_hint=None if cfg.resume else "resume: true")
+    run = RunDir(cfg.output_dir)
+    if ck is None and is_main:
+        if os.path.exists(run.metrics_path):
+            os.remove(run.metrics_path)
+        run.write_config(cfg)
+    return run, ck
 
 
 def check_training_schedule(cfg) -> None:

@@ -25,13 +25,13 @@ import torch
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 from rlhf_fast.models.loading import enable_activation_checkpointing
 
-from .checkpoint import checkpoint_dir, latest_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (RunDir, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
-                     make_scheduler, run_trainer_cli, seed_everything, truncate_metrics)
+from .checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+from .common import (add_config_arguments, autocast_context, check_training_schedule, load_causal_lm, make_scheduler,
+                     open_supervised_run, run_trainer_cli, seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
-from .sft import (_Batches, load_any_checkpoint, local_span, save_sharded_checkpoint, scalar_norm, setup_distributed,
-                  split_records, training_loop)
+from .sft import (_Batches, local_span, resume_supervised, save_sharded_checkpoint, scalar_norm,
+                  setup_distributed, split_records, training_loop)
 
 
 @dataclasses.dataclass
@@ -162,6 +162,8 @@ class RewardTrainer:
             raise TypeError(f"cfg must be a RewardConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # before any data or model is loaded: a folder holding another run is refused at once
+        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
         kind = cfg.data_kind
         if kind == "labels":
@@ -217,7 +219,6 @@ class RewardTrainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0
-        self.run = RunDir(cfg.output_dir, cfg if self.ctx.is_main else None)  # rank 0 writes config.yaml
 
     def _encode_record(self, r) -> Dict[str, Any]:
         enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len)  # noqa: E731
@@ -344,15 +345,7 @@ class RewardTrainer:
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""
-        cfg = self.cfg
-        ck = latest_checkpoint(self.run.path) if cfg.resume else None
-        if ck is not None:
-            extra = load_any_checkpoint(ck, "reward", self.model, self.optimizer, self.scheduler, self.ctx)
-            self.step = int(extra["step"])
-            self.batches.load(extra["data"])
-            if self.ctx.is_main:
-                truncate_metrics(self.run.path, self.step)
-            self.ctx.barrier()
+        resume_supervised(self, "reward")
         return training_loop(self, has_eval=bool(self.eval_items))
 
 

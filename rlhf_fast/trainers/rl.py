@@ -935,11 +935,13 @@ class RLTrainer:
         ``config.output_dir`` (or ``config.resume`` to continue it). Returns the metrics of the
         steps run here. Saves a checkpoint every ``save_every`` steps and at the end, and the
         final policy (and critic) under ``RUN_DIR/final``."""
-        from rlhf_fast.trainers.common import MetricsLogger, RunDir
+        from rlhf_fast.trainers.common import MetricsLogger, RunDir, check_fresh_run_dir
         from rlhf_fast.trainers.config import save_config
 
         cfg = self.config
         out_dir = cfg.resume or cfg.output_dir
+        if self.run_dir is None and not cfg.resume:  # a new run (a later train() call continues this one)
+            check_fresh_run_dir(out_dir, resume_hint=f"resume: {out_dir}, or --resume {out_dir}")
         self.run_dir = RunDir(out_dir)
         if cfg.resume:
             self.load(cfg.resume)  # before config.yaml is rewritten: a failed resume leaves the run as it was

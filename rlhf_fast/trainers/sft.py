@@ -30,9 +30,10 @@ from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distribu
                                    wrap_model)
 from rlhf_fast.models.loading import enable_activation_checkpointing
 
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import (MetricsLogger, RunDir, add_config_arguments, autocast_context, check_training_schedule,
-                     load_causal_lm, make_scheduler, resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
+from .checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
+                     make_scheduler, open_supervised_run, resolve_device, run_trainer_cli, seed_everything,
+                     truncate_metrics)
 
 
 @dataclasses.dataclass
@@ -255,6 +256,23 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                            schedulers={"scheduler": scheduler})
 
 
+def resume_supervised(trainer, part: str) -> None:
+    """Continue an SFT / reward ``trainer`` from the checkpoint its run folder was opened with
+    (``open_supervised_run``; nothing when it starts fresh): weights, optimizer, scheduler,
+    step, data order; then the log is cut back to that step and config.yaml rewritten, only
+    once the checkpoint has loaded."""
+    ck, trainer._resume_from = trainer._resume_from, None
+    if ck is None:
+        return
+    extra = load_any_checkpoint(ck, part, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx)
+    trainer.step = int(extra["step"])
+    trainer.batches.load(extra["data"])
+    if trainer.ctx.is_main:
+        truncate_metrics(trainer.run.path, trainer.step)
+        trainer.run.write_config(trainer.cfg)
+    trainer.ctx.barrier()
+
+
 def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Dict[str, float]:
     """The step / eval / log / checkpoint loop shared by the SFT and reward trainers, from
     ``trainer.step`` to ``trainer.cfg.max_steps``; then the last checkpoint and the final
@@ -311,6 +329,8 @@ class SFTTrainer:
             raise TypeError(f"cfg must be an SFTConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # before any data or model is loaded: a folder holding another run is refused at once
+        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
         # the same seed on every rank: identical initial weights (FSDP2 shards each rank's copy)
         seed_everything(cfg.seed)
         if train_records is None:
@@ -345,7 +365,6 @@ class SFTTrainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0
-        self.run = RunDir(cfg.output_dir, cfg if self.ctx.is_main else None)  # rank 0 writes config.yaml
 
     def _batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
         b = collate([rows[i] for i in idx], self.pad_id)
@@ -395,15 +414,7 @@ class SFTTrainer:
         self.ctx.barrier()
 
     def _maybe_resume(self) -> None:
-        ck = latest_checkpoint(self.run.path) if self.cfg.resume else None
-        if ck is None:
-            return
-        extra = load_any_checkpoint(ck, "policy", self.model, self.optimizer, self.scheduler, self.ctx)
-        self.step = int(extra["step"])
-        self.batches.load(extra["data"])
-        if self.ctx.is_main:
-            truncate_metrics(self.run.path, self.step)
-        self.ctx.barrier()
+        resume_supervised(self, "policy")
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""

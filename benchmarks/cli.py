@@ -21,6 +21,8 @@ from typing import List
 
 import torch
 
+from rlhf_fast.trainers.config import check_output_path
+
 from .common import RESULTS_DIR, Table, write_results
 
 SUITES = ("ops", "e2e", "all")
@@ -86,6 +88,7 @@ def run(args) -> int:
     """Run the chosen suites, print the tables, write the results files."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    check_output_path(args.out if args.out is not None else RESULTS_DIR, "--out", folder=True)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -60,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.command = name
     try:
         return int(module.run(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"rlhf-fast {name}: error: {msg}", file=sys.stderr)
         return 2

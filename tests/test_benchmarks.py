@@ -350,3 +350,15 @@ def test_gae_sampling_bench_quick_run_prints_a_table(capsys):
     bgs.main(["--quick", "--only", "gae", "--budget", "0.01"])
     out = capsys.readouterr().out
     assert "wall time per call" in out and "python-loop" in out and "B=64 T=512" in out
+
+
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys):
+    from rlhf_fast import cli
+
+    taken = tmp_path / "results.md"
+    taken.write_text("earlier results")
+    assert cli.main(["bench", "ops", "--quick", "--out", str(taken)]) == 2
+    assert f"--out {taken}: expected a folder, found a file" in capsys.readouterr().err
+    assert cli.main(["bench", "ops", "--quick", "--out", str(taken / "sub")]) == 2
+    assert f"{taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "earlier results"

@@ -206,3 +206,19 @@ def test_resolve_device_names_a_device_this_machine_lacks():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_numbers_are_refused_at_load(value):
+    """nan passes every comparison (`nan <= 0` is False), so each range check also asks for a
+    finite number: the config is refused when loaded, not steps later by the optimizer."""
+    from rlhf_fast.trainers.reward import RewardConfig
+    from rlhf_fast.trainers.rl_config import RLConfig
+    from rlhf_fast.trainers.sft import SFTConfig
+
+    for cls, key, name in ((RLConfig, "--optim.lr", "optim.lr"), (RLConfig, "--kl.coef", "kl.coef"),
+                           (RLConfig, "--rollout.temperature", "rollout.temperature"),
+                           (SFTConfig, "--lr", "lr"), (SFTConfig, "--grad_clip", "grad_clip"),
+                           (RewardConfig, "--weight_decay", "weight_decay")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            load_config(cls, None, [key, value])

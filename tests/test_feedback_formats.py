@@ -58,7 +58,7 @@ def test_each_problem_names_file_line_field(tmp_path, kind, row, field, needle):
     with pytest.raises(ValueError) as e:
         load_records(path, kind)
     lines = str(e.value).splitlines()
-    assert "1 problem" in lines[0]
+    assert "1 problem" in lines[0] and f"(first: line 2: {field}: " in lines[0] and needle in lines[0]  # what a CLI prints
     assert lines[1].startswith(f"{path}:2: {field}: ") and needle in lines[1], lines[1]
 
 

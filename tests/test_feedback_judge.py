@@ -169,6 +169,25 @@ def test_cli_pairs_and_scores(server, tmp_path, monkeypatch, capsys):
     assert cli.main(["judge", str(items), "--out", str(out), "--cache", "none", "--max-retries", "1", "--backoff", "0"]) == 1
     assert cli.main(["judge", str(items), "--out", str(out), "--max-retries", "many"]) == 2
     assert "max_retries" in capsys.readouterr().err
+    # outputs that cannot be written, the input as output and empty or broken input are refused
+    # before anything is judged (no request is sent) and leave the files as they were
+    server.failures = []
+    n, before = len(server.requests), items.read_text()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "q", "response": "r"}) + "\n{oops\n")
+    for argv, needle in (([str(items), "--out", str(tmp_path)], f"--out {tmp_path}: expected a file, found a folder"),
+                         ([str(items), "--out", str(items / "x.jsonl")], f"{items} is a file, not a folder"),
+                         ([str(items), "--out", str(items)], "is the input file itself"),
+                         ([str(empty), "--out", str(out)], "no items to judge"),
+                         ([str(empty), "--out", str(out), "--mode", "scores"], "no items to judge"),
+                         ([str(broken), "--out", str(out), "--mode", "scores"], f"{broken}:2: invalid JSON")):
+        capsys.readouterr()
+        assert cli.main(["judge"] + argv + ["--cache", "none"]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert len(server.requests) == n and items.read_text() == before
 
 
 def test_local_judge_matches_direct_computation(tmp_path):

@@ -66,6 +66,10 @@ def test_torn_last_line_and_bad_input(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and ("itself" in err or "not a labels file" in err), err
         assert open(target).read() == before
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert _run(monkeypatch, [str(empty), "--out", str(out), "--annotator", "x"], ["a"]) == 2
+    assert "no items to label" in capsys.readouterr().err
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"prompt": "p", "a": "x", "b": "y"}) + "\n")
     assert _run(monkeypatch, [pairs, "--out", str(other), "--annotator", "x"], ["a"]) == 2

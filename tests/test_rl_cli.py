@@ -56,6 +56,32 @@ def test_grpo_cli_resume_plot_eval(tmp_path, capsys):
         res = json.load(f)
     assert 0.0 <= res["win_rate"] <= 1.0 and res["kl"] == res["kl"]  # finite
     assert "reward/letter_a_fraction" in res and res["num_prompts"] == 4
+    # a new run into the folder of this one is refused (it would mix their checkpoints and logs)
+    capsys.readouterr()
+    assert main(["grpo", cfg, "--output_dir", run]) == 2
+    assert f"output_dir {run} already holds a run" in capsys.readouterr().err and _steps(run) == [1, 2, 3, 4, 5]
+    # outputs that cannot be written are refused before the work whose results they would hold
+    assert main(["eval", "--run", run, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: expected a file, found a folder" in capsys.readouterr().err
+    assert main(["plot", run, "--out", out]) == 2
+    assert f"--out {out}: expected a folder, found a file" in capsys.readouterr().err
+
+
+def test_plot_draws_every_metric_of_any_run(tmp_path, capsys):
+    """An SFT / reward log (loss, eval_loss, lr) and metrics of no known family are plotted too;
+    a log with nothing numeric, or a broken line, is one error naming the file."""
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i, "lr": 1e-3, "custom": i})
+                                               + "\n" for i in range(1, 4)))
+    assert main(["plot", str(run)]) == 0
+    assert sorted(os.listdir(run / "plots")) == ["other.png", "training.png"]
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "note": "x"}) + "\n")
+    assert main(["plot", str(run)]) == 2
+    assert "holds no numeric metrics" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n{torn\n")
+    assert main(["plot", str(run)]) == 2
+    assert f"{run / 'metrics.jsonl'}:2: invalid JSON" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command,src,estimator", [("ppo", "ppo.yaml", "gae"), ("rloo", "rloo.yaml", "rloo")])
@@ -80,6 +106,9 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["grpo", cfg, "--reward.functions", "no_such_mod_xyz:f", "--output_dir", str(tmp_path / "r")]) == 2
     assert "no_such_mod_xyz" in capsys.readouterr().err
     assert main(["rloo", "--resume", str(tmp_path / "missing")]) == 2
+    for argv in (["grpo", cfg, "--resume"], ["grpo", "--resume", "--steps", "2"], ["grpo", "--resume="]):
+        assert main(argv) == 2
+        assert "--resume needs the run folder to continue" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "missing")]) == 2
     # an estimator of another family asked for on the command line, or the resumed run's own,
     # is refused rather than silently replaced by the command's

@@ -162,7 +162,8 @@ def test_cli(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p"}) + "\n")
     assert cli.main(["sft", str(cfg), "--data", str(bad)]) == 2
-    assert f"{bad}:1: completion: missing field" not in capsys.readouterr().err  # one line only: the count
+    err = capsys.readouterr().err  # one line: the count and the first problem
+    assert len(err.strip().splitlines()) == 1 and "1 problem(s) in sft records (first: line 1: completion: missing field)" in err
 
 
 def test_one_bos_for_text_and_chat_prompts():

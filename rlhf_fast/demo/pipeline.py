@@ -380,9 +380,10 @@ _DEMO_OUTPUTS = ("sft", "reward", "rl", "policy", "report.md", "report.json", "s
 def check_demo_folder(out_dir: str) -> None:
     """Refuse (ValueError naming ``--out``) a folder that already holds a demo's outputs, before
     any stage runs: a second demo there would overwrite the first one's models and report."""
+    from rlhf_fast.trainers.config import check_output_path
+
+    check_output_path(out_dir, "--out", folder=True)
     if not os.path.isdir(out_dir):
-        if os.path.exists(out_dir):
-            raise ValueError(f"--out {out_dir}: expected a folder, found a file")
         return
     held = sorted(n for n in _DEMO_OUTPUTS if os.path.exists(os.path.join(out_dir, n)))
     if held:

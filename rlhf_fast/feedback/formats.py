@@ -258,6 +258,14 @@ def format_problems(problems: Sequence[Problem], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+def problems_error(name: str, what: str, problems: Sequence[Problem]) -> ValueError:
+    """The ValueError for invalid input: a first line that a CLI prints alone (the count and the
+    first problem), then every problem on a line of its own (``format_problems``)."""
+    first = problems[0]
+    return ValueError(f"{name}: {len(problems)} problem(s) in {what} (first: line {first.line}: {first.field}: "
+                      f"{first.message})\n" + format_problems(problems))
+
+
 def load_records(
     source: Any,
     kind: str,
@@ -295,7 +303,7 @@ def load_records(
         records.append(rec)
     if strict:
         if problems:
-            raise ValueError(f"{name}: {len(problems)} problem(s) in {kind} records:\n" + format_problems(problems))
+            raise problems_error(name, f"{kind} records", problems)
         return records
     return records, problems
 
@@ -390,6 +398,6 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-__all__ = ["KINDS", "SFTRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "load_records",
-           "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
+__all__ = ["KINDS", "SFTRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
+           "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
            "format_problems", "record_texts", "write_jsonl"]

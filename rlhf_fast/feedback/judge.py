@@ -346,7 +346,13 @@ def run(args) -> int:
 
     from .formats import write_jsonl
 
-    _check_tie_band(args.tie_band, "--tie-band")  # before any item is judged
+    from rlhf_fast.trainers.config import check_output_path
+
+    # before any item is judged: results that cannot be written would be lost
+    _check_tie_band(args.tie_band, "--tie-band")
+    check_output_path(args.out, "--out")
+    if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.out, args.input):
+        raise ValueError(f"--out {args.out} is the input file itself; write the judgements to another file")
     overrides = []
     for name in ("backend", "model", "base_url", "cache", "max_retries", "backoff", "timeout"):
         v = getattr(args, name, None)
@@ -374,14 +380,25 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args) -> List[Dict[str, Any]]:
     if args.mode == "pairs":
         out = judge.label_items(load_items(args.input), tie_band=args.tie_band)
     else:
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"input file not found: {args.input}")
+        rows = []
         with open(args.input, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        for i, r in enumerate(rows):
-            if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
-                raise ValueError(f"{args.input}:{i + 1}: response: missing field (need prompt and response)")
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.input}:{i + 1}: invalid JSON ({e.msg})") from None
+                if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
+                    raise ValueError(f"{args.input}:{i + 1}: response: missing field (need prompt and response)")
+                rows.append(r)
         out = [{"prompt": r["prompt"], "response": r["response"], "score": judge.score(r["prompt"], r["response"]),
                 "annotator": f"judge:{cfg.model}"} for r in rows]
         load_records(out, "scores")  # the output must itself be valid score records
+    if not out:
+        raise ValueError(f"{args.input}: no items to judge (the file holds no records)")
     return out
 
 

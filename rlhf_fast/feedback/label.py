@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from .formats import PairRecord, Problem, format_problems, read_rows, render_prompt
+from .formats import PairRecord, Problem, problems_error, read_rows, render_prompt
 
 ANSWERS = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip",
            "u": "undo", "undo": "undo", "q": "quit", "quit": "quit"}
@@ -74,7 +74,7 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
             a, b = b, a
         items.append({"item": len(items), "key": item_key(prompt, a, b), "prompt": prompt, "a": a, "b": b})
     if problems:
-        raise ValueError(f"{name}: {len(problems)} problem(s) in pairs to label:\n" + format_problems(problems))
+        raise problems_error(name, "pairs to label", problems)
     return items
 
 
@@ -227,9 +227,14 @@ def add_arguments(parser) -> None:
 def run(args, stdin: Optional[TextIO] = None) -> int:
     """Entry point of ``rlhf-fast label``; answers are read from ``stdin`` (default sys.stdin)."""
     stream = stdin if stdin is not None else sys.stdin
+    from rlhf_fast.trainers.config import check_output_path
+
+    check_output_path(args.out, "--out")
     if os.path.exists(args.out) and os.path.exists(args.pairs) and os.path.samefile(args.out, args.pairs):
         raise ValueError(f"--out {args.out} is the items file itself; write the labels to another file")
     items = load_items(args.pairs, shuffle_sides=args.shuffle_sides, seed=args.seed)
+    if not items:
+        raise ValueError(f"{args.pairs}: no items to label (the file holds no records)")
     label_pairs(items, args.out, args.annotator, read_line=stream.readline)
     return 0
 

@@ -260,10 +260,12 @@ def check_training_schedule(cfg) -> None:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
-    if cfg.grad_clip < 0:
-        raise ValueError(f"grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    for name, low in (("lr", "> 0"), ("grad_clip", ">= 0 (0 disables)"), ("weight_decay", ">= 0")):
+        v = getattr(cfg, name)
+        # nan passes every comparison: refused with inf, as neither trains anything
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                or (name == "lr" and v == 0):
+            raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
     if not isinstance(cfg.gradient_checkpointing, bool):

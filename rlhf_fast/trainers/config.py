@@ -303,4 +303,25 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-__all__ = ["load_config", "to_dict", "save_config", "parse_overrides", "atomic_write_text"]
+def check_output_path(path, option: str, *, folder: bool = False) -> None:
+    """Check, before any work whose results it will hold, that ``path`` can be written: a file
+    (or, with ``folder``, a folder) that is not the other kind, in a folder that exists or can
+    be created and is writable. Raises ValueError naming ``option`` and the path."""
+    path = os.fspath(path)
+    want, other = ("a folder", "a file") if folder else ("a file", "a folder")
+    if os.path.exists(path):
+        if os.path.isdir(path) != folder:
+            raise ValueError(f"{option} {path}: expected {want}, found {other}")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest folder that exists will hold the new ones
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: cannot write in {parent} (permission denied)")
+
+
+__all__ = ["load_config", "to_dict", "save_config", "parse_overrides", "atomic_write_text", "check_output_path"]

@@ -104,6 +104,10 @@ def run(args) -> int:
 
     from rlhf_fast.algorithms import CallableReward, CombinedReward, RewardModelReward, load_callable
 
+    from rlhf_fast.trainers.config import atomic_write_text, check_output_path
+
+    if args.out:
+        check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
     prompts, reference, fns = None, None, list(args.reward_fn)
     policy_path = args.policy
     if args.run:
@@ -145,7 +149,6 @@ def run(args) -> int:
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n)
     text = json.dumps(res, indent=2)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.out, text + "\n")
     print(text)
     return 0

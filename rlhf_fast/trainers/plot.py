@@ -19,6 +19,7 @@ GROUPS = {
     "value": ("value/",),
     "generation": ("entropy", "response_length/", "tokens_per_second"),
     "time": ("time/",),
+    "training": ("loss", "eval_", "grad_norm", "lr", "accuracy", "margin"),  # SFT and reward runs
 }
 
 
@@ -27,8 +28,15 @@ def read_records(run_dir: str) -> List[Dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    recs = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
+    return recs
 
 
 def plot_run(run_dir: str, out_dir: str = None) -> List[str]:
@@ -41,12 +49,20 @@ def plot_run(run_dir: str, out_dir: str = None) -> List[str]:
     recs = read_records(run_dir)
     if not recs:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no records")
+    from rlhf_fast.trainers.config import check_output_path
+
     out_dir = out_dir or os.path.join(run_dir, "plots")
+    check_output_path(out_dir, "--out", folder=True)
+    keys = sorted({k for r in recs for k, v in r.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not keys:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no numeric metrics to plot")
     os.makedirs(out_dir, exist_ok=True)
-    keys = sorted({k for r in recs for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    grouped = {g: [k for k in keys if any(k.startswith(p) for p in prefixes)] for g, prefixes in GROUPS.items()}
+    seen = {k for ks in grouped.values() for k in ks}
+    grouped["other"] = [k for k in keys if k not in seen]  # nothing logged goes unplotted
     written = []
-    for group, prefixes in GROUPS.items():
-        ks = [k for k in keys if any(k.startswith(p) for p in prefixes)]
+    for group, ks in grouped.items():
         if not ks:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))

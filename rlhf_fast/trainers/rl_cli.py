@@ -45,13 +45,12 @@ def split_args(tokens):
     i = 0
     while i < len(tokens):
         t = tokens[i]
-        if t == "--resume" and i + 1 < len(tokens):
-            resume = tokens[i + 1]
-            i += 2
-            continue
-        if t.startswith("--resume="):
-            resume = t.split("=", 1)[1]
-            i += 1
+        if t == "--resume" or t.startswith("--resume="):
+            value = t.split("=", 1)[1] if "=" in t else (tokens[i + 1] if i + 1 < len(tokens) else "")
+            if not value or value.startswith("--"):
+                raise ValueError("--resume needs the run folder to continue: --resume RUN_DIR")
+            resume = value
+            i += 1 if "=" in t else 2
             continue
         rest.append(t)
         i += 1

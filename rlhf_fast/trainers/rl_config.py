@@ -7,6 +7,7 @@ YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -23,8 +24,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def _pos(name, v, allow_zero=False, integer=False):
     kind = int if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if allow_zero else v <= 0):
-        what = "an int" if integer else "a number"
+    # nan passes every comparison and inf makes no sense for any of these: both are refused
+    if (isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v)
+            or (v < 0 if allow_zero else v <= 0)):
+        what = "an int" if integer else "a finite number"
         raise ValueError(f"{name} must be {what} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 

@@ -423,6 +423,88 @@ def test_sample_invalid_rows_are_defined():
             assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and tok[4].item() >= 290
 
 
+def _padded_rows(x, n_rows):
+    """x [B, V] then zero rows up to n_rows: enough rows that the sampler gives each one block."""
+    return torch.cat([x, torch.zeros(n_rows - x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)])
+
+
+def _misaligned(x):
+    """x's values in a contiguous tensor whose data starts one element past an aligned address
+    (no vector loads)."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = flat[1:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("V", [151936, 100003, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_few_row_draws_split_over_blocks_equal_the_one_block_kernel(V, dtype, temperature):
+    """Few rows of a long vocabulary are split over several blocks (a partial kernel, then a
+    merge); every entry keeps its Philox noise, so the tokens are exactly those of the same rows
+    drawn one block per row (here: the same rows among 4096, with the same generator state)."""
+    B = 5
+    x = (torch.randn(B, V, generator=torch.Generator().manual_seed(V)) * 3).to(dtype).cuda()
+    x[1, V - 1] = 40.0  # the winner in the last entry: the last, partly filled chunk counts
+    x[2, :V // 2] = float("-inf")  # whole chunks of -inf
+    x[3, 7] = x[3, V - 2] = 50.0  # greedy: the first of two maxima in different chunks
+    with ops.use_backend("cuda"):
+        for name, inputs in (("aligned", x), ("misaligned", _misaligned(x))):
+            split = ops.sample(inputs, temperature=temperature, generator=torch.Generator("cuda").manual_seed(11))
+            whole = ops.sample(_padded_rows(inputs, 4096), temperature=temperature,
+                               generator=torch.Generator("cuda").manual_seed(11))
+            assert torch.equal(split[0], whole[0][:B]), name
+            torch.testing.assert_close(split[1], whole[1][:B], rtol=1e-5, atol=1e-5)
+            target = reference.process_logits(inputs.float().cpu(), temperature=temperature)
+            if temperature == 0.0:
+                assert torch.equal(split[0].cpu(), inputs.float().cpu().argmax(-1)) and split[0][3].item() == 7
+                assert (split[1] == 0).all()
+            else:
+                assert split[0][1].item() == V - 1
+                torch.testing.assert_close(split[1].cpu(), target[torch.arange(B), split[0].cpu()], rtol=1e-4,
+                                           atol=1e-4)
+            assert (split[0][2] >= V // 2).all()
+
+
+@gpu
+def test_few_row_draws_split_over_blocks_draw_from_softmax():
+    """The split path's draws follow softmax: rows of one distribution, 8 at a time (split) for
+    2e5 draws, a chi-squared test against the reference's probabilities over 64 tokens that hold
+    nearly all of the mass of a 65536-entry vocabulary."""
+    V, n, B = 65536, 200_000, 8
+    row = torch.full((1, V), -30.0)
+    row[0, :64] = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 2
+    logits = row.cuda().expand(B, V).contiguous()
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    toks = []
+    with ops.use_backend("cuda"):
+        for _ in range(n // B):
+            toks.append(ops.sample(logits, generator=gen)[0])
+    tok = torch.cat(toks).cpu()
+    p = reference.process_logits(row)[0].double().exp()
+    counts = torch.bincount(tok, minlength=V).double()
+    assert counts[64:].sum() <= 5  # p of the tail: 65472 · e^-30 / Z, ~1e-8 per draw
+    stat, df = _chi2_stat(counts[:64], p[:64] / p[:64].sum(), n)
+    assert stat < _chi2_bound(df), (stat, df)
+
+
+@gpu
+def test_split_draws_of_invalid_rows_are_defined():
+    V = 70000
+    logits = torch.randn(4, V).cuda()
+    logits[0, 60000] = float("nan")
+    logits[1, 50000] = logits[1, 65000] = float("inf")
+    logits[2] = float("-inf")
+    with ops.use_backend("cuda"):
+        for t in (1.0, 0.0):
+            tok, lp = ops.sample(logits, temperature=t)
+            assert ((tok >= 0) & (tok < V)).all() and tok[1].item() == 50000
+            assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and torch.isfinite(lp[3])
+            assert torch.isnan(lp[1]) if t else lp[1].item() == 0.0
+
+
 @gpu
 def test_sample_rejects_bad_generator():
     logits = torch.randn(2, 10, device="cuda")

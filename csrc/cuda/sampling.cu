@@ -1,9 +1,15 @@
 // CUDA sampler: one token per row of logits [B, V] from the temperature / top-k / top-p /
-// min-p processed distribution, without sorting the vocabulary. One block per row.
+// min-p processed distribution, without sorting the vocabulary. One block per row, except
+// for plain draws of few rows (below).
 //
 // * Plain temperature sampling with in-kernel Philox (sample_philox, no filters): ONE pass.
 //   Gumbel-max — argmax_i x_i + g_i with g_i = -log(E_i), E_i ~ Exp(1) — is an exact draw from
 //   softmax(x); the same pass keeps the online max / sum-exp for the chosen token's log-prob.
+//   Greedy is the same pass without noise. When there are too few rows to fill the GPU (one
+//   block per row left B = 1 on one SM), each row is split over several blocks whose partial
+//   (max, sum-exp, best score, argmax) a second, one-warp-per-row kernel merges: the argmax
+//   merge (larger score, then the lower index) is associative, and every entry keeps its
+//   Philox noise, so the tokens are those of the one-block pass.
 // * Filters: every filter keeps a prefix of the order (value desc, index asc), so the kept set
 //   is a threshold key plus the number of ties at it that survive (lowest indices first, as the
 //   reference's stable sort). The thresholds are found by radix select on the order-preserving
@@ -72,10 +78,14 @@ __device__ __forceinline__ unsigned long long fixed_weight(float w, float scale)
 // Gumbel noise -log(E), E = -log(1 - v) ~ Exp(1), v uniform on (0, 1) with 2^-32 resolution
 // near 0: the large noise values, which let unlikely tokens win, are resolved up to ~22.9
 // (24 bits of u in -log(-log u) would cap them at 17.3, making every token 20 nats below the
-// max impossible). v is capped below 1 so that the noise is always finite.
+// max impossible). v is capped below 1 so that the noise is always finite. E is the Triton
+// kernel's: the series of -log1p(-v) below 2^-10, where 1 - v would round away v's low bits,
+// and the fast log above (log1pf, a long polynomial per entry, was a good part of the cost of
+// plain sampling; the error left, below 2^-15 relative, is far under what 1e6 draws resolve).
 __device__ __forceinline__ float gumbel(uint32_t bits) {
   const float v = fminf((static_cast<float>(bits) + 0.5f) * 2.3283064365386963e-10f, 0.99999994f);
-  return -__logf(-log1pf(-v));
+  const float e = v < 0.0009765625f ? v + v * v * (0.5f + v * 0.33333333f) : -__logf(1.f - v);
+  return -__logf(e);
 }
 
 __device__ __forceinline__ uint4 philox_block(uint2 key, uint64_t ctr_hi /* offset / 4 */, uint64_t sub) {
@@ -136,6 +146,78 @@ __device__ __forceinline__ void arg_merge(float& v, int64_t& i, float v2, int64_
   if (v2 > v || (v2 == v && i2 < i)) {
     v = v2;
     i = i2;
+  }
+}
+
+// x into the online (max, Σ exp(x - max)): one exp per entry (lse_merge's two are for merging
+// partial sums). -inf is skipped; m = -inf has s = 0, so the first finite x gives s = 1.
+__device__ __forceinline__ void lse_add(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * __expf(m - x) + 1.f;
+    m = x;
+  } else if (x != -INFINITY) {
+    s += __expf(x - m);
+  }
+}
+
+// 4 consecutive entries, one vector load: what a thread reads per Philox block
+template <typename scalar_t>
+struct alignas(4 * sizeof(scalar_t)) Vec4 {
+  scalar_t v[4];
+};
+
+// The first pass of every draw over the groups [g_begin, g_end) of 4 entries of row z: online
+// max / sum-exp, NaN / +inf detection and the argmax of the scores (x plus its Gumbel noise
+// when `noise`, x alone otherwise). `vec`: z + 4g is aligned for a Vec4 load (V % 4 == 0).
+template <typename scalar_t>
+__device__ __forceinline__ void row_stats(const scalar_t* __restrict__ z, int64_t V, int64_t g_begin, int64_t g_end,
+                                          float temp, bool noise, bool vec, uint2 key, uint64_t ctr_hi, uint64_t sub0,
+                                          float& m, float& s, float& best, int64_t& arg, int64_t& pinf, int& nan) {
+  for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x) {
+    const int64_t i0 = 4 * g;
+    float x[4];
+    if (vec) {
+      const Vec4<scalar_t> q = *reinterpret_cast<const Vec4<scalar_t>*>(z + i0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[j] = scaled(q.v[j], temp);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[j] = i0 + j < V ? scaled(z[i0 + j], temp) : -INFINITY;
+    }
+    // one Philox block gives the 4 noises
+    const uint4 r = noise ? philox_block(key, ctr_hi, sub0 + static_cast<uint64_t>(g)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = i0 + j;
+      if (i >= V) break;
+      if (isnan(x[j])) {
+        nan = 1;
+        continue;
+      }
+      if (x[j] == INFINITY) pinf = min(pinf, i);
+      lse_add(m, s, x[j]);
+      arg_merge(best, arg, noise ? x[j] + gumbel(philox_word(r, j)) : x[j], i);
+    }
+  }
+}
+
+// The token and log-prob of a plain (greedy or unfiltered Gumbel-max) draw from its row's
+// merged statistics: greedy gives the first maximum (+inf included) with logp 0; rows with
+// NaN, +inf or only -inf have no distribution: a defined token, logp NaN.
+template <typename scalar_t>
+__device__ __forceinline__ void finish_plain(const scalar_t* __restrict__ z, int64_t V, bool greedy, float temp,
+                                             float m, float s, int64_t arg, int64_t pinf, int nan,
+                                             int64_t* __restrict__ token, float* __restrict__ logp) {
+  if (greedy && !nan && m != -INFINITY) {
+    *token = arg;
+    *logp = 0.f;
+  } else if (nan || pinf < V || m == -INFINITY) {
+    *token = pinf < V ? pinf : 0;
+    *logp = NAN;
+  } else {
+    const int64_t tok = arg < V ? arg : 0;
+    *token = tok;
+    *logp = scaled(z[tok], temp) - m - __logf(s);
   }
 }
 
@@ -303,7 +385,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __restrict__ logits, int64_t V,
                                                           float temperature, int64_t top_k, float top_p, float min_p,
                                                           const double* __restrict__ uniforms, uint64_t seed,
-                                                          uint64_t offset, int64_t* __restrict__ tokens,
+                                                          uint64_t offset, bool vec, int64_t* __restrict__ tokens,
                                                           float* __restrict__ logp_out) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * V;
@@ -320,46 +402,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   float m = -INFINITY, s = 0.f, best = -INFINITY;
   int64_t arg = V, pinf = V;
   int nan = 0;
-  // 4 consecutive entries per thread: one Philox block gives their 4 noises
-  for (int64_t g = threadIdx.x; 4 * g < V; g += blockDim.x) {
-    const uint4 r = gumbel_one_pass ? philox_block(key, ctr_hi, sub0 + static_cast<uint64_t>(g)) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * g + j;
-      if (i >= V) break;
-      const float x = scaled(z[i], temp);
-      if (isnan(x)) {
-        nan = 1;
-        continue;
-      }
-      if (x == INFINITY) pinf = min(pinf, i);
-      lse_merge(m, s, x, 1.f);
-      const float score = gumbel_one_pass ? x + gumbel(philox_word(r, j)) : x;
-      arg_merge(best, arg, score, i);
-    }
-  }
+  row_stats(z, V, 0, (V + 3) >> 2, temp, gumbel_one_pass, vec, key, ctr_hi, sub0, m, s, best, arg, pinf, nan);
   block_reduce_stats(m, s, best, arg, pinf, nan);
   // all of the branches below depend only on block-uniform values
-  if (greedy && !nan && m != -INFINITY) {
-    if (threadIdx.x == 0) {
-      tokens[row] = arg;  // first index of the max (the first +inf if any)
-      logp_out[row] = 0.f;
-    }
-    return;
-  }
-  if (nan || pinf < V || m == -INFINITY) {
-    if (threadIdx.x == 0) {
-      tokens[row] = pinf < V ? pinf : 0;
-      logp_out[row] = NAN;
-    }
-    return;
-  }
-  if (gumbel_one_pass) {
-    if (threadIdx.x == 0) {
-      const int64_t tok = arg < V ? arg : 0;
-      tokens[row] = tok;
-      logp_out[row] = scaled(z[tok], temp) - m - __logf(s);
-    }
+  if ((greedy && !nan && m != -INFINITY) || nan || pinf < V || m == -INFINITY || gumbel_one_pass) {
+    if (threadIdx.x == 0) finish_plain(z, V, greedy, temp, m, s, arg, pinf, nan, tokens + row, logp_out + row);
     return;
   }
 
@@ -473,6 +520,103 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   }
 }
 
+// ---- plain draws of few rows: each row split over `chunks` blocks
+
+// One block's share of a row: the statistics row_stats gathered over its groups.
+struct RowPartial {
+  float m, s, best;
+  int nan;
+  int64_t arg, pinf;
+};
+
+constexpr int kSplitThreads = 256;
+constexpr int kMergeRowsPerBlock = 4;  // one warp per row
+
+// Block b = row · chunks + c covers the groups [c·groups_per_chunk, (c + 1)·groups_per_chunk)
+// of its row; the noise of every entry is the one-block pass's (the same Philox counter).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads) plain_partial_kernel(const scalar_t* __restrict__ logits, int64_t V,
+                                                                      int64_t chunks, int64_t groups_per_chunk,
+                                                                      float temperature, uint64_t seed, uint64_t offset,
+                                                                      bool vec, RowPartial* __restrict__ parts) {
+  const int64_t row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  const bool greedy = temperature == 0.f;
+  const float temp = greedy ? 1.f : temperature;
+  const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const int64_t groups = (V + 3) >> 2;
+  const uint64_t sub0 = static_cast<uint64_t>(row) * static_cast<uint64_t>(groups);
+  const int64_t g_begin = c * groups_per_chunk;
+  const int64_t g_end = g_begin + groups_per_chunk < groups ? g_begin + groups_per_chunk : groups;
+  float m = -INFINITY, s = 0.f, best = -INFINITY;
+  int64_t arg = V, pinf = V;
+  int nan = 0;
+  row_stats(logits + row * V, V, g_begin, g_end, temp, !greedy, vec, key, offset >> 2, sub0, m, s, best, arg, pinf,
+            nan);
+  block_reduce_stats(m, s, best, arg, pinf, nan);
+  if (threadIdx.x == 0) parts[blockIdx.x] = RowPartial{m, s, best, nan, arg, pinf};
+}
+
+// One warp per row merges its `chunks` partials and writes the draw.
+template <typename scalar_t>
+__global__ void __launch_bounds__(32 * kMergeRowsPerBlock) plain_merge_kernel(
+    const scalar_t* __restrict__ logits, int64_t B, int64_t V, int64_t chunks, float temperature,
+    const RowPartial* __restrict__ parts, int64_t* __restrict__ tokens, float* __restrict__ logp_out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= B) return;  // the whole warp: rows are warp-uniform
+  const int lane = threadIdx.x & 31;
+  float m = -INFINITY, s = 0.f, best = -INFINITY;
+  int64_t arg = V, pinf = V;
+  int nan = 0;
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const RowPartial p = parts[row * chunks + c];
+    lse_merge(m, s, p.m, p.s);
+    arg_merge(best, arg, p.best, p.arg);
+    pinf = min(pinf, p.pinf);
+    nan |= p.nan;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {  // lanes past the end merge identities
+    const float m2 = __shfl_down_sync(kFull, m, o), s2 = __shfl_down_sync(kFull, s, o);
+    const float b2 = __shfl_down_sync(kFull, best, o);
+    const int64_t a2 = __shfl_down_sync(kFull, arg, o), p2 = __shfl_down_sync(kFull, pinf, o);
+    const int n2 = __shfl_down_sync(kFull, nan, o);
+    lse_merge(m, s, m2, s2);
+    arg_merge(best, arg, b2, a2);
+    pinf = min(pinf, p2);
+    nan |= n2;
+  }
+  if (lane == 0) {
+    const bool greedy = temperature == 0.f;
+    finish_plain(logits + row * V, V, greedy, greedy ? 1.f : temperature, m, s, arg, pinf, nan, tokens + row,
+                 logp_out + row);
+  }
+}
+
+// The streaming multiprocessors of `device` (cached: the attribute query is not free).
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+      cudaGetLastError();  // clear it: a later check_launch must not report this query
+      n = 132;
+    }
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+// How many blocks share each row of a plain draw: enough for ~4 blocks of kSplitThreads per
+// SM over all rows (one wave: the partial kernel holds 5 at its ~45 registers), each at least 512 groups (2048 entries), so that the merge stays small;
+// 1 (the one-block-per-row kernel) when the rows alone fill the GPU.
+int64_t plain_chunks(int64_t B, int64_t V, int device) {
+  const int64_t target = 4 * static_cast<int64_t>(sm_count(device));
+  const int64_t by_rows = ceil_div(target, B), by_size = ceil_div(ceil_div(V, 4), 512);
+  const int64_t chunks = by_rows < by_size ? by_rows : by_size;
+  return chunks > 1 ? chunks : 1;
+}
+
 void check_args(const at::Tensor& logits, double temperature, int64_t top_k, double top_p, double min_p) {
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, "sample: logits must be [B, V] with V > 0");
   TORCH_CHECK_VALUE(logits.size(1) < (int64_t(1) << 31), "sample: V must be < 2^31");
@@ -496,11 +640,32 @@ std::tuple<at::Tensor, at::Tensor> launch(const at::Tensor& logits, const at::Te
   if (uniforms) u = uniforms->to(z.device(), at::kDouble).contiguous();
   // a temperature that rounds to 0 in fp32 would divide by 0: treat it as greedy, the limit
   const float t32 = static_cast<float>(temperature);
+  const bool greedy = t32 == 0.f;
+  const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0 || min_p > 0.0;
+  // plain draws (greedy, or Gumbel-max without filters) of few rows: several blocks per row
+  const int64_t chunks = greedy || (!filtered && !uniforms) ? plain_chunks(B, V, z.get_device()) : 1;
   const int threads = V >= 4096 ? kThreads : 128;
+  const cudaStream_t stream = current_stream(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "sample_cuda", [&] {
-    sample_kernel<scalar_t><<<static_cast<unsigned int>(B), threads, 0, current_stream(z)>>>(
-        z.data_ptr<scalar_t>(), V, t32, top_k, static_cast<float>(top_p), static_cast<float>(min_p),
-        uniforms ? u.data_ptr<double>() : nullptr, seed, offset, tokens.data_ptr<int64_t>(), logp.data_ptr<float>());
+    const scalar_t* data = z.data_ptr<scalar_t>();
+    // every row start is aligned for Vec4 loads when V % 4 == 0 and the first one is
+    const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(data) % sizeof(Vec4<scalar_t>) == 0;
+    if (chunks > 1) {
+      auto parts = at::empty({B * chunks * static_cast<int64_t>(sizeof(RowPartial))}, z.options().dtype(at::kByte));
+      auto* p = reinterpret_cast<RowPartial*>(parts.data_ptr<uint8_t>());
+      plain_partial_kernel<scalar_t><<<static_cast<unsigned int>(B * chunks), kSplitThreads, 0, stream>>>(
+          data, V, chunks, ceil_div(ceil_div(V, 4), chunks), t32, seed, offset, vec, p);
+      check_launch("sample (partial)");
+      plain_merge_kernel<scalar_t><<<static_cast<unsigned int>(ceil_div(B, kMergeRowsPerBlock)),
+                                     32 * kMergeRowsPerBlock, 0, stream>>>(data, B, V, chunks, t32, p,
+                                                                          tokens.data_ptr<int64_t>(),
+                                                                          logp.data_ptr<float>());
+    } else {
+      sample_kernel<scalar_t><<<static_cast<unsigned int>(B), threads, 0, stream>>>(
+          data, V, t32, top_k, static_cast<float>(top_p), static_cast<float>(min_p),
+          uniforms ? u.data_ptr<double>() : nullptr, seed, offset, vec, tokens.data_ptr<int64_t>(),
+          logp.data_ptr<float>());
+    }
   });
   check_launch("sample");
   return {tokens, logp};

@@ -38,23 +38,29 @@ def mask(name: str, m, shape: Sequence[int]) -> None:
         raise TypeError(f"{name} must be a torch.Tensor (bool or 0/1), got {type(m).__name__}")
     if m.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1, got {m.dtype}")
-    if tuple(m.shape) != tuple(shape):
+    # torch.Size is a tuple: compared as it is (these checks run on every op call, where a
+    # few microseconds of Python are a good part of a small op's time)
+    if m.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(m.shape)}")
 
 
 def same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
-    ref = tuple(tensors[0].shape)
-    for n, t in zip(names[1:], tensors[1:]):
-        if tuple(t.shape) != ref:
-            raise ValueError(f"{n} must have the shape of {names[0]} {ref}, got {tuple(t.shape)}")
+    ref = tensors[0].shape
+    for i in range(1, len(tensors)):
+        if tensors[i].shape != ref:
+            raise ValueError(f"{names[i]} must have the shape of {names[0]} {tuple(ref)}, "
+                             f"got {tuple(tensors[i].shape)}")
 
 
 def same_device(names: Sequence[str], tensors: Iterable[Optional[torch.Tensor]]) -> None:
-    pairs = [(n, t) for n, t in zip(names, tensors) if isinstance(t, torch.Tensor)]
-    dev = pairs[0][1].device
-    for n, t in pairs[1:]:
-        if t.device != dev:
-            raise ValueError(f"{n} is on {t.device} but {pairs[0][0]} is on {dev}; put all inputs on one device")
+    dev = first = None
+    for n, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if dev is None:
+            dev, first = t.device, n
+        elif t.device != dev:
+            raise ValueError(f"{n} is on {t.device} but {first} is on {dev}; put all inputs on one device")
 
 
 def labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -221,6 +221,27 @@ __device__ __forceinline__ void finish_plain(const scalar_t* __restrict__ z, int
   }
 }
 
+// Merge of the online statistics (max, sum-exp, best score and its index, first +inf, NaN seen).
+__device__ __forceinline__ void stats_merge(float& m, float& s, float& best, int64_t& arg, int64_t& pinf, int& nan,
+                                            float m2, float s2, float b2, int64_t a2, int64_t p2, int n2) {
+  lse_merge(m, s, m2, s2);
+  arg_merge(best, arg, b2, a2);
+  pinf = min(pinf, p2);
+  nan |= n2;
+}
+
+// The warp's statistics merged into lane 0 (a shfl_down tree: lanes past the end merge with
+// themselves, but lane 0 only ever reads lanes whose values are still exact).
+__device__ __forceinline__ void warp_reduce_stats(float& m, float& s, float& best, int64_t& arg, int64_t& pinf,
+                                                  int& nan) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    stats_merge(m, s, best, arg, pinf, nan, __shfl_down_sync(kFull, m, o), __shfl_down_sync(kFull, s, o),
+                __shfl_down_sync(kFull, best, o), __shfl_down_sync(kFull, arg, o), __shfl_down_sync(kFull, pinf, o),
+                __shfl_down_sync(kFull, nan, o));
+  }
+}
+
 // Block-wide merge of the per-thread online statistics (and a Gumbel argmax when used); every
 // thread gets the result. blockDim.x is a multiple of 32.
 __device__ void block_reduce_stats(float& m, float& s, float& best, int64_t& arg, int64_t& pinf, int& nan) {
@@ -228,19 +249,7 @@ __device__ void block_reduce_stats(float& m, float& s, float& best, int64_t& arg
   __shared__ int64_t sa[32], sp[32];
   __shared__ int sn[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  // shfl_down tree: lanes past the end merge with themselves, but lane 0 only ever reads
-  // lanes whose values are still exact
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_down_sync(kFull, m, o), s2 = __shfl_down_sync(kFull, s, o);
-    const float b2 = __shfl_down_sync(kFull, best, o);
-    const int64_t a2 = __shfl_down_sync(kFull, arg, o), p2 = __shfl_down_sync(kFull, pinf, o);
-    const int n2 = __shfl_down_sync(kFull, nan, o);
-    lse_merge(m, s, m2, s2);
-    arg_merge(best, arg, b2, a2);
-    pinf = min(pinf, p2);
-    nan |= n2;
-  }
+  warp_reduce_stats(m, s, best, arg, pinf, nan);
   __syncthreads();
   if (lane == 0) {
     sm[warp] = m, ss[warp] = s, sb[warp] = best, sa[warp] = arg, sp[warp] = pinf, sn[warp] = nan;
@@ -248,10 +257,7 @@ __device__ void block_reduce_stats(float& m, float& s, float& best, int64_t& arg
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < nwarps; ++w) {
-      lse_merge(m, s, sm[w], ss[w]);
-      arg_merge(best, arg, sb[w], sa[w]);
-      pinf = min(pinf, sp[w]);
-      nan |= sn[w];
+      stats_merge(m, s, best, arg, pinf, nan, sm[w], ss[w], sb[w], sa[w], sp[w], sn[w]);
     }
     sm[0] = m, ss[0] = s, sb[0] = best, sa[0] = arg, sp[0] = pinf, sn[0] = nan;
   }
@@ -569,22 +575,9 @@ __global__ void __launch_bounds__(32 * kMergeRowsPerBlock) plain_merge_kernel(
   int nan = 0;
   for (int64_t c = lane; c < chunks; c += 32) {
     const RowPartial p = parts[row * chunks + c];
-    lse_merge(m, s, p.m, p.s);
-    arg_merge(best, arg, p.best, p.arg);
-    pinf = min(pinf, p.pinf);
-    nan |= p.nan;
+    stats_merge(m, s, best, arg, pinf, nan, p.m, p.s, p.best, p.arg, p.pinf, p.nan);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {  // lanes past the end merge identities
-    const float m2 = __shfl_down_sync(kFull, m, o), s2 = __shfl_down_sync(kFull, s, o);
-    const float b2 = __shfl_down_sync(kFull, best, o);
-    const int64_t a2 = __shfl_down_sync(kFull, arg, o), p2 = __shfl_down_sync(kFull, pinf, o);
-    const int n2 = __shfl_down_sync(kFull, nan, o);
-    lse_merge(m, s, m2, s2);
-    arg_merge(best, arg, b2, a2);
-    pinf = min(pinf, p2);
-    nan |= n2;
-  }
+  warp_reduce_stats(m, s, best, arg, pinf, nan);
   if (lane == 0) {
     const bool greedy = temperature == 0.f;
     finish_plain(logits + row * V, V, greedy, greedy ? 1.f : temperature, m, s, arg, pinf, nan, tokens + row,
@@ -608,7 +601,8 @@ int sm_count(int device) {
 }
 
 // How many blocks share each row of a plain draw: enough for ~4 blocks of kSplitThreads per
-// SM over all rows (one wave: the partial kernel holds 5 at its ~45 registers), each at least 512 groups (2048 entries), so that the merge stays small;
+// SM over all rows (one wave: the partial kernel holds 5 at its ~45 registers), each at least
+// 512 groups (2048 entries), so that the merge stays small;
 // 1 (the one-block-per-row kernel) when the rows alone fill the GPU.
 int64_t plain_chunks(int64_t B, int64_t V, int device) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count(device));

@@ -240,8 +240,8 @@ def test_greedy_stops_at_eos_like_hf_generate(tok, eos_model):
 def test_fast_decode_path_equals_generic_path(tok, family, kv_heads, device):
     """The preallocated-KV decoder (_LlamaDecoder) must give the tokens and behaviour
     log-probs of the generic transformers forward, which a no-op forward hook forces: on the
-    CPU through the C++ decode op (prefill included; Qwen3's per-head q / k norms through the
-    Python ops), on a GPU as a CUDA graph."""
+    CPU through the C++ decode op (prefill included; Qwen3's per-head q / k norms inside it
+    too), on a GPU as a CUDA graph."""
     from rlhf_fast.rollout.hf_engine import _LlamaDecoder
 
     m = tiny_causal_lm(len(tok), family=family, num_heads=4, num_kv_heads=kv_heads, seed=3).to(device)

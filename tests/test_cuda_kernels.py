@@ -423,8 +423,10 @@ def test_sample_invalid_rows_are_defined():
             assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and tok[4].item() >= 290
 
 
-def _padded_rows(x, n_rows):
-    """x [B, V] then zero rows up to n_rows: enough rows that the sampler gives each one block."""
+def _padded_rows(x, n_rows=None):
+    """x [B, V] then zero rows up to n_rows (default: the sampler's block target, 4 per SM),
+    enough rows that the sampler gives each one block."""
+    n_rows = n_rows or 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     return torch.cat([x, torch.zeros(n_rows - x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)])
 
 
@@ -437,35 +439,52 @@ def _misaligned(x):
     return out
 
 
+def _kernels_run(fn):
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
 @gpu
 @pytest.mark.parametrize("V", [151936, 100003, 4099])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_few_row_draws_split_over_blocks_equal_the_one_block_kernel(V, dtype, temperature):
     """Few rows of a long vocabulary are split over several blocks (a partial kernel, then a
     merge); every entry keeps its Philox noise, so the tokens are exactly those of the same rows
-    drawn one block per row (here: the same rows among 4096, with the same generator state)."""
-    B = 5
+    drawn one block per row (here: the same rows among 4·SMs, with the same generator state).
+    A constant row sums exactly (exp(0) = 1 per entry), so its log-prob is the same bits on
+    both paths, whatever a chunk boundary would drop or count twice."""
+    B = 6
     x = (torch.randn(B, V, generator=torch.Generator().manual_seed(V)) * 3).to(dtype).cuda()
     x[1, V - 1] = 40.0  # the winner in the last entry: the last, partly filled chunk counts
     x[2, :V // 2] = float("-inf")  # whole chunks of -inf
     x[3, 7] = x[3, V - 2] = 50.0  # greedy: the first of two maxima in different chunks
+    x[5] = 0.0
+    draw = lambda z: ops.sample(z, temperature=temperature, generator=torch.Generator("cuda").manual_seed(11))  # noqa: E731
     with ops.use_backend("cuda"):
-        for name, inputs in (("aligned", x), ("misaligned", _misaligned(x))):
-            split = ops.sample(inputs, temperature=temperature, generator=torch.Generator("cuda").manual_seed(11))
-            whole = ops.sample(_padded_rows(inputs, 4096), temperature=temperature,
-                               generator=torch.Generator("cuda").manual_seed(11))
+        assert "plain_partial_kernel" in _kernels_run(lambda: draw(x))
+        assert "plain_partial_kernel" not in _kernels_run(lambda: draw(_padded_rows(x)))
+        for name, split_in, whole_in in (("aligned", x, _padded_rows(x)),
+                                          ("misaligned", _misaligned(x), _misaligned(_padded_rows(x)))):
+            split, whole = draw(split_in), draw(whole_in)
             assert torch.equal(split[0], whole[0][:B]), name
             torch.testing.assert_close(split[1], whole[1][:B], rtol=1e-5, atol=1e-5)
-            target = reference.process_logits(inputs.float().cpu(), temperature=temperature)
+            assert torch.equal(split[1][5], whole[1][5]), name
+            target = reference.process_logits(x.double().cpu(), temperature=temperature)
             if temperature == 0.0:
-                assert torch.equal(split[0].cpu(), inputs.float().cpu().argmax(-1)) and split[0][3].item() == 7
+                assert torch.equal(split[0].cpu(), x.double().cpu().argmax(-1)) and split[0][3].item() == 7
                 assert (split[1] == 0).all()
             else:
                 assert split[0][1].item() == V - 1
-                torch.testing.assert_close(split[1].cpu(), target[torch.arange(B), split[0].cpu()], rtol=1e-4,
-                                           atol=1e-4)
-            assert (split[0][2] >= V // 2).all()
+                torch.testing.assert_close(split[1].cpu().double(), target[torch.arange(B), split[0].cpu()],
+                                           rtol=1e-4, atol=1e-4)
+                assert split[1][5].item() == pytest.approx(-math.log(V), abs=1e-5)
+            assert split[0][2].item() >= V // 2
 
 
 @gpu
@@ -499,10 +518,34 @@ def test_split_draws_of_invalid_rows_are_defined():
     logits[2] = float("-inf")
     with ops.use_backend("cuda"):
         for t in (1.0, 0.0):
-            tok, lp = ops.sample(logits, temperature=t)
+            tok, lp = ops.sample(logits, temperature=t, generator=torch.Generator("cuda").manual_seed(2))
             assert ((tok >= 0) & (tok < V)).all() and tok[1].item() == 50000
             assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and torch.isfinite(lp[3])
             assert torch.isnan(lp[1]) if t else lp[1].item() == 0.0
+            # as the one-block kernel defines them
+            whole = ops.sample(_padded_rows(logits), temperature=t, generator=torch.Generator("cuda").manual_seed(2))
+            assert torch.equal(tok, whole[0][:4])
+            assert torch.equal(torch.isnan(lp), torch.isnan(whole[1][:4]))
+
+
+@gpu
+def test_split_draws_with_empty_chunks():
+    """B = 1 with a vocabulary whose last chunk gets no group: with c = 4·SMs chunks and
+    c·512 + 1 groups of 4 entries, each chunk takes 513 groups and c - 1 of them already cover
+    the row (when c >= 514: 132 SMs give 528). The empty chunk is an identity in the merge."""
+    chunks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    groups = chunks * 512 + 1
+    per = -(-groups // chunks)
+    if (chunks - 1) * per < groups:
+        pytest.skip(f"no empty chunk with {chunks} chunks")
+    V = 4 * groups
+    x = torch.randn(1, V, generator=torch.Generator().manual_seed(1)).cuda()
+    draw = lambda z: ops.sample(z, generator=torch.Generator("cuda").manual_seed(4))  # noqa: E731
+    with ops.use_backend("cuda"):
+        tok, lp = draw(x)
+        whole = draw(_padded_rows(x))
+    assert torch.equal(tok, whole[0][:1])
+    torch.testing.assert_close(lp, whole[1][:1], rtol=1e-5, atol=1e-5)
 
 
 @gpu

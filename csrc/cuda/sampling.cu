@@ -35,6 +35,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cfloat>
 
 #include "common.cuh"
@@ -79,12 +80,15 @@ __device__ __forceinline__ unsigned long long fixed_weight(float w, float scale)
 // near 0: the large noise values, which let unlikely tokens win, are resolved up to ~22.9
 // (24 bits of u in -log(-log u) would cap them at 17.3, making every token 20 nats below the
 // max impossible). v is capped below 1 so that the noise is always finite. E is the Triton
-// kernel's: the series of -log1p(-v) below 2^-10, where 1 - v would round away v's low bits,
-// and the fast log above (log1pf, a long polynomial per entry, was a good part of the cost of
-// plain sampling; the error left, below 2^-15 relative, is far under what 1e6 draws resolve).
+// kernel's: below 2^-5 the series of -log1p(-v) to v^6 / 6 (truncation < 2^-30 relative),
+// where 1 - v would round away v's low bits; above, the fast log of 1 - v, whose absolute error
+// (2^-21.4 on [0.5, 2]) is below 2^-16 of E >= 2^-5 (log1pf, a long polynomial per entry, was a
+// good part of the cost of plain sampling).
 __device__ __forceinline__ float gumbel(uint32_t bits) {
   const float v = fminf((static_cast<float>(bits) + 0.5f) * 2.3283064365386963e-10f, 0.99999994f);
-  const float e = v < 0.0009765625f ? v + v * v * (0.5f + v * 0.33333333f) : -__logf(1.f - v);
+  const float e = v < 0.03125f
+                      ? v * (1.f + v * (0.5f + v * (0.33333333f + v * (0.25f + v * (0.2f + v * 0.16666667f)))))
+                      : -__logf(1.f - v);
   return -__logf(e);
 }
 
@@ -585,19 +589,22 @@ __global__ void __launch_bounds__(32 * kMergeRowsPerBlock) plain_merge_kernel(
   }
 }
 
-// The streaming multiprocessors of `device` (cached: the attribute query is not free).
+// The streaming multiprocessors of `device` (cached: the attribute query is not free; threads
+// that race to fill an entry store the same value).
 int sm_count(int device) {
-  static int cache[64] = {0};
+  static std::atomic<int> cache[64];
   if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
-      cudaGetLastError();  // clear it: a later check_launch must not report this query
+      // the query's own error, cleared so that the launch check does not report it; the split
+      // only sizes blocks, so a guess is harmless
+      cudaGetLastError();
       n = 132;
     }
-    cache[device] = n;
+    cache[device].store(n, std::memory_order_relaxed);
   }
-  return cache[device];
+  return n;
 }
 
 // How many blocks share each row of a plain draw: enough for ~4 blocks of kSplitThreads per

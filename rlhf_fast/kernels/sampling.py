@@ -47,8 +47,10 @@ def _gumbel(bits):
     (as the CUDA kernel: the large noise values stay resolved up to ~22.9)."""
     v = (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
     v = tl.minimum(v, 0.99999994)
-    # −log1p(−v) without libdevice: the series where 1 − v would round away v's low bits
-    e = tl.where(v < 0.0009765625, v + v * v * (0.5 + v * 0.3333333333333333), -tl.log(1.0 - v))
+    # −log1p(−v) without libdevice, as the CUDA kernel: the series to v^6 / 6 below 2^-5, where
+    # 1 − v would round away v's low bits
+    series = v * (1.0 + v * (0.5 + v * (0.3333333333333333 + v * (0.25 + v * (0.2 + v * 0.16666666666666666)))))
+    e = tl.where(v < 0.03125, series, -tl.log(1.0 - v))
     return -tl.log(e)
 
 

@@ -222,3 +222,9 @@ def test_nan_and_inf_numbers_are_refused_at_load(value):
                            (RewardConfig, "--weight_decay", "weight_decay")):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             load_config(cls, None, [key, value])
+    with pytest.raises(ValueError, match=r"reward.weights\[0\] must be a finite number"):
+        load_config(RLConfig, None, ["--reward.functions", "m:f", "--reward.weights", value])
+    with pytest.raises(ValueError, match="reward.reward_model_weight must be a finite number"):
+        load_config(RLConfig, None, ["--reward.reward_model_weight", value])
+    with pytest.raises(ValueError, match=r"annotator_weights\['x'\] must be a finite number >= 0"):
+        load_config(RewardConfig, None, ["--annotator_weights.x", value])

@@ -180,11 +180,12 @@ def test_cli_pairs_and_scores(server, tmp_path, monkeypatch, capsys):
     for argv, needle in (([str(items), "--out", str(tmp_path)], f"--out {tmp_path}: expected a file, found a folder"),
                          ([str(items), "--out", str(items / "x.jsonl")], f"{items} is a file, not a folder"),
                          ([str(items), "--out", str(items)], "is the input file itself"),
+                         ([str(items), "--out", str(out), "--cache", str(items)], "is the input file"),
                          ([str(empty), "--out", str(out)], "no items to judge"),
                          ([str(empty), "--out", str(out), "--mode", "scores"], "no items to judge"),
                          ([str(broken), "--out", str(out), "--mode", "scores"], f"{broken}:2: invalid JSON")):
         capsys.readouterr()
-        assert cli.main(["judge"] + argv + ["--cache", "none"]) == 2, argv
+        assert cli.main(["judge"] + argv + ([] if "--cache" in argv else ["--cache", "none"])) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert len(server.requests) == n and items.read_text() == before

@@ -155,6 +155,10 @@ def test_cli(tmp_path, capsys):
     assert cli.main(["sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--resume", "false"]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and len(err.strip().splitlines()) == 1, err
+    taken = tmp_path / "taken.txt"
+    taken.write_text("x")
+    assert cli.main(["sft", str(cfg), "--output_dir", str(taken)]) == 2
+    assert "expected a folder, found a file" in capsys.readouterr().err and taken.read_text() == "x"
     assert cli.main(["sft", str(cfg), "--max_steps", "zero"]) == 2
     assert "'max_steps': expected int" in capsys.readouterr().err
     assert cli.main(["sft", str(cfg), "--lrr", "1"]) == 2

@@ -361,6 +361,10 @@ def run(args) -> int:
     if getattr(args, "single_order", False):
         overrides += ["--both_orders", "false"]
     cfg = load_config(JudgeConfig, args.config, overrides)
+    if cfg.cache and os.path.exists(cfg.cache):
+        for name, other in (("the input file", args.input), ("--out", args.out)):
+            if os.path.exists(other) and os.path.samefile(cfg.cache, other):
+                raise ValueError(f"--cache {cfg.cache} is {name}; keep the cache in a file of its own")
     judge = Judge(cfg)
     try:
         out = _judge_file(judge, cfg, args)

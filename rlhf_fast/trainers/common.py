@@ -155,6 +155,8 @@ class RunDir:
         if not isinstance(path, str) or not path:
             raise ValueError(f"run_dir must be a non-empty path, got {path!r}")
         self.path = os.path.abspath(path)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ValueError(f"output_dir {path}: expected a folder, found a file")
         os.makedirs(self.path, exist_ok=True)
         self.checkpoints = os.path.join(self.path, "checkpoints")
         self.metrics_path = os.path.join(self.path, "metrics.jsonl")

@@ -33,9 +33,12 @@ def read_records(run_dir: str) -> List[Dict]:
         for i, line in enumerate(f):
             if line.strip():
                 try:
-                    recs.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a numeric 'step'")
+                recs.append(rec)
     return recs
 
 

@@ -81,8 +81,8 @@ class RewardConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k, w in self.annotator_weights.items():
-            if w < 0:
-                raise ValueError(f"annotator_weights[{k!r}] must be >= 0, got {w}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"annotator_weights[{k!r}] must be a finite number >= 0, got {w!r}")
 
 
 def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0.0) -> list:

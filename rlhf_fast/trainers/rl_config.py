@@ -145,6 +145,11 @@ class RewardConfig:
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"reward.weights must have one entry per reward.functions entry "
                              f"({len(self.functions)}), got {len(self.weights)}")
+        # a nan / inf weight turns every reward, then every weight of the policy, into nan
+        for name, w in [(f"reward.weights[{i}]", w) for i, w in enumerate(self.weights)] + \
+                [("reward.reward_model_weight", self.reward_model_weight)]:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"{name} must be a finite number, got {w!r}")
         for f in self.functions:
             if not isinstance(f, str) or ":" not in f:
                 raise ValueError(f"reward.functions entries must be 'module:function', got {f!r}")

@@ -228,3 +228,15 @@ def test_nan_and_inf_numbers_are_refused_at_load(value):
         load_config(RLConfig, None, ["--reward.reward_model_weight", value])
     with pytest.raises(ValueError, match=r"annotator_weights\['x'\] must be a finite number >= 0"):
         load_config(RewardConfig, None, ["--annotator_weights.x", value])
+
+
+def test_truncate_metrics_drops_a_torn_last_line(tmp_path):
+    from rlhf_fast.trainers.common import truncate_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    truncate_metrics(str(tmp_path), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: invalid JSON"):
+        truncate_metrics(str(tmp_path), 2)

@@ -157,6 +157,8 @@ def test_resume_equals_uninterrupted(tmp_path, estimator):
     b = _trainer(tmp_path / "b", estimator, **kw_r)
     b.config.reward.whiten = True
     b.train(steps=2)  # stopped after the checkpoint at step 2
+    with open(os.path.join(b.config.output_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "rew')  # and died writing the next record: the torn line is dropped
     cfg = b.config
     cfg.resume = cfg.output_dir
     pol, tok = make_policy()  # a fresh process would rebuild the initial policy

@@ -140,9 +140,30 @@ def truncate_metrics(run_dir: str, step: int) -> None:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    atomic_write_text(path, "".join(log_records_up_to(path, step)))
+
+
+def log_records_up_to(path: str, step: int) -> list:
+    """The lines of the JSONL log ``path`` whose record has ``step`` <= ``step``. A torn last
+    line (the process died mid-write, after the checkpoint it resumes from) is dropped; a bad
+    line elsewhere is a ValueError naming the file and line."""
     with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(keep))
+        lines = f.readlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{i + 1}: invalid JSON in the run's log") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object in the run's log")
+        if rec.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
 
 
 class RunDir:

@@ -923,10 +923,10 @@ class RLTrainer:
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)
             if os.path.exists(p) and self.ctx.is_main:
-                with open(p, encoding="utf-8") as f:
-                    lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.global_step]
-                with open(p, "w", encoding="utf-8") as f:
-                    f.writelines(lines)
+                from rlhf_fast.trainers.common import log_records_up_to
+                from rlhf_fast.trainers.config import atomic_write_text
+
+                atomic_write_text(p, "".join(log_records_up_to(p, self.global_step)))
         self.ctx.barrier()
         return self.global_step
 

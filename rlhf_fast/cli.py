@@ -65,6 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"rlhf-fast {name}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # checkpoints are written atomically, so what was saved before Ctrl-C is intact
+        print(f"rlhf-fast {name}: interrupted; a training run continues from its last checkpoint "
+              "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward: the same command)", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
@@ -206,6 +207,44 @@ def test_resolve_device_names_a_device_this_machine_lacks():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+    # devices torch knows but nothing here runs on: refused up front, not by the first .to()
+    for name in ("mps", "meta", "xpu"):
+        with pytest.raises(ValueError, match=f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'"):
+            resolve_device(name)
+
+
+def test_seeds_beyond_64_bits_are_refused_at_load():
+    """torch's generators take a 64-bit seed: a larger one failed deep inside torch
+    ("Overflow when unpacking long long") after the model was built."""
+    from rlhf_fast.trainers.rl_config import RLConfig
+    from rlhf_fast.trainers.sft import SFTConfig
+
+    huge = str(2**63)
+    for cls, key in ((RLConfig, "seed"), (RLConfig, "model.tiny_seed"), (SFTConfig, "seed")):
+        with pytest.raises(ValueError, match=rf"{key} must be an int in \[0, 2\*\*63\), got {huge}"):
+            load_config(cls, None, [f"--{key}", huge])
+        with pytest.raises(ValueError, match=f"{key} must be an int"):
+            load_config(cls, None, [f"--{key}", "-1"])
+    assert load_config(RLConfig, None, ["--seed", str(2**63 - 1)]).seed == 2**63 - 1
+
+
+def test_tiny_model_sizes_are_checked_with_the_setting_named():
+    from rlhf_fast.trainers.common import load_causal_lm
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    for spec, msg in (("tiny:llama:num_layers=0", "num_layers must be an int >= 1, got 0"),
+                      ("tiny:llama:hidden_size=-4", "hidden_size must be an int >= 1, got -4"),
+                      ("tiny:qwen2:num_heads=0", "num_heads must be an int >= 1, got 0"),
+                      ("tiny:llama:vocab_size=3", "vocab_size must be an int >= 6, got 3")):
+        with pytest.raises(ValueError, match=re.escape(f"model spec {spec!r}: {msg}")):
+            load_causal_lm(spec)
+    for overrides, msg in ((["--model.tiny_vocab_size", "5"], "model.tiny_vocab_size must be >= 6, got 5"),
+                           (["--model.tiny_num_layers", "0"], "model.tiny_num_layers must be an int > 0, got 0"),
+                           (["--model.tiny_hidden_size", "30", "--model.tiny_num_heads", "4"],
+                            "model.tiny_hidden_size (30) must be divisible by model.tiny_num_heads (4)"),
+                           (["--model.policy", "tiny:bert"], "model.policy 'tiny:FAMILY' needs a family in")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            load_config(RLConfig, None, overrides)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

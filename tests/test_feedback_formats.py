@@ -47,6 +47,9 @@ def test_valid_records_all_kinds(tmp_path):
     ("scores", {"prompt": "p", "response": "r", "score": "high"}, "score", "not a number"),
     ("scores", {"prompt": "p", "response": "r", "score": float("nan")}, "score", "not a number"),
     ("scores", {"prompt": "p", "response": "r"}, "score", "missing field"),
+    # an int beyond float range made float() raise OverflowError (a traceback); shown cut short
+    ("scores", {"prompt": "p", "response": "r", "score": 10**400}, "score", "not a number: 10000000000"),
+    ("pairs", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": -10**400}, "margin", "number, got -1000"),
     ("scores", {"prompt": "p", "response": "r", "score": 1, "annotator": ""}, "annotator", "non-empty"),
 ])
 def test_each_problem_names_file_line_field(tmp_path, kind, row, field, needle):
@@ -60,6 +63,7 @@ def test_each_problem_names_file_line_field(tmp_path, kind, row, field, needle):
     lines = str(e.value).splitlines()
     assert "1 problem" in lines[0] and f"(first: line 2: {field}: " in lines[0] and needle in lines[0]  # what a CLI prints
     assert lines[1].startswith(f"{path}:2: {field}: ") and needle in lines[1], lines[1]
+    assert len(lines[0]) - len(path) < 150  # a huge value is cut, not printed whole
 
 
 def test_problems_collected_and_returned(tmp_path):

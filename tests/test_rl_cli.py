@@ -124,6 +124,37 @@ def test_cli_errors(tmp_path, capsys):
     (run / "config.yaml").write_text(open(cfg).read().replace("estimator: grpo", "estimator: gae"))
     assert main(["grpo", "--resume", str(run)]) == 2
     assert "that run used estimator 'gae'" in capsys.readouterr().err
+    # a resumed run continues in its own folder: another --output_dir is refused, not ignored
+    (run / "config.yaml").write_text(open(cfg).read())
+    assert main(["grpo", "--resume", str(run), "--output_dir", str(tmp_path / "copy")]) == 2
+    assert "a resumed run continues in its own folder" in capsys.readouterr().err
+    # eval checks every path and number before loading a model (a missing --reference went to the hub)
+    for argv, msg in (
+            (["--policy", str(tmp_path), "--reference", str(tmp_path / "nowhere")], "--reference: no such local folder"),
+            (["--run", str(tmp_path)], f"--run {tmp_path}: not an RL run folder (no config.yaml)"),
+            (["--policy", str(tmp_path), "--n", "0"], "--n must be an int >= 1, got 0"),
+            (["--policy", str(tmp_path), "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+            (["--policy", str(tmp_path), "--prompts", str(tmp_path)], f"--prompts {tmp_path} is a folder")):
+        assert main(["eval", "--reward-fn", "rlhf_fast.algorithms.rule_rewards:letter_a_fraction"] + argv) == 2
+        assert msg in capsys.readouterr().err
+    # 'none' is the defaults, as for sft and reward
+    from rlhf_fast.trainers.rl_cli import build_config
+
+    assert build_config("grpo", ["none", "--steps", "2"]).steps == 2
+    assert build_config("ppo", ["-"]).estimator == "gae"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C during a command prints one line (how to continue) instead of a traceback."""
+    import rlhf_fast.env_report
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf_fast.env_report, "run", interrupted)
+    assert main(["env"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rlhf-fast env: interrupted;") and "--resume RUN_DIR" in err
 
 
 def test_rule_rewards():

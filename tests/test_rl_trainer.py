@@ -211,6 +211,53 @@ def test_a_resume_that_cannot_load_leaves_the_run_as_it_was(tmp_path):
     assert {n: open(os.path.join(run, n)).read() for n in files} == files
 
 
+def test_a_resume_below_the_runs_step_is_refused(tmp_path):
+    """steps below the checkpoint's step would train nothing and record a config shorter than
+    the run's log: refused, config.yaml kept; a resume records where the run really is."""
+    b = _trainer(tmp_path, "grpo", steps=2)
+    b.train()
+    run = b.config.output_dir
+    saved = open(os.path.join(run, "config.yaml")).read()
+    cfg = b.config
+    cfg.resume, cfg.steps, cfg.output_dir = run, 1, str(tmp_path / "elsewhere")
+    pol, tok = make_policy()
+    with pytest.raises(ValueError, match=r"steps \(1\) is below step 2, which the run in .* has reached"):
+        RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    assert open(os.path.join(run, "config.yaml")).read() == saved
+    cfg.steps = 3
+    pol, tok = make_policy()
+    RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    from rlhf_fast.trainers.config import load_config
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    again = load_config(RLConfig, os.path.join(run, "config.yaml"))
+    assert (again.steps, again.output_dir) == (3, run) and not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_prompts_files_and_rollout_length_are_checked(tmp_path):
+    """A prompts file's problems name the setting, the file and the line; a response length
+    beyond the policy's positions is refused before anything is allocated."""
+    from rlhf_fast.trainers.rl import load_prompts
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    cases = {"bad.jsonl": (b"not json\n", r"bad.jsonl, line 1: not a JSON object"),
+             "num.jsonl": (b'{"p": 1}\n{"prompt": 5}\n', r"num.jsonl, line 1: expected an object with a string field 'prompt'"),
+             "empty.txt": (b"\n \n", r"empty.txt holds no prompts"),
+             "bin.txt": (b"\xff\xfe\n", r"bin.txt: not UTF-8 text")}
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"data.prompts_file .*{msg}"):
+            load_prompts(DataConfig(prompts_file=str(tmp_path / name)))
+    with pytest.raises(IsADirectoryError, match="is a folder; expected a .txt or .jsonl file"):
+        load_prompts(DataConfig(prompts_file=str(tmp_path)))
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b", "x": 1}\n')
+    assert load_prompts(DataConfig(prompts_file=str(tmp_path / "ok.jsonl"))) == ["a", "b"]
+    positions = make_policy()[0].config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"rollout.max_new_tokens \({positions + 1}\) is more than the policy's "
+                                         rf"max_position_embeddings \({positions}\)"):
+        _trainer(tmp_path, rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=positions + 1))
+
+
 def test_train_in_parts_continues_its_own_run(tmp_path):
     """train(steps=k) again on the same trainer continues the run it started (not a new one)."""
     tr = _trainer(tmp_path, "grpo", steps=3)

@@ -134,6 +134,17 @@ def test_generator_seed_reproduces(backend):
 
 
 @pytest.mark.parametrize("backend", live_cpu_backends())
+def test_top_k_of_the_whole_vocabulary_or_more_keeps_every_token(backend):
+    """top_k >= V filters nothing, as 0 does, whatever its size: one beyond int64 failed in
+    the C++ op's argument conversion."""
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(3))
+    want = _draw(backend, logits, 5, temperature=0.8)
+    for k in (50, 51, 2**63, 10**30):
+        got = _draw(backend, logits, 5, temperature=0.8, top_k=k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), k
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
 def test_neg_inf_logits_are_never_drawn(backend):
     logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(9))
     logits[:, ::2] = float("-inf")

@@ -112,6 +112,11 @@ def test_run_folder_is_never_mixed_with_another_run(tmp_path, tok):
     SFTTrainer(_cfg(tmp_path, max_steps=3, save_every=1), train_records=recs, eval_records=[], tokenizer=tok).train()
     assert read_metrics(cfg.output_dir)[:2] == log[:2] and [m["step"] for m in read_metrics(cfg.output_dir)] == [1, 2, 3]
     assert "max_steps: 3" in open(config_yaml).read()
+    # a resume asking for fewer steps than the run has made is refused, and config.yaml is kept
+    log, saved_config = read_metrics(cfg.output_dir), open(config_yaml).read()
+    with pytest.raises(ValueError, match=r"max_steps \(2\) is below step 3, which the run in .* has reached"):
+        SFTTrainer(_cfg(tmp_path, max_steps=2), train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert read_metrics(cfg.output_dir) == log and open(config_yaml).read() == saved_config
 
     # a run interrupted before its first checkpoint starts again, without the old log
     crashed = _cfg(tmp_path, output_dir=str(tmp_path / "crashed"), max_steps=2)
@@ -168,6 +173,11 @@ def test_cli(tmp_path, capsys):
     assert cli.main(["sft", str(cfg), "--data", str(bad)]) == 2
     err = capsys.readouterr().err  # one line: the count and the first problem
     assert len(err.strip().splitlines()) == 1 and "1 problem(s) in sft records (first: line 1: completion: missing field)" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for key in ("--data", "--eval_data"):
+        assert cli.main(["sft", str(cfg), key, str(empty), "--output_dir", str(tmp_path / "e")]) == 2
+        assert f"{key[2:]} {empty} holds no records (the file is empty)" in capsys.readouterr().err
 
 
 def test_one_bos_for_text_and_chat_prompts():

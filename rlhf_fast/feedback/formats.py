@@ -133,8 +133,19 @@ class _BadJSON:
 
 # --------------------------------------------------------------------------- validation
 
+def _shown(x: Any, limit: int = 60) -> str:
+    """``repr(x)``, cut to ``limit`` characters: a problem line stays one readable line."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # a JSON int beyond float range, e.g. 10**400
+        return False
 
 
 def _check_text(row: dict, name: str, problems: list, where) -> Optional[str]:
@@ -184,7 +195,7 @@ def _annotator(row: dict, problems: list, where) -> Optional[str]:
         return None
     if isinstance(a, (int, str)) and not isinstance(a, bool) and str(a).strip():
         return str(a)
-    problems.append(where("annotator", f"expected a non-empty id, got {a!r}"))
+    problems.append(where("annotator", f"expected a non-empty id, got {_shown(a)}"))
     return None
 
 
@@ -208,7 +219,7 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         if margin is None:
             margin = 0.0
         if not _is_number(margin):
-            problems.append(where("margin", f"expected a number, got {margin!r}"))
+            problems.append(where("margin", f"expected a number, got {_shown(margin)}"))
         elif margin < 0:
             problems.append(where("margin", f"must be >= 0, got {margin}"))
         if chosen is not None and chosen == rejected:
@@ -232,7 +243,7 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         elif (not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
               or (responses is not None and sorted(ranking) != list(range(len(responses))))):
             k = len(responses) if responses is not None else "K"
-            problems.append(where("ranking", f"not a permutation of 0..{k if k == 'K' else k - 1}: {ranking!r}"))
+            problems.append(where("ranking", f"not a permutation of 0..{k if k == 'K' else k - 1}: {_shown(ranking)}"))
         return RankingRecord(prompt, list(responses), list(ranking), ann) if len(problems) == n0 else None
     if kind == "scores":
         response = _check_text(row, "response", problems, where)
@@ -240,7 +251,7 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         if score is None:
             problems.append(where("score", "missing field"))
         elif not _is_number(score):
-            problems.append(where("score", f"not a number: {score!r}"))
+            problems.append(where("score", f"not a number: {_shown(score)}"))
         return ScoreRecord(prompt, response, float(score), ann) if len(problems) == n0 else None
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 

@@ -87,6 +87,16 @@ def _config(vocab_size, family, hidden_size, num_layers, num_heads, max_position
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                 max_position_embeddings=max_position_embeddings)
+    if num_kv_heads is not None:
+        sizes["num_kv_heads"] = num_kv_heads
+    if intermediate_size is not None:
+        sizes["intermediate_size"] = intermediate_size
+    for name, value in sizes.items():
+        # zero layers would train an empty model that only learns embeddings; zero heads divide by zero
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if hidden_size % num_heads != 0:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     kv = num_heads if num_kv_heads is None else num_kv_heads

@@ -42,6 +42,7 @@ def sample(
     +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
     _check_filters(logits, temperature, top_k, top_p, min_p)
+    top_k = _effective_top_k(top_k, logits)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     name, impl = _dispatch.select("sample", logits.device)
@@ -79,6 +80,12 @@ def _filtered(V: int, temperature: float, top_k: int, top_p: float) -> bool:
     return temperature > 0 and (0 < top_k < V or top_p < 1.0)
 
 
+def _effective_top_k(top_k: int, logits) -> int:
+    """``top_k`` >= V keeps every token, as 0 does: passed on as 0, so a huge value (beyond
+    int64) never reaches a kernel's argument."""
+    return 0 if top_k >= logits.shape[-1] else top_k
+
+
 def _check_filters(logits, temperature, top_k, top_p, min_p) -> None:
     _validate.tensor("logits", logits, floating=True, ndim=2)
     if logits.shape[1] == 0:
@@ -113,6 +120,7 @@ def sample_with_uniforms(
     ``rlhf_fast.ops`` contract.
     """
     _check_filters(logits, temperature, top_k, top_p, min_p)
+    top_k = _effective_top_k(top_k, logits)
     if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point() or uniforms.dim() != 1 \
             or uniforms.shape[0] != logits.shape[0]:
         raise ValueError(f"uniforms must be a float [B] tensor with B = {logits.shape[0]} (logits' rows), got "

@@ -13,12 +13,20 @@ import torch
 from .config import save_config, to_dict
 
 
+def check_seed(name: str, seed) -> None:
+    """ValueError unless ``seed`` is an int in [0, 2**63): torch's generators and the
+    samplers' Philox keys take a 64-bit seed, and a larger one fails deep inside them."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device) with ``seed``."""
     import numpy as np
 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    check_seed("seed", seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -265,6 +273,14 @@ def open_supervised_run(cfg, is_main: bool):
     return run, ck
 
 
+def require_records(records: list, key: str, path: str) -> list:
+    """``records`` loaded from the file ``path`` of the config key ``key``; ValueError if there
+    are none (an empty file would otherwise fail later as 'no training examples left')."""
+    if not records:
+        raise ValueError(f"{key} {path} holds no records (the file is empty)")
+    return records
+
+
 def check_training_schedule(cfg) -> None:
     """The checks every supervised trainer config (SFT, reward) shares: ``distributed`` given as
     a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip,
@@ -289,6 +305,7 @@ def check_training_schedule(cfg) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
                 or (name == "lr" and v == 0):
             raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
+    check_seed("seed", cfg.seed)
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
     if not isinstance(cfg.gradient_checkpointing, bool):
@@ -309,10 +326,13 @@ def resolve_device(device: str) -> torch.device:
     must exist on this machine (ValueError naming it otherwise)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(expected) from None
+    if dev.type not in ("cpu", "cuda"):  # mps, meta, xpu...: the kernels and trainers run on CPU or CUDA only
+        raise ValueError(expected)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
@@ -323,7 +343,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-__all__ = ["seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",
+__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "resolve_device", "to_dict"]
 
@@ -364,18 +384,22 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
 
         kw = parse_tiny_spec(spec)
         vocab = kw.pop("vocab_size", 512)
-        if tokenizer is None:
-            corpus = list(texts or []) + sample_texts(64)
-            # right padding: trainers build [prompt | completion | pad] rows
-            tokenizer = train_tokenizer(corpus, vocab, padding_side="right")
         allowed = {"family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                    "max_position_embeddings", "seed"}
         bad = sorted(set(kw) - allowed)
         if bad:
             raise ValueError(f"model spec {spec!r}: unknown keys {bad} (valid: {sorted(allowed | {'vocab_size'})})")
         build = tiny_causal_lm if kind == "causal" else tiny_reward_model
-        model = build(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=tokenizer.bos_token_id, **kw)
+        try:
+            if tokenizer is None:
+                corpus = list(texts or []) + sample_texts(64)
+                # right padding: trainers build [prompt | completion | pad] rows
+                tokenizer = train_tokenizer(corpus, vocab, padding_side="right")
+            model = build(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, **kw)
+        except ValueError as e:
+            # the message alone ("num_layers must be ...") would not say which setting holds it
+            raise ValueError(f"model spec {spec!r}: {e}") from None
         return model, tokenizer
     if not os.path.isdir(spec):
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")

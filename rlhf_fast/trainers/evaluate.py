@@ -88,14 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
-def _read_prompts(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    if path.endswith(".jsonl"):
-        return [json.loads(ln)["prompt"] for ln in lines]
-    return [ln.rstrip("\n") for ln in lines]
+def _check_args(args) -> None:
+    """Every path and number of the command line, before any model is loaded (a missing
+    local folder would otherwise be looked up on the hub)."""
+    import math
+
+    for flag, value in (("--run", args.run), ("--policy", args.policy), ("--reference", args.reference),
+                        ("--reward-model", args.reward_model)):
+        if value is not None and not os.path.isdir(value):
+            raise FileNotFoundError(f"{flag}: no such local folder {value!r} (nothing is downloaded)")
+    if args.run is not None and not os.path.isfile(os.path.join(args.run, "config.yaml")):
+        raise FileNotFoundError(f"--run {args.run}: not an RL run folder (no config.yaml)")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--n", args.n)):
+        if value < 1:
+            raise ValueError(f"{flag} must be an int >= 1, got {value}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
 
 
 def run(args) -> int:
@@ -106,6 +114,7 @@ def run(args) -> int:
 
     from rlhf_fast.trainers.config import atomic_write_text, check_output_path
 
+    _check_args(args)
     if args.out:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
     prompts, reference, fns = None, None, list(args.reward_fn)
@@ -118,6 +127,9 @@ def run(args) -> int:
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
         policy_path = policy_path or os.path.join(args.run, "final", "policy")
         if args.reference is None:
+            if not (cfg.model.policy.startswith("tiny:") or os.path.isdir(cfg.model.policy)):
+                raise FileNotFoundError(f"--run {args.run}: its initial policy {cfg.model.policy!r} (the reference) "
+                                        "is not a local folder; give --reference PATH")
             reference = (build_tiny_policy(cfg)[0] if cfg.model.policy.startswith("tiny:")
                          else AutoModelForCausalLM.from_pretrained(cfg.model.policy))
         prompts = load_prompts(cfg.data)
@@ -127,7 +139,9 @@ def run(args) -> int:
     if not os.path.isdir(policy_path):
         raise FileNotFoundError(f"policy folder not found: {policy_path}")
     if args.prompts:
-        prompts = _read_prompts(args.prompts)
+        from rlhf_fast.trainers.rl import read_prompts_file
+
+        prompts = read_prompts_file(args.prompts, name="--prompts")
     if not prompts:
         raise ValueError("give --prompts FILE (or --run RUN_DIR)")
     tok = AutoTokenizer.from_pretrained(policy_path)

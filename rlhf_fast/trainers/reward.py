@@ -27,7 +27,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
 from .common import (add_config_arguments, autocast_context, check_training_schedule, load_causal_lm, make_scheduler,
-                     open_supervised_run, run_trainer_cli, seed_everything)
+                     open_supervised_run, require_records, run_trainer_cli, seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, local_span, resume_supervised, save_sharded_checkpoint, scalar_norm,
@@ -173,14 +173,14 @@ class RewardTrainer:
             load = load_records
         if train_records is None:
             if cfg.data:
-                records = load(cfg.data, kind, dedup=cfg.dedup)
+                records = require_records(load(cfg.data, kind, dedup=cfg.dedup), "data", cfg.data)
             elif kind == "pairs":
                 records = synthetic_preference_records(seed=cfg.seed)
             else:
                 raise ValueError(f"data must be set for data_kind={kind!r} (the synthetic task has pairs only)")
             if eval_records is None:
                 if cfg.eval_data:
-                    eval_records = load(cfg.eval_data, kind, dedup=cfg.dedup)
+                    eval_records = require_records(load(cfg.eval_data, kind, dedup=cfg.dedup), "eval_data", cfg.eval_data)
                 else:
                     records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
             train_records = records

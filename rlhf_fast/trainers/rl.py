@@ -99,20 +99,37 @@ def load_prompts(d) -> List[str]:
     .txt file (one per line) or a .jsonl file (field ``prompt_key``)."""
     if d.prompts_file is None:
         return list(d.prompts)
-    if not os.path.isfile(d.prompts_file):
-        raise FileNotFoundError(f"data.prompts_file not found: {d.prompts_file}")
+    return read_prompts_file(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key")
+
+
+def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "") -> List[str]:
+    """The prompts of a .txt file (one per non-empty line) or a .jsonl file (string field
+    ``key``). Errors name the setting ``name``, the file and the line."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{name} {path} is a folder; expected a .txt or .jsonl file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} not found: {path}")
     out = []
-    with open(d.prompts_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if d.prompts_file.endswith(".jsonl"):
-                rec = json.loads(line)
-                if d.prompt_key not in rec or not isinstance(rec[d.prompt_key], str):
-                    raise ValueError(f"{d.prompts_file}:{n}: missing string field {d.prompt_key!r}")
-                out.append(rec[d.prompt_key])
-            else:
-                out.append(line.rstrip("\n"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        raise ValueError(f"{name} {path}, line {n}: not a JSON object ({e})") from None
+                    if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+                        raise ValueError(f"{name} {path}, line {n}: expected an object with a string field "
+                                         f"{key!r}" + (f" ({key_name})" if key_name else ""))
+                    out.append(rec[key])
+                else:
+                    out.append(line.rstrip("\n"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not out:
+        raise ValueError(f"{name} {path} holds no prompts (every line is empty)")
     return out
 
 
@@ -252,6 +269,12 @@ class RLTrainer:
             from rlhf_fast.models.loading import enable_activation_checkpointing
 
             enable_activation_checkpointing(policy)
+        positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.rollout.max_new_tokens > positions:
+            # every response would run past the positions the model was built for (and a huge
+            # value tries to allocate the whole KV cache / RoPE table up front)
+            raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) is more than the policy's "
+                             f"max_position_embeddings ({positions})")
         self.policy = policy.to(self.device)
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()
@@ -945,8 +968,13 @@ class RLTrainer:
         self.run_dir = RunDir(out_dir)
         if cfg.resume:
             self.load(cfg.resume)  # before config.yaml is rewritten: a failed resume leaves the run as it was
+            if cfg.steps < self.global_step:
+                # training on would do nothing, and config.yaml would then record a run shorter than its log
+                raise ValueError(f"steps ({cfg.steps}) is below step {self.global_step}, which the run in {cfg.resume} "
+                                 f"has reached; a resumed run can only train further (steps >= {self.global_step})")
         if self.ctx.is_main:  # the resolved config, as this (possibly resumed, with new overrides) run uses it
-            save_config(replace(cfg, resume=None), os.path.join(self.run_dir.path, "config.yaml"))
+            # output_dir: where the run really is (a resumed run stays in its own folder)
+            save_config(replace(cfg, resume=None, output_dir=out_dir), os.path.join(self.run_dir.path, "config.yaml"))
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
         self._logger = MetricsLogger(self.run_dir.path) if self.ctx.is_main else None
         history = []

@@ -5,7 +5,7 @@ so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo; a config file's estimato
 family becomes the command's, while one asked for with ``--estimator`` or the estimator of a
 run being resumed is an error. Overrides use dotted keys of
 :class:`~rlhf_fast.trainers.rl_config.RLConfig` (``--rollout.group_size 8``). With only
-``--resume RUN_DIR`` the run's own config.yaml is used. The policy is a local path or a
+``--resume RUN_DIR`` the run's own config.yaml is used; CONFIG ``none`` means the defaults. The policy is a local path or a
 ``tiny:FAMILY`` spec (``--model.policy``); rewards come from ``--reward.functions
 module:function`` and/or ``--reward.reward_model PATH``.
 """
@@ -70,10 +70,15 @@ def build_config(command: str, tokens):
             raise FileNotFoundError(f"--resume: run folder not found: {resume}")
         if config is None:
             config = os.path.join(resume, "config.yaml")
+        moved = _override_value(overrides, "output_dir")
+        if moved is not None and os.path.abspath(moved) != os.path.abspath(resume):
+            raise ValueError(f"--output_dir {moved} with --resume {resume}: a resumed run continues in its own "
+                             f"folder; copy the folder first to continue a copy of it elsewhere")
         overrides = overrides + ["--resume", resume]
     if config is None:
         raise ValueError(f"usage: rlhf-fast {command} CONFIG.yaml [--key value ...] [--resume RUN_DIR]")
-    cfg = load_config(RLConfig, config, overrides)
+    # 'none' / '-': the defaults, as for rlhf-fast sft and reward
+    cfg = load_config(RLConfig, None if config in ("none", "-") else config, overrides)
     default, allowed = FAMILIES[command]
     if cfg.estimator not in allowed:
         # a config file of another family is reused as the command's own; an estimator asked

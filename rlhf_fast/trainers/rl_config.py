@@ -14,6 +14,7 @@ from typing import List, Optional
 from rlhf_fast.algorithms.advantages import ESTIMATORS
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.ops.reference import AGG_MODES
+from rlhf_fast.trainers.common import check_seed
 
 KL_PLACEMENTS = ("reward", "loss")
 OLD_LOGP_SOURCES = ("recompute", "behaviour")
@@ -60,6 +61,19 @@ class ModelConfig:
             raise ValueError(f"model.policy must be a path or 'tiny:FAMILY', got {self.policy!r}")
         for k in ("tiny_vocab_size", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads"):
             _pos(f"model.{k}", getattr(self, k), integer=True)
+        check_seed("model.tiny_seed", self.tiny_seed)
+        if self.policy.startswith("tiny:"):
+            from rlhf_fast.models.tiny import FAMILIES
+
+            family = self.policy.split(":", 1)[1] or "llama"
+            if family not in FAMILIES:
+                raise ValueError(f"model.policy 'tiny:FAMILY' needs a family in {FAMILIES}, got {self.policy!r}")
+        # the tokenizer needs its 4 special tokens and 2 more; heads must split hidden_size evenly
+        if self.tiny_vocab_size < 6:
+            raise ValueError(f"model.tiny_vocab_size must be >= 6, got {self.tiny_vocab_size!r}")
+        if self.tiny_hidden_size % self.tiny_num_heads:
+            raise ValueError(f"model.tiny_hidden_size ({self.tiny_hidden_size}) must be divisible by "
+                             f"model.tiny_num_heads ({self.tiny_num_heads})")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"model.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
@@ -304,6 +318,7 @@ class RLConfig:
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
         _pos("steps", self.steps, integer=True)
+        check_seed("seed", self.seed)
         _pos("log_every", self.log_every, integer=True)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)
         _pos("save_every", self.save_every, allow_zero=True, integer=True)

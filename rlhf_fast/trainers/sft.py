@@ -32,8 +32,8 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
-                     make_scheduler, open_supervised_run, resolve_device, run_trainer_cli, seed_everything,
-                     truncate_metrics)
+                     make_scheduler, open_supervised_run, require_records, resolve_device, run_trainer_cli,
+                     seed_everything, truncate_metrics)
 
 
 @dataclasses.dataclass
@@ -265,7 +265,12 @@ def resume_supervised(trainer, part: str) -> None:
     if ck is None:
         return
     extra = load_any_checkpoint(ck, part, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx)
-    trainer.step = int(extra["step"])
+    step = int(extra["step"])
+    if step > trainer.cfg.max_steps:
+        # training on would do nothing, and config.yaml would then record a run shorter than its log
+        raise ValueError(f"max_steps ({trainer.cfg.max_steps}) is below step {step}, which the run in "
+                         f"{trainer.run.path} has reached; a resumed run can only train further (max_steps >= {step})")
+    trainer.step = step
     trainer.batches.load(extra["data"])
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
@@ -336,10 +341,12 @@ class SFTTrainer:
         if train_records is None:
             from rlhf_fast.feedback.formats import load_records
 
-            records = load_records(cfg.data, "sft", dedup=cfg.dedup) if cfg.data else synthetic_sft_records(seed=cfg.seed)
+            records = (require_records(load_records(cfg.data, "sft", dedup=cfg.dedup), "data", cfg.data) if cfg.data
+                       else synthetic_sft_records(seed=cfg.seed))
             if eval_records is None:
                 if cfg.eval_data:
-                    eval_records = load_records(cfg.eval_data, "sft", dedup=cfg.dedup)
+                    eval_records = require_records(load_records(cfg.eval_data, "sft", dedup=cfg.dedup), "eval_data",
+                                                   cfg.eval_data)
                 else:
                     records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
             train_records = records

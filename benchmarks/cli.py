@@ -9,7 +9,9 @@
 
 Prints every table and appends them, with the device name, versions of torch / Triton /
 CUDA / every peer installed and the git commit, to ``<out>/<device>-<date>.json`` and
-``.md`` (``<out>`` defaults to benchmarks/results).
+``.md`` (``<out>`` defaults to benchmarks/results). Those files are checked before any
+benchmark runs: a results path that cannot be written, or an existing JSON file that cannot
+be read as results (it would otherwise be written over), is refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from rlhf_fast.trainers.config import check_output_path
 
-from .common import RESULTS_DIR, Table, write_results
+from .common import RESULTS_DIR, Table, check_results_paths, results_paths, write_results
 
 SUITES = ("ops", "e2e", "all")
 # Benchmarks written in other modules of this package; each is used when it exists and
@@ -89,6 +91,10 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA device; use --device cpu")
     check_output_path(args.out if args.out is not None else RESULTS_DIR, "--out", folder=True)
+    # the results files too, before the long work: writable, and an existing JSON one readable
+    # (a new run is appended to it; one that cannot be read is refused, not written over)
+    paths = results_paths(args.device, args.out)
+    check_results_paths(paths, "--out")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -103,8 +109,8 @@ def run(args) -> int:
         tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick))
     for t in tables:
         print(t.markdown() + "\n")
-    paths = write_results(tables, device=args.device, out_dir=args.out, suite=f"bench {args.suite}"
-                          + (" --quick" if args.quick else ""))
+    paths = write_results(tables, device=args.device, suite=f"bench {args.suite}" + (" --quick" if args.quick else ""),
+                          paths=paths)
     print(f"wrote {paths['json']} and {paths['md']} ({time.perf_counter() - t0:.1f} s)")
     failed = [r for t in tables for r in t.rows if r.get("error")]
     return 1 if failed else 0

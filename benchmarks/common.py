@@ -383,28 +383,68 @@ def fmt_bytes(n: Optional[float]) -> Optional[str]:
     return None
 
 
+def results_paths(device: str = "cpu", out_dir: Optional[Path] = None) -> Dict[str, Path]:
+    """``{"json", "md"}``: the results files of a run today, ``<out_dir>/<device>-<date>.*``."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    stem = f"{device_slug(device)}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d')}"
+    return {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+
+
+def read_results(path: Path) -> List[object]:
+    """The runs an existing results JSON holds ([] when absent). ValueError naming the file
+    when it cannot be read as results: a new run is appended to them, never written over."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    how = "move it aside or give another --out (bench appends to it and will not write over it)"
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"results file {path}:{e.lineno}: invalid JSON ({e.msg}); {how}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"results file {path}: not UTF-8 text; {how}") from None
+    if isinstance(runs, dict):  # a single run
+        runs = [runs]
+    if not isinstance(runs, list):
+        raise ValueError(f"results file {path}: holds a JSON {type(runs).__name__}, expected a list of runs; {how}")
+    return runs
+
+
+def check_results_paths(paths: Dict[str, Path], option: str = "--out") -> None:
+    """Before a benchmark runs: each results file can be written and an existing JSON one can
+    be appended to (ValueError naming ``option`` and the file otherwise)."""
+    from rlhf_fast.trainers.config import check_output_path
+
+    for p in paths.values():
+        check_output_path(p, f"{option} {p.parent}: results file")
+    read_results(paths["json"])
+
+
 def write_results(tables: Sequence[Table], *, device: str = "cpu", out_dir: Optional[Path] = None,
-                  suite: str = "") -> Dict[str, Path]:
-    """Append ``tables`` with the environment to ``<out_dir>/<device>-<date>.json`` and ``.md``.
+                  suite: str = "", paths: Optional[Dict[str, Path]] = None) -> Dict[str, Path]:
+    """Append ``tables`` with the environment to ``<out_dir>/<device>-<date>.json`` and ``.md``
+    (or to ``paths``, from :func:`results_paths`).
 
     The JSON file holds a list of runs (each ``{"suite", "env", "tables"}``); a new run is
-    appended. The Markdown file gets one more section per run. Returns the two paths.
+    appended and the file rewritten atomically. An existing JSON file that cannot be read as
+    results is moved aside to ``<name>.unreadable-<time>`` (with a warning), not written
+    over. The Markdown file gets one more section per run. Returns the two paths.
     """
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    from rlhf_fast.trainers.config import atomic_write_text
+
+    paths = paths or results_paths(device, out_dir)
+    jpath, mpath = paths["json"], paths["md"]
+    jpath.parent.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    stem = f"{device_slug(device)}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d')}"
-    jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
-    runs = []
-    if jpath.exists():
-        try:
-            runs = json.loads(jpath.read_text())
-        except json.JSONDecodeError:
-            runs = []
-        if not isinstance(runs, list):
-            runs = [runs]
+    try:
+        runs = read_results(jpath)
+    except ValueError as e:
+        aside = jpath.with_name(f"{jpath.name}.unreadable-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        os.replace(jpath, aside)
+        print(f"warning: {str(e).split(';')[0]}; moved it to {aside}", file=sys.stderr)
+        runs = []
     runs.append({"suite": suite, "env": env, "tables": [asdict(t) for t in tables]})
-    jpath.write_text(json.dumps(runs, indent=1, default=str))
+    atomic_write_text(str(jpath), json.dumps(runs, indent=1, default=str))
     peers = ", ".join(f"{k} {v}" for k, v in env["peers"].items() if v)
     header = (f"## {suite or 'bench'} — {env['time_utc']}\n\n"
               f"device: {env['device']} ({env['cpu_threads']} threads, load avg {env['load_avg_1m']}) · torch {env['torch']} · "

@@ -362,3 +362,42 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys)
     assert cli.main(["bench", "ops", "--quick", "--out", str(taken / "sub")]) == 2
     assert f"{taken} is a file, not a folder" in capsys.readouterr().err
     assert taken.read_text() == "earlier results"
+
+
+def test_bench_refuses_results_files_it_would_lose_or_cannot_write_before_measuring(tmp_path, capsys, monkeypatch):
+    from rlhf_fast import cli
+    from rlhf_fast.benchmarks import cli as bench_cli
+
+    def must_not_run(*a, **k):
+        raise AssertionError("benchmarks ran before the results files were checked")
+
+    monkeypatch.setattr(bench_cli, "ops_tables", must_not_run)
+    paths = common.results_paths("cpu", tmp_path)
+    # an existing results file that cannot be parsed is refused, not written over
+    paths["json"].write_text("{oops")
+    assert cli.main(["bench", "ops", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"results file {paths['json']}:1: invalid JSON" in err and "move it aside" in err
+    assert len(err.strip().splitlines()) == 1 and paths["json"].read_text() == "{oops"
+    paths["json"].write_text("7")
+    assert cli.main(["bench", "ops", "--quick", "--out", str(tmp_path)]) == 2
+    assert "holds a JSON int, expected a list of runs" in capsys.readouterr().err
+    # a results path that is a folder
+    paths["json"].unlink()
+    paths["md"].mkdir()
+    assert cli.main(["bench", "ops", "--quick", "--out", str(tmp_path)]) == 2
+    assert f"results file {paths['md']}: expected a file, found a folder" in capsys.readouterr().err
+    assert not paths["json"].exists()
+
+
+def test_write_results_moves_an_unreadable_file_aside(tmp_path, capsys):
+    # after a long run the new results are written and the old file is kept under another name
+    t = common.Table("t", ["a"])
+    t.add(a=1)
+    paths = common.results_paths("cpu", tmp_path)
+    paths["json"].write_text("{oops")
+    assert common.write_results([t], out_dir=tmp_path, suite="x") == paths
+    assert [r["suite"] for r in json.loads(paths["json"].read_text())] == ["x"]
+    aside = list(tmp_path.glob(paths["json"].name + ".unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "{oops"
+    assert "moved it to" in capsys.readouterr().err

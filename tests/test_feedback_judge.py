@@ -157,14 +157,18 @@ def test_cli_pairs_and_scores(server, tmp_path, monkeypatch, capsys):
     assert [r["label"] for r in recs] == ["A", "B"] and recs[0]["annotator"] == "judge:m"
     assert server.requests[0]["auth"] == "Bearer env-key"
     n = len(server.requests)
-    assert cli.main(args) == 0 and len(server.requests) == n
+    assert cli.main(args) == 0 and len(server.requests) == n  # already in --out: kept, not judged again
+    assert "judged 0 items" in capsys.readouterr().err
+    out2 = tmp_path / "labels2.jsonl"
+    assert cli.main(args[:3] + [str(out2)] + args[4:]) == 0 and len(server.requests) == n
     assert "cache hits 4, misses 0" in capsys.readouterr().err
     from rlhf_fast.feedback.label import labels_to_pairs
     assert [(p.chosen, p.rejected) for p in labels_to_pairs(str(out))] == [("good one", "bad one"), ("good", "bad")]
     scores_in = tmp_path / "s.jsonl"
     scores_in.write_text(json.dumps({"prompt": "q", "response": "good"}) + "\n" + json.dumps({"prompt": "q", "response": "x"}) + "\n")
-    assert cli.main(["judge", str(scores_in), "--out", str(out), "--mode", "scores", "--cache", "none"]) == 0
-    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [7.0, 2.0]
+    scores_out = tmp_path / "scores.jsonl"
+    assert cli.main(["judge", str(scores_in), "--out", str(scores_out), "--mode", "scores", "--cache", "none"]) == 0
+    assert [json.loads(l)["score"] for l in scores_out.read_text().splitlines()] == [7.0, 2.0]
     server.failures = ["500"] * 10
     assert cli.main(["judge", str(items), "--out", str(out), "--cache", "none", "--max-retries", "1", "--backoff", "0"]) == 1
     assert cli.main(["judge", str(items), "--out", str(out), "--max-retries", "many"]) == 2
@@ -182,8 +186,8 @@ def test_cli_pairs_and_scores(server, tmp_path, monkeypatch, capsys):
                          ([str(items), "--out", str(items)], "is the input file itself"),
                          ([str(items), "--out", str(out), "--cache", str(items)], "is the input file"),
                          ([str(empty), "--out", str(out)], "no items to judge"),
-                         ([str(empty), "--out", str(out), "--mode", "scores"], "no items to judge"),
-                         ([str(broken), "--out", str(out), "--mode", "scores"], f"{broken}:2: invalid JSON")):
+                         ([str(empty), "--out", str(scores_out), "--mode", "scores"], "no items to judge"),
+                         ([str(broken), "--out", str(scores_out), "--mode", "scores"], f"{broken}:2: invalid JSON")):
         capsys.readouterr()
         assert cli.main(["judge"] + argv + ([] if "--cache" in argv else ["--cache", "none"])) == 2, argv
         err = capsys.readouterr().err
@@ -231,3 +235,79 @@ def test_tie_band_outside_zero_to_half_is_refused(band):
 
     with pytest.raises(ValueError, match=r"tie_band must be a number in \[0, 0.5\)"):
         Judge.label_items(None, [], tie_band=band)
+
+
+def _items(path, pairs):
+    path.write_text("".join(json.dumps({"prompt": q, "a": a, "b": b}) + "\n" for q, a, b in pairs))
+    return path
+
+
+def test_cli_judge_adds_to_an_existing_labels_file(server, tmp_path, monkeypatch, capsys):
+    # as `rlhf-fast label` does: earlier labels (a human's and the judge's) are kept, only items
+    # this judge has not judged there are judged and appended
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    out = tmp_path / "labels.jsonl"
+    human = {"item": 0, "key": "k0", "prompt": "q0", "a": "x", "b": "y", "label": "B", "annotator": "ann"}
+    out.write_text(json.dumps(human) + "\n")
+    common = ["--model", "m", "--cache", "none", "--backoff", "0"]
+    first = _items(tmp_path / "first.jsonl", [("q1", "good one", "bad one")])
+    assert cli.main(["judge", str(first), "--out", str(out)] + common) == 0
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert recs[0] == human and [r["label"] for r in recs] == ["B", "A"]
+    n = len(server.requests)
+    both = _items(tmp_path / "both.jsonl", [("q1", "good one", "bad one"), ("q2", "bad", "good")])
+    assert cli.main(["judge", str(both), "--out", str(out)] + common) == 0
+    assert len(server.requests) == n + 2  # only q2 (both orders) was asked
+    assert "judged 1 items" in capsys.readouterr().err
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert recs[0] == human and [(r["prompt"], r["label"]) for r in recs] == [("q0", "B"), ("q1", "A"), ("q2", "B")]
+    # scores are added the same way; a file of the other mode is refused before any request
+    s_in = tmp_path / "s.jsonl"
+    s_in.write_text(json.dumps({"prompt": "q", "response": "good"}) + "\n")
+    s_out = tmp_path / "scores.jsonl"
+    assert cli.main(["judge", str(s_in), "--out", str(s_out), "--mode", "scores"] + common) == 0
+    s_in.write_text(s_in.read_text() + json.dumps({"prompt": "q", "response": "x"}) + "\n")
+    assert cli.main(["judge", str(s_in), "--out", str(s_out), "--mode", "scores"] + common) == 0
+    assert [json.loads(l)["score"] for l in s_out.read_text().splitlines()] == [7.0, 2.0]
+    n, before = len(server.requests), out.read_text()
+    capsys.readouterr()
+    assert cli.main(["judge", str(s_in), "--out", str(out), "--mode", "scores"] + common) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}:1: not a score record" in err and len(err.strip().splitlines()) == 1, err
+    assert cli.main(["judge", str(both), "--out", str(s_out)] + common) == 2
+    err = capsys.readouterr().err
+    assert f"{s_out}:1: not a label record" in err and len(err.strip().splitlines()) == 1, err
+    assert len(server.requests) == n and out.read_text() == before
+
+
+@pytest.mark.parametrize("option,value", [("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "0"),
+                                          ("--timeout", "-1"), ("--backoff", "inf"), ("--backoff", "-1")])
+def test_cli_refuses_timeouts_that_are_not_finite_positive_seconds(tmp_path, capsys, option, value):
+    items = _items(tmp_path / "items.jsonl", [("q", "a", "b")])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["judge", str(items), "--out", str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:9/v1",
+                  "--cache", "none", "--max-retries", "0", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a finite number of seconds" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0, got inf"):
+        JudgeConfig(timeout=float("inf"))
+    with pytest.raises(ValueError, match="backoff must be a finite number of seconds >= 0, got nan"):
+        JudgeConfig(backoff=float("nan"))
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[1, 2]", "found a JSON list"),
+    ('{"a": 1}\n{"b": 2}\n', ":2: invalid JSON (Extra data at column 1)"),
+    ('{"k": "seven"}', "entry 'k' holds \"seven\""),
+])
+def test_cli_names_a_bad_cache_file_and_what_it_should_hold(tmp_path, capsys, content, needle):
+    items = _items(tmp_path / "items.jsonl", [("q", "a", "b")])
+    cache = tmp_path / "cache.json"
+    cache.write_text(content)
+    assert cli.main(["judge", str(items), "--out", str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:9/v1",
+                     "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert f"judge cache {cache}" in err and needle in err and "mapping cache keys to numbers" in err, err
+    assert len(err.strip().splitlines()) == 1 and cache.read_text() == content

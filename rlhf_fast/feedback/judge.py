@@ -15,6 +15,11 @@ Position bias is mitigated by asking in both orders and averaging
 P(A better) = (P(first | A, B) + 1 − P(first | B, A)) / 2. Every answer is cached on disk
 in a JSON file keyed by a hash of (backend, model, template, prompt, responses, order), so
 a re-run costs nothing.
+
+``rlhf-fast judge ... --out FILE`` adds to an existing output file, as ``rlhf-fast label``
+does: the records already there are kept, and only the items this judge (annotator
+``judge:MODEL``) has not yet judged there are judged and appended; the file is rewritten
+atomically.
 """
 
 from __future__ import annotations
@@ -71,8 +76,15 @@ class JudgeConfig:
                 raise ValueError(f"{name} must contain {', '.join(keys)}; missing {', '.join(missing)}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.backoff < 0 or self.timeout <= 0:
-            raise ValueError(f"backoff must be >= 0 and timeout > 0, got {self.backoff}, {self.timeout}")
+        # inf / nan would reach socket.settimeout and time.sleep, which fail mid-run
+        if not _is_real(self.timeout) or not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if not _is_real(self.backoff) or not math.isfinite(self.backoff) or self.backoff < 0:
+            raise ValueError(f"backoff must be a finite number of seconds >= 0, got {self.backoff!r}")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class JudgeError(RuntimeError):
@@ -80,18 +92,41 @@ class JudgeError(RuntimeError):
 
 
 class JsonCache:
-    """A JSON dict on disk; written atomically after every new entry."""
+    """A JSON object on disk mapping cache keys to numbers (the judge's answers); written
+    atomically after every new entry."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
         self.data: Dict[str, Any] = {}
         self.hits = self.misses = 0
         if path and os.path.exists(path):
+            self.data = self._read(path)
+
+    @staticmethod
+    def _read(path: str) -> Dict[str, Any]:
+        expected = "a JSON object mapping cache keys to numbers, as `rlhf-fast judge` writes"
+        how = "delete it or give another --cache to start over"
+        if not os.path.isfile(path):
+            raise ValueError(f"judge cache {path}: expected a file, found a folder")
+        try:
             with open(path, encoding="utf-8") as f:
-                try:
-                    self.data = json.load(f)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}: judge cache is not valid JSON (delete it to start over)") from None
+                text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"judge cache {path}: not UTF-8 text; expected {expected} ({how})") from None
+        if not text.strip():
+            return {}
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"judge cache {path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                             f"expected {expected} ({how})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"judge cache {path}: found a JSON {type(data).__name__}; expected {expected} ({how})")
+        for k, v in data.items():
+            if not _is_real(v):
+                raise ValueError(f"judge cache {path}: entry {k[:16]!r} holds {json.dumps(v)[:40]}; "
+                                 f"expected {expected} ({how})")
+        return data
 
     def get(self, key: str) -> Any:
         """The cached value of ``key`` or None (counts hits and misses)."""
@@ -252,6 +287,7 @@ class Judge:
     def __init__(self, cfg: JudgeConfig, backend: Any = None, *, tokenizer: Any = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.cache = JsonCache(cfg.cache)  # first: a bad cache file is refused before a model loads
         if backend is None:
             if cfg.backend == "http":
                 backend = HTTPBackend(cfg)
@@ -262,7 +298,6 @@ class Judge:
                 backend = LocalBackend(model, tok)
                 self.tokenizer = self.tokenizer or tok
         self.backend = backend
-        self.cache = JsonCache(cfg.cache)
 
     def _render_prompt(self, prompt: Any) -> str:
         from .formats import render_prompt
@@ -320,7 +355,8 @@ class Judge:
 def add_arguments(parser) -> None:
     """CLI arguments of ``rlhf-fast judge`` (explicit options override the YAML config)."""
     parser.add_argument("input", help="JSONL: {prompt, a, b} per line (pairs) or {prompt, response} (scores)")
-    parser.add_argument("--out", required=True, help="output JSONL (label records or score records)")
+    parser.add_argument("--out", required=True, help="output JSONL (label records or score records); an existing "
+                        "file is added to: items this judge already judged there are kept, not judged again")
     parser.add_argument("--mode", choices=("pairs", "scores"), default="pairs")
     parser.add_argument("--config", default=None, help="YAML with JudgeConfig fields")
     parser.add_argument("--backend", choices=("http", "local"), default=None)
@@ -328,10 +364,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default $OPENAI_BASE_URL)")
     parser.add_argument("--cache", default=None, help="JSON cache file")
     parser.add_argument("--max-retries", default=None)
-    parser.add_argument("--backoff", default=None)
-    parser.add_argument("--timeout", default=None)
+    parser.add_argument("--backoff", default=None, type=_seconds(">= 0"),
+                        help="seconds before the first retry (doubles each time)")
+    parser.add_argument("--timeout", default=None, type=_seconds("> 0"), help="seconds per HTTP request")
     parser.add_argument("--single-order", action="store_true", help="ask in one order only (no position-bias mitigation)")
     parser.add_argument("--tie-band", type=float, default=0.05)
+
+
+def _seconds(bound: str):
+    """An argparse type: a finite number of seconds ``bound`` ("> 0" or ">= 0"); argparse
+    turns the error into one line naming the option (exit 2)."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not (v > 0 if bound == "> 0" else v >= 0):
+            raise argparse.ArgumentTypeError(f"expected a finite number of seconds {bound}, got {text!r}")
+        return v
+
+    return parse
 
 
 def _check_tie_band(value, name: str) -> None:
@@ -341,12 +395,9 @@ def _check_tie_band(value, name: str) -> None:
 
 
 def run(args) -> int:
-    """Entry point of ``rlhf-fast judge``: labels or scores every line of the input."""
-    from rlhf_fast.trainers.config import load_config
-
-    from .formats import write_jsonl
-
-    from rlhf_fast.trainers.config import check_output_path
+    """Entry point of ``rlhf-fast judge``: labels or scores every line of the input that this
+    judge has not yet judged in ``--out`` and adds the results to it."""
+    from rlhf_fast.trainers.config import atomic_write_text, check_output_path, load_config
 
     # before any item is judged: results that cannot be written would be lost
     _check_tie_band(args.tie_band, "--tie-band")
@@ -361,32 +412,73 @@ def run(args) -> int:
     if getattr(args, "single_order", False):
         overrides += ["--both_orders", "false"]
     cfg = load_config(JudgeConfig, args.config, overrides)
-    if cfg.cache and os.path.exists(cfg.cache):
-        for name, other in (("the input file", args.input), ("--out", args.out)):
-            if os.path.exists(other) and os.path.samefile(cfg.cache, other):
-                raise ValueError(f"--cache {cfg.cache} is {name}; keep the cache in a file of its own")
+    if cfg.cache:
+        check_output_path(cfg.cache, "--cache")
+        if os.path.exists(cfg.cache):
+            for name, other in (("the input file", args.input), ("--out", args.out)):
+                if os.path.exists(other) and os.path.samefile(cfg.cache, other):
+                    raise ValueError(f"--cache {cfg.cache} is {name}; keep the cache in a file of its own")
+    # what --out already holds is kept; a file that is not this mode's output is refused
+    existing = _read_existing(args.out, args.mode)
     judge = Judge(cfg)
     try:
-        out = _judge_file(judge, cfg, args)
+        new, kept = _judge_file(judge, cfg, args, existing)
     except JudgeError as e:  # the endpoint failed: one line, exit 1 (not a usage error)
         print(f"rlhf-fast judge: error: {e}", file=sys.stderr)
         return 1
-    write_jsonl(out, args.out)
-    print(f"judged {len(out)} items -> {args.out} (cache hits {judge.cache.hits}, misses {judge.cache.misses})",
-          file=sys.stderr)
+    if new:
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in existing + new))
+    note = f"; {kept} already judged there, kept" if kept else ""
+    print(f"judged {len(new)} items -> {args.out}{note} (cache hits {judge.cache.hits}, "
+          f"misses {judge.cache.misses})", file=sys.stderr)
     return 0
 
 
-def _judge_file(judge: Judge, cfg: JudgeConfig, args) -> List[Dict[str, Any]]:
+def _read_existing(path: str, mode: str) -> List[Dict[str, Any]]:
+    """The records an existing ``--out`` holds ([] when absent): label records for
+    ``pairs``, score records for ``scores``; ValueError naming the file and line otherwise."""
+    from .label import read_labels
+
+    how = "give a new --out or one that judge wrote in this --mode"
+    if mode == "pairs":
+        try:
+            return read_labels(path)
+        except ValueError as e:
+            raise ValueError(f"--out {e}; {how}") from None
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not (isinstance(rec, dict) and "prompt" in rec and isinstance(rec.get("response"), str)
+                    and _is_real(rec.get("score"))):
+                raise ValueError(f"--out {path}:{i + 1}: not a score record (expected the fields prompt, response "
+                                 f"and a numeric score, as `rlhf-fast judge --mode scores` writes); {how}")
+            out.append(rec)
+    return out
+
+
+def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[str, Any]]):
+    """``(new records, number of input items already judged in existing)`` for the input."""
     from .formats import load_records
     from .label import load_items
 
+    annotator = f"judge:{cfg.model}"
     if args.mode == "pairs":
-        out = judge.label_items(load_items(args.input), tie_band=args.tie_band)
+        items = load_items(args.input)
+        done = {r["key"] for r in existing if r.get("annotator") == annotator}
+        todo = [it for it in items if it["key"] not in done]
+        out = judge.label_items(todo, tie_band=args.tie_band)
     else:
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"input file not found: {args.input}")
-        rows = []
+        items = []
         with open(args.input, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if not line.strip():
@@ -397,13 +489,15 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args) -> List[Dict[str, Any]]:
                     raise ValueError(f"{args.input}:{i + 1}: invalid JSON ({e.msg})") from None
                 if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
                     raise ValueError(f"{args.input}:{i + 1}: response: missing field (need prompt and response)")
-                rows.append(r)
+                items.append(r)
+        done = {cache_key(r["prompt"], r["response"]) for r in existing if r.get("annotator") == annotator}
+        todo = [r for r in items if cache_key(r["prompt"], r["response"]) not in done]
         out = [{"prompt": r["prompt"], "response": r["response"], "score": judge.score(r["prompt"], r["response"]),
-                "annotator": f"judge:{cfg.model}"} for r in rows]
+                "annotator": annotator} for r in todo]
         load_records(out, "scores")  # the output must itself be valid score records
-    if not out:
+    if not items:
         raise ValueError(f"{args.input}: no items to judge (the file holds no records)")
-    return out
+    return out, len(items) - len(todo)
 
 
 __all__ = ["JudgeConfig", "Judge", "JudgeError", "HTTPBackend", "LocalBackend", "JsonCache", "cache_key",

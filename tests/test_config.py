@@ -279,3 +279,19 @@ def test_truncate_metrics_drops_a_torn_last_line(tmp_path):
     log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2: invalid JSON"):
         truncate_metrics(str(tmp_path), 2)
+
+
+def test_output_paths_refuse_empty_and_config_files_are_readable(tmp_path):
+    """An empty output path is refused naming the option; atomic_write_text gives the file the
+    mode a plain open() would (mkstemp's 0600 made a run's config.yaml unreadable to others)."""
+    from rlhf_fast.trainers.config import atomic_write_text, check_output_path
+
+    with pytest.raises(ValueError, match="--out: expected a file path, got an empty string"):
+        check_output_path("", "--out")
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "config.yaml"
+        atomic_write_text(str(path), "a: 1\n")
+        assert (os.stat(path).st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)

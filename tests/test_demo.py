@@ -73,3 +73,11 @@ def test_demo_refuses_a_file_as_out(tmp_path):
     path.write_text("not a folder")
     assert cli.main(["demo", "--quick", "--no-progress", "--out", str(path)]) == 2
     assert path.read_text() == "not a folder"
+
+
+def test_demo_refuses_an_empty_out(tmp_path, capsys):
+    """--out '' is one error naming --out (it was a bare "[Errno 2] No such file or directory: ''")."""
+    from rlhf_fast import cli
+
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", ""]) == 2
+    assert "--out: expected a folder path, got an empty string" in capsys.readouterr().err

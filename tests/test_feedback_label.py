@@ -98,3 +98,18 @@ def test_shuffle_sides(tmp_path, monkeypatch):
     assert _run(monkeypatch, [pairs, "--out", out, "--annotator", "z", "--shuffle-sides", "--seed", "1"], ["a"] * 40) == 0
     chosen = {p.prompt: p.chosen for p in labels_to_pairs(out)}
     assert all(chosen[it["prompt"]] == it["a"] for it in items)
+
+
+def test_duplicate_items_count_once_and_a_device_out_is_named(tmp_path, monkeypatch, capsys):
+    """A pair listed twice is one item: labelling it once leaves nothing remaining (the summary
+    said remaining 1 after 'all items labelled'); --out /dev/null is not called a folder."""
+    p = tmp_path / "pairs.jsonl"
+    row = json.dumps({"prompt": "q", "a": "x", "b": "y"}) + "\n"
+    p.write_text(row + row + json.dumps({"prompt": "r", "a": "u", "b": "v"}) + "\n")
+    out = str(tmp_path / "labels.jsonl")
+    assert _run(monkeypatch, [str(p), "--out", out, "--annotator", "me"], ["a", "b"]) == 0
+    text = capsys.readouterr().out
+    assert "all 2 items labelled" in text and "'remaining': 0" in text
+    assert _run(monkeypatch, [str(p), "--out", "/dev/null", "--annotator", "me"], ["a"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a labels file, found a device or other special file" in err

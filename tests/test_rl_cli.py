@@ -161,3 +161,68 @@ def test_rule_rewards():
     assert letter_a_fraction(["p"] * 3, ["aa a", "ab", ""]) == [1.0, 0.5, 0.0]
     assert ascending_digits(["p"] * 3, ["1 2 3", "3 2 1", "x"]) == [1.0, 0.0, 0.0]
     assert ascending_digits(["p"], ["1 2 x"]) == [pytest.approx(2 / 3)]
+
+
+def test_plot_takes_a_crashed_runs_log_and_skips_never_finite_metrics(tmp_path, capsys):
+    """A last record cut short (no newline: a crash, or the run writing now) is left out, not an
+    error; a metric that is never finite gets no empty figure; non-UTF-8 names the file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "reward/x": float("nan")}) + "\n"
+                                       + '{"step": 2, "lo')
+    assert main(["plot", str(run)]) == 0
+    assert sorted(os.listdir(run / "plots")) == ["training.png"]
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": float("nan")}) + "\n")
+    assert main(["plot", str(run)]) == 2
+    assert "holds no numeric metrics to plot (none with a finite value)" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe{}\n")
+    assert main(["plot", str(run)]) == 2
+    assert f"{run / 'metrics.jsonl'}: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_the_commands_estimator_is_set_before_the_config_is_checked(tmp_path):
+    """`rlhf-fast ppo` with a GRPO config of group_size 1 is a valid gae run (it failed: "group_size
+    must be >= 2 for estimator 'grpo'"); `rlhf-fast rloo` names rloo in that error, not grpo."""
+    from rlhf_fast.trainers.rl_cli import build_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"estimator": "grpo", "rollout": {"group_size": 1, "prompts_per_step": 8}}))
+    assert build_config("ppo", [str(cfg)]).estimator == "gae"
+    with pytest.raises(ValueError, match="group_size must be >= 2 for estimator 'rloo'"):
+        build_config("rloo", ["none", "--rollout.group_size", "1"])
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        build_config("grpo", ["none", "--estimator", "nope"])
+    (tmp_path / "bad.yaml").write_text("estimator: nope\n")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        build_config("grpo", [str(tmp_path / "bad.yaml")])
+
+
+def test_model_folders_are_checked_naming_the_key(tmp_path, capsys):
+    """A policy folder without a tokenizer, a non-model folder and a causal LM given as
+    reward.reward_model are one line naming the config key (they were transformers' own
+    "Couldn't instantiate the backend tokenizer", "Unrecognized model" and "num_labels=1, got 2")."""
+    from rlhf_fast.models import tiny_causal_lm, train_tokenizer
+
+    tok = train_tokenizer(["hello world"] * 4, 64)
+    lm, no_tok = tmp_path / "lm", tmp_path / "no_tok"
+    model = tiny_causal_lm(len(tok), hidden_size=16, num_layers=1, num_heads=2)
+    model.save_pretrained(lm)
+    model.save_pretrained(no_tok)
+    tok.save_pretrained(lm)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("hi")
+    base = ["grpo", "none", "--steps", "1", "--progress", "false", "--output_dir", str(tmp_path / "run")]
+    fn = ["--reward.functions", "rlhf_fast.algorithms.rule_rewards:letter_a_fraction"]
+    cases = [(fn + ["--model.policy", str(no_tok)], "model.policy .*: no tokenizer files there .*set model.tokenizer"),
+             (fn + ["--model.policy", str(notes)], "model.policy .*: no config.json there"),
+             (["--reward.reward_model", str(notes)], "reward.reward_model .*: no config.json there")]
+    cases.append((["--reward.reward_model", str(lm)], r"reward.reward_model .* holds a causal LM \(\w+ForCausalLM\), "
+                                                      "not a reward model"))
+    import re
+
+    capsys.readouterr()  # (the saves' progress bars)
+    for extra, msg in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and re.search("^rlhf-fast grpo: error: " + msg, err[-1]), err

@@ -367,3 +367,20 @@ def test_reward_model_and_judge_sources_are_logged_each(tmp_path):
     with torch.no_grad():
         direct = reward_scores(rm, data.input_ids, data.attention_mask.long())
     assert m["reward/reward_model"] == pytest.approx(float(direct.mean()), abs=1e-5)
+
+
+def test_reward_rollout_and_data_settings_are_checked_naming_the_key():
+    """Values that failed only in the first step, with a message naming no setting ("n must be a
+    positive int", "stop_strings must be non-empty strings", "every prompt must have at least
+    one token"), or not at all (a negative length target), are refused by the config."""
+    from rlhf_fast.trainers.rl_config import DataConfig, RewardConfig
+
+    with pytest.raises(ValueError, match="reward.repetition_ngram must be an int > 0, got 0"):
+        RewardConfig(repetition_ngram=0)
+    with pytest.raises(ValueError, match="reward.length_target must be an int >= 0, got -5"):
+        RewardConfig(length_target=-5)
+    with pytest.raises(ValueError, match=r"rollout.stop_strings\[1\] must be a non-empty string, got ''"):
+        RolloutConfig(stop_strings=["\n", ""])
+    with pytest.raises(ValueError, match=r"data.prompts\[1\] must be a non-empty string, got ''"):
+        DataConfig(prompts=[" ", ""])
+    assert RewardConfig(length_target=0, repetition_ngram=1).length_target == 0

@@ -91,7 +91,8 @@ def read_labels(path: str) -> List[Dict[str, Any]]:
     if not os.path.exists(path):
         return []
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: expected a labels file, found a folder")
+        found = "a folder" if os.path.isdir(path) else "a device or other special file"
+        raise ValueError(f"{path}: expected a labels file, found {found}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     lines = text.splitlines()
@@ -155,7 +156,7 @@ def label_pairs(
     while True:
         pending = [it for it in items if it["key"] not in done]
         if not pending:
-            console.print(f"[green]all {len(items)} items labelled[/green]")
+            console.print(f"[green]all {len(by_key)} items labelled[/green]")
             break
         it = pending[0]
         console.rule(f"item {it['item'] + 1} of {len(items)}  ({len(done)} labelled)")
@@ -196,7 +197,8 @@ def label_pairs(
         mine.append(rec)
         done.add(it["key"])
     counts = {k: sum(r["label"] == k for r in mine) for k in ("A", "B", "tie", "skip")}
-    counts.update(labelled=len(done), remaining=len(items) - len(done), undone=undone)
+    # a pair listed twice in the file is one item (one key), labelled once
+    counts.update(labelled=len(done), remaining=len(by_key) - len(done), undone=undone)
     console.print(f"saved to {out}: {counts}")
     return counts
 

@@ -271,6 +271,50 @@ class ValueModel(nn.Module):
         return vm
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+def check_model_folder(path: PathLike, key: str, *, tokenizer: bool = False, reward: bool = False,
+                       tokenizer_key: Optional[str] = None) -> None:
+    """Check, before loading, that ``path`` is a saved Hugging Face model folder (config.json, or
+    a peft adapter's adapter_config.json); with ``tokenizer`` that it holds tokenizer files; with
+    ``reward`` that it is not a causal LM (a reward model is a sequence-classification model).
+    Raises ValueError naming the config key ``key`` (and ``tokenizer_key``, where one can point
+    elsewhere for the tokenizer), the path and what was expected."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        what = "a file" if os.path.exists(path) else "not found"
+        raise ValueError(f"{key} {path!r}: expected a local model folder (nothing is downloaded), {what}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"{key} {path!r}: no config.json there; expected a folder saved by save_pretrained "
+                         "(a Hugging Face model or an rlhf-fast run's final/)")
+    if tokenizer:
+        check_tokenizer_folder(path, key, tokenizer_key=tokenizer_key)
+    if reward and os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                archs = json.load(f).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            archs = []
+        causal = [a for a in archs if isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel"))]
+        if causal:
+            raise ValueError(f"{key} {path!r} holds a causal LM ({causal[0]}), not a reward model; expected a "
+                             "sequence-classification model with one label (as `rlhf-fast reward` saves)")
+
+
+def check_tokenizer_folder(path: PathLike, key: str, *, tokenizer_key: Optional[str] = None) -> None:
+    """Raise ValueError naming ``key`` unless the folder ``path`` holds tokenizer files (and,
+    where given, say that ``tokenizer_key`` can point at another folder that does)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        hint = f"; set {tokenizer_key} to a folder that holds one" if tokenizer_key else ""
+        where = "there" if os.path.isdir(path) else "(not a folder)"
+        raise ValueError(f"{key} {path!r}: no tokenizer files {where} ({', '.join(_TOKENIZER_FILES[:2])}, ...)"
+                         + hint)
+
+
 def load_reward_model(model_or_path, *, device=None, dtype=None):
     """A scalar reward model (AutoModelForSequenceClassification with one label), eval mode.
 
@@ -332,6 +376,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 __all__ = [
+    "check_model_folder",
+    "check_tokenizer_folder",
     "load_policy",
     "enable_activation_checkpointing",
     "make_reference",

@@ -405,6 +405,9 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlhf_fast.models.loading import check_model_folder
+
+    check_model_folder(spec, "model", tokenizer=tokenizer is None)
     tok = tokenizer or AutoTokenizer.from_pretrained(spec)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -292,6 +292,10 @@ def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -308,6 +312,8 @@ def check_output_path(path, option: str, *, folder: bool = False) -> None:
     (or, with ``folder``, a folder) that is not the other kind, in a folder that exists or can
     be created and is writable. Raises ValueError naming ``option`` and the path."""
     path = os.fspath(path)
+    if not path.strip():
+        raise ValueError(f"{option}: expected a {'folder' if folder else 'file'} path, got an empty string")
     want, other = ("a folder", "a file") if folder else ("a file", "a folder")
     if os.path.exists(path):
         if os.path.isdir(path) != folder:

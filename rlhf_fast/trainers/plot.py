@@ -29,16 +29,23 @@ def read_records(run_dir: str) -> List[Dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     recs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
-                    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a numeric 'step'")
-                recs.append(rec)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (expected JSON lines)") from None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    break  # a record cut short by a crash (or being written now): plot the rest
+                raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                raise ValueError(f"{path}:{i + 1}: expected a JSON object with a numeric 'step'")
+            recs.append(rec)
     return recs
 
 
@@ -56,10 +63,11 @@ def plot_run(run_dir: str, out_dir: str = None) -> List[str]:
 
     out_dir = out_dir or os.path.join(run_dir, "plots")
     check_output_path(out_dir, "--out", folder=True)
+    # a metric that is never finite (all nan/inf) would be an empty plot: left out
     keys = sorted({k for r in recs for k, v in r.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     if not keys:
-        raise ValueError(f"{run_dir}/metrics.jsonl holds no numeric metrics to plot")
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no numeric metrics to plot (none with a finite value)")
     os.makedirs(out_dir, exist_ok=True)
     grouped = {g: [k for k in keys if any(k.startswith(p) for p in prefixes)] for g, prefixes in GROUPS.items()}
     seen = {k for ks in grouped.values() for k in ks}

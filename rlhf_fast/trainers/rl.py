@@ -282,6 +282,8 @@ class RLTrainer:
         if reference is None:
             from rlhf_fast.models import loading
 
+            if cfg.model.reference:
+                loading.check_model_folder(cfg.model.reference, "model.reference")
             reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
                          else loading.make_reference(self.policy))
         if isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
@@ -356,10 +358,14 @@ class RLTrainer:
             return build_tiny_policy(cfg)
         from transformers import AutoTokenizer
 
-        from rlhf_fast.models.loading import load_policy
+        from rlhf_fast.models.loading import check_model_folder, check_tokenizer_folder, load_policy
 
         if not os.path.exists(cfg.model.policy):
             raise FileNotFoundError(f"model.policy: no such path {cfg.model.policy!r} (or use 'tiny:llama')")
+        check_model_folder(cfg.model.policy, "model.policy", tokenizer=cfg.model.tokenizer is None,
+                           tokenizer_key="model.tokenizer")
+        if cfg.model.tokenizer is not None:
+            check_tokenizer_folder(cfg.model.tokenizer, "model.tokenizer")
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy)
         tok.padding_side = "left"
         return load_policy(cfg.model.policy), tok
@@ -387,8 +393,9 @@ class RLTrainer:
         if rc.reward_model is not None:
             from transformers import AutoTokenizer
 
-            from rlhf_fast.models.loading import load_reward_model
+            from rlhf_fast.models.loading import check_model_folder, load_reward_model
 
+            check_model_folder(rc.reward_model, "reward.reward_model", tokenizer=True, reward=True)
             sources.append(RewardModelReward(load_reward_model(rc.reward_model, device=self.device),
                                              AutoTokenizer.from_pretrained(rc.reward_model), name="reward_model"))
             weights.append(rc.reward_model_weight)

@@ -13,7 +13,6 @@ module:function`` and/or ``--reward.reward_model PATH``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",))}
@@ -78,20 +77,42 @@ def build_config(command: str, tokens):
     if config is None:
         raise ValueError(f"usage: rlhf-fast {command} CONFIG.yaml [--key value ...] [--resume RUN_DIR]")
     # 'none' / '-': the defaults, as for rlhf-fast sft and reward
-    cfg = load_config(RLConfig, None if config in ("none", "-") else config, overrides)
+    path = None if config in ("none", "-") else config
     default, allowed = FAMILIES[command]
-    if cfg.estimator not in allowed:
+    # The estimator is settled before the config is built, as the checks that run then depend
+    # on it (group estimators need rollout.group_size >= 2; gae does not).
+    asked = _override_value(overrides, "estimator")
+    estimator = asked if asked is not None else _file_estimator(path)
+    if estimator is None:
+        estimator = RLConfig.__dataclass_fields__["estimator"].default
+    known = {e for _, family in FAMILIES.values() for e in family}
+    if estimator in known and estimator not in allowed:  # (an unknown one: load_config names the choices)
         # a config file of another family is reused as the command's own; an estimator asked
         # for on the command line, or the run being resumed, is not silently replaced
-        asked = _override_value(overrides, "estimator")
         if asked is not None:
             raise ValueError(f"--estimator {asked} is not of the {command} family {allowed}; use "
                              f"rlhf-fast {_family_of(asked)}")
         if resume is not None and config == os.path.join(resume, "config.yaml"):
-            raise ValueError(f"--resume {resume}: that run used estimator {cfg.estimator!r}; resume it with "
-                             f"rlhf-fast {_family_of(cfg.estimator)}")
-        cfg = dataclasses.replace(cfg, estimator=default)
-    return cfg
+            raise ValueError(f"--resume {resume}: that run used estimator {estimator!r}; resume it with "
+                             f"rlhf-fast {_family_of(estimator)}")
+        overrides = overrides + ["--estimator", default]
+    return load_config(RLConfig, path, overrides)
+
+
+def _file_estimator(path):
+    """The ``estimator`` a YAML config file names, or None (no file, no key, or a file that
+    :func:`load_config` will report on)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    value = data.get("estimator") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _override_value(overrides, key: str):

@@ -93,6 +93,9 @@ class DataConfig:
             raise ValueError("data.prompts must be a non-empty list of strings (or set data.prompts_file)")
         if not all(isinstance(p, str) for p in self.prompts):
             raise ValueError("data.prompts must be a list of strings")
+        for i, p in enumerate(self.prompts):
+            if not p:  # would fail only in the first rollout, as a prompt of no tokens
+                raise ValueError(f"data.prompts[{i}] must be a non-empty string, got {p!r}")
 
 
 @dataclass
@@ -134,6 +137,9 @@ class RolloutConfig:
                              f"got {self.per_sample_seeds!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"rollout.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        for i, stop in enumerate(self.stop_strings):
+            if not isinstance(stop, str) or not stop:
+                raise ValueError(f"rollout.stop_strings[{i}] must be a non-empty string, got {stop!r}")
 
 
 @dataclass
@@ -171,6 +177,9 @@ class RewardConfig:
             _pos("reward.clip", self.clip)
         _pos("reward.length_penalty", self.length_penalty, allow_zero=True)
         _pos("reward.repetition_penalty", self.repetition_penalty, allow_zero=True)
+        _pos("reward.repetition_ngram", self.repetition_ngram, integer=True)
+        if self.length_target is not None:
+            _pos("reward.length_target", self.length_target, allow_zero=True, integer=True)
 
 
 @dataclass

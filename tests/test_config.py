@@ -228,6 +228,29 @@ def test_seeds_beyond_64_bits_are_refused_at_load():
     assert load_config(RLConfig, None, ["--seed", str(2**63 - 1)]).seed == 2**63 - 1
 
 
+def test_a_bare_key_that_is_not_a_bool_asks_for_its_value():
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    with pytest.raises(ValueError, match=r"--steps needs a value \(int\); only a true/false key may be given bare"):
+        load_config(RLConfig, None, ["--steps"])
+    with pytest.raises(ValueError, match=r"--rollout.top_k needs a value"):
+        load_config(RLConfig, None, ["--rollout.top_k", "--steps", "2"])
+    cfg = load_config(RLConfig, None, ["--progress", "--rollout.per_sample_seeds", "--steps=3"])
+    assert cfg.progress is True and cfg.rollout.per_sample_seeds is True and cfg.steps == 3
+
+
+def test_inline_prompts_and_a_prompts_file_together_are_refused():
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    with pytest.raises(ValueError, match="data.prompts and data.prompts_file are both set; give one of them"):
+        load_config(RLConfig, None, ["--data.prompts", "a,b", "--data.prompts_file", "p.txt"])
+    # the defaults, as a saved run's config.yaml holds them, or an emptied list are not "set"
+    assert load_config(RLConfig, None, ["--data.prompts_file", "p.txt"]).data.prompts_file == "p.txt"
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    assert DataConfig(prompts=[], prompts_file="p.txt").prompts == []
+
+
 def test_tiny_model_sizes_are_checked_with_the_setting_named():
     from rlhf_fast.trainers.common import load_causal_lm
     from rlhf_fast.trainers.rl_config import RLConfig

@@ -81,3 +81,15 @@ def test_demo_refuses_an_empty_out(tmp_path, capsys):
 
     assert cli.main(["demo", "--quick", "--no-progress", "--out", ""]) == 2
     assert "--out: expected a folder path, got an empty string" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_training_runs_folder(tmp_path, capsys):
+    """A grpo / sft run's folder is refused: the demo's stages and plots would land among its files."""
+    from rlhf_fast import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(run)]) == 2
+    assert f"--out {run} holds a training run (metrics.jsonl): choose another folder" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]

@@ -173,6 +173,8 @@ def test_cli(tmp_path, capsys):
     assert cli.main(["sft", str(cfg), "--data", str(bad)]) == 2
     err = capsys.readouterr().err  # one line: the count and the first problem
     assert len(err.strip().splitlines()) == 1 and "1 problem(s) in sft records (first: line 1: completion: missing field)" in err
+    assert cli.main(["sft", str(cfg), "--max_len", "1", "--output_dir", str(tmp_path / "m")]) == 2
+    assert "max_len (1) leaves no training example" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for key in ("--data", "--eval_data"):

@@ -389,6 +389,11 @@ def check_demo_folder(out_dir: str) -> None:
     if held:
         raise ValueError(f"--out {out_dir} already holds a demo run ({', '.join(held)}): choose another folder "
                          "or remove that one first")
+    from rlhf_fast.trainers.common import run_contents
+
+    held = run_contents(out_dir)
+    if held:  # a training run's folder: the demo's stages and plots would land among its files
+        raise ValueError(f"--out {out_dir} holds a training run ({', '.join(held)}): choose another folder")
 
 
 def run(cfg: DemoConfig) -> Dict:

@@ -40,6 +40,9 @@ def _is_optional(tp) -> Tuple[bool, Any]:
 
 def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
     """Convert ``value`` to the annotated type ``tp``; ``from_string`` for CLI text."""
+    if isinstance(value, _BareFlag) and tp is not Any and _is_optional(tp)[1] is not bool:
+        # "expected int, got 'true'" would puzzle: the value was left out
+        raise ValueError(f"--{key} needs a value ({_type_name(tp)}); only a true/false key may be given bare")
     err = ValueError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
@@ -197,6 +200,10 @@ def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
         cur_cls, cur = inner, sub
 
 
+class _BareFlag(str):
+    """The "true" of a ``--flag`` given without a value (an error for a key that is not a bool)."""
+
+
 def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
     """``["--a.b", "1", "--c=x", "--flag"]`` -> ``[("a.b", "1"), ("c", "x"), ("flag", "true")]``."""
     out: List[Tuple[str, str]] = []
@@ -215,7 +222,7 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
             k, v = body, items[i + 1]
             i += 2
         else:
-            k, v = body, "true"  # a bare --flag sets a bool
+            k, v = body, _BareFlag("true")  # a bare --flag sets a bool
             i += 1
         out.append((k.replace("-", "_"), v))
     return out

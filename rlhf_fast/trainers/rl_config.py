@@ -78,12 +78,15 @@ class ModelConfig:
             raise ValueError(f"model.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
+DEFAULT_PROMPTS = ("count:", "list:", "go:", "write:")
+
+
 @dataclass
 class DataConfig:
     """Prompts inline (``prompts``) or from a file (``prompts_file``: .txt one per line, or
     .jsonl with ``prompt_key``). Shuffled each pass with the run's seed."""
 
-    prompts: List[str] = field(default_factory=lambda: ["count:", "list:", "go:", "write:"])
+    prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_file: Optional[str] = None
     prompt_key: str = "prompt"
     shuffle: bool = True
@@ -93,6 +96,9 @@ class DataConfig:
             raise ValueError("data.prompts must be a non-empty list of strings (or set data.prompts_file)")
         if not all(isinstance(p, str) for p in self.prompts):
             raise ValueError("data.prompts must be a list of strings")
+        if self.prompts_file is not None and self.prompts and list(self.prompts) != list(DEFAULT_PROMPTS):
+            # the file would win and the inline prompts be dropped without a word
+            raise ValueError("data.prompts and data.prompts_file are both set; give one of them")
         for i, p in enumerate(self.prompts):
             if not p:  # would fail only in the first rollout, as a prompt of no tokens
                 raise ValueError(f"data.prompts[{i}] must be a non-empty string, got {p!r}")

@@ -366,6 +366,9 @@ class SFTTrainer:
         self.train_rows, dropped = tokenize_sft(train_records, tokenizer, cfg.max_len)
         self.eval_rows, _ = tokenize_sft(self.eval_records, tokenizer, cfg.max_len)
         self.dropped = dropped
+        if train_records and not self.train_rows:
+            raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
+                             "prompts is empty or at least max_len tokens long; raise max_len")
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -42,8 +42,15 @@ def test_label_quit_resume_undo(tmp_path, monkeypatch, capsys):
     pairs_out = labels_to_pairs(out)
     assert [(p.chosen, p.rejected) for p in pairs_out] == [
         ("ans A0", "ans B0"), ("ans B1", "ans A1"), ("ans B2", "ans A2"), ("ans A3", "ans B3")]
-    # nothing left: a further run asks nothing
+    # nothing left: a further run only offers to undo; end of input finishes
     assert _run(monkeypatch, args, []) == 0
+    # the last label can be taken back before the session ends: "a" was wrong, "b" replaces it;
+    # then Enter finishes (an answer other than undo / quit is refused there)
+    assert _run(monkeypatch, args, ["u", "b", "a", "", "t"]) == 0  # "t" is never read
+    out_text = capsys.readouterr().out  # (with the empty run's "all 4 items labelled" above)
+    assert "unknown answer 'a'" in out_text, out_text
+    assert out_text.count("all 4 items labelled") == 3
+    assert [(r["prompt"], r["label"]) for r in read_labels(out)][-1] == ("q3", "B")
     # a second annotator labels the same file independently
     assert _run(monkeypatch, [pairs, "--out", out, "--annotator", "other"], ["b"]) == 0
     assert len(read_labels(out)) == 5 and len(labels_to_pairs(out, annotator="other")) == 1

@@ -155,23 +155,26 @@ def label_pairs(
         console.print(f"[dim]resuming: {len(done)} of {len(items)} already labelled by {annotator}[/dim]")
     while True:
         pending = [it for it in items if it["key"] not in done]
-        if not pending:
+        it = pending[0] if pending else None
+        if it is None:
+            # the last label can still be taken back before the session ends
             console.print(f"[green]all {len(by_key)} items labelled[/green]")
-            break
-        it = pending[0]
-        console.rule(f"item {it['item'] + 1} of {len(items)}  ({len(done)} labelled)")
-        console.print(Panel(render_prompt(it["prompt"], tokenizer), title="prompt", expand=True))
-        console.print(Panel(it["a"], title="A", border_style="cyan", expand=True))
-        console.print(Panel(it["b"], title="B", border_style="magenta", expand=True))
+            prompt = "[bold]u[/bold]ndo the last label, or Enter / [bold]q[/bold] to finish > "
+        else:
+            console.rule(f"item {it['item'] + 1} of {len(items)}  ({len(done)} labelled)")
+            console.print(Panel(render_prompt(it["prompt"], tokenizer), title="prompt", expand=True))
+            console.print(Panel(it["a"], title="A", border_style="cyan", expand=True))
+            console.print(Panel(it["b"], title="B", border_style="magenta", expand=True))
+            prompt = ("[bold]a[/bold]/[bold]b[/bold] better, [bold]t[/bold]ie, [bold]s[/bold]kip, "
+                      "[bold]u[/bold]ndo, [bold]q[/bold]uit > ")
         while True:
-            console.print("[bold]a[/bold]/[bold]b[/bold] better, [bold]t[/bold]ie, [bold]s[/bold]kip, "
-                          "[bold]u[/bold]ndo, [bold]q[/bold]uit > ", end="")
+            console.print(prompt, end="")
             line = read_line()
-            if line == "":
-                answer = "quit"  # end of input
+            if line == "" or (it is None and not line.strip()):
+                answer = "quit"  # end of input, or Enter once all are labelled
                 break
             answer = ANSWERS.get(line.strip().lower())
-            if answer is not None:
+            if answer is not None and (it is not None or answer in ("undo", "quit")):
                 break
             console.print(f"[red]unknown answer {line.strip()!r}[/red]")
         if answer == "quit":
@@ -179,6 +182,8 @@ def label_pairs(
         if answer == "undo":
             if not mine:
                 console.print("[yellow]nothing to undo[/yellow]")
+                if it is None:
+                    break
                 continue
             last = mine.pop()
             # drop exactly that record (the last of this annotator) and rewrite atomically

@@ -331,3 +331,52 @@ def test_native_ops_validate_too():
         opsn.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), 1.5, 0.9)
     with pytest.raises(ValueError, match="mask"):
         opsn.discounted_returns(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool), 0.9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_stats_ignore_padding_values(backend):
+    # the reference multiplied by the mask: inf/NaN padding gave NaN (masked_whiten's masked-out
+    # outputs too, documented as 0); cpp skips masked-out entries
+    x = torch.tensor([[1.0, 2.0, float("nan")], [1.0, float("inf"), 0.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    with ops.use_backend(backend):
+        mean = ops.masked_mean(x, m)
+        w = ops.masked_whiten(x, m)
+        xg = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(ops.masked_mean(xg, m.float()), xg)
+    assert mean.item() == pytest.approx(4 / 3)
+    assert torch.isfinite(w).all() and (w[~m] == 0).all()
+    assert torch.equal(g, m.float() / 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_mean_bad_dim_and_group(backend):
+    x, m = torch.randn(2, 3), torch.ones(2, 3)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="dim"):
+            ops.masked_mean(x, m, 5)
+        with pytest.raises(TypeError, match="dim"):
+            ops.masked_mean(x, m, "a")
+        with pytest.raises(TypeError, match="group"):
+            ops.masked_mean(x, m, group="x")
+        with pytest.raises(TypeError, match="shift_mean"):
+            ops.masked_whiten(x, m, shift_mean="no")
+        with pytest.raises(ValueError, match="eps"):
+            ops.masked_whiten(x, m, eps=10 ** 400)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_size", [10 ** 30, 2 ** 63, 2 ** 40])
+def test_group_advantages_empty_with_huge_group(backend, group_size):
+    # B = 0: any group size divides it; 2**63 and beyond failed inside reshape / the op schema
+    with ops.use_backend(backend):
+        if group_size > 2 ** 63 - 1:
+            with pytest.raises(ValueError, match="group_size"):
+                ops.group_advantages(torch.zeros(0), group_size)
+        else:
+            out = ops.group_advantages(torch.zeros(0), group_size)
+            assert out.shape == (0,) and out.dtype == torch.float32
+        with pytest.raises(TypeError, match="normalize_std"):
+            ops.group_advantages(torch.zeros(4), 2, normalize_std="no")
+        with pytest.raises(ValueError, match="eps"):
+            ops.group_advantages(torch.zeros(4), 2, eps=10 ** 400)

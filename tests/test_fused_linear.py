@@ -310,3 +310,89 @@ def test_bad_input():
         ops.fused_linear_policy_loss(hb, wb, yb, old, adv, mask, agg="mean")
     with pytest.raises(ValueError, match="hidden"):
         ops.fused_linear_policy_loss(hb.reshape(6, 8), wb, yb, old, adv, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_dtype_must_match_hidden(backend):
+    # a float64 bias gave float64 log-probs on the reference and float32 on cpp
+    h, w = torch.randn(4, 3), torch.randn(5, 3)
+    with ops.use_backend(backend), pytest.raises(TypeError, match="bias"):
+        ops.fused_linear_logprobs(h, w, torch.zeros(4, dtype=torch.long), bias=torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_chunk_size_is_whole_batch_and_bool_refused(backend):
+    # chunk_size=10**30 failed with an opaque "Expected a value of type 'int'" on cpp
+    h, w, y = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 4])
+    with ops.use_backend(backend):
+        got = ops.fused_linear_logprobs(h, w, y, chunk_size=10 ** 30)
+        with pytest.raises(ValueError, match="chunk_size"):
+            ops.fused_linear_logprobs(h, w, y, chunk_size=True)
+        with pytest.raises(ValueError, match="ignore_index"):
+            ops.fused_linear_logprobs(h, w, y, ignore_index=10 ** 30)
+    torch.testing.assert_close(got, reference.fused_linear_logprobs(h, w, y))
+
+
+def _awkward_policy_inputs(B=2, T=3, H=4, V=5):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), torch.randint(0, V, (B, T), generator=g),
+            torch.randn(B, T, generator=g) - 2, torch.randn(B, T, generator=g), torch.ones(B, T, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kl_coef=float("nan")), "kl_coef"),
+    (dict(kl_coef="0.1"), "kl_coef"),
+    (dict(kl_coef=None), "kl_coef"),
+    (dict(entropy_coef=float("inf")), "entropy_coef"),
+    (dict(entropy_coef=10 ** 400), "entropy_coef"),
+    (dict(normalizer=-1), "normalizer"),
+    (dict(normalizer=torch.ones(3)), "normalizer"),
+    (dict(dual_clip=float("nan")), "dual_clip"),
+    (dict(clip_low=10 ** 400), "clip_low"),
+])
+def test_policy_loss_bad_scalars_are_named(backend, kwargs, match):
+    # kl_coef / entropy_coef / normalizer were not checked at all (NaN loss, opaque errors,
+    # a [3] "loss" from a vector normalizer)
+    with ops.use_backend(backend), pytest.raises((ValueError, TypeError), match=match):
+        ops.fused_linear_policy_loss(*_awkward_policy_inputs(), ref_logp=torch.zeros(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_empty_batch_and_padding(backend, agg):
+    h, w, y, old, adv, m = _awkward_policy_inputs(B=0)
+    with ops.use_backend(backend):
+        loss, _ = ops.fused_linear_policy_loss(h, w, y, old, adv, m, agg=agg)
+        assert loss.item() == 0.0
+        # -inf old_logp / ref_logp and NaN advantages at padding (masked-out) positions
+        h, w, y, old, adv, m = _awkward_policy_inputs()
+        m[1, 1:] = False
+        old[1, 1:], adv[1, 1:] = float("-inf"), float("nan")
+        ref = torch.zeros(2, 3)
+        ref[1, 1:] = float("-inf")
+        h.requires_grad_()
+        loss, st = ops.fused_linear_policy_loss(h, w, y, old, adv, m, ref_logp=ref, kl_coef=0.1, agg=agg)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(st["kl"]) and torch.isfinite(h.grad).all()
+
+
+def _triton_live():
+    from rlhf_fast.ops import _dispatch
+
+    return _dispatch.backend_available("triton")[0] and not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _triton_live(), reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1)")
+def test_triton_strided_bias_and_empty_rows():
+    # an expanded (stride-0) bias gave silently wrong log-probs on the Triton kernel, and
+    # N = 0 rows raised ZeroDivisionError in its launcher
+    g = torch.Generator().manual_seed(0)
+    h, w, y = torch.randn(6, 4, generator=g), torch.randn(7, 4, generator=g), torch.randint(0, 7, (6,), generator=g)
+    for bias in (torch.randn(1, generator=g).expand(7), torch.randn(14, generator=g)[::2]):
+        with ops.use_backend("triton"):
+            got = ops.fused_linear_logprobs(h, w, y, bias=bias)
+        torch.testing.assert_close(got, reference.fused_linear_logprobs(h, w, y, bias=bias))
+    with ops.use_backend("triton"):
+        lp, ent = ops.fused_linear_logprobs(h[:0], w, y[:0], return_entropy=True)
+    assert lp.shape == ent.shape == (0,)

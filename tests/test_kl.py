@@ -63,3 +63,14 @@ def test_kl_bad_input():
         ops.kl_penalty(torch.zeros(2), torch.zeros(3))
     with pytest.raises(TypeError, match="logp"):
         ops.kl_penalty(torch.zeros(2, dtype=torch.long), torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs", "mse"])
+def test_ref_logp_gets_no_gradient(backend, kind):
+    # the reference backend used to differentiate ref_logp; cpp/triton treat it as a constant
+    lp = torch.randn(3, 4, requires_grad=True)
+    ref = torch.randn(3, 4, requires_grad=True)
+    with ops.use_backend(backend):
+        ops.kl_penalty(lp, ref, kind).sum().backward()
+    assert lp.grad is not None and ref.grad is None

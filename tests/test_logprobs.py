@@ -240,3 +240,31 @@ def test_native_op_rejects_out_of_range_labels():
     # the kernel indexes rows by label, so the op itself refuses bad labels too
     with pytest.raises(ValueError, match="labels"):
         torch.ops.rlhf_fast.token_logprobs_fwd(torch.randn(2, 5), torch.tensor([0, 7]), 1.0, False, -100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(ignore_index=10 ** 30), ValueError, "ignore_index"),
+    (dict(ignore_index=-(10 ** 30)), ValueError, "ignore_index"),
+    (dict(ignore_index="x"), TypeError, "ignore_index"),
+    (dict(ignore_index=None), TypeError, "ignore_index"),
+    (dict(ignore_index=True), TypeError, "ignore_index"),
+    (dict(return_entropy="no"), TypeError, "return_entropy"),
+    (dict(temperature=10 ** 400), ValueError, "temperature"),
+])
+def test_bad_python_args_are_named(backend, kwargs, exc, match):
+    # huge ints overflowed inside _validate/the reference (OverflowError, no argument named);
+    # a string return_entropy was read as truthy
+    with ops.use_backend(backend), pytest.raises(exc, match=match):
+        ops.token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_int_temperature_and_numpy_ignore_index(backend):
+    # an int temperature beyond int64 (but a fine float) overflowed in the reference only
+    np = pytest.importorskip("numpy")
+    logits, labels = torch.randn(2, 5), torch.tensor([1, -100])
+    with ops.use_backend(backend):
+        got = ops.token_logprobs(logits, labels, temperature=10 ** 30, ignore_index=np.int64(-100))
+    want = reference.token_logprobs(logits, labels, temperature=1e30)
+    torch.testing.assert_close(got, want)

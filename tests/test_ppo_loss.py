@@ -324,3 +324,84 @@ def test_native_ops_validate_too():
         torch.ops.rlhf_fast.ppo_policy_loss_fwd(x, x, x, m, 0.2, 0.2, None, "bad", None)
     with pytest.raises(ValueError, match="mask"):
         torch.ops.rlhf_fast.ppo_value_loss_fwd(x, x, x, m[:1], 0.2, "token-mean", None)
+
+
+# ------------------------------------------------------------------ awkward inputs (probe findings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_out_nan_inf_padding_never_leaks(backend):
+    # -inf/NaN at padding (masked-out) positions: the reference used x * mask, so 0 * inf = NaN
+    # poisoned the loss, its stats and the gradient; the cpp backend skipped them
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    nan, inf = float("nan"), float("inf")
+    lp = torch.tensor([[-1.0, -2.0, -inf], [-1.0, nan, -inf]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0, -inf], [-1.0, 0.0, -inf]])
+    adv = torch.tensor([[1.0, -1.0, inf], [1.0, nan, 0.0]])
+    v = torch.tensor([[1.0, 2.0, nan], [1.0, inf, 0.0]], requires_grad=True)
+    with ops.use_backend(backend):
+        for agg in AGGS:
+            loss, st = ops.ppo_policy_loss(lp, old, adv, m, agg=agg)
+            (g,) = torch.autograd.grad(loss, lp)
+            assert torch.isfinite(loss) and all(torch.isfinite(x) for x in st.values()), (agg, loss, st)
+            assert torch.isfinite(g).all() and (g[~m] == 0).all()
+            vloss, vst = ops.ppo_value_loss(v, torch.zeros(2, 3), torch.ones(2, 3), m, agg=agg)
+            (gv,) = torch.autograd.grad(vloss, v)
+            assert torch.isfinite(vloss) and torch.isfinite(vst["values_mean"]) and torch.isfinite(gv).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_batch_loss_is_zero(backend, agg, shape):
+    # seq-mean aggregations divided by B = 0 (or B*T = 0): NaN on every backend
+    lp = torch.zeros(shape, requires_grad=True)
+    with ops.use_backend(backend):
+        loss, st = ops.ppo_policy_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.ones(shape), agg=agg)
+        vloss, _ = ops.ppo_value_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.ones(shape), agg=agg)
+    assert loss.item() == 0.0 and vloss.item() == 0.0
+    assert all(x.item() == 0.0 for x in st.values())
+    loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_logp_and_values_are_differentiated(backend):
+    # the reference used to give gradients to old_logp, advantages, old_values, returns and a
+    # normalizer tensor; the native backends treat them as constants (documented: differentiable
+    # in logp / values)
+    g = torch.Generator().manual_seed(0)
+    lp, old, adv = (torch.randn(3, 4, generator=g).requires_grad_() for _ in range(3))
+    m = torch.ones(3, 4, dtype=torch.bool)
+    norm = torch.tensor(4.0, requires_grad=True)
+    with ops.use_backend(backend):
+        loss, _ = ops.ppo_policy_loss(lp, old, adv, m, normalizer=norm)
+        loss.backward()
+        vloss, _ = ops.ppo_value_loss(lp, old, adv, m, normalizer=norm)
+    assert lp.grad is not None and old.grad is None and adv.grad is None and norm.grad is None
+    assert vloss.requires_grad
+    torch.autograd.grad(vloss, lp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dual_clip=float("nan")), "dual_clip"),
+    (dict(dual_clip=10 ** 400), "dual_clip"),
+    (dict(clip_low=10 ** 400), "clip_low"),
+    (dict(clip_high=10 ** 400), "clip_high"),
+    (dict(normalizer=10 ** 400), "normalizer"),
+    (dict(normalizer=float("inf")), "normalizer"),
+    (dict(normalizer=torch.tensor(4.0, device="meta")), "normalizer"),
+    (dict(normalizer=torch.tensor(4.0 + 0j)), "normalizer"),
+])
+def test_bad_scalars_are_named(backend, kwargs, match):
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with ops.use_backend(backend), pytest.raises((ValueError, TypeError), match=match):
+        ops.ppo_policy_loss(x, x, x, m, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_loss_huge_clip_is_named(backend):
+    x = torch.zeros(2, 3)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="clip"):
+        ops.ppo_value_loss(x, x, x, torch.ones(2, 3), clip=10 ** 400)

@@ -296,3 +296,26 @@ def test_automatic_cuda_choice_sends_few_long_filtered_rows_to_the_reference(mon
     calls.clear()
     ops.sample(torch.randn(1, 65536), top_p=0.9)
     assert calls == ["cuda"]
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_tiny_top_p_keeps_the_most_likely_token(backend):
+    # top_p=1e-300 rounds to 0 against float32 probabilities: the reference kept nothing and
+    # returned NaN log-probs (cpp: the argmax, logp 0)
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    with ops.use_backend(backend):
+        tok, logp = ops.sample(logits, top_p=1e-300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tok, logits.argmax(-1)) and torch.equal(logp, torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", live_cpu_backends())
+def test_logits_requiring_grad_and_huge_int_temperature(backend):
+    # the reference returned a logp attached to the graph (cpp detached); an int temperature
+    # beyond int64 overflowed in the reference only
+    logits = torch.randn(3, 6, requires_grad=True)
+    with ops.use_backend(backend):
+        _, logp = ops.sample(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+        tok, _ = ops.sample(logits, temperature=10 ** 30, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(ValueError, match="temperature"):
+            ops.sample(logits, temperature=10 ** 400)
+    assert not logp.requires_grad and tok.shape == (3,)

@@ -82,8 +82,10 @@ def _policy_fwd_kernel(
     lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    b = tl.where(m != 0, 1.0, 0.0)
+    # a nonzero mask entry is set; masked-out entries are never read into a sum (tl.where,
+    # not a product: -inf / NaN padding times 0 would be NaN)
+    on = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0
+    b = tl.where(on, 1.0, 0.0)
     loss, dl, ratio, clipped, dual = _policy_token(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL, CLAMP)
     total = loss
     kl_sum = 0.0
@@ -92,20 +94,20 @@ def _policy_fwd_kernel(
         rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         kl = kl_value(lp - rf, KL_KIND, CLAMP)
         total += kl_coef * kl
-        kl_sum = tl.sum(b * kl, axis=0)
+        kl_sum = tl.sum(tl.where(on, kl, 0.0), axis=0)
     if HAS_ENT:
         ent = tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         total -= ent_coef * ent
-        ent_sum = tl.sum(b * ent, axis=0)
+        ent_sum = tl.sum(tl.where(on, ent, 0.0), axis=0)
     d = lp - old
     out = part_ptr + pid * NP
-    tl.store(out + 0, tl.sum(total * m, axis=0))
-    tl.store(out + 1, tl.sum(m, axis=0))
-    tl.store(out + 2, tl.sum(tl.where(clipped, b, 0.0), axis=0))
-    tl.store(out + 3, tl.sum(tl.where(dual, b, 0.0), axis=0))
-    tl.store(out + 4, tl.sum(b * 0.5 * d * d, axis=0))
-    tl.store(out + 5, tl.sum(b * ratio, axis=0))
-    tl.store(out + 6, tl.max(tl.where(b > 0, ratio, -float("inf")), axis=0))
+    tl.store(out + 0, tl.sum(tl.where(on, total, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(b, axis=0))
+    tl.store(out + 2, tl.sum(tl.where(on & clipped, 1.0, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(on & dual, 1.0, 0.0), axis=0))
+    tl.store(out + 4, tl.sum(tl.where(on, 0.5 * d * d, 0.0), axis=0))
+    tl.store(out + 5, tl.sum(tl.where(on, ratio, 0.0), axis=0))
+    tl.store(out + 6, tl.max(tl.where(on, ratio, -float("inf")), axis=0))
     tl.store(out + 7, kl_sum)
     tl.store(out + 8, ent_sum)
     tl.store(out + 9, tl.sum(b, axis=0))
@@ -127,18 +129,18 @@ def _policy_bwd_kernel(
     lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    on = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0
     loss, dl, ratio, clipped, dual = _policy_token(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL, CLAMP)
     if HAS_REF:
         rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         dl += kl_coef * kl_grad(lp - rf, KL_KIND, CLAMP)
-    gm = g * m
-    tl.store(dlogp_ptr + offs, (gm * dl).to(dlogp_ptr.dtype.element_ty), mask=inb)
+    tl.store(dlogp_ptr + offs, tl.where(on, g * dl, 0.0).to(dlogp_ptr.dtype.element_ty), mask=inb)
     if HAS_ENT:
-        tl.store(dent_ptr + offs, (-ent_coef * gm).to(dent_ptr.dtype.element_ty), mask=inb)
+        tl.store(dent_ptr + offs, tl.where(on, -ent_coef * g, 0.0).to(dent_ptr.dtype.element_ty), mask=inb)
 
 
 def _as_weights(mask: torch.Tensor) -> torch.Tensor:
+    # the kernels read it as "entry != 0" (a bool mask's bytes are not a float's)
     return mask.contiguous() if mask.dtype == torch.float32 else mask.to(torch.float32).contiguous()
 
 
@@ -289,14 +291,14 @@ def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, part_ptr, T, n_tiles, c
     v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     ret = tl.load(ret_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    b = tl.where(m != 0, 1.0, 0.0)
+    on = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0
+    b = tl.where(on, 1.0, 0.0)
     loss, grad, clipped = _value_token(v, old, ret, clip, HAS_CLIP)
     out = part_ptr + pid * NV
-    tl.store(out + 0, tl.sum(loss * m, axis=0))
-    tl.store(out + 1, tl.sum(m, axis=0))
-    tl.store(out + 2, tl.sum(tl.where(clipped, b, 0.0), axis=0))
-    tl.store(out + 3, tl.sum(b * v, axis=0))
+    tl.store(out + 0, tl.sum(tl.where(on, loss, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(b, axis=0))
+    tl.store(out + 2, tl.sum(tl.where(on & clipped, 1.0, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(on, v, 0.0), axis=0))
     tl.store(out + 4, tl.sum(b, axis=0))
 
 
@@ -312,9 +314,9 @@ def _value_bwd_kernel(grow_ptr, v_ptr, old_ptr, ret_ptr, mask_ptr, dv_ptr, T, n_
     v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     ret = tl.load(ret_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    on = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0
     loss, grad, clipped = _value_token(v, old, ret, clip, HAS_CLIP)
-    tl.store(dv_ptr + offs, (g * m * grad).to(dv_ptr.dtype.element_ty), mask=inb)
+    tl.store(dv_ptr + offs, tl.where(on, g * grad, 0.0).to(dv_ptr.dtype.element_ty), mask=inb)
 
 
 class ValueRowsFunction(torch.autograd.Function):

@@ -4,9 +4,13 @@ device-side asserts on GPU (no host sync), and skipped while torch.compile trace
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -75,12 +79,74 @@ def labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: i
         torch._assert_async(~bad.any(), f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
 
 
-def temperature(t, *, allow_zero: bool = False) -> None:
+def temperature(t, *, allow_zero: bool = False) -> float:
+    """Checks ``t`` and returns it as a float (an int beyond float64 is refused here rather
+    than overflowing inside a backend)."""
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"temperature must be a number, got {type(t).__name__}")
     if t < 0 or (t == 0 and not allow_zero) or t != t:
         want = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"temperature must be {want}, got {t}")
+    return as_float("temperature", t)
+
+
+def as_float(name: str, value) -> float:
+    """``float(value)`` for a number already checked, naming ``name`` when an int is too
+    large for a float64 (10**400), which backends would otherwise fail on with OverflowError."""
+    if type(value) is float:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be representable as a float64, got an int of "
+                         f"{value.bit_length()} bits") from None
+
+
+def integer(name: str, value, *, minimum: Optional[int] = None) -> int:
+    """An int (numpy integers too, not bool) in the int64 range, at least ``minimum``;
+    returned as a Python int."""
+    if type(value) is not int:
+        if isinstance(value, bool) or isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < INT64_MIN or value > INT64_MAX or (minimum is not None and value < minimum):
+        lo = INT64_MIN if minimum is None else minimum
+        raise ValueError(f"{name} must be an int in [{lo}, 2**63 - 1], got {value}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    """A bool (or numpy bool); strings, None and tensors are refused rather than read as truthy."""
+    if type(value) is bool:
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def coefficient(name: str, value) -> None:
+    """A finite real number, or a 1-element floating tensor (e.g. an adaptive coefficient
+    kept on the device; its value is not read)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a finite number or a 1-element floating tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (type(value) is float and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(as_float(name, value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def dual_clip(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1.0:
+        raise ValueError(f"dual_clip must be a number > 1 or None, got {value!r}")
+    as_float("dual_clip", value)
 
 
 def choice(name: str, value, options: Sequence[str]) -> None:
@@ -93,3 +159,5 @@ def nonneg(name: str, value, *, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if type(value) is int and value > 2 ** 1023:
+        as_float(name, value)

@@ -62,12 +62,18 @@ def group_advantages(
     _validate.tensor("scores", scores, floating=True, ndim=1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if group_size > _validate.INT64_MAX:
+        raise ValueError(f"group_size must be at most 2**63 - 1, got {group_size}")
     if scores.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} must divide the number of scores B={scores.shape[0]}")
     _validate.choice("kind", kind, GROUP_KINDS)
     if kind == "rloo" and group_size < 2:
         raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
     _validate.nonneg("eps", eps)
+    normalize_std = _validate.flag("normalize_std", normalize_std)
+    if scores.shape[0] == 0:
+        # no groups (any group_size divides 0): nothing to launch
+        return scores.new_empty((0,), dtype=out_dtype(scores.dtype))
     return _dispatch.call("group_advantages", scores.device, scores, group_size, kind=kind,
                           normalize_std=normalize_std, eps=eps)
 
@@ -82,6 +88,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, group=None) ->
     _validate.mask("mask", mask, x.shape)
     _validate.same_device(("x", "mask"), (x, mask))
     if dim is not None or group is not None:
+        _check_dim(dim, x.dim())
+        _check_group(group)
         return reference.masked_mean(x, mask, dim, group=group)
     return _dispatch.call("masked_mean", x.device, x, mask)
 
@@ -97,9 +105,32 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     _validate.mask("mask", mask, x.shape)
     _validate.same_device(("x", "mask"), (x, mask))
     _validate.nonneg("eps", eps)
+    shift_mean = _validate.flag("shift_mean", shift_mean)
     if group is not None:
+        _check_group(group)
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, group=group)
     return _dispatch.call("masked_whiten", x.device, x, mask, shift_mean=shift_mean, eps=eps)
+
+
+def _check_dim(dim, ndim: int) -> None:
+    if dim is None:
+        return
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"dim must be None, an int or a tuple of ints, got {dim!r}")
+        if not -max(ndim, 1) <= d < max(ndim, 1):
+            raise ValueError(f"dim must be in [{-max(ndim, 1)}, {max(ndim, 1) - 1}] for x of {ndim} dimension(s), "
+                             f"got {d}")
+
+
+def _check_group(group) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
 # ------------------------------------------------------------------ C++ CPU backend
@@ -156,7 +187,7 @@ def _masked_mean_setup(ctx, inputs, output):
 def _masked_mean_backward(ctx, grad):
     # masked_mean is a plain loss building block (entropy bonus, KL in the loss): d/dx = m / n
     (mask,) = ctx.saved_tensors
-    m = mask.to(grad.dtype)
+    m = (mask != 0).to(grad.dtype)  # a nonzero entry counts as set, as in the forward
     return (grad * m / m.sum().clamp(min=1)).to(ctx.x_dtype), None
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _native, _validate, kl, reference
+from . import _dispatch, _native, _validate, kl, ppo_loss, reference
 from .reference import AGG_MODES, KL_KINDS, out_dtype
 
 
@@ -28,13 +28,28 @@ def _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_s
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
     if bias is not None:
         _validate.tensor("bias", bias, floating=True, ndim=1)
+        if bias.dtype != hidden.dtype:
+            # as weight: the logits' dtype is hidden's on every backend
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     _validate.same_device(("hidden", "weight", "labels", "bias"), (hidden, weight, labels, bias))
-    _validate.temperature(temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    temperature = _validate.temperature(temperature)
+    ignore_index = _validate.integer("ignore_index", ignore_index)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        # a chunk of more rows than there are is the whole batch: a huge value never
+        # reaches a kernel's int64 argument
+        chunk_size = min(chunk_size, max(1, labels.numel()))
     _validate.labels_in_range("labels", labels, weight.shape[0], ignore_index)
+    return temperature, ignore_index, chunk_size
+
+
+def _dense_bias(bias):
+    # an expanded (stride-0) or strided bias: the Triton kernels read it as contiguous
+    # (silently wrong log-probs); a contiguous copy of [V] is cheap and keeps the gradient
+    return bias if bias is None or bias.is_contiguous() else bias.contiguous()
 
 
 def fused_linear_logprobs(
@@ -55,7 +70,14 @@ def fused_linear_logprobs(
     float64 hidden). Gradients flow to hidden, weight and bias. Native backends never hold
     more than ``chunk_size`` rows of logits at once.
     """
-    _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, 2)
+    temperature, ignore_index, chunk_size = _check_head(hidden, weight, bias, labels, temperature, ignore_index,
+                                                        chunk_size, 2)
+    return_entropy = _validate.flag("return_entropy", return_entropy)
+    bias = _dense_bias(bias)
+    if hidden.shape[0] == 0:
+        # no rows: nothing to launch (the Triton launcher divided by zero here)
+        return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                               return_entropy=return_entropy, ignore_index=ignore_index)
     return _dispatch.call(
         "fused_linear_logprobs", hidden.device, hidden, weight, labels, bias=bias, temperature=temperature,
         return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index,
@@ -93,7 +115,8 @@ def fused_linear_policy_loss(
     :func:`ppo_policy_loss` plus ``kl``, ``entropy`` (masked means) and ``logp`` ``[B, T]``
     (detached). Gradients to hidden, weight (and bias).
     """
-    _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, 3)
+    temperature, ignore_index, chunk_size = _check_head(hidden, weight, bias, labels, temperature, ignore_index,
+                                                        chunk_size, 3)
     shape = tuple(labels.shape)
     for name, t in (("old_logp", old_logp), ("advantages", advantages)):
         _validate.tensor(name, t, floating=True)
@@ -110,8 +133,19 @@ def fused_linear_policy_loss(
     _validate.choice("agg", agg, AGG_MODES)
     _validate.nonneg("clip_low", clip_low)
     _validate.nonneg("clip_high", clip_high, allow_none=True)
-    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
-        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    _validate.dual_clip(dual_clip)
+    _validate.coefficient("kl_coef", kl_coef)
+    _validate.coefficient("entropy_coef", entropy_coef)
+    ppo_loss.check_normalizer(normalizer, hidden)
+    normalizer = ppo_loss._as_scalar(normalizer, hidden)
+    bias = _dense_bias(bias)
+    if hidden.shape[0] == 0 or hidden.shape[1] == 0:
+        # an empty batch: the reference's defined result (loss 0), with no kernel to launch
+        return reference.fused_linear_policy_loss(
+            hidden, weight, labels, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind,
+            entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias, chunk_size=chunk_size,
+            ignore_index=ignore_index)
     return _dispatch.call(
         "fused_linear_policy_loss", hidden.device, hidden, weight, labels, old_logp, advantages, mask,
         ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature,

@@ -34,7 +34,9 @@ def token_logprobs(
             f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
     _validate.same_device(("logits", "labels"), (logits, labels))
-    _validate.temperature(temperature)
+    temperature = _validate.temperature(temperature)
+    ignore_index = _validate.integer("ignore_index", ignore_index)
+    return_entropy = _validate.flag("return_entropy", return_entropy)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
     _validate.labels_in_range("labels", labels, logits.shape[-1], ignore_index)

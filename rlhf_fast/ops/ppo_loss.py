@@ -15,20 +15,32 @@ from . import _dispatch, _native, _validate, reference
 from .reference import AGG_MODES, out_dtype
 
 
-def check_normalizer(normalizer) -> None:
+def check_normalizer(normalizer, like: Optional[torch.Tensor] = None) -> None:
     if normalizer is None or isinstance(normalizer, torch.Tensor):
-        if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(
+                    f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
+            if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+                raise TypeError(f"normalizer must be a real (floating or integer) tensor, got {normalizer.dtype}")
+            # the device's own tensor, or a CPU one (moved without a sync); never a meta tensor
+            # for real data
+            if like is not None and normalizer.device != like.device and normalizer.device.type != "cpu":
+                raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {like.device}; "
+                                 "pass it on their device or the CPU")
         return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer > 0:
-        raise ValueError(f"normalizer must be a positive number, a 1-element tensor or None, got {normalizer!r}")
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer > 0 or \
+            normalizer == float("inf"):
+        raise ValueError(f"normalizer must be a positive finite number, a 1-element tensor or None, got {normalizer!r}")
+    _validate.as_float("normalizer", normalizer)
 
 
 def _as_scalar(normalizer, like: torch.Tensor):
     # a [1] or float64 tensor would broadcast the loss to [1] or promote its dtype: every
-    # backend sees a 0-dim tensor in the loss dtype
+    # backend sees a 0-dim tensor in the loss dtype. The count is a constant on every
+    # backend (never differentiated), so a normaliser that requires grad is detached here.
     if isinstance(normalizer, torch.Tensor):
-        return normalizer.reshape(()).to(out_dtype(like.dtype))
+        return normalizer.detach().reshape(()).to(out_dtype(like.dtype))
     return normalizer
 
 
@@ -62,11 +74,14 @@ def ppo_policy_loss(
     _validate.same_device(names + ("mask",), (logp, old_logp, advantages, mask))
     _validate.nonneg("clip_low", clip_low)
     _validate.nonneg("clip_high", clip_high, allow_none=True)
-    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
-        raise ValueError(f"dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    _validate.dual_clip(dual_clip)
     _validate.choice("agg", agg, AGG_MODES)
-    check_normalizer(normalizer)
+    check_normalizer(normalizer, logp)
     normalizer = _as_scalar(normalizer, logp)
+    if logp.numel() == 0:
+        # an empty batch (B = 0 or T = 0): the reference's defined result, loss 0
+        return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                         dual_clip=dual_clip, agg=agg, normalizer=normalizer)
     return _dispatch.call("ppo_policy_loss", logp.device, logp, old_logp, advantages, mask, clip_low=clip_low,
                           clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer)
 
@@ -95,8 +110,10 @@ def ppo_value_loss(
     _validate.same_device(names + ("mask",), (values, old_values, returns, mask))
     _validate.nonneg("clip", clip, allow_none=True)
     _validate.choice("agg", agg, AGG_MODES)
-    check_normalizer(normalizer)
+    check_normalizer(normalizer, values)
     normalizer = _as_scalar(normalizer, values)
+    if values.numel() == 0:
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip=clip, agg=agg, normalizer=normalizer)
     return _dispatch.call("ppo_value_loss", values.device, values, old_values, returns, mask, clip=clip, agg=agg,
                           normalizer=normalizer)
 

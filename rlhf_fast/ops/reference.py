@@ -101,7 +101,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     ``-d`` clamped to ±20 inside the exp. Output float32 (float64 for float64 input).
     """
     dt = out_dtype(torch.promote_types(logp.dtype, ref_logp.dtype))
-    d = logp.to(dt) - ref_logp.to(dt)
+    # differentiable in logp only: the reference policy is a constant (as on every native backend)
+    d = logp.to(dt) - ref_logp.detach().to(dt)
     if kind == "k1":
         return d
     if kind == "abs":
@@ -117,19 +118,29 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() if dim is None else (x * m).sum(dim)
+    xm = torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return xm.sum() if dim is None else xm.sum(dim)
+
+
+def _select(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` where the bool mask ``m`` is set, 0 elsewhere: masked-out entries (padding that may
+    hold -inf or NaN) never reach a sum, and get a zero gradient."""
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, group=None) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is set (over ``dim`` if given).
 
-    An empty mask gives 0. With ``group`` (a ``torch.distributed`` process group) the sums
-    are all-reduced first, so every rank gets the global mean.
+    An empty mask gives 0. A nonzero mask entry counts as set (``mask.bool()``); the values
+    of masked-out entries are never read (NaN or inf there do not leak). With ``group`` (a
+    ``torch.distributed`` process group) the sums are all-reduced first, so every rank gets
+    the global mean.
     """
     xf = x.to(out_dtype(x.dtype))
-    m = mask.to(xf.dtype)
-    s = (xf * m).sum() if dim is None else (xf * m).sum(dim)
+    mb = mask != 0
+    m = mb.to(xf.dtype)
+    xm = _select(xf, mb)
+    s = xm.sum() if dim is None else xm.sum(dim)
     n = m.sum() if dim is None else m.sum(dim)
     if group is not None:
         import torch.distributed as dist
@@ -154,8 +165,10 @@ def masked_whiten(
     positions give 0. ``group`` all-reduces the statistics across ranks.
     """
     xf = x.to(out_dtype(x.dtype))
-    m = mask.to(xf.dtype)
-    stats = torch.stack([(xf * m).sum(), m.sum()])
+    mb = mask != 0
+    m = mb.to(xf.dtype)
+    xf = _select(xf, mb)  # masked-out entries (NaN/inf padding included) are never read
+    stats = torch.stack([xf.sum(), m.sum()])
     if group is not None:
         import torch.distributed as dist
 
@@ -172,7 +185,7 @@ def masked_whiten(
     out = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return _select(out, mb)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -278,22 +291,25 @@ def aggregate(
     each row's token mean; ``seq-mean-token-sum``: mean over rows of each row's token sum;
     ``seq-mean-token-sum-norm``: Σ / (B·T). ``normalizer`` (a number or a device tensor)
     replaces the denominator (token count, row count, or B·T), so a global count computed
-    once keeps the loss independent of micro-batching.
+    once keeps the loss independent of micro-batching. A nonzero mask entry counts as set;
+    masked-out entries are never read. An empty batch (B = 0 or T = 0) gives 0.
     """
-    m = mask.to(x.dtype)
+    mb = mask != 0
+    m = mb.to(x.dtype)
+    xm = _select(x, mb)
     if agg == "token-mean":
         den = m.sum().clamp(min=1) if normalizer is None else normalizer
-        return (x * m).sum() / den
+        return xm.sum() / den
     if agg == "seq-mean-token-mean":
-        row = (x * m).sum(-1) / m.sum(-1).clamp(min=1)
-        den = x.shape[0] if normalizer is None else normalizer
+        row = xm.sum(-1) / m.sum(-1).clamp(min=1)
+        den = max(x.shape[0], 1) if normalizer is None else normalizer
         return row.sum() / den
     if agg == "seq-mean-token-sum":
-        den = x.shape[0] if normalizer is None else normalizer
-        return (x * m).sum(-1).sum() / den
+        den = max(x.shape[0], 1) if normalizer is None else normalizer
+        return xm.sum(-1).sum() / den
     if agg == "seq-mean-token-sum-norm":
-        den = x.numel() if normalizer is None else normalizer
-        return (x * m).sum() / den
+        den = max(x.numel(), 1) if normalizer is None else normalizer
+        return xm.sum() / den
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
@@ -346,14 +362,23 @@ def ppo_policy_loss(
     A < 0 take min(that, −A·c). Aggregated with :func:`aggregate`. Returns ``(loss, stats)``:
     a 0-dim float32 loss (float64 for float64 logp) and a dict of 0-dim detached tensors
     ``clip_frac``, ``dual_clip_frac``, ``approx_kl`` (masked mean of ½(logp − old_logp)²),
-    ``ratio_mean``, ``ratio_max`` over the masked tokens.
+    ``ratio_mean``, ``ratio_max`` over the masked tokens. Differentiable in ``logp`` only:
+    old_logp and advantages are constants (as on every native backend); masked-out tokens
+    are never read, so NaN/inf padding neither reaches the loss nor its gradient.
     """
+    logp, old_logp, advantages = _masked_inputs(mask, logp, old_logp.detach(), advantages.detach())
     loss_tok, ratio, clipped, dual = ppo_token_loss(
         logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
     loss = aggregate(loss_tok, mask, agg, normalizer)
     stats = policy_stats(logp, old_logp, ratio, clipped, dual, mask)
     return loss, stats
+
+
+def _masked_inputs(mask: torch.Tensor, *tensors):
+    """Each tensor with its masked-out entries replaced by 0 (None stays None)."""
+    mb = mask != 0
+    return tuple(None if t is None else _select(t, mb) for t in tensors)
 
 
 def policy_stats(logp, old_logp, ratio, clipped, dual, mask) -> dict:
@@ -385,7 +410,9 @@ def ppo_value_loss(
 ):
     """Clipped value loss: per token 0.5·max((v − R)², (old + clip(v − old, −c, c) − R)²);
     ``clip=None`` gives 0.5·(v − R)². All inputs ``[B, T]``. Returns ``(loss, stats)`` with
-    stats ``clip_frac`` (tokens where the clipped branch is larger) and ``values_mean``."""
+    stats ``clip_frac`` (tokens where the clipped branch is larger) and ``values_mean``.
+    Differentiable in ``values`` only; masked-out tokens are never read."""
+    values, old_values, returns = _masked_inputs(mask, values, old_values.detach(), returns.detach())
     dt = out_dtype(values.dtype)
     v = values.to(dt)
     R = returns.to(dt)
@@ -458,6 +485,10 @@ def policy_loss_from_logp(
 
     ``kl_fn`` lets the dispatching front end use a native KL; by default the reference one."""
     kl_fn = kl_penalty if kl_fn is None else kl_fn
+    logp_out = logp
+    # the constants are detached and masked-out tokens never read, as in ppo_policy_loss
+    logp, entropy, old_logp, advantages, ref_logp = _masked_inputs(
+        mask, logp, entropy, old_logp.detach(), advantages.detach(), None if ref_logp is None else ref_logp.detach())
     loss_tok, ratio, clipped, dual = ppo_token_loss(
         logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
@@ -474,7 +505,7 @@ def policy_loss_from_logp(
     with torch.no_grad():
         stats["kl"] = masked_mean(kl, mask) if kl is not None else torch.zeros((), dtype=loss.dtype, device=loss.device)
         stats["entropy"] = masked_mean(entropy.detach(), mask)
-        stats["logp"] = logp.detach()
+        stats["logp"] = logp_out.detach()
     return loss, stats
 
 
@@ -513,6 +544,9 @@ def process_logits(
         sorted_p = logp.gather(-1, order).exp()
         mass_before = sorted_p.cumsum(-1) - sorted_p
         keep_sorted = mass_before < top_p  # the token that reaches p is kept
+        # the most likely token always is (a top_p below float32's range, 1e-300, rounds to 0
+        # in the comparison above and would keep nothing)
+        keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
         logp = torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)
     if min_p > 0.0:

@@ -41,10 +41,13 @@ def sample(
     [0, V)), since raising would cost a host sync. Greedy (temperature 0) is defined with
     +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
-    _check_filters(logits, temperature, top_k, top_p, min_p)
+    temperature = _check_filters(logits, temperature, top_k, top_p, min_p)
     top_k = _effective_top_k(top_k, logits)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if logits.requires_grad:
+        # sampling is not differentiated on any backend: logp never carries a graph
+        logits = logits.detach()
     name, impl = _dispatch.select("sample", logits.device)
     if name == "triton" and _dispatch.forced_backend() != "triton" and \
             _filtered(logits.shape[1], temperature, top_k, top_p):
@@ -86,17 +89,19 @@ def _effective_top_k(top_k: int, logits) -> int:
     return 0 if top_k >= logits.shape[-1] else top_k
 
 
-def _check_filters(logits, temperature, top_k, top_p, min_p) -> None:
+def _check_filters(logits, temperature, top_k, top_p, min_p) -> float:
+    """Checks the arguments; returns ``temperature`` as a float."""
     _validate.tensor("logits", logits, floating=True, ndim=2)
     if logits.shape[1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
-    _validate.temperature(temperature, allow_zero=True)
+    temperature = _validate.temperature(temperature, allow_zero=True)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not (0.0 <= min_p <= 1.0):
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    return temperature
 
 
 def sample_with_uniforms(
@@ -119,7 +124,7 @@ def sample_with_uniforms(
     are moved to the logits' device) to keep a GPU step free of host syncs. Not part of the
     ``rlhf_fast.ops`` contract.
     """
-    _check_filters(logits, temperature, top_k, top_p, min_p)
+    temperature = _check_filters(logits, temperature, top_k, top_p, min_p)
     top_k = _effective_top_k(top_k, logits)
     if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point() or uniforms.dim() != 1 \
             or uniforms.shape[0] != logits.shape[0]:

@@ -129,3 +129,33 @@ def test_cuda_large(agg):
     lb, sb = reference.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg=agg)
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-6)
     _cmp_stats(sa, sb, dict(rtol=1e-4, atol=1e-6))
+
+
+def test_masked_out_nan_inf_padding_never_leaks():
+    """-inf / NaN at masked-out positions (padding) reach neither loss, stats nor gradients:
+    the kernels select with the mask instead of multiplying by it (0 · inf = NaN)."""
+    nan, inf = float("nan"), float("inf")
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool, device=device())
+    lp0 = torch.tensor([[-1.0, -2.0, -inf], [-1.0, nan, -inf]], device=device())
+    old = torch.tensor([[-1.1, -2.0, -inf], [-1.0, 0.0, -inf]], device=device())
+    adv = torch.tensor([[1.0, -1.0, inf], [1.0, nan, 0.0]], device=device())
+    v0 = torch.tensor([[1.0, 2.0, nan], [1.0, inf, 0.0]], device=device())
+    fin = lambda t: torch.where(m, t, torch.zeros_like(t))  # noqa: E731 (the same batch, padding zeroed)
+    for agg in AGGS:
+        for clean in (False, True):
+            lp = (fin(lp0) if clean else lp0.clone()).requires_grad_()
+            v = (fin(v0) if clean else v0.clone()).requires_grad_()
+            args = (fin(old), fin(adv)) if clean else (old, adv)
+            with ops.use_backend("triton"):
+                loss, st = ops.ppo_policy_loss(lp, *args, m, dual_clip=3.0, agg=agg)
+                vloss, vst = ops.ppo_value_loss(v, torch.zeros_like(v), torch.ones_like(v), m, agg=agg)
+            (g,) = torch.autograd.grad(loss, lp)
+            (gv,) = torch.autograd.grad(vloss, v)
+            got = (loss, *st.values(), vloss, *vst.values(), g, gv)
+            if clean:
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b)
+            else:
+                assert all(torch.isfinite(t).all() for t in got), (agg, got)
+                assert (g[~m] == 0).all() and (gv[~m] == 0).all()
+                want = got

@@ -82,9 +82,10 @@ def test_plot_draws_every_metric_of_any_run(tmp_path, capsys):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n{torn\n")
     assert main(["plot", str(run)]) == 2
     assert f"{run / 'metrics.jsonl'}:2: invalid JSON" in capsys.readouterr().err
-    (run / "metrics.jsonl").write_text("[1, 2]\n")
-    assert main(["plot", str(run)]) == 2
-    assert "1: expected a JSON object with a numeric 'step'" in capsys.readouterr().err
+    for bad in ("[1, 2]", '{"step": true, "loss": 1.0}', '{"step": NaN, "loss": 1.0}'):
+        (run / "metrics.jsonl").write_text(bad + "\n")
+        assert main(["plot", str(run)]) == 2
+        assert "1: expected a JSON object with a numeric 'step'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command,src,estimator", [("ppo", "ppo.yaml", "gae"), ("rloo", "rloo.yaml", "rloo")])

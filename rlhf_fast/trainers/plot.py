@@ -43,7 +43,8 @@ def read_records(run_dir: str) -> List[Dict]:
                 if i == len(lines) - 1 and not text.endswith("\n"):
                     break  # a record cut short by a crash (or being written now): plot the rest
                 raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
                 raise ValueError(f"{path}:{i + 1}: expected a JSON object with a numeric 'step'")
             recs.append(rec)
     return recs

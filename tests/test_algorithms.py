@@ -242,3 +242,59 @@ def test_rl_config_validation():
         RolloutConfig(top_p=0.0)
     with pytest.raises(ValueError, match="rollout.cuda_graphs"):
         RolloutConfig(cuda_graphs="no")
+
+
+def test_probe_bad_parameters_are_named():
+    """Probe: out-of-range KL-controller parameters (inf, negative / nan n_steps, a huge n_steps that
+    made β negative), kl of the wrong shape for group estimators, non-finite kl_coef, lists for
+    tensors, NaN into running moments (poisoning every later step), bad CombinedReward weights and
+    reward sources returning huge ints are named, not opaque or silently wrong."""
+    from rlhf_fast.algorithms import RewardModelReward, gae_advantages
+
+    for kw in (dict(init=float("inf")), dict(horizon=float("inf")), dict(target=float("inf"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            AdaptiveKLController(**{"init": 0.1, "target": 6.0, "horizon": 10, **kw})
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10)
+    for n in (-1, float("nan")):
+        with pytest.raises(ValueError, match="n_steps must be a finite number >= 0"):
+            c.update(1.0, n)
+    with pytest.raises(TypeError, match="current_kl must be a number"):
+        c.update("1", 5)
+    assert c.update(0.0, 1000) == pytest.approx(0.1 * 0.8)  # at most one horizon per update: β stays > 0
+    with pytest.raises(ValueError, match=r"state\['value'\] must be a finite number >= 0"):
+        c.load_state_dict({"value": -1.0})
+    m = torch.ones(6, 3)
+    with pytest.raises(ValueError, match=r"kl must have shape \(6, 3\)"):
+        compute_advantages("grpo", torch.randn(6), m, group_size=3, kl=torch.zeros(6, 4), kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_coef must be a finite number"):
+        compute_advantages("reinforce++", torch.randn(6), m, kl=torch.zeros(6, 3), kl_coef=float("nan"))
+    with pytest.raises(TypeError, match="scores must be a tensor"):
+        compute_advantages("grpo", [1.0] * 6, m, group_size=3)
+    with pytest.raises(TypeError, match="rewards must be a tensor"):
+        gae_advantages([[1.0, 2.0, 3.0]], torch.zeros(1, 3), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="at least one column"):
+        token_rewards(torch.randn(6), torch.ones(6, 0))
+    mo = RunningMoments()
+    with pytest.raises(ValueError, match="finite values only"):
+        shape_scores(torch.tensor([1.0, float("nan")]), whiten=True, moments=mo)
+    assert mo.count == 0
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        shape_scores(torch.ones(3), whiten=True, eps=-1.0)
+    with pytest.raises(ValueError, match="clip must be a number > 0"):
+        shape_scores(torch.ones(3), clip="1")
+    one = lambda p, c: [1.0] * len(c)  # noqa: E731
+    with pytest.raises(ValueError, match="weights must be a list with one entry per source"):
+        CombinedReward([one, one], weights=[1.0])
+    for w in (float("nan"), "x"):
+        with pytest.raises(ValueError, match="weight of reward source .* must be a finite number"):
+            CombinedReward([(one, w)])
+    with pytest.raises(ValueError, match=r"sources\[0\] must be a source or a \(source, weight\) pair"):
+        CombinedReward([(one, 1.0, 2.0)])
+    with pytest.raises(TypeError, match="sources must be a list"):
+        CombinedReward(None)
+    with pytest.raises(RewardError, match="must return a list of B=2 floats"):
+        CombinedReward([lambda p, c: [10**400, 1]])(["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match="max_length must be an int >= 1"):
+        RewardModelReward(torch.nn.Linear(2, 1), max_length=0)
+    with pytest.raises(ValueError, match="target must be a finite number >= 0 or None"):
+        LengthPenalty(target="5")

@@ -258,7 +258,7 @@ def test_tiny_model_sizes_are_checked_with_the_setting_named():
     for spec, msg in (("tiny:llama:num_layers=0", "num_layers must be an int >= 1, got 0"),
                       ("tiny:llama:hidden_size=-4", "hidden_size must be an int >= 1, got -4"),
                       ("tiny:qwen2:num_heads=0", "num_heads must be an int >= 1, got 0"),
-                      ("tiny:llama:vocab_size=3", "vocab_size must be an int >= 6, got 3")):
+                      ("tiny:llama:vocab_size=3", "vocab_size must be an int in [6, 16777216], got 3")):
         with pytest.raises(ValueError, match=re.escape(f"model spec {spec!r}: {msg}")):
             load_causal_lm(spec)
     for overrides, msg in ((["--model.tiny_vocab_size", "5"], "model.tiny_vocab_size must be >= 6, got 5"),

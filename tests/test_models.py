@@ -391,3 +391,54 @@ def test_softcapped_policy_loss_fallback_matches_composition(tok):
     ge = torch.autograd.grad(exp, [model.lm_head.weight])[0]
     torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gl, ge, rtol=1e-4, atol=1e-6)
+
+
+def test_ids_out_of_vocab_empty_batches_and_long_inputs_are_named(tok):
+    """Probe: ids outside the vocabulary or float ids, inputs past GPT-2's position table and
+    1-D / mismatched inputs to ValueModel are named (not IndexError / RuntimeError in torch);
+    empty batches give zero log-probs (packed too, with no attended token)."""
+    from rlhf_fast.models import ValueModel, make_reference, policy_loss, reward_scores, sequence_logprobs
+
+    m = tiny_causal_lm(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    am, rm, z = torch.ones_like(ids), torch.tensor([[0, 0, 1, 1]] * 2), torch.zeros(2, 4)
+    V = len(tok)
+    for bad in (ids + V, ids - 100):
+        with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, {V}\)"):
+            sequence_logprobs(m, bad, am, response_mask=rm)
+        with pytest.raises(ValueError, match="input_ids must be token ids"):
+            policy_loss(m, bad, am, rm, z, z)
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        sequence_logprobs(m, ids.float(), am)
+    rmod = tiny_reward_model(len(tok), hidden_size=32, num_layers=2, num_heads=2)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        reward_scores(rmod, ids + V, am)
+    with pytest.raises(ValueError, match="at least one row and one column"):
+        reward_scores(rmod, ids[:0], am[:0])
+    assert sequence_logprobs(m, ids[:0], am[:0]).shape == (0, 4)
+    lp, ent = sequence_logprobs(m, ids[:, :0], am[:, :0], return_entropy=True)
+    assert lp.shape == ent.shape == (2, 0)
+    assert not sequence_logprobs(m, ids, torch.zeros_like(am), response_mask=rm, packed=True).any()
+    g = tiny_causal_lm(len(tok), family="gpt2", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=8)
+    with pytest.raises(ValueError, match="9 columns, more than the 8 positions"):
+        sequence_logprobs(g, torch.randint(4, 50, (1, 9)))
+    v = ValueModel(m)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        v(ids + V, am)
+    with pytest.raises(ValueError, match=r"input_ids must be a \[B, T\] tensor"):
+        v(ids[0], am[0])
+    with pytest.raises(ValueError, match="attention_mask must be None or a tensor of shape"):
+        v(ids, am[:, :2])
+    with pytest.raises(TypeError, match="policy must be a torch.nn.Module"):
+        make_reference(None)
+
+
+def test_tiny_builders_check_sizes_and_dtype():
+    """Probe: a huge vocab_size aborted the process inside the tokenizers library (Rust panic);
+    a dtype string failed as 'Invalid device string'; sample_texts(-1) returned []."""
+    with pytest.raises(ValueError, match="vocab_size must be an int in"):
+        train_tokenizer(["a b"], 10**12)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        tiny_causal_lm(50, dtype="float16")
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        sample_texts(-1)

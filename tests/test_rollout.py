@@ -460,3 +460,42 @@ def test_per_sample_seeds_validation(tok, model):
     # greedy draws nothing: the seeds change nothing
     g = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=5, sample_seeds=[1, 2, 3, 4]))
     assert torch.equal(g.input_ids, engine.greedy(PROMPTS, max_new_tokens=5).input_ids)
+
+
+def test_engine_refuses_ids_params_and_lengths_it_cannot_run(tok):
+    """Probe: out-of-vocabulary / negative / bool prompt ids, a tokenizer larger than the model,
+    prompts past a learned position table (GPT-2), max_new_tokens past the positions, non-finite
+    temperature / length_penalty and an out-of-range seed are named, not IndexError / OverflowError
+    deep in torch or tokenizers (or a whole-response-buffer allocation)."""
+    small = train_tokenizer(sample_texts(64), 96)
+    m = tiny_causal_lm(len(small), hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64)
+    eng = HFRolloutEngine(m, small)
+    p = SamplingParams(max_new_tokens=2)
+    for bad in ([[5, len(small)]], [[5, -1]], [[True, 5]]):
+        with pytest.raises(ValueError, match=r"prompts\[0\] holds token id .* must be ints in \[0, 96\)"):
+            eng.generate(bad, p)
+        with pytest.raises(ValueError, match=r"prompts\[0\] holds token id"):
+            eng.beam_search(bad, num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 40\)"):  # tokenizer bigger than the model
+        HFRolloutEngine(tiny_causal_lm(40, hidden_size=32, num_layers=2, num_heads=2), small).generate(
+            ["the cat sat on the mat"], p)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(1000000000000\) is more than"):
+        eng.generate(["the cat"], SamplingParams(max_new_tokens=10**12))
+    g = tiny_causal_lm(len(small), family="gpt2", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"longest prompt .* \+ max_new_tokens \(4\) is more than the 64 positions"):
+        HFRolloutEngine(g, small).generate(["the cat " * 100], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="longest prompt"):
+        HFRolloutEngine(g, small).beam_search(["the cat " * 100], num_beams=2, max_new_tokens=4)
+    assert eng.generate(["the cat " * 100], SamplingParams(max_new_tokens=2)).batch_size == 1  # RoPE: no table
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            SamplingParams(temperature=t)
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        SamplingParams(seed=2**70)
+    for lp in (float("nan"), "x"):
+        with pytest.raises(ValueError, match="length_penalty must be a finite number"):
+            eng.beam_search(["the cat"], num_beams=2, max_new_tokens=2, length_penalty=lp)
+    with pytest.raises(TypeError, match="model must be a transformers causal LM"):
+        HFRolloutEngine(None, small)
+    with pytest.raises(TypeError, match="device must be a str"):
+        HFRolloutEngine(m, small, device=3.5)

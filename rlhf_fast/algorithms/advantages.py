@@ -9,6 +9,7 @@ when the KL is placed in the reward).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -25,6 +26,18 @@ def _check_mask(mask: torch.Tensor, B: Optional[int] = None) -> None:
         raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
     if B is not None and mask.shape[0] != B:
         raise ValueError(f"mask must have B={B} rows (one per score), got shape {tuple(mask.shape)}")
+
+
+def _check_tensor(name: str, t, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_kl_coef(kl_coef) -> None:
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -50,14 +63,18 @@ def token_rewards(
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
         raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
     _check_mask(mask, scores.shape[0])
+    if mask.shape[1] == 0 and mask.shape[0] > 0:
+        raise ValueError("mask must have at least one column (the token that carries each score), got shape "
+                         f"{tuple(mask.shape)}")
+    _check_kl_coef(kl_coef)
+    if kl is not None:
+        _check_tensor("kl", kl, mask.shape)
     m = mask.bool()
     r = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
     idx = last_token_index(m)
     has = m.any(dim=1)
     r[torch.arange(m.shape[0], device=m.device), idx] = torch.where(has, scores.float(), torch.zeros_like(scores.float()))
     if kl is not None and kl_coef != 0.0:
-        if tuple(kl.shape) != tuple(m.shape):
-            raise ValueError(f"kl must have the shape of mask {tuple(m.shape)}, got {tuple(kl.shape)}")
         r = r - kl_coef * kl.float() * m
     return r
 
@@ -69,6 +86,8 @@ def gae_advantages(
 
     Returns ``(advantages, returns)`` ``[B, T]`` float32; returns are the critic's targets.
     """
+    _check_tensor("rewards", rewards)
+    _check_tensor("values", values)
     return ops.gae(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
 
 
@@ -81,6 +100,7 @@ def group_estimator_advantages(
     scores ``[B]`` (already including any KL-in-reward term), mask ``[B, T]``. Returns
     ``(advantages, returns)`` ``[B, T]`` float32; returns = scores broadcast (for logging).
     """
+    _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     a = ops.group_advantages(scores.float(), group_size, kind=kind, eps=eps)
     m = mask.to(torch.float32)
@@ -95,6 +115,7 @@ def reinforce_pp_advantages(
 
     Returns ``(advantages, returns)`` ``[B, T]`` float32.
     """
+    _check_tensor("rewards", rewards)
     returns = ops.discounted_returns(rewards.float(), mask, gamma=gamma)
     return ops.masked_whiten(returns, mask), returns
 
@@ -122,7 +143,13 @@ def compute_advantages(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
+    _check_kl_coef(kl_coef)
+    if kl is not None:
+        _check_tensor("kl", kl, mask.shape)
+    if values is not None:
+        _check_tensor("values", values, mask.shape)
     if estimator == "gae":
         if values is None:
             raise ValueError("values must be given (a [B, T] tensor from the critic) for estimator 'gae'")

@@ -10,14 +10,23 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
+
+
+def _number(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a float: a finite real number >= 0 (> 0 with ``positive``), else ValueError."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
 
 class FixedKLController:
     """A constant KL coefficient ``value`` (float ≥ 0)."""
 
     def __init__(self, init: float = 0.05):
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not init >= 0:
-            raise ValueError(f"init must be a number >= 0, got {init!r}")
-        self.value = float(init)
+        self.value = _number("init", init)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """No-op; returns the coefficient."""
@@ -27,7 +36,7 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+        self.value = _number("state['value']", state["value"])
 
 
 class AdaptiveKLController(FixedKLController):
@@ -36,30 +45,32 @@ class AdaptiveKLController(FixedKLController):
 
     def __init__(self, init: float = 0.05, target: float = 6.0, horizon: float = 10000):
         super().__init__(init)
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
-            raise ValueError(f"target must be a number > 0, got {target!r}")
-        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon > 0:
-            raise ValueError(f"horizon must be a number > 0, got {horizon!r}")
-        self.target = float(target)
-        self.horizon = float(horizon)
+        self.target = _number("target", target, positive=True)
+        self.horizon = _number("horizon", horizon, positive=True)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move β after ``n_steps`` samples (or steps) with measured KL ``current_kl``; returns β.
 
         A non-finite KL leaves β unchanged (the trainer reports it separately)."""
+        if isinstance(current_kl, torch.Tensor) and current_kl.numel() == 1:
+            current_kl = float(current_kl)
+        if isinstance(current_kl, bool) or not isinstance(current_kl, (int, float)):
+            raise TypeError(f"current_kl must be a number, got {type(current_kl).__name__}")
+        _number("n_steps", n_steps)
         if not math.isfinite(current_kl):
             return self.value
         err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + err * n_steps / self.horizon
+        # at most one horizon per update: beyond it β would change sign (1 - 0.2 · n / horizon < 0)
+        self.value *= 1.0 + err * min(n_steps / self.horizon, 1.0)
         return self.value
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-        self.target = float(state.get("target", self.target))
-        self.horizon = float(state.get("horizon", self.horizon))
+        self.value = _number("state['value']", state["value"])
+        self.target = _number("state['target']", state.get("target", self.target), positive=True)
+        self.horizon = _number("state['horizon']", state.get("horizon", self.horizon), positive=True)
 
 
 def make_kl_controller(kind: str, init: float, target: Optional[float] = None, horizon: float = 10000):

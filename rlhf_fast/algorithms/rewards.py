@@ -62,6 +62,10 @@ class RewardModelReward(RewardSource):
     without, the rollout's own ``input_ids`` / ``attention_mask`` are used."""
 
     def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a reward model (torch.nn.Module), got {type(model).__name__}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
 
     @torch.no_grad()
@@ -72,7 +76,8 @@ class RewardModelReward(RewardSource):
         if self.tokenizer is None:
             if ctx.input_ids is None:
                 raise ValueError(f"reward source {self.name!r} needs a tokenizer or the rollout's input_ids")
-            ids, am = ctx.input_ids.to(device), ctx.attention_mask.to(device)
+            am = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(ctx.input_ids)
+            ids, am = ctx.input_ids.to(device), am.to(device)
         else:
             tok = self.tokenizer
             if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
@@ -108,6 +113,9 @@ class LengthPenalty(RewardSource):
     gives them, else characters. Combine with a (small) positive weight."""
 
     def __init__(self, target: Optional[int] = None, name: str = "length_penalty"):
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not 0 <= target < math.inf):
+            raise ValueError(f"target must be a finite number >= 0 or None, got {target!r}")
         self.target, self.name = target, name
 
     def __call__(self, prompts, completions, ctx):
@@ -122,7 +130,7 @@ class RepetitionPenalty(RewardSource):
     more than n of them, else over characters. In [−1, 0]."""
 
     def __init__(self, n: int = 3, name: str = "repetition_penalty"):
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         self.n, self.name = n, name
 
@@ -159,18 +167,27 @@ class CombinedReward:
     def __init__(self, sources, weights: Optional[Sequence[float]] = None, on_bad_reward: str = "raise"):
         if on_bad_reward not in ON_BAD_REWARD:
             raise ValueError(f"on_bad_reward must be one of {ON_BAD_REWARD}, got {on_bad_reward!r}")
+        if isinstance(sources, (RewardSource, str)) or callable(sources) or not isinstance(sources, (list, tuple)):
+            raise TypeError(f"sources must be a list of reward sources (or (source, weight) pairs), "
+                            f"got {type(sources).__name__}")
+        if weights is not None:
+            if not isinstance(weights, (list, tuple)) or len(weights) != len(sources):
+                raise ValueError(f"weights must be a list with one entry per source ({len(sources)}), got {weights!r}")
         items = []
         for i, s in enumerate(sources):
             w = 1.0
             if isinstance(s, tuple):
+                if len(s) != 2:
+                    raise ValueError(f"sources[{i}] must be a source or a (source, weight) pair, got a {len(s)}-tuple")
                 s, w = s
             if not isinstance(s, RewardSource):
                 s = CallableReward(s)
-            items.append((s, float(w if weights is None else weights[i])))
+            w = w if weights is None else weights[i]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"the weight of reward source {s.name!r} must be a finite number, got {w!r}")
+            items.append((s, float(w)))
         if not items:
             raise ValueError("sources must hold at least one reward source (reward model, callable or judge)")
-        if weights is not None and len(weights) != len(items):
-            raise ValueError(f"weights must have one entry per source ({len(items)}), got {len(weights)}")
         names = [s.name for s, _ in items]
         # Duplicate names would overwrite each other in the logs: make them unique.
         seen: Dict[str, int] = {}
@@ -198,13 +215,14 @@ class CombinedReward:
                     response_lengths=None if ctx.response_lengths is None else ctx.response_lengths[i:i + 1])
                 try:
                     v = src([prompts[i]], [completions[i]], sub)
-                    vals.append(float(list(v)[0]))
+                    v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+                    vals.append(float(v[0]) if len(v) == 1 else float("nan"))
                 except Exception:  # noqa: BLE001
                     vals.append(float("nan"))
             return vals
         try:
             vals = [float(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise RewardError(f"reward source {src.name!r} must return a list of B={B} floats, got "
                               f"{type(out).__name__}: {e}") from e
         if len(vals) != B:

@@ -19,11 +19,16 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 0.0
 
     def update(self, x: torch.Tensor) -> None:
-        """Fold in a batch ``[N]`` of finite values."""
+        """Fold in a batch ``[N]`` of finite values (ValueError otherwise: one NaN would poison the
+        statistics of every later step)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor of rewards, got {type(x).__name__}")
         n = float(x.numel())
         if n == 0:
             return
         xm = float(x.mean())
+        if not math.isfinite(xm):
+            raise ValueError("x must hold finite values only; got NaN or inf")
         xv = float(x.var(unbiased=False)) if n > 1 else 0.0
         tot = self.count + n
         delta = xm - self.mean
@@ -49,8 +54,12 @@ def shape_scores(
 ) -> torch.Tensor:
     """Scores ``[B]`` float → ``[B]`` float32: whitened (batch statistics, or running ones when
     ``moments`` is given, updated first), then clipped to ``[-clip, clip]``."""
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
     s = scores.float()
     if whiten:
         if moments is not None:

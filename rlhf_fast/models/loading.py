@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import llama_forward
-from .logprobs import backbone, default_position_ids, hidden_states, unwrap
+from .logprobs import backbone, check_input_ids, default_position_ids, hidden_states, unwrap
 
 PathLike = Union[str, os.PathLike]
 
@@ -169,6 +169,8 @@ def make_reference(policy, *, device=None, dtype=None):
     ``device``/``dtype`` when given.
     """
     _check_dtype_device(dtype, device)
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"policy must be a torch.nn.Module (a causal LM, or a peft model), got {type(policy).__name__}")
     if _is_peft(policy):
         if device is not None or dtype is not None:
             raise ValueError("device/dtype must be None for a peft policy: its reference shares the policy's weights")
@@ -235,6 +237,15 @@ class ValueModel(nn.Module):
         input_ids / attention_mask / position_ids ``[B, T]``; position ids default to the count
         of attended tokens (left padding as in generation).
         """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(input_ids.shape)):
+                raise ValueError(f"{name} must be None or a tensor of shape {tuple(input_ids.shape)}, "
+                                 f"got {getattr(t, 'shape', type(t).__name__)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have at least one row and one column, got shape {tuple(input_ids.shape)}")
+        check_input_ids(self.backbone, input_ids, positions=position_ids is None)
         if position_ids is None and attention_mask is not None:
             position_ids = default_position_ids(attention_mask)
         if llama_forward.supported(self.backbone, input_ids.shape[1]):

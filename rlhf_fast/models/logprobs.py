@@ -88,6 +88,45 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp_(min=0)
 
 
+def position_table_size(model: nn.Module) -> Optional[int]:
+    """Rows of a learned absolute position-embedding table (GPT-2's ``wpe``), or None for
+    models with relative positions (RoPE), which have no table to run past."""
+    base = unwrap(model)
+    prefix = getattr(base, "base_model_prefix", None)
+    inner = (getattr(base, prefix, None) if prefix else None) or base
+    for name in ("wpe", "embed_positions", "position_embeddings"):
+        emb = getattr(inner, name, None)
+        if isinstance(emb, nn.Embedding):
+            return emb.num_embeddings
+    return None
+
+
+def check_input_ids(model: nn.Module, input_ids: torch.Tensor, *, positions: bool = True) -> None:
+    """Raise ValueError/TypeError for ``input_ids [B, T]`` the model's embedding cannot take: not
+    an integer tensor, ids outside ``[0, vocab)`` (checked on the host for CPU tensors; on a GPU
+    an asynchronous device assert, no sync, as :mod:`rlhf_fast.ops` does for labels), or, with
+    ``positions``, more columns than a learned position table holds (default position ids)."""
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+    base = unwrap(model)
+    if positions:
+        table = position_table_size(base)
+        if table is not None and input_ids.shape[1] > table:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} columns, more than the {table} positions of the "
+                             f"model's position embeddings")
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    V = getattr(emb, "num_embeddings", None)
+    if V is None or input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (input_ids < 0) | (input_ids >= V)
+    if input_ids.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(f"input_ids must be token ids in [0, {V}) (the model's vocabulary); "
+                             f"found {input_ids[bad][0].item()}")
+    else:
+        torch._assert_async(~bad.any(), f"input_ids must be token ids in [0, {V}) (the model's vocabulary)")
+
+
 @_honour_context
 def hidden_states(
     model: nn.Module,
@@ -107,6 +146,9 @@ def hidden_states(
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have at least one row and one column, got shape {tuple(input_ids.shape)}")
+    check_input_ids(model, input_ids, positions=position_ids is None)
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
@@ -300,6 +342,9 @@ def sequence_logprobs(
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if B == 0 or T == 0:  # nothing to score (hidden_states refuses an empty batch)
+        z = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+        return (z, z.clone()) if return_entropy else z
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     target = _target_mask(attention_mask, response_mask)
@@ -310,6 +355,9 @@ def sequence_logprobs(
         ids, pos, rows, cols = _pack(input_ids, attention_mask)
         if _fallback_reason(model) is not None:
             raise ValueError("packed=True needs a fusable LM head")
+        if rows.numel() == 0:  # no attended token in any row (nonzero above has synced already)
+            z = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+            return (z, z.clone()) if return_entropy else z
         mtype = getattr(unwrap(model).config, "model_type", None)
         if mtype not in PACKED_TESTED:
             _warn_packed_untested(mtype)
@@ -327,6 +375,7 @@ def sequence_logprobs(
         tr, tc = target.nonzero(as_tuple=True)
         why = _fallback_reason(model)
         if why is not None:
+            check_input_ids(model, input_ids, positions=position_ids is None)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                            use_cache=False).logits  # [B, T, V]: this head cannot be fused
@@ -408,6 +457,8 @@ def policy_loss(
 
 
 __all__ = [
+    "check_input_ids",
+    "position_table_size",
     "hidden_states",
     "lm_head_params",
     "unfusable_reason",

@@ -21,6 +21,9 @@ CHAT_TEMPLATE = (
 )
 
 
+_MAX_VOCAB = 1 << 24
+
+
 def train_tokenizer(
     texts: Sequence[str],
     vocab_size: int = 256,
@@ -44,8 +47,10 @@ def train_tokenizer(
         raise TypeError("texts must be a list of str")
     if len(texts) == 0:
         raise ValueError("texts must be non-empty")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < len(special_tokens) + 2:
-        raise ValueError(f"vocab_size must be an int >= {len(special_tokens) + 2}, got {vocab_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not len(special_tokens) + 2 <= vocab_size <= _MAX_VOCAB:
+        # (the tokenizers library aborts the process on a vocab_size past 2**31)
+        raise ValueError(f"vocab_size must be an int in [{len(special_tokens) + 2}, {_MAX_VOCAB}], got {vocab_size!r}")
     special_tokens = tuple(special_tokens)
     if len(special_tokens) != 4 or len(set(special_tokens)) != 4:
         raise ValueError(f"special_tokens must be 4 distinct strings (pad, eos, bos, unk), got {special_tokens!r}")
@@ -80,9 +85,12 @@ def train_tokenizer(
 
 
 def _config(vocab_size, family, hidden_size, num_layers, num_heads, max_position_embeddings,
-            tie_word_embeddings, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id):
+            tie_word_embeddings, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id,
+            dtype=torch.float32):
     import transformers
 
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -154,7 +162,7 @@ def tiny_causal_lm(
     from transformers import AutoModelForCausalLM
 
     cfg = _config(vocab_size, family, hidden_size, num_layers, num_heads, max_position_embeddings,
-                  tie_word_embeddings, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id)
+                  tie_word_embeddings, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
@@ -190,7 +198,7 @@ def tiny_reward_model(
     if pad_token_id is None:
         raise ValueError("pad_token_id must be set for a reward model (it locates the last token)")
     cfg = _config(vocab_size, family, hidden_size, num_layers, num_heads, max_position_embeddings,
-                  False, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id)
+                  False, num_kv_heads, intermediate_size, pad_token_id, bos_token_id, eos_token_id, dtype)
     cfg.num_labels = 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -202,6 +210,8 @@ def sample_texts(n: int = 64, seed: int = 0) -> list:
     """A small deterministic English-like corpus for training tiny tokenizers in tests."""
     import random
 
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
     rng = random.Random(seed)
     words = ("the cat dog sat on mat a big small red blue runs jumps quickly slowly and or "
              "one two three four five six seven eight nine ten yes no hello world answer question "

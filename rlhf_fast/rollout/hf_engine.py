@@ -19,7 +19,7 @@ import torch
 from rlhf_fast import ops
 
 from ..distributed import gathered_params
-from ..models.logprobs import default_position_ids, unwrap
+from ..models.logprobs import default_position_ids, position_table_size, unwrap
 from ..ops.sampling import sample_with_uniforms, sample_with_uniforms_unchecked
 from .llama_decode import _CUDAGraphStep, _LlamaDecoder
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
@@ -58,6 +58,11 @@ class HFRolloutEngine(RolloutEngine):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
             raise TypeError("tokenizer must be a transformers tokenizer (with encode/decode)")
+        if not isinstance(model, torch.nn.Module) or getattr(unwrap(model), "config", None) is None:
+            raise TypeError(f"model must be a transformers causal LM (a PreTrainedModel, or a peft / DDP wrapper "
+                            f"of one), got {type(model).__name__}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a str, torch.device or None, got {type(device).__name__}")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("tokenizer must define a pad_token_id (or at least an eos_token_id used as pad)")
         self.model = model
@@ -80,12 +85,40 @@ class HFRolloutEngine(RolloutEngine):
             texts = list(prompts)
         elif all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
             ids = [list(p) for p in prompts]
-            texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in ids]
+            texts = None  # decoded once the ids are checked
         else:
             raise TypeError("prompts must be all str or all lists of int token ids")
         if any(len(p) == 0 for p in ids):
             raise ValueError("every prompt must have at least one token")
+        # an id outside the embedding table fails deep in torch (a device-side assert on a GPU)
+        V = self._vocab_size()
+        for i, p in enumerate(ids):
+            lo, hi = min(p), max(p)
+            if lo < 0 or hi >= V or any(type(t) is bool for t in p):
+                bad = next(t for t in p if type(t) is bool or not 0 <= t < V)
+                raise ValueError(f"prompts[{i}] holds token id {bad!r}: token ids must be ints in [0, {V}) "
+                                 f"(the model's vocabulary; a tokenizer larger than the model's embedding?)")
+        if texts is None:
+            texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in ids]
         return ids, texts
+
+    def _vocab_size(self) -> int:
+        emb = unwrap(self.model).get_input_embeddings() if hasattr(unwrap(self.model), "get_input_embeddings") else None
+        n = getattr(emb, "num_embeddings", None)
+        return int(n) if n is not None else int(unwrap(self.model).config.vocab_size)
+
+    def _check_length(self, P: int, max_new_tokens: int) -> None:
+        """Refuse max_new_tokens beyond the model's positions (the trainers' rule; a huge value
+        would allocate the whole response buffer up front), and prompt + response beyond a
+        learned absolute position table (GPT-2's wpe), which would index past it."""
+        positions = getattr(unwrap(self.model).config, "max_position_embeddings", None)
+        if isinstance(positions, int) and max_new_tokens > positions:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) is more than the model's "
+                             f"max_position_embeddings ({positions})")
+        table = position_table_size(self.model)
+        if table is not None and P + max_new_tokens > table:
+            raise ValueError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) is more than the "
+                             f"{table} positions of the model's position embeddings; shorten the prompts")
 
     def _left_pad(self, ids: List[List[int]]):
         P = max(len(p) for p in ids)
@@ -172,6 +205,7 @@ class HFRolloutEngine(RolloutEngine):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids, texts = self._encode(prompts)
+        self._check_length(max(len(p) for p in ids), params.max_new_tokens)
         t0 = time.perf_counter()
         prompt_ids, prompt_mask = self._left_pad(ids)  # [Bp, P]
         n, Bp, P = params.n, prompt_ids.shape[0], prompt_ids.shape[1]
@@ -333,7 +367,11 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+                or not abs(length_penalty) < float("inf"):
+            raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
         ids, texts = self._encode(prompts)
+        self._check_length(max(len(p) for p in ids), max_new_tokens)
         t0 = time.perf_counter()
         prompt_ids, prompt_mask = self._left_pad(ids)
         Bp, P = prompt_ids.shape

@@ -318,3 +318,55 @@ def test_output_paths_refuse_empty_and_config_files_are_readable(tmp_path):
         assert (os.stat(path).st_mode & 0o777) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_prune_counts_only_complete_checkpoints(tmp_path):
+    """Incomplete or stray step_* folders above the newest checkpoint (an interrupted sharded
+    save, a damaged copy) must not push the complete ones out: keep=2 keeps two complete ones."""
+    from rlhf_fast.trainers.checkpoint import prune_checkpoints
+
+    for s in (1, 2, 3):
+        save_checkpoint(checkpoint_dir(str(tmp_path), s), extra={"step": s})
+    for s in (8, 9):
+        os.makedirs(checkpoint_dir(str(tmp_path), s))
+    prune_checkpoints(str(tmp_path), 2)
+    left = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert left == ["step_00000002", "step_00000003", "step_00000008", "step_00000009"]
+    assert latest_checkpoint(str(tmp_path)).endswith("step_00000003")
+
+
+def test_checkpoint_step_checks_extra(tmp_path):
+    """A damaged or renamed checkpoint's trainer state is one ValueError naming extra.json and
+    what to do, not a bare KeyError or a resume at the wrong step."""
+    from rlhf_fast.trainers.checkpoint import checkpoint_step
+
+    d = checkpoint_dir(str(tmp_path), 6)
+    assert checkpoint_step(d, {"step": 6, "data": {}}, ("step", "data")) == 6
+    assert checkpoint_step(str(tmp_path / "any_name"), {"step": 3}) == 3
+    for extra, msg in (([1], "holds list"), ({}, "lacks 'step'"), ({"step": 6}, "lacks 'data'"),
+                       ({"step": "abc", "data": 1}, "has step 'abc'"), ({"step": -1, "data": 1}, "has step -1"),
+                       ({"step": 4, "data": 1}, "says step 4 but the folder is named for step 6")):
+        with pytest.raises(ValueError, match=f"checkpoint .*step_00000006: extra.json {msg}.*(remove|rename)"):
+            checkpoint_step(d, extra, ("step", "data"))
+
+
+def test_keeping_hyperparameters_applies_the_new_lr(tmp_path):
+    """A resume with another lr uses it (the optimizer's saved lr would otherwise silently win);
+    with the same lr, the restored state is unchanged."""
+    from rlhf_fast.trainers.checkpoint import keeping_hyperparameters
+
+    seed_everything(3)
+    model, opt, sched = _fresh()
+    _train(model, opt, sched, 3)
+    save_checkpoint(checkpoint_dir(str(tmp_path), 3), optimizers={"opt": opt}, schedulers={"lr": sched},
+                    extra={"step": 3})
+    before = [g["lr"] for g in opt.param_groups]
+    for scale in (1.0, 10.0):
+        m2 = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2 * scale)
+        sched2 = make_scheduler(opt2, warmup_steps=2, total_steps=10, kind="cosine")
+        with keeping_hyperparameters([opt2], [sched2]):
+            load_checkpoint(latest_checkpoint(str(tmp_path)), optimizers={"opt": opt2}, schedulers={"lr": sched2})
+        assert sched2.last_epoch == 3
+        assert [g["lr"] for g in opt2.param_groups] == pytest.approx([x * scale for x in before])
+        assert sched2.get_last_lr() == pytest.approx([x * scale for x in before])

@@ -384,3 +384,32 @@ def test_reward_rollout_and_data_settings_are_checked_naming_the_key():
     with pytest.raises(ValueError, match=r"data.prompts\[1\] must be a non-empty string, got ''"):
         DataConfig(prompts=[" ", ""])
     assert RewardConfig(length_target=0, repetition_ngram=1).length_target == 0
+
+
+def test_a_damaged_trainer_state_or_a_new_lr_on_resume(tmp_path):
+    """extra.json missing a key is one ValueError naming the file and what to do (it was a bare
+    KeyError: 'prompt_pos'), the run untouched; a resume with another optim.lr trains at it."""
+    from rlhf_fast.trainers.checkpoint import latest_checkpoint
+
+    b = _trainer(tmp_path, "grpo", steps=1)
+    b.train()
+    run = b.config.output_dir
+    files = {n: open(os.path.join(run, n)).read() for n in ("config.yaml", "metrics.jsonl")}
+    extra_path = os.path.join(latest_checkpoint(run), "extra.json")
+    good = open(extra_path).read()
+    with open(extra_path, "w") as f:
+        json.dump({k: v for k, v in json.loads(good).items() if k != "prompt_pos"}, f)
+    cfg = b.config
+    cfg.resume, cfg.steps = run, 2
+    pol, tok = make_policy()
+    with pytest.raises(ValueError, match=r"step_00000001: extra.json lacks 'prompt_pos' .* remove that folder"):
+        RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS).train()
+    assert {n: open(os.path.join(run, n)).read() for n in files} == files
+    with open(extra_path, "w") as f:
+        f.write(good)
+    cfg.optim.lr = cfg.optim.lr * 7
+    pol, tok = make_policy()
+    c = RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS)
+    c.train()
+    assert c.optimizer.param_groups[0]["initial_lr"] == cfg.optim.lr
+    assert c.scheduler.base_lrs == [cfg.optim.lr]

@@ -193,3 +193,21 @@ def test_one_bos_for_text_and_chat_prompts():
     for row in rows:
         assert row["input_ids"][0] == tok.bos_token_id and row["input_ids"].count(tok.bos_token_id) == 1
     assert tokenize_sft([SFTRecord("the cat " * 40, "sat")], tok, 16) == ([], 1)  # prompt leaves no room
+
+
+def test_resume_uses_the_new_lr_and_refuses_a_renamed_checkpoint(tmp_path, tok):
+    """A resume with another lr trains at it (the optimizer's saved lr used to win silently,
+    while config.yaml recorded the new one); a checkpoint whose folder name disagrees with its
+    step is refused with what to do, and the run is left as it was."""
+    recs = synthetic_sft_records(16)
+    cfg = _cfg(tmp_path, max_steps=2, save_every=1, warmup_steps=0, lr_schedule="constant", keep_checkpoints=0)
+    SFTTrainer(cfg, train_records=recs, eval_records=[], tokenizer=tok).train()
+    SFTTrainer(_cfg(tmp_path, max_steps=3, save_every=1, warmup_steps=0, lr_schedule="constant", keep_checkpoints=0,
+                    lr=1e-4), train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert [(m["step"], m["lr"]) for m in read_metrics(cfg.output_dir)] == [(1, 3e-3), (2, 3e-3), (3, pytest.approx(1e-4))]
+    ck = os.path.join(cfg.output_dir, "checkpoints")
+    os.rename(os.path.join(ck, "step_00000003"), os.path.join(ck, "step_00000009"))
+    log = read_metrics(cfg.output_dir)
+    with pytest.raises(ValueError, match=r"step_00000009: extra.json says step 3 but the folder is named for step 9"):
+        SFTTrainer(_cfg(tmp_path, max_steps=10), train_records=recs, eval_records=[], tokenizer=tok).train()
+    assert read_metrics(cfg.output_dir) == log

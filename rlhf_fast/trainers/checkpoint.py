@@ -217,6 +217,61 @@ def _restoring(directory: str, what: str):
                          "from another model or configuration, or damaged?") from e
 
 
+def checkpoint_step(directory: str, extra: Any, keys: tuple = ("step",)) -> int:
+    """The step of the checkpoint ``directory`` whose ``extra.json`` held ``extra``, checked
+    before a trainer applies it: a JSON object holding ``keys``, with ``step`` a whole number
+    >= 0 that matches the folder's ``step_N`` name (when it has one). ValueError naming the
+    file and what to do otherwise, instead of a bare KeyError or a silently wrong step."""
+    where = f"checkpoint {directory}: extra.json"
+    hint = "the checkpoint is damaged; remove that folder to resume from the previous checkpoint"
+    if not isinstance(extra, dict):
+        raise ValueError(f"{where} holds {type(extra).__name__}, not the trainer state object — {hint}")
+    missing = [k for k in keys if k not in extra]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(map(repr, missing))} — {hint}")
+    step = extra["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{where} has step {step!r}, not a whole number >= 0 — {hint}")
+    m = _STEP_RE.match(os.path.basename(os.path.normpath(directory)))
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"{where} says step {step} but the folder is named for step {int(m.group(1))} "
+                         f"(renamed or copied?) — rename it to step_{step:08d} or remove it")
+    return step
+
+
+def restoring_extra(directory: str):
+    """Context: a failure to apply the state in ``extra.json`` of ``directory`` (a value of the
+    wrong type or shape) as one ValueError naming the checkpoint."""
+    return _restoring(directory, "the trainer state in extra.json")
+
+
+@contextlib.contextmanager
+def keeping_hyperparameters(optimizers, schedulers):
+    """Context for restoring optimizer / LR-scheduler state into objects built from the current
+    config: an optimizer's ``load_state_dict`` also brings back the saved param-group settings
+    (lr, weight decay, betas) and a scheduler its base LRs, so a resume with, say, a new ``lr``
+    would silently keep the old one while config.yaml records the new. Afterwards the settings
+    the objects were built with are put back and each LambdaLR's current LR recomputed from
+    them at its restored step (with an unchanged config, the same values)."""
+    fresh = [[{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
+             for opt in optimizers]
+    yield
+    for opt, groups in zip(optimizers, fresh):
+        if len(groups) == len(opt.param_groups):
+            for g, f in zip(opt.param_groups, groups):
+                g.update(f)
+    for sched in schedulers:
+        groups = sched.optimizer.param_groups
+        if not all("initial_lr" in g for g in groups):
+            continue
+        sched.base_lrs = [g["initial_lr"] for g in groups]
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if lambdas is not None and len(lambdas) == len(groups):
+            for g, base, fn in zip(groups, sched.base_lrs, lambdas):
+                g["lr"] = base * fn(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in groups]
+
+
 def checkpoint_dir(run_dir: str, step: int) -> str:
     """The folder of the checkpoint at ``step`` inside ``run_dir``."""
     return os.path.join(run_dir, "checkpoints", f"step_{int(step):08d}")
@@ -244,9 +299,16 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     if not os.path.isdir(root):
         return
     steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_RE.match(n)))
-    for _, name in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    # only complete checkpoints count: an incomplete or stray step_* folder with a higher step
+    # (an interrupted sharded save, a damaged copy) must not push the good ones out
+    complete = [s for s, n in steps if os.path.isfile(os.path.join(root, n, "COMPLETE"))]
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for step, name in steps:
+        if step < oldest_kept:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "prune_checkpoints",
-           "rng_state", "set_rng_state"]
+           "checkpoint_step", "restoring_extra", "keeping_hyperparameters", "rng_state", "set_rng_state"]

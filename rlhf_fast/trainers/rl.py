@@ -930,26 +930,32 @@ class RLTrainer:
     def load(self, run_dir: str) -> int:
         """Restore the latest checkpoint of ``run_dir``; returns its step. Metrics logged after
         that checkpoint are discarded so the log continues as if never stopped."""
-        from rlhf_fast.trainers.checkpoint import latest_checkpoint, load_checkpoint
+        from rlhf_fast.trainers.checkpoint import (checkpoint_step, keeping_hyperparameters, latest_checkpoint,
+                                                   load_checkpoint, restoring_extra)
 
         ck = latest_checkpoint(run_dir)
         if ck is None:
             raise FileNotFoundError(f"resume: no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}")
-        if os.path.isfile(os.path.join(ck, "policy", ".metadata")):  # sharded: any number of ranks
-            from rlhf_fast.distributed import load_sharded
+        _, opts, scheds = self._ckpt_parts()
+        # the optimisers keep the settings of this run's config (a resume may change optim.lr)
+        with keeping_hyperparameters(list(opts.values()), list(scheds.values())):
+            if os.path.isfile(os.path.join(ck, "policy", ".metadata")):  # sharded: any number of ranks
+                from rlhf_fast.distributed import load_sharded
 
-            for name, model, opt, sched in self._sharded_parts():
-                sched.load_state_dict(load_sharded(os.path.join(ck, name), model, opt, self.ctx)["scheduler"])
-            with open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
-                extra = json.load(f)
-        else:
-            models, opts, scheds = self._ckpt_parts()
-            extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
-        self.global_step = int(extra["step"])
-        self.prompt_pos = int(extra["prompt_pos"])
-        self.kl_ctl.load_state_dict(extra["kl_ctl"])
-        self.reward_moments.load_state_dict(extra["reward_moments"])
-        self.dropped_total = int(extra.get("dropped_total", 0))
+                for name, model, opt, sched in self._sharded_parts():
+                    sched.load_state_dict(load_sharded(os.path.join(ck, name), model, opt, self.ctx)["scheduler"])
+                with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
+                    extra = json.load(f)
+            else:
+                models, opts, scheds = self._ckpt_parts()
+                extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
+        step = checkpoint_step(ck, extra, ("step", "prompt_pos", "kl_ctl", "reward_moments"))
+        with restoring_extra(ck):
+            self.prompt_pos = int(extra["prompt_pos"])
+            self.kl_ctl.load_state_dict(extra["kl_ctl"])
+            self.reward_moments.load_state_dict(extra["reward_moments"])
+            self.dropped_total = int(extra.get("dropped_total", 0))
+        self.global_step = step
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)
             if os.path.exists(p) and self.ctx.is_main:

@@ -30,7 +30,8 @@ from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distribu
                                    wrap_model)
 from rlhf_fast.models.loading import enable_activation_checkpointing
 
-from .checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
+                         restoring_extra, save_checkpoint)
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
                      make_scheduler, open_supervised_run, require_records, resolve_device, run_trainer_cli,
                      seed_everything, truncate_metrics)
@@ -245,15 +246,16 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                         ctx: DistContext) -> Dict[str, Any]:
     """Load a sharded checkpoint (written on any number of ranks, loaded into this wrapping)
     or a single-process one (``save_checkpoint`` format, into an unsharded model); returns
-    the trainer's ``extra`` state."""
-    if is_sharded_checkpoint(directory):
-        extra = load_sharded(directory, model, optimizer, ctx)
-        scheduler.load_state_dict(extra.pop("scheduler"))
-        return extra
-    from rlhf_fast.distributed import unwrap
+    the trainer's ``extra`` state. The optimizer keeps the settings (lr, ...) it was built with."""
+    with keeping_hyperparameters([optimizer], [scheduler]):
+        if is_sharded_checkpoint(directory):
+            extra = load_sharded(directory, model, optimizer, ctx)
+            scheduler.load_state_dict(extra.pop("scheduler"))
+            return extra
+        from rlhf_fast.distributed import unwrap
 
-    return load_checkpoint(directory, models={name: unwrap(model)}, optimizers={"optimizer": optimizer},
-                           schedulers={"scheduler": scheduler})
+        return load_checkpoint(directory, models={name: unwrap(model)}, optimizers={"optimizer": optimizer},
+                               schedulers={"scheduler": scheduler})
 
 
 def resume_supervised(trainer, part: str) -> None:
@@ -265,13 +267,14 @@ def resume_supervised(trainer, part: str) -> None:
     if ck is None:
         return
     extra = load_any_checkpoint(ck, part, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx)
-    step = int(extra["step"])
+    step = checkpoint_step(ck, extra, ("step", "data"))
     if step > trainer.cfg.max_steps:
         # training on would do nothing, and config.yaml would then record a run shorter than its log
         raise ValueError(f"max_steps ({trainer.cfg.max_steps}) is below step {step}, which the run in "
                          f"{trainer.run.path} has reached; a resumed run can only train further (max_steps >= {step})")
+    with restoring_extra(ck):
+        trainer.batches.load(extra["data"])
     trainer.step = step
-    trainer.batches.load(extra["data"])
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
         trainer.run.write_config(trainer.cfg)

@@ -329,6 +329,9 @@ def test_prune_counts_only_complete_checkpoints(tmp_path):
         save_checkpoint(checkpoint_dir(str(tmp_path), s), extra={"step": s})
     for s in (8, 9):
         os.makedirs(checkpoint_dir(str(tmp_path), s))
+    # what interrupted saves leave (a model copy each) goes too
+    for leftover in (".tmp-step_00000004-abc", ".old-xyz"):
+        os.makedirs(tmp_path / "checkpoints" / leftover / "models")
     prune_checkpoints(str(tmp_path), 2)
     left = sorted(os.listdir(tmp_path / "checkpoints"))
     assert left == ["step_00000002", "step_00000003", "step_00000008", "step_00000009"]

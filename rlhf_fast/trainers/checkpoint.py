@@ -298,6 +298,11 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return
+    for n in os.listdir(root):
+        # what an interrupted save_checkpoint left (a whole model copy each): no save is under
+        # way while the run prunes, right after its own save finished
+        if n.startswith((".tmp-step_", ".old-")):
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_RE.match(n)))
     # only complete checkpoints count: an incomplete or stray step_* folder with a higher step
     # (an interrupted sharded save, a damaged copy) must not push the good ones out

@@ -214,7 +214,8 @@ def _restoring(directory: str, what: str):
         text = str(e).strip()
         first = text.splitlines()[0] if text else ""
         raise ValueError(f"checkpoint {directory}: cannot restore {what} ({type(e).__name__}: {first}) — is it "
-                         "from another model or configuration, or damaged?") from e
+                         "from another model or configuration (resume with that one), or damaged (remove that "
+                         "folder to resume from the previous checkpoint)?") from e
 
 
 def checkpoint_step(directory: str, extra: Any, keys: tuple = ("step",)) -> int:

@@ -250,7 +250,10 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
     with keeping_hyperparameters([optimizer], [scheduler]):
         if is_sharded_checkpoint(directory):
             extra = load_sharded(directory, model, optimizer, ctx)
-            scheduler.load_state_dict(extra.pop("scheduler"))
+            if not isinstance(extra, dict) or "scheduler" not in extra:
+                checkpoint_step(directory, extra, ("step", "scheduler"))  # names the damage
+            with restoring_extra(directory):
+                scheduler.load_state_dict(extra.pop("scheduler"))
             return extra
         from rlhf_fast.distributed import unwrap
 

@@ -294,6 +294,11 @@ def test_probe_bad_parameters_are_named():
         CombinedReward(None)
     with pytest.raises(RewardError, match="must return a list of B=2 floats"):
         CombinedReward([lambda p, c: [10**400, 1]])(["a", "b"], ["x", "y"])
+    # text is not a reward (float("1") would take it); bools are, as verifiable rewards return them
+    with pytest.raises(RewardError, match="must return a list of B=2 floats, got list: a reward must be a number, "
+                                          "got text '1'"):
+        CombinedReward([lambda p, c: ["1", "2"]])(["a", "b"], ["x", "y"])
+    assert CombinedReward([lambda p, c: [True, False]])(["a", "b"], ["x", "y"]).total.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="max_length must be an int >= 1"):
         RewardModelReward(torch.nn.Linear(2, 1), max_length=0)
     with pytest.raises(ValueError, match="target must be a finite number >= 0 or None"):

@@ -19,6 +19,14 @@ import torch
 ON_BAD_REWARD = ("raise", "drop")
 
 
+def _reward_value(v) -> float:
+    """One reward as a float: a number (bools count as 0 / 1, as verifiable rewards return them);
+    text such as "1" is refused, since float() would quietly accept it."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"a reward must be a number, got text {v[:20]!r}")
+    return float(v)
+
+
 class RewardError(ValueError):
     """A reward source failed or returned a non-finite value."""
 
@@ -216,12 +224,12 @@ class CombinedReward:
                 try:
                     v = src([prompts[i]], [completions[i]], sub)
                     v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
-                    vals.append(float(v[0]) if len(v) == 1 else float("nan"))
+                    vals.append(_reward_value(v[0]) if len(v) == 1 else float("nan"))
                 except Exception:  # noqa: BLE001
                     vals.append(float("nan"))
             return vals
         try:
-            vals = [float(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
+            vals = [_reward_value(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
         except (TypeError, ValueError, OverflowError) as e:
             raise RewardError(f"reward source {src.name!r} must return a list of B={B} floats, got "
                               f"{type(out).__name__}: {e}") from e

@@ -9,12 +9,12 @@ when the KL is placed in the reward).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.ops._validate import finite
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++")
 CRITIC_ESTIMATORS = ("gae",)
@@ -33,11 +33,6 @@ def _check_tensor(name: str, t, shape=None) -> None:
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _check_kl_coef(kl_coef) -> None:
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +61,7 @@ def token_rewards(
     if mask.shape[1] == 0 and mask.shape[0] > 0:
         raise ValueError("mask must have at least one column (the token that carries each score), got shape "
                          f"{tuple(mask.shape)}")
-    _check_kl_coef(kl_coef)
+    finite("kl_coef", kl_coef)
     if kl is not None:
         _check_tensor("kl", kl, mask.shape)
     m = mask.bool()
@@ -145,7 +140,7 @@ def compute_advantages(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
-    _check_kl_coef(kl_coef)
+    finite("kl_coef", kl_coef)
     if kl is not None:
         _check_tensor("kl", kl, mask.shape)
     if values is not None:

@@ -12,21 +12,14 @@ from typing import Optional
 
 import torch
 
-
-def _number(name: str, value, *, positive: bool = False) -> float:
-    """``value`` as a float: a finite real number >= 0 (> 0 with ``positive``), else ValueError."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
-        and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+from rlhf_fast.ops._validate import finite
 
 
 class FixedKLController:
     """A constant KL coefficient ``value`` (float ≥ 0)."""
 
     def __init__(self, init: float = 0.05):
-        self.value = _number("init", init)
+        self.value = finite("init", init, ">= 0")
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """No-op; returns the coefficient."""
@@ -36,7 +29,7 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = _number("state['value']", state["value"])
+        self.value = finite("state['value']", state["value"], ">= 0")
 
 
 class AdaptiveKLController(FixedKLController):
@@ -45,8 +38,8 @@ class AdaptiveKLController(FixedKLController):
 
     def __init__(self, init: float = 0.05, target: float = 6.0, horizon: float = 10000):
         super().__init__(init)
-        self.target = _number("target", target, positive=True)
-        self.horizon = _number("horizon", horizon, positive=True)
+        self.target = finite("target", target, "> 0")
+        self.horizon = finite("horizon", horizon, "> 0")
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move β after ``n_steps`` samples (or steps) with measured KL ``current_kl``; returns β.
@@ -56,7 +49,7 @@ class AdaptiveKLController(FixedKLController):
             current_kl = float(current_kl)
         if isinstance(current_kl, bool) or not isinstance(current_kl, (int, float)):
             raise TypeError(f"current_kl must be a number, got {type(current_kl).__name__}")
-        _number("n_steps", n_steps)
+        finite("n_steps", n_steps, ">= 0")
         if not math.isfinite(current_kl):
             return self.value
         err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
@@ -68,9 +61,9 @@ class AdaptiveKLController(FixedKLController):
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = _number("state['value']", state["value"])
-        self.target = _number("state['target']", state.get("target", self.target), positive=True)
-        self.horizon = _number("state['horizon']", state.get("horizon", self.horizon), positive=True)
+        self.value = finite("state['value']", state["value"], ">= 0")
+        self.target = finite("state['target']", state.get("target", self.target), "> 0")
+        self.horizon = finite("state['horizon']", state.get("horizon", self.horizon), "> 0")
 
 
 def make_kl_controller(kind: str, init: float, target: Optional[float] = None, horizon: float = 10000):

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from rlhf_fast.ops._validate import finite
+
 ON_BAD_REWARD = ("raise", "drop")
 
 
@@ -191,9 +193,7 @@ class CombinedReward:
             if not isinstance(s, RewardSource):
                 s = CallableReward(s)
             w = w if weights is None else weights[i]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ValueError(f"the weight of reward source {s.name!r} must be a finite number, got {w!r}")
-            items.append((s, float(w)))
+            items.append((s, finite(f"the weight of reward source {s.name!r}", w)))
         if not items:
             raise ValueError("sources must hold at least one reward source (reward model, callable or judge)")
         names = [s.name for s, _ in items]

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from rlhf_fast.ops._validate import finite
+
 
 class RunningMoments:
     """Running mean / variance of scalar rewards (Chan et al. parallel update); JSON state."""
@@ -56,8 +58,7 @@ def shape_scores(
     ``moments`` is given, updated first), then clipped to ``[-clip, clip]``."""
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    finite("eps", eps, ">= 0")
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
         raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
     s = scores.float()

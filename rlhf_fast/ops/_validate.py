@@ -135,10 +135,22 @@ def coefficient(name: str, value) -> None:
             raise ValueError(f"{name} must be a finite number or a 1-element floating tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (type(value) is float and not math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not math.isfinite(as_float(name, value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    finite(name, value)
+
+
+def finite(name: str, value, bound: Optional[str] = None) -> float:
+    """``value`` as a float: a real number (not a bool), finite (an int too large for a
+    float64 is not), and, with ``bound`` "> 0" or ">= 0", in that range; else ValueError
+    naming ``name``. Shared by the ops, the algorithms and the RL config checks."""
+    v = None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            v = float(value)
+        except OverflowError:  # an int of more than ~1024 bits
+            v = None
+    if v is None or not math.isfinite(v) or (bound == "> 0" and not v > 0) or (bound == ">= 0" and not v >= 0):
+        raise ValueError(f"{name} must be a finite number{' ' + bound if bound else ''}, got {value!r}")
+    return v
 
 
 def dual_clip(value) -> None:

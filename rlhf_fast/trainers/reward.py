@@ -24,6 +24,7 @@ import torch
 
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 from rlhf_fast.models.loading import enable_activation_checkpointing
+from rlhf_fast.ops._validate import finite
 
 from .checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
 from .common import (add_config_arguments, autocast_context, check_training_schedule, load_causal_lm, make_scheduler,
@@ -81,8 +82,7 @@ class RewardConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k, w in self.annotator_weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"annotator_weights[{k!r}] must be a finite number >= 0, got {w!r}")
+            finite(f"annotator_weights[{k!r}]", w, ">= 0")
 
 
 def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0.0) -> list:

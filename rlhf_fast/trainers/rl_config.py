@@ -7,12 +7,12 @@ YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS
 from rlhf_fast.distributed import DistributedConfig
+from rlhf_fast.ops._validate import finite
 from rlhf_fast.ops.reference import AGG_MODES
 from rlhf_fast.trainers.common import check_seed
 
@@ -24,12 +24,12 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _pos(name, v, allow_zero=False, integer=False):
-    kind = int if integer else (int, float)
-    # nan passes every comparison and inf makes no sense for any of these: both are refused
-    if (isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v)
-            or (v < 0 if allow_zero else v <= 0)):
-        what = "an int" if integer else "a finite number"
-        raise ValueError(f"{name} must be {what} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    bound = ">= 0" if allow_zero else "> 0"
+    if not integer:
+        # nan passes every comparison and inf makes no sense for any of these: both are refused
+        finite(name, v, bound)
+    elif isinstance(v, bool) or not isinstance(v, int) or (v < 0 if allow_zero else v <= 0):
+        raise ValueError(f"{name} must be an int {bound}, got {v!r}")
 
 
 def _choice(name, v, options):
@@ -174,8 +174,7 @@ class RewardConfig:
         # a nan / inf weight turns every reward, then every weight of the policy, into nan
         for name, w in [(f"reward.weights[{i}]", w) for i, w in enumerate(self.weights)] + \
                 [("reward.reward_model_weight", self.reward_model_weight)]:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ValueError(f"{name} must be a finite number, got {w!r}")
+            finite(name, w)
         for f in self.functions:
             if not isinstance(f, str) or ":" not in f:
                 raise ValueError(f"reward.functions entries must be 'module:function', got {f!r}")

@@ -123,9 +123,13 @@ double aggregate(Agg agg, const std::vector<RowPartial>& rows, double den) {
   return s / den;
 }
 
+int64_t row_count(const bool* m, int64_t T);
+
 int64_t mask_count(const at::Tensor& mask) {
-  // only token-mean without a normalizer needs the global count in the backward
-  return mask.sum().item<int64_t>();
+  // only token-mean without a normalizer needs the global count in the backward. A byte loop:
+  // mask.sum() first converts the bool mask to an int64 copy (8 bytes a token), which took a
+  // fifth of a B·T = 65536 forward + backward.
+  return row_count(mask.data_ptr<bool>(), mask.numel());
 }
 
 // weight of a token of a row with `row_count` set tokens in d loss
@@ -135,8 +139,16 @@ inline double token_weight(Agg agg, double g_over_den, int64_t row_count) {
 }
 
 int64_t row_count(const bool* m, int64_t T) {
+  // bytes summed in 32-bit lanes (vectorisable), folded every 2^31 tokens; a bool viewed
+  // from other bytes counts as set when nonzero, as everywhere else
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(m);
   int64_t k = 0;
-  for (int64_t t = 0; t < T; ++t) k += m[t];
+  for (int64_t t0 = 0; t0 < T; t0 += (int64_t{1} << 31)) {
+    const int64_t e = std::min(T, t0 + (int64_t{1} << 31));
+    uint32_t part = 0;
+    for (int64_t t = t0; t < e; ++t) part += static_cast<uint32_t>(bytes[t] != 0);
+    k += part;
+  }
   return k;
 }
 

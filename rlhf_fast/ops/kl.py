@@ -32,7 +32,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
 def _kl_cpp(logp, ref_logp, kind="k1"):
     dt = torch.promote_types(logp.dtype, ref_logp.dtype)
     # the reference is a constant: no gradient flows to it
-    return torch.ops.rlhf_fast.kl_penalty_fwd(logp.to(dt), ref_logp.detach().to(dt), kind)
+    return _native.call(_KL_FN, "kl_penalty_fwd", logp.to(dt), ref_logp.detach().to(dt), kind)
 
 
 def _fake(logp, ref_logp, kind):
@@ -52,6 +52,7 @@ def _backward(ctx, grad):
 
 _native.register_meta_and_autograd("kl_penalty_fwd", _fake, _backward, _setup)
 _native.register_meta_and_autograd("kl_penalty_bwd", lambda g, lp, r, k: torch.empty_like(lp))
+_KL_FN = _native.eager_function("kl_penalty_fwd", _backward, _setup)
 
 _dispatch.register("kl_penalty", "torch", reference.kl_penalty)
 _dispatch.register("kl_penalty", "cpp", _kl_cpp)

@@ -126,8 +126,7 @@ VALUE_STATS = ("clip_frac", "values_mean")
 
 
 def _stats_dict(names, stats: torch.Tensor) -> dict:
-    stats = stats.detach()
-    return {n: stats[i] for i, n in enumerate(names)}
+    return dict(zip(names, stats.detach().unbind(0)))
 
 
 def _normalizer(normalizer, like: torch.Tensor):
@@ -138,16 +137,16 @@ def _normalizer(normalizer, like: torch.Tensor):
 
 def _policy_cpp(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
                 agg="token-mean", normalizer=None):
-    loss, stats = torch.ops.rlhf_fast.ppo_policy_loss_fwd(
-        logp, old_logp.detach(), advantages.detach(), mask, float(clip_low),
+    loss, stats = _native.call(
+        _POLICY_FN, "ppo_policy_loss_fwd", logp, old_logp.detach(), advantages.detach(), mask, float(clip_low),
         float(clip_low if clip_high is None else clip_high), None if dual_clip is None else float(dual_clip), agg,
         _normalizer(normalizer, logp))
     return loss, _stats_dict(POLICY_STATS, stats)
 
 
 def _value_cpp(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", normalizer=None):
-    loss, stats = torch.ops.rlhf_fast.ppo_value_loss_fwd(
-        values, old_values.detach(), returns.detach(), mask, None if clip is None else float(clip), agg,
+    loss, stats = _native.call(
+        _VALUE_FN, "ppo_value_loss_fwd", values, old_values.detach(), returns.detach(), mask, None if clip is None else float(clip), agg,
         _normalizer(normalizer, values))
     return loss, _stats_dict(VALUE_STATS, stats)
 
@@ -182,6 +181,9 @@ _native.register_meta_and_autograd("ppo_policy_loss_fwd", _loss_fake(len(POLICY_
 _native.register_meta_and_autograd("ppo_policy_loss_bwd", lambda g, lp, *args: torch.empty_like(lp))
 _native.register_meta_and_autograd("ppo_value_loss_fwd", _loss_fake(len(VALUE_STATS)), _value_backward, _setup)
 _native.register_meta_and_autograd("ppo_value_loss_bwd", lambda g, v, *args: torch.empty_like(v))
+# the stats (output 1) are detached statistics
+_POLICY_FN = _native.eager_function("ppo_policy_loss_fwd", _policy_backward, _setup, non_differentiable=(1,))
+_VALUE_FN = _native.eager_function("ppo_value_loss_fwd", _value_backward, _setup, non_differentiable=(1,))
 
 _dispatch.register("ppo_policy_loss", "torch", reference.ppo_policy_loss)
 _dispatch.register("ppo_value_loss", "torch", reference.ppo_value_loss)

@@ -93,3 +93,41 @@ def test_demo_refuses_a_training_runs_folder(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--no-progress", "--out", str(run)]) == 2
     assert f"--out {run} holds a training run (metrics.jsonl): choose another folder" in capsys.readouterr().err
     assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+
+
+def test_demo_curves_use_the_logged_step():
+    from rlhf_fast.demo.report import curve_points
+
+    history = [{"step": 5, "reward/total": 0.1}, {"eval/x": 1.0}, {"step": 6, "reward/total": 0.3},
+               {"step": 7, "reward/total": True}]
+    assert curve_points(history, "reward/total") == [(5, 0.1), (6, 0.3)]
+    assert curve_points(history, "eval/x") == [(2, 1.0)]
+
+
+def test_demo_kl_counts_only_the_generated_tokens():
+    # answers cut at max_new_tokens end without eos: the KL sums log π − log π_ref over exactly the
+    # tokens the policy generated (the text re-tokenised with an eos added one more term)
+    import torch
+
+    from rlhf_fast.demo.pipeline import _generate, _seq_kl
+    from rlhf_fast.models.tiny import tiny_causal_lm, train_tokenizer
+
+    tok = train_tokenizer(["the cat is kind and warm", "the fox is calm"] * 4, 64, padding_side="right")
+    kw = dict(hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tok.pad_token_id,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    policy, ref = tiny_causal_lm(len(tok), seed=1, **kw).eval(), tiny_causal_lm(len(tok), seed=2, **kw).eval()
+    batches: list = []
+    _generate(policy, tok, ["the cat", "the fox is"], max_new_tokens=3, seed=0, batches=batches)
+    (b,) = batches
+    expected = 0.0
+    with torch.no_grad():
+        for i in range(b.batch_size):
+            ids = b.input_ids[i][b.attention_mask[i].bool()]
+            resp = b.response_mask[i][b.attention_mask[i].bool()].bool()
+            lp = torch.log_softmax(policy(ids[None]).logits[0, :-1].float(), -1)
+            lr = torch.log_softmax(ref(ids[None]).logits[0, :-1].float(), -1)
+            tgt = ids[1:]
+            pos = resp[1:]
+            expected += float((lp.gather(-1, tgt[:, None]) - lr.gather(-1, tgt[:, None]))[pos].sum())
+    assert int(b.response_mask.sum()) <= 3 * b.batch_size
+    assert _seq_kl(policy, ref, batches) == pytest.approx(expected / b.batch_size, rel=1e-4, abs=1e-5)

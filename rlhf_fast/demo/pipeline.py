@@ -129,7 +129,9 @@ def _sft(cfg: DemoConfig, model, tok, pairs, run_dir: str) -> Dict[str, float]:
             "sft_eval_ppl_after": after.get("eval_ppl")}
 
 
-def _generate(model, tok, prompts: List[str], *, n: int = 1, max_new_tokens: int, seed: int, temperature=1.0):
+def _generate(model, tok, prompts: List[str], *, n: int = 1, max_new_tokens: int, seed: int, temperature=1.0,
+              batches: Optional[list] = None):
+    """The decoded responses; the RolloutBatches themselves are appended to ``batches`` if given."""
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 
     engine = HFRolloutEngine(model, tok)
@@ -138,6 +140,8 @@ def _generate(model, tok, prompts: List[str], *, n: int = 1, max_new_tokens: int
         batch = engine.generate(prompts[i:i + 64], SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                                                                    n=n, seed=seed + i))
         out += batch.response_texts
+        if batches is not None:
+            batches.append(batch)
     return out
 
 
@@ -217,30 +221,22 @@ def _rm_scores(rm, tok, prompts: List[str], responses: List[str]) -> List[float]
 
 
 @torch.no_grad()
-def _seq_kl(policy, reference, tok, prompts: List[str], responses: List[str]) -> float:
-    """Mean over samples of Σ_t (log π − log π_ref) on the policy's own samples (a KL estimate)."""
+def _seq_kl(policy, reference, batches) -> float:
+    """Mean over samples of Σ_t (log π − log π_ref) over the tokens the policy generated (its
+    own samples at temperature 1: a KL estimate). The rollout's token ids, not the decoded text
+    re-tokenised: an answer cut at max_new_tokens has no eos, and adding one would add a
+    log π(eos) − log π_ref(eos) term the policy never sampled."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
-    tot = 0.0
-    for i in range(0, len(prompts), 64):
-        rows, masks = [], []
-        for p, r in zip(prompts[i:i + 64], responses[i:i + 64]):
-            pi = tok(p, add_special_tokens=True)["input_ids"]
-            ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append(pi + ri)
-            masks.append([0] * len(pi) + [1] * len(ri))
-        T = max(len(x) for x in rows)
-        inp = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros(len(rows), T, dtype=torch.long)
-        rm = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, (x, m) in enumerate(zip(rows, masks)):
-            inp[j, :len(x)] = torch.tensor(x)
-            att[j, :len(x)] = 1
-            rm[j, :len(m)] = torch.tensor(m)
-        lp = sequence_logprobs(policy, inp, att, response_mask=rm)
-        lr = sequence_logprobs(reference, inp, att, response_mask=rm)
+    tot, n = 0.0, 0
+    for b in batches:
+        rm = b.response_mask
+        with torch.no_grad():
+            lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=rm)
+            lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm)
         tot += float(((lp - lr) * rm).sum())
-    return tot / max(1, len(prompts))
+        n += b.batch_size
+    return tot / max(1, n)
 
 
 def _rl(cfg: DemoConfig, policy, tok, prompts: List[str], run_dir: str, *, reward_models=(), reward_fns=(),
@@ -294,12 +290,14 @@ def run_preference(cfg: DemoConfig) -> Dict:
     with _bar(1, "4/4 evaluation", cfg.progress) as bar:
         eval_prompts = world.prompts(cfg.eval_prompts, seed=cfg.seed + 31)
         before = _generate(sft_model, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 41)
-        after = _generate(policy, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 41)
+        after_batches: list = []
+        after = _generate(policy, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 41,
+                          batches=after_batches)
         u_before = [world.true_utility(r) for r in before]
         u_after = [world.true_utility(r) for r in after]
         s_before = _rm_scores(rm, tok, eval_prompts, before)
         s_after = _rm_scores(rm, tok, eval_prompts, after)
-        kl = _seq_kl(policy, sft_model, tok, eval_prompts, after)
+        kl = _seq_kl(policy, sft_model, after_batches)
         bar.update(1)
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     ev = {

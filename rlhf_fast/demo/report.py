@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 
 def _fmt(v) -> str:
@@ -13,17 +13,27 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
+def curve_points(history: List[Dict], key: str) -> List[Tuple[int, float]]:
+    """``(step, value)`` of ``key`` in the metrics log: the logged step (a resumed run's log
+    starts past 1, and not every line is a step's), the line number only where a line has none."""
+    pts = []
+    for i, h in enumerate(history):
+        v, step = h.get(key), h.get("step")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            pts.append((step if isinstance(step, int) and not isinstance(step, bool) else i + 1, v))
+    return pts
+
+
 def _curve_png(history: List[Dict], keys: List[str], path: str, title: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(i + 1, h) for i, h in enumerate(history)]
     drawn = False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in keys:
-        pts = [(s, h[k]) for s, h in rows if isinstance(h.get(k), (int, float))]
+        pts = curve_points(history, k)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
             drawn = True

@@ -178,3 +178,23 @@ def test_from_causal_lm_folder_and_label_files(tmp_path, tok, capsys):
     assert len(tr.train_items) + len(tr.eval_items) == 12  # the tie carries no preference
     # the backbone is the saved causal LM's
     torch.testing.assert_close(tr.model.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+def test_eval_loss_is_the_weighted_mean_whatever_the_batch_size(tmp_path, tok):
+    """Annotator weights: eval_loss is Σ w·loss / Σ w over all held-out items, as the training
+    loss; it does not change with the evaluation batch size (chunks of unequal weight)."""
+    recs = synthetic_preference_records(12, seed=4)
+    for i, r in enumerate(recs):
+        r.annotator = "careful" if i % 3 else "noisy"
+    tr = RewardTrainer(_cfg(tmp_path, "wl", max_steps=1, annotator_weights={"careful": 1.0, "noisy": 0.1}),
+                       train_records=recs[:4], eval_records=recs, tokenizer=tok)
+    tr.model.eval()
+    with torch.no_grad():
+        scores = tr._scores(tr.eval_items)
+        per = [tr.loss([it], [s]).item() for it, s in zip(tr.eval_items, scores)]
+    w = [it["weight"] for it in tr.eval_items]
+    assert sorted(set(w)) == [0.1, 1.0]
+    expected = sum(wi * li for wi, li in zip(w, per)) / sum(w)
+    for bs in (1, 5, 64):
+        tr.cfg.batch_size = bs
+        assert tr.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5), bs

@@ -25,7 +25,12 @@ class AgreementStats:
     ``n_items``: distinct items; ``n_multi``: items with ≥ 2 labels; ``n_label_pairs``: pairs
     of labels on the same item; ``agreement``: fraction of those pairs that agree (None
     without any); ``flip_rate``: the noise estimate ε; ``per_annotator``: id -> {"labels",
-    "compared", "agreement" (with the other annotators), "majority_agreement"}.
+    "compared", "agreement" (with the other annotators), "majority_agreement"}. An
+    annotator's own repeated labels of an item count in ``agreement`` and ``flip_rate`` (each
+    label flips independently) but not in the per-annotator figures, which compare an
+    annotator with the others only (``compared``: label pairs with another annotator;
+    ``majority_agreement``: how often the label matches the strict majority of the other
+    annotators' labels of the item, items with at least two such labels).
     """
 
     n_items: int
@@ -61,12 +66,16 @@ def agreement_stats(records: Sequence[PairRecord]) -> AgreementStats:
         for (a1, p1), (a2, p2) in itertools.combinations(labels, 2):
             total += 1
             agree += p1 == p2
+            if a1 == a2:  # one annotator's repeat: self-consistency, not agreement with the others
+                continue
             for a in (a1, a2):
                 per[a]["compared"] += 1
                 per[a]["agreed"] += p1 == p2
         if len(labels) >= 3:
             for k, (ann, p) in enumerate(labels):
-                others = [q for j, (_, q) in enumerate(labels) if j != k]
+                others = [q for (a, q) in labels if a != ann]  # the other annotators' labels only
+                if len(others) < 2:
+                    continue
                 votes = sum(others)
                 if 2 * votes != len(others):  # no majority on a tie
                     per[ann]["maj_compared"] += 1

@@ -233,10 +233,15 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
             problems.append(where("responses", "expected a list of at least 2 texts"))
             responses = None
         else:
+            first: Dict[str, int] = {}
             for j, r in enumerate(responses):
                 if not isinstance(r, str) or not r.strip():
                     problems.append(where(f"responses[{j}]", "empty text" if isinstance(r, str) else
                                           f"expected text, got {type(r).__name__}"))
+                elif r in first:  # one text at two ranks: the ranking would prefer it to itself
+                    problems.append(where(f"responses[{j}]", f"identical to responses[{first[r]}]"))
+                else:
+                    first[r] = j
         ranking = row.get("ranking")
         if ranking is None:
             problems.append(where("ranking", "missing field"))
@@ -376,7 +381,9 @@ def filter_by_length(
 
 def rankings_to_pairs(records: Iterable[RankingRecord], *, adjacent_only: bool = False) -> List[PairRecord]:
     """Every (better, worse) pair implied by each ranking: K·(K−1)/2 pairs per record
-    (K−1 with ``adjacent_only``). Margins are 0; the annotator is kept."""
+    (K−1 with ``adjacent_only``: each response over the next one). Margins are 0; the
+    annotator is kept. A pair of two identical texts carries no preference and is left out
+    (``load_records`` refuses such rankings; records built in code may hold them)."""
     out = []
     for r in records:
         if not isinstance(r, RankingRecord):
@@ -385,7 +392,9 @@ def rankings_to_pairs(records: Iterable[RankingRecord], *, adjacent_only: bool =
         for i in range(len(order)):
             for j in range(i + 1, (i + 2) if adjacent_only else len(order)):
                 if j < len(order):
-                    out.append(PairRecord(r.prompt, r.responses[order[i]], r.responses[order[j]], 0.0, r.annotator))
+                    better, worse = r.responses[order[i]], r.responses[order[j]]
+                    if better != worse:
+                        out.append(PairRecord(r.prompt, better, worse, 0.0, r.annotator))
     return out
 
 
@@ -401,6 +410,20 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
+def reward_input_ids(tokenizer: Any, prompt: Prompt, response: str, max_len: Optional[int] = None) -> List[int]:
+    """The token ids a reward model scores for ``response`` to ``prompt``, as the reward
+    trainer encodes them: the rendered prompt (a plain-text prompt with the tokenizer's
+    special tokens, e.g. bos; a chat with its template's), the response without special
+    tokens, then eos; the last ``max_len`` ids when longer (the score is read at the last
+    token, so the end is kept). Score texts with this encoding wherever a trained reward
+    model is used: its head was trained at that final eos."""
+    ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
+    ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids[-max_len:] if max_len else ids
+
+
 def write_jsonl(records: Iterable[Any], path: str) -> None:
     """Write records (dataclasses or dicts) as JSONL atomically."""
     from rlhf_fast.trainers.config import atomic_write_text
@@ -411,4 +434,5 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
 
 __all__ = ["KINDS", "SFTRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
+           "reward_input_ids",
            "format_problems", "record_texts", "write_jsonl"]

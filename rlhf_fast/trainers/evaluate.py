@@ -3,18 +3,118 @@
 Both models answer the same prompts (greedy by default); every answer is scored by the
 reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie); KL is the mean
 per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased estimate of
-KL(π‖π_ref) when sampled). ``--run RUN_DIR`` takes the final policy of an RL run, rebuilds
-its initial policy as the reference, and reuses its prompts and reward functions.
+KL(π‖π_ref) when sampled; with greedy answers it is only their log-ratio). ``--run RUN_DIR``
+takes the final policy of an RL run, rebuilds its initial policy as the reference, and reuses
+its prompts and reward functions. ``--reward-model`` scores as ``rlhf-fast reward`` trained it
+(prompt, response, eos). ``--references FILE`` adds BLEU (sacrebleu's corpus_bleu defaults)
+and ROUGE-1/2/L F1 (rouge-score without stemming) of the answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+
+from rlhf_fast.algorithms.rewards import RewardModelReward
+
+References = Sequence[Union[str, Sequence[str]]]
+
+
+# --------------------------------------------------------------------------- overlap metrics
+# sacrebleu and rouge-score (the `eval` extra) compute them; this module only maps the
+# one-or-more references per answer onto their APIs.
+
+_OVERLAP_HINT = "BLEU / ROUGE need sacrebleu and rouge-score: pip install 'rlhf_fast[eval]'"
+
+
+def require_overlap_libraries() -> None:
+    """Raise ImportError (naming the extra to install) when sacrebleu or rouge-score is missing."""
+    try:
+        import sacrebleu  # noqa: F401
+        from rouge_score import rouge_scorer  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{_OVERLAP_HINT} ({e})") from None
+
+
+def _ref_lists(hypotheses: Sequence[str], references: References) -> List[List[str]]:
+    if isinstance(hypotheses, str) or isinstance(references, str):
+        raise TypeError("hypotheses and references must be lists (one entry per hypothesis)")
+    if len(hypotheses) != len(references):
+        raise ValueError(f"one reference (or list of references) per hypothesis: got {len(hypotheses)} hypotheses "
+                         f"and {len(references)} references")
+    out = []
+    for i, r in enumerate(references):
+        refs = [r] if isinstance(r, str) else list(r)
+        if not refs or not all(isinstance(x, str) for x in refs):
+            raise ValueError(f"references[{i}] must be a text or a non-empty list of texts")
+        out.append(refs)
+    for i, h in enumerate(hypotheses):
+        if not isinstance(h, str):
+            raise TypeError(f"hypotheses[{i}] must be a text, got {type(h).__name__}")
+    return out
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: References) -> float:
+    """Corpus BLEU in [0, 100]: ``sacrebleu.corpus_bleu`` with its defaults (13a tokenisation,
+    case-sensitive, exp smoothing, the closest reference length). ``references[i]`` is the
+    reference text of ``hypotheses[i]`` or a list of them (their numbers may differ)."""
+    refs = _ref_lists(hypotheses, references)
+    require_overlap_libraries()
+    import sacrebleu
+
+    # sacrebleu takes reference streams, one text per hypothesis each; None where a
+    # hypothesis has fewer references than the most
+    k = max((len(r) for r in refs), default=1)
+    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(k)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+def rouge_scores(hypotheses: Sequence[str], references: References) -> Dict[str, float]:
+    """Mean over hypotheses of the ROUGE-1, ROUGE-2 and ROUGE-L F1 (in [0, 1]) of rouge-score's
+    ``RougeScorer(["rouge1", "rouge2", "rougeL"])`` without stemming (``score_multi``: the best
+    reference when a hypothesis has several). ROUGE-L is the sentence-level LCS F1, not
+    ``rougeLsum``; like rouge-score, letters outside a-z / 0-9 are dropped."""
+    refs = _ref_lists(hypotheses, references)
+    require_overlap_libraries()
+    from rouge_score import rouge_scorer
+
+    keys = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=False)
+    sums = dict.fromkeys(keys, 0.0)
+    for hyp, rs in zip(hypotheses, refs):
+        scores = scorer.score_multi(rs, hyp)
+        for k in keys:
+            sums[k] += scores[k].fmeasure
+    return {k: v / max(len(refs), 1) for k, v in sums.items()}
+
+
+def overlap_metrics(hypotheses: Sequence[str], references: References) -> Dict[str, float]:
+    """``{"bleu", "rouge1", "rouge2", "rougeL"}``: :func:`corpus_bleu` (0–100) and the mean
+    :func:`rouge_scores` F1 (0–1) of ``hypotheses`` against their ``references``."""
+    return {"bleu": corpus_bleu(hypotheses, references), **rouge_scores(hypotheses, references)}
+
+
+class TrainedRewardModel(RewardModelReward):
+    """A reward model trained by ``rlhf-fast reward``, scoring each (prompt, response) as that
+    trainer encoded its pairs (:func:`rlhf_fast.trainers.reward.score_texts`: prompt,
+    response, eos; the last ``max_length`` tokens). Its head learned the score at that final
+    eos; the joint ``prompt + response`` text without eos that ``RewardModelReward`` scores
+    puts the score at another token."""
+
+    def __init__(self, model, tokenizer, name: str = "reward_model", max_length: int = 1024):
+        if tokenizer is None:
+            raise ValueError("TrainedRewardModel needs the reward model's tokenizer")
+        super().__init__(model, tokenizer, name=name, max_length=max_length)
+
+    def __call__(self, prompts, completions, ctx):
+        from rlhf_fast.trainers.reward import score_texts
+
+        return score_texts(self.model, self.tokenizer, list(prompts), list(completions), max_len=self.max_length)
 
 
 def evaluate_policy(
@@ -28,23 +128,32 @@ def evaluate_policy(
     temperature: float = 0.0,
     n: int = 1,
     seed: int = 0,
+    references: Optional[References] = None,
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
     mean/std, per-source means, and with ``reference``: reference reward, win_rate, kl
-    (mean sequence k1), plus response length mean/max for both."""
+    (mean sequence k1), plus response length mean/max for both. With ``references`` (one
+    reference text, or a list of them, per prompt): ``overlap/bleu`` (corpus BLEU, 0–100) and
+    ``overlap/rouge1`` / ``rouge2`` / ``rougeL`` (mean F1, 0–1) of the policy's answers (every
+    one of the ``n`` per prompt), see :func:`overlap_metrics`; with ``reference`` also the
+    reference policy's, as ``reference/overlap/...``."""
     from rlhf_fast.algorithms import CombinedReward, RewardContext
     from rlhf_fast.models.logprobs import sequence_logprobs
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 
     if not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
+    if references is not None:
+        _ref_lists(list(prompts), references)  # one per prompt, before any generation
     if not isinstance(reward, CombinedReward):
         reward = CombinedReward([reward])
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
 
     def answer(model):
         b = HFRolloutEngine(model, tokenizer).generate(list(prompts), params)
+        if len(b.response_texts) != len(prompts) * n:
+            raise RuntimeError(f"the rollout returned {len(b.response_texts)} answers for {len(prompts)} prompts x {n}")
         rm = b.response_mask.bool() & b.attention_mask.bool()
         rm[:, 0] = False
         out = reward(list(b.prompt_texts), list(b.response_texts),
@@ -59,14 +168,22 @@ def evaluate_policy(
         res[f"reward/{k}"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else float("nan")
     res["length/mean"] = float(rm.sum(1).float().mean())
     res["length/max"] = float(rm.sum(1).max())
+
+    def overlap(texts):  # the rollout holds the n answers of prompt i at rows i·n .. i·n + n − 1
+        return overlap_metrics(list(texts), [references[i // n] for i in range(len(texts))])
+
+    if references is not None:
+        res.update({f"overlap/{k}": v for k, v in overlap(b.response_texts).items()})
     if reference is not None:
         t = 1.0 if temperature == 0 else temperature
         with torch.no_grad():
             lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=rm, temperature=t)
             lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm, temperature=t)
         res["kl"] = float(((lp - lr) * rm).sum(1).mean())
-        _, rm_ref, out_ref = answer(reference)
+        b_ref, rm_ref, out_ref = answer(reference)
         res["reference/reward_mean"] = float(out_ref.total.mean())
+        if references is not None:
+            res.update({f"reference/overlap/{k}": v for k, v in overlap(b_ref.response_texts).items()})
         res["reference/length_mean"] = float(rm_ref.sum(1).float().mean())
         wins = (out.total > out_ref.total).float() + 0.5 * (out.total == out_ref.total).float()
         res["win_rate"] = float(wins.mean())
@@ -85,18 +202,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--references", default=None,
+                        help="reference answers, one per prompt in the prompts' order (.txt one per non-empty line, "
+                             "or .jsonl with 'reference': text or 'references': [texts]): adds BLEU / ROUGE")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def read_references(path: str) -> List[List[str]]:
+    """The reference answers of ``--references``: per non-empty line of a .txt file its text;
+    per line of a .jsonl file its ``reference`` (text) or ``references`` (list of texts)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--references: no such file {path!r}")
+    out: List[List[str]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                out.append([line.rstrip("\n")])
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"--references {path}, line {n}: not a JSON object ({e})") from None
+            refs = rec.get("references", rec.get("reference")) if isinstance(rec, dict) else None
+            refs = [refs] if isinstance(refs, str) else refs
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                raise ValueError(f"--references {path}, line {n}: expected 'reference': text or "
+                                 "'references': [texts]")
+            out.append(refs)
+    if not out:
+        raise ValueError(f"--references {path} holds no references")
+    return out
 
 
 def _check_args(args) -> None:
     """Every path and number of the command line, before any model is loaded (a missing
     local folder would otherwise be looked up on the hub)."""
-    import math
-
+    
     for flag, value in (("--run", args.run), ("--policy", args.policy), ("--reference", args.reference),
                         ("--reward-model", args.reward_model)):
         if value is not None and not os.path.isdir(value):
             raise FileNotFoundError(f"{flag}: no such local folder {value!r} (nothing is downloaded)")
+    refs = getattr(args, "references", None)
+    if refs is not None and not os.path.isfile(refs):
+        raise FileNotFoundError(f"--references: no such file {refs!r}")
+    if refs is not None:
+        try:
+            require_overlap_libraries()
+        except ImportError as e:  # before any model is loaded: one line, exit 2
+            raise ValueError(f"--references: {e}") from None
     if args.run is not None and not os.path.isfile(os.path.join(args.run, "config.yaml")):
         raise FileNotFoundError(f"--run {args.run}: not an RL run folder (no config.yaml)")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--n", args.n)):
@@ -110,7 +265,7 @@ def run(args) -> int:
     """Evaluate and print one JSON object (also written to ``--out``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_fast.algorithms import CallableReward, CombinedReward, RewardModelReward, load_callable
+    from rlhf_fast.algorithms import CallableReward, CombinedReward, load_callable
 
     from rlhf_fast.trainers.config import atomic_write_text, check_output_path
 
@@ -144,6 +299,12 @@ def run(args) -> int:
         prompts = read_prompts_file(args.prompts, name="--prompts")
     if not prompts:
         raise ValueError("give --prompts FILE (or --run RUN_DIR)")
+    references = None
+    if getattr(args, "references", None):
+        references = read_references(args.references)
+        if len(references) != len(prompts):
+            raise ValueError(f"--references {args.references}: {len(references)} references for {len(prompts)} prompts "
+                             "(one per prompt, in the same order)")
     tok = AutoTokenizer.from_pretrained(policy_path)
     tok.padding_side = "left"
     policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
@@ -155,12 +316,13 @@ def run(args) -> int:
     if args.reward_model:
         from rlhf_fast.models.loading import load_reward_model
 
-        sources.append(RewardModelReward(load_reward_model(args.reward_model),
-                                         AutoTokenizer.from_pretrained(args.reward_model)))
+        sources.append(TrainedRewardModel(load_reward_model(args.reward_model),
+                                          AutoTokenizer.from_pretrained(args.reward_model)))
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources), reference=reference,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n)
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
+                          references=references)
     text = json.dumps(res, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -106,15 +106,31 @@ def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0
 
 
 def _encode(tokenizer, prompt: Any, response: str, max_len: int) -> List[int]:
-    from rlhf_fast.feedback.formats import render_prompt
+    from rlhf_fast.feedback.formats import reward_input_ids
 
-    # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
-    ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
-    ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    # keep the end: the score is read at the last token
-    return ids[-max_len:]
+    # prompt (a chat template writes its own special tokens, plain text gets the tokenizer's),
+    # response, eos; the end kept: the score is read at the last token
+    return reward_input_ids(tokenizer, prompt, response, max_len)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *, max_len: int = 1024,
+                batch_size: int = 64) -> List[float]:
+    """A trained reward model's scores of ``responses`` to ``prompts``, encoded exactly as
+    :class:`RewardTrainer` encodes its training pairs (prompt, response, eos; right padding;
+    the score read at the last attended token)."""
+    from rlhf_fast.models.loading import reward_scores
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    out: List[float] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [_encode(tokenizer, p, r, max_len) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, attn = _pad(seqs, pad)
+        out += reward_scores(model, ids.to(device), attn.to(device)).float().cpu().tolist()
+    return out
 
 
 def _pad(seqs: Sequence[List[int]], pad_id: int):
@@ -281,7 +297,9 @@ class RewardTrainer:
         for i in range(0, len(items), bs):
             chunk = items[i: i + bs]
             chunk_scores = self._scores(chunk)
-            losses.append((self.loss(chunk, chunk_scores).item(), len(chunk)))
+            # the chunk's loss is a weighted mean: weigh it by the chunk's total weight, so that
+            # eval_loss is the weighted mean over all items (as the training loss), whatever the chunking
+            losses.append((self.loss(chunk, chunk_scores).item(), sum(it["weight"] for it in chunk)))
             for it, s in zip(chunk, chunk_scores):
                 s = s.float().tolist()
                 if self.kind == "scores":
@@ -295,7 +313,8 @@ class RewardTrainer:
                         correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
                         total += 1
         self.model.train(was)
-        out = {"eval_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses)}
+        w_total = sum(n for _, n in losses)
+        out = {"eval_loss": sum(l * n for l, n in losses if n > 0) / w_total if w_total > 0 else float("nan")}
         if self.kind == "scores":
             out.update(eval_pearson=_pearson(preds, targets), eval_spearman=_pearson(_ranks(preds), _ranks(targets)))
         else:
@@ -376,4 +395,4 @@ def run(args) -> int:
     return run_trainer_cli("reward", RewardConfig, RewardTrainer, args)
 
 
-__all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "add_arguments", "run"]
+__all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "score_texts", "add_arguments", "run"]

@@ -10,8 +10,9 @@
 // threshold value `thr` and the number `ntie` of tokens equal to `thr` that survive (the
 // ones with the lowest indices, as the reference's stable argsort keeps). Per row:
 //   1. x = z / T (fp32), max m, NaN / +inf / all -inf detection; w = exp(x - m) (polynomial exp)
-//   2. top-k: a 4096-bin count histogram of the order-preserving key's top 12 bits finds the bin
-//      of the k-th largest value, std::nth_element on that bin's values gives it (O(V));
+//   2. top-k: a count histogram of the order-preserving key's top 12 bits (fewer for V < 4096)
+//      finds the bin of the k-th largest value, std::nth_element on that bin's values gives it
+//      (O(V));
 //   3. top-p: the same histogram of mass finds the boundary bin; a weighted quickselect (pivot
 //      partitions on (x, w) pairs) inside it finds the value t where the mass of the larger
 //      tokens is < p·S and with t's ties reaches it; the ties at t are then resolved one by one
@@ -206,19 +207,25 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
   }
 
   Kept kept;
+  // Histogram bins of the filters: the key's top 12 bits (4096 bins) for real vocabularies, fewer
+  // for small ones (tests, the demo), where clearing and scanning 4096 bins cost more than the
+  // row: V = 256 gets 2^9. Any bin count gives the same kept set; it only sizes the
+  // selection's candidate bin.
+  int bins_log2 = 4;
+  while (bins_log2 < 12 && (int64_t{1} << bins_log2) < V) ++bins_log2;
   // ---- 2. top-k by selection
   if (top_k > 0 && top_k < V) {
-    // a 4096-bin count histogram of the key's top 12 bits finds the bin holding the k-th
+    // a count histogram of the key's top bits finds the bin holding the k-th
     // largest value; std::nth_element then runs on that bin's values only
-    constexpr int kBins = 4096;
+    const int kBins = 1 << bins_log2, shift = 32 - bins_log2;
     counts.assign(kBins, 0);
-    for (int64_t i = 0; i < V; ++i) ++counts[float_key(x[i]) >> 20];
+    for (int64_t i = 0; i < V; ++i) ++counts[float_key(x[i]) >> shift];
     int64_t above = 0;
     int bin = kBins - 1;
     for (; bin > 0 && above + counts[bin] < top_k; --bin) above += counts[bin];
     int64_t nb = 0;
     for (int64_t i = 0; i < V; ++i)
-      if (static_cast<int>(float_key(x[i]) >> 20) == bin) scratch[nb++] = x[i];
+      if (static_cast<int>(float_key(x[i]) >> shift) == bin) scratch[nb++] = x[i];
     const int64_t r = top_k - 1 - above;  // rank of the k-th largest inside the bin
     std::nth_element(scratch.begin(), scratch.begin() + r, scratch.begin() + nb, std::greater<float>());
     const float vk = scratch[r];
@@ -237,14 +244,14 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
 
   // ---- 3. top-p: weighted selection of the boundary value, then exact tie resolution
   if (top_p < 1.0) {
-    // A 4096-bin histogram of the kept mass by the top 12 bits of the order-preserving key
+    // A histogram of the kept mass by the top bits of the order-preserving key
     // finds the bin holding the boundary in one pass; only that bin's tokens go to the
     // weighted quickselect (typically a few hundred of V).
-    constexpr int kBins = 4096;
+    const int kBins = 1 << bins_log2, shift = 32 - bins_log2;
     hist.assign(kBins, 0.0);
     double total = 0.0;
     for_kept(kept, [&](int64_t i) {
-      hist[float_key(x[i]) >> 20] += w[i];
+      hist[float_key(x[i]) >> shift] += w[i];
       total += w[i];
     });
     const double target_all = top_p * total;
@@ -259,7 +266,7 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
     }
     cand.clear();
     for_kept(kept, [&](int64_t i) {
-      if (static_cast<int>(float_key(x[i]) >> 20) == bin && w[i] > 0.0f) cand.push_back({x[i], w[i]});
+      if (static_cast<int>(float_key(x[i]) >> shift) == bin && w[i] > 0.0f) cand.push_back({x[i], w[i]});
     });
     const double target = target_all;
     float t;

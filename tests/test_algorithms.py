@@ -110,6 +110,75 @@ def test_reinforce_pp_is_whitened_token_returns():
         assert adv[b, t].item() == pytest.approx((g - mean) / math.sqrt(var + 1e-8), abs=1e-4)
 
 
+def _whiten_rank(rank, world, store, out):
+    """One gloo rank of the test below: its half of the batch, advantages whitened with the
+    global statistics through ``group``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        s, m, kl, v = _global_batch()
+        rows = slice(rank * 2, rank * 2 + 2)
+        res = {est: compute_advantages(est, s[rows], m[rows], values=v[rows] if est == "gae" else None,
+                                       kl=kl[rows], kl_coef=0.05, gamma=0.95, whiten=est == "gae",
+                                       group=dist.group.WORLD)
+               for est in ("reinforce++", "gae")}
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(5)
+    m = _mask()
+    s, kl, v = torch.randn(4, generator=g) * 3, torch.randn(m.shape, generator=g), torch.randn(m.shape, generator=g)
+    return s, m, kl, v
+
+
+def test_whitening_over_ranks_uses_the_global_batch(tmp_path):
+    """REINFORCE++ normalises advantages over the global batch (Hu 2025; OpenRLHF's
+    replay_buffer.normalize all-reduces its statistics): two ranks holding half the rows each
+    get exactly the advantages one process computes on all rows — with the rank's own
+    statistics they would not (the halves differ in mean and spread). The same for GAE with
+    ``whiten``."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "adv")
+    mp.spawn(_whiten_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    s, m, kl, v = _global_batch()
+    for est in ("reinforce++", "gae"):
+        want = compute_advantages(est, s, m, values=v if est == "gae" else None, kl=kl, kl_coef=0.05,
+                                  gamma=0.95, whiten=est == "gae")
+        got = [torch.load(f"{out}.{r}")[est] for r in range(2)]
+        torch.testing.assert_close(torch.cat([got[0][0], got[1][0]]), want[0], rtol=1e-5, atol=1e-5, msg=est)
+        torch.testing.assert_close(torch.cat([got[0][1], got[1][1]]), want[1], rtol=1e-5, atol=1e-5, msg=est)
+        local = compute_advantages(est, s[:2], m[:2], values=v[:2] if est == "gae" else None, kl=kl[:2],
+                                   kl_coef=0.05, gamma=0.95, whiten=est == "gae")[0]
+        assert not torch.allclose(local, want[0][:2], atol=1e-3), est  # the test can tell them apart
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_in_the_loss_has_the_documented_expected_gradient(kind):
+    """What β·KL in the loss optimises (KLConfig's docstring): the exact expectation over the
+    policy's own samples of ∇ kl_penalty(logp(a), ref(a)) is ∇KL(π‖ref) for k2, ∇KL(ref‖π) for
+    k3 (the GRPO estimator) and 0 for k1. A categorical policy over 5 actions."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    p = logp.exp().detach()
+    # E_{a~π}[k(a)] with the sampling distribution held fixed: Σ_a π(a)·k(a), π(a) a constant
+    est = (p * reference.kl_penalty(logp, ref, kind)).sum()
+    (grad,) = torch.autograd.grad(est, theta, retain_graph=True)
+    forward = (logp.exp() * (logp - ref)).sum()
+    reverse = (ref.exp() * (ref - logp)).sum()
+    want = {"k1": torch.zeros(5, dtype=torch.float64),
+            "k2": torch.autograd.grad(forward, theta, retain_graph=True)[0],
+            "k3": torch.autograd.grad(reverse, theta, retain_graph=True)[0]}[kind]
+    torch.testing.assert_close(grad, want)
+    assert kind == "k1" or want.abs().max() > 1e-3
+
+
 def test_advantage_whitening_and_errors():
     m = _mask()
     adv, _ = compute_advantages("dr_grpo", torch.arange(4.0), m, group_size=2, whiten=True)
@@ -303,3 +372,23 @@ def test_probe_bad_parameters_are_named():
         RewardModelReward(torch.nn.Linear(2, 1), max_length=0)
     with pytest.raises(ValueError, match="target must be a finite number >= 0 or None"):
         LengthPenalty(target="5")
+
+
+def test_reward_model_reward_scores_as_the_reward_trainer_encodes():
+    # RL scores a trained reward model on the encoding it learned: prompt, response, eos (the
+    # joint text without eos read the score at another token), whatever the lengths in the batch
+    from rlhf_fast.algorithms import RewardModelReward
+    from rlhf_fast.models.loading import reward_scores
+    from rlhf_fast.models.tiny import sample_texts, tiny_reward_model, train_tokenizer
+    from rlhf_fast.trainers.reward import _encode
+
+    tok = train_tokenizer(sample_texts(32), 300)
+    rm = tiny_reward_model(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=3, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).eval()
+    prompts, responses = ["the cat", "a dog that runs"], [" sat on the mat today", " runs"]
+    got = RewardModelReward(rm, tok, max_length=6)(prompts, responses, None)
+    with torch.no_grad():
+        want = [reward_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+                for ids in (_encode(tok, p, r, 6) for p, r in zip(prompts, responses))]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert RewardModelReward(rm, tok)([], [], None) == []

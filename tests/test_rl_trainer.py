@@ -11,7 +11,7 @@ import torch
 
 from rlhf_fast.algorithms import RewardError, token_rewards
 from rlhf_fast.ops import reference
-from rlhf_fast.trainers.rl import RLTrainer
+from rlhf_fast.trainers.rl import RLTrainer, critic_values
 from rlhf_fast.trainers.rl_config import KLConfig, ModelConfig, OptimConfig, PPOConfig, RolloutConfig
 from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
 
@@ -142,9 +142,64 @@ def test_ppo_internals_match_reference_ops(tmp_path):
     # value loss
     tr.critic.zero_grad(set_to_none=True)
     vs = tr.critic_backward(data)
-    v = tr.critic(ids, am).float()
+    v = critic_values(tr.critic, ids, am)  # V(s_t): the critic's output at t − 1
     vl, _ = reference.ppo_value_loss(v, data.values, data.returns, rm, clip=0.2)
     assert vs["value_loss"] == pytest.approx(float(vl.detach()), rel=1e-4, abs=1e-7)
+
+
+def test_critic_values_are_those_of_the_state_before_each_token(tmp_path):
+    """The baseline of the action at response position t is V(s_t), s_t = input_ids[:, :t]: the
+    critic's output at t − 1 (TRL's full_value[:, context_length - 1 : -1], verl's
+    values[:, -response_length - 1 : -1]). Its output at t has read the action itself, which
+    biases the policy gradient and, at the last token, cancels the score."""
+    tr = _trainer(tmp_path, "gae", reward_fns=[n_chars])
+    data, _ = tr.rollout()
+    ids, am, rm = data.input_ids, data.attention_mask, data.response_mask
+    with torch.no_grad():
+        raw = tr.critic(ids, am).float()
+    shifted = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], dim=1)
+    torch.testing.assert_close(data.values, shifted * rm, rtol=1e-5, atol=1e-6)
+    # the value at each row's first response token sees the prompt only: other response tokens
+    # leave it unchanged
+    first = rm.float().argmax(dim=1)
+    rows = torch.arange(ids.shape[0])
+    V = tr.policy.get_input_embeddings().num_embeddings
+    other = torch.where(rm, (ids + 1) % V, ids)
+    with torch.no_grad():
+        v2 = critic_values(tr.critic, other, am)
+    torch.testing.assert_close(v2[rows, first], data.values[rows, first], rtol=1e-5, atol=1e-6)
+
+
+def test_dr_grpo_loss_is_normalised_by_the_generation_budget(tmp_path):
+    """seq-mean-token-sum-norm (Dr.GRPO) divides the token sum by rows × rollout.max_new_tokens,
+    a constant (TRL: B · max_completion_length), not by the batch's padded width, which
+    counts prompt columns too: extra padding columns leave the loss as it was."""
+    from rlhf_fast.models.logprobs import sequence_logprobs
+
+    ppo = PPOConfig(agg="seq-mean-token-sum-norm", mini_batch_size=8, micro_batch_size=4)
+    tr = _trainer(tmp_path, "dr_grpo", reward_fns=[n_chars], ppo=ppo)
+    data, _ = tr.rollout()
+    B, L = data.input_ids.shape
+    budget = tr.config.rollout.max_new_tokens
+    assert L > budget  # the prompt columns: B·L is not the Dr.GRPO constant
+    _perturb(tr, data)  # ratios ≠ 1: with equal lengths the sum of −A alone is 0
+    tr.policy.zero_grad(set_to_none=True)
+    st = tr.policy_backward(data)
+    with torch.no_grad():
+        lp = sequence_logprobs(tr.policy, data.input_ids, data.attention_mask,
+                               response_mask=data.response_mask)
+    tok, *_ = reference.ppo_token_loss(lp, data.old_logp, data.advantages)
+    want = reference.aggregate(tok, data.response_mask, "seq-mean-token-sum-norm", normalizer=B * budget)
+    assert abs(float(want)) > 1e-4
+    assert st["loss"] == pytest.approx(float(want), rel=1e-4, abs=1e-7)
+    # three more (left) padding columns: the same rows, the same loss
+    pad = {k: getattr(data, k) for k in data.__dataclass_fields__}
+    for k, v in pad.items():
+        if v.dim() == 2:
+            fill = tr.tokenizer.pad_token_id if k == "input_ids" else 0
+            pad[k] = torch.cat([torch.full((B, 3), fill, dtype=v.dtype), v], dim=1)
+    st_pad = tr.policy_backward(type(data)(**pad))
+    assert st_pad["loss"] == pytest.approx(st["loss"], rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])

@@ -5,6 +5,11 @@ float32, zero outside the response mask, and does its per-token work through
 :mod:`rlhf_fast.ops`. Sequence-level scores ``[B]`` become token rewards with
 :func:`token_rewards` (score on the last response token, minus the per-token KL penalty
 when the KL is placed in the reward).
+
+Variants, where peers differ: GRPO's std is the unbiased one (TRL, verl); with the KL in the
+reward the group estimators subtract the sequence's summed KL from its score before the group
+baseline (TRL's RLOO; OpenRLHF instead keeps the KL per token and takes discounted returns);
+REINFORCE++ whitens over the whole (global) batch, never per group.
 """
 
 from __future__ import annotations
@@ -103,16 +108,19 @@ def group_estimator_advantages(
 
 
 def reinforce_pp_advantages(
-    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, group=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++: token-level discounted returns of the rewards (KL already in them), whitened
-    over all response tokens of the batch. rewards, mask ``[B, T]``.
+    over all response tokens of the global batch (not per prompt group). rewards, mask ``[B, T]``.
 
+    ``group``: a ``torch.distributed`` process group when the batch is split over ranks; the
+    whitening statistics are then all-reduced, so every rank normalises by the global batch
+    (as OpenRLHF's ``replay_buffer.normalize``), not by its own share.
     Returns ``(advantages, returns)`` ``[B, T]`` float32.
     """
     _check_tensor("rewards", rewards)
     returns = ops.discounted_returns(rewards.float(), mask, gamma=gamma)
-    return ops.masked_whiten(returns, mask), returns
+    return ops.masked_whiten(returns, mask, group=group), returns
 
 
 def compute_advantages(
@@ -127,14 +135,18 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = False,
+    group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns ``[B, T]`` float32 for one of :data:`ESTIMATORS`.
 
-    scores ``[B]`` sequence rewards; mask ``[B, T]`` response mask; values ``[B, T]`` (gae only);
-    kl ``[B, T]`` per-token k1 estimate put in the reward with ``kl_coef`` (pass kl_coef=0 when
-    the KL goes in the loss). For group estimators the KL term is summed per sequence and
-    added to the score. ``whiten`` whitens the advantages over the masked tokens
-    (REINFORCE++ always does).
+    scores ``[B]`` sequence rewards; mask ``[B, T]`` response mask; values ``[B, T]`` (gae only),
+    ``values[:, t]`` = V(s_t), the value of the state before response token t (see
+    :func:`rlhf_fast.trainers.rl.critic_values`); kl ``[B, T]`` per-token k1 estimate put in the
+    reward with ``kl_coef`` (pass kl_coef=0 when the KL goes in the loss). For group estimators
+    the KL term is summed per sequence and subtracted from the score before the group baseline
+    (as TRL's RLOO). ``whiten`` whitens the advantages over the masked tokens (REINFORCE++
+    always does); ``group``: the process group whose ranks hold the rest of the batch, so
+    whitening uses the statistics of the global batch.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -152,12 +164,12 @@ def compute_advantages(
         adv, ret = gae_advantages(r, values, mask, gamma=gamma, lam=lam)
     elif estimator == "reinforce++":
         r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
-        return reinforce_pp_advantages(r, mask, gamma=gamma)
+        return reinforce_pp_advantages(r, mask, gamma=gamma, group=group)  # already whitened
     else:
         s = scores.float()
         if kl is not None and kl_coef != 0.0:
             s = s - kl_coef * (kl.float() * mask.to(torch.float32)).sum(dim=1)
         adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator)
     if whiten:
-        adv = ops.masked_whiten(adv, mask)
+        adv = ops.masked_whiten(adv, mask, group=group)
     return adv, ret

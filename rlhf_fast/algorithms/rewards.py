@@ -68,8 +68,10 @@ class CallableReward(RewardSource):
 class RewardModelReward(RewardSource):
     """A scalar reward model scored with :func:`rlhf_fast.models.loading.reward_scores`.
 
-    With ``tokenizer`` the texts are re-tokenised (reward model with its own vocabulary);
-    without, the rollout's own ``input_ids`` / ``attention_mask`` are used."""
+    With ``tokenizer`` the texts are re-tokenised as :class:`rlhf_fast.trainers.reward.RewardTrainer`
+    encodes its pairs (:func:`rlhf_fast.feedback.formats.reward_input_ids`: prompt, response, eos;
+    the last ``max_length`` tokens); without, the rollout's own ``input_ids`` /
+    ``attention_mask`` are used (same vocabulary)."""
 
     def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
         if not isinstance(model, torch.nn.Module):
@@ -89,13 +91,21 @@ class RewardModelReward(RewardSource):
             am = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(ctx.input_ids)
             ids, am = ctx.input_ids.to(device), am.to(device)
         else:
+            from rlhf_fast.feedback.formats import reward_input_ids
+
+            # as the reward trainer encoded its pairs (prompt, response, eos; the end kept): the
+            # head learned the score at that eos, and the joint text without it reads another token
             tok = self.tokenizer
-            if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
-                tok.pad_token = tok.eos_token
-            tok.padding_side = "left"  # reward read at the last position
-            enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
-                      truncation=True, max_length=self.max_length)
-            ids, am = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            seqs = [reward_input_ids(tok, p, c, self.max_length) for p, c in zip(prompts, completions)]
+            if not seqs:
+                return []
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)
+            am = torch.zeros_like(ids)
+            for i, x in enumerate(seqs):  # right padding: the score is read at the last attended token
+                ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+                am[i, :len(x)] = 1
+            ids, am = ids.to(device), am.to(device)
         return reward_scores(self.model, ids, am).float().cpu().tolist()
 
 

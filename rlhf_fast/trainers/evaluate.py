@@ -20,8 +20,6 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from rlhf_fast.algorithms.rewards import RewardModelReward
-
 References = Sequence[Union[str, Sequence[str]]]
 
 
@@ -97,24 +95,6 @@ def overlap_metrics(hypotheses: Sequence[str], references: References) -> Dict[s
     """``{"bleu", "rouge1", "rouge2", "rougeL"}``: :func:`corpus_bleu` (0–100) and the mean
     :func:`rouge_scores` F1 (0–1) of ``hypotheses`` against their ``references``."""
     return {"bleu": corpus_bleu(hypotheses, references), **rouge_scores(hypotheses, references)}
-
-
-class TrainedRewardModel(RewardModelReward):
-    """A reward model trained by ``rlhf-fast reward``, scoring each (prompt, response) as that
-    trainer encoded its pairs (:func:`rlhf_fast.trainers.reward.score_texts`: prompt,
-    response, eos; the last ``max_length`` tokens). Its head learned the score at that final
-    eos; the joint ``prompt + response`` text without eos that ``RewardModelReward`` scores
-    puts the score at another token."""
-
-    def __init__(self, model, tokenizer, name: str = "reward_model", max_length: int = 1024):
-        if tokenizer is None:
-            raise ValueError("TrainedRewardModel needs the reward model's tokenizer")
-        super().__init__(model, tokenizer, name=name, max_length=max_length)
-
-    def __call__(self, prompts, completions, ctx):
-        from rlhf_fast.trainers.reward import score_texts
-
-        return score_texts(self.model, self.tokenizer, list(prompts), list(completions), max_len=self.max_length)
 
 
 def evaluate_policy(
@@ -265,7 +245,7 @@ def run(args) -> int:
     """Evaluate and print one JSON object (also written to ``--out``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_fast.algorithms import CallableReward, CombinedReward, load_callable
+    from rlhf_fast.algorithms import CallableReward, CombinedReward, RewardModelReward, load_callable
 
     from rlhf_fast.trainers.config import atomic_write_text, check_output_path
 
@@ -316,8 +296,8 @@ def run(args) -> int:
     if args.reward_model:
         from rlhf_fast.models.loading import load_reward_model
 
-        sources.append(TrainedRewardModel(load_reward_model(args.reward_model),
-                                          AutoTokenizer.from_pretrained(args.reward_model)))
+        sources.append(RewardModelReward(load_reward_model(args.reward_model),
+                                         AutoTokenizer.from_pretrained(args.reward_model)))
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources), reference=reference,

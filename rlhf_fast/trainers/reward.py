@@ -113,23 +113,19 @@ def _encode(tokenizer, prompt: Any, response: str, max_len: int) -> List[int]:
     return reward_input_ids(tokenizer, prompt, response, max_len)
 
 
-@torch.no_grad()
 def score_texts(model, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *, max_len: int = 1024,
                 batch_size: int = 64) -> List[float]:
     """A trained reward model's scores of ``responses`` to ``prompts``, encoded exactly as
-    :class:`RewardTrainer` encodes its training pairs (prompt, response, eos; right padding;
-    the score read at the last attended token)."""
-    from rlhf_fast.models.loading import reward_scores
+    :class:`RewardTrainer` encodes its training pairs (prompt, response, eos; the score read at
+    the last attended token): :class:`rlhf_fast.algorithms.RewardModelReward` in batches."""
+    from rlhf_fast.algorithms.rewards import RewardModelReward
 
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = next(model.parameters()).device
+    scorer = RewardModelReward(model, tokenizer, max_length=max_len)
     out: List[float] = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [_encode(tokenizer, p, r, max_len) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, attn = _pad(seqs, pad)
-        out += reward_scores(model, ids.to(device), attn.to(device)).float().cpu().tolist()
+        out += scorer(list(prompts[i:i + batch_size]), list(responses[i:i + batch_size]), None)
     return out
 
 

@@ -60,8 +60,9 @@ class RolloutTensors:
 
     input_ids ``[B, L]`` int64; attention_mask, response_mask ``[B, L]`` bool (response_mask
     never set at column 0); old_logp, ref_logp, behaviour_logp ``[B, L]`` float32 (0 outside
-    the response); values, advantages, returns ``[B, L]`` float32 (values zero without a
-    critic); scores ``[B]`` float32 (shaped sequence rewards)."""
+    the response); values, advantages, returns ``[B, L]`` float32 (values: V(s_t) of the
+    state before response token t, see :func:`critic_values`; zero without a critic); scores
+    ``[B]`` float32 (shaped sequence rewards)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -164,13 +165,32 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return (x * 0xD6E8FEB86659FD93 % (2**64)) >> 1
 
 
-def _token_normalizer(mask: torch.Tensor, agg: str):
-    """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once."""
+def _token_normalizer(mask: torch.Tensor, agg: str, max_new_tokens: int):
+    """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once.
+
+    ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by the constant rows × ``max_new_tokens``
+    (the generation budget, as TRL's ``B · max_completion_length``), not by ``mask.numel()``:
+    ``L`` also counts the prompt columns and changes from batch to batch, which would make
+    the loss scale depend on prompt length and padding."""
     if agg == "token-mean":
         return mask.sum().clamp(min=1).to(torch.float32)
     if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return float(mask.shape[0])
-    return float(mask.numel())  # seq-mean-token-sum-norm
+    return float(mask.shape[0] * max_new_tokens)  # seq-mean-token-sum-norm
+
+
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) aligned to ``input_ids`` positions: ``[B, L]`` float32, 0 at t = 0.
+
+    The action at position t is token ``input_ids[:, t]``, taken in the state ``input_ids[:, :t]``
+    (the same alignment as the log-probs, whose token t is predicted from the hidden state at
+    t − 1). A :class:`~rlhf_fast.models.loading.ValueModel` gives at t the value after reading
+    token t, so V(s_t) is its output at t − 1 — as TRL (``full_value[:, context_length - 1 : -1]``),
+    OpenRLHF and verl (``values[:, -response_length - 1 : -1]``) take it. Its output at t itself
+    has seen the action: a baseline that depends on the action biases the policy gradient, and at
+    the last token it predicts the score and cancels the reward."""
+    v = critic(input_ids, attention_mask).float()
+    return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
 
 
 def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
@@ -231,7 +251,9 @@ class RLTrainer:
     reward_models: list of ``(model, tokenizer_or_None)`` or models scored with
     :func:`rlhf_fast.models.loading.reward_scores`; judge: the AI judge (``score(prompts,
     responses)``). prompts: list of prompt strings (else from ``config.data``). reference /
-    critic / engine: override the frozen reference, the ValueModel or the RolloutEngine.
+    critic / engine: override the frozen reference, the ValueModel or the RolloutEngine (a
+    critic maps ``(input_ids, attention_mask)`` to ``[B, L]`` values of the state after reading
+    each token, as ValueModel does; the trainer shifts them by one, see :func:`critic_values`).
     """
 
     def __init__(
@@ -473,7 +495,7 @@ class RLTrainer:
                                              temperature=ro.temperature)
             if self.reference_sharded:  # free the root's gathered copy (kept after forward for the head)
                 reshard(self.reference)
-            values = (self.critic(ids, am).float() * rm if self.critic is not None
+            values = (critic_values(self.critic, ids, am) * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
         t2 = time.perf_counter()
         lengths = rm.sum(1).tolist()
@@ -509,13 +531,13 @@ class RLTrainer:
         entropy = entropy[idx] if recompute else None
         kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
         beta = self.kl_ctl.value
-        whiten_global = cfg.ppo.whiten_advantages and self.ctx.distributed
+        # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
+        # rank's tokens, as one process would see them
+        group = (self.ctx.group or torch.distributed.group.WORLD) if self.ctx.distributed else None
         adv, ret = compute_advantages(
             cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_tok,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
-            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages and not whiten_global)
-        if whiten_global:  # statistics over every rank's tokens, as one process would see them
-            adv = ops.masked_whiten(adv, rm, group=self.ctx.group or torch.distributed.group.WORLD)
+            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group)
         if recompute:  # (zero by construction otherwise)
             gap = logprob_gap(beh, old_logp, rm)
             m["logprob_gap/mean"] = float(gap["mean"])
@@ -667,7 +689,7 @@ class RLTrainer:
         ntok = data.response_mask.sum().clamp(min=1).float()
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.critic, more):
-                v = self.critic(d.input_ids, d.attention_mask).float()
+                v = critic_values(self.critic, d.input_ids, d.attention_mask)
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
                 (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
@@ -695,11 +717,12 @@ class RLTrainer:
 
     def _global_normalizer(self, mask: torch.Tensor, agg: str):
         """:func:`_token_normalizer` of every rank's rows together (one process: unchanged)."""
+        budget = self.config.rollout.max_new_tokens
         if not self.ctx.distributed:
-            return _token_normalizer(mask, agg)
+            return _token_normalizer(mask, agg, budget)
         if agg == "token-mean":  # clamped after the sum: a rank may hold no token
             return self.ctx.all_reduce_sum(mask.sum().to(torch.float32)).clamp(min=1)
-        n = _token_normalizer(mask, agg)
+        n = _token_normalizer(mask, agg, budget)
         return self.ctx.all_reduce_sum(torch.tensor(float(n), device=mask.device))
 
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
@@ -1062,4 +1085,5 @@ class RLOOTrainer(RLTrainer):
         super().__init__(replace(config, estimator="rloo"), *args, **kwargs)
 
 
-__all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy", "load_prompts"]
+__all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy",
+           "load_prompts", "critic_values"]

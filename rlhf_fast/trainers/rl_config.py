@@ -191,7 +191,18 @@ class RewardConfig:
 class KLConfig:
     """KL to the reference: ``placement`` "reward" (per-token k1 in the reward) or "loss"
     (``kind`` k1/k2/k3 through fused_linear_policy_loss's kl_coef). ``controller`` "fixed" or
-    "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples)."""
+    "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples).
+
+    Which variant each estimator gets: "reward" is the default for every estimator. It is
+    PPO's (Ziegler et al., TRL's PPOTrainer) and REINFORCE++'s placement: −β·(logp − ref) on
+    every response token. For GRPO / Dr.GRPO / RLOO the per-sequence sum of that term is
+    subtracted from the score before the group baseline (as TRL's RLOO). GRPO as in
+    DeepSeekMath (and TRL's GRPOTrainer, verl's ``use_kl_loss``) puts the KL in the loss:
+    ``placement: loss`` with ``kind: k3``. What each kind in the loss optimises, with d =
+    logp − ref and samples from the policy: k2 (½d², gradient d·∇logp) is an unbiased gradient
+    of KL(π‖ref); k3 (e^{−d} − 1 + d, gradient (1 − e^{−d})·∇logp) has the expected gradient of
+    the reverse KL(ref‖π) — low variance, the GRPO choice; k1 (d) has expected gradient 0
+    on-policy, so it barely regularises."""
 
     coef: float = 0.05
     placement: str = "reward"
@@ -222,7 +233,16 @@ class PPOConfig:
     forward of the policy after generation) or ``behaviour`` (the sampler's own log-probs,
     saving that forward, as TRL's PPOTrainer did with its generation scores; only for plain
     temperature sampling, where they are the same distribution up to float rounding —
-    ``logprob_gap/*`` measures it under ``recompute``)."""
+    ``logprob_gap/*`` measures it under ``recompute``).
+
+    ``agg`` (every loss term, value loss included): ``token-mean`` (DAPO; TRL GRPO's bnpo/dapo);
+    ``seq-mean-token-mean`` (DeepSeekMath's GRPO); ``seq-mean-token-sum``;
+    ``seq-mean-token-sum-norm`` (Dr.GRPO: the token sum divided by the constant rows ×
+    ``rollout.max_new_tokens``, as TRL's ``loss_type="dr_grpo"``; pair it with estimator
+    ``dr_grpo`` for the paper's method). ``whiten_advantages``: off by default; TRL's, verl's
+    and OpenRLHF's PPO whiten GAE advantages over the batch's response tokens — set it true
+    for their behaviour (REINFORCE++ always whitens; whitening GRPO advantages again is not
+    the paper's method)."""
 
     epochs: int = 2
     mini_batch_size: int = 8

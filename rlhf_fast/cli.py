@@ -34,14 +34,72 @@ class CLIError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one readable line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one readable line (once per launch under torchrun), exit 2
+        _report(f"{self.prog}: error: {message}", everywhere=True)
+        self.exit(2)
 
 
 def _usage() -> str:
     lines = ["usage: rlhf-fast COMMAND [args]", "", "commands:"]
     lines += [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+# Under torchrun every rank runs the same command; a failure most often happens on all of them
+# at once (the same config, data and checkpoint). Rank 0 reports it at once; another rank waits
+# this long first, by which time torchrun, seeing rank 0 fail, has stopped it — so the launch
+# prints one line — and prints its own line only when it alone failed.
+PEER_GRACE_S = 3.0
+
+
+def _launch_env():
+    """(world size, rank, local rank) from torchrun's environment ((1, 0, 0) without it)."""
+    import os
+
+    def get(key, default):
+        try:
+            return int(os.environ.get(key, default))
+        except ValueError:
+            return int(default)
+
+    return get("WORLD_SIZE", "1"), get("RANK", "0"), get("LOCAL_RANK", "0")
+
+
+def _group_joined() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is how a collective (or joining the group) fails because another rank
+    died, was stopped or never came: a consequence, not the cause, of a failed launch."""
+    # (torch.distributed's errors are RuntimeErrors; other failures inside a collective, e.g. a
+    # CUDA error, are their own cause and keep their traceback)
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Gloo connectFullMesh failed",
+        "Timed out waiting", "Socket Timeout", "NCCL communicator was aborted"))
+
+
+def _report(line: str, *, everywhere: bool = False, consequence: bool = False) -> None:
+    """Print the one-line message ``line`` of a failed command once per launch. One process:
+    at once. Under torchrun: a failure every rank of a machine meets alike, before the ranks
+    joined their process group (``everywhere``: the same command line and files), only from
+    each machine's local rank 0; another failure from rank 0 at once, and from another rank
+    after :data:`PEER_GRACE_S`, naming it, unless torchrun has stopped it by then. A
+    ``consequence`` of another rank's failure (a collective that lost its peer) always waits
+    :data:`PEER_GRACE_S` first, so the line of the rank that failed first is the one shown."""
+    world, rank, local = _launch_env()
+    if world > 1:
+        if everywhere and not consequence:
+            if local != 0:
+                return
+        elif rank != 0 or consequence:
+            import time
+
+            time.sleep(PEER_GRACE_S)
+            line = line.replace(": error: ", f": error (rank {rank}): ", 1)
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -51,8 +109,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"rlhf-fast: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        _report(f"rlhf-fast: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", everywhere=True)
         return 2
+    world, rank, _ = _launch_env()
+    if world > 1 and rank != 0:
+        # under torchrun, rank 0 prints what the command prints (every rank computes the same
+        # results); errors and warnings still go to stderr
+        import contextlib
+        import os
+
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return _main(name, rest)
+    return _main(name, rest)
+
+
+def _main(name: str, rest: List[str]) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = ArgumentParser(prog=f"rlhf-fast {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
@@ -63,13 +134,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError, PermissionError, IsADirectoryError,
             NotADirectoryError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"rlhf-fast {name}: error: {msg}", file=sys.stderr)
+        _report(f"rlhf-fast {name}: error: {msg}", everywhere=not _group_joined())
         return 2
     except KeyboardInterrupt:
-        # checkpoints are written atomically, so what was saved before Ctrl-C is intact
-        print(f"rlhf-fast {name}: interrupted; a training run continues from its last checkpoint "
-              "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward: the same command)", file=sys.stderr)
+        # checkpoints are written atomically, so what was saved before Ctrl-C is intact; under
+        # torchrun the launcher passes Ctrl-C to every rank, and rank 0 says so for all
+        if _launch_env()[1] == 0:
+            print(f"rlhf-fast {name}: interrupted; a training run continues from its last checkpoint "
+                  "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward: the same command)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not (_launch_env()[0] > 1 and _lost_peer(e)):
+            raise
+        # another rank failed first (its own error is its line) or stopped answering
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split("] ", 1)[-1][:200]  # gloo's messages start with its source path
+        why = ("another rank did not answer within distributed.timeout_s (it hangs, or is much slower)"
+               if "Timed out" in first or "timeout" in first.lower() else
+               "lost contact with another rank, which failed or was stopped (see its error above, or torchrun's "
+               "summary)")
+        _report(f"rlhf-fast {name}: error: {why}: {first}", consequence=True)
+        return 1
 
 
 def entry() -> None:

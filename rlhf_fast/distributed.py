@@ -15,6 +15,7 @@ one-process gradient of the global batch.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -38,19 +39,30 @@ class DistributedConfig:
     reduction under FSDP2 on GPU (ignored on CPU). ``offload_reference`` (RL): keep the frozen
     reference model in CPU memory and move it to the device only for its log-prob pass each
     step (saves its weights' device memory for the rest of the step; costs two copies);
-    without it, ``fsdp2`` shards the reference like the policy."""
+    without it, ``fsdp2`` shards the reference like the policy. ``timeout_s``: how long a rank
+    waits in a collective (or for the others to join) before it fails, e.g. when another rank
+    hangs; torch's default is 30 minutes."""
 
     strategy: str = "none"
     backend: Optional[str] = None
     mixed_precision: bool = True
     reshard_after_forward: bool = True
     offload_reference: bool = False
+    timeout_s: float = 1800.0
 
     def __post_init__(self):
+        import math
+
         if self.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be None, 'gloo' or 'nccl', got {self.backend!r}")
+        for name in ("mixed_precision", "reshard_after_forward", "offload_reference"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"distributed.{name} must be true or false, got {getattr(self, name)!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"distributed.timeout_s must be a finite number of seconds > 0, got {t!r}")
 
 
 @dataclass
@@ -102,14 +114,17 @@ class DistContext:
         return [o.tolist() for o in out]
 
     def mean_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        """Average a dict of scalar metrics over ranks (one all-reduce for all of them)."""
+        """Average a dict of scalar metrics over ranks (one all-reduce for all of them). An int
+        whose average is whole (a count or an epoch every rank agrees on) stays an int, as one
+        process logs it."""
         if not self.distributed or not metrics:
             return dict(metrics)
-        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
         vec = self.all_reduce_sum(vec.to(self.device)).cpu() / self.world_size
         out = dict(metrics)
-        out.update({k: float(v) for k, v in zip(keys, vec)})
+        for k, v in zip(keys, vec.tolist()):
+            out[k] = int(v) if isinstance(metrics[k], int) and float(v).is_integer() else float(v)
         return out
 
     def barrier(self) -> None:
@@ -125,9 +140,10 @@ class DistContext:
         return range(self.rank * k, (self.rank + 1) * k)
 
 
-def init_distributed(backend: Optional[str] = None) -> DistContext:
+def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> DistContext:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*);
-    a single process without those variables gets a one-rank context and no group."""
+    a single process without those variables gets a one-rank context and no group.
+    ``timeout_s``: the group's timeout for collectives (None: torch's default, 30 minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -136,7 +152,8 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=float(timeout_s))}
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
 
 
@@ -289,13 +306,28 @@ def gathered_params(model: torch.nn.Module) -> Iterator[bool]:
 # ----------------------------------------------------------------------- checkpoints
 
 
+@contextlib.contextmanager
+def _dcp_quiet(ctx: "DistContext"):
+    """torch.distributed.checkpoint warns on every save / load without a process group that it
+    assumes one process; that is what a one-process run of strategy ddp / fsdp2 means."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not ctx.distributed:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], ctx: DistContext,
-                 extra: Optional[Dict[str, Any]] = None) -> str:
+                 extra: Optional[Dict[str, Any]] = None, *, complete_marker: bool = False) -> str:
     """Save model (and optimiser) state with ``torch.distributed.checkpoint``: every rank
     writes its own shard, no rank gathers the full model. Written to ``path.tmp`` and renamed
     by rank 0 after all ranks finished, so a crash never leaves a half checkpoint at ``path``.
-    ``extra`` (JSON-able: step, data position, ...) goes to ``extra.json``. Loadable on any
-    number of ranks with :func:`load_sharded`."""
+    ``extra`` (JSON-able: step, data position, ...) goes to ``extra.json``; with
+    ``complete_marker`` a ``COMPLETE`` file too, before the rename (a checkpoint folder that
+    :func:`rlhf_fast.trainers.checkpoint.latest_checkpoint` accepts from the moment it
+    exists). An older folder at ``path`` is moved aside and removed only once the new one is
+    in place. Loadable on any number of ranks with :func:`load_sharded`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -307,18 +339,79 @@ def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
     state = {"model": msd}
     if optimizer is not None:
         state["optim"] = osd
-    dcp.save(state, checkpoint_id=tmp)
+    with _dcp_quiet(ctx):
+        dcp.save(state, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
-        with open(os.path.join(tmp, "extra.json"), "w") as f:
-            json.dump(extra or {}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        names = ["extra.json"] + (["COMPLETE"] if complete_marker else [])
+        for name, text in zip(names, [json.dumps(extra or {}), "ok\n"]):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
         if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            # os.replace cannot replace a non-empty folder: the old one goes aside first, so a
+            # crash leaves either it or the new one in place, never neither
+            old = path.rstrip("/") + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     ctx.barrier()
     return path
+
+
+def load_full_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    model_sd: Dict[str, torch.Tensor], optim_sd: Optional[Dict[str, Any]]) -> None:
+    """Load a full, unsharded state — what a one-process run saves: ``model.state_dict()``
+    and the optimiser's own ``state_dict()`` (keyed by parameter index, in the order of
+    ``model.parameters()`` that need gradients) — into an FSDP2-sharded ``model`` (and its
+    ``optimizer``): every rank keeps its own shard. A collective: every rank must call it,
+    each with the same full state (read from the shared checkpoint folder).
+
+    Tied weights saved once (``save_pretrained`` drops the LM head tied to the embeddings)
+    are filled in from the tensor they share. Raises ValueError naming the first missing or
+    unexpected key."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
+    sd = dict(model_sd)
+    # parameters the model ties (the same tensor under two names): fill the one not saved
+    seen: Dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        first = seen.setdefault(id(p), n)
+        if first != n:
+            if n not in sd and first in sd:
+                sd[n] = sd[first]
+            elif first not in sd and n in sd:
+                sd[first] = sd[n]
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in sd]
+    unexpected = [k for k in sd if k not in names]
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, {k: v for k, v in sd.items() if k in params or k in names}, options=opts)
+    if optimizer is None or optim_sd is None:
+        return
+    # index-keyed (torch.optim's own format) -> keyed by parameter name, as set_optimizer_state_dict wants
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    groups = optim_sd.get("param_groups", [])
+    n_idx = sum(len(g["params"]) for g in groups)
+    if n_idx != len(trainable):
+        raise ValueError(f"the checkpoint's optimizer holds {n_idx} parameters, the model trains {len(trainable)}")
+    index_to_name: Dict[int, str] = {}
+    ordered = iter(trainable)
+    for g in groups:
+        for i in g["params"]:
+            index_to_name[i] = next(ordered)
+    full = {"state": {index_to_name[int(i)]: s for i, s in optim_sd.get("state", {}).items()},
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -334,7 +427,8 @@ def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
     state = {"model": msd}
     if optimizer is not None:
         state["optim"] = osd
-    dcp.load(state, checkpoint_id=path)
+    with _dcp_quiet(ctx):
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     with open(os.path.join(path, "extra.json")) as f:

@@ -129,3 +129,70 @@ def test_gathered_params_leaves_unsharded_models_alone():
         assert gathered is False
     reshard(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_strategy_without_torchrun_says_it_trains_on_one_process(monkeypatch, capsys):
+    """``distributed.strategy: ddp|fsdp2`` without torchrun's environment runs one process (the
+    same numbers as its N-rank run), with one line saying so rather than silently."""
+    from rlhf_fast.distributed import DistributedConfig
+    from rlhf_fast.trainers.sft import setup_distributed
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx, device = setup_distributed(DistributedConfig(strategy="fsdp2"), "cpu")
+    assert ctx.world_size == 1 and device.type == "cpu"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'fsdp2'" in err[0] and "not started by torchrun" in err[0] and "one process" in err[0]
+    setup_distributed(DistributedConfig(strategy="none"), "cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: what was asked for
+    setup_distributed(DistributedConfig(strategy="ddp"), "cpu")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("field,value", [("timeout_s", 0), ("timeout_s", float("nan")), ("timeout_s", "10"),
+                                         ("timeout_s", True), ("mixed_precision", "yes"),
+                                         ("offload_reference", 1)])
+def test_distributed_config_refuses_bad_values(field, value):
+    from rlhf_fast.distributed import DistributedConfig
+
+    with pytest.raises(ValueError, match=f"distributed.{field} must be"):
+        DistributedConfig(**{field: value})
+
+
+def test_sharded_checkpoint_is_complete_when_it_appears_and_leftovers_are_pruned(tmp_path, recwarn):
+    """One process, strategy ddp (sharded format): the checkpoint folder holds COMPLETE from the
+    moment it is renamed into place (it was written after the rename: a crash in between left
+    a folder resume skipped), re-saving a step replaces it whole, DCP's "assuming a single
+    process" warning is not repeated at every save, and what an interrupted sharded save left
+    (step_N.tmp / step_N.old, a model copy each) is removed by the next prune."""
+    from rlhf_fast.distributed import DistContext, save_sharded
+    from rlhf_fast.models.tiny import tiny_causal_lm
+    from rlhf_fast.trainers.checkpoint import latest_checkpoint, prune_checkpoints
+
+    m = tiny_causal_lm(96, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    ck = tmp_path / "checkpoints" / "step_00000001"
+    calls = []
+    import rlhf_fast.distributed as d
+
+    real = d.os.replace
+
+    def spy(src, dst):
+        calls.append(os.path.isfile(os.path.join(src, "COMPLETE")) if os.path.isdir(src) else None)
+        return real(src, dst)
+
+    d.os.replace = spy
+    try:
+        save_sharded(str(ck), m, None, DistContext(), extra={"step": 1}, complete_marker=True)
+        save_sharded(str(ck), m, None, DistContext(), extra={"step": 1}, complete_marker=True)
+    finally:
+        d.os.replace = real
+    assert calls[0] is True and calls[-1] is True  # COMPLETE inside before the folder appears
+    assert latest_checkpoint(str(tmp_path)) == str(ck)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001"]
+    assert not [w for w in recwarn if "torch.distributed is disabled" in str(w.message)]
+    for junk in ("step_00000002.tmp", "step_00000001.old"):
+        (tmp_path / "checkpoints" / junk).mkdir()
+        (tmp_path / "checkpoints" / junk / "__0_0.distcp").write_bytes(b"x")
+    prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001"]

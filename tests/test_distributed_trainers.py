@@ -52,6 +52,12 @@ RECOMPUTE_ONLY_KEYS = ("entropy", "logprob_gap/max")  # need the policy forward 
 # one process continues the 2-rank FSDP2 GRPO run from its step-2 checkpoint, vs 3 straight steps
 RL_RESUME = ("grpo_resume:none:3:rl_grpo_fsdp2", "grpo:none:3:rl_grpo_one3")
 RL_BF16 = "grpo_bf16:fsdp2:1:rl_bf16"
+# a one-process run of strategy "none" (plain checkpoints: full weights, optimizer state keyed by
+# parameter index) saved, then continued on two FSDP2 ranks, each taking its shard
+NONE_SAVES = ["sft:none:2:from_one", "grpo:none:1:rl_from_one", "gae:none:1:rl_ppo_from_one"]
+FSDP2_RESUMES = [("sft:fsdp2:3:from_one", "sft:none:3:sft_one"),
+                 ("grpo_resume:fsdp2:2:rl_from_one", "grpo:none:2:rl_grpo_one"),
+                 ("gae_resume:fsdp2:2:rl_ppo_from_one", "gae:none:2:rl_ppo_one")]
 
 
 def _free_port() -> int:
@@ -76,12 +82,13 @@ def _launch(root, name, nproc, runs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
+    pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16])
+                  + [RL_BF16] + [p[0] for p in FSDP2_RESUMES])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
                   + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME))
-    assert two["world_size"] == 2 and one["world_size"] == 1
-    return {"root": root, **two["runs"], **one["runs"]}
+    assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
+    return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
 
 
 def _series(records, key):
@@ -210,6 +217,38 @@ def test_rl_sharded_checkpoint_resumes_on_one_process(runs):
     _assert_weights_close(_rl_weights(runs["root"], RL_RESUME[0]), _rl_weights(runs["root"], RL_RESUME[1]))
 
 
+@pytest.mark.parametrize("pair", FSDP2_RESUMES, ids=[p[0] for p in FSDP2_RESUMES])
+def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks(runs, pair):
+    """1 → 2 ranks: a plain checkpoint (strategy none) continued under FSDP2 — the weights and
+    the AdamW state (index-keyed) loaded as each rank's shard — gives the uninterrupted
+    one-process run (it was refused as "from another model or configuration")."""
+    resumed, straight = runs[pair[0]], runs[pair[1]]
+    if pair[0].startswith("sft"):
+        loss_r, loss_s = dict(_series(resumed, "loss")), dict(_series(straight, "loss"))
+        assert sorted(loss_r) == sorted(loss_s) == [1, 2, 3]
+        assert [loss_r[k] for k in (1, 2, 3)] == pytest.approx([loss_s[k] for k in (1, 2, 3)], rel=1e-4)
+        wa, wb = _weights(runs["root"], pair[0]), _weights(runs["root"], pair[1])
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+        return
+    kind = pair[0].split(":")[0].split("_")[0]
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [1, 2]
+    for key in RL_KEYS + RL_EXTRA_KEYS[kind]:
+        assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-4, abs=1e-5), key
+    _assert_weights_close(_rl_weights(runs["root"], pair[0]), _rl_weights(runs["root"], pair[1]))
+    if kind == "gae":
+        _assert_weights_close(_rl_weights(runs["root"], pair[0], "critic"),
+                              _rl_weights(runs["root"], pair[1], "critic"))
+
+
+def test_rank0_log_has_one_process_types(runs):
+    """Metrics averaged over ranks keep the types one process logs: counts and the epoch stay
+    ints (they came out as floats, 41.0)."""
+    for two, one in PAIRS[:3]:
+        for a, b in zip(runs[two], runs[one]):
+            assert {k: type(v) for k, v in a.items()} == {k: type(v) for k, v in b.items()}, (a, b)
+
+
 def test_rl_fsdp2_bf16_mixed_precision_runs(runs):
     rec = runs[RL_BF16]
     assert [r["step"] for r in rec] == [1]
@@ -219,29 +258,93 @@ def test_rl_fsdp2_bf16_mixed_precision_runs(runs):
     assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 master weights
 
 
-def test_cli_under_torchrun_ends_cleanly_and_errors_do_not_hang(tmp_path):
-    """``torchrun -m rlhf_fast.cli``: a run exits 0 with its final model written (every rank
-    leaves the group, then skips interpreter finalisation); a bad option fails on every rank
-    with the one-line error, and the launch ends instead of hanging."""
+def _sft_cli_config(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n"
                             for w in ["yes", "no", "cat", "dog", "sun", "sky", "one", "two"]))
     cfg = tmp_path / "sft.yaml"
     cfg.write_text("model: 'tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300'\n"
                    f"data: {data}\nmax_steps: 2\nbatch_size: 2\neval_fraction: 0.25\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return cfg
+
+
+def _torchrun(target, *args, env=None, timeout=300):
+    """``torchrun --nproc_per_node 2`` of ``target`` (``-m MODULE`` or a script) with ``args``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _our_lines(stderr):
+    """The lines of ours among torchrun's (its log lines and ChildFailedError summary)."""
+    return [line for line in stderr.splitlines() if line.startswith("rlhf-fast")]
+
+
+def test_cli_under_torchrun_ends_cleanly_and_errors_do_not_hang(tmp_path):
+    """``torchrun -m rlhf_fast.cli``: a run exits 0 with its final model written (every rank
+    leaves the group, then skips interpreter finalisation) and prints its summary once (ranks
+    other than 0 print nothing to stdout); a bad option fails on every rank, is reported in one
+    line (by local rank 0: the ranks have not joined a group yet), and the launch ends instead
+    of hanging; a folder holding a run, refused by every rank after they joined their group,
+    is also one line."""
+    cfg = _sft_cli_config(tmp_path)
 
     def launch(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "rlhf_fast.cli", "sft", str(cfg),
-               "--output_dir", str(tmp_path / "out"), "--distributed.strategy", "ddp", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        return _torchrun(["-m", "rlhf_fast.cli"], "sft", str(cfg), "--output_dir", str(tmp_path / "out"),
+                         "--distributed.strategy", "ddp", *extra)
 
     ok = launch()
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "2 steps" in ok.stdout
+    assert ok.stdout.count("2 steps") == 1
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
     bad = launch("--lrr", "1")
     assert bad.returncode != 0
-    assert bad.stderr.count("unknown config key 'lrr'") == 2, bad.stderr[-3000:]
+    lines = _our_lines(bad.stderr)
+    assert len(lines) == 1 and "unknown config key 'lrr'" in lines[0], bad.stderr[-3000:]
+    again = launch("--resume", "false")  # the folder holds the first run
+    assert again.returncode != 0
+    lines = _our_lines(again.stderr)
+    assert len(lines) == 1 and "already holds a run" in lines[0], again.stderr[-3000:]
+    assert again.stderr.count("Traceback") == 1  # torchrun's own (ChildFailedError), no rank's
+
+
+def test_torchrun_stdout_comes_from_rank0_only():
+    """Every rank computes the same results; a command's output is printed once."""
+    r = _torchrun(["-m", "rlhf_fast.cli"], "env", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("torch_cuda") == 1, r.stdout
+
+
+FAULT = os.path.join(os.path.dirname(__file__), "distributed", "cli_fault.py")
+
+
+def test_one_rank_failing_is_reported_once_and_ends_the_launch(tmp_path):
+    """A user error on rank 1 alone, while rank 0 waits in the step's all-reduce: rank 1's line
+    (naming the rank) is the one printed; rank 0, which lost its peer, neither hangs nor
+    prints a traceback (torchrun stops it)."""
+    cfg = _sft_cli_config(tmp_path)
+    r = _torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                  "--eval_every", "0", "--distributed.strategy", "ddp", timeout=120)
+    assert r.returncode != 0
+    lines = _our_lines(r.stderr)
+    assert lines == ["rlhf-fast sft: error (rank 1): injected fault on this rank"], r.stderr[-3000:]
+    assert r.stderr.count("Traceback") == 1, r.stderr[-3000:]  # torchrun's own, no rank's
+
+
+def test_a_hanging_rank_ends_the_launch_after_distributed_timeout(tmp_path):
+    """Rank 1 stops answering (sleeps instead of its step): rank 0 gives up after
+    ``distributed.timeout_s`` with one line saying so, and the launch ends."""
+    import time
+
+    cfg = _sft_cli_config(tmp_path)
+    t0 = time.perf_counter()
+    r = _torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                  "--eval_every", "0", "--distributed.strategy", "ddp", "--distributed.timeout_s", "4",
+                  env={"FAULT_KIND": "hang"}, timeout=120)
+    assert r.returncode != 0
+    assert time.perf_counter() - t0 < 60
+    lines = _our_lines(r.stderr)
+    assert len(lines) == 1 and "(rank 0)" in lines[0] and "distributed.timeout_s" in lines[0], r.stderr[-3000:]
+    assert r.stderr.count("Traceback") == 1, r.stderr[-3000:]  # torchrun's own, no rank's

@@ -28,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+# rlhf_fast.distributed.save_sharded's temporary and replaced folders
+_SHARDED_LEFTOVER_RE = re.compile(r"^step_\d+\.(tmp|old)$")
 
 
 def _fsync_dir(path: str) -> None:
@@ -84,20 +86,24 @@ def _save_model(model: torch.nn.Module, folder: str) -> None:
     save_file(sd, os.path.join(folder, "model.safetensors"))
 
 
-def _load_model(model: torch.nn.Module, folder: str) -> None:
+def _read_model_state(folder: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = os.path.join(folder, "model.safetensors")
     if os.path.isfile(path):
-        sd = load_file(path)
-    else:
-        # save_pretrained may shard big models
-        sd = {}
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".safetensors"):
-                sd.update(load_file(os.path.join(folder, name)))
-        if not sd:
-            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+        return load_file(path)
+    # save_pretrained may shard big models
+    sd = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(folder, name)))
+    if not sd:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    return sd
+
+
+def _load_model(model: torch.nn.Module, folder: str) -> None:
+    sd = _read_model_state(folder)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # tied weights are saved once by save_pretrained; anything else missing is an error
     tied = set()
@@ -107,6 +113,12 @@ def _load_model(model: torch.nn.Module, folder: str) -> None:
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from rlhf_fast.distributed import fsdp_units
+
+    return bool(fsdp_units(model))
 
 
 def save_checkpoint(
@@ -178,19 +190,43 @@ def load_checkpoint(
 ) -> Dict[str, Any]:
     """Restore models, optimizers, schedulers (in place) and RNG states; return ``extra``.
 
-    Every name passed must exist in the checkpoint (ValueError otherwise).
+    Every name passed must exist in the checkpoint (ValueError otherwise). A model sharded
+    with FSDP2 (``fully_shard``, under torchrun) takes the one-process checkpoint's full
+    weights — and the optimizer over its parameters the full optimizer state — as its shard
+    on each rank (:func:`rlhf_fast.distributed.load_full_state`; every rank must call this),
+    so a run saved on one process continues on N ranks.
     """
     directory = os.path.abspath(directory)
     if not os.path.isfile(os.path.join(directory, "COMPLETE")):
         raise FileNotFoundError(f"not a complete checkpoint: {directory}")
+    done = set()  # optimizers restored together with their FSDP2 model
     for name, model in (models or {}).items():
         folder = os.path.join(directory, "models", name)
         if not os.path.isdir(folder):
             raise ValueError(f"checkpoint {directory} has no model {name!r}")
+        if _is_fsdp(model):
+            ids = {id(p) for p in model.parameters()}
+            mine = [(n, o) for n, o in (optimizers or {}).items()
+                    if all(id(p) in ids for g in o.param_groups for p in g["params"])]
+            for n, _ in mine:
+                if not os.path.isfile(os.path.join(directory, "optimizers", n + ".pt")):
+                    raise ValueError(f"checkpoint {directory} has no optimizer {n!r}")
+            if len(mine) > 1:
+                raise ValueError(f"more than one optimizer ({', '.join(n for n, _ in mine)}) over model {name!r}")
+            with _restoring(directory, f"model {name!r}" + (f" and optimizer {mine[0][0]!r}" if mine else "")):
+                from rlhf_fast.distributed import load_full_state
+
+                osd = (torch.load(os.path.join(directory, "optimizers", mine[0][0] + ".pt"), map_location="cpu",
+                                  weights_only=False) if mine else None)
+                load_full_state(model, mine[0][1] if mine else None, _read_model_state(folder), osd)
+            done.update(n for n, _ in mine)
+            continue
         with _restoring(directory, f"model {name!r}"):
             _load_model(model, folder)
     for kind, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
         for name, obj in objs.items():
+            if kind == "optimizers" and name in done:
+                continue
             path = os.path.join(directory, kind, name + ".pt")
             if not os.path.isfile(path):
                 raise ValueError(f"checkpoint {directory} has no {kind[:-1]} {name!r}")
@@ -300,9 +336,9 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     if not os.path.isdir(root):
         return
     for n in os.listdir(root):
-        # what an interrupted save_checkpoint left (a whole model copy each): no save is under
-        # way while the run prunes, right after its own save finished
-        if n.startswith((".tmp-step_", ".old-")):
+        # what an interrupted save_checkpoint / save_sharded left (a whole model copy each): no
+        # save is under way while the run prunes, right after its own save finished
+        if n.startswith((".tmp-step_", ".old-")) or _SHARDED_LEFTOVER_RE.match(n):
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_RE.match(n)))
     # only complete checkpoints count: an incomplete or stray step_* folder with a higher step

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -187,9 +188,15 @@ def setup_distributed(dcfg: DistributedConfig, device: str) -> Tuple[DistContext
     if dcfg.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("distributed.strategy must be 'ddp' or 'fsdp2' under torchrun "
                          f"(WORLD_SIZE={os.environ['WORLD_SIZE']}), got 'none'")
-    ctx = init_distributed(dcfg.backend) if dcfg.strategy != "none" else DistContext()
+    ctx = init_distributed(dcfg.backend, dcfg.timeout_s) if dcfg.strategy != "none" else DistContext()
     if ctx.distributed:
         return ctx, ctx.device  # torchrun: the local rank's GPU, or the CPU
+    if dcfg.strategy != "none" and "WORLD_SIZE" not in os.environ:
+        # not an error (the same config runs on one process, and equals its N-rank run), but a
+        # user who forgot torchrun should not believe N devices are training
+        print(f"rlhf-fast: distributed.strategy is {dcfg.strategy!r} but this process was not started by torchrun: "
+              "training on one process (launch with `torchrun --nproc_per_node N -m rlhf_fast.cli ...` for N)",
+              file=sys.stderr, flush=True)
     return ctx, resolve_device(device)
 
 
@@ -227,14 +234,11 @@ class NullLogger:
 def save_sharded_checkpoint(directory: str, model, optimizer, scheduler, ctx: DistContext,
                             extra: Dict[str, Any]) -> None:
     """A ``torch.distributed.checkpoint`` checkpoint in ``directory`` (every rank writes its
-    shard) plus the scheduler state and ``extra`` in ``extra.json``; ``COMPLETE`` is written
-    last, so :func:`latest_checkpoint` ignores a half-written one."""
+    shard) plus the scheduler state and ``extra`` in ``extra.json``, and ``COMPLETE``, all in a
+    temporary folder renamed into place once every rank is done, so :func:`latest_checkpoint`
+    never sees a half-written one."""
     extra = {**extra, "scheduler": scheduler.state_dict(), "format": "sharded"}
-    save_sharded(directory, model, optimizer, ctx, extra=extra)
-    if ctx.is_main:
-        with open(os.path.join(directory, "COMPLETE"), "w") as f:
-            f.write("ok\n")
-    ctx.barrier()
+    save_sharded(directory, model, optimizer, ctx, extra=extra, complete_marker=True)
 
 
 def is_sharded_checkpoint(directory: str) -> bool:
@@ -257,6 +261,7 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
             return extra
         from rlhf_fast.distributed import unwrap
 
+        # (under FSDP2 each rank takes its shard of the one-process checkpoint's full state)
         return load_checkpoint(directory, models={name: unwrap(model)}, optimizers={"optimizer": optimizer},
                                schedulers={"scheduler": scheduler})
 

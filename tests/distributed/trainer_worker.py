@@ -107,7 +107,7 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
 
 
 def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int):
-    if kind in ("grpo", "gae", "grpo_resume"):  # whole steps, 2 ranks equal to one process
+    if kind in ("grpo", "gae", "grpo_resume", "gae_resume"):  # whole steps, 2 ranks equal to one process
         return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
     if kind == "trpo":
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)

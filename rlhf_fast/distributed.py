@@ -349,17 +349,9 @@ def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-        if os.path.exists(path):
-            # os.replace cannot replace a non-empty folder: the old one goes aside first, so a
-            # crash leaves either it or the new one in place, never neither
-            old = path.rstrip("/") + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        from rlhf_fast.trainers.checkpoint import replace_folder
+
+        replace_folder(tmp, path.rstrip("/"))
     ctx.barrier()
     return path
 

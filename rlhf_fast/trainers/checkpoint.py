@@ -45,6 +45,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def replace_folder(tmp: str, path: str) -> None:
+    """Put the finished folder ``tmp`` at ``path``. os.replace cannot replace a non-empty
+    folder, so an existing one is moved aside first (to a ``.old-*`` sibling, which
+    :func:`prune_checkpoints` removes if a crash leaves it) and deleted only once the new one
+    is in place: a crash leaves the old folder or the new one at ``path``, never neither."""
+    if not os.path.exists(path):
+        os.replace(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(path)))
+    os.rmdir(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_tree(root: str) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -163,15 +178,7 @@ def save_checkpoint(
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write("ok\n")
         _fsync_tree(tmp)
-        if os.path.exists(directory):
-            # os.replace cannot replace a non-empty folder: move the old one aside first
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rmdir(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_folder(tmp, directory)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,7 +33,7 @@ def tok():
 
 def _cfg(tmp_path, **kw):
     base = dict(model=TINY, output_dir=str(tmp_path / "run"), max_steps=6, batch_size=8, lr=3e-3, warmup_steps=2,
-                eval_every=0, log_every=1, max_len=48)
+                eval_every=0, log_every=1, max_len=48, device="cpu")  # fp32, CPU tensors in the oracles
     base.update(kw)
     return SFTConfig(**base)
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import random
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -441,3 +441,19 @@ def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
         print(f"{name}: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
               + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
     return 0
+
+
+def decay_param_groups(params, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW parameter groups over ``params``: weight decay on the matrices (linear and
+    embedding weights, LoRA A/B), none on biases and norm gains (parameters of fewer than two
+    dimensions), as TRL (transformers' Trainer, ``get_decay_parameter_names``) and OpenRLHF
+    (``get_optimizer_grouped_parameters``) do: decaying an RMSNorm / LayerNorm gain pulls it
+    towards 0, not towards its identity value 1. With ``weight_decay`` 0 there is one group
+    (the layout of earlier checkpoints, which therefore still resume)."""
+    params = list(params)
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]

@@ -153,8 +153,11 @@ def _adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float) -> 
     fused = bool(params) and all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda")
                                  and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
                                  for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else
-                                                                             {"foreach": True}))
+    from rlhf_fast.trainers.common import decay_param_groups
+
+    # weight decay on the matrices only (decay_param_groups: not on biases and norm gains)
+    return torch.optim.AdamW(decay_param_groups(params, weight_decay), lr=lr,
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:

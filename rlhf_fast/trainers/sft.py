@@ -1,12 +1,25 @@
 """Supervised fine-tuning: ``rlhf-fast sft CONFIG.yaml [--key value ...]``.
 
 The loss is the mean negative log-prob of the completion tokens only (prompt tokens and
-padding do not count), computed with the fused log-prob path
-:func:`rlhf_fast.models.logprobs.sequence_logprobs`, which never materialises the
-``[B, T, V]`` logits. Gradient accumulation normalises by the completion tokens of the
-whole optimizer step, so the result does not depend on the micro-batch split. Optional
-padding-free packing, LR warm-up, gradient clipping, bf16 autocast on GPU, eval loss and
-perplexity, atomic checkpoints and exact resume.
+padding do not count; token t is predicted from tokens < t), computed with the fused log-prob
+path :func:`rlhf_fast.models.logprobs.sequence_logprobs`, which never materialises the
+``[B, T, V]`` logits; it equals ``F.cross_entropy`` with the prompt labelled -100 (TRL's
+``completion_only_loss``). Gradient accumulation normalises by the completion tokens of the
+whole optimizer step (one sum over every micro-batch and rank divided by one global count, as
+TRL's ``num_items_in_batch``; not OpenRLHF's mean of per-micro-batch means), so the result
+does not depend on the micro-batch split. ``batch_size`` rows per micro-batch, ``grad_accum``
+micro-batches per optimizer step; ``max_steps``, ``warmup_steps`` and the LR schedule count
+optimizer steps; gradients are clipped once, on the accumulated gradient. AdamW's weight decay
+applies to matrices only, not to biases and norm gains
+(:func:`rlhf_fast.trainers.common.decay_param_groups`).
+``packing`` is padding-free packing: each micro-batch's rows become one row whose position
+ids restart at every document and whose attention stays inside each document (as TRL's
+``padding_free`` / "bfd" with flash attention, not the simple packing whose attention
+crosses documents; exact for the model types in ``logprobs.PACKED_TESTED``, others warn), so
+it changes speed, not the loss. Eval loss is the token-weighted mean
+over the whole eval set (perplexity its exp), whatever the batch size. Also LR warm-up,
+bf16 autocast on GPU, atomic checkpoints and exact resume. A peft model passed as ``model``
+trains its adapters only and ``final/`` holds the adapter (no merge is done).
 
 Under ``torchrun`` with ``distributed.strategy`` ddp or fsdp2, each rank takes its contiguous
 share of every global batch (so the global batch and the seed define the run, whatever the
@@ -33,7 +46,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
-from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule, load_causal_lm,
+from .common import (MetricsLogger, add_config_arguments, decay_param_groups, autocast_context, check_training_schedule, load_causal_lm,
                      make_scheduler, open_supervised_run, require_records, resolve_device, run_trainer_cli,
                      seed_everything, truncate_metrics)
 
@@ -92,7 +105,18 @@ def synthetic_sft_records(n: int = 256, seed: int = 0) -> list:
 def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[Dict[str, List[int]]], int]:
     """Token rows ``{"input_ids", "response_mask"}`` (prompt + completion + eos; the mask
     marks completion and eos). Completions are cut to fit ``max_len``; records whose
-    prompt leaves no room are dropped. Returns (rows, number dropped)."""
+    prompt leaves no room are dropped. Returns (rows, number dropped).
+
+    The prompt and the completion are tokenised separately (the prompt as generation sees
+    it: plain text with the tokenizer's special tokens such as bos, a chat through its
+    template with the generation prompt and no second bos), then concatenated, so the
+    prompt tokens are exactly those a rollout conditions on. One eos is appended to the
+    completion unless its text already ends with the eos token (as TRL's ``add_eos`` and
+    OpenRLHF's SFTDataset do). Truncation keeps the start (TRL's ``keep_start``): the whole
+    prompt and the first completion tokens; a completion cut short loses its eos (unlike
+    OpenRLHF, which overwrites the last token with eos). For a chat prompt the completion
+    is plain text followed by eos, not re-rendered by the template, so an end-of-turn
+    marker that differs from eos is not trained."""
     from rlhf_fast.feedback.formats import render_prompt
 
     rows, dropped = [], 0
@@ -100,8 +124,9 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[
         # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
         p = tokenizer(render_prompt(r.prompt, tokenizer), add_special_tokens=isinstance(r.prompt, str))["input_ids"]
         c = tokenizer(r.completion, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            c = c + [tokenizer.eos_token_id]
+        eos = tokenizer.eos_token_id
+        if eos is not None and not (c and c[-1] == eos):  # a completion that already ends with eos keeps one
+            c = c + [eos]
         if len(p) == 0 or len(p) >= max_len:
             dropped += 1
             continue
@@ -381,8 +406,8 @@ class SFTTrainer:
             raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
                              "prompts is empty or at least max_len tokens long; raise max_len")
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0

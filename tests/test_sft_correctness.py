@@ -238,3 +238,17 @@ def test_reward_and_rl_optimizers_skip_biases_and_norm_gains():
     by_wd = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
     assert by_wd == {0.1: 16, 0.0: 4 + 4 + 4}
     assert len(_adamw(list(model.parameters()), 1e-3, 0.0).param_groups) == 1
+
+
+def test_a_bf16_model_folder_trains_with_float32_weights(tmp_path):
+    # transformers 5 loads a folder in its saved dtype; the SFT / reward trainers keep float32
+    # master weights (bf16 only as autocast), so AdamW never updates bf16 weights directly
+    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+    from rlhf_fast.trainers.common import load_causal_lm
+
+    tok = train_tokenizer(sample_texts(16), 300)
+    tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2).to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for kind in ("causal", "reward"):
+        model, _ = load_causal_lm(str(tmp_path), kind=kind)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, kind

@@ -137,7 +137,11 @@ def _plain_class(module: nn.Module, names, fsdp: bool = False) -> bool:
     """``module`` is one of the transformers classes ``names`` with its own forward (not an
     instance-level replacement) and no hooks; with ``fsdp``, FSDP2's hooks are allowed (a
     sharded decoder layer: :func:`hidden_states` runs them through :func:`call_as_forward`)."""
-    if _own_class(module).__name__ not in names or "forward" in module.__dict__:
+    cls = _own_class(module)
+    # transformers' own class, not a same-named copy (remote code: ``transformers_modules.*``)
+    # whose forward may compute something else
+    if cls.__name__ not in names or not cls.__module__.startswith("transformers.models.") \
+            or "forward" in module.__dict__:
         return False
     if _fsdp_module(module) and not fsdp:
         return False
@@ -239,6 +243,8 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         if type(mlp.act_fn).__name__ not in _SILUS or not _no_hooks(mlp.act_fn) or \
                 not (hasattr(a, "head_dim") and hasattr(a, "scaling")):
             return False
+        if a.training and getattr(a, "attention_dropout", 0.0):
+            return False  # transformers drops attention weights in a training-mode attention module
         for qk in ("q_norm", "k_norm"):  # Qwen3's per-head norms
             if hasattr(a, qk) and not _plain_class(getattr(a, qk), _RMS_NORMS):
                 return False

@@ -32,6 +32,40 @@ def _check_dtype_device(dtype, device):
         raise TypeError(f"device must be a str, torch.device or None, got {type(device).__name__}")
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` that keeps float32 RoPE inverse-frequency buffers (``inv_freq``,
+    ``original_inv_freq``) in float32, as ``from_pretrained(dtype=...)`` builds them: a plain
+    ``.to(torch.bfloat16)`` rounds the frequencies to 8 bits of mantissa, which shifts every
+    rotary angle by up to 0.4% (radians off at a few thousand positions) and makes the model
+    differ from the same weights loaded from disk in that dtype."""
+    keep = [(m, name, buf) for m in model.modules() for name, buf in m._buffers.items()
+            if buf is not None and name.endswith("inv_freq") and buf.dtype == torch.float32]
+    model = model.to(dtype)
+    for m, name, buf in keep:
+        m._buffers[name] = buf.to(device=m._buffers[name].device)
+    return model
+
+
+def _load_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype to load weights in: float32 unless one is given. transformers >= 5 loads a
+    checkpoint in its saved dtype by default ("auto"); a bf16 checkpoint would then train in
+    pure bf16 (no float32 master weights), unlike the float32 training (with bf16 autocast on
+    CUDA) the trainers document and transformers 4 gave."""
+    return torch.float32 if dtype is None else dtype
+
+
+def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    """``from_pretrained`` keyword for the load dtype (:func:`_load_dtype`): ``dtype`` from
+    transformers 4.56 on, ``torch_dtype`` before (pyproject allows >= 4.46)."""
+    import transformers
+
+    try:
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    except ValueError:
+        major, minor = 5, 0
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": _load_dtype(dtype)}
+
+
 def _lora_config(lora):
     try:
         import peft
@@ -78,6 +112,12 @@ def load_policy(
     layers; or a ``peft.LoraConfig``) wraps the model in a trainable peft model.
     ``lora`` may also be a saved adapter directory (loaded trainable onto the base).
     ``gradient_checkpointing`` turns it on (non-reentrant) and the KV cache off.
+
+    ``dtype``: from a directory the weights load in ``dtype``, float32 when None (whatever dtype
+    the checkpoint was saved in); an in-memory model is cast to ``dtype`` (kept as it is when
+    None). The parameters themselves are then in that dtype: a bf16/fp16 policy trains without
+    float32 master weights. For float32 weights with bf16 compute use ``dtype=None`` and the
+    trainers' ``bf16`` autocast (CUDA). RoPE frequency buffers stay float32 either way.
     """
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -93,14 +133,14 @@ def load_policy(
             if not base_path or not os.path.isdir(base_path):
                 raise ValueError(f"the adapter in {path!r} names base model {base_path!r}, which is not a local "
                                  "directory; load the base and pass the adapter directory as lora=")
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(base_path, **_dtype_kwargs(dtype))
             lora = path if lora is None else lora
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype))
     elif isinstance(model_or_path, PreTrainedModel) or _is_peft(model_or_path):
         model = model_or_path
         if dtype is not None:
-            model = model.to(dtype)
+            model = cast_model(model, dtype)
     else:
         raise TypeError(f"model_or_path must be a path or a PreTrainedModel, got {type(model_or_path).__name__}")
     if device is not None:
@@ -181,7 +221,7 @@ def make_reference(policy, *, device=None, dtype=None):
         disable()
     ref.eval().requires_grad_(False)
     if dtype is not None:
-        ref = ref.to(dtype)
+        ref = cast_model(ref, dtype)
     if device is not None:
         ref = ref.to(device)
     return ref
@@ -267,14 +307,16 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, *, dtype: Optional[torch.dtype] = None, device=None) -> "ValueModel":
-        """Load a ValueModel written by :meth:`save_pretrained`."""
+        """Load a ValueModel written by :meth:`save_pretrained`: the backbone in ``dtype``
+        (float32 when None, whatever dtype it was saved in; pass the saved dtype for the same
+        outputs as the saved model), the value head float32."""
         from transformers import AutoModel
 
         _check_dtype_device(dtype, device)
         head = os.path.join(directory, _VALUE_HEAD_FILE)
         if not os.path.exists(head):
             raise ValueError(f"directory must hold a saved ValueModel ({_VALUE_HEAD_FILE} missing in {directory!r})")
-        base = AutoModel.from_pretrained(directory, dtype=dtype)
+        base = AutoModel.from_pretrained(directory, **_dtype_kwargs(dtype))
         vm = cls(base, copy_backbone=False)
         vm.value_head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
         if device is not None:
@@ -329,8 +371,9 @@ def check_tokenizer_folder(path: PathLike, key: str, *, tokenizer_key: Optional[
 def load_reward_model(model_or_path, *, device=None, dtype=None):
     """A scalar reward model (AutoModelForSequenceClassification with one label), eval mode.
 
-    ``model_or_path``: a local directory or an in-memory model. Raises ValueError when the
-    model does not have exactly one label.
+    ``model_or_path``: a local directory (loaded in ``dtype``, float32 when None) or an
+    in-memory model (cast to ``dtype`` when given). Raises ValueError when the model does not
+    have exactly one label.
     """
     from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
@@ -339,9 +382,9 @@ def load_reward_model(model_or_path, *, device=None, dtype=None):
         path = os.fspath(model_or_path)
         if not os.path.isdir(path):
             raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **_dtype_kwargs(dtype))
     elif isinstance(model_or_path, PreTrainedModel):
-        model = model_or_path if dtype is None else model_or_path.to(dtype)
+        model = model_or_path if dtype is None else cast_model(model_or_path, dtype)
     else:
         raise TypeError(f"model_or_path must be a path or a PreTrainedModel, got {type(model_or_path).__name__}")
     if getattr(model.config, "num_labels", None) != 1:
@@ -387,6 +430,7 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 __all__ = [
+    "cast_model",
     "check_model_folder",
     "check_tokenizer_folder",
     "load_policy",

@@ -169,7 +169,9 @@ def tiny_causal_lm(
     model.generation_config.pad_token_id = pad_token_id
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.bos_token_id = bos_token_id
-    return model.to(dtype).eval()
+    from .loading import cast_model
+
+    return cast_model(model, dtype).eval()
 
 
 def tiny_reward_model(
@@ -203,7 +205,9 @@ def tiny_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_config(cfg)
-    return model.to(dtype).eval()
+    from .loading import cast_model
+
+    return cast_model(model, dtype).eval()
 
 
 def sample_texts(n: int = 64, seed: int = 0) -> list:

@@ -405,16 +405,19 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_fast.models.loading import check_model_folder
+    from rlhf_fast.models.loading import _dtype_kwargs, check_model_folder
 
     check_model_folder(spec, "model", tokenizer=tokenizer is None)
+    # float32 master weights whatever dtype the folder was saved in (transformers 5 loads the
+    # saved dtype by default: a bf16 save would train in pure bf16); autocast does the rest
+    fp32 = _dtype_kwargs(None)
     tok = tokenizer or AutoTokenizer.from_pretrained(spec)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, **fp32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, **fp32)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -216,3 +216,16 @@ def test_decoder_runs_the_layers_of_a_shortened_config(tok, native):
         handle.remove()
     assert torch.equal(fast.input_ids, slow.input_ids)
     torch.testing.assert_close(fast.behaviour_logp, slow.behaviour_logp, rtol=0, atol=1e-5)
+
+
+def test_a_same_named_norm_outside_transformers_keeps_its_own_forward():
+    # remote code may ship a class called LlamaRMSNorm that computes something else: the decoder
+    # writes out transformers' own classes only, and calls any other module as it is
+    import torch
+
+    from rlhf_fast.rollout.llama_decode import _norm
+
+    LlamaRMSNorm = type("LlamaRMSNorm", (torch.nn.Module,), {"__module__": "transformers_modules.repo.modeling",
+                                                             "forward": lambda self, x: 2 * x})
+    fake = LlamaRMSNorm()
+    assert _norm(fake) is fake

@@ -174,10 +174,28 @@ class HFRolloutEngine(RolloutEngine):
         on = self.cuda_graphs and self.device.type == "cuda" and not gathered
         return on, on
 
+    def _eos_ids(self) -> List[int]:
+        """The ids that end a response: the tokenizer's eos and every id of the model's
+        ``generation_config.eos_token_id`` (an int or a list), as transformers' ``generate``
+        stops on the latter — chat models end a turn on several (Llama-3 instruct:
+        ``<|eot_id|>``, ``<|eom_id|>``, ``<|end_of_text|>``; Qwen2.5 instruct: ``<|im_end|>``,
+        ``<|endoftext|>``), of which the tokenizer names one."""
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(unwrap(self.model), "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, torch.Tensor):
+            gen_eos = gen_eos.flatten().tolist()
+        if isinstance(gen_eos, int) and not isinstance(gen_eos, bool):
+            gen_eos = [gen_eos]
+        if isinstance(gen_eos, (list, tuple)):
+            ids.update(int(t) for t in gen_eos if isinstance(t, int) and not isinstance(t, bool) and t >= 0)
+        return sorted(ids)
+
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
         stop = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
-            stop.add(self.tokenizer.eos_token_id)
+        if not params.ignore_eos:
+            stop.update(self._eos_ids())
         return torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
 
     def _hits_stop_string(self, tokens: List[int], stop_strings: Sequence[str]) -> bool:
@@ -358,8 +376,10 @@ class HFRolloutEngine(RolloutEngine):
 
         Same algorithm as transformers' beam search (``generate(num_beams=...)``: 2·num_beams
         candidates per step, finished hypotheses scored sum-logp / length**length_penalty,
-        the same early-stopping heuristic), on this engine's KV cache with one prefill per
-        prompt shared by its beams.
+        the same early-stopping heuristic; a hypothesis ends on any eos id: the tokenizer's and
+        the model's ``generation_config.eos_token_id``), on this engine's KV cache with one
+        prefill per prompt shared by its beams. Deterministic beam search only (no sampling,
+        no n-gram / repetition processors); the scores are not returned.
         """
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
@@ -376,8 +396,7 @@ class HFRolloutEngine(RolloutEngine):
         prompt_ids, prompt_mask = self._left_pad(ids)
         Bp, P = prompt_ids.shape
         nb, L, dev = num_beams, P + max_new_tokens, self.device
-        eos = self.tokenizer.eos_token_id
-        eos_ids = torch.tensor([] if eos is None else [eos], dtype=torch.long, device=dev)
+        eos_ids = torch.tensor(self._eos_ids(), dtype=torch.long, device=dev)
         keep = max(2, 1 + eos_ids.numel()) * nb  # candidates per step, so nb survive the finished ones
         top_nb = torch.arange(keep, device=dev) < nb
         offset = torch.arange(Bp, device=dev).view(-1, 1) * nb
@@ -445,15 +464,16 @@ class HFRolloutEngine(RolloutEngine):
         return self._pack_fixed(prompt_ids, prompt_mask, resp, texts, time.perf_counter() - t0)
 
     def _pack_fixed(self, prompt_ids, prompt_mask, resp, texts, elapsed) -> RolloutBatch:
-        """A RolloutBatch from finished responses ``[B, R]`` (cut after the first eos)."""
-        eos = self.tokenizer.eos_token_id
+        """A RolloutBatch from finished responses ``[B, R]`` (cut after the first eos, any of
+        :meth:`_eos_ids`)."""
+        eos = set(self._eos_ids())
         mask = torch.ones_like(resp)
         reasons = []
         for i in range(resp.shape[0]):
             row = resp[i].tolist()
-            cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
-            mask[i, cut:] = 0
-            reasons.append("stop" if cut < len(row) or (eos is not None and eos in row) else "length")
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos), None)
+            reasons.append("length" if cut is None else "stop")
+            mask[i, len(row) if cut is None else cut:] = 0
         resp = torch.where(mask.bool(), resp, torch.full_like(resp, self.pad_id))
         zeros = torch.zeros_like(prompt_mask)
         num = int(mask.sum())

@@ -43,9 +43,16 @@ class _RMSNorm:
 def _norm(module: nn.Module):
     """``module`` as a function of ``x [B, H]``: an :class:`_RMSNorm` for transformers'
     Llama-family RMSNorm, else the module itself."""
-    if type(module).__name__ not in _RMS_NORMS or "forward" in module.__dict__:
+    if not _transformers_class(module, _RMS_NORMS) or "forward" in module.__dict__:
         return module
     return _RMSNorm(module)
+
+
+def _transformers_class(module: nn.Module, names) -> bool:
+    """One of transformers' own classes ``names``, not a same-named copy (remote code,
+    ``transformers_modules.*``) whose forward may compute something else."""
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
 def _linear(module: nn.Module):
@@ -91,10 +98,13 @@ class _Layer:
         self.q_norm = _norm(a.q_norm) if hasattr(a, "q_norm") else None
         self.k_norm = _norm(a.k_norm) if hasattr(a, "k_norm") else None
         # transformers' gated MLP written out below; other MLP classes are called as they are
-        self.gated = type(mlp).__name__ in _GATED_MLPS and "forward" not in mlp.__dict__
+        self.gated = _transformers_class(mlp, _GATED_MLPS) and "forward" not in mlp.__dict__
         self.act = None
         if self.gated:
-            self.act = F.silu if type(mlp.act_fn).__name__ in _SILUS else mlp.act_fn
+            act = type(mlp.act_fn)
+            # transformers' SiLUActivation or torch's nn.SiLU; anything else is called as it is
+            silu = act.__name__ in _SILUS and act.__module__.startswith(("transformers.", "torch.nn."))
+            self.act = F.silu if silu else mlp.act_fn
             self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
     def native_args(self) -> Optional[tuple]:
@@ -184,13 +194,15 @@ class _LlamaDecoder:
     """
 
     _CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
     @classmethod
     def supported(cls, model, *, gathered: bool = False) -> bool:
         """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks) full-attention
-        Llama-style LM on sdpa, in eval mode. ``gathered``: ``model`` is an FSDP2 model whose
-        parameters :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is
-        then FSDP's subclass and its hooks are FSDP's, which have nothing left to do."""
+        Llama-style LM on sdpa, in eval mode, whose RoPE does not depend on the sequence
+        length. ``gathered``: ``model`` is an FSDP2 model whose parameters
+        :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is then
+        FSDP's subclass and its hooks are FSDP's, which have nothing left to do."""
         from ..models.logprobs import unwrap
 
         if unwrap(model) is not model or model.training:
@@ -204,6 +216,14 @@ class _LlamaDecoder:
             return False
         cfg = model.config
         layers = getattr(getattr(model, "model", None), "layers", None)
+        # RoPE whose frequencies depend on the sequence length seen so far ("dynamic" NTK,
+        # "longrope"): transformers recomputes them as the sequence grows, while the decoder
+        # builds one table for all P + R positions up front (and that call would leave the
+        # module's frequencies set for P + R before the prefill)
+        rope = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", "default")
+        rope_types = rope.values() if isinstance(rope, dict) else (rope,)
+        if any(t in cls._LENGTH_DEPENDENT_ROPE for t in rope_types):
+            return False
         return (layers is not None and getattr(cfg, "_attn_implementation", None) == "sdpa"
                 and getattr(cfg, "sliding_window", None) is None and getattr(cfg, "pretraining_tp", 1) == 1
                 and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))

@@ -20,15 +20,33 @@ Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
 class SamplingParams:
     """How to sample responses.
 
-    temperature: 0 is greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off (order of the
-    filters as in :func:`rlhf_fast.ops.sample`). n: samples per prompt (one shared prefill).
-    stop_token_ids: extra stop tokens (the tokenizer's eos always stops unless ignore_eos).
-    stop_strings: generation of a row stops at the token that completes one of them (the
-    token and the string stay in the response). seed: seeds the sampling generator (one for
+    temperature: 0 is greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off. The filters apply
+    in the order of :func:`rlhf_fast.ops.sample` — temperature, top-k, top-p, min-p, each on
+    the renormalised result of the one before — which is the order of transformers'
+    ``generate`` (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    MinPLogitsWarper), so the processed distribution (and ``behaviour_logp``) is the one
+    ``generate(do_sample=True, temperature=..., top_k=..., top_p=..., min_p=...)`` samples
+    from. Differences from ``generate``, by design: the defaults here are the plain
+    distribution (``generate`` applies ``top_k=50`` unless told otherwise), the model's
+    ``generation_config`` sampling values (temperature, top_p, repetition_penalty, ...) are
+    not read, and top-k keeps exactly k tokens on ties at the k-th value (the first indices)
+    where transformers keeps every tied token. No repetition penalty, no-repeat-n-gram or
+    min_new_tokens. n: samples per prompt (one shared prefill), consecutive rows.
+    stop_token_ids: extra stop tokens; the eos ids always stop unless ignore_eos: the
+    tokenizer's eos and every id of the model's ``generation_config.eos_token_id`` (a list
+    for many chat models), as ``generate`` stops on them. The stop token stays in the response
+    (``response_mask`` 1, dropped from ``response_texts`` when it is a special token).
+    stop_strings: generation of a row stops at the token that completes one of them; that
+    token, the string and any text after it inside that token stay in the response (as
+    transformers' StopStringCriteria; vLLM instead cuts the text at the string). Only the
+    generated text is matched: a string begun in the prompt and completed by the response
+    does not stop it (transformers' criterion would). seed: seeds the sampling generator (one for
     the whole batch). sample_seeds: one seed per response row (``len(prompts) × n``, in the
     batch's row order; overrides ``seed``): each row draws from its own generator, so its
-    tokens depend only on its prompt and its seed, not on which other rows share the batch —
-    how the RL trainer makes a run independent of the number of ranks. Slower: one sampler
+    tokens depend only on its prompt and its seed, not on which other rows share the batch
+    (up to float rounding of the logits under another left padding, which can flip a draw
+    that lands on a boundary of the inverse CDF) — how the RL trainer makes a run
+    independent of the number of ranks. Slower: one sampler
     call per live row and decode step instead of one per step.
     """
 

@@ -13,8 +13,17 @@ own utilities where TRL has them:
 
 * generation: ``model.generate`` with a ``GenerationConfig``, as GRPOTrainer does without
   vLLM; the completion mask stops after the first EOS, as in GRPOTrainer;
-* log-probs: ``logits_to_keep`` forward and ``trl.trainer.utils.selective_log_softmax``
-  (GRPOTrainer._get_per_token_logps);
+* log-probs, GRPO (``E2EConfig.trl_logprobs``; by default on CUDA, see there): TRL 1.x's own path, ``trl.trainer.utils.add_fused_lm_head`` on the policy
+  (log-probs and entropy) and the reference, then ``model(..., labels=..., fused_lm_head=True)``
+  (GRPOTrainer._get_per_token_logps_and_entropies: chunked log-probs without the ``[B, T, V]``
+  logits; on the CPU TRL scores every position, on CUDA only the completion's); the loss
+  forward computes the entropy, as GRPOTrainer._compute_loss does for its metric;
+* log-probs, PPO, and GRPO on the CPU: ``trl.trainer.utils.selective_log_softmax`` on a
+  ``logits_to_keep`` forward (TRL <= 0.2x GRPOTrainer._get_per_token_logps; the last PPOTrainer
+  kept the logits of every position, so ``logits_to_keep`` is a saving given to the TRL side, as
+  is leaving out the no-grad entropy TRL 0.2x computed from the loss forward's logits);
+* optimiser: what transformers' Trainer gives TRL's trainers by default (TrainingArguments:
+  ``adamw_torch_fused`` with torch >= 2.8, weight decay 0), the same fused AdamW as rlhf_fast;
 * GRPO: group mean / std advantages and the clipped loss with the k3 KL term in the loss,
   token-mean aggregation (GRPOTrainer._compute_loss, loss_type "bnpo"); with one epoch and
   one mini-batch the old-policy forward is skipped and the current log-probs, detached,
@@ -103,6 +112,13 @@ class E2EConfig:
     # a tokenizer saved by build_tokenizer (run_table trains it once and hands it to every
     # subprocess: 7 s per subprocess at V=151936 on 2 cores); None: train it in build_model
     tokenizer_dir: Optional[str] = None
+    # the TRL side's log-prob path: "fused_head" = TRL 1.x GRPOTrainer's own (add_fused_lm_head);
+    # "selective" = logits + selective_log_softmax (TRL <= 0.2x GRPO, the last PPOTrainer);
+    # "auto": fused_head for GRPO on CUDA (Triton, completion tokens only), selective elsewhere —
+    # on the CPU TRL's fused head falls back to torch tiles over every position and was slower
+    # and heavier than selective (GRPO, V=32768: 2.16 s / 625 MiB vs 1.48 s / 198 MiB), so the
+    # CPU tables compare against the stronger of the two
+    trl_logprobs: str = "auto"
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
@@ -118,6 +134,14 @@ class E2EConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.trl_logprobs not in ("auto", "fused_head", "selective"):
+            raise ValueError(f"trl_logprobs must be 'auto', 'fused_head' or 'selective', got {self.trl_logprobs!r}")
+
+    def trl_fused_head(self, algo: str) -> bool:
+        """Whether the TRL side of ``algo`` takes its log-probs through TRL's fused LM head."""
+        if self.trl_logprobs == "auto":
+            return algo == "grpo" and self.device == "cuda"
+        return self.trl_logprobs == "fused_head"
 
     @property
     def batch_size(self) -> int:
@@ -207,7 +231,20 @@ class TRLStep:
             self.critic = torch.nn.ModuleDict({"backbone": copy.deepcopy(self.model.model),
                                                "head": torch.nn.Linear(H, 1)}).to(cfg.device)
             params += list(self.critic.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr)
+        # The optimiser TRL's trainers get from transformers' Trainer: TrainingArguments' defaults
+        # (optim "adamw_torch_fused" with torch >= 2.8, weight_decay 0), as rlhf_fast's fused AdamW
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0,
+                                     **({"fused": True} if cfg.device in ("cpu", "cuda") else {}))
+        self.fused_head = cfg.trl_fused_head(algo)
+        if self.fused_head:
+            # TRL 1.x GRPOTrainer.__init__: the policy and the reference get TRL's fused, chunked LM
+            # head (log-probs without the [B, T, V] logits; the policy's also returns the entropy).
+            # (Its buffer is [min(N, 4096), 32768] whatever the vocabulary: at V=256 on the CPU an
+            # untouched 80 MiB that the allocator peak counts and the RSS does not.)
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(self.model, temperature=cfg.temperature, outputs=("log_probs", "entropy"))
+            add_fused_lm_head(self.ref, temperature=cfg.temperature)
         self.gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                         eos_token_id=self.tok.eos_token_id)
@@ -219,12 +256,23 @@ class TRLStep:
         self.pos += k
         return [p for p in ps for _ in range(self.cfg.group_size)]  # RepeatSampler order
 
-    def _logps(self, model, ids, am, keep):
+    def _logps(self, model, ids, am, keep, entropy=False):
+        if self.fused_head:
+            # GRPOTrainer._get_per_token_logps_and_entropies (TRL 1.x): labels -100 outside the
+            # completion, ``fused_lm_head=True`` forward
+            labels = ids.masked_fill(am == 0, -100)
+            labels[:, :-keep] = -100
+            out = model(input_ids=ids, attention_mask=am, labels=labels, fused_lm_head=True)
+            logp = out.log_probs[:, -keep:]
+            return (logp, out.entropy[:, -keep:]) if entropy else logp
         from trl.trainer.utils import selective_log_softmax
 
+        # the last PPOTrainer's forward + selective_log_softmax (it kept every position's logits;
+        # logits_to_keep, from GRPOTrainer, is a saving given to the TRL side here)
         logits = model(input_ids=ids, attention_mask=am, logits_to_keep=keep + 1).logits
         logits = logits[:, :-1, :][:, -keep:, :] / self.cfg.temperature
-        return selective_log_softmax(logits, ids[:, -keep:])  # [B, C]
+        logp = selective_log_softmax(logits, ids[:, -keep:])  # [B, C]
+        return (logp, None) if entropy else logp
 
     def _values(self, ids, am, keep):
         h = self.critic["backbone"](input_ids=ids, attention_mask=am).last_hidden_state
@@ -304,7 +352,8 @@ class TRLStep:
             perm = torch.randperm(B).to(dev)
             for s in range(0, B, cfg.mini_batch_size):
                 i = perm[s:s + cfg.mini_batch_size]
-                logp = self._logps(self.model, out[i], am[i], C)
+                # GRPOTrainer._compute_loss asks for the entropy too (its "entropy" metric)
+                logp, ent = self._logps(self.model, out[i], am[i], C, entropy=True)
                 mi = m[i]
                 ratio = torch.exp(logp - (logp.detach() if old is None else old[i]))
                 l1 = -adv[i] * ratio
@@ -320,6 +369,8 @@ class TRLStep:
                     vf = 0.5 * (torch.maximum((v - returns[i]) ** 2, (vc - returns[i]) ** 2) * mi).sum() / mi.sum()
                     loss = loss + cfg.value_coef * vf
                 loss.backward()
+                if ent is not None:  # the logged entropy metric (masked mean, read back to the host)
+                    float((ent.detach() * mi).sum() / mi.sum().clamp(min=1))
                 torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -538,10 +589,13 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
         "median over timed steps after one warm-up; each framework in a fresh subprocess",
         memory,
-        "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with "
-        "trl.trainer.utils.selective_log_softmax and HF generate (see rlhf_fast/benchmarks/e2e.py), keeping TRL's "
-        "shortcuts (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: no "
-        "old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
+        "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with TRL's "
+        "utilities and HF generate (see rlhf_fast/benchmarks/e2e.py); log-probs: "
+        f"PPO {'TRL 1.x fused LM head' if cfg.trl_fused_head('ppo') else 'selective_log_softmax'}, "
+        f"GRPO {'TRL 1.x fused LM head (add_fused_lm_head, entropy in the loss forward, as GRPOTrainer)' if cfg.trl_fused_head('grpo') else 'selective_log_softmax (TRL 1.x GRPOTrainer fuses the LM head, whose CPU fallback was slower and heavier here; trl_logprobs=fused_head)'} "
+        "on a logits_to_keep forward; fused AdamW with weight decay 0 (transformers' Trainer default) on both sides; "
+        "TRL's shortcuts kept (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: "
+        "no old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
         "goals (issue 10, not asserted): step time ratio >= 2 and extra_peak ratio >= 1.43 (30% less memory)",
         "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
     ]

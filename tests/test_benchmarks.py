@@ -192,6 +192,39 @@ def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
         assert "rlhf_fast trainer not available" in r["note"] and r.get("step_s") is None
 
 
+def test_e2e_trl_side_uses_trls_own_logprob_path_and_optimiser():
+    """Fairness: both TRL log-prob paths give the same numbers; 'auto' picks TRL 1.x's fused LM
+    head for GRPO on CUDA only; the TRL side's AdamW is transformers' Trainer default (fused, no
+    weight decay), as rlhf_fast's."""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    with pytest.raises(ValueError, match="trl_logprobs"):
+        e2e.E2EConfig(trl_logprobs="liger")
+    assert not e2e.E2EConfig().trl_fused_head("grpo") and not e2e.E2EConfig().trl_fused_head("ppo")
+    assert e2e.E2EConfig(device="cuda").trl_fused_head("grpo")
+    assert not e2e.E2EConfig(device="cuda").trl_fused_head("ppo")
+    kw = dict(prompts_per_step=2, group_size=2, max_new_tokens=4, hidden_size=16, steps=1, mini_batch_size=4)
+    fused = e2e.TRLStep(e2e.E2EConfig(trl_logprobs="fused_head", **kw), "grpo")
+    plain = e2e.TRLStep(e2e.E2EConfig(trl_logprobs="selective", **kw), "grpo")
+    assert fused.fused_head and not plain.fused_head
+    for side in (fused, plain):
+        g = side.opt.param_groups[0]
+        assert g["fused"] and g["weight_decay"] == 0.0
+    ids = torch.randint(3, len(plain.tok), (4, 9))
+    am = torch.ones_like(ids)
+    am[0, :2] = 0  # a left-padded row
+    with torch.no_grad():
+        a, ent = fused._logps(fused.model, ids, am, 5, entropy=True)
+        b = plain._logps(plain.model, ids, am, 5)
+        c = fused._logps(fused.ref, ids, am, 5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+    assert ent is not None and ent.shape == a.shape
+    rec = fused.step()
+    assert rec["step"] > 0 and 0 < rec["tokens"] <= kw["prompts_per_step"] * 2 * kw["max_new_tokens"]
+
+
 def test_e2e_suite_trains_the_tokenizer_once_and_prints_each_finished_run(monkeypatch, capsys):
     from rlhf_fast.benchmarks import e2e
 

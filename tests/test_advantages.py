@@ -380,3 +380,22 @@ def test_group_advantages_empty_with_huge_group(backend, group_size):
             ops.group_advantages(torch.zeros(4), 2, normalize_std="no")
         with pytest.raises(ValueError, match="eps"):
             ops.group_advantages(torch.zeros(4), 2, eps=10 ** 400)
+
+
+def test_a_forced_backend_that_cannot_run_on_the_device_says_so():
+    # forcing `triton` (or `cuda`) with CPU tensors outside the interpreter takes the automatic
+    # choice: a benchmark must not time `cpp` under another name without a word
+    import warnings
+
+    from rlhf_fast.ops import _dispatch
+
+    if _dispatch._runs_on("triton", torch.device("cpu")):
+        pytest.skip("the Triton interpreter runs CPU tensors")
+    _dispatch._warn_not_on_device.cache_clear()
+    r = torch.zeros(2, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with ops.use_backend("triton"):
+            adv, _ = ops.gae(r, r, torch.ones(2, 3, dtype=torch.bool))
+    assert any("does not run on cpu tensors" in str(x.message) for x in w)
+    assert adv.shape == (2, 3)

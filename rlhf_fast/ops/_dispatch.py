@@ -149,6 +149,13 @@ def _warn_fallback(backend: str, reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_not_on_device(backend: str, device_type: str) -> None:
+    # a benchmark forcing `cuda` on CPU tensors would otherwise time `cpp` without a word
+    warnings.warn(f"rlhf_fast: backend {backend!r} is forced but does not run on {device_type} tensors; "
+                  "those calls take the automatic choice", RuntimeWarning, stacklevel=4)
+
+
 def _load(op: str, backend: str) -> Callable:
     impl = _REGISTRY[op][backend]
     if isinstance(impl, str):
@@ -164,6 +171,8 @@ def select(op: str, device: torch.device) -> Tuple[str, Callable]:
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     forced = forced_backend()
+    if forced is not None and forced in impls and not _runs_on(forced, device):
+        _warn_not_on_device(forced, device.type)
     if forced is not None and forced in impls and _runs_on(forced, device):
         ok, why = backend_available(forced)
         if not ok:

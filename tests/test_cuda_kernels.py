@@ -510,22 +510,33 @@ def test_few_row_draws_split_over_blocks_draw_from_softmax():
 
 
 @gpu
-def test_split_draws_of_invalid_rows_are_defined():
-    V = 70000
-    logits = torch.randn(4, V).cuda()
+@pytest.mark.parametrize("V", [70000, 70001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_draws_of_invalid_rows_are_defined(V, dtype):
+    """NaN / +inf / all -inf rows on the split path, also where V is not a multiple of 4 (no
+    vector loads; the bad entry in the last, partly filled group of the last chunk)."""
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(2))
     logits[0, 60000] = float("nan")
     logits[1, 50000] = logits[1, 65000] = float("inf")
     logits[2] = float("-inf")
+    logits[4, V - 1] = float("inf")  # the only +inf, in the last entry
+    logits[5, V - 1] = float("nan")  # the only NaN, in the last entry
+    logits = logits.to(dtype).cuda()
     with ops.use_backend("cuda"):
+        assert "plain_partial_kernel" in _kernels_run(lambda: ops.sample(logits))
         for t in (1.0, 0.0):
             tok, lp = ops.sample(logits, temperature=t, generator=torch.Generator("cuda").manual_seed(2))
-            assert ((tok >= 0) & (tok < V)).all() and tok[1].item() == 50000
-            assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and torch.isfinite(lp[3])
-            assert torch.isnan(lp[1]) if t else lp[1].item() == 0.0
+            assert ((tok >= 0) & (tok < V)).all() and tok[1].item() == 50000 and tok[4].item() == V - 1
+            assert torch.isnan(lp[0]) and torch.isnan(lp[2]) and torch.isnan(lp[5]) and torch.isfinite(lp[3])
+            assert tok[0].item() == 0 and tok[2].item() == 0 and tok[5].item() == 0
+            if t:
+                assert torch.isnan(lp[1]) and torch.isnan(lp[4])
+            else:  # greedy: the first +inf is the argmax, logp 0
+                assert lp[1].item() == 0.0 and lp[4].item() == 0.0
             # as the one-block kernel defines them
             whole = ops.sample(_padded_rows(logits), temperature=t, generator=torch.Generator("cuda").manual_seed(2))
-            assert torch.equal(tok, whole[0][:4])
-            assert torch.equal(torch.isnan(lp), torch.isnan(whole[1][:4]))
+            assert torch.equal(tok, whole[0][:6])
+            assert torch.equal(torch.isnan(lp), torch.isnan(whole[1][:6]))
 
 
 @gpu
@@ -546,6 +557,107 @@ def test_split_draws_with_empty_chunks():
         whole = draw(_padded_rows(x))
     assert torch.equal(tok, whole[0][:1])
     torch.testing.assert_close(lp, whole[1][:1], rtol=1e-5, atol=1e-5)
+
+
+# An independent NumPy Philox4x32-10 (Salmon et al., SC'11; Random123's philox4x32_R(10, ...)),
+# the oracle of the Philox draws: key = seed, counter = (offset / 4 as 64 bits, row·⌈V/4⌉ + i/4
+# as 64 bits), word i mod 4 for entry i (csrc/cuda/sampling.cu's file comment).
+_PHILOX_M0, _PHILOX_M1, _PHILOX_W0, _PHILOX_W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(c, key):
+    """Philox4x32-10 of counters c [n, 4] (32-bit words in uint64) under key (k0, k1)."""
+    import numpy as np
+
+    u = np.uint64
+    c = np.asarray(c, dtype=np.uint64).copy()
+    k0, k1 = u(key[0]), u(key[1])
+    for _ in range(10):
+        p0 = u(_PHILOX_M0) * c[:, 0]
+        p1 = u(_PHILOX_M1) * c[:, 2]
+        c = np.stack([((p1 >> u(32)) ^ c[:, 1] ^ k0) & u(_MASK32), p1 & u(_MASK32),
+                      ((p0 >> u(32)) ^ c[:, 3] ^ k1) & u(_MASK32), p0 & u(_MASK32)], 1)
+        k0 = (k0 + u(_PHILOX_W0)) & u(_MASK32)
+        k1 = (k1 + u(_PHILOX_W1)) & u(_MASK32)
+    return c
+
+
+def _philox_gumbel(seed, offset, row, V):
+    """The Gumbel noise [V] (float64) that the kernel gives row ``row`` of a [B, V] draw."""
+    import numpy as np
+
+    s, ctr = seed % 2**64, offset // 4
+    i = np.arange(V, dtype=np.int64)
+    sub = (row * ((V + 3) // 4) + i // 4).astype(np.uint64)
+    c = np.stack([np.full(V, ctr & _MASK32, np.uint64), np.full(V, ctr >> 32, np.uint64),
+                  sub & np.uint64(_MASK32), sub >> np.uint64(32)], 1)
+    bits = _philox4x32_10(c, (s & _MASK32, s >> 32))[np.arange(V), i % 4].astype(np.float64)
+    v = np.minimum((bits + 0.5) * 2.0**-32, 0.99999994)
+    return -np.log(-np.log1p(-v))
+
+
+def test_philox_oracle_known_answers():
+    # Random123's kat_vectors for philox4x32_10 (the generator common.cuh writes out)
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((_MASK32,) * 4, (_MASK32, _MASK32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        assert tuple(int(w) for w in _philox4x32_10([ctr], key)[0]) == want
+
+
+@gpu
+@pytest.mark.parametrize("V", [4099, 65537, 65538, 65539, 65540])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
+def test_split_draws_are_the_philox_gumbel_max_oracle(V, dtype, temperature):
+    """Few rows of a long vocabulary (the split path), every residue of V mod 4, a seed and a
+    Philox offset whose high 32-bit words are not 0: the tokens are the argmax of x + the NumPy
+    Philox oracle's Gumbel noise (exactly, wherever the oracle's best score leads the next one
+    by more than the kernel's fast-log error), greedy the first maximum; the Triton sampler
+    (its own split path on a GPU) draws the same tokens from the same generator state."""
+    import numpy as np
+
+    B = 3
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(V)) * 3
+    x[0] = 0.0  # constant row: the token is the entry with the smallest Philox word
+    x[2, V - 1] = x[2].max()  # a tie for the greedy maximum in the last entry: the first wins
+    x = x.to(dtype)
+    gen = torch.Generator("cuda").manual_seed(2**64 - 2**33 - 7)  # key (low, high) 0xfffffff9, 0xfffffffd
+    gen.set_offset(2**36 + 8)  # counter words 2, 4
+    seed, offset = gen.initial_seed(), gen.get_offset()
+    xc = x.cuda()
+    with ops.use_backend("cuda"):
+        if temperature == 1.0 and dtype == torch.float32:
+            assert "plain_partial_kernel" in _kernels_run(lambda: ops.sample(xc, temperature=temperature))
+        tok, lp = ops.sample(xc, temperature=temperature, generator=gen)
+    tok, lp = tok.cpu(), lp.cpu()
+    # the scaled logits as the kernel computes them: fp32, IEEE division
+    xs = (x.float() / temperature if temperature else x.float()).double().numpy()
+    if temperature == 0.0:
+        assert gen.get_offset() == offset  # greedy consumes no randomness
+        assert torch.equal(tok, torch.from_numpy(xs.argmax(-1)))
+        assert (lp == 0).all()
+        return
+    assert gen.get_offset() == offset + _cuda.PHILOX_INCREMENT
+    nears = []
+    for b in range(B):
+        score = xs[b] + _philox_gumbel(seed, offset, b, V)
+        nears.append(np.flatnonzero(score >= score.max() - 1e-3).tolist())  # one entry but for near-ties
+        assert tok[b].item() in nears[b], (b, tok[b].item(), nears[b])
+    target = reference.process_logits(x.double(), temperature=temperature)
+    torch.testing.assert_close(lp.double(), target[torch.arange(B), tok], rtol=1e-4, atol=1e-4)
+    if _dispatch.backend_available("triton")[0]:
+        g2 = torch.Generator("cuda").manual_seed(2**64 - 2**33 - 7)
+        g2.set_offset(2**36 + 8)
+        with ops.use_backend("triton"):
+            t_tok, t_lp = ops.sample(xc, temperature=temperature, generator=g2)
+        assert g2.get_offset() == gen.get_offset()  # both backends advance the generator alike
+        # the same Philox words; the two fast logs may only flip a near-tie
+        assert all(t_tok[b].item() in nears[b] for b in range(B)), (t_tok, nears)
+        torch.testing.assert_close(t_lp.cpu(), target[torch.arange(B), t_tok.cpu()].float(),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @gpu

@@ -608,8 +608,8 @@ int sm_count(int device) {
 }
 
 // How many blocks share each row of a plain draw: enough for ~4 blocks of kSplitThreads per
-// SM over all rows (one wave: the partial kernel holds 5 at its ~45 registers), each at least
-// 512 groups (2048 entries), so that the merge stays small;
+// SM over all rows (one wave: the partial kernel holds 5 at its ~45 registers), each of more
+// than 256 groups (1024 entries; ⌈groups / 512⌉ chunks at most), so that the merge stays small;
 // 1 (the one-block-per-row kernel) when the rows alone fill the GPU.
 int64_t plain_chunks(int64_t B, int64_t V, int device) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count(device));

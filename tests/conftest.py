@@ -26,6 +26,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """:func:`one_thread` for a whole module (``pytestmark =
+    pytest.mark.usefixtures("one_thread_per_module")``): its module-scoped fixtures (tiny
+    models, tokenizers) are built on one thread too."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def live_cpu_backends():
     """The backends that can run CPU tensors here (always 'torch'; 'cpp' when built)."""
     from rlhf_fast.ops import _dispatch

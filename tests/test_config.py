@@ -16,13 +16,8 @@ from rlhf_fast.trainers.common import MetricsLogger, RunDir, lr_lambda, make_sch
 from rlhf_fast.trainers.config import load_config, save_config, to_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is far faster than two on a shared, oversubscribed CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread is far faster than two on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @dataclasses.dataclass

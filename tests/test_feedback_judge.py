@@ -14,13 +14,8 @@ from rlhf_fast import cli
 from rlhf_fast.feedback.judge import HTTPBackend, Judge, JudgeConfig, JudgeError, LocalBackend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is ~15x faster than two on a shared, oversubscribed CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread is far faster than two on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 class FakeServer:

@@ -13,23 +13,10 @@ from rlhf_fast.trainers.common import decay_param_groups, lr_lambda
 from rlhf_fast.trainers.sft import (SFTConfig, SFTTrainer, collate, completion_nll_sum,
                                     synthetic_sft_records, tokenize_sft)
 
-TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
+from .test_sft import TINY, tok  # noqa: F401  (the SFT tests' tiny model spec and tokenizer fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    return train_tokenizer(sample_texts(64) + [r.prompt + r.completion for r in synthetic_sft_records(64)], 300,
-                           padding_side="right")
+# tiny models: one thread is far faster than two on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _cfg(tmp_path, name, **kw):

@@ -206,3 +206,13 @@ def test_resume_uses_the_new_lr_and_refuses_a_renamed_checkpoint(tmp_path, tok):
     with pytest.raises(ValueError, match=r"step_00000009: extra.json says step 3 but the folder is named for step 9"):
         SFTTrainer(_cfg(tmp_path, max_steps=10), train_records=recs, eval_records=[], tokenizer=tok).train()
     assert read_metrics(cfg.output_dir) == log
+
+
+def test_the_log_has_one_record_per_step_with_the_final_evaluation(tmp_path, tok):
+    cfg = _cfg(tmp_path, max_steps=3)
+    SFTTrainer(cfg, train_records=synthetic_sft_records(16), eval_records=synthetic_sft_records(4, seed=9),
+               tokenizer=tok).train()
+    recs = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)) and steps[-3:] == [1, 2, 3]  # (step 0: the evaluation at the start)
+    assert "eval_loss" in recs[-1] and "loss" in recs[-1]

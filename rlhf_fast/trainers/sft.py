@@ -326,14 +326,16 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
             log.log(0, trainer.evaluate())
         while trainer.step < cfg.max_steps:
             m = trainer.train_step()
-            if cfg.eval_every and trainer.step % cfg.eval_every == 0:
+            final = trainer.step == cfg.max_steps
+            # the final evaluation joins the last step's record (one line per step in the log)
+            if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
                 m.update(trainer.evaluate())
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps or "eval_loss" in m:
+            if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
                 log.log(trainer.step, m)
             if cfg.save_every and trainer.step % cfg.save_every == 0:
                 trainer._save()
             last = m
-        if "eval_loss" not in last and has_eval:
+        if "eval_loss" not in last and has_eval:  # nothing left to train (a finished run resumed)
             last.update(trainer.evaluate())
             log.log(trainer.step, last)
     trainer._save()

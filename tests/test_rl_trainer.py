@@ -469,3 +469,36 @@ def test_a_damaged_trainer_state_or_a_new_lr_on_resume(tmp_path):
     c.train()
     assert c.optimizer.param_groups[0]["initial_lr"] == cfg.optim.lr
     assert c.scheduler.base_lrs == [cfg.optim.lr]
+
+
+def test_trpo_centres_the_trust_region_on_the_rollout_policy(tmp_path):
+    """TRPO's constraint is KL(π_old ‖ π_θ) to the policy that sampled the batch: with several
+    mini-batches and epochs, every accepted step leaves its mini-batch within trpo_max_kl of the
+    rollout policy (a bound on each step's own move lets the steps add up past it), and a
+    refused step leaves the parameters as they were."""
+    from rlhf_fast.models.logprobs import sequence_logprobs
+
+    max_kl = 1e-3
+    ppo = PPOConfig(epochs=3, mini_batch_size=4, micro_batch_size=4, trpo=True, trpo_max_kl=max_kl,
+                    trpo_backtrack_steps=4)
+    tr = _trainer(tmp_path, "grpo", reward_fns=[n_chars], ppo=ppo, optim=OptimConfig(lr=1e-3))
+    data, _ = tr.rollout()
+    seen, inner = [], tr._trpo_step
+
+    def checked(mini):
+        before = [p.detach().clone() for p in tr.policy.parameters()]
+        st = inner(mini)
+        with torch.no_grad():
+            lp = sequence_logprobs(tr.policy, mini.input_ids, mini.attention_mask, response_mask=mini.response_mask)
+        d = lp - mini.old_logp
+        same = all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+        seen.append((st["trpo_step_frac"], float(reference.masked_mean(0.5 * d * d, mini.response_mask)), same))
+        return st
+
+    tr._trpo_step = checked
+    m = tr.update(data)
+    assert m["policy/updates"] == 6 and len(seen) == 6
+    accepted = [kl for frac, kl, _ in seen if frac > 0]
+    assert len(accepted) >= 3, seen
+    assert max(accepted) <= max_kl * (1 + 1e-3) + 1e-7, seen
+    assert all(same for frac, _, same in seen if frac == 0), seen

@@ -206,24 +206,33 @@ class CombinedReward:
             items.append((s, finite(f"the weight of reward source {s.name!r}", w)))
         if not items:
             raise ValueError("sources must hold at least one reward source (reward model, callable or judge)")
-        names = [s.name for s, _ in items]
-        # Duplicate names would overwrite each other in the logs: make them unique.
-        seen: Dict[str, int] = {}
-        for s, _ in items:
-            k = seen.get(s.name, 0)
-            seen[s.name] = k + 1
-            if names.count(s.name) > 1:
-                s.name = f"{s.name}_{k}"
+        # Duplicate names would overwrite each other in the logs (per_source, dropped): give each
+        # source a unique log name (NAME_k for the k-th of a repeated NAME, skipping names already
+        # taken), without renaming the source objects, which may be shared (the same instance
+        # twice, or reused in another CombinedReward).
+        base = [s.name for s, _ in items]
+        taken, seen, names = set(base), {}, []
+        for n in base:
+            if base.count(n) == 1:
+                names.append(n)
+                continue
+            k = seen.get(n, 0)
+            while f"{n}_{k}" in taken:
+                k += 1
+            seen[n] = k + 1
+            taken.add(f"{n}_{k}")
+            names.append(f"{n}_{k}")
         self.sources = items
+        self.names = names
         self.on_bad_reward = on_bad_reward
 
-    def _call_one(self, src: RewardSource, prompts, completions, ctx):
+    def _call_one(self, src: RewardSource, name: str, prompts, completions, ctx):
         B = len(completions)
         try:
             out = src(prompts, completions, ctx)
         except Exception as e:  # noqa: BLE001 - reported with the source's name
             if self.on_bad_reward == "raise":
-                raise RewardError(f"reward source {src.name!r} raised {type(e).__name__}: {e}") from e
+                raise RewardError(f"reward source {name!r} raised {type(e).__name__}: {e}") from e
             # Isolate the failing samples by scoring one at a time.
             vals = []
             for i in range(B):
@@ -241,10 +250,10 @@ class CombinedReward:
         try:
             vals = [_reward_value(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
         except (TypeError, ValueError, OverflowError) as e:
-            raise RewardError(f"reward source {src.name!r} must return a list of B={B} floats, got "
+            raise RewardError(f"reward source {name!r} must return a list of B={B} floats, got "
                               f"{type(out).__name__}: {e}") from e
         if len(vals) != B:
-            raise RewardError(f"reward source {src.name!r} returned {len(vals)} rewards for {B} completions")
+            raise RewardError(f"reward source {name!r} returned {len(vals)} rewards for {B} completions")
         return vals
 
     def __call__(self, prompts: List[str], completions: List[str], ctx: Optional[RewardContext] = None) -> RewardOutput:
@@ -257,16 +266,16 @@ class CombinedReward:
         total = torch.zeros(B, dtype=torch.float32)
         valid = torch.ones(B, dtype=torch.bool)
         per, dropped = {}, {}
-        for src, w in self.sources:
-            vals = self._call_one(src, prompts, completions, ctx)
+        for (src, w), name in zip(self.sources, self.names):
+            vals = self._call_one(src, name, prompts, completions, ctx)
             bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
             if bad and self.on_bad_reward == "raise":
-                raise RewardError(f"reward source {src.name!r} returned a non-finite reward ({vals[bad[0]]}) for "
+                raise RewardError(f"reward source {name!r} returned a non-finite reward ({vals[bad[0]]}) for "
                                   f"sample {bad[0]} (completion {completions[bad[0]][:60]!r}); set "
                                   f"on_bad_reward='drop' to skip such samples")
             t = torch.tensor(vals, dtype=torch.float32)
-            per[src.name] = t
-            dropped[src.name] = len(bad)
+            per[name] = t
+            dropped[name] = len(bad)
             ok = torch.isfinite(t)
             valid &= ok
             total += w * torch.where(ok, t, torch.zeros_like(t))

@@ -765,9 +765,10 @@ class RLTrainer:
 
     @torch.no_grad()
     def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor, norm):
-        """(loss, KL to the pre-step policy) of the current parameters on ``data`` (no grad),
-        over every rank's rows (``norm``: the global normaliser), so all ranks take the same
-        line-search decisions."""
+        """(loss, KL to the policy whose log-probs are ``pre_logp``) of the current parameters on
+        ``data`` (no grad), over every rank's rows (``norm``: the global normaliser), so all ranks
+        take the same line-search decisions. The KL is 0.5·(logp − pre_logp)² averaged over the
+        response tokens, which were sampled from that policy: to second order KL(pre ‖ current)."""
         from rlhf_fast.models.logprobs import policy_loss
 
         kw = self._loss_kwargs()
@@ -782,19 +783,27 @@ class RLTrainer:
         return float(vec[0]), float(vec[1] / vec[2].clamp(min=1))
 
     def _trpo_step(self, data: RolloutTensors) -> Dict[str, float]:
-        """Take the optimiser's proposed step, then backtrack along it until the surrogate
-        improves and the KL to the pre-step policy is within ``ppo.trpo_max_kl``."""
+        """Take the optimiser's proposed step, then backtrack along it (the step times
+        ``trpo_backtrack_ratio``^k, k < ``trpo_backtrack_steps``) until the surrogate does not get
+        worse and the KL to the rollout (old) policy — TRPO's constraint, KL(π_old ‖ π_θ) — is
+        within ``ppo.trpo_max_kl``; if no such step is found the parameters stay where they were.
+
+        The KL is measured on this mini-batch's response tokens against ``data.old_logp``: an
+        accepted step ends within the bound of the rollout policy on these rows, whatever the
+        earlier steps of the update did (steps do not add up past it there); rows of other
+        mini-batches are not measured, so the whole batch's KL may exceed it. With the whole batch
+        as one mini-batch and one epoch this is TRPO's trust region; the step direction is the
+        optimiser's (not the natural gradient), and its state (Adam moments) has advanced even
+        when the step is shrunk or refused."""
         from rlhf_fast.distributed import reshard
-        from rlhf_fast.models.logprobs import sequence_logprobs
 
         cfg = self.config.ppo
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = self._global_normalizer(data.response_mask, self.config.ppo.agg)
         if data.input_ids.shape[0] == 0:  # this rank holds none of the mini-batch: still run the forwards
             data = _blank_row(data)
-        with torch.no_grad():
-            pre_logp = sequence_logprobs(self.policy, data.input_ids, data.attention_mask,
-                                         response_mask=data.response_mask, temperature=self.config.rollout.temperature)
+        # the rollout policy's log-probs of the sampled tokens: the trust region's centre
+        pre_logp = data.old_logp
         loss0, _ = self._surrogate(data, pre_logp, norm)
         old = [p.detach().clone() for p in params]
         self.optimizer.step()

@@ -226,7 +226,14 @@ class PPOConfig:
     rows, each split into micro-batches of ``micro_batch_size`` (gradient accumulation; the
     loss is normalised by the whole mini-batch's token/row count). ``target_kl``: stop the
     update early when a mini-batch's approx KL exceeds 1.5×target. ``trpo``: replace the
-    optimiser step by a KL-constrained backtracking line search (``trpo_max_kl``).
+    optimiser step by a KL-constrained backtracking line search: the optimiser's step is scaled
+    by ``trpo_backtrack_ratio``^k (k < ``trpo_backtrack_steps``) until the mini-batch's surrogate
+    loss does not rise and KL(rollout policy ‖ current) — estimated as 0.5·(logp − old_logp)²
+    over the mini-batch's response tokens — is ≤ ``trpo_max_kl``; else the step is refused.
+    Each accepted step thus ends within the bound of the rollout policy on the rows it
+    trained on; other rows of the batch are not measured, so with several mini-batches or
+    epochs the whole batch's KL can exceed it — for TRPO's single trust-region step take
+    ``mini_batch_size`` = the batch and ``epochs`` 1.
     ``is_cap``: truncated importance sampling weight cap for rollout/training log-prob
     mismatch (None = off). ``old_logp``: where the rollout-time policy log-probs (the
     ratio's denominator and the KL-in-reward term) come from: ``recompute`` (a no-grad

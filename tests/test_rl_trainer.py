@@ -339,9 +339,14 @@ def test_bad_rewards_raise_or_drop(tmp_path):
     tr = _trainer(tmp_path / "c", reward_fns=[nan_reward, frac_a])
     tr.config.reward.on_bad_reward = "drop"
     tr.reward.on_bad_reward = "drop"
+    seen = []
+    real_update = tr.kl_ctl.update
+    tr.kl_ctl.update = lambda kl, n: (seen.append(n), real_update(kl, n))[1]
     m = tr.step()
     assert m["reward/dropped"] == 1 and math.isfinite(m["reward/total"])
     assert m["reward/frac_a"] >= 0
+    # the KL controller counts the samples the step kept (the dropped group's are gone)
+    assert seen and 0 < seen[0] < tr.config.rollout.prompts_per_step * tr.config.rollout.group_size
     tr = _trainer(tmp_path / "d", reward_fns=[failing])
     tr.reward.on_bad_reward = "drop"
     with pytest.raises(RewardError, match="every sample"):

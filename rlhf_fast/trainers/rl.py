@@ -892,8 +892,12 @@ class RLTrainer:
         m.update(self.update(data))
         m["time/update"] = time.perf_counter() - t1
         m = self.ctx.mean_metrics(m)  # every rank then updates β with the same numbers
-        # Ziegler et al. update β with the measured sequence KL, counted in samples
-        self.kl_ctl.update(m["kl/seq"], data.input_ids.shape[0] * self.ctx.world_size)
+        # Ziegler et al. update β with the measured sequence KL, counted in samples: the kept rows
+        # of every rank (ranks may drop different numbers; a rank's blank row has no response)
+        n = data.response_mask.any(dim=1).sum().to(torch.float32)
+        if self.ctx.distributed:
+            n = self.ctx.all_reduce_sum(n)
+        self.kl_ctl.update(m["kl/seq"], int(n.item()))
         m["time/step"] = time.perf_counter() - t0
         self.global_step += 1
         if self._logger is not None:

@@ -171,13 +171,14 @@ def select(op: str, device: torch.device) -> Tuple[str, Callable]:
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     forced = forced_backend()
-    if forced is not None and forced in impls and not _runs_on(forced, device):
-        _warn_not_on_device(forced, device.type)
-    if forced is not None and forced in impls and _runs_on(forced, device):
-        ok, why = backend_available(forced)
-        if not ok:
-            raise RuntimeError(f"rlhf_fast: backend {forced!r} was requested for {op} but is unavailable: {why}")
-        return forced, _load(op, forced)
+    if forced is not None and forced in impls:
+        if not _runs_on(forced, device):
+            _warn_not_on_device(forced, device.type)
+        else:
+            ok, why = backend_available(forced)
+            if not ok:
+                raise RuntimeError(f"rlhf_fast: backend {forced!r} was requested for {op} but is unavailable: {why}")
+            return forced, _load(op, forced)
     for name in _auto_order(device):
         if name not in impls:
             continue

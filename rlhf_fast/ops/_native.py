@@ -14,20 +14,29 @@ def has_native() -> bool:
     return _dispatch.backend_available("cpp")[0]
 
 
-def register_meta_and_autograd(name: str, fake: Callable, backward: Callable = None, setup_context: Callable = None):
+def register_meta_and_autograd(name: str, fake: Callable, backward: Callable = None, setup_context: Callable = None,
+                               *, non_differentiable=()):
     """Register ``fake`` (shapes only, for torch.compile) and, if given, autograd for
-    ``rlhf_fast::name``. No-op when rlhf_fast._C is not built."""
-    if not has_native() or name in _seen:
-        return
-    _seen.add(name)
-    qual = f"rlhf_fast::{name}"
-    torch.library.register_fake(qual)(fake)
-    if backward is not None:
-        torch.library.register_autograd(qual, backward, setup_context=setup_context)
+    ``rlhf_fast::name``; with ``backward``, return the eager ``torch.autograd.Function`` built
+    from the same ``backward`` / ``setup_context`` (:func:`_eager_function`; pass it to
+    :func:`call`), ``non_differentiable`` naming its outputs that get no gradient. No-op (None)
+    when rlhf_fast._C is not built."""
+    if not has_native():
+        return None
+    if name not in _seen:
+        _seen.add(name)
+        qual = f"rlhf_fast::{name}"
+        torch.library.register_fake(qual)(fake)
+        if backward is not None:
+            torch.library.register_autograd(qual, backward, setup_context=setup_context)
+            _functions[name] = _eager_function(name, backward, setup_context, non_differentiable)
+    return _functions.get(name)
 
 
-# ops registered so far in this process (torch.library refuses a second registration)
+# ops registered so far in this process (torch.library refuses a second registration), and the
+# eager Function of each differentiable one
 _seen: set = set()
+_functions: dict = {}
 
 
 def as_normalizer(normalizer, like: torch.Tensor):
@@ -45,7 +54,7 @@ def as_normalizer(normalizer, like: torch.Tensor):
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
-def eager_function(name: str, backward: Callable, setup_context: Callable, non_differentiable=()):
+def _eager_function(name: str, backward: Callable, setup_context: Callable, non_differentiable=()):
     """A ``torch.autograd.Function`` around ``rlhf_fast::name`` with the ``backward`` and
     ``setup_context`` of its ``register_autograd`` registration.
 
@@ -53,9 +62,7 @@ def eager_function(name: str, backward: Callable, setup_context: Callable, non_d
     dispatch per forward and again per backward on the CPU (a fifth of a B·T = 65536 PPO loss),
     a Function ~5 µs. ``non_differentiable``: output positions that get no gradient (statistics,
     internal log-sum-exps); gradients of unused outputs reach ``backward`` as None, as with
-    ``register_autograd``. None where rlhf_fast._C is not built."""
-    if not has_native():
-        return None
+    ``register_autograd``."""
     op = getattr(torch.ops.rlhf_fast, name)
 
     def forward(ctx, *inputs):

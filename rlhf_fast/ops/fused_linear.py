@@ -161,8 +161,8 @@ def _fused_linear_logprobs_cpp(hidden, weight, labels, *, bias=None, temperature
                                chunk_size=None, ignore_index=-100):
     """csrc/cpu/fused_linear.cpp: hidden ``[N, H]``, weight ``[V, H]``; one chunk of logits at a time."""
     logp, entropy, _ = _native.call(
-        _FN, "fused_linear_logprobs_fwd", hidden, weight, bias, labels.long(), float(temperature), bool(return_entropy), int(ignore_index),
-        int(chunk_size or 0),
+        _FN, "fused_linear_logprobs_fwd", hidden, weight, bias, labels.long(), float(temperature),
+        bool(return_entropy), int(ignore_index), int(chunk_size or 0),
     )
     return (logp, entropy) if return_entropy else logp
 
@@ -218,10 +218,10 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     return grad_hidden, grad_weight, (grad_bias if bias is not None else None), None, None, None, None, None
 
 
-_native.register_meta_and_autograd("fused_linear_logprobs_fwd", _fwd_fake, _backward, _setup)
-_native.register_meta_and_autograd("fused_linear_logprobs_bwd", _bwd_fake)
 # lse (output 2) is internal
-_FN = _native.eager_function("fused_linear_logprobs_fwd", _backward, _setup, non_differentiable=(2,))
+_FN = _native.register_meta_and_autograd("fused_linear_logprobs_fwd", _fwd_fake, _backward, _setup,
+                                         non_differentiable=(2,))
+_native.register_meta_and_autograd("fused_linear_logprobs_bwd", _bwd_fake)
 
 _dispatch.register("fused_linear_logprobs", "torch", reference.fused_linear_logprobs)
 _dispatch.register("fused_linear_logprobs", "cpp", _fused_linear_logprobs_cpp)

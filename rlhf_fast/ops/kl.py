@@ -50,9 +50,8 @@ def _backward(ctx, grad):
     return torch.ops.rlhf_fast.kl_penalty_bwd(grad, logp, ref_logp, ctx.kind), None, None
 
 
-_native.register_meta_and_autograd("kl_penalty_fwd", _fake, _backward, _setup)
+_KL_FN = _native.register_meta_and_autograd("kl_penalty_fwd", _fake, _backward, _setup)
 _native.register_meta_and_autograd("kl_penalty_bwd", lambda g, lp, r, k: torch.empty_like(lp))
-_KL_FN = _native.eager_function("kl_penalty_fwd", _backward, _setup)
 
 _dispatch.register("kl_penalty", "torch", reference.kl_penalty)
 _dispatch.register("kl_penalty", "cpp", _kl_cpp)

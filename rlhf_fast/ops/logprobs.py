@@ -54,8 +54,8 @@ def _token_logprobs_cpp(logits, labels, *, temperature=1.0, return_entropy=False
     """csrc/cpu/logprobs.cpp on ``[..., V]`` logits: flattened to ``[N, V]`` rows and back."""
     shape = labels.shape
     logp, entropy, _ = _native.call(
-        _FN, "token_logprobs_fwd", logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), float(temperature), bool(return_entropy),
-        int(ignore_index),
+        _FN, "token_logprobs_fwd", logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+        float(temperature), bool(return_entropy), int(ignore_index),
     )
     if return_entropy:
         return logp.reshape(shape), entropy.reshape(shape)
@@ -88,13 +88,11 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     return grad, None, None, None, None
 
 
-_native.register_meta_and_autograd("token_logprobs_fwd", _fwd_fake, _backward, _setup)
+# lse (output 2) is internal
+_FN = _native.register_meta_and_autograd("token_logprobs_fwd", _fwd_fake, _backward, _setup, non_differentiable=(2,))
 _native.register_meta_and_autograd(
     "token_logprobs_bwd", lambda gl, ge, logits, labels, lse, ent, t, ii: torch.empty_like(logits)
 )
-
-# lse (output 2) is internal
-_FN = _native.eager_function("token_logprobs_fwd", _backward, _setup, non_differentiable=(2,))
 
 _dispatch.register("token_logprobs", "torch", reference.token_logprobs)
 _dispatch.register("token_logprobs", "cpp", _token_logprobs_cpp)

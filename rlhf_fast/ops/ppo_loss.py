@@ -146,8 +146,8 @@ def _policy_cpp(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=Non
 
 def _value_cpp(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", normalizer=None):
     loss, stats = _native.call(
-        _VALUE_FN, "ppo_value_loss_fwd", values, old_values.detach(), returns.detach(), mask, None if clip is None else float(clip), agg,
-        _normalizer(normalizer, values))
+        _VALUE_FN, "ppo_value_loss_fwd", values, old_values.detach(), returns.detach(), mask,
+        None if clip is None else float(clip), agg, _normalizer(normalizer, values))
     return loss, _stats_dict(VALUE_STATS, stats)
 
 
@@ -177,13 +177,13 @@ def _value_backward(ctx, grad_loss, grad_stats):
     return (g,) + (None,) * 6
 
 
-_native.register_meta_and_autograd("ppo_policy_loss_fwd", _loss_fake(len(POLICY_STATS)), _policy_backward, _setup)
-_native.register_meta_and_autograd("ppo_policy_loss_bwd", lambda g, lp, *args: torch.empty_like(lp))
-_native.register_meta_and_autograd("ppo_value_loss_fwd", _loss_fake(len(VALUE_STATS)), _value_backward, _setup)
-_native.register_meta_and_autograd("ppo_value_loss_bwd", lambda g, v, *args: torch.empty_like(v))
 # the stats (output 1) are detached statistics
-_POLICY_FN = _native.eager_function("ppo_policy_loss_fwd", _policy_backward, _setup, non_differentiable=(1,))
-_VALUE_FN = _native.eager_function("ppo_value_loss_fwd", _value_backward, _setup, non_differentiable=(1,))
+_POLICY_FN = _native.register_meta_and_autograd("ppo_policy_loss_fwd", _loss_fake(len(POLICY_STATS)), _policy_backward,
+                                                _setup, non_differentiable=(1,))
+_native.register_meta_and_autograd("ppo_policy_loss_bwd", lambda g, lp, *args: torch.empty_like(lp))
+_VALUE_FN = _native.register_meta_and_autograd("ppo_value_loss_fwd", _loss_fake(len(VALUE_STATS)), _value_backward,
+                                               _setup, non_differentiable=(1,))
+_native.register_meta_and_autograd("ppo_value_loss_bwd", lambda g, v, *args: torch.empty_like(v))
 
 _dispatch.register("ppo_policy_loss", "torch", reference.ppo_policy_loss)
 _dispatch.register("ppo_value_loss", "torch", reference.ppo_value_loss)

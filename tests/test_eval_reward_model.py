@@ -31,7 +31,8 @@ def folders(tmp_path_factory):
 
 def test_eval_scores_with_the_reward_trainer_encoding(folders, tmp_path, monkeypatch):
     from rlhf_fast.models.loading import load_reward_model, reward_scores
-    from rlhf_fast.trainers.reward import _encode, _pad
+    from rlhf_fast.feedback.formats import pad_right
+    from rlhf_fast.trainers.reward import _encode
 
     root, tok = folders
     seen = {}
@@ -54,7 +55,7 @@ def test_eval_scores_with_the_reward_trainer_encoding(folders, tmp_path, monkeyp
     # the reward source scores (prompt, response) exactly as RewardTrainer encodes a training pair
     prompts, responses = ["the cat", "a dog"], [" sat on the mat", " runs"]
     rm = load_reward_model(str(root / "rm")).eval()
-    ids, attn = _pad([_encode(tok, p, r, 1024) for p, r in zip(prompts, responses)], tok.pad_token_id)
+    ids, attn = pad_right([_encode(tok, p, r, 1024) for p, r in zip(prompts, responses)], tok.pad_token_id)
     with torch.no_grad():
         expected = reward_scores(rm, ids, attn).tolist()
     got = seen["reward"](prompts, responses).total.tolist()

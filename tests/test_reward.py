@@ -54,11 +54,12 @@ def test_pairs_clean_and_noisy(tmp_path, tok):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf_fast.models.loading import reward_scores
-    from rlhf_fast.trainers.reward import _encode, _pad
+    from rlhf_fast.feedback.formats import pad_right
+    from rlhf_fast.trainers.reward import _encode
 
     re = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "noisy" / "final")).eval()
     seqs = [_encode(tok, r.prompt, r.chosen, 64) for r in held_out[:4]]
-    ids, attn = _pad(seqs, tok.pad_token_id)
+    ids, attn = pad_right(seqs, tok.pad_token_id)
     with torch.no_grad():
         hf = re(input_ids=ids, attention_mask=attn).logits[:, 0]
         ours = reward_scores(tr.model.eval(), ids, attn)

@@ -91,7 +91,7 @@ class RewardModelReward(RewardSource):
             am = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(ctx.input_ids)
             ids, am = ctx.input_ids.to(device), am.to(device)
         else:
-            from rlhf_fast.feedback.formats import reward_input_ids
+            from rlhf_fast.feedback.formats import pad_right, reward_input_ids
 
             # as the reward trainer encoded its pairs (prompt, response, eos; the end kept): the
             # head learned the score at that eos, and the joint text without it reads another token
@@ -100,11 +100,7 @@ class RewardModelReward(RewardSource):
             if not seqs:
                 return []
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)
-            am = torch.zeros_like(ids)
-            for i, x in enumerate(seqs):  # right padding: the score is read at the last attended token
-                ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-                am[i, :len(x)] = 1
+            ids, am = pad_right(seqs, pad)
             ids, am = ids.to(device), am.to(device)
         return reward_scores(self.model, ids, am).float().cpu().tolist()
 

@@ -149,7 +149,7 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
     """Label pairs of the SFT model's own samples with simulated annotators; train the RM."""
     from rlhf_fast.feedback.formats import PairRecord
     from rlhf_fast.models.tiny import tiny_reward_model
-    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, score_texts
 
     prompts = world.prompts(cfg.pair_prompts, seed=cfg.seed + 11)
     with _bar(1, "2/4 sampling pairs", cfg.progress) as bar:
@@ -186,7 +186,8 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
     held = [(r, t) for r, t in zip(records[:n_eval], truth[:n_eval]) if t != 0]
     agree = 0
     if held:
-        sc = _rm_scores(rm, tok, [r.prompt for r, _ in held] * 2, [r.chosen for r, _ in held] + [r.rejected for r, _ in held])
+        sc = score_texts(rm, tok, [r.prompt for r, _ in held] * 2,
+                         [r.chosen for r, _ in held] + [r.rejected for r, _ in held])
         k = len(held)
         for j, (r, _) in enumerate(held):
             rm_prefers_chosen = sc[j] > sc[k + j]
@@ -201,26 +202,6 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
 
 
 @torch.no_grad()
-def _rm_scores(rm, tok, prompts: List[str], responses: List[str]) -> List[float]:
-    from rlhf_fast.models.loading import reward_scores
-
-    out = []
-    for i in range(0, len(prompts), 64):
-        ids = []
-        for p, r in zip(prompts[i:i + 64], responses[i:i + 64]):
-            ids.append(tok(p, add_special_tokens=True)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"]
-                       + [tok.eos_token_id])
-        T = max(len(x) for x in ids)
-        inp = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros(len(ids), T, dtype=torch.long)
-        for j, x in enumerate(ids):
-            inp[j, :len(x)] = torch.tensor(x)
-            att[j, :len(x)] = 1
-        out += reward_scores(rm, inp, att).float().tolist()
-    return out
-
-
-@torch.no_grad()
 def _seq_kl(policy, reference, batches) -> float:
     """Mean over samples of Σ_t (log π − log π_ref) over the tokens the policy generated (its
     own samples at temperature 1: a KL estimate). The rollout's token ids, not the decoded text
@@ -231,9 +212,8 @@ def _seq_kl(policy, reference, batches) -> float:
     tot, n = 0.0, 0
     for b in batches:
         rm = b.response_mask
-        with torch.no_grad():
-            lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=rm)
-            lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm)
+        lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=rm)
+        lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm)
         tot += float(((lp - lr) * rm).sum())
         n += b.batch_size
     return tot / max(1, n)
@@ -265,6 +245,8 @@ def _rl(cfg: DemoConfig, policy, tok, prompts: List[str], run_dir: str, *, rewar
 
 
 def run_preference(cfg: DemoConfig) -> Dict:
+    from rlhf_fast.trainers.reward import score_texts
+
     t0 = time.time()
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -295,8 +277,8 @@ def run_preference(cfg: DemoConfig) -> Dict:
                           batches=after_batches)
         u_before = [world.true_utility(r) for r in before]
         u_after = [world.true_utility(r) for r in after]
-        s_before = _rm_scores(rm, tok, eval_prompts, before)
-        s_after = _rm_scores(rm, tok, eval_prompts, after)
+        s_before = score_texts(rm, tok, eval_prompts, before)
+        s_after = score_texts(rm, tok, eval_prompts, after)
         kl = _seq_kl(policy, sft_model, after_batches)
         bar.update(1)
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731

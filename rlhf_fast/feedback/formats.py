@@ -424,6 +424,20 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: str, max_len: Opt
     return ids[-max_len:] if max_len else ids
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int):
+    """Token-id lists as ``(input_ids, attention_mask)`` ``[N, max len]`` int64, right-padded with
+    ``pad_id``: how reward-model inputs (:func:`reward_input_ids`) are batched, the score then
+    read at each row's last attended token."""
+    import torch
+
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+    return ids, attn
+
+
 def write_jsonl(records: Iterable[Any], path: str) -> None:
     """Write records (dataclasses or dicts) as JSONL atomically."""
     from rlhf_fast.trainers.config import atomic_write_text
@@ -434,5 +448,5 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
 
 __all__ = ["KINDS", "SFTRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
-           "reward_input_ids",
+           "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

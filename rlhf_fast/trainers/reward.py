@@ -22,13 +22,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from rlhf_fast.feedback.formats import pad_right
 from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
 from .checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
-from .common import (add_config_arguments, autocast_context, decay_param_groups, check_training_schedule, load_causal_lm, make_scheduler,
-                     open_supervised_run, require_records, run_trainer_cli, seed_everything)
+from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
+                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
+                     seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, local_span, resume_supervised, save_sharded_checkpoint, scalar_norm,
@@ -127,16 +129,6 @@ def score_texts(model, tokenizer, prompts: Sequence[Any], responses: Sequence[st
     for i in range(0, len(prompts), batch_size):
         out += scorer(list(prompts[i:i + batch_size]), list(responses[i:i + batch_size]), None)
     return out
-
-
-def _pad(seqs: Sequence[List[int]], pad_id: int):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-    return ids, attn
 
 
 def _pearson(x: List[float], y: List[float]) -> float:
@@ -247,7 +239,7 @@ class RewardTrainer:
         from rlhf_fast.models.loading import reward_scores
 
         seqs = [s for it in items for s in it["seqs"]]
-        ids, attn = _pad(seqs, self.pad_id)
+        ids, attn = pad_right(seqs, self.pad_id)
         with autocast_context(self.device, self.cfg.bf16):
             flat = reward_scores(self.model, ids.to(self.device), attn.to(self.device))  # [N]
         out, k = [], 0

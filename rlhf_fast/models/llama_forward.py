@@ -133,15 +133,24 @@ class _SwiGLUDownFn(torch.autograd.Function):
 # --------------------------------------------------------------------------- support check
 
 
+def _transformers_class(cls: type, names) -> bool:
+    """``cls`` is one of transformers' own classes ``names``, not a same-named copy (remote
+    code: ``transformers_modules.*``) whose forward may compute something else."""
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def _is_silu(act: nn.Module) -> bool:
+    """``act`` is transformers' SiLUActivation or torch's nn.SiLU (not a same-named copy)."""
+    cls = type(act)
+    return cls.__name__ in _SILUS and cls.__module__.startswith(("transformers.", "torch.nn."))
+
+
 def _plain_class(module: nn.Module, names, fsdp: bool = False) -> bool:
-    """``module`` is one of the transformers classes ``names`` with its own forward (not an
-    instance-level replacement) and no hooks; with ``fsdp``, FSDP2's hooks are allowed (a
-    sharded decoder layer: :func:`hidden_states` runs them through :func:`call_as_forward`)."""
-    cls = _own_class(module)
-    # transformers' own class, not a same-named copy (remote code: ``transformers_modules.*``)
-    # whose forward may compute something else
-    if cls.__name__ not in names or not cls.__module__.startswith("transformers.models.") \
-            or "forward" in module.__dict__:
+    """``module`` is one of the transformers classes ``names`` (:func:`_transformers_class`)
+    with its own forward (not an instance-level replacement) and no hooks; with ``fsdp``,
+    FSDP2's hooks are allowed (a sharded decoder layer: :func:`hidden_states` runs them
+    through :func:`call_as_forward`)."""
+    if not _transformers_class(_own_class(module), names) or "forward" in module.__dict__:
         return False
     if _fsdp_module(module) and not fsdp:
         return False
@@ -240,7 +249,7 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         if not all(_plain_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
                                               mlp.down_proj)):
             return False
-        if type(mlp.act_fn).__name__ not in _SILUS or not _no_hooks(mlp.act_fn) or \
+        if not _is_silu(mlp.act_fn) or not _no_hooks(mlp.act_fn) or \
                 not (hasattr(a, "head_dim") and hasattr(a, "scaling")):
             return False
         if a.training and getattr(a, "attention_dropout", 0.0):

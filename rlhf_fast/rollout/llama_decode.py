@@ -24,7 +24,7 @@ from torch.nn import functional as F
 # transformers' RMSNorm / gated MLP classes of the Llama family (the training forward's list):
 # the same formula each, written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub
 # kernel's) are called as they are
-from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _SILUS, _rms_forward
+from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _is_silu, _rms_forward, _transformers_class
 
 
 class _RMSNorm:
@@ -43,16 +43,9 @@ class _RMSNorm:
 def _norm(module: nn.Module):
     """``module`` as a function of ``x [B, H]``: an :class:`_RMSNorm` for transformers'
     Llama-family RMSNorm, else the module itself."""
-    if not _transformers_class(module, _RMS_NORMS) or "forward" in module.__dict__:
+    if not _transformers_class(type(module), _RMS_NORMS) or "forward" in module.__dict__:
         return module
     return _RMSNorm(module)
-
-
-def _transformers_class(module: nn.Module, names) -> bool:
-    """One of transformers' own classes ``names``, not a same-named copy (remote code,
-    ``transformers_modules.*``) whose forward may compute something else."""
-    cls = type(module)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
 def _linear(module: nn.Module):
@@ -98,13 +91,11 @@ class _Layer:
         self.q_norm = _norm(a.q_norm) if hasattr(a, "q_norm") else None
         self.k_norm = _norm(a.k_norm) if hasattr(a, "k_norm") else None
         # transformers' gated MLP written out below; other MLP classes are called as they are
-        self.gated = _transformers_class(mlp, _GATED_MLPS) and "forward" not in mlp.__dict__
+        self.gated = _transformers_class(type(mlp), _GATED_MLPS) and "forward" not in mlp.__dict__
         self.act = None
         if self.gated:
-            act = type(mlp.act_fn)
             # transformers' SiLUActivation or torch's nn.SiLU; anything else is called as it is
-            silu = act.__name__ in _SILUS and act.__module__.startswith(("transformers.", "torch.nn."))
-            self.act = F.silu if silu else mlp.act_fn
+            self.act = F.silu if _is_silu(mlp.act_fn) else mlp.act_fn
             self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
     def native_args(self) -> Optional[tuple]:

@@ -51,7 +51,7 @@ class DistributedConfig:
     timeout_s: float = 1800.0
 
     def __post_init__(self):
-        import math
+        from rlhf_fast.ops._validate import finite
 
         if self.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
@@ -60,9 +60,7 @@ class DistributedConfig:
         for name in ("mixed_precision", "reshard_after_forward", "offload_reference"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"distributed.{name} must be true or false, got {getattr(self, name)!r}")
-        t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"distributed.timeout_s must be a finite number of seconds > 0, got {t!r}")
+        finite("distributed.timeout_s", self.timeout_s, "> 0")  # seconds
 
 
 @dataclass

@@ -219,15 +219,14 @@ def read_references(path: str) -> List[List[str]]:
 def _check_args(args) -> None:
     """Every path and number of the command line, before any model is loaded (a missing
     local folder would otherwise be looked up on the hub)."""
-    
     for flag, value in (("--run", args.run), ("--policy", args.policy), ("--reference", args.reference),
                         ("--reward-model", args.reward_model)):
         if value is not None and not os.path.isdir(value):
             raise FileNotFoundError(f"{flag}: no such local folder {value!r} (nothing is downloaded)")
     refs = getattr(args, "references", None)
-    if refs is not None and not os.path.isfile(refs):
-        raise FileNotFoundError(f"--references: no such file {refs!r}")
     if refs is not None:
+        if not os.path.isfile(refs):
+            raise FileNotFoundError(f"--references: no such file {refs!r}")
         try:
             require_overlap_libraries()
         except ImportError as e:  # before any model is loaded: one line, exit 2

@@ -123,21 +123,6 @@ double aggregate(Agg agg, const std::vector<RowPartial>& rows, double den) {
   return s / den;
 }
 
-int64_t row_count(const bool* m, int64_t T);
-
-int64_t mask_count(const at::Tensor& mask) {
-  // only token-mean without a normalizer needs the global count in the backward. A byte loop:
-  // mask.sum() first converts the bool mask to an int64 copy (8 bytes a token), which took a
-  // fifth of a B·T = 65536 forward + backward.
-  return row_count(mask.data_ptr<bool>(), mask.numel());
-}
-
-// weight of a token of a row with `row_count` set tokens in d loss
-inline double token_weight(Agg agg, double g_over_den, int64_t row_count) {
-  return agg == Agg::SeqMeanTokenMean ? g_over_den / static_cast<double>(std::max<int64_t>(row_count, 1))
-                                      : g_over_den;
-}
-
 int64_t row_count(const bool* m, int64_t T) {
   // bytes summed in 32-bit lanes (vectorisable), folded every 2^31 tokens; a bool viewed
   // from other bytes counts as set when nonzero, as everywhere else
@@ -150,6 +135,19 @@ int64_t row_count(const bool* m, int64_t T) {
     k += part;
   }
   return k;
+}
+
+int64_t mask_count(const at::Tensor& mask) {
+  // only token-mean without a normalizer needs the global count in the backward. A byte loop:
+  // mask.sum() first converts the bool mask to an int64 copy (8 bytes a token), which took a
+  // fifth of a B·T = 65536 forward + backward.
+  return row_count(mask.data_ptr<bool>(), mask.numel());
+}
+
+// weight of a token of a row with `row_count` set tokens in d loss
+inline double token_weight(Agg agg, double g_over_den, int64_t row_count) {
+  return agg == Agg::SeqMeanTokenMean ? g_over_den / static_cast<double>(std::max<int64_t>(row_count, 1))
+                                      : g_over_den;
 }
 
 // ------------------------------------------------------------------ block kernels

@@ -209,15 +209,15 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
   Kept kept;
   // Histogram bins of the filters: the key's top 12 bits (4096 bins) for real vocabularies, fewer
   // for small ones (tests, the demo), where clearing and scanning 4096 bins cost more than the
-  // row: V = 256 gets 2^9. Any bin count gives the same kept set; it only sizes the
-  // selection's candidate bin.
+  // row: 2^ceil(log2 V), at least 16 (V = 256 gets 2^8). Any bin count gives the same kept set;
+  // it only sizes the selection's candidate bin.
   int bins_log2 = 4;
   while (bins_log2 < 12 && (int64_t{1} << bins_log2) < V) ++bins_log2;
+  const int kBins = 1 << bins_log2, shift = 32 - bins_log2;
   // ---- 2. top-k by selection
   if (top_k > 0 && top_k < V) {
     // a count histogram of the key's top bits finds the bin holding the k-th
     // largest value; std::nth_element then runs on that bin's values only
-    const int kBins = 1 << bins_log2, shift = 32 - bins_log2;
     counts.assign(kBins, 0);
     for (int64_t i = 0; i < V; ++i) ++counts[float_key(x[i]) >> shift];
     int64_t above = 0;
@@ -247,7 +247,6 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
     // A histogram of the kept mass by the top bits of the order-preserving key
     // finds the bin holding the boundary in one pass; only that bin's tokens go to the
     // weighted quickselect (typically a few hundred of V).
-    const int kBins = 1 << bins_log2, shift = 32 - bins_log2;
     hist.assign(kBins, 0.0);
     double total = 0.0;
     for_kept(kept, [&](int64_t i) {

@@ -46,9 +46,9 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
-from .common import (MetricsLogger, add_config_arguments, decay_param_groups, autocast_context, check_training_schedule, load_causal_lm,
-                     make_scheduler, open_supervised_run, require_records, resolve_device, run_trainer_cli,
-                     seed_everything, truncate_metrics)
+from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule,
+                     decay_param_groups, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
 
 
 @dataclasses.dataclass

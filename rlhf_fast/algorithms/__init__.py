@@ -18,6 +18,7 @@ from .rewards import (
     CombinedReward,
     JudgeReward,
     LengthPenalty,
+    OverlongPenalty,
     RepetitionPenalty,
     RewardContext,
     RewardError,
@@ -32,6 +33,6 @@ __all__ = [
     "ESTIMATORS", "CRITIC_ESTIMATORS", "GROUP_ESTIMATORS", "compute_advantages", "gae_advantages",
     "group_estimator_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
     "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward",
-    "JudgeReward", "LengthPenalty", "RepetitionPenalty", "CombinedReward", "RewardContext", "RewardOutput",
+    "JudgeReward", "LengthPenalty", "OverlongPenalty", "RepetitionPenalty", "CombinedReward", "RewardContext", "RewardOutput",
     "RewardError", "load_callable", "RunningMoments", "shape_scores",
 ]

@@ -141,6 +141,27 @@ class LengthPenalty(RewardSource):
         return [-abs(float(n) - self.target) for n in lengths]
 
 
+class OverlongPenalty(RewardSource):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; TRL's
+    ``get_soft_overlong_punishment``, verl's ``overlong_buffer``): with L = ``max_len`` (the
+    generation budget) and c = ``buffer``, an answer of n tokens gets 0 when n ≤ L − c,
+    (L − c − n) / c when L − c < n ≤ L, and −1 beyond L. In [−1, 0]; lengths in response
+    tokens when the rollout gives them, else characters."""
+
+    def __init__(self, max_len: int, buffer: int, name: str = "overlong_penalty"):
+        for arg, v in (("max_len", max_len), ("buffer", buffer)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+        if buffer > max_len:
+            raise ValueError(f"buffer must be at most max_len ({max_len}), got {buffer}")
+        self.max_len, self.buffer, self.name = max_len, buffer, name
+
+    def __call__(self, prompts, completions, ctx):
+        lengths = ctx.response_lengths if ctx.response_lengths is not None else [len(c) for c in completions]
+        start = self.max_len - self.buffer
+        return [0.0 if n <= start else max(-1.0, (start - float(n)) / self.buffer) for n in lengths]
+
+
 class RepetitionPenalty(RewardSource):
     """−(fraction of repeated n-grams) of each completion, over whitespace words when there are
     more than n of them, else over characters. In [−1, 0]."""

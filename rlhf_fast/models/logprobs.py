@@ -400,6 +400,28 @@ def _scatter(out, tr, tc, B, T, return_entropy):
     return tuple(res) if return_entropy else res[0]
 
 
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def sequence_level_old_logp(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The ``old_logp`` that turns PPO's per-token ratio into GSPO's sequence ratio.
+
+    logp (detached), old_logp ``[B, T]`` float, mask ``[B, T]`` bool (the loss tokens). With
+    m_i = mean over row i's loss tokens of (logp − old_logp), returns ``logp − m_i``: the
+    ratio exp(logp_θ − (logp − m_i)) then has the value s_i = exp(m_i) at every token of the
+    row and the gradient s_i·∇logp_θ(token) — GSPO-token's sg[s_i]·π/sg[π] (verl's ``gspo``
+    loss). With one advantage per row (GRPO, RLOO) that is exactly the gradient of GSPO's
+    sequence objective (TRL's ``importance_sampling_level="sequence"``), whatever the
+    aggregation; with per-token advantages (GAE) it is GSPO-token's. A row without loss
+    tokens gets m = 0. Returns ``[B, T]`` in logp's dtype, detached.
+    """
+    with torch.no_grad():
+        m = mask.to(logp.dtype)
+        d = (logp - old_logp.to(logp.dtype)) * m
+        seq = d.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        return logp - seq
+
+
 def policy_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -410,6 +432,7 @@ def policy_loss(
     *,
     ref_logp: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
+    importance_sampling_level: str = "token",
     **loss_kwargs,
 ):
     """The PPO-family policy loss of ``model`` on a rollout batch, from the last hidden state.
@@ -420,6 +443,12 @@ def policy_loss(
     :func:`rlhf_fast.ops.fused_linear_policy_loss` (kl_coef, kl_kind, entropy_coef,
     temperature, clip_low, clip_high, dual_clip, agg, normalizer, chunk_size). Returns
     ``(loss 0-dim float32, stats)``; ``stats["logp"]`` is ``[B, T]`` aligned the same way.
+
+    ``importance_sampling_level``: ``"token"`` (PPO's per-token ratio) or ``"sequence"``
+    (GSPO, Zheng et al. 2025): every token of a row takes the row's ratio
+    exp(mean over its loss tokens of (logp − old_logp)), clipped as a whole, with the gradient
+    of GSPO-token (each token's own log-prob carries it; see :func:`sequence_level_old_logp`).
+    Clip, ``approx_kl`` and ratio statistics are then of the sequence ratios.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -431,15 +460,22 @@ def policy_loss(
         raise ValueError("response_mask, old_logp and advantages are required")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     mask = _target_mask(attention_mask, response_mask)
     temperature = loss_kwargs.get("temperature", 1.0)
+    sequence_level = importance_sampling_level == "sequence"
     why = _fallback_reason(model)
-    if why is not None:
-        # the head cannot be fused: the same loss composed from the real logits
+    if why is not None or sequence_level:
+        # the head cannot be fused, or the ratio needs every log-prob of a row before the loss:
+        # the same loss composed from the per-token log-probs (still the fused head's)
         from rlhf_fast.ops import reference
 
         logp, entropy = sequence_logprobs(model, input_ids, attention_mask, response_mask=mask,
                                           temperature=temperature, return_entropy=True, position_ids=position_ids)
+        if sequence_level:
+            old_logp = sequence_level_old_logp(logp.detach(), old_logp, mask)
         kw = {k: v for k, v in loss_kwargs.items() if k not in ("temperature", "chunk_size")}
         return reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp,
                                                kl_fn=ops.kl_penalty, **kw)
@@ -464,6 +500,8 @@ __all__ = [
     "unfusable_reason",
     "sequence_logprobs",
     "policy_loss",
+    "sequence_level_old_logp",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "default_position_ids",
     "backbone",
     "unwrap",

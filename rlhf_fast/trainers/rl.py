@@ -40,6 +40,7 @@ from rlhf_fast.algorithms import (
     CombinedReward,
     JudgeReward,
     LengthPenalty,
+    OverlongPenalty,
     RepetitionPenalty,
     RewardContext,
     RewardError,
@@ -372,6 +373,7 @@ class RLTrainer:
         self.global_step = 0
         self.prompt_pos = 0  # prompts consumed so far (data position)
         self.dropped_total = 0
+        self._sampled_rows = 0  # rows of the last rollout with a response (the adaptive KL counts them)
         self.run_dir = None
         self._logger = None
 
@@ -433,6 +435,9 @@ class RLTrainer:
         if rc.repetition_penalty > 0:
             sources.append(RepetitionPenalty(rc.repetition_ngram))
             weights.append(rc.repetition_penalty)
+        if rc.overlong_buffer > 0 and rc.overlong_penalty > 0:
+            sources.append(OverlongPenalty(self.config.rollout.max_new_tokens, rc.overlong_buffer))
+            weights.append(rc.overlong_penalty)
         if not sources:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
                              "or reward.reward_model in the config")
@@ -526,6 +531,7 @@ class RLTrainer:
                               f"step {self.global_step} for a bad reward (per source on this rank: "
                               f"{out.dropped}); check the reward sources")
         idx = keep.nonzero(as_tuple=True)[0].to(dev)
+        truncated = self._truncated_rows(batch).to(dev)[idx]  # [b] bool: cut at max_new_tokens
         raw = out.total[keep.cpu()].to(dev)
         scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
                               moments=self.reward_moments if cfg.reward.whiten else None)
@@ -552,6 +558,8 @@ class RLTrainer:
             m["is_weight/mean"] = float(ops.masked_mean(w, rm))
             adv = adv * w
         seq_kl = (kl_tok.sum(1)).mean()
+        n_truncated = truncated.sum()
+        m["rollout/truncated_frac"] = float(n_truncated) / max(1, truncated.numel())
         m.update({
             "reward/total": float(raw.mean()), "reward/shaped": float(scores.mean()),
             "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
@@ -571,18 +579,39 @@ class RLTrainer:
         if self.ctx.distributed:  # the same numbers from every rank's rows together
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
                                                   values, (beh - old_logp).abs() * rm if recompute else None,
-                                                  w if cfg.ppo.is_cap is not None else None))
-        data = RolloutTensors(ids, am, rm, old_logp, ref_logp, beh, values, adv, ret, scores)
+                                                  w if cfg.ppo.is_cap is not None else None, truncated))
+        self._sampled_rows = int(rm.any(dim=1).sum())
+        if ro.mask_truncated:
+            # scored and in their groups' statistics above, but no part of any loss: their
+            # tokens leave the loss mask (the sample count of the adaptive KL still has them)
+            loss_rm = rm & ~truncated[:, None]
+        else:
+            loss_rm = rm
+        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
         return data, m
 
+    def _truncated_rows(self, batch) -> torch.Tensor:
+        """``[B]`` bool: rows whose answer was cut at ``rollout.max_new_tokens`` (the engine's
+        finish reason "length"). An engine that gives no finish reasons counts none, and then
+        ``rollout.mask_truncated`` is refused (it could not mask anything)."""
+        reasons = list(getattr(batch, "finish_reasons", None) or [])
+        B = batch.input_ids.shape[0]
+        if len(reasons) != B:
+            if self.config.rollout.mask_truncated:
+                raise ValueError(f"rollout.mask_truncated needs the engine's finish_reasons (one per row, "
+                                 f"{B}); {type(self.engine).__name__} gave {len(reasons)}")
+            return torch.zeros(B, dtype=torch.bool)
+        return torch.tensor([r == "length" for r in reasons], dtype=torch.bool)
+
     def _global_rollout_metrics(self, per_source, raw, scores, kl_tok, rm, entropy, adv, ret, values, gap,
-                                is_w):
+                                is_w, truncated):
         """The rollout metrics of every rank's rows together, as one process computes them
         on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
         second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
-        recomputed log-prob| on response tokens, ``is_w`` the importance weights or None;
+        recomputed log-prob| on response tokens, ``is_w`` the importance weights or None,
+        ``truncated`` ``[b]`` bool the rows cut at max_new_tokens;
         ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward)."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
@@ -592,7 +621,7 @@ class RLTrainer:
             "reward/total": (d(raw), rows), "reward/shaped": (d(scores), rows), "kl/seq": (d(kl_tok), rows),
             "kl/token": (d(kl_tok * rm), tok), "response_length/mean": (tok, rows),
             "advantages/mean": (d(adv * rm), tok), "returns/mean": (d(ret * rm), tok),
-            "reward/sq": (d(raw * raw), rows),
+            "reward/sq": (d(raw * raw), rows), "rollout/truncated_frac": (d(truncated), rows),
         })
         if gap is not None:
             parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
@@ -647,7 +676,8 @@ class RLTrainer:
         in_loss = cfg.kl.placement == "loss"
         return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.kind,
                     entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
-                    clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg)
+                    clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg,
+                    importance_sampling_level=cfg.ppo.importance_sampling_level)
 
     def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
                         n_micro: Optional[int] = None) -> Dict[str, float]:
@@ -893,8 +923,9 @@ class RLTrainer:
         m["time/update"] = time.perf_counter() - t1
         m = self.ctx.mean_metrics(m)  # every rank then updates β with the same numbers
         # Ziegler et al. update β with the measured sequence KL, counted in samples: the kept rows
-        # of every rank (ranks may drop different numbers; a rank's blank row has no response)
-        n = data.response_mask.any(dim=1).sum().to(torch.float32)
+        # with a response on every rank (ranks may drop different numbers), masked-out truncated
+        # answers included (their KL is in kl/seq)
+        n = torch.tensor(float(self._sampled_rows), device=self.device)
         if self.ctx.distributed:
             n = self.ctx.all_reduce_sum(n)
         self.kl_ctl.update(m["kl/seq"], int(n.item()))

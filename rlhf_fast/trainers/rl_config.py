@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS
 from rlhf_fast.distributed import DistributedConfig
+from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.ops._validate import finite
 from rlhf_fast.ops.reference import AGG_MODES
 from rlhf_fast.trainers.common import check_seed
@@ -115,7 +116,12 @@ class RolloutConfig:
     strategy ``none`` keep the faster single-generator path and its numbers.
 
     ``cuda_graphs``: on a GPU, replay each generate call's decode step as a CUDA graph (see
-    :class:`rlhf_fast.rollout.HFRolloutEngine`); no effect on the CPU."""
+    :class:`rlhf_fast.rollout.HFRolloutEngine`); no effect on the CPU.
+
+    ``mask_truncated``: leave out of the policy and value losses every answer cut at
+    ``max_new_tokens`` (no eos, stop token or stop string; DAPO's overlong filtering, TRL's
+    ``mask_truncated_completions``). They are still scored and still count in their group's
+    advantage statistics; ``rollout/truncated_frac`` is logged either way."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -127,6 +133,7 @@ class RolloutConfig:
     stop_strings: List[str] = field(default_factory=list)
     per_sample_seeds: Optional[bool] = None
     cuda_graphs: bool = True
+    mask_truncated: bool = False
 
     def __post_init__(self):
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
@@ -141,8 +148,9 @@ class RolloutConfig:
         if self.per_sample_seeds not in (None, True, False):
             raise ValueError(f"rollout.per_sample_seeds must be true, false or null, "
                              f"got {self.per_sample_seeds!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"rollout.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "mask_truncated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"rollout.{name} must be true or false, got {getattr(self, name)!r}")
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise ValueError(f"rollout.stop_strings[{i}] must be a non-empty string, got {stop!r}")
@@ -152,6 +160,9 @@ class RolloutConfig:
 class RewardConfig:
     """Sources: ``functions`` ("module:function" or "file.py:function"), a reward model path,
     the length and repetition penalties (weight 0 = off). ``weights`` (one per function, default 1).
+    ``overlong_buffer`` (tokens, 0 = off): DAPO's soft overlong punishment, weighted by
+    ``overlong_penalty`` — 0 up to ``rollout.max_new_tokens − overlong_buffer`` response tokens,
+    then falling linearly to −1 at ``rollout.max_new_tokens`` (:class:`OverlongPenalty`).
     Shaping: ``whiten`` (running statistics) then ``clip``. ``on_bad_reward``: raise | drop."""
 
     functions: List[str] = field(default_factory=list)
@@ -162,6 +173,8 @@ class RewardConfig:
     length_target: Optional[int] = None
     repetition_penalty: float = 0.0
     repetition_ngram: int = 3
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     clip: Optional[float] = None
     whiten: bool = False
     on_bad_reward: str = "raise"
@@ -183,6 +196,8 @@ class RewardConfig:
         _pos("reward.length_penalty", self.length_penalty, allow_zero=True)
         _pos("reward.repetition_penalty", self.repetition_penalty, allow_zero=True)
         _pos("reward.repetition_ngram", self.repetition_ngram, integer=True)
+        _pos("reward.overlong_buffer", self.overlong_buffer, allow_zero=True, integer=True)
+        _pos("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
         if self.length_target is not None:
             _pos("reward.length_target", self.length_target, allow_zero=True, integer=True)
 
@@ -241,6 +256,10 @@ class PPOConfig:
     saving that forward, as TRL's PPOTrainer did with its generation scores; only for plain
     temperature sampling, where they are the same distribution up to float rounding —
     ``logprob_gap/*`` measures it under ``recompute``).
+    ``importance_sampling_level``: ``token`` (PPO) or ``sequence`` (GSPO: each answer's ratio is
+    exp of the mean of its tokens' log-ratios, clipped as a whole — TRL's option of the same
+    name, verl's ``gspo`` loss; the GSPO paper clips at about 3e-4 / 4e-4, e.g. ``clip_low:
+    0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``).
 
     ``agg`` (every loss term, value loss included): ``token-mean`` (DAPO; TRL GRPO's bnpo/dapo);
     ``seq-mean-token-mean`` (DeepSeekMath's GRPO); ``seq-mean-token-sum``;
@@ -272,6 +291,7 @@ class PPOConfig:
     trpo_backtrack_ratio: float = 0.5
     is_cap: Optional[float] = None
     old_logp: str = "recompute"
+    importance_sampling_level: str = "token"
 
     def __post_init__(self):
         _pos("ppo.epochs", self.epochs, integer=True)
@@ -305,6 +325,7 @@ class PPOConfig:
         if self.is_cap is not None:
             _pos("ppo.is_cap", self.is_cap)
         _choice("ppo.old_logp", self.old_logp, OLD_LOGP_SOURCES)
+        _choice("ppo.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         if self.old_logp == "behaviour" and self.is_cap is not None:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")
@@ -372,6 +393,9 @@ class RLConfig:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
                              f"rollout.prompts_per_step × rollout.group_size = {batch}")
         ro = self.rollout
+        if self.reward.overlong_buffer > ro.max_new_tokens:
+            raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be at most "
+                             f"rollout.max_new_tokens ({ro.max_new_tokens})")
         if self.ppo.old_logp == "behaviour" and (ro.top_k or ro.top_p < 1 or ro.min_p > 0):
             # the sampler's log-probs are under the filtered distribution, the loss's under the full one
             raise ValueError("ppo.old_logp 'behaviour' needs plain temperature sampling (rollout.top_k 0, "

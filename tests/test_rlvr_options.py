@@ -1,0 +1,257 @@
+"""Options RL-with-verifiable-rewards recipes use, checked against the formulas of the
+trainers that introduced them.
+
+- ``ppo.importance_sampling_level: sequence`` — GSPO's sequence ratio (TRL's option of that
+  name; verl's ``gspo`` loss).
+- ``reward.overlong_buffer`` — DAPO's soft overlong punishment (TRL's
+  ``get_soft_overlong_punishment``).
+- ``rollout.mask_truncated`` — answers cut at the budget leave the losses (TRL's
+  ``mask_truncated_completions``).
+"""
+
+import pytest
+import torch
+
+from rlhf_fast.algorithms import OverlongPenalty, RewardContext
+from rlhf_fast.models.logprobs import policy_loss, sequence_level_old_logp, sequence_logprobs
+from rlhf_fast.ops.reference import aggregate
+from rlhf_fast.trainers.rl import RLTrainer
+from rlhf_fast.trainers.rl_config import PPOConfig, RewardConfig, RLConfig, RolloutConfig
+from tests.test_rl_learning import PROMPTS, make_config, make_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def n_chars(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+
+# --------------------------------------------------------------------------- GSPO
+
+
+def _batch(seed=0, B=4, T=9):
+    """A tiny policy, token ids and masks with rows of different response lengths (one row
+    without response tokens), and old log-probs off the current policy's by a few percent."""
+    pol, tok = make_policy(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tok), (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.bool)
+    am[1, :2] = False  # left padding
+    rm = torch.zeros(B, T, dtype=torch.bool)
+    rm[0, 3:] = True
+    rm[1, 5:] = True
+    rm[2, 8:] = True
+    # row 3: no response tokens
+    with torch.no_grad():
+        logp = sequence_logprobs(pol, ids, am, response_mask=rm)
+    old = (logp + 0.05 * torch.randn(B, T, generator=g)) * rm
+    return pol, ids, am, rm, old, g
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _trl_sequence_loss(pol, ids, am, rm, old, adv_row, clip_low, clip_high):
+    """TRL GRPOTrainer's loss with importance_sampling_level="sequence" (loss_type bnpo: the
+    token mean), the sequence log-ratio differentiated through its mean."""
+    logp = sequence_logprobs(pol, ids, am, response_mask=rm)
+    m = rm.float()
+    log_w = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    coef1 = torch.exp(log_w)[:, None]
+    coef2 = torch.clamp(coef1, 1 - clip_low, 1 + clip_high)
+    adv = adv_row[:, None]
+    per_token = -torch.min(coef1 * adv, coef2 * adv)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _verl_gspo_loss(pol, ids, am, rm, old, adv, clip_low, clip_high, agg):
+    """verl core_algos.compute_policy_loss_gspo (without its log-ratio clamp at 10)."""
+    logp = sequence_logprobs(pol, ids, am, response_mask=rm)
+    m = rm.float()
+    seq = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    ratio = torch.exp(logp - logp.detach() + seq.detach()[:, None])
+    losses = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    return aggregate(losses * m, rm, agg)
+
+
+def test_sequence_level_old_logp_gives_each_row_its_mean_log_ratio():
+    logp = torch.tensor([[0.0, -1.0, -2.0, -3.0], [0.0, -0.5, -0.5, 0.0]])
+    old = torch.tensor([[0.0, -1.2, -2.4, -3.0], [0.0, -0.5, -0.5, 0.0]])
+    mask = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    eff = sequence_level_old_logp(logp, old, mask)
+    ratio = torch.exp(logp - eff)
+    # row 0: mean of (0.2, 0.4) over its two loss tokens; row 1 has none: ratio 1
+    torch.testing.assert_close(ratio[0], torch.full((4,), torch.tensor(0.3).exp().item()))
+    torch.testing.assert_close(ratio[1], torch.ones(4))
+
+
+def test_sequence_level_loss_and_gradient_equal_trl_gspo():
+    pol, ids, am, rm, old, g = _batch()
+    adv_row = torch.randn(ids.shape[0], generator=g)
+    adv = adv_row[:, None].expand_as(old).contiguous() * rm
+    lo, hi = 0.01, 0.02  # tight enough that some rows are clipped and some not
+    want = _trl_sequence_loss(pol, ids, am, rm, old, adv_row, lo, hi)
+    want.backward()
+    g_want = _grads(pol)
+    pol.zero_grad(set_to_none=True)
+    loss, st = policy_loss(pol, ids, am, rm, old, adv, clip_low=lo, clip_high=hi, agg="token-mean",
+                           importance_sampling_level="sequence")
+    loss.backward()
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(_grads(pol), g_want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert 0 < float(st["clip_frac"]) < 1
+    # the token ratio is another objective: the check above can tell them apart
+    pol.zero_grad(set_to_none=True)
+    tok_loss, _ = policy_loss(pol, ids, am, rm, old, adv, clip_low=lo, clip_high=hi, agg="token-mean")
+    assert abs(float(tok_loss.detach()) - float(want.detach())) > 1e-5
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_sequence_level_with_token_advantages_equals_verl_gspo_token(agg):
+    pol, ids, am, rm, old, g = _batch(1)
+    adv = torch.randn(old.shape, generator=g) * rm
+    want = _verl_gspo_loss(pol, ids, am, rm, old, adv, 0.01, 0.02, agg)
+    want.backward()
+    g_want = _grads(pol)
+    pol.zero_grad(set_to_none=True)
+    loss, _ = policy_loss(pol, ids, am, rm, old, adv, clip_low=0.01, clip_high=0.02, agg=agg,
+                          importance_sampling_level="sequence")
+    loss.backward()
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(_grads(pol), g_want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_importance_sampling_level_is_checked():
+    pol, ids, am, rm, old, _ = _batch()
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        policy_loss(pol, ids, am, rm, old, torch.zeros_like(old), importance_sampling_level="seq")
+    with pytest.raises(ValueError, match="ppo.importance_sampling_level"):
+        PPOConfig(importance_sampling_level="sample")
+
+
+def test_trainer_trains_with_sequence_ratios(tmp_path, monkeypatch):
+    import rlhf_fast.models.logprobs as lp
+
+    seen = []
+    real = lp.sequence_level_old_logp
+    monkeypatch.setattr(lp, "sequence_level_old_logp", lambda *a: seen.append(1) or real(*a))
+    pol, tok = make_policy()
+    before = [p.detach().clone() for p in pol.parameters()]
+    cfg = make_config(tmp_path, "grpo", steps=1, ppo=PPOConfig(epochs=2, mini_batch_size=8, micro_batch_size=4,
+                                                               importance_sampling_level="sequence",
+                                                               clip_low=3e-4, clip_high=4e-4))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+    m = tr.step()
+    assert seen  # the loss took the sequence path
+    assert torch.isfinite(torch.tensor(m["policy/loss"]))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, pol.parameters()))
+
+
+# --------------------------------------------------------------------------- overlong
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    pen = OverlongPenalty(max_len=10, buffer=4)
+    ctx = RewardContext(response_lengths=[0, 6, 7, 8, 10, 12])
+    got = pen(["p"] * 6, ["c"] * 6, ctx)
+    # TRL: 0 up to L - c, (L - c - n) / c up to L, -1 past it
+    assert got == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    with pytest.raises(ValueError, match="buffer must be at most max_len"):
+        OverlongPenalty(4, 5)
+    with pytest.raises(ValueError, match="buffer"):
+        OverlongPenalty(4, 0)
+
+
+def test_overlong_buffer_longer_than_the_budget_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="reward.overlong_buffer"):
+        make_config(tmp_path, "grpo", reward=RewardConfig(overlong_buffer=7),
+                    rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=6))
+
+
+def test_trainer_adds_the_overlong_penalty_by_response_tokens(tmp_path):
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, reward=RewardConfig(overlong_buffer=3, overlong_penalty=0.5))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+    captured = {}
+    real = tr.reward
+
+    def spy(prompts, completions, ctx):
+        out = real(prompts, completions, ctx)
+        captured["ctx"], captured["out"] = ctx, out
+        return out
+
+    tr.reward = spy
+    tr.rollout()
+    out, lengths = captured["out"], captured["ctx"].response_lengths
+    want = [0.0 if n <= 3 else max(-1.0, (3 - n) / 3) for n in lengths]
+    torch.testing.assert_close(out.per_source["overlong_penalty"], torch.tensor(want))
+    assert any(w < 0 for w in want)  # the budget (6) was reached by some answers
+    torch.testing.assert_close(out.total, out.per_source["n_chars"] + 0.5 * torch.tensor(want))
+
+
+# --------------------------------------------------------------------------- mask_truncated
+
+
+def _masking_trainer(tmp_path, mask, max_new_tokens=4):
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path / str(mask), "grpo", steps=1,
+                      rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=max_new_tokens,
+                                            mask_truncated=mask))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+    batches = []
+    real = tr.engine.generate
+    tr.engine.generate = lambda *a, **k: batches.append(real(*a, **k)) or batches[-1]
+    return tr, batches
+
+
+def test_truncated_answers_leave_the_loss_but_keep_their_group_statistics(tmp_path):
+    on, seen = _masking_trainer(tmp_path, True)
+    off, _ = _masking_trainer(tmp_path, False)
+    d_on, m_on = on.rollout()
+    d_off, m_off = off.rollout()
+    reasons = seen[0].finish_reasons
+    cut = torch.tensor([r == "length" for r in reasons])
+    assert cut.any() and not cut.all()  # the tiny model both stops and runs out of budget
+    assert m_on["rollout/truncated_frac"] == pytest.approx(float(cut.float().mean()))
+    assert m_off["rollout/truncated_frac"] == m_on["rollout/truncated_frac"]
+    # same samples: advantages from the whole groups either way; only the loss mask differs
+    torch.testing.assert_close(d_on.advantages, d_off.advantages)
+    assert torch.equal(d_on.response_mask, d_off.response_mask & ~cut[:, None])
+    assert not d_on.response_mask[cut].any() and d_on.response_mask[~cut].any(dim=1).all()
+
+
+def test_a_batch_of_only_truncated_answers_updates_nothing(tmp_path):
+    tr, _ = _masking_trainer(tmp_path, True)
+    real = tr.engine.generate
+
+    def all_cut(*a, **k):
+        b = real(*a, **k)
+        b.finish_reasons = ["length"] * len(b.finish_reasons)
+        return b
+
+    tr.engine.generate = all_cut
+    before = [p.detach().clone() for p in tr.policy.parameters()]
+    m = tr.step()
+    assert m["rollout/truncated_frac"] == 1.0
+    assert m["policy/loss"] == 0.0
+    for a, b in zip(before, tr.policy.parameters()):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
+
+
+def test_mask_truncated_needs_finish_reasons(tmp_path):
+    tr, _ = _masking_trainer(tmp_path, True)
+    real = tr.engine.generate
+
+    def no_reasons(*a, **k):
+        b = real(*a, **k)
+        b.finish_reasons = []
+        return b
+
+    tr.engine.generate = no_reasons
+    with pytest.raises(ValueError, match="rollout.mask_truncated needs the engine's finish_reasons"):
+        tr.rollout()
+    with pytest.raises(ValueError, match="rollout.mask_truncated"):
+        RLConfig(rollout=RolloutConfig(mask_truncated="yes"))

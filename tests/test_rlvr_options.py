@@ -255,3 +255,76 @@ def test_mask_truncated_needs_finish_reasons(tmp_path):
         tr.rollout()
     with pytest.raises(ValueError, match="rollout.mask_truncated"):
         RLConfig(rollout=RolloutConfig(mask_truncated="yes"))
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+
+
+def test_concatenated_batches_keep_every_row_and_its_groups():
+    from rlhf_fast.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
+
+    pol, tok = make_policy()
+    eng = HFRolloutEngine(pol, tok)
+    a = eng.generate(["q:", "a b"], SamplingParams(max_new_tokens=3, n=2, seed=1))
+    b = eng.generate(["x y z w v u"], SamplingParams(max_new_tokens=6, n=2, seed=2))
+    assert a.prompt_length != b.prompt_length  # the re-padding is exercised
+    rows = torch.tensor([5, 0, 3])
+    got = RolloutBatch.concat([a, b], eng.pad_id, rows)
+    src = [(a, i) for i in range(a.batch_size)] + [(b, i) for i in range(b.batch_size)]
+    for r, k in enumerate(rows.tolist()):
+        orig, i = src[k]
+        am, gam = orig.attention_mask[i].bool(), got.attention_mask[r].bool()
+        assert torch.equal(got.input_ids[r][gam], orig.input_ids[i][am])
+        assert torch.equal(got.input_ids[r][got.response_mask[r].bool()], orig.input_ids[i][orig.response_mask[i].bool()])
+        assert torch.equal(got.behaviour_logp[r][gam], orig.behaviour_logp[i][am])
+        assert got.response_texts[r] == orig.response_texts[i] and got.prompt_texts[r] == orig.prompt_texts[i]
+        assert got.finish_reasons[r] == orig.finish_reasons[i]
+        # the response starts right after the (common) prompt width
+        assert not got.response_mask[r, :got.prompt_length].any()
+    assert got.group_index.tolist() == [2, 0, 1]  # b's one prompt numbered after a's two
+
+
+def _only_some_prompts(prompts, completions):
+    """Uniform rewards for "q:" and "x" (no gradient), spread-out ones for the others."""
+    return [0.0 if p in ("q:", "x") else float(len(c)) + 0.01 * i for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def _ds_trainer(tmp_path, rounds, reward=_only_some_prompts):
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path / str(rounds), "grpo", steps=1, data=DataConfig(prompts=PROMPTS, shuffle=False),
+                      rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=4,
+                                            dynamic_sampling=True, max_sampling_rounds=rounds))
+    return RLTrainer(cfg, pol, tok, reward_fns=[reward], prompts=PROMPTS)
+
+
+def test_dynamic_sampling_replaces_uniform_groups_with_new_prompts(tmp_path):
+    tr = _ds_trainer(tmp_path, 3)
+    data, m = tr.rollout()
+    # round 1 drew "q:" and "x" (uniform rewards), round 2 "0" and "a b"; enough, so no third
+    assert m["rollout/sampling_rounds"] == 2 and m["rollout/uniform_group_frac"] == 0.0
+    assert tr.prompt_pos == 4
+    assert data.input_ids.shape[0] == 8
+    assert sorted({p for p, _, _ in tr._last_texts}) == ["0", "a b"]
+    assert data.advantages.abs().sum() > 0
+
+
+def test_dynamic_sampling_fills_with_uniform_groups_when_the_rounds_run_out(tmp_path):
+    tr = _ds_trainer(tmp_path, 3, reward=lambda p, c: [1.0] * len(c))
+    data, m = tr.rollout()
+    assert m["rollout/sampling_rounds"] == 3 and m["rollout/uniform_group_frac"] == 1.0
+    assert data.input_ids.shape[0] == 8 and tr.prompt_pos == 6
+    one = _ds_trainer(tmp_path, 1)
+    _, m1 = one.rollout()  # one round: no refill
+    assert m1["rollout/sampling_rounds"] == 1 and m1["rollout/uniform_group_frac"] == 1.0
+    assert one.prompt_pos == 2
+    m = tr.step()  # a step on uniform groups only still runs
+    assert m["rollout/uniform_group_frac"] == 1.0 and torch.isfinite(torch.tensor(m["policy/loss"]))
+
+
+def test_dynamic_sampling_needs_a_group_estimator(tmp_path):
+    with pytest.raises(ValueError, match="rollout.dynamic_sampling needs a group estimator"):
+        make_config(tmp_path, "gae", rollout=RolloutConfig(dynamic_sampling=True))
+    with pytest.raises(ValueError, match="rollout.max_sampling_rounds"):
+        RolloutConfig(max_sampling_rounds=0)

@@ -195,6 +195,17 @@ class RewardOutput:
     valid: torch.Tensor
     dropped: Dict[str, int] = field(default_factory=dict)
 
+    @staticmethod
+    def concat(outs: Sequence["RewardOutput"], rows: Optional[torch.Tensor] = None) -> "RewardOutput":
+        """The outputs of several batches, one after the other, then the rows ``rows`` (``[b]``
+        int64 into the concatenation; None: all). ``dropped`` counts the failures (NaN) of each
+        source among those rows."""
+        cat = lambda ts: torch.cat(list(ts)) if rows is None else torch.cat(list(ts))[rows]  # noqa: E731
+        per_source = {k: cat(o.per_source[k] for o in outs) for k in outs[0].per_source}
+        return RewardOutput(total=cat(o.total for o in outs), per_source=per_source,
+                            valid=cat(o.valid for o in outs),
+                            dropped={k: int((~torch.isfinite(v)).sum()) for k, v in per_source.items()})
+
 
 class CombinedReward:
     """Weighted sum of reward sources. ``sources``: list of RewardSource (or ``(source, weight)``

@@ -138,6 +138,44 @@ class RolloutBatch:
         """``[B, R]`` the response part of input_ids (padded with the pad id)."""
         return self.input_ids[:, self.prompt_length:]
 
+    @staticmethod
+    def concat(batches: Sequence["RolloutBatch"], pad_id: int, rows: Optional[torch.Tensor] = None) -> "RolloutBatch":
+        """Several batches as one, then the rows ``rows`` (``[b]`` int64 into the concatenation;
+        None: all): prompts re-padded on the left to the widest prompt, responses on the right
+        to the longest response (``pad_id``, attention 0); ``group_index`` numbered on across
+        the batches. tokens_per_second is of all of them together."""
+        P = max(b.prompt_length for b in batches)
+        R = max(b.input_ids.shape[1] - b.prompt_length for b in batches)
+
+        def widen(t, b, fill):
+            left, right = P - b.prompt_length, R - (t.shape[1] - b.prompt_length)
+            return torch.cat([t.new_full((t.shape[0], left), fill), t, t.new_full((t.shape[0], right), fill)], 1)
+
+        def take(x):
+            return x if rows is None else x[rows.to(x.device)]
+
+        def pick(items):
+            return items if rows is None else [items[i] for i in rows.tolist()]
+
+        groups, first = [], 0
+        for b in batches:
+            groups.append(b.group_index + first)
+            first += int(b.group_index.max()) + 1 if b.group_index.numel() else 0
+        tokens = sum(b.num_generated_tokens for b in batches)
+        secs = sum(b.num_generated_tokens / b.tokens_per_second for b in batches if b.tokens_per_second > 0)
+        ids = take(torch.cat([widen(b.input_ids, b, pad_id) for b in batches]))
+        resp = take(torch.cat([widen(b.response_mask, b, 0) for b in batches]))
+        return RolloutBatch(
+            input_ids=ids, attention_mask=take(torch.cat([widen(b.attention_mask, b, 0) for b in batches])),
+            response_mask=resp, behaviour_logp=take(torch.cat([widen(b.behaviour_logp, b, 0.0) for b in batches])),
+            prompt_texts=pick([t for b in batches for t in b.prompt_texts]),
+            response_texts=pick([t for b in batches for t in b.response_texts]),
+            group_index=take(torch.cat(groups)), num_generated_tokens=int(resp.sum()) if rows is not None else tokens,
+            tokens_per_second=tokens / secs if secs > 0 else 0.0, prompt_length=P,
+            finish_reasons=pick([r for b in batches for r in b.finish_reasons])
+            if all(len(b.finish_reasons) == b.batch_size for b in batches) else [],
+        )
+
     def to(self, device) -> "RolloutBatch":
         """A copy with every tensor moved to ``device``."""
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}

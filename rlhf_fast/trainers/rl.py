@@ -161,6 +161,13 @@ def _adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float) -> 
                              **({"fused": True} if fused else {"foreach": True}))
 
 
+def _informative_groups(out, group_size: int) -> torch.Tensor:
+    """``[groups]`` bool: groups whose answers all have valid rewards that are not all equal."""
+    total = out.total.view(-1, group_size)
+    valid = out.valid.view(-1, group_size).all(dim=1)
+    return valid & (total.amax(dim=1) > total.amin(dim=1))
+
+
 def _sample_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of response ``index`` of the global batch of ``step`` (63 bits; an
     LCG-style mix so nearby (step, index) pairs give unrelated generator states)."""
@@ -462,34 +469,22 @@ class RLTrainer:
         """Generate, score and estimate advantages. Returns ``(RolloutTensors, metrics)``."""
         from rlhf_fast.distributed import reshard
         from rlhf_fast.models.logprobs import sequence_logprobs
-        from rlhf_fast.rollout import SamplingParams, logprob_gap
+        from rlhf_fast.rollout import logprob_gap
 
         cfg, ro = self.config, self.config.rollout
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
-        prompts = self._next_prompts()
-        lo = 0
-        if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
-            from rlhf_fast.trainers.sft import local_span
-
-            lo, hi = local_span(len(prompts), self.ctx)
-            prompts = prompts[lo:hi]
-        seeds = {"seed": (cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank) % (2**31)}
-        if self.per_sample_seeds:  # by the row's index in the step's global batch: any number of ranks
-            first = lo * ro.group_size
-            seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + i)
-                                      for i in range(len(prompts) * ro.group_size)]}
-        params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
-                                max_new_tokens=ro.max_new_tokens, n=ro.group_size,
-                                stop_strings=tuple(ro.stop_strings), **seeds)
-        with torch.no_grad():
-            batch = self.engine.generate(prompts, params)
+        batch = self._generate(0)
+        t_gen = time.perf_counter() - t0
+        out = self._score(batch)
+        if ro.dynamic_sampling:
+            batch, out, t_more, rounds, uniform = self._fill_informative_groups(batch, out)
+            t_gen += t_more
+            m["rollout/sampling_rounds"] = rounds
+            m["rollout/uniform_group_frac"] = uniform
         t1 = time.perf_counter()
+        ids, am, rm = self._batch_masks(batch)
         dev = self.device
-        ids = batch.input_ids.to(dev)
-        am = batch.attention_mask.to(dev).bool()
-        rm = batch.response_mask.to(dev).bool() & am
-        rm[:, 0] = False  # position 0 has no log-prob (alignment convention)
         beh = batch.behaviour_logp.to(dev).float() * rm
         recompute = cfg.ppo.old_logp == "recompute"
         with torch.no_grad():
@@ -506,9 +501,6 @@ class RLTrainer:
             values = (critic_values(self.critic, ids, am) * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
         t2 = time.perf_counter()
-        lengths = rm.sum(1).tolist()
-        out = self.reward(list(batch.prompt_texts), list(batch.response_texts),
-                          RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths))
         for name, v in out.per_source.items():
             fin = torch.isfinite(v)
             m[f"reward/{name}"] = float(v[fin].mean()) if fin.any() else float("nan")
@@ -569,7 +561,7 @@ class RLTrainer:
             "advantages/mean": float(ops.masked_mean(adv, rm)),
             "returns/mean": float(ops.masked_mean(ret, rm)),
             "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0),
-            "time/generate": t1 - t0, "time/logprobs": t2 - t1,
+            "time/generate": t_gen, "time/logprobs": t2 - t1,
         })
         if self.critic is not None:
             var_r = torch.var(ret[rm]) if rm.sum() > 1 else torch.tensor(0.0)
@@ -591,6 +583,82 @@ class RLTrainer:
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
         return data, m
+
+    def _generate(self, rnd: int):
+        """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``
+        times: the RolloutBatch of sampling round ``rnd`` (0, then 1, 2, … with
+        ``rollout.dynamic_sampling``; each round its own seeds)."""
+        from rlhf_fast.rollout import SamplingParams
+
+        cfg, ro = self.config, self.config.rollout
+        prompts = self._next_prompts()
+        lo = 0
+        if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
+            from rlhf_fast.trainers.sft import local_span
+
+            lo, hi = local_span(len(prompts), self.ctx)
+            prompts = prompts[lo:hi]
+        seeds = {"seed": (cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank + 104_729 * rnd) % (2**31)}
+        if self.per_sample_seeds:  # by the row's index in the step's global batch: any number of ranks
+            first = lo * ro.group_size + rnd * cfg.batch_size
+            seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + i)
+                                      for i in range(len(prompts) * ro.group_size)]}
+        params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
+                                max_new_tokens=ro.max_new_tokens, n=ro.group_size,
+                                stop_strings=tuple(ro.stop_strings), **seeds)
+        with torch.no_grad():
+            return self.engine.generate(prompts, params)
+
+    def _batch_masks(self, batch):
+        """(input_ids, attention_mask, response_mask) of ``batch`` on the training device, the
+        masks bool; the response mask never set at column 0 (it has no log-prob)."""
+        dev = self.device
+        ids = batch.input_ids.to(dev)
+        am = batch.attention_mask.to(dev).bool()
+        rm = batch.response_mask.to(dev).bool() & am
+        rm[:, 0] = False
+        return ids, am, rm
+
+    def _score(self, batch):
+        """The reward sources on ``batch``: a RewardOutput."""
+        ids, am, rm = self._batch_masks(batch)
+        return self.reward(list(batch.prompt_texts), list(batch.response_texts),
+                           RewardContext(input_ids=ids, attention_mask=am, response_lengths=rm.sum(1).tolist()))
+
+    def _fill_informative_groups(self, batch, out):
+        """DAPO's dynamic sampling: groups whose answers all got the same reward (zero
+        group-relative advantage: no policy gradient) are replaced by groups of further prompts,
+        sampled in up to ``rollout.max_sampling_rounds`` rounds in all, until this rank has its
+        share of groups with differing rewards on every rank (the rounds are agreed over ranks,
+        so sharded models generate together). The batch keeps its size: the first informative
+        groups, in the order sampled, then — if the rounds ran out — uniform ones.
+        Returns (batch, reward output, seconds spent generating, rounds, fraction of uniform
+        groups kept)."""
+        from rlhf_fast.algorithms import RewardOutput
+        from rlhf_fast.rollout import RolloutBatch
+
+        G = self.config.rollout.group_size
+        target = batch.batch_size // G  # this rank's groups
+        batches, outs = [batch], [out]
+        t_gen = 0.0
+        while len(batches) < self.config.rollout.max_sampling_rounds:
+            have = sum(int(_informative_groups(o, G).sum()) for o in outs)
+            if all(h >= t for h, t in self.ctx.all_gather_ints([min(have, target), target])):
+                break
+            t = time.perf_counter()
+            batches.append(self._generate(len(batches)))
+            t_gen += time.perf_counter() - t
+            outs.append(self._score(batches[-1]))
+        info = torch.cat([_informative_groups(o, G) for o in outs])  # [groups of all rounds]
+        order = torch.cat([info.nonzero()[:, 0], (~info).nonzero()[:, 0]])[:target]  # informative first
+        order = order.sort().values  # sampled order
+        rows = (order[:, None] * G + torch.arange(G)).reshape(-1)
+        pad = getattr(self.engine, "pad_id", None)
+        if pad is None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        uniform = float((~info[order]).float().mean()) if order.numel() else 0.0
+        return (RolloutBatch.concat(batches, pad, rows), RewardOutput.concat(outs, rows), t_gen, len(batches),
+                uniform)
 
     def _truncated_rows(self, batch) -> torch.Tensor:
         """``[B]`` bool: rows whose answer was cut at ``rollout.max_new_tokens`` (the engine's

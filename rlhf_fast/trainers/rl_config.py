@@ -121,7 +121,16 @@ class RolloutConfig:
     ``mask_truncated``: leave out of the policy and value losses every answer cut at
     ``max_new_tokens`` (no eos, stop token or stop string; DAPO's overlong filtering, TRL's
     ``mask_truncated_completions``). They are still scored and still count in their group's
-    advantage statistics; ``rollout/truncated_frac`` is logged either way."""
+    advantage statistics; ``rollout/truncated_frac`` is logged either way.
+
+    ``dynamic_sampling`` (group estimators): DAPO's dynamic sampling — groups whose answers all
+    got the same reward (no policy gradient) are replaced by groups of further prompts, sampled
+    in up to ``max_sampling_rounds`` rounds in all (the first included), so the batch is filled
+    with groups that teach something; when the rounds run out, uniform groups fill the rest.
+    Each extra round consumes ``prompts_per_step`` more prompts. Logs
+    ``rollout/sampling_rounds`` and ``rollout/uniform_group_frac``. On several ranks each rank
+    fills its own share (the rounds are agreed over ranks), so which groups are kept depends
+    on the number of ranks."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -134,6 +143,8 @@ class RolloutConfig:
     per_sample_seeds: Optional[bool] = None
     cuda_graphs: bool = True
     mask_truncated: bool = False
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
     def __post_init__(self):
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
@@ -148,7 +159,8 @@ class RolloutConfig:
         if self.per_sample_seeds not in (None, True, False):
             raise ValueError(f"rollout.per_sample_seeds must be true, false or null, "
                              f"got {self.per_sample_seeds!r}")
-        for name in ("cuda_graphs", "mask_truncated"):
+        _pos("rollout.max_sampling_rounds", self.max_sampling_rounds, integer=True)
+        for name in ("cuda_graphs", "mask_truncated", "dynamic_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rollout.{name} must be true or false, got {getattr(self, name)!r}")
         for i, stop in enumerate(self.stop_strings):
@@ -393,6 +405,9 @@ class RLConfig:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
                              f"rollout.prompts_per_step × rollout.group_size = {batch}")
         ro = self.rollout
+        if ro.dynamic_sampling and self.estimator not in ("grpo", "dr_grpo", "rloo"):
+            raise ValueError(f"rollout.dynamic_sampling needs a group estimator (grpo, dr_grpo, rloo), "
+                             f"got estimator {self.estimator!r}")
         if self.reward.overlong_buffer > ro.max_new_tokens:
             raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be at most "
                              f"rollout.max_new_tokens ({ro.max_new_tokens})")

@@ -28,8 +28,14 @@ def _length_reward_dropping(prompts, completions):
     return [float("nan") if p == "go:" else float(len(c)) for p, c in zip(prompts, completions)]
 
 
+def _uniform_for_some(prompts, completions):
+    """No spread (so no gradient) in the groups of "count:" and "list:"; length elsewhere."""
+    return [0.0 if p in ("count:", "list:") else float(len(c)) + 0.01 * i
+            for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
 def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
-               trpo: bool = False, bf16: bool = False, behaviour: bool = False):
+               trpo: bool = False, bf16: bool = False, behaviour: bool = False, dynamic: bool = False):
     """``same``: sampling seeded per sample and two mini-batches per step (of 4 rows, in
     micro-batches of 2), so 2 ranks must give what one process gives."""
     from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
@@ -42,7 +48,7 @@ def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: 
     return RLConfig(estimator=estimator, steps=steps, output_dir=out_dir, resume=out_dir if resume else None,
                     device="cpu", progress=False, sample_every=1, optim=OptimConfig(lr=5e-3),
                     rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4,
-                                          per_sample_seeds=True if same else None),
+                                          per_sample_seeds=True if same else None, dynamic_sampling=dynamic),
                     reward=RewardConfig(on_bad_reward="drop" if same else "raise"), ppo=PPOConfig(**ppo),
                     distributed=DistributedConfig(strategy=strategy, mixed_precision=bf16))
 
@@ -55,8 +61,8 @@ def run_rl(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool
     from rlhf_fast.trainers.rl import RLTrainer
 
     same = kw.get("same", False)
-    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume, **kw),
-                        reward_fns=[_length_reward_dropping if same else _length_reward])
+    reward = _uniform_for_some if kw.get("dynamic") else _length_reward_dropping if same else _length_reward
+    trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume, **kw), reward_fns=[reward])
     from rlhf_fast.distributed import unwrap
 
     # the dtype generation computes the logits in (bf16 under FSDP2 mixed precision)
@@ -111,6 +117,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
     if kind == "trpo":
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)
+    if kind == "grpo_ds":  # dynamic sampling: ranks agree on the number of generation rounds
+        return run_rl(strategy, steps, out_dir, "grpo", False, dynamic=True)
     if kind == "gae_beh":
         return run_rl(strategy, steps, out_dir, "gae", False, same=True, behaviour=True)
     if kind == "grpo_bf16":  # FSDP2 bf16 mixed precision, applied on the CPU too for this check

@@ -297,7 +297,7 @@ def test_prompts_files_and_rollout_length_are_checked(tmp_path):
     from rlhf_fast.trainers.rl_config import DataConfig
 
     cases = {"bad.jsonl": (b"not json\n", r"bad.jsonl, line 1: not a JSON object"),
-             "num.jsonl": (b'{"p": 1}\n{"prompt": 5}\n', r"num.jsonl, line 1: expected an object with a string field 'prompt'"),
+             "num.jsonl": (b'{"p": 1}\n{"prompt": 5}\n', r"num.jsonl, line 1: expected an object with a field 'prompt' \(data.prompt_key\) holding text"),
              "empty.txt": (b"\n \n", r"empty.txt holds no prompts"),
              "bin.txt": (b"\xff\xfe\n", r"bin.txt: not UTF-8 text")}
     for name, (data, msg) in cases.items():

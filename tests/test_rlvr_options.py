@@ -328,3 +328,105 @@ def test_dynamic_sampling_needs_a_group_estimator(tmp_path):
         make_config(tmp_path, "gae", rollout=RolloutConfig(dynamic_sampling=True))
     with pytest.raises(ValueError, match="rollout.max_sampling_rounds"):
         RolloutConfig(max_sampling_rounds=0)
+
+
+# --------------------------------------------------------------------------- prompt fields
+
+
+def test_answer_match_extracts_and_compares_final_answers():
+    from rlhf_fast.algorithms.rule_rewards import answer_match, extract_answer
+
+    completions = ["so \\boxed{\\frac{1}{2}}", "the answer is 1,234.", "#### 42", "x = 3/4", "no number",
+                   "\\boxed{B}", "it is 7", "\\boxed{x^{2}} then 5", "\\boxed{unclosed"]
+    refs = ["\\frac{1}{2}", 1234, "42", "0.75", "5", "b", "#### 8", "x^{2}", "unclosed"]
+    assert answer_match(["p"] * 9, completions, refs) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert extract_answer("a \\boxed{1} b \\boxed{{2}}") == "{2}"
+    with pytest.raises(ValueError, match="no 'answer' field"):
+        answer_match(["p"], ["1"], [None])
+
+
+def _records_file(tmp_path):
+    import json
+
+    recs = [{"prompt": "3+4=", "answer": "7", "level": 1},
+            {"prompt": [{"role": "user", "content": "2+5="}], "answer": 7},
+            {"prompt": "9-1=", "answer": "8", "level": 2},
+            {"prompt": "1+1=", "answer": "2"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return path, recs
+
+
+def test_reward_functions_receive_the_prompt_fields_of_their_rows(tmp_path):
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    path, recs = _records_file(tmp_path)
+    seen = {}
+
+    def named(prompts, completions, answer):
+        seen["named"] = (list(prompts), list(answer))
+        return [0.0] * len(completions)
+
+    def every(prompts, completions, **kw):
+        seen["every"] = kw
+        return [float(len(c)) for c in completions]
+
+    def plain(prompts, completions):  # takes no fields: still called as before
+        return [0.0] * len(completions)
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, data=DataConfig(prompts_file=str(path), shuffle=False))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[named, every, plain])
+    chat = tok.apply_chat_template(recs[1]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tr.prompts == ["3+4=", chat, "9-1=", "1+1="]
+    tr.rollout()
+    by_text = dict(zip(tr.prompts, [str(r["answer"]) for r in recs]))
+    prompts, answers = seen["named"]
+    assert len(prompts) == 16 and [str(a) for a in answers] == [by_text[p] for p in prompts]
+    assert sorted(seen["every"]) == ["answer", "level"]
+    levels = dict(zip(tr.prompts, [r.get("level") for r in recs]))
+    assert seen["every"]["level"] == [levels[p] for p in prompts]  # None where a record lacks it
+
+
+def test_a_missing_field_is_named_even_when_bad_rewards_are_dropped(tmp_path):
+    from rlhf_fast.algorithms import RewardError
+
+    def needs(prompts, completions, solution):
+        return [0.0] * len(completions)
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, reward=RewardConfig(on_bad_reward="drop"))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[needs], prompts=[{"prompt": "q:", "answer": 1}, "x"])
+    with pytest.raises(RewardError, match=r"needs the prompt field\(s\) \['solution'\]"):
+        tr.rollout()
+
+
+def test_bad_prompt_records_are_refused_with_where(tmp_path):
+    from rlhf_fast.trainers.rl import read_prompt_records
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected an object with a field 'prompt'"):
+        read_prompt_records(str(bad))
+    pol, tok = make_policy()
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected text, a chat"):
+        RLTrainer(make_config(tmp_path, "grpo", steps=1), pol, tok, reward_fns=[n_chars],
+                  prompts=["a", {"question": "b"}])
+
+
+def test_fields_follow_their_rows_through_dynamic_sampling_rounds(tmp_path):
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    recs = [{"prompt": p, "answer": f"ans-{p}"} for p in PROMPTS]
+
+    def checked(prompts, completions, answer):
+        assert answer == [f"ans-{p}" for p in prompts]  # each row got its own prompt's field
+        return _only_some_prompts(prompts, completions)
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, data=DataConfig(shuffle=False),
+                      rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=4,
+                                            dynamic_sampling=True))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[checked], prompts=recs)
+    _, m = tr.rollout()
+    assert m["rollout/sampling_rounds"] == 2

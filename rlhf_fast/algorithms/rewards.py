@@ -36,11 +36,22 @@ class RewardError(ValueError):
 @dataclass
 class RewardContext:
     """What a source may use besides the texts. input_ids / attention_mask ``[B, L]`` of the
-    whole prompt+response rollout (left-padded prompt), response_lengths ``[B]`` tokens."""
+    whole prompt+response rollout (left-padded prompt), response_lengths ``[B]`` tokens;
+    fields: the prompt data's other fields (a reference answer, a test case…), name → list of
+    B values (None where a row's prompt lacks it)."""
 
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
     response_lengths: Optional[List[int]] = None
+    fields: Optional[Dict[str, List]] = None
+
+    def row(self, i: int) -> "RewardContext":
+        """The context of row ``i`` alone."""
+        return RewardContext(
+            input_ids=None if self.input_ids is None else self.input_ids[i:i + 1],
+            attention_mask=None if self.attention_mask is None else self.attention_mask[i:i + 1],
+            response_lengths=None if self.response_lengths is None else self.response_lengths[i:i + 1],
+            fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()})
 
 
 class RewardSource:
@@ -53,16 +64,44 @@ class RewardSource:
 
 
 class CallableReward(RewardSource):
-    """A plain function ``fn(prompts: list[str], completions: list[str]) -> list[float]``."""
+    """A plain function ``fn(prompts: list[str], completions: list[str], **fields) -> list[float]``.
+
+    Fields of the prompt data (``RewardContext.fields``, one list of B values each) are passed
+    as keyword arguments: all of them to a function taking ``**kwargs`` (as TRL passes dataset
+    columns), else those its signature names. A field the function requires that the prompts
+    do not have is a RewardError naming it (raised whatever ``on_bad_reward`` says)."""
 
     def __init__(self, fn: Callable, name: Optional[str] = None):
         if not callable(fn):
             raise TypeError(f"fn must be callable (prompts, completions) -> list[float], got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
+        self._all, self._named, self._required = _keyword_params(fn)
 
     def __call__(self, prompts, completions, ctx):
-        return self.fn(list(prompts), list(completions))
+        fields = (ctx.fields if ctx is not None else None) or {}
+        missing = [k for k in self._required if k not in fields]
+        if missing:
+            raise RewardError(f"reward function {self.name!r} needs the prompt field(s) {missing}; the prompts "
+                             f"have {sorted(fields) or 'none'} (give them in the prompts' JSONL records)")
+        kw = dict(fields) if self._all else {k: v for k, v in fields.items() if k in self._named}
+        return self.fn(list(prompts), list(completions), **kw)
+
+
+def _keyword_params(fn: Callable):
+    """(takes **kwargs, names it accepts after the first two, names it requires after them)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: (prompts, completions) only
+        return False, set(), []
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = positional[2:] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+    named = {p.name for p in rest if p.kind is not p.POSITIONAL_ONLY}
+    required = [p.name for p in rest if p.default is p.empty and p.kind is not p.POSITIONAL_ONLY]
+    return takes_all, named, required
 
 
 class RewardModelReward(RewardSource):
@@ -258,18 +297,16 @@ class CombinedReward:
         B = len(completions)
         try:
             out = src(prompts, completions, ctx)
+        except RewardError:  # a configuration error (a missing prompt field): no sample would score
+            raise
         except Exception as e:  # noqa: BLE001 - reported with the source's name
             if self.on_bad_reward == "raise":
                 raise RewardError(f"reward source {name!r} raised {type(e).__name__}: {e}") from e
             # Isolate the failing samples by scoring one at a time.
             vals = []
             for i in range(B):
-                sub = RewardContext(
-                    input_ids=None if ctx.input_ids is None else ctx.input_ids[i:i + 1],
-                    attention_mask=None if ctx.attention_mask is None else ctx.attention_mask[i:i + 1],
-                    response_lengths=None if ctx.response_lengths is None else ctx.response_lengths[i:i + 1])
                 try:
-                    v = src([prompts[i]], [completions[i]], sub)
+                    v = src([prompts[i]], [completions[i]], ctx.row(i))
                     v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
                     vals.append(_reward_value(v[0]) if len(v) == 1 else float("nan"))
                 except Exception:  # noqa: BLE001

@@ -98,20 +98,60 @@ def build_tiny_policy(cfg: RLConfig, extra_texts: Sequence[str] = ()):
 
 def load_prompts(d) -> List[str]:
     """The prompts of a :class:`~rlhf_fast.trainers.rl_config.DataConfig`: inline, or from a
-    .txt file (one per line) or a .jsonl file (field ``prompt_key``)."""
+    .txt file (one per line) or a .jsonl file (string field ``prompt_key``)."""
     if d.prompts_file is None:
         return list(d.prompts)
     return read_prompts_file(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key")
 
 
+def load_prompt_records(d) -> List[tuple]:
+    """``(prompt, fields)`` of each prompt of a DataConfig: the prompt text or chat (a list of
+    ``{role, content}`` messages) and the record's other fields (``{}`` for text lines and
+    inline prompts), which reward functions can take as keyword arguments."""
+    if d.prompts_file is None:
+        return [prompt_record(p, d.prompt_key, f"data.prompts[{i}]") for i, p in enumerate(d.prompts)]
+    return read_prompt_records(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key")
+
+
+def _chat_or_text(p) -> bool:
+    if isinstance(p, str):
+        return True
+    return isinstance(p, list) and bool(p) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in p)
+
+
+def prompt_record(item, key: str = "prompt", where: str = "prompt") -> tuple:
+    """``(prompt, fields)`` of one prompt given as text, a chat (list of ``{role, content}``
+    messages) or a dict holding one of those under ``key`` and any other fields."""
+    if isinstance(item, dict):
+        if key not in item or not _chat_or_text(item[key]):
+            raise ValueError(f"{where}: expected text, a chat (list of {{role, content}} messages) or an object "
+                             f"with such a field {key!r}, got an object with fields {sorted(item)}")
+        return item[key], {k: v for k, v in item.items() if k != key}
+    if not _chat_or_text(item):
+        raise ValueError(f"{where}: expected text, a chat (list of {{role, content}} messages) or an object with "
+                         f"a field {key!r}, got {type(item).__name__}")
+    return item, {}
+
+
 def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "") -> List[str]:
     """The prompts of a .txt file (one per non-empty line) or a .jsonl file (string field
     ``key``). Errors name the setting ``name``, the file and the line."""
+    return [p for p, _ in read_prompt_records(path, key, name, key_name, chat=False)]
+
+
+def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "",
+                        chat: bool = True) -> List[tuple]:
+    """``(prompt, fields)`` of each prompt of a .txt file (one per non-empty line, no fields)
+    or a .jsonl file (field ``key``: text, or with ``chat`` a list of ``{role, content}``
+    messages; the record's other fields as ``fields``). Errors name the setting ``name``,
+    the file and the line."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{name} {path} is a folder; expected a .txt or .jsonl file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} not found: {path}")
     out = []
+    what = "text or a chat (list of {role, content} messages)" if chat else "text"
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -122,12 +162,13 @@ def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file"
                         rec = json.loads(line)
                     except ValueError as e:
                         raise ValueError(f"{name} {path}, line {n}: not a JSON object ({e})") from None
-                    if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
-                        raise ValueError(f"{name} {path}, line {n}: expected an object with a string field "
-                                         f"{key!r}" + (f" ({key_name})" if key_name else ""))
-                    out.append(rec[key])
+                    p = rec.get(key) if isinstance(rec, dict) else None
+                    if not (isinstance(p, str) or (chat and _chat_or_text(p))):
+                        raise ValueError(f"{name} {path}, line {n}: expected an object with a field {key!r}"
+                                         + (f" ({key_name})" if key_name else "") + f" holding {what}")
+                    out.append((p, {k: v for k, v in rec.items() if k != key}))
                 else:
-                    out.append(line.rstrip("\n"))
+                    out.append((line.rstrip("\n"), {}))
     except UnicodeDecodeError as e:
         raise ValueError(f"{name} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not out:
@@ -342,9 +383,16 @@ class RLTrainer:
                                      cuda_graphs=cfg.rollout.cuda_graphs)
         self.engine = engine
         self.reward = self._build_rewards(reward_fns, reward_weights, reward_models, judge)
-        self.prompts = list(prompts) if prompts is not None else self._load_prompts()
-        if not self.prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
+        # the prompts as the policy reads them (chats rendered with the tokenizer's template) and
+        # each one's other fields (reward functions take them as keyword arguments)
+        records = (load_prompt_records(cfg.data) if prompts is None else
+                   [prompt_record(p, cfg.data.prompt_key, f"prompts[{i}]") for i, p in enumerate(prompts)])
+        if not records:
+            raise ValueError("prompts must be a non-empty list (texts, chats, or records with a prompt field)")
+        from rlhf_fast.feedback.formats import render_prompt
+
+        self.prompts = [render_prompt(p, tokenizer) for p, _ in records]
+        self.prompt_fields = [f for _, f in records]
         if self.ctx.distributed:
             # DDP: after the engine took the bare policy, so generation needs no gradient sync.
             # FSDP2 shards the engine's policy in place; the engine gathers it for each generate.
@@ -404,9 +452,6 @@ class RLTrainer:
         tok.padding_side = "left"
         return load_policy(cfg.model.policy), tok
 
-    def _load_prompts(self) -> List[str]:
-        return load_prompts(self.config.data)
-
     def _build_rewards(self, reward_fns, reward_weights, reward_models, judge) -> CombinedReward:
         rc = self.config.reward
         sources, weights = [], []
@@ -450,8 +495,9 @@ class RLTrainer:
                              "or reward.reward_model in the config")
         return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward)
 
-    def _next_prompts(self) -> List[str]:
-        """The next ``prompts_per_step`` prompts; a fresh seeded permutation each pass."""
+    def _next_prompts(self) -> List[int]:
+        """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation
+        each pass."""
         n, k = len(self.prompts), self.config.rollout.prompts_per_step
         out = []
         for pos in range(self.prompt_pos, self.prompt_pos + k):
@@ -459,7 +505,7 @@ class RLTrainer:
             if self.config.data.shuffle:
                 g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
                 i = int(torch.randperm(n, generator=g)[i])
-            out.append(self.prompts[i])
+            out.append(i)
         self.prompt_pos += k
         return out
 
@@ -474,9 +520,9 @@ class RLTrainer:
         cfg, ro = self.config, self.config.rollout
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
-        batch = self._generate(0)
+        batch, fields = self._generate(0)
         t_gen = time.perf_counter() - t0
-        out = self._score(batch)
+        out = self._score(batch, fields)
         if ro.dynamic_sampling:
             batch, out, t_more, rounds, uniform = self._fill_informative_groups(batch, out)
             t_gen += t_more
@@ -586,18 +632,19 @@ class RLTrainer:
 
     def _generate(self, rnd: int):
         """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``
-        times: the RolloutBatch of sampling round ``rnd`` (0, then 1, 2, … with
-        ``rollout.dynamic_sampling``; each round its own seeds)."""
+        times: (the RolloutBatch of sampling round ``rnd`` — 0, then 1, 2, … with
+        ``rollout.dynamic_sampling``, each round its own seeds — and the prompts' fields)."""
         from rlhf_fast.rollout import SamplingParams
 
         cfg, ro = self.config, self.config.rollout
-        prompts = self._next_prompts()
+        which = self._next_prompts()
         lo = 0
         if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
             from rlhf_fast.trainers.sft import local_span
 
-            lo, hi = local_span(len(prompts), self.ctx)
-            prompts = prompts[lo:hi]
+            lo, hi = local_span(len(which), self.ctx)
+            which = which[lo:hi]
+        prompts = [self.prompts[i] for i in which]
         seeds = {"seed": (cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank + 104_729 * rnd) % (2**31)}
         if self.per_sample_seeds:  # by the row's index in the step's global batch: any number of ranks
             first = lo * ro.group_size + rnd * cfg.batch_size
@@ -607,7 +654,7 @@ class RLTrainer:
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
                                 stop_strings=tuple(ro.stop_strings), **seeds)
         with torch.no_grad():
-            return self.engine.generate(prompts, params)
+            return self.engine.generate(prompts, params), [self.prompt_fields[i] for i in which]
 
     def _batch_masks(self, batch):
         """(input_ids, attention_mask, response_mask) of ``batch`` on the training device, the
@@ -619,11 +666,16 @@ class RLTrainer:
         rm[:, 0] = False
         return ids, am, rm
 
-    def _score(self, batch):
-        """The reward sources on ``batch``: a RewardOutput."""
+    def _score(self, batch, fields: List[dict]):
+        """The reward sources on ``batch`` (``fields``: those of each prompt it answers): a
+        RewardOutput."""
         ids, am, rm = self._batch_masks(batch)
+        names = sorted({k for f in fields for k in f})
+        rows = batch.group_index.tolist()
+        per_row = {k: [fields[g].get(k) for g in rows] for k in names} if names else None
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
-                           RewardContext(input_ids=ids, attention_mask=am, response_lengths=rm.sum(1).tolist()))
+                           RewardContext(input_ids=ids, attention_mask=am, response_lengths=rm.sum(1).tolist(),
+                                         fields=per_row))
 
     def _fill_informative_groups(self, batch, out):
         """DAPO's dynamic sampling: groups whose answers all got the same reward (zero
@@ -646,9 +698,10 @@ class RLTrainer:
             if all(h >= t for h, t in self.ctx.all_gather_ints([min(have, target), target])):
                 break
             t = time.perf_counter()
-            batches.append(self._generate(len(batches)))
+            more, fields = self._generate(len(batches))
             t_gen += time.perf_counter() - t
-            outs.append(self._score(batches[-1]))
+            batches.append(more)
+            outs.append(self._score(more, fields))
         info = torch.cat([_informative_groups(o, G) for o in outs])  # [groups of all rounds]
         order = torch.cat([info.nonzero()[:, 0], (~info).nonzero()[:, 0]])[:target]  # informative first
         order = order.sort().values  # sampled order
@@ -1201,4 +1254,4 @@ class RLOOTrainer(RLTrainer):
 
 
 __all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy",
-           "load_prompts", "critic_values"]
+           "load_prompts", "load_prompt_records", "prompt_record", "read_prompt_records", "critic_values"]

@@ -89,3 +89,37 @@ def test_overlap_of_n_answers_per_prompt(folders):
     assert texts["p"] == ["the cat"] * 3 + ["a dog"] * 3
     want = evaluate.overlap_metrics(texts["c"], [refs[0]] * 3 + [refs[1]] * 3)
     assert {k[len("overlap/"):]: v for k, v in res.items() if k.startswith("overlap/")} == want
+
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    correct = torch.tensor([[True, False, False, False],   # c = 1 of n = 4
+                            [True, True, True, True],      # c = 4
+                            [False, False, False, False]])  # c = 0
+    # k = 1: c/n; k = 2: 1 - C(3,2)/C(4,2) = 0.5 for the first prompt
+    assert evaluate.pass_at_k(correct, 1) == pytest.approx((0.25 + 1 + 0) / 3)
+    assert evaluate.pass_at_k(correct, 2) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert evaluate.pass_at_k(correct, 4) == pytest.approx((1 + 1 + 0) / 3)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, n=4\]"):
+        evaluate.pass_at_k(correct, 5)
+
+
+def test_eval_passes_prompt_fields_and_reports_pass_at_k(folders, tmp_path, capsys):
+    root, tok = folders
+    recs = [{"prompt": "the cat", "answer": "yes"}, {"prompt": [{"role": "user", "content": "a dog"}], "answer": "no"},
+            {"prompt": "the dog", "answer": "yes"}]
+    path = tmp_path / "recs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (tmp_path / "rw.py").write_text(
+        "def by_answer(prompts, completions, answer):\n"
+        "    return [1.0 if a == 'yes' else 0.0 for a in answer]\n")
+    out = tmp_path / "res.json"
+    assert cli.main(["eval", "--policy", str(root / "policy"), "--prompts", str(path),
+                     "--reward-fn", f"{tmp_path / 'rw.py'}:by_answer", "--n", "3", "--temperature", "1",
+                     "--pass-k", "1,3", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    # the reward reads each answer's own prompt's field: 2 of 3 prompts are always right
+    assert res["pass@1"] == pytest.approx(2 / 3) and res["pass@3"] == pytest.approx(2 / 3)
+    assert res["reward/mean"] == pytest.approx(2 / 3)
+    assert cli.main(["eval", "--policy", str(root / "policy"), "--prompts", str(path),
+                     "--reward-fn", f"{tmp_path / 'rw.py'}:by_answer", "--n", "2", "--pass-k", "4"]) == 2
+    assert "--pass-k values must be ints in [1, --n=2]" in capsys.readouterr().err

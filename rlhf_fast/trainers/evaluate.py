@@ -109,6 +109,9 @@ def evaluate_policy(
     n: int = 1,
     seed: int = 0,
     references: Optional[References] = None,
+    fields: Optional[Sequence[dict]] = None,
+    pass_k: Sequence[int] = (),
+    correct_threshold: float = 1.0,
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
@@ -117,7 +120,11 @@ def evaluate_policy(
     reference text, or a list of them, per prompt): ``overlap/bleu`` (corpus BLEU, 0–100) and
     ``overlap/rouge1`` / ``rouge2`` / ``rougeL`` (mean F1, 0–1) of the policy's answers (every
     one of the ``n`` per prompt), see :func:`overlap_metrics`; with ``reference`` also the
-    reference policy's, as ``reference/overlap/...``."""
+    reference policy's, as ``reference/overlap/...``. ``fields``: one dict per prompt (its
+    answer, test cases…) handed to reward functions as keyword arguments, as in RL training.
+    ``pass_k`` (each 1 ≤ k ≤ n): ``pass@k``, the unbiased estimate (Chen et al. 2021) of the
+    chance that one of k of a prompt's answers is correct — total reward ≥
+    ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`)."""
     from rlhf_fast.algorithms import CombinedReward, RewardContext
     from rlhf_fast.models.logprobs import sequence_logprobs
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
@@ -126,6 +133,14 @@ def evaluate_policy(
         raise ValueError("prompts must be a non-empty list of strings")
     if references is not None:
         _ref_lists(list(prompts), references)  # one per prompt, before any generation
+    if fields is not None and (len(fields) != len(prompts) or not all(isinstance(f, dict) for f in fields)):
+        raise ValueError(f"fields must be one dict per prompt ({len(prompts)}), got {len(fields)} entries")
+    pass_k = list(pass_k)
+    for k in pass_k:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"pass_k entries must be ints in [1, n={n}], got {k!r}")
+    if not math.isfinite(correct_threshold):
+        raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
     if not isinstance(reward, CombinedReward):
         reward = CombinedReward([reward])
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
@@ -136,8 +151,12 @@ def evaluate_policy(
             raise RuntimeError(f"the rollout returned {len(b.response_texts)} answers for {len(prompts)} prompts x {n}")
         rm = b.response_mask.bool() & b.attention_mask.bool()
         rm[:, 0] = False
+        per_row = None
+        if fields:
+            rows = b.group_index.tolist()
+            per_row = {k: [fields[g].get(k) for g in rows] for k in sorted({k for f in fields for k in f})} or None
         out = reward(list(b.prompt_texts), list(b.response_texts),
-                     RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist()))
+                     RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(), fields=per_row))
         return b, rm, out
 
     res: Dict[str, float] = {}
@@ -148,6 +167,10 @@ def evaluate_policy(
         res[f"reward/{k}"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else float("nan")
     res["length/mean"] = float(rm.sum(1).float().mean())
     res["length/max"] = float(rm.sum(1).max())
+    if pass_k:
+        correct = (out.total >= correct_threshold).view(len(prompts), n)  # the n answers of prompt i: row i
+        for k in pass_k:
+            res[f"pass@{k}"] = pass_at_k(correct, k)
 
     def overlap(texts):  # the rollout holds the n answers of prompt i at rows i·n .. i·n + n − 1
         return overlap_metrics(list(texts), [references[i // n] for i in range(len(texts))])
@@ -171,6 +194,19 @@ def evaluate_policy(
     return res
 
 
+def pass_at_k(correct: torch.Tensor, k: int) -> float:
+    """The unbiased pass@k of Chen et al. (2021): ``correct`` ``[P, n]`` bool (the n answers of
+    each of P prompts); per prompt with c correct, 1 − C(n − c, k) / C(n, k); the mean over
+    prompts. Needs 1 ≤ k ≤ n."""
+    if correct.dim() != 2 or correct.shape[0] == 0:
+        raise ValueError(f"correct must be a [P, n] tensor with P >= 1, got shape {tuple(correct.shape)}")
+    n = correct.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    total = math.comb(n, k)
+    return float(sum(1.0 - math.comb(n - int(c), k) / total for c in correct.sum(1).tolist()) / correct.shape[0])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="an RL run folder: its final policy, initial policy as reference, "
                                                     "prompts and reward functions")
@@ -182,6 +218,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--pass-k", default=None,
+                        help="comma list of k (each <= --n): pass@k, an answer counting as correct when its "
+                             "total reward >= --correct-threshold")
+    parser.add_argument("--correct-threshold", type=float, default=1.0,
+                        help="the total reward from which an answer counts as correct for --pass-k")
     parser.add_argument("--references", default=None,
                         help="reference answers, one per prompt in the prompts' order (.txt one per non-empty line, "
                              "or .jsonl with 'reference': text or 'references': [texts]): adds BLEU / ROUGE")
@@ -238,6 +279,22 @@ def _check_args(args) -> None:
             raise ValueError(f"{flag} must be an int >= 1, got {value}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.correct_threshold):
+        raise ValueError(f"--correct-threshold must be a finite number, got {args.correct_threshold}")
+    args.pass_k_list = _parse_pass_k(args.pass_k, args.n)
+
+
+def _parse_pass_k(text: Optional[str], n: int) -> List[int]:
+    if text is None:
+        return []
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--pass-k must be a comma list of ints, got {text!r}") from None
+    bad = [k for k in ks if not 1 <= k <= n]
+    if not ks or bad:
+        raise ValueError(f"--pass-k values must be ints in [1, --n={n}], got {text!r}")
+    return ks
 
 
 def run(args) -> int:
@@ -251,11 +308,11 @@ def run(args) -> int:
     _check_args(args)
     if args.out:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
-    prompts, reference, fns = None, None, list(args.reward_fn)
+    records, reference, fns = None, None, list(args.reward_fn)
     policy_path = args.policy
     if args.run:
         from rlhf_fast.trainers.config import load_config
-        from rlhf_fast.trainers.rl import build_tiny_policy, load_prompts
+        from rlhf_fast.trainers.rl import build_tiny_policy, load_prompt_records
         from rlhf_fast.trainers.rl_config import RLConfig
 
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
@@ -266,26 +323,30 @@ def run(args) -> int:
                                         "is not a local folder; give --reference PATH")
             reference = (build_tiny_policy(cfg)[0] if cfg.model.policy.startswith("tiny:")
                          else AutoModelForCausalLM.from_pretrained(cfg.model.policy))
-        prompts = load_prompts(cfg.data)
+        records = load_prompt_records(cfg.data)
         fns = fns or list(cfg.reward.functions)
     if policy_path is None:
         raise ValueError("give --policy PATH or --run RUN_DIR")
     if not os.path.isdir(policy_path):
         raise FileNotFoundError(f"policy folder not found: {policy_path}")
     if args.prompts:
-        from rlhf_fast.trainers.rl import read_prompts_file
+        from rlhf_fast.trainers.rl import read_prompt_records
 
-        prompts = read_prompts_file(args.prompts, name="--prompts")
-    if not prompts:
+        records = read_prompt_records(args.prompts, name="--prompts")
+    if not records:
         raise ValueError("give --prompts FILE (or --run RUN_DIR)")
     references = None
     if getattr(args, "references", None):
         references = read_references(args.references)
-        if len(references) != len(prompts):
-            raise ValueError(f"--references {args.references}: {len(references)} references for {len(prompts)} prompts "
+        if len(references) != len(records):
+            raise ValueError(f"--references {args.references}: {len(references)} references for {len(records)} prompts "
                              "(one per prompt, in the same order)")
     tok = AutoTokenizer.from_pretrained(policy_path)
     tok.padding_side = "left"
+    from rlhf_fast.feedback.formats import render_prompt
+
+    prompts = [render_prompt(p, tok) for p, _ in records]  # chats with the policy's chat template
+    fields = [f for _, f in records]
     policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
     if args.reference:
         reference = AutoModelForCausalLM.from_pretrained(args.reference)
@@ -301,7 +362,8 @@ def run(args) -> int:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources), reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
-                          references=references)
+                          references=references, fields=fields if any(fields) else None,
+                          pass_k=args.pass_k_list, correct_threshold=args.correct_threshold)
     text = json.dumps(res, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -596,8 +596,7 @@ class RLTrainer:
             m["is_weight/mean"] = float(ops.masked_mean(w, rm))
             adv = adv * w
         seq_kl = (kl_tok.sum(1)).mean()
-        n_truncated = truncated.sum()
-        m["rollout/truncated_frac"] = float(n_truncated) / max(1, truncated.numel())
+        m["rollout/truncated_frac"] = float(truncated.sum()) / max(1, truncated.numel())
         m.update({
             "reward/total": float(raw.mean()), "reward/shaped": float(scores.mean()),
             "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,

@@ -73,6 +73,23 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // transformers' Llama RMSNorm of x [B, H] float32 with weight [H].
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 
+  // ---- training forward (csrc/cpu/train_layer.cpp; internal, used by rlhf_fast/models/llama_forward.py)
+  // CPU, float32 / bfloat16 / float16, one dtype per op (statistics and activations in float32).
+  // transformers' Llama RMSNorm of x [..., H] with weight [H] (x's dtype), bit for bit. Returns
+  // (y like x, rstd [..., 1] float32).
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // RMSNorm backward: grad, x [..., H], weight [H], rstd (float32, one per row of x). Returns
+  // (dx like x, dw [H]); each [0] when not needed.
+  m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool need_dx, bool need_dw) -> (Tensor, Tensor)");
+  // silu(gate) · up, for the down projection's weight gradient.
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // SwiGLU backward: grad = d(silu(gate) · up) (contiguous) is overwritten with d_gate; returns d_up.
+  m.def("swiglu_bwd_(Tensor(a!) grad, Tensor gate, Tensor up) -> Tensor");
+  // RoPE x·cos + rotate_half(x)·sin with rotate_half's sign in sin_signed, on q [B, heads, T, d] and
+  // k [B, kv_heads, T, d] (any strides); cos, sin_signed [B or 1, 1, T, d]. backward: the transposed map,
+  // for the gradients. Returns new tensors laid out as [B, T, heads, d].
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin_signed, bool backward) -> (Tensor, Tensor)");
+
   // ---- CUDA-only ops (csrc/cuda/*.cu) -----------------------------------
   // (schemas of ops that only the CUDA backend implements go here)
   // sample with in-kernel Philox4x32-10 (key = seed, counter = (vocab index, row, offset)):

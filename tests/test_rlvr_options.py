@@ -430,3 +430,23 @@ def test_fields_follow_their_rows_through_dynamic_sampling_rounds(tmp_path):
     tr = RLTrainer(cfg, pol, tok, reward_fns=[checked], prompts=recs)
     _, m = tr.rollout()
     assert m["rollout/sampling_rounds"] == 2
+
+
+def test_parquet_prompts_are_records_like_jsonl_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from rlhf_fast.trainers.rl import read_prompt_records
+
+    rows = [{"prompt": [{"role": "user", "content": "2+2="}], "reward_model": {"ground_truth": "4"}},
+            {"prompt": [{"role": "user", "content": "3+3="}], "reward_model": {"ground_truth": "6"}}]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(path))  # verl's layout
+    got = read_prompt_records(str(path))
+    assert got == [(r["prompt"], {"reward_model": r["reward_model"]}) for r in rows]
+    pq.write_table(pa.Table.from_pylist([{"question": "x"}]), str(tmp_path / "bad.parquet"))
+    with pytest.raises(ValueError, match=r"bad.parquet, row 0: expected an object with a field 'prompt'"):
+        read_prompt_records(str(tmp_path / "bad.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="junk.parquet: not a readable parquet file"):
+        read_prompt_records(str(tmp_path / "junk.parquet"))

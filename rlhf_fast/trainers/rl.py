@@ -142,35 +142,51 @@ def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file"
 
 def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "",
                         chat: bool = True) -> List[tuple]:
-    """``(prompt, fields)`` of each prompt of a .txt file (one per non-empty line, no fields)
-    or a .jsonl file (field ``key``: text, or with ``chat`` a list of ``{role, content}``
-    messages; the record's other fields as ``fields``). Errors name the setting ``name``,
-    the file and the line."""
+    """``(prompt, fields)`` of each prompt of a .txt file (one per non-empty line, no fields),
+    a .jsonl file or a .parquet file (pyarrow; one record per row) — a record's field ``key``
+    is the prompt (text, or with ``chat`` a list of ``{role, content}`` messages), its other
+    fields are ``fields``. Errors name the setting ``name``, the file and the line or row."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{name} {path} is a folder; expected a .txt or .jsonl file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} not found: {path}")
     out = []
     what = "text or a chat (list of {role, content} messages)" if chat else "text"
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if path.endswith(".jsonl"):
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:
-                        raise ValueError(f"{name} {path}, line {n}: not a JSON object ({e})") from None
-                    p = rec.get(key) if isinstance(rec, dict) else None
-                    if not (isinstance(p, str) or (chat and _chat_or_text(p))):
-                        raise ValueError(f"{name} {path}, line {n}: expected an object with a field {key!r}"
-                                         + (f" ({key_name})" if key_name else "") + f" holding {what}")
-                    out.append((p, {k: v for k, v in rec.items() if k != key}))
-                else:
-                    out.append((line.rstrip("\n"), {}))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{name} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    def record(rec, where):
+        p = rec.get(key) if isinstance(rec, dict) else None
+        if not (isinstance(p, str) or (chat and _chat_or_text(p))):
+            raise ValueError(f"{name} {path}, {where}: expected an object with a field {key!r}"
+                             + (f" ({key_name})" if key_name else "") + f" holding {what}")
+        out.append((p, {k: v for k, v in rec.items() if k != key}))
+
+    if path.endswith(".parquet"):  # as verl's and Hugging Face datasets' files: one record per row
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{name} {path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors vary; one line naming the file
+            raise ValueError(f"{name} {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        for n, rec in enumerate(rows):
+            record(rec, f"row {n}")
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if path.endswith(".jsonl"):
+                        try:
+                            rec = json.loads(line)
+                        except ValueError as e:
+                            raise ValueError(f"{name} {path}, line {n}: not a JSON object ({e})") from None
+                        record(rec, f"line {n}")
+                    else:
+                        out.append((line.rstrip("\n"), {}))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not out:
         raise ValueError(f"{name} {path} holds no prompts (every line is empty)")
     return out

@@ -85,7 +85,10 @@ DEFAULT_PROMPTS = ("count:", "list:", "go:", "write:")
 @dataclass
 class DataConfig:
     """Prompts inline (``prompts``) or from a file (``prompts_file``: .txt one per line, or
-    .jsonl with ``prompt_key``). Shuffled each pass with the run's seed."""
+    .jsonl / .parquet records whose ``prompt_key`` field is the prompt — text or a chat, a list
+    of ``{role, content}`` messages rendered with the tokenizer's chat template — and whose
+    other fields reach reward functions as keyword arguments). Shuffled each pass with the
+    run's seed."""
 
     prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_file: Optional[str] = None

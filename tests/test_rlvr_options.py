@@ -450,3 +450,47 @@ def test_parquet_prompts_are_records_like_jsonl_lines(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="junk.parquet: not a readable parquet file"):
         read_prompt_records(str(tmp_path / "junk.parquet"))
+
+
+def test_a_run_with_every_rlvr_option_resumes_exactly(tmp_path):
+    """Dynamic sampling consumes extra prompts and seeds per round; the resumed run must draw
+    the same ones (prompt position and seeds come from the checkpoint and the step)."""
+    import json
+    import os
+
+    from rlhf_fast.trainers.rl_config import KLConfig
+
+    recs = [{"prompt": p, "answer": p[-1]} for p in PROMPTS]
+
+    def reward(prompts, completions, answer):  # often uniform in a group: extra rounds happen
+        return [float(a in c) for c, a in zip(completions, answer)]
+
+    def make(out, steps):
+        pol, tok = make_policy()
+        cfg = make_config(out, "grpo", steps=steps, save_every=2, kl=KLConfig(coef=0.02),
+                          rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5,
+                                                dynamic_sampling=True, mask_truncated=True),
+                          reward=RewardConfig(overlong_buffer=2, overlong_penalty=0.1),
+                          ppo=PPOConfig(epochs=2, mini_batch_size=8, micro_batch_size=4,
+                                        importance_sampling_level="sequence", clip_low=0.05, clip_high=0.06))
+        return RLTrainer(cfg, pol, tok, reward_fns=[reward], prompts=recs)
+
+    a = make(tmp_path / "a", 4)
+    a.train()
+    b = make(tmp_path / "b", 4)
+    b.train(steps=2)
+    cfg = b.config
+    cfg.resume = cfg.output_dir
+    c = RLTrainer(cfg, *make_policy(), reward_fns=[reward], prompts=recs)  # as a fresh process would
+    c.train()
+
+    def rows(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per"))} for ln in f]
+
+    ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
+    assert [r["step"] for r in rc] == [1, 2, 3, 4]
+    assert ra == rc
+    assert any(r["rollout/sampling_rounds"] > 1 for r in ra)  # the refill path ran
+    for p, q in zip(a.policy.parameters(), c.policy.parameters()):
+        assert torch.equal(p, q)

@@ -40,6 +40,9 @@ RL_PAIRS = [
     ("trpo:ddp:2:rl_trpo_ddp", "trpo:none:2:rl_trpo_one"),
     ("trpo:fsdp2:2:rl_trpo_fsdp2", "trpo:none:2:rl_trpo_one"),
     ("gae_beh:ddp:2:rl_ppo_beh_ddp", "gae_beh:none:2:rl_ppo_beh_one"),  # ppo.old_logp="behaviour"
+    # kl.ref_sync_steps: the reference (sharded like the policy under FSDP2) moves each step
+    ("grpo_sync:ddp:2:rl_sync_ddp", "grpo_sync:none:2:rl_sync_one"),
+    ("grpo_sync:fsdp2:2:rl_sync_fsdp2", "grpo_sync:none:2:rl_sync_one"),
 ]
 RL_KEYS = ["reward/total", "reward/std", "reward/dropped", "reward/_length_reward_dropping", "kl/seq",
            "kl/token", "entropy", "advantages/mean", "returns/mean", "response_length/mean",
@@ -48,6 +51,7 @@ RL_KEYS = ["reward/total", "reward/std", "reward/dropped", "reward/_length_rewar
 RL_EXTRA_KEYS = {"gae": ["value/loss", "value/clip_frac", "value/mean", "value/explained_variance"],
                  "trpo": ["policy/trpo_step_frac"], "grpo": []}
 RL_EXTRA_KEYS["gae_beh"] = RL_EXTRA_KEYS["gae"]
+RL_EXTRA_KEYS["grpo_sync"] = []
 RECOMPUTE_ONLY_KEYS = ("entropy", "logprob_gap/max")  # need the policy forward that "behaviour" skips
 # one process continues the 2-rank FSDP2 GRPO run from its step-2 checkpoint, vs 3 straight steps
 RL_RESUME = ("grpo_resume:none:3:rl_grpo_fsdp2", "grpo:none:3:rl_grpo_one3")

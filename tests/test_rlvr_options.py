@@ -494,3 +494,63 @@ def test_a_run_with_every_rlvr_option_resumes_exactly(tmp_path):
     assert any(r["rollout/sampling_rounds"] > 1 for r in ra)  # the refill path ran
     for p, q in zip(a.policy.parameters(), c.policy.parameters()):
         assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- reference sync
+
+
+def _sync_trainer(out, steps=3, every=2, alpha=0.5, **kw):
+    from rlhf_fast.trainers.rl_config import KLConfig
+
+    pol, tok = make_policy()
+    cfg = make_config(out, "grpo", steps=steps, kl=KLConfig(coef=0.05, ref_sync_steps=every, ref_sync_alpha=alpha),
+                      **kw)
+    return RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+
+
+def test_the_reference_moves_towards_the_policy_every_n_steps(tmp_path):
+    tr = _sync_trainer(tmp_path)
+    ref0 = [p.detach().clone() for p in tr.reference.parameters()]
+    tr.step()  # step 1: no sync
+    assert all(torch.equal(a, b) for a, b in zip(ref0, tr.reference.parameters()))
+    tr.step()  # step 2: reference <- 0.5 policy + 0.5 reference
+    for r0, r, p in zip(ref0, tr.reference.parameters(), tr.policy.parameters()):
+        torch.testing.assert_close(r, 0.5 * p.detach() + 0.5 * r0, rtol=0, atol=1e-7)
+    assert any(not torch.equal(r0, r) for r0, r in zip(ref0, tr.reference.parameters()))
+    assert not any(p.requires_grad for p in tr.reference.parameters())
+
+
+def test_a_run_with_reference_sync_resumes_exactly(tmp_path):
+    import json
+    import os
+
+    # synced at steps 2 and 4: the checkpoint of step 2 must carry the moved reference
+    a = _sync_trainer(tmp_path / "a", steps=4, every=2, save_every=2)
+    a.train()
+    b = _sync_trainer(tmp_path / "b", steps=4, every=2, save_every=2)
+    b.train(steps=2)
+    cfg = b.config
+    cfg.resume = cfg.output_dir
+    c = RLTrainer(cfg, *make_policy(), reward_fns=[n_chars], prompts=PROMPTS)
+    c.train()
+    rows = lambda run: [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per"))}  # noqa: E731
+                        for ln in open(os.path.join(run, "metrics.jsonl"))]
+    assert rows(a.config.output_dir) == rows(cfg.output_dir)
+    for name, m in (("policy", (a.policy, c.policy)), ("reference", (a.reference, c.reference))):
+        for p, q in zip(m[0].parameters(), m[1].parameters()):
+            assert torch.equal(p, q), name
+    ck = os.path.join(cfg.output_dir, "checkpoints", "step_00000002", "models", "reference")
+    assert os.path.isfile(os.path.join(ck, "model.safetensors"))
+
+
+def test_reference_sync_needs_a_separate_reference_of_the_policy_shape(tmp_path):
+    from rlhf_fast.trainers.rl_config import KLConfig
+
+    pol, tok = make_policy()
+    other, _ = make_policy()
+    other.lm_head = torch.nn.Linear(32, 7, bias=False)
+    cfg = make_config(tmp_path, "grpo", steps=1, kl=KLConfig(ref_sync_steps=2))
+    with pytest.raises(ValueError, match="kl.ref_sync_steps needs a reference with the policy's parameters"):
+        RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS, reference=other)
+    with pytest.raises(ValueError, match=r"kl.ref_sync_alpha must be in \(0, 1\]"):
+        KLConfig(ref_sync_alpha=0.0)

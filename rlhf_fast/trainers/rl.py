@@ -218,6 +218,21 @@ def _adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float) -> 
                              **({"fused": True} if fused else {"foreach": True}))
 
 
+def _check_syncable(policy, reference) -> None:
+    """``kl.ref_sync_steps`` moves the reference towards the policy parameter by parameter:
+    the two must be separate modules with the same parameters (names and shapes)."""
+    if not isinstance(reference, torch.nn.Module):
+        raise ValueError("kl.ref_sync_steps needs a separate reference model; this reference "
+                         f"({type(reference).__name__}) shares the policy's weights (a peft policy with its "
+                         "adapters disabled)")
+    mine = [(n, tuple(p.shape)) for n, p in policy.named_parameters()]
+    theirs = [(n, tuple(p.shape)) for n, p in reference.named_parameters()]
+    if mine != theirs:
+        diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), None) or (len(mine), len(theirs))
+        raise ValueError(f"kl.ref_sync_steps needs a reference with the policy's parameters (names and shapes); "
+                         f"they differ at {diff}")
+
+
 def _informative_groups(out, group_size: int) -> torch.Tensor:
     """``[groups]`` bool: groups whose answers all have valid rewards that are not all equal."""
     total = out.total.view(-1, group_size)
@@ -386,6 +401,8 @@ class RLTrainer:
             raise ValueError("distributed.offload_reference needs a separate reference model; this reference "
                              f"({type(reference).__name__}) shares the policy's weights (a peft policy with its "
                              "adapters disabled), so there is nothing to offload")
+        if cfg.kl.ref_sync_steps:
+            _check_syncable(self.policy, reference)
         self.reference = reference
         self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
         self.critic = None
@@ -1065,12 +1082,35 @@ class RLTrainer:
         if self.ctx.distributed:
             n = self.ctx.all_reduce_sum(n)
         self.kl_ctl.update(m["kl/seq"], int(n.item()))
-        m["time/step"] = time.perf_counter() - t0
         self.global_step += 1
+        every = self.config.kl.ref_sync_steps
+        if every and self.global_step % every == 0:
+            self._sync_reference()
+        m["time/step"] = time.perf_counter() - t0
         if self._logger is not None:
             self._logger.log(self.global_step, m)
             self._write_samples()
         return m
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """reference ← α·policy + (1 − α)·reference (``kl.ref_sync_alpha``), parameter by
+        parameter: on each rank's shards when FSDP2 shards both alike, from the gathered
+        parameter when only the policy is sharded (an offloaded reference), on the reference's
+        device and dtype."""
+        from rlhf_fast.distributed import unwrap
+
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch build without torch.distributed: nothing is sharded
+            DTensor = ()
+        a = float(self.config.kl.ref_sync_alpha)
+        for r, p in zip(unwrap(self.reference).parameters(), unwrap(self.policy).parameters()):
+            if isinstance(r, DTensor) and isinstance(p, DTensor):
+                r, src = r.to_local(), p.to_local()
+            else:
+                src = p.full_tensor() if isinstance(p, DTensor) else p
+            r.mul_(1.0 - a).add_(src.to(device=r.device, dtype=r.dtype), alpha=a)
 
     # ------------------------------------------------------------------ run folder
 
@@ -1096,6 +1136,8 @@ class RLTrainer:
         if self.critic is not None:
             models["critic"] = _StateDictOnly(unwrap(self.critic))
             opts["critic"], scheds["critic"] = self.critic_optimizer, self.critic_scheduler
+        if self.config.kl.ref_sync_steps:  # no longer the initial policy: its weights are state
+            models["reference"] = _StateDictOnly(unwrap(self.reference))
         return models, opts, scheds
 
     def save(self) -> str:
@@ -1114,6 +1156,8 @@ class RLTrainer:
         parts = [("policy", self.policy, self.optimizer, self.scheduler)]
         if self.critic is not None:
             parts.append(("critic", self.critic, self.critic_optimizer, self.critic_scheduler))
+        if self.config.kl.ref_sync_steps:
+            parts.append(("reference", self.reference, None, None))
         return parts
 
     def _save_sharded(self, path: str) -> str:
@@ -1123,7 +1167,8 @@ class RLTrainer:
         from rlhf_fast.trainers.checkpoint import prune_checkpoints
 
         for name, model, opt, sched in self._sharded_parts():
-            save_sharded(os.path.join(path, name), model, opt, self.ctx, extra={"scheduler": sched.state_dict()})
+            save_sharded(os.path.join(path, name), model, opt, self.ctx,
+                         extra={"scheduler": sched.state_dict() if sched is not None else None})
         if self.ctx.is_main:
             with open(os.path.join(path, "extra.json"), "w", encoding="utf-8") as f:
                 json.dump(self.state_dict_extra(), f)
@@ -1149,7 +1194,12 @@ class RLTrainer:
                 from rlhf_fast.distributed import load_sharded
 
                 for name, model, opt, sched in self._sharded_parts():
-                    sched.load_state_dict(load_sharded(os.path.join(ck, name), model, opt, self.ctx)["scheduler"])
+                    if name == "reference" and not os.path.isdir(os.path.join(ck, name)):
+                        raise ValueError(f"resume: {ck} has no reference weights (kl.ref_sync_steps was off when "
+                                         "it was written); resume with kl.ref_sync_steps 0")
+                    state = load_sharded(os.path.join(ck, name), model, opt, self.ctx)
+                    if sched is not None:
+                        sched.load_state_dict(state["scheduler"])
                 with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
                     extra = json.load(f)
             else:

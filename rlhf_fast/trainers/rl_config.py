@@ -232,7 +232,14 @@ class KLConfig:
     logp − ref and samples from the policy: k2 (½d², gradient d·∇logp) is an unbiased gradient
     of KL(π‖ref); k3 (e^{−d} − 1 + d, gradient (1 − e^{−d})·∇logp) has the expected gradient of
     the reverse KL(ref‖π) — low variance, the GRPO choice; k1 (d) has expected gradient 0
-    on-policy, so it barely regularises."""
+    on-policy, so it barely regularises.
+
+    ``ref_sync_steps`` (0 = off): every that many steps the reference moves towards the
+    policy, reference ← α·policy + (1 − α)·reference with α = ``ref_sync_alpha`` (TR-DPO's
+    soft update; TRL's ``sync_ref_model`` with ``ref_model_sync_steps`` /
+    ``ref_model_mixup_alpha``, whose defaults are 512 and 0.6; α = 1 copies the policy). Needs
+    a separate reference of the policy's architecture (not a peft policy's disabled adapters);
+    checkpoints then carry the reference."""
 
     coef: float = 0.05
     placement: str = "reward"
@@ -240,9 +247,15 @@ class KLConfig:
     controller: str = "fixed"
     target: float = 6.0
     horizon: float = 10000.0
+    ref_sync_steps: int = 0
+    ref_sync_alpha: float = 0.6
 
     def __post_init__(self):
         _pos("kl.coef", self.coef, allow_zero=True)
+        _pos("kl.ref_sync_steps", self.ref_sync_steps, allow_zero=True, integer=True)
+        if isinstance(self.ref_sync_alpha, bool) or not isinstance(self.ref_sync_alpha, (int, float)) \
+                or not 0 < self.ref_sync_alpha <= 1:
+            raise ValueError(f"kl.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha!r}")
         _choice("kl.placement", self.placement, KL_PLACEMENTS)
         _choice("kl.kind", self.kind, LOSS_KL_KINDS)
         _choice("kl.controller", self.controller, KL_CONTROLLERS)

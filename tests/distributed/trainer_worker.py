@@ -35,10 +35,11 @@ def _uniform_for_some(prompts, completions):
 
 
 def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
-               trpo: bool = False, bf16: bool = False, behaviour: bool = False, dynamic: bool = False):
+               trpo: bool = False, bf16: bool = False, behaviour: bool = False, dynamic: bool = False,
+               ref_sync: bool = False):
     """``same``: sampling seeded per sample and two mini-batches per step (of 4 rows, in
     micro-batches of 2), so 2 ranks must give what one process gives."""
-    from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
+    from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
 
     ppo = dict(mini_batch_size=4 if same else 8, micro_batch_size=2, whiten_advantages=True)
     if trpo:  # a bound the first proposals overshoot, so the line search backtracks
@@ -50,6 +51,8 @@ def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: 
                     rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4,
                                           per_sample_seeds=True if same else None, dynamic_sampling=dynamic),
                     reward=RewardConfig(on_bad_reward="drop" if same else "raise"), ppo=PPOConfig(**ppo),
+                    # ref_sync: the reference moves halfway to the policy after every step
+                    kl=KLConfig(ref_sync_steps=1, ref_sync_alpha=0.5) if ref_sync else KLConfig(),
                     distributed=DistributedConfig(strategy=strategy, mixed_precision=bf16))
 
 
@@ -117,6 +120,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
     if kind == "trpo":
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)
+    if kind == "grpo_sync":
+        return run_rl(strategy, steps, out_dir, "grpo", False, same=True, ref_sync=True)
     if kind == "grpo_ds":  # dynamic sampling: ranks agree on the number of generation rounds
         return run_rl(strategy, steps, out_dir, "grpo", False, dynamic=True)
     if kind == "gae_beh":

@@ -554,3 +554,12 @@ def test_reference_sync_needs_a_separate_reference_of_the_policy_shape(tmp_path)
         RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS, reference=other)
     with pytest.raises(ValueError, match=r"kl.ref_sync_alpha must be in \(0, 1\]"):
         KLConfig(ref_sync_alpha=0.0)
+
+
+def test_turning_reference_sync_on_at_a_resume_is_refused_with_what_to_do(tmp_path):
+    a = _sync_trainer(tmp_path / "a", steps=2, every=0, save_every=2)
+    a.train()
+    cfg = a.config
+    cfg.kl.ref_sync_steps, cfg.resume, cfg.steps = 2, cfg.output_dir, 4
+    with pytest.raises(ValueError, match="has no reference weights .* resume with kl.ref_sync_steps 0"):
+        RLTrainer(cfg, *make_policy(), reward_fns=[n_chars], prompts=PROMPTS).train()

@@ -1187,6 +1187,10 @@ class RLTrainer:
         ck = latest_checkpoint(run_dir)
         if ck is None:
             raise FileNotFoundError(f"resume: no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}")
+        if self.config.kl.ref_sync_steps and not any(
+                os.path.isdir(os.path.join(ck, *sub)) for sub in (("reference",), ("models", "reference"))):
+            raise ValueError(f"resume: {ck} has no reference weights (kl.ref_sync_steps was off when it was "
+                             "written); resume with kl.ref_sync_steps 0")
         _, opts, scheds = self._ckpt_parts()
         # the optimisers keep the settings of this run's config (a resume may change optim.lr)
         with keeping_hyperparameters(list(opts.values()), list(scheds.values())):
@@ -1194,9 +1198,6 @@ class RLTrainer:
                 from rlhf_fast.distributed import load_sharded
 
                 for name, model, opt, sched in self._sharded_parts():
-                    if name == "reference" and not os.path.isdir(os.path.join(ck, name)):
-                        raise ValueError(f"resume: {ck} has no reference weights (kl.ref_sync_steps was off when "
-                                         "it was written); resume with kl.ref_sync_steps 0")
                     state = load_sharded(os.path.join(ck, name), model, opt, self.ctx)
                     if sched is not None:
                         sched.load_state_dict(state["scheduler"])

@@ -223,6 +223,8 @@ def test_documented_config_keys_and_defaults():
     assert rl.distributed.timeout_s == 1800
     assert rl.distributed.offload_reference is False
     assert rl.model.gradient_checkpointing is False
+    assert rl.ppo.importance_sampling_level == "token" and rl.reward.overlong_penalty == 1.0
+    assert rl.rollout.max_sampling_rounds == 3 and rl.kl.ref_sync_alpha == 0.6
     for cls in (SFTConfig, RewardConfig):
         cfg = cls()
         assert cfg.resume is True and cfg.gradient_checkpointing is False
@@ -234,7 +236,10 @@ def test_documented_config_keys_and_defaults():
         "--ppo.old_logp", "behaviour", "--distributed.strategy", "fsdp2",
         "--distributed.offload_reference", "true", "--distributed.reshard_after_forward", "false",
         "--distributed.mixed_precision", "false", "--distributed.backend", "gloo",
-        "--distributed.timeout_s", "60",
+        "--distributed.timeout_s", "60", "--ppo.importance_sampling_level", "sequence",
+        "--reward.overlong_buffer", "4", "--reward.overlong_penalty", "1", "--rollout.mask_truncated", "true",
+        "--rollout.dynamic_sampling", "true", "--rollout.max_sampling_rounds", "3", "--kl.ref_sync_steps", "2",
+        "--kl.ref_sync_alpha", "0.6", "--estimator", "grpo",
     ])
     load_config(SFTConfig, None, ["--gradient_checkpointing", "true", "--resume", "false"])
 

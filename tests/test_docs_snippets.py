@@ -296,3 +296,28 @@ def test_relative_links_and_paths_exist(doc):
     # example configs the commands quote
     for cfg in re.findall(r"\b((?:examples|configs)/[\w.-]+\.yaml)", text):
         assert (ROOT / cfg).is_file(), f"{doc}: {cfg}"
+
+
+# ----------------------------------------------------------------------------- docs/rlvr.md
+
+
+def test_rlvr_guide_config_and_records_train(tmp_path):
+    """docs/rlvr.md's records and DAPO-style config, shortened to one small step, train."""
+    from rlhf_fast.trainers.rl import RLTrainer
+    from rlhf_fast.trainers.rl_cli import build_config
+
+    text = (ROOT / "docs" / "rlvr.md").read_text(encoding="utf-8")
+    records = re.findall(r"```json\n(.*?)```", text, flags=re.DOTALL)[0]
+    config = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[0]
+    (tmp_path / "train.jsonl").write_text(records, encoding="utf-8")
+    (tmp_path / "rlvr.yaml").write_text(config, encoding="utf-8")
+    cfg = build_config("grpo", [str(tmp_path / "rlvr.yaml"), "--data.prompts_file", str(tmp_path / "train.jsonl"),
+                                "--output_dir", str(tmp_path / "run"), "--steps", "1", "--progress", "false",
+                                "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
+                                "--rollout.max_new_tokens", "8", "--reward.overlong_buffer", "4",
+                                "--ppo.mini_batch_size", "4", "--ppo.micro_batch_size", "2"])
+    assert cfg.rollout.dynamic_sampling and cfg.rollout.mask_truncated and cfg.ppo.clip_high == 0.28
+    tr = RLTrainer(cfg)
+    assert tr.prompt_fields == [{"answer": "7"}, {"answer": "36"}]
+    m = tr.train()[-1]
+    assert "reward/answer_match" in m and "reward/overlong_penalty" in m and "rollout/sampling_rounds" in m

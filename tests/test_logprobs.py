@@ -270,3 +270,48 @@ def test_huge_int_temperature_and_numpy_ignore_index(backend):
         got = ops.token_logprobs(logits, labels, temperature=10 ** 30, ignore_index=np.int64(-100))
     want = reference.token_logprobs(logits, labels, temperature=1e30)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("normalizer", [None, 7.0])
+def test_policy_loss_heads_only_the_loss_columns_with_the_full_batch_values(agg, normalizer):
+    """models.logprobs.policy_loss sends only the columns holding loss tokens through the LM head;
+    loss, gradients and the [B, T] log-probs equal those composed from every position's
+    log-probs (the prompt columns and a trailing empty column included in the batch)."""
+    from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
+    from rlhf_fast.models.tiny import tiny_causal_lm
+    from rlhf_fast.ops import reference
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm(50, hidden_size=16, num_layers=1, num_heads=2)
+    B, T = 3, 10
+    ids = torch.randint(3, 50, (B, T))
+    am = torch.ones(B, T, dtype=torch.bool)
+    am[0, :2] = False
+    rm = torch.zeros(B, T, dtype=torch.bool)
+    rm[0, 4:8], rm[1, 4:6], rm[2, 5:9] = True, True, True  # columns 0-3 and 9 hold no loss token
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    adv = torch.randn(B, T, generator=g)
+    ref = torch.randn(B, T, generator=g) * 0.1 - 3
+    kw = dict(agg=agg, normalizer=normalizer, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2)
+
+    loss, st = policy_loss(model, ids, am, rm, old, adv, ref_logp=ref, **kw)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    logp, ent = sequence_logprobs(model, ids, am, response_mask=rm, return_entropy=True)
+    want, want_st = reference.policy_loss_from_logp(logp, ent, old, adv, rm, ref_logp=ref, **kw)
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(st["logp"], logp.detach(), atol=1e-6, rtol=1e-5)
+    for k in ("clip_frac", "approx_kl", "kl", "entropy"):
+        torch.testing.assert_close(st[k], want_st[k], atol=1e-6, rtol=1e-5)
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+    # no loss token at all: a zero loss that still has a graph
+    model.zero_grad(set_to_none=True)
+    loss0, st0 = policy_loss(model, ids, am, torch.zeros_like(rm), old, adv, **kw)
+    loss0.backward()
+    assert float(loss0) == 0.0 and st0["logp"].shape == (B, T) and not st0["logp"].any()

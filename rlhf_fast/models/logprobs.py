@@ -480,15 +480,25 @@ def policy_loss(
         return reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp,
                                                kl_fn=ops.kl_penalty, **kw)
     h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
-    # the state predicting position t is h[:, t - 1]; a zero row at t = 0 keeps T columns so
-    # every [B, T] tensor (and agg modes that divide by B·T) stays aligned with input_ids
-    h_shift = torch.cat([h.new_zeros(h.shape[0], 1, h.shape[2]), h[:, :-1]], dim=1)
+    B, T = shape
+    # Only the columns holding loss tokens go through the LM head: the prompt's logits are never
+    # used (a rollout batch's responses start at one column, after the left-padded prompts).
+    # Column t is predicted by the state h[:, t − 1]; with no loss token at all, every column
+    # (and a zero state for t = 0) keeps the loss's graph.
+    cols = mask.any(0).nonzero()
+    c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, T)
+    hs = h[:, c0 - 1:c1 - 1] if c0 > 0 else torch.cat([h.new_zeros(B, 1, h.shape[2]), h[:, :c1 - 1]], dim=1)
+    kw = dict(loss_kwargs)
+    if kw.get("normalizer") is None and kw.get("agg") == "seq-mean-token-sum-norm":
+        kw["normalizer"] = float(B * T)  # the [B, T] batch's own denominator, not the slice's
+    cut = lambda x: None if x is None else x[:, c0:c1]  # noqa: E731
     weight, bias = lm_head_params(model)
-    loss, stats = ops.fused_linear_policy_loss(h_shift, weight, input_ids, old_logp, advantages, mask,
-                                               ref_logp=ref_logp, bias=bias, **loss_kwargs)
+    loss, stats = ops.fused_linear_policy_loss(hs, weight, cut(input_ids), cut(old_logp), cut(advantages), cut(mask),
+                                               ref_logp=cut(ref_logp), bias=bias, **kw)
     if "logp" in stats:
-        # same convention as sequence_logprobs: 0 outside the loss mask
-        stats["logp"] = torch.where(mask, stats["logp"], torch.zeros_like(stats["logp"]))
+        # back at input_ids positions; 0 outside the loss mask, as sequence_logprobs gives them
+        lp = torch.where(cut(mask), stats["logp"], torch.zeros_like(stats["logp"]))
+        stats["logp"] = torch.nn.functional.pad(lp, (c0, T - c1))
     return loss, stats
 
 

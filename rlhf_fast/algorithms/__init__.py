@@ -25,6 +25,7 @@ from .rewards import (
     RewardModelReward,
     RewardOutput,
     RewardSource,
+    fields_per_row,
     load_callable,
 )
 from .shaping import RunningMoments, shape_scores
@@ -34,5 +35,5 @@ __all__ = [
     "group_estimator_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
     "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward",
     "JudgeReward", "LengthPenalty", "OverlongPenalty", "RepetitionPenalty", "CombinedReward", "RewardContext", "RewardOutput",
-    "RewardError", "load_callable", "RunningMoments", "shape_scores",
+    "RewardError", "fields_per_row", "load_callable", "RunningMoments", "shape_scores",
 ]

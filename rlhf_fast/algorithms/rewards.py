@@ -54,6 +54,14 @@ class RewardContext:
             fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()})
 
 
+def fields_per_row(fields: Optional[Sequence[dict]], prompt_index: Sequence[int]) -> Optional[Dict[str, List]]:
+    """:attr:`RewardContext.fields` of a batch: ``fields`` holds one dict per prompt,
+    ``prompt_index`` which prompt each row answers; name → one value per row (None where that
+    row's prompt lacks the field). None when no prompt has a field."""
+    names = sorted({k for f in fields or () for k in f})
+    return {k: [fields[g].get(k) for g in prompt_index] for k in names} or None
+
+
 class RewardSource:
     """Base class: ``name`` for logs; ``__call__(prompts, completions, ctx) -> list[float]`` (B)."""
 

@@ -125,7 +125,7 @@ def evaluate_policy(
     ``pass_k`` (each 1 ≤ k ≤ n): ``pass@k``, the unbiased estimate (Chen et al. 2021) of the
     chance that one of k of a prompt's answers is correct — total reward ≥
     ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`)."""
-    from rlhf_fast.algorithms import CombinedReward, RewardContext
+    from rlhf_fast.algorithms import CombinedReward, RewardContext, fields_per_row
     from rlhf_fast.models.logprobs import sequence_logprobs
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 
@@ -151,12 +151,9 @@ def evaluate_policy(
             raise RuntimeError(f"the rollout returned {len(b.response_texts)} answers for {len(prompts)} prompts x {n}")
         rm = b.response_mask.bool() & b.attention_mask.bool()
         rm[:, 0] = False
-        per_row = None
-        if fields:
-            rows = b.group_index.tolist()
-            per_row = {k: [fields[g].get(k) for g in rows] for k in sorted({k for f in fields for k in f})} or None
         out = reward(list(b.prompt_texts), list(b.response_texts),
-                     RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(), fields=per_row))
+                     RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(),
+                                   fields=fields_per_row(fields, b.group_index.tolist())))
         return b, rm, out
 
     res: Dict[str, float] = {}

@@ -48,6 +48,7 @@ from rlhf_fast.algorithms import (
     RewardSource,
     RunningMoments,
     compute_advantages,
+    fields_per_row,
     load_callable,
     make_kl_controller,
     shape_scores,
@@ -702,12 +703,9 @@ class RLTrainer:
         """The reward sources on ``batch`` (``fields``: those of each prompt it answers): a
         RewardOutput."""
         ids, am, rm = self._batch_masks(batch)
-        names = sorted({k for f in fields for k in f})
-        rows = batch.group_index.tolist()
-        per_row = {k: [fields[g].get(k) for g in rows] for k in names} if names else None
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
                            RewardContext(input_ids=ids, attention_mask=am, response_lengths=rm.sum(1).tolist(),
-                                         fields=per_row))
+                                         fields=fields_per_row(fields, batch.group_index.tolist())))
 
     def _fill_informative_groups(self, batch, out):
         """DAPO's dynamic sampling: groups whose answers all got the same reward (zero

@@ -563,3 +563,15 @@ def test_turning_reference_sync_on_at_a_resume_is_refused_with_what_to_do(tmp_pa
     cfg.kl.ref_sync_steps, cfg.resume, cfg.steps = 2, cfg.output_dir, 4
     with pytest.raises(ValueError, match="has no reference weights .* resume with kl.ref_sync_steps 0"):
         RLTrainer(cfg, *make_policy(), reward_fns=[n_chars], prompts=PROMPTS).train()
+
+
+def test_the_fraction_of_groups_without_reward_spread_is_logged_without_dynamic_sampling(tmp_path):
+    from rlhf_fast.trainers.rl_config import DataConfig
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path, "grpo", steps=1, data=DataConfig(shuffle=False),
+                      rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=4))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[_only_some_prompts], prompts=PROMPTS)
+    _, m = tr.rollout()
+    assert m["rollout/uniform_group_frac"] == 0.5  # "q:" and "x" of the four prompts
+    assert "rollout/sampling_rounds" not in m

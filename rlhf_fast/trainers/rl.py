@@ -558,10 +558,12 @@ class RLTrainer:
         t_gen = time.perf_counter() - t0
         out = self._score(batch, fields)
         if ro.dynamic_sampling:
-            batch, out, t_more, rounds, uniform = self._fill_informative_groups(batch, out)
+            batch, out, t_more, m["rollout/sampling_rounds"] = self._fill_informative_groups(batch, out)
             t_gen += t_more
-            m["rollout/sampling_rounds"] = rounds
-            m["rollout/uniform_group_frac"] = uniform
+        if cfg.estimator in GROUP_ESTIMATORS:
+            # groups whose answers all scored alike (or lost one to a bad reward) teach nothing:
+            # TRL's frac_reward_zero_std
+            m["rollout/uniform_group_frac"] = 1.0 - float(_informative_groups(out, ro.group_size).float().mean())
         t1 = time.perf_counter()
         ids, am, rm = self._batch_masks(batch)
         dev = self.device
@@ -714,8 +716,7 @@ class RLTrainer:
         share of groups with differing rewards on every rank (the rounds are agreed over ranks,
         so sharded models generate together). The batch keeps its size: the first informative
         groups, in the order sampled, then — if the rounds ran out — uniform ones.
-        Returns (batch, reward output, seconds spent generating, rounds, fraction of uniform
-        groups kept)."""
+        Returns (batch, reward output, seconds spent generating, rounds)."""
         from rlhf_fast.algorithms import RewardOutput
         from rlhf_fast.rollout import RolloutBatch
 
@@ -739,9 +740,7 @@ class RLTrainer:
         pad = getattr(self.engine, "pad_id", None)
         if pad is None:
             pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        uniform = float((~info[order]).float().mean()) if order.numel() else 0.0
-        return (RolloutBatch.concat(batches, pad, rows), RewardOutput.concat(outs, rows), t_gen, len(batches),
-                uniform)
+        return RolloutBatch.concat(batches, pad, rows), RewardOutput.concat(outs, rows), t_gen, len(batches)
 
     def _truncated_rows(self, batch) -> torch.Tensor:
         """``[B]`` bool: rows whose answer was cut at ``rollout.max_new_tokens`` (the engine's

@@ -131,7 +131,8 @@ class RolloutConfig:
     in up to ``max_sampling_rounds`` rounds in all (the first included), so the batch is filled
     with groups that teach something; when the rounds run out, uniform groups fill the rest.
     Each extra round consumes ``prompts_per_step`` more prompts. Logs
-    ``rollout/sampling_rounds`` and ``rollout/uniform_group_frac``. On several ranks each rank
+    ``rollout/sampling_rounds``; ``rollout/uniform_group_frac`` (the batch's groups without
+    reward spread, TRL's ``frac_reward_zero_std``) is logged for every group estimator. On several ranks each rank
     fills its own share (the rounds are agreed over ranks), so which groups are kept depends
     on the number of ranks."""
 

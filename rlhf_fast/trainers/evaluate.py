@@ -359,7 +359,7 @@ def run(args) -> int:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources), reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
-                          references=references, fields=fields if any(fields) else None,
+                          references=references, fields=fields,
                           pass_k=args.pass_k_list, correct_threshold=args.correct_threshold)
     text = json.dumps(res, indent=2)
     if args.out:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from rlhf_fast.algorithms.advantages import ESTIMATORS
+from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.ops._validate import finite
@@ -132,9 +132,9 @@ class RolloutConfig:
     with groups that teach something; when the rounds run out, uniform groups fill the rest.
     Each extra round consumes ``prompts_per_step`` more prompts. Logs
     ``rollout/sampling_rounds``; ``rollout/uniform_group_frac`` (the batch's groups without
-    reward spread, TRL's ``frac_reward_zero_std``) is logged for every group estimator. On several ranks each rank
-    fills its own share (the rounds are agreed over ranks), so which groups are kept depends
-    on the number of ranks."""
+    reward spread, TRL's ``frac_reward_zero_std``) is logged for every group estimator. On
+    several ranks each rank fills its own share (the rounds are agreed over ranks), so which
+    groups are kept depends on the number of ranks."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -414,7 +414,7 @@ class RLConfig:
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
         _pos("keep_checkpoints", self.keep_checkpoints, integer=True)
-        if self.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.group_size < 2:
+        if self.estimator in GROUP_ESTIMATORS and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 for estimator {self.estimator!r} "
                              f"(advantages compare answers within a group), got {self.rollout.group_size}")
         batch = self.rollout.prompts_per_step * self.rollout.group_size
@@ -422,8 +422,8 @@ class RLConfig:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
                              f"rollout.prompts_per_step × rollout.group_size = {batch}")
         ro = self.rollout
-        if ro.dynamic_sampling and self.estimator not in ("grpo", "dr_grpo", "rloo"):
-            raise ValueError(f"rollout.dynamic_sampling needs a group estimator (grpo, dr_grpo, rloo), "
+        if ro.dynamic_sampling and self.estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"rollout.dynamic_sampling needs a group estimator ({', '.join(GROUP_ESTIMATORS)}), "
                              f"got estimator {self.estimator!r}")
         if self.reward.overlong_buffer > ro.max_new_tokens:
             raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be at most "

@@ -111,6 +111,15 @@ class DistContext:
         dist.all_gather(out, t, group=self.group)
         return [o.tolist() for o in out]
 
+    def all_gather_objects(self, obj: Any) -> List[Any]:
+        """``obj`` (picklable; tensors on the CPU) of every rank, in rank order. One process:
+        ``[obj]``."""
+        if not self.distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def mean_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
         """Average a dict of scalar metrics over ranks (one all-reduce for all of them). An int
         whose average is whole (a count or an epoch every rank agrees on) stays an int, as one

@@ -56,7 +56,9 @@ RECOMPUTE_ONLY_KEYS = ("entropy", "logprob_gap/max")  # need the policy forward 
 # one process continues the 2-rank FSDP2 GRPO run from its step-2 checkpoint, vs 3 straight steps
 RL_RESUME = ("grpo_resume:none:3:rl_grpo_fsdp2", "grpo:none:3:rl_grpo_one3")
 RL_BF16 = "grpo_bf16:fsdp2:1:rl_bf16"
-RL_DYNAMIC = "grpo_ds:fsdp2:2:rl_ds_fsdp2"  # dynamic sampling: extra generation rounds in lockstep
+# dynamic sampling: extra generation rounds in lockstep, and the groups kept (some generated on
+# the other rank) those of one process
+RL_DYNAMIC = ("grpo_ds:fsdp2:2:rl_ds_fsdp2", "grpo_ds:none:2:rl_ds_one")
 # a one-process run of strategy "none" (plain checkpoints: full weights, optimizer state keyed by
 # parameter index) saved, then continued on two FSDP2 ranks, each taking its shard
 NONE_SAVES = ["sft:none:2:from_one", "grpo:none:1:rl_from_one", "gae:none:1:rl_ppo_from_one"]
@@ -89,9 +91,9 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
     pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16, RL_DYNAMIC] + [p[0] for p in FSDP2_RESUMES])
+                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
-                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME))
+                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]])
     assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
     return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
 
@@ -263,13 +265,18 @@ def test_rl_fsdp2_bf16_mixed_precision_runs(runs):
     assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 master weights
 
 
-def test_rl_dynamic_sampling_rounds_run_in_lockstep_on_fsdp2(runs):
-    recs = runs[RL_DYNAMIC]
-    assert [r["step"] for r in recs] == [1, 2]
+def test_rl_dynamic_sampling_on_two_ranks_keeps_the_groups_of_one_process(runs):
+    two, one = runs[RL_DYNAMIC[0]], runs[RL_DYNAMIC[1]]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
     # half of each round's groups have no reward spread: at least one more round every step
-    assert all(2 <= r["rollout/sampling_rounds"] <= 3 for r in recs)
-    assert all(r["rollout/uniform_group_frac"] < 1.0 for r in recs)
-    assert runs[RL_DYNAMIC + "|in_sync"]
+    assert all(2 <= r["rollout/sampling_rounds"] <= 3 for r in one)
+    assert all(r["rollout/uniform_group_frac"] < 1.0 for r in one)
+    keys = [k for k in RL_KEYS if k != "reward/_length_reward_dropping"] + [
+        "reward/_uniform_for_some", "rollout/sampling_rounds", "rollout/uniform_group_frac"]
+    for key in keys:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    assert runs[RL_DYNAMIC[0] + "|in_sync"]
+    _assert_weights_close(_rl_weights(runs["root"], RL_DYNAMIC[0]), _rl_weights(runs["root"], RL_DYNAMIC[1]))
 
 
 def _sft_cli_config(tmp_path):

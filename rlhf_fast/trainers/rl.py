@@ -712,35 +712,73 @@ class RLTrainer:
     def _fill_informative_groups(self, batch, out):
         """DAPO's dynamic sampling: groups whose answers all got the same reward (zero
         group-relative advantage: no policy gradient) are replaced by groups of further prompts,
-        sampled in up to ``rollout.max_sampling_rounds`` rounds in all, until this rank has its
-        share of groups with differing rewards on every rank (the rounds are agreed over ranks,
-        so sharded models generate together). The batch keeps its size: the first informative
-        groups, in the order sampled, then — if the rounds ran out — uniform ones.
+        sampled in up to ``rollout.max_sampling_rounds`` rounds in all, until the step has
+        ``prompts_per_step`` groups with differing rewards over all ranks. The step keeps
+        ``prompts_per_step`` groups: the first informative ones in the order sampled, then — if
+        the rounds ran out — uniform ones; each rank takes its contiguous share of them in
+        sampled order, wherever they were generated. So the choice is the one process's, whatever
+        the number of ranks (the rows equal too with ``rollout.per_sample_seeds``).
         Returns (batch, reward output, seconds spent generating, rounds)."""
         from rlhf_fast.algorithms import RewardOutput
         from rlhf_fast.rollout import RolloutBatch
+        from rlhf_fast.trainers.sft import local_span
 
-        G = self.config.rollout.group_size
-        target = batch.batch_size // G  # this rank's groups
-        batches, outs = [batch], [out]
+        ctx, ro = self.ctx, self.config.rollout
+        G, P = ro.group_size, ro.prompts_per_step
+        width = -(-P // ctx.world_size)  # the longest share of a round's groups (shares may differ by one)
+
+        def flags(o):  # every rank's informative flags for its groups of one round, in rank order
+            mine = [int(x) for x in _informative_groups(o, G).tolist()]
+            return [[f for f in r if f >= 0] for r in ctx.all_gather_ints(mine + [-1] * (width - len(mine)))]
+
+        batches, outs, rounds = [batch], [out], [flags(out)]
         t_gen = 0.0
-        while len(batches) < self.config.rollout.max_sampling_rounds:
-            have = sum(int(_informative_groups(o, G).sum()) for o in outs)
-            if all(h >= t for h, t in self.ctx.all_gather_ints([min(have, target), target])):
-                break
+        while (len(batches) < ro.max_sampling_rounds
+               and sum(f for rnd in rounds for r in rnd for f in r) < P):
             t = time.perf_counter()
             more, fields = self._generate(len(batches))
             t_gen += time.perf_counter() - t
             batches.append(more)
             outs.append(self._score(more, fields))
-        info = torch.cat([_informative_groups(o, G) for o in outs])  # [groups of all rounds]
-        order = torch.cat([info.nonzero()[:, 0], (~info).nonzero()[:, 0]])[:target]  # informative first
-        order = order.sort().values  # sampled order
-        rows = (order[:, None] * G + torch.arange(G)).reshape(-1)
+            rounds.append(flags(outs[-1]))
+        # every group of the step as (round, rank, index on that rank): the sampled order,
+        # the one process's prompt order
+        keys = [(k, r, j) for k, rnd in enumerate(rounds) for r, fl in enumerate(rnd) for j in range(len(fl))]
+        info = [rounds[k][r][j] == 1 for k, r, j in keys]
+        chosen = sorted(([i for i in range(len(keys)) if info[i]] + [i for i in range(len(keys)) if not info[i]])[:P])
+        lo, hi = local_span(len(chosen), ctx) if ctx.distributed else (0, len(chosen))
+        mine = [keys[i] for i in chosen[lo:hi]]
         pad = getattr(self.engine, "pad_id", None)
         if pad is None:
             pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        return RolloutBatch.concat(batches, pad, rows), RewardOutput.concat(outs, rows), t_gen, len(batches)
+
+        def rows_of(groups):  # the rows of groups given as (round, index) into the rounds' concatenation
+            first = [0]
+            for b in batches:
+                first.append(first[-1] + b.batch_size // G)
+            g = torch.tensor([first[k] + j for k, j in groups], dtype=torch.int64)
+            return (g[:, None] * G + torch.arange(G)).reshape(-1)
+
+        if not ctx.distributed:
+            rows = rows_of([(k, j) for k, _, j in mine])
+            return RolloutBatch.concat(batches, pad, rows), RewardOutput.concat(outs, rows), t_gen, len(batches)
+        # each rank sends its chosen groups (in sampled order) to every rank, which keeps its share
+        sent = [(k, j) for k, r, j in (keys[i] for i in chosen) if r == ctx.rank]
+        rows = rows_of(sent)
+        o = RewardOutput.concat(outs, rows)
+        part = (ctx.rank, sent, RolloutBatch.concat(batches, pad, rows).to("cpu"),
+                RewardOutput(total=o.total.cpu(), per_source={n: v.cpu() for n, v in o.per_source.items()},
+                             valid=o.valid.cpu(), dropped=o.dropped))
+        parts = [p for p in ctx.all_gather_objects(part) if p[1]]
+        where, n = {}, 0  # (round, rank, index) → its place among the gathered groups
+        for r, groups, _, _ in parts:
+            for k, j in groups:
+                where[(k, r, j)] = n
+                n += 1
+        g = torch.tensor([where[key] for key in mine], dtype=torch.int64)
+        rows = (g[:, None] * G + torch.arange(G)).reshape(-1)
+        return (RolloutBatch.concat([p[2] for p in parts], pad, rows),
+                RewardOutput.concat([p[3] for p in parts], rows), t_gen, len(batches))
 
     def _truncated_rows(self, batch) -> torch.Tensor:
         """``[B]`` bool: rows whose answer was cut at ``rollout.max_new_tokens`` (the engine's

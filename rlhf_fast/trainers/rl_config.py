@@ -133,8 +133,8 @@ class RolloutConfig:
     Each extra round consumes ``prompts_per_step`` more prompts. Logs
     ``rollout/sampling_rounds``; ``rollout/uniform_group_frac`` (the batch's groups without
     reward spread, TRL's ``frac_reward_zero_std``) is logged for every group estimator. On
-    several ranks each rank fills its own share (the rounds are agreed over ranks), so which
-    groups are kept depends on the number of ranks."""
+    several ranks the rounds and the groups kept are decided over all ranks, and each rank
+    takes its share of them wherever they were sampled: the same groups as on one process."""
 
     prompts_per_step: int = 4
     group_size: int = 4

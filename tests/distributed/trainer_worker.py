@@ -29,9 +29,10 @@ def _length_reward_dropping(prompts, completions):
 
 
 def _uniform_for_some(prompts, completions):
-    """No spread (so no gradient) in the groups of "count:" and "list:"; length elsewhere."""
-    return [0.0 if p in ("count:", "list:") else float(len(c)) + 0.01 * i
-            for i, (p, c) in enumerate(zip(prompts, completions))]
+    """No spread (so no gradient) in the groups of "count:" and "list:"; elsewhere the length,
+    and the characters to break ties (a function of the text alone, as on any number of ranks)."""
+    return [0.0 if p in ("count:", "list:") else float(len(c)) + 1e-3 * sum(map(ord, c))
+            for p, c in zip(prompts, completions)]
 
 
 def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
@@ -122,8 +123,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, trpo=True)
     if kind == "grpo_sync":
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, ref_sync=True)
-    if kind == "grpo_ds":  # dynamic sampling: ranks agree on the number of generation rounds
-        return run_rl(strategy, steps, out_dir, "grpo", False, dynamic=True)
+    if kind == "grpo_ds":  # dynamic sampling: the groups kept are the one process's, on any ranks
+        return run_rl(strategy, steps, out_dir, "grpo", False, same=True, dynamic=True)
     if kind == "gae_beh":
         return run_rl(strategy, steps, out_dir, "gae", False, same=True, behaviour=True)
     if kind == "grpo_bf16":  # FSDP2 bf16 mixed precision, applied on the CPU too for this check

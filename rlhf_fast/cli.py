@@ -129,8 +129,14 @@ def _main(name: str, rest: List[str]) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     args.command = name
+    from rlhf_fast.trainers.stop import TrainingStopped
+
     try:
         return int(module.run(args) or 0)
+    except TrainingStopped as e:  # SIGTERM / SIGUSR1: the step ended and a checkpoint was saved
+        if _launch_env()[1] == 0:
+            print(f"rlhf-fast {name}: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError, PermissionError, IsADirectoryError,
             NotADirectoryError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -31,7 +31,12 @@ def run(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     cfg = DemoConfig(task=args.task, algo=args.algo or "ppo", out_dir=args.out, seed=args.seed, quick=args.quick,
                      progress=not args.no_progress)
-    report = run_demo(cfg)
+    from rlhf_fast.trainers.stop import TrainingStopped
+
+    try:
+        report = run_demo(cfg)
+    except TrainingStopped as e:  # a demo does not resume: say so instead of the trainer's hint
+        raise TrainingStopped(e.signum, e.step, e.run_dir, "a new `rlhf-fast demo` (a demo starts afresh)") from None
     ev = report["stages"]["evaluation"]
     print()
     print(f"run folder: {cfg.out_dir}")

@@ -1264,6 +1264,7 @@ class RLTrainer:
         steps run here. Saves a checkpoint every ``save_every`` steps and at the end, and the
         final policy (and critic) under ``RUN_DIR/final``."""
         from rlhf_fast.trainers.common import MetricsLogger, RunDir, check_fresh_run_dir
+        from rlhf_fast.trainers.stop import StopOnSignal, TrainingStopped
         from rlhf_fast.trainers.config import save_config
 
         cfg = self.config
@@ -1292,18 +1293,25 @@ class RLTrainer:
             except ImportError:
                 bar = None
         try:
-            while self.global_step < end:
-                m = self.step()
-                history.append(m)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m['kl/seq']:.3f}")
-                if cfg.save_every and self.global_step % cfg.save_every == 0:
+            with StopOnSignal() as stop:
+                while self.global_step < end:
+                    m = self.step()
+                    history.append(m)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m['kl/seq']:.3f}")
+                    # a stop signal ends the run at this step with a checkpoint
+                    signum = stop.requested(self.ctx) if self.global_step < end else 0
+                    if (cfg.save_every and self.global_step % cfg.save_every == 0) or signum:
+                        self.save()
+                    if signum:
+                        raise TrainingStopped(signum, self.global_step, self.run_dir.path,
+                                              f"--resume {self.run_dir.path}")
+                # (a signal from here on lets the run end as it would have)
+                if not cfg.save_every or self.global_step % cfg.save_every != 0:
                     self.save()
-            if not cfg.save_every or self.global_step % cfg.save_every != 0:
-                self.save()
-            if self.global_step >= cfg.steps:
-                self.save_final()
+                if self.global_step >= cfg.steps:
+                    self.save_final()
         finally:
             if bar is not None:
                 bar.close()

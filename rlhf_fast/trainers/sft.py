@@ -49,6 +49,7 @@ from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameter
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule,
                      decay_param_groups, load_causal_lm, make_scheduler, open_supervised_run, require_records,
                      resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
+from .stop import StopOnSignal, TrainingStopped
 
 
 @dataclasses.dataclass
@@ -321,26 +322,32 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     evaluate() and _save(). Returns the last step's metrics (with a final evaluation)."""
     cfg = trainer.cfg
     last: Dict[str, float] = {}
-    with (MetricsLogger(trainer.run.path) if trainer.ctx.is_main else NullLogger()) as log:
-        if eval_at_start and trainer.step == 0 and has_eval:
-            log.log(0, trainer.evaluate())
-        while trainer.step < cfg.max_steps:
-            m = trainer.train_step()
-            final = trainer.step == cfg.max_steps
-            # the final evaluation joins the last step's record (one line per step in the log)
-            if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
-                m.update(trainer.evaluate())
-            if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
-                log.log(trainer.step, m)
-            if cfg.save_every and trainer.step % cfg.save_every == 0:
-                trainer._save()
-            last = m
-        if "eval_loss" not in last and has_eval:  # nothing left to train (a finished run resumed)
-            last.update(trainer.evaluate())
-            log.log(trainer.step, last)
-    trainer._save()
-    save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
-                     cfg.distributed.strategy)
+    with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
+        with (MetricsLogger(trainer.run.path) if trainer.ctx.is_main else NullLogger()) as log:
+            if eval_at_start and trainer.step == 0 and has_eval:
+                log.log(0, trainer.evaluate())
+            while trainer.step < cfg.max_steps:
+                m = trainer.train_step()
+                final = trainer.step == cfg.max_steps
+                # the final evaluation joins the last step's record (one line per step in the log)
+                if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
+                    m.update(trainer.evaluate())
+                if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
+                    log.log(trainer.step, m)
+                # a stop signal ends the run at this step with a checkpoint (the last step goes on
+                # to its final save anyway)
+                signum = 0 if final else stop.requested(trainer.ctx)
+                if (cfg.save_every and trainer.step % cfg.save_every == 0) or signum:
+                    trainer._save()
+                if signum:
+                    raise TrainingStopped(signum, trainer.step, trainer.run.path, "the same command")
+                last = m
+            if "eval_loss" not in last and has_eval:  # nothing left to train (a finished run resumed)
+                last.update(trainer.evaluate())
+                log.log(trainer.step, last)
+        trainer._save()
+        save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
+                         cfg.distributed.strategy)
     return last
 
 

@@ -368,3 +368,46 @@ def test_keeping_hyperparameters_applies_the_new_lr(tmp_path):
         assert sched2.last_epoch == 3
         assert [g["lr"] for g in opt2.param_groups] == pytest.approx([x * scale for x in before])
         assert sched2.get_last_lr() == pytest.approx([x * scale for x in before])
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "ppo", "grpo", "rloo"])
+def test_print_config_round_trips_and_help_lists_every_key(tmp_path, command, capsys):
+    """``--print-config`` prints the resolved config (file, overrides, the command's estimator)
+    as YAML that loads back to the same config, and trains nothing; ``--help`` lists every
+    settable key with its default."""
+    from rlhf_fast import cli
+    from rlhf_fast.trainers.config import config_keys
+    from rlhf_fast.trainers.reward import RewardConfig
+    from rlhf_fast.trainers.rl_config import RLConfig
+    from rlhf_fast.trainers.sft import SFTConfig
+
+    cls = {"sft": SFTConfig, "reward": RewardConfig}.get(command, RLConfig)
+    key, value = ("lr", "0.00125") if cls is not RLConfig else ("rollout.group_size", "6")
+    out_dir = tmp_path / "never"
+    assert cli.main([command, "none", f"--{key}", value, "--print-config", "--output_dir", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(text)
+    printed = load_config(cls, str(tmp_path / "printed.yaml"))
+    assert printed.output_dir == str(out_dir) and not out_dir.exists()  # nothing was started
+    if cls is RLConfig:
+        assert printed.rollout.group_size == 6
+        assert printed.estimator == {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[command]
+        again = load_config(cls, None, ["--rollout.group_size", "6", "--output_dir", str(out_dir),
+                                        "--estimator", printed.estimator])
+    else:
+        assert printed.lr == 0.00125
+        again = load_config(cls, None, ["--lr", "0.00125", "--output_dir", str(out_dir)])
+    assert to_dict(printed) == to_dict(again)
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    keys = config_keys(cls)
+    assert len(keys) > 20 and any("." in k for k, _, _ in keys) == (cls is RLConfig or "distributed" in to_dict(cls()))
+    for k, t, d in keys:
+        assert re.search(rf"^  {re.escape(k)} +{re.escape(t)} = ", shown, re.M), k
+        if d is None or isinstance(d, (bool, int, float, str)):  # each listed key is settable as listed
+            text = "none" if d is None else str(d).lower() if isinstance(d, bool) else str(d)
+            assert to_dict(load_config(cls, None, [f"--{k}", text])) == to_dict(load_config(cls)), k
+    assert cli.main([command, "none", "--print-config", "--no_such_key", "1"]) == 2
+    assert "unknown config key 'no_such_key'" in capsys.readouterr().err

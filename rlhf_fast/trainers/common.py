@@ -423,22 +423,35 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
     return model, tok
 
 
-def add_config_arguments(parser) -> None:
+def add_config_arguments(parser, config_cls=None) -> None:
     """CLI arguments shared by the trainer commands: CONFIG.yaml ('none' for the defaults)
-    then ``--key value`` overrides (``--a.b value`` for nested keys)."""
+    then ``--key value`` overrides (``--a.b value`` for nested keys); ``--help`` lists the
+    keys of ``config_cls`` with their defaults."""
     import argparse
 
+    from .config import config_keys_help
+
     parser.add_argument("config", help="YAML config file ('none': defaults)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides (--a.b for nested keys)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="--key value overrides (--a.b for nested keys); --print-config")
+    if config_cls is not None:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = config_keys_help(config_cls)
 
 
 def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
     """Load ``config_cls`` from ``args`` (see :func:`add_config_arguments`), train with
-    ``trainer_cls`` and print one summary line (rank 0 only under torchrun)."""
-    from .config import load_config
+    ``trainer_cls`` and print one summary line (rank 0 only under torchrun). With
+    ``--print-config``: print the resolved config as YAML instead, and train nothing."""
+    from .config import config_yaml, load_config, take_print_config
 
     path = None if args.config in ("none", "-") else args.config
-    trainer = trainer_cls(load_config(config_cls, path, args.overrides))
+    overrides, show = take_print_config(args.overrides)
+    cfg = load_config(config_cls, path, overrides)
+    if show:
+        print(config_yaml(cfg), end="")
+        return 0
+    trainer = trainer_cls(cfg)
     m = trainer.train()
     if trainer.ctx.is_main:
         print(f"{name}: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))

@@ -285,12 +285,64 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return plain(cfg)
 
 
-def save_config(cfg: Any, path: str) -> None:
-    """Write the resolved config ``cfg`` as YAML to ``path`` atomically (temp file + os.replace)."""
+def config_yaml(cfg: Any) -> str:
+    """The dataclass ``cfg`` as YAML text (fields in declaration order): what config.yaml holds."""
     import yaml
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    atomic_write_text(path, text)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write the resolved config ``cfg`` as YAML to ``path`` atomically (temp file + os.replace)."""
+    atomic_write_text(path, config_yaml(cfg))
+
+
+def config_keys(cls) -> List[Tuple[str, str, Any]]:
+    """Every settable key of the dataclass ``cls`` as (dotted key, type name, default), nested
+    sections flattened in declaration order (the default of a section's field is that of the
+    section's own dataclass)."""
+    out: List[Tuple[str, str, Any]] = []
+
+    def walk(c, prefix):
+        hints = _hints(c)
+        for f in dataclasses.fields(c):
+            if not f.init:
+                continue
+            tp = hints[f.name]
+            inner = _is_optional(tp)[1]
+            if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+                walk(inner, f"{prefix}{f.name}.")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            out.append((prefix + f.name, _type_name(tp), default))
+
+    walk(cls, "")
+    return out
+
+
+def config_keys_help(cls, defaults: Optional[Dict[str, Any]] = None) -> str:
+    """A ``--help`` epilog listing the config keys of ``cls`` with their types and defaults
+    (``defaults``: dotted key → the default a command sets instead)."""
+    rows = [(k, t, (defaults or {}).get(k, d)) for k, t, d in config_keys(cls)]
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (in CONFIG.yaml, or --key value; nested: --section.key value):"]
+    lines += [f"  {k:{width}s}  {t} = {d!r}" for k, t, d in rows]
+    lines.append("--print-config: print the resolved config as YAML and exit (nothing is loaded or trained)")
+    return "\n".join(lines)
+
+
+PRINT_CONFIG = "--print-config"
+
+
+def take_print_config(tokens: Sequence[str]) -> Tuple[List[str], bool]:
+    """(``tokens`` without ``--print-config``, whether it was there)."""
+    rest = [t for t in tokens if t != PRINT_CONFIG]
+    return rest, len(rest) != len(tokens)
 
 
 def atomic_write_text(path: str, text: str) -> None:

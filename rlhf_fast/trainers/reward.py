@@ -375,7 +375,7 @@ def _texts(r) -> List[str]:
 
 def add_arguments(parser) -> None:
     """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser)
+    add_config_arguments(parser, RewardConfig)
 
 
 def run(args) -> int:

@@ -23,7 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     The overrides are open-ended, so every token after the command is kept in order as
     ``args.args`` (argparse's REMAINDER cannot start with an option such as ``--resume``)."""
-    parser.usage = "rlhf-fast {ppo,grpo,rloo} CONFIG.yaml [--key value ...] [--resume RUN_DIR]"
+    from rlhf_fast.trainers.config import config_keys_help
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    parser.usage = "rlhf-fast {ppo,grpo,rloo} CONFIG.yaml [--key value ...] [--resume RUN_DIR] [--print-config]"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    command = parser.prog.split()[-1]  # "rlhf-fast ppo": the estimator defaults to the family's
+    parser.epilog = config_keys_help(RLConfig, {"estimator": FAMILIES[command][0]} if command in FAMILIES else None)
 
     def parse_args(args=None, namespace=None):
         ns, extra = parser.parse_known_args(args, namespace)
@@ -134,7 +140,13 @@ def run(args) -> int:
     """Train; prints the run folder and the last step's reward and KL."""
     from rlhf_fast.trainers.rl import RLTrainer
 
-    cfg = build_config(args.command, args.args)
+    from rlhf_fast.trainers.config import config_yaml, take_print_config
+
+    tokens, show = take_print_config(args.args)
+    cfg = build_config(args.command, tokens)
+    if show:  # the resolved config (what the run's config.yaml would hold); nothing loaded
+        print(config_yaml(cfg), end="")
+        return 0
     trainer = RLTrainer(cfg)
     hist = trainer.train()
     last = hist[-1] if hist else {}

@@ -511,7 +511,7 @@ class SFTTrainer:
 
 def add_arguments(parser) -> None:
     """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser)
+    add_config_arguments(parser, SFTConfig)
 
 
 def run(args) -> int:

@@ -411,3 +411,44 @@ def test_print_config_round_trips_and_help_lists_every_key(tmp_path, command, ca
             assert to_dict(load_config(cls, None, [f"--{k}", text])) == to_dict(load_config(cls)), k
     assert cli.main([command, "none", "--print-config", "--no_such_key", "1"]) == 2
     assert "unknown config key 'no_such_key'" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_peft_model_checkpoint_holds_its_adapters_and_loads_back(tmp_path):
+    """peft's save_pretrained renames the adapter keys (its folder did not load back, so a LoRA
+    run could not resume): the checkpoint holds the trainable weights under the model's own
+    keys, and loading needs every one of them."""
+    peft = pytest.importorskip("peft")
+    from rlhf_fast.trainers.checkpoint import TRAINABLE_ONLY
+    from rlhf_fast.trainers.common import load_causal_lm
+
+    def model():
+        torch.manual_seed(0)
+        m, _ = load_causal_lm("tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300",
+                              texts=["hello world"] * 8)
+        return peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    a = model()
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # trained adapters (lora_B starts at zero)
+    opt = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad])
+    path = save_checkpoint(checkpoint_dir(str(tmp_path), 1), models={"policy": a}, optimizers={"opt": opt},
+                           extra={"step": 1})
+    folder = os.path.join(path, "models", "policy")
+    assert os.path.isfile(os.path.join(folder, TRAINABLE_ONLY))
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(folder, "model.safetensors"))
+    assert set(saved) == {n for n, p in a.named_parameters() if p.requires_grad} and len(saved) == 4
+    b = model()
+    load_checkpoint(path, models={"policy": b}, optimizers={"opt": torch.optim.AdamW(
+        [p for p in b.parameters() if p.requires_grad])})
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in saved.items() if "v_proj" not in k}, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(ValueError, match="missing .*v_proj.lora_A"):
+        load_checkpoint(path, models={"policy": model()})

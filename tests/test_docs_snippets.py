@@ -39,7 +39,7 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_config_loads(path):
     """Each example through the loader of the command its header names (rlhf-fast sft / reward
-    / ppo / grpo / rloo), with the estimator of that command's family."""
+    / dpo / ppo / grpo / rloo), with the estimator of that command's family."""
     from rlhf_fast.trainers.config import load_config
 
     command = path.stem
@@ -54,6 +54,11 @@ def test_example_config_loads(path):
         from rlhf_fast.trainers.reward import RewardConfig
 
         cfg = load_config(RewardConfig, str(path))
+        assert cfg.data is None
+    elif command == "dpo":
+        from rlhf_fast.trainers.dpo import DPOConfig
+
+        cfg = load_config(DPOConfig, str(path))
         assert cfg.data is None
     else:
         from rlhf_fast.trainers.rl_cli import FAMILIES, build_config

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint folder ``<run_dir>/checkpoints/step_000123/``::
 
-    models/<name>/            save_pretrained output (HF models) or model.safetensors (nn.Module)
+    models/<name>/            save_pretrained output (HF models) or model.safetensors (nn.Module;
+                              a peft model: its trainable weights only, marked TRAINABLE_ONLY)
     optimizers/<name>.pt      optimizer state_dict
     schedulers/<name>.pt      LR scheduler state_dict
     rng.pt                    python, numpy, torch CPU (and CUDA) generator states
@@ -89,16 +90,34 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# In a peft model's folder: the weights hold its trainable parameters only (the adapters); the
+# frozen base comes from the model the run is built from again on resume.
+TRAINABLE_ONLY = "TRAINABLE_ONLY"
+
+
+def _trainable_names(model: torch.nn.Module) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _save_model(model: torch.nn.Module, folder: str) -> None:
+    from rlhf_fast.models.loading import _is_peft
+
     os.makedirs(folder, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
+    peft = _is_peft(model)
+    if hasattr(model, "save_pretrained") and not peft:
         model.save_pretrained(folder, safe_serialization=True)
         return
     from safetensors.torch import save_file
 
+    # (peft's save_pretrained renames the adapter keys, so its folder would not load back into
+    # the model; the state dict's own keys do)
+    keep = _trainable_names(model) if peft else None
     # safetensors refuses shared storage (tied weights); clone so each tensor owns its data
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if keep is None or k in keep}
     save_file(sd, os.path.join(folder, "model.safetensors"))
+    if peft:
+        with open(os.path.join(folder, TRAINABLE_ONLY), "w") as f:
+            f.write("the frozen base weights are not in this checkpoint\n")
 
 
 def _read_model_state(folder: str) -> Dict[str, torch.Tensor]:
@@ -126,6 +145,10 @@ def _load_model(model: torch.nn.Module, folder: str) -> None:
         tk = model._tied_weights_keys
         tied = set(tk.keys() if isinstance(tk, dict) else tk)
     missing = [k for k in missing if k not in tied]
+    if os.path.isfile(os.path.join(folder, TRAINABLE_ONLY)):
+        # the frozen base was not saved; every trainable weight must have been
+        trainable = _trainable_names(model)
+        missing = [k for k in missing if k in trainable]
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

@@ -27,13 +27,12 @@ from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, sc
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
-from .checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
 from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
-from .sft import (_Batches, local_span, resume_supervised, save_sharded_checkpoint, scalar_norm,
+from .sft import (_Batches, local_span, resume_supervised, save_supervised, scalar_norm,
                   setup_distributed, split_records, training_loop)
 
 
@@ -339,16 +338,7 @@ class RewardTrainer:
         return ctx.mean_metrics(m)
 
     def _save(self) -> None:
-        extra = {"step": self.step, "data": self.batches.state()}
-        directory = checkpoint_dir(self.run.path, self.step)
-        if self.cfg.distributed.strategy == "none":
-            save_checkpoint(directory, models={"reward": self.model}, optimizers={"optimizer": self.optimizer},
-                            schedulers={"scheduler": self.scheduler}, extra=extra)
-        else:
-            save_sharded_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.ctx, extra)
-        if self.ctx.is_main:
-            prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
-        self.ctx.barrier()
+        save_supervised(self, "reward")
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""

@@ -292,6 +292,21 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                                schedulers={"scheduler": scheduler})
 
 
+def save_supervised(trainer, part: str) -> None:
+    """The checkpoint of an SFT / reward / DPO trainer at ``trainer.step`` (its model under the
+    name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
+    extra = {"step": trainer.step, "data": trainer.batches.state()}
+    directory = checkpoint_dir(trainer.run.path, trainer.step)
+    if trainer.cfg.distributed.strategy == "none":
+        save_checkpoint(directory, models={part: trainer.model}, optimizers={"optimizer": trainer.optimizer},
+                        schedulers={"scheduler": trainer.scheduler}, extra=extra)
+    else:
+        save_sharded_checkpoint(directory, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx, extra)
+    if trainer.ctx.is_main:
+        prune_checkpoints(trainer.run.path, trainer.cfg.keep_checkpoints)
+    trainer.ctx.barrier()
+
+
 def resume_supervised(trainer, part: str) -> None:
     """Continue an SFT / reward ``trainer`` from the checkpoint its run folder was opened with
     (``open_supervised_run``; nothing when it starts fresh): weights, optimizer, scheduler,
@@ -457,16 +472,7 @@ class SFTTrainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}
 
     def _save(self) -> None:
-        extra = {"step": self.step, "data": self.batches.state()}
-        directory = checkpoint_dir(self.run.path, self.step)
-        if self.cfg.distributed.strategy == "none":
-            save_checkpoint(directory, models={"policy": self.model}, optimizers={"optimizer": self.optimizer},
-                            schedulers={"scheduler": self.scheduler}, extra=extra)
-        else:
-            save_sharded_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.ctx, extra)
-        if self.ctx.is_main:
-            prune_checkpoints(self.run.path, self.cfg.keep_checkpoints)
-        self.ctx.barrier()
+        save_supervised(self, "policy")
 
     def _maybe_resume(self) -> None:
         resume_supervised(self, "policy")

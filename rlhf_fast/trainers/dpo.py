@@ -1,0 +1,555 @@
+"""Offline preference optimisation (DPO family): ``rlhf-fast dpo CONFIG.yaml [--key value ...]``.
+
+The policy learns straight from pairwise feedback, with no reward model and no sampling. For
+a pair (prompt x, chosen y_c, rejected y_r), log π(y | x) is the sum over the response tokens
+(prompt and padding never count) of the token log-probs, from the fused LM-head path
+(:func:`rlhf_fast.models.logprobs.sequence_logprobs`: the ``[B, T, V]`` logits are never
+materialised); chosen and rejected rows go through one forward, chosen first (as TRL). With
+the log-ratios l = log π(y | x) − log π_ref(y | x) and z = l_c − l_r, the per-pair
+``loss_type``:
+
+* ``sigmoid`` (DPO): −(1−ε)·log σ(βz) − ε·log σ(−βz), ε = ``label_smoothing``: conservative
+  DPO (cDPO), which bounds the pull of a flipped label — the option for noisy labels; ε = 0 is
+  DPO (TRL's and OpenRLHF's ``sigmoid`` loss; TRL 1.x dropped ε from it);
+* ``robust`` (rDPO, Chowdhury et al. 2024): (−(1−ε)·log σ(βz) + ε·log σ(−βz)) / (1 − 2ε), an
+  unbiased estimate of the clean-label loss when labels flip with probability ε (TRL's ``robust``);
+* ``ipo``: (z' − 1/(2β))² with z' built from per-token-mean log-ratios (l / response tokens),
+  as TRL does;
+* ``hinge`` (SLiC): relu(1 − βz).
+
+With ``use_margin`` each pair's ``margin`` m ≥ 0 is subtracted inside: βz − m (sigmoid, robust,
+hinge; refused for ipo), like the reward trainer's Bradley–Terry; otherwise margins are
+ignored. ``rpo_alpha`` α adds α·NLL of the chosen responses (RPO; TRL's ``sft`` loss with weight
+α): the token-mean over every chosen token of the optimizer step. The pair losses are averaged
+with per-annotator weights (``annotator_weights``, ``auto_annotator_weights``: see the reward
+trainer) over every pair of the step, whatever the micro-batch split or number of ranks.
+Logged per step (and on the eval split with an ``eval_`` prefix): loss, rewards/chosen and
+rewards/rejected (β·l, means over pairs), rewards/accuracy (share with the chosen reward
+strictly higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs), lr, grad_norm.
+
+Reference: a frozen copy of the initial policy (``ref_model``: a saved model folder instead);
+with LoRA (``lora``: LoraConfig fields, or a peft model passed as ``model``) the base with its
+adapters disabled, no second copy. ``precompute_ref_logps`` scores every pair with the
+reference once, before training, and keeps no reference model (a run resumed recomputes them
+from the initial weights, deterministically).
+
+Encoding (as SFT): the prompt as generation sees it (plain text with the tokenizer's special
+tokens, a chat through its template), the response without special tokens, one eos. Truncation
+to ``max_len`` tokens per row: a prompt longer than the room the pair's longer response leaves
+is cut from its start (its end, next to the response, is kept), but never below half of
+``max_len``; responses then lose their tail (and their eos) to fit. Both rows of a pair share
+the same prompt tokens.
+
+Data (``data_kind``): ``pairs`` (JSONL/Parquet, :mod:`rlhf_fast.feedback.formats`),
+``rankings`` (every implied pair), ``labels`` (files written by ``rlhf-fast label`` / ``judge``);
+without ``data``, the reward trainer's synthetic pairs. Checkpoints, exact resume, DDP / FSDP2,
+bf16 autocast, gradient accumulation and the final model (``output_dir/final``, with its
+tokenizer; a LoRA run saves the adapter) as in SFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.distributed import DistributedConfig, wrap_model
+from rlhf_fast.ops._validate import finite
+
+from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
+                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
+                     seed_everything)
+from .sft import (_Batches, _is_ddp, local_span, resume_supervised, save_supervised, scalar_norm,
+                  setup_distributed, split_records, training_loop)
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+DATA_KINDS = ("pairs", "rankings", "labels")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
+    with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
+    β·(log π − log π_ref); ``loss_type`` and ``label_smoothing`` as in the module docstring;
+    ``lora``: None, or LoraConfig fields ({} for r=8, alpha=16, every linear layer)."""
+
+    model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
+    ref_model: Optional[str] = None  # a saved model folder; None: the initial policy
+    lora: Optional[Dict[str, Any]] = None
+    data: Optional[str] = None
+    data_kind: str = "pairs"
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.1
+    output_dir: str = "runs/dpo"
+    max_len: int = 256
+    batch_size: int = 8  # pairs per micro-batch (twice as many rows)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    bf16: bool = True  # used on CUDA only
+    gradient_checkpointing: bool = False
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    use_margin: bool = False
+    annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
+    auto_annotator_weights: bool = False
+    precompute_ref_logps: bool = False
+    eval_every: int = 50
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = True
+    dedup: bool = True
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        check_training_schedule(self)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {self.model!r}")
+        if self.ref_model is not None and (not isinstance(self.ref_model, str) or not self.ref_model):
+            raise ValueError(f"ref_model must be a local model folder or null, got {self.ref_model!r}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {self.lora!r}")
+            import yaml
+
+            # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
+            self.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.lora.items()}
+        if self.max_len < 2:  # one prompt token and one response token at the least
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
+        finite("beta", self.beta, "> 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        ls = finite("label_smoothing", self.label_smoothing, ">= 0")
+        if not ls < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if ls > 0 and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing ({ls}) applies to loss_type 'sigmoid' or 'robust' only, "
+                             f"not {self.loss_type!r}")
+        finite("rpo_alpha", self.rpo_alpha, ">= 0")
+        for name in ("use_margin", "auto_annotator_weights", "precompute_ref_logps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.use_margin and self.loss_type == "ipo":
+            raise ValueError("use_margin applies to loss_type 'sigmoid', 'robust' or 'hinge', not 'ipo' "
+                             "(IPO regresses onto a fixed gap of 1/(2·beta))")
+        for k, w in self.annotator_weights.items():
+            finite(f"annotator_weights[{k!r}]", w, ">= 0")
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    margin: Optional[torch.Tensor] = None,
+    chosen_tokens: Optional[torch.Tensor] = None,
+    rejected_tokens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [B], chosen_rewards [B], rejected_rewards [B])`` of B pairs.
+
+    The four log-prob tensors are ``[B]`` summed response log-probs (policy differentiable,
+    reference constant); the loss is float32 (float64 for float64 input), per pair, before
+    any averaging; the rewards β·(log π − log π_ref) are detached. ``margin`` ``[B]`` is
+    subtracted from βz (not for ipo); ``chosen_tokens`` / ``rejected_tokens`` ``[B]`` (response
+    token counts) are needed by ``ipo``. Formulas: the module docstring.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    finite("beta", beta, "> 0")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    shape = tuple(chosen_logps.shape)
+    for name, t in (("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
+                    ("ref_rejected_logps", ref_rejected_logps), ("margin", margin), ("chosen_tokens", chosen_tokens),
+                    ("rejected_tokens", rejected_tokens)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of chosen_logps {shape}, got {tuple(t.shape)}")
+    if len(shape) != 1:
+        raise ValueError(f"chosen_logps must be [B], got {shape}")
+    dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    chosen_ratio = chosen_logps.to(dt) - ref_chosen_logps.to(dt)
+    rejected_ratio = rejected_logps.to(dt) - ref_rejected_logps.to(dt)
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type 'ipo' needs chosen_tokens and rejected_tokens")
+        if margin is not None:
+            raise ValueError("margin does not apply to loss_type 'ipo'")
+        z = chosen_ratio / chosen_tokens.to(dt).clamp(min=1) - rejected_ratio / rejected_tokens.to(dt).clamp(min=1)
+        loss = (z - 1.0 / (2.0 * beta)) ** 2
+    else:
+        logits = beta * (chosen_ratio - rejected_ratio)
+        if margin is not None:
+            logits = logits - margin.to(dt)
+        eps = label_smoothing
+        if loss_type == "sigmoid":
+            loss = -(1.0 - eps) * F.logsigmoid(logits)
+            if eps > 0:
+                loss = loss - eps * F.logsigmoid(-logits)
+        elif loss_type == "robust":
+            loss = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+        else:  # hinge
+            loss = torch.relu(1.0 - logits)
+    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# ------------------------------------------------------------------ data
+
+
+def encode_pair(tokenizer, prompt: Any, chosen: str, rejected: str, max_len: int
+                ) -> Optional[Tuple[List[int], List[int], List[int]]]:
+    """``(prompt ids, chosen ids, rejected ids)`` of one pair, truncated to ``max_len`` tokens per
+    row as the module docstring says; None when the prompt has no token."""
+    from rlhf_fast.feedback.formats import render_prompt
+
+    # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
+    p = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"])
+    if not p:
+        return None
+    eos = tokenizer.eos_token_id
+
+    def response(text):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
+
+    c, r = response(chosen), response(rejected)
+    longest = max(len(c), len(r))
+    if len(p) + longest > max_len:
+        keep = max(1, min(len(p), max(max_len - longest, max_len // 2)))
+        p = p[-keep:]
+        c, r = c[: max_len - keep], r[: max_len - keep]
+    return p, c, r
+
+
+def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """The rows of ``items`` — every chosen row, then every rejected row — as right-padded
+    ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64."""
+    rows = [(it["prompt"], it["chosen"]) for it in items] + [(it["prompt"], it["rejected"]) for it in items]
+    T = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), T, dtype=torch.long)
+    resp = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        attn[i, :n] = 1
+        resp[i, len(p):n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def response_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob [N] float32, token count [N] int64)`` of each row's response: the sum of
+    log π(token | tokens before it) over its response tokens, through the fused LM head."""
+    from rlhf_fast.models.logprobs import sequence_logprobs
+
+    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                             response_mask=batch["response_mask"])  # [N, T], 0 outside the response
+    count = (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum(-1)
+    return logp.sum(-1), count
+
+
+def _load_pairs(path: str, kind: str, dedup: bool) -> list:
+    from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
+
+    if kind == "labels":
+        from .reward import _load_label_file
+
+        return _load_label_file(path, "pairs", dedup=dedup)
+    if kind == "rankings":
+        return rankings_to_pairs(load_records(path, "rankings", dedup=dedup))
+    return load_records(path, "pairs", dedup=dedup)
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class DPOTrainer:
+    """Trains a causal-LM policy on preference pairs (see the module docstring).
+
+    ``model`` / ``tokenizer`` / ``train_records`` / ``eval_records`` (PairRecords) override what
+    the config would load; ``model`` may be a peft model (its adapters train, the reference is
+    the base). ``train()`` returns the final metrics dict.
+    """
+
+    def __init__(self, cfg: DPOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
+        from rlhf_fast.models import loading
+
+        if not isinstance(cfg, DPOConfig):
+            raise TypeError(f"cfg must be a DPOConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # before any data or model is loaded: a folder holding another run is refused at once
+        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+        if cfg.ref_model:  # a wrong path is named before the data and the policy load
+            loading.check_model_folder(cfg.ref_model, "ref_model")
+        if train_records is None:
+            if cfg.data:
+                records = require_records(_load_pairs(cfg.data, cfg.data_kind, cfg.dedup), "data", cfg.data)
+            elif cfg.data_kind == "rankings":
+                raise ValueError("data must be set for data_kind='rankings' (the synthetic task has pairs only)")
+            else:
+                from .reward import synthetic_preference_records
+
+                records = synthetic_preference_records(seed=cfg.seed)
+            if eval_records is None:
+                if cfg.eval_data:
+                    eval_records = require_records(_load_pairs(cfg.eval_data, cfg.data_kind, cfg.dedup), "eval_data",
+                                                   cfg.eval_data)
+                else:
+                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
+            train_records = records
+        train_records, eval_records = list(train_records), list(eval_records or [])
+        self.weights = dict(cfg.annotator_weights)
+        if cfg.auto_annotator_weights:
+            from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
+
+            self.weights = {**annotator_weights(agreement_stats(train_records)), **self.weights}  # explicit win
+        if model is None:
+            texts = [str(r.prompt) + " " + r.chosen + " " + r.rejected for r in train_records[:2000]]
+            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
+        elif tokenizer is None:
+            raise ValueError("tokenizer must be given together with model")
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        model = model.to(self.device)
+        if cfg.lora is not None or cfg.gradient_checkpointing:
+            # LoRA wraps the model in a peft model; activation checkpointing (with frozen
+            # embeddings under LoRA, input gradients kept so the checkpointed blocks backpropagate)
+            model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+        self.is_peft = loading._is_peft(model)
+
+        self.train_items, dropped = self._encode(train_records)
+        self.eval_items, _ = self._encode(eval_records)
+        self.dropped = dropped
+        if train_records and not self.train_items:
+            raise ValueError(f"no training pair left: each of the {len(train_records)} prompts is empty")
+
+        # the reference: log-probs of every pair now (precompute_ref_logps), or a model kept for each step
+        reference = None
+        if cfg.ref_model:
+            reference = loading.make_reference(loading.load_policy(cfg.ref_model), device=self.device)
+            n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
+            if n_ref != n_pol:
+                raise ValueError(f"ref_model {cfg.ref_model!r} has a vocabulary of {n_ref} tokens, the policy {n_pol}; "
+                                 "the reference must share the policy's tokenizer")
+        elif cfg.precompute_ref_logps and not self.is_peft:
+            reference = model  # the initial policy itself, scored before any update (no copy)
+        else:
+            reference = loading.make_reference(model)  # peft: the base, adapters disabled (no copy)
+        if cfg.precompute_ref_logps:
+            self._precompute(reference)
+            reference = None
+        self.reference = reference
+
+        self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
+                                mixed_precision=cfg.distributed.mixed_precision,
+                                reshard_after_forward=cfg.distributed.reshard_after_forward)
+        if (isinstance(self.reference, torch.nn.Module) and self.ctx.distributed
+                and cfg.distributed.strategy == "fsdp2"):
+            # a separate frozen reference sharded like the policy (each rank keeps 1/N of it); its
+            # one forward per micro-batch lines up on every rank
+            self.reference = wrap_model(self.reference, "fsdp2", self.ctx,
+                                        mixed_precision=cfg.distributed.mixed_precision,
+                                        reshard_after_forward=cfg.distributed.reshard_after_forward)
+        self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
+        self.optimizer = torch.optim.AdamW(
+            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                                        kind=cfg.lr_schedule)
+        self.step = 0
+
+    # -------------------------------------------------------------- data
+
+    def _encode(self, records) -> Tuple[List[Dict[str, Any]], int]:
+        items, dropped = [], 0
+        for r in records:
+            enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, self.cfg.max_len)
+            if enc is None:
+                dropped += 1
+                continue
+            w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
+            items.append({"prompt": enc[0], "chosen": enc[1], "rejected": enc[2],
+                          "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
+        return items, dropped
+
+    def _local_items(self, idx: List[int], items) -> Tuple[List[Dict[str, Any]], bool]:
+        """This rank's contiguous share of the global batch ``idx`` and whether it is real: an
+        empty share (fewer pairs than ranks) becomes one pair that counts for nothing, so every
+        rank still runs the forward/backward the collectives of DDP/FSDP2 expect."""
+        lo, hi = local_span(len(idx), self.ctx)
+        return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
+
+    def _batch(self, items) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate_pairs(items, self.pad_id).items()}
+
+    @torch.no_grad()
+    def _precompute(self, reference) -> None:
+        """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once
+        (each rank its share, then summed over ranks) with ``reference`` in eval mode."""
+        items = self.train_items + self.eval_items
+        out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
+        lo, hi = local_span(len(items), self.ctx)
+        ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
+        was = ref.training
+        ref.eval()
+        for s in range(lo, hi, self.cfg.batch_size):
+            chunk = items[s: min(s + self.cfg.batch_size, hi)]
+            with autocast_context(self.device, self.cfg.bf16):
+                lp, _ = response_logps(reference, self._batch(chunk))
+            out[s: s + len(chunk)] = lp.view(2, -1).t()
+        ref.train(was)
+        out = self.ctx.all_reduce_sum(out).cpu().tolist()
+        for it, (c, r) in zip(items, out):
+            it["ref"] = (c, r)
+
+    # -------------------------------------------------------------- loss
+
+    def _pair_stats(self, items, batch) -> Dict[str, torch.Tensor]:
+        """Policy (with gradients) and reference log-probs of a micro-batch, and its per-pair
+        losses and rewards ``[B]``."""
+        cfg = self.cfg
+        B = len(items)
+        with autocast_context(self.device, cfg.bf16):
+            logps, count = response_logps(self.model, batch)  # [2B]
+            if "ref" in items[0]:
+                ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device).t().reshape(-1)
+            else:
+                with torch.no_grad():
+                    ref, _ = response_logps(self.reference, batch)
+        margin = (torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=self.device)
+                  if cfg.use_margin else None)
+        loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,
+                                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, margin=margin,
+                                chosen_tokens=count[:B], rejected_tokens=count[B:])
+        return {"loss": loss, "chosen_rewards": rc, "rejected_rewards": rr, "chosen_logps": logps[:B],
+                "rejected_logps": logps[B:], "chosen_tokens": count[:B]}
+
+    @staticmethod
+    def _sums(st: Dict[str, torch.Tensor], w: torch.Tensor, real: bool) -> torch.Tensor:
+        """The sums the metrics are made of (float64, 0 for a share that does not count):
+        Σw·loss, Σ chosen/rejected reward, Σ accuracy, Σ margin, Σ chosen/rejected logps,
+        pairs, Σ chosen NLL, chosen tokens."""
+        if not real:
+            return torch.zeros(10, dtype=torch.float64, device=w.device)
+        rc, rr = st["chosen_rewards"].double(), st["rejected_rewards"].double()
+        lc = st["chosen_logps"].detach().double()
+        return torch.stack([(st["loss"].detach().double() * w.double()).sum(), rc.sum(), rr.sum(),
+                            (rc > rr).double().sum(), (rc - rr).sum(), lc.sum(),
+                            st["rejected_logps"].detach().double().sum(), lc.new_tensor(float(lc.numel())),
+                            -lc.sum(), st["chosen_tokens"].double().sum()])
+
+    def _metrics(self, tot: torch.Tensor, weight_sum: float, prefix: str = "") -> Dict[str, float]:
+        t = tot.cpu().tolist()
+        n = max(t[7], 1.0)
+        loss = t[0] / weight_sum if weight_sum > 0 else 0.0
+        nll = t[8] / max(t[9], 1.0)
+        if self.cfg.rpo_alpha > 0:
+            loss += self.cfg.rpo_alpha * nll
+        m = {"loss": loss, "rewards/chosen": t[1] / n, "rewards/rejected": t[2] / n, "rewards/accuracy": t[3] / n,
+             "rewards/margin": t[4] / n, "logps/chosen": t[5] / n, "logps/rejected": t[6] / n}
+        if self.cfg.rpo_alpha > 0:
+            m["nll"] = nll
+        return {prefix + k: v for k, v in m.items()}
+
+    # -------------------------------------------------------------- steps
+
+    @torch.no_grad()
+    def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
+        """The step metrics over the eval pairs (``eval_`` prefix; empty dict without pairs):
+        ``eval_loss`` is the weighted mean over every pair, as the training loss."""
+        items = list(self.eval_items if items is None else items)
+        if not items:
+            return {}
+        was = self.model.training
+        self.model.eval()
+        tot = torch.zeros(10, dtype=torch.float64, device=self.device)
+        wsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for s in range(0, len(items), self.cfg.batch_size):
+            idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
+            chunk, real = self._local_items(idx, items)
+            st = self._pair_stats(chunk, self._batch(chunk))
+            w = torch.tensor([it["weight"] for it in chunk], dtype=torch.float64, device=self.device)
+            tot += self._sums(st, w, real)
+            wsum += w.sum() if real else 0.0
+        self.model.train(was)
+        tot = self.ctx.all_reduce_sum(torch.cat([tot, wsum.view(1)]))
+        return self._metrics(tot[:10], float(tot[10]), prefix="eval_")
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        cfg, ctx = self.cfg, self.ctx
+        self.model.train()
+        micro = [self._local_items(self.batches.next(), self.train_items) for _ in range(cfg.grad_accum)]
+        # the denominators of the whole global step (all micro-batches, all ranks): the weighted
+        # mean over pairs and the token mean of the RPO term do not depend on the split
+        local = [sum(it["weight"] for it in items) if real else 0.0 for items, real in micro]
+        tokens = [sum(len(it["chosen"]) for it in items) if real else 0 for items, real in micro]
+        den = ctx.all_reduce_sum(torch.tensor([sum(local), sum(tokens)], dtype=torch.float64, device=self.device))
+        w_total, n_chosen = float(den[0]), float(den[1])
+        tot = torch.zeros(10, dtype=torch.float64, device=self.device)
+        for i, (items, real) in enumerate(micro):
+            # DDP: all-reduce the gradients once, after the last micro-batch
+            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
+            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
+                st = self._pair_stats(items, self._batch(items))
+                w = torch.tensor([it["weight"] if real else 0.0 for it in items], dtype=st["loss"].dtype,
+                                 device=self.device)
+                loss = (st["loss"] * w).sum() / (w_total if w_total > 0 else 1.0)
+                if cfg.rpo_alpha > 0:
+                    nll = -st["chosen_logps"].sum() * (1.0 if real else 0.0)
+                    loss = loss + cfg.rpo_alpha * nll / max(n_chosen, 1.0)
+                # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+                (loss * ctx.grad_scale).backward()
+            tot += self._sums(st, w, real)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        m = self._metrics(ctx.all_reduce_sum(tot), w_total)
+        m.update(grad_norm=scalar_norm(gnorm), lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        return m
+
+    def _save(self) -> None:
+        save_supervised(self, "policy")
+
+    def train(self) -> Dict[str, float]:
+        """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
+        the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
+        resume_supervised(self, "policy")
+        return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
+
+
+def add_arguments(parser) -> None:
+    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
+    add_config_arguments(parser, DPOConfig)
+
+
+def run(args) -> int:
+    """Entry point of ``rlhf-fast dpo``."""
+    return run_trainer_cli("dpo", DPOConfig, DPOTrainer, args)
+
+
+__all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "encode_pair", "collate_pairs", "response_logps",
+           "add_arguments", "run"]

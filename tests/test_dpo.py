@@ -1,0 +1,397 @@
+"""DPO trainer: every loss type against TRL's own loss code (values, gradients, logged rewards),
+the response log-probs against full logits (padding, a chat prompt), learning on synthetic
+pairs, a reference that does not move (a frozen copy; with LoRA the adapter-disabled base, no
+copy), exact resume (precomputed reference log-probs; LoRA), micro-batch split invariance,
+config errors and the CLI."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_fast import cli
+from rlhf_fast.feedback.formats import PairRecord
+from rlhf_fast.trainers.common import read_metrics
+from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, dpo_loss, encode_pair, response_logps
+from rlhf_fast.trainers.reward import synthetic_preference_records
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
+
+# tiny models: one thread is far faster than two on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
+
+    recs = synthetic_preference_records(200, seed=5)
+    return train_tokenizer(sample_texts(64) + [r.prompt + " " + r.chosen + " " + r.rejected for r in recs], 300,
+                           padding_side="right")
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(model=TINY, output_dir=str(tmp_path / name), batch_size=8, lr=3e-3, warmup_steps=2, eval_every=0,
+                log_every=1, max_len=48, max_steps=6, device="cpu")
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def _trainer(tmp_path, tok, name="run", records=None, eval_records=(), **kw):
+    records = synthetic_preference_records(64, seed=1) if records is None else records
+    return DPOTrainer(_cfg(tmp_path, name, **kw), train_records=records, eval_records=list(eval_records), tokenizer=tok)
+
+
+# ----------------------------------------------------------------------------- the loss vs TRL
+
+
+def _trl_loss(P, completion_mask, ref_c, ref_r, *, beta, loss_types, loss_weights, label_smoothing=0.0):
+    """TRL 1.x's ``DPOTrainer._compute_loss`` run as an unbound function on a stub trainer whose
+    model returns the per-token log-probs ``P [2B, T-1]`` (0 where TRL's label is -100), with the
+    reference log-probs given as precomputed. Returns (loss, TRL's logged metrics)."""
+    from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
+
+    class Model:
+        training = True
+
+        def __call__(self, **kw):
+            assert kw["fused_lm_head"] is True
+            lp = torch.where(kw["labels"][:, 1:] != -100, P, torch.zeros_like(P))
+            z = torch.zeros_like(P)
+            return types.SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z, is_top1=z.bool())
+
+    model = Model()
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x,
+                                unwrap_model=lambda x: x)
+    stub = types.SimpleNamespace(
+        model=model, accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights, beta=beta,
+        label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    n = P.shape[0]
+    inputs = {"input_ids": torch.zeros(n, P.shape[1] + 1, dtype=torch.long),
+              "attention_mask": torch.ones(n, P.shape[1] + 1, dtype=torch.long),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    loss = TRLDPOTrainer._compute_loss(stub, model, inputs, False)
+    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+# (our loss_type, label_smoothing, rpo_alpha, TRL's loss_type list and weights)
+TRL_CASES = [
+    ("sigmoid", 0.0, 0.0, ["sigmoid"], [1.0]),
+    ("robust", 0.2, 0.0, ["robust"], [1.0]),
+    ("ipo", 0.0, 0.0, ["ipo"], [1.0]),
+    ("hinge", 0.0, 0.0, ["hinge"], [1.0]),
+    ("sigmoid", 0.0, 0.7, ["sigmoid", "sft"], [1.0, 0.7]),  # RPO: TRL's sft loss, weighted
+    ("sigmoid", 0.2, 0.0, None, None),  # cDPO: (1-ε)·TRL sigmoid + ε·TRL sigmoid of the swapped pair
+]
+
+
+@pytest.mark.parametrize("loss_type,eps,rpo,trl_types,trl_weights", TRL_CASES,
+                         ids=["sigmoid", "robust", "ipo", "hinge", "rpo", "cdpo"])
+def test_losses_equal_trls(loss_type, eps, rpo, trl_types, trl_weights):
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(3)
+    B, T, beta = 6, 9, 0.3
+    cm = (torch.rand(2 * B, T, generator=g) > 0.35).long()  # completion tokens in holes, lengths differ
+    cm[:, 0] = 0  # position 0 is never predicted
+    cm[:, 1] = 1
+    P = (-3.0 * torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64)).requires_grad_()
+    ref_c = (P[:B].detach() * cm[:B, 1:]).sum(1) + torch.randn(B, generator=g, dtype=torch.float64) * 2
+    ref_r = (P[B:].detach() * cm[B:, 1:]).sum(1) + torch.randn(B, generator=g, dtype=torch.float64) * 2
+
+    # ours: the response log-probs, per-pair losses and the step's aggregation
+    logps = (P * cm[:, 1:]).sum(1)
+    tokens = cm[:, 1:].sum(1)
+    loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                            chosen_tokens=tokens[:B], rejected_tokens=tokens[B:])
+    ours = loss.mean() + rpo * (-logps[:B].sum() / tokens[:B].sum())
+    g_ours, = torch.autograd.grad(ours, P)
+
+    if trl_types is None:  # cDPO, the sigmoid loss of TRL < 1.0 (and OpenRLHF's DPOLoss)
+        swap = torch.cat([cm[B:], cm[:B]])
+        P_swap = torch.cat([P[B:], P[:B]])
+        a, m = _trl_loss(P, cm, ref_c, ref_r, beta=beta, loss_types=["sigmoid"], loss_weights=[1.0])
+        b, _ = _trl_loss(P_swap, swap, ref_r, ref_c, beta=beta, loss_types=["sigmoid"], loss_weights=[1.0])
+        theirs = (1 - eps) * a + eps * b
+    else:
+        theirs, m = _trl_loss(P, cm, ref_c, ref_r, beta=beta, loss_types=trl_types, loss_weights=trl_weights,
+                              label_smoothing=eps)
+    g_theirs, = torch.autograd.grad(theirs, P)
+    assert 0.05 < float(theirs.detach()) and float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
+    assert g_ours.abs().sum() > 0
+    # the logged rewards (β·log-ratio), accuracy, margin and summed log-probs are TRL's too
+    assert float(rc.mean()) == pytest.approx(m["rewards/chosen"], rel=1e-12)
+    assert float(rr.mean()) == pytest.approx(m["rewards/rejected"], rel=1e-12)
+    assert float((rc > rr).double().mean()) == pytest.approx(m["rewards/accuracies"], rel=1e-6)  # TRL's is fp32
+    assert float((rc - rr).mean()) == pytest.approx(m["rewards/margins"], rel=1e-12)
+    assert float(logps[:B].detach().mean()) == pytest.approx(m["logps/chosen"], rel=1e-12)
+    assert float(logps[B:].detach().mean()) == pytest.approx(m["logps/rejected"], rel=1e-12)
+
+
+def test_margin_and_loss_errors():
+    g = torch.Generator().manual_seed(0)
+    c, r, rc, rr = (torch.randn(5, generator=g) for _ in range(4))
+    m = torch.rand(5, generator=g)
+    for kind in ("sigmoid", "robust", "hinge"):  # βz − m: the same as a rejected log-prob higher by m/β
+        with_m, *_ = dpo_loss(c, r, rc, rr, beta=0.5, loss_type=kind, label_smoothing=0.1 * (kind != "hinge"), margin=m)
+        shifted, *_ = dpo_loss(c, r + m / 0.5, rc, rr, beta=0.5, loss_type=kind, label_smoothing=0.1 * (kind != "hinge"))
+        torch.testing.assert_close(with_m, shifted)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(c, r, rc, rr, beta=0.5, loss_type="ipo")
+    with pytest.raises(ValueError, match="ref_rejected_logps"):
+        dpo_loss(c, r, rc, rr[:3], beta=0.5)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(c, r, rc, rr, beta=0.5, loss_type="kto")
+
+
+# ----------------------------------------------------------------------------- log-probs and data
+
+
+def test_response_logps_equal_full_logits_with_padding_and_chat(tmp_path, tok):
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "describe: the cat"}]
+    recs = [PairRecord("describe: red", "good big dog sat", "the mat"),
+            PairRecord(chat, "good", "one two three yes no big small red blue"),
+            PairRecord("describe: the dog on the mat", "sat good one two three", "no")]
+    tr = _trainer(tmp_path, tok, records=recs, max_len=128)
+    batch = tr._batch(tr.train_items)
+    assert batch["attention_mask"].min() == 0  # rows of different lengths: right padding
+    logps, count = response_logps(tr.model, batch)
+    with torch.no_grad():
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # [2B, T-1]
+    mask = (batch["response_mask"] * batch["attention_mask"])[:, 1:].bool()
+    torch.testing.assert_close(logps.double(), (lp * mask).sum(-1), rtol=1e-5, atol=1e-5)
+    assert count.tolist() == mask.sum(-1).tolist()
+    # the rows: prompt as generation renders it (the chat through the template), response, eos;
+    # the response mask covers exactly the response and eos
+    it = tr.train_items[1]
+    assert it["prompt"] == tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+    assert it["chosen"] == tok("good", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    B = len(recs)
+    row = batch["input_ids"][B + 1][batch["response_mask"][B + 1].bool()].tolist()  # rejected rows follow chosen
+    assert row == it["rejected"]
+    # the reference starts as the policy
+    st = tr._pair_stats(tr.train_items, batch)
+    torch.testing.assert_close(st["chosen_rewards"], torch.zeros(B), atol=1e-6, rtol=0)
+
+
+def test_truncation_keeps_the_prompts_end_and_the_responses_start(tok):
+    prompt = "describe: " + " ".join(["the cat sat on the mat"] * 10)
+    p_full = tok(prompt)["input_ids"]
+    p, c, r = encode_pair(tok, prompt, "good dog " * 20, "no", 24)
+    assert len(p) + len(c) <= 24 and len(p) + len(r) <= 24
+    assert p == p_full[-len(p):] and len(p) == 12  # cut to half of max_len from its start
+    assert c == tok("good dog " * 20, add_special_tokens=False)["input_ids"][:12]  # tail (and eos) dropped
+    assert r == tok("no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    p2, c2, _ = encode_pair(tok, "describe: red", "good", "no", 24)  # fits: untouched
+    assert p2 == tok("describe: red")["input_ids"] and c2[-1] == tok.eos_token_id
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_raises_reward_accuracy(tmp_path, tok):
+    recs = synthetic_preference_records(128, seed=1)
+    tr = _trainer(tmp_path, tok, records=recs, max_steps=16, lr=5e-3, beta=0.2, warmup_steps=2)
+    before = tr.evaluate(tr.train_items)
+    assert before["eval_loss"] == pytest.approx(0.693147, abs=1e-5) and before["eval_rewards/accuracy"] == 0.0
+    for _ in range(16):
+        m = tr.train_step()
+    after = tr.evaluate(tr.train_items)
+    assert after["eval_loss"] < 0.6 and after["eval_rewards/accuracy"] > 0.8, (before, after)
+    assert after["eval_rewards/margin"] > 0 and set(m) >= {
+        "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+        "logps/rejected", "lr", "grad_norm"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls transformers' deprecated is_gradient_checkpointing
+@pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
+def test_the_reference_does_not_move(tmp_path, tok, lora):
+    from rlhf_fast.models.loading import AdapterDisabledReference
+
+    if lora:
+        pytest.importorskip("peft")
+    tr = _trainer(tmp_path, tok, max_steps=3, lr=2e-2, lora={"r": 4} if lora else None)
+    batch = tr._batch(tr.train_items[:6])
+    if lora:  # the base with adapters disabled: no second model
+        assert isinstance(tr.reference, AdapterDisabledReference) and tr.reference.policy is tr.model
+        assert {n for n, p in tr.model.named_parameters() if p.requires_grad} == \
+            {n for n, _ in tr.model.named_parameters() if "lora_" in n}
+        frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_" not in n}
+    else:
+        assert isinstance(tr.reference, torch.nn.Module) and tr.reference is not tr.model
+        assert not any(p.requires_grad for p in tr.reference.parameters())
+        frozen = {n: p.detach().clone() for n, p in tr.reference.named_parameters()}
+    with torch.no_grad():
+        ref0, _ = response_logps(tr.reference, batch)
+        pol0, _ = response_logps(tr.model, batch)
+    torch.testing.assert_close(ref0, pol0)
+    for _ in range(3):
+        tr.train_step()
+    with torch.no_grad():
+        ref1, _ = response_logps(tr.reference, batch)
+        pol1, _ = response_logps(tr.model, batch)
+    assert torch.equal(ref0, ref1) and not torch.allclose(pol0, pol1, atol=1e-3)
+    params = dict(tr.model.named_parameters() if lora else tr.reference.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+
+
+def test_precomputed_reference_logps_equal_the_reference_model(tmp_path, tok):
+    recs = synthetic_preference_records(32, seed=2)
+    a = _trainer(tmp_path, tok, "a", records=recs, rpo_alpha=0.5)
+    b = _trainer(tmp_path, tok, "b", records=recs, rpo_alpha=0.5, precompute_ref_logps=True)
+    assert b.reference is None and all("ref" in it for it in b.train_items)
+    with torch.no_grad():
+        lp, _ = response_logps(a.reference, a._batch(a.train_items[:5]))
+    torch.testing.assert_close(torch.tensor([it["ref"] for it in b.train_items[:5]]).t().reshape(-1), lp,
+                               rtol=1e-5, atol=1e-5)
+    for _ in range(2):
+        ma, mb = a.train_step(), b.train_step()
+        for k in ("loss", "nll", "rewards/margin", "grad_norm"):
+            assert ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-6), k
+
+
+def test_micro_batch_split_does_not_change_the_step(tmp_path, tok):
+    recs = synthetic_preference_records(16, seed=4)
+    for i, r in enumerate(recs):
+        r.annotator = "careful" if i % 3 else "noisy"
+    kw = dict(records=recs, rpo_alpha=0.3, annotator_weights={"careful": 1.0, "noisy": 0.2}, loss_type="robust",
+              label_smoothing=0.1, grad_clip=0.0)
+    one = _trainer(tmp_path, tok, "one", batch_size=8, grad_accum=1, **kw)
+    two = _trainer(tmp_path, tok, "two", batch_size=4, grad_accum=2, **kw)
+    assert sorted({it["weight"] for it in one.train_items}) == [0.2, 1.0]
+    # the step's objective written out: Σ w·loss / Σ w over the pairs + α · token-mean NLL of the chosen
+    items = [one.train_items[i] for i in one.batches._perm[:8]]
+    logps, count = response_logps(one.model, one._batch(items))
+    with torch.no_grad():
+        ref, _ = response_logps(one.reference, one._batch(items))
+    per, _, _ = dpo_loss(logps[:8], logps[8:], ref[:8], ref[8:], beta=0.1, loss_type="robust", label_smoothing=0.1)
+    w = torch.tensor([it["weight"] for it in items])
+    objective = (per * w).sum() / w.sum() + 0.3 * -logps[:8].sum() / count[:8].sum()
+    expected = torch.autograd.grad(objective, list(one.model.parameters()))
+    grads = {}
+    for name, tr in (("one", one), ("two", two)):  # the accumulated gradient the optimizer steps with
+        tr.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, _tr=tr, _name=name: grads.__setitem__(
+                _name, [p.grad.clone() for p in _tr.model.parameters()]))
+    m1, m2 = one.train_step(), two.train_step()
+    for k in ("loss", "nll", "rewards/accuracy", "logps/chosen", "grad_norm"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-5), k
+    assert m1["loss"] == pytest.approx(float(objective.detach()), rel=1e-5)
+    for g0, g1, g2 in zip(expected, grads["one"], grads["two"]):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g2, g0, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4})],
+                         ids=["precomputed", "lora"])
+def test_resume_is_exact(tmp_path, tok, extra):
+    if "lora" in extra:
+        pytest.importorskip("peft")
+    recs = synthetic_preference_records(40, seed=6)
+
+    def run(name, stop):
+        cfg = _cfg(tmp_path, name, max_steps=6, save_every=3, batch_size=4, **extra)
+        t = DPOTrainer(cfg, train_records=recs, eval_records=recs[:4], tokenizer=tok)
+        if stop < 6:  # interrupted after step `stop` (its checkpoint written), then a new process
+            while t.step < stop:
+                t.train_step()
+            t._save()
+            t = DPOTrainer(cfg, train_records=recs, eval_records=recs[:4], tokenizer=tok)
+        t.train()
+        return {n: p.detach().clone() for n, p in t.model.named_parameters()}, read_metrics(cfg.output_dir)
+
+    full, log_full = run("full", 6)
+    resumed, log_res = run("resumed", 3)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[n], resumed[n]) for n in full)
+    late = lambda log: [m for m in log if m["step"] > 3]  # noqa: E731
+    assert late(log_full) == late(log_res) and late(log_full)[-1]["step"] == 6
+    assert "eval_rewards/accuracy" in log_full[-1]
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+
+def test_config_errors_name_the_field(tmp_path):
+    for kw, needle in ((dict(beta=0.0), "beta must be a finite number > 0"), (dict(beta=float("nan")), "beta"),
+                       (dict(loss_type="kto"), "loss_type must be one of"),
+                       (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
+                       (dict(label_smoothing=-0.1), "label_smoothing"),
+                       (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing .* 'sigmoid' or 'robust' only"),
+                       (dict(loss_type="ipo", use_margin=True), "use_margin"),
+                       (dict(rpo_alpha=-1.0), "rpo_alpha"), (dict(data_kind="scores"), "data_kind"),
+                       (dict(max_len=1), "max_len must be >= 2"), (dict(lora="yes"), "lora"),
+                       (dict(annotator_weights={"a": -1.0}), "annotator_weights"),
+                       (dict(precompute_ref_logps="yes"), "precompute_ref_logps"), (dict(batch_size=0), "batch_size")):
+        with pytest.raises(ValueError, match=needle):
+            _cfg(tmp_path, **kw)
+
+
+def test_data_kinds(tmp_path, tok):
+    ranked = tmp_path / "rank.jsonl"
+    ranked.write_text("".join(json.dumps({"prompt": f"describe: {w}", "responses": ["good one", "two", "no"],
+                                          "ranking": [0, 1, 2]}) + "\n" for w in ("cat", "dog")))
+    tr = DPOTrainer(_cfg(tmp_path, "rk", data=str(ranked), data_kind="rankings", eval_fraction=0.0), tokenizer=tok,
+                    model=_tiny_model(tok))
+    assert len(tr.train_items) == 6  # every implied pair of each ranking
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"item": i, "key": str(i), "prompt": "p", "a": f"a{i}", "b": f"b{i}",
+                                          "label": lab, "annotator": "h"}) + "\n"
+                              for i, lab in enumerate(["A", "B", "tie"])))
+    tr = DPOTrainer(_cfg(tmp_path, "lb", data=str(labels), data_kind="labels", eval_fraction=0.0), tokenizer=tok,
+                    model=_tiny_model(tok))
+    assert len(tr.train_items) == 2  # the tie carries no preference
+    assert tr.train_items[1]["chosen"] == tok("b1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _tiny_model(tok):
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    return tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2)
+
+
+def test_cli(tmp_path, capsys):
+    example = str(ROOT / "examples" / "dpo.yaml")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "dpo", example, "--max_steps", "2",
+                           "--output_dir", str(out), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "dpo: 2 steps" in proc.stdout and "eval_rewards/accuracy" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert [m["step"] for m in read_metrics(str(out))] == [0, 2]  # the start's evaluation, the last step
+    capsys.readouterr()
+    # --print-config: the resolved config as YAML that loads back, nothing started; --help lists the keys
+    from rlhf_fast.trainers.config import config_keys, load_config, to_dict
+
+    assert cli.main(["dpo", example, "--beta", "0.25", "--lora.r", "4", "--print-config", "--output_dir",
+                     str(tmp_path / "never")]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    printed = load_config(DPOConfig, str(tmp_path / "printed.yaml"))
+    assert printed.beta == 0.25 and printed.lora == {"r": 4} and not (tmp_path / "never").exists()
+    assert to_dict(printed) == to_dict(load_config(DPOConfig, example, ["--beta", "0.25", "--lora.r", "4",
+                                                                        "--output_dir", str(tmp_path / "never")]))
+    with pytest.raises(SystemExit):
+        cli.main(["dpo", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"  {k} " in shown for k, _, _ in config_keys(DPOConfig))
+    for argv, needle in ((["--betaa", "1"], "unknown config key 'betaa'"),
+                         (["--beta", "0"], "beta must be a finite number > 0"),
+                         (["--loss_type", "kto"], "loss_type must be one of"),
+                         (["--output_dir", str(out), "--resume", "false"], "already holds a run")):
+        assert cli.main(["dpo", example] + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -2,6 +2,7 @@
 and RL raises the reward model's score of the policy above the SFT policy's."""
 
 import json
+import math
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def test_world_preference_and_annotator():
 
 def test_demo_config_validation():
     with pytest.raises(ValueError, match="algo"):
-        DemoConfig(algo="dpo")
+        DemoConfig(algo="kto")
     with pytest.raises(ValueError, match="task"):
         DemoConfig(task="chess")
     # the CLI: --algo belongs to the preference task (arithmetic always runs GRPO)
@@ -64,6 +65,24 @@ def test_demo_quick_end_to_end(tmp_path):
     with pytest.raises(ValueError, match=r"--out .*run already holds a demo run \(policy, report.json, report.md"):
         run(DemoConfig(quick=True, out_dir=out, progress=False))
     assert sorted(os.listdir(out)) == before
+
+
+def test_demo_quick_dpo(tmp_path):
+    """--algo dpo: the policy tuned by DPO on the annotators' pairs, judged like the RL runs."""
+    cfg = DemoConfig(quick=True, algo="dpo", out_dir=str(tmp_path / "run"), progress=False)
+    report = run(cfg)
+    dpo = report["stages"]["dpo"]
+    assert 0.0 <= dpo["eval_rewards/accuracy"] <= 1.0 and dpo["eval_loss"] > 0
+    ev = report["stages"]["evaluation"]
+    assert 0.0 <= ev["true_win_rate_tuned_vs_sft"] <= 1.0 and math.isfinite(ev["kl_tuned_vs_sft_per_sequence"])
+    out = cfg.out_dir
+    assert json.load(open(os.path.join(out, "report.json")))["stages"]["dpo"] == dpo
+    from rlhf_fast.trainers.common import read_metrics
+
+    assert read_metrics(os.path.join(out, "dpo"))[-1]["step"] == cfg.dpo_steps
+    assert os.path.isfile(os.path.join(out, "plots", "demo_dpo.png"))
+    assert "## DPO (held-out pairs" in open(os.path.join(out, "report.md")).read()
+    assert not os.path.exists(os.path.join(out, "rl")) and os.path.isdir(os.path.join(out, "policy"))
 
 
 def test_demo_refuses_a_file_as_out(tmp_path):

@@ -6,8 +6,9 @@ from __future__ import annotations
 def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
                         help="preference (SFT → annotators → reward model → RL) or arithmetic (GRPO, verifiable reward)")
-    parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default=None,
-                        help="RL algorithm of the preference task (default ppo); the arithmetic task runs GRPO")
+    parser.add_argument("--algo", choices=("ppo", "grpo", "rloo", "dpo"), default=None,
+                        help="how the preference task tunes the policy (default ppo; dpo: straight from the "
+                        "labelled pairs, no RL); the arithmetic task runs GRPO")
     parser.add_argument("--out", default=None, help="run folder (default runs/demo-TASK-TIMESTAMP)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by the tests)")

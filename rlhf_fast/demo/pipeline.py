@@ -29,7 +29,7 @@ import torch
 
 from . import world
 
-ALGOS = ("ppo", "grpo", "rloo")
+ALGOS = ("ppo", "grpo", "rloo", "dpo")  # dpo: the policy from the labelled pairs, no RL
 TASKS = ("preference", "arithmetic")
 
 
@@ -68,6 +68,11 @@ class DemoConfig:
     rl_lr: float = 1e-3
     kl_coef: float = 0.02
     arithmetic_rl_steps: int = 200
+    # DPO (--algo dpo): on the same labelled pairs the reward model learns from
+    dpo_steps: int = 100
+    dpo_batch_size: int = 16
+    dpo_lr: float = 5e-4
+    dpo_beta: float = 0.1
     # evaluation
     eval_prompts: int = 256
     progress: bool = True
@@ -85,6 +90,7 @@ class DemoConfig:
             self.pair_prompts, self.rm_steps, self.rm_batch_size = 64, 20, 16
             self.rl_steps, self.prompts_per_step, self.group_size = 4, 4, 2
             self.arithmetic_rl_steps = 4
+            self.dpo_steps, self.dpo_batch_size = 6, 8
             self.eval_prompts, self.max_new_tokens = 24, 14
         if self.out_dir is None:
             self.out_dir = os.path.join("runs", f"demo-{self.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -196,7 +202,7 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
     label_agree = sum(1 for r, t in zip(records, truth) if t != 0 and
                       (world.true_utility(r.chosen) > world.true_utility(r.rejected))) / max(1, sum(t != 0 for t in truth))
     ev = trainer.evaluate()
-    return {"rm": rm, "pairs": len(records), "rm_heldout_accuracy_vs_labels": ev.get("eval_accuracy"),
+    return {"rm": rm, "records": records, "n_eval": n_eval, "pairs": len(records), "rm_heldout_accuracy_vs_labels": ev.get("eval_accuracy"),
             "rm_heldout_agreement_vs_hidden": agree / len(held) if held else None,
             "rm_heldout_pairs_strict": len(held), "annotator_agreement_vs_hidden": label_agree}
 
@@ -244,6 +250,23 @@ def _rl(cfg: DemoConfig, policy, tok, prompts: List[str], run_dir: str, *, rewar
     return {"trainer": trainer, "history": history}
 
 
+def _dpo(cfg: DemoConfig, policy, tok, records, n_eval: int, run_dir: str):
+    """DPO on the annotators' pairs (the reward model's training and held-out split), with
+    conservative DPO's label smoothing for their noise; the reference is the SFT policy.
+    Returns the trainer."""
+    from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+
+    dcfg = DPOConfig(output_dir=os.path.join(run_dir, "dpo"), batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr,
+                     max_steps=cfg.dpo_steps, warmup_steps=min(10, cfg.dpo_steps // 5), eval_every=0, log_every=5,
+                     beta=cfg.dpo_beta, label_smoothing=cfg.label_smoothing, seed=cfg.seed, device="cpu",
+                     resume=False, max_len=96)
+    trainer = DPOTrainer(dcfg, model=policy, tokenizer=tok, train_records=records[n_eval:],
+                         eval_records=records[:n_eval])
+    print(f"3/4 DPO for {cfg.dpo_steps} steps ...", flush=True)
+    trainer.train()  # its metrics log gives the report's curves
+    return trainer
+
+
 def run_preference(cfg: DemoConfig) -> Dict:
     from rlhf_fast.trainers.reward import score_texts
 
@@ -261,13 +284,19 @@ def run_preference(cfg: DemoConfig) -> Dict:
     sft_model = copy.deepcopy(model).eval()
 
     rm_out = _reward_model(cfg, sft_model, tok, cfg.out_dir)
-    rm = rm_out.pop("rm")
+    rm, records, n_eval = rm_out.pop("rm"), rm_out.pop("records"), rm_out.pop("n_eval")
     report["stages"]["reward_model"] = rm_out
 
-    estimator = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[cfg.algo]
-    train_prompts = world.prompts(512, seed=cfg.seed + 21)
-    rl = _rl(cfg, model, tok, train_prompts, cfg.out_dir, reward_models=[(rm, tok)], estimator=estimator)
-    policy = rl["trainer"].policy.eval()
+    if cfg.algo == "dpo":  # the reward model only judges the result (its score, its win-rate)
+        trainer = _dpo(cfg, model, tok, records, n_eval, cfg.out_dir)
+        policy, run_path = trainer.model.eval(), trainer.run.path
+        report["stages"]["dpo"] = trainer.evaluate()
+    else:
+        estimator = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[cfg.algo]
+        train_prompts = world.prompts(512, seed=cfg.seed + 21)
+        trainer = _rl(cfg, model, tok, train_prompts, cfg.out_dir, reward_models=[(rm, tok)],
+                      estimator=estimator)["trainer"]
+        policy, run_path = trainer.policy.eval(), trainer.run_dir.path
 
     with _bar(1, "4/4 evaluation", cfg.progress) as bar:
         eval_prompts = world.prompts(cfg.eval_prompts, seed=cfg.seed + 31)
@@ -302,7 +331,7 @@ def run_preference(cfg: DemoConfig) -> Dict:
     report["stages"]["evaluation"] = ev
     report["examples"] = [{"prompt": p, "sft": b, "tuned": a} for p, b, a in zip(eval_prompts[:8], before, after)]
     report["wall_seconds"] = time.time() - t0
-    _finish(cfg, report, rl["trainer"], policy, tok)
+    _finish(cfg, report, run_path, policy, tok)
     return report
 
 
@@ -337,17 +366,17 @@ def run_arithmetic(cfg: DemoConfig) -> Dict:
     acfg.rl_steps = cfg.arithmetic_rl_steps
     acfg.group_size = max(cfg.group_size, 8) if not cfg.quick else cfg.group_size
     rl = _rl(acfg, model, tok, train_prompts, cfg.out_dir, reward_fns=[world.arithmetic_reward], estimator="grpo")
-    policy = rl["trainer"].policy.eval()
+    policy, run_path = rl["trainer"].policy.eval(), rl["trainer"].run_dir.path
     acc_after, sampled_after = accuracy(policy), accuracy(policy, 1.0, 8)
     report["stages"]["evaluation"] = {"accuracy_sft_greedy": acc_before, "accuracy_tuned_greedy": acc_after,
                                       "accuracy_ratio": acc_after / acc_before if acc_before > 0 else None,
                                       "accuracy_sft_sampled": sampled_before, "accuracy_tuned_sampled": sampled_after}
     report["wall_seconds"] = time.time() - t0
-    _finish(cfg, report, rl["trainer"], policy, tok)
+    _finish(cfg, report, run_path, policy, tok)
     return report
 
 
-def _finish(cfg: DemoConfig, report: Dict, trainer, policy, tok) -> None:
+def _finish(cfg: DemoConfig, report: Dict, run_path: str, policy, tok) -> None:
     from .report import write_report
 
     final = os.path.join(cfg.out_dir, "policy")
@@ -355,10 +384,10 @@ def _finish(cfg: DemoConfig, report: Dict, trainer, policy, tok) -> None:
     tok.save_pretrained(final)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in report.items()}, f, indent=2, default=str)
-    write_report(cfg, report, trainer)
+    write_report(cfg, report, run_path)
 
 
-_DEMO_OUTPUTS = ("sft", "reward", "rl", "policy", "report.md", "report.json", "summary.json")
+_DEMO_OUTPUTS = ("sft", "reward", "rl", "dpo", "policy", "report.md", "report.json", "summary.json")
 
 
 def check_demo_folder(out_dir: str) -> None:

@@ -24,7 +24,7 @@ def curve_points(history: List[Dict], key: str) -> List[Tuple[int, float]]:
     return pts
 
 
-def _curve_png(history: List[Dict], keys: List[str], path: str, title: str) -> bool:
+def _curve_png(history: List[Dict], keys: List[str], path: str, title: str, xlabel: str = "RL step") -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,7 @@ def _curve_png(history: List[Dict], keys: List[str], path: str, title: str) -> b
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
             drawn = True
-    ax.set_xlabel("RL step")
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     if drawn:
         ax.legend(fontsize=7)
@@ -47,9 +47,10 @@ def _curve_png(history: List[Dict], keys: List[str], path: str, title: str) -> b
     return drawn
 
 
-def write_report(cfg, report: Dict, trainer) -> str:
-    """Write plots (RL curves via :func:`rlhf_fast.trainers.plot.plot_run` and the demo's own
-    summary figures) and ``report.md`` into ``cfg.out_dir``; returns the report's path."""
+def write_report(cfg, report: Dict, run_path: str) -> str:
+    """Write plots (the curves of the tuning run in ``run_path`` — RL or DPO — via
+    :func:`rlhf_fast.trainers.plot.plot_run`, and the demo's own summary figures) and
+    ``report.md`` into ``cfg.out_dir``; returns the report's path."""
     from rlhf_fast.trainers.plot import plot_run
 
     out = cfg.out_dir
@@ -57,16 +58,22 @@ def write_report(cfg, report: Dict, trainer) -> str:
     os.makedirs(plots, exist_ok=True)
     images = []
     try:
-        images += plot_run(trainer.run_dir.path, plots)
+        images += plot_run(run_path, plots)
     except Exception as e:  # plots must not lose the run's numbers
         report.setdefault("warnings", []).append(f"plot_run failed: {e}")
     from rlhf_fast.trainers.common import read_metrics
 
-    history = read_metrics(trainer.run_dir.path)
-    p = os.path.join(plots, "demo_reward_kl.png")
-    if _curve_png(history, [k for k in ("reward/total", "kl/seq") if any(k in h for h in history)], p,
-                  "reward and KL during RL"):
-        images.append(p)
+    history = read_metrics(run_path)
+    if cfg.algo == "dpo" and cfg.task == "preference":
+        p = os.path.join(plots, "demo_dpo.png")
+        if _curve_png(history, ["loss", "rewards/accuracy", "rewards/margin"], p, "DPO on the annotators' pairs",
+                      xlabel="DPO step"):
+            images.append(p)
+    else:
+        p = os.path.join(plots, "demo_reward_kl.png")
+        if _curve_png(history, [k for k in ("reward/total", "kl/seq") if any(k in h for h in history)], p,
+                      "reward and KL during RL"):
+            images.append(p)
 
     ev = report["stages"].get("evaluation", {})
     lines = [f"# rlhf_fast demo — {cfg.task}", ""]
@@ -89,6 +96,10 @@ def write_report(cfg, report: Dict, trainer) -> str:
                   "The hidden utility itself can be gamed too: `on_topic_rate` (the response names the "
                   "prompt's subject and no other) and the samples below show what neither the annotators "
                   "nor the reward model check."]
+    dpo = report["stages"].get("dpo", {})
+    if dpo:
+        lines += ["", "## DPO (held-out pairs, labels of the annotators)", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in dpo.items()]
     sft = report["stages"].get("sft", {})
     lines += ["", "## SFT", "", "| measure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sft.items()]
     if report.get("examples"):

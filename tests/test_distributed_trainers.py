@@ -2,6 +2,9 @@
 eval metrics and final weights as one process on the same global batch and seed (SFT under DDP
 and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), a sharded SFT
 checkpoint written by two ranks resumes on one process as if the run had never stopped.
+DPO (with the RPO term and unequal pair weights, two micro-batches a step) under DDP and FSDP2,
+and DPO with the reference log-probs precomputed in shares over the ranks, give one process's
+per-step and eval metrics and final weights.
 The RL trainer: GRPO updates on a fixed global rollout batch match one process under DDP;
 whole steps — generation, rewards (a prompt's group dropped for a bad reward, so ranks keep
 different numbers of rows), advantages, two mini-batches per step — of GRPO, PPO (GAE with a
@@ -28,6 +31,19 @@ PAIRS = [
     ("reward:ddp:3:rw_ddp", "reward:none:3:rw_one"),
     ("reward:fsdp2:3:rw_fsdp2", "reward:none:3:rw_one"),
 ]
+# DPO: rpo_alpha 0.5 and annotator weights 1 and 3 (each rank's share of the step's weight and
+# chosen tokens is not half the global one), grad_accum 2; 17 eval pairs (the last eval batch,
+# of one pair, leaves rank 0 an empty share); then precompute_ref_logps (each rank scores its
+# share of the pairs with the initial policy, the shares summed)
+DPO_PAIRS = [
+    ("dpo:ddp:2:dpo_ddp:2", "dpo:none:2:dpo_one:2"),
+    ("dpo:fsdp2:2:dpo_fsdp2:2", "dpo:none:2:dpo_one:2"),
+    ("dpo_pre:ddp:2:dpo_pre_ddp", "dpo_pre:none:2:dpo_pre_one"),
+]
+# grad_norm: the all-reduced gradient itself (a normaliser off by a constant factor leaves
+# AdamW's step, so the weights, almost unchanged, but not the norm)
+DPO_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "logps/rejected", "grad_norm"]
 SAVE = "sft:fsdp2:2:resume"  # 2 steps on 2 ranks, sharded checkpoint at the end
 RESUME = "sft:none:3:resume"  # the same folder on one process: resumes at step 2, runs step 3
 RL_UPDATE = ("grpo_update:ddp:3:rlu_ddp", "grpo_update:none:3:rlu_one")
@@ -91,9 +107,10 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
     pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES])
+                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
-                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]])
+                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]]
+                  + sorted({p[1] for p in DPO_PAIRS}))
     assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
     return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
 
@@ -108,20 +125,59 @@ def _weights(root, spec):
     return load_file(os.path.join(root, spec.split(":")[3], "final", "model.safetensors"))
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=[p[0] for p in PAIRS])
-def test_two_ranks_match_one(runs, pair):
-    two, one = runs[pair[0]], runs[pair[1]]
-    for key in ("loss", "eval_loss", "eval_accuracy"):
+def _assert_series_match(two, one, keys):
+    for key in keys:
         a, b = _series(two, key), _series(one, key)
         assert [s for s, _ in a] == [s for s, _ in b], key
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4, abs=1e-6), key
-    losses = [v for _, v in _series(one, "loss")]
-    assert len(losses) >= 2 and losses[0] != losses[-1]  # and training did something
+
+
+def _assert_final_weights_match(runs, pair, atol=1e-5):
     assert runs[pair[0] + "|in_sync"]  # DDP replicas end bit-identical
     wa, wb = _weights(runs["root"], pair[0]), _weights(runs["root"], pair[1])
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=[p[0] for p in PAIRS])
+def test_two_ranks_match_one(runs, pair):
+    two, one = runs[pair[0]], runs[pair[1]]
+    _assert_series_match(two, one, ("loss", "eval_loss", "eval_accuracy"))
+    losses = [v for _, v in _series(one, "loss")]
+    assert len(losses) >= 2 and losses[0] != losses[-1]  # and training did something
+    _assert_final_weights_match(runs, pair)
+
+
+@pytest.mark.parametrize("pair", DPO_PAIRS, ids=[p[0] for p in DPO_PAIRS])
+def test_dpo_two_ranks_match_one(runs, pair):
+    two, one = runs[pair[0]], runs[pair[1]]
+    rpo = pair[0].startswith("dpo:")
+    keys = DPO_KEYS + (["nll"] if rpo else [])
+    keys += ["eval_" + k for k in keys if k != "grad_norm"]
+    # the eval before training (step 0), then steps 1 and 2 (the final eval joins step 2)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
+    assert all(k in one[-1] for k in keys), sorted(one[-1])
+    _assert_series_match(two, one, keys)
+    # and training did something: the policy left the reference (rewards 0, loss log 2 at
+    # step 1 without RPO), the loss and eval loss fell
+    assert [one[0]["eval_rewards/margin"], one[1]["rewards/margin"]] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert one[2]["loss"] < one[1]["loss"] and one[2]["eval_loss"] < one[0]["eval_loss"]
+    assert one[2]["rewards/margin"] > 0 and one[2]["eval_rewards/margin"] > 0
+    if not rpo:
+        assert one[1]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    # the frozen reference: a replica under DDP, FSDP2-sharded like the policy (its root too:
+    # resharded after each forward), none kept when its log-probs are precomputed
+    frac, strategy = runs[pair[0] + "|ref_local_fraction"], pair[0].split(":")[1]
+    if not rpo:
+        assert frac == -1.0, frac
+    elif strategy == "ddp":
+        assert frac == 1.0, frac
+    else:
+        assert 0.4 < frac < 0.6, frac  # its root resharded after each forward, as the RL trainer does
+    # atol 1e-4 (1% of one AdamW step at lr 1e-2): an LM-head weight whose first gradient is
+    # -7e-9, near AdamW's eps, moves by 3e-5 more or less with the rounding of 2 ranks' sum
+    _assert_final_weights_match(runs, pair, atol=1e-4)
 
 
 def test_only_rank0_writes_and_config_has_strategy(runs):
@@ -251,7 +307,7 @@ def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks(runs, pair):
 def test_rank0_log_has_one_process_types(runs):
     """Metrics averaged over ranks keep the types one process logs: counts and the epoch stay
     ints (they came out as floats, 41.0)."""
-    for two, one in PAIRS[:3]:
+    for two, one in PAIRS[:3] + DPO_PAIRS[:2]:
         for a, b in zip(runs[two], runs[one]):
             assert {k: type(v) for k, v in a.items()} == {k: type(v) for k, v in b.items()}, (a, b)
 

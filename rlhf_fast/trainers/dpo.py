@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.distributed import DistributedConfig, wrap_model
+from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
@@ -365,6 +365,7 @@ class DPOTrainer:
         self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
                                 mixed_precision=cfg.distributed.mixed_precision,
                                 reshard_after_forward=cfg.distributed.reshard_after_forward)
+        self._reference_sharded = False  # a separate reference wrapped in FSDP2 below
         if (isinstance(self.reference, torch.nn.Module) and self.ctx.distributed
                 and cfg.distributed.strategy == "fsdp2"):
             # a separate frozen reference sharded like the policy (each rank keeps 1/N of it); its
@@ -372,6 +373,7 @@ class DPOTrainer:
             self.reference = wrap_model(self.reference, "fsdp2", self.ctx,
                                         mixed_precision=cfg.distributed.mixed_precision,
                                         reshard_after_forward=cfg.distributed.reshard_after_forward)
+            self._reference_sharded = True
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
@@ -437,6 +439,8 @@ class DPOTrainer:
             else:
                 with torch.no_grad():
                     ref, _ = response_logps(self.reference, batch)
+                if self._reference_sharded:  # free the root's gathered copy (kept after forward for the head)
+                    reshard(self.reference)
         margin = (torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=self.device)
                   if cfg.use_margin else None)
         loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,

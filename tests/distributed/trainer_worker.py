@@ -1,6 +1,6 @@
 """Run under torchrun (or alone) by tests/test_distributed_trainers.py: a few steps of the SFT,
-reward or RL trainer (tiny model, synthetic data, fixed global batch and seed) with DDP, FSDP2
-or no wrapping. Rank 0 writes the per-step losses and metrics it logged, so the test can
+reward, DPO or RL trainer (tiny model, synthetic data, fixed global batch and seed) with DDP,
+FSDP2 or no wrapping. Rank 0 writes the per-step losses and metrics it logged, so the test can
 compare one process with two."""
 
 import argparse
@@ -11,7 +11,8 @@ import torch
 
 from rlhf_fast.distributed import DistributedConfig, exit_process, shutdown
 from rlhf_fast.trainers.common import read_metrics
-from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
 MODEL = "tiny:llama:hidden_size=32,num_layers=2,num_heads=2"
@@ -142,10 +143,39 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
                   device="cpu", bf16=False, distributed=DistributedConfig(strategy=strategy))
     if kind == "sft":
         trainer = SFTTrainer(SFTConfig(eval_fraction=0.1, **common))
-    else:
+    elif kind == "reward":
         trainer = RewardTrainer(RewardConfig(eval_fraction=0.05, **common))
+    elif kind == "dpo":
+        trainer = run_dpo(common)
+    elif kind == "dpo_pre":
+        # the reference log-probs of every pair computed before training, each rank its share, summed
+        trainer = DPOTrainer(DPOConfig(eval_fraction=DPO_EVAL_FRACTION, beta=0.5, precompute_ref_logps=True,
+                                       **common))
+    else:
+        raise ValueError(f"unknown run kind {kind!r}")
     trainer.train()
     return trainer
+
+
+# 17 eval pairs of the 512 synthetic ones: eval micro-batches of 8, 8 and 1 pairs, so in the
+# last one rank 0's share is empty (one stand-in pair that counts for nothing) under 2 ranks
+DPO_EVAL_FRACTION = 17 / 512
+
+
+def run_dpo(common):
+    """DPO with the RPO term (rpo_alpha > 0: the token mean over every chosen token of the step)
+    and per-annotator weights 1 and 3, so each rank's share of the pair weights and of the
+    chosen tokens differs from half the global one: only the global normalisers give one
+    process's gradient."""
+    import dataclasses
+
+    from rlhf_fast.trainers.sft import split_records
+
+    records = [dataclasses.replace(r, annotator="b" if i % 3 == 0 else "a") for i, r in
+               enumerate(synthetic_preference_records(seed=0))]
+    train, ev = split_records(records, DPO_EVAL_FRACTION, 0)
+    cfg = DPOConfig(beta=0.5, rpo_alpha=0.5, annotator_weights={"a": 1.0, "b": 3.0}, **common)
+    return DPOTrainer(cfg, train_records=train, eval_records=ev)
 
 
 def _full_weights(trainer, model=None):
@@ -177,7 +207,7 @@ def _local_fraction(model) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True, help="comma list of TRAINER:STRATEGY:STEPS:NAME[:GRAD_ACCUM]")
+    ap.add_argument("--runs", required=True, help="comma list of KIND:STRATEGY:STEPS:NAME[:GRAD_ACCUM]")
     ap.add_argument("--root", required=True, help="folder of the runs' output folders (NAME inside)")
     ap.add_argument("--out", required=True, help="JSON file rank 0 writes")
     args = ap.parse_args()

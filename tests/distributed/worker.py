@@ -5,7 +5,6 @@ Writes the global losses and the final full weights so the test can compare 1 vs
 import argparse
 import contextlib
 import json
-import os
 
 import torch
 

@@ -19,6 +19,7 @@ COMMANDS = {
     "sft": ("rlhf_fast.trainers.sft", "supervised fine-tuning: rlhf-fast sft CONFIG.yaml [--key value ...]"),
     "reward": ("rlhf_fast.trainers.reward", "train a reward model: rlhf-fast reward CONFIG.yaml [--key value ...]"),
     "dpo": ("rlhf_fast.trainers.dpo", "DPO-family preference optimisation: rlhf-fast dpo CONFIG.yaml [--key value ...]"),
+    "kto": ("rlhf_fast.trainers.kto", "KTO from unpaired thumbs-up/down or scores: rlhf-fast kto CONFIG.yaml [--key value ...]"),
     "label": ("rlhf_fast.feedback.label", "label pairs in the terminal: rlhf-fast label PAIRS.jsonl --out LABELS.jsonl"),
     "judge": ("rlhf_fast.feedback.judge", "AI feedback: label pairs or score responses with a judge model"),
     "ppo": ("rlhf_fast.trainers.rl_cli", "PPO with a critic and GAE: rlhf-fast ppo CONFIG.yaml [--key value ...]"),
@@ -148,7 +149,7 @@ def _main(name: str, rest: List[str]) -> int:
         # torchrun the launcher passes Ctrl-C to every rank, and rank 0 says so for all
         if _launch_env()[1] == 0:
             print(f"rlhf-fast {name}: interrupted; a training run continues from its last checkpoint "
-                  "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward/dpo: the same command)", file=sys.stderr)
+                  "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward/dpo/kto: the same command)", file=sys.stderr)
         return 130
     except Exception as e:
         if not (_launch_env()[0] > 1 and _lost_peer(e)):

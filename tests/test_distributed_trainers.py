@@ -40,6 +40,13 @@ DPO_PAIRS = [
     ("dpo:fsdp2:2:dpo_fsdp2:2", "dpo:none:2:dpo_one:2"),
     ("dpo_pre:ddp:2:dpo_pre_ddp", "dpo_pre:none:2:dpo_pre_one"),
 ]
+# KTO (its KL reference point a mean over the step's KL rows on every rank), grad_accum 2
+KTO_PAIRS = [
+    ("kto:ddp:2:kto_ddp:2", "kto:none:2:kto_one:2"),
+    ("kto:fsdp2:2:kto_fsdp2:2", "kto:none:2:kto_one:2"),
+]
+KTO_KEYS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "logps/rejected",
+            "count/chosen", "count/rejected", "grad_norm"]
 # grad_norm: the all-reduced gradient itself (a normaliser off by a constant factor leaves
 # AdamW's step, so the weights, almost unchanged, but not the norm)
 DPO_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
@@ -107,10 +114,10 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
     pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS])
+                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS + KTO_PAIRS])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
                   + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]]
-                  + sorted({p[1] for p in DPO_PAIRS}))
+                  + sorted({p[1] for p in DPO_PAIRS + KTO_PAIRS}))
     assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
     return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
 
@@ -177,6 +184,21 @@ def test_dpo_two_ranks_match_one(runs, pair):
         assert 0.4 < frac < 0.6, frac  # its root resharded after each forward, as the RL trainer does
     # atol 1e-4 (1% of one AdamW step at lr 1e-2): an LM-head weight whose first gradient is
     # -7e-9, near AdamW's eps, moves by 3e-5 more or less with the rounding of 2 ranks' sum
+    _assert_final_weights_match(runs, pair, atol=1e-4)
+
+
+@pytest.mark.parametrize("pair", KTO_PAIRS, ids=[p[0] for p in KTO_PAIRS])
+def test_kto_two_ranks_match_one(runs, pair):
+    two, one = runs[pair[0]], runs[pair[1]]
+    keys = KTO_KEYS + ["eval_" + k for k in KTO_KEYS if k != "grad_norm"]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
+    assert all(k in one[-1] for k in keys), sorted(one[-1])
+    _assert_series_match(two, one, keys)
+    # training did something: the rewards left 0, the desirable ones above the undesirable
+    assert one[1]["rewards/margin"] == pytest.approx(0.0, abs=1e-6) and one[2]["rewards/margin"] > 0
+    assert one[2]["kl"] > 0 or one[2]["eval_kl"] > 0  # the reference point moved off 0
+    frac = runs[pair[0] + "|ref_local_fraction"]
+    assert frac == 1.0 if pair[0].split(":")[1] == "ddp" else 0.4 < frac < 0.6, frac
     _assert_final_weights_match(runs, pair, atol=1e-4)
 
 

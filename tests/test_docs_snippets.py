@@ -39,7 +39,7 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_config_loads(path):
     """Each example through the loader of the command its header names (rlhf-fast sft / reward
-    / dpo / ppo / grpo / rloo), with the estimator of that command's family."""
+    / dpo / kto / ppo / grpo / rloo), with the estimator of that command's family."""
     from rlhf_fast.trainers.config import load_config
 
     command = path.stem
@@ -59,6 +59,11 @@ def test_example_config_loads(path):
         from rlhf_fast.trainers.dpo import DPOConfig
 
         cfg = load_config(DPOConfig, str(path))
+        assert cfg.data is None
+    elif command == "kto":
+        from rlhf_fast.trainers.kto import KTOConfig
+
+        cfg = load_config(KTOConfig, str(path))
         assert cfg.data is None
     else:
         from rlhf_fast.trainers.rl_cli import FAMILIES, build_config

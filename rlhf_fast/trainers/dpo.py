@@ -268,6 +268,37 @@ def response_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor,
     return logp.sum(-1), count
 
 
+def offline_reference(cfg, model, is_peft: bool, device):
+    """The reference of an offline preference trainer (DPO, KTO; ``cfg`` has ``ref_model`` and
+    ``precompute_ref_logps``), before any update: a ``ref_model`` folder (checked to share the
+    policy's vocabulary); else, when its log-probs are precomputed, the initial policy itself
+    (scored before any update: no copy); else a frozen copy — for a peft policy the base with
+    its adapters disabled (no copy)."""
+    from rlhf_fast.models import loading
+
+    if cfg.ref_model:
+        reference = loading.make_reference(loading.load_policy(cfg.ref_model), device=device)
+        n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
+        if n_ref != n_pol:
+            raise ValueError(f"ref_model {cfg.ref_model!r} has a vocabulary of {n_ref} tokens, the policy {n_pol}; "
+                             "the reference must share the policy's tokenizer")
+        return reference
+    if cfg.precompute_ref_logps and not is_peft:
+        return model
+    return loading.make_reference(model)
+
+
+def shard_reference(reference, dcfg: DistributedConfig, ctx) -> Tuple[Any, bool]:
+    """``(reference, sharded)``: a separate reference model under FSDP2 on several ranks is
+    sharded like the policy (each rank keeps 1/N of it; its one forward per micro-batch lines
+    up on every rank) — ``sharded``: reshard it after each forward, or its root keeps the
+    gathered embeddings and head (:func:`rlhf_fast.distributed.reshard`)."""
+    if not (isinstance(reference, torch.nn.Module) and ctx.distributed and dcfg.strategy == "fsdp2"):
+        return reference, False
+    return wrap_model(reference, "fsdp2", ctx, mixed_precision=dcfg.mixed_precision,
+                      reshard_after_forward=dcfg.reshard_after_forward), True
+
+
 def _load_pairs(path: str, kind: str, dedup: bool) -> list:
     from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
 
@@ -346,17 +377,7 @@ class DPOTrainer:
             raise ValueError(f"no training pair left: each of the {len(train_records)} prompts is empty")
 
         # the reference: log-probs of every pair now (precompute_ref_logps), or a model kept for each step
-        reference = None
-        if cfg.ref_model:
-            reference = loading.make_reference(loading.load_policy(cfg.ref_model), device=self.device)
-            n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
-            if n_ref != n_pol:
-                raise ValueError(f"ref_model {cfg.ref_model!r} has a vocabulary of {n_ref} tokens, the policy {n_pol}; "
-                                 "the reference must share the policy's tokenizer")
-        elif cfg.precompute_ref_logps and not self.is_peft:
-            reference = model  # the initial policy itself, scored before any update (no copy)
-        else:
-            reference = loading.make_reference(model)  # peft: the base, adapters disabled (no copy)
+        reference = offline_reference(cfg, model, self.is_peft, self.device)
         if cfg.precompute_ref_logps:
             self._precompute(reference)
             reference = None
@@ -365,15 +386,7 @@ class DPOTrainer:
         self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
                                 mixed_precision=cfg.distributed.mixed_precision,
                                 reshard_after_forward=cfg.distributed.reshard_after_forward)
-        self._reference_sharded = False  # a separate reference wrapped in FSDP2 below
-        if (isinstance(self.reference, torch.nn.Module) and self.ctx.distributed
-                and cfg.distributed.strategy == "fsdp2"):
-            # a separate frozen reference sharded like the policy (each rank keeps 1/N of it); its
-            # one forward per micro-batch lines up on every rank
-            self.reference = wrap_model(self.reference, "fsdp2", self.ctx,
-                                        mixed_precision=cfg.distributed.mixed_precision,
-                                        reshard_after_forward=cfg.distributed.reshard_after_forward)
-            self._reference_sharded = True
+        self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
@@ -556,4 +569,5 @@ def run(args) -> int:
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "encode_pair", "collate_pairs", "response_logps",
+           "offline_reference", "shard_reference",
            "add_arguments", "run"]

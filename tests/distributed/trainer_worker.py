@@ -12,6 +12,7 @@ import torch
 from rlhf_fast.distributed import DistributedConfig, exit_process, shutdown
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.kto import KTOConfig, KTOTrainer
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
@@ -151,6 +152,11 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         # the reference log-probs of every pair computed before training, each rank its share, summed
         trainer = DPOTrainer(DPOConfig(eval_fraction=DPO_EVAL_FRACTION, beta=0.5, precompute_ref_logps=True,
                                        **common))
+    elif kind == "kto":
+        # the KL reference point z0 is a mean over every KL row of the step (all micro-batches,
+        # all ranks); unequal desirable / undesirable weights
+        trainer = KTOTrainer(KTOConfig(eval_fraction=DPO_EVAL_FRACTION, beta=0.5, desirable_weight=1.0,
+                                       undesirable_weight=1.3, **common))
     else:
         raise ValueError(f"unknown run kind {kind!r}")
     trainer.train()

@@ -1,0 +1,632 @@
+"""Kahneman–Tversky optimisation from unpaired feedback: ``rlhf-fast kto CONFIG.yaml [--key value ...]``.
+
+KTO (Ethayarajh et al. 2024) learns from single responses marked desirable or undesirable —
+thumbs-up / thumbs-down, scores above or below a threshold, or the two halves of preference
+pairs — with no pairing, no reward model and no sampling. With the log-ratio
+r = log π(y | x) − log π_ref(y | x) (summed over the response tokens through the fused LM head,
+as in :mod:`rlhf_fast.trainers.dpo`) and the reference point z0, each example's loss is
+
+* desirable:   λ_D · (1 − σ(β · (r − z0)))
+* undesirable: λ_U · (1 − σ(β · (z0 − r)))
+
+(TRL's ``KTOTrainer``, loss type ``kto``; λ_D, λ_U = ``desirable_weight``, ``undesirable_weight``),
+averaged over every example of the optimizer step, whatever the micro-batch split or number of
+ranks. z0 estimates KL(π ‖ π_ref) from mismatched pairs, as TRL builds them: within a batch of
+n examples the completions are rotated by one, (x_1, y_n), (x_2, y_1), …, (x_n, y_{n−1}), and
+z0 = max(0, mean over those rows of log π(y' | x) − log π_ref(y' | x)), detached (no gradient
+flows through it), the mean taken over every rank's rows (TRL averages the per-rank means: the
+same for equal shares).
+
+Batches: TRL fixes each example's mismatched partner when it prepares the data (the rotation
+within consecutive blocks of the per-device batch) and then reads the data in order (it refuses
+any sampler but the sequential one). Here the examples are shuffled once (``seed``) and read in
+that order every epoch, in step batches of ``batch_size × grad_accum`` examples (the last one of
+an epoch shorter), each cut into micro-batches of ``batch_size``; the rotation runs over the whole
+step batch, so z0 — and the loss — do not depend on the micro-batch split or the number of ranks
+(TRL's z0 is per micro-batch; the two agree for ``grad_accum`` 1 on one device). Because the
+partners are fixed, ``precompute_ref_logps`` can score the KL rows once too. The eval examples
+are taken the same way (one seeded shuffle, blocks of the step size).
+
+Logged per step (and on the eval split with an ``eval_`` prefix): loss, kl (z0; on the eval
+split the example-weighted mean over its blocks), rewards/chosen and rewards/rejected (β·r,
+means over the desirable / undesirable examples; absent when there are none), rewards/margin
+(their difference), logps/chosen, logps/rejected (summed log-probs), count/chosen,
+count/rejected, lr, grad_norm. TRL's advice on the weights (λ_D·n_D / (λ_U·n_U) in [1, 4/3],
+the paper's eq. 8) is printed once when the training data miss it.
+
+Data (``data_kind``): ``binary`` records ``{prompt, completion, label: true|false}`` (JSONL or
+Parquet; optional ``annotator``), ``scores`` (``{prompt, response, score}``, desirable when
+score ≥ ``score_threshold``) or ``pairs`` (``{prompt, chosen, rejected}``: the chosen response
+desirable, the rejected one undesirable — TRL's ``unpair_preference_dataset``: every chosen row,
+then every rejected row); without ``data``, the reward trainer's synthetic pairs, unpaired. The
+eval split is held out before unpairing, so both halves of a pair stay on one side.
+
+Reference, encoding, truncation (a KL row keeps its prompt and cuts the borrowed completion,
+tokenised whole, to ``max_len``: TRL's keep-start), checkpoints, exact resume, DDP / FSDP2, bf16
+autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
+from rlhf_fast.feedback.formats import PairRecord, Prompt, ScoreRecord
+from rlhf_fast.ops._validate import finite
+
+from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
+                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
+                     seed_everything)
+from .dpo import encode_pair, offline_reference, response_logps, shard_reference
+from .sft import (_Batches, _is_ddp, collate, local_span, resume_supervised, save_supervised, scalar_norm,
+                  setup_distributed, split_records, training_loop)
+
+DATA_KINDS = ("binary", "scores", "pairs")
+N_SUMS = 8  # Σ loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n
+
+
+@dataclasses.dataclass
+class KTOConfig:
+    """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
+    a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
+    β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two
+    losses; ``lora``: None, or LoraConfig fields ({} for r=8, alpha=16, every linear layer)."""
+
+    model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
+    ref_model: Optional[str] = None  # a saved model folder; None: the initial policy
+    lora: Optional[Dict[str, Any]] = None
+    data: Optional[str] = None
+    data_kind: str = "binary"
+    score_threshold: float = 0.0  # data_kind scores: desirable when score >= this
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.1
+    output_dir: str = "runs/kto"
+    max_len: int = 256
+    batch_size: int = 8  # examples per micro-batch (twice as many rows with the KL rows)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    bf16: bool = True  # used on CUDA only
+    gradient_checkpointing: bool = False
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precompute_ref_logps: bool = False
+    eval_every: int = 50
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = True
+    dedup: bool = True
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        check_training_schedule(self)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {self.model!r}")
+        if self.ref_model is not None and (not isinstance(self.ref_model, str) or not self.ref_model):
+            raise ValueError(f"ref_model must be a local model folder or null, got {self.ref_model!r}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {self.lora!r}")
+            import yaml
+
+            # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
+            self.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.lora.items()}
+        if self.max_len < 2:  # one prompt token and one response token at the least
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
+        finite("score_threshold", self.score_threshold)
+        finite("beta", self.beta, "> 0")
+        wd = finite("desirable_weight", self.desirable_weight, ">= 0")
+        wu = finite("undesirable_weight", self.undesirable_weight, ">= 0")
+        if wd == 0 and wu == 0:
+            raise ValueError("desirable_weight and undesirable_weight are both 0: nothing would be trained")
+        if self.batch_size * self.grad_accum < 2:
+            # TRL: "actual batch size must be > 1", else the KL row is the example itself
+            raise ValueError(f"batch_size × grad_accum must be >= 2, got {self.batch_size} × {self.grad_accum}: "
+                             "KTO's KL estimate pairs each prompt with another example's completion of the same step")
+        for name in ("precompute_ref_logps", "dedup", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """The reference point z0 ``[]`` of one batch: max(0, mean(kl_logps − ref_kl_logps)), detached.
+
+    ``kl_logps`` / ``ref_kl_logps`` ``[B]``: summed response log-probs of the mismatched rows
+    (:func:`kl_partners`) under the policy and the reference. Over several ranks or micro-batches
+    the mean runs over all their rows (what :class:`KTOTrainer` does)."""
+    if kl_logps.shape != ref_kl_logps.shape or kl_logps.dim() != 1 or kl_logps.numel() == 0:
+        raise ValueError(f"kl_logps and ref_kl_logps must be the same non-empty [B], got {tuple(kl_logps.shape)} "
+                         f"and {tuple(ref_kl_logps.shape)}")
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss [B], rewards [B])`` of B examples.
+
+    ``logps`` ``[B]`` summed response log-probs under the policy (differentiable), ``ref_logps``
+    ``[B]`` under the reference, ``desirable`` ``[B]`` bool, ``kl`` the reference point z0 (a
+    number or a 0-dim tensor, never differentiated). The loss is float32 (float64 for float64
+    input), weighted by λ_D / λ_U, per example before any averaging; rewards β·(log π − log π_ref)
+    are detached. Formulas: the module docstring.
+    """
+    finite("beta", beta, "> 0")
+    finite("desirable_weight", desirable_weight, ">= 0")
+    finite("undesirable_weight", undesirable_weight, ">= 0")
+    shape = tuple(logps.shape)
+    if len(shape) != 1:
+        raise ValueError(f"logps must be [B], got {shape}")
+    for name, t in (("ref_logps", ref_logps), ("desirable", desirable)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logps {shape}, got {tuple(t.shape)}")
+    dt = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    kl = torch.as_tensor(kl, dtype=dt, device=logps.device).detach()
+    ratio = logps.to(dt) - ref_logps.to(dt)
+    # the same operations as TRL's (its chosen and rejected losses, each times its weight)
+    chosen = desirable_weight * (1 - F.sigmoid(beta * (ratio - kl)))
+    rejected = undesirable_weight * (1 - F.sigmoid(beta * (kl - ratio)))
+    return torch.where(desirable.bool(), chosen, rejected), beta * ratio.detach()
+
+
+def kl_partners(order: Sequence[int], block: int) -> List[int]:
+    """Each example's KL partner: ``partner[i]`` is the example whose completion example ``i``'s
+    prompt is scored with. ``order`` (a permutation of the example indices) is cut into
+    consecutive blocks of ``block`` (the last one shorter) and the completions rotate by one
+    within each: the k-th example of a block takes the (k−1)-th one's, the first the last one's
+    (TRL's ``KL_completion_ids``, blocks of its per-device batch)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    order = list(order)
+    partner = [-1] * len(order)
+    for s in range(0, len(order), block):
+        b = order[s: s + block]
+        for k, i in enumerate(b):
+            partner[i] = b[k - 1]
+    if -1 in partner:
+        raise ValueError("order must be a permutation of range(len(order))")
+    return partner
+
+
+def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+                  ) -> Optional[str]:
+    """TRL's advice on λ_D and λ_U for a training set, or None when they are in range: with
+    unequal counts, λ_D·n_D / (λ_U·n_U) should lie in [1, 4/3] (Ethayarajh et al. 2024, eq. 8).
+    The same counts (at least 1 each), rounding and test as ``KTOTrainer._prepare_dataset``."""
+    total = n_desirable + n_undesirable
+    n_d = max(n_desirable, 1)
+    n_u = max(total - n_d, 1)
+    if n_d == n_u:
+        return None
+    wd, wu = desirable_weight, undesirable_weight
+    d_lo, d_hi = round(n_u * wu / n_d, 2), round(n_u * wu / n_d * 1.33, 2)
+    u_lo, u_hi = round(n_d * wd / n_u / 1.33, 2), round(n_d * wd / n_u, 2)
+    if d_lo <= wd <= d_hi or u_lo <= wu <= u_hi:
+        return None
+    return (f"{n_desirable} desirable and {n_undesirable} undesirable training examples with desirable_weight {wd:g} "
+            f"and undesirable_weight {wu:g}: desirable_weight x desirable / (undesirable_weight x undesirable) should "
+            f"be in [1, 4/3] (KTO paper, eq. 8); set EITHER desirable_weight in [{d_lo}, {d_hi}] OR "
+            f"undesirable_weight in [{u_lo}, {u_hi}] (not both)")
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class BinaryRecord:
+    """One response with binary feedback: ``label`` True (desirable, thumbs-up) or False."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+    annotator: Optional[str] = None
+
+
+def load_binary_records(source: Any, *, dedup: bool = False) -> List[BinaryRecord]:
+    """Read and validate ``{prompt, completion, label}`` records (optional ``annotator``) from a
+    JSONL/Parquet path, a list of dicts or a ``datasets.Dataset``; ``label`` must be true or
+    false. Every problem is collected with its line and field, then one ValueError lists them
+    (as :func:`rlhf_fast.feedback.formats.load_records`). A record repeated with the same
+    annotator is a problem unless ``dedup``, which drops the repeats."""
+    import json
+
+    from rlhf_fast.feedback.formats import (Problem, _annotator, _BadJSON, _check_prompt, _check_text, _shown,
+                                            problems_error, read_rows)
+
+    name, rows = read_rows(source)
+    problems: List[Problem] = []
+    records: List[BinaryRecord] = []
+    seen: Dict[str, int] = {}
+    for line, row in rows:
+        def where(field, message, _line=line):
+            return Problem(name, _line, field, message)
+
+        if isinstance(row, _BadJSON):
+            problems.append(where("<line>", row.message))
+            continue
+        if not isinstance(row, dict):
+            problems.append(where("<line>", f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        n0 = len(problems)
+        prompt = _check_prompt(row, problems, where)
+        ann = _annotator(row, problems, where)
+        completion = _check_text(row, "completion", problems, where)
+        label = row.get("label")
+        if label is None:
+            problems.append(where("label", "missing field"))
+        elif not isinstance(label, bool):
+            problems.append(where("label", f"expected true or false, got {_shown(label)}"))
+        if len(problems) > n0:
+            continue
+        rec = BinaryRecord(prompt, completion, label, ann)
+        key = json.dumps(dataclasses.asdict(rec), sort_keys=True)
+        if key in seen:
+            if not dedup:
+                problems.append(where("<record>", f"duplicate record (same as line {seen[key]})"))
+            continue
+        seen[key] = line
+        records.append(rec)
+    if problems:
+        raise problems_error(name, "binary records", problems)
+    return records
+
+
+def load_kto_records(source: Any, kind: str, *, dedup: bool = False) -> list:
+    """The records of ``source`` of ``kind`` (``DATA_KINDS``), validated, not yet unpaired
+    (:func:`to_binary` does that)."""
+    from rlhf_fast.feedback.formats import load_records
+
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {kind!r}")
+    if kind == "binary":
+        return load_binary_records(source, dedup=dedup)
+    return load_records(source, kind, dedup=dedup)
+
+
+def to_binary(records: Sequence[Any], score_threshold: float = 0.0) -> List[BinaryRecord]:
+    """BinaryRecords from BinaryRecords (kept), ScoreRecords (desirable when score ≥
+    ``score_threshold``) and PairRecords (TRL's ``unpair_preference_dataset``: every chosen
+    response as desirable, then every rejected one as undesirable), in that order per kind."""
+    out, rejected = [], []
+    for r in records:
+        if isinstance(r, BinaryRecord):
+            out.append(r)
+        elif isinstance(r, ScoreRecord):
+            out.append(BinaryRecord(r.prompt, r.response, bool(r.score >= score_threshold), r.annotator))
+        elif isinstance(r, PairRecord):
+            out.append(BinaryRecord(r.prompt, r.chosen, True, r.annotator))
+            rejected.append(BinaryRecord(r.prompt, r.rejected, False, r.annotator))
+        else:
+            raise TypeError(f"records must be BinaryRecord, ScoreRecord or PairRecord, got {type(r).__name__}")
+    return out + rejected
+
+
+def _rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict[str, List[int]]]:
+    """The token rows of ``items``: prompt + their ``key`` completion ("completion", or "kl" for
+    the mismatched one), the response mask over the completion."""
+    return [{"input_ids": it["prompt"] + it[key], "response_mask": [0] * len(it["prompt"]) + [1] * len(it[key])}
+            for it in items]
+
+
+class _StepBatches(_Batches):
+    """The step batches: one seeded shuffle of the examples, then the same consecutive blocks of
+    the step size every epoch (TRL's sequential sampler over a shuffled dataset), so that each
+    example's KL partner is fixed."""
+
+    def _make_perm(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003)
+        return torch.randperm(self.n, generator=g).tolist()
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class KTOTrainer:
+    """Trains a causal-LM policy on desirable / undesirable examples (see the module docstring).
+
+    ``model`` / ``tokenizer`` / ``train_records`` / ``eval_records`` override what the config
+    would load; records may be BinaryRecords, ScoreRecords or PairRecords (:func:`to_binary`);
+    ``model`` may be a peft model (its adapters train, the reference is the base). ``train()``
+    returns the final metrics dict.
+    """
+
+    def __init__(self, cfg: KTOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
+        from rlhf_fast.models import loading
+
+        if not isinstance(cfg, KTOConfig):
+            raise TypeError(f"cfg must be a KTOConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # before any data or model is loaded: a folder holding another run is refused at once
+        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+        if cfg.ref_model:  # a wrong path is named before the data and the policy load
+            loading.check_model_folder(cfg.ref_model, "ref_model")
+        if train_records is None:
+            if cfg.data:
+                records = require_records(load_kto_records(cfg.data, cfg.data_kind, dedup=cfg.dedup), "data", cfg.data)
+            elif cfg.data_kind == "scores":
+                raise ValueError("data must be set for data_kind='scores' (the synthetic task has pairs only)")
+            else:
+                from .reward import synthetic_preference_records
+
+                records = synthetic_preference_records(seed=cfg.seed)
+            if eval_records is None:
+                if cfg.eval_data:
+                    eval_records = require_records(load_kto_records(cfg.eval_data, cfg.data_kind, dedup=cfg.dedup),
+                                                   "eval_data", cfg.eval_data)
+                else:  # held out before unpairing: both halves of a pair on one side
+                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
+            train_records = records
+        train_records = to_binary(list(train_records), cfg.score_threshold)
+        eval_records = to_binary(list(eval_records or []), cfg.score_threshold)
+        if model is None:
+            texts = [str(r.prompt) + " " + r.completion for r in train_records[:4000]]
+            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
+        elif tokenizer is None:
+            raise ValueError("tokenizer must be given together with model")
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        model = model.to(self.device)
+        if cfg.lora is not None or cfg.gradient_checkpointing:
+            model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+        self.is_peft = loading._is_peft(model)
+
+        self.train_items, self.dropped = self._encode(train_records)
+        self.eval_items, _ = self._encode(eval_records)
+        if train_records and not self.train_items:
+            raise ValueError(f"no training example left: each of the {len(train_records)} prompts is empty")
+        n_d = sum(it["label"] for it in self.train_items)
+        self.weight_advice = weight_advice(n_d, len(self.train_items) - n_d, cfg.desirable_weight,
+                                           cfg.undesirable_weight)
+        if self.weight_advice and self.ctx.is_main:
+            print(f"rlhf-fast kto: {self.weight_advice}", file=sys.stderr, flush=True)
+
+        # the step batches and, fixed by them, each example's mismatched KL row
+        self.step_size = cfg.batch_size * cfg.grad_accum
+        self.batches = _StepBatches(len(self.train_items), self.step_size, cfg.seed)
+        self._attach_kl(self.train_items, kl_partners(self.batches._perm, self.step_size))
+        g = torch.Generator().manual_seed(cfg.seed * 1000003 + 1)
+        self.eval_order = torch.randperm(len(self.eval_items), generator=g).tolist()
+        self._attach_kl(self.eval_items, kl_partners(self.eval_order, self.step_size))
+
+        reference = offline_reference(cfg, model, self.is_peft, self.device)  # as DPO's
+        if cfg.precompute_ref_logps:
+            self._precompute(reference)
+            reference = None
+        self.reference = reference
+
+        self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
+                                mixed_precision=cfg.distributed.mixed_precision,
+                                reshard_after_forward=cfg.distributed.reshard_after_forward)
+        self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
+        self.optimizer = torch.optim.AdamW(
+            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                                        kind=cfg.lr_schedule)
+        self.step = 0
+
+    # -------------------------------------------------------------- data
+
+    def _encode(self, records: Sequence[BinaryRecord]) -> Tuple[List[Dict[str, Any]], int]:
+        """Items ``{prompt, completion, label, full}``: the row as :func:`dpo.encode_pair` encodes
+        and truncates it, and the whole completion (+ eos) for the KL row another prompt borrows."""
+        items, dropped = [], 0
+        eos = self.tokenizer.eos_token_id
+        for r in records:
+            enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
+            if enc is None:
+                dropped += 1
+                continue
+            full = list(self.tokenizer(r.completion, add_special_tokens=False)["input_ids"])
+            if eos is not None and not (full and full[-1] == eos):  # as encode_pair: one eos
+                full.append(eos)
+            items.append({"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "full": full})
+        return items, dropped
+
+    def _attach_kl(self, items: List[Dict[str, Any]], partners: List[int]) -> None:
+        """``item["kl"]``: the partner's whole completion, cut to fit ``max_len`` after this prompt
+        (TRL's collator cuts the KL row to ``max_length`` the same way, keeping its start)."""
+        for it, j in zip(items, partners):
+            it["kl"] = items[j]["full"][: self.cfg.max_len - len(it["prompt"])]
+        for it in items:
+            del it["full"]
+
+    def _micro(self, idx: List[int], items) -> List[Tuple[List[Dict[str, Any]], bool]]:
+        """The step batch ``idx`` cut into micro-batches of ``batch_size``, and this rank's
+        contiguous share of each with whether it is real: an empty share (fewer examples than
+        ranks) becomes one example that counts for nothing, so every rank still runs the
+        forwards/backward the collectives of DDP/FSDP2 expect."""
+        out = []
+        for s in range(0, len(idx), self.cfg.batch_size):
+            mb = idx[s: s + self.cfg.batch_size]
+            lo, hi = local_span(len(mb), self.ctx)
+            out.append(([items[i] for i in mb[lo:hi]], True) if hi > lo else ([items[mb[0]]], False))
+        return out
+
+    def _batch(self, items, key: str = "completion") -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(_rows(items, key), self.pad_id).items()}
+
+    @torch.no_grad()
+    def _precompute(self, reference) -> None:
+        """Each item's reference log-probs ``item["ref"] = (its row, its KL row)``, computed once
+        (each rank its share, then summed over ranks) with ``reference`` in eval mode."""
+        items = self.train_items + self.eval_items
+        out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
+        lo, hi = local_span(len(items), self.ctx)
+        ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
+        was = ref.training
+        ref.eval()
+        for s in range(lo, hi, self.cfg.batch_size):
+            chunk = items[s: min(s + self.cfg.batch_size, hi)]
+            rows = collate(_rows(chunk, "completion") + _rows(chunk, "kl"), self.pad_id)
+            with autocast_context(self.device, self.cfg.bf16):
+                lp, _ = response_logps(reference, {k: v.to(self.device) for k, v in rows.items()})
+            out[s: s + len(chunk)] = lp.view(2, -1).t()
+        ref.train(was)
+        out = self.ctx.all_reduce_sum(out).cpu().tolist()
+        for it, (main, kl) in zip(items, out):
+            it["ref"] = (main, kl)
+
+    # -------------------------------------------------------------- loss
+
+    @torch.no_grad()
+    def _reference_point(self, micro) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """z0 of a step batch (0-dim float32, the mean over every micro-batch's and rank's KL rows,
+        clamped at 0) and each micro-batch's reference log-probs ``[b]`` of its own rows."""
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # Σ (log π − log π_ref) over KL rows, rows
+        refs = []
+        for items, real in micro:
+            with autocast_context(self.device, self.cfg.bf16):
+                if "ref" in items[0]:
+                    ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device)
+                    ref_main, ref_kl = ref[:, 0], ref[:, 1]
+                else:  # the two kinds of row in one reference forward
+                    rows = collate(_rows(items, "completion") + _rows(items, "kl"), self.pad_id)
+                    ref, _ = response_logps(self.reference, {k: v.to(self.device) for k, v in rows.items()})
+                    ref_main, ref_kl = ref[: len(items)], ref[len(items):]
+                    if self._reference_sharded:  # free the root's gathered copy, as DPO does
+                        reshard(self.reference)
+                kl, _ = response_logps(self.model, self._batch(items, "kl"))
+            if real:
+                tot += torch.stack([(kl.double() - ref_kl.double()).sum(), tot.new_tensor(float(len(items)))])
+            refs.append(ref_main.float())
+        tot = self.ctx.all_reduce_sum(tot)
+        z0 = (tot[0] / tot[1].clamp(min=1.0)).clamp(min=0.0).float()
+        return z0, refs
+
+    def _example_stats(self, items, ref_main: torch.Tensor, z0: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Policy log-probs (with gradients when enabled) of a micro-batch's rows, and their
+        losses and rewards ``[b]``."""
+        cfg = self.cfg
+        with autocast_context(self.device, cfg.bf16):
+            logps, _ = response_logps(self.model, self._batch(items))
+        desirable = torch.tensor([it["label"] for it in items], dtype=torch.bool, device=self.device)
+        loss, rewards = kto_loss(logps, ref_main, desirable, z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                                 undesirable_weight=cfg.undesirable_weight)
+        return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable}
+
+    @staticmethod
+    def _sums(st: Dict[str, torch.Tensor], z0: torch.Tensor, real: bool) -> torch.Tensor:
+        """The sums the metrics are made of (float64, 0 for a share that does not count)."""
+        if not real:
+            return torch.zeros(N_SUMS, dtype=torch.float64, device=z0.device)
+        d = st["desirable"]
+        r, lp = st["rewards"].double(), st["logps"].detach().double()
+        n = float(d.numel())
+        return torch.stack([st["loss"].detach().double().sum(), r[d].sum(), r[~d].sum(), lp[d].sum(), lp[~d].sum(),
+                            d.double().sum(), (~d).double().sum(), z0.double() * n])
+
+    @staticmethod
+    def _metrics(tot: torch.Tensor, prefix: str = "") -> Dict[str, float]:
+        t = tot.cpu().tolist()
+        n_c, n_r = t[5], t[6]
+        n = max(n_c + n_r, 1.0)
+        m = {"loss": t[0] / n, "kl": t[7] / n, "count/chosen": n_c, "count/rejected": n_r}
+        if n_c > 0:  # as TRL: a side without examples has no mean
+            m.update({"rewards/chosen": t[1] / n_c, "logps/chosen": t[3] / n_c})
+        if n_r > 0:
+            m.update({"rewards/rejected": t[2] / n_r, "logps/rejected": t[4] / n_r})
+        if n_c > 0 and n_r > 0:
+            m["rewards/margin"] = m["rewards/chosen"] - m["rewards/rejected"]
+        return {prefix + k: v for k, v in m.items()}
+
+    # -------------------------------------------------------------- steps
+
+    @torch.no_grad()
+    def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
+        """The step metrics over the eval examples (``eval_`` prefix; empty dict without any),
+        taken in blocks of the step size as training takes its batches: ``eval_loss`` is the
+        mean over every example, ``eval_kl`` the example-weighted mean of the blocks' z0.
+        ``items`` (encoded, e.g. ``trainer.train_items``) replaces the eval split, in its order."""
+        order = self.eval_order if items is None else list(range(len(items)))
+        items = list(self.eval_items if items is None else items)
+        if not items:
+            return {}
+        was = self.model.training
+        self.model.eval()
+        tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
+        for s in range(0, len(order), self.step_size):
+            micro = self._micro(order[s: s + self.step_size], items)
+            z0, refs = self._reference_point(micro)
+            for (chunk, real), ref in zip(micro, refs):
+                tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
+        self.model.train(was)
+        return self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_")
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over a step batch in up to ``grad_accum`` micro-batches; returns its metrics."""
+        ctx = self.ctx
+        self.model.train()
+        idx = self.batches.next()
+        micro = self._micro(idx, self.train_items)
+        z0, refs = self._reference_point(micro)  # first, from every KL row of the step: it enters every loss
+        tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
+        for i, ((items, real), ref) in enumerate(zip(micro, refs)):
+            # DDP: all-reduce the gradients once, after the last micro-batch
+            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
+            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
+                st = self._example_stats(items, ref, z0)
+                # the mean over every example of the global step (idx is the same on every rank)
+                loss = st["loss"].sum() * (1.0 if real else 0.0) / len(idx)
+                # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+                (loss * ctx.grad_scale).backward()
+            tot += self._sums(st, z0, real)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                               self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        m = self._metrics(ctx.all_reduce_sum(tot))
+        m.update(grad_norm=scalar_norm(gnorm), lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        return m
+
+    def _save(self) -> None:
+        save_supervised(self, "policy")
+
+    def train(self) -> Dict[str, float]:
+        """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
+        the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
+        resume_supervised(self, "policy")
+        return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
+
+
+def add_arguments(parser) -> None:
+    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
+    add_config_arguments(parser, KTOConfig)
+
+
+def run(args) -> int:
+    """Entry point of ``rlhf-fast kto``."""
+    return run_trainer_cli("kto", KTOConfig, KTOTrainer, args)
+
+
+__all__ = ["KTOConfig", "KTOTrainer", "BinaryRecord", "DATA_KINDS", "kto_loss", "kto_kl", "kl_partners",
+           "weight_advice", "load_binary_records", "load_kto_records", "to_binary", "add_arguments", "run"]

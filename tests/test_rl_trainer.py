@@ -507,3 +507,32 @@ def test_trpo_centres_the_trust_region_on_the_rollout_policy(tmp_path):
     assert len(accepted) >= 3, seen
     assert max(accepted) <= max_kl * (1 + 1e-3) + 1e-7, seen
     assert all(same for frac, _, same in seen if frac == 0), seen
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_lora_policy_resumes_exactly(tmp_path):
+    """A peft (LoRA) policy: its checkpoint holds the adapters under the model's own keys (peft's
+    save_pretrained folder did not load back), so the resumed run equals the uninterrupted one."""
+    pytest.importorskip("peft")
+    from rlhf_fast.models.loading import load_policy
+
+    def trainer(name, **kw):
+        pol, tok = make_policy()
+        torch.manual_seed(0)  # the same adapter initialisation in every run
+        pol = load_policy(pol, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+        cfg = make_config(tmp_path / name, "grpo", steps=4, save_every=2, lr=2e-2,
+                          rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5), **kw)
+        return RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS)
+
+    a = trainer("a")
+    a.train()
+    b = trainer("b")
+    b.train(steps=2)
+    c = trainer("b", resume=b.config.output_dir)
+    c.train()
+    lora = {n: p for n, p in a.policy.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    start = dict(trainer("x").policy.named_parameters())
+    assert all(not torch.equal(p, start[n]) for n, p in lora.items() if "lora_B" in n)  # the adapters trained
+    for (n, p), (_, q) in zip(a.policy.named_parameters(), c.policy.named_parameters()):
+        assert torch.equal(p, q), n

@@ -4,7 +4,7 @@
   and the C++-vs-reference foundation benchmark (bench_cpu_ops); with ``--device cuda``
   the GPU op benchmarks other modules of this package expose (bench_triton,
   bench_gae_sampling), when present.
-* ``e2e``: one PPO and one GRPO step of rlhf_fast against the TRL-equivalent step.
+* ``e2e``: one PPO, one GRPO and one DPO step of rlhf_fast against TRL's (``--algos`` picks).
 * ``all``: both.
 
 Prints every table and appends them, with the device name, versions of torch / Triton /
@@ -41,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
+    parser.add_argument("--algos", default="ppo,grpo,dpo",
+                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo (default: all three)")
 
 
 def _as_tables(x) -> List[Table]:
@@ -95,6 +97,10 @@ def run(args) -> int:
     # (a new run is appended to it; one that cannot be read is refused, not written over)
     paths = results_paths(args.device, args.out)
     check_results_paths(paths, "--out")
+    if args.suite in ("e2e", "all"):  # a wrong --algos is refused before the long work
+        from . import e2e
+
+        e2e._check_algos(getattr(args, "algos", e2e.ALGOS))
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -106,7 +112,8 @@ def run(args) -> int:
     if args.suite in ("e2e", "all"):
         from . import e2e
 
-        tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick))
+        tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick,
+                                           algos=getattr(args, "algos", e2e.ALGOS)))
     for t in tables:
         print(t.markdown() + "\n")
     paths = write_results(tables, device=args.device, suite=f"bench {args.suite}" + (" --quick" if args.quick else ""),

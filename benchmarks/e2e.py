@@ -1,4 +1,4 @@
-"""End-to-end step benchmark: one PPO step and one GRPO step, rlhf_fast against TRL.
+"""End-to-end step benchmark: one PPO step, one GRPO step and one DPO step, rlhf_fast against TRL.
 
 Both sides get the same tiny Llama-family policy (built from a config with the same seed,
 tokenizer trained locally), the same prompts, the same reward function and the same
@@ -36,6 +36,18 @@ own utilities where TRL has them:
 rlhf_fast runs with ``ppo.old_logp="behaviour"`` (the sampler's log-probs, no second
 forward), the same saving on both sides.
 
+DPO (``algo="dpo"``, its own table): one optimizer step over ``dpo_pairs`` fixed pairs
+(:func:`dpo_pairs`: prompts from PROMPTS padded to ``dpo_prompt_tokens`` tokens, responses of
+fixed lengths in [dpo_min_response, dpo_max_response], the same token ids on both sides), the
+reference forward every step on both sides (TRL's default ``precompute_ref_log_probs=False``).
+Phases: ``reference`` (the reference model's log-probs of the pairs) and ``update`` (the rest:
+policy forward + backward on chosen + rejected rows in one batch, loss, optimizer step). The TRL
+side is TRL's own ``trl.DPOTrainer`` built on an in-memory ``datasets.Dataset`` and driven for
+one optimizer step (:class:`TRLDPOStep` says what is TRL's code and what is written out); on
+the CPU its fused LM head is swapped for TRL <= 0.2x's logits + ``selective_log_softmax`` (the
+stronger of the two there, same log-probs; ``trl_logprobs``). rlhf_fast's side is
+``DPOTrainer.train_step`` (:class:`RLHFFastDPOStep`).
+
 Configurations: on the CPU the tiny model with a 256-token vocabulary (the framework-overhead
 regime) and the same model with a 32768-token vocabulary (the LM head dominates, as in real
 models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
@@ -67,6 +79,9 @@ from .common import (Table, _status_kb, fmt_bytes, profiler_extra_peak_bytes, rs
 PROMPTS = ["count: 1 2 3", "list the digits:", "numbers please:", "go on: 4 5", "write 7 8 9:", "digits:",
            "say 0 1:", "more numbers:"]
 PHASES = ("generate", "logprobs", "reward_adv", "update")
+DPO_PHASES = ("reference", "update")
+RL_ALGOS = ("ppo", "grpo")
+ALGOS = RL_ALGOS + ("dpo",)
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -119,10 +134,19 @@ class E2EConfig:
     # and heavier than selective (GRPO, V=32768: 2.16 s / 625 MiB vs 1.48 s / 198 MiB), so the
     # CPU tables compare against the stronger of the two
     trl_logprobs: str = "auto"
+    # DPO (algo "dpo"): ``dpo_pairs`` pairs per optimizer step, each a prompt of ``dpo_prompt_tokens``
+    # tokens and two responses of fixed lengths spread over [dpo_min_response, dpo_max_response]
+    # tokens (+ eos), the same every step (:func:`dpo_pairs`); beta and loss_type "sigmoid" on both sides
+    dpo_pairs: int = 8
+    dpo_prompt_tokens: int = 64
+    dpo_min_response: int = 64
+    dpo_max_response: int = 128
+    dpo_beta: float = 0.1
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
-                  "num_heads", "epochs", "mini_batch_size", "steps"):
+                  "num_heads", "epochs", "mini_batch_size", "steps", "dpo_pairs", "dpo_prompt_tokens",
+                  "dpo_min_response", "dpo_max_response"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be an int >= 1, got {v!r}")
@@ -136,20 +160,31 @@ class E2EConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.trl_logprobs not in ("auto", "fused_head", "selective"):
             raise ValueError(f"trl_logprobs must be 'auto', 'fused_head' or 'selective', got {self.trl_logprobs!r}")
+        if self.dpo_min_response > self.dpo_max_response:
+            raise ValueError(f"dpo_min_response ({self.dpo_min_response}) must be <= dpo_max_response "
+                             f"({self.dpo_max_response})")
+        if not (isinstance(self.dpo_beta, (int, float)) and not isinstance(self.dpo_beta, bool) and self.dpo_beta > 0):
+            raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
 
     def trl_fused_head(self, algo: str) -> bool:
         """Whether the TRL side of ``algo`` takes its log-probs through TRL's fused LM head."""
         if self.trl_logprobs == "auto":
-            return algo == "grpo" and self.device == "cuda"
+            return algo in ("grpo", "dpo") and self.device == "cuda"
         return self.trl_logprobs == "fused_head"
 
     @property
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    @property
+    def dpo_max_len(self) -> int:
+        """Both sides' maximum row length (prompt + longest response + eos): nothing is truncated."""
+        return self.dpo_prompt_tokens + self.dpo_max_response + 1
+
     @classmethod
     def quick(cls) -> "E2EConfig":
-        return cls(max_new_tokens=8, hidden_size=32, steps=1)
+        return cls(max_new_tokens=8, hidden_size=32, steps=1, dpo_pairs=2, dpo_prompt_tokens=8, dpo_min_response=4,
+                   dpo_max_response=8)
 
     @classmethod
     def large_vocab(cls) -> "E2EConfig":
@@ -422,6 +457,274 @@ class RLHFFastStep:
                     tokens=float(m.get("response_length/mean", 0.0)) * n, reward=float(m.get("reward/total", 0.0)))
 
 
+# --------------------------------------------------------------------------- DPO
+
+
+def _single_token_words(tok) -> List[str]:
+    """Vocabulary words that ``tok`` encodes, after a space, as exactly one token (sorted)."""
+    words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and len(w) > 1 and w[1:].isalnum())
+    return [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def dpo_pairs(cfg: E2EConfig, tok) -> List[Dict[str, str]]:
+    """The DPO step's pairs as text, ``{"prompt", "chosen", "rejected"}`` × ``cfg.dpo_pairs``.
+
+    Prompt i is ``PROMPTS[i]`` followed by random single-token words up to ``cfg.dpo_prompt_tokens``
+    tokens; its chosen and rejected responses are ``n`` single-token words each (with a leading
+    space), ``n`` spread over [dpo_min_response, dpo_max_response] (chosen rising, rejected
+    falling with i). Every word boundary is a token boundary, so each side's own tokenisation
+    (TRL: prompt + response + eos as one text, split at the common prefix; rlhf_fast: prompt and
+    response apart, eos appended) gives the same token ids: both runners check the lengths
+    (:func:`_check_dpo_rows`), the test the ids. Deterministic in ``cfg.seed``."""
+    words = _single_token_words(tok)
+    if not words:
+        raise ValueError("the tokenizer has no single-token words to build DPO pairs from")
+    rng = random.Random(cfg.seed)
+    n, lo, hi = cfg.dpo_pairs, cfg.dpo_min_response, cfg.dpo_max_response
+
+    def text(k: int) -> str:
+        return "".join(" " + rng.choice(words) for _ in range(k))
+
+    out = []
+    for i in range(n):
+        head = PROMPTS[i % len(PROMPTS)]
+        room = cfg.dpo_prompt_tokens - len(tok(head)["input_ids"])
+        prompt = head + text(room) if room >= 0 else text(cfg.dpo_prompt_tokens)
+        lc = lo + round((hi - lo) * i / max(1, n - 1))
+        lr = hi - round((hi - lo) * i / max(1, n - 1))
+        out.append({"prompt": prompt, "chosen": text(lc), "rejected": text(lr)})
+    return out
+
+
+def _check_dpo_rows(cfg: E2EConfig, rows: List[tuple], eos: int, side: str) -> None:
+    """RuntimeError unless ``rows`` — ``(prompt, chosen, rejected)`` token ids — are the pairs
+    :func:`dpo_pairs` describes: every pair kept, prompts of ``dpo_prompt_tokens`` tokens,
+    responses of their configured lengths ending in eos."""
+    n, lo, hi = cfg.dpo_pairs, cfg.dpo_min_response, cfg.dpo_max_response
+    want = [(cfg.dpo_prompt_tokens, lo + round((hi - lo) * i / max(1, n - 1)) + 1,
+             hi - round((hi - lo) * i / max(1, n - 1)) + 1) for i in range(n)]
+    got = [(len(p), len(c), len(r)) for p, c, r in rows]
+    if sorted(got) != sorted(want) or any(c[-1] != eos or r[-1] != eos for _, c, r in rows):
+        raise RuntimeError(f"{side}: the DPO pairs tokenised to (prompt, chosen, rejected) lengths {got}, "
+                           f"expected {want} with eos last")
+
+
+def _timed_calls(fn: Callable, acc: List[float], device: str) -> Callable:
+    """``fn`` that adds each call's wall time (GPU work included) to ``acc[0]``."""
+    def wrapper(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        _sync(device)
+        acc[0] += time.perf_counter() - t0
+        return out
+    return wrapper
+
+
+def _trl_selective_head(model, metrics: bool) -> None:
+    """Replace TRL 1.x's fused LM head on ``model`` (set by ``DPOTrainer.__init__``) with TRL
+    <= 0.2x DPOTrainer's log-prob path, keeping the output contract ``_compute_loss`` reads: a
+    ``logits_to_keep`` forward from the first completion label of the batch on (0.2x's
+    ``use_logits_to_keep``), the ``[B, k, V]`` logits, ``trl.trainer.utils.selective_log_softmax``
+    (with ``metrics``: ``selective_log_softmax_and_entropy`` and, without gradients, the mean
+    logit and top-1 flags TRL 1.x's metrics read), zeros before that column. The CPU rendering
+    (``E2EConfig.trl_logprobs``): TRL 1.x's chunked head falls back to torch tiles over every
+    position there, which was much slower (see :class:`TRLDPOStep`) and allocates a
+    ``[min(N, 4096), 32768]`` buffer whatever the vocabulary."""
+    from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax, selective_log_softmax_and_entropy
+
+    patched = model.forward  # TRL's: without fused_lm_head=True it is the model's own forward
+
+    def forward(*args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return patched(*args, **({} if labels is None else {"labels": labels}), **kwargs)
+        shifted = labels[:, 1:]
+        mask = shifted != -100
+        first = int(mask.any(0).int().argmax()) if bool(mask.any()) else 0
+        keep = shifted.shape[1] - first
+        logits = patched(*args, logits_to_keep=keep + 1, **kwargs).logits[:, :-1]  # predicts shifted[:, first:]
+        target, m = shifted[:, first:].clamp(min=0), mask[:, first:]
+        ent = mean_logits = top1 = None
+        if metrics:
+            logp, ent = selective_log_softmax_and_entropy(logits, target, entropy_requires_grad=False)
+            with torch.no_grad():
+                mean_logits = logits.mean(-1)
+                top1 = logits.argmax(-1) == target
+        else:
+            logp = selective_log_softmax(logits, target)
+
+        def full(x):  # back to [B, T - 1], zero outside the completion
+            if x is None:
+                return None
+            x = x.masked_fill(~m, 0)
+            return torch.cat([x.new_zeros(x.shape[0], first), x], 1)
+
+        return FusedCausalLMOutput(log_probs=full(logp), entropy=full(ent), mean_logits=full(mean_logits),
+                                   is_top1=full(top1), label_mask=mask)
+
+    model.forward = forward
+
+
+class TRLDPOStep:
+    """One optimizer step of TRL 1.16's own ``trl.DPOTrainer``, built on an in-memory
+    ``datasets.Dataset`` of the benchmark's pairs with the benchmark's model, a copy of it as
+    ``ref_model`` (TRL would load the reference from the model's hub id, which a model built from a
+    config does not have) and ``precompute_ref_log_probs=False`` (TRL's default: the reference
+    forward runs every step).
+
+    TRL's code: the dataset preparation (EOS appended, tokenisation, prompt / completion split),
+    ``DataCollatorForPreference`` (chosen rows then rejected rows, right padding), the fused LM head
+    TRL patches onto both models (``add_fused_lm_head``, with the outputs its metrics read),
+    ``DPOTrainer.training_step`` → ``_compute_loss`` (policy forward on the concatenated rows,
+    reference forward under no_grad, the sigmoid loss, every logged metric, the backward), and
+    the optimizer and scheduler ``Trainer.create_optimizer_and_scheduler`` builds
+    (``adamw_torch_fused``, weight decay 0: TrainingArguments' defaults). Written out, as
+    ``Trainer._inner_training_loop`` does it per optimizer step with gradient accumulation 1:
+    collate the step's examples, ``training_step``, ``_clip_grad_norm`` (max_grad_norm 1),
+    ``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``; left out of that loop:
+    callbacks, the flop / token counters and the every-``logging_steps`` log call (its metric
+    lists are cleared each step instead). Config differences from TRL's defaults, the same on
+    both sides: ``gradient_checkpointing=False`` (TRL's default is True; rlhf_fast's is off),
+    fp32 (``bf16=False``), learning rate ``cfg.lr`` with a constant schedule, max_length =
+    prompt + longest response + eos (no truncation on either side).
+
+    Log-probs (``cfg.trl_fused_head("dpo")``): on CUDA, and with ``trl_logprobs="fused_head"``,
+    the fused LM head DPOTrainer patches on (TRL 1.x's own path, Triton on CUDA over the completion
+    tokens only); otherwise (the CPU default) :func:`_trl_selective_head` puts TRL <= 0.2x's path
+    in its place — logits of the completion columns, ``selective_log_softmax`` and, for the
+    metrics, the entropy / mean logit / top-1 from the same logits — because on the CPU the fused
+    head's torch fallback scores every position (prompt and padding too) in
+    ``[min(N, 4096), 32768]`` tiles: 15.7 s against 2.07 s a step at V=32768 (3.2 GiB against
+    810 MiB extra peak) and 0.112 against 0.086 s at V=256, where its buffer is an untouched
+    ~400 MiB the allocator peak counts (438 against 44 MiB; RSS 82 against 62 MiB), quiet machine,
+    1 thread, 2026-12-06. Both paths give the same log-probs and metrics.
+
+    The ``reference`` phase is the reference model's forward, timed by a wrapper around its
+    ``forward``; ``update`` is the rest of the step.
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        ref = copy.deepcopy(model).requires_grad_(False)
+        pairs = dpo_pairs(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_dpo_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gradient_checkpointing's rename, bf16 / tokenizer notices
+            args = DPOConfig(output_dir=self._tmp.name, per_device_train_batch_size=cfg.dpo_pairs, learning_rate=cfg.lr,
+                             lr_scheduler_type="constant", beta=cfg.dpo_beta, loss_type=["sigmoid"],
+                             max_length=cfg.dpo_max_len, gradient_checkpointing=False, bf16=False,
+                             use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed,
+                             disable_tqdm=True, max_grad_norm=1.0)
+            self.trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                                      train_dataset=Dataset.from_list(pairs))
+        t = self.trainer
+        self.fused_head = cfg.trl_fused_head("dpo")
+        if not self.fused_head:
+            _trl_selective_head(t.model, metrics=True)
+            _trl_selective_head(t.ref_model, metrics=False)
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        # the columns Trainer's dataloader keeps (its signature columns), in dataset order
+        keep = ("prompt_ids", "chosen_ids", "rejected_ids")
+        self.examples = [{k: t.train_dataset[i][k] for k in keep} for i in range(len(t.train_dataset))]
+        _check_dpo_rows(cfg, self.rows(), tok.eos_token_id, "TRL")
+        self.tokens = float(sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                                for e in self.examples))
+        self._ref_s = [0.0]
+        t.ref_model.forward = _timed_calls(t.ref_model.forward, self._ref_s, cfg.device)
+
+    def rows(self) -> List[tuple]:
+        """The step's pairs as token ids ``(prompt, chosen, rejected)``, in TRL's dataset order."""
+        return [(tuple(e["prompt_ids"]), tuple(e["chosen_ids"]), tuple(e["rejected_ids"])) for e in self.examples]
+
+    def step(self) -> Dict[str, float]:
+        t, dev = self.trainer, self.cfg.device
+        self._ref_s[0] = 0.0
+        _sync(dev)
+        t0 = time.perf_counter()
+        inputs = t.data_collator(self.examples)
+        loss = t.training_step(t.model, inputs)
+        if t.args.max_grad_norm > 0:
+            t._clip_grad_norm(t.model)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.model.zero_grad()
+        t.state.global_step += 1
+        # what TRL's log() would average and clear every logging_steps
+        self.last_metrics = {k: v[-1] for k, v in t._metrics["train"].items() if v}
+        t._metrics["train"].clear()
+        _sync(dev)
+        step = time.perf_counter() - t0
+        ref = self._ref_s[0]
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(loss))
+
+
+class RLHFFastDPOStep:
+    """One optimizer step of ``rlhf_fast.trainers.dpo.DPOTrainer.train_step`` on the same model,
+    pairs and settings: built with ``model=``, ``tokenizer=``, ``train_records=`` (the pairs, no
+    eval split), ``batch_size`` = the number of pairs (every step trains on all of them, in the
+    order of its seeded permutation), the reference a frozen copy of the initial policy, scored
+    every step (``precompute_ref_logps`` false), fp32, grad_clip 1, loss_type sigmoid, the same
+    beta, learning rate (constant) and max length; its own optimizer, the fused AdamW (weight
+    decay 0) the other sides use too (``rlhf_fast.trainers.common.make_adamw``).
+
+    The ``reference`` phase is the trainer's ``response_logps`` calls on its reference model
+    (timed by a wrapper around ``rlhf_fast.trainers.dpo.response_logps``, set for the step only);
+    ``update`` is the rest of ``train_step``.
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.feedback.formats import PairRecord
+        from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        pairs = dpo_pairs(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_dpo_")
+        dcfg = DPOConfig(output_dir=self._tmp.name, max_len=cfg.dpo_max_len, batch_size=cfg.dpo_pairs, lr=cfg.lr,
+                         weight_decay=0.0, warmup_steps=0, lr_schedule="constant", max_steps=cfg.steps + 3,
+                         grad_clip=1.0, bf16=False, beta=cfg.dpo_beta, loss_type="sigmoid", seed=cfg.seed,
+                         device=cfg.device)
+        self.trainer = DPOTrainer(dcfg, model=model, tokenizer=tok,
+                                  train_records=[PairRecord(p["prompt"], p["chosen"], p["rejected"]) for p in pairs])
+        tr = self.trainer
+        _check_dpo_rows(cfg, self.rows(), tok.eos_token_id, "rlhf_fast")
+        assert tr.optimizer.defaults.get("fused"), "DPOTrainer's optimizer is the fused AdamW"
+        self.tokens = float(sum(2 * len(it["prompt"]) + len(it["chosen"]) + len(it["rejected"])
+                                for it in tr.train_items))
+        self._ref_s = [0.0]
+
+    def rows(self) -> List[tuple]:
+        """The step's pairs as token ids ``(prompt, chosen, rejected)``, in the trainer's order."""
+        return [(tuple(it["prompt"]), tuple(it["chosen"]), tuple(it["rejected"])) for it in self.trainer.train_items]
+
+    def step(self) -> Dict[str, float]:
+        from rlhf_fast.trainers import dpo as dpo_mod
+
+        tr, dev = self.trainer, self.cfg.device
+        real = dpo_mod.response_logps
+        timed = _timed_calls(real, self._ref_s, dev)
+        self._ref_s[0] = 0.0
+        dpo_mod.response_logps = lambda model, batch: (timed if model is tr.reference else real)(model, batch)
+        try:
+            _sync(dev)
+            t0 = time.perf_counter()
+            m = tr.train_step()
+            _sync(dev)
+            step = time.perf_counter() - t0
+        finally:
+            dpo_mod.response_logps = real
+        ref = self._ref_s[0]
+        self.last_metrics = m
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(m["loss"]))
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -437,8 +740,11 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
     if cuda:  # both sides: fp32 weights, TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
-    runner = maker(cfg, algo)
+    if algo == "dpo":
+        runner = (TRLDPOStep if framework == "trl" else RLHFFastDPOStep)(cfg)
+    else:
+        maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
+        runner = maker(cfg, algo)
     runner.step()  # warm-up
     recs = [runner.step() for _ in range(cfg.steps)]
     if cuda:
@@ -478,7 +784,8 @@ def _progress_line(algo: str, framework: str, run: Optional[Dict[str, object]], 
     head = f"e2e {algo} {framework} ({wall_s:.0f} s in the subprocess):"
     if run is None:
         return f"{head} failed: {error}"
-    phases = " ".join(f"{p} {run[p]:.3f}" for p in PHASES if run.get(p) is not None)
+    phases = " ".join(f"{p} {run[p]:.3f}" for p in (DPO_PHASES if algo == "dpo" else PHASES)
+                      if run.get(p) is not None)
     tps = run.get("tokens_per_s")
     return f"{head} step {run['step']:.3f} s ({phases})" + (f", {tps:.0f} tokens/s" if tps else "")
 
@@ -492,11 +799,22 @@ def _median_runs(runs: List[Dict[str, object]]) -> Dict[str, object]:
     return out
 
 
+def _check_algos(algos) -> tuple:
+    if isinstance(algos, str):
+        algos = [a.strip() for a in algos.split(",") if a.strip()]
+    algos = tuple(algos)
+    bad = [a for a in algos if a not in ALGOS]
+    if not algos or bad:
+        raise ValueError(f"algos must be a non-empty selection of {ALGOS}, got {algos!r}")
+    return tuple(a for a in ALGOS if a in algos)  # table order, no duplicates
+
+
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
-              timeout_s: float = 600.0, repeats: int = 1) -> List[Table]:
-    """PPO and GRPO steps, rlhf_fast vs TRL: one table per configuration — ``cfg`` if given,
-    else the quick one, else the tiny model with its 256-token vocabulary and again with a
-    real-sized one (:meth:`E2EConfig.large_vocab`).
+              timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
+    """PPO, GRPO and DPO steps, rlhf_fast vs TRL, per configuration — ``cfg`` if given, else the
+    quick one, else the tiny model with its 256-token vocabulary and again with a real-sized one
+    (:meth:`E2EConfig.large_vocab`): a table of the RL algorithms (PPO / GRPO) and one of DPO,
+    each only when ``algos`` (a subset of :data:`ALGOS`, or "ppo,dpo"-style text) holds them.
 
     ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
     both sides see the same machine load; every column is the median over them.
@@ -507,13 +825,29 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
         raise ValueError("device 'cuda' needs a CUDA GPU, and torch sees none")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    algos = _check_algos(algos)
     if cfg is not None:
         cfgs = [cfg]
     elif device == "cuda":
         cfgs = [E2EConfig.gpu_0p5b(quick=quick)]
     else:
         cfgs = [E2EConfig.quick()] if quick else [E2EConfig(), E2EConfig.large_vocab()]
-    return [run_table(c, timeout_s=timeout_s, repeats=repeats) for c in cfgs]
+    return [t for c in cfgs for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
+
+
+def run_config(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
+    """One configuration's tables (:func:`run_table` for PPO / GRPO, :func:`run_dpo_table`),
+    the tokenizer trained once for all of their subprocesses."""
+    algos = _check_algos(algos)
+    if cfg.tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return run_config(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats, algos=algos)
+    rl = tuple(a for a in algos if a in RL_ALGOS)
+    tables = [run_table(cfg, timeout_s=timeout_s, repeats=repeats, algos=rl)] if rl else []
+    if "dpo" in algos:
+        tables.append(run_dpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    return tables
 
 
 def _mem_ratio(trl: Dict[str, object], ours: Dict[str, object], key: str) -> Optional[str]:
@@ -522,15 +856,74 @@ def _mem_ratio(trl: Dict[str, object], ours: Dict[str, object], key: str) -> Opt
     return None if a is None or b is None else f"{a / max(b, 4096):.2f}×"
 
 
-def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
-    """One configuration: a row per (algo, framework) and a TRL ÷ rlhf_fast ratio row.
+def _memory_note(cfg: E2EConfig) -> str:
+    if cfg.device == "cuda":
+        return ("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's phase split "
+                "comes from its own timers, which do not synchronise (the step total does); extra_peak = "
+                "torch.cuda.max_memory_allocated above the allocation before the step")
+    return ("extra_peak = the torch allocator's peak during one more step above what was allocated before it "
+            "(the profiler's allocation events: the CPU counterpart of torch.cuda.max_memory_allocated); "
+            "extra_rss = peak RSS of one more step above the RSS before it, with glibc returning freed memory "
+            "at once (set after the timed steps, which run on the default allocator): it also counts the "
+            "non-tensor memory the step touches (Python objects, heap pages re-touched after the trim)")
 
-    The tokenizer is trained once here and loaded by every subprocess; each finished
-    subprocess prints one progress line to stderr, so a run cut short still shows its rows."""
+
+def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, repeats: int,
+                   phases: tuple, trl_name: str) -> None:
+    """Run ``algo`` ``repeats`` times per side (alternating, fresh subprocesses) and append its
+    TRL row, rlhf_fast row and TRL ÷ rlhf_fast row to ``table`` (phase columns ``<phase>_s``)."""
+    runs: Dict[str, List[Dict[str, object]]] = {"trl": [], "rlhf_fast": []}
+    errors: Dict[str, str] = {}
+    for _ in range(repeats):
+        for fw in ("trl", "rlhf_fast"):
+            if fw in errors:
+                continue
+            t0 = time.perf_counter()
+            try:
+                runs[fw].append(_subprocess(fw, algo, cfg, timeout_s))
+            except Exception as e:
+                errors[fw] = str(e)[:200]
+            print(_progress_line(algo, fw, runs[fw][-1] if fw not in errors else None, errors.get(fw),
+                                 time.perf_counter() - t0), file=sys.stderr, flush=True)
+    got = {}
+    for fw in ("trl", "rlhf_fast"):
+        row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else trl_name)
+        if fw in errors:
+            what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
+            row["note"] = f"{what}: {errors[fw]}"
+            table.rows.append(row)
+            continue
+        r = got[fw] = _median_runs(runs[fw])
+        row.update({f"{p}_s": r[p] for p in phases}, step_s=r["step"], tokens_per_s=r["tokens_per_s"],
+                   extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"],
+                   extra_rss=fmt_bytes(r.get("extra_rss_bytes")), extra_rss_bytes=r.get("extra_rss_bytes"))
+        if r.get("loss") is not None:
+            row["loss"] = r["loss"]
+        table.rows.append(row)
+    if len(got) == 2:
+        a, b = got["trl"], got["rlhf_fast"]
+        ratio = {f"{p}_s": (a[p] / b[p] if b[p] > 0 else None) for p in phases}
+        mem, rss = (_mem_ratio(a, b, k) for k in ("extra_peak_bytes", "extra_rss_bytes"))
+        table.rows.append(dict(algo=algo, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
+                               tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
+                               extra_peak=mem, extra_rss=rss,
+                               note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
+
+
+def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=RL_ALGOS) -> Table:
+    """One configuration's RL table (``algos`` among PPO and GRPO): a row per (algo, framework)
+    and a TRL ÷ rlhf_fast ratio row.
+
+    The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it, and loaded by every
+    subprocess; each finished subprocess prints one progress line to stderr, so a run cut short
+    still shows its rows."""
     if cfg.tokenizer_dir is None:
         with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
             build_tokenizer(cfg).save_pretrained(d)
-            return run_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
+            return run_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats, algos=algos)
+    algos = _check_algos(algos)
+    if any(a not in RL_ALGOS for a in algos):
+        raise ValueError(f"run_table runs {RL_ALGOS}; DPO has its own table (run_dpo_table), got {algos!r}")
     where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
     table = Table(
         f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
@@ -539,56 +932,13 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
         ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
          "extra_peak", "extra_rss", "note"],
     )
-    for algo in ("ppo", "grpo"):
-        runs: Dict[str, List[Dict[str, object]]] = {"trl": [], "rlhf_fast": []}
-        errors: Dict[str, str] = {}
-        for _ in range(repeats):
-            for fw in ("trl", "rlhf_fast"):
-                if fw in errors:
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    runs[fw].append(_subprocess(fw, algo, cfg, timeout_s))
-                except Exception as e:
-                    errors[fw] = str(e)[:200]
-                print(_progress_line(algo, fw, runs[fw][-1] if fw not in errors else None, errors.get(fw),
-                                     time.perf_counter() - t0), file=sys.stderr, flush=True)
-        got = {}
-        for fw in ("trl", "rlhf_fast"):
-            row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else "TRL-equivalent (trl utils)")
-            if fw in errors:
-                what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
-                row["note"] = f"{what}: {errors[fw]}"
-                table.rows.append(row)
-                continue
-            r = got[fw] = _median_runs(runs[fw])
-            row.update({f"{p}_s": r[p] for p in PHASES}, step_s=r["step"], tokens_per_s=r["tokens_per_s"],
-                       extra_peak=fmt_bytes(r["extra_peak_bytes"]), extra_peak_bytes=r["extra_peak_bytes"],
-                       extra_rss=fmt_bytes(r.get("extra_rss_bytes")), extra_rss_bytes=r.get("extra_rss_bytes"))
-            table.rows.append(row)
-        if len(got) == 2:
-            a, b = got["trl"], got["rlhf_fast"]
-            ratio = {f"{p}_s": (a[p] / b[p] if b[p] > 0 else None) for p in PHASES}
-            mem, rss = (_mem_ratio(a, b, k) for k in ("extra_peak_bytes", "extra_rss_bytes"))
-            table.rows.append(dict(algo=algo, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
-                                   tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
-                                   extra_peak=mem, extra_rss=rss,
-                                   note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
-    if cfg.device == "cuda":
-        memory = ("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's phase split "
-                  "comes from its own timers, which do not synchronise (the step total does); extra_peak = "
-                  "torch.cuda.max_memory_allocated above the allocation before the step")
-    else:
-        memory = ("extra_peak = the torch allocator's peak during one more step above what was allocated before it "
-                  "(the profiler's allocation events: the CPU counterpart of torch.cuda.max_memory_allocated); "
-                  "extra_rss = peak RSS of one more step above the RSS before it, with glibc returning freed memory "
-                  "at once (set after the timed steps, which run on the default allocator): it also counts the "
-                  "non-tensor memory the step touches (Python objects, heap pages re-touched after the trim)")
+    for algo in algos:
+        _add_algo_rows(table, algo, cfg, timeout_s, repeats, PHASES, "TRL-equivalent (trl utils)")
     table.notes += [
         "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
         "median over timed steps after one warm-up; each framework in a fresh subprocess",
-        memory,
+        _memory_note(cfg),
         "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with TRL's "
         "utilities and HF generate (see rlhf_fast/benchmarks/e2e.py); log-probs: "
         f"PPO {'TRL 1.x fused LM head' if cfg.trl_fused_head('ppo') else 'selective_log_softmax'}, "
@@ -602,16 +952,68 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Tab
     return table
 
 
-def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu") -> List[Table]:
+def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's DPO table: TRL 1.16's ``DPOTrainer`` (:class:`TRLDPOStep`) and
+    rlhf_fast's (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
+    TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    if cfg.tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return run_dpo_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
+    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    table = Table(
+        f"one DPO step on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = {2 * cfg.dpo_pairs} rows, "
+        f"prompt {cfg.dpo_prompt_tokens} tokens, responses {cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + "
+        f"eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
+        f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
+        ["algo", "framework", "reference_s", "update_s", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
+    )
+    fused = cfg.trl_fused_head("dpo")
+    _add_algo_rows(table, "dpo", cfg, timeout_s, repeats, DPO_PHASES,
+                   "TRL DPOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))
+    table.notes += [
+        "one optimizer step over every pair: reference = the reference model's log-probs of the chosen and rejected "
+        "rows (no_grad, every step: precompute_ref_log_probs off on both sides); update = the rest of the step "
+        "(collation, policy forward + backward on the chosen + rejected rows in one batch, sigmoid loss, metrics, "
+        "grad clipping at 1, fused AdamW step, scheduler)",
+        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the step's "
+        "non-padding tokens (prompt + response of every chosen and rejected row) ÷ step time",
+        _memory_note(cfg),
+        "TRL side: trl.DPOTrainer itself (dataset preparation, DataCollatorForPreference, training_step / "
+        "_compute_loss with its metrics, create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer "
+        "step as Trainer's loop does (collate, training_step, clip, optimizer / scheduler step, zero_grad); "
+        "ref_model a copy of the policy; gradient_checkpointing off (TRL's default is on) and fp32 on both sides; "
+        "log-probs: "
+        + ("TRL 1.x's fused LM head (add_fused_lm_head), as DPOTrainer sets it" if fused else
+           "TRL <= 0.2x's logits + selective_log_softmax on a logits_to_keep forward, in place of TRL 1.x's fused "
+           "LM head, whose CPU fallback scores every position in torch tiles (at V=32768 7.6× slower a step and 4× "
+           "the extra peak; a [min(N, 4096), 32768] buffer at any vocabulary); same log-probs and metrics; "
+           "trl_logprobs=fused_head renders TRL 1.x's path"),
+        "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only), its AdamW replaced by "
+        "the fused one both TRL sides use (DPOTrainer builds torch.optim.AdamW without fused)",
+    ]
+    return table
+
+
+def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",
+         algos=ALGOS) -> List[Table]:
     """Run the suite and print its tables; ``write``: also append them to benchmarks/results."""
-    t = run_suite(device=device, quick=quick, repeats=repeats)
+    algos = _check_algos(algos)
+    paths = None
+    if write:  # named after the day the run starts, and checked before the long work
+        from .common import check_results_paths, results_paths
+
+        paths = results_paths(device)
+        check_results_paths(paths, "--write")
+    t = run_suite(device=device, quick=quick, repeats=repeats, algos=algos)
     for table in t:
         print(table.markdown())
     if write:
         from .common import write_results
 
         paths = write_results(t, device=device, suite=f"e2e --repeats {repeats} --threads {torch.get_num_threads()}"
-                              + (" --quick" if quick else ""))
+                              + (f" --algos {','.join(algos)}" if algos != ALGOS else "")
+                              + (" --quick" if quick else ""), paths=paths)
         print(f"wrote {paths['json']} and {paths['md']}")
     return t
 
@@ -619,9 +1021,11 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="one PPO / GRPO step, rlhf_fast vs TRL")
+    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO step, rlhf_fast vs TRL")
     p.add_argument("--framework", choices=("trl", "rlhf_fast"))
-    p.add_argument("--algo", choices=("ppo", "grpo"))
+    p.add_argument("--algo", choices=ALGOS, help="internal: the algorithm of one --framework subprocess")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"algorithms to run, comma-separated (default: "
+                   f"{','.join(ALGOS)})")
     p.add_argument("--config", default=None, help="E2EConfig as JSON")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -632,7 +1036,7 @@ if __name__ == "__main__":
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
-        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device)
+        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos)
     else:
         known = {f.name for f in fields(E2EConfig)}
         c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})

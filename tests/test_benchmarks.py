@@ -5,6 +5,7 @@ and the timing / memory helpers measure what they claim."""
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,21 @@ def test_bench_cli_rejects_cuda_without_gpu(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_bench_cli_e2e_algos(tmp_path, capsys, monkeypatch):
+    """`rlhf-fast bench e2e --algos` reaches the suite (default: ppo, grpo and dpo); an unknown
+    algorithm is refused before anything runs."""
+    from rlhf_fast.benchmarks import e2e
+    from rlhf_fast.cli import main
+
+    got = []
+    monkeypatch.setattr(e2e, "run_suite", lambda **kw: got.append(kw["algos"]) or [])
+    assert main(["bench", "e2e", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "e2e", "--quick", "--algos", "dpo", "--out", str(tmp_path)]) == 0
+    assert [e2e._check_algos(a) for a in got] == [("ppo", "grpo", "dpo"), ("dpo",)]
+    assert main(["bench", "e2e", "--algos", "ppo,sft", "--out", str(tmp_path / "x")]) == 2
+    assert "algos" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_bench_timing_percentiles():
     calls = []
     t = common.bench(lambda: calls.append(1), warmup=2, rep=7, max_time_s=10)
@@ -181,13 +197,13 @@ def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
     def fake(framework, algo, c, timeout_s):
         if framework == "rlhf_fast":
             raise RuntimeError("ImportError: no trainer")
-        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.1, tokens=10.0,
+        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.1, tokens=10.0, reference=1.0,
                     tokens_per_s=3.2, extra_peak_bytes=1 << 20, rss_bytes=1 << 30)
 
     monkeypatch.setattr(e2e, "_subprocess", fake)
-    (table,) = e2e.run_suite(cfg=cfg)
-    ours = [r for r in table.rows if r["framework"] == "rlhf_fast"]
-    assert len(ours) == 2
+    rl, dpo = e2e.run_suite(cfg=cfg)
+    ours = [r for t in (rl, dpo) for r in t.rows if r["framework"] == "rlhf_fast"]
+    assert [r["algo"] for r in ours] == ["ppo", "grpo", "dpo"]
     for r in ours:
         assert "rlhf_fast trainer not available" in r["note"] and r.get("step_s") is None
 
@@ -246,17 +262,18 @@ def test_e2e_suite_trains_the_tokenizer_once_and_prints_each_finished_run(monkey
             (fresh.pad_token_id, fresh.eos_token_id, fresh.bos_token_id, fresh.padding_side, len(fresh))
         if (framework, algo) == ("trl", "grpo"):
             raise RuntimeError("boom")
-        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.1, tokens=10.0,
+        return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.1, tokens=10.0, reference=0.5,
                     tokens_per_s=3.2, extra_peak_bytes=1 << 20, rss_bytes=1 << 30)
 
     monkeypatch.setattr(e2e, "_subprocess", fake)
     e2e.run_suite(cfg=cfg)
-    assert len(trained) == 1 and len(seen) == 4 and len(set(seen)) == 1 and seen[0] is not None
+    assert len(trained) == 1 and len(seen) == 6 and len(set(seen)) == 1 and seen[0] is not None
     assert not os.path.exists(seen[0])  # the temporary tokenizer is removed with the suite
     err = capsys.readouterr().err.splitlines()
     lines = [ln for ln in err if ln.startswith("e2e ")]
-    assert len(lines) == 4 and "e2e ppo trl" in lines[0] and "step 3.100 s" in lines[0]
+    assert len(lines) == 6 and "e2e ppo trl" in lines[0] and "step 3.100 s" in lines[0]
     assert "e2e grpo trl" in lines[2] and "failed: boom" in lines[2]
+    assert "e2e dpo trl" in lines[4] and "(reference 0.500 update 1.000)" in lines[4]
 
 
 def test_e2e_device_is_checked():
@@ -275,15 +292,15 @@ def test_e2e_device_is_checked():
 
 def test_e2e_sides_run_a_gqa_qwen2_step_with_a_large_vocabulary():
     """The configuration path the GPU run takes (GQA Qwen2, BPE vocabulary filled from a
-    synthetic corpus), on the CPU at toy size, for both frameworks and both algorithms."""
+    synthetic corpus), on the CPU at toy size, for both frameworks and every algorithm."""
     from rlhf_fast.benchmarks import e2e
 
     cfg = e2e.E2EConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, hidden_size=32, num_heads=4,
                         num_kv_heads=2, intermediate_size=48, family="qwen2", vocab_size=2048, mini_batch_size=4,
-                        steps=1)
+                        steps=1, dpo_pairs=2, dpo_prompt_tokens=8, dpo_min_response=4, dpo_max_response=8)
     model, tok = e2e.build_model(cfg)
     assert len(tok) > 1024 and model.config.num_key_value_heads == 2
-    for algo in ("ppo", "grpo"):
+    for algo in ("ppo", "grpo", "dpo"):
         for fw in ("trl", "rlhf_fast"):
             rec = e2e.measure(fw, algo, cfg)
             assert rec["step"] > 0 and rec["tokens"] > 0, (algo, fw)
@@ -301,16 +318,70 @@ def test_e2e_ratio_row_reports_both_memory_measures(monkeypatch):
     def fake(framework, algo, c, timeout_s):
         trl = framework == "trl"
         return dict(generate=1.0, logprobs=1.0, reward_adv=0.1, update=1.0, step=3.0 if trl else 1.5, tokens=10.0,
-                    tokens_per_s=3.2, extra_peak_bytes=(3 if trl else 2) << 20, extra_rss_bytes=(8 if trl else 2) << 20,
-                    rss_bytes=1 << 30)
+                    reference=1.2 if trl else 0.4, tokens_per_s=3.2, extra_peak_bytes=(3 if trl else 2) << 20,
+                    extra_rss_bytes=(8 if trl else 2) << 20, rss_bytes=1 << 30)
 
     monkeypatch.setattr(e2e, "_subprocess", fake)
-    (table,) = e2e.run_suite(cfg=cfg)
-    ratio = [r for r in table.rows if r["framework"] == "TRL ÷ rlhf_fast"]
-    assert [(r["step_s"], r["extra_peak"], r["extra_rss"]) for r in ratio] == [(2.0, "1.50×", "4.00×")] * 2
-    ours = [r for r in table.rows if r["framework"] == "rlhf_fast"]
-    assert ours[0]["extra_peak"] == "2.0 MiB" and ours[0]["extra_rss"] == "2.0 MiB"
-    assert any("torch allocator's peak" in n for n in table.notes)
+    tables = e2e.run_suite(cfg=cfg)
+    assert [t.title.split(" on ")[0] for t in tables] == ["one RL step", "one DPO step"]
+    ratio = [r for t in tables for r in t.rows if r["framework"] == "TRL ÷ rlhf_fast"]
+    assert [(r["algo"], r["step_s"], r["extra_peak"], r["extra_rss"]) for r in ratio] == \
+        [(a, 2.0, "1.50×", "4.00×") for a in ("ppo", "grpo", "dpo")]
+    assert ratio[2]["reference_s"] == pytest.approx(3.0) and ratio[2]["update_s"] == 1.0
+    for table in tables:
+        ours = [r for r in table.rows if r["framework"] == "rlhf_fast"]
+        assert ours[0]["extra_peak"] == "2.0 MiB" and ours[0]["extra_rss"] == "2.0 MiB"
+        assert any("torch allocator's peak" in n for n in table.notes)
+    # --algos: one table per family of algorithms, only when asked for
+    (only_dpo,) = e2e.run_suite(cfg=cfg, algos="dpo")
+    assert {r["algo"] for r in only_dpo.rows} == {"dpo"} and "reference_s" in only_dpo.columns
+    (only_ppo,) = e2e.run_suite(cfg=cfg, algos=("ppo",))
+    assert {r["algo"] for r in only_ppo.rows} == {"ppo"}
+    with pytest.raises(ValueError, match="algos"):
+        e2e.run_suite(cfg=cfg, algos="ppo,sft")
+
+
+def test_e2e_dpo_sides_compute_the_same_step():
+    """The DPO comparison compares like with like: on the quick config both sides train on the
+    same token rows, and from the same (perturbed, so that policy != reference) weights their
+    loss and logged log-probs agree, and still after one optimizer step of each (same gradients,
+    same fused AdamW); TRL 1.x's fused head and the CPU rendering give the same numbers."""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLDPOStep(cfg), e2e.RLHFFastDPOStep(cfg)
+    fused = e2e.TRLDPOStep(replace(cfg, trl_logprobs="fused_head"))
+    assert not trl_side.fused_head and fused.fused_head
+    rows = sorted(trl_side.rows())
+    assert rows == sorted(ours.rows()) == sorted(fused.rows()) and len(rows) == cfg.dpo_pairs
+    eos = ours.trainer.tokenizer.eos_token_id
+    for p, c, r in rows:
+        assert len(p) == cfg.dpo_prompt_tokens and c[-1] == eos and r[-1] == eos
+        assert cfg.dpo_min_response <= len(c) - 1 <= cfg.dpo_max_response
+    assert {len(c) - 1 for _, c, _ in rows} == {cfg.dpo_min_response, cfg.dpo_max_response}
+    for opt in (trl_side.trainer.optimizer, ours.trainer.optimizer):
+        g = opt.param_groups[0]
+        assert g["fused"] and g["weight_decay"] == 0.0 and g["lr"] == cfg.lr
+    # the same perturbation of each policy (each reference stays the initial weights)
+    for side in (trl_side.trainer.model, ours.trainer.model, fused.trainer.model):
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, prm in sorted(side.named_parameters()):
+                prm.add_(0.05 * torch.randn(prm.shape, generator=gen))
+    for i in range(2):
+        a, b, f = trl_side.step(), ours.step(), fused.step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and f["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        if i == 0:
+            assert abs(a["loss"] - math.log(2)) > 1e-3  # the policy differs from the reference
+        for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+            want = trl_side.last_metrics[key]
+            assert ours.last_metrics[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+            assert fused.last_metrics[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+        for rec in (a, b, f):
+            assert rec["reference"] > 0 and rec["update"] > 0
+            assert rec["step"] == pytest.approx(rec["reference"] + rec["update"])
+            assert rec["tokens"] == a["tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in rows)
 
 
 def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):

@@ -362,13 +362,15 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path, tok):
             lambda opt, args, kwargs, _tr=tr, _name=name: grads.__setitem__(
                 _name, [p.grad.clone() for p in _tr.model.parameters()]))
     m1, m2 = one.train_step(), two.train_step()
+    # (rel 1e-4: after three AdamW steps the two runs' weights differ in the last bits — the
+    # micro-batches sum the gradient in another order — and a reward is a difference of log-probs)
     for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "count/chosen", "grad_norm"):
-        assert m1[k] == pytest.approx(m2[k], rel=1e-5), k
+        assert m1[k] == pytest.approx(m2[k], rel=1e-4), k
     assert m1["loss"] == pytest.approx(float(objective.detach()), rel=1e-5)
     assert m1["kl"] == pytest.approx(float(z0), rel=1e-5)
     for g0, g1, g2 in zip(expected, grads["one"], grads["two"]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(g2, g0, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g2, g0, rtol=1e-4, atol=1e-6)  # (weights equal to the last bits only)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

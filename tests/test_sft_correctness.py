@@ -216,15 +216,15 @@ def test_lora_trains_adapters_only_and_saves_the_adapter(tmp_path, tok):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_reward_and_rl_optimizers_skip_biases_and_norm_gains():
-    # the reward and RL trainers' AdamW take the same groups as SFT's
-    from rlhf_fast.trainers.rl import _adamw
+def test_every_trainers_optimizer_skips_biases_and_norm_gains():
+    # every trainer's AdamW (make_adamw: fused on plain CPU / CUDA tensors) takes SFT's groups
+    from rlhf_fast.trainers.common import make_adamw
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = _adamw(list(model.parameters()), 1e-3, 0.1)
+    opt = make_adamw(list(model.parameters()), 1e-3, 0.1)
     by_wd = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
-    assert by_wd == {0.1: 16, 0.0: 4 + 4 + 4}
-    assert len(_adamw(list(model.parameters()), 1e-3, 0.0).param_groups) == 1
+    assert by_wd == {0.1: 16, 0.0: 4 + 4 + 4} and opt.defaults["fused"]
+    assert len(make_adamw(list(model.parameters()), 1e-3, 0.0).param_groups) == 1
 
 
 def test_a_bf16_model_folder_trains_with_float32_weights(tmp_path):

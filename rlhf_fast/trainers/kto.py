@@ -60,7 +60,7 @@ from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
 from rlhf_fast.feedback.formats import PairRecord, Prompt, ScoreRecord
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
+from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
 from .dpo import encode_pair, offline_reference, response_logps, shard_reference
@@ -426,8 +426,7 @@ class KTOTrainer:
                                 mixed_precision=cfg.distributed.mixed_precision,
                                 reshard_after_forward=cfg.distributed.reshard_after_forward)
         self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
-        self.optimizer = torch.optim.AdamW(
-            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0

@@ -27,7 +27,7 @@ from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, sc
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_training_schedule, decay_param_groups,
+from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
@@ -217,8 +217,7 @@ class RewardTrainer:
         self.train_items = [self._encode_record(r) for r in train_records]
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
-        self.optimizer = torch.optim.AdamW(
-            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0

@@ -47,7 +47,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule,
-                     decay_param_groups, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     load_causal_lm, make_adamw, make_scheduler, open_supervised_run, require_records,
                      resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
 from .stop import StopOnSignal, TrainingStopped
 
@@ -430,8 +430,7 @@ class SFTTrainer:
             raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
                              "prompts is empty or at least max_len tokens long; raise max_len")
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
-        self.optimizer = torch.optim.AdamW(
-            decay_param_groups([p for p in self.model.parameters() if p.requires_grad], cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
         self.step = 0

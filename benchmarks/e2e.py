@@ -989,8 +989,8 @@ def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
            "LM head, whose CPU fallback scores every position in torch tiles (at V=32768 7.6× slower a step and 4× "
            "the extra peak; a [min(N, 4096), 32768] buffer at any vocabulary); same log-probs and metrics; "
            "trl_logprobs=fused_head renders TRL 1.x's path"),
-        "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only), its AdamW replaced by "
-        "the fused one both TRL sides use (DPOTrainer builds torch.optim.AdamW without fused)",
+        "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only) with its own "
+        "optimizer, the fused AdamW the TRL sides use too",
     ]
     return table
 

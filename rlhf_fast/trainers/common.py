@@ -439,6 +439,14 @@ def add_config_arguments(parser, config_cls=None) -> None:
         parser.epilog = config_keys_help(config_cls)
 
 
+def quiet_hf_progress() -> None:
+    """No transformers progress bars ("Writing model shards" at every save) in a CLI run: its
+    own log lines say what happens (a process-wide setting, so for the commands only)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
     """Load ``config_cls`` from ``args`` (see :func:`add_config_arguments`), train with
     ``trainer_cls`` and print one summary line (rank 0 only under torchrun). With
@@ -451,6 +459,7 @@ def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
     if show:
         print(config_yaml(cfg), end="")
         return 0
+    quiet_hf_progress()
     trainer = trainer_cls(cfg)
     m = trainer.train()
     if trainer.ctx.is_main:

@@ -147,6 +147,9 @@ def run(args) -> int:
     if show:  # the resolved config (what the run's config.yaml would hold); nothing loaded
         print(config_yaml(cfg), end="")
         return 0
+    from rlhf_fast.trainers.common import quiet_hf_progress
+
+    quiet_hf_progress()
     trainer = RLTrainer(cfg)
     hist = trainer.train()
     last = hist[-1] if hist else {}

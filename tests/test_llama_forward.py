@@ -456,3 +456,22 @@ def test_cuda_hidden_states_and_gradients_match_transformers(dtype):
     for a, b in zip(g, g_ref):
         scale = b.float().abs().max().clamp(min=1e-3)
         assert ((a.float() - b.float()).abs().max() / scale).item() < (1e-3 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", None), ("qwen2", 1)])
+def test_right_padded_rows_take_plain_causal_attention_with_the_same_results(family, kv_heads):
+    """SFT / reward / DPO batches pad on the right only: no mask (sdpa's causal kernel), and
+    every attended position and every gradient as transformers' masked attention gives them."""
+    base = backbone(_model(family, kv_heads))
+    ids, _ = _batch()
+    am = torch.ones_like(ids)
+    am[1, 15:] = 0
+    am[3, 6:] = 0
+    am[4, 1:] = 0
+    pos = default_position_ids(am)
+    assert llama_forward._key_mask(am, pos, ids.shape[1]) is None
+    assert llama_forward._key_mask(_batch()[1], pos, ids.shape[1]) is not None  # left padding or holes: masked
+    ((h_ref, g_ref), (h, g)), sel = _hf_and_ours(base, ids, am, pos)
+    torch.testing.assert_close(h[sel], h_ref[sel], rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip(base.named_parameters(), g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

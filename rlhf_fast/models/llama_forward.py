@@ -391,19 +391,25 @@ def _rms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, T: int) -> Optional[torch.Tensor]:
-    """The bool mask ``[B, 1, T, T]`` transformers builds for sdpa, or None where its attention
-    is plain causal (sdpa's ``is_causal``).
+    """The bool mask ``[B, 1, T, T]`` transformers builds for sdpa, or None where plain causal
+    attention (sdpa's ``is_causal``) gives every attended position the same result.
 
-    With a 2-D attention mask: causal, and only attended keys. Without one, position ids that
+    With a 2-D attention mask: causal, and only attended keys (None when no row has a real
+    token after a padding one). Without one, position ids that
     restart mark packed sequences (transformers' ``find_packed_sequence_indices``): causal
     within each. A query with no key to attend (a left-padding token) gets zeros from sdpa
     (torch >= 2.5), as in transformers.
     """
     device = position_ids.device
     if attention_mask is not None:
-        if bool(attention_mask.all()):
+        am = attention_mask.bool()
+        # no padding, or right padding only (SFT / reward / DPO batches): a real token's causal
+        # keys are all real, so plain causal attention gives every real position the masked
+        # result (sdpa's flash kernel instead of the masked one, no [B, 1, T, T] mask); a padding
+        # position's output differs but reaches no real position and no loss
+        if not bool((am[:, 1:] & ~am[:, :-1]).any()):
             return None
-        keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+        keys = am[:, None, None, :]  # [B, 1, 1, T]
     else:
         first = position_ids[:, :1] - 1
         seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # [B, T]

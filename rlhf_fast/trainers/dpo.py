@@ -62,7 +62,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
-from .sft import (_Batches, _is_ddp, local_span, resume_supervised, save_supervised, scalar_norm,
+from .sft import (_Batches, _is_ddp, collate, local_span, resume_supervised, save_supervised, scalar_norm,
                   setup_distributed, split_records, training_loop)
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -114,20 +114,7 @@ class DPOConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        check_training_schedule(self)
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {self.model!r}")
-        if self.ref_model is not None and (not isinstance(self.ref_model, str) or not self.ref_model):
-            raise ValueError(f"ref_model must be a local model folder or null, got {self.ref_model!r}")
-        if self.lora is not None:
-            if not isinstance(self.lora, dict):
-                raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {self.lora!r}")
-            import yaml
-
-            # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
-            self.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.lora.items()}
-        if self.max_len < 2:  # one prompt token and one response token at the least
-            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        check_policy_fields(self)
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         finite("beta", self.beta, "> 0")
@@ -148,6 +135,26 @@ class DPOConfig:
                              "(IPO regresses onto a fixed gap of 1/(2·beta))")
         for k, w in self.annotator_weights.items():
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
+
+
+def check_policy_fields(cfg) -> None:
+    """The checks every offline preference config (DPO, KTO) makes of its schedule, ``model``,
+    ``ref_model``, ``lora`` (whose values, given as ``--lora.r 16`` text, are read as YAML) and
+    ``max_len``; ValueError naming the field."""
+    check_training_schedule(cfg)
+    if not isinstance(cfg.model, str) or not cfg.model:
+        raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {cfg.model!r}")
+    if cfg.ref_model is not None and (not isinstance(cfg.ref_model, str) or not cfg.ref_model):
+        raise ValueError(f"ref_model must be a local model folder or null, got {cfg.ref_model!r}")
+    if cfg.lora is not None:
+        if not isinstance(cfg.lora, dict):
+            raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {cfg.lora!r}")
+        import yaml
+
+        # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
+        cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
+    if cfg.max_len < 2:  # one prompt token and one response token at the least
+        raise ValueError(f"max_len must be >= 2, got {cfg.max_len}")
 
 
 # ------------------------------------------------------------------ the loss
@@ -216,6 +223,14 @@ def dpo_loss(
 # ------------------------------------------------------------------ data
 
 
+def response_ids(tokenizer, text: str) -> List[int]:
+    """A response's token ids: the text without special tokens, then one eos (not doubled when
+    the text ends with it)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
+
+
 def encode_pair(tokenizer, prompt: Any, chosen: str, rejected: str, max_len: int
                 ) -> Optional[Tuple[List[int], List[int], List[int]]]:
     """``(prompt ids, chosen ids, rejected ids)`` of one pair, truncated to ``max_len`` tokens per
@@ -226,13 +241,7 @@ def encode_pair(tokenizer, prompt: Any, chosen: str, rejected: str, max_len: int
     p = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"])
     if not p:
         return None
-    eos = tokenizer.eos_token_id
-
-    def response(text):
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
-
-    c, r = response(chosen), response(rejected)
+    c, r = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
     longest = max(len(c), len(r))
     if len(p) + longest > max_len:
         keep = max(1, min(len(p), max(max_len - longest, max_len // 2)))
@@ -241,20 +250,17 @@ def encode_pair(tokenizer, prompt: Any, chosen: str, rejected: str, max_len: int
     return p, c, r
 
 
+def prompt_response_rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict[str, List[int]]]:
+    """The token rows of ``items``: prompt + their ``key`` response, the response mask over
+    the response (the rows :func:`rlhf_fast.trainers.sft.collate` pads)."""
+    return [{"input_ids": it["prompt"] + it[key], "response_mask": [0] * len(it["prompt"]) + [1] * len(it[key])}
+            for it in items]
+
+
 def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
     """The rows of ``items`` — every chosen row, then every rejected row — as right-padded
     ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64."""
-    rows = [(it["prompt"], it["chosen"]) for it in items] + [(it["prompt"], it["rejected"]) for it in items]
-    T = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), T, dtype=torch.long)
-    resp = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c)
-        attn[i, :n] = 1
-        resp[i, len(p):n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id)
 
 
 def response_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -266,6 +272,64 @@ def response_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor,
                              response_mask=batch["response_mask"])  # [N, T], 0 outside the response
     count = (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum(-1)
     return logp.sum(-1), count
+
+
+def load_offline_policy(cfg, model, tokenizer, texts: Sequence[str], device):
+    """``(policy, tokenizer, pad id, is_peft)`` of an offline preference trainer: ``model`` /
+    ``tokenizer`` as given (both, or neither: then ``cfg.model`` is loaded, a tiny model's
+    tokenizer trained on ``texts``), on ``device``, wrapped for LoRA and activation checkpointing
+    when ``cfg`` asks (with frozen embeddings under LoRA, input gradients kept so the checkpointed
+    blocks backpropagate)."""
+    from rlhf_fast.models import loading
+
+    if model is None:
+        model, tokenizer = load_causal_lm(cfg.model, texts=list(texts), kind="causal", tokenizer=tokenizer)
+    elif tokenizer is None:
+        raise ValueError("tokenizer must be given together with model")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = model.to(device)
+    if cfg.lora is not None or cfg.gradient_checkpointing:
+        model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+    return model, tokenizer, pad_id, loading._is_peft(model)
+
+
+def local_share(idx: List[int], items: Sequence[Dict[str, Any]], ctx) -> Tuple[List[Dict[str, Any]], bool]:
+    """This rank's contiguous share of the global batch ``idx`` of ``items`` and whether it is
+    real: an empty share (fewer items than ranks) becomes one item that counts for nothing, so
+    every rank still runs the forward/backward the collectives of DDP/FSDP2 expect."""
+    lo, hi = local_span(len(idx), ctx)
+    return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
+
+
+@torch.no_grad()
+def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool) -> torch.Tensor:
+    """The summed response log-probs ``[N]`` of ``batch`` under the frozen ``reference``; a
+    ``sharded`` (FSDP2) reference's root is resharded after (it keeps its gathered copy of the
+    embeddings and head after a forward)."""
+    logps, _ = response_logps(reference, batch)
+    if sharded:
+        reshard(reference)
+    return logps
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int,
+                               bf16: bool, device) -> List[Tuple[float, float]]:
+    """Each item's two reference log-probs (its two rows, as ``batch_of(chunk)`` lays them out:
+    every first row of the chunk, then every second), computed once — each rank its contiguous
+    share in chunks of ``batch_size``, then summed over ranks — with ``reference`` in eval mode."""
+    out = torch.zeros(len(items), 2, dtype=torch.float32, device=device)
+    lo, hi = local_span(len(items), ctx)
+    ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
+    was = ref.training
+    ref.eval()
+    for s in range(lo, hi, batch_size):
+        chunk = items[s: min(s + batch_size, hi)]
+        with autocast_context(device, bf16):
+            lp, _ = response_logps(reference, batch_of(chunk))
+        out[s: s + len(chunk)] = lp.view(2, -1).t()
+    ref.train(was)
+    return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
 
 
 def offline_reference(cfg, model, is_peft: bool, device):
@@ -356,19 +420,9 @@ class DPOTrainer:
             from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
 
             self.weights = {**annotator_weights(agreement_stats(train_records)), **self.weights}  # explicit win
-        if model is None:
-            texts = [str(r.prompt) + " " + r.chosen + " " + r.rejected for r in train_records[:2000]]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
-        elif tokenizer is None:
-            raise ValueError("tokenizer must be given together with model")
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        model = model.to(self.device)
-        if cfg.lora is not None or cfg.gradient_checkpointing:
-            # LoRA wraps the model in a peft model; activation checkpointing (with frozen
-            # embeddings under LoRA, input gradients kept so the checkpointed blocks backpropagate)
-            model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
-        self.is_peft = loading._is_peft(model)
+        texts = [str(r.prompt) + " " + r.chosen + " " + r.rejected for r in train_records[:2000]]
+        model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
+                                                                               self.device)
 
         self.train_items, dropped = self._encode(train_records)
         self.eval_items, _ = self._encode(eval_records)
@@ -407,35 +461,16 @@ class DPOTrainer:
                           "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
         return items, dropped
 
-    def _local_items(self, idx: List[int], items) -> Tuple[List[Dict[str, Any]], bool]:
-        """This rank's contiguous share of the global batch ``idx`` and whether it is real: an
-        empty share (fewer pairs than ranks) becomes one pair that counts for nothing, so every
-        rank still runs the forward/backward the collectives of DDP/FSDP2 expect."""
-        lo, hi = local_span(len(idx), self.ctx)
-        return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
-
     def _batch(self, items) -> Dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate_pairs(items, self.pad_id).items()}
 
-    @torch.no_grad()
     def _precompute(self, reference) -> None:
-        """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once
-        (each rank its share, then summed over ranks) with ``reference`` in eval mode."""
+        """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once."""
         items = self.train_items + self.eval_items
-        out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
-        lo, hi = local_span(len(items), self.ctx)
-        ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
-        was = ref.training
-        ref.eval()
-        for s in range(lo, hi, self.cfg.batch_size):
-            chunk = items[s: min(s + self.cfg.batch_size, hi)]
-            with autocast_context(self.device, self.cfg.bf16):
-                lp, _ = response_logps(reference, self._batch(chunk))
-            out[s: s + len(chunk)] = lp.view(2, -1).t()
-        ref.train(was)
-        out = self.ctx.all_reduce_sum(out).cpu().tolist()
-        for it, (c, r) in zip(items, out):
-            it["ref"] = (c, r)
+        for it, ref in zip(items, precompute_reference_logps(reference, items, self._batch, ctx=self.ctx,
+                                                             batch_size=self.cfg.batch_size, bf16=self.cfg.bf16,
+                                                             device=self.device)):
+            it["ref"] = ref
 
     # -------------------------------------------------------------- loss
 
@@ -449,10 +484,7 @@ class DPOTrainer:
             if "ref" in items[0]:
                 ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device).t().reshape(-1)
             else:
-                with torch.no_grad():
-                    ref, _ = response_logps(self.reference, batch)
-                if self._reference_sharded:  # free the root's gathered copy (kept after forward for the head)
-                    reshard(self.reference)
+                ref = reference_logps(self.reference, batch, self._reference_sharded)
         margin = (torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=self.device)
                   if cfg.use_margin else None)
         loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,
@@ -503,7 +535,7 @@ class DPOTrainer:
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
         for s in range(0, len(items), self.cfg.batch_size):
             idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
-            chunk, real = self._local_items(idx, items)
+            chunk, real = local_share(idx, items, self.ctx)
             st = self._pair_stats(chunk, self._batch(chunk))
             w = torch.tensor([it["weight"] for it in chunk], dtype=torch.float64, device=self.device)
             tot += self._sums(st, w, real)
@@ -516,7 +548,7 @@ class DPOTrainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        micro = [self._local_items(self.batches.next(), self.train_items) for _ in range(cfg.grad_accum)]
+        micro = [local_share(self.batches.next(), self.train_items, ctx) for _ in range(cfg.grad_accum)]
         # the denominators of the whole global step (all micro-batches, all ranks): the weighted
         # mean over pairs and the token mean of the RPO term do not depend on the split
         local = [sum(it["weight"] for it in items) if real else 0.0 for items, real in micro]

@@ -56,15 +56,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
+from rlhf_fast.distributed import DistributedConfig, wrap_model
 from rlhf_fast.feedback.formats import PairRecord, Prompt, ScoreRecord
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
-                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
-                     seed_everything)
-from .dpo import encode_pair, offline_reference, response_logps, shard_reference
-from .sft import (_Batches, _is_ddp, collate, local_span, resume_supervised, save_supervised, scalar_norm,
+from .common import (add_config_arguments, autocast_context, make_adamw, make_scheduler, open_supervised_run,
+                     require_records, run_trainer_cli, seed_everything)
+from .dpo import (check_policy_fields, encode_pair, load_offline_policy, local_share, offline_reference,
+                  precompute_reference_logps, prompt_response_rows, reference_logps, response_ids, response_logps,
+                  shard_reference)
+from .sft import (_Batches, _is_ddp, collate, resume_supervised, save_supervised, scalar_norm,
                   setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("binary", "scores", "pairs")
@@ -113,20 +114,7 @@ class KTOConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        check_training_schedule(self)
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {self.model!r}")
-        if self.ref_model is not None and (not isinstance(self.ref_model, str) or not self.ref_model):
-            raise ValueError(f"ref_model must be a local model folder or null, got {self.ref_model!r}")
-        if self.lora is not None:
-            if not isinstance(self.lora, dict):
-                raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {self.lora!r}")
-            import yaml
-
-            # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
-            self.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.lora.items()}
-        if self.max_len < 2:  # one prompt token and one response token at the least
-            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        check_policy_fields(self)
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         finite("score_threshold", self.score_threshold)
@@ -327,13 +315,6 @@ def to_binary(records: Sequence[Any], score_threshold: float = 0.0) -> List[Bina
     return out + rejected
 
 
-def _rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict[str, List[int]]]:
-    """The token rows of ``items``: prompt + their ``key`` completion ("completion", or "kl" for
-    the mismatched one), the response mask over the completion."""
-    return [{"input_ids": it["prompt"] + it[key], "response_mask": [0] * len(it["prompt"]) + [1] * len(it[key])}
-            for it in items]
-
-
 class _StepBatches(_Batches):
     """The step batches: one seeded shuffle of the examples, then the same consecutive blocks of
     the step size every epoch (TRL's sequential sampler over a shuffled dataset), so that each
@@ -386,17 +367,9 @@ class KTOTrainer:
             train_records = records
         train_records = to_binary(list(train_records), cfg.score_threshold)
         eval_records = to_binary(list(eval_records or []), cfg.score_threshold)
-        if model is None:
-            texts = [str(r.prompt) + " " + r.completion for r in train_records[:4000]]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
-        elif tokenizer is None:
-            raise ValueError("tokenizer must be given together with model")
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        model = model.to(self.device)
-        if cfg.lora is not None or cfg.gradient_checkpointing:
-            model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
-        self.is_peft = loading._is_peft(model)
+        texts = [str(r.prompt) + " " + r.completion for r in train_records[:4000]]
+        model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
+                                                                               self.device)
 
         self.train_items, self.dropped = self._encode(train_records)
         self.eval_items, _ = self._encode(eval_records)
@@ -437,15 +410,12 @@ class KTOTrainer:
         """Items ``{prompt, completion, label, full}``: the row as :func:`dpo.encode_pair` encodes
         and truncates it, and the whole completion (+ eos) for the KL row another prompt borrows."""
         items, dropped = [], 0
-        eos = self.tokenizer.eos_token_id
         for r in records:
             enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
             if enc is None:
                 dropped += 1
                 continue
-            full = list(self.tokenizer(r.completion, add_special_tokens=False)["input_ids"])
-            if eos is not None and not (full and full[-1] == eos):  # as encode_pair: one eos
-                full.append(eos)
+            full = response_ids(self.tokenizer, r.completion)
             items.append({"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "full": full})
         return items, dropped
 
@@ -462,36 +432,24 @@ class KTOTrainer:
         contiguous share of each with whether it is real: an empty share (fewer examples than
         ranks) becomes one example that counts for nothing, so every rank still runs the
         forwards/backward the collectives of DDP/FSDP2 expect."""
-        out = []
-        for s in range(0, len(idx), self.cfg.batch_size):
-            mb = idx[s: s + self.cfg.batch_size]
-            lo, hi = local_span(len(mb), self.ctx)
-            out.append(([items[i] for i in mb[lo:hi]], True) if hi > lo else ([items[mb[0]]], False))
-        return out
+        return [local_share(idx[s: s + self.cfg.batch_size], items, self.ctx)
+                for s in range(0, len(idx), self.cfg.batch_size)]
 
     def _batch(self, items, key: str = "completion") -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(_rows(items, key), self.pad_id).items()}
+        return {k: v.to(self.device) for k, v in collate(prompt_response_rows(items, key), self.pad_id).items()}
 
-    @torch.no_grad()
+    def _both_rows(self, items) -> Dict[str, torch.Tensor]:
+        """Every item's own row, then every item's KL row, as one batch on the device."""
+        rows = collate(prompt_response_rows(items, "completion") + prompt_response_rows(items, "kl"), self.pad_id)
+        return {k: v.to(self.device) for k, v in rows.items()}
+
     def _precompute(self, reference) -> None:
-        """Each item's reference log-probs ``item["ref"] = (its row, its KL row)``, computed once
-        (each rank its share, then summed over ranks) with ``reference`` in eval mode."""
+        """Each item's reference log-probs ``item["ref"] = (its row, its KL row)``, computed once."""
         items = self.train_items + self.eval_items
-        out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
-        lo, hi = local_span(len(items), self.ctx)
-        ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
-        was = ref.training
-        ref.eval()
-        for s in range(lo, hi, self.cfg.batch_size):
-            chunk = items[s: min(s + self.cfg.batch_size, hi)]
-            rows = collate(_rows(chunk, "completion") + _rows(chunk, "kl"), self.pad_id)
-            with autocast_context(self.device, self.cfg.bf16):
-                lp, _ = response_logps(reference, {k: v.to(self.device) for k, v in rows.items()})
-            out[s: s + len(chunk)] = lp.view(2, -1).t()
-        ref.train(was)
-        out = self.ctx.all_reduce_sum(out).cpu().tolist()
-        for it, (main, kl) in zip(items, out):
-            it["ref"] = (main, kl)
+        for it, ref in zip(items, precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx,
+                                                             batch_size=self.cfg.batch_size, bf16=self.cfg.bf16,
+                                                             device=self.device)):
+            it["ref"] = ref
 
     # -------------------------------------------------------------- loss
 
@@ -507,11 +465,8 @@ class KTOTrainer:
                     ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device)
                     ref_main, ref_kl = ref[:, 0], ref[:, 1]
                 else:  # the two kinds of row in one reference forward
-                    rows = collate(_rows(items, "completion") + _rows(items, "kl"), self.pad_id)
-                    ref, _ = response_logps(self.reference, {k: v.to(self.device) for k, v in rows.items()})
+                    ref = reference_logps(self.reference, self._both_rows(items), self._reference_sharded)
                     ref_main, ref_kl = ref[: len(items)], ref[len(items):]
-                    if self._reference_sharded:  # free the root's gathered copy, as DPO does
-                        reshard(self.reference)
                 kl, _ = response_logps(self.model, self._batch(items, "kl"))
             if real:
                 tot += torch.stack([(kl.double() - ref_kl.double()).sum(), tot.new_tensor(float(len(items)))])

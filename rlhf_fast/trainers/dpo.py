@@ -62,7 +62,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
-from .sft import (_Batches, _is_ddp, collate, local_span, resume_supervised, save_supervised, scalar_norm,
+from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -570,13 +570,9 @@ class DPOTrainer:
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, w, real)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        gnorm = optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
-        m.update(grad_norm=scalar_norm(gnorm), lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
         return m
 
     def _save(self) -> None:

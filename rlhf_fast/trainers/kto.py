@@ -65,7 +65,7 @@ from .common import (add_config_arguments, autocast_context, make_adamw, make_sc
 from .dpo import (check_policy_fields, encode_pair, load_offline_policy, local_share, offline_reference,
                   precompute_reference_logps, prompt_response_rows, reference_logps, response_ids, response_logps,
                   shard_reference)
-from .sft import (_Batches, _is_ddp, collate, resume_supervised, save_supervised, scalar_norm,
+from .sft import (_Batches, _is_ddp, collate, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("binary", "scores", "pairs")
@@ -552,14 +552,9 @@ class KTOTrainer:
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, z0, real)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                               self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        gnorm = optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot))
-        m.update(grad_norm=scalar_norm(gnorm), lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
         return m
 
     def _save(self) -> None:

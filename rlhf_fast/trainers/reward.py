@@ -32,7 +32,7 @@ from .common import (add_config_arguments, autocast_context, check_training_sche
                      seed_everything)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
-from .sft import (_Batches, local_span, resume_supervised, save_supervised, scalar_norm,
+from .sft import (_Batches, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 
@@ -327,12 +327,8 @@ class RewardTrainer:
             # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
             (loss * ctx.grad_scale).backward()
             total += loss.detach().double()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": scalar_norm(gnorm),
+        gnorm = optimizer_step(self)
+        m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": gnorm,
              "lr": self.scheduler.get_last_lr()[0]}
         return ctx.mean_metrics(m)
 

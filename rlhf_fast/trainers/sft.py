@@ -292,6 +292,19 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                                schedulers={"scheduler": scheduler})
 
 
+def optimizer_step(trainer) -> float:
+    """The end of an SFT / reward / DPO / KTO step once its gradients are in: clip them to
+    ``cfg.grad_clip`` (0: no clipping), step the optimizer and LR scheduler, clear the gradients
+    and count the step. Returns the gradient norm before clipping."""
+    clip = trainer.cfg.grad_clip
+    gnorm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip if clip > 0 else float("inf"))
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+    return scalar_norm(gnorm)
+
+
 def save_supervised(trainer, part: str) -> None:
     """The checkpoint of an SFT / reward / DPO trainer at ``trainer.step`` (its model under the
     name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
@@ -498,12 +511,8 @@ class SFTTrainer:
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (s / n_tok * ctx.grad_scale).backward()
             total += s.detach().double()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        m = {"loss": float(ctx.all_reduce_sum(total)) / n_tok, "grad_norm": scalar_norm(gnorm),
+        gnorm = optimizer_step(self)
+        m = {"loss": float(ctx.all_reduce_sum(total)) / n_tok, "grad_norm": gnorm,
              "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
         return ctx.mean_metrics(m)
 

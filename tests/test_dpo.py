@@ -20,6 +20,7 @@ from rlhf_fast.feedback.formats import PairRecord
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, dpo_loss, encode_pair, response_logps
 from rlhf_fast.trainers.reward import synthetic_preference_records
+from tests.test_reward import preference_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
@@ -30,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 @pytest.fixture(scope="module")
 def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    recs = synthetic_preference_records(200, seed=5)
-    return train_tokenizer(sample_texts(64) + [r.prompt + " " + r.chosen + " " + r.rejected for r in recs], 300,
-                           padding_side="right")
+    return preference_tokenizer()
 
 
 def _cfg(tmp_path, name="run", **kw):

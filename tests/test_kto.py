@@ -23,6 +23,7 @@ from rlhf_fast.trainers.dpo import response_logps
 from rlhf_fast.trainers.kto import (BinaryRecord, KTOConfig, KTOTrainer, kl_partners, kto_kl, kto_loss,
                                     load_binary_records, to_binary, weight_advice)
 from rlhf_fast.trainers.reward import synthetic_preference_records
+from tests.test_reward import preference_tokenizer
 from rlhf_fast.trainers.sft import collate, split_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 @pytest.fixture(scope="module")
 def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    recs = synthetic_preference_records(200, seed=5)
-    return train_tokenizer(sample_texts(64) + [r.prompt + " " + r.chosen + " " + r.rejected for r in recs], 300,
-                           padding_side="right")
+    return preference_tokenizer()
 
 
 def _cfg(tmp_path, name="run", **kw):

@@ -20,13 +20,19 @@ TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2"
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
-@pytest.fixture(scope="module")
-def tok():
+def preference_tokenizer():
+    """A 300-token BPE tokenizer trained on sample texts and the synthetic preference pairs (the
+    reward, DPO and KTO tests share it)."""
     from rlhf_fast.models.tiny import sample_texts, train_tokenizer
 
     recs = synthetic_preference_records(200, seed=5)
     return train_tokenizer(sample_texts(64) + [r.prompt + " " + r.chosen + " " + r.rejected for r in recs], 300,
                            padding_side="right")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return preference_tokenizer()
 
 
 def _cfg(tmp_path, name, **kw):

@@ -184,6 +184,15 @@ def test_dict_override_and_truncate_metrics(tmp_path):
         load_config(Cfg, p, ["--weights.b", "heavy"])
     with pytest.raises(ValueError, match="not a section"):
         load_config(Cfg, p, ["--steps.x", "1"])
+    # a whole mapping as YAML flow text replaces the file's
+    assert load_config(Cfg, p, ["--weights", "{b: 2, c: 0.25}"]).weights == {"b": 2.0, "c": 0.25}
+    assert load_config(Cfg, p, ["--weights", '{"b": 3}']).weights == {"b": 3.0}
+    assert load_config(Cfg, p, ["--weights", ""]).weights == {}
+    for bad in ("[1, 2]", "b=2", "{b: [unclosed"):
+        with pytest.raises(ValueError, match=r"'weights': expected a mapping .*--weights.NAME value"):
+            load_config(Cfg, p, ["--weights", bad])
+    with pytest.raises(ValueError, match="'weights.b': expected float"):
+        load_config(Cfg, p, ["--weights", "{b: heavy}"])
     with MetricsLogger(str(tmp_path), tensorboard=False) as log:
         for s in range(1, 6):
             log.log(s, {"x": s})

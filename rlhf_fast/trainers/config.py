@@ -135,6 +135,18 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
         elem = args[0] if args else Any
         return [_convert(v, elem, f"{key}[{i}]", True) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if from_string and isinstance(value, str):
+            # a whole mapping on the command line: --annotator_weights '{alice: 2, bob: 0.5}'
+            import yaml
+
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"config key {key!r}: expected a mapping ({_type_name(tp)}) such as "
+                                 f"'{{name: value}}', or one entry with --{key}.NAME value; got {value!r}")
+            value = parsed
         if not isinstance(value, dict):
             raise err
         args = typing.get_args(tp)

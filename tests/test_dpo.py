@@ -4,7 +4,6 @@ pairs, a reference that does not move (a frozen copy; with LoRA the adapter-disa
 copy), exact resume (precomputed reference log-probs; LoRA), micro-batch split invariance,
 config errors and the CLI."""
 
-import collections
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from rlhf_fast.feedback.formats import PairRecord
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, dpo_loss, encode_pair, response_logps
 from rlhf_fast.trainers.reward import synthetic_preference_records
+from tests.test_preference_losses import trl_dpo_loss as _trl_loss
 from tests.test_reward import preference_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,37 +47,6 @@ def _trainer(tmp_path, tok, name="run", records=None, eval_records=(), **kw):
 
 
 # ----------------------------------------------------------------------------- the loss vs TRL
-
-
-def _trl_loss(P, completion_mask, ref_c, ref_r, *, beta, loss_types, loss_weights, label_smoothing=0.0):
-    """TRL 1.x's ``DPOTrainer._compute_loss`` run as an unbound function on a stub trainer whose
-    model returns the per-token log-probs ``P [2B, T-1]`` (0 where TRL's label is -100), with the
-    reference log-probs given as precomputed. Returns (loss, TRL's logged metrics)."""
-    from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
-
-    class Model:
-        training = True
-
-        def __call__(self, **kw):
-            assert kw["fused_lm_head"] is True
-            lp = torch.where(kw["labels"][:, 1:] != -100, P, torch.zeros_like(P))
-            z = torch.zeros_like(P)
-            return types.SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z, is_top1=z.bool())
-
-    model = Model()
-    acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x,
-                                unwrap_model=lambda x: x)
-    stub = types.SimpleNamespace(
-        model=model, accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights, beta=beta,
-        label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
-        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
-    n = P.shape[0]
-    inputs = {"input_ids": torch.zeros(n, P.shape[1] + 1, dtype=torch.long),
-              "attention_mask": torch.ones(n, P.shape[1] + 1, dtype=torch.long),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
-    loss = TRLDPOTrainer._compute_loss(stub, model, inputs, False)
-    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
 
 
 # (our loss_type, label_smoothing, rpo_alpha, TRL's loss_type list and weights)
@@ -291,8 +260,9 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path, tok):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4})],
-                         ids=["precomputed", "lora"])
+@pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4}),
+                                   dict(loss_type="orpo", beta=0.5, grad_accum=2)],
+                         ids=["precomputed", "lora", "orpo_reference_free"])
 def test_resume_is_exact(tmp_path, tok, extra):
     if "lora" in extra:
         pytest.importorskip("peft")
@@ -317,6 +287,252 @@ def test_resume_is_exact(tmp_path, tok, extra):
     assert "eval_rewards/accuracy" in log_full[-1]
 
 
+# ----------------------------------------------------------------------------- the loss family in the trainer
+
+
+def _step_grads(tr):
+    """Runs one train_step of ``tr``; returns (its metrics, the accumulated gradient the
+    optimizer steps with)."""
+    got = {}
+    handle = tr.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: got.__setitem__("g", [p.grad.clone() for p in tr.model.parameters()]))
+    m = tr.train_step()
+    handle.remove()
+    return m, got["g"]
+
+
+def _full_token_logps(model, batch):
+    """``[2B, T-1]`` log π(token t+1 | tokens ≤ t) from the model's full logits (the plain path)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+
+
+def _ld_sums(full, batch, ld_alpha):
+    """The summed response log-probs ``[2B]`` of per-token ``full`` ``[2B, T-1]``, LD-weighted
+    as TRL's _compute_loss does it (positions past the shorter response's length × ld_alpha)."""
+    mask = (batch["response_mask"] * batch["attention_mask"])[:, 1:]
+    if ld_alpha is None:
+        return (full * mask).sum(1)
+    n = mask.sum(1)
+    shared = torch.minimum(*n.chunk(2)).repeat(2)[:, None]
+    pos = mask.cumsum(1)
+    return (full * mask * (pos <= shared)).sum(1) + ld_alpha * (full * mask * (pos > shared)).sum(1)
+
+
+TRAINER_TRL_CASES = [
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO
+    dict(loss_type="ipo", f_divergence_type="js_divergence", ld_alpha=0.5),
+    dict(loss_type=["apo_zero", "exo_pair"], label_smoothing=0.01, ld_alpha=0.2, precompute_ref_logps=True),
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.6], ld_alpha=0.3),  # the NLL is not LD-weighted
+]
+
+
+@pytest.mark.parametrize("kw", TRAINER_TRL_CASES, ids=["mpo", "ipo_js_ld", "apo_exo_ld_precomputed", "rpo_ld"])
+def test_trainer_step_equals_trls(tmp_path, tok, kw):
+    """The whole step (log-probs from the model, LD weighting of policy and reference, the loss
+    list, the sft term) against TRL's _compute_loss fed the same model's per-token log-probs."""
+    pytest.importorskip("trl")
+    tr = _trainer(tmp_path, tok, batch_size=6, grad_clip=0.0, beta=0.3, **kw)
+    if "precompute_ref_logps" not in kw:  # a reference that differs from the policy
+        with torch.no_grad():
+            for p in tr.reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    items = [tr.train_items[i] for i in tr.batches._perm[:6]]
+    batch = tr._batch(items)
+    with torch.no_grad():
+        if "ref" in items[0]:
+            ref = torch.tensor([it["ref"] for it in items]).t().reshape(-1)
+        else:  # TRL's LD-weighted reference sums, written out on the full logits
+            ref = _ld_sums(_full_token_logps(tr.reference, batch).double(), batch, kw.get("ld_alpha"))
+    cm = (batch["response_mask"] * batch["attention_mask"])
+    P = _full_token_logps(tr.model, batch).double()
+    types_ = kw["loss_type"] if isinstance(kw["loss_type"], list) else [kw["loss_type"]]
+    theirs, tm = _trl_loss(P, cm, ref[:6], ref[6:], beta=0.3, loss_types=types_, loss_weights=kw.get("loss_weights"),
+                           label_smoothing=kw.get("label_smoothing", 0.0),
+                           f_divergence_type=kw.get("f_divergence_type", "reverse_kl"), ld_alpha=kw.get("ld_alpha"))
+    g_theirs = torch.autograd.grad(theirs, list(tr.model.parameters()))
+    m, g_ours = _step_grads(tr)
+    assert m["loss"] == pytest.approx(float(theirs.detach()), rel=2e-5)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b.float(), rtol=1e-3, atol=2e-6)
+    for ours_k, trl_k in (("rewards/chosen", "rewards/chosen"), ("rewards/margin", "rewards/margins"),
+                          ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")):
+        assert m[ours_k] == pytest.approx(tm[trl_k], rel=1e-4, abs=1e-6), ours_k
+
+
+def _trl_reference_free(tr, items, batch, loss_type):
+    """TRL's CPOTrainer / ORPOTrainer ``get_batch_loss_metrics`` run on a stub whose model is
+    ``tr.model`` (its full logits), on the trainer's rows: (loss, TRL's metrics)."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    cls = ORPOTrainer if loss_type == "orpo" else CPOTrainer
+    B, cfg = len(items), tr.cfg
+    labels = batch["input_ids"].masked_fill(~(batch["response_mask"].bool() & batch["attention_mask"].bool()), -100)
+    trl_batch = {"chosen_input_ids": batch["input_ids"][:B], "chosen_attention_mask": batch["attention_mask"][:B],
+                 "chosen_labels": labels[:B], "rejected_input_ids": batch["input_ids"][B:],
+                 "rejected_attention_mask": batch["attention_mask"][B:], "rejected_labels": labels[B:]}
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    stub = types.SimpleNamespace(
+        is_encoder_decoder=False, pad_token_id=tr.pad_id, padding_value=tr.pad_id, accelerator=acc,
+        aux_loss_enabled=False, beta=cfg.beta, label_smoothing=cfg.label_smoothing, alpha=0.0,
+        loss_type={"simpo": "simpo", "cpo": "sigmoid"}.get(loss_type), cpo_alpha=cfg.cpo_alpha,
+        simpo_gamma=cfg.simpo_gamma, concatenated_inputs=cls.concatenated_inputs, get_batch_logps=cls.get_batch_logps)
+    stub.concatenated_forward = lambda model, b: cls.concatenated_forward(stub, model, b)
+    if loss_type == "orpo":
+        stub.odds_ratio_loss = lambda c, r: ORPOTrainer.odds_ratio_loss(stub, c, r)
+    else:
+        stub.cpo_loss = lambda c, r: CPOTrainer.cpo_loss(stub, c, r)
+
+    def model(input_ids, attention_mask=None, use_cache=False):
+        return types.SimpleNamespace(logits=tr.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+    return cls.get_batch_loss_metrics(stub, model, trl_batch)
+
+
+REFERENCE_FREE_CASES = [dict(loss_type="simpo", simpo_gamma=0.3, beta=2.0),
+                        dict(loss_type="simpo", cpo_alpha=0.0, label_smoothing=0.1, beta=2.0),
+                        dict(loss_type="cpo", beta=0.2), dict(loss_type="orpo", beta=0.25)]
+
+
+@pytest.mark.parametrize("kw", REFERENCE_FREE_CASES, ids=["cpo_simpo", "simpo", "cpo", "orpo"])
+def test_reference_free_step_equals_trls(tmp_path, tok, kw):
+    """simpo / cpo / orpo: the step's loss, gradient and logged metrics equal TRL's CPO / ORPO
+    trainers' on the same model and rows (their NLL terms included: ORPO's over the prompt too)."""
+    pytest.importorskip("trl")
+    tr = _trainer(tmp_path, tok, batch_size=6, grad_clip=0.0, **kw)
+    assert tr.reference is None
+    items = [tr.train_items[i] for i in tr.batches._perm[:6]]
+    theirs, tm = _trl_reference_free(tr, items, tr._batch(items), kw["loss_type"])
+    g_theirs = torch.autograd.grad(theirs, list(tr.model.parameters()))
+    m, g_ours = _step_grads(tr)
+    assert m["loss"] == pytest.approx(float(theirs.detach()), rel=2e-5)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-6)
+    pairs = [("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+             ("rewards/accuracy", "rewards/accuracies"), ("rewards/margin", "rewards/margins"),
+             ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]
+    if tr.cfg.nll_weight > 0:
+        pairs.append(("nll", "nll_loss"))
+    else:
+        assert "nll" not in m and tm["nll_loss"] == 0
+    if kw["loss_type"] == "orpo":
+        pairs += [("log_odds_ratio", "log_odds_ratio"), ("log_odds_chosen", "log_odds_chosen")]
+    for ours_k, trl_k in pairs:
+        assert m[ours_k] == pytest.approx(tm[trl_k], rel=1e-4, abs=1e-6), ours_k
+
+
+def test_reference_free_loads_no_reference(tmp_path, tok, monkeypatch):
+    from rlhf_fast.models import loading
+    from rlhf_fast.trainers import dpo as dpo_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a reference was built for a reference-free loss")
+
+    for mod, name in ((dpo_mod, "offline_reference"), (dpo_mod, "shard_reference"), (dpo_mod, "reference_logps"),
+                      (dpo_mod, "precompute_reference_logps"), (loading, "make_reference")):
+        monkeypatch.setattr(mod, name, refuse)
+    forwards = []
+    real = dpo_mod.token_logps
+    monkeypatch.setattr(dpo_mod, "token_logps", lambda model, *a, **k: forwards.append(model) or real(model, *a, **k))
+    tr = _trainer(tmp_path, tok, loss_type="orpo", max_steps=2)
+    assert tr.reference is None and not tr._reference_sharded
+    tr.train_step()
+    tr.evaluate(tr.train_items[:4])
+    assert forwards and all(m is tr.model for m in forwards)  # one policy forward per micro-batch, nothing else
+    # no second parameter set: every model reachable from the trainer is the policy
+    mods = [v for v in vars(tr).values() if isinstance(v, torch.nn.Module)]
+    assert mods == [tr.model]
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_training_learns(tmp_path, tok, loss_type):
+    recs = synthetic_preference_records(128, seed=1)
+    # ORPO's NLL spans the prompts too, which a tiny model learns first: a larger λ, and a lower bar
+    kw, bar = ((dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0, lr=5e-3), 0.8) if loss_type == "simpo"
+               else (dict(beta=3.0, lr=1e-2), 0.75))
+    tr = _trainer(tmp_path, tok, records=recs, max_steps=16, warmup_steps=2, loss_type=loss_type, **kw)
+    before = tr.evaluate(tr.train_items)
+    assert before["eval_rewards/accuracy"] < 0.5  # the initial policy: no better than chance
+    for _ in range(16):
+        m = tr.train_step()
+    after = tr.evaluate(tr.train_items)
+    assert after["eval_rewards/accuracy"] > bar, (before, after)
+    assert after["eval_rewards/margin"] > before["eval_rewards/margin"] and after["eval_loss"] < before["eval_loss"]
+    assert "rewards/margin" in m and ("log_odds_ratio" in m) == (loss_type == "orpo")
+
+
+def test_weighted_combination_is_the_weighted_sum(tmp_path, tok):
+    """loss_type [sigmoid, bco_pair] with weights [0.7, 0.3]: the step's loss and gradient are
+    0.7 × sigmoid's + 0.3 × bco_pair's (a reference that differs from the policy)."""
+    recs = synthetic_preference_records(16, seed=3)
+    out = {}
+    for name, kw in (("both", dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.7, 0.3])),
+                     ("a", dict(loss_type="sigmoid")), ("b", dict(loss_type="bco_pair"))):
+        tr = _trainer(tmp_path, tok, name, records=recs, grad_clip=0.0, **kw)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            for p in tr.reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        out[name] = _step_grads(tr)
+    (mb, gb), (ma, ga), (mo, go) = out["both"], out["a"], out["b"]
+    assert mb["loss"] == pytest.approx(0.7 * ma["loss"] + 0.3 * mo["loss"], rel=1e-6)
+    assert abs(ma["loss"] - mo["loss"]) > 1e-3  # the two differ: the weights matter
+    for x, y, z in zip(gb, ga, go):
+        torch.testing.assert_close(x, 0.7 * y + 0.3 * z, rtol=1e-4, atol=1e-7)
+    assert mb["rewards/margin"] == pytest.approx(ma["rewards/margin"], rel=1e-6)
+
+
+SPLIT_CASES = [dict(loss_type=["nca_pair", "sft"], ld_alpha=0.5, annotator_weights={"noisy": 0.2}),
+               dict(loss_type="orpo"), dict(loss_type="simpo", label_smoothing=0.1)]
+
+
+@pytest.mark.parametrize("kw", SPLIT_CASES, ids=["nca_sft_ld", "orpo", "simpo"])
+def test_micro_batch_split_does_not_change_the_new_losses(tmp_path, tok, kw):
+    recs = synthetic_preference_records(16, seed=4)
+    for i, r in enumerate(recs):
+        r.annotator = "careful" if i % 3 else "noisy"
+    m1, g1 = _step_grads(_trainer(tmp_path, tok, "one", records=recs, batch_size=8, grad_accum=1, grad_clip=0.0, **kw))
+    m2, g2 = _step_grads(_trainer(tmp_path, tok, "two", records=recs, batch_size=4, grad_accum=2, grad_clip=0.0, **kw))
+    for k in ("loss", "nll", "rewards/accuracy", "logps/chosen"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-5), k
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_aot_depends_on_the_micro_batch_split(tmp_path, tok):
+    """aot sorts over the micro-batch (documented): a split changes the step; the data and
+    models are those of the split-invariance test above."""
+    recs = synthetic_preference_records(16, seed=4)
+    ms = []
+    for name, bs, ga in (("one", 8, 1), ("two", 4, 2)):
+        tr = _trainer(tmp_path, tok, name, records=recs, batch_size=bs, grad_accum=ga, loss_type="aot")
+        with torch.no_grad():  # a reference far enough that it orders the pairs differently from the policy
+            torch.manual_seed(0)
+            for p in tr.reference.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        ms.append(tr.train_step())
+    assert ms[0]["rewards/margin"] == pytest.approx(ms[1]["rewards/margin"], rel=1e-5)  # the same pairs
+    assert abs(ms[0]["loss"] - ms[1]["loss"]) > 1e-6
+
+
+def test_ld_alpha_log_probs_and_precomputed_reference(tmp_path, tok):
+    recs = synthetic_preference_records(24, seed=8)
+    a = _trainer(tmp_path, tok, "a", records=recs, ld_alpha=0.4)
+    b = _trainer(tmp_path, tok, "b", records=recs, ld_alpha=0.4, precompute_ref_logps=True)
+    batch = a._batch(a.train_items[:5])
+    with torch.no_grad():
+        lp, _ = response_logps(a.model, batch, ld_alpha=0.4)
+        full = _full_token_logps(a.model, batch).double()
+    torch.testing.assert_close(lp.double(), _ld_sums(full, batch, 0.4), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lp, response_logps(a.model, batch)[0])  # lengths differ: the weighting acts
+    torch.testing.assert_close(torch.tensor([it["ref"] for it in b.train_items[:5]]).t().reshape(-1), lp,
+                               rtol=1e-5, atol=1e-5)  # the precomputed reference is LD-weighted too
+    for _ in range(2):
+        ma, mb = a.train_step(), b.train_step()
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- config and CLI
 
 
@@ -325,12 +541,32 @@ def test_config_errors_name_the_field(tmp_path):
                        (dict(loss_type="kto"), "loss_type must be one of"),
                        (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
                        (dict(label_smoothing=-0.1), "label_smoothing"),
-                       (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing .* 'sigmoid' or 'robust' only"),
+                       (dict(loss_type="ipo", label_smoothing=0.1),
+                        r"label_smoothing .* applies to loss_type \[.*'robust', 'sigmoid'"),
                        (dict(loss_type="ipo", use_margin=True), "use_margin"),
                        (dict(rpo_alpha=-1.0), "rpo_alpha"), (dict(data_kind="scores"), "data_kind"),
                        (dict(max_len=1), "max_len must be >= 2"), (dict(lora="yes"), "lora"),
                        (dict(annotator_weights={"a": -1.0}), "annotator_weights"),
-                       (dict(precompute_ref_logps="yes"), "precompute_ref_logps"), (dict(batch_size=0), "batch_size")):
+                       (dict(precompute_ref_logps="yes"), "precompute_ref_logps"), (dict(batch_size=0), "batch_size"),
+                       (dict(loss_type=["sigmoid", "nope"]), r"loss_type must be one of .*\['nope'\]"),
+                       (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights must have one weight"),
+                       (dict(loss_weights=[float("inf")]), r"loss_weights\[0\]"),
+                       (dict(loss_type=["simpo", "sigmoid"]), "loss_type: the reference-free loss 'simpo' must be"),
+                       (dict(loss_type="orpo", ref_model="some/folder"), "ref_model must be left unset"),
+                       (dict(loss_type="cpo", precompute_ref_logps=True), "precompute_ref_logps must be left unset"),
+                       (dict(loss_type="simpo", rpo_alpha=0.5), "rpo_alpha must be left unset .*cpo_alpha"),
+                       (dict(loss_type="orpo", use_margin=True), "use_margin must be left unset"),
+                       (dict(loss_type="simpo", ld_alpha=0.5), "ld_alpha must be left unset"),
+                       (dict(loss_type="cpo", f_divergence_type="forward_kl"), "f_divergence_type must be left unset"),
+                       (dict(loss_type="orpo", label_smoothing=0.1), "label_smoothing .* not \\['orpo'\\]"),
+                       (dict(loss_type="exo_pair"), "label_smoothing must be > 0 for loss_type 'exo_pair'"),
+                       (dict(loss_type="sppo_hard", f_divergence_type="js_divergence"), "f_divergence_type 'js_div"),
+                       (dict(f_divergence_type="kl"), "f_divergence_type must be one of"),
+                       (dict(ld_alpha=1.5), r"ld_alpha must be null or in \[0, 1\]"),
+                       (dict(discopop_tau=0.0), "discopop_tau"), (dict(cpo_alpha=-1.0), "cpo_alpha"),
+                       (dict(loss_type="apo_zero", use_margin=True), "use_margin applies"),
+                       (dict(loss_type="aot", annotator_weights={"a": 0.5}), "annotator_weights / auto_annotator"),
+                       (dict(loss_type="aot_unpaired", auto_annotator_weights=True), "do not apply to loss_type")):
         with pytest.raises(ValueError, match=needle):
             _cfg(tmp_path, **kw)
 

@@ -6,7 +6,9 @@ a pair (prompt x, chosen y_c, rejected y_r), log π(y | x) is the sum over the r
 (:func:`rlhf_fast.models.logprobs.sequence_logprobs`: the ``[B, T, V]`` logits are never
 materialised); chosen and rejected rows go through one forward, chosen first (as TRL). With
 the log-ratios l = log π(y | x) − log π_ref(y | x) and z = l_c − l_r, the per-pair
-``loss_type``:
+``loss_type`` (one name, or a list combined with ``loss_weights`` as TRL's, e.g. the MPO
+recipe ``[sigmoid, bco_pair, sft]`` with ``[0.8, 0.2, 1.0]``; every formula and each deliberate
+difference from TRL 1.16: :mod:`rlhf_fast.trainers.preference_losses`):
 
 * ``sigmoid`` (DPO): −(1−ε)·log σ(βz) − ε·log σ(−βz), ε = ``label_smoothing``: conservative
   DPO (cDPO), which bounds the pull of a flipped label — the option for noisy labels; ε = 0 is
@@ -15,17 +17,38 @@ the log-ratios l = log π(y | x) − log π_ref(y | x) and z = l_c − l_r, the 
   unbiased estimate of the clean-label loss when labels flip with probability ε (TRL's ``robust``);
 * ``ipo``: (z' − 1/(2β))² with z' built from per-token-mean log-ratios (l / response tokens),
   as TRL does;
-* ``hinge`` (SLiC): relu(1 − βz).
+* ``hinge`` (SLiC): relu(1 − βz);
+* TRL's others: ``exo_pair`` (needs ε > 0), ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot`` and
+  ``aot_unpaired`` (batch-level: they sort over the micro-batch, so the micro-batch split
+  changes them; refused with annotator weights), ``apo_zero``, ``apo_down``, ``discopop``
+  (``discopop_tau``), ``sigmoid_norm``, and ``sft`` (weight × the token-mean NLL of the chosen
+  responses, as ``rpo_alpha``);
+* reference-free — no reference model is loaded and no reference forward runs: ``simpo``
+  (TRL's CPOTrainer ``simpo``: length-normalised log-probs, margin ``simpo_gamma``), ``cpo``
+  (CPOTrainer's ``sigmoid`` on summed log-probs) — both plus ``cpo_alpha`` × NLL of the chosen
+  responses (TRL's default 1.0; 0 for plain SimPO) — and ``orpo`` (ORPOTrainer: NLL of the
+  chosen rows, prompt included as TRL, + β·(−log σ(log-odds ratio)) of token-mean log-probs; β
+  is ORPO's λ). They must be used alone, without ``ref_model``, ``precompute_ref_logps``,
+  ``rpo_alpha``, ``use_margin``, ``ld_alpha`` or an ``f_divergence_type``.
+
+``f_divergence_type`` (``reverse_kl``; ``forward_kl``, ``js_divergence``, ``alpha_divergence``
+with ``f_alpha_divergence_coef``) replaces l by f'(π/π_ref) in the losses built on the chosen −
+rejected difference, as TRL (f-DPO). ``ld_alpha`` (LD-DPO) weights the part of the longer
+response beyond the shorter one's length by ``ld_alpha`` in every summed log-prob (policy and
+reference), as TRL.
 
 With ``use_margin`` each pair's ``margin`` m ≥ 0 is subtracted inside: βz − m (sigmoid, robust,
-hinge; refused for ipo), like the reward trainer's Bradley–Terry; otherwise margins are
-ignored. ``rpo_alpha`` α adds α·NLL of the chosen responses (RPO; TRL's ``sft`` loss with weight
-α): the token-mean over every chosen token of the optimizer step. The pair losses are averaged
-with per-annotator weights (``annotator_weights``, ``auto_annotator_weights``: see the reward
-trainer) over every pair of the step, whatever the micro-batch split or number of ranks.
+hinge; refused with other losses), like the reward trainer's Bradley–Terry; otherwise margins
+are ignored. ``rpo_alpha`` α adds α·NLL of the chosen responses (RPO; TRL's ``sft`` loss with
+weight α): the token-mean over every chosen token of the optimizer step. The pair losses are
+averaged with per-annotator weights (``annotator_weights``, ``auto_annotator_weights``: see the
+reward trainer) over every pair of the step, whatever the micro-batch split or number of ranks
+(except the batch-level ``aot`` losses).
 Logged per step (and on the eval split with an ``eval_`` prefix): loss, rewards/chosen and
-rewards/rejected (β·l, means over pairs), rewards/accuracy (share with the chosen reward
-strictly higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs), lr, grad_norm.
+rewards/rejected (β·l, means over pairs; reference-free: β·log π, β·its token mean for simpo /
+orpo, as TRL's CPO / ORPO trainers), rewards/accuracy (share with the chosen reward strictly
+higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs; token means for simpo /
+orpo), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), lr, grad_norm.
 
 Reference: a frozen copy of the initial policy (``ref_model``: a saved model folder instead);
 with LoRA (``lora``: LoraConfig fields, or a peft model passed as ``model``) the base with its
@@ -51,10 +74,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
 from rlhf_fast.ops._validate import finite
@@ -62,18 +84,24 @@ from rlhf_fast.ops._validate import finite
 from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
+from .preference_losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
+                                SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
+                                reference_free_loss)
 from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 DATA_KINDS = ("pairs", "rankings", "labels")
+# Σ w·loss, Σ chosen / rejected reward, Σ accuracy, Σ margin, Σ chosen / rejected logged logps, pairs,
+# Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo)
+N_SUMS = 12
 
 
 @dataclasses.dataclass
 class DPOConfig:
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
     with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
-    β·(log π − log π_ref); ``loss_type`` and ``label_smoothing`` as in the module docstring;
+    β·(log π − log π_ref); ``loss_type`` (a name, a comma-separated string or a list),
+    ``loss_weights`` (null: 1 each) and the loss options as in the module docstring;
     ``lora``: None, or LoraConfig fields ({} for r=8, alpha=16, every linear layer)."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
@@ -96,10 +124,17 @@ class DPOConfig:
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_weights: Optional[List[float]] = None  # one per loss_type entry; null: 1.0 each
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
     use_margin: bool = False
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: Optional[float] = None  # LD-DPO: the weight of the longer response's tail; null: off
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0  # simpo / cpo: weight of the chosen NLL (TRL's CPOConfig default)
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
@@ -118,23 +153,73 @@ class DPOConfig:
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         finite("beta", self.beta, "> 0")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if isinstance(self.loss_type, str) and "," in self.loss_type:  # `--loss_type sigmoid,sft` on the CLI
+            self.loss_type = [s.strip() for s in self.loss_type.split(",")]
+        terms = loss_terms(self.loss_type, self.loss_weights)
+        names = [n for n, _ in terms]
+        finite("rpo_alpha", self.rpo_alpha, ">= 0")
+        if is_reference_free(terms):
+            free = names[0]
+            for field, bad in (("ref_model", self.ref_model is not None), ("precompute_ref_logps",
+                                                                           self.precompute_ref_logps),
+                               ("rpo_alpha", self.rpo_alpha > 0), ("use_margin", self.use_margin),
+                               ("ld_alpha", self.ld_alpha is not None),
+                               ("f_divergence_type", self.f_divergence_type != "reverse_kl")):
+                if bad:
+                    why = ("its NLL term is cpo_alpha" if free != "orpo" else "its NLL term is built in") \
+                        if field == "rpo_alpha" else "it uses no reference model"
+                    raise ValueError(f"{field} must be left unset with the reference-free loss_type {free!r} ({why})")
         ls = finite("label_smoothing", self.label_smoothing, ">= 0")
         if not ls < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if ls > 0 and self.loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing ({ls}) applies to loss_type 'sigmoid' or 'robust' only, "
-                             f"not {self.loss_type!r}")
-        finite("rpo_alpha", self.rpo_alpha, ">= 0")
+        if ls > 0 and not set(names) & SMOOTHED_LOSSES:
+            raise ValueError(f"label_smoothing ({ls}) applies to loss_type {sorted(SMOOTHED_LOSSES)} only, "
+                             f"not {names}")
+        if "exo_pair" in names and ls == 0:
+            raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (its target [1-eps, eps] has "
+                             "log eps; the EXO paper uses 1e-3)")
+        finite("cpo_alpha", self.cpo_alpha, ">= 0")
+        finite("simpo_gamma", self.simpo_gamma)
+        finite("discopop_tau", self.discopop_tau, "> 0")
+        finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         for name in ("use_margin", "auto_annotator_weights", "precompute_ref_logps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.use_margin and self.loss_type == "ipo":
-            raise ValueError("use_margin applies to loss_type 'sigmoid', 'robust' or 'hinge', not 'ipo' "
-                             "(IPO regresses onto a fixed gap of 1/(2·beta))")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if self.f_divergence_type != "reverse_kl" and not set(names) <= F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence_type {self.f_divergence_type!r} applies to loss_type "
+                             f"{sorted(F_DIVERGENCE_LOSSES)} only (the others have no f-divergence form), "
+                             f"got {names}")
+        if self.ld_alpha is not None and not 0.0 <= finite("ld_alpha", self.ld_alpha) <= 1.0:
+            raise ValueError(f"ld_alpha must be null or in [0, 1], got {self.ld_alpha}")
+        if self.use_margin and not set(names) <= MARGIN_LOSSES:
+            raise ValueError(f"use_margin applies to loss_type 'sigmoid', 'robust' or 'hinge', not {names} "
+                             "(IPO regresses onto a fixed gap of 1/(2·beta); the others have no margin form)")
         for k, w in self.annotator_weights.items():
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        batch = sorted(set(names) & BATCH_LOSSES)
+        if batch and (self.annotator_weights or self.auto_annotator_weights):
+            raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "
+                             "over the micro-batch, so its terms are not per pair")
+    @property
+    def loss_terms(self) -> Tuple[Tuple[str, float], ...]:
+        """``((loss name, weight), ...)`` of ``loss_type`` and ``loss_weights``."""
+        return loss_terms(self.loss_type, self.loss_weights)
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss is simpo, cpo or orpo: no reference model, no reference forward."""
+        return is_reference_free(self.loss_terms)
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of the token-mean NLL of the chosen rows: ``rpo_alpha`` + the ``sft``
+        weights; ``cpo_alpha`` for simpo / cpo; 1 for orpo."""
+        terms = self.loss_terms
+        if self.reference_free:
+            return 1.0 if terms[0][0] == "orpo" else float(self.cpo_alpha)
+        return float(self.rpo_alpha) + sum(w for n, w in terms if n == "sft")
 
 
 def check_policy_fields(cfg) -> None:
@@ -160,64 +245,7 @@ def check_policy_fields(cfg) -> None:
 # ------------------------------------------------------------------ the loss
 
 
-def dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    margin: Optional[torch.Tensor] = None,
-    chosen_tokens: Optional[torch.Tensor] = None,
-    rejected_tokens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss [B], chosen_rewards [B], rejected_rewards [B])`` of B pairs.
-
-    The four log-prob tensors are ``[B]`` summed response log-probs (policy differentiable,
-    reference constant); the loss is float32 (float64 for float64 input), per pair, before
-    any averaging; the rewards β·(log π − log π_ref) are detached. ``margin`` ``[B]`` is
-    subtracted from βz (not for ipo); ``chosen_tokens`` / ``rejected_tokens`` ``[B]`` (response
-    token counts) are needed by ``ipo``. Formulas: the module docstring.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    finite("beta", beta, "> 0")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    shape = tuple(chosen_logps.shape)
-    for name, t in (("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
-                    ("ref_rejected_logps", ref_rejected_logps), ("margin", margin), ("chosen_tokens", chosen_tokens),
-                    ("rejected_tokens", rejected_tokens)):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have the shape of chosen_logps {shape}, got {tuple(t.shape)}")
-    if len(shape) != 1:
-        raise ValueError(f"chosen_logps must be [B], got {shape}")
-    dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
-    chosen_ratio = chosen_logps.to(dt) - ref_chosen_logps.to(dt)
-    rejected_ratio = rejected_logps.to(dt) - ref_rejected_logps.to(dt)
-    if loss_type == "ipo":
-        if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("loss_type 'ipo' needs chosen_tokens and rejected_tokens")
-        if margin is not None:
-            raise ValueError("margin does not apply to loss_type 'ipo'")
-        z = chosen_ratio / chosen_tokens.to(dt).clamp(min=1) - rejected_ratio / rejected_tokens.to(dt).clamp(min=1)
-        loss = (z - 1.0 / (2.0 * beta)) ** 2
-    else:
-        logits = beta * (chosen_ratio - rejected_ratio)
-        if margin is not None:
-            logits = logits - margin.to(dt)
-        eps = label_smoothing
-        if loss_type == "sigmoid":
-            loss = -(1.0 - eps) * F.logsigmoid(logits)
-            if eps > 0:
-                loss = loss - eps * F.logsigmoid(-logits)
-        elif loss_type == "robust":
-            loss = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
-        else:  # hinge
-            loss = torch.relu(1.0 - logits)
-    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+# dpo_loss and the other loss functions: rlhf_fast.trainers.preference_losses (re-exported here)
 
 
 # ------------------------------------------------------------------ data
@@ -263,14 +291,34 @@ def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, tor
     return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id)
 
 
-def response_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(log-prob [N] float32, token count [N] int64)`` of each row's response: the sum of
-    log π(token | tokens before it) over its response tokens, through the fused LM head."""
+def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0) -> torch.Tensor:
+    """``[N, T]`` float32 per-token log π(token | tokens before it) of ``batch``'s rows through
+    the fused LM head, at each response token (0 elsewhere) — over every attended token (the
+    prompt too) for the first ``full_rows`` rows (ORPO's NLL counts the prompt)."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
-    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                             response_mask=batch["response_mask"])  # [N, T], 0 outside the response
-    count = (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum(-1)
+    mask = batch["response_mask"]
+    if full_rows:
+        mask = torch.cat([batch["attention_mask"][:full_rows], mask[full_rows:]])
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask)
+
+
+def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, T]`` bool: the attended response tokens of ``batch``'s rows."""
+    return batch["response_mask"].bool() & batch["attention_mask"].bool()
+
+
+def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[float] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob [N] float32, token count [N] int64)`` of each row's response: the sum of
+    log π(token | tokens before it) over its response tokens, through the fused LM head; with
+    ``ld_alpha`` (rows ``[chosen × B, rejected × B]``) LD-DPO's weighted sum
+    (:func:`rlhf_fast.trainers.preference_losses.ld_weighted_logps`)."""
+    logp = token_logps(model, batch)  # [N, T], 0 outside the response
+    mask = response_mask(batch)
+    count = mask[:, 1:].sum(-1)
+    if ld_alpha is not None:
+        return ld_weighted_logps(logp, mask, ld_alpha), count
     return logp.sum(-1), count
 
 
@@ -302,11 +350,14 @@ def local_share(idx: List[int], items: Sequence[Dict[str, Any]], ctx) -> Tuple[L
 
 
 @torch.no_grad()
-def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool) -> torch.Tensor:
-    """The summed response log-probs ``[N]`` of ``batch`` under the frozen ``reference``; a
-    ``sharded`` (FSDP2) reference's root is resharded after (it keeps its gathered copy of the
-    embeddings and head after a forward)."""
-    logps, _ = response_logps(reference, batch)
+def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *, ld_alpha: Optional[float] = None
+                    ) -> torch.Tensor:
+    """The summed response log-probs ``[N]`` of ``batch`` under the frozen ``reference``
+    (LD-weighted with ``ld_alpha``); a ``sharded`` (FSDP2) reference's root is resharded after
+    (it keeps its gathered copy of the embeddings and head after a forward)."""
+    # the plain call when ld_alpha is off: benchmarks/e2e.py times it through a (model, batch) wrapper
+    logps, _ = response_logps(reference, batch) if ld_alpha is None else response_logps(reference, batch,
+                                                                                        ld_alpha=ld_alpha)
     if sharded:
         reshard(reference)
     return logps
@@ -314,10 +365,11 @@ def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool) ->
 
 @torch.no_grad()
 def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int,
-                               bf16: bool, device) -> List[Tuple[float, float]]:
+                               bf16: bool, device, ld_alpha: Optional[float] = None) -> List[Tuple[float, float]]:
     """Each item's two reference log-probs (its two rows, as ``batch_of(chunk)`` lays them out:
-    every first row of the chunk, then every second), computed once — each rank its contiguous
-    share in chunks of ``batch_size``, then summed over ranks — with ``reference`` in eval mode."""
+    every first row of the chunk, then every second; LD-weighted with ``ld_alpha``), computed
+    once — each rank its contiguous share in chunks of ``batch_size``, then summed over ranks —
+    with ``reference`` in eval mode."""
     out = torch.zeros(len(items), 2, dtype=torch.float32, device=device)
     lo, hi = local_span(len(items), ctx)
     ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
@@ -326,7 +378,7 @@ def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch
     for s in range(lo, hi, batch_size):
         chunk = items[s: min(s + batch_size, hi)]
         with autocast_context(device, bf16):
-            lp, _ = response_logps(reference, batch_of(chunk))
+            lp, _ = response_logps(reference, batch_of(chunk), ld_alpha=ld_alpha)
         out[s: s + len(chunk)] = lp.view(2, -1).t()
     ref.train(was)
     return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
@@ -430,17 +482,22 @@ class DPOTrainer:
         if train_records and not self.train_items:
             raise ValueError(f"no training pair left: each of the {len(train_records)} prompts is empty")
 
-        # the reference: log-probs of every pair now (precompute_ref_logps), or a model kept for each step
-        reference = offline_reference(cfg, model, self.is_peft, self.device)
-        if cfg.precompute_ref_logps:
-            self._precompute(reference)
-            reference = None
+        # the reference: log-probs of every pair now (precompute_ref_logps), or a model kept for each
+        # step; none at all for a reference-free loss (no copy of the policy, no reference forward)
+        reference = None
+        if not cfg.reference_free:
+            reference = offline_reference(cfg, model, self.is_peft, self.device)
+            if cfg.precompute_ref_logps:
+                self._precompute(reference)
+                reference = None
         self.reference = reference
 
         self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
                                 mixed_precision=cfg.distributed.mixed_precision,
                                 reshard_after_forward=cfg.distributed.reshard_after_forward)
-        self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
+        self._reference_sharded = False
+        if self.reference is not None:
+            self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
@@ -469,55 +526,104 @@ class DPOTrainer:
         items = self.train_items + self.eval_items
         for it, ref in zip(items, precompute_reference_logps(reference, items, self._batch, ctx=self.ctx,
                                                              batch_size=self.cfg.batch_size, bf16=self.cfg.bf16,
-                                                             device=self.device)):
+                                                             device=self.device, ld_alpha=self.cfg.ld_alpha)):
             it["ref"] = ref
 
     # -------------------------------------------------------------- loss
 
+    def _nll_tokens(self, item: Dict[str, Any]) -> int:
+        """The tokens of ``item``'s chosen row its NLL term counts: the response; for orpo every
+        token after the first (TRL's ORPO NLL spans prompt and response)."""
+        if self.cfg.loss_terms[0][0] == "orpo":
+            return len(item["prompt"]) + len(item["chosen"]) - 1
+        return len(item["chosen"])
+
     def _pair_stats(self, items, batch) -> Dict[str, torch.Tensor]:
         """Policy (with gradients) and reference log-probs of a micro-batch, and its per-pair
-        losses and rewards ``[B]``."""
+        losses and rewards ``[B]``: keys ``loss``, ``chosen_rewards`` / ``rejected_rewards``
+        (detached), ``chosen_logps`` / ``rejected_logps`` (as logged), ``nll`` (Σ −log π over the
+        NLL tokens of each chosen row, differentiable), ``nll_tokens``, and for orpo
+        ``log_odds_chosen`` / ``log_odds_ratio``."""
         cfg = self.cfg
         B = len(items)
+        terms = cfg.loss_terms
+        orpo = terms[0][0] == "orpo"
         with autocast_context(self.device, cfg.bf16):
-            logps, count = response_logps(self.model, batch)  # [2B]
-            if "ref" in items[0]:
+            if cfg.ld_alpha is None and not orpo:
+                logps, count = response_logps(self.model, batch)  # [2B]
+                nll, nll_tokens = -logps[:B], count[:B]
+            else:  # per-token values: the LD weighting, or ORPO's NLL over the whole chosen rows
+                tok = token_logps(self.model, batch, full_rows=B if orpo else 0)  # [2B, T]
+                mask = response_mask(batch)
+                count = mask[:, 1:].sum(-1)
+                resp = tok * mask
+                logps = resp.sum(-1) if cfg.ld_alpha is None else ld_weighted_logps(resp, mask, cfg.ld_alpha)
+                if orpo:
+                    nll, nll_tokens = -tok[:B].sum(-1), batch["attention_mask"][:B, 1:].sum(-1)
+                else:  # the NLL (sft / rpo) is unweighted, as TRL's sft loss
+                    nll, nll_tokens = -resp[:B].sum(-1), count[:B]
+            ref = None  # reference-free: none
+            if not cfg.reference_free and "ref" in items[0]:
                 ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device).t().reshape(-1)
-            else:
-                ref = reference_logps(self.reference, batch, self._reference_sharded)
+            elif not cfg.reference_free:
+                ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha)
+        st = {"nll": nll, "nll_tokens": nll_tokens}
+        if cfg.reference_free:
+            out = reference_free_loss(logps[:B], logps[B:], loss_type=terms[0][0], beta=cfg.beta,
+                                      chosen_tokens=count[:B], rejected_tokens=count[B:],
+                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
+            out["loss"] = out["loss"] * terms[0][1]
+            st.update(out)
+            return st
         margin = (torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=self.device)
                   if cfg.use_margin else None)
-        loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,
-                                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, margin=margin,
-                                chosen_tokens=count[:B], rejected_tokens=count[B:])
-        return {"loss": loss, "chosen_rewards": rc, "rejected_rewards": rr, "chosen_logps": logps[:B],
-                "rejected_logps": logps[B:], "chosen_tokens": count[:B]}
+        pair_terms = [(n, w) for n, w in terms if n != "sft"]
+        if pair_terms:
+            loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,
+                                    loss_type=[n for n, _ in pair_terms], loss_weights=[w for _, w in pair_terms],
+                                    label_smoothing=cfg.label_smoothing, margin=margin, chosen_tokens=count[:B],
+                                    rejected_tokens=count[B:], f_divergence_type=cfg.f_divergence_type,
+                                    f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+                                    discopop_tau=cfg.discopop_tau)
+        else:  # only sft: the NLL term alone
+            rc = cfg.beta * (logps[:B] - ref[:B]).detach().float()
+            rr = cfg.beta * (logps[B:] - ref[B:]).detach().float()
+            loss = torch.zeros_like(rc)
+        st.update(loss=loss, chosen_rewards=rc, rejected_rewards=rr, chosen_logps=logps[:B].detach(),
+                  rejected_logps=logps[B:].detach())
+        return st
 
     @staticmethod
     def _sums(st: Dict[str, torch.Tensor], w: torch.Tensor, real: bool) -> torch.Tensor:
-        """The sums the metrics are made of (float64, 0 for a share that does not count):
-        Σw·loss, Σ chosen/rejected reward, Σ accuracy, Σ margin, Σ chosen/rejected logps,
-        pairs, Σ chosen NLL, chosen tokens."""
+        """The ``N_SUMS`` sums the metrics are made of (float64, 0 for a share that does not
+        count): Σw·loss, Σ chosen/rejected reward, Σ accuracy, Σ margin, Σ chosen/rejected
+        logps, pairs, Σ chosen NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo)."""
         if not real:
-            return torch.zeros(10, dtype=torch.float64, device=w.device)
+            return torch.zeros(N_SUMS, dtype=torch.float64, device=w.device)
         rc, rr = st["chosen_rewards"].double(), st["rejected_rewards"].double()
         lc = st["chosen_logps"].detach().double()
+        zero = lc.new_zeros(())
         return torch.stack([(st["loss"].detach().double() * w.double()).sum(), rc.sum(), rr.sum(),
                             (rc > rr).double().sum(), (rc - rr).sum(), lc.sum(),
                             st["rejected_logps"].detach().double().sum(), lc.new_tensor(float(lc.numel())),
-                            -lc.sum(), st["chosen_tokens"].double().sum()])
+                            st["nll"].detach().double().sum(), st["nll_tokens"].double().sum(),
+                            st["log_odds_ratio"].double().sum() if "log_odds_ratio" in st else zero,
+                            st["log_odds_chosen"].double().sum() if "log_odds_chosen" in st else zero])
 
     def _metrics(self, tot: torch.Tensor, weight_sum: float, prefix: str = "") -> Dict[str, float]:
         t = tot.cpu().tolist()
         n = max(t[7], 1.0)
         loss = t[0] / weight_sum if weight_sum > 0 else 0.0
         nll = t[8] / max(t[9], 1.0)
-        if self.cfg.rpo_alpha > 0:
-            loss += self.cfg.rpo_alpha * nll
+        nll_weight = self.cfg.nll_weight
+        if nll_weight > 0:
+            loss += nll_weight * nll
         m = {"loss": loss, "rewards/chosen": t[1] / n, "rewards/rejected": t[2] / n, "rewards/accuracy": t[3] / n,
              "rewards/margin": t[4] / n, "logps/chosen": t[5] / n, "logps/rejected": t[6] / n}
-        if self.cfg.rpo_alpha > 0:
+        if nll_weight > 0:
             m["nll"] = nll
+        if self.cfg.loss_terms[0][0] == "orpo":
+            m.update({"log_odds_ratio": t[10] / n, "log_odds_chosen": t[11] / n})
         return {prefix + k: v for k, v in m.items()}
 
     # -------------------------------------------------------------- steps
@@ -531,7 +637,7 @@ class DPOTrainer:
             return {}
         was = self.model.training
         self.model.eval()
-        tot = torch.zeros(10, dtype=torch.float64, device=self.device)
+        tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
         for s in range(0, len(items), self.cfg.batch_size):
             idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
@@ -542,7 +648,7 @@ class DPOTrainer:
             wsum += w.sum() if real else 0.0
         self.model.train(was)
         tot = self.ctx.all_reduce_sum(torch.cat([tot, wsum.view(1)]))
-        return self._metrics(tot[:10], float(tot[10]), prefix="eval_")
+        return self._metrics(tot[:N_SUMS], float(tot[N_SUMS]), prefix="eval_")
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
@@ -552,10 +658,11 @@ class DPOTrainer:
         # the denominators of the whole global step (all micro-batches, all ranks): the weighted
         # mean over pairs and the token mean of the RPO term do not depend on the split
         local = [sum(it["weight"] for it in items) if real else 0.0 for items, real in micro]
-        tokens = [sum(len(it["chosen"]) for it in items) if real else 0 for items, real in micro]
+        tokens = [sum(self._nll_tokens(it) for it in items) if real else 0 for items, real in micro]
         den = ctx.all_reduce_sum(torch.tensor([sum(local), sum(tokens)], dtype=torch.float64, device=self.device))
         w_total, n_chosen = float(den[0]), float(den[1])
-        tot = torch.zeros(10, dtype=torch.float64, device=self.device)
+        nll_weight = cfg.nll_weight
+        tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, (items, real) in enumerate(micro):
             # DDP: all-reduce the gradients once, after the last micro-batch
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
@@ -564,9 +671,9 @@ class DPOTrainer:
                 w = torch.tensor([it["weight"] if real else 0.0 for it in items], dtype=st["loss"].dtype,
                                  device=self.device)
                 loss = (st["loss"] * w).sum() / (w_total if w_total > 0 else 1.0)
-                if cfg.rpo_alpha > 0:
-                    nll = -st["chosen_logps"].sum() * (1.0 if real else 0.0)
-                    loss = loss + cfg.rpo_alpha * nll / max(n_chosen, 1.0)
+                if nll_weight > 0:  # rpo_alpha, sft, cpo_alpha, orpo: the token mean over the whole step
+                    nll = st["nll"].sum() * (1.0 if real else 0.0)
+                    loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, w, real)
@@ -595,6 +702,6 @@ def run(args) -> int:
     return run_trainer_cli("dpo", DPOConfig, DPOTrainer, args)
 
 
-__all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "encode_pair", "collate_pairs", "response_logps",
-           "offline_reference", "shard_reference",
+__all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "reference_free_loss", "encode_pair", "collate_pairs",
+           "response_logps", "token_logps", "offline_reference", "shard_reference",
            "add_arguments", "run"]

@@ -1,10 +1,14 @@
-"""KTO trainer: the loss and the KL reference point against TRL's own ``KTOTrainer`` code (values,
-gradients, logged metrics, two ranks), the mismatched KL rows and the weight advice against what
+"""KTO trainer: the loss (``kto`` and ``apo_zero_unpaired``) and the KL reference point against
+TRL's own ``KTOTrainer`` code (values, gradients, logged metrics, two ranks; integer annotator
+weights as TRL's loss over repeated examples), no KL rows for ``apo_zero_unpaired``, annotator
+weights (1 = unweighted exactly, 0 = the records dropped, auto weights from agreement), the
+mismatched KL rows and the weight advice against what
 TRL's data preparation builds, learning on synthetic data, a reference that does not move,
 precomputed reference log-probs, exact resume, micro-batch split invariance, data validation,
 config errors and the CLI."""
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -20,8 +24,8 @@ from rlhf_fast import cli
 from rlhf_fast.feedback.formats import PairRecord, ScoreRecord
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import response_logps
-from rlhf_fast.trainers.kto import (BinaryRecord, KTOConfig, KTOTrainer, kl_partners, kto_kl, kto_loss,
-                                    load_binary_records, to_binary, weight_advice)
+from rlhf_fast.trainers.kto import (BinaryRecord, KTOConfig, KTOTrainer, agreement_records, kl_partners, kto_kl,
+                                    kto_loss, load_binary_records, to_binary, weight_advice)
 from rlhf_fast.trainers.reward import synthetic_preference_records
 from tests.test_reward import preference_tokenizer
 from rlhf_fast.trainers.sft import collate, split_records
@@ -59,12 +63,15 @@ def _tiny_model(tok):
 # ----------------------------------------------------------------------------- the loss vs TRL
 
 
-def _trl_kto(P, cm, P_kl, cm_kl, labels, ref, ref_kl, *, beta, wd, wu, other_rank_kl=None):
-    """TRL 1.x's ``KTOTrainer._compute_loss`` (loss type ``kto``) run as an unbound function on a
-    stub trainer whose model returns the per-token log-probs ``P [B, T-1]`` of the rows and
-    ``P_kl`` of the KL rows (0 where TRL's label is -100), the reference log-probs given as
-    precomputed. ``other_rank_kl``: the KL mean of a second rank, which TRL's gather of the KL
-    estimate then returns beside this rank's. Returns (loss, TRL's logged metrics)."""
+def _trl_kto(P, cm, P_kl, cm_kl, labels, ref, ref_kl, *, beta, wd, wu, other_rank_kl=None, loss_type="kto",
+             forwards=None):
+    """TRL 1.x's ``KTOTrainer._compute_loss`` (``loss_type`` "kto" or "apo_zero_unpaired", whose
+    ``calculate_KL`` TRL sets false) run as an unbound function on a stub trainer whose model
+    returns the per-token log-probs ``P [B, T-1]`` of the rows and ``P_kl`` of the KL rows (0
+    where TRL's label is -100), the reference log-probs given as precomputed. ``other_rank_kl``:
+    the KL mean of a second rank, which TRL's gather of the KL estimate then returns beside this
+    rank's. ``forwards``: a list that gets "rows" / "kl" per model call. Returns (loss, TRL's
+    logged metrics)."""
     from trl.trainer.kto_trainer import KTOTrainer as TRLKTOTrainer
 
     inputs = {"input_ids": torch.zeros(P.shape[0], P.shape[1] + 1, dtype=torch.long),
@@ -79,6 +86,8 @@ def _trl_kto(P, cm, P_kl, cm_kl, labels, ref, ref_kl, *, beta, wd, wu, other_ran
         def __call__(self, **kw):
             assert kw["fused_lm_head"] is True
             src = P if kw["input_ids"] is inputs["input_ids"] else P_kl
+            if forwards is not None:
+                forwards.append("rows" if src is P else "kl")
             lp = torch.where(kw["labels"][:, 1:] != -100, src, torch.zeros_like(src))
             z = torch.zeros_like(src)
             return types.SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z)
@@ -94,29 +103,33 @@ def _trl_kto(P, cm, P_kl, cm_kl, labels, ref, ref_kl, *, beta, wd, wu, other_ran
     model = Model()
     stub = types.SimpleNamespace(
         model=model, accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=gather),
-        calculate_KL=True, aux_loss_enabled=False, precompute_ref_logps=True, loss_type="kto", beta=beta,
-        desirable_weight=wd, undesirable_weight=wu, _total_train_tokens=0, _tp_size=1,
+        calculate_KL=loss_type == "kto", aux_loss_enabled=False, precompute_ref_logps=True, loss_type=loss_type,
+        beta=beta, desirable_weight=wd, undesirable_weight=wu, _total_train_tokens=0, _tp_size=1,
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)})
     stub._compute_kl_logps = lambda m, b: TRLKTOTrainer._compute_kl_logps(stub, m, b)
     loss = TRLKTOTrainer._compute_loss(stub, model, inputs, False)
     return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
 
 
-# (labels, KL offset (+: z0 > 0, -: clamped to 0), λ_D, λ_U, a second rank)
+# (labels, KL offset (+: z0 > 0, -: clamped to 0), λ_D, λ_U, a second rank, loss type)
 TRL_CASES = {
-    "mixed": ([1, 0, 1, 1, 0, 0, 1], 2.0, 1.0, 1.0, False),
-    "clamped": ([1, 0, 1, 1, 0, 0, 1], -3.0, 1.0, 1.0, False),
-    "weights": ([1, 0, 0, 0, 0, 1, 0], 1.5, 1.33, 0.7, False),
-    "desirable_only": ([1, 1, 1, 1, 1, 1, 1], 1.0, 1.0, 1.0, False),
-    "two_ranks": ([0, 1, 1, 0, 1, 0, 0], -0.5, 1.0, 1.2, True),
+    "mixed": ([1, 0, 1, 1, 0, 0, 1], 2.0, 1.0, 1.0, False, "kto"),
+    "clamped": ([1, 0, 1, 1, 0, 0, 1], -3.0, 1.0, 1.0, False, "kto"),
+    "weights": ([1, 0, 0, 0, 0, 1, 0], 1.5, 1.33, 0.7, False, "kto"),
+    "desirable_only": ([1, 1, 1, 1, 1, 1, 1], 1.0, 1.0, 1.0, False, "kto"),
+    "two_ranks": ([0, 1, 1, 0, 1, 0, 0], -0.5, 1.0, 1.2, True, "kto"),
+    "apo": ([1, 0, 1, 1, 0, 0, 1], 2.0, 1.0, 1.0, False, "apo_zero_unpaired"),
+    "apo_weights": ([1, 0, 0, 0, 0, 1, 0], 1.5, 1.33, 0.7, False, "apo_zero_unpaired"),
+    "apo_undesirable_only": ([0, 0, 0, 0, 0, 0, 0], 1.0, 1.0, 1.0, False, "apo_zero_unpaired"),
 }
 
 
-@pytest.mark.parametrize("case", list(TRL_CASES))
-def test_loss_and_kl_estimate_equal_trls(case):
-    pytest.importorskip("trl")
-    labels_, offset, wd, wu, two = TRL_CASES[case]
-    g = torch.Generator().manual_seed(7)
+def _trl_case(case, seed=7):
+    """The tensors of a TRL_CASES case: per-token log-probs ``P [B, T-1]`` / ``P_kl`` (float64,
+    requiring grad), completion masks, labels, summed log-probs and reference log-probs, and a
+    second rank's KL rows."""
+    labels_, offset, _, _, _, _ = TRL_CASES[case]
+    g = torch.Generator().manual_seed(seed)
     B, T, Tk, beta = len(labels_), 9, 7, 0.3
     labels = torch.tensor(labels_, dtype=torch.bool)
 
@@ -134,26 +147,50 @@ def test_loss_and_kl_estimate_equal_trls(case):
     # the second rank's KL rows (its own mean), for the gather over ranks
     other_kl, other_ref = torch.randn(B, generator=g, dtype=torch.float64) - 20, torch.randn(B, generator=g,
                                                                                              dtype=torch.float64) - 21
-    other = float((other_kl - other_ref).mean()) if two else None
+    return types.SimpleNamespace(P=P, P_kl=P_kl, cm=cm, cm_kl=cm_kl, labels=labels, logps=logps, kl_logps=kl_logps,
+                                 ref=ref, ref_kl=ref_kl, other_kl=other_kl, other_ref=other_ref, beta=beta)
 
-    # ours: z0 over every KL row of the step (both ranks' when two), then the per-example losses
-    z0 = kto_kl(torch.cat([kl_logps, other_kl]), torch.cat([ref_kl, other_ref])) if two else kto_kl(kl_logps, ref_kl)
-    loss, rewards = kto_loss(logps, ref, labels, z0, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+
+@pytest.mark.parametrize("case", list(TRL_CASES))
+def test_loss_and_kl_estimate_equal_trls(case):
+    pytest.importorskip("trl")
+    _, _, wd, wu, two, loss_type = TRL_CASES[case]
+    c = _trl_case(case)
+    P, P_kl, labels, logps, beta = c.P, c.P_kl, c.labels, c.logps, c.beta
+    apo = loss_type == "apo_zero_unpaired"
+    other = float((c.other_kl - c.other_ref).mean()) if two else None
+
+    # ours: z0 over every KL row of the step (both ranks' when two; none for apo), then the per-example losses
+    if apo:
+        z0 = None
+    elif two:
+        z0 = kto_kl(torch.cat([c.kl_logps, c.other_kl]), torch.cat([c.ref_kl, c.other_ref]))
+    else:
+        z0 = kto_kl(c.kl_logps, c.ref_kl)
+    loss, rewards = kto_loss(logps, c.ref, labels, z0, beta=beta, desirable_weight=wd, undesirable_weight=wu,
+                             loss_type=loss_type)
     ours = loss.mean()
     g_ours, g_ours_kl = torch.autograd.grad(ours, [P, P_kl], allow_unused=True)
 
-    theirs, m = _trl_kto(P, cm, P_kl, cm_kl, labels, ref, ref_kl, beta=beta, wd=wd, wu=wu, other_rank_kl=other)
+    forwards = []
+    theirs, m = _trl_kto(P, c.cm, P_kl, c.cm_kl, labels, c.ref, c.ref_kl, beta=beta, wd=wd, wu=wu,
+                         other_rank_kl=other, loss_type=loss_type, forwards=forwards)
     g_theirs, = torch.autograd.grad(theirs, P)
     assert float(theirs.detach()) > 0.05 and float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
     assert g_ours.abs().sum() > 0 and g_ours_kl is None  # z0 is detached: no gradient reaches the KL rows
-    # the reference point itself, and its clamp
-    assert float(z0) == pytest.approx(m["kl"], rel=1e-12, abs=1e-15)
-    assert (float(z0) == 0.0) == (case == "clamped")
+    assert forwards == (["rows"] if apo else ["kl", "rows"])  # TRL's apo_zero_unpaired scores no KL row either
+    # the reference point itself, and its clamp (TRL logs a constant 0 without one; we log none)
+    if apo:
+        assert m["kl"] == 0.0
+    else:
+        assert float(z0) == pytest.approx(m["kl"], rel=1e-12, abs=1e-15)
+        assert (float(z0) == 0.0) == (case == "clamped")
     # the logged metrics, as the trainer makes them from its sums
-    st = {"loss": loss, "rewards": rewards, "logps": logps, "desirable": labels}
-    ms = KTOTrainer._metrics(KTOTrainer._sums(st, z0, True))
-    assert ms["loss"] == pytest.approx(float(theirs.detach()), rel=1e-12) and ms["kl"] == pytest.approx(m["kl"])
+    st = {"loss": loss, "rewards": rewards, "logps": logps, "desirable": labels, "weight": torch.ones_like(loss)}
+    ms = KTOTrainer._metrics(KTOTrainer._sums(st, z0, True), kl=not apo)
+    assert ms["loss"] == pytest.approx(float(theirs.detach()), rel=1e-12)
+    assert ("kl" in ms) == (not apo) and (apo or ms["kl"] == pytest.approx(m["kl"]))
     for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert (k in ms) == (k in m), k
         if k in m:
@@ -164,6 +201,40 @@ def test_loss_and_kl_estimate_equal_trls(case):
     assert ms["count/chosen"] == int(labels.sum()) and ms["count/rejected"] == int((~labels).sum())
 
 
+@pytest.mark.parametrize("case", ["mixed", "weights", "apo_weights"])
+def test_integer_annotator_weights_are_trls_loss_over_repeated_examples(case):
+    """L = Σ w·ℓ / Σ w with integer weights is TRL's loss over the batch in which example i
+    appears w_i times (0: left out) and the KL rows stay as they are (z0 is unweighted): the
+    value, the gradient and the logged rewards (unweighted: over the distinct examples)."""
+    pytest.importorskip("trl")
+    _, _, wd, wu, _, loss_type = TRL_CASES[case]
+    c = _trl_case(case)
+    w = torch.tensor([2, 0, 1, 3, 1, 0, 2], dtype=torch.float64)
+    z0 = None if loss_type != "kto" else kto_kl(c.kl_logps, c.ref_kl)
+    loss, rewards = kto_loss(c.logps, c.ref, c.labels, z0, beta=c.beta, desirable_weight=wd, undesirable_weight=wu,
+                             loss_type=loss_type)
+    st = {"loss": loss, "rewards": rewards, "logps": c.logps, "desirable": c.labels, "weight": w}
+    ours = (loss * w).sum() / w.sum()  # the trainer's step loss (train_step), one micro-batch, one rank
+    g_ours, = torch.autograd.grad(ours, c.P)
+    rep_ = torch.repeat_interleave(torch.arange(len(w)), w.long())
+    theirs, m = _trl_kto(c.P[rep_], c.cm[rep_], c.P_kl, c.cm_kl, c.labels[rep_], c.ref[rep_], c.ref_kl, beta=c.beta,
+                         wd=wd, wu=wu, loss_type=loss_type)
+    g_theirs, = torch.autograd.grad(theirs, c.P)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
+    # the weights matter: no gradient reaches an example of weight 0, some reaches every other one
+    assert ((g_ours.abs().sum(1) > 0) == (w > 0)).all()
+    ms = KTOTrainer._metrics(KTOTrainer._sums(st, z0, True), kl=z0 is not None)
+    assert ms["loss"] == pytest.approx(float(theirs.detach()), rel=1e-12)
+    if z0 is not None:
+        assert ms["kl"] == pytest.approx(m["kl"], rel=1e-12)  # the same KL rows: the same z0
+    # the logged rewards stay unweighted means over the examples (TRL's over the distinct ones)
+    _, m1 = _trl_kto(c.P, c.cm, c.P_kl, c.cm_kl, c.labels, c.ref, c.ref_kl, beta=c.beta, wd=wd, wu=wu,
+                     loss_type=loss_type)
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert ms[k] == pytest.approx(m1[k], rel=1e-12), k
+
+
 def test_loss_errors_and_kl_partners():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match="ref_logps must have the shape"):
@@ -172,6 +243,14 @@ def test_loss_errors_and_kl_partners():
         kto_loss(x, x, x.bool(), 0.0, beta=0.0)
     with pytest.raises(ValueError, match="kl_logps"):
         kto_kl(x, x[:1])
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        kto_loss(x, x, x.bool(), 0.0, beta=0.1, loss_type="apo_zero")
+    with pytest.raises(ValueError, match="kl .* is required for loss_type 'kto'"):
+        kto_loss(x, x, x.bool(), None, beta=0.1)
+    # apo_zero_unpaired ignores the reference point
+    a, _ = kto_loss(x + 1, x, torch.tensor([True, False, True]), None, beta=0.5, loss_type="apo_zero_unpaired")
+    b, _ = kto_loss(x + 1, x, torch.tensor([True, False, True]), 3.0, beta=0.5, loss_type="apo_zero_unpaired")
+    assert torch.equal(a, b)
     # the rotation by one within blocks: (x_1, y_n), (x_2, y_1), ...; a short last block; a block of one
     assert kl_partners([0, 1, 2, 3, 4], 2) == [1, 0, 3, 2, 4]
     assert kl_partners([4, 2, 0, 1, 3], 3) == [2, 3, 4, 1, 0]
@@ -305,54 +384,205 @@ def test_the_reference_does_not_move(tmp_path, tok, lora):
     assert all(torch.equal(params[n], p) for n, p in frozen.items())
 
 
-def test_precomputed_reference_logps_equal_the_reference_model(tmp_path, tok):
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_precomputed_reference_logps_equal_the_reference_model(tmp_path, tok, loss_type):
     recs = synthetic_preference_records(16, seed=2)
-    a = _trainer(tmp_path, tok, "a", records=recs, eval_records=recs[:3])
-    b = _trainer(tmp_path, tok, "b", records=recs, eval_records=recs[:3], precompute_ref_logps=True)
+    a = _trainer(tmp_path, tok, "a", records=recs, eval_records=recs[:3], loss_type=loss_type)
+    b = _trainer(tmp_path, tok, "b", records=recs, eval_records=recs[:3], precompute_ref_logps=True,
+                 loss_type=loss_type)
     assert b.reference is None and all("ref" in it for it in b.train_items + b.eval_items)
     items = a.train_items[:5]
-    with torch.no_grad():  # the rows and the KL rows
+    with torch.no_grad():  # the rows and (kto) the KL rows
         lp, _ = response_logps(a.reference, a._batch(items))
-        kl, _ = response_logps(a.reference, a._batch(items, "kl"))
-    torch.testing.assert_close(torch.tensor([it["ref"] for it in b.train_items[:5]]), torch.stack([lp, kl], 1),
-                               rtol=1e-5, atol=1e-5)
+        kl = response_logps(a.reference, a._batch(items, "kl"))[0] if loss_type == "kto" else None
+    expected = torch.stack([lp, kl], 1) if loss_type == "kto" else lp[:, None]
+    torch.testing.assert_close(torch.tensor([it["ref"] for it in b.train_items[:5]]), expected, rtol=1e-5, atol=1e-5)
+    keys = ("loss", "kl", "rewards/margin", "grad_norm") if loss_type == "kto" else ("loss", "rewards/margin",
+                                                                                    "grad_norm")
     for _ in range(2):
         ma, mb = a.train_step(), b.train_step()
-        for k in ("loss", "kl", "rewards/margin", "grad_norm"):
+        for k in keys:
             assert ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-6), k
     ea, eb = a.evaluate(), b.evaluate()
-    assert ea["eval_kl"] == pytest.approx(eb["eval_kl"], rel=1e-4, abs=1e-6)
+    for k in ["eval_" + k for k in keys if k != "grad_norm"]:
+        assert ea[k] == pytest.approx(eb[k], rel=1e-4, abs=1e-6), k
 
 
-def test_micro_batch_split_does_not_change_the_step(tmp_path, tok):
+def _count_rows(tr):
+    """Counts the rows each model embeds (policy / reference forwards): {"policy": n, "reference": n}."""
+    rows = {"policy": 0, "reference": 0}
+    for name, m in (("policy", tr.model), ("reference", tr.reference)):
+        m.get_input_embeddings().register_forward_hook(
+            lambda mod, args, out, _n=name: rows.__setitem__(_n, rows[_n] + args[0].shape[0]))
+    return rows
+
+
+def test_apo_zero_unpaired_builds_and_scores_no_kl_rows(tmp_path, tok):
+    """The speed point of apo_zero_unpaired: one policy and one reference forward of the step's
+    examples and nothing else — no KL rows built, scored or all-reduced (kto: twice the rows)."""
+    recs = synthetic_preference_records(8, seed=3)  # 16 examples: steps of 8 in two micro-batches
+    seen = {}
+    for loss_type in ("kto", "apo_zero_unpaired"):
+        tr = _trainer(tmp_path, tok, loss_type, records=recs, eval_records=recs[:3], batch_size=4, grad_accum=2,
+                      loss_type=loss_type)
+        rows = _count_rows(tr)
+        reduces = []
+        reduce = tr.ctx.all_reduce_sum
+        tr.ctx.all_reduce_sum = lambda t, _r=reduces, _f=reduce: (_r.append(t.numel()), _f(t))[1]
+        m = tr.train_step()
+        seen[loss_type] = (dict(rows), list(reduces), m, [it.keys() for it in tr.train_items])
+        rows.update(policy=0, reference=0)
+        e = tr.evaluate()  # 6 eval examples
+        seen[loss_type] += (dict(rows), e)
+    rows, reduces, m, keys, eval_rows, e = seen["apo_zero_unpaired"]
+    assert rows == {"policy": 8, "reference": 8} and eval_rows == {"policy": 6, "reference": 6}
+    assert reduces == [9]  # the metrics' sums only: no z0
+    assert all("kl" not in k and "full" not in k for k in keys)
+    assert "kl" not in m and "eval_kl" not in e and m["loss"] > 0 and "eval_rewards/margin" in e
+    rows, reduces, m, keys, eval_rows, e = seen["kto"]
+    assert rows == {"policy": 16, "reference": 16} and eval_rows == {"policy": 12, "reference": 12}
+    assert reduces == [2, 9] and all("kl" in k for k in keys) and "kl" in m and "eval_kl" in e
+    # a step of one example has nothing to pair it with for kto, and needs nothing for apo_zero_unpaired
+    tr = _trainer(tmp_path, tok, "one", records=recs[:2], batch_size=1, loss_type="apo_zero_unpaired")
+    assert tr.train_step()["count/chosen"] + tr.train_step()["count/rejected"] == 1
+
+
+def _annotated(records, names):
+    """Binary records, the i-th labelled by ``names[i % len(names)]``."""
+    return [dataclasses.replace(r, annotator=names[i % len(names)]) for i, r in enumerate(to_binary(records))]
+
+
+def _grads_at_step(tr):
+    """Registers a hook that keeps the gradient the optimizer steps with; returns its holder."""
+    held = {}
+    tr.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: held.__setitem__("g", [p.grad.clone() for p in tr.model.parameters()]))
+    return held
+
+
+def test_annotator_weights_of_one_are_the_unweighted_loss_bit_for_bit(tmp_path, tok):
+    """Every w_i = 1 (listed, unlisted, or auto weights without a shared item) gives the mean of
+    the ℓ_i over the step, Σ ℓ / n, as before annotator weights existed: the same gradient bit
+    for bit, the same loss."""
     import copy
 
-    recs = to_binary(synthetic_preference_records(12, seed=1))[:20]  # 12 desirable, 8 undesirable
-    kw = dict(records=recs, desirable_weight=0.8, undesirable_weight=1.3, beta=0.5, grad_clip=0.0, lr=2e-2)
+    recs = _annotated(synthetic_preference_records(10, seed=4), ["a", "b", "c"])  # 20 examples
+    for kw in (dict(annotator_weights={"a": 1.0, "b": 1}), dict(auto_annotator_weights=True)):
+        tr = _trainer(tmp_path, tok, str(len(kw)) + next(iter(kw)), records=recs, batch_size=4, grad_accum=2, **kw)
+        assert {it["weight"] for it in tr.train_items} == {1.0}
+        for _ in range(2):  # the second step: z0 > 0 (the policy moved)
+            idx = copy.deepcopy(tr.batches).next()
+            micro = tr._micro(idx, tr.train_items)
+            z0, refs = tr._reference_point(micro)
+            tr.model.zero_grad()
+            total = 0.0
+            for (items, _), ref in zip(micro, refs):  # the unweighted objective, as the trainer had it
+                st = tr._example_stats(items, ref, z0)
+                (st["loss"].sum() * 1.0 / len(idx)).backward()
+                total += float(st["loss"].detach().double().sum())
+            expected = [p.grad.clone() for p in tr.model.parameters()]
+            tr.model.zero_grad()
+            held = _grads_at_step(tr)
+            m = tr.train_step()
+            assert all(torch.equal(g, e) for g, e in zip(held["g"], expected))
+            assert m["loss"] == total / len(idx)
+        assert m["kl"] > 0
+
+
+def test_annotator_weight_zero_is_dropping_its_records(tmp_path, tok):
+    """apo_zero_unpaired (no z0): weight 0 on an annotator gives the loss and the gradient of a
+    run without its records; kto: the same losses, but z0 still counts its (label-free) KL rows."""
+    good = _annotated(synthetic_preference_records(6, seed=5), ["good"])  # 12 examples
+    bad = [dataclasses.replace(r, label=not r.label) for r in _annotated(synthetic_preference_records(4, seed=6),
+                                                                         ["bad"])]
+    both = good + bad  # 20 examples; one step each (the whole data), in two micro-batches
+    w = dict(annotator_weights={"bad": 0.0, "good": 1.0})
+    kw = dict(loss_type="apo_zero_unpaired", grad_clip=0.0)
+    x = _trainer(tmp_path, tok, "x", records=both, batch_size=10, grad_accum=2, **w, **kw)
+    y = _trainer(tmp_path, tok, "y", records=good, batch_size=6, grad_accum=2, **kw)
+    gx, gy = _grads_at_step(x), _grads_at_step(y)
+    mx, my = x.train_step(), y.train_step()
+    assert mx["count/rejected"] + mx["count/chosen"] == 20 and my["count/rejected"] + my["count/chosen"] == 12
+    assert mx["loss"] == pytest.approx(my["loss"], rel=1e-6)
+    for a, b in zip(gx["g"], gy["g"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(a.abs().max() > 1e-3 for a in gx["g"])
+    # kto: z0 is that of the unweighted run (every KL row), the loss the weighted mean of the good examples'
+    kw = dict(loss_type="kto", grad_clip=0.0)
+    x = _trainer(tmp_path, tok, "xk", records=both, batch_size=10, grad_accum=2, **w, **kw)
+    u = _trainer(tmp_path, tok, "uk", records=both, batch_size=10, grad_accum=2, **kw)
+    x.train_step(), u.train_step()
+    u.model.load_state_dict(x.model.state_dict())  # the same policy: z0 > 0 now, the same step batch next
+    mx, mu = x.train_step(), u.train_step()
+    assert mx["kl"] == pytest.approx(mu["kl"], rel=1e-6) and mx["kl"] > 0.01
+    assert mx["loss"] != pytest.approx(mu["loss"], rel=1e-3)
+
+
+def test_auto_annotator_weights_from_binary_agreement(tmp_path, tok):
+    """Several annotators label the same (prompt, response) items: w, x, y agree, z says the
+    opposite every time, "solo" shares no item. Agreement with the others: x, y 2/3 (weight
+    2p − 1 = 1/3), z 0 (the floor, 0.05); solo unmeasured (1); w listed explicitly (wins)."""
+    from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
+
+    items = [(PROMPTS[i % 5], f" good {i}", i % 3 != 0) for i in range(8)]
+    recs = [BinaryRecord(p, c, lab if a != "z" else not lab, a) for a in "wxyz" for p, c, lab in items]
+    recs += [BinaryRecord(PROMPTS[0], f" other {i}", i % 2 == 0, "solo") for i in range(4)]
+    tr = _trainer(tmp_path, tok, records=recs, auto_annotator_weights=True, annotator_weights={"w": 2.0})
+    assert tr.weights == pytest.approx({"w": 2.0, "x": 1 / 3, "y": 1 / 3, "z": 0.05, "solo": 1.0})
+    weights = collections.Counter(round(it["weight"], 9) for it in tr.train_items)  # each example its annotator's
+    assert weights == {2.0: 8, round(1 / 3, 9): 16, 0.05: 8, 1.0: 4}
+    # scores: the binary label through score_threshold; pairs: agreement on the pairs, before unpairing (as DPO)
+    third = {"w": 1 / 3, "x": 1 / 3, "y": 1 / 3, "z": 0.05}
+    scores = [ScoreRecord(p, c, 1.0 if (lab if a != "z" else not lab) else -1.0, a) for a in "wxyz"
+              for p, c, lab in items]
+    assert annotator_weights(agreement_stats(agreement_records(scores, 0.0))) == pytest.approx(third)
+    pairs = [PairRecord(p, c, " no", annotator=a) if (lab if a != "z" else not lab) else
+             PairRecord(p, " no", c, annotator=a) for a in "wxyz" for p, c, lab in items]
+    tr = _trainer(tmp_path, tok, "pairs", records=pairs, auto_annotator_weights=True)
+    assert tr.weights == annotator_weights(agreement_stats(pairs)) == pytest.approx(third)
+    assert collections.Counter(round(it["weight"], 9) for it in tr.train_items) == {round(1 / 3, 9): 48, 0.05: 16}
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_micro_batch_split_does_not_change_the_step(tmp_path, tok, loss_type):
+    import copy
+
+    # 12 desirable, 8 undesirable, three annotators: weights 0, 2.5 and (unlisted) 1
+    recs = _annotated(synthetic_preference_records(12, seed=1), ["a", "b", "c"])[:20]
+    kw = dict(records=recs, desirable_weight=0.8, undesirable_weight=1.3, beta=0.5, grad_clip=0.0, lr=2e-2,
+              annotator_weights={"a": 0.0, "b": 2.5}, loss_type=loss_type)
+    kto = loss_type == "kto"
     one = _trainer(tmp_path, tok, "one", batch_size=8, grad_accum=1, **kw)
     two = _trainer(tmp_path, tok, "two", batch_size=4, grad_accum=2, **kw)
     for _ in range(3):  # steps of 8, 8 and 4 examples (the epoch's end: one micro-batch), then z0 > 0
         m1, m2 = one.train_step(), two.train_step()
-        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5) and m1["kl"] == pytest.approx(m2["kl"], abs=1e-5)
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+        assert not kto or m1["kl"] == pytest.approx(m2["kl"], abs=1e-5)
     # the next step's objective written out: its 8 examples, the KL rows rotating their
-    # completions by one, z0 clamped, the mean of the weighted losses
+    # completions by one, z0 clamped (kto), Σ w·ℓ / Σ w of the per-example losses
     idx = copy.deepcopy(one.batches).next()
     items = [one.train_items[i] for i in idx]
-    borrowed = [items[k - 1]["completion"] for k in range(len(items))]
-    assert all(len(it["prompt"] + c) <= 48 for it, c in zip(items, borrowed))  # nothing to cut at max_len
-    kl_rows = [{"input_ids": it["prompt"] + c, "response_mask": [0] * len(it["prompt"]) + [1] * len(c)}
-               for it, c in zip(items, borrowed)]
+    z0 = None
+    if kto:
+        borrowed = [items[k - 1]["completion"] for k in range(len(items))]
+        assert all(len(it["prompt"] + c) <= 48 for it, c in zip(items, borrowed))  # nothing to cut at max_len
+        kl_rows = [{"input_ids": it["prompt"] + c, "response_mask": [0] * len(it["prompt"]) + [1] * len(c)}
+                   for it, c in zip(items, borrowed)]
+        with torch.no_grad():
+            kl, _ = response_logps(one.model, collate(kl_rows, one.pad_id))
+            ref_kl, _ = response_logps(one.reference, collate(kl_rows, one.pad_id))
+        z0 = kto_kl(kl, ref_kl)
+        assert float(z0) > 0.5
     with torch.no_grad():
-        kl, _ = response_logps(one.model, collate(kl_rows, one.pad_id))
-        ref_kl, _ = response_logps(one.reference, collate(kl_rows, one.pad_id))
         ref, _ = response_logps(one.reference, one._batch(items))
-    z0 = kto_kl(kl, ref_kl)
     logps, _ = response_logps(one.model, one._batch(items))
     desirable = torch.tensor([it["label"] for it in items])
-    per, _ = kto_loss(logps, ref, desirable, z0, beta=0.5, desirable_weight=0.8, undesirable_weight=1.3)
-    objective = per.mean()
+    per, _ = kto_loss(logps, ref, desirable, z0, beta=0.5, desirable_weight=0.8, undesirable_weight=1.3,
+                      loss_type=loss_type)
+    w = torch.tensor([it["weight"] for it in items])
+    objective = (per * w).sum() / w.sum()
     expected = torch.autograd.grad(objective, list(one.model.parameters()))
-    assert len(items) == 8 and float(z0) > 0.5 and 0 < int(desirable.sum()) < 8
+    assert len(items) == 8 and 0 < int(desirable.sum()) < 8 and {0.0, 2.5, 1.0} <= set(w.tolist())
     grads = {}
     for name, tr in (("one", one), ("two", two)):  # the accumulated gradient the optimizer steps with
         tr.optimizer.register_step_pre_hook(
@@ -362,30 +592,33 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path, tok):
     # (rel 1e-4: after three AdamW steps the two runs' weights differ in the last bits — the
     # micro-batches sum the gradient in another order — and a reward is a difference of log-probs)
     for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "count/chosen", "grad_norm"):
-        assert m1[k] == pytest.approx(m2[k], rel=1e-4), k
+        assert (k in m1) == (k in m2) == (kto or k != "kl"), k
+        assert k not in m1 or m1[k] == pytest.approx(m2[k], rel=1e-4), k
     assert m1["loss"] == pytest.approx(float(objective.detach()), rel=1e-5)
-    assert m1["kl"] == pytest.approx(float(z0), rel=1e-5)
+    assert not kto or m1["kl"] == pytest.approx(float(z0), rel=1e-5)
     for g0, g1, g2 in zip(expected, grads["one"], grads["two"]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(g2, g0, rtol=1e-4, atol=1e-6)  # (weights equal to the last bits only)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4})],
-                         ids=["precomputed", "lora"])
+@pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4}),
+                                   dict(loss_type="apo_zero_unpaired", annotator_weights={"a": 0.5})],
+                         ids=["precomputed", "lora", "apo"])
 def test_resume_is_exact(tmp_path, tok, extra):
     if "lora" in extra:
         pytest.importorskip("peft")
-    recs = synthetic_preference_records(9, seed=6)  # 18 examples: epochs end inside the run, with a short step
+    recs = _annotated(synthetic_preference_records(9, seed=6), ["a", "b"])  # 18: epochs end inside the run
+    evals = recs[:2] + recs[-2:]  # desirable and undesirable
 
     def run(name, stop):
         cfg = _cfg(tmp_path, name, max_steps=6, save_every=3, batch_size=4, **extra)
-        t = KTOTrainer(cfg, train_records=recs, eval_records=recs[:4], tokenizer=tok)
+        t = KTOTrainer(cfg, train_records=recs, eval_records=evals, tokenizer=tok)
         if stop < 6:  # interrupted after step `stop` (its checkpoint written), then a new process
             while t.step < stop:
                 t.train_step()
             t._save()
-            t = KTOTrainer(cfg, train_records=recs, eval_records=recs[:4], tokenizer=tok)
+            t = KTOTrainer(cfg, train_records=recs, eval_records=evals, tokenizer=tok)
         t.train()
         return {n: p.detach().clone() for n, p in t.model.named_parameters()}, read_metrics(cfg.output_dir)
 
@@ -469,10 +702,18 @@ def test_config_errors_name_the_field(tmp_path):
                        (dict(score_threshold=float("nan")), "score_threshold"),
                        (dict(batch_size=1, grad_accum=1), "batch_size × grad_accum must be >= 2"),
                        (dict(max_len=1), "max_len must be >= 2"), (dict(lora="yes"), "lora"),
-                       (dict(precompute_ref_logps="yes"), "precompute_ref_logps"), (dict(batch_size=0), "batch_size")):
+                       (dict(precompute_ref_logps="yes"), "precompute_ref_logps"), (dict(batch_size=0), "batch_size"),
+                       (dict(loss_type="apo_zero"), "loss_type must be one of .'kto', 'apo_zero_unpaired'., got 'apo_zero'"),
+                       (dict(annotator_weights={"ann": -0.5}), r"annotator_weights\['ann'\] must be a finite number >= 0"),
+                       (dict(annotator_weights={"ann": float("nan")}), r"annotator_weights\['ann'\]"),
+                       (dict(annotator_weights={"ann": "1"}), r"annotator_weights\['ann'\]"),
+                       (dict(annotator_weights=[("ann", 1.0)]), "annotator_weights must be a mapping"),
+                       (dict(annotator_weights={1: 1.0}), "annotator_weights keys must be annotator names"),
+                       (dict(auto_annotator_weights="yes"), "auto_annotator_weights must be true or false")):
         with pytest.raises(ValueError, match=needle):
             _cfg(tmp_path, **kw)
     _cfg(tmp_path, batch_size=1, grad_accum=2)  # two examples per step: enough for the KL rows
+    _cfg(tmp_path, batch_size=1, loss_type="apo_zero_unpaired")  # no KL rows: one example per step is fine
 
 
 def test_cli(tmp_path, capsys):
@@ -493,6 +734,7 @@ def test_cli(tmp_path, capsys):
     for argv, needle in ((["--betaa", "1"], "unknown config key 'betaa'"),
                          (["--beta", "0"], "beta must be a finite number > 0"),
                          (["--data_kind", "labels"], "data_kind must be one of"),
+                         (["--loss_type", "sigmoid"], "loss_type must be one of"),
                          (["--desirable_weight", "0", "--undesirable_weight", "0"], "both 0"),
                          (["--data", str(bad), "--output_dir", str(tmp_path / "b")],
                           "line 1: label: expected true or false, got 'no'"),

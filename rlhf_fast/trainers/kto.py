@@ -4,18 +4,41 @@ KTO (Ethayarajh et al. 2024) learns from single responses marked desirable or un
 thumbs-up / thumbs-down, scores above or below a threshold, or the two halves of preference
 pairs — with no pairing, no reward model and no sampling. With the log-ratio
 r = log π(y | x) − log π_ref(y | x) (summed over the response tokens through the fused LM head,
-as in :mod:`rlhf_fast.trainers.dpo`) and the reference point z0, each example's loss is
+as in :mod:`rlhf_fast.trainers.dpo`) and the reference point z0, example i's loss ℓ_i is, for
+``loss_type``
 
-* desirable:   λ_D · (1 − σ(β · (r − z0)))
-* undesirable: λ_U · (1 − σ(β · (z0 − r)))
+* ``kto`` (default; TRL's ``kto``): desirable λ_D · (1 − σ(β · (r − z0))),
+  undesirable λ_U · (1 − σ(β · (z0 − r)));
+* ``apo_zero_unpaired`` (APO-zero, D'Oosterlinck et al. 2024, unpaired; TRL's
+  ``apo_zero_unpaired``): desirable λ_D · (1 − σ(β · r)), undesirable λ_U · σ(β · r) — no
+  reference point: push desirable responses up and undesirable ones down from the reference,
+  for data whose desirable responses are better than what the model writes now;
 
-(TRL's ``KTOTrainer``, loss type ``kto``; λ_D, λ_U = ``desirable_weight``, ``undesirable_weight``),
-averaged over every example of the optimizer step, whatever the micro-batch split or number of
-ranks. z0 estimates KL(π ‖ π_ref) from mismatched pairs, as TRL builds them: within a batch of
-n examples the completions are rotated by one, (x_1, y_n), (x_2, y_1), …, (x_n, y_{n−1}), and
-z0 = max(0, mean over those rows of log π(y' | x) − log π_ref(y' | x)), detached (no gradient
-flows through it), the mean taken over every rank's rows (TRL averages the per-rank means: the
-same for equal shares).
+(λ_D, λ_U = ``desirable_weight``, ``undesirable_weight``). The step's loss is the weighted mean
+over every example of the optimizer step, whatever the micro-batch split or number of ranks:
+
+    L = Σ_i w_i · ℓ_i / Σ_i w_i,
+
+w_i the weight of example i's annotator (``annotator_weights``; 1 without an annotator or for
+one not listed; with every w_i = 1 this is exactly TRL's mean of the ℓ_i, and integer weights
+count an example w_i times; a step whose weights are all 0 logs L = 0 and adds no gradient,
+though AdamW still applies its momentum and weight decay). ``auto_annotator_weights`` derives the weights of the
+annotators not listed from their agreement with the others on the items several of them
+labelled (:mod:`rlhf_fast.feedback.agreement`, max(0.05, 2p − 1)): an item is a prompt with
+one response, its label desirable or not — the same binary agreement statistic as for a
+preference pair (for ``pairs`` data the pairs themselves, before unpairing); an annotator
+without a shared item keeps weight 1. The weights change only how much each label counts:
+the reference point z0 and the logged rewards / log-probs / counts are unweighted.
+
+z0 (``kto`` only) estimates KL(π ‖ π_ref) from mismatched pairs, as TRL builds them: within a
+batch of n examples the completions are rotated by one, (x_1, y_n), (x_2, y_1), …,
+(x_n, y_{n−1}), and z0 = max(0, mean over those rows of log π(y' | x) − log π_ref(y' | x)),
+detached (no gradient flows through it), the mean taken over every rank's rows (TRL averages
+the per-rank means: the same for equal shares). Those rows use no label, so no annotator
+weight enters z0 (an annotator of weight 0 still lends its prompts and completions to the
+estimate of the policy's drift). ``apo_zero_unpaired`` builds no such rows (TRL's
+``calculate_KL`` false): no KL forward of the policy or the reference, no all-reduce of z0 —
+each step is one policy and one reference forward of the examples only.
 
 Batches: TRL fixes each example's mismatched partner when it prepares the data (the rotation
 within consecutive blocks of the per-device batch) and then reads the data in order (it refuses
@@ -25,14 +48,18 @@ an epoch shorter), each cut into micro-batches of ``batch_size``; the rotation r
 step batch, so z0 — and the loss — do not depend on the micro-batch split or the number of ranks
 (TRL's z0 is per micro-batch; the two agree for ``grad_accum`` 1 on one device). Because the
 partners are fixed, ``precompute_ref_logps`` can score the KL rows once too. The eval examples
-are taken the same way (one seeded shuffle, blocks of the step size).
+are taken the same way (one seeded shuffle, blocks of the step size). With
+``apo_zero_unpaired`` nothing ties an example to its neighbours: the examples are reshuffled
+every epoch (seeded by ``seed`` and the epoch, as DPO), in the same step and micro-batches.
 
-Logged per step (and on the eval split with an ``eval_`` prefix): loss, kl (z0; on the eval
-split the example-weighted mean over its blocks), rewards/chosen and rewards/rejected (β·r,
+Logged per step (and on the eval split with an ``eval_`` prefix): loss (L above), kl (z0;
+``kto`` only — TRL logs a constant 0 for ``apo_zero_unpaired``; on the eval split the
+example-count-weighted mean over its blocks), rewards/chosen and rewards/rejected (β·r,
 means over the desirable / undesirable examples; absent when there are none), rewards/margin
 (their difference), logps/chosen, logps/rejected (summed log-probs), count/chosen,
 count/rejected, lr, grad_norm. TRL's advice on the weights (λ_D·n_D / (λ_U·n_U) in [1, 4/3],
-the paper's eq. 8) is printed once when the training data miss it.
+the paper's eq. 8; example counts, unweighted, as TRL) is printed once when the training data
+miss it.
 
 Data (``data_kind``): ``binary`` records ``{prompt, completion, label: true|false}`` (JSONL or
 Parquet; optional ``annotator``), ``scores`` (``{prompt, response, score}``, desirable when
@@ -65,11 +92,13 @@ from .common import (add_config_arguments, autocast_context, make_adamw, make_sc
 from .dpo import (check_policy_fields, encode_pair, load_offline_policy, local_share, offline_reference,
                   precompute_reference_logps, prompt_response_rows, reference_logps, response_ids, response_logps,
                   shard_reference)
-from .sft import (_Batches, _is_ddp, collate, optimizer_step, resume_supervised, save_supervised,
+from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("binary", "scores", "pairs")
-N_SUMS = 8  # Σ loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+# Σ w·loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n, Σ w
+N_SUMS = 9
 
 
 @dataclasses.dataclass
@@ -77,7 +106,9 @@ class KTOConfig:
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
     a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two
-    losses; ``lora``: None, or LoraConfig fields ({} for r=8, alpha=16, every linear layer)."""
+    losses; ``loss_type``: one of ``LOSS_TYPES`` (module docstring); ``annotator_weights``
+    {annotator: weight >= 0} and ``auto_annotator_weights``: the example weights w_i;
+    ``lora``: None, or LoraConfig fields ({} for r=8, alpha=16, every linear layer)."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
     ref_model: Optional[str] = None  # a saved model folder; None: the initial policy
@@ -89,7 +120,7 @@ class KTOConfig:
     eval_fraction: float = 0.1
     output_dir: str = "runs/kto"
     max_len: int = 256
-    batch_size: int = 8  # examples per micro-batch (twice as many rows with the KL rows)
+    batch_size: int = 8  # examples per micro-batch (twice as many rows with the KL rows of loss_type kto)
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -100,8 +131,11 @@ class KTOConfig:
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False
     beta: float = 0.1
+    loss_type: str = "kto"
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
+    auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
@@ -119,17 +153,26 @@ class KTOConfig:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         finite("score_threshold", self.score_threshold)
         finite("beta", self.beta, "> 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         wd = finite("desirable_weight", self.desirable_weight, ">= 0")
         wu = finite("undesirable_weight", self.undesirable_weight, ">= 0")
         if wd == 0 and wu == 0:
             raise ValueError("desirable_weight and undesirable_weight are both 0: nothing would be trained")
-        if self.batch_size * self.grad_accum < 2:
+        if self.loss_type == "kto" and self.batch_size * self.grad_accum < 2:
             # TRL: "actual batch size must be > 1", else the KL row is the example itself
             raise ValueError(f"batch_size × grad_accum must be >= 2, got {self.batch_size} × {self.grad_accum}: "
                              "KTO's KL estimate pairs each prompt with another example's completion of the same step")
-        for name in ("precompute_ref_logps", "dedup", "resume"):
+        for name in ("precompute_ref_logps", "dedup", "resume", "auto_annotator_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.annotator_weights, dict):
+            raise ValueError("annotator_weights must be a mapping {annotator: weight}, got "
+                             f"{type(self.annotator_weights).__name__}")
+        for k, w in self.annotator_weights.items():
+            if not isinstance(k, str):  # a YAML key such as 1 or yes would never match a record's annotator
+                raise ValueError(f"annotator_weights keys must be annotator names (strings), got {k!r}")
+            finite(f"annotator_weights[{k!r}]", w, ">= 0")
 
 
 # ------------------------------------------------------------------ the loss
@@ -156,15 +199,21 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(loss [B], rewards [B])`` of B examples.
+    """``(loss [B], rewards [B])`` of B examples: the per-example ℓ_i, before any averaging.
 
     ``logps`` ``[B]`` summed response log-probs under the policy (differentiable), ``ref_logps``
     ``[B]`` under the reference, ``desirable`` ``[B]`` bool, ``kl`` the reference point z0 (a
-    number or a 0-dim tensor, never differentiated). The loss is float32 (float64 for float64
-    input), weighted by λ_D / λ_U, per example before any averaging; rewards β·(log π − log π_ref)
-    are detached. Formulas: the module docstring.
+    number or a 0-dim tensor, never differentiated; required for ``loss_type`` "kto", ignored —
+    may be None — for "apo_zero_unpaired"). The loss is float32 (float64 for float64 input),
+    weighted by λ_D / λ_U; rewards β·(log π − log π_ref) are detached. Formulas: the module
+    docstring.
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "kto" and kl is None:
+        raise ValueError("kl (the reference point z0) is required for loss_type 'kto'")
     finite("beta", beta, "> 0")
     finite("desirable_weight", desirable_weight, ">= 0")
     finite("undesirable_weight", undesirable_weight, ">= 0")
@@ -175,11 +224,15 @@ def kto_loss(
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the shape of logps {shape}, got {tuple(t.shape)}")
     dt = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    kl = torch.as_tensor(kl, dtype=dt, device=logps.device).detach()
     ratio = logps.to(dt) - ref_logps.to(dt)
     # the same operations as TRL's (its chosen and rejected losses, each times its weight)
-    chosen = desirable_weight * (1 - F.sigmoid(beta * (ratio - kl)))
-    rejected = undesirable_weight * (1 - F.sigmoid(beta * (kl - ratio)))
+    if loss_type == "kto":
+        kl = torch.as_tensor(kl, dtype=dt, device=logps.device).detach()
+        chosen = desirable_weight * (1 - F.sigmoid(beta * (ratio - kl)))
+        rejected = undesirable_weight * (1 - F.sigmoid(beta * (kl - ratio)))
+    else:  # apo_zero_unpaired: no reference point
+        chosen = desirable_weight * (1 - F.sigmoid(beta * ratio))
+        rejected = undesirable_weight * F.sigmoid(beta * ratio)
     return torch.where(desirable.bool(), chosen, rejected), beta * ratio.detach()
 
 
@@ -315,6 +368,29 @@ def to_binary(records: Sequence[Any], score_threshold: float = 0.0) -> List[Bina
     return out + rejected
 
 
+# stands in for "the other response" of a binary label in agreement_stats' items: no response text
+# contains NUL characters in practice, so an item is exactly one (prompt, response)
+_NO_RESPONSE = "\x00<rlhf-fast kto: binary label>"
+
+
+def agreement_records(records: Sequence[Any], score_threshold: float = 0.0) -> List[PairRecord]:
+    """The records as :func:`rlhf_fast.feedback.agreement.agreement_stats` reads them, for
+    ``auto_annotator_weights``: PairRecords as they are (agreement on which response of the pair
+    is better); every binary label (BinaryRecords, ScoreRecords through ``score_threshold``) as
+    a PairRecord of its response and a fixed stand-in, the response chosen when desirable — so
+    an item is one (prompt, response) and two labels of it agree when both say desirable or
+    both undesirable, the binary statistic agreement_stats computes for pairs."""
+    out = []
+    for r in records:
+        if isinstance(r, PairRecord):
+            out.append(r)
+            continue
+        for b in to_binary([r], score_threshold):
+            c, other = (b.completion, _NO_RESPONSE) if b.label else (_NO_RESPONSE, b.completion)
+            out.append(PairRecord(b.prompt, c, other, annotator=b.annotator))
+    return out
+
+
 class _StepBatches(_Batches):
     """The step batches: one seeded shuffle of the examples, then the same consecutive blocks of
     the step size every epoch (TRL's sequential sampler over a shuffled dataset), so that each
@@ -323,6 +399,26 @@ class _StepBatches(_Batches):
     def _make_perm(self):
         g = torch.Generator().manual_seed(self.seed * 1000003)
         return torch.randperm(self.n, generator=g).tolist()
+
+
+@torch.no_grad()
+def _precompute_own_rows(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int, bf16: bool,
+                         device) -> List[float]:
+    """Each item's reference log-prob of its one row (``batch_of(chunk)``), computed once: as
+    :func:`dpo.precompute_reference_logps` (each rank its contiguous share in chunks of
+    ``batch_size``, summed over ranks, ``reference`` in eval mode) for one row per item."""
+    out = torch.zeros(len(items), dtype=torch.float32, device=device)
+    lo, hi = local_span(len(items), ctx)
+    ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
+    was = ref.training
+    ref.eval()
+    for s in range(lo, hi, batch_size):
+        chunk = items[s: min(s + batch_size, hi)]
+        with autocast_context(device, bf16):
+            lp, _ = response_logps(reference, batch_of(chunk))
+        out[s: s + len(chunk)] = lp
+    ref.train(was)
+    return ctx.all_reduce_sum(out).cpu().tolist()
 
 
 # ------------------------------------------------------------------ trainer
@@ -365,6 +461,13 @@ class KTOTrainer:
                 else:  # held out before unpairing: both halves of a pair on one side
                     records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
             train_records = records
+        self.kl_rows = cfg.loss_type == "kto"  # apo_zero_unpaired has no reference point: no KL rows at all
+        self.weights = dict(cfg.annotator_weights)
+        if cfg.auto_annotator_weights:
+            from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
+
+            auto = annotator_weights(agreement_stats(agreement_records(list(train_records), cfg.score_threshold)))
+            self.weights = {**auto, **self.weights}  # explicit weights win
         train_records = to_binary(list(train_records), cfg.score_threshold)
         eval_records = to_binary(list(eval_records or []), cfg.score_threshold)
         texts = [str(r.prompt) + " " + r.completion for r in train_records[:4000]]
@@ -381,13 +484,16 @@ class KTOTrainer:
         if self.weight_advice and self.ctx.is_main:
             print(f"rlhf-fast kto: {self.weight_advice}", file=sys.stderr, flush=True)
 
-        # the step batches and, fixed by them, each example's mismatched KL row
+        # the step batches and, fixed by them, each example's mismatched KL row (kto); without
+        # KL rows nothing ties an example to its neighbours: a new shuffle every epoch
         self.step_size = cfg.batch_size * cfg.grad_accum
-        self.batches = _StepBatches(len(self.train_items), self.step_size, cfg.seed)
-        self._attach_kl(self.train_items, kl_partners(self.batches._perm, self.step_size))
+        batches = _StepBatches if self.kl_rows else _Batches
+        self.batches = batches(len(self.train_items), self.step_size, cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + 1)
         self.eval_order = torch.randperm(len(self.eval_items), generator=g).tolist()
-        self._attach_kl(self.eval_items, kl_partners(self.eval_order, self.step_size))
+        if self.kl_rows:
+            self._attach_kl(self.train_items, kl_partners(self.batches._perm, self.step_size))
+            self._attach_kl(self.eval_items, kl_partners(self.eval_order, self.step_size))
 
         reference = offline_reference(cfg, model, self.is_peft, self.device)  # as DPO's
         if cfg.precompute_ref_logps:
@@ -407,16 +513,20 @@ class KTOTrainer:
     # -------------------------------------------------------------- data
 
     def _encode(self, records: Sequence[BinaryRecord]) -> Tuple[List[Dict[str, Any]], int]:
-        """Items ``{prompt, completion, label, full}``: the row as :func:`dpo.encode_pair` encodes
-        and truncates it, and the whole completion (+ eos) for the KL row another prompt borrows."""
+        """Items ``{prompt, completion, label, weight}`` (+ ``full`` for kto): the row as
+        :func:`dpo.encode_pair` encodes and truncates it, its annotator's weight w_i, and the
+        whole completion (+ eos) for the KL row another prompt borrows."""
         items, dropped = [], 0
         for r in records:
             enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
             if enc is None:
                 dropped += 1
                 continue
-            full = response_ids(self.tokenizer, r.completion)
-            items.append({"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "full": full})
+            w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
+            it = {"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "weight": float(w)}
+            if self.kl_rows:
+                it["full"] = response_ids(self.tokenizer, r.completion)
+            items.append(it)
         return items, dropped
 
     def _attach_kl(self, items: List[Dict[str, Any]], partners: List[int]) -> None:
@@ -444,19 +554,33 @@ class KTOTrainer:
         return {k: v.to(self.device) for k, v in rows.items()}
 
     def _precompute(self, reference) -> None:
-        """Each item's reference log-probs ``item["ref"] = (its row, its KL row)``, computed once."""
+        """Each item's reference log-probs ``item["ref"] = (its row, its KL row)`` (kto) or
+        ``(its row,)`` (apo_zero_unpaired), computed once."""
         items = self.train_items + self.eval_items
-        for it, ref in zip(items, precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx,
-                                                             batch_size=self.cfg.batch_size, bf16=self.cfg.bf16,
-                                                             device=self.device)):
+        kw = dict(batch_size=self.cfg.batch_size, bf16=self.cfg.bf16, device=self.device)
+        if self.kl_rows:
+            refs = precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx, **kw)
+        else:
+            refs = [(r,) for r in _precompute_own_rows(reference, items, self._batch, ctx=self.ctx, **kw)]
+        for it, ref in zip(items, refs):
             it["ref"] = ref
 
     # -------------------------------------------------------------- loss
 
     @torch.no_grad()
-    def _reference_point(self, micro) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _reference_point(self, micro) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
         """z0 of a step batch (0-dim float32, the mean over every micro-batch's and rank's KL rows,
-        clamped at 0) and each micro-batch's reference log-probs ``[b]`` of its own rows."""
+        clamped at 0; None for apo_zero_unpaired) and each micro-batch's reference log-probs
+        ``[b]`` float32 of its own rows."""
+        if not self.kl_rows:  # the reference's own rows only: no KL row is built, scored or reduced
+            refs = []
+            for items, _ in micro:
+                if "ref" in items[0]:
+                    refs.append(torch.tensor([it["ref"][0] for it in items], dtype=torch.float32, device=self.device))
+                    continue
+                with autocast_context(self.device, self.cfg.bf16):
+                    refs.append(reference_logps(self.reference, self._batch(items), self._reference_sharded).float())
+            return None, refs
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # Σ (log π − log π_ref) over KL rows, rows
         refs = []
         for items, real in micro:
@@ -475,34 +599,43 @@ class KTOTrainer:
         z0 = (tot[0] / tot[1].clamp(min=1.0)).clamp(min=0.0).float()
         return z0, refs
 
-    def _example_stats(self, items, ref_main: torch.Tensor, z0: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Policy log-probs (with gradients when enabled) of a micro-batch's rows, and their
-        losses and rewards ``[b]``."""
+    def _example_stats(self, items, ref_main: torch.Tensor, z0: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Policy log-probs (with gradients when enabled) of a micro-batch's rows, their losses
+        ℓ_i and rewards ``[b]``, labels ``[b]`` bool and weights w_i ``[b]`` (the loss's dtype)."""
         cfg = self.cfg
         with autocast_context(self.device, cfg.bf16):
             logps, _ = response_logps(self.model, self._batch(items))
         desirable = torch.tensor([it["label"] for it in items], dtype=torch.bool, device=self.device)
         loss, rewards = kto_loss(logps, ref_main, desirable, z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                                 undesirable_weight=cfg.undesirable_weight)
-        return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable}
+                                 undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
+        weight = torch.tensor([it["weight"] for it in items], dtype=loss.dtype, device=self.device)
+        return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable, "weight": weight}
 
     @staticmethod
-    def _sums(st: Dict[str, torch.Tensor], z0: torch.Tensor, real: bool) -> torch.Tensor:
-        """The sums the metrics are made of (float64, 0 for a share that does not count)."""
+    def _sums(st: Dict[str, torch.Tensor], z0: Optional[torch.Tensor], real: bool) -> torch.Tensor:
+        """The sums the metrics are made of (``[N_SUMS]`` float64, 0 for a share that does not
+        count): Σ w·ℓ, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected
+        count, Σ z0 (0 without one) per example, Σ w."""
+        dev = st["loss"].device
         if not real:
-            return torch.zeros(N_SUMS, dtype=torch.float64, device=z0.device)
+            return torch.zeros(N_SUMS, dtype=torch.float64, device=dev)
         d = st["desirable"]
-        r, lp = st["rewards"].double(), st["logps"].detach().double()
+        r, lp, w = st["rewards"].double(), st["logps"].detach().double(), st["weight"].double()
         n = float(d.numel())
-        return torch.stack([st["loss"].detach().double().sum(), r[d].sum(), r[~d].sum(), lp[d].sum(), lp[~d].sum(),
-                            d.double().sum(), (~d).double().sum(), z0.double() * n])
+        z = z0.double() * n if z0 is not None else torch.zeros((), dtype=torch.float64, device=dev)
+        return torch.stack([(st["loss"].detach().double() * w).sum(), r[d].sum(), r[~d].sum(), lp[d].sum(),
+                            lp[~d].sum(), d.double().sum(), (~d).double().sum(), z, w.sum()])
 
     @staticmethod
-    def _metrics(tot: torch.Tensor, prefix: str = "") -> Dict[str, float]:
+    def _metrics(tot: torch.Tensor, prefix: str = "", kl: bool = True) -> Dict[str, float]:
+        """The logged metrics from the summed ``_sums`` (``kl``: whether there is a z0 to log)."""
         t = tot.cpu().tolist()
         n_c, n_r = t[5], t[6]
         n = max(n_c + n_r, 1.0)
-        m = {"loss": t[0] / n, "kl": t[7] / n, "count/chosen": n_c, "count/rejected": n_r}
+        # L = Σ w·ℓ / Σ w (0 when every weight is 0: nothing was trained)
+        m = {"loss": t[0] / t[8] if t[8] > 0 else 0.0, "count/chosen": n_c, "count/rejected": n_r}
+        if kl:
+            m["kl"] = t[7] / n
         if n_c > 0:  # as TRL: a side without examples has no mean
             m.update({"rewards/chosen": t[1] / n_c, "logps/chosen": t[3] / n_c})
         if n_r > 0:
@@ -516,8 +649,9 @@ class KTOTrainer:
     @torch.no_grad()
     def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
         """The step metrics over the eval examples (``eval_`` prefix; empty dict without any),
-        taken in blocks of the step size as training takes its batches: ``eval_loss`` is the
-        mean over every example, ``eval_kl`` the example-weighted mean of the blocks' z0.
+        taken in blocks of the step size as training takes its batches: ``eval_loss`` is L
+        over every example (Σ w·ℓ / Σ w), ``eval_kl`` (kto) the example-count-weighted mean of the
+        blocks' z0.
         ``items`` (encoded, e.g. ``trainer.train_items``) replaces the eval split, in its order."""
         order = self.eval_order if items is None else list(range(len(items)))
         items = list(self.eval_items if items is None else items)
@@ -532,7 +666,7 @@ class KTOTrainer:
             for (chunk, real), ref in zip(micro, refs):
                 tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
         self.model.train(was)
-        return self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_")
+        return self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_", kl=self.kl_rows)
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over a step batch in up to ``grad_accum`` micro-batches; returns its metrics."""
@@ -541,19 +675,22 @@ class KTOTrainer:
         idx = self.batches.next()
         micro = self._micro(idx, self.train_items)
         z0, refs = self._reference_point(micro)  # first, from every KL row of the step: it enters every loss
+        # Σ w of the whole step, every rank's examples: idx is the same on every rank, so no all-reduce
+        w_total = sum(self.train_items[i]["weight"] for i in idx)
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, ((items, real), ref) in enumerate(zip(micro, refs)):
             # DDP: all-reduce the gradients once, after the last micro-batch
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
             with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 st = self._example_stats(items, ref, z0)
-                # the mean over every example of the global step (idx is the same on every rank)
-                loss = st["loss"].sum() * (1.0 if real else 0.0) / len(idx)
+                # L = Σ w·ℓ / Σ w over every example of the global step (a share that does not count: w = 0)
+                w = st["weight"] * (1.0 if real else 0.0)
+                loss = (st["loss"] * w).sum() / (w_total if w_total > 0 else 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, z0, real)
         gnorm = optimizer_step(self)
-        m = self._metrics(ctx.all_reduce_sum(tot))
+        m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
         m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
         return m
 
@@ -577,5 +714,5 @@ def run(args) -> int:
     return run_trainer_cli("kto", KTOConfig, KTOTrainer, args)
 
 
-__all__ = ["KTOConfig", "KTOTrainer", "BinaryRecord", "DATA_KINDS", "kto_loss", "kto_kl", "kl_partners",
-           "weight_advice", "load_binary_records", "load_kto_records", "to_binary", "add_arguments", "run"]
+__all__ = ["KTOConfig", "KTOTrainer", "BinaryRecord", "DATA_KINDS", "LOSS_TYPES", "agreement_records", "kto_loss",
+           "kto_kl", "kl_partners", "weight_advice", "load_binary_records", "load_kto_records", "to_binary", "add_arguments", "run"]

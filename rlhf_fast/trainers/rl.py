@@ -16,7 +16,8 @@ of the policy and the reference (sequence_logprobs) and critic values (gae) → 
 over mini-batches with gradient accumulation over micro-batches, the loss normalised by the
 token/row count of the whole mini-batch (so micro-batching never changes the gradient), the
 policy loss through fused_linear_policy_loss (asymmetric / dual clip, entropy bonus, KL in
-the loss), optional TRPO-style line search, early stop on approx KL → KL controller update.
+the loss; CISPO / SAPO and the high-entropy and off-policy token masks through
+rlhf_fast.algorithms.policy_losses on the fused head's per-token log-probs), optional TRPO-style line search, early stop on approx KL → KL controller update.
 A run folder holds config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events and atomic
 checkpoints from which ``resume`` continues exactly.
 """
@@ -64,7 +65,9 @@ class RolloutTensors:
     never set at column 0); old_logp, ref_logp, behaviour_logp ``[B, L]`` float32 (0 outside
     the response); values, advantages, returns ``[B, L]`` float32 (values: V(s_t) of the
     state before response token t, see :func:`critic_values`; zero without a critic); scores
-    ``[B]`` float32 (shaped sequence rewards)."""
+    ``[B]`` float32 (shaped sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
+    that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
+    to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -76,10 +79,12 @@ class RolloutTensors:
     advantages: torch.Tensor
     returns: torch.Tensor
     scores: torch.Tensor
+    entropy_mask: Optional[torch.Tensor] = None
 
     def select(self, idx: torch.Tensor) -> "RolloutTensors":
         """The rows ``idx`` of every tensor."""
-        return RolloutTensors(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+        return RolloutTensors(**{k: None if getattr(self, k) is None else getattr(self, k)[idx]
+                                 for k in self.__dataclass_fields__})
 
 
 def build_tiny_policy(cfg: RLConfig, extra_texts: Sequence[str] = ()):
@@ -266,7 +271,8 @@ def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
     so every value stays finite): what a rank without rows feeds to keep its forwards and
     backwards in step with the other ranks."""
     fields = {k: getattr(data, k) for k in data.__dataclass_fields__}
-    out = {k: (v[:1].clone() if v.shape[0] else v.new_zeros((1, *v.shape[1:]))) for k, v in fields.items()}
+    out = {k: (None if v is None else v[:1].clone() if v.shape[0] else v.new_zeros((1, *v.shape[1:])))
+           for k, v in fields.items()}
     out["response_mask"].zero_()
     out["attention_mask"].fill_(True)
     return RolloutTensors(**out)
@@ -561,6 +567,9 @@ class RLTrainer:
                                                       temperature=ro.temperature, return_entropy=True)
             else:  # the sampler's log-probs stand in: one policy forward fewer per step
                 old_logp, entropy = beh.clone(), None
+                if cfg.ppo.top_entropy_quantile < 1.0:  # the high-entropy mask needs the entropies back
+                    _, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
+                                                   temperature=ro.temperature, return_entropy=True)
             with self._reference_on_device():
                 ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
                                              temperature=ro.temperature)
@@ -597,7 +606,7 @@ class RLTrainer:
                               moments=self.reward_moments if cfg.reward.whiten else None)
         ids, am, rm = ids[idx], am[idx], rm[idx]
         old_logp, ref_logp, beh, values = (t[idx] for t in (old_logp, ref_logp, beh, values))
-        entropy = entropy[idx] if recompute else None
+        entropy = entropy[idx] if entropy is not None else None
         kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
         beta = self.kl_ctl.value
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
@@ -646,7 +655,10 @@ class RLTrainer:
             loss_rm = rm & ~truncated[:, None]
         else:
             loss_rm = rm
-        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores)
+        ent_mask = loss_rm.clone()  # every loss token, unless ppo.top_entropy_quantile keeps fewer
+        if cfg.ppo.top_entropy_quantile < 1.0:
+            ent_mask, m["rollout/entropy_threshold"] = self._high_entropy_mask(entropy, loss_rm)
+        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
         return data, m
@@ -845,6 +857,50 @@ class RLTrainer:
             if move:
                 self.reference.to("cpu")
 
+    def _high_entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor):
+        """``ppo.top_entropy_quantile``'s mask ``[B, L]`` bool and threshold (a float, nan when
+        no rank holds a loss token): the (1 − ρ) quantile of the rollout policy's entropies over
+        every loss token of the step on every rank, so that neither micro-batching nor the split
+        over ranks, mini-batches or epochs moves it."""
+        from rlhf_fast.algorithms import policy_losses as pl
+
+        vals = entropy[mask].float()
+        if self.ctx.distributed:
+            vals = torch.cat([v.to(vals.device) for v in self.ctx.all_gather_objects(vals.cpu())])
+        if vals.numel() == 0:
+            return torch.zeros_like(mask), float("nan")
+        thr = pl.quantile(vals, 1.0 - float(self.config.ppo.top_entropy_quantile))
+        return pl.high_entropy_mask(entropy, mask, 0.0, threshold=thr), float(thr)
+
+    def _policy_loss(self, d: "RolloutTensors", norm, kw: dict):
+        """(loss, stats) of the policy on the rows ``d`` (``kw``: :meth:`_loss_kwargs`, ``norm``:
+        the mini-batch's normaliser). PPO's clip without masks is the fused kernel's
+        :func:`rlhf_fast.models.logprobs.policy_loss`; ``ppo.policy_loss`` cispo / sapo, the
+        high-entropy and the off-policy masks compose per-token log-probs and entropies of the
+        fused head with :func:`rlhf_fast.algorithms.policy_losses.policy_loss_from_logp`."""
+        from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
+
+        p = self.config.ppo
+        if not p.composed_loss:
+            return policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
+                               d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
+        from rlhf_fast.algorithms import policy_losses
+
+        # the loss tokens as policy_loss takes them: attended response tokens after an attended one
+        am = d.attention_mask.bool()
+        mask = am & d.response_mask.bool()
+        mask[:, 0] = False
+        mask[:, 1:] &= am[:, :-1]
+        logp, entropy = sequence_logprobs(self.policy, d.input_ids, d.attention_mask, response_mask=mask,
+                                          temperature=kw["temperature"], return_entropy=True)
+        extra = {k: v for k, v in kw.items() if k != "temperature"}
+        return policy_losses.policy_loss_from_logp(
+            logp, entropy, d.old_logp, d.advantages, mask, ref_logp=d.ref_logp, normalizer=norm,
+            policy_loss=p.policy_loss, sapo_temperature_pos=p.sapo_temperature_pos,
+            sapo_temperature_neg=p.sapo_temperature_neg, top_entropy_quantile=p.top_entropy_quantile,
+            entropy_mask=d.entropy_mask if p.top_entropy_quantile < 1.0 else None, off_policy_mask_threshold=p.off_policy_mask_threshold,
+            kl_fn=ops.kl_penalty, **extra)
+
     def _loss_kwargs(self) -> dict:
         cfg = self.config
         in_loss = cfg.kl.placement == "loss"
@@ -862,8 +918,6 @@ class RLTrainer:
         ones on a blank row that adds nothing — so every rank runs the same forwards and
         backwards, as FSDP2 needs, however many rows it holds (``data`` may be empty).
         Returns the loss and statistics, averaged over micro-batches by token count."""
-        from rlhf_fast.models.logprobs import policy_loss
-
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         kw = self._loss_kwargs()
         norm = self._global_normalizer(data.response_mask, kw["agg"])
@@ -871,15 +925,15 @@ class RLTrainer:
         acc: Dict[str, float] = {}
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more):
-                loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
-                                       d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
+                loss, st = self._policy_loss(d, norm, kw)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 (loss * self.ctx.grad_scale).backward()
             w = float(d.response_mask.sum()) / float(ntok)
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
             # a blank row's statistics are of no token: it adds the keys (the same on every
             # rank, for the reduction of the statistics) but no value (ratios are > 0)
-            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
+            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy", "entropy_mask_frac",
+                      "off_policy_mask_frac"):
                 if k in st:
                     acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if real else 0.0)
             acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if real else 0.0)
@@ -973,11 +1027,7 @@ class RLTrainer:
         ``data`` (no grad), over every rank's rows (``norm``: the global normaliser), so all ranks
         take the same line-search decisions. The KL is 0.5·(logp − pre_logp)² averaged over the
         response tokens, which were sampled from that policy: to second order KL(pre ‖ current)."""
-        from rlhf_fast.models.logprobs import policy_loss
-
-        kw = self._loss_kwargs()
-        loss, st = policy_loss(self.policy, data.input_ids, data.attention_mask, data.response_mask, data.old_logp,
-                               data.advantages, ref_logp=data.ref_logp, normalizer=norm, **kw)
+        loss, st = self._policy_loss(data, norm, self._loss_kwargs())
         d = st["logp"] - pre_logp
         if not self.ctx.distributed:
             return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS
+from rlhf_fast.algorithms.policy_losses import POLICY_LOSSES, SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.ops._validate import finite
@@ -290,6 +291,31 @@ class PPOConfig:
     name, verl's ``gspo`` loss; the GSPO paper clips at about 3e-4 / 4e-4, e.g. ``clip_low:
     0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``).
 
+    ``policy_loss`` (:mod:`rlhf_fast.algorithms.policy_losses`, TRL GRPOTrainer's loss types):
+    ``clip`` (PPO's clipped surrogate, the default: clip_low / clip_high / dual_clip, on the
+    fused LM-head kernel); ``cispo`` (MiniMax-M1: −sg(min(r, ε_max))·A·logp, every token keeps
+    a gradient scaled by its capped weight; ``clip_high`` IS ε_max here — the absolute cap on
+    the ratio, TRL's ``epsilon_high`` for cispo, e.g. 5.0 as ScaleRL — and must be set, since
+    TRL's fallback to ``epsilon`` (0.2) would cap every weight below 1; clip_low is unused,
+    dual_clip refused; token level only); ``sapo`` (SAPO: −σ(τ(r − 1))·(4/τ)·A, a soft gate
+    instead of the clip, τ = ``sapo_temperature_pos`` for A > 0 and ``sapo_temperature_neg``
+    otherwise, TRL's defaults 1.0 / 1.05; clip_high / dual_clip refused, clip_low unused).
+    ``policy/clip_frac`` is then, for cispo, the share of tokens whose weight is capped (r >
+    ε_max, any sign of A) and 0 for sapo. ``top_entropy_quantile`` ρ (1 = off): only the
+    response tokens whose entropy is at least the (1 − ρ) quantile keep their policy-loss and
+    entropy-bonus terms (Wang et al. 2025's 80/20 rule; the paper and TRL use 0.2). The
+    threshold and the mask come from the rollout policy's entropies over the whole rollout
+    batch's loss tokens (every rank's), so they do not depend on micro-batching, mini-batches
+    or epochs (TRL takes the quantile over each micro-batch, gathered over ranks);
+    ``rollout/entropy_threshold`` and ``policy/entropy_mask_frac`` are logged.
+    ``off_policy_mask_threshold`` δ (None = off; DeepSeek-V3.2's off-policy sequence mask,
+    TRL's option): answers with A < 0 whose mean over tokens of old_logp − logp exceeds δ drop
+    their policy-loss term (``policy/off_policy_mask_frac``); old_logp is the ratio's
+    denominator (the sampler's log-probs under ``old_logp: behaviour``, as TRL's vLLM case).
+    Any of the three but plain ``clip`` runs on per-token log-probs of the fused head instead
+    of the fused loss kernel. KL in the loss, the entropy bonus, ``is_cap``, ``agg`` and
+    micro-batching work with all of them; ``trpo`` only with ``clip``.
+
     ``agg`` (every loss term, value loss included): ``token-mean`` (DAPO; TRL GRPO's bnpo/dapo);
     ``seq-mean-token-mean`` (DeepSeekMath's GRPO); ``seq-mean-token-sum``;
     ``seq-mean-token-sum-norm`` (Dr.GRPO: the token sum divided by the constant rows ×
@@ -321,6 +347,17 @@ class PPOConfig:
     is_cap: Optional[float] = None
     old_logp: str = "recompute"
     importance_sampling_level: str = "token"
+    policy_loss: str = "clip"
+    sapo_temperature_pos: float = SAPO_TEMPERATURE_POS
+    sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
+
+    @property
+    def composed_loss(self) -> bool:
+        """True when the loss needs :mod:`rlhf_fast.algorithms.policy_losses` (not the fused kernel)."""
+        return (self.policy_loss != "clip" or self.top_entropy_quantile < 1.0
+                or self.off_policy_mask_threshold is not None)
 
     def __post_init__(self):
         _pos("ppo.epochs", self.epochs, integer=True)
@@ -355,6 +392,33 @@ class PPOConfig:
             _pos("ppo.is_cap", self.is_cap)
         _choice("ppo.old_logp", self.old_logp, OLD_LOGP_SOURCES)
         _choice("ppo.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _choice("ppo.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _pos("ppo.sapo_temperature_pos", self.sapo_temperature_pos)
+        _pos("ppo.sapo_temperature_neg", self.sapo_temperature_neg)
+        if self.policy_loss != "sapo" and (self.sapo_temperature_pos, self.sapo_temperature_neg) != \
+                (SAPO_TEMPERATURE_POS, SAPO_TEMPERATURE_NEG):
+            raise ValueError(f"ppo.sapo_temperature_pos / ppo.sapo_temperature_neg only apply to ppo.policy_loss "
+                             f"'sapo', got policy_loss {self.policy_loss!r}")
+        q = self.top_entropy_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
+            raise ValueError(f"ppo.top_entropy_quantile must be in [0, 1] (1 = off), got {q!r}")
+        if self.off_policy_mask_threshold is not None:
+            _pos("ppo.off_policy_mask_threshold", self.off_policy_mask_threshold, allow_zero=True)
+        if self.policy_loss != "clip":
+            pl = f"ppo.policy_loss {self.policy_loss!r}"
+            if self.dual_clip is not None:
+                raise ValueError(f"ppo.dual_clip is a bound of the 'clip' loss; unset it for {pl}")
+            if self.trpo:
+                # cispo's loss value (−w·A·logp) is no surrogate whose rise the line search could judge
+                raise ValueError(f"ppo.trpo needs ppo.policy_loss 'clip', got {pl}")
+            if self.policy_loss == "cispo":
+                if self.clip_high is None or not self.clip_high > 0:
+                    raise ValueError(f"ppo.clip_high is cispo's cap ε_max on the importance weight (absolute, "
+                                     f"e.g. 5.0) and must be set > 0 for {pl}, got {self.clip_high!r}")
+                if self.importance_sampling_level != "token":
+                    raise ValueError(f"ppo.importance_sampling_level 'sequence' is not supported with {pl}")
+            if self.policy_loss == "sapo" and self.clip_high is not None:
+                raise ValueError(f"ppo.clip_high has no effect with {pl} (its gate has no clip); unset it")
         if self.old_logp == "behaviour" and self.is_cap is not None:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")

@@ -4,12 +4,14 @@ and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), 
 checkpoint written by two ranks resumes on one process as if the run had never stopped.
 DPO (with the RPO term and unequal pair weights, two micro-batches a step) under DDP and FSDP2,
 and DPO with the reference log-probs precomputed in shares over the ranks, give one process's
-per-step and eval metrics and final weights.
+per-step and eval metrics and final weights; so do a weighted list of DPO losses (with the js
+f-divergence and LD-DPO), reference-free ORPO, and KTO's APO-zero with annotator weights.
 The RL trainer: GRPO updates on a fixed global rollout batch match one process under DDP;
 whole steps — generation, rewards (a prompt's group dropped for a bad reward, so ranks keep
 different numbers of rows), advantages, two mini-batches per step — of GRPO, PPO (GAE with a
 critic) and GRPO with the TRPO line search give one process's metrics and weights under DDP
-and FSDP2 (sampling seeded per sample; FSDP2 shards the frozen reference too); a sharded GRPO checkpoint of two FSDP2 ranks resumes
+and FSDP2 (sampling seeded per sample; FSDP2 shards the frozen reference too), and CISPO with
+the high-entropy mask (one entropy threshold over both ranks' tokens) under FSDP2; a sharded GRPO checkpoint of two FSDP2 ranks resumes
 on one process as if never stopped; FSDP2 bf16 mixed precision runs (on gloo, forced on).
 Two launches in all (one of two ranks, one of one process) to keep start-ups few."""
 
@@ -40,10 +42,17 @@ DPO_PAIRS = [
     ("dpo:fsdp2:2:dpo_fsdp2:2", "dpo:none:2:dpo_one:2"),
     ("dpo_pre:ddp:2:dpo_pre_ddp", "dpo_pre:none:2:dpo_pre_one"),
 ]
-# KTO (its KL reference point a mean over the step's KL rows on every rank), grad_accum 2
+# the other losses: a weighted list with an f-divergence and LD-DPO, and reference-free ORPO
+DPO_LOSS_PAIRS = [
+    ("dpo_mix:fsdp2:2:dpo_mix_fsdp2:2", "dpo_mix:none:2:dpo_mix_one:2"),
+    ("dpo_orpo:ddp:2:dpo_orpo_ddp:2", "dpo_orpo:none:2:dpo_orpo_one:2"),
+]
+# KTO (its KL reference point a mean over the step's KL rows on every rank), grad_accum 2; then
+# APO-zero (no KL rows) with annotator weights
 KTO_PAIRS = [
     ("kto:ddp:2:kto_ddp:2", "kto:none:2:kto_one:2"),
     ("kto:fsdp2:2:kto_fsdp2:2", "kto:none:2:kto_one:2"),
+    ("kto_apo:fsdp2:2:kto_apo_fsdp2:2", "kto_apo:none:2:kto_apo_one:2"),
 ]
 KTO_KEYS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "logps/rejected",
             "count/chosen", "count/rejected", "grad_norm"]
@@ -66,6 +75,8 @@ RL_PAIRS = [
     # kl.ref_sync_steps: the reference (sharded like the policy under FSDP2) moves each step
     ("grpo_sync:ddp:2:rl_sync_ddp", "grpo_sync:none:2:rl_sync_one"),
     ("grpo_sync:fsdp2:2:rl_sync_fsdp2", "grpo_sync:none:2:rl_sync_one"),
+    # CISPO with the high-entropy and off-policy masks (the entropy threshold over every rank's tokens)
+    ("grpo_var:fsdp2:2:rl_var_fsdp2", "grpo_var:none:2:rl_var_one"),
 ]
 RL_KEYS = ["reward/total", "reward/std", "reward/dropped", "reward/_length_reward_dropping", "kl/seq",
            "kl/token", "entropy", "advantages/mean", "returns/mean", "response_length/mean",
@@ -75,6 +86,7 @@ RL_EXTRA_KEYS = {"gae": ["value/loss", "value/clip_frac", "value/mean", "value/e
                  "trpo": ["policy/trpo_step_frac"], "grpo": []}
 RL_EXTRA_KEYS["gae_beh"] = RL_EXTRA_KEYS["gae"]
 RL_EXTRA_KEYS["grpo_sync"] = []
+RL_EXTRA_KEYS["grpo_var"] = ["rollout/entropy_threshold", "policy/entropy_mask_frac", "policy/off_policy_mask_frac"]
 RECOMPUTE_ONLY_KEYS = ("entropy", "logprob_gap/max")  # need the policy forward that "behaviour" skips
 # one process continues the 2-rank FSDP2 GRPO run from its step-2 checkpoint, vs 3 straight steps
 RL_RESUME = ("grpo_resume:none:3:rl_grpo_fsdp2", "grpo:none:3:rl_grpo_one3")
@@ -114,10 +126,10 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
     pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS + KTO_PAIRS])
+                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS + DPO_LOSS_PAIRS + KTO_PAIRS])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
                   + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]]
-                  + sorted({p[1] for p in DPO_PAIRS + KTO_PAIRS}))
+                  + sorted({p[1] for p in DPO_PAIRS + DPO_LOSS_PAIRS + KTO_PAIRS}))
     assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
     return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
 
@@ -187,16 +199,39 @@ def test_dpo_two_ranks_match_one(runs, pair):
     _assert_final_weights_match(runs, pair, atol=1e-4)
 
 
+@pytest.mark.parametrize("pair", DPO_LOSS_PAIRS, ids=[p[0] for p in DPO_LOSS_PAIRS])
+def test_dpo_losses_two_ranks_match_one(runs, pair):
+    two, one = runs[pair[0]], runs[pair[1]]
+    orpo = pair[0].startswith("dpo_orpo")
+    keys = DPO_KEYS + ["nll"] + (["log_odds_ratio", "log_odds_chosen"] if orpo else [])
+    keys += ["eval_" + k for k in keys if k != "grad_norm"]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
+    assert all(k in one[-1] for k in keys), sorted(one[-1])
+    _assert_series_match(two, one, keys)
+    assert one[2]["loss"] < one[1]["loss"] and one[2]["eval_loss"] < one[0]["eval_loss"]
+    frac, strategy = runs[pair[0] + "|ref_local_fraction"], pair[0].split(":")[1]
+    if orpo:
+        assert frac == -1.0, frac  # no reference model at all
+    else:
+        assert 0.4 < frac < 0.6, frac
+    _assert_final_weights_match(runs, pair, atol=1e-4)
+
+
 @pytest.mark.parametrize("pair", KTO_PAIRS, ids=[p[0] for p in KTO_PAIRS])
 def test_kto_two_ranks_match_one(runs, pair):
     two, one = runs[pair[0]], runs[pair[1]]
-    keys = KTO_KEYS + ["eval_" + k for k in KTO_KEYS if k != "grad_norm"]
+    apo = pair[0].startswith("kto_apo")
+    keys = [k for k in KTO_KEYS if not (apo and k == "kl")]
+    keys += ["eval_" + k for k in keys if k != "grad_norm"]
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
     assert all(k in one[-1] for k in keys), sorted(one[-1])
     _assert_series_match(two, one, keys)
     # training did something: the rewards left 0, the desirable ones above the undesirable
     assert one[1]["rewards/margin"] == pytest.approx(0.0, abs=1e-6) and one[2]["rewards/margin"] > 0
-    assert one[2]["kl"] > 0 or one[2]["eval_kl"] > 0  # the reference point moved off 0
+    if apo:
+        assert "kl" not in one[2]
+    else:
+        assert one[2]["kl"] > 0 or one[2]["eval_kl"] > 0  # the reference point moved off 0
     frac = runs[pair[0] + "|ref_local_fraction"]
     assert frac == 1.0 if pair[0].split(":")[1] == "ddp" else 0.4 < frac < 0.6, frac
     _assert_final_weights_match(runs, pair, atol=1e-4)

@@ -39,7 +39,7 @@ def _uniform_for_some(prompts, completions):
 
 def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool, *, same: bool = False,
                trpo: bool = False, bf16: bool = False, behaviour: bool = False, dynamic: bool = False,
-               ref_sync: bool = False):
+               ref_sync: bool = False, variants: bool = False):
     """``same``: sampling seeded per sample and two mini-batches per step (of 4 rows, in
     micro-batches of 2), so 2 ranks must give what one process gives."""
     from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RewardConfig, RLConfig, RolloutConfig
@@ -49,6 +49,8 @@ def _rl_config(strategy: str, steps: int, out_dir: str, estimator: str, resume: 
         ppo.update(trpo=True, trpo_max_kl=2e-5, epochs=1)
     if behaviour:  # the sampler's log-probs as old_logp: no entropy / logprob_gap to reduce
         ppo.update(old_logp="behaviour")
+    if variants:  # CISPO with the high-entropy mask: its threshold a quantile over every rank's tokens
+        ppo.update(policy_loss="cispo", clip_high=1.5, top_entropy_quantile=0.5, off_policy_mask_threshold=0.05)
     return RLConfig(estimator=estimator, steps=steps, output_dir=out_dir, resume=out_dir if resume else None,
                     device="cpu", progress=False, sample_every=1, optim=OptimConfig(lr=5e-3),
                     rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=4,
@@ -127,6 +129,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, ref_sync=True)
     if kind == "grpo_ds":  # dynamic sampling: the groups kept are the one process's, on any ranks
         return run_rl(strategy, steps, out_dir, "grpo", False, same=True, dynamic=True)
+    if kind == "grpo_var":
+        return run_rl(strategy, steps, out_dir, "grpo", False, same=True, variants=True)
     if kind == "gae_beh":
         return run_rl(strategy, steps, out_dir, "gae", False, same=True, behaviour=True)
     if kind == "grpo_bf16":  # FSDP2 bf16 mixed precision, applied on the CPU too for this check
@@ -152,6 +156,17 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         # the reference log-probs of every pair computed before training, each rank its share, summed
         trainer = DPOTrainer(DPOConfig(eval_fraction=DPO_EVAL_FRACTION, beta=0.5, precompute_ref_logps=True,
                                        **common))
+    elif kind == "dpo_mix":
+        # a weighted list of losses (MPO-like), the js f-divergence and LD-DPO's length weighting
+        trainer = run_dpo(common, loss_type=["sigmoid", "ipo", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                          f_divergence_type="js_divergence", ld_alpha=0.5, rpo_alpha=0.0)
+    elif kind == "dpo_orpo":  # reference-free: no reference model on any rank
+        trainer = run_dpo(common, loss_type="orpo", rpo_alpha=0.0)
+    elif kind == "kto_apo":
+        # APO-zero: no KL rows; annotator weights 1 and 3, so each rank's share of the step's weight differs
+        trainer = KTOTrainer(KTOConfig(beta=0.5, loss_type="apo_zero_unpaired", annotator_weights={"a": 1.0, "b": 3.0},
+                                       undesirable_weight=1.3, **common),
+                             train_records=_annotated_pairs()[0], eval_records=_annotated_pairs()[1])
     elif kind == "kto":
         # the KL reference point z0 is a mean over every KL row of the step (all micro-batches,
         # all ranks); unequal desirable / undesirable weights
@@ -168,19 +183,25 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
 DPO_EVAL_FRACTION = 17 / 512
 
 
-def run_dpo(common):
-    """DPO with the RPO term (rpo_alpha > 0: the token mean over every chosen token of the step)
-    and per-annotator weights 1 and 3, so each rank's share of the pair weights and of the
-    chosen tokens differs from half the global one: only the global normalisers give one
-    process's gradient."""
+def _annotated_pairs():
+    """(train, eval) synthetic pairs, every third one by annotator "b", the others by "a"."""
     import dataclasses
 
     from rlhf_fast.trainers.sft import split_records
 
     records = [dataclasses.replace(r, annotator="b" if i % 3 == 0 else "a") for i, r in
                enumerate(synthetic_preference_records(seed=0))]
-    train, ev = split_records(records, DPO_EVAL_FRACTION, 0)
-    cfg = DPOConfig(beta=0.5, rpo_alpha=0.5, annotator_weights={"a": 1.0, "b": 3.0}, **common)
+    return split_records(records, DPO_EVAL_FRACTION, 0)
+
+
+def run_dpo(common, **overrides):
+    """DPO with the RPO term (rpo_alpha > 0: the token mean over every chosen token of the step)
+    and per-annotator weights 1 and 3, so each rank's share of the pair weights and of the
+    chosen tokens differs from half the global one: only the global normalisers give one
+    process's gradient. ``overrides``: other DPOConfig fields (the loss)."""
+    train, ev = _annotated_pairs()
+    cfg = DPOConfig(**{"beta": 0.5, "rpo_alpha": 0.5, "annotator_weights": {"a": 1.0, "b": 3.0}, **common,
+                       **overrides})
     return DPOTrainer(cfg, train_records=train, eval_records=ev)
 
 

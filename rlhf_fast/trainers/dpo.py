@@ -365,12 +365,13 @@ def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *,
 
 @torch.no_grad()
 def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int,
-                               bf16: bool, device, ld_alpha: Optional[float] = None) -> List[Tuple[float, float]]:
-    """Each item's two reference log-probs (its two rows, as ``batch_of(chunk)`` lays them out:
-    every first row of the chunk, then every second; LD-weighted with ``ld_alpha``), computed
-    once — each rank its contiguous share in chunks of ``batch_size``, then summed over ranks —
-    with ``reference`` in eval mode."""
-    out = torch.zeros(len(items), 2, dtype=torch.float32, device=device)
+                               bf16: bool, device, ld_alpha: Optional[float] = None,
+                               rows: int = 2) -> List[Tuple[float, ...]]:
+    """Each item's ``rows`` reference log-probs (its rows, as ``batch_of(chunk)`` lays them out:
+    every first row of the chunk, then every second, ...; LD-weighted with ``ld_alpha``),
+    computed once — each rank its contiguous share in chunks of ``batch_size``, then summed over
+    ranks — with ``reference`` in eval mode."""
+    out = torch.zeros(len(items), rows, dtype=torch.float32, device=device)
     lo, hi = local_span(len(items), ctx)
     ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
     was = ref.training
@@ -379,7 +380,7 @@ def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch
         chunk = items[s: min(s + batch_size, hi)]
         with autocast_context(device, bf16):
             lp, _ = response_logps(reference, batch_of(chunk), ld_alpha=ld_alpha)
-        out[s: s + len(chunk)] = lp.view(2, -1).t()
+        out[s: s + len(chunk)] = lp.view(rows, -1).t()
     ref.train(was)
     return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
 

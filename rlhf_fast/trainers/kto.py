@@ -92,7 +92,7 @@ from .common import (add_config_arguments, autocast_context, make_adamw, make_sc
 from .dpo import (check_policy_fields, encode_pair, load_offline_policy, local_share, offline_reference,
                   precompute_reference_logps, prompt_response_rows, reference_logps, response_ids, response_logps,
                   shard_reference)
-from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
+from .sft import (_Batches, _is_ddp, collate, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("binary", "scores", "pairs")
@@ -401,26 +401,6 @@ class _StepBatches(_Batches):
         return torch.randperm(self.n, generator=g).tolist()
 
 
-@torch.no_grad()
-def _precompute_own_rows(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int, bf16: bool,
-                         device) -> List[float]:
-    """Each item's reference log-prob of its one row (``batch_of(chunk)``), computed once: as
-    :func:`dpo.precompute_reference_logps` (each rank its contiguous share in chunks of
-    ``batch_size``, summed over ranks, ``reference`` in eval mode) for one row per item."""
-    out = torch.zeros(len(items), dtype=torch.float32, device=device)
-    lo, hi = local_span(len(items), ctx)
-    ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
-    was = ref.training
-    ref.eval()
-    for s in range(lo, hi, batch_size):
-        chunk = items[s: min(s + batch_size, hi)]
-        with autocast_context(device, bf16):
-            lp, _ = response_logps(reference, batch_of(chunk))
-        out[s: s + len(chunk)] = lp
-    ref.train(was)
-    return ctx.all_reduce_sum(out).cpu().tolist()
-
-
 # ------------------------------------------------------------------ trainer
 
 
@@ -561,7 +541,7 @@ class KTOTrainer:
         if self.kl_rows:
             refs = precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx, **kw)
         else:
-            refs = [(r,) for r in _precompute_own_rows(reference, items, self._batch, ctx=self.ctx, **kw)]
+            refs = precompute_reference_logps(reference, items, self._batch, ctx=self.ctx, rows=1, **kw)
         for it, ref in zip(items, refs):
             it["ref"] = ref
 

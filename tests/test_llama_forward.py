@@ -475,3 +475,129 @@ def test_right_padded_rows_take_plain_causal_attention_with_the_same_results(fam
     torch.testing.assert_close(h[sel], h_ref[sel], rtol=1e-5, atol=1e-5)
     for (name, _), a, b in zip(base.named_parameters(), g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family,kv_heads,layout", [("llama", None, "mixed"), ("qwen2", 1, "right"),
+                                                    ("qwen3", 2, "right"), ("llama", 2, "packed")])
+@pytest.mark.parametrize("columns", [(0, 19), (6, 19), (6, 14), (0, 1), (18, 19)])
+@pytest.mark.parametrize("short_queries", [True, False])
+def test_columns_give_those_states_and_their_gradients(family, kv_heads, layout, columns, short_queries,
+                                                       monkeypatch):
+    """``columns=(a, b)``: the states of columns [a, b) only (later columns not computed, the
+    last layer's queries from a on), equal to the full forward's up to rounding, with the
+    gradients of a loss on them; masked (left padding, holes), plain causal (right padding)
+    and packed rows; with the last layer's queries cut to the columns (the CPU) or not (CUDA)."""
+    monkeypatch.setattr(llama_forward, "_short_queries", lambda device: short_queries)
+    base = backbone(_model(family, kv_heads))
+    ids, am = _batch()
+    if layout == "right":
+        am = torch.ones_like(ids)
+        am[1, 15:] = 0
+        am[3, 6:] = 0
+        pos = default_position_ids(am)
+    elif layout == "packed":
+        am = None
+        pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3]]).expand(5, -1)
+    else:
+        pos = default_position_ids(am)
+    a, b = columns
+    params = list(base.parameters())
+    sel = (am.bool() if am is not None else torch.ones(ids.shape, dtype=torch.bool))[:, a:b]
+    proj = torch.randn(5, b - a, 32, generator=torch.Generator().manual_seed(7)) * sel[..., None]
+    h_full = llama_forward.hidden_states(base, ids, am, pos)[:, a:b]
+    g_full = torch.autograd.grad((h_full * proj).sum(), params, allow_unused=True)
+    h = llama_forward.hidden_states(base, ids, am, pos, columns=columns)
+    assert h.shape == (5, b - a, 32)
+    torch.testing.assert_close(h[sel], h_full[sel], rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad((h * proj).sum(), params, allow_unused=True)
+    for (name, _), x, y in zip(base.named_parameters(), g, g_full):
+        if y is None:
+            assert x is None or not x.any(), name
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(llama_forward.hidden_states(base, ids, am, pos, columns=columns)[sel],
+                                   h_full[sel], rtol=1e-5, atol=1e-5)
+
+
+def test_columns_out_of_range_are_refused():
+    base = backbone(_model("llama"))
+    ids, am = _batch()
+    for bad in ((3, 3), (-1, 4), (0, 20), (5, 2)):
+        with pytest.raises(ValueError, match="columns"):
+            llama_forward.hidden_states(base, ids, am, default_position_ids(am), columns=bad)
+
+
+def test_columns_keep_activation_checkpointing():
+    m = _model("llama")
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.train()
+    base = backbone(m)
+    ids, am = _batch()
+    pos = default_position_ids(am)
+    params = list(base.parameters())
+    h = llama_forward.hidden_states(base, ids, am, pos, columns=(4, 17))
+    g = torch.autograd.grad(h[am[:, 4:17].bool()].sum(), params, allow_unused=True)
+    m.gradient_checkpointing_disable()
+    h_ref = llama_forward.hidden_states(base, ids, am, pos)[:, 4:17]
+    g_ref = torch.autograd.grad(h_ref[am[:, 4:17].bool()].sum(), params, allow_unused=True)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,kv_heads,layout", [("llama", None, "mixed"), ("qwen2", 1, "right")])
+@pytest.mark.parametrize("short_queries", [True, False])
+def test_select_gives_those_rows_and_their_gradients(family, kv_heads, layout, short_queries, monkeypatch):
+    """``select=(rows, cols)`` with ``columns``: the states ``h[rows, cols]`` ``[N, H]`` (the last
+    layer's work after attention on those rows only), as the full forward gives them, with
+    the gradients of a loss on them; also through logprobs.hidden_states' transformers path."""
+    from rlhf_fast.models import logprobs
+
+    monkeypatch.setattr(llama_forward, "_short_queries", lambda device: short_queries)
+    m = _model(family, kv_heads)
+    base = backbone(m)
+    ids, am = _batch()
+    if layout == "right":
+        am = torch.ones_like(ids)
+        am[1, 15:] = 0
+        am[3, 6:] = 0
+    pos = default_position_ids(am)
+    a, b = 5, 18
+    rows, cols = am[:, a:b].bool().nonzero(as_tuple=True)
+    params = list(base.parameters())
+    proj = torch.randn(rows.numel(), 32, generator=torch.Generator().manual_seed(3))
+    h_full = llama_forward.hidden_states(base, ids, am, pos)[:, a:b][rows, cols]
+    g_full = torch.autograd.grad((h_full * proj).sum(), params, allow_unused=True)
+    h = llama_forward.hidden_states(base, ids, am, pos, columns=(a, b), select=(rows, cols))
+    assert h.shape == (rows.numel(), 32)
+    torch.testing.assert_close(h, h_full, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad((h * proj).sum(), params, allow_unused=True)
+    for (name, _), x, y in zip(base.named_parameters(), g, g_full):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    with ops.use_backend("torch"):  # transformers' forward, then the same columns and rows
+        h_hf = logprobs.hidden_states(m, ids, am, pos, columns=(a, b), select=(rows, cols))
+    torch.testing.assert_close(h_hf, h_full, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_of_queries_shorter_than_the_keys_is_that_of_their_positions():
+    """The last layer's queries cover the last Tq of the keys' T positions: their RoPE (C++
+    kernel, either build, forward and backward) is that of the same positions in a full one."""
+    g = torch.Generator().manual_seed(0)
+    B, T, Tq, d = 3, 11, 4, 8
+    q = torch.randn(B, T, 2, d, generator=g).transpose(1, 2)
+    k = torch.randn(B, T, 1, d, generator=g).transpose(1, 2)
+    cos, sin = torch.randn(B, 1, T, d, generator=g), torch.randn(B, 1, T, d, generator=g)
+    full_q, full_k = llama_forward._rope_qk(q, k, cos, sin)
+    qs = q[:, :, T - Tq:].detach().requires_grad_()
+    kk = k.detach().requires_grad_()
+    got_q, got_k = llama_forward._rope_qk(qs, kk, cos, sin)
+    assert torch.equal(got_q, full_q[:, :, T - Tq:]) and torch.equal(got_k, full_k)
+    gq, gk = torch.randn(got_q.shape, generator=g), torch.randn(got_k.shape, generator=g)
+    torch.autograd.backward((got_q, got_k), (gq, gk))
+    ref_q, ref_k = (x.detach().requires_grad_() for x in (qs, kk))
+    torch.autograd.backward(llama_forward._rope(ref_q, *llama_forward._tail(cos, sin, Tq)), gq)
+    torch.autograd.backward(llama_forward._rope(ref_k, cos, sin), gk)
+    torch.testing.assert_close(qs.grad, ref_q.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kk.grad, ref_k.grad, rtol=1e-6, atol=1e-6)

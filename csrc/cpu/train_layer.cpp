@@ -376,15 +376,18 @@ RLHF_TRAIN_CLONES void rope_row(const T* __restrict x, const T* __restrict c, co
 #pragma GCC pop_options
 
 // x [B, H, T, d] (any strides, last one 1) -> a new [B, H, T, d] laid out as [B, T, H, d] (the
-// transposed view of a projection's output, which transposes back to contiguous)
+// transposed view of a projection's output, which transposes back to contiguous). cos / sin
+// [B or 1, 1, Tc, d] with Tc >= T: x holds the last T of the Tc positions (a training
+// forward's last layer takes the queries of its last columns only, the keys of all)
 at::Tensor rope_one(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
   check_cpu_float(x_in, "rope", "q / k");
   TORCH_CHECK_VALUE(x_in.dim() == 4 && x_in.scalar_type() == cos.scalar_type(),
                     "rope: q and k must be [B, heads, T, d] of cos' dtype, got ", x_in.scalar_type(), " ",
                     x_in.sizes());
   const int64_t B = x_in.size(0), H = x_in.size(1), T = x_in.size(2), d = x_in.size(3);
-  TORCH_CHECK_VALUE(cos.size(2) == T && cos.size(3) == d && (cos.size(0) == B || cos.size(0) == 1),
+  TORCH_CHECK_VALUE(cos.size(2) >= T && cos.size(3) == d && (cos.size(0) == B || cos.size(0) == 1),
                     "rope: cos / sin ", cos.sizes(), " do not broadcast to q / k ", x_in.sizes());
+  const int64_t t0 = cos.size(2) - T;  // x's first position in the tables
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   at::Tensor y = at::empty({B, T, H, d}, x.options()).transpose(1, 2);
   if (y.numel() == 0) return y;
@@ -402,7 +405,7 @@ at::Tensor rope_one(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
     at::parallel_for(0, B * H * T, std::max<int64_t>(1, kGrain / d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
-        rope_row(xp + b * xs0 + h * xs1 + t * xs2, cp + b * cs0 + t * cs2, sp + b * ss0 + t * ss2,
+        rope_row(xp + b * xs0 + h * xs1 + t * xs2, cp + b * cs0 + (t0 + t) * cs2, sp + b * ss0 + (t0 + t) * ss2,
                  yp + b * ys0 + h * ys1 + t * ys2, half, backward);
       }
     });
@@ -410,7 +413,8 @@ at::Tensor rope_one(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
   return y;
 }
 
-// q [B, Hq, T, d], k [B, Hk, T, d]; cos, sin_signed [B or 1, 1, T, d]; one dtype throughout
+// q [B, Hq, Tq, d], k [B, Hk, Tk, d]; cos, sin_signed [B or 1, 1, T, d] with Tq, Tk <= T, each of
+// q and k the last of the T positions; one dtype throughout
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                         const at::Tensor& sin_signed, bool backward) {
   check_cpu_float(cos, "rope", "cos");

@@ -133,6 +133,8 @@ def hidden_states(
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     position_ids: Optional[torch.Tensor] = None,
+    columns: Optional[Tuple[int, int]] = None,
+    select: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype).
 
@@ -140,7 +142,10 @@ def hidden_states(
     base model only, never the LM head: through :mod:`rlhf_fast.models.llama_forward` for a
     Llama / Mistral / Qwen2 / Qwen3 backbone it computes exactly (less memory for the
     backward), else the backbone's own forward. Position ids default to the cumulative count
-    of attended tokens, matching generation with left padding.
+    of attended tokens, matching generation with left padding. ``columns`` ``(a, b)``: only
+    the states of columns ``[a, b)``, ``[B, b - a, H]`` (llama_forward then skips the work no
+    such state depends on: :func:`rlhf_fast.models.llama_forward.hidden_states`); ``select``
+    ``(rows, cols)`` ``[N]`` int64 (cols counted from ``a``): only ``h[rows, cols]`` ``[N, H]``.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -149,6 +154,12 @@ def hidden_states(
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have at least one row and one column, got shape {tuple(input_ids.shape)}")
     check_input_ids(model, input_ids, positions=position_ids is None)
+    if columns is not None:
+        a, b = (int(c) for c in columns)
+        T = input_ids.shape[1]
+        if not 0 <= a < b <= T:
+            raise ValueError(f"columns must be (a, b) with 0 <= a < b <= {T}, got {columns!r}")
+        columns = (a, b)
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
@@ -158,18 +169,24 @@ def hidden_states(
         # reduction and FSDP2 gathers the root parameters as for any forward call (the LM
         # head's gradient, from the fused op after it, is reduced like every other one)
         return llama_forward.call_as_forward(
-            model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask, position_ids))
+            model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns,
+                                                       select))
     if _data_parallel_root(model):
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1, return_dict=True)
-        return out.hidden_states[-1]
+        return _columns(out.hidden_states[-1], columns, select)
     if fast:
-        return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids)
+        return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns, select)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                return_dict=True)
-    return out.last_hidden_state
+    return _columns(out.last_hidden_state, columns, select)
+
+
+def _columns(h: torch.Tensor, columns: Optional[Tuple[int, int]], select) -> torch.Tensor:
+    h = h if columns is None else h[:, columns[0]:columns[1]]
+    return h if select is None else h[select]
 
 
 def _plain_ddp(model: nn.Module) -> bool:
@@ -382,8 +399,15 @@ def sequence_logprobs(
             out = ops.token_logprobs(logits[tr, tc - 1], input_ids[tr, tc], temperature=temperature,
                                      return_entropy=return_entropy)
             return _scatter(out, tr, tc, B, T, return_entropy)
-        h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
-        h_sel, labels = h[tr, tc - 1], input_ids[tr, tc]
+        if tr.numel():
+            # only the states that predict a target: columns [min(tc) - 1, max(tc)) (the
+            # forward skips the later columns and the last layer's earlier queries)
+            lo, hi = torch.stack(torch.aminmax(tc)).tolist()  # one sync
+            h_sel = hidden_states(model, input_ids, attention_mask, position_ids, columns=(lo - 1, hi),
+                                  select=(tr, tc - lo))
+        else:  # nothing to score: every state, so the (zero) gradients still reach every weight
+            h_sel = hidden_states(model, input_ids, attention_mask, position_ids)[tr, tc - 1]
+        labels = input_ids[tr, tc]
 
     weight, bias = lm_head_params(model)
     out = _chunked_head_logprobs(h_sel, weight, bias, labels, temperature=temperature,
@@ -479,15 +503,19 @@ def policy_loss(
         kw = {k: v for k, v in loss_kwargs.items() if k not in ("temperature", "chunk_size")}
         return reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp,
                                                kl_fn=ops.kl_penalty, **kw)
-    h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
     B, T = shape
     # Only the columns holding loss tokens go through the LM head: the prompt's logits are never
     # used (a rollout batch's responses start at one column, after the left-padded prompts).
-    # Column t is predicted by the state h[:, t − 1]; with no loss token at all, every column
-    # (and a zero state for t = 0) keeps the loss's graph.
+    # Column t is predicted by the state h[:, t − 1] (the forward computes only those states:
+    # :func:`hidden_states`' columns); with no loss token at all, every column (and a zero
+    # state for t = 0) keeps the loss's graph.
     cols = mask.any(0).nonzero()
     c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, T)
-    hs = h[:, c0 - 1:c1 - 1] if c0 > 0 else torch.cat([h.new_zeros(B, 1, h.shape[2]), h[:, :c1 - 1]], dim=1)
+    if c0 > 0:
+        hs = hidden_states(model, input_ids, attention_mask, position_ids, columns=(c0 - 1, c1 - 1))
+    else:
+        h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
+        hs = torch.cat([h.new_zeros(B, 1, h.shape[2]), h[:, :c1 - 1]], dim=1)
     kw = dict(loss_kwargs)
     if kw.get("normalizer") is None and kw.get("agg") == "seq-mean-token-sum-norm":
         kw["normalizer"] = float(B * T)  # the [B, T] batch's own denominator, not the slice's

@@ -138,15 +138,12 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[
 
 def collate(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask``, ``response_mask`` ``[B, T]`` int64."""
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), T, dtype=torch.long)
-    resp = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        attn[i, :n] = 1
-        resp[i, :n] = torch.tensor(r["response_mask"])
+    lengths = [len(r["input_ids"]) for r in rows]
+    T = max(lengths)
+    # padded Python lists, one tensor per field: per-row tensors cost more than the step's collate
+    ids = torch.tensor([list(r["input_ids"]) + [pad_id] * (T - n) for r, n in zip(rows, lengths)], dtype=torch.long)
+    resp = torch.tensor([list(r["response_mask"]) + [0] * (T - n) for r, n in zip(rows, lengths)], dtype=torch.long)
+    attn = (torch.arange(T) < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 

@@ -19,6 +19,9 @@ import torch
 from rlhf_fast.ops._validate import finite
 
 ON_BAD_REWARD = ("raise", "drop")
+# how several reward models combine: "sum" keeps each one a source of its own (each weighted);
+# the others make one source of the K models' scores (:class:`RewardModelEnsemble`)
+ENSEMBLE_MODES = ("sum", "mean", "min", "mean_minus_std", "mean_minus_var")
 
 
 def _reward_value(v) -> float:
@@ -152,6 +155,74 @@ class RewardModelReward(RewardSource):
         return reward_scores(self.model, ids, am).float().cpu().tolist()
 
 
+class RewardModelEnsemble(RewardSource):
+    """K >= 2 reward sources (usually :class:`RewardModelReward` s of reward models trained with
+    different seeds) combined per completion into ONE reward, against reward over-optimisation
+    (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein et
+    al. 2023, "Helping or Herding?"). With s ``[K, B]`` float32 the members' scores:
+
+    - ``mean``: mean_k s;
+    - ``min``: min_k s (worst-case optimisation, Coste's WCO);
+    - ``mean_minus_std``: mean_k s − ``coef`` · std_k s, std the POPULATION std
+      sqrt(1/K · Σ_k (s_k − mean)²) (the penalty in reward units, so it scales with the
+      rewards, as Eisenstein et al.'s mean-minus-std aggregation);
+    - ``mean_minus_var``: mean_k s − ``coef`` · var_k s, var = 1/K · Σ_k (s_k − mean)²: Coste
+      et al.'s uncertainty-weighted optimisation (UWO) exactly, λ = ``coef``.
+
+    A completion that any member scores NaN / ±inf gets NaN (even under ``min``, where +inf
+    would otherwise hide), so :class:`CombinedReward`'s ``on_bad_reward`` raises or drops it.
+    :meth:`score_with_extras` also returns, for logging, each member's scores (``rm0`` …
+    ``rm{K-1}``) and their population std (``rm_std``, the ensemble's disagreement, a standard
+    over-optimisation signal), ``[B]`` float32 each."""
+
+    def __init__(self, members: Sequence[RewardSource], mode: str = "mean", coef: float = 1.0,
+                 name: str = "reward_model"):
+        if mode not in ENSEMBLE_MODES or mode == "sum":
+            raise ValueError(f"mode must be one of {ENSEMBLE_MODES[1:]} (\"sum\" keeps the models separate "
+                             f"sources), got {mode!r}")
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 reward models, got {len(members)}")
+        for i, m in enumerate(members):
+            if not isinstance(m, RewardSource):
+                raise TypeError(f"members[{i}] must be a RewardSource, got {type(m).__name__}")
+        coef = finite("coef", coef, ">= 0")
+        self.members, self.mode, self.coef, self.name = members, mode, coef, name
+        self.extra_names = [f"rm{k}" for k in range(len(members))] + ["rm_std"]
+
+    def score_with_extras(self, prompts, completions, ctx):
+        """(the ensemble's B rewards, {extra name: ``[B]`` float32}); see the class docstring.
+        A member that raises makes the whole call raise (CombinedReward then isolates rows)."""
+        B = len(completions)
+        rows = []
+        for k, m in enumerate(self.members):
+            out = m(prompts, completions, ctx)
+            v = [_reward_value(x) for x in (out.tolist() if isinstance(out, torch.Tensor) else out)]
+            if len(v) != B:
+                raise RewardError(f"ensemble member rm{k} returned {len(v)} rewards for {B} completions")
+            rows.append(v)
+        s = torch.tensor(rows, dtype=torch.float32).view(len(self.members), B)  # [K, B]
+        ok = torch.isfinite(s).all(dim=0)  # [B]
+        safe = torch.where(ok, s, torch.zeros_like(s))  # keeps inf - inf out of the std
+        mean = safe.mean(dim=0)
+        std = safe.std(dim=0, unbiased=False)  # population: 1/K, as Coste's intra-ensemble variance
+        if self.mode == "mean":
+            r = mean
+        elif self.mode == "min":
+            r = safe.min(dim=0).values
+        elif self.mode == "mean_minus_std":
+            r = mean - self.coef * std
+        else:  # mean_minus_var
+            r = mean - self.coef * std * std
+        nan = torch.full_like(r, float("nan"))
+        extras = {f"rm{k}": s[k] for k in range(len(self.members))}
+        extras["rm_std"] = torch.where(ok, std, nan)
+        return torch.where(ok, r, nan).tolist(), extras
+
+    def __call__(self, prompts, completions, ctx):
+        return self.score_with_extras(prompts, completions, ctx)[0]
+
+
 class JudgeReward(RewardSource):
     """The AI judge: a :class:`rlhf_fast.feedback.judge.Judge` (``score(prompt, response) ->
     float``, called per sample and cached by the judge), or any object with a batched
@@ -234,8 +305,10 @@ class RepetitionPenalty(RewardSource):
 @dataclass
 class RewardOutput:
     """total ``[B]`` float32 (weighted sum; 0 where invalid); per_source name → ``[B]`` float32
-    unweighted (NaN where that source failed); valid ``[B]`` bool; dropped: per-source count of
-    samples dropped."""
+    unweighted (NaN where that source failed), plus the per-sample diagnostics a source such as
+    :class:`RewardModelEnsemble` gives (its members' scores ``rm{k}``, their spread ``rm_std``:
+    logged as ``reward/NAME`` like the sources, never part of the total); valid ``[B]`` bool;
+    dropped: per-source count of samples dropped."""
 
     total: torch.Tensor
     per_source: Dict[str, torch.Tensor]
@@ -297,29 +370,47 @@ class CombinedReward:
             seen[n] = k + 1
             taken.add(f"{n}_{k}")
             names.append(f"{n}_{k}")
+        # a source's extra per-sample values (an ensemble's members, rm_std) share per_source and
+        # the reward/NAME logs with the sources: a clash would overwrite one with the other
+        extra = [e for s, _ in items for e in getattr(s, "extra_names", ())]
+        clash = sorted((set(extra) & set(names)) | {e for e in extra if extra.count(e) > 1})
+        if clash:
+            raise ValueError(f"reward source names {clash} are taken twice (a source's name and an ensemble's "
+                             f"logged member/rm_std values, or two ensembles): rename the sources")
         self.sources = items
         self.names = names
         self.on_bad_reward = on_bad_reward
 
+    @staticmethod
+    def _score(src: RewardSource, prompts, completions, ctx):
+        """(the source's output, its extras dict: {} for a source without extra_names)."""
+        if getattr(src, "extra_names", None):
+            return src.score_with_extras(prompts, completions, ctx)
+        return src(prompts, completions, ctx), {}
+
     def _call_one(self, src: RewardSource, name: str, prompts, completions, ctx):
+        """(B floats, {extra name: ``[B]`` float32} — NaN on a row whose scoring failed)."""
         B = len(completions)
         try:
-            out = src(prompts, completions, ctx)
+            out, extras = self._score(src, prompts, completions, ctx)
         except RewardError:  # a configuration error (a missing prompt field): no sample would score
             raise
         except Exception as e:  # noqa: BLE001 - reported with the source's name
             if self.on_bad_reward == "raise":
                 raise RewardError(f"reward source {name!r} raised {type(e).__name__}: {e}") from e
             # Isolate the failing samples by scoring one at a time.
-            vals = []
+            nan = float("nan")
+            vals, extras = [], {e: [nan] * B for e in getattr(src, "extra_names", ())}
             for i in range(B):
                 try:
-                    v = src([prompts[i]], [completions[i]], ctx.row(i))
+                    v, ex = self._score(src, [prompts[i]], [completions[i]], ctx.row(i))
                     v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
-                    vals.append(_reward_value(v[0]) if len(v) == 1 else float("nan"))
+                    vals.append(_reward_value(v[0]) if len(v) == 1 else nan)
+                    for e, t in ex.items():
+                        extras[e][i] = float(t[0])
                 except Exception:  # noqa: BLE001
-                    vals.append(float("nan"))
-            return vals
+                    vals.append(nan)
+            return vals, {e: torch.tensor(v, dtype=torch.float32) for e, v in extras.items()}
         try:
             vals = [_reward_value(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
         except (TypeError, ValueError, OverflowError) as e:
@@ -327,7 +418,7 @@ class CombinedReward:
                               f"{type(out).__name__}: {e}") from e
         if len(vals) != B:
             raise RewardError(f"reward source {name!r} returned {len(vals)} rewards for {B} completions")
-        return vals
+        return vals, extras
 
     def __call__(self, prompts: List[str], completions: List[str], ctx: Optional[RewardContext] = None) -> RewardOutput:
         """Score B completions. Returns a :class:`RewardOutput`; raises :class:`RewardError`
@@ -340,13 +431,18 @@ class CombinedReward:
         valid = torch.ones(B, dtype=torch.bool)
         per, dropped = {}, {}
         for (src, w), name in zip(self.sources, self.names):
-            vals = self._call_one(src, name, prompts, completions, ctx)
+            vals, extras = self._call_one(src, name, prompts, completions, ctx)
             bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
             if bad and self.on_bad_reward == "raise":
+                # an ensemble's NaN comes from a member: name the member(s) that gave it
+                members = [f"{e}={float(t[bad[0]])}" for e, t in extras.items()
+                           if e != "rm_std" and not math.isfinite(float(t[bad[0]]))]
                 raise RewardError(f"reward source {name!r} returned a non-finite reward ({vals[bad[0]]}) for "
-                                  f"sample {bad[0]} (completion {completions[bad[0]][:60]!r}); set "
-                                  f"on_bad_reward='drop' to skip such samples")
+                                  f"sample {bad[0]} (completion {completions[bad[0]][:60]!r})"
+                                  + (f" from its member(s) {', '.join(members)}" if members else "")
+                                  + "; set on_bad_reward='drop' to skip such samples")
             t = torch.tensor(vals, dtype=torch.float32)
+            per.update(extras)
             per[name] = t
             dropped[name] = len(bad)
             ok = torch.isfinite(t)

@@ -54,6 +54,7 @@ from rlhf_fast.algorithms import (
     make_kl_controller,
     shape_scores,
 )
+from rlhf_fast.algorithms.rewards import RewardModelEnsemble
 from rlhf_fast.trainers.rl_config import RLConfig
 
 
@@ -491,18 +492,32 @@ class RLTrainer:
         for spec, w in zip(rc.functions, rc.weights or [1.0] * len(rc.functions)):
             sources.append(CallableReward(load_callable(spec), name=spec.rsplit(":", 1)[1]))
             weights.append(w)
+        rms = []  # every reward model, the Python API's then the config's folders, in that order
         for i, rm in enumerate(reward_models):
             model, tok = rm if isinstance(rm, tuple) else (rm, None)
-            sources.append(RewardModelReward(model.to(self.device).eval(), tok, name=f"reward_model{i or ''}"))
-            weights.append(rc.reward_model_weight)
-        if rc.reward_model is not None:
+            rms.append(RewardModelReward(model.to(self.device).eval(), tok, name=f"reward_model{i or ''}"))
+        folders = rc.reward_model_folders()
+        if folders:
             from transformers import AutoTokenizer
 
             from rlhf_fast.models.loading import check_model_folder, load_reward_model
 
-            check_model_folder(rc.reward_model, "reward.reward_model", tokenizer=True, reward=True)
-            sources.append(RewardModelReward(load_reward_model(rc.reward_model, device=self.device),
-                                             AutoTokenizer.from_pretrained(rc.reward_model), name="reward_model"))
+            for key, path in folders:  # all checked before any is loaded
+                check_model_folder(path, key, tokenizer=True, reward=True)
+            for _, path in folders:
+                rms.append(RewardModelReward(load_reward_model(path, device=self.device),
+                                             AutoTokenizer.from_pretrained(path), name="reward_model"))
+        if rc.reward_model_ensemble == "sum":
+            # each model a source of its own (the behaviour before ensembles: same names, same sum)
+            sources += rms
+            weights += [rc.reward_model_weight] * len(rms)
+        elif len(rms) < 2:
+            raise ValueError(f"reward.reward_model_ensemble {rc.reward_model_ensemble!r} combines several reward "
+                             f"models, got {len(rms)} (list >= 2 folders in reward.reward_model, or pass "
+                             f"reward_models=[...]); use 'sum' for a single model")
+        else:
+            coef = 1.0 if rc.ensemble_coef is None else rc.ensemble_coef
+            sources.append(RewardModelEnsemble(rms, rc.reward_model_ensemble, coef, name="reward_model"))
             weights.append(rc.reward_model_weight)
         if judge is not None:
             sources.append(JudgeReward(judge))

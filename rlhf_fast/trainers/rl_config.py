@@ -7,11 +7,13 @@ YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rlhf_fast.algorithms.policy_losses import POLICY_LOSSES, SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS
+from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.ops._validate import finite
@@ -180,12 +182,29 @@ class RewardConfig:
     ``overlong_buffer`` (tokens, 0 = off): DAPO's soft overlong punishment, weighted by
     ``overlong_penalty`` — 0 up to ``rollout.max_new_tokens − overlong_buffer`` response tokens,
     then falling linearly to −1 at ``rollout.max_new_tokens`` (:class:`OverlongPenalty`).
-    Shaping: ``whiten`` (running statistics) then ``clip``. ``on_bad_reward``: raise | drop."""
+    Shaping: ``whiten`` (running statistics) then ``clip``. ``on_bad_reward``: raise | drop.
+
+    ``reward_model``: one reward-model folder, or a list of them (on the command line:
+    ``--reward.reward_model a,b,c``); ``RLTrainer(reward_models=[...])`` adds more. How K
+    reward models combine, ``reward_model_ensemble``: ``sum`` (the default; each model is a
+    source of its own, weighted ``reward_model_weight``, as before) or, for K >= 2, one source
+    of weight ``reward_model_weight`` computed per completion from the K scores s_k:
+    ``mean``, ``min`` (worst-case, Coste et al. 2023's WCO), ``mean_minus_std`` (mean_k s −
+    ``ensemble_coef`` · std_k s, the POPULATION std (1/K): the penalty in reward units) or
+    ``mean_minus_var`` (mean_k s − ``ensemble_coef`` · var_k s, population variance: Coste's
+    uncertainty-weighted UWO exactly); ``ensemble_coef`` λ is left unset (1.0) or set for
+    those two modes only. The
+    ensemble modes log each model's score ``reward/rm{k}`` and their disagreement
+    ``reward/rm_std`` (the mean over completions of the population std across the models: it
+    grows when the policy finds answers the models disagree on, a sign of over-optimisation).
+    A model's NaN makes the ensemble's reward NaN, which ``on_bad_reward`` raises or drops."""
 
     functions: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
-    reward_model: Optional[str] = None
+    reward_model: Optional[Union[str, List[str]]] = None
     reward_model_weight: float = 1.0
+    reward_model_ensemble: str = "sum"
+    ensemble_coef: Optional[float] = None
     length_penalty: float = 0.0
     length_target: Optional[int] = None
     repetition_penalty: float = 0.0
@@ -198,6 +217,7 @@ class RewardConfig:
 
     def __post_init__(self):
         _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
+        self._check_reward_models()
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"reward.weights must have one entry per reward.functions entry "
                              f"({len(self.functions)}), got {len(self.weights)}")
@@ -217,6 +237,40 @@ class RewardConfig:
         _pos("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
         if self.length_target is not None:
             _pos("reward.length_target", self.length_target, allow_zero=True, integer=True)
+
+    def reward_model_folders(self) -> List[tuple]:
+        """``(config key, folder)`` of each reward-model folder: the key is
+        ``reward.reward_model`` for a single string, ``reward.reward_model[i]`` in a list."""
+        if self.reward_model is None:
+            return []
+        if isinstance(self.reward_model, str):
+            return [("reward.reward_model", self.reward_model)]
+        return [(f"reward.reward_model[{i}]", p) for i, p in enumerate(self.reward_model)]
+
+    def _check_reward_models(self):
+        rm = self.reward_model
+        # `--reward.reward_model a,b` on the command line (a folder whose name has a comma stays whole)
+        if isinstance(rm, str) and "," in rm and not os.path.exists(rm):
+            rm = self.reward_model = [p.strip() for p in rm.split(",")]
+        if isinstance(rm, (list, tuple)):
+            if not rm:
+                raise ValueError("reward.reward_model must be a folder or a non-empty list of folders, got []")
+            self.reward_model = list(rm)
+        elif rm is not None and not isinstance(rm, str):
+            raise ValueError(f"reward.reward_model must be a folder or a list of folders, got {rm!r}")
+        for key, p in self.reward_model_folders():
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"{key} must be a model folder (a non-empty path), got {p!r}")
+        # the count of models (>= 2 for an ensemble) is checked by the trainer, which also
+        # counts the reward models given to RLTrainer(reward_models=...)
+        _choice("reward.reward_model_ensemble", self.reward_model_ensemble, ENSEMBLE_MODES)
+        if self.ensemble_coef is not None:
+            # a coefficient the chosen mode ignores is a mistake in the config, not a no-op
+            if self.reward_model_ensemble not in ("mean_minus_std", "mean_minus_var"):
+                raise ValueError(f"reward.ensemble_coef applies to reward.reward_model_ensemble "
+                                 f"'mean_minus_std' or 'mean_minus_var' only, got it set with "
+                                 f"{self.reward_model_ensemble!r}")
+            _pos("reward.ensemble_coef", self.ensemble_coef, allow_zero=True)
 
 
 @dataclass

@@ -536,3 +536,47 @@ def test_a_lora_policy_resumes_exactly(tmp_path):
     assert all(not torch.equal(p, start[n]) for n, p in lora.items() if "lora_B" in n)  # the adapters trained
     for (n, p), (_, q) in zip(a.policy.named_parameters(), c.policy.named_parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_no_kl_term_means_no_reference_model_and_the_same_training(tmp_path, placement, monkeypatch):
+    """kl.coef 0 with the fixed controller (DAPO; TRL's beta 0): no reference is built and none
+    runs, no kl/* metric is logged, and training is what it is with a reference whose KL term
+    weighs 0. model.reference or a reference passed in still gives one (for its KL metrics)."""
+    from rlhf_fast.models import logprobs as lp_mod
+    from rlhf_fast.models.loading import make_reference
+
+    kw = dict(steps=2, kl=KLConfig(coef=0.0, placement=placement))
+    a = _trainer(tmp_path / "a", "grpo", reward_fns=(n_chars,), **kw)
+    assert a.reference is None
+    policies = {id(a.policy)}
+    calls = []
+    real = lp_mod.sequence_logprobs
+
+    def counted(model, *args, **kwargs):
+        calls.append(id(model) in policies)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(lp_mod, "sequence_logprobs", counted)
+    ha = a.train()
+    assert calls and all(calls), "only the policy ran a forward"
+    assert all(not {"kl/seq", "kl/token", "policy/kl"} & set(m) and m["kl/coef"] == 0.0 for m in ha)
+    monkeypatch.setattr(lp_mod, "sequence_logprobs", real)
+
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path / "b", "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5),
+                      **kw)
+    b = RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS, reference=make_reference(pol))
+    assert b.reference is not None
+    hb = b.train()
+    assert all("kl/seq" in m for m in hb) and hb[-1]["kl/seq"] != 0.0
+    for ma, mb in zip(ha, hb):
+        assert set(mb) - set(ma) == {"kl/seq", "kl/token", "policy/kl"}
+        for k, v in ma.items():
+            if not k.startswith(("time/", "tokens_per")):
+                assert v == pytest.approx(mb[k], rel=1e-6, abs=1e-7), k
+    for p, q in zip(a.policy.parameters(), b.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    # any KL term keeps the reference
+    for kl in (KLConfig(coef=0.01), KLConfig(coef=0.0, controller="adaptive"), KLConfig(coef=0.0, ref_sync_steps=1)):
+        assert _trainer(tmp_path / "c", "grpo", steps=1, kl=kl).reference is not None

@@ -64,7 +64,7 @@ class RolloutTensors:
 
     input_ids ``[B, L]`` int64; attention_mask, response_mask ``[B, L]`` bool (response_mask
     never set at column 0); old_logp, ref_logp, behaviour_logp ``[B, L]`` float32 (0 outside
-    the response); values, advantages, returns ``[B, L]`` float32 (values: V(s_t) of the
+    the response; ref_logp None when the run has no reference: no KL term anywhere); values, advantages, returns ``[B, L]`` float32 (values: V(s_t) of the
     state before response token t, see :func:`critic_values`; zero without a critic); scores
     ``[B]`` float32 (shaped sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
     that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
@@ -74,7 +74,7 @@ class RolloutTensors:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
     behaviour_logp: torch.Tensor
     values: torch.Tensor
     advantages: torch.Tensor
@@ -376,14 +376,21 @@ class RLTrainer:
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()
         self.tokenizer = tokenizer
-        if reference is None:
+        # No KL term anywhere (kl.coef 0, a fixed controller, no reference sync) and no reference
+        # asked for: none is built and none runs (as TRL with beta 0 and verl without a KL
+        # loss or reward): DAPO-style runs save a model's memory and a forward per step.
+        kl = cfg.kl
+        kl_free = kl.coef == 0 and kl.controller == "fixed" and not kl.ref_sync_steps
+        if reference is None and not (kl_free and not cfg.model.reference):
             from rlhf_fast.models import loading
 
             if cfg.model.reference:
                 loading.check_model_folder(cfg.model.reference, "model.reference")
             reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
                          else loading.make_reference(self.policy))
-        if isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
+        if reference is None:
+            pass  # kl_free: no reference, so no forward and no kl/* metrics
+        elif isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
             # distributed.offload_reference: it lives in CPU memory and visits the device per step
             home = torch.device("cpu") if cfg.distributed.offload_reference else self.device
             reference = reference.to(home).eval()
@@ -585,9 +592,11 @@ class RLTrainer:
                 if cfg.ppo.top_entropy_quantile < 1.0:  # the high-entropy mask needs the entropies back
                     _, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
                                                    temperature=ro.temperature, return_entropy=True)
-            with self._reference_on_device():
-                ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
-                                             temperature=ro.temperature)
+            ref_logp = None  # no reference (no KL term): no forward, no KL metrics
+            if self.reference is not None:
+                with self._reference_on_device():
+                    ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
+                                                 temperature=ro.temperature)
             if self.reference_sharded:  # free the root's gathered copy (kept after forward for the head)
                 reshard(self.reference)
             values = (critic_values(self.critic, ids, am) * rm if self.critic is not None
@@ -620,9 +629,11 @@ class RLTrainer:
         scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
                               moments=self.reward_moments if cfg.reward.whiten else None)
         ids, am, rm = ids[idx], am[idx], rm[idx]
-        old_logp, ref_logp, beh, values = (t[idx] for t in (old_logp, ref_logp, beh, values))
+        old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
+        ref_logp = ref_logp[idx] if ref_logp is not None else None
         entropy = entropy[idx] if entropy is not None else None
-        kl_tok = ops.kl_penalty(old_logp, ref_logp, "k1") * rm  # [B, L]
+        kl_tok = (ops.kl_penalty(old_logp, ref_logp, "k1") * rm if ref_logp is not None
+                  else torch.zeros_like(old_logp))  # [B, L]
         beta = self.kl_ctl.value
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
         # rank's tokens, as one process would see them
@@ -663,6 +674,9 @@ class RLTrainer:
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
                                                   values, (beh - old_logp).abs() * rm if recompute else None,
                                                   w if cfg.ppo.is_cap is not None else None, truncated))
+        if ref_logp is None:
+            for k in ("kl/seq", "kl/token"):
+                m.pop(k, None)
         self._sampled_rows = int(rm.any(dim=1).sum())
         if ro.mask_truncated:
             # scored and in their groups' statistics above, but no part of any loss: their
@@ -1144,6 +1158,8 @@ class RLTrainer:
                 break
         out = {f"policy/{k}" if not k.startswith("value") else k.replace("value_", "value/"): v / n_updates
                for k, v in sums.items()}
+        if self.reference is None:  # a KL to no reference is no metric
+            out.pop("policy/kl", None)
         out["policy/updates"] = n_updates
         out["policy/early_stopped"] = int(stopped)
         out["lr"] = self.scheduler.get_last_lr()[0]
@@ -1167,7 +1183,8 @@ class RLTrainer:
         n = torch.tensor(float(self._sampled_rows), device=self.device)
         if self.ctx.distributed:
             n = self.ctx.all_reduce_sum(n)
-        self.kl_ctl.update(m["kl/seq"], int(n.item()))
+        if "kl/seq" in m:  # (no reference: a fixed β of 0, nothing to update)
+            self.kl_ctl.update(m["kl/seq"], int(n.item()))
         self.global_step += 1
         every = self.config.kl.ref_sync_steps
         if every and self.global_step % every == 0:
@@ -1350,7 +1367,7 @@ class RLTrainer:
                     history.append(m)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m['kl/seq']:.3f}")
+                        bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m.get('kl/seq', float('nan')):.3f}")
                     # a stop signal ends the run at this step with a checkpoint
                     signum = stop.requested(self.ctx) if self.global_step < end else 0
                     if (cfg.save_every and self.global_step % cfg.save_every == 0) or signum:

@@ -516,12 +516,17 @@ def test_a_lora_policy_resumes_exactly(tmp_path):
     pytest.importorskip("peft")
     from rlhf_fast.models.loading import load_policy
 
-    def trainer(name, **kw):
+    lora_cfg = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+    def trainer(name, from_config=False, **kw):
         pol, tok = make_policy()
         torch.manual_seed(0)  # the same adapter initialisation in every run
-        pol = load_policy(pol, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+        if not from_config:
+            pol = load_policy(pol, lora=lora_cfg)
         cfg = make_config(tmp_path / name, "grpo", steps=4, save_every=2, lr=2e-2,
                           rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5), **kw)
+        if from_config:
+            cfg.model.lora = dict(lora_cfg)
         return RLTrainer(cfg, pol, tok, reward_fns=[frac_a], prompts=PROMPTS)
 
     a = trainer("a")
@@ -536,6 +541,17 @@ def test_a_lora_policy_resumes_exactly(tmp_path):
     assert all(not torch.equal(p, start[n]) for n, p in lora.items() if "lora_B" in n)  # the adapters trained
     for (n, p), (_, q) in zip(a.policy.named_parameters(), c.policy.named_parameters()):
         assert torch.equal(p, q), n
+    # model.lora in the config: the same adapters, the same run
+    d = trainer("d", from_config=True)
+    assert not isinstance(d.reference, torch.nn.Module)  # the base with adapters disabled: no copy
+    d.train()
+    for (n, p), (_, q) in zip(a.policy.named_parameters(), d.policy.named_parameters()):
+        assert torch.equal(p, q), n
+    pol, tok = make_policy()
+    cfg = make_config(tmp_path / "e", "grpo", steps=1)
+    cfg.model.lora = dict(lora_cfg)
+    with pytest.raises(ValueError, match="model.lora: the policy already has peft adapters"):
+        RLTrainer(cfg, load_policy(pol, lora=lora_cfg), tok, reward_fns=[frac_a], prompts=PROMPTS)
 
 
 @pytest.mark.parametrize("placement", ["reward", "loss"])

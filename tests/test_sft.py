@@ -216,3 +216,44 @@ def test_the_log_has_one_record_per_step_with_the_final_evaluation(tmp_path, tok
     steps = [r["step"] for r in recs]
     assert steps == sorted(set(steps)) and steps[-3:] == [1, 2, 3]  # (step 0: the evaluation at the start)
     assert "eval_loss" in recs[-1] and "loss" in recs[-1]
+
+
+def test_lora_from_the_config_trains_only_adapters_and_resumes(tmp_path, tok):
+    """``lora`` (LoraConfig fields, as text from the command line too): the base weights stay,
+    only the adapters move and the loss falls; final/ holds the adapter; a resumed run equals
+    an uninterrupted one."""
+    from rlhf_fast.trainers.config import load_config
+
+    assert load_config(SFTConfig, None, ["--lora.r", "4", "--lora.lora_alpha", "8"]).lora == {"r": 4, "lora_alpha": 8}
+    with pytest.raises(ValueError, match="lora must be null or a mapping"):
+        SFTConfig(lora=[4])
+    recs = synthetic_sft_records(48)
+
+    def run(name, steps):
+        c = _cfg(tmp_path, output_dir=str(tmp_path / name), max_steps=6, save_every=3, lr=2e-2, lora={"r": 4})
+        t = SFTTrainer(c, train_records=recs[:40], eval_records=recs[40:], tokenizer=tok)
+        if steps < 6:
+            while t.step < steps:
+                t.train_step()
+            t._save()
+            t = SFTTrainer(c, train_records=recs[:40], eval_records=recs[40:], tokenizer=tok)
+        return t, t.train()
+
+    t, out = run("full", 6)
+    names = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    fresh = SFTTrainer(_cfg(tmp_path, output_dir=str(tmp_path / "fresh"), lora={"r": 4}), train_records=recs[:40],
+                       eval_records=recs[40:], tokenizer=tok)
+    base_before = {n: p for n, p in fresh.model.named_parameters() if "lora_" not in n}
+    moved = 0
+    for n, p in t.model.named_parameters():
+        if "lora_" in n:
+            moved += int(not torch.equal(p, dict(fresh.model.named_parameters())[n]))
+        else:
+            assert torch.equal(p, base_before[n]), n  # the base is frozen
+    assert moved > 0
+    assert out["eval_loss"] < fresh.evaluate()["eval_loss"]
+    assert os.path.isfile(os.path.join(t.cfg.output_dir, "final", "adapter_config.json"))
+    r, _ = run("resumed", 3)
+    for (n, a), b in zip(t.model.named_parameters(), r.model.parameters()):
+        assert torch.equal(a, b), n

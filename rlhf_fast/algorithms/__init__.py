@@ -34,7 +34,8 @@ from .shaping import RunningMoments, shape_scores
 __all__ = [
     "ESTIMATORS", "CRITIC_ESTIMATORS", "GROUP_ESTIMATORS", "compute_advantages", "gae_advantages",
     "group_estimator_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
-    "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward", "RewardModelEnsemble",
-    "JudgeReward", "LengthPenalty", "OverlongPenalty", "RepetitionPenalty", "CombinedReward", "RewardContext", "RewardOutput",
+    "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward",
+    "RewardModelEnsemble", "JudgeReward", "LengthPenalty", "OverlongPenalty", "RepetitionPenalty", "CombinedReward",
+    "RewardContext", "RewardOutput",
     "RewardError", "fields_per_row", "load_callable", "RunningMoments", "shape_scores",
 ]

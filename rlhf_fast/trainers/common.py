@@ -281,6 +281,20 @@ def require_records(records: list, key: str, path: str) -> list:
     return records
 
 
+def check_lora_field(cfg, name: str = "lora") -> None:
+    """``cfg.lora``: None, or a mapping of peft LoraConfig fields ({} for r=8, alpha=16, every
+    linear layer), whose values given as command-line text (``--lora.r 16``) are read as YAML;
+    ValueError naming the field (``name``) otherwise."""
+    if cfg.lora is None:
+        return
+    if not isinstance(cfg.lora, dict):
+        raise ValueError(f"{name} must be null or a mapping of LoraConfig fields, got {cfg.lora!r}")
+    import yaml
+
+    # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
+    cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
+
+
 def check_training_schedule(cfg) -> None:
     """The checks every supervised trainer config (SFT, reward) shares: ``distributed`` given as
     a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip,

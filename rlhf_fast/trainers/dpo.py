@@ -81,7 +81,7 @@ import torch
 from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
+from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule, make_adamw,
                      load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
                      seed_everything)
 from .preference_losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
@@ -231,13 +231,7 @@ def check_policy_fields(cfg) -> None:
         raise ValueError(f"model must be a local folder or a 'tiny:' spec, got {cfg.model!r}")
     if cfg.ref_model is not None and (not isinstance(cfg.ref_model, str) or not cfg.ref_model):
         raise ValueError(f"ref_model must be a local model folder or null, got {cfg.ref_model!r}")
-    if cfg.lora is not None:
-        if not isinstance(cfg.lora, dict):
-            raise ValueError(f"lora must be null or a mapping of LoraConfig fields, got {cfg.lora!r}")
-        import yaml
-
-        # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
-        cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
+    check_lora_field(cfg)
     if cfg.max_len < 2:  # one prompt token and one response token at the least
         raise ValueError(f"max_len must be >= 2, got {cfg.max_len}")
 

@@ -695,4 +695,5 @@ def run(args) -> int:
 
 
 __all__ = ["KTOConfig", "KTOTrainer", "BinaryRecord", "DATA_KINDS", "LOSS_TYPES", "agreement_records", "kto_loss",
-           "kto_kl", "kl_partners", "weight_advice", "load_binary_records", "load_kto_records", "to_binary", "add_arguments", "run"]
+           "kto_kl", "kl_partners", "weight_advice", "load_binary_records", "load_kto_records", "to_binary",
+           "add_arguments", "run"]

@@ -17,7 +17,8 @@ over mini-batches with gradient accumulation over micro-batches, the loss normal
 token/row count of the whole mini-batch (so micro-batching never changes the gradient), the
 policy loss through fused_linear_policy_loss (asymmetric / dual clip, entropy bonus, KL in
 the loss; CISPO / SAPO and the high-entropy and off-policy token masks through
-rlhf_fast.algorithms.policy_losses on the fused head's per-token log-probs), optional TRPO-style line search, early stop on approx KL → KL controller update.
+rlhf_fast.algorithms.policy_losses on the fused head's per-token log-probs), optional
+TRPO-style line search, early stop on approx KL → KL controller update.
 A run folder holds config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events and atomic
 checkpoints from which ``resume`` continues exactly.
 """
@@ -64,9 +65,10 @@ class RolloutTensors:
 
     input_ids ``[B, L]`` int64; attention_mask, response_mask ``[B, L]`` bool (response_mask
     never set at column 0); old_logp, ref_logp, behaviour_logp ``[B, L]`` float32 (0 outside
-    the response; ref_logp None when the run has no reference: no KL term anywhere); values, advantages, returns ``[B, L]`` float32 (values: V(s_t) of the
-    state before response token t, see :func:`critic_values`; zero without a critic); scores
-    ``[B]`` float32 (shaped sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
+    the response; ref_logp None when the run has no reference: no KL term anywhere); values,
+    advantages, returns ``[B, L]`` float32 (values: V(s_t) of the state before response token
+    t, see :func:`critic_values`; zero without a critic); scores ``[B]`` float32 (shaped
+    sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
     that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
     to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all)."""
 
@@ -362,7 +364,14 @@ class RLTrainer:
         seed_everything(cfg.seed)
         if policy is None:
             policy, tokenizer = self._load_policy()
-        if cfg.model.gradient_checkpointing:  # before the reference and critic copies are made
+        if cfg.model.lora is not None:  # fresh adapters (and checkpointing with input gradients kept)
+            from rlhf_fast.models import loading
+
+            if loading._is_peft(policy):
+                raise ValueError("model.lora: the policy already has peft adapters; leave model.lora null")
+            policy = loading.load_policy(policy, lora=cfg.model.lora,
+                                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+        elif cfg.model.gradient_checkpointing:  # before the reference and critic copies are made
             from rlhf_fast.models.loading import enable_activation_checkpointing
 
             enable_activation_checkpointing(policy)
@@ -927,7 +936,8 @@ class RLTrainer:
             logp, entropy, d.old_logp, d.advantages, mask, ref_logp=d.ref_logp, normalizer=norm,
             policy_loss=p.policy_loss, sapo_temperature_pos=p.sapo_temperature_pos,
             sapo_temperature_neg=p.sapo_temperature_neg, top_entropy_quantile=p.top_entropy_quantile,
-            entropy_mask=d.entropy_mask if p.top_entropy_quantile < 1.0 else None, off_policy_mask_threshold=p.off_policy_mask_threshold,
+            entropy_mask=d.entropy_mask if p.top_entropy_quantile < 1.0 else None,
+            off_policy_mask_threshold=p.off_policy_mask_threshold,
             kl_fn=ops.kl_penalty, **extra)
 
     def _loss_kwargs(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rlhf_fast.algorithms.policy_losses import POLICY_LOSSES, SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS
@@ -47,7 +47,9 @@ class ModelConfig:
     trained locally, sized by the tiny_* fields). reference: defaults to a frozen copy of the
     initial policy. critic: a saved ValueModel path, else built from the policy's backbone.
     gradient_checkpointing: transformers' activation checkpointing on the policy (and a critic
-    built from it): each layer recomputed in the update's backward, for less memory."""
+    built from it): each layer recomputed in the update's backward, for less memory.
+    lora: None, or LoraConfig fields ({}: r=8, alpha=16, every linear layer): fresh adapters on
+    the policy train alone, and the reference is the base with them disabled (no copy)."""
 
     policy: str = "tiny:llama"
     tokenizer: Optional[str] = None
@@ -59,8 +61,12 @@ class ModelConfig:
     tiny_num_heads: int = 2
     tiny_seed: int = 0
     gradient_checkpointing: bool = False
+    lora: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
+        from rlhf_fast.trainers.common import check_lora_field
+
+        check_lora_field(self, "model.lora")
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"model.policy must be a path or 'tiny:FAMILY', got {self.policy!r}")
         for k in ("tiny_vocab_size", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads"):

@@ -18,8 +18,9 @@ ids restart at every document and whose attention stays inside each document (as
 crosses documents; exact for the model types in ``logprobs.PACKED_TESTED``, others warn), so
 it changes speed, not the loss. Eval loss is the token-weighted mean
 over the whole eval set (perplexity its exp), whatever the batch size. Also LR warm-up,
-bf16 autocast on GPU, atomic checkpoints and exact resume. A peft model passed as ``model``
-trains its adapters only and ``final/`` holds the adapter (no merge is done).
+bf16 autocast on GPU, atomic checkpoints and exact resume. ``lora`` (LoraConfig fields) wraps
+the model in fresh LoRA adapters, and a peft model passed as ``model`` keeps its own: either
+way the adapters alone train and ``final/`` holds the adapter (no merge is done).
 
 Under ``torchrun`` with ``distributed.strategy`` ddp or fsdp2, each rank takes its contiguous
 share of every global batch (so the global batch and the seed define the run, whatever the
@@ -46,8 +47,8 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
-from .common import (MetricsLogger, add_config_arguments, autocast_context, check_training_schedule,
-                     load_causal_lm, make_adamw, make_scheduler, open_supervised_run, require_records,
+from .common import (MetricsLogger, add_config_arguments, autocast_context, check_lora_field,
+                     check_training_schedule, load_causal_lm, make_adamw, make_scheduler, open_supervised_run, require_records,
                      resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
 from .stop import StopOnSignal, TrainingStopped
 
@@ -73,6 +74,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
+    lora: Optional[Dict[str, Any]] = None  # LoraConfig fields ({}: r=8, alpha=16, every linear layer)
     packing: bool = False
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
@@ -86,6 +88,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_training_schedule(self)
+        check_lora_field(self)
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
 
@@ -428,7 +431,11 @@ class SFTTrainer:
             raise ValueError("tokenizer must be given together with model")
         self.model, self.tokenizer = model.to(self.device), tokenizer
         dcfg = cfg.distributed
-        if cfg.gradient_checkpointing:
+        if cfg.lora is not None:  # adapters on every linear layer (or as configured); they alone train
+            from rlhf_fast.models.loading import load_policy
+
+            self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+        elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
                                 reshard_after_forward=dcfg.reshard_after_forward)

@@ -150,3 +150,68 @@ def test_demo_kl_counts_only_the_generated_tokens():
             expected += float((lp.gather(-1, tgt[:, None]) - lr.gather(-1, tgt[:, None]))[pos].sum())
     assert int(b.response_mask.sum()) <= 3 * b.batch_size
     assert _seq_kl(policy, ref, batches) == pytest.approx(expected / b.batch_size, rel=1e-4, abs=1e-5)
+
+
+def test_demo_quick_reward_ensemble(tmp_path, capsys):
+    """--reward-ensemble K: K reward models on the same pairs (different seeds), RL against their
+    combination; the report has the ensemble's section and the RL log its disagreement rm_std."""
+    from rlhf_fast import cli
+    from rlhf_fast.trainers.common import read_metrics
+
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--quick", "--no-progress", "--reward-ensemble", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "against an ensemble of 2 reward models (mean_minus_std)" in printed
+    assert "ensemble_heldout_agreement_vs_hidden" in printed
+    report = json.load(open(out / "report.json"))
+    ens = report["stages"]["reward_ensemble"]
+    assert (ens["members"], ens["mode"], ens["coef"]) == (2, "mean_minus_std", 1.0)
+    for key in ("rm0_heldout_agreement_vs_hidden", "rm1_heldout_agreement_vs_hidden",
+                "ensemble_heldout_agreement_vs_hidden"):
+        assert 0.0 <= ens[key] <= 1.0, key
+    # member 0 is the single-model demo's reward model
+    assert ens["rm0_heldout_agreement_vs_hidden"] == report["stages"]["reward_model"]["rm_heldout_agreement_vs_hidden"]
+    assert ens["rl_rm_std_first_steps"] >= 0 and ens["rl_rm_std_last_steps"] >= 0
+    ev = report["stages"]["evaluation"]
+    assert {"true_win_rate_tuned_vs_sft", "kl_tuned_vs_sft_per_sequence", "on_topic_rate_tuned",
+            "rm_std_sft", "rm_std_tuned"} <= set(ev)
+    history = read_metrics(str(out / "rl"))
+    assert all(h["reward/rm_std"] >= 0 and "reward/rm1" in h for h in history if "reward/total" in h)
+    assert os.path.isdir(out / "reward_rm1") and os.path.isfile(out / "plots" / "demo_rm_ensemble.png")
+    md = open(out / "report.md").read()
+    assert "## Reward-model ensemble" in md and "rm1_heldout_agreement_vs_hidden" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward-ensemble", "1"], "--reward-ensemble K must be an int >= 2 (the number of reward models), got 1"),
+    (["--reward-ensemble", "three"], "argument --reward-ensemble: invalid int value: 'three'"),
+    (["--reward-ensemble", "3", "--ensemble-mode", "sum"], "argument --ensemble-mode: invalid choice: 'sum'"),
+    (["--reward-ensemble", "3", "--ensemble-coef", "nan"], "--ensemble-coef must be a finite number >= 0, got nan"),
+    (["--reward-ensemble", "3", "--ensemble-coef", "-1"], "--ensemble-coef must be a finite number >= 0, got -1.0"),
+    (["--reward-ensemble", "3", "--ensemble-mode", "min", "--ensemble-coef", "2"],
+     "--ensemble-coef applies to --ensemble-mode mean_minus_std or mean_minus_var, not min"),
+    (["--ensemble-mode", "mean"], "--ensemble-mode applies with --reward-ensemble K"),
+    (["--reward-ensemble", "3", "--algo", "dpo"], "--reward-ensemble needs RL against reward models"),
+    (["--reward-ensemble", "3", "--task", "arithmetic"], "--reward-ensemble applies to --task preference"),
+])
+def test_demo_reward_ensemble_refuses_bad_values(tmp_path, capsys, argv, message):
+    from rlhf_fast import cli
+
+    out = tmp_path / "run"
+    try:
+        rc = cli.main(["demo", "--quick", "--no-progress", "--out", str(out)] + argv)
+    except SystemExit as e:  # argparse's own errors (the CLI's parser prints one line, exits 2)
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_demo_config_checks_the_ensemble():
+    with pytest.raises(ValueError, match="--reward-ensemble K must be an int >= 2"):
+        DemoConfig(reward_ensemble=1)
+    with pytest.raises(ValueError, match="--ensemble-mode must be one of"):
+        DemoConfig(reward_ensemble=2, ensemble_mode="sum")
+    with pytest.raises(ValueError, match="--reward-ensemble needs RL"):
+        DemoConfig(reward_ensemble=2, algo="dpo")
+    assert DemoConfig(reward_ensemble=3, ensemble_mode="min").reward_ensemble == 3

@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+ENSEMBLE_MODES = ("mean", "min", "mean_minus_std", "mean_minus_var")  # the RL config's, less "sum"
+
+
+def _ensemble_options(args) -> dict:
+    """The DemoConfig fields of --reward-ensemble / --ensemble-mode / --ensemble-coef (ValueError
+    naming the flag for a bad combination; DemoConfig checks the values)."""
+    k, mode, coef = args.reward_ensemble, args.ensemble_mode, args.ensemble_coef
+    if k is None:
+        if mode is not None or coef is not None:
+            raise ValueError(f"{'--ensemble-mode' if mode is not None else '--ensemble-coef'} applies with "
+                             "--reward-ensemble K")
+        return {}
+    if k < 2:
+        raise ValueError(f"--reward-ensemble K must be an int >= 2 (the number of reward models), got {k}")
+    mode = mode or "mean_minus_std"
+    if coef is not None and mode not in ("mean_minus_std", "mean_minus_var"):
+        raise ValueError(f"--ensemble-coef applies to --ensemble-mode mean_minus_std or mean_minus_var, not {mode}")
+    return {"reward_ensemble": k, "ensemble_mode": mode, "ensemble_coef": 1.0 if coef is None else coef}
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
@@ -13,6 +32,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by the tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--reward-ensemble", type=int, default=None, metavar="K",
+                        help="K >= 2 reward models trained on the same labelled pairs with different seeds; RL "
+                        "against their combination (--ensemble-mode), against over-optimisation (--algo ppo, grpo "
+                        "or rloo; default: one reward model)")
+    parser.add_argument("--ensemble-mode", choices=ENSEMBLE_MODES, default=None,
+                        help="how the K scores combine: mean, min (worst case), mean_minus_std (default) or "
+                        "mean_minus_var (Coste et al.'s UWO)")
+    parser.add_argument("--ensemble-coef", type=float, default=None, metavar="LAMBDA",
+                        help="the std / variance penalty of mean_minus_std / mean_minus_var (default 1.0)")
     parser.add_argument("--ops-report", action="store_true", help="instead: every op on every live backend, "
                         "correctness and speed table")
 
@@ -24,6 +52,13 @@ def run(args) -> int:
         return ops_report(quick=args.quick)
     if args.task == "arithmetic" and args.algo not in (None, "grpo"):
         raise ValueError(f"--algo {args.algo} applies to --task preference; the arithmetic task runs GRPO")
+    ensemble = _ensemble_options(args)
+    if ensemble and args.task == "arithmetic":
+        raise ValueError("--reward-ensemble applies to --task preference (the arithmetic task's reward is "
+                         "verifiable: no reward model to ensemble)")
+    if ensemble and args.algo == "dpo":
+        raise ValueError("--reward-ensemble needs RL against reward models: use --algo ppo, grpo or rloo "
+                         "(--algo dpo learns from the labelled pairs, no reward model)")
     import torch
 
     from .pipeline import DemoConfig
@@ -31,7 +66,7 @@ def run(args) -> int:
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     cfg = DemoConfig(task=args.task, algo=args.algo or "ppo", out_dir=args.out, seed=args.seed, quick=args.quick,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, **ensemble)
     from rlhf_fast.trainers.stop import TrainingStopped
 
     try:
@@ -47,5 +82,11 @@ def run(args) -> int:
     if cfg.task == "preference":
         rm = report["stages"]["reward_model"]
         print(f"  {'rm_heldout_agreement_vs_hidden':34s} {rm['rm_heldout_agreement_vs_hidden']}")
+        ens = report["stages"].get("reward_ensemble", {})
+        if ens:
+            print("  reward-model ensemble (see the report):")
+        for k, v in ens.items():
+            if k != "training":
+                print(f"    {k:38s} {v:.3f}" if isinstance(v, float) else f"    {k:38s} {v}")
     print(f"  {'wall_seconds':34s} {report['wall_seconds']:.1f}")
     return 0

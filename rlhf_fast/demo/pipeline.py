@@ -6,7 +6,9 @@ Stages (each with a progress bar, each writing into the run folder):
 2. simulated annotators with a hidden preference (noisy, length-biased) label pairs of the
    SFT model's own samples; a reward model is trained on them and its held-out agreement
    with the *hidden* preference is reported;
-3. PPO (default), GRPO or RLOO against the reward model with KL to the SFT reference;
+3. PPO (default), GRPO or RLOO against the reward model with KL to the SFT reference
+   (``reward_ensemble=K``: against K reward models trained on the same pairs with different
+   seeds, combined by ``ensemble_mode``, against reward over-optimisation);
 4. evaluation before/after by the hidden preference — not the reward model — so reward
    over-optimisation shows up as a gap between the reward-model gain and the true win-rate;
 5. report.md, metrics, plots and checkpoints in the run folder.
@@ -76,6 +78,12 @@ class DemoConfig:
     # evaluation
     eval_prompts: int = 256
     progress: bool = True
+    # reward-model ensemble (0 = off: one reward model, as before). K >= 2 reward models trained
+    # on the same labelled pairs and split with different seeds (initialisation and batch order;
+    # no bootstrap resampling, as Coste et al. 2023); RL optimises their combination
+    reward_ensemble: int = 0
+    ensemble_mode: str = "mean_minus_std"
+    ensemble_coef: float = 1.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -84,6 +92,7 @@ class DemoConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if not 0.0 <= self.annotator_noise <= 0.5:
             raise ValueError(f"annotator_noise must be in [0, 0.5], got {self.annotator_noise}")
+        self._check_ensemble()
         if self.quick:
             self.hidden_size, self.num_heads = 32, 2
             self.sft_examples, self.sft_steps, self.sft_batch_size = 300, 40, 16
@@ -94,6 +103,27 @@ class DemoConfig:
             self.eval_prompts, self.max_new_tokens = 24, 14
         if self.out_dir is None:
             self.out_dir = os.path.join("runs", f"demo-{self.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+    def _check_ensemble(self) -> None:
+        from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
+        from rlhf_fast.ops._validate import finite
+
+        k = self.reward_ensemble
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+            raise ValueError(f"--reward-ensemble K must be an int >= 2 (the number of reward models), got {k!r}")
+        if k == 0:
+            return
+        modes = tuple(m for m in ENSEMBLE_MODES if m != "sum")
+        if self.ensemble_mode not in modes:
+            raise ValueError(f"--ensemble-mode must be one of {', '.join(modes)}, got {self.ensemble_mode!r}")
+        finite("--ensemble-coef", self.ensemble_coef, ">= 0")
+        if self.task != "preference":
+            raise ValueError("--reward-ensemble applies to --task preference (the arithmetic task's reward is "
+                             "verifiable: no reward model to ensemble)")
+        if self.algo == "dpo":
+            raise ValueError("--reward-ensemble needs RL against reward models: use --algo ppo, grpo or rloo "
+                             "(--algo dpo learns from the labelled pairs, no reward model)")
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -151,11 +181,70 @@ def _generate(model, tok, prompts: List[str], *, n: int = 1, max_new_tokens: int
     return out
 
 
-def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float]:
-    """Label pairs of the SFT model's own samples with simulated annotators; train the RM."""
-    from rlhf_fast.feedback.formats import PairRecord
+def _train_rm(cfg: DemoConfig, tok, records, n_eval: int, run_dir: str, k: int = 0):
+    """Reward model ``k`` of the run on the labelled pairs (held-out: the first ``n_eval``).
+    Model 0 is the single-reward-model demo's (init seed ``seed + 1``, batch order ``seed``,
+    folder ``reward``); ensemble member k >= 1 differs only in those two seeds (+1000·k) and
+    its folder ``reward_rm{k}``. Returns (model in eval mode, its trainer)."""
     from rlhf_fast.models.tiny import tiny_reward_model
-    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, score_texts
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+
+    rm = tiny_reward_model(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                           seed=cfg.seed + 1 + 1000 * k, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    rcfg = RewardConfig(output_dir=os.path.join(run_dir, "reward" if k == 0 else f"reward_rm{k}"),
+                        batch_size=cfg.rm_batch_size, lr=cfg.rm_lr,
+                        max_steps=cfg.rm_steps, warmup_steps=min(20, cfg.rm_steps // 5), eval_every=0, log_every=10,
+                        label_smoothing=cfg.label_smoothing, seed=cfg.seed + 1000 * k, device="cpu", resume=False,
+                        max_len=96)
+    trainer = RewardTrainer(rcfg, model=rm, tokenizer=tok, train_records=records[n_eval:],
+                            eval_records=records[:n_eval])
+    desc = "2/4 reward model" + (f" {k + 1}/{cfg.reward_ensemble}" if cfg.reward_ensemble else "")
+    with _bar(cfg.rm_steps, desc, cfg.progress) as bar:
+        while trainer.step < cfg.rm_steps:
+            m = trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}")
+    trainer._save()
+    rm.eval()
+    return rm, trainer
+
+
+def _agreement(held, sc: List[float]) -> Optional[float]:
+    """The fraction of the held-out pairs ``held`` ((record, truth) with truth != 0) whose chosen
+    answer scores higher than the rejected one (``sc``: the chosen answers' scores, then the
+    rejected ones') exactly when the hidden preference prefers it."""
+    if not held:
+        return None
+    agree, k = 0, len(held)
+    for j, (r, _) in enumerate(held):
+        rm_prefers_chosen = sc[j] > sc[k + j]
+        hidden_prefers_chosen = world.true_utility(r.chosen) > world.true_utility(r.rejected)
+        agree += int(rm_prefers_chosen == hidden_prefers_chosen)
+    return agree / k
+
+
+def _ensemble_scores(cfg: DemoConfig, rms, tok, prompts, responses):
+    """(the ensemble's combined scores — ``cfg.ensemble_mode``, as RL optimises them —, the
+    members' population std per response, [each member's scores]) of ``responses``."""
+    from rlhf_fast.algorithms.rewards import RewardModelEnsemble, RewardModelReward
+
+    ens = RewardModelEnsemble([RewardModelReward(m, tok) for m in rms], cfg.ensemble_mode, cfg.ensemble_coef)
+    combined, std, members = [], [], [[] for _ in rms]
+    for i in range(0, len(prompts), 64):
+        r, extras = ens.score_with_extras(list(prompts[i:i + 64]), list(responses[i:i + 64]), None)
+        combined += [float(x) for x in r]
+        std += extras["rm_std"].tolist()
+        for k in range(len(rms)):
+            members[k] += extras[f"rm{k}"].tolist()
+    return combined, std, members
+
+
+def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float]:
+    """Label pairs of the SFT model's own samples with simulated annotators; train the RM
+    (``cfg.reward_ensemble`` of them, on the same pairs, for an ensemble)."""
+    from rlhf_fast.feedback.formats import PairRecord
+    from rlhf_fast.trainers.reward import score_texts
 
     prompts = world.prompts(cfg.pair_prompts, seed=cfg.seed + 11)
     with _bar(1, "2/4 sampling pairs", cfg.progress) as bar:
@@ -173,38 +262,33 @@ def _reward_model(cfg: DemoConfig, policy, tok, run_dir: str) -> Dict[str, float
         records.append(PairRecord(p, chosen, rejected, annotator=ann.name))
         truth.append(world.true_utility(a) - world.true_utility(b))
     n_eval = max(8, len(records) // 5)
-    rm = tiny_reward_model(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                           seed=cfg.seed + 1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id)
-    rcfg = RewardConfig(output_dir=os.path.join(run_dir, "reward"), batch_size=cfg.rm_batch_size, lr=cfg.rm_lr,
-                        max_steps=cfg.rm_steps, warmup_steps=min(20, cfg.rm_steps // 5), eval_every=0, log_every=10,
-                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, device="cpu", resume=False, max_len=96)
-    trainer = RewardTrainer(rcfg, model=rm, tokenizer=tok, train_records=records[n_eval:],
-                            eval_records=records[:n_eval])
-    with _bar(cfg.rm_steps, "2/4 reward model", cfg.progress) as bar:
-        while trainer.step < cfg.rm_steps:
-            m = trainer.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}")
-    trainer._save()
-    rm.eval()
+    rm, trainer = _train_rm(cfg, tok, records, n_eval, run_dir)
     # agreement with the hidden preference on held-out pairs that it strictly orders
     held = [(r, t) for r, t in zip(records[:n_eval], truth[:n_eval]) if t != 0]
-    agree = 0
-    if held:
-        sc = score_texts(rm, tok, [r.prompt for r, _ in held] * 2,
-                         [r.chosen for r, _ in held] + [r.rejected for r, _ in held])
-        k = len(held)
-        for j, (r, _) in enumerate(held):
-            rm_prefers_chosen = sc[j] > sc[k + j]
-            hidden_prefers_chosen = world.true_utility(r.chosen) > world.true_utility(r.rejected)
-            agree += int(rm_prefers_chosen == hidden_prefers_chosen)
+    held_prompts = [r.prompt for r, _ in held] * 2
+    held_texts = [r.chosen for r, _ in held] + [r.rejected for r, _ in held]
+    agree = _agreement(held, score_texts(rm, tok, held_prompts, held_texts)) if held else None
     label_agree = sum(1 for r, t in zip(records, truth) if t != 0 and
                       (world.true_utility(r.chosen) > world.true_utility(r.rejected))) / max(1, sum(t != 0 for t in truth))
     ev = trainer.evaluate()
-    return {"rm": rm, "records": records, "n_eval": n_eval, "pairs": len(records), "rm_heldout_accuracy_vs_labels": ev.get("eval_accuracy"),
-            "rm_heldout_agreement_vs_hidden": agree / len(held) if held else None,
-            "rm_heldout_pairs_strict": len(held), "annotator_agreement_vs_hidden": label_agree}
+    out = {"rm": rm, "rms": [rm], "records": records, "n_eval": n_eval, "pairs": len(records),
+           "rm_heldout_accuracy_vs_labels": ev.get("eval_accuracy"),
+           "rm_heldout_agreement_vs_hidden": agree,
+           "rm_heldout_pairs_strict": len(held), "annotator_agreement_vs_hidden": label_agree}
+    if cfg.reward_ensemble:
+        rms = [rm] + [_train_rm(cfg, tok, records, n_eval, run_dir, k)[0] for k in range(1, cfg.reward_ensemble)]
+        ens: Dict = {"members": cfg.reward_ensemble, "mode": cfg.ensemble_mode,
+                     "coef": cfg.ensemble_coef if cfg.ensemble_mode in ("mean_minus_std", "mean_minus_var") else None,
+                     "training": "same labelled pairs and held-out split; member k: init seed seed+1+1000k, "
+                                 "batch-order seed seed+1000k (no bootstrap)"}
+        if held:
+            combined, std, members = _ensemble_scores(cfg, rms, tok, held_prompts, held_texts)
+            for k, sc in enumerate(members):
+                ens[f"rm{k}_heldout_agreement_vs_hidden"] = _agreement(held, sc)
+            ens["ensemble_heldout_agreement_vs_hidden"] = _agreement(held, combined)
+            ens["rm_std_heldout"] = sum(std) / len(std)
+        out["rms"], out["ensemble"] = rms, ens
+    return out
 
 
 @torch.no_grad()
@@ -228,8 +312,13 @@ def _seq_kl(policy, reference, batches) -> float:
 def _rl(cfg: DemoConfig, policy, tok, prompts: List[str], run_dir: str, *, reward_models=(), reward_fns=(),
         estimator: str) -> Dict[str, float]:
     from rlhf_fast.trainers.rl import RLTrainer
-    from rlhf_fast.trainers.rl_config import (DataConfig, KLConfig, OptimConfig, PPOConfig, RLConfig,
-                                              RolloutConfig)
+    from rlhf_fast.trainers.rl_config import (DataConfig, KLConfig, OptimConfig, PPOConfig, RewardConfig,
+                                              RLConfig, RolloutConfig)
+
+    extra = {}
+    if len(reward_models) >= 2:  # an ensemble (one model: the default reward config, as before)
+        coef = cfg.ensemble_coef if cfg.ensemble_mode in ("mean_minus_std", "mean_minus_var") else None
+        extra["reward"] = RewardConfig(reward_model_ensemble=cfg.ensemble_mode, ensemble_coef=coef)
 
     batch = cfg.prompts_per_step * cfg.group_size
     rcfg = RLConfig(
@@ -242,12 +331,25 @@ def _rl(cfg: DemoConfig, policy, tok, prompts: List[str], run_dir: str, *, rewar
         ppo=PPOConfig(epochs=2, mini_batch_size=batch // 2, micro_batch_size=batch // 2,
                       whiten_advantages=estimator == "gae"),
         optim=OptimConfig(lr=cfg.rl_lr, critic_lr=cfg.rl_lr),
+        **extra,
     )
     trainer = RLTrainer(rcfg, policy, tok, reward_models=list(reward_models), reward_fns=list(reward_fns),
                         prompts=prompts)
-    print(f"3/4 RL ({estimator}) for {cfg.rl_steps} steps ...", flush=True)
+    against = f" against an ensemble of {len(reward_models)} reward models ({cfg.ensemble_mode})" \
+        if len(reward_models) >= 2 else ""
+    print(f"3/4 RL ({estimator}) for {cfg.rl_steps} steps{against} ...", flush=True)
     history = trainer.train()
     return {"trainer": trainer, "history": history}
+
+
+def _rm_std_trend(history: List[Dict]) -> Dict[str, float]:
+    """``reward/rm_std`` (the members' disagreement on the policy's samples) over RL: its mean
+    over the first and the last fifth of the logged steps."""
+    v = [h["reward/rm_std"] for h in history if isinstance(h.get("reward/rm_std"), (int, float))]
+    if not v:
+        return {}
+    n = max(1, len(v) // 5)
+    return {"rl_rm_std_first_steps": sum(v[:n]) / n, "rl_rm_std_last_steps": sum(v[-n:]) / n}
 
 
 def _dpo(cfg: DemoConfig, policy, tok, records, n_eval: int, run_dir: str):
@@ -285,6 +387,7 @@ def run_preference(cfg: DemoConfig) -> Dict:
 
     rm_out = _reward_model(cfg, sft_model, tok, cfg.out_dir)
     rm, records, n_eval = rm_out.pop("rm"), rm_out.pop("records"), rm_out.pop("n_eval")
+    rms, ensemble = rm_out.pop("rms"), rm_out.pop("ensemble", None)
     report["stages"]["reward_model"] = rm_out
 
     if cfg.algo == "dpo":  # the reward model only judges the result (its score, its win-rate)
@@ -294,9 +397,12 @@ def run_preference(cfg: DemoConfig) -> Dict:
     else:
         estimator = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[cfg.algo]
         train_prompts = world.prompts(512, seed=cfg.seed + 21)
-        trainer = _rl(cfg, model, tok, train_prompts, cfg.out_dir, reward_models=[(rm, tok)],
-                      estimator=estimator)["trainer"]
+        rl = _rl(cfg, model, tok, train_prompts, cfg.out_dir, reward_models=[(m, tok) for m in rms],
+                 estimator=estimator)
+        trainer = rl["trainer"]
         policy, run_path = trainer.policy.eval(), trainer.run_dir.path
+        if ensemble is not None:
+            ensemble.update(_rm_std_trend(rl["history"]))
 
     with _bar(1, "4/4 evaluation", cfg.progress) as bar:
         eval_prompts = world.prompts(cfg.eval_prompts, seed=cfg.seed + 31)
@@ -306,8 +412,12 @@ def run_preference(cfg: DemoConfig) -> Dict:
                           batches=after_batches)
         u_before = [world.true_utility(r) for r in before]
         u_after = [world.true_utility(r) for r in after]
-        s_before = score_texts(rm, tok, eval_prompts, before)
-        s_after = score_texts(rm, tok, eval_prompts, after)
+        if ensemble is None:
+            s_before = score_texts(rm, tok, eval_prompts, before)
+            s_after = score_texts(rm, tok, eval_prompts, after)
+        else:  # the ensemble's combined score: what RL optimised
+            s_before, std_before, m_before = _ensemble_scores(cfg, rms, tok, eval_prompts, before)
+            s_after, std_after, m_after = _ensemble_scores(cfg, rms, tok, eval_prompts, after)
         kl = _seq_kl(policy, sft_model, after_batches)
         bar.update(1)
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
@@ -328,6 +438,12 @@ def run_preference(cfg: DemoConfig) -> Dict:
     # Over-optimisation: the RM's predicted win-rate (pairs it scores higher) against the true one.
     ev["rm_win_rate_tuned_vs_sft"] = world.win_rate(s_after, s_before)
     ev["rm_minus_true_win_rate"] = ev["rm_win_rate_tuned_vs_sft"] - ev["true_win_rate_tuned_vs_sft"]
+    if ensemble is not None:
+        # the members' disagreement on the evaluation answers, and what each member believes
+        ev["rm_std_sft"], ev["rm_std_tuned"] = mean(std_before), mean(std_after)
+        for k in range(len(rms)):
+            ensemble[f"rm{k}_score_gain"] = mean(m_after[k]) - mean(m_before[k])
+        report["stages"]["reward_ensemble"] = ensemble
     report["stages"]["evaluation"] = ev
     report["examples"] = [{"prompt": p, "sft": b, "tuned": a} for p, b, a in zip(eval_prompts[:8], before, after)]
     report["wall_seconds"] = time.time() - t0
@@ -387,7 +503,7 @@ def _finish(cfg: DemoConfig, report: Dict, run_path: str, policy, tok) -> None:
     write_report(cfg, report, run_path)
 
 
-_DEMO_OUTPUTS = ("sft", "reward", "rl", "dpo", "policy", "report.md", "report.json", "summary.json")
+_DEMO_OUTPUTS = ("sft", "reward", "reward_rm1", "rl", "dpo", "policy", "report.md", "report.json", "summary.json")
 
 
 def check_demo_folder(out_dir: str) -> None:

@@ -74,6 +74,12 @@ def write_report(cfg, report: Dict, run_path: str) -> str:
         if _curve_png(history, [k for k in ("reward/total", "kl/seq") if any(k in h for h in history)], p,
                       "reward and KL during RL"):
             images.append(p)
+        ens = report["stages"].get("reward_ensemble")
+        if ens:
+            p = os.path.join(plots, "demo_rm_ensemble.png")
+            keys = [f"reward/rm{k}" for k in range(ens["members"])] + ["reward/reward_model", "reward/rm_std"]
+            if _curve_png(history, keys, p, f"ensemble members, their {ens['mode']} and disagreement (rm_std)"):
+                images.append(p)
 
     ev = report["stages"].get("evaluation", {})
     lines = [f"# rlhf_fast demo — {cfg.task}", ""]
@@ -96,6 +102,21 @@ def write_report(cfg, report: Dict, run_path: str) -> str:
                   "The hidden utility itself can be gamed too: `on_topic_rate` (the response names the "
                   "prompt's subject and no other) and the samples below show what neither the annotators "
                   "nor the reward model check."]
+    ens = report["stages"].get("reward_ensemble", {})
+    if ens:
+        coef = f", λ = {ens['coef']}" if ens.get("coef") is not None else ""
+        lines += ["", "## Reward-model ensemble", "",
+                  f"{ens['members']} reward models trained on the same labelled pairs and held-out split, with "
+                  f"different seeds (initialisation and batch order; no bootstrap resampling, as Coste et al. 2023); "
+                  f"RL optimised their `{ens['mode']}`{coef} per answer (reward model 0 is the one the "
+                  "single-model demo trains). In the results above, `rm_score_*` and `rm_win_rate_tuned_vs_sft` "
+                  "are that combined score; `rm_std_sft` / `rm_std_tuned` the members' population std on the "
+                  "evaluation answers of the SFT and the tuned policy. `rl_rm_std_first_steps` / "
+                  "`rl_rm_std_last_steps`: `reward/rm_std` (their std on the policy's samples) averaged over the "
+                  "first and the last fifth of the RL steps; it grows when the policy finds answers the members "
+                  "disagree on. `rmK_score_gain`: each member's mean score gain, tuned vs SFT.",
+                  "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in ens.items() if k != "training"]
     dpo = report["stages"].get("dpo", {})
     if dpo:
         lines += ["", "## DPO (held-out pairs, labels of the annotators)", "", "| measure | value |", "|---|---|"]

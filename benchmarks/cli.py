@@ -4,7 +4,8 @@
   and the C++-vs-reference foundation benchmark (bench_cpu_ops); with ``--device cuda``
   the GPU op benchmarks other modules of this package expose (bench_triton,
   bench_gae_sampling), when present.
-* ``e2e``: one PPO, one GRPO and one DPO step of rlhf_fast against TRL's (``--algos`` picks).
+* ``e2e``: one PPO, one GRPO and one DPO step of rlhf_fast against TRL's (``--algos`` picks;
+  KTO and SimPO too).
 * ``all``: both.
 
 Prints every table and appends them, with the device name, versions of torch / Triton /
@@ -42,7 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
     parser.add_argument("--algos", default="ppo,grpo,dpo",
-                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo (default: all three)")
+                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo "
+                             "(default: ppo,grpo,dpo)")
 
 
 def _as_tables(x) -> List[Table]:

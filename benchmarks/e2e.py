@@ -1,4 +1,4 @@
-"""End-to-end step benchmark: one PPO step, one GRPO step and one DPO step, rlhf_fast against TRL.
+"""End-to-end step benchmark: one PPO step, one GRPO step and one DPO step (and KTO / SimPO), rlhf_fast against TRL.
 
 Both sides get the same tiny Llama-family policy (built from a config with the same seed,
 tokenizer trained locally), the same prompts, the same reward function and the same
@@ -48,6 +48,18 @@ the CPU its fused LM head is swapped for TRL <= 0.2x's logits + ``selective_log_
 stronger of the two there, same log-probs; ``trl_logprobs``). rlhf_fast's side is
 ``DPOTrainer.train_step`` (:class:`RLHFFastDPOStep`).
 
+KTO and SimPO (``algo="kto"`` / ``"simpo"``, not in the default selection: ``--algos kto,simpo``;
+a table each), on the same pairs. KTO: TRL's own ``trl.KTOTrainer`` (loss_type "kto",
+:class:`TRLKTOStep`) against rlhf_fast's ``KTOTrainer.train_step`` (:class:`RLHFFastKTOStep`),
+one optimizer step over the ``2 · dpo_pairs`` examples the pairs unpair into, each with its KL row
+(its prompt with the previous example's completion: TRL's rotation, run by both sides over the
+same order, :func:`kto_step_order`); phases ``reference`` (the reference model's forwards of the
+rows and KL rows) and ``update``; TRL's fused head swapped on the CPU as for DPO. SimPO,
+reference-free: TRL's ``trl.experimental.cpo.CPOTrainer`` with loss_type "simpo" and its defaults
+(simpo_gamma 0.5, cpo_alpha 1.0; :class:`TRLSimPOStep`, its own full-logits path kept as is)
+against ``DPOTrainer`` with ``loss_type: simpo`` (:class:`RLHFFastDPOStep`), no reference model on
+either side, the step alone timed.
+
 Configurations: on the CPU the tiny model with a 256-token vocabulary (the framework-overhead
 regime) and the same model with a 32768-token vocabulary (the LM head dominates, as in real
 models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
@@ -81,7 +93,11 @@ PROMPTS = ["count: 1 2 3", "list the digits:", "numbers please:", "go on: 4 5", 
 PHASES = ("generate", "logprobs", "reward_adv", "update")
 DPO_PHASES = ("reference", "update")
 RL_ALGOS = ("ppo", "grpo")
-ALGOS = RL_ALGOS + ("dpo",)
+ALGOS = RL_ALGOS + ("dpo",)  # the default selection
+# also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), each its own table
+ALL_ALGOS = ALGOS + ("kto", "simpo")
+# each algorithm's phase columns (SimPO, reference-free, has only the step)
+ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": ()}
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -127,9 +143,10 @@ class E2EConfig:
     # a tokenizer saved by build_tokenizer (run_table trains it once and hands it to every
     # subprocess: 7 s per subprocess at V=151936 on 2 cores); None: train it in build_model
     tokenizer_dir: Optional[str] = None
-    # the TRL side's log-prob path: "fused_head" = TRL 1.x GRPOTrainer's own (add_fused_lm_head);
+    # the TRL side's log-prob path (GRPO, DPO, KTO; not SimPO: CPOTrainer has one path, full logits):
+    # "fused_head" = TRL 1.x GRPOTrainer's / DPOTrainer's / KTOTrainer's own (add_fused_lm_head);
     # "selective" = logits + selective_log_softmax (TRL <= 0.2x GRPO, the last PPOTrainer);
-    # "auto": fused_head for GRPO on CUDA (Triton, completion tokens only), selective elsewhere —
+    # "auto": fused_head for GRPO / DPO / KTO on CUDA (Triton, completion tokens only), selective elsewhere —
     # on the CPU TRL's fused head falls back to torch tiles over every position and was slower
     # and heavier than selective (GRPO, V=32768: 2.16 s / 625 MiB vs 1.48 s / 198 MiB), so the
     # CPU tables compare against the stronger of the two
@@ -167,9 +184,12 @@ class E2EConfig:
             raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
 
     def trl_fused_head(self, algo: str) -> bool:
-        """Whether the TRL side of ``algo`` takes its log-probs through TRL's fused LM head."""
+        """Whether the TRL side of ``algo`` takes its log-probs through TRL's fused LM head
+        (never for SimPO: TRL's CPOTrainer has none, it always takes the full logits)."""
+        if algo == "simpo":
+            return False
         if self.trl_logprobs == "auto":
-            return algo in ("grpo", "dpo") and self.device == "cuda"
+            return algo in ("grpo", "dpo", "kto") and self.device == "cuda"
         return self.trl_logprobs == "fused_head"
 
     @property
@@ -466,7 +486,7 @@ def _single_token_words(tok) -> List[str]:
     return [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
 
 
-def dpo_pairs(cfg: E2EConfig, tok) -> List[Dict[str, str]]:
+def dpo_pairs(cfg: E2EConfig, tok, bos: bool = False) -> List[Dict[str, str]]:
     """The DPO step's pairs as text, ``{"prompt", "chosen", "rejected"}`` × ``cfg.dpo_pairs``.
 
     Prompt i is ``PROMPTS[i]`` followed by random single-token words up to ``cfg.dpo_prompt_tokens``
@@ -475,7 +495,12 @@ def dpo_pairs(cfg: E2EConfig, tok) -> List[Dict[str, str]]:
     falling with i). Every word boundary is a token boundary, so each side's own tokenisation
     (TRL: prompt + response + eos as one text, split at the common prefix; rlhf_fast: prompt and
     response apart, eos appended) gives the same token ids: both runners check the lengths
-    (:func:`_check_dpo_rows`), the test the ids. Deterministic in ``cfg.seed``."""
+    (:func:`_check_dpo_rows`), the test the ids. Deterministic in ``cfg.seed``.
+
+    ``bos``: every prompt starts with the tokenizer's bos token (its text, which both sides
+    encode as the one special token; it counts in the ``dpo_prompt_tokens``) — for TRL's
+    CPOTrainer, which puts a bos in front of every prompt that lacks one, as a tokenizer that adds
+    bos itself (Llama's) would give both sides; the tiny tokenizer adds none."""
     words = _single_token_words(tok)
     if not words:
         raise ValueError("the tokenizer has no single-token words to build DPO pairs from")
@@ -486,10 +511,11 @@ def dpo_pairs(cfg: E2EConfig, tok) -> List[Dict[str, str]]:
         return "".join(" " + rng.choice(words) for _ in range(k))
 
     out = []
+    first = tok.bos_token if bos else ""
     for i in range(n):
-        head = PROMPTS[i % len(PROMPTS)]
+        head = first + PROMPTS[i % len(PROMPTS)]
         room = cfg.dpo_prompt_tokens - len(tok(head)["input_ids"])
-        prompt = head + text(room) if room >= 0 else text(cfg.dpo_prompt_tokens)
+        prompt = head + text(room) if room >= 0 else first + text(cfg.dpo_prompt_tokens - int(bos))
         lc = lo + round((hi - lo) * i / max(1, n - 1))
         lr = hi - round((hi - lo) * i / max(1, n - 1))
         out.append({"prompt": prompt, "chosen": text(lc), "rejected": text(lr)})
@@ -521,16 +547,17 @@ def _timed_calls(fn: Callable, acc: List[float], device: str) -> Callable:
     return wrapper
 
 
-def _trl_selective_head(model, metrics: bool) -> None:
+def _trl_selective_head(model, metrics: bool, outputs: tuple = ("entropy", "mean_logits", "is_top1")) -> None:
     """Replace TRL 1.x's fused LM head on ``model`` (set by ``DPOTrainer.__init__``) with TRL
     <= 0.2x DPOTrainer's log-prob path, keeping the output contract ``_compute_loss`` reads: a
     ``logits_to_keep`` forward from the first completion label of the batch on (0.2x's
     ``use_logits_to_keep``), the ``[B, k, V]`` logits, ``trl.trainer.utils.selective_log_softmax``
     (with ``metrics``: ``selective_log_softmax_and_entropy`` and, without gradients, the mean
-    logit and top-1 flags TRL 1.x's metrics read), zeros before that column. The CPU rendering
-    (``E2EConfig.trl_logprobs``): TRL 1.x's chunked head falls back to torch tiles over every
-    position there, which was much slower (see :class:`TRLDPOStep`) and allocates a
-    ``[min(N, 4096), 32768]`` buffer whatever the vocabulary."""
+    logit and top-1 flags TRL 1.x's metrics read — those of ``outputs``, the fields the trainer
+    asks TRL's head for: DPOTrainer all three, KTOTrainer entropy and mean logit), zeros before
+    that column. The CPU rendering (``E2EConfig.trl_logprobs``): TRL 1.x's chunked head falls back
+    to torch tiles over every position there, which was much slower (see :class:`TRLDPOStep`) and
+    allocates a ``[min(N, 4096), 32768]`` buffer whatever the vocabulary."""
     from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax, selective_log_softmax_and_entropy
 
     patched = model.forward  # TRL's: without fused_lm_head=True it is the model's own forward
@@ -546,10 +573,13 @@ def _trl_selective_head(model, metrics: bool) -> None:
         target, m = shifted[:, first:].clamp(min=0), mask[:, first:]
         ent = mean_logits = top1 = None
         if metrics:
-            logp, ent = selective_log_softmax_and_entropy(logits, target, entropy_requires_grad=False)
+            if "entropy" in outputs:
+                logp, ent = selective_log_softmax_and_entropy(logits, target, entropy_requires_grad=False)
+            else:
+                logp = selective_log_softmax(logits, target)
             with torch.no_grad():
-                mean_logits = logits.mean(-1)
-                top1 = logits.argmax(-1) == target
+                mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
+                top1 = logits.argmax(-1) == target if "is_top1" in outputs else None
         else:
             logp = selective_log_softmax(logits, target)
 
@@ -674,23 +704,32 @@ class RLHFFastDPOStep:
     beta, learning rate (constant) and max length; its own optimizer, the fused AdamW (weight
     decay 0) the other sides use too (``rlhf_fast.trainers.common.make_adamw``).
 
+    ``loss_type="simpo"`` (the SimPO table's side, against :class:`TRLSimPOStep`): the same,
+    reference-free — no reference model is built or run — with CPOConfig's defaults
+    ``simpo_gamma`` 0.5 and ``cpo_alpha`` 1.0 (the chosen rows' token-mean NLL), on the pairs with
+    a bos in front of each prompt (``dpo_pairs(bos=True)``).
+
     The ``reference`` phase is the trainer's ``response_logps`` calls on its reference model
     (timed by a wrapper around ``rlhf_fast.trainers.dpo.response_logps``, set for the step only);
     ``update`` is the rest of ``train_step``.
     """
 
-    def __init__(self, cfg: E2EConfig):
+    def __init__(self, cfg: E2EConfig, loss_type: str = "sigmoid"):
         from rlhf_fast.feedback.formats import PairRecord
         from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 
+        if loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(f"loss_type must be 'sigmoid' or 'simpo', got {loss_type!r}")
         self.cfg = cfg
         model, tok = build_model(cfg)
-        pairs = dpo_pairs(cfg, tok)
+        pairs = dpo_pairs(cfg, tok, bos=loss_type == "simpo")
         self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_dpo_")
+        # simpo: TRL's CPOConfig defaults (simpo_gamma 0.5, cpo_alpha 1.0), spelt out
+        extra = dict(simpo_gamma=0.5, cpo_alpha=1.0) if loss_type == "simpo" else {}
         dcfg = DPOConfig(output_dir=self._tmp.name, max_len=cfg.dpo_max_len, batch_size=cfg.dpo_pairs, lr=cfg.lr,
                          weight_decay=0.0, warmup_steps=0, lr_schedule="constant", max_steps=cfg.steps + 3,
-                         grad_clip=1.0, bf16=False, beta=cfg.dpo_beta, loss_type="sigmoid", seed=cfg.seed,
-                         device=cfg.device)
+                         grad_clip=1.0, bf16=False, beta=cfg.dpo_beta, loss_type=loss_type, seed=cfg.seed,
+                         device=cfg.device, **extra)
         self.trainer = DPOTrainer(dcfg, model=model, tokenizer=tok,
                                   train_records=[PairRecord(p["prompt"], p["chosen"], p["rejected"]) for p in pairs])
         tr = self.trainer
@@ -711,6 +750,212 @@ class RLHFFastDPOStep:
         real = dpo_mod.response_logps
         timed = _timed_calls(real, self._ref_s, dev)
         self._ref_s[0] = 0.0
+        if tr.reference is not None:  # reference-free (simpo): no reference call to time
+            dpo_mod.response_logps = lambda model, batch: (timed if model is tr.reference else real)(model, batch)
+        try:
+            _sync(dev)
+            t0 = time.perf_counter()
+            m = tr.train_step()
+            _sync(dev)
+            step = time.perf_counter() - t0
+        finally:
+            dpo_mod.response_logps = real
+        ref = self._ref_s[0]
+        self.last_metrics = m
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(m["loss"]))
+
+
+# --------------------------------------------------------------------------- KTO
+
+
+def kto_examples(cfg: E2EConfig, tok) -> List[Dict[str, object]]:
+    """The KTO step's examples, ``{"prompt", "completion", "label"}`` × ``2 · cfg.dpo_pairs``: the
+    pairs of :func:`dpo_pairs` unpaired as TRL's ``unpair_preference_dataset`` and rlhf_fast's
+    ``to_binary`` do it — every chosen response (desirable), then every rejected one (undesirable)."""
+    pairs = dpo_pairs(cfg, tok)
+    return ([{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
+            + [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs])
+
+
+def kto_step_order(cfg: E2EConfig) -> List[int]:
+    """The order in which rlhf_fast's KTOTrainer reads the :func:`kto_examples` in its step batch
+    of all of them: its one seeded shuffle (``_StepBatches``, the same every epoch). TRL reads its
+    dataset in order (KTO requires the sequential sampler), so the TRL side gets the examples in
+    this order: the rotation by one that makes the KL rows then pairs the same partners on both."""
+    from rlhf_fast.trainers.kto import _StepBatches
+
+    n = 2 * cfg.dpo_pairs
+    return list(_StepBatches(n, n, cfg.seed)._perm)
+
+
+def _check_kto_rows(cfg: E2EConfig, rows: List[tuple], eos: int, side: str) -> None:
+    """RuntimeError unless ``rows`` — ``(prompt, completion, KL completion, label)`` token ids in the
+    step's order — are the :func:`kto_examples`: prompts of ``dpo_prompt_tokens`` tokens, the
+    completions of the pairs' lengths ending in eos, half desirable, and each KL completion the
+    previous example's completion (the first one the last one's: TRL's rotation)."""
+    n, lo, hi = cfg.dpo_pairs, cfg.dpo_min_response, cfg.dpo_max_response
+    want = sorted([lo + round((hi - lo) * i / max(1, n - 1)) + 1 for i in range(n)]
+                  + [hi - round((hi - lo) * i / max(1, n - 1)) + 1 for i in range(n)])
+    got = sorted(len(c) for _, c, _, _ in rows)
+    ok = (got == want and all(len(p) == cfg.dpo_prompt_tokens and c[-1] == eos for p, c, _, _ in rows)
+          and sum(bool(lab) for *_, lab in rows) == n
+          and [k for _, _, k, _ in rows] == [rows[-1][1]] + [c for _, c, _, _ in rows[:-1]])
+    if not ok:
+        raise RuntimeError(f"{side}: the KTO examples tokenised to completion lengths {got} (expected {want}) or "
+                           f"their KL completions are not the previous example's")
+
+
+class TRLKTOStep:
+    """One optimizer step of TRL 1.16's own ``trl.KTOTrainer`` (``loss_type="kto"``), built on an
+    in-memory ``datasets.Dataset`` of :func:`kto_examples` (already unpaired, in
+    :func:`kto_step_order`) with the benchmark's model, a copy of it as ``ref_model`` (TRL would
+    load the reference from the model's hub id) and ``precompute_ref_log_probs=False`` (TRL's
+    default: the reference forwards run every step); ``per_device_train_batch_size`` = every
+    example, so one step trains on all of them and TRL's rotation of the completions runs over
+    the whole step batch, as rlhf_fast's does.
+
+    TRL's code: the dataset preparation (EOS appended, tokenisation, prompt / completion split,
+    the KL completions: each example's KL row is its prompt with the previous example's completion,
+    rotated by one within blocks of the per-device batch), ``DataCollatorForUnpairedPreference``
+    (rows and KL rows, right padding), the fused LM head it patches onto both models (with the
+    entropy and mean logit its metrics read), ``KTOTrainer.training_step`` → ``_compute_loss`` (the
+    policy's no-grad forward on the KL rows, its forward on the example rows, the reference's
+    forwards on both under no_grad, z0 = max(0, mean KL-row log-ratio), the KTO loss with
+    ``desirable_weight`` = ``undesirable_weight`` = 1, every logged metric, the backward) and the
+    optimizer and scheduler ``Trainer.create_optimizer_and_scheduler`` builds (``adamw_torch_fused``,
+    weight decay 0). Written out, as for :class:`TRLDPOStep`: collate the step's examples,
+    ``training_step``, ``_clip_grad_norm`` (max_grad_norm 1), optimizer / scheduler step,
+    ``zero_grad``; left out: callbacks, the flop counters and the log call (its metric lists are
+    cleared each step instead). Config differences from TRL's defaults, the same on both sides:
+    ``gradient_checkpointing=False`` (TRL's default is True), fp32 (``bf16=False``), learning rate
+    ``cfg.lr`` with a constant schedule, max_length = prompt + longest response + eos (nothing is
+    truncated, KL rows included).
+
+    Log-probs (``cfg.trl_fused_head("kto")``): on CUDA, and with ``trl_logprobs="fused_head"``,
+    the fused LM head KTOTrainer patches on; otherwise (the CPU default) :func:`_trl_selective_head`
+    with the entropy and mean logit, for the reason :class:`TRLDPOStep` gives. Both paths give the
+    same log-probs and metrics.
+
+    The ``reference`` phase is the reference model's forwards (example rows and KL rows), timed by
+    a wrapper around its ``forward``; ``update`` is the rest of the step (the policy's KL-row
+    forward included).
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+        from trl import KTOConfig, KTOTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        ref = copy.deepcopy(model).requires_grad_(False)
+        examples = kto_examples(cfg, tok)
+        data = [examples[i] for i in kto_step_order(cfg)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_kto_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = KTOConfig(output_dir=self._tmp.name, per_device_train_batch_size=len(data), learning_rate=cfg.lr,
+                             lr_scheduler_type="constant", beta=cfg.dpo_beta, loss_type="kto",
+                             desirable_weight=1.0, undesirable_weight=1.0, max_length=cfg.dpo_max_len,
+                             gradient_checkpointing=False, bf16=False, use_cpu=cfg.device == "cpu",
+                             report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                             max_grad_norm=1.0)
+            self.trainer = KTOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                                      train_dataset=Dataset.from_list(data))
+        t = self.trainer
+        self.fused_head = cfg.trl_fused_head("kto")
+        if not self.fused_head:
+            _trl_selective_head(t.model, metrics=True, outputs=("entropy", "mean_logits"))
+            _trl_selective_head(t.ref_model, metrics=False)
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        # the columns Trainer's dataloader keeps (its signature columns), in dataset order
+        keep = ("prompt_ids", "completion_ids", "KL_completion_ids", "label")
+        self.examples = [{k: t.train_dataset[i][k] for k in keep} for i in range(len(t.train_dataset))]
+        _check_kto_rows(cfg, self.rows(), tok.eos_token_id, "TRL")
+        self.tokens = float(sum(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in self.examples))
+        self._ref_s = [0.0]
+        t.ref_model.forward = _timed_calls(t.ref_model.forward, self._ref_s, cfg.device)
+
+    def rows(self) -> List[tuple]:
+        """The step's examples as ``(prompt, completion, KL completion, label)`` token ids, in TRL's order."""
+        return [(tuple(e["prompt_ids"]), tuple(e["completion_ids"]), tuple(e["KL_completion_ids"]), bool(e["label"]))
+                for e in self.examples]
+
+    def step(self) -> Dict[str, float]:
+        t, dev = self.trainer, self.cfg.device
+        self._ref_s[0] = 0.0
+        _sync(dev)
+        t0 = time.perf_counter()
+        inputs = t.data_collator(self.examples)
+        loss = t.training_step(t.model, inputs)
+        if t.args.max_grad_norm > 0:
+            t._clip_grad_norm(t.model)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.model.zero_grad()
+        t.state.global_step += 1
+        # what TRL's log() would average and clear every logging_steps
+        self.last_metrics = {k: v[-1] for k, v in t._metrics["train"].items() if v}
+        t._metrics["train"].clear()
+        _sync(dev)
+        step = time.perf_counter() - t0
+        ref = self._ref_s[0]
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(loss))
+
+
+class RLHFFastKTOStep:
+    """One optimizer step of ``rlhf_fast.trainers.kto.KTOTrainer.train_step`` (``loss_type="kto"``)
+    on the same model, examples and settings: built with ``model=``, ``tokenizer=``,
+    ``train_records=`` (the :func:`kto_examples` as BinaryRecords, no eval split), ``batch_size`` =
+    every example and ``grad_accum`` 1 (one step batch of all of them, in its seeded order, each
+    example's KL row the previous one's completion after its prompt — what the TRL side is given),
+    the reference a frozen copy of the initial policy scored every step (``precompute_ref_logps``
+    false), λ_D = λ_U = 1, no annotator weights, fp32, grad_clip 1, the same beta, learning rate
+    (constant) and max length; its own fused AdamW (weight decay 0).
+
+    The ``reference`` phase is the reference model's ``response_logps`` call (its example rows and
+    KL rows in one forward), timed as in :class:`RLHFFastDPOStep`; ``update`` is the rest of
+    ``train_step`` (the policy's no-grad KL-row forward included).
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.trainers.kto import BinaryRecord, KTOConfig, KTOTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        examples = kto_examples(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_kto_")
+        kcfg = KTOConfig(output_dir=self._tmp.name, max_len=cfg.dpo_max_len, batch_size=len(examples), grad_accum=1,
+                         lr=cfg.lr, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
+                         max_steps=cfg.steps + 3, grad_clip=1.0, bf16=False, beta=cfg.dpo_beta, loss_type="kto",
+                         desirable_weight=1.0, undesirable_weight=1.0, seed=cfg.seed, device=cfg.device)
+        self.trainer = KTOTrainer(kcfg, model=model, tokenizer=tok,
+                                  train_records=[BinaryRecord(e["prompt"], e["completion"], e["label"])
+                                                 for e in examples])
+        tr = self.trainer
+        _check_kto_rows(cfg, self.rows(), tok.eos_token_id, "rlhf_fast")
+        assert tr.optimizer.defaults.get("fused"), "KTOTrainer's optimizer is the fused AdamW"
+        self.tokens = float(sum(len(it["prompt"]) + len(it["completion"]) for it in tr.train_items))
+        self._ref_s = [0.0]
+
+    def rows(self) -> List[tuple]:
+        """The step's examples as ``(prompt, completion, KL completion, label)`` token ids, in the
+        order of the trainer's step batch."""
+        items = self.trainer.train_items
+        return [(tuple(items[i]["prompt"]), tuple(items[i]["completion"]), tuple(items[i]["kl"]),
+                 bool(items[i]["label"])) for i in self.trainer.batches._perm]
+
+    def step(self) -> Dict[str, float]:
+        from rlhf_fast.trainers import dpo as dpo_mod
+
+        tr, dev = self.trainer, self.cfg.device
+        # the reference's forward goes through dpo.reference_logps → dpo.response_logps; the
+        # policy's (KL rows, example rows) through the name kto imported, which stays as it is
+        real = dpo_mod.response_logps
+        timed = _timed_calls(real, self._ref_s, dev)
+        self._ref_s[0] = 0.0
         dpo_mod.response_logps = lambda model, batch: (timed if model is tr.reference else real)(model, batch)
         try:
             _sync(dev)
@@ -723,6 +968,95 @@ class RLHFFastDPOStep:
         ref = self._ref_s[0]
         self.last_metrics = m
         return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(m["loss"]))
+
+
+# --------------------------------------------------------------------------- SimPO (reference-free)
+
+
+class TRLSimPOStep:
+    """One optimizer step of TRL 1.16's own ``trl.experimental.cpo.CPOTrainer`` with
+    ``loss_type="simpo"`` (its defaults ``simpo_gamma`` 0.5 and ``cpo_alpha`` 1.0: CPO-SimPO, the
+    SimPO loss on length-normalised log-probs plus the chosen rows' NLL), built on an in-memory
+    ``datasets.Dataset`` of the :func:`dpo_pairs` with a bos in front of each prompt (CPOTrainer
+    adds one to a prompt without; rlhf_fast reads it from the text), with the benchmark's model;
+    reference-free, no reference model on either side.
+
+    TRL's code: the dataset preparation (``tokenize_row``: prompt and answers tokenised, bos / eos
+    added when missing, labels -100 over the prompt), ``DPODataCollatorWithPadding``,
+    ``training_step`` → ``compute_loss`` → ``get_batch_loss_metrics`` (``concatenated_forward``: one
+    forward on the chosen + rejected rows that returns the full ``[2B, T, V]`` logits of every
+    position, the NLL as ``nn.CrossEntropyLoss`` on the chosen rows' logits, the token-mean
+    log-probs by ``selective_log_softmax``; ``cpo_loss``; every stored metric; the backward) and
+    the optimizer and scheduler ``Trainer.create_optimizer_and_scheduler`` builds
+    (``adamw_torch_fused``, weight decay 0). CPOTrainer has no fused LM head and no
+    ``logits_to_keep``: that is its only log-prob path, on the CPU and on CUDA, and it is kept as is
+    (``trl_logprobs`` does not apply). Written out as for :class:`TRLDPOStep` (collate,
+    ``training_step``, clip at 1, optimizer / scheduler step, ``zero_grad``; callbacks and the log
+    call left out, its stored metrics cleared each step). Config differences from CPOConfig's
+    defaults, the same on both sides: ``gradient_checkpointing=False`` (CPOConfig's default is
+    True), fp32 (``bf16=False``; CPOConfig's default is True), learning rate ``cfg.lr`` (CPOConfig's
+    is 1e-6) with a constant schedule, ``max_length`` = prompt + longest response + eos.
+
+    The whole step is the update (no reference forward): the table has only the step column.
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        pairs = dpo_pairs(cfg, tok, bos=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_simpo_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+            args = CPOConfig(output_dir=self._tmp.name, per_device_train_batch_size=cfg.dpo_pairs, learning_rate=cfg.lr,
+                             lr_scheduler_type="constant", beta=cfg.dpo_beta, loss_type="simpo", simpo_gamma=0.5,
+                             cpo_alpha=1.0, max_length=cfg.dpo_max_len, gradient_checkpointing=False, bf16=False,
+                             use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed,
+                             disable_tqdm=True, max_grad_norm=1.0)
+            self.trainer = CPOTrainer(model=model, args=args, processing_class=tok,
+                                      train_dataset=Dataset.from_list(pairs))
+        t = self.trainer
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        # every column: CPOTrainer turns remove_unused_columns off for its collator
+        self.examples = [dict(t.train_dataset[i]) for i in range(len(t.train_dataset))]
+        _check_dpo_rows(cfg, self.rows(), tok.eos_token_id, "TRL")
+        self.tokens = float(sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in self.examples))
+
+    def rows(self) -> List[tuple]:
+        """The step's pairs as token ids ``(prompt, chosen, rejected)``, in TRL's dataset order."""
+        out = []
+        for e in self.examples:
+            p = list(e["prompt_input_ids"])
+            c, r = list(e["chosen_input_ids"]), list(e["rejected_input_ids"])
+            if c[:len(p)] != p or r[:len(p)] != p:
+                raise RuntimeError("TRL: a chosen or rejected row does not start with its prompt")
+            out.append((tuple(p), tuple(c[len(p):]), tuple(r[len(p):])))
+        return out
+
+    def step(self) -> Dict[str, float]:
+        t, dev = self.trainer, self.cfg.device
+        _sync(dev)
+        t0 = time.perf_counter()
+        inputs = t.data_collator(self.examples)
+        loss = t.training_step(t.model, inputs)
+        if t.args.max_grad_norm > 0:
+            t._clip_grad_norm(t.model)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.model.zero_grad()
+        t.state.global_step += 1
+        # what CPOTrainer's log() would average and clear every logging_steps
+        self.last_metrics = {k: v[-1] for k, v in t._stored_metrics["train"].items() if v}
+        t._stored_metrics["train"].clear()
+        _sync(dev)
+        step = time.perf_counter() - t0
+        return dict(step=step, tokens=self.tokens, loss=float(loss))
 
 
 # --------------------------------------------------------------------------- harness
@@ -742,6 +1076,10 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         torch.backends.cudnn.allow_tf32 = True
     if algo == "dpo":
         runner = (TRLDPOStep if framework == "trl" else RLHFFastDPOStep)(cfg)
+    elif algo == "kto":
+        runner = (TRLKTOStep if framework == "trl" else RLHFFastKTOStep)(cfg)
+    elif algo == "simpo":
+        runner = TRLSimPOStep(cfg) if framework == "trl" else RLHFFastDPOStep(cfg, loss_type="simpo")
     else:
         maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
         runner = maker(cfg, algo)
@@ -784,10 +1122,10 @@ def _progress_line(algo: str, framework: str, run: Optional[Dict[str, object]], 
     head = f"e2e {algo} {framework} ({wall_s:.0f} s in the subprocess):"
     if run is None:
         return f"{head} failed: {error}"
-    phases = " ".join(f"{p} {run[p]:.3f}" for p in (DPO_PHASES if algo == "dpo" else PHASES)
-                      if run.get(p) is not None)
+    phases = " ".join(f"{p} {run[p]:.3f}" for p in ALGO_PHASES[algo] if run.get(p) is not None)
     tps = run.get("tokens_per_s")
-    return f"{head} step {run['step']:.3f} s ({phases})" + (f", {tps:.0f} tokens/s" if tps else "")
+    return f"{head} step {run['step']:.3f} s" + (f" ({phases})" if phases else "") + \
+        (f", {tps:.0f} tokens/s" if tps else "")
 
 
 def _median_runs(runs: List[Dict[str, object]]) -> Dict[str, object]:
@@ -803,18 +1141,19 @@ def _check_algos(algos) -> tuple:
     if isinstance(algos, str):
         algos = [a.strip() for a in algos.split(",") if a.strip()]
     algos = tuple(algos)
-    bad = [a for a in algos if a not in ALGOS]
+    bad = [a for a in algos if a not in ALL_ALGOS]
     if not algos or bad:
-        raise ValueError(f"algos must be a non-empty selection of {ALGOS}, got {algos!r}")
-    return tuple(a for a in ALGOS if a in algos)  # table order, no duplicates
+        raise ValueError(f"algos must be a non-empty selection of {ALL_ALGOS}, got {algos!r}")
+    return tuple(a for a in ALL_ALGOS if a in algos)  # table order, no duplicates
 
 
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
               timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
-    """PPO, GRPO and DPO steps, rlhf_fast vs TRL, per configuration — ``cfg`` if given, else the
-    quick one, else the tiny model with its 256-token vocabulary and again with a real-sized one
-    (:meth:`E2EConfig.large_vocab`): a table of the RL algorithms (PPO / GRPO) and one of DPO,
-    each only when ``algos`` (a subset of :data:`ALGOS`, or "ppo,dpo"-style text) holds them.
+    """PPO, GRPO and DPO steps (and, when asked for, KTO and SimPO), rlhf_fast vs TRL, per
+    configuration — ``cfg`` if given, else the quick one, else the tiny model with its 256-token
+    vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a table of the RL
+    algorithms (PPO / GRPO) and one each of DPO, KTO and SimPO, each only when ``algos`` (a subset
+    of :data:`ALL_ALGOS`, or "ppo,dpo"-style text; default :data:`ALGOS`) holds them.
 
     ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
     both sides see the same machine load; every column is the median over them.
@@ -836,8 +1175,9 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
 
 
 def run_config(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
-    """One configuration's tables (:func:`run_table` for PPO / GRPO, :func:`run_dpo_table`),
-    the tokenizer trained once for all of their subprocesses."""
+    """One configuration's tables (:func:`run_table` for PPO / GRPO, :func:`run_dpo_table`,
+    :func:`run_kto_table`, :func:`run_simpo_table`), the tokenizer trained once for all of their
+    subprocesses."""
     algos = _check_algos(algos)
     if cfg.tokenizer_dir is None:
         with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
@@ -847,6 +1187,10 @@ def run_config(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos
     tables = [run_table(cfg, timeout_s=timeout_s, repeats=repeats, algos=rl)] if rl else []
     if "dpo" in algos:
         tables.append(run_dpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "kto" in algos:
+        tables.append(run_kto_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "simpo" in algos:
+        tables.append(run_simpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
     return tables
 
 
@@ -995,6 +1339,91 @@ def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
     return table
 
 
+def run_kto_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's KTO table: TRL 1.16's ``KTOTrainer`` (:class:`TRLKTOStep`) and
+    rlhf_fast's (:class:`RLHFFastKTOStep`), one optimizer step on the same examples and KL rows,
+    and the TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    if cfg.tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return run_kto_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
+    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    n = 2 * cfg.dpo_pairs
+    table = Table(
+        f"one KTO step on a {cfg.family} model from a config ({n} examples = {cfg.dpo_pairs} pairs unpaired, "
+        f"{n} rows + {n} KL rows, prompt {cfg.dpo_prompt_tokens} tokens, completions {cfg.dpo_min_response}–"
+        f"{cfg.dpo_max_response} tokens + eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), "
+        f"{where}, median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
+        ["algo", "framework", "reference_s", "update_s", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
+    )
+    fused = cfg.trl_fused_head("kto")
+    _add_algo_rows(table, "kto", cfg, timeout_s, repeats, DPO_PHASES,
+                   "TRL KTOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))
+    table.notes += [
+        "one optimizer step over every example (loss_type kto, desirable and undesirable weights 1): reference = the "
+        "reference model's log-probs of the example rows and of the KL rows (each prompt with the previous example's "
+        "completion), no_grad, every step (precompute_ref_log_probs off on both sides); update = the rest of the step "
+        "(collation, the policy's no-grad forward on the KL rows, its forward + backward on the example rows, z0, "
+        "loss, metrics, grad clipping at 1, fused AdamW step, scheduler)",
+        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the example "
+        "rows' non-padding tokens (prompt + completion; the KL rows, scored on both sides, not counted) ÷ step time",
+        _memory_note(cfg),
+        "TRL side: trl.KTOTrainer itself (dataset preparation with its KL completions, "
+        "DataCollatorForUnpairedPreference, training_step / _compute_loss with its metrics, "
+        "create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as Trainer's loop does; "
+        "per_device_train_batch_size = every example, given in rlhf_fast's seeded step order, so both sides build the "
+        "same KL rows (TRL reads its data in order); ref_model a copy of the policy; gradient_checkpointing off "
+        "(TRL's default is on) and fp32 on both sides; log-probs: "
+        + ("TRL 1.x's fused LM head (add_fused_lm_head), as KTOTrainer sets it" if fused else
+           "TRL <= 0.2x's logits + selective_log_softmax (with the entropy and mean logit its metrics read) on a "
+           "logits_to_keep forward, in place of TRL 1.x's fused LM head, whose CPU fallback scores every position in "
+           "torch tiles (see the DPO table); same log-probs and metrics; trl_logprobs=fused_head renders TRL 1.x's "
+           "path"),
+        "rlhf_fast side: KTOTrainer.train_step (fused LM head over the completion tokens only; the reference scores "
+        "the example rows and the KL rows in one forward) with its own fused AdamW",
+    ]
+    return table
+
+
+def run_simpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's SimPO table (reference-free): TRL 1.16's ``CPOTrainer`` with
+    ``loss_type="simpo"`` (:class:`TRLSimPOStep`) and rlhf_fast's DPOTrainer with
+    ``loss_type: simpo`` (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
+    TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    if cfg.tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return run_simpo_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
+    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    table = Table(
+        f"one SimPO step (reference-free) on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = "
+        f"{2 * cfg.dpo_pairs} rows, prompt {cfg.dpo_prompt_tokens} tokens with bos, responses {cfg.dpo_min_response}–"
+        f"{cfg.dpo_max_response} tokens + eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), "
+        f"{where}, median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
+        ["algo", "framework", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
+    )
+    _add_algo_rows(table, "simpo", cfg, timeout_s, repeats, ALGO_PHASES["simpo"],
+                   "TRL CPOTrainer (loss_type simpo)")
+    table.notes += [
+        "one optimizer step over every pair, no reference model on either side: the policy forward + backward on the "
+        "chosen + rejected rows in one batch, the SimPO loss on token-mean log-probs (beta, simpo_gamma 0.5) + "
+        "cpo_alpha 1.0 × the chosen rows' token-mean NLL (CPOConfig's defaults: CPO-SimPO), metrics, grad clipping "
+        "at 1, fused AdamW step, scheduler",
+        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the step's "
+        "non-padding tokens (prompt + response of every chosen and rejected row) ÷ step time",
+        _memory_note(cfg),
+        "TRL side: trl.experimental.cpo.CPOTrainer itself (tokenize_row, DPODataCollatorWithPadding, training_step / "
+        "get_batch_loss_metrics with its metrics, create_optimizer_and_scheduler: adamw_torch_fused), driven one "
+        "optimizer step as Trainer's loop does; its only log-prob path, kept as is: the full [2B, T, V] logits of "
+        "every position (no fused head, no logits_to_keep), nn.CrossEntropyLoss for the NLL, selective_log_softmax; "
+        "gradient_checkpointing off and fp32 (CPOConfig's defaults: on, bf16) on both sides; each prompt starts with "
+        "bos on both sides (CPOTrainer adds it when missing)",
+        "rlhf_fast side: DPOTrainer.train_step with loss_type simpo, simpo_gamma 0.5, cpo_alpha 1.0 (fused LM head "
+        "over the response tokens only, no reference model) with its own fused AdamW",
+    ]
+    return table
+
+
 def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",
          algos=ALGOS) -> List[Table]:
     """Run the suite and print its tables; ``write``: also append them to benchmarks/results."""
@@ -1021,11 +1450,11 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO step, rlhf_fast vs TRL")
+    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO (/ KTO / SimPO) step, rlhf_fast vs TRL")
     p.add_argument("--framework", choices=("trl", "rlhf_fast"))
-    p.add_argument("--algo", choices=ALGOS, help="internal: the algorithm of one --framework subprocess")
-    p.add_argument("--algos", default=",".join(ALGOS), help=f"algorithms to run, comma-separated (default: "
-                   f"{','.join(ALGOS)})")
+    p.add_argument("--algo", choices=ALL_ALGOS, help="internal: the algorithm of one --framework subprocess")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"algorithms to run, comma-separated among "
+                   f"{','.join(ALL_ALGOS)} (default: {','.join(ALGOS)})")
     p.add_argument("--config", default=None, help="E2EConfig as JSON")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

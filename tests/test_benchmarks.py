@@ -126,7 +126,9 @@ def test_bench_cli_e2e_algos(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(e2e, "run_suite", lambda **kw: got.append(kw["algos"]) or [])
     assert main(["bench", "e2e", "--quick", "--out", str(tmp_path)]) == 0
     assert main(["bench", "e2e", "--quick", "--algos", "dpo", "--out", str(tmp_path)]) == 0
-    assert [e2e._check_algos(a) for a in got] == [("ppo", "grpo", "dpo"), ("dpo",)]
+    # KTO and SimPO are accepted, though not in the default selection
+    assert main(["bench", "e2e", "--quick", "--algos", "simpo,kto", "--out", str(tmp_path)]) == 0
+    assert [e2e._check_algos(a) for a in got] == [("ppo", "grpo", "dpo"), ("dpo",), ("kto", "simpo")]
     assert main(["bench", "e2e", "--algos", "ppo,sft", "--out", str(tmp_path / "x")]) == 2
     assert "algos" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
@@ -300,7 +302,7 @@ def test_e2e_sides_run_a_gqa_qwen2_step_with_a_large_vocabulary():
                         steps=1, dpo_pairs=2, dpo_prompt_tokens=8, dpo_min_response=4, dpo_max_response=8)
     model, tok = e2e.build_model(cfg)
     assert len(tok) > 1024 and model.config.num_key_value_heads == 2
-    for algo in ("ppo", "grpo", "dpo"):
+    for algo in ("ppo", "grpo", "dpo", "kto", "simpo"):
         for fw in ("trl", "rlhf_fast"):
             rec = e2e.measure(fw, algo, cfg)
             assert rec["step"] > 0 and rec["tokens"] > 0, (algo, fw)
@@ -339,6 +341,40 @@ def test_e2e_ratio_row_reports_both_memory_measures(monkeypatch):
     assert {r["algo"] for r in only_ppo.rows} == {"ppo"}
     with pytest.raises(ValueError, match="algos"):
         e2e.run_suite(cfg=cfg, algos="ppo,sft")
+
+
+def test_e2e_kto_and_simpo_tables(monkeypatch, capsys):
+    """`--algos kto,simpo`: a KTO table (reference / update phases) and a SimPO one (reference-free:
+    the step only), each with its TRL ÷ rlhf_fast row; neither is in the default selection."""
+    from rlhf_fast.benchmarks import e2e
+
+    assert "kto" not in e2e.ALGOS and "simpo" not in e2e.ALGOS
+    assert e2e._check_algos("simpo,kto,dpo") == ("dpo", "kto", "simpo")
+    cfg = e2e.E2EConfig.quick()
+    cfg = replace(cfg, tokenizer_dir="unused")
+
+    def fake(framework, algo, c, timeout_s):
+        trl = framework == "trl"
+        rec = dict(step=3.0 if trl else 1.0, tokens=10.0, tokens_per_s=3.2, extra_peak_bytes=(4 if trl else 2) << 20,
+                   extra_rss_bytes=(6 if trl else 2) << 20, rss_bytes=1 << 30)
+        if algo == "kto":
+            rec.update(reference=1.0 if trl else 0.5, update=2.0 if trl else 0.5)
+        return rec
+
+    monkeypatch.setattr(e2e, "_subprocess", fake)
+    kto, simpo = e2e.run_suite(cfg=cfg, algos="simpo,kto")
+    assert kto.title.startswith("one KTO step") and simpo.title.startswith("one SimPO step (reference-free)")
+    assert "reference_s" in kto.columns and "reference_s" not in simpo.columns and "update_s" not in simpo.columns
+    for table, algo in ((kto, "kto"), (simpo, "simpo")):
+        assert [r["algo"] for r in table.rows] == [algo] * 3
+        ratio = table.rows[-1]
+        assert (ratio["framework"], ratio["step_s"], ratio["extra_peak"], ratio["extra_rss"]) == \
+            ("TRL ÷ rlhf_fast", 3.0, "2.00×", "3.00×")
+    assert kto.rows[-1]["reference_s"] == 2.0 and kto.rows[-1]["update_s"] == 4.0
+    assert "KTOTrainer" in kto.rows[0]["framework"] and "CPOTrainer" in simpo.rows[0]["framework"]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("e2e ")]
+    assert "e2e kto trl" in err[0] and "(reference 1.000 update 2.000)" in err[0]
+    assert "e2e simpo trl" in err[2] and "step 3.000 s, 3 tokens/s" in err[2]
 
 
 def test_e2e_dpo_sides_compute_the_same_step():
@@ -382,6 +418,92 @@ def test_e2e_dpo_sides_compute_the_same_step():
             assert rec["reference"] > 0 and rec["update"] > 0
             assert rec["step"] == pytest.approx(rec["reference"] + rec["update"])
             assert rec["tokens"] == a["tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in rows)
+
+
+def _perturb(model, seed, scale):
+    """The same seeded perturbation of every parameter, whichever side holds the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, prm in sorted(model.named_parameters()):
+            prm.add_(scale * torch.randn(prm.shape, generator=gen))
+
+
+def test_e2e_kto_sides_compute_the_same_step():
+    """The KTO comparison compares like with like: on the quick config both sides train on the
+    same example rows in the same order with the same KL rows (each the previous example's
+    completion after its prompt), and from the same perturbed policy and reference (the reference
+    moved so that z0 > 0, not clamped) their loss, z0 and logged rewards / log-probs agree, and
+    still after one optimizer step of each; TRL 1.x's fused head gives the same numbers."""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLKTOStep(cfg), e2e.RLHFFastKTOStep(cfg)
+    fused = e2e.TRLKTOStep(replace(cfg, trl_logprobs="fused_head"))
+    assert not trl_side.fused_head and fused.fused_head
+    rows = ours.rows()
+    assert trl_side.rows() == rows == fused.rows() and len(rows) == 2 * cfg.dpo_pairs
+    assert [k for _, _, k, _ in rows] == [rows[-1][1]] + [c for _, c, _, _ in rows[:-1]]  # the KL rotation
+    assert sorted(lab for *_, lab in rows) == [False] * cfg.dpo_pairs + [True] * cfg.dpo_pairs
+    assert ours.trainer.cfg.batch_size == len(rows) and trl_side.trainer.args.per_device_train_batch_size == len(rows)
+    for opt in (trl_side.trainer.optimizer, ours.trainer.optimizer):
+        g = opt.param_groups[0]
+        assert g["fused"] and g["weight_decay"] == 0.0 and g["lr"] == cfg.lr
+    for side in (trl_side, fused):
+        _perturb(side.trainer.model, 1, 0.05)
+        _perturb(side.trainer.ref_model, 2, 0.2)
+    _perturb(ours.trainer.model, 1, 0.05)
+    _perturb(ours.trainer.reference, 2, 0.2)
+    for _ in range(2):
+        a, b, f = trl_side.step(), ours.step(), fused.step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and f["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert trl_side.last_metrics["kl"] > 0.1  # z0 from the KL rows, not the clamp
+        for key in ("kl", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+            want = trl_side.last_metrics[key]
+            assert ours.last_metrics[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+            assert fused.last_metrics[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+        assert ours.last_metrics["rewards/margin"] == pytest.approx(trl_side.last_metrics["rewards/margins"],
+                                                                    rel=1e-4, abs=1e-6)
+        for rec in (a, b, f):
+            assert rec["reference"] > 0 and rec["update"] > 0
+            assert rec["step"] == pytest.approx(rec["reference"] + rec["update"])
+            assert rec["tokens"] == a["tokens"] == sum(len(p) + len(c) for p, c, _, _ in rows)
+
+
+def test_e2e_simpo_sides_compute_the_same_step():
+    """The SimPO comparison: TRL's CPOTrainer (loss_type simpo, cpo_alpha 1) and rlhf_fast's
+    reference-free DPOTrainer (no reference model at all) train on the same token rows (bos first
+    in every prompt), and from the same perturbed weights their loss, NLL and logged rewards /
+    token-mean log-probs agree, and still after one optimizer step of each."""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLSimPOStep(cfg), e2e.RLHFFastDPOStep(cfg, loss_type="simpo")
+    assert ours.trainer.reference is None and ours.trainer.cfg.reference_free
+    t = trl_side.trainer
+    assert (t.loss_type, t.cpo_alpha, t.simpo_gamma, t.beta) == ("simpo", 1.0, 0.5, cfg.dpo_beta)
+    assert (ours.trainer.cfg.cpo_alpha, ours.trainer.cfg.simpo_gamma) == (1.0, 0.5)
+    rows = sorted(trl_side.rows())
+    assert rows == sorted(ours.rows()) and len(rows) == cfg.dpo_pairs
+    tok = ours.trainer.tokenizer
+    for p, c, r in rows:
+        assert p[0] == tok.bos_token_id and len(p) == cfg.dpo_prompt_tokens
+        assert c[-1] == tok.eos_token_id and r[-1] == tok.eos_token_id
+    for opt in (t.optimizer, ours.trainer.optimizer):
+        g = opt.param_groups[0]
+        assert g["fused"] and g["weight_decay"] == 0.0 and g["lr"] == cfg.lr
+    _perturb(t.model, 1, 0.05)
+    _perturb(ours.trainer.model, 1, 0.05)
+    for _ in range(2):
+        a, b = trl_side.step(), ours.step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert ours.last_metrics["nll"] == pytest.approx(trl_side.last_metrics["nll_loss"], rel=1e-4)
+        for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+            assert ours.last_metrics[key] == pytest.approx(trl_side.last_metrics[key], rel=1e-4, abs=1e-6), key
+        assert ours.last_metrics["rewards/accuracy"] == trl_side.last_metrics["rewards/accuracies"]
+        assert a["step"] > 0 and b["step"] > 0 and b["reference"] == 0.0
+        assert a["tokens"] == b["tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in rows)
 
 
 def test_bench_rollout_profile_names_where_generate_spends_its_time(capsys):

@@ -81,7 +81,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -595,6 +595,31 @@ def _trl_selective_head(model, metrics: bool, outputs: tuple = ("entropy", "mean
     model.forward = forward
 
 
+def _trl_optimizer_step(runner, metrics_attr: str) -> Tuple[float, float]:
+    """One optimizer step of ``runner.trainer`` (a TRL trainer built on transformers' Trainer) on
+    ``runner.examples``, written out as ``Trainer._inner_training_loop`` does it per step with
+    gradient accumulation 1: collate, ``training_step``, clip, optimizer and scheduler step,
+    ``zero_grad``. The step's metrics (``trainer.<metrics_attr>["train"]``, which TRL's log()
+    would average and clear every logging_steps) go to ``runner.last_metrics`` and are cleared.
+    Returns (wall seconds, synchronised on the device; the loss)."""
+    t, dev = runner.trainer, runner.cfg.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    inputs = t.data_collator(runner.examples)
+    loss = t.training_step(t.model, inputs)
+    if t.args.max_grad_norm > 0:
+        t._clip_grad_norm(t.model)
+    t.optimizer.step()
+    t.lr_scheduler.step()
+    t.model.zero_grad()
+    t.state.global_step += 1
+    store = getattr(t, metrics_attr)["train"]
+    runner.last_metrics = {k: v[-1] for k, v in store.items() if v}
+    store.clear()
+    _sync(dev)
+    return time.perf_counter() - t0, float(loss)
+
+
 class TRLDPOStep:
     """One optimizer step of TRL 1.16's own ``trl.DPOTrainer``, built on an in-memory
     ``datasets.Dataset`` of the benchmark's pairs with the benchmark's model, a copy of it as
@@ -674,25 +699,10 @@ class TRLDPOStep:
         return [(tuple(e["prompt_ids"]), tuple(e["chosen_ids"]), tuple(e["rejected_ids"])) for e in self.examples]
 
     def step(self) -> Dict[str, float]:
-        t, dev = self.trainer, self.cfg.device
         self._ref_s[0] = 0.0
-        _sync(dev)
-        t0 = time.perf_counter()
-        inputs = t.data_collator(self.examples)
-        loss = t.training_step(t.model, inputs)
-        if t.args.max_grad_norm > 0:
-            t._clip_grad_norm(t.model)
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.model.zero_grad()
-        t.state.global_step += 1
-        # what TRL's log() would average and clear every logging_steps
-        self.last_metrics = {k: v[-1] for k, v in t._metrics["train"].items() if v}
-        t._metrics["train"].clear()
-        _sync(dev)
-        step = time.perf_counter() - t0
+        step, loss = _trl_optimizer_step(self, "_metrics")
         ref = self._ref_s[0]
-        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(loss))
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=loss)
 
 
 class RLHFFastDPOStep:
@@ -884,25 +894,10 @@ class TRLKTOStep:
                 for e in self.examples]
 
     def step(self) -> Dict[str, float]:
-        t, dev = self.trainer, self.cfg.device
         self._ref_s[0] = 0.0
-        _sync(dev)
-        t0 = time.perf_counter()
-        inputs = t.data_collator(self.examples)
-        loss = t.training_step(t.model, inputs)
-        if t.args.max_grad_norm > 0:
-            t._clip_grad_norm(t.model)
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.model.zero_grad()
-        t.state.global_step += 1
-        # what TRL's log() would average and clear every logging_steps
-        self.last_metrics = {k: v[-1] for k, v in t._metrics["train"].items() if v}
-        t._metrics["train"].clear()
-        _sync(dev)
-        step = time.perf_counter() - t0
+        step, loss = _trl_optimizer_step(self, "_metrics")
         ref = self._ref_s[0]
-        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=float(loss))
+        return dict(reference=ref, update=step - ref, step=step, tokens=self.tokens, loss=loss)
 
 
 class RLHFFastKTOStep:
@@ -1040,23 +1035,8 @@ class TRLSimPOStep:
         return out
 
     def step(self) -> Dict[str, float]:
-        t, dev = self.trainer, self.cfg.device
-        _sync(dev)
-        t0 = time.perf_counter()
-        inputs = t.data_collator(self.examples)
-        loss = t.training_step(t.model, inputs)
-        if t.args.max_grad_norm > 0:
-            t._clip_grad_norm(t.model)
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.model.zero_grad()
-        t.state.global_step += 1
-        # what CPOTrainer's log() would average and clear every logging_steps
-        self.last_metrics = {k: v[-1] for k, v in t._stored_metrics["train"].items() if v}
-        t._stored_metrics["train"].clear()
-        _sync(dev)
-        step = time.perf_counter() - t0
-        return dict(step=step, tokens=self.tokens, loss=float(loss))
+        step, loss = _trl_optimizer_step(self, "_stored_metrics")
+        return dict(step=step, tokens=self.tokens, loss=loss)
 
 
 # --------------------------------------------------------------------------- harness

@@ -73,6 +73,7 @@ If rlhf_fast's trainer cannot run, its rows say so; no number is made up.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 import statistics
@@ -1154,15 +1155,34 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
     return [t for c in cfgs for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
 
 
+
+def _with_tokenizer(table_fn: Callable) -> Callable:
+    """``table_fn(cfg, ...)`` with ``cfg.tokenizer_dir`` set: the tokenizer trained once here,
+    saved to a temporary folder every subprocess loads, unless the config already names one."""
+    @functools.wraps(table_fn)
+    def wrapped(cfg: E2EConfig, *args, **kwargs):
+        if cfg.tokenizer_dir is not None:
+            return table_fn(cfg, *args, **kwargs)
+        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+            build_tokenizer(cfg).save_pretrained(d)
+            return table_fn(replace(cfg, tokenizer_dir=d), *args, **kwargs)
+
+    return wrapped
+
+
+def _where(cfg: E2EConfig) -> str:
+    """What the table ran on: the GPU's name, or the CPU thread count."""
+    return torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+
+
 def run_config(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
     """One configuration's tables (:func:`run_table` for PPO / GRPO, :func:`run_dpo_table`,
     :func:`run_kto_table`, :func:`run_simpo_table`), the tokenizer trained once for all of their
-    subprocesses."""
-    algos = _check_algos(algos)
-    if cfg.tokenizer_dir is None:
-        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
-            build_tokenizer(cfg).save_pretrained(d)
-            return run_config(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats, algos=algos)
+    subprocesses (after ``algos`` is checked: a wrong name costs no training)."""
+    return _with_tokenizer(_config_tables)(cfg, timeout_s, repeats, _check_algos(algos))
+
+
+def _config_tables(cfg: E2EConfig, timeout_s: float, repeats: int, algos) -> List[Table]:
     rl = tuple(a for a in algos if a in RL_ALGOS)
     tables = [run_table(cfg, timeout_s=timeout_s, repeats=repeats, algos=rl)] if rl else []
     if "dpo" in algos:
@@ -1234,6 +1254,7 @@ def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, re
                                note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
 
 
+@_with_tokenizer
 def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=RL_ALGOS) -> Table:
     """One configuration's RL table (``algos`` among PPO and GRPO): a row per (algo, framework)
     and a TRL ÷ rlhf_fast ratio row.
@@ -1241,14 +1262,10 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
     The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it, and loaded by every
     subprocess; each finished subprocess prints one progress line to stderr, so a run cut short
     still shows its rows."""
-    if cfg.tokenizer_dir is None:
-        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
-            build_tokenizer(cfg).save_pretrained(d)
-            return run_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats, algos=algos)
     algos = _check_algos(algos)
     if any(a not in RL_ALGOS for a in algos):
         raise ValueError(f"run_table runs {RL_ALGOS}; DPO has its own table (run_dpo_table), got {algos!r}")
-    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    where = _where(cfg)
     table = Table(
         f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
         f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
@@ -1276,15 +1293,12 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
     return table
 
 
+@_with_tokenizer
 def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
     """One configuration's DPO table: TRL 1.16's ``DPOTrainer`` (:class:`TRLDPOStep`) and
     rlhf_fast's (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
     TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    if cfg.tokenizer_dir is None:
-        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
-            build_tokenizer(cfg).save_pretrained(d)
-            return run_dpo_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
-    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    where = _where(cfg)
     table = Table(
         f"one DPO step on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = {2 * cfg.dpo_pairs} rows, "
         f"prompt {cfg.dpo_prompt_tokens} tokens, responses {cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + "
@@ -1319,15 +1333,12 @@ def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
     return table
 
 
+@_with_tokenizer
 def run_kto_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
     """One configuration's KTO table: TRL 1.16's ``KTOTrainer`` (:class:`TRLKTOStep`) and
     rlhf_fast's (:class:`RLHFFastKTOStep`), one optimizer step on the same examples and KL rows,
     and the TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    if cfg.tokenizer_dir is None:
-        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
-            build_tokenizer(cfg).save_pretrained(d)
-            return run_kto_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
-    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    where = _where(cfg)
     n = 2 * cfg.dpo_pairs
     table = Table(
         f"one KTO step on a {cfg.family} model from a config ({n} examples = {cfg.dpo_pairs} pairs unpaired, "
@@ -1365,16 +1376,13 @@ def run_kto_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
     return table
 
 
+@_with_tokenizer
 def run_simpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
     """One configuration's SimPO table (reference-free): TRL 1.16's ``CPOTrainer`` with
     ``loss_type="simpo"`` (:class:`TRLSimPOStep`) and rlhf_fast's DPOTrainer with
     ``loss_type: simpo`` (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
     TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    if cfg.tokenizer_dir is None:
-        with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
-            build_tokenizer(cfg).save_pretrained(d)
-            return run_simpo_table(replace(cfg, tokenizer_dir=d), timeout_s=timeout_s, repeats=repeats)
-    where = (torch.cuda.get_device_name() if cfg.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    where = _where(cfg)
     table = Table(
         f"one SimPO step (reference-free) on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = "
         f"{2 * cfg.dpo_pairs} rows, prompt {cfg.dpo_prompt_tokens} tokens with bos, responses {cfg.dpo_min_response}–"

@@ -43,6 +43,14 @@ def _batch(B=5, T=19, seed=0):
     return ids, am
 
 
+def _right_padded(ids):
+    """An attention mask of ``ids`` that pads on the right only (SFT / reward / DPO batches)."""
+    am = torch.ones_like(ids)
+    am[1, 15:] = 0
+    am[3, 6:] = 0
+    return am
+
+
 def _hf_and_ours(base, ids, am, pos):
     """Hidden states and parameter gradients (of a random projection of the attended rows) from
     the transformers forward and from ours."""
@@ -464,9 +472,7 @@ def test_right_padded_rows_take_plain_causal_attention_with_the_same_results(fam
     every attended position and every gradient as transformers' masked attention gives them."""
     base = backbone(_model(family, kv_heads))
     ids, _ = _batch()
-    am = torch.ones_like(ids)
-    am[1, 15:] = 0
-    am[3, 6:] = 0
+    am = _right_padded(ids)
     am[4, 1:] = 0
     pos = default_position_ids(am)
     assert llama_forward._key_mask(am, pos, ids.shape[1]) is None
@@ -491,9 +497,7 @@ def test_columns_give_those_states_and_their_gradients(family, kv_heads, layout,
     base = backbone(_model(family, kv_heads))
     ids, am = _batch()
     if layout == "right":
-        am = torch.ones_like(ids)
-        am[1, 15:] = 0
-        am[3, 6:] = 0
+        am = _right_padded(ids)
         pos = default_position_ids(am)
     elif layout == "packed":
         am = None
@@ -560,9 +564,7 @@ def test_select_gives_those_rows_and_their_gradients(family, kv_heads, layout, s
     base = backbone(m)
     ids, am = _batch()
     if layout == "right":
-        am = torch.ones_like(ids)
-        am[1, 15:] = 0
-        am[3, 6:] = 0
+        am = _right_padded(ids)
     pos = default_position_ids(am)
     a, b = 5, 18
     rows, cols = am[:, a:b].bool().nonzero(as_tuple=True)

@@ -916,7 +916,7 @@ class RLTrainer:
         :func:`rlhf_fast.models.logprobs.policy_loss`; ``ppo.policy_loss`` cispo / sapo, the
         high-entropy and the off-policy masks compose per-token log-probs and entropies of the
         fused head with :func:`rlhf_fast.algorithms.policy_losses.policy_loss_from_logp`."""
-        from rlhf_fast.models.logprobs import policy_loss, sequence_logprobs
+        from rlhf_fast.models.logprobs import _target_mask, policy_loss, sequence_logprobs
 
         p = self.config.ppo
         if not p.composed_loss:
@@ -924,11 +924,7 @@ class RLTrainer:
                                d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
         from rlhf_fast.algorithms import policy_losses
 
-        # the loss tokens as policy_loss takes them: attended response tokens after an attended one
-        am = d.attention_mask.bool()
-        mask = am & d.response_mask.bool()
-        mask[:, 0] = False
-        mask[:, 1:] &= am[:, :-1]
+        mask = _target_mask(d.attention_mask, d.response_mask)  # the loss tokens, as policy_loss takes them
         logp, entropy = sequence_logprobs(self.policy, d.input_ids, d.attention_mask, response_mask=mask,
                                           temperature=kw["temperature"], return_entropy=True)
         extra = {k: v for k, v in kw.items() if k != "temperature"}

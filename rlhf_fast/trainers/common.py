@@ -324,6 +324,12 @@ def check_training_schedule(cfg) -> None:
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
     if not isinstance(cfg.gradient_checkpointing, bool):
         raise ValueError(f"gradient_checkpointing must be true or false, got {cfg.gradient_checkpointing!r}")
+    if not isinstance(getattr(cfg, "disable_dropout", False), bool):
+        raise ValueError(f"disable_dropout must be true or false, got {cfg.disable_dropout!r}")
+    epochs = getattr(cfg, "num_train_epochs", None)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                               or not math.isfinite(epochs) or epochs <= 0):
+        raise ValueError(f"num_train_epochs must be null or a finite number > 0, got {epochs!r}")
 
 
 def autocast_context(device: torch.device, bf16: bool):
@@ -510,3 +516,39 @@ def make_adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float)
     # weight decay on the matrices only (decay_param_groups: not on biases and norm gains)
     return torch.optim.AdamW(decay_param_groups(params, weight_decay), lr=lr,
                              **({"fused": True} if fused else {"foreach": True}))
+
+
+def steps_for_epochs(cfg, n_examples: int) -> None:
+    """When ``cfg.num_train_epochs`` is set, replace ``cfg.max_steps`` by the optimizer steps that
+    pass over ``n_examples`` training examples that many times: ceil(epochs × n_examples /
+    (batch_size × grad_accum)), at least 1 (TRL / transformers' ``num_train_epochs``; like theirs,
+    a fractional count is allowed). Batching runs across epoch boundaries here, so each step is a
+    full batch and the count is exact in examples seen. Call it once the training examples are
+    known and before the LR scheduler is built; a resumed run recomputes the same count."""
+    epochs = getattr(cfg, "num_train_epochs", None)
+    if epochs is None:
+        return
+    if n_examples < 1:
+        raise ValueError("num_train_epochs needs training examples, and there are none")
+    cfg.max_steps = max(1, math.ceil(epochs * n_examples / (cfg.batch_size * cfg.grad_accum) - 1e-9))
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn off dropout in ``model`` for training (TRL's ``disable_dropout``, on by default for its
+    DPO / KTO / reward trainers): p = 0 in every ``torch.nn.Dropout`` module, and a float
+    ``attention_dropout`` of 0 on the model config and on every module that keeps one (transformers'
+    attention modules apply it through sdpa, not through a Dropout module, so setting p alone
+    would leave it on). Returns the number of settings changed (0: the model had no dropout)."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p != 0:
+            m.p = 0.0
+            changed += 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout != 0:
+            m.attention_dropout = 0.0
+            changed += 1
+        cfg = getattr(m, "config", None)
+        if isinstance(getattr(cfg, "attention_dropout", None), float) and cfg.attention_dropout != 0:
+            cfg.attention_dropout = 0.0
+            changed += 1
+    return changed

@@ -43,12 +43,19 @@ class _Cfg:
     (3, 96, 36),
     (0.5, 100, 7),      # ceil(6.25)
     (0.01, 100, 1),     # at least one step
+    (3, 5, 3),          # 2 batches an epoch (the last one of 1 row), 2 micro-batches a step
 ])
 def test_steps_for_epochs(epochs, n, expected):
     cfg = _Cfg(num_train_epochs=epochs)
     check_training_schedule(cfg)
     steps_for_epochs(cfg, n)
     assert cfg.max_steps == expected
+
+
+def test_steps_for_epochs_of_whole_step_batches():
+    cfg = _Cfg(num_train_epochs=2, batch_size=4, grad_accum=2)
+    steps_for_epochs(cfg, 10, batch=8, batches_per_step=1)  # 2 step batches an epoch (8 and 2 rows)
+    assert cfg.max_steps == 4
 
 
 def test_steps_for_epochs_without_examples_is_an_error():

@@ -518,19 +518,28 @@ def make_adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float)
                              **({"fused": True} if fused else {"foreach": True}))
 
 
-def steps_for_epochs(cfg, n_examples: int) -> None:
+def steps_for_epochs(cfg, n_examples: int, *, batch: Optional[int] = None, batches_per_step: Optional[int] = None
+                     ) -> None:
     """When ``cfg.num_train_epochs`` is set, replace ``cfg.max_steps`` by the optimizer steps that
-    pass over ``n_examples`` training examples that many times: ceil(epochs × n_examples /
-    (batch_size × grad_accum)), at least 1 (TRL / transformers' ``num_train_epochs``; like theirs,
-    a fractional count is allowed). Batching runs across epoch boundaries here, so each step is a
-    full batch and the count is exact in examples seen. Call it once the training examples are
-    known and before the LR scheduler is built; a resumed run recomputes the same count."""
+    pass over ``n_examples`` training examples that many times (TRL / transformers'
+    ``num_train_epochs``; like theirs, a fractional count is allowed). An epoch is
+    ceil(n_examples / batch) batches, its last one short when ``batch`` does not divide the
+    examples (as the trainers' batchers cut it), and a step takes ``batches_per_step`` of them:
+    max(1, ceil(epochs × ceil(n_examples / batch) / batches_per_step)). ``batch`` defaults to
+    ``cfg.batch_size`` and ``batches_per_step`` to ``cfg.grad_accum`` (micro-batches); a trainer
+    that batches whole steps passes batch = batch_size × grad_accum and batches_per_step = 1.
+    Call it once the training examples are known and before the LR scheduler is built; a
+    resumed run recomputes the same count."""
     epochs = getattr(cfg, "num_train_epochs", None)
     if epochs is None:
         return
     if n_examples < 1:
         raise ValueError("num_train_epochs needs training examples, and there are none")
-    cfg.max_steps = max(1, math.ceil(epochs * n_examples / (cfg.batch_size * cfg.grad_accum) - 1e-9))
+    batch = cfg.batch_size if batch is None else batch
+    per_step = cfg.grad_accum if batches_per_step is None else batches_per_step
+    per_epoch = -(-n_examples // batch)
+    # the small slack keeps 0.3 × 10 batches at 3 steps, not 4, against float rounding
+    cfg.max_steps = max(1, math.ceil(epochs * per_epoch / per_step - 1e-9))
 
 
 def disable_dropout(model: torch.nn.Module) -> int:

@@ -51,6 +51,15 @@ def test_valid_records_all_kinds(tmp_path):
     ("scores", {"prompt": "p", "response": "r", "score": 10**400}, "score", "not a number: 10000000000"),
     ("pairs", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": -10**400}, "margin", "number, got -1000"),
     ("scores", {"prompt": "p", "response": "r", "score": 1, "annotator": ""}, "annotator", "non-empty"),
+    # conversational sft rows ({"messages"}, TRL's conversational language-modeling format)
+    ("sft", {"messages": []}, "messages", "non-empty list of chat messages, got an empty list"),
+    ("sft", {"messages": "hi"}, "messages", "non-empty list of chat messages, got str"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]}, "messages[1]", "chat message"),
+    ("sft", {"messages": [{"role": "user", "content": " "}]}, "messages[0].content", "empty text"),
+    ("sft", {"messages": [{"role": "", "content": "hi"}]}, "messages[0].role", "empty text"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}], "completion": "c"}, "messages",
+     "cannot also have completion"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}], "annotator": ""}, "annotator", "non-empty"),
 ])
 def test_each_problem_names_file_line_field(tmp_path, kind, row, field, needle):
     good = {"sft": {"prompt": "p", "completion": "c"},
@@ -64,6 +73,24 @@ def test_each_problem_names_file_line_field(tmp_path, kind, row, field, needle):
     assert "1 problem" in lines[0] and f"(first: line 2: {field}: " in lines[0] and needle in lines[0]  # what a CLI prints
     assert lines[1].startswith(f"{path}:2: {field}: ") and needle in lines[1], lines[1]
     assert len(lines[0]) - len(path) < 150  # a huge value is cut, not printed whole
+
+
+def test_conversational_sft_records(tmp_path):
+    """{"messages"} rows load as ChatRecord (extra message keys kept), beside prompt/completion
+    rows, deduplicated like them; other kinds never read messages."""
+    from rlhf_fast.feedback.formats import ChatRecord, record_texts
+
+    conv = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "name": "bot"}]
+    path = _jsonl(tmp_path, [{"messages": conv}, {"prompt": "p", "completion": "c"}, {"messages": conv},
+                             {"messages": conv, "annotator": 7}])
+    recs = load_records(path, "sft", dedup=True)
+    assert recs == [ChatRecord(conv), SFTRecord("p", "c"), ChatRecord(conv, "7")]
+    assert record_texts(recs[0]) == ["hello"]
+    with pytest.raises(ValueError, match=r"line 3: <record>: duplicate record \(same as line 1\)"):
+        load_records(path, "sft")
+    with pytest.raises(ValueError, match="prompt: missing field"):
+        load_records([{"messages": conv, "chosen": "a", "rejected": "b"}], "pairs")
 
 
 def test_problems_collected_and_returned(tmp_path):

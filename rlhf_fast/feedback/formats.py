@@ -5,7 +5,8 @@ Four kinds of record, each with an optional ``annotator`` id:
 ============  =====================================================================
 kind          fields
 ============  =====================================================================
-``sft``       prompt, completion
+``sft``       prompt, completion; or messages (a whole conversation, TRL's
+              "conversational language modeling" format)
 ``pairs``     prompt, chosen, rejected, optional margin (number ≥ 0)
 ``rankings``  prompt, responses (≥ 2 texts), ranking (permutation of their indices,
               best first)
@@ -17,6 +18,10 @@ with the tokenizer's chat template by :func:`render_prompt`. Sources: JSONL file
 files (needs pyarrow), a ``datasets.Dataset`` or a list of dicts. Validation collects
 every problem with its file, line and field, then raises one ValueError listing them
 (or returns them with ``strict=False``).
+
+An ``sft`` row holding ``messages`` (and neither prompt nor completion) is read as a
+:class:`ChatRecord`, a conversation rendered whole by the SFT trainer; every other row
+of every kind is read as before.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ class SFTRecord:
 
     prompt: Prompt
     completion: str
+    annotator: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ChatRecord:
+    """A whole conversation to imitate (an ``sft`` row ``{"messages": [...]}``): a list of
+    ``{"role", "content"}`` messages (other keys of a message, e.g. ``name``, are kept for the
+    chat template). Which tokens train is the SFT trainer's choice (``assistant_only_loss``)."""
+
+    messages: List[Dict[str, Any]]
     annotator: Optional[str] = None
 
 
@@ -73,7 +88,7 @@ class ScoreRecord:
 
 
 RECORD_TYPES = {"sft": SFTRecord, "pairs": PairRecord, "rankings": RankingRecord, "scores": ScoreRecord}
-Record = Union[SFTRecord, PairRecord, RankingRecord, ScoreRecord]
+Record = Union[SFTRecord, ChatRecord, PairRecord, RankingRecord, ScoreRecord]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,17 +191,44 @@ def _check_prompt(row: dict, problems: list, where) -> Optional[Prompt]:
         if not p:
             problems.append(where("prompt", "empty chat (no messages)"))
             return None
-        ok = True
-        for j, m in enumerate(p):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                problems.append(where(f"prompt[{j}]", "chat message must be {role: str, content: str}"))
-                ok = False
-            elif not m["content"].strip():
-                problems.append(where(f"prompt[{j}].content", "empty text"))
-                ok = False
+        ok = _chat_messages_ok(p, "prompt", problems, where, check_role=False)
         return [{"role": m["role"], "content": m["content"]} for m in p] if ok else None
     problems.append(where("prompt", f"expected text or a list of chat messages, got {type(p).__name__}"))
     return None
+
+
+def _check_messages(row: dict, problems: list, where) -> Optional[List[Dict[str, Any]]]:
+    """The ``messages`` of a conversational sft row: a non-empty list of {role: str, content:
+    non-empty str} (extra keys kept); a row with prompt or completion beside it is ambiguous."""
+    clash = [k for k in ("prompt", "completion") if row.get(k) is not None]
+    if clash:
+        problems.append(where("messages", f"a conversation cannot also have {' and '.join(clash)} "
+                                          "(give either messages or prompt + completion)"))
+        return None
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        problems.append(where("messages", "expected a non-empty list of chat messages, got "
+                                          + ("an empty list" if isinstance(msgs, list) else type(msgs).__name__)))
+        return None
+    ok = _chat_messages_ok(msgs, "messages", problems, where, check_role=True)
+    return [dict(m) for m in msgs] if ok else None
+
+
+def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_role: bool) -> bool:
+    """Whether every item of ``msgs`` is {role: str, content: non-empty str} (with
+    ``check_role`` a non-empty role too); each problem is added, named ``field[j]``."""
+    ok = True
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            problems.append(where(f"{field}[{j}]", "chat message must be {role: str, content: str}"))
+            ok = False
+        elif check_role and not m["role"].strip():
+            problems.append(where(f"{field}[{j}].role", "empty text"))
+            ok = False
+        elif not m["content"].strip():
+            problems.append(where(f"{field}[{j}].content", "empty text"))
+            ok = False
+    return ok
 
 
 def _annotator(row: dict, problems: list, where) -> Optional[str]:
@@ -207,6 +249,10 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         problems.append(where("<line>", f"expected a JSON object, got {type(row).__name__}"))
         return None
     n0 = len(problems)
+    if kind == "sft" and row.get("messages") is not None:  # TRL's conversational format
+        messages = _check_messages(row, problems, where)
+        ann = _annotator(row, problems, where)
+        return ChatRecord(messages, ann) if len(problems) == n0 else None
     prompt = _check_prompt(row, problems, where)
     ann = _annotator(row, problems, where)
     if kind == "sft":
@@ -339,6 +385,8 @@ def record_texts(rec: Record) -> List[str]:
     """The response texts of a record (completion, chosen+rejected, responses or response)."""
     if isinstance(rec, SFTRecord):
         return [rec.completion]
+    if isinstance(rec, ChatRecord):
+        return [m["content"] for m in rec.messages if m["role"] == "assistant"]
     if isinstance(rec, PairRecord):
         return [rec.chosen, rec.rejected]
     if isinstance(rec, RankingRecord):
@@ -446,7 +494,7 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-__all__ = ["KINDS", "SFTRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
+__all__ = ["KINDS", "SFTRecord", "ChatRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
            "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

@@ -7,7 +7,16 @@ path :func:`rlhf_fast.models.logprobs.sequence_logprobs`, which never materialis
 ``completion_only_loss``). Gradient accumulation normalises by the completion tokens of the
 whole optimizer step (one sum over every micro-batch and rank divided by one global count, as
 TRL's ``num_items_in_batch``; not OpenRLHF's mean of per-micro-batch means), so the result
-does not depend on the micro-batch split. ``batch_size`` rows per micro-batch, ``grad_accum``
+does not depend on the micro-batch split. ``completion_only_loss: false`` trains the prompt
+tokens too. Conversational records ``{"messages": [...]}`` (TRL's "conversational language
+modeling" format) are rendered whole by the tokenizer's chat template and train on every token,
+or with ``assistant_only_loss: true`` on the assistant turns alone: each turn's content and the
+template's end of turn, not its role header (:mod:`rlhf_fast.trainers.sft_data`, which works
+with any prefix-stable template). ``loss_type: dft`` is TRL's Dynamic Fine-Tuning: each token's
+NLL weighted by its detached probability, with the same global-token normalisation (the eval
+loss stays the NLL). ``num_train_epochs`` sets ``max_steps`` from the training rows
+(:func:`rlhf_fast.trainers.common.steps_for_epochs`); ``disable_dropout`` turns dropout off.
+``batch_size`` rows per micro-batch, ``grad_accum``
 micro-batches per optimizer step; ``max_steps``, ``warmup_steps`` and the LR schedule count
 optimizer steps; gradients are clipped once, on the accumulated gradient. AdamW's weight decay
 applies to matrices only, not to biases and norm gains
@@ -48,15 +57,20 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_lora_field,
-                     check_training_schedule, load_causal_lm, make_adamw, make_scheduler, open_supervised_run, require_records,
-                     resolve_device, run_trainer_cli, seed_everything, truncate_metrics)
+                     check_training_schedule, disable_dropout, load_causal_lm, make_adamw, make_scheduler,
+                     open_supervised_run, require_records, resolve_device, run_trainer_cli, seed_everything,
+                     steps_for_epochs, truncate_metrics)
 from .stop import StopOnSignal, TrainingStopped
+
+
+LOSS_TYPES = ("nll", "dft")
 
 
 @dataclasses.dataclass
 class SFTConfig:
-    """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} (None: a built-in
-    synthetic copy task, so the defaults run); ``model``: a local folder or ``tiny:`` spec."""
+    """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records
+    (None: a built-in synthetic copy task, so the defaults run); ``model``: a local folder or
+    ``tiny:`` spec."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
     data: Optional[str] = None
@@ -84,11 +98,23 @@ class SFTConfig:
     device: str = "auto"
     resume: bool = True
     dedup: bool = True
+    # prompt/completion records: loss on the completion only (false: on the prompt too)
+    completion_only_loss: bool = True
+    # {"messages"} records: loss on the assistant turns only (false: on every token), as TRL
+    assistant_only_loss: bool = False
+    loss_type: str = "nll"  # "nll", or "dft": each token's NLL weighted by its detached probability
+    num_train_epochs: Optional[float] = None  # set: max_steps = ceil(epochs x train rows / (batch_size x grad_accum))
+    disable_dropout: bool = False  # p = 0 in every dropout (TRL's SFTConfig has no such key, nor do we by default)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         check_training_schedule(self)
         check_lora_field(self)
+        for key in ("completion_only_loss", "assistant_only_loss"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
 
@@ -106,10 +132,18 @@ def synthetic_sft_records(n: int = 256, seed: int = 0) -> list:
     return out
 
 
-def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[Dict[str, List[int]]], int]:
+def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_only_loss: bool = True,
+                 assistant_only_loss: bool = False) -> Tuple[List[Dict[str, List[int]]], int]:
     """Token rows ``{"input_ids", "response_mask"}`` (prompt + completion + eos; the mask
-    marks completion and eos). Completions are cut to fit ``max_len``; records whose
-    prompt leaves no room are dropped. Returns (rows, number dropped).
+    marks completion and eos, or with ``completion_only_loss=False`` every token). Completions
+    are cut to fit ``max_len``; records whose prompt leaves no room are dropped. Returns (rows,
+    number dropped). ``response_mask`` is the mask of the tokens that train, whatever the record.
+
+    A :class:`~rlhf_fast.feedback.formats.ChatRecord` (``{"messages"}``) is the conversation
+    rendered by the chat template (:func:`rlhf_fast.trainers.sft_data.chat_tokens`; no eos is
+    added, the template closes its turns), masked on its assistant turns with
+    ``assistant_only_loss`` and on every token without; cut to its first ``max_len`` tokens
+    and dropped when no token after the first is left to train.
 
     The prompt and the completion are tokenised separately (the prompt as generation sees
     it: plain text with the tokenizer's special tokens such as bos, a chat through its
@@ -121,22 +155,49 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int) -> Tuple[List[
     OpenRLHF, which overwrites the last token with eos). For a chat prompt the completion
     is plain text followed by eos, not re-rendered by the template, so an end-of-turn
     marker that differs from eos is not trained."""
-    from rlhf_fast.feedback.formats import render_prompt
+    from rlhf_fast.feedback.formats import ChatRecord, render_prompt
+
+    from .sft_data import chat_tokens
 
     rows, dropped = [], 0
     for r in records:
+        if isinstance(r, ChatRecord):
+            ids, mask = chat_tokens(tokenizer, r.messages, assistant_only=assistant_only_loss)
+            ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask[1:]):  # position 0 is never predicted
+                dropped += 1
+                continue
+            rows.append({"input_ids": ids, "response_mask": mask})
+            continue
         # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
         p = tokenizer(render_prompt(r.prompt, tokenizer), add_special_tokens=isinstance(r.prompt, str))["input_ids"]
         c = tokenizer(r.completion, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         if eos is not None and not (c and c[-1] == eos):  # a completion that already ends with eos keeps one
             c = c + [eos]
+        if not completion_only_loss:  # TRL's completion_only_loss=False: the prompt trains too
+            ids = (p + c)[:max_len]
+            if len(ids) < 2:
+                dropped += 1
+                continue
+            rows.append({"input_ids": ids, "response_mask": [1] * len(ids)})
+            continue
         if len(p) == 0 or len(p) >= max_len:
             dropped += 1
             continue
         c = c[: max_len - len(p)]
         rows.append({"input_ids": p + c, "response_mask": [0] * len(p) + [1] * len(c)})
     return rows, dropped
+
+
+def record_text(r: Any) -> str:
+    """The text of an SFT record (prompt and completion, or every message), for training a
+    ``tiny:`` model's tokenizer on the data."""
+    from rlhf_fast.feedback.formats import ChatRecord
+
+    if isinstance(r, ChatRecord):
+        return " ".join(m["content"] for m in r.messages)
+    return str(r.prompt) + " " + r.completion
 
 
 def collate(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -153,13 +214,31 @@ def collate(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torc
 def completion_nll_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum of −log p over completion tokens [0-dim float32], their count [0-dim int64])
     through the fused :func:`sequence_logprobs`."""
+    loss, _, n = sft_loss_sum(model, batch, packed=packed)
+    return loss, n
+
+
+def sft_loss_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False,
+                 loss_type: str = "nll") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum [0-dim float32, differentiable], NLL sum [0-dim float32, detached], trained-token
+    count [0-dim int64]) over the tokens marked by ``batch["response_mask"]`` (and attended, not
+    position 0), through the fused :func:`sequence_logprobs`, which gives logp [B, T] float32.
+
+    ``loss_type`` "nll": the loss is Σ −logp (then the two sums are equal); "dft" (Dynamic
+    Fine-Tuning, TRL's ``loss_type="dft"``): Σ −logp · sg(exp(logp)), each token's NLL weighted
+    by its probability, the weight detached so the gradient is p·∇(−logp). The caller divides
+    by the global count."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
                              response_mask=batch["response_mask"], packed=packed)  # [B, T]
     mask = batch["response_mask"].bool() & batch["attention_mask"].bool()
     mask[:, 0] = False  # position 0 has no prediction
-    return -(logp * mask).sum(), mask.sum()
+    nll = -(logp * mask)  # [B, T], 0 off the mask
+    loss = (nll * logp.detach().exp()).sum() if loss_type == "dft" else nll.sum()
+    return loss, nll.detach().sum(), mask.sum()
 
 
 class _Batches:
@@ -396,7 +475,7 @@ def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: 
 
 
 class SFTTrainer:
-    """Fine-tunes a causal LM on prompt/completion records (see the module docstring).
+    """Fine-tunes a causal LM on prompt/completion or conversational records (see the module docstring).
 
     ``model`` / ``tokenizer`` / ``train_records`` / ``eval_records`` override what the
     config would load. ``train()`` returns the final metrics dict.
@@ -425,7 +504,7 @@ class SFTTrainer:
             train_records = records
         self.eval_records = list(eval_records or [])
         if model is None:
-            texts = [str(r.prompt) + " " + r.completion for r in train_records[:2000]]
+            texts = [record_text(r) for r in train_records[:2000]]
             model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
@@ -437,15 +516,28 @@ class SFTTrainer:
             self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
         elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        if cfg.disable_dropout:  # after LoRA, so its adapters' dropout goes too
+            disable_dropout(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
                                 reshard_after_forward=dcfg.reshard_after_forward)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.train_rows, dropped = tokenize_sft(train_records, tokenizer, cfg.max_len)
-        self.eval_rows, _ = tokenize_sft(self.eval_records, tokenizer, cfg.max_len)
+        from rlhf_fast.feedback.formats import ChatRecord
+
+        if cfg.assistant_only_loss and not any(isinstance(r, ChatRecord) for r in train_records):
+            # (TRL refuses it too: only a conversation has assistant turns to single out)
+            raise ValueError("assistant_only_loss: true needs conversational records ({'messages': [...]}) in data; "
+                             "prompt/completion records train on the completion already (completion_only_loss)")
+        tok_kw = dict(completion_only_loss=cfg.completion_only_loss, assistant_only_loss=cfg.assistant_only_loss)
+        self.train_rows, dropped = tokenize_sft(train_records, tokenizer, cfg.max_len, **tok_kw)
+        self.eval_rows, _ = tokenize_sft(self.eval_records, tokenizer, cfg.max_len, **tok_kw)
         self.dropped = dropped
         if train_records and not self.train_rows:
             raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
-                             "prompts is empty or at least max_len tokens long; raise max_len")
+                             "records has no token left to train within max_len (an empty prompt, a prompt of at "
+                             "least max_len tokens, or no assistant turn); raise max_len")
+        steps_for_epochs(cfg, len(self.train_rows))  # before the scheduler, which counts max_steps
+        if cfg.num_train_epochs is not None and self._resume_from is None and self.ctx.is_main:
+            self.run.write_config(cfg)  # config.yaml records the max_steps the epochs came to
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
@@ -469,7 +561,8 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """``{"eval_loss", "eval_ppl", "eval_tokens"}`` over the eval records (empty dict without)."""
+        """``{"eval_loss", "eval_ppl", "eval_tokens"}`` over the eval records (empty dict without).
+        eval_loss is the token-mean NLL whatever ``loss_type`` (so eval_ppl is a perplexity)."""
         if not self.eval_rows:
             return {}
         was = self.model.training
@@ -505,19 +598,22 @@ class SFTTrainer:
                       for b in micro)
         n_tok = torch.tensor(n_local, dtype=torch.float64, device=self.device)
         n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, nll sum)
         for i, b in enumerate(micro):
             # DDP: all-reduce the gradients once, after the last micro-batch
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
             with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 with autocast_context(self.device, cfg.bf16):
-                    s, _ = completion_nll_sum(self.model, b, packed=cfg.packing)
+                    s, nll, _ = sft_loss_sum(self.model, b, packed=cfg.packing, loss_type=cfg.loss_type)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (s / n_tok * ctx.grad_scale).backward()
-            total += s.detach().double()
+            total += torch.stack([s.detach().double(), nll.double()])
         gnorm = optimizer_step(self)
-        m = {"loss": float(ctx.all_reduce_sum(total)) / n_tok, "grad_norm": gnorm,
+        total = ctx.all_reduce_sum(total)
+        m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
              "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
+        if cfg.loss_type != "nll":
+            m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types
         return ctx.mean_metrics(m)
 
     def train(self) -> Dict[str, float]:
@@ -537,5 +633,5 @@ def run(args) -> int:
     return run_trainer_cli("sft", SFTConfig, SFTTrainer, args)
 
 
-__all__ = ["SFTConfig", "SFTTrainer", "synthetic_sft_records", "tokenize_sft", "collate", "completion_nll_sum",
-           "split_records", "add_arguments", "run"]
+__all__ = ["SFTConfig", "SFTTrainer", "LOSS_TYPES", "synthetic_sft_records", "tokenize_sft", "record_text", "collate",
+           "completion_nll_sum", "sft_loss_sum", "split_records", "add_arguments", "run"]

@@ -1,0 +1,84 @@
+"""SFT token rows for conversations: ``{"messages": [...]}`` rendered with the tokenizer's chat
+template, and the mask of the tokens that train.
+
+The mask works with any chat template, with or without ``{% generation %}`` markers: the
+conversation's prefixes are rendered message by message and their token ids compared. Assistant
+turn k (``messages[k]``) trains the tokens after ``messages[:k]`` rendered with the generation
+prompt, up to the end of ``messages[:k+1]``: its content and whatever the template writes to
+close the turn (an end-of-turn token such as ``<|im_end|>`` / ``<|eot_id|>``, and the separator
+after it). The end-of-turn token must train, or the model never learns to stop; the role header
+(the generation prompt) must not, since at inference it is given, not generated. Where a
+template's ``{% generation %}`` block holds exactly content and close (TRL's llama3 training
+template, for one) this is the mask of transformers' ``return_assistant_tokens_mask``; TRL's
+ChatML training templates also put the newline that ends the generation prompt inside the
+block, one token this mask leaves out.
+
+A template is usable when each rendered prefix is a token prefix of the whole conversation
+(appending messages does not re-render earlier ones); one that is not (e.g. one that drops
+the reasoning of earlier assistant turns) raises a ValueError naming the message, rather than
+training on a misaligned mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+
+def _render_ids(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool) -> List[int]:
+    """Token ids of ``messages`` rendered by the chat template, as ``apply_chat_template(...,
+    tokenize=True)`` encodes them (the rendered text without the tokenizer's special tokens:
+    the template writes its own, e.g. bos)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _divergence(tokenizer, prefix: List[int], full: List[int]) -> str:
+    n = 0
+    while n < min(len(prefix), len(full)) and prefix[n] == full[n]:
+        n += 1
+    return (f"at token {n}: the prefix renders {tokenizer.decode(prefix[n:n + 8])!r}, the whole conversation "
+            f"{tokenizer.decode(full[n:n + 8])!r}")
+
+
+def check_chat_template(tokenizer) -> None:
+    """ValueError unless ``tokenizer`` has a chat template (conversational records need one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the data holds conversations ({'messages': [...]}) but the tokenizer has no chat template: "
+                         "use a model folder whose tokenizer has one, or set tokenizer.chat_template")
+
+
+def chat_tokens(tokenizer, messages: Sequence[Dict[str, Any]], *, assistant_only: bool) -> Tuple[List[int], List[int]]:
+    """``(input_ids, mask)`` of one conversation, two int lists of the same length: the ids as
+    ``apply_chat_template(messages, tokenize=True)`` gives them, and 1 where the token trains.
+    ``assistant_only`` False: every token; True: the tokens of every assistant turn (content
+    and the template's end of turn, see the module docstring). ValueError when the tokenizer
+    has no chat template, or when the template is not prefix-stable where the mask needs it."""
+    check_chat_template(tokenizer)
+    full = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    if not assistant_only:
+        return full, [1] * len(full)
+    mask = [0] * len(full)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        try:
+            head = _render_ids(tokenizer, messages[:k], add_generation_prompt=True)
+            turn = _render_ids(tokenizer, messages[:k + 1], add_generation_prompt=False)
+        except Exception as e:  # a template that cannot render this prefix (e.g. no message before the turn)
+            raise ValueError(f"assistant_only_loss: the chat template cannot render the conversation up to "
+                             f"messages[{k}] ({type(e).__name__}: {e}), which the per-turn mask needs") from None
+        for name, ids in (("with the generation prompt", head), ("", turn)):
+            if full[:len(ids)] != ids:
+                what = f"messages[:{k}] {name}" if name else f"messages[:{k + 1}]"
+                raise ValueError(f"assistant_only_loss: the chat template is not prefix-stable: {what} does not render "
+                                 f"as the start of the whole conversation ({_divergence(tokenizer, ids, full)}); "
+                                 "use a template that renders earlier messages the same whatever follows, "
+                                 "or assistant_only_loss: false")
+        if len(turn) < len(head):
+            raise ValueError(f"assistant_only_loss: messages[{k}] renders shorter than its generation prompt")
+        for t in range(len(head), len(turn)):
+            mask[t] = 1
+    return full, mask
+
+
+__all__ = ["chat_tokens", "check_chat_template"]

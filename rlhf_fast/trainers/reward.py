@@ -6,6 +6,24 @@ regression. Held-out metrics: pairwise accuracy for pairs and rankings, Pearson 
 Spearman correlation for scores. The final model is saved with ``save_pretrained`` (plus
 its tokenizer), so ``AutoModelForSequenceClassification.from_pretrained`` reloads it.
 
+``lora`` (peft LoraConfig fields, as SFT's; task_type SEQ_CLS) trains fresh adapters on the
+linear layers and, as peft does for SEQ_CLS, the whole score head (``modules_to_save``); the
+base weights stay frozen. A peft model passed as ``model`` keeps its own adapters (and trains
+what peft marks trainable). Either way ``final/`` holds the MERGED model (adapters folded into
+the base weights, the trained score head in place): a plain sequence-classification folder
+that ``load_reward_model`` (``rlhf-fast ppo|grpo|rloo`` ``reward.reward_model``, ``rlhf-fast
+eval --reward-model``) loads as any reward model; checkpoints keep the unmerged peft state.
+
+``center_rewards_coefficient`` c (TRL's, Eisenstein et al. 2023) adds
+c · mean((r_chosen + r_rejected)²) to the pairs loss, which drives the pair's mean score to 0;
+the mean is weighted by the annotator weights as the Bradley–Terry term is (with unit weights
+it is TRL's ``compute_loss`` term exactly). Rankings get c · mean over items of (2·m)², m the
+mean score of the item's K responses (for K = 2 the pairs term exactly; ``rankings_as_pairs``
+and ``labels`` train pairs, so the pairs term); scores (regression) refuse it, their targets
+already fix the reward's offset. ``eval_loss`` includes the term, as TRL's. ``disable_dropout`` (default true,
+as TRL's) zeroes every dropout probability of the model, adapters included;
+``num_train_epochs`` sets ``max_steps`` to that many passes over the training items.
+
 Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its contiguous
 share of every global batch; the weighted-mean loss is normalised by the global weight sum,
 so the run matches one process on the same global batch and seed. Rank 0 writes the run
@@ -14,6 +32,7 @@ folder; checkpoints are sharded and resumable on another number of ranks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -23,13 +42,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from rlhf_fast.feedback.formats import pad_right
-from rlhf_fast.feedback.losses import bradley_terry_loss, plackett_luce_loss, score_regression_loss
+from rlhf_fast.feedback.losses import _weighted_mean, bradley_terry_loss, plackett_luce_loss, score_regression_loss
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_training_schedule, make_adamw,
-                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
-                     seed_everything)
+from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
+                     disable_dropout, make_adamw, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     run_trainer_cli, seed_everything, steps_for_epochs)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, local_span, optimizer_step, resume_supervised, save_supervised,
@@ -42,7 +61,11 @@ class RewardConfig:
     synthetic preference task with a hidden rule, so the defaults run); ``label_smoothing``
     ε makes the BT loss conservative for noisy labels; ``annotator_weights`` maps
     annotator ids to loss weights (``auto_annotator_weights`` derives them from agreement
-    on items labelled more than once)."""
+    on items labelled more than once). ``lora``: None, or LoraConfig fields ({} for r=8,
+    alpha=16, every linear layer; task_type is SEQ_CLS, so the score head trains whole);
+    ``center_rewards_coefficient``: None or c >= 0 (pairs and rankings, see the module
+    docstring); ``disable_dropout``: zero the model's dropout (TRL's default, true);
+    ``num_train_epochs``: None, or the passes over the training items that set ``max_steps``."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
     data: Optional[str] = None
@@ -66,6 +89,10 @@ class RewardConfig:
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     rankings_as_pairs: bool = False
+    lora: Optional[Dict[str, Any]] = None  # LoraConfig fields ({}: r=8, alpha=16, every linear layer)
+    center_rewards_coefficient: Optional[float] = None  # TRL's; None adds no centring term
+    disable_dropout: bool = True  # TRL's default; the tiny models have no dropout, so nothing moves for them
+    num_train_epochs: Optional[float] = None  # None: max_steps counts the run
     eval_every: int = 50
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -84,6 +111,16 @@ class RewardConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k, w in self.annotator_weights.items():
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        check_lora_field(self)
+        if self.lora is not None and self.lora.get("task_type", "SEQ_CLS") not in ("SEQ_CLS", None):
+            # another task type would leave the score head frozen at its random init
+            raise ValueError(f"lora.task_type must be 'SEQ_CLS' for a reward model (or left out), "
+                             f"got {self.lora['task_type']!r}")
+        if self.center_rewards_coefficient is not None:
+            finite("center_rewards_coefficient", self.center_rewards_coefficient, ">= 0")
+            if self.data_kind == "scores":
+                raise ValueError("center_rewards_coefficient must be null for data_kind 'scores': the regression "
+                                 "targets already fix the reward's offset (centring would pull against them)")
 
 
 def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0.0) -> list:
@@ -210,13 +247,26 @@ class RewardTrainer:
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.pad_id
         dcfg = cfg.distributed
-        if cfg.gradient_checkpointing:
+        from rlhf_fast.models.loading import _is_peft
+
+        if cfg.lora is not None or _is_peft(self.model):
+            from rlhf_fast.models.loading import load_policy
+
+            # fresh adapters (task SEQ_CLS: peft trains the `score` head whole, as modules_to_save),
+            # or a peft model's own; checkpointing then keeps input gradients past the frozen embeddings
+            lora = None if cfg.lora is None else {**cfg.lora, "task_type": "SEQ_CLS"}
+            self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
+        elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.is_peft = _is_peft(self.model)
+        if cfg.disable_dropout:  # after the adapters, so lora_dropout goes too (as TRL, after get_peft_model)
+            disable_dropout(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
                                 reshard_after_forward=dcfg.reshard_after_forward)
         self.train_items = [self._encode_record(r) for r in train_records]
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
+        steps_for_epochs(cfg, len(self.train_items))  # before the scheduler, whose decay spans max_steps
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
@@ -252,10 +302,16 @@ class RewardTrainer:
         if scores is None:
             scores = self._scores(items)
         w = torch.tensor([it["weight"] for it in items], dtype=torch.float32, device=self.device)
+        coef = self.cfg.center_rewards_coefficient
         if self.kind == "pairs":
             s = torch.stack(scores)  # [B, 2]
             m = torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=self.device)
-            return bradley_terry_loss(s[:, 0], s[:, 1], margin=m, label_smoothing=self.cfg.label_smoothing, weights=w)
+            loss = bradley_terry_loss(s[:, 0], s[:, 1], margin=m, label_smoothing=self.cfg.label_smoothing, weights=w)
+            if coef is not None:
+                # TRL's c·mean((r_c + r_r)²), weighted as the BT term so the global weighted mean
+                # (over micro-batches and ranks) stays one sum over one weight total
+                loss = loss + coef * _weighted_mean((s[:, 0] + s[:, 1]) ** 2, w)
+            return loss
         if self.kind == "rankings":
             K = max(len(s) for s in scores)
             S = torch.zeros(len(items), K, device=self.device)
@@ -263,7 +319,12 @@ class RewardTrainer:
             for i, (s, it) in enumerate(zip(scores, items)):
                 S[i, : len(s)] = s
                 R[i, : len(s)] = torch.tensor(it["ranking"])
-            return plackett_luce_loss(S, R, weights=w)
+            loss = plackett_luce_loss(S, R, weights=w)
+            if coef is not None:
+                # (2·mean_k s_k)² per item: the pairs term for K = 2, and no larger for longer lists
+                n = torch.tensor([len(s) for s in scores], dtype=torch.float32, device=self.device)
+                loss = loss + coef * _weighted_mean((2.0 * S.sum(1) / n) ** 2, w)
+            return loss
         pred = torch.cat(scores)
         target = torch.tensor([it["score"] for it in items], dtype=torch.float32, device=self.device)
         return score_regression_loss(pred, target, weights=w)
@@ -336,9 +397,51 @@ class RewardTrainer:
         save_supervised(self, "reward")
 
     def train(self) -> Dict[str, float]:
-        """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""
+        """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final`` (a
+        LoRA / peft run: the merged model, see :meth:`save_merged`)."""
         resume_supervised(self, "reward")
-        return training_loop(self, has_eval=bool(self.eval_items))
+        out = training_loop(self, has_eval=bool(self.eval_items))
+        if self.is_peft:
+            # training_loop saved the adapter there; the reward-model loaders need a plain model
+            self.save_merged(os.path.join(self.run.path, "final"))
+        return out
+
+    def save_merged(self, folder: str) -> None:
+        """Write the peft reward model merged (each adapter folded into its base weight, the
+        trained score head in the original's place) with ``save_pretrained``, plus the
+        tokenizer, to ``folder``, replacing what it held: a plain AutoModelForSequenceClassification
+        folder, as a full fine-tune saves. The trainer's own model stays unmerged. Under FSDP2
+        every rank takes part in gathering the weights; rank 0 writes."""
+        import shutil
+
+        from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
+
+        sd = full_state_dict(self.model, self.ctx, self.cfg.distributed.strategy)  # a collective under FSDP2
+        if self.ctx.is_main:
+            peft_model = ddp_unwrap(self.model)
+            with torch.no_grad():
+                if sd is None:  # the process holds the full weights: merge a copy
+                    replica = copy.deepcopy(peft_model)
+                else:  # FSDP2: an unsharded CPU replica of the same peft model, given the gathered weights
+                    import peft
+                    from transformers import AutoModelForSequenceClassification
+
+                    from rlhf_fast.models.logprobs import unwrap as base_of
+
+                    name = peft_model.active_adapter
+                    base = AutoModelForSequenceClassification.from_config(base_of(peft_model).config)
+                    replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]), adapter_name=name)
+                    replica.load_state_dict(sd)
+                merged = replica.merge_and_unload()
+            tmp = folder.rstrip(os.sep) + ".merging"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            del replica, merged
+            # the adapter files must go: a folder with adapter_config.json loads as base + adapter
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        self.ctx.barrier()
 
 
 def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:

@@ -603,8 +603,9 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path, tok, loss_type):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("extra", [dict(precompute_ref_logps=True, grad_accum=2), dict(lora={"r": 4}),
-                                   dict(loss_type="apo_zero_unpaired", annotator_weights={"a": 0.5})],
-                         ids=["precomputed", "lora", "apo"])
+                                   dict(loss_type="apo_zero_unpaired", annotator_weights={"a": 0.5}),
+                                   dict(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.4)],
+                         ids=["precomputed", "lora", "apo", "tr_dpo_moving_reference"])
 def test_resume_is_exact(tmp_path, tok, extra):
     if "lora" in extra:
         pytest.importorskip("peft")
@@ -620,7 +621,11 @@ def test_resume_is_exact(tmp_path, tok, extra):
             t._save()
             t = KTOTrainer(cfg, train_records=recs, eval_records=evals, tokenizer=tok)
         t.train()
-        return {n: p.detach().clone() for n, p in t.model.named_parameters()}, read_metrics(cfg.output_dir)
+        ref = t.reference if isinstance(t.reference, torch.nn.Module) and t.reference is not t.model else None
+        # the whole state: the policy, and the reference (TR-DPO moves it: synced at steps 2, 4, 6)
+        params = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        params.update({"ref." + n: p.detach().clone() for n, p in (ref.named_parameters() if ref else [])})
+        return params, read_metrics(cfg.output_dir)
 
     full, log_full = run("full", 6)
     resumed, log_res = run("resumed", 3)

@@ -37,6 +37,13 @@ rejected difference, as TRL (f-DPO). ``ld_alpha`` (LD-DPO) weights the part of t
 response beyond the shorter one's length by ``ld_alpha`` in every summed log-prob (policy and
 reference), as TRL.
 
+``use_weighting`` (WPO, Zhou et al. 2024; TRL's ``use_weighting``) multiplies each pair's loss by
+w_c·w_r, w = exp(mean over the response tokens of log π(y_t) − log Σ_v π_v²) under the current
+policy, detached; log Σ_v π_v² comes from the same forward's hidden states in a no-grad pass over
+chunks of rows (h·Wᵀ per chunk, never ``[B, T, V]``). Refused with the batch-level ``aot`` losses
+(as TRL), the reference-free losses, and an NLL term (``sft``, ``rpo_alpha``: TRL scales its
+micro-batch sft mean by the mean pair weight; ours is a token mean over the whole step).
+
 With ``use_margin`` each pair's ``margin`` m ≥ 0 is subtracted inside: βz − m (sigmoid, robust,
 hinge; refused with other losses), like the reward trainer's Bradley–Terry; otherwise margins
 are ignored. ``rpo_alpha`` α adds α·NLL of the chosen responses (RPO; TRL's ``sft`` loss with
@@ -53,8 +60,18 @@ orpo), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), 
 Reference: a frozen copy of the initial policy (``ref_model``: a saved model folder instead);
 with LoRA (``lora``: LoraConfig fields, or a peft model passed as ``model``) the base with its
 adapters disabled, no second copy. ``precompute_ref_logps`` scores every pair with the
-reference once, before training, and keeps no reference model (a run resumed recomputes them
-from the initial weights, deterministically).
+reference once, before training (``precompute_ref_batch_size`` pairs a forward; null: ``batch_size``),
+and keeps no reference model (a run resumed recomputes them from the initial weights,
+deterministically). ``sync_ref_model`` (TR-DPO, Gorbatovski et al. 2024; TRL's keys) makes the
+reference move: after every ``ref_model_sync_steps``-th optimizer step (TRL's ``on_step_end``,
+so before that step's evaluation and checkpoint) π_ref ← α·π_θ + (1 − α)·π_ref,
+α = ``ref_model_mixup_alpha``, parameter by parameter (under FSDP2 shard by shard, the reference
+sharded like the policy). The moving reference is training state: each checkpoint ``step_N`` has
+it in ``reference_step_N`` (written first), so a resumed run equals an uninterrupted one. It is
+refused with ``precompute_ref_logps``, ``lora`` / a peft policy (no reference weights of its own,
+as TRL) and the reference-free losses. ``disable_dropout`` (default true, as TRL) turns dropout
+off in the policy and the reference; ``num_train_epochs`` sets ``max_steps`` from the number of
+training pairs (:func:`rlhf_fast.trainers.common.steps_for_epochs`).
 
 Encoding (as SFT): the prompt as generation sees it (plain text with the tokenizer's special
 tokens, a chat through its template), the response without special tokens, one eos. Truncation
@@ -74,6 +91,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,9 +99,9 @@ import torch
 from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule, make_adamw,
-                     load_causal_lm, make_scheduler, open_supervised_run, require_records, run_trainer_cli,
-                     seed_everything)
+from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
+                     disable_dropout, make_adamw, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     run_trainer_cli, seed_everything, steps_for_epochs)
 from .preference_losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
@@ -138,6 +156,13 @@ class DPOConfig:
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
+    precompute_ref_batch_size: Optional[int] = None  # pairs per reference forward of the precompute; null: batch_size
+    sync_ref_model: bool = False  # TR-DPO: mix the policy into the reference every ref_model_sync_steps steps
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    use_weighting: bool = False  # WPO: each pair's loss × the policy's length-normalised probabilities
+    num_train_epochs: Optional[float] = None  # set: max_steps from the number of training pairs
+    disable_dropout: bool = True  # as TRL's DPOConfig: dropout off in the policy and the reference
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -202,6 +227,21 @@ class DPOConfig:
         if batch and (self.annotator_weights or self.auto_annotator_weights):
             raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "
                              "over the micro-batch, so its terms are not per pair")
+        check_reference_fields(self, names[0] if is_reference_free(terms) else None)
+        if not isinstance(self.use_weighting, bool):
+            raise ValueError(f"use_weighting must be true or false, got {self.use_weighting!r}")
+        if self.use_weighting:
+            if is_reference_free(terms):
+                raise ValueError(f"use_weighting does not apply to the reference-free loss_type {names[0]!r} (TRL's "
+                                 "CPO / ORPO trainers have no WPO weighting)")
+            if batch:  # TRL refuses these too
+                raise ValueError(f"use_weighting does not apply to loss_type {batch}: it sorts over the micro-batch, "
+                                 "so the per-pair weights would not line up with the terms")
+            if "sft" in names or self.rpo_alpha > 0:
+                # TRL scales its micro-batch sft term by the mean pair weight; our NLL term is a token
+                # mean over the whole optimizer step, which has no per-pair weight to take
+                raise ValueError("use_weighting does not apply to the NLL term: leave rpo_alpha at 0 and 'sft' out "
+                                 f"of loss_type (got rpo_alpha={self.rpo_alpha}, loss_type={names})")
     @property
     def loss_terms(self) -> Tuple[Tuple[str, float], ...]:
         """``((loss name, weight), ...)`` of ``loss_type`` and ``loss_weights``."""
@@ -220,6 +260,37 @@ class DPOConfig:
         if self.reference_free:
             return 1.0 if terms[0][0] == "orpo" else float(self.cpo_alpha)
         return float(self.rpo_alpha) + sum(w for n, w in terms if n == "sft")
+
+
+def check_reference_fields(cfg, reference_free: Optional[str] = None) -> None:
+    """The checks every offline preference config (DPO, KTO) makes of its reference options:
+    ``precompute_ref_batch_size`` (null or an int >= 1), and TR-DPO's ``sync_ref_model`` /
+    ``ref_model_mixup_alpha`` (in [0, 1]) / ``ref_model_sync_steps`` (an int >= 1), refused
+    where there is no reference model to move: with ``precompute_ref_logps`` (the log-probs
+    would go stale, as TRL refuses), with ``lora`` (the reference is the adapter-disabled
+    policy itself, as TRL refuses) and with the ``reference_free`` loss named. ValueError
+    naming the field."""
+    n = cfg.precompute_ref_batch_size
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"precompute_ref_batch_size must be null or an int >= 1, got {n!r}")
+    if not isinstance(cfg.sync_ref_model, bool):
+        raise ValueError(f"sync_ref_model must be true or false, got {cfg.sync_ref_model!r}")
+    if not 0.0 <= finite("ref_model_mixup_alpha", cfg.ref_model_mixup_alpha) <= 1.0:
+        raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
+    k = cfg.ref_model_sync_steps
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"ref_model_sync_steps must be an int >= 1, got {k!r}")
+    if not cfg.sync_ref_model:
+        return
+    if cfg.precompute_ref_logps:
+        raise ValueError("sync_ref_model and precompute_ref_logps cannot both be true: the reference moves every "
+                         "ref_model_sync_steps steps, so log-probs scored once before training would go stale")
+    if cfg.lora is not None:
+        raise ValueError("sync_ref_model cannot be used with lora: the reference of a LoRA policy is the policy "
+                         "with its adapters disabled, with no weights of its own to move (TRL refuses it too)")
+    if reference_free is not None:
+        raise ValueError(f"sync_ref_model must be left unset with the reference-free loss_type {reference_free!r} "
+                         "(it uses no reference model)")
 
 
 def check_policy_fields(cfg) -> None:
@@ -410,6 +481,219 @@ def shard_reference(reference, dcfg: DistributedConfig, ctx) -> Tuple[Any, bool]
                       reshard_after_forward=dcfg.reshard_after_forward), True
 
 
+# ------------------------------------------------------------------ TR-DPO: the moving reference
+
+
+def moving_reference_params(policy, reference) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``[(reference parameter, policy parameter)]`` matched by name (a DDP wrapper looked
+    through; under FSDP2 both are sharded alike, so each pair is two local shards of the same
+    placement). ValueError when the two models do not have the same parameters and shapes (a
+    ``ref_model`` folder of another architecture cannot be mixed with the policy)."""
+    from rlhf_fast.distributed import unwrap
+
+    pol = dict(unwrap(policy).named_parameters())
+    ref = dict(unwrap(reference).named_parameters())
+    if pol.keys() != ref.keys() or any(pol[n].shape != ref[n].shape for n in pol):
+        diff = sorted(set(pol) ^ set(ref)) or [n for n in pol if pol[n].shape != ref[n].shape]
+        raise ValueError("sync_ref_model needs a reference with the policy's parameters (names and shapes), "
+                         f"they differ at {diff[:3]}; use a ref_model of the policy's architecture")
+    return [(ref[n], pol[n]) for n in pol]
+
+
+@torch.no_grad()
+def sync_reference(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], alpha: float) -> None:
+    """TR-DPO's update of the reference, in place: π_ref ← α·π_θ + (1 − α)·π_ref for each
+    ``(reference, policy)`` parameter pair of :func:`moving_reference_params` — the operations
+    of TRL's ``SyncRefModelCallback._sync_target_model`` (the same rounding). Sharded (FSDP2)
+    parameters mix shard by shard, each rank its own, with no communication."""
+    for ref, pol in pairs:
+        ref.mul_(1.0 - alpha).add_(pol, alpha=alpha)
+
+
+def reference_checkpoint_dir(directory: str) -> str:
+    """The folder that holds the moving reference of the checkpoint ``directory``
+    (``.../checkpoints/step_N`` → ``.../checkpoints/reference_step_N``): written before the
+    checkpoint itself, so a complete checkpoint always has its reference."""
+    directory = os.path.normpath(directory)
+    return os.path.join(os.path.dirname(directory), "reference_" + os.path.basename(directory))
+
+
+def save_moving_reference(trainer) -> None:
+    """Write ``trainer.reference`` (TR-DPO's moving reference: training state) for the
+    checkpoint of ``trainer.step``, atomically, before :func:`save_supervised` writes the
+    checkpoint: one process a safetensors copy, several ranks (or strategy ddp / fsdp2) a
+    sharded one (each FSDP2 rank its shard)."""
+    from rlhf_fast.distributed import save_sharded
+
+    from .checkpoint import checkpoint_dir, save_checkpoint
+
+    directory = reference_checkpoint_dir(checkpoint_dir(trainer.run.path, trainer.step))
+    extra = {"step": trainer.step}
+    if trainer.cfg.distributed.strategy == "none":
+        save_checkpoint(directory, models={"reference": trainer.reference}, extra=extra)
+    else:
+        save_sharded(directory, trainer.reference, None, trainer.ctx, extra=extra, complete_marker=True)
+
+
+def prune_moving_references(run_dir: str) -> None:
+    """Remove the reference folders whose checkpoint is gone (pruned, or never completed)."""
+    import shutil
+
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    names = set(os.listdir(root))
+    for n in names:
+        if n.startswith("reference_step_") and n[len("reference_"):] not in names:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+
+def load_moving_reference(trainer, directory: str, step: int) -> None:
+    """Restore ``trainer.reference`` from the checkpoint ``directory`` of ``step`` (in either
+    format, into this wrapping). A checkpoint without one (a run begun with ``sync_ref_model``
+    off) is refused once a sync has happened, since the reference it had is lost."""
+    from rlhf_fast.distributed import load_sharded
+
+    from .checkpoint import load_checkpoint
+    from .sft import is_sharded_checkpoint
+
+    folder = reference_checkpoint_dir(directory)
+    if not os.path.isfile(os.path.join(folder, "COMPLETE")):
+        if step >= trainer.cfg.ref_model_sync_steps:
+            raise ValueError(f"checkpoint {directory} has no moving reference ({folder}) though step {step} is past "
+                             f"ref_model_sync_steps ({trainer.cfg.ref_model_sync_steps}): was it written with "
+                             "sync_ref_model off? Resume with that setting, or start a new run")
+        return  # no sync yet: the reference is still the initial one
+    if is_sharded_checkpoint(folder):
+        load_sharded(folder, trainer.reference, None, trainer.ctx)
+    else:
+        load_checkpoint(folder, models={"reference": trainer.reference}, restore_rng=False)
+
+
+def setup_moving_reference(trainer) -> None:
+    """``trainer._sync_pairs``: the (reference, policy) parameter pairs TR-DPO mixes, or None
+    without ``sync_ref_model``; a peft policy (passed as ``model``) is refused."""
+    trainer._sync_pairs = None
+    if not trainer.cfg.sync_ref_model:
+        return
+    if trainer.is_peft:
+        raise ValueError("sync_ref_model cannot be used with a peft policy: its reference is the policy with its "
+                         "adapters disabled, with no weights of its own to move (TRL refuses it too)")
+    trainer._sync_pairs = moving_reference_params(trainer.model, trainer.reference)
+
+
+def maybe_sync_reference(trainer) -> bool:
+    """After an optimizer step: mix the policy into the reference when ``trainer.step`` is a
+    multiple of ``ref_model_sync_steps`` (TRL's ``on_step_end``: its global step already
+    counts the step, so the first sync follows step ``ref_model_sync_steps``, before that
+    step's evaluation and checkpoint). Returns whether it synced."""
+    if trainer._sync_pairs is None or trainer.step % trainer.cfg.ref_model_sync_steps:
+        return False
+    sync_reference(trainer._sync_pairs, trainer.cfg.ref_model_mixup_alpha)
+    return True
+
+
+def save_offline(trainer) -> None:
+    """The checkpoint of a DPO / KTO trainer: the moving reference first (TR-DPO), then
+    :func:`save_supervised`'s (policy, optimizer, scheduler, step, data position)."""
+    if trainer._sync_pairs is not None:
+        save_moving_reference(trainer)
+    save_supervised(trainer, "policy")
+    if trainer._sync_pairs is not None and trainer.ctx.is_main:
+        prune_moving_references(trainer.run.path)
+
+
+def resume_offline(trainer) -> None:
+    """:func:`resume_supervised`, then (TR-DPO) the moving reference of that checkpoint."""
+    ck = trainer._resume_from
+    resume_supervised(trainer, "policy")
+    if ck is not None and trainer._sync_pairs is not None:
+        load_moving_reference(trainer, ck, trainer.step)
+
+
+def prepare_offline_models(cfg, policy, reference) -> None:
+    """``disable_dropout`` (TRL's default): dropout off in the policy and in a separate
+    reference model (:func:`rlhf_fast.trainers.common.disable_dropout`), before either is
+    wrapped."""
+    if not cfg.disable_dropout:
+        return
+    disable_dropout(policy)
+    if isinstance(reference, torch.nn.Module) and reference is not policy and not hasattr(reference, "rlhf_wrapped"):
+        disable_dropout(reference)
+
+
+# ------------------------------------------------------------------ WPO: weights from the hidden states
+
+
+# rows of logits one no-grad chunk of the WPO weights holds at once: 4M logits = 16 MB fp32
+_WPO_CHUNK_ELEMS = 1 << 22
+
+
+@torch.no_grad()
+def log_sum_sq_probs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[N]`` float32 log Σ_v p_v² of the next-token distributions softmax(h Wᵀ + b), from
+    hidden states ``h`` ``[N, H]`` and the LM head ``weight`` ``[V, H]`` (``bias`` ``[V]``),
+    in chunks of rows (at most ~4M logits at once, never ``[N, V]``): logsumexp(2z) −
+    2·logsumexp(z), computed in float32, without gradient (TRL's ``log_sum_sq_probs``)."""
+    V = weight.shape[0]
+    rows = max(1, _WPO_CHUNK_ELEMS // V)
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], rows):
+        z = h[s: s + rows].float() @ w.t()  # [rows, V]
+        if b is not None:
+            z = z + b
+        out[s: s + rows] = torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1)
+    return out
+
+
+def wpo_token_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs [N, T] float32, log Σ_v p_v² [N, T] float32)`` at each response token of
+    ``batch``'s rows (0 elsewhere): the log-probs exactly as :func:`token_logps` (the same
+    fused path, differentiable), and from the same forward's hidden states, without gradient,
+    the log of the summed squared probabilities of the distribution that predicted each token
+    (:func:`log_sum_sq_probs`) — the WPO weights' denominator. A head that cannot be fused
+    (softcapping, a scale) goes through full logits, as the log-probs do."""
+    from rlhf_fast import ops
+    from rlhf_fast.models import logprobs as L
+
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    target = L._target_mask(am, batch["response_mask"])
+    tr, tc = target.nonzero(as_tuple=True)
+    if not tr.numel():  # nothing to score: the plain path keeps every weight in the graph
+        tok = token_logps(model, batch)
+        return tok, torch.zeros_like(tok)
+    labels = ids[tr, tc]
+    if L.unfusable_reason(model) is not None:
+        logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
+                       use_cache=False).logits  # [B, T, V]: this head cannot be fused
+        z = logits[tr, tc - 1]
+        lp = ops.token_logprobs(z, labels)
+        with torch.no_grad():
+            zf = z.detach().float()
+            lss = torch.logsumexp(2.0 * zf, -1) - 2.0 * torch.logsumexp(zf, -1)
+    else:  # as sequence_logprobs: only the states that predict a target
+        lo, hi = torch.stack(torch.aminmax(tc)).tolist()
+        h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
+        weight, bias = L.lm_head_params(model)
+        lp = L._chunked_head_logprobs(h, weight, bias, labels, temperature=1.0, return_entropy=False, chunk_size=None)
+        lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
+    return L._scatter(lp, tr, tc, B, T, False), L._scatter(lss, tr, tc, B, T, False)
+
+
+def wpo_weights(tok: torch.Tensor, lss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` WPO weights (Zhou et al. 2024, eq. 2, as TRL's ``use_weighting``):
+    exp(mean over each row's response tokens of log π(y_t) − log Σ_v π_v²), detached; ``tok`` /
+    ``lss`` ``[N, T]`` from :func:`wpo_token_logps`, ``mask`` ``[N, T]`` the response tokens
+    (an empty response counts 1 token, as TRL's clamp)."""
+    m = mask[:, 1:].to(tok.dtype)
+    with torch.no_grad():
+        aligned = (tok[:, 1:] - lss[:, 1:]) * m
+        return torch.exp(aligned.sum(1) / m.sum(1).clamp(min=1))
+
+
 def _load_pairs(path: str, kind: str, dedup: bool) -> list:
     from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
 
@@ -482,9 +766,10 @@ class DPOTrainer:
         reference = None
         if not cfg.reference_free:
             reference = offline_reference(cfg, model, self.is_peft, self.device)
-            if cfg.precompute_ref_logps:
-                self._precompute(reference)
-                reference = None
+        prepare_offline_models(cfg, model, reference)
+        if reference is not None and cfg.precompute_ref_logps:
+            self._precompute(reference)
+            reference = None
         self.reference = reference
 
         self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
@@ -493,7 +778,9 @@ class DPOTrainer:
         self._reference_sharded = False
         if self.reference is not None:
             self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
+        setup_moving_reference(self)
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
+        steps_for_epochs(cfg, len(self.train_items))  # num_train_epochs: max_steps before the LR schedule
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
@@ -519,8 +806,9 @@ class DPOTrainer:
     def _precompute(self, reference) -> None:
         """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once."""
         items = self.train_items + self.eval_items
+        batch_size = self.cfg.precompute_ref_batch_size or self.cfg.batch_size
         for it, ref in zip(items, precompute_reference_logps(reference, items, self._batch, ctx=self.ctx,
-                                                             batch_size=self.cfg.batch_size, bf16=self.cfg.bf16,
+                                                             batch_size=batch_size, bf16=self.cfg.bf16,
                                                              device=self.device, ld_alpha=self.cfg.ld_alpha)):
             it["ref"] = ref
 
@@ -543,13 +831,18 @@ class DPOTrainer:
         B = len(items)
         terms = cfg.loss_terms
         orpo = terms[0][0] == "orpo"
+        wpo = None
         with autocast_context(self.device, cfg.bf16):
-            if cfg.ld_alpha is None and not orpo:
+            if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
                 logps, count = response_logps(self.model, batch)  # [2B]
                 nll, nll_tokens = -logps[:B], count[:B]
-            else:  # per-token values: the LD weighting, or ORPO's NLL over the whole chosen rows
-                tok = token_logps(self.model, batch, full_rows=B if orpo else 0)  # [2B, T]
+            else:  # per-token values: the LD weighting, ORPO's NLL over the whole chosen rows, WPO's weights
                 mask = response_mask(batch)
+                if cfg.use_weighting:
+                    tok, lss = wpo_token_logps(self.model, batch)  # [2B, T] each
+                    wpo = wpo_weights(tok, lss, mask)  # [2B]
+                else:
+                    tok = token_logps(self.model, batch, full_rows=B if orpo else 0)  # [2B, T]
                 count = mask[:, 1:].sum(-1)
                 resp = tok * mask
                 logps = resp.sum(-1) if cfg.ld_alpha is None else ld_weighted_logps(resp, mask, cfg.ld_alpha)
@@ -580,6 +873,8 @@ class DPOTrainer:
                                     rejected_tokens=count[B:], f_divergence_type=cfg.f_divergence_type,
                                     f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
                                     discopop_tau=cfg.discopop_tau)
+            if wpo is not None:  # WPO: each pair's loss × its two responses' weights (TRL's use_weighting)
+                loss = loss * (wpo[:B] * wpo[B:]).to(loss.dtype)
         else:  # only sft: the NLL term alone
             rc = cfg.beta * (logps[:B] - ref[:B]).detach().float()
             rr = cfg.beta * (logps[B:] - ref[B:]).detach().float()
@@ -673,17 +968,18 @@ class DPOTrainer:
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, w, real)
         gnorm = optimizer_step(self)
+        maybe_sync_reference(self)  # TR-DPO, after the step (TRL's on_step_end)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
         m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
         return m
 
     def _save(self) -> None:
-        save_supervised(self, "policy")
+        save_offline(self)
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
         the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
-        resume_supervised(self, "policy")
+        resume_offline(self)
         return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
 
 

@@ -68,7 +68,9 @@ desirable, the rejected one undesirable — TRL's ``unpair_preference_dataset``:
 then every rejected row); without ``data``, the reward trainer's synthetic pairs, unpaired. The
 eval split is held out before unpairing, so both halves of a pair stay on one side.
 
-Reference, encoding, truncation (a KL row keeps its prompt and cuts the borrowed completion,
+Reference (with ``precompute_ref_batch_size``, TR-DPO's moving reference ``sync_ref_model`` /
+``ref_model_mixup_alpha`` / ``ref_model_sync_steps``, ``disable_dropout`` and ``num_train_epochs``
+— counted in training examples, after unpairing), encoding, truncation (a KL row keeps its prompt and cuts the borrowed completion,
 tokenised whole, to ``max_len``: TRL's keep-start), checkpoints, exact resume, DDP / FSDP2, bf16
 autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`.
 """
@@ -88,12 +90,12 @@ from rlhf_fast.feedback.formats import PairRecord, Prompt, ScoreRecord
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, make_adamw, make_scheduler, open_supervised_run,
-                     require_records, run_trainer_cli, seed_everything)
-from .dpo import (check_policy_fields, encode_pair, load_offline_policy, local_share, offline_reference,
-                  precompute_reference_logps, prompt_response_rows, reference_logps, response_ids, response_logps,
-                  shard_reference)
-from .sft import (_Batches, _is_ddp, collate, optimizer_step, resume_supervised, save_supervised,
-                  setup_distributed, split_records, training_loop)
+                     require_records, run_trainer_cli, seed_everything, steps_for_epochs)
+from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
+                  maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
+                  prompt_response_rows, reference_logps, response_ids, response_logps, resume_offline, save_offline,
+                  setup_moving_reference, shard_reference)
+from .sft import (_Batches, _is_ddp, collate, optimizer_step, setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("binary", "scores", "pairs")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -137,6 +139,12 @@ class KTOConfig:
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
+    precompute_ref_batch_size: Optional[int] = None  # examples per reference forward of the precompute; null: batch_size
+    sync_ref_model: bool = False  # TR-DPO's moving reference: mix the policy in every ref_model_sync_steps steps
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    num_train_epochs: Optional[float] = None  # set: max_steps from the number of training examples
+    disable_dropout: bool = True  # as TRL's KTOConfig: dropout off in the policy and the reference
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -173,6 +181,7 @@ class KTOConfig:
             if not isinstance(k, str):  # a YAML key such as 1 or yes would never match a record's annotator
                 raise ValueError(f"annotator_weights keys must be annotator names (strings), got {k!r}")
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        check_reference_fields(self)
 
 
 # ------------------------------------------------------------------ the loss
@@ -476,6 +485,7 @@ class KTOTrainer:
             self._attach_kl(self.eval_items, kl_partners(self.eval_order, self.step_size))
 
         reference = offline_reference(cfg, model, self.is_peft, self.device)  # as DPO's
+        prepare_offline_models(cfg, model, reference)
         if cfg.precompute_ref_logps:
             self._precompute(reference)
             reference = None
@@ -485,6 +495,9 @@ class KTOTrainer:
                                 mixed_precision=cfg.distributed.mixed_precision,
                                 reshard_after_forward=cfg.distributed.reshard_after_forward)
         self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
+        setup_moving_reference(self)
+        # num_train_epochs: max_steps before the LR schedule; one step batch (batch_size × grad_accum) a step
+        steps_for_epochs(cfg, len(self.train_items), batch=self.step_size, batches_per_step=1)
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
                                         kind=cfg.lr_schedule)
@@ -537,7 +550,7 @@ class KTOTrainer:
         """Each item's reference log-probs ``item["ref"] = (its row, its KL row)`` (kto) or
         ``(its row,)`` (apo_zero_unpaired), computed once."""
         items = self.train_items + self.eval_items
-        kw = dict(batch_size=self.cfg.batch_size, bf16=self.cfg.bf16, device=self.device)
+        kw = dict(batch_size=self.cfg.precompute_ref_batch_size or self.cfg.batch_size, bf16=self.cfg.bf16, device=self.device)
         if self.kl_rows:
             refs = precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx, **kw)
         else:
@@ -670,17 +683,18 @@ class KTOTrainer:
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, z0, real)
         gnorm = optimizer_step(self)
+        maybe_sync_reference(self)  # TR-DPO's moving reference, after the step (TRL's on_step_end)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
         m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
         return m
 
     def _save(self) -> None:
-        save_supervised(self, "policy")
+        save_offline(self)
 
     def train(self) -> Dict[str, float]:
         """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
         the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
-        resume_supervised(self, "policy")
+        resume_offline(self)
         return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
 
 

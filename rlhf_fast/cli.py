@@ -27,6 +27,8 @@ COMMANDS = {
     "rloo": ("rlhf_fast.trainers.rl_cli", "RLOO (leave-one-out, no critic): rlhf-fast rloo CONFIG.yaml"),
     "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
     "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),
+    "generate": ("rlhf_fast.rollout.generate_cli",
+                 "responses to a prompts file: rlhf-fast generate --model M --prompts F --out OUT.jsonl"),
     "bench": ("rlhf_fast.benchmarks.cli", "benchmarks: rlhf-fast bench ops|e2e|all [--device cpu|cuda] [--quick]"),
 }
 

@@ -354,6 +354,23 @@ def test_graph_replay_plumbing_equals_sliced_steps(tok, corrupt, monkeypatch):
     torch.testing.assert_close(graphed.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
 
 
+def test_penalties_with_graph_replay_plumbing_equal_sliced_steps(tok, monkeypatch):
+    """Penalties are applied outside the decode step: with the stand-in graph (replays into
+    its output buffer, which the penalties must not write into) and with static steps, a
+    penalised sampled run gives the sliced steps' tokens and log-probs, and the graph is used."""
+    m = tiny_causal_lm(len(tok), family="qwen2", num_heads=4, num_kv_heads=2, seed=8)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, n=2, seed=1, repetition_penalty=1.5,
+                            frequency_penalty=0.5, presence_penalty=0.3, no_repeat_ngram_size=2, min_new_tokens=3)
+    sliced = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    assert not torch.equal(sliced.input_ids, HFRolloutEngine(m, tok).generate(
+        PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, n=2, seed=1)).input_ids)
+    _fake_cuda_graphs(monkeypatch)
+    graphed = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    assert _FakeGraph.replays == graphed.response_mask.shape[1] - graphed.prompt_length - 1
+    assert torch.equal(graphed.input_ids, sliced.input_ids)
+    torch.testing.assert_close(graphed.behaviour_logp, sliced.behaviour_logp, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("every", [3, 8])
 def test_checking_for_finished_rows_every_few_steps_changes_nothing(tok, model, every):
     """On a GPU the engine reads "all rows finished?" every 8 steps; the steps run after the
@@ -403,6 +420,22 @@ def test_cuda_graph_decode_equals_eager_decode(tok, stop_early, monkeypatch):
     assert len(built) == 1
     assert torch.equal(graphed.input_ids, eager.input_ids)
     assert torch.equal(graphed.response_mask, eager.response_mask)
+    torch.testing.assert_close(graphed.behaviour_logp, eager.behaviour_logp, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_with_penalties_equals_eager_decode(tok):
+    """On a GPU, penalties on top of the captured decode step: the eager call's tokens."""
+    import warnings
+
+    m = tiny_causal_lm(len(tok), family="qwen2", num_heads=4, num_kv_heads=2, seed=6).cuda()
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24, n=4, seed=9, repetition_penalty=1.3,
+                            frequency_penalty=0.4, presence_penalty=0.2, no_repeat_ngram_size=3, min_new_tokens=5)
+    eager = HFRolloutEngine(m, tok, cuda_graphs=False).generate(PROMPTS, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graphed = HFRolloutEngine(m, tok).generate(PROMPTS, params)
+    assert torch.equal(graphed.input_ids, eager.input_ids)
     torch.testing.assert_close(graphed.behaviour_logp, eager.behaviour_logp, rtol=0, atol=1e-4)
 
 

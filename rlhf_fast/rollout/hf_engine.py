@@ -22,6 +22,7 @@ from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, position_table_size, unwrap
 from ..ops.sampling import sample_with_uniforms, sample_with_uniforms_unchecked
 from .llama_decode import _CUDAGraphStep, _LlamaDecoder
+from .penalties import Penalties
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
 
 
@@ -51,6 +52,10 @@ class HFRolloutEngine(RolloutEngine):
     finished?" — None: every step on the CPU, every 8 on a GPU, where the read is a device sync
     that would stop the host from queueing the next step. Steps run after the last row finished
     are trimmed, so the result does not depend on it.
+    Sampling penalties (:class:`SamplingParams` repetition_penalty ... min_new_tokens) are
+    applied to each step's logits after the decode forward, outside the CUDA graph (which
+    stays the plain forward, captured and replayed as without penalties), with their state on
+    the device and no host sync (:mod:`rlhf_fast.rollout.penalties`).
     """
 
     def __init__(self, model, tokenizer, *, device=None, cuda_graphs: bool = True):
@@ -264,6 +269,10 @@ class HFRolloutEngine(RolloutEngine):
                     logits = logits.repeat_interleave(n, dim=0)
                 if fast is not None:
                     fast.load_cache(cache)
+            # repetition / presence / frequency / n-gram / min_new_tokens state (None when all off:
+            # then nothing below touches the logits); applied outside the decode forward, so a
+            # CUDA-graph step stays the plain forward and its output buffer is only read
+            pen = Penalties.build(params, prompt_ids, prompt_mask, R, logits.shape[-1], stop_ids)
             # preallocated [B, P + R] buffers written in place: no per-token torch.cat / stack
             attn = torch.zeros(B, P + R, dtype=torch.long, device=self.device)
             attn[:, :P] = prompt_mask.repeat_interleave(n, dim=0)
@@ -286,6 +295,8 @@ class HFRolloutEngine(RolloutEngine):
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
             R_used = 0
             for step in range(R):
+                if pen is not None:
+                    logits = pen.apply(logits, step)  # a new float32 tensor
                 if row_uniforms is None:
                     tok, lp = ops.sample(logits, temperature=float(params.temperature), top_k=params.top_k,
                                          top_p=float(params.top_p), min_p=float(params.min_p), generator=gen)
@@ -293,6 +304,8 @@ class HFRolloutEngine(RolloutEngine):
                     tok, lp = self._sample_rows(logits, row_uniforms[:, step], params, checked=step > 0)
                 dead = ~alive
                 tok = tok.masked_fill_(dead, self.pad_id)
+                if pen is not None:
+                    pen.update(tok, alive, step)
                 resp[:, step] = tok
                 resp_logp[:, step] = lp.float().masked_fill_(dead, 0.0)
                 resp_mask[:, step] = alive

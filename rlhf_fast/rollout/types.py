@@ -30,8 +30,28 @@ class SamplingParams:
     distribution (``generate`` applies ``top_k=50`` unless told otherwise), the model's
     ``generation_config`` sampling values (temperature, top_p, repetition_penalty, ...) are
     not read, and top-k keeps exactly k tokens on ties at the k-th value (the first indices)
-    where transformers keeps every tied token. No repetition penalty, no-repeat-n-gram or
-    min_new_tokens. n: samples per prompt (one shared prefill), consecutive rows.
+    where transformers keeps every tied token. n: samples per prompt (one shared prefill),
+    consecutive rows.
+
+    Penalties (:class:`rlhf_fast.rollout.penalties.Penalties`), applied to the raw logits
+    before temperature / top-k / top-p / min-p, in this order: repetition_penalty (1 = off;
+    > 0; transformers' RepetitionPenaltyLogitsProcessor: the logit of a token already in the
+    prompt or the response is divided by it when positive, multiplied when negative; the
+    prompt's left padding does not count), frequency_penalty then presence_penalty (0 = off;
+    in [-2, 2] as vLLM / OpenAI: subtracted once per occurrence / once per token, over the
+    generated tokens only, the prompt not counted), no_repeat_ngram_size (0 = off;
+    NoRepeatNGramLogitsProcessor: a token that would repeat an n-gram of prompt + response
+    gets -inf; n-grams through the left padding are not counted, where transformers counts
+    them — a difference only for a row that generates the pad id), min_new_tokens (0 = off;
+    MinNewTokensLengthLogitsProcessor: the eos and stop_token_ids get -inf for a row's first
+    min_new_tokens tokens; stop_strings still stop it). With all at their defaults nothing is
+    computed. ``behaviour_logp`` is the log-prob under this penalised, filtered distribution,
+    so RL rollouts sampled with penalties are off-policy with respect to the plain policy
+    (as with TRL's generation kwargs / vLLM sampling params): the trainer's importance ratio
+    then compares the policy with the penalised sampler. Greedy decoding with
+    repetition_penalty / no_repeat_ngram_size / min_new_tokens is ``generate``'s
+    (``do_sample=False`` with the same arguments) token for token. Beam search
+    (:meth:`HFRolloutEngine.beam_search`) takes none of them.
     stop_token_ids: extra stop tokens; the eos ids always stop unless ignore_eos: the
     tokenizer's eos and every id of the model's ``generation_config.eos_token_id`` (a list
     for many chat models), as ``generate`` stops on them. The stop token stays in the response
@@ -61,6 +81,11 @@ class SamplingParams:
     seed: Optional[int] = None
     ignore_eos: bool = False
     sample_seeds: Optional[Tuple[int, ...]] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -87,6 +112,17 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -2**63 <= self.seed < 2**64):
             raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
         if self.sample_seeds is not None:
             if isinstance(self.sample_seeds, (int, str, torch.Tensor)):
                 raise TypeError("sample_seeds must be a sequence of ints (one per response row) or None")
@@ -107,8 +143,8 @@ class RolloutBatch:
     attention_mask: ``[B, P+R]`` int64 — 1 on real prompt and response tokens.
     response_mask: ``[B, P+R]`` int64 — 1 on generated tokens, the stop token included.
     behaviour_logp: ``[B, P+R]`` float32 — log-prob of each generated token under the
-    processed sampling distribution when it was drawn, at its position; 0 elsewhere (and 0
-    for greedy decoding).
+    processed sampling distribution when it was drawn (penalties, then filters), at its
+    position; 0 elsewhere (and 0 for greedy decoding).
     prompt_texts / response_texts: ``list[str]`` of length B (each prompt repeated n times
     consecutively; responses decoded without special tokens).
     group_index: ``[B]`` int64 — which prompt each row answers.

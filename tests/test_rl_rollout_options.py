@@ -129,3 +129,30 @@ def test_offload_reference_on_gpu_gives_the_same_step(tmp_path):
     assert all(p.device.type == "cpu" for p in b.reference.parameters())
     for k in ("kl/seq", "policy/loss"):
         assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+
+
+# --------------------------------------------------------------------------- sampling penalties
+
+
+def test_rollout_penalties_reach_the_sampler(tmp_path):
+    """rollout.min_new_tokens / no_repeat_ngram_size reach the sampler: they shape every response."""
+    pol, tok = make_policy()
+    ro = RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=6, temperature=1.5,
+                       min_new_tokens=4, no_repeat_ngram_size=1, repetition_penalty=1.3)
+    cfg = make_config(tmp_path / "pen", "grpo", steps=1, rollout=ro, kl=KLConfig(coef=0.0))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[n_chars], prompts=PROMPTS)
+    data, _ = tr.rollout()
+    eos = tok.eos_token_id
+    for ids, mask in zip(data.input_ids, data.response_mask.bool()):
+        resp = ids[mask].tolist()
+        assert len(resp) >= 4 and eos not in resp[:4]      # min_new_tokens
+        assert len(set(resp)) == len(resp)                  # no token twice (1-gram ban)
+
+
+def test_rollout_penalty_config_errors():
+    with pytest.raises(ValueError, match="rollout.repetition_penalty"):
+        RolloutConfig(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="rollout.min_new_tokens"):
+        RolloutConfig(min_new_tokens=-1)
+    with pytest.raises(ValueError, match="ppo.old_logp 'behaviour' needs no sampling penalties"):
+        RLConfig(rollout=RolloutConfig(presence_penalty=0.5), ppo=PPOConfig(old_logp="behaviour"))

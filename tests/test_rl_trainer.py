@@ -195,7 +195,7 @@ def test_dr_grpo_loss_is_normalised_by_the_generation_budget(tmp_path):
     # three more (left) padding columns: the same rows, the same loss
     pad = {k: getattr(data, k) for k in data.__dataclass_fields__}
     for k, v in pad.items():
-        if v.dim() == 2:
+        if v is not None and v.dim() == 2:
             fill = tr.tokenizer.pad_token_id if k == "input_ids" else 0
             pad[k] = torch.cat([torch.full((B, 3), fill, dtype=v.dtype), v], dim=1)
     st_pad = tr.policy_backward(type(data)(**pad))

@@ -6,9 +6,13 @@ from .advantages import (
     CRITIC_ESTIMATORS,
     ESTIMATORS,
     GROUP_ESTIMATORS,
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    SCALE_REWARDS,
     compute_advantages,
     gae_advantages,
+    global_mean_std,
     group_estimator_advantages,
+    normalize_then_sum_advantages,
     reinforce_pp_advantages,
     token_rewards,
 )
@@ -32,8 +36,9 @@ from .rewards import (
 from .shaping import RunningMoments, shape_scores
 
 __all__ = [
-    "ESTIMATORS", "CRITIC_ESTIMATORS", "GROUP_ESTIMATORS", "compute_advantages", "gae_advantages",
-    "group_estimator_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
+    "ESTIMATORS", "CRITIC_ESTIMATORS", "GROUP_ESTIMATORS", "SCALE_REWARDS", "MULTI_OBJECTIVE_AGGREGATIONS",
+    "compute_advantages", "gae_advantages", "global_mean_std", "group_estimator_advantages",
+    "normalize_then_sum_advantages", "reinforce_pp_advantages", "token_rewards", "FixedKLController",
     "AdaptiveKLController", "make_kl_controller", "RewardSource", "CallableReward", "RewardModelReward",
     "RewardModelEnsemble", "JudgeReward", "LengthPenalty", "OverlongPenalty", "RepetitionPenalty", "CombinedReward",
     "RewardContext", "RewardOutput",

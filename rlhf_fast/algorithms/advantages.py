@@ -10,6 +10,13 @@ Variants, where peers differ: GRPO's std is the unbiased one (TRL, verl); with t
 reward the group estimators subtract the sequence's summed KL from its score before the group
 baseline (TRL's RLOO; OpenRLHF instead keeps the KL per token and takes discounted returns);
 REINFORCE++ whitens over the whole (global) batch, never per group.
+
+TRL GRPOTrainer options: ``scale_rewards`` (group | batch | none: divide GRPO's centred score by
+its group's std, by the std of the whole global batch — PPO Lite — or by nothing, Dr.GRPO) and
+``multi_objective_aggregation="normalize_then_sum"`` (GDPO: each reward function's scores
+normalised within their group, summed with the weights, the sum normalised over the batch).
+Batch statistics are taken over every rank's rows (``group``), so they do not depend on the
+rank count.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from rlhf_fast.ops._validate import finite
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++")
 CRITIC_ESTIMATORS = ("gae",)
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+SCALE_REWARDS = ("group", "batch", "none")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def _check_mask(mask: torch.Tensor, B: Optional[int] = None) -> None:
@@ -91,20 +100,93 @@ def gae_advantages(
     return ops.gae(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
 
 
+def global_mean_std(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std (as ``torch.std``; 0 for fewer than 2 entries) of every entry of
+    ``x`` on every rank of the process group ``group`` (None: this process's alone).
+
+    Two passes in float64 (sum and count, then the squared deviations), each one all-reduce,
+    so the result is the one process's up to float64 rounding whatever the rank count.
+    Returns two 0-dim tensors in ``x``'s dtype (float32 for half inputs)."""
+    from rlhf_fast.ops.reference import out_dtype
+
+    xd = x.detach().double().reshape(-1)
+    s = torch.stack([xd.sum(), torch.tensor(float(xd.numel()), dtype=torch.float64, device=xd.device)])
+    if group is not None:
+        torch.distributed.all_reduce(s, group=group)
+    n = s[1]
+    mean = s[0] / n.clamp(min=1)
+    sq = ((xd - mean) ** 2).sum()
+    if group is not None:
+        torch.distributed.all_reduce(sq, group=group)
+    std = torch.sqrt(sq / (n - 1)) if float(n) > 1 else torch.zeros_like(sq)
+    dt = out_dtype(x.dtype)
+    return mean.to(dt), std.to(dt)
+
+
+def _check_scale_rewards(kind: str, scale_rewards: Optional[str]) -> None:
+    if scale_rewards is None:
+        return
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} or None, got {scale_rewards!r}")
+    if kind == "rloo" or (kind == "dr_grpo" and scale_rewards != "none"):
+        raise ValueError(f"scale_rewards {scale_rewards!r} applies to kind 'grpo' (dr_grpo is 'none'), "
+                         f"got kind {kind!r}")
+
+
 def group_estimator_advantages(
-    scores: torch.Tensor, mask: torch.Tensor, group_size: int, *, kind: str = "grpo", eps: float = 1e-6
+    scores: torch.Tensor, mask: torch.Tensor, group_size: int, *, kind: str = "grpo", eps: float = 1e-6,
+    scale_rewards: Optional[str] = None, group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GRPO / Dr.GRPO / RLOO: one advantage per answer ``[B]`` from its group of ``group_size``
     consecutive answers to the same prompt, broadcast to every response token.
 
-    scores ``[B]`` (already including any KL-in-reward term), mask ``[B, T]``. Returns
-    ``(advantages, returns)`` ``[B, T]`` float32; returns = scores broadcast (for logging).
+    scores ``[B]`` (already including any KL-in-reward term), mask ``[B, T]``. ``scale_rewards``
+    (TRL's GRPO option; None = the kind's own: grpo "group", dr_grpo "none"): ``group`` divides
+    s − group mean by the group's unbiased std + eps, ``batch`` by the unbiased std of every
+    score of the batch on every rank of ``group`` + eps (PPO Lite), ``none`` by nothing (= kind
+    dr_grpo). Returns ``(advantages, returns)`` ``[B, T]`` float32; returns = scores broadcast
+    (for logging).
     """
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
-    a = ops.group_advantages(scores.float(), group_size, kind=kind, eps=eps)
+    _check_scale_rewards(kind, scale_rewards)
+    s = scores.float()
+    if scale_rewards == "batch":
+        centred = ops.group_advantages(s, group_size, kind="dr_grpo", eps=eps)
+        _, std = global_mean_std(s, group)
+        a = centred / (std + eps)
+    else:
+        if scale_rewards is not None:
+            kind = "grpo" if scale_rewards == "group" else "dr_grpo"
+        a = ops.group_advantages(s, group_size, kind=kind, eps=eps)
     m = mask.to(torch.float32)
-    return a[:, None] * m, scores.float()[:, None] * m
+    return a[:, None] * m, s[:, None] * m
+
+
+def normalize_then_sum_advantages(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, *, eps: float = 1e-6, group=None
+) -> torch.Tensor:
+    """GDPO (TRL's ``multi_objective_aggregation="normalize_then_sum"``): one advantage per answer.
+
+    rewards_per_func ``[B, K]`` float (the K reward sources' unweighted scores, rows in groups
+    of ``group_size`` consecutive answers), weights ``[K]``. Each source's scores are
+    normalised within each group, (r − group mean) / (group std + eps) with the unbiased std
+    (0 for groups of one); the weighted sum R over sources is then normalised over the whole
+    batch on every rank of ``group``: (R − mean) / (std + eps), unbiased std. Returns ``[B]``
+    float32 (TRL's eps is 1e-4; ours 1e-6, as GRPO's)."""
+    _check_tensor("rewards_per_func", rewards_per_func)
+    if rewards_per_func.dim() != 2:
+        raise ValueError(f"rewards_per_func must be a [B, K] tensor, got shape {tuple(rewards_per_func.shape)}")
+    B, K = rewards_per_func.shape
+    _check_tensor("weights", weights, (K,))
+    if B % group_size:
+        raise ValueError(f"group_size={group_size} must divide the number of rows B={B}")
+    r = rewards_per_func.float().view(-1, group_size, K)
+    mean_k = r.mean(dim=1, keepdim=True)
+    std_k = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
+    total = (((r - mean_k) / (std_k + eps)).view(B, K) * weights.to(r.device, torch.float32)).sum(dim=1)
+    mean, std = global_mean_std(total, group)
+    return (total - mean) / (std + eps)
 
 
 def reinforce_pp_advantages(
@@ -136,6 +218,10 @@ def compute_advantages(
     lam: float = 0.95,
     whiten: bool = False,
     group=None,
+    scale_rewards: Optional[str] = None,
+    multi_objective_aggregation: str = "sum_then_normalize",
+    rewards_per_func: Optional[torch.Tensor] = None,
+    reward_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns ``[B, T]`` float32 for one of :data:`ESTIMATORS`.
 
@@ -146,10 +232,22 @@ def compute_advantages(
     the KL term is summed per sequence and subtracted from the score before the group baseline
     (as TRL's RLOO). ``whiten`` whitens the advantages over the masked tokens (REINFORCE++
     always does); ``group``: the process group whose ranks hold the rest of the batch, so
-    whitening uses the statistics of the global batch.
+    whitening (and ``scale_rewards="batch"``, GDPO's batch step) uses the statistics of the
+    global batch. ``scale_rewards``: see :func:`group_estimator_advantages` (grpo / dr_grpo).
+    ``multi_objective_aggregation="normalize_then_sum"`` (estimator grpo, no KL in the reward):
+    the advantages are :func:`normalize_then_sum_advantages` of ``rewards_per_func`` ``[B, K]``
+    and ``reward_weights`` ``[K]`` instead of the group statistics of ``scores`` (which are
+    still the returns, for logging).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+                         f"got {multi_objective_aggregation!r}")
+    if scale_rewards is not None and estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"scale_rewards applies to the group estimators, got estimator {estimator!r}")
+    if multi_objective_aggregation == "normalize_then_sum" and estimator != "grpo":
+        raise ValueError(f"multi_objective_aggregation 'normalize_then_sum' needs estimator 'grpo', got {estimator!r}")
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     finite("kl_coef", kl_coef)
@@ -165,11 +263,26 @@ def compute_advantages(
     elif estimator == "reinforce++":
         r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
         return reinforce_pp_advantages(r, mask, gamma=gamma, group=group)  # already whitened
+    elif multi_objective_aggregation == "normalize_then_sum":
+        if kl is not None and kl_coef != 0.0:
+            raise ValueError("multi_objective_aggregation 'normalize_then_sum' takes no KL in the reward (kl_coef 0)")
+        if scale_rewards is not None:
+            raise ValueError("scale_rewards has no effect with multi_objective_aggregation 'normalize_then_sum'")
+        if rewards_per_func is None or reward_weights is None:
+            raise ValueError("multi_objective_aggregation 'normalize_then_sum' needs rewards_per_func and "
+                             "reward_weights")
+        _check_tensor("rewards_per_func", rewards_per_func)
+        if rewards_per_func.dim() != 2 or rewards_per_func.shape[0] != scores.shape[0]:
+            raise ValueError(f"rewards_per_func must be [B={scores.shape[0]}, K], got {tuple(rewards_per_func.shape)}")
+        a = normalize_then_sum_advantages(rewards_per_func, reward_weights, group_size, group=group)
+        m = mask.to(torch.float32)
+        adv, ret = a[:, None] * m, scores.float()[:, None] * m
     else:
         s = scores.float()
         if kl is not None and kl_coef != 0.0:
             s = s - kl_coef * (kl.float() * mask.to(torch.float32)).sum(dim=1)
-        adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator)
+        adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator, scale_rewards=scale_rewards,
+                                              group=group)
     if whiten:
         adv = ops.masked_whiten(adv, mask, group=group)
     return adv, ret

@@ -10,6 +10,14 @@
   entropy is at or above the (1 − ρ) quantile keep their policy-loss (and entropy-bonus) term.
 * the off-policy sequence mask (DeepSeek-V3.2, TRL's ``off_policy_mask_threshold``): rows
   with A < 0 whose mean log-ratio old − new exceeds δ lose their policy-loss term.
+* ``luspo`` (Length-Unbiased Sequence Policy Optimization, 2026): PPO's clipped surrogate per
+  token, each row's token losses summed (aggregation ``seq-mean-token-sum``, which it requires),
+  meant with the sequence-level (GSPO) ratio.
+* ``vespo`` (Variational Sequence-Level Soft Policy Optimization, 2026): −sg(φ(w))·A·logp with
+  w the row's sequence importance weight exp(Σ_t log r_t) and the Gamma gate
+  φ(w) = e^λ·w^k·e^(−λw) (φ(1) = 1), (k, λ) = (k_pos, λ_pos) for A ≥ 0, else (k_neg, λ_neg).
+* the bias-corrected KL (DeepSeek-V3.2, TRL's ``use_bias_correction_kl``): the per-token KL
+  term times the (differentiable) importance ratio, the unbiased reverse-KL gradient off-policy.
 
 The functions take per-token tensors aligned as :func:`rlhf_fast.models.logprobs.sequence_logprobs`
 gives them and return ``(loss, stats)`` like :func:`rlhf_fast.ops.reference.policy_loss_from_logp`,
@@ -22,14 +30,24 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 
 from rlhf_fast.ops import reference
 from rlhf_fast.ops.reference import LOG_RATIO_CLAMP, out_dtype
 
-POLICY_LOSSES = ("clip", "cispo", "sapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "luspo", "vespo")
+CLIP_LOSSES = ("clip", "luspo")  # PPO's clipped surrogate per token
 SAPO_TEMPERATURE_POS = 1.0  # TRL GRPOConfig.sapo_temperature_pos
 SAPO_TEMPERATURE_NEG = 1.05  # TRL GRPOConfig.sapo_temperature_neg
+VESPO_K_POS = 2.0  # TRL GRPOConfig.vespo_k_pos
+VESPO_LAMBDA_POS = 3.0  # TRL GRPOConfig.vespo_lambda_pos
+VESPO_K_NEG = 3.0  # TRL GRPOConfig.vespo_k_neg
+VESPO_LAMBDA_NEG = 2.0  # TRL GRPOConfig.vespo_lambda_neg
+LUSPO_AGG = "seq-mean-token-sum"
+# the log-space floor of VESPO's weights: log(1e-8), as the paper's code (and TRL) clamp
+_VESPO_LOG_FLOOR = math.log(1e-8)
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -87,25 +105,63 @@ def off_policy_mask(advantages: torch.Tensor, logp: torch.Tensor, old_logp: torc
     return (advantages.detach() >= 0) | (seq_kl <= threshold)
 
 
+@torch.no_grad()
+def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                  is_weight: Optional[torch.Tensor] = None, k_pos: float = VESPO_K_POS,
+                  lambda_pos: float = VESPO_LAMBDA_POS, k_neg: float = VESPO_K_NEG,
+                  lambda_neg: float = VESPO_LAMBDA_NEG) -> torch.Tensor:
+    """VESPO's Gamma weights φ(w) ``[B, T]`` (detached; TRL's ``get_gamma_weights``).
+
+    w = exp(clamp(Σ_t clamp(logp − old_logp, ±20) + Σ_t clamp(log is_weight, log 1e-8, 20),
+    log 1e-8, 20)), the sums over row b's tokens where ``mask`` is set (``is_weight`` ``[B, T]``:
+    the rollout's importance weights between the sampler and the recomputed old policy, TRL's
+    token-level vLLM correction; None = 1). φ = exp(λ + k·log w − λ·w) with (k, λ) = (k_pos,
+    λ_pos) where A ≥ 0, else (k_neg, λ_neg), λ ≥ 1e-4; non-finite φ → 0. All inputs ``[B, T]``
+    (advantages per token: with one advantage per row, as GRPO, φ is one value per row).
+    Float32 (float64 for float64 logp); masked-out entries are never read."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    lr = torch.clamp(logp.detach().to(dt) - old_logp.detach().to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    seq = torch.where(mb, lr, zero).sum(-1, keepdim=True)
+    if is_weight is not None:
+        w_is = torch.where(mb, is_weight.detach().to(dt), torch.ones((), dtype=dt, device=logp.device))
+        seq = seq + torch.where(mb, torch.clamp(torch.log(w_is), _VESPO_LOG_FLOOR, LOG_RATIO_CLAMP),
+                                zero).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq, _VESPO_LOG_FLOOR, LOG_RATIO_CLAMP)
+    w = torch.exp(log_w)
+    nonneg = advantages.detach().to(dt) >= 0
+    k = torch.where(nonneg, torch.tensor(float(k_pos), dtype=dt, device=logp.device),
+                    torch.tensor(float(k_neg), dtype=dt, device=logp.device))
+    lam = torch.where(nonneg, torch.tensor(float(lambda_pos), dtype=dt, device=logp.device),
+                      torch.tensor(float(lambda_neg), dtype=dt, device=logp.device)).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * w).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, policy_loss: str = "clip",
                  clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                  sapo_temperature_pos: float = SAPO_TEMPERATURE_POS,
-                 sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG):
+                 sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG, mask: Optional[torch.Tensor] = None,
+                 is_weight: Optional[torch.Tensor] = None, vespo_k_pos: float = VESPO_K_POS,
+                 vespo_lambda_pos: float = VESPO_LAMBDA_POS, vespo_k_neg: float = VESPO_K_NEG,
+                 vespo_lambda_neg: float = VESPO_LAMBDA_NEG):
     """Per-token policy loss ``[B, T]`` of ``policy_loss`` with r = exp(clamp(logp − old_logp, ±20)).
 
     Returns ``(loss, ratio, clipped, dual_clipped)`` as :func:`rlhf_fast.ops.reference.ppo_token_loss`:
 
-    * ``clip``: that function (clip_low / clip_high / dual_clip).
+    * ``clip`` and ``luspo``: that function (clip_low / clip_high / dual_clip).
     * ``cispo``: −sg(min(r, clip_high))·A·logp; ``clip_high`` is the absolute cap ε_max on
       the weight (TRL's ``epsilon_high`` for cispo; ScaleRL uses 4–5), not an offset from 1,
       and must be given; ``clipped`` marks tokens whose weight is capped (r > ε_max, any sign
       of A — TRL's ``cispo_clip_ratio`` counts only A > 0); clip_low and dual_clip unused.
     * ``sapo``: −σ(τ(r − 1))·(4/τ)·A, τ = sapo_temperature_pos where A > 0, else
       sapo_temperature_neg; nothing is clipped (``clipped`` all False).
+    * ``vespo``: −sg(φ)·A·logp, φ = :func:`vespo_weights` (needs ``mask``; ``is_weight`` and
+      the ``vespo_*`` parameters go there); nothing is clipped.
 
     logp differentiable; old_logp and advantages taken as constants. Float32 (float64 for
     float64 logp)."""
-    if policy_loss == "clip":
+    if policy_loss in CLIP_LOSSES:
         return reference.ppo_token_loss(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                                         dual_clip=dual_clip)
     dt = out_dtype(logp.dtype)
@@ -124,6 +180,13 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
                           torch.tensor(float(sapo_temperature_neg), dtype=dt, device=lp.device))
         gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
         return -gate * adv, ratio, none, none
+    if policy_loss == "vespo":
+        if mask is None:
+            raise ValueError("mask (the loss tokens, which make up each row's sequence weight) must be given for "
+                             "policy_loss 'vespo'")
+        phi = vespo_weights(lp, old_logp, adv, mask, is_weight=is_weight, k_pos=vespo_k_pos,
+                            lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+        return -phi * adv * lp, ratio, none, none
     raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
 
 
@@ -147,10 +210,16 @@ def policy_loss_from_logp(
     ref_logp: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
+    use_bias_correction_kl: bool = False,
     entropy_coef: float = 0.0,
     agg: str = "token-mean",
     normalizer=None,
     kl_fn=None,
+    is_weight: Optional[torch.Tensor] = None,
+    vespo_k_pos: float = VESPO_K_POS,
+    vespo_lambda_pos: float = VESPO_LAMBDA_POS,
+    vespo_k_neg: float = VESPO_K_NEG,
+    vespo_lambda_neg: float = VESPO_LAMBDA_NEG,
 ):
     """agg(keep·policy term + kl_coef·KL(logp, ref_logp) − entropy_coef·keep_H·entropy).
 
@@ -164,30 +233,47 @@ def policy_loss_from_logp(
     it to the entropy bonus too); the KL term is never masked. Masking zeroes terms, it does
     not change the denominator of ``agg`` (as TRL). ``importance_sampling_level="sequence"``:
     GSPO's sequence ratio through :func:`rlhf_fast.models.logprobs.sequence_level_old_logp`
-    (clip and sapo; the off-policy mask still uses the per-token ``old_logp``).
+    (clip, luspo and sapo; the off-policy mask still uses the per-token ``old_logp``).
+
+    ``use_bias_correction_kl``: the KL term is multiplied by the importance ratio exp(logp −
+    old_logp), differentiable (TRL's option; with the sequence level the row's ratio, whose
+    gradient flows through each token's own log-prob, GSPO-token's form). ``is_weight`` ``[B, T]``
+    (None = off): the rollout's importance weights between the sampler and the recomputed old
+    policy; they multiply the policy term (after the masks, before the KL, as TRL), except for
+    ``vespo``, whose sequence weight takes their logs instead. ``luspo`` needs ``agg``
+    ``seq-mean-token-sum``. The ``vespo_*`` parameters: see :func:`vespo_weights`.
 
     Returns ``(loss, stats)``: a 0-dim float32 loss (float64 for float64 logp) and the stats
     of :func:`rlhf_fast.ops.reference.policy_loss_from_logp` (``clip_frac``: see
     :func:`token_losses`; 0 for sapo) plus ``entropy_mask_frac`` (share of loss tokens the
-    high-entropy mask keeps, 1 when off) and ``off_policy_mask_frac`` (share the off-policy
-    mask drops, 0 when off). Masked-out entries are never read."""
+    high-entropy mask keeps, 1 when off), ``off_policy_mask_frac`` (share the off-policy
+    mask drops, 0 when off), ``entropy_kept`` (the mean entropy over the loss tokens the
+    high-entropy mask keeps: the tokens of the entropy bonus) and, for vespo, ``vespo_phi_mean``
+    (the mean of φ over the loss tokens). Masked-out entries are never read."""
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if importance_sampling_level == "sequence" and policy_loss == "cispo":
-        raise ValueError("importance_sampling_level 'sequence' is not supported with policy_loss 'cispo'")
+    if importance_sampling_level == "sequence" and policy_loss in ("cispo", "vespo"):
+        raise ValueError(f"importance_sampling_level 'sequence' is not supported with policy_loss {policy_loss!r}")
+    if policy_loss == "luspo" and agg != LUSPO_AGG:
+        raise ValueError(f"policy_loss 'luspo' sums each row's token losses: it needs agg {LUSPO_AGG!r}, got {agg!r}")
     kl_fn = reference.kl_penalty if kl_fn is None else kl_fn
     logp_out = logp
     mb = mask != 0
     logp, entropy, old_logp, advantages, ref_logp = reference._masked_inputs(
         mb, logp, entropy, old_logp.detach(), advantages.detach(), None if ref_logp is None else ref_logp.detach())
+    if is_weight is not None:
+        is_weight = torch.where(mb, is_weight.detach(), torch.ones((), dtype=is_weight.dtype, device=mb.device))
     ratio_old = old_logp
     if importance_sampling_level == "sequence":
         from rlhf_fast.models.logprobs import sequence_level_old_logp
 
         ratio_old = sequence_level_old_logp(logp.detach(), old_logp, mb)
+    vespo_kw = dict(vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                    vespo_lambda_neg=vespo_lambda_neg)
     loss_tok, ratio, clipped, dual = token_losses(
         logp, ratio_old, advantages, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+        dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        mask=mb, is_weight=is_weight if policy_loss == "vespo" else None, **vespo_kw)
     keep_h = entropy_mask
     if keep_h is None and top_entropy_quantile < 1.0:
         keep_h = high_entropy_mask(entropy.detach(), mb, top_entropy_quantile)
@@ -197,11 +283,17 @@ def policy_loss_from_logp(
         keep = opm if keep is None else keep & opm
     zero = torch.zeros((), dtype=loss_tok.dtype, device=loss_tok.device)
     total = loss_tok if keep is None else torch.where(keep, loss_tok, zero)
+    if is_weight is not None and policy_loss != "vespo":
+        total = total * is_weight.to(total.dtype)
     kl = None
     if ref_logp is not None:
         kl = kl_fn(logp, ref_logp, kl_kind)
         if kl_coef != 0.0:
-            total = total + kl_coef * kl
+            kl_term = kl
+            if use_bias_correction_kl:
+                lp = logp.to(loss_tok.dtype)
+                kl_term = kl * torch.exp(torch.clamp(lp - ratio_old.to(lp.dtype), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+            total = total + kl_coef * kl_term
     if entropy_coef != 0.0:
         ent = entropy if keep_h is None else torch.where(keep_h, entropy, torch.zeros_like(entropy))
         total = total - entropy_coef * ent
@@ -216,14 +308,27 @@ def policy_loss_from_logp(
         stats["off_policy_mask_frac"] = (reference.masked_mean((~opm).to(dt), mb)
                                          if off_policy_mask_threshold is not None
                                          else torch.zeros((), dtype=dt, device=loss.device))
+        stats["entropy_kept"] = (reference.masked_mean(entropy.detach().to(dt), mb & keep_h) if keep_h is not None
+                                 else stats["entropy"])
+        if policy_loss == "vespo":
+            phi = vespo_weights(logp, ratio_old, advantages, mb, is_weight=is_weight, k_pos=vespo_k_pos,
+                                lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+            stats["vespo_phi_mean"] = reference.masked_mean(phi.expand_as(mb).to(dt), mb)
         stats["logp"] = logp_out.detach()
     return loss, stats
 
 
 __all__ = [
     "POLICY_LOSSES",
+    "CLIP_LOSSES",
+    "LUSPO_AGG",
     "SAPO_TEMPERATURE_POS",
     "SAPO_TEMPERATURE_NEG",
+    "VESPO_K_POS",
+    "VESPO_LAMBDA_POS",
+    "VESPO_K_NEG",
+    "VESPO_LAMBDA_NEG",
+    "vespo_weights",
     "quantile",
     "high_entropy_threshold",
     "high_entropy_mask",

@@ -16,9 +16,13 @@ of the policy and the reference (sequence_logprobs) and critic values (gae) → 
 over mini-batches with gradient accumulation over micro-batches, the loss normalised by the
 token/row count of the whole mini-batch (so micro-batching never changes the gradient), the
 policy loss through fused_linear_policy_loss (asymmetric / dual clip, entropy bonus, KL in
-the loss; CISPO / SAPO and the high-entropy and off-policy token masks through
+the loss; LUSPO as clip with each answer's token losses summed; CISPO / SAPO / VESPO, the
+bias-corrected KL and the high-entropy and off-policy token masks through
 rlhf_fast.algorithms.policy_losses on the fused head's per-token log-probs), optional
-TRPO-style line search, early stop on approx KL → KL controller update.
+TRPO-style line search, early stop on approx KL, the adaptive entropy coefficient
+(``ppo.use_adaptive_entropy``, checkpointed) → KL controller update. TRL GRPO's
+``scale_rewards`` and GDPO's ``normalize_then_sum`` act in the advantages, its
+``vllm_importance_sampling_mode`` (``ppo.is_mode``) on the rollout's importance weights.
 A run folder holds config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events and atomic
 checkpoints from which ``resume`` continues exactly.
 """
@@ -70,7 +74,9 @@ class RolloutTensors:
     t, see :func:`critic_values`; zero without a critic); scores ``[B]`` float32 (shaped
     sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
     that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
-    to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all)."""
+    to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all);
+    is_weight ``[B, L]`` float32: the rollout importance weights (``ppo.is_cap``) that the loss
+    takes itself (``ppo.policy_loss`` vespo; None otherwise, where they are in the advantages)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -83,6 +89,7 @@ class RolloutTensors:
     returns: torch.Tensor
     scores: torch.Tensor
     entropy_mask: Optional[torch.Tensor] = None
+    is_weight: Optional[torch.Tensor] = None
 
     def select(self, idx: torch.Tensor) -> "RolloutTensors":
         """The rows ``idx`` of every tensor."""
@@ -468,6 +475,10 @@ class RLTrainer:
         self.critic_scheduler = make_scheduler(self.critic_optimizer, **kw) if self.critic_optimizer else None
         self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
         self.reward_moments = RunningMoments()
+        # ppo.use_adaptive_entropy: the coefficient and the entropy last measured (none yet: no
+        # bonus until the first optimizer step has measured one, as TRL)
+        self.entropy_coef = float(cfg.ppo.entropy_coef)
+        self.last_entropy = float("inf")
         self.global_step = 0
         self.prompt_pos = 0  # prompts consumed so far (data position)
         self.dropped_total = 0
@@ -647,20 +658,34 @@ class RLTrainer:
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
         # rank's tokens, as one process would see them
         group = (self.ctx.group or torch.distributed.group.WORLD) if self.ctx.distributed else None
+        multi = {}
+        if cfg.reward.multi_objective_aggregation == "normalize_then_sum":
+            # GDPO: every source's own (unweighted) scores, normalised per group before the sum
+            names = self.reward.names
+            multi = dict(multi_objective_aggregation="normalize_then_sum",
+                         rewards_per_func=torch.stack([out.per_source[n] for n in names], 1)[keep.cpu()].to(dev),
+                         reward_weights=torch.tensor([w for _, w in self.reward.sources], dtype=torch.float32))
         adv, ret = compute_advantages(
             cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_tok,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
-            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group)
+            lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group, scale_rewards=cfg.scale_rewards,
+            **multi)
         if recompute:  # (zero by construction otherwise)
             gap = logprob_gap(beh, old_logp, rm)
             m["logprob_gap/mean"] = float(gap["mean"])
             m["logprob_gap/max"] = float(gap["max"])
             m["entropy"] = float(ops.masked_mean(entropy, rm))
+        w = is_masked = is_weight = None
         if cfg.ppo.is_cap is not None:
-            # truncated importance sampling: the rollout came from the behaviour distribution
-            w = torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cfg.ppo.is_cap) * rm
+            # importance sampling: the rollout came from the behaviour distribution
+            w, is_masked = self._is_weights(old_logp, beh, rm)
             m["is_weight/mean"] = float(ops.masked_mean(w, rm))
-            adv = adv * w
+            if is_masked is not None:
+                m["is_weight/masked_frac"] = float(ops.masked_mean(is_masked.float(), rm))
+            if cfg.ppo.policy_loss == "vespo":  # its sequence weight takes them (TRL): not in the advantages
+                is_weight = w
+            else:
+                adv = adv * w
         seq_kl = (kl_tok.sum(1)).mean()
         m["rollout/truncated_frac"] = float(truncated.sum()) / max(1, truncated.numel())
         m.update({
@@ -682,7 +707,7 @@ class RLTrainer:
         if self.ctx.distributed:  # the same numbers from every rank's rows together
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
                                                   values, (beh - old_logp).abs() * rm if recompute else None,
-                                                  w if cfg.ppo.is_cap is not None else None, truncated))
+                                                  w, truncated, is_masked))
         if ref_logp is None:
             for k in ("kl/seq", "kl/token"):
                 m.pop(k, None)
@@ -696,10 +721,29 @@ class RLTrainer:
         ent_mask = loss_rm.clone()  # every loss token, unless ppo.top_entropy_quantile keeps fewer
         if cfg.ppo.top_entropy_quantile < 1.0:
             ent_mask, m["rollout/entropy_threshold"] = self._high_entropy_mask(entropy, loss_rm)
-        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask)
+        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask, is_weight)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
         return data, m
+
+    def _is_weights(self, old_logp: torch.Tensor, beh: torch.Tensor, rm: torch.Tensor):
+        """``ppo.is_cap`` / ``ppo.is_mode``: the importance weights ``[B, L]`` float32 (0 outside
+        ``rm``) of the recomputed old policy over the sampler, r = exp(old_logp − beh) per token,
+        or per answer exp(Σ_t (old_logp − beh)) on every token of it, then truncated (min(r,
+        is_cap)) or masked (0 where r > is_cap), as TRL's ``vllm_importance_sampling_mode``; and
+        the mask modes' ``[B, L]`` bool of the zeroed tokens (None for the truncate modes)."""
+        p = self.config.ppo
+        cap = p.is_cap
+        if p.is_mode == "token_truncate":  # (the original expression, bit for bit)
+            return torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cap) * rm, None
+        if p.is_mode.startswith("token"):
+            r = torch.exp(torch.clamp(old_logp - beh, -20, 20))
+        else:  # no clamp: an overflow to inf is truncated to the cap or masked, as TRL's
+            r = torch.exp(((old_logp - beh) * rm).sum(dim=1, keepdim=True)).expand_as(old_logp)
+        if p.is_mode.endswith("truncate"):
+            return r.clamp(max=cap) * rm, None
+        out = rm & (r > cap)
+        return torch.where(out, torch.zeros_like(r), r) * rm, out
 
     def _generate(self, rnd: int):
         """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``
@@ -723,7 +767,7 @@ class RLTrainer:
                                       for i in range(len(prompts) * ro.group_size)]}
         params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
-                                stop_strings=tuple(ro.stop_strings), **seeds)
+                                stop_strings=tuple(ro.stop_strings), **ro.penalties(), **seeds)
         with torch.no_grad():
             return self.engine.generate(prompts, params), [self.prompt_fields[i] for i in which]
 
@@ -830,12 +874,13 @@ class RLTrainer:
         return torch.tensor([r == "length" for r in reasons], dtype=torch.bool)
 
     def _global_rollout_metrics(self, per_source, raw, scores, kl_tok, rm, entropy, adv, ret, values, gap,
-                                is_w, truncated):
+                                is_w, truncated, is_masked=None):
         """The rollout metrics of every rank's rows together, as one process computes them
         on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
         second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
         recomputed log-prob| on response tokens, ``is_w`` the importance weights or None,
-        ``truncated`` ``[b]`` bool the rows cut at max_new_tokens;
+        ``truncated`` ``[b]`` bool the rows cut at max_new_tokens, ``is_masked`` ``[b, L]`` bool
+        the tokens a mask mode of ``ppo.is_mode`` zeroed (or None);
         ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward)."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
@@ -851,6 +896,8 @@ class RLTrainer:
             parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
         if is_w is not None:
             parts["is_weight/mean"] = (d(is_w * rm), tok)
+        if is_masked is not None:
+            parts["is_weight/masked_frac"] = (d(is_masked & rm), tok)
         if self.critic is not None:
             err = ret - values
             parts.update({"value/mean": (d(values * rm), tok), "value/ret_sq": (d(ret * ret * rm), tok),
@@ -919,7 +966,7 @@ class RLTrainer:
         from rlhf_fast.models.logprobs import _target_mask, policy_loss, sequence_logprobs
 
         p = self.config.ppo
-        if not p.composed_loss:
+        if not (p.composed_loss or self.config.kl.use_bias_correction_kl or d.is_weight is not None):
             return policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
                                d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
         from rlhf_fast.algorithms import policy_losses
@@ -934,13 +981,37 @@ class RLTrainer:
             sapo_temperature_neg=p.sapo_temperature_neg, top_entropy_quantile=p.top_entropy_quantile,
             entropy_mask=d.entropy_mask if p.top_entropy_quantile < 1.0 else None,
             off_policy_mask_threshold=p.off_policy_mask_threshold,
-            kl_fn=ops.kl_penalty, **extra)
+            use_bias_correction_kl=self.config.kl.use_bias_correction_kl, is_weight=d.is_weight,
+            vespo_k_pos=p.vespo_k_pos, vespo_lambda_pos=p.vespo_lambda_pos, vespo_k_neg=p.vespo_k_neg,
+            vespo_lambda_neg=p.vespo_lambda_neg, kl_fn=ops.kl_penalty, **extra)
+
+    def _entropy_coef(self) -> float:
+        """The entropy-bonus coefficient of the next optimizer step: ``ppo.entropy_coef``, or
+        under ``ppo.use_adaptive_entropy`` the controller's, applied only while the entropy last
+        measured is at or below ``ppo.entropy_target`` (TRL's gating)."""
+        p = self.config.ppo
+        if not p.use_adaptive_entropy:
+            return p.entropy_coef
+        return self.entropy_coef if self.last_entropy <= p.entropy_target else 0.0
+
+    def _adapt_entropy(self, entropy: float) -> None:
+        """One step of the adaptive entropy controller (Skywork-OR1, TRL's update) after an
+        optimizer step whose mean entropy over the entropy-bonus tokens of every rank was
+        ``entropy``: the coefficient rises by ``ppo.entropy_coef_delta`` (up to
+        ``entropy_coef_max``) when that is ≤ ``ppo.entropy_target``, else falls (down to
+        ``entropy_coef_min``)."""
+        p = self.config.ppo
+        if entropy <= p.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + p.entropy_coef_delta, p.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - p.entropy_coef_delta, p.entropy_coef_min)
+        self.last_entropy = entropy
 
     def _loss_kwargs(self) -> dict:
         cfg = self.config
         in_loss = cfg.kl.placement == "loss"
         return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.kind,
-                    entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
+                    entropy_coef=self._entropy_coef(), temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
                     clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg,
                     importance_sampling_level=cfg.ppo.importance_sampling_level)
 
@@ -968,10 +1039,16 @@ class RLTrainer:
             # a blank row's statistics are of no token: it adds the keys (the same on every
             # rank, for the reduction of the statistics) but no value (ratios are > 0)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy", "entropy_mask_frac",
-                      "off_policy_mask_frac"):
+                      "off_policy_mask_frac", "vespo_phi_mean"):
                 if k in st:
                     acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if real else 0.0)
             acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if real else 0.0)
+            if self.config.ppo.use_adaptive_entropy:
+                # the entropy summed over the bonus's tokens and their count (the controller's
+                # measure, made global by update())
+                n = float(d.response_mask.sum()) * (float(st.get("entropy_mask_frac", 1.0)) if real else 0.0)
+                acc["_entropy_sum"] = acc.get("_entropy_sum", 0.0) + n * float(st.get("entropy_kept", st["entropy"]))
+                acc["_entropy_tokens"] = acc.get("_entropy_tokens", 0.0) + n
         return acc
 
     def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
@@ -1132,8 +1209,12 @@ class RLTrainer:
                 mini = data.select(rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 st = self.policy_backward(mini, n_micro=n_micro)
+                ent = [st.pop("_entropy_sum", 0.0), st.pop("_entropy_tokens", 0.0)]
                 if self.ctx.distributed:  # the same statistics on every rank, so early stopping agrees
                     st = self._global_stats(st, mini.response_mask)
+                    if cfg.use_adaptive_entropy:
+                        ent = self.ctx.all_reduce_sum(torch.tensor(ent, dtype=torch.float64,
+                                                                   device=self.device)).tolist()
                 if cfg.max_grad_norm is not None:
                     st["grad_norm"] = scalar_norm(torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
                                                                                  cfg.max_grad_norm))
@@ -1142,6 +1223,9 @@ class RLTrainer:
                 else:
                     self.optimizer.step()
                 self.scheduler.step()
+                if cfg.use_adaptive_entropy:  # the next step's coefficient, from this step's entropy
+                    self._adapt_entropy(ent[0] / max(ent[1], 1.0))
+                    st["entropy_coef"] = self.entropy_coef
                 if self.critic is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     cst = self.critic_backward(mini, n_micro=n_micro)
@@ -1233,8 +1317,12 @@ class RLTrainer:
 
     def state_dict_extra(self) -> dict:
         """JSON state that checkpoints carry besides weights/optimisers/RNG."""
-        return {"step": self.global_step, "prompt_pos": self.prompt_pos, "kl_ctl": self.kl_ctl.state_dict(),
-                "reward_moments": self.reward_moments.state_dict(), "dropped_total": self.dropped_total}
+        out = {"step": self.global_step, "prompt_pos": self.prompt_pos, "kl_ctl": self.kl_ctl.state_dict(),
+               "reward_moments": self.reward_moments.state_dict(), "dropped_total": self.dropped_total}
+        if self.config.ppo.use_adaptive_entropy:  # (inf, before any measurement, is no JSON number)
+            out["entropy_ctl"] = {"coef": self.entropy_coef,
+                                  "last_entropy": None if self.last_entropy == float("inf") else self.last_entropy}
+        return out
 
     def _ckpt_parts(self):
         from rlhf_fast.distributed import unwrap
@@ -1321,6 +1409,10 @@ class RLTrainer:
             self.kl_ctl.load_state_dict(extra["kl_ctl"])
             self.reward_moments.load_state_dict(extra["reward_moments"])
             self.dropped_total = int(extra.get("dropped_total", 0))
+            ent = extra.get("entropy_ctl")
+            if self.config.ppo.use_adaptive_entropy and ent is not None:  # (absent: the run had it off)
+                self.entropy_coef = float(ent["coef"])
+                self.last_entropy = float("inf") if ent["last_entropy"] is None else float(ent["last_entropy"])
         self.global_step = step
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)

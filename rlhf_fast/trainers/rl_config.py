@@ -11,8 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS
-from rlhf_fast.algorithms.policy_losses import POLICY_LOSSES, SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS
+from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, LUSPO_AGG, POLICY_LOSSES, SAPO_TEMPERATURE_NEG,
+                                                SAPO_TEMPERATURE_POS, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
+                                                VESPO_LAMBDA_POS)
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
@@ -25,6 +27,11 @@ OLD_LOGP_SOURCES = ("recompute", "behaviour")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOSS_KL_KINDS = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "linear", "cosine")
+# TRL's vllm_importance_sampling_mode values: truncate (clamp at ppo.is_cap) or mask (weight 0
+# above it) the ratio of each token, or of each row's summed log-ratio
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# adaptive entropy control (Skywork-OR1; TRL's defaults)
+ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA, ENTROPY_TARGET = 0.0, 1.0, 0.005, 0.2
 
 
 def _pos(name, v, allow_zero=False, integer=False):
@@ -117,6 +124,9 @@ class DataConfig:
                 raise ValueError(f"data.prompts[{i}] must be a non-empty string, got {p!r}")
 
 
+_PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "min_new_tokens")
+
+
 @dataclass
 class RolloutConfig:
     """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2).
@@ -143,7 +153,15 @@ class RolloutConfig:
     ``rollout/sampling_rounds``; ``rollout/uniform_group_frac`` (the batch's groups without
     reward spread, TRL's ``frac_reward_zero_std``) is logged for every group estimator. On
     several ranks the rounds and the groups kept are decided over all ranks, and each rank
-    takes its share of them wherever they were sampled: the same groups as on one process."""
+    takes its share of them wherever they were sampled: the same groups as on one process.
+
+    Sampling penalties (:class:`rlhf_fast.rollout.SamplingParams`, applied to the logits before
+    temperature / top-k / top-p / min-p): ``repetition_penalty`` (transformers', over prompt and
+    response; 1 = off — not ``reward.repetition_penalty``, a reward term), ``presence_penalty``
+    and ``frequency_penalty`` (vLLM's, over the response; 0 = off), ``no_repeat_ngram_size`` and
+    ``min_new_tokens`` (0 = off). The rollout log-probs are then those of the penalised
+    distribution while the update trains the plain policy: the rollout is off-policy by that
+    much, as with TRL's ``repetition_penalty`` on vLLM (``ppo.is_cap`` bounds the weights)."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -158,8 +176,23 @@ class RolloutConfig:
     mask_truncated: bool = False
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+
+    def penalties(self) -> dict:
+        """The sampling-penalty fields, as :class:`rlhf_fast.rollout.SamplingParams` keywords."""
+        return {name: getattr(self, name) for name in _PENALTIES}
 
     def __post_init__(self):
+        from rlhf_fast.rollout.types import SamplingParams
+
+        try:  # SamplingParams owns the ranges; its message gains the section's prefix
+            SamplingParams(**self.penalties())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rollout.{e}") from None
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)
         _pos("rollout.group_size", self.group_size, integer=True)
         _pos("rollout.max_new_tokens", self.max_new_tokens, integer=True)
@@ -203,7 +236,17 @@ class RewardConfig:
     ensemble modes log each model's score ``reward/rm{k}`` and their disagreement
     ``reward/rm_std`` (the mean over completions of the population std across the models: it
     grows when the policy finds answers the models disagree on, a sign of over-optimisation).
-    A model's NaN makes the ensemble's reward NaN, which ``on_bad_reward`` raises or drops."""
+    A model's NaN makes the ensemble's reward NaN, which ``on_bad_reward`` raises or drops.
+
+    ``multi_objective_aggregation`` (TRL's option; estimator grpo): ``sum_then_normalize`` (the
+    default: the weighted sum of the sources is the score the estimator normalises) or
+    ``normalize_then_sum`` (GDPO, Liu et al. 2026): each source's unweighted scores are
+    normalised within their group ((r − mean) / (std + 1e-6), unbiased std), summed with the
+    weights, and the sum normalised over the whole batch of every rank — these are the
+    advantages (:func:`rlhf_fast.algorithms.advantages.normalize_then_sum_advantages`). The
+    sources are each function, each reward model (or the ensemble), the judge and the
+    penalties. It needs the KL out of the reward (``kl.placement: loss`` or ``kl.coef: 0``) and
+    no ``whiten`` / ``clip``, and refuses ``scale_rewards`` (TRL ignores it here)."""
 
     functions: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
@@ -220,9 +263,15 @@ class RewardConfig:
     clip: Optional[float] = None
     whiten: bool = False
     on_bad_reward: str = "raise"
+    multi_objective_aggregation: str = "sum_then_normalize"
 
     def __post_init__(self):
         _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
+        _choice("reward.multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
+        if self.multi_objective_aggregation == "normalize_then_sum" and (self.whiten or self.clip is not None):
+            # the advantages come from each source's own scores: shaping the total would change nothing
+            raise ValueError("reward.whiten / reward.clip shape the summed reward, which "
+                             "reward.multi_objective_aggregation 'normalize_then_sum' does not use; unset them")
         self._check_reward_models()
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"reward.weights must have one entry per reward.functions entry "
@@ -301,7 +350,14 @@ class KLConfig:
     soft update; TRL's ``sync_ref_model`` with ``ref_model_sync_steps`` /
     ``ref_model_mixup_alpha``, whose defaults are 512 and 0.6; α = 1 copies the policy). Needs
     a separate reference of the policy's architecture (not a peft policy's disabled adapters);
-    checkpoints then carry the reference."""
+    checkpoints then carry the reference.
+
+    ``use_bias_correction_kl`` (``placement: loss`` only; off by default, where TRL's default
+    is on): the per-token KL term is multiplied by the importance ratio r = π/π_old (with its
+    gradient), so that off-policy steps (``ppo.epochs`` > 1, several mini-batches) follow the
+    unbiased reverse-KL gradient (DeepSeek-V3.2). On-policy its value is unchanged but its
+    gradient is not. The loss then runs on the composed path (per-token log-probs of the fused
+    head), not the fused loss kernel; ``policy/kl`` stays the plain KL estimate."""
 
     coef: float = 0.05
     placement: str = "reward"
@@ -311,9 +367,15 @@ class KLConfig:
     horizon: float = 10000.0
     ref_sync_steps: int = 0
     ref_sync_alpha: float = 0.6
+    use_bias_correction_kl: bool = False
 
     def __post_init__(self):
         _pos("kl.coef", self.coef, allow_zero=True)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"kl.use_bias_correction_kl must be true or false, got {self.use_bias_correction_kl!r}")
+        if self.use_bias_correction_kl and self.placement != "loss":
+            raise ValueError(f"kl.use_bias_correction_kl weights the KL term of the loss: it needs kl.placement "
+                             f"'loss', got {self.placement!r}")
         _pos("kl.ref_sync_steps", self.ref_sync_steps, allow_zero=True, integer=True)
         if isinstance(self.ref_sync_alpha, bool) or not isinstance(self.ref_sync_alpha, (int, float)) \
                 or not 0 < self.ref_sync_alpha <= 1:
@@ -376,6 +438,33 @@ class PPOConfig:
     of the fused loss kernel. KL in the loss, the entropy bonus, ``is_cap``, ``agg`` and
     micro-batching work with all of them; ``trpo`` only with ``clip``.
 
+    More of TRL GRPOTrainer's loss types: ``luspo`` (LUSPO: PPO's clipped surrogate per token
+    with each answer's token losses summed, so it needs ``agg: seq-mean-token-sum``; meant with
+    ``importance_sampling_level: sequence``; on the fused kernel like ``clip``, whose options
+    it takes); ``vespo`` (VESPO: −sg(φ(w))·A·logp with w = exp(Σ_t log r_t) the answer's
+    sequence importance weight and the Gamma gate φ(w) = e^λ·w^k·e^(−λw), (k, λ) =
+    (``vespo_k_pos``, ``vespo_lambda_pos``) for A ≥ 0 else (``vespo_k_neg``,
+    ``vespo_lambda_neg``), TRL's defaults 2, 3, 3, 2 — refused with other losses; token level
+    only; clip_high / dual_clip / trpo refused; ``policy/vespo_phi_mean`` is φ's mean over
+    loss tokens).
+
+    ``is_mode`` (with ``is_cap``; TRL's ``vllm_importance_sampling_mode``): how the weight
+    between the sampler's and the recomputed log-probs is bounded: ``token_truncate`` (the
+    default: per token, min(r, is_cap)), ``token_mask`` (per token, r or 0 where r > is_cap),
+    ``sequence_truncate`` / ``sequence_mask`` (the same with one weight per answer, exp of its
+    summed log-ratios). The weight multiplies the advantages (so the policy term, not the KL or
+    entropy terms, as TRL); under vespo it enters the sequence weight instead (token modes only,
+    as TRL). ``is_weight/mean`` and, for the mask modes, ``is_weight/masked_frac`` (share of
+    response tokens whose weight is 0) are logged.
+
+    ``use_adaptive_entropy`` (Skywork-OR1; TRL's option): ``entropy_coef`` is the initial
+    coefficient, then after each optimizer step it moves by ``entropy_coef_delta`` within
+    [``entropy_coef_min``, ``entropy_coef_max``]: up when the step's mean entropy over the
+    entropy-bonus tokens (every rank's) is ≤ ``entropy_target``, down otherwise; the bonus
+    applies only while the last measured entropy is ≤ ``entropy_target`` (none before the
+    first measurement). The coefficient and the last entropy are checkpointed;
+    ``policy/entropy_coef`` is logged.
+
     ``agg`` (every loss term, value loss included): ``token-mean`` (DAPO; TRL GRPO's bnpo/dapo);
     ``seq-mean-token-mean`` (DeepSeekMath's GRPO); ``seq-mean-token-sum``;
     ``seq-mean-token-sum-norm`` (Dr.GRPO: the token sum divided by the constant rows ×
@@ -412,11 +501,21 @@ class PPOConfig:
     sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: Optional[float] = None
+    is_mode: str = "token_truncate"
+    vespo_k_pos: float = VESPO_K_POS
+    vespo_lambda_pos: float = VESPO_LAMBDA_POS
+    vespo_k_neg: float = VESPO_K_NEG
+    vespo_lambda_neg: float = VESPO_LAMBDA_NEG
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = ENTROPY_COEF_MIN
+    entropy_coef_max: float = ENTROPY_COEF_MAX
+    entropy_coef_delta: float = ENTROPY_COEF_DELTA
+    entropy_target: float = ENTROPY_TARGET
 
     @property
     def composed_loss(self) -> bool:
         """True when the loss needs :mod:`rlhf_fast.algorithms.policy_losses` (not the fused kernel)."""
-        return (self.policy_loss != "clip" or self.top_entropy_quantile < 1.0
+        return (self.policy_loss not in CLIP_LOSSES or self.top_entropy_quantile < 1.0
                 or self.off_policy_mask_threshold is not None)
 
     def __post_init__(self):
@@ -464,7 +563,20 @@ class PPOConfig:
             raise ValueError(f"ppo.top_entropy_quantile must be in [0, 1] (1 = off), got {q!r}")
         if self.off_policy_mask_threshold is not None:
             _pos("ppo.off_policy_mask_threshold", self.off_policy_mask_threshold, allow_zero=True)
-        if self.policy_loss != "clip":
+        _choice("ppo.is_mode", self.is_mode, IS_MODES)
+        if self.is_mode != "token_truncate" and self.is_cap is None:
+            raise ValueError(f"ppo.is_mode {self.is_mode!r} bounds the importance weight at ppo.is_cap: set ppo.is_cap")
+        vespo = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
+        for k, v in zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), vespo):
+            _pos(f"ppo.{k}", v, allow_zero=k.startswith("vespo_k"))
+        if self.policy_loss != "vespo" and vespo != (VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG):
+            raise ValueError(f"ppo.vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg only apply to "
+                             f"ppo.policy_loss 'vespo', got policy_loss {self.policy_loss!r}")
+        if self.policy_loss == "luspo" and self.agg != LUSPO_AGG:
+            raise ValueError(f"ppo.policy_loss 'luspo' sums each answer's token losses: set ppo.agg {LUSPO_AGG!r}, "
+                             f"got {self.agg!r}")
+        self._check_adaptive_entropy()
+        if self.policy_loss not in CLIP_LOSSES:
             pl = f"ppo.policy_loss {self.policy_loss!r}"
             if self.dual_clip is not None:
                 raise ValueError(f"ppo.dual_clip is a bound of the 'clip' loss; unset it for {pl}")
@@ -477,11 +589,37 @@ class PPOConfig:
                                      f"e.g. 5.0) and must be set > 0 for {pl}, got {self.clip_high!r}")
                 if self.importance_sampling_level != "token":
                     raise ValueError(f"ppo.importance_sampling_level 'sequence' is not supported with {pl}")
-            if self.policy_loss == "sapo" and self.clip_high is not None:
+            if self.policy_loss in ("sapo", "vespo") and self.clip_high is not None:
                 raise ValueError(f"ppo.clip_high has no effect with {pl} (its gate has no clip); unset it")
+            if self.policy_loss == "vespo":
+                if self.importance_sampling_level != "token":
+                    # its own sequence weight replaces the ratio
+                    raise ValueError(f"ppo.importance_sampling_level 'sequence' is not supported with {pl}")
+                if self.is_mode.startswith("sequence"):
+                    raise ValueError(f"ppo.is_mode {self.is_mode!r} is not supported with {pl} (its sequence "
+                                     f"weight takes the token weights: token_truncate or token_mask)")
         if self.old_logp == "behaviour" and self.is_cap is not None:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")
+
+    def _check_adaptive_entropy(self):
+        if not isinstance(self.use_adaptive_entropy, bool):
+            raise ValueError(f"ppo.use_adaptive_entropy must be true or false, got {self.use_adaptive_entropy!r}")
+        names = ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
+        for k in names:
+            _pos(f"ppo.{k}", getattr(self, k), allow_zero=True)
+        if not self.use_adaptive_entropy:
+            if tuple(getattr(self, k) for k in names) != (ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA,
+                                                           ENTROPY_TARGET):
+                raise ValueError("ppo.entropy_coef_min / entropy_coef_max / entropy_coef_delta / entropy_target "
+                                 "only apply with ppo.use_adaptive_entropy true")
+            return
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError(f"ppo.entropy_coef_min ({self.entropy_coef_min}) must be <= ppo.entropy_coef_max "
+                             f"({self.entropy_coef_max})")
+        if self.trpo:
+            # the line search would judge steps under a coefficient that moves in between
+            raise ValueError("ppo.use_adaptive_entropy is not supported with ppo.trpo")
 
 
 @dataclass
@@ -508,9 +646,15 @@ class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
     reinforce++. ``steps`` rollout+update steps; a run folder ``output_dir`` gets config.yaml,
     metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
-    0 = only at the end). ``resume``: a run folder to continue exactly."""
+    0 = only at the end). ``resume``: a run folder to continue exactly.
+
+    ``scale_rewards`` (TRL's GRPO option; estimator grpo): ``group`` (the default, None: each
+    answer's s − group mean divided by its group's unbiased std + 1e-6), ``batch`` (divided by
+    the unbiased std of every score of the step, over all ranks: PPO Lite) or ``none`` (not
+    divided: estimator dr_grpo, which takes only ``none``)."""
 
     estimator: str = "grpo"
+    scale_rewards: Optional[str] = None
     steps: int = 20
     seed: int = 0
     output_dir: str = "runs/rl"
@@ -532,6 +676,21 @@ class RLConfig:
 
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
+        if self.scale_rewards is not None:
+            _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+            if self.estimator not in ("grpo", "dr_grpo") or (self.estimator == "dr_grpo"
+                                                              and self.scale_rewards != "none"):
+                raise ValueError(f"scale_rewards {self.scale_rewards!r} applies to estimator 'grpo' (dr_grpo is "
+                                 f"'none'), got estimator {self.estimator!r}")
+        if self.reward.multi_objective_aggregation == "normalize_then_sum":
+            what = "reward.multi_objective_aggregation 'normalize_then_sum'"
+            if self.estimator != "grpo":
+                raise ValueError(f"{what} needs estimator 'grpo', got {self.estimator!r}")
+            if self.scale_rewards is not None:
+                raise ValueError(f"scale_rewards has no effect with {what} (it normalises the batch itself); unset it")
+            if self.kl.placement == "reward" and (self.kl.coef != 0 or self.kl.controller != "fixed"):
+                raise ValueError(f"{what} normalises each reward source's scores: the KL cannot be one of them; set "
+                                 f"kl.placement 'loss' or kl.coef 0")
         _pos("steps", self.steps, integer=True)
         check_seed("seed", self.seed)
         _pos("log_every", self.log_every, integer=True)
@@ -556,6 +715,11 @@ class RLConfig:
             # the sampler's log-probs are under the filtered distribution, the loss's under the full one
             raise ValueError("ppo.old_logp 'behaviour' needs plain temperature sampling (rollout.top_k 0, "
                              f"top_p 1, min_p 0), got top_k={ro.top_k}, top_p={ro.top_p}, min_p={ro.min_p}")
+        penalised = {k: v for k, v in ro.penalties().items() if v != RolloutConfig.__dataclass_fields__[k].default}
+        if self.ppo.old_logp == "behaviour" and penalised:
+            # likewise: the sampler's log-probs are those of the penalised distribution
+            raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
+                             f"set); use ppo.old_logp 'recompute'")
 
     @property
     def batch_size(self) -> int:

@@ -6,8 +6,12 @@ Four kinds of record, each with an optional ``annotator`` id:
 kind          fields
 ============  =====================================================================
 ``sft``       prompt, completion; or messages (a whole conversation, TRL's
-              "conversational language modeling" format)
-``pairs``     prompt, chosen, rejected, optional margin (number ≥ 0)
+              "conversational language modeling" format); or text (TRL's language
+              modeling format: every token trains)
+``pairs``     prompt, chosen, rejected, optional margin (number ≥ 0); chosen / rejected
+              text, or chat messages after a chat prompt (TRL's conversational
+              preference format); without prompt, the prompt is their shared start
+              (TRL's implicit prompt, :func:`extract_prompt`)
 ``rankings``  prompt, responses (≥ 2 texts), ranking (permutation of their indices,
               best first)
 ``scores``    prompt, response, score (number)
@@ -20,8 +24,17 @@ every problem with its file, line and field, then raises one ValueError listing 
 (or returns them with ``strict=False``).
 
 An ``sft`` row holding ``messages`` (and neither prompt nor completion) is read as a
-:class:`ChatRecord`, a conversation rendered whole by the SFT trainer; every other row
-of every kind is read as before.
+:class:`ChatRecord`, a conversation rendered whole by the SFT trainer; one holding ``text``
+(and nothing else) as a :class:`TextRecord`. A file of ``text`` rows holds no other kind of
+sft row (TRL reads one format per dataset): mixing them is a problem at the later line.
+
+A ``pairs`` row's chosen and rejected are both text or both lists of chat messages; messages
+need a chat prompt, and the trainers encode them as the chat template writes those turns after
+the prompt (content and end of turn, :func:`rlhf_fast.trainers.sft_data.completion_tokens`). A
+pairs row without ``prompt`` takes the longest shared start of chosen and rejected as its
+prompt (TRL's ``extract_prompt``: whole messages for conversations, characters for text, a space
+before the point where they part going to the responses); a pair that shares nothing, or whose
+one side is the start of the other, is a problem.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 KINDS = ("sft", "pairs", "rankings", "scores")
 
 Prompt = Union[str, List[Dict[str, str]]]
+# a pair's response: text, or chat messages (the turns after a chat prompt)
+Response = Union[str, List[Dict[str, str]]]
 
 
 @dataclasses.dataclass
@@ -57,12 +72,23 @@ class ChatRecord:
 
 
 @dataclasses.dataclass
+class TextRecord:
+    """A text to imitate whole (an ``sft`` row ``{"text": ...}``, TRL's language-modeling format):
+    no prompt, every token trains."""
+
+    text: str
+    annotator: Optional[str] = None
+
+
+@dataclasses.dataclass
 class PairRecord:
-    """A preference: ``chosen`` is better than ``rejected`` by ``margin`` (0 when unknown)."""
+    """A preference: ``chosen`` is better than ``rejected`` by ``margin`` (0 when unknown).
+    Both responses are text, or both lists of ``{"role", "content"}`` messages (the turns after
+    a chat ``prompt``)."""
 
     prompt: Prompt
-    chosen: str
-    rejected: str
+    chosen: Response
+    rejected: Response
     margin: float = 0.0
     annotator: Optional[str] = None
 
@@ -88,7 +114,7 @@ class ScoreRecord:
 
 
 RECORD_TYPES = {"sft": SFTRecord, "pairs": PairRecord, "rankings": RankingRecord, "scores": ScoreRecord}
-Record = Union[SFTRecord, ChatRecord, PairRecord, RankingRecord, ScoreRecord]
+Record = Union[SFTRecord, ChatRecord, TextRecord, PairRecord, RankingRecord, ScoreRecord]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +257,61 @@ def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_ro
     return ok
 
 
+def _check_response(row: dict, name: str, problems: list, where) -> Optional[Response]:
+    """A pair's ``chosen`` / ``rejected``: non-empty text, or a non-empty list of chat messages
+    (kept as {role, content}, as a chat prompt is)."""
+    v = row.get(name)
+    if not isinstance(v, list):
+        return _check_text(row, name, problems, where)
+    if not v:
+        problems.append(where(name, "expected text or a non-empty list of chat messages, got an empty list"))
+        return None
+    ok = _chat_messages_ok(v, name, problems, where, check_role=True)
+    return [{"role": m["role"], "content": m["content"]} for m in v] if ok else None
+
+
+def extract_prompt(chosen: Response, rejected: Response) -> Tuple[Response, Response, Response]:
+    """``(prompt, chosen rest, rejected rest)`` of a pair whose prompt is implicit, the start of
+    both responses, split exactly as TRL's ``trl.data_utils.extract_prompt``: the longest common
+    prefix of two texts (characters; a space just before the point where they part goes to the
+    responses) or of two conversations (whole messages). One side being a start of the other
+    has no point where they part: TRL then splits one item before the end of the shorter; the
+    caller refuses such pairs (:func:`load_records` reports them)."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":  # TRL: "remove space before the prompt"
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _implicit_pair(chosen: Response, rejected: Response, problems: list, where
+                   ) -> Tuple[Optional[Response], Optional[Response], Optional[Response]]:
+    """The prompt and responses of a pairs row without ``prompt`` (:func:`extract_prompt`), or
+    Nones after adding the problem."""
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        problems.append(where("rejected", "chosen and rejected must both be text or both chat messages"))
+        return None, None, None
+    n = min(len(chosen), len(rejected))
+    if chosen[:n] == rejected[:n]:  # one is the other's start (TRL would cut one item before its end)
+        if len(chosen) != len(rejected):
+            longer = "rejected" if len(rejected) > len(chosen) else "chosen"
+            problems.append(where(longer, f"{'chosen' if longer == 'rejected' else 'rejected'} is the start of "
+                                          f"{longer}: no response of its own to compare (implicit prompt)"))
+        return None, None, None  # identical: reported by the caller
+    prompt, c, r = extract_prompt(chosen, rejected)
+    unit = "text" if isinstance(chosen, str) else "message"
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        problems.append(where("prompt", f"missing field (and chosen and rejected share no leading {unit} to take it "
+                                        "from as an implicit prompt)"))
+        return None, None, None
+    if isinstance(c, str) and (not c.strip() or not r.strip()):
+        problems.append(where("chosen" if not c.strip() else "rejected", "empty text after the shared prompt"))
+        return None, None, None
+    return prompt, c, r
+
+
 def _annotator(row: dict, problems: list, where) -> Optional[str]:
     a = row.get("annotator")
     if a is None:
@@ -239,6 +320,36 @@ def _annotator(row: dict, problems: list, where) -> Optional[str]:
         return str(a)
     problems.append(where("annotator", f"expected a non-empty id, got {_shown(a)}"))
     return None
+
+
+def _parse_pair(row: dict, problems: list, where) -> Optional[PairRecord]:
+    """A ``pairs`` row: explicit prompt (text or chat) with text or conversational responses, or
+    an implicit prompt (no ``prompt``: the shared start of chosen and rejected)."""
+    n0 = len(problems)
+    implicit = row.get("prompt") is None and (row.get("chosen") is not None or row.get("rejected") is not None)
+    prompt = None if implicit else _check_prompt(row, problems, where)
+    ann = _annotator(row, problems, where)
+    chosen = _check_response(row, "chosen", problems, where)
+    rejected = _check_response(row, "rejected", problems, where)
+    if chosen is not None and rejected is not None:
+        if chosen == rejected:
+            problems.append(where("rejected", "identical to chosen"))
+        elif implicit:
+            prompt, chosen, rejected = _implicit_pair(chosen, rejected, problems, where)
+        elif isinstance(chosen, str) != isinstance(rejected, str):
+            problems.append(where("rejected", f"expected {'text' if isinstance(chosen, str) else 'chat messages'} "
+                                              "as chosen is: both responses are text or both chat messages"))
+        elif isinstance(chosen, list) and isinstance(prompt, str):
+            problems.append(where("prompt", "conversational responses (chat messages) need a chat prompt (a list "
+                                            "of messages), got text"))
+    margin = row.get("margin", 0.0)
+    if margin is None:
+        margin = 0.0
+    if not _is_number(margin):
+        problems.append(where("margin", f"expected a number, got {_shown(margin)}"))
+    elif margin < 0:
+        problems.append(where("margin", f"must be >= 0, got {margin}"))
+    return PairRecord(prompt, chosen, rejected, float(margin), ann) if len(problems) == n0 else None
 
 
 def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
@@ -253,24 +364,22 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         messages = _check_messages(row, problems, where)
         ann = _annotator(row, problems, where)
         return ChatRecord(messages, ann) if len(problems) == n0 else None
+    if kind == "sft" and row.get("text") is not None:  # TRL's language-modeling format
+        clash = [k for k in ("prompt", "completion") if row.get(k) is not None]
+        if clash:
+            problems.append(where("text", f"a text record cannot also have {' and '.join(clash)} "
+                                          "(give either text or prompt + completion)"))
+            return None
+        text = _check_text(row, "text", problems, where)
+        ann = _annotator(row, problems, where)
+        return TextRecord(text, ann) if len(problems) == n0 else None
+    if kind == "pairs":
+        return _parse_pair(row, problems, where)
     prompt = _check_prompt(row, problems, where)
     ann = _annotator(row, problems, where)
     if kind == "sft":
         completion = _check_text(row, "completion", problems, where)
         return SFTRecord(prompt, completion, ann) if len(problems) == n0 else None
-    if kind == "pairs":
-        chosen = _check_text(row, "chosen", problems, where)
-        rejected = _check_text(row, "rejected", problems, where)
-        margin = row.get("margin", 0.0)
-        if margin is None:
-            margin = 0.0
-        if not _is_number(margin):
-            problems.append(where("margin", f"expected a number, got {_shown(margin)}"))
-        elif margin < 0:
-            problems.append(where("margin", f"must be >= 0, got {margin}"))
-        if chosen is not None and chosen == rejected:
-            problems.append(where("rejected", "identical to chosen"))
-        return PairRecord(prompt, chosen, rejected, float(margin), ann) if len(problems) == n0 else None
     if kind == "rankings":
         responses = row.get("responses")
         if responses is None:
@@ -348,6 +457,7 @@ def load_records(
     problems: List[Problem] = []
     records: List[Record] = []
     seen: Dict[str, int] = {}
+    first_of: Dict[bool, int] = {}  # sft: the first line of a text record (True) and of another form (False)
     for line, row in rows:
         def where(field, message, _line=line):
             return Problem(name, _line, field, message)
@@ -355,6 +465,16 @@ def load_records(
         rec = _parse_row(kind, row, problems, where)
         if rec is None:
             continue
+        if kind == "sft":  # the first record's form (text, or not) is the file's: each other one is a problem
+            is_text = isinstance(rec, TextRecord)
+            if (not is_text) in first_of:
+                forms = ("a prompt/completion or messages record", "a {\"text\"} record")
+                problems.append(where("text" if is_text else "<record>",
+                                      f"{forms[is_text]} in a file whose line {first_of[not is_text]} is "
+                                      f"{forms[not is_text]}: text records cannot be mixed with other sft records "
+                                      "(one format per file, as TRL's dataset_text_field)"))
+                continue
+            first_of.setdefault(is_text, line)
         k = _key(rec)
         if k in seen:
             if not dedup:
@@ -381,14 +501,35 @@ def dedup_records(records: Sequence[Record], *, ignore_annotator: bool = False) 
     return out
 
 
+def response_text(response: Response) -> str:
+    """A response as plain text: itself, or the contents of its messages joined by newlines
+    (for lengths in characters and for training a tiny tokenizer, not for encoding)."""
+    return response if isinstance(response, str) else "\n".join(m["content"] for m in response)
+
+
+def comparable_pairs(records: Sequence[Any]) -> List[Any]:
+    """``records`` with every conversational response of a PairRecord replaced by its JSON text,
+    so that :func:`rlhf_fast.feedback.agreement.agreement_stats` can sort and key responses
+    (it orders the two responses of an item; a message list does not order against another)."""
+    out = []
+    for r in records:
+        if isinstance(r, PairRecord) and not (isinstance(r.chosen, str) and isinstance(r.rejected, str)):
+            as_text = lambda x: x if isinstance(x, str) else json.dumps(x, sort_keys=True)  # noqa: E731
+            r = dataclasses.replace(r, chosen=as_text(r.chosen), rejected=as_text(r.rejected))
+        out.append(r)
+    return out
+
+
 def record_texts(rec: Record) -> List[str]:
     """The response texts of a record (completion, chosen+rejected, responses or response)."""
     if isinstance(rec, SFTRecord):
         return [rec.completion]
     if isinstance(rec, ChatRecord):
         return [m["content"] for m in rec.messages if m["role"] == "assistant"]
+    if isinstance(rec, TextRecord):
+        return [rec.text]
     if isinstance(rec, PairRecord):
-        return [rec.chosen, rec.rejected]
+        return [response_text(rec.chosen), response_text(rec.rejected)]
     if isinstance(rec, RankingRecord):
         return list(rec.responses)
     return [rec.response]
@@ -414,8 +555,9 @@ def filter_by_length(
 
     out = []
     for r in records:
-        p = render_prompt(r.prompt, tokenizer) if tokenizer is not None else (
-            r.prompt if isinstance(r.prompt, str) else "".join(m["content"] for m in r.prompt))
+        prompt = getattr(r, "prompt", "")  # a conversation or a text record has none of its own
+        p = render_prompt(prompt, tokenizer) if tokenizer is not None else (
+            prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt))
         if max_prompt_len is not None and length(p) > max_prompt_len:
             continue
         lens = [length(t) for t in record_texts(r)]
@@ -458,15 +600,24 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
-def reward_input_ids(tokenizer: Any, prompt: Prompt, response: str, max_len: Optional[int] = None) -> List[int]:
+def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None) -> List[int]:
     """The token ids a reward model scores for ``response`` to ``prompt``, as the reward
     trainer encodes them: the rendered prompt (a plain-text prompt with the tokenizer's
     special tokens, e.g. bos; a chat with its template's), the response without special
     tokens, then eos; the last ``max_len`` ids when longer (the score is read at the last
-    token, so the end is kept). Score texts with this encoding wherever a trained reward
-    model is used: its head was trained at that final eos."""
-    ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
-    ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    token, so the end is kept). A conversational response (chat messages) is the tokens the
+    chat template writes for those turns after the prompt (content and end of turn,
+    :func:`rlhf_fast.trainers.sft_data.completion_tokens`; TRL's RewardTrainer ids), and
+    the eos still follows: the head is always read at an eos. Score texts with this encoding
+    wherever a trained reward model is used: its head was trained at that final eos."""
+    if not isinstance(response, str):
+        from rlhf_fast.trainers.sft_data import completion_tokens
+
+        p, (c,) = completion_tokens(tokenizer, prompt, response)
+        ids = p + c  # the whole conversation as the template renders it
+    else:
+        ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
+        ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids[-max_len:] if max_len else ids
@@ -494,7 +645,8 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-__all__ = ["KINDS", "SFTRecord", "ChatRecord", "PairRecord", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
+__all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "Response", "extract_prompt",
+           "response_text", "comparable_pairs", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
            "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

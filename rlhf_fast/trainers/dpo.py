@@ -74,7 +74,12 @@ off in the policy and the reference; ``num_train_epochs`` sets ``max_steps`` fro
 training pairs (:func:`rlhf_fast.trainers.common.steps_for_epochs`).
 
 Encoding (as SFT): the prompt as generation sees it (plain text with the tokenizer's special
-tokens, a chat through its template), the response without special tokens, one eos. Truncation
+tokens, a chat through its template), the response without special tokens, one eos. A
+conversational pair (chat prompt, chosen / rejected as chat messages, TRL's conversational
+preference format) takes the tokens the chat template writes for each response's turns after
+the prompt: content and end of turn, no eos added — TRL's ``apply_chat_template(prompt +
+chosen)`` ids (:func:`rlhf_fast.trainers.sft_data.completion_tokens`). A pair without prompt
+(TRL's implicit prompt) was split when loaded (:func:`rlhf_fast.feedback.formats.extract_prompt`). Truncation
 to ``max_len`` tokens per row: a prompt longer than the room the pair's longer response leaves
 is cut from its start (its end, next to the response, is kept), but never below half of
 ``max_len``; responses then lose their tail (and their eos) to fit. Both rows of a pair share
@@ -97,6 +102,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
+from rlhf_fast.feedback.formats import _shown, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
@@ -324,17 +330,30 @@ def response_ids(tokenizer, text: str) -> List[int]:
     return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
 
 
-def encode_pair(tokenizer, prompt: Any, chosen: str, rejected: str, max_len: int
+def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: int
                 ) -> Optional[Tuple[List[int], List[int], List[int]]]:
     """``(prompt ids, chosen ids, rejected ids)`` of one pair, truncated to ``max_len`` tokens per
-    row as the module docstring says; None when the prompt has no token."""
+    row as the module docstring says; None when the prompt has no token. ``chosen`` /
+    ``rejected`` are texts (ids + eos, :func:`response_ids`) or, after a chat prompt, chat
+    messages: the tokens the chat template writes for them after the prompt (content and end of
+    turn, no eos added; :func:`rlhf_fast.trainers.sft_data.completion_tokens`, TRL's encoding)."""
     from rlhf_fast.feedback.formats import render_prompt
 
-    # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
-    p = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"])
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        from .sft_data import completion_tokens
+
+        if isinstance(chosen, str) or isinstance(rejected, str) or isinstance(prompt, str):
+            raise ValueError("a conversational pair needs a chat prompt and chat messages as both chosen and rejected, "
+                             f"got prompt {type(prompt).__name__}, chosen {type(chosen).__name__}, "
+                             f"rejected {type(rejected).__name__}")
+
+        p, (c, r) = completion_tokens(tokenizer, prompt, chosen, rejected)  # one prompt for both rows, as TRL
+    else:
+        # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
+        p = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"])
+        c, r = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
     if not p:
         return None
-    c, r = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
     longest = max(len(c), len(r))
     if len(p) + longest > max_len:
         keep = max(1, min(len(p), max(max_len - longest, max_len // 2)))
@@ -750,8 +769,10 @@ class DPOTrainer:
         if cfg.auto_annotator_weights:
             from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
 
-            self.weights = {**annotator_weights(agreement_stats(train_records)), **self.weights}  # explicit win
-        texts = [str(r.prompt) + " " + r.chosen + " " + r.rejected for r in train_records[:2000]]
+            self.weights = {**annotator_weights(agreement_stats(comparable_pairs(train_records))),
+                            **self.weights}  # explicit win
+        texts = [str(r.prompt) + " " + response_text(r.chosen) + " " + response_text(r.rejected)
+                 for r in train_records[:2000]]
         model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
                                                                                self.device)
 
@@ -790,8 +811,11 @@ class DPOTrainer:
 
     def _encode(self, records) -> Tuple[List[Dict[str, Any]], int]:
         items, dropped = [], 0
-        for r in records:
-            enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, self.cfg.max_len)
+        for i, r in enumerate(records):
+            try:
+                enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, self.cfg.max_len)
+            except ValueError as e:  # a conversational pair the chat template cannot split
+                raise ValueError(f"pair {i} (prompt {_shown(r.prompt)}): {e}") from None
             if enc is None:
                 dropped += 1
                 continue

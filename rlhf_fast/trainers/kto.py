@@ -62,7 +62,8 @@ the paper's eq. 8; example counts, unweighted, as TRL) is printed once when the 
 miss it.
 
 Data (``data_kind``): ``binary`` records ``{prompt, completion, label: true|false}`` (JSONL or
-Parquet; optional ``annotator``), ``scores`` (``{prompt, response, score}``, desirable when
+Parquet; optional ``annotator``; ``completion`` may be chat messages after a chat prompt, TRL's
+conversational unpaired format, encoded as DPO's conversational pairs), ``scores`` (``{prompt, response, score}``, desirable when
 score ≥ ``score_threshold``) or ``pairs`` (``{prompt, chosen, rejected}``: the chosen response
 desirable, the rejected one undesirable — TRL's ``unpair_preference_dataset``: every chosen row,
 then every rejected row); without ``data``, the reward trainer's synthetic pairs, unpaired. The
@@ -86,7 +87,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast.distributed import DistributedConfig, wrap_model
-from rlhf_fast.feedback.formats import PairRecord, Prompt, ScoreRecord
+from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, make_adamw, make_scheduler, open_supervised_run,
@@ -96,6 +97,7 @@ from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load
                   prompt_response_rows, reference_logps, response_ids, response_logps, resume_offline, save_offline,
                   setup_moving_reference, shard_reference)
 from .sft import (_Batches, _is_ddp, collate, optimizer_step, setup_distributed, split_records, training_loop)
+from .sft_data import completion_tokens
 
 DATA_KINDS = ("binary", "scores", "pairs")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -293,7 +295,7 @@ class BinaryRecord:
     """One response with binary feedback: ``label`` True (desirable, thumbs-up) or False."""
 
     prompt: Prompt
-    completion: str
+    completion: Response
     label: bool
     annotator: Optional[str] = None
 
@@ -306,7 +308,7 @@ def load_binary_records(source: Any, *, dedup: bool = False) -> List[BinaryRecor
     annotator is a problem unless ``dedup``, which drops the repeats."""
     import json
 
-    from rlhf_fast.feedback.formats import (Problem, _annotator, _BadJSON, _check_prompt, _check_text, _shown,
+    from rlhf_fast.feedback.formats import (Problem, _annotator, _BadJSON, _check_prompt, _check_response, _shown,
                                             problems_error, read_rows)
 
     name, rows = read_rows(source)
@@ -326,7 +328,10 @@ def load_binary_records(source: Any, *, dedup: bool = False) -> List[BinaryRecor
         n0 = len(problems)
         prompt = _check_prompt(row, problems, where)
         ann = _annotator(row, problems, where)
-        completion = _check_text(row, "completion", problems, where)
+        completion = _check_response(row, "completion", problems, where)
+        if isinstance(completion, list) and isinstance(prompt, str):  # TRL's conversational unpaired format
+            problems.append(where("prompt", "a conversational completion (chat messages) needs a chat prompt (a list "
+                                            "of messages), got text"))
         label = row.get("label")
         if label is None:
             problems.append(where("label", "missing field"))
@@ -455,11 +460,12 @@ class KTOTrainer:
         if cfg.auto_annotator_weights:
             from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
 
-            auto = annotator_weights(agreement_stats(agreement_records(list(train_records), cfg.score_threshold)))
+            auto = annotator_weights(agreement_stats(comparable_pairs(agreement_records(list(train_records),
+                                                                                       cfg.score_threshold))))
             self.weights = {**auto, **self.weights}  # explicit weights win
         train_records = to_binary(list(train_records), cfg.score_threshold)
         eval_records = to_binary(list(eval_records or []), cfg.score_threshold)
-        texts = [str(r.prompt) + " " + r.completion for r in train_records[:4000]]
+        texts = [str(r.prompt) + " " + response_text(r.completion) for r in train_records[:4000]]
         model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
                                                                                self.device)
 
@@ -510,15 +516,20 @@ class KTOTrainer:
         :func:`dpo.encode_pair` encodes and truncates it, its annotator's weight w_i, and the
         whole completion (+ eos) for the KL row another prompt borrows."""
         items, dropped = [], 0
-        for r in records:
-            enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
+        for i, r in enumerate(records):
+            try:
+                enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
+            except ValueError as e:  # a conversational completion the chat template cannot split
+                raise ValueError(f"example {i}: {e}") from None
             if enc is None:
                 dropped += 1
                 continue
             w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
             it = {"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "weight": float(w)}
             if self.kl_rows:
-                it["full"] = response_ids(self.tokenizer, r.completion)
+                # whole, for the KL row another prompt borrows (a conversation's turns as its own prompt renders them)
+                it["full"] = (response_ids(self.tokenizer, r.completion) if isinstance(r.completion, str)
+                              else completion_tokens(self.tokenizer, r.prompt, r.completion)[1][0])
             items.append(it)
         return items, dropped
 

@@ -143,11 +143,12 @@ def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0
     return out
 
 
-def _encode(tokenizer, prompt: Any, response: str, max_len: int) -> List[int]:
+def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
     from rlhf_fast.feedback.formats import reward_input_ids
 
     # prompt (a chat template writes its own special tokens, plain text gets the tokenizer's),
-    # response, eos; the end kept: the score is read at the last token
+    # response (chat messages: the template's turns after the prompt), eos; the end kept: the
+    # score is read at the last token
     return reward_input_ids(tokenizer, prompt, response, max_len)
 
 
@@ -196,7 +197,7 @@ class RewardTrainer:
     """Trains a scalar reward model (AutoModelForSequenceClassification, one label)."""
 
     def __init__(self, cfg: RewardConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
-        from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
+        from rlhf_fast.feedback.formats import comparable_pairs, load_records, rankings_to_pairs
 
         if not isinstance(cfg, RewardConfig):
             raise TypeError(f"cfg must be a RewardConfig, got {type(cfg).__name__}")
@@ -233,7 +234,7 @@ class RewardTrainer:
         if cfg.auto_annotator_weights and kind == "pairs":
             from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
 
-            auto = annotator_weights(agreement_stats(train_records))
+            auto = annotator_weights(agreement_stats(comparable_pairs(train_records)))
             self.weights = {**auto, **self.weights}  # explicit weights win
         if model is None:
             texts = []

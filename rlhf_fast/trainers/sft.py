@@ -12,7 +12,9 @@ tokens too. Conversational records ``{"messages": [...]}`` (TRL's "conversationa
 modeling" format) are rendered whole by the tokenizer's chat template and train on every token,
 or with ``assistant_only_loss: true`` on the assistant turns alone: each turn's content and the
 template's end of turn, not its role header (:mod:`rlhf_fast.trainers.sft_data`, which works
-with any prefix-stable template). ``loss_type: dft`` is TRL's Dynamic Fine-Tuning: each token's
+with any prefix-stable template). Text records ``{"text": ...}`` (TRL's language-modeling
+format, its ``dataset_text_field`` "text") train on every token, eos appended; a file holds
+them alone (:func:`tokenize_sft`). ``loss_type: dft`` is TRL's Dynamic Fine-Tuning: each token's
 NLL weighted by its detached probability, with the same global-token normalisation (the eval
 loss stays the NLL). ``num_train_epochs`` sets ``max_steps`` from the training rows
 (:func:`rlhf_fast.trainers.common.steps_for_epochs`); ``disable_dropout`` turns dropout off.
@@ -154,13 +156,36 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     prompt and the first completion tokens; a completion cut short loses its eos (unlike
     OpenRLHF, which overwrites the last token with eos). For a chat prompt the completion
     is plain text followed by eos, not re-rendered by the template, so an end-of-turn
-    marker that differs from eos is not trained."""
-    from rlhf_fast.feedback.formats import ChatRecord, render_prompt
+    marker that differs from eos is not trained.
+
+    A :class:`~rlhf_fast.feedback.formats.TextRecord` (``{"text"}``, TRL's language-modeling
+    format, ``dataset_text_field`` "text") trains every token: the text with the tokenizer's
+    special tokens (e.g. bos), one eos appended unless it already ends with one, cut to its
+    first ``max_len`` tokens, dropped when fewer than 2 tokens are left (TRL's SFTTrainer rows
+    for a ``text`` dataset). Text records cannot be mixed with the other kinds (ValueError):
+    TRL reads one format per dataset."""
+    from rlhf_fast.feedback.formats import ChatRecord, TextRecord, render_prompt
 
     from .sft_data import chat_tokens
 
+    n_text = sum(isinstance(r, TextRecord) for r in records)
+    if 0 < n_text < len(records):
+        first = next(i for i, r in enumerate(records) if isinstance(r, TextRecord) != isinstance(records[0], TextRecord))
+        raise ValueError(f"sft records mix {{'text'}} records ({n_text}) with prompt/completion or messages records "
+                         f"({len(records) - n_text}), first at record {first}: use one format per dataset")
     rows, dropped = [], 0
     for r in records:
+        if isinstance(r, TextRecord):
+            ids = list(tokenizer(r.text)["input_ids"])  # the tokenizer's special tokens, as TRL's text rows
+            eos = tokenizer.eos_token_id
+            if eos is not None and not (ids and ids[-1] == eos):
+                ids.append(eos)
+            ids = ids[:max_len]
+            if len(ids) < 2:  # position 0 is never predicted: nothing would train
+                dropped += 1
+                continue
+            rows.append({"input_ids": ids, "response_mask": [1] * len(ids)})
+            continue
         if isinstance(r, ChatRecord):
             ids, mask = chat_tokens(tokenizer, r.messages, assistant_only=assistant_only_loss)
             ids, mask = ids[:max_len], mask[:max_len]
@@ -193,10 +218,12 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
 def record_text(r: Any) -> str:
     """The text of an SFT record (prompt and completion, or every message), for training a
     ``tiny:`` model's tokenizer on the data."""
-    from rlhf_fast.feedback.formats import ChatRecord
+    from rlhf_fast.feedback.formats import ChatRecord, TextRecord
 
     if isinstance(r, ChatRecord):
         return " ".join(m["content"] for m in r.messages)
+    if isinstance(r, TextRecord):
+        return r.text
     return str(r.prompt) + " " + r.completion
 
 

@@ -1,5 +1,6 @@
 """SFT token rows for conversations: ``{"messages": [...]}`` rendered with the tokenizer's chat
-template, and the mask of the tokens that train.
+template, and the mask of the tokens that train; and the tokens of conversational responses
+(preference pairs, KTO completions) after their prompt, by the same rule (:func:`completion_tokens`).
 
 The mask works with any chat template, with or without ``{% generation %}`` markers: the
 conversation's prefixes are rendered message by message and their token ids compared. Assistant
@@ -21,6 +22,7 @@ training on a misaligned mask.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Sequence, Tuple
 
 
@@ -81,4 +83,40 @@ def chat_tokens(tokenizer, messages: Sequence[Dict[str, Any]], *, assistant_only
     return full, mask
 
 
-__all__ = ["chat_tokens", "check_chat_template"]
+_warned_split = False
+
+
+def completion_tokens(tokenizer, prompt: Sequence[Dict[str, Any]], *completions: Sequence[Dict[str, Any]]
+                      ) -> Tuple[List[int], List[List[int]]]:
+    """``(prompt ids, [completion ids, ...])`` of a chat prompt and one or more completions (lists
+    of messages: a pair's chosen and rejected, a KTO completion), int lists. The rule of an
+    assistant turn's mask in :func:`chat_tokens`: the prompt rendered with the generation prompt,
+    then what the template writes for the completion's turns after it — content and end of turn
+    (no eos is added), so the model learns to end its turn; prompt + completion ids are exactly
+    ``apply_chat_template(prompt + completion, tokenize=True)``. Where the rendered prompt is not
+    a token prefix of a rendered prompt + completion (a template that renders the prompt alone
+    differently, or a token merging across the boundary, e.g. "assistant: " + "hi" → " hi"), the
+    prompt is cut to the tokens all of them share and each completion starts there, with a
+    warning — TRL's DPO / KTO ``common_prefix_length`` rule, so the ids equal TRL's for any
+    template (the sft mask refuses such templates instead: it has no prompt to cut)."""
+    global _warned_split
+    check_chat_template(tokenizer)
+    if isinstance(prompt, str):
+        raise ValueError("conversational completions (chat messages) need a chat prompt (a list of messages), got text")
+    head = _render_ids(tokenizer, prompt, add_generation_prompt=True)
+    fulls = [_render_ids(tokenizer, list(prompt) + list(c), add_generation_prompt=False) for c in completions]
+    n = len(head)
+    for full in fulls:
+        k = 0
+        while k < min(n, len(full)) and head[k] == full[k]:
+            k += 1
+        n = k
+    if n < len(head) and not _warned_split:
+        _warned_split = True
+        warnings.warn(f"the chat template's prompt is not a token prefix of prompt + completion "
+                      f"({_divergence(tokenizer, head, fulls[0])}): the completion starts where they part and the "
+                      f"prompt's last {len(head) - n} token(s) are left out, as TRL does (shown once)", stacklevel=2)
+    return head[:n], [full[n:] for full in fulls]
+
+
+__all__ = ["chat_tokens", "check_chat_template", "completion_tokens"]

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from rlhf_fast.algorithms.rule_rewards import ascending_digits, letter_a_fraction
@@ -227,3 +226,24 @@ def test_model_folders_are_checked_naming_the_key(tmp_path, capsys):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err) and re.search("^rlhf-fast grpo: error: " + msg, err[-1]), err
+
+
+def test_grpo_cli_evaluates_during_training(tmp_path):
+    """``--eval_every`` with a held-out fraction, two answers per prompt and TRL's
+    ``vllm_importance_sampling_clip_min`` as ``--ppo.is_cap_min``: eval/* at steps 2 and 3 (the
+    last), is_weight/min / max at every step, all saved in config.yaml."""
+    run = str(tmp_path / "run")
+    cfg = _small(tmp_path)
+    assert main(["grpo", cfg, "--output_dir", run, "--eval_every", "2", "--data.eval_fraction", "0.25",
+                 "--eval.group_size", "2", "--eval.temperature", "0.7", "--ppo.is_cap", "2.0",
+                 "--ppo.is_cap_min", "0.5", "--ppo.is_mode", "token_mask"]) == 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(ln) for ln in f]
+    assert [r["step"] for r in rows if "eval/reward/total" in r] == [2, 3]
+    assert all("eval/reward/letter_a_fraction" in r and "eval/reward_std" in r for r in rows if r["step"] >= 2)
+    assert all(0.5 <= r["is_weight/min"] <= r["is_weight/max"] <= 2.0 or r["is_weight/min"] == 0.0 for r in rows)
+    with open(os.path.join(run, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert saved["eval_every"] == 2 and saved["data"]["eval_fraction"] == 0.25
+    assert saved["eval"] == {"group_size": 2, "temperature": 0.7, "max_prompts": None}
+    assert saved["ppo"]["is_cap_min"] == 0.5

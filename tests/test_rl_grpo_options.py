@@ -321,8 +321,10 @@ def trl_is_ratio(old_per_token_logps, sampling_per_token_logps, mask, mode, clip
     return ratio
 
 
+@pytest.mark.parametrize("clip_min", [None, 0.4])
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
-def test_is_modes_are_trls(mode):
+def test_is_modes_are_trls(mode, clip_min):
+    """``ppo.is_cap`` / ``ppo.is_cap_min`` are TRL's vllm_importance_sampling_clip_max / _min."""
     g = torch.Generator().manual_seed(1)
     rm = torch.rand(6, 9, generator=g) > 0.3
     rm[:, 0] = False
@@ -331,16 +333,22 @@ def test_is_modes_are_trls(mode):
     beh[0, 1:4] = old[0, 1:4] - 30.0  # an overflowing sequence weight (inf in TRL too)
     beh[~rm] = 5.0
     cap = 1.6
-    stub = type("Stub", (), {"config": RLConfig(ppo=PPOConfig(is_cap=cap, is_mode=mode))})()
+    stub = type("Stub", (), {"config": RLConfig(ppo=PPOConfig(is_cap=cap, is_mode=mode, is_cap_min=clip_min))})()
     w, masked = RLTrainer._is_weights(stub, old, beh, rm)
-    want = trl_is_ratio(old, beh, rm.float(), mode, cap).expand(6, 9) * rm
+    want = trl_is_ratio(old, beh, rm.float(), mode, cap, clip_min).expand(6, 9) * rm
     torch.testing.assert_close(w, want, rtol=1e-6, atol=0)
     assert (w[~rm] == 0).all()
+    raw = trl_is_ratio(old, beh, rm.float(), mode.replace("truncate", "mask"), None)  # (no bound: unmasked)
+    below = rm & (raw.expand(6, 9) < 0.4)
+    assert below.any()  # the lower bound has weights to act on
     if mode.endswith("mask"):
         assert torch.equal(masked, rm & (want == 0))
         assert 0 < int(masked.sum()) < int(rm.sum())
+        assert (w[below] == 0).all() == (clip_min is not None)
     else:
         assert masked is None and float(w.max()) == pytest.approx(cap)
+        if clip_min is not None:
+            assert float(w[rm].min()) == pytest.approx(clip_min)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -414,6 +422,8 @@ def test_trainer_is_modes(tmp_path, mode):
     tr2 = _trainer(tmp_path / "b", rewards=(n_chars,), ppo=PPOConfig(mini_batch_size=8, micro_batch_size=8))
     plain, _ = tr2.rollout()
     torch.testing.assert_close(data.advantages, plain.advantages * w)
+    rm = data.response_mask
+    assert (m["is_weight/min"], m["is_weight/max"]) == (float(w[rm].min()), float(w[rm].max()))
     if mode.endswith("mask"):
         assert 0 < m["is_weight/masked_frac"] < 1
         if mode == "sequence_mask":  # whole answers
@@ -421,6 +431,26 @@ def test_trainer_is_modes(tmp_path, mode):
             assert torch.equal(masked[rows], data.response_mask[rows])
     else:
         assert "is_weight/masked_frac" not in m and m["is_weight/mean"] <= 1.0
+
+
+def test_global_is_weight_min_max():
+    """Under several ranks ``is_weight/min`` / ``max`` come from one max all-reduce (of −min and
+    max): with the reductions of one rank they are the local masked extremes."""
+    from rlhf_fast.distributed import DistContext
+
+    g = torch.Generator().manual_seed(3)
+    rm = torch.rand(4, 6, generator=g) > 0.4
+    rm[:, 0] = False
+    w = (torch.rand(4, 6, generator=g) * 3) * rm
+    w[~rm] = 7.0  # outside the response: must not count
+    z = torch.zeros(4, 6)
+    stub = type("Stub", (), {"ctx": DistContext(), "device": torch.device("cpu"), "critic": None})()
+    out = RLTrainer._global_rollout_metrics(stub, {}, torch.ones(4), torch.ones(4), z, rm, z, z, z, z, None, w,
+                                            torch.zeros(4, dtype=torch.bool))
+    assert (out["is_weight/min"], out["is_weight/max"]) == (float(w[rm].min()), float(w[rm].max()))
+    out = RLTrainer._global_rollout_metrics(stub, {}, torch.ones(4), torch.ones(4), z, rm, z, z, z, z, None, None,
+                                            torch.zeros(4, dtype=torch.bool))
+    assert not any(k.startswith("is_weight") for k in out)
 
 
 def test_trainer_vespo_takes_the_weights_in_the_loss(tmp_path):

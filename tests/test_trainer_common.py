@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from rlhf_fast.trainers.common import check_training_schedule, disable_dropout, steps_for_epochs
+from rlhf_fast.trainers.common import check_training_schedule, disable_dropout, steps_for_epochs, supervised_scheduler
 from rlhf_fast.distributed import DistributedConfig
 
 
@@ -30,6 +30,7 @@ class _Cfg:
     weight_decay: float = 0.0
     seed: int = 0
     lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
     gradient_checkpointing: bool = False
     num_train_epochs: Optional[float] = None
     disable_dropout: bool = True
@@ -93,3 +94,59 @@ def test_disable_dropout_makes_training_forwards_deterministic():
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert disable_dropout(model) == 0
+
+
+def _lrs(scheduler, steps):
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_min_lr_ratio_is_transformers_cosine_with_min_lr():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    cfg = _Cfg(max_steps=20, warmup_steps=0, min_lr_ratio=0.1)
+    check_training_schedule(cfg)
+    ours = supervised_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), cfg)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), 0, 20, min_lr_rate=0.1)
+    a, b = _lrs(ours, 21), _lrs(theirs, 21)
+    assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
+    assert a[-1] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "0.1"])
+def test_min_lr_ratio_is_checked(bad):
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        check_training_schedule(_Cfg(min_lr_ratio=bad))
+
+
+@pytest.mark.parametrize("module,cls", [("sft", "SFTConfig"), ("reward", "RewardConfig"), ("dpo", "DPOConfig"),
+                                        ("kto", "KTOConfig")])
+def test_every_offline_config_takes_min_lr_ratio(module, cls):
+    import importlib
+
+    from rlhf_fast.trainers.config import load_config
+
+    config_cls = getattr(importlib.import_module(f"rlhf_fast.trainers.{module}"), cls)
+    assert load_config(config_cls, None, ["--min_lr_ratio", "0.1"]).min_lr_ratio == 0.1
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        load_config(config_cls, None, ["--min_lr_ratio", "2"])
+
+
+def test_rl_optim_min_lr_ratio(tmp_path):
+    from rlhf_fast.trainers.rl import RLTrainer
+    from rlhf_fast.trainers.rl_config import OptimConfig
+    from tests.test_rl_learning import PROMPTS, make_config, make_policy
+
+    cfg = make_config(tmp_path, "gae", steps=2, optim=OptimConfig(lr=1e-3, critic_lr=1e-2, schedule="cosine",
+                                                                   min_lr_ratio=0.25))
+    tr = RLTrainer(cfg, *make_policy(), reward_fns=[lambda p, c: [0.0] * len(c)], prompts=PROMPTS)
+    total = 2 * cfg.ppo.epochs * (cfg.batch_size // cfg.ppo.mini_batch_size)
+    for sched in (tr.scheduler, tr.critic_scheduler):
+        assert sched.lr_lambdas[0](0) == 1.0 and sched.lr_lambdas[0](total) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="optim.min_lr_ratio"):
+        OptimConfig(min_lr_ratio=-1)

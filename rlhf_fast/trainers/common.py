@@ -79,6 +79,14 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of an SFT / reward / DPO / KTO config: ``warmup_steps``, then
+    ``lr_schedule`` decay over ``max_steps`` down to ``min_lr_ratio`` × lr (TRL's
+    ``cosine_with_min_lr`` with ``lr_scheduler_kwargs={"min_lr_rate": ...}``; 0: to zero)."""
+    return make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, kind=cfg.lr_schedule,
+                          min_ratio=cfg.min_lr_ratio)
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.detach().float().item() if v.numel() == 1 else v.detach().cpu().tolist()
@@ -322,6 +330,9 @@ def check_training_schedule(cfg) -> None:
     check_seed("seed", cfg.seed)
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
+    r = cfg.min_lr_ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+        raise ValueError(f"min_lr_ratio must be a number in [0, 1] (the final LR over lr), got {r!r}")
     if not isinstance(cfg.gradient_checkpointing, bool):
         raise ValueError(f"gradient_checkpointing must be true or false, got {cfg.gradient_checkpointing!r}")
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):

@@ -106,7 +106,7 @@ from rlhf_fast.feedback.formats import _shown, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, make_adamw, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     disable_dropout, make_adamw, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
 from .preference_losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
@@ -143,6 +143,7 @@ class DPOConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
@@ -803,8 +804,7 @@ class DPOTrainer:
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # num_train_epochs: max_steps before the LR schedule
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
-                                        kind=cfg.lr_schedule)
+        self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
     # -------------------------------------------------------------- data

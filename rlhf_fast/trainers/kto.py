@@ -90,7 +90,7 @@ from rlhf_fast.distributed import DistributedConfig, wrap_model
 from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, make_adamw, make_scheduler, open_supervised_run,
+from .common import (add_config_arguments, autocast_context, make_adamw, supervised_scheduler, open_supervised_run,
                      require_records, run_trainer_cli, seed_everything, steps_for_epochs)
 from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
                   maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
@@ -130,6 +130,7 @@ class KTOConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
@@ -505,8 +506,7 @@ class KTOTrainer:
         # num_train_epochs: max_steps before the LR schedule; one step batch (batch_size × grad_accum) a step
         steps_for_epochs(cfg, len(self.train_items), batch=self.step_size, batches_per_step=1)
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
-                                        kind=cfg.lr_schedule)
+        self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
     # -------------------------------------------------------------- data

@@ -47,7 +47,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, make_adamw, load_causal_lm, make_scheduler, open_supervised_run, require_records,
+                     disable_dropout, make_adamw, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
@@ -80,6 +80,7 @@ class RewardConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
@@ -269,8 +270,7 @@ class RewardTrainer:
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # before the scheduler, whose decay spans max_steps
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
-                                        kind=cfg.lr_schedule)
+        self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
     def _encode_record(self, r) -> Dict[str, Any]:

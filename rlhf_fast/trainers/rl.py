@@ -23,8 +23,11 @@ TRPO-style line search, early stop on approx KL, the adaptive entropy coefficien
 (``ppo.use_adaptive_entropy``, checkpointed) → KL controller update. TRL GRPO's
 ``scale_rewards`` and GDPO's ``normalize_then_sum`` act in the advantages, its
 ``vllm_importance_sampling_mode`` (``ppo.is_mode``) on the rollout's importance weights.
-A run folder holds config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events and atomic
-checkpoints from which ``resume`` continues exactly.
+``ppo.is_cap_min`` is its ``vllm_importance_sampling_clip_min``. Every ``eval_every`` steps
+(and after the last) :meth:`RLTrainer.evaluate` answers held-out prompts with the current
+policy (greedy by default, seeded per answer) and logs ``eval/*``, leaving training as it
+would have been without it. A run folder holds config.yaml, metrics.jsonl, samples.jsonl,
+TensorBoard events and atomic checkpoints from which ``resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -248,6 +251,64 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return (x * 0xD6E8FEB86659FD93 % (2**64)) >> 1
 
 
+def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """(min, max) floats of ``x`` ``[B, L]`` where ``mask`` ``[B, L]`` bool; (inf, -inf) with
+    no token, the neutral values of a min / max reduction over ranks."""
+    v = x[mask]
+    if v.numel() == 0:
+        return float("inf"), float("-inf")
+    return float(v.min()), float(v.max())
+
+
+# the evaluation's answers are seeded by their index past every training rollout's indices
+_EVAL_INDEX = 2**40
+
+
+@contextlib.contextmanager
+def _random_states_kept(device: torch.device):
+    """Restores the torch (CPU and ``device``'s CUDA), ``random`` and numpy random states on
+    exit: what runs inside (an evaluation's reward functions) leaves training's streams as
+    they were."""
+    import random
+
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        np = None
+    py = random.getstate()
+    npst = np.random.get_state() if np is not None else None
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            if np is not None:
+                np.random.set_state(npst)
+
+
+def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
+    """``{name: (sum, count)}`` of one evaluation batch (``out``: its RewardOutput, ``rm``
+    ``[B, L]`` bool its response mask, rows grouped by prompt): the valid rows' total
+    rewards, each source's finite values, the response lengths and, for ``group_size`` > 1,
+    the unbiased std of the totals of each group whose answers are all valid. Sums over ranks
+    and calls give the means of :meth:`RLTrainer.evaluate`."""
+    d = lambda t: float(t.double().sum())  # noqa: E731
+    total = out.total.double()
+    ok = out.valid.bool() & torch.isfinite(total)
+    res = {"reward/total": (d(total[ok]), float(ok.sum())),
+           "response_length": (d(rm.sum(1)), float(rm.shape[0]))}
+    for name, v in out.per_source.items():
+        fin = torch.isfinite(v)
+        res[f"reward/{name}"] = (d(v[fin]), float(fin.sum()))
+    if group_size > 1:
+        groups = ok.view(-1, group_size).all(dim=1)
+        std = total.view(-1, group_size)[groups].std(dim=1)
+        res["reward_std"] = (d(std), float(groups.sum()))
+    return res
+
+
 def _token_normalizer(mask: torch.Tensor, agg: str, max_new_tokens: int):
     """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once.
 
@@ -338,6 +399,9 @@ class RLTrainer:
     critic / engine: override the frozen reference, the ValueModel or the RolloutEngine (a
     critic maps ``(input_ids, attention_mask)`` to ``[B, L]`` values of the state after reading
     each token, as ValueModel does; the trainer shifts them by one, see :func:`critic_values`).
+    eval_prompts: the evaluation prompts (texts, chats or records, as ``prompts``) in place of
+    ``config.data``'s eval_prompts / eval_prompts_file / eval_fraction, for ``eval_every`` and
+    :meth:`evaluate`.
     """
 
     def __init__(
@@ -354,6 +418,7 @@ class RLTrainer:
         reference=None,
         critic=None,
         engine=None,
+        eval_prompts: Optional[Sequence] = None,
     ):
         from rlhf_fast.trainers.common import seed_everything
 
@@ -439,8 +504,15 @@ class RLTrainer:
             raise ValueError("prompts must be a non-empty list (texts, chats, or records with a prompt field)")
         from rlhf_fast.feedback.formats import render_prompt
 
+        records, eval_records = self._eval_split(records, eval_prompts)
         self.prompts = [render_prompt(p, tokenizer) for p, _ in records]
         self.prompt_fields = [f for _, f in records]
+        # evaluation during training (eval_every): the prompts rendered alike, and their fields
+        self.eval_prompts = [render_prompt(p, tokenizer) for p, _ in eval_records]
+        self.eval_fields = [f for _, f in eval_records]
+        if cfg.eval_every and not self.eval_prompts:
+            raise ValueError(f"eval_every ({cfg.eval_every}) needs evaluation prompts: set data.eval_prompts, "
+                             "data.eval_prompts_file or data.eval_fraction (or pass eval_prompts=[...])")
         if self.ctx.distributed:
             # DDP: after the engine took the bare policy, so generation needs no gradient sync.
             # FSDP2 shards the engine's policy in place; the engine gathers it for each generate.
@@ -470,7 +542,8 @@ class RLTrainer:
                                                cfg.optim.weight_decay)
 
         total = cfg.steps * cfg.ppo.epochs * max(1, cfg.batch_size // cfg.ppo.mini_batch_size)
-        kw = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=max(1, total), kind=cfg.optim.schedule)
+        kw = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=max(1, total), kind=cfg.optim.schedule,
+                  min_ratio=cfg.optim.min_lr_ratio)
         self.scheduler = make_scheduler(self.optimizer, **kw)
         self.critic_scheduler = make_scheduler(self.critic_optimizer, **kw) if self.critic_optimizer else None
         self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
@@ -562,6 +635,96 @@ class RLTrainer:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
                              "or reward.reward_model in the config")
         return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward)
+
+    def _eval_split(self, records: list, eval_prompts: Optional[Sequence]) -> tuple:
+        """(training records, evaluation records) — each ``(prompt, fields)`` — from the
+        training ``records`` and the one source of evaluation prompts: ``eval_prompts`` (the
+        Python API), ``data.eval_prompts``, ``data.eval_prompts_file``, or ``data.eval_fraction``
+        (held out of ``records`` by a permutation seeded with the run's seed alone); the first
+        ``eval.max_prompts`` of them."""
+        cfg, d = self.config, self.config.data
+        src = d.eval_source()
+        if eval_prompts is not None:
+            if src is not None:
+                raise ValueError(f"eval_prompts=[...] and {src} are both given; give one source of evaluation prompts")
+            ev = [prompt_record(p, d.prompt_key, f"eval_prompts[{i}]") for i, p in enumerate(eval_prompts)]
+            if not ev:
+                raise ValueError("eval_prompts must be a non-empty list (texts, chats, or records with a prompt field)")
+        elif src == "data.eval_prompts":
+            ev = [prompt_record(p, d.prompt_key, f"data.eval_prompts[{i}]") for i, p in enumerate(d.eval_prompts)]
+        elif src == "data.eval_prompts_file":
+            ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key")
+        elif src == "data.eval_fraction":
+            n = len(records)
+            k = max(1, round(d.eval_fraction * n))
+            if k >= n:
+                raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts: at least "
+                                 f"one must remain for training")
+            # its own stream (not the shuffle's): the split is a function of the seed and the prompts
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_999_937)
+            held = set(torch.randperm(n, generator=g)[:k].tolist())
+            ev = [r for i, r in enumerate(records) if i in held]
+            records = [r for i, r in enumerate(records) if i not in held]
+        else:
+            ev = []
+        if cfg.eval.max_prompts is not None:
+            ev = ev[:cfg.eval.max_prompts]
+        return records, ev
+
+    def _eval_due(self) -> bool:
+        """Whether the step just finished (``global_step``) evaluates: every ``eval_every``
+        steps and after the last one."""
+        e = self.config.eval_every
+        return bool(e and self.eval_prompts) and (self.global_step % e == 0 or self.global_step == self.config.steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Evaluate the current policy on the evaluation prompts: each answered
+        ``eval.group_size`` times by the rollout engine (the rollout's length, stop strings,
+        filters and penalties, ``eval.temperature``; answer k of prompt i seeded from (seed,
+        step, i·group_size + k), so no rank count changes it), scored by the run's reward
+        sources. Returns floats ``eval/reward/total``, ``eval/reward/<source>``,
+        ``eval/response_length`` and, for group_size > 1, ``eval/reward_std`` (see
+        :class:`~rlhf_fast.trainers.rl_config.RLConfig`), over every rank's share of the prompts.
+        Training is untouched: no gradient, no data position, and the torch / random / numpy
+        random states are restored afterwards (a reward function may draw from them)."""
+        from rlhf_fast.rollout import SamplingParams
+        from rlhf_fast.trainers.sft import local_span
+
+        cfg, ro, G = self.config, self.config.rollout, self.config.eval.group_size
+        if not self.eval_prompts:
+            raise ValueError("no evaluation prompts: set data.eval_prompts, data.eval_prompts_file or "
+                             "data.eval_fraction (or pass eval_prompts=[...])")
+        n, W = len(self.eval_prompts), self.ctx.world_size
+        lo, hi = local_span(n, self.ctx) if self.ctx.distributed else (0, n)
+        # prompts per generate call: a rank's rows of a training rollout (its memory), and the
+        # same number of calls on every rank (FSDP2 gathers the weights in each)
+        per_call = max(1, cfg.batch_size // (W * G))
+        calls = max(1, -(-(-(-n // W)) // per_call))
+        sums: Dict[str, List[float]] = {}
+        with _random_states_kept(self.device):
+            for c in range(calls):
+                idx = list(range(lo + c * per_call, min(hi, lo + (c + 1) * per_call)))
+                real = bool(idx)
+                if not real:  # this rank's share ran out: a call on prompt 0 whose results count nothing
+                    idx = [0]
+                seeds = [_sample_seed(cfg.seed, self.global_step, _EVAL_INDEX + i * G + k) for i in idx for k in range(G)]
+                params = SamplingParams(temperature=self.config.eval.temperature, top_k=ro.top_k, top_p=ro.top_p,
+                                        min_p=ro.min_p, max_new_tokens=ro.max_new_tokens, n=G,
+                                        stop_strings=tuple(ro.stop_strings), **ro.penalties(), sample_seeds=seeds)
+                batch = self.engine.generate([self.eval_prompts[i] for i in idx], params)
+                out = self._score(batch, [self.eval_fields[i] for i in idx])
+                for k, (v, cnt) in _eval_sums(out, self._batch_masks(batch)[2], G).items():
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    if real:
+                        acc[0] += v
+                        acc[1] += cnt
+        keys = sorted(sums)
+        vec = torch.tensor([x for k in keys for x in sums[k]], dtype=torch.float64)
+        if self.ctx.distributed:
+            vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu()
+        vec = vec.view(-1, 2)
+        return {f"eval/{k}": (float(v[0] / v[1]) if v[1] > 0 else float("nan")) for k, v in zip(keys, vec)}
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation
@@ -680,6 +843,8 @@ class RLTrainer:
             # importance sampling: the rollout came from the behaviour distribution
             w, is_masked = self._is_weights(old_logp, beh, rm)
             m["is_weight/mean"] = float(ops.masked_mean(w, rm))
+            # over the response tokens after the bound, masked zeros included (TRL's min / max)
+            m["is_weight/min"], m["is_weight/max"] = _masked_min_max(w, rm)
             if is_masked is not None:
                 m["is_weight/masked_frac"] = float(ops.masked_mean(is_masked.float(), rm))
             if cfg.ppo.policy_loss == "vespo":  # its sequence weight takes them (TRL): not in the advantages
@@ -729,20 +894,23 @@ class RLTrainer:
     def _is_weights(self, old_logp: torch.Tensor, beh: torch.Tensor, rm: torch.Tensor):
         """``ppo.is_cap`` / ``ppo.is_mode``: the importance weights ``[B, L]`` float32 (0 outside
         ``rm``) of the recomputed old policy over the sampler, r = exp(old_logp − beh) per token,
-        or per answer exp(Σ_t (old_logp − beh)) on every token of it, then truncated (min(r,
-        is_cap)) or masked (0 where r > is_cap), as TRL's ``vllm_importance_sampling_mode``; and
+        or per answer exp(Σ_t (old_logp − beh)) on every token of it, then truncated (clamped to
+        [is_cap_min, is_cap]) or masked (0 where r > is_cap or r < is_cap_min), as TRL's
+        ``vllm_importance_sampling_mode`` with its clip_max / clip_min; and
         the mask modes' ``[B, L]`` bool of the zeroed tokens (None for the truncate modes)."""
         p = self.config.ppo
-        cap = p.is_cap
-        if p.is_mode == "token_truncate":  # (the original expression, bit for bit)
+        cap, lo = p.is_cap, p.is_cap_min
+        if p.is_mode == "token_truncate" and lo is None:  # (the original expression, bit for bit)
             return torch.exp(torch.clamp(old_logp - beh, -20, 20)).clamp(max=cap) * rm, None
         if p.is_mode.startswith("token"):
             r = torch.exp(torch.clamp(old_logp - beh, -20, 20))
         else:  # no clamp: an overflow to inf is truncated to the cap or masked, as TRL's
             r = torch.exp(((old_logp - beh) * rm).sum(dim=1, keepdim=True)).expand_as(old_logp)
         if p.is_mode.endswith("truncate"):
-            return r.clamp(max=cap) * rm, None
+            return r.clamp(min=lo, max=cap) * rm, None
         out = rm & (r > cap)
+        if lo is not None:
+            out = out | (rm & (r < lo))
         return torch.where(out, torch.zeros_like(r), r) * rm, out
 
     def _generate(self, rnd: int):
@@ -919,12 +1087,15 @@ class RLTrainer:
             out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
             for k in ("value/ret_sq", "value/err", "value/err_sq"):
                 out.pop(k)
-        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max()) if gap is not None else 0.0],
-                          dtype=torch.float64, device=self.device)
+        lo_hi = _masked_min_max(is_w, rm) if is_w is not None else (0.0, 0.0)
+        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max()) if gap is not None else 0.0,
+                           -lo_hi[0], lo_hi[1]], dtype=torch.float64, device=self.device)
         mx = self.ctx.all_reduce_max(mx).cpu()
         out["response_length/max"] = float(mx[0])
         if gap is not None:
             out["logprob_gap/max"] = float(mx[1])
+        if is_w is not None:
+            out["is_weight/min"], out["is_weight/max"] = -float(mx[2]), float(mx[3])
         return out
 
     @contextlib.contextmanager
@@ -1280,6 +1451,10 @@ class RLTrainer:
         if every and self.global_step % every == 0:
             self._sync_reference()
         m["time/step"] = time.perf_counter() - t0
+        if self._eval_due():  # after the step's update: the policy as trained so far
+            t2 = time.perf_counter()
+            m.update(self.evaluate())
+            m["time/eval"] = time.perf_counter() - t2
         if self._logger is not None:
             self._logger.log(self.global_step, m)
             self._write_samples()

@@ -104,14 +104,36 @@ class DataConfig:
     .jsonl / .parquet records whose ``prompt_key`` field is the prompt — text or a chat, a list
     of ``{role, content}`` messages rendered with the tokenizer's chat template — and whose
     other fields reach reward functions as keyword arguments). Shuffled each pass with the
-    run's seed."""
+    run's seed.
+
+    Evaluation prompts (for ``eval_every``; at most one source): ``eval_prompts`` inline,
+    ``eval_prompts_file`` (the format and ``prompt_key`` of ``prompts_file``), or
+    ``eval_fraction`` f in [0, 1): max(1, round(f·n)) of the n training prompts, picked by a
+    permutation seeded with the run's seed, are held out of training (never trained on) and
+    evaluated on. The split depends on nothing else, so turning ``eval_every`` on or off never
+    changes the training prompts."""
 
     prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_file: Optional[str] = None
     prompt_key: str = "prompt"
     shuffle: bool = True
+    eval_prompts: List[str] = field(default_factory=list)
+    eval_prompts_file: Optional[str] = None
+    eval_fraction: float = 0.0
+
+    def _eval_sources(self) -> List[str]:
+        return [k for k, on in (("data.eval_prompts", bool(self.eval_prompts)),
+                                ("data.eval_prompts_file", self.eval_prompts_file is not None),
+                                ("data.eval_fraction", self.eval_fraction != 0.0)) if on]
+
+    def eval_source(self) -> Optional[str]:
+        """The config key that gives the evaluation prompts (``data.eval_prompts``,
+        ``data.eval_prompts_file`` or ``data.eval_fraction``), or None when none is set."""
+        given = self._eval_sources()
+        return given[0] if given else None
 
     def __post_init__(self):
+        self._check_eval()
         if self.prompts_file is None and not self.prompts:
             raise ValueError("data.prompts must be a non-empty list of strings (or set data.prompts_file)")
         if not all(isinstance(p, str) for p in self.prompts):
@@ -122,6 +144,20 @@ class DataConfig:
         for i, p in enumerate(self.prompts):
             if not p:  # would fail only in the first rollout, as a prompt of no tokens
                 raise ValueError(f"data.prompts[{i}] must be a non-empty string, got {p!r}")
+
+    def _check_eval(self):
+        if not isinstance(self.eval_prompts, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in self.eval_prompts):
+            raise ValueError(f"data.eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
+        if self.eval_prompts_file is not None and (not isinstance(self.eval_prompts_file, str)
+                                                   or not self.eval_prompts_file):
+            raise ValueError(f"data.eval_prompts_file must be a file path, got {self.eval_prompts_file!r}")
+        f = self.eval_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise ValueError(f"data.eval_fraction must be a number in [0, 1) (0 = none held out), got {f!r}")
+        given = self._eval_sources()
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are both set; give one source of evaluation prompts")
 
 
 _PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "min_new_tokens")
@@ -212,6 +248,25 @@ class RolloutConfig:
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise ValueError(f"rollout.stop_strings[{i}] must be a non-empty string, got {stop!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (``eval_every``; TRL GRPOTrainer's ``eval_strategy: steps``):
+    the current policy answers each evaluation prompt ``group_size`` times (TRL's
+    ``num_generations_eval``) at ``temperature`` (0 = greedy, the default: evaluations are then
+    comparable step to step), with the rollout's engine, length, stop strings, filters and
+    penalties; ``max_prompts``: the first that many evaluation prompts (None = all)."""
+
+    group_size: int = 1
+    temperature: float = 0.0
+    max_prompts: Optional[int] = None
+
+    def __post_init__(self):
+        _pos("eval.group_size", self.group_size, integer=True)
+        _pos("eval.temperature", self.temperature, allow_zero=True)
+        if self.max_prompts is not None:
+            _pos("eval.max_prompts", self.max_prompts, integer=True)
 
 
 @dataclass
@@ -454,8 +509,12 @@ class PPOConfig:
     ``sequence_truncate`` / ``sequence_mask`` (the same with one weight per answer, exp of its
     summed log-ratios). The weight multiplies the advantages (so the policy term, not the KL or
     entropy terms, as TRL); under vespo it enters the sequence weight instead (token modes only,
-    as TRL). ``is_weight/mean`` and, for the mask modes, ``is_weight/masked_frac`` (share of
-    response tokens whose weight is 0) are logged.
+    as TRL). ``is_cap_min`` (None = no lower bound; TRL's ``vllm_importance_sampling_clip_min``,
+    needs ``is_cap``, below it): the truncate modes clamp the weight to [is_cap_min, is_cap],
+    the mask modes also zero the weights below it. ``is_weight/mean``, ``is_weight/min`` and
+    ``is_weight/max`` (over response tokens, after the bound; TRL's
+    ``sampling/importance_sampling_ratio/*``) and, for the mask modes, ``is_weight/masked_frac``
+    (share of response tokens whose weight is 0) are logged.
 
     ``use_adaptive_entropy`` (Skywork-OR1; TRL's option): ``entropy_coef`` is the initial
     coefficient, then after each optimizer step it moves by ``entropy_coef_delta`` within
@@ -494,6 +553,7 @@ class PPOConfig:
     trpo_backtrack_steps: int = 10
     trpo_backtrack_ratio: float = 0.5
     is_cap: Optional[float] = None
+    is_cap_min: Optional[float] = None
     old_logp: str = "recompute"
     importance_sampling_level: str = "token"
     policy_loss: str = "clip"
@@ -549,6 +609,12 @@ class PPOConfig:
             raise ValueError(f"ppo.trpo_backtrack_ratio must be in (0, 1), got {self.trpo_backtrack_ratio!r}")
         if self.is_cap is not None:
             _pos("ppo.is_cap", self.is_cap)
+        if self.is_cap_min is not None:
+            _pos("ppo.is_cap_min", self.is_cap_min, allow_zero=True)
+            if self.is_cap is None:
+                raise ValueError("ppo.is_cap_min is the lower bound of the importance weight: it needs ppo.is_cap set")
+            if not self.is_cap_min < self.is_cap:  # TRL's check of its clip_min / clip_max
+                raise ValueError(f"ppo.is_cap_min ({self.is_cap_min}) must be less than ppo.is_cap ({self.is_cap})")
         _choice("ppo.old_logp", self.old_logp, OLD_LOGP_SOURCES)
         _choice("ppo.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _choice("ppo.policy_loss", self.policy_loss, POLICY_LOSSES)
@@ -632,6 +698,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"
+    min_lr_ratio: float = 0.0  # linear / cosine decay ends at min_lr_ratio × the LR (TRL's min_lr_rate)
 
     def __post_init__(self):
         _pos("optim.lr", self.lr)
@@ -639,6 +706,9 @@ class OptimConfig:
         _pos("optim.weight_decay", self.weight_decay, allow_zero=True)
         _pos("optim.warmup_steps", self.warmup_steps, allow_zero=True, integer=True)
         _choice("optim.schedule", self.schedule, SCHEDULES)
+        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
+                or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}")
 
 
 @dataclass
@@ -651,7 +721,18 @@ class RLConfig:
     ``scale_rewards`` (TRL's GRPO option; estimator grpo): ``group`` (the default, None: each
     answer's s − group mean divided by its group's unbiased std + 1e-6), ``batch`` (divided by
     the unbiased std of every score of the step, over all ranks: PPO Lite) or ``none`` (not
-    divided: estimator dr_grpo, which takes only ``none``)."""
+    divided: estimator dr_grpo, which takes only ``none``).
+
+    ``eval_every`` (steps; 0 = off, the default): every that many steps, and after the last
+    step, the current policy answers the evaluation prompts (``data.eval_prompts`` /
+    ``eval_prompts_file`` / ``eval_fraction``, sampled as ``eval``) and the step's metrics gain
+    ``eval/reward/total`` (the mean total reward), ``eval/reward/<source>`` (each source's
+    mean), ``eval/response_length`` (mean tokens) and, for ``eval.group_size`` > 1,
+    ``eval/reward_std`` (the mean over prompts of the unbiased std of their answers' totals).
+    Under several ranks each takes its share of the prompts and the metrics are those of all of
+    them. Evaluation changes nothing of training: its samples are seeded per answer and the
+    random states are restored after it; it holds no state (a resumed run evaluates at the same
+    steps)."""
 
     estimator: str = "grpo"
     scale_rewards: Optional[str] = None
@@ -665,6 +746,7 @@ class RLConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     progress: bool = True
+    eval_every: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -673,9 +755,11 @@ class RLConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
+        _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
             _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
             if self.estimator not in ("grpo", "dr_grpo") or (self.estimator == "dr_grpo"

@@ -59,7 +59,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_lora_field,
-                     check_training_schedule, disable_dropout, load_causal_lm, make_adamw, make_scheduler,
+                     check_training_schedule, disable_dropout, load_causal_lm, make_adamw, supervised_scheduler,
                      open_supervised_run, require_records, resolve_device, run_trainer_cli, seed_everything,
                      steps_for_epochs, truncate_metrics)
 from .stop import StopOnSignal, TrainingStopped
@@ -86,6 +86,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
@@ -567,8 +568,7 @@ class SFTTrainer:
             self.run.write_config(cfg)  # config.yaml records the max_steps the epochs came to
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
         self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
-                                        kind=cfg.lr_schedule)
+        self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
     def _batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:

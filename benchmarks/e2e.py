@@ -82,7 +82,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -1254,6 +1254,30 @@ def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, re
                                note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
 
 
+def _step_table(cfg: E2EConfig, title: str, phases: tuple, sides: List[Tuple[str, str]], timeout_s: float,
+                repeats: int, *, what: str, timing: str = "", notes: Sequence[str] = ()) -> Table:
+    """The table every e2e comparison shares: ``title`` (the step and its data) followed by the
+    model's shape, where it ran and the repeats; a phase column per ``phases``; the rows of each
+    ``(algo, TRL side's name)`` in ``sides``; then the notes: ``what`` the step does, the timing
+    method (with ``timing`` appended), the memory method, and ``notes``."""
+    table = Table(
+        f"{title}, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {_where(cfg)}, "
+        f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
+        ["algo", "framework", *(f"{p}_s" for p in phases), "step_s", "tokens_per_s", "extra_peak", "extra_rss",
+         "note"],
+    )
+    for algo, trl_name in sides:
+        _add_algo_rows(table, algo, cfg, timeout_s, repeats, phases, trl_name)
+    table.notes += [what, "median over timed steps after one warm-up; each framework in a fresh subprocess" + timing,
+                    _memory_note(cfg), *notes]
+    return table
+
+
+# the tokens/s note of the pair tables (DPO, SimPO)
+_PAIR_TOKENS = ("; tokens/s = the step's non-padding tokens (prompt + response of every chosen and rejected row) ÷ "
+                "step time")
+
+
 @_with_tokenizer
 def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=RL_ALGOS) -> Table:
     """One configuration's RL table (``algos`` among PPO and GRPO): a row per (algo, framework)
@@ -1265,32 +1289,22 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
     algos = _check_algos(algos)
     if any(a not in RL_ALGOS for a in algos):
         raise ValueError(f"run_table runs {RL_ALGOS}; DPO has its own table (run_dpo_table), got {algos!r}")
-    where = _where(cfg)
-    table = Table(
-        f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, "
-        f"h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
-        f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
-        ["algo", "framework", "generate_s", "logprobs_s", "reward_adv_s", "update_s", "step_s", "tokens_per_s",
-         "extra_peak", "extra_rss", "note"],
-    )
-    for algo in algos:
-        _add_algo_rows(table, algo, cfg, timeout_s, repeats, PHASES, "TRL-equivalent (trl utils)")
-    table.notes += [
-        "phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
+    return _step_table(
+        cfg, f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens",
+        PHASES, [(algo, "TRL-equivalent (trl utils)") for algo in algos], timeout_s, repeats,
+        what="phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
-        "median over timed steps after one warm-up; each framework in a fresh subprocess",
-        _memory_note(cfg),
-        "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with TRL's "
-        "utilities and HF generate (see rlhf_fast/benchmarks/e2e.py); log-probs: "
-        f"PPO {'TRL 1.x fused LM head' if cfg.trl_fused_head('ppo') else 'selective_log_softmax'}, "
-        f"GRPO {'TRL 1.x fused LM head (add_fused_lm_head, entropy in the loss forward, as GRPOTrainer)' if cfg.trl_fused_head('grpo') else 'selective_log_softmax (TRL 1.x GRPOTrainer fuses the LM head, whose CPU fallback was slower and heavier here; trl_logprobs=fused_head)'} "
-        "on a logits_to_keep forward; fused AdamW with weight decay 0 (transformers' Trainer default) on both sides; "
-        "TRL's shortcuts kept (PPO: rollout log-probs from the generation scores; GRPO, one update per generation: "
-        "no old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
-        "goals (issue 10, not asserted): step time ratio >= 2 and extra_peak ratio >= 1.43 (30% less memory)",
-        "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
-    ]
-    return table
+        notes=[
+            "TRL side: TRL 1.x has no PPOTrainer; the step is TRL's GRPO / last-PPO algorithm written with TRL's "
+            "utilities and HF generate (see rlhf_fast/benchmarks/e2e.py); log-probs: "
+            f"PPO {'TRL 1.x fused LM head' if cfg.trl_fused_head('ppo') else 'selective_log_softmax'}, "
+            f"GRPO {'TRL 1.x fused LM head (add_fused_lm_head, entropy in the loss forward, as GRPOTrainer)' if cfg.trl_fused_head('grpo') else 'selective_log_softmax (TRL 1.x GRPOTrainer fuses the LM head, whose CPU fallback was slower and heavier here; trl_logprobs=fused_head)'} "
+            "on a logits_to_keep forward; fused AdamW with weight decay 0 (transformers' Trainer default) on both "
+            "sides; TRL's shortcuts kept (PPO: rollout log-probs from the generation scores; GRPO, one update per "
+            "generation: no old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
+            "goals (issue 10, not asserted): step time ratio >= 2 and extra_peak ratio >= 1.43 (30% less memory)",
+            "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
+        ])
 
 
 @_with_tokenizer
@@ -1298,39 +1312,31 @@ def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
     """One configuration's DPO table: TRL 1.16's ``DPOTrainer`` (:class:`TRLDPOStep`) and
     rlhf_fast's (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
     TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    where = _where(cfg)
-    table = Table(
-        f"one DPO step on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = {2 * cfg.dpo_pairs} rows, "
-        f"prompt {cfg.dpo_prompt_tokens} tokens, responses {cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + "
-        f"eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), {where}, "
-        f"median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
-        ["algo", "framework", "reference_s", "update_s", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
-    )
     fused = cfg.trl_fused_head("dpo")
-    _add_algo_rows(table, "dpo", cfg, timeout_s, repeats, DPO_PHASES,
-                   "TRL DPOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))
-    table.notes += [
-        "one optimizer step over every pair: reference = the reference model's log-probs of the chosen and rejected "
-        "rows (no_grad, every step: precompute_ref_log_probs off on both sides); update = the rest of the step "
-        "(collation, policy forward + backward on the chosen + rejected rows in one batch, sigmoid loss, metrics, "
-        "grad clipping at 1, fused AdamW step, scheduler)",
-        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the step's "
-        "non-padding tokens (prompt + response of every chosen and rejected row) ÷ step time",
-        _memory_note(cfg),
-        "TRL side: trl.DPOTrainer itself (dataset preparation, DataCollatorForPreference, training_step / "
-        "_compute_loss with its metrics, create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer "
-        "step as Trainer's loop does (collate, training_step, clip, optimizer / scheduler step, zero_grad); "
-        "ref_model a copy of the policy; gradient_checkpointing off (TRL's default is on) and fp32 on both sides; "
-        "log-probs: "
-        + ("TRL 1.x's fused LM head (add_fused_lm_head), as DPOTrainer sets it" if fused else
-           "TRL <= 0.2x's logits + selective_log_softmax on a logits_to_keep forward, in place of TRL 1.x's fused "
-           "LM head, whose CPU fallback scores every position in torch tiles (at V=32768 7.6× slower a step and 4× "
-           "the extra peak; a [min(N, 4096), 32768] buffer at any vocabulary); same log-probs and metrics; "
-           "trl_logprobs=fused_head renders TRL 1.x's path"),
-        "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only) with its own "
-        "optimizer, the fused AdamW the TRL sides use too",
-    ]
-    return table
+    return _step_table(
+        cfg, f"one DPO step on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = {2 * cfg.dpo_pairs} rows, "
+        f"prompt {cfg.dpo_prompt_tokens} tokens, responses {cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + "
+        "eos", DPO_PHASES,
+        [("dpo", "TRL DPOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))],
+        timeout_s, repeats, timing=_PAIR_TOKENS,
+        what="one optimizer step over every pair: reference = the reference model's log-probs of the chosen and "
+        "rejected rows (no_grad, every step: precompute_ref_log_probs off on both sides); update = the rest of the "
+        "step (collation, policy forward + backward on the chosen + rejected rows in one batch, sigmoid loss, "
+        "metrics, grad clipping at 1, fused AdamW step, scheduler)",
+        notes=[
+            "TRL side: trl.DPOTrainer itself (dataset preparation, DataCollatorForPreference, training_step / "
+            "_compute_loss with its metrics, create_optimizer_and_scheduler: adamw_torch_fused), driven one "
+            "optimizer step as Trainer's loop does (collate, training_step, clip, optimizer / scheduler step, "
+            "zero_grad); ref_model a copy of the policy; gradient_checkpointing off (TRL's default is on) and fp32 "
+            "on both sides; log-probs: "
+            + ("TRL 1.x's fused LM head (add_fused_lm_head), as DPOTrainer sets it" if fused else
+               "TRL <= 0.2x's logits + selective_log_softmax on a logits_to_keep forward, in place of TRL 1.x's "
+               "fused LM head, whose CPU fallback scores every position in torch tiles (at V=32768 7.6× slower a "
+               "step and 4× the extra peak; a [min(N, 4096), 32768] buffer at any vocabulary); same log-probs and "
+               "metrics; trl_logprobs=fused_head renders TRL 1.x's path"),
+            "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only) with its own "
+            "optimizer, the fused AdamW the TRL sides use too",
+        ])
 
 
 @_with_tokenizer
@@ -1338,42 +1344,36 @@ def run_kto_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
     """One configuration's KTO table: TRL 1.16's ``KTOTrainer`` (:class:`TRLKTOStep`) and
     rlhf_fast's (:class:`RLHFFastKTOStep`), one optimizer step on the same examples and KL rows,
     and the TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    where = _where(cfg)
     n = 2 * cfg.dpo_pairs
-    table = Table(
-        f"one KTO step on a {cfg.family} model from a config ({n} examples = {cfg.dpo_pairs} pairs unpaired, "
-        f"{n} rows + {n} KL rows, prompt {cfg.dpo_prompt_tokens} tokens, completions {cfg.dpo_min_response}–"
-        f"{cfg.dpo_max_response} tokens + eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), "
-        f"{where}, median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
-        ["algo", "framework", "reference_s", "update_s", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
-    )
     fused = cfg.trl_fused_head("kto")
-    _add_algo_rows(table, "kto", cfg, timeout_s, repeats, DPO_PHASES,
-                   "TRL KTOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))
-    table.notes += [
-        "one optimizer step over every example (loss_type kto, desirable and undesirable weights 1): reference = the "
-        "reference model's log-probs of the example rows and of the KL rows (each prompt with the previous example's "
-        "completion), no_grad, every step (precompute_ref_log_probs off on both sides); update = the rest of the step "
-        "(collation, the policy's no-grad forward on the KL rows, its forward + backward on the example rows, z0, "
-        "loss, metrics, grad clipping at 1, fused AdamW step, scheduler)",
-        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the example "
-        "rows' non-padding tokens (prompt + completion; the KL rows, scored on both sides, not counted) ÷ step time",
-        _memory_note(cfg),
-        "TRL side: trl.KTOTrainer itself (dataset preparation with its KL completions, "
-        "DataCollatorForUnpairedPreference, training_step / _compute_loss with its metrics, "
-        "create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as Trainer's loop does; "
-        "per_device_train_batch_size = every example, given in rlhf_fast's seeded step order, so both sides build the "
-        "same KL rows (TRL reads its data in order); ref_model a copy of the policy; gradient_checkpointing off "
-        "(TRL's default is on) and fp32 on both sides; log-probs: "
-        + ("TRL 1.x's fused LM head (add_fused_lm_head), as KTOTrainer sets it" if fused else
-           "TRL <= 0.2x's logits + selective_log_softmax (with the entropy and mean logit its metrics read) on a "
-           "logits_to_keep forward, in place of TRL 1.x's fused LM head, whose CPU fallback scores every position in "
-           "torch tiles (see the DPO table); same log-probs and metrics; trl_logprobs=fused_head renders TRL 1.x's "
-           "path"),
-        "rlhf_fast side: KTOTrainer.train_step (fused LM head over the completion tokens only; the reference scores "
-        "the example rows and the KL rows in one forward) with its own fused AdamW",
-    ]
-    return table
+    return _step_table(
+        cfg, f"one KTO step on a {cfg.family} model from a config ({n} examples = {cfg.dpo_pairs} pairs unpaired, "
+        f"{n} rows + {n} KL rows, prompt {cfg.dpo_prompt_tokens} tokens, completions {cfg.dpo_min_response}–"
+        f"{cfg.dpo_max_response} tokens + eos", DPO_PHASES,
+        [("kto", "TRL KTOTrainer" + (" (fused LM head)" if fused else " (selective_log_softmax head)"))],
+        timeout_s, repeats,
+        timing="; tokens/s = the example rows' non-padding tokens (prompt + completion; the KL rows, scored on both "
+        "sides, not counted) ÷ step time",
+        what="one optimizer step over every example (loss_type kto, desirable and undesirable weights 1): reference "
+        "= the reference model's log-probs of the example rows and of the KL rows (each prompt with the previous "
+        "example's completion), no_grad, every step (precompute_ref_log_probs off on both sides); update = the rest "
+        "of the step (collation, the policy's no-grad forward on the KL rows, its forward + backward on the example "
+        "rows, z0, loss, metrics, grad clipping at 1, fused AdamW step, scheduler)",
+        notes=[
+            "TRL side: trl.KTOTrainer itself (dataset preparation with its KL completions, "
+            "DataCollatorForUnpairedPreference, training_step / _compute_loss with its metrics, "
+            "create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as Trainer's loop does; "
+            "per_device_train_batch_size = every example, given in rlhf_fast's seeded step order, so both sides "
+            "build the same KL rows (TRL reads its data in order); ref_model a copy of the policy; "
+            "gradient_checkpointing off (TRL's default is on) and fp32 on both sides; log-probs: "
+            + ("TRL 1.x's fused LM head (add_fused_lm_head), as KTOTrainer sets it" if fused else
+               "TRL <= 0.2x's logits + selective_log_softmax (with the entropy and mean logit its metrics read) on a "
+               "logits_to_keep forward, in place of TRL 1.x's fused LM head, whose CPU fallback scores every "
+               "position in torch tiles (see the DPO table); same log-probs and metrics; trl_logprobs=fused_head "
+               "renders TRL 1.x's path"),
+            "rlhf_fast side: KTOTrainer.train_step (fused LM head over the completion tokens only; the reference "
+            "scores the example rows and the KL rows in one forward) with its own fused AdamW",
+        ])
 
 
 @_with_tokenizer
@@ -1382,34 +1382,26 @@ def run_simpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) 
     ``loss_type="simpo"`` (:class:`TRLSimPOStep`) and rlhf_fast's DPOTrainer with
     ``loss_type: simpo`` (:class:`RLHFFastDPOStep`), one optimizer step on the same pairs, and the
     TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
-    where = _where(cfg)
-    table = Table(
-        f"one SimPO step (reference-free) on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = "
+    return _step_table(
+        cfg, f"one SimPO step (reference-free) on a {cfg.family} model from a config ({cfg.dpo_pairs} pairs = "
         f"{2 * cfg.dpo_pairs} rows, prompt {cfg.dpo_prompt_tokens} tokens with bos, responses {cfg.dpo_min_response}–"
-        f"{cfg.dpo_max_response} tokens + eos, h={cfg.hidden_size}, {cfg.num_layers} layers, V={cfg.vocab_size}), "
-        f"{where}, median of {repeats} subprocess run(s) × {cfg.steps} step(s)",
-        ["algo", "framework", "step_s", "tokens_per_s", "extra_peak", "extra_rss", "note"],
-    )
-    _add_algo_rows(table, "simpo", cfg, timeout_s, repeats, ALGO_PHASES["simpo"],
-                   "TRL CPOTrainer (loss_type simpo)")
-    table.notes += [
-        "one optimizer step over every pair, no reference model on either side: the policy forward + backward on the "
-        "chosen + rejected rows in one batch, the SimPO loss on token-mean log-probs (beta, simpo_gamma 0.5) + "
-        "cpo_alpha 1.0 × the chosen rows' token-mean NLL (CPOConfig's defaults: CPO-SimPO), metrics, grad clipping "
-        "at 1, fused AdamW step, scheduler",
-        "median over timed steps after one warm-up; each framework in a fresh subprocess; tokens/s = the step's "
-        "non-padding tokens (prompt + response of every chosen and rejected row) ÷ step time",
-        _memory_note(cfg),
-        "TRL side: trl.experimental.cpo.CPOTrainer itself (tokenize_row, DPODataCollatorWithPadding, training_step / "
-        "get_batch_loss_metrics with its metrics, create_optimizer_and_scheduler: adamw_torch_fused), driven one "
-        "optimizer step as Trainer's loop does; its only log-prob path, kept as is: the full [2B, T, V] logits of "
-        "every position (no fused head, no logits_to_keep), nn.CrossEntropyLoss for the NLL, selective_log_softmax; "
-        "gradient_checkpointing off and fp32 (CPOConfig's defaults: on, bf16) on both sides; each prompt starts with "
-        "bos on both sides (CPOTrainer adds it when missing)",
-        "rlhf_fast side: DPOTrainer.train_step with loss_type simpo, simpo_gamma 0.5, cpo_alpha 1.0 (fused LM head "
-        "over the response tokens only, no reference model) with its own fused AdamW",
-    ]
-    return table
+        f"{cfg.dpo_max_response} tokens + eos", ALGO_PHASES["simpo"], [("simpo", "TRL CPOTrainer (loss_type simpo)")],
+        timeout_s, repeats, timing=_PAIR_TOKENS,
+        what="one optimizer step over every pair, no reference model on either side: the policy forward + backward "
+        "on the chosen + rejected rows in one batch, the SimPO loss on token-mean log-probs (beta, simpo_gamma 0.5) "
+        "+ cpo_alpha 1.0 × the chosen rows' token-mean NLL (CPOConfig's defaults: CPO-SimPO), metrics, grad "
+        "clipping at 1, fused AdamW step, scheduler",
+        notes=[
+            "TRL side: trl.experimental.cpo.CPOTrainer itself (tokenize_row, DPODataCollatorWithPadding, "
+            "training_step / get_batch_loss_metrics with its metrics, create_optimizer_and_scheduler: "
+            "adamw_torch_fused), driven one optimizer step as Trainer's loop does; its only log-prob path, kept as "
+            "is: the full [2B, T, V] logits of every position (no fused head, no logits_to_keep), "
+            "nn.CrossEntropyLoss for the NLL, selective_log_softmax; gradient_checkpointing off and fp32 "
+            "(CPOConfig's defaults: on, bf16) on both sides; each prompt starts with bos on both sides (CPOTrainer "
+            "adds it when missing)",
+            "rlhf_fast side: DPOTrainer.train_step with loss_type simpo, simpo_gamma 0.5, cpo_alpha 1.0 (fused LM "
+            "head over the response tokens only, no reference model) with its own fused AdamW",
+        ])
 
 
 def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",

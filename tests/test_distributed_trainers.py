@@ -1,7 +1,8 @@
 """The SFT and reward trainers under torchrun: two gloo processes give the same per-step losses,
 eval metrics and final weights as one process on the same global batch and seed (SFT under DDP
 and FSDP2, with and without gradient accumulation; reward under DDP and FSDP2), a sharded SFT
-checkpoint written by two ranks resumes on one process as if the run had never stopped.
+checkpoint written by two ranks resumes on one process as if the run had never stopped; so do
+SFT on conversations (assistant turns only, FSDP2, two micro-batches) and on {"text"} records (DDP).
 DPO (with the RPO term and unequal pair weights, two micro-batches a step) under DDP and FSDP2,
 and DPO with the reference log-probs precomputed in shares over the ranks, give one process's
 per-step and eval metrics and final weights; so do a weighted list of DPO losses (with the js
@@ -30,6 +31,8 @@ PAIRS = [
     ("sft:ddp:3:sft_ddp", "sft:none:3:sft_one"),
     ("sft:fsdp2:3:sft_fsdp2", "sft:none:3:sft_one"),
     ("sft:ddp:2:sft_ddp_ga:2", "sft:none:2:sft_one_ga:2"),
+    ("sft_chat:fsdp2:2:sftc_fsdp2:2", "sft_chat:none:2:sftc_one:2"),
+    ("sft_text:ddp:2:sftt_ddp", "sft_text:none:2:sftt_one"),
     ("reward:ddp:3:rw_ddp", "reward:none:3:rw_one"),
     ("reward:fsdp2:3:rw_fsdp2", "reward:none:3:rw_one"),
 ]
@@ -209,7 +212,7 @@ def test_dpo_losses_two_ranks_match_one(runs, pair):
     assert all(k in one[-1] for k in keys), sorted(one[-1])
     _assert_series_match(two, one, keys)
     assert one[2]["loss"] < one[1]["loss"] and one[2]["eval_loss"] < one[0]["eval_loss"]
-    frac, strategy = runs[pair[0] + "|ref_local_fraction"], pair[0].split(":")[1]
+    frac = runs[pair[0] + "|ref_local_fraction"]
     if orpo:
         assert frac == -1.0, frac  # no reference model at all
     else:

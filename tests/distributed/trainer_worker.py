@@ -148,6 +148,14 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
                   device="cpu", bf16=False, distributed=DistributedConfig(strategy=strategy))
     if kind == "sft":
         trainer = SFTTrainer(SFTConfig(eval_fraction=0.1, **common))
+    elif kind == "sft_chat":  # conversations, the assistant turns only: unequal trained tokens per rank
+        tok, records = _chat_data()
+        trainer = SFTTrainer(SFTConfig(assistant_only_loss=True, **{**common, "max_len": 64}),
+                             train_records=records[:56], eval_records=records[56:], tokenizer=tok)
+    elif kind == "sft_text":  # {"text"} records: every token trains, rows of unequal length
+        tok, records = _text_data()
+        trainer = SFTTrainer(SFTConfig(**common), train_records=records[:56], eval_records=records[56:],
+                             tokenizer=tok)
     elif kind == "reward":
         trainer = RewardTrainer(RewardConfig(eval_fraction=0.05, **common))
     elif kind == "dpo":
@@ -192,6 +200,45 @@ def _annotated_pairs():
     records = [dataclasses.replace(r, annotator="b" if i % 3 == 0 else "a") for i, r in
                enumerate(synthetic_preference_records(seed=0))]
     return split_records(records, DPO_EVAL_FRACTION, 0)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = "red blue green cat dog sun moon one two three".split()
+
+
+def _chat_data():
+    """(tokenizer with a ChatML template, 64 conversations of 1-3 exchanges), the same on every rank."""
+    import random
+
+    from rlhf_fast.feedback.formats import ChatRecord
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
+
+    rng = random.Random(0)
+    records = []
+    for i in range(64):
+        msgs = [{"role": "system", "content": "copy the words"}] if i % 3 == 0 else []
+        for _ in range(rng.randint(1, 3)):
+            w = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
+            msgs += [{"role": "user", "content": f"repeat: {w}"}, {"role": "assistant", "content": w}]
+        records.append(ChatRecord(msgs))
+    tok = train_tokenizer(sample_texts(64) + ["repeat: copy the words " + " ".join(WORDS)], 300,
+                          padding_side="right")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok, records
+
+
+def _text_data():
+    """(tokenizer, 64 {"text"} records of 1-12 words), the same on every rank."""
+    import random
+
+    from rlhf_fast.feedback.formats import TextRecord
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
+
+    rng = random.Random(1)
+    records = [TextRecord(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))) for _ in range(64)]
+    return train_tokenizer(sample_texts(64) + [" ".join(WORDS)], 300, padding_side="right", add_bos=True), records
 
 
 def run_dpo(common, **overrides):

@@ -6,7 +6,8 @@ SFT on conversations (assistant turns only, FSDP2, two micro-batches) and on {"t
 DPO (with the RPO term and unequal pair weights, two micro-batches a step) under DDP and FSDP2,
 and DPO with the reference log-probs precomputed in shares over the ranks, give one process's
 per-step and eval metrics and final weights; so do a weighted list of DPO losses (with the js
-f-divergence and LD-DPO), reference-free ORPO, and KTO's APO-zero with annotator weights.
+f-divergence and LD-DPO), reference-free ORPO, padding-free DPO (packed rows, FSDP2, against the
+padded single process), and KTO's APO-zero with annotator weights.
 The RL trainer: GRPO updates on a fixed global rollout batch match one process under DDP;
 whole steps — generation, rewards (a prompt's group dropped for a bad reward, so ranks keep
 different numbers of rows), advantages, two mini-batches per step — of GRPO, PPO (GAE with a
@@ -49,6 +50,8 @@ DPO_PAIRS = [
 DPO_LOSS_PAIRS = [
     ("dpo_mix:fsdp2:2:dpo_mix_fsdp2:2", "dpo_mix:none:2:dpo_mix_one:2"),
     ("dpo_orpo:ddp:2:dpo_orpo_ddp:2", "dpo_orpo:none:2:dpo_orpo_one:2"),
+    # padding_free under FSDP2 against the padded single process: the packed rows change no normaliser
+    ("dpo_pf:fsdp2:2:dpo_pf_fsdp2:2", "dpo:none:2:dpo_one:2"),
 ]
 # KTO (its KL reference point a mean over the step's KL rows on every rank), grad_accum 2; then
 # APO-zero (no KL rows) with annotator weights
@@ -97,6 +100,9 @@ RL_BF16 = "grpo_bf16:fsdp2:1:rl_bf16"
 # dynamic sampling: extra generation rounds in lockstep, and the groups kept (some generated on
 # the other rank) those of one process
 RL_DYNAMIC = ("grpo_ds:fsdp2:2:rl_ds_fsdp2", "grpo_ds:none:2:rl_ds_one")
+# tool calling: one answer a step calls the calculator, so one rank continues generating after
+# its result and the other, with nothing to continue, makes the same (FSDP2-gathering) call
+RL_TOOLS = ("grpo_tools:fsdp2:2:rl_tools_fsdp2", "grpo_tools:none:2:rl_tools_one")
 # a one-process run of strategy "none" (plain checkpoints: full weights, optimizer state keyed by
 # parameter index) saved, then continued on two FSDP2 ranks, each taking its shard
 NONE_SAVES = ["sft:none:2:from_one", "grpo:none:1:rl_from_one", "gae:none:1:rl_ppo_from_one"]
@@ -129,9 +135,10 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist_trainers"))
     pre = _launch(root, "pre", 1, NONE_SAVES)
     two = _launch(root, "two", 2, [p[0] for p in PAIRS] + [SAVE, RL_UPDATE[0]] + [p[0] for p in RL_PAIRS]
-                  + [RL_BF16, RL_DYNAMIC[0]] + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS + DPO_LOSS_PAIRS + KTO_PAIRS])
+                  + [RL_BF16, RL_DYNAMIC[0], RL_TOOLS[0]]
+                  + [p[0] for p in FSDP2_RESUMES] + [p[0] for p in DPO_PAIRS + DPO_LOSS_PAIRS + KTO_PAIRS])
     one = _launch(root, "one", 1, sorted({p[1] for p in PAIRS}) + [RESUME, RL_UPDATE[1]]
-                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1]]
+                  + sorted({p[1] for p in RL_PAIRS}) + list(RL_RESUME) + [RL_DYNAMIC[1], RL_TOOLS[1]]
                   + sorted({p[1] for p in DPO_PAIRS + DPO_LOSS_PAIRS + KTO_PAIRS}))
     assert two["world_size"] == 2 and one["world_size"] == 1 and pre["world_size"] == 1
     return {"root": root, **pre["runs"], **two["runs"], **one["runs"]}
@@ -393,6 +400,25 @@ def test_rl_dynamic_sampling_on_two_ranks_keeps_the_groups_of_one_process(runs):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
     assert runs[RL_DYNAMIC[0] + "|in_sync"]
     _assert_weights_close(_rl_weights(runs["root"], RL_DYNAMIC[0]), _rl_weights(runs["root"], RL_DYNAMIC[1]))
+
+
+def test_rl_tools_on_two_ranks_match_one_process(runs):
+    """GRPO with a tool under FSDP2: the tool result a hole in one rank's rows, the other rank
+    making the continuation call with nothing to continue; metrics and weights are one process's."""
+    two, one = runs[RL_TOOLS[0]], runs[RL_TOOLS[1]]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    # one call a step: exactly one rank had an answer to continue
+    assert [r["tools/call_count"] for r in one] == [1.0, 1.0] and all(r["tools/failure_frequency"] == 0 for r in one)
+    keys = [k for k in RL_KEYS if k != "reward/_length_reward_dropping"] + [
+        "reward/_length_reward", "tools/call_count", "tools/call_frequency", "tools/failure_frequency"]
+    for key in keys:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    assert one[0]["policy/loss"] != one[1]["policy/loss"]
+    # the result fitted the budget: it is in the sequence and the answer went on after it
+    with open(os.path.join(runs["root"], RL_TOOLS[1].split(":")[3], "samples.jsonl")) as f:
+        done = [s["completion"] for s in map(json.loads, f) if "<tool_response>" in s["completion"]]
+    assert done and all(not c.endswith("</tool_response>") for c in done)
+    _assert_weights_close(_rl_weights(runs["root"], RL_TOOLS[0]), _rl_weights(runs["root"], RL_TOOLS[1]))
 
 
 def _sft_cli_config(tmp_path):

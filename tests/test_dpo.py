@@ -365,9 +365,11 @@ def test_trainer_step_equals_trls(tmp_path, tok, kw):
         assert m[ours_k] == pytest.approx(tm[trl_k], rel=1e-4, abs=1e-6), ours_k
 
 
-def _trl_reference_free(tr, items, batch, loss_type):
+def _trl_reference_free(tr, items, batch, loss_type, trl_loss_type=None, alpha=0.0):
     """TRL's CPOTrainer / ORPOTrainer ``get_batch_loss_metrics`` run on a stub whose model is
-    ``tr.model`` (its full logits), on the trainer's rows: (loss, TRL's metrics)."""
+    ``tr.model`` (its full logits), on the trainer's rows: (loss, TRL's metrics). ``loss_type``
+    is ours (orpo: ORPOTrainer); ``trl_loss_type`` CPOConfig's name for it when not simpo /
+    sigmoid (cpo), ``alpha`` CPOConfig's AlphaPO alpha."""
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
@@ -380,8 +382,8 @@ def _trl_reference_free(tr, items, batch, loss_type):
     acc = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
     stub = types.SimpleNamespace(
         is_encoder_decoder=False, pad_token_id=tr.pad_id, padding_value=tr.pad_id, accelerator=acc,
-        aux_loss_enabled=False, beta=cfg.beta, label_smoothing=cfg.label_smoothing, alpha=0.0,
-        loss_type={"simpo": "simpo", "cpo": "sigmoid"}.get(loss_type), cpo_alpha=cfg.cpo_alpha,
+        aux_loss_enabled=False, beta=cfg.beta, label_smoothing=cfg.label_smoothing, alpha=alpha,
+        loss_type=trl_loss_type or {"simpo": "simpo", "cpo": "sigmoid"}.get(loss_type), cpo_alpha=cfg.cpo_alpha,
         simpo_gamma=cfg.simpo_gamma, concatenated_inputs=cls.concatenated_inputs, get_batch_logps=cls.get_batch_logps)
     stub.concatenated_forward = lambda model, b: cls.concatenated_forward(stub, model, b)
     if loss_type == "orpo":

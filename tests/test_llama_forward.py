@@ -154,6 +154,34 @@ def test_packed_rows_and_no_mask_equal_transformers():
     torch.testing.assert_close(h[:, 4:7], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_one_packed_row_attends_per_sequence(family, monkeypatch):
+    """One packed row (B = 1: SFT packing, DPO padding_free) runs one causal sdpa per sequence
+    (PackedSegments) instead of a dense [T, T] mask: the states and gradients equal
+    transformers' block-diagonal ones, with restarts at any position value and a sequence of one
+    token, and equal the dense-mask path of this forward."""
+    base = backbone(_model(family, 2))
+    ids = torch.randint(3, V, (1, 14), generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 7, 8, 9, 10, 11, 0, 1]])
+    assert llama_forward._key_mask(None, pos, 14).lengths == [4, 3, 5, 2]
+    ((h_ref, g_ref), (h, g)), _ = _hf_and_ours(base, ids, None, pos)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for x, y in zip(g, g_ref):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(llama_forward.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append((q.shape[2], k.get("attn_mask"))) or sdpa(q, *a, **k))
+    with torch.no_grad():
+        seg = llama_forward.hidden_states(base, ids, None, pos)
+    assert calls[:4] == [(4, None), (3, None), (5, None), (2, None)]  # per sequence, causal, in order
+    key_mask = llama_forward._key_mask
+    monkeypatch.setattr(llama_forward, "_key_mask", lambda am, p, T: key_mask(am, p, T).dense())
+    with torch.no_grad():
+        dense = llama_forward.hidden_states(base, ids, None, pos)
+    assert calls[-1][1] is not None  # the dense mask went to sdpa
+    torch.testing.assert_close(seg, dense, rtol=1e-5, atol=1e-6)
+
+
 def test_a_shortened_config_runs_its_layers_only():
     """transformers runs ``layers[:config.num_hidden_layers]`` (a model with layers dropped
     from its config): so does this forward."""

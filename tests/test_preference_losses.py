@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from rlhf_fast.trainers.preference_losses import (LOSS_TYPES, dpo_loss, f_divergence_scores, ld_weighted_logps,
+from rlhf_fast.trainers.preference_losses import (LOSS_TYPES, REFERENCE_FREE_LOSSES, dpo_loss, f_divergence_scores, ld_weighted_logps,
                                                   loss_terms, reference_free_loss)
 
 
@@ -215,7 +215,7 @@ def test_aot_is_batch_level_and_the_others_per_pair():
     B = 8
     s = (P * cm[:, 1:]).sum(1).detach()
     t = cm[:, 1:].sum(1)
-    for name in [n for n in LOSS_TYPES if n not in ("sft", "simpo", "cpo", "orpo")]:
+    for name in [n for n in LOSS_TYPES if n not in REFERENCE_FREE_LOSSES + ("sft",)]:
         eps = 0.1 if name == "exo_pair" else 0.0
         kw = dict(beta=0.3, loss_type=name, label_smoothing=eps)
         full, *_ = dpo_loss(s[:B], s[B:], ref_c, ref_r, chosen_tokens=t[:B], rejected_tokens=t[B:], **kw)

@@ -55,6 +55,7 @@ def test_grpo_cli_resume_plot_eval(tmp_path, capsys):
         res = json.load(f)
     assert 0.0 <= res["win_rate"] <= 1.0 and res["kl"] == res["kl"]  # finite
     assert "reward/letter_a_fraction" in res and res["num_prompts"] == 4
+    assert res["split"] == "train"  # the run has no evaluation prompts: its training prompts
     # a new run into the folder of this one is refused (it would mix their checkpoints and logs)
     capsys.readouterr()
     assert main(["grpo", cfg, "--output_dir", run]) == 2
@@ -64,6 +65,39 @@ def test_grpo_cli_resume_plot_eval(tmp_path, capsys):
     assert f"--out {tmp_path}: expected a file, found a folder" in capsys.readouterr().err
     assert main(["plot", run, "--out", out]) == 2
     assert f"--out {out}: expected a folder, found a file" in capsys.readouterr().err
+
+
+def test_eval_run_takes_the_runs_held_out_prompts(tmp_path, capsys):
+    """`rlhf-fast eval --run` evaluates on the prompts the run held out (data.eval_fraction), split
+    exactly as the trainer split them, by default; --split train takes the others; --split needs
+    --run, and --split eval a run with evaluation prompts."""
+    from rlhf_fast.trainers.evaluate import run_prompt_records
+    from rlhf_fast.trainers.rl import split_eval_records
+    from rlhf_fast.trainers.rl_cli import build_config
+
+    prompts = [f"prompt number {i}" for i in range(10)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    cfg = _small(tmp_path, steps=1, seed=3, data={"prompts_file": str(tmp_path / "p.txt"), "eval_fraction": 0.3})
+    run = str(tmp_path / "run")
+    argv = [cfg, "--output_dir", run]
+    assert main(["grpo", *argv]) == 0
+    rc = build_config("grpo", argv)
+    train, held = split_eval_records(rc, [(p, {}) for p in prompts])
+    assert len(held) == 3 and len(train) == 7 and {p for p, _ in held} | {p for p, _ in train} == set(prompts)
+    assert run_prompt_records(rc) == ("eval", held) and run_prompt_records(rc, "train") == ("train", train)
+    outs = {}
+    for split in ("auto", "train"):
+        out = str(tmp_path / f"{split}.json")
+        assert main(["eval", "--run", run, "--max-new-tokens", "2", "--split", split, "--out", out]) == 0
+        outs[split] = json.load(open(out))
+    assert (outs["auto"]["split"], outs["auto"]["num_prompts"]) == ("eval", 3)
+    assert (outs["train"]["split"], outs["train"]["num_prompts"]) == ("train", 7)
+    capsys.readouterr()
+    assert main(["eval", "--policy", run, "--prompts", str(tmp_path / "p.txt"), "--split", "eval",
+                 "--reward-fn", "rlhf_fast.algorithms.rule_rewards:letter_a_fraction"]) == 2
+    assert "--split eval picks a --run's prompts: give --run RUN_DIR and no --prompts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--split eval: the run has no evaluation prompts"):
+        run_prompt_records(build_config("grpo", [_small(tmp_path / "run", "ppo.yaml")]), "eval")
 
 
 def test_plot_draws_every_metric_of_any_run(tmp_path, capsys):

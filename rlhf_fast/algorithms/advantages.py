@@ -33,6 +33,8 @@ CRITIC_ESTIMATORS = ("gae",)
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+WHITEN_MODES = (False, True, "sequence")
+ANSWER_NORM_EPS = 1e-4  # TRL RLOOTrainer's normalize_advantages: (A − mean) / (std + 1e-4)
 
 
 def _check_mask(mask: torch.Tensor, B: Optional[int] = None) -> None:
@@ -133,9 +135,35 @@ def _check_scale_rewards(kind: str, scale_rewards: Optional[str]) -> None:
                          f"got kind {kind!r}")
 
 
+def normalize_answer_advantages(advantages: torch.Tensor, *, eps: float = ANSWER_NORM_EPS, group=None) -> torch.Tensor:
+    """TRL RLOO's ``normalize_advantages``: one advantage per answer ``[B]`` → (A − mean) /
+    (std + eps) with the mean and the unbiased std of every answer of every rank of ``group``
+    (:func:`global_mean_std`; one answer in all: std 0). Returns ``[B]`` float32 (float64 for
+    float64 input)."""
+    _check_tensor("advantages", advantages)
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be a [B] tensor (one per answer), got shape {tuple(advantages.shape)}")
+    finite("eps", eps, ">= 0")
+    mean, std = global_mean_std(advantages, group)
+    a = advantages.to(mean.dtype)
+    return (a - mean) / (std + eps)
+
+
+def _group_row_advantages(s: torch.Tensor, group_size: int, kind: str, eps: float, scale_rewards: Optional[str],
+                          group) -> torch.Tensor:
+    """:func:`group_estimator_advantages`' one advantage per answer ``[B]`` (scores float32)."""
+    if scale_rewards == "batch":
+        centred = ops.group_advantages(s, group_size, kind="dr_grpo", eps=eps)
+        _, std = global_mean_std(s, group)
+        return centred / (std + eps)
+    if scale_rewards is not None:
+        kind = "grpo" if scale_rewards == "group" else "dr_grpo"
+    return ops.group_advantages(s, group_size, kind=kind, eps=eps)
+
+
 def group_estimator_advantages(
     scores: torch.Tensor, mask: torch.Tensor, group_size: int, *, kind: str = "grpo", eps: float = 1e-6,
-    scale_rewards: Optional[str] = None, group=None,
+    scale_rewards: Optional[str] = None, group=None, normalize_answers: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GRPO / Dr.GRPO / RLOO: one advantage per answer ``[B]`` from its group of ``group_size``
     consecutive answers to the same prompt, broadcast to every response token.
@@ -144,21 +172,18 @@ def group_estimator_advantages(
     (TRL's GRPO option; None = the kind's own: grpo "group", dr_grpo "none"): ``group`` divides
     s − group mean by the group's unbiased std + eps, ``batch`` by the unbiased std of every
     score of the batch on every rank of ``group`` + eps (PPO Lite), ``none`` by nothing (= kind
-    dr_grpo). Returns ``(advantages, returns)`` ``[B, T]`` float32; returns = scores broadcast
-    (for logging).
+    dr_grpo). ``normalize_answers``: the answers' advantages then go through
+    :func:`normalize_answer_advantages` over every rank of ``group`` (TRL RLOO's
+    ``normalize_advantages``). Returns ``(advantages, returns)`` ``[B, T]`` float32; returns =
+    scores broadcast (for logging).
     """
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     _check_scale_rewards(kind, scale_rewards)
     s = scores.float()
-    if scale_rewards == "batch":
-        centred = ops.group_advantages(s, group_size, kind="dr_grpo", eps=eps)
-        _, std = global_mean_std(s, group)
-        a = centred / (std + eps)
-    else:
-        if scale_rewards is not None:
-            kind = "grpo" if scale_rewards == "group" else "dr_grpo"
-        a = ops.group_advantages(s, group_size, kind=kind, eps=eps)
+    a = _group_row_advantages(s, group_size, kind, eps, scale_rewards, group)
+    if normalize_answers:
+        a = normalize_answer_advantages(a, group=group)
     m = mask.to(torch.float32)
     return a[:, None] * m, s[:, None] * m
 
@@ -216,7 +241,7 @@ def compute_advantages(
     group_size: int = 1,
     gamma: float = 1.0,
     lam: float = 0.95,
-    whiten: bool = False,
+    whiten=False,
     group=None,
     scale_rewards: Optional[str] = None,
     multi_objective_aggregation: str = "sum_then_normalize",
@@ -230,8 +255,11 @@ def compute_advantages(
     :func:`rlhf_fast.trainers.rl.critic_values`); kl ``[B, T]`` per-token k1 estimate put in the
     reward with ``kl_coef`` (pass kl_coef=0 when the KL goes in the loss). For group estimators
     the KL term is summed per sequence and subtracted from the score before the group baseline
-    (as TRL's RLOO). ``whiten`` whitens the advantages over the masked tokens (REINFORCE++
-    always does); ``group``: the process group whose ranks hold the rest of the batch, so
+    (as TRL's RLOO). ``whiten`` (:data:`WHITEN_MODES`): True whitens the advantages over the
+    masked tokens (REINFORCE++ always does); ``"sequence"`` (group estimators) normalises the
+    one advantage per answer over the answers, TRL RLOO's ``normalize_advantages``
+    (:func:`normalize_answer_advantages`, after the group baseline);
+    ``group``: the process group whose ranks hold the rest of the batch, so
     whitening (and ``scale_rewards="batch"``, GDPO's batch step) uses the statistics of the
     global batch. ``scale_rewards``: see :func:`group_estimator_advantages` (grpo / dr_grpo).
     ``multi_objective_aggregation="normalize_then_sum"`` (estimator grpo, no KL in the reward):
@@ -248,6 +276,12 @@ def compute_advantages(
         raise ValueError(f"scale_rewards applies to the group estimators, got estimator {estimator!r}")
     if multi_objective_aggregation == "normalize_then_sum" and estimator != "grpo":
         raise ValueError(f"multi_objective_aggregation 'normalize_then_sum' needs estimator 'grpo', got {estimator!r}")
+    if not (isinstance(whiten, bool) or whiten == "sequence"):
+        raise ValueError(f"whiten must be one of {WHITEN_MODES}, got {whiten!r}")
+    per_answer = whiten == "sequence"
+    if per_answer and estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"whiten 'sequence' normalises one advantage per answer: it needs a group estimator "
+                         f"({', '.join(GROUP_ESTIMATORS)}), got {estimator!r}")
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     finite("kl_coef", kl_coef)
@@ -275,6 +309,8 @@ def compute_advantages(
         if rewards_per_func.dim() != 2 or rewards_per_func.shape[0] != scores.shape[0]:
             raise ValueError(f"rewards_per_func must be [B={scores.shape[0]}, K], got {tuple(rewards_per_func.shape)}")
         a = normalize_then_sum_advantages(rewards_per_func, reward_weights, group_size, group=group)
+        if per_answer:
+            a = normalize_answer_advantages(a, group=group)
         m = mask.to(torch.float32)
         adv, ret = a[:, None] * m, scores.float()[:, None] * m
     else:
@@ -282,7 +318,7 @@ def compute_advantages(
         if kl is not None and kl_coef != 0.0:
             s = s - kl_coef * (kl.float() * mask.to(torch.float32)).sum(dim=1)
         adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator, scale_rewards=scale_rewards,
-                                              group=group)
-    if whiten:
+                                              group=group, normalize_answers=per_answer)
+    if whiten is True:
         adv = ops.masked_whiten(adv, mask, group=group)
     return adv, ret

@@ -18,6 +18,10 @@
   φ(w) = e^λ·w^k·e^(−λw) (φ(1) = 1), (k, λ) = (k_pos, λ_pos) for A ≥ 0, else (k_neg, λ_neg).
 * the bias-corrected KL (DeepSeek-V3.2, TRL's ``use_bias_correction_kl``): the per-token KL
   term times the (differentiable) importance ratio, the unbiased reverse-KL gradient off-policy.
+* the ``sequence_sum`` importance-sampling level (TRL's RLOOTrainer): one ratio per answer,
+  exp(Σ_t logp − Σ_t old_logp) — the likelihood ratio π(y|x)/π_old(y|x) itself, where GSPO's
+  ``sequence`` level takes the exp of the *mean* log-ratio — clipped as a whole, the clipped
+  surrogate of each answer averaged over answers (:func:`sequence_sum_policy_loss`).
 
 The functions take per-token tensors aligned as :func:`rlhf_fast.models.logprobs.sequence_logprobs`
 gives them and return ``(loss, stats)`` like :func:`rlhf_fast.ops.reference.policy_loss_from_logp`,
@@ -46,6 +50,10 @@ VESPO_LAMBDA_POS = 3.0  # TRL GRPOConfig.vespo_lambda_pos
 VESPO_K_NEG = 3.0  # TRL GRPOConfig.vespo_k_neg
 VESPO_LAMBDA_NEG = 2.0  # TRL GRPOConfig.vespo_lambda_neg
 LUSPO_AGG = "seq-mean-token-sum"
+# TRL RLOO's ratio exp(Σ_t log-ratio): each answer's loss counts once, so its mean over
+# answers is the seq-mean-token-sum aggregation of a loss held by one token per row
+SEQUENCE_SUM = "sequence_sum"
+SEQUENCE_SUM_AGG = "seq-mean-token-sum"
 # the log-space floor of VESPO's weights: log(1e-8), as the paper's code (and TRL) clamp
 _VESPO_LOG_FLOOR = math.log(1e-8)
 
@@ -190,6 +198,100 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
 
 
+def sequence_sum_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                             mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: Optional[float] = None,
+                             dual_clip: Optional[float] = None):
+    """TRL RLOOTrainer's policy loss per answer: one clipped ratio per row.
+
+    logp (differentiable), old_logp, advantages ``[B, T]`` float; mask ``[B, T]`` bool or 0/1,
+    the loss tokens. Row b's log-ratio is S_b = Σ_t logp − Σ_t old_logp over its loss tokens
+    (the sums taken first, as TRL), its ratio r_b = exp(clamp(S_b, ±20)) and its loss
+    max(−A_b·r_b, −A_b·clip(r_b, 1 − clip_low, 1 + clip_high)) (with ``dual_clip`` c, rows with
+    A_b < 0 take min(that, −A_b·c)), A_b the mean of the row's advantages over its loss tokens
+    (its one advantage under a group estimator). A row without loss tokens has S = A = 0: loss
+    0, ratio 1. The ±20 clamp (every ratio of the package has it) is the only departure from
+    TRL, whose exp(S) overflows on long, drifted answers.
+
+    Returns ``(loss, ratio, low, high, dual)``, each ``[B]``: loss float32 (float64 for float64
+    logp), differentiable; ratio detached; ``low`` (r < 1 − clip_low with A < 0), ``high``
+    (r > 1 + clip_high with A > 0) and ``dual`` (the dual clip active) bool — TRL's
+    ``is_low_clipped`` / ``is_high_clipped``. Masked-out entries are never read."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    m = mb.to(dt)
+    logp, old_logp, advantages = reference._masked_inputs(mb, logp, old_logp.detach(), advantages.detach())
+    seq_logp = (logp.to(dt) * m).sum(-1)  # TRL's logps: (per_token_logps * completion_mask).sum(1)
+    seq_old = (old_logp.to(dt) * m).sum(-1)
+    adv = (advantages.to(dt) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    loss, ratio, _, dual = reference.ppo_token_loss(seq_logp, seq_old, adv, clip_low=clip_low, clip_high=clip_high,
+                                                    dual_clip=dual_clip)
+    ratio = ratio.detach()
+    high_bound = clip_low if clip_high is None else clip_high
+    return loss, ratio, (ratio < 1 - clip_low) & (adv < 0), (ratio > 1 + high_bound) & (adv > 0), dual
+
+
+def _check_sequence_sum(policy_loss, agg, top_entropy_quantile, entropy_mask, off_policy_mask_threshold,
+                        use_bias_correction_kl, is_weight):
+    what = f"importance_sampling_level {SEQUENCE_SUM!r}"
+    if policy_loss != "clip":
+        raise ValueError(f"{what} clips one ratio per answer: it needs policy_loss 'clip', got {policy_loss!r}")
+    if agg != SEQUENCE_SUM_AGG:
+        raise ValueError(f"{what} averages each answer's loss over the answers: it needs agg {SEQUENCE_SUM_AGG!r}, "
+                         f"got {agg!r}")
+    per_token = [name for name, on in (("top_entropy_quantile", top_entropy_quantile < 1.0 or entropy_mask is not None),
+                                       ("off_policy_mask_threshold", off_policy_mask_threshold is not None),
+                                       ("use_bias_correction_kl", use_bias_correction_kl),
+                                       ("is_weight", is_weight is not None)) if on]
+    if per_token:
+        raise ValueError(f"{what} is not supported with {', '.join(per_token)} (they weigh or mask single tokens)")
+
+
+def _sequence_sum_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, clip_low, clip_high, dual_clip,
+                                 ref_logp, kl_coef, kl_kind, entropy_coef, agg, normalizer, kl_fn):
+    """:func:`policy_loss_from_logp` at the ``sequence_sum`` level: the rows' losses of
+    :func:`sequence_sum_policy_loss` summed over the normaliser of ``agg`` (the rows), plus the
+    KL and entropy terms per token under the same ``agg``."""
+    logp_out = logp
+    mb = mask != 0
+    rows, ratio, low, high, dual = sequence_sum_policy_loss(logp, old_logp, advantages, mb, clip_low=clip_low,
+                                                            clip_high=clip_high, dual_clip=dual_clip)
+    logp, entropy, old_logp, ref_logp = reference._masked_inputs(
+        mb, logp, entropy, old_logp.detach(), None if ref_logp is None else ref_logp.detach())
+    dt = rows.dtype
+    tok = torch.zeros(mb.shape, dtype=dt, device=mb.device)
+    kl = None
+    if ref_logp is not None:
+        kl = kl_fn(logp, ref_logp, kl_kind)
+        if kl_coef != 0.0:
+            tok = tok + kl_coef * kl
+    if entropy_coef != 0.0:
+        tok = tok - entropy_coef * entropy
+    den = max(mb.shape[0], 1) if normalizer is None else normalizer
+    loss = reference.aggregate(tok, mb, agg, normalizer) + rows.sum() / den
+    with torch.no_grad():
+        n = max(mb.shape[0], 1)
+        zero = torch.zeros((), dtype=dt, device=mb.device)
+        d = logp.detach().to(dt) - old_logp.to(dt)
+        stats = {
+            # TRL's clip_ratio/region_mean, low_mean, high_mean: shares of the answers
+            "clip_frac": (low | high).to(dt).sum() / n,
+            "clip_low_frac": low.to(dt).sum() / n,
+            "clip_high_frac": high.to(dt).sum() / n,
+            "dual_clip_frac": dual.to(dt).sum() / n,
+            # per token, as at the other levels: ppo.target_kl keeps its scale
+            "approx_kl": reference.masked_mean(0.5 * d * d, mb),
+            "ratio_mean": ratio.sum() / n,
+            "ratio_max": ratio.max() if ratio.numel() else zero,
+            "kl": reference.masked_mean(kl, mb) if kl is not None else zero,
+            "entropy": reference.masked_mean(entropy.detach(), mb),
+            "entropy_mask_frac": torch.ones((), dtype=dt, device=mb.device),
+            "off_policy_mask_frac": zero,
+            "logp": logp_out.detach(),
+        }
+        stats["entropy_kept"] = stats["entropy"]
+    return loss, stats
+
+
 def policy_loss_from_logp(
     logp: torch.Tensor,
     entropy: torch.Tensor,
@@ -234,6 +336,11 @@ def policy_loss_from_logp(
     not change the denominator of ``agg`` (as TRL). ``importance_sampling_level="sequence"``:
     GSPO's sequence ratio through :func:`rlhf_fast.models.logprobs.sequence_level_old_logp`
     (clip, luspo and sapo; the off-policy mask still uses the per-token ``old_logp``).
+    ``"sequence_sum"``: TRL RLOO's loss, :func:`sequence_sum_policy_loss` of each row summed
+    over ``agg``'s row normaliser (``clip`` and ``agg`` ``seq-mean-token-sum`` only; no token
+    masks, weights or bias-corrected KL); its stats ``clip_frac`` (TRL's
+    ``clip_ratio/region_mean``), ``clip_low_frac``, ``clip_high_frac``, ``dual_clip_frac``,
+    ``ratio_mean`` and ``ratio_max`` are over the rows, ``approx_kl`` still over the tokens.
 
     ``use_bias_correction_kl``: the KL term is multiplied by the importance ratio exp(logp −
     old_logp), differentiable (TRL's option; with the sequence level the row's ratio, whose
@@ -250,8 +357,16 @@ def policy_loss_from_logp(
     mask drops, 0 when off), ``entropy_kept`` (the mean entropy over the loss tokens the
     high-entropy mask keeps: the tokens of the entropy bonus) and, for vespo, ``vespo_phi_mean``
     (the mean of φ over the loss tokens). Masked-out entries are never read."""
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if importance_sampling_level not in ("token", "sequence", SEQUENCE_SUM):
+        raise ValueError(f"importance_sampling_level must be 'token', 'sequence' or {SEQUENCE_SUM!r}, "
+                         f"got {importance_sampling_level!r}")
+    if importance_sampling_level == SEQUENCE_SUM:
+        _check_sequence_sum(policy_loss, agg, top_entropy_quantile, entropy_mask, off_policy_mask_threshold,
+                            use_bias_correction_kl, is_weight)
+        return _sequence_sum_loss_from_logp(
+            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, agg=agg,
+            normalizer=normalizer, kl_fn=reference.kl_penalty if kl_fn is None else kl_fn)
     if importance_sampling_level == "sequence" and policy_loss in ("cispo", "vespo"):
         raise ValueError(f"importance_sampling_level 'sequence' is not supported with policy_loss {policy_loss!r}")
     if policy_loss == "luspo" and agg != LUSPO_AGG:
@@ -322,6 +437,9 @@ __all__ = [
     "POLICY_LOSSES",
     "CLIP_LOSSES",
     "LUSPO_AGG",
+    "SEQUENCE_SUM",
+    "SEQUENCE_SUM_AGG",
+    "sequence_sum_policy_loss",
     "SAPO_TEMPERATURE_POS",
     "SAPO_TEMPERATURE_NEG",
     "VESPO_K_POS",

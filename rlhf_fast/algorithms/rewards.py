@@ -452,6 +452,20 @@ class CombinedReward:
         return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped)
 
 
+def clip_rewards(scores: torch.Tensor, clip_range: Optional[Sequence[float]]) -> torch.Tensor:
+    """TRL RLOO's ``reward_clip_range``: scores ``[B]`` (the weighted sum of the sources, before
+    the KL-in-reward term and the group baseline) clamped to ``[min, max]``; None returns them
+    unchanged. Same dtype as ``scores``."""
+    if clip_range is None:
+        return scores
+    if isinstance(clip_range, str) or len(clip_range) != 2:
+        raise ValueError(f"clip_range must be a pair [min, max], got {clip_range!r}")
+    lo, hi = (finite(f"clip_range[{i}]", v) for i, v in enumerate(clip_range))
+    if not lo < hi:
+        raise ValueError(f"clip_range must be [min, max] with min < max, got {list(clip_range)!r}")
+    return scores.clamp(min=lo, max=hi)
+
+
 def load_callable(spec: str) -> Callable:
     """Import ``module:function`` (or ``path/to/file.py:function``) and return the function."""
     import importlib

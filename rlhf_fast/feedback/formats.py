@@ -588,15 +588,22 @@ def rankings_to_pairs(records: Iterable[RankingRecord], *, adjacent_only: bool =
     return out
 
 
-def render_prompt(prompt: Prompt, tokenizer: Any = None) -> str:
+def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequence[Any]] = None,
+                  chat_template_kwargs: Optional[Dict[str, Any]] = None) -> str:
     """The prompt as text: plain text unchanged; a chat rendered with the tokenizer's chat
-    template and the generation prompt (or "role: content" lines without a template)."""
+    template and the generation prompt (or "role: content" lines without a template).
+    ``tools``: callables (or JSON schemas) the template describes to the model, as
+    ``apply_chat_template(tools=...)`` renders them; ``chat_template_kwargs``: extra variables
+    the template reads (e.g. ``{"enable_thinking": False}`` for Qwen3), TRL's
+    ``chat_template_kwargs`` (chats with a template only, for both)."""
     if isinstance(prompt, str):
         return prompt
     if not isinstance(prompt, list):
         raise TypeError(f"prompt must be text or a list of chat messages, got {type(prompt).__name__}")
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        kw = {"tools": list(tools)} if tools else {}
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kw,
+                                             **(chat_template_kwargs or {}))
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -427,9 +427,28 @@ def _rms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _RMSNormFn.apply(x, module.weight, float(module.variance_epsilon))
 
 
-def _key_mask(attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, T: int) -> Optional[torch.Tensor]:
+class PackedSegments:
+    """The attention "mask" of one packed row (``B == 1``, position ids restarting per
+    sequence): the sequences' ``lengths`` in order. :func:`_attention` runs causal sdpa on each
+    sequence's slice instead of one dense ``[T, T]`` block-diagonal mask, whose cost grows with
+    T² (for a row of many short sequences, most of it spent on scores the mask then drops)."""
+
+    def __init__(self, lengths: List[int], seq: torch.Tensor):
+        self.lengths = lengths
+        self._seq = seq  # [1, T] sequence index of each position
+
+    def dense(self) -> torch.Tensor:
+        """The equivalent bool mask ``[1, 1, T, T]``: causal within each sequence."""
+        T = self._seq.shape[-1]
+        keys = (self._seq[:, :, None] == self._seq[:, None, :])[:, None]
+        return keys & torch.ones(T, T, dtype=torch.bool, device=self._seq.device).tril_()
+
+
+def _key_mask(attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor,
+              T: int) -> Union[None, torch.Tensor, PackedSegments]:
     """The bool mask ``[B, 1, T, T]`` transformers builds for sdpa, or None where plain causal
-    attention (sdpa's ``is_causal``) gives every attended position the same result.
+    attention (sdpa's ``is_causal``) gives every attended position the same result, or, for
+    one packed row, its :class:`PackedSegments`.
 
     With a 2-D attention mask: causal, and only attended keys (None when no row has a real
     token after a padding one). Without one, position ids that
@@ -452,6 +471,8 @@ def _key_mask(attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor
         seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # [B, T]
         if not bool(seq[:, -1].any()):
             return None
+        if seq.shape[0] == 1:
+            return PackedSegments(torch.bincount(seq[0]).tolist(), seq)
         keys = (seq[:, :, None] == seq[:, None, :])[:, None]  # [B, 1, T, T]
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
     return keys & causal
@@ -475,12 +496,18 @@ def _rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: to
     return _rope_native(kernels, q, k, cos, sin_signed, False)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-               repeat_kv: Optional[bool] = None) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Union[None, torch.Tensor, PackedSegments],
+               scale: float, repeat_kv: Optional[bool] = None) -> torch.Tensor:
     """sdpa of ``q [B, heads, T, d]`` over ``k, v [B, kv_heads, T, d]`` under ``mask`` (None:
-    causal). Grouped KV heads go to sdpa as they are (``enable_gqa``) except with a mask off
-    the CPU (``repeat_kv=None``): CUDA's masked kernels take no grouped heads and sdpa would
-    fall back to its math kernel, so the KV heads are repeated there, as transformers does."""
+    causal; :class:`PackedSegments`: causal within each sequence, one sdpa per sequence).
+    Grouped KV heads go to sdpa as they are (``enable_gqa``) except with a mask off the CPU
+    (``repeat_kv=None``): CUDA's masked kernels take no grouped heads and sdpa would fall back
+    to its math kernel, so the KV heads are repeated there, as transformers does."""
+    if isinstance(mask, PackedSegments):
+        parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=qi.shape[2] > 1, scale=scale,
+                                                enable_gqa=q.shape[1] != k.shape[1])
+                 for qi, ki, vi in zip(*(t.split(mask.lengths, 2) for t in (q, k, v)))]
+        return torch.cat(parts, 2)
     if repeat_kv is None:
         repeat_kv = mask is not None and q.device.type != "cpu"
     if repeat_kv and q.shape[1] != k.shape[1]:
@@ -604,6 +631,8 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     q, k = _rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     if q0:
         # the queries' rows of the mask; plain causal becomes causal aligned to the last key
+        if isinstance(mask, PackedSegments):  # queries of the last columns only: the dense rows
+            mask = mask.dense()
         mask = (torch.ones(Tq, T, dtype=torch.bool, device=h.device).tril_(q0) if mask is None
                 else mask[..., q0:, :])
         h = h[:, q0:]

@@ -368,6 +368,124 @@ def check_tokenizer_folder(path: PathLike, key: str, *, tokenizer_key: Optional[
                          + hint)
 
 
+# ------------------------------------------------------------------ TRL's tokenizer overrides
+
+
+def check_chat_template_path(path: Optional[str], key: str = "chat_template_path") -> None:
+    """ValueError naming ``key`` unless ``path`` is None, a ``.jinja`` / ``.j2`` file, or a local
+    folder holding a tokenizer (nothing is downloaded, so a Hub id is refused)."""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{key} must be null, a .jinja / .j2 file or a tokenizer folder, got {path!r}")
+    if path.endswith((".jinja", ".j2")):
+        if not os.path.isfile(path):
+            raise ValueError(f"{key} {path!r}: no such template file")
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{key} {path!r} is neither a .jinja / .j2 file nor a local tokenizer folder "
+                         "(nothing is downloaded from the Hub)")
+    check_tokenizer_folder(path, key)
+
+
+def _token_in_vocab(tokenizer, token: str, key: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ValueError(f"{key} {token!r} is not in the tokenizer's vocabulary (TRL refuses it too): add it to the "
+                         "tokenizer first, or name a token it has, e.g. its eos "
+                         f"{getattr(tokenizer, 'eos_token', None)!r}")
+
+
+def _set_eos(model, tokenizer, token: str) -> None:
+    """TRL SFTTrainer's ``eos_token``: the tokenizer's eos, mirrored onto the model's config, and
+    added in front of the generation config's eos ids (each of which stops generation)."""
+    tokenizer.eos_token = token
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    ids = gen.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id not in ids:
+        gen.eos_token_id = [tokenizer.eos_token_id, *ids]
+
+
+def clone_chat_template(model, tokenizer, source: str, resize_to_multiple_of: Optional[int] = 64) -> list:
+    """TRL's ``clone_chat_template`` (trl/chat_template_utils.py) for a local tokenizer folder
+    ``source``: its chat template and eos replace ``tokenizer``'s, the added tokens it has and
+    ``tokenizer`` lacks are added, and the model's embeddings (and LM head) are resized to the
+    new vocabulary rounded up to ``resize_to_multiple_of`` — the rows past the vocabulary get
+    ``<extra_id_N>`` tokens, so tokenizer and embeddings agree. Returns the ids of the tokens
+    added (source tokens, then fillers)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    check_chat_template_path(source)
+    src = AutoTokenizer.from_pretrained(source)
+    if not getattr(src, "chat_template", None):
+        raise ValueError(f"chat_template_path {source!r}: its tokenizer has no chat template to copy")
+    tokenizer.chat_template = src.get_chat_template()
+    added = [t for t in src.added_tokens_decoder.values() if t.content not in tokenizer.vocab]
+    tokenizer.add_tokens(added)
+    tokenizer.eos_token = src.eos_token
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    if model.can_generate():  # a sequence-classification model has no generation config
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.resize_token_embeddings(new_num_tokens=len(tokenizer.vocab), pad_to_multiple_of=resize_to_multiple_of)
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    idx = 0
+    while n_rows > len(tokenizer.vocab):  # fillers for the rows the rounding added
+        filler = AddedToken(f"<extra_id_{idx}>")
+        idx += 1
+        if tokenizer.add_tokens(filler) == 1:
+            added.append(filler)
+    if len(tokenizer.vocab) != n_rows:
+        raise RuntimeError(f"chat_template_path {source!r}: the tokenizer has {len(tokenizer.vocab)} tokens after "
+                           f"cloning, the embeddings {n_rows} rows")
+    return tokenizer.convert_tokens_to_ids([t.content for t in added])
+
+
+def apply_tokenizer_overrides(model, tokenizer, *, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
+                              chat_template_path: Optional[str] = None) -> list:
+    """TRL SFTTrainer's (and RewardTrainer's) ``eos_token``, ``chat_template_path`` and
+    ``pad_token``, in its order, applied in place to ``tokenizer`` and ``model`` (a transformers
+    model, before any LoRA or distributed wrapper); returns the ids of the tokens added to the vocabulary (by cloning a
+    tokenizer folder's template), [] otherwise.
+
+    * ``eos_token``: must be in the vocabulary (ValueError); becomes the tokenizer's eos, the
+      model config's ``eos_token_id``, and joins the generation config's eos ids.
+    * ``chat_template_path``: a ``.jinja`` / ``.j2`` file becomes the chat template as it is (any
+      special token it names must already be in the vocabulary); a tokenizer folder is cloned
+      (:func:`clone_chat_template`: its template, eos and added tokens; embeddings resized).
+    * ``pad_token``: must be in the vocabulary (ValueError); the tokenizer's pad and the model
+      config's / generation config's ``pad_token_id``.
+
+    TRL's RewardTrainer applies the three alike to a sequence-classification model (which has
+    no generation config, so only its config's ids change). A peft model cannot take a cloned
+    folder's new tokens (its embeddings are the base's): ValueError, before anything changes."""
+    path = chat_template_path
+    if path is not None and not path.endswith((".jinja", ".j2")) and _is_peft(model):
+        raise ValueError(f"chat_template_path {path!r} clones a tokenizer folder's template, which adds tokens and "
+                         "resizes the embeddings: not with a peft model passed as model (use lora: instead, or a "
+                         ".jinja file)")
+    if eos_token is not None:
+        _token_in_vocab(tokenizer, eos_token, "eos_token")
+        _set_eos(model, tokenizer, eos_token)
+    added: list = []
+    if chat_template_path is not None:
+        check_chat_template_path(chat_template_path)
+        if chat_template_path.endswith((".jinja", ".j2")):
+            with open(chat_template_path, encoding="utf-8") as f:
+                tokenizer.chat_template = f.read()
+        else:
+            added = clone_chat_template(model, tokenizer, chat_template_path)
+    if pad_token is not None:
+        _token_in_vocab(tokenizer, pad_token, "pad_token")
+        tokenizer.pad_token = pad_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
 def load_reward_model(model_or_path, *, device=None, dtype=None):
     """A scalar reward model (AutoModelForSequenceClassification with one label), eval mode.
 
@@ -430,6 +548,9 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 __all__ = [
+    "apply_tokenizer_overrides",
+    "check_chat_template_path",
+    "clone_chat_template",
     "cast_model",
     "check_model_folder",
     "check_tokenizer_folder",

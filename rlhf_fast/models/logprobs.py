@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -326,6 +326,33 @@ def _pack(input_ids, attention_mask):
     return ids, pos.unsqueeze(0), rows, cols
 
 
+class PackedTargets(NamedTuple):
+    """The packed row of a ``[B, T]`` batch and its scored tokens.
+
+    ids, position_ids: ``[1, N]`` int64, N the attended tokens of the batch (row-major);
+    src: ``[n]`` int64, the packed index of each state that predicts a target (the target is
+    packed token ``src + 1``); rows, cols: ``[n]`` int64, the target's place in the ``[B, T]`` batch.
+    """
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    src: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def pack_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> PackedTargets:
+    """The packed row of ``input_ids [B, T]`` (attended tokens per ``attention_mask [B, T]``,
+    :func:`_pack`) and the packed states that predict the positions of ``target [B, T]`` bool
+    (never column 0 nor a token whose predecessor is padding: :func:`_target_mask`): packed
+    token k predicts token k + 1 when both belong to the same row."""
+    ids, pos, rows, cols = _pack(input_ids, attention_mask)
+    sel = torch.zeros_like(rows, dtype=torch.bool)
+    sel[:-1] = (rows[1:] == rows[:-1]) & target[rows[1:], cols[1:]]
+    src = sel.nonzero(as_tuple=True)[0]
+    return PackedTargets(ids, pos, src, rows[src + 1], cols[src + 1])
+
+
 @_honour_context
 def sequence_logprobs(
     model: nn.Module,
@@ -369,25 +396,18 @@ def sequence_logprobs(
     if packed:
         if position_ids is not None:
             raise ValueError("position_ids must be None with packed=True (they are rebuilt per sequence)")
-        ids, pos, rows, cols = _pack(input_ids, attention_mask)
+        pk = pack_targets(input_ids, attention_mask, target)
         if _fallback_reason(model) is not None:
             raise ValueError("packed=True needs a fusable LM head")
-        if rows.numel() == 0:  # no attended token in any row (nonzero above has synced already)
+        if pk.ids.numel() == 0:  # no attended token in any row (nonzero above has synced already)
             z = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
             return (z, z.clone()) if return_entropy else z
         mtype = getattr(unwrap(model).config, "model_type", None)
         if mtype not in PACKED_TESTED:
             _warn_packed_untested(mtype)
-        h = hidden_states(model, ids, None, pos)[0]  # [N, H]
-        # packed token k predicts token k + 1 when both belong to the same row
-        same = torch.zeros_like(rows, dtype=torch.bool)
-        same[:-1] = rows[1:] == rows[:-1]
-        nxt = torch.arange(rows.numel(), device=rows.device) + 1
-        sel = same.clone()
-        sel[:-1] &= target[rows[1:], cols[1:]]
-        src = sel.nonzero(as_tuple=True)[0]
-        tr, tc = rows[nxt[src]], cols[nxt[src]]
-        h_sel, labels = h[src], ids[0, nxt[src]]
+        h = hidden_states(model, pk.ids, None, pk.position_ids)[0]  # [N, H]
+        tr, tc = pk.rows, pk.cols
+        h_sel, labels = h[pk.src], pk.ids[0, pk.src + 1]
     else:
         tr, tc = target.nonzero(as_tuple=True)
         why = _fallback_reason(model)

@@ -141,10 +141,12 @@ class RolloutBatch:
     input_ids: ``[B, P+R]`` int64 — left-padded prompts (width P) followed by right-padded
     responses (width R, the longest response).
     attention_mask: ``[B, P+R]`` int64 — 1 on real prompt and response tokens.
-    response_mask: ``[B, P+R]`` int64 — 1 on generated tokens, the stop token included.
+    response_mask: ``[B, P+R]`` int64 — 1 on generated tokens, the stop token included; with
+    tool calls (:func:`rlhf_fast.rollout.tools.tool_rollout`) 0 on the tool results' tokens
+    inside a response (attention_mask 1 there): holes that every loss, KL and advantage skips.
     behaviour_logp: ``[B, P+R]`` float32 — log-prob of each generated token under the
     processed sampling distribution when it was drawn (penalties, then filters), at its
-    position; 0 elsewhere (and 0 for greedy decoding).
+    position; 0 elsewhere, tool-result tokens included (and 0 for greedy decoding).
     prompt_texts / response_texts: ``list[str]`` of length B (each prompt repeated n times
     consecutively; responses decoded without special tokens).
     group_index: ``[B]`` int64 — which prompt each row answers.

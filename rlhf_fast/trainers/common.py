@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -52,6 +53,17 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, kind: str = "co
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+# ours (lr_lambda: linear warm-up, then min_lr_ratio ends a linear / cosine decay)
+SCHEDULES = ("constant", "linear", "cosine")
+# transformers' other LambdaLR schedules (SchedulerType; get_scheduler), built by transformers
+# with lr_scheduler_kwargs; a LambdaLR, so a checkpoint restores it like ours
+HF_SCHEDULES = ("constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr",
+                "cosine_warmup_with_min_lr", "warmup_stable_decay")
+LR_SCHEDULES = SCHEDULES + HF_SCHEDULES
+# transformers' schedules that step on a metric, which no trainer here passes to the scheduler
+METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
@@ -59,19 +71,35 @@ def make_scheduler(
     total_steps: int,
     kind: str = "cosine",
     min_ratio: float = 0.0,
+    lr_scheduler_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR with linear warm-up then ``kind`` in ("constant", "linear", "cosine") decay.
+    """A LambdaLR for ``kind``: one of ``SCHEDULES`` (linear warm-up then constant, ``linear`` or
+    ``cosine`` decay to ``min_ratio``; :func:`lr_lambda`), or one of ``HF_SCHEDULES``, built by
+    ``transformers.get_scheduler(kind, optimizer, warmup_steps, total_steps,
+    scheduler_specific_kwargs=lr_scheduler_kwargs)`` (its own warm-up formula; ``min_ratio`` must
+    be 0: its kwargs set the final LR, e.g. ``min_lr_rate``).
 
     Call ``scheduler.step()`` once per optimizer step.
     """
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"kind must be 'constant', 'linear' or 'cosine', got {kind!r}")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"kind must be one of {LR_SCHEDULES}, got {kind!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
+    if kind in HF_SCHEDULES:
+        if min_ratio:
+            raise ValueError(f"min_ratio applies to kind 'linear' / 'cosine'; {kind!r} takes its final LR from "
+                             f"lr_scheduler_kwargs, got min_ratio={min_ratio}")
+        from transformers.optimization import get_scheduler
+
+        return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=dict(lr_scheduler_kwargs or {}))
+    if lr_scheduler_kwargs:
+        raise ValueError(f"lr_scheduler_kwargs apply to the transformers schedules {HF_SCHEDULES}, not {kind!r}, "
+                         f"got {dict(lr_scheduler_kwargs)!r}")
 
     def fn(step: int) -> float:
         return lr_lambda(step, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind, min_ratio=min_ratio)
@@ -79,12 +107,22 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def warmup_steps_for(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    """The warm-up length: ceil(``warmup_ratio`` × ``total_steps``) when ``warmup_ratio`` > 0 (transformers'
+    ``TrainingArguments.get_warmup_steps`` for a ``warmup_steps`` below 1, float rounding included:
+    0.07 × 100 gives 8), else ``warmup_steps``."""
+    return math.ceil(total_steps * warmup_ratio) if warmup_ratio > 0 else warmup_steps
+
+
 def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR schedule of an SFT / reward / DPO / KTO config: ``warmup_steps``, then
-    ``lr_schedule`` decay over ``max_steps`` down to ``min_lr_ratio`` × lr (TRL's
-    ``cosine_with_min_lr`` with ``lr_scheduler_kwargs={"min_lr_rate": ...}``; 0: to zero)."""
-    return make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, kind=cfg.lr_schedule,
-                          min_ratio=cfg.min_lr_ratio)
+    """The LR schedule of an SFT / reward / DPO / KTO config: ``warmup_steps`` (or ``warmup_ratio`` of
+    ``max_steps``), then ``lr_schedule`` over ``max_steps``: ours decay down to ``min_lr_ratio`` × lr
+    (TRL's ``cosine_with_min_lr`` with ``lr_scheduler_kwargs={"min_lr_rate": ...}``; 0: to zero),
+    transformers' with ``lr_scheduler_kwargs``. Build it once ``max_steps`` is final
+    (:func:`steps_for_epochs`)."""
+    warmup = warmup_steps_for(cfg.warmup_steps, getattr(cfg, "warmup_ratio", 0.0), cfg.max_steps)
+    return make_scheduler(optimizer, warmup_steps=warmup, total_steps=cfg.max_steps, kind=cfg.lr_schedule,
+                          min_ratio=cfg.min_lr_ratio, lr_scheduler_kwargs=getattr(cfg, "lr_scheduler_kwargs", None))
 
 
 def _jsonable(v: Any) -> Any:
@@ -97,22 +135,262 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-class MetricsLogger:
-    """Appends one JSON object per step to ``run_dir/metrics.jsonl`` (flushed every line),
-    and mirrors scalars to TensorBoard when ``tensorboard`` is importable."""
+# transformers' report_to names of the trackers MetricsLogger feeds, in the order of its
+# get_available_reporting_integrations (integrations/integration_utils.py), with the pip package
+# each needs. "all" is every one of them that is installed, as there; "none" is none of them.
+TRACKER_PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+TRACKERS = tuple(TRACKER_PACKAGES)
+# report_to values that stand alone: "auto" (our default, the behaviour from before report_to
+# existed) is TensorBoard when it is installed, else nothing
+REPORT_TO_WORDS = ("auto", "all", "none")
+# the trackers of transformers that are not here, so that naming one says so rather than "unknown"
+HF_ONLY_TRACKERS = ("azure_ml", "comet_ml", "neptune", "codecarbon", "clearml", "dagshub", "flyte", "dvclive",
+                    "swanlab", "kubeflow")
+TRACKER_IDS = "tracker_ids.json"  # in the run folder: the W&B / MLflow run a resumed run continues
 
-    def __init__(self, run_dir: str, *, tensorboard: bool = True, append: bool = True):
+
+def tracker_installed(name: str) -> bool:
+    """Whether the package of the tracker ``name`` (one of ``TRACKERS``) can be imported, found
+    as transformers finds it (``importlib.util.find_spec``, without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(TRACKER_PACKAGES[name]) is not None
+
+
+def check_report_to(value: Any, key: str = "report_to"):
+    """``value`` of the config key ``key`` checked and normalised: one of ``REPORT_TO_WORDS``, a
+    tracker name, or a list of tracker names (comma-separated text is a list; a one-item list of
+    a word is that word). Every named tracker must be installed. Returns a str or a list of str.
+    ValueError naming ``key`` (and the pip package of a tracker that is missing) otherwise."""
+    names = value
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")] if "," in names else [names.strip()]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{key} must be one of {REPORT_TO_WORDS}, a tracker name {TRACKERS} or a list of them, "
+                         f"got {value!r}")
+    if len(names) == 1 and names[0] in REPORT_TO_WORDS:
+        return names[0]
+    for n in names:
+        if n in REPORT_TO_WORDS:
+            raise ValueError(f"{key}: {n!r} stands alone, not in a list with other names, got {value!r}")
+        if n in HF_ONLY_TRACKERS:
+            raise ValueError(f"{key}: {n!r} is a transformers integration not supported here; the trackers are "
+                             f"{TRACKERS}")
+        if n not in TRACKERS:
+            raise ValueError(f"{key}: unknown tracker {n!r}; expected one of {TRACKERS}, or one of {REPORT_TO_WORDS}")
+        if not tracker_installed(n):
+            raise ValueError(f"{key} {n!r} needs the {TRACKER_PACKAGES[n]} package, which is not installed: "
+                             f"pip install {TRACKER_PACKAGES[n]}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key} names a tracker twice: {value!r}")
+    return names[0] if len(names) == 1 and isinstance(value, str) else list(names)
+
+
+def resolve_report_to(value: Any, key: str = "report_to") -> List[str]:
+    """The trackers ``value`` (:func:`check_report_to`) stands for, in ``TRACKERS`` order for the
+    words: ``auto`` → ``["tensorboard"]`` when it is installed, else ``[]``; ``all`` → every
+    installed tracker (transformers' ``report_to="all"``); ``none`` → ``[]``."""
+    value = check_report_to(value, key)
+    if value == "auto":
+        return ["tensorboard"] if tracker_installed("tensorboard") else []
+    if value == "all":
+        return [n for n in TRACKERS if tracker_installed(n)]
+    if value == "none":
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_run_name(value: Any, key: str = "run_name") -> None:
+    """ValueError naming ``key`` unless ``value`` is None or a non-empty string."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{key} must be null (the output folder's name) or a non-empty string, got {value!r}")
+
+
+def _tracker_id(run_dir: str, name: str, new_id=None) -> Optional[str]:
+    """The id of the ``name`` tracker's run saved in ``run_dir/TRACKER_IDS``; when there is none
+    and ``new_id`` is given, ``new_id()`` is saved and returned."""
+    from .config import atomic_write_text
+
+    path = os.path.join(run_dir, TRACKER_IDS)
+    ids = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            ids = json.load(f)
+    if name not in ids and new_id is not None:
+        ids[name] = new_id()
+        atomic_write_text(path, json.dumps(ids, indent=2))
+    return ids.get(name)
+
+
+def _save_tracker_id(run_dir: str, name: str, run_id: str) -> None:
+    _tracker_id(run_dir, name, lambda: run_id)
+
+
+class _TensorBoard:
+    """Scalars as TensorBoard events in ``run_dir/tb``."""
+
+    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+
+    def log(self, step: int, scalars: Dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self._w.add_scalar(k, v, step)
+
+    def finish(self) -> None:
+        self._w.close()
+
+
+class _WandB:
+    """A W&B run in project ``$WANDB_PROJECT`` (default "rlhf_fast"), files under ``run_dir/wandb``,
+    its id kept in ``run_dir/TRACKER_IDS`` so that a resumed run continues it (``resume="allow"``).
+    Each record is logged with its ``step`` as a key, the x-axis of every other key (as
+    transformers' WandbCallback does with ``train/global_step``), so the steps a resumed run
+    logs again after its checkpoint are new points, not dropped as steps going back."""
+
+    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any]):
+        import secrets
+
+        import wandb
+
+        run_id = _tracker_id(run_dir, "wandb", lambda: secrets.token_hex(4))
+        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhf_fast"), name=run_name, config=config,
+                               dir=run_dir, resume="allow", id=run_id)
+        self._run.define_metric("step")
+        self._run.define_metric("*", step_metric="step", step_sync=True)
+
+    def log(self, step: int, scalars: Dict[str, float]) -> None:
+        self._run.log({"step": step, **scalars})
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+class _Trackio:
+    """A trackio run in project ``$TRACKIO_PROJECT`` (default "rlhf_fast") named ``run_name``,
+    continued by name on resume (``resume="allow"``, as transformers' TrackioCallback)."""
+
+    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any]):
+        import trackio
+
+        self._trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "rlhf_fast"), name=run_name, config=config,
+                     resume="allow")
+
+    def log(self, step: int, scalars: Dict[str, float]) -> None:
+        self._trackio.log(scalars, step=step)
+
+    def finish(self) -> None:
+        self._trackio.finish()
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+class _MLflow:
+    """An MLflow run (experiment ``$MLFLOW_EXPERIMENT_NAME``, tracking URI ``$MLFLOW_TRACKING_URI``,
+    both read by mlflow) named ``run_name``, whose id is kept in ``run_dir/TRACKER_IDS`` so that a
+    resumed run continues it. The config's keys (dotted) are its params, logged once, when the run
+    is created (MLflow refuses to change a param), 100 per call and without the values longer than
+    MLflow takes, as transformers' MLflowCallback does."""
+
+    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any]):
+        import mlflow
+
+        self._mlflow = mlflow
+        run_id = _tracker_id(run_dir, "mlflow")
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        if run_id is None:
+            _save_tracker_id(run_dir, "mlflow", run.info.run_id)
+            longest = getattr(getattr(getattr(mlflow, "utils", None), "validation", None), "MAX_PARAM_VAL_LENGTH", 500)
+            params = [(k, str(v)) for k, v in _flat(config).items() if len(str(v)) <= longest]
+            for i in range(0, len(params), 100):
+                mlflow.log_params(dict(params[i:i + 100]))
+
+    def log(self, step: int, scalars: Dict[str, float]) -> None:
+        self._mlflow.log_metrics(scalars, step=step)
+
+    def finish(self) -> None:
+        self._mlflow.end_run()
+
+
+TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio, "mlflow": _MLflow}
+
+
+def record_scalars(rec: Mapping[str, Any]) -> Dict[str, float]:
+    """The numbers of a metrics record (as :meth:`MetricsLogger.log` returns it) that trackers
+    plot: every int / float value but ``step`` (bools, lists and text are left out, so a Python
+    float nan, which the record holds as the text "nan", is too: TensorBoard has always had
+    these and only these)."""
+    return {k: v for k, v in rec.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``run_dir/metrics.jsonl`` (flushed every line; always),
+    and sends its numbers (:func:`record_scalars`) to the trackers ``report_to`` names
+    (:func:`resolve_report_to`: ``"auto"``, the default, is TensorBoard when it is installed, in
+    ``run_dir/tb``; ``"wandb"``, ``"trackio"``, ``"mlflow"``, ``"all"``, ``"none"`` or a list),
+    each run named ``run_name`` (None: the run folder's name) and given ``config`` (the run's
+    resolved config as a dict) as its config. ``tensorboard=False`` leaves TensorBoard out
+    whatever ``report_to`` says.
+
+    Open it on rank 0 only. A resumed run opens it after ``truncate_metrics``: the W&B and
+    MLflow runs continue under the ids saved in ``run_dir/tracker_ids.json``, and the steps the
+    run had logged after its checkpoint are logged to them again (as a resumed TRL run does),
+    while metrics.jsonl holds each step once. A tracker named explicitly that fails to start
+    raises; under ``"auto"`` a TensorBoard that cannot start is skipped, as before."""
+
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, append: bool = True, report_to: Any = "auto",
+                 run_name: Optional[str] = None, config: Optional[Mapping[str, Any]] = None):
+        check_run_name(run_name)
+        names = [n for n in resolve_report_to(report_to) if tensorboard or n != "tensorboard"]
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        name = run_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+        self._trackers = []
+        try:
+            for n in names:
+                try:
+                    self._trackers.append(TRACKER_CLASSES[n](run_dir, name, dict(config or {})))
+                except Exception:
+                    if report_to != "auto":
+                        raise
+                    # TensorBoard installed but unusable: the JSONL log is enough
+        except BaseException:
+            self._finish_trackers()
+            raise
         self._f = open(self.path, "a" if append else "w", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
-            except Exception:  # tensorboard not installed: the JSONL log is enough
-                self._tb = None
+    @classmethod
+    def for_config(cls, run_dir: str, cfg: Any) -> "MetricsLogger":
+        """The logger of a trainer whose config ``cfg`` has ``report_to`` and ``run_name`` (a config
+        without them gets the defaults), with the run's config.yaml (written by then; else ``cfg``)
+        as the trackers' config."""
+        import yaml
+
+        path = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        else:
+            config = to_dict(cfg)
+        return cls(run_dir, report_to=getattr(cfg, "report_to", "auto"), run_name=getattr(cfg, "run_name", None),
+                   config=config)
+
+    @property
+    def trackers(self) -> List[str]:
+        """The names of the trackers this logger feeds."""
+        names = {c: n for n, c in TRACKER_CLASSES.items()}
+        return [names[type(t)] for t in self._trackers]
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
         """Write ``{"step": step, **metrics}`` as one line; tensors become floats. Returns the record."""
@@ -120,19 +398,22 @@ class MetricsLogger:
         rec.update({str(k): _jsonable(v) for k, v in metrics.items()})
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, int(step))
+        if self._trackers:
+            scalars = record_scalars(rec)
+            for t in self._trackers:
+                t.log(int(step), scalars)
         return rec
 
+    def _finish_trackers(self) -> None:
+        trackers, self._trackers = self._trackers, []
+        for t in trackers:
+            t.finish()
+
     def close(self) -> None:
-        """Flush and close the log files."""
+        """Flush and close the log file and finish every tracker's run."""
         if not self._f.closed:
             self._f.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._finish_trackers()
 
     def __enter__(self):
         return self
@@ -303,6 +584,282 @@ def check_lora_field(cfg, name: str = "lora") -> None:
     cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
 
 
+# transformers' Trainer names (TrainingArguments.optim) of the optimizers that need no other
+# package: transformers/trainer_optimizer.py, _get_adamw_torch, _get_adafactor, _get_sgd,
+# _get_adagrad and _get_rmsprop
+ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+OPTIMS = ADAMW_OPTIMS + ("adafactor", "sgd", "adagrad", "rmsprop")
+# the optim_args each of them reads, and as what (the same handlers; they also read weight_decay,
+# which the Trainer's parameter groups then override: the weight_decay key sets it here)
+OPTIM_ARGS: Dict[str, Dict[str, type]] = {
+    "sgd": {"momentum": float, "dampening": float, "nesterov": bool},
+    "adagrad": {"lr_decay": float, "eps": float},
+    "rmsprop": {"momentum": float, "alpha": float, "eps": float, "centered": bool},
+}
+ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}  # TrainingArguments' (and torch's)
+# updates that are not elementwise: Adafactor's second moment of a matrix is the outer product of
+# its row and column means, and its update is clipped by the update's RMS, so a rank holding an
+# FSDP2 shard of a matrix would step differently from one process holding all of it
+NOT_ELEMENTWISE = ("adafactor",)
+# the param-group key that names a non-AdamW optimizer in its state dict (an untagged state is
+# AdamW's, as every checkpoint before the others existed), checked on load
+OPTIM_KEY = "optim"
+
+
+def _text_value(text: str) -> Any:
+    """A value given as text, read as YAML, and a number in exponent form without a dot (which
+    YAML 1.1 leaves as text: '1e-7') as a float."""
+    import re
+
+    import yaml
+
+    v = yaml.safe_load(text)
+    if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v.strip()):
+        return float(v)
+    return v
+
+
+def _yaml_values(mapping: Mapping[str, Any]) -> Dict[str, Any]:
+    """``mapping`` with text values read as YAML: ``--optim_args.momentum 0.9`` arrives as '0.9'."""
+    return {k: _text_value(v) if isinstance(v, str) else v for k, v in mapping.items()}
+
+
+def _mapping(name: str, value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{name} must be a mapping {{name: value}}, got {value!r}")
+    return _yaml_values(value)
+
+
+def _optim_args(optim: str, optim_args: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    """``optim_args`` checked against ``OPTIM_ARGS[optim]``: floats for its number keys, bools
+    for its flags; ValueError naming ``name``.KEY otherwise."""
+    allowed = OPTIM_ARGS.get(optim, {})
+    out = {}
+    for k, v in optim_args.items():
+        if k == "weight_decay":
+            raise ValueError(f"{name}.weight_decay: set the weight_decay key instead (it decays the matrices "
+                             "only, as the Trainer's parameter groups do)")
+        if k not in allowed:
+            takes = f"takes {sorted(allowed)}" if allowed else "takes no optim_args"
+            raise ValueError(f"{name}.{k}: optim {optim!r} {takes}")
+        if allowed[k] is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}.{k} must be true or false, got {v!r}")
+            out[k] = v
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}.{k} must be a finite number, got {v!r}")
+            out[k] = float(v)
+    return out
+
+
+def optimizer_cls_and_kwargs(optim: str = "adamw_torch", *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                             optim_args: Optional[Mapping[str, Any]] = None):
+    """``(optimizer class, keyword arguments besides the parameters)`` for the transformers name
+    ``optim`` (one of ``OPTIMS``), as ``transformers.Trainer.get_optimizer_cls_and_kwargs`` gives
+    them for ``learning_rate=lr``, ``adam_beta1, adam_beta2 = betas``, ``adam_epsilon=eps`` and
+    ``optim_args`` (here a mapping {name: value} of ``OPTIM_ARGS[optim]``, there the text
+    "name=value,..."). ``adafactor`` is transformers' ``Adafactor`` with ``scale_parameter`` and
+    ``relative_step`` off, so it steps at ``lr`` under the LR schedule. ValueError naming
+    ``optim`` / ``optim_args`` for anything else."""
+    if optim not in OPTIMS:
+        raise ValueError(f"optim must be one of {OPTIMS}, got {optim!r} (the optimizers of bitsandbytes, torchao, "
+                         "GaLore, APOLLO, LOMO, schedulefree and the like need packages not used here)")
+    args = _optim_args(optim, _mapping("optim_args", optim_args), "optim_args")
+    kw: Dict[str, Any] = {"lr": lr}
+    if optim in ADAMW_OPTIMS:
+        kw.update(betas=(betas[0], betas[1]), eps=eps)
+        if optim == "adamw_torch_fused":
+            kw["fused"] = True
+        return torch.optim.AdamW, kw
+    if optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        kw.update(scale_parameter=False, relative_step=False)
+        return Adafactor, kw
+    kw.update(args)
+    return {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[optim], kw
+
+
+def _same_optimizer_hook(optim: str):
+    """A load_state_dict pre-hook: a state saved by another kind of optimizer (AdamW's moments
+    loaded into Adafactor, say) is a ValueError naming both, not a KeyError at the next step."""
+    mine = "adamw" if optim in ADAMW_OPTIMS else optim
+
+    def hook(optimizer, state_dict):
+        saved = {g.get(OPTIM_KEY, "adamw") for g in state_dict.get("param_groups", ())}
+        saved = {"adamw" if s in ADAMW_OPTIMS else s for s in saved}
+        if saved and saved != {mine}:
+            theirs = "adamw_torch" if saved == {"adamw"} else ", ".join(sorted(saved))
+            raise ValueError(f"the saved optimizer state is from optim {theirs!r}, but this run's optim is "
+                             f"{optim!r}: resume with optim {theirs!r}, or start a new run")
+        return None
+
+    return hook
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float, optim: str = "adamw_torch", betas=(0.9, 0.999),
+                   eps: float = 1e-8, optim_args: Optional[Mapping[str, Any]] = None) -> torch.optim.Optimizer:
+    """The optimizer ``optim`` (one of ``OPTIMS``; :func:`optimizer_cls_and_kwargs`) over ``params``,
+    with weight decay on the matrices only (:func:`decay_param_groups`). The AdamW names are
+    :func:`make_adamw` (fused kernel where it applies, whichever of the two is named: the update
+    is the same). A non-AdamW optimizer's groups carry its name (``OPTIM_KEY``), and loading a
+    state dict saved by another kind of optimizer is a ValueError. ``adafactor`` over FSDP2
+    shards (DTensor parameters) is refused: its update is not elementwise."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    cls, kw = optimizer_cls_and_kwargs(optim, lr=lr, betas=betas, eps=eps, optim_args=optim_args)
+    if optim in ADAMW_OPTIMS:
+        opt = make_adamw(params, lr, weight_decay, betas=kw["betas"], eps=kw["eps"])
+    else:
+        if optim in NOT_ELEMENTWISE and any(isinstance(p, DTensor) for p in params):
+            raise ValueError(f"optim {optim!r} cannot step FSDP2-sharded parameters (distributed.strategy fsdp2): "
+                             "its update of a matrix is not elementwise, so each rank's shard would move unlike "
+                             "the whole; use strategy ddp, or an elementwise optimizer")
+        groups = [{**g, OPTIM_KEY: optim} for g in decay_param_groups(params, weight_decay)]
+        opt = cls(groups, **kw)
+    opt.register_load_state_dict_pre_hook(_same_optimizer_hook(optim))
+    return opt
+
+
+def supervised_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """The optimizer of an SFT / reward / DPO / KTO config over ``params``: ``optim`` (default
+    ``adamw_torch``), ``lr``, ``weight_decay``, ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon``
+    and ``optim_args`` (:func:`make_optimizer`)."""
+    if not isinstance(cfg, OptimizerOptions):  # a config without these keys: AdamW at their defaults
+        return make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, optim=cfg.optim,
+                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, optim_args=cfg.optim_args)
+
+
+def check_optimizer_fields(optim, adam_beta1, adam_beta2, adam_epsilon, optim_args, *, lr: float = 1e-3,
+                           prefix: str = "", optim_key: str = "optim") -> Dict[str, Any]:
+    """Check the optimizer keys of a config (``prefix`` + their names in the messages, the
+    optimizer's own key ``optim_key``): ``optim`` one of ``OPTIMS``; betas in [0, 1) and epsilon
+    > 0, set away from their defaults only for the AdamW names (transformers passes them to no
+    other); ``optim_args`` those of ``OPTIM_ARGS[optim]`` — and the optimizer is built once on a
+    dummy parameter, so what torch refuses (nesterov without momentum...) fails here, naming the
+    key. Returns ``optim_args`` with text values read as YAML. ValueError otherwise."""
+    if optim not in OPTIMS:
+        raise ValueError(f"{optim_key} must be one of {OPTIMS}, got {optim!r} (the optimizers of bitsandbytes, "
+                         "torchao, GaLore, APOLLO, LOMO, schedulefree and the like need packages not used here)")
+    for name, v in (("adam_beta1", adam_beta1), ("adam_beta2", adam_beta2), ("adam_epsilon", adam_epsilon)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not (0 < v if name == "adam_epsilon" else 0 <= v < 1):
+            want = "a finite number > 0" if name == "adam_epsilon" else "a number in [0, 1)"
+            raise ValueError(f"{prefix}{name} must be {want}, got {v!r}")
+        if optim not in ADAMW_OPTIMS and v != ADAM_DEFAULTS[name]:
+            raise ValueError(f"{prefix}{name} applies to {optim_key} {' / '.join(ADAMW_OPTIMS)} only (transformers "
+                             f"passes it to no other optimizer), got {optim_key} {optim!r}")
+    args = _optim_args(optim, _mapping(f"{prefix}optim_args", optim_args), f"{prefix}optim_args")
+    cls, kw = optimizer_cls_and_kwargs(optim, lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_epsilon,
+                                       optim_args=args)
+    kw.pop("fused", None)
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **kw)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{prefix}optim_args {args!r} for {optim_key} {optim!r}: {e}") from None
+    return args
+
+
+def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, *, lr: float,
+                          total_steps: int, prefix: str = "", schedule_key: str = "lr_schedule") -> Dict[str, Any]:
+    """Check the LR-schedule keys of a config (``prefix`` + their names in the messages, the
+    schedule's own key ``schedule_key``): the schedule one of ``LR_SCHEDULES``;
+    ``lr_scheduler_kwargs`` only with transformers' schedules (``HF_SCHEDULES``), whose
+    ``min_lr_ratio`` must stay 0, and such that transformers builds the schedule (tried on a
+    dummy optimizer at ``lr`` over ``total_steps``); ``warmup_ratio`` in [0, 1), and not with a
+    non-zero ``warmup_steps``. Returns ``lr_scheduler_kwargs`` with text values read as YAML."""
+    if schedule in METRIC_SCHEDULES:
+        raise ValueError(f"{prefix}{schedule_key} {schedule!r} steps on a metric, which no trainer here passes "
+                         f"to its scheduler; choose one of {LR_SCHEDULES}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"{prefix}{schedule_key} must be one of {LR_SCHEDULES}, got {schedule!r}")
+    r = warmup_ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r < 1:
+        raise ValueError(f"{prefix}warmup_ratio must be a number in [0, 1), got {r!r}")
+    if r > 0 and warmup_steps != 0:
+        raise ValueError(f"{prefix}warmup_ratio ({r}) and {prefix}warmup_steps ({warmup_steps}) both set the "
+                         f"warm-up: set {prefix}warmup_steps to 0 to use the ratio")
+    kwargs = _mapping(f"{prefix}lr_scheduler_kwargs", lr_scheduler_kwargs)
+    if schedule in SCHEDULES:
+        if kwargs:
+            raise ValueError(f"{prefix}lr_scheduler_kwargs apply to the transformers schedules {HF_SCHEDULES}; "
+                             f"{prefix}{schedule_key} {schedule!r} takes {prefix}min_lr_ratio only, got {kwargs!r}")
+        return kwargs
+    if min_lr_ratio:
+        raise ValueError(f"{prefix}min_lr_ratio applies to {prefix}{schedule_key} 'linear' / 'cosine'; for "
+                         f"{schedule!r} set the final LR in {prefix}lr_scheduler_kwargs (e.g. min_lr_rate)")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    try:
+        make_scheduler(opt, warmup_steps=warmup_steps_for(warmup_steps, r, total_steps), total_steps=total_steps,
+                       kind=schedule, lr_scheduler_kwargs=kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}lr_scheduler_kwargs {kwargs!r} do not fit {prefix}{schedule_key} "
+                         f"{schedule!r}: {e}") from None
+    return kwargs
+
+
+def _beside(key: str) -> Dict[str, str]:
+    return {"after": key}  # config.py lists the field after ``key`` of the config that inherits it
+
+
+@dataclasses.dataclass
+class OptimizerOptions:
+    """The optimizer and LR-schedule keys the offline trainer configs (SFT, reward, DPO, KTO)
+    share with TRL (transformers' ``TrainingArguments``), inherited by each: ``optim`` (one of
+    ``OPTIMS``), ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon`` (the AdamW names only),
+    ``optim_args`` ({name: value}: ``OPTIM_ARGS`` of sgd / adagrad / rmsprop),
+    ``lr_scheduler_kwargs`` (the keyword arguments of a transformers ``lr_schedule``,
+    ``HF_SCHEDULES``) and ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
+    ``warmup_steps`` 0). :func:`check_training_schedule` calls :meth:`check_optimizer_options`."""
+
+    optim: str = dataclasses.field(default="adamw_torch", metadata=_beside("weight_decay"))
+    adam_beta1: float = dataclasses.field(default=0.9, metadata=_beside("weight_decay"))
+    adam_beta2: float = dataclasses.field(default=0.999, metadata=_beside("weight_decay"))
+    adam_epsilon: float = dataclasses.field(default=1e-8, metadata=_beside("weight_decay"))
+    optim_args: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_beside("weight_decay"))
+    warmup_ratio: float = dataclasses.field(default=0.0, metadata=_beside("warmup_steps"))
+    lr_scheduler_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_beside("min_lr_ratio"))
+
+    def check_optimizer_options(self) -> None:
+        """Check these keys, with the inheriting config's ``lr``, ``lr_schedule``, ``min_lr_ratio``,
+        ``warmup_steps``, ``max_steps`` and ``distributed`` (a DistributedConfig by now); text values
+        of the two mappings are read as YAML. ValueError naming the key."""
+        self.optim_args = check_optimizer_fields(self.optim, self.adam_beta1, self.adam_beta2, self.adam_epsilon,
+                                                 self.optim_args, lr=self.lr)
+        self.lr_scheduler_kwargs = check_schedule_fields(
+            self.lr_schedule, self.lr_scheduler_kwargs, self.min_lr_ratio, self.warmup_steps, self.warmup_ratio,
+            lr=self.lr, total_steps=self.max_steps)
+        if self.optim in NOT_ELEMENTWISE and self.distributed.strategy == "fsdp2":
+            raise ValueError(f"optim {self.optim!r} is not supported with distributed.strategy fsdp2: its update of "
+                             "a matrix is not elementwise, so each rank's shard would move unlike the whole; use "
+                             "strategy ddp, or an elementwise optimizer")
+
+
+@dataclasses.dataclass
+class LoggingOptions:
+    """The experiment-tracker keys the offline trainer configs (SFT, reward, DPO, KTO) share with
+    TRL (transformers' ``TrainingArguments``), inherited by each and listed after ``log_every``:
+    ``report_to`` (``auto``: TensorBoard when it is installed, else none — the default, as before
+    this key existed; ``none``, ``all`` = every installed tracker, or ``tensorboard``, ``wandb``,
+    ``trackio``, ``mlflow`` or a list of them; :class:`MetricsLogger`) and ``run_name`` (null: the
+    output folder's name). metrics.jsonl is written whatever they say.
+    :func:`check_training_schedule` calls :meth:`check_logging_options`."""
+
+    report_to: Union[str, List[str]] = dataclasses.field(default="auto", metadata=_beside("log_every"))
+    run_name: Optional[str] = dataclasses.field(default=None, metadata=_beside("log_every"))
+
+    def check_logging_options(self) -> None:
+        """``report_to`` normalised (:func:`check_report_to`: known names, installed packages) and
+        ``run_name`` checked; ValueError naming the key."""
+        self.report_to = check_report_to(self.report_to)
+        check_run_name(self.run_name)
+
+
 def check_training_schedule(cfg) -> None:
     """The checks every supervised trainer config (SFT, reward) shares: ``distributed`` given as
     a dict becomes a ``DistributedConfig``; sizes and counts, eval_fraction, lr, grad_clip,
@@ -328,11 +885,16 @@ def check_training_schedule(cfg) -> None:
                 or (name == "lr" and v == 0):
             raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
     check_seed("seed", cfg.seed)
-    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {cfg.lr_schedule!r}")
     r = cfg.min_lr_ratio
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1] (the final LR over lr), got {r!r}")
+    if isinstance(cfg, OptimizerOptions):
+        cfg.check_optimizer_options()
+    if isinstance(cfg, LoggingOptions):
+        cfg.check_logging_options()
+    else:
+        check_schedule_fields(cfg.lr_schedule, {}, cfg.min_lr_ratio, cfg.warmup_steps, 0.0, lr=cfg.lr,
+                              total_steps=cfg.max_steps)
     if not isinstance(cfg.gradient_checkpointing, bool):
         raise ValueError(f"gradient_checkpointing must be true or false, got {cfg.gradient_checkpointing!r}")
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):
@@ -374,7 +936,8 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "MetricsLogger", "read_metrics", "RunDir",
+__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "make_optimizer", "OptimizerOptions",
+           "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "resolve_device", "to_dict"]
 
@@ -515,17 +1078,19 @@ def decay_param_groups(params, weight_decay: float) -> List[Dict[str, Any]]:
             if g["params"]]
 
 
-def make_adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float, *, betas=(0.9, 0.999),
+               eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over each parameter for the whole update; on a
     small model's CPU step 0.2 ms instead of 0.6) where every parameter is a plain CPU / CUDA
-    float tensor; else the multi-tensor (foreach) one, e.g. for FSDP2's DTensor parameters."""
+    float tensor; else the multi-tensor (foreach) one, e.g. for FSDP2's DTensor parameters.
+    ``betas`` / ``eps``: torch's defaults, which are also transformers'."""
     from torch.distributed.tensor import DTensor
 
     fused = bool(params) and all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda")
                                  and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
                                  for p in params)
     # weight decay on the matrices only (decay_param_groups: not on biases and norm gains)
-    return torch.optim.AdamW(decay_param_groups(params, weight_decay), lr=lr,
+    return torch.optim.AdamW(decay_param_groups(params, weight_decay), lr=lr, betas=betas, eps=eps,
                              **({"fused": True} if fused else {"foreach": True}))
 
 

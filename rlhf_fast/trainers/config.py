@@ -280,6 +280,29 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     return _build(cls, data)
 
 
+def config_fields(cls) -> List[dataclasses.Field]:
+    """The init fields of the dataclass (type or instance) ``cls`` in the order a config lists
+    them: declaration order, except that a field whose metadata says ``after: KEY`` follows the
+    field KEY (with the others that follow it, in declaration order). Dataclasses put a base
+    class's fields first; this lets shared keys (``OptimizerOptions``) sit beside the keys they
+    go with in config.yaml and ``--help``."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    movers = {f.name for f in fields if f.metadata.get("after") in names}
+    moved: Dict[str, List[dataclasses.Field]] = {}
+    for f in fields:
+        # (one level only: a field placed after one that is itself placed stays where it is)
+        if f.name in movers and f.metadata["after"] not in movers:
+            moved.setdefault(f.metadata["after"], []).append(f)
+    out: List[dataclasses.Field] = []
+    placed = {id(f) for group in moved.values() for f in group}
+    for f in fields:
+        if id(f) not in placed:
+            out.append(f)
+            out.extend(moved.get(f.name, []))
+    return out
+
+
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A plain nested dict (tuples as lists) of the dataclass ``cfg``, ready for YAML/JSON."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
@@ -287,7 +310,7 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
     def plain(v):
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+            return {f.name: plain(getattr(v, f.name)) for f in config_fields(v)}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
@@ -317,9 +340,7 @@ def config_keys(cls) -> List[Tuple[str, str, Any]]:
 
     def walk(c, prefix):
         hints = _hints(c)
-        for f in dataclasses.fields(c):
-            if not f.init:
-                continue
+        for f in config_fields(c):
             tp = hints[f.name]
             inner = _is_optional(tp)[1]
             if dataclasses.is_dataclass(inner) and isinstance(inner, type):

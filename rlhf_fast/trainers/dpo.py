@@ -25,8 +25,11 @@ difference from TRL 1.16: :mod:`rlhf_fast.trainers.preference_losses`):
   responses, as ``rpo_alpha``);
 * reference-free — no reference model is loaded and no reference forward runs: ``simpo``
   (TRL's CPOTrainer ``simpo``: length-normalised log-probs, margin ``simpo_gamma``), ``cpo``
-  (CPOTrainer's ``sigmoid`` on summed log-probs) — both plus ``cpo_alpha`` × NLL of the chosen
-  responses (TRL's default 1.0; 0 for plain SimPO) — and ``orpo`` (ORPOTrainer: NLL of the
+  (CPOTrainer's ``sigmoid`` on summed log-probs), ``cpo_hinge`` / ``cpo_ipo`` (CPOTrainer's
+  reference-free ``hinge`` on summed, ``ipo`` on token-mean log-probs) — all plus ``cpo_alpha`` ×
+  NLL of the chosen responses (TRL's default 1.0; 0 for plain SimPO), and with ``alpha`` ≠ 0
+  AlphaPO's reward shape (``loss_type: alphapo`` is TRL's shorthand: simpo with cpo_alpha 0) —
+  and ``orpo`` (ORPOTrainer: NLL of the
   chosen rows, prompt included as TRL, + β·(−log σ(log-odds ratio)) of token-mean log-probs; β
   is ORPO's λ). They must be used alone, without ``ref_model``, ``precompute_ref_logps``,
   ``rpo_alpha``, ``use_margin``, ``ld_alpha`` or an ``f_divergence_type``.
@@ -41,8 +44,10 @@ reference), as TRL.
 w_c·w_r, w = exp(mean over the response tokens of log π(y_t) − log Σ_v π_v²) under the current
 policy, detached; log Σ_v π_v² comes from the same forward's hidden states in a no-grad pass over
 chunks of rows (h·Wᵀ per chunk, never ``[B, T, V]``). Refused with the batch-level ``aot`` losses
-(as TRL), the reference-free losses, and an NLL term (``sft``, ``rpo_alpha``: TRL scales its
-micro-batch sft mean by the mean pair weight; ours is a token mean over the whole step).
+(as TRL) and the reference-free losses. An NLL term (``sft``, ``rpo_alpha``) is weighted as TRL
+weights its ``sft`` term: each micro-batch's NLL × the mean pair weight of that micro-batch (our
+NLL stays a token sum over the step's chosen tokens; TRL's is a per-micro-batch token mean, the
+same for one micro-batch per step), and the logged ``nll`` is this weighted one.
 
 With ``use_margin`` each pair's ``margin`` m ≥ 0 is subtracted inside: βz − m (sigmoid, robust,
 hinge; refused with other losses), like the reward trainer's Bradley–Terry; otherwise margins
@@ -73,6 +78,15 @@ as TRL) and the reference-free losses. ``disable_dropout`` (default true, as TRL
 off in the policy and the reference; ``num_train_epochs`` sets ``max_steps`` from the number of
 training pairs (:func:`rlhf_fast.trainers.common.steps_for_epochs`).
 
+``padding_free`` (TRL's DPOConfig key, which TRL 1.16 ignores with a warning): the policy, and
+the reference (its precomputed log-probs too), score each micro-batch as one row holding every
+chosen then every rejected row's tokens without padding, position ids restarting per sequence
+so attention stays inside each (SFT's ``packing``:
+``sequence_logprobs(..., packed=True)``, :mod:`rlhf_fast.trainers.packing`). The per-token
+log-probs come back at their padded places, so token counts, losses (every type, WPO and LD-DPO
+included), metrics and gradients are the padded path's up to float rounding; it saves the
+forward's work on padding. Needs a fusable LM head (checked when the trainer starts).
+
 Encoding (as SFT): the prompt as generation sees it (plain text with the tokenizer's special
 tokens, a chat through its template), the response without special tokens, one eos. A
 conversational pair (chat prompt, chosen / rejected as chat messages, TRL's conversational
@@ -80,10 +94,15 @@ preference format) takes the tokens the chat template writes for each response's
 the prompt: content and end of turn, no eos added — TRL's ``apply_chat_template(prompt +
 chosen)`` ids (:func:`rlhf_fast.trainers.sft_data.completion_tokens`). A pair without prompt
 (TRL's implicit prompt) was split when loaded (:func:`rlhf_fast.feedback.formats.extract_prompt`). Truncation
-to ``max_len`` tokens per row: a prompt longer than the room the pair's longer response leaves
-is cut from its start (its end, next to the response, is kept), but never below half of
-``max_len``; responses then lose their tail (and their eos) to fit. Both rows of a pair share
-the same prompt tokens.
+to ``max_len`` tokens per row (:func:`truncate_pair`), by ``truncation_mode``: ``balanced`` (the
+default) cuts a prompt longer than the room the pair's longer response leaves from its start
+(its end, next to the response, is kept), but never below half of ``max_len``; responses then
+lose their tail (and their eos) to fit; both rows of a pair share the same prompt tokens.
+``keep_start`` / ``keep_end`` are TRL 1.16's: each row (prompt + one response) keeps its first /
+last ``max_len`` tokens, the ids of TRL's ``DataCollatorForPreference``; ``keep_start`` drops a
+pair whose prompt fills ``max_len`` (as TRL), ``keep_end`` keeps each response's end and eos.
+Before that, ``max_prompt_length`` keeps the prompt's last tokens and ``max_completion_length``
+each response's first (TRL 0.x's DPO ``tokenize_row``; TRL 1.16's DPO has neither).
 
 Data (``data_kind``): ``pairs`` (JSONL/Parquet, :mod:`rlhf_fast.feedback.formats`),
 ``rankings`` (every implied pair), ``labels`` (files written by ``rlhf-fast label`` / ``judge``);
@@ -106,22 +125,26 @@ from rlhf_fast.feedback.formats import _shown, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, make_adamw, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
+                     disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
-from .preference_losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
+from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
+from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
 from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("pairs", "rankings", "labels")
+# "balanced": ours (the prompt's end, down to half of max_len, then the responses' start);
+# "keep_start" / "keep_end": TRL 1.16's DataCollatorForPreference, each row cut on its own
+TRUNCATION_MODES = ("balanced", "keep_start", "keep_end")
 # Σ w·loss, Σ chosen / rejected reward, Σ accuracy, Σ margin, Σ chosen / rejected logged logps, pairs,
 # Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo)
 N_SUMS = 12
 
 
 @dataclasses.dataclass
-class DPOConfig:
+class DPOConfig(OptimizerOptions, LoggingOptions):
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
     with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``loss_type`` (a name, a comma-separated string or a list),
@@ -137,6 +160,11 @@ class DPOConfig:
     eval_fraction: float = 0.1
     output_dir: str = "runs/dpo"
     max_len: int = 256
+    # how a row longer than max_len is cut: "balanced" (the prompt's end and the responses' start),
+    # or TRL's "keep_start" / "keep_end" (each row's first / last max_len tokens)
+    truncation_mode: str = "balanced"
+    max_prompt_length: Optional[int] = None  # null: no cap; else the prompt's last tokens (TRL 0.x's DPOConfig)
+    max_completion_length: Optional[int] = None  # null: no cap; else each response's first tokens, eos included
     batch_size: int = 8  # pairs per micro-batch (twice as many rows)
     grad_accum: int = 1
     lr: float = 1e-3
@@ -159,7 +187,8 @@ class DPOConfig:
     ld_alpha: Optional[float] = None  # LD-DPO: the weight of the longer response's tail; null: off
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0  # simpo / cpo: weight of the chosen NLL (TRL's CPOConfig default)
+    cpo_alpha: float = 1.0  # simpo / cpo / cpo_hinge / cpo_ipo: weight of the chosen NLL (TRL's CPOConfig default)
+    alpha: float = 0.0  # AlphaPO (TRL's CPOConfig alpha): the CPO losses' scores s become (1 - e^(-alpha*s)) / alpha
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
@@ -168,6 +197,7 @@ class DPOConfig:
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
     use_weighting: bool = False  # WPO: each pair's loss × the policy's length-normalised probabilities
+    padding_free: bool = False  # one packed row per micro-batch (policy and reference): less compute, same loss
     num_train_epochs: Optional[float] = None  # set: max_steps from the number of training pairs
     disable_dropout: bool = True  # as TRL's DPOConfig: dropout off in the policy and the reference
     eval_every: int = 50
@@ -182,9 +212,12 @@ class DPOConfig:
 
     def __post_init__(self):
         check_policy_fields(self)
+        check_truncation_fields(self)
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         finite("beta", self.beta, "> 0")
+        if self.loss_type == "alphapo":  # TRL CPOConfig's shorthand, resolved as TRL resolves it
+            self.loss_type, self.cpo_alpha = "simpo", 0.0
         if isinstance(self.loss_type, str) and "," in self.loss_type:  # `--loss_type sigmoid,sft` on the CLI
             self.loss_type = [s.strip() for s in self.loss_type.split(",")]
         terms = loss_terms(self.loss_type, self.loss_weights)
@@ -211,10 +244,13 @@ class DPOConfig:
             raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (its target [1-eps, eps] has "
                              "log eps; the EXO paper uses 1e-3)")
         finite("cpo_alpha", self.cpo_alpha, ">= 0")
+        if finite("alpha", self.alpha) != 0 and not (is_reference_free(terms) and names[0] in ALPHA_LOSSES):
+            raise ValueError(f"alpha (AlphaPO's reward shape) applies to loss_type {sorted(ALPHA_LOSSES)} only "
+                             f"(TRL's CPOTrainer losses), got {names}")
         finite("simpo_gamma", self.simpo_gamma)
         finite("discopop_tau", self.discopop_tau, "> 0")
         finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
-        for name in ("use_margin", "auto_annotator_weights", "precompute_ref_logps"):
+        for name in ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.f_divergence_type not in F_DIVERGENCES:
@@ -244,11 +280,6 @@ class DPOConfig:
             if batch:  # TRL refuses these too
                 raise ValueError(f"use_weighting does not apply to loss_type {batch}: it sorts over the micro-batch, "
                                  "so the per-pair weights would not line up with the terms")
-            if "sft" in names or self.rpo_alpha > 0:
-                # TRL scales its micro-batch sft term by the mean pair weight; our NLL term is a token
-                # mean over the whole optimizer step, which has no per-pair weight to take
-                raise ValueError("use_weighting does not apply to the NLL term: leave rpo_alpha at 0 and 'sft' out "
-                                 f"of loss_type (got rpo_alpha={self.rpo_alpha}, loss_type={names})")
     @property
     def loss_terms(self) -> Tuple[Tuple[str, float], ...]:
         """``((loss name, weight), ...)`` of ``loss_type`` and ``loss_weights``."""
@@ -314,6 +345,17 @@ def check_policy_fields(cfg) -> None:
         raise ValueError(f"max_len must be >= 2, got {cfg.max_len}")
 
 
+def check_truncation_fields(cfg) -> None:
+    """``truncation_mode`` (one of :data:`TRUNCATION_MODES`) and ``max_prompt_length`` /
+    ``max_completion_length`` (null or an int >= 1); ValueError naming the field."""
+    if cfg.truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {cfg.truncation_mode!r}")
+    for name in ("max_prompt_length", "max_completion_length"):
+        n = getattr(cfg, name)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be null or an int >= 1, got {n!r}")
+
+
 # ------------------------------------------------------------------ the loss
 
 
@@ -331,10 +373,11 @@ def response_ids(tokenizer, text: str) -> List[int]:
     return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
 
 
-def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: int
+def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: Optional[int]
                 ) -> Optional[Tuple[List[int], List[int], List[int]]]:
     """``(prompt ids, chosen ids, rejected ids)`` of one pair, truncated to ``max_len`` tokens per
-    row as the module docstring says; None when the prompt has no token. ``chosen`` /
+    row the ``balanced`` way (:func:`truncate_pair`; ``max_len`` None: not cut); None when the
+    prompt has no token. ``chosen`` /
     ``rejected`` are texts (ids + eos, :func:`response_ids`) or, after a chat prompt, chat
     messages: the tokens the chat template writes for them after the prompt (content and end of
     turn, no eos added; :func:`rlhf_fast.trainers.sft_data.completion_tokens`, TRL's encoding)."""
@@ -355,19 +398,71 @@ def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: int
         c, r = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
     if not p:
         return None
+    if max_len is None:
+        return p, c, r
+    cut = truncate_pair(p, c, r, max_len)
+    return cut["prompt"], cut["chosen"], cut["rejected"]
+
+
+def _keep_end(p: List[int], y: List[int], max_len: int) -> Tuple[List[int], List[int]]:
+    """``(prompt part, response part)`` of the row ``p + y`` cut to its last ``max_len`` tokens."""
+    room = max(0, max_len - len(y))  # prompt tokens the response leaves
+    return p[len(p) - min(len(p), room):], y[max(0, len(y) - max_len):]
+
+
+def truncate_pair(p: List[int], c: List[int], r: List[int], max_len: int, mode: str = "balanced", *,
+                  max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None
+                  ) -> Optional[Dict[str, List[int]]]:
+    """The token lists of one pair cut to fit ``max_len`` per row (prompt + one response):
+    ``{"prompt", "chosen", "rejected"}`` (int lists), and ``"rejected_prompt"`` when the
+    rejected row keeps other prompt tokens than the chosen one (``keep_end`` only); None when
+    the pair is dropped. First (TRL 0.x's DPO ``tokenize_row``) ``max_prompt_length`` keeps the
+    prompt's last tokens and ``max_completion_length`` each response's first (its eos goes when
+    cut). Then ``mode``:
+
+    * ``balanced`` (ours): a prompt longer than the room the longer response leaves is cut from
+      its start, but never below half of ``max_len``; the responses then lose their tail (and
+      eos). Both rows keep the same prompt tokens.
+    * ``keep_start`` (TRL 1.16's ``DataCollatorForPreference``): each row's first ``max_len``
+      tokens — the whole prompt, the responses' start; a pair whose prompt alone has
+      ``max_len`` tokens or more is dropped (as TRL's dataset preparation drops it).
+    * ``keep_end`` (TRL's): each row's last ``max_len`` tokens — the responses whole (eos kept)
+      when they fit, the prompt cut from its start, each row on its own, so the two rows may
+      keep different prompt tokens; a response longer than ``max_len`` loses its start and the
+      prompt."""
+    if max_prompt_length is not None:
+        p = p[len(p) - min(len(p), max_prompt_length):]
+    if max_completion_length is not None:
+        c, r = c[:max_completion_length], r[:max_completion_length]
+    if mode == "keep_end":
+        (pc, c), (pr, r) = _keep_end(p, c, max_len), _keep_end(p, r, max_len)
+        out = {"prompt": pc, "chosen": c, "rejected": r}
+        if pr != pc:
+            out["rejected_prompt"] = pr
+        return out
+    if mode == "keep_start":
+        if len(p) >= max_len:  # no response token would be left
+            return None
+        return {"prompt": p, "chosen": c[: max_len - len(p)], "rejected": r[: max_len - len(p)]}
+    if mode != "balanced":
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {mode!r}")
     longest = max(len(c), len(r))
     if len(p) + longest > max_len:
         keep = max(1, min(len(p), max(max_len - longest, max_len // 2)))
         p = p[-keep:]
         c, r = c[: max_len - keep], r[: max_len - keep]
-    return p, c, r
+    return {"prompt": p, "chosen": c, "rejected": r}
 
 
 def prompt_response_rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict[str, List[int]]]:
-    """The token rows of ``items``: prompt + their ``key`` response, the response mask over
-    the response (the rows :func:`rlhf_fast.trainers.sft.collate` pads)."""
-    return [{"input_ids": it["prompt"] + it[key], "response_mask": [0] * len(it["prompt"]) + [1] * len(it[key])}
-            for it in items]
+    """The token rows of ``items``: prompt (``item[key + "_prompt"]`` where there is one) +
+    their ``key`` response, the response mask over the response (the rows
+    :func:`rlhf_fast.trainers.sft.collate` pads)."""
+    rows = []
+    for it in items:
+        p = it.get(key + "_prompt", it["prompt"])  # keep_end: a rejected row may keep less of the prompt
+        rows.append({"input_ids": p + it[key], "response_mask": [0] * len(p) + [1] * len(it[key])})
+    return rows
 
 
 def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -376,16 +471,19 @@ def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, tor
     return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id)
 
 
-def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0) -> torch.Tensor:
+def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False
+                ) -> torch.Tensor:
     """``[N, T]`` float32 per-token log π(token | tokens before it) of ``batch``'s rows through
     the fused LM head, at each response token (0 elsewhere) — over every attended token (the
-    prompt too) for the first ``full_rows`` rows (ORPO's NLL counts the prompt)."""
+    prompt too) for the first ``full_rows`` rows (ORPO's NLL counts the prompt). ``packed``: the
+    rows run as one padding-free row (``padding_free``; SFT's ``packing``), the values placed
+    back at their ``[N, T]`` positions."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
     mask = batch["response_mask"]
     if full_rows:
         mask = torch.cat([batch["attention_mask"][:full_rows], mask[full_rows:]])
-    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask)
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask, packed=packed)
 
 
 def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -393,13 +491,14 @@ def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["response_mask"].bool() & batch["attention_mask"].bool()
 
 
-def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[float] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[float] = None,
+                   packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(log-prob [N] float32, token count [N] int64)`` of each row's response: the sum of
     log π(token | tokens before it) over its response tokens, through the fused LM head; with
     ``ld_alpha`` (rows ``[chosen × B, rejected × B]``) LD-DPO's weighted sum
-    (:func:`rlhf_fast.trainers.preference_losses.ld_weighted_logps`)."""
-    logp = token_logps(model, batch)  # [N, T], 0 outside the response
+    (:func:`rlhf_fast.trainers.preference_losses.ld_weighted_logps`). ``packed``: one
+    padding-free forward (:func:`token_logps`); the counts come from the batch's masks either way."""
+    logp = token_logps(model, batch, packed=packed)  # [N, T], 0 outside the response
     mask = response_mask(batch)
     count = mask[:, 1:].sum(-1)
     if ld_alpha is not None:
@@ -434,15 +533,23 @@ def local_share(idx: List[int], items: Sequence[Dict[str, Any]], ctx) -> Tuple[L
     return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
 
 
+def _logps_kwargs(ld_alpha: Optional[float], packed: bool) -> Dict[str, Any]:
+    """:func:`response_logps`' keywords, only those that are set: benchmarks/e2e.py times the
+    plain calls through a ``(model, batch)`` wrapper."""
+    kw: Dict[str, Any] = {} if ld_alpha is None else {"ld_alpha": ld_alpha}
+    if packed:
+        kw["packed"] = True
+    return kw
+
+
 @torch.no_grad()
-def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *, ld_alpha: Optional[float] = None
-                    ) -> torch.Tensor:
+def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *, ld_alpha: Optional[float] = None,
+                    packed: bool = False) -> torch.Tensor:
     """The summed response log-probs ``[N]`` of ``batch`` under the frozen ``reference``
-    (LD-weighted with ``ld_alpha``); a ``sharded`` (FSDP2) reference's root is resharded after
-    (it keeps its gathered copy of the embeddings and head after a forward)."""
-    # the plain call when ld_alpha is off: benchmarks/e2e.py times it through a (model, batch) wrapper
-    logps, _ = response_logps(reference, batch) if ld_alpha is None else response_logps(reference, batch,
-                                                                                        ld_alpha=ld_alpha)
+    (LD-weighted with ``ld_alpha``; one padding-free row with ``packed``); a ``sharded`` (FSDP2)
+    reference's root is resharded after (it keeps its gathered copy of the embeddings and head
+    after a forward)."""
+    logps, _ = response_logps(reference, batch, **_logps_kwargs(ld_alpha, packed))
     if sharded:
         reshard(reference)
     return logps
@@ -451,11 +558,11 @@ def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *,
 @torch.no_grad()
 def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int,
                                bf16: bool, device, ld_alpha: Optional[float] = None,
-                               rows: int = 2) -> List[Tuple[float, ...]]:
+                               rows: int = 2, packed: bool = False) -> List[Tuple[float, ...]]:
     """Each item's ``rows`` reference log-probs (its rows, as ``batch_of(chunk)`` lays them out:
     every first row of the chunk, then every second, ...; LD-weighted with ``ld_alpha``),
     computed once — each rank its contiguous share in chunks of ``batch_size``, then summed over
-    ranks — with ``reference`` in eval mode."""
+    ranks — with ``reference`` in eval mode; each chunk one padding-free row with ``packed``."""
     out = torch.zeros(len(items), rows, dtype=torch.float32, device=device)
     lo, hi = local_span(len(items), ctx)
     ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
@@ -464,7 +571,7 @@ def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch
     for s in range(lo, hi, batch_size):
         chunk = items[s: min(s + batch_size, hi)]
         with autocast_context(device, bf16):
-            lp, _ = response_logps(reference, batch_of(chunk), ld_alpha=ld_alpha)
+            lp, _ = response_logps(reference, batch_of(chunk), **_logps_kwargs(ld_alpha, packed))
         out[s: s + len(chunk)] = lp.view(rows, -1).t()
     ref.train(was)
     return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
@@ -668,13 +775,16 @@ def log_sum_sq_probs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out
 
 
-def wpo_token_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(log-probs [N, T] float32, log Σ_v p_v² [N, T] float32)`` at each response token of
     ``batch``'s rows (0 elsewhere): the log-probs exactly as :func:`token_logps` (the same
     fused path, differentiable), and from the same forward's hidden states, without gradient,
     the log of the summed squared probabilities of the distribution that predicted each token
     (:func:`log_sum_sq_probs`) — the WPO weights' denominator. A head that cannot be fused
-    (softcapping, a scale) goes through full logits, as the log-probs do."""
+    (softcapping, a scale) goes through full logits, as the log-probs do. ``packed``: one
+    padding-free forward (:func:`rlhf_fast.trainers.packing.packed_target_states`), the log-probs
+    as ``token_logps(..., packed=True)`` gives them."""
     from rlhf_fast import ops
     from rlhf_fast.models import logprobs as L
 
@@ -683,10 +793,17 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor
     target = L._target_mask(am, batch["response_mask"])
     tr, tc = target.nonzero(as_tuple=True)
     if not tr.numel():  # nothing to score: the plain path keeps every weight in the graph
-        tok = token_logps(model, batch)
+        tok = token_logps(model, batch, packed=packed)
         return tok, torch.zeros_like(tok)
     labels = ids[tr, tc]
-    if L.unfusable_reason(model) is not None:
+    if packed:  # (an unfusable head is refused with padding_free: DPOTrainer checks it)
+        from .packing import packed_target_states
+
+        h, labels, tr, tc = packed_target_states(model, ids, am, target)
+        weight, bias = L.lm_head_params(model)
+        lp = L._chunked_head_logprobs(h, weight, bias, labels, temperature=1.0, return_entropy=False, chunk_size=None)
+        lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
+    elif L.unfusable_reason(model) is not None:
         logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
                        use_cache=False).logits  # [B, T, V]: this head cannot be fused
         z = logits[tr, tc - 1]
@@ -781,7 +898,9 @@ class DPOTrainer:
         self.eval_items, _ = self._encode(eval_records)
         self.dropped = dropped
         if train_records and not self.train_items:
-            raise ValueError(f"no training pair left: each of the {len(train_records)} prompts is empty")
+            why = (f"has an empty prompt or, with truncation_mode keep_start, a prompt of max_len ({cfg.max_len}) "
+                   "tokens or more" if cfg.truncation_mode == "keep_start" else "has an empty prompt")
+            raise ValueError(f"no training pair left: each of the {len(train_records)} pairs {why}")
 
         # the reference: log-probs of every pair now (precompute_ref_logps), or a model kept for each
         # step; none at all for a reference-free loss (no copy of the policy, no reference forward)
@@ -789,6 +908,10 @@ class DPOTrainer:
         if not cfg.reference_free:
             reference = offline_reference(cfg, model, self.is_peft, self.device)
         prepare_offline_models(cfg, model, reference)
+        if cfg.padding_free:  # before the reference log-probs are precomputed packed
+            from .packing import check_packable
+
+            check_packable("padding_free", model, reference)
         if reference is not None and cfg.precompute_ref_logps:
             self._precompute(reference)
             reference = None
@@ -803,7 +926,7 @@ class DPOTrainer:
         setup_moving_reference(self)
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # num_train_epochs: max_steps before the LR schedule
-        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
@@ -813,15 +936,17 @@ class DPOTrainer:
         items, dropped = [], 0
         for i, r in enumerate(records):
             try:
-                enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, self.cfg.max_len)
+                enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, None)
             except ValueError as e:  # a conversational pair the chat template cannot split
                 raise ValueError(f"pair {i} (prompt {_shown(r.prompt)}): {e}") from None
-            if enc is None:
+            cut = None if enc is None else truncate_pair(
+                *enc, self.cfg.max_len, self.cfg.truncation_mode, max_prompt_length=self.cfg.max_prompt_length,
+                max_completion_length=self.cfg.max_completion_length)
+            if cut is None:
                 dropped += 1
                 continue
             w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
-            items.append({"prompt": enc[0], "chosen": enc[1], "rejected": enc[2],
-                          "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
+            items.append({**cut, "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
         return items, dropped
 
     def _batch(self, items) -> Dict[str, torch.Tensor]:
@@ -833,7 +958,8 @@ class DPOTrainer:
         batch_size = self.cfg.precompute_ref_batch_size or self.cfg.batch_size
         for it, ref in zip(items, precompute_reference_logps(reference, items, self._batch, ctx=self.ctx,
                                                              batch_size=batch_size, bf16=self.cfg.bf16,
-                                                             device=self.device, ld_alpha=self.cfg.ld_alpha)):
+                                                             device=self.device, ld_alpha=self.cfg.ld_alpha,
+                                                             packed=self.cfg.padding_free)):
             it["ref"] = ref
 
     # -------------------------------------------------------------- loss
@@ -856,17 +982,18 @@ class DPOTrainer:
         terms = cfg.loss_terms
         orpo = terms[0][0] == "orpo"
         wpo = None
+        packed = cfg.padding_free  # one padding-free row: the same [2B, T] values back, so nothing below changes
         with autocast_context(self.device, cfg.bf16):
             if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
-                logps, count = response_logps(self.model, batch)  # [2B]
+                logps, count = response_logps(self.model, batch, **_logps_kwargs(None, packed))  # [2B]
                 nll, nll_tokens = -logps[:B], count[:B]
             else:  # per-token values: the LD weighting, ORPO's NLL over the whole chosen rows, WPO's weights
                 mask = response_mask(batch)
                 if cfg.use_weighting:
-                    tok, lss = wpo_token_logps(self.model, batch)  # [2B, T] each
+                    tok, lss = wpo_token_logps(self.model, batch, packed=packed)  # [2B, T] each
                     wpo = wpo_weights(tok, lss, mask)  # [2B]
                 else:
-                    tok = token_logps(self.model, batch, full_rows=B if orpo else 0)  # [2B, T]
+                    tok = token_logps(self.model, batch, full_rows=B if orpo else 0, packed=packed)  # [2B, T]
                 count = mask[:, 1:].sum(-1)
                 resp = tok * mask
                 logps = resp.sum(-1) if cfg.ld_alpha is None else ld_weighted_logps(resp, mask, cfg.ld_alpha)
@@ -878,12 +1005,14 @@ class DPOTrainer:
             if not cfg.reference_free and "ref" in items[0]:
                 ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device).t().reshape(-1)
             elif not cfg.reference_free:
-                ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha)
+                ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha,
+                                      packed=packed)
         st = {"nll": nll, "nll_tokens": nll_tokens}
         if cfg.reference_free:
             out = reference_free_loss(logps[:B], logps[B:], loss_type=terms[0][0], beta=cfg.beta,
                                       chosen_tokens=count[:B], rejected_tokens=count[B:],
-                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
+                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                                      alpha=cfg.alpha)
             out["loss"] = out["loss"] * terms[0][1]
             st.update(out)
             return st
@@ -903,6 +1032,10 @@ class DPOTrainer:
             rc = cfg.beta * (logps[:B] - ref[:B]).detach().float()
             rr = cfg.beta * (logps[B:] - ref[B:]).detach().float()
             loss = torch.zeros_like(rc)
+        if wpo is not None and cfg.nll_weight > 0:
+            # TRL weights its sft term too: the micro-batch's token-mean NLL, spread over the pairs and
+            # each × its pair weight, so the NLL × the micro-batch's mean pair weight
+            st["nll"] = st["nll"] * (wpo[:B] * wpo[B:]).mean().to(st["nll"].dtype)
         st.update(loss=loss, chosen_rewards=rc, rejected_rewards=rr, chosen_logps=logps[:B].detach(),
                   rejected_logps=logps[B:].detach())
         return st

@@ -5,9 +5,12 @@ reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie); KL i
 per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased estimate of
 KL(π‖π_ref) when sampled; with greedy answers it is only their log-ratio). ``--run RUN_DIR``
 takes the final policy of an RL run, rebuilds its initial policy as the reference, and reuses
-its prompts and reward functions. ``--reward-model`` scores as ``rlhf-fast reward`` trained it
-(prompt, response, eos). ``--references FILE`` adds BLEU (sacrebleu's corpus_bleu defaults)
-and ROUGE-1/2/L F1 (rouge-score without stemming) of the answers.
+its reward functions and its prompts: by default (``--split auto``) the evaluation prompts the
+run evaluated on during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it
+held out, split exactly as the trainer split it), else its training prompts. ``--reward-model``
+scores as ``rlhf-fast reward`` trained it (prompt, response, eos). ``--references FILE`` adds
+BLEU (sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score without stemming) of
+the answers.
 """
 
 from __future__ import annotations
@@ -204,12 +207,37 @@ def pass_at_k(correct: torch.Tensor, k: int) -> float:
     return float(sum(1.0 - math.comb(n - int(c), k) / total for c in correct.sum(1).tolist()) / correct.shape[0])
 
 
+SPLITS = ("auto", "eval", "train")
+
+
+def run_prompt_records(cfg, split: str = "auto") -> tuple:
+    """``(split used, records)`` of an RL run's config ``cfg`` for ``--split`` ``split``: its
+    evaluation records or its training records (each ``(prompt, fields)``), split as the trainer
+    splits them (:func:`rlhf_fast.trainers.rl.split_eval_records`). ``auto`` takes the evaluation
+    records when the run has a source of them. ValueError for ``eval`` on a run without one."""
+    from rlhf_fast.trainers.rl import load_prompt_records, split_eval_records
+
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    train, ev = split_eval_records(cfg, load_prompt_records(cfg.data))
+    if split == "eval" and not ev:
+        raise ValueError("--split eval: the run has no evaluation prompts (no data.eval_prompts, "
+                         "data.eval_prompts_file or data.eval_fraction); use --split train")
+    if split == "train" or not ev:
+        return "train", train
+    return "eval", ev
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="an RL run folder: its final policy, initial policy as reference, "
                                                     "prompts and reward functions")
     parser.add_argument("--policy", default=None, help="policy path (save_pretrained folder with tokenizer)")
     parser.add_argument("--reference", default=None, help="reference policy path (default: none, or the run's)")
     parser.add_argument("--prompts", default=None, help="prompts file (.txt one per line or .jsonl with 'prompt')")
+    parser.add_argument("--split", choices=SPLITS, default="auto",
+                        help="with --run: its evaluation prompts (eval: data.eval_prompts[_file] or the held-out "
+                             "data.eval_fraction), its training prompts (train: without the held-out ones), or "
+                             "auto: eval when the run has evaluation prompts, else train")
     parser.add_argument("--reward-fn", action="append", default=[], help="module:function (repeatable)")
     parser.add_argument("--reward-model", default=None, help="reward model path")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -269,6 +297,8 @@ def _check_args(args) -> None:
             require_overlap_libraries()
         except ImportError as e:  # before any model is loaded: one line, exit 2
             raise ValueError(f"--references: {e}") from None
+    if getattr(args, "split", "auto") != "auto" and (args.run is None or args.prompts is not None):
+        raise ValueError(f"--split {args.split} picks a --run's prompts: give --run RUN_DIR and no --prompts")
     if args.run is not None and not os.path.isfile(os.path.join(args.run, "config.yaml")):
         raise FileNotFoundError(f"--run {args.run}: not an RL run folder (no config.yaml)")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--n", args.n)):
@@ -305,11 +335,11 @@ def run(args) -> int:
     _check_args(args)
     if args.out:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
-    records, reference, fns = None, None, list(args.reward_fn)
+    records, reference, fns, split = None, None, list(args.reward_fn), None
     policy_path = args.policy
     if args.run:
         from rlhf_fast.trainers.config import load_config
-        from rlhf_fast.trainers.rl import build_tiny_policy, load_prompt_records
+        from rlhf_fast.trainers.rl import build_tiny_policy
         from rlhf_fast.trainers.rl_config import RLConfig
 
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
@@ -320,7 +350,7 @@ def run(args) -> int:
                                         "is not a local folder; give --reference PATH")
             reference = (build_tiny_policy(cfg)[0] if cfg.model.policy.startswith("tiny:")
                          else AutoModelForCausalLM.from_pretrained(cfg.model.policy))
-        records = load_prompt_records(cfg.data)
+        split, records = run_prompt_records(cfg, getattr(args, "split", "auto"))
         fns = fns or list(cfg.reward.functions)
     if policy_path is None:
         raise ValueError("give --policy PATH or --run RUN_DIR")
@@ -329,7 +359,7 @@ def run(args) -> int:
     if args.prompts:
         from rlhf_fast.trainers.rl import read_prompt_records
 
-        records = read_prompt_records(args.prompts, name="--prompts")
+        records, split = read_prompt_records(args.prompts, name="--prompts"), None
     if not records:
         raise ValueError("give --prompts FILE (or --run RUN_DIR)")
     references = None
@@ -361,6 +391,8 @@ def run(args) -> int:
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,
                           pass_k=args.pass_k_list, correct_threshold=args.correct_threshold)
+    if split is not None:
+        res["split"] = split
     text = json.dumps(res, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

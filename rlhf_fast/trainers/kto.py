@@ -90,8 +90,9 @@ from rlhf_fast.distributed import DistributedConfig, wrap_model
 from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, comparable_pairs, response_text
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, make_adamw, supervised_scheduler, open_supervised_run,
+from .common import (add_config_arguments, autocast_context, supervised_scheduler, open_supervised_run,
                      require_records, run_trainer_cli, seed_everything, steps_for_epochs)
+from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
                   maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
                   prompt_response_rows, reference_logps, response_ids, response_logps, resume_offline, save_offline,
@@ -106,7 +107,7 @@ N_SUMS = 9
 
 
 @dataclasses.dataclass
-class KTOConfig:
+class KTOConfig(OptimizerOptions, LoggingOptions):
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
     a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two
@@ -505,7 +506,7 @@ class KTOTrainer:
         setup_moving_reference(self)
         # num_train_epochs: max_steps before the LR schedule; one step batch (batch_size × grad_accum) a step
         steps_for_epochs(cfg, len(self.train_items), batch=self.step_size, batches_per_step=1)
-        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 

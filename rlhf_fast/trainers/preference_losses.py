@@ -45,6 +45,14 @@ Reference-free (no reference model, no reference forward), with ā = log π / re
   ``cpo_alpha: 0`` for the SimPO paper's loss);
 * ``cpo`` (``CPOTrainer``, ``loss_type="sigmoid"``): the same on summed log-probs without γ,
   rewards β·log π, plus ``cpo_alpha`` × NLL;
+* ``cpo_hinge`` (``CPOTrainer``, ``loss_type="hinge"``): relu(1 − β(log π_c − log π_r)) on summed
+  log-probs; ``cpo_ipo`` (``loss_type="ipo"``): (ā_c − ā_r − 1/(2β))² on token means; rewards
+  β·log π and β·ā; both plus ``cpo_alpha`` × NLL, no label smoothing (TRL ignores it there);
+* AlphaPO (``alpha`` ≠ 0, TRL's CPOConfig ``alpha``; all four CPO losses): each response's score
+  s (log π, or ā where the loss takes token means) becomes (1 − e^(−α·s)) / α, i.e. (1 − p^(−α)) / α
+  with p = e^s, before the loss, and the rewards are β × it (TRL computes p^(−α) as
+  ``exp(s).pow(-α)``, which is inf once e^s underflows; e^(−α·s) is the same number without
+  that);
 * ``orpo`` (``ORPOTrainer``): −β·log σ(log-odds), log-odds = (ā_c − ā_r) − (log(1 − e^ā_c) −
   log(1 − e^ā_r)), β being ORPO's λ; rewards β·ā; the trainer adds the NLL of the chosen rows
   over prompt *and* response tokens (TRL computes ORPO's NLL on the full sequence). One
@@ -67,7 +75,9 @@ from rlhf_fast.ops._validate import finite
 
 REFERENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
-REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
+# the reference-free losses AlphaPO's reward shape (``alpha``) applies to: TRL's CPOTrainer's
+ALPHA_LOSSES = frozenset({"simpo", "cpo", "cpo_hinge", "cpo_ipo"})
 LOSS_TYPES = REFERENCE_LOSSES + REFERENCE_FREE_LOSSES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the losses built on the chosen − rejected score difference (TRL's f_divergence_loss_types)
@@ -75,7 +85,7 @@ F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo
 SMOOTHED_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})
 MARGIN_LOSSES = frozenset({"sigmoid", "robust", "hinge", "sft"})  # sft has no βδ; a margin leaves it as is
 BATCH_LOSSES = frozenset({"aot", "aot_unpaired"})
-LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo"})
+LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo_ipo", "orpo"})
 
 LossType = Union[str, Sequence[str]]
 
@@ -268,22 +278,27 @@ def reference_free_loss(
     rejected_tokens: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
-    """SimPO / CPO / ORPO pair losses from the policy's summed response log-probs ``[B]``
+    """SimPO / CPO (sigmoid, hinge, IPO) / ORPO pair losses from the policy's summed response log-probs ``[B]``
     (``chosen_tokens`` / ``rejected_tokens`` ``[B]``, the response token counts, needed by simpo
     and orpo). Returns ``[B]`` tensors (float32; float64 for float64 input): ``loss`` (per pair,
     before averaging; without the NLL term the caller adds), detached ``chosen_rewards`` /
     ``rejected_rewards`` and ``chosen_logps`` / ``rejected_logps`` as TRL logs them (β· and the
     token means for simpo / orpo, the sums for cpo), and for orpo ``log_odds_chosen`` (the
-    log-odds) and ``log_odds_ratio`` (log σ of it). Formulas: the module docstring."""
+    log-odds) and ``log_odds_ratio`` (log σ of it). ``alpha`` ≠ 0: AlphaPO's reward shape (not
+    for orpo). Formulas: the module docstring."""
     if loss_type not in REFERENCE_FREE_LOSSES:
         raise ValueError(f"loss_type must be one of {REFERENCE_FREE_LOSSES}, got {loss_type!r}")
     finite("beta", beta, "> 0")
     finite("simpo_gamma", simpo_gamma)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type == "orpo" and label_smoothing > 0:
-        raise ValueError("label_smoothing does not apply to loss_type 'orpo'")
+    if loss_type in ("orpo", "cpo_hinge", "cpo_ipo") and label_smoothing > 0:
+        raise ValueError(f"label_smoothing does not apply to loss_type {loss_type!r}")
+    finite("alpha", alpha)
+    if alpha != 0 and loss_type not in ALPHA_LOSSES:
+        raise ValueError(f"alpha (AlphaPO) applies to loss_type {sorted(ALPHA_LOSSES)} only, not {loss_type!r}")
     shape = tuple(chosen_logps.shape)
     if len(shape) != 1:
         raise ValueError(f"chosen_logps must be [B], got {shape}")
@@ -304,13 +319,27 @@ def reference_free_loss(
         out["loss"] = -beta * ratio
         out["log_odds_chosen"], out["log_odds_ratio"] = log_odds.detach(), ratio.detach()
     else:
-        logits = c - r
-        if loss_type == "simpo":
-            logits = logits - simpo_gamma / beta
-        out["loss"] = _smoothed(beta * logits, float(label_smoothing))
-    out["chosen_rewards"], out["rejected_rewards"] = beta * c.detach(), beta * r.detach()
+        sc, sr = (c, r) if alpha == 0 else (alphapo_reward(c, alpha), alphapo_reward(r, alpha))
+        logits = sc - sr
+        if loss_type == "cpo_hinge":
+            out["loss"] = torch.relu(1 - beta * logits)
+        elif loss_type == "cpo_ipo":  # β is IPO's τ (eq. 17)
+            out["loss"] = (logits - 1 / (2 * beta)) ** 2
+        else:
+            if loss_type == "simpo":
+                logits = logits - simpo_gamma / beta
+            out["loss"] = _smoothed(beta * logits, float(label_smoothing))
+    rc, rr = (sc, sr) if loss_type != "orpo" else (c, r)  # TRL logs β × the (shaped) scores
+    out["chosen_rewards"], out["rejected_rewards"] = beta * rc.detach(), beta * rr.detach()
     out["chosen_logps"], out["rejected_logps"] = c.detach(), r.detach()
     return out
+
+
+def alphapo_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward (1 − p^(−α)) / α of log-probs ``logps`` (any shape, differentiable; TRL
+    CPOTrainer's ``cpo_loss``), computed as (1 − e^(−α·logp)) / α, which stays finite where
+    e^logp underflows."""
+    return (1 - torch.exp(-alpha * logps)) / alpha
 
 
 def ld_weighted_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
@@ -332,4 +361,5 @@ def ld_weighted_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: f
 
 __all__ = ["LOSS_TYPES", "REFERENCE_LOSSES", "REFERENCE_FREE_LOSSES", "F_DIVERGENCES", "F_DIVERGENCE_LOSSES",
            "SMOOTHED_LOSSES", "MARGIN_LOSSES", "BATCH_LOSSES", "loss_terms", "is_reference_free",
-           "f_divergence_scores", "dpo_loss", "reference_free_loss", "ld_weighted_logps"]
+           "f_divergence_scores", "dpo_loss", "reference_free_loss", "alphapo_reward", "ld_weighted_logps",
+           "ALPHA_LOSSES"]

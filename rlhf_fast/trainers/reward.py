@@ -23,6 +23,11 @@ and ``labels`` train pairs, so the pairs term); scores (regression) refuse it, t
 already fix the reward's offset. ``eval_loss`` includes the term, as TRL's. ``disable_dropout`` (default true,
 as TRL's) zeroes every dropout probability of the model, adapters included;
 ``num_train_epochs`` sets ``max_steps`` to that many passes over the training items.
+``eos_token`` / ``pad_token`` / ``chat_template_path`` change the tokenizer and the model as TRL's
+RewardTrainer does (:func:`rlhf_fast.models.loading.apply_tokenizer_overrides`: the eos that ends
+every scored sequence, the pad id the config carries, a template file or a tokenizer folder's
+template cloned with its tokens, the embeddings resized; with ``lora`` the new tokens' embedding
+rows train); ``final/`` holds the changed tokenizer.
 
 Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its contiguous
 share of every global batch; the weighted-mean loss is normalised by the global weight sum,
@@ -47,8 +52,9 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, make_adamw, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
+                     disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
+from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, local_span, optimizer_step, resume_supervised, save_supervised,
@@ -56,7 +62,7 @@ from .sft import (_Batches, local_span, optimizer_step, resume_supervised, save_
 
 
 @dataclasses.dataclass
-class RewardConfig:
+class RewardConfig(OptimizerOptions, LoggingOptions):
     """Reward-model settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: a
     synthetic preference task with a hidden rule, so the defaults run); ``label_smoothing``
     ε makes the BT loss conservative for noisy labels; ``annotator_weights`` maps
@@ -102,10 +108,18 @@ class RewardConfig:
     device: str = "auto"
     resume: bool = True
     dedup: bool = True
+    # TRL's tokenizer overrides (null: the tokenizer's own); final/ saves the changed tokenizer
+    eos_token: Optional[str] = None  # a token of the vocabulary: the eos that ends every scored sequence
+    pad_token: Optional[str] = None  # a token of the vocabulary: the padding (and the model config's pad id)
+    chat_template_path: Optional[str] = None  # a .jinja / .j2 file, or a tokenizer folder to clone the template of
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         check_training_schedule(self)
+        for key in ("eos_token", "pad_token", "chat_template_path"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -142,6 +156,19 @@ def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0
             c, r = r, c
         out.append(PairRecord(prompt, c, r))
     return out
+
+
+def reward_lora(lora: Dict[str, Any], added: List[int]) -> Dict[str, Any]:
+    """``lora`` (LoraConfig fields) for a reward model: task SEQ_CLS (peft trains the score head
+    whole), and the embedding rows of the ``added`` token ids (a cloned chat template's) trainable
+    through peft's ``trainable_token_indices``, as TRL's RewardTrainer sets them. TRL also appends
+    "lm_head" to ``modules_to_save``, which a sequence-classification model does not have."""
+    from .sft import _merge_token_indices
+
+    lora = {**lora, "task_type": "SEQ_CLS"}
+    if added:
+        lora["trainable_token_indices"] = _merge_token_indices(lora.get("trainable_token_indices"), added)
+    return lora
 
 
 def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
@@ -237,6 +264,9 @@ class RewardTrainer:
 
             auto = annotator_weights(agreement_stats(comparable_pairs(train_records)))
             self.weights = {**auto, **self.weights}  # explicit weights win
+        from rlhf_fast.models.loading import apply_tokenizer_overrides, check_chat_template_path
+
+        check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
         if model is None:
             texts = []
             for r in train_records[:2000]:
@@ -244,6 +274,9 @@ class RewardTrainer:
             model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="reward", tokenizer=tokenizer)
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
+        # as TRL's RewardTrainer, before the adapters; the items below are encoded with the result
+        added = apply_tokenizer_overrides(model, tokenizer, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
+                                          chat_template_path=cfg.chat_template_path)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if getattr(self.model.config, "pad_token_id", None) is None:
@@ -256,7 +289,7 @@ class RewardTrainer:
 
             # fresh adapters (task SEQ_CLS: peft trains the `score` head whole, as modules_to_save),
             # or a peft model's own; checkpointing then keeps input gradients past the frozen embeddings
-            lora = None if cfg.lora is None else {**cfg.lora, "task_type": "SEQ_CLS"}
+            lora = None if cfg.lora is None else reward_lora(cfg.lora, added)
             self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
         elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -269,7 +302,7 @@ class RewardTrainer:
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # before the scheduler, whose decay spans max_steps
-        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
@@ -472,4 +505,5 @@ def run(args) -> int:
     return run_trainer_cli("reward", RewardConfig, RewardTrainer, args)
 
 
-__all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "score_texts", "add_arguments", "run"]
+__all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "score_texts", "reward_lora",
+           "add_arguments", "run"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -62,7 +63,8 @@ from rlhf_fast.algorithms import (
     make_kl_controller,
     shape_scores,
 )
-from rlhf_fast.algorithms.rewards import RewardModelEnsemble
+from rlhf_fast.algorithms.rewards import RewardModelEnsemble, clip_rewards
+from rlhf_fast.trainers.common import autocast_context
 from rlhf_fast.trainers.rl_config import RLConfig
 
 
@@ -309,6 +311,10 @@ def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
     return res
 
 
+# statistics of importance_sampling_level sequence_sum taken over answers, not tokens
+_ANSWER_STATS = ("clip_frac", "clip_low_frac", "clip_high_frac", "dual_clip_frac", "ratio_mean")
+
+
 def _token_normalizer(mask: torch.Tensor, agg: str, max_new_tokens: int):
     """The denominator of ``agg`` over a whole mini-batch (mask ``[b, L]``), computed once.
 
@@ -386,6 +392,42 @@ class _StateDictOnly(torch.nn.Module):
         self.module = module
 
 
+def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequence] = None) -> tuple:
+    """(training records, evaluation records) — each ``(prompt, fields)`` — of the RL run
+    ``cfg``, from its training ``records`` and its one source of evaluation prompts:
+    ``eval_prompts`` (the Python API), ``data.eval_prompts``, ``data.eval_prompts_file``, or
+    ``data.eval_fraction`` (held out of ``records`` by a permutation seeded with the run's seed
+    alone); the first ``eval.max_prompts`` of them. ``rlhf-fast eval --run`` splits the same way."""
+    d = cfg.data
+    src = d.eval_source()
+    if eval_prompts is not None:
+        if src is not None:
+            raise ValueError(f"eval_prompts=[...] and {src} are both given; give one source of evaluation prompts")
+        ev = [prompt_record(p, d.prompt_key, f"eval_prompts[{i}]") for i, p in enumerate(eval_prompts)]
+        if not ev:
+            raise ValueError("eval_prompts must be a non-empty list (texts, chats, or records with a prompt field)")
+    elif src == "data.eval_prompts":
+        ev = [prompt_record(p, d.prompt_key, f"data.eval_prompts[{i}]") for i, p in enumerate(d.eval_prompts)]
+    elif src == "data.eval_prompts_file":
+        ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key")
+    elif src == "data.eval_fraction":
+        n = len(records)
+        k = max(1, round(d.eval_fraction * n))
+        if k >= n:
+            raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts: at least "
+                             f"one must remain for training")
+        # its own stream (not the shuffle's): the split is a function of the seed and the prompts
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_999_937)
+        held = set(torch.randperm(n, generator=g)[:k].tolist())
+        ev = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    else:
+        ev = []
+    if cfg.eval.max_prompts is not None:
+        ev = ev[:cfg.eval.max_prompts]
+    return records, ev
+
+
 class RLTrainer:
     """RL fine-tuning of a causal LM; the estimator (``config.estimator``) picks the algorithm:
     ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++`` without one.
@@ -402,6 +444,21 @@ class RLTrainer:
     eval_prompts: the evaluation prompts (texts, chats or records, as ``prompts``) in place of
     ``config.data``'s eval_prompts / eval_prompts_file / eval_fraction, for ``eval_every`` and
     :meth:`evaluate`.
+    tools: callables the policy may call (TRL GRPOTrainer's ``tools``; with
+    ``config.rollout.tools`` after them): chat prompts are rendered with them, and each rollout
+    runs the calls in the answers and goes on with their results
+    (:func:`rlhf_fast.rollout.tools.tool_rollout`; ``rollout.max_tool_calling_iterations``).
+    The tool results are context in the sequence but out of the loss (response mask 0: KL,
+    advantages, values and every loss skip them); reward functions get the whole completion
+    text, tool turns included, and its turns as chat messages in the keyword argument
+    ``completion_messages`` (TRL passes those as ``completions``).
+    environment_factory: TRL GRPOTrainer's — a callable (an environment class) or a mapping
+    ``{name: callable}`` that the prompt records select with their ``environment`` field (else
+    ``config.rollout.environment_factory``'s import paths). Every answer gets a fresh instance,
+    reset with its prompt's record; its public methods are tools (after ``tools``); reward
+    functions receive the instances as ``environments`` and an environment's ``get_reward()``
+    is a reward source (:mod:`rlhf_fast.rollout.environments`). Instances are re-created for
+    every rollout from the records, so a checkpoint needs no environment state.
     """
 
     def __init__(
@@ -419,11 +476,14 @@ class RLTrainer:
         critic=None,
         engine=None,
         eval_prompts: Optional[Sequence] = None,
+        tools: Optional[Sequence] = None,
+        environment_factory=None,
     ):
         from rlhf_fast.trainers.common import seed_everything
 
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+        config.ppo.check_estimator(config.estimator, config.kl)
         if (policy is None) != (tokenizer is None):
             raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")
         from rlhf_fast.trainers.sft import setup_distributed
@@ -453,6 +513,8 @@ class RLTrainer:
             # value tries to allocate the whole KV cache / RoPE table up front)
             raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) is more than the policy's "
                              f"max_position_embeddings ({positions})")
+        # tool results that would take a sequence to this length are dropped (TRL's model ceiling)
+        self._max_positions = positions if isinstance(positions, int) else None
         self.policy = policy.to(self.device)
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()
@@ -495,6 +557,7 @@ class RLTrainer:
             engine = HFRolloutEngine(self.policy, tokenizer, device=self.device,
                                      cuda_graphs=cfg.rollout.cuda_graphs)
         self.engine = engine
+        self._env_factories, self._env_probes = self._build_environments(environment_factory)
         self.reward = self._build_rewards(reward_fns, reward_weights, reward_models, judge)
         # the prompts as the policy reads them (chats rendered with the tokenizer's template) and
         # each one's other fields (reward functions take them as keyword arguments)
@@ -502,13 +565,18 @@ class RLTrainer:
                    [prompt_record(p, cfg.data.prompt_key, f"prompts[{i}]") for i, p in enumerate(prompts)])
         if not records:
             raise ValueError("prompts must be a non-empty list (texts, chats, or records with a prompt field)")
-        from rlhf_fast.feedback.formats import render_prompt
-
-        records, eval_records = self._eval_split(records, eval_prompts)
-        self.prompts = [render_prompt(p, tokenizer) for p, _ in records]
+        records, eval_records = split_eval_records(cfg, records, eval_prompts)
+        self.tools = self._build_tools(tools)
+        # the records as given (environments are reset with them) and each one's environment
+        self._records = {"train": records, "eval": eval_records}
+        self._env_names = {k: self._record_environments(v, k) for k, v in self._records.items()}
+        # chats are rendered with the tools' schemas (text prompts are the user's as written)
+        self.prompts = [self._render(p, e) for (p, _), e in zip(records, self._env_names["train"])]
         self.prompt_fields = [f for _, f in records]
+        if cfg.num_train_epochs is not None:  # TRL's num_train_epochs: steps from the training prompts
+            cfg.steps = max(1, math.ceil(cfg.num_train_epochs * len(records) / cfg.rollout.prompts_per_step - 1e-9))
         # evaluation during training (eval_every): the prompts rendered alike, and their fields
-        self.eval_prompts = [render_prompt(p, tokenizer) for p, _ in eval_records]
+        self.eval_prompts = [self._render(p, e) for (p, _), e in zip(eval_records, self._env_names["eval"])]
         self.eval_fields = [f for _, f in eval_records]
         if cfg.eval_every and not self.eval_prompts:
             raise ValueError(f"eval_every ({cfg.eval_every}) needs evaluation prompts: set data.eval_prompts, "
@@ -532,18 +600,19 @@ class RLTrainer:
         ps = cfg.rollout.per_sample_seeds
         self.per_sample_seeds = cfg.distributed.strategy != "none" if ps is None else ps
 
-        from rlhf_fast.trainers.common import make_adamw, make_scheduler
+        from rlhf_fast.trainers.common import make_optimizer, make_scheduler, warmup_steps_for
 
-        self.optimizer = make_adamw([p for p in self.policy.parameters() if p.requires_grad], cfg.optim.lr,
-                                    cfg.optim.weight_decay)
+        o = cfg.optim
+        okw = dict(weight_decay=o.weight_decay, optim=o.name, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                   optim_args=o.optim_args)
+        self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], lr=o.lr, **okw)
         self.critic_optimizer = None
         if self.critic is not None:
-            self.critic_optimizer = make_adamw(list(self.critic.parameters()), cfg.optim.critic_lr,
-                                               cfg.optim.weight_decay)
+            self.critic_optimizer = make_optimizer(list(self.critic.parameters()), lr=o.critic_lr, **okw)
 
-        total = cfg.steps * cfg.ppo.epochs * max(1, cfg.batch_size // cfg.ppo.mini_batch_size)
-        kw = dict(warmup_steps=cfg.optim.warmup_steps, total_steps=max(1, total), kind=cfg.optim.schedule,
-                  min_ratio=cfg.optim.min_lr_ratio)
+        total = max(1, cfg.steps * cfg.ppo.epochs * max(1, cfg.batch_size // cfg.ppo.mini_batch_size))
+        kw = dict(warmup_steps=warmup_steps_for(o.warmup_steps, o.warmup_ratio, total), total_steps=total,
+                  kind=o.schedule, min_ratio=o.min_lr_ratio, lr_scheduler_kwargs=o.lr_scheduler_kwargs)
         self.scheduler = make_scheduler(self.optimizer, **kw)
         self.critic_scheduler = make_scheduler(self.critic_optimizer, **kw) if self.critic_optimizer else None
         self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
@@ -556,6 +625,7 @@ class RLTrainer:
         self.prompt_pos = 0  # prompts consumed so far (data position)
         self.dropped_total = 0
         self._sampled_rows = 0  # rows of the last rollout with a response (the adaptive KL counts them)
+        self._tool_counts = [0, 0, 0]  # this rank's tool calls, failures and answers of the step's rollout
         self.run_dir = None
         self._logger = None
 
@@ -631,45 +701,96 @@ class RLTrainer:
         if rc.overlong_buffer > 0 and rc.overlong_penalty > 0:
             sources.append(OverlongPenalty(self.config.rollout.max_new_tokens, rc.overlong_buffer))
             weights.append(rc.overlong_penalty)
+        from rlhf_fast.rollout.environments import reward_sources
+
+        for src in reward_sources(self._env_probes):  # environments that own a reward (get_reward), weight 1
+            sources.append(src)
+            weights.append(1.0)
         if not sources:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
-                             "or reward.reward_model in the config")
+                             "or reward.reward_model in the config (or an environment with get_reward)")
         return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward)
 
-    def _eval_split(self, records: list, eval_prompts: Optional[Sequence]) -> tuple:
-        """(training records, evaluation records) — each ``(prompt, fields)`` — from the
-        training ``records`` and the one source of evaluation prompts: ``eval_prompts`` (the
-        Python API), ``data.eval_prompts``, ``data.eval_prompts_file``, or ``data.eval_fraction``
-        (held out of ``records`` by a permutation seeded with the run's seed alone); the first
-        ``eval.max_prompts`` of them."""
-        cfg, d = self.config, self.config.data
-        src = d.eval_source()
-        if eval_prompts is not None:
-            if src is not None:
-                raise ValueError(f"eval_prompts=[...] and {src} are both given; give one source of evaluation prompts")
-            ev = [prompt_record(p, d.prompt_key, f"eval_prompts[{i}]") for i, p in enumerate(eval_prompts)]
-            if not ev:
-                raise ValueError("eval_prompts must be a non-empty list (texts, chats, or records with a prompt field)")
-        elif src == "data.eval_prompts":
-            ev = [prompt_record(p, d.prompt_key, f"data.eval_prompts[{i}]") for i, p in enumerate(d.eval_prompts)]
-        elif src == "data.eval_prompts_file":
-            ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key")
-        elif src == "data.eval_fraction":
-            n = len(records)
-            k = max(1, round(d.eval_fraction * n))
-            if k >= n:
-                raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts: at least "
-                                 f"one must remain for training")
-            # its own stream (not the shuffle's): the split is a function of the seed and the prompts
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_999_937)
-            held = set(torch.randperm(n, generator=g)[:k].tolist())
-            ev = [r for i, r in enumerate(records) if i in held]
-            records = [r for i, r in enumerate(records) if i not in held]
-        else:
-            ev = []
-        if cfg.eval.max_prompts is not None:
-            ev = ev[:cfg.eval.max_prompts]
-        return records, ev
+    def _build_environments(self, factory) -> tuple:
+        """``({name: factory}, {name: probe instance})`` of ``environment_factory=`` or
+        ``rollout.environment_factory`` (not both); ``({}, {})`` without environments. The probe
+        of each environment (checked to have ``reset``) describes its tools in the prompts."""
+        from rlhf_fast.rollout import environments as E
+
+        spec = self.config.rollout.environment_factory
+        if factory is not None and spec is not None:
+            raise ValueError("environment_factory=... and rollout.environment_factory are both set; give one")
+        if factory is not None:
+            factories = E.normalize_factories(factory, "environment_factory")
+            return factories, E.probe(factories, "environment_factory")
+        factories = E.load_factories(spec, "rollout.environment_factory")
+        return factories, E.probe(factories, "rollout.environment_factory")
+
+    def _record_environments(self, records: list, split: str) -> list:
+        """The environment name of each record (None: the single one, or no environments)."""
+        from rlhf_fast.rollout.environments import environment_name
+
+        if not self._env_factories:
+            return [None] * len(records)
+        return [environment_name(f, list(self._env_factories), f"{split} prompt {i}") for i, (_, f) in
+                enumerate(records)]
+
+    def _tools_of(self, env: Optional[str]) -> list:
+        """The tools an answer of environment ``env`` may call (its prompt lists them)."""
+        return self._env_tools[env] if self._env_factories else self.tools
+
+    def _render(self, prompt, env: Optional[str] = None) -> str:
+        """A prompt as the policy reads it: a chat rendered with its tools' schemas and
+        ``data.chat_template_kwargs`` (a text prompt is the user's as written)."""
+        from rlhf_fast.feedback.formats import render_prompt
+
+        tools = self._tools_of(env)
+        return render_prompt(prompt, self.tokenizer, tools=tools or None,
+                             chat_template_kwargs=self.config.data.chat_template_kwargs)
+
+    def _build_tools(self, tools: Optional[Sequence]) -> list:
+        """The callables of ``tools=`` then of ``rollout.tools``, checked: unique names, each
+        describable by ``get_json_schema``, and a chat template that renders a tool exchange
+        and appends tool results after an answer (TRL's checks). ``[]`` when there are none.
+        With environments, each one's tools (those, then its methods) in ``_env_tools`` — the
+        same checks — and the result is the union (TRL's ``self.tools``)."""
+        from rlhf_fast.rollout.environments import environment_tools
+        from rlhf_fast.rollout.tools import check_tools, load_tools, supports_tool_calling, tool_name, tool_suffix_ids
+
+        if tools is not None and (isinstance(tools, (str, bytes)) or not isinstance(tools, (list, tuple))):
+            raise TypeError(f"tools must be a list of callables, got {type(tools).__name__}")
+        given, loaded = list(tools or []), load_tools(self.config.rollout.tools)
+        out = given + loaded
+        self._standalone_tools = list(out)  # tools of every answer, whatever its environment
+        names = {**check_tools(given, "tools")}
+        for i, name in enumerate(check_tools(loaded, "rollout.tools")):
+            if name in names:
+                raise ValueError(f"rollout.tools[{i}]: a tool named {name!r} is also in tools=[...]; tool names "
+                                 f"must be unique")
+        self._env_tools = {}
+        for env, inst in self._env_probes.items():
+            methods = environment_tools(inst)
+            key = "environment_factory" + ("" if env is None else f".{env}")
+            taken = [tool_name(m) for m in methods if tool_name(m) in names]
+            if taken:
+                raise ValueError(f"{key}: the environment's method(s) {taken} have the names of tools; tool names "
+                                 f"must be unique")
+            check_tools(methods, f"{key} methods")
+            self._env_tools[env] = self._standalone_tools + methods
+            out = out + [m for m in methods if tool_name(m) not in {tool_name(t) for t in out}]
+        if not out:
+            return []
+        tok = self.tokenizer
+        if tok is None or not supports_tool_calling(tok):
+            raise ValueError("tools need a tokenizer whose chat template renders tool calls: an assistant message's "
+                             "tool_calls and 'tool' role messages (as Qwen2.5's); this tokenizer's "
+                             f"{'has none' if getattr(tok, 'chat_template', None) is None else 'drops them'}")
+        try:
+            tool_suffix_ids(tok, [{"role": "tool", "name": tool_name(out[0]), "content": "0"}],
+                            chat_template_kwargs=self.config.data.chat_template_kwargs)
+        except ValueError as e:
+            raise ValueError(f"tools: {e}") from None
+        return out
 
     def _eval_due(self) -> bool:
         """Whether the step just finished (``global_step``) evaluates: every ``eval_every``
@@ -685,7 +806,9 @@ class RLTrainer:
         step, i·group_size + k), so no rank count changes it), scored by the run's reward
         sources. Returns floats ``eval/reward/total``, ``eval/reward/<source>``,
         ``eval/response_length`` and, for group_size > 1, ``eval/reward_std`` (see
-        :class:`~rlhf_fast.trainers.rl_config.RLConfig`), over every rank's share of the prompts.
+        :class:`~rlhf_fast.trainers.rl_config.RLConfig`) — with tools also
+        ``eval/tools/call_frequency`` and ``eval/tools/failure_frequency`` (answers call them as
+        in training) —, over every rank's share of the prompts.
         Training is untouched: no gradient, no data position, and the torch / random / numpy
         random states are restored afterwards (a reward function may draw from them)."""
         from rlhf_fast.rollout import SamplingParams
@@ -712,9 +835,13 @@ class RLTrainer:
                 params = SamplingParams(temperature=self.config.eval.temperature, top_k=ro.top_k, top_p=ro.top_p,
                                         min_p=ro.min_p, max_new_tokens=ro.max_new_tokens, n=G,
                                         stop_strings=tuple(ro.stop_strings), **ro.penalties(), sample_seeds=seeds)
-                batch = self.engine.generate([self.eval_prompts[i] for i in idx], params)
-                out = self._score(batch, [self.eval_fields[i] for i in idx])
-                for k, (v, cnt) in _eval_sums(out, self._batch_masks(batch)[2], G).items():
+                batch, extra, (calls, failures, rows) = self._run_engine(idx, params, "eval")
+                out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
+                res = _eval_sums(out, self._batch_masks(batch)[2], G)
+                if self.tools:
+                    res.update({"tools/call_frequency": (float(calls), float(rows)),
+                                "tools/failure_frequency": (float(failures), float(calls))})
+                for k, (v, cnt) in res.items():
                     acc = sums.setdefault(k, [0.0, 0.0])
                     if real:
                         acc[0] += v
@@ -724,7 +851,9 @@ class RLTrainer:
         if self.ctx.distributed:
             vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu()
         vec = vec.view(-1, 2)
-        return {f"eval/{k}": (float(v[0] / v[1]) if v[1] > 0 else float("nan")) for k, v in zip(keys, vec)}
+        # (no tool call at all: no failure either, 0 as in training)
+        empty = {"tools/failure_frequency": 0.0}
+        return {f"eval/{k}": (float(v[0] / v[1]) if v[1] > 0 else empty.get(k, float("nan"))) for k, v in zip(keys, vec)}
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation
@@ -751,12 +880,15 @@ class RLTrainer:
         cfg, ro = self.config, self.config.rollout
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
-        batch, fields = self._generate(0)
+        self._tool_counts = [0, 0, 0]
+        batch, fields, extra = self._generate(0)
         t_gen = time.perf_counter() - t0
-        out = self._score(batch, fields)
+        out = self._score(batch, fields, extra)
         if ro.dynamic_sampling:
             batch, out, t_more, m["rollout/sampling_rounds"] = self._fill_informative_groups(batch, out)
             t_gen += t_more
+        if self.tools:
+            m.update(self._tool_metrics())
         if cfg.estimator in GROUP_ESTIMATORS:
             # groups whose answers all scored alike (or lost one to a bad reward) teach nothing:
             # TRL's frac_reward_zero_std
@@ -766,7 +898,7 @@ class RLTrainer:
         dev = self.device
         beh = batch.behaviour_logp.to(dev).float() * rm
         recompute = cfg.ppo.old_logp == "recompute"
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             if recompute:
                 old_logp, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
                                                       temperature=ro.temperature, return_entropy=True)
@@ -811,6 +943,7 @@ class RLTrainer:
         raw = out.total[keep.cpu()].to(dev)
         scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
                               moments=self.reward_moments if cfg.reward.whiten else None)
+        scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm = ids[idx], am[idx], rm[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
         ref_logp = ref_logp[idx] if ref_logp is not None else None
@@ -913,10 +1046,65 @@ class RLTrainer:
             out = out | (rm & (r < lo))
         return torch.where(out, torch.zeros_like(r), r) * rm, out
 
+    def _environment_prompts(self, which: List[int], params, split: str) -> tuple:
+        """Fresh environments for the ``params.n`` answers to each prompt ``which`` of ``split``
+        ("train" / "eval"), reset with the prompts' records: ``(prompts, params, instances,
+        per_row)``. What ``reset`` returns is appended to the prompt; when it makes the answers
+        of a prompt read different prompts, each answer is its own prompt (``per_row``: n = 1,
+        the rows and their seeds in the same order)."""
+        from rlhf_fast.rollout import environments as E
+
+        recs = [self._records[split][i] for i in which]
+        names = [self._env_names[split][i] for i in which]
+        n = params.n
+        envs, obs = E.start(self._env_factories, recs, names, n)
+        if all(o is None for o in obs):
+            src = self.prompts if split == "train" else self.eval_prompts
+            return [src[i] for i in which], params, envs, False
+        texts = [self._render(E.with_observation(recs[r // n][0], o), names[r // n]) for r, o in enumerate(obs)]
+        if all(len(set(texts[j * n:(j + 1) * n])) == 1 for j in range(len(which))):
+            return texts[::n], params, envs, False
+        return texts, replace(params, n=1), envs, True
+
+    def _run_engine(self, which: List[int], params, split: str = "train") -> tuple:
+        """``(RolloutBatch, per-row reward fields or None, [calls, failures, answers])`` of the
+        prompts ``which`` of ``split`` ("train" / "eval"), each answered ``params.n`` times: the
+        engine's answers, with tool calls run (:func:`rlhf_fast.rollout.tools.tool_rollout`)
+        when the run has tools — the fields then hold ``completion_messages``, each answer's
+        turns as chat messages, and with environments ``environments``, each answer's
+        instance — and this rank's tool counts (zeros without tools)."""
+        prompts = [(self.prompts if split == "train" else self.eval_prompts)[i] for i in which]
+        extra, row_tools, per_row, n = {}, None, False, params.n
+        if self._env_factories:
+            from rlhf_fast.rollout.environments import environment_tools
+
+            prompts, params, envs, per_row = self._environment_prompts(which, params, split)
+            extra["environments"] = envs
+            row_tools = [self._standalone_tools + environment_tools(e) for e in envs]
+        if not self.tools:
+            batch, counts = self.engine.generate(prompts, params), [0, 0, 0]
+        else:
+            from rlhf_fast.rollout.tools import tool_rollout
+
+            sync = None
+            if self.ctx.distributed:  # every rank makes the same generate calls (FSDP2 gathers weights in each)
+                sync = lambda flag: any(c[0] for c in self.ctx.all_gather_ints([int(flag)]))  # noqa: E731
+            batch, st = tool_rollout(self.engine, prompts, params, tools=self.tools, tokenizer=self.tokenizer,
+                                     max_iterations=self.config.rollout.max_tool_calling_iterations,
+                                     max_length=self._max_positions, row_tools=row_tools, sync_any=sync,
+                                     chat_template_kwargs=self.config.data.chat_template_kwargs)
+            extra["completion_messages"] = st.messages
+            counts = [st.calls, st.failures, st.rows]
+        if per_row:  # the answers of one prompt are one group again
+            g = torch.arange(len(which), device=batch.group_index.device).repeat_interleave(n)
+            batch = replace(batch, group_index=g)
+        return batch, extra or None, counts
+
     def _generate(self, rnd: int):
         """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``
         times: (the RolloutBatch of sampling round ``rnd`` — 0, then 1, 2, … with
-        ``rollout.dynamic_sampling``, each round its own seeds — and the prompts' fields)."""
+        ``rollout.dynamic_sampling``, each round its own seeds —, the prompts' fields, and the
+        per-row reward fields of :meth:`_run_engine`)."""
         from rlhf_fast.rollout import SamplingParams
 
         cfg, ro = self.config, self.config.rollout
@@ -937,7 +1125,9 @@ class RLTrainer:
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
                                 stop_strings=tuple(ro.stop_strings), **ro.penalties(), **seeds)
         with torch.no_grad():
-            return self.engine.generate(prompts, params), [self.prompt_fields[i] for i in which]
+            batch, extra, counts = self._run_engine(which, params)
+        self._tool_counts = [a + b for a, b in zip(self._tool_counts, counts)]
+        return batch, [self.prompt_fields[i] for i in which], extra
 
     def _batch_masks(self, batch):
         """(input_ids, attention_mask, response_mask) of ``batch`` on the training device, the
@@ -949,13 +1139,21 @@ class RLTrainer:
         rm[:, 0] = False
         return ids, am, rm
 
-    def _score(self, batch, fields: List[dict]):
-        """The reward sources on ``batch`` (``fields``: those of each prompt it answers): a
-        RewardOutput."""
+    def _score(self, batch, fields: List[dict], extra: Optional[dict] = None):
+        """The reward sources on ``batch`` (``fields``: those of each prompt it answers;
+        ``extra``: per-row fields, name → B values, which win over a prompt field of that name):
+        a RewardOutput. With tools the response lengths count the tool results' tokens too (the
+        completion budget's measure, as TRL's ``completion_ids``)."""
         ids, am, rm = self._batch_masks(batch)
+        per_row = fields_per_row(fields, batch.group_index.tolist())
+        lengths = rm.sum(1)
+        if extra:
+            per_row = {**(per_row or {}), **extra}
+        if self.tools:
+            lengths = am[:, batch.prompt_length:].sum(1)
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
-                           RewardContext(input_ids=ids, attention_mask=am, response_lengths=rm.sum(1).tolist(),
-                                         fields=fields_per_row(fields, batch.group_index.tolist())))
+                           RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths.tolist(),
+                                         fields=per_row))
 
     def _fill_informative_groups(self, batch, out):
         """DAPO's dynamic sampling: groups whose answers all got the same reward (zero
@@ -984,10 +1182,10 @@ class RLTrainer:
         while (len(batches) < ro.max_sampling_rounds
                and sum(f for rnd in rounds for r in rnd for f in r) < P):
             t = time.perf_counter()
-            more, fields = self._generate(len(batches))
+            more, fields, extra = self._generate(len(batches))
             t_gen += time.perf_counter() - t
             batches.append(more)
-            outs.append(self._score(more, fields))
+            outs.append(self._score(more, fields, extra))
             rounds.append(flags(outs[-1]))
         # every group of the step as (round, rank, index on that rank): the sampled order,
         # the one process's prompt order
@@ -1027,6 +1225,14 @@ class RLTrainer:
         rows = (g[:, None] * G + torch.arange(G)).reshape(-1)
         return (RolloutBatch.concat([p[2] for p in parts], pad, rows),
                 RewardOutput.concat([p[3] for p in parts], rows), t_gen, len(batches))
+
+    def _tool_metrics(self) -> Dict[str, float]:
+        """``tools/call_count`` (the step's tool calls, every rank and sampling round),
+        ``tools/call_frequency`` (per answer generated, TRL's) and ``tools/failure_frequency``
+        (failed calls per call, 0 without calls), the same on every rank."""
+        calls, failures, rows = (sum(c[k] for c in self.ctx.all_gather_ints(self._tool_counts)) for k in range(3))
+        return {"tools/call_count": float(calls), "tools/call_frequency": calls / max(rows, 1),
+                "tools/failure_frequency": failures / calls if calls else 0.0}
 
     def _truncated_rows(self, batch) -> torch.Tensor:
         """``[B]`` bool: rows whose answer was cut at ``rollout.max_new_tokens`` (the engine's
@@ -1133,7 +1339,16 @@ class RLTrainer:
         the mini-batch's normaliser). PPO's clip without masks is the fused kernel's
         :func:`rlhf_fast.models.logprobs.policy_loss`; ``ppo.policy_loss`` cispo / sapo, the
         high-entropy and the off-policy masks compose per-token log-probs and entropies of the
-        fused head with :func:`rlhf_fast.algorithms.policy_losses.policy_loss_from_logp`."""
+        fused head with :func:`rlhf_fast.algorithms.policy_losses.policy_loss_from_logp`. Under
+        ``bf16`` autocast (on CUDA)."""
+        with self._autocast():
+            return self._policy_loss_forward(d, norm, kw)
+
+    def _autocast(self):
+        """``bf16`` autocast for a forward (on CUDA; nothing on the CPU)."""
+        return autocast_context(self.device, self.config.bf16)
+
+    def _policy_loss_forward(self, d: "RolloutTensors", norm, kw: dict):
         from rlhf_fast.models.logprobs import _target_mask, policy_loss, sequence_logprobs
 
         p = self.config.ppo
@@ -1199,6 +1414,7 @@ class RLTrainer:
         kw = self._loss_kwargs()
         norm = self._global_normalizer(data.response_mask, kw["agg"])
         ntok = data.response_mask.sum().clamp(min=1).float()
+        per_answer = kw["importance_sampling_level"] == "sequence_sum"
         acc: Dict[str, float] = {}
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more):
@@ -1206,13 +1422,16 @@ class RLTrainer:
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 (loss * self.ctx.grad_scale).backward()
             w = float(d.response_mask.sum()) / float(ntok)
+            # sequence_sum's clip and ratio statistics are shares of answers: weighed by rows
+            w_row = d.response_mask.shape[0] / max(data.response_mask.shape[0], 1) if per_answer else w
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
             # a blank row's statistics are of no token: it adds the keys (the same on every
             # rank, for the reduction of the statistics) but no value (ratios are > 0)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy", "entropy_mask_frac",
-                      "off_policy_mask_frac", "vespo_phi_mean"):
+                      "off_policy_mask_frac", "vespo_phi_mean", "clip_low_frac", "clip_high_frac"):
                 if k in st:
-                    acc[k] = acc.get(k, 0.0) + (w * float(st[k]) if real else 0.0)
+                    wk = w_row if k in _ANSWER_STATS else w
+                    acc[k] = acc.get(k, 0.0) + (wk * float(st[k]) if real else 0.0)
             acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if real else 0.0)
             if self.config.ppo.use_adaptive_entropy:
                 # the entropy summed over the bonus's tokens and their count (the controller's
@@ -1233,7 +1452,8 @@ class RLTrainer:
         ntok = data.response_mask.sum().clamp(min=1).float()
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.critic, more):
-                v = critic_values(self.critic, d.input_ids, d.attention_mask)
+                with self._autocast():
+                    v = critic_values(self.critic, d.input_ids, d.attention_mask).float()
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
                 (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
@@ -1271,13 +1491,17 @@ class RLTrainer:
 
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
         """:meth:`policy_backward` statistics over every rank, as one process computes them:
-        token-weighted means, the loss parts summed, ratio_max the maximum."""
+        token-weighted means (row-weighted for sequence_sum's answer statistics), the loss parts
+        summed, ratio_max the maximum."""
         keys = sorted(k for k in st if k not in ("loss", "ratio_max"))
         n = float(mask.sum())
-        vec = [st["loss"], n] + [st[k] * n if n > 0 else 0.0 for k in keys]
+        rows = float(mask.shape[0]) if self.config.ppo.importance_sampling_level == "sequence_sum" else n
+        w = [rows if k in _ANSWER_STATS else n for k in keys]
+        vec = [st["loss"], n, rows] + [st[k] * wk if wk > 0 else 0.0 for k, wk in zip(keys, w)]
         vec = torch.tensor(vec, dtype=torch.float64, device=self.device)
         vec = self.ctx.all_reduce_sum(vec)
-        out = {"loss": float(vec[0]), **{k: float(v) / max(float(vec[1]), 1.0) for k, v in zip(keys, vec[2:])}}
+        den = {k: max(float(vec[2] if k in _ANSWER_STATS else vec[1]), 1.0) for k in keys}
+        out = {"loss": float(vec[0]), **{k: float(v) / den[k] for k, v in zip(keys, vec[3:])}}
         if "ratio_max" in st:
             out["ratio_max"] = float(self.ctx.all_reduce_max(torch.tensor(st["ratio_max"], dtype=torch.float64,
                                                                             device=self.device)))
@@ -1623,7 +1847,7 @@ class RLTrainer:
             # output_dir: where the run really is (a resumed run stays in its own folder)
             save_config(replace(cfg, resume=None, output_dir=out_dir), os.path.join(self.run_dir.path, "config.yaml"))
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
-        self._logger = MetricsLogger(self.run_dir.path) if self.ctx.is_main else None
+        self._logger = MetricsLogger.for_config(self.run_dir.path, cfg) if self.ctx.is_main else None
         history = []
         bar = None
         if cfg.progress and self.ctx.is_main:

@@ -8,25 +8,26 @@ YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
 from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, LUSPO_AGG, POLICY_LOSSES, SAPO_TEMPERATURE_NEG,
-                                                SAPO_TEMPERATURE_POS, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
-                                                VESPO_LAMBDA_POS)
+                                                SAPO_TEMPERATURE_POS, SEQUENCE_SUM, SEQUENCE_SUM_AGG, VESPO_K_NEG,
+                                                VESPO_K_POS, VESPO_LAMBDA_NEG, VESPO_LAMBDA_POS)
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.ops._validate import finite
 from rlhf_fast.ops.reference import AGG_MODES
-from rlhf_fast.trainers.common import check_seed
+from rlhf_fast.trainers.common import (LR_SCHEDULES, check_optimizer_fields, check_schedule_fields,
+                                      check_seed)
 
 KL_PLACEMENTS = ("reward", "loss")
 OLD_LOGP_SOURCES = ("recompute", "behaviour")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOSS_KL_KINDS = ("k1", "k2", "k3")
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = LR_SCHEDULES  # ours (constant, linear, cosine) and transformers' LambdaLR ones
 # TRL's vllm_importance_sampling_mode values: truncate (clamp at ppo.is_cap) or mask (weight 0
 # above it) the ratio of each token, or of each row's summed log-ratio
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -111,7 +112,13 @@ class DataConfig:
     ``eval_fraction`` f in [0, 1): max(1, round(f·n)) of the n training prompts, picked by a
     permutation seeded with the run's seed, are held out of training (never trained on) and
     evaluated on. The split depends on nothing else, so turning ``eval_every`` on or off never
-    changes the training prompts."""
+    changes the training prompts.
+
+    ``chat_template_kwargs`` (TRL GRPOConfig's): extra variables for the chat template, passed
+    to every ``apply_chat_template`` of a chat prompt (training and evaluation) and of the tool
+    results appended to an answer, e.g. ``{enable_thinking: false}`` for Qwen3. Text values
+    are read as YAML (``--data.chat_template_kwargs.enable_thinking false`` is the bool);
+    ``apply_chat_template``'s own arguments (tools, add_generation_prompt, ...) are refused."""
 
     prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompts_file: Optional[str] = None
@@ -120,6 +127,7 @@ class DataConfig:
     eval_prompts: List[str] = field(default_factory=list)
     eval_prompts_file: Optional[str] = None
     eval_fraction: float = 0.0
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def _eval_sources(self) -> List[str]:
         return [k for k, on in (("data.eval_prompts", bool(self.eval_prompts)),
@@ -134,6 +142,7 @@ class DataConfig:
 
     def __post_init__(self):
         self._check_eval()
+        self.chat_template_kwargs = _template_kwargs("data.chat_template_kwargs", self.chat_template_kwargs)
         if self.prompts_file is None and not self.prompts:
             raise ValueError("data.prompts must be a non-empty list of strings (or set data.prompts_file)")
         if not all(isinstance(p, str) for p in self.prompts):
@@ -160,7 +169,67 @@ class DataConfig:
             raise ValueError(f"{' and '.join(given)} are both set; give one source of evaluation prompts")
 
 
+# apply_chat_template's own parameters: the trainer sets them, a template variable of one of
+# these names could not reach the template
+_TEMPLATE_ARGS = ("conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def _template_kwargs(name: str, value: Any) -> Dict[str, Any]:
+    """``value`` as chat-template variables: a mapping with string keys, none of them
+    ``apply_chat_template``'s own arguments; text values read as YAML scalars (the CLI's
+    ``--KEY.NAME false`` arrives as the text 'false', which a template would read as true)."""
+    import yaml
+
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{name} must be a mapping {{variable: value}}, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if k in _TEMPLATE_ARGS:
+            raise ValueError(f"{name}.{k}: {k!r} is an argument of apply_chat_template the trainer sets, "
+                             f"not a template variable")
+        if isinstance(v, str):
+            try:
+                parsed = yaml.safe_load(v)
+            except yaml.YAMLError:
+                parsed = v
+            v = parsed if isinstance(parsed, (bool, int, float)) or parsed is None else v
+        out[k] = v
+    return out
+
+
 _PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "min_new_tokens")
+# TRL's generation_kwargs go to transformers' GenerationConfig or to vLLM's SamplingParams: the
+# names of either that a rollout key covers, and that key
+GENERATION_KWARGS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",  # transformers, vLLM
+    "min_new_tokens": "min_new_tokens", "min_tokens": "min_new_tokens",
+    "stop_strings": "stop_strings", "stop": "stop_strings",
+}
+
+
+def _yaml_scalar(value: Any) -> Any:
+    """A command-line text value read as YAML (``--KEY.NAME 0.7`` arrives as the text '0.7')."""
+    import yaml
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _stop_value(value: Any) -> Any:
+    """vLLM's ``stop`` takes one string or a list; a text that is not a YAML list stays text
+    (a stop string '1' is no number)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = _yaml_scalar(value)
+    return [value] if isinstance(value, str) else value
 
 
 @dataclass
@@ -197,7 +266,39 @@ class RolloutConfig:
     and ``frequency_penalty`` (vLLM's, over the response; 0 = off), ``no_repeat_ngram_size`` and
     ``min_new_tokens`` (0 = off). The rollout log-probs are then those of the penalised
     distribution while the update trains the plain policy: the rollout is off-policy by that
-    much, as with TRL's ``repetition_penalty`` on vLLM (``ppo.is_cap`` bounds the weights)."""
+    much, as with TRL's ``repetition_penalty`` on vLLM (``ppo.is_cap`` bounds the weights).
+
+    ``tools`` (TRL GRPOTrainer's ``tools``): import paths ``module:function`` (or
+    ``file.py:function``) of functions the policy may call (``RLTrainer(tools=[...])`` adds
+    callables); chat prompts are rendered with them (``apply_chat_template(tools=...)``), the
+    calls in an answer run, their results are appended as the chat template renders tool
+    messages, and the answer goes on (:func:`rlhf_fast.rollout.tools.tool_rollout`). The tool
+    tokens are context, not actions: they are out of every loss (a hole in the response mask).
+    ``max_tool_calling_iterations``: rounds of tool execution per answer (null: no limit, as
+    TRL; 0: the tools are described in the prompt but never run). ``max_new_tokens`` bounds the
+    whole completion, tool results included; a result that would pass it is dropped and the
+    answer ends there. Logs ``tools/call_count``, ``tools/call_frequency`` (calls per answer)
+    and ``tools/failure_frequency`` (calls that raised or named no tool, per call).
+
+    ``environment_factory`` (TRL GRPOTrainer's; ``RLTrainer(environment_factory=...)`` takes
+    the callable): the import path ``module:Class`` (or ``file.py:Class``) of an environment,
+    or a mapping ``{name: path}`` whose names the prompt records select in their
+    ``environment`` field. Every answer gets a fresh instance, reset with its prompt's record
+    (``reset(prompt=..., **fields)``; a string it returns is appended to the prompt's last
+    message); its public methods are tools, after ``tools``; reward functions receive the
+    instances as ``environments``, and an environment's ``get_reward()`` is a reward source
+    (:mod:`rlhf_fast.rollout.environments`).
+
+    ``generation_kwargs`` (TRL GRPOConfig's / RLOOConfig's, passed there to transformers'
+    ``GenerationConfig`` or vLLM's ``SamplingParams``): a mapping whose keys, under either
+    library's name, set the rollout keys above — ``temperature``, ``top_p``, ``top_k`` (vLLM's
+    −1 = 0, off), ``min_p``, ``repetition_penalty``, ``presence_penalty``,
+    ``frequency_penalty``, ``no_repeat_ngram_size``, ``max_new_tokens`` / ``max_tokens``,
+    ``min_new_tokens`` / ``min_tokens``, ``stop_strings`` / ``stop`` (a string or a list);
+    ``do_sample: true`` is accepted (rollouts always sample). Any other key is refused, as is a
+    value that differs from a rollout key set away from its default (TRL lets the mapping win;
+    here the config says one thing once). Text values are read as YAML
+    (``--rollout.generation_kwargs.top_p 0.9``)."""
 
     prompts_per_step: int = 4
     group_size: int = 4
@@ -217,12 +318,69 @@ class RolloutConfig:
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
+    tools: List[str] = field(default_factory=list)
+    max_tool_calling_iterations: Optional[int] = None
+    environment_factory: Optional[Union[str, Dict[str, str]]] = None
+    generation_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def penalties(self) -> dict:
         """The sampling-penalty fields, as :class:`rlhf_fast.rollout.SamplingParams` keywords."""
         return {name: getattr(self, name) for name in _PENALTIES}
 
+    def _apply_generation_kwargs(self) -> Dict[str, str]:
+        """Set the rollout keys that ``generation_kwargs`` names (:data:`GENERATION_KWARGS`);
+        returns ``{field: 'rollout.generation_kwargs.KEY'}`` of those it set. A key we do not
+        have, two names of one key, or a value that differs from a rollout key already moved
+        off its default is refused (TRL would let the mapping win silently)."""
+        gk = self.generation_kwargs
+        if isinstance(gk, str):  # TRL takes the mapping as JSON text too
+            gk = _yaml_scalar(gk) if gk.strip() else {}
+        if gk is None:
+            gk = {}
+        if not isinstance(gk, dict) or not all(isinstance(k, str) and k for k in gk):
+            raise ValueError(f"rollout.generation_kwargs must be a mapping {{name: value}}, got {gk!r}")
+        self.generation_kwargs = gk = dict(gk)
+        origin: Dict[str, str] = {}
+        for key, raw in gk.items():
+            name = f"rollout.generation_kwargs.{key}"
+            if key == "do_sample":
+                if _yaml_scalar(raw) is not True:
+                    raise ValueError(f"{name}: rollouts always sample (do_sample true), got {raw!r}; greedy "
+                                     f"decoding is for evaluation (eval.temperature 0)")
+                continue
+            if key not in GENERATION_KWARGS:
+                raise ValueError(f"{name}: not a generation argument the rollout has; known: do_sample, "
+                                 f"{', '.join(GENERATION_KWARGS)}")
+            target = GENERATION_KWARGS[key]
+            if target in origin:
+                raise ValueError(f"{origin[target]} and {name} both set rollout.{target}; give one")
+            value = gk[key] = _stop_value(raw) if target == "stop_strings" else _yaml_scalar(raw)
+            if key == "top_k" and value == -1 and not isinstance(value, bool):
+                value = 0  # vLLM's "no top-k"
+            f = RolloutConfig.__dataclass_fields__[target]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            current = getattr(self, target)
+            if current != default and current != value:
+                raise ValueError(f"{name} ({value!r}) conflicts with rollout.{target} ({current!r}); set one of them")
+            setattr(self, target, value)
+            origin[target] = name
+        return origin
+
     def __post_init__(self):
+        origin = self._apply_generation_kwargs()
+        try:
+            self._check()
+        except ValueError as e:
+            # a value from generation_kwargs is named by the key it was given under
+            import re
+
+            msg = str(e)
+            for target, name in origin.items():
+                if re.search(rf"\brollout\.{target}\b", msg):
+                    raise ValueError(f"{name}: {msg}") from None
+            raise
+
+    def _check(self):
         from rlhf_fast.rollout.types import SamplingParams
 
         try:  # SamplingParams owns the ranges; its message gains the section's prefix
@@ -245,9 +403,39 @@ class RolloutConfig:
         for name in ("cuda_graphs", "mask_truncated", "dynamic_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rollout.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, (list, tuple)):
+            raise ValueError(f"rollout.stop_strings must be a list of strings, got {self.stop_strings!r}")
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise ValueError(f"rollout.stop_strings[{i}] must be a non-empty string, got {stop!r}")
+        self._check_tools()
+
+    def _check_tools(self):
+        if isinstance(self.tools, str) or not isinstance(self.tools, (list, tuple)):
+            raise ValueError(f"rollout.tools must be a list of 'module:function' import paths, got {self.tools!r}")
+        for i, spec in enumerate(self.tools):
+            if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
+                raise ValueError(f"rollout.tools[{i}] must be an import path 'module:function' or "
+                                 f"'file.py:function', got {spec!r}")
+        if self.max_tool_calling_iterations is not None:
+            _pos("rollout.max_tool_calling_iterations", self.max_tool_calling_iterations, allow_zero=True,
+                 integer=True)
+        env = self.environment_factory
+        if isinstance(env, str) and env.lstrip().startswith("{"):  # a mapping given on the command line
+            import yaml
+
+            try:
+                env = self.environment_factory = yaml.safe_load(env)
+            except yaml.YAMLError:
+                pass  # refused below as a path
+        paths = {"rollout.environment_factory": env} if isinstance(env, str) else \
+            {f"rollout.environment_factory.{k}": v for k, v in env.items()} if isinstance(env, dict) else None
+        if env is not None and (paths is None or not paths):
+            raise ValueError(f"rollout.environment_factory must be an import path 'module:Class' or a mapping "
+                             f"{{name: 'module:Class'}}, got {env!r}")
+        for key, spec in (paths or {}).items():
+            if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
+                raise ValueError(f"{key} must be an import path 'module:Class' or 'file.py:Class', got {spec!r}")
 
 
 @dataclass
@@ -276,7 +464,10 @@ class RewardConfig:
     ``overlong_buffer`` (tokens, 0 = off): DAPO's soft overlong punishment, weighted by
     ``overlong_penalty`` — 0 up to ``rollout.max_new_tokens − overlong_buffer`` response tokens,
     then falling linearly to −1 at ``rollout.max_new_tokens`` (:class:`OverlongPenalty`).
-    Shaping: ``whiten`` (running statistics) then ``clip``. ``on_bad_reward``: raise | drop.
+    Shaping: ``whiten`` (running statistics) then ``clip`` (symmetric, [−clip, clip]) or
+    ``clip_range`` ([min, max], TRL RLOO's ``reward_clip_range``; one of the two). Both act on
+    the weighted sum of the sources, before the KL-in-reward term and the group baseline, where
+    TRL's RLOO clips. ``on_bad_reward``: raise | drop.
 
     ``reward_model``: one reward-model folder, or a list of them (on the command line:
     ``--reward.reward_model a,b,c``); ``RLTrainer(reward_models=[...])`` adds more. How K
@@ -316,6 +507,7 @@ class RewardConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     clip: Optional[float] = None
+    clip_range: Optional[List[float]] = None
     whiten: bool = False
     on_bad_reward: str = "raise"
     multi_objective_aggregation: str = "sum_then_normalize"
@@ -323,9 +515,11 @@ class RewardConfig:
     def __post_init__(self):
         _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
         _choice("reward.multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
-        if self.multi_objective_aggregation == "normalize_then_sum" and (self.whiten or self.clip is not None):
+        self._check_clip_range()
+        if self.multi_objective_aggregation == "normalize_then_sum" and (
+                self.whiten or self.clip is not None or self.clip_range is not None):
             # the advantages come from each source's own scores: shaping the total would change nothing
-            raise ValueError("reward.whiten / reward.clip shape the summed reward, which "
+            raise ValueError("reward.whiten / reward.clip / reward.clip_range shape the summed reward, which "
                              "reward.multi_objective_aggregation 'normalize_then_sum' does not use; unset them")
         self._check_reward_models()
         if self.weights and len(self.weights) != len(self.functions):
@@ -347,6 +541,21 @@ class RewardConfig:
         _pos("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
         if self.length_target is not None:
             _pos("reward.length_target", self.length_target, allow_zero=True, integer=True)
+
+    def _check_clip_range(self):
+        r = self.clip_range
+        if r is None:
+            return
+        if isinstance(r, str) or not isinstance(r, (list, tuple)) or len(r) != 2:
+            raise ValueError(f"reward.clip_range must be a pair [min, max], got {r!r}")
+        for i, v in enumerate(r):
+            finite(f"reward.clip_range[{i}]", v)
+        if not r[0] < r[1]:
+            raise ValueError(f"reward.clip_range must have min < max, got {list(r)!r}")
+        if self.clip is not None:
+            raise ValueError("reward.clip and reward.clip_range are both set; give one ([-clip, clip] is "
+                             "clip_range [-clip, clip])")
+        self.clip_range = [float(v) for v in r]
 
     def reward_model_folders(self) -> List[tuple]:
         """``(config key, folder)`` of each reward-model folder: the key is
@@ -466,7 +675,14 @@ class PPOConfig:
     ``importance_sampling_level``: ``token`` (PPO) or ``sequence`` (GSPO: each answer's ratio is
     exp of the mean of its tokens' log-ratios, clipped as a whole — TRL's option of the same
     name, verl's ``gspo`` loss; the GSPO paper clips at about 3e-4 / 4e-4, e.g. ``clip_low:
-    0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``).
+    0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``) or ``sequence_sum``
+    (TRL's RLOOTrainer: each answer's ratio is exp of the *sum* of its tokens' log-ratios,
+    π(y|x)/π_old(y|x) itself, clipped as a whole, and the answers' clipped losses are averaged:
+    needs ``policy_loss: clip``, ``agg: seq-mean-token-sum`` and a group estimator; no
+    ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / ``kl.use_bias_correction_kl``;
+    runs on per-token log-probs of the fused head, not the fused loss kernel; ``policy/clip_frac``,
+    ``ratio_mean`` / ``ratio_max`` are then over answers, and ``policy/clip_low_frac`` /
+    ``policy/clip_high_frac`` — TRL's ``clip_ratio/low_mean`` / ``high_mean`` — are logged).
 
     ``policy_loss`` (:mod:`rlhf_fast.algorithms.policy_losses`, TRL GRPOTrainer's loss types):
     ``clip`` (PPO's clipped surrogate, the default: clip_low / clip_high / dual_clip, on the
@@ -531,7 +747,10 @@ class PPOConfig:
     ``dr_grpo`` for the paper's method). ``whiten_advantages``: off by default; TRL's, verl's
     and OpenRLHF's PPO whiten GAE advantages over the batch's response tokens — set it true
     for their behaviour (REINFORCE++ always whitens; whitening GRPO advantages again is not
-    the paper's method)."""
+    the paper's method). ``sequence`` (group estimators; TRL RLOO's ``normalize_advantages``):
+    one advantage per answer, normalised over the answers of the step on every rank, (A −
+    mean) / (std + 1e-4) with the unbiased std, so that long answers weigh no more than short
+    ones in the statistics."""
 
     epochs: int = 2
     mini_batch_size: int = 8
@@ -545,7 +764,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     agg: str = "token-mean"
-    whiten_advantages: bool = False
+    whiten_advantages: Union[bool, str] = False
     target_kl: Optional[float] = None
     max_grad_norm: Optional[float] = 1.0
     trpo: bool = False
@@ -576,7 +795,23 @@ class PPOConfig:
     def composed_loss(self) -> bool:
         """True when the loss needs :mod:`rlhf_fast.algorithms.policy_losses` (not the fused kernel)."""
         return (self.policy_loss not in CLIP_LOSSES or self.top_entropy_quantile < 1.0
-                or self.off_policy_mask_threshold is not None)
+                or self.off_policy_mask_threshold is not None or self.importance_sampling_level == SEQUENCE_SUM)
+
+    def check_estimator(self, estimator: str, kl: "KLConfig") -> None:
+        """The checks that need the run's ``estimator`` and ``kl`` section: the per-answer
+        options (``whiten_advantages: sequence``, ``importance_sampling_level: sequence_sum``)
+        need one advantage per answer, a group estimator's."""
+        from rlhf_fast.algorithms.advantages import GROUP_ESTIMATORS
+
+        seq_sum = self.importance_sampling_level == SEQUENCE_SUM
+        for key, on in (("ppo.whiten_advantages 'sequence'", self.whiten_advantages == "sequence"),
+                        (f"ppo.importance_sampling_level {SEQUENCE_SUM!r}", seq_sum)):
+            if on and estimator not in GROUP_ESTIMATORS:
+                raise ValueError(f"{key} needs one advantage per answer: a group estimator "
+                                 f"({', '.join(GROUP_ESTIMATORS)}), got estimator {estimator!r}")
+        if seq_sum and kl.use_bias_correction_kl:
+            raise ValueError(f"kl.use_bias_correction_kl weighs each token's KL by its ratio: not supported with "
+                             f"ppo.importance_sampling_level {SEQUENCE_SUM!r}")
 
     def __post_init__(self):
         _pos("ppo.epochs", self.epochs, integer=True)
@@ -599,6 +834,9 @@ class PPOConfig:
             if not 0 <= v <= 1:
                 raise ValueError(f"ppo.{k} must be in [0, 1], got {v!r}")
         _choice("ppo.agg", self.agg, AGG_MODES)
+        if not (isinstance(self.whiten_advantages, bool) or self.whiten_advantages == "sequence"):
+            raise ValueError(f"ppo.whiten_advantages must be true, false or 'sequence', "
+                             f"got {self.whiten_advantages!r}")
         if self.target_kl is not None:
             _pos("ppo.target_kl", self.target_kl)
         if self.max_grad_norm is not None:
@@ -616,7 +854,9 @@ class PPOConfig:
             if not self.is_cap_min < self.is_cap:  # TRL's check of its clip_min / clip_max
                 raise ValueError(f"ppo.is_cap_min ({self.is_cap_min}) must be less than ppo.is_cap ({self.is_cap})")
         _choice("ppo.old_logp", self.old_logp, OLD_LOGP_SOURCES)
-        _choice("ppo.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _choice("ppo.importance_sampling_level", self.importance_sampling_level,
+                IMPORTANCE_SAMPLING_LEVELS + (SEQUENCE_SUM,))
+        self._check_sequence_sum()
         _choice("ppo.policy_loss", self.policy_loss, POLICY_LOSSES)
         _pos("ppo.sapo_temperature_pos", self.sapo_temperature_pos)
         _pos("ppo.sapo_temperature_neg", self.sapo_temperature_neg)
@@ -668,6 +908,20 @@ class PPOConfig:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")
 
+    def _check_sequence_sum(self):
+        if self.importance_sampling_level != SEQUENCE_SUM:
+            return
+        what = f"ppo.importance_sampling_level {SEQUENCE_SUM!r}"
+        if self.policy_loss != "clip":
+            raise ValueError(f"{what} clips one ratio per answer: it needs ppo.policy_loss 'clip', "
+                             f"got {self.policy_loss!r}")
+        if self.agg != SEQUENCE_SUM_AGG:
+            raise ValueError(f"{what} averages each answer's loss over the answers (TRL's RLOO): set ppo.agg "
+                             f"{SEQUENCE_SUM_AGG!r}, got {self.agg!r}")
+        if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None:
+            raise ValueError(f"{what} is not supported with ppo.top_entropy_quantile < 1 or "
+                             f"ppo.off_policy_mask_threshold (they mask single tokens)")
+
     def _check_adaptive_entropy(self):
         if not isinstance(self.use_adaptive_entropy, bool):
             raise ValueError(f"ppo.use_adaptive_entropy must be true or false, got {self.use_adaptive_entropy!r}")
@@ -690,25 +944,42 @@ class PPOConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW for the policy (``lr``) and the critic (``critic_lr``); LR ``schedule`` with
-    ``warmup_steps`` of linear warm-up."""
+    """The optimizer of the policy (``lr``) and of the critic (``critic_lr``): ``name``, TRL's
+    ``optim`` (one of :data:`rlhf_fast.trainers.common.OPTIMS`; default AdamW), with
+    ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon`` (the AdamW names only) and ``optim_args``
+    ({name: value} for sgd / adagrad / rmsprop); LR ``schedule`` (ours: constant / linear /
+    cosine after ``warmup_steps`` of linear warm-up; or a transformers schedule with
+    ``lr_scheduler_kwargs``) over the run's optimizer steps, with ``warmup_ratio`` of them as
+    warm-up instead of ``warmup_steps`` when set."""
 
     lr: float = 1e-3
     critic_lr: float = 1e-3
     weight_decay: float = 0.0
+    name: str = "adamw_torch"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim_args: Dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # > 0: ceil(ratio × optimizer steps) of warm-up (warmup_steps must be 0)
     schedule: str = "constant"
     min_lr_ratio: float = 0.0  # linear / cosine decay ends at min_lr_ratio × the LR (TRL's min_lr_rate)
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)  # a transformers schedule's
 
     def __post_init__(self):
         _pos("optim.lr", self.lr)
         _pos("optim.critic_lr", self.critic_lr)
         _pos("optim.weight_decay", self.weight_decay, allow_zero=True)
         _pos("optim.warmup_steps", self.warmup_steps, allow_zero=True, integer=True)
-        _choice("optim.schedule", self.schedule, SCHEDULES)
         if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
                 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}")
+        self.optim_args = check_optimizer_fields(self.name, self.adam_beta1, self.adam_beta2, self.adam_epsilon,
+                                                 self.optim_args, lr=self.lr, prefix="optim.", optim_key="optim.name")
+        # the run's step count is RLConfig's: the kwargs are tried over a stand-in of 100 steps
+        self.lr_scheduler_kwargs = check_schedule_fields(
+            self.schedule, self.lr_scheduler_kwargs, self.min_lr_ratio, self.warmup_steps, self.warmup_ratio,
+            lr=self.lr, total_steps=100, prefix="optim.", schedule_key="schedule")
 
 
 @dataclass
@@ -717,6 +988,22 @@ class RLConfig:
     reinforce++. ``steps`` rollout+update steps; a run folder ``output_dir`` gets config.yaml,
     metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
     0 = only at the end). ``resume``: a run folder to continue exactly.
+    ``num_train_epochs`` (TRL's; null by default): when set, ``steps`` becomes
+    ceil(epochs × training prompts / ``rollout.prompts_per_step``), the steps in which the
+    training prompts (after any held-out ``data.eval_fraction``) are drawn that many times over
+    (each step takes ``prompts_per_step`` prompts of a seeded permutation; dynamic sampling's
+    extra rounds draw more).
+
+    ``bf16`` (TRL's): bf16 autocast, on CUDA only (a no-op on the CPU, as in the offline
+    trainers), around the policy, reference and critic forwards of the rollout's scoring and of
+    the update; weights, gradients and optimizer state stay fp32, and generation runs as without
+    it. The log-probs then come from bf16 matmuls (the fused LM head keeps an fp32 log-sum-exp).
+
+    ``report_to`` (TRL's): where metrics.jsonl's numbers also go — ``auto`` (the default:
+    TensorBoard when it is installed, else nowhere), ``none``, ``all`` (every installed tracker),
+    ``tensorboard``, ``wandb``, ``trackio``, ``mlflow`` or a list of them; ``run_name`` names the
+    trackers' run (null: the run folder's name). See
+    :class:`rlhf_fast.trainers.common.MetricsLogger`.
 
     ``scale_rewards`` (TRL's GRPO option; estimator grpo): ``group`` (the default, None: each
     answer's s − group mean divided by its group's unbiased std + 1e-6), ``batch`` (divided by
@@ -737,11 +1024,15 @@ class RLConfig:
     estimator: str = "grpo"
     scale_rewards: Optional[str] = None
     steps: int = 20
+    num_train_epochs: Optional[float] = None
     seed: int = 0
     output_dir: str = "runs/rl"
     resume: Optional[str] = None
     device: str = "cpu"
+    bf16: bool = False
     log_every: int = 1
+    report_to: Union[str, List[str]] = "auto"
+    run_name: Optional[str] = None
     sample_every: int = 5
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -759,6 +1050,7 @@ class RLConfig:
 
     def __post_init__(self):
         _choice("estimator", self.estimator, ESTIMATORS)
+        self.ppo.check_estimator(self.estimator, self.kl)
         _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
             _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
@@ -775,9 +1067,17 @@ class RLConfig:
             if self.kl.placement == "reward" and (self.kl.coef != 0 or self.kl.controller != "fixed"):
                 raise ValueError(f"{what} normalises each reward source's scores: the KL cannot be one of them; set "
                                  f"kl.placement 'loss' or kl.coef 0")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be true or false, got {self.bf16!r}")
         _pos("steps", self.steps, integer=True)
+        if self.num_train_epochs is not None:
+            _pos("num_train_epochs", self.num_train_epochs)
         check_seed("seed", self.seed)
         _pos("log_every", self.log_every, integer=True)
+        from rlhf_fast.trainers.common import check_report_to, check_run_name
+
+        self.report_to = check_report_to(self.report_to)
+        check_run_name(self.run_name)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
         _pos("keep_checkpoints", self.keep_checkpoints, integer=True)

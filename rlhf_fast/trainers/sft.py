@@ -18,6 +18,9 @@ them alone (:func:`tokenize_sft`). ``loss_type: dft`` is TRL's Dynamic Fine-Tuni
 NLL weighted by its detached probability, with the same global-token normalisation (the eval
 loss stays the NLL). ``num_train_epochs`` sets ``max_steps`` from the training rows
 (:func:`rlhf_fast.trainers.common.steps_for_epochs`); ``disable_dropout`` turns dropout off.
+``truncation_mode`` (TRL's): a row longer than ``max_len`` keeps its first tokens (``keep_start``,
+the default) or its last (``keep_end``: the completion or last turns and their eos), with its
+mask cut alike (:func:`tokenize_sft`); under bfd ``packing`` too, where TRL ignores it.
 ``batch_size`` rows per micro-batch, ``grad_accum``
 micro-batches per optimizer step; ``max_steps``, ``warmup_steps`` and the LR schedule count
 optimizer steps; gradients are clipped once, on the accumulated gradient. AdamW's weight decay
@@ -27,7 +30,12 @@ applies to matrices only, not to biases and norm gains
 ids restart at every document and whose attention stays inside each document (as TRL's
 ``padding_free`` / "bfd" with flash attention, not the simple packing whose attention
 crosses documents; exact for the model types in ``logprobs.PACKED_TESTED``, others warn), so
-it changes speed, not the loss. Eval loss is the token-weighted mean
+it changes speed, not the loss. ``packing_strategy: wrapped`` is TRL's other packing: every
+document tokenised whole, the documents concatenated in record order and cut into ``max_len``
+chunks that train as plain rows (one causal attention and positions 0..max_len-1 over the chunk,
+across its documents, as TRL's wrapped rows; :func:`sft_rows`), which changes the loss.
+``eval_packing`` (null: as ``packing``, TRL's default) packs the eval set by the same strategy;
+under ``bfd`` its loss is the same packed or not. Eval loss is the token-weighted mean
 over the whole eval set (perplexity its exp), whatever the batch size. Also LR warm-up,
 bf16 autocast on GPU, atomic checkpoints and exact resume. ``lora`` (LoraConfig fields) wraps
 the model in fresh LoRA adapters, and a peft model passed as ``model`` keeps its own: either
@@ -59,17 +67,22 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
 from .common import (MetricsLogger, add_config_arguments, autocast_context, check_lora_field,
-                     check_training_schedule, disable_dropout, load_causal_lm, make_adamw, supervised_scheduler,
+                     check_training_schedule, disable_dropout, load_causal_lm, supervised_scheduler,
                      open_supervised_run, require_records, resolve_device, run_trainer_cli, seed_everything,
                      steps_for_epochs, truncate_metrics)
+from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from .stop import StopOnSignal, TrainingStopped
 
 
 LOSS_TYPES = ("nll", "dft")
+# TRL's SFTConfig.truncation_mode: a row longer than max_len keeps its first / last max_len tokens
+TRUNCATION_MODES = ("keep_start", "keep_end")
+# TRL's SFTConfig.packing_strategy values we run ("bfd_split" is not one of them)
+PACKING_STRATEGIES = ("bfd", "wrapped")
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class SFTConfig(OptimizerOptions, LoggingOptions):
     """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records
     (None: a built-in synthetic copy task, so the defaults run); ``model``: a local folder or
     ``tiny:`` spec."""
@@ -80,6 +93,7 @@ class SFTConfig:
     eval_fraction: float = 0.1  # held out from ``data`` when no eval_data
     output_dir: str = "runs/sft"
     max_len: int = 256
+    truncation_mode: str = "keep_start"  # a row over max_len keeps its first ("keep_start") or last ("keep_end") tokens
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -93,6 +107,10 @@ class SFTConfig:
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
     lora: Optional[Dict[str, Any]] = None  # LoraConfig fields ({}: r=8, alpha=16, every linear layer)
     packing: bool = False
+    # how a packed set is packed (TRL's packing_strategy): "bfd", padding-free, attention inside each
+    # document; "wrapped", the documents concatenated and cut into max_len chunks, attention across them
+    packing_strategy: str = "bfd"
+    eval_packing: Optional[bool] = None  # TRL's: whether the eval set is packed (null: as packing)
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -108,6 +126,10 @@ class SFTConfig:
     loss_type: str = "nll"  # "nll", or "dft": each token's NLL weighted by its detached probability
     num_train_epochs: Optional[float] = None  # set: max_steps = ceil(epochs x train rows / (batch_size x grad_accum))
     disable_dropout: bool = False  # p = 0 in every dropout (TRL's SFTConfig has no such key, nor do we by default)
+    # TRL's tokenizer overrides (null: the tokenizer's own); final/ saves the changed tokenizer
+    eos_token: Optional[str] = None  # a token of the vocabulary: the eos appended to completions and texts
+    pad_token: Optional[str] = None  # a token of the vocabulary: the padding
+    chat_template_path: Optional[str] = None  # a .jinja / .j2 file, or a tokenizer folder whose template is cloned
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
@@ -118,8 +140,35 @@ class SFTConfig:
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        self._check_packing()
+        for key in ("eos_token", "pad_token", "chat_template_path"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
+
+    def _check_packing(self) -> None:
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"packing must be true or false, got {self.packing!r}")
+        if self.eval_packing is not None and not isinstance(self.eval_packing, bool):
+            raise ValueError(f"eval_packing must be true, false or null (as packing), got {self.eval_packing!r}")
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}")
+        if (self.packing_strategy == "wrapped" and (self.packing or self.eval_packing)
+                and self.truncation_mode != "keep_start"):
+            # wrapped packing cuts no document to max_len (TRL ignores truncation_mode when packing)
+            raise ValueError(f"truncation_mode {self.truncation_mode!r} has no effect with packing_strategy "
+                             "'wrapped', which cuts the concatenated documents into max_len chunks and no "
+                             "document on its own: leave truncation_mode at 'keep_start'")
+
+    def packs(self, split: str) -> Optional[str]:
+        """The packing strategy of the ``"train"`` or ``"eval"`` set, or None when it is not packed:
+        the eval set follows ``packing`` unless ``eval_packing`` is set (TRL's rule)."""
+        on = self.packing if split == "train" or self.eval_packing is None else self.eval_packing
+        return self.packing_strategy if on else None
 
 
 def synthetic_sft_records(n: int = 256, seed: int = 0) -> list:
@@ -135,8 +184,14 @@ def synthetic_sft_records(n: int = 256, seed: int = 0) -> list:
     return out
 
 
+def _cut(seq: List[int], max_len: int, mode: str) -> List[int]:
+    """``seq``'s first (``keep_start``) or last (``keep_end``) ``max_len`` items."""
+    return list(seq[:max_len]) if mode == "keep_start" else list(seq[max(0, len(seq) - max_len):])
+
+
 def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_only_loss: bool = True,
-                 assistant_only_loss: bool = False) -> Tuple[List[Dict[str, List[int]]], int]:
+                 assistant_only_loss: bool = False, truncation_mode: str = "keep_start"
+                 ) -> Tuple[List[Dict[str, List[int]]], int]:
     """Token rows ``{"input_ids", "response_mask"}`` (prompt + completion + eos; the mask
     marks completion and eos, or with ``completion_only_loss=False`` every token). Completions
     are cut to fit ``max_len``; records whose prompt leaves no room are dropped. Returns (rows,
@@ -164,11 +219,20 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     special tokens (e.g. bos), one eos appended unless it already ends with one, cut to its
     first ``max_len`` tokens, dropped when fewer than 2 tokens are left (TRL's SFTTrainer rows
     for a ``text`` dataset). Text records cannot be mixed with the other kinds (ValueError):
-    TRL reads one format per dataset."""
+    TRL reads one format per dataset.
+
+    ``truncation_mode="keep_end"`` (TRL's, which cuts every form the same way: the row's ids
+    and its mask together) keeps the last ``max_len`` tokens of each row instead: a text's
+    end, a conversation's last turns, a prompt–completion row's completion (with its eos) and
+    as much of the prompt's end as fits; the mask stays aligned with the ids, and a row is
+    dropped when no token after the first is left to train (an empty prompt still drops the
+    record, as with ``keep_start``)."""
     from rlhf_fast.feedback.formats import ChatRecord, TextRecord, render_prompt
 
     from .sft_data import chat_tokens
 
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     n_text = sum(isinstance(r, TextRecord) for r in records)
     if 0 < n_text < len(records):
         first = next(i for i, r in enumerate(records) if isinstance(r, TextRecord) != isinstance(records[0], TextRecord))
@@ -181,7 +245,7 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
             eos = tokenizer.eos_token_id
             if eos is not None and not (ids and ids[-1] == eos):
                 ids.append(eos)
-            ids = ids[:max_len]
+            ids = _cut(ids, max_len, truncation_mode)
             if len(ids) < 2:  # position 0 is never predicted: nothing would train
                 dropped += 1
                 continue
@@ -189,7 +253,7 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
             continue
         if isinstance(r, ChatRecord):
             ids, mask = chat_tokens(tokenizer, r.messages, assistant_only=assistant_only_loss)
-            ids, mask = ids[:max_len], mask[:max_len]
+            ids, mask = _cut(ids, max_len, truncation_mode), _cut(mask, max_len, truncation_mode)
             if not any(mask[1:]):  # position 0 is never predicted
                 dropped += 1
                 continue
@@ -202,11 +266,19 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
         if eos is not None and not (c and c[-1] == eos):  # a completion that already ends with eos keeps one
             c = c + [eos]
         if not completion_only_loss:  # TRL's completion_only_loss=False: the prompt trains too
-            ids = (p + c)[:max_len]
+            ids = _cut(p + c, max_len, truncation_mode)
             if len(ids) < 2:
                 dropped += 1
                 continue
             rows.append({"input_ids": ids, "response_mask": [1] * len(ids)})
+            continue
+        if truncation_mode == "keep_end" and p:
+            ids = _cut(p + c, max_len, truncation_mode)
+            mask = _cut([0] * len(p) + [1] * len(c), max_len, truncation_mode)
+            if not any(mask[1:]):
+                dropped += 1
+                continue
+            rows.append({"input_ids": ids, "response_mask": mask})
             continue
         if len(p) == 0 or len(p) >= max_len:
             dropped += 1
@@ -214,6 +286,69 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
         c = c[: max_len - len(p)]
         rows.append({"input_ids": p + c, "response_mask": [0] * len(p) + [1] * len(c)})
     return rows, dropped
+
+
+def sft_rows(records: Sequence[Any], tokenizer, cfg: SFTConfig, split: str
+             ) -> Tuple[List[Dict[str, List[int]]], int]:
+    """The token rows of the ``"train"`` or ``"eval"`` set (:func:`tokenize_sft` with ``cfg``'s
+    options); returns (rows, records dropped). Under ``packing_strategy: wrapped`` (where
+    :meth:`SFTConfig.packs` packs the set) every document is tokenised whole and the rows are
+    TRL's wrapped chunks of ``max_len`` tokens (:func:`rlhf_fast.trainers.sft_data.pack_wrapped`),
+    in record order (TRL's ``shuffle_dataset`` default, false); a record with nothing to train is
+    still dropped first, where TRL keeps it as context for its neighbours."""
+    from .sft_data import pack_wrapped
+
+    wrapped = cfg.packs(split) == "wrapped"
+    rows, dropped = tokenize_sft(records, tokenizer, sys.maxsize if wrapped else cfg.max_len,
+                                 completion_only_loss=cfg.completion_only_loss,
+                                 assistant_only_loss=cfg.assistant_only_loss, truncation_mode=cfg.truncation_mode)
+    return (pack_wrapped(rows, cfg.max_len) if wrapped else rows), dropped
+
+
+def apply_sft_tokenizer_overrides(cfg: SFTConfig, model, tokenizer) -> List[int]:
+    """``cfg.eos_token`` / ``chat_template_path`` / ``pad_token`` applied to ``tokenizer`` and
+    ``model`` in place, as TRL's SFTTrainer applies them
+    (:func:`rlhf_fast.models.loading.apply_tokenizer_overrides`); returns the ids of the tokens
+    a cloned template added. A peft model passed in cannot take new tokens (its embeddings are
+    the base's): ValueError."""
+    from rlhf_fast.models.loading import apply_tokenizer_overrides
+
+    return apply_tokenizer_overrides(model, tokenizer, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
+                                     chat_template_path=cfg.chat_template_path)
+
+
+def lora_with_new_tokens(lora, added: List[int]):
+    """``lora`` (LoraConfig fields) with the ``added`` token ids' embedding rows trainable (peft's
+    ``trainable_token_indices`` on ``embed_tokens``), as TRL's SFTTrainer does after cloning a
+    chat template; ``lora`` itself unchanged when nothing was added."""
+    if not added or lora is None:
+        return lora
+    import warnings
+
+    if not isinstance(lora, dict):  # a peft.LoraConfig: as TRL, on a copy
+        import copy
+
+        lora = copy.deepcopy(lora)
+        tti = lora.trainable_token_indices
+        lora.trainable_token_indices = _merge_token_indices(tti, added)
+        mts = lora.modules_to_save
+    else:
+        lora = {**lora, "trainable_token_indices": _merge_token_indices(lora.get("trainable_token_indices"), added)}
+        mts = lora.get("modules_to_save")
+    if not mts or "lm_head" not in mts:
+        warnings.warn("chat_template_path added tokens to the tokenizer, but 'lm_head' is not in lora's "
+                      "modules_to_save: the model may not learn to generate them (as TRL warns)", stacklevel=2)
+    return lora
+
+
+def _merge_token_indices(tti, added: List[int]):
+    if tti is None:
+        return {"embed_tokens": list(added)}
+    if isinstance(tti, list):  # peft's list form means embed_tokens too
+        return {"embed_tokens": list(tti) + list(added)}
+    tti = dict(tti)
+    tti["embed_tokens"] = list(tti.get("embed_tokens", [])) + list(added)
+    return tti
 
 
 def record_text(r: Any) -> str:
@@ -458,7 +593,7 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     cfg = trainer.cfg
     last: Dict[str, float] = {}
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
-        with (MetricsLogger(trainer.run.path) if trainer.ctx.is_main else NullLogger()) as log:
+        with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log:
             if eval_at_start and trainer.step == 0 and has_eval:
                 log.log(0, trainer.evaluate())
             while trainer.step < cfg.max_steps:
@@ -531,17 +666,22 @@ class SFTTrainer:
                     records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
             train_records = records
         self.eval_records = list(eval_records or [])
+        from rlhf_fast.models.loading import check_chat_template_path
+
+        check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
         if model is None:
             texts = [record_text(r) for r in train_records[:2000]]
             model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
+        added = apply_sft_tokenizer_overrides(cfg, model, tokenizer)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         dcfg = cfg.distributed
         if cfg.lora is not None:  # adapters on every linear layer (or as configured); they alone train
             from rlhf_fast.models.loading import load_policy
 
-            self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+            self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing,
+                                     lora=lora_with_new_tokens(cfg.lora, added))
         elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         if cfg.disable_dropout:  # after LoRA, so its adapters' dropout goes too
@@ -555,9 +695,10 @@ class SFTTrainer:
             # (TRL refuses it too: only a conversation has assistant turns to single out)
             raise ValueError("assistant_only_loss: true needs conversational records ({'messages': [...]}) in data; "
                              "prompt/completion records train on the completion already (completion_only_loss)")
-        tok_kw = dict(completion_only_loss=cfg.completion_only_loss, assistant_only_loss=cfg.assistant_only_loss)
-        self.train_rows, dropped = tokenize_sft(train_records, tokenizer, cfg.max_len, **tok_kw)
-        self.eval_rows, _ = tokenize_sft(self.eval_records, tokenizer, cfg.max_len, **tok_kw)
+        self.train_rows, dropped = sft_rows(train_records, tokenizer, cfg, "train")
+        self.eval_rows, _ = sft_rows(self.eval_records, tokenizer, cfg, "eval")
+        # bfd packs each micro-batch at the forward; wrapped chunks train as plain rows
+        self._packed = {split: cfg.packs(split) == "bfd" for split in ("train", "eval")}
         self.dropped = dropped
         if train_records and not self.train_rows:
             raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
@@ -567,7 +708,7 @@ class SFTTrainer:
         if cfg.num_train_epochs is not None and self._resume_from is None and self.ctx.is_main:
             self.run.write_config(cfg)  # config.yaml records the max_steps the epochs came to
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
-        self.optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
 
@@ -599,7 +740,7 @@ class SFTTrainer:
             idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
             batch = self._local_batch(idx, self.eval_rows)
             with autocast_context(self.device, self.cfg.bf16):
-                s, c = completion_nll_sum(self.model, batch)
+                s, c = completion_nll_sum(self.model, batch, packed=self._packed["eval"])
             tot += torch.stack([s.double(), c.double()])
         tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
         tot, n = float(tot[0]), int(tot[1])
@@ -631,7 +772,8 @@ class SFTTrainer:
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
             with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 with autocast_context(self.device, cfg.bf16):
-                    s, nll, _ = sft_loss_sum(self.model, b, packed=cfg.packing, loss_type=cfg.loss_type)
+                    s, nll, _ = sft_loss_sum(self.model, b, packed=self._packed["train"],
+                                             loss_type=cfg.loss_type)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (s / n_tok * ctx.grad_scale).backward()
             total += torch.stack([s.detach().double(), nll.double()])
@@ -661,4 +803,5 @@ def run(args) -> int:
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "LOSS_TYPES", "synthetic_sft_records", "tokenize_sft", "record_text", "collate",
-           "completion_nll_sum", "sft_loss_sum", "split_records", "add_arguments", "run"]
+           "completion_nll_sum", "sft_loss_sum", "sft_rows", "PACKING_STRATEGIES", "split_records",
+           "add_arguments", "run"]

@@ -1,6 +1,7 @@
 """SFT token rows for conversations: ``{"messages": [...]}`` rendered with the tokenizer's chat
 template, and the mask of the tokens that train; and the tokens of conversational responses
-(preference pairs, KTO completions) after their prompt, by the same rule (:func:`completion_tokens`).
+(preference pairs, KTO completions) after their prompt, by the same rule (:func:`completion_tokens`);
+and the fixed-length chunks of SFT's ``packing_strategy: wrapped`` (:func:`pack_wrapped`).
 
 The mask works with any chat template, with or without ``{% generation %}`` markers: the
 conversation's prefixes are rendered message by message and their token ids compared. Assistant
@@ -119,4 +120,30 @@ def completion_tokens(tokenizer, prompt: Sequence[Dict[str, Any]], *completions:
     return head[:n], [full[n:] for full in fulls]
 
 
-__all__ = ["chat_tokens", "check_chat_template", "completion_tokens"]
+# datasets' ``Dataset.map(batched=True)`` hands TRL's ``_pack_wrapped`` (trl/data_utils.py) 1000
+# rows at a time (its default batch_size) and each call wraps only its own rows, so TRL's chunks
+# restart at every 1000th document; kept, so the rows equal TRL's for any number of documents
+WRAP_BLOCK = 1000
+
+
+def pack_wrapped(rows: Sequence[Dict[str, List[int]]], seq_length: int, *, block: int = WRAP_BLOCK
+                 ) -> List[Dict[str, List[int]]]:
+    """TRL's ``pack_dataset(..., strategy="wrapped")``: the token rows ``{"input_ids",
+    "response_mask"}`` (int lists of equal length per row) concatenated in order and cut into
+    chunks of ``seq_length`` tokens (the last of each ``block`` of rows shorter), documents
+    split wherever a boundary falls; each chunk's mask cut alike. The chunks then train as
+    ordinary rows: one causal attention over the chunk, positions 0..len-1, so a token attends
+    to the documents before it in its chunk (TRL's collator gives wrapped rows an all-ones
+    attention mask and no per-document position ids)."""
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length <= 0:
+        raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
+    out: List[Dict[str, List[int]]] = []
+    for b in range(0, len(rows), block):
+        ids = [t for r in rows[b:b + block] for t in r["input_ids"]]
+        mask = [m for r in rows[b:b + block] for m in r["response_mask"]]
+        out += [{"input_ids": ids[i:i + seq_length], "response_mask": mask[i:i + seq_length]}
+                for i in range(0, len(ids), seq_length)]
+    return out
+
+
+__all__ = ["chat_tokens", "check_chat_template", "completion_tokens", "pack_wrapped", "WRAP_BLOCK"]

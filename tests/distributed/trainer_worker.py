@@ -6,10 +6,14 @@ compare one process with two."""
 import argparse
 import json
 import os
+import sys
 
 import torch
 
-from rlhf_fast.distributed import DistributedConfig, exit_process, shutdown
+# the repository root: the tool runs take their tokenizer, model and tool from tests/test_rl_tools.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from rlhf_fast.distributed import DistributedConfig, exit_process, shutdown  # noqa: E402
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.kto import KTOConfig, KTOTrainer
@@ -120,6 +124,67 @@ def run_rl_update(strategy: str, steps: int, out_dir: str):
     return trainer
 
 
+def _tool_caller(inner, tok):
+    """An engine whose first turn is the model's (generated on every rank, so FSDP2's weight
+    gathering lines up) except answer 0 of "what is 1+2?", replaced by a calculator call:
+    each step one rank has an answer to continue and the other has none, yet must make the
+    same continuation call (rl.py's agreement across ranks before each one)."""
+    from rlhf_fast.rollout import RolloutBatch, RolloutEngine
+    from tests.test_rl_tools import call_text, ids_of
+
+    call = ids_of(tok, call_text()) + [tok.eos_token_id]
+
+    class Caller(RolloutEngine):
+        pad_id = inner.pad_id
+
+        def generate(self, prompts, params):
+            out = inner.generate(prompts, params)
+            if not isinstance(prompts[0], str):  # a continuation: the model's own
+                return out
+            P, B = out.prompt_length, out.batch_size
+            resp, logp = [], []
+            for i in range(B):
+                m = out.response_mask[i, P:].bool()
+                scripted = "what is 1+2?" in prompts[i // params.n] and i % params.n == 0
+                resp.append(call if scripted else out.input_ids[i, P:][m].tolist())
+                logp.append([0.0] * len(call) if scripted else out.behaviour_logp[i, P:][m].tolist())
+            R = max(map(len, resp))
+            ids = torch.full((B, R), self.pad_id, dtype=torch.long)
+            mask, lp = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R)
+            for i, (r, lq) in enumerate(zip(resp, logp)):
+                ids[i, :len(r)], mask[i, :len(r)], lp[i, :len(r)] = torch.tensor(r), 1, torch.tensor(lq)
+            reasons = ["stop" if r[-1] == tok.eos_token_id else "length" for r in resp]
+            return RolloutBatch(torch.cat([out.input_ids[:, :P], ids], 1),
+                                torch.cat([out.attention_mask[:, :P], mask], 1),
+                                torch.cat([torch.zeros(B, P, dtype=torch.long), mask], 1),
+                                torch.cat([torch.zeros(B, P), lp], 1), list(out.prompt_texts),
+                                tok.batch_decode(resp, skip_special_tokens=True), out.group_index, int(mask.sum()),
+                                out.tokens_per_second, P, reasons)
+
+        def update_weights(self, model):
+            inner.update_weights(model)
+
+    return Caller()
+
+
+def run_rl_tools(strategy: str, steps: int, out_dir: str):
+    """GRPO steps with a calculator tool (chat prompts, the test tokenizer's tool template): one
+    answer a step calls it, on one rank; its result joins the sequence as a hole in the loss."""
+    import dataclasses
+
+    from rlhf_fast.trainers.rl import RLTrainer
+    from tests.test_rl_tools import CHATS, calculator, make_policy, tool_tokenizer
+
+    tok = tool_tokenizer()
+    cfg = _rl_config(strategy, steps, out_dir, "grpo", False, same=True)
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=80))  # call 32, result 33
+    trainer = RLTrainer(cfg, make_policy(tok), tok, reward_fns=[_length_reward], prompts=CHATS, tools=[calculator])
+    trainer.engine = _tool_caller(trainer.engine, tok)
+    trainer.train()
+    trainer.run = trainer.run_dir
+    return trainer
+
+
 def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int):
     if kind in ("grpo", "gae", "grpo_resume", "gae_resume"):  # whole steps, 2 ranks equal to one process
         return run_rl(strategy, steps, out_dir, kind.split("_")[0], kind.endswith("_resume"), same=True)
@@ -143,6 +208,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
             d.MIXED_PRECISION_DEVICES = ("cuda",)
     if kind == "grpo_update":
         return run_rl_update(strategy, steps, out_dir)
+    if kind == "grpo_tools":
+        return run_rl_tools(strategy, steps, out_dir)
     common = dict(model=MODEL, output_dir=out_dir, max_len=48, batch_size=8, grad_accum=grad_accum, lr=1e-2,
                   warmup_steps=0, lr_schedule="constant", max_steps=steps, log_every=1, eval_every=0, seed=0,
                   device="cpu", bf16=False, distributed=DistributedConfig(strategy=strategy))
@@ -170,6 +237,8 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
                           f_divergence_type="js_divergence", ld_alpha=0.5, rpo_alpha=0.0)
     elif kind == "dpo_orpo":  # reference-free: no reference model on any rank
         trainer = run_dpo(common, loss_type="orpo", rpo_alpha=0.0)
+    elif kind == "dpo_pf":  # padding_free: policy and reference score one packed row per micro-batch
+        trainer = run_dpo(common, padding_free=True)
     elif kind == "kto_apo":
         # APO-zero: no KL rows; annotator weights 1 and 3, so each rank's share of the step's weight differs
         trainer = KTOTrainer(KTOConfig(beta=0.5, loss_type="apo_zero_unpaired", annotator_weights={"a": 1.0, "b": 3.0},

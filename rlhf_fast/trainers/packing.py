@@ -1,0 +1,46 @@
+"""Padding-free packing of a micro-batch, shared by the trainers that score responses.
+
+SFT's ``packing`` and DPO's ``padding_free`` run one row per micro-batch: every attended token
+of the ``[B, T]`` right-padded batch, row after row, with position ids restarting at 0 for each
+sequence, so that the attention (llama_forward's one sdpa per sequence, transformers' packed-sequence
+detection) stays inside each sequence (TRL's ``DataCollatorForLanguageModeling(padding_free=True)``
+rows). :func:`rlhf_fast.models.logprobs.sequence_logprobs` with ``packed=True`` builds that row
+(``logprobs.pack_targets``) and gives the per-token log-probs back at their ``[B, T]`` places; the
+functions here give the hidden states of the tokens that predict a target, for callers that need
+more of those states than the log-prob (DPO's WPO weights read log Σ p² from them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast.models.logprobs import PackedTargets, pack_targets
+
+
+def packed_target_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor):
+    """``(h [n, H] in the model's dtype, labels [n] int64, rows [n], cols [n])``: the final hidden
+    states of one packed forward of the batch that predict the ``target [B, T]`` positions, their
+    labels and the targets' ``[B, T]`` coordinates — the states and the order
+    ``sequence_logprobs(..., packed=True)`` feeds the LM head, so log-probs computed from them equal
+    its values bit for bit. Needs at least one attended token (``_pack`` of an empty batch is empty)."""
+    from rlhf_fast.models.logprobs import hidden_states
+
+    pk = pack_targets(input_ids, attention_mask, target)
+    h = hidden_states(model, pk.ids, None, pk.position_ids)[0]  # [N, H]
+    return h[pk.src], pk.ids[0, pk.src + 1], pk.rows, pk.cols
+
+
+def check_packable(key: str, *models) -> None:
+    """ValueError naming the config ``key`` when one of ``models`` (None skipped) cannot run
+    packed: its LM head cannot be fused (softcapping, a logit scale, a peft adapter on the head),
+    and the packed path has no full-logits fallback."""
+    from rlhf_fast.models.logprobs import unfusable_reason
+
+    for m in models:
+        why = None if m is None else unfusable_reason(m)
+        if why is not None:
+            raise ValueError(f"{key}: true needs a model whose LM head can be fused into the log-prob kernel, "
+                             f"but {why}; set {key}: false")
+
+
+__all__ = ["PackedTargets", "pack_targets", "packed_target_states", "check_packable"]

@@ -26,6 +26,7 @@ COMMANDS = {
     "grpo": ("rlhf_fast.trainers.rl_cli", "GRPO (group-relative, no critic): rlhf-fast grpo CONFIG.yaml"),
     "rloo": ("rlhf_fast.trainers.rl_cli", "RLOO (leave-one-out, no critic): rlhf-fast rloo CONFIG.yaml"),
     "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
+    "report": ("rlhf_fast.trainers.report", "one Markdown report of a run: rlhf-fast report RUN_DIR [--out REPORT.md]"),
     "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),
     "generate": ("rlhf_fast.rollout.generate_cli",
                  "responses to a prompts file: rlhf-fast generate --model M --prompts F --out OUT.jsonl"),

@@ -627,3 +627,21 @@ def test_write_results_moves_an_unreadable_file_aside(tmp_path, capsys):
     aside = list(tmp_path.glob(paths["json"].name + ".unreadable-*"))
     assert len(aside) == 1 and aside[0].read_text() == "{oops"
     assert "moved it to" in capsys.readouterr().err
+
+
+def test_bench_packing_times_both_layouts_on_the_same_losses(capsys):
+    """benchmarks/bench_packing.py: a padded and a padding-free row per trainer, their first
+    steps' losses equal (the same model and batch), and bad options exit with a usage error."""
+    from rlhf_fast.benchmarks import bench_packing
+
+    argv = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "300", "--steps", "1", "--pairs", "2",
+            "--max-response", "24"]
+    assert bench_packing.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if ln.startswith("| dpo") or ln.startswith("| sft")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("dpo", "padded"), ("dpo", "padding_free: true"),
+                                                            ("sft", "padded"), ("sft", "packing: true")]
+    for a, b in (rows[0:2], rows[2:4]):
+        assert float(a[6]) == pytest.approx(float(b[6]), rel=1e-4)
+    with pytest.raises(SystemExit):
+        bench_packing.main(["--trainers", "ppo"])

@@ -3,6 +3,7 @@ ends a training run at the end of its step with a checkpoint, and the resumed ru
 uninterrupted one: in-process for SFT and RL, through the CLI in a subprocess (exit 128 +
 signal, one line), and on two torchrun ranks of which only one got the signal."""
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,28 @@ def test_the_handler_notes_the_signal_and_is_restored():
     assert signal.getsignal(signal.SIGTERM) is before
     e = TrainingStopped(signal.SIGTERM, 7, "runs/x", "--resume runs/x")
     assert str(e) == "stopped by SIGTERM at step 7; checkpoint saved in runs/x; continue with --resume runs/x"
+
+
+@pytest.mark.parametrize("error", [ValueError, TrainingStopped, None])
+def test_a_signal_noted_while_the_run_fails_takes_its_usual_effect(error):
+    """A stop signal noted inside the block, then an error (a collective that lost the peer
+    torchrun is stopping): on exit the signal goes to the handler that was there before (by
+    default: the process ends, quietly). Not after TrainingStopped (the stop was honoured) nor
+    after a clean exit (the trainer read the signal and stopped)."""
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(error or ()) if error else contextlib.nullcontext():
+            with StopOnSignal() as stop:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                assert stop.signum == signal.SIGUSR1 and seen == []
+                if error is TrainingStopped:
+                    raise TrainingStopped(signal.SIGUSR1, 1, "run", "resume")
+                if error is not None:
+                    raise error("lost its peer")
+        assert seen == ([signal.SIGUSR1] if error is ValueError else [])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_sft_stops_at_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path, tok):  # noqa: F811

@@ -11,6 +11,7 @@ or with ``on_bad_reward="drop"`` marks the sample invalid and counts it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -19,6 +20,13 @@ import torch
 from rlhf_fast.ops._validate import finite
 
 ON_BAD_REWARD = ("raise", "drop")
+# how reward functions are called: "ours" fn(prompt texts, completion texts, **fields); "trl" as
+# TRL's GRPO/RLOO _calculate_rewards (messages, completion_ids, trainer_state, log_*, None = NaN)
+CALLING_CONVENTIONS = ("ours", "trl")
+# what TRL keeps out of the dataset columns it passes (and our tool rollout's own field)
+_TRL_NOT_COLUMNS = ("prompt", "completion", "completion_ids", "completion_messages")
+# the fields of a samples.jsonl row, which a log_extra column may not replace
+_SAMPLE_KEYS = ("step", "prompt", "completion", "reward")
 # how several reward models combine: "sum" keeps each one a source of its own (each weighted);
 # the others make one source of the K models' scores (:class:`RewardModelEnsemble`)
 ENSEMBLE_MODES = ("sum", "mean", "min", "mean_minus_std", "mean_minus_var")
@@ -47,6 +55,7 @@ class RewardContext:
     attention_mask: Optional[torch.Tensor] = None
     response_lengths: Optional[List[int]] = None
     fields: Optional[Dict[str, List]] = None
+    trl: Optional["TRLRewardInputs"] = None
 
     def row(self, i: int) -> "RewardContext":
         """The context of row ``i`` alone."""
@@ -54,7 +63,87 @@ class RewardContext:
             input_ids=None if self.input_ids is None else self.input_ids[i:i + 1],
             attention_mask=None if self.attention_mask is None else self.attention_mask[i:i + 1],
             response_lengths=None if self.response_lengths is None else self.response_lengths[i:i + 1],
-            fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()})
+            fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()},
+            trl=None if self.trl is None else self.trl.row(i))
+
+
+class RewardLog:
+    """What reward functions log through TRL's ``log_metric(name, value)`` (scalars, averaged
+    over the calls of a step, as TRL's ``_log_metric``) and ``log_extra(column, values)`` (one
+    value per completion of the batch, a column of the samples table, as TRL's
+    ``_log_completion_extra``)."""
+
+    def __init__(self):
+        self.metrics: Dict[str, List[float]] = {}
+        self.extra: Dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"log_metric(name, value): name must be a non-empty string, got {name!r}")
+        self.metrics.setdefault(name, []).append(_reward_value(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        if not isinstance(column, str) or not column:
+            raise TypeError(f"log_extra(column, values): column must be a non-empty string, got {column!r}")
+        if column in _SAMPLE_KEYS:
+            raise ValueError(f"log_extra: the column {column!r} is one of the samples table's own {_SAMPLE_KEYS}; "
+                             "pick another name")
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"log_extra({column!r}, values): values must be a list (one per completion), "
+                            f"got {type(values).__name__}")
+        self.extra.setdefault(column, []).extend(values)
+
+    def pop_metrics(self) -> Dict[str, tuple]:
+        """``{name: (sum, count)}`` of the metrics logged since the last pop (then cleared)."""
+        out = {k: (float(sum(v)), float(len(v))) for k, v in self.metrics.items()}
+        self.metrics = {}
+        return out
+
+    def pop_extra(self, n: int) -> Dict[str, list]:
+        """The columns logged since the last pop (then cleared), each checked to hold ``n``
+        values, one per completion scored."""
+        out, self.extra = self.extra, {}
+        for k, v in out.items():
+            if len(v) != n:
+                raise RewardError(f"log_extra({k!r}, values) got {len(v)} values for {n} completions: give one "
+                                  f"value per completion, once per call")
+        return out
+
+
+@dataclass
+class TRLRewardInputs:
+    """What TRL's ``_calculate_rewards`` passes a reward function besides the dataset columns
+    (``reward.calling_convention: trl``): prompts, B prompts as the data gives them (text, or a
+    list of ``{role, content}`` messages); completions, B answers (text for a text prompt, else
+    a list of messages: ``[{"role": "assistant", "content": ...}]``, with the tool turns when
+    tools run); completion_ids, B lists of int (the tokens after the prompt, tool results
+    included, no padding); trainer_state (a ``transformers.TrainerState``); log (its
+    ``log_extra`` / ``log_metric``)."""
+
+    prompts: list
+    completions: list
+    completion_ids: List[List[int]]
+    trainer_state: object = None
+    log: RewardLog = field(default_factory=RewardLog)
+
+    def row(self, i: int) -> "TRLRewardInputs":
+        return TRLRewardInputs(self.prompts[i:i + 1], self.completions[i:i + 1], self.completion_ids[i:i + 1],
+                               self.trainer_state, self.log)
+
+
+def trl_completions(prompts: Sequence, texts: Sequence[str], messages: Optional[Sequence] = None) -> list:
+    """TRL's ``completions`` of B answers: the decoded text where the prompt is text, else
+    ``messages[i]`` (an answer's turns with tools) or ``[{"role": "assistant", "content":
+    text}]`` (TRL's ``_generate`` without a response parser)."""
+    out = []
+    for i, (p, t) in enumerate(zip(prompts, texts)):
+        if isinstance(p, str):
+            out.append(t)
+        elif messages is not None and messages[i] is not None:
+            out.append([dict(m) for m in messages[i]])
+        else:
+            out.append([{"role": "assistant", "content": t}])
+    return out
 
 
 def fields_per_row(fields: Optional[Sequence[dict]], prompt_index: Sequence[int]) -> Optional[Dict[str, List]]:
@@ -80,16 +169,28 @@ class CallableReward(RewardSource):
     Fields of the prompt data (``RewardContext.fields``, one list of B values each) are passed
     as keyword arguments: all of them to a function taking ``**kwargs`` (as TRL passes dataset
     columns), else those its signature names. A field the function requires that the prompts
-    do not have is a RewardError naming it (raised whatever ``on_bad_reward`` says)."""
+    do not have is a RewardError naming it (raised whatever ``on_bad_reward`` says).
 
-    def __init__(self, fn: Callable, name: Optional[str] = None):
+    With ``convention="trl"`` the function is called as TRL's ``_calculate_rewards`` calls it,
+    every argument by keyword: ``fn(prompts=, completions=, completion_ids=, trainer_state=,
+    log_extra=, log_metric=, **columns)`` (columns: the prompt fields, and ``environments``
+    with environments), from ``ctx.trl`` (:class:`TRLRewardInputs`); a function without
+    ``**kwargs`` gets the names it lists (TRL would raise TypeError); a None reward is NaN,
+    "does not apply to this completion" (:class:`CombinedReward` with ``convention="trl"``)."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None, convention: str = "ours"):
         if not callable(fn):
             raise TypeError(f"fn must be callable (prompts, completions) -> list[float], got {type(fn).__name__}")
+        if convention not in CALLING_CONVENTIONS:
+            raise ValueError(f"convention must be one of {CALLING_CONVENTIONS}, got {convention!r}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
-        self._all, self._named, self._required = _keyword_params(fn)
+        self.convention = convention
+        self._all, self._named, self._required = _keyword_params(fn, skip=2 if convention == "ours" else 0)
 
     def __call__(self, prompts, completions, ctx):
+        if self.convention == "trl":
+            return self._call_trl(ctx)
         fields = (ctx.fields if ctx is not None else None) or {}
         missing = [k for k in self._required if k not in fields]
         if missing:
@@ -98,9 +199,29 @@ class CallableReward(RewardSource):
         kw = dict(fields) if self._all else {k: v for k, v in fields.items() if k in self._named}
         return self.fn(list(prompts), list(completions), **kw)
 
+    def _call_trl(self, ctx):
+        t = ctx.trl if ctx is not None else None
+        if t is None:
+            raise RewardError(f"reward function {self.name!r} uses TRL's calling convention, but the caller gave "
+                              "no TRL inputs (RewardContext.trl)")
+        kw = {k: v for k, v in ((ctx.fields or {}).items()) if k not in _TRL_NOT_COLUMNS}
+        kw.update(prompts=list(t.prompts), completions=list(t.completions),
+                  completion_ids=[list(c) for c in t.completion_ids], trainer_state=t.trainer_state,
+                  log_extra=t.log.log_extra, log_metric=t.log.log_metric)
+        missing = [k for k in self._required if k not in kw]
+        if missing:
+            raise RewardError(f"reward function {self.name!r} needs the argument(s) {missing}; TRL's convention "
+                              f"gives {sorted(kw)} (prompt fields come from the prompts' JSONL records)")
+        if not self._all:
+            kw = {k: v for k, v in kw.items() if k in self._named}
+        out = self.fn(**kw)
+        # TRL: "Convert None values to NaN" (this function does not score that completion)
+        out = out.tolist() if isinstance(out, torch.Tensor) else out
+        return [float("nan") if r is None else r for r in out]
 
-def _keyword_params(fn: Callable):
-    """(takes **kwargs, names it accepts after the first two, names it requires after them)."""
+
+def _keyword_params(fn: Callable, skip: int = 2):
+    """(takes **kwargs, names it accepts after the first ``skip``, names it requires after them)."""
     import inspect
 
     try:
@@ -109,7 +230,7 @@ def _keyword_params(fn: Callable):
         return False, set(), []
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    rest = positional[2:] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+    rest = positional[skip:] + [p for p in params if p.kind is p.KEYWORD_ONLY]
     named = {p.name for p in rest if p.kind is not p.POSITIONAL_ONLY}
     required = [p.name for p in rest if p.default is p.empty and p.kind is not p.POSITIONAL_ONLY]
     return takes_all, named, required
@@ -308,12 +429,14 @@ class RewardOutput:
     unweighted (NaN where that source failed), plus the per-sample diagnostics a source such as
     :class:`RewardModelEnsemble` gives (its members' scores ``rm{k}``, their spread ``rm_std``:
     logged as ``reward/NAME`` like the sources, never part of the total); valid ``[B]`` bool;
-    dropped: per-source count of samples dropped."""
+    dropped: per-source count of samples dropped; columns: what TRL-convention reward
+    functions logged with ``log_extra``, name → B values (columns of the samples table)."""
 
     total: torch.Tensor
     per_source: Dict[str, torch.Tensor]
     valid: torch.Tensor
     dropped: Dict[str, int] = field(default_factory=dict)
+    columns: Dict[str, list] = field(default_factory=dict)
 
     @staticmethod
     def concat(outs: Sequence["RewardOutput"], rows: Optional[torch.Tensor] = None) -> "RewardOutput":
@@ -322,19 +445,34 @@ class RewardOutput:
         source among those rows."""
         cat = lambda ts: torch.cat(list(ts)) if rows is None else torch.cat(list(ts))[rows]  # noqa: E731
         per_source = {k: cat(o.per_source[k] for o in outs) for k in outs[0].per_source}
+        columns = {}
+        for k in sorted({c for o in outs for c in o.columns}):  # None where a batch did not log it
+            vals = [v for o in outs for v in o.columns.get(k, [None] * len(o.total))]
+            columns[k] = vals if rows is None else [vals[i] for i in rows.tolist()]
         return RewardOutput(total=cat(o.total for o in outs), per_source=per_source,
                             valid=cat(o.valid for o in outs),
-                            dropped={k: int((~torch.isfinite(v)).sum()) for k, v in per_source.items()})
+                            dropped={k: int((~torch.isfinite(v)).sum()) for k, v in per_source.items()},
+                            columns=columns)
 
 
 class CombinedReward:
     """Weighted sum of reward sources. ``sources``: list of RewardSource (or ``(source, weight)``
     pairs; plain callables are wrapped in :class:`CallableReward`). ``on_bad_reward``:
-    "raise" (default) or "drop"."""
+    "raise" (default) or "drop".
 
-    def __init__(self, sources, weights: Optional[Sequence[float]] = None, on_bad_reward: str = "raise"):
+    ``convention="trl"`` combines as TRL's GRPO/RLOO trainers: a NaN reward (a function's None)
+    means "this source does not apply to this completion", not a bad reward; the total is
+    ``nansum_k(w_k · r_k)`` (TRL's ``(rewards_per_func * reward_weights).nansum(dim=1)``); a
+    completion that no source scored (all NaN) is invalid (TRL: reward NaN, outside the group
+    statistics, advantage 0), with a warning as TRL's. ±inf and exceptions still follow
+    ``on_bad_reward``. Plain callables are then wrapped with TRL's calling convention."""
+
+    def __init__(self, sources, weights: Optional[Sequence[float]] = None, on_bad_reward: str = "raise",
+                 convention: str = "ours"):
         if on_bad_reward not in ON_BAD_REWARD:
             raise ValueError(f"on_bad_reward must be one of {ON_BAD_REWARD}, got {on_bad_reward!r}")
+        if convention not in CALLING_CONVENTIONS:
+            raise ValueError(f"convention must be one of {CALLING_CONVENTIONS}, got {convention!r}")
         if isinstance(sources, (RewardSource, str)) or callable(sources) or not isinstance(sources, (list, tuple)):
             raise TypeError(f"sources must be a list of reward sources (or (source, weight) pairs), "
                             f"got {type(sources).__name__}")
@@ -349,7 +487,7 @@ class CombinedReward:
                     raise ValueError(f"sources[{i}] must be a source or a (source, weight) pair, got a {len(s)}-tuple")
                 s, w = s
             if not isinstance(s, RewardSource):
-                s = CallableReward(s)
+                s = CallableReward(s, convention=convention)
             w = w if weights is None else weights[i]
             items.append((s, finite(f"the weight of reward source {s.name!r}", w)))
         if not items:
@@ -380,6 +518,7 @@ class CombinedReward:
         self.sources = items
         self.names = names
         self.on_bad_reward = on_bad_reward
+        self.convention = convention
 
     @staticmethod
     def _score(src: RewardSource, prompts, completions, ctx):
@@ -389,8 +528,11 @@ class CombinedReward:
         return src(prompts, completions, ctx), {}
 
     def _call_one(self, src: RewardSource, name: str, prompts, completions, ctx):
-        """(B floats, {extra name: ``[B]`` float32} — NaN on a row whose scoring failed)."""
+        """(B floats, {extra name: ``[B]`` float32} — NaN on a row whose scoring failed, the
+        indices of those rows)."""
         B = len(completions)
+        log = ctx.trl.log if ctx.trl is not None else None
+        logged = {k: list(v) for k, v in log.extra.items()} if log is not None else None
         try:
             out, extras = self._score(src, prompts, completions, ctx)
         except RewardError:  # a configuration error (a missing prompt field): no sample would score
@@ -398,19 +540,24 @@ class CombinedReward:
         except Exception as e:  # noqa: BLE001 - reported with the source's name
             if self.on_bad_reward == "raise":
                 raise RewardError(f"reward source {name!r} raised {type(e).__name__}: {e}") from e
+            if log is not None:  # the row-by-row calls log their own columns again
+                log.extra = logged
             # Isolate the failing samples by scoring one at a time.
             nan = float("nan")
-            vals, extras = [], {e: [nan] * B for e in getattr(src, "extra_names", ())}
+            vals, extras, failed = [], {e: [nan] * B for e in getattr(src, "extra_names", ())}, []
             for i in range(B):
                 try:
                     v, ex = self._score(src, [prompts[i]], [completions[i]], ctx.row(i))
                     v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
                     vals.append(_reward_value(v[0]) if len(v) == 1 else nan)
+                    if len(v) != 1:
+                        failed.append(i)
                     for e, t in ex.items():
                         extras[e][i] = float(t[0])
                 except Exception:  # noqa: BLE001
                     vals.append(nan)
-            return vals, {e: torch.tensor(v, dtype=torch.float32) for e, v in extras.items()}
+                    failed.append(i)
+            return vals, {e: torch.tensor(v, dtype=torch.float32) for e, v in extras.items()}, failed
         try:
             vals = [_reward_value(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
         except (TypeError, ValueError, OverflowError) as e:
@@ -418,7 +565,7 @@ class CombinedReward:
                               f"{type(out).__name__}: {e}") from e
         if len(vals) != B:
             raise RewardError(f"reward source {name!r} returned {len(vals)} rewards for {B} completions")
-        return vals, extras
+        return vals, extras, []
 
     def __call__(self, prompts: List[str], completions: List[str], ctx: Optional[RewardContext] = None) -> RewardOutput:
         """Score B completions. Returns a :class:`RewardOutput`; raises :class:`RewardError`
@@ -427,11 +574,13 @@ class CombinedReward:
         B = len(completions)
         if len(prompts) != B:
             raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and {B}")
+        if self.convention == "trl":
+            return self._combine_trl(prompts, completions, ctx)
         total = torch.zeros(B, dtype=torch.float32)
         valid = torch.ones(B, dtype=torch.bool)
         per, dropped = {}, {}
         for (src, w), name in zip(self.sources, self.names):
-            vals, extras = self._call_one(src, name, prompts, completions, ctx)
+            vals, extras, _ = self._call_one(src, name, prompts, completions, ctx)
             bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
             if bad and self.on_bad_reward == "raise":
                 # an ensemble's NaN comes from a member: name the member(s) that gave it
@@ -450,6 +599,42 @@ class CombinedReward:
             total += w * torch.where(ok, t, torch.zeros_like(t))
         total = torch.where(valid, total, torch.zeros_like(total))
         return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped)
+
+    def _combine_trl(self, prompts, completions, ctx: RewardContext) -> RewardOutput:
+        """TRL's combination (see the class docstring): NaN = does not apply, nansum of the
+        weighted rewards, all-NaN rows invalid; ±inf per ``on_bad_reward``."""
+        B = len(completions)
+        per, dropped, cols, ok = {}, {}, [], torch.ones(B, dtype=torch.bool)
+        for (src, w), name in zip(self.sources, self.names):
+            vals, extras, failed = self._call_one(src, name, prompts, completions, ctx)
+            t = torch.tensor(vals, dtype=torch.float32)
+            bad = torch.isinf(t)
+            bad[failed] = True  # (on_bad_reward drop) a row whose call raised: bad, not "does not apply"
+            if bad.any() and self.on_bad_reward == "raise":
+                i = int(bad.nonzero()[0, 0])
+                raise RewardError(f"reward source {name!r} returned an infinite reward ({vals[i]}) for sample {i} "
+                                  f"(completion {completions[i][:60]!r}); set on_bad_reward='drop' to skip such "
+                                  "samples (None / NaN means 'does not apply' under calling_convention trl)")
+            per.update(extras)
+            per[name] = t
+            dropped[name] = int(bad.sum())
+            ok &= ~bad
+            cols.append(t)
+        rewards_per_func = torch.stack(cols, dim=1)  # [B, K]
+        weights = torch.tensor([w for _, w in self.sources], dtype=torch.float32)
+        # TRL's grpo_trainer / rloo_trainer: (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)
+        total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        if unscorable.any():
+            i = int(unscorable.nonzero()[0, 0])
+            warnings.warn(f"All reward functions returned None for sample {i} (prompt "
+                          f"{str(prompts[i])[:60]!r}, completion {str(completions[i])[:60]!r}); it is left "
+                          "unscored (invalid: the RL trainer drops it). Please ensure that at least one reward "
+                          "function returns a valid reward.", RuntimeWarning, stacklevel=3)
+        valid = ok & ~unscorable
+        total = torch.where(valid, total, torch.zeros_like(total))
+        columns = ctx.trl.log.pop_extra(B) if ctx.trl is not None else {}
+        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped, columns=columns)
 
 
 def clip_rewards(scores: torch.Tensor, clip_range: Optional[Sequence[float]]) -> torch.Tensor:

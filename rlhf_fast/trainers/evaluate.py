@@ -115,6 +115,8 @@ def evaluate_policy(
     fields: Optional[Sequence[dict]] = None,
     pass_k: Sequence[int] = (),
     correct_threshold: float = 1.0,
+    data_prompts: Optional[Sequence] = None,
+    trainer_state=None,
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
@@ -127,8 +129,15 @@ def evaluate_policy(
     answer, test cases…) handed to reward functions as keyword arguments, as in RL training.
     ``pass_k`` (each 1 ≤ k ≤ n): ``pass@k``, the unbiased estimate (Chen et al. 2021) of the
     chance that one of k of a prompt's answers is correct — total reward ≥
-    ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`)."""
+    ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`).
+    A ``reward`` with ``convention="trl"`` calls its functions as TRL does
+    (:class:`~rlhf_fast.algorithms.rewards.TRLRewardInputs`): ``data_prompts`` are the prompts as
+    the data gives them (chats as message lists; default ``prompts``), ``trainer_state`` a
+    ``transformers.TrainerState`` (default: a fresh one); what they log with ``log_metric``
+    comes back as ``reward_fn/NAME`` (the mean), and the reward mean / std skip the answers no
+    source scored (TRL's nanmean)."""
     from rlhf_fast.algorithms import CombinedReward, RewardContext, fields_per_row
+    from rlhf_fast.algorithms.rewards import RewardLog, TRLRewardInputs, trl_completions
     from rlhf_fast.models.logprobs import sequence_logprobs
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 
@@ -146,7 +155,22 @@ def evaluate_policy(
         raise ValueError(f"correct_threshold must be a finite number, got {correct_threshold!r}")
     if not isinstance(reward, CombinedReward):
         reward = CombinedReward([reward])
+    trl = reward.convention == "trl"
+    if data_prompts is not None and len(data_prompts) != len(prompts):
+        raise ValueError(f"data_prompts must hold one prompt per prompt ({len(prompts)}), got {len(data_prompts)}")
+    if trl and trainer_state is None:
+        from transformers import TrainerState
+
+        trainer_state = TrainerState()
+    log = RewardLog()
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
+
+    def trl_inputs(b):  # TRL's reward-function inputs of rollout b (see TRLRewardInputs)
+        src = list(data_prompts if data_prompts is not None else prompts)
+        rows = [src[g] for g in b.group_index.tolist()]
+        P, am = b.prompt_length, b.attention_mask.bool()
+        ids = [t[k].tolist() for t, k in zip(b.input_ids[:, P:].cpu(), am[:, P:].cpu())]
+        return TRLRewardInputs(rows, trl_completions(rows, list(b.response_texts)), ids, trainer_state, log)
 
     def answer(model):
         b = HFRolloutEngine(model, tokenizer).generate(list(prompts), params)
@@ -156,13 +180,16 @@ def evaluate_policy(
         rm[:, 0] = False
         out = reward(list(b.prompt_texts), list(b.response_texts),
                      RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(),
-                                   fields=fields_per_row(fields, b.group_index.tolist())))
+                                   fields=fields_per_row(fields, b.group_index.tolist()),
+                                   trl=trl_inputs(b) if trl else None))
         return b, rm, out
 
     res: Dict[str, float] = {}
     b, rm, out = answer(policy)
-    res["reward/mean"] = float(out.total.mean())
-    res["reward/std"] = float(out.total.std()) if out.total.numel() > 1 else 0.0
+    scored = out.total[out.valid] if trl else out.total
+    res["reward/mean"] = float(scored.mean())
+    res["reward/std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    res.update({f"reward_fn/{k}": v / c for k, (v, c) in sorted(log.pop_metrics().items()) if c})
     for k, v in out.per_source.items():
         res[f"reward/{k}"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else float("nan")
     res["length/mean"] = float(rm.sum(1).float().mean())
@@ -360,6 +387,12 @@ def run(args) -> int:
         from rlhf_fast.trainers.rl import read_prompt_records
 
         records, split = read_prompt_records(args.prompts, name="--prompts"), None
+    # a run's reward functions are called as it called them (reward.calling_convention)
+    convention, state = "ours", None
+    if args.run and cfg.reward.calling_convention == "trl":
+        from transformers import TrainerState
+
+        convention, state = "trl", TrainerState(global_step=cfg.steps, max_steps=cfg.steps)
     if not records:
         raise ValueError("give --prompts FILE (or --run RUN_DIR)")
     references = None
@@ -379,7 +412,7 @@ def run(args) -> int:
         reference = AutoModelForCausalLM.from_pretrained(args.reference)
     if reference is not None:
         reference = reference.eval()
-    sources = [CallableReward(load_callable(s), name=s.rsplit(":", 1)[1]) for s in fns]
+    sources = [CallableReward(load_callable(s), name=s.rsplit(":", 1)[1], convention=convention) for s in fns]
     if args.reward_model:
         from rlhf_fast.models.loading import load_reward_model
 
@@ -387,10 +420,12 @@ def run(args) -> int:
                                          AutoTokenizer.from_pretrained(args.reward_model)))
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
-    res = evaluate_policy(policy, tok, prompts, CombinedReward(sources), reference=reference,
+    res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, convention=convention),
+                          reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,
-                          pass_k=args.pass_k_list, correct_threshold=args.correct_threshold)
+                          pass_k=args.pass_k_list, correct_threshold=args.correct_threshold,
+                          data_prompts=[p for p, _ in records], trainer_state=state)
     if split is not None:
         res["split"] = split
     text = json.dumps(res, indent=2)

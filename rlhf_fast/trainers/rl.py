@@ -63,7 +63,13 @@ from rlhf_fast.algorithms import (
     make_kl_controller,
     shape_scores,
 )
-from rlhf_fast.algorithms.rewards import RewardModelEnsemble, clip_rewards
+from rlhf_fast.algorithms.rewards import (
+    RewardLog,
+    RewardModelEnsemble,
+    TRLRewardInputs,
+    clip_rewards,
+    trl_completions,
+)
 from rlhf_fast.trainers.common import autocast_context
 from rlhf_fast.trainers.rl_config import RLConfig
 
@@ -559,6 +565,7 @@ class RLTrainer:
         self.engine = engine
         self._env_factories, self._env_probes = self._build_environments(environment_factory)
         self.reward = self._build_rewards(reward_fns, reward_weights, reward_models, judge)
+        self._reward_log = RewardLog()  # what TRL-convention reward functions log (log_metric / log_extra)
         # the prompts as the policy reads them (chats rendered with the tokenizer's template) and
         # each one's other fields (reward functions take them as keyword arguments)
         records = (load_prompt_records(cfg.data) if prompts is None else
@@ -657,10 +664,12 @@ class RLTrainer:
         if len(ws) != len(fns):
             raise ValueError(f"reward_weights must have one entry per reward_fns entry ({len(fns)}), got {len(ws)}")
         for fn, w in zip(fns, ws):
-            sources.append(fn if isinstance(fn, RewardSource) else CallableReward(fn))
+            sources.append(fn if isinstance(fn, RewardSource)
+                           else CallableReward(fn, convention=rc.calling_convention))
             weights.append(w)
         for spec, w in zip(rc.functions, rc.weights or [1.0] * len(rc.functions)):
-            sources.append(CallableReward(load_callable(spec), name=spec.rsplit(":", 1)[1]))
+            sources.append(CallableReward(load_callable(spec), name=spec.rsplit(":", 1)[1],
+                                          convention=rc.calling_convention))
             weights.append(w)
         rms = []  # every reward model, the Python API's then the config's folders, in that order
         for i, rm in enumerate(reward_models):
@@ -709,7 +718,7 @@ class RLTrainer:
         if not sources:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
                              "or reward.reward_model in the config (or an environment with get_reward)")
-        return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward)
+        return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward, convention=rc.calling_convention)
 
     def _build_environments(self, factory) -> tuple:
         """``({name: factory}, {name: probe instance})`` of ``environment_factory=`` or
@@ -830,6 +839,7 @@ class RLTrainer:
                 idx = list(range(lo + c * per_call, min(hi, lo + (c + 1) * per_call)))
                 real = bool(idx)
                 if not real:  # this rank's share ran out: a call on prompt 0 whose results count nothing
+                    self._reward_log.pop_metrics()
                     idx = [0]
                 seeds = [_sample_seed(cfg.seed, self.global_step, _EVAL_INDEX + i * G + k) for i in idx for k in range(G)]
                 params = SamplingParams(temperature=self.config.eval.temperature, top_k=ro.top_k, top_p=ro.top_p,
@@ -853,7 +863,10 @@ class RLTrainer:
         vec = vec.view(-1, 2)
         # (no tool call at all: no failure either, 0 as in training)
         empty = {"tools/failure_frequency": 0.0}
-        return {f"eval/{k}": (float(v[0] / v[1]) if v[1] > 0 else empty.get(k, float("nan"))) for k, v in zip(keys, vec)}
+        res = {f"eval/{k}": (float(v[0] / v[1]) if v[1] > 0 else empty.get(k, float("nan")))
+               for k, v in zip(keys, vec)}
+        res.update({f"eval/{k}": v for k, v in self._reward_fn_metrics().items()})
+        return res
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation
@@ -887,6 +900,7 @@ class RLTrainer:
         if ro.dynamic_sampling:
             batch, out, t_more, m["rollout/sampling_rounds"] = self._fill_informative_groups(batch, out)
             t_gen += t_more
+        m.update(self._reward_fn_metrics())
         if self.tools:
             m.update(self._tool_metrics())
         if cfg.estimator in GROUP_ESTIMATORS:
@@ -958,6 +972,13 @@ class RLTrainer:
         if cfg.reward.multi_objective_aggregation == "normalize_then_sum":
             # GDPO: every source's own (unweighted) scores, normalised per group before the sum
             names = self.reward.names
+            if self.config.reward.calling_convention == "trl" and any(
+                    bool(torch.isnan(out.per_source[n][keep.cpu()]).any()) for n in names):
+                # TRL takes each source's group statistics over the completions it scored; ours has
+                # no NaN-skipping normalize_then_sum (yet): refuse rather than train on NaN
+                raise ValueError("reward.multi_objective_aggregation 'normalize_then_sum' with "
+                                 "reward.calling_convention 'trl': a reward function returned None for a "
+                                 "completion; return a number for every completion, or use sum_then_normalize")
             multi = dict(multi_objective_aggregation="normalize_then_sum",
                          rewards_per_func=torch.stack([out.per_source[n] for n in names], 1)[keep.cpu()].to(dev),
                          reward_weights=torch.tensor([w for _, w in self.reward.sources], dtype=torch.float32))
@@ -1022,6 +1043,7 @@ class RLTrainer:
         data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask, is_weight)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
                             for i in idx.tolist()]
+        self._last_columns = [{k: v[i] for k, v in out.columns.items()} for i in idx.tolist()]
         return data, m
 
     def _is_weights(self, old_logp: torch.Tensor, beh: torch.Tensor, rm: torch.Tensor):
@@ -1098,6 +1120,9 @@ class RLTrainer:
         if per_row:  # the answers of one prompt are one group again
             g = torch.arange(len(which), device=batch.group_index.device).repeat_interleave(n)
             batch = replace(batch, group_index=g)
+        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`: each row's as the data gives it
+            recs = self._records[split]
+            extra["_trl_prompts"] = [recs[which[g]][0] for g in batch.group_index.tolist()]
         return batch, extra or None, counts
 
     def _generate(self, rnd: int):
@@ -1143,17 +1168,59 @@ class RLTrainer:
         """The reward sources on ``batch`` (``fields``: those of each prompt it answers;
         ``extra``: per-row fields, name → B values, which win over a prompt field of that name):
         a RewardOutput. With tools the response lengths count the tool results' tokens too (the
-        completion budget's measure, as TRL's ``completion_ids``)."""
+        completion budget's measure, as TRL's ``completion_ids``). With
+        ``reward.calling_convention: trl`` also TRL's inputs (:meth:`_trl_inputs`)."""
         ids, am, rm = self._batch_masks(batch)
         per_row = fields_per_row(fields, batch.group_index.tolist())
         lengths = rm.sum(1)
+        trl = None
+        if extra and "_trl_prompts" in extra:
+            extra = dict(extra)
+            trl = self._trl_inputs(batch, ids, am, extra.pop("_trl_prompts"), extra.get("completion_messages"))
         if extra:
             per_row = {**(per_row or {}), **extra}
         if self.tools:
             lengths = am[:, batch.prompt_length:].sum(1)
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
                            RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths.tolist(),
-                                         fields=per_row))
+                                         fields=per_row, trl=trl))
+
+    def _trl_inputs(self, batch, ids: torch.Tensor, am: torch.Tensor, prompts: list, messages=None):
+        """TRL's reward-function inputs of ``batch`` (ids / am ``[B, L]``, the left-padded
+        prompt then the answer): ``prompts`` one per row as the data gives them, the
+        completions in TRL's form (``messages``: each answer's turns with tools), the tokens
+        after the prompt (tool results included: TRL's ``completion_ids``), a
+        ``transformers.TrainerState`` of the run so far, and the run's :class:`RewardLog`."""
+        from transformers import TrainerState
+
+        cfg, P = self.config, batch.prompt_length
+        tail, keep = ids[:, P:].cpu(), am[:, P:].cpu()
+        per_epoch = len(self.prompts) / cfg.rollout.prompts_per_step  # steps per pass over the prompts
+        state = TrainerState(
+            epoch=self.global_step / per_epoch, global_step=self.global_step, max_steps=cfg.steps,
+            num_train_epochs=math.ceil(cfg.steps / per_epoch), train_batch_size=cfg.batch_size,
+            logging_steps=cfg.log_every,
+            is_world_process_zero=self.ctx.is_main, is_local_process_zero=self.ctx.local_rank == 0)
+        return TRLRewardInputs(prompts=list(prompts),
+                               completions=trl_completions(prompts, list(batch.response_texts), messages),
+                               completion_ids=[t[k].tolist() for t, k in zip(tail, keep)],
+                               trainer_state=state, log=self._reward_log)
+
+    def _reward_fn_metrics(self) -> Dict[str, float]:
+        """``reward_fn/NAME``: the mean of the values TRL-convention reward functions gave
+        ``log_metric(NAME, value)`` since the last call, over every rank's calls (TRL's sum /
+        count); the same on every rank. Empty with ``reward.calling_convention: ours``."""
+        if self.config.reward.calling_convention != "trl":
+            return {}
+        local = self._reward_log.pop_metrics()
+        # ranks may log different names: merge them, as TRL's gather_object of the names
+        parts = self.ctx.all_gather_objects(local) if self.ctx.distributed else [local]
+        sums: Dict[str, tuple] = {}
+        for part in parts:
+            for k, (v, n) in part.items():
+                a, b = sums.get(k, (0.0, 0.0))
+                sums[k] = (a + v, b + n)
+        return {f"reward_fn/{k}": v / n for k, (v, n) in sorted(sums.items()) if n > 0}
 
     def _fill_informative_groups(self, batch, out):
         """DAPO's dynamic sampling: groups whose answers all got the same reward (zero
@@ -1214,7 +1281,7 @@ class RLTrainer:
         o = RewardOutput.concat(outs, rows)
         part = (ctx.rank, sent, RolloutBatch.concat(batches, pad, rows).to("cpu"),
                 RewardOutput(total=o.total.cpu(), per_source={n: v.cpu() for n, v in o.per_source.items()},
-                             valid=o.valid.cpu(), dropped=o.dropped))
+                             valid=o.valid.cpu(), dropped=o.dropped, columns=o.columns))
         parts = [p for p in ctx.all_gather_objects(part) if p[1]]
         where, n = {}, 0  # (round, rank, index) → its place among the gathered groups
         for r, groups, _, _ in parts:
@@ -1711,8 +1778,10 @@ class RLTrainer:
         if not every or self.global_step % every != 0 or self.run_dir is None or not self.ctx.is_main:
             return
         with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
-            for p, c, r in self._last_texts[: 2 * self.config.rollout.group_size]:
-                f.write(json.dumps({"step": self.global_step, "prompt": p, "completion": c, "reward": r}) + "\n")
+            for k, (p, c, r) in enumerate(self._last_texts[: 2 * self.config.rollout.group_size]):
+                row = {"step": self.global_step, "prompt": p, "completion": c, "reward": r}
+                row.update(self._last_columns[k] if k < len(getattr(self, "_last_columns", ())) else {})
+                f.write(json.dumps(row, default=str) + "\n")
 
     def state_dict_extra(self) -> dict:
         """JSON state that checkpoints carry besides weights/optimisers/RNG."""

@@ -492,7 +492,22 @@ class RewardConfig:
     advantages (:func:`rlhf_fast.algorithms.advantages.normalize_then_sum_advantages`). The
     sources are each function, each reward model (or the ensemble), the judge and the
     penalties. It needs the KL out of the reward (``kl.placement: loss`` or ``kl.coef: 0``) and
-    no ``whiten`` / ``clip``, and refuses ``scale_rewards`` (TRL ignores it here)."""
+    no ``whiten`` / ``clip``, and refuses ``scale_rewards`` (TRL ignores it here).
+
+    ``calling_convention`` (how ``functions`` and ``RLTrainer(reward_fns=...)`` are called):
+    ``ours`` (the default: ``fn(prompts, completions, **fields)``, the rendered prompt texts
+    and the completion texts; a None / NaN reward is a bad reward, ``on_bad_reward``) or ``trl``
+    — TRL's GRPO/RLOO ``_calculate_rewards``, so TRL reward functions run unchanged: every
+    argument by keyword, ``prompts`` as the data gives them (chats as message lists, text as
+    text), ``completions`` (text for text prompts, else ``[{"role": "assistant", "content":
+    ...}]``, with the tool turns when tools run), ``completion_ids`` (token ids after the
+    prompt), ``trainer_state`` (a ``transformers.TrainerState``: global_step, max_steps,
+    epoch…), ``log_extra(column, values)`` (a column of samples.jsonl), ``log_metric(name,
+    value)`` (the step's metric ``reward_fn/NAME``, the mean of its values), the prompt
+    fields (and ``environments``); a None reward is NaN, "does not apply": the total is the
+    NaN-skipping weighted sum, and an answer no source scored is dropped (with its group for
+    the group estimators) as an invalid reward. ``on_bad_reward`` still rules ±inf and
+    exceptions (:class:`rlhf_fast.algorithms.rewards.CombinedReward`)."""
 
     functions: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
@@ -511,9 +526,11 @@ class RewardConfig:
     whiten: bool = False
     on_bad_reward: str = "raise"
     multi_objective_aggregation: str = "sum_then_normalize"
+    calling_convention: str = "ours"
 
     def __post_init__(self):
         _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
+        _choice("reward.calling_convention", self.calling_convention, ("ours", "trl"))
         _choice("reward.multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         self._check_clip_range()
         if self.multi_objective_aggregation == "normalize_then_sum" and (

@@ -43,10 +43,16 @@ class StopOnSignal:
                     self._previous[sig] = signal.signal(sig, self._note)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        installed = bool(self._previous)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if installed and self.signum and exc_type is not None and not issubclass(exc_type, TrainingStopped):
+            # the run failed before it could stop at a step (e.g. a collective lost a peer that
+            # torchrun is stopping): the noted signal takes its usual effect now — by default
+            # ending the process quietly, as torchrun means, instead of after the error's report
+            signal.raise_signal(self.signum)
 
     def requested(self, ctx) -> int:
         """The stop signal (0: none) of any rank — every rank gets the same answer, so they

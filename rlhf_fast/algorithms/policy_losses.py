@@ -258,14 +258,8 @@ def _sequence_sum_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, c
     logp, entropy, old_logp, ref_logp = reference._masked_inputs(
         mb, logp, entropy, old_logp.detach(), None if ref_logp is None else ref_logp.detach())
     dt = rows.dtype
-    tok = torch.zeros(mb.shape, dtype=dt, device=mb.device)
-    kl = None
-    if ref_logp is not None:
-        kl = kl_fn(logp, ref_logp, kl_kind)
-        if kl_coef != 0.0:
-            tok = tok + kl_coef * kl
-    if entropy_coef != 0.0:
-        tok = tok - entropy_coef * entropy
+    tok, kl = reference.add_kl_entropy(torch.zeros(mb.shape, dtype=dt, device=mb.device), logp, entropy, ref_logp,
+                                       kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, kl_fn=kl_fn)
     den = max(mb.shape[0], 1) if normalizer is None else normalizer
     loss = reference.aggregate(tok, mb, agg, normalizer) + rows.sum() / den
     with torch.no_grad():

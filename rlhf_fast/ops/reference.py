@@ -476,6 +476,22 @@ def fused_linear_policy_loss(
     )
 
 
+def add_kl_entropy(total: torch.Tensor, logp: torch.Tensor, entropy: Optional[torch.Tensor],
+                   ref_logp: Optional[torch.Tensor], *, kl_coef: float, kl_kind: str, entropy_coef: float,
+                   kl_fn=None):
+    """(``total`` + kl_coef · KL − entropy_coef · entropy per token, the per-token KL of
+    ``logp`` to ``ref_logp`` by ``kl_kind`` — None without a reference); every tensor ``[B, T]``.
+    ``kl_fn``: the KL function (default :func:`kl_penalty`)."""
+    kl_fn = kl_penalty if kl_fn is None else kl_fn
+    kl = None
+    if ref_logp is not None:
+        kl = kl_fn(logp, ref_logp, kl_kind)
+        if kl_coef != 0.0:
+            total = total + kl_coef * kl
+    if entropy_coef != 0.0:
+        total = total - entropy_coef * entropy
+    return total, kl
+
 def policy_loss_from_logp(
     logp, entropy, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0, kl_kind="k3",
     entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", normalizer=None,
@@ -492,14 +508,8 @@ def policy_loss_from_logp(
     loss_tok, ratio, clipped, dual = ppo_token_loss(
         logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
-    total = loss_tok
-    kl = None
-    if ref_logp is not None:
-        kl = kl_fn(logp, ref_logp, kl_kind)
-        if kl_coef != 0.0:
-            total = total + kl_coef * kl
-    if entropy_coef != 0.0:
-        total = total - entropy_coef * entropy
+    total, kl = add_kl_entropy(loss_tok, logp, entropy, ref_logp, kl_coef=kl_coef, kl_kind=kl_kind,
+                               entropy_coef=entropy_coef, kl_fn=kl_fn)
     loss = aggregate(total, mask, agg, normalizer)
     stats = policy_stats(logp, old_logp, ratio, clipped, dual, mask)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import yaml
 
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.config import save_config, to_dict
-from rlhf_fast.trainers.report import md_text, render_report, run_kind, summarize_metric
+from rlhf_fast.trainers.report import format_number, md_text, render_report, run_kind, summarize_metric
 from tests.test_rl_cli import _small
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
@@ -139,7 +139,10 @@ def test_dpo_report_without_evaluation(runs):
     assert "| `beta` | 0.1 |" in text and "| `loss_type` | sigmoid |" in text
     rows = _check_numbers(text, recs, {"loss": -1, "rewards/accuracy": 1, "rewards/margin": 1, "rewards/chosen": 0})
     assert not any(k.startswith("eval") for k in rows)  # the run never evaluated
-    assert "Wall time / throughput**: not logged" in text
+    # the offline loop logs each logged step's seconds (time/step): the wall time is their sum
+    times = [r["time/step"] for r in recs if "time/step" in r]
+    assert len(times) == 3 and f"- **Wall time**: {format_number(sum(times))} s, the sum of `time/step` over " \
+        "3 logged steps\n" in text
 
 
 def test_grpo_report_samples_timing_and_out_elsewhere(runs, tmp_path):

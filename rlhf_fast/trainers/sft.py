@@ -56,6 +56,7 @@ import math
 import os
 import random
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -597,13 +598,15 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
             if eval_at_start and trainer.step == 0 and has_eval:
                 log.log(0, trainer.evaluate())
             while trainer.step < cfg.max_steps:
+                t0 = time.perf_counter()
                 m = trainer.train_step()
+                step_s = time.perf_counter() - t0  # logged, not returned: callers compare the metrics
                 final = trainer.step == cfg.max_steps
                 # the final evaluation joins the last step's record (one line per step in the log)
                 if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
                     m.update(trainer.evaluate())
                 if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
-                    log.log(trainer.step, m)
+                    log.log(trainer.step, {**m, "time/step": step_s})  # that step's seconds, as RL logs
                 # a stop signal ends the run at this step with a checkpoint (the last step goes on
                 # to its final save anyway)
                 signum = 0 if final else stop.requested(trainer.ctx)

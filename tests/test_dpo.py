@@ -21,6 +21,7 @@ from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, dpo_loss, encode_pair,
 from rlhf_fast.trainers.reward import synthetic_preference_records
 from tests.test_preference_losses import trl_dpo_loss as _trl_loss
 from tests.test_reward import preference_tokenizer
+from tests.test_trainer_common import untimed_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
@@ -282,7 +283,7 @@ def test_resume_is_exact(tmp_path, tok, extra):
         # the whole state: the policy, and the reference (TR-DPO moves it: synced at steps 2, 4, 6)
         params = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         params.update({"ref." + n: p.detach().clone() for n, p in (ref.named_parameters() if ref else [])})
-        return params, [{k: v for k, v in r.items() if k != "time/step"} for r in read_metrics(cfg.output_dir)]
+        return params, untimed_metrics(cfg.output_dir)
 
     full, log_full = run("full", 6)
     resumed, log_res = run("resumed", 3)

@@ -28,6 +28,7 @@ from rlhf_fast.trainers.kto import (BinaryRecord, KTOConfig, KTOTrainer, agreeme
                                     kto_loss, load_binary_records, to_binary, weight_advice)
 from rlhf_fast.trainers.reward import synthetic_preference_records
 from tests.test_reward import preference_tokenizer
+from tests.test_trainer_common import untimed_metrics
 from rlhf_fast.trainers.sft import collate, split_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -625,7 +626,7 @@ def test_resume_is_exact(tmp_path, tok, extra):
         # the whole state: the policy, and the reference (TR-DPO moves it: synced at steps 2, 4, 6)
         params = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         params.update({"ref." + n: p.detach().clone() for n, p in (ref.named_parameters() if ref else [])})
-        return params, [{k: v for k, v in r.items() if k != "time/step"} for r in read_metrics(cfg.output_dir)]
+        return params, untimed_metrics(cfg.output_dir)
 
     full, log_full = run("full", 6)
     resumed, log_res = run("resumed", 3)

@@ -14,6 +14,7 @@ from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 
 from tests.test_reward import TINY, preference_tokenizer
+from tests.test_trainer_common import untimed_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -107,10 +108,7 @@ def test_lora_matches_trl_trainables_freezes_the_base_resumes_and_saves_a_loadab
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), n
     # (steps 1-2 ran outside train(), unlogged) the resumed steps log what the uninterrupted run did
-    def untimed(run):
-        return [{k: v for k, v in r.items() if k != "time/step"} for r in read_metrics(str(tmp_path / run))]
-
-    assert untimed("resumed") == untimed("full")[2:]
+    assert untimed_metrics(str(tmp_path / "resumed")) == untimed_metrics(str(tmp_path / "full"))[2:]
 
     final = str(tmp_path / "full" / "final")
     assert not os.path.exists(os.path.join(final, "adapter_config.json"))
@@ -296,9 +294,6 @@ def test_num_train_epochs_counts_steps_and_resumes_exactly(tmp_path, tok):
     part._save()
     resumed = trainer("resumed")
     resumed.train()
-    def untimed(records):
-        return [{k: v for k, v in r.items() if k != "time/step"} for r in records]
-
-    assert untimed(read_metrics(str(tmp_path / "resumed"))) == untimed(log[2:])
+    assert untimed_metrics(str(tmp_path / "resumed")) == untimed_metrics(str(tmp_path / "full"))[2:]
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), n

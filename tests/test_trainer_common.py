@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from rlhf_fast.trainers.common import check_training_schedule, disable_dropout, steps_for_epochs, supervised_scheduler
+from rlhf_fast.trainers.common import (check_training_schedule, disable_dropout, read_metrics, steps_for_epochs,
+                                      supervised_scheduler)
 from rlhf_fast.distributed import DistributedConfig
 
 
@@ -150,3 +151,9 @@ def test_rl_optim_min_lr_ratio(tmp_path):
         assert sched.lr_lambdas[0](0) == 1.0 and sched.lr_lambdas[0](total) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="optim.min_lr_ratio"):
         OptimConfig(min_lr_ratio=-1)
+
+
+def untimed_metrics(run_dir: str) -> list:
+    """metrics.jsonl of ``run_dir`` without ``time/step``, the wall-clock seconds that differ
+    between two runs of the same steps (for tests that compare runs record by record)."""
+    return [{k: v for k, v in r.items() if k != "time/step"} for r in read_metrics(run_dir)]

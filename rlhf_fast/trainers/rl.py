@@ -1297,7 +1297,8 @@ class RLTrainer:
         """``tools/call_count`` (the step's tool calls, every rank and sampling round),
         ``tools/call_frequency`` (per answer generated, TRL's) and ``tools/failure_frequency``
         (failed calls per call, 0 without calls), the same on every rank."""
-        calls, failures, rows = (sum(c[k] for c in self.ctx.all_gather_ints(self._tool_counts)) for k in range(3))
+        counts = self.ctx.all_gather_ints(self._tool_counts)  # one collective: [calls, failures, rows] per rank
+        calls, failures, rows = (sum(c[k] for c in counts) for k in range(3))
         return {"tools/call_count": float(calls), "tools/call_frequency": calls / max(rows, 1),
                 "tools/failure_frequency": failures / calls if calls else 0.0}
 

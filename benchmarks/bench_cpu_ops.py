@@ -12,6 +12,8 @@ Cases (``scale`` multiplies the token/row counts, 1.0 = the issue's sizes):
 
 * token_logprobs, B·T = 4096, V = 32000, fp32 and bf16, forward; fp32 with entropy too;
 * fused_linear_logprobs, N = 4096, H = 512, V = 32000, chunk 256 rows, forward;
+* fused_linear_divergence (distillation, beta = 0.5, reduction sum), N = 2048 rows, student
+  H = 896, teacher Ht = 1536, V = 32000, auto chunk, forward + backward;
 * gae and discounted_returns, B = 64, T = 2048, right-padded responses;
 * ppo_policy_loss, B·T = 65536, forward + backward;
 * sample, B = 64, V = 32000, top_p = 0.9 (the reference is the sort-based top-p) and plain
@@ -21,6 +23,8 @@ Peers (a peer whose package is missing gets a ``not installed`` row):
 
 * token_logprobs: ``trl.trainer.utils.selective_log_softmax`` (+ ``entropy_from_logits``);
 * fused_linear_logprobs: TRL's way, ``hidden @ weight.T`` then ``selective_log_softmax``;
+* fused_linear_divergence: TRL 1.16's ``ChunkedDivergenceFunction`` (DistillationTrainer's loss,
+  trl/kernels/chunked_divergence.py; its CPU path is the torch tile functions);
 * gae / discounted_returns: the Python loop over T of TRL / verl / OpenRLHF;
 * ppo_policy_loss: the clipped loss composed of torch ops as TRL's PPOTrainer writes it;
 * sample: transformers' sort-based top-p warper + ``torch.multinomial``; plain
@@ -103,6 +107,19 @@ def inputs_fused_linear_logprobs() -> dict:
     return dict(hidden=hidden, weight=weight, labels=labels)
 
 
+DIV_BETA = 0.5  # TRL DistillationConfig's generalised JSD (the mixture: both models' log-sum-exps)
+
+
+def inputs_fused_linear_divergence() -> dict:
+    g = _g()
+    N, H, Ht = _n(2048), 896, 1536  # a Qwen2.5-0.5B student, a Qwen2.5-1.5B teacher (widths)
+    sh = torch.randn(N, H, generator=g).requires_grad_(True)  # [N, H] fp32
+    sw = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_(True)  # [V, H] fp32
+    th = torch.randn(N, Ht, generator=g)  # [N, Ht] fp32, the frozen teacher
+    tw = torch.randn(V, Ht, generator=g) / Ht ** 0.5  # [V, Ht]
+    return dict(student_hidden=sh, student_weight=sw, teacher_hidden=th, teacher_weight=tw, beta=DIV_BETA)
+
+
 def _right_padded_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
     # responses of random length in [T/2, T], padding on the right: the layout the peers'
     # loops assume (they zero masked positions instead of skipping them, which agrees with
@@ -162,6 +179,24 @@ def ours_fused_linear_logprobs(x: dict) -> Callable:
     return lambda: fused_linear_logprobs(x["hidden"], x["weight"], x["labels"], chunk_size=FL_CHUNK)
 
 
+def _divergence_fwd_bwd(loss_fn: Callable, x: dict) -> Callable:
+    """Forward + backward of the summed divergence; gradients to the student's hidden and weight."""
+
+    def fwd_bwd():
+        x["student_hidden"].grad = x["student_weight"].grad = None
+        loss = loss_fn(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+        loss.backward()
+        return loss
+
+    return fwd_bwd
+
+
+def ours_fused_linear_divergence(x: dict) -> Callable:
+    from rlhf_fast.ops import fused_linear_divergence
+
+    return _divergence_fwd_bwd(lambda *a: fused_linear_divergence(*a, beta=x["beta"], reduction="sum"), x)
+
+
 def ours_gae(x: dict) -> Callable:
     from rlhf_fast.ops import gae
 
@@ -217,6 +252,17 @@ def peer_trl_fused_linear(x: dict) -> Callable:
     """What TRL does with a policy's last hidden states: the full logits, then selective_log_softmax."""
     sel, _ = _trl_utils()
     return lambda: sel(x["hidden"] @ x["weight"].T, x["labels"])
+
+
+def peer_trl_chunked_divergence(x: dict) -> Callable:
+    """TRL's DistillationTrainer loss: ChunkedDivergenceFunction (per-token divergence, summed)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    def loss(sh, sw, th, tw):
+        div, _ = ChunkedDivergenceFunction.apply(sh, sw, None, th, tw, None, x["beta"])
+        return div.sum()
+
+    return _divergence_fwd_bwd(loss, x)
 
 
 def discounted_returns_python_loop(rewards: torch.Tensor, mask: torch.Tensor,
@@ -296,6 +342,11 @@ def compiled_fused_linear_logprobs(x: dict) -> Callable:
     return lambda: f(x["hidden"], x["weight"], x["labels"])
 
 
+def compiled_fused_linear_divergence(x: dict) -> Callable:
+    f = _compiled("fused_linear_divergence")
+    return _divergence_fwd_bwd(lambda *a: f(*a, beta=x["beta"], reduction="sum"), x)
+
+
 def compiled_gae(x: dict) -> Callable:
     f = _compiled("gae")
     return lambda: f(x["rewards"], x["values"], x["mask"], gamma=x["gamma"], lam=x["lam"])
@@ -364,6 +415,11 @@ CASES = [
          (Peer("trl: h @ W.T + selective_log_softmax", peer_trl_fused_linear, "trl"),
           Peer(COMPILE_NAME, compiled_fused_linear_logprobs, compiled=True)),
          None, None, "extra peak ≤ one chunk of logits (256·V·4 B = 31.2 MiB)"),
+    Case("fused_linear_divergence N=2048 H=896 Ht=1536 V=32000 fwd+bwd", "fused_linear_divergence",
+         "fused_linear_divergence", ours_fused_linear_divergence,
+         (Peer("trl ChunkedDivergenceFunction", peer_trl_chunked_divergence, "trl"),
+          Peer(COMPILE_NAME, compiled_fused_linear_divergence, compiled=True)),
+         1.5, 2.0, "≥ 1.5× faster, ≥ 2× less extra memory (4 projections vs TRL's 8 for the JSD)"),
     Case("gae B=64 T=2048", "gae", "gae", ours_gae,
          (Peer("python loop over T (TRL/verl/OpenRLHF)", peer_gae_loop),
           Peer(COMPILE_NAME, compiled_gae, compiled=True)), 50.0, None, "≥ 50× faster"),
@@ -403,6 +459,10 @@ def case_token_logprobs_entropy() -> Callable:
 
 def case_fused_linear_logprobs() -> Callable:
     return _ours_case("fused_linear_logprobs")
+
+
+def case_fused_linear_divergence() -> Callable:
+    return _ours_case("fused_linear_divergence")
 
 
 def case_gae() -> Callable:

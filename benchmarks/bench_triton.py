@@ -1,12 +1,14 @@
 """Triton kernels of rlhf_fast against the PyTorch reference, torch.compile(reference) and
 the peers that are installed (Liger-Kernel, TRL, flash-attn).
 
-GPU (default shapes): bf16, B·T ∈ {4096, 16384, 65536}, H = 4096, V ∈ {32000, 151936};
-modes ``fwd`` and ``fwd+bwd``; per row the median time with 20th/80th percentiles, the
-extra peak memory of one call, and the fraction of a measured device limit reached:
-the copy bandwidth (a large ``clone``) for the memory-bound ops — counting the minimum
-bytes the op must move — or the bf16 matmul peak (a large ``torch.mm``) for the fused
-LM-head ops. A provider that runs out of memory is recorded as ``OOM``.
+GPU (default shapes): bf16, B·T ∈ {4096, 16384, 65536}, H = 4096, V ∈ {32000, 151936}
+(fused_linear_divergence: a Qwen2.5-0.5B student, H = 896, distilled from a 1.5B teacher,
+Ht = 1536, V = 151936, against TRL 1.16's ChunkedDivergenceFunction); modes ``fwd`` and
+``fwd+bwd``; per row the median time with 20th/80th percentiles, the extra peak memory
+of one call, and the fraction of a measured device limit reached: the copy bandwidth (a
+large ``clone``) for the memory-bound ops — counting the minimum bytes the op must move —
+or the bf16 matmul peak (a large ``torch.mm``) for the fused LM-head ops. A provider that
+runs out of memory is recorded as ``OOM``.
 
 CPU (``--quick``, or no GPU): correctness only, through Triton's interpreter on tiny
 shapes (needs ``TRITON_INTERPRET=1`` in the environment before Python starts): the max
@@ -33,7 +35,9 @@ BT_SIZES = (4096, 16384, 65536)
 VOCABS = (32000, 151936)
 HIDDEN = 4096
 OPS = ("token_logprobs", "fused_linear_logprobs", "fused_linear_policy_loss", "kl_penalty", "ppo_policy_loss",
-       "ppo_value_loss")
+       "ppo_value_loss", "fused_linear_divergence")
+# fused_linear_divergence: student width, teacher width and vocabulary of Qwen2.5-0.5B / 1.5B
+DIVERGENCE_H, DIVERGENCE_HT, DIVERGENCE_V = 896, 1536, 151936
 COLUMNS = ["op", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem", "frac_of_limit",
            "limit", "error"]
 
@@ -80,6 +84,10 @@ def _peer(name: str) -> Optional[Callable]:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
             return LigerFusedLinearGRPOLoss
+        if name == "trl_chunked_divergence":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            return ChunkedDivergenceFunction
     except Exception:
         return None
     return None
@@ -102,6 +110,11 @@ def _make_inputs(op: str, BT: int, V: int, H: int, dtype, device, *, grad: bool)
     if op == "fused_linear_logprobs":
         return dict(hidden=rn(BT, H).requires_grad_(grad), weight=rn(V, H, scale=H ** -0.5).requires_grad_(grad),
                     labels=lab)
+    if op == "fused_linear_divergence":
+        Ht = H * DIVERGENCE_HT // DIVERGENCE_H  # the teacher wider than the student, as in the GPU table
+        return dict(student_hidden=rn(BT, H).requires_grad_(grad),
+                    student_weight=rn(V, H, scale=H ** -0.5).requires_grad_(grad),
+                    teacher_hidden=rn(BT, Ht), teacher_weight=rn(V, Ht, scale=Ht ** -0.5))
     if op == "fused_linear_policy_loss":
         f32 = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)  # noqa: E731
         return dict(hidden=rn(B, T, H).requires_grad_(grad), weight=rn(V, H, scale=H ** -0.5).requires_grad_(grad),
@@ -130,6 +143,10 @@ def _call(op: str, impl: Callable, x: Dict[str, torch.Tensor]):
     if op == "fused_linear_policy_loss":
         return impl(x["hidden"], x["weight"], x["labels"], x["old_logp"], x["advantages"], x["mask"],
                     ref_logp=x["ref_logp"], kl_coef=0.05, entropy_coef=0.01)[0]
+    if op == "fused_linear_divergence":
+        # the trainer's call: one summed loss (ours then makes the gradients in its forward)
+        return impl(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], beta=0.5,
+                    reduction="sum")
     if op == "kl_penalty":
         return impl(x["logp"], x["ref_logp"], "k3").sum()
     if op == "ppo_policy_loss":
@@ -137,19 +154,26 @@ def _call(op: str, impl: Callable, x: Dict[str, torch.Tensor]):
     return impl(x["values"], x["old_values"], x["returns"], x["mask"])[0]
 
 
+def _ours(op: str) -> Callable:
+    """The Triton entry of ``op`` (rlhf_fast/kernels)."""
+    from rlhf_fast.kernels import fused_divergence, fused_linear, kl, ppo_loss, token_logprobs
+
+    return {"token_logprobs": token_logprobs.token_logprobs, "fused_linear_logprobs": fused_linear.fused_linear_logprobs,
+            "fused_linear_policy_loss": fused_linear.fused_linear_policy_loss, "kl_penalty": kl.kl_penalty,
+            "ppo_policy_loss": ppo_loss.ppo_policy_loss, "ppo_value_loss": ppo_loss.ppo_value_loss,
+            "fused_linear_divergence": fused_divergence.fused_linear_divergence}[op]
+
+
 def _providers(op: str, compile_peer: bool = True) -> Dict[str, Callable]:
     """name -> callable(x) returning a scalar to backpropagate; ``compile_peer``: include
     torch.compile(reference), which compiles anew for every shape and mode (tens of seconds
     each on a GPU machine)."""
-    from rlhf_fast.kernels import fused_linear, kl, ppo_loss, token_logprobs
     from rlhf_fast.ops import reference
 
-    ours = {"token_logprobs": token_logprobs.token_logprobs, "fused_linear_logprobs": fused_linear.fused_linear_logprobs,
-            "fused_linear_policy_loss": fused_linear.fused_linear_policy_loss, "kl_penalty": kl.kl_penalty,
-            "ppo_policy_loss": ppo_loss.ppo_policy_loss, "ppo_value_loss": ppo_loss.ppo_value_loss}[op]
+    ours = _ours(op)
     ref = getattr(reference, op)
     out = {"rlhf_fast-triton": lambda x: _call(op, ours, x), "reference": lambda x: _call(op, ref, x)}
-    if op.startswith("fused_linear"):
+    if op in ("fused_linear_logprobs", "fused_linear_policy_loss"):
         import functools
 
         atomics = functools.partial(ours, backward="triton")
@@ -171,6 +195,15 @@ def _providers(op: str, compile_peer: bool = True) -> Dict[str, Callable]:
             loss_fn = cls(reduction="sum")
             out["liger fused_linear_cross_entropy (logp only)"] = (
                 lambda x: -loss_fn(x["weight"], x["hidden"], x["labels"]))
+    if op == "fused_linear_divergence":
+        # per-row divergences, summed by autograd: the backward re-projects each chunk
+        out["rlhf_fast-triton (reduction=none)"] = lambda x: ours(
+            x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], beta=0.5).sum()
+        fn = _peer("trl_chunked_divergence")
+        if fn is not None:
+            out["trl ChunkedDivergenceFunction"] = lambda x: fn.apply(
+                x["student_hidden"], x["student_weight"], None, x["teacher_hidden"], x["teacher_weight"], None, 0.5,
+                1.0)[0].sum()
     if op == "fused_linear_policy_loss":
         cls = _peer("liger_grpo")
         if cls is not None:
@@ -198,6 +231,10 @@ def _bytes_moved(op: str, x: Dict[str, torch.Tensor], backward: bool) -> int:
 
 
 def _flops(op: str, x: Dict[str, torch.Tensor], backward: bool) -> int:
+    if op == "fused_linear_divergence":
+        # the minimum: both projections once, then dHidden and dW of the student
+        (n, h), (v, ht) = x["student_hidden"].shape, x["teacher_weight"].shape
+        return 2 * n * v * (h + ht) + (4 * n * v * h if backward else 0)
     w = x["weight"]
     n = x["hidden"].numel() // x["hidden"].shape[-1]
     f = 2 * n * w.shape[0] * w.shape[1]
@@ -219,16 +256,19 @@ def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, de
                        f"bf16 mm {limits['mm_flops'] / 1e12:.0f} TFLOP/s")
         matmul = op.startswith("fused_linear")
         vs = vocabs if (matmul or op == "token_logprobs") else (None,)
+        h_op, extra = hidden, ""
+        if op == "fused_linear_divergence":  # one model pair: the student/teacher sizes of the docstring
+            vs, h_op, extra = (DIVERGENCE_V,), DIVERGENCE_H, f" Ht={DIVERGENCE_HT}"
         providers = _providers(op, compile_peer)  # once per op: torch.compile caches per callable
         for BT in sizes:
             for V in vs:
-                shape = f"BT={BT}" + (f" V={V}" if V else "") + (f" H={hidden}" if matmul else "")
+                shape = f"BT={BT}" + (f" V={V}" if V else "") + (f" H={h_op}{extra}" if matmul else "")
                 for mode in ("fwd", "fwd+bwd"):
                     backward = mode == "fwd+bwd"
                     for name, fn in providers.items():
                         row = dict(op=op, shape=shape, mode=mode, provider=name)
                         try:
-                            x = _make_inputs(op, BT, V or 1, hidden, torch.bfloat16, device, grad=backward)
+                            x = _make_inputs(op, BT, V or 1, h_op, torch.bfloat16, device, grad=backward)
 
                             def step():
                                 y = fn(x)
@@ -296,12 +336,9 @@ def run_quick_cpu() -> List[Table]:
 
 
 def _providers_quick(op: str) -> Dict[str, Callable]:
-    from rlhf_fast.kernels import fused_linear, kl, ppo_loss, token_logprobs
     from rlhf_fast.ops import reference
 
-    ours = {"token_logprobs": token_logprobs.token_logprobs, "fused_linear_logprobs": fused_linear.fused_linear_logprobs,
-            "fused_linear_policy_loss": fused_linear.fused_linear_policy_loss, "kl_penalty": kl.kl_penalty,
-            "ppo_policy_loss": ppo_loss.ppo_policy_loss, "ppo_value_loss": ppo_loss.ppo_value_loss}[op]
+    ours = _ours(op)
     return {"ours": lambda x: _call(op, ours, x), "reference": lambda x: _call(op, getattr(reference, op), x)}
 
 

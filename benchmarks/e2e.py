@@ -96,9 +96,11 @@ DPO_PHASES = ("reference", "update")
 RL_ALGOS = ("ppo", "grpo")
 ALGOS = RL_ALGOS + ("dpo",)  # the default selection
 # also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), each its own table
-ALL_ALGOS = ALGOS + ("kto", "simpo")
+ALL_ALGOS = ALGOS + ("kto", "simpo", "distill")
 # each algorithm's phase columns (SimPO, reference-free, has only the step)
-ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": ()}
+DISTILL_PHASES = ("generate", "update")
+ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": (),
+               "distill": DISTILL_PHASES}
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -160,11 +162,18 @@ class E2EConfig:
     dpo_min_response: int = 64
     dpo_max_response: int = 128
     dpo_beta: float = 0.1
+    # on-policy distillation (algo "distill"): a teacher of the student's vocabulary, wider
+    # (``teacher_hidden_size``, ``teacher_layers``, its own seed), the generalised JSD's ``distill_beta``
+    # (TRL DistillationConfig's default 1.0: the reverse KL); the batch is the RL steps' prompts_per_step ×
+    # group_size sequences of at most max_new_tokens new tokens
+    teacher_hidden_size: int = 128
+    teacher_layers: int = 2
+    distill_beta: float = 1.0
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
                   "num_heads", "epochs", "mini_batch_size", "steps", "dpo_pairs", "dpo_prompt_tokens",
-                  "dpo_min_response", "dpo_max_response"):
+                  "dpo_min_response", "dpo_max_response", "teacher_hidden_size", "teacher_layers"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be an int >= 1, got {v!r}")
@@ -183,6 +192,14 @@ class E2EConfig:
                              f"({self.dpo_max_response})")
         if not (isinstance(self.dpo_beta, (int, float)) and not isinstance(self.dpo_beta, bool) and self.dpo_beta > 0):
             raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
+        if not (isinstance(self.distill_beta, (int, float)) and not isinstance(self.distill_beta, bool)
+                and 0.0 <= self.distill_beta <= 1.0):
+            raise ValueError(f"distill_beta must be a number in [0, 1], got {self.distill_beta!r}")
+        head_dim = self.hidden_size // self.num_heads
+        if self.teacher_hidden_size % head_dim or (self.num_kv_heads
+                                                   and (self.teacher_hidden_size // head_dim) % self.num_kv_heads):
+            raise ValueError(f"teacher_hidden_size must be a multiple of the student's head size ({head_dim}) whose "
+                             f"head count num_kv_heads ({self.num_kv_heads}) divides, got {self.teacher_hidden_size}")
 
     def trl_fused_head(self, algo: str) -> bool:
         """Whether the TRL side of ``algo`` takes its log-probs through TRL's fused LM head
@@ -219,8 +236,10 @@ class E2EConfig:
         vocabulary 151936; 0.63B parameters with an untied head) built from a config on the GPU:
         64 sequences (8 prompts × 8) of up to 256 new tokens, fp32 weights with TF32 matmuls.
         ``quick``: 4 layers, 16 sequences of 32 tokens."""
+        # the distillation teacher Qwen2-1.5B-shaped in width (1536, 24 heads of the student's size 64)
         big = dict(family="qwen2", vocab_size=151936, hidden_size=896, num_heads=14, num_kv_heads=2,
-                   intermediate_size=4864, device="cuda")
+                   intermediate_size=4864, device="cuda", teacher_hidden_size=1536,
+                   teacher_layers=4 if quick else 28)
         if quick:
             return cls(num_layers=4, prompts_per_step=4, group_size=4, max_new_tokens=32, mini_batch_size=16, steps=2,
                        **big)
@@ -260,10 +279,39 @@ def build_model(cfg: E2EConfig):
     return model.to(cfg.device), tok
 
 
+def build_teacher(cfg: E2EConfig, tok):
+    """The distillation teacher: the student's family, vocabulary and head size, ``teacher_hidden_size``
+    wide and ``teacher_layers`` deep, from its own seed (``seed + 1``), frozen."""
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    heads = cfg.teacher_hidden_size // (cfg.hidden_size // cfg.num_heads)  # the student's head size
+    teacher = tiny_causal_lm(len(tok), family=cfg.family, hidden_size=cfg.teacher_hidden_size,
+                             num_layers=cfg.teacher_layers, num_heads=heads, num_kv_heads=cfg.num_kv_heads,
+                             seed=cfg.seed + 1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)
+    return teacher.to(cfg.device).requires_grad_(False)
+
+
+def distill_prompts(cfg: E2EConfig) -> List[str]:
+    """The distillation step's prompts: ``prompts_per_step`` of PROMPTS, each ``group_size`` times
+    (the RL steps' batch), in rlhf_fast's rollout order."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(cfg.prompts_per_step) for _ in range(cfg.group_size)]
+
+
 def _sync(device: str) -> None:
     """Wait for queued GPU work, so a phase's wall time includes its kernels."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _timed_step(trainer, device: str) -> Tuple[Dict[str, float], float]:
+    """``(metrics, wall seconds)`` of one ``trainer.step()`` of an rlhf_fast RL-family trainer,
+    its GPU work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    m = trainer.step()
+    _sync(device)
+    return m, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- TRL side
@@ -467,11 +515,7 @@ class RLHFFastStep:
         self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
 
     def step(self) -> Dict[str, float]:
-        _sync(self.cfg.device)
-        t0 = time.perf_counter()
-        m = self.trainer.step()
-        _sync(self.cfg.device)
-        step = time.perf_counter() - t0
+        m, step = _timed_step(self.trainer, self.cfg.device)
         gen, lp, upd = m.get("time/generate", 0.0), m.get("time/logprobs", 0.0), m.get("time/update", 0.0)
         n = self.cfg.batch_size - m.get("reward/dropped", 0)
         return dict(generate=gen, logprobs=lp, reward_adv=max(0.0, step - gen - lp - upd), update=upd, step=step,
@@ -607,7 +651,7 @@ def _trl_optimizer_step(runner, metrics_attr: str) -> Tuple[float, float]:
     _sync(dev)
     t0 = time.perf_counter()
     inputs = t.data_collator(runner.examples)
-    loss = t.training_step(t.model, inputs)
+    loss = t.training_step(t.model, inputs, None)  # num_items_in_batch: None, as Trainer passes without GA
     if t.args.max_grad_norm > 0:
         t._clip_grad_norm(t.model)
     t.optimizer.step()
@@ -1040,6 +1084,99 @@ class TRLSimPOStep:
         return dict(step=step, tokens=self.tokens, loss=loss)
 
 
+# --------------------------------------------------------------------------- on-policy distillation
+
+
+class TRLDistillStep:
+    """One optimizer step of TRL 1.16's own ``trl.DistillationTrainer`` (on-policy distillation:
+    the student generates, the teacher scores the same tokens, generalised JSD with ``beta``),
+    built on an in-memory ``datasets.Dataset`` of :func:`distill_prompts` with the benchmark's
+    student and :func:`build_teacher`'s teacher.
+
+    TRL's code: ``training_step`` → ``_prepare_inputs`` → ``_generate_and_score_completions``
+    (tokenisation, ``model.generate`` with its GenerationConfig: ``temperature``, ``top_p`` 1,
+    ``max_completion_length``; padding; the completion-length metrics) → ``compute_loss``
+    (student and teacher backbones on the prompt + completion, ``_chunked_divergence_loss``: TRL's
+    ``ChunkedDivergenceFunction``, whose backward recomputes both models' logits; the entropy
+    metric) → backward, and the optimizer and scheduler ``create_optimizer_and_scheduler`` builds
+    (``adamw_torch_fused``, weight decay 0). Written out as for :class:`TRLDPOStep` (identity
+    collator, ``training_step``, clip at 1, optimizer / scheduler step, ``zero_grad``). Config
+    differences from DistillationConfig's defaults, the same on both sides:
+    ``gradient_checkpointing=False`` (its default is True), fp32 (``bf16=False``), learning rate
+    ``cfg.lr`` (its default is 1e-6) with a constant schedule.
+
+    Phases: ``generate`` (the student's ``generate`` calls) and ``update`` (the rest: the
+    teacher's forward under no_grad, the student forward + backward, the loss, the optimizer;
+    rlhf_fast runs the teacher per micro-batch inside its update too).
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+        from trl import DistillationConfig, DistillationTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        teacher = build_teacher(cfg, tok)
+        self.examples = [{"prompt": p} for p in distill_prompts(cfg)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_distill_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gradient_checkpointing's rename, bf16 notices
+            args = DistillationConfig(
+                output_dir=self._tmp.name, per_device_train_batch_size=len(self.examples), learning_rate=cfg.lr,
+                lr_scheduler_type="constant", beta=cfg.distill_beta, temperature=cfg.temperature,
+                max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
+                use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                max_grad_norm=1.0)
+            self.trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, processing_class=tok,
+                                               train_dataset=Dataset.from_list(self.examples))
+        t = self.trainer
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        t.model.train()
+        self._gen_s = [0.0]
+        t.model.generate = _timed_calls(t.model.generate, self._gen_s, cfg.device)
+
+    def step(self) -> Dict[str, float]:
+        self._gen_s[0] = 0.0
+        step, loss = _trl_optimizer_step(self, "_metrics")
+        gen = self._gen_s[0]
+        tokens = float(self.last_metrics.get("completions/mean_length", 0.0)) * len(self.examples)
+        return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=loss)
+
+
+class RLHFFastDistillStep:
+    """rlhf_fast's ``DistillationTrainer.step()`` on the same student, teacher, prompts and
+    configuration: ``estimator: distill``, one epoch and one mini-batch of the whole rollout (TRL's
+    one optimizer step per generation), grad clipping at 1, the same learning rate."""
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.trainers.distill import DistillationTrainer
+        from rlhf_fast.trainers.rl_config import (DataConfig, DistillConfig, OptimConfig, PPOConfig, RLConfig,
+                                                  RolloutConfig)
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        teacher = build_teacher(cfg, tok)
+        B = cfg.batch_size
+        rl_cfg = RLConfig(
+            estimator="distill", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
+            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
+            optim=OptimConfig(lr=cfg.lr), distill=DistillConfig(beta=cfg.distill_beta),
+        )
+        self.trainer = DistillationTrainer(rl_cfg, model, tok, teacher_model=teacher, prompts=list(PROMPTS))
+
+    def step(self) -> Dict[str, float]:
+        m, step = _timed_step(self.trainer, self.cfg.device)
+        gen = m.get("time/generate", 0.0)
+        tokens = float(m.get("completions/mean_length", 0.0)) * self.cfg.batch_size
+        return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=float(m["loss"]))
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -1061,6 +1198,8 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         runner = (TRLKTOStep if framework == "trl" else RLHFFastKTOStep)(cfg)
     elif algo == "simpo":
         runner = TRLSimPOStep(cfg) if framework == "trl" else RLHFFastDPOStep(cfg, loss_type="simpo")
+    elif algo == "distill":
+        runner = (TRLDistillStep if framework == "trl" else RLHFFastDistillStep)(cfg)
     else:
         maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
         runner = maker(cfg, algo)
@@ -1191,6 +1330,8 @@ def _config_tables(cfg: E2EConfig, timeout_s: float, repeats: int, algos) -> Lis
         tables.append(run_kto_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "simpo" in algos:
         tables.append(run_simpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "distill" in algos:
+        tables.append(run_distill_table(cfg, timeout_s=timeout_s, repeats=repeats))
     return tables
 
 
@@ -1401,6 +1542,30 @@ def run_simpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) 
             "adds it when missing)",
             "rlhf_fast side: DPOTrainer.train_step with loss_type simpo, simpo_gamma 0.5, cpo_alpha 1.0 (fused LM "
             "head over the response tokens only, no reference model) with its own fused AdamW",
+        ])
+
+
+@_with_tokenizer
+def run_distill_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's on-policy distillation table: TRL 1.16's ``DistillationTrainer``
+    (:class:`TRLDistillStep`) and rlhf_fast's (:class:`RLHFFastDistillStep`), one optimizer step on
+    the same prompts, student and teacher, and the TRL ÷ rlhf_fast ratios. The tokenizer is trained
+    here unless ``cfg.tokenizer_dir`` holds it."""
+    return _step_table(
+        cfg, f"one on-policy distillation step on a {cfg.family} model from a config (B={cfg.batch_size}, "
+        f"≤{cfg.max_new_tokens} new tokens, teacher h={cfg.teacher_hidden_size} × {cfg.teacher_layers} layers, "
+        f"beta {cfg.distill_beta:g}", DISTILL_PHASES, [("distill", "TRL DistillationTrainer")], timeout_s, repeats,
+        timing="; tokens/s = the step's generated tokens ÷ step time",
+        what="one optimizer step: generate = the student's sampling of the completions; update = the rest (the "
+        "teacher's forward over prompt + completion under no_grad, the student forward + backward, the generalised "
+        "JSD over the completion tokens, grad clipping at 1, fused AdamW step, scheduler)",
+        notes=[
+            "TRL side: trl.DistillationTrainer itself (_generate_and_score_completions with HF generate, "
+            "compute_loss with _chunked_divergence_loss, create_optimizer_and_scheduler: adamw_torch_fused), driven "
+            "one optimizer step as Trainer's loop does; gradient_checkpointing off (its default is on) and fp32 on "
+            "both sides",
+            "rlhf_fast side: DistillationTrainer.step (its rollout engine, the teacher's hidden states, "
+            "ops.fused_linear_divergence with the gradients computed in its forward) with its own fused AdamW",
         ])
 
 

@@ -114,11 +114,19 @@ def _cases() -> List[OpCase]:
     def smp(s, g):
         return (_randn(g, s["BS"], s["VS"]) * 3,), dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01)
 
+    def fld(s, g):
+        N, H, V = s["N"], s["H"], s["V"]
+        student = (_randn(g, N, H), _randn(g, V, H) / math.sqrt(H))
+        teacher = (_randn(g, N, 2 * H), _randn(g, V, 2 * H) / math.sqrt(2 * H))  # a wider teacher
+        mask = torch.rand(N, generator=g) < 0.8
+        return (*student, *teacher), dict(beta=0.5, temperature=0.9, mask=mask, return_entropy=True)
+
     return [
         OpCase("token_logprobs", "token_logprobs fp32", tl, (0,)),
         OpCase("token_logprobs", "token_logprobs bf16", lambda s, g: tl(s, g, torch.bfloat16), (0,)),
         OpCase("fused_linear_logprobs", "fused_linear_logprobs", fl, (0, 1)),
         OpCase("fused_linear_policy_loss", "fused_linear_policy_loss", flpl, (0, 1)),
+        OpCase("fused_linear_divergence", "fused_linear_divergence jsd", fld, (0, 1)),
         OpCase("kl_penalty", "kl_penalty k3", kl, (0,)),
         OpCase("gae", "gae", gae),
         OpCase("discounted_returns", "discounted_returns", dret),

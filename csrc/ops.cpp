@@ -32,6 +32,20 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
   m.def("fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
 
+  // ---- distillation divergence from two LM heads (csrc/cpu/fused_divergence.cpp) ----
+  // student_hidden [N, H], student_weight [V, H], student_bias [V]; teacher_hidden [N, Ht],
+  // teacher_weight [V, Ht], teacher_bias [V] (the teacher may have another dtype); mask [N] bool
+  // (None: every row); beta in [0, 1]; chunk_size rows per chunk (0 = auto). Returns
+  // (divergence [N], student entropy [N] or [0]) float32 (float64 for float64 student_hidden).
+  m.def("fused_linear_divergence_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, float beta, float temperature, bool return_entropy, int chunk_size) -> (Tensor, Tensor)");
+  // grad_div [N]: recomputes each chunk's logits. Returns (grad_student_hidden, grad_student_weight,
+  // grad_student_bias), each [0] when its flag is off (or there is no bias).
+  m.def("fused_linear_divergence_bwd(Tensor grad_div, Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, float beta, float temperature, bool grad_hidden, bool grad_weight, bool grad_bias, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // The summed divergence with the gradients of the sum from the same logits (the backward only
+  // scales them): returns (loss 0-dim, entropy [N] or [0], grad_student_hidden, grad_student_weight,
+  // grad_student_bias), the gradients [0] when their flag is off.
+  m.def("fused_linear_divergence_sum_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, float beta, float temperature, bool return_entropy, bool grad_hidden, bool grad_weight, bool grad_bias, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // ---- KL estimators (csrc/cpu/kl.cpp) ----------------------------------
   // kind in {k1, k2, k3, abs, mse}; elementwise on any shape.
   m.def("kl_penalty_fwd(Tensor logp, Tensor ref_logp, str kind) -> Tensor");

@@ -25,6 +25,8 @@ COMMANDS = {
     "ppo": ("rlhf_fast.trainers.rl_cli", "PPO with a critic and GAE: rlhf-fast ppo CONFIG.yaml [--key value ...]"),
     "grpo": ("rlhf_fast.trainers.rl_cli", "GRPO (group-relative, no critic): rlhf-fast grpo CONFIG.yaml"),
     "rloo": ("rlhf_fast.trainers.rl_cli", "RLOO (leave-one-out, no critic): rlhf-fast rloo CONFIG.yaml"),
+    "distill": ("rlhf_fast.trainers.rl_cli",
+                "on-policy distillation from a teacher: rlhf-fast distill CONFIG.yaml --distill.teacher PATH"),
     "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
     "report": ("rlhf_fast.trainers.report", "one Markdown report of a run: rlhf-fast report RUN_DIR [--out REPORT.md]"),
     "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),

@@ -45,3 +45,22 @@ def live_cpu_backends():
     if _dispatch.backend_available("cpp")[0]:
         out.append("cpp")
     return out
+
+
+def timeline_memory(fn):
+    """(peak live bytes, largest single allocation) of the tensors ``fn`` allocates, from
+    the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    cur = peak = big = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        name = getattr(action, "name", str(action))
+        if name == "CREATE":
+            cur += size
+            big = max(big, size)
+        elif name == "DESTROY":
+            cur -= size
+        peak = max(peak, cur)
+    return peak, big

@@ -65,6 +65,23 @@ def test_fused_linear_peers_match_ours(tiny, no_compile):
         _close(peer.make(x)(), ours, atol=1e-4)
 
 
+def test_divergence_peers_match_ours(tiny, no_compile):
+    # TRL's ChunkedDivergenceFunction and the reference: the same summed divergence and the same
+    # gradients to the student's hidden states and weight
+    pytest.importorskip("trl")
+    case = B.CASES_BY_KEY["fused_linear_divergence"]
+    x = case.inputs()
+    assert not x["teacher_hidden"].requires_grad and 0 < x["beta"] < 1
+    loss = case.ours(x)()
+    grads = [x[k].grad.clone() for k in ("student_hidden", "student_weight")]
+    assert all(g.abs().sum() > 0 for g in grads)
+    for peer in case.peers:
+        got = peer.make(x)()
+        _close(got, loss, atol=1e-5, rtol=1e-5)
+        for k, g in zip(("student_hidden", "student_weight"), grads):
+            _close(x[k].grad, g, atol=1e-7, rtol=1e-4)
+
+
 @pytest.mark.parametrize("key", ["gae", "discounted_returns"])
 def test_advantage_peers_match_ours(tiny, no_compile, key):
     case = B.CASES_BY_KEY[key]

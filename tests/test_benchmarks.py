@@ -14,9 +14,9 @@ import torch
 from rlhf_fast.benchmarks import common, ops_report
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_OPS = {"token_logprobs", "fused_linear_logprobs", "fused_linear_policy_loss", "kl_penalty", "gae",
-              "discounted_returns", "group_advantages", "masked_mean", "masked_whiten", "ppo_policy_loss",
-              "ppo_value_loss", "sample"}
+PUBLIC_OPS = {"token_logprobs", "fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_divergence",
+              "kl_penalty", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten",
+              "ppo_policy_loss", "ppo_value_loss", "sample"}
 
 
 @pytest.fixture(scope="module")
@@ -645,3 +645,32 @@ def test_bench_packing_times_both_layouts_on_the_same_losses(capsys):
         assert float(a[6]) == pytest.approx(float(b[6]), rel=1e-4)
     with pytest.raises(SystemExit):
         bench_packing.main(["--trainers", "ppo"])
+
+
+def test_e2e_distill_sides_run_the_same_configuration(monkeypatch, capsys):
+    """The distillation comparison (`--algos distill`): both sides start from the same student and
+    the same teacher weights, with TRL's beta / temperature / completion length equal to ours and
+    the same fused AdamW; each step splits into generate + update, counts its generated tokens
+    and logs a finite loss. (The loss itself is checked against TRL's in tests/test_distill.py.)"""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    assert "distill" in e2e.ALL_ALGOS and "distill" not in e2e.ALGOS
+    with pytest.raises(ValueError, match="distill_beta"):
+        e2e.E2EConfig(distill_beta=1.5)
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLDistillStep(cfg), e2e.RLHFFastDistillStep(cfg)
+    t, o = trl_side.trainer, ours.trainer
+    for a, b in ((t.model, o.policy), (t.teacher_model, o.teacher)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert t.teacher_model.config.hidden_size == cfg.teacher_hidden_size != cfg.hidden_size
+    assert (t.args.beta, t.args.temperature, t.args.max_completion_length) == \
+        (o.config.distill.beta, o.config.rollout.temperature, o.config.rollout.max_new_tokens)
+    assert len(trl_side.examples) == cfg.batch_size == o.config.rollout.prompts_per_step * o.config.rollout.group_size
+    for opt in (t.optimizer, o.optimizer):
+        g = opt.param_groups[0]
+        assert g["fused"] and g["weight_decay"] == 0.0 and g["lr"] == cfg.lr
+    for rec in (trl_side.step(), ours.step()):
+        assert rec["generate"] > 0 and rec["update"] > 0 and rec["step"] == pytest.approx(rec["generate"] + rec["update"])
+        assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])

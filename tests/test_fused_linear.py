@@ -8,7 +8,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops import reference
 
-from .conftest import live_cpu_backends
+from .conftest import live_cpu_backends, timeline_memory
 
 BACKENDS = live_cpu_backends()
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="rlhf_fast._C not built")
@@ -157,25 +157,6 @@ def test_opcheck(dtype, bias):
                            -100, 2))
 
 
-def _memory(fn):
-    """(peak live bytes, largest single allocation) of the tensors ``fn`` allocates, from
-    the profiler's memory timeline."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
-        fn()
-    cur = peak = big = 0
-    for _, action, _, size in p._memory_profile().timeline:
-        name = getattr(action, "name", str(action))
-        if name == "CREATE":
-            cur += size
-            big = max(big, size)
-        elif name == "DESTROY":
-            cur -= size
-        peak = max(peak, cur)
-    return peak, big
-
-
 @needs_cpp
 def test_holds_one_chunk_of_logits():
     N, H, V, C = 512, 16, 4096, 32
@@ -190,11 +171,11 @@ def test_holds_one_chunk_of_logits():
         (lp.sum() + ent.sum()).backward()
 
     # the measurement sees the reference's full [N, V] logits (so it can fail) ...
-    ref_peak, ref_big = _memory(lambda: step("torch"))
+    ref_peak, ref_big = timeline_memory(lambda: step("torch"))
     assert ref_big >= full
     # ... while the native op never has more than about one chunk of logits alive: at most
     # the chunk, its gradient, the fp32 weight-gradient accumulator and [N, H] / [N] tensors
-    peak, big = _memory(lambda: step("cpp"))
+    peak, big = timeline_memory(lambda: step("cpp"))
     assert big <= max(chunk, w_bytes), f"largest allocation {big} B, one chunk {chunk} B"
     budget = 2 * chunk + 2 * w_bytes + 2 * N * H * 4 + 16 * N * 4
     assert peak <= budget, f"peak {peak} B > {budget} B (full logits {full} B)"
@@ -207,7 +188,7 @@ def test_auto_chunk_is_bounded():
     N, H, V = 1024, 4, 32768 * 2  # full logits 256 MiB; auto chunk = 128 rows = 32 MiB
     hidden, weight, _, labels = _head(N, H, V, torch.float32, seed=8, bias=False)
     with ops.use_backend("cpp"):
-        peak, big = _memory(lambda: ops.fused_linear_logprobs(hidden, weight, labels))
+        peak, big = timeline_memory(lambda: ops.fused_linear_logprobs(hidden, weight, labels))
     assert big <= 32 * 2**20 + 4096, big
     assert peak <= 32 * 2**20 + 64 * N, peak
 

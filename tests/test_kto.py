@@ -24,8 +24,8 @@ from rlhf_fast import cli
 from rlhf_fast.feedback.formats import PairRecord, ScoreRecord
 from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.dpo import response_logps
-from rlhf_fast.trainers.kto import (BinaryRecord, KTOConfig, KTOTrainer, agreement_records, kl_partners, kto_kl,
-                                    kto_loss, load_binary_records, to_binary, weight_advice)
+from rlhf_fast.trainers.kto import (N_SUMS, BinaryRecord, KTOConfig, KTOTrainer, agreement_records, kl_partners,
+                                    kto_kl, kto_loss, load_binary_records, to_binary, weight_advice)
 from rlhf_fast.trainers.reward import synthetic_preference_records
 from tests.test_reward import preference_tokenizer
 from tests.test_trainer_common import untimed_metrics
@@ -437,12 +437,12 @@ def test_apo_zero_unpaired_builds_and_scores_no_kl_rows(tmp_path, tok):
         seen[loss_type] += (dict(rows), e)
     rows, reduces, m, keys, eval_rows, e = seen["apo_zero_unpaired"]
     assert rows == {"policy": 8, "reference": 8} and eval_rows == {"policy": 6, "reference": 6}
-    assert reduces == [9]  # the metrics' sums only: no z0
+    assert reduces == [N_SUMS]  # the metrics' sums only: no z0
     assert all("kl" not in k and "full" not in k for k in keys)
     assert "kl" not in m and "eval_kl" not in e and m["loss"] > 0 and "eval_rewards/margin" in e
     rows, reduces, m, keys, eval_rows, e = seen["kto"]
     assert rows == {"policy": 16, "reference": 16} and eval_rows == {"policy": 12, "reference": 12}
-    assert reduces == [2, 9] and all("kl" in k for k in keys) and "kl" in m and "eval_kl" in e
+    assert reduces == [2, N_SUMS] and all("kl" in k for k in keys) and "kl" in m and "eval_kl" in e
     # a step of one example has nothing to pair it with for kto, and needs nothing for apo_zero_unpaired
     tr = _trainer(tmp_path, tok, "one", records=recs[:2], batch_size=1, loss_type="apo_zero_unpaired")
     assert tr.train_step()["count/chosen"] + tr.train_step()["count/rejected"] == 1

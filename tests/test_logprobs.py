@@ -8,7 +8,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops import reference
 
-from .conftest import live_cpu_backends
+from .conftest import live_cpu_backends, timeline_memory
 
 BACKENDS = live_cpu_backends()
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="rlhf_fast._C not built")
@@ -184,25 +184,6 @@ def test_opcheck(dtype, entropy):
                           (gl, ge, logits, labels, lse, ent, 0.7, -100))
 
 
-def _memory(fn):
-    """(peak live bytes, largest single allocation) of the tensors ``fn`` allocates, from
-    the profiler's memory timeline."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
-        fn()
-    cur = peak = big = 0
-    for _, action, _, size in p._memory_profile().timeline:
-        name = getattr(action, "name", str(action))
-        if name == "CREATE":
-            cur += size
-            big = max(big, size)
-        elif name == "DESTROY":
-            cur -= size
-        peak = max(peak, cur)
-    return peak, big
-
-
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_has_no_rowwise_fp32_temporary(dtype):
@@ -210,11 +191,11 @@ def test_forward_has_no_rowwise_fp32_temporary(dtype):
     logits, labels = _inputs((N,), V, dtype, seed=13)
     nv_fp32 = N * V * 4
     # the measurement sees the reference's [N, V] temporaries (so it can fail) ...
-    ref_peak, ref_big = _memory(lambda: reference.token_logprobs(logits, labels, return_entropy=True))
+    ref_peak, ref_big = timeline_memory(lambda: reference.token_logprobs(logits, labels, return_entropy=True))
     assert ref_big >= nv_fp32
     # ... and the native forward allocates only the [N] outputs
     with ops.use_backend("cpp"):
-        peak, big = _memory(lambda: ops.token_logprobs(logits, labels, return_entropy=True))
+        peak, big = timeline_memory(lambda: ops.token_logprobs(logits, labels, return_entropy=True))
     assert big <= N * 8, f"largest allocation {big} B"
     assert peak <= 3 * N * 8, f"peak {peak} B"
 

@@ -143,6 +143,10 @@ def test_dpo_report_without_evaluation(runs):
     times = [r["time/step"] for r in recs if "time/step" in r]
     assert len(times) == 3 and f"- **Wall time**: {format_number(sum(times))} s, the sum of `time/step` over " \
         "3 logged steps\n" in text
+    # the offline trainers' throughput (trained input tokens per second), averaged over the logged steps
+    tps = [r["train_tokens_per_second"] for r in recs if "train_tokens_per_second" in r]
+    assert len(tps) == 3 and f"- **Throughput**: {format_number(sum(tps) / 3)} trained (input) tokens/s " in text
+    _check_numbers(text, recs, {"entropy": 0, "num_tokens": 0})
 
 
 def test_grpo_report_samples_timing_and_out_elsewhere(runs, tmp_path):
@@ -272,7 +276,7 @@ def test_kind_of_every_trainers_config():
     for cls, kind in ((SFTConfig, "sft"), (RewardConfig, "reward"), (DPOConfig, "dpo"), (KTOConfig, "kto")):
         assert run_kind(to_dict(cls())) == kind
     for est, kind in (("gae", "ppo"), ("reinforce++", "ppo"), ("grpo", "grpo"), ("dr_grpo", "grpo"),
-                      ("rloo", "rloo")):
+                      ("rloo", "rloo"), ("distill", "distill")):
         assert run_kind(to_dict(RLConfig(estimator=est, scale_rewards="none" if est == "dr_grpo" else None))) == kind
     with pytest.raises(ValueError, match="none of their keys"):
         run_kind({"model": "x", "lr": 1})

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_fast.rollout import RolloutEngine, SamplingParams
+from rlhf_fast.rollout import RolloutEngine
 from rlhf_fast.rollout import environments as E
 from rlhf_fast.rollout import tools as T
 from rlhf_fast.trainers.rl import RLTrainer

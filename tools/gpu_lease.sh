@@ -20,10 +20,11 @@ export OUT
 PY=${PY:-python3}
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-420}
-# STAGES: which of triton-tests, cuda-tests, bench-gae, bench-rollout, bench-e2e, bench-e2e-dpo, bench-ops
+# STAGES: which of triton-tests, cuda-tests, bench-gae, bench-rollout, bench-e2e, bench-e2e-dpo, bench-e2e-distill,
+# bench-ops
 # to run
 # (all by default)
-STAGES=${STAGES:-"triton-tests cuda-tests bench-gae bench-rollout bench-e2e bench-e2e-dpo bench-ops"}
+STAGES=${STAGES:-"triton-tests cuda-tests bench-gae bench-rollout bench-e2e bench-e2e-dpo bench-e2e-distill bench-ops"}
 TRITON_TESTS=${TRITON_TESTS:-tests/triton}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 LOG="$OUT/log.txt"
@@ -89,6 +90,17 @@ tables = e2e.run_suite(device="cuda", cfg=cfg, timeout_s=80, algos=("dpo",))
 for t in tables:
     print(t.markdown())
 print(write_results(tables, device="cuda", out_dir=os.environ["OUT"], suite="e2e dpo gpu_0p5b steps=2"))
+EOF
+# on-policy distillation against TRL's DistillationTrainer: the 0.5B student, a 1.5B-wide teacher
+want bench-e2e-distill && stage "e2e distillation step vs TRL" 120 "$OUT/bench.log" $PY - <<'EOF'
+import dataclasses, os
+from rlhf_fast.benchmarks import e2e
+from rlhf_fast.benchmarks.common import write_results
+cfg = dataclasses.replace(e2e.E2EConfig.gpu_0p5b(), max_new_tokens=int(os.environ.get("E2E_TOKENS", 128)), steps=2)
+tables = e2e.run_suite(device="cuda", cfg=cfg, timeout_s=110, algos=("distill",))
+for t in tables:
+    print(t.markdown())
+print(write_results(tables, device="cuda", out_dir=os.environ["OUT"], suite="e2e distill gpu_0p5b steps=2"))
 EOF
 want bench-gae && stage "GAE / sampling benchmark" 70 "$OUT/bench.log" \
   $PY -m rlhf_fast.benchmarks.bench_gae_sampling --device cuda --budget 0.25 --out "$OUT/gae_sampling.jsonl"

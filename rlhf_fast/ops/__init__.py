@@ -8,6 +8,7 @@ CPU kernel for CPU tensors, or the pure-PyTorch reference (``rlhf_fast.ops.refer
 from . import _dispatch, reference
 from ._dispatch import BACKENDS, use_backend
 from .advantages import discounted_returns, gae, group_advantages, masked_mean, masked_whiten
+from .fused_divergence import fused_linear_divergence
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .kl import kl_penalty
 from .logprobs import token_logprobs
@@ -21,6 +22,7 @@ __all__ = [
     "token_logprobs",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
+    "fused_linear_divergence",
     "kl_penalty",
     "gae",
     "discounted_returns",

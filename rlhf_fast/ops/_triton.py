@@ -13,6 +13,7 @@ _IMPLS = {
     "gae": "rlhf_fast.kernels.advantages:gae",
     "discounted_returns": "rlhf_fast.kernels.advantages:discounted_returns",
     "sample": "rlhf_fast.kernels.sampling:sample",
+    "fused_linear_divergence": "rlhf_fast.kernels.fused_divergence:fused_linear_divergence",
 }
 
 for _op, _path in _IMPLS.items():

@@ -15,6 +15,7 @@ Conventions shared by all ops (see ``../shared/DESIGN.md``):
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -88,6 +89,89 @@ def fused_linear_logprobs(
     return token_logprobs(
         logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index
     )
+
+
+DIVERGENCE_REDUCTIONS = ("none", "sum")
+
+
+def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, beta: float):
+    """Per-row generalised JSD between softmax(zs) (student) and softmax(zt) (teacher).
+
+    zs, zt ``[N, V]`` float32/float64 (already divided by the temperature). Returns
+    ``(divergence [N], student entropy [N])``. TRL's convention (DistillationTrainer,
+    trl/kernels/chunked_divergence.py): ``beta == 0`` is the forward KL(teacher ‖ student),
+    ``beta == 1`` the reverse KL(student ‖ teacher), otherwise
+    ``beta·KL(t ‖ m) + (1 − beta)·KL(s ‖ m)`` with ``m = beta·t + (1 − beta)·s``. Entries of
+    zero probability contribute 0 (so −inf logits are allowed; a row whose logits are all −inf
+    has no distribution and gives NaN).
+    """
+    log_ps = torch.log_softmax(zs, dim=-1)
+    log_pt = torch.log_softmax(zt, dim=-1)
+    ps, pt = log_ps.exp(), log_pt.exp()
+
+    def kl(p, log_p, log_q):  # sum p·(log p − log q), with 0·(anything) = 0
+        # the where inside the product: outside it, the backward of a −inf entry would form 0·(−inf)
+        return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum(-1)
+
+    if beta == 0.0:
+        div = kl(pt, log_pt, log_ps)
+    elif beta == 1.0:
+        div = kl(ps, log_ps, log_pt)
+    else:
+        log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt + math.log(beta))
+        div = beta * kl(pt, log_pt, log_m) + (1.0 - beta) * kl(ps, log_ps, log_m)
+    entropy = -(ps * torch.where(ps > 0, log_ps, torch.zeros_like(ps))).sum(-1)
+    return div, entropy
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    reduction: str = "none",
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Distillation divergence of the student's next-token distribution from the teacher's,
+    from the two models' last hidden states and LM heads.
+
+    student_hidden ``[N, H]``, student_weight ``[V, H]`` (student_bias ``[V]``); teacher_hidden
+    ``[N, Ht]``, teacher_weight ``[V, Ht]`` (teacher_bias ``[V]``): the two models may differ in
+    width and dtype, not in vocabulary. Both logits are divided by ``temperature``; the per-row
+    divergence is :func:`divergence_from_logits` with ``beta``. ``mask`` ``[N]`` (bool or 0/1):
+    rows outside it give 0 and no gradient. ``reduction``: ``"none"`` returns ``[N]``,
+    ``"sum"`` the 0-dim sum over the rows. Float32 out (float64 for float64 student_hidden).
+    With ``return_entropy``, also the student's entropy ``[N]`` (0 outside the mask; no
+    gradient). Gradients flow to the student's hidden states, weight and bias only: the
+    teacher is a constant. The reference materialises both ``[N, V]`` logits; ``chunk_size``
+    only matters to the native kernels.
+    """
+    dt = out_dtype(student_hidden.dtype)
+    zs = student_hidden @ student_weight.t()
+    if student_bias is not None:
+        zs = zs + student_bias
+    with torch.no_grad():
+        zt = teacher_hidden @ teacher_weight.t()
+        if teacher_bias is not None:
+            zt = zt + teacher_bias
+    zs = zs.to(dt) / temperature
+    zt = zt.detach().to(dt) / temperature
+    div, entropy = divergence_from_logits(zs, zt, beta)
+    entropy = entropy.detach()
+    if mask is not None:
+        keep = mask.to(torch.bool)
+        div = torch.where(keep, div, torch.zeros_like(div))
+        entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
+    if reduction == "sum":
+        div = div.sum()
+    return (div, entropy) if return_entropy else div
 
 
 # --------------------------------------------------------------------------- KL

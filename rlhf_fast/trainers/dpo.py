@@ -131,16 +131,16 @@ from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
-from .sft import (_Batches, _is_ddp, collate, local_span, optimizer_step, resume_supervised, save_supervised,
-                  setup_distributed, split_records, training_loop)
+from .sft import (_Batches, _is_ddp, collate, count_tokens, local_span, optimizer_step, resume_supervised,
+                  save_supervised, setup_distributed, split_records, training_loop)
 
 DATA_KINDS = ("pairs", "rankings", "labels")
 # "balanced": ours (the prompt's end, down to half of max_len, then the responses' start);
 # "keep_start" / "keep_end": TRL 1.16's DataCollatorForPreference, each row cut on its own
 TRUNCATION_MODES = ("balanced", "keep_start", "keep_end")
 # Σ w·loss, Σ chosen / rejected reward, Σ accuracy, Σ margin, Σ chosen / rejected logged logps, pairs,
-# Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo)
-N_SUMS = 12
+# Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo), Σ response entropy, response tokens
+N_SUMS = 14
 
 
 @dataclasses.dataclass
@@ -471,19 +471,21 @@ def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, tor
     return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id)
 
 
-def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False
-                ) -> torch.Tensor:
+def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False,
+                return_entropy: bool = False):
     """``[N, T]`` float32 per-token log π(token | tokens before it) of ``batch``'s rows through
     the fused LM head, at each response token (0 elsewhere) — over every attended token (the
     prompt too) for the first ``full_rows`` rows (ORPO's NLL counts the prompt). ``packed``: the
     rows run as one padding-free row (``padding_free``; SFT's ``packing``), the values placed
-    back at their ``[N, T]`` positions."""
+    back at their ``[N, T]`` positions. ``return_entropy``: ``(log-probs, entropy [N, T] float32)``,
+    the entropy of each predicting distribution from the same pass, at the same positions."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
     mask = batch["response_mask"]
     if full_rows:
         mask = torch.cat([batch["attention_mask"][:full_rows], mask[full_rows:]])
-    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask, packed=packed)
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask, packed=packed,
+                             return_entropy=return_entropy)
 
 
 def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -504,6 +506,30 @@ def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[
     if ld_alpha is not None:
         return ld_weighted_logps(logp, mask, ld_alpha), count
     return logp.sum(-1), count
+
+
+def response_logps_entropy(model, batch: Dict[str, torch.Tensor], *, packed: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_logps`' ``(log-prob [N], token count [N])`` (no ``ld_alpha``), the same
+    values, and from the same fused pass each row's entropy summed over its response tokens
+    ``[N]`` float32, detached (:func:`response_entropy`): the policy's call, for the ``entropy``
+    metric. (A separate function: benchmarks/e2e.py wraps ``response_logps`` as ``(model, batch)``.)"""
+    logp, ent = token_logps(model, batch, packed=packed, return_entropy=True)  # [N, T] each
+    mask = response_mask(batch)
+    return logp.sum(-1), mask[:, 1:].sum(-1), response_entropy(ent, mask)
+
+
+def response_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float32, detached: each row's per-token ``entropy`` ``[N, T]`` summed over its
+    response tokens ``mask`` ``[N, T]`` (TRL's DPO / KTO ``entropy`` metric is the sum over
+    every row of the batch divided by their response tokens)."""
+    return (entropy.detach() * mask).sum(-1)
+
+
+def pair_tokens(item: Dict[str, Any]) -> int:
+    """The input tokens of a pair's two rows (prompt + chosen, prompt + rejected), padding not
+    counted: what TRL's DPOTrainer adds to ``num_tokens`` for it."""
+    return sum(len(item.get(k + "_prompt", item["prompt"])) + len(item[k]) for k in ("chosen", "rejected"))
 
 
 def load_offline_policy(cfg, model, tokenizer, texts: Sequence[str], device):
@@ -775,8 +801,7 @@ def log_sum_sq_probs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out
 
 
-def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, return_entropy: bool = False):
     """``(log-probs [N, T] float32, log Σ_v p_v² [N, T] float32)`` at each response token of
     ``batch``'s rows (0 elsewhere): the log-probs exactly as :func:`token_logps` (the same
     fused path, differentiable), and from the same forward's hidden states, without gradient,
@@ -784,7 +809,8 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     (:func:`log_sum_sq_probs`) — the WPO weights' denominator. A head that cannot be fused
     (softcapping, a scale) goes through full logits, as the log-probs do. ``packed``: one
     padding-free forward (:func:`rlhf_fast.trainers.packing.packed_target_states`), the log-probs
-    as ``token_logps(..., packed=True)`` gives them."""
+    as ``token_logps(..., packed=True)`` gives them. ``return_entropy``: a third value, the
+    entropy ``[N, T]`` float32 of each predicting distribution, from the same pass."""
     from rlhf_fast import ops
     from rlhf_fast.models import logprobs as L
 
@@ -794,20 +820,21 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     tr, tc = target.nonzero(as_tuple=True)
     if not tr.numel():  # nothing to score: the plain path keeps every weight in the graph
         tok = token_logps(model, batch, packed=packed)
-        return tok, torch.zeros_like(tok)
+        return (tok, torch.zeros_like(tok)) + ((torch.zeros_like(tok),) if return_entropy else ())
     labels = ids[tr, tc]
+    head = dict(temperature=1.0, return_entropy=return_entropy, chunk_size=None)
     if packed:  # (an unfusable head is refused with padding_free: DPOTrainer checks it)
         from .packing import packed_target_states
 
         h, labels, tr, tc = packed_target_states(model, ids, am, target)
         weight, bias = L.lm_head_params(model)
-        lp = L._chunked_head_logprobs(h, weight, bias, labels, temperature=1.0, return_entropy=False, chunk_size=None)
+        lp = L._chunked_head_logprobs(h, weight, bias, labels, **head)
         lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
     elif L.unfusable_reason(model) is not None:
         logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
                        use_cache=False).logits  # [B, T, V]: this head cannot be fused
         z = logits[tr, tc - 1]
-        lp = ops.token_logprobs(z, labels)
+        lp = ops.token_logprobs(z, labels, return_entropy=return_entropy)
         with torch.no_grad():
             zf = z.detach().float()
             lss = torch.logsumexp(2.0 * zf, -1) - 2.0 * torch.logsumexp(zf, -1)
@@ -815,9 +842,11 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
         lo, hi = torch.stack(torch.aminmax(tc)).tolist()
         h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
         weight, bias = L.lm_head_params(model)
-        lp = L._chunked_head_logprobs(h, weight, bias, labels, temperature=1.0, return_entropy=False, chunk_size=None)
+        lp = L._chunked_head_logprobs(h, weight, bias, labels, **head)
         lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
-    return L._scatter(lp, tr, tc, B, T, False), L._scatter(lss, tr, tc, B, T, False)
+    lp, ent = lp if return_entropy else (lp, None)
+    out = (L._scatter(lp, tr, tc, B, T, False), L._scatter(lss, tr, tc, B, T, False))
+    return out + ((L._scatter(ent.detach(), tr, tc, B, T, False),) if return_entropy else ())
 
 
 def wpo_weights(tok: torch.Tensor, lss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -929,6 +958,7 @@ class DPOTrainer:
         self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
 
     # -------------------------------------------------------------- data
 
@@ -985,15 +1015,17 @@ class DPOTrainer:
         packed = cfg.padding_free  # one padding-free row: the same [2B, T] values back, so nothing below changes
         with autocast_context(self.device, cfg.bf16):
             if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
-                logps, count = response_logps(self.model, batch, **_logps_kwargs(None, packed))  # [2B]
+                logps, count, ent = response_logps_entropy(self.model, batch, packed=packed)  # [2B] each
                 nll, nll_tokens = -logps[:B], count[:B]
             else:  # per-token values: the LD weighting, ORPO's NLL over the whole chosen rows, WPO's weights
                 mask = response_mask(batch)
                 if cfg.use_weighting:
-                    tok, lss = wpo_token_logps(self.model, batch, packed=packed)  # [2B, T] each
+                    tok, lss, ent = wpo_token_logps(self.model, batch, packed=packed, return_entropy=True)  # [2B, T]
                     wpo = wpo_weights(tok, lss, mask)  # [2B]
                 else:
-                    tok = token_logps(self.model, batch, full_rows=B if orpo else 0, packed=packed)  # [2B, T]
+                    tok, ent = token_logps(self.model, batch, full_rows=B if orpo else 0, packed=packed,
+                                           return_entropy=True)  # [2B, T] each
+                ent = response_entropy(ent, mask)  # [2B]: the response tokens only, as TRL's
                 count = mask[:, 1:].sum(-1)
                 resp = tok * mask
                 logps = resp.sum(-1) if cfg.ld_alpha is None else ld_weighted_logps(resp, mask, cfg.ld_alpha)
@@ -1007,7 +1039,7 @@ class DPOTrainer:
             elif not cfg.reference_free:
                 ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha,
                                       packed=packed)
-        st = {"nll": nll, "nll_tokens": nll_tokens}
+        st = {"nll": nll, "nll_tokens": nll_tokens, "entropy": ent, "tokens": count}
         if cfg.reference_free:
             out = reference_free_loss(logps[:B], logps[B:], loss_type=terms[0][0], beta=cfg.beta,
                                       chosen_tokens=count[:B], rejected_tokens=count[B:],
@@ -1044,7 +1076,8 @@ class DPOTrainer:
     def _sums(st: Dict[str, torch.Tensor], w: torch.Tensor, real: bool) -> torch.Tensor:
         """The ``N_SUMS`` sums the metrics are made of (float64, 0 for a share that does not
         count): Σw·loss, Σ chosen/rejected reward, Σ accuracy, Σ margin, Σ chosen/rejected
-        logps, pairs, Σ chosen NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo)."""
+        logps, pairs, Σ chosen NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo), Σ entropy
+        over the response tokens of both rows, those tokens."""
         if not real:
             return torch.zeros(N_SUMS, dtype=torch.float64, device=w.device)
         rc, rr = st["chosen_rewards"].double(), st["rejected_rewards"].double()
@@ -1055,7 +1088,9 @@ class DPOTrainer:
                             st["rejected_logps"].detach().double().sum(), lc.new_tensor(float(lc.numel())),
                             st["nll"].detach().double().sum(), st["nll_tokens"].double().sum(),
                             st["log_odds_ratio"].double().sum() if "log_odds_ratio" in st else zero,
-                            st["log_odds_chosen"].double().sum() if "log_odds_chosen" in st else zero])
+                            st["log_odds_chosen"].double().sum() if "log_odds_chosen" in st else zero,
+                            st["entropy"].double().sum() if "entropy" in st else zero,
+                            st["tokens"].double().sum() if "tokens" in st else zero])
 
     def _metrics(self, tot: torch.Tensor, weight_sum: float, prefix: str = "") -> Dict[str, float]:
         t = tot.cpu().tolist()
@@ -1071,6 +1106,7 @@ class DPOTrainer:
             m["nll"] = nll
         if self.cfg.loss_terms[0][0] == "orpo":
             m.update({"log_odds_ratio": t[10] / n, "log_odds_chosen": t[11] / n})
+        m["entropy"] = t[12] / t[13] if t[13] > 0 else 0.0  # TRL's: the token mean over both rows' responses
         return {prefix + k: v for k, v in m.items()}
 
     # -------------------------------------------------------------- steps
@@ -1101,7 +1137,8 @@ class DPOTrainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        micro = [local_share(self.batches.next(), self.train_items, ctx) for _ in range(cfg.grad_accum)]
+        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        micro = [local_share(idx, self.train_items, ctx) for idx in idxs]
         # the denominators of the whole global step (all micro-batches, all ranks): the weighted
         # mean over pairs and the token mean of the RPO term do not depend on the split
         local = [sum(it["weight"] for it in items) if real else 0.0 for items, real in micro]
@@ -1128,6 +1165,7 @@ class DPOTrainer:
         maybe_sync_reference(self)  # TR-DPO, after the step (TRL's on_step_end)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
         m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        m.update(count_tokens(self, sum(pair_tokens(self.train_items[i]) for idx in idxs for i in idx)))
         return m
 
     def _save(self) -> None:

@@ -95,15 +95,17 @@ from .common import (add_config_arguments, autocast_context, supervised_schedule
 from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
                   maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
-                  prompt_response_rows, reference_logps, response_ids, response_logps, resume_offline, save_offline,
-                  setup_moving_reference, shard_reference)
-from .sft import (_Batches, _is_ddp, collate, optimizer_step, setup_distributed, split_records, training_loop)
+                  prompt_response_rows, reference_logps, response_ids, response_logps, response_logps_entropy,
+                  resume_offline, save_offline, setup_moving_reference, shard_reference)
+from .sft import (_Batches, _is_ddp, collate, count_tokens, optimizer_step, setup_distributed, split_records,
+                  training_loop)
 from .sft_data import completion_tokens
 
 DATA_KINDS = ("binary", "scores", "pairs")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
-# Σ w·loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n, Σ w
-N_SUMS = 9
+# Σ w·loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n, Σ w,
+# Σ response entropy, response tokens
+N_SUMS = 11
 
 
 @dataclasses.dataclass
@@ -509,6 +511,7 @@ class KTOTrainer:
         self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
 
     # -------------------------------------------------------------- data
 
@@ -609,18 +612,19 @@ class KTOTrainer:
         ℓ_i and rewards ``[b]``, labels ``[b]`` bool and weights w_i ``[b]`` (the loss's dtype)."""
         cfg = self.cfg
         with autocast_context(self.device, cfg.bf16):
-            logps, _ = response_logps(self.model, self._batch(items))
+            logps, count, ent = response_logps_entropy(self.model, self._batch(items))
         desirable = torch.tensor([it["label"] for it in items], dtype=torch.bool, device=self.device)
         loss, rewards = kto_loss(logps, ref_main, desirable, z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                  undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
         weight = torch.tensor([it["weight"] for it in items], dtype=loss.dtype, device=self.device)
-        return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable, "weight": weight}
+        return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable, "weight": weight,
+                "entropy": ent, "tokens": count}
 
     @staticmethod
     def _sums(st: Dict[str, torch.Tensor], z0: Optional[torch.Tensor], real: bool) -> torch.Tensor:
         """The sums the metrics are made of (``[N_SUMS]`` float64, 0 for a share that does not
         count): Σ w·ℓ, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected
-        count, Σ z0 (0 without one) per example, Σ w."""
+        count, Σ z0 (0 without one) per example, Σ w, Σ entropy over the response tokens, those tokens."""
         dev = st["loss"].device
         if not real:
             return torch.zeros(N_SUMS, dtype=torch.float64, device=dev)
@@ -628,8 +632,10 @@ class KTOTrainer:
         r, lp, w = st["rewards"].double(), st["logps"].detach().double(), st["weight"].double()
         n = float(d.numel())
         z = z0.double() * n if z0 is not None else torch.zeros((), dtype=torch.float64, device=dev)
+        ent = ((st["entropy"].double().sum(), st["tokens"].double().sum()) if "entropy" in st
+               else (z.new_zeros(()),) * 2)
         return torch.stack([(st["loss"].detach().double() * w).sum(), r[d].sum(), r[~d].sum(), lp[d].sum(),
-                            lp[~d].sum(), d.double().sum(), (~d).double().sum(), z, w.sum()])
+                            lp[~d].sum(), d.double().sum(), (~d).double().sum(), z, w.sum(), *ent])
 
     @staticmethod
     def _metrics(tot: torch.Tensor, prefix: str = "", kl: bool = True) -> Dict[str, float]:
@@ -647,6 +653,7 @@ class KTOTrainer:
             m.update({"rewards/rejected": t[2] / n_r, "logps/rejected": t[4] / n_r})
         if n_c > 0 and n_r > 0:
             m["rewards/margin"] = m["rewards/chosen"] - m["rewards/rejected"]
+        m["entropy"] = t[9] / t[10] if t[10] > 0 else 0.0  # TRL's: the token mean over the rows' responses
         return {prefix + k: v for k, v in m.items()}
 
     # -------------------------------------------------------------- steps
@@ -698,6 +705,9 @@ class KTOTrainer:
         maybe_sync_reference(self)  # TR-DPO's moving reference, after the step (TRL's on_step_end)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
         m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        # TRL's num_tokens: the example rows (prompt + completion), not the KL rows
+        rows = prompt_response_rows([self.train_items[i] for i in idx], "completion")
+        m.update(count_tokens(self, sum(len(r["input_ids"]) for r in rows)))
         return m
 
     def _save(self) -> None:

@@ -24,7 +24,7 @@ import re
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
-RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
+RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",)}
 
 # Keys that only one offline trainer's config holds (checked in this order: KTO and DPO both have
 # beta / loss_type / ref_model, the reward and DPO configs both use_margin). Several per kind, so
@@ -54,22 +54,29 @@ KEY_SETTINGS.update({
     "ppo": _RL_COMMON + ("model.critic", "ppo.gamma", "ppo.lam", "ppo.value_coef", "optim.critic_lr"),
     "grpo": _RL_COMMON + ("scale_rewards", "ppo.importance_sampling_level", "ppo.policy_loss"),
     "rloo": _RL_COMMON,
+    "distill": ("estimator", "steps", "num_train_epochs", "model.lora", "distill.teacher", "distill.beta",
+                "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
+                "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
 })
 
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
 _OFFLINE_TAIL = ("eval_*", "grad_norm", "lr")
 KEY_METRICS = {
-    "sft": ("loss", "eval_loss", "eval_ppl", "tokens") + _OFFLINE_TAIL,
-    "reward": ("loss", "accuracy", "margin", "eval_loss", "eval_accuracy") + _OFFLINE_TAIL,
-    "dpo": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "eval_loss",
-            "eval_rewards/accuracy", "eval_rewards/margin") + _OFFLINE_TAIL,
-    "kto": ("loss", "kl", "rewards/margin", "rewards/chosen", "rewards/rejected", "eval_loss", "eval_kl",
-            "eval_rewards/margin") + _OFFLINE_TAIL,
+    "sft": ("loss", "eval_loss", "eval_ppl", "entropy", "tokens", "num_tokens", "train_tokens_per_second")
+    + _OFFLINE_TAIL,
+    "reward": ("loss", "accuracy", "margin", "mean_reward", "eval_loss", "eval_accuracy", "num_tokens",
+               "train_tokens_per_second") + _OFFLINE_TAIL,
+    "dpo": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "eval_loss",
+            "eval_rewards/accuracy", "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
+    "kto": ("loss", "kl", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "eval_loss", "eval_kl",
+            "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
 }
 KEY_METRICS.update(dict.fromkeys(("ppo", "grpo", "rloo"), (
     "reward/total", "reward/*", "eval/*", "kl/seq", "kl/token", "kl/coef", "entropy", "policy/loss",
     "policy/clip_frac", "policy/approx_kl", "policy/grad_norm", "value/loss", "value/explained_variance",
     "value/clip_frac", "response_length/mean", "rollout/truncated_frac", "tokens_per_second", "time/step", "lr")))
+KEY_METRICS["distill"] = ("loss", "distill/divergence", "entropy", "eval/*", "grad_norm", "completions/mean_length",
+                          "completions/clipped_ratio", "reward/*", "tokens_per_second", "time/step", "lr")
 
 NUMBER_FORMAT = ".6g"  # every metric value on the page (six significant digits)
 MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counted
@@ -80,7 +87,7 @@ MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counte
 
 def run_kind(config: Dict[str, Any]) -> str:
     """The kind of run whose config.yaml (a dict) is ``config``: ``sft``, ``reward``, ``dpo``,
-    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` (from ``estimator``). ValueError when
+    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` / ``distill`` (from ``estimator``). ValueError when
     it is none of them."""
     if not isinstance(config, dict):
         raise ValueError(f"config.yaml: expected a mapping of config keys, got {type(config).__name__}")
@@ -179,12 +186,12 @@ def metric_value(v: Any) -> Optional[float]:
 
 def direction(key: str) -> int:
     """+1 when a larger value of metric ``key`` is better (rewards, accuracies, margins), -1 when
-    a smaller one is (losses, perplexity), 0 when neither is (KL, entropy, lengths, the policy
+    a smaller one is (losses, perplexity, a distillation divergence), 0 when neither is (KL, entropy, lengths, the policy
     loss of an advantage-weighted objective, ...)."""
     base = re.sub(r"^eval[_/]", "", key)
     if base == "policy/loss":
         return 0
-    if base == "loss" or base.endswith("/loss") or base == "ppl":
+    if base == "loss" or base.endswith("/loss") or base == "ppl" or base.endswith("/divergence"):
         return -1
     if base.startswith("reward/") and not any(w in base for w in ("std", "dropped")):
         return 1
@@ -347,12 +354,16 @@ def _timing(records: Sequence[Dict[str, Any]], cfg: Dict[str, Any]) -> List[str]
     every = cfg.get("log_every", 1)
     partial = "" if every == 1 else f" (log_every {every}: only the logged steps)"
     step_times, tps, tokens = finite("time/step"), finite("tokens_per_second"), finite("tokens")
+    trained_tps = finite("train_tokens_per_second")
     if step_times:
         lines.append(f"- **Wall time**: {format_number(sum(step_times))} s, the sum of `time/step` over "
                      f"{len(step_times)} logged steps{partial}")
     if tps:
         lines.append(f"- **Throughput**: {format_number(sum(tps) / len(tps))} generated tokens/s "
                      f"(mean `tokens_per_second` over {len(tps)} steps)")
+    if trained_tps:
+        lines.append(f"- **Throughput**: {format_number(sum(trained_tps) / len(trained_tps))} trained (input) tokens/s "
+                     f"(mean `train_tokens_per_second` over {len(trained_tps)} steps)")
     if tokens:
         lines.append(f"- **Tokens trained**: {format_number(sum(tokens))} (sum of `tokens` over {len(tokens)} "
                      f"logged steps{partial})")

@@ -42,7 +42,7 @@ import dataclasses
 import math
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,7 +57,7 @@ from .common import (add_config_arguments, autocast_context, check_lora_field, c
 from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
-from .sft import (_Batches, local_span, optimizer_step, resume_supervised, save_supervised,
+from .sft import (_Batches, count_tokens, local_span, optimizer_step, resume_supervised, save_supervised,
                   setup_distributed, split_records, training_loop)
 
 
@@ -305,6 +305,7 @@ class RewardTrainer:
         self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
 
     def _encode_record(self, r) -> Dict[str, Any]:
         enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len)  # noqa: E731
@@ -374,6 +375,8 @@ class RewardTrainer:
         was = self.model.training
         self.model.eval()
         losses, correct, total, preds, targets = [], 0.0, 0, [], []
+        sums = torch.zeros(N_REWARD_SUMS, dtype=torch.float64, device=self.device)
+        extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)
         bs = self.cfg.batch_size
         for i in range(0, len(items), bs):
             chunk = items[i: i + bs]
@@ -381,6 +384,8 @@ class RewardTrainer:
             # the chunk's loss is a weighted mean: weigh it by the chunk's total weight, so that
             # eval_loss is the weighted mean over all items (as the training loss), whatever the chunking
             losses.append((self.loss(chunk, chunk_scores).item(), sum(it["weight"] for it in chunk)))
+            chunk_sums, chunk_ext = reward_sums(chunk_scores, self.kind == "pairs")
+            sums, extremes = sums + chunk_sums, torch.maximum(extremes, chunk_ext)
             for it, s in zip(chunk, chunk_scores):
                 s = s.float().tolist()
                 if self.kind == "scores":
@@ -400,15 +405,22 @@ class RewardTrainer:
             out.update(eval_pearson=_pearson(preds, targets), eval_spearman=_pearson(_ranks(preds), _ranks(targets)))
         else:
             out["eval_accuracy"] = correct / max(total, 1)
+        # TRL's other eval metrics, but eval_accuracy: ours counts a tie as ½ (TRL's, a miss)
+        out.update({f"eval_{k}": v for k, v in reward_metrics(sums, extremes, self.kind == "pairs").items()
+                    if k != "accuracy"})
         return out
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Σ loss, then the sums of the reward metrics (reward_sums); the extremes [max, −min] apart
+        total = torch.zeros(1 + N_REWARD_SUMS, dtype=torch.float64, device=self.device)
+        extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)
+        step_tokens = 0
         for _ in range(cfg.grad_accum):
             idx = self.batches.next()
+            step_tokens += sum(len(s) for i in idx for s in self.train_items[i]["seqs"])
             lo, hi = local_span(len(idx), ctx)
             # an empty share (fewer items than ranks) still runs one item at weight 0, so every
             # rank makes the forward/backward the DDP/FSDP2 collectives expect
@@ -418,13 +430,20 @@ class RewardTrainer:
             w_global = torch.tensor(w_local, dtype=torch.float64, device=self.device)
             w_global = float(ctx.all_reduce_sum(w_global))
             frac = w_local / w_global if w_global > 0 else (hi - lo) / len(idx)
-            loss = self.loss(chunk) * (frac / cfg.grad_accum)
+            scores = self._scores(chunk)
+            loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
             # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
             (loss * ctx.grad_scale).backward()
-            total += loss.detach().double()
+            total[0] += loss.detach().double()
+            if hi > lo:
+                sums, ext = reward_sums(scores, self.kind == "pairs")
+                total[1:] += sums
+                extremes = torch.maximum(extremes, ext)
         gnorm = optimizer_step(self)
-        m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": gnorm,
-             "lr": self.scheduler.get_last_lr()[0]}
+        total = ctx.all_reduce_sum(total)
+        m = {"loss": float(total[0]), "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0]}
+        m.update(reward_metrics(total[1:], ctx.all_reduce_max(extremes), self.kind == "pairs"))
+        m.update(count_tokens(self, step_tokens))
         return ctx.mean_metrics(m)
 
     def _save(self) -> None:
@@ -476,6 +495,40 @@ class RewardTrainer:
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         self.ctx.barrier()
+
+
+N_REWARD_SUMS = 5  # reward_sums: Σ score, scores, Σ [r_c > r_r], Σ (r_c − r_r), pairs
+
+
+def reward_sums(scores: Sequence[torch.Tensor], pairs: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sums TRL's RewardTrainer metrics are made of, for a micro-batch's ``scores`` (one
+    tensor of scores per item, :meth:`RewardTrainer._scores`): ``[N_REWARD_SUMS]`` float64 (Σ of
+    every score, their count, and for ``pairs`` (each item's [chosen, rejected]) Σ 1[r_c > r_r],
+    Σ (r_c − r_r) and the pairs; 0 otherwise) and ``[2]`` float64 ``[max score, −min score]``, so
+    that summing the first and taking the max of the second over micro-batches and ranks gives
+    the global values (:func:`reward_metrics`)."""
+    flat = torch.cat([s.detach().reshape(-1) for s in scores]).double()
+    out = flat.new_zeros(N_REWARD_SUMS)
+    out[0], out[1] = flat.sum(), flat.numel()
+    if pairs:
+        s = torch.stack([x.detach() for x in scores]).double()  # [B, 2]
+        out[2], out[3], out[4] = (s[:, 0] > s[:, 1]).double().sum(), (s[:, 0] - s[:, 1]).sum(), s.shape[0]
+    return out, torch.stack([flat.max(), -flat.min()])
+
+
+def reward_metrics(sums: torch.Tensor, extremes: torch.Tensor, pairs: bool) -> Dict[str, float]:
+    """TRL's RewardTrainer metrics from the global :func:`reward_sums`: ``min_reward``,
+    ``mean_reward``, ``max_reward`` over every scored sequence, and for pairs ``accuracy`` (the
+    fraction with r_chosen > r_rejected, a tie counting as a miss) and ``margin`` (the mean of
+    r_chosen − r_rejected). Empty when nothing was scored."""
+    t = sums.cpu().tolist()
+    if t[1] <= 0:
+        return {}
+    hi, neg_lo = extremes.cpu().tolist()
+    m = {"min_reward": -neg_lo, "mean_reward": t[0] / t[1], "max_reward": hi}
+    if pairs and t[4] > 0:
+        m.update(accuracy=t[2] / t[4], margin=t[3] / t[4])
+    return m
 
 
 def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:

@@ -71,7 +71,7 @@ from rlhf_fast.algorithms.rewards import (
     trl_completions,
 )
 from rlhf_fast.trainers.common import autocast_context
-from rlhf_fast.trainers.rl_config import RLConfig
+from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
 
 
 @dataclass
@@ -467,6 +467,9 @@ class RLTrainer:
     every rollout from the records, so a checkpoint needs no environment state.
     """
 
+    # the subclass that trains ``estimator: distill`` (rlhf_fast.trainers.distill.DistillationTrainer)
+    _distills = False
+
     def __init__(
         self,
         config: RLConfig,
@@ -489,6 +492,10 @@ class RLTrainer:
 
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+        if (config.estimator == DISTILL) != self._distills:
+            raise ValueError(f"estimator {config.estimator!r}: distillation trains with "
+                             "rlhf_fast.trainers.distill.DistillationTrainer (rlhf-fast distill), the RL estimators "
+                             f"with RLTrainer; got {type(self).__name__}")
         config.ppo.check_estimator(config.estimator, config.kl)
         if (policy is None) != (tokenizer is None):
             raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")
@@ -530,7 +537,8 @@ class RLTrainer:
         # loss or reward): DAPO-style runs save a model's memory and a forward per step.
         kl = cfg.kl
         kl_free = kl.coef == 0 and kl.controller == "fixed" and not kl.ref_sync_steps
-        if reference is None and not (kl_free and not cfg.model.reference):
+        # (distillation: no KL term at all, whatever kl.coef says; its config refuses the rest)
+        if reference is None and cfg.estimator != DISTILL and not (kl_free and not cfg.model.reference):
             from rlhf_fast.models import loading
 
             if cfg.model.reference:
@@ -715,6 +723,8 @@ class RLTrainer:
         for src in reward_sources(self._env_probes):  # environments that own a reward (get_reward), weight 1
             sources.append(src)
             weights.append(1.0)
+        if not sources and self.config.estimator == DISTILL:
+            return None  # distillation needs no reward: with sources they are only logged
         if not sources:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
                              "or reward.reward_model in the config (or an environment with get_reward)")
@@ -846,8 +856,7 @@ class RLTrainer:
                                         min_p=ro.min_p, max_new_tokens=ro.max_new_tokens, n=G,
                                         stop_strings=tuple(ro.stop_strings), **ro.penalties(), sample_seeds=seeds)
                 batch, extra, (calls, failures, rows) = self._run_engine(idx, params, "eval")
-                out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
-                res = _eval_sums(out, self._batch_masks(batch)[2], G)
+                res = self._eval_batch_sums(batch, idx, extra, G)
                 if self.tools:
                     res.update({"tools/call_frequency": (float(calls), float(rows)),
                                 "tools/failure_frequency": (float(failures), float(calls))})
@@ -867,6 +876,13 @@ class RLTrainer:
                for k, v in zip(keys, vec)}
         res.update({f"eval/{k}": v for k, v in self._reward_fn_metrics().items()})
         return res
+
+    def _eval_batch_sums(self, batch, idx: List[int], extra, group_size: int) -> Dict[str, tuple]:
+        """``{name: (sum, count)}`` of one evaluation batch answering the evaluation prompts
+        ``idx`` (:func:`_eval_sums` of its rewards); :meth:`evaluate` sums them over calls and
+        ranks into the means ``eval/NAME``."""
+        out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
+        return _eval_sums(out, self._batch_masks(batch)[2], group_size)
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation
@@ -1934,7 +1950,7 @@ class RLTrainer:
                     history.append(m)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(reward=f"{m['reward/total']:.3f}", kl=f"{m.get('kl/seq', float('nan')):.3f}")
+                        bar.set_postfix(**self._progress_postfix(m))
                     # a stop signal ends the run at this step with a checkpoint
                     signum = stop.requested(self.ctx) if self.global_step < end else 0
                     if (cfg.save_every and self.global_step % cfg.save_every == 0) or signum:
@@ -1954,6 +1970,10 @@ class RLTrainer:
                 self._logger.close()
             self._logger = None
         return history
+
+    def _progress_postfix(self, m: Dict[str, float]) -> Dict[str, str]:
+        """What the progress bar shows of a step's metrics ``m``."""
+        return {"reward": f"{m['reward/total']:.3f}", "kl": f"{m.get('kl/seq', float('nan')):.3f}"}
 
     def save_final(self) -> str:
         """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``."""

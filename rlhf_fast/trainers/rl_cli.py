@@ -1,4 +1,4 @@
-"""``rlhf-fast ppo|grpo|rloo CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
+"""``rlhf-fast ppo|grpo|rloo|distill CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
 
 The command picks the estimator family: ``ppo`` → gae (or reinforce++ when the config says
 so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo; a config file's estimator of another
@@ -7,7 +7,9 @@ run being resumed is an error. Overrides use dotted keys of
 :class:`~rlhf_fast.trainers.rl_config.RLConfig` (``--rollout.group_size 8``). With only
 ``--resume RUN_DIR`` the run's own config.yaml is used; CONFIG ``none`` means the defaults. The policy is a local path or a
 ``tiny:FAMILY`` spec (``--model.policy``); rewards come from ``--reward.functions
-module:function`` and/or ``--reward.reward_model PATH``.
+module:function`` and/or ``--reward.reward_model PATH``. ``distill`` (estimator distill) trains
+the policy towards ``--distill.teacher PATH``
+(:class:`~rlhf_fast.trainers.distill.DistillationTrainer`); it needs no reward.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 
-FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",))}
+FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
+            "distill": ("distill", ("distill",))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rlhf_fast.trainers.config import config_keys_help
     from rlhf_fast.trainers.rl_config import RLConfig
 
-    parser.usage = "rlhf-fast {ppo,grpo,rloo} CONFIG.yaml [--key value ...] [--resume RUN_DIR] [--print-config]"
+    parser.usage = "rlhf-fast {ppo,grpo,rloo,distill} CONFIG.yaml [--key value ...] [--resume RUN_DIR] [--print-config]"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     command = parser.prog.split()[-1]  # "rlhf-fast ppo": the estimator defaults to the family's
     parser.epilog = config_keys_help(RLConfig, {"estimator": FAMILIES[command][0]} if command in FAMILIES else None)
@@ -150,6 +153,15 @@ def run(args) -> int:
     from rlhf_fast.trainers.common import quiet_hf_progress
 
     quiet_hf_progress()
+    if cfg.estimator == "distill":
+        from rlhf_fast.trainers.distill import DistillationTrainer
+
+        trainer = DistillationTrainer(cfg)
+        hist = trainer.train()
+        last = hist[-1] if hist else {}
+        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
+              f"loss {last.get('loss', float('nan')):.4f} entropy {last.get('entropy', float('nan')):.4f}")
+        return 0
     trainer = RLTrainer(cfg)
     hist = trainer.train()
     last = hist[-1] if hist else {}

@@ -31,6 +31,9 @@ SCHEDULES = LR_SCHEDULES  # ours (constant, linear, cosine) and transformers' La
 # TRL's vllm_importance_sampling_mode values: truncate (clamp at ppo.is_cap) or mask (weight 0
 # above it) the ratio of each token, or of each row's summed log-ratio
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# on-policy distillation (rlhf_fast.trainers.distill): the estimator of a run with no advantages
+DISTILL = "distill"
+RL_ESTIMATORS = ESTIMATORS + (DISTILL,)
 # adaptive entropy control (Skywork-OR1; TRL's defaults)
 ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA, ENTROPY_TARGET = 0.0, 1.0, 0.005, 0.2
 
@@ -1000,10 +1003,75 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """On-policy distillation (``estimator: distill``; TRL's ``DistillationTrainer``,
+    ``rlhf-fast distill``, :class:`rlhf_fast.trainers.distill.DistillationTrainer`): the policy
+    (the student) answers the prompts and is trained to match the teacher's next-token
+    distribution at every token of its answers. These keys apply to that estimator only.
+
+    ``teacher``: a local model folder, or ``tiny:FAMILY`` (a random tiny model on the student's
+    tokenizer, ``tiny_hidden_size`` wide, ``model.tiny_num_layers`` deep, seeded with
+    ``tiny_seed``: for tests); null when the Python API passes ``teacher_model=``. The teacher must have the student's vocabulary. ``beta``
+    (TRL's, default 1.0) picks the divergence: 0 forward KL(teacher ‖ student), 1 reverse
+    KL(student ‖ teacher), in between the generalised Jensen–Shannon divergence. Both
+    distributions are at ``rollout.temperature`` (TRL's ``temperature``, which also samples).
+    ``chunk_size``: rows of logits the fused divergence op holds at once (None: its default).
+
+    The loss is the divergence summed over the answers' tokens (tool results excluded) divided
+    by the tokens of the whole mini-batch on every rank, as TRL's ``num_items_in_batch``. There
+    is no reward (reward sources, when given, are evaluated and logged only), no reference model
+    and no KL term, no critic and no advantages: ``kl.*`` (but ``kl.coef: 0``),
+    ``model.reference``, ``model.critic`` and the policy-loss keys of ``ppo`` are refused away
+    from their defaults (``ppo.epochs``, ``mini_batch_size``, ``micro_batch_size``
+    and ``max_grad_norm`` apply; TRL's one optimizer step per generation is ``ppo.epochs`` 1
+    and ``ppo.mini_batch_size`` = the rollout batch). ``rollout.group_size`` may be 1 (TRL
+    answers each prompt once)."""
+
+    teacher: Optional[str] = None
+    beta: float = 1.0
+    chunk_size: Optional[int] = None
+    tiny_hidden_size: int = 64
+    tiny_seed: int = 1
+
+    def __post_init__(self):
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            raise ValueError(f"distill.teacher must be a model folder or 'tiny:FAMILY', got {self.teacher!r}")
+        if self.teacher is not None and self.teacher.startswith("tiny:"):
+            from rlhf_fast.models.tiny import FAMILIES
+
+            if (self.teacher.split(":", 1)[1] or "llama") not in FAMILIES:
+                raise ValueError(f"distill.teacher 'tiny:FAMILY' needs a family in {FAMILIES}, got {self.teacher!r}")
+        b = self.beta
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0:  # (nan fails too)
+            raise ValueError(f"distill.beta must be a number in [0, 1] (0 forward KL, 1 reverse KL), got {b!r}")
+        if self.chunk_size is not None:
+            _pos("distill.chunk_size", self.chunk_size, integer=True)
+        _pos("distill.tiny_hidden_size", self.tiny_hidden_size, integer=True)
+        check_seed("distill.tiny_seed", self.tiny_seed)
+
+
+# the ppo keys that the distillation update uses; every other one belongs to the policy loss
+DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+
+
+def _changed(section, prefix: str, keep=()) -> List[str]:
+    """The dotted keys of dataclass ``section`` set away from their defaults (``keep`` aside)."""
+    out = []
+    for name, f in section.__dataclass_fields__.items():
+        if name in keep:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if getattr(section, name) != default:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+@dataclass
 class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
-    reinforce++. ``steps`` rollout+update steps; a run folder ``output_dir`` gets config.yaml,
-    metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
+    reinforce++ | distill (on-policy distillation towards ``distill.teacher``, no reward:
+    :class:`DistillConfig`). ``steps`` rollout+update steps; a run folder ``output_dir`` gets
+    config.yaml, metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
     0 = only at the end). ``resume``: a run folder to continue exactly.
     ``num_train_epochs`` (TRL's; null by default): when set, ``steps`` becomes
     ceil(epochs × training prompts / ``rollout.prompts_per_step``), the steps in which the
@@ -1064,9 +1132,11 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
-        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("estimator", self.estimator, RL_ESTIMATORS)
+        self._check_distill()
         self.ppo.check_estimator(self.estimator, self.kl)
         _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
@@ -1121,6 +1191,31 @@ class RLConfig:
             # likewise: the sampler's log-probs are those of the penalised distribution
             raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
                              f"set); use ppo.old_logp 'recompute'")
+
+    def _check_distill(self):
+        """``distill.*`` only with estimator distill; with it, refuse the keys of the RL
+        objective, which distillation has not (the group-estimator keys refuse themselves)."""
+        if not isinstance(self.distill, DistillConfig):
+            raise ValueError(f"distill must be a mapping of DistillConfig keys, got {self.distill!r}")
+        if self.estimator != DISTILL:
+            keys = _changed(self.distill, "distill.")
+            if keys:
+                raise ValueError(f"{', '.join(keys)} apply to estimator {DISTILL!r} (rlhf-fast distill), got estimator "
+                                 f"{self.estimator!r}")
+            return
+        # kl.coef 0 asks for no KL, which is what distillation has; any other kl key needs a reference
+        kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
+        if kl or self.model.reference:
+            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: distillation "
+                             f"has no reference model and no KL term (the divergence to distill.teacher is the "
+                             f"whole loss, as TRL's DistillationTrainer); remove these keys")
+        rest = _changed(self.ppo, "ppo.", keep=DISTILL_PPO_KEYS)
+        if self.model.critic is not None:
+            rest.append("model.critic")
+        if rest:
+            raise ValueError(f"{', '.join(rest)}: no effect in distillation (no policy-gradient loss, advantages or "
+                             f"critic; of ppo only {', '.join('ppo.' + k for k in DISTILL_PPO_KEYS)} apply); "
+                             f"remove these keys")
 
     @property
     def batch_size(self) -> int:

@@ -383,7 +383,7 @@ def completion_nll_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = 
 
 
 def sft_loss_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False,
-                 loss_type: str = "nll") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 loss_type: str = "nll", return_entropy: bool = False):
     """(loss sum [0-dim float32, differentiable], NLL sum [0-dim float32, detached], trained-token
     count [0-dim int64]) over the tokens marked by ``batch["response_mask"]`` (and attended, not
     position 0), through the fused :func:`sequence_logprobs`, which gives logp [B, T] float32.
@@ -391,18 +391,42 @@ def sft_loss_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False,
     ``loss_type`` "nll": the loss is Σ −logp (then the two sums are equal); "dft" (Dynamic
     Fine-Tuning, TRL's ``loss_type="dft"``): Σ −logp · sg(exp(logp)), each token's NLL weighted
     by its probability, the weight detached so the gradient is p·∇(−logp). The caller divides
-    by the global count."""
+    by the global count. ``return_entropy``: a fourth value, the sum over the same tokens of the
+    entropy of the distribution that predicted each [0-dim float32, detached] (TRL's
+    ``entropy`` metric is that sum over the count), from the same fused pass."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                             response_mask=batch["response_mask"], packed=packed)  # [B, T]
+    out = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                            response_mask=batch["response_mask"], packed=packed,
+                            return_entropy=return_entropy)  # [B, T] (each)
+    logp, ent = out if return_entropy else (out, None)
     mask = batch["response_mask"].bool() & batch["attention_mask"].bool()
     mask[:, 0] = False  # position 0 has no prediction
     nll = -(logp * mask)  # [B, T], 0 off the mask
     loss = (nll * logp.detach().exp()).sum() if loss_type == "dft" else nll.sum()
+    if return_entropy:
+        return loss, nll.detach().sum(), mask.sum(), (ent.detach() * mask).sum()
     return loss, nll.detach().sum(), mask.sum()
+
+
+def input_tokens(rows: Sequence[Dict[str, List[int]]], idx: Sequence[int]) -> int:
+    """The tokens of the rows ``idx`` of ``rows`` (each ``{"input_ids": [...]}``), padding not
+    counted: what TRL's trainers add to ``num_tokens`` (the batch's ``attention_mask.sum()``,
+    gathered over ranks) for a global batch ``idx``. Every rank knows the global batch, so the
+    count needs no collective."""
+    return sum(len(rows[i]["input_ids"]) for i in idx)
+
+
+def count_tokens(trainer, step_tokens: int) -> Dict[str, int]:
+    """Add the global input tokens of the step just trained to ``trainer.num_tokens`` (kept in
+    checkpoints: a resumed run continues the count) and record them as ``trainer.step_tokens``,
+    which :func:`training_loop` divides by the step's seconds (``train_tokens_per_second``).
+    Returns ``{"num_tokens": the cumulative count}``, TRL's metric."""
+    trainer.step_tokens = int(step_tokens)
+    trainer.num_tokens = int(getattr(trainer, "num_tokens", 0)) + trainer.step_tokens
+    return {"num_tokens": trainer.num_tokens}
 
 
 class _Batches:
@@ -551,7 +575,8 @@ def optimizer_step(trainer) -> float:
 def save_supervised(trainer, part: str) -> None:
     """The checkpoint of an SFT / reward / DPO trainer at ``trainer.step`` (its model under the
     name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
-    extra = {"step": trainer.step, "data": trainer.batches.state()}
+    extra = {"step": trainer.step, "data": trainer.batches.state(),
+             "num_tokens": int(getattr(trainer, "num_tokens", 0))}
     directory = checkpoint_dir(trainer.run.path, trainer.step)
     if trainer.cfg.distributed.strategy == "none":
         save_checkpoint(directory, models={part: trainer.model}, optimizers={"optimizer": trainer.optimizer},
@@ -580,6 +605,8 @@ def resume_supervised(trainer, part: str) -> None:
     with restoring_extra(ck):
         trainer.batches.load(extra["data"])
     trainer.step = step
+    # (a checkpoint from before num_tokens was logged restarts the count at 0)
+    trainer.num_tokens = int(extra.get("num_tokens", 0))
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
         trainer.run.write_config(trainer.cfg)
@@ -606,7 +633,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
                     m.update(trainer.evaluate())
                 if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
-                    log.log(trainer.step, {**m, "time/step": step_s})  # that step's seconds, as RL logs
+                    # that step's seconds, as RL logs, and its throughput (timings: not returned either)
+                    log.log(trainer.step, {**m, "time/step": step_s, **step_throughput(trainer, step_s)})
                 # a stop signal ends the run at this step with a checkpoint (the last step goes on
                 # to its final save anyway)
                 signum = 0 if final else stop.requested(trainer.ctx)
@@ -622,6 +650,17 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
                          cfg.distributed.strategy)
     return last
+
+
+def step_throughput(trainer, step_s: float) -> Dict[str, float]:
+    """``{"train_tokens_per_second": the global input tokens of the step just trained
+    (``trainer.step_tokens``, :func:`count_tokens`) / its wall-clock seconds ``step_s``}``; empty
+    for a trainer that does not count its tokens. transformers names its throughput so
+    (``speed_metrics``), there averaged over the whole session, evaluations and saves included."""
+    n = getattr(trainer, "step_tokens", None)
+    if n is None or step_s <= 0:
+        return {}
+    return {"train_tokens_per_second": n / step_s}
 
 
 def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: str) -> None:
@@ -714,6 +753,7 @@ class SFTTrainer:
         self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = supervised_scheduler(self.optimizer, cfg)
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
 
     def _batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
         b = collate([rows[i] for i in idx], self.pad_id)
@@ -732,24 +772,26 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """``{"eval_loss", "eval_ppl", "eval_tokens"}`` over the eval records (empty dict without).
-        eval_loss is the token-mean NLL whatever ``loss_type`` (so eval_ppl is a perplexity)."""
+        """``{"eval_loss", "eval_ppl", "eval_tokens", "eval_entropy"}`` over the eval records (empty
+        dict without). eval_loss is the token-mean NLL whatever ``loss_type`` (so eval_ppl is a
+        perplexity); eval_entropy the token mean of the predicting distributions' entropy."""
         if not self.eval_rows:
             return {}
         was = self.model.training
         self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # (nll sum, tokens)
+        tot = torch.zeros(3, dtype=torch.float64, device=self.device)  # (nll sum, tokens, entropy sum)
         for i in range(0, len(self.eval_rows), self.cfg.batch_size):
             idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
             batch = self._local_batch(idx, self.eval_rows)
             with autocast_context(self.device, self.cfg.bf16):
-                s, c = completion_nll_sum(self.model, batch, packed=self._packed["eval"])
-            tot += torch.stack([s.double(), c.double()])
+                s, _, c, ent = sft_loss_sum(self.model, batch, packed=self._packed["eval"], return_entropy=True)
+            tot += torch.stack([s.double(), c.double(), ent.double()])
         tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
-        tot, n = float(tot[0]), int(tot[1])
+        tot, n, ent = float(tot[0]), int(tot[1]), float(tot[2])
         self.model.train(was)
         loss = tot / max(n, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n,
+                "eval_entropy": ent / max(n, 1)}
 
     def _save(self) -> None:
         save_supervised(self, "policy")
@@ -762,30 +804,34 @@ class SFTTrainer:
         cfg = self.cfg
         self.model.train()
         ctx = self.ctx
-        micro = [self._local_batch(self.batches.next(), self.train_rows) for _ in range(cfg.grad_accum)]
+        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        micro = [self._local_batch(idx, self.train_rows) for idx in idxs]
         # normalise by the completion tokens of the whole global step (all micro-batches, all
         # ranks), so neither the micro-batch split nor the number of ranks changes the loss
         n_local = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum())
                       for b in micro)
         n_tok = torch.tensor(n_local, dtype=torch.float64, device=self.device)
         n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, nll sum)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss sum, nll sum, entropy sum)
         for i, b in enumerate(micro):
             # DDP: all-reduce the gradients once, after the last micro-batch
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
             with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 with autocast_context(self.device, cfg.bf16):
-                    s, nll, _ = sft_loss_sum(self.model, b, packed=self._packed["train"],
-                                             loss_type=cfg.loss_type)
+                    s, nll, _, ent = sft_loss_sum(self.model, b, packed=self._packed["train"],
+                                                  loss_type=cfg.loss_type, return_entropy=True)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (s / n_tok * ctx.grad_scale).backward()
-            total += torch.stack([s.detach().double(), nll.double()])
+            total += torch.stack([s.detach().double(), nll.double(), ent.double()])
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
              "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
         if cfg.loss_type != "nll":
             m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types
+        # TRL's entropy: the token mean over the trained tokens (here of the whole step, every rank)
+        m["entropy"] = float(total[2]) / n_tok
+        m.update(count_tokens(self, sum(input_tokens(self.train_rows, idx) for idx in idxs)))
         return ctx.mean_metrics(m)
 
     def train(self) -> Dict[str, float]:
@@ -806,5 +852,6 @@ def run(args) -> int:
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "LOSS_TYPES", "synthetic_sft_records", "tokenize_sft", "record_text", "collate",
-           "completion_nll_sum", "sft_loss_sum", "sft_rows", "PACKING_STRATEGIES", "split_records",
+           "completion_nll_sum", "sft_loss_sum", "sft_rows", "input_tokens", "count_tokens", "step_throughput",
+           "PACKING_STRATEGIES", "split_records",
            "add_arguments", "run"]

@@ -1,0 +1,377 @@
+"""On-policy distillation: TRL 1.16's ``DistillationTrainer`` on the RL trainer's machinery.
+
+Python API::
+
+    from rlhf_fast.trainers.distill import DistillationTrainer
+    from rlhf_fast.trainers.rl_config import DistillConfig, RLConfig
+    cfg = RLConfig(estimator="distill", distill=DistillConfig(teacher="path/to/teacher", beta=1.0))
+    DistillationTrainer(cfg).train()            # or DistillationTrainer(cfg, teacher_model=model)
+
+One step: the student (the policy) answers ``rollout.prompts_per_step`` prompts
+``rollout.group_size`` times with the RL trainer's rollout engine (chat templates, tools,
+environments, stop strings, seeds) → reward sources, when any, are scored and logged only →
+``ppo.epochs`` passes over mini-batches of ``ppo.mini_batch_size`` rows, micro-batches of
+``ppo.micro_batch_size``: the student's and the teacher's (no grad) last hidden states at the
+positions that predict the answer tokens, and their LM heads, go to
+:func:`rlhf_fast.ops.fused_linear_divergence` (never holding the ``[N, V]`` logits), summed
+and divided by the answer tokens of the whole mini-batch on every rank (TRL's
+``num_items_in_batch``: micro-batching never changes the gradient). Tool results are context,
+out of the loss. Evaluation, checkpoints and exact resume, ``num_train_epochs``, LoRA, DDP /
+FSDP2 are the RL trainer's; the teacher is never checkpointed (a resume rebuilds it from
+``distill.teacher``).
+
+Vocabulary: the divergence compares the two heads row by row, so they must have the same
+number of rows. Real checkpoints pad their heads past the tokenizer to different multiples
+(Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
+differ but both cover the tokenizer, only the tokenizer's rows are compared (the padding rows
+map to no token; the student's mass on its own padding rows is left out of its
+distribution). Heads that do not cover the tokenizer are refused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _micro_batches
+from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
+
+# update statistics under TRL DistillationTrainer's metric names (ours where TRL has none)
+_RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergence": "distill/divergence",
+            "policy/grad_norm": "grad_norm"}
+
+
+def divergence_op():
+    """:func:`rlhf_fast.ops.fused_linear_divergence` where the package has it, else its
+    PyTorch reference (the same signature and numbers)."""
+    fn = getattr(ops, "fused_linear_divergence", None)
+    return fn if fn is not None else ops.reference.fused_linear_divergence
+
+
+def _head(model, key: str):
+    from rlhf_fast.models.logprobs import lm_head_params
+
+    try:
+        return lm_head_params(model)
+    except ValueError as e:  # softcapped / scaled heads: the op takes a plain linear head
+        raise ValueError(f"{key}: {e}; distillation needs plain linear LM heads") from None
+
+
+def _heads(model, key: str, dtype: torch.dtype, rows: Optional[int]):
+    """``(weight [V, H], bias [V] or None)`` of ``model``'s head, each one plain tensor in
+    ``dtype`` (its backbone's output dtype: the op takes one dtype per model; a no-op unless
+    autocast or a mixed-precision wrapper hands back another), its first ``rows`` rows when
+    given (differentiable: views and casts)."""
+    w, b = (None if t is None else _full(t).to(dtype) for t in _head(model, key))
+    if rows is not None:
+        w, b = w[:rows], (b[:rows] if b is not None else None)
+    return w, b
+
+
+def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A head tensor as one plain tensor: FSDP2 may leave a head sharded (a DTensor) after the
+    backbone's forward — the teacher's always, under no_grad. ``full_tensor`` gathers it once
+    per call (differentiably: the student's gradient goes back to its shards), as TRL does."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed: nothing is sharded
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      loss_mask: torch.Tensor, *, beta: float = 1.0, temperature: float = 1.0, normalizer=None,
+                      vocab_rows: Optional[int] = None, chunk_size: Optional[int] = None):
+    """The distillation loss of ``student`` towards ``teacher`` on a batch of answers.
+
+    input_ids ``[B, T]`` int64; attention_mask, loss_mask ``[B, T]`` bool (loss_mask: the answer
+    tokens that count — the completion mask times the tool mask —, aligned to ``input_ids``:
+    token t is predicted by the hidden state at t − 1). Both models run their backbones on the
+    same inputs (:func:`rlhf_fast.models.logprobs.hidden_states`: Llama-family models through
+    llama_forward; the teacher under no_grad), only at the predicting positions; their heads
+    (the first ``vocab_rows`` rows when given) and hidden states go to
+    :func:`rlhf_fast.ops.fused_linear_divergence` with ``beta`` and ``temperature``. Returns
+    ``(loss, stats)``: loss 0-dim float32 = the divergence summed over the tokens divided by
+    ``normalizer`` (None: the batch's own token count, at least 1), differentiable in the
+    student only; stats ``divergence_sum``, ``entropy_sum`` (the student's entropy at
+    ``temperature``) and ``tokens`` as floats."""
+    from rlhf_fast.models.logprobs import _target_mask, hidden_states
+
+    target = _target_mask(attention_mask, loss_mask)
+    tr, tc = target.nonzero(as_tuple=True)
+    n = tr.numel()
+    if n == 0:
+        # no answer token (a blank micro-batch): a zero loss that still reaches every student
+        # weight, so DDP / FSDP2 reduce the same gradients on every rank, and the teacher's
+        # forward and head as on the other ranks (FSDP2 gathers their shards in step)
+        h = hidden_states(student, input_ids, attention_mask)
+        with torch.no_grad():
+            ht = hidden_states(teacher, input_ids, attention_mask)
+        ws, bs = _heads(student, "the student's LM head", h.dtype, vocab_rows)
+        _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
+        loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
+        return loss.float(), {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
+    lo, hi = torch.stack(torch.aminmax(tc)).tolist()
+    where = dict(columns=(lo - 1, hi), select=(tr, tc - lo))
+    hs = hidden_states(student, input_ids, attention_mask, **where)  # [N, H]
+    with torch.no_grad():
+        ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
+    # the heads after the forwards, as FSDP2 leaves them (the root's gathered for its head)
+    ws, bs = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
+    wt, bt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
+    div, ent = divergence_op()(hs, ws, ht, wt, beta=beta, temperature=temperature, student_bias=bs,
+                               teacher_bias=bt, reduction="sum", return_entropy=True, chunk_size=chunk_size)
+    norm = max(n, 1) if normalizer is None else normalizer
+    stats = {"divergence_sum": float(div.detach()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
+    return div / norm, stats
+
+
+class DistillationTrainer(RLTrainer):
+    """On-policy distillation of the policy (the student) towards a teacher (TRL's
+    ``DistillationTrainer``): :class:`~rlhf_fast.trainers.rl.RLTrainer` with ``estimator:
+    distill``, whose ``config.distill`` (:class:`~rlhf_fast.trainers.rl_config.DistillConfig`)
+    holds the teacher and ``beta``.
+
+    config / policy / tokenizer / prompts / eval_prompts / tools / environment_factory /
+    engine: as :class:`~rlhf_fast.trainers.rl.RLTrainer`. teacher_model: a causal LM (any width,
+    the student's vocabulary) in place of ``distill.teacher``. reward_fns / reward_models /
+    judge (optional): scored on every rollout and evaluation and logged (``reward/*``), never
+    trained on. ``reference`` and ``critic`` are refused: distillation has neither.
+
+    Logs per step, besides the RL trainer's rollout timings, tool and ``reward/*`` metrics:
+    ``loss`` (the mean over the optimizer steps of the mini-batch loss, the per-token
+    divergence), ``entropy`` (the student's per-token entropy at the loss), ``distill/divergence``
+    (the per-token divergence over every update token), ``grad_norm``, ``step_time`` (the
+    update's seconds), TRL's ``completions/mean_length`` / ``min_length`` / ``max_length`` /
+    ``clipped_ratio`` / ``mean_terminated_length`` / ``min_terminated_length`` /
+    ``max_terminated_length`` (tokens after the prompt, tool results included, over every rank's
+    answers) and ``response_length/mean`` / ``max`` (the student's own tokens); evaluation adds
+    ``eval/loss``, ``eval/entropy`` and ``eval/distill/divergence`` (per token, the answers
+    sampled at ``eval.temperature``, the divergence at ``rollout.temperature``)."""
+
+    _distills = True
+
+    def __init__(self, config: RLConfig, policy=None, tokenizer=None, *, teacher_model=None, **kwargs):
+        if not isinstance(config, RLConfig):
+            raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+        if config.estimator != DISTILL:  # (as GRPOTrainer fixes estimator grpo)
+            config = replace(config, estimator=DISTILL)
+        for key in ("reference", "critic"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key}=...: distillation has no {key} model (the teacher is teacher_model=)")
+        d = config.distill
+        if teacher_model is not None and d.teacher is not None:
+            raise ValueError(f"teacher_model=... and distill.teacher ({d.teacher!r}) are both set; give one")
+        if teacher_model is None and d.teacher is None:
+            raise ValueError("distill.teacher: no teacher; set distill.teacher to a local model folder (or "
+                             "'tiny:FAMILY'), or pass teacher_model=...")
+        if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
+            raise TypeError(f"teacher_model must be a causal LM (torch.nn.Module), got {type(teacher_model).__name__}")
+        if d.teacher is not None and not d.teacher.startswith("tiny:"):
+            from rlhf_fast.models.loading import check_model_folder
+
+            check_model_folder(d.teacher, "distill.teacher")  # before the student is loaded
+        super().__init__(config, policy, tokenizer, **kwargs)
+        self.teacher = self._load_teacher(teacher_model)
+        self._vocab_rows = self._check_vocabulary()
+        self.teacher_sharded = False
+        if self.ctx.distributed and self.config.distributed.strategy == "fsdp2":
+            # sharded like the policy: each rank keeps 1/N of the teacher between its forwards,
+            # which line up on every rank (the same micro-batch count)
+            from rlhf_fast.distributed import wrap_model
+
+            dc = self.config.distributed
+            self.teacher = wrap_model(self.teacher, "fsdp2", self.ctx, mixed_precision=dc.mixed_precision,
+                                      reshard_after_forward=dc.reshard_after_forward)
+            self.teacher_sharded = True
+
+    # ------------------------------------------------------------------ the teacher
+
+    def _load_teacher(self, model):
+        d = self.config.distill
+        if model is None and d.teacher.startswith("tiny:"):
+            model = self._tiny_teacher()
+        elif model is None:
+            from rlhf_fast.models.loading import load_policy
+
+            self._check_teacher_tokenizer(d.teacher)
+            model = load_policy(d.teacher)
+        model = model.to(self.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def _tiny_teacher(self):
+        from rlhf_fast.models.tiny import tiny_causal_lm
+
+        d, m, tok = self.config.distill, self.config.model, self.tokenizer
+        if d.tiny_hidden_size % m.tiny_num_heads:
+            raise ValueError(f"distill.tiny_hidden_size ({d.tiny_hidden_size}) must be divisible by "
+                             f"model.tiny_num_heads ({m.tiny_num_heads})")
+        return tiny_causal_lm(len(tok), family=d.teacher.split(":", 1)[1] or "llama", hidden_size=d.tiny_hidden_size,
+                              num_layers=m.tiny_num_layers, num_heads=m.tiny_num_heads, seed=d.tiny_seed,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id)
+
+    def _check_teacher_tokenizer(self, path: str) -> None:
+        """A teacher folder with a tokenizer must tokenize as the student: the divergence
+        compares the two distributions id by id."""
+        import os
+
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            return
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(path).get_vocab()
+        ours = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else theirs
+        if theirs != ours:
+            diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:3]
+            raise ValueError(f"distill.teacher {path!r}: its tokenizer differs from the student's ({len(theirs)} vs "
+                             f"{len(ours)} tokens; e.g. {diff}); distillation needs one vocabulary")
+
+    def _check_vocabulary(self) -> Optional[int]:
+        """None when both heads have the same rows; the tokenizer's size when they differ but
+        both cover it (padded heads: see the module docstring); else ValueError."""
+        vs = _head(self.policy, "the student's LM head")[0].shape[0]
+        vt = _head(self.teacher, "the teacher's LM head (distill.teacher)")[0].shape[0]
+        if vs == vt:
+            return None
+        n = len(self.tokenizer)
+        if min(vs, vt) >= n:
+            return n
+        raise ValueError(f"distill.teacher: the teacher's vocabulary ({vt} LM-head rows) differs from the student's "
+                         f"({vs}) and does not cover the tokenizer's {n} tokens; distillation needs the student's "
+                         f"vocabulary")
+
+    # ------------------------------------------------------------------ the loss
+
+    def distill_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                     normalizer=None):
+        """:func:`distillation_loss` of the policy towards the teacher with the run's beta,
+        temperature (``rollout.temperature``), vocabulary rows and chunk size."""
+        from rlhf_fast.distributed import reshard
+
+        d = self.config.distill
+        with self._autocast():
+            out = distillation_loss(self.policy, self.teacher, input_ids, attention_mask, loss_mask, beta=d.beta,
+                                    temperature=self.config.rollout.temperature, normalizer=normalizer,
+                                    vocab_rows=self._vocab_rows, chunk_size=d.chunk_size)
+        if self.teacher_sharded:  # free the root's gathered copy (kept after its forward for the head)
+            reshard(self.teacher)
+        return out
+
+    def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
+                        n_micro: Optional[int] = None) -> Dict[str, float]:
+        """Accumulate the gradient of the mini-batch ``data`` over micro-batches of
+        ``micro_batch_size`` rows (``n_micro``: as :meth:`RLTrainer.policy_backward`): each
+        micro-batch's divergence sum divided by the answer tokens of the whole mini-batch on
+        every rank. Returns ``loss`` (summed over micro-batches: the mini-batch's per-token
+        divergence) and this rank's per-token ``divergence`` and ``entropy``."""
+        mb = micro_batch_size or self.config.ppo.micro_batch_size
+        norm = self._global_normalizer(data.response_mask, "token-mean")
+        acc = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0}
+        ntok = max(float(data.response_mask.sum()), 1.0)
+        for d, real, more in _micro_batches(data, mb, n_micro):
+            with self._no_sync(self.policy, more):
+                loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm)
+                # DDP averages gradients over ranks; grad_scale turns that into the global sum
+                (loss * self.ctx.grad_scale).backward()
+            acc["loss"] += float(loss.detach())
+            acc["divergence"] += st["divergence_sum"] / ntok
+            acc["entropy"] += st["entropy_sum"] / ntok
+        return acc
+
+    def update(self, data: RolloutTensors) -> Dict[str, float]:
+        """:meth:`RLTrainer.update` (epochs, mini-batches, clipping, schedule) with the
+        distillation loss; the statistics under TRL's names."""
+        t0 = time.perf_counter()
+        out = super().update(data)
+        out = {_RENAMED.get(k, k): v for k, v in out.items()}
+        out["step_time"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ the rollout
+
+    def rollout(self) -> tuple:
+        """Generate (and score, when the run has reward sources). Returns ``(RolloutTensors,
+        metrics)``; the log-prob, value and advantage fields are zeros (nothing reads them)."""
+        ro = self.config.rollout
+        m: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        self._tool_counts = [0, 0, 0]
+        batch, fields, extra = self._generate(0)
+        m["time/generate"] = time.perf_counter() - t0
+        ids, am, rm = self._batch_masks(batch)
+        B = ids.shape[0]
+        scores, rewards, columns = torch.zeros(B, device=self.device), [None] * B, [{} for _ in range(B)]
+        if self.reward is not None:
+            out = self._score(batch, fields, extra)
+            total = out.total.float()
+            for name, v in out.per_source.items():
+                fin = torch.isfinite(v)
+                m[f"reward/{name}"] = float(v[fin].mean()) if fin.any() else float("nan")
+            ok = out.valid.bool() & torch.isfinite(total)
+            m["reward/total"] = float(total[ok].mean()) if ok.any() else float("nan")
+            scores = torch.where(ok, total, torch.zeros_like(total)).to(self.device)
+            rewards = [float(x) if k else None for x, k in zip(total.tolist(), ok.tolist())]
+            columns = [{k: v[i] for k, v in out.columns.items()} for i in range(B)]
+        m.update(self._reward_fn_metrics())
+        if self.tools:
+            m.update(self._tool_metrics())
+        truncated = self._truncated_rows(batch).to(self.device)  # [B] bool: cut at max_new_tokens
+        m.update(self._completion_metrics(am[:, batch.prompt_length:].sum(1), truncated))
+        n_own = rm.sum(1).float()  # [B] the student's own tokens (tool results out)
+        m.update({"response_length/mean": float(n_own.mean()), "response_length/max": float(n_own.max()),
+                  "rollout/truncated_frac": float(truncated.float().mean()),
+                  "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0)})
+        # TRL's DistillationTrainer has no mask_truncated_completions; ours drops them from the loss
+        loss_rm = rm & ~truncated[:, None] if ro.mask_truncated else rm
+        zeros = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
+        data = RolloutTensors(ids, am, loss_rm, zeros, None, zeros, zeros, zeros, zeros, scores)
+        self._last_texts = list(zip(batch.prompt_texts, batch.response_texts, rewards))
+        self._last_columns = columns
+        return data, m
+
+    def _completion_metrics(self, lengths: torch.Tensor, truncated: torch.Tensor) -> Dict[str, float]:
+        """TRL DistillationTrainer's ``completions/*`` over every rank's answers: ``lengths``
+        ``[B]`` (tokens after the prompt, tool results included, TRL's completion_ids) and
+        ``truncated`` ``[B]`` bool (cut at the budget; TRL: no eos or pad at the end)."""
+        lengths, truncated = lengths.cpu().float(), truncated.cpu()
+        if self.ctx.distributed:
+            parts = self.ctx.all_gather_objects((lengths, truncated))
+            lengths, truncated = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        term = lengths[~truncated]
+        if term.numel() == 0:  # TRL's edge case: no answer ended
+            term = torch.zeros(1)
+        return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                "completions/max_length": float(lengths.max()),
+                "completions/clipped_ratio": float(truncated.float().mean()),
+                "completions/mean_terminated_length": float(term.mean()),
+                "completions/min_terminated_length": float(term.min()),
+                "completions/max_terminated_length": float(term.max())}
+
+    # ------------------------------------------------------------------ evaluation and progress
+
+    def _eval_batch_sums(self, batch, idx: List[int], extra, group_size: int) -> Dict[str, tuple]:
+        """The rewards' sums (when the run has sources) and the divergence to the teacher:
+        ``loss`` / ``distill/divergence`` and ``entropy`` per answer token."""
+        ids, am, rm = self._batch_masks(batch)
+        if self.reward is not None:
+            res = super()._eval_batch_sums(batch, idx, extra, group_size)
+        else:
+            res = {"response_length": (float(rm.sum()), float(rm.shape[0]))}
+        _, st = self.distill_loss(ids, am, rm)
+        n = st["tokens"]
+        res.update({"loss": (st["divergence_sum"], n), "distill/divergence": (st["divergence_sum"], n),
+                    "entropy": (st["entropy_sum"], n)})
+        return res
+
+    def _progress_postfix(self, m: Dict[str, float]) -> Dict[str, str]:
+        return {"loss": f"{m.get('loss', float('nan')):.4f}", "entropy": f"{m.get('entropy', float('nan')):.3f}"}
+
+
+__all__ = ["DistillationTrainer", "distillation_loss", "divergence_op"]

@@ -20,6 +20,19 @@ out of the loss. Evaluation, checkpoints and exact resume, ``num_train_epochs``,
 FSDP2 are the RL trainer's; the teacher is never checkpointed (a resume rebuilds it from
 ``distill.teacher``).
 
+GKD (TRL's experimental ``GKDTrainer``): with ``distill.lmbda`` < 1 a step is on-policy with
+probability lmbda (:func:`gkd_on_policy`, TRL's ``random.random() <= lmbda`` with a draw seeded by
+the run's seed and the step); the other steps train on the data's completions (each training
+record's ``completion``, tokenized after the prompt as the rollout engine encodes it:
+:meth:`DistillationTrainer.completion_ids`) or, with ``distill.seq_kd``, on answers the teacher
+samples through a rollout engine of its own. The loss is the same on every kind of step. GKD's
+``generalized_jsd_loss`` has our ``beta`` (0 forward KL(teacher ‖ student), 1 reverse) and our
+reduction (its ``batchmean`` with labels is the sum over the completion tokens / their count, per
+token); it differs in the temperature: GKD's ``compute_loss`` leaves the logits at temperature 1
+whatever its sampling ``temperature``, ours divides both by ``rollout.temperature`` (TRL's
+DistillationTrainer) — equal at temperature 1. ``num_tokens`` (TRL's metric): the prompt and
+answer tokens of every step so far on every rank (tool results out), checkpointed.
+
 Vocabulary: the divergence compares the two heads row by row, so they must have the same
 number of rows. Real checkpoints pad their heads past the tokenizer to different multiples
 (Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
@@ -30,15 +43,21 @@ distribution). Heads that do not cover the tokenizer are refused.
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _micro_batches
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _chat_or_text, _micro_batches
 from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
+
+# the field of a training record that holds its completion (SFT's prompt-completion format)
+COMPLETION_KEY = "completion"
 
 # update statistics under TRL DistillationTrainer's metric names (ours where TRL has none)
 _RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergence": "distill/divergence",
@@ -50,6 +69,48 @@ def divergence_op():
     PyTorch reference (the same signature and numbers)."""
     fn = getattr(ops, "fused_linear_divergence", None)
     return fn if fn is not None else ops.reference.fused_linear_divergence
+
+
+def gkd_uniform(seed: int, step: int) -> float:
+    """The uniform number in [0, 1) that picks the kind of step ``step`` (GKD's
+    ``random.random()``): a function of the run's ``seed`` and the step alone — the same on
+    every rank, and after a resume — from a generator of its own (Python's, as TRL's), so no
+    other random stream moves."""
+    return random.Random(f"rlhf_fast.distill.lmbda:{seed}:{step}").random()
+
+
+def gkd_on_policy(seed: int, step: int, lmbda: float) -> bool:
+    """Whether step ``step`` trains on the student's own answers: TRL GKDTrainer.training_step's
+    ``random.random() <= self.lmbda`` with :func:`gkd_uniform`. ``lmbda`` 1 draws nothing (every
+    step is on-policy, as that rule gives)."""
+    return lmbda >= 1.0 or gkd_uniform(seed, step) <= lmbda
+
+
+def completion_batch(rows: Sequence[Tuple[List[int], List[int], bool]], group_size: int, pad_id: int, tokenizer,
+                     prompt_texts: Sequence[str]):
+    """A :class:`~rlhf_fast.rollout.types.RolloutBatch` of given answers laid out as the rollout
+    engine lays out its own: ``rows`` ``(prompt ids, completion ids, cut)`` (int lists; ``cut``:
+    the completion was cut at the token budget, finish reason "length"), ``group_size``
+    consecutive rows per prompt; prompts left-padded to the longest (width P), completions
+    right-padded with ``pad_id``. input_ids ``[B, P + R]`` int64, attention / response masks
+    ``[B, P + R]`` int64, behaviour_logp zeros (nothing was sampled)."""
+    from rlhf_fast.rollout.types import RolloutBatch
+
+    B, P, R = len(rows), max(len(p) for p, _, _ in rows), max(len(c) for _, c, _ in rows)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    am = torch.zeros((B, P + R), dtype=torch.long)
+    rm = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, c, _) in enumerate(rows):
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+        am[i, P - len(p):P + len(c)] = 1
+        rm[i, P:P + len(c)] = 1
+    return RolloutBatch(input_ids=ids, attention_mask=am, response_mask=rm, behaviour_logp=torch.zeros(B, P + R),
+                        prompt_texts=list(prompt_texts),
+                        response_texts=tokenizer.batch_decode([c for _, c, _ in rows], skip_special_tokens=True),
+                        group_index=torch.arange(B // group_size).repeat_interleave(group_size),
+                        num_generated_tokens=0, tokens_per_second=0.0, prompt_length=P,
+                        finish_reasons=["length" if cut else "stop" for _, _, cut in rows])
 
 
 def _head(model, key: str):
@@ -149,7 +210,10 @@ class DistillationTrainer(RLTrainer):
     update's seconds), TRL's ``completions/mean_length`` / ``min_length`` / ``max_length`` /
     ``clipped_ratio`` / ``mean_terminated_length`` / ``min_terminated_length`` /
     ``max_terminated_length`` (tokens after the prompt, tool results included, over every rank's
-    answers) and ``response_length/mean`` / ``max`` (the student's own tokens); evaluation adds
+    answers), ``response_length/mean`` / ``max`` (the student's own tokens), TRL's ``num_tokens``
+    (prompt + answer tokens of every step so far, every rank; checkpointed) and, with
+    ``distill.lmbda`` < 1, ``distill/on_policy`` (1 for a step on the student's answers, 0 for one
+    on the data's completions or the teacher's answers); evaluation adds
     ``eval/loss``, ``eval/entropy`` and ``eval/distill/divergence`` (per token, the answers
     sampled at ``eval.temperature``, the divergence at ``rollout.temperature``)."""
 
@@ -188,6 +252,9 @@ class DistillationTrainer(RLTrainer):
             self.teacher = wrap_model(self.teacher, "fsdp2", self.ctx, mixed_precision=dc.mixed_precision,
                                       reshard_after_forward=dc.reshard_after_forward)
             self.teacher_sharded = True
+        self.num_tokens = 0  # TRL's num_tokens: prompt + answer tokens of every step so far (checkpointed)
+        self._teacher_engine = None  # distill.seq_kd: built at its first step
+        self._completions = self._data_completions()
 
     # ------------------------------------------------------------------ the teacher
 
@@ -220,8 +287,6 @@ class DistillationTrainer(RLTrainer):
     def _check_teacher_tokenizer(self, path: str) -> None:
         """A teacher folder with a tokenizer must tokenize as the student: the divergence
         compares the two distributions id by id."""
-        import os
-
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             return
         from transformers import AutoTokenizer
@@ -246,6 +311,104 @@ class DistillationTrainer(RLTrainer):
         raise ValueError(f"distill.teacher: the teacher's vocabulary ({vt} LM-head rows) differs from the student's "
                          f"({vs}) and does not cover the tokenizer's {n} tokens; distillation needs the student's "
                          f"vocabulary")
+
+    def _teacher_generate(self):
+        """:meth:`_generate` with the teacher answering (distill.seq_kd): a rollout engine of its own
+        on the teacher, the rollout's sampling settings, seeds and tools."""
+        if self._teacher_engine is None:
+            from rlhf_fast.rollout import HFRolloutEngine
+
+            self._teacher_engine = HFRolloutEngine(self.teacher, self.tokenizer, device=self.device,
+                                                   cuda_graphs=self.config.rollout.cuda_graphs)
+        engine, self.engine = self.engine, self._teacher_engine
+        try:
+            return self._generate(0)
+        finally:
+            self.engine = engine
+
+    # ------------------------------------------------------------------ the data's completions
+
+    def _data_completions(self) -> Optional[List[tuple]]:
+        """``(prompt ids, completion ids, cut)`` of every training record
+        (:meth:`completion_ids`) when off-policy steps train on the data's completions
+        (``distill.lmbda`` < 1 without ``seq_kd``); else None."""
+        d = self.config.distill
+        if d.lmbda >= 1.0 or d.seq_kd:
+            return None
+        if self.tools or self._env_factories:
+            raise ValueError(f"distill.lmbda ({d.lmbda}) < 1 trains the off-policy steps on the data's completions, "
+                             "which hold no tool calls; tools / environments need distill.lmbda 1 or distill.seq_kd")
+        return [self.completion_ids(i) for i in range(len(self.prompts))]
+
+    def completion_ids(self, i: int) -> Tuple[List[int], List[int], bool]:
+        """``(prompt ids, completion ids, cut)`` of training record ``i``: the prompt as the rollout
+        engine encodes it (the rendered prompt through the tokenizer, its special tokens
+        included), then its ``completion`` field — text: its tokens without special tokens and one
+        eos unless it already ends with one (SFT's rule); a list of assistant messages after a chat
+        prompt: the tokens the chat template writes for them after the rendered prompt (content and
+        end of turn, no eos added). Cut to its first ``rollout.max_new_tokens`` tokens (``cut``
+        True then), as the student's answers are. ValueError naming the record when the field is
+        missing or malformed."""
+        tok, d = self.tokenizer, self.config.distill
+        prompt, fields = self._records["train"][i]
+        text = self.prompts[i]
+        c = fields.get(COMPLETION_KEY)
+        where = f"distill.lmbda ({d.lmbda}) < 1: training prompt {i}"
+        if c is None:
+            raise ValueError(f"{where} has no {COMPLETION_KEY!r} field; off-policy steps train on the data's "
+                             f"completions: give data.prompts_file records {{prompt, completion}} (SFT's "
+                             f"prompt-completion format), or set distill.seq_kd true (the teacher answers), or "
+                             f"distill.lmbda 1")
+        if isinstance(c, str):
+            ids = list(tok(c, add_special_tokens=False)["input_ids"])
+            eos = tok.eos_token_id
+            if eos is not None and not (ids and ids[-1] == eos):
+                ids.append(eos)
+        elif isinstance(c, list) and c and _chat_or_text(c) and isinstance(prompt, list):
+            kw = dict(self.config.data.chat_template_kwargs)
+            tools = self._tools_of(self._env_names["train"][i])
+            full = tok.apply_chat_template(list(prompt) + list(c), tokenize=False, add_generation_prompt=False,
+                                           **({"tools": list(tools)} if tools else {}), **kw)
+            if not full.startswith(text):
+                raise ValueError(f"{where}: the chat template renders the prompt + completion without the prompt's "
+                                 f"own rendering at its start ({text[-40:]!r} vs {full[:len(text)][-40:]!r}); "
+                                 f"give the completion as text")
+            ids = list(tok(full[len(text):], add_special_tokens=False)["input_ids"])
+        else:
+            raise ValueError(f"{where}: {COMPLETION_KEY!r} must be text, or a non-empty list of {{role, content}} "
+                             f"messages after a chat prompt, got {type(c).__name__}"
+                             + (" after a text prompt" if isinstance(c, list) else ""))
+        if not ids:
+            raise ValueError(f"{where}: its {COMPLETION_KEY!r} has no tokens")
+        budget = self.config.rollout.max_new_tokens
+        return list(tok(text)["input_ids"]), ids[:budget], len(ids) > budget
+
+    def _data_batch(self):
+        """:meth:`_generate`'s ``(batch, fields, extra)`` with the data's completions for answers:
+        this rank's share of the next prompts, each completion ``rollout.group_size`` times."""
+        g = self.config.rollout.group_size
+        which = self._next_prompts()
+        if self.ctx.distributed:
+            from rlhf_fast.trainers.sft import local_span
+
+            lo, hi = local_span(len(which), self.ctx)
+            which = which[lo:hi]
+        rows = [i for i in which for _ in range(g)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch = completion_batch([self._completions[i] for i in rows], g, pad, self.tokenizer,
+                                 [self.prompts[i] for i in rows])
+        extra = None
+        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`, as _run_engine gives them
+            extra = {"_trl_prompts": [self._records["train"][i][0] for i in rows]}
+        return batch, [self.prompt_fields[i] for i in which], extra
+
+    def _step_batch(self):
+        """The step's answers: ``(batch, fields, extra, on-policy)`` — the student's
+        (:func:`gkd_on_policy`), else the teacher's (distill.seq_kd) or the data's."""
+        d = self.config.distill
+        if gkd_on_policy(self.config.seed, self.global_step, d.lmbda):
+            return (*self._generate(0), True)
+        return (*(self._teacher_generate() if d.seq_kd else self._data_batch()), False)
 
     # ------------------------------------------------------------------ the loss
 
@@ -303,9 +466,12 @@ class DistillationTrainer(RLTrainer):
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
         self._tool_counts = [0, 0, 0]
-        batch, fields, extra = self._generate(0)
+        batch, fields, extra, on_policy = self._step_batch()
         m["time/generate"] = time.perf_counter() - t0
+        if self.config.distill.lmbda < 1.0:
+            m["distill/on_policy"] = float(on_policy)
         ids, am, rm = self._batch_masks(batch)
+        m["num_tokens"] = self._count_tokens(am[:, :batch.prompt_length], rm)
         B = ids.shape[0]
         scores, rewards, columns = torch.zeros(B, device=self.device), [None] * B, [{} for _ in range(B)]
         if self.reward is not None:
@@ -335,6 +501,29 @@ class DistillationTrainer(RLTrainer):
         self._last_texts = list(zip(batch.prompt_texts, batch.response_texts, rewards))
         self._last_columns = columns
         return data, m
+
+    def _count_tokens(self, prompt_mask: torch.Tensor, answer_mask: torch.Tensor) -> int:
+        """Add the step's prompt tokens (``prompt_mask`` ``[B, P]``, each answer's prompt counted
+        once per answer) and answer tokens (``answer_mask`` ``[B, T]``, tool results out) over
+        every rank to ``num_tokens``, TRL's ``num_input_tokens_seen``; returns the new total."""
+        n = int(prompt_mask.sum()) + int(answer_mask.sum())
+        self.num_tokens += sum(c[0] for c in self.ctx.all_gather_ints([n]))
+        return self.num_tokens
+
+    def state_dict_extra(self) -> dict:
+        """The RL trainer's state and ``num_tokens``."""
+        return {**super().state_dict_extra(), "num_tokens": self.num_tokens}
+
+    def load(self, run_dir: str) -> int:
+        """:meth:`RLTrainer.load`, and ``num_tokens`` from the checkpoint (0 for one written
+        before it was kept)."""
+        from rlhf_fast.trainers.checkpoint import latest_checkpoint, restoring_extra
+
+        step = super().load(run_dir)
+        ck = latest_checkpoint(run_dir)
+        with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
+            self.num_tokens = int(json.load(f).get("num_tokens", 0))
+        return step
 
     def _completion_metrics(self, lengths: torch.Tensor, truncated: torch.Tensor) -> Dict[str, float]:
         """TRL DistillationTrainer's ``completions/*`` over every rank's answers: ``lengths``
@@ -374,4 +563,5 @@ class DistillationTrainer(RLTrainer):
         return {"loss": f"{m.get('loss', float('nan')):.4f}", "entropy": f"{m.get('entropy', float('nan')):.3f}"}
 
 
-__all__ = ["DistillationTrainer", "distillation_loss", "divergence_op"]
+__all__ = ["COMPLETION_KEY", "DistillationTrainer", "completion_batch", "distillation_loss", "divergence_op",
+           "gkd_on_policy", "gkd_uniform"]

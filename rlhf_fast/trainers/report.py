@@ -55,8 +55,8 @@ KEY_SETTINGS.update({
     "grpo": _RL_COMMON + ("scale_rewards", "ppo.importance_sampling_level", "ppo.policy_loss"),
     "rloo": _RL_COMMON,
     "distill": ("estimator", "steps", "num_train_epochs", "model.lora", "distill.teacher", "distill.beta",
-                "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
-                "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
+                "distill.lmbda", "distill.seq_kd", "rollout.prompts_per_step", "rollout.group_size",
+                "rollout.max_new_tokens", "rollout.temperature", "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
 })
 
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
@@ -76,7 +76,8 @@ KEY_METRICS.update(dict.fromkeys(("ppo", "grpo", "rloo"), (
     "policy/clip_frac", "policy/approx_kl", "policy/grad_norm", "value/loss", "value/explained_variance",
     "value/clip_frac", "response_length/mean", "rollout/truncated_frac", "tokens_per_second", "time/step", "lr")))
 KEY_METRICS["distill"] = ("loss", "distill/divergence", "entropy", "eval/*", "grad_norm", "completions/mean_length",
-                          "completions/clipped_ratio", "reward/*", "tokens_per_second", "time/step", "lr")
+                          "completions/clipped_ratio", "distill/on_policy", "num_tokens", "reward/*", "tokens_per_second",
+                          "time/step", "lr")
 
 NUMBER_FORMAT = ".6g"  # every metric value on the page (six significant digits)
 MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counted

@@ -1025,10 +1025,27 @@ class DistillConfig:
     from their defaults (``ppo.epochs``, ``mini_batch_size``, ``micro_batch_size``
     and ``max_grad_norm`` apply; TRL's one optimizer step per generation is ``ppo.epochs`` 1
     and ``ppo.mini_batch_size`` = the rollout batch). ``rollout.group_size`` may be 1 (TRL
-    answers each prompt once)."""
+    answers each prompt once).
+
+    GKD's mixing (TRL's experimental ``GKDTrainer``, Agarwal et al. 2024): ``lmbda`` (default
+    1.0: every step on-policy, as ``DistillationTrainer``; TRL GKDConfig's default is 0.5) is
+    the probability that a step trains on the student's own answers; otherwise it trains on the
+    data's completions (the training records' ``completion`` field: text, or the assistant
+    messages after a chat prompt — SFT's prompt–completion format — each repeated
+    ``rollout.group_size`` times), or with ``seq_kd`` on answers the teacher samples with the
+    rollout's settings (sequence-level KD). Step s is on-policy when u ≤ ``lmbda`` (TRL's
+    ``random.random() <= lmbda``), u a uniform number drawn from the run's ``seed`` and s
+    alone: the same on every rank and after a resume. ``seq_kd`` with ``lmbda`` 1 is refused
+    (never used), as are the data's completions with tools or environments (they hold no tool
+    calls) and, by the trainer, ``lmbda`` < 1 without ``seq_kd`` on records that lack a
+    ``completion``. GKD's loss is this one (its ``beta`` is ours, its per-token mean ours) but
+    at temperature 1 whatever its sampling temperature; ours divides both models' logits by
+    ``rollout.temperature`` (TRL's DistillationTrainer): the same at temperature 1."""
 
     teacher: Optional[str] = None
     beta: float = 1.0
+    lmbda: float = 1.0
+    seq_kd: bool = False
     chunk_size: Optional[int] = None
     tiny_hidden_size: int = 64
     tiny_seed: int = 1
@@ -1044,6 +1061,16 @@ class DistillConfig:
         b = self.beta
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0:  # (nan fails too)
             raise ValueError(f"distill.beta must be a number in [0, 1] (0 forward KL, 1 reverse KL), got {b!r}")
+        lm = self.lmbda
+        if isinstance(lm, bool) or not isinstance(lm, (int, float)) or not 0.0 <= lm <= 1.0:
+            raise ValueError(f"distill.lmbda must be a number in [0, 1] (the probability of an on-policy step), "
+                             f"got {lm!r}")
+        if not isinstance(self.seq_kd, bool):
+            raise ValueError(f"distill.seq_kd must be true or false, got {self.seq_kd!r}")
+        if self.seq_kd and lm == 1.0:
+            raise ValueError("distill.seq_kd: the teacher answers only the off-policy steps, and distill.lmbda 1 "
+                             "makes every step on-policy; set distill.lmbda below 1 (TRL GKD's default 0.5), or "
+                             "remove distill.seq_kd")
         if self.chunk_size is not None:
             _pos("distill.chunk_size", self.chunk_size, integer=True)
         _pos("distill.tiny_hidden_size", self.tiny_hidden_size, integer=True)
@@ -1209,6 +1236,11 @@ class RLConfig:
             raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: distillation "
                              f"has no reference model and no KL term (the divergence to distill.teacher is the "
                              f"whole loss, as TRL's DistillationTrainer); remove these keys")
+        d, ro = self.distill, self.rollout
+        if d.lmbda < 1.0 and not d.seq_kd and (ro.tools or ro.environment_factory):
+            what = "rollout.tools" if ro.tools else "rollout.environment_factory"
+            raise ValueError(f"distill.lmbda ({d.lmbda}) < 1 trains the off-policy steps on the data's completions, "
+                             f"which hold no tool calls; {what} needs distill.lmbda 1 or distill.seq_kd true")
         rest = _changed(self.ppo, "ppo.", keep=DISTILL_PPO_KEYS)
         if self.model.critic is not None:
             rest.append("model.critic")

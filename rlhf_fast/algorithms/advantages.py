@@ -17,6 +17,12 @@ its group's std, by the std of the whole global batch — PPO Lite — or by not
 normalised within their group, summed with the weights, the sum normalised over the batch).
 Batch statistics are taken over every rank's rows (``group``), so they do not depend on the
 rank count.
+
+Unscored answers (TRL's ``None`` from every reward function, ``reward.calling_convention:
+trl``): a NaN score. The group estimators leave it out of every statistic, as TRL's
+``nanmean`` / ``nanstd`` / leave-one-out over the scorable siblings, and give it advantage 0
+(so does an answer whose group statistic is undefined: the only scored one of its group);
+GAE and REINFORCE++ refuse NaN scores. Scores without NaN take the plain path unchanged.
 """
 
 from __future__ import annotations
@@ -107,11 +113,15 @@ def global_mean_std(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, torch.Te
     ``x`` on every rank of the process group ``group`` (None: this process's alone).
 
     Two passes in float64 (sum and count, then the squared deviations), each one all-reduce,
-    so the result is the one process's up to float64 rounding whatever the rank count.
-    Returns two 0-dim tensors in ``x``'s dtype (float32 for half inputs)."""
+    so the result is the one process's up to float64 rounding whatever the rank count. NaN
+    entries (unscored answers) are left out, as TRL's ``nanmean`` / ``nanstd``; none at all:
+    mean 0. Returns two 0-dim tensors in ``x``'s dtype (float32 for half inputs)."""
     from rlhf_fast.ops.reference import out_dtype
 
     xd = x.detach().double().reshape(-1)
+    nan = torch.isnan(xd)
+    if nan.any():
+        xd = xd[~nan]
     s = torch.stack([xd.sum(), torch.tensor(float(xd.numel()), dtype=torch.float64, device=xd.device)])
     if group is not None:
         torch.distributed.all_reduce(s, group=group)
@@ -149,9 +159,50 @@ def normalize_answer_advantages(advantages: torch.Tensor, *, eps: float = ANSWER
     return (a - mean) / (std + eps)
 
 
+def nanstd(x: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> torch.Tensor:
+    """The unbiased std of ``x``'s non-NaN entries along ``dim`` (None: all), NaN where fewer
+    than two: TRL's ``trl.trainer.utils.nanstd`` (the same float operations). Same dtype as
+    ``x``."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    n = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
+    var = var * torch.where(n > 1, n / (n - 1), torch.full_like(var, float("nan")))
+    std = torch.sqrt(var)
+    if keepdim:
+        return std
+    return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def _unscored_group_advantages(s: torch.Tensor, group_size: int, kind: str, eps: float,
+                               scale_rewards: Optional[str], group) -> torch.Tensor:
+    """:func:`_group_row_advantages` of scores ``[B]`` float32 with NaN (unscored answers):
+    TRL 1.16's NaN-skipping statistics (grpo_trainer.py and rloo_trainer.py,
+    ``_generate_and_score_completions``). NaN where TRL's ``nan_to_num`` gives 0: the unscored
+    answers, and the scored ones whose group statistic is undefined (the only scored answer
+    of its group, under grpo's group std and rloo's baseline)."""
+    g = s.view(-1, group_size)
+    if kind == "rloo":
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
+        # the baseline averages the scorable siblings: (sum − own) / (scorable − 1); 0/0 alone
+        n = (~torch.isnan(g)).sum(dim=1, keepdim=True)
+        return (g - (torch.nansum(g, dim=1, keepdim=True) - g) / (n - 1)).view(-1)
+    centred = g - torch.nanmean(g, dim=1, keepdim=True)
+    scale = scale_rewards or ("group" if kind == "grpo" else "none")
+    if scale == "none":
+        return centred.view(-1)
+    if scale == "batch":
+        _, std = global_mean_std(s, group)
+        return centred.view(-1) / (std + eps)
+    return (centred / (nanstd(g, dim=1, keepdim=True) + eps)).view(-1)
+
+
 def _group_row_advantages(s: torch.Tensor, group_size: int, kind: str, eps: float, scale_rewards: Optional[str],
                           group) -> torch.Tensor:
-    """:func:`group_estimator_advantages`' one advantage per answer ``[B]`` (scores float32)."""
+    """:func:`group_estimator_advantages`' one advantage per answer ``[B]`` (scores float32;
+    NaN rows: :func:`_unscored_group_advantages`)."""
+    if torch.isnan(s).any():
+        return _unscored_group_advantages(s, group_size, kind, eps, scale_rewards, group)
     if scale_rewards == "batch":
         centred = ops.group_advantages(s, group_size, kind="dr_grpo", eps=eps)
         _, std = global_mean_std(s, group)
@@ -174,8 +225,9 @@ def group_estimator_advantages(
     score of the batch on every rank of ``group`` + eps (PPO Lite), ``none`` by nothing (= kind
     dr_grpo). ``normalize_answers``: the answers' advantages then go through
     :func:`normalize_answer_advantages` over every rank of ``group`` (TRL RLOO's
-    ``normalize_advantages``). Returns ``(advantages, returns)`` ``[B, T]`` float32; returns =
-    scores broadcast (for logging).
+    ``normalize_advantages``). A NaN score is an unscored answer: out of every statistic,
+    advantage 0 (module docstring). Returns ``(advantages, returns)`` ``[B, T]`` float32;
+    returns = scores broadcast (for logging; 0 for an unscored answer).
     """
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
@@ -185,6 +237,10 @@ def group_estimator_advantages(
     if normalize_answers:
         a = normalize_answer_advantages(a, group=group)
     m = mask.to(torch.float32)
+    if torch.isnan(s).any():
+        # TRL: "Unscorable completions carry no learning signal: zero their advantage"; NaN·0
+        # would stay NaN in the padding, so the rows are zeroed before the broadcast
+        a, s = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(s, nan=0.0)
     return a[:, None] * m, s[:, None] * m
 
 
@@ -198,7 +254,13 @@ def normalize_then_sum_advantages(
     normalised within each group, (r − group mean) / (group std + eps) with the unbiased std
     (0 for groups of one); the weighted sum R over sources is then normalised over the whole
     batch on every rank of ``group``: (R − mean) / (std + eps), unbiased std. Returns ``[B]``
-    float32 (TRL's eps is 1e-4; ours 1e-6, as GRPO's)."""
+    float32 (TRL's eps is 1e-4; ours 1e-6, as GRPO's).
+
+    NaN entries (a reward function's None, ``reward.calling_convention: trl``) are left out of
+    their source's group statistics and of the sum, as TRL's ``nanmean`` / ``nanstd`` /
+    ``nansum``; a source's score in a group where it scored fewer than two answers drops out
+    of the sum (TRL's NaN std). An answer no source scored is NaN, and out of the batch
+    statistics; the caller zeroes it (:func:`compute_advantages`)."""
     _check_tensor("rewards_per_func", rewards_per_func)
     if rewards_per_func.dim() != 2:
         raise ValueError(f"rewards_per_func must be a [B, K] tensor, got shape {tuple(rewards_per_func.shape)}")
@@ -207,9 +269,18 @@ def normalize_then_sum_advantages(
     if B % group_size:
         raise ValueError(f"group_size={group_size} must divide the number of rows B={B}")
     r = rewards_per_func.float().view(-1, group_size, K)
-    mean_k = r.mean(dim=1, keepdim=True)
-    std_k = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
-    total = (((r - mean_k) / (std_k + eps)).view(B, K) * weights.to(r.device, torch.float32)).sum(dim=1)
+    w = weights.to(r.device, torch.float32)
+    unscored = torch.isnan(rewards_per_func).all(dim=1)  # [B]
+    if torch.isnan(r).any():
+        # TRL 1.16 grpo_trainer.py _generate_and_score_completions, normalize_then_sum branch
+        mean_k = torch.nanmean(r, dim=1, keepdim=True)
+        std_k = nanstd(r, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
+        total = (((r - mean_k) / (std_k + eps)).view(B, K) * w).nansum(dim=1)
+        total = total.masked_fill(unscored, float("nan"))
+    else:
+        mean_k = r.mean(dim=1, keepdim=True)
+        std_k = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
+        total = (((r - mean_k) / (std_k + eps)).view(B, K) * w).sum(dim=1)
     mean, std = global_mean_std(total, group)
     return (total - mean) / (std + eps)
 
@@ -266,6 +337,11 @@ def compute_advantages(
     the advantages are :func:`normalize_then_sum_advantages` of ``rewards_per_func`` ``[B, K]``
     and ``reward_weights`` ``[K]`` instead of the group statistics of ``scores`` (which are
     still the returns, for logging).
+
+    A NaN score (group estimators; with normalize_then_sum, a row of ``rewards_per_func`` that
+    is all NaN) is an answer no reward function scored (TRL's None): out of every statistic,
+    advantage and return 0, and out of ``whiten=True``'s statistics; GAE and REINFORCE++
+    refuse it.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -289,6 +365,11 @@ def compute_advantages(
         _check_tensor("kl", kl, mask.shape)
     if values is not None:
         _check_tensor("values", values, mask.shape)
+    scored = ~torch.isnan(scores)  # [B]
+    unscored = not bool(scored.all())
+    if unscored and estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"scores must be numbers for estimator {estimator!r}: a NaN score (an answer no reward "
+                         f"function scored) needs a group estimator ({', '.join(GROUP_ESTIMATORS)})")
     if estimator == "gae":
         if values is None:
             raise ValueError("values must be given (a [B, T] tensor from the critic) for estimator 'gae'")
@@ -311,8 +392,10 @@ def compute_advantages(
         a = normalize_then_sum_advantages(rewards_per_func, reward_weights, group_size, group=group)
         if per_answer:
             a = normalize_answer_advantages(a, group=group)
-        m = mask.to(torch.float32)
-        adv, ret = a[:, None] * m, scores.float()[:, None] * m
+        m, s = mask.to(torch.float32), scores.float()
+        if torch.isnan(a).any() or unscored:  # TRL: nan_to_num(advantages, nan=0.0)
+            a, s = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(s, nan=0.0)
+        adv, ret = a[:, None] * m, s[:, None] * m
     else:
         s = scores.float()
         if kl is not None and kl_coef != 0.0:
@@ -320,5 +403,6 @@ def compute_advantages(
         adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator, scale_rewards=scale_rewards,
                                               group=group, normalize_answers=per_answer)
     if whiten is True:
-        adv = ops.masked_whiten(adv, mask, group=group)
+        # unscored answers keep advantage 0, out of the statistics (masked_whiten gives 0 there)
+        adv = ops.masked_whiten(adv, mask.bool() & scored[:, None] if unscored else mask, group=group)
     return adv, ret

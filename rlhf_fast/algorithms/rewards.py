@@ -430,13 +430,22 @@ class RewardOutput:
     :class:`RewardModelEnsemble` gives (its members' scores ``rm{k}``, their spread ``rm_std``:
     logged as ``reward/NAME`` like the sources, never part of the total); valid ``[B]`` bool;
     dropped: per-source count of samples dropped; columns: what TRL-convention reward
-    functions logged with ``log_extra``, name → B values (columns of the samples table)."""
+    functions logged with ``log_extra``, name → B values (columns of the samples table);
+    unscored ``[B]`` bool or None (none): the answers no source scored under the TRL
+    convention (every one returned None), otherwise sound — ``valid`` False and ``total`` 0
+    for them, so that a reader of ``valid`` leaves them out of reward statistics (TRL's
+    nanmean), while the RL trainer keeps them with advantage 0, as TRL."""
 
     total: torch.Tensor
     per_source: Dict[str, torch.Tensor]
     valid: torch.Tensor
     dropped: Dict[str, int] = field(default_factory=dict)
     columns: Dict[str, list] = field(default_factory=dict)
+    unscored: Optional[torch.Tensor] = None
+
+    def unscored_rows(self) -> torch.Tensor:
+        """:attr:`unscored` as a ``[B]`` bool tensor (all False when None)."""
+        return self.unscored if self.unscored is not None else torch.zeros_like(self.valid, dtype=torch.bool)
 
     @staticmethod
     def concat(outs: Sequence["RewardOutput"], rows: Optional[torch.Tensor] = None) -> "RewardOutput":
@@ -449,10 +458,13 @@ class RewardOutput:
         for k in sorted({c for o in outs for c in o.columns}):  # None where a batch did not log it
             vals = [v for o in outs for v in o.columns.get(k, [None] * len(o.total))]
             columns[k] = vals if rows is None else [vals[i] for i in rows.tolist()]
+        unscored = None
+        if any(o.unscored is not None for o in outs):
+            unscored = cat(o.unscored_rows().to(o.valid.device) for o in outs)
         return RewardOutput(total=cat(o.total for o in outs), per_source=per_source,
                             valid=cat(o.valid for o in outs),
                             dropped={k: int((~torch.isfinite(v)).sum()) for k, v in per_source.items()},
-                            columns=columns)
+                            columns=columns, unscored=unscored)
 
 
 class CombinedReward:
@@ -463,9 +475,10 @@ class CombinedReward:
     ``convention="trl"`` combines as TRL's GRPO/RLOO trainers: a NaN reward (a function's None)
     means "this source does not apply to this completion", not a bad reward; the total is
     ``nansum_k(w_k · r_k)`` (TRL's ``(rewards_per_func * reward_weights).nansum(dim=1)``); a
-    completion that no source scored (all NaN) is invalid (TRL: reward NaN, outside the group
-    statistics, advantage 0), with a warning as TRL's. ±inf and exceptions still follow
-    ``on_bad_reward``. Plain callables are then wrapped with TRL's calling convention."""
+    completion that no source scored (all NaN) is ``unscored`` (not ``valid``, total 0; TRL:
+    reward NaN, outside the group statistics, advantage 0), with a warning as TRL's. ±inf and
+    exceptions still follow ``on_bad_reward``. Plain callables are then wrapped with TRL's
+    calling convention."""
 
     def __init__(self, sources, weights: Optional[Sequence[float]] = None, on_bad_reward: str = "raise",
                  convention: str = "ours"):
@@ -629,12 +642,14 @@ class CombinedReward:
             i = int(unscorable.nonzero()[0, 0])
             warnings.warn(f"All reward functions returned None for sample {i} (prompt "
                           f"{str(prompts[i])[:60]!r}, completion {str(completions[i])[:60]!r}); it is left "
-                          "unscored (invalid: the RL trainer drops it). Please ensure that at least one reward "
-                          "function returns a valid reward.", RuntimeWarning, stacklevel=3)
+                          "unscored (the RL trainer keeps it with advantage 0, as TRL). Please ensure that at "
+                          "least one reward function returns a valid reward.", RuntimeWarning, stacklevel=3)
         valid = ok & ~unscorable
         total = torch.where(valid, total, torch.zeros_like(total))
         columns = ctx.trl.log.pop_extra(B) if ctx.trl is not None else {}
-        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped, columns=columns)
+        # a row that also failed a source (on_bad_reward drop) is a bad reward, not unscored
+        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped, columns=columns,
+                            unscored=unscorable & ok)
 
 
 def clip_rewards(scores: torch.Tensor, clip_range: Optional[Sequence[float]]) -> torch.Tensor:

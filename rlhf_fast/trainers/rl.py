@@ -63,6 +63,7 @@ from rlhf_fast.algorithms import (
     make_kl_controller,
     shape_scores,
 )
+from rlhf_fast.algorithms.advantages import nanstd
 from rlhf_fast.algorithms.rewards import (
     RewardLog,
     RewardModelEnsemble,
@@ -83,7 +84,8 @@ class RolloutTensors:
     the response; ref_logp None when the run has no reference: no KL term anywhere); values,
     advantages, returns ``[B, L]`` float32 (values: V(s_t) of the state before response token
     t, see :func:`critic_values`; zero without a critic); scores ``[B]`` float32 (shaped
-    sequence rewards); entropy_mask ``[B, L]`` bool: the loss tokens
+    sequence rewards; NaN for an answer no reward function scored, ``reward.calling_convention:
+    trl``, whose advantages are 0); entropy_mask ``[B, L]`` bool: the loss tokens
     that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
     to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all);
     is_weight ``[B, L]`` float32: the rollout importance weights (``ppo.is_cap``) that the loss
@@ -245,10 +247,42 @@ def _check_syncable(policy, reference) -> None:
 
 
 def _informative_groups(out, group_size: int) -> torch.Tensor:
-    """``[groups]`` bool: groups whose answers all have valid rewards that are not all equal."""
+    """``[groups]`` bool: groups whose answers all have valid rewards that are not all equal.
+    Answers no source scored (TRL's convention: kept, advantage 0) are left out of the
+    comparison, so a group needs two scored answers that differ."""
     total = out.total.view(-1, group_size)
-    valid = out.valid.view(-1, group_size).all(dim=1)
-    return valid & (total.amax(dim=1) > total.amin(dim=1))
+    unscored = out.unscored_rows().view(-1, group_size)
+    valid = (out.valid.view(-1, group_size) | unscored).all(dim=1)
+    if not unscored.any():
+        return valid & (total.amax(dim=1) > total.amin(dim=1))
+    hi = total.masked_fill(unscored, float("-inf")).amax(dim=1)
+    lo = total.masked_fill(unscored, float("inf")).amin(dim=1)
+    return valid & (hi > lo)
+
+
+def _uniform_group_frac(out, group_size: int) -> float:
+    """The fraction of groups that teach nothing: their answers all scored alike, or one got a
+    bad reward (TRL's ``frac_reward_zero_std``). Under TRL's convention with unscored answers,
+    as TRL: a group with fewer than two scored answers has no std (NaN, not 0) and does not
+    count."""
+    unscored = out.unscored_rows().view(-1, group_size)
+    if not unscored.any():
+        return 1.0 - float(_informative_groups(out, group_size).float().mean())
+    lacks_std = (~unscored).sum(dim=1) < 2
+    bad = (~(out.valid.view(-1, group_size) | unscored)).any(dim=1)
+    return float(((~_informative_groups(out, group_size) & ~lacks_std) | bad).float().mean())
+
+
+def _nan_shape(raw: torch.Tensor, shape) -> torch.Tensor:
+    """``shape(raw)`` (scores ``[B]``) on the scored entries only; NaN (unscored) ones stay
+    NaN, and never reach a running statistic."""
+    scored = ~torch.isnan(raw)
+    if bool(scored.all()):
+        return shape(raw)
+    out = torch.full_like(raw, float("nan"))
+    if bool(scored.any()):
+        out[scored] = shape(raw[scored])
+    return out
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
@@ -922,7 +956,7 @@ class RLTrainer:
         if cfg.estimator in GROUP_ESTIMATORS:
             # groups whose answers all scored alike (or lost one to a bad reward) teach nothing:
             # TRL's frac_reward_zero_std
-            m["rollout/uniform_group_frac"] = 1.0 - float(_informative_groups(out, ro.group_size).float().mean())
+            m["rollout/uniform_group_frac"] = _uniform_group_frac(out, ro.group_size)
         t1 = time.perf_counter()
         ids, am, rm = self._batch_masks(batch)
         dev = self.device
@@ -950,13 +984,17 @@ class RLTrainer:
         for name, v in out.per_source.items():
             fin = torch.isfinite(v)
             m[f"reward/{name}"] = float(v[fin].mean()) if fin.any() else float("nan")
-        keep = out.valid.clone()
+        # answers no source scored (TRL's convention) stay, as TRL's: out of the group statistics,
+        # advantage 0, still in the loss's token count and KL; GAE / REINFORCE++ drop them
+        unscored = out.unscored_rows() if cfg.estimator in GROUP_ESTIMATORS else torch.zeros_like(out.valid)
+        keep = out.valid | unscored
+        bad = ~keep
         G = ro.group_size
         if cfg.estimator in GROUP_ESTIMATORS and not keep.all():
             # a group with a dropped answer cannot give group-relative advantages: drop it whole
             keep = keep.view(-1, G).all(dim=1).repeat_interleave(G)
         # (dropped, kept) of every rank: the step's totals, and every rank raises together
-        counts = self.ctx.all_gather_ints([int((~out.valid).sum()), int(keep.sum())])
+        counts = self.ctx.all_gather_ints([int(bad.sum()), int(keep.sum())])
         n_dropped = sum(c[0] for c in counts)
         self.dropped_total += n_dropped
         m["reward/dropped"] = n_dropped
@@ -971,8 +1009,11 @@ class RLTrainer:
         idx = keep.nonzero(as_tuple=True)[0].to(dev)
         truncated = self._truncated_rows(batch).to(dev)[idx]  # [b] bool: cut at max_new_tokens
         raw = out.total[keep.cpu()].to(dev)
-        scores = shape_scores(raw, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
-                              moments=self.reward_moments if cfg.reward.whiten else None)
+        unscored_kept = unscored[keep.cpu()].to(dev)
+        if unscored_kept.any():  # TRL: rewards[unscorable_mask] = torch.nan
+            raw = raw.masked_fill(unscored_kept, float("nan"))
+        scores = _nan_shape(raw, lambda r: shape_scores(r, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
+                                                        moments=self.reward_moments if cfg.reward.whiten else None))
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm = ids[idx], am[idx], rm[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
@@ -986,15 +1027,9 @@ class RLTrainer:
         group = (self.ctx.group or torch.distributed.group.WORLD) if self.ctx.distributed else None
         multi = {}
         if cfg.reward.multi_objective_aggregation == "normalize_then_sum":
-            # GDPO: every source's own (unweighted) scores, normalised per group before the sum
+            # GDPO: every source's own (unweighted) scores, normalised per group before the sum; a
+            # None (NaN, TRL's convention) is out of its source's statistics, as TRL's nanmean
             names = self.reward.names
-            if self.config.reward.calling_convention == "trl" and any(
-                    bool(torch.isnan(out.per_source[n][keep.cpu()]).any()) for n in names):
-                # TRL takes each source's group statistics over the completions it scored; ours has
-                # no NaN-skipping normalize_then_sum (yet): refuse rather than train on NaN
-                raise ValueError("reward.multi_objective_aggregation 'normalize_then_sum' with "
-                                 "reward.calling_convention 'trl': a reward function returned None for a "
-                                 "completion; return a number for every completion, or use sum_then_normalize")
             multi = dict(multi_objective_aggregation="normalize_then_sum",
                          rewards_per_func=torch.stack([out.per_source[n] for n in names], 1)[keep.cpu()].to(dev),
                          reward_weights=torch.tensor([w for _, w in self.reward.sources], dtype=torch.float32))
@@ -1034,6 +1069,11 @@ class RLTrainer:
             "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0),
             "time/generate": t_gen, "time/logprobs": t2 - t1,
         })
+        if unscored_kept.any():
+            # TRL's reward / reward_std: torch.nanmean and nanstd (NaN under two scored answers)
+            scored_rm = rm & ~unscored_kept[:, None]
+            m.update({"reward/total": float(torch.nanmean(raw)), "reward/shaped": float(torch.nanmean(scores)),
+                      "reward/std": float(nanstd(raw)), "returns/mean": float(ops.masked_mean(ret, scored_rm))})
         if self.critic is not None:
             var_r = torch.var(ret[rm]) if rm.sum() > 1 else torch.tensor(0.0)
             ev = 1.0 - torch.var((ret - values)[rm]) / var_r if var_r > 0 else torch.tensor(0.0)
@@ -1057,8 +1097,8 @@ class RLTrainer:
         if cfg.ppo.top_entropy_quantile < 1.0:
             ent_mask, m["rollout/entropy_threshold"] = self._high_entropy_mask(entropy, loss_rm)
         data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask, is_weight)
-        self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i], float(out.total[i]))
-                            for i in idx.tolist()]
+        self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i],
+                             None if unscored[i] else float(out.total[i])) for i in idx.tolist()]
         self._last_columns = [{k: v[i] for k, v in out.columns.items()} for i in idx.tolist()]
         return data, m
 
@@ -1297,7 +1337,8 @@ class RLTrainer:
         o = RewardOutput.concat(outs, rows)
         part = (ctx.rank, sent, RolloutBatch.concat(batches, pad, rows).to("cpu"),
                 RewardOutput(total=o.total.cpu(), per_source={n: v.cpu() for n, v in o.per_source.items()},
-                             valid=o.valid.cpu(), dropped=o.dropped, columns=o.columns))
+                             valid=o.valid.cpu(), dropped=o.dropped, columns=o.columns,
+                             unscored=None if o.unscored is None else o.unscored.cpu()))
         parts = [p for p in ctx.all_gather_objects(part) if p[1]]
         where, n = {}, 0  # (round, rank, index) → its place among the gathered groups
         for r, groups, _, _ in parts:
@@ -1344,11 +1385,16 @@ class RLTrainer:
         rows, tok = float(raw.numel()), d(rm)
         parts = {f"reward/{k}": (d(v[torch.isfinite(v)]), d(torch.isfinite(v)))
                  for k, v in per_source.items()}
+        scored = ~torch.isnan(raw)  # [b] (unscored answers: TRL's nanmean / nanstd leave them out)
+        r, s, n_r, ret_rm = raw, scores, rows, (d(ret * rm), tok)
+        if not bool(scored.all()):
+            r, s, n_r = raw[scored], scores[scored], float(scored.sum())
+            ret_rm = (d(ret * rm * scored[:, None]), d(rm & scored[:, None]))
         parts.update({
-            "reward/total": (d(raw), rows), "reward/shaped": (d(scores), rows), "kl/seq": (d(kl_tok), rows),
+            "reward/total": (d(r), n_r), "reward/shaped": (d(s), n_r), "kl/seq": (d(kl_tok), rows),
             "kl/token": (d(kl_tok * rm), tok), "response_length/mean": (tok, rows),
-            "advantages/mean": (d(adv * rm), tok), "returns/mean": (d(ret * rm), tok),
-            "reward/sq": (d(raw * raw), rows), "rollout/truncated_frac": (d(truncated), rows),
+            "advantages/mean": (d(adv * rm), tok), "returns/mean": ret_rm,
+            "reward/sq": (d(r * r), n_r), "rollout/truncated_frac": (d(truncated), rows),
         })
         if gap is not None:
             parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
@@ -1370,6 +1416,8 @@ class RLTrainer:
 
         n = tot["reward/total"][1]
         out["reward/std"] = max(var(tot["reward/total"][0], tot["reward/sq"][0], n), 0.0) ** 0.5
+        if n < tot["response_length/mean"][1] and n <= 1:  # unscored answers: TRL's nanstd
+            out["reward/std"] = float("nan")
         if self.critic is not None:
             n = tot["returns/mean"][1]
             var_r = var(tot["returns/mean"][0], tot["value/ret_sq"][0], n)

@@ -508,8 +508,8 @@ class RewardConfig:
     epoch…), ``log_extra(column, values)`` (a column of samples.jsonl), ``log_metric(name,
     value)`` (the step's metric ``reward_fn/NAME``, the mean of its values), the prompt
     fields (and ``environments``); a None reward is NaN, "does not apply": the total is the
-    NaN-skipping weighted sum, and an answer no source scored is dropped (with its group for
-    the group estimators) as an invalid reward. ``on_bad_reward`` still rules ±inf and
+    NaN-skipping weighted sum, and an answer no source scored is kept with advantage 0, outside
+    the group statistics, as TRL's (dropped under gae / reinforce++). ``on_bad_reward`` still rules ±inf and
     exceptions (:class:`rlhf_fast.algorithms.rewards.CombinedReward`)."""
 
     functions: List[str] = field(default_factory=list)

@@ -27,8 +27,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
 
   // ---- fused LM head + log-probs (csrc/cpu/fused_linear.cpp) ------------
-  // hidden [N, H], weight [V, H], bias [V]; chunk_size tokens per chunk (0 = auto).
-  m.def("fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, bool return_entropy, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // hidden [N, H], weight [V, H], bias [V]; chunk_size tokens per chunk (0 = auto). Returns
+  // (logp, entropy or [0], lse, argmax [N] int64 or [0]): argmax the first index of each row's
+  // maximal logit (torch.argmax's choice on a tie), only when return_argmax.
+  m.def("fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, bool return_entropy, int ignore_index, int chunk_size, bool return_argmax=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
   m.def("fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
 

@@ -1,6 +1,8 @@
 """fused_linear_logprobs and fused_linear_policy_loss on every live CPU backend against the
 reference (and an fp64 oracle): forward, gradients to hidden/weight/bias, chunking,
-torch.compile, opcheck, memory (one chunk of logits) and argument validation."""
+torch.compile, opcheck, memory (one chunk of logits) and argument validation; ``return_top1``
+(the label is its row's first argmax) against the logits' argmax, ties included, with the other
+outputs and the gradients unchanged by it."""
 
 import pytest
 import torch
@@ -151,7 +153,11 @@ def test_opcheck(dtype, bias):
     fwd = torch.ops.rlhf_fast.fused_linear_logprobs_fwd.default
     req = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
     torch.library.opcheck(fwd, (req[0], req[1], req[2], labels, 0.7, True, -100, 2))
-    logp, ent, lse = fwd(hidden, weight, b, labels, 0.7, True, -100, 2)
+    torch.library.opcheck(fwd, (req[0], req[1], req[2], labels, 0.7, False, -100, 2, True))
+    logp, ent, lse, amax = fwd(hidden, weight, b, labels, 0.7, True, -100, 2)
+    assert amax.shape == (0,)  # not asked for: nothing computed
+    logits = hidden @ weight.t() + (b if b is not None else 0)
+    assert torch.equal(fwd(hidden, weight, b, labels, 0.7, True, -100, 2, True)[3], logits.argmax(-1))
     torch.library.opcheck(torch.ops.rlhf_fast.fused_linear_logprobs_bwd.default,
                           (torch.randn_like(logp), torch.randn_like(ent), hidden, weight, b, labels, lse, ent, 0.7,
                            -100, 2))
@@ -264,6 +270,102 @@ def test_policy_loss_without_ref_and_default_normalizer(backend):
         assert torch.autograd.gradcheck(
             lambda h, w: ops.fused_linear_policy_loss(h, w, labels, old_logp.double(), adv.double(), mask,
                                                       entropy_coef=0.05)[0], tuple(leaves))
+
+
+# ----------------------------------------------------------------------------- return_top1
+
+
+def _tied_head(dtype, bias):
+    """Integer-valued hidden / weight / bias, so every logit is exact in any dtype, with ties for
+    the row max: W rows 5, 20 and 33 equal and largest for rows 0-3 (labels 5: the first of the
+    tie, top-1; 20, 33: later ones, not; 11: not a max), row 4 ignored, row 5 all-zero hidden
+    (every logit is the bias: without bias all tie, label 0 the first), row 6 the label at its
+    row's argmax. Returns (hidden, weight, bias, labels, expected top1)."""
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 8, 4, 37
+    weight = torch.randint(-2, 3, (V, H), generator=g).float()
+    weight[[5, 20, 33]] = 3.0
+    hidden = torch.randint(1, 4, (N, H), generator=g).float()
+    hidden[5] = 0.0
+    hidden[6:] = -hidden[6:]
+    b = torch.randint(-1, 2, (V,), generator=g).float() if bias else None
+    if b is not None:
+        b[[5, 20, 33]] = 0.0
+    logits = hidden @ weight.t() + (b if b is not None else 0)
+    labels = torch.tensor([5, 20, 33, 11, -100, 0, int(logits[6].argmax()), int(logits[7].argmin())])
+    expected = (logits.argmax(-1) == labels) & (labels != -100)
+    assert expected[:4].tolist() == [True, False, False, False] and expected[6] and not expected[7]
+    if b is None:  # the all-zero row: every column ties, the first one wins
+        assert bool(expected[5])
+    return hidden.to(dtype), weight.to(dtype), (b.to(dtype) if b is not None else None), labels, expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_top1_ties_go_to_the_first_max(backend, dtype, bias, chunk_size):
+    hidden, weight, b, labels, expected = _tied_head(dtype, bias)
+    with ops.use_backend(backend):
+        logp, ent, top1 = ops.fused_linear_logprobs(hidden, weight, labels, bias=b, temperature=0.7,
+                                                    return_entropy=True, return_top1=True, chunk_size=chunk_size)
+    assert top1.dtype == torch.bool and top1.shape == labels.shape
+    assert top1.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [2, 37, 4099])
+@pytest.mark.parametrize("chunk_size,bias", [(None, False), (3, True)])
+@pytest.mark.parametrize("entropy,temperature", [(False, 1.0), (True, 0.7)])
+def test_top1_is_the_logits_argmax_and_changes_nothing_else(backend, V, chunk_size, bias, entropy, temperature):
+    hidden, weight, b, labels = _head(9, 16, V, torch.float32, seed=V + 1, bias=bias)
+    logits = hidden @ weight.t() + (b if b is not None else 0)
+    labels[::2] = logits.argmax(-1)[::2]  # about half the rows are top-1
+    labels[1] = -100
+    expected = (logits.argmax(-1) == labels) & (labels != -100)
+    kw = dict(temperature=temperature, return_entropy=entropy, chunk_size=chunk_size)
+
+    def run(top1):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b) if t is not None]
+        with ops.use_backend(backend):
+            out = ops.fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias else None,
+                                            **kw, **({"return_top1": True} if top1 else {}))
+        out = list(out) if (entropy or top1) else [out]
+        flags = out.pop() if top1 else None
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(out))
+        return [o.detach() for o in out], torch.autograd.grad(loss, leaves), flags
+
+    outs, grads, _ = run(False)
+    outs1, grads1, top1 = run(True)
+    assert top1.tolist() == expected.tolist() and 0 < int(top1.sum()) < len(labels)
+    assert not top1.requires_grad
+    for a, c in zip(outs + list(grads), outs1 + list(grads1)):
+        assert torch.equal(a, c)  # the same values, bit for bit, with or without top-1
+
+
+@needs_cpp
+def test_top1_under_torch_compile():
+    hidden, weight, b, labels, expected = _tied_head(torch.float32, True)
+
+    def f(h, w, bb, y):
+        lp, top1 = ops.fused_linear_logprobs(h, w, y, bias=bb, return_top1=True, chunk_size=3)
+        return lp.sum(), top1
+
+    with ops.use_backend("cpp"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        loss, top1 = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, labels)
+        loss.backward()
+    assert top1.tolist() == expected.tolist() and leaves[1].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_of_no_rows_and_bad_flag(backend):
+    h, w, _, _ = _head(4, 8, 11, torch.float32, seed=0)
+    with ops.use_backend(backend):
+        lp, top1 = ops.fused_linear_logprobs(h[:0], w, torch.zeros(0, dtype=torch.long), return_top1=True)
+        assert lp.shape == top1.shape == (0,) and top1.dtype == torch.bool
+        with pytest.raises(TypeError, match="return_top1"):
+            ops.fused_linear_logprobs(h, w, torch.zeros(4, dtype=torch.long), return_top1="yes")
 
 
 def test_bad_input():

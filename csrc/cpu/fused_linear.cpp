@@ -1,7 +1,9 @@
 // The LM head fused with the per-token log-softmax: logits = hidden @ weight.T (+ bias)
 // are formed one chunk of tokens at a time and reduced at once by the row kernel of
 // csrc/cpu/logprobs.cpp, so at most one chunk of logits is alive. Only lse and entropy
-// ([N], fp32 or fp64) are saved; the backward recomputes each chunk's logits.
+// ([N], fp32 or fp64) are saved; the backward recomputes each chunk's logits. On request the
+// forward also returns each row's argmax over the vocabulary (the first maximal index, as
+// torch.argmax), read from the same chunk: the trainers' top-1 token accuracy.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -51,9 +53,10 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& wt, const at::Ten
   return b.defined() ? at::addmm(b, hc, wt) : at::mm(hc, wt);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, double temperature, bool return_entropy, int64_t ignore_index, int64_t chunk_size) {
+    const at::Tensor& labels, double temperature, bool return_entropy, int64_t ignore_index, int64_t chunk_size,
+    bool return_argmax) {
   check_head(hidden, weight, bias, labels, "fused_linear_logprobs_fwd");
   TORCH_CHECK_VALUE(temperature > 0, "fused_linear_logprobs_fwd: temperature must be > 0, got ", temperature);
   auto h = hidden.contiguous();
@@ -65,14 +68,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_fwd_cpu(
   auto logp = at::empty({N}, opts);
   auto lse = at::empty({N}, opts);
   auto ent = at::empty({return_entropy ? N : 0}, opts);
+  auto amax = at::empty({return_argmax ? N : 0}, h.options().dtype(at::kLong));
   const int64_t C = resolve_chunk(chunk_size, N, V);
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
     at::Tensor logits = chunk_logits(h, wt, b, c0, n);  // [n, V], the only chunk alive
     logprobs_rows_fwd(logits, y.narrow(0, c0, n), temperature, return_entropy, ignore_index, logp.narrow(0, c0, n),
                       return_entropy ? ent.narrow(0, c0, n) : ent, lse.narrow(0, c0, n));
+    // of the unscaled logits: dividing by temperature > 0 keeps the order
+    if (return_argmax) {
+      auto out = amax.narrow(0, c0, n);
+      at::argmax_out(out, logits, 1);
+    }
   }
-  return {logp, ent, lse};
+  return {logp, ent, lse, amax};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_bwd_cpu(

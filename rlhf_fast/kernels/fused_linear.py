@@ -12,7 +12,9 @@ N = 16k tokens and V = 152k that is ~15 GB of temporaries. Here:
   statistics (max m, Σe^{z−m}, Σ(z−m)e^{z−m}, target logit). The per-split statistics
   ([N, SPLIT] fp32) are merged by a few torch ops. Splitting V keeps all SMs busy when
   N is small (rollout-sized batches) — a row-tile grid alone would give 64 programs for
-  N = 4096.
+  N = 4096. On request (``return_top1``) each row also keeps the first index of its running
+  max (``[N, SPLIT]`` int64; the merge takes the first split holding the row max), so
+  ``argmax == label`` is torch.argmax's answer, ties included, without another pass.
 * backward — recompute, chunked over rows: the logits of ``chunk_size`` rows are rebuilt
   with one cuBLAS matmul, turned into dlogits *in place* by the token_logprobs backward
   kernel (from the saved fp32 lse/entropy), then dHidden = dlogits @ W and
@@ -49,10 +51,10 @@ from .token_logprobs import token_logprobs_backward, token_logprobs_forward
 
 @triton.jit
 def _fused_linear_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, idx_ptr,
     N, V, H, stride_h, stride_w, temperature, ignore_index, n_row_tiles, split, tiles_per_split,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # row tiles vary fastest: programs running together share the same W tiles in L2
@@ -67,6 +69,7 @@ def _fused_linear_fwd_kernel(
     w = tl.zeros([BLOCK_N], tl.float32)
     zt = tl.zeros([BLOCK_N], tl.float32)
     v_begin = sp * tiles_per_split * BLOCK_V
+    arg = tl.zeros([BLOCK_N], tl.int64) + v_begin
     for t in range(0, tiles_per_split):
         cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
@@ -85,7 +88,13 @@ def _fused_linear_fwd_kernel(
         z = acc / temperature
         z = tl.where(col_ok[None, :], z, -float("inf"))
         zt += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        z_max = tl.max(z, axis=1)
+        if ARGMAX:
+            # the tile's first maximal column; it replaces the running one only when strictly
+            # greater, so the first index of a tie wins, as in torch.argmax (tiles go left to right)
+            first = tl.min(tl.where(z == z_max[:, None], cols[None, :], V), axis=1).to(tl.int64)
+            arg = tl.where(z_max > m, first, arg)
+        m_new = tl.maximum(m, z_max)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         e = tl.exp(z - m_safe[:, None])
@@ -99,6 +108,8 @@ def _fused_linear_fwd_kernel(
     tl.store(out + 1, s, mask=row_ok)
     tl.store(out + 2, w, mask=row_ok)
     tl.store(out + 3, zt, mask=row_ok)
+    if ARGMAX:
+        tl.store(idx_ptr + rows * split + sp, arg, mask=row_ok)
 
 
 @triton.jit
@@ -167,6 +178,13 @@ def _fused_linear_bwd_kernel(
         tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
+def _merge_argmax(part: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64 row argmax from the per-split maxima ``part[..., 0]`` and their first
+    indices ``idx`` ``[N, S]``: the first split holding the row max (torch.argmax's first index)."""
+    best = part[..., 0].argmax(dim=1, keepdim=True)  # [N, 1]
+    return idx.gather(1, best).squeeze(1)
+
+
 def _merge_splits(part: torch.Tensor):
     """Merge per-split statistics ``[N, S, 4]`` (m, s, w, z_target) into lse and entropy ``[N]``."""
     m, s, w, zt = part.unbind(-1)
@@ -204,10 +222,11 @@ def _config(N: int, V: int, H: int, device: torch.device):
 
 
 def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
-                         allow_tf32=None, split_v=None):
+                         allow_tf32=None, split_v=None, return_argmax=False):
     """Launch the forward: hidden ``[N, H]``, weight ``[V, H]`` (same dtype, unit stride in
     H), bias ``[V]`` or None, labels ``[N]``. Returns ``(logp, entropy, lse)`` ``[N]`` fp32
-    (entropy always computed when ``return_entropy``, else None)."""
+    (entropy always computed when ``return_entropy``, else None), and with ``return_argmax``
+    a fourth, each row's first argmax ``[N]`` int64 (of the logits divided by the temperature)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -221,12 +240,14 @@ def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index
     tiles_per_split = triton.cdiv(n_v_tiles, split_v)
     split_v = triton.cdiv(n_v_tiles, tiles_per_split)
     part = torch.empty(N, split_v, 4, dtype=torch.float32, device=dev)
+    idx = torch.empty(N, split_v, dtype=torch.int64, device=dev) if return_argmax else None
     if N:
         _fused_linear_fwd_kernel[(n_row_tiles * split_v,)](
-            hidden, weight, bias if bias is not None else weight, labels, part,
+            hidden, weight, bias if bias is not None else weight, labels, part, idx if idx is not None else part,
             N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index),
             n_row_tiles, split_v, tiles_per_split,
-            HAS_BIAS=bias is not None, ENTROPY=bool(return_entropy), PREC=_precision(allow_tf32),
+            HAS_BIAS=bias is not None, ENTROPY=bool(return_entropy), ARGMAX=idx is not None,
+            PREC=_precision(allow_tf32),
             # Triton's CPU interpreter mis-multiplies 16-bit tl.dot operands (garbage for bf16,
             # triton 3.9): exact fp32 products of the same bf16 values instead
             UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
@@ -237,6 +258,8 @@ def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index
     zero = torch.zeros_like(lse)
     logp = torch.where(valid, zt - lse, zero)
     ent = torch.where(valid, ent, zero) if return_entropy else None
+    if idx is not None:
+        return logp, ent, lse, _merge_argmax(part, idx)
     return logp, ent, lse
 
 
@@ -317,19 +340,21 @@ def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, gra
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd for fused_linear_logprobs: outputs (logp, entropy) ``[N]`` fp32 (entropy is
-    a dummy zero tensor when not requested); saves hidden, weight, bias and fp32 lse/entropy."""
+    a dummy zero tensor when not requested), and with ``return_argmax`` a third, the rows'
+    argmax ``[N]`` int64 (no gradient); saves hidden, weight, bias and fp32 lse/entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size,
-                allow_tf32, split_v, backward):
+                allow_tf32, split_v, backward, return_argmax=False):
         dt = torch.promote_types(hidden.dtype, weight.dtype)
         h = hidden.to(dt)
         w = weight.to(dt)
         h = h if h.stride(-1) == 1 else h.contiguous()
         w = w if w.stride(-1) == 1 else w.contiguous()
         lab = labels.contiguous()
-        logp, ent, lse = fused_linear_forward(h, w, lab, bias, temperature, ignore_index, return_entropy,
-                                              allow_tf32=allow_tf32, split_v=split_v)
+        logp, ent, lse, *amax = fused_linear_forward(h, w, lab, bias, temperature, ignore_index, return_entropy,
+                                                     allow_tf32=allow_tf32, split_v=split_v,
+                                                     return_argmax=return_argmax)
         ctx.save_for_backward(h, w, bias, lab, lse, ent)
         ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype, allow_tf32, backward)
         # a loss that ignores the entropy sends None, not a zero tensor to push through V
@@ -337,27 +362,31 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         if ent is None:
             ent = torch.zeros_like(logp)
             ctx.mark_non_differentiable(ent)
+        if amax:
+            ctx.mark_non_differentiable(amax[0])
+            return logp, ent, amax[0]
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_ent):
+    def backward(ctx, grad_logp, grad_ent, *_grad_argmax):
         h, w, bias, lab, lse, ent = ctx.saved_tensors
         temperature, ignore_index, chunk_size, h_dtype, w_dtype, allow_tf32, how = ctx.cfg
         if ent is None:
             grad_ent = None
         if grad_logp is None and grad_ent is None:
-            return (None,) * 11
+            return (None,) * 12
         if how == "triton":
             dh, dw, db = fused_linear_backward_triton(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
                                                       ignore_index, allow_tf32)
         else:
             dh, dw, db = fused_linear_backward(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
                                                ignore_index, chunk_size)
-        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None
+        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                          chunk_size=None, ignore_index=-100, allow_tf32=None, split_v=None, backward="chunked"):
+                          chunk_size=None, ignore_index=-100, allow_tf32=None, split_v=None, backward="chunked",
+                          return_top1=False):
     """log softmax((hidden @ weight.T + bias) / T)[labels] (Triton), never writing the logits.
 
     hidden ``[N, H]`` bf16/fp16/fp32, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]``
@@ -367,17 +396,26 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     follows ``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 matmuls do;
     ``split_v`` overrides the number of vocabulary splits. ``backward``: ``"chunked"``
     (recompute a chunk of logits with cuBLAS, deterministic) or ``"triton"`` (one tl.dot kernel
-    with fp32 atomics, no [·, V] buffer). float64 runs the reference.
+    with fp32 atomics, no [·, V] buffer). ``return_top1``: a last output ``[N]`` bool, whether
+    the label is the first argmax of its row (torch.argmax's), False at ``ignore_index``, from
+    the same kernel (each tile's first maximal column). float64 runs the reference.
     """
     if backward not in ("chunked", "triton"):
         raise ValueError(f"backward must be 'chunked' or 'triton', got {backward!r}")
     if torch.float64 in (hidden.dtype, weight.dtype):
+        from rlhf_fast.ops import reference
+
         return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                               return_entropy=return_entropy, ignore_index=ignore_index)
-    logp, ent = FusedLinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
-                                                  bool(return_entropy), int(ignore_index), chunk_size,
-                                                  _use_tf32(allow_tf32), split_v, backward)
-    return (logp, ent) if return_entropy else logp
+                                               return_entropy=return_entropy, ignore_index=ignore_index,
+                                               return_top1=return_top1)
+    logp, ent, *amax = FusedLinearLogprobsFunction.apply(hidden, weight, bias, labels, float(temperature),
+                                                         bool(return_entropy), int(ignore_index), chunk_size,
+                                                         _use_tf32(allow_tf32), split_v, backward,
+                                                         bool(return_top1))
+    out = (logp, ent) if return_entropy else (logp,)
+    if return_top1:
+        out += ((amax[0] == labels) & (labels != ignore_index),)
+    return out if len(out) > 1 else logp
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,

@@ -265,22 +265,27 @@ def _fallback_reason(model: nn.Module) -> Optional[str]:
     return why
 
 
-def _chunked_head_logprobs(h, weight, bias, labels, *, temperature, return_entropy, chunk_size):
+def _chunked_head_logprobs(h, weight, bias, labels, *, temperature, return_entropy, chunk_size, return_top1=False):
     """fused_linear_logprobs over rows ``h [N, H]``; on the PyTorch reference backend the rows
-    are fed in chunks (each checkpointed under autograd) so at most one chunk of logits lives."""
+    are fed in chunks (each checkpointed under autograd) so at most one chunk of logits lives.
+    ``return_top1``: a last output, ``[N]`` bool (the op's)."""
     N = h.shape[0]
+    # the default call stays the op's old one
+    top1 = {"return_top1": True} if return_top1 else {}
+    many = return_entropy or return_top1
     backend, _ = _dispatch.select("fused_linear_logprobs", h.device)
     if backend != "torch":
         return ops.fused_linear_logprobs(h, weight, labels, bias=bias, temperature=temperature,
-                                         return_entropy=return_entropy, chunk_size=chunk_size)
+                                         return_entropy=return_entropy, chunk_size=chunk_size, **top1)
     rows = chunk_size or max(1, _REFERENCE_CHUNK_ELEMS // weight.shape[0])
     if N <= rows:
         return ops.fused_linear_logprobs(h, weight, labels, bias=bias, temperature=temperature,
-                                         return_entropy=return_entropy)
+                                         return_entropy=return_entropy, **top1)
 
     def one(hc, w, b, lc):
-        out = ops.fused_linear_logprobs(hc, w, lc, bias=b, temperature=temperature, return_entropy=return_entropy)
-        return out if return_entropy else (out,)
+        out = ops.fused_linear_logprobs(hc, w, lc, bias=b, temperature=temperature, return_entropy=return_entropy,
+                                        **top1)
+        return out if many else (out,)
 
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     outs = []
@@ -292,7 +297,53 @@ def _chunked_head_logprobs(h, weight, bias, labels, *, temperature, return_entro
         else:
             outs.append(one(*args))
     cat = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
-    return tuple(cat) if return_entropy else cat[0]
+    return tuple(cat) if many else cat[0]
+
+
+def mean_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Each row's logit averaged over the vocabulary, ``(h @ weight.T + bias).mean(-1) / temperature``
+    (TRL's ``mean_logits``), without the logits: ``h @ mean_v(weight) + mean(bias)``, one ``[H]``
+    vector. h ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None; returns ``[N]`` float32
+    (float64 for float64 h), detached."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    # outside autocast: a bf16 matvec would round each mean to 3 digits
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        w_mean = weight.detach().sum(0, dtype=acc) / weight.shape[0]  # [H], no [V, H] copy in acc
+        out = h.detach().to(acc) @ w_mean
+        if bias is not None:
+            out = out + bias.detach().to(acc).mean()
+        return out / temperature
+
+
+def head_token_stats(h, weight, bias, labels, *, temperature=1.0, return_entropy=False, return_top1=False,
+                     return_mean_logit=False, chunk_size=None):
+    """Through the fused head, the per-row values of :func:`sequence_logprobs` before they are placed:
+    ``(logp [N], entropy [N], top1 [N] bool, mean logit [N])``, each but logp only when requested (a
+    bare logp when nothing is). h ``[N, H]``, labels ``[N]``."""
+    out = _chunked_head_logprobs(h, weight, bias, labels, temperature=temperature, return_entropy=return_entropy,
+                                 chunk_size=chunk_size, return_top1=return_top1)
+    if not return_mean_logit:
+        return out
+    out = out if (return_entropy or return_top1) else (out,)
+    return (*out, mean_logits(h, weight, bias, temperature))
+
+
+def logits_token_stats(logits, labels, *, temperature=1.0, return_entropy=False, return_top1=False,
+                       return_mean_logit=False):
+    """:func:`head_token_stats` from full logits ``[N, V]`` (a head that cannot be fused): the
+    log-probs through :func:`rlhf_fast.ops.token_logprobs`, the rest read off the logits."""
+    out = ops.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    if not (return_top1 or return_mean_logit):
+        return out
+    out = out if return_entropy else (out,)
+    z = logits.detach()
+    if return_top1:
+        out += (z.argmax(-1) == labels,)
+    if return_mean_logit:
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        out += (z.to(acc).mean(-1) / temperature,)
+    return out
 
 
 def _check_bt(name, t, shape):
@@ -365,6 +416,8 @@ def sequence_logprobs(
     chunk_size: Optional[int] = None,
     packed: bool = False,
     position_ids: Optional[torch.Tensor] = None,
+    return_top1: bool = False,
+    return_mean_logit: bool = False,
 ):
     """Per-token log-probs ``[B, T]`` float32 of ``input_ids`` under ``model`` at ``temperature``.
 
@@ -375,6 +428,13 @@ def sequence_logprobs(
     distribution that predicted position t, same placement. ``packed=True`` runs one
     padding-free row with per-sequence position ids (Llama/Qwen/Mistral-style attention).
     Differentiable in the model's parameters.
+
+    The token statistics of TRL's fused head, each a further output in this order, same
+    placement, detached: ``return_top1`` ``[B, T]`` bool, whether the token is the argmax of the
+    logits that predicted it (the first maximal index on a tie, as torch.argmax; TRL's
+    ``is_top1``), from the log-probs' own pass; ``return_mean_logit`` ``[B, T]`` float32, those
+    logits averaged over the vocabulary and divided by ``temperature`` (TRL's ``mean_logits``),
+    as one ``[H]`` vector product per token.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -386,9 +446,12 @@ def sequence_logprobs(
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, flag in (("return_top1", return_top1), ("return_mean_logit", return_mean_logit)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    stats = dict(return_entropy=return_entropy, return_top1=return_top1, return_mean_logit=return_mean_logit)
     if B == 0 or T == 0:  # nothing to score (hidden_states refuses an empty batch)
-        z = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
-        return (z, z.clone()) if return_entropy else z
+        return _zeros(B, T, input_ids.device, **stats)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     target = _target_mask(attention_mask, response_mask)
@@ -400,8 +463,7 @@ def sequence_logprobs(
         if _fallback_reason(model) is not None:
             raise ValueError("packed=True needs a fusable LM head")
         if pk.ids.numel() == 0:  # no attended token in any row (nonzero above has synced already)
-            z = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
-            return (z, z.clone()) if return_entropy else z
+            return _zeros(B, T, input_ids.device, **stats)
         mtype = getattr(unwrap(model).config, "model_type", None)
         if mtype not in PACKED_TESTED:
             _warn_packed_untested(mtype)
@@ -416,9 +478,8 @@ def sequence_logprobs(
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                            use_cache=False).logits  # [B, T, V]: this head cannot be fused
-            out = ops.token_logprobs(logits[tr, tc - 1], input_ids[tr, tc], temperature=temperature,
-                                     return_entropy=return_entropy)
-            return _scatter(out, tr, tc, B, T, return_entropy)
+            out = logits_token_stats(logits[tr, tc - 1], input_ids[tr, tc], temperature=temperature, **stats)
+            return _scatter(out, tr, tc, B, T, _many(**stats))
         if tr.numel():
             # only the states that predict a target: columns [min(tc) - 1, max(tc)) (the
             # forward skips the later columns and the last layer's earlier queries)
@@ -430,18 +491,33 @@ def sequence_logprobs(
         labels = input_ids[tr, tc]
 
     weight, bias = lm_head_params(model)
-    out = _chunked_head_logprobs(h_sel, weight, bias, labels, temperature=temperature,
-                                 return_entropy=return_entropy, chunk_size=chunk_size)
-    return _scatter(out, tr, tc, B, T, return_entropy)
+    out = head_token_stats(h_sel, weight, bias, labels, temperature=temperature, chunk_size=chunk_size, **stats)
+    return _scatter(out, tr, tc, B, T, _many(**stats))
 
 
-def _scatter(out, tr, tc, B, T, return_entropy):
-    vals = out if return_entropy else (out,)
+def _many(return_entropy, return_top1, return_mean_logit) -> bool:
+    return return_entropy or return_top1 or return_mean_logit
+
+
+def _zeros(B, T, device, *, return_entropy, return_top1, return_mean_logit):
+    """The outputs of :func:`sequence_logprobs` for a batch with nothing to score."""
+    z = torch.zeros(B, T, dtype=torch.float32, device=device)
+    out = (z,) + ((z.clone(),) if return_entropy else ())
+    out += (torch.zeros(B, T, dtype=torch.bool, device=device),) if return_top1 else ()
+    out += (z.clone(),) if return_mean_logit else ()
+    return out if len(out) > 1 else z
+
+
+def _scatter(out, tr, tc, B, T, many):
+    """Per-target values ``[n]`` (a tuple when ``many``) at their ``(tr, tc)`` places of ``[B, T]``
+    zeros: bool stays bool, float64 float64, every other float float32."""
+    vals = out if many else (out,)
     res = []
     for v in vals:
-        full = torch.zeros(B, T, dtype=torch.float32 if v.dtype != torch.float64 else v.dtype, device=v.device)
+        dt = v.dtype if v.dtype in (torch.float64, torch.bool) else torch.float32
+        full = torch.zeros(B, T, dtype=dt, device=v.device)
         res.append(full.index_put((tr, tc), v.to(full.dtype)))
-    return tuple(res) if return_entropy else res[0]
+    return tuple(res) if many else res[0]
 
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -557,6 +633,9 @@ __all__ = [
     "lm_head_params",
     "unfusable_reason",
     "sequence_logprobs",
+    "mean_logits",
+    "head_token_stats",
+    "logits_token_stats",
     "policy_loss",
     "sequence_level_old_logp",
     "IMPORTANCE_SAMPLING_LEVELS",

@@ -62,6 +62,7 @@ def fused_linear_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     ignore_index: int = -100,
+    return_top1: bool = False,
 ):
     """Log-probs (and entropy) of ``labels`` under softmax((hidden @ weight.T + bias) / T).
 
@@ -69,18 +70,27 @@ def fused_linear_logprobs(
     ``ignore_index``, giving 0). Returns logp ``[N]`` (and entropy ``[N]``) float32 (float64 for
     float64 hidden). Gradients flow to hidden, weight and bias. Native backends never hold
     more than ``chunk_size`` rows of logits at once.
+
+    ``return_top1``: one more output last, ``[N]`` bool, whether the label is the argmax of its
+    row's logits (``logits.argmax(-1) == labels``: on a tie only the first maximal index counts,
+    as torch.argmax and TRL's ``is_top1``); False at ``ignore_index``. From the same pass as the
+    log-probs; no gradient.
     """
     temperature, ignore_index, chunk_size = _check_head(hidden, weight, bias, labels, temperature, ignore_index,
                                                         chunk_size, 2)
     return_entropy = _validate.flag("return_entropy", return_entropy)
+    return_top1 = _validate.flag("return_top1", return_top1)
     bias = _dense_bias(bias)
     if hidden.shape[0] == 0:
         # no rows: nothing to launch (the Triton launcher divided by zero here)
         return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                               return_entropy=return_entropy, ignore_index=ignore_index)
+                                               return_entropy=return_entropy, ignore_index=ignore_index,
+                                               return_top1=return_top1)
+    # the default call stays exactly the backends' old one
+    top1 = {"return_top1": True} if return_top1 else {}
     return _dispatch.call(
         "fused_linear_logprobs", hidden.device, hidden, weight, labels, bias=bias, temperature=temperature,
-        return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index,
+        return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index, **top1,
     )
 
 
@@ -154,17 +164,24 @@ def fused_linear_policy_loss(
     )
 
 
+# ------------------------------------------------------------------ PyTorch reference backend
+
+
 # ------------------------------------------------------------------ C++ CPU backend
 
 
 def _fused_linear_logprobs_cpp(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
-                               chunk_size=None, ignore_index=-100):
+                               chunk_size=None, ignore_index=-100, return_top1=False):
     """csrc/cpu/fused_linear.cpp: hidden ``[N, H]``, weight ``[V, H]``; one chunk of logits at a time."""
-    logp, entropy, _ = _native.call(
-        _FN, "fused_linear_logprobs_fwd", hidden, weight, bias, labels.long(), float(temperature),
-        bool(return_entropy), int(ignore_index), int(chunk_size or 0),
-    )
-    return (logp, entropy) if return_entropy else logp
+    args = (hidden, weight, bias, labels.long(), float(temperature), bool(return_entropy), int(ignore_index),
+            int(chunk_size or 0))
+    # return_argmax is passed only when wanted: the default call is the op's old one
+    out = _native.call(_FN, "fused_linear_logprobs_fwd", *args, *((True,) if return_top1 else ()))
+    logp, entropy = out[0], out[1]
+    res = (logp, entropy) if return_entropy else (logp,)
+    if return_top1:
+        res += (reference.top1_from_argmax(out[3], labels, ignore_index),)
+    return res if len(res) > 1 else logp
 
 
 def _fused_linear_policy_loss_cpp(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
@@ -185,11 +202,15 @@ def _fused_linear_policy_loss_cpp(hidden, weight, labels, old_logp, advantages, 
     )
 
 
-def _fwd_fake(hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size):
+def _fwd_fake(hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size,
+              return_argmax=False):
     n = hidden.shape[0]
     dt = out_dtype(hidden.dtype)
-    return (hidden.new_empty((n,), dtype=dt), hidden.new_empty((n if return_entropy else 0,), dtype=dt),
-            hidden.new_empty((n,), dtype=dt))
+    out = (hidden.new_empty((n,), dtype=dt), hidden.new_empty((n if return_entropy else 0,), dtype=dt),
+           hidden.new_empty((n,), dtype=dt))
+    if _FWD_RETURNS > 3:
+        out += (hidden.new_empty((n if return_argmax else 0,), dtype=torch.long),)
+    return out
 
 
 def _bwd_fake(gl, ge, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size):
@@ -198,15 +219,16 @@ def _bwd_fake(gl, ge, hidden, weight, bias, labels, lse, entropy, temperature, i
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, _, ignore_index, chunk_size = inputs
-    _, entropy, lse = output
+    hidden, weight, bias, labels, temperature, _, ignore_index, chunk_size = inputs[:8]
+    _, entropy, lse = output[:3]
+    ctx.n_args = len(inputs)  # 9 with return_argmax
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.chunk_size = chunk_size
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse, *_grad_argmax):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = lse.new_zeros(lse.shape)
@@ -215,10 +237,19 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature, ctx.ignore_index,
         ctx.chunk_size,
     )
-    return grad_hidden, grad_weight, (grad_bias if bias is not None else None), None, None, None, None, None
+    return (grad_hidden, grad_weight, (grad_bias if bias is not None else None)) + (None,) * (ctx.n_args - 3)
 
 
-# lse (output 2) is internal
+def _fwd_returns() -> int:
+    """Outputs of the built fused_linear_logprobs_fwd: 4 (with argmax); 3 from a build older than
+    the argmax output, which the default call still runs."""
+    if not _native.has_native():
+        return 4
+    return len(torch.ops.rlhf_fast.fused_linear_logprobs_fwd.default._schema.returns)
+
+
+_FWD_RETURNS = _fwd_returns()
+# lse (output 2) is internal; argmax (output 3) is an integer, never differentiable
 _FN = _native.register_meta_and_autograd("fused_linear_logprobs_fwd", _fwd_fake, _backward, _setup,
                                          non_differentiable=(2,))
 _native.register_meta_and_autograd("fused_linear_logprobs_bwd", _bwd_fake)

@@ -77,18 +77,30 @@ def fused_linear_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     ignore_index: int = -100,
+    return_top1: bool = False,
 ):
     """token_logprobs(hidden @ weight.T + bias, labels): hidden ``[N, H]``, weight ``[V, H]``.
 
-    The reference materialises the ``[N, V]`` logits (in the matmul dtype, then float32);
-    ``chunk_size`` only matters to the native kernels.
+    With ``return_top1``, also ``[N]`` bool as the last output: whether each label is its row's
+    argmax (``torch.argmax``'s first index on a tie; False at ``ignore_index``). The reference
+    materialises the ``[N, V]`` logits (in the matmul dtype, then float32); ``chunk_size`` only
+    matters to the native kernels.
     """
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return token_logprobs(
+    out = token_logprobs(
         logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index
     )
+    if not return_top1:
+        return out
+    top1 = top1_from_argmax(logits.detach().argmax(-1), labels, ignore_index)
+    return (*(out if return_entropy else (out,)), top1)
+
+
+def top1_from_argmax(argmax: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[N]`` bool: ``argmax == labels`` (``[N]`` int each), False where labels is ``ignore_index``."""
+    return (argmax == labels) & (labels != ignore_index)
 
 
 DIVERGENCE_REDUCTIONS = ("none", "sum")

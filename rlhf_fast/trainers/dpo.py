@@ -60,7 +60,10 @@ Logged per step (and on the eval split with an ``eval_`` prefix): loss, rewards/
 rewards/rejected (β·l, means over pairs; reference-free: β·log π, β·its token mean for simpo /
 orpo, as TRL's CPO / ORPO trainers), rewards/accuracy (share with the chosen reward strictly
 higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs; token means for simpo /
-orpo), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), lr, grad_norm.
+orpo), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), lr, grad_norm;
+TRL's entropy, logits/chosen and logits/rejected (the logit averaged over the vocabulary, then over
+the chosen / rejected response tokens: h·mean_v(W) per token, no logits) and mean_token_accuracy
+(the chosen response tokens that are the argmax of their logits, from the fused head's own pass).
 
 Reference: a frozen copy of the initial policy (``ref_model``: a saved model folder instead);
 with LoRA (``lora``: LoraConfig fields, or a peft model passed as ``model``) the base with its
@@ -139,8 +142,11 @@ DATA_KINDS = ("pairs", "rankings", "labels")
 # "keep_start" / "keep_end": TRL 1.16's DataCollatorForPreference, each row cut on its own
 TRUNCATION_MODES = ("balanced", "keep_start", "keep_end")
 # Σ w·loss, Σ chosen / rejected reward, Σ accuracy, Σ margin, Σ chosen / rejected logged logps, pairs,
-# Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo), Σ response entropy, response tokens
-N_SUMS = 14
+# Σ NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo), Σ response entropy, response tokens,
+# Σ chosen / rejected mean logit, chosen / rejected response tokens, chosen top-1 tokens
+N_SUMS = 19
+# the per-token statistics of the policy's pass the metrics are made of (TRL's fused-head outputs)
+TOKEN_STATS = dict(return_entropy=True, return_top1=True, return_mean_logit=True)
 
 
 @dataclasses.dataclass
@@ -472,20 +478,24 @@ def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, tor
 
 
 def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False,
-                return_entropy: bool = False):
+                return_entropy: bool = False, return_top1: bool = False, return_mean_logit: bool = False):
     """``[N, T]`` float32 per-token log π(token | tokens before it) of ``batch``'s rows through
     the fused LM head, at each response token (0 elsewhere) — over every attended token (the
     prompt too) for the first ``full_rows`` rows (ORPO's NLL counts the prompt). ``packed``: the
     rows run as one padding-free row (``padding_free``; SFT's ``packing``), the values placed
     back at their ``[N, T]`` positions. ``return_entropy``: ``(log-probs, entropy [N, T] float32)``,
-    the entropy of each predicting distribution from the same pass, at the same positions."""
+    the entropy of each predicting distribution from the same pass, at the same positions;
+    ``return_top1`` / ``return_mean_logit``: further outputs in that order, as
+    :func:`~rlhf_fast.models.logprobs.sequence_logprobs` gives them."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
     mask = batch["response_mask"]
     if full_rows:
         mask = torch.cat([batch["attention_mask"][:full_rows], mask[full_rows:]])
+    # only the statistics asked for: the default call stays the old one
+    extra = {k: True for k, v in (("return_top1", return_top1), ("return_mean_logit", return_mean_logit)) if v}
     return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask, packed=packed,
-                             return_entropy=return_entropy)
+                             return_entropy=return_entropy, **extra)
 
 
 def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -517,6 +527,30 @@ def response_logps_entropy(model, batch: Dict[str, torch.Tensor], *, packed: boo
     logp, ent = token_logps(model, batch, packed=packed, return_entropy=True)  # [N, T] each
     mask = response_mask(batch)
     return logp.sum(-1), mask[:, 1:].sum(-1), response_entropy(ent, mask)
+
+
+def response_logps_metrics(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, top1: bool = True
+                           ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """:func:`response_logps_entropy`'s log-probs and token counts ``[N]``, and from the same fused
+    pass the row sums of :func:`response_token_stats` (``entropy``, ``mean_logit`` and, with
+    ``top1``, ``top1``; each ``[N]``, detached): the policy's call for TRL's metrics."""
+    out = token_logps(model, batch, packed=packed, return_entropy=True, return_top1=top1, return_mean_logit=True)
+    mask = response_mask(batch)
+    return out[0].sum(-1), mask[:, 1:].sum(-1), response_token_stats(out[1:], mask, top1=top1)
+
+
+def response_token_stats(stats: Sequence[torch.Tensor], mask: torch.Tensor, *, top1: bool = True
+                         ) -> Dict[str, torch.Tensor]:
+    """Row sums ``[N]`` over the response tokens ``mask`` ``[N, T]`` of the per-token ``stats``
+    (entropy, top-1 when ``top1``, mean logit; ``[N, T]`` each, in that order, as
+    :func:`token_logps` returns them after the log-probs): keys ``entropy``, ``top1`` (the tokens
+    that are their logits' argmax, float32), ``mean_logit``; detached."""
+    ent, *rest = stats
+    out = {"entropy": response_entropy(ent, mask)}
+    if top1:
+        out["top1"] = (rest.pop(0) & mask).sum(-1).float()
+    out["mean_logit"] = (rest.pop(0).detach() * mask).sum(-1)
+    return out
 
 
 def response_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -801,7 +835,8 @@ def log_sum_sq_probs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out
 
 
-def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, return_entropy: bool = False):
+def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, return_entropy: bool = False,
+                    return_top1: bool = False, return_mean_logit: bool = False):
     """``(log-probs [N, T] float32, log Σ_v p_v² [N, T] float32)`` at each response token of
     ``batch``'s rows (0 elsewhere): the log-probs exactly as :func:`token_logps` (the same
     fused path, differentiable), and from the same forward's hidden states, without gradient,
@@ -810,31 +845,35 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     (softcapping, a scale) goes through full logits, as the log-probs do. ``packed``: one
     padding-free forward (:func:`rlhf_fast.trainers.packing.packed_target_states`), the log-probs
     as ``token_logps(..., packed=True)`` gives them. ``return_entropy``: a third value, the
-    entropy ``[N, T]`` float32 of each predicting distribution, from the same pass."""
-    from rlhf_fast import ops
+    entropy ``[N, T]`` float32 of each predicting distribution, from the same pass;
+    ``return_top1`` / ``return_mean_logit``: further values in that order (``[N, T]`` bool / float32,
+    as :func:`~rlhf_fast.models.logprobs.sequence_logprobs` gives them), from the same pass too."""
     from rlhf_fast.models import logprobs as L
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     B, T = ids.shape
     target = L._target_mask(am, batch["response_mask"])
     tr, tc = target.nonzero(as_tuple=True)
+    stats = dict(return_entropy=return_entropy, return_top1=return_top1, return_mean_logit=return_mean_logit)
     if not tr.numel():  # nothing to score: the plain path keeps every weight in the graph
         tok = token_logps(model, batch, packed=packed)
-        return (tok, torch.zeros_like(tok)) + ((torch.zeros_like(tok),) if return_entropy else ())
+        zero = torch.zeros_like(tok)
+        return ((tok, zero) + ((zero.clone(),) if return_entropy else ())
+                + ((zero.bool(),) if return_top1 else ()) + ((zero.clone(),) if return_mean_logit else ()))
     labels = ids[tr, tc]
-    head = dict(temperature=1.0, return_entropy=return_entropy, chunk_size=None)
+    head = dict(temperature=1.0, chunk_size=None, **stats)
     if packed:  # (an unfusable head is refused with padding_free: DPOTrainer checks it)
         from .packing import packed_target_states
 
         h, labels, tr, tc = packed_target_states(model, ids, am, target)
         weight, bias = L.lm_head_params(model)
-        lp = L._chunked_head_logprobs(h, weight, bias, labels, **head)
+        lp = L.head_token_stats(h, weight, bias, labels, **head)
         lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
     elif L.unfusable_reason(model) is not None:
         logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
                        use_cache=False).logits  # [B, T, V]: this head cannot be fused
         z = logits[tr, tc - 1]
-        lp = ops.token_logprobs(z, labels, return_entropy=return_entropy)
+        lp = L.logits_token_stats(z, labels, **stats)
         with torch.no_grad():
             zf = z.detach().float()
             lss = torch.logsumexp(2.0 * zf, -1) - 2.0 * torch.logsumexp(zf, -1)
@@ -842,11 +881,11 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
         lo, hi = torch.stack(torch.aminmax(tc)).tolist()
         h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
         weight, bias = L.lm_head_params(model)
-        lp = L._chunked_head_logprobs(h, weight, bias, labels, **head)
+        lp = L.head_token_stats(h, weight, bias, labels, **head)
         lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
-    lp, ent = lp if return_entropy else (lp, None)
+    lp, *rest = lp if (return_entropy or return_top1 or return_mean_logit) else (lp,)
     out = (L._scatter(lp, tr, tc, B, T, False), L._scatter(lss, tr, tc, B, T, False))
-    return out + ((L._scatter(ent.detach(), tr, tc, B, T, False),) if return_entropy else ())
+    return out + tuple(L._scatter(v.detach(), tr, tc, B, T, False) for v in rest)
 
 
 def wpo_weights(tok: torch.Tensor, lss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1015,17 +1054,17 @@ class DPOTrainer:
         packed = cfg.padding_free  # one padding-free row: the same [2B, T] values back, so nothing below changes
         with autocast_context(self.device, cfg.bf16):
             if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
-                logps, count, ent = response_logps_entropy(self.model, batch, packed=packed)  # [2B] each
+                logps, count, tstats = response_logps_metrics(self.model, batch, packed=packed)  # [2B] each
                 nll, nll_tokens = -logps[:B], count[:B]
             else:  # per-token values: the LD weighting, ORPO's NLL over the whole chosen rows, WPO's weights
                 mask = response_mask(batch)
                 if cfg.use_weighting:
-                    tok, lss, ent = wpo_token_logps(self.model, batch, packed=packed, return_entropy=True)  # [2B, T]
+                    tok, lss, *per_tok = wpo_token_logps(self.model, batch, packed=packed, **TOKEN_STATS)  # [2B, T]
                     wpo = wpo_weights(tok, lss, mask)  # [2B]
                 else:
-                    tok, ent = token_logps(self.model, batch, full_rows=B if orpo else 0, packed=packed,
-                                           return_entropy=True)  # [2B, T] each
-                ent = response_entropy(ent, mask)  # [2B]: the response tokens only, as TRL's
+                    tok, *per_tok = token_logps(self.model, batch, full_rows=B if orpo else 0, packed=packed,
+                                                **TOKEN_STATS)  # [2B, T] each
+                tstats = response_token_stats(per_tok, mask)  # [2B] each: the response tokens only, as TRL's
                 count = mask[:, 1:].sum(-1)
                 resp = tok * mask
                 logps = resp.sum(-1) if cfg.ld_alpha is None else ld_weighted_logps(resp, mask, cfg.ld_alpha)
@@ -1039,7 +1078,7 @@ class DPOTrainer:
             elif not cfg.reference_free:
                 ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha,
                                       packed=packed)
-        st = {"nll": nll, "nll_tokens": nll_tokens, "entropy": ent, "tokens": count}
+        st = {"nll": nll, "nll_tokens": nll_tokens, "tokens": count, **tstats}
         if cfg.reference_free:
             out = reference_free_loss(logps[:B], logps[B:], loss_type=terms[0][0], beta=cfg.beta,
                                       chosen_tokens=count[:B], rejected_tokens=count[B:],
@@ -1077,7 +1116,8 @@ class DPOTrainer:
         """The ``N_SUMS`` sums the metrics are made of (float64, 0 for a share that does not
         count): Σw·loss, Σ chosen/rejected reward, Σ accuracy, Σ margin, Σ chosen/rejected
         logps, pairs, Σ chosen NLL, NLL tokens, Σ log σ(log-odds), Σ log-odds (orpo), Σ entropy
-        over the response tokens of both rows, those tokens."""
+        over the response tokens of both rows, those tokens, Σ mean logit over the chosen / the
+        rejected response tokens, those tokens, the chosen response tokens that are top-1."""
         if not real:
             return torch.zeros(N_SUMS, dtype=torch.float64, device=w.device)
         rc, rr = st["chosen_rewards"].double(), st["rejected_rewards"].double()
@@ -1090,7 +1130,18 @@ class DPOTrainer:
                             st["log_odds_ratio"].double().sum() if "log_odds_ratio" in st else zero,
                             st["log_odds_chosen"].double().sum() if "log_odds_chosen" in st else zero,
                             st["entropy"].double().sum() if "entropy" in st else zero,
-                            st["tokens"].double().sum() if "tokens" in st else zero])
+                            st["tokens"].double().sum() if "tokens" in st else zero,
+                            *DPOTrainer._logit_sums(st, zero)])
+
+    @staticmethod
+    def _logit_sums(st: Dict[str, torch.Tensor], zero: torch.Tensor) -> List[torch.Tensor]:
+        """Σ mean logit over the chosen / rejected response tokens, those tokens, Σ chosen top-1
+        tokens (0-dim float64 each; zeros without the statistics)."""
+        if "mean_logit" not in st:
+            return [zero] * 5
+        B = st["mean_logit"].shape[0] // 2
+        ml, n = st["mean_logit"].double(), st["tokens"].double()
+        return [ml[:B].sum(), ml[B:].sum(), n[:B].sum(), n[B:].sum(), st["top1"][:B].double().sum()]
 
     def _metrics(self, tot: torch.Tensor, weight_sum: float, prefix: str = "") -> Dict[str, float]:
         t = tot.cpu().tolist()
@@ -1107,6 +1158,10 @@ class DPOTrainer:
         if self.cfg.loss_terms[0][0] == "orpo":
             m.update({"log_odds_ratio": t[10] / n, "log_odds_chosen": t[11] / n})
         m["entropy"] = t[12] / t[13] if t[13] > 0 else 0.0  # TRL's: the token mean over both rows' responses
+        # TRL's: token means over the chosen / rejected responses (0 without tokens); accuracy the chosen ones'
+        m["logits/chosen"] = t[14] / t[16] if t[16] > 0 else 0.0
+        m["logits/rejected"] = t[15] / t[17] if t[17] > 0 else 0.0
+        m["mean_token_accuracy"] = t[18] / t[16] if t[16] > 0 else 0.0
         return {prefix + k: v for k, v in m.items()}
 
     # -------------------------------------------------------------- steps
@@ -1189,5 +1244,5 @@ def run(args) -> int:
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "reference_free_loss", "encode_pair", "collate_pairs",
-           "response_logps", "token_logps", "offline_reference", "shard_reference",
+           "response_logps", "response_logps_metrics", "token_logps", "offline_reference", "shard_reference",
            "add_arguments", "run"]

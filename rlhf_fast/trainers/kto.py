@@ -57,7 +57,9 @@ Logged per step (and on the eval split with an ``eval_`` prefix): loss (L above)
 example-count-weighted mean over its blocks), rewards/chosen and rewards/rejected (β·r,
 means over the desirable / undesirable examples; absent when there are none), rewards/margin
 (their difference), logps/chosen, logps/rejected (summed log-probs), count/chosen,
-count/rejected, lr, grad_norm. TRL's advice on the weights (λ_D·n_D / (λ_U·n_U) in [1, 4/3],
+count/rejected, lr, grad_norm, entropy, logits/chosen and logits/rejected (TRL's: the logit averaged
+over the vocabulary, h·mean_v(W) per token, then over the desirable / undesirable responses' tokens;
+absent for a side without tokens). TRL's advice on the weights (λ_D·n_D / (λ_U·n_U) in [1, 4/3],
 the paper's eq. 8; example counts, unweighted, as TRL) is printed once when the training data
 miss it.
 
@@ -95,7 +97,7 @@ from .common import (add_config_arguments, autocast_context, supervised_schedule
 from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
 from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
                   maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
-                  prompt_response_rows, reference_logps, response_ids, response_logps, response_logps_entropy,
+                  prompt_response_rows, reference_logps, response_ids, response_logps, response_logps_metrics,
                   resume_offline, save_offline, setup_moving_reference, shard_reference)
 from .sft import (_Batches, _is_ddp, collate, count_tokens, optimizer_step, setup_distributed, split_records,
                   training_loop)
@@ -104,8 +106,8 @@ from .sft_data import completion_tokens
 DATA_KINDS = ("binary", "scores", "pairs")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 # Σ w·loss, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected count, Σ z0·n, Σ w,
-# Σ response entropy, response tokens
-N_SUMS = 11
+# Σ response entropy, response tokens, Σ chosen / rejected mean logit, chosen / rejected response tokens
+N_SUMS = 15
 
 
 @dataclasses.dataclass
@@ -612,19 +614,21 @@ class KTOTrainer:
         ℓ_i and rewards ``[b]``, labels ``[b]`` bool and weights w_i ``[b]`` (the loss's dtype)."""
         cfg = self.cfg
         with autocast_context(self.device, cfg.bf16):
-            logps, count, ent = response_logps_entropy(self.model, self._batch(items))
+            # TRL's KTO logs no token accuracy: no top-1 asked of the head
+            logps, count, tstats = response_logps_metrics(self.model, self._batch(items), top1=False)
         desirable = torch.tensor([it["label"] for it in items], dtype=torch.bool, device=self.device)
         loss, rewards = kto_loss(logps, ref_main, desirable, z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                  undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
         weight = torch.tensor([it["weight"] for it in items], dtype=loss.dtype, device=self.device)
         return {"loss": loss, "rewards": rewards, "logps": logps, "desirable": desirable, "weight": weight,
-                "entropy": ent, "tokens": count}
+                "tokens": count, **tstats}
 
     @staticmethod
     def _sums(st: Dict[str, torch.Tensor], z0: Optional[torch.Tensor], real: bool) -> torch.Tensor:
         """The sums the metrics are made of (``[N_SUMS]`` float64, 0 for a share that does not
         count): Σ w·ℓ, Σ chosen / rejected rewards, Σ chosen / rejected logps, chosen / rejected
-        count, Σ z0 (0 without one) per example, Σ w, Σ entropy over the response tokens, those tokens."""
+        count, Σ z0 (0 without one) per example, Σ w, Σ entropy over the response tokens, those tokens,
+        Σ mean logit over the desirable / undesirable examples' response tokens, those tokens."""
         dev = st["loss"].device
         if not real:
             return torch.zeros(N_SUMS, dtype=torch.float64, device=dev)
@@ -634,8 +638,13 @@ class KTOTrainer:
         z = z0.double() * n if z0 is not None else torch.zeros((), dtype=torch.float64, device=dev)
         ent = ((st["entropy"].double().sum(), st["tokens"].double().sum()) if "entropy" in st
                else (z.new_zeros(()),) * 2)
+        if "mean_logit" in st:
+            ml, n_tok = st["mean_logit"].double(), st["tokens"].double()
+            logits = (ml[d].sum(), ml[~d].sum(), n_tok[d].sum(), n_tok[~d].sum())
+        else:
+            logits = (z.new_zeros(()),) * 4
         return torch.stack([(st["loss"].detach().double() * w).sum(), r[d].sum(), r[~d].sum(), lp[d].sum(),
-                            lp[~d].sum(), d.double().sum(), (~d).double().sum(), z, w.sum(), *ent])
+                            lp[~d].sum(), d.double().sum(), (~d).double().sum(), z, w.sum(), *ent, *logits])
 
     @staticmethod
     def _metrics(tot: torch.Tensor, prefix: str = "", kl: bool = True) -> Dict[str, float]:
@@ -654,6 +663,11 @@ class KTOTrainer:
         if n_c > 0 and n_r > 0:
             m["rewards/margin"] = m["rewards/chosen"] - m["rewards/rejected"]
         m["entropy"] = t[9] / t[10] if t[10] > 0 else 0.0  # TRL's: the token mean over the rows' responses
+        # TRL's logits/*: the mean logit's token mean over each side's responses; a side without tokens has none
+        if t[13] > 0:
+            m["logits/chosen"] = t[11] / t[13]
+        if t[14] > 0:
+            m["logits/rejected"] = t[12] / t[14]
         return {prefix + k: v for k, v in m.items()}
 
     # -------------------------------------------------------------- steps

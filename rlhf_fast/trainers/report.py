@@ -62,14 +62,15 @@ KEY_SETTINGS.update({
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
 _OFFLINE_TAIL = ("eval_*", "grad_norm", "lr")
 KEY_METRICS = {
-    "sft": ("loss", "eval_loss", "eval_ppl", "entropy", "tokens", "num_tokens", "train_tokens_per_second")
-    + _OFFLINE_TAIL,
+    "sft": ("loss", "eval_loss", "eval_ppl", "entropy", "mean_token_accuracy", "tokens", "num_tokens",
+            "train_tokens_per_second") + _OFFLINE_TAIL,
     "reward": ("loss", "accuracy", "margin", "mean_reward", "eval_loss", "eval_accuracy", "num_tokens",
                "train_tokens_per_second") + _OFFLINE_TAIL,
-    "dpo": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "eval_loss",
-            "eval_rewards/accuracy", "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
-    "kto": ("loss", "kl", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "eval_loss", "eval_kl",
-            "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
+    "dpo": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy",
+            "mean_token_accuracy", "logits/*", "eval_loss", "eval_rewards/accuracy", "eval_rewards/margin",
+            "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
+    "kto": ("loss", "kl", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "logits/*", "eval_loss",
+            "eval_kl", "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
 }
 KEY_METRICS.update(dict.fromkeys(("ppo", "grpo", "rloo"), (
     "reward/total", "reward/*", "eval/*", "kl/seq", "kl/token", "kl/coef", "entropy", "policy/loss",

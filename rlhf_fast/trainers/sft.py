@@ -383,7 +383,7 @@ def completion_nll_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = 
 
 
 def sft_loss_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False,
-                 loss_type: str = "nll", return_entropy: bool = False):
+                 loss_type: str = "nll", return_entropy: bool = False, return_top1: bool = False):
     """(loss sum [0-dim float32, differentiable], NLL sum [0-dim float32, detached], trained-token
     count [0-dim int64]) over the tokens marked by ``batch["response_mask"]`` (and attended, not
     position 0), through the fused :func:`sequence_logprobs`, which gives logp [B, T] float32.
@@ -393,22 +393,32 @@ def sft_loss_sum(model, batch: Dict[str, torch.Tensor], *, packed: bool = False,
     by its probability, the weight detached so the gradient is p·∇(−logp). The caller divides
     by the global count. ``return_entropy``: a fourth value, the sum over the same tokens of the
     entropy of the distribution that predicted each [0-dim float32, detached] (TRL's
-    ``entropy`` metric is that sum over the count), from the same fused pass."""
+    ``entropy`` metric is that sum over the count), from the same fused pass. ``return_top1``: a
+    further value, how many of those tokens are the argmax of the logits that predicted them
+    [0-dim int64] (TRL's ``mean_token_accuracy`` is that count over the count; ties go to the first
+    maximal index, as torch.argmax), from the same pass too."""
     from rlhf_fast.models.logprobs import sequence_logprobs
 
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    # the default call stays the old one
+    top1 = {"return_top1": True} if return_top1 else {}
     out = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
                             response_mask=batch["response_mask"], packed=packed,
-                            return_entropy=return_entropy)  # [B, T] (each)
-    logp, ent = out if return_entropy else (out, None)
+                            return_entropy=return_entropy, **top1)  # [B, T] (each)
+    out = list(out) if (return_entropy or return_top1) else [out]
+    logp = out.pop(0)
+    ent = out.pop(0) if return_entropy else None
     mask = batch["response_mask"].bool() & batch["attention_mask"].bool()
     mask[:, 0] = False  # position 0 has no prediction
     nll = -(logp * mask)  # [B, T], 0 off the mask
     loss = (nll * logp.detach().exp()).sum() if loss_type == "dft" else nll.sum()
+    res = (loss, nll.detach().sum(), mask.sum())
     if return_entropy:
-        return loss, nll.detach().sum(), mask.sum(), (ent.detach() * mask).sum()
-    return loss, nll.detach().sum(), mask.sum()
+        res += ((ent.detach() * mask).sum(),)
+    if return_top1:
+        res += ((out.pop(0) & mask).sum(),)
+    return res
 
 
 def input_tokens(rows: Sequence[Dict[str, List[int]]], idx: Sequence[int]) -> int:
@@ -772,26 +782,29 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """``{"eval_loss", "eval_ppl", "eval_tokens", "eval_entropy"}`` over the eval records (empty
-        dict without). eval_loss is the token-mean NLL whatever ``loss_type`` (so eval_ppl is a
-        perplexity); eval_entropy the token mean of the predicting distributions' entropy."""
+        """``{"eval_loss", "eval_ppl", "eval_tokens", "eval_entropy", "eval_mean_token_accuracy"}``
+        over the eval records (empty dict without). eval_loss is the token-mean NLL whatever
+        ``loss_type`` (so eval_ppl is a perplexity); eval_entropy the token mean of the predicting
+        distributions' entropy; eval_mean_token_accuracy the fraction of tokens that are their
+        logits' argmax."""
         if not self.eval_rows:
             return {}
         was = self.model.training
         self.model.eval()
-        tot = torch.zeros(3, dtype=torch.float64, device=self.device)  # (nll sum, tokens, entropy sum)
+        tot = torch.zeros(4, dtype=torch.float64, device=self.device)  # (nll sum, tokens, entropy sum, top-1)
         for i in range(0, len(self.eval_rows), self.cfg.batch_size):
             idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
             batch = self._local_batch(idx, self.eval_rows)
             with autocast_context(self.device, self.cfg.bf16):
-                s, _, c, ent = sft_loss_sum(self.model, batch, packed=self._packed["eval"], return_entropy=True)
-            tot += torch.stack([s.double(), c.double(), ent.double()])
+                s, _, c, ent, top1 = sft_loss_sum(self.model, batch, packed=self._packed["eval"],
+                                                  return_entropy=True, return_top1=True)
+            tot += torch.stack([s.double(), c.double(), ent.double(), top1.double()])
         tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
-        tot, n, ent = float(tot[0]), int(tot[1]), float(tot[2])
+        tot, n, ent, top1 = float(tot[0]), int(tot[1]), float(tot[2]), float(tot[3])
         self.model.train(was)
         loss = tot / max(n, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n,
-                "eval_entropy": ent / max(n, 1)}
+                "eval_entropy": ent / max(n, 1), "eval_mean_token_accuracy": top1 / max(n, 1)}
 
     def _save(self) -> None:
         save_supervised(self, "policy")
@@ -812,17 +825,19 @@ class SFTTrainer:
                       for b in micro)
         n_tok = torch.tensor(n_local, dtype=torch.float64, device=self.device)
         n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss sum, nll sum, entropy sum)
+        # (loss sum, nll sum, entropy sum, top-1 tokens)
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
             # DDP: all-reduce the gradients once, after the last micro-batch
             skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
             with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
                 with autocast_context(self.device, cfg.bf16):
-                    s, nll, _, ent = sft_loss_sum(self.model, b, packed=self._packed["train"],
-                                                  loss_type=cfg.loss_type, return_entropy=True)
+                    s, nll, _, ent, top1 = sft_loss_sum(self.model, b, packed=self._packed["train"],
+                                                        loss_type=cfg.loss_type, return_entropy=True,
+                                                        return_top1=True)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (s / n_tok * ctx.grad_scale).backward()
-            total += torch.stack([s.detach().double(), nll.double(), ent.double()])
+            total += torch.stack([s.detach().double(), nll.double(), ent.double(), top1.double()])
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
@@ -831,6 +846,8 @@ class SFTTrainer:
             m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types
         # TRL's entropy: the token mean over the trained tokens (here of the whole step, every rank)
         m["entropy"] = float(total[2]) / n_tok
+        # TRL's mean_token_accuracy: the trained tokens that are their logits' argmax, the same mean
+        m["mean_token_accuracy"] = float(total[3]) / n_tok
         m.update(count_tokens(self, sum(input_tokens(self.train_rows, idx) for idx in idxs)))
         return ctx.mean_metrics(m)
 

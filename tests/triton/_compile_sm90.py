@@ -44,12 +44,13 @@ def variants(dtypes=("fp32", "bf16")):
                 gent_ptr="*fp32", dlogits_ptr=f"*{dt}", N="i32", V="i32", T_inner="i32", stride_b="i64", stride_t="i64",
                 dstride_b="i64", dstride_t="i64", temperature="fp32", ignore_index="i32"), dict(HAS_GLOGP=True, HAS_GENT=ent, ROWS=1, BLOCK_V=4096), 8
         # fused linear forward
-        for bias, ent in ((False, True), (True, False)):
+        for bias, ent, amax in ((False, True, False), (True, False, False), (False, True, True)):
             yield "fl_fwd", fused_linear._fused_linear_fwd_kernel, dict(
-                h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", part_ptr="*fp32", N="i32",
-                V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
+                h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", part_ptr="*fp32",
+                idx_ptr="*i64" if amax else "*fp32", N="i32", V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
                 n_row_tiles="i32", split="i32", tiles_per_split="i32"), dict(
-                HAS_BIAS=bias, ENTROPY=ent, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=128, BLOCK_K=64), 4
+                HAS_BIAS=bias, ENTROPY=ent, ARGMAX=amax, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=128,
+                BLOCK_K=64), 4
         for bias, ent in ((False, True), (True, False)):
             yield "fl_bwd", fused_linear._fused_linear_bwd_kernel, dict(
                 h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",

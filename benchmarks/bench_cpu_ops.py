@@ -419,7 +419,7 @@ CASES = [
          "fused_linear_divergence", ours_fused_linear_divergence,
          (Peer("trl ChunkedDivergenceFunction", peer_trl_chunked_divergence, "trl"),
           Peer(COMPILE_NAME, compiled_fused_linear_divergence, compiled=True)),
-         1.5, 2.0, "≥ 1.5× faster, ≥ 2× less extra memory (4 projections vs TRL's 8 for the JSD)"),
+         1.5, 2.0, "≥ 1.5× faster, ≥ 2× less extra memory (4 matmuls vs TRL's 8 for the JSD)"),
     Case("gae B=64 T=2048", "gae", "gae", ours_gae,
          (Peer("python loop over T (TRL/verl/OpenRLHF)", peer_gae_loop),
           Peer(COMPILE_NAME, compiled_gae, compiled=True)), 50.0, None, "≥ 50× faster"),

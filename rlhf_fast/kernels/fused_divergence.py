@@ -47,6 +47,24 @@ REDUCTIONS = ("none", "sum")
 
 
 @triton.jit
+def _log_probs_tile(s_base, t_base, cols, inb, inv_t, ms, log_ss, mt, log_st, ACC: tl.constexpr):
+    """The tile ``cols`` of both rows' log-probs (log p = (z / T − M) − log S, −inf off ``inb``)."""
+    log_ps = tl.load(s_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
+    log_pt = tl.load(t_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
+    return (log_ps - ms[:, None]) - log_ss[:, None], (log_pt - mt[:, None]) - log_st[:, None]
+
+
+@triton.jit
+def _log_mixture(log_ps, log_pt, log_1mb, log_b):
+    """log m = log((1 − beta)·p_s + beta·p_t), as a log-add-exp that stays finite where both are 0."""
+    a = log_ps + log_1mb
+    b = log_pt + log_b
+    top = tl.maximum(a, b)
+    top_safe = tl.where(top == -float("inf"), 0.0, top)
+    return top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
+
+
+@triton.jit
 def _divergence_rows_kernel(
     zs_ptr, zt_ptr, g_ptr, gscale_ptr, params_ptr, div_ptr, ent_ptr, stats_ptr,
     N, V, stride_s, stride_t, stride_g,
@@ -135,15 +153,8 @@ def _divergence_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 inb = row_ok[:, None] & (cols < V)[None, :]
-                log_ps = tl.load(s_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
-                log_pt = tl.load(t_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
-                log_ps = (log_ps - ms[:, None]) - log_ss[:, None]
-                log_pt = (log_pt - mt[:, None]) - log_st[:, None]
-                a = log_ps + log_1mb
-                b = log_pt + log_b
-                top = tl.maximum(a, b)
-                top_safe = tl.where(top == -float("inf"), 0.0, top)
-                log_m = top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
+                log_ps, log_pt = _log_probs_tile(s_base, t_base, cols, inb, inv_t, ms, log_ss, mt, log_st, ACC)
+                log_m = _log_mixture(log_ps, log_pt, log_1mb, log_b)
                 ps = tl.exp(log_ps)
                 pt = tl.exp(log_pt)
                 kl_s = tl.where(ps > 0, ps * (log_ps - log_m), 0.0)
@@ -171,21 +182,14 @@ def _divergence_rows_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             inb = row_ok[:, None] & (cols < V)[None, :]
-            log_ps = tl.load(s_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
-            log_pt = tl.load(t_base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(ACC) * inv_t
-            log_ps = (log_ps - ms[:, None]) - log_ss[:, None]
-            log_pt = (log_pt - mt[:, None]) - log_st[:, None]
+            log_ps, log_pt = _log_probs_tile(s_base, t_base, cols, inb, inv_t, ms, log_ss, mt, log_st, ACC)
             ps = tl.exp(log_ps)
             if MODE == 0:
                 grad = ps - tl.exp(log_pt)
             elif MODE == 1:
                 grad = tl.where(ps > 0, ps * (log_ps - log_pt - k_aux[:, None]), 0.0)
             else:
-                a = log_ps + log_1mb
-                b = log_pt + log_b
-                top = tl.maximum(a, b)
-                top_safe = tl.where(top == -float("inf"), 0.0, top)
-                log_m = top_safe + tl.log(tl.exp(a - top_safe) + tl.exp(b - top_safe))
+                log_m = _log_mixture(log_ps, log_pt, log_1mb, log_b)
                 grad = tl.where(ps > 0, ps * (log_ps - log_m - k_aux[:, None]), 0.0)
             grad = grad * coef[:, None]
             tl.store(g_base[:, None] + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=inb)

@@ -173,3 +173,34 @@ def nonneg(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if type(value) is int and value > 2 ** 1023:
         as_float(name, value)
+
+
+def linear_head(hidden, weight, bias, *, names: Sequence[str] = ("hidden", "weight", "bias"),
+                hidden_ndim: int = 2) -> None:
+    """An LM head's inputs: ``hidden`` ``[..., H]`` floating (``hidden_ndim`` dims), ``weight``
+    ``[V, H]`` and ``bias`` ``[V]`` (or None) of hidden's dtype (the logits' dtype is hidden's on
+    every backend). ``names``: the three arguments' names in the messages."""
+    h, w, b = names
+    tensor(h, hidden, floating=True, ndim=hidden_ndim)
+    tensor(w, weight, floating=True, ndim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w} must have the dtype of {h} ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{w} must have shape [V, H] with H = {h}.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        tensor(b, bias, floating=True, ndim=1)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b} must have the dtype of {h} ({hidden.dtype}), got {bias.dtype}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{b} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def chunk_size(value, rows: int) -> Optional[int]:
+    """A positive int or None; a chunk of more rows than the ``rows`` there are is the whole
+    batch (so a huge value never reaches a kernel's int64 argument)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {value!r}")
+    return min(value, max(1, rows))

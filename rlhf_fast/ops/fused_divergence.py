@@ -17,28 +17,12 @@ from . import _dispatch, _native, _validate, reference
 from .reference import DIVERGENCE_REDUCTIONS, out_dtype
 
 
-def _check_model(prefix: str, hidden, weight, bias):
-    _validate.tensor(f"{prefix}_hidden", hidden, floating=True, ndim=2)
-    _validate.tensor(f"{prefix}_weight", weight, floating=True, ndim=2)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight must have the dtype of {prefix}_hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{prefix}_weight must have shape [V, H] with H = {prefix}_hidden.shape[1] = "
-                         f"{hidden.shape[1]}, got {tuple(weight.shape)}")
-    if bias is not None:
-        _validate.tensor(f"{prefix}_bias", bias, floating=True, ndim=1)
-        if bias.dtype != hidden.dtype:
-            # as the weight: the logits' dtype is the hidden's on every backend
-            raise TypeError(f"{prefix}_bias must have the dtype of {prefix}_hidden ({hidden.dtype}), got {bias.dtype}")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}_bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-
-
 def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, beta, temperature, mask, student_bias,
            teacher_bias, reduction, return_entropy, chunk_size):
     """Every argument; returns the normalised scalars ``(beta, temperature, return_entropy, chunk_size)``."""
-    _check_model("student", student_hidden, student_weight, student_bias)
-    _check_model("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    for who, (h, w, b) in (("student", (student_hidden, student_weight, student_bias)),
+                           ("teacher", (teacher_hidden, teacher_weight, teacher_bias))):
+        _validate.linear_head(h, w, b, names=(f"{who}_hidden", f"{who}_weight", f"{who}_bias"))
     N, V = student_hidden.shape[0], student_weight.shape[0]
     if teacher_hidden.shape[0] != N:
         raise ValueError(f"teacher_hidden must have N = student_hidden.shape[0] = {N} rows, "
@@ -59,11 +43,7 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, beta,
     temperature = _validate.temperature(temperature)
     _validate.choice("reduction", reduction, DIVERGENCE_REDUCTIONS)
     return_entropy = _validate.flag("return_entropy", return_entropy)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        # more rows than there are is the whole batch: a huge value never reaches an int64 argument
-        chunk_size = min(chunk_size, max(1, N))
+    chunk_size = _validate.chunk_size(chunk_size, N)
     return beta, temperature, return_entropy, chunk_size
 
 

@@ -16,32 +16,14 @@ from .reference import AGG_MODES, KL_KINDS, out_dtype
 
 
 def _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, hidden_ndim):
-    _validate.tensor("hidden", hidden, floating=True, ndim=hidden_ndim)
-    _validate.tensor("weight", weight, floating=True, ndim=2)
+    _validate.linear_head(hidden, weight, bias, hidden_ndim=hidden_ndim)
     _validate.tensor("labels", labels, integer=True)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-    if bias is not None:
-        _validate.tensor("bias", bias, floating=True, ndim=1)
-        if bias.dtype != hidden.dtype:
-            # as weight: the logits' dtype is hidden's on every backend
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     _validate.same_device(("hidden", "weight", "labels", "bias"), (hidden, weight, labels, bias))
     temperature = _validate.temperature(temperature)
     ignore_index = _validate.integer("ignore_index", ignore_index)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        # a chunk of more rows than there are is the whole batch: a huge value never
-        # reaches a kernel's int64 argument
-        chunk_size = min(chunk_size, max(1, labels.numel()))
+    chunk_size = _validate.chunk_size(chunk_size, labels.numel())
     _validate.labels_in_range("labels", labels, weight.shape[0], ignore_index)
     return temperature, ignore_index, chunk_size
 

@@ -64,13 +64,6 @@ _RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergen
             "policy/grad_norm": "grad_norm"}
 
 
-def divergence_op():
-    """:func:`rlhf_fast.ops.fused_linear_divergence` where the package has it, else its
-    PyTorch reference (the same signature and numbers)."""
-    fn = getattr(ops, "fused_linear_divergence", None)
-    return fn if fn is not None else ops.reference.fused_linear_divergence
-
-
 def gkd_uniform(seed: int, step: int) -> float:
     """The uniform number in [0, 1) that picks the kind of step ``step`` (GKD's
     ``random.random()``): a function of the run's ``seed`` and the step alone — the same on
@@ -184,7 +177,7 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     # the heads after the forwards, as FSDP2 leaves them (the root's gathered for its head)
     ws, bs = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
     wt, bt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
-    div, ent = divergence_op()(hs, ws, ht, wt, beta=beta, temperature=temperature, student_bias=bs,
+    div, ent = ops.fused_linear_divergence(hs, ws, ht, wt, beta=beta, temperature=temperature, student_bias=bs,
                                teacher_bias=bt, reduction="sum", return_entropy=True, chunk_size=chunk_size)
     norm = max(n, 1) if normalizer is None else normalizer
     stats = {"divergence_sum": float(div.detach()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
@@ -553,7 +546,7 @@ class DistillationTrainer(RLTrainer):
             res = super()._eval_batch_sums(batch, idx, extra, group_size)
         else:
             res = {"response_length": (float(rm.sum()), float(rm.shape[0]))}
-        _, st = self.distill_loss(ids, am, rm)
+        _, st = self.distill_loss(ids, am, rm)  # under evaluate()'s no_grad
         n = st["tokens"]
         res.update({"loss": (st["divergence_sum"], n), "distill/divergence": (st["divergence_sum"], n),
                     "entropy": (st["entropy_sum"], n)})
@@ -563,5 +556,5 @@ class DistillationTrainer(RLTrainer):
         return {"loss": f"{m.get('loss', float('nan')):.4f}", "entropy": f"{m.get('entropy', float('nan')):.3f}"}
 
 
-__all__ = ["COMPLETION_KEY", "DistillationTrainer", "completion_batch", "distillation_loss", "divergence_op",
-           "gkd_on_policy", "gkd_uniform"]
+__all__ = ["COMPLETION_KEY", "DistillationTrainer", "completion_batch", "distillation_loss", "gkd_on_policy",
+           "gkd_uniform"]

@@ -518,22 +518,13 @@ def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[
     return logp.sum(-1), count
 
 
-def response_logps_entropy(model, batch: Dict[str, torch.Tensor], *, packed: bool = False
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`response_logps`' ``(log-prob [N], token count [N])`` (no ``ld_alpha``), the same
-    values, and from the same fused pass each row's entropy summed over its response tokens
-    ``[N]`` float32, detached (:func:`response_entropy`): the policy's call, for the ``entropy``
-    metric. (A separate function: benchmarks/e2e.py wraps ``response_logps`` as ``(model, batch)``.)"""
-    logp, ent = token_logps(model, batch, packed=packed, return_entropy=True)  # [N, T] each
-    mask = response_mask(batch)
-    return logp.sum(-1), mask[:, 1:].sum(-1), response_entropy(ent, mask)
-
-
 def response_logps_metrics(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, top1: bool = True
                            ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-    """:func:`response_logps_entropy`'s log-probs and token counts ``[N]``, and from the same fused
-    pass the row sums of :func:`response_token_stats` (``entropy``, ``mean_logit`` and, with
-    ``top1``, ``top1``; each ``[N]``, detached): the policy's call for TRL's metrics."""
+    """:func:`response_logps`' ``(log-prob [N], token count [N])`` (no ``ld_alpha``), the same
+    values, and from the same fused pass the row sums of :func:`response_token_stats`
+    (``entropy``, ``mean_logit`` and, with ``top1``, ``top1``; each ``[N]``, detached): the
+    policy's call for TRL's metrics. (Not folded into ``response_logps``: benchmarks/e2e.py wraps
+    that as ``(model, batch)``.)"""
     out = token_logps(model, batch, packed=packed, return_entropy=True, return_top1=top1, return_mean_logit=True)
     mask = response_mask(batch)
     return out[0].sum(-1), mask[:, 1:].sum(-1), response_token_stats(out[1:], mask, top1=top1)

@@ -253,8 +253,6 @@ def _informative_groups(out, group_size: int) -> torch.Tensor:
     total = out.total.view(-1, group_size)
     unscored = out.unscored_rows().view(-1, group_size)
     valid = (out.valid.view(-1, group_size) | unscored).all(dim=1)
-    if not unscored.any():
-        return valid & (total.amax(dim=1) > total.amin(dim=1))
     hi = total.masked_fill(unscored, float("-inf")).amax(dim=1)
     lo = total.masked_fill(unscored, float("inf")).amin(dim=1)
     return valid & (hi > lo)

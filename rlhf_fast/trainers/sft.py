@@ -435,7 +435,7 @@ def count_tokens(trainer, step_tokens: int) -> Dict[str, int]:
     which :func:`training_loop` divides by the step's seconds (``train_tokens_per_second``).
     Returns ``{"num_tokens": the cumulative count}``, TRL's metric."""
     trainer.step_tokens = int(step_tokens)
-    trainer.num_tokens = int(getattr(trainer, "num_tokens", 0)) + trainer.step_tokens
+    trainer.num_tokens += trainer.step_tokens
     return {"num_tokens": trainer.num_tokens}
 
 
@@ -586,7 +586,7 @@ def save_supervised(trainer, part: str) -> None:
     """The checkpoint of an SFT / reward / DPO trainer at ``trainer.step`` (its model under the
     name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
     extra = {"step": trainer.step, "data": trainer.batches.state(),
-             "num_tokens": int(getattr(trainer, "num_tokens", 0))}
+             "num_tokens": trainer.num_tokens}
     directory = checkpoint_dir(trainer.run.path, trainer.step)
     if trainer.cfg.distributed.strategy == "none":
         save_checkpoint(directory, models={part: trainer.model}, optimizers={"optimizer": trainer.optimizer},

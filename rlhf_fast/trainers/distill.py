@@ -33,6 +33,19 @@ whatever its sampling ``temperature``, ours divides both by ``rollout.temperatur
 DistillationTrainer) — equal at temperature 1. ``num_tokens`` (TRL's metric): the prompt and
 answer tokens of every step so far on every rank (tool results out), checkpointed.
 
+Heads that transform their logits after the matmul (Gemma 2/3's ``final_logit_softcapping``,
+Cohere's ``logit_scale``, Granite's ``logits_scaling``: :func:`head_transform`, read as TRL reads
+them) cannot go through the fused op: when either model's head is one, the divergence is taken
+from both models' logits (:func:`transformed_divergence`, ``distill.chunk_size`` rows at a time,
+each chunk recomputed in the backward), equal to TRL's ``_chunked_divergence_loss`` with its
+scale and softcap arguments. Plain heads keep the fused op.
+
+Data: GKD's conversational records ``{"messages": [...]}`` (no ``prompt``) read as
+``{prompt: messages[:-1], completion: [messages[-1]]}`` (:func:`messages_record`; the last message
+must be the assistant's), wherever the RL trainer reads prompt records (``prompts`` /
+``eval_prompts``, ``data.prompts`` / ``data.eval_prompts``, .jsonl / .parquet ``data.prompts_file`` /
+``data.eval_prompts_file``, and ``rlhf-fast eval --run``): :attr:`RLTrainer.convert_record`.
+
 Vocabulary: the divergence compares the two heads row by row, so they must have the same
 number of rows. Real checkpoints pad their heads past the tokenizer to different multiples
 (Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
@@ -48,7 +61,7 @@ import os
 import random
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +71,9 @@ from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
 
 # the field of a training record that holds its completion (SFT's prompt-completion format)
 COMPLETION_KEY = "completion"
+
+# the field of GKD's conversational records (TRL's DataCollatorForChatML): the prompt's turns, then the answer
+MESSAGES_KEY = "messages"
 
 # update statistics under TRL DistillationTrainer's metric names (ours where TRL has none)
 _RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergence": "distill/divergence",
@@ -77,6 +93,33 @@ def gkd_on_policy(seed: int, step: int, lmbda: float) -> bool:
     ``random.random() <= self.lmbda`` with :func:`gkd_uniform`. ``lmbda`` 1 draws nothing (every
     step is on-policy, as that rule gives)."""
     return lmbda >= 1.0 or gkd_uniform(seed, step) <= lmbda
+
+
+def messages_record(item, key: str = "prompt", where: str = "record"):
+    """A training record of TRL GKD's conversational format, ``{"messages": [...]}`` without a
+    ``key`` field (the prompt), as the prompt-completion record the trainer reads: ``{key:
+    messages[:-1], "completion": [messages[-1]], **other fields}`` — GKD's collator
+    (``DataCollatorForChatML``) trains on the last message, the assistant's answer, after the
+    rest. Any other item (text, a chat, a record with a ``key`` field) comes back as it is.
+    ValueError naming ``where`` when the messages are not a list of ``{role, content}`` messages,
+    hold no message before the answer, end in a turn other than the assistant's, or the record
+    also has a ``completion``."""
+    if not (isinstance(item, dict) and MESSAGES_KEY in item and key not in item):
+        return item
+    msgs = item[MESSAGES_KEY]
+    if not (isinstance(msgs, list) and _chat_or_text(msgs)):
+        raise ValueError(f"{where}: {MESSAGES_KEY!r} must be a non-empty list of {{role, content}} messages "
+                         f"(text content), got {type(msgs).__name__}")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last of its {MESSAGES_KEY!r} must be the assistant's answer (the completion "
+                         f"distillation trains on), got a {msgs[-1]['role']!r} message")
+    if len(msgs) < 2:
+        raise ValueError(f"{where}: its {MESSAGES_KEY!r} hold only the answer; the prompt is the messages before it")
+    if COMPLETION_KEY in item:
+        raise ValueError(f"{where}: has both {MESSAGES_KEY!r} and {COMPLETION_KEY!r}; give {{{MESSAGES_KEY}}} "
+                         f"(its last message the completion) or {{{key}, {COMPLETION_KEY}}}")
+    rest = {k: v for k, v in item.items() if k != MESSAGES_KEY}
+    return {key: msgs[:-1], COMPLETION_KEY: [msgs[-1]], **rest}
 
 
 def completion_batch(rows: Sequence[Tuple[List[int], List[int], bool]], group_size: int, pad_id: int, tokenizer,
@@ -106,24 +149,80 @@ def completion_batch(rows: Sequence[Tuple[List[int], List[int], bool]], group_si
                         finish_reasons=["length" if cut else "stop" for _, _, cut in rows])
 
 
-def _head(model, key: str):
-    from rlhf_fast.models.logprobs import lm_head_params
+class HeadTransform(NamedTuple):
+    """What a model's forward does to its LM head's output before the softmax: multiply by
+    ``scale``, then, when ``softcap`` is set, ``softcap·tanh(z / softcap)`` (Gemma's final logit
+    softcapping)."""
 
-    try:
-        return lm_head_params(model)
-    except ValueError as e:  # softcapped / scaled heads: the op takes a plain linear head
-        raise ValueError(f"{key}: {e}; distillation needs plain linear LM heads") from None
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+
+# config keys TRL reads for the transform (DistillationTrainer._compute_loss); heads with any other
+# of rlhf_fast.models.logprobs' unfusable keys active are refused (no model reads them as TRL could)
+_TRANSFORM_KEYS = frozenset({"final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                             "logits_scaling"})
+
+
+def head_transform(model) -> HeadTransform:
+    """The :class:`HeadTransform` of ``model`` (a causal LM, peft / DDP wrappers allowed), read off
+    its text config as TRL 1.16's DistillationTrainer reads it (``_compute_loss``): the scale is
+    ``logit_scale`` (Cohere), else ``output_multiplier`` (Muse), else ``lm_head_multiplier``
+    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
+    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma 2/3)."""
+    from rlhf_fast.models.logprobs import unwrap
+
+    cfg = getattr(unwrap(model), "config", None)
+    if cfg is None:  # not a transformers model: nothing to read, a plain head
+        return HeadTransform()
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = None
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(cfg, key, None)
+    ls = getattr(cfg, "logits_scaling", None)
+    if scale is None and ls is not None:
+        scale = ls if getattr(cfg, "model_type", None) == "hyperclovax" else 1 / ls
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return HeadTransform(1.0 if scale is None else float(scale), None if not cap else float(cap))
+
+
+def _head(model, key: str):
+    """``(weight [V, H], bias [V] or None, transform)`` of ``model``'s LM head: ``transform`` None
+    for a plain linear head (the fused op takes it), else its :class:`HeadTransform` (the
+    divergence then goes through the logits, :func:`transformed_divergence`). ValueError naming
+    ``key`` for a head neither can compute (not a Linear, a peft adapter on it, an unknown scale)."""
+    from rlhf_fast.models.logprobs import _UNFUSABLE_HEAD_ATTRS, lm_head_params, unfusable_reason, unwrap
+
+    tf = head_transform(model)
+    why = unfusable_reason(model)
+    if why is None and tf == HeadTransform():
+        return (*lm_head_params(model), None)
+    m = unwrap(model)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer"):
+        raise ValueError(f"{key}: {why}; distillation needs a linear LM head (a logit scale or softcapping after "
+                         f"it is fine)")
+    cfg = getattr(m, "config", None)
+    other = [name for name, neutral in _UNFUSABLE_HEAD_ATTRS
+             if name not in _TRANSFORM_KEYS and getattr(cfg, name, None) not in neutral]
+    if other:
+        raise ValueError(f"{key}: config.{other[0]}={getattr(cfg, other[0])!r} transforms the logits in a way "
+                         f"distillation does not know; it takes logit_scale, output_multiplier, lm_head_multiplier, "
+                         f"logits_scaling and final_logit_softcapping (as TRL)")
+    return head.weight, head.bias, tf
 
 
 def _heads(model, key: str, dtype: torch.dtype, rows: Optional[int]):
-    """``(weight [V, H], bias [V] or None)`` of ``model``'s head, each one plain tensor in
-    ``dtype`` (its backbone's output dtype: the op takes one dtype per model; a no-op unless
-    autocast or a mixed-precision wrapper hands back another), its first ``rows`` rows when
-    given (differentiable: views and casts)."""
-    w, b = (None if t is None else _full(t).to(dtype) for t in _head(model, key))
+    """``(weight [V, H], bias [V] or None, transform)`` of ``model``'s head (:func:`_head`), each
+    tensor one plain tensor in ``dtype`` (its backbone's output dtype: the op takes one dtype per
+    model; a no-op unless autocast or a mixed-precision wrapper hands back another), its first
+    ``rows`` rows when given (differentiable: views and casts)."""
+    w, b, tf = _head(model, key)
+    w, b = (None if t is None else _full(t).to(dtype) for t in (w, b))
     if rows is not None:
         w, b = w[:rows], (b[:rows] if b is not None else None)
-    return w, b
+    return w, b, tf
 
 
 def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -137,6 +236,68 @@ def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+# Rows of logits per chunk of the logits path (transformed_divergence) when no chunk_size is given:
+# 4M logits (16 MB float32) per model
+_LOGITS_CHUNK_ELEMS = 1 << 22
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transform: HeadTransform,
+                temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """A model's logits ``[n, V]`` in ``dtype`` at ``temperature`` from its last hidden states
+    ``hidden [n, H]`` and head ``weight [V, H]`` / ``bias [V]``: the head's product in its dtype (as
+    the model's forward gives it), then in ``dtype`` ``transform``'s scale and softcap (TRL's
+    order: scale, softcap, temperature) and the division by ``temperature``."""
+    z = torch.nn.functional.linear(hidden, weight, bias).to(dtype)
+    if transform.scale != 1.0:
+        z = z * transform.scale
+    if transform.softcap is not None:
+        z = torch.tanh(z / transform.softcap) * transform.softcap
+    return z / temperature
+
+
+def _chunk_divergence(hs, ws, bs, ts, ht, wt, bt, tt, beta, temperature):
+    """The divergence sum (0-dim) and the student's entropy ``[n]`` of one chunk of rows."""
+    from rlhf_fast.ops import reference
+
+    dt = reference.out_dtype(hs.dtype)
+    zs = head_logits(hs, ws, bs, ts, temperature, dt)
+    with torch.no_grad():
+        zt = head_logits(ht, wt, bt, tt, temperature, dt)
+    div, ent = reference.divergence_from_logits(zs, zt, beta)
+    return div.sum(), ent.detach()
+
+
+def transformed_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                           student_bias: Optional[torch.Tensor], student_transform: HeadTransform,
+                           teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                           teacher_bias: Optional[torch.Tensor], teacher_transform: HeadTransform, *,
+                           beta: float, temperature: float, chunk_size: Optional[int] = None):
+    """:func:`rlhf_fast.ops.fused_linear_divergence` with ``reduction="sum"`` and
+    ``return_entropy=True`` for heads whose logits are transformed (:class:`HeadTransform`; either
+    model or both): each model's logits through :func:`head_logits`, the divergence
+    :func:`rlhf_fast.ops.reference.divergence_from_logits`, ``chunk_size`` rows at a time (None:
+    4M logits per model), each chunk's logits recomputed in the backward
+    (``torch.utils.checkpoint``) so that forward and backward hold one chunk of each model's.
+    student_hidden ``[N, H]``, teacher_hidden ``[N, Ht]``, weights ``[V, H]`` / ``[V, Ht]``.
+    Returns ``(divergence sum 0-dim, student entropy [N])``, float32 (float64 for a float64
+    student); gradients to the student's hidden, weight and bias only."""
+    N, V = student_hidden.shape[0], student_weight.shape[0]
+    rows = chunk_size or max(1, _LOGITS_CHUNK_ELEMS // V)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (student_hidden, student_weight, student_bias))
+    sums, ents = [], []
+    for s in range(0, N, rows):
+        args = (student_hidden[s:s + rows], student_weight, student_bias, student_transform,
+                teacher_hidden[s:s + rows], teacher_weight, teacher_bias, teacher_transform, beta, temperature)
+        if grad:  # keep the chunk's inputs, not its [rows, V] logits and softmaxes
+            d, e = torch.utils.checkpoint.checkpoint(_chunk_divergence, *args, use_reentrant=False)
+        else:
+            d, e = _chunk_divergence(*args)
+        sums.append(d)
+        ents.append(e)
+    return torch.stack(sums).sum(), torch.cat(ents)
+
+
 def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       loss_mask: torch.Tensor, *, beta: float = 1.0, temperature: float = 1.0, normalizer=None,
                       vocab_rows: Optional[int] = None, chunk_size: Optional[int] = None):
@@ -148,8 +309,10 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     same inputs (:func:`rlhf_fast.models.logprobs.hidden_states`: Llama-family models through
     llama_forward; the teacher under no_grad), only at the predicting positions; their heads
     (the first ``vocab_rows`` rows when given) and hidden states go to
-    :func:`rlhf_fast.ops.fused_linear_divergence` with ``beta`` and ``temperature``. Returns
-    ``(loss, stats)``: loss 0-dim float32 = the divergence summed over the tokens divided by
+    :func:`rlhf_fast.ops.fused_linear_divergence` with ``beta`` and ``temperature`` — or, when
+    either head scales or softcaps its logits (Gemma 2/3, Cohere, Granite: :func:`head_transform`),
+    to :func:`transformed_divergence`, which takes each model's logits a chunk of rows at a time.
+    Returns ``(loss, stats)``: loss 0-dim float32 = the divergence summed over the tokens divided by
     ``normalizer`` (None: the batch's own token count, at least 1), differentiable in the
     student only; stats ``divergence_sum``, ``entropy_sum`` (the student's entropy at
     ``temperature``) and ``tokens`` as floats."""
@@ -165,7 +328,7 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
         h = hidden_states(student, input_ids, attention_mask)
         with torch.no_grad():
             ht = hidden_states(teacher, input_ids, attention_mask)
-        ws, bs = _heads(student, "the student's LM head", h.dtype, vocab_rows)
+        ws, bs, _ = _heads(student, "the student's LM head", h.dtype, vocab_rows)
         _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
         loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
         return loss.float(), {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
@@ -175,10 +338,15 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     with torch.no_grad():
         ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
     # the heads after the forwards, as FSDP2 leaves them (the root's gathered for its head)
-    ws, bs = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
-    wt, bt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
-    div, ent = ops.fused_linear_divergence(hs, ws, ht, wt, beta=beta, temperature=temperature, student_bias=bs,
-                               teacher_bias=bt, reduction="sum", return_entropy=True, chunk_size=chunk_size)
+    ws, bs, ts = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
+    wt, bt, tt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
+    if ts is None and tt is None:
+        div, ent = ops.fused_linear_divergence(hs, ws, ht, wt, beta=beta, temperature=temperature, student_bias=bs,
+                                               teacher_bias=bt, reduction="sum", return_entropy=True,
+                                               chunk_size=chunk_size)
+    else:
+        div, ent = transformed_divergence(hs, ws, bs, ts or HeadTransform(), ht, wt, bt, tt or HeadTransform(),
+                                          beta=beta, temperature=temperature, chunk_size=chunk_size)
     norm = max(n, 1) if normalizer is None else normalizer
     stats = {"divergence_sum": float(div.detach()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
     return div / norm, stats
@@ -211,6 +379,7 @@ class DistillationTrainer(RLTrainer):
     sampled at ``eval.temperature``, the divergence at ``rollout.temperature``)."""
 
     _distills = True
+    convert_record = staticmethod(messages_record)  # GKD's {messages} records as {prompt, completion}
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, *, teacher_model=None, **kwargs):
         if not isinstance(config, RLConfig):
@@ -350,8 +519,8 @@ class DistillationTrainer(RLTrainer):
         if c is None:
             raise ValueError(f"{where} has no {COMPLETION_KEY!r} field; off-policy steps train on the data's "
                              f"completions: give data.prompts_file records {{prompt, completion}} (SFT's "
-                             f"prompt-completion format), or set distill.seq_kd true (the teacher answers), or "
-                             f"distill.lmbda 1")
+                             f"prompt-completion format) or {{messages}} (GKD's), or set distill.seq_kd true (the "
+                             f"teacher answers), or distill.lmbda 1")
         if isinstance(c, str):
             ids = list(tok(c, add_special_tokens=False)["input_ids"])
             eos = tok.eos_token_id
@@ -556,5 +725,6 @@ class DistillationTrainer(RLTrainer):
         return {"loss": f"{m.get('loss', float('nan')):.4f}", "entropy": f"{m.get('entropy', float('nan')):.3f}"}
 
 
-__all__ = ["COMPLETION_KEY", "DistillationTrainer", "completion_batch", "distillation_loss", "gkd_on_policy",
-           "gkd_uniform"]
+__all__ = ["COMPLETION_KEY", "MESSAGES_KEY", "DistillationTrainer", "HeadTransform", "completion_batch",
+           "distillation_loss", "gkd_on_policy", "gkd_uniform", "head_logits", "head_transform", "messages_record",
+           "transformed_divergence"]

@@ -243,10 +243,14 @@ def run_prompt_records(cfg, split: str = "auto") -> tuple:
     splits them (:func:`rlhf_fast.trainers.rl.split_eval_records`). ``auto`` takes the evaluation
     records when the run has a source of them. ValueError for ``eval`` on a run without one."""
     from rlhf_fast.trainers.rl import load_prompt_records, split_eval_records
+    from rlhf_fast.trainers.rl_config import DISTILL
 
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    train, ev = split_eval_records(cfg, load_prompt_records(cfg.data))
+    convert = None
+    if cfg.estimator == DISTILL:  # GKD's {messages} records, read as the trainer reads them
+        from rlhf_fast.trainers.distill import messages_record as convert
+    train, ev = split_eval_records(cfg, load_prompt_records(cfg.data, convert), convert=convert)
     if split == "eval" and not ev:
         raise ValueError("--split eval: the run has no evaluation prompts (no data.eval_prompts, "
                          "data.eval_prompts_file or data.eval_fraction); use --split train")

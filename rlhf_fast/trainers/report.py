@@ -24,7 +24,8 @@ import re
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
-RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",)}
+RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
+               "online-dpo": ("online_dpo",)}
 
 # Keys that only one offline trainer's config holds (checked in this order: KTO and DPO both have
 # beta / loss_type / ref_model, the reward and DPO configs both use_margin). Several per kind, so
@@ -57,6 +58,10 @@ KEY_SETTINGS.update({
     "distill": ("estimator", "steps", "num_train_epochs", "model.lora", "distill.teacher", "distill.beta",
                 "distill.lmbda", "distill.seq_kd", "rollout.prompts_per_step", "rollout.group_size",
                 "rollout.max_new_tokens", "rollout.temperature", "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
+    "online-dpo": ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "online_dpo.beta",
+                   "online_dpo.loss_type", "online_dpo.missing_eos_penalty", "online_dpo.judge",
+                   "rollout.prompts_per_step", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
+                   "reward.reward_model", "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
 })
 
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
@@ -79,6 +84,9 @@ KEY_METRICS.update(dict.fromkeys(("ppo", "grpo", "rloo"), (
 KEY_METRICS["distill"] = ("loss", "distill/divergence", "entropy", "eval/*", "grad_norm", "completions/mean_length",
                           "completions/clipped_ratio", "distill/on_policy", "num_tokens", "reward/*", "tokens_per_second",
                           "time/step", "lr")
+KEY_METRICS["online-dpo"] = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                             "objective/*", "logps/*", "val/contain_eos_token", "reward/*", "eval/*", "grad_norm",
+                             "beta", "response_length/mean", "tokens_per_second", "time/step", "lr")
 
 NUMBER_FORMAT = ".6g"  # every metric value on the page (six significant digits)
 MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counted
@@ -89,8 +97,8 @@ MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counte
 
 def run_kind(config: Dict[str, Any]) -> str:
     """The kind of run whose config.yaml (a dict) is ``config``: ``sft``, ``reward``, ``dpo``,
-    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` / ``distill`` (from ``estimator``). ValueError when
-    it is none of them."""
+    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` / ``distill`` / ``online-dpo`` (from
+    ``estimator``). ValueError when it is none of them."""
     if not isinstance(config, dict):
         raise ValueError(f"config.yaml: expected a mapping of config keys, got {type(config).__name__}")
     if "estimator" in config and isinstance(config.get("rollout"), dict):
@@ -198,6 +206,10 @@ def direction(key: str) -> int:
     if base.startswith("reward/") and not any(w in base for w in ("std", "dropped")):
         return 1
     if "accuracy" in base or base.endswith("margin") or base in ("value/explained_variance", "win_rate"):
+        return 1
+    # online DPO's (TRL's names): the pairs' accuracy and margin, and the scores of its answers
+    if base in ("rewards/accuracies", "rewards/margins", "objective/scores", "objective/scores_margin",
+                "objective/rlhf_reward"):
         return 1
     return 0
 

@@ -72,7 +72,7 @@ from rlhf_fast.algorithms.rewards import (
     trl_completions,
 )
 from rlhf_fast.trainers.common import autocast_context
-from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
+from rlhf_fast.trainers.rl_config import DISTILL, ONLINE_DPO, RLConfig
 
 
 @dataclass
@@ -133,13 +133,15 @@ def load_prompts(d) -> List[str]:
     return read_prompts_file(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key")
 
 
-def load_prompt_records(d) -> List[tuple]:
+def load_prompt_records(d, convert=None) -> List[tuple]:
     """``(prompt, fields)`` of each prompt of a DataConfig: the prompt text or chat (a list of
     ``{role, content}`` messages) and the record's other fields (``{}`` for text lines and
-    inline prompts), which reward functions can take as keyword arguments."""
+    inline prompts), which reward functions can take as keyword arguments. ``convert(record,
+    prompt_key, where)``: a trainer's own record format read as a prompt record first
+    (:attr:`RLTrainer.convert_record`)."""
     if d.prompts_file is None:
-        return [prompt_record(p, d.prompt_key, f"data.prompts[{i}]") for i, p in enumerate(d.prompts)]
-    return read_prompt_records(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key")
+        return [prompt_record(p, d.prompt_key, f"data.prompts[{i}]", convert) for i, p in enumerate(d.prompts)]
+    return read_prompt_records(d.prompts_file, d.prompt_key, "data.prompts_file", "data.prompt_key", convert=convert)
 
 
 def _chat_or_text(p) -> bool:
@@ -149,9 +151,12 @@ def _chat_or_text(p) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in p)
 
 
-def prompt_record(item, key: str = "prompt", where: str = "prompt") -> tuple:
+def prompt_record(item, key: str = "prompt", where: str = "prompt", convert=None) -> tuple:
     """``(prompt, fields)`` of one prompt given as text, a chat (list of ``{role, content}``
-    messages) or a dict holding one of those under ``key`` and any other fields."""
+    messages) or a dict holding one of those under ``key`` and any other fields (after
+    ``convert(item, key, where)`` when given)."""
+    if convert is not None:
+        item = convert(item, key, where)
     if isinstance(item, dict):
         if key not in item or not _chat_or_text(item[key]):
             raise ValueError(f"{where}: expected text, a chat (list of {{role, content}} messages) or an object "
@@ -170,11 +175,12 @@ def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file"
 
 
 def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "",
-                        chat: bool = True) -> List[tuple]:
+                        chat: bool = True, convert=None) -> List[tuple]:
     """``(prompt, fields)`` of each prompt of a .txt file (one per non-empty line, no fields),
     a .jsonl file or a .parquet file (pyarrow; one record per row) — a record's field ``key``
     is the prompt (text, or with ``chat`` a list of ``{role, content}`` messages), its other
-    fields are ``fields``. Errors name the setting ``name``, the file and the line or row."""
+    fields are ``fields`` (after ``convert(record, key, where)`` when given). Errors name the
+    setting ``name``, the file and the line or row."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{name} {path} is a folder; expected a .txt or .jsonl file")
     if not os.path.isfile(path):
@@ -183,6 +189,8 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
     what = "text or a chat (list of {role, content} messages)" if chat else "text"
 
     def record(rec, where):
+        if convert is not None:
+            rec = convert(rec, key, f"{name} {path}, {where}")
         p = rec.get(key) if isinstance(rec, dict) else None
         if not (isinstance(p, str) or (chat and _chat_or_text(p))):
             raise ValueError(f"{name} {path}, {where}: expected an object with a field {key!r}"
@@ -430,24 +438,28 @@ class _StateDictOnly(torch.nn.Module):
         self.module = module
 
 
-def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequence] = None) -> tuple:
+def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequence] = None,
+                       convert=None) -> tuple:
     """(training records, evaluation records) — each ``(prompt, fields)`` — of the RL run
     ``cfg``, from its training ``records`` and its one source of evaluation prompts:
     ``eval_prompts`` (the Python API), ``data.eval_prompts``, ``data.eval_prompts_file``, or
     ``data.eval_fraction`` (held out of ``records`` by a permutation seeded with the run's seed
-    alone); the first ``eval.max_prompts`` of them. ``rlhf-fast eval --run`` splits the same way."""
+    alone); the first ``eval.max_prompts`` of them, each read through ``convert`` as
+    :func:`load_prompt_records` does. ``rlhf-fast eval --run`` splits the same way."""
     d = cfg.data
     src = d.eval_source()
     if eval_prompts is not None:
         if src is not None:
             raise ValueError(f"eval_prompts=[...] and {src} are both given; give one source of evaluation prompts")
-        ev = [prompt_record(p, d.prompt_key, f"eval_prompts[{i}]") for i, p in enumerate(eval_prompts)]
+        ev = [prompt_record(p, d.prompt_key, f"eval_prompts[{i}]", convert) for i, p in enumerate(eval_prompts)]
         if not ev:
             raise ValueError("eval_prompts must be a non-empty list (texts, chats, or records with a prompt field)")
     elif src == "data.eval_prompts":
-        ev = [prompt_record(p, d.prompt_key, f"data.eval_prompts[{i}]") for i, p in enumerate(d.eval_prompts)]
+        ev = [prompt_record(p, d.prompt_key, f"data.eval_prompts[{i}]", convert)
+              for i, p in enumerate(d.eval_prompts)]
     elif src == "data.eval_prompts_file":
-        ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key")
+        ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key",
+                                 convert=convert)
     elif src == "data.eval_fraction":
         n = len(records)
         k = max(1, round(d.eval_fraction * n))
@@ -501,6 +513,11 @@ class RLTrainer:
 
     # the subclass that trains ``estimator: distill`` (rlhf_fast.trainers.distill.DistillationTrainer)
     _distills = False
+    # the subclass that trains ``estimator: online_dpo`` (rlhf_fast.trainers.online_dpo.OnlineDPOTrainer)
+    _online_dpo = False
+    # (record, prompt_key, where) -> record: a subclass's own data format read as a prompt record
+    # (distillation: GKD's {messages}); None: records as they are
+    convert_record = None
 
     def __init__(
         self,
@@ -527,6 +544,10 @@ class RLTrainer:
         if (config.estimator == DISTILL) != self._distills:
             raise ValueError(f"estimator {config.estimator!r}: distillation trains with "
                              "rlhf_fast.trainers.distill.DistillationTrainer (rlhf-fast distill), the RL estimators "
+                             f"with RLTrainer; got {type(self).__name__}")
+        if (config.estimator == ONLINE_DPO) != self._online_dpo:
+            raise ValueError(f"estimator {config.estimator!r}: online DPO trains with "
+                             "rlhf_fast.trainers.online_dpo.OnlineDPOTrainer (rlhf-fast online-dpo), the RL estimators "
                              f"with RLTrainer; got {type(self).__name__}")
         config.ppo.check_estimator(config.estimator, config.kl)
         if (policy is None) != (tokenizer is None):
@@ -608,11 +629,12 @@ class RLTrainer:
         self._reward_log = RewardLog()  # what TRL-convention reward functions log (log_metric / log_extra)
         # the prompts as the policy reads them (chats rendered with the tokenizer's template) and
         # each one's other fields (reward functions take them as keyword arguments)
-        records = (load_prompt_records(cfg.data) if prompts is None else
-                   [prompt_record(p, cfg.data.prompt_key, f"prompts[{i}]") for i, p in enumerate(prompts)])
+        conv = self.convert_record
+        records = (load_prompt_records(cfg.data, conv) if prompts is None else
+                   [prompt_record(p, cfg.data.prompt_key, f"prompts[{i}]", conv) for i, p in enumerate(prompts)])
         if not records:
             raise ValueError("prompts must be a non-empty list (texts, chats, or records with a prompt field)")
-        records, eval_records = split_eval_records(cfg, records, eval_prompts)
+        records, eval_records = split_eval_records(cfg, records, eval_prompts, conv)
         self.tools = self._build_tools(tools)
         # the records as given (environments are reset with them) and each one's environment
         self._records = {"train": records, "eval": eval_records}
@@ -755,12 +777,17 @@ class RLTrainer:
         for src in reward_sources(self._env_probes):  # environments that own a reward (get_reward), weight 1
             sources.append(src)
             weights.append(1.0)
-        if not sources and self.config.estimator == DISTILL:
-            return None  # distillation needs no reward: with sources they are only logged
+        if not sources and self._rewards_optional():
+            return None  # distillation (or a judged online DPO) needs no reward: sources are only logged
         if not sources:
             raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
                              "or reward.reward_model in the config (or an environment with get_reward)")
         return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward, convention=rc.calling_convention)
+
+    def _rewards_optional(self) -> bool:
+        """Whether the run trains without reward sources (distillation; online DPO with a
+        pairwise judge, :class:`~rlhf_fast.trainers.online_dpo.OnlineDPOTrainer`)."""
+        return self.config.estimator == DISTILL
 
     def _build_environments(self, factory) -> tuple:
         """``({name: factory}, {name: probe instance})`` of ``environment_factory=`` or

@@ -1,4 +1,4 @@
-"""``rlhf-fast ppo|grpo|rloo|distill CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
+"""``rlhf-fast ppo|grpo|rloo|distill|online-dpo CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
 
 The command picks the estimator family: ``ppo`` → gae (or reinforce++ when the config says
 so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo; a config file's estimator of another
@@ -9,7 +9,10 @@ run being resumed is an error. Overrides use dotted keys of
 ``tiny:FAMILY`` spec (``--model.policy``); rewards come from ``--reward.functions
 module:function`` and/or ``--reward.reward_model PATH``. ``distill`` (estimator distill) trains
 the policy towards ``--distill.teacher PATH``
-(:class:`~rlhf_fast.trainers.distill.DistillationTrainer`); it needs no reward.
+(:class:`~rlhf_fast.trainers.distill.DistillationTrainer`); it needs no reward. ``online-dpo``
+(estimator online_dpo, :class:`~rlhf_fast.trainers.online_dpo.OnlineDPOTrainer`) trains a DPO
+loss on each prompt's two answers, the better by the rewards (or ``--online_dpo.judge``) chosen;
+``rollout.group_size`` is 2 unless the config file or the command line sets it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 import os
 
 FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
-            "distill": ("distill", ("distill",))}
+            "distill": ("distill", ("distill",)), "online-dpo": ("online_dpo", ("online_dpo",))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rlhf_fast.trainers.config import config_keys_help
     from rlhf_fast.trainers.rl_config import RLConfig
 
-    parser.usage = "rlhf-fast {ppo,grpo,rloo,distill} CONFIG.yaml [--key value ...] [--resume RUN_DIR] [--print-config]"
+    parser.usage = ("rlhf-fast {ppo,grpo,rloo,distill,online-dpo} CONFIG.yaml [--key value ...] [--resume RUN_DIR] "
+                    "[--print-config]")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     command = parser.prog.split()[-1]  # "rlhf-fast ppo": the estimator defaults to the family's
     parser.epilog = config_keys_help(RLConfig, {"estimator": FAMILIES[command][0]} if command in FAMILIES else None)
@@ -105,12 +109,23 @@ def build_config(command: str, tokens):
             raise ValueError(f"--resume {resume}: that run used estimator {estimator!r}; resume it with "
                              f"rlhf-fast {_family_of(estimator)}")
         overrides = overrides + ["--estimator", default]
+    if command == "online-dpo" and _override_value(overrides, "rollout.group_size") is None \
+            and _file_value(path, "rollout", "group_size") is None:
+        # two answers per prompt is what online DPO takes (RLConfig's default, 4, it refuses)
+        overrides = ["--rollout.group_size", "2"] + overrides
     return load_config(RLConfig, path, overrides)
 
 
 def _file_estimator(path):
     """The ``estimator`` a YAML config file names, or None (no file, no key, or a file that
     :func:`load_config` will report on)."""
+    value = _file_value(path, "estimator")
+    return value if isinstance(value, str) else None
+
+
+def _file_value(path, *keys):
+    """The value a YAML config file holds under the nested ``keys``, or None (no file, no such
+    key, or a file that :func:`load_config` will report on)."""
     if path is None or not os.path.isfile(path):
         return None
     import yaml
@@ -120,8 +135,9 @@ def _file_estimator(path):
             data = yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    value = data.get("estimator") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+    for k in keys:
+        data = data.get(k) if isinstance(data, dict) else None
+    return data
 
 
 def _override_value(overrides, key: str):
@@ -161,6 +177,16 @@ def run(args) -> int:
         last = hist[-1] if hist else {}
         print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
               f"loss {last.get('loss', float('nan')):.4f} entropy {last.get('entropy', float('nan')):.4f}")
+        return 0
+    if cfg.estimator == "online_dpo":
+        from rlhf_fast.trainers.online_dpo import OnlineDPOTrainer
+
+        trainer = OnlineDPOTrainer(cfg)
+        hist = trainer.train()
+        last = hist[-1] if hist else {}
+        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
+              f"loss {last.get('loss', float('nan')):.4f} "
+              f"accuracy {last.get('rewards/accuracies', float('nan')):.4f}")
         return 0
     trainer = RLTrainer(cfg)
     hist = trainer.train()

@@ -33,7 +33,10 @@ SCHEDULES = LR_SCHEDULES  # ours (constant, linear, cosine) and transformers' La
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # on-policy distillation (rlhf_fast.trainers.distill): the estimator of a run with no advantages
 DISTILL = "distill"
-RL_ESTIMATORS = ESTIMATORS + (DISTILL,)
+# online DPO (rlhf_fast.trainers.online_dpo): pairs of answers ranked by the rewards, a DPO loss
+ONLINE_DPO = "online_dpo"
+RL_ESTIMATORS = ESTIMATORS + (DISTILL, ONLINE_DPO)
+ONLINE_DPO_LOSSES = ("sigmoid", "ipo")
 # adaptive entropy control (Skywork-OR1; TRL's defaults)
 ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA, ENTROPY_TARGET = 0.0, 1.0, 0.005, 0.2
 
@@ -1081,6 +1084,70 @@ class DistillConfig:
 DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
 
 
+@dataclass
+class OnlineDPOConfig:
+    """Online DPO (``estimator: online_dpo``; TRL's experimental ``OnlineDPOTrainer``,
+    ``rlhf-fast online-dpo``, :class:`rlhf_fast.trainers.online_dpo.OnlineDPOTrainer`): the
+    policy answers each prompt twice (``rollout.group_size`` 2), the run's reward sources score
+    the two answers (or ``judge`` picks one), the better one is chosen, and the policy takes a
+    DPO step on that pair against the frozen reference. These keys apply to that estimator only.
+
+    ``beta`` (TRL's, default 0.1): the DPO temperature, a number > 0, or a list of them, one per
+    epoch over the training prompts (epoch e = ⌊step × ``rollout.prompts_per_step`` / training
+    prompts⌋; past the list's end its last value), as TRL's list. ``loss_type``: ``sigmoid``
+    (−log σ(β·Δ), DPO) or ``ipo`` ((Δ − 1/(2β))², IPO), Δ = (chosen − rejected summed log-probs
+    of the policy) − (the same of the reference). ``missing_eos_penalty`` (TRL's; null = off, else
+    a number >= 0): subtracted from the score of every answer that holds no eos token before
+    the two are compared. ``judge`` (null = off): ``module:function`` (or ``file.py:name``) of a
+    pairwise judge — older TRL's ``BasePairwiseJudge`` (TRL 1.16 has no judge): an object with
+    ``judge(prompts, pairs)`` (a class is instantiated without arguments) or such a function
+    itself — given the prompt texts and ``[[answer 0, answer 1], ...]`` and returning, per pair,
+    the index of the better answer:
+    0 picks the first, anything else the second (TRL's ``rank == 0`` rule). With a judge, reward
+    sources are optional and only logged, and ``missing_eos_penalty`` is refused (older TRL's
+    judge path never applied it)."""
+
+    beta: Union[float, List[float]] = 0.1
+    loss_type: str = "sigmoid"
+    missing_eos_penalty: Optional[float] = None
+    judge: Optional[str] = None
+
+    def __post_init__(self):
+        b = self.beta
+        if isinstance(b, (list, tuple)):
+            if not b:
+                raise ValueError("online_dpo.beta must be a number > 0 or a non-empty list of them (one per epoch), "
+                                 "got []")
+            for i, v in enumerate(b):
+                _pos(f"online_dpo.beta[{i}]", v)
+            self.beta = [float(v) for v in b]
+            if len(self.beta) == 1:  # TRL's __post_init__: a one-item list is its number
+                self.beta = self.beta[0]
+        elif isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"online_dpo.beta must be a number > 0 or a list of them (one per epoch), got {b!r}")
+        else:
+            _pos("online_dpo.beta", b)
+        _choice("online_dpo.loss_type", self.loss_type, ONLINE_DPO_LOSSES)
+        if self.missing_eos_penalty is not None:
+            _pos("online_dpo.missing_eos_penalty", self.missing_eos_penalty, allow_zero=True)
+        if self.judge is not None:
+            if not isinstance(self.judge, str) or ":" not in self.judge:
+                raise ValueError(f"online_dpo.judge must be 'module:name' (a pairwise judge), got {self.judge!r}")
+            if self.missing_eos_penalty is not None:
+                raise ValueError("online_dpo.missing_eos_penalty applies to reward scores; with online_dpo.judge the "
+                                 "judge alone picks the chosen answer (as TRL); remove one of them")
+
+    def beta_at(self, epoch: int) -> float:
+        """β of epoch ``epoch`` (0-based): the number, or the list's entry (its last past the end)."""
+        if isinstance(self.beta, list):
+            return self.beta[min(epoch, len(self.beta) - 1)]
+        return float(self.beta)
+
+
+# the ppo keys that the online DPO update uses (its loss is DPO's, over pairs of rows)
+ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+
+
 def _changed(section, prefix: str, keep=()) -> List[str]:
     """The dotted keys of dataclass ``section`` set away from their defaults (``keep`` aside)."""
     out = []
@@ -1097,7 +1164,8 @@ def _changed(section, prefix: str, keep=()) -> List[str]:
 class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
     reinforce++ | distill (on-policy distillation towards ``distill.teacher``, no reward:
-    :class:`DistillConfig`). ``steps`` rollout+update steps; a run folder ``output_dir`` gets
+    :class:`DistillConfig`) | online_dpo (a DPO loss on each prompt's two answers, the better
+    by the rewards chosen: :class:`OnlineDPOConfig`). ``steps`` rollout+update steps; a run folder ``output_dir`` gets
     config.yaml, metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
     0 = only at the end). ``resume``: a run folder to continue exactly.
     ``num_train_epochs`` (TRL's; null by default): when set, ``steps`` becomes
@@ -1160,10 +1228,12 @@ class RLConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
 
     def __post_init__(self):
         _choice("estimator", self.estimator, RL_ESTIMATORS)
         self._check_distill()
+        self._check_online_dpo()
         self.ppo.check_estimator(self.estimator, self.kl)
         _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
@@ -1248,6 +1318,45 @@ class RLConfig:
             raise ValueError(f"{', '.join(rest)}: no effect in distillation (no policy-gradient loss, advantages or "
                              f"critic; of ppo only {', '.join('ppo.' + k for k in DISTILL_PPO_KEYS)} apply); "
                              f"remove these keys")
+
+    def _check_online_dpo(self):
+        """``online_dpo.*`` only with estimator online_dpo; with it, refuse what has no meaning
+        for a DPO loss over pairs of answers: the KL settings (β is ``online_dpo.beta``), the
+        policy-gradient, critic and advantage keys of ``ppo``, reward shaping, dropped answers
+        (a pair needs both), and answers other than two per prompt."""
+        if not isinstance(self.online_dpo, OnlineDPOConfig):
+            raise ValueError(f"online_dpo must be a mapping of OnlineDPOConfig keys, got {self.online_dpo!r}")
+        if self.estimator != ONLINE_DPO:
+            keys = _changed(self.online_dpo, "online_dpo.")
+            if keys:
+                raise ValueError(f"{', '.join(keys)} apply to estimator {ONLINE_DPO!r} (rlhf-fast online-dpo), got "
+                                 f"estimator {self.estimator!r}")
+            return
+        if self.rollout.group_size != 2:
+            raise ValueError(f"rollout.group_size must be 2 for estimator {ONLINE_DPO!r} (each prompt's two answers "
+                             f"make one chosen/rejected pair, as TRL), got {self.rollout.group_size}")
+        kl = _changed(self.kl, "kl.")
+        if kl:
+            raise ValueError(f"{', '.join(kl)}: online DPO has no KL term of its own (its loss holds the reference "
+                             f"through online_dpo.beta); remove these keys")
+        rest = _changed(self.ppo, "ppo.", keep=ONLINE_DPO_PPO_KEYS)
+        if self.model.critic is not None:
+            rest.append("model.critic")
+        rc = self.reward
+        rest += [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(rc, k) not in (False, None)]
+        if rc.on_bad_reward == "drop":
+            rest.append("reward.on_bad_reward 'drop'")
+        if self.rollout.mask_truncated:
+            rest.append("rollout.mask_truncated (see online_dpo.missing_eos_penalty)")
+        if rest:
+            raise ValueError(f"{', '.join(rest)}: no effect in online DPO (a DPO loss over each prompt's pair of "
+                             f"answers, chosen by the raw scores: no policy-gradient loss, advantages, critic or "
+                             f"reward shaping, and no answer can leave its pair; of ppo only "
+                             f"{', '.join('ppo.' + k for k in ONLINE_DPO_PPO_KEYS)} apply); remove these keys")
+        for key in ("mini_batch_size", "micro_batch_size"):
+            if getattr(self.ppo, key) % 2:
+                raise ValueError(f"ppo.{key} must be even for estimator {ONLINE_DPO!r} (whole chosen/rejected pairs), "
+                                 f"got {getattr(self.ppo, key)}")
 
     @property
     def batch_size(self) -> int:

@@ -162,6 +162,9 @@ class E2EConfig:
     dpo_min_response: int = 64
     dpo_max_response: int = 128
     dpo_beta: float = 0.1
+    # rlhf_fast's DPO side with DPOConfig.prefix_sharing (each pair's prompt scored once, in one packed row;
+    # TRL has no such option, its side is unchanged)
+    dpo_prefix_sharing: bool = False
     # on-policy distillation (algo "distill"): a teacher of the student's vocabulary, wider
     # (``teacher_hidden_size``, ``teacher_layers``, its own seed), the generalised JSD's ``distill_beta``
     # (TRL DistillationConfig's default 1.0: the reverse KL); the batch is the RL steps' prompts_per_step ×
@@ -192,6 +195,8 @@ class E2EConfig:
                              f"({self.dpo_max_response})")
         if not (isinstance(self.dpo_beta, (int, float)) and not isinstance(self.dpo_beta, bool) and self.dpo_beta > 0):
             raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
+        if not isinstance(self.dpo_prefix_sharing, bool):
+            raise ValueError(f"dpo_prefix_sharing must be true or false, got {self.dpo_prefix_sharing!r}")
         if not (isinstance(self.distill_beta, (int, float)) and not isinstance(self.distill_beta, bool)
                 and 0.0 <= self.distill_beta <= 1.0):
             raise ValueError(f"distill_beta must be a number in [0, 1], got {self.distill_beta!r}")
@@ -762,7 +767,8 @@ class RLHFFastDPOStep:
     ``loss_type="simpo"`` (the SimPO table's side, against :class:`TRLSimPOStep`): the same,
     reference-free — no reference model is built or run — with CPOConfig's defaults
     ``simpo_gamma`` 0.5 and ``cpo_alpha`` 1.0 (the chosen rows' token-mean NLL), on the pairs with
-    a bos in front of each prompt (``dpo_pairs(bos=True)``).
+    a bos in front of each prompt (``dpo_pairs(bos=True)``). ``cfg.dpo_prefix_sharing``: with
+    ``prefix_sharing`` (policy and reference score each pair's prompt once).
 
     The ``reference`` phase is the trainer's ``response_logps`` calls on its reference model
     (timed by a wrapper around ``rlhf_fast.trainers.dpo.response_logps``, set for the step only);
@@ -784,7 +790,7 @@ class RLHFFastDPOStep:
         dcfg = DPOConfig(output_dir=self._tmp.name, max_len=cfg.dpo_max_len, batch_size=cfg.dpo_pairs, lr=cfg.lr,
                          weight_decay=0.0, warmup_steps=0, lr_schedule="constant", max_steps=cfg.steps + 3,
                          grad_clip=1.0, bf16=False, beta=cfg.dpo_beta, loss_type=loss_type, seed=cfg.seed,
-                         device=cfg.device, **extra)
+                         device=cfg.device, prefix_sharing=cfg.dpo_prefix_sharing, **extra)
         self.trainer = DPOTrainer(dcfg, model=model, tokenizer=tok,
                                   train_records=[PairRecord(p["prompt"], p["chosen"], p["rejected"]) for p in pairs])
         tr = self.trainer
@@ -806,7 +812,9 @@ class RLHFFastDPOStep:
         timed = _timed_calls(real, self._ref_s, dev)
         self._ref_s[0] = 0.0
         if tr.reference is not None:  # reference-free (simpo): no reference call to time
-            dpo_mod.response_logps = lambda model, batch: (timed if model is tr.reference else real)(model, batch)
+            # (keywords: prefix_sharing's reference call passes one)
+            dpo_mod.response_logps = lambda model, batch, **kw: (timed if model is tr.reference else real)(model, batch,
+                                                                                                           **kw)
         try:
             _sync(dev)
             t0 = time.perf_counter()
@@ -1268,7 +1276,8 @@ def _check_algos(algos) -> tuple:
 
 
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
-              timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
+              timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS,
+              overrides: Optional[Dict[str, object]] = None) -> List[Table]:
     """PPO, GRPO and DPO steps (and, when asked for, KTO and SimPO), rlhf_fast vs TRL, per
     configuration — ``cfg`` if given, else the quick one, else the tiny model with its 256-token
     vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a table of the RL
@@ -1276,7 +1285,8 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
     of :data:`ALL_ALGOS`, or "ppo,dpo"-style text; default :data:`ALGOS`) holds them.
 
     ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
-    both sides see the same machine load; every column is the median over them.
+    both sides see the same machine load; every column is the median over them. ``overrides``:
+    E2EConfig fields set on every configuration (``--dpo-prefix-sharing``, ``--dpo-prompt-tokens``).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -1291,6 +1301,8 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
         cfgs = [E2EConfig.gpu_0p5b(quick=quick)]
     else:
         cfgs = [E2EConfig.quick()] if quick else [E2EConfig(), E2EConfig.large_vocab()]
+    if overrides:
+        cfgs = [replace(c, **overrides) for c in cfgs]
     return [t for c in cfgs for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
 
 
@@ -1476,7 +1488,9 @@ def run_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) ->
                "step and 4× the extra peak; a [min(N, 4096), 32768] buffer at any vocabulary); same log-probs and "
                "metrics; trl_logprobs=fused_head renders TRL 1.x's path"),
             "rlhf_fast side: DPOTrainer.train_step (fused LM head over the response tokens only) with its own "
-            "optimizer, the fused AdamW the TRL sides use too",
+            "optimizer, the fused AdamW the TRL sides use too"
+            + ("; prefix_sharing on (each pair one packed row [prompt, chosen, rejected]: the prompt scored once by "
+               "the policy and the reference; TRL has no such option)" if cfg.dpo_prefix_sharing else ""),
         ])
 
 
@@ -1570,8 +1584,9 @@ def run_distill_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1
 
 
 def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",
-         algos=ALGOS) -> List[Table]:
-    """Run the suite and print its tables; ``write``: also append them to benchmarks/results."""
+         algos=ALGOS, overrides: Optional[Dict[str, object]] = None) -> List[Table]:
+    """Run the suite and print its tables; ``write``: also append them to benchmarks/results;
+    ``overrides``: E2EConfig fields set on every configuration."""
     algos = _check_algos(algos)
     paths = None
     if write:  # named after the day the run starts, and checked before the long work
@@ -1579,7 +1594,7 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 
         paths = results_paths(device)
         check_results_paths(paths, "--write")
-    t = run_suite(device=device, quick=quick, repeats=repeats, algos=algos)
+    t = run_suite(device=device, quick=quick, repeats=repeats, algos=algos, overrides=overrides)
     for table in t:
         print(table.markdown())
     if write:
@@ -1587,7 +1602,10 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 
         paths = write_results(t, device=device, suite=f"e2e --repeats {repeats} --threads {torch.get_num_threads()}"
                               + (f" --algos {','.join(algos)}" if algos != ALGOS else "")
-                              + (" --quick" if quick else ""), paths=paths)
+                              + (" --quick" if quick else "")
+                              + "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                        for k, v in (overrides or {}).items()),
+                              paths=paths)
         print(f"wrote {paths['json']} and {paths['md']}")
     return t
 
@@ -1606,11 +1624,16 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="subprocess runs per side (median), alternating sides")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/results/cpu-<date>.{json,md}")
+    p.add_argument("--dpo-prefix-sharing", action="store_true",
+                   help="rlhf_fast's DPO step with prefix_sharing (each pair's prompt scored once)")
+    p.add_argument("--dpo-prompt-tokens", type=int, default=None, help="the DPO pairs' prompt length in tokens")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
-        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos)
+        over = {k: v for k, v in (("dpo_prefix_sharing", a.dpo_prefix_sharing or None),
+                                  ("dpo_prompt_tokens", a.dpo_prompt_tokens)) if v is not None}
+        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos, overrides=over)
     else:
         known = {f.name for f in fields(E2EConfig)}
         c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})

@@ -135,6 +135,7 @@ def hidden_states(
     position_ids: Optional[torch.Tensor] = None,
     columns: Optional[Tuple[int, int]] = None,
     select: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    segments: Optional[llama_forward.SharedPrefixSegments] = None,
 ) -> torch.Tensor:
     """The final hidden state ``[B, T, H]`` (after the final norm, in the model's dtype).
 
@@ -146,6 +147,9 @@ def hidden_states(
     the states of columns ``[a, b)``, ``[B, b - a, H]`` (llama_forward then skips the work no
     such state depends on: :func:`rlhf_fast.models.llama_forward.hidden_states`); ``select``
     ``(rows, cols)`` ``[N]`` int64 (cols counted from ``a``): only ``h[rows, cols]`` ``[N, H]``.
+    ``segments``: the :class:`~rlhf_fast.models.llama_forward.SharedPrefixSegments` of one packed
+    row of shared-prefix groups (``prefix_sharing``), which only llama_forward computes:
+    ValueError where it cannot run (:func:`prefix_sharing_reason`).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -163,14 +167,21 @@ def hidden_states(
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
-    fast = llama_forward.supported(base, input_ids.shape[1])
+    fast = llama_forward.supported(base, input_ids.shape[1] if segments is None else segments.max_len)
+    # the default call stays the old one (tests wrap llama_forward.hidden_states positionally)
+    seg = {} if segments is None else {"segments": segments}
     if fast and (_plain_ddp(model) or _fsdp_root(model)) and "forward" not in _ddp_inner(model).__dict__:
         # DDP / FSDP2: our forward as the wrapper's, so DDP still prepares the gradient
         # reduction and FSDP2 gathers the root parameters as for any forward call (the LM
         # head's gradient, from the fused op after it, is reduced like every other one)
         return llama_forward.call_as_forward(
             model, lambda: llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns,
-                                                       select))
+                                                       select, **seg))
+    if segments is not None and (not fast or _data_parallel_root(model)):
+        why = prefix_sharing_reason(model, segments.max_len) or \
+            "it is wrapped by DDP with find_unused_parameters or has an instance-level forward"
+        raise ValueError(f"prefix_sharing: the shared-prefix row runs only through rlhf_fast.models.llama_forward, "
+                         f"but {why}")
     if _data_parallel_root(model):
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
@@ -178,7 +189,7 @@ def hidden_states(
                     output_hidden_states=True, logits_to_keep=1, return_dict=True)
         return _columns(out.hidden_states[-1], columns, select)
     if fast:
-        return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns, select)
+        return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns, select, **seg)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                return_dict=True)
     return _columns(out.last_hidden_state, columns, select)
@@ -230,6 +241,28 @@ def unfusable_reason(model: nn.Module) -> Optional[str]:
         val = getattr(cfg, name, None) if cfg is not None else None
         if val not in neutral:
             return f"config.{name}={val!r} transforms the logits after the LM head"
+    return None
+
+
+def prefix_sharing_reason(model: nn.Module, seq_len: int, *, lm_head: bool = True) -> Optional[str]:
+    """Why ``model`` cannot score shared-prefix rows (``prefix_sharing``) of up to ``seq_len``
+    tokens per sequence, or None: its LM head cannot be fused (:func:`unfusable_reason`), or its
+    backbone is not one :mod:`rlhf_fast.models.llama_forward` computes (the only forward that
+    takes a :class:`~rlhf_fast.models.llama_forward.SharedPrefixSegments`; transformers' has no
+    such mask). ``lm_head=False``: the head is not checked (a reward model's score head)."""
+    why = unfusable_reason(model) if lm_head else None
+    if why is not None:
+        return why
+    try:
+        base = backbone(model)
+    except TypeError as e:
+        return str(e)
+    if _dispatch.forced_backend() == "torch":
+        return "the torch backend is forced (use_backend('torch') / RLHF_FAST_BACKEND=torch runs transformers' forward)"
+    if not llama_forward.supported(base, seq_len):
+        return (f"its backbone ({type(base).__name__}) is not one rlhf_fast.models.llama_forward computes: a "
+                "Llama / Mistral / Qwen2 / Qwen3 with plain Linear layers (no peft / LoRA adapters, no kernel-library "
+                "modules or hooks), sdpa or eager attention, no sliding window shorter than max_len")
     return None
 
 
@@ -383,6 +416,10 @@ class PackedTargets(NamedTuple):
     ids, position_ids: ``[1, N]`` int64, N the attended tokens of the batch (row-major);
     src: ``[n]`` int64, the packed index of each state that predicts a target (the target is
     packed token ``src + 1``); rows, cols: ``[n]`` int64, the target's place in the ``[B, T]`` batch.
+    segments: None, or (:func:`pack_shared_targets`) the row's
+    :class:`~rlhf_fast.models.llama_forward.SharedPrefixSegments`; then a target is not always
+    packed token ``src + 1`` (a prompt's last state predicts both responses' first tokens): its
+    label is ``input_ids[rows, cols]``.
     """
 
     ids: torch.Tensor
@@ -390,6 +427,7 @@ class PackedTargets(NamedTuple):
     src: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    segments: Optional[llama_forward.SharedPrefixSegments] = None
 
 
 def pack_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> PackedTargets:
@@ -402,6 +440,100 @@ def pack_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: 
     sel[:-1] = (rows[1:] == rows[:-1]) & target[rows[1:], cols[1:]]
     src = sel.nonzero(as_tuple=True)[0]
     return PackedTargets(ids, pos, src, rows[src + 1], cols[src + 1])
+
+
+class SharedRows(NamedTuple):
+    """The shared-prefix packed row of groups of rows of a ``[N, T]`` batch.
+
+    ids, position_ids: ``[1, n]`` int64; at: ``[N, T]`` int64, the packed index of each attended
+    token of the batch (the shared ones of a group's rows at one index), -1 at padding;
+    segments: its :class:`~rlhf_fast.models.llama_forward.SharedPrefixSegments`."""
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    at: torch.Tensor
+    segments: llama_forward.SharedPrefixSegments
+
+
+def pack_shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: torch.Tensor) -> SharedRows:
+    """Each group of rows laid out once: ``[shared, rest of row 1, ..., rest of row K]``, ``shared``
+    the leading attended tokens all its rows have in common (a pair's prompt, and any first
+    response tokens they share), each token's position id its place in its own row, so every
+    state is the padded row's (:class:`~rlhf_fast.models.llama_forward.SharedPrefixSegments`
+    ``(len(shared), (rest_1, ..., rest_K))``).
+
+    input_ids / attention_mask ``[N, T]``; groups ``[G, K]`` int64, the rows of each group (every
+    row once). Left padding and holes are read through (each row's attended tokens in order)."""
+    N, T = input_ids.shape
+    if groups.dim() != 2 or groups.numel() != N or not torch.equal(groups.flatten().sort().values,
+                                                                   torch.arange(N, device=groups.device)):
+        raise ValueError(f"groups must be a [G, K] tensor holding each of the {N} rows once, got "
+                         f"{groups.tolist() if groups.numel() <= 16 else tuple(groups.shape)}")
+    G, K = groups.shape
+    am = attention_mask.bool()
+    # each row's attended tokens first, in order (a right-padded batch is already so)
+    order = torch.sort((~am).to(torch.int8), dim=1, stable=True).indices
+    ids, att = input_ids.gather(1, order)[groups], am.gather(1, order)[groups]  # [G, K, T]
+    same = (ids == ids[:, :1]).all(1) & att.all(1)  # [G, T]
+    p = same.long().cumprod(-1).sum(-1)  # [G] shared leading tokens
+    rest = att.sum(-1) - p[:, None]  # [G, K]
+    size = p + rest.sum(1)
+    off = torch.cumsum(size, 0) - size
+    branch = p[:, None] + torch.cumsum(rest, 1) - rest  # [G, K]: each rest's start in its group
+    k = torch.arange(T, device=ids.device)
+    at_g = off[:, None, None] + torch.where(k < p[:, None, None], k, k + (branch - p[:, None])[..., None])
+    sizes = torch.cat([p[:, None], rest], 1).tolist()  # one sync
+    total = sum(map(sum, sizes))
+    where = at_g[att]
+    packed = torch.zeros(total, dtype=input_ids.dtype, device=ids.device)
+    packed[where] = ids[att]  # the shared tokens written once per row, the same value
+    pos = torch.zeros(total, dtype=torch.long, device=ids.device)
+    pos[where] = k.expand(G, K, T)[att]
+    at = torch.full((N, T), -1, dtype=torch.long, device=ids.device)
+    at[groups[..., None], order[groups]] = torch.where(att, at_g, -1)  # back at the batch's own columns
+    segments = llama_forward.SharedPrefixSegments([(g[0], tuple(g[1:])) for g in sizes])
+    return SharedRows(packed[None], pos[None], at, segments)
+
+
+def pair_groups(n_rows: int, device=None) -> torch.Tensor:
+    """``[N/2, 2]``: row i with row i + N/2 (DPO's chosen and rejected rows)."""
+    if n_rows % 2:
+        raise ValueError(f"prefix sharing needs pairs of rows (row i with row i + N/2), got {n_rows} rows")
+    half = torch.arange(n_rows // 2, device=device)
+    return torch.stack([half, half + n_rows // 2], 1)
+
+
+def pack_shared_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> PackedTargets:
+    """The shared-prefix packed row of a batch of pairs (``prefix_sharing``) and its scored tokens.
+
+    input_ids / attention_mask ``[N, T]`` (N even: row i and row i + N/2 are a pair, DPO's chosen
+    and rejected rows), target ``[N, T]`` bool (:func:`_target_mask`). Each pair is laid out once
+    (:func:`pack_shared_rows`): ``[shared, rest of row i, rest of row i + N/2]``. ``src`` indexes
+    the state that predicts each target (``rows``, ``cols``: its place in the batch; the label is
+    ``input_ids[rows, cols]``)."""
+    sr = pack_shared_rows(input_ids, attention_mask, pair_groups(input_ids.shape[0], input_ids.device))
+    tr, tc = target.nonzero(as_tuple=True)
+    src = sr.at[tr, tc - 1]  # the predecessor of a target is attended (_target_mask): the column before
+    return PackedTargets(sr.ids, sr.position_ids, src, tr, tc, sr.segments)
+
+
+def shared_states(model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor,
+                  segments: llama_forward.SharedPrefixSegments, src: torch.Tensor) -> torch.Tensor:
+    """``[n, H]`` the final hidden states at the packed indices ``src [n]`` of one forward of a
+    shared-prefix row: the last layer computes its queries and everything after attention only
+    for those states, each once (a prompt's last state serves both rows of a pair)."""
+    if not src.numel():  # nothing to score: every state, so the (zero) gradients reach every weight
+        return hidden_states(model, ids, None, position_ids, segments=segments)[0, src]
+    uniq, inv = torch.unique(src, return_inverse=True)
+    h = hidden_states(model, ids, None, position_ids, select=(torch.zeros_like(uniq), uniq),
+                      segments=segments)  # [u, H]
+    return h[inv]
+
+
+def shared_target_states(model: nn.Module, pk: PackedTargets) -> torch.Tensor:
+    """``[n, H]`` the final hidden states at ``pk.src`` of one forward of the shared-prefix row
+    ``pk`` (:func:`pack_shared_targets`, :func:`shared_states`)."""
+    return shared_states(model, pk.ids, pk.position_ids, pk.segments, pk.src)
 
 
 @_honour_context
@@ -418,6 +550,7 @@ def sequence_logprobs(
     position_ids: Optional[torch.Tensor] = None,
     return_top1: bool = False,
     return_mean_logit: bool = False,
+    prefix_sharing: bool = False,
 ):
     """Per-token log-probs ``[B, T]`` float32 of ``input_ids`` under ``model`` at ``temperature``.
 
@@ -427,6 +560,11 @@ def sequence_logprobs(
     computed). With ``return_entropy`` also returns the entropy ``[B, T]`` float32 of the
     distribution that predicted position t, same placement. ``packed=True`` runs one
     padding-free row with per-sequence position ids (Llama/Qwen/Mistral-style attention).
+    ``prefix_sharing=True`` (rows i and i + B/2 are pairs; packed implied): one row in which each
+    pair's common leading tokens (its prompt) are scored once, the rest of each row attending to
+    them and not to the other row (:func:`pack_shared_targets`); needs a fusable head and a
+    backbone :mod:`rlhf_fast.models.llama_forward` computes (ValueError otherwise). Either way the
+    values come back at their padded places, equal to the padded path's up to float rounding.
     Differentiable in the model's parameters.
 
     The token statistics of TRL's fused head, each a further output in this order, same
@@ -446,7 +584,8 @@ def sequence_logprobs(
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    for name, flag in (("return_top1", return_top1), ("return_mean_logit", return_mean_logit)):
+    for name, flag in (("return_top1", return_top1), ("return_mean_logit", return_mean_logit),
+                       ("prefix_sharing", prefix_sharing)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     stats = dict(return_entropy=return_entropy, return_top1=return_top1, return_mean_logit=return_mean_logit)
@@ -456,7 +595,18 @@ def sequence_logprobs(
         attention_mask = torch.ones_like(input_ids)
     target = _target_mask(attention_mask, response_mask)
 
-    if packed:
+    if prefix_sharing:
+        if position_ids is not None:
+            raise ValueError("position_ids must be None with prefix_sharing=True (they are rebuilt per sequence)")
+        why = prefix_sharing_reason(model, T)
+        if why is not None:
+            raise ValueError(f"prefix_sharing=True cannot run: {why}")
+        pk = pack_shared_targets(input_ids, attention_mask, target)
+        if pk.ids.numel() == 0:
+            return _zeros(B, T, input_ids.device, **stats)
+        tr, tc = pk.rows, pk.cols
+        h_sel, labels = shared_target_states(model, pk), input_ids[tr, tc]
+    elif packed:
         if position_ids is not None:
             raise ValueError("position_ids must be None with packed=True (they are rebuilt per sequence)")
         pk = pack_targets(input_ids, attention_mask, target)
@@ -633,6 +783,12 @@ __all__ = [
     "lm_head_params",
     "unfusable_reason",
     "sequence_logprobs",
+    "pack_shared_rows",
+    "pack_shared_targets",
+    "pair_groups",
+    "shared_states",
+    "shared_target_states",
+    "prefix_sharing_reason",
     "mean_logits",
     "head_token_stats",
     "logits_token_stats",

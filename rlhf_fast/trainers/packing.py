@@ -8,23 +8,36 @@ rows). :func:`rlhf_fast.models.logprobs.sequence_logprobs` with ``packed=True`` 
 (``logprobs.pack_targets``) and gives the per-token log-probs back at their ``[B, T]`` places; the
 functions here give the hidden states of the tokens that predict a target, for callers that need
 more of those states than the log-prob (DPO's WPO weights read log Σ p² from them).
+
+DPO's ``prefix_sharing`` packs a micro-batch of pairs tighter: each pair once, as ``[prompt,
+chosen, rejected]``, the rejected tokens attending to the prompt but not to the chosen ones and
+their position ids continuing from the prompt's end
+(``sequence_logprobs(..., prefix_sharing=True)``, ``logprobs.pack_shared_targets``,
+``llama_forward.SharedPrefixSegments``): every prompt token is scored once instead of twice, in
+the forward and the backward. It implies padding-free.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_fast.models.logprobs import PackedTargets, pack_targets
+from rlhf_fast.models.logprobs import PackedTargets, pack_shared_targets, pack_targets
 
 
-def packed_target_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor):
+def packed_target_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor, *,
+                         prefix_sharing: bool = False):
     """``(h [n, H] in the model's dtype, labels [n] int64, rows [n], cols [n])``: the final hidden
     states of one packed forward of the batch that predict the ``target [B, T]`` positions, their
     labels and the targets' ``[B, T]`` coordinates — the states and the order
     ``sequence_logprobs(..., packed=True)`` feeds the LM head, so log-probs computed from them equal
-    its values bit for bit. Needs at least one attended token (``_pack`` of an empty batch is empty)."""
-    from rlhf_fast.models.logprobs import hidden_states
+    its values bit for bit. Needs at least one attended token (``_pack`` of an empty batch is empty).
+    ``prefix_sharing``: the shared-prefix row of pairs (rows i and i + B/2) instead, as
+    ``sequence_logprobs(..., prefix_sharing=True)`` runs it (the same values, bit for bit)."""
+    from rlhf_fast.models.logprobs import hidden_states, shared_target_states
 
+    if prefix_sharing:
+        pk = pack_shared_targets(input_ids, attention_mask, target)
+        return shared_target_states(model, pk), input_ids[pk.rows, pk.cols], pk.rows, pk.cols
     pk = pack_targets(input_ids, attention_mask, target)
     h = hidden_states(model, pk.ids, None, pk.position_ids)[0]  # [N, H]
     return h[pk.src], pk.ids[0, pk.src + 1], pk.rows, pk.cols
@@ -43,4 +56,21 @@ def check_packable(key: str, *models) -> None:
                              f"but {why}; set {key}: false")
 
 
-__all__ = ["PackedTargets", "pack_targets", "packed_target_states", "check_packable"]
+def check_prefix_shareable(key: str, seq_len: int, *models) -> None:
+    """ValueError naming the config ``key`` when one of ``models`` (None skipped) cannot score
+    shared-prefix rows of up to ``seq_len`` tokens per sequence
+    (:func:`rlhf_fast.models.logprobs.prefix_sharing_reason`: an unfusable LM head, a backbone
+    llama_forward does not compute — peft adapters included —, the torch backend forced); there is
+    no transformers fallback for that attention."""
+    from rlhf_fast.models.logprobs import prefix_sharing_reason
+
+    for m in models:
+        why = None if m is None else prefix_sharing_reason(m, seq_len)
+        if why is not None:
+            raise ValueError(f"{key}: true needs a fusable LM head and a backbone rlhf_fast.models.llama_forward "
+                             f"computes, but {why}; set {key}: false (padding_free: true packs without sharing "
+                             "the prompt)")
+
+
+__all__ = ["PackedTargets", "pack_targets", "pack_shared_targets", "packed_target_states", "check_packable",
+           "check_prefix_shareable"]

@@ -29,6 +29,16 @@ every scored sequence, the pad id the config carries, a template file or a token
 template cloned with its tokens, the embeddings resized; with ``lora`` the new tokens' embedding
 rows train); ``final/`` holds the changed tokenizer.
 
+``prefix_sharing`` (pairs; ours, as DPO's): each micro-batch's pairs run as one packed row, each
+pair once as ``[prompt, chosen, rejected]`` with the rejected tokens attending to the prompt and
+themselves only, position ids continuing from the prompt's end
+(:func:`rlhf_fast.models.logprobs.pack_shared_rows`), so every prompt token is scored once in the
+forward and the backward; the score is read at each row's last token, the same values as the
+padded batch's up to float rounding. Needs a Llama / Mistral / Qwen2 / Qwen3 backbone that
+:mod:`rlhf_fast.models.llama_forward` computes (no LoRA, not the torch backend): a ValueError
+naming ``prefix_sharing`` when the trainer starts otherwise, and for ``data_kind`` rankings
+(unless ``rankings_as_pairs``) and scores.
+
 Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its contiguous
 share of every global batch; the weighted-mean loss is normalised by the global weight sum,
 so the run matches one process on the same global batch and seed. Rank 0 writes the run
@@ -100,6 +110,7 @@ class RewardConfig(OptimizerOptions, LoggingOptions):
     center_rewards_coefficient: Optional[float] = None  # TRL's; None adds no centring term
     disable_dropout: bool = True  # TRL's default; the tiny models have no dropout, so nothing moves for them
     num_train_epochs: Optional[float] = None  # None: max_steps counts the run
+    prefix_sharing: bool = False  # pairs: one packed row per micro-batch, each pair's prompt once
     eval_every: int = 50
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -122,6 +133,12 @@ class RewardConfig(OptimizerOptions, LoggingOptions):
                 raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
+        if not isinstance(self.prefix_sharing, bool):
+            raise ValueError(f"prefix_sharing must be true or false, got {self.prefix_sharing!r}")
+        if self.prefix_sharing and (self.data_kind == "scores"
+                                    or (self.data_kind == "rankings" and not self.rankings_as_pairs)):
+            raise ValueError(f"prefix_sharing applies to pairs (data_kind pairs or labels, or rankings with "
+                             f"rankings_as_pairs), got data_kind {self.data_kind!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k, w in self.annotator_weights.items():
@@ -178,6 +195,45 @@ def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
     # response (chat messages: the template's turns after the prompt), eos; the end kept: the
     # score is read at the last token
     return reward_input_ids(tokenizer, prompt, response, max_len)
+
+
+def check_reward_prefix_sharing(model, kind: str, max_len: int) -> None:
+    """ValueError naming ``prefix_sharing`` when the reward trainer cannot run it: items that are
+    not pairs, or a backbone :mod:`rlhf_fast.models.llama_forward` does not compute (a LoRA /
+    peft model, another architecture, the torch backend forced)."""
+    from rlhf_fast.models.logprobs import prefix_sharing_reason
+
+    if kind != "pairs":
+        raise ValueError(f"prefix_sharing applies to pairs, got data_kind {kind!r}")
+    why = prefix_sharing_reason(model, max_len, lm_head=False)
+    if why is not None:
+        raise ValueError(f"prefix_sharing: true needs a backbone rlhf_fast.models.llama_forward computes, but {why}; "
+                         "set prefix_sharing: false")
+
+
+def shared_reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         groups: torch.Tensor) -> torch.Tensor:
+    """:func:`rlhf_fast.models.loading.reward_scores` (``[N]`` float32, the score head at each
+    row's last attended token) from one shared-prefix row: each group of rows ``groups [G, K]``
+    (a pair's chosen and rejected) laid out once, its common leading tokens scored once
+    (:func:`rlhf_fast.models.logprobs.pack_shared_rows`); the last layer computes after its
+    attention only the N states the head reads. input_ids / attention_mask ``[N, T]``, every row
+    with at least one attended token."""
+    from rlhf_fast.models.loading import last_token_index
+    from rlhf_fast.models.logprobs import pack_shared_rows, shared_states, unwrap
+
+    base = unwrap(model)
+    head = getattr(base, "score", None)
+    if head is None:
+        head = getattr(base, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(f"model must be a sequence-classification model with a `score` head, got {type(base).__name__}")
+    sr = pack_shared_rows(input_ids, attention_mask, groups)
+    src = sr.at[torch.arange(input_ids.shape[0], device=input_ids.device), last_token_index(attention_mask)]
+    out = head(shared_states(model, sr.ids, sr.position_ids, sr.segments, src))  # [N, 1]
+    if out.shape[-1] != 1:
+        raise ValueError(f"the reward head must output one score, got {out.shape[-1]}")
+    return out[:, 0].float()
 
 
 def score_texts(model, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *, max_len: int = 1024,
@@ -294,6 +350,8 @@ class RewardTrainer:
         elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self.is_peft = _is_peft(self.model)
+        if cfg.prefix_sharing:  # no transformers fallback for its attention: refused now, not mid-run
+            check_reward_prefix_sharing(self.model, kind, cfg.max_len)
         if cfg.disable_dropout:  # after the adapters, so lora_dropout goes too (as TRL, after get_peft_model)
             disable_dropout(self.model)
         self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
@@ -324,7 +382,11 @@ class RewardTrainer:
         seqs = [s for it in items for s in it["seqs"]]
         ids, attn = pad_right(seqs, self.pad_id)
         with autocast_context(self.device, self.cfg.bf16):
-            flat = reward_scores(self.model, ids.to(self.device), attn.to(self.device))  # [N]
+            if self.cfg.prefix_sharing:  # rows 2i, 2i + 1: pair i's chosen and rejected
+                flat = shared_reward_scores(self.model, ids.to(self.device), attn.to(self.device),
+                                            torch.arange(len(seqs), device=self.device).view(-1, 2))
+            else:
+                flat = reward_scores(self.model, ids.to(self.device), attn.to(self.device))  # [N]
         out, k = [], 0
         for it in items:
             out.append(flat[k: k + len(it["seqs"])])

@@ -577,3 +577,58 @@ def test_reward_trainer_shares_each_pairs_prompt(tmp_path, tok, monkeypatch):
 
     want = sum(len(c) + len(r) - common(c, r) for c, r in (it["seqs"] for it in tr.train_items))
     assert shapes == [(1, want)] and want < sum(len(s) for it in tr.train_items for s in it["seqs"])
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_cuda_attention_equals_dense_mask_sdpa(kv_heads, dtype):
+    """On the GPU the rejected branches take torch's lower-right causal bias (the fused sdpa
+    kernels) for real: outputs and q / k / v gradients equal sdpa under the dense bool mask."""
+    seg = SharedPrefixSegments(GROUPS * 3)
+    T, d = seg.total, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, T, d, generator=g, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, T, d, generator=g, device="cuda", dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    w = torch.randn(1, 4, T, d, generator=g, device="cuda", dtype=dtype)
+    out = llama_forward._attention(q, k, v, seg, 0.125)
+    grads = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
+    rep = [t.detach().float().repeat_interleave(4 // kv_heads, 1).requires_grad_() for t in (k, v)]
+    qf = q.detach().float().requires_grad_()
+    mask = _spec_mask(GROUPS * 3).cuda()
+    want = torch.nn.functional.scaled_dot_product_attention(qf, *rep, attn_mask=mask, scale=0.125)
+    gq, gk, gv = torch.autograd.grad((want * w.float()).sum(), (qf, *rep))
+    gk, gv = (t.unflatten(1, (kv_heads, 4 // kv_heads)).sum(2) for t in (gk, gv))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), want, **tol)
+    for a, b in zip(grads, (gq, gk, gv)):
+        torch.testing.assert_close(a.float(), b, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family,kv_heads", [("llama", None), ("qwen2", 2)])
+def test_cuda_token_values_and_gradients_equal_the_padded(family, kv_heads):
+    """The DPO log-prob path with prefix_sharing on the GPU (fp32, TF32 off) equals the padded path."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m = _model(family, kv_heads).cuda()
+        params = list(m.parameters())
+        b = {k: t.cuda() for k, t in _pair_batch(PAIRS).items()}
+        outs = []
+        for kw in ({}, {"prefix_sharing": True}):
+            out = L.sequence_logprobs(m, b["input_ids"], b["attention_mask"], response_mask=b["response_mask"],
+                                      return_entropy=True, **kw)
+            w = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(3)).cuda()
+            outs.append((out, torch.autograd.grad((out[0] * w).sum(), params)))
+        (want, gw), (got, gg) = outs
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+        for a, e in zip(gg, gw):
+            _close(a, e, 1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
     parser.add_argument("--algos", default="ppo,grpo,dpo",
-                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo "
+                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo, distill, online_dpo "
                              "(default: ppo,grpo,dpo)")
 
 

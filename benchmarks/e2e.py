@@ -1,4 +1,5 @@
-"""End-to-end step benchmark: one PPO step, one GRPO step and one DPO step (and KTO / SimPO), rlhf_fast against TRL.
+"""End-to-end step benchmark: one PPO step, one GRPO step and one DPO step (and KTO / SimPO / distillation /
+online DPO), rlhf_fast against TRL.
 
 Both sides get the same tiny Llama-family policy (built from a config with the same seed,
 tokenizer trained locally), the same prompts, the same reward function and the same
@@ -60,6 +61,13 @@ reference-free: TRL's ``trl.experimental.cpo.CPOTrainer`` with loss_type "simpo"
 against ``DPOTrainer`` with ``loss_type: simpo`` (:class:`RLHFFastDPOStep`), no reference model on
 either side, the step alone timed.
 
+On-policy distillation and online DPO (``algo="distill"`` / ``"online_dpo"``, ``--algos``; a table
+each) drive TRL's own trainers (``DistillationTrainer``, :class:`TRLDistillStep`; the experimental
+``OnlineDPOTrainer``, :class:`TRLOnlineDPOStep`) one optimizer step, generation included, against
+rlhf_fast's ``DistillationTrainer.step()`` / ``OnlineDPOTrainer.step()``. Online DPO: each prompt
+answered twice, the digit reward picks the chosen answer, the sigmoid DPO loss on the answers' summed
+log-probs; phases ``generate``, ``logprobs`` (the reference's log-probs) and ``update`` (the rest).
+
 Configurations: on the CPU the tiny model with a 256-token vocabulary (the framework-overhead
 regime) and the same model with a 32768-token vocabulary (the LM head dominates, as in real
 models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
@@ -95,12 +103,15 @@ PHASES = ("generate", "logprobs", "reward_adv", "update")
 DPO_PHASES = ("reference", "update")
 RL_ALGOS = ("ppo", "grpo")
 ALGOS = RL_ALGOS + ("dpo",)  # the default selection
-# also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), each its own table
-ALL_ALGOS = ALGOS + ("kto", "simpo", "distill")
+# also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), on-policy
+# distillation and online DPO (TRL's experimental OnlineDPOTrainer), each its own table
+ALL_ALGOS = ALGOS + ("kto", "simpo", "distill", "online_dpo")
 # each algorithm's phase columns (SimPO, reference-free, has only the step)
 DISTILL_PHASES = ("generate", "update")
+# online DPO: logprobs = the reference's log-probs of the answers; update = the rest of the step
+ONLINE_DPO_PHASES = ("generate", "logprobs", "update")
 ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": (),
-               "distill": DISTILL_PHASES}
+               "distill": DISTILL_PHASES, "online_dpo": ONLINE_DPO_PHASES}
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -165,6 +176,9 @@ class E2EConfig:
     # rlhf_fast's DPO side with DPOConfig.prefix_sharing (each pair's prompt scored once, in one packed row;
     # TRL has no such option, its side is unchanged)
     dpo_prefix_sharing: bool = False
+    # rlhf_fast's PPO / GRPO side with ppo.prefix_sharing (each prompt computed once per group of answers, by
+    # the reference's scoring and in the update; TRL has no such option, its side is unchanged)
+    rl_prefix_sharing: bool = False
     # on-policy distillation (algo "distill"): a teacher of the student's vocabulary, wider
     # (``teacher_hidden_size``, ``teacher_layers``, its own seed), the generalised JSD's ``distill_beta``
     # (TRL DistillationConfig's default 1.0: the reverse KL); the batch is the RL steps' prompts_per_step ×
@@ -197,6 +211,8 @@ class E2EConfig:
             raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
         if not isinstance(self.dpo_prefix_sharing, bool):
             raise ValueError(f"dpo_prefix_sharing must be true or false, got {self.dpo_prefix_sharing!r}")
+        if not isinstance(self.rl_prefix_sharing, bool):
+            raise ValueError(f"rl_prefix_sharing must be true or false, got {self.rl_prefix_sharing!r}")
         if not (isinstance(self.distill_beta, (int, float)) and not isinstance(self.distill_beta, bool)
                 and 0.0 <= self.distill_beta <= 1.0):
             raise ValueError(f"distill_beta must be a number in [0, 1], got {self.distill_beta!r}")
@@ -514,7 +530,7 @@ class RLHFFastStep:
                           clip_low=cfg.clip, value_clip=cfg.value_clip, value_coef=cfg.value_coef, gamma=cfg.gamma,
                           lam=cfg.lam, whiten_advantages=ppo, max_grad_norm=1.0,
                           # as the TRL side: PPO's log-probs from generation, GRPO's on-policy shortcut
-                          old_logp="behaviour"),
+                          old_logp="behaviour", prefix_sharing=cfg.rl_prefix_sharing),
             optim=OptimConfig(lr=cfg.lr, critic_lr=cfg.lr),
         )
         self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
@@ -645,13 +661,14 @@ def _trl_selective_head(model, metrics: bool, outputs: tuple = ("entropy", "mean
     model.forward = forward
 
 
-def _trl_optimizer_step(runner, metrics_attr: str) -> Tuple[float, float]:
+def _trl_optimizer_step(runner, metrics_attr: str, split: Optional[str] = "train") -> Tuple[float, float]:
     """One optimizer step of ``runner.trainer`` (a TRL trainer built on transformers' Trainer) on
     ``runner.examples``, written out as ``Trainer._inner_training_loop`` does it per step with
     gradient accumulation 1: collate, ``training_step``, clip, optimizer and scheduler step,
-    ``zero_grad``. The step's metrics (``trainer.<metrics_attr>["train"]``, which TRL's log()
-    would average and clear every logging_steps) go to ``runner.last_metrics`` and are cleared.
-    Returns (wall seconds, synchronised on the device; the loss)."""
+    ``zero_grad``. The step's metrics (``trainer.<metrics_attr>[split]``, or with ``split`` None
+    ``trainer.<metrics_attr>`` itself — OnlineDPOTrainer's ``stats`` —, lists of values which TRL's
+    log() would average and clear every logging_steps) go to ``runner.last_metrics`` and are
+    cleared. Returns (wall seconds, synchronised on the device; the loss)."""
     t, dev = runner.trainer, runner.cfg.device
     _sync(dev)
     t0 = time.perf_counter()
@@ -663,9 +680,11 @@ def _trl_optimizer_step(runner, metrics_attr: str) -> Tuple[float, float]:
     t.lr_scheduler.step()
     t.model.zero_grad()
     t.state.global_step += 1
-    store = getattr(t, metrics_attr)["train"]
+    store = getattr(t, metrics_attr)
+    store = store[split] if split is not None else store
     runner.last_metrics = {k: v[-1] for k, v in store.items() if v}
-    store.clear()
+    for v in store.values():  # (the lists, not the keys: OnlineDPOTrainer appends to fixed keys)
+        v.clear()
     _sync(dev)
     return time.perf_counter() - t0, float(loss)
 
@@ -1185,6 +1204,155 @@ class RLHFFastDistillStep:
         return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=float(m["loss"]))
 
 
+# --------------------------------------------------------------------------- online DPO
+
+
+def online_dpo_prompts(cfg: E2EConfig, step: int) -> List[str]:
+    """The prompts of online DPO step ``step`` (0-based, the warm-up included): the next
+    ``prompts_per_step`` of PROMPTS in order, as rlhf_fast's trainer reads them (``data.shuffle``
+    off); each is answered twice on both sides."""
+    k = cfg.prompts_per_step
+    return [PROMPTS[(step * k + i) % len(PROMPTS)] for i in range(k)]
+
+
+def _check_online_dpo_rollout(cfg: E2EConfig, rows: int, width: int, side: str) -> None:
+    """RuntimeError unless a step generated ``2 · prompts_per_step`` answers (``rows``) whose
+    longest (``width``, the generated columns) is within ``max_new_tokens``: the work both sides
+    must do."""
+    if rows != 2 * cfg.prompts_per_step or not 0 < width <= cfg.max_new_tokens:
+        raise RuntimeError(f"{side}: the online DPO step generated {rows} answers of up to {width} tokens, expected "
+                           f"{2 * cfg.prompts_per_step} (2 per prompt) of up to {cfg.max_new_tokens}")
+
+
+def _trl_digit_reward(prompts, completions, **kwargs) -> List[float]:
+    """:func:`digit_reward` as a TRL reward function (TRL passes completion_ids, trainer_state, … too)."""
+    return digit_reward(prompts, completions)
+
+
+class TRLOnlineDPOStep:
+    """One optimizer step of TRL 1.16's own ``trl.experimental.online_dpo.OnlineDPOTrainer``
+    (``reward_funcs=[digit_reward]``, loss_type sigmoid, ``beta`` = ``cfg.dpo_beta``), built on an
+    in-memory ``datasets.Dataset`` of the prompts with the benchmark's model; the reference is
+    TRL's own ``create_reference_model`` copy (``ref_model=None``).
+
+    TRL's code: ``training_step`` → ``_generate`` (left-padded tokenisation, each prompt twice,
+    ``model.generate`` with its GenerationConfig: ``temperature``, ``top_k`` 0, ``top_p`` 1,
+    ``max_new_tokens``; ``truncate_right`` after the first eos) → ``_forward`` of the policy (full
+    ``[2N, T, V]`` logits, ``log_softmax``, the completion tokens' log-probs; its only log-prob
+    path, kept as is) and of the reference under no_grad → the rewards
+    (``_calculate_rewards_from_functions``), the chosen / rejected split, the sigmoid loss, every
+    logged statistic, the backward; the optimizer and scheduler ``create_optimizer_and_scheduler``
+    builds (``adamw_torch_fused``, weight decay 0). Written out as for :class:`TRLDPOStep`
+    (collate the step's prompts, ``training_step``, clip at 1, optimizer / scheduler step,
+    ``zero_grad``; its ``stats`` lists cleared each step). Each step gets the next
+    ``prompts_per_step`` prompts (:func:`online_dpo_prompts`), as rlhf_fast's side reads them.
+    Config differences from OnlineDPOConfig's defaults, the same on both sides:
+    ``gradient_checkpointing=False`` (its default is True), fp32 (``bf16=False``), learning rate
+    ``cfg.lr`` (its default 5e-7) with a constant schedule, ``temperature`` ``cfg.temperature`` (its
+    default 0.9), ``max_new_tokens`` ``cfg.max_new_tokens`` (its default 64).
+
+    Phases: ``generate`` (the policy's ``generate`` call), ``logprobs`` (the reference's
+    ``_forward``) and ``update`` (the rest: the policy's forward, rewards, loss, backward, optimizer).
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        self.pos = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_online_dpo_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
+            from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+            args = OnlineDPOConfig(
+                output_dir=self._tmp.name, per_device_train_batch_size=cfg.prompts_per_step, learning_rate=cfg.lr,
+                lr_scheduler_type="constant", beta=cfg.dpo_beta, loss_type="sigmoid", temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
+                use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                max_grad_norm=1.0)
+            self.trainer = OnlineDPOTrainer(model=model, ref_model=None, reward_funcs=[_trl_digit_reward], args=args,
+                                            processing_class=tok,
+                                            train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+        t = self.trainer
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        self._gen_s, self._ref_s = [0.0], [0.0]
+        self.generated: Optional[torch.Tensor] = None  # the last step's completion columns [2N, C]
+        generate = _timed_calls(t.model.generate, self._gen_s, cfg.device)
+
+        def recording_generate(*a, input_ids, **kw):
+            out = generate(*a, input_ids=input_ids, **kw)
+            self.generated = out[:, input_ids.shape[1]:]
+            return out
+
+        t.model.generate = recording_generate
+        forward, timed = t._forward, _timed_calls(t._forward, self._ref_s, cfg.device)
+        t._forward = lambda model, *a, **kw: (timed if model is t.ref_model else forward)(model, *a, **kw)
+
+    def step(self) -> Dict[str, float]:
+        from trl.experimental.utils import truncate_right
+
+        self.examples = [{"prompt": p} for p in online_dpo_prompts(self.cfg, self.pos)]
+        self.pos += 1
+        self._gen_s[0] = self._ref_s[0] = 0.0
+        step, loss = _trl_optimizer_step(self, "stats", split=None)
+        gen, ref, comp = self._gen_s[0], self._ref_s[0], self.generated
+        _check_online_dpo_rollout(self.cfg, comp.shape[0], comp.shape[1], "TRL")
+        # each answer's own tokens, eos included (TRL's completion mask)
+        tokens = float(truncate_right(comp, self.trainer.eos_token_ids, self.trainer._tokenizer.pad_token_id)[1].sum())
+        return dict(generate=gen, logprobs=ref, update=max(0.0, step - gen - ref), step=step, tokens=tokens, loss=loss)
+
+
+class RLHFFastOnlineDPOStep:
+    """rlhf_fast's ``OnlineDPOTrainer.step()`` (``estimator: online_dpo``) on the same model, prompts
+    (:func:`online_dpo_prompts`), reward function and settings: ``rollout.group_size`` 2, one epoch and
+    one mini-batch of the whole rollout (TRL's one optimizer step per generation), ``online_dpo.beta``
+    ``cfg.dpo_beta``, loss_type sigmoid, grad clipping at 1, the same learning rate (constant), fp32.
+    Phases from the trainer's own timers: ``generate``, ``logprobs`` (the reference's log-probs of the
+    answers) and ``update`` (the rest of the step)."""
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.trainers.online_dpo import OnlineDPOTrainer
+        from rlhf_fast.trainers.rl_config import (DataConfig, OnlineDPOConfig, OptimConfig, PPOConfig, RLConfig,
+                                                  RolloutConfig)
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        B = 2 * cfg.prompts_per_step
+        rl_cfg = RLConfig(
+            estimator="online_dpo", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False,
+            sample_every=0, data=DataConfig(prompts=list(PROMPTS), shuffle=False),
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=2,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
+            optim=OptimConfig(lr=cfg.lr), online_dpo=OnlineDPOConfig(beta=cfg.dpo_beta, loss_type="sigmoid"),
+        )
+        self.trainer = tr = OnlineDPOTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
+        self.generated = (0, 0)  # the last step's (answers, generated columns)
+        generate = tr._generate
+
+        def recording_generate(*a, **kw):
+            out = generate(*a, **kw)
+            ids = out[0].input_ids
+            self.generated = (ids.shape[0], ids.shape[1] - out[0].prompt_length)
+            return out
+
+        tr._generate = recording_generate
+
+    def step(self) -> Dict[str, float]:
+        m, step = _timed_step(self.trainer, self.cfg.device)
+        _check_online_dpo_rollout(self.cfg, *self.generated, "rlhf_fast")
+        gen, lp = m.get("time/generate", 0.0), m.get("time/logprobs", 0.0)
+        tokens = float(m.get("response_length/mean", 0.0)) * self.generated[0]
+        self.last_metrics = m
+        return dict(generate=gen, logprobs=lp, update=max(0.0, step - gen - lp), step=step, tokens=tokens,
+                    loss=float(m["loss"]))
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -1208,6 +1376,8 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         runner = TRLSimPOStep(cfg) if framework == "trl" else RLHFFastDPOStep(cfg, loss_type="simpo")
     elif algo == "distill":
         runner = (TRLDistillStep if framework == "trl" else RLHFFastDistillStep)(cfg)
+    elif algo == "online_dpo":
+        runner = (TRLOnlineDPOStep if framework == "trl" else RLHFFastOnlineDPOStep)(cfg)
     else:
         maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
         runner = maker(cfg, algo)
@@ -1278,10 +1448,11 @@ def _check_algos(algos) -> tuple:
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
               timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS,
               overrides: Optional[Dict[str, object]] = None) -> List[Table]:
-    """PPO, GRPO and DPO steps (and, when asked for, KTO and SimPO), rlhf_fast vs TRL, per
-    configuration — ``cfg`` if given, else the quick one, else the tiny model with its 256-token
-    vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a table of the RL
-    algorithms (PPO / GRPO) and one each of DPO, KTO and SimPO, each only when ``algos`` (a subset
+    """PPO, GRPO and DPO steps (and, when asked for, KTO, SimPO, distillation and online DPO),
+    rlhf_fast vs TRL, per configuration — ``cfg`` if given, else the quick one, else the tiny model
+    with its 256-token vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a
+    table of the RL algorithms (PPO / GRPO) and one each of DPO, KTO, SimPO, distillation and online
+    DPO, each only when ``algos`` (a subset
     of :data:`ALL_ALGOS`, or "ppo,dpo"-style text; default :data:`ALGOS`) holds them.
 
     ``repeats``: fresh subprocesses per (algo, framework), run alternately TRL / rlhf_fast so
@@ -1328,7 +1499,8 @@ def _where(cfg: E2EConfig) -> str:
 
 def run_config(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS) -> List[Table]:
     """One configuration's tables (:func:`run_table` for PPO / GRPO, :func:`run_dpo_table`,
-    :func:`run_kto_table`, :func:`run_simpo_table`), the tokenizer trained once for all of their
+    :func:`run_kto_table`, :func:`run_simpo_table`, :func:`run_distill_table`,
+    :func:`run_online_dpo_table`), the tokenizer trained once for all of their
     subprocesses (after ``algos`` is checked: a wrong name costs no training)."""
     return _with_tokenizer(_config_tables)(cfg, timeout_s, repeats, _check_algos(algos))
 
@@ -1344,6 +1516,8 @@ def _config_tables(cfg: E2EConfig, timeout_s: float, repeats: int, algos) -> Lis
         tables.append(run_simpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "distill" in algos:
         tables.append(run_distill_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "online_dpo" in algos:
+        tables.append(run_online_dpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
     return tables
 
 
@@ -1583,6 +1757,34 @@ def run_distill_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1
         ])
 
 
+@_with_tokenizer
+def run_online_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's online DPO table: TRL 1.16's experimental ``OnlineDPOTrainer``
+    (:class:`TRLOnlineDPOStep`) and rlhf_fast's (:class:`RLHFFastOnlineDPOStep`), one optimizer step
+    on the same prompts, model and reward function, and the TRL ÷ rlhf_fast ratios. The tokenizer is
+    trained here unless ``cfg.tokenizer_dir`` holds it."""
+    return _step_table(
+        cfg, f"one online DPO step on a {cfg.family} model from a config ({cfg.prompts_per_step} prompts × 2 "
+        f"answers = {2 * cfg.prompts_per_step} sequences, ≤{cfg.max_new_tokens} new tokens, beta {cfg.dpo_beta:g}, "
+        "loss_type sigmoid", ONLINE_DPO_PHASES, [("online_dpo", "TRL OnlineDPOTrainer (experimental)")], timeout_s,
+        repeats, timing="; tokens/s = the step's generated tokens (each answer's own, eos included) ÷ step time",
+        what="one optimizer step: generate = the policy's sampling of two answers per prompt; logprobs = the "
+        "reference's log-probs of the answers (no_grad); update = the rest (the digit reward of every answer, the "
+        "chosen / rejected choice, the policy forward + backward, the sigmoid DPO loss on the summed log-probs, its "
+        "statistics, grad clipping at 1, fused AdamW step, scheduler)",
+        notes=[
+            "TRL side: trl.experimental.online_dpo.OnlineDPOTrainer itself (training_step: _generate with HF "
+            "generate, _forward with the full [2N, T, V] logits and log_softmax for the policy and the reference — "
+            "its only log-prob path, kept as is —, _calculate_rewards_from_functions with the digit reward, the "
+            "loss and its stats; create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as "
+            "Trainer's loop does; gradient_checkpointing off (its default is on), fp32 and the same temperature, "
+            "max_new_tokens and learning rate on both sides; both sides generate the same number of answers within "
+            "the same max_new_tokens (checked each step)",
+            "rlhf_fast side: OnlineDPOTrainer.step (estimator online_dpo: its rollout engine, the fused log-prob head "
+            "over the answers' tokens only for the reference and the policy) with its own fused AdamW",
+        ])
+
+
 def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",
          algos=ALGOS, overrides: Optional[Dict[str, object]] = None) -> List[Table]:
     """Run the suite and print its tables; ``write``: also append them to benchmarks/results;
@@ -1613,7 +1815,8 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO (/ KTO / SimPO) step, rlhf_fast vs TRL")
+    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO (/ KTO / SimPO / distillation / online DPO) step, "
+                                "rlhf_fast vs TRL")
     p.add_argument("--framework", choices=("trl", "rlhf_fast"))
     p.add_argument("--algo", choices=ALL_ALGOS, help="internal: the algorithm of one --framework subprocess")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"algorithms to run, comma-separated among "
@@ -1627,11 +1830,14 @@ if __name__ == "__main__":
     p.add_argument("--dpo-prefix-sharing", action="store_true",
                    help="rlhf_fast's DPO step with prefix_sharing (each pair's prompt scored once)")
     p.add_argument("--dpo-prompt-tokens", type=int, default=None, help="the DPO pairs' prompt length in tokens")
+    p.add_argument("--rl-prefix-sharing", action="store_true",
+                   help="rlhf_fast's PPO / GRPO step with ppo.prefix_sharing (each prompt computed once per group)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
         over = {k: v for k, v in (("dpo_prefix_sharing", a.dpo_prefix_sharing or None),
+                                  ("rl_prefix_sharing", a.rl_prefix_sharing or None),
                                   ("dpo_prompt_tokens", a.dpo_prompt_tokens)) if v is not None}
         main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos, overrides=over)
     else:

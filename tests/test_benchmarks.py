@@ -674,3 +674,84 @@ def test_e2e_distill_sides_run_the_same_configuration(monkeypatch, capsys):
     for rec in (trl_side.step(), ours.step()):
         assert rec["generate"] > 0 and rec["update"] > 0 and rec["step"] == pytest.approx(rec["generate"] + rec["update"])
         assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])
+
+
+def test_e2e_online_dpo_sides_run_the_same_step():
+    """The online DPO comparison (`--algos online_dpo`): TRL's experimental OnlineDPOTrainer and
+    ours start from the same policy (each reference a copy of it), with the same beta, loss type,
+    sampling settings, prompts per step, answers per prompt and fused AdamW; each step reads the same
+    prompts, generates the same number of answers of the same width (max_new_tokens), splits into
+    generate + logprobs + update, and its loss is ln 2 on the first step on both sides (the policy is
+    still the reference) and moves after the first update. (The loss and statistics are checked
+    against TRL's training_step in tests/test_online_dpo.py.)"""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    assert "online_dpo" in e2e.ALL_ALGOS and "online_dpo" not in e2e.ALGOS
+    assert e2e._check_algos("online_dpo,dpo") == ("dpo", "online_dpo")
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLOnlineDPOStep(cfg), e2e.RLHFFastOnlineDPOStep(cfg)
+    t, o = trl_side.trainer, ours.trainer
+    for a, b in ((t.model, o.policy), (t.ref_model, o.policy), (o.reference, o.policy)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    g, ro = t.generation_config, o.config.rollout
+    assert (t.beta, t.args.loss_type, t.num_generations, t.args.per_device_train_batch_size) == \
+        (o._beta, o.config.online_dpo.loss_type, ro.group_size, ro.prompts_per_step) == (cfg.dpo_beta, "sigmoid", 2, 4)
+    assert (g.temperature, g.max_new_tokens, g.top_p, g.top_k or 0) == \
+        (ro.temperature, ro.max_new_tokens, ro.top_p, ro.top_k) == (cfg.temperature, cfg.max_new_tokens, 1.0, 0)
+    assert (t.args.max_grad_norm, o.config.ppo.max_grad_norm, o.config.ppo.mini_batch_size) == (1.0, 1.0, 8)
+    for opt in (t.optimizer, o.optimizer):
+        pg = opt.param_groups[0]
+        assert pg["fused"] and pg["weight_decay"] == 0.0 and pg["lr"] == cfg.lr
+    n = 2 * cfg.prompts_per_step
+    for i in range(2):
+        a, b = trl_side.step(), ours.step()
+        want = e2e.online_dpo_prompts(cfg, i)
+        assert [e["prompt"] for e in trl_side.examples] == want == [p for p, _, _ in o._last_texts][::2]
+        assert tuple(trl_side.generated.shape) == ours.generated == (n, cfg.max_new_tokens)
+        for rec in (a, b):
+            assert rec["generate"] > 0 and rec["logprobs"] > 0 and rec["update"] > 0
+            assert rec["step"] == pytest.approx(rec["generate"] + rec["logprobs"] + rec["update"])
+            assert 0 < rec["tokens"] <= n * cfg.max_new_tokens and math.isfinite(rec["loss"])
+            if i == 0:
+                assert rec["loss"] == pytest.approx(math.log(2), rel=1e-6)
+            else:
+                assert abs(rec["loss"] - math.log(2)) > 1e-6
+    assert trl_side.last_metrics["beta"] == ours.last_metrics["beta"] == cfg.dpo_beta
+    with pytest.raises(RuntimeError, match="expected 8 \\(2 per prompt\\) of up to 8"):
+        e2e._check_online_dpo_rollout(cfg, n - 1, cfg.max_new_tokens, "TRL")
+    with pytest.raises(RuntimeError, match="rlhf_fast: .* 8 answers of up to 9 tokens"):
+        e2e._check_online_dpo_rollout(cfg, n, cfg.max_new_tokens + 1, "rlhf_fast")
+
+
+def test_e2e_online_dpo_table(monkeypatch, capsys):
+    """`--algos online_dpo`: its own table with generate / logprobs / update columns, a TRL row, an
+    rlhf_fast row and the TRL ÷ rlhf_fast ratios, rendered to markdown."""
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = replace(e2e.E2EConfig.quick(), tokenizer_dir="unused")
+
+    def fake(framework, algo, c, timeout_s):
+        assert algo == "online_dpo"
+        trl = framework == "trl"
+        return dict(generate=1.0 if trl else 0.5, logprobs=0.6 if trl else 0.2, update=1.4 if trl else 0.3,
+                    step=3.0 if trl else 1.0, tokens=60.0, tokens_per_s=20.0 if trl else 60.0,
+                    extra_peak_bytes=(6 if trl else 2) << 20, extra_rss_bytes=(4 if trl else 2) << 20,
+                    rss_bytes=1 << 30, loss=0.69)
+
+    monkeypatch.setattr(e2e, "_subprocess", fake)
+    (table,) = e2e.run_suite(cfg=cfg, algos="online_dpo")
+    assert table.title.startswith("one online DPO step") and "4 prompts × 2 answers = 8 sequences" in table.title
+    assert table.columns[2:6] == ["generate_s", "logprobs_s", "update_s", "step_s"]
+    assert [(r["algo"], r["framework"]) for r in table.rows] == \
+        [("online_dpo", "TRL OnlineDPOTrainer (experimental)"), ("online_dpo", "rlhf_fast"),
+         ("online_dpo", "TRL ÷ rlhf_fast")]
+    ratio = table.rows[-1]
+    assert (ratio["generate_s"], ratio["logprobs_s"], ratio["step_s"], ratio["tokens_per_s"], ratio["extra_peak"],
+            ratio["extra_rss"]) == (2.0, pytest.approx(3.0), 3.0, 3.0, "3.00×", "2.00×")
+    assert ratio["update_s"] == pytest.approx(1.4 / 0.3)
+    md = table.markdown()
+    assert "| online_dpo | rlhf_fast |" in md and "OnlineDPOTrainer itself" in md
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("e2e ")]
+    assert "e2e online_dpo trl" in err[0] and "(generate 1.000 logprobs 0.600 update 1.400)" in err[0]

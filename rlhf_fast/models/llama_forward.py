@@ -461,7 +461,8 @@ class SharedPrefixSegments:
     (causal), never to another branch; each branch's position ids continue from the prefix's
     end (``p, p + 1, ...``), so each branch's states are those of ``prefix + branch`` as a row of
     its own. DPO's ``prefix_sharing``: a pair's prompt once, then chosen, then rejected
-    (:func:`rlhf_fast.models.logprobs.pack_shared_rows`). A group with ``p == 0`` is its
+    (:func:`rlhf_fast.models.logprobs.pack_shared_rows`); the RL trainer's ``ppo.prefix_sharing``:
+    a prompt once, then each of its group's answers. A group with ``p == 0`` is its
     branches as independent sequences; an empty branch (length 0) takes no token.
 
     :func:`_attention` runs, per group, one causal sdpa over ``prefix + branch 1`` and, for

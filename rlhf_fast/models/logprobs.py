@@ -463,20 +463,21 @@ def pack_shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, grou
     ``(len(shared), (rest_1, ..., rest_K))``).
 
     input_ids / attention_mask ``[N, T]``; groups ``[G, K]`` int64, the rows of each group (every
-    row once). Left padding and holes are read through (each row's attended tokens in order)."""
+    row once); a group of fewer than K rows is filled up with -1 after its rows (:func:`row_groups`).
+    Left padding and holes are read through (each row's attended tokens in order)."""
     N, T = input_ids.shape
-    if groups.dim() != 2 or groups.numel() != N or not torch.equal(groups.flatten().sort().values,
-                                                                   torch.arange(N, device=groups.device)):
-        raise ValueError(f"groups must be a [G, K] tensor holding each of the {N} rows once, got "
-                         f"{groups.tolist() if groups.numel() <= 16 else tuple(groups.shape)}")
+    _check_groups(groups, N)
     G, K = groups.shape
+    valid = groups >= 0  # [G, K]
+    rows = groups.clamp(min=0)
     am = attention_mask.bool()
     # each row's attended tokens first, in order (a right-padded batch is already so)
     order = torch.sort((~am).to(torch.int8), dim=1, stable=True).indices
-    ids, att = input_ids.gather(1, order)[groups], am.gather(1, order)[groups]  # [G, K, T]
-    same = (ids == ids[:, :1]).all(1) & att.all(1)  # [G, T]
+    ids, att = input_ids.gather(1, order)[rows], am.gather(1, order)[rows] & valid[..., None]  # [G, K, T]
+    # a filler row (-1) takes no token and does not bound the shared part
+    same = ((ids == ids[:, :1]) & att | ~valid[..., None]).all(1)  # [G, T]
     p = same.long().cumprod(-1).sum(-1)  # [G] shared leading tokens
-    rest = att.sum(-1) - p[:, None]  # [G, K]
+    rest = torch.where(valid, att.sum(-1) - p[:, None], 0)  # [G, K]
     size = p + rest.sum(1)
     off = torch.cumsum(size, 0) - size
     branch = p[:, None] + torch.cumsum(rest, 1) - rest  # [G, K]: each rest's start in its group
@@ -490,9 +491,43 @@ def pack_shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, grou
     pos = torch.zeros(total, dtype=torch.long, device=ids.device)
     pos[where] = k.expand(G, K, T)[att]
     at = torch.full((N, T), -1, dtype=torch.long, device=ids.device)
-    at[groups[..., None], order[groups]] = torch.where(att, at_g, -1)  # back at the batch's own columns
+    real = groups[valid]  # back at the batch's own columns
+    at[real[:, None], order[real]] = torch.where(att[valid], at_g[valid], -1)
     segments = llama_forward.SharedPrefixSegments([(g[0], tuple(g[1:])) for g in sizes])
     return SharedRows(packed[None], pos[None], at, segments)
+
+
+def _check_groups(groups, n_rows: int) -> None:
+    """ValueError unless ``groups`` is a ``[G, K]`` integer tensor holding each of the ``n_rows``
+    rows once, each group's rows first and -1 after them."""
+    if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.dtype.is_floating_point \
+            or groups.dtype == torch.bool:
+        raise ValueError(f"prefix_groups must be a [G, K] integer tensor of row indices, got "
+                         f"{getattr(groups, 'shape', type(groups).__name__)}")
+    valid = groups >= 0
+    ok = (groups.shape[1] > 0 and bool(valid[:, 0].all()) and not bool((valid[:, 1:] & ~valid[:, :-1]).any())
+          and torch.equal(groups[valid].sort().values, torch.arange(n_rows, device=groups.device)))
+    if not ok:
+        raise ValueError(f"prefix_groups must be a [G, K] tensor holding each of the {n_rows} rows once (a group's "
+                         f"rows first, -1 after them), got "
+                         f"{groups.tolist() if groups.numel() <= 16 else tuple(groups.shape)}")
+
+
+def row_groups(group_ids: torch.Tensor) -> torch.Tensor:
+    """``[G, K]`` int64 (:func:`pack_shared_rows`' ``groups``) from ``group_ids`` ``[N]`` int, the group
+    of each row (an RL batch's prompt per answer): the rows of each group in row order, -1 after them
+    where a group has fewer than K (the most any group has) rows."""
+    if not isinstance(group_ids, torch.Tensor) or group_ids.dim() != 1:
+        raise ValueError(f"group_ids must be a [N] tensor, got {getattr(group_ids, 'shape', type(group_ids))}")
+    if not group_ids.numel():
+        return torch.zeros(0, 1, dtype=torch.long, device=group_ids.device)
+    _, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(inv, stable=True)  # the rows group by group, each group's in row order
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel(), device=order.device) - start[inv[order]]
+    out = torch.full((counts.numel(), int(counts.max())), -1, dtype=torch.long, device=group_ids.device)
+    out[inv[order], slot] = order
+    return out
 
 
 def pair_groups(n_rows: int, device=None) -> torch.Tensor:
@@ -503,15 +538,20 @@ def pair_groups(n_rows: int, device=None) -> torch.Tensor:
     return torch.stack([half, half + n_rows // 2], 1)
 
 
-def pack_shared_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> PackedTargets:
-    """The shared-prefix packed row of a batch of pairs (``prefix_sharing``) and its scored tokens.
+def pack_shared_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+                        groups: Optional[torch.Tensor] = None) -> PackedTargets:
+    """The shared-prefix packed row of a batch of groups of rows (``prefix_sharing``) and its scored
+    tokens.
 
-    input_ids / attention_mask ``[N, T]`` (N even: row i and row i + N/2 are a pair, DPO's chosen
-    and rejected rows), target ``[N, T]`` bool (:func:`_target_mask`). Each pair is laid out once
-    (:func:`pack_shared_rows`): ``[shared, rest of row i, rest of row i + N/2]``. ``src`` indexes
-    the state that predicts each target (``rows``, ``cols``: its place in the batch; the label is
-    ``input_ids[rows, cols]``)."""
-    sr = pack_shared_rows(input_ids, attention_mask, pair_groups(input_ids.shape[0], input_ids.device))
+    input_ids / attention_mask ``[N, T]``, target ``[N, T]`` bool (:func:`_target_mask`); groups
+    ``[G, K]`` int64 (:func:`pack_shared_rows`; an RL batch's answers to one prompt), or None: pairs,
+    row i with row i + N/2 (N even; DPO's chosen and rejected rows). Each group is laid out once
+    (:func:`pack_shared_rows`): ``[shared, rest of its first row, rest of its second, ...]``. ``src``
+    indexes the state that predicts each target (``rows``, ``cols``: its place in the batch; the
+    label is ``input_ids[rows, cols]``)."""
+    if groups is None:
+        groups = pair_groups(input_ids.shape[0], input_ids.device)
+    sr = pack_shared_rows(input_ids, attention_mask, groups)
     tr, tc = target.nonzero(as_tuple=True)
     src = sr.at[tr, tc - 1]  # the predecessor of a target is attended (_target_mask): the column before
     return PackedTargets(sr.ids, sr.position_ids, src, tr, tc, sr.segments)
@@ -551,6 +591,7 @@ def sequence_logprobs(
     return_top1: bool = False,
     return_mean_logit: bool = False,
     prefix_sharing: bool = False,
+    prefix_groups: Optional[torch.Tensor] = None,
 ):
     """Per-token log-probs ``[B, T]`` float32 of ``input_ids`` under ``model`` at ``temperature``.
 
@@ -563,7 +604,11 @@ def sequence_logprobs(
     ``prefix_sharing=True`` (rows i and i + B/2 are pairs; packed implied): one row in which each
     pair's common leading tokens (its prompt) are scored once, the rest of each row attending to
     them and not to the other row (:func:`pack_shared_targets`); needs a fusable head and a
-    backbone :mod:`rlhf_fast.models.llama_forward` computes (ValueError otherwise). Either way the
+    backbone :mod:`rlhf_fast.models.llama_forward` computes (ValueError otherwise).
+    ``prefix_groups`` ``[G, K]`` int64 (with ``prefix_sharing=True`` only): the groups of rows
+    that share their leading tokens instead of pairs — an RL batch's answers to one prompt, each
+    prompt then scored once per group (:func:`row_groups` builds it from a group id per row;
+    -1 fills a group of fewer rows). Either way the
     values come back at their padded places, equal to the padded path's up to float rounding.
     Differentiable in the model's parameters.
 
@@ -588,6 +633,10 @@ def sequence_logprobs(
                        ("prefix_sharing", prefix_sharing)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if prefix_groups is not None:
+        if not prefix_sharing:
+            raise ValueError("prefix_groups needs prefix_sharing=True (the groups of rows scored in one shared row)")
+        _check_groups(prefix_groups, B)
     stats = dict(return_entropy=return_entropy, return_top1=return_top1, return_mean_logit=return_mean_logit)
     if B == 0 or T == 0:  # nothing to score (hidden_states refuses an empty batch)
         return _zeros(B, T, input_ids.device, **stats)
@@ -601,7 +650,7 @@ def sequence_logprobs(
         why = prefix_sharing_reason(model, T)
         if why is not None:
             raise ValueError(f"prefix_sharing=True cannot run: {why}")
-        pk = pack_shared_targets(input_ids, attention_mask, target)
+        pk = pack_shared_targets(input_ids, attention_mask, target, prefix_groups)
         if pk.ids.numel() == 0:
             return _zeros(B, T, input_ids.device, **stats)
         tr, tc = pk.rows, pk.cols
@@ -673,6 +722,20 @@ def _scatter(out, tr, tc, B, T, many):
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
+def _shared_loss_states(model, input_ids, attention_mask, mask, groups, c0: int, c1: int) -> torch.Tensor:
+    """The ``[B, c1 − c0, H]`` states :func:`policy_loss` feeds the fused loss, from one forward of
+    the shared-prefix row of ``groups``: at ``[r, t − c0]`` the state that predicts loss token
+    ``(r, t)`` (``mask [B, T]``), zeros elsewhere (no loss token reads them)."""
+    _check_groups(groups, input_ids.shape[0])
+    why = prefix_sharing_reason(model, input_ids.shape[1])
+    if why is not None:
+        raise ValueError(f"prefix_groups cannot run: {why}")
+    pk = pack_shared_targets(input_ids, attention_mask, mask, groups)
+    h = shared_target_states(model, pk)  # [n, H]; no loss token: every state's graph, none placed
+    out = h.new_zeros(input_ids.shape[0], c1 - c0, h.shape[-1])
+    return out.index_put((pk.rows, pk.cols - c0), h)
+
+
 def sequence_level_old_logp(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The ``old_logp`` that turns PPO's per-token ratio into GSPO's sequence ratio.
 
@@ -703,6 +766,7 @@ def policy_loss(
     ref_logp: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
     importance_sampling_level: str = "token",
+    prefix_groups: Optional[torch.Tensor] = None,
     **loss_kwargs,
 ):
     """The PPO-family policy loss of ``model`` on a rollout batch, from the last hidden state.
@@ -719,6 +783,13 @@ def policy_loss(
     exp(mean over its loss tokens of (logp − old_logp)), clipped as a whole, with the gradient
     of GSPO-token (each token's own log-prob carries it; see :func:`sequence_level_old_logp`).
     Clip, ``approx_kl`` and ratio statistics are then of the sequence ratios.
+
+    ``prefix_groups`` ``[G, K]`` int64 (None: the padded forward): the groups of rows sharing their
+    leading tokens (an RL batch's answers to one prompt), the forward one shared-prefix row in
+    which each group's prompt is computed once, forward and backward (``sequence_logprobs(...,
+    prefix_sharing=True, prefix_groups=...)``; position_ids must be None); the loss then takes the
+    same per-token inputs as the padded path, so its value and statistics are the padded ones up to
+    float rounding, whatever ``agg``.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -736,6 +807,9 @@ def policy_loss(
     mask = _target_mask(attention_mask, response_mask)
     temperature = loss_kwargs.get("temperature", 1.0)
     sequence_level = importance_sampling_level == "sequence"
+    share = {} if prefix_groups is None else dict(prefix_sharing=True, prefix_groups=prefix_groups)
+    if share and position_ids is not None:
+        raise ValueError("position_ids must be None with prefix_groups (they are rebuilt per sequence)")
     why = _fallback_reason(model)
     if why is not None or sequence_level:
         # the head cannot be fused, or the ratio needs every log-prob of a row before the loss:
@@ -743,7 +817,8 @@ def policy_loss(
         from rlhf_fast.ops import reference
 
         logp, entropy = sequence_logprobs(model, input_ids, attention_mask, response_mask=mask,
-                                          temperature=temperature, return_entropy=True, position_ids=position_ids)
+                                          temperature=temperature, return_entropy=True, position_ids=position_ids,
+                                          **share)
         if sequence_level:
             old_logp = sequence_level_old_logp(logp.detach(), old_logp, mask)
         kw = {k: v for k, v in loss_kwargs.items() if k not in ("temperature", "chunk_size")}
@@ -757,7 +832,9 @@ def policy_loss(
     # state for t = 0) keeps the loss's graph.
     cols = mask.any(0).nonzero()
     c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, T)
-    if c0 > 0:
+    if share:
+        hs = _shared_loss_states(model, input_ids, attention_mask, mask, prefix_groups, c0, c1)
+    elif c0 > 0:
         hs = hidden_states(model, input_ids, attention_mask, position_ids, columns=(c0 - 1, c1 - 1))
     else:
         h = hidden_states(model, input_ids, attention_mask, position_ids)  # [B, T, H]
@@ -786,6 +863,7 @@ __all__ = [
     "pack_shared_rows",
     "pack_shared_targets",
     "pair_groups",
+    "row_groups",
     "shared_states",
     "shared_target_states",
     "prefix_sharing_reason",

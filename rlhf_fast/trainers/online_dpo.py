@@ -15,7 +15,8 @@ function scored counts 0, TRL's ``nansum``), ``online_dpo.missing_eos_penalty`` 
 from the answers holding no eos token, and of each prompt's pair the first answer is chosen when
 its score is >= the second's (:func:`first_is_chosen`, TRL's ``first_half >= second_half``) — or
 a pairwise judge picks (TRL's ``rank == 0`` rule) → the pairs are laid out chosen, rejected,
-chosen, … and the reference's summed log-probs of each answer taken once (no grad) → ``ppo.epochs``
+chosen, … and the reference's summed log-probs of each answer taken once (no grad; with
+``ppo.prefix_sharing`` each pair's prompt computed once, by the reference and in the update) → ``ppo.epochs``
 passes over mini-batches of whole pairs: the policy's summed log-probs (the fused log-prob head,
 micro-batched), the per-pair loss (:func:`online_dpo_losses`, sigmoid −log σ(β·Δ) or IPO
 (Δ − 1/(2β))²) summed and divided by the pairs of the whole mini-batch on every rank (TRL's
@@ -288,9 +289,11 @@ class OnlineDPOTrainer(RLTrainer):
             m["objective/scores_margin"] = float((scores[0::2] - scores[1::2]).mean())
         m["val/contain_eos_token"] = float(has_eos.float().mean())
         t1 = time.perf_counter()
+        pair = torch.arange(B, device=dev) // 2  # each pair's two rows share its prompt (ppo.prefix_sharing)
         with torch.no_grad(), self._autocast(), self._reference_on_device():
             # temperature 1: TRL's _forward takes the plain log-softmax whatever it sampled at
-            ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=1.0)
+            ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=1.0,
+                                         **self._share_kwargs(pair, B))
         if self.reference_sharded:  # free the root's gathered copy (kept after its forward for the head)
             reshard(self.reference)
         m["time/logprobs"] = time.perf_counter() - t1
@@ -301,7 +304,7 @@ class OnlineDPOTrainer(RLTrainer):
                   "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0)})
         zeros = torch.zeros(ids.shape, dtype=torch.float32, device=dev)
         sc = scores if scores is not None else torch.zeros(B, device=dev)
-        data = RolloutTensors(ids, am, rm, zeros, ref_logp, zeros, zeros, zeros, zeros, sc)
+        data = RolloutTensors(ids, am, rm, zeros, ref_logp, zeros, zeros, zeros, zeros, sc, group=pair)
         chosen = torch.zeros(B, dtype=torch.bool)
         chosen[rows[0::2].cpu()] = True
         raw = scores[torch.argsort(rows)].tolist() if scores is not None else [None] * B  # generation order
@@ -321,6 +324,11 @@ class OnlineDPOTrainer(RLTrainer):
         rows = torch.stack([2 * pairs, 2 * pairs + 1], dim=1).reshape(-1)
         return super()._minibatches(rows, counts)
 
+    def _shuffle_units(self, data: RolloutTensors):
+        """Rows, with ``ppo.prefix_sharing`` too: :meth:`_minibatches` already keeps whole pairs
+        (each pair one group), so the shuffle is the padded run's."""
+        return None
+
     def dpo_loss(self, d: RolloutTensors, n_pairs) -> tuple:
         """``(loss, logp_sums)`` of the rows ``d`` (whole pairs, chosen first): the per-pair
         losses summed and divided by ``n_pairs`` (the mini-batch's pairs on every rank), and each
@@ -330,7 +338,7 @@ class OnlineDPOTrainer(RLTrainer):
         od = self.config.online_dpo
         with self._autocast():
             logp = sequence_logprobs(self.policy, d.input_ids, d.attention_mask, response_mask=d.response_mask,
-                                     temperature=1.0)
+                                     temperature=1.0, **self._share_kwargs(d.group, d.input_ids.shape[0]))
         s = (logp * d.response_mask).sum(1)  # [b]
         ref = (d.ref_logp * d.response_mask).sum(1)
         losses = online_dpo_losses(s[0::2], s[1::2], ref[0::2], ref[1::2], self._beta, od.loss_type)
@@ -358,7 +366,8 @@ class OnlineDPOTrainer(RLTrainer):
 
                     with self._autocast():
                         loss = sequence_logprobs(self.policy, d.input_ids, d.attention_mask,
-                                                 response_mask=d.response_mask).sum() * 0.0
+                                                 response_mask=d.response_mask,
+                                                 **self._share_kwargs(d.group, d.input_ids.shape[0])).sum() * 0.0
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 (loss * self.ctx.grad_scale).backward()
             total += float(loss.detach())

@@ -14,10 +14,14 @@ chosen, rejected]``, the rejected tokens attending to the prompt but not to the 
 their position ids continuing from the prompt's end
 (``sequence_logprobs(..., prefix_sharing=True)``, ``logprobs.pack_shared_targets``,
 ``llama_forward.SharedPrefixSegments``): every prompt token is scored once instead of twice, in
-the forward and the backward. It implies padding-free.
+the forward and the backward. It implies padding-free. The RL trainer's ``ppo.prefix_sharing``
+lays out groups of K rows the same way (``[prompt, answer 1, ..., answer K]``,
+``sequence_logprobs(..., prefix_groups=...)``, ``logprobs.policy_loss(..., prefix_groups=...)``).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -56,20 +60,21 @@ def check_packable(key: str, *models) -> None:
                              f"but {why}; set {key}: false")
 
 
-def check_prefix_shareable(key: str, seq_len: int, *models) -> None:
+def check_prefix_shareable(key: str, seq_len: int, *models,
+                           alternative: Optional[str] = "padding_free: true packs without sharing the prompt") -> None:
     """ValueError naming the config ``key`` when one of ``models`` (None skipped) cannot score
     shared-prefix rows of up to ``seq_len`` tokens per sequence
     (:func:`rlhf_fast.models.logprobs.prefix_sharing_reason`: an unfusable LM head, a backbone
     llama_forward does not compute — peft adapters included —, the torch backend forced); there is
-    no transformers fallback for that attention."""
+    no transformers fallback for that attention. ``alternative``: the message's hint (None: none)."""
     from rlhf_fast.models.logprobs import prefix_sharing_reason
 
     for m in models:
         why = None if m is None else prefix_sharing_reason(m, seq_len)
         if why is not None:
+            hint = f" ({alternative})" if alternative else ""
             raise ValueError(f"{key}: true needs a fusable LM head and a backbone rlhf_fast.models.llama_forward "
-                             f"computes, but {why}; set {key}: false (padding_free: true packs without sharing "
-                             "the prompt)")
+                             f"computes, but {why}; set {key}: false{hint}")
 
 
 __all__ = ["PackedTargets", "pack_targets", "pack_shared_targets", "packed_target_states", "check_packable",

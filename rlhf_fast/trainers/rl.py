@@ -28,6 +28,9 @@ TRPO-style line search, early stop on approx KL, the adaptive entropy coefficien
 policy (greedy by default, seeded per answer) and logs ``eval/*``, leaving training as it
 would have been without it. A run folder holds config.yaml, metrics.jsonl, samples.jsonl,
 TensorBoard events and atomic checkpoints from which ``resume`` continues exactly.
+``ppo.prefix_sharing`` computes each prompt once per group of its answers: the scoring pass is
+one shared-prefix row of the whole batch, the update's shuffle permutes whole groups and each
+micro-batch is one such row (the critic stays padded).
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ class RolloutTensors:
     that keep their policy-loss term under ``ppo.top_entropy_quantile`` (the rollout sets it,
     to response_mask when that is 1; None, as a batch built elsewhere may leave it, = all);
     is_weight ``[B, L]`` float32: the rollout importance weights (``ppo.is_cap``) that the loss
-    takes itself (``ppo.policy_loss`` vespo; None otherwise, where they are in the advantages)."""
+    takes itself (``ppo.policy_loss`` vespo; None otherwise, where they are in the advantages);
+    group ``[B]`` int64: the prompt each row answers (the rows of one group consecutive), which
+    ``ppo.prefix_sharing`` computes once per group (None, as a batch built elsewhere may leave it:
+    each row its own group)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -103,6 +109,7 @@ class RolloutTensors:
     scores: torch.Tensor
     entropy_mask: Optional[torch.Tensor] = None
     is_weight: Optional[torch.Tensor] = None
+    group: Optional[torch.Tensor] = None
 
     def select(self, idx: torch.Tensor) -> "RolloutTensors":
         """The rows ``idx`` of every tensor."""
@@ -612,6 +619,11 @@ class RLTrainer:
                              "adapters disabled), so there is nothing to offload")
         if cfg.kl.ref_sync_steps:
             _check_syncable(self.policy, reference)
+        if cfg.ppo.prefix_sharing:  # no transformers fallback for its attention: refused now, not mid-run
+            from rlhf_fast.trainers.packing import check_prefix_shareable
+
+            check_prefix_shareable("ppo.prefix_sharing", cfg.rollout.max_new_tokens + 1, self.policy, reference,
+                                   alternative=None)
         self.reference = reference
         self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
         self.critic = None
@@ -987,20 +999,23 @@ class RLTrainer:
         dev = self.device
         beh = batch.behaviour_logp.to(dev).float() * rm
         recompute = cfg.ppo.old_logp == "recompute"
+        # each prompt's answers are consecutive rows: groups of G (one shared prefix each)
+        prompt_of = torch.arange(ids.shape[0], device=dev) // ro.group_size  # [B]
+        share = self._share_kwargs(prompt_of, ids.shape[0])
         with torch.no_grad(), self._autocast():
             if recompute:
                 old_logp, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
-                                                      temperature=ro.temperature, return_entropy=True)
+                                                      temperature=ro.temperature, return_entropy=True, **share)
             else:  # the sampler's log-probs stand in: one policy forward fewer per step
                 old_logp, entropy = beh.clone(), None
                 if cfg.ppo.top_entropy_quantile < 1.0:  # the high-entropy mask needs the entropies back
                     _, entropy = sequence_logprobs(self.policy, ids, am, response_mask=rm,
-                                                   temperature=ro.temperature, return_entropy=True)
+                                                   temperature=ro.temperature, return_entropy=True, **share)
             ref_logp = None  # no reference (no KL term): no forward, no KL metrics
             if self.reference is not None:
                 with self._reference_on_device():
                     ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm,
-                                                 temperature=ro.temperature)
+                                                 temperature=ro.temperature, **share)
             if self.reference_sharded:  # free the root's gathered copy (kept after forward for the head)
                 reshard(self.reference)
             values = (critic_values(self.critic, ids, am) * rm if self.critic is not None
@@ -1040,7 +1055,7 @@ class RLTrainer:
         scores = _nan_shape(raw, lambda r: shape_scores(r, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
                                                         moments=self.reward_moments if cfg.reward.whiten else None))
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
-        ids, am, rm = ids[idx], am[idx], rm[idx]
+        ids, am, rm, prompt_of = ids[idx], am[idx], rm[idx], prompt_of[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
         ref_logp = ref_logp[idx] if ref_logp is not None else None
         entropy = entropy[idx] if entropy is not None else None
@@ -1121,7 +1136,8 @@ class RLTrainer:
         ent_mask = loss_rm.clone()  # every loss token, unless ppo.top_entropy_quantile keeps fewer
         if cfg.ppo.top_entropy_quantile < 1.0:
             ent_mask, m["rollout/entropy_threshold"] = self._high_entropy_mask(entropy, loss_rm)
-        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask, is_weight)
+        data = RolloutTensors(ids, am, loss_rm, old_logp, ref_logp, beh, values, adv, ret, scores, ent_mask, is_weight,
+                              prompt_of)
         self._last_texts = [(batch.prompt_texts[i], batch.response_texts[i],
                              None if unscored[i] else float(out.total[i])) for i in idx.tolist()]
         self._last_columns = [{k: v[i] for k, v in out.columns.items()} for i in idx.tolist()]
@@ -1505,18 +1521,58 @@ class RLTrainer:
         """``bf16`` autocast for a forward (on CUDA; nothing on the CPU)."""
         return autocast_context(self.device, self.config.bf16)
 
+    def _share_kwargs(self, group: Optional[torch.Tensor], n_rows: int) -> dict:
+        """``sequence_logprobs``' keywords for ``n_rows`` rows whose groups are ``group`` ``[B]``
+        (None: each row its own): none without ``ppo.prefix_sharing``, else the groups'
+        shared-prefix row."""
+        if not self.config.ppo.prefix_sharing:
+            return {}
+        from rlhf_fast.models.logprobs import row_groups
+
+        groups = row_groups(group) if group is not None else torch.arange(n_rows, device=self.device)[:, None]
+        return dict(prefix_sharing=True, prefix_groups=groups)
+
+    def _shuffle_units(self, data: "RolloutTensors") -> Optional[List[int]]:
+        """What the update's shuffle permutes: None, single rows; with ``ppo.prefix_sharing`` the
+        groups, as their row counts in the global row order (rank by rank; a group never spans
+        ranks), so each mini- and micro-batch holds whole groups."""
+        if not self.config.ppo.prefix_sharing or data.group is None:
+            return None
+        g = data.group
+        starts = torch.ones_like(g, dtype=torch.bool)
+        starts[1:] = g[1:] != g[:-1]
+        first = starts.nonzero(as_tuple=True)[0]
+        sizes = torch.diff(first, append=first.new_tensor([g.numel()])).tolist()
+        if not self.ctx.distributed:
+            return sizes
+        return [n for part in self.ctx.all_gather_objects(sizes) for n in part]
+
+    @staticmethod
+    def _permutation(gen: torch.Generator, n_rows: int, units: Optional[List[int]]) -> torch.Tensor:
+        """A seeded permutation ``[n_rows]`` of the global rows: of single rows (``units`` None), or
+        of the consecutive runs of rows whose lengths ``units`` lists, each run's rows kept together
+        in order."""
+        if units is None:
+            return torch.randperm(n_rows, generator=gen)
+        sizes = torch.tensor(units, dtype=torch.long)
+        starts = torch.cumsum(sizes, 0) - sizes
+        order = torch.randperm(len(units), generator=gen)
+        return torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for i in order.tolist()])
+
     def _policy_loss_forward(self, d: "RolloutTensors", norm, kw: dict):
         from rlhf_fast.models.logprobs import _target_mask, policy_loss, sequence_logprobs
 
         p = self.config.ppo
+        share = self._share_kwargs(d.group, d.input_ids.shape[0])
         if not (p.composed_loss or self.config.kl.use_bias_correction_kl or d.is_weight is not None):
+            groups = {"prefix_groups": share["prefix_groups"]} if share else {}
             return policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
-                               d.advantages, ref_logp=d.ref_logp, normalizer=norm, **kw)
+                               d.advantages, ref_logp=d.ref_logp, normalizer=norm, **groups, **kw)
         from rlhf_fast.algorithms import policy_losses
 
         mask = _target_mask(d.attention_mask, d.response_mask)  # the loss tokens, as policy_loss takes them
         logp, entropy = sequence_logprobs(self.policy, d.input_ids, d.attention_mask, response_mask=mask,
-                                          temperature=kw["temperature"], return_entropy=True)
+                                          temperature=kw["temperature"], return_entropy=True, **share)
         extra = {k: v for k, v in kw.items() if k != "temperature"}
         return policy_losses.policy_loss_from_logp(
             logp, entropy, d.old_logp, d.advantages, mask, ref_logp=d.ref_logp, normalizer=norm,
@@ -1753,10 +1809,11 @@ class RLTrainer:
         # rows on every rank: the global batch one process would hold, numbered rank by rank
         counts = [c[0] for c in self.ctx.all_gather_ints([data.input_ids.shape[0]])]
         g = torch.Generator().manual_seed(self.config.seed * 7919 + self.global_step)
+        units = self._shuffle_units(data)  # ppo.prefix_sharing: whole groups
         sums: Dict[str, float] = {}
         n_updates, stopped = 0, False
         for _ in range(cfg.epochs):
-            perm = torch.randperm(sum(counts), generator=g).to(data.input_ids.device)
+            perm = self._permutation(g, sum(counts), units).to(data.input_ids.device)
             for rows, n_micro in self._minibatches(perm, counts):
                 mini = data.select(rows)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -773,7 +773,20 @@ class PPOConfig:
     the paper's method). ``sequence`` (group estimators; TRL RLOO's ``normalize_advantages``):
     one advantage per answer, normalised over the answers of the step on every rank, (A −
     mean) / (std + 1e-4) with the unbiased std, so that long answers weigh no more than short
-    ones in the statistics."""
+    ones in the statistics.
+
+    ``prefix_sharing`` (off by default): each prompt is computed once per group of its
+    ``rollout.group_size`` answers instead of once per answer — in the rollout's scoring (the
+    policy's old log-probs and entropies, the reference's log-probs: the whole batch one packed
+    row) and in the update's forward and backward (each micro-batch one packed row) — each answer
+    attending to its prompt and to itself (``rlhf_fast.models.logprobs.sequence_logprobs(...,
+    prefix_groups=...)``); the values are the padded path's up to float rounding. A group shares
+    the leading tokens all its answers have in common, so multi-turn rows with tool results stay
+    exact. The update's shuffle then permutes whole groups, not rows (each mini- and micro-batch
+    holds whole groups): ``mini_batch_size`` and ``micro_batch_size`` must be multiples of
+    ``rollout.group_size``. Needs a fusable LM head and a backbone rlhf_fast.models.llama_forward
+    computes (Llama / Mistral / Qwen2 / Qwen3, no peft / LoRA, not the torch backend), refused at
+    the trainer's start otherwise; the critic (estimator gae) keeps its padded forward."""
 
     epochs: int = 2
     mini_batch_size: int = 8
@@ -813,6 +826,7 @@ class PPOConfig:
     entropy_coef_max: float = ENTROPY_COEF_MAX
     entropy_coef_delta: float = ENTROPY_COEF_DELTA
     entropy_target: float = ENTROPY_TARGET
+    prefix_sharing: bool = False
 
     @property
     def composed_loss(self) -> bool:
@@ -843,6 +857,8 @@ class PPOConfig:
         if self.mini_batch_size % self.micro_batch_size != 0:
             raise ValueError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide ppo.mini_batch_size "
                              f"({self.mini_batch_size})")
+        if not isinstance(self.prefix_sharing, bool):
+            raise ValueError(f"ppo.prefix_sharing must be true or false, got {self.prefix_sharing!r}")
         _pos("ppo.clip_low", self.clip_low, allow_zero=True)
         if self.clip_high is not None:
             _pos("ppo.clip_high", self.clip_high, allow_zero=True)
@@ -1145,7 +1161,7 @@ class OnlineDPOConfig:
 
 
 # the ppo keys that the online DPO update uses (its loss is DPO's, over pairs of rows)
-ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing")
 
 
 def _changed(section, prefix: str, keep=()) -> List[str]:
@@ -1272,6 +1288,13 @@ class RLConfig:
         if batch % self.ppo.mini_batch_size != 0:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "
                              f"rollout.prompts_per_step × rollout.group_size = {batch}")
+        if self.ppo.prefix_sharing:
+            for key in ("mini_batch_size", "micro_batch_size"):
+                if getattr(self.ppo, key) % self.rollout.group_size:
+                    raise ValueError(f"ppo.prefix_sharing shares each prompt within its group of answers: ppo.{key} "
+                                     f"({getattr(self.ppo, key)}) must be a multiple of rollout.group_size "
+                                     f"({self.rollout.group_size}), so that every mini- and micro-batch holds whole "
+                                     f"groups")
         ro = self.rollout
         if ro.dynamic_sampling and self.estimator not in GROUP_ESTIMATORS:
             raise ValueError(f"rollout.dynamic_sampling needs a group estimator ({', '.join(GROUP_ESTIMATORS)}), "
@@ -1311,6 +1334,9 @@ class RLConfig:
             what = "rollout.tools" if ro.tools else "rollout.environment_factory"
             raise ValueError(f"distill.lmbda ({d.lmbda}) < 1 trains the off-policy steps on the data's completions, "
                              f"which hold no tool calls; {what} needs distill.lmbda 1 or distill.seq_kd true")
+        if self.ppo.prefix_sharing:
+            raise ValueError("ppo.prefix_sharing is not supported for estimator 'distill' (its student and teacher "
+                             "forwards are padded); remove it")
         rest = _changed(self.ppo, "ppo.", keep=DISTILL_PPO_KEYS)
         if self.model.critic is not None:
             rest.append("model.critic")

@@ -1,0 +1,116 @@
+"""RL ``ppo.prefix_sharing`` on two gloo ranks: under DDP and under FSDP2 (the policy, and the
+reference sharded like it, run the shared-prefix rows through the wrappers' forward; the group
+shuffle is over every rank's groups, blank micro-batches keep the ranks in step) two GRPO steps
+log the metrics one process logs, and end with its weights. One launch of two ranks and one of
+one process; this file is also the worker they run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages (tests/triton/ does)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+KEYS = ["reward/total", "kl/seq", "kl/token", "advantages/mean", "response_length/mean", "policy/loss",
+        "policy/approx_kl", "policy/clip_frac", "policy/kl", "policy/entropy", "policy/grad_norm", "policy/ratio_max"]
+
+
+def _reward(prompts, completions):
+    return [float(sum(map(ord, c)) % 13) + 0.1 * len(c) for c in completions]
+
+
+def _run(strategy: str, out_dir: str):
+    from rlhf_fast.distributed import DistributedConfig
+    from rlhf_fast.trainers.rl import RLTrainer
+    from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig
+    from tests.test_rl_learning import make_policy
+    from tests.test_rl_prefix_sharing import PROMPTS
+
+    pol, tok = make_policy()
+    cfg = RLConfig(estimator="grpo", steps=2, seed=0, output_dir=out_dir, progress=False, sample_every=0,
+                   report_to="none",
+                   rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=5, per_sample_seeds=True),
+                   ppo=PPOConfig(epochs=2, mini_batch_size=8, micro_batch_size=4, prefix_sharing=True),
+                   kl=KLConfig(coef=0.05, placement="loss"), optim=OptimConfig(lr=5e-3),
+                   distributed=DistributedConfig(strategy=strategy))
+    tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
+    tr.train()
+    return tr
+
+
+def worker(specs, root, out):
+    from rlhf_fast.distributed import exit_process, full_state_dict, shutdown, unwrap
+
+    torch.set_num_threads(1)
+    results = {}
+    for spec in specs:
+        folder = os.path.join(root, spec)
+        tr = _run(spec, folder)
+        weights = full_state_dict(tr.policy, tr.ctx, spec) or unwrap(tr.policy).state_dict()
+        if tr.ctx.is_main:
+            with open(os.path.join(folder, "metrics.jsonl")) as f:
+                log = [json.loads(ln) for ln in f]
+            torch.save({k: v.detach().cpu() for k, v in weights.items()}, os.path.join(root, f"{spec}.pt"))
+            results[spec] = {"log": log, "world": tr.ctx.world_size}
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    shutdown()
+    exit_process(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(root, nproc, specs):
+    out = os.path.join(root, f"out{nproc}.json")
+    cmd = [sys.executable, __file__] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), __file__]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run(cmd + ["--runs", ",".join(specs), "--root", root, "--out", out], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.load(open(out))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("rl_prefix"))
+    return {**_launch(root, 2, ["ddp", "fsdp2"]), **_launch(root, 1, ["none"]), "root": root}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_with_prefix_sharing_match_one_process(runs, strategy):
+    two, one = runs[strategy], runs["none"]
+    assert two["world"] == 2 and one["world"] == 1
+    for k in KEYS:
+        a, b = [m[k] for m in two["log"] if k in m], [m[k] for m in one["log"] if k in m]
+        assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), k
+    wa = torch.load(os.path.join(runs["root"], f"{strategy}.pt"))
+    wb = torch.load(os.path.join(runs["root"], "none.pt"))
+    assert wa.keys() == wb.keys()
+    for k in wb:  # (AdamW's normalised step magnifies rounding near zero gradients)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    worker(a.runs.split(","), a.root, a.out)

@@ -223,7 +223,7 @@ def test_rollout_scoring_equals_the_padded_in_a_shorter_row(tmp_path, monkeypatc
     _same_metrics(ma, mb)
     assert "entropy" in mb and "rollout/entropy_threshold" in mb
     assert len(rows) == 2  # the policy's and the reference's forward
-    ids, am = da.input_ids, da.attention_mask
+    am = da.attention_mask
     prompt_len = (am & ~da.response_mask).sum(1)  # [B] (no tool results here: every answer token scored)
     for (shape, seg) in rows:
         assert seg is not None and shape[0] == 1 and len(seg.groups) == 3

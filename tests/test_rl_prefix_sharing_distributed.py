@@ -6,8 +6,6 @@ one process; this file is also the worker they run."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages (tests/triton/ does)
@@ -15,6 +13,8 @@ if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.torchrun_launch import launch  # noqa: E402
 
 KEYS = ["reward/total", "kl/seq", "kl/token", "advantages/mean", "response_length/mean", "policy/loss",
         "policy/approx_kl", "policy/clip_frac", "policy/kl", "policy/entropy", "policy/grad_norm", "policy/ratio_max"]
@@ -64,25 +64,8 @@ def worker(specs, root, out):
     exit_process(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(root, nproc, specs):
-    out = os.path.join(root, f"out{nproc}.json")
-    cmd = [sys.executable, __file__] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          os.environ.get("PYTHONPATH", "")])}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run(cmd + ["--runs", ",".join(specs), "--root", root, "--out", out], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.load(open(out))
+    return launch(__file__, root, nproc, specs)
 
 
 @pytest.fixture(scope="module")

@@ -1312,16 +1312,25 @@ class RLConfig:
             raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
                              f"set); use ppo.old_logp 'recompute'")
 
+    def _estimator_section(self, name: str, cls: type, estimator: str, command: str) -> bool:
+        """Whether the run is ``estimator``, whose own section ``name`` (a ``cls``) then applies;
+        ValueError when the section is not a ``cls``, or when another estimator's run changed
+        any of its keys (they would have no effect)."""
+        section = getattr(self, name)
+        if not isinstance(section, cls):
+            raise ValueError(f"{name} must be a mapping of {cls.__name__} keys, got {section!r}")
+        if self.estimator == estimator:
+            return True
+        keys = _changed(section, f"{name}.")
+        if keys:
+            raise ValueError(f"{', '.join(keys)} apply to estimator {estimator!r} ({command}), got estimator "
+                             f"{self.estimator!r}")
+        return False
+
     def _check_distill(self):
         """``distill.*`` only with estimator distill; with it, refuse the keys of the RL
         objective, which distillation has not (the group-estimator keys refuse themselves)."""
-        if not isinstance(self.distill, DistillConfig):
-            raise ValueError(f"distill must be a mapping of DistillConfig keys, got {self.distill!r}")
-        if self.estimator != DISTILL:
-            keys = _changed(self.distill, "distill.")
-            if keys:
-                raise ValueError(f"{', '.join(keys)} apply to estimator {DISTILL!r} (rlhf-fast distill), got estimator "
-                                 f"{self.estimator!r}")
+        if not self._estimator_section("distill", DistillConfig, DISTILL, "rlhf-fast distill"):
             return
         # kl.coef 0 asks for no KL, which is what distillation has; any other kl key needs a reference
         kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
@@ -1350,13 +1359,7 @@ class RLConfig:
         for a DPO loss over pairs of answers: the KL settings (β is ``online_dpo.beta``), the
         policy-gradient, critic and advantage keys of ``ppo``, reward shaping, dropped answers
         (a pair needs both), and answers other than two per prompt."""
-        if not isinstance(self.online_dpo, OnlineDPOConfig):
-            raise ValueError(f"online_dpo must be a mapping of OnlineDPOConfig keys, got {self.online_dpo!r}")
-        if self.estimator != ONLINE_DPO:
-            keys = _changed(self.online_dpo, "online_dpo.")
-            if keys:
-                raise ValueError(f"{', '.join(keys)} apply to estimator {ONLINE_DPO!r} (rlhf-fast online-dpo), got "
-                                 f"estimator {self.estimator!r}")
+        if not self._estimator_section("online_dpo", OnlineDPOConfig, ONLINE_DPO, "rlhf-fast online-dpo"):
             return
         if self.rollout.group_size != 2:
             raise ValueError(f"rollout.group_size must be 2 for estimator {ONLINE_DPO!r} (each prompt's two answers "

@@ -177,7 +177,7 @@ class E2EConfig:
     # TRL has no such option, its side is unchanged)
     dpo_prefix_sharing: bool = False
     # rlhf_fast's PPO / GRPO side with ppo.prefix_sharing (each prompt computed once per group of answers, by
-    # the reference's scoring and in the update; TRL has no such option, its side is unchanged)
+    # the reference's scoring, the PPO critic and in the update; TRL has no such option, its side is unchanged)
     rl_prefix_sharing: bool = False
     # on-policy distillation (algo "distill"): a teacher of the student's vocabulary, wider
     # (``teacher_hidden_size``, ``teacher_layers``, its own seed), the generalised JSD's ``distill_beta``

@@ -6,7 +6,7 @@ prefix_groups=...)`` against the padded path on hand-made groups (answers sharin
 tokens, answers of one token, tool-result holes in the loss mask, group sizes 2 and 8, llama and
 qwen2 with grouped KV heads): values and every gradient. The trainers: the rollout's scoring
 (old log-probs, entropies, reference log-probs) equal to the padded run's, in one forward row
-shorter by (G − 1)·prompt per group; one update (GRPO, RLOO, PPO with its padded critic, a composed
+shorter by (G − 1)·prompt per group; one update (GRPO, RLOO, PPO with its critic on shared rows too, a composed
 loss, GSPO, online DPO) equal to the padded update under the same group-level shuffle — loss,
 logged metrics, every gradient and the parameters after; exact resume; refusals named."""
 
@@ -252,12 +252,12 @@ def _one_update(a, b, da, db):
         ub = b.update(db)
     finally:
         llama_forward.hidden_states = real
-    # every policy forward of the update one shared row; the critic's (gae) padded, as many
+    # every policy forward of the update one shared row, and the critic's (gae) too, as many
     n = ua["policy/updates"] * (b.config.ppo.mini_batch_size // b.config.ppo.micro_batch_size)
     if b.config.ppo.trpo:  # and the line search's surrogate forwards
         assert all(shared) and len(shared) > n
     else:
-        assert shared.count(True) == n and shared.count(False) == (n if b.critic is not None else 0)
+        assert all(shared) and len(shared) == (2 * n if b.critic is not None else n)
     _same_metrics(ua, ub, rel=2e-5)
     for p, q in zip(a.policy.parameters(), b.policy.parameters()):  # (Adam scales rounding up near 0 gradients)
         _close(q.detach(), p.detach(), rel=1e-4)
@@ -283,7 +283,7 @@ def test_one_update_equals_the_padded_under_the_group_shuffle(tmp_path, estimato
     (da, _), (db, _) = a.rollout(), b.rollout()
     ua, _ = _one_update(a, b, da, db)
     assert ua["policy/updates"] == 2 * (da.input_ids.shape[0] // a.config.ppo.mini_batch_size)
-    if estimator == "gae":  # the critic stays padded: the same value loss (compared above)
+    if estimator == "gae":  # the critic on shared rows too: the same value loss (compared above)
         assert "value/loss" in ua
 
 

@@ -30,7 +30,8 @@ would have been without it. A run folder holds config.yaml, metrics.jsonl, sampl
 TensorBoard events and atomic checkpoints from which ``resume`` continues exactly.
 ``ppo.prefix_sharing`` computes each prompt once per group of its answers: the scoring pass is
 one shared-prefix row of the whole batch, the update's shuffle permutes whole groups and each
-micro-batch is one such row (the critic stays padded).
+micro-batch is one such row; a ValueModel critic (gae) runs on the same rows
+(:func:`rlhf_fast.models.shared_values.shared_critic_values`), any other critic stays padded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
@@ -396,6 +398,23 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
 
 
+def _critic_shares(critic, prefix_sharing: bool, seq_len: int) -> bool:
+    """Whether the critic's values come from the shared-prefix row (``ppo.prefix_sharing`` and a
+    critic :func:`~rlhf_fast.models.shared_values.critic_sharing_reason` accepts). A critic it
+    cannot run keeps its padded forward, with one warning: unlike the policy's log-probs, the
+    critic's values have an exact padded path, and refusing would take the policy's sharing away
+    too."""
+    if critic is None or not prefix_sharing:
+        return False
+    from rlhf_fast.models.shared_values import critic_sharing_reason
+
+    why = critic_sharing_reason(critic, seq_len)
+    if why is not None:
+        warnings.warn(f"ppo.prefix_sharing: the critic keeps its padded forward (each prompt once per "
+                      f"answer) because {why}", RuntimeWarning, stacklevel=3)
+    return why is None
+
+
 def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
     """One row shaped like ``data``'s rows that counts nothing (no response token; attended,
     so every value stays finite): what a rank without rows feeds to keep its forwards and
@@ -630,6 +649,9 @@ class RLTrainer:
         if cfg.estimator in CRITIC_ESTIMATORS:
             self.critic = (critic if critic is not None else _make_critic(self.policy, cfg.model.critic)).to(self.device)
             self.critic.eval()
+        # (checked before a DDP / FSDP2 wrapper adds its hooks)
+        self._critic_shared = _critic_shares(self.critic, cfg.ppo.prefix_sharing,
+                                             cfg.rollout.max_new_tokens + 1)
         if engine is None:
             from rlhf_fast.rollout import HFRolloutEngine
 
@@ -1018,7 +1040,7 @@ class RLTrainer:
                                                  temperature=ro.temperature, **share)
             if self.reference_sharded:  # free the root's gathered copy (kept after forward for the head)
                 reshard(self.reference)
-            values = (critic_values(self.critic, ids, am) * rm if self.critic is not None
+            values = (self._critic_values(ids, am, rm, prompt_of) * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
         t2 = time.perf_counter()
         for name, v in out.per_source.items():
@@ -1532,6 +1554,19 @@ class RLTrainer:
         groups = row_groups(group) if group is not None else torch.arange(n_rows, device=self.device)[:, None]
         return dict(prefix_sharing=True, prefix_groups=groups)
 
+    def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       response_mask: torch.Tensor, group: Optional[torch.Tensor]) -> torch.Tensor:
+        """The critic's V(s_t) ``[B, L]`` float32 (:func:`critic_values`) of rows whose groups are
+        ``group`` ``[B]`` (None: each row its own); with ``ppo.prefix_sharing`` from the groups'
+        shared-prefix row (:func:`rlhf_fast.models.shared_values.shared_critic_values`: the response
+        tokens' values, 0 elsewhere) unless the critic keeps its padded forward."""
+        if not self._critic_shared:
+            return critic_values(self.critic, input_ids, attention_mask)
+        from rlhf_fast.models.shared_values import shared_critic_values
+
+        groups = self._share_kwargs(group, input_ids.shape[0])["prefix_groups"]
+        return shared_critic_values(self.critic, input_ids, attention_mask, response_mask, groups)
+
     def _shuffle_units(self, data: "RolloutTensors") -> Optional[List[int]]:
         """What the update's shuffle permutes: None, single rows; with ``ppo.prefix_sharing`` the
         groups, as their row counts in the global row order (rank by rank; a group never spans
@@ -1666,7 +1701,7 @@ class RLTrainer:
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.critic, more):
                 with self._autocast():
-                    v = critic_values(self.critic, d.input_ids, d.attention_mask).float()
+                    v = self._critic_values(d.input_ids, d.attention_mask, d.response_mask, d.group).float()
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
                 (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()

@@ -786,7 +786,9 @@ class PPOConfig:
     holds whole groups): ``mini_batch_size`` and ``micro_batch_size`` must be multiples of
     ``rollout.group_size``. Needs a fusable LM head and a backbone rlhf_fast.models.llama_forward
     computes (Llama / Mistral / Qwen2 / Qwen3, no peft / LoRA, not the torch backend), refused at
-    the trainer's start otherwise; the critic (estimator gae) keeps its padded forward."""
+    the trainer's start otherwise. A ValueModel critic (estimator gae) runs on the same shared rows
+    (rlhf_fast.models.shared_values); a critic llama_forward cannot compute keeps its padded forward,
+    with a warning."""
 
     epochs: int = 2
     mini_batch_size: int = 8

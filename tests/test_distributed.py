@@ -6,12 +6,12 @@ one. (Each launch runs several configurations to keep process start-ups few.)"""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from tests.torchrun_launch import free_port  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
 COMBOS = [f"{s}:{m}" for s in ("ddp", "fsdp2") for m in ("sft", "grpo", "grpo_ckpt")]
@@ -20,17 +20,11 @@ COMBOS = [f"{s}:{m}" for s in ("ddp", "fsdp2") for m in ("sft", "grpo", "grpo_ck
 GEN = ["fsdp2:gen_llama", "fsdp2:gen_gpt2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, name, nproc, runs):
     out = str(tmp_path / f"{name}.json")
     cmd = [sys.executable, WORKER] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), WORKER]
+        "--master_port", str(free_port()), WORKER]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd + ["--out", out, "--runs", ",".join(runs)], capture_output=True, text=True, timeout=600,
                        env=env)

@@ -19,12 +19,12 @@ Two launches in all (one of two ranks, one of one process) to keep start-ups few
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from tests.torchrun_launch import free_port  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "trainer_worker.py")
 # (2-rank spec, the 1-process spec it must match)
@@ -111,17 +111,11 @@ FSDP2_RESUMES = [("sft:fsdp2:3:from_one", "sft:none:3:sft_one"),
                  ("gae_resume:fsdp2:2:rl_ppo_from_one", "gae:none:2:rl_ppo_one")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(root, name, nproc, runs):
     out = os.path.join(root, f"{name}.json")
     cmd = [sys.executable, WORKER] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), WORKER]
+        "--master_port", str(free_port()), WORKER]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     r = subprocess.run(cmd + ["--runs", ",".join(runs), "--root", root, "--out", out], capture_output=True,
@@ -436,7 +430,7 @@ def _torchrun(target, *args, env=None, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *target, *args]
+           "--master_port", str(free_port()), *target, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

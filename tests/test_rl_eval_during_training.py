@@ -8,7 +8,6 @@ gloo ranks against one process (this file is also the torchrun worker)."""
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import DataConfig, EvalConfig, PPOConfig, RLConfig, RolloutConfig
 
 from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy  # noqa: E402
+from tests.torchrun_launch import free_port  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = ["q: a", "x y", "0 1", "a"]
@@ -235,12 +235,6 @@ def _dist_run(strategy: str, out_dir: str) -> dict:
     return {"hist": hist, "one": tr.evaluate(), "world": tr.ctx.world_size}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_evaluate_as_one(tmp_path):
     """FSDP2 on two gloo ranks (each generate call gathers the sharded weights on both: a rank
     whose share is empty still makes its calls) against one process: the same eval metrics."""
@@ -251,7 +245,7 @@ def test_two_ranks_evaluate_as_one(tmp_path):
         out = str(tmp_path / f"r{n}.json")
         launch = [sys.executable] if n == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port())]
+            "--master_port", str(free_port())]
         r = subprocess.run(launch + [os.path.abspath(__file__), "fsdp2" if n == 2 else "none", str(tmp_path / f"run{n}"),
                                      out], capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

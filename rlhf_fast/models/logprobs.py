@@ -19,20 +19,8 @@ import torch
 from torch import nn
 
 from rlhf_fast import ops
-from rlhf_fast.models import llama_forward
+from rlhf_fast.models import llama_forward, lm_head
 from rlhf_fast.ops import _dispatch
-
-# Config attributes that change the logits after the LM-head matmul, with the value at
-# which they are a no-op. A head with any of them active cannot be fused.
-_UNFUSABLE_HEAD_ATTRS = (
-    ("final_logit_softcapping", (None, 0, 0.0)),  # Gemma2/3: logits = c·tanh(logits / c)
-    ("logit_scale", (None, 1, 1.0)),  # Cohere: logits *= logit_scale
-    ("logits_scaling", (None, 1, 1.0)),  # Granite (MuP): logits /= logits_scaling
-    ("output_multiplier_scale", (None, 1, 1.0)),
-    ("mup_width_scale", (None, 1, 1.0)),
-    ("mup_output_multiplier", (None, 1, 1.0)),
-    ("lm_head_multiplier", (None, 1, 1.0)),
-)
 
 # Model types whose attention builds the block-diagonal mask from per-sequence position ids
 # (transformers' masking_utils), checked packed == padded in tests/test_models.py.
@@ -236,11 +224,10 @@ def unfusable_reason(model: nn.Module) -> Optional[str]:
     if hasattr(head, "base_layer"):
         # a peft-wrapped head (LoRA on lm_head): its output is not weight @ h
         return "the LM head carries a peft adapter"
-    cfg = getattr(m, "config", None)
-    for name, neutral in _UNFUSABLE_HEAD_ATTRS:
-        val = getattr(cfg, name, None) if cfg is not None else None
-        if val not in neutral:
-            return f"config.{name}={val!r} transforms the logits after the LM head"
+    active = lm_head.active_logit_transforms(getattr(m, "config", None))
+    if active:
+        name, val = active[0]
+        return f"config.{name}={val!r} transforms the logits after the LM head"
     return None
 
 
@@ -377,6 +364,67 @@ def logits_token_stats(logits, labels, *, temperature=1.0, return_entropy=False,
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         out += (z.to(acc).mean(-1) / temperature,)
     return out
+
+
+def _logits_head(model: nn.Module) -> Optional[Tuple[nn.Module, "lm_head.HeadTransform"]]:
+    """``(head module, transform)`` of a head that cannot be fused but whose logits are exactly
+    ``transform(head(h))`` of the backbone's final state h: a Linear (a peft adapter on it
+    allowed) followed by the scale / softcap its config names (:mod:`rlhf_fast.models.lm_head`).
+    None where only the model's own forward is known to give its logits: another kind of head,
+    a config attribute of unknown effect, an FSDP2 root (whose forward gathers the head)."""
+    m = unwrap(model)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    linear = head.base_layer if hasattr(head, "base_layer") else head
+    if not isinstance(linear, nn.Linear) or _fsdp_root(model):
+        return None
+    cfg = getattr(m, "config", None)
+    names = {name for name, _ in lm_head.active_logit_transforms(cfg)}
+    if not names <= lm_head.KNOWN_TRANSFORM_ATTRS or not names <= _forward_names(type(m)):
+        # an attribute of unknown effect, or one the forward does not read (Gemma 3's multimodal
+        # wrapper leaves its text config's softcap unapplied): the model's own logits decide
+        return None
+    return head, lm_head.head_transform(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_names(cls: type) -> frozenset:
+    """The :data:`~rlhf_fast.models.lm_head.KNOWN_TRANSFORM_ATTRS` named in the source of
+    ``cls.forward`` (empty when it cannot be read): those the model's forward applies itself."""
+    import inspect
+
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(n for n in lm_head.KNOWN_TRANSFORM_ATTRS if n in src)
+
+
+def logits_head_token_stats(h, head, transform, labels, *, temperature=1.0, return_entropy=False, return_top1=False,
+                            return_mean_logit=False, chunk_size=None):
+    """:func:`logits_token_stats` of the logits ``transform(head(h))`` (a head the fused op cannot
+    take: :func:`_logits_head`), computed ``chunk_size`` rows at a time (None: 4M logits a chunk),
+    each chunk's logits recomputed in the backward, so that at most one chunk of ``[rows, V]``
+    logits lives, never ``[N, V]``. h ``[N, H]`` (the final hidden states), labels ``[N]``;
+    ``transform`` a :class:`~rlhf_fast.models.lm_head.HeadTransform` applied in the head's
+    output dtype, as the model's own forward does. Outputs as :func:`head_token_stats`'."""
+    stats = dict(return_entropy=return_entropy, return_top1=return_top1, return_mean_logit=return_mean_logit)
+    many = _many(**stats)
+    linear = head.base_layer if hasattr(head, "base_layer") else head
+    rows = chunk_size or max(1, _REFERENCE_CHUNK_ELEMS // linear.out_features)
+
+    def one(hc, lc):
+        z = lm_head.transform_logits(head(hc), transform)
+        out = logits_token_stats(z, lc, temperature=temperature, **stats)
+        return out if many else (out,)
+
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    outs = []
+    for s in range(0, max(h.shape[0], 1), rows):  # an empty h still gives its (empty) outputs
+        args = (h[s:s + rows], labels[s:s + rows])
+        # recompute this chunk's logits in the backward instead of keeping them
+        outs.append(torch.utils.checkpoint.checkpoint(one, *args, use_reentrant=False) if grad else one(*args))
+    cat = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    return tuple(cat) if many else cat[0]
 
 
 def _check_bt(name, t, shape):
@@ -672,7 +720,8 @@ def sequence_logprobs(
     else:
         tr, tc = target.nonzero(as_tuple=True)
         why = _fallback_reason(model)
-        if why is not None:
+        logits_head = None if why is None else _logits_head(model)
+        if why is not None and logits_head is None:
             check_input_ids(model, input_ids, positions=position_ids is None)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
@@ -688,6 +737,10 @@ def sequence_logprobs(
         else:  # nothing to score: every state, so the (zero) gradients still reach every weight
             h_sel = hidden_states(model, input_ids, attention_mask, position_ids)[tr, tc - 1]
         labels = input_ids[tr, tc]
+        if logits_head is not None:  # a scaled / softcapped / adapted head: its logits a chunk at a time
+            out = logits_head_token_stats(h_sel, *logits_head, labels, temperature=temperature,
+                                          chunk_size=chunk_size, **stats)
+            return _scatter(out, tr, tc, B, T, _many(**stats))
 
     weight, bias = lm_head_params(model)
     out = head_token_stats(h_sel, weight, bias, labels, temperature=temperature, chunk_size=chunk_size, **stats)
@@ -870,6 +923,7 @@ __all__ = [
     "mean_logits",
     "head_token_stats",
     "logits_token_stats",
+    "logits_head_token_stats",
     "policy_loss",
     "sequence_level_old_logp",
     "IMPORTANCE_SAMPLING_LEVELS",

@@ -61,11 +61,13 @@ import os
 import random
 import time
 from dataclasses import replace
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.models import lm_head
+from rlhf_fast.models.lm_head import HeadTransform, head_logits
 from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _chat_or_text, _micro_batches
 from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
 
@@ -149,42 +151,13 @@ def completion_batch(rows: Sequence[Tuple[List[int], List[int], bool]], group_si
                         finish_reasons=["length" if cut else "stop" for _, _, cut in rows])
 
 
-class HeadTransform(NamedTuple):
-    """What a model's forward does to its LM head's output before the softmax: multiply by
-    ``scale``, then, when ``softcap`` is set, ``softcap·tanh(z / softcap)`` (Gemma's final logit
-    softcapping)."""
-
-    scale: float = 1.0
-    softcap: Optional[float] = None
-
-
-# config keys TRL reads for the transform (DistillationTrainer._compute_loss); heads with any other
-# of rlhf_fast.models.logprobs' unfusable keys active are refused (no model reads them as TRL could)
-_TRANSFORM_KEYS = frozenset({"final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                             "logits_scaling"})
-
-
 def head_transform(model) -> HeadTransform:
     """The :class:`HeadTransform` of ``model`` (a causal LM, peft / DDP wrappers allowed), read off
-    its text config as TRL 1.16's DistillationTrainer reads it (``_compute_loss``): the scale is
-    ``logit_scale`` (Cohere), else ``output_multiplier`` (Muse), else ``lm_head_multiplier``
-    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
-    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma 2/3)."""
+    its config (:func:`rlhf_fast.models.lm_head.head_transform`: as TRL 1.16's DistillationTrainer
+    reads it); a plain head for a model without a transformers config."""
     from rlhf_fast.models.logprobs import unwrap
 
-    cfg = getattr(unwrap(model), "config", None)
-    if cfg is None:  # not a transformers model: nothing to read, a plain head
-        return HeadTransform()
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    scale = None
-    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        if scale is None:
-            scale = getattr(cfg, key, None)
-    ls = getattr(cfg, "logits_scaling", None)
-    if scale is None and ls is not None:
-        scale = ls if getattr(cfg, "model_type", None) == "hyperclovax" else 1 / ls
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    return HeadTransform(1.0 if scale is None else float(scale), None if not cap else float(cap))
+    return lm_head.head_transform(getattr(unwrap(model), "config", None))
 
 
 def _head(model, key: str):
@@ -192,7 +165,7 @@ def _head(model, key: str):
     for a plain linear head (the fused op takes it), else its :class:`HeadTransform` (the
     divergence then goes through the logits, :func:`transformed_divergence`). ValueError naming
     ``key`` for a head neither can compute (not a Linear, a peft adapter on it, an unknown scale)."""
-    from rlhf_fast.models.logprobs import _UNFUSABLE_HEAD_ATTRS, lm_head_params, unfusable_reason, unwrap
+    from rlhf_fast.models.logprobs import lm_head_params, unfusable_reason, unwrap
 
     tf = head_transform(model)
     why = unfusable_reason(model)
@@ -203,13 +176,12 @@ def _head(model, key: str):
     if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer"):
         raise ValueError(f"{key}: {why}; distillation needs a linear LM head (a logit scale or softcapping after "
                          f"it is fine)")
-    cfg = getattr(m, "config", None)
-    other = [name for name, neutral in _UNFUSABLE_HEAD_ATTRS
-             if name not in _TRANSFORM_KEYS and getattr(cfg, name, None) not in neutral]
+    other = [(name, val) for name, val in lm_head.active_logit_transforms(getattr(m, "config", None))
+             if name not in lm_head.KNOWN_TRANSFORM_ATTRS]
     if other:
-        raise ValueError(f"{key}: config.{other[0]}={getattr(cfg, other[0])!r} transforms the logits in a way "
+        raise ValueError(f"{key}: config.{other[0][0]}={other[0][1]!r} transforms the logits in a way "
                          f"distillation does not know; it takes logit_scale, output_multiplier, lm_head_multiplier, "
-                         f"logits_scaling and final_logit_softcapping (as TRL)")
+                         f"logits_scaling and final_logit_softcapping (as TRL) and logits_soft_cap")
     return head.weight, head.bias, tf
 
 
@@ -239,20 +211,6 @@ def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 # Rows of logits per chunk of the logits path (transformed_divergence) when no chunk_size is given:
 # 4M logits (16 MB float32) per model
 _LOGITS_CHUNK_ELEMS = 1 << 22
-
-
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transform: HeadTransform,
-                temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """A model's logits ``[n, V]`` in ``dtype`` at ``temperature`` from its last hidden states
-    ``hidden [n, H]`` and head ``weight [V, H]`` / ``bias [V]``: the head's product in its dtype (as
-    the model's forward gives it), then in ``dtype`` ``transform``'s scale and softcap (TRL's
-    order: scale, softcap, temperature) and the division by ``temperature``."""
-    z = torch.nn.functional.linear(hidden, weight, bias).to(dtype)
-    if transform.scale != 1.0:
-        z = z * transform.scale
-    if transform.softcap is not None:
-        z = torch.tanh(z / transform.softcap) * transform.softcap
-    return z / temperature
 
 
 def _chunk_divergence(hs, ws, bs, ts, ht, wt, bt, tt, beta, temperature):

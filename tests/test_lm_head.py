@@ -241,3 +241,21 @@ def test_transformed_head_never_holds_btv():
     # the chunked path's largest block is the head's [V, H] gradient (4 MiB), not [B, T, V] (12 MiB)
     assert full >= btv * 0.9, (full, btv)
     assert chunked < btv / 2, (chunked, btv)
+
+
+def test_wpo_weights_of_a_transformed_head_equal_its_own_logits():
+    from rlhf_fast.trainers.dpo import wpo_token_logps
+
+    model = HEADS["gemma2 softcap"]()
+    ids, am, resp = _batch(7)
+    batch = {"input_ids": ids, "attention_mask": am, "response_mask": resp}
+    tok, lss, ent = _quiet(lambda: wpo_token_logps(model, batch, return_entropy=True))
+    exp, exp_ent = _own_logits(model, ids, am, resp)
+    torch.testing.assert_close(tok, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, exp_ent, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits.float()
+    m = (am.bool() & resp.bool())[:, 1:] & am[:, :-1].bool()
+    exp_lss = (torch.logsumexp(2 * z[:, :-1], -1) - 2 * torch.logsumexp(z[:, :-1], -1)) * m
+    torch.testing.assert_close(lss[:, 1:], exp_lss, rtol=1e-5, atol=1e-5)
+    assert lss[:, 0].eq(0).all()

@@ -864,6 +864,22 @@ def log_sum_sq_probs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out
 
 
+def head_log_sum_sq_probs(h: torch.Tensor, head: torch.nn.Module, transform) -> torch.Tensor:
+    """:func:`log_sum_sq_probs` of a head the fused path cannot take (a scale, a softcap, a LoRA
+    adapter: :func:`rlhf_fast.models.logprobs._logits_head`): the logits ``transform(head(h))``
+    in chunks of rows, never ``[N, V]``. h ``[N, H]``; returns ``[N]`` float32, without gradient."""
+    from rlhf_fast.models.lm_head import transform_logits
+
+    linear = head.base_layer if hasattr(head, "base_layer") else head
+    rows = max(1, _WPO_CHUNK_ELEMS // linear.out_features)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    with torch.no_grad():
+        for s in range(0, h.shape[0], rows):
+            z = transform_logits(head(h[s: s + rows]), transform).float()  # [rows, V]
+            out[s: s + rows] = torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1)
+    return out
+
+
 def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = False, return_entropy: bool = False,
                     return_top1: bool = False, return_mean_logit: bool = False, prefix_sharing: bool = False):
     """``(log-probs [N, T] float32, log Σ_v p_v² [N, T] float32)`` at each response token of
@@ -871,7 +887,8 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     fused path, differentiable), and from the same forward's hidden states, without gradient,
     the log of the summed squared probabilities of the distribution that predicted each token
     (:func:`log_sum_sq_probs`) — the WPO weights' denominator. A head that cannot be fused
-    (softcapping, a scale) goes through full logits, as the log-probs do. ``packed``: one
+    (softcapping, a scale, a LoRA adapter) goes through its logits a chunk of rows at a time, as the
+    log-probs do (the model's own full logits where only its forward is known to give them). ``packed``: one
     padding-free forward (:func:`rlhf_fast.trainers.packing.packed_target_states`), the log-probs
     as ``token_logps(..., packed=True)`` gives them; ``prefix_sharing``: the shared-prefix row of
     the pairs (rows i and i + N/2), as ``token_logps(..., prefix_sharing=True)``. ``return_entropy``: a third value, the
@@ -899,7 +916,7 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
         weight, bias = L.lm_head_params(model)
         lp = L.head_token_stats(h, weight, bias, labels, **head)
         lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
-    elif L.unfusable_reason(model) is not None:
+    elif L.unfusable_reason(model) is not None and L._logits_head(model) is None:
         logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
                        use_cache=False).logits  # [B, T, V]: this head cannot be fused
         z = logits[tr, tc - 1]
@@ -910,9 +927,14 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     else:  # as sequence_logprobs: only the states that predict a target
         lo, hi = torch.stack(torch.aminmax(tc)).tolist()
         h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
-        weight, bias = L.lm_head_params(model)
-        lp = L.head_token_stats(h, weight, bias, labels, **head)
-        lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
+        logits_head = None if L.unfusable_reason(model) is None else L._logits_head(model)
+        if logits_head is not None:  # a scaled / softcapped / adapted head: its logits a chunk at a time
+            lp = L.logits_head_token_stats(h, *logits_head, labels, **head)
+            lss = head_log_sum_sq_probs(h.detach(), *logits_head)
+        else:
+            weight, bias = L.lm_head_params(model)
+            lp = L.head_token_stats(h, weight, bias, labels, **head)
+            lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
     lp, *rest = lp if (return_entropy or return_top1 or return_mean_logit) else (lp,)
     out = (L._scatter(lp, tr, tc, B, T, False), L._scatter(lss, tr, tc, B, T, False))
     return out + tuple(L._scatter(v.detach(), tr, tc, B, T, False) for v in rest)

@@ -490,6 +490,19 @@ def pack_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, target: 
     return PackedTargets(ids, pos, src, rows[src + 1], cols[src + 1])
 
 
+def packed_states(model: nn.Module, pk: PackedTargets) -> torch.Tensor:
+    """``[n, H]`` (the model's dtype) the final hidden states at ``pk.src`` of one forward of the
+    packed row ``pk`` (:func:`pack_targets`): the last layer computes its queries from each
+    sequence's first such state on and everything after attention for those states only
+    (``select``), so a DPO row's prompts cost only their keys and values there (16 rows, prompts
+    of 512 tokens, responses 65-129, h = 64, 2 layers, V = 256, 1 thread, forward + backward, min
+    of 15: 284 -> 188 ms, the padded path's 187). No target: every state, so the (zero)
+    gradients reach every weight."""
+    if not pk.src.numel():
+        return hidden_states(model, pk.ids, None, pk.position_ids)[0, pk.src]
+    return hidden_states(model, pk.ids, None, pk.position_ids, select=(torch.zeros_like(pk.src), pk.src))
+
+
 class SharedRows(NamedTuple):
     """The shared-prefix packed row of groups of rows of a ``[N, T]`` batch.
 
@@ -714,9 +727,8 @@ def sequence_logprobs(
         mtype = getattr(unwrap(model).config, "model_type", None)
         if mtype not in PACKED_TESTED:
             _warn_packed_untested(mtype)
-        h = hidden_states(model, pk.ids, None, pk.position_ids)[0]  # [N, H]
         tr, tc = pk.rows, pk.cols
-        h_sel, labels = h[pk.src], pk.ids[0, pk.src + 1]
+        h_sel, labels = packed_states(model, pk), pk.ids[0, pk.src + 1]
     else:
         tr, tc = target.nonzero(as_tuple=True)
         why = _fallback_reason(model)
@@ -914,6 +926,7 @@ __all__ = [
     "unfusable_reason",
     "sequence_logprobs",
     "pack_shared_rows",
+    "packed_states",
     "pack_shared_targets",
     "pair_groups",
     "row_groups",

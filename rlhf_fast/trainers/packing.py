@@ -37,14 +37,13 @@ def packed_target_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     its values bit for bit. Needs at least one attended token (``_pack`` of an empty batch is empty).
     ``prefix_sharing``: the shared-prefix row of pairs (rows i and i + B/2) instead, as
     ``sequence_logprobs(..., prefix_sharing=True)`` runs it (the same values, bit for bit)."""
-    from rlhf_fast.models.logprobs import hidden_states, shared_target_states
+    from rlhf_fast.models.logprobs import packed_states, shared_target_states
 
     if prefix_sharing:
         pk = pack_shared_targets(input_ids, attention_mask, target)
         return shared_target_states(model, pk), input_ids[pk.rows, pk.cols], pk.rows, pk.cols
     pk = pack_targets(input_ids, attention_mask, target)
-    h = hidden_states(model, pk.ids, None, pk.position_ids)[0]  # [N, H]
-    return h[pk.src], pk.ids[0, pk.src + 1], pk.rows, pk.cols
+    return packed_states(model, pk), pk.ids[0, pk.src + 1], pk.rows, pk.cols
 
 
 def check_packable(key: str, *models) -> None:

@@ -259,3 +259,45 @@ def test_wpo_weights_of_a_transformed_head_equal_its_own_logits():
     exp_lss = (torch.logsumexp(2 * z[:, :-1], -1) - 2 * torch.logsumexp(z[:, :-1], -1)) * m
     torch.testing.assert_close(lss[:, 1:], exp_lss, rtol=1e-5, atol=1e-5)
     assert lss[:, 0].eq(0).all()
+
+
+@pytest.mark.parametrize("name", ["gemma2 softcap", "cohere logit_scale"])
+def test_packed_rows_through_a_transformed_head_equal_its_own_padded_logits(name):
+    from rlhf_fast.trainers.packing import check_packable
+
+    model = HEADS[name]()
+    check_packable("padding_free", model)  # computable: not refused
+    ids, am, resp = _batch(8)
+    got, ent = _quiet(lambda: lp.sequence_logprobs(model, ids, am, response_mask=resp, packed=True,
+                                                   return_entropy=True, chunk_size=4))
+    exp, exp_ent = _own_logits(model, ids, am, resp)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, exp_ent, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(got.sum(), params, allow_unused=True),
+                    torch.autograd.grad(exp.sum(), params, allow_unused=True)):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_refuse_a_head_only_its_forward_computes():
+    from rlhf_fast.trainers.packing import check_packable
+
+    model = _gemma3_mm(2.0)  # its forward does not apply the text softcap: only the padded forward is known
+    ids, am, resp = _batch(9)
+    with pytest.raises(ValueError, match="packed=True needs an LM head .*final_logit_softcapping"):
+        _quiet(lambda: lp.sequence_logprobs(model, ids, am, response_mask=resp, packed=True))
+    with pytest.raises(ValueError, match="padding_free: true needs .*final_logit_softcapping"):
+        check_packable("padding_free", model)
+
+
+def test_packed_wpo_weights_of_a_transformed_head():
+    from rlhf_fast.trainers.dpo import wpo_token_logps
+
+    model = HEADS["gemma2 softcap"]()
+    ids, am, resp = _batch(10)
+    batch = {"input_ids": ids, "attention_mask": am, "response_mask": resp}
+    tok, lss = _quiet(lambda: wpo_token_logps(model, batch, packed=True))
+    exp_tok, exp_lss = _quiet(lambda: wpo_token_logps(model, batch))
+    torch.testing.assert_close(tok, exp_tok, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss, exp_lss, rtol=1e-5, atol=1e-5)

@@ -704,6 +704,9 @@ def sequence_logprobs(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     target = _target_mask(attention_mask, response_mask)
+    why = None if prefix_sharing else _fallback_reason(model)
+    # a head the fused op cannot take but whose logits we can compute: those, a chunk at a time
+    logits_head = None if why is None else _logits_head(model)
 
     if prefix_sharing:
         if position_ids is not None:
@@ -720,8 +723,9 @@ def sequence_logprobs(
         if position_ids is not None:
             raise ValueError("position_ids must be None with packed=True (they are rebuilt per sequence)")
         pk = pack_targets(input_ids, attention_mask, target)
-        if _fallback_reason(model) is not None:
-            raise ValueError("packed=True needs a fusable LM head")
+        if why is not None and logits_head is None:
+            raise ValueError(f"packed=True needs an LM head whose logits it can compute, but {why} (and only the "
+                             f"model's own padded forward is known to apply it)")
         if pk.ids.numel() == 0:  # no attended token in any row (nonzero above has synced already)
             return _zeros(B, T, input_ids.device, **stats)
         mtype = getattr(unwrap(model).config, "model_type", None)
@@ -731,8 +735,6 @@ def sequence_logprobs(
         h_sel, labels = packed_states(model, pk), pk.ids[0, pk.src + 1]
     else:
         tr, tc = target.nonzero(as_tuple=True)
-        why = _fallback_reason(model)
-        logits_head = None if why is None else _logits_head(model)
         if why is not None and logits_head is None:
             check_input_ids(model, input_ids, positions=position_ids is None)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
@@ -749,13 +751,13 @@ def sequence_logprobs(
         else:  # nothing to score: every state, so the (zero) gradients still reach every weight
             h_sel = hidden_states(model, input_ids, attention_mask, position_ids)[tr, tc - 1]
         labels = input_ids[tr, tc]
-        if logits_head is not None:  # a scaled / softcapped / adapted head: its logits a chunk at a time
-            out = logits_head_token_stats(h_sel, *logits_head, labels, temperature=temperature,
-                                          chunk_size=chunk_size, **stats)
-            return _scatter(out, tr, tc, B, T, _many(**stats))
 
-    weight, bias = lm_head_params(model)
-    out = head_token_stats(h_sel, weight, bias, labels, temperature=temperature, chunk_size=chunk_size, **stats)
+    if logits_head is not None:
+        out = logits_head_token_stats(h_sel, *logits_head, labels, temperature=temperature, chunk_size=chunk_size,
+                                      **stats)
+    else:
+        weight, bias = lm_head_params(model)
+        out = head_token_stats(h_sel, weight, bias, labels, temperature=temperature, chunk_size=chunk_size, **stats)
     return _scatter(out, tr, tc, B, T, _many(**stats))
 
 

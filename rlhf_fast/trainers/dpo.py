@@ -909,26 +909,25 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
                 + ((zero.bool(),) if return_top1 else ()) + ((zero.clone(),) if return_mean_logit else ()))
     labels = ids[tr, tc]
     head = dict(temperature=1.0, chunk_size=None, **stats)
-    if packed or prefix_sharing:  # (an unfusable head is refused with either: DPOTrainer checks it)
-        from .packing import packed_target_states
-
-        h, labels, tr, tc = packed_target_states(model, ids, am, target, prefix_sharing=prefix_sharing)
-        weight, bias = L.lm_head_params(model)
-        lp = L.head_token_stats(h, weight, bias, labels, **head)
-        lss = log_sum_sq_probs(h.detach(), weight.detach(), None if bias is None else bias.detach())
-    elif L.unfusable_reason(model) is not None and L._logits_head(model) is None:
+    # a head the fused op cannot take but whose logits we can compute: those, a chunk at a time
+    logits_head = None if L.unfusable_reason(model) is None else L._logits_head(model)
+    if not (packed or prefix_sharing) and L.unfusable_reason(model) is not None and logits_head is None:
         logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
-                       use_cache=False).logits  # [B, T, V]: this head cannot be fused
+                       use_cache=False).logits  # [B, T, V]: only the model's own forward gives them
         z = logits[tr, tc - 1]
         lp = L.logits_token_stats(z, labels, **stats)
         with torch.no_grad():
             zf = z.detach().float()
             lss = torch.logsumexp(2.0 * zf, -1) - 2.0 * torch.logsumexp(zf, -1)
-    else:  # as sequence_logprobs: only the states that predict a target
-        lo, hi = torch.stack(torch.aminmax(tc)).tolist()
-        h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
-        logits_head = None if L.unfusable_reason(model) is None else L._logits_head(model)
-        if logits_head is not None:  # a scaled / softcapped / adapted head: its logits a chunk at a time
+    else:
+        if packed or prefix_sharing:  # (a head neither path computes is refused: DPOTrainer checks it)
+            from .packing import packed_target_states
+
+            h, labels, tr, tc = packed_target_states(model, ids, am, target, prefix_sharing=prefix_sharing)
+        else:  # as sequence_logprobs: only the states that predict a target
+            lo, hi = torch.stack(torch.aminmax(tc)).tolist()
+            h = L.hidden_states(model, ids, am, None, columns=(lo - 1, hi), select=(tr, tc - lo))  # [n, H]
+        if logits_head is not None:
             lp = L.logits_head_token_stats(h, *logits_head, labels, **head)
             lss = head_log_sum_sq_probs(h.detach(), *logits_head)
         else:

@@ -48,15 +48,16 @@ def packed_target_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 def check_packable(key: str, *models) -> None:
     """ValueError naming the config ``key`` when one of ``models`` (None skipped) cannot run
-    packed: its LM head cannot be fused (softcapping, a logit scale, a peft adapter on the head),
-    and the packed path has no full-logits fallback."""
-    from rlhf_fast.models.logprobs import unfusable_reason
+    packed: its LM head can neither be fused nor computed a chunk of logits at a time (a head
+    that scales or softcaps its logits, or carries a LoRA adapter, can:
+    :mod:`rlhf_fast.models.lm_head`), and the packed path has no full-logits fallback."""
+    from rlhf_fast.models.logprobs import _logits_head, unfusable_reason
 
     for m in models:
         why = None if m is None else unfusable_reason(m)
-        if why is not None:
-            raise ValueError(f"{key}: true needs a model whose LM head can be fused into the log-prob kernel, "
-                             f"but {why}; set {key}: false")
+        if why is not None and _logits_head(m) is None:
+            raise ValueError(f"{key}: true needs a model whose LM head the packed row can compute (a plain Linear, "
+                             f"a logit scale or softcap its forward applies), but {why}; set {key}: false")
 
 
 def check_prefix_shareable(key: str, seq_len: int, *models,

@@ -37,11 +37,12 @@ def _causal(model_type, **over):
     return AutoModelForCausalLM.from_config(_small(AutoConfig.for_model(model_type), **over)).eval()
 
 
-def _aya(logit_scale):
+def _multimodal(model_type, **text):
+    """A tiny image-text model of ``model_type`` (a one-layer vision tower), its text config's ``text``."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    cfg = AutoConfig.for_model("aya_vision")
-    _small(cfg.get_text_config(), logit_scale=logit_scale)
+    cfg = AutoConfig.for_model(model_type)
+    _small(cfg.get_text_config(), **text)
     for k, v in dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).items():
         setattr(cfg.vision_config, k, v)
     torch.manual_seed(0)
@@ -49,21 +50,14 @@ def _aya(logit_scale):
 
 
 def _gemma3_mm(softcap):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.for_model("gemma3")
-    _small(cfg.get_text_config(), final_logit_softcapping=softcap)
-    for k, v in dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).items():
-        setattr(cfg.vision_config, k, v)
-    torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(cfg).eval()
+    return _multimodal("gemma3", final_logit_softcapping=softcap)
 
 
 HEADS = {
     "gemma2 softcap": lambda: _causal("gemma2", final_logit_softcapping=1.5),
     "cohere logit_scale": lambda: _causal("cohere", logit_scale=3.0),
     "granite logits_scaling": lambda: _causal("granite", logits_scaling=0.2),
-    "aya vision text_config.logit_scale": lambda: _aya(4.0),
+    "aya vision text_config.logit_scale": lambda: _multimodal("aya_vision", logit_scale=4.0),
 }
 
 

@@ -13,7 +13,7 @@ if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.torchrun_launch import launch  # noqa: E402
+from tests.torchrun_launch import launch, main  # noqa: E402
 
 MODEL = "tiny:llama:hidden_size=32,num_layers=2,num_heads=2"
 KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "logps/rejected",
@@ -76,11 +76,4 @@ def test_two_ranks_with_prefix_sharing_match_one_padded_process(runs, strategy):
 
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    worker(a.runs.split(","), a.root, a.out)
+    main(worker)

@@ -8,18 +8,11 @@ a batch without response tokens still gives each parameter its (zero) gradient. 
 (estimator gae): the rollout's values, advantages and returns, and one update (value loss, clip
 fraction, the critic's gradients and weights after) equal the padded run's under the same group
 shuffle, every critic forward one shared row. A critic it cannot run keeps its padded forward with
-a warning naming ``ppo.prefix_sharing``. Two gloo ranks (DDP, FSDP2) log what one process logs and
-end with its critic. This file is also the worker of the two-rank launches."""
+a warning naming ``ppo.prefix_sharing``. Two gloo ranks (DDP, FSDP2): in
+tests/test_rl_prefix_sharing_distributed.py."""
 
-import json
-import os
-import sys
-
-if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages (tests/triton/ does)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -189,86 +182,3 @@ def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path, monkeypatc
 
     with use_backend("torch"):
         assert "torch backend" in critic_sharing_reason(loading.ValueModel(pol), 8)
-
-
-# ----------------------------------------------------------------------------- two gloo ranks
-
-KEYS = ["reward/total", "advantages/mean", "returns/mean", "value/mean", "value/explained_variance",
-        "policy/loss", "policy/grad_norm", "value/loss", "value/clip_frac"]
-
-
-def _run(strategy: str, out_dir: str):
-    from rlhf_fast.distributed import DistributedConfig
-    from rlhf_fast.trainers.rl import RLTrainer
-    from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig
-    from tests.test_rl_learning import make_policy
-    from tests.test_rl_prefix_sharing import PROMPTS, _reward
-
-    pol, tok = make_policy()
-    cfg = RLConfig(estimator="gae", steps=2, seed=0, output_dir=out_dir, progress=False, sample_every=0,
-                   report_to="none",
-                   rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=5,
-                                         per_sample_seeds=True),
-                   ppo=PPOConfig(epochs=2, mini_batch_size=4, micro_batch_size=2, prefix_sharing=True),
-                   kl=KLConfig(coef=0.05), optim=OptimConfig(lr=5e-3, critic_lr=1e-2),
-                   distributed=DistributedConfig(strategy=strategy))
-    tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
-    assert tr._critic_shared
-    tr.train()
-    return tr
-
-
-def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, full_state_dict, shutdown, unwrap
-
-    torch.set_num_threads(1)
-    results = {}
-    for spec in specs:
-        folder = os.path.join(root, spec)
-        tr = _run(spec, folder)
-        weights = full_state_dict(tr.critic, tr.ctx, spec) or unwrap(tr.critic).state_dict()
-        if tr.ctx.is_main:
-            with open(os.path.join(folder, "metrics.jsonl")) as f:
-                log = [json.loads(ln) for ln in f]
-            torch.save({k: v.detach().cpu() for k, v in weights.items()},
-                       os.path.join(root, f"critic_{spec}.pt"))
-            results[spec] = {"log": log, "world": tr.ctx.world_size}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from tests.torchrun_launch import launch
-
-    root = str(tmp_path_factory.mktemp("rl_prefix_critic"))
-    return {**launch(__file__, root, 2, ["ddp", "fsdp2"]), **launch(__file__, root, 1, ["none"]),
-            "root": root}
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_with_a_shared_critic_match_one_process(runs, strategy):
-    two, one = runs[strategy], runs["none"]
-    assert two["world"] == 2 and one["world"] == 1
-    for k in KEYS:
-        a, b = [m[k] for m in two["log"] if k in m], [m[k] for m in one["log"] if k in m]
-        assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), k
-    wa = torch.load(os.path.join(runs["root"], f"critic_{strategy}.pt"))
-    wb = torch.load(os.path.join(runs["root"], "critic_none.pt"))
-    assert wa.keys() == wb.keys()
-    for k in wb:  # (AdamW's normalised step magnifies rounding near zero gradients)
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    worker(a.runs.split(","), a.root, a.out)

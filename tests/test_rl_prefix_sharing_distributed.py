@@ -1,8 +1,9 @@
 """RL ``ppo.prefix_sharing`` on two gloo ranks: under DDP and under FSDP2 (the policy, and the
 reference sharded like it, run the shared-prefix rows through the wrappers' forward; the group
 shuffle is over every rank's groups, blank micro-batches keep the ranks in step) two GRPO steps
-log the metrics one process logs, and end with its weights. One launch of two ranks and one of
-one process; this file is also the worker they run."""
+log the metrics one process logs, and end with its weights; so do two PPO steps whose critic (a
+ValueModel) runs on the shared rows too, ending with its critic. One launch of two ranks and one
+of one process; this file is also the worker they run."""
 
 import json
 import os
@@ -14,31 +15,42 @@ if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.torchrun_launch import launch  # noqa: E402
+from tests.torchrun_launch import launch, main  # noqa: E402
 
-KEYS = ["reward/total", "kl/seq", "kl/token", "advantages/mean", "response_length/mean", "policy/loss",
-        "policy/approx_kl", "policy/clip_frac", "policy/kl", "policy/entropy", "policy/grad_norm", "policy/ratio_max"]
+KEYS = {
+    "grpo": ["reward/total", "kl/seq", "kl/token", "advantages/mean", "response_length/mean", "policy/loss",
+             "policy/approx_kl", "policy/clip_frac", "policy/kl", "policy/entropy", "policy/grad_norm",
+             "policy/ratio_max"],
+    "gae": ["reward/total", "advantages/mean", "returns/mean", "value/mean", "value/explained_variance",
+            "policy/loss", "policy/grad_norm", "value/loss", "value/clip_frac"],
+}
+# the model whose final weights are compared: GRPO's policy, PPO's critic
+COMPARED = {"grpo": "policy", "gae": "critic"}
 
 
 def _reward(prompts, completions):
     return [float(sum(map(ord, c)) % 13) + 0.1 * len(c) for c in completions]
 
 
-def _run(strategy: str, out_dir: str):
+def _run(spec: str, out_dir: str):
+    """``spec`` ESTIMATOR:STRATEGY: two GRPO steps (grpo), or two PPO steps with a shared critic (gae)."""
     from rlhf_fast.distributed import DistributedConfig
     from rlhf_fast.trainers.rl import RLTrainer
     from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig
     from tests.test_rl_learning import make_policy
     from tests.test_rl_prefix_sharing import PROMPTS
 
+    estimator, strategy = spec.split(":")
+    G = 4 if estimator == "grpo" else 2
     pol, tok = make_policy()
-    cfg = RLConfig(estimator="grpo", steps=2, seed=0, output_dir=out_dir, progress=False, sample_every=0,
+    cfg = RLConfig(estimator=estimator, steps=2, seed=0, output_dir=out_dir, progress=False, sample_every=0,
                    report_to="none",
-                   rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=5, per_sample_seeds=True),
-                   ppo=PPOConfig(epochs=2, mini_batch_size=8, micro_batch_size=4, prefix_sharing=True),
-                   kl=KLConfig(coef=0.05, placement="loss"), optim=OptimConfig(lr=5e-3),
-                   distributed=DistributedConfig(strategy=strategy))
+                   rollout=RolloutConfig(prompts_per_step=4, group_size=G, max_new_tokens=5, per_sample_seeds=True),
+                   ppo=PPOConfig(epochs=2, mini_batch_size=2 * G, micro_batch_size=G, prefix_sharing=True),
+                   kl=KLConfig(coef=0.05, placement="loss" if estimator == "grpo" else "reward"),
+                   optim=OptimConfig(lr=5e-3, critic_lr=1e-2), distributed=DistributedConfig(strategy=strategy))
     tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
+    assert estimator == "grpo" or tr._critic_shared
     tr.train()
     return tr
 
@@ -49,13 +61,15 @@ def worker(specs, root, out):
     torch.set_num_threads(1)
     results = {}
     for spec in specs:
-        folder = os.path.join(root, spec)
+        folder = os.path.join(root, spec.replace(":", "_"))
         tr = _run(spec, folder)
-        weights = full_state_dict(tr.policy, tr.ctx, spec) or unwrap(tr.policy).state_dict()
+        model = getattr(tr, COMPARED[spec.split(":")[0]])
+        weights = full_state_dict(model, tr.ctx, spec.split(":")[1]) or unwrap(model).state_dict()
         if tr.ctx.is_main:
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 log = [json.loads(ln) for ln in f]
-            torch.save({k: v.detach().cpu() for k, v in weights.items()}, os.path.join(root, f"{spec}.pt"))
+            torch.save({k: v.detach().cpu() for k, v in weights.items()},
+                       os.path.join(root, spec.replace(":", "_") + ".pt"))
             results[spec] = {"log": log, "world": tr.ctx.world_size}
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
@@ -64,36 +78,27 @@ def worker(specs, root, out):
     exit_process(0)
 
 
-def _launch(root, nproc, specs):
-    return launch(__file__, root, nproc, specs)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("rl_prefix"))
-    return {**_launch(root, 2, ["ddp", "fsdp2"]), **_launch(root, 1, ["none"]), "root": root}
+    two = launch(__file__, root, 2, ["grpo:ddp", "grpo:fsdp2", "gae:ddp", "gae:fsdp2"])
+    return {**two, **launch(__file__, root, 1, ["grpo:none", "gae:none"]), "root": root}
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_with_prefix_sharing_match_one_process(runs, strategy):
-    two, one = runs[strategy], runs["none"]
+def test_two_ranks_with_prefix_sharing_match_one_process(runs, estimator, strategy):
+    two, one = runs[f"{estimator}:{strategy}"], runs[f"{estimator}:none"]
     assert two["world"] == 2 and one["world"] == 1
-    for k in KEYS:
+    for k in KEYS[estimator]:
         a, b = [m[k] for m in two["log"] if k in m], [m[k] for m in one["log"] if k in m]
         assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), k
-    wa = torch.load(os.path.join(runs["root"], f"{strategy}.pt"))
-    wb = torch.load(os.path.join(runs["root"], "none.pt"))
+    wa = torch.load(os.path.join(runs["root"], f"{estimator}_{strategy}.pt"))
+    wb = torch.load(os.path.join(runs["root"], f"{estimator}_none.pt"))
     assert wa.keys() == wb.keys()
     for k in wb:  # (AdamW's normalised step magnifies rounding near zero gradients)
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    worker(a.runs.split(","), a.root, a.out)
+    main(worker)

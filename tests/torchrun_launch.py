@@ -33,3 +33,16 @@ def launch(script: str, root: str, nproc: int, specs) -> dict:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(out) as f:
         return json.load(f)
+
+
+def main(worker) -> None:
+    """The ``__main__`` of a worker file: ``worker(specs, root, out)`` from ``--runs SPEC,...
+    --root DIR --out FILE``, the arguments :func:`launch` passes."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    worker(a.runs.split(","), a.root, a.out)

@@ -19,7 +19,7 @@ import torch
 from rlhf_fast.models import llama_forward, tiny_causal_lm
 from rlhf_fast.models import logprobs as L
 from rlhf_fast.trainers.rl import RLTrainer, _micro_batches
-from rlhf_fast.trainers.rl_config import DistillConfig, KLConfig, ModelConfig, PPOConfig, RLConfig, RolloutConfig
+from rlhf_fast.trainers.rl_config import KLConfig, ModelConfig, PPOConfig, RLConfig, RolloutConfig
 from tests.test_rl_learning import make_config, make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -369,9 +369,6 @@ def test_refusals_name_the_key(tmp_path):
         with pytest.raises(ValueError, match=rf"ppo.prefix_sharing .* ppo.{key} .* multiple of rollout.group_size"):
             RLConfig(estimator="grpo", rollout=ro,
                      ppo=PPOConfig(mini_batch_size=mini, micro_batch_size=micro, prefix_sharing=True))
-    with pytest.raises(ValueError, match="ppo.prefix_sharing is not supported for estimator 'distill'"):
-        RLConfig(estimator="distill", distill=DistillConfig(teacher="tiny:llama"), kl=KLConfig(coef=0.0),
-                 ppo=PPOConfig(prefix_sharing=True))
     # models it cannot run: refused at the trainer's start, naming the key
     pol, tok = make_policy()
     pol.config.logits_scaling = 2.0  # an unfusable head (Granite's)

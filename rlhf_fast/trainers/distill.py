@@ -46,6 +46,16 @@ must be the assistant's), wherever the RL trainer reads prompt records (``prompt
 ``eval_prompts``, ``data.prompts`` / ``data.eval_prompts``, .jsonl / .parquet ``data.prompts_file`` /
 ``data.eval_prompts_file``, and ``rlhf-fast eval --run``): :attr:`RLTrainer.convert_record`.
 
+``ppo.prefix_sharing``: each prompt computed once per group of its ``rollout.group_size``
+answers — the update's shuffle permutes whole groups, each micro-batch is one shared-prefix row of
+its groups (:func:`rlhf_fast.models.logprobs.pack_shared_targets`) on which the student's
+backbone runs forward and backward and the teacher's forward, and evaluation shares the same way;
+the divergence takes the same states as the padded path (equal up to float rounding). The
+off-policy steps' rows are grouped as the student's (each prompt's ``group_size`` rows
+consecutive; a group of the data's identical completions is one sequence). Both models need a
+fusable LM head and a backbone llama_forward computes (no peft, not the torch backend): refused
+at the start.
+
 Vocabulary: the divergence compares the two heads row by row, so they must have the same
 number of rows. Real checkpoints pad their heads past the tokenizer to different multiples
 (Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
@@ -258,7 +268,8 @@ def transformed_divergence(student_hidden: torch.Tensor, student_weight: torch.T
 
 def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       loss_mask: torch.Tensor, *, beta: float = 1.0, temperature: float = 1.0, normalizer=None,
-                      vocab_rows: Optional[int] = None, chunk_size: Optional[int] = None):
+                      vocab_rows: Optional[int] = None, chunk_size: Optional[int] = None,
+                      prefix_groups: Optional[torch.Tensor] = None):
     """The distillation loss of ``student`` towards ``teacher`` on a batch of answers.
 
     input_ids ``[B, T]`` int64; attention_mask, loss_mask ``[B, T]`` bool (loss_mask: the answer
@@ -273,7 +284,16 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     Returns ``(loss, stats)``: loss 0-dim float32 = the divergence summed over the tokens divided by
     ``normalizer`` (None: the batch's own token count, at least 1), differentiable in the
     student only; stats ``divergence_sum``, ``entropy_sum`` (the student's entropy at
-    ``temperature``) and ``tokens`` as floats."""
+    ``temperature``) and ``tokens`` as floats.
+
+    ``prefix_groups`` ``[G, K]`` int64 (None: the padded forwards): the groups of rows that share
+    their leading tokens (a step's answers to one prompt; -1 fills a smaller group:
+    :func:`rlhf_fast.models.logprobs.row_groups`). Both backbones then run on the batch's one
+    shared-prefix row (:func:`_shared_states`), each prompt computed once per group — forward and
+    backward for the student, forward for the teacher —, which only llama_forward computes
+    (ValueError otherwise); the divergence takes the same states, so loss, statistics and the
+    student's gradients are the padded path's up to float rounding. A batch without answer tokens
+    keeps the padded forwards."""
     from rlhf_fast.models.logprobs import _target_mask, hidden_states
 
     target = _target_mask(attention_mask, loss_mask)
@@ -290,11 +310,14 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
         _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
         loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
         return loss.float(), {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
-    lo, hi = torch.stack(torch.aminmax(tc)).tolist()
-    where = dict(columns=(lo - 1, hi), select=(tr, tc - lo))
-    hs = hidden_states(student, input_ids, attention_mask, **where)  # [N, H]
-    with torch.no_grad():
-        ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
+    if prefix_groups is not None:
+        hs, ht = _shared_states(student, teacher, input_ids, attention_mask, target, prefix_groups)
+    else:
+        lo, hi = torch.stack(torch.aminmax(tc)).tolist()
+        where = dict(columns=(lo - 1, hi), select=(tr, tc - lo))
+        hs = hidden_states(student, input_ids, attention_mask, **where)  # [N, H]
+        with torch.no_grad():
+            ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
     # the heads after the forwards, as FSDP2 leaves them (the root's gathered for its head)
     ws, bs, ts = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
     wt, bt, tt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
@@ -308,6 +331,22 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     norm = max(n, 1) if normalizer is None else normalizer
     stats = {"divergence_sum": float(div.detach()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
     return div / norm, stats
+
+
+def _shared_states(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+                   groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(student states [N, H], teacher states [N, Ht])`` at the positions that predict ``target``
+    ``[B, T]`` bool (at least one), in ``target.nonzero()`` order (the padded path's), from one
+    packing of the shared-prefix row of ``groups`` ``[G, K]``
+    (:func:`rlhf_fast.models.logprobs.pack_shared_targets`) that both backbones run, the teacher
+    under no_grad."""
+    from rlhf_fast.models.logprobs import pack_shared_targets, shared_target_states
+
+    pk = pack_shared_targets(input_ids, attention_mask, target, groups)
+    hs = shared_target_states(student, pk)  # [N, H]
+    with torch.no_grad():
+        ht = shared_target_states(teacher, pk)  # [N, Ht]
+    return hs, ht
 
 
 class DistillationTrainer(RLTrainer):
@@ -362,6 +401,11 @@ class DistillationTrainer(RLTrainer):
         super().__init__(config, policy, tokenizer, **kwargs)
         self.teacher = self._load_teacher(teacher_model)
         self._vocab_rows = self._check_vocabulary()
+        if self.config.ppo.prefix_sharing:  # (the student's checked by RLTrainer; checked before FSDP2 wraps it)
+            from rlhf_fast.trainers.packing import check_prefix_shareable
+
+            check_prefix_shareable("ppo.prefix_sharing", self.config.rollout.max_new_tokens + 1, self.teacher,
+                                   alternative="the teacher, distill.teacher, is the model it cannot run")
         self.teacher_sharded = False
         if self.ctx.distributed and self.config.distributed.strategy == "fsdp2":
             # sharded like the policy: each rank keeps 1/N of the teacher between its forwards,
@@ -533,16 +577,19 @@ class DistillationTrainer(RLTrainer):
     # ------------------------------------------------------------------ the loss
 
     def distill_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                     normalizer=None):
+                     normalizer=None, group: Optional[torch.Tensor] = None):
         """:func:`distillation_loss` of the policy towards the teacher with the run's beta,
-        temperature (``rollout.temperature``), vocabulary rows and chunk size."""
+        temperature (``rollout.temperature``), vocabulary rows and chunk size; with
+        ``ppo.prefix_sharing`` on the shared-prefix row of the rows' groups (``group`` ``[B]``, the
+        prompt of each row; None: each row its own)."""
         from rlhf_fast.distributed import reshard
 
         d = self.config.distill
+        groups = self._share_kwargs(group, input_ids.shape[0]).get("prefix_groups")
         with self._autocast():
             out = distillation_loss(self.policy, self.teacher, input_ids, attention_mask, loss_mask, beta=d.beta,
                                     temperature=self.config.rollout.temperature, normalizer=normalizer,
-                                    vocab_rows=self._vocab_rows, chunk_size=d.chunk_size)
+                                    vocab_rows=self._vocab_rows, chunk_size=d.chunk_size, prefix_groups=groups)
         if self.teacher_sharded:  # free the root's gathered copy (kept after its forward for the head)
             reshard(self.teacher)
         return out
@@ -560,7 +607,8 @@ class DistillationTrainer(RLTrainer):
         ntok = max(float(data.response_mask.sum()), 1.0)
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more):
-                loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm)
+                loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm,
+                                             group=d.group)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 (loss * self.ctx.grad_scale).backward()
             acc["loss"] += float(loss.detach())
@@ -617,7 +665,10 @@ class DistillationTrainer(RLTrainer):
         # TRL's DistillationTrainer has no mask_truncated_completions; ours drops them from the loss
         loss_rm = rm & ~truncated[:, None] if ro.mask_truncated else rm
         zeros = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
-        data = RolloutTensors(ids, am, loss_rm, zeros, None, zeros, zeros, zeros, zeros, scores)
+        # each prompt's answers are consecutive rows, the data's completions and the teacher's too
+        # (ppo.prefix_sharing computes each prompt once per group; shuffles whole groups)
+        prompt_of = torch.arange(B, device=self.device) // ro.group_size  # [B]
+        data = RolloutTensors(ids, am, loss_rm, zeros, None, zeros, zeros, zeros, zeros, scores, group=prompt_of)
         self._last_texts = list(zip(batch.prompt_texts, batch.response_texts, rewards))
         self._last_columns = columns
         return data, m
@@ -673,7 +724,8 @@ class DistillationTrainer(RLTrainer):
             res = super()._eval_batch_sums(batch, idx, extra, group_size)
         else:
             res = {"response_length": (float(rm.sum()), float(rm.shape[0]))}
-        _, st = self.distill_loss(ids, am, rm)  # under evaluate()'s no_grad
+        # (under evaluate()'s no_grad; ppo.prefix_sharing: each prompt once per group of its answers)
+        _, st = self.distill_loss(ids, am, rm, group=batch.group_index.to(self.device))
         n = st["tokens"]
         res.update({"loss": (st["divergence_sum"], n), "distill/divergence": (st["divergence_sum"], n),
                     "entropy": (st["entropy_sum"], n)})

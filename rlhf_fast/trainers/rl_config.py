@@ -1043,10 +1043,15 @@ class DistillConfig:
     is no reward (reward sources, when given, are evaluated and logged only), no reference model
     and no KL term, no critic and no advantages: ``kl.*`` (but ``kl.coef: 0``),
     ``model.reference``, ``model.critic`` and the policy-loss keys of ``ppo`` are refused away
-    from their defaults (``ppo.epochs``, ``mini_batch_size``, ``micro_batch_size``
-    and ``max_grad_norm`` apply; TRL's one optimizer step per generation is ``ppo.epochs`` 1
-    and ``ppo.mini_batch_size`` = the rollout batch). ``rollout.group_size`` may be 1 (TRL
-    answers each prompt once).
+    from their defaults (``ppo.epochs``, ``mini_batch_size``, ``micro_batch_size``,
+    ``max_grad_norm`` and ``prefix_sharing`` apply; TRL's one optimizer step per generation is
+    ``ppo.epochs`` 1 and ``ppo.mini_batch_size`` = the rollout batch). ``rollout.group_size`` may
+    be 1 (TRL answers each prompt once). ``ppo.prefix_sharing`` computes each prompt once per
+    group of its answers in the student's forward and backward and the teacher's forward (each
+    micro-batch one shared-prefix row; the data's completions and the teacher's answers too),
+    equal to the padded loss up to float rounding; the student and the teacher both need a
+    fusable LM head and a backbone rlhf_fast.models.llama_forward computes (refused at the
+    trainer's start otherwise).
 
     GKD's mixing (TRL's experimental ``GKDTrainer``, Agarwal et al. 2024): ``lmbda`` (default
     1.0: every step on-policy, as ``DistillationTrainer``; TRL GKDConfig's default is 0.5) is
@@ -1099,7 +1104,7 @@ class DistillConfig:
 
 
 # the ppo keys that the distillation update uses; every other one belongs to the policy loss
-DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing")
 
 
 @dataclass
@@ -1345,9 +1350,6 @@ class RLConfig:
             what = "rollout.tools" if ro.tools else "rollout.environment_factory"
             raise ValueError(f"distill.lmbda ({d.lmbda}) < 1 trains the off-policy steps on the data's completions, "
                              f"which hold no tool calls; {what} needs distill.lmbda 1 or distill.seq_kd true")
-        if self.ppo.prefix_sharing:
-            raise ValueError("ppo.prefix_sharing is not supported for estimator 'distill' (its student and teacher "
-                             "forwards are padded); remove it")
         rest = _changed(self.ppo, "ppo.", keep=DISTILL_PPO_KEYS)
         if self.model.critic is not None:
             rest.append("model.critic")

@@ -179,6 +179,9 @@ class E2EConfig:
     # rlhf_fast's PPO / GRPO side with ppo.prefix_sharing (each prompt computed once per group of answers, by
     # the reference's scoring, the PPO critic and in the update; TRL has no such option, its side is unchanged)
     rl_prefix_sharing: bool = False
+    # the PPO / GRPO prompts' length in tokens (both sides): 0, PROMPTS as they are (2-5 tokens); else
+    # each padded with single-token words to this length (rl_prompts), the regime of rl_prefix_sharing
+    rl_prompt_tokens: int = 0
     # on-policy distillation (algo "distill"): a teacher of the student's vocabulary, wider
     # (``teacher_hidden_size``, ``teacher_layers``, its own seed), the generalised JSD's ``distill_beta``
     # (TRL DistillationConfig's default 1.0: the reverse KL); the batch is the RL steps' prompts_per_step ×
@@ -213,6 +216,10 @@ class E2EConfig:
             raise ValueError(f"dpo_prefix_sharing must be true or false, got {self.dpo_prefix_sharing!r}")
         if not isinstance(self.rl_prefix_sharing, bool):
             raise ValueError(f"rl_prefix_sharing must be true or false, got {self.rl_prefix_sharing!r}")
+        if isinstance(self.rl_prompt_tokens, bool) or not isinstance(self.rl_prompt_tokens, int) or \
+                self.rl_prompt_tokens < 0:
+            raise ValueError(f"rl_prompt_tokens must be an int >= 0 (0: the prompts as they are), "
+                             f"got {self.rl_prompt_tokens!r}")
         if not (isinstance(self.distill_beta, (int, float)) and not isinstance(self.distill_beta, bool)
                 and 0.0 <= self.distill_beta <= 1.0):
             raise ValueError(f"distill_beta must be a number in [0, 1], got {self.distill_beta!r}")
@@ -374,10 +381,11 @@ class TRLStep:
                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                         eos_token_id=self.tok.eos_token_id)
         self.pos = 0
+        self.prompts = rl_prompts(cfg, self.tok)
 
     def _prompts(self) -> List[str]:
         k = self.cfg.prompts_per_step
-        ps = [PROMPTS[(self.pos + i) % len(PROMPTS)] for i in range(k)]
+        ps = [self.prompts[(self.pos + i) % len(self.prompts)] for i in range(k)]
         self.pos += k
         return [p for p in ps for _ in range(self.cfg.group_size)]  # RepeatSampler order
 
@@ -519,10 +527,11 @@ class RLHFFastStep:
         self.cfg = cfg
         model, tok = build_model(cfg)
         ppo = algo == "ppo"
+        prompts = rl_prompts(cfg, tok)
         rl_cfg = RLConfig(
             estimator="gae" if ppo else "grpo", steps=cfg.steps + 1, seed=cfg.seed, device=cfg.device, progress=False,
             sample_every=0,
-            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
+            data=DataConfig(prompts=list(prompts), shuffle=False),
             rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
             kl=KLConfig(coef=cfg.kl_coef, placement="reward" if ppo else "loss", kind="k1" if ppo else "k3"),
@@ -533,7 +542,7 @@ class RLHFFastStep:
                           old_logp="behaviour", prefix_sharing=cfg.rl_prefix_sharing),
             optim=OptimConfig(lr=cfg.lr, critic_lr=cfg.lr),
         )
-        self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
+        self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(prompts))
 
     def step(self) -> Dict[str, float]:
         m, step = _timed_step(self.trainer, self.cfg.device)
@@ -550,6 +559,25 @@ def _single_token_words(tok) -> List[str]:
     """Vocabulary words that ``tok`` encodes, after a space, as exactly one token (sorted)."""
     words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and len(w) > 1 and w[1:].isalnum())
     return [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def rl_prompts(cfg: E2EConfig, tok) -> List[str]:
+    """The PPO / GRPO steps' prompts (both sides, in this order): PROMPTS, or with
+    ``cfg.rl_prompt_tokens`` each PROMPTS[i] followed by random single-token words up to that many
+    tokens (every word boundary a token boundary, so both sides encode the same ids); deterministic
+    in ``cfg.seed``."""
+    if not cfg.rl_prompt_tokens:
+        return list(PROMPTS)
+    words, rng = _single_token_words(tok), random.Random(cfg.seed + 1)
+    if not words:
+        raise ValueError("the tokenizer has no single-token words to lengthen the RL prompts with")
+    out = []
+    for p in PROMPTS:
+        room = cfg.rl_prompt_tokens - len(tok(p)["input_ids"])
+        if room < 0:
+            raise ValueError(f"rl_prompt_tokens ({cfg.rl_prompt_tokens}) is shorter than the prompt {p!r}")
+        out.append(p + "".join(" " + rng.choice(words) for _ in range(room)))
+    return out
 
 
 def dpo_pairs(cfg: E2EConfig, tok, bos: bool = False) -> List[Dict[str, str]]:
@@ -1617,7 +1645,8 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
     if any(a not in RL_ALGOS for a in algos):
         raise ValueError(f"run_table runs {RL_ALGOS}; DPO has its own table (run_dpo_table), got {algos!r}")
     return _step_table(
-        cfg, f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens",
+        cfg, f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens"
+        + (f", prompts of {cfg.rl_prompt_tokens} tokens" if cfg.rl_prompt_tokens else ""),
         PHASES, [(algo, "TRL-equivalent (trl utils)") for algo in algos], timeout_s, repeats,
         what="phases: generate; logprobs = policy + reference log-probs (+ critic values for PPO); "
         "reward_adv = rewards and advantages; update = epochs × mini-batches of forward, backward, optimiser",
@@ -1631,7 +1660,9 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
             "generation: no old-policy forward); rlhf_fast: ppo.old_logp='behaviour', the same saving",
             "goals (issue 10, not asserted): step time ratio >= 2 and extra_peak ratio >= 1.43 (30% less memory)",
             "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
-        ])
+        ] + (["rlhf_fast side with ppo.prefix_sharing: each prompt computed once per group of answers (the "
+              "policy's and the reference's scoring, the PPO critic, the update); TRL has no such option"]
+             if cfg.rl_prefix_sharing else []))
 
 
 @_with_tokenizer
@@ -1832,13 +1863,16 @@ if __name__ == "__main__":
     p.add_argument("--dpo-prompt-tokens", type=int, default=None, help="the DPO pairs' prompt length in tokens")
     p.add_argument("--rl-prefix-sharing", action="store_true",
                    help="rlhf_fast's PPO / GRPO step with ppo.prefix_sharing (each prompt computed once per group)")
+    p.add_argument("--rl-prompt-tokens", type=int, default=None,
+                   help="the PPO / GRPO prompts' length in tokens (default: the prompts as they are, 2-5 tokens)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
         over = {k: v for k, v in (("dpo_prefix_sharing", a.dpo_prefix_sharing or None),
                                   ("rl_prefix_sharing", a.rl_prefix_sharing or None),
-                                  ("dpo_prompt_tokens", a.dpo_prompt_tokens)) if v is not None}
+                                  ("dpo_prompt_tokens", a.dpo_prompt_tokens),
+                                  ("rl_prompt_tokens", a.rl_prompt_tokens)) if v is not None}
         main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos, overrides=over)
     else:
         known = {f.name for f in fields(E2EConfig)}

@@ -186,6 +186,29 @@ def test_e2e_config_validation():
         E2EConfig(max_new_tokens=0)
 
 
+def test_e2e_long_rl_prompts_are_the_same_on_both_sides():
+    """``rl_prompt_tokens``: every PPO / GRPO prompt that many tokens, the same text on both
+    sides (TRL's step samples from it, rlhf_fast's trainer reads it); the default keeps PROMPTS."""
+    from rlhf_fast.benchmarks import e2e
+
+    with pytest.raises(ValueError, match="rl_prompt_tokens"):
+        e2e.E2EConfig(rl_prompt_tokens=-1)
+    cfg = e2e.E2EConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, hidden_size=32, mini_batch_size=4,
+                        steps=1, rl_prompt_tokens=24, rl_prefix_sharing=True)
+    model, tok = e2e.build_model(cfg)
+    prompts = e2e.rl_prompts(cfg, tok)
+    assert [len(tok(p)["input_ids"]) for p in prompts] == [24] * len(e2e.PROMPTS)
+    assert all(p.startswith(q) for p, q in zip(prompts, e2e.PROMPTS))
+    assert e2e.rl_prompts(e2e.E2EConfig(), tok) == list(e2e.PROMPTS)
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        e2e.rl_prompts(e2e.E2EConfig(rl_prompt_tokens=1), tok)
+    trl = e2e.TRLStep(cfg, "grpo")
+    assert trl._prompts() == [p for p in prompts[:2] for _ in range(2)]
+    ours = e2e.RLHFFastStep(cfg, "ppo")
+    assert ours.trainer.config.data.prompts == prompts and ours.trainer.config.ppo.prefix_sharing
+    assert ours.step()["step"] > 0
+
+
 def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
     pytest.importorskip("trl")
     from rlhf_fast.benchmarks import e2e

@@ -54,16 +54,154 @@ def _load_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
     return torch.float32 if dtype is None else dtype
 
 
-def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
-    """``from_pretrained`` keyword for the load dtype (:func:`_load_dtype`): ``dtype`` from
-    transformers 4.56 on, ``torch_dtype`` before (pyproject allows >= 4.46)."""
+def _dtype_key() -> str:
+    """The ``from_pretrained`` keyword of the load dtype: ``dtype`` from transformers 4.56 on,
+    ``torch_dtype`` before (pyproject allows >= 4.46)."""
     import transformers
 
     try:
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     except ValueError:
         major, minor = 5, 0
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": _load_dtype(dtype)}
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    """``from_pretrained`` keyword for the load dtype (:func:`_load_dtype`)."""
+    return {_dtype_key(): _load_dtype(dtype)}
+
+
+# ------------------------------------------------------------------ TRL's model_init_kwargs
+
+# the from_pretrained keywords a config's model_init_kwargs may name (TRL passes any it is given;
+# these are the ones that mean something for a local folder, and those refused with a reason)
+MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "low_cpu_mem_usage",
+                   "device_map", "revision", "quantization_config")
+# TRL's create_model_from_path takes these dtype names (and "float16", refused here: see _FP16)
+INIT_DTYPES = ("auto", "float32", "bfloat16")
+_FP16 = ("float16 is not supported: the trainers have no fp16 loss scaling (TRL's fp16 key is refused too); "
+         "use bfloat16")
+_REFUSED = {
+    "revision": "a revision names a commit of a Hub repository, and models load from local folders only (nothing "
+                "is downloaded): save that revision to a folder and point the model key at it",
+    "quantization_config": "quantized loading (QLoRA) is not supported: load the model unquantized (lora: trains "
+                           "adapters on it)",
+}
+# attention implementations besides eager / sdpa: transformers.utils' check that they run here, and what
+# they need
+_ATTN_NEEDS = {
+    "flash_attention_2": ("is_flash_attn_2_available", "the flash-attn package (pip install flash-attn) and a CUDA "
+                                                       "device"),
+    "flash_attention_3": ("is_flash_attn_3_available", "the FlashAttention-3 package (flash_attn_interface) and a "
+                                                       "CUDA device"),
+    "flash_attention_4": ("is_flash_attn_4_available", "the FlashAttention-4 package and a CUDA device"),
+    "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention (>= 2.5)"),
+}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa") + tuple(_ATTN_NEEDS)
+
+
+def _init_dtype(value, key: str) -> Optional[str]:
+    """A model_init_kwargs dtype as its name: ``auto``, ``float32``, ``bfloat16`` (a torch.dtype
+    given from Python becomes its name, so config.yaml can hold it), or None (kept: TRL passes it
+    on, and transformers 5 then loads the saved dtype, as ``auto``)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).replace("torch.", "")
+    if value in ("float16", "half", "fp16"):
+        raise ValueError(f"{key}: {_FP16}")
+    if not isinstance(value, str) or value not in INIT_DTYPES:
+        raise ValueError(f"{key} must be one of {list(INIT_DTYPES)} (or null), got {value!r}")
+    return value
+
+
+def _attn_implementation(value, key: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in ATTN_IMPLEMENTATIONS:
+        # hub kernels ("kernels-community/...") would be downloaded; "paged|..." is for generation servers
+        raise ValueError(f"{key} must be one of {list(ATTN_IMPLEMENTATIONS)} (or null: sdpa), got {value!r}")
+    if value in _ATTN_NEEDS:
+        import transformers.utils
+
+        check, needs = _ATTN_NEEDS[value]
+        if not getattr(transformers.utils, check, lambda: False)():
+            raise ValueError(f"{key} {value!r} needs {needs}, which this machine lacks; use 'sdpa' (the default) or "
+                             "'eager'")
+    return value
+
+
+def check_model_init_kwargs(value, key: str = "model_init_kwargs") -> dict:
+    """TRL's ``model_init_kwargs`` (the ``from_pretrained`` keywords of a model loaded from a
+    folder) checked and normalised; ValueError naming ``key``.NAME otherwise. ``value``: None or
+    a mapping (values already read as YAML); returns a new dict, which this function returns
+    unchanged when given it again.
+
+    * ``dtype`` (``torch_dtype``, its old name, becomes ``dtype``): ``auto`` (the dtype the folder
+      was saved in), ``float32``, ``bfloat16`` or null (transformers' default: since v5 ``auto``);
+      absent: float32, as TRL. ``float16`` is refused (no fp16 loss scaling here).
+    * ``attn_implementation``: ``eager``, ``sdpa``, or a flash / flex implementation whose
+      package this machine has (:data:`ATTN_IMPLEMENTATIONS`).
+    * ``trust_remote_code``, ``low_cpu_mem_usage``: true or false, passed on.
+    * ``device_map``: null only, and dropped (the trainers place the model: ``device``,
+      ``distributed``). ``revision`` and ``quantization_config`` are refused, as is any other key."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{key} must be a mapping {{name: value}} of from_pretrained keywords, got {value!r}")
+    if "dtype" in value and "torch_dtype" in value:
+        raise ValueError(f"{key}: dtype and torch_dtype are both set; torch_dtype is dtype's old name, give one")
+    out = {}
+    for k, v in value.items():
+        name = f"{key}.{k}"
+        if k not in MODEL_INIT_KEYS:
+            valid = [x for x in MODEL_INIT_KEYS if x not in _REFUSED]
+            raise ValueError(f"{name}: not a supported from_pretrained keyword (valid: {', '.join(valid)})")
+        if k in _REFUSED:
+            raise ValueError(f"{name}: {_REFUSED[k]}")
+        if k in ("dtype", "torch_dtype"):
+            out["dtype"] = _init_dtype(v, name)
+        elif k == "attn_implementation":
+            out[k] = _attn_implementation(v, name)
+        elif k == "device_map":
+            if v is not None:
+                raise ValueError(f"{name} must be null (or left out), got {v!r}: the trainers place the model "
+                                 "themselves (device, distributed.*)")
+        elif not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
+        else:
+            out[k] = v
+    return out
+
+
+def from_pretrained_kwargs(init_kwargs=None, dtype: Optional[torch.dtype] = None) -> dict:
+    """The ``from_pretrained`` keywords of checked ``init_kwargs`` (:func:`check_model_init_kwargs`)
+    with the load dtype resolved as TRL's ``create_model_from_path`` does (trl/trainer/utils.py):
+    a dtype name becomes the torch dtype, ``auto`` and None pass as they are, and no ``dtype`` key
+    means float32 — or ``dtype`` (a torch.dtype; ValueError when both give one)."""
+    kw = dict(init_kwargs or {})
+    if "dtype" in kw:
+        if dtype is not None:
+            raise ValueError(f"dtype={dtype} and model_init_kwargs' dtype {kw['dtype']!r} are both given; give one")
+        d = kw.pop("dtype")
+        kw[_dtype_key()] = d if d in (None, "auto") else getattr(torch, d)
+    else:
+        kw.update(_dtype_kwargs(dtype))
+    return kw
+
+
+def apply_model_init_kwargs(model: nn.Module, init_kwargs=None) -> nn.Module:
+    """The checked ``init_kwargs`` (:func:`check_model_init_kwargs`) applied to a model built in
+    memory (a ``tiny:`` spec): ``dtype`` float32 / bfloat16 casts it (:func:`cast_model`: RoPE
+    frequencies stay float32, as from_pretrained leaves them), ``auto`` / null keep its dtype;
+    ``attn_implementation`` is set. The other keys only concern loading from a folder. Returns the model."""
+    kw = init_kwargs or {}
+    d = kw.get("dtype")
+    if d not in (None, "auto"):
+        model = cast_model(model, getattr(torch, d))
+    if kw.get("attn_implementation") is not None:
+        unwrap(model).set_attn_implementation(kw["attn_implementation"])
+    return model
 
 
 def _lora_config(lora):
@@ -104,6 +242,7 @@ def load_policy(
     device=None,
     gradient_checkpointing: bool = False,
     lora=None,
+    init_kwargs=None,
 ):
     """A causal-LM policy from a local directory or an in-memory ``PreTrainedModel``.
 
@@ -118,10 +257,17 @@ def load_policy(
     None). The parameters themselves are then in that dtype: a bf16/fp16 policy trains without
     float32 master weights. For float32 weights with bf16 compute use ``dtype=None`` and the
     trainers' ``bf16`` autocast (CUDA). RoPE frequency buffers stay float32 either way.
+
+    ``init_kwargs``: TRL's ``model_init_kwargs`` (:func:`check_model_init_kwargs`), the
+    ``from_pretrained`` keywords of a directory, whose ``dtype`` takes the place of the ``dtype``
+    argument (ValueError when both are given); applied to an in-memory model as
+    :func:`apply_model_init_kwargs` does.
     """
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     _check_dtype_device(dtype, device)
+    init_kwargs = check_model_init_kwargs(init_kwargs, "init_kwargs")
+    load_kw = from_pretrained_kwargs(init_kwargs, dtype)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
         if not os.path.isdir(path):
@@ -133,14 +279,15 @@ def load_policy(
             if not base_path or not os.path.isdir(base_path):
                 raise ValueError(f"the adapter in {path!r} names base model {base_path!r}, which is not a local "
                                  "directory; load the base and pass the adapter directory as lora=")
-            model = AutoModelForCausalLM.from_pretrained(base_path, **_dtype_kwargs(dtype))
+            model = AutoModelForCausalLM.from_pretrained(base_path, **load_kw)
             lora = path if lora is None else lora
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
     elif isinstance(model_or_path, PreTrainedModel) or _is_peft(model_or_path):
         model = model_or_path
         if dtype is not None:
             model = cast_model(model, dtype)
+        model = apply_model_init_kwargs(model, init_kwargs)
     else:
         raise TypeError(f"model_or_path must be a path or a PreTrainedModel, got {type(model_or_path).__name__}")
     if device is not None:
@@ -306,17 +453,20 @@ class ValueModel(nn.Module):
             json.dump({"format": "rlhf_fast.ValueModel", "version": 1}, f)
 
     @classmethod
-    def from_pretrained(cls, directory: PathLike, *, dtype: Optional[torch.dtype] = None, device=None) -> "ValueModel":
+    def from_pretrained(cls, directory: PathLike, *, dtype: Optional[torch.dtype] = None, device=None,
+                        init_kwargs=None) -> "ValueModel":
         """Load a ValueModel written by :meth:`save_pretrained`: the backbone in ``dtype``
         (float32 when None, whatever dtype it was saved in; pass the saved dtype for the same
-        outputs as the saved model), the value head float32."""
+        outputs as the saved model), the value head float32. ``init_kwargs``: TRL's
+        ``model_init_kwargs`` for the backbone (:func:`check_model_init_kwargs`)."""
         from transformers import AutoModel
 
         _check_dtype_device(dtype, device)
+        load_kw = from_pretrained_kwargs(check_model_init_kwargs(init_kwargs, "init_kwargs"), dtype)
         head = os.path.join(directory, _VALUE_HEAD_FILE)
         if not os.path.exists(head):
             raise ValueError(f"directory must hold a saved ValueModel ({_VALUE_HEAD_FILE} missing in {directory!r})")
-        base = AutoModel.from_pretrained(directory, **_dtype_kwargs(dtype))
+        base = AutoModel.from_pretrained(directory, **load_kw)
         vm = cls(base, copy_backbone=False)
         vm.value_head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
         if device is not None:
@@ -548,7 +698,12 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 __all__ = [
+    "apply_model_init_kwargs",
     "apply_tokenizer_overrides",
+    "check_model_init_kwargs",
+    "from_pretrained_kwargs",
+    "ATTN_IMPLEMENTATIONS",
+    "MODEL_INIT_KEYS",
     "check_chat_template_path",
     "clone_chat_template",
     "cast_model",

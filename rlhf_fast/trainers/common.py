@@ -840,6 +840,34 @@ class OptimizerOptions:
                              "strategy ddp, or an elementwise optimizer")
 
 
+def check_model_init_field(value: Any, key: str = "model_init_kwargs") -> Dict[str, Any]:
+    """A config's ``model_init_kwargs`` (TRL's: the ``from_pretrained`` keywords of a model loaded
+    from a folder): a mapping whose text values (``--model_init_kwargs.dtype bfloat16``) are read
+    as YAML, checked and normalised by
+    :func:`rlhf_fast.models.loading.check_model_init_kwargs`; ValueError naming ``key``.NAME."""
+    from rlhf_fast.models.loading import check_model_init_kwargs
+
+    return check_model_init_kwargs(_mapping(key, value), key)
+
+
+@dataclasses.dataclass
+class ModelInitOptions:
+    """TRL's ``model_init_kwargs``, shared by the offline trainer configs (SFT, reward, DPO, KTO)
+    and listed after ``model``: the ``from_pretrained`` keywords of ``model`` (and ``ref_model``)
+    loaded from a folder, or applied to a ``tiny:`` model once built (dtype, attention). ``{}``
+    (the default) loads float32 master weights whatever dtype the folder was saved in;
+    ``{dtype: bfloat16}`` loads the weights in bf16 and trains them so — parameters, gradients and
+    optimizer moments in bf16, no float32 copy — as TRL does with that dtype. Keys:
+    :func:`rlhf_fast.models.loading.check_model_init_kwargs`.
+    :func:`check_training_schedule` calls :meth:`check_model_init_options`."""
+
+    model_init_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_beside("model"))
+
+    def check_model_init_options(self) -> None:
+        """``model_init_kwargs`` checked and normalised (:func:`check_model_init_field`)."""
+        self.model_init_kwargs = check_model_init_field(self.model_init_kwargs)
+
+
 @dataclasses.dataclass
 class LoggingOptions:
     """The experiment-tracker keys the offline trainer configs (SFT, reward, DPO, KTO) share with
@@ -890,6 +918,8 @@ def check_training_schedule(cfg) -> None:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1] (the final LR over lr), got {r!r}")
     if isinstance(cfg, OptimizerOptions):
         cfg.check_optimizer_options()
+    if isinstance(cfg, ModelInitOptions):
+        cfg.check_model_init_options()
     if isinstance(cfg, LoggingOptions):
         cfg.check_logging_options()
     else:
@@ -938,6 +968,7 @@ def resolve_device(device: str) -> torch.device:
 
 __all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
+           "ModelInitOptions", "check_model_init_field",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "resolve_device", "to_dict"]
 
@@ -961,18 +992,23 @@ def parse_tiny_spec(spec: str) -> Dict[str, Any]:
     return out
 
 
-def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "causal", tokenizer: Any = None):
+def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "causal", tokenizer: Any = None,
+                   init_kwargs: Optional[Mapping[str, Any]] = None):
     """``(model, tokenizer)`` from a local folder (save_pretrained output) or a ``tiny:`` spec.
 
     ``kind`` "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
     one label). For ``tiny:`` specs a byte-level BPE tokenizer is trained on ``texts``
     (plus a small built-in corpus) unless ``tokenizer`` is given; spec keys: family,
     vocab_size (default 512), hidden_size, num_layers, num_heads, seed. Nothing is downloaded.
+    ``init_kwargs``: a config's checked ``model_init_kwargs`` (:class:`ModelInitOptions`), the
+    ``from_pretrained`` keywords of a folder (float32 unless its ``dtype`` says otherwise; its
+    ``trust_remote_code`` also reaches the tokenizer), applied to a tiny model once built.
     """
     if kind not in ("causal", "reward"):
         raise ValueError(f"kind must be 'causal' or 'reward', got {kind!r}")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model must be a local path or a 'tiny:' spec, got {spec!r}")
+    init_kwargs = check_model_init_field(init_kwargs)
     if spec.startswith("tiny:"):
         from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, tiny_reward_model, train_tokenizer
 
@@ -994,24 +1030,28 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         except ValueError as e:
             # the message alone ("num_layers must be ...") would not say which setting holds it
             raise ValueError(f"model spec {spec!r}: {e}") from None
-        return model, tokenizer
+        from rlhf_fast.models.loading import apply_model_init_kwargs
+
+        return apply_model_init_kwargs(model, init_kwargs), tokenizer
     if not os.path.isdir(spec):
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_fast.models.loading import _dtype_kwargs, check_model_folder
+    from rlhf_fast.models.loading import check_model_folder, from_pretrained_kwargs
 
     check_model_folder(spec, "model", tokenizer=tokenizer is None)
     # float32 master weights whatever dtype the folder was saved in (transformers 5 loads the
-    # saved dtype by default: a bf16 save would train in pure bf16); autocast does the rest
-    fp32 = _dtype_kwargs(None)
-    tok = tokenizer or AutoTokenizer.from_pretrained(spec)
+    # saved dtype by default: a bf16 save would train in pure bf16), unless model_init_kwargs'
+    # dtype asks otherwise; autocast does the rest
+    load_kw = from_pretrained_kwargs(init_kwargs)
+    remote = {"trust_remote_code": True} if load_kw.get("trust_remote_code") else {}
+    tok = tokenizer or AutoTokenizer.from_pretrained(spec, **remote)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(spec, **fp32)
+        model = AutoModelForCausalLM.from_pretrained(spec, **load_kw)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, **fp32)
+        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, **load_kw)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -148,7 +148,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
                      disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
@@ -168,7 +168,7 @@ TOKEN_STATS = dict(return_entropy=True, return_top1=True, return_mean_logit=True
 
 
 @dataclasses.dataclass
-class DPOConfig(OptimizerOptions, LoggingOptions):
+class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
     with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``loss_type`` (a name, a comma-separated string or a list),
@@ -597,7 +597,8 @@ def load_offline_policy(cfg, model, tokenizer, texts: Sequence[str], device):
     from rlhf_fast.models import loading
 
     if model is None:
-        model, tokenizer = load_causal_lm(cfg.model, texts=list(texts), kind="causal", tokenizer=tokenizer)
+        model, tokenizer = load_causal_lm(cfg.model, texts=list(texts), kind="causal", tokenizer=tokenizer,
+                                          init_kwargs=cfg.model_init_kwargs)
     elif tokenizer is None:
         raise ValueError("tokenizer must be given together with model")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -675,7 +676,9 @@ def offline_reference(cfg, model, is_peft: bool, device):
     from rlhf_fast.models import loading
 
     if cfg.ref_model:
-        reference = loading.make_reference(loading.load_policy(cfg.ref_model), device=device)
+        # loaded as the policy is (TRL builds its reference with the same model_init_kwargs)
+        ref = loading.load_policy(cfg.ref_model, init_kwargs=cfg.model_init_kwargs)
+        reference = loading.make_reference(ref, device=device)
         n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
         if n_ref != n_pol:
             raise ValueError(f"ref_model {cfg.ref_model!r} has a vocabulary of {n_ref} tokens, the policy {n_pol}; "

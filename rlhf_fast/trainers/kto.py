@@ -94,7 +94,7 @@ from rlhf_fast.ops._validate import finite
 
 from .common import (add_config_arguments, autocast_context, supervised_scheduler, open_supervised_run,
                      require_records, run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
                   maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
                   prompt_response_rows, reference_logps, response_ids, response_logps, response_logps_metrics,
@@ -111,7 +111,7 @@ N_SUMS = 15
 
 
 @dataclasses.dataclass
-class KTOConfig(OptimizerOptions, LoggingOptions):
+class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
     a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two

@@ -64,7 +64,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
                      disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
                      run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from rlhf_fast.distributed import DistributedConfig, wrap_model
 
 from .sft import (_Batches, count_tokens, local_span, optimizer_step, resume_supervised, save_supervised,
@@ -72,7 +72,7 @@ from .sft import (_Batches, count_tokens, local_span, optimizer_step, resume_sup
 
 
 @dataclasses.dataclass
-class RewardConfig(OptimizerOptions, LoggingOptions):
+class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     """Reward-model settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: a
     synthetic preference task with a hidden rule, so the defaults run); ``label_smoothing``
     ε makes the BT loss conservative for noisy labels; ``annotator_weights`` maps
@@ -327,7 +327,8 @@ class RewardTrainer:
             texts = []
             for r in train_records[:2000]:
                 texts += [str(r.prompt)] + [t for t in _texts(r)]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="reward", tokenizer=tokenizer)
+            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="reward", tokenizer=tokenizer,
+                                              init_kwargs=cfg.model_init_kwargs)
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
         # as TRL's RewardTrainer, before the adapters; the items below are encoded with the result

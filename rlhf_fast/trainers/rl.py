@@ -238,11 +238,13 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
     return out
 
 
-def _make_critic(policy, path: Optional[str] = None):
+def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
+    """The critic: a saved ValueModel ``path`` loaded with ``init_kwargs`` (model.model_init_kwargs),
+    else one built from the policy's backbone (in the policy's dtype)."""
     from rlhf_fast.models import loading
 
     if path is not None:
-        return loading.ValueModel.from_pretrained(path)
+        return loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
     if hasattr(loading.ValueModel, "from_policy"):
         return loading.ValueModel.from_policy(policy)
     return loading.ValueModel(policy)
@@ -622,8 +624,10 @@ class RLTrainer:
 
             if cfg.model.reference:
                 loading.check_model_folder(cfg.model.reference, "model.reference")
-            reference = (loading.make_reference(loading.load_policy(cfg.model.reference)) if cfg.model.reference
-                         else loading.make_reference(self.policy))
+            # a folder loads as the policy did (TRL builds its reference with the same model_init_kwargs)
+            reference = (loading.make_reference(loading.load_policy(cfg.model.reference,
+                                                                    init_kwargs=cfg.model.model_init_kwargs))
+                         if cfg.model.reference else loading.make_reference(self.policy))
         if reference is None:
             pass  # kl_free: no reference, so no forward and no kl/* metrics
         elif isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
@@ -647,7 +651,8 @@ class RLTrainer:
         self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
         self.critic = None
         if cfg.estimator in CRITIC_ESTIMATORS:
-            self.critic = (critic if critic is not None else _make_critic(self.policy, cfg.model.critic)).to(self.device)
+            self.critic = (critic if critic is not None else _make_critic(
+                self.policy, cfg.model.critic, cfg.model.model_init_kwargs)).to(self.device)
             self.critic.eval()
         # (checked before a DDP / FSDP2 wrapper adds its hooks)
         self._critic_shared = _critic_shares(self.critic, cfg.ppo.prefix_sharing,
@@ -735,9 +740,15 @@ class RLTrainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _load_policy(self):
+        """``(policy, tokenizer)`` from ``model.policy`` (a folder loaded with
+        ``model.model_init_kwargs``, or a tiny model they are applied to once built)."""
         cfg = self.config
+        init_kwargs = cfg.model.model_init_kwargs
         if cfg.model.policy.startswith("tiny:"):
-            return build_tiny_policy(cfg)
+            from rlhf_fast.models.loading import apply_model_init_kwargs
+
+            model, tok = build_tiny_policy(cfg)
+            return apply_model_init_kwargs(model, init_kwargs), tok
         from transformers import AutoTokenizer
 
         from rlhf_fast.models.loading import check_model_folder, check_tokenizer_folder, load_policy
@@ -748,9 +759,10 @@ class RLTrainer:
                            tokenizer_key="model.tokenizer")
         if cfg.model.tokenizer is not None:
             check_tokenizer_folder(cfg.model.tokenizer, "model.tokenizer")
-        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy)
+        remote = {"trust_remote_code": True} if init_kwargs.get("trust_remote_code") else {}
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy, **remote)
         tok.padding_side = "left"
-        return load_policy(cfg.model.policy), tok
+        return load_policy(cfg.model.policy, init_kwargs=init_kwargs), tok
 
     def _build_rewards(self, reward_fns, reward_weights, reward_models, judge) -> CombinedReward:
         rc = self.config.reward

@@ -63,7 +63,12 @@ class ModelConfig:
     gradient_checkpointing: transformers' activation checkpointing on the policy (and a critic
     built from it): each layer recomputed in the update's backward, for less memory.
     lora: None, or LoraConfig fields ({}: r=8, alpha=16, every linear layer): fresh adapters on
-    the policy train alone, and the reference is the base with them disabled (no copy)."""
+    the policy train alone, and the reference is the base with them disabled (no copy).
+    model_init_kwargs (TRL's): the from_pretrained keywords of the policy, the reference and
+    the critic loaded from folders (applied to a tiny policy once built; a reference or critic
+    copied from the policy follows it): {} loads float32 master weights whatever the saved
+    dtype; {dtype: bfloat16} trains in pure bf16 (no float32 copy), as TRL with that dtype.
+    Keys: rlhf_fast.models.loading.check_model_init_kwargs."""
 
     policy: str = "tiny:llama"
     tokenizer: Optional[str] = None
@@ -76,11 +81,13 @@ class ModelConfig:
     tiny_seed: int = 0
     gradient_checkpointing: bool = False
     lora: Optional[Dict[str, Any]] = None
+    model_init_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from rlhf_fast.trainers.common import check_lora_field
+        from rlhf_fast.trainers.common import check_lora_field, check_model_init_field
 
         check_lora_field(self, "model.lora")
+        self.model_init_kwargs = check_model_init_field(self.model_init_kwargs, "model.model_init_kwargs")
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"model.policy must be a path or 'tiny:FAMILY', got {self.policy!r}")
         for k in ("tiny_vocab_size", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads"):

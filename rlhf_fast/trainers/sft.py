@@ -71,7 +71,7 @@ from .common import (MetricsLogger, add_config_arguments, autocast_context, chec
                      check_training_schedule, disable_dropout, load_causal_lm, supervised_scheduler,
                      open_supervised_run, require_records, resolve_device, run_trainer_cli, seed_everything,
                      steps_for_epochs, truncate_metrics)
-from .common import LoggingOptions, OptimizerOptions, supervised_optimizer
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -83,7 +83,7 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 
 
 @dataclasses.dataclass
-class SFTConfig(OptimizerOptions, LoggingOptions):
+class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records
     (None: a built-in synthetic copy task, so the defaults run); ``model``: a local folder or
     ``tiny:`` spec."""
@@ -723,7 +723,8 @@ class SFTTrainer:
         check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
         if model is None:
             texts = [record_text(r) for r in train_records[:2000]]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer)
+            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer,
+                                              init_kwargs=cfg.model_init_kwargs)
         elif tokenizer is None:
             raise ValueError("tokenizer must be given together with model")
         added = apply_sft_tokenizer_overrides(cfg, model, tokenizer)

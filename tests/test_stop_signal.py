@@ -207,13 +207,13 @@ def _rank_of(pid):
 def test_two_ranks_stop_together_when_one_is_signalled(tmp_path, strategy):
     """SIGUSR1 to rank 1 alone: both ranks end the same step and save it (a rank that went on
     alone would hang in the next collective)."""
-    from tests.test_distributed_trainers import _free_port
+    from tests.torchrun_launch import free_port
 
     run = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                              "-m", "rlhf_fast.cli", "sft", str(_sft_config(tmp_path, 100000)), "--output_dir", run,
                              "--distributed.strategy", strategy, "--distributed.timeout_s", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)

@@ -207,3 +207,29 @@ def test_packed_select_bfloat16_error_is_that_of_the_padded_path(family, kv_head
     for (name, _), s, p, f, t in zip(model.named_parameters(), select[2], padded[2], full[2], truth[2]):
         ours, theirs = (s - t).norm(), max((p - t).norm(), (f - t).norm())
         assert ours <= 2 * theirs + 1e-3 * t.norm(), (name, float(ours), float(theirs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family,kv_heads", [("llama", None), ("qwen2", 2)])
+def test_cuda_packed_select_equals_padded(family, kv_heads):
+    """On the GPU (fp32, TF32 off) the packed row's selected last layer takes sdpa's lower-right
+    causal bias for real: log-probs, entropies and gradients equal the padded path's."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = _model(family, kv_heads).cuda()
+        ids, am, rm = (t.cuda() for t in _batch())
+        outs = []
+        for packed in (False, True):
+            model.zero_grad(set_to_none=True)
+            lp, ent = L.sequence_logprobs(model, ids, am, response_mask=rm, packed=packed, return_entropy=True)
+            w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3)).cuda()
+            ((lp * w).sum() + ent.sum()).backward()
+            outs.append((lp.detach(), ent.detach(), [p.grad.float().clone() for p in model.parameters()]))
+        (lp0, e0, g0), (lp1, e1, g1) = outs
+        torch.testing.assert_close(lp1, lp0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(e1, e0, rtol=1e-4, atol=1e-4)
+        for x, y in zip(g1, g0):
+            _close(x, y, 1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

@@ -182,3 +182,32 @@ def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path, monkeypatc
 
     with use_backend("torch"):
         assert "torch backend" in critic_sharing_reason(loading.ValueModel(pol), 8)
+
+
+@pytest.mark.cuda
+def test_cuda_shared_values_equal_the_padded():
+    """On the GPU (fp32, TF32 off) the critic's shared rows take sdpa's lower-right causal bias for
+    real: values and gradients equal the padded critic's."""
+    from rlhf_fast.models.shared_values import shared_critic_values
+    from rlhf_fast.trainers.rl import critic_values
+    from tests.test_rl_prefix_sharing import _close, _group_batch
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        vm = _value_model("qwen2", 2).cuda()
+        ids, am, rm = (t.cuda() for t in _group_batch(4))
+        B, T = ids.shape
+        w = torch.randn(B, T, generator=torch.Generator().manual_seed(3)).cuda()
+        outs = []
+        for fn in (lambda: critic_values(vm, ids, am) * rm,
+                   lambda: shared_critic_values(vm, ids, am, rm, torch.arange(B, device="cuda").view(-1, 4))):
+            vm.zero_grad(set_to_none=True)
+            v = fn()
+            (v * w).sum().backward()
+            outs.append((v.detach(), _grads(vm)))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(outs[1][1], outs[0][1]):
+            _close(a, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

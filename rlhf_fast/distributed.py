@@ -414,14 +414,22 @@ def load_full_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
 
 
 def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 ctx: DistContext) -> Dict[str, Any]:
+                 ctx: DistContext, init_key: str = "model_init_kwargs") -> Dict[str, Any]:
     """Load a :func:`save_sharded` checkpoint into ``model`` (and ``optimizer``), however
-    they are wrapped now and on however many ranks (DCP reshards). Returns ``extra``."""
+    they are wrapped now and on however many ranks (DCP reshards). Returns ``extra``.
+    ValueError naming ``init_key`` when the saved weights have another floating dtype than the
+    model's (DCP would cast them silently: a bf16 run resumed in float32, or the reverse)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from rlhf_fast.trainers.checkpoint import check_state_dtypes
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no sharded checkpoint at {path}")
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: m.properties.dtype for k, m in meta.items()
+             if k.startswith("model.") and hasattr(m, "properties")}
+    check_state_dtypes(model, saved, f"checkpoint {path}", init_key)
     msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": msd}
     if optimizer is not None:

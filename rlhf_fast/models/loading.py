@@ -636,21 +636,28 @@ def apply_tokenizer_overrides(model, tokenizer, *, eos_token: Optional[str] = No
     return added
 
 
-def load_reward_model(model_or_path, *, device=None, dtype=None):
+def load_reward_model(model_or_path, *, device=None, dtype=None, init_kwargs=None):
     """A scalar reward model (AutoModelForSequenceClassification with one label), eval mode.
 
     ``model_or_path``: a local directory (loaded in ``dtype``, float32 when None) or an
     in-memory model (cast to ``dtype`` when given). Raises ValueError when the model does not
     have exactly one label.
+
+    ``init_kwargs``: TRL's ``model_init_kwargs`` (:func:`check_model_init_kwargs`), the
+    ``from_pretrained`` keywords of a directory (TRL's GRPO / RLOO load their reward-model
+    paths with the policy's), whose ``dtype`` takes the place of ``dtype`` (ValueError when
+    both are given); without one, float32 (TRL: the saved dtype). Not applied to an in-memory
+    model (TRL leaves a reward-model instance as it is).
     """
     from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
     _check_dtype_device(dtype, device)
+    init_kwargs = check_model_init_kwargs(init_kwargs, "init_kwargs")
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
         if not os.path.isdir(path):
             raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
-        model = AutoModelForSequenceClassification.from_pretrained(path, **_dtype_kwargs(dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(path, **from_pretrained_kwargs(init_kwargs, dtype))
     elif isinstance(model_or_path, PreTrainedModel):
         model = model_or_path if dtype is None else cast_model(model_or_path, dtype)
     else:

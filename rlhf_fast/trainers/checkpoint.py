@@ -136,8 +136,35 @@ def _read_model_state(folder: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _load_model(model: torch.nn.Module, folder: str) -> None:
-    sd = _read_model_state(folder)
+def check_state_dtypes(model: torch.nn.Module, saved: Mapping[str, torch.dtype], where: str,
+                       init_key: str = "model_init_kwargs") -> None:
+    """ValueError when a floating-point tensor saved under a name of ``saved`` ({name: dtype} of a
+    checkpoint's state dict) has another dtype than the same-named one of ``model``:
+    ``load_state_dict`` would cast it silently, so a run trained in bf16 (``init_key``'s dtype,
+    TRL's model_init_kwargs) and resumed without that key would continue from float32 copies of
+    its weights (or the reverse, rounding them). ``where`` names the checkpoint part in the
+    message. Names only one side has are left to the load's own check."""
+    mine = model.state_dict(keep_vars=True)  # (no copies: the parameters and buffers themselves)
+    for name, dtype in saved.items():
+        ours = mine.get(name)
+        if ours is None or not dtype.is_floating_point or dtype == ours.dtype:
+            continue
+        theirs = _dtype_name(dtype)
+        raise ValueError(f"{where} holds {theirs} weights ({name!r}), but the model being resumed has "
+                         f"{_dtype_name(ours.dtype)} ones: the run was saved with another {init_key} dtype; resume "
+                         f"with the one it trained with ({init_key}: {{dtype: {theirs}}}), as the run's config.yaml "
+                         "says, or start a new run")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtypes(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in state.items()}
+
+
+def _load_model(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], folder: str) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # tied weights are saved once by save_pretrained; anything else missing is an error
     tied = set()
@@ -217,10 +244,13 @@ def load_checkpoint(
     schedulers: Optional[Mapping[str, Any]] = None,
     restore_rng: bool = True,
     map_location: Any = "cpu",
+    init_key: str = "model_init_kwargs",
 ) -> Dict[str, Any]:
     """Restore models, optimizers, schedulers (in place) and RNG states; return ``extra``.
 
-    Every name passed must exist in the checkpoint (ValueError otherwise). A model sharded
+    Every name passed must exist in the checkpoint (ValueError otherwise), with the dtypes of
+    the model's weights (:func:`check_state_dtypes`; ``init_key``: the config key that sets
+    them, named in the ValueError). A model sharded
     with FSDP2 (``fully_shard``, under torchrun) takes the one-process checkpoint's full
     weights — and the optimizer over its parameters the full optimizer state — as its shard
     on each rank (:func:`rlhf_fast.distributed.load_full_state`; every rank must call this),
@@ -243,16 +273,23 @@ def load_checkpoint(
                     raise ValueError(f"checkpoint {directory} has no optimizer {n!r}")
             if len(mine) > 1:
                 raise ValueError(f"more than one optimizer ({', '.join(n for n, _ in mine)}) over model {name!r}")
+            with _restoring(directory, f"model {name!r}"):
+                sd = _read_model_state(folder)
+            check_state_dtypes(model, _dtypes(sd), f"checkpoint {directory}: model {name!r}", init_key)
             with _restoring(directory, f"model {name!r}" + (f" and optimizer {mine[0][0]!r}" if mine else "")):
                 from rlhf_fast.distributed import load_full_state
 
                 osd = (torch.load(os.path.join(directory, "optimizers", mine[0][0] + ".pt"), map_location="cpu",
                                   weights_only=False) if mine else None)
-                load_full_state(model, mine[0][1] if mine else None, _read_model_state(folder), osd)
+                load_full_state(model, mine[0][1] if mine else None, sd, osd)
             done.update(n for n, _ in mine)
             continue
         with _restoring(directory, f"model {name!r}"):
-            _load_model(model, folder)
+            sd = _read_model_state(folder)
+        # (outside _restoring: its hint would blame a damaged file or another model)
+        check_state_dtypes(model, _dtypes(sd), f"checkpoint {directory}: model {name!r}", init_key)
+        with _restoring(directory, f"model {name!r}"):
+            _load_model(model, sd, folder)
     for kind, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
         for name, obj in objs.items():
             if kind == "optimizers" and name in done:
@@ -382,5 +419,5 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "prune_checkpoints",
-           "checkpoint_step", "restoring_extra", "keeping_hyperparameters", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_state_dtypes", "latest_checkpoint", "checkpoint_dir",
+           "prune_checkpoints", "checkpoint_step", "restoring_extra", "keeping_hyperparameters", "rng_state", "set_rng_state"]

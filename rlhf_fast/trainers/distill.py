@@ -394,6 +394,11 @@ class DistillationTrainer(RLTrainer):
                              "'tiny:FAMILY'), or pass teacher_model=...")
         if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError(f"teacher_model must be a causal LM (torch.nn.Module), got {type(teacher_model).__name__}")
+        if teacher_model is not None and d.teacher_model_init_kwargs:
+            # TRL's DistillationTrainer / GKDTrainer raise here too: a built teacher takes no from_pretrained keywords
+            raise ValueError(f"distill.teacher_model_init_kwargs ({d.teacher_model_init_kwargs}) loads distill.teacher "
+                             "from a folder, but teacher_model=... is already built; cast it yourself and leave "
+                             "distill.teacher_model_init_kwargs empty")
         if d.teacher is not None and not d.teacher.startswith("tiny:"):
             from rlhf_fast.models.loading import check_model_folder
 
@@ -423,14 +428,17 @@ class DistillationTrainer(RLTrainer):
     # ------------------------------------------------------------------ the teacher
 
     def _load_teacher(self, model):
+        """The frozen teacher in eval mode on the device: ``model`` (teacher_model=), else
+        ``distill.teacher`` loaded with ``distill.teacher_model_init_kwargs`` (a folder's
+        from_pretrained keywords; a tiny teacher is cast once built)."""
+        from rlhf_fast.models.loading import apply_model_init_kwargs, load_policy
+
         d = self.config.distill
         if model is None and d.teacher.startswith("tiny:"):
-            model = self._tiny_teacher()
+            model = apply_model_init_kwargs(self._tiny_teacher(), d.teacher_model_init_kwargs)
         elif model is None:
-            from rlhf_fast.models.loading import load_policy
-
             self._check_teacher_tokenizer(d.teacher)
-            model = load_policy(d.teacher)
+            model = load_policy(d.teacher, init_kwargs=d.teacher_model_init_kwargs)
         model = model.to(self.device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -455,7 +463,9 @@ class DistillationTrainer(RLTrainer):
             return
         from transformers import AutoTokenizer
 
-        theirs = AutoTokenizer.from_pretrained(path).get_vocab()
+        trust = self.config.distill.teacher_model_init_kwargs.get("trust_remote_code")
+        remote = {"trust_remote_code": True} if trust else {}
+        theirs = AutoTokenizer.from_pretrained(path, **remote).get_vocab()
         ours = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else theirs
         if theirs != ours:
             diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:3]

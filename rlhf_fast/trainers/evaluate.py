@@ -355,6 +355,33 @@ def _parse_pass_k(text: Optional[str], n: int) -> List[int]:
     return ks
 
 
+def run_initial_policy(cfg):
+    """A run's initial policy (``cfg``: its RLConfig), the reference of ``--run``: loaded as the
+    run loaded it, with ``model.model_init_kwargs`` (a tiny spec rebuilt, then cast), so the KL
+    is measured against the reference the run trained with (a float32 one by default, whatever
+    dtype the folder was saved in)."""
+    from rlhf_fast.models.loading import apply_model_init_kwargs, load_policy
+    from rlhf_fast.trainers.rl import build_tiny_policy
+
+    init_kwargs = cfg.model.model_init_kwargs
+    if cfg.model.policy.startswith("tiny:"):
+        return apply_model_init_kwargs(build_tiny_policy(cfg)[0], init_kwargs)
+    return load_policy(cfg.model.policy, init_kwargs=init_kwargs)
+
+
+def trained_policy_kwargs(init_kwargs=None) -> dict:
+    """The ``from_pretrained`` keywords of a run's trained policy folder, given the run's checked
+    ``model.model_init_kwargs`` (None: no run, nothing added): its attention implementation and
+    remote-code flag, and, when it named a dtype, ``auto`` — the folder holds the weights in the
+    dtype they trained in, which that dtype decided."""
+    from rlhf_fast.models.loading import _dtype_key
+
+    kw = {k: v for k, v in (init_kwargs or {}).items() if k != "dtype"}
+    if "dtype" in (init_kwargs or {}):
+        kw[_dtype_key()] = "auto"
+    return kw
+
+
 def run(args) -> int:
     """Evaluate and print one JSON object (also written to ``--out``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -368,19 +395,19 @@ def run(args) -> int:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
     records, reference, fns, split = None, None, list(args.reward_fn), None
     policy_path = args.policy
+    init_kwargs = None  # a run's model.model_init_kwargs: its models load as it loaded them
     if args.run:
         from rlhf_fast.trainers.config import load_config
-        from rlhf_fast.trainers.rl import build_tiny_policy
         from rlhf_fast.trainers.rl_config import RLConfig
 
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
+        init_kwargs = cfg.model.model_init_kwargs
         policy_path = policy_path or os.path.join(args.run, "final", "policy")
         if args.reference is None:
             if not (cfg.model.policy.startswith("tiny:") or os.path.isdir(cfg.model.policy)):
                 raise FileNotFoundError(f"--run {args.run}: its initial policy {cfg.model.policy!r} (the reference) "
                                         "is not a local folder; give --reference PATH")
-            reference = (build_tiny_policy(cfg)[0] if cfg.model.policy.startswith("tiny:")
-                         else AutoModelForCausalLM.from_pretrained(cfg.model.policy))
+            reference = run_initial_policy(cfg)
         split, records = run_prompt_records(cfg, getattr(args, "split", "auto"))
         fns = fns or list(cfg.reward.functions)
     if policy_path is None:
@@ -405,13 +432,14 @@ def run(args) -> int:
         if len(references) != len(records):
             raise ValueError(f"--references {args.references}: {len(references)} references for {len(records)} prompts "
                              "(one per prompt, in the same order)")
-    tok = AutoTokenizer.from_pretrained(policy_path)
+    remote = {"trust_remote_code": True} if (init_kwargs or {}).get("trust_remote_code") else {}
+    tok = AutoTokenizer.from_pretrained(policy_path, **remote)
     tok.padding_side = "left"
     from rlhf_fast.feedback.formats import render_prompt
 
     prompts = [render_prompt(p, tok) for p, _ in records]  # chats with the policy's chat template
     fields = [f for _, f in records]
-    policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, **trained_policy_kwargs(init_kwargs)).eval()
     if args.reference:
         reference = AutoModelForCausalLM.from_pretrained(args.reference)
     if reference is not None:
@@ -420,8 +448,9 @@ def run(args) -> int:
     if args.reward_model:
         from rlhf_fast.models.loading import load_reward_model
 
-        sources.append(RewardModelReward(load_reward_model(args.reward_model),
-                                         AutoTokenizer.from_pretrained(args.reward_model)))
+        # (with --run, loaded as the run loaded its reward.reward_model folders)
+        sources.append(RewardModelReward(load_reward_model(args.reward_model, init_kwargs=init_kwargs),
+                                         AutoTokenizer.from_pretrained(args.reward_model, **remote)))
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, convention=convention),

@@ -590,6 +590,11 @@ class RLTrainer:
         seed_everything(cfg.seed)
         if policy is None:
             policy, tokenizer = self._load_policy()
+        elif cfg.model.model_init_kwargs:
+            # TRL's GRPO / RLOO warn alike and leave a model instance as it is
+            warnings.warn(f"model.model_init_kwargs ({cfg.model.model_init_kwargs}) is not applied to the policy "
+                          "passed as policy=... (already built; cast it yourself); it still loads the folders of "
+                          "model.reference, model.critic and reward.reward_model", stacklevel=2)
         if cfg.model.lora is not None:  # fresh adapters (and checkpointing with input gradients kept)
             from rlhf_fast.models import loading
 
@@ -791,9 +796,12 @@ class RLTrainer:
 
             for key, path in folders:  # all checked before any is loaded
                 check_model_folder(path, key, tokenizer=True, reward=True)
+            # loaded with the policy's from_pretrained keywords, as TRL's GRPO / RLOO load reward-model paths
+            init_kwargs = self.config.model.model_init_kwargs
+            remote = {"trust_remote_code": True} if init_kwargs.get("trust_remote_code") else {}
             for _, path in folders:
-                rms.append(RewardModelReward(load_reward_model(path, device=self.device),
-                                             AutoTokenizer.from_pretrained(path), name="reward_model"))
+                rms.append(RewardModelReward(load_reward_model(path, device=self.device, init_kwargs=init_kwargs),
+                                             AutoTokenizer.from_pretrained(path, **remote), name="reward_model"))
         if rc.reward_model_ensemble == "sum":
             # each model a source of its own (the behaviour before ensembles: same names, same sum)
             sources += rms
@@ -2057,14 +2065,15 @@ class RLTrainer:
                 from rlhf_fast.distributed import load_sharded
 
                 for name, model, opt, sched in self._sharded_parts():
-                    state = load_sharded(os.path.join(ck, name), model, opt, self.ctx)
+                    state = load_sharded(os.path.join(ck, name), model, opt, self.ctx, init_key="model.model_init_kwargs")
                     if sched is not None:
                         sched.load_state_dict(state["scheduler"])
                 with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
                     extra = json.load(f)
             else:
                 models, opts, scheds = self._ckpt_parts()
-                extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds)
+                extra = load_checkpoint(ck, models=models, optimizers=opts, schedulers=scheds,
+                                        init_key="model.model_init_kwargs")
         step = checkpoint_step(ck, extra, ("step", "prompt_pos", "kl_ctl", "reward_moments"))
         with restoring_extra(ck):
             self.prompt_pos = int(extra["prompt_pos"])

@@ -1073,7 +1073,14 @@ class DistillConfig:
     calls) and, by the trainer, ``lmbda`` < 1 without ``seq_kd`` on records that lack a
     ``completion``. GKD's loss is this one (its ``beta`` is ours, its per-token mean ours) but
     at temperature 1 whatever its sampling temperature; ours divides both models' logits by
-    ``rollout.temperature`` (TRL's DistillationTrainer): the same at temperature 1."""
+    ``rollout.temperature`` (TRL's DistillationTrainer): the same at temperature 1.
+
+    ``teacher_model_init_kwargs`` (TRL's): the ``from_pretrained`` keywords of a ``teacher``
+    folder (applied to a ``tiny:`` teacher once built), the keys of ``model.model_init_kwargs``
+    (rlhf_fast.models.loading.check_model_init_kwargs). ``{}`` loads the teacher in float32
+    whatever its saved dtype; ``{dtype: auto}`` keeps the saved dtype, which is TRL's teacher
+    default; ``{dtype: bfloat16}`` halves the teacher's memory (it only runs forwards). Refused
+    together with ``teacher_model=`` (an instance; TRL raises too)."""
 
     teacher: Optional[str] = None
     beta: float = 1.0
@@ -1082,8 +1089,13 @@ class DistillConfig:
     chunk_size: Optional[int] = None
     tiny_hidden_size: int = 64
     tiny_seed: int = 1
+    teacher_model_init_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from rlhf_fast.trainers.common import check_model_init_field
+
+        self.teacher_model_init_kwargs = check_model_init_field(self.teacher_model_init_kwargs,
+                                                                "distill.teacher_model_init_kwargs")
         if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
             raise ValueError(f"distill.teacher must be a model folder or 'tiny:FAMILY', got {self.teacher!r}")
         if self.teacher is not None and self.teacher.startswith("tiny:"):

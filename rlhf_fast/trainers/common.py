@@ -7,7 +7,7 @@ import json
 import math
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -570,6 +570,74 @@ def require_records(records: list, key: str, path: str) -> list:
     return records
 
 
+def split_records(records: list, eval_fraction: float, seed: int) -> Tuple[list, list]:
+    """(train, eval) split of ``records`` by a seeded shuffle."""
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    n_eval = int(round(len(records) * eval_fraction))
+    if eval_fraction > 0 and len(records) >= 2:
+        n_eval = max(1, n_eval)
+    ev = set(idx[:n_eval])
+    return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
+
+
+def load_split_records(cfg, load: Callable[[str], list], synthetic: Callable[[], list], train_records=None,
+                       eval_records=None) -> Tuple[Any, Any]:
+    """The ``(train records, eval records)`` of an SFT / reward / DPO / KTO trainer. Records passed
+    in are kept as they are (``eval_records`` None stays None); without ``train_records``:
+    ``load(cfg.data)`` (:func:`require_records`: an empty file is refused), or ``synthetic()``
+    without ``cfg.data`` (it may raise, for a data kind the synthetic task does not have); the eval
+    records ``load(cfg.eval_data)``, or without ``cfg.eval_data`` a ``cfg.eval_fraction`` of the
+    training records held out (:func:`split_records`, seeded by ``cfg.seed``)."""
+    if train_records is not None:
+        return train_records, eval_records
+    records = require_records(load(cfg.data), "data", cfg.data) if cfg.data else synthetic()
+    if eval_records is None:
+        if cfg.eval_data:
+            eval_records = require_records(load(cfg.eval_data), "eval_data", cfg.eval_data)
+        else:
+            records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
+    return records, eval_records
+
+
+def annotator_weight_map(weights: Mapping[str, float], agreement_pairs: Optional[Sequence[Any]] = None
+                         ) -> Dict[str, float]:
+    """``{annotator: loss weight}`` of a reward / DPO / KTO trainer: the configured ``weights``
+    (``annotator_weights``), and with ``agreement_pairs`` (PairRecords: ``auto_annotator_weights``)
+    the weights derived from each annotator's agreement with the others on the items several of
+    them labelled (:func:`rlhf_fast.feedback.agreement.annotator_weights`) for the annotators
+    ``weights`` does not list (the configured ones win)."""
+    out = dict(weights)
+    if agreement_pairs is not None:
+        from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
+        from rlhf_fast.feedback.formats import comparable_pairs
+
+        out = {**annotator_weights(agreement_stats(comparable_pairs(agreement_pairs))), **out}
+    return out
+
+
+def record_weight(weights: Mapping[str, float], annotator: Optional[str]):
+    """The loss weight of a record by ``annotator`` (None: unattributed): ``weights[annotator]``,
+    1.0 for an annotator not listed and for none."""
+    return weights.get(annotator, 1.0) if annotator is not None else 1.0
+
+
+def check_bool_fields(cfg, names: Sequence[str]) -> None:
+    """ValueError naming the first of the config keys ``names`` whose value is not true or false."""
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+
+
+def check_tokenizer_override_fields(cfg) -> None:
+    """TRL's tokenizer overrides ``eos_token``, ``pad_token`` and ``chat_template_path`` (SFT,
+    reward): null or a non-empty string each; ValueError naming the key."""
+    for key in ("eos_token", "pad_token", "chat_template_path"):
+        v = getattr(cfg, key)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
+
+
 def check_lora_field(cfg, name: str = "lora") -> None:
     """``cfg.lora``: None, or a mapping of peft LoraConfig fields ({} for r=8, alpha=16, every
     linear layer), whose values given as command-line text (``--lora.r 16``) are read as YAML;
@@ -1057,6 +1125,24 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
     return model, tok
 
 
+def trainer_model(cfg, model, tokenizer, texts: Callable[[], Sequence[str]], kind: str = "causal"):
+    """``(model, tokenizer)`` of an SFT / reward / DPO / KTO trainer: both as passed in, or without
+    ``model`` ``cfg.model`` loaded as ``kind`` (:func:`load_causal_lm`, ``cfg.model_init_kwargs``;
+    a ``tiny:`` model's tokenizer, unless ``tokenizer`` is given, trained on ``texts()``, which is
+    called only then). ValueError when ``model`` comes without its tokenizer."""
+    if model is None:
+        return load_causal_lm(cfg.model, texts=list(texts()), kind=kind, tokenizer=tokenizer,
+                              init_kwargs=cfg.model_init_kwargs)
+    if tokenizer is None:
+        raise ValueError("tokenizer must be given together with model")
+    return model, tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a trainer's rows: the tokenizer's pad token, 0 when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def add_config_arguments(parser, config_cls=None) -> None:
     """CLI arguments shared by the trainer commands: CONFIG.yaml ('none' for the defaults)
     then ``--key value`` overrides (``--a.b value`` for nested keys); ``--help`` lists the
@@ -1100,6 +1186,23 @@ def run_trainer_cli(name: str, config_cls, trainer_cls, args) -> int:
         print(f"{name}: {trainer.step} steps, " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
               + f"; model saved to {os.path.join(trainer.run.path, 'final')}")
     return 0
+
+
+def trainer_commands(name: str, config_cls, trainer_cls):
+    """``(add_arguments, run)``: the two functions :mod:`rlhf_fast.cli` calls on the module of the
+    trainer command ``rlhf-fast NAME`` — the CLI arguments (:func:`add_config_arguments` with the
+    keys of ``config_cls``) and the entry point (:func:`run_trainer_cli` with ``config_cls`` and
+    ``trainer_cls``)."""
+
+    def add_arguments(parser) -> None:
+        """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
+        add_config_arguments(parser, config_cls)
+
+    def run(args) -> int:
+        return run_trainer_cli(name, config_cls, trainer_cls, args)
+
+    run.__doc__ = f"Entry point of ``rlhf-fast {name}``."
+    return add_arguments, run
 
 
 def decay_param_groups(params, weight_decay: float) -> List[Dict[str, Any]]:

@@ -134,26 +134,26 @@ tokenizer; a LoRA run saves the adapter) as in SFT.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from rlhf_fast.distributed import DistributedConfig, reshard, wrap_model
-from rlhf_fast.feedback.formats import _shown, comparable_pairs, response_text
+from rlhf_fast.distributed import DistributedConfig, reshard
+from rlhf_fast.feedback.formats import _shown, response_text
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
-                     run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
+from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
+                     check_training_schedule, disable_dropout, load_split_records, pad_token_id, record_weight,
+                     steps_for_epochs, trainer_commands, trainer_model)
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
-from .sft import (_Batches, _is_ddp, collate, count_tokens, local_span, optimizer_step, resume_supervised,
-                  save_supervised, setup_distributed, split_records, training_loop)
+from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
+                  local_span, open_trainer, optimizer_step, resume_supervised, save_supervised, training_loop,
+                  wrap_configured)
 
 DATA_KINDS = ("pairs", "rankings", "labels")
 # "balanced": ours (the prompt's end, down to half of max_len, then the responses' start);
@@ -275,9 +275,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
         finite("simpo_gamma", self.simpo_gamma)
         finite("discopop_tau", self.discopop_tau, "> 0")
         finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
-        for name in ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free", "prefix_sharing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_bool_fields(self, ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free",
+                                 "prefix_sharing"))
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
         if self.f_divergence_type != "reverse_kl" and not set(names) <= F_DIVERGENCE_LOSSES:
@@ -296,8 +295,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "
                              "over the micro-batch, so its terms are not per pair")
         check_reference_fields(self, names[0] if is_reference_free(terms) else None)
-        if not isinstance(self.use_weighting, bool):
-            raise ValueError(f"use_weighting must be true or false, got {self.use_weighting!r}")
+        check_bool_fields(self, ("use_weighting",))
         if self.use_weighting:
             if is_reference_free(terms):
                 raise ValueError(f"use_weighting does not apply to the reference-free loss_type {names[0]!r} (TRL's "
@@ -342,8 +340,7 @@ def check_reference_fields(cfg, reference_free: Optional[str] = None) -> None:
     n = cfg.precompute_ref_batch_size
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"precompute_ref_batch_size must be null or an int >= 1, got {n!r}")
-    if not isinstance(cfg.sync_ref_model, bool):
-        raise ValueError(f"sync_ref_model must be true or false, got {cfg.sync_ref_model!r}")
+    check_bool_fields(cfg, ("sync_ref_model",))
     if not 0.0 <= finite("ref_model_mixup_alpha", cfg.ref_model_mixup_alpha) <= 1.0:
         raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
     k = cfg.ref_model_sync_steps
@@ -596,24 +593,12 @@ def load_offline_policy(cfg, model, tokenizer, texts: Sequence[str], device):
     blocks backpropagate)."""
     from rlhf_fast.models import loading
 
-    if model is None:
-        model, tokenizer = load_causal_lm(cfg.model, texts=list(texts), kind="causal", tokenizer=tokenizer,
-                                          init_kwargs=cfg.model_init_kwargs)
-    elif tokenizer is None:
-        raise ValueError("tokenizer must be given together with model")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model, tokenizer = trainer_model(cfg, model, tokenizer, lambda: texts)
+    pad_id = pad_token_id(tokenizer)
     model = model.to(device)
     if cfg.lora is not None or cfg.gradient_checkpointing:
         model = loading.load_policy(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
     return model, tokenizer, pad_id, loading._is_peft(model)
-
-
-def local_share(idx: List[int], items: Sequence[Dict[str, Any]], ctx) -> Tuple[List[Dict[str, Any]], bool]:
-    """This rank's contiguous share of the global batch ``idx`` of ``items`` and whether it is
-    real: an empty share (fewer items than ranks) becomes one item that counts for nothing, so
-    every rank still runs the forward/backward the collectives of DDP/FSDP2 expect."""
-    lo, hi = local_span(len(idx), ctx)
-    return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
 
 
 def _logps_kwargs(ld_alpha: Optional[float], packed: bool, prefix_sharing: bool = False) -> Dict[str, Any]:
@@ -655,16 +640,27 @@ def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch
         raise ValueError(f"prefix_sharing scores pairs: rows must be 2, got {rows}")
     out = torch.zeros(len(items), rows, dtype=torch.float32, device=device)
     lo, hi = local_span(len(items), ctx)
-    ref = reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference
-    was = ref.training
-    ref.eval()
-    for s in range(lo, hi, batch_size):
-        chunk = items[s: min(s + batch_size, hi)]
-        with autocast_context(device, bf16):
-            lp, _ = response_logps(reference, batch_of(chunk), **_logps_kwargs(ld_alpha, packed, prefix_sharing))
-        out[s: s + len(chunk)] = lp.view(rows, -1).t()
-    ref.train(was)
+    with eval_mode(reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference):
+        for s in range(lo, hi, batch_size):
+            chunk = items[s: min(s + batch_size, hi)]
+            with autocast_context(device, bf16):
+                lp, _ = response_logps(reference, batch_of(chunk), **_logps_kwargs(ld_alpha, packed, prefix_sharing))
+            out[s: s + len(chunk)] = lp.view(rows, -1).t()
     return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
+
+
+def attach_reference_logps(trainer, reference, batch_of, **kw) -> None:
+    """``item["ref"]`` of every training and eval item of a DPO / KTO ``trainer``: the tuple of
+    its rows' reference log-probs (:func:`precompute_reference_logps` with ``batch_of`` and its
+    options ``kw``, ``precompute_ref_batch_size`` items a forward; null: ``batch_size``),
+    computed once, before training."""
+    cfg = trainer.cfg
+    items = trainer.train_items + trainer.eval_items
+    refs = precompute_reference_logps(reference, items, batch_of, ctx=trainer.ctx,
+                                      batch_size=cfg.precompute_ref_batch_size or cfg.batch_size, bf16=cfg.bf16,
+                                      device=trainer.device, **kw)
+    for it, ref in zip(items, refs):
+        it["ref"] = ref
 
 
 def offline_reference(cfg, model, is_peft: bool, device):
@@ -696,8 +692,20 @@ def shard_reference(reference, dcfg: DistributedConfig, ctx) -> Tuple[Any, bool]
     gathered embeddings and head (:func:`rlhf_fast.distributed.reshard`)."""
     if not (isinstance(reference, torch.nn.Module) and ctx.distributed and dcfg.strategy == "fsdp2"):
         return reference, False
-    return wrap_model(reference, "fsdp2", ctx, mixed_precision=dcfg.mixed_precision,
-                      reshard_after_forward=dcfg.reshard_after_forward), True
+    return wrap_configured(reference, dcfg, ctx), True
+
+
+def wrap_offline_models(trainer, model) -> None:
+    """The models of a DPO / KTO ``trainer`` (``reference`` and ``is_peft`` set) placed for
+    training: ``trainer.model``, the policy ``model`` wrapped for the strategy; its reference
+    sharded under FSDP2 (:func:`shard_reference`; none for a reference-free loss or precomputed
+    log-probs) with ``_reference_sharded``; TR-DPO's parameter pairs (:func:`setup_moving_reference`)."""
+    dcfg = trainer.cfg.distributed
+    trainer.model = wrap_configured(model, dcfg, trainer.ctx)
+    trainer._reference_sharded = False
+    if trainer.reference is not None:
+        trainer.reference, trainer._reference_sharded = shard_reference(trainer.reference, dcfg, trainer.ctx)
+    setup_moving_reference(trainer)
 
 
 # ------------------------------------------------------------------ TR-DPO: the moving reference
@@ -828,6 +836,41 @@ def resume_offline(trainer) -> None:
     resume_supervised(trainer, "policy")
     if ck is not None and trainer._sync_pairs is not None:
         load_moving_reference(trainer, ck, trainer.step)
+
+
+def train_offline(trainer) -> Dict[str, float]:
+    """``train()`` of a DPO / KTO trainer: resumed from its checkpoint when there is one
+    (:func:`resume_offline`), trained to ``max_steps`` with an evaluation before the first step
+    (:func:`training_loop`), the final model and tokenizer saved to ``output_dir/final``;
+    returns the last metrics."""
+    resume_offline(trainer)
+    return training_loop(trainer, has_eval=bool(trainer.eval_items), eval_at_start=True)
+
+
+def open_offline_trainer(trainer, cfg) -> None:
+    """:func:`~rlhf_fast.trainers.sft.open_trainer`, then a ``ref_model`` folder checked, so that
+    a wrong path is named before the data and the policy load."""
+    from rlhf_fast.models import loading
+
+    open_trainer(trainer, cfg)
+    if cfg.ref_model:
+        loading.check_model_folder(cfg.ref_model, "ref_model")
+
+
+def weighted_share(losses: torch.Tensor, weights: torch.Tensor, weight_total: float) -> torch.Tensor:
+    """A micro-batch's part (0-dim) of the step's weighted mean L = Σ w·ℓ / Σ w: Σ weights·losses
+    (``[B]`` each; 0 weights for a share that does not count) over the global ``weight_total``
+    (all micro-batches and ranks; 1 in its place when it is 0, so nothing trains)."""
+    return (losses * weights).sum() / (weight_total if weight_total > 0 else 1.0)
+
+
+def offline_optimizer_step(trainer) -> Dict[str, float]:
+    """The end of a DPO / KTO step once its gradients are in: :func:`optimizer_step`, then
+    TR-DPO's reference update (:func:`maybe_sync_reference`, TRL's ``on_step_end``); returns the
+    step's ``grad_norm``, ``lr`` (after the scheduler's step) and ``epoch`` metrics."""
+    gnorm = optimizer_step(trainer)
+    maybe_sync_reference(trainer)
+    return {"grad_norm": gnorm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.batches.epoch}
 
 
 def prepare_offline_models(cfg, policy, reference) -> None:
@@ -977,40 +1020,17 @@ class DPOTrainer:
     """
 
     def __init__(self, cfg: DPOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
-        from rlhf_fast.models import loading
-
         if not isinstance(cfg, DPOConfig):
             raise TypeError(f"cfg must be a DPOConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
-        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
-        # before any data or model is loaded: a folder holding another run is refused at once
-        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
-        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-        if cfg.ref_model:  # a wrong path is named before the data and the policy load
-            loading.check_model_folder(cfg.ref_model, "ref_model")
-        if train_records is None:
-            if cfg.data:
-                records = require_records(_load_pairs(cfg.data, cfg.data_kind, cfg.dedup), "data", cfg.data)
-            elif cfg.data_kind == "rankings":
-                raise ValueError("data must be set for data_kind='rankings' (the synthetic task has pairs only)")
-            else:
-                from .reward import synthetic_preference_records
+        from .reward import synthetic_pairs
 
-                records = synthetic_preference_records(seed=cfg.seed)
-            if eval_records is None:
-                if cfg.eval_data:
-                    eval_records = require_records(_load_pairs(cfg.eval_data, cfg.data_kind, cfg.dedup), "eval_data",
-                                                   cfg.eval_data)
-                else:
-                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-            train_records = records
+        open_offline_trainer(self, cfg)
+        train_records, eval_records = load_split_records(
+            cfg, lambda path: _load_pairs(path, cfg.data_kind, cfg.dedup),
+            lambda: synthetic_pairs(cfg.seed, cfg.data_kind, cfg.data_kind == "rankings"), train_records, eval_records)
         train_records, eval_records = list(train_records), list(eval_records or [])
-        self.weights = dict(cfg.annotator_weights)
-        if cfg.auto_annotator_weights:
-            from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
-
-            self.weights = {**annotator_weights(agreement_stats(comparable_pairs(train_records))),
-                            **self.weights}  # explicit win
+        self.weights = annotator_weight_map(cfg.annotator_weights,
+                                            train_records if cfg.auto_annotator_weights else None)
         texts = [str(r.prompt) + " " + response_text(r.chosen) + " " + response_text(r.rejected)
                  for r in train_records[:2000]]
         model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
@@ -1043,19 +1063,10 @@ class DPOTrainer:
             reference = None
         self.reference = reference
 
-        self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
-                                mixed_precision=cfg.distributed.mixed_precision,
-                                reshard_after_forward=cfg.distributed.reshard_after_forward)
-        self._reference_sharded = False
-        if self.reference is not None:
-            self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
-        setup_moving_reference(self)
+        wrap_offline_models(self, model)
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # num_train_epochs: max_steps before the LR schedule
-        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.scheduler = supervised_scheduler(self.optimizer, cfg)
-        self.step = 0
-        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
+        init_optimization(self)
 
     # -------------------------------------------------------------- data
 
@@ -1072,7 +1083,7 @@ class DPOTrainer:
             if cut is None:
                 dropped += 1
                 continue
-            w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
+            w = record_weight(self.weights, r.annotator)
             items.append({**cut, "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
         return items, dropped
 
@@ -1081,13 +1092,7 @@ class DPOTrainer:
 
     def _precompute(self, reference) -> None:
         """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once."""
-        items = self.train_items + self.eval_items
-        batch_size = self.cfg.precompute_ref_batch_size or self.cfg.batch_size
-        for it, ref in zip(items, precompute_reference_logps(reference, items, self._batch, ctx=self.ctx,
-                                                             batch_size=batch_size, bf16=self.cfg.bf16,
-                                                             device=self.device, ld_alpha=self.cfg.ld_alpha,
-                                                             **self.cfg.pack_kwargs)):
-            it["ref"] = ref
+        attach_reference_logps(self, reference, self._batch, ld_alpha=self.cfg.ld_alpha, **self.cfg.pack_kwargs)
 
     # -------------------------------------------------------------- loss
 
@@ -1231,18 +1236,16 @@ class DPOTrainer:
         items = list(self.eval_items if items is None else items)
         if not items:
             return {}
-        was = self.model.training
-        self.model.eval()
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for s in range(0, len(items), self.cfg.batch_size):
-            idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
-            chunk, real = local_share(idx, items, self.ctx)
-            st = self._pair_stats(chunk, self._batch(chunk))
-            w = torch.tensor([it["weight"] for it in chunk], dtype=torch.float64, device=self.device)
-            tot += self._sums(st, w, real)
-            wsum += w.sum() if real else 0.0
-        self.model.train(was)
+        with eval_mode(self.model):
+            for s in range(0, len(items), self.cfg.batch_size):
+                idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
+                chunk, real = local_share(idx, items, self.ctx)
+                st = self._pair_stats(chunk, self._batch(chunk))
+                w = torch.tensor([it["weight"] for it in chunk], dtype=torch.float64, device=self.device)
+                tot += self._sums(st, w, real)
+                wsum += w.sum() if real else 0.0
         tot = self.ctx.all_reduce_sum(torch.cat([tot, wsum.view(1)]))
         return self._metrics(tot[:N_SUMS], float(tot[N_SUMS]), prefix="eval_")
 
@@ -1261,44 +1264,28 @@ class DPOTrainer:
         nll_weight = cfg.nll_weight
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, (items, real) in enumerate(micro):
-            # DDP: all-reduce the gradients once, after the last micro-batch
-            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
-            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
+            with accumulation_context(self.model, i, len(micro)):
                 st = self._pair_stats(items, self._batch(items))
                 w = torch.tensor([it["weight"] if real else 0.0 for it in items], dtype=st["loss"].dtype,
                                  device=self.device)
-                loss = (st["loss"] * w).sum() / (w_total if w_total > 0 else 1.0)
+                loss = weighted_share(st["loss"], w, w_total)
                 if nll_weight > 0:  # rpo_alpha, sft, cpo_alpha, orpo: the token mean over the whole step
                     nll = st["nll"].sum() * (1.0 if real else 0.0)
                     loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, w, real)
-        gnorm = optimizer_step(self)
-        maybe_sync_reference(self)  # TR-DPO, after the step (TRL's on_step_end)
+        step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
-        m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        m.update(step)
         m.update(count_tokens(self, sum(pair_tokens(self.train_items[i]) for idx in idxs for i in idx)))
         return m
 
-    def _save(self) -> None:
-        save_offline(self)
-
-    def train(self) -> Dict[str, float]:
-        """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
-        the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
-        resume_offline(self)
-        return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
+    _save = save_offline  # the checkpoint: the moving reference (TR-DPO), then policy and optimizer
+    train = train_offline  # resume, train to max_steps, save output_dir/final; the last metrics
 
 
-def add_arguments(parser) -> None:
-    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser, DPOConfig)
-
-
-def run(args) -> int:
-    """Entry point of ``rlhf-fast dpo``."""
-    return run_trainer_cli("dpo", DPOConfig, DPOTrainer, args)
+add_arguments, run = trainer_commands("dpo", DPOConfig, DPOTrainer)  # what rlhf_fast.cli calls
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "dpo_loss", "reference_free_loss", "encode_pair", "collate_pairs",

@@ -80,7 +80,6 @@ autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -88,19 +87,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.distributed import DistributedConfig, wrap_model
-from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, comparable_pairs, response_text
+from rlhf_fast.distributed import DistributedConfig
+from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, response_text
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, supervised_scheduler, open_supervised_run,
-                     require_records, run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
-from .dpo import (check_policy_fields, check_reference_fields, encode_pair, load_offline_policy, local_share,
-                  maybe_sync_reference, offline_reference, precompute_reference_logps, prepare_offline_models,
-                  prompt_response_rows, reference_logps, response_ids, response_logps, response_logps_metrics,
-                  resume_offline, save_offline, setup_moving_reference, shard_reference)
-from .sft import (_Batches, _is_ddp, collate, count_tokens, optimizer_step, setup_distributed, split_records,
-                  training_loop)
+from .common import (annotator_weight_map, autocast_context, check_bool_fields, load_split_records, record_weight,
+                     steps_for_epochs, trainer_commands)
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, encode_pair,
+                  load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
+                  prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
+                  response_logps_metrics, save_offline, train_offline, weighted_share, wrap_offline_models)
+from .sft import _Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share
 from .sft_data import completion_tokens
 
 DATA_KINDS = ("binary", "scores", "pairs")
@@ -179,9 +177,7 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             # TRL: "actual batch size must be > 1", else the KL row is the example itself
             raise ValueError(f"batch_size × grad_accum must be >= 2, got {self.batch_size} × {self.grad_accum}: "
                              "KTO's KL estimate pairs each prompt with another example's completion of the same step")
-        for name in ("precompute_ref_logps", "dedup", "resume", "auto_annotator_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_bool_fields(self, ("precompute_ref_logps", "dedup", "resume", "auto_annotator_weights"))
         if not isinstance(self.annotator_weights, dict):
             raise ValueError("annotator_weights must be a mapping {annotator: weight}, got "
                              f"{type(self.annotator_weights).__name__}")
@@ -434,41 +430,19 @@ class KTOTrainer:
     """
 
     def __init__(self, cfg: KTOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
-        from rlhf_fast.models import loading
-
         if not isinstance(cfg, KTOConfig):
             raise TypeError(f"cfg must be a KTOConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
-        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
-        # before any data or model is loaded: a folder holding another run is refused at once
-        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
-        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-        if cfg.ref_model:  # a wrong path is named before the data and the policy load
-            loading.check_model_folder(cfg.ref_model, "ref_model")
-        if train_records is None:
-            if cfg.data:
-                records = require_records(load_kto_records(cfg.data, cfg.data_kind, dedup=cfg.dedup), "data", cfg.data)
-            elif cfg.data_kind == "scores":
-                raise ValueError("data must be set for data_kind='scores' (the synthetic task has pairs only)")
-            else:
-                from .reward import synthetic_preference_records
+        from .reward import synthetic_pairs
 
-                records = synthetic_preference_records(seed=cfg.seed)
-            if eval_records is None:
-                if cfg.eval_data:
-                    eval_records = require_records(load_kto_records(cfg.eval_data, cfg.data_kind, dedup=cfg.dedup),
-                                                   "eval_data", cfg.eval_data)
-                else:  # held out before unpairing: both halves of a pair on one side
-                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-            train_records = records
+        open_offline_trainer(self, cfg)
+        # an eval split is held out before unpairing: both halves of a pair on one side
+        train_records, eval_records = load_split_records(
+            cfg, lambda path: load_kto_records(path, cfg.data_kind, dedup=cfg.dedup),
+            lambda: synthetic_pairs(cfg.seed, cfg.data_kind, cfg.data_kind == "scores"), train_records, eval_records)
         self.kl_rows = cfg.loss_type == "kto"  # apo_zero_unpaired has no reference point: no KL rows at all
-        self.weights = dict(cfg.annotator_weights)
-        if cfg.auto_annotator_weights:
-            from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
-
-            auto = annotator_weights(agreement_stats(comparable_pairs(agreement_records(list(train_records),
-                                                                                       cfg.score_threshold))))
-            self.weights = {**auto, **self.weights}  # explicit weights win
+        self.weights = annotator_weight_map(cfg.annotator_weights,
+                                            agreement_records(list(train_records), cfg.score_threshold)
+                                            if cfg.auto_annotator_weights else None)
         train_records = to_binary(list(train_records), cfg.score_threshold)
         eval_records = to_binary(list(eval_records or []), cfg.score_threshold)
         texts = [str(r.prompt) + " " + response_text(r.completion) for r in train_records[:4000]]
@@ -503,17 +477,10 @@ class KTOTrainer:
             reference = None
         self.reference = reference
 
-        self.model = wrap_model(model, cfg.distributed.strategy, self.ctx,
-                                mixed_precision=cfg.distributed.mixed_precision,
-                                reshard_after_forward=cfg.distributed.reshard_after_forward)
-        self.reference, self._reference_sharded = shard_reference(self.reference, cfg.distributed, self.ctx)
-        setup_moving_reference(self)
+        wrap_offline_models(self, model)
         # num_train_epochs: max_steps before the LR schedule; one step batch (batch_size × grad_accum) a step
         steps_for_epochs(cfg, len(self.train_items), batch=self.step_size, batches_per_step=1)
-        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.scheduler = supervised_scheduler(self.optimizer, cfg)
-        self.step = 0
-        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
+        init_optimization(self)
 
     # -------------------------------------------------------------- data
 
@@ -530,7 +497,7 @@ class KTOTrainer:
             if enc is None:
                 dropped += 1
                 continue
-            w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
+            w = record_weight(self.weights, r.annotator)
             it = {"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "weight": float(w)}
             if self.kl_rows:
                 # whole, for the KL row another prompt borrows (a conversation's turns as its own prompt renders them)
@@ -566,14 +533,10 @@ class KTOTrainer:
     def _precompute(self, reference) -> None:
         """Each item's reference log-probs ``item["ref"] = (its row, its KL row)`` (kto) or
         ``(its row,)`` (apo_zero_unpaired), computed once."""
-        items = self.train_items + self.eval_items
-        kw = dict(batch_size=self.cfg.precompute_ref_batch_size or self.cfg.batch_size, bf16=self.cfg.bf16, device=self.device)
         if self.kl_rows:
-            refs = precompute_reference_logps(reference, items, self._both_rows, ctx=self.ctx, **kw)
+            attach_reference_logps(self, reference, self._both_rows)
         else:
-            refs = precompute_reference_logps(reference, items, self._batch, ctx=self.ctx, rows=1, **kw)
-        for it, ref in zip(items, refs):
-            it["ref"] = ref
+            attach_reference_logps(self, reference, self._batch, rows=1)
 
     # -------------------------------------------------------------- loss
 
@@ -683,15 +646,13 @@ class KTOTrainer:
         items = list(self.eval_items if items is None else items)
         if not items:
             return {}
-        was = self.model.training
-        self.model.eval()
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
-        for s in range(0, len(order), self.step_size):
-            micro = self._micro(order[s: s + self.step_size], items)
-            z0, refs = self._reference_point(micro)
-            for (chunk, real), ref in zip(micro, refs):
-                tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
-        self.model.train(was)
+        with eval_mode(self.model):
+            for s in range(0, len(order), self.step_size):
+                micro = self._micro(order[s: s + self.step_size], items)
+                z0, refs = self._reference_point(micro)
+                for (chunk, real), ref in zip(micro, refs):
+                    tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
         return self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_", kl=self.kl_rows)
 
     def train_step(self) -> Dict[str, float]:
@@ -705,43 +666,26 @@ class KTOTrainer:
         w_total = sum(self.train_items[i]["weight"] for i in idx)
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, ((items, real), ref) in enumerate(zip(micro, refs)):
-            # DDP: all-reduce the gradients once, after the last micro-batch
-            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
-            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
+            with accumulation_context(self.model, i, len(micro)):
                 st = self._example_stats(items, ref, z0)
                 # L = Σ w·ℓ / Σ w over every example of the global step (a share that does not count: w = 0)
-                w = st["weight"] * (1.0 if real else 0.0)
-                loss = (st["loss"] * w).sum() / (w_total if w_total > 0 else 1.0)
+                loss = weighted_share(st["loss"], st["weight"] * (1.0 if real else 0.0), w_total)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 (loss * ctx.grad_scale).backward()
             tot += self._sums(st, z0, real)
-        gnorm = optimizer_step(self)
-        maybe_sync_reference(self)  # TR-DPO's moving reference, after the step (TRL's on_step_end)
+        step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
-        m.update(grad_norm=gnorm, lr=self.scheduler.get_last_lr()[0], epoch=self.batches.epoch)
+        m.update(step)
         # TRL's num_tokens: the example rows (prompt + completion), not the KL rows
         rows = prompt_response_rows([self.train_items[i] for i in idx], "completion")
         m.update(count_tokens(self, sum(len(r["input_ids"]) for r in rows)))
         return m
 
-    def _save(self) -> None:
-        save_offline(self)
-
-    def train(self) -> Dict[str, float]:
-        """Train to ``max_steps`` (resuming from the latest checkpoint when ``resume``), save
-        the final model and tokenizer to ``output_dir/final``; returns the last metrics."""
-        resume_offline(self)
-        return training_loop(self, has_eval=bool(self.eval_items), eval_at_start=True)
+    _save = save_offline  # the checkpoint: the moving reference (TR-DPO), then policy and optimizer
+    train = train_offline  # resume, train to max_steps, save output_dir/final; the last metrics
 
 
-def add_arguments(parser) -> None:
-    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser, KTOConfig)
-
-
-def run(args) -> int:
-    """Entry point of ``rlhf-fast kto``."""
-    return run_trainer_cli("kto", KTOConfig, KTOTrainer, args)
+add_arguments, run = trainer_commands("kto", KTOConfig, KTOTrainer)  # what rlhf_fast.cli calls
 
 
 __all__ = ["KTOConfig", "KTOTrainer", "BinaryRecord", "DATA_KINDS", "LOSS_TYPES", "agreement_records", "kto_loss",

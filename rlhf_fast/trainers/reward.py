@@ -61,14 +61,14 @@ from rlhf_fast.feedback.losses import _weighted_mean, bradley_terry_loss, placke
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
-from .common import (add_config_arguments, autocast_context, check_lora_field, check_training_schedule,
-                     disable_dropout, load_causal_lm, supervised_scheduler, open_supervised_run, require_records,
-                     run_trainer_cli, seed_everything, steps_for_epochs)
-from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
-from rlhf_fast.distributed import DistributedConfig, wrap_model
+from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
+                     check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
+                     pad_token_id, record_weight, steps_for_epochs, trainer_commands, trainer_model)
+from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from rlhf_fast.distributed import DistributedConfig
 
-from .sft import (_Batches, count_tokens, local_span, optimizer_step, resume_supervised, save_supervised,
-                  setup_distributed, split_records, training_loop)
+from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, open_trainer, optimizer_step,
+                  resume_supervised, save_supervised, training_loop, wrap_configured)
 
 
 @dataclasses.dataclass
@@ -127,14 +127,10 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
 
     def __post_init__(self):
         check_training_schedule(self)
-        for key in ("eos_token", "pad_token", "chat_template_path"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
+        check_tokenizer_override_fields(self)
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
-        if not isinstance(self.prefix_sharing, bool):
-            raise ValueError(f"prefix_sharing must be true or false, got {self.prefix_sharing!r}")
+        check_bool_fields(self, ("prefix_sharing",))
         if self.prefix_sharing and (self.data_kind == "scores"
                                     or (self.data_kind == "rankings" and not self.rankings_as_pairs)):
             raise ValueError(f"prefix_sharing applies to pairs (data_kind pairs or labels, or rankings with "
@@ -173,6 +169,15 @@ def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0
             c, r = r, c
         out.append(PairRecord(prompt, c, r))
     return out
+
+
+def synthetic_pairs(seed: int, kind: str, refused: bool) -> list:
+    """:func:`synthetic_preference_records` seeded by ``seed``: what a reward / DPO / KTO run
+    without ``data`` trains on; ValueError naming the run's ``data_kind`` ``kind`` when that kind
+    has no synthetic form (``refused``: the synthetic task has pairs only)."""
+    if refused:
+        raise ValueError(f"data must be set for data_kind={kind!r} (the synthetic task has pairs only)")
+    return synthetic_preference_records(seed=seed)
 
 
 def reward_lora(lora: Dict[str, Any], added: List[int]) -> Dict[str, Any]:
@@ -281,61 +286,34 @@ class RewardTrainer:
     """Trains a scalar reward model (AutoModelForSequenceClassification, one label)."""
 
     def __init__(self, cfg: RewardConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
-        from rlhf_fast.feedback.formats import comparable_pairs, load_records, rankings_to_pairs
+        from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
 
         if not isinstance(cfg, RewardConfig):
             raise TypeError(f"cfg must be a RewardConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
-        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
-        # before any data or model is loaded: a folder holding another run is refused at once
-        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
-        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-        kind = cfg.data_kind
-        if kind == "labels":
-            kind = "pairs"
-            load = _load_label_file
-        else:
-            load = load_records
-        if train_records is None:
-            if cfg.data:
-                records = require_records(load(cfg.data, kind, dedup=cfg.dedup), "data", cfg.data)
-            elif kind == "pairs":
-                records = synthetic_preference_records(seed=cfg.seed)
-            else:
-                raise ValueError(f"data must be set for data_kind={kind!r} (the synthetic task has pairs only)")
-            if eval_records is None:
-                if cfg.eval_data:
-                    eval_records = require_records(load(cfg.eval_data, kind, dedup=cfg.dedup), "eval_data", cfg.eval_data)
-                else:
-                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-            train_records = records
+        open_trainer(self, cfg)
+        kind = "pairs" if cfg.data_kind == "labels" else cfg.data_kind
+        load = _load_label_file if cfg.data_kind == "labels" else load_records
+        train_records, eval_records = load_split_records(cfg, lambda path: load(path, kind, dedup=cfg.dedup),
+                                                         lambda: synthetic_pairs(cfg.seed, kind, kind != "pairs"),
+                                                         train_records, eval_records)
         train_records, eval_records = list(train_records), list(eval_records or [])
         if kind == "rankings" and cfg.rankings_as_pairs:
             train_records, kind = rankings_to_pairs(train_records), "pairs"
             eval_records = rankings_to_pairs(eval_records)
         self.kind = kind
-        self.weights = dict(cfg.annotator_weights)
-        if cfg.auto_annotator_weights and kind == "pairs":
-            from rlhf_fast.feedback.agreement import agreement_stats, annotator_weights
-
-            auto = annotator_weights(agreement_stats(comparable_pairs(train_records)))
-            self.weights = {**auto, **self.weights}  # explicit weights win
+        self.weights = annotator_weight_map(cfg.annotator_weights,
+                                            train_records if cfg.auto_annotator_weights and kind == "pairs" else None)
         from rlhf_fast.models.loading import apply_tokenizer_overrides, check_chat_template_path
 
         check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
-        if model is None:
-            texts = []
-            for r in train_records[:2000]:
-                texts += [str(r.prompt)] + [t for t in _texts(r)]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="reward", tokenizer=tokenizer,
-                                              init_kwargs=cfg.model_init_kwargs)
-        elif tokenizer is None:
-            raise ValueError("tokenizer must be given together with model")
+        model, tokenizer = trainer_model(cfg, model, tokenizer, lambda: [t for r in train_records[:2000]
+                                                                         for t in [str(r.prompt), *_texts(r)]],
+                                         kind="reward")
         # as TRL's RewardTrainer, before the adapters; the items below are encoded with the result
         added = apply_tokenizer_overrides(model, tokenizer, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
                                           chat_template_path=cfg.chat_template_path)
         self.model, self.tokenizer = model.to(self.device), tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.pad_id
         dcfg = cfg.distributed
@@ -355,20 +333,16 @@ class RewardTrainer:
             check_reward_prefix_sharing(self.model, kind, cfg.max_len)
         if cfg.disable_dropout:  # after the adapters, so lora_dropout goes too (as TRL, after get_peft_model)
             disable_dropout(self.model)
-        self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
-                                reshard_after_forward=dcfg.reshard_after_forward)
+        self.model = wrap_configured(self.model, dcfg, self.ctx)
         self.train_items = [self._encode_record(r) for r in train_records]
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))  # before the scheduler, whose decay spans max_steps
-        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.scheduler = supervised_scheduler(self.optimizer, cfg)
-        self.step = 0
-        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
+        init_optimization(self)
 
     def _encode_record(self, r) -> Dict[str, Any]:
         enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len)  # noqa: E731
-        w = self.weights.get(r.annotator, 1.0) if r.annotator is not None else 1.0
+        w = record_weight(self.weights, r.annotator)
         if self.kind == "pairs":
             return {"seqs": [enc(r.chosen), enc(r.rejected)], "margin": r.margin if self.cfg.use_margin else 0.0,
                     "weight": w}
@@ -435,33 +409,31 @@ class RewardTrainer:
         items = self.eval_items if items is None else items
         if not items:
             return {}
-        was = self.model.training
-        self.model.eval()
         losses, correct, total, preds, targets = [], 0.0, 0, [], []
         sums = torch.zeros(N_REWARD_SUMS, dtype=torch.float64, device=self.device)
         extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)
         bs = self.cfg.batch_size
-        for i in range(0, len(items), bs):
-            chunk = items[i: i + bs]
-            chunk_scores = self._scores(chunk)
-            # the chunk's loss is a weighted mean: weigh it by the chunk's total weight, so that
-            # eval_loss is the weighted mean over all items (as the training loss), whatever the chunking
-            losses.append((self.loss(chunk, chunk_scores).item(), sum(it["weight"] for it in chunk)))
-            chunk_sums, chunk_ext = reward_sums(chunk_scores, self.kind == "pairs")
-            sums, extremes = sums + chunk_sums, torch.maximum(extremes, chunk_ext)
-            for it, s in zip(chunk, chunk_scores):
-                s = s.float().tolist()
-                if self.kind == "scores":
-                    preds.append(s[0])
-                    targets.append(it["score"])
-                    continue
-                order = [0, 1] if self.kind == "pairs" else it["ranking"]
-                for a in range(len(order)):
-                    for b in range(a + 1, len(order)):
-                        d = s[order[a]] - s[order[b]]
-                        correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-                        total += 1
-        self.model.train(was)
+        with eval_mode(self.model):
+            for i in range(0, len(items), bs):
+                chunk = items[i: i + bs]
+                chunk_scores = self._scores(chunk)
+                # the chunk's loss is a weighted mean: weigh it by the chunk's total weight, so that
+                # eval_loss is the weighted mean over all items (as the training loss), whatever the chunking
+                losses.append((self.loss(chunk, chunk_scores).item(), sum(it["weight"] for it in chunk)))
+                chunk_sums, chunk_ext = reward_sums(chunk_scores, self.kind == "pairs")
+                sums, extremes = sums + chunk_sums, torch.maximum(extremes, chunk_ext)
+                for it, s in zip(chunk, chunk_scores):
+                    s = s.float().tolist()
+                    if self.kind == "scores":
+                        preds.append(s[0])
+                        targets.append(it["score"])
+                        continue
+                    order = [0, 1] if self.kind == "pairs" else it["ranking"]
+                    for a in range(len(order)):
+                        for b in range(a + 1, len(order)):
+                            d = s[order[a]] - s[order[b]]
+                            correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+                            total += 1
         w_total = sum(n for _, n in losses)
         out = {"eval_loss": sum(l * n for l, n in losses if n > 0) / w_total if w_total > 0 else float("nan")}
         if self.kind == "scores":
@@ -484,21 +456,19 @@ class RewardTrainer:
         for _ in range(cfg.grad_accum):
             idx = self.batches.next()
             step_tokens += sum(len(s) for i in idx for s in self.train_items[i]["seqs"])
-            lo, hi = local_span(len(idx), ctx)
-            # an empty share (fewer items than ranks) still runs one item at weight 0, so every
-            # rank makes the forward/backward the DDP/FSDP2 collectives expect
-            chunk = [self.train_items[i] for i in (idx[lo:hi] if hi > lo else idx[:1])]
-            w_local = sum(it["weight"] for it in chunk) if hi > lo else 0.0
+            # an empty share (fewer items than ranks) still runs one item, at weight 0
+            chunk, real = local_share(idx, self.train_items, ctx)
+            w_local = sum(it["weight"] for it in chunk) if real else 0.0
             # the loss is a weighted mean: this rank's mean times its share of the global weight
             w_global = torch.tensor(w_local, dtype=torch.float64, device=self.device)
             w_global = float(ctx.all_reduce_sum(w_global))
-            frac = w_local / w_global if w_global > 0 else (hi - lo) / len(idx)
+            frac = w_local / w_global if w_global > 0 else (len(chunk) if real else 0) / len(idx)
             scores = self._scores(chunk)
             loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
             # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
             (loss * ctx.grad_scale).backward()
             total[0] += loss.detach().double()
-            if hi > lo:
+            if real:
                 sums, ext = reward_sums(scores, self.kind == "pairs")
                 total[1:] += sums
                 extremes = torch.maximum(extremes, ext)
@@ -611,14 +581,7 @@ def _texts(r) -> List[str]:
     return record_texts(r)
 
 
-def add_arguments(parser) -> None:
-    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser, RewardConfig)
-
-
-def run(args) -> int:
-    """Entry point of ``rlhf-fast reward``."""
-    return run_trainer_cli("reward", RewardConfig, RewardTrainer, args)
+add_arguments, run = trainer_commands("reward", RewardConfig, RewardTrainer)  # what rlhf_fast.cli calls
 
 
 __all__ = ["RewardConfig", "RewardTrainer", "synthetic_preference_records", "score_texts", "reward_lora",

@@ -67,10 +67,10 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
-from .common import (MetricsLogger, add_config_arguments, autocast_context, check_lora_field,
-                     check_training_schedule, disable_dropout, load_causal_lm, supervised_scheduler,
-                     open_supervised_run, require_records, resolve_device, run_trainer_cli, seed_everything,
-                     steps_for_epochs, truncate_metrics)
+from .common import (MetricsLogger, autocast_context, check_bool_fields, check_lora_field,
+                     check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
+                     open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
+                     steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .stop import StopOnSignal, TrainingStopped
 
@@ -136,24 +136,18 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     def __post_init__(self):
         check_training_schedule(self)
         check_lora_field(self)
-        for key in ("completion_only_loss", "assistant_only_loss"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        check_bool_fields(self, ("completion_only_loss", "assistant_only_loss"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         self._check_packing()
-        for key in ("eos_token", "pad_token", "chat_template_path"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise ValueError(f"{key} must be null or a non-empty string, got {v!r}")
+        check_tokenizer_override_fields(self)
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
 
     def _check_packing(self) -> None:
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"packing must be true or false, got {self.packing!r}")
+        check_bool_fields(self, ("packing",))
         if self.eval_packing is not None and not isinstance(self.eval_packing, bool):
             raise ValueError(f"eval_packing must be true, false or null (as packing), got {self.eval_packing!r}")
         if self.packing_strategy not in PACKING_STRATEGIES:
@@ -469,18 +463,7 @@ class _Batches:
         self._perm = self._make_perm()
 
 
-def split_records(records: list, eval_fraction: float, seed: int) -> Tuple[list, list]:
-    """(train, eval) split of ``records`` by a seeded shuffle."""
-    idx = list(range(len(records)))
-    random.Random(seed).shuffle(idx)
-    n_eval = int(round(len(records) * eval_fraction))
-    if eval_fraction > 0 and len(records) >= 2:
-        n_eval = max(1, n_eval)
-    ev = set(idx[:n_eval])
-    return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
-
-
-# ------------------------------------------------------------------ distributed glue (shared with reward.py)
+# ------------------------------------------------------------------ trainer glue (shared with reward, DPO, KTO)
 
 
 def setup_distributed(dcfg: DistributedConfig, device: str) -> Tuple[DistContext, torch.device]:
@@ -503,6 +486,36 @@ def setup_distributed(dcfg: DistributedConfig, device: str) -> Tuple[DistContext
     return ctx, resolve_device(device)
 
 
+def open_trainer(trainer, cfg) -> None:
+    """The start of an SFT / reward / DPO / KTO trainer, before any data or model is loaded:
+    ``trainer.cfg``; ``ctx`` and ``device`` (:func:`setup_distributed`); ``run`` and
+    ``_resume_from`` (:func:`open_supervised_run`, so a folder holding another run is refused at
+    once); then every RNG seeded with ``cfg.seed``."""
+    trainer.cfg = cfg
+    trainer.ctx, trainer.device = setup_distributed(cfg.distributed, cfg.device)
+    trainer.run, trainer._resume_from = open_supervised_run(cfg, trainer.ctx.is_main)
+    # the same seed on every rank: identical initial weights (FSDP2 shards each rank's copy)
+    seed_everything(cfg.seed)
+
+
+def wrap_configured(model, dcfg: DistributedConfig, ctx: DistContext):
+    """``model`` wrapped for ``dcfg.strategy`` with ``dcfg``'s mixed precision and resharding
+    (:func:`rlhf_fast.distributed.wrap_model`; as it is for strategy none or one process)."""
+    return wrap_model(model, dcfg.strategy, ctx, mixed_precision=dcfg.mixed_precision,
+                      reshard_after_forward=dcfg.reshard_after_forward)
+
+
+def init_optimization(trainer) -> None:
+    """``trainer.optimizer`` over the trainable parameters of ``trainer.model`` (wrapped by now)
+    and its LR ``scheduler``, from ``trainer.cfg`` (whose ``max_steps`` must be final:
+    :func:`~rlhf_fast.trainers.common.steps_for_epochs` first); ``step`` 0 and ``num_tokens`` 0
+    (TRL's count of the input tokens trained, checkpointed)."""
+    trainer.optimizer = supervised_optimizer([p for p in trainer.model.parameters() if p.requires_grad], trainer.cfg)
+    trainer.scheduler = supervised_scheduler(trainer.optimizer, trainer.cfg)
+    trainer.step = 0
+    trainer.num_tokens = 0
+
+
 def local_span(n: int, ctx: DistContext) -> Tuple[int, int]:
     """This rank's contiguous block ``[lo, hi)`` of ``n`` items. Near-equal blocks (unlike
     :meth:`DistContext.shard`) so the short last batch of an epoch also splits; a block may
@@ -510,8 +523,33 @@ def local_span(n: int, ctx: DistContext) -> Tuple[int, int]:
     return n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
 
 
+def local_share(idx: List[int], items: Sequence[Any], ctx: DistContext) -> Tuple[List[Any], bool]:
+    """This rank's contiguous share of the global batch ``idx`` of ``items`` and whether it is
+    real: an empty share (fewer items than ranks) becomes one item that counts for nothing, so
+    every rank still runs the forward/backward the collectives of DDP/FSDP2 expect."""
+    lo, hi = local_span(len(idx), ctx)
+    return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
+
+
 def _is_ddp(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def accumulation_context(model, i: int, n: int):
+    """The context of the backward of micro-batch ``i`` of the ``n`` of an optimizer step: under
+    DDP ``no_sync`` but for the last one, so the gradients are all-reduced once, after it."""
+    return model.no_sync() if i < n - 1 and _is_ddp(model) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def scalar_norm(x) -> float:
@@ -699,34 +737,17 @@ class SFTTrainer:
     def __init__(self, cfg: SFTConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
         if not isinstance(cfg, SFTConfig):
             raise TypeError(f"cfg must be an SFTConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
-        self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
-        # before any data or model is loaded: a folder holding another run is refused at once
-        self.run, self._resume_from = open_supervised_run(cfg, self.ctx.is_main)
-        # the same seed on every rank: identical initial weights (FSDP2 shards each rank's copy)
-        seed_everything(cfg.seed)
-        if train_records is None:
-            from rlhf_fast.feedback.formats import load_records
+        open_trainer(self, cfg)
+        from rlhf_fast.feedback.formats import load_records
 
-            records = (require_records(load_records(cfg.data, "sft", dedup=cfg.dedup), "data", cfg.data) if cfg.data
-                       else synthetic_sft_records(seed=cfg.seed))
-            if eval_records is None:
-                if cfg.eval_data:
-                    eval_records = require_records(load_records(cfg.eval_data, "sft", dedup=cfg.dedup), "eval_data",
-                                                   cfg.eval_data)
-                else:
-                    records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-            train_records = records
+        train_records, eval_records = load_split_records(
+            cfg, lambda path: load_records(path, "sft", dedup=cfg.dedup), lambda: synthetic_sft_records(seed=cfg.seed),
+            train_records, eval_records)
         self.eval_records = list(eval_records or [])
         from rlhf_fast.models.loading import check_chat_template_path
 
         check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
-        if model is None:
-            texts = [record_text(r) for r in train_records[:2000]]
-            model, tokenizer = load_causal_lm(cfg.model, texts=texts, kind="causal", tokenizer=tokenizer,
-                                              init_kwargs=cfg.model_init_kwargs)
-        elif tokenizer is None:
-            raise ValueError("tokenizer must be given together with model")
+        model, tokenizer = trainer_model(cfg, model, tokenizer, lambda: [record_text(r) for r in train_records[:2000]])
         added = apply_sft_tokenizer_overrides(cfg, model, tokenizer)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         dcfg = cfg.distributed
@@ -739,9 +760,8 @@ class SFTTrainer:
             enable_activation_checkpointing(self.model)
         if cfg.disable_dropout:  # after LoRA, so its adapters' dropout goes too
             disable_dropout(self.model)
-        self.model = wrap_model(self.model, dcfg.strategy, self.ctx, mixed_precision=dcfg.mixed_precision,
-                                reshard_after_forward=dcfg.reshard_after_forward)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.model = wrap_configured(self.model, dcfg, self.ctx)
+        self.pad_id = pad_token_id(tokenizer)
         from rlhf_fast.feedback.formats import ChatRecord
 
         if cfg.assistant_only_loss and not any(isinstance(r, ChatRecord) for r in train_records):
@@ -761,24 +781,15 @@ class SFTTrainer:
         if cfg.num_train_epochs is not None and self._resume_from is None and self.ctx.is_main:
             self.run.write_config(cfg)  # config.yaml records the max_steps the epochs came to
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
-        self.optimizer = supervised_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.scheduler = supervised_scheduler(self.optimizer, cfg)
-        self.step = 0
-        self.num_tokens = 0  # TRL's num_tokens: the input tokens trained so far (checkpointed)
-
-    def _batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
-        b = collate([rows[i] for i in idx], self.pad_id)
-        return {k: v.to(self.device) for k, v in b.items()}
+        init_optimization(self)
 
     def _local_batch(self, idx: List[int], rows) -> Dict[str, torch.Tensor]:
-        """This rank's contiguous share of the global batch ``idx``. An empty share (fewer
-        rows than ranks) becomes one row with nothing counted, so every rank still runs the
-        forward/backward the collectives of DDP/FSDP2 expect."""
-        lo, hi = local_span(len(idx), self.ctx)
-        if hi > lo:
-            return self._batch(idx[lo:hi], rows)
-        b = self._batch(idx[:1], rows)
-        b["response_mask"] = torch.zeros_like(b["response_mask"])
+        """This rank's contiguous share of the global batch ``idx`` (:func:`local_share`) on the
+        device; a share that does not count has nothing in its response mask."""
+        share, real = local_share(idx, rows, self.ctx)
+        b = {k: v.to(self.device) for k, v in collate(share, self.pad_id).items()}
+        if not real:
+            b["response_mask"] = torch.zeros_like(b["response_mask"])
         return b
 
     @torch.no_grad()
@@ -790,19 +801,17 @@ class SFTTrainer:
         logits' argmax."""
         if not self.eval_rows:
             return {}
-        was = self.model.training
-        self.model.eval()
         tot = torch.zeros(4, dtype=torch.float64, device=self.device)  # (nll sum, tokens, entropy sum, top-1)
-        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
-            idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
-            batch = self._local_batch(idx, self.eval_rows)
-            with autocast_context(self.device, self.cfg.bf16):
-                s, _, c, ent, top1 = sft_loss_sum(self.model, batch, packed=self._packed["eval"],
-                                                  return_entropy=True, return_top1=True)
-            tot += torch.stack([s.double(), c.double(), ent.double(), top1.double()])
-        tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
+        with eval_mode(self.model):
+            for i in range(0, len(self.eval_rows), self.cfg.batch_size):
+                idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
+                batch = self._local_batch(idx, self.eval_rows)
+                with autocast_context(self.device, self.cfg.bf16):
+                    s, _, c, ent, top1 = sft_loss_sum(self.model, batch, packed=self._packed["eval"],
+                                                      return_entropy=True, return_top1=True)
+                tot += torch.stack([s.double(), c.double(), ent.double(), top1.double()])
+            tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
         tot, n, ent, top1 = float(tot[0]), int(tot[1]), float(tot[2]), float(tot[3])
-        self.model.train(was)
         loss = tot / max(n, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n,
                 "eval_entropy": ent / max(n, 1), "eval_mean_token_accuracy": top1 / max(n, 1)}
@@ -829,9 +838,7 @@ class SFTTrainer:
         # (loss sum, nll sum, entropy sum, top-1 tokens)
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
-            # DDP: all-reduce the gradients once, after the last micro-batch
-            skip_sync = i < len(micro) - 1 and _is_ddp(self.model)
-            with (self.model.no_sync() if skip_sync else contextlib.nullcontext()):
+            with accumulation_context(self.model, i, len(micro)):
                 with autocast_context(self.device, cfg.bf16):
                     s, nll, _, ent, top1 = sft_loss_sum(self.model, b, packed=self._packed["train"],
                                                         loss_type=cfg.loss_type, return_entropy=True,
@@ -859,14 +866,7 @@ class SFTTrainer:
         return training_loop(self, has_eval=bool(self.eval_rows), eval_at_start=True)
 
 
-def add_arguments(parser) -> None:
-    """CLI arguments: CONFIG.yaml ('none' for the defaults) then ``--key value`` overrides."""
-    add_config_arguments(parser, SFTConfig)
-
-
-def run(args) -> int:
-    """Entry point of ``rlhf-fast sft``."""
-    return run_trainer_cli("sft", SFTConfig, SFTTrainer, args)
+add_arguments, run = trainer_commands("sft", SFTConfig, SFTTrainer)  # what rlhf_fast.cli calls
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "LOSS_TYPES", "synthetic_sft_records", "tokenize_sft", "record_text", "collate",

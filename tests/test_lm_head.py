@@ -27,6 +27,8 @@ def _small(cfg, **over):
                      num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                      **over).items():
         setattr(cfg, k, v)
+    if getattr(cfg, "layer_types", None):  # (Gemma 3: one per layer, checked on validation)
+        cfg.layer_types = cfg.layer_types[:cfg.num_hidden_layers]
     return cfg
 
 
@@ -295,3 +297,33 @@ def test_packed_wpo_weights_of_a_transformed_head():
     exp_tok, exp_lss = _quiet(lambda: wpo_token_logps(model, batch))
     torch.testing.assert_close(tok, exp_tok, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lss, exp_lss, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_packing_refuses_at_the_start_a_head_only_its_forward_computes(tmp_path):
+    """SFT's packed rows (packing: true, bfd) need a head the packed path computes: a model whose
+    forward keeps a transform we cannot apply is refused when the trainer is built, naming the key
+    (not at the first packed batch); a softcapped Gemma 2 head is taken."""
+    from rlhf_fast.models import train_tokenizer
+    from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
+
+    records = synthetic_sft_records(8)
+    tok = train_tokenizer([r.prompt + " " + r.completion for r in records], V)
+    with pytest.raises(ValueError, match="packing: true needs .*final_logit_softcapping"):
+        SFTTrainer(SFTConfig(output_dir=str(tmp_path / "a"), packing=True, max_steps=1), model=_gemma3_mm(2.0),
+                   tokenizer=tok, train_records=records)
+    tr = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "b"), packing=True, max_steps=1, eval_every=0),
+                    model=HEADS["gemma2 softcap"](), tokenizer=tok, train_records=records)
+    _quiet(tr.train)
+
+
+def test_a_model_passed_in_keeps_its_dtype_with_a_warning(tmp_path):
+    from rlhf_fast.models import train_tokenizer
+    from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
+
+    records = synthetic_sft_records(8)
+    tok = train_tokenizer([r.prompt + " " + r.completion for r in records], V)
+    model = HEADS["cohere logit_scale"]()
+    with pytest.warns(UserWarning, match="model_init_kwargs .* not applied to the model passed in"):
+        SFTTrainer(SFTConfig(output_dir=str(tmp_path / "a"), max_steps=1, model_init_kwargs={"dtype": "bfloat16"}),
+                   model=model, tokenizer=tok, train_records=records)
+    assert next(model.parameters()).dtype == torch.float32

@@ -1129,12 +1129,20 @@ def trainer_model(cfg, model, tokenizer, texts: Callable[[], Sequence[str]], kin
     """``(model, tokenizer)`` of an SFT / reward / DPO / KTO trainer: both as passed in, or without
     ``model`` ``cfg.model`` loaded as ``kind`` (:func:`load_causal_lm`, ``cfg.model_init_kwargs``;
     a ``tiny:`` model's tokenizer, unless ``tokenizer`` is given, trained on ``texts()``, which is
-    called only then). ValueError when ``model`` comes without its tokenizer."""
+    called only then). ValueError when ``model`` comes without its tokenizer. A ``model`` passed in
+    is used as it is: a non-empty ``cfg.model_init_kwargs`` gets a warning (as TRL's trainers
+    give), since it only applies to what is loaded (DPO / KTO's ``ref_model`` folder still is)."""
     if model is None:
         return load_causal_lm(cfg.model, texts=list(texts()), kind=kind, tokenizer=tokenizer,
                               init_kwargs=cfg.model_init_kwargs)
     if tokenizer is None:
         raise ValueError("tokenizer must be given together with model")
+    if cfg.model_init_kwargs:
+        import warnings
+
+        warnings.warn(f"model_init_kwargs ({cfg.model_init_kwargs}) is not applied to the model passed in, which is "
+                      "already built (cast it yourself); it applies to the models loaded from folders",
+                      UserWarning, stacklevel=3)
     return model, tokenizer
 
 

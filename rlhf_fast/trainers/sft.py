@@ -760,6 +760,10 @@ class SFTTrainer:
             enable_activation_checkpointing(self.model)
         if cfg.disable_dropout:  # after LoRA, so its adapters' dropout goes too
             disable_dropout(self.model)
+        if "bfd" in (cfg.packs("train"), cfg.packs("eval")):  # refused now, not at the first packed batch
+            from .packing import check_packable
+
+            check_packable("eval_packing" if cfg.packs("train") != "bfd" else "packing", self.model)
         self.model = wrap_configured(self.model, dcfg, self.ctx)
         self.pad_id = pad_token_id(tokenizer)
         from rlhf_fast.feedback.formats import ChatRecord

@@ -274,28 +274,24 @@ def test_cli_distill_writes_a_run(tmp_path, capsys):
     assert "distill.teacher, distill.beta apply to estimator 'distill'" in capsys.readouterr().err
 
 
-def test_two_fsdp2_ranks_match_one_process(tmp_path):
-    """``torchrun`` with 2 gloo ranks and FSDP2 (student and teacher sharded; a rank whose share
-    of a mini-batch runs out feeds blank micro-batches) logs the numbers of one process: the
-    normaliser and the completion statistics are global. (DDP measured equal too.)"""
-    import socket
+def fsdp2_matches_one_process(tmp_path, prompts: str, extra=()):
+    """Runs ``rlhf-fast distill`` (2 steps, a tiny teacher, ``extra`` arguments) as one process and
+    under ``torchrun`` with 2 gloo ranks and FSDP2, and asserts both log the same numbers."""
     import subprocess
     import sys
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("count:\nlist:\ngo:\nwrite:\na b\nc d\nthe cat\nhello\n")
+    from tests.torchrun_launch import free_port
+
+    (tmp_path / "prompts.txt").write_text(prompts)
     common = ["none", "--progress", "false", "--steps", "2", "--distill.teacher", "tiny:llama", "--distill.beta", "0.5",
               "--rollout.max_new_tokens", "4", "--rollout.per_sample_seeds", "true", "--ppo.epochs", "1",
               "--ppo.micro_batch_size", "2", "--eval_every", "2", "--data.eval_fraction", "0.25",
-              "--data.prompts_file", str(prompts), "--sample_every", "0"]
+              "--data.prompts_file", str(tmp_path / "prompts.txt"), "--sample_every", "0", *extra]
     assert main(["distill", *common, "--output_dir", str(tmp_path / "one")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), "-m", "rlhf_fast.cli", "distill", *common,
+                        "127.0.0.1", "--master_port", str(free_port()), "-m", "rlhf_fast.cli", "distill", *common,
                         "--output_dir", str(tmp_path / "two"), "--distributed.strategy", "fsdp2"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -312,6 +308,13 @@ def test_two_fsdp2_ranks_match_one_process(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-8), k
+
+
+def test_two_fsdp2_ranks_match_one_process(tmp_path):
+    """``torchrun`` with 2 gloo ranks and FSDP2 (student and teacher sharded; a rank whose share
+    of a mini-batch runs out feeds blank micro-batches) logs the numbers of one process: the
+    normaliser and the completion statistics are global. (DDP measured equal too.)"""
+    fsdp2_matches_one_process(tmp_path, "count:\nlist:\ngo:\nwrite:\na b\nc d\nthe cat\nhello\n")
 
 
 # ----------------------------------------------------------------------------- refused settings

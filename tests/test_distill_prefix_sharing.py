@@ -19,7 +19,7 @@ from rlhf_fast.models import logprobs as L
 from rlhf_fast.trainers.distill import DistillationTrainer, distillation_loss
 from rlhf_fast.trainers.rl_config import (DISTILL_PPO_KEYS, DataConfig, DistillConfig, EvalConfig, KLConfig,
                                           ModelConfig, PPOConfig, RLConfig, RolloutConfig)
-from tests.test_distill import make_config, make_teacher
+from tests.test_distill import fsdp2_matches_one_process, make_config, make_teacher
 from tests.test_distill_gkd import RECORDS
 from tests.test_rl_learning import PROMPTS, make_policy
 from tests.test_rl_prefix_sharing import V, _close, _group_batch
@@ -288,38 +288,6 @@ def test_two_fsdp2_ranks_match_one_process(tmp_path):
     """``torchrun`` with 2 gloo ranks and FSDP2 (student and teacher sharded, each rank's micro-batches
     shared rows of its own groups, blank micro-batches where a rank's share of a mini-batch runs out)
     logs the numbers of one process."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from rlhf_fast.cli import main
-    from tests.torchrun_launch import free_port
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("count to five:\nlist three colours:\ngo on:\nwrite:\na b\nc d\nthe cat sat\nhello\n")
-    common = ["none", "--progress", "false", "--steps", "2", "--distill.teacher", "tiny:llama", "--distill.beta", "0.5",
-              "--rollout.max_new_tokens", "4", "--rollout.group_size", "2", "--rollout.per_sample_seeds", "true",
-              "--ppo.epochs", "1", "--ppo.mini_batch_size", "4", "--ppo.micro_batch_size", "2", "--eval_every", "2",
-              "--data.eval_fraction", "0.25", "--data.prompts_file", str(prompts), "--sample_every", "0"]
-    shared = ["--ppo.prefix_sharing", "true"]
-    assert main(["distill", *common, *shared, "--output_dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(free_port()), "-m", "rlhf_fast.cli", "distill", *common,
-                        *shared, "--output_dir", str(tmp_path / "two"), "--distributed.strategy", "fsdp2"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    def rows(run):
-        keys = ("loss", "entropy", "distill/divergence", "grad_norm", "completions/mean_length", "eval/loss",
-                "eval/entropy")
-        return [{k: v for k, v in json.loads(ln).items() if k in keys} for ln in open(tmp_path / run / "metrics.jsonl")]
-
-    one, two = rows("one"), rows("two")
-    assert len(one) == len(two) == 2 and "eval/loss" in one[-1]
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-8), k
+    prompts = "count to five:\nlist three colours:\ngo on:\nwrite:\na b\nc d\nthe cat sat\nhello\n"
+    fsdp2_matches_one_process(tmp_path, prompts, ["--rollout.group_size", "2", "--ppo.mini_batch_size", "4",
+                                                  "--ppo.prefix_sharing", "true"])

@@ -47,8 +47,9 @@ that order every epoch, in step batches of ``batch_size × grad_accum`` examples
 an epoch shorter), each cut into micro-batches of ``batch_size``; the rotation runs over the whole
 step batch, so z0 — and the loss — do not depend on the micro-batch split or the number of ranks
 (TRL's z0 is per micro-batch; the two agree for ``grad_accum`` 1 on one device). Because the
-partners are fixed, ``precompute_ref_logps`` can score the KL rows once too. The eval examples
-are taken the same way (one seeded shuffle, blocks of the step size). With
+partners are fixed, ``precompute_ref_logps`` can score the KL rows once too (``prefix_sharing``:
+each row and its KL row, which share the prompt, as one shared-prefix pair in the reference's
+forward). The eval examples are taken the same way (one seeded shuffle, blocks of the step size). With
 ``apo_zero_unpaired`` nothing ties an example to its neighbours: the examples are reshuffled
 every epoch (seeded by ``seed`` and the epoch, as DPO), in the same step and micro-batches.
 
@@ -146,6 +147,9 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
     precompute_ref_batch_size: Optional[int] = None  # examples per reference forward of the precompute; null: batch_size
+    # (ours, loss_type kto) each example's row and its KL row, which share the prompt, scored by the
+    # reference as one shared-prefix pair: the prompt computed once
+    prefix_sharing: bool = False
     sync_ref_model: bool = False  # TR-DPO's moving reference: mix the policy in every ref_model_sync_steps steps
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
@@ -177,7 +181,10 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             # TRL: "actual batch size must be > 1", else the KL row is the example itself
             raise ValueError(f"batch_size × grad_accum must be >= 2, got {self.batch_size} × {self.grad_accum}: "
                              "KTO's KL estimate pairs each prompt with another example's completion of the same step")
-        check_bool_fields(self, ("precompute_ref_logps", "dedup", "resume", "auto_annotator_weights"))
+        check_bool_fields(self, ("precompute_ref_logps", "dedup", "resume", "auto_annotator_weights", "prefix_sharing"))
+        if self.prefix_sharing and self.loss_type != "kto":
+            raise ValueError(f"prefix_sharing shares each example's prompt with its KL row: it needs loss_type 'kto' "
+                             f"(loss_type {self.loss_type!r} has no KL rows)")
         if not isinstance(self.annotator_weights, dict):
             raise ValueError("annotator_weights must be a mapping {annotator: weight}, got "
                              f"{type(self.annotator_weights).__name__}")
@@ -472,6 +479,10 @@ class KTOTrainer:
 
         reference = offline_reference(cfg, model, self.is_peft, self.device)  # as DPO's
         prepare_offline_models(cfg, model, reference)
+        if cfg.prefix_sharing:  # no transformers fallback for its attention: refused now, not mid-run
+            from .packing import check_prefix_shareable
+
+            check_prefix_shareable("prefix_sharing", cfg.max_len, reference, alternative=None)
         if cfg.precompute_ref_logps:
             self._precompute(reference)
             reference = None
@@ -534,7 +545,7 @@ class KTOTrainer:
         """Each item's reference log-probs ``item["ref"] = (its row, its KL row)`` (kto) or
         ``(its row,)`` (apo_zero_unpaired), computed once."""
         if self.kl_rows:
-            attach_reference_logps(self, reference, self._both_rows)
+            attach_reference_logps(self, reference, self._both_rows, prefix_sharing=self.cfg.prefix_sharing)
         else:
             attach_reference_logps(self, reference, self._batch, rows=1)
 
@@ -561,8 +572,10 @@ class KTOTrainer:
                 if "ref" in items[0]:
                     ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device)
                     ref_main, ref_kl = ref[:, 0], ref[:, 1]
-                else:  # the two kinds of row in one reference forward
-                    ref = reference_logps(self.reference, self._both_rows(items), self._reference_sharded)
+                else:  # the two kinds of row in one reference forward (with prefix_sharing: row i and its
+                    # KL row i + b, the DPO pairs' layout, as one shared-prefix pair)
+                    ref = reference_logps(self.reference, self._both_rows(items), self._reference_sharded,
+                                          prefix_sharing=self.cfg.prefix_sharing)
                     ref_main, ref_kl = ref[: len(items)], ref[len(items):]
                 kl, _ = response_logps(self.model, self._batch(items, "kl"))
             if real:

@@ -541,13 +541,61 @@ def test_reward_step_and_eval_equal_the_padded(tmp_path, tok, kw):
         assert eb[k] == pytest.approx(ea[k], rel=1e-4, abs=1e-6), k
 
 
+def _rankings(n, seed=0):
+    """Rankings of 2 to 4 responses (some sharing their first words) under long-ish prompts."""
+    import random
+
+    from rlhf_fast.feedback.formats import RankingRecord
+
+    rng = random.Random(seed)
+    words = "red blue green cat dog sun moon one two three".split()
+    out = []
+    for i in range(n):
+        k = 2 + i % 3
+        responses = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(k)]
+        ranking = list(range(k))
+        rng.shuffle(ranking)
+        out.append(RankingRecord(" ".join(rng.choice(words) for _ in range(6)), responses, ranking))
+    return out
+
+
+def test_reward_rankings_step_and_eval_equal_the_padded(tmp_path, tok, monkeypatch):
+    """RewardConfig.prefix_sharing with data_kind rankings (Plackett-Luce): each ranking's K
+    responses one group of the shared row (2 to 4 rows, -1 filling the shorter groups); one step's
+    metrics and gradients, and the eval metrics, equal the padded trainer's."""
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+
+    records = _rankings(12, seed=4)
+    out = []
+    for shared in (False, True):
+        cfg = RewardConfig(model="tiny:qwen2:hidden_size=32,num_layers=2,num_heads=4,num_kv_heads=2",
+                           data_kind="rankings", output_dir=str(tmp_path / f"rk{int(shared)}"), batch_size=6, lr=3e-3,
+                           warmup_steps=0, eval_every=0, log_every=1, max_len=24, max_steps=3, device="cpu",
+                           grad_clip=0.0, center_rewards_coefficient=0.1, prefix_sharing=shared)
+        tr = RewardTrainer(cfg, train_records=records, eval_records=records[:5], tokenizer=tok)
+        groups = []
+        if shared:
+            real = L.pack_shared_rows
+            monkeypatch.setattr(L, "pack_shared_rows", lambda ids, am, g: groups.append(g) or real(ids, am, g))
+        out.append((tr, _step_grads(tr), groups))
+    (pad, (ma, ga), _), (ps, (mb, gb), groups) = out
+    assert groups and {int(n) for g in groups for n in (g >= 0).sum(1)} == {2, 3, 4}  # -1 fills the shorter ones
+    for k in ma:
+        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+    for x, y in zip(ga, gb):
+        _close(y, x, 2e-5)
+    ea, eb = pad.evaluate(), ps.evaluate()
+    for k in ea:
+        assert eb[k] == pytest.approx(ea[k], rel=1e-4, abs=1e-6), k
+
+
 def test_reward_refusals_name_prefix_sharing(tmp_path, tok):
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 
-    for kind in ("scores", "rankings"):
-        with pytest.raises(ValueError, match="prefix_sharing applies to pairs"):
-            RewardConfig(prefix_sharing=True, data_kind=kind)
+    with pytest.raises(ValueError, match="prefix_sharing applies to pairs and rankings"):
+        RewardConfig(prefix_sharing=True, data_kind="scores")
     RewardConfig(prefix_sharing=True, data_kind="rankings", rankings_as_pairs=True)
+    RewardConfig(prefix_sharing=True, data_kind="rankings")
     with pytest.raises(ValueError, match="prefix_sharing must be true or false"):
         RewardConfig(prefix_sharing=1)
     with pytest.raises(ValueError, match="prefix_sharing: true needs .*peft"):

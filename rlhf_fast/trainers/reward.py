@@ -29,15 +29,15 @@ every scored sequence, the pad id the config carries, a template file or a token
 template cloned with its tokens, the embeddings resized; with ``lora`` the new tokens' embedding
 rows train); ``final/`` holds the changed tokenizer.
 
-``prefix_sharing`` (pairs; ours, as DPO's): each micro-batch's pairs run as one packed row, each
-pair once as ``[prompt, chosen, rejected]`` with the rejected tokens attending to the prompt and
-themselves only, position ids continuing from the prompt's end
+``prefix_sharing`` (pairs and rankings; ours, as DPO's): each micro-batch's pairs run as one packed
+row, each pair once as ``[prompt, chosen, rejected]`` with the rejected tokens attending to the
+prompt and themselves only, position ids continuing from the prompt's end (a ranking's K responses
+likewise: ``[prompt, response 1, ..., response K]``)
 (:func:`rlhf_fast.models.logprobs.pack_shared_rows`), so every prompt token is scored once in the
 forward and the backward; the score is read at each row's last token, the same values as the
 padded batch's up to float rounding. Needs a Llama / Mistral / Qwen2 / Qwen3 backbone that
 :mod:`rlhf_fast.models.llama_forward` computes (no LoRA, not the torch backend): a ValueError
-naming ``prefix_sharing`` when the trainer starts otherwise, and for ``data_kind`` rankings
-(unless ``rankings_as_pairs``) and scores.
+naming ``prefix_sharing`` when the trainer starts otherwise, and for ``data_kind`` scores.
 
 Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its contiguous
 share of every global batch; the weighted-mean loss is normalised by the global weight sum,
@@ -110,7 +110,7 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     center_rewards_coefficient: Optional[float] = None  # TRL's; None adds no centring term
     disable_dropout: bool = True  # TRL's default; the tiny models have no dropout, so nothing moves for them
     num_train_epochs: Optional[float] = None  # None: max_steps counts the run
-    prefix_sharing: bool = False  # pairs: one packed row per micro-batch, each pair's prompt once
+    prefix_sharing: bool = False  # pairs / rankings: one packed row per micro-batch, each prompt once
     eval_every: int = 50
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -131,10 +131,9 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
         check_bool_fields(self, ("prefix_sharing",))
-        if self.prefix_sharing and (self.data_kind == "scores"
-                                    or (self.data_kind == "rankings" and not self.rankings_as_pairs)):
-            raise ValueError(f"prefix_sharing applies to pairs (data_kind pairs or labels, or rankings with "
-                             f"rankings_as_pairs), got data_kind {self.data_kind!r}")
+        if self.prefix_sharing and self.data_kind == "scores":
+            raise ValueError("prefix_sharing applies to pairs and rankings (a prompt's responses share it), got "
+                             "data_kind 'scores' (one response per prompt)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for k, w in self.annotator_weights.items():
@@ -204,12 +203,12 @@ def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
 
 def check_reward_prefix_sharing(model, kind: str, max_len: int) -> None:
     """ValueError naming ``prefix_sharing`` when the reward trainer cannot run it: items that are
-    not pairs, or a backbone :mod:`rlhf_fast.models.llama_forward` does not compute (a LoRA /
+    neither pairs nor rankings, or a backbone :mod:`rlhf_fast.models.llama_forward` does not compute (a LoRA /
     peft model, another architecture, the torch backend forced)."""
     from rlhf_fast.models.logprobs import prefix_sharing_reason
 
-    if kind != "pairs":
-        raise ValueError(f"prefix_sharing applies to pairs, got data_kind {kind!r}")
+    if kind not in ("pairs", "rankings"):
+        raise ValueError(f"prefix_sharing applies to pairs and rankings, got data_kind {kind!r}")
     why = prefix_sharing_reason(model, max_len, lm_head=False)
     if why is not None:
         raise ValueError(f"prefix_sharing: true needs a backbone rlhf_fast.models.llama_forward computes, but {why}; "
@@ -220,7 +219,7 @@ def shared_reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.T
                          groups: torch.Tensor) -> torch.Tensor:
     """:func:`rlhf_fast.models.loading.reward_scores` (``[N]`` float32, the score head at each
     row's last attended token) from one shared-prefix row: each group of rows ``groups [G, K]``
-    (a pair's chosen and rejected) laid out once, its common leading tokens scored once
+    (a pair's chosen and rejected, a ranking's responses; -1 fills a shorter group) laid out once, its common leading tokens scored once
     (:func:`rlhf_fast.models.logprobs.pack_shared_rows`); the last layer computes after its
     attention only the N states the head reads. input_ids / attention_mask ``[N, T]``, every row
     with at least one attended token."""
@@ -357,9 +356,11 @@ class RewardTrainer:
         seqs = [s for it in items for s in it["seqs"]]
         ids, attn = pad_right(seqs, self.pad_id)
         with autocast_context(self.device, self.cfg.bf16):
-            if self.cfg.prefix_sharing:  # rows 2i, 2i + 1: pair i's chosen and rejected
-                flat = shared_reward_scores(self.model, ids.to(self.device), attn.to(self.device),
-                                            torch.arange(len(seqs), device=self.device).view(-1, 2))
+            if self.cfg.prefix_sharing:  # each item's rows one group: a pair's two, a ranking's K
+                from rlhf_fast.models.logprobs import row_groups
+
+                item = torch.tensor([i for i, it in enumerate(items) for _ in it["seqs"]], device=self.device)
+                flat = shared_reward_scores(self.model, ids.to(self.device), attn.to(self.device), row_groups(item))
             else:
                 flat = reward_scores(self.model, ids.to(self.device), attn.to(self.device))  # [N]
         out, k = [], 0

@@ -6,6 +6,8 @@ passed in memory keeps its dtype with a warning (TRL's); ``rlhf-fast eval --run`
 run's reference as the run loaded it; and a resume whose dtype differs from the checkpoint's is
 refused naming the key, instead of continuing from cast weights."""
 
+import copy
+import dataclasses
 import math
 import os
 
@@ -378,3 +380,25 @@ def test_a_sharded_checkpoint_in_another_dtype_is_refused(tmp_path):
     assert "REFUSED" in r.stdout and "NOT REFUSED" not in r.stdout, r.stdout
     assert "model.model_init_kwargs" in r.stdout and "bfloat16" in r.stdout
     assert "EQUAL True" in r.stdout
+
+
+def test_eval_run_takes_the_runs_reference_folder(tmp_path):
+    """A run with a ``model.reference`` folder trained its KL against that model, not its initial
+    policy: ``--run`` evaluates against it too (loaded with the run's kwargs)."""
+    from rlhf_fast.trainers.evaluate import run_initial_policy
+
+    cfg, tr = _tiny_run(tmp_path, BF16_EAGER, steps=1)
+    folder = str(tmp_path / "ref")
+    other = copy.deepcopy(tr.reference)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    other.save_pretrained(folder)
+    tr.tokenizer.save_pretrained(folder)
+    with_ref = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, reference=folder))
+    ref = run_initial_policy(with_ref)
+    assert _dtypes(ref) == {torch.bfloat16} and ref.config._attn_implementation == "eager"
+    want = other.state_dict()
+    assert all(torch.equal(v, want[n]) for n, v in ref.state_dict().items())
+    initial = run_initial_policy(cfg)  # without one: the initial policy, as before
+    assert not all(torch.equal(v, want[n]) for n, v in initial.state_dict().items())

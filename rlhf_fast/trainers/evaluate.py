@@ -4,7 +4,8 @@ Both models answer the same prompts (greedy by default); every answer is scored 
 reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie); KL is the mean
 per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased estimate of
 KL(π‖π_ref) when sampled; with greedy answers it is only their log-ratio). ``--run RUN_DIR``
-takes the final policy of an RL run, rebuilds its initial policy as the reference, and reuses
+takes the final policy of an RL run, loads the reference it trained against (its
+``model.reference`` folder, else its initial policy, rebuilt), and reuses
 its reward functions and its prompts: by default (``--split auto``) the evaluation prompts the
 run evaluated on during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it
 held out, split exactly as the trainer split it), else its training prompts. ``--reward-model``
@@ -260,8 +261,8 @@ def run_prompt_records(cfg, split: str = "auto") -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default=None, help="an RL run folder: its final policy, initial policy as reference, "
-                                                    "prompts and reward functions")
+    parser.add_argument("--run", default=None, help="an RL run folder: its final policy, its reference (model.reference, "
+                                                    "else its initial policy), prompts and reward functions")
     parser.add_argument("--policy", default=None, help="policy path (save_pretrained folder with tokenizer)")
     parser.add_argument("--reference", default=None, help="reference policy path (default: none, or the run's)")
     parser.add_argument("--prompts", default=None, help="prompts file (.txt one per line or .jsonl with 'prompt')")
@@ -356,14 +357,17 @@ def _parse_pass_k(text: Optional[str], n: int) -> List[int]:
 
 
 def run_initial_policy(cfg):
-    """A run's initial policy (``cfg``: its RLConfig), the reference of ``--run``: loaded as the
-    run loaded it, with ``model.model_init_kwargs`` (a tiny spec rebuilt, then cast), so the KL
-    is measured against the reference the run trained with (a float32 one by default, whatever
-    dtype the folder was saved in)."""
+    """The reference of ``--run`` (``cfg``: the run's RLConfig): its ``model.reference`` folder
+    when it had one, else its initial policy, loaded as the run loaded it, with
+    ``model.model_init_kwargs`` (a tiny spec rebuilt, then cast), so the KL is measured against
+    the reference the run trained with (a float32 one by default, whatever dtype the folder was
+    saved in)."""
     from rlhf_fast.models.loading import apply_model_init_kwargs, load_policy
     from rlhf_fast.trainers.rl import build_tiny_policy
 
     init_kwargs = cfg.model.model_init_kwargs
+    if cfg.model.reference:
+        return load_policy(cfg.model.reference, init_kwargs=init_kwargs)
     if cfg.model.policy.startswith("tiny:"):
         return apply_model_init_kwargs(build_tiny_policy(cfg)[0], init_kwargs)
     return load_policy(cfg.model.policy, init_kwargs=init_kwargs)
@@ -404,9 +408,11 @@ def run(args) -> int:
         init_kwargs = cfg.model.model_init_kwargs
         policy_path = policy_path or os.path.join(args.run, "final", "policy")
         if args.reference is None:
-            if not (cfg.model.policy.startswith("tiny:") or os.path.isdir(cfg.model.policy)):
-                raise FileNotFoundError(f"--run {args.run}: its initial policy {cfg.model.policy!r} (the reference) "
-                                        "is not a local folder; give --reference PATH")
+            ref_path = cfg.model.reference or cfg.model.policy
+            if not (ref_path.startswith("tiny:") or os.path.isdir(ref_path)):
+                what = "reference" if cfg.model.reference else "initial policy"
+                raise FileNotFoundError(f"--run {args.run}: its {what} {ref_path!r} (the reference) is not a local "
+                                        "folder; give --reference PATH")
             reference = run_initial_policy(cfg)
         split, records = run_prompt_records(cfg, getattr(args, "split", "auto"))
         fns = fns or list(cfg.reward.functions)

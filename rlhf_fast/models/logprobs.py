@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -302,22 +302,26 @@ def _chunked_head_logprobs(h, weight, bias, labels, *, temperature, return_entro
         return ops.fused_linear_logprobs(h, weight, labels, bias=bias, temperature=temperature,
                                          return_entropy=return_entropy, **top1)
 
-    def one(hc, w, b, lc):
+    def one(hc, lc, w, b):
         out = ops.fused_linear_logprobs(hc, w, lc, bias=b, temperature=temperature, return_entropy=return_entropy,
                                         **top1)
         return out if many else (out,)
 
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    outs = []
-    for s in range(0, N, rows):
-        args = (h[s:s + rows], weight, bias, labels[s:s + rows])
-        if grad:
-            # recompute this chunk's logits in backward instead of keeping them
-            outs.append(torch.utils.checkpoint.checkpoint(one, *args, use_reentrant=False))
-        else:
-            outs.append(one(*args))
-    cat = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    cat = _row_chunks(one, rows, grad, h, labels, weight, bias)
     return tuple(cat) if many else cat[0]
+
+
+def _row_chunks(fn, rows: int, grad: bool, h: torch.Tensor, labels: torch.Tensor, *rest) -> List[torch.Tensor]:
+    """``fn(h chunk, labels chunk, *rest)`` (a tuple of per-row outputs) over ``rows`` rows of
+    ``h [N, H]`` / ``labels [N]`` at a time, the outputs concatenated; with ``grad`` each chunk is
+    checkpointed, its logits recomputed in the backward instead of kept. An empty ``h`` still
+    gives fn's (empty) outputs."""
+    outs = []
+    for s in range(0, max(h.shape[0], 1), rows):
+        args = (h[s:s + rows], labels[s:s + rows], *rest)
+        outs.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
 
 
 def mean_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -418,12 +422,7 @@ def logits_head_token_stats(h, head, transform, labels, *, temperature=1.0, retu
         return out if many else (out,)
 
     grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
-    outs = []
-    for s in range(0, max(h.shape[0], 1), rows):  # an empty h still gives its (empty) outputs
-        args = (h[s:s + rows], labels[s:s + rows])
-        # recompute this chunk's logits in the backward instead of keeping them
-        outs.append(torch.utils.checkpoint.checkpoint(one, *args, use_reentrant=False) if grad else one(*args))
-    cat = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    cat = _row_chunks(one, rows, grad, h, labels)
     return tuple(cat) if many else cat[0]
 
 

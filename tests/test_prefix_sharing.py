@@ -530,7 +530,13 @@ def test_reward_step_and_eval_equal_the_padded(tmp_path, tok, kw):
         tr = RewardTrainer(RewardConfig(**base), train_records=records, eval_records=records[:9], tokenizer=tok)
         assert any(len(it["seqs"][0]) == 16 for it in tr.train_items)  # some rows cut to max_len (end kept)
         out.append((tr, _step_grads(tr)))
-    (pad, (ma, ga)), (ps, (mb, gb)) = out
+    _assert_same_step_and_eval(*out)
+
+
+def _assert_same_step_and_eval(padded, shared):
+    """Two reward trainers' ``(trainer, (step metrics, gradients))``: the same metrics and
+    gradients, and the same eval metrics."""
+    (pad, (ma, ga)), (ps, (mb, gb)) = padded, shared
     assert ma.keys() == mb.keys()
     for k in ma:
         assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
@@ -566,27 +572,19 @@ def test_reward_rankings_step_and_eval_equal_the_padded(tmp_path, tok, monkeypat
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
     records = _rankings(12, seed=4)
-    out = []
+    out, groups = [], []
     for shared in (False, True):
         cfg = RewardConfig(model="tiny:qwen2:hidden_size=32,num_layers=2,num_heads=4,num_kv_heads=2",
                            data_kind="rankings", output_dir=str(tmp_path / f"rk{int(shared)}"), batch_size=6, lr=3e-3,
                            warmup_steps=0, eval_every=0, log_every=1, max_len=24, max_steps=3, device="cpu",
                            grad_clip=0.0, center_rewards_coefficient=0.1, prefix_sharing=shared)
         tr = RewardTrainer(cfg, train_records=records, eval_records=records[:5], tokenizer=tok)
-        groups = []
         if shared:
             real = L.pack_shared_rows
             monkeypatch.setattr(L, "pack_shared_rows", lambda ids, am, g: groups.append(g) or real(ids, am, g))
-        out.append((tr, _step_grads(tr), groups))
-    (pad, (ma, ga), _), (ps, (mb, gb), groups) = out
+        out.append((tr, _step_grads(tr)))
     assert groups and {int(n) for g in groups for n in (g >= 0).sum(1)} == {2, 3, 4}  # -1 fills the shorter ones
-    for k in ma:
-        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
-    for x, y in zip(ga, gb):
-        _close(y, x, 2e-5)
-    ea, eb = pad.evaluate(), ps.evaluate()
-    for k in ea:
-        assert eb[k] == pytest.approx(ea[k], rel=1e-4, abs=1e-6), k
+    _assert_same_step_and_eval(*out)
 
 
 def test_reward_refusals_name_prefix_sharing(tmp_path, tok):

@@ -174,6 +174,12 @@ def check_model_init_kwargs(value, key: str = "model_init_kwargs") -> dict:
     return out
 
 
+def tokenizer_kwargs(init_kwargs=None) -> dict:
+    """The ``AutoTokenizer.from_pretrained`` keywords a model's checked ``init_kwargs``
+    (:func:`check_model_init_kwargs`) imply: ``trust_remote_code`` when it is set, else none."""
+    return {"trust_remote_code": True} if (init_kwargs or {}).get("trust_remote_code") else {}
+
+
 def from_pretrained_kwargs(init_kwargs=None, dtype: Optional[torch.dtype] = None) -> dict:
     """The ``from_pretrained`` keywords of checked ``init_kwargs`` (:func:`check_model_init_kwargs`)
     with the load dtype resolved as TRL's ``create_model_from_path`` does (trl/trainer/utils.py):

@@ -1105,15 +1105,14 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_fast.models.loading import check_model_folder, from_pretrained_kwargs
+    from rlhf_fast.models.loading import check_model_folder, from_pretrained_kwargs, tokenizer_kwargs
 
     check_model_folder(spec, "model", tokenizer=tokenizer is None)
     # float32 master weights whatever dtype the folder was saved in (transformers 5 loads the
     # saved dtype by default: a bf16 save would train in pure bf16), unless model_init_kwargs'
     # dtype asks otherwise; autocast does the rest
     load_kw = from_pretrained_kwargs(init_kwargs)
-    remote = {"trust_remote_code": True} if load_kw.get("trust_remote_code") else {}
-    tok = tokenizer or AutoTokenizer.from_pretrained(spec, **remote)
+    tok = tokenizer or AutoTokenizer.from_pretrained(spec, **tokenizer_kwargs(load_kw))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if kind == "causal":

@@ -463,9 +463,10 @@ class DistillationTrainer(RLTrainer):
             return
         from transformers import AutoTokenizer
 
-        trust = self.config.distill.teacher_model_init_kwargs.get("trust_remote_code")
-        remote = {"trust_remote_code": True} if trust else {}
-        theirs = AutoTokenizer.from_pretrained(path, **remote).get_vocab()
+        from rlhf_fast.models.loading import tokenizer_kwargs
+
+        theirs = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs(self.config.distill.teacher_model_init_kwargs)
+                                               ).get_vocab()
         ours = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else theirs
         if theirs != ours:
             diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:3]

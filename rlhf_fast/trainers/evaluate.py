@@ -392,6 +392,7 @@ def run(args) -> int:
 
     from rlhf_fast.algorithms import CallableReward, CombinedReward, RewardModelReward, load_callable
 
+    from rlhf_fast.models.loading import tokenizer_kwargs
     from rlhf_fast.trainers.config import atomic_write_text, check_output_path
 
     _check_args(args)
@@ -438,8 +439,7 @@ def run(args) -> int:
         if len(references) != len(records):
             raise ValueError(f"--references {args.references}: {len(references)} references for {len(records)} prompts "
                              "(one per prompt, in the same order)")
-    remote = {"trust_remote_code": True} if (init_kwargs or {}).get("trust_remote_code") else {}
-    tok = AutoTokenizer.from_pretrained(policy_path, **remote)
+    tok = AutoTokenizer.from_pretrained(policy_path, **tokenizer_kwargs(init_kwargs))
     tok.padding_side = "left"
     from rlhf_fast.feedback.formats import render_prompt
 
@@ -455,8 +455,8 @@ def run(args) -> int:
         from rlhf_fast.models.loading import load_reward_model
 
         # (with --run, loaded as the run loaded its reward.reward_model folders)
-        sources.append(RewardModelReward(load_reward_model(args.reward_model, init_kwargs=init_kwargs),
-                                         AutoTokenizer.from_pretrained(args.reward_model, **remote)))
+        rm_tok = AutoTokenizer.from_pretrained(args.reward_model, **tokenizer_kwargs(init_kwargs))
+        sources.append(RewardModelReward(load_reward_model(args.reward_model, init_kwargs=init_kwargs), rm_tok))
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
     res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, convention=convention),

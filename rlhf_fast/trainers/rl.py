@@ -756,7 +756,7 @@ class RLTrainer:
             return apply_model_init_kwargs(model, init_kwargs), tok
         from transformers import AutoTokenizer
 
-        from rlhf_fast.models.loading import check_model_folder, check_tokenizer_folder, load_policy
+        from rlhf_fast.models.loading import check_model_folder, check_tokenizer_folder, load_policy, tokenizer_kwargs
 
         if not os.path.exists(cfg.model.policy):
             raise FileNotFoundError(f"model.policy: no such path {cfg.model.policy!r} (or use 'tiny:llama')")
@@ -764,8 +764,7 @@ class RLTrainer:
                            tokenizer_key="model.tokenizer")
         if cfg.model.tokenizer is not None:
             check_tokenizer_folder(cfg.model.tokenizer, "model.tokenizer")
-        remote = {"trust_remote_code": True} if init_kwargs.get("trust_remote_code") else {}
-        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy, **remote)
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.policy, **tokenizer_kwargs(init_kwargs))
         tok.padding_side = "left"
         return load_policy(cfg.model.policy, init_kwargs=init_kwargs), tok
 
@@ -792,16 +791,16 @@ class RLTrainer:
         if folders:
             from transformers import AutoTokenizer
 
-            from rlhf_fast.models.loading import check_model_folder, load_reward_model
+            from rlhf_fast.models.loading import check_model_folder, load_reward_model, tokenizer_kwargs
 
             for key, path in folders:  # all checked before any is loaded
                 check_model_folder(path, key, tokenizer=True, reward=True)
             # loaded with the policy's from_pretrained keywords, as TRL's GRPO / RLOO load reward-model paths
             init_kwargs = self.config.model.model_init_kwargs
-            remote = {"trust_remote_code": True} if init_kwargs.get("trust_remote_code") else {}
             for _, path in folders:
                 rms.append(RewardModelReward(load_reward_model(path, device=self.device, init_kwargs=init_kwargs),
-                                             AutoTokenizer.from_pretrained(path, **remote), name="reward_model"))
+                                             AutoTokenizer.from_pretrained(path, **tokenizer_kwargs(init_kwargs)),
+                                             name="reward_model"))
         if rc.reward_model_ensemble == "sum":
             # each model a source of its own (the behaviour before ensembles: same names, same sum)
             sources += rms

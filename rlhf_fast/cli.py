@@ -59,6 +59,12 @@ def _usage() -> str:
 # this long first, by which time torchrun, seeing rank 0 fail, has stopped it — so the launch
 # prints one line — and prints its own line only when it alone failed.
 PEER_GRACE_S = 3.0
+# A failure every local rank meets alike before joining (a bad option, a missing file) is
+# printed by local rank 0 alone; the others stay quiet but must not exit first: torchrun stops
+# the remaining ranks as soon as one exits, which could kill local rank 0 before it printed
+# (it may reach the error later, e.g. importing more slowly on a loaded machine). They wait up
+# to this long — torchrun stops them once rank 0 exits — then print the line themselves.
+QUIET_RANK_WAIT_S = 60.0
 
 
 def _launch_env():
@@ -94,15 +100,20 @@ def _report(line: str, *, everywhere: bool = False, consequence: bool = False) -
     """Print the one-line message ``line`` of a failed command once per launch. One process:
     at once. Under torchrun: a failure every rank of a machine meets alike, before the ranks
     joined their process group (``everywhere``: the same command line and files), only from
-    each machine's local rank 0; another failure from rank 0 at once, and from another rank
-    after :data:`PEER_GRACE_S`, naming it, unless torchrun has stopped it by then. A
+    each machine's local rank 0 (the others wait :data:`QUIET_RANK_WAIT_S` first, so that
+    torchrun does not stop rank 0 before it printed); another failure from rank 0 at once,
+    and from another rank after :data:`PEER_GRACE_S`, naming it, unless torchrun has stopped
+    it by then. A
     ``consequence`` of another rank's failure (a collective that lost its peer) always waits
     :data:`PEER_GRACE_S` first, so the line of the rank that failed first is the one shown."""
     world, rank, local = _launch_env()
     if world > 1:
         if everywhere and not consequence:
             if local != 0:
-                return
+                import time
+
+                time.sleep(QUIET_RANK_WAIT_S)
+                line = line.replace(": error: ", f": error (local rank {local}): ", 1)
         elif rank != 0 or consequence:
             import time
 

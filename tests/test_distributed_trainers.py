@@ -467,6 +467,45 @@ def test_cli_under_torchrun_ends_cleanly_and_errors_do_not_hang(tmp_path):
     assert again.stderr.count("Traceback") == 1  # torchrun's own (ChildFailedError), no rank's
 
 
+def test_a_quiet_rank_waits_for_local_rank0_before_it_exits(monkeypatch, capsys):
+    """An error every local rank meets alike is printed by local rank 0; another local rank
+    must not exit first (torchrun would stop rank 0 before it printed, leaving the launch
+    without its line, as a loaded CI machine showed): it waits, and prints the line itself,
+    naming its rank, only if torchrun did not stop it meanwhile."""
+    import time
+
+    from rlhf_fast import cli
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(var, value)
+    assert cli.main(["no-such-command"]) == 2
+    assert slept == [cli.QUIET_RANK_WAIT_S] and cli.QUIET_RANK_WAIT_S >= 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rlhf-fast: error (local rank 1): unknown command"), err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    slept.clear()
+    assert cli.main(["no-such-command"]) == 2
+    assert slept == [] and capsys.readouterr().err.startswith("rlhf-fast: error: unknown command")
+
+
+def test_a_slow_local_rank0_still_reports_an_error_every_rank_meets(tmp_path):
+    """The race CI met, made certain: local rank 0 reaches the same bad option 5 s after rank
+    1; the launch still prints the one line (rank 1 waits; torchrun stops it once rank 0 exits)."""
+    script = tmp_path / "slow_rank0_cli.py"
+    script.write_text("import os, sys, time\n"
+                      f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+                      "if os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(5)\n"
+                      "from rlhf_fast.cli import entry\nentry()\n")
+    bad = _torchrun([str(script)], "sft", str(_sft_cli_config(tmp_path)), "--lrr", "1")
+    assert bad.returncode != 0
+    lines = _our_lines(bad.stderr)
+    assert len(lines) == 1 and lines[0].startswith("rlhf-fast sft: error: unknown config key 'lrr'"), \
+        bad.stderr[-3000:]
+
+
 def test_torchrun_stdout_comes_from_rank0_only():
     """Every rank computes the same results; a command's output is printed once."""
     r = _torchrun(["-m", "rlhf_fast.cli"], "env", timeout=120)

@@ -98,3 +98,18 @@ def test_disable_dropout(tmp_path, tok, kind):
         assert same == ([True, True] if on else [False, False]), on
     with pytest.raises(ValueError, match="disable_dropout must be true or false"):
         _make(kind, tmp_path, tok, "bad", disable_dropout="no")
+
+
+@pytest.mark.parametrize("loss_type", ["cpo", "simpo", "orpo"])
+def test_disable_dropout_of_the_reference_free_losses(tmp_path, tok, loss_type):
+    """TRL's CPOConfig and ORPOConfig have ``disable_dropout`` (default true) too; our CPO,
+    SimPO and ORPO are DPO loss types, whose policy (no reference is loaded) follows it."""
+    for on in (True, False):
+        tr = _make("dpo", tmp_path, tok, f"{loss_type}{on}", model=_with_dropout(tok), loss_type=loss_type,
+                   disable_dropout=on)
+        assert tr.reference is None or tr.reference is tr.model or not isinstance(tr.reference, torch.nn.Module)
+        batch = tr._batch(tr.train_items[:2])
+        tr.model.train()
+        with torch.no_grad():
+            same = torch.equal(response_logps(tr.model, batch)[0], response_logps(tr.model, batch)[0])
+        assert same == on, on

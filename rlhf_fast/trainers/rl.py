@@ -43,7 +43,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -77,6 +77,7 @@ from rlhf_fast.algorithms.rewards import (
     trl_completions,
 )
 from rlhf_fast.trainers.common import autocast_context
+from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl_config import DISTILL, ONLINE_DPO, RLConfig
 
 
@@ -1978,11 +1979,30 @@ class RLTrainer:
         every = self.config.sample_every
         if not every or self.global_step % every != 0 or self.run_dir is None or not self.ctx.is_main:
             return
+        rows = self._sample_rows()
         with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
-            for k, (p, c, r) in enumerate(self._last_texts[: 2 * self.config.rollout.group_size]):
-                row = {"step": self.global_step, "prompt": p, "completion": c, "reward": r}
-                row.update(self._last_columns[k] if k < len(getattr(self, "_last_columns", ())) else {})
+            for row in rows:
                 f.write(json.dumps(row, default=str) + "\n")
+        if self.config.num_completions_to_print:
+            print_samples(rows[: self.config.num_completions_to_print], self.global_step)
+
+    def _sample_rows(self) -> List[Dict[str, Any]]:
+        """The rows samples.jsonl gets this step: the answers of the first two prompts, or with
+        ``log_unique_prompts`` the first answer of each prompt (TRL's unique-prompt table)."""
+        columns = getattr(self, "_last_columns", ())
+        picked, seen = [], set()
+        for k, (p, c, r) in enumerate(self._last_texts):
+            if self.config.log_unique_prompts:
+                key = json.dumps(p, sort_keys=True, default=str)  # chat prompts are lists of messages
+                if key in seen:
+                    continue
+                seen.add(key)
+            elif k >= 2 * self.config.rollout.group_size:
+                break
+            row = {"step": self.global_step, "prompt": p, "completion": c, "reward": r}
+            row.update(columns[k] if k < len(columns) else {})
+            picked.append(row)
+        return picked
 
     def state_dict_extra(self) -> dict:
         """JSON state that checkpoints carry besides weights/optimisers/RNG."""

@@ -1227,6 +1227,13 @@ class RLConfig:
     trackers' run (null: the run folder's name). See
     :class:`rlhf_fast.trainers.common.MetricsLogger`.
 
+    samples.jsonl (TRL's ``log_completions``): every ``sample_every`` steps (0 = never), the
+    answers of the step's first two prompts (2 × ``rollout.group_size`` rows: prompt, completion,
+    total reward, the reward sources' extra columns); with ``log_unique_prompts`` (TRL's) the
+    first answer of every prompt of the step instead. ``num_completions_to_print`` (TRL's; null,
+    the default: none) prints the first that many of those rows as a table on the console at the
+    same steps (rank 0) — not TRL's random pick, which would draw from the run's random state.
+
     ``scale_rewards`` (TRL's GRPO option; estimator grpo): ``group`` (the default, None: each
     answer's s − group mean divided by its group's unbiased std + 1e-6), ``batch`` (divided by
     the unbiased std of every score of the step, over all ranks: PPO Lite) or ``none`` (not
@@ -1256,6 +1263,8 @@ class RLConfig:
     report_to: Union[str, List[str]] = "auto"
     run_name: Optional[str] = None
     sample_every: int = 5
+    num_completions_to_print: Optional[int] = None
+    log_unique_prompts: bool = False
     save_every: int = 0
     keep_checkpoints: int = 2
     progress: bool = True
@@ -1305,6 +1314,10 @@ class RLConfig:
         self.report_to = check_report_to(self.report_to)
         check_run_name(self.run_name)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)
+        if self.num_completions_to_print is not None:
+            _pos("num_completions_to_print", self.num_completions_to_print, integer=True)
+        if not isinstance(self.log_unique_prompts, bool):
+            raise ValueError(f"log_unique_prompts must be true or false, got {self.log_unique_prompts!r}")
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
         _pos("keep_checkpoints", self.keep_checkpoints, integer=True)
         if self.estimator in GROUP_ESTIMATORS and self.rollout.group_size < 2:

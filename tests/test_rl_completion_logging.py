@@ -13,6 +13,7 @@ from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import PPOConfig, RolloutConfig
 
+from tests.test_report_to import wandb_runs  # noqa: F401,E402 (a fixture)
 from tests.test_rl_learning import PROMPTS, make_config, make_policy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,3 +90,75 @@ def test_print_samples_table():
 def test_bad_values_are_refused(tmp_path, kw, key):
     with pytest.raises(ValueError, match=key):
         make_config(tmp_path, "grpo", **kw)
+
+
+# -- the trackers' completions table ----------------------------------------------------------
+
+ROWS = [{"step": 2, "prompt": "q: a|b", "completion": "x\ny", "reward": 1.5},
+        {"step": 2, "prompt": [{"role": "user", "content": "hi"}], "completion": "z", "reward": None, "src": 3}]
+COLUMNS = ["step", "prompt", "completion", "reward", "src"]
+DATA = [[2, "q: a|b", "x\ny", 1.5, None], [2, '[{"role": "user", "content": "hi"}]', "z", None, 3]]
+
+
+def _tb_texts(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+def test_tensorboard_gets_a_markdown_table(tmp_path):
+    pytest.importorskip("tensorboard")
+    from rlhf_fast.trainers.common import MetricsLogger
+
+    with MetricsLogger(str(tmp_path), report_to="tensorboard") as log:
+        log.log(2, {"loss": 1.0})
+        log.log_table(2, "completions", ROWS)
+        log.log_table(3, "completions", [])  # nothing to send
+    (step, text), = _tb_texts(str(tmp_path), "completions")
+    assert step == 2
+    assert text.splitlines() == ["| step | prompt | completion | reward | src |", "|---|---|---|---|---|",
+                                 "| 2 | q: a\\|b | x<br>y | 1.5 |  |",
+                                 '| 2 | [{"role": "user", "content": "hi"}] | z |  | 3 |']
+
+
+def test_wandb_trackio_and_mlflow_get_the_table(tmp_path, monkeypatch, wandb_runs):
+    import sys
+
+    import pandas as pd
+
+    from rlhf_fast.trainers.common import MetricsLogger
+    from tests.test_report_to import fake_mlflow, fake_trackio
+
+    trackio, mlflow = fake_trackio(), fake_mlflow()
+    trackio.Table = lambda dataframe: ("trackio-table", dataframe)
+    mlflow.log_table = lambda data, artifact_file: mlflow.calls.append(("log_table", data, artifact_file))
+    monkeypatch.setitem(sys.modules, "trackio", trackio)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    names = ["trackio", "mlflow"] + (["wandb"] if wandb_runs is not None else [])
+    with MetricsLogger(str(tmp_path), report_to=names) as log:
+        log.log_table(4, "completions", ROWS)
+    (_, step, logged), = [c for c in trackio.calls if c[0] == "log"]
+    kind, frame = logged["completions"]
+    assert step == 4 and kind == "trackio-table"
+    pd.testing.assert_frame_equal(frame, pd.DataFrame(DATA, columns=COLUMNS))
+    (_, data, artifact), = [c for c in mlflow.calls if c[0] == "log_table"]
+    assert artifact == "completions/step_0000004.json" and data == {c: [r[i] for r in DATA]
+                                                                    for i, c in enumerate(COLUMNS)}
+    if wandb_runs is not None:
+        table = wandb_runs[-1]["logs"][-1]
+        assert table["step"] == 4 and table["completions"].columns == COLUMNS
+        assert table["completions"].data == DATA
+
+
+def test_an_rl_run_sends_its_samples(tmp_path):
+    pytest.importorskip("tensorboard")
+    tr = _run(tmp_path, "tb", report_to="tensorboard")
+    rows = _read(tr.run_dir.path, "samples.jsonl")
+    texts = _tb_texts(tr.run_dir.path, "completions")
+    assert [s for s, _ in texts] == [1, 2]
+    for step, text in texts:  # one table line per samples.jsonl row of the step, its completions in it
+        mine = [r for r in rows if r["step"] == step]
+        assert len(text.splitlines()) == 2 + len(mine)
+        assert all(f"| {r['reward']} |" in text or r["reward"] is None for r in mine)

@@ -238,6 +238,9 @@ class _TensorBoard:
         for k, v in scalars.items():
             self._w.add_scalar(k, v, step)
 
+    def log_table(self, step: int, name: str, columns: List[str], rows: List[List[Any]]) -> None:
+        self._w.add_text(name, _markdown_table(columns, rows), step)
+
     def finish(self) -> None:
         self._w.close()
 
@@ -263,6 +266,11 @@ class _WandB:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         self._run.log({"step": step, **scalars})
 
+    def log_table(self, step: int, name: str, columns: List[str], rows: List[List[Any]]) -> None:
+        import wandb
+
+        self._run.log({"step": step, name: wandb.Table(columns=columns, data=rows)})
+
     def finish(self) -> None:
         self._run.finish()
 
@@ -280,6 +288,11 @@ class _Trackio:
 
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         self._trackio.log(scalars, step=step)
+
+    def log_table(self, step: int, name: str, columns: List[str], rows: List[List[Any]]) -> None:
+        import pandas as pd  # (a dependency of trackio)
+
+        self._trackio.log({name: self._trackio.Table(dataframe=pd.DataFrame(rows, columns=columns))}, step=step)
 
     def finish(self) -> None:
         self._trackio.finish()
@@ -318,11 +331,33 @@ class _MLflow:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         self._mlflow.log_metrics(scalars, step=step)
 
+    def log_table(self, step: int, name: str, columns: List[str], rows: List[List[Any]]) -> None:
+        self._mlflow.log_table(data={c: [r[i] for r in rows] for i, c in enumerate(columns)},
+                               artifact_file=f"{name}/step_{step:07d}.json")
+
     def finish(self) -> None:
         self._mlflow.end_run()
 
 
 TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio, "mlflow": _MLflow}
+
+
+def _cell(value: Any) -> Any:
+    """A table cell as every tracker takes it: numbers, bools, text and None as they are,
+    anything else (chat messages, lists) as JSON text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return json.dumps(value, default=str)
+
+
+def _markdown_table(columns: List[str], rows: List[List[Any]]) -> str:
+    """``rows`` as a Markdown table (TensorBoard renders text summaries as Markdown)."""
+    def cell(v):
+        return "" if v is None else str(v).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def record_scalars(rec: Mapping[str, Any]) -> Dict[str, float]:
@@ -403,6 +438,18 @@ class MetricsLogger:
             for t in self._trackers:
                 t.log(int(step), scalars)
         return rec
+
+    def log_table(self, step: int, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Send ``rows`` (records, e.g. samples.jsonl's; the columns are their keys in order of
+        first appearance) to every tracker as the table ``name`` at ``step``: a W&B / trackio
+        table, an MLflow table artifact, a TensorBoard text summary in Markdown (as TRL logs its
+        completions). The run folder's own file of them is the caller's."""
+        if not self._trackers or not rows:
+            return
+        columns = list(dict.fromkeys(str(k) for row in rows for k in row))
+        data = [[_cell(row.get(c)) for c in columns] for row in rows]
+        for t in self._trackers:
+            t.log_table(int(step), name, columns, data)
 
     def _finish_trackers(self) -> None:
         trackers, self._trackers = self._trackers, []

@@ -1983,6 +1983,7 @@ class RLTrainer:
         with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, default=str) + "\n")
+        self._logger.log_table(self.global_step, "completions", rows)  # TRL's completions table
         if self.config.num_completions_to_print:
             print_samples(rows[: self.config.num_completions_to_print], self.global_step)
 

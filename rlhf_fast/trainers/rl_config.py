@@ -1229,8 +1229,9 @@ class RLConfig:
 
     samples.jsonl (TRL's ``log_completions``): every ``sample_every`` steps (0 = never), the
     answers of the step's first two prompts (2 × ``rollout.group_size`` rows: prompt, completion,
-    total reward, the reward sources' extra columns); with ``log_unique_prompts`` (TRL's) the
-    first answer of every prompt of the step instead. ``num_completions_to_print`` (TRL's; null,
+    total reward, the reward sources' extra columns), also sent to the trackers ``report_to``
+    names as the table ``completions``; with ``log_unique_prompts`` (TRL's) the first answer of
+    every prompt of the step instead. ``num_completions_to_print`` (TRL's; null,
     the default: none) prints the first that many of those rows as a table on the console at the
     same steps (rank 0) — not TRL's random pick, which would draw from the run's random state.
 

@@ -94,10 +94,10 @@ def test_bad_values_are_refused(tmp_path, kw, key):
 
 # -- the trackers' completions table ----------------------------------------------------------
 
-ROWS = [{"step": 2, "prompt": "q: a|b", "completion": "x\ny", "reward": 1.5},
+ROWS = [{"step": 2, "prompt": "q: a|b", "completion": "x\ny\r\nw\rv\x1c", "reward": 1.5},
         {"step": 2, "prompt": [{"role": "user", "content": "hi"}], "completion": "z", "reward": None, "src": 3}]
 COLUMNS = ["step", "prompt", "completion", "reward", "src"]
-DATA = [[2, "q: a|b", "x\ny", 1.5, None], [2, '[{"role": "user", "content": "hi"}]', "z", None, 3]]
+DATA = [[2, "q: a|b", "x\ny\r\nw\rv\x1c", 1.5, None], [2, '[{"role": "user", "content": "hi"}]', "z", None, 3]]
 
 
 def _tb_texts(run_dir, tag):
@@ -118,8 +118,8 @@ def test_tensorboard_gets_a_markdown_table(tmp_path):
         log.log_table(3, "completions", [])  # nothing to send
     (step, text), = _tb_texts(str(tmp_path), "completions")
     assert step == 2
-    assert text.splitlines() == ["| step | prompt | completion | reward | src |", "|---|---|---|---|---|",
-                                 "| 2 | q: a\\|b | x<br>y | 1.5 |  |",
+    assert text.split("\n") == ["| step | prompt | completion | reward | src |", "|---|---|---|---|---|",
+                                 "| 2 | q: a\\|b | x<br>y<br>w<br>v\x1c | 1.5 |  |",
                                  '| 2 | [{"role": "user", "content": "hi"}] | z |  | 3 |']
 
 
@@ -160,5 +160,5 @@ def test_an_rl_run_sends_its_samples(tmp_path):
     assert [s for s, _ in texts] == [1, 2]
     for step, text in texts:  # one table line per samples.jsonl row of the step, its completions in it
         mine = [r for r in rows if r["step"] == step]
-        assert len(text.splitlines()) == 2 + len(mine)
+        assert len(text.split("\n")) == 2 + len(mine)  # (not splitlines: \x1c-\x1e in random answers)
         assert all(f"| {r['reward']} |" in text or r["reward"] is None for r in mine)

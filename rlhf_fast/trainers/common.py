@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -352,8 +353,8 @@ def _cell(value: Any) -> Any:
 
 def _markdown_table(columns: List[str], rows: List[List[Any]]) -> str:
     """``rows`` as a Markdown table (TensorBoard renders text summaries as Markdown)."""
-    def cell(v):
-        return "" if v is None else str(v).replace("|", "\\|").replace("\n", "<br>")
+    def cell(v):  # one table line per row: every line break (\r too) becomes <br>
+        return "" if v is None else re.sub(r"\r\n|\r|\n", "<br>", str(v).replace("|", "\\|"))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

@@ -225,6 +225,9 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     prefix_sharing: bool = False  # padding_free with each pair's prompt scored once: [prompt, chosen, rejected]
     num_train_epochs: Optional[float] = None  # set: max_steps from the number of training pairs
     disable_dropout: bool = True  # as TRL's DPOConfig: dropout off in the policy and the reference
+    # TRL's CPO / ORPO option: greedy answers to batch_size eval prompts at each evaluation, policy and
+    # reference, appended to RUN_DIR/eval_samples.jsonl (rlhf_fast.trainers.eval_samples)
+    generate_during_eval: bool = False
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -295,7 +298,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "
                              "over the micro-batch, so its terms are not per pair")
         check_reference_fields(self, names[0] if is_reference_free(terms) else None)
-        check_bool_fields(self, ("use_weighting",))
+        check_bool_fields(self, ("use_weighting", "generate_during_eval"))
         if self.use_weighting:
             if is_reference_free(terms):
                 raise ValueError(f"use_weighting does not apply to the reference-free loss_type {names[0]!r} (TRL's "
@@ -1247,6 +1250,10 @@ class DPOTrainer:
                 tot += self._sums(st, w, real)
                 wsum += w.sum() if real else 0.0
         tot = self.ctx.all_reduce_sum(torch.cat([tot, wsum.view(1)]))
+        if self.cfg.generate_during_eval:  # every rank (FSDP2 gathers weights); rank 0 writes
+            from .eval_samples import generate_during_eval
+
+            generate_during_eval(self, items)
         return self._metrics(tot[:N_SUMS], float(tot[N_SUMS]), prefix="eval_")
 
     def train_step(self) -> Dict[str, float]:

@@ -661,6 +661,17 @@ def resume_supervised(trainer, part: str) -> None:
     trainer.ctx.barrier()
 
 
+@contextlib.contextmanager
+def _exposed_logger(trainer, log):
+    """``trainer._logger`` is the run's logger while the loop runs (None before and after, when
+    it is closed): what evaluation hooks send tables through (DPO's ``generate_during_eval``)."""
+    trainer._logger = log
+    try:
+        yield
+    finally:
+        trainer._logger = None
+
+
 def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Dict[str, float]:
     """The step / eval / log / checkpoint loop shared by the SFT and reward trainers, from
     ``trainer.step`` to ``trainer.cfg.max_steps``; then the last checkpoint and the final
@@ -669,7 +680,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     cfg = trainer.cfg
     last: Dict[str, float] = {}
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
-        with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log:
+        with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log, \
+                _exposed_logger(trainer, log):
             if eval_at_start and trainer.step == 0 and has_eval:
                 log.log(0, trainer.evaluate())
             while trainer.step < cfg.max_steps:

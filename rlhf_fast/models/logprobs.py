@@ -20,6 +20,7 @@ from torch import nn
 
 from rlhf_fast import ops
 from rlhf_fast.models import llama_forward, lm_head
+from rlhf_fast.models.activation_offload import keep_on_device
 from rlhf_fast.ops import _dispatch
 
 # Model types whose attention builds the block-diagonal mask from per-sequence position ids
@@ -345,8 +346,9 @@ def head_token_stats(h, weight, bias, labels, *, temperature=1.0, return_entropy
     """Through the fused head, the per-row values of :func:`sequence_logprobs` before they are placed:
     ``(logp [N], entropy [N], top1 [N] bool, mean logit [N])``, each but logp only when requested (a
     bare logp when nothing is). h ``[N, H]``, labels ``[N]``."""
-    out = _chunked_head_logprobs(h, weight, bias, labels, temperature=temperature, return_entropy=return_entropy,
-                                 chunk_size=chunk_size, return_top1=return_top1)
+    with keep_on_device():  # the head's saves stay where activation offloading would move them (as TRL)
+        out = _chunked_head_logprobs(h, weight, bias, labels, temperature=temperature,
+                                     return_entropy=return_entropy, chunk_size=chunk_size, return_top1=return_top1)
     if not return_mean_logit:
         return out
     out = out if (return_entropy or return_top1) else (out,)
@@ -422,7 +424,8 @@ def logits_head_token_stats(h, head, transform, labels, *, temperature=1.0, retu
         return out if many else (out,)
 
     grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
-    cat = _row_chunks(one, rows, grad, h, labels)
+    with keep_on_device():  # as head_token_stats
+        cat = _row_chunks(one, rows, grad, h, labels)
     return tuple(cat) if many else cat[0]
 
 

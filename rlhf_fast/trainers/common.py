@@ -1043,6 +1043,8 @@ def check_training_schedule(cfg) -> None:
                               total_steps=cfg.max_steps)
     if not isinstance(cfg.gradient_checkpointing, bool):
         raise ValueError(f"gradient_checkpointing must be true or false, got {cfg.gradient_checkpointing!r}")
+    if not isinstance(getattr(cfg, "activation_offloading", False), bool):
+        raise ValueError(f"activation_offloading must be true or false, got {cfg.activation_offloading!r}")
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):
         raise ValueError(f"disable_dropout must be true or false, got {cfg.disable_dropout!r}")
     epochs = getattr(cfg, "num_train_epochs", None)

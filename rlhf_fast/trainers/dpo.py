@@ -152,8 +152,8 @@ from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES,
                                 SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
                                 reference_free_loss)
 from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
-                  local_span, open_trainer, optimizer_step, resume_supervised, save_supervised, training_loop,
-                  wrap_configured)
+                  local_span, offload_context, open_trainer, optimizer_step, resume_supervised, save_supervised,
+                  training_loop, wrap_configured)
 
 DATA_KINDS = ("pairs", "rankings", "labels")
 # "balanced": ours (the prompt's end, down to half of max_len, then the responses' start);
@@ -200,6 +200,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False
+    # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
+    activation_offloading: bool = False
     beta: float = 0.1
     loss_type: Union[str, List[str]] = "sigmoid"
     loss_weights: Optional[List[float]] = None  # one per loss_type entry; null: 1.0 each
@@ -1271,7 +1273,7 @@ class DPOTrainer:
         nll_weight = cfg.nll_weight
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, (items, real) in enumerate(micro):
-            with accumulation_context(self.model, i, len(micro)):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self):
                 st = self._pair_stats(items, self._batch(items))
                 w = torch.tensor([it["weight"] if real else 0.0 for it in items], dtype=st["loss"].dtype,
                                  device=self.device)

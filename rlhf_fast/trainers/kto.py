@@ -99,7 +99,8 @@ from .dpo import (attach_reference_logps, check_policy_fields, check_reference_f
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
                   response_logps_metrics, save_offline, train_offline, weighted_share, wrap_offline_models)
-from .sft import _Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share
+from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
+                  offload_context)
 from .sft_data import completion_tokens
 
 DATA_KINDS = ("binary", "scores", "pairs")
@@ -139,6 +140,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False
+    # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
+    activation_offloading: bool = False
     beta: float = 0.1
     loss_type: str = "kto"
     desirable_weight: float = 1.0
@@ -679,7 +682,7 @@ class KTOTrainer:
         w_total = sum(self.train_items[i]["weight"] for i in idx)
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for i, ((items, real), ref) in enumerate(zip(micro, refs)):
-            with accumulation_context(self.model, i, len(micro)):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self):
                 st = self._example_stats(items, ref, z0)
                 # L = Σ w·ℓ / Σ w over every example of the global step (a share that does not count: w = 0)
                 loss = weighted_share(st["loss"], st["weight"] * (1.0 if real else 0.0), w_total)

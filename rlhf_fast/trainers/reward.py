@@ -67,8 +67,8 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from rlhf_fast.distributed import DistributedConfig
 
-from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, open_trainer, optimizer_step,
-                  resume_supervised, save_supervised, training_loop, wrap_configured)
+from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
+                  optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
 
 
 @dataclasses.dataclass
@@ -101,6 +101,8 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
+    # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
+    activation_offloading: bool = False
     label_smoothing: float = 0.0
     use_margin: bool = True
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -464,10 +466,11 @@ class RewardTrainer:
             w_global = torch.tensor(w_local, dtype=torch.float64, device=self.device)
             w_global = float(ctx.all_reduce_sum(w_global))
             frac = w_local / w_global if w_global > 0 else (len(chunk) if real else 0) / len(idx)
-            scores = self._scores(chunk)
-            loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
-            # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-            (loss * ctx.grad_scale).backward()
+            with offload_context(self):
+                scores = self._scores(chunk)
+                loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
+                # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+                (loss * ctx.grad_scale).backward()
             total[0] += loss.detach().double()
             if real:
                 sums, ext = reward_sums(scores, self.kind == "pairs")

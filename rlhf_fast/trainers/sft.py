@@ -106,6 +106,8 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     grad_clip: float = 1.0
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
+    # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
+    activation_offloading: bool = False
     lora: Optional[Dict[str, Any]] = None  # LoraConfig fields ({}: r=8, alpha=16, every linear layer)
     packing: bool = False
     # how a packed set is packed (TRL's packing_strategy): "bfd", padding-free, attention inside each
@@ -661,6 +663,27 @@ def resume_supervised(trainer, part: str) -> None:
     trainer.ctx.barrier()
 
 
+def offload_context(trainer):
+    """The context of a micro-batch's forward and backward in an SFT / reward / DPO / KTO step:
+    with ``cfg.activation_offloading``, TRL's activation offloading of ``trainer.model``
+    (:func:`rlhf_fast.models.activation_offload.activation_offloading`, built at the first step
+    and kept); else, and on a device it cannot offload from (the CPU: one warning), none."""
+    off = getattr(trainer, "_activation_offload", None)
+    if off is None:
+        from rlhf_fast.models import activation_offload
+
+        off = contextlib.nullcontext()
+        if trainer.cfg.activation_offloading and not activation_offload.offloads_on(trainer.device):
+            import warnings
+
+            warnings.warn(f"activation_offloading: true does nothing on device {trainer.device.type}: activations "
+                          "are offloaded from an accelerator's memory to the CPU's", RuntimeWarning, stacklevel=2)
+        elif trainer.cfg.activation_offloading:
+            off = activation_offload.activation_offloading(trainer.model)
+        trainer._activation_offload = off
+    return off
+
+
 @contextlib.contextmanager
 def _exposed_logger(trainer, log):
     """``trainer._logger`` is the run's logger while the loop runs (None before and after, when
@@ -854,7 +877,7 @@ class SFTTrainer:
         # (loss sum, nll sum, entropy sum, top-1 tokens)
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
-            with accumulation_context(self.model, i, len(micro)):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self):
                 with autocast_context(self.device, cfg.bf16):
                     s, nll, _, ent, top1 = sft_loss_sum(self.model, b, packed=self._packed["train"],
                                                         loss_type=cfg.loss_type, return_entropy=True,

@@ -19,7 +19,6 @@ from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.kto import KTOConfig, KTOTrainer
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
-from tests.test_reward import preference_tokenizer
 from tests.test_trainer_common import untimed_metrics
 
 TINY = "tiny:llama:hidden_size=32,num_layers=2,num_heads=2,vocab_size=300"
@@ -268,17 +267,7 @@ def test_fused_head_saves_stay():
 # ----------------------------------------------------------------------------- the trainers
 
 
-@pytest.fixture(scope="module")
-def sft_tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    return train_tokenizer(sample_texts(64) + [r.prompt + r.completion for r in synthetic_sft_records(64)], 300,
-                           padding_side="right")
-
-
-@pytest.fixture(scope="module")
-def pref_tok():
-    return preference_tokenizer()
+from tests.test_offline_metrics import pref_tok, sft_tok  # noqa: E402,F401 (the trainers' tokenizers, fixtures)
 
 
 COMMON = dict(model=TINY, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=0, log_every=1, max_len=32, max_steps=2,

@@ -58,17 +58,11 @@ def test_fused_head_equals_logits_then_trls_log_softmax():
 
 
 def _peers_gae(rewards, values, gamma, lam):
-    """verl's compute_gae_advantage_return / TRL's old PPOTrainer loop (transcribed): every
-    position of the row, masked or not."""
-    lastgaelam, out = 0, []
-    T = rewards.shape[-1]
-    for t in reversed(range(T)):
-        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], dim=1)
-    return adv, adv + values
+    """verl's compute_gae_advantage_return / TRL's old PPOTrainer loop (the benchmark's
+    transcription): every position of the row, masked or not."""
+    from rlhf_fast.benchmarks.bench_gae_sampling import gae_python_loop
+
+    return gae_python_loop(rewards, values, torch.ones_like(rewards), gamma=gamma, lam=lam)
 
 
 def test_gae_equals_the_peers_loop_with_right_padding_and_skips_holes():

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from rlhf_fast import ops
-from rlhf_fast.models import llama_forward, lm_head
 from rlhf_fast.models.activation_offload import keep_on_device
+from rlhf_fast.models import llama_forward, lm_head, moe_aux
 from rlhf_fast.ops import _dispatch
 
 # Model types whose attention builds the block-diagonal mask from per-sequence position ids
@@ -156,7 +156,10 @@ def hidden_states(
     if position_ids is None and attention_mask is not None:
         position_ids = default_position_ids(attention_mask)
     base = backbone(model)
-    fast = llama_forward.supported(base, input_ids.shape[1] if segments is None else segments.max_len)
+    # a trainer's MoE load-balancing loss collects this forward's router logits (None: no change)
+    aux = moe_aux.active(model)
+    n_cols = input_ids.shape[1] if segments is None else segments.max_len
+    fast = aux is None and llama_forward.supported(base, n_cols)
     # the default call stays the old one (tests wrap llama_forward.hidden_states positionally)
     seg = {} if segments is None else {"segments": segments}
     if fast and (_plain_ddp(model) or _fsdp_root(model)) and "forward" not in _ddp_inner(model).__dict__:
@@ -175,12 +178,17 @@ def hidden_states(
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1, return_dict=True)
+                    output_hidden_states=True, logits_to_keep=1, return_dict=True,
+                    **moe_aux.forward_kwargs(aux))
+        if aux is not None:
+            aux.record(out, attention_mask)
         return _columns(out.hidden_states[-1], columns, select)
     if fast:
         return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns, select, **seg)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-               return_dict=True)
+               return_dict=True, **moe_aux.forward_kwargs(aux))
+    if aux is not None:
+        aux.record(out, attention_mask)
     return _columns(out.last_hidden_state, columns, select)
 
 
@@ -740,8 +748,12 @@ def sequence_logprobs(
         if why is not None and logits_head is None:
             check_input_ids(model, input_ids, positions=position_ids is None)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                           use_cache=False).logits  # [B, T, V]: this head cannot be fused
+            aux = moe_aux.active(model)
+            full = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                         **moe_aux.forward_kwargs(aux))
+            if aux is not None:
+                aux.record(full, attention_mask)
+            logits = full.logits  # [B, T, V]: this head cannot be fused
             out = logits_token_stats(logits[tr, tc - 1], input_ids[tr, tc], temperature=temperature, **stats)
             return _scatter(out, tr, tc, B, T, _many(**stats))
         if tr.numel():

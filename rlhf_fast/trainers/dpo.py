@@ -142,6 +142,7 @@ import torch
 
 from rlhf_fast.distributed import DistributedConfig, reshard
 from rlhf_fast.feedback.formats import _shown, response_text
+from rlhf_fast.models.moe_aux import RouterAux, check_coef
 from rlhf_fast.ops._validate import finite
 
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
@@ -227,6 +228,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     prefix_sharing: bool = False  # padding_free with each pair's prompt scored once: [prompt, chosen, rejected]
     num_train_epochs: Optional[float] = None  # set: max_steps from the number of training pairs
     disable_dropout: bool = True  # as TRL's DPOConfig: dropout off in the policy and the reference
+    # TRL's: weight of an MoE policy's router load-balancing loss (null: the model config's own; 0 if dense)
+    router_aux_loss_coef: Optional[float] = None
     # TRL's CPO / ORPO option: greedy answers to batch_size eval prompts at each evaluation, policy and
     # reference, appended to RUN_DIR/eval_samples.jsonl (rlhf_fast.trainers.eval_samples)
     generate_during_eval: bool = False
@@ -374,6 +377,7 @@ def check_policy_fields(cfg) -> None:
     if cfg.ref_model is not None and (not isinstance(cfg.ref_model, str) or not cfg.ref_model):
         raise ValueError(f"ref_model must be a local model folder or null, got {cfg.ref_model!r}")
     check_lora_field(cfg)
+    check_coef(cfg.router_aux_loss_coef)
     if cfg.max_len < 2:  # one prompt token and one response token at the least
         raise ValueError(f"max_len must be >= 2, got {cfg.max_len}")
 
@@ -707,6 +711,7 @@ def wrap_offline_models(trainer, model) -> None:
     log-probs) with ``_reference_sharded``; TR-DPO's parameter pairs (:func:`setup_moving_reference`)."""
     dcfg = trainer.cfg.distributed
     trainer.model = wrap_configured(model, dcfg, trainer.ctx)
+    trainer.moe = RouterAux(trainer.model, trainer.cfg.router_aux_loss_coef)  # TRL's MoE term (or off)
     trainer._reference_sharded = False
     if trainer.reference is not None:
         trainer.reference, trainer._reference_sharded = shard_reference(trainer.reference, dcfg, trainer.ctx)
@@ -860,6 +865,22 @@ def open_offline_trainer(trainer, cfg) -> None:
     open_trainer(trainer, cfg)
     if cfg.ref_model:
         loading.check_model_folder(cfg.ref_model, "ref_model")
+
+
+def moe_term(moe: RouterAux, aux, real: bool, steps: int, vals: List[float]):
+    """A DPO / KTO micro-batch's MoE load-balancing term (:meth:`RouterAux.term`: coef × aux /
+    ``steps``; None when off or for a share that does not count), its aux loss appended to ``vals``."""
+    term, a = moe.term(aux if real else None, steps)
+    if a is not None:
+        vals.append(a)
+    return term
+
+
+def add_aux_metrics(m: Dict[str, float], moe: RouterAux, vals: List[float]) -> None:
+    """TRL's ``aux_loss`` metric (the micro-batches' mean) and its weighted term in ``loss``."""
+    if vals:
+        m["aux_loss"] = sum(vals) / len(vals)
+        m["loss"] += moe.coef * m["aux_loss"]
 
 
 def weighted_share(losses: torch.Tensor, weights: torch.Tensor, weight_total: float) -> torch.Tensor:
@@ -1272,8 +1293,9 @@ class DPOTrainer:
         w_total, n_chosen = float(den[0]), float(den[1])
         nll_weight = cfg.nll_weight
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
+        aux_vals = []
         for i, (items, real) in enumerate(micro):
-            with accumulation_context(self.model, i, len(micro)), offload_context(self):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
                 st = self._pair_stats(items, self._batch(items))
                 w = torch.tensor([it["weight"] if real else 0.0 for it in items], dtype=st["loss"].dtype,
                                  device=self.device)
@@ -1282,10 +1304,14 @@ class DPOTrainer:
                     nll = st["nll"].sum() * (1.0 if real else 0.0)
                     loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                (loss * ctx.grad_scale).backward()
+                loss = loss * ctx.grad_scale
+                # TRL's MoE term (the policy's forward): coef × aux / grad_accum, left to DDP's average
+                term = moe_term(self.moe, aux, real, len(micro), aux_vals)
+                (loss if term is None else loss + term).backward()
             tot += self._sums(st, w, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
+        add_aux_metrics(m, self.moe, aux_vals)
         m.update(step)
         m.update(count_tokens(self, sum(pair_tokens(self.train_items[i]) for idx in idxs for i in idx)))
         return m

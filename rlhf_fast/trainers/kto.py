@@ -99,6 +99,7 @@ from .dpo import (attach_reference_logps, check_policy_fields, check_reference_f
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
                   response_logps_metrics, save_offline, train_offline, weighted_share, wrap_offline_models)
+from .dpo import add_aux_metrics, moe_term
 from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
                   offload_context)
 from .sft_data import completion_tokens
@@ -158,6 +159,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     ref_model_sync_steps: int = 512
     num_train_epochs: Optional[float] = None  # set: max_steps from the number of training examples
     disable_dropout: bool = True  # as TRL's KTOConfig: dropout off in the policy and the reference
+    # TRL's: weight of an MoE policy's router load-balancing loss (null: the model config's own; 0 if dense)
+    router_aux_loss_coef: Optional[float] = None
     eval_every: int = 50
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -681,16 +684,21 @@ class KTOTrainer:
         # Σ w of the whole step, every rank's examples: idx is the same on every rank, so no all-reduce
         w_total = sum(self.train_items[i]["weight"] for i in idx)
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
+        aux_vals = []
         for i, ((items, real), ref) in enumerate(zip(micro, refs)):
-            with accumulation_context(self.model, i, len(micro)), offload_context(self):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
                 st = self._example_stats(items, ref, z0)
                 # L = Σ w·ℓ / Σ w over every example of the global step (a share that does not count: w = 0)
                 loss = weighted_share(st["loss"], st["weight"] * (1.0 if real else 0.0), w_total)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                (loss * ctx.grad_scale).backward()
+                loss = loss * ctx.grad_scale
+                # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / grad_accum
+                term = moe_term(self.moe, aux, real, self.cfg.grad_accum, aux_vals)
+                (loss if term is None else loss + term).backward()
             tot += self._sums(st, z0, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
+        add_aux_metrics(m, self.moe, aux_vals)
         m.update(step)
         # TRL's num_tokens: the example rows (prompt + completion), not the KL rows
         rows = prompt_response_rows([self.train_items[i] for i in idx], "completion")

@@ -76,6 +76,7 @@ from rlhf_fast.algorithms.rewards import (
     clip_rewards,
     trl_completions,
 )
+from rlhf_fast.models.moe_aux import RouterAux
 from rlhf_fast.trainers.common import autocast_context
 from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl_config import DISTILL, ONLINE_DPO, RLConfig
@@ -735,6 +736,8 @@ class RLTrainer:
         # bonus until the first optimizer step has measured one, as TRL)
         self.entropy_coef = float(cfg.ppo.entropy_coef)
         self.last_entropy = float("inf")
+        # TRL's MoE load-balancing term of the policy update (or off)
+        self.moe = RouterAux(self.policy, cfg.ppo.router_aux_loss_coef, "ppo.router_aux_loss_coef")
         self.global_step = 0
         self.prompt_pos = 0  # prompts consumed so far (data position)
         self.dropped_total = 0
@@ -1684,11 +1687,19 @@ class RLTrainer:
         ntok = data.response_mask.sum().clamp(min=1).float()
         per_answer = kw["importance_sampling_level"] == "sequence_sum"
         acc: Dict[str, float] = {}
+        B = data.input_ids.shape[0]
+        steps = max(-(-B // mb) if n_micro is None else max(n_micro, -(-B // mb)), 1)  # TRL's accumulation steps
         for d, real, more in _micro_batches(data, mb, n_micro):
-            with self._no_sync(self.policy, more):
+            with self._no_sync(self.policy, more), self.moe.collect() as aux:
                 loss, st = self._policy_loss(d, norm, kw)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                (loss * self.ctx.grad_scale).backward()
+                scaled = loss * self.ctx.grad_scale
+                # TRL's MoE term (GRPO): coef × aux / the accumulation steps, left to DDP's average
+                term, a = self.moe.term(aux if real else None, steps)
+                (scaled if term is None else scaled + term).backward()
+            if self.moe.enabled:  # the mini-batch's mean aux loss (update() adds its term to the loss); the
+                # key on every rank, a blank micro-batch's part 0, for the reduction of the statistics
+                acc["aux_loss"] = acc.get("aux_loss", 0.0) + (a / steps if a is not None else 0.0)
             w = float(d.response_mask.sum()) / float(ntok)
             # sequence_sum's clip and ratio statistics are shares of answers: weighed by rows
             w_row = d.response_mask.shape[0] / max(data.response_mask.shape[0], 1) if per_answer else w
@@ -1876,6 +1887,8 @@ class RLTrainer:
                 ent = [st.pop("_entropy_sum", 0.0), st.pop("_entropy_tokens", 0.0)]
                 if self.ctx.distributed:  # the same statistics on every rank, so early stopping agrees
                     st = self._global_stats(st, mini.response_mask)
+                if "aux_loss" in st:  # TRL's loss holds the MoE term
+                    st["loss"] += self.moe.coef * st["aux_loss"]
                     if cfg.use_adaptive_entropy:
                         ent = self.ctx.all_reduce_sum(torch.tensor(ent, dtype=torch.float64,
                                                                    device=self.device)).tolist()

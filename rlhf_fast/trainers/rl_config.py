@@ -795,7 +795,12 @@ class PPOConfig:
     computes (Llama / Mistral / Qwen2 / Qwen3, no peft / LoRA, not the torch backend), refused at
     the trainer's start otherwise. A ValueModel critic (estimator gae) runs on the same shared rows
     (rlhf_fast.models.shared_values); a critic llama_forward cannot compute keeps its padded forward,
-    with a warning."""
+    with a warning.
+    ``router_aux_loss_coef`` (TRL's GRPO / RLOO ``router_aux_loss_coef``): the weight of a
+    Mixture-of-Experts policy's router load-balancing loss in the policy update, coef × aux / the
+    mini-batch's micro-batches (TRL's gradient-accumulation steps); null: the model config's own
+    (Mixtral's 0.001; 0 for a dense model, where a non-zero value is refused); logged as
+    ``policy/aux_loss`` (:mod:`rlhf_fast.models.moe_aux`)."""
 
     epochs: int = 2
     mini_batch_size: int = 8
@@ -836,6 +841,7 @@ class PPOConfig:
     entropy_coef_delta: float = ENTROPY_COEF_DELTA
     entropy_target: float = ENTROPY_TARGET
     prefix_sharing: bool = False
+    router_aux_loss_coef: Optional[float] = None
 
     @property
     def composed_loss(self) -> bool:
@@ -874,6 +880,8 @@ class PPOConfig:
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"ppo.dual_clip must be > 1 or None, got {self.dual_clip!r}")
         _pos("ppo.entropy_coef", self.entropy_coef, allow_zero=True)
+        if self.router_aux_loss_coef is not None:
+            _pos("ppo.router_aux_loss_coef", self.router_aux_loss_coef, allow_zero=True)
         _pos("ppo.value_coef", self.value_coef, allow_zero=True)
         if self.value_clip is not None:
             _pos("ppo.value_clip", self.value_clip)

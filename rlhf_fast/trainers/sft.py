@@ -64,6 +64,7 @@ import torch
 from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded,
                                    wrap_model)
 from rlhf_fast.models.loading import enable_activation_checkpointing
+from rlhf_fast.models.moe_aux import RouterAux, check_coef
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
@@ -127,6 +128,8 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     # {"messages"} records: loss on the assistant turns only (false: on every token), as TRL
     assistant_only_loss: bool = False
     loss_type: str = "nll"  # "nll", or "dft": each token's NLL weighted by its detached probability
+    # TRL's: weight of an MoE model's router load-balancing loss (null: the model config's own; 0 if dense)
+    router_aux_loss_coef: Optional[float] = None
     num_train_epochs: Optional[float] = None  # set: max_steps = ceil(epochs x train rows / (batch_size x grad_accum))
     disable_dropout: bool = False  # p = 0 in every dropout (TRL's SFTConfig has no such key, nor do we by default)
     # TRL's tokenizer overrides (null: the tokenizer's own); final/ saves the changed tokenizer
@@ -145,6 +148,7 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         self._check_packing()
         check_tokenizer_override_fields(self)
+        check_coef(self.router_aux_loss_coef)
         if not (self.model.startswith("tiny:") or self.model):
             raise ValueError("model must be a local folder or a 'tiny:' spec")
 
@@ -543,6 +547,27 @@ def accumulation_context(model, i: int, n: int):
     return model.no_sync() if i < n - 1 and _is_ddp(model) else contextlib.nullcontext()
 
 
+def offload_context(trainer):
+    """The context of a micro-batch's forward and backward in an SFT / reward / DPO / KTO step:
+    with ``cfg.activation_offloading``, TRL's activation offloading of ``trainer.model``
+    (:func:`rlhf_fast.models.activation_offload.activation_offloading`, built at the first step
+    and kept); else, and on a device it cannot offload from (the CPU: one warning), none."""
+    off = getattr(trainer, "_activation_offload", None)
+    if off is None:
+        from rlhf_fast.models import activation_offload
+
+        off = contextlib.nullcontext()
+        if trainer.cfg.activation_offloading and not activation_offload.offloads_on(trainer.device):
+            import warnings
+
+            warnings.warn(f"activation_offloading: true does nothing on device {trainer.device.type}: activations "
+                          "are offloaded from an accelerator's memory to the CPU's", RuntimeWarning, stacklevel=2)
+        elif trainer.cfg.activation_offloading:
+            off = activation_offload.activation_offloading(trainer.model)
+        trainer._activation_offload = off
+    return off
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
@@ -663,27 +688,6 @@ def resume_supervised(trainer, part: str) -> None:
     trainer.ctx.barrier()
 
 
-def offload_context(trainer):
-    """The context of a micro-batch's forward and backward in an SFT / reward / DPO / KTO step:
-    with ``cfg.activation_offloading``, TRL's activation offloading of ``trainer.model``
-    (:func:`rlhf_fast.models.activation_offload.activation_offloading`, built at the first step
-    and kept); else, and on a device it cannot offload from (the CPU: one warning), none."""
-    off = getattr(trainer, "_activation_offload", None)
-    if off is None:
-        from rlhf_fast.models import activation_offload
-
-        off = contextlib.nullcontext()
-        if trainer.cfg.activation_offloading and not activation_offload.offloads_on(trainer.device):
-            import warnings
-
-            warnings.warn(f"activation_offloading: true does nothing on device {trainer.device.type}: activations "
-                          "are offloaded from an accelerator's memory to the CPU's", RuntimeWarning, stacklevel=2)
-        elif trainer.cfg.activation_offloading:
-            off = activation_offload.activation_offloading(trainer.model)
-        trainer._activation_offload = off
-    return off
-
-
 @contextlib.contextmanager
 def _exposed_logger(trainer, log):
     """``trainer._logger`` is the run's logger while the loop runs (None before and after, when
@@ -800,6 +804,7 @@ class SFTTrainer:
 
             check_packable("eval_packing" if cfg.packs("train") != "bfd" else "packing", self.model)
         self.model = wrap_configured(self.model, dcfg, self.ctx)
+        self.moe = RouterAux(self.model, cfg.router_aux_loss_coef)  # TRL's MoE load-balancing term (or off)
         self.pad_id = pad_token_id(tokenizer)
         from rlhf_fast.feedback.formats import ChatRecord
 
@@ -876,15 +881,21 @@ class SFTTrainer:
         n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
         # (loss sum, nll sum, entropy sum, top-1 tokens)
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
+        aux_vals = []
         for i, b in enumerate(micro):
-            with accumulation_context(self.model, i, len(micro)), offload_context(self):
+            with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
                 with autocast_context(self.device, cfg.bf16):
                     s, nll, _, ent, top1 = sft_loss_sum(self.model, b, packed=self._packed["train"],
                                                         loss_type=cfg.loss_type, return_entropy=True,
                                                         return_top1=True)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                (s / n_tok * ctx.grad_scale).backward()
+                loss = s / n_tok * ctx.grad_scale
+                # TRL's MoE term, a micro-batch mean: coef × aux / grad_accum, left to DDP's average
+                term, a = self.moe.term(aux, len(micro))
+                (loss if term is None else loss + term).backward()
             total += torch.stack([s.detach().double(), nll.double(), ent.double(), top1.double()])
+            if a is not None:
+                aux_vals.append(a)
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
@@ -895,6 +906,9 @@ class SFTTrainer:
         m["entropy"] = float(total[2]) / n_tok
         # TRL's mean_token_accuracy: the trained tokens that are their logits' argmax, the same mean
         m["mean_token_accuracy"] = float(total[3]) / n_tok
+        if aux_vals:  # TRL's aux_loss (the micro-batches' mean), and its weighted term in the loss
+            m["aux_loss"] = sum(aux_vals) / len(aux_vals)
+            m["loss"] += self.moe.coef * m["aux_loss"]
         m.update(count_tokens(self, sum(input_tokens(self.train_rows, idx) for idx in idxs)))
         return ctx.mean_metrics(m)
 

@@ -246,3 +246,34 @@ def test_parser_catches_a_renamed_key(tmp_path):
     assert our_items(rows["num_generations"]) == [("rollout.group_size", None)]
     assert our_items(rows["use_vllm"]) is None
     assert ("kl.placement", "loss") in our_items(rows["beta"])
+
+
+# sections whose prose sends the reader to another table for the rest of their keys
+INHERITS_ANOTHER_TABLE = {"trl.RLOOConfig": "map as in the GRPO table",
+                          "trl.experimental.gkd.GKDConfig": "its table holds every other key"}
+
+
+def test_every_trl_field_has_a_row():
+    """(c) every field a TRL config class adds to transformers' TrainingArguments has a row in
+    its section (ours, "not supported" or "—"), so a TRL upgrade's new option cannot go
+    unnoticed; `vllm_*` fields are covered by the document's "every `vllm_*`" sentences, and
+    RLOO / GKD, whose prose refers to the GRPO / distillation tables, by those."""
+    pytest.importorskip("trl")
+    from transformers import TrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    missing = []
+    for s in SECTIONS:
+        cls = _import(s["trl"])
+        if s["trl"] in INHERITS_ANOTHER_TABLE:
+            heading_at = TEXT.index(s["heading"])
+            assert INHERITS_ANOTHER_TABLE[s["trl"]] in TEXT[heading_at:heading_at + 2000], s["heading"]
+            continue
+        if cls is TrainingArguments:
+            continue
+        named = {n for cell, _, _ in s["rows"] for n in trl_names(cell)}
+        for f in dataclasses.fields(cls):
+            if f.name in base or f.name in named or (f.name.startswith("vllm_") and "every `vllm_*`" in TEXT):
+                continue
+            missing.append(f"{s['trl']}.{f.name}")
+    assert not missing, "TRL fields without a row in docs/from_trl.md: " + ", ".join(missing)

@@ -630,13 +630,21 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len
     return ids[-max_len:] if max_len else ids
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int):
-    """Token-id lists as ``(input_ids, attention_mask)`` ``[N, max len]`` int64, right-padded with
-    ``pad_id``: how reward-model inputs (:func:`reward_input_ids`) are batched, the score then
-    read at each row's last attended token."""
+def padded_length(longest: int, pad_to_multiple_of: Optional[int] = None) -> int:
+    """``longest`` rounded up to a multiple of ``pad_to_multiple_of`` (None: as it is)."""
+    m = pad_to_multiple_of or 1
+    return -(-longest // m) * m
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, pad_to_multiple_of: Optional[int] = None):
+    """Token-id lists as ``(input_ids, attention_mask)`` ``[N, T]`` int64, right-padded with
+    ``pad_id`` to T = the longest, rounded up to a multiple of ``pad_to_multiple_of``: how
+    reward-model inputs (:func:`reward_input_ids`) are batched, the score then read at each
+    row's last attended token."""
     import torch
 
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), padded_length(max(len(s) for s in seqs), pad_to_multiple_of)), pad_id,
+                     dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)

@@ -1047,10 +1047,26 @@ def check_training_schedule(cfg) -> None:
         raise ValueError(f"activation_offloading must be true or false, got {cfg.activation_offloading!r}")
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):
         raise ValueError(f"disable_dropout must be true or false, got {cfg.disable_dropout!r}")
+    check_pad_to_multiple_of(cfg)
     epochs = getattr(cfg, "num_train_epochs", None)
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
                                or not math.isfinite(epochs) or epochs <= 0):
         raise ValueError(f"num_train_epochs must be null or a finite number > 0, got {epochs!r}")
+
+
+def check_pad_to_multiple_of(cfg) -> None:
+    """``pad_to_multiple_of`` (TRL's): null or an int >= 1, for padded batches only — a packed
+    row (SFT ``packing``, ``padding_free``, ``prefix_sharing``) has no padding to round, so the
+    pair is refused rather than ignored. ValueError naming the keys."""
+    m = getattr(cfg, "pad_to_multiple_of", None)
+    if m is None:
+        return
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"pad_to_multiple_of must be null or an int >= 1, got {m!r}")
+    for key in ("packing", "padding_free", "prefix_sharing"):
+        if getattr(cfg, key, False):
+            raise ValueError(f"pad_to_multiple_of rounds a padded batch's length; {key}: true packs the rows without "
+                             f"padding: set one of them")
 
 
 def autocast_context(device: torch.device, bf16: bool):

@@ -185,6 +185,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     eval_fraction: float = 0.1
     output_dir: str = "runs/dpo"
     max_len: int = 256
+    # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
+    pad_to_multiple_of: Optional[int] = None
     # how a row longer than max_len is cut: "balanced" (the prompt's end and the responses' start),
     # or TRL's "keep_start" / "keep_end" (each row's first / last max_len tokens)
     truncation_mode: str = "balanced"
@@ -502,10 +504,12 @@ def prompt_response_rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict
     return rows
 
 
-def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
+def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int,
+                  pad_to_multiple_of: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The rows of ``items`` — every chosen row, then every rejected row — as right-padded
-    ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64."""
-    return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id)
+    ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64 (:func:`collate`)."""
+    return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id,
+                   pad_to_multiple_of)
 
 
 def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False,
@@ -1114,7 +1118,8 @@ class DPOTrainer:
         return items, dropped
 
     def _batch(self, items) -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate_pairs(items, self.pad_id).items()}
+        rows = collate_pairs(items, self.pad_id, self.cfg.pad_to_multiple_of)
+        return {k: v.to(self.device) for k, v in rows.items()}
 
     def _precompute(self, reference) -> None:
         """Each item's reference log-probs ``item["ref"] = (chosen, rejected)``, computed once."""

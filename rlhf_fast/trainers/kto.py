@@ -130,6 +130,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     eval_fraction: float = 0.1
     output_dir: str = "runs/kto"
     max_len: int = 256
+    # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
+    pad_to_multiple_of: Optional[int] = None
     batch_size: int = 8  # examples per micro-batch (twice as many rows with the KL rows of loss_type kto)
     grad_accum: int = 1
     lr: float = 1e-3
@@ -540,11 +542,13 @@ class KTOTrainer:
                 for s in range(0, len(idx), self.cfg.batch_size)]
 
     def _batch(self, items, key: str = "completion") -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(prompt_response_rows(items, key), self.pad_id).items()}
+        rows = collate(prompt_response_rows(items, key), self.pad_id, self.cfg.pad_to_multiple_of)
+        return {k: v.to(self.device) for k, v in rows.items()}
 
     def _both_rows(self, items) -> Dict[str, torch.Tensor]:
         """Every item's own row, then every item's KL row, as one batch on the device."""
-        rows = collate(prompt_response_rows(items, "completion") + prompt_response_rows(items, "kl"), self.pad_id)
+        rows = collate(prompt_response_rows(items, "completion") + prompt_response_rows(items, "kl"), self.pad_id,
+                       self.cfg.pad_to_multiple_of)
         return {k: v.to(self.device) for k, v in rows.items()}
 
     def _precompute(self, reference) -> None:

@@ -90,6 +90,8 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     eval_fraction: float = 0.1
     output_dir: str = "runs/reward"
     max_len: int = 256
+    # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
+    pad_to_multiple_of: Optional[int] = None
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -356,7 +358,7 @@ class RewardTrainer:
         from rlhf_fast.models.loading import reward_scores
 
         seqs = [s for it in items for s in it["seqs"]]
-        ids, attn = pad_right(seqs, self.pad_id)
+        ids, attn = pad_right(seqs, self.pad_id, self.cfg.pad_to_multiple_of)
         with autocast_context(self.device, self.cfg.bf16):
             if self.cfg.prefix_sharing:  # each item's rows one group: a pair's two, a ranking's K
                 from rlhf_fast.models.logprobs import row_groups

@@ -63,6 +63,7 @@ import torch
 
 from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded,
                                    wrap_model)
+from rlhf_fast.feedback.formats import padded_length
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.models.moe_aux import RouterAux, check_coef
 
@@ -95,6 +96,8 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     eval_fraction: float = 0.1  # held out from ``data`` when no eval_data
     output_dir: str = "runs/sft"
     max_len: int = 256
+    # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
+    pad_to_multiple_of: Optional[int] = None
     truncation_mode: str = "keep_start"  # a row over max_len keeps its first ("keep_start") or last ("keep_end") tokens
     batch_size: int = 8
     grad_accum: int = 1
@@ -364,10 +367,12 @@ def record_text(r: Any) -> str:
     return str(r.prompt) + " " + r.completion
 
 
-def collate(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``response_mask`` ``[B, T]`` int64."""
+def collate(rows: Sequence[Dict[str, List[int]]], pad_id: int,
+            pad_to_multiple_of: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``response_mask`` ``[B, T]`` int64, T the
+    longest row rounded up to a multiple of ``pad_to_multiple_of`` (TRL's; None: the longest)."""
     lengths = [len(r["input_ids"]) for r in rows]
-    T = max(lengths)
+    T = padded_length(max(lengths), pad_to_multiple_of)
     # padded Python lists, one tensor per field: per-row tensors cost more than the step's collate
     ids = torch.tensor([list(r["input_ids"]) + [pad_id] * (T - n) for r, n in zip(rows, lengths)], dtype=torch.long)
     resp = torch.tensor([list(r["response_mask"]) + [0] * (T - n) for r, n in zip(rows, lengths)], dtype=torch.long)
@@ -831,7 +836,7 @@ class SFTTrainer:
         """This rank's contiguous share of the global batch ``idx`` (:func:`local_share`) on the
         device; a share that does not count has nothing in its response mask."""
         share, real = local_share(idx, rows, self.ctx)
-        b = {k: v.to(self.device) for k, v in collate(share, self.pad_id).items()}
+        b = {k: v.to(self.device) for k, v in collate(share, self.pad_id, self.cfg.pad_to_multiple_of).items()}
         if not real:
             b["response_mask"] = torch.zeros_like(b["response_mask"])
         return b

@@ -1,5 +1,5 @@
 """End-to-end step benchmark: one PPO step, one GRPO step and one DPO step (and KTO / SimPO / distillation /
-online DPO), rlhf_fast against TRL.
+online DPO / SFT / reward model), rlhf_fast against TRL.
 
 Both sides get the same tiny Llama-family policy (built from a config with the same seed,
 tokenizer trained locally), the same prompts, the same reward function and the same
@@ -68,6 +68,16 @@ rlhf_fast's ``DistillationTrainer.step()`` / ``OnlineDPOTrainer.step()``. Online
 answered twice, the digit reward picks the chosen answer, the sigmoid DPO loss on the answers' summed
 log-probs; phases ``generate``, ``logprobs`` (the reference's log-probs) and ``update`` (the rest).
 
+SFT and the reward model (``algo="sft"`` / ``"reward"``, ``--algos``; a table each) drive TRL's own
+``SFTTrainer`` (:class:`TRLSFTStep`: prompt–completion records, completion-only loss, the token mean over
+the batch's completion tokens) and ``RewardTrainer`` (:class:`TRLRewardStep`: pairwise Bradley–Terry on a
+sequence-classification model built from the policy's config) one optimizer step, against rlhf_fast's
+``SFTTrainer.train_step`` / ``RewardTrainer.train_step``, on the DPO pairs (SFT: every prompt with its chosen
+and with its rejected response); the step alone is timed. The SFT table has a second, padding-free row (TRL's
+``padding_free``, rlhf_fast's ``packing``). Each table first runs :func:`check_same_step` on its
+configuration (same rows and weights, the same loss over two steps, close weights after them) and reports
+the result in its notes.
+
 Configurations: on the CPU the tiny model with a 256-token vocabulary (the framework-overhead
 regime) and the same model with a 32768-token vocabulary (the LM head dominates, as in real
 models); on a GPU (``--device cuda``) a Qwen2-0.5B-shaped model built from a config.
@@ -104,14 +114,15 @@ DPO_PHASES = ("reference", "update")
 RL_ALGOS = ("ppo", "grpo")
 ALGOS = RL_ALGOS + ("dpo",)  # the default selection
 # also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), on-policy
-# distillation and online DPO (TRL's experimental OnlineDPOTrainer), each its own table
-ALL_ALGOS = ALGOS + ("kto", "simpo", "distill", "online_dpo")
+# distillation and online DPO (TRL's experimental OnlineDPOTrainer), SFT (TRL's SFTTrainer) and the reward model
+# (TRL's RewardTrainer), each its own table
+ALL_ALGOS = ALGOS + ("kto", "simpo", "distill", "online_dpo", "sft", "reward")
 # each algorithm's phase columns (SimPO, reference-free, has only the step)
 DISTILL_PHASES = ("generate", "update")
 # online DPO: logprobs = the reference's log-probs of the answers; update = the rest of the step
 ONLINE_DPO_PHASES = ("generate", "logprobs", "update")
 ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": (),
-               "distill": DISTILL_PHASES, "online_dpo": ONLINE_DPO_PHASES}
+               "distill": DISTILL_PHASES, "online_dpo": ONLINE_DPO_PHASES, "sft": (), "reward": ()}
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -189,6 +200,9 @@ class E2EConfig:
     teacher_hidden_size: int = 128
     teacher_layers: int = 2
     distill_beta: float = 1.0
+    # SFT (algo "sft"): the step padding-free on both sides (TRL's padding_free, rlhf_fast's packing: true); the
+    # SFT table runs it as its second row
+    sft_packing: bool = False
 
     def __post_init__(self):
         for f in ("prompts_per_step", "group_size", "max_new_tokens", "vocab_size", "hidden_size", "num_layers",
@@ -216,6 +230,8 @@ class E2EConfig:
             raise ValueError(f"dpo_prefix_sharing must be true or false, got {self.dpo_prefix_sharing!r}")
         if not isinstance(self.rl_prefix_sharing, bool):
             raise ValueError(f"rl_prefix_sharing must be true or false, got {self.rl_prefix_sharing!r}")
+        if not isinstance(self.sft_packing, bool):
+            raise ValueError(f"sft_packing must be true or false, got {self.sft_packing!r}")
         if isinstance(self.rl_prompt_tokens, bool) or not isinstance(self.rl_prompt_tokens, int) or \
                 self.rl_prompt_tokens < 0:
             raise ValueError(f"rl_prompt_tokens must be an int >= 0 (0: the prompts as they are), "
@@ -235,7 +251,7 @@ class E2EConfig:
         if algo == "simpo":
             return False
         if self.trl_logprobs == "auto":
-            return algo in ("grpo", "dpo", "kto") and self.device == "cuda"
+            return algo in ("grpo", "dpo", "kto", "sft") and self.device == "cuda"
         return self.trl_logprobs == "fused_head"
 
     @property
@@ -689,19 +705,23 @@ def _trl_selective_head(model, metrics: bool, outputs: tuple = ("entropy", "mean
     model.forward = forward
 
 
-def _trl_optimizer_step(runner, metrics_attr: str, split: Optional[str] = "train") -> Tuple[float, float]:
+def _trl_optimizer_step(runner, metrics_attr: str, split: Optional[str] = "train",
+                        num_items_in_batch: bool = False) -> Tuple[float, float]:
     """One optimizer step of ``runner.trainer`` (a TRL trainer built on transformers' Trainer) on
     ``runner.examples``, written out as ``Trainer._inner_training_loop`` does it per step with
     gradient accumulation 1: collate, ``training_step``, clip, optimizer and scheduler step,
     ``zero_grad``. The step's metrics (``trainer.<metrics_attr>[split]``, or with ``split`` None
     ``trainer.<metrics_attr>`` itself — OnlineDPOTrainer's ``stats`` —, lists of values which TRL's
     log() would average and clear every logging_steps) go to ``runner.last_metrics`` and are
-    cleared. Returns (wall seconds, synchronised on the device; the loss)."""
+    cleared. ``num_items_in_batch``: pass ``training_step`` the count Trainer's loop gives a loss that
+    normalises by it (``Trainer._get_num_items_in_batch``: the batch's labelled tokens; SFTTrainer's), else
+    None. Returns (wall seconds, synchronised on the device; the loss)."""
     t, dev = runner.trainer, runner.cfg.device
     _sync(dev)
     t0 = time.perf_counter()
     inputs = t.data_collator(runner.examples)
-    loss = t.training_step(t.model, inputs, None)  # num_items_in_batch: None, as Trainer passes without GA
+    n_items = t._get_num_items_in_batch([inputs], t.args.device) if num_items_in_batch else None
+    loss = t.training_step(t.model, inputs, n_items)
     if t.args.max_grad_norm > 0:
         t._clip_grad_norm(t.model)
     t.optimizer.step()
@@ -1381,6 +1401,350 @@ class RLHFFastOnlineDPOStep:
                     loss=float(m["loss"]))
 
 
+# --------------------------------------------------------------------------- SFT and reward model
+
+
+def sft_records(cfg: E2EConfig, tok) -> List[Dict[str, str]]:
+    """The SFT step's prompt–completion records, ``{"prompt", "completion"}`` × ``2 · cfg.dpo_pairs``:
+    every :func:`dpo_pairs` prompt with its chosen, then with its rejected response (the rows a DPO
+    step's policy forward sees: prompts of ``dpo_prompt_tokens`` tokens, completions of
+    [dpo_min_response, dpo_max_response] single-token words, so both sides' tokenisations agree)."""
+    pairs = dpo_pairs(cfg, tok)
+    return [{"prompt": p["prompt"], "completion": p[k]} for k in ("chosen", "rejected") for p in pairs]
+
+
+def _check_sft_rows(cfg: E2EConfig, rows: List[tuple], eos: int, side: str) -> None:
+    """RuntimeError unless ``rows`` — ``(prompt, completion)`` token ids, the completion being the
+    tokens that train — are the :func:`sft_records`: every record kept, prompts of
+    ``dpo_prompt_tokens`` tokens, completions of the pairs' lengths ending in eos."""
+    n, lo, hi = cfg.dpo_pairs, cfg.dpo_min_response, cfg.dpo_max_response
+    want = sorted([lo + round((hi - lo) * i / max(1, n - 1)) + 1 for i in range(n)]
+                  + [hi - round((hi - lo) * i / max(1, n - 1)) + 1 for i in range(n)])
+    got = sorted(len(c) for _, c in rows)
+    if got != want or any(len(p) != cfg.dpo_prompt_tokens or c[-1] != eos for p, c in rows):
+        raise RuntimeError(f"{side}: the SFT records tokenised to completion lengths {got} (expected {want}, after "
+                           f"prompts of {cfg.dpo_prompt_tokens} tokens, eos last)")
+
+
+def build_reward_model(cfg: E2EConfig, tok):
+    """The reward model both sides train: a sequence-classification model (one label) of the
+    policy's family and shape (:func:`build_model`'s sizes) from a config, same seed — the same
+    backbone and score-head weights on both sides."""
+    from rlhf_fast.models.tiny import tiny_reward_model
+
+    model = tiny_reward_model(len(tok), family=cfg.family, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                              intermediate_size=cfg.intermediate_size, seed=cfg.seed, pad_token_id=tok.pad_token_id,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return model.to(cfg.device)
+
+
+def _load_tokenizer(cfg: E2EConfig):
+    """The benchmark's tokenizer alone (:func:`build_model`'s, without building a policy)."""
+    if cfg.tokenizer_dir is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(cfg.tokenizer_dir)
+    return build_tokenizer(cfg)
+
+
+def _timed_train_step(runner) -> Tuple[Dict[str, float], float]:
+    """``(metrics, wall seconds)`` of one ``runner.trainer.train_step()`` (an rlhf_fast offline trainer),
+    its GPU work included; the metrics also go to ``runner.last_metrics``."""
+    dev = runner.cfg.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    m = runner.trainer.train_step()
+    _sync(dev)
+    runner.last_metrics = m
+    return m, time.perf_counter() - t0
+
+
+class TRLSFTStep:
+    """One optimizer step of TRL 1.16's own ``trl.SFTTrainer`` on the :func:`sft_records` (an
+    in-memory ``datasets.Dataset`` of prompt–completion records) with the benchmark's model;
+    ``per_device_train_batch_size`` = every record, so one step trains on all of them.
+
+    TRL's code: the dataset preparation (EOS appended to the completion, prompt + completion
+    tokenised and split at the common prefix with the prompt's tokens, labels -100 over the prompt:
+    ``completion_only_loss``, TRL's default for prompt–completion data), ``DataCollatorForLanguageModeling``
+    (right padding; with ``padding_free`` one flattened row with position ids and cu_seq_lens),
+    ``SFTTrainer.training_step`` → ``compute_loss`` (the fused LM head it patches on, the NLL summed over
+    the completion tokens ÷ ``num_items_in_batch``, entropy and token-accuracy metrics, the backward), and
+    the optimizer and scheduler ``Trainer.create_optimizer_and_scheduler`` builds (``adamw_torch_fused``,
+    weight decay 0). Written out as for :class:`TRLDPOStep`, with ``num_items_in_batch`` counted by
+    ``Trainer._get_num_items_in_batch`` as its loop does (the batch's completion tokens: the loss is the
+    token mean over the whole batch, as rlhf_fast's). Config differences from SFTConfig's defaults, the
+    same on both sides: ``gradient_checkpointing=False`` (its default is True), fp32 (``bf16=False``),
+    learning rate ``cfg.lr`` (its default 2e-5) with a constant schedule, ``max_length`` = prompt +
+    longest completion + eos (nothing is truncated).
+
+    ``cfg.sft_packing``: TRL's ``padding_free=True`` (the batch flattened into one row whose attention
+    transformers keeps inside each sequence from the position ids; with sdpa on the CPU too) against
+    rlhf_fast's ``packing: true``; TRL refuses ``padding_free`` without packing unless ``max_length`` is
+    None, which changes nothing here (no row is cut).
+
+    Log-probs (``cfg.trl_fused_head("sft")``): on CUDA, and with ``trl_logprobs="fused_head"``, the fused
+    LM head SFTTrainer patches on; otherwise (the CPU default) :func:`_trl_selective_head` with the
+    entropy and top-1 flags its metrics read, for the reason :class:`TRLDPOStep` gives. Both give the same
+    loss and metrics. The step is one phase (no reference, no generation).
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        self.cfg, packing = cfg, cfg.sft_packing
+        model, tok = build_model(cfg)
+        records = sft_records(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_sft_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gradient_checkpointing's rename, bf16 / padding-free notices
+            args = SFTConfig(output_dir=self._tmp.name, per_device_train_batch_size=len(records), learning_rate=cfg.lr,
+                             lr_scheduler_type="constant", max_length=None if packing else cfg.dpo_max_len,
+                             padding_free=packing, packing=False, gradient_checkpointing=False, bf16=False,
+                             use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed,
+                             disable_tqdm=True, max_grad_norm=1.0)
+            self.trainer = SFTTrainer(model=model, args=args, processing_class=tok,
+                                      train_dataset=Dataset.from_list(records))
+        t = self.trainer
+        if not t.completion_only_loss:
+            raise RuntimeError("TRL: SFTTrainer does not train on the completion only (completion_only_loss)")
+        self.fused_head = cfg.trl_fused_head("sft")
+        if not self.fused_head:
+            _trl_selective_head(t.model, metrics=True, outputs=("entropy", "is_top1"))
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        # the columns Trainer's dataloader keeps (its signature columns), in dataset order
+        self.examples = [{k: t.train_dataset[i][k] for k in ("input_ids", "labels")}
+                         for i in range(len(t.train_dataset))]
+        _check_sft_rows(cfg, self.rows(), tok.eos_token_id, "TRL")
+        self.tokens = float(sum(len(e["input_ids"]) for e in self.examples))
+
+    def rows(self) -> List[tuple]:
+        """The step's records as ``(prompt, completion)`` token ids (the completion: the labelled
+        tokens), in TRL's dataset order."""
+        out = []
+        for e in self.examples:
+            first = next(i for i, lab in enumerate(e["labels"]) if lab != -100)
+            if any(lab == -100 for lab in e["labels"][first:]):
+                raise RuntimeError("TRL: an SFT row's labelled tokens are not one completion at its end")
+            out.append((tuple(e["input_ids"][:first]), tuple(e["input_ids"][first:])))
+        return out
+
+    def step(self) -> Dict[str, float]:
+        step, loss = _trl_optimizer_step(self, "_metrics", num_items_in_batch=True)
+        return dict(step=step, tokens=self.tokens, loss=loss)
+
+
+class RLHFFastSFTStep:
+    """One optimizer step of ``rlhf_fast.trainers.sft.SFTTrainer.train_step`` on the same model,
+    records and settings: built with ``model=``, ``tokenizer=``, ``train_records=`` (the
+    :func:`sft_records` as SFTRecords, no eval split), ``batch_size`` = every record (one step trains on
+    all of them), the loss on the completion tokens (``completion_only_loss``, the default) as their
+    token mean over the batch, ``loss_type`` nll, fp32, grad_clip 1, the same learning rate (constant,
+    no warm-up) and max length; its own fused AdamW (weight decay 0). ``cfg.sft_packing``: ``packing:
+    true`` (bfd: the micro-batch as one row, attention per sequence)."""
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.feedback.formats import SFTRecord
+        from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        records = sft_records(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_sft_")
+        scfg = SFTConfig(output_dir=self._tmp.name, max_len=cfg.dpo_max_len, batch_size=len(records), grad_accum=1,
+                         lr=cfg.lr, weight_decay=0.0, warmup_steps=0, lr_schedule="constant", max_steps=cfg.steps + 3,
+                         grad_clip=1.0, bf16=False, gradient_checkpointing=False, packing=cfg.sft_packing,
+                         completion_only_loss=True, loss_type="nll", eval_fraction=0.0, seed=cfg.seed,
+                         device=cfg.device)
+        self.trainer = tr = SFTTrainer(scfg, model=model, tokenizer=tok,
+                                       train_records=[SFTRecord(r["prompt"], r["completion"]) for r in records],
+                                       eval_records=[])
+        _check_sft_rows(cfg, self.rows(), tok.eos_token_id, "rlhf_fast")
+        assert tr.optimizer.defaults.get("fused"), "SFTTrainer's optimizer is the fused AdamW"
+        self.tokens = float(sum(len(r["input_ids"]) for r in tr.train_rows))
+
+    def rows(self) -> List[tuple]:
+        """The step's records as ``(prompt, completion)`` token ids, in the trainer's row order."""
+        out = []
+        for r in self.trainer.train_rows:
+            first = r["response_mask"].index(1)
+            out.append((tuple(r["input_ids"][:first]), tuple(r["input_ids"][first:])))
+        return out
+
+    def step(self) -> Dict[str, float]:
+        m, step = _timed_train_step(self)
+        return dict(step=step, tokens=self.tokens, loss=float(m["loss"]))
+
+
+class TRLRewardStep:
+    """One optimizer step of TRL 1.16's own ``trl.RewardTrainer`` (pairwise Bradley–Terry:
+    −log σ(r_chosen − r_rejected), the mean over the pairs) on the :func:`dpo_pairs` (an in-memory
+    ``datasets.Dataset`` of ``{prompt, chosen, rejected}`` records, no margin) with
+    :func:`build_reward_model`'s model; ``per_device_train_batch_size`` = every pair.
+
+    TRL's code: the dataset preparation (EOS appended to each response, prompt + response tokenised
+    as one text), ``DataCollatorForPreference`` (chosen rows then rejected rows, right padding),
+    ``RewardTrainer.training_step`` → ``compute_loss`` (the sequence-classification forward on the 2B
+    rows — the score head on every position, read at each row's last non-pad token —, the loss, its
+    reward / accuracy / margin metrics, the backward), and the optimizer and scheduler
+    ``create_optimizer_and_scheduler`` builds (``adamw_torch_fused``, weight decay 0). Written out as
+    for :class:`TRLDPOStep`. Config differences from RewardConfig's defaults, the same on both sides:
+    ``gradient_checkpointing=False`` (its default is True), fp32 (``bf16=False``), learning rate
+    ``cfg.lr`` with a constant schedule, ``max_length`` = prompt + longest response + eos (nothing is
+    dropped); ``disable_dropout`` stays on (both sides' default). The step is one phase.
+    """
+
+    def __init__(self, cfg: E2EConfig):
+        import warnings
+
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        self.cfg = cfg
+        tok = _load_tokenizer(cfg)
+        model = build_reward_model(cfg, tok)
+        pairs = dpo_pairs(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_reward_")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = RewardConfig(output_dir=self._tmp.name, per_device_train_batch_size=len(pairs),
+                                learning_rate=cfg.lr, lr_scheduler_type="constant", max_length=cfg.dpo_max_len,
+                                gradient_checkpointing=False, bf16=False, use_cpu=cfg.device == "cpu",
+                                report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                                max_grad_norm=1.0, center_rewards_coefficient=None)
+            self.trainer = RewardTrainer(model=model, args=args, processing_class=tok,
+                                         train_dataset=Dataset.from_list(pairs))
+        t = self.trainer
+        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+        t.current_gradient_accumulation_steps = 1
+        self.examples = [{k: t.train_dataset[i][k] for k in ("chosen_ids", "rejected_ids")}
+                         for i in range(len(t.train_dataset))]
+        self._prompt_tokens = cfg.dpo_prompt_tokens
+        _check_dpo_rows(cfg, self.rows(), tok.eos_token_id, "TRL")
+        self.tokens = float(sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in self.examples))
+
+    def rows(self) -> List[tuple]:
+        """The step's pairs as token ids ``(prompt, chosen, rejected)``, in TRL's dataset order (the
+        prompt: the ``dpo_prompt_tokens`` tokens both rows start with, checked)."""
+        return _split_reward_rows([(e["chosen_ids"], e["rejected_ids"]) for e in self.examples],
+                                  self._prompt_tokens, "TRL")
+
+    def step(self) -> Dict[str, float]:
+        step, loss = _trl_optimizer_step(self, "_metrics")
+        return dict(step=step, tokens=self.tokens, loss=loss)
+
+
+def _split_reward_rows(rows: List[tuple], prompt_tokens: int, side: str) -> List[tuple]:
+    """``(prompt, chosen, rejected)`` from whole ``(chosen, rejected)`` rows that share their first
+    ``prompt_tokens`` ids (RuntimeError otherwise)."""
+    out = []
+    for c, r in rows:
+        c, r = tuple(c), tuple(r)
+        if c[:prompt_tokens] != r[:prompt_tokens]:
+            raise RuntimeError(f"{side}: a pair's chosen and rejected rows do not start with the same prompt")
+        out.append((c[:prompt_tokens], c[prompt_tokens:], r[prompt_tokens:]))
+    return out
+
+
+class RLHFFastRewardStep:
+    """One optimizer step of ``rlhf_fast.trainers.reward.RewardTrainer.train_step`` (``data_kind``
+    pairs: Bradley–Terry, the mean over the pairs, no margin, no label smoothing, no annotator weights)
+    on the same pairs and :func:`build_reward_model`'s model: ``batch_size`` = every pair, fp32,
+    grad_clip 1, the same learning rate (constant, no warm-up) and max length, ``disable_dropout`` on;
+    its own fused AdamW (weight decay 0). Its scores: the backbone's last hidden state
+    (``rlhf_fast.models.loading.reward_scores``) and the score head at each row's last token."""
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.feedback.formats import PairRecord
+        from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
+
+        self.cfg = cfg
+        tok = _load_tokenizer(cfg)
+        model = build_reward_model(cfg, tok)
+        pairs = dpo_pairs(cfg, tok)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_reward_")
+        rcfg = RewardConfig(output_dir=self._tmp.name, data_kind="pairs", max_len=cfg.dpo_max_len,
+                            batch_size=len(pairs), grad_accum=1, lr=cfg.lr, weight_decay=0.0, warmup_steps=0,
+                            lr_schedule="constant", max_steps=cfg.steps + 3, grad_clip=1.0, bf16=False,
+                            gradient_checkpointing=False, label_smoothing=0.0, center_rewards_coefficient=None,
+                            disable_dropout=True, eval_fraction=0.0, seed=cfg.seed, device=cfg.device)
+        self.trainer = tr = RewardTrainer(rcfg, model=model, tokenizer=tok,
+                                          train_records=[PairRecord(p["prompt"], p["chosen"], p["rejected"])
+                                                         for p in pairs], eval_records=[])
+        _check_dpo_rows(cfg, self.rows(), tok.eos_token_id, "rlhf_fast")
+        assert tr.optimizer.defaults.get("fused"), "RewardTrainer's optimizer is the fused AdamW"
+        self.tokens = float(sum(len(s) for it in tr.train_items for s in it["seqs"]))
+
+    def rows(self) -> List[tuple]:
+        """The step's pairs as token ids ``(prompt, chosen, rejected)``, in the trainer's order."""
+        return _split_reward_rows([tuple(it["seqs"]) for it in self.trainer.train_items], self.cfg.dpo_prompt_tokens,
+                                  "rlhf_fast")
+
+    def step(self) -> Dict[str, float]:
+        m, step = _timed_train_step(self)
+        return dict(step=step, tokens=self.tokens, loss=float(m["loss"]))
+
+
+# the sides of each SFT / reward comparison: (TRL's runner, rlhf_fast's runner), each built from an E2EConfig
+OFFLINE_SIDES = {"sft": (TRLSFTStep, RLHFFastSFTStep), "reward": (TRLRewardStep, RLHFFastRewardStep)}
+
+
+def _trained_params(runner) -> Dict[str, torch.Tensor]:
+    """A runner's model parameters by name (detached; TRL's selective head leaves the names as they are)."""
+    return {n: p.detach() for n, p in runner.trainer.model.named_parameters()}
+
+
+def check_same_step(algo: str, cfg: E2EConfig, *, trl_overrides: Optional[Dict] = None,
+                    ours_overrides: Optional[Dict] = None, steps: int = 2, rel: float = 1e-4,
+                    weight_rel: float = 1e-2) -> Dict[str, object]:
+    """The correctness check of the SFT and reward tables: both sides (``algo`` ``"sft"`` — padding-free
+    with ``cfg.sft_packing`` — or ``"reward"``) built in this process from ``cfg`` —
+    with ``trl_overrides`` / ``ours_overrides``, E2EConfig fields set on one side only (a planted
+    difference, for the tests) — must start from the same weights and token rows, give the same loss at
+    each of ``steps`` optimizer steps (rel ``rel``; the second step's loss is computed on the updated
+    weights), and end with close weights: ‖W_ours − W_trl‖ ≤ ``weight_rel`` · ‖W_trl − W_0‖ over all
+    parameters (the difference of the updates against the update itself, which rounding noise in the
+    Adam step's sign of tiny gradients keeps from being exact). Returns ``{"losses": [(trl, ours), ...],
+    "weight_diff": that ratio}``; RuntimeError naming the first difference otherwise."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if algo not in OFFLINE_SIDES:
+        raise ValueError(f"algo must be one of {tuple(OFFLINE_SIDES)}, got {algo!r}")
+    make_trl, make_ours = OFFLINE_SIDES[algo]
+    torch.manual_seed(cfg.seed)
+    trl_side = make_trl(replace(cfg, **(trl_overrides or {})))
+    ours = make_ours(replace(cfg, **(ours_overrides or {})))
+    if sorted(trl_side.rows()) != sorted(ours.rows()):
+        raise RuntimeError(f"{algo}: the two sides train on different token rows")
+    w0, w_trl = _trained_params(ours), _trained_params(trl_side)
+    w0 = {n: p.clone() for n, p in w0.items()}
+    if w0.keys() != w_trl.keys():
+        raise RuntimeError(f"{algo}: the two models have different parameters: {sorted(w0.keys() ^ w_trl.keys())}")
+    bad = [n for n in w0 if not torch.equal(w0[n], w_trl[n])]
+    if bad:
+        raise RuntimeError(f"{algo}: the two sides start from different weights ({bad[:3]})")
+    losses = []
+    for i in range(steps):
+        a, b = trl_side.step()["loss"], ours.step()["loss"]
+        losses.append((a, b))
+        if not abs(a - b) <= rel * max(abs(a), abs(b)):
+            raise RuntimeError(f"{algo}: step {i + 1}'s loss differs: TRL {a:.8g}, rlhf_fast {b:.8g} "
+                               f"(rel {abs(a - b) / max(abs(a), abs(b), 1e-30):.2e} > {rel:g})")
+    w_ours, w_trl = _trained_params(ours), _trained_params(trl_side)
+    diff = sum(float((w_ours[n] - w_trl[n]).double().pow(2).sum()) for n in w0) ** 0.5
+    moved = sum(float((w_trl[n] - w0[n]).double().pow(2).sum()) for n in w0) ** 0.5
+    ratio = diff / max(moved, 1e-30)
+    if not ratio <= weight_rel:
+        raise RuntimeError(f"{algo}: the weights after {steps} step(s) differ: |W_ours - W_trl| = {diff:.3g}, "
+                           f"{ratio:.3g}× TRL's update |W_trl - W_0| = {moved:.3g} (> {weight_rel:g})")
+    return {"losses": losses, "weight_diff": ratio}
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -1406,6 +1770,8 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         runner = (TRLDistillStep if framework == "trl" else RLHFFastDistillStep)(cfg)
     elif algo == "online_dpo":
         runner = (TRLOnlineDPOStep if framework == "trl" else RLHFFastOnlineDPOStep)(cfg)
+    elif algo in OFFLINE_SIDES:
+        runner = OFFLINE_SIDES[algo][0 if framework == "trl" else 1](cfg)
     else:
         maker: Callable = TRLStep if framework == "trl" else RLHFFastStep
         runner = maker(cfg, algo)
@@ -1476,7 +1842,8 @@ def _check_algos(algos) -> tuple:
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
               timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS,
               overrides: Optional[Dict[str, object]] = None) -> List[Table]:
-    """PPO, GRPO and DPO steps (and, when asked for, KTO, SimPO, distillation and online DPO),
+    """PPO, GRPO and DPO steps (and, when asked for, KTO, SimPO, distillation, online DPO, SFT and the
+    reward model: :func:`run_sft_table`, :func:`run_reward_table`),
     rlhf_fast vs TRL, per configuration — ``cfg`` if given, else the quick one, else the tiny model
     with its 256-token vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a
     table of the RL algorithms (PPO / GRPO) and one each of DPO, KTO, SimPO, distillation and online
@@ -1546,6 +1913,10 @@ def _config_tables(cfg: E2EConfig, timeout_s: float, repeats: int, algos) -> Lis
         tables.append(run_distill_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "online_dpo" in algos:
         tables.append(run_online_dpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "sft" in algos:
+        tables.append(run_sft_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "reward" in algos:
+        tables.append(run_reward_table(cfg, timeout_s=timeout_s, repeats=repeats))
     return tables
 
 
@@ -1568,9 +1939,11 @@ def _memory_note(cfg: E2EConfig) -> str:
 
 
 def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, repeats: int,
-                   phases: tuple, trl_name: str) -> None:
+                   phases: tuple, trl_name: str, label: Optional[str] = None) -> None:
     """Run ``algo`` ``repeats`` times per side (alternating, fresh subprocesses) and append its
-    TRL row, rlhf_fast row and TRL ÷ rlhf_fast row to ``table`` (phase columns ``<phase>_s``)."""
+    TRL row, rlhf_fast row and TRL ÷ rlhf_fast row to ``table`` (phase columns ``<phase>_s``);
+    ``label``: the rows' ``algo`` column (default ``algo``), where one table has two variants."""
+    label = algo if label is None else label
     runs: Dict[str, List[Dict[str, object]]] = {"trl": [], "rlhf_fast": []}
     errors: Dict[str, str] = {}
     for _ in range(repeats):
@@ -1586,7 +1959,7 @@ def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, re
                                  time.perf_counter() - t0), file=sys.stderr, flush=True)
     got = {}
     for fw in ("trl", "rlhf_fast"):
-        row = dict(algo=algo, framework=fw if fw == "rlhf_fast" else trl_name)
+        row = dict(algo=label, framework=fw if fw == "rlhf_fast" else trl_name)
         if fw in errors:
             what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
             row["note"] = f"{what}: {errors[fw]}"
@@ -1603,7 +1976,7 @@ def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, re
         a, b = got["trl"], got["rlhf_fast"]
         ratio = {f"{p}_s": (a[p] / b[p] if b[p] > 0 else None) for p in phases}
         mem, rss = (_mem_ratio(a, b, k) for k in ("extra_peak_bytes", "extra_rss_bytes"))
-        table.rows.append(dict(algo=algo, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
+        table.rows.append(dict(algo=label, framework="TRL ÷ rlhf_fast", step_s=a["step"] / b["step"],
                                tokens_per_s=b["tokens_per_s"] / a["tokens_per_s"] if a["tokens_per_s"] else None,
                                extra_peak=mem, extra_rss=rss,
                                note="time ratios > 1: rlhf_fast faster; tokens/s ratio rlhf_fast ÷ TRL", **ratio))
@@ -1816,6 +2189,93 @@ def run_online_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int 
         ])
 
 
+def _checked(algo: str, cfg: E2EConfig) -> str:
+    """The table note of :func:`check_same_step` on ``cfg`` (run here, in-process, before the timed
+    subprocesses): the first step's loss on both sides and the weights after two steps, or — loudly —
+    the difference it found (the timings are then not a like-for-like comparison)."""
+    what = f"{algo}{' padding-free' if cfg.sft_packing else ''}"
+    try:
+        res = check_same_step(algo, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure is reported in the table, never hidden
+        return f"CORRECTNESS CHECK FAILED ({what}): {type(e).__name__}: {str(e)[:300]}"
+    (a, b), (a2, b2) = res["losses"][0], res["losses"][-1]
+    return (f"checked ({what}, this configuration, in-process): the same token rows and initial weights; loss "
+            f"TRL {a:.6g} / rlhf_fast {b:.6g} at step 1 and {a2:.6g} / {b2:.6g} at step {len(res['losses'])} "
+            f"(rel 1e-4); weights after it |W_ours − W_trl| = {res['weight_diff']:.1e} × TRL's update")
+
+
+@_with_tokenizer
+def run_sft_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's SFT table: TRL 1.16's ``SFTTrainer`` (:class:`TRLSFTStep`) and rlhf_fast's
+    (:class:`RLHFFastSFTStep`), one optimizer step on the same prompt–completion records, padded and
+    then padding-free on both sides (TRL's ``padding_free``, rlhf_fast's ``packing``), each with its
+    TRL ÷ rlhf_fast row; :func:`check_same_step` on both layouts first (its results in the notes). The
+    tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    fused = cfg.trl_fused_head("sft")
+    head = " (fused LM head)" if fused else " (selective_log_softmax head)"
+    n = 2 * cfg.dpo_pairs
+    padded, packed = replace(cfg, sft_packing=False), replace(cfg, sft_packing=True)
+    notes = [_checked("sft", padded), _checked("sft", packed)]
+    table = _step_table(
+        cfg, f"one SFT step on a {cfg.family} model from a config ({n} prompt–completion records, prompt "
+        f"{cfg.dpo_prompt_tokens} tokens, completions {cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + eos", (),
+        [], timeout_s, repeats,
+        timing="; tokens/s = the step's non-padding tokens (prompt + completion of every record) ÷ step time",
+        what="one optimizer step over every record: the policy forward + backward, the NLL of the completion "
+        "tokens (and eos) averaged over all of the batch's completion tokens (TRL's completion_only_loss with "
+        "num_items_in_batch; rlhf_fast's default), the entropy and token-accuracy metrics, grad clipping at 1, fused "
+        "AdamW step, scheduler; row 'sft': right-padded batch; row 'sft padding-free': the batch as one row with "
+        "attention per record (TRL padding_free=True with max_length None, as TRL requires without packing; "
+        "rlhf_fast packing: true)",
+        notes=[
+            "TRL side: trl.SFTTrainer itself (dataset preparation: eos, tokenisation, completion mask and labels; "
+            "DataCollatorForLanguageModeling; training_step / compute_loss with its metrics; "
+            "create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as Trainer's loop does, "
+            "num_items_in_batch from Trainer._get_num_items_in_batch; gradient_checkpointing off (TRL's default is "
+            "on), fp32, no warm-up and lr constant on both sides; log-probs: "
+            + ("TRL 1.x's fused LM head (add_fused_lm_head), as SFTTrainer sets it" if fused else
+               "TRL <= 0.2x's logits + selective_log_softmax (with the entropy and top-1 flags its metrics read) on a "
+               "logits_to_keep forward, in place of TRL 1.x's fused LM head, whose CPU fallback scores every position "
+               "in torch tiles (see the DPO table); same loss and metrics; trl_logprobs=fused_head renders TRL 1.x's "
+               "path"),
+            "rlhf_fast side: SFTTrainer.train_step (fused LM head over the completion tokens only) with its own fused "
+            "AdamW", *notes,
+        ])
+    _add_algo_rows(table, "sft", padded, timeout_s, repeats, (), "TRL SFTTrainer" + head)
+    _add_algo_rows(table, "sft", packed, timeout_s, repeats, (), "TRL SFTTrainer, padding_free" + head,
+                   label="sft padding-free")
+    return table
+
+
+@_with_tokenizer
+def run_reward_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's reward-model table: TRL 1.16's ``RewardTrainer`` (:class:`TRLRewardStep`)
+    and rlhf_fast's (:class:`RLHFFastRewardStep`), one optimizer step of pairwise Bradley–Terry on the
+    same pairs and sequence-classification model, and the TRL ÷ rlhf_fast ratios; :func:`check_same_step`
+    first (its result in the notes). The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    note = _checked("reward", cfg)
+    return _step_table(
+        cfg, f"one reward-model step on a {cfg.family} sequence-classification model from a config "
+        f"({cfg.dpo_pairs} pairs = {2 * cfg.dpo_pairs} rows, prompt {cfg.dpo_prompt_tokens} tokens, responses "
+        f"{cfg.dpo_min_response}–{cfg.dpo_max_response} tokens + eos", (), [("reward", "TRL RewardTrainer")],
+        timeout_s, repeats, timing=_PAIR_TOKENS,
+        what="one optimizer step over every pair: the forward of the chosen + rejected rows in one batch, the score "
+        "at each row's last token, the Bradley–Terry loss −log σ(r_chosen − r_rejected) averaged over the pairs (no "
+        "margin), the reward / accuracy / margin metrics, the backward, grad clipping at 1, fused AdamW step, "
+        "scheduler",
+        notes=[
+            "TRL side: trl.RewardTrainer itself (dataset preparation: eos, prompt + response tokenised as one text; "
+            "DataCollatorForPreference; training_step / compute_loss with its metrics; "
+            "create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as Trainer's loop does; "
+            "the model's own forward (AutoModelForSequenceClassification: the score head on every position, read "
+            "at the last non-pad token); gradient_checkpointing off (its default is on), fp32, lr constant on both "
+            "sides",
+            "rlhf_fast side: RewardTrainer.train_step (data_kind pairs; the backbone's hidden states, the score head "
+            "at each row's last token) with its own fused AdamW; both models the same "
+            "AutoModelForSequenceClassification built from the policy's config (num_labels 1), same seed", note,
+        ])
+
+
 def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str = "cpu",
          algos=ALGOS, overrides: Optional[Dict[str, object]] = None) -> List[Table]:
     """Run the suite and print its tables; ``write``: also append them to benchmarks/results;
@@ -1846,8 +2306,8 @@ def main(quick: bool = False, repeats: int = 1, write: bool = False, device: str
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO (/ KTO / SimPO / distillation / online DPO) step, "
-                                "rlhf_fast vs TRL")
+    p = argparse.ArgumentParser(description="one PPO / GRPO / DPO (/ KTO / SimPO / distillation / online DPO / SFT / "
+                                "reward model) step, rlhf_fast vs TRL")
     p.add_argument("--framework", choices=("trl", "rlhf_fast"))
     p.add_argument("--algo", choices=ALL_ALGOS, help="internal: the algorithm of one --framework subprocess")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"algorithms to run, comma-separated among "

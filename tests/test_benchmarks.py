@@ -129,7 +129,7 @@ def test_bench_cli_e2e_algos(tmp_path, capsys, monkeypatch):
     # KTO and SimPO are accepted, though not in the default selection
     assert main(["bench", "e2e", "--quick", "--algos", "simpo,kto", "--out", str(tmp_path)]) == 0
     assert [e2e._check_algos(a) for a in got] == [("ppo", "grpo", "dpo"), ("dpo",), ("kto", "simpo")]
-    assert main(["bench", "e2e", "--algos", "ppo,sft", "--out", str(tmp_path / "x")]) == 2
+    assert main(["bench", "e2e", "--algos", "ppo,nope", "--out", str(tmp_path / "x")]) == 2
     assert "algos" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -363,7 +363,7 @@ def test_e2e_ratio_row_reports_both_memory_measures(monkeypatch):
     (only_ppo,) = e2e.run_suite(cfg=cfg, algos=("ppo",))
     assert {r["algo"] for r in only_ppo.rows} == {"ppo"}
     with pytest.raises(ValueError, match="algos"):
-        e2e.run_suite(cfg=cfg, algos="ppo,sft")
+        e2e.run_suite(cfg=cfg, algos="ppo,nope")
 
 
 def test_e2e_kto_and_simpo_tables(monkeypatch, capsys):

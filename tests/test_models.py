@@ -442,3 +442,21 @@ def test_tiny_builders_check_sizes_and_dtype():
         tiny_causal_lm(50, dtype="float16")
     with pytest.raises(ValueError, match="n must be an int >= 0"):
         sample_texts(-1)
+
+
+def test_reward_scores_gradients_equal_the_models_own_forward():
+    """reward_scores computes only each row's last state (``select``): the scores and the
+    gradients of every parameter equal those of the model's own forward at that token."""
+    tok = train_tokenizer(sample_texts(), 256, padding_side="right")
+    rm = tiny_reward_model(len(tok), seed=12)
+    enc = tok(["hello world the cat sat", "a dog", "one two three"], padding=True, return_tensors="pt")
+    ours = reward_scores(rm, enc["input_ids"], enc["attention_mask"])
+    g_ours = torch.autograd.grad(ours.square().sum(), list(rm.parameters()), allow_unused=True)
+    logits = rm(**enc).logits[:, 0]  # transformers picks each row's last non-pad token
+    torch.testing.assert_close(ours, logits, rtol=1e-5, atol=1e-5)
+    g_theirs = torch.autograd.grad(logits.square().sum(), list(rm.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(rm.named_parameters(), g_ours, g_theirs):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -701,9 +701,11 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
         head = getattr(base, "classifier", None)
     if not isinstance(head, nn.Module):
         raise TypeError(f"model must be a sequence-classification model with a `score` head, got {type(base).__name__}")
-    h = hidden_states(model, input_ids, attention_mask)  # [B, T, H]
     last = last_token_index(attention_mask)
-    h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, H]
+    # only the states the head reads: our Llama-family forward then skips the last layer's
+    # attention output, MLP and final norm at every other position
+    h_last = hidden_states(model, input_ids, attention_mask,
+                           select=(torch.arange(input_ids.shape[0], device=input_ids.device), last))  # [B, H]
     out = head(h_last)
     if out.shape[-1] != 1:
         raise ValueError(f"the reward head must output one score, got {out.shape[-1]}")

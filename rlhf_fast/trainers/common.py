@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -1069,6 +1070,28 @@ def check_pad_to_multiple_of(cfg) -> None:
                              f"padding: set one of them")
 
 
+@contextlib.contextmanager
+def random_states_kept(device: torch.device):
+    """Restores the torch (CPU and ``device``'s CUDA), ``random`` and numpy random states on
+    exit: what runs inside (an evaluation's reward functions) leaves training's streams as
+    they were (an RL evaluation; DPO's generate_during_eval)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        np = None
+    py = random.getstate()
+    npst = np.random.get_state() if np is not None else None
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            if np is not None:
+                np.random.set_state(npst)
+
+
 def autocast_context(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when ``bf16``; a no-op context elsewhere (CPU trains in fp32)."""
     import contextlib
@@ -1104,7 +1127,7 @@ __all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "make
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
            "ModelInitOptions", "check_model_init_field",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
-           "autocast_context", "resolve_device", "to_dict"]
+           "autocast_context", "random_states_kept", "resolve_device", "to_dict"]
 
 
 def parse_tiny_spec(spec: str) -> Dict[str, Any]:

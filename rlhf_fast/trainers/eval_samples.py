@@ -88,7 +88,7 @@ def eval_samples(trainer, items: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
     special tokens kept: what the model saw), "policy"[, "reference"]}`` with the greedy answers
     (:func:`greedy_answers`). Leaves every random state and each model's train / eval mode as
     it found them. Every rank must call it (FSDP2 gathers the weights)."""
-    from .rl import _random_states_kept
+    from .common import random_states_kept
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     picked = [items[i] for i in sample_indices(len(items), cfg.batch_size, cfg.seed, trainer.step)]
@@ -96,7 +96,7 @@ def eval_samples(trainer, items: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
         return []
     prompts = [it["prompt"] for it in picked]
     ref = reference_generator(trainer)
-    with _random_states_kept(trainer.device):
+    with random_states_kept(trainer.device):
         policy = greedy_answers(trainer.model, tok, prompts, cfg.max_len, trainer.device)
         reference = None
         if ref is not None:

@@ -77,7 +77,7 @@ from rlhf_fast.algorithms.rewards import (
     trl_completions,
 )
 from rlhf_fast.models.moe_aux import RouterAux
-from rlhf_fast.trainers.common import autocast_context
+from rlhf_fast.trainers.common import autocast_context, random_states_kept
 from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl_config import DISTILL, ONLINE_DPO, RLConfig
 
@@ -323,30 +323,6 @@ def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple:
 
 # the evaluation's answers are seeded by their index past every training rollout's indices
 _EVAL_INDEX = 2**40
-
-
-@contextlib.contextmanager
-def _random_states_kept(device: torch.device):
-    """Restores the torch (CPU and ``device``'s CUDA), ``random`` and numpy random states on
-    exit: what runs inside (an evaluation's reward functions) leaves training's streams as
-    they were."""
-    import random
-
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
-        np = None
-    py = random.getstate()
-    npst = np.random.get_state() if np is not None else None
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            if np is not None:
-                np.random.set_state(npst)
 
 
 def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
@@ -960,7 +936,7 @@ class RLTrainer:
         per_call = max(1, cfg.batch_size // (W * G))
         calls = max(1, -(-(-(-n // W)) // per_call))
         sums: Dict[str, List[float]] = {}
-        with _random_states_kept(self.device):
+        with random_states_kept(self.device):
             for c in range(calls):
                 idx = list(range(lo + c * per_call, min(hi, lo + (c + 1) * per_call)))
                 real = bool(idx)

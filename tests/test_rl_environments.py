@@ -352,6 +352,30 @@ def test_answers_with_different_observations_are_one_group(tmp_path, tok):
     assert out.total.shape == (8,)
 
 
+def test_trl_convention_prompts_hold_the_observation(tmp_path, tok):
+    """reward.calling_convention trl: each row's ``prompts`` entry is its record's messages with
+    what its environment's reset() returned appended to the last one, as TRL's
+    _generate_and_score_completions rebuilds them before _calculate_rewards."""
+    from rlhf_fast.trainers.rl_config import RewardConfig
+
+    seen = []
+
+    def spy(prompts, completions, **kw):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    Numbered.n = 0
+    tr = _trainer(tmp_path, tok, factory=Numbered, reward_fns=(spy,), data=DataConfig(shuffle=False),
+                  reward=RewardConfig(calling_convention="trl"))
+    batch, fields, extra = tr._generate(0)
+    tr._score(batch, fields, extra)
+    assert len(seen) == 8
+    for row, p in enumerate(seen):
+        assert isinstance(p, list) and p[-1]["content"].endswith(f" #{(row + 1) % 4}"), (row, p)
+    records = [r["prompt"] for r in RECORDS[:2]]
+    assert [p[-1]["content"] for p in seen] == [records[r // 4][-1]["content"] + f" #{(r + 1) % 4}" for r in range(8)]
+
+
 # ----------------------------------------------------------------------------- chat_template_kwargs
 
 # Qwen3's switch: with enable_thinking false the generation prompt holds an empty think block

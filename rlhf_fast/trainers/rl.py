@@ -1189,7 +1189,8 @@ class RLTrainer:
     def _environment_prompts(self, which: List[int], params, split: str) -> tuple:
         """Fresh environments for the ``params.n`` answers to each prompt ``which`` of ``split``
         ("train" / "eval"), reset with the prompts' records: ``(prompts, params, instances,
-        per_row)``. What ``reset`` returns is appended to the prompt; when it makes the answers
+        per_row, observations)`` (one per answer, prompt-major; None where ``reset`` returned
+        none). What ``reset`` returns is appended to the prompt; when it makes the answers
         of a prompt read different prompts, each answer is its own prompt (``per_row``: n = 1,
         the rows and their seeds in the same order)."""
         from rlhf_fast.rollout import environments as E
@@ -1200,11 +1201,11 @@ class RLTrainer:
         envs, obs = E.start(self._env_factories, recs, names, n)
         if all(o is None for o in obs):
             src = self.prompts if split == "train" else self.eval_prompts
-            return [src[i] for i in which], params, envs, False
+            return [src[i] for i in which], params, envs, False, obs
         texts = [self._render(E.with_observation(recs[r // n][0], o), names[r // n]) for r, o in enumerate(obs)]
         if all(len(set(texts[j * n:(j + 1) * n])) == 1 for j in range(len(which))):
-            return texts[::n], params, envs, False
-        return texts, replace(params, n=1), envs, True
+            return texts[::n], params, envs, False, obs
+        return texts, replace(params, n=1), envs, True, obs
 
     def _run_engine(self, which: List[int], params, split: str = "train") -> tuple:
         """``(RolloutBatch, per-row reward fields or None, [calls, failures, answers])`` of the
@@ -1214,11 +1215,11 @@ class RLTrainer:
         turns as chat messages, and with environments ``environments``, each answer's
         instance — and this rank's tool counts (zeros without tools)."""
         prompts = [(self.prompts if split == "train" else self.eval_prompts)[i] for i in which]
-        extra, row_tools, per_row, n = {}, None, False, params.n
+        extra, row_tools, per_row, n, obs = {}, None, False, params.n, None
         if self._env_factories:
             from rlhf_fast.rollout.environments import environment_tools
 
-            prompts, params, envs, per_row = self._environment_prompts(which, params, split)
+            prompts, params, envs, per_row, obs = self._environment_prompts(which, params, split)
             extra["environments"] = envs
             row_tools = [self._standalone_tools + environment_tools(e) for e in envs]
         if not self.tools:
@@ -1238,9 +1239,14 @@ class RLTrainer:
         if per_row:  # the answers of one prompt are one group again
             g = torch.arange(len(which), device=batch.group_index.device).repeat_interleave(n)
             batch = replace(batch, group_index=g)
-        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`: each row's as the data gives it
-            recs = self._records[split]
-            extra["_trl_prompts"] = [recs[which[g]][0] for g in batch.group_index.tolist()]
+        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`: each row's as the data gives it,
+            recs = self._records[split]                        # with what its environment's reset() appended
+            rows = [recs[which[g]][0] for g in batch.group_index.tolist()]
+            if obs is not None:
+                from rlhf_fast.rollout.environments import with_observation
+
+                rows = [p if o is None else with_observation(p, o) for p, o in zip(rows, obs)]
+            extra["_trl_prompts"] = rows
         return batch, extra or None, counts
 
     def _generate(self, rnd: int):

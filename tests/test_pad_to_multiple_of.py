@@ -86,3 +86,37 @@ def test_bad_values_and_packed_rows_are_refused(tmp_path, request, kind, kw, msg
     make, tok = TRAINERS[kind]
     with pytest.raises(ValueError, match=msg):
         make(tmp_path, request.getfixturevalue(tok), "bad", **kw)
+
+
+def test_orpo_padding_value_fills_the_padding_only(tmp_path, pref_tok, monkeypatch):
+    """TRL ORPOConfig's ``padding_value`` (our DPO trainer's, any loss type): the padded positions
+    of every batch hold it, the attended ones are unchanged, and the steps equal the run with
+    the tokenizer's pad (padding is never attended); ids outside the vocabulary are refused."""
+    make, _ = TRAINERS["dpo"]
+    plain = make(tmp_path, pref_tok, "plain", loss_type="orpo")
+    plain.train()
+    batches = []
+    real = sft_mod.collate
+
+    def spy(rows, pad_id, pad_to_multiple_of=None):
+        out = real(rows, pad_id, pad_to_multiple_of)
+        batches.append(out)
+        return out
+
+    import rlhf_fast.trainers.dpo as dpo_mod
+
+    monkeypatch.setattr(dpo_mod, "collate", spy)
+    other = make(tmp_path, pref_tok, "other", loss_type="orpo", padding_value=7)
+    other.train()
+    assert other.pad_id == 7 != plain.pad_id
+    assert any((b["attention_mask"] == 0).any() for b in batches)
+    for b in batches:
+        assert (b["input_ids"][b["attention_mask"] == 0] == 7).all()
+    a, b = _untimed(str(tmp_path / "plain")), _untimed(str(tmp_path / "other"))
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x[k], y[k])
+    with pytest.raises(ValueError, match="padding_value"):
+        make(tmp_path, pref_tok, "bad", padding_value=-1)
+    with pytest.raises(ValueError, match=r"padding_value \(10000\) must be a token id below"):
+        make(tmp_path, pref_tok, "big", padding_value=10000)

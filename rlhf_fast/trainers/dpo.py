@@ -187,6 +187,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     max_len: int = 256
     # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
     pad_to_multiple_of: Optional[int] = None
+    padding_value: Optional[int] = None  # TRL ORPOConfig's: the id the batches' padding holds (null: the tokenizer's pad)
     # how a row longer than max_len is cut: "balanced" (the prompt's end and the responses' start),
     # or TRL's "keep_start" / "keep_end" (each row's first / last max_len tokens)
     truncation_mode: str = "balanced"
@@ -306,6 +307,10 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
                              "over the micro-batch, so its terms are not per pair")
         check_reference_fields(self, names[0] if is_reference_free(terms) else None)
         check_bool_fields(self, ("use_weighting", "generate_during_eval"))
+        if self.padding_value is not None and (isinstance(self.padding_value, bool)
+                                               or not isinstance(self.padding_value, int) or self.padding_value < 0):
+            raise ValueError(f"padding_value must be null (the tokenizer's pad) or a token id >= 0, "
+                             f"got {self.padding_value!r}")
         if self.use_weighting:
             if is_reference_free(terms):
                 raise ValueError(f"use_weighting does not apply to the reference-free loss_type {names[0]!r} (TRL's "
@@ -1065,6 +1070,12 @@ class DPOTrainer:
                  for r in train_records[:2000]]
         model, self.tokenizer, self.pad_id, self.is_peft = load_offline_policy(cfg, model, tokenizer, texts,
                                                                                self.device)
+        if cfg.padding_value is not None:  # only what the batches' padding holds: it is never attended
+            vocab = model.get_input_embeddings().num_embeddings
+            if cfg.padding_value >= vocab:
+                raise ValueError(f"padding_value ({cfg.padding_value}) must be a token id below the model's "
+                                 f"vocabulary size ({vocab})")
+            self.pad_id = cfg.padding_value
 
         self.train_items, dropped = self._encode(train_records)
         self.eval_items, _ = self._encode(eval_records)

@@ -356,9 +356,13 @@ def keeping_hyperparameters(optimizers, schedulers):
     (lr, weight decay, betas) and a scheduler its base LRs, so a resume with, say, a new ``lr``
     would silently keep the old one while config.yaml records the new. Afterwards the settings
     the objects were built with are put back and each LambdaLR's current LR recomputed from
-    them at its restored step (with an unchanged config, the same values)."""
+    them at its restored step (with an unchanged config, the same values). A ReduceLROnPlateau
+    keeps its saved progress (best metric, counters, reduced LR) under its new settings
+    (:func:`_keep_plateau_settings`)."""
     fresh = [[{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
              for opt in optimizers]
+    plateaus = [(s, {k: getattr(s, k) for k in _PLATEAU_SETTINGS}, [g["lr"] for g in s.optimizer.param_groups])
+                for s in schedulers if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)]
     yield
     for opt, groups in zip(optimizers, fresh):
         if len(groups) == len(opt.param_groups):
@@ -374,6 +378,33 @@ def keeping_hyperparameters(optimizers, schedulers):
             for g, base, fn in zip(groups, sched.base_lrs, lambdas):
                 g["lr"] = base * fn(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in groups]
+    for sched, settings, base_lrs in plateaus:
+        _keep_plateau_settings(sched, settings, base_lrs)
+
+
+# ReduceLROnPlateau's settings (lr_scheduler_kwargs), which its state_dict also holds
+_PLATEAU_SETTINGS = ("factor", "default_min_lr", "min_lrs", "patience", "cooldown", "eps", "mode", "threshold",
+                     "threshold_mode")
+
+
+def _keep_plateau_settings(sched, settings: Dict[str, Any], base_lrs) -> None:
+    """After a ReduceLROnPlateau's ``load_state_dict``: put back the ``settings`` it was built
+    with, and, when the LR it was built at (``base_lrs``) differs from the saved one
+    (``sched.base_lrs``, set by ``make_scheduler``), scale the restored LR by new / saved, so the
+    reductions made so far apply to the new ``lr`` (floored at ``min_lr``)."""
+    old_mode = sched.mode
+    for k, v in settings.items():
+        setattr(sched, k, v)
+    sched._init_is_better(mode=sched.mode, threshold=sched.threshold, threshold_mode=sched.threshold_mode)
+    if sched.mode != old_mode:  # the best so far was judged the other way round
+        sched.best, sched.num_bad_epochs = sched.mode_worse, 0
+    saved = getattr(sched, "base_lrs", None)
+    groups = sched.optimizer.param_groups
+    if saved is not None and len(saved) == len(groups) and list(saved) != list(base_lrs):
+        for g, old, new, floor in zip(groups, saved, base_lrs, sched.min_lrs):
+            g["lr"] = max(floor, g["lr"] * new / old)
+        sched._last_lr = [g["lr"] for g in groups]
+    sched.base_lrs = list(base_lrs)
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:

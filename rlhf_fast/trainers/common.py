@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -62,8 +63,14 @@ SCHEDULES = ("constant", "linear", "cosine")
 HF_SCHEDULES = ("constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr",
                 "cosine_warmup_with_min_lr", "warmup_stable_decay")
 LR_SCHEDULES = SCHEDULES + HF_SCHEDULES
-# transformers' schedules that step on a metric, which no trainer here passes to the scheduler
+# transformers' schedules that step on a metric: the offline trainers (SFT, reward, DPO, KTO) pass
+# their eval_loss to PLATEAU after each evaluation (training_loop), as transformers' Trainer does;
+# nothing passes a metric to greedy, nor does the online trainers' loop
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+PLATEAU = "reduce_lr_on_plateau"
+# the evaluation metric PLATEAU steps on: transformers' metric_for_best_model for it ("loss" ->
+# "eval_loss"), a key every offline trainer's evaluate() returns
+PLATEAU_METRIC = "eval_loss"
 
 
 def make_scheduler(
@@ -74,17 +81,22 @@ def make_scheduler(
     kind: str = "cosine",
     min_ratio: float = 0.0,
     lr_scheduler_kwargs: Optional[Mapping[str, Any]] = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> torch.optim.lr_scheduler.LRScheduler:
     """A LambdaLR for ``kind``: one of ``SCHEDULES`` (linear warm-up then constant, ``linear`` or
     ``cosine`` decay to ``min_ratio``; :func:`lr_lambda`), or one of ``HF_SCHEDULES``, built by
     ``transformers.get_scheduler(kind, optimizer, warmup_steps, total_steps,
     scheduler_specific_kwargs=lr_scheduler_kwargs)`` (its own warm-up formula; ``min_ratio`` must
-    be 0: its kwargs set the final LR, e.g. ``min_lr_rate``).
+    be 0: its kwargs set the final LR, e.g. ``min_lr_rate``). For ``kind`` ``PLATEAU``, torch's
+    ``ReduceLROnPlateau(optimizer, **lr_scheduler_kwargs)`` as transformers builds it (no warm-up:
+    ``warmup_steps`` and ``min_ratio`` must be 0).
 
-    Call ``scheduler.step()`` once per optimizer step.
+    Call ``scheduler.step()`` once per optimizer step; a ReduceLROnPlateau instead
+    ``scheduler.step(metric)`` after each evaluation (:func:`steps_on_metric`).
     """
+    if kind == PLATEAU:
+        return _plateau_scheduler(optimizer, warmup_steps, min_ratio, lr_scheduler_kwargs)
     if kind not in LR_SCHEDULES:
-        raise ValueError(f"kind must be one of {LR_SCHEDULES}, got {kind!r}")
+        raise ValueError(f"kind must be one of {LR_SCHEDULES + (PLATEAU,)}, got {kind!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if total_steps < 1:
@@ -109,6 +121,35 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def _plateau_scheduler(optimizer, warmup_steps: int, min_ratio: float,
+                       lr_scheduler_kwargs: Optional[Mapping[str, Any]]) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    # transformers' get_scheduler returns before it reads num_warmup_steps for this kind: a warm-up
+    # would be ignored there, so it is refused here
+    if warmup_steps or min_ratio:
+        raise ValueError(f"kind {PLATEAU!r} has no warm-up and no min_ratio (its min_lr is in lr_scheduler_kwargs), "
+                         f"got warmup_steps={warmup_steps}, min_ratio={min_ratio}")
+    kwargs = dict(lr_scheduler_kwargs or {})
+    allowed = [n for n in inspect.signature(torch.optim.lr_scheduler.ReduceLROnPlateau).parameters
+               if n != "optimizer"]
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"lr_scheduler_kwargs key {key!r} is not an argument of torch's ReduceLROnPlateau "
+                             f"(kind {PLATEAU!r}); expected some of {allowed}")
+    from transformers.optimization import get_scheduler
+
+    sched = get_scheduler(PLATEAU, optimizer, scheduler_specific_kwargs=kwargs)
+    # the LR it starts from, saved with its state: a resume at another lr scales the reduced LR by
+    # new / saved (checkpoint.keeping_hyperparameters)
+    sched.base_lrs = [g["lr"] for g in optimizer.param_groups]
+    return sched
+
+
+def steps_on_metric(scheduler) -> bool:
+    """Whether ``scheduler`` steps on an evaluation metric (a ReduceLROnPlateau:
+    ``scheduler.step(metric)`` after each evaluation) rather than once per optimizer step."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
 def warmup_steps_for(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
     """The warm-up length: ceil(``warmup_ratio`` × ``total_steps``) when ``warmup_ratio`` > 0 (transformers'
     ``TrainingArguments.get_warmup_steps`` for a ``warmup_steps`` below 1, float rounding included:
@@ -116,12 +157,13 @@ def warmup_steps_for(warmup_steps: int, warmup_ratio: float, total_steps: int) -
     return math.ceil(total_steps * warmup_ratio) if warmup_ratio > 0 else warmup_steps
 
 
-def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
     """The LR schedule of an SFT / reward / DPO / KTO config: ``warmup_steps`` (or ``warmup_ratio`` of
     ``max_steps``), then ``lr_schedule`` over ``max_steps``: ours decay down to ``min_lr_ratio`` × lr
     (TRL's ``cosine_with_min_lr`` with ``lr_scheduler_kwargs={"min_lr_rate": ...}``; 0: to zero),
-    transformers' with ``lr_scheduler_kwargs``. Build it once ``max_steps`` is final
-    (:func:`steps_for_epochs`)."""
+    transformers' with ``lr_scheduler_kwargs`` (``reduce_lr_on_plateau``: a ReduceLROnPlateau,
+    stepped on ``eval_loss`` by :func:`~rlhf_fast.trainers.sft.training_loop`). Build it once
+    ``max_steps`` is final (:func:`steps_for_epochs`)."""
     warmup = warmup_steps_for(cfg.warmup_steps, getattr(cfg, "warmup_ratio", 0.0), cfg.max_steps)
     return make_scheduler(optimizer, warmup_steps=warmup, total_steps=cfg.max_steps, kind=cfg.lr_schedule,
                           min_ratio=cfg.min_lr_ratio, lr_scheduler_kwargs=getattr(cfg, "lr_scheduler_kwargs", None))
@@ -883,18 +925,26 @@ def check_optimizer_fields(optim, adam_beta1, adam_beta2, adam_epsilon, optim_ar
 
 
 def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, *, lr: float,
-                          total_steps: int, prefix: str = "", schedule_key: str = "lr_schedule") -> Dict[str, Any]:
+                          total_steps: int, prefix: str = "", schedule_key: str = "lr_schedule",
+                          eval_every: Optional[int] = None, eval_split: bool = False) -> Dict[str, Any]:
     """Check the LR-schedule keys of a config (``prefix`` + their names in the messages, the
     schedule's own key ``schedule_key``): the schedule one of ``LR_SCHEDULES``;
     ``lr_scheduler_kwargs`` only with transformers' schedules (``HF_SCHEDULES``), whose
     ``min_lr_ratio`` must stay 0, and such that transformers builds the schedule (tried on a
     dummy optimizer at ``lr`` over ``total_steps``); ``warmup_ratio`` in [0, 1), and not with a
-    non-zero ``warmup_steps``. Returns ``lr_scheduler_kwargs`` with text values read as YAML."""
+    non-zero ``warmup_steps``. Returns ``lr_scheduler_kwargs`` with text values read as YAML.
+    A trainer that steps ``PLATEAU`` on its evaluations passes its ``eval_every`` (None: refused)
+    and whether it has an eval split: :func:`check_plateau_fields`."""
+    if schedule == PLATEAU and eval_every is not None:
+        return check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, lr=lr,
+                                    eval_every=eval_every, eval_split=eval_split, prefix=prefix,
+                                    schedule_key=schedule_key)
+    choices = LR_SCHEDULES + ((PLATEAU,) if eval_every is not None else ())
     if schedule in METRIC_SCHEDULES:
         raise ValueError(f"{prefix}{schedule_key} {schedule!r} steps on a metric, which no trainer here passes "
-                         f"to its scheduler; choose one of {LR_SCHEDULES}")
+                         f"to its scheduler; choose one of {choices}")
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"{prefix}{schedule_key} must be one of {LR_SCHEDULES}, got {schedule!r}")
+        raise ValueError(f"{prefix}{schedule_key} must be one of {choices}, got {schedule!r}")
     r = warmup_ratio
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r < 1:
         raise ValueError(f"{prefix}warmup_ratio must be a number in [0, 1), got {r!r}")
@@ -920,6 +970,42 @@ def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_st
     return kwargs
 
 
+def check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, *, lr: float,
+                         eval_every: int, eval_split: bool, prefix: str = "",
+                         schedule_key: str = "lr_schedule") -> Dict[str, Any]:
+    """Check the keys of a ``PLATEAU`` schedule (transformers' ``reduce_lr_on_plateau``): an
+    evaluation to step on (``eval_every`` > 0 and an eval split, as transformers requires an eval
+    strategy), no warm-up and ``min_lr_ratio`` 0 (transformers ignores both for it; its floor is
+    ``min_lr`` in ``lr_scheduler_kwargs``), and ``lr_scheduler_kwargs`` arguments of torch's
+    ``ReduceLROnPlateau`` that build it (on a dummy optimizer at ``lr``). Returns the kwargs with
+    text values read as YAML. ValueError naming the key."""
+    where = f"{prefix}{schedule_key} {PLATEAU!r}"
+    if not eval_every:
+        raise ValueError(f"{where} steps on {PLATEAU_METRIC} after each evaluation: set {prefix}eval_every > 0 "
+                         f"(got {eval_every!r})")
+    if not eval_split:
+        raise ValueError(f"{where} steps on {PLATEAU_METRIC} after each evaluation: give {prefix}eval_data or an "
+                         f"{prefix}eval_fraction > 0")
+    for key, value in (("warmup_steps", warmup_steps), ("warmup_ratio", warmup_ratio)):
+        if value:
+            raise ValueError(f"{where} has no warm-up (transformers ignores it there): set {prefix}{key} to 0, "
+                             f"got {value!r}")
+    if min_lr_ratio:
+        raise ValueError(f"{where} takes no {prefix}min_lr_ratio: set its floor with min_lr in "
+                         f"{prefix}lr_scheduler_kwargs, got {prefix}min_lr_ratio={min_lr_ratio!r}")
+    kwargs = _mapping(f"{prefix}lr_scheduler_kwargs", lr_scheduler_kwargs)
+    min_lr = kwargs.get("min_lr", 0)
+    # a list of min_lr would have to match the param groups, which the config does not know
+    if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)):
+        raise ValueError(f"{prefix}lr_scheduler_kwargs min_lr must be a number for {where}, got {min_lr!r}")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    try:
+        _plateau_scheduler(opt, 0, 0.0, kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}lr_scheduler_kwargs {kwargs!r} do not fit {where}: {e}") from None
+    return kwargs
+
+
 def _beside(key: str) -> Dict[str, str]:
     return {"after": key}  # config.py lists the field after ``key`` of the config that inherits it
 
@@ -931,7 +1017,7 @@ class OptimizerOptions:
     ``OPTIMS``), ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon`` (the AdamW names only),
     ``optim_args`` ({name: value}: ``OPTIM_ARGS`` of sgd / adagrad / rmsprop),
     ``lr_scheduler_kwargs`` (the keyword arguments of a transformers ``lr_schedule``,
-    ``HF_SCHEDULES``) and ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
+    ``HF_SCHEDULES`` and ``reduce_lr_on_plateau``) and ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
     ``warmup_steps`` 0). :func:`check_training_schedule` calls :meth:`check_optimizer_options`."""
 
     optim: str = dataclasses.field(default="adamw_torch", metadata=_beside("weight_decay"))
@@ -944,13 +1030,15 @@ class OptimizerOptions:
 
     def check_optimizer_options(self) -> None:
         """Check these keys, with the inheriting config's ``lr``, ``lr_schedule``, ``min_lr_ratio``,
-        ``warmup_steps``, ``max_steps`` and ``distributed`` (a DistributedConfig by now); text values
+        ``warmup_steps``, ``max_steps``, ``eval_every`` / ``eval_data`` / ``eval_fraction`` (for
+        ``reduce_lr_on_plateau``) and ``distributed`` (a DistributedConfig by now); text values
         of the two mappings are read as YAML. ValueError naming the key."""
         self.optim_args = check_optimizer_fields(self.optim, self.adam_beta1, self.adam_beta2, self.adam_epsilon,
                                                  self.optim_args, lr=self.lr)
         self.lr_scheduler_kwargs = check_schedule_fields(
             self.lr_schedule, self.lr_scheduler_kwargs, self.min_lr_ratio, self.warmup_steps, self.warmup_ratio,
-            lr=self.lr, total_steps=self.max_steps)
+            lr=self.lr, total_steps=self.max_steps, eval_every=self.eval_every,
+            eval_split=bool(self.eval_data) or self.eval_fraction > 0)
         if self.optim in NOT_ELEMENTWISE and self.distributed.strategy == "fsdp2":
             raise ValueError(f"optim {self.optim!r} is not supported with distributed.strategy fsdp2: its update of "
                              "a matrix is not elementwise, so each rank's shard would move unlike the whole; use "
@@ -1123,7 +1211,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "make_optimizer", "OptimizerOptions",
+__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "steps_on_metric", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
            "ModelInitOptions", "check_model_init_field",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",

@@ -74,6 +74,7 @@ from .common import (MetricsLogger, autocast_context, check_bool_fields, check_l
                      open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
+from .common import PLATEAU, PLATEAU_METRIC, steps_on_metric
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -641,12 +642,14 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
 
 def optimizer_step(trainer) -> float:
     """The end of an SFT / reward / DPO / KTO step once its gradients are in: clip them to
-    ``cfg.grad_clip`` (0: no clipping), step the optimizer and LR scheduler, clear the gradients
+    ``cfg.grad_clip`` (0: no clipping), step the optimizer and LR scheduler (unless it steps on a
+    metric: :func:`evaluate_and_step`), clear the gradients
     and count the step. Returns the gradient norm before clipping."""
     clip = trainer.cfg.grad_clip
     gnorm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip if clip > 0 else float("inf"))
     trainer.optimizer.step()
-    trainer.scheduler.step()
+    if not steps_on_metric(trainer.scheduler):  # reduce_lr_on_plateau steps after evaluations (training_loop)
+        trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
     return scalar_norm(gnorm)
@@ -710,6 +713,9 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     model. ``trainer`` provides cfg, step, ctx, run, model, tokenizer, train_step(),
     evaluate() and _save(). Returns the last step's metrics (with a final evaluation)."""
     cfg = trainer.cfg
+    if steps_on_metric(trainer.scheduler) and not has_eval:
+        raise ValueError(f"lr_schedule {PLATEAU!r} steps on {PLATEAU_METRIC} after each evaluation, but the eval "
+                         "split is empty: give eval_data or a larger eval_fraction")
     last: Dict[str, float] = {}
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
         with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log, \
@@ -723,7 +729,7 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 final = trainer.step == cfg.max_steps
                 # the final evaluation joins the last step's record (one line per step in the log)
                 if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
-                    m.update(trainer.evaluate())
+                    m.update(evaluate_and_step(trainer))
                 if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
                     # that step's seconds, as RL logs, and its throughput (timings: not returned either)
                     log.log(trainer.step, {**m, "time/step": step_s, **step_throughput(trainer, step_s)})
@@ -736,12 +742,23 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                     raise TrainingStopped(signum, trainer.step, trainer.run.path, "the same command")
                 last = m
             if "eval_loss" not in last and has_eval:  # nothing left to train (a finished run resumed)
+                # (a plateau scheduler is not stepped: the run stepped on this evaluation before it ended)
                 last.update(trainer.evaluate())
                 log.log(trainer.step, last)
         trainer._save()
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
                          cfg.distributed.strategy)
     return last
+
+
+def evaluate_and_step(trainer) -> Dict[str, float]:
+    """``trainer.evaluate()``, then a metric-driven LR scheduler (reduce_lr_on_plateau) stepped on
+    its ``eval_loss``, as transformers' ``Trainer._evaluate`` does after each evaluation (but not
+    after the evaluation at the start: its ``skip_scheduler``)."""
+    metrics = trainer.evaluate()
+    if steps_on_metric(trainer.scheduler):
+        trainer.scheduler.step(metrics[PLATEAU_METRIC])
+    return metrics
 
 
 def step_throughput(trainer, step_s: float) -> Dict[str, float]:

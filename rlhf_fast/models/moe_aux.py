@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -185,6 +185,23 @@ class RouterAux:
         if aux is None:
             return None, None
         return self.coef * aux / steps, float(aux.detach())
+
+    def with_term(self, loss: torch.Tensor, col: Optional[RouterLogits], steps: int, vals: List[float],
+                  counts: bool = True) -> torch.Tensor:
+        """An offline trainer's micro-batch ``loss`` plus its MoE term (:meth:`term`: coef × aux /
+        ``steps``), the aux loss appended to ``vals``; ``loss`` itself when off, when nothing was
+        recorded, or for a share that does not count (``counts`` False)."""
+        term, a = self.term(col if counts else None, steps)
+        if a is not None:
+            vals.append(a)
+        return loss if term is None else loss + term
+
+    def add_metrics(self, m: Dict[str, float], vals: List[float]) -> None:
+        """TRL's ``aux_loss`` metric (the mean of the micro-batches' ``vals``) and its weighted term
+        in ``m["loss"]``; nothing without values."""
+        if vals:
+            m["aux_loss"] = sum(vals) / len(vals)
+            m["loss"] += self.coef * m["aux_loss"]
 
 
 __all__ = ["KEY", "RouterAux", "RouterLogits", "active", "check_coef", "expert_counts", "forward_kwargs",

@@ -876,22 +876,6 @@ def open_offline_trainer(trainer, cfg) -> None:
         loading.check_model_folder(cfg.ref_model, "ref_model")
 
 
-def moe_term(moe: RouterAux, aux, real: bool, steps: int, vals: List[float]):
-    """A DPO / KTO micro-batch's MoE load-balancing term (:meth:`RouterAux.term`: coef × aux /
-    ``steps``; None when off or for a share that does not count), its aux loss appended to ``vals``."""
-    term, a = moe.term(aux if real else None, steps)
-    if a is not None:
-        vals.append(a)
-    return term
-
-
-def add_aux_metrics(m: Dict[str, float], moe: RouterAux, vals: List[float]) -> None:
-    """TRL's ``aux_loss`` metric (the micro-batches' mean) and its weighted term in ``loss``."""
-    if vals:
-        m["aux_loss"] = sum(vals) / len(vals)
-        m["loss"] += moe.coef * m["aux_loss"]
-
-
 def weighted_share(losses: torch.Tensor, weights: torch.Tensor, weight_total: float) -> torch.Tensor:
     """A micro-batch's part (0-dim) of the step's weighted mean L = Σ w·ℓ / Σ w: Σ weights·losses
     (``[B]`` each; 0 weights for a share that does not count) over the global ``weight_total``
@@ -1320,14 +1304,12 @@ class DPOTrainer:
                     nll = st["nll"].sum() * (1.0 if real else 0.0)
                     loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                loss = loss * ctx.grad_scale
                 # TRL's MoE term (the policy's forward): coef × aux / grad_accum, left to DDP's average
-                term = moe_term(self.moe, aux, real, len(micro), aux_vals)
-                (loss if term is None else loss + term).backward()
+                self.moe.with_term(loss * ctx.grad_scale, aux, len(micro), aux_vals, counts=real).backward()
             tot += self._sums(st, w, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
-        add_aux_metrics(m, self.moe, aux_vals)
+        self.moe.add_metrics(m, aux_vals)
         m.update(step)
         m.update(count_tokens(self, sum(pair_tokens(self.train_items[i]) for idx in idxs for i in idx)))
         return m

@@ -99,7 +99,6 @@ from .dpo import (attach_reference_logps, check_policy_fields, check_reference_f
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
                   response_logps_metrics, save_offline, train_offline, weighted_share, wrap_offline_models)
-from .dpo import add_aux_metrics, moe_term
 from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
                   offload_context)
 from .sft_data import completion_tokens
@@ -697,12 +696,11 @@ class KTOTrainer:
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 loss = loss * ctx.grad_scale
                 # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / grad_accum
-                term = moe_term(self.moe, aux, real, self.cfg.grad_accum, aux_vals)
-                (loss if term is None else loss + term).backward()
+                self.moe.with_term(loss, aux, self.cfg.grad_accum, aux_vals, counts=real).backward()
             tot += self._sums(st, z0, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
-        add_aux_metrics(m, self.moe, aux_vals)
+        self.moe.add_metrics(m, aux_vals)
         m.update(step)
         # TRL's num_tokens: the example rows (prompt + completion), not the KL rows
         rows = prompt_response_rows([self.train_items[i] for i in idx], "completion")

@@ -911,13 +911,9 @@ class SFTTrainer:
                                                         loss_type=cfg.loss_type, return_entropy=True,
                                                         return_top1=True)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                loss = s / n_tok * ctx.grad_scale
                 # TRL's MoE term, a micro-batch mean: coef × aux / grad_accum, left to DDP's average
-                term, a = self.moe.term(aux, len(micro))
-                (loss if term is None else loss + term).backward()
+                self.moe.with_term(s / n_tok * ctx.grad_scale, aux, len(micro), aux_vals).backward()
             total += torch.stack([s.detach().double(), nll.double(), ent.double(), top1.double()])
-            if a is not None:
-                aux_vals.append(a)
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
@@ -928,9 +924,7 @@ class SFTTrainer:
         m["entropy"] = float(total[2]) / n_tok
         # TRL's mean_token_accuracy: the trained tokens that are their logits' argmax, the same mean
         m["mean_token_accuracy"] = float(total[3]) / n_tok
-        if aux_vals:  # TRL's aux_loss (the micro-batches' mean), and its weighted term in the loss
-            m["aux_loss"] = sum(aux_vals) / len(aux_vals)
-            m["loss"] += self.moe.coef * m["aux_loss"]
+        self.moe.add_metrics(m, aux_vals)  # TRL's aux_loss, and its weighted term in the loss
         m.update(count_tokens(self, sum(input_tokens(self.train_rows, idx) for idx in idxs)))
         return ctx.mean_metrics(m)
 

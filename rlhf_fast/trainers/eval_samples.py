@@ -36,8 +36,6 @@ import os
 import random
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
 SAMPLES_FILE = "eval_samples.jsonl"
 
 
@@ -67,16 +65,14 @@ def reference_generator(trainer):
     there); None for a reference-free loss or a full policy's precomputed log-probs."""
     import contextlib
 
-    from rlhf_fast.models.loading import AdapterDisabledReference
+    from rlhf_fast.distributed import unwrap
+    from rlhf_fast.models.loading import AdapterDisabledReference, make_reference
 
     if trainer.cfg.reference_free:
         return None
     ref = trainer.reference
-    if ref is None and trainer.is_peft:
-        model = trainer.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        ref = AdapterDisabledReference(model)
+    if ref is None and trainer.is_peft:  # the base with adapters disabled, as the trainer's own reference
+        ref = make_reference(unwrap(trainer.model))
     if isinstance(ref, AdapterDisabledReference):
         return ref.rlhf_wrapped, ref.rlhf_context
     return (ref, contextlib.nullcontext) if ref is not None else None

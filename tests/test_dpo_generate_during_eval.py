@@ -41,14 +41,9 @@ def _model(tok):
     """The tiny policy with attention dropout, kept on (``disable_dropout: false``): a model left
     in eval mode, or a torch stream drawn from, would change the training steps after an
     evaluation."""
-    from rlhf_fast.models.tiny import tiny_causal_lm
+    from tests.test_sft_epochs import dropout_model
 
-    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2)
-    model.config.attention_dropout = 0.2
-    for m in model.modules():
-        if hasattr(m, "attention_dropout"):
-            m.attention_dropout = 0.2
-    return model
+    return dropout_model(tok, 0.2)
 
 
 def _trainer(tmp_path, tok, name, **kw):

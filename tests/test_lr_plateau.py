@@ -10,6 +10,7 @@ import torch
 
 from rlhf_fast.trainers.common import PLATEAU_METRIC, check_schedule_fields, read_metrics
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
+from tests.test_offline_metrics import sft_tok  # noqa: F401 (a fixture)
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
 KW = {"patience": 0, "factor": 0.5}
@@ -20,11 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    return train_tokenizer(sample_texts(64) + [r.prompt + r.completion for r in synthetic_sft_records(64)], 300,
-                           padding_side="right")
+def tok(sft_tok):
+    return sft_tok  # the SFT trainers' tokenizer (test_offline_metrics)
 
 
 def _cfg(tmp_path, name="run", **kw):

@@ -17,6 +17,7 @@ from rlhf_fast.trainers.common import (ADAMW_OPTIMS, HF_SCHEDULES, METRIC_SCHEDU
                                        read_metrics, supervised_optimizer, supervised_scheduler, warmup_steps_for)
 from rlhf_fast.trainers.config import config_yaml, load_config
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
+from tests.test_offline_metrics import sft_tok  # noqa: F401 (a fixture)
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
 
@@ -266,11 +267,8 @@ def test_print_config_lists_the_keys_beside_their_kin_and_round_trips(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    return train_tokenizer(sample_texts(64) + [r.prompt + r.completion for r in synthetic_sft_records(64)], 300,
-                           padding_side="right")
+def tok(sft_tok):
+    return sft_tok  # the SFT trainers' tokenizer (test_offline_metrics)
 
 
 def _cfg(tmp_path, name="run", **kw):

@@ -77,21 +77,22 @@ def test_num_train_epochs_run_resumes_exactly(tmp_path, tok):
     assert [m["loss"] for m in m_full if m["step"] > 3] == [m["loss"] for m in m_res]
 
 
-def _dropout_model(tok):
+def dropout_model(tok, p: float = 0.5):
+    """A tiny Llama for ``tok`` whose attention keeps dropout ``p`` (the tiny models have none)."""
     from rlhf_fast.models.tiny import tiny_causal_lm
 
     model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2)
-    model.config.attention_dropout = 0.5
+    model.config.attention_dropout = p
     for m in model.modules():
         if hasattr(m, "attention_dropout"):
-            m.attention_dropout = 0.5
+            m.attention_dropout = p
     return model
 
 
 @pytest.mark.parametrize("disable", [False, True])
 def test_disable_dropout(tmp_path, tok, disable):
     tr = SFTTrainer(_cfg(tmp_path, f"d{disable}", max_steps=1, disable_dropout=disable),
-                    train_records=synthetic_sft_records(8), eval_records=[], model=_dropout_model(tok), tokenizer=tok)
+                    train_records=synthetic_sft_records(8), eval_records=[], model=dropout_model(tok), tokenizer=tok)
     b = collate(tr.train_rows, tr.pad_id)
 
     def logits(train):

@@ -1674,14 +1674,13 @@ class RLTrainer:
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more), self.moe.collect() as aux:
                 loss, st = self._policy_loss(d, norm, kw)
-                # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                scaled = loss * self.ctx.grad_scale
+                # DDP averages gradients over ranks; grad_scale turns that into the global sum;
                 # TRL's MoE term (GRPO): coef × aux / the accumulation steps, left to DDP's average
-                term, a = self.moe.term(aux if real else None, steps)
-                (scaled if term is None else scaled + term).backward()
+                aux_val: List[float] = []
+                self.moe.with_term(loss * self.ctx.grad_scale, aux, steps, aux_val, counts=real).backward()
             if self.moe.enabled:  # the mini-batch's mean aux loss (update() adds its term to the loss); the
                 # key on every rank, a blank micro-batch's part 0, for the reduction of the statistics
-                acc["aux_loss"] = acc.get("aux_loss", 0.0) + (a / steps if a is not None else 0.0)
+                acc["aux_loss"] = acc.get("aux_loss", 0.0) + (aux_val[0] / steps if aux_val else 0.0)
             w = float(d.response_mask.sum()) / float(ntok)
             # sequence_sum's clip and ratio statistics are shares of answers: weighed by rows
             w_row = d.response_mask.shape[0] / max(data.response_mask.shape[0], 1) if per_answer else w

@@ -65,15 +65,16 @@ def _model(args):
     return tiny_causal_lm(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
 
 
-def dpo_steppers(args, tok) -> Dict[bool, Callable[[], object]]:
-    """{padding_free: one DPO train_step} on the same pairs (sigmoid loss, a reference model)."""
+def dpo_steppers(args, tok, workdir: str) -> Dict[bool, Callable[[], object]]:
+    """{padding_free: one DPO train_step} on the same pairs (sigmoid loss, a reference model);
+    the trainers' run folders under ``workdir``."""
     from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
     from rlhf_fast.trainers.reward import synthetic_preference_records
     from rlhf_fast.trainers.sft import _Batches
 
     out = {}
     for pf in (False, True):
-        cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_packing_"), batch_size=args.pairs,
+        cfg = DPOConfig(output_dir=os.path.join(workdir, f"dpo_{pf}"), batch_size=args.pairs,
                         max_len=args.prompt + args.max_response + 1, max_steps=10 ** 6, device="cpu", eval_every=0,
                         warmup_steps=0, padding_free=pf)
         tr = DPOTrainer(cfg, model=_model(args), tokenizer=tok, train_records=synthetic_preference_records(8),
@@ -84,8 +85,9 @@ def dpo_steppers(args, tok) -> Dict[bool, Callable[[], object]]:
     return out
 
 
-def sft_steppers(args, tok) -> Dict[bool, Callable[[], object]]:
-    """{packing: one SFT train_step} on rows of prompt + response tokens (the pairs' chosen)."""
+def sft_steppers(args, tok, workdir: str) -> Dict[bool, Callable[[], object]]:
+    """{packing: one SFT train_step} on rows of prompt + response tokens (the pairs' chosen);
+    the trainers' run folders under ``workdir``."""
     from rlhf_fast.feedback.formats import SFTRecord
     from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, _Batches
 
@@ -95,7 +97,7 @@ def sft_steppers(args, tok) -> Dict[bool, Callable[[], object]]:
         rows.append({"input_ids": ids, "response_mask": [0] * len(p["prompt"]) + [1] * len(p["chosen"])})
     out = {}
     for packing in (False, True):
-        cfg = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench_packing_"), batch_size=2 * args.pairs,
+        cfg = SFTConfig(output_dir=os.path.join(workdir, f"sft_{packing}"), batch_size=2 * args.pairs,
                         max_len=args.prompt + args.max_response + 1, max_steps=10 ** 6, device="cpu", eval_every=0,
                         warmup_steps=0, packing=packing, eval_fraction=0.0)
         tr = SFTTrainer(cfg, model=_model(args), tokenizer=tok, train_records=[SFTRecord("a b", "c d")] * 4,
@@ -133,7 +135,8 @@ def run(args) -> Table:
     for name, make, key in (("dpo", dpo_steppers, "padding_free"), ("sft", sft_steppers, "packing")):
         if name not in args.trainers:
             continue
-        t, first = measure(make(args, tok), args.steps)
+        with tempfile.TemporaryDirectory(prefix="bench_packing_") as workdir:  # the runs' config.yaml
+            t, first = measure(make(args, tok, workdir), args.steps)
         padded, packed = _quantiles(t[False]), _quantiles(t[True])
         table.add(trainer=name, layout="padded", **padded, speedup=1.0, first_loss=first[False])
         table.add(trainer=name, layout=f"{key}: true", **packed, speedup=padded["median_ms"] / packed["median_ms"],

@@ -16,6 +16,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """The suite's subprocesses (torchrun's log folders, scripts' temporary files) write their
+    temporary files under pytest's own folder, which pytest prunes, not into /tmp for good."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess_tmp"))
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: tiny matmuls run faster without OpenMP wake-ups on a

@@ -330,7 +330,7 @@ def test_check_state_dtypes_unit(tmp_path):
 
 
 _SHARDED_RESUME = r'''
-import os, sys, tempfile
+import os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1")
@@ -347,7 +347,7 @@ def sharded(dtype, seed):
     fully_shard(m)
     return m
 
-ctx, d = DistContext(), tempfile.mkdtemp()
+ctx, d = DistContext(), sys.argv[3]  # the test's tmp_path: nothing left behind in /tmp
 src = sharded(torch.bfloat16, 5)
 save_sharded(os.path.join(d, "ck"), src, None, ctx, {"step": 1})
 try:
@@ -374,8 +374,8 @@ def test_a_sharded_checkpoint_in_another_dtype_is_refused(tmp_path):
     script = tmp_path / "sharded_resume.py"
     script.write_text(_SHARDED_RESUME)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, str(script), root, str(free_port())], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, str(script), root, str(free_port()), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "REFUSED" in r.stdout and "NOT REFUSED" not in r.stdout, r.stdout
     assert "model.model_init_kwargs" in r.stdout and "bfloat16" in r.stdout

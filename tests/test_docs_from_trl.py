@@ -250,7 +250,8 @@ def test_parser_catches_a_renamed_key(tmp_path):
 
 # sections whose prose sends the reader to another table for the rest of their keys
 INHERITS_ANOTHER_TABLE = {"trl.RLOOConfig": "map as in the GRPO table",
-                          "trl.experimental.gkd.GKDConfig": "its table holds every other key"}
+                          "trl.experimental.gkd.GKDConfig": "its table holds every other key",
+                          "trl.experimental.gmpo.GMPOConfig": "map as in the GRPO table"}
 
 
 def test_every_trl_field_has_a_row():

@@ -18,6 +18,10 @@
   φ(w) = e^λ·w^k·e^(−λw) (φ(1) = 1), (k, λ) = (k_pos, λ_pos) for A ≥ 0, else (k_neg, λ_neg).
 * the bias-corrected KL (DeepSeek-V3.2, TRL's ``use_bias_correction_kl``): the per-token KL
   term times the (differentiable) importance ratio, the unbiased reverse-KL gradient off-policy.
+* ``gmpo`` (Geometric-Mean Policy Optimization, 2025; TRL's experimental GMPOTrainer): one
+  weight per answer, the geometric mean of its tokens' ratios each clipped in log space
+  (one-sidedly by the sign of A, PPO's min in log space), exp(mean_t clip(log r_t)); the
+  answer's loss −weight·A, averaged over answers (:func:`gmpo_sequence_loss`).
 * the ``sequence_sum`` importance-sampling level (TRL's RLOOTrainer): one ratio per answer,
   exp(Σ_t logp − Σ_t old_logp) — the likelihood ratio π(y|x)/π_old(y|x) itself, where GSPO's
   ``sequence`` level takes the exp of the *mean* log-ratio — clipped as a whole, the clipped
@@ -41,7 +45,7 @@ import torch
 from rlhf_fast.ops import reference
 from rlhf_fast.ops.reference import LOG_RATIO_CLAMP, out_dtype
 
-POLICY_LOSSES = ("clip", "cispo", "sapo", "luspo", "vespo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "luspo", "vespo", "gmpo")
 CLIP_LOSSES = ("clip", "luspo")  # PPO's clipped surrogate per token
 SAPO_TEMPERATURE_POS = 1.0  # TRL GRPOConfig.sapo_temperature_pos
 SAPO_TEMPERATURE_NEG = 1.05  # TRL GRPOConfig.sapo_temperature_neg
@@ -54,6 +58,11 @@ LUSPO_AGG = "seq-mean-token-sum"
 # answers is the seq-mean-token-sum aggregation of a loss held by one token per row
 SEQUENCE_SUM = "sequence_sum"
 SEQUENCE_SUM_AGG = "seq-mean-token-sum"
+# TRL GMPOConfig.epsilon: GMPO's clip bound in log space, ratios kept in (e^-0.4, e^0.4), the paper's
+# recommendation (markedly wider than PPO's 0.2 read as a log bound, (0.82, 1.22))
+GMPO_CLIP = 0.4
+# one loss per answer (the token mean is inside its geometric mean), averaged over the answers
+GMPO_AGG = "seq-mean-token-mean"
 # the log-space floor of VESPO's weights: log(1e-8), as the paper's code (and TRL) clamp
 _VESPO_LOG_FLOOR = math.log(1e-8)
 
@@ -195,7 +204,51 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
         phi = vespo_weights(lp, old_logp, adv, mask, is_weight=is_weight, k_pos=vespo_k_pos,
                             lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
         return -phi * adv * lp, ratio, none, none
+    if policy_loss == "gmpo":
+        raise ValueError("policy_loss 'gmpo' has no per-token loss (one geometric-mean weight per answer): "
+                         "use gmpo_sequence_loss or policy_loss_from_logp")
     raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+
+
+def gmpo_sequence_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                       clip_low: float = GMPO_CLIP, clip_high: Optional[float] = None,
+                       keep: Optional[torch.Tensor] = None):
+    """GMPO's loss per answer (TRL 1.16 ``experimental/gmpo/gmpo_trainer.py``,
+    ``GMPOTrainer._compute_loss``).
+
+    logp (differentiable), old_logp, advantages ``[B, T]`` float; mask ``[B, T]`` bool or 0/1,
+    the loss tokens; keep ``[B, T]`` bool or None: the tokens of the geometric mean among them
+    (the high-entropy mask; None = all). Per token l_t = logp − old_logp, clipped in log space
+    one-sidedly by the sign of the row's advantage A_b (the mean of its advantages over its loss
+    tokens: its one advantage under a group estimator): min(l, clamp(l, −clip_low, clip_high))
+    for A_b > 0, max(...) otherwise (``clip_high`` None = ``clip_low``). Row b's weight is
+    w_b = exp(clamp(mean over its kept tokens of the clipped l, ±20)), its loss −w_b·A_b. A row
+    with no kept token has weight 1 (TRL's clamp of the count at 1); one with no loss token
+    A = 0, loss 0. The ±20 clamp (every ratio of the package has it) is the only departure
+    from TRL.
+
+    Returns ``(loss, weight, low, high)``: loss ``[B]`` float32 (float64 for float64 logp),
+    differentiable; weight ``[B]`` detached; ``low`` (l < −clip_low with A_b < 0) and ``high``
+    (l > clip_high with A_b > 0) ``[B, T]`` bool over the loss tokens, TRL's
+    ``is_low_clipped`` / ``is_high_clipped``. Masked-out entries are never read."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    m = mb.to(dt)
+    logp, old_logp, advantages = reference._masked_inputs(mb, logp, old_logp.detach(), advantages.detach())
+    adv = (advantages.to(dt) * m).sum(-1) / m.sum(-1).clamp(min=1)  # [B]
+    high_bound = clip_low if clip_high is None else clip_high
+    log_ratio = logp.to(dt) - old_logp.to(dt)
+    clamped = torch.clamp(log_ratio, min=-clip_low, max=high_bound)
+    pos = (adv > 0)[:, None]
+    # PPO's min(r·A, clip(r)·A) in log space: only the side the advantage pushes towards is bounded
+    clipped = torch.where(pos, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped))
+    k = m if keep is None else (mb & (keep != 0)).to(dt)
+    log_w = (clipped * k).sum(-1) / k.sum(-1).clamp(min=1)  # [B]
+    weight = torch.exp(torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    lr = log_ratio.detach()
+    low = mb & (lr < -clip_low) & (adv < 0)[:, None]
+    high = mb & (lr > high_bound) & pos
+    return -weight * adv, weight.detach(), low, high
 
 
 def sequence_sum_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -286,6 +339,63 @@ def _sequence_sum_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, c
     return loss, stats
 
 
+def _check_gmpo(agg, importance_sampling_level, dual_clip, off_policy_mask_threshold, use_bias_correction_kl,
+                is_weight):
+    what = "policy_loss 'gmpo'"
+    if agg != GMPO_AGG:
+        raise ValueError(f"{what} averages one loss per answer (the token mean is inside its geometric mean): it "
+                         f"needs agg {GMPO_AGG!r}, got {agg!r}")
+    if importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level {importance_sampling_level!r} is not supported with {what} "
+                         f"(its geometric mean of the token ratios is already one weight per answer)")
+    # TRL's GMPOTrainer has none of these: each would be a new objective, not GMPO's
+    extra = [name for name, on in (("dual_clip", dual_clip is not None),
+                                   ("off_policy_mask_threshold", off_policy_mask_threshold is not None),
+                                   ("use_bias_correction_kl", use_bias_correction_kl),
+                                   ("is_weight", is_weight is not None)) if on]
+    if extra:
+        raise ValueError(f"{what} is not supported with {', '.join(extra)}")
+
+
+def _gmpo_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, clip_low, clip_high, top_entropy_quantile,
+                         entropy_mask, ref_logp, kl_coef, kl_kind, entropy_coef, agg, normalizer, kl_fn):
+    """:func:`policy_loss_from_logp` for ``gmpo``: the rows' losses of :func:`gmpo_sequence_loss`
+    summed over the normaliser of ``agg`` (the rows), plus the KL (never masked: with ``agg``
+    seq-mean-token-mean TRL's per-answer mean of the k3 KL) and the entropy bonus (on the
+    high-entropy tokens) per token under the same ``agg``."""
+    logp_out = logp
+    mb = mask != 0
+    keep_h = entropy_mask
+    if keep_h is None and top_entropy_quantile < 1.0:
+        keep_h = high_entropy_mask(entropy.detach(), mb, top_entropy_quantile)
+    rows, _, low, high = gmpo_sequence_loss(logp, old_logp, advantages, mb, clip_low=clip_low, clip_high=clip_high,
+                                            keep=keep_h)
+    logp, entropy, old_logp, ref_logp = reference._masked_inputs(
+        mb, logp, entropy, old_logp.detach(), None if ref_logp is None else ref_logp.detach())
+    dt = rows.dtype
+    ent = entropy if keep_h is None else torch.where(keep_h, entropy, torch.zeros_like(entropy))
+    tok, kl = reference.add_kl_entropy(torch.zeros(mb.shape, dtype=dt, device=mb.device), logp, ent, ref_logp,
+                                       kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, kl_fn=kl_fn)
+    den = max(mb.shape[0], 1) if normalizer is None else normalizer
+    loss = reference.aggregate(tok, mb, agg, normalizer) + rows.sum() / den
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=dt, device=mb.device)
+        ratio = torch.exp(torch.clamp(logp.detach().to(dt) - old_logp.to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        # TRL's clip_ratio/region_mean, low_mean, high_mean: shares of the loss tokens
+        stats = reference.policy_stats(logp.detach(), old_logp, ratio, low | high, torch.zeros_like(mb), mb)
+        stats["clip_low_frac"] = reference.masked_mean(low.to(dt), mb)
+        stats["clip_high_frac"] = reference.masked_mean(high.to(dt), mb)
+        stats["kl"] = reference.masked_mean(kl, mb) if kl is not None else zero
+        stats["entropy"] = reference.masked_mean(entropy.detach(), mb)
+        stats["entropy_mask_frac"] = (reference.masked_mean(keep_h.to(dt), mb) if keep_h is not None
+                                      else torch.ones((), dtype=dt, device=mb.device))
+        stats["off_policy_mask_frac"] = zero
+        stats["entropy_kept"] = (reference.masked_mean(entropy.detach().to(dt), mb & keep_h) if keep_h is not None
+                                 else stats["entropy"])
+        stats["logp"] = logp_out.detach()
+    return loss, stats
+
+
 def policy_loss_from_logp(
     logp: torch.Tensor,
     entropy: torch.Tensor,
@@ -343,6 +453,12 @@ def policy_loss_from_logp(
     policy; they multiply the policy term (after the masks, before the KL, as TRL), except for
     ``vespo``, whose sequence weight takes their logs instead. ``luspo`` needs ``agg``
     ``seq-mean-token-sum``. The ``vespo_*`` parameters: see :func:`vespo_weights`.
+    ``gmpo``: :func:`gmpo_sequence_loss` of each row (clip_low / clip_high its log-space bounds,
+    the high-entropy mask choosing the tokens of its geometric mean) summed over ``agg``'s row
+    normaliser, plus the KL and entropy terms per token; needs ``agg`` ``seq-mean-token-mean``
+    and the token level, refuses dual_clip, the off-policy mask, the bias-corrected KL and
+    ``is_weight`` (TRL's GMPOTrainer has none of them); ``clip_frac`` (TRL's
+    ``clip_ratio/region_mean``), ``clip_low_frac`` and ``clip_high_frac`` are shares of loss tokens.
 
     Returns ``(loss, stats)``: a 0-dim float32 loss (float64 for float64 logp) and the stats
     of :func:`rlhf_fast.ops.reference.policy_loss_from_logp` (``clip_frac``: see
@@ -361,6 +477,13 @@ def policy_loss_from_logp(
             logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, agg=agg,
             normalizer=normalizer, kl_fn=reference.kl_penalty if kl_fn is None else kl_fn)
+    if policy_loss == "gmpo":
+        _check_gmpo(agg, importance_sampling_level, dual_clip, off_policy_mask_threshold, use_bias_correction_kl,
+                    is_weight)
+        return _gmpo_loss_from_logp(
+            logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+            top_entropy_quantile=top_entropy_quantile, entropy_mask=entropy_mask, ref_logp=ref_logp, kl_coef=kl_coef,
+            kl_kind=kl_kind, entropy_coef=entropy_coef, agg=agg, normalizer=normalizer, kl_fn=kl_fn)
     if importance_sampling_level == "sequence" and policy_loss in ("cispo", "vespo"):
         raise ValueError(f"importance_sampling_level 'sequence' is not supported with policy_loss {policy_loss!r}")
     if policy_loss == "luspo" and agg != LUSPO_AGG:
@@ -434,6 +557,9 @@ __all__ = [
     "SEQUENCE_SUM",
     "SEQUENCE_SUM_AGG",
     "sequence_sum_policy_loss",
+    "GMPO_CLIP",
+    "GMPO_AGG",
+    "gmpo_sequence_loss",
     "SAPO_TEMPERATURE_POS",
     "SAPO_TEMPERATURE_NEG",
     "VESPO_K_POS",

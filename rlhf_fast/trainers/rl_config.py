@@ -8,13 +8,15 @@ YAML plus ``--section.key value`` overrides by :func:`rlhf_fast.trainers.config.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
-from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, LUSPO_AGG, POLICY_LOSSES, SAPO_TEMPERATURE_NEG,
-                                                SAPO_TEMPERATURE_POS, SEQUENCE_SUM, SEQUENCE_SUM_AGG, VESPO_K_NEG,
-                                                VESPO_K_POS, VESPO_LAMBDA_NEG, VESPO_LAMBDA_POS)
+from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP, LUSPO_AGG, POLICY_LOSSES,
+                                                SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS, SEQUENCE_SUM,
+                                                SEQUENCE_SUM_AGG, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
+                                                VESPO_LAMBDA_POS)
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
@@ -747,7 +749,18 @@ class PPOConfig:
     (``vespo_k_pos``, ``vespo_lambda_pos``) for A ≥ 0 else (``vespo_k_neg``,
     ``vespo_lambda_neg``), TRL's defaults 2, 3, 3, 2 — refused with other losses; token level
     only; clip_high / dual_clip / trpo refused; ``policy/vespo_phi_mean`` is φ's mean over
-    loss tokens).
+    loss tokens); ``gmpo`` (GMPO, TRL's experimental GMPOTrainer: each answer's weight is the
+    geometric mean of its tokens' ratios, exp(mean_t of log r_t clipped in log space to
+    [−``clip_low``, ``clip_high``] on the side its advantage pushes towards), its loss −weight·A;
+    ``clip_low`` / ``clip_high`` are **log-space** bounds here, the paper's and TRL's 0.4 (ratios
+    in (e^−0.4, e^0.4)) recommended — PPO's default 0.2 keeps (0.82, 1.22) and draws a warning;
+    needs ``agg: seq-mean-token-mean`` (TRL's plain mean over answers) and a group estimator
+    (one advantage per answer); ``top_entropy_quantile`` picks the tokens of the geometric
+    mean; the KL in the loss is each answer's token mean (TRL's, with ``kind: k3``); token level
+    only; dual_clip / trpo / ``off_policy_mask_threshold`` / ``is_cap`` /
+    ``kl.use_bias_correction_kl`` refused, as TRL's GMPOTrainer has none of them;
+    ``policy/clip_frac``, ``clip_low_frac`` and ``clip_high_frac`` are TRL's
+    ``clip_ratio/region_mean``, ``low_mean`` and ``high_mean``).
 
     ``is_mode`` (with ``is_cap``; TRL's ``vllm_importance_sampling_mode``): how the weight
     between the sampler's and the recomputed log-probs is bounded: ``token_truncate`` (the
@@ -861,6 +874,13 @@ class PPOConfig:
             if on and estimator not in GROUP_ESTIMATORS:
                 raise ValueError(f"{key} needs one advantage per answer: a group estimator "
                                  f"({', '.join(GROUP_ESTIMATORS)}), got estimator {estimator!r}")
+        if self.policy_loss == "gmpo":
+            if estimator not in GROUP_ESTIMATORS:
+                raise ValueError(f"ppo.policy_loss 'gmpo' needs one advantage per answer: a group estimator "
+                                 f"({', '.join(GROUP_ESTIMATORS)}), got estimator {estimator!r}")
+            if kl.use_bias_correction_kl:
+                raise ValueError("kl.use_bias_correction_kl is not supported with ppo.policy_loss 'gmpo' (TRL's "
+                                 "GMPOTrainer takes the plain KL)")
         if seq_sum and kl.use_bias_correction_kl:
             raise ValueError(f"kl.use_bias_correction_kl weighs each token's KL by its ratio: not supported with "
                              f"ppo.importance_sampling_level {SEQUENCE_SUM!r}")
@@ -934,6 +954,7 @@ class PPOConfig:
         if self.policy_loss != "vespo" and vespo != (VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG):
             raise ValueError(f"ppo.vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg only apply to "
                              f"ppo.policy_loss 'vespo', got policy_loss {self.policy_loss!r}")
+        self._check_gmpo()
         if self.policy_loss == "luspo" and self.agg != LUSPO_AGG:
             raise ValueError(f"ppo.policy_loss 'luspo' sums each answer's token losses: set ppo.agg {LUSPO_AGG!r}, "
                              f"got {self.agg!r}")
@@ -963,6 +984,23 @@ class PPOConfig:
         if self.old_logp == "behaviour" and self.is_cap is not None:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")
+
+    def _check_gmpo(self):
+        if self.policy_loss != "gmpo":
+            return
+        pl = "ppo.policy_loss 'gmpo'"
+        if self.agg != GMPO_AGG:
+            raise ValueError(f"{pl} averages one loss per answer (TRL's mean over answers): set ppo.agg "
+                             f"{GMPO_AGG!r}, got {self.agg!r}")
+        for key, on in (("ppo.importance_sampling_level", self.importance_sampling_level != "token"),
+                        ("ppo.off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
+                        ("ppo.is_cap", self.is_cap is not None)):
+            if on:  # the geometric mean is its own sequence weight; TRL's GMPOTrainer has neither mask nor weight
+                raise ValueError(f"{key} is not supported with {pl} (unset it)")
+        if self.clip_low == 0.2 and self.clip_high is None:
+            warnings.warn(f"{pl} reads ppo.clip_low / ppo.clip_high in log space: 0.2 (PPO's default) keeps the "
+                          f"token ratios in (0.82, 1.22); GMPO (and TRL's GMPOConfig) recommends {GMPO_CLIP}",
+                          UserWarning, stacklevel=4)
 
     def _check_sequence_sum(self):
         if self.importance_sampling_level != SEQUENCE_SUM:

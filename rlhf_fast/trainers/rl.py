@@ -515,6 +515,13 @@ class RLTrainer:
     functions receive the instances as ``environments`` and an environment's ``get_reward()``
     is a reward source (:mod:`rlhf_fast.rollout.environments`). Instances are re-created for
     every rollout from the records, so a checkpoint needs no environment state.
+    rollout_func: TRL GRPOTrainer's — ``fn(prompts, trainer) -> dict`` in place of the engine
+    for training and evaluation rollouts (else ``config.rollout.rollout_func``'s import path):
+    ``prompts`` this rank's prompts as the data gives them, each repeated group_size times
+    (with environments, what ``reset`` returned appended), ``trainer`` this trainer; it returns
+    ``prompt_ids``, ``completion_ids``, ``logprobs`` (the sampler's, one per completion token),
+    optionally ``env_mask`` (0: a token out of the loss) and other keys, per-row reward fields
+    (:mod:`rlhf_fast.rollout.custom_rollout`). Not with tools (it runs its own).
     """
 
     # the subclass that trains ``estimator: distill`` (rlhf_fast.trainers.distill.DistillationTrainer)
@@ -542,6 +549,7 @@ class RLTrainer:
         eval_prompts: Optional[Sequence] = None,
         tools: Optional[Sequence] = None,
         environment_factory=None,
+        rollout_func=None,
     ):
         from rlhf_fast.trainers.common import seed_everything
 
@@ -658,6 +666,7 @@ class RLTrainer:
             raise ValueError("prompts must be a non-empty list (texts, chats, or records with a prompt field)")
         records, eval_records = split_eval_records(cfg, records, eval_prompts, conv)
         self.tools = self._build_tools(tools)
+        self.rollout_func = self._build_rollout_func(rollout_func)
         # the records as given (environments are reset with them) and each one's environment
         self._records = {"train": records, "eval": eval_records}
         self._env_names = {k: self._record_environments(v, k) for k, v in self._records.items()}
@@ -902,6 +911,31 @@ class RLTrainer:
         except ValueError as e:
             raise ValueError(f"tools: {e}") from None
         return out
+
+    def _build_rollout_func(self, fn):
+        """The rollout function of ``rollout_func=`` or ``rollout.rollout_func`` (not both), or
+        None; refused where another rollout owns generation (tools, distillation, online DPO)."""
+        from rlhf_fast.rollout.custom_rollout import load_rollout_func
+
+        spec = self.config.rollout.rollout_func
+        if fn is not None and spec is not None:
+            raise ValueError("rollout_func=... and rollout.rollout_func are both set; give one")
+        if fn is None and spec is None:
+            return None
+        key = "rollout_func" if fn is not None else "rollout.rollout_func"
+        if fn is None:
+            fn = load_rollout_func(spec, key)
+        elif not callable(fn):
+            raise TypeError(f"rollout_func must be a callable fn(prompts, trainer) -> dict, got {type(fn).__name__}")
+        if self._distills or self._online_dpo:
+            raise ValueError(f"{key}: a custom rollout function trains with RLTrainer's estimators, not with "
+                             f"{type(self).__name__} (estimator {self.config.estimator!r})")
+        if self.tools:
+            # TRL would run its tool loop on the function's completions, generating on with the
+            # trainer's own sampler; an agent loop runs its tools itself and marks them in env_mask
+            raise ValueError(f"{key}: not with tools (rollout.tools, tools=[...] or an environment's methods); "
+                             "run the tools inside the rollout function and mark their tokens 0 in env_mask")
+        return fn
 
     def _eval_due(self) -> bool:
         """Whether the step just finished (``global_step``) evaluates: every ``eval_every``
@@ -1222,7 +1256,12 @@ class RLTrainer:
             prompts, params, envs, per_row, obs = self._environment_prompts(which, params, split)
             extra["environments"] = envs
             row_tools = [self._standalone_tools + environment_tools(e) for e in envs]
-        if not self.tools:
+        if self.rollout_func is not None:
+            batch, fields = self._custom_rollout(which, n, split, prompts if per_row else
+                                                 [p for p in prompts for _ in range(n)], obs)
+            extra.update(fields)
+            counts = [0, 0, 0]
+        elif not self.tools:
             batch, counts = self.engine.generate(prompts, params), [0, 0, 0]
         else:
             from rlhf_fast.rollout.tools import tool_rollout
@@ -1248,6 +1287,38 @@ class RLTrainer:
                 rows = [p if o is None else with_observation(p, o) for p, o in zip(rows, obs)]
             extra["_trl_prompts"] = rows
         return batch, extra or None, counts
+
+    def _custom_rollout(self, which: List[int], n: int, split: str, texts: List[str], obs=None) -> tuple:
+        """The rollout function's answers to the prompts ``which`` of ``split``, each ``n`` times:
+        ``(RolloutBatch, its extra per-row fields)``. It gets the prompts as the data gives them
+        (a copy, TRL's), with the environments' ``reset`` observations (``obs``, per row);
+        ``texts``: the rows' prompts as the policy reads them (the batch's prompt_texts)."""
+        import copy
+
+        from rlhf_fast.models.logprobs import unwrap
+        from rlhf_fast.rollout.custom_rollout import run_rollout_func
+
+        recs = self._records[split]
+        rows = [copy.deepcopy(recs[i][0]) for i in which for _ in range(n)]
+        if obs is not None:
+            from rlhf_fast.rollout.environments import with_observation
+
+            rows = [p if o is None else with_observation(p, o) for p, o in zip(rows, obs)]
+        model = unwrap(self.policy)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        tok = self.tokenizer
+        pad = getattr(self.engine, "pad_id", None)
+        if pad is None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # TRL's eos_token_ids (the tokenizer's and the generation config's) and its pad id
+        stops = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
+        gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen = gen.flatten().tolist() if isinstance(gen, torch.Tensor) else gen
+        stops.update([gen] if isinstance(gen, int) else list(gen or []))
+        return run_rollout_func(self.rollout_func, rows, self, texts, n, tokenizer=self.tokenizer, pad_id=pad,
+                                stop_ids=sorted(stops), vocab_size=vocab,
+                                max_new_tokens=self.config.rollout.max_new_tokens, max_length=self._max_positions)
 
     def _generate(self, rnd: int):
         """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``

@@ -304,6 +304,16 @@ class RolloutConfig:
     instances as ``environments``, and an environment's ``get_reward()`` is a reward source
     (:mod:`rlhf_fast.rollout.environments`).
 
+    ``rollout_func`` (TRL GRPOTrainer's; ``RLTrainer(rollout_func=...)`` takes the callable):
+    the import path ``module:function`` (or ``file.py:function``) of a function that replaces
+    generation, for training and evaluation rollouts:
+    ``fn(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ["env_mask"], ...}``
+    (:mod:`rlhf_fast.rollout.custom_rollout`). ``prompts``: this rank's prompts as the data
+    gives them, each repeated ``group_size`` times (``eval.group_size`` in evaluation); one
+    completion per entry, at most ``max_new_tokens`` tokens; ``env_mask`` 0 marks tokens out of
+    the loss; other keys reach the reward functions as per-row fields. Not with ``tools`` or
+    an environment that has tools (the function runs its own).
+
     ``generation_kwargs`` (TRL GRPOConfig's / RLOOConfig's, passed there to transformers'
     ``GenerationConfig`` or vLLM's ``SamplingParams``): a mapping whose keys, under either
     library's name, set the rollout keys above — ``temperature``, ``top_p``, ``top_k`` (vLLM's
@@ -337,6 +347,7 @@ class RolloutConfig:
     max_tool_calling_iterations: Optional[int] = None
     environment_factory: Optional[Union[str, Dict[str, str]]] = None
     generation_kwargs: Dict[str, Any] = field(default_factory=dict)
+    rollout_func: Optional[str] = None
 
     def penalties(self) -> dict:
         """The sampling-penalty fields, as :class:`rlhf_fast.rollout.SamplingParams` keywords."""
@@ -451,6 +462,10 @@ class RolloutConfig:
         for key, spec in (paths or {}).items():
             if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
                 raise ValueError(f"{key} must be an import path 'module:Class' or 'file.py:Class', got {spec!r}")
+        fn = self.rollout_func
+        if fn is not None and (not isinstance(fn, str) or fn.count(":") < 1 or not all(fn.rsplit(":", 1))):
+            raise ValueError(f"rollout.rollout_func must be an import path 'module:function' or 'file.py:function', "
+                             f"got {fn!r}")
 
 
 @dataclass

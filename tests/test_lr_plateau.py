@@ -162,7 +162,9 @@ def test_dpo_and_kto_step_on_their_eval_loss(tmp_path, kind):
     (dict(lr_scheduler_kwargs={"factor": 1.5}), r"lr_scheduler_kwargs \{'factor': 1.5\} do not fit lr_schedule "
                                                 r"'reduce_lr_on_plateau': Factor should be < 1.0"),
     (dict(lr_scheduler_kwargs={"min_lr": [0.0, 0.0]}), r"lr_scheduler_kwargs min_lr must be a number"),
-    (dict(lr_schedule="greedy"), r"lr_schedule 'greedy' steps on a metric"),
+    # greedy is supported (tests/test_lr_metric_schedules.py); its default min_lr, 0.001, above lr is refused
+    (dict(lr_schedule="greedy", lr=1e-4), r"lr_schedule 'greedy' moves the LR between lr_scheduler_kwargs min_lr "
+                                          r"\(0.001\) and max_lr \(1.0\), which must hold lr \(0.0001\)"),
 ])
 def test_refusals_name_the_key(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

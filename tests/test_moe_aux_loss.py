@@ -230,7 +230,7 @@ def _trl_dpo_loss(model, batch, ref_c, ref_r, *, beta, coef):
               "completion_mask": batch["response_mask"] * batch["attention_mask"],
               "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
     loss = TRLDPOTrainer._compute_loss(stub, model, inputs, False)
-    return loss, stub._metrics["train"]["aux_loss"][0]
+    return loss, stub._metrics["train" if model.training else "eval"]["aux_loss"][0]
 
 
 def test_dpo_step_equals_trls_compute_loss(tmp_path):

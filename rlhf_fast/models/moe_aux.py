@@ -14,7 +14,13 @@ they do the same here:
   with gradients (never the reference's, the no-grad KL rows, the rollout's old log-probs);
 - ``col.loss()`` is transformers' own ``load_balancing_loss_func`` of the model's modeling module
   over every recorded token: the ``aux_loss`` the model's CausalLM forward returns for the same
-  batch and attention mask.
+  batch and attention mask;
+- an evaluation (TRL's ``prediction_step`` calls the same ``compute_loss``, so its ``eval_loss``
+  holds coef × aux of each eval batch, and it logs ``eval_aux_loss``) opens
+  ``aux.collect(evaluation=True)`` around the policy's forward of each eval batch, which records
+  forwards without gradients too; a reference's forward inside it runs under :func:`suspended`
+  (a LoRA policy's reference is its own base model); :meth:`RouterAux.eval_sums` and
+  :meth:`RouterAux.add_eval_metrics` make the two metrics.
 
 Off (a dense model, or ``coef`` 0), ``collect()`` yields None and no forward changes: a dense
 model's path is the one it was, bit for bit.
@@ -106,8 +112,9 @@ def expert_counts(model: nn.Module, key: str = KEY) -> Tuple[int, int]:
 class RouterLogits:
     """The router logits of the forwards of one collection (one micro-batch of the policy)."""
 
-    def __init__(self, model: nn.Module, fn: Callable, num_experts: int, top_k: int):
+    def __init__(self, model: nn.Module, fn: Callable, num_experts: int, top_k: int, evaluation: bool = False):
         self.model, self.fn, self.num_experts, self.top_k = model, fn, num_experts, top_k
+        self.evaluation = evaluation  # record forwards without gradients too (an evaluation's)
         self.parts: List[Tuple[Tuple[torch.Tensor, ...], Optional[torch.Tensor]]] = []
 
     def record(self, outputs, attention_mask: Optional[torch.Tensor]) -> None:
@@ -141,12 +148,26 @@ def forward_kwargs(col: Optional[RouterLogits]) -> dict:
 
 
 def active(model: nn.Module) -> Optional[RouterLogits]:
-    """The collection open for ``model``'s forwards, or None: none open, another model's (the
-    reference), or gradients off (a no-grad forward is no term of the training loss)."""
+    """The collection open for ``model``'s forwards, or None: none open (or :func:`suspended`),
+    another model's (the reference), or gradients off outside an evaluation's collection (a
+    no-grad forward is no term of the training loss)."""
     col = getattr(_STATE, "col", None)
-    if col is None or not torch.is_grad_enabled():
+    if col is None or not (col.evaluation or torch.is_grad_enabled()):
         return None
     return col if _unwrap(model) is col.model else None
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No collection for the forwards of the block (a reference's, inside an evaluation's
+    collection that records no-grad forwards: a LoRA policy's reference is the same model with
+    its adapters off); then the open one, if any, again."""
+    prev = getattr(_STATE, "col", None)
+    _STATE.col = None
+    try:
+        yield
+    finally:
+        _STATE.col = prev
 
 
 class RouterAux:
@@ -162,13 +183,14 @@ class RouterAux:
             self._counts = expert_counts(model, key)
 
     @contextlib.contextmanager
-    def collect(self) -> Iterator[Optional[RouterLogits]]:
-        """Collect the router logits of the policy's forwards (with gradients) in the block; yields
-        the :class:`RouterLogits` (None when off: nothing is collected or changed)."""
+    def collect(self, evaluation: bool = False) -> Iterator[Optional[RouterLogits]]:
+        """Collect the router logits of the policy's forwards (with gradients; ``evaluation``: without
+        too) in the block; yields the :class:`RouterLogits` (None when off: nothing is collected or
+        changed)."""
         if not self.enabled:
             yield None
             return
-        col = RouterLogits(self.model, self._fn, *self._counts)
+        col = RouterLogits(self.model, self._fn, *self._counts, evaluation=evaluation)
         prev = getattr(_STATE, "col", None)
         _STATE.col = col
         try:
@@ -203,6 +225,27 @@ class RouterAux:
             m["aux_loss"] = sum(vals) / len(vals)
             m["loss"] += self.coef * m["aux_loss"]
 
+    def eval_sums(self, col: Optional[RouterLogits], counts: bool = True, device=None) -> Optional[torch.Tensor]:
+        """``[aux, 1]`` float64 of one eval batch's collection (``[0, 0]`` for a share that does not
+        count, ``counts`` False, or nothing recorded), on ``device``, to be summed over the batches
+        and all-reduced over ranks; None when off."""
+        if not self.enabled:
+            return None
+        aux = None if col is None or not counts else col.loss()
+        if aux is None:
+            return torch.zeros(2, dtype=torch.float64, device=device)
+        return torch.stack([aux.detach().double(), aux.new_ones((), dtype=torch.float64)]).to(device)
+
+    def add_eval_metrics(self, m: Dict[str, float], sums: Optional[torch.Tensor], prefix: str = "eval_") -> None:
+        """TRL's ``eval_aux_loss`` (its log's mean over the eval batches, every rank's) from the
+        summed :meth:`eval_sums`, and coef × it in ``m[prefix + "loss"]``: transformers'
+        ``evaluation_loop`` makes ``eval_loss`` the mean over the batches of each batch's loss,
+        ``compute_loss``'s own with its coef × aux. Nothing when off or no batch counted."""
+        if sums is None or float(sums[1]) == 0:
+            return
+        m[prefix + "aux_loss"] = float(sums[0]) / float(sums[1])
+        m[prefix + "loss"] += self.coef * m[prefix + "aux_loss"]
+
 
 __all__ = ["KEY", "RouterAux", "RouterLogits", "active", "check_coef", "expert_counts", "forward_kwargs",
-           "is_moe", "load_balancing_fn", "resolve_coef", "text_config"]
+           "is_moe", "load_balancing_fn", "resolve_coef", "suspended", "text_config"]

@@ -18,6 +18,7 @@ looks valid but is not.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -357,12 +358,13 @@ def keeping_hyperparameters(optimizers, schedulers):
     would silently keep the old one while config.yaml records the new. Afterwards the settings
     the objects were built with are put back and each LambdaLR's current LR recomputed from
     them at its restored step (with an unchanged config, the same values). A ReduceLROnPlateau
-    keeps its saved progress (best metric, counters, reduced LR) under its new settings
-    (:func:`_keep_plateau_settings`)."""
+    or transformers' GreedyLR keeps its saved progress (best metric, counters, changed LR) under its
+    new settings (:func:`_keep_plateau_settings`, :func:`_keep_greedy_settings`)."""
     fresh = [[{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
              for opt in optimizers]
     plateaus = [(s, {k: getattr(s, k) for k in _PLATEAU_SETTINGS}, [g["lr"] for g in s.optimizer.param_groups])
                 for s in schedulers if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)]
+    greedy = [(s, {k: copy.copy(getattr(s, k)) for k in _GREEDY_SETTINGS}) for s in schedulers if _is_greedy(s)]
     yield
     for opt, groups in zip(optimizers, fresh):
         if len(groups) == len(opt.param_groups):
@@ -380,6 +382,8 @@ def keeping_hyperparameters(optimizers, schedulers):
             sched._last_lr = [g["lr"] for g in groups]
     for sched, settings, base_lrs in plateaus:
         _keep_plateau_settings(sched, settings, base_lrs)
+    for sched, settings in greedy:
+        _keep_greedy_settings(sched, settings)
 
 
 # ReduceLROnPlateau's settings (lr_scheduler_kwargs), which its state_dict also holds
@@ -405,6 +409,50 @@ def _keep_plateau_settings(sched, settings: Dict[str, Any], base_lrs) -> None:
             g["lr"] = max(floor, g["lr"] * new / old)
         sched._last_lr = [g["lr"] for g in groups]
     sched.base_lrs = list(base_lrs)
+
+
+def _is_greedy(sched) -> bool:
+    if type(sched).__name__ != "GreedyLR":  # (transformers not imported for the other schedules)
+        return False
+    from transformers.optimization import GreedyLR
+
+    return isinstance(sched, GreedyLR)
+
+
+# GreedyLR's settings (lr_scheduler_kwargs) and the LRs it was built at (_init_lrs: where its reset
+# returns), which its state_dict and load_state_dict also carry
+_GREEDY_SETTINGS = ("factor", "min_lrs", "max_lrs", "patience", "verbose", "cooldown", "warmup", "mode", "threshold",
+                    "threshold_mode", "eps", "smooth", "window_size", "reset_start_original", "_init_lrs")
+
+
+def _keep_greedy_settings(sched, settings: Dict[str, Any]) -> None:
+    """After a GreedyLR's ``load_state_dict`` (which brings back the saved settings and sets the
+    LR to the saved one): put back the ``settings`` it was built with; when the LR it was built
+    at differs from the saved one, scale the restored LR by new / saved (within min_lr and
+    max_lr), so the changes made so far apply to the new ``lr``; a new mode restarts the best
+    metric, a new smoothing window keeps the latest values that fit."""
+    from transformers.optimization import StreamingAverage
+
+    old_mode, saved_init = sched.mode, list(sched._init_lrs)
+    for k, v in settings.items():
+        setattr(sched, k, v)
+    if sched.mode != old_mode:  # the best so far was judged the other way round
+        sched.best = float("inf") if sched.mode == "min" else float("-inf")
+        sched.num_bad_epochs = sched.num_good_epochs = 0
+    sched.reset_start = min(sched.reset_start, sched.reset_start_original)
+    avg = sched._streaming_avg
+    if not sched.smooth:
+        sched._streaming_avg = None
+    elif avg is None:
+        sched._streaming_avg = StreamingAverage(sched.window_size)
+    elif avg.window_size != sched.window_size:
+        avg.window_size, avg.values = sched.window_size, avg.values[-sched.window_size:]
+        avg.sum = sum(avg.values)
+    groups = sched.optimizer.param_groups
+    if len(saved_init) == len(groups) and saved_init != list(sched._init_lrs):
+        for g, old, new, lo, hi in zip(groups, saved_init, sched._init_lrs, sched.min_lrs, sched.max_lrs):
+            g["lr"] = min(hi, max(lo, g["lr"] * new / old))
+        sched._last_lr = [g["lr"] for g in groups]
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:

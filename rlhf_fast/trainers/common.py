@@ -64,12 +64,13 @@ HF_SCHEDULES = ("constant_with_warmup", "cosine_with_restarts", "polynomial", "i
                 "cosine_warmup_with_min_lr", "warmup_stable_decay")
 LR_SCHEDULES = SCHEDULES + HF_SCHEDULES
 # transformers' schedules that step on a metric: the offline trainers (SFT, reward, DPO, KTO) pass
-# their eval_loss to PLATEAU after each evaluation (training_loop), as transformers' Trainer does;
-# nothing passes a metric to greedy, nor does the online trainers' loop
+# an evaluation metric (metric_for_best_model, eval_loss by default) to them after each evaluation
+# (training_loop), as transformers' Trainer does; the online trainers' loop passes none
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
 PLATEAU = "reduce_lr_on_plateau"
-# the evaluation metric PLATEAU steps on: transformers' metric_for_best_model for it ("loss" ->
-# "eval_loss"), a key every offline trainer's evaluate() returns
+GREEDY = "greedy"  # transformers' GreedyLR: divides the LR by factor on improvement, multiplies on a plateau
+# the evaluation metric a metric schedule steps on by default: transformers' metric_for_best_model
+# for it ("loss" -> "eval_loss"), a key every offline trainer's evaluate() returns
 PLATEAU_METRIC = "eval_loss"
 
 
@@ -90,13 +91,15 @@ def make_scheduler(
     ``ReduceLROnPlateau(optimizer, **lr_scheduler_kwargs)`` as transformers builds it (no warm-up:
     ``warmup_steps`` and ``min_ratio`` must be 0).
 
-    Call ``scheduler.step()`` once per optimizer step; a ReduceLROnPlateau instead
+    For ``GREEDY``, transformers' ``GreedyLR(optimizer, **lr_scheduler_kwargs)`` likewise.
+
+    Call ``scheduler.step()`` once per optimizer step; a ReduceLROnPlateau or GreedyLR instead
     ``scheduler.step(metric)`` after each evaluation (:func:`steps_on_metric`).
     """
-    if kind == PLATEAU:
-        return _plateau_scheduler(optimizer, warmup_steps, min_ratio, lr_scheduler_kwargs)
+    if kind in METRIC_SCHEDULES:
+        return _metric_scheduler(kind, optimizer, warmup_steps, min_ratio, lr_scheduler_kwargs)
     if kind not in LR_SCHEDULES:
-        raise ValueError(f"kind must be one of {LR_SCHEDULES + (PLATEAU,)}, got {kind!r}")
+        raise ValueError(f"kind must be one of {LR_SCHEDULES + METRIC_SCHEDULES}, got {kind!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if total_steps < 1:
@@ -121,33 +124,78 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def _plateau_scheduler(optimizer, warmup_steps: int, min_ratio: float,
-                       lr_scheduler_kwargs: Optional[Mapping[str, Any]]) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    # transformers' get_scheduler returns before it reads num_warmup_steps for this kind: a warm-up
-    # would be ignored there, so it is refused here
+def _metric_scheduler_cls(kind: str):
+    """torch's ReduceLROnPlateau (``PLATEAU``) or transformers' GreedyLR (``GREEDY``)."""
+    if kind == PLATEAU:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau
+    try:
+        from transformers.optimization import GreedyLR
+    except ImportError:  # (our floor, transformers 4.46, predates it)
+        import transformers
+
+        raise ValueError(f"lr_schedule {GREEDY!r} needs a transformers release with GreedyLR (installed: "
+                         f"{transformers.__version__}); upgrade transformers or pick another schedule") from None
+    return GreedyLR
+
+
+def _metric_scheduler(kind: str, optimizer, warmup_steps: int, min_ratio: float,
+                      lr_scheduler_kwargs: Optional[Mapping[str, Any]]):
+    # transformers' get_scheduler returns before it reads num_warmup_steps for these kinds: a
+    # warm-up would be ignored there, so it is refused here
     if warmup_steps or min_ratio:
-        raise ValueError(f"kind {PLATEAU!r} has no warm-up and no min_ratio (its min_lr is in lr_scheduler_kwargs), "
+        raise ValueError(f"kind {kind!r} has no warm-up and no min_ratio (its min_lr is in lr_scheduler_kwargs), "
                          f"got warmup_steps={warmup_steps}, min_ratio={min_ratio}")
     kwargs = dict(lr_scheduler_kwargs or {})
-    allowed = [n for n in inspect.signature(torch.optim.lr_scheduler.ReduceLROnPlateau).parameters
-               if n != "optimizer"]
+    cls = _metric_scheduler_cls(kind)
+    allowed = [n for n in inspect.signature(cls).parameters if n != "optimizer"]
     for key in kwargs:
         if key not in allowed:
-            raise ValueError(f"lr_scheduler_kwargs key {key!r} is not an argument of torch's ReduceLROnPlateau "
-                             f"(kind {PLATEAU!r}); expected some of {allowed}")
+            raise ValueError(f"lr_scheduler_kwargs key {key!r} is not an argument of "
+                             f"{'torch' if kind == PLATEAU else 'transformers'}'s {cls.__name__} "
+                             f"(kind {kind!r}); expected some of {allowed}")
     from transformers.optimization import get_scheduler
 
-    sched = get_scheduler(PLATEAU, optimizer, scheduler_specific_kwargs=kwargs)
-    # the LR it starts from, saved with its state: a resume at another lr scales the reduced LR by
-    # new / saved (checkpoint.keeping_hyperparameters)
-    sched.base_lrs = [g["lr"] for g in optimizer.param_groups]
+    sched = get_scheduler(kind, optimizer, scheduler_specific_kwargs=kwargs)
+    if kind == PLATEAU:
+        # the LR it starts from, saved with its state: a resume at another lr scales the reduced LR
+        # by new / saved (checkpoint.keeping_hyperparameters); GreedyLR keeps it as _init_lrs
+        sched.base_lrs = [g["lr"] for g in optimizer.param_groups]
     return sched
 
 
 def steps_on_metric(scheduler) -> bool:
-    """Whether ``scheduler`` steps on an evaluation metric (a ReduceLROnPlateau:
-    ``scheduler.step(metric)`` after each evaluation) rather than once per optimizer step."""
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    """Whether ``scheduler`` steps on an evaluation metric (a ReduceLROnPlateau or transformers'
+    GreedyLR: ``scheduler.step(metric)`` after each evaluation) rather than once per optimizer step."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    try:
+        from transformers.optimization import GreedyLR
+    except ImportError:  # a transformers without it built none of our schedulers
+        return False
+    return isinstance(scheduler, GreedyLR)
+
+
+def schedule_metric(cfg) -> Tuple[str, bool]:
+    """``(name, greater_is_better)`` of the evaluation metric an offline config's metric-driven
+    ``lr_schedule`` steps on: transformers' rule (``TrainingArguments.__post_init__`` and
+    ``Trainer._evaluate``): ``metric_for_best_model`` (null: ``"loss"``) with ``eval_`` put in front
+    unless it starts so; ``greater_is_better`` (null: the name does not end in ``"loss"``)."""
+    name = getattr(cfg, "metric_for_best_model", None) or "loss"
+    gib = getattr(cfg, "greater_is_better", None)
+    gib = (not name.endswith("loss")) if gib is None else gib
+    return (name if name.startswith("eval_") else "eval_" + name), gib
+
+
+def metric_to_step_on(cfg, metrics: Mapping[str, Any]) -> float:
+    """The value in an evaluation's ``metrics`` of the metric ``cfg``'s schedule steps on
+    (:func:`schedule_metric`); ValueError naming ``metric_for_best_model`` and the metrics
+    the evaluation logged when it has none (transformers: a KeyError at the same point)."""
+    name, _ = schedule_metric(cfg)
+    if name not in metrics:
+        raise ValueError(f"metric_for_best_model {getattr(cfg, 'metric_for_best_model', None)!r}: lr_schedule "
+                         f"{cfg.lr_schedule!r} steps on {name}, which this evaluation did not log; it logged "
+                         f"{sorted(metrics)}")
+    return metrics[name]
 
 
 def warmup_steps_for(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
@@ -161,8 +209,8 @@ def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.l
     """The LR schedule of an SFT / reward / DPO / KTO config: ``warmup_steps`` (or ``warmup_ratio`` of
     ``max_steps``), then ``lr_schedule`` over ``max_steps``: ours decay down to ``min_lr_ratio`` × lr
     (TRL's ``cosine_with_min_lr`` with ``lr_scheduler_kwargs={"min_lr_rate": ...}``; 0: to zero),
-    transformers' with ``lr_scheduler_kwargs`` (``reduce_lr_on_plateau``: a ReduceLROnPlateau,
-    stepped on ``eval_loss`` by :func:`~rlhf_fast.trainers.sft.training_loop`). Build it once
+    transformers' with ``lr_scheduler_kwargs`` (``reduce_lr_on_plateau`` / ``greedy``: a ReduceLROnPlateau /
+    GreedyLR, stepped on the :func:`schedule_metric` by :func:`~rlhf_fast.trainers.sft.training_loop`). Build it once
     ``max_steps`` is final (:func:`steps_for_epochs`)."""
     warmup = warmup_steps_for(cfg.warmup_steps, getattr(cfg, "warmup_ratio", 0.0), cfg.max_steps)
     return make_scheduler(optimizer, warmup_steps=warmup, total_steps=cfg.max_steps, kind=cfg.lr_schedule,
@@ -926,20 +974,21 @@ def check_optimizer_fields(optim, adam_beta1, adam_beta2, adam_epsilon, optim_ar
 
 def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, *, lr: float,
                           total_steps: int, prefix: str = "", schedule_key: str = "lr_schedule",
-                          eval_every: Optional[int] = None, eval_split: bool = False) -> Dict[str, Any]:
+                          eval_every: Optional[int] = None, eval_split: bool = False,
+                          metric: str = PLATEAU_METRIC) -> Dict[str, Any]:
     """Check the LR-schedule keys of a config (``prefix`` + their names in the messages, the
     schedule's own key ``schedule_key``): the schedule one of ``LR_SCHEDULES``;
     ``lr_scheduler_kwargs`` only with transformers' schedules (``HF_SCHEDULES``), whose
     ``min_lr_ratio`` must stay 0, and such that transformers builds the schedule (tried on a
     dummy optimizer at ``lr`` over ``total_steps``); ``warmup_ratio`` in [0, 1), and not with a
     non-zero ``warmup_steps``. Returns ``lr_scheduler_kwargs`` with text values read as YAML.
-    A trainer that steps ``PLATEAU`` on its evaluations passes its ``eval_every`` (None: refused)
-    and whether it has an eval split: :func:`check_plateau_fields`."""
-    if schedule == PLATEAU and eval_every is not None:
+    A trainer that steps ``METRIC_SCHEDULES`` on its evaluations passes its ``eval_every`` (None:
+    refused), whether it has an eval split and the ``metric`` it steps on: :func:`check_plateau_fields`."""
+    if schedule in METRIC_SCHEDULES and eval_every is not None:
         return check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, lr=lr,
                                     eval_every=eval_every, eval_split=eval_split, prefix=prefix,
-                                    schedule_key=schedule_key)
-    choices = LR_SCHEDULES + ((PLATEAU,) if eval_every is not None else ())
+                                    schedule_key=schedule_key, schedule=schedule, metric=metric)
+    choices = LR_SCHEDULES + (METRIC_SCHEDULES if eval_every is not None else ())
     if schedule in METRIC_SCHEDULES:
         raise ValueError(f"{prefix}{schedule_key} {schedule!r} steps on a metric, which no trainer here passes "
                          f"to its scheduler; choose one of {choices}")
@@ -972,19 +1021,23 @@ def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_st
 
 def check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup_ratio, *, lr: float,
                          eval_every: int, eval_split: bool, prefix: str = "",
-                         schedule_key: str = "lr_schedule") -> Dict[str, Any]:
-    """Check the keys of a ``PLATEAU`` schedule (transformers' ``reduce_lr_on_plateau``): an
-    evaluation to step on (``eval_every`` > 0 and an eval split, as transformers requires an eval
-    strategy), no warm-up and ``min_lr_ratio`` 0 (transformers ignores both for it; its floor is
-    ``min_lr`` in ``lr_scheduler_kwargs``), and ``lr_scheduler_kwargs`` arguments of torch's
-    ``ReduceLROnPlateau`` that build it (on a dummy optimizer at ``lr``). Returns the kwargs with
-    text values read as YAML. ValueError naming the key."""
-    where = f"{prefix}{schedule_key} {PLATEAU!r}"
+                         schedule_key: str = "lr_schedule", schedule: str = PLATEAU,
+                         metric: str = PLATEAU_METRIC) -> Dict[str, Any]:
+    """Check the keys of a ``METRIC_SCHEDULES`` schedule (transformers' ``reduce_lr_on_plateau``
+    or ``greedy``) that steps on the evaluation metric ``metric``: an evaluation to step on
+    (``eval_every`` > 0 and an eval split, as transformers requires an eval strategy), no warm-up
+    and ``min_lr_ratio`` 0 (transformers ignores both for it; its floor is ``min_lr`` in
+    ``lr_scheduler_kwargs``), and ``lr_scheduler_kwargs`` arguments of torch's
+    ``ReduceLROnPlateau`` / transformers' ``GreedyLR`` that build it (on a dummy optimizer at
+    ``lr``); for greedy, a ``min_lr`` (default 0.001) at most ``lr`` and a ``max_lr`` (default 1)
+    at least ``lr``, as else it could only raise, or only lower, the LR. Returns the kwargs
+    with text values read as YAML. ValueError naming the key."""
+    where = f"{prefix}{schedule_key} {schedule!r}"
     if not eval_every:
-        raise ValueError(f"{where} steps on {PLATEAU_METRIC} after each evaluation: set {prefix}eval_every > 0 "
+        raise ValueError(f"{where} steps on {metric} after each evaluation: set {prefix}eval_every > 0 "
                          f"(got {eval_every!r})")
     if not eval_split:
-        raise ValueError(f"{where} steps on {PLATEAU_METRIC} after each evaluation: give {prefix}eval_data or an "
+        raise ValueError(f"{where} steps on {metric} after each evaluation: give {prefix}eval_data or an "
                          f"{prefix}eval_fraction > 0")
     for key, value in (("warmup_steps", warmup_steps), ("warmup_ratio", warmup_ratio)):
         if value:
@@ -994,16 +1047,56 @@ def check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup
         raise ValueError(f"{where} takes no {prefix}min_lr_ratio: set its floor with min_lr in "
                          f"{prefix}lr_scheduler_kwargs, got {prefix}min_lr_ratio={min_lr_ratio!r}")
     kwargs = _mapping(f"{prefix}lr_scheduler_kwargs", lr_scheduler_kwargs)
-    min_lr = kwargs.get("min_lr", 0)
-    # a list of min_lr would have to match the param groups, which the config does not know
-    if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)):
-        raise ValueError(f"{prefix}lr_scheduler_kwargs min_lr must be a number for {where}, got {min_lr!r}")
+    bounds = (("min_lr", 0), ("max_lr", None)) if schedule == GREEDY else (("min_lr", 0),)
+    for key, _ in bounds:
+        v = kwargs.get(key, 0)
+        # a list would have to match the param groups, which the config does not know
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{prefix}lr_scheduler_kwargs {key} must be a number for {where}, got {v!r}")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     try:
-        _plateau_scheduler(opt, 0, 0.0, kwargs)
+        sched = _metric_scheduler(schedule, opt, 0, 0.0, kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{prefix}lr_scheduler_kwargs {kwargs!r} do not fit {where}: {e}") from None
+    if schedule == GREEDY and not sched.min_lrs[0] <= lr <= sched.max_lrs[0]:
+        # (GreedyLR's default min_lr, 0.001, is above most fine-tuning LRs: it would never lower them)
+        raise ValueError(f"{where} moves the LR between {prefix}lr_scheduler_kwargs min_lr ({sched.min_lrs[0]}) "
+                         f"and max_lr ({sched.max_lrs[0]}), which must hold {prefix}lr ({lr}): set them "
+                         f"in {prefix}lr_scheduler_kwargs")
     return kwargs
+
+
+def check_metric_fields(metric_for_best_model, greater_is_better, schedule, lr_scheduler_kwargs,
+                        prefix: str = "", schedule_key: str = "lr_schedule") -> None:
+    """Check ``metric_for_best_model`` (null, or the name of an evaluation metric, with or without
+    its ``eval_`` prefix) and ``greater_is_better`` (null or a bool): they choose the metric a
+    ``METRIC_SCHEDULES`` schedule steps on (:func:`schedule_metric`) and are refused with any
+    other schedule (no best checkpoint is kept here). transformers takes the scheduler's mode from
+    ``lr_scheduler_kwargs`` only (``mode``, default ``"min"``), never from ``greater_is_better``:
+    when either key is set, a mode that disagrees with ``greater_is_better`` is refused, so an
+    accepted config runs as transformers runs it. ValueError naming the key."""
+    m, g = metric_for_best_model, greater_is_better
+    if m is not None and (not isinstance(m, str) or not m.strip() or m != m.strip() or m == "eval_"):
+        raise ValueError(f"{prefix}metric_for_best_model must be null or the name of an evaluation metric "
+                         f"(e.g. loss, eval_rewards/accuracy), got {m!r}")
+    if g is not None and not isinstance(g, bool):
+        raise ValueError(f"{prefix}greater_is_better must be true, false or null, got {g!r}")
+    if m is None and g is None:
+        return
+    if schedule not in METRIC_SCHEDULES:
+        raise ValueError(f"{prefix}metric_for_best_model / {prefix}greater_is_better choose the metric "
+                         f"{prefix}{schedule_key} {METRIC_SCHEDULES} steps on; {schedule!r} steps on none (no best "
+                         f"checkpoint is kept either): leave them null")
+    name = m or "loss"
+    gib = (not name.endswith("loss")) if g is None else g
+    mode = (lr_scheduler_kwargs or {}).get("mode", "min")
+    if mode in ("min", "max") and (mode == "max") != gib:
+        raise ValueError(f"{prefix}metric_for_best_model {name!r} is better when "
+                         f"{'greater' if gib else 'smaller'} ({prefix}greater_is_better "
+                         f"{'true' if gib else 'false'}{'' if g is not None else ', from its name'}) but "
+                         f"{prefix}lr_scheduler_kwargs mode is {mode!r} (transformers takes the mode from "
+                         f"lr_scheduler_kwargs alone, 'min' by default): set {prefix}lr_scheduler_kwargs mode: "
+                         f"{'max' if gib else 'min'}, or {prefix}greater_is_better: {'false' if gib else 'true'}")
 
 
 def _beside(key: str) -> Dict[str, str]:
@@ -1017,8 +1110,10 @@ class OptimizerOptions:
     ``OPTIMS``), ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon`` (the AdamW names only),
     ``optim_args`` ({name: value}: ``OPTIM_ARGS`` of sgd / adagrad / rmsprop),
     ``lr_scheduler_kwargs`` (the keyword arguments of a transformers ``lr_schedule``,
-    ``HF_SCHEDULES`` and ``reduce_lr_on_plateau``) and ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
-    ``warmup_steps`` 0). :func:`check_training_schedule` calls :meth:`check_optimizer_options`."""
+    ``HF_SCHEDULES`` and ``METRIC_SCHEDULES``), ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
+    ``warmup_steps`` 0) and ``metric_for_best_model`` / ``greater_is_better`` (the evaluation metric a
+    ``METRIC_SCHEDULES`` schedule steps on: :func:`schedule_metric`, :func:`check_metric_fields`).
+    :func:`check_training_schedule` calls :meth:`check_optimizer_options`."""
 
     optim: str = dataclasses.field(default="adamw_torch", metadata=_beside("weight_decay"))
     adam_beta1: float = dataclasses.field(default=0.9, metadata=_beside("weight_decay"))
@@ -1027,6 +1122,10 @@ class OptimizerOptions:
     optim_args: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_beside("weight_decay"))
     warmup_ratio: float = dataclasses.field(default=0.0, metadata=_beside("warmup_steps"))
     lr_scheduler_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_beside("min_lr_ratio"))
+    # the eval metric a metric-driven lr_schedule steps on (null: loss) and whether greater is better
+    # (null: unless the name ends in "loss"), as transformers' TrainingArguments
+    metric_for_best_model: Optional[str] = dataclasses.field(default=None, metadata=_beside("min_lr_ratio"))
+    greater_is_better: Optional[bool] = dataclasses.field(default=None, metadata=_beside("min_lr_ratio"))
 
     def check_optimizer_options(self) -> None:
         """Check these keys, with the inheriting config's ``lr``, ``lr_schedule``, ``min_lr_ratio``,
@@ -1035,10 +1134,12 @@ class OptimizerOptions:
         of the two mappings are read as YAML. ValueError naming the key."""
         self.optim_args = check_optimizer_fields(self.optim, self.adam_beta1, self.adam_beta2, self.adam_epsilon,
                                                  self.optim_args, lr=self.lr)
+        check_metric_fields(self.metric_for_best_model, self.greater_is_better, self.lr_schedule,
+                            _mapping("lr_scheduler_kwargs", self.lr_scheduler_kwargs))
         self.lr_scheduler_kwargs = check_schedule_fields(
             self.lr_schedule, self.lr_scheduler_kwargs, self.min_lr_ratio, self.warmup_steps, self.warmup_ratio,
             lr=self.lr, total_steps=self.max_steps, eval_every=self.eval_every,
-            eval_split=bool(self.eval_data) or self.eval_fraction > 0)
+            eval_split=bool(self.eval_data) or self.eval_fraction > 0, metric=schedule_metric(self)[0])
         if self.optim in NOT_ELEMENTWISE and self.distributed.strategy == "fsdp2":
             raise ValueError(f"optim {self.optim!r} is not supported with distributed.strategy fsdp2: its update of "
                              "a matrix is not elementwise, so each rank's shard would move unlike the whole; use "
@@ -1211,7 +1312,8 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "steps_on_metric", "make_optimizer", "OptimizerOptions",
+__all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "steps_on_metric", "schedule_metric",
+           "metric_to_step_on", "check_metric_fields", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
            "ModelInitOptions", "check_model_init_field",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",

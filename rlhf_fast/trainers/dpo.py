@@ -142,7 +142,7 @@ import torch
 
 from rlhf_fast.distributed import DistributedConfig, reshard
 from rlhf_fast.feedback.formats import _shown, response_text
-from rlhf_fast.models.moe_aux import RouterAux, check_coef
+from rlhf_fast.models.moe_aux import RouterAux, check_coef, suspended
 from rlhf_fast.ops._validate import finite
 
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
@@ -638,7 +638,8 @@ def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *,
     prompt once with ``prefix_sharing``); a ``sharded`` (FSDP2)
     reference's root is resharded after (it keeps its gathered copy of the embeddings and head
     after a forward)."""
-    logps, _ = response_logps(reference, batch, **_logps_kwargs(ld_alpha, packed, prefix_sharing))
+    with suspended():  # not an evaluation's MoE term (a LoRA policy's reference is its own base model)
+        logps, _ = response_logps(reference, batch, **_logps_kwargs(ld_alpha, packed, prefix_sharing))
     if sharded:
         reshard(reference)
     return logps
@@ -1258,17 +1259,24 @@ class DPOTrainer:
     @torch.no_grad()
     def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
         """The step metrics over the eval pairs (``eval_`` prefix; empty dict without pairs):
-        ``eval_loss`` is the weighted mean over every pair, as the training loss."""
+        ``eval_loss`` is the weighted mean over every pair, as the training loss; an MoE policy with
+        the load-balancing term on adds TRL's ``eval_aux_loss`` (the mean over the eval batches)
+        and coef × it (RouterAux.add_eval_metrics)."""
         items = list(self.eval_items if items is None else items)
         if not items:
             return {}
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         wsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sums = None
         with eval_mode(self.model):
             for s in range(0, len(items), self.cfg.batch_size):
                 idx = list(range(s, min(s + self.cfg.batch_size, len(items))))
                 chunk, real = local_share(idx, items, self.ctx)
-                st = self._pair_stats(chunk, self._batch(chunk))
+                with self.moe.collect(evaluation=True) as aux:  # the policy's forward of the batch's rows
+                    st = self._pair_stats(chunk, self._batch(chunk))
+                if self.moe.enabled:
+                    a = self.moe.eval_sums(aux, real, self.device)
+                    aux_sums = a if aux_sums is None else aux_sums + a
                 w = torch.tensor([it["weight"] for it in chunk], dtype=torch.float64, device=self.device)
                 tot += self._sums(st, w, real)
                 wsum += w.sum() if real else 0.0
@@ -1277,7 +1285,10 @@ class DPOTrainer:
             from .eval_samples import generate_during_eval
 
             generate_during_eval(self, items)
-        return self._metrics(tot[:N_SUMS], float(tot[N_SUMS]), prefix="eval_")
+        m = self._metrics(tot[:N_SUMS], float(tot[N_SUMS]), prefix="eval_")
+        if aux_sums is not None:
+            self.moe.add_eval_metrics(m, self.ctx.all_reduce_sum(aux_sums))
+        return m
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""

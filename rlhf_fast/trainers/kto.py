@@ -662,20 +662,30 @@ class KTOTrainer:
         """The step metrics over the eval examples (``eval_`` prefix; empty dict without any),
         taken in blocks of the step size as training takes its batches: ``eval_loss`` is L
         over every example (Σ w·ℓ / Σ w), ``eval_kl`` (kto) the example-count-weighted mean of the
-        blocks' z0.
+        blocks' z0. An MoE model with the load-balancing term on adds TRL's ``eval_aux_loss`` (the
+        mean over the micro-batches of their examples' forward, not the KL rows') and coef × it
+        to eval_loss, as TRL's ``compute_loss`` in evaluation.
         ``items`` (encoded, e.g. ``trainer.train_items``) replaces the eval split, in its order."""
         order = self.eval_order if items is None else list(range(len(items)))
         items = list(self.eval_items if items is None else items)
         if not items:
             return {}
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
+        aux_sums = None
         with eval_mode(self.model):
             for s in range(0, len(order), self.step_size):
                 micro = self._micro(order[s: s + self.step_size], items)
                 z0, refs = self._reference_point(micro)
                 for (chunk, real), ref in zip(micro, refs):
-                    tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
-        return self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_", kl=self.kl_rows)
+                    with self.moe.collect(evaluation=True) as aux:  # the examples' forward, as in training
+                        tot += self._sums(self._example_stats(chunk, ref, z0), z0, real)
+                    if self.moe.enabled:
+                        a = self.moe.eval_sums(aux, real, self.device)
+                        aux_sums = a if aux_sums is None else aux_sums + a
+        m = self._metrics(self.ctx.all_reduce_sum(tot), prefix="eval_", kl=self.kl_rows)
+        if aux_sums is not None:
+            self.moe.add_eval_metrics(m, self.ctx.all_reduce_sum(aux_sums))
+        return m
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over a step batch in up to ``grad_accum`` micro-batches; returns its metrics."""

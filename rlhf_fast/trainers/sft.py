@@ -74,7 +74,7 @@ from .common import (MetricsLogger, autocast_context, check_bool_fields, check_l
                      open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
-from .common import PLATEAU, PLATEAU_METRIC, steps_on_metric
+from .common import metric_to_step_on, schedule_metric, steps_on_metric
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -648,7 +648,7 @@ def optimizer_step(trainer) -> float:
     clip = trainer.cfg.grad_clip
     gnorm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip if clip > 0 else float("inf"))
     trainer.optimizer.step()
-    if not steps_on_metric(trainer.scheduler):  # reduce_lr_on_plateau steps after evaluations (training_loop)
+    if not steps_on_metric(trainer.scheduler):  # reduce_lr_on_plateau / greedy step after evaluations (training_loop)
         trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
@@ -714,14 +714,17 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     evaluate() and _save(). Returns the last step's metrics (with a final evaluation)."""
     cfg = trainer.cfg
     if steps_on_metric(trainer.scheduler) and not has_eval:
-        raise ValueError(f"lr_schedule {PLATEAU!r} steps on {PLATEAU_METRIC} after each evaluation, but the eval "
-                         "split is empty: give eval_data or a larger eval_fraction")
+        raise ValueError(f"lr_schedule {cfg.lr_schedule!r} steps on {schedule_metric(cfg)[0]} after each "
+                         "evaluation, but the eval split is empty: give eval_data or a larger eval_fraction")
     last: Dict[str, float] = {}
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
         with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log, \
                 _exposed_logger(trainer, log):
             if eval_at_start and trainer.step == 0 and has_eval:
-                log.log(0, trainer.evaluate())
+                start = trainer.evaluate()
+                if steps_on_metric(trainer.scheduler):  # a metric it lacks: refused before any step
+                    metric_to_step_on(cfg, start)
+                log.log(0, start)
             while trainer.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 m = trainer.train_step()
@@ -752,12 +755,13 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
 
 
 def evaluate_and_step(trainer) -> Dict[str, float]:
-    """``trainer.evaluate()``, then a metric-driven LR scheduler (reduce_lr_on_plateau) stepped on
-    its ``eval_loss``, as transformers' ``Trainer._evaluate`` does after each evaluation (but not
-    after the evaluation at the start: its ``skip_scheduler``)."""
+    """``trainer.evaluate()``, then a metric-driven LR scheduler (reduce_lr_on_plateau, greedy)
+    stepped on its ``metric_for_best_model`` (``eval_loss`` by default: :func:`schedule_metric`),
+    as transformers' ``Trainer._evaluate`` does after each evaluation (but not after the
+    evaluation at the start: its ``skip_scheduler``)."""
     metrics = trainer.evaluate()
     if steps_on_metric(trainer.scheduler):
-        trainer.scheduler.step(metrics[PLATEAU_METRIC])
+        trainer.scheduler.step(metric_to_step_on(trainer.cfg, metrics))
     return metrics
 
 
@@ -864,23 +868,33 @@ class SFTTrainer:
         over the eval records (empty dict without). eval_loss is the token-mean NLL whatever
         ``loss_type`` (so eval_ppl is a perplexity); eval_entropy the token mean of the predicting
         distributions' entropy; eval_mean_token_accuracy the fraction of tokens that are their
-        logits' argmax."""
+        logits' argmax. An MoE model with the load-balancing term on adds TRL's
+        ``eval_aux_loss`` (the mean over the eval batches) and coef × it to eval_loss, as TRL's
+        ``compute_loss`` in evaluation (eval_ppl stays the NLL's)."""
         if not self.eval_rows:
             return {}
         tot = torch.zeros(4, dtype=torch.float64, device=self.device)  # (nll sum, tokens, entropy sum, top-1)
+        aux_sums = None
         with eval_mode(self.model):
             for i in range(0, len(self.eval_rows), self.cfg.batch_size):
                 idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
                 batch = self._local_batch(idx, self.eval_rows)
-                with autocast_context(self.device, self.cfg.bf16):
+                with autocast_context(self.device, self.cfg.bf16), self.moe.collect(evaluation=True) as aux:
                     s, _, c, ent, top1 = sft_loss_sum(self.model, batch, packed=self._packed["eval"],
                                                       return_entropy=True, return_top1=True)
                 tot += torch.stack([s.double(), c.double(), ent.double(), top1.double()])
+                if self.moe.enabled:  # a share that does not count adds no batch
+                    a = self.moe.eval_sums(aux, local_share(idx, self.eval_rows, self.ctx)[1], self.device)
+                    aux_sums = a if aux_sums is None else aux_sums + a
             tot = self.ctx.all_reduce_sum(tot).cpu()  # the sums over every rank's share
+            if aux_sums is not None:
+                aux_sums = self.ctx.all_reduce_sum(aux_sums).cpu()
         tot, n, ent, top1 = float(tot[0]), int(tot[1]), float(tot[2]), float(tot[3])
         loss = tot / max(n, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n,
-                "eval_entropy": ent / max(n, 1), "eval_mean_token_accuracy": top1 / max(n, 1)}
+        m = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n,
+             "eval_entropy": ent / max(n, 1), "eval_mean_token_accuracy": top1 / max(n, 1)}
+        self.moe.add_eval_metrics(m, aux_sums)
+        return m
 
     def _save(self) -> None:
         save_supervised(self, "policy")

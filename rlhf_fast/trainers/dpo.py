@@ -77,9 +77,16 @@ so before that step's evaluation and checkpoint) π_ref ← α·π_θ + (1 − �
 sharded like the policy). The moving reference is training state: each checkpoint ``step_N`` has
 it in ``reference_step_N`` (written first), so a resumed run equals an uninterrupted one. It is
 refused with ``precompute_ref_logps``, ``lora`` / a peft policy (no reference weights of its own,
-as TRL) and the reference-free losses. ``disable_dropout`` (default true, as TRL) turns dropout
-off in the policy and the reference; ``num_train_epochs`` sets ``max_steps`` from the number of
-training pairs (:func:`rlhf_fast.trainers.common.steps_for_epochs`).
+as TRL) and the reference-free losses. ``bema`` (TRL's ``BEMACallback``, with its argument names
+and defaults: :mod:`rlhf_fast.trainers.bema`) keeps the Bias-Corrected EMA of the policy's weights
+on ``bema.device`` and saves it as a model to ``RUN_DIR/bema`` at the end; with
+``bema.update_ref_model`` (TRL's experimental ``bema_for_ref_model``) the reference takes those
+weights every ``ref_model_update_freq`` steps. Its buffers (and that reference) are checkpointed in
+``bema_step_N``; refused with ``lora`` and FSDP2, and its ``update_ref_model`` with
+``sync_ref_model``, ``precompute_ref_logps`` and the reference-free losses. ``disable_dropout``
+(default true, as TRL) turns dropout off in the policy and the reference; ``num_train_epochs``
+sets ``max_steps`` from the number of training pairs
+(:func:`rlhf_fast.trainers.common.steps_for_epochs`).
 
 ``padding_free`` (TRL's DPOConfig key, which TRL 1.16 ignores with a warning): the policy, and
 the reference (its precomputed log-probs too), score each micro-batch as one row holding every
@@ -145,6 +152,8 @@ from rlhf_fast.feedback.formats import _shown, response_text
 from rlhf_fast.models.moe_aux import RouterAux, check_coef, suspended
 from rlhf_fast.ops._validate import finite
 
+from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema,
+                   save_bema_model, setup_bema)
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
                      check_training_schedule, disable_dropout, load_split_records, pad_token_id, record_weight,
                      steps_for_epochs, trainer_commands, trainer_model)
@@ -226,6 +235,9 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     sync_ref_model: bool = False  # TR-DPO: mix the policy into the reference every ref_model_sync_steps steps
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    # TRL's BEMACallback (its argument names and defaults; rlhf_fast.trainers.bema): BEMA weights of the policy,
+    # saved to RUN_DIR/bema, and with update_ref_model (TRL's experimental bema_for_ref_model) the reference
+    bema: Optional[BEMAConfig] = None
     use_weighting: bool = False  # WPO: each pair's loss × the policy's length-normalised probabilities
     padding_free: bool = False  # one packed row per micro-batch (policy and reference): less compute, same loss
     prefix_sharing: bool = False  # padding_free with each pair's prompt scored once: [prompt, chosen, rejected]
@@ -306,6 +318,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "
                              "over the micro-batch, so its terms are not per pair")
         check_reference_fields(self, names[0] if is_reference_free(terms) else None)
+        self.bema = check_bema_field(self, names[0] if is_reference_free(terms) else None)
         check_bool_fields(self, ("use_weighting", "generate_during_eval"))
         if self.padding_value is not None and (isinstance(self.padding_value, bool)
                                                or not isinstance(self.padding_value, int) or self.padding_value < 0):
@@ -726,6 +739,7 @@ def wrap_offline_models(trainer, model) -> None:
     if trainer.reference is not None:
         trainer.reference, trainer._reference_sharded = shard_reference(trainer.reference, dcfg, trainer.ctx)
     setup_moving_reference(trainer)
+    setup_bema(trainer)  # after the reference is placed: it may follow the BEMA weights
 
 
 # ------------------------------------------------------------------ TR-DPO: the moving reference
@@ -845,9 +859,14 @@ def save_offline(trainer) -> None:
     :func:`save_supervised`'s (policy, optimizer, scheduler, step, data position)."""
     if trainer._sync_pairs is not None:
         save_moving_reference(trainer)
+    bema = getattr(trainer, "_bema", None) is not None
+    if bema:  # its buffers (and the reference following them) before the checkpoint that needs them
+        save_bema(trainer)
     save_supervised(trainer, "policy")
     if trainer._sync_pairs is not None and trainer.ctx.is_main:
         prune_moving_references(trainer.run.path)
+    if bema and trainer.ctx.is_main:
+        prune_bema(trainer.run.path)
 
 
 def resume_offline(trainer) -> None:
@@ -856,6 +875,8 @@ def resume_offline(trainer) -> None:
     resume_supervised(trainer, "policy")
     if ck is not None and trainer._sync_pairs is not None:
         load_moving_reference(trainer, ck, trainer.step)
+    if ck is not None and getattr(trainer, "_bema", None) is not None:
+        load_bema(trainer, ck, trainer.step)
 
 
 def train_offline(trainer) -> Dict[str, float]:
@@ -864,7 +885,10 @@ def train_offline(trainer) -> Dict[str, float]:
     (:func:`training_loop`), the final model and tokenizer saved to ``output_dir/final``;
     returns the last metrics."""
     resume_offline(trainer)
-    return training_loop(trainer, has_eval=bool(trainer.eval_items), eval_at_start=True)
+    last = training_loop(trainer, has_eval=bool(trainer.eval_items), eval_at_start=True)
+    if getattr(trainer, "_bema", None) is not None:  # TRL's BEMACallback.on_train_end
+        save_bema_model(trainer)
+    return last
 
 
 def open_offline_trainer(trainer, cfg) -> None:
@@ -890,6 +914,7 @@ def offline_optimizer_step(trainer) -> Dict[str, float]:
     step's ``grad_norm``, ``lr`` (after the scheduler's step) and ``epoch`` metrics."""
     gnorm = optimizer_step(trainer)
     maybe_sync_reference(trainer)
+    maybe_bema_update(trainer)  # TRL's BEMACallback (bema.update_ref_model and sync_ref_model: refused together)
     return {"grad_norm": gnorm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.batches.epoch}
 
 

@@ -207,7 +207,7 @@ def test_warmup_ratio_is_transformers_warmup_count(tmp_path, ratio, steps):
     (dict(warmup_steps=0, warmup_ratio=1.0), r"warmup_ratio must be a number in \[0, 1\)"),
     (dict(warmup_steps=0, warmup_ratio=-0.1), r"warmup_ratio must be a number in \[0, 1\)"),
     (dict(lr_schedule="reduce_lr_on_plateau"), r"lr_schedule 'reduce_lr_on_plateau' has no warm-up .*set warmup_steps to 0, got 10"),
-    (dict(lr_schedule="greedy"), r"lr_schedule 'greedy' steps on a metric"),
+    (dict(lr_schedule="greedy"), r"lr_schedule 'greedy' has no warm-up .*set warmup_steps to 0, got 10"),
     (dict(lr_schedule="step"), r"lr_schedule must be one of \('constant', 'linear', 'cosine', 'constant_with_warmup'"),
     (dict(lr_schedule="cosine", lr_scheduler_kwargs={"num_cycles": 2}), r"lr_scheduler_kwargs apply to the "
                                                                          r"transformers schedules"),

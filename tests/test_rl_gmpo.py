@@ -17,6 +17,7 @@ from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import KLConfig, PPOConfig, RLConfig, RolloutConfig
 from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
 from tests.test_rl_loss_variants import B, T, _inputs
+from tests.test_rl_loss_variants import _Accel as _LossVariantsAccel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,16 +27,8 @@ AGG = "seq-mean-token-mean"
 # --------------------------------------------------------------------------- TRL's own code
 
 
-class _Accel:
-    """What GMPOTrainer._compute_loss and get_high_entropy_mask need of an Accelerator, on one process."""
-
-    @staticmethod
-    def pad_across_processes(x, dim=0, pad_index=0):
-        return x
-
-    @staticmethod
-    def gather(x):
-        return x
+class _Accel(_LossVariantsAccel):
+    """What GMPOTrainer._compute_loss needs of an Accelerator beyond get_high_entropy_mask's, on one process."""
 
     @staticmethod
     def reduce(x, reduction="sum"):

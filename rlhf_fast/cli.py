@@ -29,6 +29,8 @@ COMMANDS = {
                 "on-policy distillation from a teacher: rlhf-fast distill CONFIG.yaml --distill.teacher PATH"),
     "online-dpo": ("rlhf_fast.trainers.rl_cli",
                    "online DPO on pairs of the policy's answers: rlhf-fast online-dpo CONFIG.yaml"),
+    "a2po": ("rlhf_fast.trainers.rl_cli",
+             "A*-PO, one answer per prompt regressed onto r - V*: rlhf-fast a2po CONFIG.yaml"),
     "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
     "report": ("rlhf_fast.trainers.report", "one Markdown report of a run: rlhf-fast report RUN_DIR [--out REPORT.md]"),
     "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),

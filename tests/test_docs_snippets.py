@@ -203,7 +203,7 @@ def test_documented_kinds():
 def test_readme_commands_exist():
     from rlhf_fast.cli import COMMANDS
 
-    quoted = set(re.findall(r"`rlhf-fast ([a-z-]+)", README))
+    quoted = set(re.findall(r"`rlhf-fast ([a-z0-9-]+)", README))
     assert quoted <= set(COMMANDS), quoted - set(COMMANDS)
 
 

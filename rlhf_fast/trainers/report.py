@@ -25,7 +25,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
 RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
-               "online-dpo": ("online_dpo",)}
+               "online-dpo": ("online_dpo",), "a2po": ("a2po",)}
 
 # Keys that only one offline trainer's config holds (checked in this order: KTO and DPO both have
 # beta / loss_type / ref_model, the reward and DPO configs both use_margin). Several per kind, so
@@ -62,6 +62,9 @@ KEY_SETTINGS.update({
                    "online_dpo.loss_type", "online_dpo.missing_eos_penalty", "online_dpo.judge",
                    "rollout.prompts_per_step", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
                    "reward.reward_model", "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
+    "a2po": ("estimator", "steps", "num_train_epochs", "model.lora", "a2po.num_value_samples", "a2po.beta1",
+             "a2po.beta2", "a2po.filter_all_incorrect", "rollout.prompts_per_step", "rollout.max_new_tokens",
+             "rollout.temperature", "reward.functions", "reward.reward_model", "optim.lr", "seed"),
 })
 
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
@@ -87,6 +90,8 @@ KEY_METRICS["distill"] = ("loss", "distill/divergence", "entropy", "eval/*", "gr
 KEY_METRICS["online-dpo"] = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                              "objective/*", "logps/*", "val/contain_eos_token", "reward/*", "eval/*", "grad_norm",
                              "beta", "response_length/mean", "tokens_per_second", "time/step", "lr")
+KEY_METRICS["a2po"] = ("loss", "reward", "v_star", "advantage", "implicit_reward", "reward/*", "eval/*", "grad_norm",
+                      "a2po/*", "response_length/mean", "rollout/truncated_frac", "time/step", "lr")
 
 NUMBER_FORMAT = ".6g"  # every metric value on the page (six significant digits)
 MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counted
@@ -97,7 +102,7 @@ MAX_TEXT = 400  # characters of a prompt or completion shown; the rest is counte
 
 def run_kind(config: Dict[str, Any]) -> str:
     """The kind of run whose config.yaml (a dict) is ``config``: ``sft``, ``reward``, ``dpo``,
-    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` / ``distill`` / ``online-dpo`` (from
+    ``kto`` or the RL command ``ppo`` / ``grpo`` / ``rloo`` / ``distill`` / ``online-dpo`` / ``a2po`` (from
     ``estimator``). ValueError when it is none of them."""
     if not isinstance(config, dict):
         raise ValueError(f"config.yaml: expected a mapping of config keys, got {type(config).__name__}")

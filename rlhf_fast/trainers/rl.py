@@ -79,7 +79,7 @@ from rlhf_fast.algorithms.rewards import (
 from rlhf_fast.models.moe_aux import RouterAux
 from rlhf_fast.trainers.common import autocast_context, random_states_kept
 from rlhf_fast.trainers.console_samples import print_samples
-from rlhf_fast.trainers.rl_config import DISTILL, ONLINE_DPO, RLConfig
+from rlhf_fast.trainers.rl_config import A2PO, DISTILL, ONLINE_DPO, RLConfig
 
 
 @dataclass
@@ -528,6 +528,8 @@ class RLTrainer:
     _distills = False
     # the subclass that trains ``estimator: online_dpo`` (rlhf_fast.trainers.online_dpo.OnlineDPOTrainer)
     _online_dpo = False
+    # the subclass that trains ``estimator: a2po`` (rlhf_fast.trainers.a2po.A2POTrainer)
+    _a2po = False
     # (record, prompt_key, where) -> record: a subclass's own data format read as a prompt record
     # (distillation: GKD's {messages}); None: records as they are
     convert_record = None
@@ -563,6 +565,9 @@ class RLTrainer:
             raise ValueError(f"estimator {config.estimator!r}: online DPO trains with "
                              "rlhf_fast.trainers.online_dpo.OnlineDPOTrainer (rlhf-fast online-dpo), the RL estimators "
                              f"with RLTrainer; got {type(self).__name__}")
+        if (config.estimator == A2PO) != self._a2po:
+            raise ValueError(f"estimator {config.estimator!r}: A*-PO trains with rlhf_fast.trainers.a2po.A2POTrainer "
+                             f"(rlhf-fast a2po), the RL estimators with RLTrainer; got {type(self).__name__}")
         config.ppo.check_estimator(config.estimator, config.kl)
         if (policy is None) != (tokenizer is None):
             raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")

@@ -1,4 +1,4 @@
-"""``rlhf-fast ppo|grpo|rloo|distill|online-dpo CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
+"""``rlhf-fast ppo|grpo|rloo|distill|online-dpo|a2po CONFIG.yaml [--key value ...] [--resume RUN_DIR]``.
 
 The command picks the estimator family: ``ppo`` → gae (or reinforce++ when the config says
 so), ``grpo`` → grpo (or dr_grpo), ``rloo`` → rloo; a config file's estimator of another
@@ -12,7 +12,11 @@ the policy towards ``--distill.teacher PATH``
 (:class:`~rlhf_fast.trainers.distill.DistillationTrainer`); it needs no reward. ``online-dpo``
 (estimator online_dpo, :class:`~rlhf_fast.trainers.online_dpo.OnlineDPOTrainer`) trains a DPO
 loss on each prompt's two answers, the better by the rewards (or ``--online_dpo.judge``) chosen;
-``rollout.group_size`` is 2 unless the config file or the command line sets it.
+``rollout.group_size`` is 2 unless the config file or the command line sets it. ``a2po`` (estimator
+a2po, :class:`~rlhf_fast.trainers.a2po.A2POTrainer`) regresses β2·log π/π_ref of one answer per
+prompt onto r − V*, V* estimated before training; ``rollout.group_size`` is 1 and
+``rollout.prompts_per_step`` 8 (TRL's 8 prompts per device, one answer each) unless the config
+file or the command line sets them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import argparse
 import os
 
 FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
-            "distill": ("distill", ("distill",)), "online-dpo": ("online_dpo", ("online_dpo",))}
+            "distill": ("distill", ("distill",)), "online-dpo": ("online_dpo", ("online_dpo",)),
+            "a2po": ("a2po", ("a2po",))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rlhf_fast.trainers.config import config_keys_help
     from rlhf_fast.trainers.rl_config import RLConfig
 
-    parser.usage = ("rlhf-fast {ppo,grpo,rloo,distill,online-dpo} CONFIG.yaml [--key value ...] [--resume RUN_DIR] "
+    parser.usage = ("rlhf-fast {ppo,grpo,rloo,distill,online-dpo,a2po} CONFIG.yaml [--key value ...] "
+                    "[--resume RUN_DIR] "
                     "[--print-config]")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     command = parser.prog.split()[-1]  # "rlhf-fast ppo": the estimator defaults to the family's
@@ -113,6 +119,10 @@ def build_config(command: str, tokens):
             and _file_value(path, "rollout", "group_size") is None:
         # two answers per prompt is what online DPO takes (RLConfig's default, 4, it refuses)
         overrides = ["--rollout.group_size", "2"] + overrides
+    if command == "a2po":  # one answer per prompt (RLConfig's default, 4, it refuses), 8 rows: the default mini-batch
+        for key, value in (("group_size", "1"), ("prompts_per_step", "8")):
+            if _override_value(overrides, f"rollout.{key}") is None and _file_value(path, "rollout", key) is None:
+                overrides = [f"--rollout.{key}", value] + overrides
     return load_config(RLConfig, path, overrides)
 
 
@@ -187,6 +197,15 @@ def run(args) -> int:
         print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
               f"loss {last.get('loss', float('nan')):.4f} "
               f"accuracy {last.get('rewards/accuracies', float('nan')):.4f}")
+        return 0
+    if cfg.estimator == "a2po":
+        from rlhf_fast.trainers.a2po import A2POTrainer
+
+        trainer = A2POTrainer(cfg)
+        hist = trainer.train()
+        last = hist[-1] if hist else {}
+        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
+              f"loss {last.get('loss', float('nan')):.4f} reward {last.get('reward', float('nan')):.4f}")
         return 0
     trainer = RLTrainer(cfg)
     hist = trainer.train()

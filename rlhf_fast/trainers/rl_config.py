@@ -37,7 +37,9 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 DISTILL = "distill"
 # online DPO (rlhf_fast.trainers.online_dpo): pairs of answers ranked by the rewards, a DPO loss
 ONLINE_DPO = "online_dpo"
-RL_ESTIMATORS = ESTIMATORS + (DISTILL, ONLINE_DPO)
+# A*-PO (rlhf_fast.trainers.a2po): regression of β2·log(π/π_ref) onto r − V*, V* estimated before training
+A2PO = "a2po"
+RL_ESTIMATORS = ESTIMATORS + (DISTILL, ONLINE_DPO, A2PO)
 ONLINE_DPO_LOSSES = ("sigmoid", "ipo")
 # adaptive entropy control (Skywork-OR1; TRL's defaults)
 ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA, ENTROPY_TARGET = 0.0, 1.0, 0.005, 0.2
@@ -1251,6 +1253,38 @@ class OnlineDPOConfig:
 ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing")
 
 
+@dataclass
+class A2POConfig:
+    """A*-PO (``estimator: a2po``; TRL's experimental ``A2POTrainer``, ``rlhf-fast a2po``,
+    :class:`rlhf_fast.trainers.a2po.A2POTrainer`). Stage 1, before the first step: every
+    training prompt is answered ``num_value_samples`` times by the initial policy (= the
+    reference), the answers scored by the run's reward sources, and V*(x) = ``beta1``·log
+    mean_i exp(r_i / ``beta1``) kept per prompt (checkpointed). Stage 2, each step: one answer
+    per prompt (``rollout.group_size`` 1) and the loss (``beta2``·Σ_t log π/π_ref − (r − V*))²,
+    averaged over the answers. These keys apply to that estimator only.
+
+    ``num_value_samples`` (TRL's, default 8): answers per prompt in Stage 1, an int >= 1.
+    ``beta1`` (default 0.5) > 0: the temperature of V*'s log-mean-exp. ``beta2`` (default 1e-3)
+    > 0: the implicit reward's scale. ``filter_all_incorrect`` (default true): drop the training
+    prompts whose Stage 1 answers all scored 0 (no signal for A*-PO's binary rewards)."""
+
+    num_value_samples: int = 8
+    beta1: float = 0.5
+    beta2: float = 1e-3
+    filter_all_incorrect: bool = True
+
+    def __post_init__(self):
+        _pos("a2po.num_value_samples", self.num_value_samples, integer=True)
+        _pos("a2po.beta1", self.beta1)
+        _pos("a2po.beta2", self.beta2)
+        if not isinstance(self.filter_all_incorrect, bool):
+            raise ValueError(f"a2po.filter_all_incorrect must be true or false, got {self.filter_all_incorrect!r}")
+
+
+# the ppo keys that the A*-PO update uses (its loss is a squared error per answer)
+A2PO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+
+
 def _changed(section, prefix: str, keep=()) -> List[str]:
     """The dotted keys of dataclass ``section`` set away from their defaults (``keep`` aside)."""
     out = []
@@ -1268,7 +1302,9 @@ class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
     reinforce++ | distill (on-policy distillation towards ``distill.teacher``, no reward:
     :class:`DistillConfig`) | online_dpo (a DPO loss on each prompt's two answers, the better
-    by the rewards chosen: :class:`OnlineDPOConfig`). ``steps`` rollout+update steps; a run folder ``output_dir`` gets
+    by the rewards chosen: :class:`OnlineDPOConfig`) | a2po (A*-PO: one answer per prompt
+    regressed onto r − V*, V* estimated before training: :class:`A2POConfig`). ``steps``
+    rollout+update steps; a run folder ``output_dir`` gets
     config.yaml, metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
     0 = only at the end). ``resume``: a run folder to continue exactly.
     ``num_train_epochs`` (TRL's; null by default): when set, ``steps`` becomes
@@ -1342,11 +1378,13 @@ class RLConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    a2po: A2POConfig = field(default_factory=A2POConfig)
 
     def __post_init__(self):
         _choice("estimator", self.estimator, RL_ESTIMATORS)
         self._check_distill()
         self._check_online_dpo()
+        self._check_a2po()
         self.ppo.check_estimator(self.estimator, self.kl)
         _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
@@ -1484,6 +1522,36 @@ class RLConfig:
             if getattr(self.ppo, key) % 2:
                 raise ValueError(f"ppo.{key} must be even for estimator {ONLINE_DPO!r} (whole chosen/rejected pairs), "
                                  f"got {getattr(self.ppo, key)}")
+
+    def _check_a2po(self):
+        """``a2po.*`` only with estimator a2po; with it, refuse what has no meaning for A*-PO's
+        regression: another answer count than one per prompt, the KL settings and another
+        reference (β2 and the initial policy are its KL), the policy-gradient, critic and
+        advantage keys of ``ppo``, reward shaping (the raw reward is the target), dropped or
+        masked answers."""
+        if not self._estimator_section("a2po", A2POConfig, A2PO, "rlhf-fast a2po"):
+            return
+        if self.rollout.group_size != 1:
+            raise ValueError(f"rollout.group_size must be 1 for estimator {A2PO!r} (one answer per prompt, its "
+                             f"baseline V* estimated before training, as TRL), got {self.rollout.group_size}")
+        kl = _changed(self.kl, "kl.")
+        if kl or self.model.reference:
+            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: A*-PO has no "
+                             f"KL term of its own (a2po.beta2 scales the log-ratio to its reference, the initial "
+                             f"policy, which also answers Stage 1, as TRL); remove these keys")
+        rest = _changed(self.ppo, "ppo.", keep=A2PO_PPO_KEYS)
+        if self.model.critic is not None:
+            rest.append("model.critic")
+        rc = self.reward
+        rest += [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(rc, k) not in (False, None)]
+        if rc.on_bad_reward == "drop":
+            rest.append("reward.on_bad_reward 'drop'")
+        if self.rollout.mask_truncated:
+            rest.append("rollout.mask_truncated")
+        if rest:
+            raise ValueError(f"{', '.join(rest)}: no effect in A*-PO (a squared error per answer against r − V*: "
+                             f"no policy-gradient loss, advantages, critic or reward shaping; of ppo only "
+                             f"{', '.join('ppo.' + k for k in A2PO_PPO_KEYS)} apply); remove these keys")
 
     @property
     def batch_size(self) -> int:

@@ -17,6 +17,10 @@ kind          fields
 ``scores``    prompt, response, score (number)
 ============  =====================================================================
 
+A ``pairs`` row may also hold ``reference``, a gold response (TRL's TPO triple-preference format,
+read as a :class:`TripleRecord`): text or messages as chosen is; with an implicit prompt it must
+start with that prompt, which is cut off as from chosen and rejected.
+
 A prompt is plain text or a chat (a list of ``{"role", "content"}`` messages), rendered
 with the tokenizer's chat template by :func:`render_prompt`. Sources: JSONL files, Parquet
 files (needs pyarrow), a ``datasets.Dataset`` or a list of dicts. Validation collects
@@ -91,6 +95,14 @@ class PairRecord:
     rejected: Response
     margin: float = 0.0
     annotator: Optional[str] = None
+
+
+@dataclasses.dataclass
+class TripleRecord(PairRecord):
+    """A pair with a gold ``reference`` response (TRL's TPO triple-preference format), text or chat
+    messages as chosen and rejected are; read from a pairs row that has ``reference``."""
+
+    reference: Optional[Response] = None
 
 
 @dataclasses.dataclass
@@ -349,7 +361,38 @@ def _parse_pair(row: dict, problems: list, where) -> Optional[PairRecord]:
         problems.append(where("margin", f"expected a number, got {_shown(margin)}"))
     elif margin < 0:
         problems.append(where("margin", f"must be >= 0, got {margin}"))
-    return PairRecord(prompt, chosen, rejected, float(margin), ann) if len(problems) == n0 else None
+    gold = _gold_response(row, prompt if implicit else None, chosen, problems, where)
+    if len(problems) > n0:
+        return None
+    if gold is not None:
+        return TripleRecord(prompt, chosen, rejected, float(margin), ann, gold)
+    return PairRecord(prompt, chosen, rejected, float(margin), ann)
+
+
+def _gold_response(row: dict, implicit_prompt: Optional[Response], chosen: Optional[Response], problems: list,
+                   where) -> Optional[Response]:
+    """A pairs row's optional ``reference`` (TPO's gold response), checked as chosen is and of its
+    kind (text or messages); with an implicit prompt it must start with that prompt, which is cut
+    off (TRL's TPO ``_extract_triple_prompt``)."""
+    if row.get("reference") is None:
+        return None
+    gold = _check_response(row, "reference", problems, where)
+    if gold is None or chosen is None:
+        return None
+    if isinstance(gold, str) != isinstance(chosen, str):
+        kind = "text" if isinstance(chosen, str) else "chat messages"
+        problems.append(where("reference", f"expected {kind} as chosen is"))
+        return None
+    if implicit_prompt is not None:
+        if gold[:len(implicit_prompt)] != implicit_prompt:
+            problems.append(where("reference", "does not start with the implicit prompt shared by chosen and "
+                                               "rejected (give an explicit prompt)"))
+            return None
+        gold = gold[len(implicit_prompt):]
+        if not gold or (isinstance(gold, str) and not gold.strip()):
+            problems.append(where("reference", "empty after the shared prompt"))
+            return None
+    return gold
 
 
 def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
@@ -660,7 +703,8 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-__all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "Response", "extract_prompt",
+__all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "TripleRecord", "Response",
+           "extract_prompt",
            "response_text", "comparable_pairs", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
            "reward_input_ids", "pad_right",

@@ -31,8 +31,11 @@ difference from TRL 1.16: :mod:`rlhf_fast.trainers.preference_losses`):
   AlphaPO's reward shape (``loss_type: alphapo`` is TRL's shorthand: simpo with cpo_alpha 0) —
   and ``orpo`` (ORPOTrainer: NLL of the
   chosen rows, prompt included as TRL, + β·(−log σ(log-odds ratio)) of token-mean log-probs; β
-  is ORPO's λ). They must be used alone, without ``ref_model``, ``precompute_ref_logps``,
-  ``rpo_alpha``, ``use_margin``, ``ld_alpha`` or an ``f_divergence_type``.
+  is ORPO's λ) — and ``tpo`` / ``tpo_hinge`` / ``tpo_ipo`` / ``tpo_l`` (TRL's experimental
+  TPOTrainer: CPO's losses, ``tpo_l`` SimPO's with margin ``tpo_l_gamma``, plus ``tpo_alpha`` × NLL
+  of each pair's gold ``reference`` response, a third row per pair in the same forward:
+  :mod:`rlhf_fast.trainers.tpo`). They must be used alone, without ``ref_model``,
+  ``precompute_ref_logps``, ``rpo_alpha``, ``use_margin``, ``ld_alpha`` or an ``f_divergence_type``.
 
 ``f_divergence_type`` (``reverse_kl``; ``forward_kl``, ``js_divergence``, ``alpha_divergence``
 with ``f_alpha_divergence_coef``) replaces l by f'(π/π_ref) in the losses built on the chosen −
@@ -159,11 +162,12 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
-                                SMOOTHED_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps, loss_terms,
-                                reference_free_loss)
+                                SMOOTHED_LOSSES, TPO_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps,
+                                loss_terms, reference_free_loss)
 from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
                   local_span, offload_context, open_trainer, optimizer_step, resume_supervised, save_supervised,
                   training_loop, wrap_configured)
+from .tpo import check_tpo_fields, encode_triple, gold_rows, tpo_loss_name, triple_groups, truncate_gold
 
 DATA_KINDS = ("pairs", "rankings", "labels")
 # "balanced": ours (the prompt's end, down to half of max_len, then the responses' start);
@@ -228,6 +232,10 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0  # simpo / cpo / cpo_hinge / cpo_ipo: weight of the chosen NLL (TRL's CPOConfig default)
     alpha: float = 0.0  # AlphaPO (TRL's CPOConfig alpha): the CPO losses' scores s become (1 - e^(-alpha*s)) / alpha
+    # TRL's experimental TPO (loss_type tpo / tpo_hinge / tpo_ipo / tpo_l; rlhf_fast.trainers.tpo): the weight of
+    # the gold (reference) response's NLL (0: no gold rows, as TRL), and tpo_l's target margin
+    tpo_alpha: float = 1.0
+    tpo_l_gamma: float = 0.5
     annotator_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     auto_annotator_weights: bool = False
     precompute_ref_logps: bool = False
@@ -279,7 +287,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
                                ("ld_alpha", self.ld_alpha is not None),
                                ("f_divergence_type", self.f_divergence_type != "reverse_kl")):
                 if bad:
-                    why = ("its NLL term is cpo_alpha" if free != "orpo" else "its NLL term is built in") \
+                    why = (f"its NLL term is {'tpo_alpha' if free in TPO_LOSSES else 'cpo_alpha'}" if free != "orpo"
+                           else "its NLL term is built in") \
                         if field == "rpo_alpha" else "it uses no reference model"
                     raise ValueError(f"{field} must be left unset with the reference-free loss_type {free!r} ({why})")
         ls = finite("label_smoothing", self.label_smoothing, ">= 0")
@@ -296,6 +305,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             raise ValueError(f"alpha (AlphaPO's reward shape) applies to loss_type {sorted(ALPHA_LOSSES)} only "
                              f"(TRL's CPOTrainer losses), got {names}")
         finite("simpo_gamma", self.simpo_gamma)
+        check_tpo_fields(self)
         finite("discopop_tau", self.discopop_tau, "> 0")
         finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         check_bool_fields(self, ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free",
@@ -350,9 +360,11 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     @property
     def nll_weight(self) -> float:
         """The weight of the token-mean NLL of the chosen rows: ``rpo_alpha`` + the ``sft``
-        weights; ``cpo_alpha`` for simpo / cpo; 1 for orpo."""
+        weights; ``cpo_alpha`` for simpo / cpo; 1 for orpo; ``tpo_alpha`` (of the gold rows) for tpo."""
         terms = self.loss_terms
         if self.reference_free:
+            if terms[0][0] in TPO_LOSSES:
+                return float(self.tpo_alpha)
             return 1.0 if terms[0][0] == "orpo" else float(self.cpo_alpha)
         return float(self.rpo_alpha) + sum(w for n, w in terms if n == "sft")
 
@@ -525,9 +537,15 @@ def prompt_response_rows(items: Sequence[Dict[str, Any]], key: str) -> List[Dict
 def collate_pairs(items: Sequence[Dict[str, Any]], pad_id: int,
                   pad_to_multiple_of: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The rows of ``items`` — every chosen row, then every rejected row — as right-padded
-    ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64 (:func:`collate`)."""
-    return collate(prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected"), pad_id,
-                   pad_to_multiple_of)
+    ``input_ids``, ``attention_mask``, ``response_mask`` ``[2B, T]`` int64 (:func:`collate`).
+    Items with a ``gold`` response (TPO) add every gold row after them (``[3B, T]``) and
+    ``prefix_groups`` ``[B, 3]``, each pair's three rows (:func:`rlhf_fast.trainers.tpo.triple_groups`)."""
+    rows = prompt_response_rows(items, "chosen") + prompt_response_rows(items, "rejected")
+    if not (items and "gold" in items[0]):
+        return collate(rows, pad_id, pad_to_multiple_of)
+    out = collate(rows + prompt_response_rows(items, "gold"), pad_id, pad_to_multiple_of)
+    out["prefix_groups"] = triple_groups(len(items))
+    return out
 
 
 def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, packed: bool = False,
@@ -551,6 +569,8 @@ def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, pa
     # only the statistics asked for: the default call stays the old one
     extra = {k: True for k, v in (("return_top1", return_top1), ("return_mean_logit", return_mean_logit),
                                   ("prefix_sharing", prefix_sharing)) if v}
+    if prefix_sharing and "prefix_groups" in batch:  # TPO: a pair's three rows, not rows i and i + N/2
+        extra["prefix_groups"] = batch["prefix_groups"]
     return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], response_mask=mask, packed=packed,
                              return_entropy=return_entropy, **extra)
 
@@ -611,9 +631,10 @@ def response_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pair_tokens(item: Dict[str, Any]) -> int:
-    """The input tokens of a pair's two rows (prompt + chosen, prompt + rejected), padding not
-    counted: what TRL's DPOTrainer adds to ``num_tokens`` for it."""
-    return sum(len(item.get(k + "_prompt", item["prompt"])) + len(item[k]) for k in ("chosen", "rejected"))
+    """The input tokens of a pair's two rows (prompt + chosen, prompt + rejected; and prompt + gold
+    for TPO), padding not counted: what TRL's DPOTrainer (TPOTrainer) adds to ``num_tokens`` for it."""
+    return sum(len(item.get(k + "_prompt", item["prompt"])) + len(item[k]) for k in ("chosen", "rejected", "gold")
+               if k in item)
 
 
 def load_offline_policy(cfg, model, tokenizer, texts: Sequence[str], device):
@@ -1123,17 +1144,21 @@ class DPOTrainer:
 
     def _encode(self, records) -> Tuple[List[Dict[str, Any]], int]:
         items, dropped = [], 0
+        tpo = tpo_loss_name(self.cfg)
         for i, r in enumerate(records):
-            try:
-                enc = encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, None)
+            try:  # TPO: the gold response too (a missing one is refused), the prompt its tokens shared by all three
+                enc = (encode_pair(self.tokenizer, r.prompt, r.chosen, r.rejected, None) if tpo is None
+                       else encode_triple(self.tokenizer, r, tpo))
             except ValueError as e:  # a conversational pair the chat template cannot split
                 raise ValueError(f"pair {i} (prompt {_shown(r.prompt)}): {e}") from None
             cut = None if enc is None else truncate_pair(
-                *enc, self.cfg.max_len, self.cfg.truncation_mode, max_prompt_length=self.cfg.max_prompt_length,
+                *enc[:3], self.cfg.max_len, self.cfg.truncation_mode, max_prompt_length=self.cfg.max_prompt_length,
                 max_completion_length=self.cfg.max_completion_length)
             if cut is None:
                 dropped += 1
                 continue
+            if gold_rows(self.cfg):  # the gold row, cut as each row is (tpo_alpha 0: none, as TRL)
+                cut.update(truncate_gold(enc[0], enc[3], cut["prompt"], self.cfg))
             w = record_weight(self.weights, r.annotator)
             items.append({**cut, "margin": float(r.margin) if self.cfg.use_margin else 0.0, "weight": float(w)})
         return items, dropped
@@ -1150,7 +1175,9 @@ class DPOTrainer:
 
     def _nll_tokens(self, item: Dict[str, Any]) -> int:
         """The tokens of ``item``'s chosen row its NLL term counts: the response; for orpo every
-        token after the first (TRL's ORPO NLL spans prompt and response)."""
+        token after the first (TRL's ORPO NLL spans prompt and response); for TPO its gold row's response."""
+        if "gold" in item:
+            return len(item["gold"])
         if self.cfg.loss_terms[0][0] == "orpo":
             return len(item["prompt"]) + len(item["chosen"]) - 1
         return len(item["chosen"])
@@ -1170,7 +1197,8 @@ class DPOTrainer:
         with autocast_context(self.device, cfg.bf16):
             if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
                 logps, count, tstats = response_logps_metrics(self.model, batch, **packed)  # [2B] each
-                nll, nll_tokens = -logps[:B], count[:B]
+                nll_rows = slice(2 * B, 3 * B) if logps.shape[0] == 3 * B else slice(0, B)  # TPO: the gold rows'
+                nll, nll_tokens = -logps[nll_rows], count[nll_rows]
             else:  # per-token values: the LD weighting, ORPO's NLL over the whole chosen rows, WPO's weights
                 mask = response_mask(batch)
                 if cfg.use_weighting:
@@ -1195,10 +1223,10 @@ class DPOTrainer:
                                       **packed)
         st = {"nll": nll, "nll_tokens": nll_tokens, "tokens": count, **tstats}
         if cfg.reference_free:
-            out = reference_free_loss(logps[:B], logps[B:], loss_type=terms[0][0], beta=cfg.beta,
-                                      chosen_tokens=count[:B], rejected_tokens=count[B:],
-                                      label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                                      alpha=cfg.alpha)
+            out = reference_free_loss(logps[:B], logps[B:2 * B], loss_type=terms[0][0], beta=cfg.beta,
+                                      chosen_tokens=count[:B], rejected_tokens=count[B:2 * B],
+                                      label_smoothing=cfg.label_smoothing, alpha=cfg.alpha,
+                                      simpo_gamma=cfg.tpo_l_gamma if terms[0][0] == "tpo_l" else cfg.simpo_gamma)
             out["loss"] = out["loss"] * terms[0][1]
             st.update(out)
             return st
@@ -1254,9 +1282,9 @@ class DPOTrainer:
         tokens (0-dim float64 each; zeros without the statistics)."""
         if "mean_logit" not in st:
             return [zero] * 5
-        B = st["mean_logit"].shape[0] // 2
+        B = st["chosen_logps"].shape[0]  # rows [chosen × B, rejected × B] (TPO: then gold × B)
         ml, n = st["mean_logit"].double(), st["tokens"].double()
-        return [ml[:B].sum(), ml[B:].sum(), n[:B].sum(), n[B:].sum(), st["top1"][:B].double().sum()]
+        return [ml[:B].sum(), ml[B:2 * B].sum(), n[:B].sum(), n[B:2 * B].sum(), st["top1"][:B].double().sum()]
 
     def _metrics(self, tot: torch.Tensor, weight_sum: float, prefix: str = "") -> Dict[str, float]:
         t = tot.cpu().tolist()

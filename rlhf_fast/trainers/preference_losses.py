@@ -59,8 +59,15 @@ Reference-free (no reference model, no reference forward), with ā = log π / re
   deliberate difference: ā is clamped to ≤ −1e-7 inside log(1 − e^ā) (TRL gives −∞ and NaN
   gradients when every token of a response has probability 1 in floating point).
 
-The NLL terms (``sft``, ``rpo_alpha``, ``cpo_alpha``, ORPO's) are token means over every
-chosen token of the optimizer step (TRL: of the micro-batch; the same with one micro-batch).
+* ``tpo`` / ``tpo_hinge`` / ``tpo_ipo`` / ``tpo_l`` (TRL's experimental ``TPOTrainer``,
+  ``loss_type`` ``sigmoid`` / ``hinge`` / ``ipo`` / ``tpo-l``): the formulas, rewards and logged
+  log-probs of ``cpo`` / ``cpo_hinge`` / ``cpo_ipo`` / ``simpo`` (``tpo_l``'s γ = ``tpo_l_gamma``,
+  passed as ``simpo_gamma``); no AlphaPO; the trainer adds ``tpo_alpha`` × the token-mean NLL of
+  the gold (``reference``) responses, a third row per pair (:mod:`rlhf_fast.trainers.tpo`).
+
+The NLL terms (``sft``, ``rpo_alpha``, ``cpo_alpha``, ORPO's, ``tpo_alpha``'s of the gold rows) are
+token means over every NLL token of the optimizer step (TRL: of the micro-batch; the same with one
+micro-batch).
 """
 
 from __future__ import annotations
@@ -75,17 +82,21 @@ from rlhf_fast.ops._validate import finite
 
 REFERENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
-REFERENCE_FREE_LOSSES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
+# TRL's experimental TPOTrainer (sigmoid, hinge, ipo, tpo-l): CPO's losses on chosen / rejected, tpo_l SimPO's
+# with its own margin; their NLL term is on a third row, the gold response (rlhf_fast.trainers.tpo)
+TPO_LOSSES = {"tpo": "cpo", "tpo_hinge": "cpo_hinge", "tpo_ipo": "cpo_ipo", "tpo_l": "simpo"}
+REFERENCE_FREE_LOSSES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo") + tuple(TPO_LOSSES)
 # the reference-free losses AlphaPO's reward shape (``alpha``) applies to: TRL's CPOTrainer's
 ALPHA_LOSSES = frozenset({"simpo", "cpo", "cpo_hinge", "cpo_ipo"})
 LOSS_TYPES = REFERENCE_LOSSES + REFERENCE_FREE_LOSSES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the losses built on the chosen − rejected score difference (TRL's f_divergence_loss_types)
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
-SMOOTHED_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})
+SMOOTHED_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo",
+                             "tpo", "tpo_l"})
 MARGIN_LOSSES = frozenset({"sigmoid", "robust", "hinge", "sft"})  # sft has no βδ; a margin leaves it as is
 BATCH_LOSSES = frozenset({"aot", "aot_unpaired"})
-LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo_ipo", "orpo"})
+LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo_ipo", "orpo", "tpo_ipo", "tpo_l"})
 
 LossType = Union[str, Sequence[str]]
 
@@ -280,10 +291,11 @@ def reference_free_loss(
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
-    """SimPO / CPO (sigmoid, hinge, IPO) / ORPO pair losses from the policy's summed response log-probs ``[B]``
-    (``chosen_tokens`` / ``rejected_tokens`` ``[B]``, the response token counts, needed by simpo
-    and orpo). Returns ``[B]`` tensors (float32; float64 for float64 input): ``loss`` (per pair,
-    before averaging; without the NLL term the caller adds), detached ``chosen_rewards`` /
+    """SimPO / CPO (sigmoid, hinge, IPO) / ORPO / TPO pair losses from the policy's summed
+    response log-probs ``[B]`` (``chosen_tokens`` / ``rejected_tokens`` ``[B]``, the response
+    token counts, needed by the token-mean losses). Returns ``[B]`` tensors (float32; float64
+    for float64 input): ``loss`` (per pair, before averaging; without the NLL term the caller
+    adds), detached ``chosen_rewards`` /
     ``rejected_rewards`` and ``chosen_logps`` / ``rejected_logps`` as TRL logs them (β· and the
     token means for simpo / orpo, the sums for cpo), and for orpo ``log_odds_chosen`` (the
     log-odds) and ``log_odds_ratio`` (log σ of it). ``alpha`` ≠ 0: AlphaPO's reward shape (not
@@ -294,7 +306,7 @@ def reference_free_loss(
     finite("simpo_gamma", simpo_gamma)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type in ("orpo", "cpo_hinge", "cpo_ipo") and label_smoothing > 0:
+    if loss_type in ("orpo", "cpo_hinge", "cpo_ipo", "tpo_hinge", "tpo_ipo") and label_smoothing > 0:
         raise ValueError(f"label_smoothing does not apply to loss_type {loss_type!r}")
     finite("alpha", alpha)
     if alpha != 0 and loss_type not in ALPHA_LOSSES:
@@ -312,6 +324,7 @@ def reference_free_loss(
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError(f"loss_type {loss_type!r} needs chosen_tokens and rejected_tokens")
         c, r = c / chosen_tokens.to(dt).clamp(min=1), r / rejected_tokens.to(dt).clamp(min=1)
+    loss_type = TPO_LOSSES.get(loss_type, loss_type)  # TPO's formulas are CPO's / SimPO's
     out: Dict[str, torch.Tensor] = {}
     if loss_type == "orpo":
         log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
@@ -362,4 +375,4 @@ def ld_weighted_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: f
 __all__ = ["LOSS_TYPES", "REFERENCE_LOSSES", "REFERENCE_FREE_LOSSES", "F_DIVERGENCES", "F_DIVERGENCE_LOSSES",
            "SMOOTHED_LOSSES", "MARGIN_LOSSES", "BATCH_LOSSES", "loss_terms", "is_reference_free",
            "f_divergence_scores", "dpo_loss", "reference_free_loss", "alphapo_reward", "ld_weighted_logps",
-           "ALPHA_LOSSES"]
+           "ALPHA_LOSSES", "TPO_LOSSES"]

@@ -50,6 +50,7 @@ DPO_PAIRS = [
 DPO_LOSS_PAIRS = [
     ("dpo_mix:fsdp2:2:dpo_mix_fsdp2:2", "dpo_mix:none:2:dpo_mix_one:2"),
     ("dpo_orpo:ddp:2:dpo_orpo_ddp:2", "dpo_orpo:none:2:dpo_orpo_one:2"),
+    ("dpo_tpo:ddp:2:dpo_tpo_ddp:2", "dpo_tpo:none:2:dpo_tpo_one:2"),
     # padding_free under FSDP2 against the padded single process: the packed rows change no normaliser
     ("dpo_pf:fsdp2:2:dpo_pf_fsdp2:2", "dpo:none:2:dpo_one:2"),
 ]
@@ -207,6 +208,7 @@ def test_dpo_two_ranks_match_one(runs, pair):
 def test_dpo_losses_two_ranks_match_one(runs, pair):
     two, one = runs[pair[0]], runs[pair[1]]
     orpo = pair[0].startswith("dpo_orpo")
+    free = orpo or pair[0].startswith("dpo_tpo")  # reference-free losses
     keys = DPO_KEYS + ["nll"] + (["log_odds_ratio", "log_odds_chosen"] if orpo else [])
     keys += ["eval_" + k for k in keys if k != "grad_norm"]
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
@@ -214,7 +216,7 @@ def test_dpo_losses_two_ranks_match_one(runs, pair):
     _assert_series_match(two, one, keys)
     assert one[2]["loss"] < one[1]["loss"] and one[2]["eval_loss"] < one[0]["eval_loss"]
     frac = runs[pair[0] + "|ref_local_fraction"]
-    if orpo:
+    if free:
         assert frac == -1.0, frac  # no reference model at all
     else:
         assert 0.4 < frac < 0.6, frac

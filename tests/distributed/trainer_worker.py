@@ -239,6 +239,11 @@ def run_one(kind: str, strategy: str, steps: int, out_dir: str, grad_accum: int)
         trainer = run_dpo(common, loss_type="orpo", rpo_alpha=0.0)
     elif kind == "dpo_pf":  # padding_free: policy and reference score one packed row per micro-batch
         trainer = run_dpo(common, padding_free=True)
+    elif kind == "dpo_tpo":  # TPO: a gold row per pair (of unequal lengths), its NLL a token mean over the step
+        train, ev = (_with_gold(r) for r in _annotated_pairs())
+        trainer = DPOTrainer(DPOConfig(**{**common, "loss_type": "tpo_ipo", "beta": 0.5, "tpo_alpha": 0.7,
+                                          "annotator_weights": {"a": 1.0, "b": 3.0}}),
+                             train_records=train, eval_records=ev)
     elif kind == "kto_apo":
         # APO-zero: no KL rows; annotator weights 1 and 3, so each rank's share of the step's weight differs
         trainer = KTOTrainer(KTOConfig(beta=0.5, loss_type="apo_zero_unpaired", annotator_weights={"a": 1.0, "b": 3.0},
@@ -269,6 +274,14 @@ def _annotated_pairs():
     records = [dataclasses.replace(r, annotator="b" if i % 3 == 0 else "a") for i, r in
                enumerate(synthetic_preference_records(seed=0))]
     return split_records(records, DPO_EVAL_FRACTION, 0)
+
+
+def _with_gold(records):
+    """The pairs as TPO triples: each with a gold answer of its own length (the chosen one, lengthened)."""
+    from rlhf_fast.feedback.formats import TripleRecord
+
+    return [TripleRecord(r.prompt, r.chosen, r.rejected, annotator=r.annotator,
+                         reference="good " + r.chosen + " yes" * (i % 4)) for i, r in enumerate(records)]
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

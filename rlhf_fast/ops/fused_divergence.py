@@ -81,11 +81,12 @@ def fused_linear_divergence(
         teacher_bias, reduction, return_entropy, chunk_size)
     kw = dict(beta=beta, temperature=temperature, mask=mask, student_bias=student_bias, teacher_bias=teacher_bias,
               reduction=reduction, return_entropy=return_entropy, chunk_size=chunk_size)
-    if student_hidden.shape[0] == 0 or (mask is not None and _no_kept_row(mask)):
-        # nothing to compute: the reference's result on zero rows, still attached to the student
-        return _empty(student_hidden, student_weight, teacher_hidden, teacher_weight, **kw)
-    return _dispatch.call("fused_linear_divergence", student_hidden.device, student_hidden, student_weight,
-                          teacher_hidden, teacher_weight, **kw)
+    with _no_autocast(student_hidden.device):
+        if student_hidden.shape[0] == 0 or (mask is not None and _no_kept_row(mask)):
+            # nothing to compute: the reference's result on zero rows, still attached to the student
+            return _empty(student_hidden, student_weight, teacher_hidden, teacher_weight, **kw)
+        return _dispatch.call("fused_linear_divergence", student_hidden.device, student_hidden, student_weight,
+                              teacher_hidden, teacher_weight, **kw)
 
 
 def _no_kept_row(mask: torch.Tensor) -> bool:
@@ -153,6 +154,15 @@ def _fused_linear_divergence_cpp(student_hidden, student_weight, teacher_hidden,
     return (div, ent) if return_entropy else div
 
 
+def _no_autocast(device: torch.device):
+    """The op computes in its inputs' dtypes whatever autocast region encloses it, on every
+    backend: the reference's matmuls (and the C++ kernel's at::mm, which then failed with
+    "expected scalar type Float but found Half") would otherwise follow the region into bf16 /
+    fp16 logits; the inputs' dtypes already say the precision (bf16 / fp16 ones are read as they
+    are, accumulated in fp32)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _fwd_fake(sh, sw, sb, th, tw, tb, mask, beta, temperature, return_entropy, chunk_size):
     n, dt = sh.shape[0], out_dtype(sh.dtype)
     return sh.new_empty((n,), dtype=dt), sh.new_empty((n if return_entropy else 0,), dtype=dt)
@@ -186,9 +196,10 @@ def _backward(ctx, grad_div, _grad_entropy):
     if grad_div is None or not (need_h or need_w or need_b):
         return (None,) * 11
     # the logits are recomputed chunk by chunk, each row's gradient scaled by its grad_div
-    gh, gw, gb = torch.ops.rlhf_fast.fused_linear_divergence_bwd(
-        grad_div, sh, sw, sb, th, tw, tb, mask, ctx.beta, ctx.temperature, need_h, need_w, need_b and sb is not None,
-        ctx.chunk_size)
+    with _no_autocast(sh.device):  # (a backward called inside the region)
+        gh, gw, gb = torch.ops.rlhf_fast.fused_linear_divergence_bwd(
+            grad_div, sh, sw, sb, th, tw, tb, mask, ctx.beta, ctx.temperature, need_h, need_w,
+            need_b and sb is not None, ctx.chunk_size)
     return (gh if need_h else None, gw if need_w else None, gb if need_b and sb is not None else None,
             *(None,) * 8)
 

@@ -474,8 +474,11 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return best
 
 
-def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the ``keep`` most recent complete checkpoints (keep <= 0 keeps all)."""
+def prune_checkpoints(run_dir: str, keep: int, best_step: Optional[int] = None) -> None:
+    """Delete all but the ``keep`` most recent complete checkpoints (keep <= 0 keeps all), and
+    never the complete one of ``best_step`` (load_best_model_at_end's best): it is kept beside
+    the ``max(keep - 1, 1)`` most recent, as transformers' ``rotate_checkpoints`` keeps its
+    ``best_model_checkpoint`` (so ``keep`` 1 may keep 2)."""
     if keep <= 0:
         return
     root = os.path.join(run_dir, "checkpoints")
@@ -492,9 +495,10 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     complete = [s for s, n in steps if os.path.isfile(os.path.join(root, n, "COMPLETE"))]
     if len(complete) <= keep:
         return
-    oldest_kept = complete[-keep]
+    best = best_step if best_step in complete[:-1] else None  # (the newest is kept anyway)
+    oldest_kept = [s for s in complete if s != best][-max(keep - (best is not None), 1)]
     for step, name in steps:
-        if step < oldest_kept:
+        if step < oldest_kept and step != best:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

@@ -186,15 +186,16 @@ def schedule_metric(cfg) -> Tuple[str, bool]:
     return (name if name.startswith("eval_") else "eval_" + name), gib
 
 
-def metric_to_step_on(cfg, metrics: Mapping[str, Any]) -> float:
+def metric_to_step_on(cfg, metrics: Mapping[str, Any], *, user: Optional[str] = None) -> float:
     """The value in an evaluation's ``metrics`` of the metric ``cfg``'s schedule steps on
     (:func:`schedule_metric`); ValueError naming ``metric_for_best_model`` and the metrics
-    the evaluation logged when it has none (transformers: a KeyError at the same point)."""
+    the evaluation logged when it has none (transformers: a KeyError at the same point).
+    ``user``: who reads the metric, for the message (None: the ``lr_schedule``, "steps on")."""
     name, _ = schedule_metric(cfg)
     if name not in metrics:
-        raise ValueError(f"metric_for_best_model {getattr(cfg, 'metric_for_best_model', None)!r}: lr_schedule "
-                         f"{cfg.lr_schedule!r} steps on {name}, which this evaluation did not log; it logged "
-                         f"{sorted(metrics)}")
+        who = user or f"lr_schedule {cfg.lr_schedule!r} steps on"
+        raise ValueError(f"metric_for_best_model {getattr(cfg, 'metric_for_best_model', None)!r}: {who} "
+                         f"{name}, which this evaluation did not log; it logged {sorted(metrics)}")
     return metrics[name]
 
 
@@ -1067,14 +1068,15 @@ def check_plateau_fields(lr_scheduler_kwargs, min_lr_ratio, warmup_steps, warmup
 
 
 def check_metric_fields(metric_for_best_model, greater_is_better, schedule, lr_scheduler_kwargs,
-                        prefix: str = "", schedule_key: str = "lr_schedule") -> None:
+                        prefix: str = "", schedule_key: str = "lr_schedule", load_best: bool = False) -> None:
     """Check ``metric_for_best_model`` (null, or the name of an evaluation metric, with or without
     its ``eval_`` prefix) and ``greater_is_better`` (null or a bool): they choose the metric a
-    ``METRIC_SCHEDULES`` schedule steps on (:func:`schedule_metric`) and are refused with any
-    other schedule (no best checkpoint is kept here). transformers takes the scheduler's mode from
-    ``lr_scheduler_kwargs`` only (``mode``, default ``"min"``), never from ``greater_is_better``:
-    when either key is set, a mode that disagrees with ``greater_is_better`` is refused, so an
-    accepted config runs as transformers runs it. ValueError naming the key."""
+    ``METRIC_SCHEDULES`` schedule steps on (:func:`schedule_metric`) and the best checkpoint of
+    ``load_best`` (``load_best_model_at_end``), and are refused when neither uses them.
+    transformers takes the scheduler's mode from ``lr_scheduler_kwargs`` only (``mode``, default
+    ``"min"``), never from ``greater_is_better``: when either key is set, a mode that disagrees
+    with ``greater_is_better`` is refused, so an accepted config runs as transformers runs it.
+    ValueError naming the key."""
     m, g = metric_for_best_model, greater_is_better
     if m is not None and (not isinstance(m, str) or not m.strip() or m != m.strip() or m == "eval_"):
         raise ValueError(f"{prefix}metric_for_best_model must be null or the name of an evaluation metric "
@@ -1084,9 +1086,12 @@ def check_metric_fields(metric_for_best_model, greater_is_better, schedule, lr_s
     if m is None and g is None:
         return
     if schedule not in METRIC_SCHEDULES:
+        if load_best:  # they choose the best checkpoint alone
+            return
         raise ValueError(f"{prefix}metric_for_best_model / {prefix}greater_is_better choose the metric "
-                         f"{prefix}{schedule_key} {METRIC_SCHEDULES} steps on; {schedule!r} steps on none (no best "
-                         f"checkpoint is kept either): leave them null")
+                         f"{prefix}{schedule_key} {METRIC_SCHEDULES} steps on; {schedule!r} steps on none, and "
+                         f"{prefix}load_best_model_at_end is off (no best checkpoint is kept): leave them null, or "
+                         f"set {prefix}load_best_model_at_end: true")
     name = m or "loss"
     gib = (not name.endswith("loss")) if g is None else g
     mode = (lr_scheduler_kwargs or {}).get("mode", "min")
@@ -1112,7 +1117,8 @@ class OptimizerOptions:
     ``lr_scheduler_kwargs`` (the keyword arguments of a transformers ``lr_schedule``,
     ``HF_SCHEDULES`` and ``METRIC_SCHEDULES``), ``warmup_ratio`` (a warm-up of ceil(ratio × max_steps) steps, with
     ``warmup_steps`` 0) and ``metric_for_best_model`` / ``greater_is_better`` (the evaluation metric a
-    ``METRIC_SCHEDULES`` schedule steps on: :func:`schedule_metric`, :func:`check_metric_fields`).
+    ``METRIC_SCHEDULES`` schedule steps on: :func:`schedule_metric`, :func:`check_metric_fields`; and
+    the one ``load_best_model_at_end`` keeps the best checkpoint by: :mod:`.best_checkpoint`).
     :func:`check_training_schedule` calls :meth:`check_optimizer_options`."""
 
     optim: str = dataclasses.field(default="adamw_torch", metadata=_beside("weight_decay"))
@@ -1126,6 +1132,8 @@ class OptimizerOptions:
     # (null: unless the name ends in "loss"), as transformers' TrainingArguments
     metric_for_best_model: Optional[str] = dataclasses.field(default=None, metadata=_beside("min_lr_ratio"))
     greater_is_better: Optional[bool] = dataclasses.field(default=None, metadata=_beside("min_lr_ratio"))
+    # transformers': load the best checkpoint (by metric_for_best_model) into the model before final/ is saved
+    load_best_model_at_end: bool = dataclasses.field(default=False, metadata=_beside("keep_checkpoints"))
 
     def check_optimizer_options(self) -> None:
         """Check these keys, with the inheriting config's ``lr``, ``lr_schedule``, ``min_lr_ratio``,
@@ -1134,8 +1142,13 @@ class OptimizerOptions:
         of the two mappings are read as YAML. ValueError naming the key."""
         self.optim_args = check_optimizer_fields(self.optim, self.adam_beta1, self.adam_beta2, self.adam_epsilon,
                                                  self.optim_args, lr=self.lr)
+        from .best_checkpoint import check_load_best_fields
+
+        check_load_best_fields(self.load_best_model_at_end, eval_every=self.eval_every, save_every=self.save_every,
+                               eval_split=bool(self.eval_data) or self.eval_fraction > 0)
         check_metric_fields(self.metric_for_best_model, self.greater_is_better, self.lr_schedule,
-                            _mapping("lr_scheduler_kwargs", self.lr_scheduler_kwargs))
+                            _mapping("lr_scheduler_kwargs", self.lr_scheduler_kwargs),
+                            load_best=self.load_best_model_at_end)
         self.lr_scheduler_kwargs = check_schedule_fields(
             self.lr_schedule, self.lr_scheduler_kwargs, self.min_lr_ratio, self.warmup_steps, self.warmup_ratio,
             lr=self.lr, total_steps=self.max_steps, eval_every=self.eval_every,

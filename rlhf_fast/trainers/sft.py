@@ -75,6 +75,7 @@ from .common import (MetricsLogger, autocast_context, check_bool_fields, check_l
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
+from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -526,6 +527,7 @@ def init_optimization(trainer) -> None:
     trainer.scheduler = supervised_scheduler(trainer.optimizer, trainer.cfg)
     trainer.step = 0
     trainer.num_tokens = 0
+    trainer.best = BestCheckpoint.for_config(trainer.cfg)  # load_best_model_at_end's tracker (None: off)
 
 
 def local_span(n: int, ctx: DistContext) -> Tuple[int, int]:
@@ -660,6 +662,11 @@ def save_supervised(trainer, part: str) -> None:
     name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
     extra = {"step": trainer.step, "data": trainer.batches.state(),
              "num_tokens": trainer.num_tokens}
+    best = getattr(trainer, "best", None)
+    if best is not None:  # this step's evaluation judged first, so the checkpoint holds the best so far
+        best.at_checkpoint(trainer.step)
+        best.part = part
+        extra[BEST_KEY] = best.state()
     directory = checkpoint_dir(trainer.run.path, trainer.step)
     if trainer.cfg.distributed.strategy == "none":
         save_checkpoint(directory, models={part: trainer.model}, optimizers={"optimizer": trainer.optimizer},
@@ -667,7 +674,7 @@ def save_supervised(trainer, part: str) -> None:
     else:
         save_sharded_checkpoint(directory, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx, extra)
     if trainer.ctx.is_main:
-        prune_checkpoints(trainer.run.path, trainer.cfg.keep_checkpoints)
+        prune_checkpoints(trainer.run.path, trainer.cfg.keep_checkpoints, None if best is None else best.step)
     trainer.ctx.barrier()
 
 
@@ -690,6 +697,9 @@ def resume_supervised(trainer, part: str) -> None:
     trainer.step = step
     # (a checkpoint from before num_tokens was logged restarts the count at 0)
     trainer.num_tokens = int(extra.get("num_tokens", 0))
+    if getattr(trainer, "best", None) is not None:  # the best so far (none in a checkpoint saved without it)
+        with restoring_extra(ck):
+            trainer.best.load(extra.get(BEST_KEY), trainer.run.path)
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
         trainer.run.write_config(trainer.cfg)
@@ -716,6 +726,10 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     if steps_on_metric(trainer.scheduler) and not has_eval:
         raise ValueError(f"lr_schedule {cfg.lr_schedule!r} steps on {schedule_metric(cfg)[0]} after each "
                          "evaluation, but the eval split is empty: give eval_data or a larger eval_fraction")
+    best = getattr(trainer, "best", None)  # load_best_model_at_end's tracker
+    if best is not None and not has_eval:
+        raise ValueError(f"load_best_model_at_end compares {best.name} of the evaluations, but the eval split is "
+                         "empty: give eval_data or a larger eval_fraction")
     last: Dict[str, float] = {}
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
         with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log, \
@@ -724,6 +738,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 start = trainer.evaluate()
                 if steps_on_metric(trainer.scheduler):  # a metric it lacks: refused before any step
                     metric_to_step_on(cfg, start)
+                if best is not None:  # likewise (the start's evaluation has no checkpoint: it never competes)
+                    best.value(start)
                 log.log(0, start)
             while trainer.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -732,7 +748,10 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 final = trainer.step == cfg.max_steps
                 # the final evaluation joins the last step's record (one line per step in the log)
                 if (cfg.eval_every and trainer.step % cfg.eval_every == 0) or (final and has_eval):
-                    m.update(evaluate_and_step(trainer))
+                    ev = evaluate_and_step(trainer)
+                    if best is not None:  # judged when this step's checkpoint is saved (save_supervised)
+                        best.observe(trainer.step, ev)
+                    m.update(ev)
                 if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
                     # that step's seconds, as RL logs, and its throughput (timings: not returned either)
                     log.log(trainer.step, {**m, "time/step": step_s, **step_throughput(trainer, step_s)})
@@ -749,6 +768,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 last.update(trainer.evaluate())
                 log.log(trainer.step, last)
         trainer._save()
+        if best is not None:  # transformers' _load_best_model, after the last checkpoint, before final/
+            load_best_model(trainer, best.part)
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
                          cfg.distributed.strategy)
     return last

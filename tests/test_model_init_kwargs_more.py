@@ -147,7 +147,7 @@ def test_teacher_model_instance_with_the_key_is_refused(tmp_path, policy):
 
 @pytest.mark.parametrize("kw,match", [
     ({"revision": "main"}, r"\.revision: a revision names a commit"),
-    ({"dtype": "float16"}, r"\.dtype: float16 is not supported"),
+    ({"dtype": "float16"}, r"\.dtype: float16 weights are not supported .*set fp16: true"),
     ({"use_cache": False}, r"\.use_cache: not a supported from_pretrained keyword"),
     (["dtype"], r" must be a mapping"),
 ])

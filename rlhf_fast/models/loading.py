@@ -79,8 +79,9 @@ MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_
                    "device_map", "revision", "quantization_config")
 # TRL's create_model_from_path takes these dtype names (and "float16", refused here: see _FP16)
 INIT_DTYPES = ("auto", "float32", "bfloat16")
-_FP16 = ("float16 is not supported: the trainers have no fp16 loss scaling (TRL's fp16 key is refused too); "
-         "use bfloat16")
+_FP16 = ("float16 weights are not supported (the loss scale needs float32 master weights: torch's GradScaler "
+         "refuses float16 gradients); for fp16 mixed precision set fp16: true (float32 weights under a float16 "
+         "autocast), or use bfloat16")
 _REFUSED = {
     "revision": "a revision names a commit of a Hub repository, and models load from local folders only (nothing "
                 "is downloaded): save that revision to a folder and point the model key at it",
@@ -139,7 +140,8 @@ def check_model_init_kwargs(value, key: str = "model_init_kwargs") -> dict:
 
     * ``dtype`` (``torch_dtype``, its old name, becomes ``dtype``): ``auto`` (the dtype the folder
       was saved in), ``float32``, ``bfloat16`` or null (transformers' default: since v5 ``auto``);
-      absent: float32, as TRL. ``float16`` is refused (no fp16 loss scaling here).
+      absent: float32, as TRL. ``float16`` is refused (fp16 training is ``fp16: true``: float32
+      weights under a float16 autocast and a loss scale).
     * ``attn_implementation``: ``eager``, ``sdpa``, or a flash / flex implementation whose
       package this machine has (:data:`ATTN_IMPLEMENTATIONS`).
     * ``trust_remote_code``, ``low_cpu_mem_usage``: true or false, passed on.

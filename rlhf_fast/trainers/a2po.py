@@ -310,7 +310,7 @@ class A2POTrainer(RLTrainer):
                         loss = sequence_logprobs(self.policy, d.input_ids, d.attention_mask,
                                                  response_mask=d.response_mask).sum() * 0.0
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                (loss * self.ctx.grad_scale).backward()
+                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
             total += float(loss.detach())
             if real and self._rows_left > 0:
                 ref = (d.ref_logp * d.response_mask).sum(1)

@@ -1251,6 +1251,10 @@ def check_training_schedule(cfg) -> None:
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):
         raise ValueError(f"disable_dropout must be true or false, got {cfg.disable_dropout!r}")
     check_pad_to_multiple_of(cfg)
+    if hasattr(cfg, "fp16"):  # bf16 null: not fp16 (TRL's default); not both (mixed_precision)
+        from .mixed_precision import check_precision_fields
+
+        check_precision_fields(cfg)
     epochs = getattr(cfg, "num_train_epochs", None)
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
                                or not math.isfinite(epochs) or epochs <= 0):
@@ -1294,10 +1298,15 @@ def random_states_kept(device: torch.device):
                 np.random.set_state(npst)
 
 
-def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when ``bf16``; a no-op context elsewhere (CPU trains in fp32)."""
+def autocast_context(device: torch.device, bf16: bool, fp16: bool = False):
+    """float16 autocast when ``fp16`` (on CUDA: :mod:`rlhf_fast.trainers.mixed_precision`), bf16
+    autocast on CUDA when ``bf16``; a no-op context elsewhere (CPU trains in fp32)."""
     import contextlib
 
+    from .mixed_precision import fp16_autocast, fp16_on
+
+    if fp16_on(fp16, device):
+        return fp16_autocast(device)
     if bf16 and torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

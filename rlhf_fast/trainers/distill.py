@@ -621,7 +621,7 @@ class DistillationTrainer(RLTrainer):
                 loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm,
                                              group=d.group)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                (loss * self.ctx.grad_scale).backward()
+                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
             acc["loss"] += float(loss.detach())
             acc["divergence"] += st["divergence_sum"] / ntok
             acc["entropy"] += st["entropy_sum"] / ntok

@@ -215,7 +215,8 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
-    bf16: bool = True  # used on CUDA only
+    bf16: Optional[bool] = None  # bf16 autocast, on CUDA only (null: true unless fp16, TRL's default)
+    fp16: bool = False  # transformers' fp16: float16 autocast + loss scaling, on CUDA only (mixed_precision)
     gradient_checkpointing: bool = False
     # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
     activation_offloading: bool = False
@@ -682,8 +683,8 @@ def reference_logps(reference, batch: Dict[str, torch.Tensor], sharded: bool, *,
 @torch.no_grad()
 def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch_of, *, ctx, batch_size: int,
                                bf16: bool, device, ld_alpha: Optional[float] = None,
-                               rows: int = 2, packed: bool = False, prefix_sharing: bool = False
-                               ) -> List[Tuple[float, ...]]:
+                               rows: int = 2, packed: bool = False, prefix_sharing: bool = False,
+                               fp16: bool = False) -> List[Tuple[float, ...]]:
     """Each item's ``rows`` reference log-probs (its rows, as ``batch_of(chunk)`` lays them out:
     every first row of the chunk, then every second, ...; LD-weighted with ``ld_alpha``),
     computed once — each rank its contiguous share in chunks of ``batch_size``, then summed over
@@ -696,7 +697,7 @@ def precompute_reference_logps(reference, items: Sequence[Dict[str, Any]], batch
     with eval_mode(reference.rlhf_wrapped if hasattr(reference, "rlhf_wrapped") else reference):
         for s in range(lo, hi, batch_size):
             chunk = items[s: min(s + batch_size, hi)]
-            with autocast_context(device, bf16):
+            with autocast_context(device, bf16, fp16):
                 lp, _ = response_logps(reference, batch_of(chunk), **_logps_kwargs(ld_alpha, packed, prefix_sharing))
             out[s: s + len(chunk)] = lp.view(rows, -1).t()
     return [tuple(r) for r in ctx.all_reduce_sum(out).cpu().tolist()]
@@ -711,7 +712,7 @@ def attach_reference_logps(trainer, reference, batch_of, **kw) -> None:
     items = trainer.train_items + trainer.eval_items
     refs = precompute_reference_logps(reference, items, batch_of, ctx=trainer.ctx,
                                       batch_size=cfg.precompute_ref_batch_size or cfg.batch_size, bf16=cfg.bf16,
-                                      device=trainer.device, **kw)
+                                      fp16=cfg.fp16, device=trainer.device, **kw)
     for it, ref in zip(items, refs):
         it["ref"] = ref
 
@@ -936,7 +937,8 @@ def offline_optimizer_step(trainer) -> Dict[str, float]:
     gnorm = optimizer_step(trainer)
     maybe_sync_reference(trainer)
     maybe_bema_update(trainer)  # TRL's BEMACallback (bema.update_ref_model and sync_ref_model: refused together)
-    return {"grad_norm": gnorm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.batches.epoch}
+    return {"grad_norm": gnorm, **trainer.scaler.metrics(), "lr": trainer.scheduler.get_last_lr()[0],
+            "epoch": trainer.batches.epoch}
 
 
 def prepare_offline_models(cfg, policy, reference) -> None:
@@ -1194,7 +1196,7 @@ class DPOTrainer:
         orpo = terms[0][0] == "orpo"
         wpo = None
         packed = cfg.pack_kwargs  # one padding-free row: the same [2B, T] values back, so nothing below changes
-        with autocast_context(self.device, cfg.bf16):
+        with autocast_context(self.device, cfg.bf16, cfg.fp16):
             if cfg.ld_alpha is None and not orpo and not cfg.use_weighting:
                 logps, count, tstats = response_logps_metrics(self.model, batch, **packed)  # [2B] each
                 nll_rows = slice(2 * B, 3 * B) if logps.shape[0] == 3 * B else slice(0, B)  # TPO: the gold rows'
@@ -1369,7 +1371,8 @@ class DPOTrainer:
                     loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 # TRL's MoE term (the policy's forward): coef × aux / grad_accum, left to DDP's average
-                self.moe.with_term(loss * ctx.grad_scale, aux, len(micro), aux_vals, counts=real).backward()
+                loss = self.moe.with_term(loss * ctx.grad_scale, aux, len(micro), aux_vals, counts=real)
+                self.scaler.scale(loss).backward()  # fp16: times the loss scale
             tot += self._sums(st, w, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)

@@ -140,7 +140,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
-    bf16: bool = True  # used on CUDA only
+    bf16: Optional[bool] = None  # bf16 autocast, on CUDA only (null: true unless fp16, TRL's default)
+    fp16: bool = False  # transformers' fp16: float16 autocast + loss scaling, on CUDA only (mixed_precision)
     gradient_checkpointing: bool = False
     # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
     activation_offloading: bool = False
@@ -571,13 +572,13 @@ class KTOTrainer:
                 if "ref" in items[0]:
                     refs.append(torch.tensor([it["ref"][0] for it in items], dtype=torch.float32, device=self.device))
                     continue
-                with autocast_context(self.device, self.cfg.bf16):
+                with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
                     refs.append(reference_logps(self.reference, self._batch(items), self._reference_sharded).float())
             return None, refs
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)  # Σ (log π − log π_ref) over KL rows, rows
         refs = []
         for items, real in micro:
-            with autocast_context(self.device, self.cfg.bf16):
+            with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
                 if "ref" in items[0]:
                     ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device)
                     ref_main, ref_kl = ref[:, 0], ref[:, 1]
@@ -598,7 +599,7 @@ class KTOTrainer:
         """Policy log-probs (with gradients when enabled) of a micro-batch's rows, their losses
         ℓ_i and rewards ``[b]``, labels ``[b]`` bool and weights w_i ``[b]`` (the loss's dtype)."""
         cfg = self.cfg
-        with autocast_context(self.device, cfg.bf16):
+        with autocast_context(self.device, cfg.bf16, cfg.fp16):
             # TRL's KTO logs no token accuracy: no top-1 asked of the head
             logps, count, tstats = response_logps_metrics(self.model, self._batch(items), top1=False)
         desirable = torch.tensor([it["label"] for it in items], dtype=torch.bool, device=self.device)
@@ -706,7 +707,8 @@ class KTOTrainer:
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 loss = loss * ctx.grad_scale
                 # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / grad_accum
-                self.moe.with_term(loss, aux, self.cfg.grad_accum, aux_vals, counts=real).backward()
+                loss = self.moe.with_term(loss, aux, self.cfg.grad_accum, aux_vals, counts=real)
+                self.scaler.scale(loss).backward()  # fp16: times the loss scale
             tot += self._sums(st, z0, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)

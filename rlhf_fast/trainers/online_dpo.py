@@ -369,7 +369,7 @@ class OnlineDPOTrainer(RLTrainer):
                                                  response_mask=d.response_mask,
                                                  **self._share_kwargs(d.group, d.input_ids.shape[0])).sum() * 0.0
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                (loss * self.ctx.grad_scale).backward()
+                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
             total += float(loss.detach())
             if real and self._pairs_left > 0:
                 ref = (d.ref_logp * d.response_mask).sum(1)

@@ -101,7 +101,8 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
-    bf16: bool = True  # used on CUDA only
+    bf16: Optional[bool] = None  # bf16 autocast, on CUDA only (null: true unless fp16, TRL's default)
+    fp16: bool = False  # transformers' fp16: float16 autocast + loss scaling, on CUDA only (mixed_precision)
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
     # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
     activation_offloading: bool = False
@@ -359,7 +360,7 @@ class RewardTrainer:
 
         seqs = [s for it in items for s in it["seqs"]]
         ids, attn = pad_right(seqs, self.pad_id, self.cfg.pad_to_multiple_of)
-        with autocast_context(self.device, self.cfg.bf16):
+        with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
             if self.cfg.prefix_sharing:  # each item's rows one group: a pair's two, a ranking's K
                 from rlhf_fast.models.logprobs import row_groups
 
@@ -472,7 +473,7 @@ class RewardTrainer:
                 scores = self._scores(chunk)
                 loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
-                (loss * ctx.grad_scale).backward()
+                self.scaler.scale(loss * ctx.grad_scale).backward()  # fp16: times the loss scale
             total[0] += loss.detach().double()
             if real:
                 sums, ext = reward_sums(scores, self.kind == "pairs")
@@ -480,7 +481,8 @@ class RewardTrainer:
                 extremes = torch.maximum(extremes, ext)
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
-        m = {"loss": float(total[0]), "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0]}
+        m = {"loss": float(total[0]), "grad_norm": gnorm, **self.scaler.metrics(),
+             "lr": self.scheduler.get_last_lr()[0]}
         m.update(reward_metrics(total[1:], ctx.all_reduce_max(extremes), self.kind == "pairs"))
         m.update(count_tokens(self, step_tokens))
         return ctx.mean_metrics(m)

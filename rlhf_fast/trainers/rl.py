@@ -78,6 +78,7 @@ from rlhf_fast.algorithms.rewards import (
 )
 from rlhf_fast.models.moe_aux import RouterAux
 from rlhf_fast.trainers.common import autocast_context, random_states_kept
+from rlhf_fast.trainers.mixed_precision import LossScaler, fp16_autocast, fp16_on
 from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl_config import A2PO, DISTILL, ONLINE_DPO, RLConfig
 
@@ -720,6 +721,9 @@ class RLTrainer:
                   kind=o.schedule, min_ratio=o.min_lr_ratio, lr_scheduler_kwargs=o.lr_scheduler_kwargs)
         self.scheduler = make_scheduler(self.optimizer, **kw)
         self.critic_scheduler = make_scheduler(self.critic_optimizer, **kw) if self.critic_optimizer else None
+        # fp16's loss scalers, one per optimizer (pass-throughs without fp16, or off CUDA)
+        self.scaler = LossScaler(cfg.fp16, self.device)
+        self.critic_scaler = LossScaler(cfg.fp16, self.device)
         self.kl_ctl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
         self.reward_moments = RunningMoments()
         # ppo.use_adaptive_entropy: the coefficient and the entropy last measured (none yet: no
@@ -1621,7 +1625,9 @@ class RLTrainer:
             return self._policy_loss_forward(d, norm, kw)
 
     def _autocast(self):
-        """``bf16`` autocast for a forward (on CUDA; nothing on the CPU)."""
+        """``bf16`` or ``fp16`` autocast for a forward (on CUDA; nothing on the CPU)."""
+        if fp16_on(self.config.fp16, self.device):
+            return fp16_autocast(self.device)
         return autocast_context(self.device, self.config.bf16)
 
     def _share_kwargs(self, group: Optional[torch.Tensor], n_rows: int) -> dict:
@@ -1753,7 +1759,8 @@ class RLTrainer:
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum;
                 # TRL's MoE term (GRPO): coef × aux / the accumulation steps, left to DDP's average
                 aux_val: List[float] = []
-                self.moe.with_term(loss * self.ctx.grad_scale, aux, steps, aux_val, counts=real).backward()
+                loss_part = self.moe.with_term(loss * self.ctx.grad_scale, aux, steps, aux_val, counts=real)
+                self.scaler.scale(loss_part).backward()  # fp16: times the loss scale
             if self.moe.enabled:  # the mini-batch's mean aux loss (update() adds its term to the loss); the
                 # key on every rank, a blank micro-batch's part 0, for the reduction of the statistics
                 acc["aux_loss"] = acc.get("aux_loss", 0.0) + (aux_val[0] / steps if aux_val else 0.0)
@@ -1792,7 +1799,7 @@ class RLTrainer:
                     v = self._critic_values(d.input_ids, d.attention_mask, d.response_mask, d.group).float()
                 loss, st = ops.ppo_value_loss(v, d.values, d.returns, d.response_mask,
                                               clip=self.config.ppo.value_clip, agg=agg, normalizer=norm)
-                (self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
+                self.critic_scaler.scale(self.config.ppo.value_coef * self.ctx.grad_scale * loss).backward()
             out["value_loss"] += float(loss.detach())
             if real:
                 out["value_clip_frac"] += float(st["clip_frac"]) * float(d.response_mask.sum()) / float(ntok)
@@ -1950,13 +1957,16 @@ class RLTrainer:
                         ent = self.ctx.all_reduce_sum(torch.tensor(ent, dtype=torch.float64,
                                                                    device=self.device)).tolist()
                 if cfg.max_grad_norm is not None:
-                    st["grad_norm"] = scalar_norm(torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                                                 cfg.max_grad_norm))
-                if cfg.trpo:
+                    # (fp16: of the unscaled gradient; inf / nan on an overflow)
+                    gnorm = self.scaler.clip_grad_norm_(self.optimizer, self.policy.parameters(), cfg.max_grad_norm)
+                    st["grad_norm"] = scalar_norm(gnorm)
+                stepped = True
+                if cfg.trpo:  # (not with fp16)
                     st.update(self._trpo_step(mini))
                 else:
-                    self.optimizer.step()
-                self.scheduler.step()
+                    stepped = self.scaler.step(self.optimizer)
+                if stepped:  # fp16: an overflowed step moves neither the weights nor the LR (transformers)
+                    self.scheduler.step()
                 if cfg.use_adaptive_entropy:  # the next step's coefficient, from this step's entropy
                     self._adapt_entropy(ent[0] / max(ent[1], 1.0))
                     st["entropy_coef"] = self.entropy_coef
@@ -1969,9 +1979,10 @@ class RLTrainer:
                         cst = {"value_loss": gs["loss"], "value_clip_frac": gs["value_clip_frac"]}
                     st.update(cst)
                     if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-                    self.critic_optimizer.step()
-                    self.critic_scheduler.step()
+                        self.critic_scaler.clip_grad_norm_(self.critic_optimizer, self.critic.parameters(),
+                                                           cfg.max_grad_norm)
+                    if self.critic_scaler.step(self.critic_optimizer):
+                        self.critic_scheduler.step()
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -1987,6 +1998,9 @@ class RLTrainer:
         out["policy/updates"] = n_updates
         out["policy/early_stopped"] = int(stopped)
         out["lr"] = self.scheduler.get_last_lr()[0]
+        out.update(self.scaler.metrics("policy/loss_scale"))  # fp16 only
+        if self.critic is not None:
+            out.update(self.critic_scaler.metrics("value/loss_scale"))
         if hasattr(self.engine, "update_weights"):
             from rlhf_fast.distributed import unwrap
 
@@ -2079,6 +2093,8 @@ class RLTrainer:
         """JSON state that checkpoints carry besides weights/optimisers/RNG."""
         out = {"step": self.global_step, "prompt_pos": self.prompt_pos, "kl_ctl": self.kl_ctl.state_dict(),
                "reward_moments": self.reward_moments.state_dict(), "dropped_total": self.dropped_total}
+        if self.scaler.enabled:  # fp16's loss scales (transformers' scaler.pt)
+            out["scaler"] = {"policy": self.scaler.state_dict(), "critic": self.critic_scaler.state_dict()}
         if self.config.ppo.use_adaptive_entropy:  # (inf, before any measurement, is no JSON number)
             out["entropy_ctl"] = {"coef": self.entropy_coef,
                                   "last_entropy": None if self.last_entropy == float("inf") else self.last_entropy}
@@ -2174,6 +2190,10 @@ class RLTrainer:
             if self.config.ppo.use_adaptive_entropy and ent is not None:  # (absent: the run had it off)
                 self.entropy_coef = float(ent["coef"])
                 self.last_entropy = float("inf") if ent["last_entropy"] is None else float(ent["last_entropy"])
+        scalers = extra.get("scaler") or {}  # fp16's loss scales
+        self.scaler.load_state_dict(scalers.get("policy"), f"checkpoint {ck}")
+        if self.critic is not None:
+            self.critic_scaler.load_state_dict(scalers.get("critic"), f"checkpoint {ck} (critic)")
         self.global_step = step
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)

@@ -1318,6 +1318,14 @@ class RLConfig:
     the update; weights, gradients and optimizer state stay fp32, and generation runs as without
     it. The log-probs then come from bf16 matmuls (the fused LM head keeps an fp32 log-sum-exp).
 
+    ``fp16`` (TRL's / transformers'; not with ``bf16``): the same forwards under a float16
+    autocast, on CUDA only (a no-op on the CPU, as accelerate), with a dynamic loss scale
+    (:mod:`rlhf_fast.trainers.mixed_precision`): each backward of the policy (and critic) loss is
+    scaled, the gradients unscaled before ``ppo.max_grad_norm`` clips them (``policy/grad_norm``
+    the true norm, inf / nan on an overflow), an overflowed optimizer step skipped together with its
+    LR-scheduler step, and the scales (``policy/loss_scale``, ``value/loss_scale``) checkpointed.
+    Not with ``ppo.trpo``; under FSDP2 only with ``distributed.mixed_precision: false``.
+
     ``report_to`` (TRL's): where metrics.jsonl's numbers also go — ``auto`` (the default:
     TensorBoard when it is installed, else nowhere), ``none``, ``all`` (every installed tracker),
     ``tensorboard``, ``wandb``, ``trackio``, ``mlflow`` or a list of them; ``run_name`` names the
@@ -1357,6 +1365,7 @@ class RLConfig:
     resume: Optional[str] = None
     device: str = "cpu"
     bf16: bool = False
+    fp16: bool = False
     log_every: int = 1
     report_to: Union[str, List[str]] = "auto"
     run_name: Optional[str] = None
@@ -1404,6 +1413,12 @@ class RLConfig:
                                  f"kl.placement 'loss' or kl.coef 0")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be true or false, got {self.bf16!r}")
+        from rlhf_fast.trainers.mixed_precision import check_precision_fields
+
+        check_precision_fields(self)
+        if self.fp16 and self.ppo.trpo:
+            raise ValueError("fp16 is not supported with ppo.trpo: its line search takes and undoes the "
+                             "optimizer's step itself, which fp16's loss scaler must be able to skip on an overflow")
         _pos("steps", self.steps, integer=True)
         if self.num_train_epochs is not None:
             _pos("num_train_epochs", self.num_train_epochs)

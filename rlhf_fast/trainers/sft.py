@@ -75,6 +75,7 @@ from .common import (MetricsLogger, autocast_context, check_bool_fields, check_l
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
+from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
 from .stop import StopOnSignal, TrainingStopped
 
@@ -110,7 +111,8 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     min_lr_ratio: float = 0.0  # the LR decays to min_lr_ratio × lr (TRL: cosine_with_min_lr, min_lr_rate)
     max_steps: int = 200
     grad_clip: float = 1.0
-    bf16: bool = True  # used on CUDA only
+    bf16: Optional[bool] = None  # bf16 autocast, on CUDA only (null: true unless fp16, TRL's default)
+    fp16: bool = False  # transformers' fp16: float16 autocast + loss scaling, on CUDA only (mixed_precision)
     gradient_checkpointing: bool = False  # transformers' activation checkpointing: less memory, one more forward
     # TRL's: the forward's saved activations wait in (pinned) CPU memory until the backward (an accelerator only)
     activation_offloading: bool = False
@@ -525,6 +527,8 @@ def init_optimization(trainer) -> None:
     (TRL's count of the input tokens trained, checkpointed)."""
     trainer.optimizer = supervised_optimizer([p for p in trainer.model.parameters() if p.requires_grad], trainer.cfg)
     trainer.scheduler = supervised_scheduler(trainer.optimizer, trainer.cfg)
+    # fp16's loss scaler (a pass-through without fp16, or off CUDA)
+    trainer.scaler = LossScaler(getattr(trainer.cfg, "fp16", False), trainer.device)
     trainer.step = 0
     trainer.num_tokens = 0
     trainer.best = BestCheckpoint.for_config(trainer.cfg)  # load_best_model_at_end's tracker (None: off)
@@ -646,11 +650,15 @@ def optimizer_step(trainer) -> float:
     """The end of an SFT / reward / DPO / KTO step once its gradients are in: clip them to
     ``cfg.grad_clip`` (0: no clipping), step the optimizer and LR scheduler (unless it steps on a
     metric: :func:`evaluate_and_step`), clear the gradients
-    and count the step. Returns the gradient norm before clipping."""
+    and count the step. Returns the gradient norm before clipping. Under fp16 (``trainer.scaler``)
+    the norm is the unscaled gradient's (inf / nan on an overflow), and an overflowed step moves
+    neither the weights nor the LR scheduler, as transformers' (it still counts)."""
     clip = trainer.cfg.grad_clip
-    gnorm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip if clip > 0 else float("inf"))
-    trainer.optimizer.step()
-    if not steps_on_metric(trainer.scheduler):  # reduce_lr_on_plateau / greedy step after evaluations (training_loop)
+    gnorm = trainer.scaler.clip_grad_norm_(trainer.optimizer, trainer.model.parameters(),
+                                           clip if clip > 0 else float("inf"))
+    stepped = trainer.scaler.step(trainer.optimizer)
+    # reduce_lr_on_plateau / greedy step after evaluations (training_loop)
+    if stepped and not steps_on_metric(trainer.scheduler):
         trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
@@ -662,6 +670,8 @@ def save_supervised(trainer, part: str) -> None:
     name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
     extra = {"step": trainer.step, "data": trainer.batches.state(),
              "num_tokens": trainer.num_tokens}
+    if trainer.scaler.enabled:  # fp16's loss scale (transformers' scaler.pt)
+        extra["scaler"] = trainer.scaler.state_dict()
     best = getattr(trainer, "best", None)
     if best is not None:  # this step's evaluation judged first, so the checkpoint holds the best so far
         best.at_checkpoint(trainer.step)
@@ -694,6 +704,7 @@ def resume_supervised(trainer, part: str) -> None:
                          f"{trainer.run.path} has reached; a resumed run can only train further (max_steps >= {step})")
     with restoring_extra(ck):
         trainer.batches.load(extra["data"])
+    trainer.scaler.load_state_dict(extra.get("scaler"), f"checkpoint {ck}")
     trainer.step = step
     # (a checkpoint from before num_tokens was logged restarts the count at 0)
     trainer.num_tokens = int(extra.get("num_tokens", 0))
@@ -900,7 +911,8 @@ class SFTTrainer:
             for i in range(0, len(self.eval_rows), self.cfg.batch_size):
                 idx = list(range(i, min(i + self.cfg.batch_size, len(self.eval_rows))))
                 batch = self._local_batch(idx, self.eval_rows)
-                with autocast_context(self.device, self.cfg.bf16), self.moe.collect(evaluation=True) as aux:
+                with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16), \
+                        self.moe.collect(evaluation=True) as aux:
                     s, _, c, ent, top1 = sft_loss_sum(self.model, batch, packed=self._packed["eval"],
                                                       return_entropy=True, return_top1=True)
                 tot += torch.stack([s.double(), c.double(), ent.double(), top1.double()])
@@ -941,17 +953,18 @@ class SFTTrainer:
         aux_vals = []
         for i, b in enumerate(micro):
             with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
-                with autocast_context(self.device, cfg.bf16):
+                with autocast_context(self.device, cfg.bf16, cfg.fp16):
                     s, nll, _, ent, top1 = sft_loss_sum(self.model, b, packed=self._packed["train"],
                                                         loss_type=cfg.loss_type, return_entropy=True,
                                                         return_top1=True)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 # TRL's MoE term, a micro-batch mean: coef × aux / grad_accum, left to DDP's average
-                self.moe.with_term(s / n_tok * ctx.grad_scale, aux, len(micro), aux_vals).backward()
+                loss = self.moe.with_term(s / n_tok * ctx.grad_scale, aux, len(micro), aux_vals)
+                self.scaler.scale(loss).backward()  # fp16: times the loss scale
             total += torch.stack([s.detach().double(), nll.double(), ent.double(), top1.double()])
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
-        m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm,
+        m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm, **self.scaler.metrics(),
              "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
         if cfg.loss_type != "nll":
             m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types

@@ -299,15 +299,9 @@ def load_bema(trainer, directory: str, step: int) -> None:
 
 def prune_bema(run_dir: str) -> None:
     """Remove the BEMA folders whose checkpoint is gone (pruned, or never completed)."""
-    import shutil
+    from .checkpoint import prune_companions
 
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return
-    names = set(os.listdir(root))
-    for n in names:
-        if n.startswith("bema_step_") and n[len("bema_"):] not in names:
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    prune_companions(run_dir, "bema_")
 
 
 def save_bema_model(trainer) -> None:

@@ -474,6 +474,19 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return best
 
 
+def prune_companions(run_dir: str, prefix: str) -> None:
+    """Remove the folders ``checkpoints/<prefix>step_N`` whose checkpoint ``step_N`` is gone
+    (pruned, or never completed): the state some trainers keep beside each checkpoint (TR-DPO's
+    moving reference ``reference_``, BEMA's buffers ``bema_``)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    names = set(os.listdir(root))
+    for n in names:
+        if n.startswith(prefix + "step_") and n[len(prefix):] not in names:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+
 def prune_checkpoints(run_dir: str, keep: int, best_step: Optional[int] = None) -> None:
     """Delete all but the ``keep`` most recent complete checkpoints (keep <= 0 keeps all), and
     never the complete one of ``best_step`` (load_best_model_at_end's best): it is kept beside

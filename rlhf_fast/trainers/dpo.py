@@ -820,15 +820,9 @@ def save_moving_reference(trainer) -> None:
 
 def prune_moving_references(run_dir: str) -> None:
     """Remove the reference folders whose checkpoint is gone (pruned, or never completed)."""
-    import shutil
+    from .checkpoint import prune_companions
 
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return
-    names = set(os.listdir(root))
-    for n in names:
-        if n.startswith("reference_step_") and n[len("reference_"):] not in names:
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    prune_companions(run_dir, "reference_")
 
 
 def load_moving_reference(trainer, directory: str, step: int) -> None:

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _micro_batches, _sample_seed
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _sample_seed
 from rlhf_fast.trainers.rl_config import A2PO, RLConfig
 
 # update statistics under TRL's names
@@ -293,31 +293,17 @@ class A2POTrainer(RLTrainer):
         ``micro_batch_size`` rows (``n_micro``: as :meth:`RLTrainer.policy_backward`, blank
         micro-batches keep the ranks in step). Returns ``loss`` (summed over micro-batches: the
         mini-batch's mean squared error). In the first epoch it also keeps the implicit rewards."""
-        mb = micro_batch_size or self.config.ppo.micro_batch_size
-        n_rows = torch.tensor(float(data.input_ids.shape[0]), device=self.device)
-        if self.ctx.distributed:
-            n_rows = self.ctx.all_reduce_sum(n_rows)
-        n_rows = n_rows.clamp(min=1)
-        total = 0.0
-        for d, real, more in _micro_batches(data, mb, n_micro):
-            with self._no_sync(self.policy, more):
-                if real:
-                    loss, s = self.a2po_loss(d, n_rows)
-                else:  # a blank row: a zero loss that still runs the forward every rank runs
-                    from rlhf_fast.models.logprobs import sequence_logprobs
+        n_rows = self._global_count(data.input_ids.shape[0])
 
-                    with self._autocast():
-                        loss = sequence_logprobs(self.policy, d.input_ids, d.attention_mask,
-                                                 response_mask=d.response_mask).sum() * 0.0
-                # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
-            total += float(loss.detach())
-            if real and self._rows_left > 0:
+        def keep(d, s):
+            if self._rows_left > 0:
                 ref = (d.ref_logp * d.response_mask).sum(1)
                 implicit = self.config.a2po.beta2 * (s.detach().double() - ref.double())
                 self._first_pass.append(torch.stack([implicit.sum(), implicit.new_tensor(float(implicit.numel()))]))
                 self._rows_left -= d.input_ids.shape[0]
-        return {"loss": total}
+
+        return {"loss": self._loss_backward(data, micro_batch_size, n_micro, lambda d: self.a2po_loss(d, n_rows),
+                                            keep)}
 
     def update(self, data: RolloutTensors) -> Dict[str, float]:
         """:meth:`RLTrainer.update` (epochs, mini-batches, clipping, schedule) with the A*-PO

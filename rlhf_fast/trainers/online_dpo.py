@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _micro_batches
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors
 from rlhf_fast.trainers.rl_config import ONLINE_DPO, RLConfig
 
 # update statistics under TRL's names
@@ -351,31 +351,16 @@ class OnlineDPOTrainer(RLTrainer):
         :meth:`RLTrainer.policy_backward`, blank micro-batches keep the ranks in step). Returns
         ``loss`` (summed over micro-batches: the mini-batch's mean pair loss). In the first epoch
         it also keeps the pairs' statistics (:func:`pair_metrics`)."""
-        mb = micro_batch_size or self.config.ppo.micro_batch_size
-        n_pairs = torch.tensor(float(data.input_ids.shape[0] // 2), device=self.device)
-        if self.ctx.distributed:
-            n_pairs = self.ctx.all_reduce_sum(n_pairs)
-        n_pairs = n_pairs.clamp(min=1)
-        total = 0.0
-        for d, real, more in _micro_batches(data, mb, n_micro):
-            with self._no_sync(self.policy, more):
-                if real:
-                    loss, s = self.dpo_loss(d, n_pairs)
-                else:  # a blank row: a zero loss that still runs the forward every rank runs
-                    from rlhf_fast.models.logprobs import sequence_logprobs
+        n_pairs = self._global_count(data.input_ids.shape[0] // 2)
 
-                    with self._autocast():
-                        loss = sequence_logprobs(self.policy, d.input_ids, d.attention_mask,
-                                                 response_mask=d.response_mask,
-                                                 **self._share_kwargs(d.group, d.input_ids.shape[0])).sum() * 0.0
-                # DDP averages gradients over ranks; grad_scale turns that into the global sum
-                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
-            total += float(loss.detach())
-            if real and self._pairs_left > 0:
+        def keep(d, s):
+            if self._pairs_left > 0:
                 ref = (d.ref_logp * d.response_mask).sum(1)
                 self._first_pass.append(_pair_sums(s, ref, self._beta, d.scores if self.reward is not None else None))
                 self._pairs_left -= d.input_ids.shape[0] // 2
-        return {"loss": total}
+
+        return {"loss": self._loss_backward(data, micro_batch_size, n_micro, lambda d: self.dpo_loss(d, n_pairs),
+                                            keep)}
 
     def update(self, data: RolloutTensors) -> Dict[str, float]:
         """:meth:`RLTrainer.update` (epochs, mini-batches of pairs, clipping, schedule) with the

@@ -1784,6 +1784,40 @@ class RLTrainer:
                 acc["_entropy_tokens"] = acc.get("_entropy_tokens", 0.0) + n
         return acc
 
+    def _global_count(self, n: float) -> torch.Tensor:
+        """``n`` (this rank's rows, pairs, ...) summed over the ranks, at least 1: a 0-dim tensor
+        on the device, the denominator of a loss averaged over a whole mini-batch."""
+        t = torch.tensor(float(n), device=self.device)
+        if self.ctx.distributed:
+            t = self.ctx.all_reduce_sum(t)
+        return t.clamp(min=1)
+
+    def _loss_backward(self, data: RolloutTensors, micro_batch_size: Optional[int], n_micro: Optional[int],
+                       loss_fn, on_real) -> float:
+        """The micro-batch loop of a subclass whose loss replaces the policy loss (online DPO,
+        A*-PO): ``loss_fn(d) -> (loss, out)`` on each real micro-batch ``d`` (its loss already
+        divided by the mini-batch's global count), then ``on_real(d, out)``; a blank micro-batch
+        (``n_micro``: a rank with fewer rows) runs a zero loss through the same forward, so the
+        ranks stay in step. Each loss times ``grad_scale`` (DDP's average → the global sum) and
+        fp16's loss scale is back-propagated. Returns the losses' sum."""
+        from rlhf_fast.models.logprobs import sequence_logprobs
+
+        total = 0.0
+        for d, real, more in _micro_batches(data, micro_batch_size or self.config.ppo.micro_batch_size, n_micro):
+            with self._no_sync(self.policy, more):
+                if real:
+                    loss, out = loss_fn(d)
+                else:
+                    with self._autocast():
+                        loss = sequence_logprobs(self.policy, d.input_ids, d.attention_mask,
+                                                 response_mask=d.response_mask,
+                                                 **self._share_kwargs(d.group, d.input_ids.shape[0])).sum() * 0.0
+                self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
+            total += float(loss.detach())
+            if real:
+                on_real(d, out)
+        return total
+
     def critic_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
                         n_micro: Optional[int] = None) -> Dict[str, float]:
         """Accumulate the clipped value-loss gradient of ``data`` over micro-batches

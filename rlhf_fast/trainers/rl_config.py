@@ -1505,6 +1505,21 @@ class RLConfig:
                              f"critic; of ppo only {', '.join('ppo.' + k for k in DISTILL_PPO_KEYS)} apply); "
                              f"remove these keys")
 
+    def _no_policy_gradient_keys(self, ppo_keys, truncated_note: str = "") -> List[str]:
+        """The keys set away from their defaults that a loss without policy gradient ignores
+        (online DPO's, A*-PO's): ``ppo`` keys other than ``ppo_keys``, a critic, reward shaping,
+        dropped answers and the truncation mask (``truncated_note`` added to its name)."""
+        rest = _changed(self.ppo, "ppo.", keep=ppo_keys)
+        if self.model.critic is not None:
+            rest.append("model.critic")
+        rc = self.reward
+        rest += [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(rc, k) not in (False, None)]
+        if rc.on_bad_reward == "drop":
+            rest.append("reward.on_bad_reward 'drop'")
+        if self.rollout.mask_truncated:
+            rest.append("rollout.mask_truncated" + truncated_note)
+        return rest
+
     def _check_online_dpo(self):
         """``online_dpo.*`` only with estimator online_dpo; with it, refuse what has no meaning
         for a DPO loss over pairs of answers: the KL settings (β is ``online_dpo.beta``), the
@@ -1519,15 +1534,7 @@ class RLConfig:
         if kl:
             raise ValueError(f"{', '.join(kl)}: online DPO has no KL term of its own (its loss holds the reference "
                              f"through online_dpo.beta); remove these keys")
-        rest = _changed(self.ppo, "ppo.", keep=ONLINE_DPO_PPO_KEYS)
-        if self.model.critic is not None:
-            rest.append("model.critic")
-        rc = self.reward
-        rest += [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(rc, k) not in (False, None)]
-        if rc.on_bad_reward == "drop":
-            rest.append("reward.on_bad_reward 'drop'")
-        if self.rollout.mask_truncated:
-            rest.append("rollout.mask_truncated (see online_dpo.missing_eos_penalty)")
+        rest = self._no_policy_gradient_keys(ONLINE_DPO_PPO_KEYS, " (see online_dpo.missing_eos_penalty)")
         if rest:
             raise ValueError(f"{', '.join(rest)}: no effect in online DPO (a DPO loss over each prompt's pair of "
                              f"answers, chosen by the raw scores: no policy-gradient loss, advantages, critic or "
@@ -1554,15 +1561,7 @@ class RLConfig:
             raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: A*-PO has no "
                              f"KL term of its own (a2po.beta2 scales the log-ratio to its reference, the initial "
                              f"policy, which also answers Stage 1, as TRL); remove these keys")
-        rest = _changed(self.ppo, "ppo.", keep=A2PO_PPO_KEYS)
-        if self.model.critic is not None:
-            rest.append("model.critic")
-        rc = self.reward
-        rest += [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(rc, k) not in (False, None)]
-        if rc.on_bad_reward == "drop":
-            rest.append("reward.on_bad_reward 'drop'")
-        if self.rollout.mask_truncated:
-            rest.append("rollout.mask_truncated")
+        rest = self._no_policy_gradient_keys(A2PO_PPO_KEYS)
         if rest:
             raise ValueError(f"{', '.join(rest)}: no effect in A*-PO (a squared error per answer against r − V*: "
                              f"no policy-gradient loss, advantages, critic or reward shaping; of ppo only "

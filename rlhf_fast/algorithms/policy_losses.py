@@ -224,8 +224,9 @@ def gmpo_sequence_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: t
     for A_b > 0, max(...) otherwise (``clip_high`` None = ``clip_low``). Row b's weight is
     w_b = exp(clamp(mean over its kept tokens of the clipped l, ±20)), its loss −w_b·A_b. A row
     with no kept token has weight 1 (TRL's clamp of the count at 1); one with no loss token
-    A = 0, loss 0. The ±20 clamp (every ratio of the package has it) is the only departure
-    from TRL.
+    A = 0, loss 0, where TRL (whose truncated rows keep their advantage under a zeroed mask)
+    logs −A for it: the same gradients, a logged loss that differs by that constant. That and
+    the ±20 clamp (every ratio of the package has it) are the departures from TRL.
 
     Returns ``(loss, weight, low, high)``: loss ``[B]`` float32 (float64 for float64 logp),
     differentiable; weight ``[B]`` detached; ``low`` (l < −clip_low with A_b < 0) and ``high``

@@ -203,7 +203,8 @@ def test_config_errors_name_the_keys(tmp_path):
            (dict(bema=dict(SCHEDULE, lag=0, multiplier=0.0)), "bema.lag \\+ bema.multiplier must be > 0"),
            (dict(bema=dict(SCHEDULE, min_ema_multiplier=1.5)), "bema.min_ema_multiplier must be in"),
            (dict(bema=dict(SCHEDULE, update_ref_model="yes")), "bema.update_ref_model must be true or false"),
-           (dict(bema=dict(SCHEDULE, device="gpu0")), "bema.device must be a torch device"),
+           (dict(bema=dict(SCHEDULE, device="gpu0")), "bema.device must be .cpu. or a CUDA device"),
+           (dict(bema=dict(SCHEDULE, device="meta")), "bema.device must be .cpu. or a CUDA device"),
            (dict(bema=dict(SCHEDULE, freq=2)), "unknown key bema.freq")]
     bad += [(dict(loss_type=t), "bema.update_ref_model must be false") for t in ("simpo", "cpo", "orpo")]
     for extra, msg in bad:

@@ -159,7 +159,7 @@ def test_text_and_chat_records_tokenize_as_trl(tok):
                       "reference": _msgs(("user", "hi"), ("assistant", "three"))}]
     for rows, t in ((text, tok), (implicit, tok), (chat, chat_tok), (chat_implicit, chat_tok)):
         ref = _trl_prepare(rows, t)
-        for rec, r in zip(load_records(rows, "pairs"), ref):
+        for rec, r in zip(load_records(rows, "pairs", triples=True), ref):
             assert isinstance(rec, TripleRecord)
             got = encode_triple(t, rec, "tpo")
             assert got == (r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r["reference_ids"])
@@ -273,8 +273,11 @@ def test_missing_or_bad_reference_refused(tmp_path, tok):
                         ({"chosen": "say a", "rejected": "say b", "reference": "do c"},
                          "reference: does not start with the implicit prompt")):
         with pytest.raises(ValueError, match=needle):
-            load_records([row], "pairs")
-    assert type(load_records([{"prompt": "p", "chosen": "a", "rejected": "b"}], "pairs")[0]).__name__ == "PairRecord"
+            load_records([row], "pairs", triples=True)
+        # without triples (every command but TPO) the key is another column, ignored as before
+        assert type(load_records([row], "pairs")[0]).__name__ == "PairRecord"
+    assert type(load_records([{"prompt": "p", "chosen": "a", "rejected": "b"}], "pairs", triples=True)[0]).__name__ \
+        == "PairRecord"
 
 
 def test_config_errors_name_the_field(tmp_path):

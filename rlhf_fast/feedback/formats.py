@@ -334,9 +334,11 @@ def _annotator(row: dict, problems: list, where) -> Optional[str]:
     return None
 
 
-def _parse_pair(row: dict, problems: list, where) -> Optional[PairRecord]:
+def _parse_pair(row: dict, problems: list, where, triples: bool = False) -> Optional[PairRecord]:
     """A ``pairs`` row: explicit prompt (text or chat) with text or conversational responses, or
-    an implicit prompt (no ``prompt``: the shared start of chosen and rejected)."""
+    an implicit prompt (no ``prompt``: the shared start of chosen and rejected). ``triples``
+    (TPO's data): its ``reference`` is read too, a TripleRecord; otherwise that key, as any
+    other, is ignored (a pairs file may carry a column of that name with another meaning)."""
     n0 = len(problems)
     implicit = row.get("prompt") is None and (row.get("chosen") is not None or row.get("rejected") is not None)
     prompt = None if implicit else _check_prompt(row, problems, where)
@@ -361,7 +363,7 @@ def _parse_pair(row: dict, problems: list, where) -> Optional[PairRecord]:
         problems.append(where("margin", f"expected a number, got {_shown(margin)}"))
     elif margin < 0:
         problems.append(where("margin", f"must be >= 0, got {margin}"))
-    gold = _gold_response(row, prompt if implicit else None, chosen, problems, where)
+    gold = _gold_response(row, prompt if implicit else None, chosen, problems, where) if triples else None
     if len(problems) > n0:
         return None
     if gold is not None:
@@ -395,7 +397,7 @@ def _gold_response(row: dict, implicit_prompt: Optional[Response], chosen: Optio
     return gold
 
 
-def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
+def _parse_row(kind: str, row: Any, problems: list, where, triples: bool = False) -> Optional[Record]:
     if isinstance(row, _BadJSON):
         problems.append(where("<line>", row.message))
         return None
@@ -417,7 +419,7 @@ def _parse_row(kind: str, row: Any, problems: list, where) -> Optional[Record]:
         ann = _annotator(row, problems, where)
         return TextRecord(text, ann) if len(problems) == n0 else None
     if kind == "pairs":
-        return _parse_pair(row, problems, where)
+        return _parse_pair(row, problems, where, triples)
     prompt = _check_prompt(row, problems, where)
     ann = _annotator(row, problems, where)
     if kind == "sft":
@@ -486,8 +488,11 @@ def load_records(
     *,
     strict: bool = True,
     dedup: bool = False,
+    triples: bool = False,
 ) -> Union[List[Record], Tuple[List[Record], List[Problem]]]:
     """Read and validate feedback records of ``kind`` (one of ``KINDS``) from ``source``.
+    ``triples`` (``pairs`` only; TPO's data): each row's ``reference`` gold response is read
+    and checked too (a :class:`TripleRecord`); without it a ``reference`` key is ignored.
 
     With ``strict=True`` (default) any problem raises one ValueError whose first line
     counts them and whose next lines are ``file:line: field: message``; otherwise returns
@@ -505,7 +510,7 @@ def load_records(
         def where(field, message, _line=line):
             return Problem(name, _line, field, message)
 
-        rec = _parse_row(kind, row, problems, where)
+        rec = _parse_row(kind, row, problems, where, triples=triples)
         if rec is None:
             continue
         if kind == "sft":  # the first record's form (text, or not) is the file's: each other one is a problem

@@ -70,10 +70,11 @@ class BEMAConfig:
         if not isinstance(self.update_ref_model, bool):
             raise ValueError(f"bema.update_ref_model must be true or false, got {self.update_ref_model!r}")
         try:
-            torch.device(self.device)
+            kind = torch.device(self.device).type
         except (RuntimeError, TypeError):
-            raise ValueError(f"bema.device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") \
-                from None
+            kind = None
+        if kind not in ("cpu", "cuda"):  # (a meta or other device would fail only at the first save)
+            raise ValueError(f"bema.device must be 'cpu' or a CUDA device ('cuda', 'cuda:1'), got {self.device!r}")
 
 
 def check_bema_field(cfg, reference_free: Optional[str] = None) -> Optional[BEMAConfig]:

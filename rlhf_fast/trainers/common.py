@@ -168,6 +168,8 @@ def steps_on_metric(scheduler) -> bool:
     GreedyLR: ``scheduler.step(metric)`` after each evaluation) rather than once per optimizer step."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         return True
+    if type(scheduler).__name__ != "GreedyLR":  # (called every step: no transformers import for the others)
+        return False
     try:
         from transformers.optimization import GreedyLR
     except ImportError:  # a transformers without it built none of our schedulers

@@ -71,6 +71,14 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if from_string and isinstance(value, str):  # a section given whole on the command line: --bema {}
+            import yaml
+
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            value = parsed if isinstance(parsed, dict) else value
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r}: expected a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, prefix=key + ".")

@@ -886,13 +886,15 @@ def save_offline(trainer) -> None:
 
 
 def resume_offline(trainer) -> None:
-    """:func:`resume_supervised`, then (TR-DPO) the moving reference of that checkpoint."""
-    ck = trainer._resume_from
-    resume_supervised(trainer, "policy")
-    if ck is not None and trainer._sync_pairs is not None:
-        load_moving_reference(trainer, ck, trainer.step)
-    if ck is not None and getattr(trainer, "_bema", None) is not None:
-        load_bema(trainer, ck, trainer.step)
+    """:func:`resume_supervised` with the state kept beside that checkpoint: TR-DPO's moving
+    reference, BEMA's buffers (loaded, or refused, before the run folder is rewritten)."""
+    def companions(ck: str, step: int) -> None:
+        if trainer._sync_pairs is not None:
+            load_moving_reference(trainer, ck, step)
+        if getattr(trainer, "_bema", None) is not None:
+            load_bema(trainer, ck, step)
+
+    resume_supervised(trainer, "policy", companions)
 
 
 def train_offline(trainer) -> Dict[str, float]:
@@ -1058,7 +1060,7 @@ def wpo_weights(tok: torch.Tensor, lss: torch.Tensor, mask: torch.Tensor) -> tor
         return torch.exp(aligned.sum(1) / m.sum(1).clamp(min=1))
 
 
-def _load_pairs(path: str, kind: str, dedup: bool) -> list:
+def _load_pairs(path: str, kind: str, dedup: bool, triples: bool = False) -> list:
     from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
 
     if kind == "labels":
@@ -1067,7 +1069,7 @@ def _load_pairs(path: str, kind: str, dedup: bool) -> list:
         return _load_label_file(path, "pairs", dedup=dedup)
     if kind == "rankings":
         return rankings_to_pairs(load_records(path, "rankings", dedup=dedup))
-    return load_records(path, "pairs", dedup=dedup)
+    return load_records(path, "pairs", dedup=dedup, triples=triples)  # (triples: TPO's gold reference)
 
 
 # ------------------------------------------------------------------ trainer
@@ -1088,7 +1090,7 @@ class DPOTrainer:
 
         open_offline_trainer(self, cfg)
         train_records, eval_records = load_split_records(
-            cfg, lambda path: _load_pairs(path, cfg.data_kind, cfg.dedup),
+            cfg, lambda path: _load_pairs(path, cfg.data_kind, cfg.dedup, triples=tpo_loss_name(cfg) is not None),
             lambda: synthetic_pairs(cfg.seed, cfg.data_kind, cfg.data_kind == "rankings"), train_records, eval_records)
         train_records, eval_records = list(train_records), list(eval_records or [])
         self.weights = annotator_weight_map(cfg.annotator_weights,

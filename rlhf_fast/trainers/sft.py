@@ -688,11 +688,13 @@ def save_supervised(trainer, part: str) -> None:
     trainer.ctx.barrier()
 
 
-def resume_supervised(trainer, part: str) -> None:
+def resume_supervised(trainer, part: str, load_companions=None) -> None:
     """Continue an SFT / reward ``trainer`` from the checkpoint its run folder was opened with
     (``open_supervised_run``; nothing when it starts fresh): weights, optimizer, scheduler,
-    step, data order; then the log is cut back to that step and config.yaml rewritten, only
-    once the checkpoint has loaded."""
+    step, data order, and ``load_companions(checkpoint, step)`` (state kept beside the
+    checkpoint: DPO's moving reference, BEMA's buffers); then the log is cut back to that step
+    and config.yaml rewritten, only once all of it has loaded (a refused resume leaves the
+    folder as it was)."""
     ck, trainer._resume_from = trainer._resume_from, None
     if ck is None:
         return
@@ -711,6 +713,8 @@ def resume_supervised(trainer, part: str) -> None:
     if getattr(trainer, "best", None) is not None:  # the best so far (none in a checkpoint saved without it)
         with restoring_extra(ck):
             trainer.best.load(extra.get(BEST_KEY), trainer.run.path)
+    if load_companions is not None:
+        load_companions(ck, step)
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
         trainer.run.write_config(trainer.cfg)

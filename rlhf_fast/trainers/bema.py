@@ -1,5 +1,8 @@
-"""BEMA (Bias-Corrected Exponential Moving Average; Block & Zhang 2025) of a DPO policy's
-weights, and the reference that follows it: the DPO config's ``bema`` section.
+"""BEMA (Bias-Corrected Exponential Moving Average; Block & Zhang 2025) of a policy's weights,
+and the DPO reference that follows it: the ``bema`` section of the SFT, reward, DPO and KTO
+configs (TRL's callback goes on any Trainer; its reference update only on DPO's). The hooks run in
+the loop those four trainers share (:mod:`rlhf_fast.trainers.sft`: ``optimizer_step``,
+``save_supervised``, ``resume_supervised``, ``training_loop``).
 
 TRL 1.16's ``BEMACallback`` (``trl.trainer.callbacks``) keeps, on ``device`` (default
 ``"cpu"``), three copies of the policy's trainable weights: θ₀, the EMA and the BEMA weights
@@ -15,7 +18,8 @@ ours ``RUN_DIR/bema``, with the tokenizer, as ``final/``).
 ``update_ref_model`` (TRL's experimental ``trl.experimental.bema_for_ref_model``) makes them the
 DPO reference too: after step t ≥ ``ref_model_update_after`` with (t −
 ``ref_model_update_after``) a multiple of ``ref_model_update_freq``, π_ref ← θ' (the BEMA weights
-of the last BEMA update; the initial policy before any). Refused with ``sync_ref_model`` (two
+of the last BEMA update; the initial policy before any); refused by the other trainers (SFT and
+reward have no reference; TRL's experimental trainer is DPO's, not KTO's). Refused with ``sync_ref_model`` (two
 rules for one reference), ``precompute_ref_logps`` (the log-probs would go stale) and the
 reference-free losses (no reference); ``bema`` is refused with ``lora`` / a peft policy
 altogether (TRL's callback copies the model with ``type(model)(model.config)``, which a peft
@@ -77,10 +81,12 @@ class BEMAConfig:
             raise ValueError(f"bema.device must be 'cpu' or a CUDA device ('cuda', 'cuda:1'), got {self.device!r}")
 
 
-def check_bema_field(cfg, reference_free: Optional[str] = None) -> Optional[BEMAConfig]:
+def check_bema_field(cfg, reference_free: Optional[str] = None, no_reference_update: Optional[str] = None
+                     ) -> Optional[BEMAConfig]:
     """``cfg.bema`` (None, a mapping of :class:`BEMAConfig` fields or a BEMAConfig) as a
     BEMAConfig or None, refused with ``lora`` and FSDP2 and, with ``update_ref_model``, with
-    ``sync_ref_model``, ``precompute_ref_logps`` and the ``reference_free`` loss named.
+    ``sync_ref_model``, ``precompute_ref_logps`` and the ``reference_free`` loss named, or
+    altogether where ``no_reference_update`` (why: a trainer other than DPO's) is given.
     ValueError / TypeError naming the key."""
     b = cfg.bema
     if b is None:
@@ -101,6 +107,8 @@ def check_bema_field(cfg, reference_free: Optional[str] = None) -> Optional[BEMA
                          "their checkpoint is not written); use ddp or one process")
     if not b.update_ref_model:
         return b
+    if no_reference_update is not None:
+        raise ValueError(f"bema.update_ref_model must be false: {no_reference_update}")
     for field, bad in (("sync_ref_model", cfg.sync_ref_model), ("precompute_ref_logps", cfg.precompute_ref_logps)):
         if bad:
             why = ("both would move the reference" if field == "sync_ref_model" else
@@ -229,15 +237,16 @@ def reference_pairs(named_policy, reference: torch.nn.Module, trainable: List[st
 
 def setup_bema(trainer) -> None:
     """``trainer._bema``: the :class:`BEMAState` of its policy (and reference, with
-    ``update_ref_model``), or None without ``cfg.bema`` (or a config that has none: KTO). A
-    peft policy (passed as ``model``) is refused."""
+    ``update_ref_model``), or None without ``cfg.bema``. A peft policy (passed as ``model``)
+    is refused (``trainer.is_peft``, or the model's own type for a trainer without one: SFT)."""
     from rlhf_fast.distributed import unwrap
+    from rlhf_fast.models.loading import _is_peft
 
     trainer._bema = None
     b = getattr(trainer.cfg, "bema", None)
     if b is None:
         return
-    if trainer.is_peft:
+    if getattr(trainer, "is_peft", None) or _is_peft(unwrap(trainer.model)):
         raise ValueError("bema cannot be used with a peft policy: TRL's BEMACallback copies the policy as a plain "
                          "model, and its reference is the policy with its adapters disabled")
     if torch.device(b.device).type == "cuda" and not torch.cuda.is_available():

@@ -155,8 +155,7 @@ from rlhf_fast.feedback.formats import _shown, response_text
 from rlhf_fast.models.moe_aux import RouterAux, check_coef, suspended
 from rlhf_fast.ops._validate import finite
 
-from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema,
-                   save_bema_model, setup_bema)
+from .bema import BEMAConfig, check_bema_field, setup_bema  # (its other hooks: in sft's shared loop)
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
                      check_training_schedule, disable_dropout, load_split_records, pad_token_id, record_weight,
                      steps_for_epochs, trainer_commands, trainer_model)
@@ -872,27 +871,20 @@ def maybe_sync_reference(trainer) -> bool:
 
 def save_offline(trainer) -> None:
     """The checkpoint of a DPO / KTO trainer: the moving reference first (TR-DPO), then
-    :func:`save_supervised`'s (policy, optimizer, scheduler, step, data position)."""
+    :func:`save_supervised`'s (BEMA's buffers, policy, optimizer, scheduler, step, data position)."""
     if trainer._sync_pairs is not None:
         save_moving_reference(trainer)
-    bema = getattr(trainer, "_bema", None) is not None
-    if bema:  # its buffers (and the reference following them) before the checkpoint that needs them
-        save_bema(trainer)
     save_supervised(trainer, "policy")
     if trainer._sync_pairs is not None and trainer.ctx.is_main:
         prune_moving_references(trainer.run.path)
-    if bema and trainer.ctx.is_main:
-        prune_bema(trainer.run.path)
 
 
 def resume_offline(trainer) -> None:
     """:func:`resume_supervised` with the state kept beside that checkpoint: TR-DPO's moving
-    reference, BEMA's buffers (loaded, or refused, before the run folder is rewritten)."""
+    reference (then, there, BEMA's buffers), loaded, or refused, before the run folder is rewritten."""
     def companions(ck: str, step: int) -> None:
         if trainer._sync_pairs is not None:
             load_moving_reference(trainer, ck, step)
-        if getattr(trainer, "_bema", None) is not None:
-            load_bema(trainer, ck, step)
 
     resume_supervised(trainer, "policy", companions)
 
@@ -900,13 +892,10 @@ def resume_offline(trainer) -> None:
 def train_offline(trainer) -> Dict[str, float]:
     """``train()`` of a DPO / KTO trainer: resumed from its checkpoint when there is one
     (:func:`resume_offline`), trained to ``max_steps`` with an evaluation before the first step
-    (:func:`training_loop`), the final model and tokenizer saved to ``output_dir/final``;
-    returns the last metrics."""
+    (:func:`training_loop`), the final model and tokenizer saved to ``output_dir/final`` (and
+    the BEMA model to ``bema/``); returns the last metrics."""
     resume_offline(trainer)
-    last = training_loop(trainer, has_eval=bool(trainer.eval_items), eval_at_start=True)
-    if getattr(trainer, "_bema", None) is not None:  # TRL's BEMACallback.on_train_end
-        save_bema_model(trainer)
-    return last
+    return training_loop(trainer, has_eval=bool(trainer.eval_items), eval_at_start=True)
 
 
 def open_offline_trainer(trainer, cfg) -> None:
@@ -930,9 +919,10 @@ def offline_optimizer_step(trainer) -> Dict[str, float]:
     """The end of a DPO / KTO step once its gradients are in: :func:`optimizer_step`, then
     TR-DPO's reference update (:func:`maybe_sync_reference`, TRL's ``on_step_end``); returns the
     step's ``grad_norm``, ``lr`` (after the scheduler's step) and ``epoch`` metrics."""
+    # (BEMA's update ran in optimizer_step, before TR-DPO's: they commute, since bema.update_ref_model and
+    # sync_ref_model are refused together and the BEMA buffers do not depend on the reference)
     gnorm = optimizer_step(trainer)
     maybe_sync_reference(trainer)
-    maybe_bema_update(trainer)  # TRL's BEMACallback (bema.update_ref_model and sync_ref_model: refused together)
     return {"grad_norm": gnorm, **trainer.scaler.metrics(), "lr": trainer.scheduler.get_last_lr()[0],
             "epoch": trainer.batches.epoch}
 

@@ -76,7 +76,8 @@ Reference (with ``precompute_ref_batch_size``, TR-DPO's moving reference ``sync_
 ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``, ``disable_dropout`` and ``num_train_epochs``
 — counted in training examples, after unpairing), encoding, truncation (a KL row keeps its prompt and cuts the borrowed completion,
 tokenised whole, to ``max_len``: TRL's keep-start), checkpoints, exact resume, DDP / FSDP2, bf16
-autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`.
+autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`; so is ``bema`` (TRL's
+``BEMACallback``), but not its ``update_ref_model`` (TRL's experimental reference update is DPO's only).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, load_split_records, record_weight,
                      steps_for_epochs, trainer_commands)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from .bema import BEMAConfig, check_bema_field
 from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, encode_pair,
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
@@ -172,6 +174,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     resume: bool = True
     dedup: bool = True
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # TRL's BEMACallback (its argument names and defaults; rlhf_fast.trainers.bema): BEMA weights saved to RUN_DIR/bema
+    bema: Optional[BEMAConfig] = None
 
     def __post_init__(self):
         check_policy_fields(self)
@@ -201,6 +205,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
                 raise ValueError(f"annotator_weights keys must be annotator names (strings), got {k!r}")
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
         check_reference_fields(self)
+        self.bema = check_bema_field(self, no_reference_update="TRL's experimental bema_for_ref_model moves "
+                                     "DPOTrainer's reference only, not KTO's")
 
 
 # ------------------------------------------------------------------ the loss

@@ -43,6 +43,9 @@ Under ``torchrun`` (``distributed.strategy`` ddp or fsdp2) each rank scores its 
 share of every global batch; the weighted-mean loss is normalised by the global weight sum,
 so the run matches one process on the same global batch and seed. Rank 0 writes the run
 folder; checkpoints are sharded and resumable on another number of ranks.
+
+``bema`` (TRL's ``BEMACallback``, :mod:`rlhf_fast.trainers.bema`): the bias-corrected EMA of the
+reward model's weights, saved to ``RUN_DIR/bema`` at the end (not with LoRA / peft).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      pad_token_id, record_weight, steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from rlhf_fast.distributed import DistributedConfig
+
+from .bema import BEMAConfig, check_bema_field, setup_bema
 
 from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
                   optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
@@ -129,6 +134,8 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     pad_token: Optional[str] = None  # a token of the vocabulary: the padding (and the model config's pad id)
     chat_template_path: Optional[str] = None  # a .jinja / .j2 file, or a tokenizer folder to clone the template of
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # TRL's BEMACallback (its argument names and defaults; rlhf_fast.trainers.bema): BEMA weights saved to RUN_DIR/bema
+    bema: Optional[BEMAConfig] = None
 
     def __post_init__(self):
         check_training_schedule(self)
@@ -148,6 +155,7 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
             # another task type would leave the score head frozen at its random init
             raise ValueError(f"lora.task_type must be 'SEQ_CLS' for a reward model (or left out), "
                              f"got {self.lora['task_type']!r}")
+        self.bema = check_bema_field(self, no_reference_update="the reward trainer has no reference model")
         if self.center_rewards_coefficient is not None:
             finite("center_rewards_coefficient", self.center_rewards_coefficient, ">= 0")
             if self.data_kind == "scores":
@@ -338,6 +346,7 @@ class RewardTrainer:
         if cfg.disable_dropout:  # after the adapters, so lora_dropout goes too (as TRL, after get_peft_model)
             disable_dropout(self.model)
         self.model = wrap_configured(self.model, dcfg, self.ctx)
+        setup_bema(self)  # TRL's BEMACallback (or off)
         self.train_items = [self._encode_record(r) for r in train_records]
         self.eval_items = [self._encode_record(r) for r in eval_records]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)

@@ -39,7 +39,11 @@ under ``bfd`` its loss is the same packed or not. Eval loss is the token-weighte
 over the whole eval set (perplexity its exp), whatever the batch size. Also LR warm-up,
 bf16 autocast on GPU, atomic checkpoints and exact resume. ``lora`` (LoraConfig fields) wraps
 the model in fresh LoRA adapters, and a peft model passed as ``model`` keeps its own: either
-way the adapters alone train and ``final/`` holds the adapter (no merge is done).
+way the adapters alone train and ``final/`` holds the adapter (no merge is done). ``bema``
+(TRL's ``BEMACallback``: :mod:`rlhf_fast.trainers.bema`) keeps the bias-corrected EMA of the
+weights, saved as a model to ``RUN_DIR/bema`` at the end; its hooks live in the functions this
+module shares with the reward, DPO and KTO trainers (``optimizer_step``, ``save_supervised``,
+``resume_supervised``, ``training_loop``), so each of them has it.
 
 Under ``torchrun`` with ``distributed.strategy`` ddp or fsdp2, each rank takes its contiguous
 share of every global batch (so the global batch and the seed define the run, whatever the
@@ -77,6 +81,8 @@ from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervis
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
+from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema, save_bema_model,
+                   setup_bema)
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -144,10 +150,13 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
     pad_token: Optional[str] = None  # a token of the vocabulary: the padding
     chat_template_path: Optional[str] = None  # a .jinja / .j2 file, or a tokenizer folder whose template is cloned
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    # TRL's BEMACallback (its argument names and defaults; rlhf_fast.trainers.bema): BEMA weights saved to RUN_DIR/bema
+    bema: Optional[BEMAConfig] = None
 
     def __post_init__(self):
         check_training_schedule(self)
         check_lora_field(self)
+        self.bema = check_bema_field(self, no_reference_update="the SFT trainer has no reference model")
         check_bool_fields(self, ("completion_only_loss", "assistant_only_loss"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
@@ -662,12 +671,17 @@ def optimizer_step(trainer) -> float:
         trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
+    maybe_bema_update(trainer)  # TRL's BEMACallback.on_step_end: its global step already counts this step
     return scalar_norm(gnorm)
 
 
 def save_supervised(trainer, part: str) -> None:
     """The checkpoint of an SFT / reward / DPO trainer at ``trainer.step`` (its model under the
-    name ``part``, optimizer, scheduler, step and data position), then the pruning of old ones."""
+    name ``part``, optimizer, scheduler, step and data position; BEMA's buffers beside it, written
+    first), then the pruning of old ones."""
+    bema = getattr(trainer, "_bema", None) is not None
+    if bema:  # (and a reference following them) before the checkpoint that needs them
+        save_bema(trainer)
     extra = {"step": trainer.step, "data": trainer.batches.state(),
              "num_tokens": trainer.num_tokens}
     if trainer.scaler.enabled:  # fp16's loss scale (transformers' scaler.pt)
@@ -685,14 +699,16 @@ def save_supervised(trainer, part: str) -> None:
         save_sharded_checkpoint(directory, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx, extra)
     if trainer.ctx.is_main:
         prune_checkpoints(trainer.run.path, trainer.cfg.keep_checkpoints, None if best is None else best.step)
+        if bema:
+            prune_bema(trainer.run.path)
     trainer.ctx.barrier()
 
 
 def resume_supervised(trainer, part: str, load_companions=None) -> None:
     """Continue an SFT / reward ``trainer`` from the checkpoint its run folder was opened with
     (``open_supervised_run``; nothing when it starts fresh): weights, optimizer, scheduler,
-    step, data order, and ``load_companions(checkpoint, step)`` (state kept beside the
-    checkpoint: DPO's moving reference, BEMA's buffers); then the log is cut back to that step
+    step, data order, ``load_companions(checkpoint, step)`` (state kept beside the checkpoint:
+    DPO's moving reference) and BEMA's buffers; then the log is cut back to that step
     and config.yaml rewritten, only once all of it has loaded (a refused resume leaves the
     folder as it was)."""
     ck, trainer._resume_from = trainer._resume_from, None
@@ -715,6 +731,8 @@ def resume_supervised(trainer, part: str, load_companions=None) -> None:
             trainer.best.load(extra.get(BEST_KEY), trainer.run.path)
     if load_companions is not None:
         load_companions(ck, step)
+    if getattr(trainer, "_bema", None) is not None:
+        load_bema(trainer, ck, step)
     if trainer.ctx.is_main:
         truncate_metrics(trainer.run.path, trainer.step)
         trainer.run.write_config(trainer.cfg)
@@ -787,6 +805,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
             load_best_model(trainer, best.part)
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
                          cfg.distributed.strategy)
+    if getattr(trainer, "_bema", None) is not None:  # TRL's BEMACallback.on_train_end
+        save_bema_model(trainer)
     return last
 
 
@@ -866,6 +886,7 @@ class SFTTrainer:
 
             check_packable("eval_packing" if cfg.packs("train") != "bfd" else "packing", self.model)
         self.model = wrap_configured(self.model, dcfg, self.ctx)
+        setup_bema(self)  # TRL's BEMACallback (or off)
         self.moe = RouterAux(self.model, cfg.router_aux_loss_coef)  # TRL's MoE load-balancing term (or off)
         self.pad_id = pad_token_id(tokenizer)
         from rlhf_fast.feedback.formats import ChatRecord

@@ -354,7 +354,8 @@ def test_two_ddp_ranks_match_one_process(tmp_path):
     """``torchrun`` with 2 gloo ranks and DDP: each rank answers its share of Stage 1 and the V*
     table is all-gathered (per-answer seeds: the same answers as one process), then the steps,
     their answers' mean squared error over both ranks and the evaluation log the numbers of one
-    process; both runs checkpoint the same table."""
+    process (the evaluation's A*-PO loss on V* estimated by both ranks too); both runs checkpoint the
+    same tables."""
     import socket
     import subprocess
     import sys
@@ -391,6 +392,7 @@ def test_two_ddp_ranks_match_one_process(tmp_path):
     assert table("one") == table("two") and len(table("one")["v_star"]) == 8
     one, two = rows("one"), rows("two")
     assert len(one) == len(two) == 2 and "eval/reward/total" in one[-1] and "a2po/prompts_kept" in one[0]
+    assert "eval/loss" in one[-1] and len(table("one")["eval_v_star"]) == 2  # the evaluation prompts' V* too
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for k in a:

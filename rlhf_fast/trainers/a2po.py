@@ -30,9 +30,16 @@ whatever ``rollout.temperature`` samples at) → ``ppo.epochs`` passes over mini
 policy's summed log-probs over each answer's own tokens (eos included, tool results out), the
 loss (β2·(Σ log π − Σ log π_ref) − (r − V*))² (:func:`a2po_losses`) summed and divided by the
 answers of the whole mini-batch on every rank (TRL's ``.mean()``; micro-batching never changes
-the gradient). Evaluation (``eval/reward/*``), checkpoints and exact resume, LoRA, DDP / FSDP2
-are the RL trainer's; TRL also estimates V* for its eval prompts to log an eval loss, ours
-evaluates the rewards only.
+the gradient). Checkpoints and exact resume, LoRA, DDP / FSDP2 are the RL trainer's.
+
+Evaluation, as TRL's: Stage 1 also answers every evaluation prompt ``a2po.num_value_samples``
+times (``estimate_values("eval")``, with the training prompts' Stage 1 whenever the run has
+evaluation prompts; never filtered: TRL's filter drops training prompts only), its V* table
+checkpointed beside the training one. Each evaluation (``eval_every`` and the final one) logs,
+beside the RL trainer's ``eval/reward/*``, TRL's ``eval_loss``, ``eval_reward``, ``eval_v_star``,
+``eval_advantage`` and ``eval_implicit_reward`` as ``eval/loss`` (the A*-PO squared error),
+``eval/reward``, ``eval/v_star``, ``eval/advantage`` and ``eval/implicit_reward``: means over
+every evaluation answer (:meth:`A2POTrainer._eval_batch_sums`).
 """
 
 from __future__ import annotations
@@ -41,18 +48,21 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _sample_seed
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _eval_sums, _sample_seed
 from rlhf_fast.trainers.rl_config import A2PO, RLConfig
 
 # update statistics under TRL's names
 _RENAMED = {"policy/loss": "loss", "policy/grad_norm": "grad_norm"}
 # Stage 1's answers are seeded by their index past every training rollout's and evaluation's
 _VALUE_INDEX = 2**41
+# and the evaluation prompts' past those
+_EVAL_VALUE_INDEX = 3 * 2**40
 
 
 def optimal_values(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
@@ -87,7 +97,10 @@ class A2POTrainer(RLTrainer):
     epoch's forwards); ours: ``reward/*``, ``response_length/mean``, ``rollout/truncated_frac``,
     ``tokens_per_second``, ``step_time``, ``lr`` and, in the step that ran Stage 1,
     ``a2po/v_star_mean`` (over every training prompt), ``a2po/prompts_kept``,
-    ``a2po/prompts_dropped`` and ``time/value_estimation``. Samples hold each answer's ``v_star``."""
+    ``a2po/prompts_dropped`` and ``time/value_estimation`` (``time/eval_value_estimation`` for
+    the evaluation prompts'). Each evaluation also logs ``eval/loss``, ``eval/reward``,
+    ``eval/v_star``, ``eval/advantage`` and ``eval/implicit_reward`` (TRL's ``eval_*``).
+    Samples hold each answer's ``v_star``."""
 
     _a2po = True
 
@@ -105,6 +118,7 @@ class A2POTrainer(RLTrainer):
         # the training prompts as given; a2po.filter_all_incorrect keeps a subset of them
         self._given = (self.prompts, self.prompt_fields, self._records["train"], self._env_names["train"])
         self.values: Optional[torch.Tensor] = None  # [given prompts] float64 V*, None before Stage 1
+        self.eval_values: Optional[torch.Tensor] = None  # [eval prompts] float64 V*, None before their Stage 1
         self._all_incorrect: List[bool] = []
         self._kept: List[int] = []  # the given prompts still trained on (self.prompts[j] = given[kept[j]])
         self._stage1_metrics: Dict[str, float] = {}
@@ -115,20 +129,30 @@ class A2POTrainer(RLTrainer):
     # ------------------------------------------------------------------ Stage 1
 
     @torch.no_grad()
-    def estimate_values(self) -> torch.Tensor:
-        """Stage 1: V* ``[P]`` float64 of every given training prompt (:func:`optimal_values` of
-        ``a2po.num_value_samples`` scored answers each), kept as :attr:`values`, then the
-        filter applied. Runs before any update (the policy is the reference); the random states
-        are left as they were."""
+    def estimate_values(self, split: str = "train") -> torch.Tensor:
+        """Stage 1: V* ``[P]`` float64 of every prompt of ``split`` (:func:`optimal_values` of
+        ``a2po.num_value_samples`` scored answers each): "train", every given training prompt,
+        kept as :attr:`values`, then the filter applied; "eval", every evaluation prompt, kept
+        as :attr:`eval_values` (no filter, as TRL). Runs before any update (the policy is the
+        reference); the random states are left as they were."""
         from rlhf_fast.rollout import SamplingParams
         from rlhf_fast.trainers.common import random_states_kept
         from rlhf_fast.trainers.sft import local_span
 
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if self.global_step != 0:
             raise RuntimeError(f"a2po: Stage 1 samples the initial policy; step {self.global_step} has updated it")
+        train = split == "train"
+        fields = self._given[1] if train else self.eval_fields
+        if not fields:
+            raise ValueError("no evaluation prompts: set data.eval_prompts, data.eval_prompts_file or "
+                             "data.eval_fraction (or pass eval_prompts=[...])")
         cfg, ro, a = self.config, self.config.rollout, self.config.a2po
         t0 = time.perf_counter()
-        n, P, W = a.num_value_samples, len(self._given[0]), self.ctx.world_size
+        n, P, W = a.num_value_samples, len(fields), self.ctx.world_size
+        # (the evaluation prompts' answers drawn past the training prompts': their own seeds)
+        first, salt = (_VALUE_INDEX, 0) if train else (_EVAL_VALUE_INDEX, 15_485_863)
         lo, hi = local_span(P, self.ctx) if self.ctx.distributed else (0, P)
         # prompts per generate call: about a rank's rows of a training rollout (its memory), and
         # the same number of calls on every rank (FSDP2 gathers the weights in each)
@@ -141,15 +165,16 @@ class A2POTrainer(RLTrainer):
                 real = bool(idx)
                 idx = idx or [0]  # this rank's share ran out: a call whose results count nothing
                 if self.per_sample_seeds:  # by the answer's global index: any number of ranks
-                    seeds = {"sample_seeds": [_sample_seed(cfg.seed, 0, _VALUE_INDEX + i * n + k)
+                    seeds = {"sample_seeds": [_sample_seed(cfg.seed, 0, first + i * n + k)
                                               for i in idx for k in range(n)]}
                 else:
-                    seeds = {"seed": (cfg.seed * 1_000_003 + 7919 * self.ctx.rank + 1_299_709 * (c + 1)) % (2**31)}
+                    seeds = {"seed": (cfg.seed * 1_000_003 + 7919 * self.ctx.rank + 1_299_709 * (c + 1) + salt)
+                             % (2**31)}
                 params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
                                         max_new_tokens=ro.max_new_tokens, n=n, stop_strings=tuple(ro.stop_strings),
                                         **ro.penalties(), **seeds)
-                batch, extra, _ = self._run_engine(idx, params, "train")
-                out = self._score(batch, [self.prompt_fields[i] for i in idx], extra)
+                batch, extra, _ = self._run_engine(idx, params, split)
+                out = self._score(batch, [fields[i] for i in idx], extra)
                 # (an answer no TRL-convention function scored has total 0: TRL's nansum)
                 rewards = out.total.double().view(len(idx), n)  # [p, N], prompt-major
                 if real:
@@ -160,12 +185,24 @@ class A2POTrainer(RLTrainer):
         table = sorted(t for part in self.ctx.all_gather_objects(local) for t in part)
         if [t[0] for t in table] != list(range(P)):  # (every prompt once, whatever the ranks)
             raise RuntimeError(f"a2po: Stage 1 gathered {len(table)} values for {P} prompts")
+        if not train:
+            self._apply_eval_values([t[1] for t in table])
+            self._stage1_metrics["time/eval_value_estimation"] = time.perf_counter() - t0
+            return self.eval_values
         self._apply_values([t[1] for t in table], [t[2] for t in table])
-        self._stage1_metrics = {"a2po/v_star_mean": float(self.values.mean()),
-                                "a2po/prompts_kept": len(self._kept),
-                                "a2po/prompts_dropped": P - len(self._kept),
-                                "time/value_estimation": time.perf_counter() - t0}
+        self._stage1_metrics.update({"a2po/v_star_mean": float(self.values.mean()),
+                                     "a2po/prompts_kept": len(self._kept),
+                                     "a2po/prompts_dropped": P - len(self._kept),
+                                     "time/value_estimation": time.perf_counter() - t0})
         return self.values
+
+    def _apply_eval_values(self, values: Sequence[float]) -> None:
+        """Keep the evaluation prompts' V* table (one per evaluation prompt)."""
+        if len(values) != len(self.eval_prompts):
+            raise ValueError(f"a2po: a V* table of {len(values)} evaluation prompts for a run of "
+                             f"{len(self.eval_prompts)} (the resumed run's data.eval_prompts / eval_prompts_file / "
+                             "eval_fraction / eval.max_prompts differ from the checkpoint's)")
+        self.eval_values = torch.tensor([float(v) for v in values], dtype=torch.float64)
 
     def _apply_values(self, values: Sequence[float], all_incorrect: Sequence[bool]) -> None:
         """Keep the V* table (one per given training prompt) and, with
@@ -220,15 +257,16 @@ class A2POTrainer(RLTrainer):
         return which
 
     def rollout(self) -> tuple:
-        """(Stage 1 first, when no table is held.) Generate one answer per prompt, score it and
-        take the reference's log-probs. Returns ``(RolloutTensors, metrics)``: ``scores`` ``[B]``
-        the regression target r − V*, ``ref_logp`` the reference's per-token log-probs; the
-        other log-prob, value and advantage fields are zeros (nothing reads them)."""
+        """(Stage 1 first, :meth:`_stage1`, when no table is held.) Generate one answer per
+        prompt, score it and take the reference's log-probs. Returns ``(RolloutTensors,
+        metrics)``: ``scores`` ``[B]`` the regression target r − V*, ``ref_logp`` the
+        reference's per-token log-probs; the other log-prob, value and advantage fields are
+        zeros (nothing reads them)."""
         from rlhf_fast.distributed import reshard
         from rlhf_fast.models.logprobs import sequence_logprobs
 
-        if self.values is None:
-            self.estimate_values()
+        if self.values is None or self.global_step == 0:
+            self._stage1()
         m: Dict[str, float] = dict(self._stage1_metrics)
         self._stage1_metrics = {}
         t0 = time.perf_counter()
@@ -324,28 +362,42 @@ class A2POTrainer(RLTrainer):
 
     def train(self, steps: Optional[int] = None) -> List[Dict[str, float]]:
         """:meth:`RLTrainer.train`, Stage 1 first in a new run (before config.yaml is written:
-        ``num_train_epochs`` counts the kept prompts); a resumed run restores the table."""
+        ``num_train_epochs`` counts the kept prompts); a resumed run restores the tables."""
         from rlhf_fast.trainers.common import check_fresh_run_dir
 
         cfg = self.config
-        if self.values is None and not cfg.resume:
+        if not cfg.resume and (self.values is None or (self.global_step == 0 and self.eval_prompts
+                                                        and self.eval_values is None)):
             if self.run_dir is None:  # refused before Stage 1's work rather than after it
                 check_fresh_run_dir(cfg.output_dir, resume_hint=f"resume: {cfg.output_dir}, or --resume "
                                                                 f"{cfg.output_dir}")
-            self.estimate_values()
+            self._stage1()
         return super().train(steps)
 
+    def _stage1(self) -> None:
+        """Stage 1 over the training prompts and, when the run has them, the evaluation prompts
+        (TRL estimates both datasets' V* at once); a table already held is kept."""
+        if self.values is None:
+            self.estimate_values()
+        if self.eval_prompts and self.eval_values is None:
+            self.estimate_values("eval")
+
     def state_dict_extra(self) -> dict:
-        """The RL trainer's state and the V* table (``a2po``: ``v_star`` and ``all_incorrect``,
-        one per given training prompt)."""
+        """The RL trainer's state and the V* tables (``a2po``: ``v_star`` and ``all_incorrect``,
+        one per given training prompt, and ``eval_v_star``, one per evaluation prompt, once
+        estimated)."""
         out = super().state_dict_extra()
         if self.values is not None:
             out["a2po"] = {"v_star": self.values.tolist(), "all_incorrect": list(self._all_incorrect)}
+            if self.eval_values is not None:
+                out["a2po"]["eval_v_star"] = self.eval_values.tolist()
         return out
 
     def load(self, run_dir: str) -> int:
         """:meth:`RLTrainer.load`, the V* table (and the filter) restored first, so the LR
-        schedule that ``num_train_epochs`` sizes from the kept prompts is in place for its state."""
+        schedule that ``num_train_epochs`` sizes from the kept prompts is in place for its state;
+        the evaluation prompts' table too when the run has evaluation prompts (a checkpoint
+        without one: the evaluations log the rewards only)."""
         from rlhf_fast.trainers.checkpoint import latest_checkpoint, restoring_extra
 
         ck = latest_checkpoint(run_dir)
@@ -354,7 +406,57 @@ class A2POTrainer(RLTrainer):
                 state = json.load(f).get("a2po")
                 if state is not None:
                     self._apply_values(state["v_star"], state["all_incorrect"])
+                    if self.eval_prompts and "eval_v_star" in state:
+                        self._apply_eval_values(state["eval_v_star"])
         return super().load(run_dir)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> Dict[str, float]:
+        """:meth:`RLTrainer.evaluate` with TRL's A*-PO statistics (:meth:`_eval_batch_sums`).
+        Called before the first update without the evaluation prompts' V* table, it estimates it
+        first (TRL's first use); after one (a checkpoint written without the table), the
+        evaluation logs the rewards only."""
+        if self.eval_prompts and self.eval_values is None:
+            if self.global_step == 0:
+                self.estimate_values("eval")
+            else:
+                warnings.warn("a2po: no V* table for the evaluation prompts (the checkpoint was written without "
+                              "one, and Stage 1 must sample the initial policy): eval/loss and TRL's other eval "
+                              "statistics are not logged, only the rewards")
+        return super().evaluate()
+
+    def _eval_batch_sums(self, batch, idx: List[int], extra, group_size: int) -> Dict[str, tuple]:
+        """The rewards' sums (:func:`~rlhf_fast.trainers.rl._eval_sums`) and, with the
+        evaluation prompts' V* table, TRL's evaluation statistics per answer: ``loss`` (the
+        squared error of :func:`a2po_losses`, TRL's prediction_step on the policy's and the
+        reference's log-probs at temperature 1), ``reward`` (r), ``v_star``, ``advantage``
+        (r − V*) and ``implicit_reward`` (β2·log π/π_ref)."""
+        from rlhf_fast.distributed import reshard
+        from rlhf_fast.models.logprobs import sequence_logprobs
+
+        out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
+        ids, am, rm = self._batch_masks(batch)
+        res = _eval_sums(out, rm, group_size)
+        if self.eval_values is None:
+            return res
+        dev, B = self.device, ids.shape[0]
+        v_star = self.eval_values[torch.tensor(idx, dtype=torch.long)[batch.group_index.cpu()]].float().to(dev)
+        r = out.total.float().to(dev)  # [B] (TRL's nansum: as the training target)
+        with self._autocast(), self._reference_on_device():
+            ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=1.0)
+        if self.reference_sharded:
+            reshard(self.reference)
+        target = r - v_star
+        zeros = torch.zeros(ids.shape, dtype=torch.float32, device=dev)
+        data = RolloutTensors(ids, am, rm, zeros, ref_logp, zeros, zeros, zeros, zeros, target,
+                              group=torch.arange(B, device=dev))
+        loss_sum, s = self.a2po_loss(data, 1)  # (n_rows 1: the sum of the squared errors)
+        implicit = self.config.a2po.beta2 * (s.double() - (ref_logp * rm).sum(1).double())
+        total = lambda t: float(t.double().sum())  # noqa: E731
+        res.update({k: (total(v), float(B)) for k, v in (("loss", loss_sum), ("reward", r), ("v_star", v_star),
+                                                         ("advantage", target), ("implicit_reward", implicit))})
+        return res
 
     def _progress_postfix(self, m: Dict[str, float]) -> Dict[str, str]:
         nan = float("nan")

@@ -218,6 +218,10 @@ def test_warmup_ratio_is_transformers_warmup_count(tmp_path, ratio, steps):
     (dict(lr_schedule="polynomial", lr_scheduler_kwargs={"lr_end": 1.0}), r"do not fit lr_schedule 'polynomial': "
                                                                            r"lr_end \(1.0\) must be smaller"),
     (dict(lr_scheduler_kwargs=[1]), r"lr_scheduler_kwargs must be a mapping"),
+    # from Python, a count or fraction of the wrong type is named too (it once failed inside a comparison)
+    (dict(eval_every="2"), r"eval_every must be an int >= 0, got '2'"),
+    (dict(max_steps=True), r"max_steps must be an int >= 1, got True"),
+    (dict(eval_fraction="0.1"), r"eval_fraction must be a number in \[0, 1\), got '0.1'"),
 ])
 def test_bad_schedule_settings_name_the_key(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1219,14 +1219,16 @@ def check_training_schedule(cfg) -> None:
         cfg.distributed = DistributedConfig(**cfg.distributed)
     if not isinstance(cfg.distributed, DistributedConfig):
         raise TypeError(f"distributed must be a DistributedConfig, got {type(cfg.distributed).__name__}")
-    for name in ("max_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    for names, low in ((("max_len", "batch_size", "grad_accum", "max_steps", "log_every"), 1),
+                       (("warmup_steps", "eval_every", "save_every", "keep_checkpoints"), 0)):
+        for name in names:
+            v = getattr(cfg, name)
+            # (a Python caller's "2" would otherwise fail deep in a comparison, naming nothing)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    f = cfg.eval_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+        raise ValueError(f"eval_fraction must be a number in [0, 1), got {f!r}")
     for name, low in (("lr", "> 0"), ("grad_clip", ">= 0 (0 disables)"), ("weight_decay", ">= 0")):
         v = getattr(cfg, name)
         # nan passes every comparison: refused with inf, as neither trains anything

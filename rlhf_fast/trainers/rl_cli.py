@@ -22,6 +22,7 @@ file or the command line sets them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
@@ -165,10 +166,19 @@ def _family_of(estimator: str) -> str:
     return next((cmd for cmd, (_, allowed) in FAMILIES.items() if estimator in allowed), "ppo|grpo|rloo")
 
 
-def run(args) -> int:
-    """Train; prints the run folder and the last step's reward and KL."""
-    from rlhf_fast.trainers.rl import RLTrainer
+# estimator -> (module, trainer class, the two metrics of the closing line as (label, key)); None: the rest
+_TRAINERS = {
+    "distill": ("rlhf_fast.trainers.distill", "DistillationTrainer", (("loss", "loss"), ("entropy", "entropy"))),
+    "online_dpo": ("rlhf_fast.trainers.online_dpo", "OnlineDPOTrainer",
+                   (("loss", "loss"), ("accuracy", "rewards/accuracies"))),
+    "a2po": ("rlhf_fast.trainers.a2po", "A2POTrainer", (("loss", "loss"), ("reward", "reward"))),
+    None: ("rlhf_fast.trainers.rl", "RLTrainer", (("reward", "reward/total"), ("kl", "kl/seq"))),
+}
 
+
+def run(args) -> int:
+    """Train; prints the run folder and two of the last step's metrics (:data:`_TRAINERS`: reward
+    and KL for the policy-gradient estimators)."""
     from rlhf_fast.trainers.config import config_yaml, take_print_config
 
     tokens, show = take_print_config(args.args)
@@ -179,37 +189,10 @@ def run(args) -> int:
     from rlhf_fast.trainers.common import quiet_hf_progress
 
     quiet_hf_progress()
-    if cfg.estimator == "distill":
-        from rlhf_fast.trainers.distill import DistillationTrainer
-
-        trainer = DistillationTrainer(cfg)
-        hist = trainer.train()
-        last = hist[-1] if hist else {}
-        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
-              f"loss {last.get('loss', float('nan')):.4f} entropy {last.get('entropy', float('nan')):.4f}")
-        return 0
-    if cfg.estimator == "online_dpo":
-        from rlhf_fast.trainers.online_dpo import OnlineDPOTrainer
-
-        trainer = OnlineDPOTrainer(cfg)
-        hist = trainer.train()
-        last = hist[-1] if hist else {}
-        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
-              f"loss {last.get('loss', float('nan')):.4f} "
-              f"accuracy {last.get('rewards/accuracies', float('nan')):.4f}")
-        return 0
-    if cfg.estimator == "a2po":
-        from rlhf_fast.trainers.a2po import A2POTrainer
-
-        trainer = A2POTrainer(cfg)
-        hist = trainer.train()
-        last = hist[-1] if hist else {}
-        print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
-              f"loss {last.get('loss', float('nan')):.4f} reward {last.get('reward', float('nan')):.4f}")
-        return 0
-    trainer = RLTrainer(cfg)
+    module, cls, shown = _TRAINERS.get(cfg.estimator, _TRAINERS[None])
+    trainer = getattr(importlib.import_module(module), cls)(cfg)
     hist = trainer.train()
     last = hist[-1] if hist else {}
     print(f"rlhf-fast {args.command}: {trainer.run_dir.path} step {trainer.global_step} "
-          f"reward {last.get('reward/total', float('nan')):.4f} kl {last.get('kl/seq', float('nan')):.4f}")
+          + " ".join(f"{label} {last.get(key, float('nan')):.4f}" for label, key in shown))
     return 0

@@ -49,12 +49,11 @@ import math
 import os
 import time
 import warnings
-from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _eval_sums, _sample_seed
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _eval_sums, _sample_seed, with_estimator
 from rlhf_fast.trainers.rl_config import A2PO, RLConfig
 
 # update statistics under TRL's names
@@ -105,10 +104,7 @@ class A2POTrainer(RLTrainer):
     _a2po = True
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, **kwargs):
-        if not isinstance(config, RLConfig):
-            raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-        if config.estimator != A2PO:  # (as GRPOTrainer fixes estimator grpo)
-            config = replace(config, estimator=A2PO)
+        config = with_estimator(config, A2PO)
         if kwargs.get("critic") is not None:
             raise ValueError("critic=...: A*-PO has no critic")
         if kwargs.get("reference") is not None:

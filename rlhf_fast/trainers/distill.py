@@ -70,7 +70,6 @@ import json
 import os
 import random
 import time
-from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -78,7 +77,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.models import lm_head
 from rlhf_fast.models.lm_head import HeadTransform, head_logits
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _chat_or_text, _micro_batches
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _chat_or_text, _micro_batches, with_estimator
 from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
 
 # the field of a training record that holds its completion (SFT's prompt-completion format)
@@ -379,10 +378,7 @@ class DistillationTrainer(RLTrainer):
     convert_record = staticmethod(messages_record)  # GKD's {messages} records as {prompt, completion}
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, *, teacher_model=None, **kwargs):
-        if not isinstance(config, RLConfig):
-            raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-        if config.estimator != DISTILL:  # (as GRPOTrainer fixes estimator grpo)
-            config = replace(config, estimator=DISTILL)
+        config = with_estimator(config, DISTILL)
         for key in ("reference", "critic"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key}=...: distillation has no {key} model (the teacher is teacher_model=)")

@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import numbers
 import time
-from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, with_estimator
 from rlhf_fast.trainers.rl_config import ONLINE_DPO, RLConfig
 
 # update statistics under TRL's names
@@ -176,10 +175,7 @@ class OnlineDPOTrainer(RLTrainer):
     _online_dpo = True
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, *, pairwise_judge=None, **kwargs):
-        if not isinstance(config, RLConfig):
-            raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
-        if config.estimator != ONLINE_DPO:  # (as GRPOTrainer fixes estimator grpo)
-            config = replace(config, estimator=ONLINE_DPO)
+        config = with_estimator(config, ONLINE_DPO)
         if kwargs.get("critic") is not None:
             raise ValueError("critic=...: online DPO has no critic")
         spec = config.online_dpo.judge

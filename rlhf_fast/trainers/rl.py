@@ -485,6 +485,14 @@ def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequ
     return records, ev
 
 
+def with_estimator(config: RLConfig, estimator: str) -> RLConfig:
+    """``config`` with ``estimator`` set: what a trainer subclass fixes as GRPOTrainer fixes grpo
+    (distillation, online DPO, A*-PO); TypeError for anything but an RLConfig."""
+    if not isinstance(config, RLConfig):
+        raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
+    return config if config.estimator == estimator else replace(config, estimator=estimator)
+
+
 class RLTrainer:
     """RL fine-tuning of a causal LM; the estimator (``config.estimator``) picks the algorithm:
     ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++`` without one.

@@ -356,9 +356,7 @@ def test_two_ddp_ranks_match_one_process(tmp_path):
     their answers' mean squared error over both ranks and the evaluation log the numbers of one
     process (the evaluation's A*-PO loss on V* estimated by both ranks too); both runs checkpoint the
     same tables."""
-    import socket
-    import subprocess
-    import sys
+    from tests.torchrun_launch import torchrun
 
     from rlhf_fast.trainers.checkpoint import latest_checkpoint
 
@@ -370,15 +368,8 @@ def test_two_ddp_ranks_match_one_process(tmp_path):
               "--data.eval_fraction", "0.2", "--data.prompts_file", str(prompts), "--sample_every", "0",
               "--a2po.num_value_samples", "3", "--a2po.beta2", "0.05"]
     assert main(["a2po", *common, "--output_dir", str(tmp_path / "one")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), "-m", "rlhf_fast.cli", "a2po", *common,
-                        "--output_dir", str(tmp_path / "two"), "--distributed.strategy", "ddp"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun(["-m", "rlhf_fast.cli"], "a2po", *common, "--output_dir", str(tmp_path / "two"),
+                 "--distributed.strategy", "ddp")
     assert r.returncode == 0, r.stderr[-3000:]
 
     def rows(run):

@@ -277,10 +277,7 @@ def test_cli_distill_writes_a_run(tmp_path, capsys):
 def fsdp2_matches_one_process(tmp_path, prompts: str, extra=()):
     """Runs ``rlhf-fast distill`` (2 steps, a tiny teacher, ``extra`` arguments) as one process and
     under ``torchrun`` with 2 gloo ranks and FSDP2, and asserts both log the same numbers."""
-    import subprocess
-    import sys
-
-    from tests.torchrun_launch import free_port
+    from tests.torchrun_launch import torchrun
 
     (tmp_path / "prompts.txt").write_text(prompts)
     common = ["none", "--progress", "false", "--steps", "2", "--distill.teacher", "tiny:llama", "--distill.beta", "0.5",
@@ -288,12 +285,8 @@ def fsdp2_matches_one_process(tmp_path, prompts: str, extra=()):
               "--ppo.micro_batch_size", "2", "--eval_every", "2", "--data.eval_fraction", "0.25",
               "--data.prompts_file", str(tmp_path / "prompts.txt"), "--sample_every", "0", *extra]
     assert main(["distill", *common, "--output_dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(free_port()), "-m", "rlhf_fast.cli", "distill", *common,
-                        "--output_dir", str(tmp_path / "two"), "--distributed.strategy", "fsdp2"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun(["-m", "rlhf_fast.cli"], "distill", *common, "--output_dir", str(tmp_path / "two"),
+                 "--distributed.strategy", "fsdp2")
     assert r.returncode == 0, r.stderr[-3000:]
 
     def rows(run):

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 import torch
-from tests.torchrun_launch import free_port  # noqa: E402
+from tests.torchrun_launch import free_port, torchrun  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "trainer_worker.py")
 # (2-rank spec, the 1-process spec it must match)
@@ -427,15 +427,6 @@ def _sft_cli_config(tmp_path):
     return cfg
 
 
-def _torchrun(target, *args, env=None, timeout=300):
-    """``torchrun --nproc_per_node 2`` of ``target`` (``-m MODULE`` or a script) with ``args``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), *target, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def _our_lines(stderr):
     """The lines of ours among torchrun's (its log lines and ChildFailedError summary)."""
     return [line for line in stderr.splitlines() if line.startswith("rlhf-fast")]
@@ -451,7 +442,7 @@ def test_cli_under_torchrun_ends_cleanly_and_errors_do_not_hang(tmp_path):
     cfg = _sft_cli_config(tmp_path)
 
     def launch(*extra):
-        return _torchrun(["-m", "rlhf_fast.cli"], "sft", str(cfg), "--output_dir", str(tmp_path / "out"),
+        return torchrun(["-m", "rlhf_fast.cli"], "sft", str(cfg), "--output_dir", str(tmp_path / "out"),
                          "--distributed.strategy", "ddp", *extra)
 
     ok = launch()
@@ -501,7 +492,7 @@ def test_a_slow_local_rank0_still_reports_an_error_every_rank_meets(tmp_path):
                       f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
                       "if os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(5)\n"
                       "from rlhf_fast.cli import entry\nentry()\n")
-    bad = _torchrun([str(script)], "sft", str(_sft_cli_config(tmp_path)), "--lrr", "1")
+    bad = torchrun([str(script)], "sft", str(_sft_cli_config(tmp_path)), "--lrr", "1")
     assert bad.returncode != 0
     lines = _our_lines(bad.stderr)
     assert len(lines) == 1 and lines[0].startswith("rlhf-fast sft: error: unknown config key 'lrr'"), \
@@ -510,7 +501,7 @@ def test_a_slow_local_rank0_still_reports_an_error_every_rank_meets(tmp_path):
 
 def test_torchrun_stdout_comes_from_rank0_only():
     """Every rank computes the same results; a command's output is printed once."""
-    r = _torchrun(["-m", "rlhf_fast.cli"], "env", timeout=120)
+    r = torchrun(["-m", "rlhf_fast.cli"], "env", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("torch_cuda") == 1, r.stdout
 
@@ -523,7 +514,7 @@ def test_one_rank_failing_is_reported_once_and_ends_the_launch(tmp_path):
     (naming the rank) is the one printed; rank 0, which lost its peer, neither hangs nor
     prints a traceback (torchrun stops it)."""
     cfg = _sft_cli_config(tmp_path)
-    r = _torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+    r = torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
                   "--eval_every", "0", "--distributed.strategy", "ddp", timeout=120)
     assert r.returncode != 0
     lines = _our_lines(r.stderr)
@@ -538,7 +529,7 @@ def test_a_hanging_rank_ends_the_launch_after_distributed_timeout(tmp_path):
 
     cfg = _sft_cli_config(tmp_path)
     t0 = time.perf_counter()
-    r = _torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+    r = torchrun([FAULT], "sft", str(cfg), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
                   "--eval_every", "0", "--distributed.strategy", "ddp", "--distributed.timeout_s", "4",
                   env={"FAULT_KIND": "hang"}, timeout=120)
     assert r.returncode != 0

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rlhf_fast.trainers.common import read_metrics, schedule_metric
-from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, synthetic_sft_records
+from tests.test_lr_plateau import _cfg as plateau_cfg
+from tests.test_lr_plateau import _sft
 from tests.test_offline_metrics import sft_tok  # noqa: F401 (a fixture)
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
@@ -28,16 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _cfg(tmp_path, name="run", **kw):
-    base = dict(model=TINY, output_dir=str(tmp_path / name), max_steps=8, batch_size=8, lr=3e-2, warmup_steps=0,
-                eval_every=1, log_every=1, max_len=48, device="cpu", lr_schedule="greedy",
-                lr_scheduler_kwargs=dict(GREEDY_KW))
-    base.update(kw)
-    return SFTConfig(**base)
-
-
-def _sft(cfg, tok):
-    recs = synthetic_sft_records(48)
-    return SFTTrainer(cfg, train_records=recs[:40], eval_records=recs[40:], tokenizer=tok)
+    """test_lr_plateau's SFT config, with transformers' greedy schedule unless ``kw`` says otherwise."""
+    return plateau_cfg(tmp_path, name, **{"lr_schedule": "greedy", "lr_scheduler_kwargs": dict(GREEDY_KW), **kw})
 
 
 def _hand(kind, lr, log, metric, kwargs):

@@ -476,9 +476,7 @@ def test_two_fsdp2_ranks_match_one_process(tmp_path):
     whole pairs over the ranks, a rank whose share runs out feeding blank micro-batches) logs the
     numbers of one process: the pair count, the pairs' statistics and the evaluation are global.
     (DDP measured equal too.)"""
-    import socket
-    import subprocess
-    import sys
+    from tests.torchrun_launch import torchrun
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("count:\nlist:\ngo:\nwrite:\na b\nc d\nthe cat\nhello\n")
@@ -487,15 +485,8 @@ def test_two_fsdp2_ranks_match_one_process(tmp_path):
               "--ppo.epochs", "2", "--ppo.mini_batch_size", "4", "--ppo.micro_batch_size", "2", "--eval_every", "2",
               "--data.eval_fraction", "0.25", "--data.prompts_file", str(prompts), "--sample_every", "0"]
     assert main(["online-dpo", *common, "--output_dir", str(tmp_path / "one")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), "-m", "rlhf_fast.cli", "online-dpo", *common,
-                        "--output_dir", str(tmp_path / "two"), "--distributed.strategy", "fsdp2"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun(["-m", "rlhf_fast.cli"], "online-dpo", *common, "--output_dir", str(tmp_path / "two"),
+                 "--distributed.strategy", "fsdp2")
     assert r.returncode == 0, r.stderr[-3000:]
 
     def rows(run):

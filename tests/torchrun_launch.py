@@ -16,6 +16,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(target, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` of ``target`` (``["-m", MODULE]`` or ``[script]``) with
+    ``args``, one thread per rank, captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def launch(script: str, root: str, nproc: int, specs) -> dict:
     """Runs ``script`` with ``--runs specs`` as one process (``nproc`` 1) or under torchrun with
     ``nproc`` ranks, one thread each, the repository on PYTHONPATH; asserts it exits 0 (its

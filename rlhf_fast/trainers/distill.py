@@ -33,6 +33,16 @@ whatever its sampling ``temperature``, ours divides both by ``rollout.temperatur
 DistillationTrainer) — equal at temperature 1. ``num_tokens`` (TRL's metric): the prompt and
 answer tokens of every step so far on every rank (tool results out), checkpointed.
 
+IW-OPD (TRL's experimental ``IWOPDTrainer``, ``distill.objective: iw_opd``): in place of the
+divergence, the sampled-token policy gradient of :func:`iw_opd_token_loss` (TRL's
+``_compute_iw_opd_loss``): both models' log-probs of the answer tokens at ``rollout.temperature``
+from :func:`rlhf_fast.ops.fused_linear_logprobs` (:func:`iw_opd_loss`), the advantage the teacher's
+minus the sampler's (the rollout's ``behaviour_logp``, under the processed distribution as TRL's
+vLLM ``rollout_logprobs``), its prefix weights per answer over the loss tokens (tool results
+out), the same normaliser, prefix sharing and DDP / FSDP2. Evaluation has no sampler log-probs
+(TRL's has none either): the student's own. TRL's ``iw_opd/*`` metrics are the mean over the
+update's micro-batches (every rank's) of each micro-batch's value, as TRL averages its per-call lists.
+
 Heads that transform their logits after the matmul (Gemma 2/3's ``final_logit_softcapping``,
 Cohere's ``logit_scale``, Granite's ``logits_scaling``: :func:`head_transform`, read as TRL reads
 them) cannot go through the fused op: when either model's head is one, the divergence is taken
@@ -293,30 +303,15 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     (ValueError otherwise); the divergence takes the same states, so loss, statistics and the
     student's gradients are the padded path's up to float rounding. A batch without answer tokens
     keeps the padded forwards."""
-    from rlhf_fast.models.logprobs import _target_mask, hidden_states
+    from rlhf_fast.models.logprobs import _target_mask
 
     target = _target_mask(attention_mask, loss_mask)
     tr, tc = target.nonzero(as_tuple=True)
     n = tr.numel()
     if n == 0:
-        # no answer token (a blank micro-batch): a zero loss that still reaches every student
-        # weight, so DDP / FSDP2 reduce the same gradients on every rank, and the teacher's
-        # forward and head as on the other ranks (FSDP2 gathers their shards in step)
-        h = hidden_states(student, input_ids, attention_mask)
-        with torch.no_grad():
-            ht = hidden_states(teacher, input_ids, attention_mask)
-        ws, bs, _ = _heads(student, "the student's LM head", h.dtype, vocab_rows)
-        _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
-        loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
-        return loss.float(), {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
-    if prefix_groups is not None:
-        hs, ht = _shared_states(student, teacher, input_ids, attention_mask, target, prefix_groups)
-    else:
-        lo, hi = torch.stack(torch.aminmax(tc)).tolist()
-        where = dict(columns=(lo - 1, hi), select=(tr, tc - lo))
-        hs = hidden_states(student, input_ids, attention_mask, **where)  # [N, H]
-        with torch.no_grad():
-            ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
+        return _blank_loss(student, teacher, input_ids, attention_mask, vocab_rows), \
+            {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
+    hs, ht = _target_states(student, teacher, input_ids, attention_mask, target, prefix_groups)
     # the heads after the forwards, as FSDP2 leaves them (the root's gathered for its head)
     ws, bs, ts = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
     wt, bt, tt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
@@ -330,6 +325,42 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     norm = max(n, 1) if normalizer is None else normalizer
     stats = {"divergence_sum": float(div.detach()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
     return div / norm, stats
+
+
+def _blank_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                vocab_rows: Optional[int]) -> torch.Tensor:
+    """The 0-dim float32 zero loss of a batch without answer tokens (a blank micro-batch) that
+    still reaches every student weight, so DDP / FSDP2 reduce the same gradients on every rank,
+    and the teacher's forward and head as on the other ranks (FSDP2 gathers their shards in
+    step)."""
+    from rlhf_fast.models.logprobs import hidden_states
+
+    h = hidden_states(student, input_ids, attention_mask)
+    with torch.no_grad():
+        ht = hidden_states(teacher, input_ids, attention_mask)
+    ws, bs, _ = _heads(student, "the student's LM head", h.dtype, vocab_rows)
+    _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
+    loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
+    return loss.float()
+
+
+def _target_states(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+                   prefix_groups: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(student states [N, H], teacher states [N, Ht])`` at the positions that predict
+    ``target`` ``[B, T]`` bool (at least one), in ``target.nonzero()`` order: the padded forwards
+    over the target's columns, or with ``prefix_groups`` the shared-prefix row
+    (:func:`_shared_states`); the teacher under no_grad."""
+    from rlhf_fast.models.logprobs import hidden_states
+
+    if prefix_groups is not None:
+        return _shared_states(student, teacher, input_ids, attention_mask, target, prefix_groups)
+    tr, tc = target.nonzero(as_tuple=True)
+    lo, hi = torch.stack(torch.aminmax(tc)).tolist()
+    where = dict(columns=(lo - 1, hi), select=(tr, tc - lo))
+    hs = hidden_states(student, input_ids, attention_mask, **where)  # [N, H]
+    with torch.no_grad():
+        ht = hidden_states(teacher, input_ids, attention_mask, **where)  # [N, Ht]
+    return hs, ht
 
 
 def _shared_states(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
@@ -346,6 +377,128 @@ def _shared_states(student, teacher, input_ids: torch.Tensor, attention_mask: to
     with torch.no_grad():
         ht = shared_target_states(teacher, pk)  # [N, Ht]
     return hs, ht
+
+
+# ----------------------------------------------------------------------------- IW-OPD
+
+# TRL's IWOPDTrainer metrics, in its order
+IW_OPD_METRICS = ("iw_opd/mean_advantage", "iw_opd/mean_abs_advantage", "iw_opd/mean_weight", "iw_opd/min_weight",
+                  "iw_opd/max_weight")
+
+
+def iw_opd_token_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, rollout_logp: Optional[torch.Tensor],
+                      mask: torch.Tensor, *, gamma: float = 0.5, epsilon: float = 1e-8):
+    """TRL's sampled-token Importance-Weighted On-Policy Distillation objective from per-token
+    log-probs: ``trl/experimental/iw_opd/iw_opd_trainer.py``, ``IWOPDTrainer._compute_iw_opd_loss``
+    transcribed after its log-softmax and gather (the log-probs come from the fused op here).
+
+    student_logp ``[B, T]`` float (differentiable), teacher_logp ``[B, T]``, rollout_logp ``[B, T]``
+    (the sampler's log-probs) or None (the student's own, detached: TRL's fallback when a batch has
+    no rollout log-probs), mask ``[B, T]`` bool, the tokens that count. Per token the advantage
+    a = teacher − rollout (detached; 0 off the mask); per row the weight w = 1 + gamma · (1 − |a|
+    of the row's earlier tokens / max(Σ|a| of the row, epsilon)) (detached); loss = −student · w · a.
+    Returns ``(loss sum 0-dim, w·a [B, T], |a| [B, T], w [B, T])``, the last three detached."""
+    valid = mask.bool()
+    safe_teacher = torch.where(valid, teacher_logp, 0.0)
+    if rollout_logp is None:
+        rollout_logp = student_logp
+    safe_rollout = torch.where(valid, rollout_logp, 0.0)
+    a = (safe_teacher - safe_rollout).detach()
+    a = torch.where(valid, a, torch.zeros_like(a))
+    abs_a = a.abs()
+    prefix = abs_a.cumsum(dim=1) - abs_a
+    total = abs_a.sum(dim=1, keepdim=True).clamp_min(epsilon)
+    w = (1.0 + gamma * (1.0 - prefix / total)).detach()
+    adv = w * a
+    loss = -student_logp * adv
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss.sum(), adv, abs_a, w
+
+
+def iw_opd_metrics(adv: torch.Tensor, abs_a: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
+    """TRL's ``iw_opd/*`` values of one batch (:data:`IW_OPD_METRICS`: the mean advantage w·a, the
+    mean |a|, the mean, min and max weight over the ``mask`` tokens) from :func:`iw_opd_token_loss`'s
+    ``[B, T]`` outputs; empty when the mask holds no token (TRL appends nothing then)."""
+    valid = mask.bool()
+    if not bool(valid.any()):
+        return {}
+    ws = w[valid]
+    vals = (adv[valid].mean(), abs_a[valid].mean(), ws.mean(), ws.min(), ws.max())
+    return {k: float(v) for k, v in zip(IW_OPD_METRICS, vals)}
+
+
+def _token_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    transform: Optional[HeadTransform], labels: torch.Tensor, temperature: float,
+                    chunk_size: Optional[int], entropy: bool = False):
+    """The log-probs ``[N]`` (and entropies ``[N]``) of ``labels`` ``[N]`` under one model's head at
+    ``temperature`` from its states ``h [N, H]``: a plain head (``transform`` None) through
+    :func:`rlhf_fast.ops.fused_linear_logprobs` (:func:`rlhf_fast.models.logprobs.head_token_stats`),
+    a transformed one through its logits (:func:`head_logits`, :func:`rlhf_fast.ops.token_logprobs`)
+    ``chunk_size`` rows at a time (None: 4M logits), each chunk recomputed in the backward."""
+    from rlhf_fast.models.logprobs import _row_chunks, head_token_stats
+    from rlhf_fast.ops import reference
+
+    if transform is None:
+        return head_token_stats(h, weight, bias, labels, temperature=temperature, return_entropy=entropy,
+                                chunk_size=chunk_size)
+    dt = reference.out_dtype(h.dtype)
+
+    def one(hc, lc, w, b):
+        out = ops.token_logprobs(head_logits(hc, w, b, transform, temperature, dt), lc, return_entropy=entropy)
+        return out if entropy else (out,)
+
+    rows = chunk_size or max(1, _LOGITS_CHUNK_ELEMS // weight.shape[0])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    out = _row_chunks(one, rows, grad, h, labels, weight, bias)
+    return tuple(out) if entropy else out[0]
+
+
+def iw_opd_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                rollout_logp: Optional[torch.Tensor] = None, *, gamma: float = 0.5, epsilon: float = 1e-8,
+                temperature: float = 1.0, normalizer=None, vocab_rows: Optional[int] = None,
+                chunk_size: Optional[int] = None, prefix_groups: Optional[torch.Tensor] = None):
+    """The IW-OPD loss of ``student`` towards ``teacher`` on a batch of sampled answers (TRL's
+    ``distillation_objective="iw_opd"``, :func:`iw_opd_token_loss`).
+
+    input_ids, attention_mask, loss_mask, ``prefix_groups``, ``vocab_rows``, ``normalizer``: as
+    :func:`distillation_loss` (the same states: padded or shared-prefix forwards). rollout_logp
+    ``[B, T]`` float32 aligned to ``input_ids``: each answer token's log-prob under the
+    distribution that sampled it (TRL's ``rollout_logprobs``, vLLM's processed log-probs), or None
+    (the student's own at ``temperature``, detached: TRL's fallback). Both models' log-probs of the
+    answer tokens at ``temperature`` come from :func:`rlhf_fast.ops.fused_linear_logprobs` (a
+    transformed head: through chunks of its logits), never ``[N, V]`` logits. Returns ``(loss,
+    stats)``: loss 0-dim float32 = Σ −student·w·a over the tokens / ``normalizer`` (None: the batch's
+    token count, at least 1), differentiable in the student only; stats ``divergence_sum`` (Σ
+    student − teacher log-prob: the sampled estimate of KL(student ‖ teacher)), ``entropy_sum``,
+    ``tokens`` as floats and ``iw_opd`` (:func:`iw_opd_metrics`, empty for a batch without tokens).
+    ValueError when an answer token lies outside the compared ``vocab_rows``."""
+    from rlhf_fast.models.logprobs import _target_mask
+
+    target = _target_mask(attention_mask, loss_mask)
+    tr, tc = target.nonzero(as_tuple=True)
+    n = tr.numel()
+    if n == 0:
+        return _blank_loss(student, teacher, input_ids, attention_mask, vocab_rows), \
+            {"divergence_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "iw_opd": {}}
+    hs, ht = _target_states(student, teacher, input_ids, attention_mask, target, prefix_groups)
+    ws, bs, ts = _heads(student, "the student's LM head", hs.dtype, vocab_rows)
+    wt, bt, tt = _heads(teacher, "the teacher's LM head (distill.teacher)", ht.dtype, vocab_rows)
+    labels = input_ids[tr, tc]  # [N]
+    if vocab_rows is not None and bool((labels >= vocab_rows).any()):
+        raise ValueError(f"distill.objective 'iw_opd': an answer token id ({int(labels.max())}) lies past the "
+                         f"{vocab_rows} tokenizer rows both heads are compared on")
+    lps, ent = _token_logprobs(hs, ws, bs, ts, labels, temperature, chunk_size, entropy=True)  # [N], [N]
+    with torch.no_grad():
+        lpt = _token_logprobs(ht, wt, bt, tt, labels, temperature, chunk_size)  # [N]
+    B, T = input_ids.shape
+    s_grid = lps.new_zeros(B, T).index_put((tr, tc), lps)  # [B, T], differentiable
+    t_grid = lpt.new_zeros(B, T).index_put((tr, tc), lpt.to(lps.dtype))
+    r_grid = None if rollout_logp is None else rollout_logp.to(lps.dtype)
+    loss_sum, adv, abs_a, w = iw_opd_token_loss(s_grid, t_grid, r_grid, target, gamma=gamma, epsilon=epsilon)
+    norm = max(n, 1) if normalizer is None else normalizer
+    stats = {"divergence_sum": float((lps.detach() - lpt).sum()), "entropy_sum": float(ent.sum()),
+             "tokens": float(n), "iw_opd": iw_opd_metrics(adv, abs_a, w, target)}
+    return loss_sum / norm, stats
 
 
 class DistillationTrainer(RLTrainer):
@@ -372,7 +525,13 @@ class DistillationTrainer(RLTrainer):
     ``distill.lmbda`` < 1, ``distill/on_policy`` (1 for a step on the student's answers, 0 for one
     on the data's completions or the teacher's answers); evaluation adds
     ``eval/loss``, ``eval/entropy`` and ``eval/distill/divergence`` (per token, the answers
-    sampled at ``eval.temperature``, the divergence at ``rollout.temperature``)."""
+    sampled at ``eval.temperature``, the divergence at ``rollout.temperature``).
+
+    With ``distill.objective: iw_opd`` ``loss`` is the IW-OPD loss (:func:`iw_opd_loss`),
+    ``distill/divergence`` the sampled estimate of KL(student ‖ teacher) (the mean of student −
+    teacher log-prob over the answer tokens), and TRL's ``iw_opd/mean_advantage``,
+    ``mean_abs_advantage``, ``mean_weight``, ``min_weight``, ``max_weight`` are logged (and
+    ``eval/iw_opd/*``: the mean over the evaluation batches)."""
 
     _distills = True
     convert_record = staticmethod(messages_record)  # GKD's {messages} records as {prompt, completion}
@@ -420,6 +579,7 @@ class DistillationTrainer(RLTrainer):
         self.num_tokens = 0  # TRL's num_tokens: prompt + answer tokens of every step so far (checkpointed)
         self._teacher_engine = None  # distill.seq_kd: built at its first step
         self._completions = self._data_completions()
+        self._iw_opd_stats: List[Dict[str, float]] = []  # distill.objective iw_opd: one dict per micro-batch
 
     # ------------------------------------------------------------------ the teacher
 
@@ -601,21 +761,49 @@ class DistillationTrainer(RLTrainer):
             reshard(self.teacher)
         return out
 
+    def iw_opd_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                    rollout_logp: Optional[torch.Tensor] = None, normalizer=None,
+                    group: Optional[torch.Tensor] = None):
+        """:func:`iw_opd_loss` (``distill.objective: iw_opd``) of the policy towards the teacher with
+        the run's ``distill.iw_opd_gamma`` / ``iw_opd_epsilon``, temperature (``rollout.temperature``),
+        vocabulary rows and chunk size, ``rollout_logp`` ``[B, T]`` the sampler's log-probs (None:
+        the student's own); ``group`` as :meth:`distill_loss`."""
+        from rlhf_fast.distributed import reshard
+
+        d = self.config.distill
+        groups = self._share_kwargs(group, input_ids.shape[0]).get("prefix_groups")
+        with self._autocast():
+            out = iw_opd_loss(self.policy, self.teacher, input_ids, attention_mask, loss_mask, rollout_logp,
+                              gamma=d.iw_opd_gamma, epsilon=d.iw_opd_epsilon,
+                              temperature=self.config.rollout.temperature, normalizer=normalizer,
+                              vocab_rows=self._vocab_rows, chunk_size=d.chunk_size, prefix_groups=groups)
+        if self.teacher_sharded:
+            reshard(self.teacher)
+        return out
+
     def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
                         n_micro: Optional[int] = None) -> Dict[str, float]:
         """Accumulate the gradient of the mini-batch ``data`` over micro-batches of
         ``micro_batch_size`` rows (``n_micro``: as :meth:`RLTrainer.policy_backward`): each
-        micro-batch's divergence sum divided by the answer tokens of the whole mini-batch on
-        every rank. Returns ``loss`` (summed over micro-batches: the mini-batch's per-token
+        micro-batch's divergence sum (``distill.objective: iw_opd``: its IW-OPD loss sum, whose
+        ``iw_opd/*`` values go to :meth:`update`) divided by the answer tokens of the whole
+        mini-batch on every rank. Returns ``loss`` (summed over micro-batches: the mini-batch's per-token
         divergence) and this rank's per-token ``divergence`` and ``entropy``."""
         mb = micro_batch_size or self.config.ppo.micro_batch_size
         norm = self._global_normalizer(data.response_mask, "token-mean")
         acc = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0}
         ntok = max(float(data.response_mask.sum()), 1.0)
+        iw_opd = self.config.distill.objective == "iw_opd"
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more):
-                loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm,
-                                             group=d.group)
+                if iw_opd:  # the rollout's sampling log-probs, TRL's rollout_logprobs
+                    loss, st = self.iw_opd_loss(d.input_ids, d.attention_mask, d.response_mask, d.behaviour_logp,
+                                                normalizer=norm, group=d.group)
+                    if st["iw_opd"]:  # (TRL appends nothing for a batch without completion tokens)
+                        self._iw_opd_stats.append(st["iw_opd"])
+                else:
+                    loss, st = self.distill_loss(d.input_ids, d.attention_mask, d.response_mask, normalizer=norm,
+                                                 group=d.group)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum
                 self.scaler.scale(loss * self.ctx.grad_scale).backward()  # fp16: the loss scale (else as it is)
             acc["loss"] += float(loss.detach())
@@ -627,16 +815,31 @@ class DistillationTrainer(RLTrainer):
         """:meth:`RLTrainer.update` (epochs, mini-batches, clipping, schedule) with the
         distillation loss; the statistics under TRL's names."""
         t0 = time.perf_counter()
+        self._iw_opd_stats = []
         out = super().update(data)
         out = {_RENAMED.get(k, k): v for k, v in out.items()}
+        if self.config.distill.objective == "iw_opd":
+            out.update(self._iw_opd_means(self._iw_opd_stats))
         out["step_time"] = time.perf_counter() - t0
         return out
+
+    def _iw_opd_means(self, stats: List[Dict[str, float]]) -> Dict[str, float]:
+        """TRL's logged ``iw_opd/*``: each value's mean over the micro-batches that held answer
+        tokens (TRL's ``_metrics`` lists, averaged at ``log``), over every rank's micro-batches (the
+        same on every rank); nan when none held one."""
+        vec = torch.tensor([[m[k] for k in IW_OPD_METRICS] + [1.0] for m in stats], dtype=torch.float64,
+                           device=self.device).reshape(-1, len(IW_OPD_METRICS) + 1).sum(0)
+        if self.ctx.distributed:
+            vec = self.ctx.all_reduce_sum(vec)
+        n = float(vec[-1])
+        return {k: float(v) / n if n else float("nan") for k, v in zip(IW_OPD_METRICS, vec[:-1])}
 
     # ------------------------------------------------------------------ the rollout
 
     def rollout(self) -> tuple:
         """Generate (and score, when the run has reward sources). Returns ``(RolloutTensors,
-        metrics)``; the log-prob, value and advantage fields are zeros (nothing reads them)."""
+        metrics)``; the log-prob, value and advantage fields are zeros (nothing reads them), but
+        ``behaviour_logp`` with ``distill.objective: iw_opd`` (the sampler's, on the loss tokens)."""
         ro = self.config.rollout
         m: Dict[str, float] = {}
         t0 = time.perf_counter()
@@ -672,10 +875,13 @@ class DistillationTrainer(RLTrainer):
         # TRL's DistillationTrainer has no mask_truncated_completions; ours drops them from the loss
         loss_rm = rm & ~truncated[:, None] if ro.mask_truncated else rm
         zeros = torch.zeros(ids.shape, dtype=torch.float32, device=self.device)
+        # iw_opd's rollout log-probs: the sampler's, under the processed distribution (vLLM's processed_logprobs)
+        beh = batch.behaviour_logp.to(self.device).float() * loss_rm if self.config.distill.objective == "iw_opd" \
+            else zeros
         # each prompt's answers are consecutive rows, the data's completions and the teacher's too
         # (ppo.prefix_sharing computes each prompt once per group; shuffles whole groups)
         prompt_of = torch.arange(B, device=self.device) // ro.group_size  # [B]
-        data = RolloutTensors(ids, am, loss_rm, zeros, None, zeros, zeros, zeros, zeros, scores, group=prompt_of)
+        data = RolloutTensors(ids, am, loss_rm, zeros, None, beh, zeros, zeros, zeros, scores, group=prompt_of)
         self._last_texts = list(zip(batch.prompt_texts, batch.response_texts, rewards))
         self._last_columns = columns
         return data, m
@@ -732,7 +938,18 @@ class DistillationTrainer(RLTrainer):
         else:
             res = {"response_length": (float(rm.sum()), float(rm.shape[0]))}
         # (under evaluate()'s no_grad; ppo.prefix_sharing: each prompt once per group of its answers)
-        _, st = self.distill_loss(ids, am, rm, group=batch.group_index.to(self.device))
+        group = batch.group_index.to(self.device)
+        if self.config.distill.objective == "iw_opd":
+            # the student's own log-probs for the rollout's (TRL's evaluation has none): the answers
+            # were sampled at eval.temperature, the loss is at rollout.temperature
+            loss, st = self.iw_opd_loss(ids, am, rm, None, group=group)
+            n = st["tokens"]
+            res.update({"loss": (float(loss) * n, n), "distill/divergence": (st["divergence_sum"], n),
+                        "entropy": (st["entropy_sum"], n)})
+            # TRL's eval_iw_opd/*: the mean over the batches with answer tokens (every rank sums the same keys)
+            res.update({k: (st["iw_opd"][k], 1.0) if st["iw_opd"] else (0.0, 0.0) for k in IW_OPD_METRICS})
+            return res
+        _, st = self.distill_loss(ids, am, rm, group=group)
         n = st["tokens"]
         res.update({"loss": (st["divergence_sum"], n), "distill/divergence": (st["divergence_sum"], n),
                     "entropy": (st["entropy_sum"], n)})
@@ -742,6 +959,6 @@ class DistillationTrainer(RLTrainer):
         return {"loss": f"{m.get('loss', float('nan')):.4f}", "entropy": f"{m.get('entropy', float('nan')):.3f}"}
 
 
-__all__ = ["COMPLETION_KEY", "MESSAGES_KEY", "DistillationTrainer", "HeadTransform", "completion_batch",
-           "distillation_loss", "gkd_on_policy", "gkd_uniform", "head_logits", "head_transform", "messages_record",
-           "transformed_divergence"]
+__all__ = ["COMPLETION_KEY", "IW_OPD_METRICS", "MESSAGES_KEY", "DistillationTrainer", "HeadTransform",
+           "completion_batch", "distillation_loss", "gkd_on_policy", "gkd_uniform", "head_logits", "head_transform",
+           "iw_opd_loss", "iw_opd_metrics", "iw_opd_token_loss", "messages_record", "transformed_divergence"]

@@ -1093,6 +1093,10 @@ class OptimConfig:
             lr=self.lr, total_steps=100, prefix="optim.", schedule_key="schedule")
 
 
+# distill.objective: TRL's distillation_objective (its default is iw_opd; ours keeps DistillationTrainer's jsd)
+DISTILL_OBJECTIVES = ("jsd", "iw_opd")
+
+
 @dataclass
 class DistillConfig:
     """On-policy distillation (``estimator: distill``; TRL's ``DistillationTrainer``,
@@ -1143,7 +1147,22 @@ class DistillConfig:
     (rlhf_fast.models.loading.check_model_init_kwargs). ``{}`` loads the teacher in float32
     whatever its saved dtype; ``{dtype: auto}`` keeps the saved dtype, which is TRL's teacher
     default; ``{dtype: bfloat16}`` halves the teacher's memory (it only runs forwards). Refused
-    together with ``teacher_model=`` (an instance; TRL raises too)."""
+    together with ``teacher_model=`` (an instance; TRL raises too).
+
+    ``objective`` (TRL's ``distillation_objective``; ours defaults to ``jsd``, TRL IWOPDConfig's to
+    ``iw_opd``): ``jsd`` the divergence above; ``iw_opd`` TRL's experimental Importance-Weighted
+    On-Policy Distillation, a sampled-token policy gradient: per answer token the advantage a =
+    the teacher's log-prob of the token − the sampler's (the rollout's, under its processed
+    distribution — temperature, filters, penalties —, as TRL's vLLM ``processed_logprobs``),
+    detached; per answer the weight w = 1 + ``iw_opd_gamma`` · (1 − Σ|a| of its earlier tokens /
+    max(Σ|a| of the answer, ``iw_opd_epsilon``)), detached; loss = −(the student's log-prob) · w · a,
+    summed and normalised as the divergence. Both models' log-probs at ``rollout.temperature``
+    come from the fused per-token log-prob op (no ``[B, T, V]`` logits). ``iw_opd_gamma`` (0.5) a
+    number >= 0 and ``iw_opd_epsilon`` (1e-8) > 0 apply to ``iw_opd`` only. ``iw_opd`` needs
+    ``lmbda`` 1 (TRL refuses off-policy steps too: they have no sampler), ``beta`` at its default
+    (no effect), and one optimizer step per rollout (``ppo.epochs`` 1, ``ppo.mini_batch_size`` the
+    rollout batch; TRL's one step per generation). Evaluation takes the student's own log-probs for
+    the sampler's (TRL's ``rollout_logprobs=None`` fallback)."""
 
     teacher: Optional[str] = None
     beta: float = 1.0
@@ -1153,6 +1172,9 @@ class DistillConfig:
     tiny_hidden_size: int = 64
     tiny_seed: int = 1
     teacher_model_init_kwargs: Dict[str, Any] = field(default_factory=dict)
+    objective: str = "jsd"
+    iw_opd_gamma: float = 0.5
+    iw_opd_epsilon: float = 1e-8
 
     def __post_init__(self):
         from rlhf_fast.trainers.common import check_model_init_field
@@ -1183,6 +1205,29 @@ class DistillConfig:
             _pos("distill.chunk_size", self.chunk_size, integer=True)
         _pos("distill.tiny_hidden_size", self.tiny_hidden_size, integer=True)
         check_seed("distill.tiny_seed", self.tiny_seed)
+        self._check_objective()
+
+    def _check_objective(self):
+        """``objective`` and the IW-OPD keys (TRL IWOPDConfig's checks, and ours: no key of no effect)."""
+        _choice("distill.objective", self.objective, DISTILL_OBJECTIVES)
+        _pos("distill.iw_opd_gamma", self.iw_opd_gamma, allow_zero=True)
+        _pos("distill.iw_opd_epsilon", self.iw_opd_epsilon)
+        if self.objective != "iw_opd":
+            fields = DistillConfig.__dataclass_fields__
+            moved = [f"distill.{k}" for k in ("iw_opd_gamma", "iw_opd_epsilon") if getattr(self, k) != fields[k].default]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} apply to distill.objective 'iw_opd' only, got objective "
+                                 f"{self.objective!r}; set distill.objective iw_opd or remove them")
+            return
+        if self.lmbda < 1.0:
+            # TRL IWOPDConfig raises too: the advantage needs the log-probs of the policy that sampled
+            raise ValueError(f"distill.lmbda ({self.lmbda}) < 1: distill.objective 'iw_opd' is on-policy (its "
+                             f"advantage is the teacher's minus the sampler's log-prob of each sampled token), "
+                             f"and off-policy steps have no sampler log-probs; set distill.lmbda 1 (TRL refuses "
+                             f"lmbda < 1 with iw_opd too)")
+        if self.beta != 1.0:
+            raise ValueError(f"distill.beta ({self.beta}) has no effect with distill.objective 'iw_opd' (a "
+                             f"sampled-token policy gradient, no divergence); remove it")
 
 
 # the ppo keys that the distillation update uses; every other one belongs to the policy loss
@@ -1497,6 +1542,14 @@ class RLConfig:
             what = "rollout.tools" if ro.tools else "rollout.environment_factory"
             raise ValueError(f"distill.lmbda ({d.lmbda}) < 1 trains the off-policy steps on the data's completions, "
                              f"which hold no tool calls; {what} needs distill.lmbda 1 or distill.seq_kd true")
+        batch = ro.prompts_per_step * ro.group_size
+        if d.objective == "iw_opd" and (self.ppo.epochs != 1 or self.ppo.mini_batch_size != batch):
+            # a later optimizer step would weight its tokens by a sampler the student has left (TRL: one
+            # step per generation, and vllm_sync_frequency 1 with iw_opd)
+            raise ValueError(f"distill.objective 'iw_opd' takes one optimizer step per rollout (its advantage "
+                             f"uses the sampler's log-probs): set ppo.epochs 1 (got {self.ppo.epochs}) and "
+                             f"ppo.mini_batch_size to the rollout batch, rollout.prompts_per_step × "
+                             f"rollout.group_size = {batch} (got {self.ppo.mini_batch_size})")
         rest = _changed(self.ppo, "ppo.", keep=DISTILL_PPO_KEYS)
         if self.model.critic is not None:
             rest.append("model.critic")

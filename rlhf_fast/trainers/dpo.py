@@ -160,6 +160,7 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      check_training_schedule, disable_dropout, load_split_records, pad_token_id, record_weight,
                      steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from .compile import CompileOptions
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, TPO_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps,
                                 loss_terms, reference_free_loss)
@@ -181,7 +182,7 @@ TOKEN_STATS = dict(return_entropy=True, return_top1=True, return_mean_logit=True
 
 
 @dataclasses.dataclass
-class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
+class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
     with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``loss_type`` (a name, a comma-separated string or a list),

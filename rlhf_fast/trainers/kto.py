@@ -96,6 +96,7 @@ from rlhf_fast.ops._validate import finite
 from .common import (annotator_weight_map, autocast_context, check_bool_fields, load_split_records, record_weight,
                      steps_for_epochs, trainer_commands)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from .compile import CompileOptions
 from .bema import BEMAConfig, check_bema_field
 from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, encode_pair,
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
@@ -113,7 +114,7 @@ N_SUMS = 15
 
 
 @dataclasses.dataclass
-class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
+class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
     a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two

@@ -68,6 +68,7 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
                      pad_token_id, record_weight, steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
+from .compile import CompileOptions
 from rlhf_fast.distributed import DistributedConfig
 
 from .bema import BEMAConfig, check_bema_field, setup_bema
@@ -77,7 +78,7 @@ from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_sh
 
 
 @dataclasses.dataclass
-class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
+class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
     """Reward-model settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: a
     synthetic preference task with a hidden rule, so the defaults run); ``label_smoothing``
     ε makes the BT loss conservative for noisy labels; ``annotator_weights`` maps

@@ -78,6 +78,7 @@ from .common import (MetricsLogger, autocast_context, check_bool_fields, check_l
                      open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
+from .compile import CompileOptions, compile_configured
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
@@ -94,7 +95,7 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 
 
 @dataclasses.dataclass
-class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions):
+class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
     """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records
     (None: a built-in synthetic copy task, so the defaults run); ``model``: a local folder or
     ``tiny:`` spec."""
@@ -533,7 +534,10 @@ def init_optimization(trainer) -> None:
     """``trainer.optimizer`` over the trainable parameters of ``trainer.model`` (wrapped by now)
     and its LR ``scheduler``, from ``trainer.cfg`` (whose ``max_steps`` must be final:
     :func:`~rlhf_fast.trainers.common.steps_for_epochs` first); ``step`` 0 and ``num_tokens`` 0
-    (TRL's count of the input tokens trained, checkpointed)."""
+    (TRL's count of the input tokens trained, checkpointed). First, with ``torch_compile``, the
+    backbones of ``trainer.model`` and its ``reference`` are compiled (:func:`compile_configured`:
+    the last step of every offline trainer's setup, after wrapping and after every copy)."""
+    compile_configured(trainer)
     trainer.optimizer = supervised_optimizer([p for p in trainer.model.parameters() if p.requires_grad], trainer.cfg)
     trainer.scheduler = supervised_scheduler(trainer.optimizer, trainer.cfg)
     # fp16's loss scaler (a pass-through without fp16, or off CUDA)

@@ -337,7 +337,64 @@ def _sequence_sum_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, c
             "logp": logp_out.detach(),
         }
         stats["entropy_kept"] = stats["entropy"]
+        # TRL RLOO's clip_ratio/low_min / high_max: over the answers' flags (one "token" per answer)
+        stats["clip_low_min"], stats["clip_high_max"] = clip_share_extremes(
+            low[:, None], high[:, None], torch.ones_like(low)[:, None], dt)
     return loss, stats
+
+
+def clip_share_extremes(low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor, dtype=torch.float32,
+                        count_empty: bool = False):
+    """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max`` of one batch (``nanmin`` /
+    ``nanmax`` of its ``masked_seq_mean``): over the rows with a loss token, the least share of
+    low-clipped loss tokens and the largest share of high-clipped ones. A row without a loss
+    token is 0/0 in TRL, left out by nanmin / nanmax; NaN when no row has one. ``count_empty``:
+    such a row counts with share 0 instead (TRL's sequence level, one unclipped ratio exp(0) per
+    answer); NaN only for B = 0.
+
+    low, high, mask ``[B, T]`` bool. Returns two 0-dim tensors of ``dtype`` (no host sync)."""
+    n = mask.sum(-1).to(dtype)  # [B]
+    has = torch.ones_like(n, dtype=torch.bool) if count_empty else n > 0
+    inf = torch.full((1,), math.inf, dtype=dtype, device=mask.device)
+    nan = torch.full((), math.nan, dtype=dtype, device=mask.device)
+    share = lambda x: (x & mask).sum(-1).to(dtype) / n.clamp(min=1)
+    # +inf / -inf stand for the rows left out, and for none (B = 0) before the NaN
+    lo = torch.cat([torch.where(has, share(low), inf), inf]).amin()
+    hi = torch.cat([torch.where(has, share(high), -inf), -inf]).amax()
+    none = ~has.any()
+    return torch.where(none, nan, lo), torch.where(none, nan, hi)
+
+
+def clip_region_extremes(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         *, clip_low: float = 0.2, clip_high: Optional[float] = None,
+                         dual_clip: Optional[float] = None, importance_sampling_level: str = "token"):
+    """TRL GRPOTrainer's ``clip_ratio/low_min`` / ``clip_ratio/high_max`` for its clipped
+    surrogates (loss types grpo, bnpo, dr_grpo, dapo, luspo: our ``clip`` and ``luspo``).
+
+    logp (detached), old_logp, advantages ``[B, T]`` float; mask ``[B, T]`` bool or 0/1, the loss
+    tokens. The ratio r is exp(clamp(logp − old_logp, ±20)) per token, or at the ``sequence``
+    level each row's exp of the mean log-ratio over its loss tokens (exp(0) = 1 for a row
+    without one), taken as min(r, ``dual_clip``) (TRL clamps ``coef_1`` at ``delta`` before its
+    flags). TRL's is_low_clipped: r < 1 − clip_low with A < 0; is_high_clipped: r > 1 + clip_high
+    with A > 0 (``clip_high`` None = ``clip_low``) — not ``clip_frac``'s "the clipped branch is
+    the larger loss". Returns :func:`clip_share_extremes` of them: 0-dim float32 (float64 for
+    float64 logp); a row without loss tokens is left out at the token level (TRL's 0/0) and
+    counts 0 at the sequence level (TRL's one flag per answer). Masked-out entries never read."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    zero = torch.zeros((), dtype=dt, device=mb.device)
+    with torch.no_grad():
+        lr = torch.where(mb, logp.detach().to(dt) - old_logp.detach().to(dt), zero)
+        if importance_sampling_level == "sequence":
+            lr = lr.sum(-1, keepdim=True) / mb.sum(-1, keepdim=True).clamp(min=1).to(dt)  # [B, 1]
+        ratio = torch.exp(torch.clamp(lr, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        if dual_clip is not None:
+            ratio = ratio.clamp(max=dual_clip)
+        adv = torch.where(mb, advantages.detach().to(dt), zero)
+        high_bound = clip_low if clip_high is None else clip_high
+        low = (ratio < 1 - clip_low) & (adv < 0)
+        high = (ratio > 1 + high_bound) & (adv > 0)
+        return clip_share_extremes(low, high, mb, dt, count_empty=importance_sampling_level == "sequence")
 
 
 def _check_gmpo(agg, importance_sampling_level, dual_clip, off_policy_mask_threshold, use_bias_correction_kl,
@@ -386,6 +443,7 @@ def _gmpo_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, clip_low,
         stats = reference.policy_stats(logp.detach(), old_logp, ratio, low | high, torch.zeros_like(mb), mb)
         stats["clip_low_frac"] = reference.masked_mean(low.to(dt), mb)
         stats["clip_high_frac"] = reference.masked_mean(high.to(dt), mb)
+        stats["clip_low_min"], stats["clip_high_max"] = clip_share_extremes(low, high, mb, dt)
         stats["kl"] = reference.masked_mean(kl, mb) if kl is not None else zero
         stats["entropy"] = reference.masked_mean(entropy.detach(), mb)
         stats["entropy_mask_frac"] = (reference.masked_mean(keep_h.to(dt), mb) if keep_h is not None
@@ -459,7 +517,9 @@ def policy_loss_from_logp(
     normaliser, plus the KL and entropy terms per token; needs ``agg`` ``seq-mean-token-mean``
     and the token level, refuses dual_clip, the off-policy mask, the bias-corrected KL and
     ``is_weight`` (TRL's GMPOTrainer has none of them); ``clip_frac`` (TRL's
-    ``clip_ratio/region_mean``), ``clip_low_frac`` and ``clip_high_frac`` are shares of loss tokens.
+    ``clip_ratio/region_mean``), ``clip_low_frac`` and ``clip_high_frac`` are shares of loss tokens;
+    ``clip_low_min`` / ``clip_high_max`` (TRL's ``clip_ratio/low_min`` / ``high_max``) the least /
+    largest share of one answer's loss tokens (:func:`clip_share_extremes`, NaN with none).
 
     Returns ``(loss, stats)``: a 0-dim float32 loss (float64 for float64 logp) and the stats
     of :func:`rlhf_fast.ops.reference.policy_loss_from_logp` (``clip_frac``: see
@@ -543,6 +603,10 @@ def policy_loss_from_logp(
                                          else torch.zeros((), dtype=dt, device=loss.device))
         stats["entropy_kept"] = (reference.masked_mean(entropy.detach().to(dt), mb & keep_h) if keep_h is not None
                                  else stats["entropy"])
+        if policy_loss in CLIP_LOSSES:  # TRL logs them for its clipped surrogates only
+            stats["clip_low_min"], stats["clip_high_max"] = clip_region_extremes(
+                logp, old_logp, advantages, mb, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                importance_sampling_level=importance_sampling_level)
         if policy_loss == "vespo":
             phi = vespo_weights(logp, ratio_old, advantages, mb, is_weight=is_weight, k_pos=vespo_k_pos,
                                 lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
@@ -561,6 +625,8 @@ __all__ = [
     "GMPO_CLIP",
     "GMPO_AGG",
     "gmpo_sequence_loss",
+    "clip_share_extremes",
+    "clip_region_extremes",
     "SAPO_TEMPERATURE_POS",
     "SAPO_TEMPERATURE_NEG",
     "VESPO_K_POS",

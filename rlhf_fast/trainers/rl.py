@@ -349,6 +349,10 @@ def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
 
 # statistics of importance_sampling_level sequence_sum taken over answers, not tokens
 _ANSWER_STATS = ("clip_frac", "clip_low_frac", "clip_high_frac", "dual_clip_frac", "ratio_mean")
+# TRL's clip_ratio/low_min and high_max (gmpo): extremes over the answers, so reduced over
+# micro-batches and ranks by min / max, not averaged (+inf / -inf: no answer had a loss token)
+_MIN_STATS = ("clip_low_min",)
+_MAX_STATS = ("clip_high_max",)
 
 
 def _token_normalizer(mask: torch.Tensor, agg: str, max_new_tokens: int):
@@ -1696,8 +1700,9 @@ class RLTrainer:
         share = self._share_kwargs(d.group, d.input_ids.shape[0])
         if not (p.composed_loss or self.config.kl.use_bias_correction_kl or d.is_weight is not None):
             groups = {"prefix_groups": share["prefix_groups"]} if share else {}
-            return policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
-                               d.advantages, ref_logp=d.ref_logp, normalizer=norm, **groups, **kw)
+            loss, st = policy_loss(self.policy, d.input_ids, d.attention_mask, d.response_mask, d.old_logp,
+                                   d.advantages, ref_logp=d.ref_logp, normalizer=norm, **groups, **kw)
+            return loss, self._clip_extremes(st, d, kw)
         from rlhf_fast.algorithms import policy_losses
 
         mask = _target_mask(d.attention_mask, d.response_mask)  # the loss tokens, as policy_loss takes them
@@ -1713,6 +1718,20 @@ class RLTrainer:
             use_bias_correction_kl=self.config.kl.use_bias_correction_kl, is_weight=d.is_weight,
             vespo_k_pos=p.vespo_k_pos, vespo_lambda_pos=p.vespo_lambda_pos, vespo_k_neg=p.vespo_k_neg,
             vespo_lambda_neg=p.vespo_lambda_neg, kl_fn=ops.kl_penalty, **extra)
+
+    @staticmethod
+    def _clip_extremes(st: dict, d: "RolloutTensors", kw: dict) -> dict:
+        """``st`` of the fused kernel's clip / luspo loss with TRL's ``clip_ratio/low_min`` /
+        ``high_max`` (:func:`rlhf_fast.algorithms.policy_losses.clip_region_extremes` of its
+        ``logp``), as the composed path's stats hold them."""
+        from rlhf_fast.algorithms.policy_losses import clip_region_extremes
+        from rlhf_fast.models.logprobs import _target_mask
+
+        st["clip_low_min"], st["clip_high_max"] = clip_region_extremes(
+            st["logp"], d.old_logp, d.advantages, _target_mask(d.attention_mask, d.response_mask),
+            clip_low=kw["clip_low"], clip_high=kw["clip_high"], dual_clip=kw["dual_clip"],
+            importance_sampling_level=kw["importance_sampling_level"])
+        return st
 
     def _entropy_coef(self) -> float:
         """The entropy-bonus coefficient of the next optimizer step: ``ppo.entropy_coef``, or
@@ -1735,6 +1754,19 @@ class RLTrainer:
         else:
             self.entropy_coef = max(self.entropy_coef - p.entropy_coef_delta, p.entropy_coef_min)
         self.last_entropy = entropy
+
+    def _aux_steps(self, rows: int, mb: int, steps: int):
+        """The divisor of a micro-batch's MoE term (coef × aux / it): ``steps``, the mini-batch's
+        micro-batches (TRL's accumulation steps), on one process; on several (the MoE term on),
+        the micro-batches holding rows on every rank over the world size, so that DDP's average of
+        the ranks' gradients makes the term coef × the mean aux over every rank's micro-batches, as
+        one process has it, also when the ranks hold different numbers of rows of the mini-batch
+        (or none; ``steps`` there would weigh a rank without rows as one with aux 0). Equal to
+        ``steps`` when every rank holds as many micro-batches. Collective: every rank calls it."""
+        if not (self.moe.enabled and self.ctx.distributed):
+            return steps
+        real = sum(-(-c[0] // mb) for c in self.ctx.all_gather_ints([rows]))
+        return max(real, 1) / self.ctx.world_size
 
     def _loss_kwargs(self) -> dict:
         cfg = self.config
@@ -1761,13 +1793,14 @@ class RLTrainer:
         acc: Dict[str, float] = {}
         B = data.input_ids.shape[0]
         steps = max(-(-B // mb) if n_micro is None else max(n_micro, -(-B // mb)), 1)  # TRL's accumulation steps
+        aux_steps = self._aux_steps(B, mb, steps)
         for d, real, more in _micro_batches(data, mb, n_micro):
             with self._no_sync(self.policy, more), self.moe.collect() as aux:
                 loss, st = self._policy_loss(d, norm, kw)
                 # DDP averages gradients over ranks; grad_scale turns that into the global sum;
                 # TRL's MoE term (GRPO): coef × aux / the accumulation steps, left to DDP's average
                 aux_val: List[float] = []
-                loss_part = self.moe.with_term(loss * self.ctx.grad_scale, aux, steps, aux_val, counts=real)
+                loss_part = self.moe.with_term(loss * self.ctx.grad_scale, aux, aux_steps, aux_val, counts=real)
                 self.scaler.scale(loss_part).backward()  # fp16: times the loss scale
             if self.moe.enabled:  # the mini-batch's mean aux loss (update() adds its term to the loss); the
                 # key on every rank, a blank micro-batch's part 0, for the reduction of the statistics
@@ -1784,6 +1817,12 @@ class RLTrainer:
                     wk = w_row if k in _ANSWER_STATS else w
                     acc[k] = acc.get(k, 0.0) + (wk * float(st[k]) if real else 0.0)
             acc["ratio_max"] = max(acc.get("ratio_max", 0.0), float(st["ratio_max"]) if real else 0.0)
+            for k in _MIN_STATS + _MAX_STATS:
+                if k in st:  # a NaN (no answer with a loss token: TRL's nanmin skips it) is the neutral ±inf
+                    lo = k in _MIN_STATS
+                    v = float(st[k]) if real else math.nan
+                    v = (math.inf if lo else -math.inf) if math.isnan(v) else v
+                    acc[k] = (min if lo else max)(acc.get(k, v), v)
             if self.config.ppo.use_adaptive_entropy:
                 # the entropy summed over the bonus's tokens and their count (the controller's
                 # measure, made global by update())
@@ -1877,8 +1916,8 @@ class RLTrainer:
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
         """:meth:`policy_backward` statistics over every rank, as one process computes them:
         token-weighted means (row-weighted for sequence_sum's answer statistics), the loss parts
-        summed, ratio_max the maximum."""
-        keys = sorted(k for k in st if k not in ("loss", "ratio_max"))
+        summed, ratio_max the maximum, clip_low_min / clip_high_max the minimum / maximum."""
+        keys = sorted(k for k in st if k not in ("loss", "ratio_max") + _MIN_STATS + _MAX_STATS)
         n = float(mask.sum())
         rows = float(mask.shape[0]) if self.config.ppo.importance_sampling_level == "sequence_sum" else n
         w = [rows if k in _ANSWER_STATS else n for k in keys]
@@ -1890,6 +1929,13 @@ class RLTrainer:
         if "ratio_max" in st:
             out["ratio_max"] = float(self.ctx.all_reduce_max(torch.tensor(st["ratio_max"], dtype=torch.float64,
                                                                             device=self.device)))
+        ext = [k for k in _MIN_STATS + _MAX_STATS if k in st]
+        if ext:  # a min is the max of the negated values
+            sign = torch.tensor([-1.0 if k in _MIN_STATS else 1.0 for k in ext], dtype=torch.float64,
+                                device=self.device)
+            v = sign * self.ctx.all_reduce_max(sign * torch.tensor([st[k] for k in ext], dtype=torch.float64,
+                                                                   device=self.device))
+            out.update(zip(ext, v.tolist()))
         return out
 
     def _minibatches(self, perm: torch.Tensor, counts: Sequence[int]) -> list:
@@ -1914,19 +1960,49 @@ class RLTrainer:
         return out
 
     @torch.no_grad()
-    def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor, norm):
+    def _surrogate(self, data: RolloutTensors, pre_logp: torch.Tensor, norm, n_micro: Optional[int] = None):
         """(loss, KL to the policy whose log-probs are ``pre_logp``) of the current parameters on
         ``data`` (no grad), over every rank's rows (``norm``: the global normaliser), so all ranks
         take the same line-search decisions. The KL is 0.5·(logp − pre_logp)² averaged over the
-        response tokens, which were sampled from that policy: to second order KL(pre ‖ current)."""
-        loss, st = self._policy_loss(data, norm, self._loss_kwargs())
-        d = st["logp"] - pre_logp
+        response tokens, which were sampled from that policy: to second order KL(pre ‖ current).
+        With the MoE term on, the loss is :meth:`_moe_surrogate_loss` (``n_micro`` as there)."""
+        if self.moe.enabled:
+            loss, logp = self._moe_surrogate_loss(data, norm, n_micro)
+        else:
+            loss, st = self._policy_loss(data, norm, self._loss_kwargs())
+            logp = st["logp"]
+        d = logp - pre_logp
         if not self.ctx.distributed:
             return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))
         m = data.response_mask
         vec = torch.stack([loss.detach().double(), (0.5 * d * d * m).double().sum(), m.double().sum()])
         vec = self.ctx.all_reduce_sum(vec)
         return float(vec[0]), float(vec[1] / vec[2].clamp(min=1))
+
+    @torch.no_grad()
+    def _moe_surrogate_loss(self, data: RolloutTensors, norm, n_micro: Optional[int]) -> tuple:
+        """(loss, logp ``[B, L]``) of ``data`` with ``ppo.router_aux_loss_coef``'s term as
+        :meth:`policy_backward`'s gradient has it, so the line search judges the step by the
+        objective that chose it: over the same micro-batches (``n_micro`` as there; blank ones
+        add nothing), each one's policy loss plus coef × its aux loss / :meth:`_aux_steps`, that
+        term divided by the world size (DDP averages it over ranks; the policy loss's grad_scale makes
+        its part a sum, as the caller's all-reduce does)."""
+        kw = self._loss_kwargs()
+        mb = self.config.ppo.micro_batch_size
+        B = data.input_ids.shape[0]
+        steps = max(-(-B // mb) if n_micro is None else max(n_micro, -(-B // mb)), 1)  # policy_backward's
+        aux_steps = self._aux_steps(B, mb, steps)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        logps = []
+        for d, real, _ in _micro_batches(data, mb, n_micro):
+            with self.moe.collect(evaluation=True) as col:  # no grad here: record the no-grad forward too
+                loss, st = self._policy_loss(d, norm, kw)
+            term, _ = self.moe.term(col if real else None, aux_steps)
+            total += loss.double() + (0.0 if term is None else term.double() / self.ctx.world_size)
+            if real:
+                logps.append(st["logp"])
+        logp = torch.cat(logps) if logps else data.old_logp.new_zeros(data.old_logp.shape)
+        return total, logp
 
     def _trpo_step(self, data: RolloutTensors) -> Dict[str, float]:
         """Take the optimiser's proposed step, then backtrack along it (the step times
@@ -1946,11 +2022,15 @@ class RLTrainer:
         cfg = self.config.ppo
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = self._global_normalizer(data.response_mask, self.config.ppo.agg)
-        if data.input_ids.shape[0] == 0:  # this rank holds none of the mini-batch: still run the forwards
-            data = _blank_row(data)
+        n_micro = None
+        if self.moe.enabled and self.ctx.distributed:  # update()'s micro-batch count (the gradient's aux term)
+            mb = cfg.micro_batch_size
+            n_micro = max(1, max(-(-c[0] // mb) for c in self.ctx.all_gather_ints([data.input_ids.shape[0]])))
+        if data.input_ids.shape[0] == 0 and not self.moe.enabled:  # this rank holds none of the mini-batch:
+            data = _blank_row(data)  # still run the forwards (the MoE surrogate runs n_micro blank ones)
         # the rollout policy's log-probs of the sampled tokens: the trust region's centre
         pre_logp = data.old_logp
-        loss0, _ = self._surrogate(data, pre_logp, norm)
+        loss0, _ = self._surrogate(data, pre_logp, norm, n_micro)
         old = [p.detach().clone() for p in params]
         self.optimizer.step()
         delta = [p.detach() - o for p, o in zip(params, old)]
@@ -1960,7 +2040,7 @@ class RLTrainer:
                 for p, o, dl in zip(params, old, delta):
                     p.copy_(o + frac * dl)
             reshard(self.policy)  # FSDP2: the surrogate's forward gathers the new parameters
-            loss, kl = self._surrogate(data, pre_logp, norm)
+            loss, kl = self._surrogate(data, pre_logp, norm, n_micro)
             if kl <= cfg.trpo_max_kl and loss <= loss0:
                 accepted = True
                 break
@@ -1983,6 +2063,7 @@ class RLTrainer:
         g = torch.Generator().manual_seed(self.config.seed * 7919 + self.global_step)
         units = self._shuffle_units(data)  # ppo.prefix_sharing: whole groups
         sums: Dict[str, float] = {}
+        skipped: Dict[str, int] = {}  # the mini-batches whose min / max statistic had no answer
         n_updates, stopped = 0, False
         for _ in range(cfg.epochs):
             perm = self._permutation(g, sum(counts), units).to(data.input_ids.device)
@@ -2026,6 +2107,8 @@ class RLTrainer:
                     if self.critic_scaler.step(self.critic_optimizer):
                         self.critic_scheduler.step()
                 for k, v in st.items():
+                    if k in _MIN_STATS + _MAX_STATS and not math.isfinite(v):  # TRL's NaN: out of the mean
+                        v, skipped[k] = 0.0, skipped.get(k, 0) + 1
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
                 if cfg.target_kl is not None and st["approx_kl"] > 1.5 * cfg.target_kl:
@@ -2033,7 +2116,8 @@ class RLTrainer:
                     break
             if stopped:
                 break
-        out = {f"policy/{k}" if not k.startswith("value") else k.replace("value_", "value/"): v / n_updates
+        out = {f"policy/{k}" if not k.startswith("value") else k.replace("value_", "value/"):
+               v / (n_updates - skipped.get(k, 0)) if n_updates > skipped.get(k, 0) else math.nan
                for k, v in sums.items()}
         if self.reference is None:  # a KL to no reference is no metric
             out.pop("policy/kl", None)

@@ -731,7 +731,8 @@ class PPOConfig:
     ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / ``kl.use_bias_correction_kl``;
     runs on per-token log-probs of the fused head, not the fused loss kernel; ``policy/clip_frac``,
     ``ratio_mean`` / ``ratio_max`` are then over answers, and ``policy/clip_low_frac`` /
-    ``policy/clip_high_frac`` — TRL's ``clip_ratio/low_mean`` / ``high_mean`` — are logged).
+    ``policy/clip_high_frac`` — TRL's ``clip_ratio/low_mean`` / ``high_mean`` — are logged, and
+    ``policy/clip_low_min`` / ``clip_high_max``, its ``low_min`` / ``high_max``, as for ``clip``).
 
     ``policy_loss`` (:mod:`rlhf_fast.algorithms.policy_losses`, TRL GRPOTrainer's loss types):
     ``clip`` (PPO's clipped surrogate, the default: clip_low / clip_high / dual_clip, on the
@@ -777,7 +778,8 @@ class PPOConfig:
     only; dual_clip / trpo / ``off_policy_mask_threshold`` / ``is_cap`` /
     ``kl.use_bias_correction_kl`` refused, as TRL's GMPOTrainer has none of them;
     ``policy/clip_frac``, ``clip_low_frac`` and ``clip_high_frac`` are TRL's
-    ``clip_ratio/region_mean``, ``low_mean`` and ``high_mean``).
+    ``clip_ratio/region_mean``, ``low_mean`` and ``high_mean``; ``clip_low_min`` / ``clip_high_max``
+    its ``low_min`` / ``high_max``).
 
     ``is_mode`` (with ``is_cap``; TRL's ``vllm_importance_sampling_mode``): how the weight
     between the sampler's and the recomputed log-probs is bounded: ``token_truncate`` (the
@@ -828,7 +830,9 @@ class PPOConfig:
     with a warning.
     ``router_aux_loss_coef`` (TRL's GRPO / RLOO ``router_aux_loss_coef``): the weight of a
     Mixture-of-Experts policy's router load-balancing loss in the policy update, coef × aux / the
-    mini-batch's micro-batches (TRL's gradient-accumulation steps); null: the model config's own
+    mini-batch's micro-batches (TRL's gradient-accumulation steps; on several ranks every rank's
+    micro-batches over the world size, so a rank holding none adds nothing; under ``trpo`` in the
+    line-search surrogate too); null: the model config's own
     (Mixtral's 0.001; 0 for a dense model, where a non-zero value is refused); logged as
     ``policy/aux_loss`` (:mod:`rlhf_fast.models.moe_aux`)."""
 

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
 RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
-               "online-dpo": ("online_dpo",), "a2po": ("a2po",)}
+               "online-dpo": ("online_dpo",), "a2po": ("a2po",), "sdpo": ("sdpo",),
+               "sdft": ("sdft",)}
 
 # Keys that only one offline trainer's config holds (checked in this order: KTO and DPO both have
 # beta / loss_type / ref_model, the reward and DPO configs both use_margin). Several per kind, so
@@ -65,6 +66,14 @@ KEY_SETTINGS.update({
     "a2po": ("estimator", "steps", "num_train_epochs", "model.lora", "a2po.num_value_samples", "a2po.beta1",
              "a2po.beta2", "a2po.filter_all_incorrect", "rollout.prompts_per_step", "rollout.max_new_tokens",
              "rollout.temperature", "reward.functions", "reward.reward_model", "optim.lr", "seed"),
+    "sdpo": ("estimator", "steps", "num_train_epochs", "model.lora", "sdpo.distillation_weight",
+             "sdpo.distillation_mode", "sdpo.teacher_model_kind", "sdpo.success_reward_threshold",
+             "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
+             "reward.functions", "reward.reward_model", "optim.lr", "seed"),
+    "sdft": ("estimator", "steps", "num_train_epochs", "model.lora", "sdft.teacher_model_kind",
+             "sdft.distillation_mode", "sdft.distillation_alpha", "sdft.distillation_topk",
+             "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
+             "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
 })
 
 # The metrics tabulated, per kind, in this order; "x*" takes every logged key starting with "x".
@@ -90,6 +99,11 @@ KEY_METRICS["distill"] = ("loss", "distill/divergence", "entropy", "eval/*", "gr
 KEY_METRICS["online-dpo"] = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                              "objective/*", "logps/*", "val/contain_eos_token", "reward/*", "eval/*", "grad_norm",
                              "beta", "response_length/mean", "tokens_per_second", "time/step", "lr")
+KEY_METRICS["sdpo"] = ("reward/total", "reward/*", "self_distillation/*", "sdpo/*", "eval/*", "policy/loss",
+                      "policy/grad_norm", "response_length/mean", "rollout/truncated_frac", "time/step", "lr")
+KEY_METRICS["sdft"] = ("loss", "sdft/distillation_loss", "entropy", "eval/*", "grad_norm", "completions/mean_length",
+                      "completions/clipped_ratio", "sdft/teacher_syncs", "num_tokens", "reward/*", "tokens_per_second",
+                      "time/step", "lr")
 KEY_METRICS["a2po"] = ("loss", "reward", "v_star", "advantage", "implicit_reward", "reward/*", "eval/*", "grad_norm",
                       "a2po/*", "response_length/mean", "rollout/truncated_frac", "time/step", "lr")
 

@@ -80,7 +80,7 @@ from rlhf_fast.models.moe_aux import RouterAux
 from rlhf_fast.trainers.common import autocast_context, random_states_kept
 from rlhf_fast.trainers.mixed_precision import LossScaler, fp16_autocast, fp16_on
 from rlhf_fast.trainers.console_samples import print_samples
-from rlhf_fast.trainers.rl_config import A2PO, DISTILL, ONLINE_DPO, RLConfig
+from rlhf_fast.trainers.rl_config import A2PO, DISTILL, ONLINE_DPO, SDPO, RLConfig
 
 
 @dataclass
@@ -403,8 +403,9 @@ def _critic_shares(critic, prefix_sharing: bool, seq_len: int) -> bool:
 def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
     """One row shaped like ``data``'s rows that counts nothing (no response token; attended,
     so every value stays finite): what a rank without rows feeds to keep its forwards and
-    backwards in step with the other ranks."""
-    fields = {k: getattr(data, k) for k in data.__dataclass_fields__}
+    backwards in step with the other ranks. A subclass's extra fields are left out (a plain
+    :class:`RolloutTensors`: SDPO's blank row reads none)."""
+    fields = {k: getattr(data, k) for k in RolloutTensors.__dataclass_fields__}
     out = {k: (None if v is None else v[:1].clone() if v.shape[0] else v.new_zeros((1, *v.shape[1:])))
            for k, v in fields.items()}
     out["response_mask"].zero_()
@@ -543,6 +544,9 @@ class RLTrainer:
     _online_dpo = False
     # the subclass that trains ``estimator: a2po`` (rlhf_fast.trainers.a2po.A2POTrainer)
     _a2po = False
+    # the subclass that trains ``estimator: sdpo`` (rlhf_fast.trainers.sdpo.SDPOTrainer); it hands this
+    # class a grpo config, so only the other direction is refused here
+    _sdpo = False
     # (record, prompt_key, where) -> record: a subclass's own data format read as a prompt record
     # (distillation: GKD's {messages}); None: records as they are
     convert_record = None
@@ -581,6 +585,9 @@ class RLTrainer:
         if (config.estimator == A2PO) != self._a2po:
             raise ValueError(f"estimator {config.estimator!r}: A*-PO trains with rlhf_fast.trainers.a2po.A2POTrainer "
                              f"(rlhf-fast a2po), the RL estimators with RLTrainer; got {type(self).__name__}")
+        if config.estimator == SDPO and not self._sdpo:
+            raise ValueError(f"estimator {config.estimator!r}: SDPO trains with rlhf_fast.trainers.sdpo.SDPOTrainer "
+                             f"(rlhf-fast sdpo), the RL estimators with RLTrainer; got {type(self).__name__}")
         config.ppo.check_estimator(config.estimator, config.kl)
         if (policy is None) != (tokenizer is None):
             raise ValueError("policy and tokenizer must be given together (or both None to build from config.model)")

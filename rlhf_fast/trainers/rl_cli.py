@@ -16,7 +16,9 @@ loss on each prompt's two answers, the better by the rewards (or ``--online_dpo.
 a2po, :class:`~rlhf_fast.trainers.a2po.A2POTrainer`) regresses β2·log π/π_ref of one answer per
 prompt onto r − V*, V* estimated before training; ``rollout.group_size`` is 1 and
 ``rollout.prompts_per_step`` 8 (TRL's 8 prompts per device, one answer each) unless the config
-file or the command line sets them.
+file or the command line sets them. ``sdpo`` (estimator sdpo,
+:class:`~rlhf_fast.trainers.sdpo.SDPOTrainer`) is GRPO plus self-distillation towards the policy
+reprompted with a successful sibling answer (``--sdpo.*``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 
 FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
             "distill": ("distill", ("distill",)), "online-dpo": ("online_dpo", ("online_dpo",)),
-            "a2po": ("a2po", ("a2po",))}
+            "a2po": ("a2po", ("a2po",)), "sdft": ("sdft", ("sdft",)), "sdpo": ("sdpo", ("sdpo",))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rlhf_fast.trainers.config import config_keys_help
     from rlhf_fast.trainers.rl_config import RLConfig
 
-    parser.usage = ("rlhf-fast {ppo,grpo,rloo,distill,online-dpo,a2po} CONFIG.yaml [--key value ...] "
+    parser.usage = ("rlhf-fast {ppo,grpo,rloo,distill,online-dpo,a2po,sdpo,sdft} CONFIG.yaml [--key value ...] "
                     "[--resume RUN_DIR] "
                     "[--print-config]")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -172,6 +174,9 @@ _TRAINERS = {
     "online_dpo": ("rlhf_fast.trainers.online_dpo", "OnlineDPOTrainer",
                    (("loss", "loss"), ("accuracy", "rewards/accuracies"))),
     "a2po": ("rlhf_fast.trainers.a2po", "A2POTrainer", (("loss", "loss"), ("reward", "reward"))),
+    "sdft": ("rlhf_fast.trainers.sdft", "SDFTTrainer", (("loss", "loss"), ("entropy", "entropy"))),
+    "sdpo": ("rlhf_fast.trainers.sdpo", "SDPOTrainer",
+             (("reward", "reward/total"), ("distill", "self_distillation/distillation_loss"))),
     None: ("rlhf_fast.trainers.rl", "RLTrainer", (("reward", "reward/total"), ("kl", "kl/seq"))),
 }
 

@@ -39,7 +39,12 @@ DISTILL = "distill"
 ONLINE_DPO = "online_dpo"
 # A*-PO (rlhf_fast.trainers.a2po): regression of β2·log(π/π_ref) onto r − V*, V* estimated before training
 A2PO = "a2po"
-RL_ESTIMATORS = ESTIMATORS + (DISTILL, ONLINE_DPO, A2PO)
+# SDPO (rlhf_fast.trainers.sdpo): GRPO plus self-distillation towards the policy reprompted with a
+# successful sibling answer
+SDPO = "sdpo"
+# SDFT (rlhf_fast.trainers.sdft): on-policy self-distillation towards the policy given a privileged context
+SDFT = "sdft"
+RL_ESTIMATORS = ESTIMATORS + (DISTILL, ONLINE_DPO, A2PO, SDPO, SDFT)
 ONLINE_DPO_LOSSES = ("sigmoid", "ipo")
 # adaptive entropy control (Skywork-OR1; TRL's defaults)
 ENTROPY_COEF_MIN, ENTROPY_COEF_MAX, ENTROPY_COEF_DELTA, ENTROPY_TARGET = 0.0, 1.0, 0.005, 0.2
@@ -1334,6 +1339,209 @@ class A2POConfig:
 A2PO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
 
 
+@dataclass
+class SDPOConfig:
+    """SDPO (``estimator: sdpo``; TRL's experimental ``SDPOTrainer``, ``rlhf-fast sdpo``,
+    :class:`rlhf_fast.trainers.sdpo.SDPOTrainer`): GRPO's rollouts, rewards and advantages, and a
+    loss (1 − ``distillation_weight``)·GRPO policy loss + ``distillation_weight``·self-distillation
+    loss. Each answer's teacher context is its prompt reprompted (``reprompt_template`` with
+    ``{prompt}``, ``{solution}``, ``{feedback}``) with the first other answer of its group whose
+    reward is >= ``success_reward_threshold`` (``solution_template``'s
+    ``{successful_previous_attempt}``; the answer itself too unless ``dont_reprompt_on_self_success``;
+    none with ``use_successful_as_teacher`` false) and, with ``include_environment_feedback``, the
+    prompt record's ``privileged_context`` (``feedback_template``'s ``{feedback_raw}``; only where no
+    solution is found with ``environment_feedback_only_without_solution``); answers with neither keep
+    no distillation term. The teacher (``teacher_model_kind``: ``ema`` the initial policy moved
+    towards the policy by ``teacher_update_rate`` every ``teacher_sync_steps`` optimizer steps,
+    ``base`` the initial policy, ``live`` the policy itself without gradient) scores the answer
+    after its teacher context (its last ``max_reprompt_len`` tokens). ``distillation_mode``:
+    ``sampled_token`` ((log π − log π_T)·log π on the sampled tokens, reverse KL: needs
+    ``distillation_alpha`` 1), ``full_logits`` (the divergence over the vocabulary; ``distillation_alpha``
+    0 forward KL, 1 reverse, between: the generalized JSD), ``topk_logits`` (over the student's
+    ``distillation_topk`` most likely tokens, renormalised or with a tail bucket,
+    ``distillation_add_tail``); each token's term times min(π/π_old, ``distillation_is_clip``)
+    (null: not), averaged over each answer's tokens and then over the answers. The diagnostics warn
+    on the first and every ``diagnostics_warning_interval``-th consecutive step (0: never) whose
+    rewards are all flat or that reprompts nothing (``diagnostics_flat_tolerance``)."""
+
+    distillation_weight: float = 1.0
+    distillation_alpha: float = 1.0
+    distillation_mode: str = "sampled_token"
+    distillation_topk: Optional[int] = None
+    distillation_is_clip: Optional[float] = 2.0
+    distillation_add_tail: bool = False
+    teacher_model_kind: str = "ema"
+    teacher_update_rate: float = 0.05
+    teacher_sync_steps: int = 1
+    use_successful_as_teacher: bool = True
+    success_reward_threshold: float = 1.0
+    dont_reprompt_on_self_success: bool = True
+    max_reprompt_len: int = 10240
+    reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+    solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+    feedback_template: str = ("\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+                              "{feedback_raw}\n\n")
+    include_environment_feedback: bool = False
+    environment_feedback_only_without_solution: bool = False
+    remove_thinking_from_demonstration: bool = False
+    diagnostics_warning_interval: int = 10
+    diagnostics_flat_tolerance: float = 1e-8
+
+    def __post_init__(self):
+        finite("sdpo.distillation_weight", self.distillation_weight, "in [0, 1]")
+        if not 0.0 <= self.distillation_weight <= 1.0:
+            raise ValueError(f"sdpo.distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
+        finite("sdpo.distillation_alpha", self.distillation_alpha, "in [0, 1]")
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"sdpo.distillation_alpha must be in [0, 1], got {self.distillation_alpha!r}")
+        _choice("sdpo.distillation_mode", self.distillation_mode, SDPO_MODES)
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
+            raise ValueError(f"sdpo.distillation_alpha must be 1.0 with sdpo.distillation_mode 'sampled_token' "
+                             f"(reverse KL on the sampled tokens, as TRL), got {self.distillation_alpha!r}")
+        if self.distillation_mode == "topk_logits":
+            if self.distillation_topk is None:
+                raise ValueError("sdpo.distillation_topk must be set (an int >= 1) with sdpo.distillation_mode "
+                                 "'topk_logits'")
+            _pos("sdpo.distillation_topk", self.distillation_topk, integer=True)
+        elif self.distillation_topk is not None:
+            raise ValueError(f"sdpo.distillation_topk applies to sdpo.distillation_mode 'topk_logits' only (leave it "
+                             f"null), got {self.distillation_topk!r} with {self.distillation_mode!r}")
+        if self.distillation_is_clip is not None:
+            _pos("sdpo.distillation_is_clip", self.distillation_is_clip)
+        for key in ("distillation_add_tail", "use_successful_as_teacher", "dont_reprompt_on_self_success",
+                    "include_environment_feedback", "environment_feedback_only_without_solution",
+                    "remove_thinking_from_demonstration"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"sdpo.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.distillation_add_tail and self.distillation_mode != "topk_logits":
+            raise ValueError("sdpo.distillation_add_tail applies to sdpo.distillation_mode 'topk_logits' only")
+        _choice("sdpo.teacher_model_kind", self.teacher_model_kind, SDPO_TEACHERS)
+        finite("sdpo.teacher_update_rate", self.teacher_update_rate, "in (0, 1]")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"sdpo.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate!r}")
+        _pos("sdpo.teacher_sync_steps", self.teacher_sync_steps, integer=True)
+        finite("sdpo.success_reward_threshold", self.success_reward_threshold, "finite")
+        _pos("sdpo.max_reprompt_len", self.max_reprompt_len, integer=True)
+        for key, fields in (("reprompt_template", ("prompt", "solution", "feedback")),
+                            ("solution_template", ("successful_previous_attempt",)),
+                            ("feedback_template", ("feedback_raw",))):
+            _format_template(f"sdpo.{key}", getattr(self, key), fields)
+        _pos("sdpo.diagnostics_warning_interval", self.diagnostics_warning_interval, allow_zero=True, integer=True)
+        _pos("sdpo.diagnostics_flat_tolerance", self.diagnostics_flat_tolerance, allow_zero=True)
+
+
+def _format_template(name: str, value: Any, fields) -> None:
+    """ValueError unless ``value`` is a str.format template whose every field is one of ``fields``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    try:
+        value.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{name} must be a format string with fields among {{{'}, {'.join(fields)}}} "
+                         f"({type(e).__name__}: {e}), got {value!r}") from None
+
+
+SDPO_MODES = ("sampled_token", "full_logits", "topk_logits")
+# the ppo keys that sdpo.distillation_weight 1 (no policy-gradient loss) still reads: the batches, the
+# clipping, the early stop on the ratio's approx KL, π_old of the importance clip, the shared prefix, MoE's term
+SDPO_DISTILL_ONLY_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "target_kl",
+                              "old_logp", "prefix_sharing", "router_aux_loss_coef")
+SDPO_TEACHERS = ("ema", "base", "live")
+
+# sdft.distillation_mode / teacher_model_kind (TRL SDFTConfig's)
+SDFT_MODES = ("topk_logits", "full_logits", "sampled_token")
+SDFT_TEACHERS = ("base", "live", "ema")
+
+
+@dataclass
+class SDFTConfig:
+    """SDFT, self-distillation fine-tuning (``estimator: sdft``; TRL's experimental ``SDFTTrainer``,
+    ``rlhf-fast sdft``, :class:`rlhf_fast.trainers.sdft.SDFTTrainer`): the policy answers each
+    prompt on-policy and is trained towards its own teacher's next-token distributions on those
+    answers, the teacher reading the prompt with the record's ``privileged_context`` field
+    (``teacher_prompt_template`` with ``{prompt}`` and ``{privileged_context}``; a chat prompt's
+    last user message is rewritten so, as TRL). These keys apply to that estimator only.
+
+    ``teacher_model_kind``: ``base`` (default) the initial policy, frozen; ``live`` the policy
+    itself, without gradient; ``ema`` a copy of the initial policy moved towards the policy,
+    teacher ← (1 − ``teacher_update_rate``)·teacher + rate·policy, after every
+    ``teacher_sync_steps``-th optimizer step (checkpointed). ``distillation_mode``:
+    ``topk_logits`` (default) the divergence over the student's ``distillation_topk`` most likely
+    tokens, renormalised or with one tail bucket (``distillation_add_tail``); ``full_logits`` over
+    the vocabulary; ``sampled_token`` (log π − log π_T)·log π on the sampled tokens (reverse KL:
+    ``distillation_alpha`` 1). ``distillation_alpha``: 0 forward KL(teacher ‖ student), 1 reverse,
+    in between the generalised JSD. ``distillation_is_clip`` (null: off): each token's loss times
+    min(π/π_rollout, clip) when a rollout feeds more than one optimizer step (TRL computes the
+    rollout log-probs only then). ``num_loss_tokens_to_skip``: the first answer tokens out of the
+    loss. ``generate_from_teacher``: the policy answers the teacher's prompt (then no importance
+    weight, as TRL). The loss: each answer's mean token loss, averaged over the answers of the
+    optimizer step on every rank (TRL's). ``chunk_size`` (ours): rows of logits held at once."""
+
+    teacher_model_kind: str = "base"
+    teacher_update_rate: float = 0.05
+    teacher_sync_steps: int = 1
+    distillation_mode: str = "topk_logits"
+    distillation_alpha: float = 0.5
+    distillation_topk: Optional[int] = 100
+    distillation_add_tail: bool = False
+    distillation_is_clip: Optional[float] = 2.0
+    num_loss_tokens_to_skip: int = 0
+    generate_from_teacher: bool = False
+    teacher_prompt_template: str = "{prompt}\n\n{privileged_context}"
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        _choice("sdft.teacher_model_kind", self.teacher_model_kind, SDFT_TEACHERS)
+        finite("sdft.teacher_update_rate", self.teacher_update_rate, "in (0, 1]")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"sdft.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate!r}")
+        _pos("sdft.teacher_sync_steps", self.teacher_sync_steps, integer=True)
+        fields = SDFTConfig.__dataclass_fields__
+        if self.teacher_model_kind != "ema":
+            moved = [f"sdft.{k}" for k in ("teacher_update_rate", "teacher_sync_steps")
+                     if getattr(self, k) != fields[k].default]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} apply to sdft.teacher_model_kind 'ema' only, got "
+                                 f"{self.teacher_model_kind!r}; remove them")
+        _choice("sdft.distillation_mode", self.distillation_mode, SDFT_MODES)
+        a = self.distillation_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:  # (nan fails too)
+            raise ValueError(f"sdft.distillation_alpha must be a number in [0, 1] (0 forward KL, 1 reverse KL), "
+                             f"got {a!r}")
+        if self.distillation_mode == "sampled_token" and a != 1.0:
+            raise ValueError(f"sdft.distillation_alpha must be 1.0 with sdft.distillation_mode 'sampled_token' "
+                             f"(reverse KL on the sampled tokens, as TRL), got {a!r}")
+        if self.distillation_mode == "topk_logits":
+            if self.distillation_topk is None:
+                raise ValueError("sdft.distillation_topk must be an int >= 1 with sdft.distillation_mode "
+                                 "'topk_logits', got None")
+            _pos("sdft.distillation_topk", self.distillation_topk, integer=True)
+        else:
+            moved = [f"sdft.{k}" for k in ("distillation_topk", "distillation_add_tail")
+                     if getattr(self, k) != fields[k].default]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} apply to sdft.distillation_mode 'topk_logits' only, got "
+                                 f"{self.distillation_mode!r}; remove them")
+        for key in ("distillation_add_tail", "generate_from_teacher"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"sdft.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.distillation_is_clip is not None:
+            _pos("sdft.distillation_is_clip", self.distillation_is_clip)
+        _pos("sdft.num_loss_tokens_to_skip", self.num_loss_tokens_to_skip, allow_zero=True, integer=True)
+        t = self.teacher_prompt_template
+        _format_template("sdft.teacher_prompt_template", t, ("prompt", "privileged_context"))
+        if "{prompt}" not in t or "{privileged_context}" not in t:
+            raise ValueError(f"sdft.teacher_prompt_template must contain both {{prompt}} and {{privileged_context}} "
+                             f"(TRL's check), got {t!r}")
+        if self.chunk_size is not None:
+            _pos("sdft.chunk_size", self.chunk_size, integer=True)
+
+
+# the ppo keys that the SDFT update uses (no policy-gradient loss; no shared-prefix forward: the
+# teacher's rows have other prompts)
+SDFT_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
+
+
 def _changed(section, prefix: str, keep=()) -> List[str]:
     """The dotted keys of dataclass ``section`` set away from their defaults (``keep`` aside)."""
     out = []
@@ -1437,17 +1645,22 @@ class RLConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     a2po: A2POConfig = field(default_factory=A2POConfig)
+    sdpo: SDPOConfig = field(default_factory=SDPOConfig)
+    sdft: SDFTConfig = field(default_factory=SDFTConfig)
 
     def __post_init__(self):
         _choice("estimator", self.estimator, RL_ESTIMATORS)
         self._check_distill()
         self._check_online_dpo()
         self._check_a2po()
-        self.ppo.check_estimator(self.estimator, self.kl)
+        self._check_sdpo()
+        self._check_sdft()
+        # (SDPO's advantages are GRPO's)
+        self.ppo.check_estimator("grpo" if self.estimator == SDPO else self.estimator, self.kl)
         _pos("eval_every", self.eval_every, allow_zero=True, integer=True)
         if self.scale_rewards is not None:
             _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-            if self.estimator not in ("grpo", "dr_grpo") or (self.estimator == "dr_grpo"
+            if self.estimator not in ("grpo", "dr_grpo", SDPO) or (self.estimator == "dr_grpo"
                                                               and self.scale_rewards != "none"):
                 raise ValueError(f"scale_rewards {self.scale_rewards!r} applies to estimator 'grpo' (dr_grpo is "
                                  f"'none'), got estimator {self.estimator!r}")
@@ -1623,6 +1836,77 @@ class RLConfig:
             raise ValueError(f"{', '.join(rest)}: no effect in A*-PO (a squared error per answer against r − V*: "
                              f"no policy-gradient loss, advantages, critic or reward shaping; of ppo only "
                              f"{', '.join('ppo.' + k for k in A2PO_PPO_KEYS)} apply); remove these keys")
+
+    def _check_sdpo(self):
+        """``sdpo.*`` only with estimator sdpo; with it, GRPO's needs (two answers or more per
+        prompt, no critic) and refusals of what the teacher contexts cannot follow: answers whose
+        rows change after the rollout (dynamic sampling's extra rounds) or hold tool turns; of what
+        SDPO would ignore: ``ppo.trpo``, the critic's keys, with ``distillation_weight`` 1 the
+        policy-loss and KL keys; an ``ema`` / ``base`` teacher under FSDP2 (not implemented)."""
+        if not self._estimator_section("sdpo", SDPOConfig, SDPO, "rlhf-fast sdpo"):
+            return
+        if self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for estimator {SDPO!r} (the advantages and the "
+                             f"successful siblings come from each prompt's group), got {self.rollout.group_size}")
+        if self.model.critic is not None:
+            raise ValueError(f"model.critic: estimator {SDPO!r} has GRPO's advantages, no critic; remove it")
+        ro = self.rollout
+        for key, on in (("rollout.dynamic_sampling", ro.dynamic_sampling), ("rollout.tools", bool(ro.tools)),
+                        ("rollout.environment_factory", bool(ro.environment_factory)),
+                        ("rollout.rollout_func", ro.rollout_func is not None)):
+            if on:
+                raise ValueError(f"{key} is not supported with estimator {SDPO!r} (TRL's SDPOTrainer has none: "
+                                 f"its teacher contexts reprompt each plain rollout group); remove it")
+        if self.ppo.trpo:
+            raise ValueError(f"ppo.trpo is not supported with estimator {SDPO!r}: its line search measures the GRPO "
+                             f"surrogate alone, not the self-distillation term in the step's direction; remove it")
+        critic = _changed(self.ppo, "ppo.", keep=tuple(k for k in PPOConfig.__dataclass_fields__
+                                                         if k not in ("value_coef", "value_clip")))
+        if critic:
+            raise ValueError(f"{', '.join(critic)}: no effect with estimator {SDPO!r} (GRPO's advantages, no critic); "
+                             f"remove these keys")
+        sd = self.sdpo
+        if sd.distillation_weight != 0 and sd.teacher_model_kind != "live" and self.distributed.strategy == "fsdp2":
+            # the teacher copy would be taken from the policy's shards (not implemented)
+            raise ValueError(f"sdpo.teacher_model_kind {sd.teacher_model_kind!r} with distributed.strategy fsdp2 is "
+                             f"not supported yet; use 'live', or strategy ddp")
+        if sd.distillation_weight == 1:  # no policy-gradient loss: its keys, the advantages and the KL do nothing
+            rest = _changed(self.ppo, "ppo.", keep=SDPO_DISTILL_ONLY_PPO_KEYS)
+            rest += _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
+            if rest:
+                raise ValueError(f"{', '.join(rest)}: no effect with sdpo.distillation_weight 1 (the loss is the "
+                                 f"self-distillation term alone: no policy-gradient loss, advantages or KL term; of "
+                                 f"ppo only {', '.join('ppo.' + k for k in SDPO_DISTILL_ONLY_PPO_KEYS)} apply); "
+                                 f"remove these keys")
+
+    def _check_sdft(self):
+        """``sdft.*`` only with estimator sdft; with it, refuse what SDFT has not: a reference
+        and KL term (``kl.coef: 0`` aside), a critic, the policy-loss keys of ``ppo``, and
+        rollouts the teacher's prompts cannot follow (tools, environments, a rollout function);
+        an ``ema`` teacher of a LoRA policy (TRL keeps a second adapter for it; not here)."""
+        if not self._estimator_section("sdft", SDFTConfig, SDFT, "rlhf-fast sdft"):
+            return
+        kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
+        if kl or self.model.reference:
+            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: SDFT has "
+                             f"no reference model and no KL term (its teacher is sdft.teacher_model_kind); remove "
+                             f"these keys")
+        rest = _changed(self.ppo, "ppo.", keep=SDFT_PPO_KEYS)
+        if self.model.critic is not None:
+            rest.append("model.critic")
+        if rest:
+            raise ValueError(f"{', '.join(rest)}: no effect in SDFT (no policy-gradient loss, advantages or critic; "
+                             f"of ppo only {', '.join('ppo.' + k for k in SDFT_PPO_KEYS)} apply); remove these keys")
+        ro = self.rollout
+        for key, on in (("rollout.tools", bool(ro.tools)), ("rollout.environment_factory", bool(ro.environment_factory)),
+                        ("rollout.rollout_func", ro.rollout_func is not None)):
+            if on:
+                raise ValueError(f"{key}: not with estimator {SDFT!r} (the teacher reads each answer after the "
+                                 f"prompt's teacher version, which a tool turn or a custom rollout would not "
+                                 f"follow; TRL's SDFTTrainer has neither); remove it")
+        if self.sdft.teacher_model_kind == "ema" and self.model.lora is not None:
+            raise ValueError("sdft.teacher_model_kind 'ema' with model.lora is not supported (TRL keeps an EMA "
+                             "adapter for it); use 'base' (the adapters disabled) or 'live'")
 
     @property
     def batch_size(self) -> int:

@@ -84,7 +84,8 @@ ANSWERS = ["0 1 2", "a b", "<think>x y</think> 3 4", "q:", "5", "b c", "d", "e f
     dict(rewards=[0, 0, 1, 0, 0, 0, 0, 0], feedback=True, include_environment_feedback=True),
     dict(rewards=[0, 0, 1, 0, 0, 0, 0, 0], feedback=True, include_environment_feedback=True,
          environment_feedback_only_without_solution=True, max_reprompt_len=7),
-    dict(rewards=[1, 1, 1, 1, 0, 0, 0, 0], feedback=True, use_successful_as_teacher=False),
+    dict(rewards=[1, 1, 1, 1, 0, 0, 0, 0], feedback=True, use_successful_as_teacher=False,
+         include_environment_feedback=True),  # feedback only (neither source is refused by the config)
     dict(rewards=[1, 0, 0, 0, 0, 1, 0, 0], chat=True),
     dict(rewards=[1, 0, 0, 0, 0, 1, 0, 0], chat=True, feedback=True, include_environment_feedback=True,
          max_reprompt_len=12),

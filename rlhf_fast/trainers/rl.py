@@ -629,6 +629,7 @@ class RLTrainer:
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()
         self.tokenizer = tokenizer
+        self._before_wrap(self.policy)
         # No KL term anywhere (kl.coef 0, a fixed controller, no reference sync) and no reference
         # asked for: none is built and none runs (as TRL with beta 0 and verl without a KL
         # loss or reward): DAPO-style runs save a model's memory and a forward per step.
@@ -939,6 +940,13 @@ class RLTrainer:
         except ValueError as e:
             raise ValueError(f"tools: {e}") from None
         return out
+
+    def _before_wrap(self, policy: torch.nn.Module) -> None:
+        """Called once by ``__init__`` with the policy as built (LoRA adapters and activation
+        checkpointing applied, on ``self.device``, in eval mode; ``self.config``, ``self.ctx``,
+        ``self.device`` and ``self.tokenizer`` set), before the reference, the critic, the rollout
+        engine and DDP / FSDP2 take it: the place to copy its full weights (FSDP2 shards it in
+        place later). Default: nothing."""
 
     def _build_rollout_func(self, fn):
         """The rollout function of ``rollout_func=`` or ``rollout.rollout_func`` (not both), or

@@ -1420,7 +1420,7 @@ class SDPOConfig:
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"sdpo.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate!r}")
         _pos("sdpo.teacher_sync_steps", self.teacher_sync_steps, integer=True)
-        finite("sdpo.success_reward_threshold", self.success_reward_threshold, "finite")
+        finite("sdpo.success_reward_threshold", self.success_reward_threshold, "a number")
         _pos("sdpo.max_reprompt_len", self.max_reprompt_len, integer=True)
         for key, fields in (("reprompt_template", ("prompt", "solution", "feedback")),
                             ("solution_template", ("successful_previous_attempt",)),
@@ -1428,6 +1428,40 @@ class SDPOConfig:
             _format_template(f"sdpo.{key}", getattr(self, key), fields)
         _pos("sdpo.diagnostics_warning_interval", self.diagnostics_warning_interval, allow_zero=True, integer=True)
         _pos("sdpo.diagnostics_flat_tolerance", self.diagnostics_flat_tolerance, allow_zero=True)
+        self._check_keys_in_effect()
+
+    def _check_keys_in_effect(self) -> None:
+        """ValueError naming the keys set away from their defaults where they do nothing: the
+        teacher and distillation keys at ``distillation_weight`` 0 (GRPO alone: no teacher runs),
+        the EMA keys with a ``live`` / ``base`` teacher, the feedback keys without
+        ``include_environment_feedback``; and a run where no answer can get a teacher context
+        (neither successful siblings nor feedback) at a weight above 0."""
+        fields = SDPOConfig.__dataclass_fields__
+
+        def moved(keys):
+            return [f"sdpo.{k}" for k in keys if getattr(self, k) != fields[k].default]
+
+        if self.distillation_weight == 0:
+            m = moved(("distillation_mode", "distillation_alpha", "distillation_topk", "distillation_is_clip",
+                       "distillation_add_tail", "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps"))
+            if m:
+                raise ValueError(f"{', '.join(m)}: no effect with sdpo.distillation_weight 0 (GRPO's step alone, no "
+                                 f"teacher runs); remove these keys or set a weight above 0")
+            return
+        if self.teacher_model_kind != "ema":
+            m = moved(("teacher_update_rate", "teacher_sync_steps"))
+            if m:
+                raise ValueError(f"{', '.join(m)} apply to sdpo.teacher_model_kind 'ema' only, got "
+                                 f"{self.teacher_model_kind!r}; remove them")
+        if not self.include_environment_feedback:
+            m = moved(("environment_feedback_only_without_solution", "feedback_template"))
+            if m:
+                raise ValueError(f"{', '.join(m)}: no effect without sdpo.include_environment_feedback true; remove "
+                                 f"them or turn the feedback on")
+            if not self.use_successful_as_teacher:
+                raise ValueError("sdpo.use_successful_as_teacher false with sdpo.include_environment_feedback false: "
+                                 "no answer can get a teacher context, so the distillation term would always be 0; "
+                                 "turn one of them on, or set sdpo.distillation_weight 0 (GRPO alone)")
 
 
 def _format_template(name: str, value: Any, fields) -> None:
@@ -1842,7 +1876,8 @@ class RLConfig:
         prompt, no critic) and refusals of what the teacher contexts cannot follow: answers whose
         rows change after the rollout (dynamic sampling's extra rounds) or hold tool turns; of what
         SDPO would ignore: ``ppo.trpo``, the critic's keys, with ``distillation_weight`` 1 the
-        policy-loss and KL keys; an ``ema`` / ``base`` teacher under FSDP2 (not implemented)."""
+        policy-loss and KL keys. (Every ``teacher_model_kind`` runs under DDP and FSDP2: a
+        ``base`` / ``ema`` teacher is copied before FSDP2 shards the policy, then sharded like it.)"""
         if not self._estimator_section("sdpo", SDPOConfig, SDPO, "rlhf-fast sdpo"):
             return
         if self.rollout.group_size < 2:
@@ -1866,10 +1901,6 @@ class RLConfig:
             raise ValueError(f"{', '.join(critic)}: no effect with estimator {SDPO!r} (GRPO's advantages, no critic); "
                              f"remove these keys")
         sd = self.sdpo
-        if sd.distillation_weight != 0 and sd.teacher_model_kind != "live" and self.distributed.strategy == "fsdp2":
-            # the teacher copy would be taken from the policy's shards (not implemented)
-            raise ValueError(f"sdpo.teacher_model_kind {sd.teacher_model_kind!r} with distributed.strategy fsdp2 is "
-                             f"not supported yet; use 'live', or strategy ddp")
         if sd.distillation_weight == 1:  # no policy-gradient loss: its keys, the advantages and the KL do nothing
             rest = _changed(self.ppo, "ppo.", keep=SDPO_DISTILL_ONLY_PPO_KEYS)
             rest += _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())

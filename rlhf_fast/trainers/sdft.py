@@ -70,11 +70,13 @@ def stringify_privileged_context(context: Any, where: str = "record") -> str:
     return str(context)
 
 
-def _last_user_text(messages: List[dict], where: str) -> str:
-    """The text of the last message, which must be the user's (TRL's ``_extract_last_user_text``)."""
+def last_user_text(messages: List[dict], where: str) -> str:
+    """The text of the last message, which must be the user's (TRL's ``_extract_last_user_text``):
+    a list content's ``text`` parts joined by spaces. ValueError naming ``where`` otherwise (the
+    self-distillation teachers' prompts rewrite that turn)."""
     last = messages[-1]
     if last.get("role") != "user":
-        raise ValueError(f"{where}: SDFT's teacher prompt rewrites the conversation's last user turn, but it ends "
+        raise ValueError(f"{where}: the teacher prompt rewrites the conversation's last user turn, but it ends "
                          f"with a {last.get('role')!r} message (assistant prefills and tool turns are not supported, "
                          f"as TRL)")
     content = last.get("content", "")
@@ -91,7 +93,7 @@ def compose_teacher_prompt(prompt, context: Any, template: str, where: str = "re
     text = stringify_privileged_context(context, where)
     if isinstance(prompt, list):
         return list(prompt[:-1]) + [{"role": "user", "content": template.format(
-            prompt=_last_user_text(prompt, where), privileged_context=text)}]
+            prompt=last_user_text(prompt, where), privileged_context=text)}]
     return template.format(prompt=prompt, privileged_context=text)
 
 
@@ -183,6 +185,89 @@ class SelfTeacher:
         self.optimizer_steps = int((state or {}).get("optimizer_steps", 0))
 
 
+class SelfTeacherTrainer:
+    """What SDFT's and SDPO's trainers (:class:`~rlhf_fast.trainers.rl.RLTrainer` subclasses, this
+    class first among their bases) share about their :class:`SelfTeacher`: it is built from the
+    policy in :meth:`_before_wrap` (before DDP / FSDP2 take it: FSDP2 shards the policy in place)
+    and, under FSDP2, sharded like it (``teacher_sharded``); an ``ema`` teacher's weights are a
+    checkpoint part (``teacher``) and its optimizer-step count is kept in ``extra.json`` under
+    ``<_teacher_section>_teacher``."""
+
+    _teacher_section = ""  # the config section whose teacher_* keys build the teacher ("sdft" / "sdpo")
+    # why a checkpoint may lack the EMA teacher, and what to resume with then
+    _no_ema_teacher_hint = ""
+
+    def _teacher_config(self):
+        """The config section with ``teacher_model_kind`` / ``teacher_update_rate`` /
+        ``teacher_sync_steps``, or None when the run has no teacher."""
+        raise NotImplementedError
+
+    def _before_wrap(self, policy: torch.nn.Module) -> None:
+        super()._before_wrap(policy)
+        self.self_teacher: Optional[SelfTeacher] = None
+        self.teacher_sharded = False
+        s = self._teacher_config()
+        if s is None:
+            return
+        self.self_teacher = SelfTeacher(s.teacher_model_kind, policy, update_rate=s.teacher_update_rate,
+                                        sync_steps=s.teacher_sync_steps)
+        if isinstance(self.self_teacher.model, torch.nn.Module):  # (a peft policy's base: its adapters off, no copy)
+            self.self_teacher.model.to(self.device)
+            self.teacher_sharded = self.self_teacher.shard(self.ctx, self.config.distributed)
+
+    @property
+    def teacher(self):
+        """The model that scores the teacher's side (:meth:`SelfTeacher.module`); None without a
+        teacher."""
+        return None if self.self_teacher is None else self.self_teacher.module(self.policy)
+
+    def _release_teacher(self) -> None:
+        """Free a sharded teacher's gathered root (FSDP2 keeps the root's parameters after its
+        forward; a gathered copy would miss the next EMA update); call after each teacher use."""
+        if self.teacher_sharded:
+            from rlhf_fast.distributed import reshard
+
+            reshard(self.self_teacher.model)
+
+    def _checkpointed_teacher(self) -> bool:
+        return getattr(self, "self_teacher", None) is not None and self.self_teacher.checkpointed
+
+    def _ckpt_parts(self):
+        models, opts, scheds = super()._ckpt_parts()
+        if self._checkpointed_teacher():  # no longer the initial policy: its weights are state
+            from rlhf_fast.distributed import unwrap
+
+            models["teacher"] = _StateDictOnly(unwrap(self.self_teacher.model))
+        return models, opts, scheds
+
+    def _sharded_parts(self):
+        parts = super()._sharded_parts()
+        if self._checkpointed_teacher():
+            parts.append(("teacher", self.self_teacher.model, None, None))
+        return parts
+
+    def state_dict_extra(self) -> dict:
+        out = super().state_dict_extra()
+        if self.self_teacher is not None:
+            out[f"{self._teacher_section}_teacher"] = self.self_teacher.state_dict()
+        return out
+
+    def load(self, run_dir: str) -> int:
+        """The base class's ``load`` with the EMA teacher's weights and optimizer-step count;
+        ValueError when the checkpoint has no EMA teacher to restore."""
+        from rlhf_fast.trainers.checkpoint import latest_checkpoint, restoring_extra
+
+        ck = latest_checkpoint(run_dir)
+        if ck is not None and self._checkpointed_teacher() and not any(
+                os.path.isdir(os.path.join(ck, *sub)) for sub in (("teacher",), ("models", "teacher"))):
+            raise ValueError(f"resume: {ck} has no EMA teacher ({self._no_ema_teacher_hint})")
+        step = super().load(run_dir)
+        if self.self_teacher is not None:
+            with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
+                self.self_teacher.load_state_dict(json.load(f).get(f"{self._teacher_section}_teacher"))
+        return step
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -238,7 +323,7 @@ def _blank(data: SDFTRollout) -> SDFTRollout:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class SDFTTrainer(DistillationTrainer):
+class SDFTTrainer(SelfTeacherTrainer, DistillationTrainer):
     """SDFT (TRL's experimental ``SDFTTrainer``): :class:`~rlhf_fast.trainers.distill.DistillationTrainer`'s
     on-policy loop with estimator ``sdft``, the teacher the student itself under a privileged
     context (``config.sdft``, :class:`~rlhf_fast.trainers.rl_config.SDFTConfig`).
@@ -259,6 +344,9 @@ class SDFTTrainer(DistillationTrainer):
 
     _distills = False  # (RLTrainer's flag for estimator distill)
     convert_record = None  # prompt records as they are (GKD's {messages} are no SDFT data)
+    _teacher_section = "sdft"
+    _no_ema_teacher_hint = ("sdft.teacher_model_kind was not 'ema' when it was written); resume with that run's "
+                            "sdft.teacher_model_kind")
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, **kwargs):
         config = with_estimator(config, SDFT)
@@ -269,21 +357,7 @@ class SDFTTrainer(DistillationTrainer):
         if config.kl.coef != 0:  # no KL term: RLTrainer then builds no reference
             config = replace(config, kl=replace(config.kl, coef=0.0))
         s = config.sdft
-        self._initial_teacher: Optional[SelfTeacher] = None  # (built by _build_rollout_func, before any wrapping)
-        RLTrainer.__init__(self, config, policy, tokenizer, **kwargs)
-        from rlhf_fast.distributed import fsdp_units, unwrap
-
-        if self._initial_teacher is None and s.teacher_model_kind != "live" and fsdp_units(self.policy):
-            raise RuntimeError("SDFT: the policy was sharded before its base / EMA teacher copy was taken "
-                               "(RLTrainer no longer calls _build_rollout_func before FSDP2 wraps the policy)")
-        self.self_teacher = self._initial_teacher or SelfTeacher(
-            s.teacher_model_kind, unwrap(self.policy), update_rate=s.teacher_update_rate,
-            sync_steps=s.teacher_sync_steps)
-        self._initial_teacher = None
-        self.teacher_sharded = False
-        if self.self_teacher.model is not None and not hasattr(self.self_teacher.model, "rlhf_wrapped"):
-            self.self_teacher.model.to(self.device)
-            self.teacher_sharded = self.self_teacher.shard(self.ctx, config.distributed)
+        RLTrainer.__init__(self, config, policy, tokenizer, **kwargs)  # (the teacher: _before_wrap)
         self.num_tokens = 0
         self._teacher_engine, self._completions, self._vocab_rows = None, None, None
         V = _heads(self.policy, "the policy's LM head", torch.float32, None)[0].shape[0]
@@ -300,9 +374,8 @@ class SDFTTrainer(DistillationTrainer):
         self._keeps_old_logp = p.epochs * (B // p.mini_batch_size) > 1 and not s.generate_from_teacher
         self._rollout_rows: Optional[tuple] = None
 
-    @property
-    def teacher(self):
-        return self.self_teacher.module(self.policy)
+    def _teacher_config(self):
+        return self.config.sdft
 
     # ------------------------------------------------------------------ prompts
 
@@ -325,12 +398,6 @@ class SDFTTrainer(DistillationTrainer):
     def _build_rollout_func(self, fn):
         if fn is not None:
             raise ValueError("rollout_func=...: not with SDFT")
-        if self.config.distributed.strategy == "fsdp2":
-            # RLTrainer calls this after building the policy and before FSDP2 shards it in place:
-            # the base / EMA teacher is copied from the full weights here (live: nothing to copy)
-            s = self.config.sdft
-            self._initial_teacher = SelfTeacher(s.teacher_model_kind, self.policy, update_rate=s.teacher_update_rate,
-                                                sync_steps=s.teacher_sync_steps)
         return None
 
     # ------------------------------------------------------------------ the rollout
@@ -426,10 +493,7 @@ class SDFTTrainer(DistillationTrainer):
                 h = hidden_states(self.policy, d.input_ids, d.attention_mask)
                 with torch.no_grad():
                     hidden_states(teacher, d.teacher_input_ids, d.teacher_attention_mask)
-                if self.teacher_sharded:  # (a root copy kept gathered would miss the next EMA update)
-                    from rlhf_fast.distributed import reshard
-
-                    reshard(teacher)
+                self._release_teacher()
                 ws, bs, _ = _heads(self.policy, "the policy's LM head", h.dtype, None)
                 loss = h.sum() * 0.0 + ws.sum() * 0.0 + (bs.sum() * 0.0 if bs is not None else 0.0)
                 return loss.float(), {"loss_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
@@ -453,10 +517,7 @@ class SDFTTrainer(DistillationTrainer):
                 student_transform=ts, teacher_transform=tt, temperature=T, mode=s.distillation_mode,
                 alpha=s.distillation_alpha, topk=s.distillation_topk, add_tail=s.distillation_add_tail, old_logp=old,
                 is_clip=s.distillation_is_clip, chunk_size=s.chunk_size)
-        if self.teacher_sharded:  # free the root's gathered copy (kept after its forward for the head)
-            from rlhf_fast.distributed import reshard
-
-            reshard(teacher)
+        self._release_teacher()  # (after the loss's forward: it read the gathered head)
         return total, {"loss_sum": float(tok_loss.sum()), "entropy_sum": float(ent.sum()), "tokens": float(n)}
 
     def policy_backward(self, data: SDFTRollout, micro_batch_size: Optional[int] = None,
@@ -527,41 +588,10 @@ class SDFTTrainer(DistillationTrainer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _ckpt_parts(self):
-        models, opts, scheds = super()._ckpt_parts()
-        if self.self_teacher.checkpointed:
-            from rlhf_fast.distributed import unwrap
-
-            models["teacher"] = _StateDictOnly(unwrap(self.self_teacher.model))
-        return models, opts, scheds
-
-    def _sharded_parts(self):
-        parts = super()._sharded_parts()
-        if self.self_teacher.checkpointed:
-            parts.append(("teacher", self.self_teacher.model, None, None))
-        return parts
-
-    def state_dict_extra(self) -> dict:
-        return {**super().state_dict_extra(), "sdft_teacher": self.self_teacher.state_dict()}
-
-    def load(self, run_dir: str) -> int:
-        """:meth:`DistillationTrainer.load` with the EMA teacher's weights and step count."""
-        from rlhf_fast.trainers.checkpoint import latest_checkpoint, restoring_extra
-
-        ck = latest_checkpoint(run_dir)
-        if ck is not None and self.self_teacher.checkpointed and not any(
-                os.path.isdir(os.path.join(ck, *sub)) for sub in (("teacher",), ("models", "teacher"))):
-            raise ValueError(f"resume: {ck} has no EMA teacher (sdft.teacher_model_kind was not 'ema' when it was "
-                             f"written); resume with that run's sdft.teacher_model_kind")
-        step = super().load(run_dir)
-        with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
-            self.self_teacher.load_state_dict(json.load(f).get("sdft_teacher"))
-        return step
-
     def _progress_postfix(self, m: Dict[str, float]) -> Dict[str, str]:
         return {"loss": f"{m.get('loss', float('nan')):.4f}",
                 "distill": f"{m.get('sdft/distillation_loss', float('nan')):.4f}"}
 
 
-__all__ = ["PRIVILEGED_KEY", "SDFTRollout", "SDFTTrainer", "SelfTeacher", "compose_teacher_prompt", "ema_update",
-           "prompt_layout", "stringify_privileged_context"]
+__all__ = ["PRIVILEGED_KEY", "SDFTRollout", "SDFTTrainer", "SelfTeacher", "SelfTeacherTrainer", "compose_teacher_prompt",
+           "ema_update", "last_user_text", "prompt_layout", "stringify_privileged_context"]

@@ -36,15 +36,14 @@ is always applied (1 on the first pass over a rollout, as TRL's absent ratio); i
 unused by its loss (ours: ``kl.*`` as GRPO's, on by default: ``kl.coef: 0`` for TRL's). Not supported: vLLM and the teacher
 server, an EMA teacher adapter for LoRA (``teacher_model_kind: ema`` with ``model.lora``), tools,
 environments, custom rollout functions, dynamic sampling, ``ppo.trpo`` (its line search would
-measure the GRPO surrogate alone), the critic's keys and, under FSDP2, the ``ema`` / ``base`` teachers
-(all refused by the config). DDP and FSDP2 (``live`` teacher) give one process's numbers.
+measure the GRPO surrogate alone) and the critic's keys (all refused by the config). DDP and FSDP2
+give one process's numbers; under FSDP2 a ``base`` / ``ema`` teacher is copied from the policy before
+it is sharded, then sharded like it (the EMA update moves each rank's shards), as SDFT's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -52,9 +51,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _StateDictOnly, with_estimator
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, with_estimator
 from rlhf_fast.trainers.rl_config import SDPO, RLConfig, SDPOConfig
-from rlhf_fast.trainers.sdft import SelfTeacher, prompt_layout
+from rlhf_fast.trainers.sdft import SelfTeacherTrainer, last_user_text, prompt_layout
 
 _THINK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 
@@ -74,19 +73,6 @@ class TeacherContexts:
     mask: List[bool]
     metrics: Dict[str, float]
     feedback_ignored: bool
-
-
-def _last_user_text(messages: List[dict]) -> str:
-    """The text of the last message, which must be the user's (TRL's ``_extract_last_user_text``)."""
-    last = messages[-1]
-    if last.get("role") != "user":
-        raise ValueError(f"SDPO's teacher prompt reprompts the last user turn, but the prompt's last message has "
-                         f"role {last.get('role')!r}; prompts ending with an assistant prefill or a tool turn are "
-                         f"not supported")
-    content = last.get("content", "")
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
-    return content
 
 
 def teacher_contexts(prompts: Sequence[Any], answers: Sequence[str], rewards: Sequence[float],
@@ -146,7 +132,8 @@ def teacher_contexts(prompts: Sequence[Any], answers: Sequence[str], rewards: Se
         feedback = sd.feedback_template.format(feedback_raw=feedbacks[i]) if use_fb[i] else ""
         p = prompts[i]
         if isinstance(p, list):
-            text = sd.reprompt_template.format(prompt=_last_user_text(p), solution=solution, feedback=feedback)
+            text = sd.reprompt_template.format(prompt=last_user_text(p, f"answer {i}'s prompt"), solution=solution,
+                                               feedback=feedback)
             out.append(list(p[:-1]) + [{"role": "user", "content": text}])
         else:
             out.append(sd.reprompt_template.format(prompt=p, solution=solution, feedback=feedback))
@@ -207,7 +194,7 @@ class SDPORollout(RolloutTensors):
                               for k in self.__dataclass_fields__})
 
 
-class SDPOTrainer(RLTrainer):
+class SDPOTrainer(SelfTeacherTrainer, RLTrainer):
     """SDPO (``estimator: sdpo``): GRPO with self-distillation from the policy reprompted with a
     successful sibling answer (see the module docstring and
     :class:`~rlhf_fast.trainers.rl_config.SDPOConfig`). Arguments as :class:`RLTrainer`'s, without
@@ -215,6 +202,9 @@ class SDPOTrainer(RLTrainer):
     ``privileged_context`` (TRL's column), the feedback ``sdpo.include_environment_feedback`` uses."""
 
     _sdpo = True  # (RLTrainer's flag: it refuses estimator sdpo in any other class)
+    _teacher_section = "sdpo"
+    _no_ema_teacher_hint = ("sdpo.teacher_model_kind was not 'ema', or sdpo.distillation_weight was 0, when it was "
+                            "written); resume with that run's sdpo keys")
 
     def __init__(self, config: RLConfig, policy=None, tokenizer=None, **kwargs):
         config = with_estimator(config, SDPO)
@@ -225,19 +215,11 @@ class SDPOTrainer(RLTrainer):
             config = replace(config, kl=replace(config.kl, coef=0.0))
         # the RL trainer runs GRPO's rollout and advantages: it sees the run as estimator grpo
         self._grpo_config = replace(config, estimator="grpo", sdpo=SDPOConfig())
+        self.sd = config.sdpo  # (read by _before_wrap, inside RLTrainer.__init__)
         super().__init__(self._grpo_config, policy, tokenizer, **kwargs)
         config.steps = self._grpo_config.steps  # (num_train_epochs resolved)
         self.config = config
-        self.sd = config.sdpo
-        self.self_teacher: Optional[SelfTeacher] = None  # w = 0: nothing of the teacher runs
-        if self.sd.distillation_weight != 0:
-            from rlhf_fast.distributed import unwrap
-
-            self.self_teacher = SelfTeacher(self.sd.teacher_model_kind, unwrap(self.policy),
-                                            update_rate=self.sd.teacher_update_rate,
-                                            sync_steps=self.sd.teacher_sync_steps)
-            if self.self_teacher.model is not None:
-                self.self_teacher.model.to(self.device)
+        if self.self_teacher is not None:  # (w = 0: none, nothing of the teacher runs)
             # TRL's SyncTeacherModelCallback.on_step_end: after every optimizer step (one fp16 skips is none)
             self.optimizer.register_step_post_hook(lambda *_: self.self_teacher.optimizer_step(self.policy))
         self._diag = {"flat_rewards": 0, "inactive_self_distillation": 0, "no_successful_rollouts": 0}
@@ -245,11 +227,8 @@ class SDPOTrainer(RLTrainer):
         self._last_engine = None
         self._last_out = None
 
-    @property
-    def teacher(self):
-        """The model that scores the teacher's side (:meth:`SelfTeacher.module`); None when
-        ``sdpo.distillation_weight`` is 0."""
-        return None if self.self_teacher is None else self.self_teacher.module(self.policy)
+    def _teacher_config(self):
+        return self.sd if self.sd.distillation_weight != 0 else None
 
     # ------------------------------------------------------------------ rollout
 
@@ -431,6 +410,7 @@ class SDPOTrainer(RLTrainer):
             t_rm = torch.cat([torch.zeros_like(t_am[:, :-C]), rm], 1)
             with torch.no_grad():
                 t_full = sequence_logprobs(teacher, t_ids, t_am, response_mask=t_rm, temperature=temperature)
+            self._release_teacher()
             s, t = s_full[:, -C:], t_full[:, -C:]
             per_token = sdpo_token_loss(s, t, d.old_logp[:, -C:], self.sd)
         else:
@@ -462,14 +442,17 @@ class SDPOTrainer(RLTrainer):
         with torch.no_grad():
             ht = hidden_states(teacher, t_ids, t_am, select=(r, Lt - C - 1 + c))
         ws, bs = lm_head_params(self.policy)
-        wt, bt = lm_head_params(teacher)
+        wt, bt = (None if t is None else t.detach() for t in lm_head_params(teacher))
+        if self.teacher_sharded:  # the loss recomputes its chunks in backward, after reshard frees the head
+            wt, bt = (None if t is None else t.clone() for t in (wt, bt))
         sd = self.sd
         loss, per_tok, _ = self_distillation_loss(
-            hs, ws, ht, wt.detach(), d.input_ids[r, L - C + c], weights, student_bias=bs,
-            teacher_bias=None if bt is None else bt.detach(), student_transform=head_transform(self.policy),
-            teacher_transform=head_transform(teacher), temperature=temperature, mode=sd.distillation_mode,
-            alpha=sd.distillation_alpha, topk=sd.distillation_topk, add_tail=sd.distillation_add_tail,
-            old_logp=d.old_logp[r, L - C + c], is_clip=sd.distillation_is_clip)
+            hs, ws, ht, wt, d.input_ids[r, L - C + c], weights, student_bias=bs, teacher_bias=bt,
+            student_transform=head_transform(self.policy), teacher_transform=head_transform(teacher),
+            temperature=temperature, mode=sd.distillation_mode, alpha=sd.distillation_alpha,
+            topk=sd.distillation_topk, add_tail=sd.distillation_add_tail, old_logp=d.old_logp[r, L - C + c],
+            is_clip=sd.distillation_is_clip)
+        self._release_teacher()  # (after the loss's forward: it read the gathered head)
         keep = weights > 0
         self._acc("distill_sum", float(per_tok[keep].sum()))
         self._acc("distill_tokens", float(keep.sum()))
@@ -498,44 +481,6 @@ class SDPOTrainer(RLTrainer):
         if self.sd.distillation_weight < 1.0:
             out["self_distillation/policy_loss"] = float(vec[2]) / max(out["policy/updates"], 1)
         return out
-
-    def state_dict_extra(self) -> dict:
-        out = super().state_dict_extra()
-        if self.self_teacher is not None:
-            out["sdpo_teacher"] = self.self_teacher.state_dict()
-        return out
-
-    def _checkpointed_teacher(self) -> bool:
-        return getattr(self, "self_teacher", None) is not None and self.self_teacher.checkpointed
-
-    def _ckpt_parts(self):
-        models, opts, scheds = super()._ckpt_parts()
-        if self._checkpointed_teacher():  # no longer the initial policy: its weights are state
-            from rlhf_fast.distributed import unwrap
-
-            models["teacher"] = _StateDictOnly(unwrap(self.self_teacher.model))
-        return models, opts, scheds
-
-    def _sharded_parts(self):
-        parts = super()._sharded_parts()
-        if self._checkpointed_teacher():
-            parts.append(("teacher", self.self_teacher.model, None, None))
-        return parts
-
-    def load(self, run_dir: str) -> int:
-        """:meth:`RLTrainer.load` with the EMA teacher's weights and optimizer-step count."""
-        from rlhf_fast.trainers.checkpoint import latest_checkpoint, restoring_extra
-
-        ck = latest_checkpoint(run_dir)
-        if ck is not None and self._checkpointed_teacher() and not any(
-                os.path.isdir(os.path.join(ck, *sub)) for sub in (("teacher",), ("models", "teacher"))):
-            raise ValueError(f"resume: {ck} has no EMA teacher (sdpo.teacher_model_kind was not 'ema', or "
-                             f"sdpo.distillation_weight was 0, when it was written); resume with that run's sdpo keys")
-        step = super().load(run_dir)
-        if self.self_teacher is not None:
-            with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:
-                self.self_teacher.load_state_dict(json.load(f).get("sdpo_teacher"))
-        return step
 
     def _progress_postfix(self, m: Dict[str, float]) -> Dict[str, str]:
         return {"reward": f"{m['reward/total']:.3f}",

@@ -144,16 +144,26 @@ class Problem:
 
 # --------------------------------------------------------------------------- reading
 
-def read_rows(source: Any) -> Tuple[str, List[Tuple[int, Any]]]:
+def check_input_file(path: str, key: Optional[str] = None) -> None:
+    """FileNotFoundError / IsADirectoryError unless ``path`` is a file; the message names ``key``
+    (the config key or option that gave the path: ``data``, ``eval_data``) when given."""
+    where = f"{key} {path}" if key else path
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where}: expected a file, found a folder")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: no such file")
+
+
+def read_rows(source: Any, key: Optional[str] = None) -> Tuple[str, List[Tuple[int, Any]]]:
     """``(source name, [(line, row), ...])`` from a JSONL/Parquet path, a Dataset or a list.
 
     Lines that are not valid JSON come back as ``(line, _BadJSON(message))`` so validation
-    reports them with the others; blank lines are skipped.
+    reports them with the others; blank lines are skipped. A path that is no file is refused
+    naming ``key`` (:func:`check_input_file`).
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"feedback file not found: {path}")
+        check_input_file(path, key)
         if path.endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
@@ -489,6 +499,7 @@ def load_records(
     strict: bool = True,
     dedup: bool = False,
     triples: bool = False,
+    key: Optional[str] = None,
 ) -> Union[List[Record], Tuple[List[Record], List[Problem]]]:
     """Read and validate feedback records of ``kind`` (one of ``KINDS``) from ``source``.
     ``triples`` (``pairs`` only; TPO's data): each row's ``reference`` gold response is read
@@ -497,11 +508,12 @@ def load_records(
     With ``strict=True`` (default) any problem raises one ValueError whose first line
     counts them and whose next lines are ``file:line: field: message``; otherwise returns
     ``(valid records, problems)``. A record repeated with the same annotator is a problem
-    ("duplicate") unless ``dedup=True``, which drops the repeats silently.
+    ("duplicate") unless ``dedup=True``, which drops the repeats silently. ``key``: the config
+    key or option that named a path ``source``, for the error when it is no file.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    name, rows = read_rows(source)
+    name, rows = read_rows(source, key)
     problems: List[Problem] = []
     records: List[Record] = []
     seen: Dict[str, int] = {}
@@ -711,6 +723,6 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
 __all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "TripleRecord", "Response",
            "extract_prompt",
            "response_text", "comparable_pairs", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
-           "load_records", "read_rows", "dedup_records", "filter_by_length", "rankings_to_pairs", "render_prompt",
-           "reward_input_ids", "pad_right",
+           "load_records", "read_rows", "check_input_file", "dedup_records", "filter_by_length", "rankings_to_pairs",
+           "render_prompt", "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

@@ -476,8 +476,9 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[st
         todo = [it for it in items if it["key"] not in done]
         out = judge.label_items(todo, tie_band=args.tie_band)
     else:
-        if not os.path.isfile(args.input):
-            raise FileNotFoundError(f"input file not found: {args.input}")
+        from rlhf_fast.feedback.formats import check_input_file
+
+        check_input_file(args.input, "INPUT")
         items = []
         with open(args.input, encoding="utf-8") as f:
             for i, line in enumerate(f):

@@ -38,7 +38,7 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
     """Items ``{"item", "key", "prompt", "a", "b"}`` from a pairs file; ValueError listing
     every malformed line (file:line: field: message). ``shuffle_sides`` swaps A and B for a
     seeded half of the items, so a labeller's position bias does not follow the file."""
-    name, rows = read_rows(path)
+    name, rows = read_rows(path, "PAIRS")
     rng = random.Random(seed)
     items, problems = [], []
     for line, row in rows:

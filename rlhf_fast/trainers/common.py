@@ -611,17 +611,21 @@ class RunDir:
     Attributes: ``path``, ``checkpoints`` (its checkpoints folder), ``metrics_path``.
     """
 
-    def __init__(self, path: str, config: Optional[Any] = None):
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"run_dir must be a non-empty path, got {path!r}")
+    def __init__(self, path: str, config: Optional[Any] = None, *, create: bool = True):
+        check_output_dir(path)
         self.path = os.path.abspath(path)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f"output_dir {path}: expected a folder, found a file")
-        os.makedirs(self.path, exist_ok=True)
+        if create:
+            self.create()
         self.checkpoints = os.path.join(self.path, "checkpoints")
         self.metrics_path = os.path.join(self.path, "metrics.jsonl")
         if config is not None:
             self.write_config(config)
+
+    def create(self) -> None:
+        """Make the folder (and its parents) if it is not there."""
+        os.makedirs(self.path, exist_ok=True)
 
     def write_config(self, config: Any) -> str:
         """Write ``config`` (a dataclass) as ``config.yaml`` in the run folder; returns the path."""
@@ -683,25 +687,62 @@ def check_fresh_run_dir(path: str, *, option: str = "output_dir", resume_hint: O
 
 
 def open_supervised_run(cfg, is_main: bool):
-    """The run folder of an SFT / reward trainer and the checkpoint it will resume from (None
-    for a fresh start). ``cfg.resume`` continues the latest complete checkpoint of
+    """The run folder of an SFT / reward / DPO / KTO trainer (not made yet) and the checkpoint it
+    will resume from (None for a fresh start). A folder holding a run of another kind is refused
+    (:func:`check_run_kind`); ``cfg.resume`` continues the latest complete checkpoint of
     ``cfg.output_dir``; a fresh start into a folder holding another run is refused
     (``check_fresh_run_dir``), except that with ``resume`` the log of a run interrupted before its
-    first checkpoint is dropped and the run starts again. config.yaml is written now for a fresh
-    start; a resumed run writes it once its checkpoint has loaded (``write_config``), so a failed
-    resume leaves the folder as it was."""
+    first checkpoint is dropped and the run starts again. Nothing is written now: a fresh start
+    makes the folder and its config.yaml once data and model have loaded
+    (:func:`begin_fresh_run`), a resumed run writes config.yaml once its checkpoint has loaded
+    (``write_config``), so a run refused on the way leaves no folder, or the folder as it was."""
     from .checkpoint import latest_checkpoint
 
-    path = os.path.abspath(cfg.output_dir) if isinstance(cfg.output_dir, str) and cfg.output_dir else cfg.output_dir
-    ck = latest_checkpoint(path) if cfg.resume and isinstance(path, str) else None
-    if ck is None and isinstance(path, str):
+    check_output_dir(cfg.output_dir)
+    path = os.path.abspath(cfg.output_dir)
+    check_run_kind(path, cfg)
+    ck = latest_checkpoint(path) if cfg.resume else None
+    if ck is None:
         check_fresh_run_dir(path, include_log=not cfg.resume, resume_hint=None if cfg.resume else "resume: true")
-    run = RunDir(cfg.output_dir)
-    if ck is None and is_main:
+    return RunDir(cfg.output_dir, create=False), ck
+
+
+def begin_fresh_run(run: RunDir, cfg, is_main: bool) -> None:
+    """The start of an offline run that does not resume (:func:`open_supervised_run`), once its
+    data and model have loaded: the folder made, a log left by a run interrupted before its first
+    checkpoint dropped, and config.yaml written (on the main rank)."""
+    run.create()
+    if is_main:
         if os.path.exists(run.metrics_path):
             os.remove(run.metrics_path)
         run.write_config(cfg)
-    return run, ck
+
+
+def check_output_dir(value: Any, key: str = "output_dir") -> None:
+    """ValueError naming ``key`` unless ``value`` is a non-empty path (text)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty path, got {value!r}")
+
+
+def check_run_kind(path: str, cfg, option: str = "output_dir") -> None:
+    """Refuse to train ``cfg`` (an offline trainer's config) into the folder ``path`` when it
+    holds a run of another kind (as ``rlhf-fast report`` tells it,
+    :func:`~rlhf_fast.trainers.config.saved_run_kind`): a DPO trainer would otherwise resume an
+    SFT run's checkpoint and overwrite its config.yaml, log and final model. A folder without
+    a config.yaml rlhf-fast can read has no kind to compare. ValueError naming ``option``."""
+    from .config import saved_run_kind
+    from .report import run_kind
+
+    theirs = saved_run_kind(path)
+    if theirs is None:
+        return
+    try:
+        ours = run_kind(to_dict(cfg))
+    except ValueError:  # a config class of no known kind (a user's own): nothing to compare with
+        return
+    if theirs != ours:
+        raise ValueError(f"{option} {path} holds a run of rlhf-fast {theirs}, not of rlhf-fast {ours}; "
+                         f"choose another {option}")
 
 
 def require_records(records: list, key: str, path: str) -> list:
@@ -731,11 +772,16 @@ def load_split_records(cfg, load: Callable[[str], list], synthetic: Callable[[],
     without ``cfg.data`` (it may raise, for a data kind the synthetic task does not have); the eval
     records ``load(cfg.eval_data)``, or without ``cfg.eval_data`` a ``cfg.eval_fraction`` of the
     training records held out (:func:`split_records`, seeded by ``cfg.seed``)."""
+    from rlhf_fast.feedback.formats import check_input_file
+
     if train_records is not None:
         return train_records, eval_records
+    if cfg.data:
+        check_input_file(cfg.data, "data")  # (the loaders' own message cannot name the key)
     records = require_records(load(cfg.data), "data", cfg.data) if cfg.data else synthetic()
     if eval_records is None:
         if cfg.eval_data:
+            check_input_file(cfg.eval_data, "eval_data")
             eval_records = require_records(load(cfg.eval_data), "eval_data", cfg.eval_data)
         else:
             records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
@@ -1219,6 +1265,8 @@ def check_training_schedule(cfg) -> None:
         cfg.distributed = DistributedConfig(**cfg.distributed)
     if not isinstance(cfg.distributed, DistributedConfig):
         raise TypeError(f"distributed must be a DistributedConfig, got {type(cfg.distributed).__name__}")
+    if hasattr(cfg, "output_dir"):
+        check_output_dir(cfg.output_dir)
     for names, low in ((("max_len", "batch_size", "grad_accum", "max_steps", "log_every"), 1),
                        (("warmup_steps", "eval_every", "save_every", "keep_checkpoints"), 0)):
         for name in names:

@@ -256,13 +256,54 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping that holds one key twice (``key``, at the 1-based ``lines``)."""
+
+    def __init__(self, key: Any, lines: Tuple[int, int]):
+        super().__init__(f"key {key!r} is given twice (lines {lines[0]} and {lines[1]}); keep one")
+        self.key, self.lines = key, lines
+
+
+_UNIQUE_KEY_LOADER = None
+
+
+def unique_key_loader():
+    """A ``yaml.SafeLoader`` subclass that refuses a mapping holding a key twice
+    (:class:`DuplicateKeyError`), where ``yaml.safe_load`` keeps the last value without a word.
+    A key given beside a merge (``<<: *base``) still overrides the merged one, as in YAML."""
+    global _UNIQUE_KEY_LOADER
+    if _UNIQUE_KEY_LOADER is None:
+        import yaml
+
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                if isinstance(node, yaml.MappingNode):
+                    seen: Dict[Any, int] = {}
+                    # (before SafeLoader flattens the merges into node.value)
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                        try:
+                            if key in seen:
+                                raise DuplicateKeyError(key, (seen[key], line))
+                            seen[key] = line
+                        except TypeError:  # an unhashable key: SafeLoader's own error follows
+                            pass
+                return super().construct_mapping(node, deep)
+
+        _UNIQUE_KEY_LOADER = UniqueKeyLoader
+    return _UNIQUE_KEY_LOADER
+
+
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
     """Build the dataclass ``cls`` from the YAML file ``path`` then ``--key value`` overrides.
 
     ``overrides`` is a list of command-line tokens (``["--lr", "1e-4", "--model.name", "tiny:llama"]``;
     ``--key=value`` and a bare ``--flag`` meaning true also work). Lists and tuples come from
     YAML sequences or comma-separated text. Raises ValueError naming the dotted key and the
-    expected type for unknown keys or unconvertible values, FileNotFoundError for a missing file.
+    expected type for unknown keys or unconvertible values, or the key a YAML mapping holds
+    twice; FileNotFoundError for a missing file, IsADirectoryError for a folder.
     """
     import yaml
 
@@ -270,13 +311,17 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
         raise TypeError(f"cls must be a dataclass type, got {cls!r}")
     data: Dict[str, Any] = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"config file {path}: expected a file, found a folder")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path, "r", encoding="utf-8") as f:
             try:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=unique_key_loader())
             except yaml.YAMLError as e:
                 raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            except DuplicateKeyError as e:
+                raise ValueError(f"{path}: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -286,6 +331,21 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     for key, raw in parse_overrides(overrides):
         _set_path(data, cls, key, raw)
     return _build(cls, data)
+
+
+def saved_run_kind(run_dir: str) -> Optional[str]:
+    """The kind of the run in the folder ``run_dir`` as ``rlhf-fast report`` tells it
+    (:func:`~rlhf_fast.trainers.report.run_kind` of its config.yaml: ``sft``, ``reward``,
+    ``dpo``, ``kto`` or an RL command such as ``grpo``); None when it holds no config.yaml, or one
+    that is no rlhf-fast run's config."""
+    from .report import read_config, run_kind
+
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        return None
+    try:
+        return run_kind(read_config(run_dir))
+    except (ValueError, OSError):
+        return None
 
 
 def config_fields(cls) -> List[dataclasses.Field]:

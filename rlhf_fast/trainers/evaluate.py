@@ -333,6 +333,14 @@ def _check_args(args) -> None:
         raise ValueError(f"--split {args.split} picks a --run's prompts: give --run RUN_DIR and no --prompts")
     if args.run is not None and not os.path.isfile(os.path.join(args.run, "config.yaml")):
         raise FileNotFoundError(f"--run {args.run}: not an RL run folder (no config.yaml)")
+    if args.run is not None:
+        from rlhf_fast.trainers.config import saved_run_kind
+        from rlhf_fast.trainers.report import RL_FAMILIES
+
+        kind = saved_run_kind(args.run)
+        if kind is not None and kind not in RL_FAMILIES:  # its config.yaml is no RLConfig
+            raise ValueError(f"--run {args.run}: that folder holds a run of rlhf-fast {kind}, not an RL run; "
+                             f"evaluate its model with --policy {os.path.join(args.run, 'final')}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--n", args.n)):
         if value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value}")

@@ -89,6 +89,7 @@ def build_config(command: str, tokens):
     if resume is not None:
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"--resume: run folder not found: {resume}")
+        _check_rl_run(resume)
         if config is None:
             config = os.path.join(resume, "config.yaml")
         moved = _override_value(overrides, "output_dir")
@@ -126,7 +127,23 @@ def build_config(command: str, tokens):
         for key, value in (("group_size", "1"), ("prompts_per_step", "8")):
             if _override_value(overrides, f"rollout.{key}") is None and _file_value(path, "rollout", key) is None:
                 overrides = [f"--rollout.{key}", value] + overrides
-    return load_config(RLConfig, path, overrides)
+    cfg = load_config(RLConfig, path, overrides)
+    from rlhf_fast.trainers.common import check_output_dir
+
+    check_output_dir(cfg.output_dir)  # now, not once the models are built (RLConfig does not check it)
+    return cfg
+
+
+def _check_rl_run(resume: str) -> None:
+    """ValueError naming ``--resume`` when the folder ``resume`` holds an offline run (sft,
+    reward, dpo, kto: :func:`~rlhf_fast.trainers.config.saved_run_kind`), whose config.yaml
+    would otherwise be read as an RLConfig and fail on a key that names neither."""
+    from rlhf_fast.trainers.config import saved_run_kind
+
+    kind = saved_run_kind(resume)
+    if kind is not None and kind not in FAMILIES:
+        raise ValueError(f"--resume {resume}: that folder holds a run of rlhf-fast {kind}, not an RL run; "
+                         f"continue it with the rlhf-fast {kind} command that made it (resume: true)")
 
 
 def _file_estimator(path):

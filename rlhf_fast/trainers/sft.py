@@ -73,7 +73,7 @@ from rlhf_fast.models.moe_aux import RouterAux, check_coef
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
                          restoring_extra, save_checkpoint)
-from .common import (MetricsLogger, autocast_context, check_bool_fields, check_lora_field,
+from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_bool_fields, check_lora_field,
                      check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
                      open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
@@ -515,7 +515,8 @@ def open_trainer(trainer, cfg) -> None:
     """The start of an SFT / reward / DPO / KTO trainer, before any data or model is loaded:
     ``trainer.cfg``; ``ctx`` and ``device`` (:func:`setup_distributed`); ``run`` and
     ``_resume_from`` (:func:`open_supervised_run`, so a folder holding another run is refused at
-    once); then every RNG seeded with ``cfg.seed``."""
+    once; the folder of a fresh run is made by :func:`init_optimization`); then every RNG seeded
+    with ``cfg.seed``."""
     trainer.cfg = cfg
     trainer.ctx, trainer.device = setup_distributed(cfg.distributed, cfg.device)
     trainer.run, trainer._resume_from = open_supervised_run(cfg, trainer.ctx.is_main)
@@ -536,7 +537,9 @@ def init_optimization(trainer) -> None:
     :func:`~rlhf_fast.trainers.common.steps_for_epochs` first); ``step`` 0 and ``num_tokens`` 0
     (TRL's count of the input tokens trained, checkpointed). First, with ``torch_compile``, the
     backbones of ``trainer.model`` and its ``reference`` are compiled (:func:`compile_configured`:
-    the last step of every offline trainer's setup, after wrapping and after every copy)."""
+    the last step of every offline trainer's setup, after wrapping and after every copy). Last,
+    a fresh run's folder and config.yaml (:func:`begin_fresh_run`): only now that data, model and
+    ``max_steps`` are settled, so a run refused before leaves nothing behind."""
     compile_configured(trainer)
     trainer.optimizer = supervised_optimizer([p for p in trainer.model.parameters() if p.requires_grad], trainer.cfg)
     trainer.scheduler = supervised_scheduler(trainer.optimizer, trainer.cfg)
@@ -545,6 +548,8 @@ def init_optimization(trainer) -> None:
     trainer.step = 0
     trainer.num_tokens = 0
     trainer.best = BestCheckpoint.for_config(trainer.cfg)  # load_best_model_at_end's tracker (None: off)
+    if trainer._resume_from is None:
+        begin_fresh_run(trainer.run, trainer.cfg, trainer.ctx.is_main)
 
 
 def local_span(n: int, ctx: DistContext) -> Tuple[int, int]:
@@ -909,8 +914,6 @@ class SFTTrainer:
                              "records has no token left to train within max_len (an empty prompt, a prompt of at "
                              "least max_len tokens, or no assistant turn); raise max_len")
         steps_for_epochs(cfg, len(self.train_rows))  # before the scheduler, which counts max_steps
-        if cfg.num_train_epochs is not None and self._resume_from is None and self.ctx.is_main:
-            self.run.write_config(cfg)  # config.yaml records the max_steps the epochs came to
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
         init_optimization(self)
 

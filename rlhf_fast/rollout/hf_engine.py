@@ -141,10 +141,25 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._eager_generation():
                 yield
         finally:
             self.model.train(was_training)
+
+    def _eager_generation(self):
+        """``torch.compiler.set_stance("force_eager")`` while the model's backbone is compiled
+        (the trainers' ``torch_compile``: :func:`rlhf_fast.trainers.compile.compile_backbone`),
+        else nothing. Decoding calls the backbone with a KV cache one token longer every step:
+        compiled, it would recompile for new cache shapes up to dynamo's recompile limit, for
+        forwards that run once; the trainers' compiled forwards are the scoring and update ones."""
+        from ..models.logprobs import backbone
+        from ..trainers.compile import compiled
+
+        try:
+            base = backbone(self.model)
+        except TypeError:  # no base model to have been compiled
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager") if compiled(base) else contextlib.nullcontext()
 
     def _prefill(self, prompt_ids, prompt_mask):
         """One forward over the left-padded prompts ``[Bp, P]`` filling a fresh DynamicCache;

@@ -125,7 +125,15 @@ def compile_backbone(model: nn.Module, backend: str = "inductor", mode: Optional
     compiled once). The parameters and ``state_dict`` are untouched."""
     from rlhf_fast.models.logprobs import backbone
 
-    base = backbone(model)
+    return compile_module(backbone(model), backend, mode)
+
+
+def compile_module(base: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> nn.Module:
+    """:func:`compile_backbone` for a module given as it is: its own class's forward compiled in
+    place as an instance-level ``forward`` (a bare backbone, such as the RL critic's
+    ``ValueModel.backbone``, or a custom critic module); returns ``base``. Idempotent; the
+    parameters and ``state_dict`` are untouched; ValueError if ``base`` already has an
+    instance-level forward of its own."""
     if compiled(base):
         return base
     if "forward" in base.__dict__:
@@ -151,5 +159,47 @@ def compile_configured(trainer) -> None:
             compile_backbone(m, cfg.torch_compile_backend, cfg.torch_compile_mode)
 
 
+def check_rl_compile_options(cfg) -> None:
+    """The three keys of :class:`~rlhf_fast.trainers.rl_config.RLConfig`, top-level there as TRL's
+    ``GRPOConfig`` inherits them from ``TrainingArguments``: :meth:`CompileOptions.check_compile_options`
+    on ``cfg`` (the same rules, and the FSDP2 refusal), then ``ppo.prefix_sharing`` refused (only
+    the eager Llama-family forward computes the shared-prefix row). ValueError naming the key."""
+    # (a plain function of the class: RLConfig lists the keys itself, beside bf16 / fp16)
+    CompileOptions.check_compile_options(cfg)
+    if cfg.torch_compile and cfg.ppo.prefix_sharing:
+        raise ValueError("torch_compile: true cannot run with ppo.prefix_sharing: true (only rlhf_fast's eager "
+                         "Llama-family forward computes the shared-prefix row, and compile runs transformers' "
+                         "forward); set one of them to false")
+
+
+def compile_rl_models(trainer) -> None:
+    """With ``trainer.config.torch_compile`` (an RL trainer), compile in place, after DDP wrapped
+    them: the policy's backbone, the reference's (a separate copy; a LoRA policy's
+    adapter-disabled reference shares the policy's, compiled once), the critic's
+    (``ValueModel.backbone``, a bare backbone; a custom critic module without one: its own
+    forward), a distillation teacher's (``trainer.teacher``) and a self-distillation teacher's
+    own copy (``trainer.self_teacher.model``: SDFT, SDPO). Idempotent, so the trainer calls it
+    at the end of ``__init__`` and again before each step, which catches the models a subclass
+    builds after ``RLTrainer.__init__``. Generation stays eager
+    (:class:`~rlhf_fast.rollout.hf_engine.HFRolloutEngine` runs a compiled backbone under
+    ``torch.compiler.set_stance("force_eager")``)."""
+    from rlhf_fast.models.logprobs import unwrap
+
+    cfg = trainer.config
+    if not cfg.torch_compile:
+        return
+    kw = dict(backend=cfg.torch_compile_backend, mode=cfg.torch_compile_mode)
+    self_teacher = getattr(trainer, "self_teacher", None)
+    for m in (trainer.policy, trainer.reference, getattr(trainer, "teacher", None),
+              getattr(self_teacher, "model", None)):
+        if m is not None:
+            compile_backbone(m, **kw)
+    critic = unwrap(trainer.critic) if isinstance(trainer.critic, nn.Module) else None
+    if critic is not None:
+        inner = getattr(critic, "backbone", None)
+        compile_module(inner if isinstance(inner, nn.Module) else critic, **kw)
+
+
 __all__ = ["CompileOptions", "compile_backbone", "compile_configured", "compile_backends", "compile_modes",
-           "check_compile_combination", "compiled"]
+           "check_compile_combination", "compiled", "compile_module", "check_rl_compile_options",
+           "compile_rl_models"]

@@ -78,6 +78,7 @@ from rlhf_fast.algorithms.rewards import (
 )
 from rlhf_fast.models.moe_aux import RouterAux
 from rlhf_fast.trainers.common import autocast_context, random_states_kept
+from rlhf_fast.trainers.compile import compile_rl_models
 from rlhf_fast.trainers.mixed_precision import LossScaler, fp16_autocast, fp16_on
 from rlhf_fast.trainers.console_samples import print_samples
 from rlhf_fast.trainers.rl_config import A2PO, DISTILL, ONLINE_DPO, SDPO, RLConfig
@@ -759,6 +760,9 @@ class RLTrainer:
         self._tool_counts = [0, 0, 0]  # this rank's tool calls, failures and answers of the step's rollout
         self.run_dir = None
         self._logger = None
+        # torch_compile: the backbones compiled in place, after wrapping (as accelerate); step()
+        # repeats it for the models a subclass adds after this (teachers)
+        compile_rl_models(self)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -2150,6 +2154,7 @@ class RLTrainer:
 
     def step(self) -> Dict[str, float]:
         """One rollout + update. Returns the step's metrics (also logged when a run folder is open)."""
+        compile_rl_models(self)  # (a no-op without torch_compile, and once every model is compiled)
         t0 = time.perf_counter()
         data, m = self.rollout()
         t1 = time.perf_counter()

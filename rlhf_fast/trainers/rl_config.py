@@ -1617,6 +1617,12 @@ class RLConfig:
     LR-scheduler step, and the scales (``policy/loss_scale``, ``value/loss_scale``) checkpointed.
     Not with ``ppo.trpo``; under FSDP2 only with ``distributed.mixed_precision: false``.
 
+    ``torch_compile``, ``torch_compile_backend``, ``torch_compile_mode`` (transformers' keys,
+    which TRL's GRPOConfig inherits; :mod:`rlhf_fast.trainers.compile`): the backbones of the
+    policy, reference, critic and teacher compiled in place after wrapping, for the scoring and
+    update forwards; generation stays eager. A backend or mode turns it on; null backend is
+    inductor. Not with ``distributed.strategy: fsdp2`` or ``ppo.prefix_sharing``.
+
     ``report_to`` (TRL's): where metrics.jsonl's numbers also go — ``auto`` (the default:
     TensorBoard when it is installed, else nowhere), ``none``, ``all`` (every installed tracker),
     ``tensorboard``, ``wandb``, ``trackio``, ``mlflow`` or a list of them; ``run_name`` names the
@@ -1657,6 +1663,9 @@ class RLConfig:
     device: str = "cpu"
     bf16: bool = False
     fp16: bool = False
+    torch_compile: bool = False
+    torch_compile_backend: Optional[str] = None
+    torch_compile_mode: Optional[str] = None
     log_every: int = 1
     report_to: Union[str, List[str]] = "auto"
     run_name: Optional[str] = None
@@ -1712,6 +1721,9 @@ class RLConfig:
         from rlhf_fast.trainers.mixed_precision import check_precision_fields
 
         check_precision_fields(self)
+        from rlhf_fast.trainers.compile import check_rl_compile_options
+
+        check_rl_compile_options(self)
         if self.fp16 and self.ppo.trpo:
             raise ValueError("fp16 is not supported with ppo.trpo: its line search takes and undoes the "
                              "optimizer's step itself, which fp16's loss scaler must be able to skip on an overflow")

@@ -433,3 +433,11 @@ def test_missing_input_files_name_key_or_path(files, tmp_path, capsys):
     assert "no such file" in line and "feedback" not in line
     _refused(capsys, ["reward", "none", "--model", TINY, "--eval_data", files["missing"], "--output_dir",
                       str(tmp_path / "out")], f"eval_data {files['missing']}: no such file")
+
+
+def test_rl_config_refuses_an_empty_output_dir_in_python():
+    """RLConfig(output_dir="") from Python names the key, as the offline configs do."""
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    with pytest.raises(ValueError, match="output_dir must be a non-empty path"):
+        RLConfig(output_dir="")

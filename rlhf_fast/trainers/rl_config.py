@@ -1732,8 +1732,9 @@ class RLConfig:
             _pos("num_train_epochs", self.num_train_epochs)
         check_seed("seed", self.seed)
         _pos("log_every", self.log_every, integer=True)
-        from rlhf_fast.trainers.common import check_report_to, check_run_name
+        from rlhf_fast.trainers.common import check_output_dir, check_report_to, check_run_name
 
+        check_output_dir(self.output_dir)
         self.report_to = check_report_to(self.report_to)
         check_run_name(self.run_name)
         _pos("sample_every", self.sample_every, allow_zero=True, integer=True)

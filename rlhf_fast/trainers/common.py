@@ -734,7 +734,7 @@ def check_run_kind(path: str, cfg, option: str = "output_dir") -> None:
     from .report import run_kind
 
     theirs = saved_run_kind(path)
-    if theirs is None:
+    if theirs is None or not run_contents(path):  # (a config.yaml alone: a run refused before its step 1)
         return
     try:
         ours = run_kind(to_dict(cfg))
@@ -764,6 +764,23 @@ def split_records(records: list, eval_fraction: float, seed: int) -> Tuple[list,
     return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
 
 
+def _check_data_source(value, key: str) -> None:
+    """A config's ``data`` / ``eval_data``: a path must name a file (:func:`check_input_file`), a
+    list or tuple holds the rows themselves; anything else (a ``datasets.Dataset``, which the run's
+    config.yaml could not record) is a TypeError naming ``key``, before the run folder is made."""
+    from rlhf_fast.feedback.formats import check_input_file
+
+    if not value:
+        return
+    if isinstance(value, (str, os.PathLike)):
+        check_input_file(os.fspath(value), key)
+    elif not isinstance(value, (list, tuple)):
+        records = "train_records" if key == "data" else "eval_records"
+        raise TypeError(f"{key} must be a path to a JSONL / Parquet file or a list of rows, got "
+                        f"{type(value).__name__}; pass rows held elsewhere (a datasets.Dataset) to the trainer "
+                        f"as {records}= (its records), or save them to a file")
+
+
 def load_split_records(cfg, load: Callable[[str], list], synthetic: Callable[[], list], train_records=None,
                        eval_records=None) -> Tuple[Any, Any]:
     """The ``(train records, eval records)`` of an SFT / reward / DPO / KTO trainer. Records passed
@@ -772,16 +789,13 @@ def load_split_records(cfg, load: Callable[[str], list], synthetic: Callable[[],
     without ``cfg.data`` (it may raise, for a data kind the synthetic task does not have); the eval
     records ``load(cfg.eval_data)``, or without ``cfg.eval_data`` a ``cfg.eval_fraction`` of the
     training records held out (:func:`split_records`, seeded by ``cfg.seed``)."""
-    from rlhf_fast.feedback.formats import check_input_file
-
     if train_records is not None:
         return train_records, eval_records
-    if cfg.data:
-        check_input_file(cfg.data, "data")  # (the loaders' own message cannot name the key)
+    _check_data_source(cfg.data, "data")  # (the loaders' own message cannot name the key)
     records = require_records(load(cfg.data), "data", cfg.data) if cfg.data else synthetic()
     if eval_records is None:
         if cfg.eval_data:
-            check_input_file(cfg.eval_data, "eval_data")
+            _check_data_source(cfg.eval_data, "eval_data")
             eval_records = require_records(load(cfg.eval_data), "eval_data", cfg.eval_data)
         else:
             records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)

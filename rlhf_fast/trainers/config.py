@@ -75,7 +75,9 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
             import yaml
 
             try:
-                parsed = yaml.safe_load(value)
+                parsed = yaml.load(value, Loader=unique_key_loader())
+            except DuplicateKeyError as e:
+                raise ValueError(f"config key {key!r}: {e}") from None
             except yaml.YAMLError:
                 parsed = None
             value = parsed if isinstance(parsed, dict) else value
@@ -148,7 +150,9 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
             import yaml
 
             try:
-                parsed = yaml.safe_load(value) if value.strip() else {}
+                parsed = yaml.load(value, Loader=unique_key_loader()) if value.strip() else {}
+            except DuplicateKeyError as e:
+                raise ValueError(f"config key {key!r}: {e}") from None
             except yaml.YAMLError:
                 parsed = None
             if not isinstance(parsed, dict):
@@ -276,10 +280,17 @@ def unique_key_loader():
         import yaml
 
         class UniqueKeyLoader(yaml.SafeLoader):
-            def construct_mapping(self, node, deep=False):
-                if isinstance(node, yaml.MappingNode):
+            def __init__(self, stream):
+                super().__init__(stream)
+                self._checked = set()  # ids of the mapping nodes whose own keys were checked
+
+            def flatten_mapping(self, node):
+                # each node's own keys once, before SafeLoader flattens merges into node.value
+                # (flattening a merge flattens the merged node too, in place: checked later, its
+                # merged keys would look repeated)
+                if id(node) not in self._checked:
+                    self._checked.add(id(node))
                     seen: Dict[Any, int] = {}
-                    # (before SafeLoader flattens the merges into node.value)
                     for key_node, _ in node.value:
                         if key_node.tag == "tag:yaml.org,2002:merge":
                             continue
@@ -290,7 +301,7 @@ def unique_key_loader():
                             seen[key] = line
                         except TypeError:  # an unhashable key: SafeLoader's own error follows
                             pass
-                return super().construct_mapping(node, deep)
+                super().flatten_mapping(node)
 
         _UNIQUE_KEY_LOADER = UniqueKeyLoader
     return _UNIQUE_KEY_LOADER

@@ -5,7 +5,7 @@
   the GPU op benchmarks other modules of this package expose (bench_triton,
   bench_gae_sampling), when present.
 * ``e2e``: one PPO, one GRPO and one DPO step of rlhf_fast against TRL's (``--algos`` picks;
-  KTO, SimPO, distillation, online DPO, SFT and the reward model too).
+  KTO, SimPO, distillation, online DPO, SFT, the reward model, SDFT, SDPO and IW-OPD too).
 * ``all``: both.
 
 Prints every table and appends them, with the device name, versions of torch / Triton /
@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
                         help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
     parser.add_argument("--algos", default="ppo,grpo,dpo",
                         help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo, distill, online_dpo, "
-                             "sft, reward (default: ppo,grpo,dpo)")
+                             "sft, reward, sdft, sdpo, iw_opd (default: ppo,grpo,dpo)")
 
 
 def _as_tables(x) -> List[Table]:

@@ -68,6 +68,15 @@ rlhf_fast's ``DistillationTrainer.step()`` / ``OnlineDPOTrainer.step()``. Online
 answered twice, the digit reward picks the chosen answer, the sigmoid DPO loss on the answers' summed
 log-probs; phases ``generate``, ``logprobs`` (the reference's log-probs) and ``update`` (the rest).
 
+TRL's experimental SDFT, SDPO and IW-OPD trainers (``algo="sdft"`` / ``"sdpo"`` / ``"iw_opd"``, ``--algos``; a
+table each) are driven one optimizer step as the distillation one (:class:`TRLSDFTStep`, :class:`TRLSDPOStep`,
+:class:`TRLIWOPDStep`), generation included, against rlhf_fast's ``SDFTTrainer.step()`` / ``SDPOTrainer.step()``
+/ ``DistillationTrainer.step()`` with ``distill.objective: iw_opd``; phases ``generate`` and ``update``. SDFT:
+the policy distils itself, its teacher the initial policy reading each prompt with a privileged context
+(:func:`self_distill_records`); SDPO: GRPO's rollout with the digit reward, each answer distilled from an EMA
+teacher reading the prompt reprompted with another answer of its group; IW-OPD: the distillation table's
+student and teacher, the sampled-token importance-weighted objective.
+
 SFT and the reward model (``algo="sft"`` / ``"reward"``, ``--algos``; a table each) drive TRL's own
 ``SFTTrainer`` (:class:`TRLSFTStep`: prompt–completion records, completion-only loss, the token mean over
 the batch's completion tokens) and ``RewardTrainer`` (:class:`TRLRewardStep`: pairwise Bradley–Terry on a
@@ -115,14 +124,16 @@ RL_ALGOS = ("ppo", "grpo")
 ALGOS = RL_ALGOS + ("dpo",)  # the default selection
 # also accepted by --algos: KTO (TRL's KTOTrainer) and SimPO (TRL's CPOTrainer, loss_type "simpo"), on-policy
 # distillation and online DPO (TRL's experimental OnlineDPOTrainer), SFT (TRL's SFTTrainer) and the reward model
-# (TRL's RewardTrainer), each its own table
-ALL_ALGOS = ALGOS + ("kto", "simpo", "distill", "online_dpo", "sft", "reward")
+# (TRL's RewardTrainer), each its own table; then TRL's experimental self-distillation (SDFT, SDPO) and
+# importance-weighted on-policy distillation (IW-OPD) trainers
+ALL_ALGOS = ALGOS + ("kto", "simpo", "distill", "online_dpo", "sft", "reward", "sdft", "sdpo", "iw_opd")
 # each algorithm's phase columns (SimPO, reference-free, has only the step)
 DISTILL_PHASES = ("generate", "update")
 # online DPO: logprobs = the reference's log-probs of the answers; update = the rest of the step
 ONLINE_DPO_PHASES = ("generate", "logprobs", "update")
 ALGO_PHASES = {"ppo": PHASES, "grpo": PHASES, "dpo": DPO_PHASES, "kto": DPO_PHASES, "simpo": (),
-               "distill": DISTILL_PHASES, "online_dpo": ONLINE_DPO_PHASES, "sft": (), "reward": ()}
+               "distill": DISTILL_PHASES, "online_dpo": ONLINE_DPO_PHASES, "sft": (), "reward": (),
+               "sdft": DISTILL_PHASES, "sdpo": DISTILL_PHASES, "iw_opd": DISTILL_PHASES}
 
 
 def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
@@ -1162,6 +1173,18 @@ class TRLSimPOStep:
 # --------------------------------------------------------------------------- on-policy distillation
 
 
+def _trl_ready_to_step(trainer, cfg: E2EConfig) -> List[float]:
+    """Ready a TRL trainer built on transformers' Trainer for :func:`_trl_optimizer_step`: its optimizer and
+    scheduler (``create_optimizer_and_scheduler``, for the run's steps), gradient accumulation 1, train mode;
+    its model's ``generate`` timed. Returns the one-element list the generate calls' seconds add to."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    gen_s = [0.0]
+    trainer.model.generate = _timed_calls(trainer.model.generate, gen_s, cfg.device)
+    return gen_s
+
+
 class TRLDistillStep:
     """One optimizer step of TRL 1.16's own ``trl.DistillationTrainer`` (on-policy distillation:
     the student generates, the teacher scores the same tokens, generalised JSD with ``beta``),
@@ -1185,39 +1208,49 @@ class TRLDistillStep:
     rlhf_fast runs the teacher per micro-batch inside its update too).
     """
 
+    # the metric TRL's trainer logs the mean completion length under (tokens/s)
+    length_metric = "completions/mean_length"
+
+    @staticmethod
+    def _example(prompt: str) -> Dict[str, object]:
+        """TRL's dataset record of ``prompt``."""
+        return {"prompt": prompt}
+
+    def _trl_trainer(self, teacher, tok) -> tuple:
+        """``(config class, trainer class, the config keys of this algorithm)`` of TRL's side, called
+        with the teacher and the tokenizer before the trainer is built."""
+        from trl import DistillationConfig, DistillationTrainer
+
+        return DistillationConfig, DistillationTrainer, {"beta": self.cfg.distill_beta}
+
     def __init__(self, cfg: E2EConfig):
         import warnings
 
         from datasets import Dataset
-        from trl import DistillationConfig, DistillationTrainer
 
         self.cfg = cfg
         model, tok = build_model(cfg)
         teacher = build_teacher(cfg, tok)
-        self.examples = [{"prompt": p} for p in distill_prompts(cfg)]
+        self.examples = [self._example(p) for p in distill_prompts(cfg)]
         self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_distill_")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # gradient_checkpointing's rename, bf16 notices
-            args = DistillationConfig(
+            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing's rename, bf16 notices
+            config_cls, trainer_cls, algo_args = self._trl_trainer(teacher, tok)
+            args = config_cls(
                 output_dir=self._tmp.name, per_device_train_batch_size=len(self.examples), learning_rate=cfg.lr,
-                lr_scheduler_type="constant", beta=cfg.distill_beta, temperature=cfg.temperature,
+                lr_scheduler_type="constant", temperature=cfg.temperature,
                 max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
                 use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
-                max_grad_norm=1.0)
-            self.trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, processing_class=tok,
-                                               train_dataset=Dataset.from_list(self.examples))
-        t = self.trainer
-        t.create_optimizer_and_scheduler(num_training_steps=cfg.steps + 3)
-        t.current_gradient_accumulation_steps = 1
-        t.model.train()
-        self._gen_s = [0.0]
-        t.model.generate = _timed_calls(t.model.generate, self._gen_s, cfg.device)
+                max_grad_norm=1.0, **algo_args)
+            self.trainer = trainer_cls(model=model, teacher_model=teacher, args=args, processing_class=tok,
+                                       train_dataset=Dataset.from_list(self.examples))
+        self._gen_s = _trl_ready_to_step(self.trainer, cfg)
 
     def step(self) -> Dict[str, float]:
         self._gen_s[0] = 0.0
         step, loss = _trl_optimizer_step(self, "_metrics")
         gen = self._gen_s[0]
-        tokens = float(self.last_metrics.get("completions/mean_length", 0.0)) * len(self.examples)
+        tokens = float(self.last_metrics.get(self.length_metric, 0.0)) * len(self.examples)
         return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=loss)
 
 
@@ -1241,15 +1274,286 @@ class RLHFFastDistillStep:
             rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
             ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
-            optim=OptimConfig(lr=cfg.lr), distill=DistillConfig(beta=cfg.distill_beta),
+            optim=OptimConfig(lr=cfg.lr), distill=self._distill_config(DistillConfig),
         )
-        self.trainer = DistillationTrainer(rl_cfg, model, tok, teacher_model=teacher, prompts=list(PROMPTS))
+        # (the prompts= argument, not data.prompts, is what the trainer reads)
+        self.trainer = DistillationTrainer(rl_cfg, model, tok, teacher_model=teacher, prompts=self._prompts())
+
+    @staticmethod
+    def _prompts() -> list:
+        """The trainer's prompts (PROMPTS, read in order)."""
+        return list(PROMPTS)
+
+    def _distill_config(self, config_cls):
+        """The ``distill`` section: the generalised JSD with ``distill_beta``."""
+        return config_cls(beta=self.cfg.distill_beta)
+
+    # the step metrics holding the loss and the mean answer length (tokens/s)
+    loss_key, length_key = "loss", "completions/mean_length"
 
     def step(self) -> Dict[str, float]:
         m, step = _timed_step(self.trainer, self.cfg.device)
         gen = m.get("time/generate", 0.0)
-        tokens = float(m.get("completions/mean_length", 0.0)) * self.cfg.batch_size
-        return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=float(m["loss"]))
+        tokens = float(m.get(self.length_key, 0.0)) * self.cfg.batch_size
+        return dict(generate=gen, update=max(0.0, step - gen), step=step, tokens=tokens, loss=float(m[self.loss_key]))
+
+
+class TRLIWOPDStep(TRLDistillStep):
+    """One optimizer step of TRL 1.16's experimental ``trl.experimental.iw_opd.IWOPDTrainer``
+    (Importance-Weighted On-Policy Distillation, ``distillation_objective`` "iw_opd", its default:
+    the sampled-token policy gradient with the teacher's minus the sampler's log-prob as advantage,
+    each answer's prefix weights with ``iw_opd_gamma`` 0.5), driven as :class:`TRLDistillStep` (the
+    trainer is a fork of DistillationTrainer). Its own path kept as is: the student's and the
+    teacher's full ``[B, T, V]`` logits over prompt + completion, ``log_softmax``; without vLLM the
+    sampler's log-probs are the student's own (TRL's ``rollout_logprobs=None`` fallback: equal here,
+    one optimizer step per generation, no sampling filter). Config differences from IWOPDConfig's
+    defaults, beyond :class:`TRLDistillStep`'s: ``top_p`` 1 (its default 0.95; rlhf_fast's rollout
+    samples without a filter)."""
+
+    length_metric = "completions/on_policy_mean_length"  # IWOPDTrainer's name for it
+
+    @staticmethod
+    def _example(prompt: str) -> Dict[str, object]:
+        # IWOPDTrainer's collator reads chat records only (the tokenizer's chat template renders them; so does
+        # rlhf_fast's side, RLHFFastIWOPDStep._prompts)
+        return {"messages": [{"role": "user", "content": prompt}]}
+
+    def _trl_trainer(self, teacher, tok) -> tuple:
+        import os
+
+        from trl.experimental.iw_opd import IWOPDConfig, IWOPDTrainer
+
+        # IWOPDTrainer checks the teacher's tokenizer, loaded from the teacher's model id: the shared one, saved
+        d = os.path.join(self._tmp.name, "teacher")
+        tok.save_pretrained(d)
+        teacher.config._name_or_path = d
+
+        return IWOPDConfig, IWOPDTrainer, {"distillation_objective": "iw_opd", "top_p": 1.0}
+
+
+class RLHFFastIWOPDStep(RLHFFastDistillStep):
+    """rlhf_fast's ``DistillationTrainer.step()`` with ``distill.objective: iw_opd`` (its
+    ``iw_opd_gamma`` / ``iw_opd_epsilon`` at TRL's defaults) in :class:`RLHFFastDistillStep`'s
+    configuration."""
+
+    @staticmethod
+    def _prompts() -> list:
+        """PROMPTS as one-message chats, as TRL's side reads them (:meth:`TRLIWOPDStep._example`)."""
+        return [[{"role": "user", "content": p}] for p in PROMPTS]
+
+    def _distill_config(self, config_cls):
+        return config_cls(objective="iw_opd")
+
+
+# --------------------------------------------------------------------------- self-distillation (SDFT)
+
+
+def self_distill_records() -> List[Dict[str, str]]:
+    """PROMPTS as self-distillation records ``{"prompt", "privileged_context"}``: each prompt's context
+    a demonstration of digits (the teacher reads it between the prompt and the student's answer)."""
+    return [{"prompt": p, "privileged_context": "answer: " + " ".join(str((i + k) % 10) for k in range(8))}
+            for i, p in enumerate(PROMPTS)]
+
+
+def self_distill_step_records(cfg: E2EConfig, step: int) -> List[Dict[str, str]]:
+    """The records of self-distillation step ``step`` (0-based, the warm-up included): the prompts
+    rlhf_fast's trainer reads (:func:`online_dpo_prompts`), each ``group_size`` times in a row (TRL's
+    RepeatSampler order)."""
+    by_prompt = {r["prompt"]: r for r in self_distill_records()}
+    return [by_prompt[p] for p in online_dpo_prompts(cfg, step) for _ in range(cfg.group_size)]
+
+
+def _saved_initial_policy(model, folder: str) -> None:
+    """Save ``model`` to ``folder`` and name it there (``config._name_or_path``): TRL's self-distillation
+    trainers build their ``base`` / ``ema`` teacher from the student's model id (``create_model_from_path``),
+    so the teacher gets the initial policy's weights, as rlhf_fast's copy of it."""
+    model.save_pretrained(folder)
+    model.config._name_or_path = folder
+
+
+class TRLSDFTStep:
+    """One optimizer step of TRL 1.16's experimental ``trl.experimental.sdft.SDFTTrainer``
+    (self-distillation fine-tuning: the student answers each prompt, the teacher — the initial
+    student, ``teacher_model_kind`` "base", its default — reads the answer after the prompt and
+    its privileged context; top-k divergence), built on an in-memory ``datasets.Dataset`` of
+    :func:`self_distill_records` with the benchmark's model. TRL builds a base teacher from the
+    student's model id (``create_model_from_path``), so the initial student is saved to a
+    temporary folder its config names: the teacher gets the same weights as rlhf_fast's copy.
+
+    TRL's code: ``training_step`` → ``_prepare_inputs`` → ``sample_rollouts`` (tokenisation,
+    ``model.generate`` with its GenerationConfig: ``temperature``, ``top_p`` 1, ``top_k`` 0,
+    ``max_completion_length``; padding; no rollout log-probs: one optimizer step per generation) →
+    the teacher prompts (``DemonstrationTeacherContextBuilder``) → ``compute_loss`` (the student's
+    and the teacher's ``logits_to_keep`` forwards, ``[B, C, V]`` logits each,
+    ``compute_topk_self_distillation_loss`` with ``distillation_topk`` 100 and
+    ``distillation_alpha`` 0.5, its defaults) → backward; the optimizer and scheduler of
+    ``create_optimizer_and_scheduler`` (``adamw_torch_fused``, weight decay 0). Written out as for
+    :class:`TRLDistillStep`. Each step reads the records of :func:`self_distill_step_records`, as
+    rlhf_fast's side. Config differences from SDFTConfig's defaults, the same on both sides:
+    ``gradient_checkpointing=False``, fp32, learning rate ``cfg.lr`` with a constant schedule,
+    ``num_generations`` = ``group_size``, ``max_completion_length`` = ``max_new_tokens``.
+
+    Phases: ``generate`` (the student's ``generate`` call) and ``update`` (the rest: the teacher
+    prompts, the teacher's forward under no_grad, the student forward + backward, the loss, the
+    optimizer)."""
+
+    length_metric = TRLDistillStep.length_metric
+
+    def __init__(self, cfg: E2EConfig):
+        import os
+        import warnings
+
+        from datasets import Dataset
+
+        self.cfg, self.pos = cfg, 0
+        model, tok = build_model(cfg)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_sdft_")
+        _saved_initial_policy(model, os.path.join(self._tmp.name, "initial_student"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
+            from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+            args = SDFTConfig(
+                output_dir=self._tmp.name, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.group_size,
+                learning_rate=cfg.lr, lr_scheduler_type="constant", temperature=cfg.temperature,
+                max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
+                use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                max_grad_norm=1.0, shuffle_dataset=False)
+            self.trainer = SDFTTrainer(model=model, args=args, processing_class=tok,
+                                       train_dataset=Dataset.from_list(self_distill_records()))
+        self._gen_s = _trl_ready_to_step(self.trainer, cfg)
+
+    def step(self) -> Dict[str, float]:
+        self.examples = self_distill_step_records(self.cfg, self.pos)
+        self.pos += 1
+        return TRLDistillStep.step(self)
+
+
+class RLHFFastSDFTStep(RLHFFastDistillStep):
+    """rlhf_fast's ``SDFTTrainer.step()`` (``estimator: sdft``, ``sdft`` at its defaults, TRL's:
+    teacher ``base``, ``topk_logits`` with top-k 100, alpha 0.5) on the same model, records
+    (:func:`self_distill_records`, read in order) and settings: one epoch and one mini-batch of the
+    whole rollout (TRL's one optimizer step per generation: no rollout log-probs, no importance
+    weight, as TRL), grad clipping at 1, the same learning rate (constant), fp32."""
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.trainers.rl_config import (DataConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig,
+                                                  SDFTConfig)
+        from rlhf_fast.trainers.sdft import SDFTTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        B = cfg.batch_size
+        rl_cfg = RLConfig(
+            estimator="sdft", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
+            data=DataConfig(shuffle=False),
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
+            optim=OptimConfig(lr=cfg.lr), sdft=SDFTConfig(),
+        )
+        self.trainer = SDFTTrainer(rl_cfg, model, tok, prompts=self_distill_records())
+
+
+class TRLSDPOStep:
+    """One optimizer step of TRL 1.16's experimental ``trl.experimental.sdpo.SDPOTrainer``
+    (Self-Distillation Policy Optimization: GRPO's rollout and rewards, then each answer distilled
+    from the teacher reading the prompt reprompted with a successful answer of its group), built on
+    an in-memory ``datasets.Dataset`` of PROMPTS with the benchmark's model and the digit reward. Its
+    defaults kept: ``distillation_weight`` 1 (the self-distillation loss alone), ``sampled_token``
+    reverse KL, teacher ``ema`` (rate 0.05, built from the initial policy saved to disk,
+    :func:`_saved_initial_policy`). ``success_reward_threshold`` 0 on both sides (its default 1 asks
+    for an all-digit answer, which the untrained model never gives: no answer would be reprompted
+    and the loss would be 0): every answer is reprompted with the first other answer of its group,
+    so the teacher's path runs in full every step.
+
+    TRL's code: ``training_step`` → ``_prepare_inputs`` → ``sample_rollouts`` (``model.generate``;
+    no rollout log-probs: one optimizer step per generation) → the rewards, group advantages and
+    ``SuccessfulRolloutTeacherContextBuilder.build`` → ``compute_loss`` (the student's and the
+    teacher's ``logits_to_keep`` forwards, ``[B, C, V]`` logits each,
+    ``compute_sampled_token_self_distillation_loss``) → backward; the optimizer and scheduler of
+    ``create_optimizer_and_scheduler``; then the EMA teacher update, its ``SyncTeacherModelCallback``'s
+    ``on_step_end`` (Trainer's loop calls it after each optimizer step; timed in ``update``, as
+    rlhf_fast's EMA update is). Written out as for :class:`TRLSDFTStep`, each step reading the prompts
+    of :func:`online_dpo_prompts` ``group_size`` times, as rlhf_fast's side."""
+
+    def __init__(self, cfg: E2EConfig):
+        import os
+        import warnings
+
+        from datasets import Dataset
+
+        self.cfg, self.pos = cfg, 0
+        model, tok = build_model(cfg)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_sdpo_")
+        _saved_initial_policy(model, os.path.join(self._tmp.name, "initial_student"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
+            from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+            args = SDPOConfig(
+                output_dir=self._tmp.name, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.group_size,
+                learning_rate=cfg.lr, lr_scheduler_type="constant", temperature=cfg.temperature,
+                max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
+                use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
+                max_grad_norm=1.0, shuffle_dataset=False, success_reward_threshold=0.0)
+            self.trainer = SDPOTrainer(model=model, reward_funcs=[_trl_digit_reward], args=args, processing_class=tok,
+                                       train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+        self._gen_s = _trl_ready_to_step(self.trainer, cfg)
+
+    length_metric = TRLDistillStep.length_metric
+
+    def step(self) -> Dict[str, float]:
+        from trl.experimental.sdpo.teacher_sync import SyncTeacherModelCallback
+
+        t, dev = self.trainer, self.cfg.device
+        G = self.cfg.group_size
+        self.examples = [{"prompt": p} for p in online_dpo_prompts(self.cfg, self.pos) for _ in range(G)]
+        self.pos += 1
+        rec = TRLDistillStep.step(self)
+        _sync(dev)
+        t0 = time.perf_counter()
+        syncs = [c for c in t.callback_handler.callbacks if isinstance(c, SyncTeacherModelCallback)]
+        for c in syncs:
+            c.on_step_end(t.args, t.state, t.control, model=t.model)
+        _sync(dev)
+        self.teacher_syncs = getattr(self, "teacher_syncs", 0) + len(syncs)
+        dt = time.perf_counter() - t0
+        return dict(rec, update=rec["update"] + dt, step=rec["step"] + dt)
+
+
+class RLHFFastSDPOStep(RLHFFastDistillStep):
+    """rlhf_fast's ``SDPOTrainer.step()`` (``estimator: sdpo``, ``sdpo`` at its defaults, TRL's, but
+    ``success_reward_threshold`` 0 as :class:`TRLSDPOStep`) on the same model, prompts (read in order),
+    digit reward and settings: one epoch and one mini-batch of the whole rollout, ``ppo.old_logp``
+    behaviour (the sampler's log-probs: TRL computes none with one optimizer step per generation, and
+    its importance clip is then 1, as ours on the first pass), grad clipping at 1, the same learning rate
+    (constant), fp32."""
+
+    loss_key, length_key = "policy/loss", "response_length/mean"  # (the RL trainer's names)
+
+    def __init__(self, cfg: E2EConfig):
+        from rlhf_fast.trainers.rl_config import (DataConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig,
+                                                  SDPOConfig)
+        from rlhf_fast.trainers.sdpo import SDPOTrainer
+
+        self.cfg = cfg
+        model, tok = build_model(cfg)
+        B = cfg.batch_size
+        rl_cfg = RLConfig(
+            estimator="sdpo", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
+            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0, old_logp="behaviour"),
+            optim=OptimConfig(lr=cfg.lr), sdpo=SDPOConfig(success_reward_threshold=0.0),
+        )
+        self.trainer = SDPOTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
+
+
+# the sides of the experimental distillation comparisons: (TRL's runner, rlhf_fast's runner), each from an E2EConfig
+SELF_DISTILL_SIDES = {"sdft": (TRLSDFTStep, RLHFFastSDFTStep), "sdpo": (TRLSDPOStep, RLHFFastSDPOStep),
+                      "iw_opd": (TRLIWOPDStep, RLHFFastIWOPDStep)}
 
 
 # --------------------------------------------------------------------------- online DPO
@@ -1770,6 +2074,8 @@ def measure(framework: str, algo: str, cfg: E2EConfig) -> Dict[str, object]:
         runner = (TRLDistillStep if framework == "trl" else RLHFFastDistillStep)(cfg)
     elif algo == "online_dpo":
         runner = (TRLOnlineDPOStep if framework == "trl" else RLHFFastOnlineDPOStep)(cfg)
+    elif algo in SELF_DISTILL_SIDES:
+        runner = SELF_DISTILL_SIDES[algo][0 if framework == "trl" else 1](cfg)
     elif algo in OFFLINE_SIDES:
         runner = OFFLINE_SIDES[algo][0 if framework == "trl" else 1](cfg)
     else:
@@ -1842,8 +2148,9 @@ def _check_algos(algos) -> tuple:
 def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
               timeout_s: float = 600.0, repeats: int = 1, algos=ALGOS,
               overrides: Optional[Dict[str, object]] = None) -> List[Table]:
-    """PPO, GRPO and DPO steps (and, when asked for, KTO, SimPO, distillation, online DPO, SFT and the
-    reward model: :func:`run_sft_table`, :func:`run_reward_table`),
+    """PPO, GRPO and DPO steps (and, when asked for, KTO, SimPO, distillation, online DPO, SFT, the
+    reward model, SDFT, SDPO and IW-OPD: :func:`run_sft_table`, :func:`run_reward_table`, :func:`run_sdft_table`,
+    :func:`run_sdpo_table`, :func:`run_iw_opd_table`),
     rlhf_fast vs TRL, per configuration — ``cfg`` if given, else the quick one, else the tiny model
     with its 256-token vocabulary and again with a real-sized one (:meth:`E2EConfig.large_vocab`): a
     table of the RL algorithms (PPO / GRPO) and one each of DPO, KTO, SimPO, distillation and online
@@ -1913,6 +2220,12 @@ def _config_tables(cfg: E2EConfig, timeout_s: float, repeats: int, algos) -> Lis
         tables.append(run_distill_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "online_dpo" in algos:
         tables.append(run_online_dpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "sdft" in algos:
+        tables.append(run_sdft_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "sdpo" in algos:
+        tables.append(run_sdpo_table(cfg, timeout_s=timeout_s, repeats=repeats))
+    if "iw_opd" in algos:
+        tables.append(run_iw_opd_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "sft" in algos:
         tables.append(run_sft_table(cfg, timeout_s=timeout_s, repeats=repeats))
     if "reward" in algos:
@@ -2186,6 +2499,92 @@ def run_online_dpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int 
             "the same max_new_tokens (checked each step)",
             "rlhf_fast side: OnlineDPOTrainer.step (estimator online_dpo: its rollout engine, the fused log-prob head "
             "over the answers' tokens only for the reference and the policy) with its own fused AdamW",
+        ])
+
+
+@_with_tokenizer
+def run_sdft_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's SDFT table: TRL 1.16's experimental ``SDFTTrainer`` (:class:`TRLSDFTStep`)
+    and rlhf_fast's (:class:`RLHFFastSDFTStep`), one optimizer step on the same records and model,
+    and the TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    return _step_table(
+        cfg, f"one SDFT (self-distillation) step on a {cfg.family} model from a config (B={cfg.batch_size}, "
+        f"≤{cfg.max_new_tokens} new tokens, teacher base (the initial policy), topk_logits top-k 100, alpha 0.5",
+        DISTILL_PHASES, [("sdft", "TRL SDFTTrainer (experimental)")], timeout_s, repeats,
+        timing="; tokens/s = the step's generated tokens ÷ step time",
+        what="one optimizer step: generate = the student's sampling of the completions of its prompts; update = "
+        "the rest (the teacher prompts: each prompt with its privileged context, then the same answer; the "
+        "teacher's forward under no_grad, the student forward + backward, the top-k generalised JSD over the "
+        "completion tokens, each answer's mean then the mean over answers, grad clipping at 1, fused AdamW step, "
+        "scheduler)",
+        notes=[
+            "TRL side: trl.experimental.sdft.SDFTTrainer itself (sample_rollouts with HF generate, the teacher "
+            "prompts of DemonstrationTeacherContextBuilder, compute_loss with the [B, C, V] logits of both models "
+            "and compute_topk_self_distillation_loss; create_optimizer_and_scheduler: adamw_torch_fused), driven one "
+            "optimizer step as Trainer's loop does, its base teacher loaded from the initial student saved to disk "
+            "(same weights as rlhf_fast's copy); gradient_checkpointing off (its default is on), fp32, the same "
+            "records, temperature, max_new_tokens and learning rate on both sides",
+            "rlhf_fast side: SDFTTrainer.step (estimator sdft: its rollout engine, both models' hidden states at "
+            "the answer tokens only, the chunked top-k self-distillation loss without [B, C, V] logits) with its own "
+            "fused AdamW",
+        ])
+
+
+@_with_tokenizer
+def run_sdpo_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's SDPO table: TRL 1.16's experimental ``SDPOTrainer`` (:class:`TRLSDPOStep`)
+    and rlhf_fast's (:class:`RLHFFastSDPOStep`), one optimizer step on the same prompts, model and
+    reward, and the TRL ÷ rlhf_fast ratios. The tokenizer is trained here unless ``cfg.tokenizer_dir``
+    holds it."""
+    return _step_table(
+        cfg, f"one SDPO (self-distillation policy optimisation) step on a {cfg.family} model from a config "
+        f"({cfg.prompts_per_step} prompts × {cfg.group_size} answers, ≤{cfg.max_new_tokens} new tokens, "
+        "distillation_weight 1, sampled_token, EMA teacher, success_reward_threshold 0", DISTILL_PHASES,
+        [("sdpo", "TRL SDPOTrainer (experimental)")], timeout_s, repeats,
+        timing="; tokens/s = the step's generated tokens ÷ step time",
+        what="one optimizer step: generate = the student's sampling of the answers; update = the rest (the digit "
+        "reward and group advantages, each answer's teacher context: its prompt reprompted with the first other "
+        "answer of its group (threshold 0: every answer), the EMA teacher's forward under no_grad, the student "
+        "forward + backward, the sampled-token reverse-KL self-distillation loss, grad clipping at 1, fused AdamW "
+        "step, scheduler, the EMA teacher update)",
+        notes=[
+            "TRL side: trl.experimental.sdpo.SDPOTrainer itself (sample_rollouts with HF generate, "
+            "_calculate_rewards, SuccessfulRolloutTeacherContextBuilder, compute_loss with the [B, C, V] logits of "
+            "both models; create_optimizer_and_scheduler: adamw_torch_fused; its SyncTeacherModelCallback's "
+            "on_step_end for the EMA update), driven one optimizer step as Trainer's loop does, its EMA teacher "
+            "loaded from the initial policy saved to disk; gradient_checkpointing off, fp32, the same prompts, "
+            "reward, temperature, max_new_tokens, learning rate and success_reward_threshold (0; TRL's default 1 "
+            "asks for all-digit answers, which the untrained model never gives) on both sides",
+            "rlhf_fast side: SDPOTrainer.step (estimator sdpo: its rollout engine, ppo.old_logp behaviour — TRL "
+            "computes no rollout log-probs with one optimizer step per generation —, both models' per-token "
+            "log-probs of the answers from the fused log-prob op, the EMA update) with its own fused AdamW",
+        ])
+
+
+@_with_tokenizer
+def run_iw_opd_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1) -> Table:
+    """One configuration's IW-OPD table: TRL 1.16's experimental ``IWOPDTrainer`` (:class:`TRLIWOPDStep`)
+    and rlhf_fast's ``DistillationTrainer`` with ``distill.objective: iw_opd`` (:class:`RLHFFastIWOPDStep`),
+    one optimizer step on the same prompts, student and teacher, and the TRL ÷ rlhf_fast ratios. The
+    tokenizer is trained here unless ``cfg.tokenizer_dir`` holds it."""
+    return _step_table(
+        cfg, f"one IW-OPD (importance-weighted on-policy distillation) step on a {cfg.family} model from a config "
+        f"(B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens, teacher h={cfg.teacher_hidden_size} × "
+        f"{cfg.teacher_layers} layers, iw_opd_gamma 0.5", DISTILL_PHASES,
+        [("iw_opd", "TRL IWOPDTrainer (experimental)")], timeout_s, repeats, timing="; tokens/s = the step's generated tokens ÷ step time",
+        what="one optimizer step: generate = the student's sampling of the completions; update = the rest (the "
+        "teacher's forward under no_grad, the student forward + backward, the advantage teacher − sampler log-prob "
+        "of each sampled token with its prefix weight, the policy-gradient loss, grad clipping at 1, fused AdamW "
+        "step, scheduler)",
+        notes=[
+            "TRL side: trl.experimental.iw_opd.IWOPDTrainer itself (distillation_objective iw_opd; HF generate; "
+            "compute_loss with the full [B, T, V] logits of student and teacher over prompt + completion and "
+            "log_softmax, its only local path, kept as is; the sampler's log-probs are the student's own, TRL's "
+            "fallback without vLLM; create_optimizer_and_scheduler: adamw_torch_fused), driven one optimizer step as "
+            "Trainer's loop does; top_p 1 (its default 0.95) and gradient_checkpointing off, fp32 on both sides",
+            "rlhf_fast side: DistillationTrainer.step with distill.objective iw_opd (its rollout engine and the "
+            "sampler's log-probs from it, both models' per-token log-probs from the fused log-prob op) with its own "
+            "fused AdamW",
         ])
 
 

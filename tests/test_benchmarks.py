@@ -699,6 +699,165 @@ def test_e2e_distill_sides_run_the_same_configuration(monkeypatch, capsys):
         assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])
 
 
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_e2e_sdft_sides_run_the_same_step():
+    """The SDFT comparison (`--algos sdft`): TRL's experimental SDFTTrainer and ours start from the same
+    policy and the same base teacher (TRL's loaded from the initial policy saved to disk), with the same
+    teacher prompts, divergence settings, sampling, answers per prompt and fused AdamW; each step reads
+    the same records on both sides, splits into generate + update, counts its generated tokens and logs a
+    finite loss. (The loss itself is checked against TRL's in tests/test_sdft*.py.)"""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    assert "sdft" in e2e.ALL_ALGOS and "sdft" not in e2e.ALGOS
+    assert e2e._check_algos("iw_opd,sdft,distill") == ("distill", "sdft", "iw_opd")
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLSDFTStep(cfg), e2e.RLHFFastSDFTStep(cfg)
+    t, o = trl_side.trainer, ours.trainer
+    assert _same_weights(t.model, o.policy) and _same_weights(t.teacher_model, o.teacher)
+    assert t.teacher_model is not t.model and o.teacher is not o.policy
+    recs = e2e.self_distill_records()
+    assert [t.teacher_context_builder._compose_teacher_prompt(r["prompt"], r["privileged_context"]) for r in recs] \
+        == o._teacher_text["train"]
+    a, s, ro = t.args, o.config.sdft, o.config.rollout
+    assert (a.teacher_model_kind, a.distillation_mode, a.distillation_topk, a.distillation_alpha,
+            a.distillation_is_clip, a.distillation_add_tail, a.num_loss_tokens_to_skip) == \
+        (s.teacher_model_kind, s.distillation_mode, s.distillation_topk, s.distillation_alpha, s.distillation_is_clip,
+         s.distillation_add_tail, s.num_loss_tokens_to_skip) == ("base", "topk_logits", 100, 0.5, 2.0, False, 0)
+    g = t.generation_config
+    assert (t.num_generations, a.per_device_train_batch_size, g.temperature, g.max_new_tokens, g.top_p, g.top_k) == \
+        (ro.group_size, cfg.batch_size, ro.temperature, ro.max_new_tokens, ro.top_p, ro.top_k) == \
+        (cfg.group_size, cfg.batch_size, cfg.temperature, cfg.max_new_tokens, 1.0, 0)
+    assert not o._keeps_old_logp  # one optimizer step per rollout: no importance weight, as TRL (no old log-probs)
+    for opt in (t.optimizer, o.optimizer):
+        pg = opt.param_groups[0]
+        assert pg["fused"] and pg["weight_decay"] == 0.0 and pg["lr"] == cfg.lr
+    for i in range(2):
+        recs_t, rec_o = trl_side.step(), ours.step()
+        assert trl_side.examples == e2e.self_distill_step_records(cfg, i)
+        assert [e["prompt"] for e in trl_side.examples][::cfg.group_size] == \
+            [e2e.PROMPTS[j] for j in o._step_prompts] == e2e.online_dpo_prompts(cfg, i)
+        for rec in (recs_t, rec_o):
+            assert rec["generate"] > 0 and rec["update"] > 0
+            assert rec["step"] == pytest.approx(rec["generate"] + rec["update"])
+            assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])
+
+
+def test_e2e_sdpo_sides_run_the_same_step():
+    """The SDPO comparison (`--algos sdpo`): TRL's experimental SDPOTrainer and ours start from the
+    same policy and the same EMA teacher (TRL's loaded from the initial policy saved to disk), with the
+    same loss settings, success threshold, sampling, answers per prompt and fused AdamW; each step reads
+    the same prompts, moves the EMA teacher on both sides (TRL's by its callback), splits into generate +
+    update, counts its generated tokens and logs a finite loss. (The loss itself is checked against
+    TRL's in tests/test_sdpo*.py.)"""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    assert "sdpo" in e2e.ALL_ALGOS and "sdpo" not in e2e.ALGOS
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLSDPOStep(cfg), e2e.RLHFFastSDPOStep(cfg)
+    t, o = trl_side.trainer, ours.trainer
+    assert _same_weights(t.model, o.policy) and _same_weights(t.teacher_model, o.teacher)
+    assert t.teacher_model is not t.model and o.teacher is not o.policy
+    a, s, ro = t.args, o.config.sdpo, o.config.rollout
+    keys = ("distillation_weight", "distillation_mode", "distillation_alpha", "distillation_is_clip",
+            "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps", "success_reward_threshold",
+            "dont_reprompt_on_self_success", "reprompt_template", "solution_template")
+    assert [getattr(a, k) for k in keys] == [getattr(s, k) for k in keys]
+    assert (a.distillation_weight, a.teacher_model_kind, a.success_reward_threshold) == (1.0, "ema", 0.0)
+    g = t.generation_config
+    assert (t.num_generations, a.per_device_train_batch_size, g.temperature, g.max_new_tokens, g.top_p, g.top_k) == \
+        (ro.group_size, cfg.batch_size, ro.temperature, ro.max_new_tokens, ro.top_p, ro.top_k) == \
+        (cfg.group_size, cfg.batch_size, cfg.temperature, cfg.max_new_tokens, 1.0, 0)
+    for opt in (t.optimizer, o.optimizer):
+        pg = opt.param_groups[0]
+        assert pg["fused"] and pg["weight_decay"] == 0.0 and pg["lr"] == cfg.lr
+    w_t, w_o = ({k: v.clone() for k, v in m.state_dict().items()} for m in (t.teacher_model, o.teacher))
+    for i in range(2):
+        rec_t, rec_o = trl_side.step(), ours.step()
+        assert [e["prompt"] for e in trl_side.examples] == \
+            [p for p in e2e.online_dpo_prompts(cfg, i) for _ in range(cfg.group_size)]
+        for rec in (rec_t, rec_o):
+            assert rec["generate"] > 0 and rec["update"] > 0
+            assert rec["step"] == pytest.approx(rec["generate"] + rec["update"])
+            assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])
+    assert trl_side.teacher_syncs == 2 and o.self_teacher.optimizer_steps == 2
+    for w0, m in ((w_t, t.teacher_model), (w_o, o.teacher)):  # the EMA teachers moved
+        assert any(not torch.equal(w0[k], v) for k, v in m.state_dict().items())
+    assert trl_side.last_metrics["self_distillation/reprompt_sample_fraction"] == 1.0  # threshold 0: every answer
+
+
+def test_e2e_iw_opd_sides_run_the_same_step():
+    """The IW-OPD comparison (`--algos iw_opd`): TRL's experimental IWOPDTrainer and our
+    DistillationTrainer with distill.objective iw_opd start from the same student and teacher, read the
+    same chat-rendered prompts, sample without a filter on both sides (TRL's top_p default is 0.95),
+    with the same gamma / epsilon and fused AdamW; each step splits into generate + update, counts its
+    generated tokens and logs a finite loss. (The loss is checked against TRL's in
+    tests/test_distill_iw_opd.py.)"""
+    pytest.importorskip("trl")
+    from rlhf_fast.benchmarks import e2e
+
+    assert "iw_opd" in e2e.ALL_ALGOS and "iw_opd" not in e2e.ALGOS
+    cfg = e2e.E2EConfig.quick()
+    trl_side, ours = e2e.TRLIWOPDStep(cfg), e2e.RLHFFastIWOPDStep(cfg)
+    t, o = trl_side.trainer, ours.trainer
+    assert _same_weights(t.model, o.policy) and _same_weights(t.teacher_model, o.teacher)
+    assert t.teacher_model.config.hidden_size == cfg.teacher_hidden_size != cfg.hidden_size
+    tok = t.processing_class
+    rendered = [tok.apply_chat_template(e["messages"], tokenize=False, add_generation_prompt=True)
+                for e in trl_side.examples[::cfg.group_size]]
+    assert rendered == o.prompts[:cfg.prompts_per_step] and rendered[0].startswith(tok.bos_token)
+    a, d, ro = t.args, o.config.distill, o.config.rollout
+    assert (a.distillation_objective, a.iw_opd_gamma, a.iw_opd_epsilon, a.lmbda) == \
+        (d.objective, d.iw_opd_gamma, d.iw_opd_epsilon, d.lmbda) == ("iw_opd", 0.5, 1e-8, 1.0)
+    assert (a.temperature, a.max_completion_length, a.top_p, a.top_k) == \
+        (ro.temperature, ro.max_new_tokens, ro.top_p, ro.top_k) == (cfg.temperature, cfg.max_new_tokens, 1.0, 0)
+    assert len(trl_side.examples) == cfg.batch_size == ro.prompts_per_step * ro.group_size
+    for opt in (t.optimizer, o.optimizer):
+        pg = opt.param_groups[0]
+        assert pg["fused"] and pg["weight_decay"] == 0.0 and pg["lr"] == cfg.lr
+    for rec in (trl_side.step(), ours.step()):
+        assert rec["generate"] > 0 and rec["update"] > 0
+        assert rec["step"] == pytest.approx(rec["generate"] + rec["update"])
+        assert 0 < rec["tokens"] <= cfg.batch_size * cfg.max_new_tokens and math.isfinite(rec["loss"])
+
+
+@pytest.mark.parametrize("algo,title,trl_name", [
+    ("sdft", "one SDFT (self-distillation) step", "TRL SDFTTrainer (experimental)"),
+    ("sdpo", "one SDPO (self-distillation policy optimisation) step", "TRL SDPOTrainer (experimental)"),
+    ("iw_opd", "one IW-OPD (importance-weighted on-policy distillation) step", "TRL IWOPDTrainer (experimental)")])
+def test_e2e_self_distillation_tables(monkeypatch, capsys, algo, title, trl_name):
+    """`--algos sdft` / `sdpo` / `iw_opd`: a table each with generate / update columns, a TRL row, an rlhf_fast
+    row and the TRL ÷ rlhf_fast ratios (time, tokens/s, extra memory), rendered to markdown."""
+    from rlhf_fast.benchmarks import e2e
+
+    cfg = replace(e2e.E2EConfig.quick(), tokenizer_dir="unused")
+
+    def fake(framework, a, c, timeout_s):
+        assert a == algo
+        trl = framework == "trl"
+        return dict(generate=1.0 if trl else 0.5, update=2.0 if trl else 0.5, step=3.0 if trl else 1.0, tokens=60.0,
+                    tokens_per_s=20.0 if trl else 60.0, extra_peak_bytes=(6 if trl else 2) << 20,
+                    extra_rss_bytes=(4 if trl else 2) << 20, rss_bytes=1 << 30, loss=0.5)
+
+    monkeypatch.setattr(e2e, "_subprocess", fake)
+    (table,) = e2e.run_suite(cfg=cfg, algos=algo)
+    assert table.title.startswith(title) and f"≤{cfg.max_new_tokens} new tokens" in table.title
+    assert table.columns[2:5] == ["generate_s", "update_s", "step_s"]
+    assert [(r["algo"], r["framework"]) for r in table.rows] == \
+        [(algo, trl_name), (algo, "rlhf_fast"), (algo, "TRL ÷ rlhf_fast")]
+    ratio = table.rows[-1]
+    assert (ratio["generate_s"], ratio["update_s"], ratio["step_s"], ratio["tokens_per_s"], ratio["extra_peak"],
+            ratio["extra_rss"]) == (2.0, 4.0, 3.0, 3.0, "3.00×", "2.00×")
+    assert f"| {algo} | rlhf_fast |" in table.markdown()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("e2e ")]
+    assert f"e2e {algo} trl" in err[0] and "(generate 1.000 update 2.000)" in err[0]
+
+
 def test_e2e_online_dpo_sides_run_the_same_step():
     """The online DPO comparison (`--algos online_dpo`): TRL's experimental OnlineDPOTrainer and
     ours start from the same policy (each reference a copy of it), with the same beta, loss type,

@@ -99,7 +99,9 @@ class CompileOptions:
 def check_compile_combination(cfg) -> None:
     """ValueError naming the key of a setting ``torch_compile: true`` cannot run with:
     ``distributed.strategy: fsdp2``, ``activation_offloading: true``, ``prefix_sharing: true``."""
-    if cfg.distributed.strategy == "fsdp2":
+    dc = getattr(cfg, "distributed", None)
+    strategy = dc.get("strategy") if isinstance(dc, dict) else getattr(dc, "strategy", None)  # (a dict from Python)
+    if strategy == "fsdp2":
         raise ValueError("torch_compile: true is not supported with distributed.strategy 'fsdp2' (FSDP2's per-layer "
                          "hooks would run inside the compiled backbone forward); use distributed.strategy 'ddp' or "
                          "torch_compile: false")
@@ -128,6 +130,24 @@ def compile_backbone(model: nn.Module, backend: str = "inductor", mode: Optional
     return compile_module(backbone(model), backend, mode)
 
 
+# graphs per compiled backbone class that dynamo may keep: every model of one class (policy,
+# reference, critic, teacher; LoRA on or off; grad or no_grad) shares its forward's code and so
+# its cache, and each context takes a static then a dynamic graph: PPO with a LoRA policy needs 10
+RECOMPILE_LIMIT = 64
+
+
+def _room_for_recompiles() -> None:
+    """Raise dynamo's per-function recompile limit (torch's default 8) to :data:`RECOMPILE_LIMIT`:
+    past it dynamo silently runs the forward eagerly, and a run with a LoRA policy and a critic
+    hit it at its second step. Never lowers a limit the user set higher."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # (torch >= 2.7; its older name)
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < RECOMPILE_LIMIT:
+            setattr(dynamo_config, name, RECOMPILE_LIMIT)
+            break
+
+
 def compile_module(base: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> nn.Module:
     """:func:`compile_backbone` for a module given as it is: its own class's forward compiled in
     place as an instance-level ``forward`` (a bare backbone, such as the RL critic's
@@ -139,6 +159,7 @@ def compile_module(base: nn.Module, backend: str = "inductor", mode: Optional[st
     if "forward" in base.__dict__:
         raise ValueError(f"torch_compile: the backbone {type(base).__name__} already has an instance-level forward, "
                          "which compiling would replace")
+    _room_for_recompiles()
     fn = torch.compile(type(base).forward, backend=backend, mode=mode, dynamic=None)
     fn.rlhf_compiled = True
     # bound to the instance by a method object, which copy.deepcopy rebinds to the copy

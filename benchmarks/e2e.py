@@ -1261,23 +1261,31 @@ class RLHFFastDistillStep:
 
     def __init__(self, cfg: E2EConfig):
         from rlhf_fast.trainers.distill import DistillationTrainer
-        from rlhf_fast.trainers.rl_config import (DataConfig, DistillConfig, OptimConfig, PPOConfig, RLConfig,
-                                                  RolloutConfig)
+        from rlhf_fast.trainers.rl_config import DataConfig, DistillConfig
 
         self.cfg = cfg
         model, tok = build_model(cfg)
         teacher = build_teacher(cfg, tok)
-        B = cfg.batch_size
-        rl_cfg = RLConfig(
-            estimator="distill", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
-            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
-            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
-            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
-            optim=OptimConfig(lr=cfg.lr), distill=self._distill_config(DistillConfig),
-        )
+        rl_cfg = self._rl_config("distill", DataConfig(prompts=list(PROMPTS), shuffle=False),
+                                 distill=self._distill_config(DistillConfig))
         # (the prompts= argument, not data.prompts, is what the trainer reads)
         self.trainer = DistillationTrainer(rl_cfg, model, tok, teacher_model=teacher, prompts=self._prompts())
+
+    def _rl_config(self, estimator: str, data, ppo_keys=None, **section):
+        """``estimator``'s RLConfig in this comparison's settings (one epoch and one mini-batch of
+        the whole rollout, grad clipping at 1, ``cfg.lr``), with ``data``, the ppo keys
+        ``ppo_keys`` and the estimator's ``section`` (``distill=…``, ``sdft=…``) on top."""
+        from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RLConfig, RolloutConfig
+
+        cfg, B = self.cfg, self.cfg.batch_size
+        return RLConfig(
+            estimator=estimator, steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
+            data=data,
+            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0, **(ppo_keys or {})),
+            optim=OptimConfig(lr=cfg.lr), **section,
+        )
 
     @staticmethod
     def _prompts() -> list:
@@ -1399,6 +1407,13 @@ class TRLSDFTStep:
 
     length_metric = TRLDistillStep.length_metric
 
+    def _trl_trainer(self) -> tuple:
+        """``(config class, trainer class, config keys, trainer keywords, dataset records)`` of TRL's
+        side, imported inside :meth:`__init__`'s silenced warnings."""
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        return SDFTConfig, SDFTTrainer, {}, {}, self_distill_records()
+
     def __init__(self, cfg: E2EConfig):
         import os
         import warnings
@@ -1407,20 +1422,19 @@ class TRLSDFTStep:
 
         self.cfg, self.pos = cfg, 0
         model, tok = build_model(cfg)
-        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_sdft_")
+        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_self_distill_")
         _saved_initial_policy(model, os.path.join(self._tmp.name, "initial_student"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
-            from trl.experimental.sdft import SDFTConfig, SDFTTrainer
-
-            args = SDFTConfig(
+            config_cls, trainer_cls, algo_args, trainer_kw, records = self._trl_trainer()
+            args = config_cls(
                 output_dir=self._tmp.name, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.group_size,
                 learning_rate=cfg.lr, lr_scheduler_type="constant", temperature=cfg.temperature,
                 max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
                 use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
-                max_grad_norm=1.0, shuffle_dataset=False)
-            self.trainer = SDFTTrainer(model=model, args=args, processing_class=tok,
-                                       train_dataset=Dataset.from_list(self_distill_records()))
+                max_grad_norm=1.0, shuffle_dataset=False, **algo_args)
+            self.trainer = trainer_cls(model=model, args=args, processing_class=tok,
+                                       train_dataset=Dataset.from_list(records), **trainer_kw)
         self._gen_s = _trl_ready_to_step(self.trainer, cfg)
 
     def step(self) -> Dict[str, float]:
@@ -1437,25 +1451,16 @@ class RLHFFastSDFTStep(RLHFFastDistillStep):
     weight, as TRL), grad clipping at 1, the same learning rate (constant), fp32."""
 
     def __init__(self, cfg: E2EConfig):
-        from rlhf_fast.trainers.rl_config import (DataConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig,
-                                                  SDFTConfig)
+        from rlhf_fast.trainers.rl_config import DataConfig, SDFTConfig
         from rlhf_fast.trainers.sdft import SDFTTrainer
 
         self.cfg = cfg
         model, tok = build_model(cfg)
-        B = cfg.batch_size
-        rl_cfg = RLConfig(
-            estimator="sdft", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
-            data=DataConfig(shuffle=False),
-            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
-            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0),
-            optim=OptimConfig(lr=cfg.lr), sdft=SDFTConfig(),
-        )
+        rl_cfg = self._rl_config("sdft", DataConfig(shuffle=False), sdft=SDFTConfig())
         self.trainer = SDFTTrainer(rl_cfg, model, tok, prompts=self_distill_records())
 
 
-class TRLSDPOStep:
+class TRLSDPOStep(TRLSDFTStep):
     """One optimizer step of TRL 1.16's experimental ``trl.experimental.sdpo.SDPOTrainer``
     (Self-Distillation Policy Optimization: GRPO's rollout and rewards, then each answer distilled
     from the teacher reading the prompt reprompted with a successful answer of its group), built on
@@ -1477,31 +1482,11 @@ class TRLSDPOStep:
     rlhf_fast's EMA update is). Written out as for :class:`TRLSDFTStep`, each step reading the prompts
     of :func:`online_dpo_prompts` ``group_size`` times, as rlhf_fast's side."""
 
-    def __init__(self, cfg: E2EConfig):
-        import os
-        import warnings
+    def _trl_trainer(self) -> tuple:
+        from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
-        from datasets import Dataset
-
-        self.cfg, self.pos = cfg, 0
-        model, tok = build_model(cfg)
-        self._tmp = tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_trl_sdpo_")
-        _saved_initial_policy(model, os.path.join(self._tmp.name, "initial_student"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # experimental-module, gradient_checkpointing, bf16 notices
-            from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
-
-            args = SDPOConfig(
-                output_dir=self._tmp.name, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.group_size,
-                learning_rate=cfg.lr, lr_scheduler_type="constant", temperature=cfg.temperature,
-                max_completion_length=cfg.max_new_tokens, gradient_checkpointing=False, bf16=False,
-                use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", seed=cfg.seed, disable_tqdm=True,
-                max_grad_norm=1.0, shuffle_dataset=False, success_reward_threshold=0.0)
-            self.trainer = SDPOTrainer(model=model, reward_funcs=[_trl_digit_reward], args=args, processing_class=tok,
-                                       train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
-        self._gen_s = _trl_ready_to_step(self.trainer, cfg)
-
-    length_metric = TRLDistillStep.length_metric
+        return (SDPOConfig, SDPOTrainer, {"success_reward_threshold": 0.0}, {"reward_funcs": [_trl_digit_reward]},
+                [{"prompt": p} for p in PROMPTS])
 
     def step(self) -> Dict[str, float]:
         from trl.experimental.sdpo.teacher_sync import SyncTeacherModelCallback
@@ -1533,21 +1518,13 @@ class RLHFFastSDPOStep(RLHFFastDistillStep):
     loss_key, length_key = "policy/loss", "response_length/mean"  # (the RL trainer's names)
 
     def __init__(self, cfg: E2EConfig):
-        from rlhf_fast.trainers.rl_config import (DataConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig,
-                                                  SDPOConfig)
+        from rlhf_fast.trainers.rl_config import DataConfig, SDPOConfig
         from rlhf_fast.trainers.sdpo import SDPOTrainer
 
         self.cfg = cfg
         model, tok = build_model(cfg)
-        B = cfg.batch_size
-        rl_cfg = RLConfig(
-            estimator="sdpo", steps=cfg.steps + 3, seed=cfg.seed, device=cfg.device, progress=False, sample_every=0,
-            data=DataConfig(prompts=list(PROMPTS), shuffle=False),
-            rollout=RolloutConfig(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
-            ppo=PPOConfig(epochs=1, mini_batch_size=B, micro_batch_size=B, max_grad_norm=1.0, old_logp="behaviour"),
-            optim=OptimConfig(lr=cfg.lr), sdpo=SDPOConfig(success_reward_threshold=0.0),
-        )
+        rl_cfg = self._rl_config("sdpo", DataConfig(prompts=list(PROMPTS), shuffle=False),
+                                 ppo_keys={"old_logp": "behaviour"}, sdpo=SDPOConfig(success_reward_threshold=0.0))
         self.trainer = SDPOTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(PROMPTS))
 
 

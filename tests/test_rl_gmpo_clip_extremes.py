@@ -3,20 +3,14 @@
 (its nanmin / nanmax over the answers of each answer's share of clipped loss tokens); in the
 trainer, the extreme over the mini-batch's answers whatever the micro-batches, averaged over the
 mini-batches (one without an answer left out, TRL's NaN); on two gloo ranks (DDP), the min / max
-over every rank's answers, as one process logs them. This file is also the two ranks' worker."""
+over every rank's answers, as one process logs them (tests/clip_extremes_ddp.py)."""
 
-import json
 import math
-import os
-import sys
 
-if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages (tests/triton/ does)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tests.torchrun_launch import launch, main  # noqa: E402
+from tests.clip_extremes_ddp import check_two_ranks_log_one_process_extremes
 
 AGG = "seq-mean-token-mean"
 EXTREMES = (("clip_low_min", "clip_ratio/low_min"), ("clip_high_max", "clip_ratio/high_max"))
@@ -159,56 +153,5 @@ def test_other_losses_log_no_extremes():
 # --------------------------------------------------------------------------- two gloo ranks
 
 
-def _run(spec: str, out_dir: str):
-    """Two GRPO steps with gmpo, mini-batches of 4 rows (on two ranks a rank may hold none of one)."""
-    from rlhf_fast.distributed import DistributedConfig
-    from rlhf_fast.trainers.rl import RLTrainer
-    from rlhf_fast.trainers.rl_config import KLConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig
-    from tests.test_rl_learning import make_policy
-    from tests.test_rl_prefix_sharing import PROMPTS
-    from tests.test_rl_prefix_sharing_distributed import _reward
-
-    pol, tok = make_policy()
-    cfg = RLConfig(estimator="grpo", steps=2, seed=0, output_dir=out_dir, progress=False, sample_every=0,
-                   report_to="none",
-                   rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=5, per_sample_seeds=True),
-                   ppo=PPOConfig(policy_loss="gmpo", agg=AGG, clip_low=0.05, clip_high=0.02, epochs=2,
-                                 mini_batch_size=4, micro_batch_size=2),
-                   kl=KLConfig(coef=0.05, placement="loss"), optim=OptimConfig(lr=5e-3),
-                   distributed=DistributedConfig(strategy=spec))
-    tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
-    tr.train()
-    return tr
-
-
-def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, shutdown
-
-    torch.set_num_threads(1)
-    results = {}
-    for spec in specs:
-        folder = os.path.join(root, spec)
-        tr = _run(spec, folder)
-        if tr.ctx.is_main:
-            with open(os.path.join(folder, "metrics.jsonl")) as f:
-                results[spec] = {"log": [json.loads(ln) for ln in f], "world": tr.ctx.world_size}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
-
-
-def test_two_ranks_log_one_process_extremes(tmp_path):
-    root = str(tmp_path)
-    two = launch(__file__, root, 2, ["ddp"])["ddp"]
-    one = launch(__file__, root, 1, ["none"])["none"]
-    assert two["world"] == 2 and one["world"] == 1
-    for k in ("policy/clip_low_min", "policy/clip_high_max", "policy/clip_frac", "policy/loss"):
-        a, b = [m[k] for m in two["log"] if k in m], [m[k] for m in one["log"] if k in m]
-        assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-6), (k, a, b)
-    assert any(m["policy/clip_high_max"] > 0 for m in one["log"])
-
-
-if __name__ == "__main__":
-    main(worker)
+def test_two_ranks_log_one_process_extremes(tmp_path_factory):
+    check_two_ranks_log_one_process_extremes(tmp_path_factory, "gmpo")

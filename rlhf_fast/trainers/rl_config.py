@@ -1339,6 +1339,58 @@ class A2POConfig:
 A2PO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm")
 
 
+def _moved(section, prefix: str, keys) -> List[str]:
+    """``prefix.key`` for each of ``keys`` that dataclass ``section`` sets away from its default."""
+    fields = type(section).__dataclass_fields__
+    return [f"{prefix}.{k}" for k in keys if getattr(section, k) != fields[k].default]
+
+
+def _check_self_distillation(section, prefix: str, modes, teachers) -> None:
+    """ValueError naming ``prefix.<key>`` for the keys that :class:`SDPOConfig` and
+    :class:`SDFTConfig` share: ``distillation_mode`` one of ``modes``; ``distillation_alpha`` in
+    [0, 1] (1 with ``sampled_token``); ``distillation_topk`` an int >= 1 with ``topk_logits``, and
+    with another mode it and ``distillation_add_tail`` (a bool) at their defaults;
+    ``distillation_is_clip`` > 0 or None; ``teacher_model_kind`` one of ``teachers``;
+    ``teacher_update_rate`` in (0, 1]; ``teacher_sync_steps`` an int >= 1."""
+    a, mode = section.distillation_alpha, section.distillation_mode
+    _choice(f"{prefix}.distillation_mode", mode, modes)
+    finite(f"{prefix}.distillation_alpha", a, "in [0, 1] (0 forward KL, 1 reverse KL)")
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"{prefix}.distillation_alpha must be in [0, 1] (0 forward KL, 1 reverse KL), got {a!r}")
+    if mode == "sampled_token" and a != 1.0:
+        raise ValueError(f"{prefix}.distillation_alpha must be 1.0 with {prefix}.distillation_mode 'sampled_token' "
+                         f"(reverse KL on the sampled tokens, as TRL), got {a!r}")
+    if not isinstance(section.distillation_add_tail, bool):
+        raise ValueError(f"{prefix}.distillation_add_tail must be true or false, got {section.distillation_add_tail!r}")
+    if mode == "topk_logits":
+        if section.distillation_topk is None:
+            raise ValueError(f"{prefix}.distillation_topk must be an int >= 1 with {prefix}.distillation_mode "
+                             f"'topk_logits', got None")
+        _pos(f"{prefix}.distillation_topk", section.distillation_topk, integer=True)
+    else:
+        moved = _moved(section, prefix, ("distillation_topk", "distillation_add_tail"))
+        if moved:
+            raise ValueError(f"{', '.join(moved)} apply to {prefix}.distillation_mode 'topk_logits' only, got "
+                             f"{mode!r}; remove them")
+    if section.distillation_is_clip is not None:
+        _pos(f"{prefix}.distillation_is_clip", section.distillation_is_clip)
+    _choice(f"{prefix}.teacher_model_kind", section.teacher_model_kind, teachers)
+    finite(f"{prefix}.teacher_update_rate", section.teacher_update_rate, "in (0, 1]")
+    if not 0.0 < section.teacher_update_rate <= 1.0:
+        raise ValueError(f"{prefix}.teacher_update_rate must be in (0, 1], got {section.teacher_update_rate!r}")
+    _pos(f"{prefix}.teacher_sync_steps", section.teacher_sync_steps, integer=True)
+
+
+def _refuse_ema_keys_off_ema(section, prefix: str) -> None:
+    """ValueError naming ``teacher_update_rate`` / ``teacher_sync_steps`` set away from their
+    defaults with a ``teacher_model_kind`` other than ``ema`` (only an EMA teacher reads them)."""
+    if section.teacher_model_kind != "ema":
+        moved = _moved(section, prefix, ("teacher_update_rate", "teacher_sync_steps"))
+        if moved:
+            raise ValueError(f"{', '.join(moved)} apply to {prefix}.teacher_model_kind 'ema' only, got "
+                             f"{section.teacher_model_kind!r}; remove them")
+
+
 @dataclass
 class SDPOConfig:
     """SDPO (``estimator: sdpo``; TRL's experimental ``SDPOTrainer``, ``rlhf-fast sdpo``,
@@ -1391,35 +1443,11 @@ class SDPOConfig:
         finite("sdpo.distillation_weight", self.distillation_weight, "in [0, 1]")
         if not 0.0 <= self.distillation_weight <= 1.0:
             raise ValueError(f"sdpo.distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
-        finite("sdpo.distillation_alpha", self.distillation_alpha, "in [0, 1]")
-        if not 0.0 <= self.distillation_alpha <= 1.0:
-            raise ValueError(f"sdpo.distillation_alpha must be in [0, 1], got {self.distillation_alpha!r}")
-        _choice("sdpo.distillation_mode", self.distillation_mode, SDPO_MODES)
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
-            raise ValueError(f"sdpo.distillation_alpha must be 1.0 with sdpo.distillation_mode 'sampled_token' "
-                             f"(reverse KL on the sampled tokens, as TRL), got {self.distillation_alpha!r}")
-        if self.distillation_mode == "topk_logits":
-            if self.distillation_topk is None:
-                raise ValueError("sdpo.distillation_topk must be set (an int >= 1) with sdpo.distillation_mode "
-                                 "'topk_logits'")
-            _pos("sdpo.distillation_topk", self.distillation_topk, integer=True)
-        elif self.distillation_topk is not None:
-            raise ValueError(f"sdpo.distillation_topk applies to sdpo.distillation_mode 'topk_logits' only (leave it "
-                             f"null), got {self.distillation_topk!r} with {self.distillation_mode!r}")
-        if self.distillation_is_clip is not None:
-            _pos("sdpo.distillation_is_clip", self.distillation_is_clip)
-        for key in ("distillation_add_tail", "use_successful_as_teacher", "dont_reprompt_on_self_success",
-                    "include_environment_feedback", "environment_feedback_only_without_solution",
-                    "remove_thinking_from_demonstration"):
+        _check_self_distillation(self, "sdpo", SDPO_MODES, SDPO_TEACHERS)
+        for key in ("use_successful_as_teacher", "dont_reprompt_on_self_success", "include_environment_feedback",
+                    "environment_feedback_only_without_solution", "remove_thinking_from_demonstration"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"sdpo.{key} must be true or false, got {getattr(self, key)!r}")
-        if self.distillation_add_tail and self.distillation_mode != "topk_logits":
-            raise ValueError("sdpo.distillation_add_tail applies to sdpo.distillation_mode 'topk_logits' only")
-        _choice("sdpo.teacher_model_kind", self.teacher_model_kind, SDPO_TEACHERS)
-        finite("sdpo.teacher_update_rate", self.teacher_update_rate, "in (0, 1]")
-        if not 0.0 < self.teacher_update_rate <= 1.0:
-            raise ValueError(f"sdpo.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate!r}")
-        _pos("sdpo.teacher_sync_steps", self.teacher_sync_steps, integer=True)
         finite("sdpo.success_reward_threshold", self.success_reward_threshold, "a number")
         _pos("sdpo.max_reprompt_len", self.max_reprompt_len, integer=True)
         for key, fields in (("reprompt_template", ("prompt", "solution", "feedback")),
@@ -1436,25 +1464,17 @@ class SDPOConfig:
         the EMA keys with a ``live`` / ``base`` teacher, the feedback keys without
         ``include_environment_feedback``; and a run where no answer can get a teacher context
         (neither successful siblings nor feedback) at a weight above 0."""
-        fields = SDPOConfig.__dataclass_fields__
-
-        def moved(keys):
-            return [f"sdpo.{k}" for k in keys if getattr(self, k) != fields[k].default]
-
         if self.distillation_weight == 0:
-            m = moved(("distillation_mode", "distillation_alpha", "distillation_topk", "distillation_is_clip",
-                       "distillation_add_tail", "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps"))
+            m = _moved(self, "sdpo", ("distillation_mode", "distillation_alpha", "distillation_topk",
+                                      "distillation_is_clip", "distillation_add_tail", "teacher_model_kind",
+                                      "teacher_update_rate", "teacher_sync_steps"))
             if m:
                 raise ValueError(f"{', '.join(m)}: no effect with sdpo.distillation_weight 0 (GRPO's step alone, no "
                                  f"teacher runs); remove these keys or set a weight above 0")
             return
-        if self.teacher_model_kind != "ema":
-            m = moved(("teacher_update_rate", "teacher_sync_steps"))
-            if m:
-                raise ValueError(f"{', '.join(m)} apply to sdpo.teacher_model_kind 'ema' only, got "
-                                 f"{self.teacher_model_kind!r}; remove them")
+        _refuse_ema_keys_off_ema(self, "sdpo")
         if not self.include_environment_feedback:
-            m = moved(("environment_feedback_only_without_solution", "feedback_template"))
+            m = _moved(self, "sdpo", ("environment_feedback_only_without_solution", "feedback_template"))
             if m:
                 raise ValueError(f"{', '.join(m)}: no effect without sdpo.include_environment_feedback true; remove "
                                  f"them or turn the feedback on")
@@ -1525,42 +1545,10 @@ class SDFTConfig:
     chunk_size: Optional[int] = None
 
     def __post_init__(self):
-        _choice("sdft.teacher_model_kind", self.teacher_model_kind, SDFT_TEACHERS)
-        finite("sdft.teacher_update_rate", self.teacher_update_rate, "in (0, 1]")
-        if not 0.0 < self.teacher_update_rate <= 1.0:
-            raise ValueError(f"sdft.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate!r}")
-        _pos("sdft.teacher_sync_steps", self.teacher_sync_steps, integer=True)
-        fields = SDFTConfig.__dataclass_fields__
-        if self.teacher_model_kind != "ema":
-            moved = [f"sdft.{k}" for k in ("teacher_update_rate", "teacher_sync_steps")
-                     if getattr(self, k) != fields[k].default]
-            if moved:
-                raise ValueError(f"{', '.join(moved)} apply to sdft.teacher_model_kind 'ema' only, got "
-                                 f"{self.teacher_model_kind!r}; remove them")
-        _choice("sdft.distillation_mode", self.distillation_mode, SDFT_MODES)
-        a = self.distillation_alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:  # (nan fails too)
-            raise ValueError(f"sdft.distillation_alpha must be a number in [0, 1] (0 forward KL, 1 reverse KL), "
-                             f"got {a!r}")
-        if self.distillation_mode == "sampled_token" and a != 1.0:
-            raise ValueError(f"sdft.distillation_alpha must be 1.0 with sdft.distillation_mode 'sampled_token' "
-                             f"(reverse KL on the sampled tokens, as TRL), got {a!r}")
-        if self.distillation_mode == "topk_logits":
-            if self.distillation_topk is None:
-                raise ValueError("sdft.distillation_topk must be an int >= 1 with sdft.distillation_mode "
-                                 "'topk_logits', got None")
-            _pos("sdft.distillation_topk", self.distillation_topk, integer=True)
-        else:
-            moved = [f"sdft.{k}" for k in ("distillation_topk", "distillation_add_tail")
-                     if getattr(self, k) != fields[k].default]
-            if moved:
-                raise ValueError(f"{', '.join(moved)} apply to sdft.distillation_mode 'topk_logits' only, got "
-                                 f"{self.distillation_mode!r}; remove them")
-        for key in ("distillation_add_tail", "generate_from_teacher"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"sdft.{key} must be true or false, got {getattr(self, key)!r}")
-        if self.distillation_is_clip is not None:
-            _pos("sdft.distillation_is_clip", self.distillation_is_clip)
+        _check_self_distillation(self, "sdft", SDFT_MODES, SDFT_TEACHERS)
+        _refuse_ema_keys_off_ema(self, "sdft")
+        if not isinstance(self.generate_from_teacher, bool):
+            raise ValueError(f"sdft.generate_from_teacher must be true or false, got {self.generate_from_teacher!r}")
         _pos("sdft.num_loss_tokens_to_skip", self.num_loss_tokens_to_skip, allow_zero=True, integer=True)
         t = self.teacher_prompt_template
         _format_template("sdft.teacher_prompt_template", t, ("prompt", "privileged_context"))

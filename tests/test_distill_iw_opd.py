@@ -9,7 +9,6 @@ process; ``rlhf-fast distill CONFIG --distill.objective iw_opd``; the refused se
 
 import json
 import math
-import os
 from collections import defaultdict
 
 import pytest

@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters
 
 from rlhf_fast.models.logprobs import backbone
 from rlhf_fast.trainers.compile import compiled
-from rlhf_fast.trainers.rl_config import KLConfig, ModelConfig, RLConfig, RolloutConfig
+from rlhf_fast.trainers.rl_config import ModelConfig, RLConfig, RolloutConfig
 from tests.test_rl_torch_compile import AOT, PROMPTS, _config, _policy, _trainer
 from tests.test_torch_compile import COMMON, pref_tok  # noqa: F401 - fixture
 

@@ -165,7 +165,7 @@ def test_trainer_extremes_are_the_mini_batchs(tmp_path, ppo):
     from rlhf_fast.models.logprobs import _target_mask, sequence_logprobs
     from rlhf_fast.trainers.rl import RLTrainer
     from rlhf_fast.trainers.rl_config import PPOConfig, RolloutConfig
-    from tests.test_rl_learning import PROMPTS, frac_a, make_config, make_policy
+    from tests.test_rl_learning import PROMPTS, make_config, make_policy
 
     pol, tok = make_policy()
     cfg = make_config(tmp_path, "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4, max_new_tokens=5),

@@ -4,7 +4,6 @@ teacher; the same run at lr 1e-12 stays where it started. (Pure self-distillatio
 needs a model that can read the demonstration in its teacher context, which a random tiny model
 cannot: its reward does not rise, as measured for the report.)"""
 
-import os
 import warnings
 
 import pytest

@@ -26,12 +26,19 @@ def test_load_split_records_holds_out_the_eval_fraction_of_the_synthetic_records
     assert len(ev) == 2 and sorted(train + ev) == recs
 
 
-def test_load_split_records_loads_data_and_eval_data_and_refuses_an_empty_file():
-    files = {"a.jsonl": [1, 2, 3], "b.jsonl": [9], "empty.jsonl": []}
-    train, ev = load_split_records(_cfg(data="a.jsonl", eval_data="b.jsonl"), files.__getitem__, lambda: [0])
+def test_load_split_records_loads_data_and_eval_data_and_refuses_an_empty_file(tmp_path):
+    rows = {"a.jsonl": [1, 2, 3], "b.jsonl": [9], "empty.jsonl": []}
+    files = {}
+    for name, records in rows.items():  # (the paths must name files; the stand-in loader reads none)
+        (tmp_path / name).write_text("")
+        files[str(tmp_path / name)] = records
+    a, b, empty = (str(tmp_path / n) for n in rows)
+    train, ev = load_split_records(_cfg(data=a, eval_data=b), files.__getitem__, lambda: [0])
     assert (train, ev) == ([1, 2, 3], [9])
-    with pytest.raises(ValueError, match="eval_data empty.jsonl holds no records"):
-        load_split_records(_cfg(data="a.jsonl", eval_data="empty.jsonl"), files.__getitem__, lambda: [0])
+    with pytest.raises(ValueError, match="eval_data .*empty.jsonl holds no records"):
+        load_split_records(_cfg(data=a, eval_data=empty), files.__getitem__, lambda: [0])
+    with pytest.raises(FileNotFoundError, match="data .*missing.jsonl: no such file"):
+        load_split_records(_cfg(data=str(tmp_path / "missing.jsonl")), files.__getitem__, lambda: [0])
 
 
 def test_load_split_records_keeps_records_passed_in():

@@ -43,9 +43,11 @@ check-cuda: setup
 # TRITON_INTERPRET must be set before Triton is imported. Exit code 5 (no tests
 # collected) is not a failure.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+# two pytest-xdist workers (the test extra): the suite's wall time on a 2-core machine about halves
+TEST_WORKERS ?= 2
 test: setup check-cuda
-	$(PYTEST) tests --ignore=tests/triton || [ $$? -eq 5 ]
-	TRITON_INTERPRET=1 $(PYTEST) tests/triton || [ $$? -eq 5 ]
+	$(PYTEST) -n $(TEST_WORKERS) tests --ignore=tests/triton || [ $$? -eq 5 ]
+	TRITON_INTERPRET=1 $(PYTEST) -n $(TEST_WORKERS) tests/triton || [ $$? -eq 5 ]
 
 bench: setup
 	$(PY) -m rlhf_fast.cli bench ops --quick

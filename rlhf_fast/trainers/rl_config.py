@@ -1778,17 +1778,22 @@ class RLConfig:
                              f"{self.estimator!r}")
         return False
 
+    def _refuse_reference_and_kl(self, trainer: str, why: str) -> None:
+        """ValueError naming every ``kl.*`` key set away from its default and ``model.reference``:
+        ``trainer`` has no reference model and no KL term (``why``). ``kl.coef: 0`` asks for no KL,
+        which is what it has; any other kl key needs a reference."""
+        kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
+        if kl or self.model.reference:
+            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: {trainer} "
+                             f"has no reference model and no KL term ({why}); remove these keys")
+
     def _check_distill(self):
         """``distill.*`` only with estimator distill; with it, refuse the keys of the RL
         objective, which distillation has not (the group-estimator keys refuse themselves)."""
         if not self._estimator_section("distill", DistillConfig, DISTILL, "rlhf-fast distill"):
             return
-        # kl.coef 0 asks for no KL, which is what distillation has; any other kl key needs a reference
-        kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
-        if kl or self.model.reference:
-            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: distillation "
-                             f"has no reference model and no KL term (the divergence to distill.teacher is the "
-                             f"whole loss, as TRL's DistillationTrainer); remove these keys")
+        self._refuse_reference_and_kl("distillation", "the divergence to distill.teacher is the whole loss, as "
+                                      "TRL's DistillationTrainer")
         d, ro = self.distill, self.rollout
         if d.lmbda < 1.0 and not d.seq_kd and (ro.tools or ro.environment_factory):
             what = "rollout.tools" if ro.tools else "rollout.environment_factory"
@@ -1918,11 +1923,7 @@ class RLConfig:
         an ``ema`` teacher of a LoRA policy (TRL keeps a second adapter for it; not here)."""
         if not self._estimator_section("sdft", SDFTConfig, SDFT, "rlhf-fast sdft"):
             return
-        kl = _changed(self.kl, "kl.", keep=("coef",) if self.kl.coef == 0 else ())
-        if kl or self.model.reference:
-            raise ValueError(f"{', '.join(kl + (['model.reference'] if self.model.reference else []))}: SDFT has "
-                             f"no reference model and no KL term (its teacher is sdft.teacher_model_kind); remove "
-                             f"these keys")
+        self._refuse_reference_and_kl("SDFT", "its teacher is sdft.teacher_model_kind")
         rest = _changed(self.ppo, "ppo.", keep=SDFT_PPO_KEYS)
         if self.model.critic is not None:
             rest.append("model.critic")

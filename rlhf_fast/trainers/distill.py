@@ -66,6 +66,16 @@ consecutive; a group of the data's identical completions is one sequence). Both 
 fusable LM head and a backbone llama_forward computes (no peft, not the torch backend): refused
 at the start.
 
+GOLD (TRL's experimental ``GOLDTrainer``, ``distill.use_uld_loss``): a teacher with another
+tokenizer (``distill.teacher_tokenizer``). Per micro-batch the student's answers are decoded to text
+and re-tokenized by the teacher's tokenizer (:func:`rlhf_fast.algorithms.uld.teacher_inputs`, TRL's
+``build_teacher_inputs_from_texts``), both backbones run, and TRL's ULD loss (byte-offset alignment,
+merging, sorted L1 or the hybrid matched-vocabulary JSD) comes from
+:func:`rlhf_fast.algorithms.uld.chunked_uld_loss`, a few answers' logits at a time, each chunk
+recomputed in the backward (:meth:`DistillationTrainer.uld_loss`). Logged: ``loss`` (TRL's),
+``distill/divergence`` (its distillation part), ``entropy`` and, hybrid, TRL's ``matched_loss`` /
+``unmatched_loss`` (the mean over the answers; TRL logs the last answer's of each batch).
+
 Vocabulary: the divergence compares the two heads row by row, so they must have the same
 number of rows. Real checkpoints pad their heads past the tokenizer to different multiples
 (Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
@@ -80,7 +90,7 @@ import json
 import os
 import random
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,7 +108,8 @@ MESSAGES_KEY = "messages"
 
 # update statistics under TRL DistillationTrainer's metric names (ours where TRL has none)
 _RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergence": "distill/divergence",
-            "policy/grad_norm": "grad_norm"}
+            "policy/grad_norm": "grad_norm", "policy/matched_loss": "matched_loss",
+            "policy/unmatched_loss": "unmatched_loss"}
 
 
 def gkd_uniform(seed: int, step: int) -> float:
@@ -506,6 +517,15 @@ def iw_opd_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch
     return loss_sum / norm, stats
 
 
+class _ULDState(NamedTuple):
+    """GOLD's run state: the teacher's tokenizer, the loss settings, the matched vocabulary
+    ``(teacher ids [M], student ids [M])`` (hybrid only, else None)."""
+
+    tokenizer: object
+    settings: object
+    match: Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
 class DistillationTrainer(RLTrainer):
     """On-policy distillation of the policy (the student) towards a teacher (TRL's
     ``DistillationTrainer``): :class:`~rlhf_fast.trainers.rl.RLTrainer` with ``estimator:
@@ -564,8 +584,9 @@ class DistillationTrainer(RLTrainer):
 
             check_model_folder(d.teacher, "distill.teacher")  # before the student is loaded
         super().__init__(config, policy, tokenizer, **kwargs)
+        self._uld = self._uld_setup_tokenizer()  # GOLD (distill.use_uld_loss); None otherwise
         self.teacher = self._load_teacher(teacher_model)
-        self._vocab_rows = self._check_vocabulary()
+        self._vocab_rows = self._check_vocabulary() if self._uld is None else self._uld_check_teacher()
         if self.config.ppo.prefix_sharing:  # (the student's checked by RLTrainer; checked before FSDP2 wraps it)
             from rlhf_fast.trainers.packing import check_prefix_shareable
 
@@ -598,7 +619,8 @@ class DistillationTrainer(RLTrainer):
         if model is None and d.teacher.startswith("tiny:"):
             model = apply_model_init_kwargs(self._tiny_teacher(), d.teacher_model_init_kwargs)
         elif model is None:
-            self._check_teacher_tokenizer(d.teacher)
+            if self._uld is None:  # (ULD compares the two vocabularies through text)
+                self._check_teacher_tokenizer(d.teacher)
             model = load_policy(d.teacher, init_kwargs=d.teacher_model_init_kwargs)
         model = model.to(self.device).eval()
         for p in model.parameters():
@@ -609,6 +631,8 @@ class DistillationTrainer(RLTrainer):
         from rlhf_fast.models.tiny import tiny_causal_lm
 
         d, m, tok = self.config.distill, self.config.model, self.tokenizer
+        if self._uld is not None:  # its tokenizer's vocabulary (distill.teacher_tokenizer)
+            tok = self._uld.tokenizer
         if d.tiny_hidden_size % m.tiny_num_heads:
             raise ValueError(f"distill.tiny_hidden_size ({d.tiny_hidden_size}) must be divisible by "
                              f"model.tiny_num_heads ({m.tiny_num_heads})")
@@ -632,7 +656,8 @@ class DistillationTrainer(RLTrainer):
         if theirs != ours:
             diff = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])[:3]
             raise ValueError(f"distill.teacher {path!r}: its tokenizer differs from the student's ({len(theirs)} vs "
-                             f"{len(ours)} tokens; e.g. {diff}); distillation needs one vocabulary")
+                             f"{len(ours)} tokens; e.g. {diff}); the divergence needs one vocabulary (set "
+                             f"distill.use_uld_loss true for TRL GOLD's cross-tokenizer ULD loss)")
 
     def _check_vocabulary(self) -> Optional[int]:
         """None when both heads have the same rows; the tokenizer's size when they differ but
@@ -795,6 +820,8 @@ class DistillationTrainer(RLTrainer):
         mini-batch on every rank. Returns ``loss`` (summed over micro-batches: the mini-batch's per-token
         divergence) and this rank's per-token ``divergence`` and ``entropy``."""
         mb = micro_batch_size or self.config.ppo.micro_batch_size
+        if self._uld is not None:
+            return self._uld_backward(data, mb, n_micro)
         norm = self._global_normalizer(data.response_mask, "token-mean")
         acc = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0}
         ntok = max(float(data.response_mask.sum()), 1.0)
@@ -838,6 +865,139 @@ class DistillationTrainer(RLTrainer):
             vec = self.ctx.all_reduce_sum(vec)
         n = float(vec[-1])
         return {k: float(v) / n if n else float("nan") for k, v in zip(IW_OPD_METRICS, vec[:-1])}
+
+    # ------------------------------------------------------------------ GOLD: a teacher with another tokenizer
+
+    def _uld_setup_tokenizer(self) -> Optional["_ULDState"]:
+        """None without ``distill.use_uld_loss``; else the teacher's tokenizer (``distill.teacher_tokenizer``,
+        else the ``distill.teacher`` folder's, else the student's — TRL's default), the loss settings and,
+        with ``uld_use_hybrid_loss``, the matched vocabulary. ValueError for what ULD cannot run."""
+        from rlhf_fast.algorithms import uld
+
+        d = self.config.distill
+        if not d.use_uld_loss:
+            return None
+        if self.config.ppo.prefix_sharing:
+            raise ValueError("ppo.prefix_sharing: the teacher of distill.use_uld_loss reads its own tokenization of "
+                             "each answer, which shares no prefix row with the student's; set it false")
+        if self.tools or self._env_factories:
+            raise ValueError("distill.use_uld_loss: tool results inside an answer would be scored by the teacher "
+                             "as answer text (TRL's GOLD has no tools); remove the tools / environments")
+        tok = self.tokenizer
+        folder = d.teacher_tokenizer
+        if folder is None and d.teacher is not None and not d.teacher.startswith("tiny:") and any(
+                os.path.isfile(os.path.join(d.teacher, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            folder = d.teacher
+        if folder is not None:
+            from transformers import AutoTokenizer
+
+            from rlhf_fast.models.loading import tokenizer_kwargs
+
+            if not os.path.isdir(folder):
+                raise ValueError(f"distill.teacher_tokenizer {folder!r} is not a local folder")
+            tok = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs(d.teacher_model_init_kwargs))
+            if tok.pad_token is None:  # as TRL
+                tok.pad_token = tok.eos_token
+        if d.use_extended_uld:
+            for who, t in (("the student's", self.tokenizer), ("the teacher's (distill.teacher_tokenizer)", tok)):
+                if not (hasattr(t, "backend_tokenizer") and uld.is_byte_level(t.backend_tokenizer)):
+                    raise ValueError(f"distill.use_extended_uld aligns answers by byte offsets, which needs ByteLevel "
+                                     f"BPE tokenizers; {who} is not one; set distill.use_extended_uld false")
+        match = None
+        if d.uld_use_hybrid_loss:
+            match = uld.vocabulary_match(self.tokenizer, tok)
+            if match[0].numel() == 0:
+                raise ValueError("distill.uld_use_hybrid_loss: the student's and the teacher's vocabularies share "
+                                 "no token; set it false")
+        cfg = uld.ULDSettings(crossentropy_weight=d.uld_crossentropy_weight,
+                              distillation_weight=d.uld_distillation_weight,
+                              student_temperature=d.uld_student_temperature,
+                              teacher_temperature=d.uld_teacher_temperature,
+                              skip_student_eos=d.uld_skip_student_eos, skip_teacher_eos=d.uld_skip_teacher_eos,
+                              use_extended_uld=d.use_extended_uld, merge_strategy=d.uld_token_merge_strategy,
+                              use_hybrid_loss=d.uld_use_hybrid_loss, matched_weight=d.uld_hybrid_matched_weight,
+                              unmatched_weight=d.uld_hybrid_unmatched_weight, beta=d.beta)
+        return _ULDState(tok, cfg, match)
+
+    def _uld_check_teacher(self) -> None:
+        """The teacher's head covers its tokenizer (ULD never compares the two heads row by row)."""
+        vt = _head(self.teacher, "the teacher's LM head (distill.teacher)")[0].shape[0]
+        n = len(self._uld.tokenizer)
+        if vt < n:
+            raise ValueError(f"distill.teacher_tokenizer: its {n} tokens exceed the teacher's {vt} LM-head rows; "
+                             f"give the teacher's own tokenizer")
+        return None
+
+    def uld_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                 rows=None, tokens=None):
+        """TRL GOLD's ULD loss (:mod:`rlhf_fast.algorithms.uld`) of the policy towards the teacher on a batch
+        of answers: input_ids ``[B, T]``, attention_mask / loss_mask ``[B, T]`` (loss_mask: the answer
+        tokens, TRL's labels). The answers are re-tokenized by the teacher's tokenizer, both backbones
+        run, and the loss comes from :func:`~rlhf_fast.algorithms.uld.chunked_uld_loss`, a few answers'
+        logits at a time. Returns ``(loss 0-dim, stats)``: loss = ``uld_distillation_weight`` × Σ row
+        terms / ``rows`` + ``uld_crossentropy_weight`` × Σ label cross-entropy / ``tokens`` (None: this
+        batch's rows / label tokens, TRL's means); stats ``distill_sum`` (weighted Σ row terms),
+        ``entropy_sum``, ``tokens``, ``matched_sum`` / ``unmatched_sum`` (hybrid) as floats."""
+        from rlhf_fast.algorithms import uld
+        from rlhf_fast.distributed import reshard
+        from rlhf_fast.models.logprobs import hidden_states
+
+        st, d = self._uld, self.config.distill
+        cfg, dev = st.settings, input_ids.device
+        labels = torch.where(loss_mask.bool() & attention_mask.bool(), input_ids, uld.IGNORE_INDEX)  # [B, T]
+        ids_c, lab_c = input_ids.cpu(), labels.cpu()
+        prompts, answers = uld.student_texts(self.tokenizer, ids_c, attention_mask.cpu(), lab_c)
+        t_ids, t_lab, t_am, t_off = (x.to(dev) for x in uld.teacher_inputs(st.tokenizer, prompts, answers,
+                                                                             cfg.use_extended_uld))
+        s_off = uld.student_byte_offsets(self.tokenizer, ids_c, lab_c).to(dev) if cfg.use_extended_uld else None
+        t_off = t_off if cfg.use_extended_uld else None
+        with self._autocast():
+            hs = hidden_states(self.policy, input_ids, attention_mask)  # [B, T, H]
+            with torch.no_grad():
+                ht = hidden_states(self.teacher, t_ids, t_am.long())  # [B, Tt, Ht]
+            ws, bs, ts = _heads(self.policy, "the student's LM head", hs.dtype, None)
+            wt, bt, tt = _heads(self.teacher, "the teacher's LM head (distill.teacher)", ht.dtype, None)
+            # answers per chunk: distill.chunk_size rows (else 4M logits) of the wider model's logits
+            v, t = max(ws.shape[0], wt.shape[0]), max(input_ids.shape[1], t_ids.shape[1])
+            per = max(1, (d.chunk_size * v if d.chunk_size else _LOGITS_CHUNK_ELEMS) // (v * t))
+            row_sum, ce_sum, m_sum, u_sum, ent = uld.chunked_uld_loss(
+                hs, (ws, bs, ts or HeadTransform()), ht, (wt, bt, tt or HeadTransform()), labels, t_lab, input_ids,
+                t_ids, s_off, t_off, cfg, st.match, rows_per_chunk=per)
+        if self.teacher_sharded:
+            reshard(self.teacher)
+        n_tok = int(labels.ne(uld.IGNORE_INDEX).sum())
+        rows = input_ids.shape[0] if rows is None else rows
+        loss = cfg.distillation_weight * row_sum / rows
+        if cfg.crossentropy_weight > 0:
+            loss = loss + cfg.crossentropy_weight * ce_sum / (max(n_tok, 1) if tokens is None else tokens)
+        stats = {"distill_sum": cfg.distillation_weight * float(row_sum.detach()), "entropy_sum": float(ent),
+                 "tokens": float(n_tok), "matched_sum": float(m_sum), "unmatched_sum": float(u_sum)}
+        return loss.float(), stats
+
+    def _uld_backward(self, data: RolloutTensors, mb: int, n_micro: Optional[int]) -> Dict[str, float]:
+        """:meth:`policy_backward` with the ULD loss: each micro-batch's row terms over the mini-batch's rows
+        and its cross-entropy over the mini-batch's label tokens, both on every rank (TRL's means: micro-
+        batching never changes the gradient)."""
+        B = data.input_ids.shape[0]
+        rows = self.ctx.all_reduce_sum(torch.tensor(float(B), device=self.device)) if self.ctx.distributed \
+            else float(B)
+        norm = self._global_normalizer(data.response_mask, "token-mean")
+        acc = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0}
+        ntok = max(float(data.response_mask.sum()), 1.0)
+        hybrid = self._uld.settings.use_hybrid_loss
+        if hybrid:
+            acc.update(matched_loss=0.0, unmatched_loss=0.0)
+        for d, real, more in _micro_batches(data, mb, n_micro):
+            with self._no_sync(self.policy, more):
+                loss, st = self.uld_loss(d.input_ids, d.attention_mask, d.response_mask, rows=rows, tokens=norm)
+                self.scaler.scale(loss * self.ctx.grad_scale).backward()
+            acc["loss"] += float(loss.detach())
+            acc["divergence"] += st["distill_sum"] / max(B, 1)
+            acc["entropy"] += st["entropy_sum"] / ntok
+            if hybrid:  # TRL's matched_loss / unmatched_loss, here the mean over the answers
+                acc["matched_loss"] += st["matched_sum"] / max(B, 1)
+                acc["unmatched_loss"] += st["unmatched_sum"] / max(B, 1)
+        return acc
 
     # ------------------------------------------------------------------ the rollout
 
@@ -944,6 +1104,12 @@ class DistillationTrainer(RLTrainer):
             res = {"response_length": (float(rm.sum()), float(rm.shape[0]))}
         # (under evaluate()'s no_grad; ppo.prefix_sharing: each prompt once per group of its answers)
         group = batch.group_index.to(self.device)
+        if self._uld is not None:  # TRL's ULD loss: a mean over the answers (and their label tokens)
+            loss, st = self.uld_loss(ids, am, rm)
+            B, n = float(ids.shape[0]), st["tokens"]
+            res.update({"loss": (float(loss) * B, B), "distill/divergence": (st["distill_sum"], B),
+                        "entropy": (st["entropy_sum"], n)})
+            return res
         if self.config.distill.objective == "iw_opd":
             # the student's own log-probs for the rollout's (TRL's evaluation has none): the answers
             # were sampled at eval.temperature, the loss is at rollout.temperature

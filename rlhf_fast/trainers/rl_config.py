@@ -1104,6 +1104,12 @@ class OptimConfig:
 
 # distill.objective: TRL's distillation_objective (its default is iw_opd; ours keeps DistillationTrainer's jsd)
 DISTILL_OBJECTIVES = ("jsd", "iw_opd")
+ULD_MERGE_STRATEGIES = ("observed", "bayesian")
+# the GOLD keys of DistillConfig that apply to use_uld_loss only
+ULD_KEYS = ("teacher_tokenizer", "uld_token_merge_strategy", "use_extended_uld", "uld_use_hybrid_loss",
+            "uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight", "uld_crossentropy_weight",
+            "uld_distillation_weight", "uld_student_temperature", "uld_teacher_temperature", "uld_skip_student_eos",
+            "uld_skip_teacher_eos")
 
 
 @dataclass
@@ -1115,7 +1121,8 @@ class DistillConfig:
 
     ``teacher``: a local model folder, or ``tiny:FAMILY`` (a random tiny model on the student's
     tokenizer, ``tiny_hidden_size`` wide, ``model.tiny_num_layers`` deep, seeded with
-    ``tiny_seed``: for tests); null when the Python API passes ``teacher_model=``. The teacher must have the student's vocabulary. ``beta``
+    ``tiny_seed``: for tests); null when the Python API passes ``teacher_model=``. The teacher must have the
+    student's vocabulary, unless ``use_uld_loss`` (GOLD, below). ``beta``
     (TRL's, default 1.0) picks the divergence: 0 forward KL(teacher ‖ student), 1 reverse
     KL(student ‖ teacher), in between the generalised Jensen–Shannon divergence. Both
     distributions are at ``rollout.temperature`` (TRL's ``temperature``, which also samples).
@@ -1171,7 +1178,31 @@ class DistillConfig:
     ``lmbda`` 1 (TRL refuses off-policy steps too: they have no sampler), ``beta`` at its default
     (no effect), and one optimizer step per rollout (``ppo.epochs`` 1, ``ppo.mini_batch_size`` the
     rollout batch; TRL's one step per generation). Evaluation takes the student's own log-probs for
-    the sampler's (TRL's ``rollout_logprobs=None`` fallback)."""
+    the sampler's (TRL's ``rollout_logprobs=None`` fallback).
+
+    GOLD (TRL's experimental ``GOLDTrainer``, its keys by their names): ``use_uld_loss`` trains with
+    the Universal Logit Distillation loss (rlhf_fast.algorithms.uld, TRL's ``ULDLoss``) in place of
+    the divergence, so the teacher may have another tokenizer: ``teacher_tokenizer`` (TRL's
+    ``teacher_tokenizer_name_or_path``: a local folder; null: the ``teacher`` folder's own tokenizer,
+    else the student's; a ``tiny:`` teacher is built on it). Each answer's prompt and text, decoded
+    from the student's tokens, are re-tokenized by it and scored by the teacher; per answer the
+    two models' probabilities (at ``uld_student_temperature`` / ``uld_teacher_temperature``, not
+    ``rollout.temperature``) over the answer are aligned — ``use_extended_uld`` (default true;
+    ByteLevel BPE tokenizers only): tokens grouped where both tokenizations reach the same byte, a
+    group merged by ``uld_token_merge_strategy`` (``observed``: the first position's distribution
+    times the later tokens' probabilities; ``bayesian``: every slice one position earlier, the last
+    position's times the earlier ones'); false: the first min(lengths) positions — and compared by
+    the L1 distance of their sorted probabilities, or with ``uld_use_hybrid_loss`` the generalised
+    JSD (``beta``) over the tokens both vocabularies hold weighted ``uld_hybrid_matched_weight`` plus
+    the sorted L1 over the rest weighted ``uld_hybrid_unmatched_weight`` (both null: the matched
+    share of the teacher's vocabulary and 1 − that). ``uld_skip_student_eos`` /
+    ``uld_skip_teacher_eos`` (true) leave each side's last answer token out. The loss is
+    ``uld_distillation_weight`` × the mean over the mini-batch's answers + ``uld_crossentropy_weight``
+    × the student's mean cross-entropy on its answer tokens (TRL's means, over every micro-batch and
+    rank). The ``uld_*`` keys, ``use_extended_uld`` and ``teacher_tokenizer`` apply to
+    ``use_uld_loss`` only, the hybrid weights and ``beta`` to ``uld_use_hybrid_loss`` only;
+    ``use_uld_loss`` refuses ``objective`` iw_opd, ``seq_kd`` (and, at the trainer,
+    ``ppo.prefix_sharing`` and tools / environments)."""
 
     teacher: Optional[str] = None
     beta: float = 1.0
@@ -1184,6 +1215,19 @@ class DistillConfig:
     objective: str = "jsd"
     iw_opd_gamma: float = 0.5
     iw_opd_epsilon: float = 1e-8
+    teacher_tokenizer: Optional[str] = None
+    use_uld_loss: bool = False
+    uld_token_merge_strategy: str = "observed"
+    use_extended_uld: bool = True
+    uld_use_hybrid_loss: bool = False
+    uld_hybrid_matched_weight: Optional[float] = None
+    uld_hybrid_unmatched_weight: Optional[float] = None
+    uld_crossentropy_weight: float = 0.0
+    uld_distillation_weight: float = 1.0
+    uld_student_temperature: float = 1.0
+    uld_teacher_temperature: float = 1.0
+    uld_skip_student_eos: bool = True
+    uld_skip_teacher_eos: bool = True
 
     def __post_init__(self):
         from rlhf_fast.trainers.common import check_model_init_field
@@ -1215,6 +1259,47 @@ class DistillConfig:
         _pos("distill.tiny_hidden_size", self.tiny_hidden_size, integer=True)
         check_seed("distill.tiny_seed", self.tiny_seed)
         self._check_objective()
+        self._check_uld()
+
+    def _check_uld(self):
+        """The GOLD keys (TRL GOLDConfig's checks, and ours: no key of no effect)."""
+        for k in ("use_uld_loss", "use_extended_uld", "uld_use_hybrid_loss", "uld_skip_student_eos",
+                  "uld_skip_teacher_eos"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"distill.{k} must be true or false, got {getattr(self, k)!r}")
+        t = self.teacher_tokenizer
+        if t is not None and (not isinstance(t, str) or not t):
+            raise ValueError(f"distill.teacher_tokenizer must be a local tokenizer folder, got {t!r}")
+        _choice("distill.uld_token_merge_strategy", self.uld_token_merge_strategy, ULD_MERGE_STRATEGIES)
+        for k in ("uld_crossentropy_weight", "uld_distillation_weight"):
+            _pos(f"distill.{k}", getattr(self, k), allow_zero=True)
+        for k in ("uld_student_temperature", "uld_teacher_temperature"):
+            _pos(f"distill.{k}", getattr(self, k))
+        mw, uw = self.uld_hybrid_matched_weight, self.uld_hybrid_unmatched_weight
+        for k, v in (("uld_hybrid_matched_weight", mw), ("uld_hybrid_unmatched_weight", uw)):
+            if v is not None:
+                _pos(f"distill.{k}", v, allow_zero=True)
+        if (mw is None) != (uw is None):
+            raise ValueError(f"distill.uld_hybrid_matched_weight ({mw}) and distill.uld_hybrid_unmatched_weight "
+                             f"({uw}) must both be null (weights from the vocabulary overlap) or both numbers")
+        fields = DistillConfig.__dataclass_fields__
+        moved = [f"distill.{k}" for k in ULD_KEYS if getattr(self, k) != fields[k].default]
+        if not self.use_uld_loss:
+            if moved:
+                raise ValueError(f"{', '.join(moved)} apply to distill.use_uld_loss true only (a teacher with "
+                                 f"another tokenizer); set distill.use_uld_loss true or remove them")
+            return
+        if not self.uld_use_hybrid_loss:
+            hyb = [k for k in moved if "hybrid_" in k] + (["distill.beta"] if self.beta != 1.0 else [])
+            if hyb:
+                raise ValueError(f"{', '.join(hyb)} apply to distill.uld_use_hybrid_loss true only (beta: the "
+                                 f"divergence over the matched tokens); set it or remove them")
+        if self.objective != "jsd":
+            raise ValueError(f"distill.use_uld_loss replaces the divergence; distill.objective "
+                             f"{self.objective!r} cannot go with it (TRL's GOLD has no other objective)")
+        if self.seq_kd:
+            raise ValueError("distill.seq_kd: the teacher cannot sample with the student's tokenizer when "
+                             "distill.use_uld_loss is set; remove distill.seq_kd")
 
     def _check_objective(self):
         """``objective`` and the IW-OPD keys (TRL IWOPDConfig's checks, and ours: no key of no effect)."""

@@ -38,6 +38,8 @@ COMMANDS = {
     "plot": ("rlhf_fast.trainers.plot", "write PNG curves of a run: rlhf-fast plot RUN_DIR"),
     "report": ("rlhf_fast.trainers.report", "one Markdown report of a run: rlhf-fast report RUN_DIR [--out REPORT.md]"),
     "eval": ("rlhf_fast.trainers.evaluate", "evaluate a policy: reward, win-rate vs reference, KL, length"),
+    "merge": ("rlhf_fast.trainers.merge_cli",
+              "merge two model folders (TRL's MergeModelCallback): rlhf-fast merge POLICY TARGET OUT [--method ...]"),
     "generate": ("rlhf_fast.rollout.generate_cli",
                  "responses to a prompts file: rlhf-fast generate --model M --prompts F --out OUT.jsonl"),
     "bench": ("rlhf_fast.benchmarks.cli", "benchmarks: rlhf-fast bench ops|e2e|all [--device cpu|cuda] [--quick]"),

@@ -1316,6 +1316,8 @@ def check_training_schedule(cfg) -> None:
         raise ValueError(f"activation_offloading must be true or false, got {cfg.activation_offloading!r}")
     if hasattr(cfg, "check_compile_options"):  # torch_compile and its backend / mode (.compile.CompileOptions)
         cfg.check_compile_options()
+    if hasattr(cfg, "check_merge_options"):  # TRL's MergeModelCallback settings (.merging.MergeOptions)
+        cfg.check_merge_options()
     if not isinstance(getattr(cfg, "disable_dropout", False), bool):
         raise ValueError(f"disable_dropout must be true or false, got {cfg.disable_dropout!r}")
     check_pad_to_multiple_of(cfg)

@@ -161,6 +161,7 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .merging import MergeOptions
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, TPO_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps,
                                 loss_terms, reference_free_loss)
@@ -182,7 +183,7 @@ TOKEN_STATS = dict(return_entropy=True, return_top1=True, return_mean_logit=True
 
 
 @dataclasses.dataclass
-class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
+class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs
     with a hidden rule, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``loss_type`` (a name, a comma-separated string or a list),

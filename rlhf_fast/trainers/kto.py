@@ -97,6 +97,7 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      steps_for_epochs, trainer_commands)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .merging import MergeOptions
 from .bema import BEMAConfig, check_bema_field
 from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, encode_pair,
                   load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
@@ -114,7 +115,7 @@ N_SUMS = 15
 
 
 @dataclasses.dataclass
-class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
+class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with
     a hidden rule, unpaired, so the defaults run); ``beta`` β scales the implicit reward
     β·(log π − log π_ref); ``desirable_weight`` / ``undesirable_weight`` λ_D / λ_U weigh the two

@@ -69,6 +69,7 @@ from .common import (annotator_weight_map, autocast_context, check_bool_fields, 
                      pad_token_id, record_weight, steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .merging import MergeOptions
 from rlhf_fast.distributed import DistributedConfig
 
 from .bema import BEMAConfig, check_bema_field, setup_bema
@@ -78,7 +79,7 @@ from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_sh
 
 
 @dataclasses.dataclass
-class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
+class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """Reward-model settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: a
     synthetic preference task with a hidden rule, so the defaults run); ``label_smoothing``
     ε makes the BT loss conservative for noisy labels; ``annotator_weights`` maps

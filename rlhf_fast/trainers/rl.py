@@ -630,6 +630,9 @@ class RLTrainer:
         # No dropout during RL: the recomputed log-probs must match the ones the ratio uses.
         self.policy.eval()
         self.tokenizer = tokenizer
+        from rlhf_fast.trainers.merging import setup_policy_merge
+
+        setup_policy_merge(self)  # the merge target defaults to the initial policy (bare, before any resume)
         self._before_wrap(self.policy)
         # No KL term anywhere (kl.coef 0, a fixed controller, no reference sync) and no reference
         # asked for: none is built and none runs (as TRL with beta 0 and verl without a KL
@@ -2262,14 +2265,16 @@ class RLTrainer:
     def save(self) -> str:
         """Write an atomic checkpoint of everything needed to continue; returns its folder."""
         from rlhf_fast.trainers.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+        from rlhf_fast.trainers.merging import merge_policy_into  # TRL's MergeModelCallback.on_save (a product)
 
         if self.config.distributed.strategy != "none":
-            return self._save_sharded(checkpoint_dir(self.run_dir.path, self.global_step))
+            return merge_policy_into(self, self._save_sharded(checkpoint_dir(self.run_dir.path, self.global_step)),
+                                     checkpoint=True)
         models, opts, scheds = self._ckpt_parts()
         path = save_checkpoint(checkpoint_dir(self.run_dir.path, self.global_step), models=models, optimizers=opts,
                                schedulers=scheds, extra=self.state_dict_extra())
         prune_checkpoints(self.run_dir.path, self.config.keep_checkpoints)
-        return path
+        return merge_policy_into(self, path, checkpoint=True)
 
     def _sharded_parts(self):
         parts = [("policy", self.policy, self.optimizer, self.scheduler)]
@@ -2435,7 +2440,9 @@ class RLTrainer:
             if critic is not None and hasattr(critic, "save_pretrained"):
                 _save_critic(critic, os.path.join(path, "critic"), critic_sd)
         self.ctx.barrier()
-        return path
+        from rlhf_fast.trainers.merging import merge_policy_into
+
+        return merge_policy_into(self, path, checkpoint=False)  # final/merged: TRL's on_train_end
 
 
 class PPOTrainer(RLTrainer):

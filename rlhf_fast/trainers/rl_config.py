@@ -20,6 +20,7 @@ from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
+from rlhf_fast.models.merge import MergeConfig
 from rlhf_fast.ops._validate import finite
 from rlhf_fast.ops.reference import AGG_MODES
 from rlhf_fast.trainers.common import (LR_SCHEDULES, check_optimizer_fields, check_schedule_fields,
@@ -1763,6 +1764,8 @@ class RLConfig:
     a2po: A2POConfig = field(default_factory=A2POConfig)
     sdpo: SDPOConfig = field(default_factory=SDPOConfig)
     sdft: SDFTConfig = field(default_factory=SDFTConfig)
+    # TRL's MergeModelCallback / MergeConfig (rlhf_fast.trainers.merging): final/merged (and <checkpoint>/merged)
+    merge: Optional[MergeConfig] = None
 
     def __post_init__(self):
         _choice("estimator", self.estimator, RL_ESTIMATORS)
@@ -1797,6 +1800,9 @@ class RLConfig:
         from rlhf_fast.trainers.compile import check_rl_compile_options
 
         check_rl_compile_options(self)
+        from rlhf_fast.trainers.merging import check_merge_field
+
+        self.merge = check_merge_field(self, lora=self.model.lora)
         if self.fp16 and self.ppo.trpo:
             raise ValueError("fp16 is not supported with ppo.trpo: its line search takes and undoes the "
                              "optimizer's step itself, which fp16's loss scaler must be able to skip on an overflow")

@@ -79,6 +79,7 @@ from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_boo
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .compile import CompileOptions, compile_configured
+from .merging import MergeOptions, merge_into, setup_merge
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
@@ -95,7 +96,7 @@ PACKING_STRATEGIES = ("bfd", "wrapped")
 
 
 @dataclasses.dataclass
-class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
+class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records
     (None: a built-in synthetic copy task, so the defaults run); ``model``: a local folder or
     ``tiny:`` spec."""
@@ -706,6 +707,7 @@ def save_supervised(trainer, part: str) -> None:
                         schedulers={"scheduler": trainer.scheduler}, extra=extra)
     else:
         save_sharded_checkpoint(directory, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx, extra)
+    merge_into(trainer, directory, checkpoint=True)  # TRL's MergeModelCallback.on_save (a product, not state)
     if trainer.ctx.is_main:
         prune_checkpoints(trainer.run.path, trainer.cfg.keep_checkpoints, None if best is None else best.step)
         if bema:
@@ -721,6 +723,7 @@ def resume_supervised(trainer, part: str, load_companions=None) -> None:
     and config.yaml rewritten, only once all of it has loaded (a refused resume leaves the
     folder as it was)."""
     ck, trainer._resume_from = trainer._resume_from, None
+    setup_merge(trainer)  # the merge target defaults to the initial policy: kept before a checkpoint loads
     if ck is None:
         return
     extra = load_any_checkpoint(ck, part, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ctx)
@@ -814,6 +817,7 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
             load_best_model(trainer, best.part)
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,
                          cfg.distributed.strategy)
+        merge_into(trainer, os.path.join(trainer.run.path, "final"), checkpoint=False)  # TRL's on_train_end
     if getattr(trainer, "_bema", None) is not None:  # TRL's BEMACallback.on_train_end
         save_bema_model(trainer)
     return last

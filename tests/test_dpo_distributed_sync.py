@@ -5,7 +5,6 @@ step 2 (its sharded reference saved with the checkpoint) and resumed on two rank
 uninterrupted run. One launch of two ranks and one of one process; this file is also the
 worker they run."""
 
-import json
 import os
 import sys
 
@@ -50,7 +49,6 @@ def _full(model):
 
 
 def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, shutdown
     from rlhf_fast.trainers.common import read_metrics
 
     torch.set_num_threads(1)
@@ -65,11 +63,7 @@ def worker(specs, root, out):
             results[spec] = {"log": read_metrics(tr.run.path), "world": tr.ctx.world_size,
                              "ref_moved": any(not torch.equal(before[k], ref[k]) for k in ref),
                              "ref_local_fraction": local / sum(p.numel() for p in tr.reference.parameters())}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
+    return results
 
 
 def _launch(root, nproc, specs):

@@ -212,7 +212,6 @@ def _dist_run(strategy, out_dir, tok):
 
 
 def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, shutdown
 
     torch.set_num_threads(1)
     tok = preference_tokenizer()
@@ -221,11 +220,7 @@ def worker(specs, root, out):
         tr = _dist_run(strategy, os.path.join(root, strategy), tok)
         if tr.ctx.is_main:
             results[strategy] = {"world": tr.ctx.world_size, "samples": _samples(tr.run.path)}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
+    return results
 
 
 def test_two_ranks_fsdp2_and_ddp_write_one_process_records(tmp_path, tok):

@@ -182,7 +182,6 @@ def _first_step_count(optimizer):
 
 
 def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, shutdown
     from rlhf_fast.trainers import mixed_precision as mp
     from rlhf_fast.trainers.common import read_metrics
 
@@ -213,11 +212,7 @@ def worker(specs, root, out):
             run_path = (tr.run if hasattr(tr, "run") else tr.run_dir).path
             torch.save({"weights": weights, "ranks": ranks}, os.path.join(root, name + f".{steps}.pt"))
             results[spec] = {"world": tr.ctx.world_size, "metrics": read_metrics(run_path)}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
+    return results
 
 
 # ----------------------------------------------------------------------------- the tests

@@ -3,7 +3,6 @@ separate reference sharded like it, run the shared-prefix row through the wrappe
 per-step metrics equal one process's padded run. One launch of two ranks and one of one process;
 this file is also the worker they run."""
 
-import json
 import os
 import sys
 
@@ -36,7 +35,6 @@ def _run(strategy: str, shared: bool, steps: int, out_dir: str):
 
 
 def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, shutdown
     from rlhf_fast.trainers.common import read_metrics
 
     torch.set_num_threads(1)
@@ -46,11 +44,7 @@ def worker(specs, root, out):
         tr = _run(strategy, shared == "shared", int(steps), os.path.join(root, spec.replace(":", "_")))
         if tr.ctx.is_main:
             results[spec] = {"log": read_metrics(tr.run.path), "world": tr.ctx.world_size}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
+    return results
 
 
 def _launch(root, nproc, specs):

@@ -56,7 +56,7 @@ def _run(spec: str, out_dir: str):
 
 
 def worker(specs, root, out):
-    from rlhf_fast.distributed import exit_process, full_state_dict, shutdown, unwrap
+    from rlhf_fast.distributed import full_state_dict, unwrap
 
     torch.set_num_threads(1)
     results = {}
@@ -71,11 +71,7 @@ def worker(specs, root, out):
             torch.save({k: v.detach().cpu() for k, v in weights.items()},
                        os.path.join(root, spec.replace(":", "_") + ".pt"))
             results[spec] = {"log": log, "world": tr.ctx.world_size}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    shutdown()
-    exit_process(0)
+    return results
 
 
 @pytest.fixture(scope="module")

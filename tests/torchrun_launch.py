@@ -47,7 +47,9 @@ def launch(script: str, root: str, nproc: int, specs) -> dict:
 
 def main(worker) -> None:
     """The ``__main__`` of a worker file: ``worker(specs, root, out)`` from ``--runs SPEC,...
-    --root DIR --out FILE``, the arguments :func:`launch` passes."""
+    --root DIR --out FILE``, the arguments :func:`launch` passes. A worker that returns its
+    results (a JSON-able dict) has them written to FILE by rank 0, then the process group shut
+    down and the process ended, as every worker must (a worker that returns None did it itself)."""
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -55,4 +57,13 @@ def main(worker) -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    worker(a.runs.split(","), a.root, a.out)
+    results = worker(a.runs.split(","), a.root, a.out)
+    if results is None:
+        return
+    from rlhf_fast.distributed import exit_process, shutdown
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(a.out, "w") as f:
+            json.dump(results, f)
+    shutdown()
+    exit_process(0)

@@ -268,7 +268,7 @@ def test_state_dicts_dtype_gradients_and_refusals():
         merge_state_dicts({"x": p}, {"x": p.reshape(2, 8)})
     with pytest.raises(ValueError, match="non-floating tensor 'ids' differs"):
         merge_state_dicts({"ids": torch.arange(3)}, {"ids": torch.arange(3) + 1})
-    with pytest.raises(ValueError, match="weights must not sum to 0"):
+    with pytest.raises(ValueError, match="must not (sum to|be) 0"):
         merge_state_dicts({"x": p}, {"x": t}, "linear", policy_model_weight=1.0, target_model_weight=-1.0)
 
 

@@ -108,6 +108,8 @@ class MergeConfig:
             setattr(self, name, _normalize_flag(value) if name == "normalize" else
                     _check_setting(f"merge.{name}", value, unit=name != "policy_model_weight"
                                    and name != "target_model_weight"))
+        if self.method == "linear" and self.normalize:
+            _check_weight_sum(self.policy_model_weight, self.target_model_weight)
         if self.dtype not in DTYPES:
             raise ValueError(f"merge.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.merge_at_every_checkpoint, bool):
@@ -145,6 +147,34 @@ def _check_setting(key: str, value, *, unit: bool) -> Setting:
             what = "numbers in [0, 1]" if unit else "finite numbers"
             raise ValueError(f"{key} must be a number or a list of {what}, got {value!r}")
     return [float(v) for v in items] if isinstance(value, (list, tuple)) else float(value)
+
+
+def _check_weight_sum(policy_weight: Setting, target_weight: Setting) -> None:
+    """A normalized linear merge divides by the sum of the two weights: refuse a sum that is 0,
+    or changes sign (so is 0 somewhere), at any layer a gradient setting can reach. Both are
+    piecewise linear in the layer fraction, so their list points are where to look."""
+    points = {0.0, 1.0}
+    for w in (policy_weight, target_weight):
+        if isinstance(w, (list, tuple)) and len(w) > 1:
+            points.update(i / (len(w) - 1) for i in range(len(w)))
+    sums = [setting_at(policy_weight, f) + setting_at(target_weight, f) for f in sorted(points)]
+    if any(v == 0 for v in sums) or min(sums) < 0 < max(sums):
+        raise ValueError(f"merge.policy_model_weight + merge.target_model_weight must not be 0 at any layer with "
+                         f"normalize (the merge divides by it), got {policy_weight!r} and {target_weight!r}")
+
+
+def target_shapes(path: str) -> Dict[str, tuple]:
+    """Each tensor's shape in the .safetensors files of the model folder ``path``, read from
+    their headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, tuple] = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                for k in f.keys():
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+    return shapes
 
 
 def setting_at(setting: Setting, fraction: float) -> float:
@@ -330,16 +360,21 @@ def _merge_tensor(cfg: MergeConfig, name: str, p: torch.Tensor, t: torch.Tensor,
                        cfg.normalize, dare=dare, generator=tensor_generator(cfg.seed, name) if dare else None)
 
 
-def check_same_keys(policy: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
-    """ValueError naming the first tensor that one of the two state dicts lacks or that has
-    another shape in the other (the two models must be of one architecture and size)."""
+def _shape(v) -> tuple:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def check_same_keys(policy: Mapping[str, Any], target: Mapping[str, Any]) -> None:
+    """ValueError naming the first tensor that one of the two state dicts (of tensors, or of
+    shapes: :func:`target_shapes`) lacks or that has another shape in the other (the two models
+    must be of one architecture and size)."""
     for name in policy:
         if name not in target:
             raise ValueError(f"merge: the target model has no tensor {name!r} (the two models must have the "
                              "same architecture)")
-        if tuple(policy[name].shape) != tuple(target[name].shape):
-            raise ValueError(f"merge: tensor {name!r} is {tuple(policy[name].shape)} in the policy but "
-                             f"{tuple(target[name].shape)} in the target (same architecture and vocabulary needed)")
+        if _shape(policy[name]) != _shape(target[name]):
+            raise ValueError(f"merge: tensor {name!r} is {_shape(policy[name])} in the policy but "
+                             f"{_shape(target[name])} in the target (same architecture and vocabulary needed)")
     for name in target:
         if name not in policy:
             raise ValueError(f"merge: the policy model has no tensor {name!r} (the two models must have the "

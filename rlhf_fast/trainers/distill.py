@@ -895,7 +895,12 @@ class DistillationTrainer(RLTrainer):
 
             if not os.path.isdir(folder):
                 raise ValueError(f"distill.teacher_tokenizer {folder!r} is not a local folder")
-            tok = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs(d.teacher_model_init_kwargs))
+            try:
+                tok = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs(d.teacher_model_init_kwargs))
+            except (OSError, ValueError, TypeError) as e:  # transformers' own message names no key
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"distill.teacher_tokenizer {folder!r} holds no tokenizer transformers can load "
+                                 f"({first})") from e
             if tok.pad_token is None:  # as TRL
                 tok.pad_token = tok.eos_token
         if d.use_extended_uld:
@@ -973,6 +978,10 @@ class DistillationTrainer(RLTrainer):
         stats = {"distill_sum": cfg.distillation_weight * float(row_sum.detach()), "entropy_sum": float(ent),
                  "tokens": float(n_tok), "matched_sum": float(m_sum), "unmatched_sum": float(u_sum)}
         return loss.float(), stats
+
+    def _row_mean_stats(self) -> frozenset:
+        # ULD's divergence and hybrid parts are means over the answers (TRL's), not over tokens
+        return frozenset(("divergence", "matched_loss", "unmatched_loss")) if self._uld is not None else frozenset()
 
     def _uld_backward(self, data: RolloutTensors, mb: int, n_micro: Optional[int]) -> Dict[str, float]:
         """:meth:`policy_backward` with the ULD loss: each micro-batch's row terms over the mini-batch's rows

@@ -29,8 +29,9 @@ from typing import Dict, Optional
 
 import torch
 
-from rlhf_fast.models.merge import (DTYPES, MergeConfig, check_model_dir, config_num_layers, merge_state_dicts,
-                                    read_state_dict, unique_state_dict, write_merged_folder)
+from rlhf_fast.models.merge import (DTYPES, MergeConfig, check_model_dir, check_same_keys, config_num_layers,
+                                    merge_state_dicts, read_state_dict, target_shapes, unique_state_dict,
+                                    write_merged_folder)
 from rlhf_fast.trainers.common import _beside
 
 MERGED = "merged"  # the merged model's folder inside a checkpoint or final/
@@ -78,11 +79,14 @@ def initial_target(merge: Optional[MergeConfig], model: torch.nn.Module, ctx, st
     """The target weights kept in memory: without ``merge.target``, a CPU copy of ``model``'s
     weights now (tied names once), in ``merge.dtype``, on rank 0 (None elsewhere, and when
     ``merge`` is off or names a folder). A collective under FSDP2: every rank calls it."""
-    if merge is None or merge.target is not None:
+    if merge is None:
         return None
     from rlhf_fast.distributed import full_state_dict, unwrap
 
     _refuse_peft(model)
+    if merge.target is not None:
+        check_merge_target(merge, model)
+        return None
     sd = full_state_dict(model, ctx, strategy)
     if not ctx.is_main:
         return None
@@ -90,6 +94,27 @@ def initial_target(merge: Optional[MergeConfig], model: torch.nn.Module, ctx, st
     dtype = DTYPES[merge.dtype]
     return {k: (v.detach().to("cpu", dtype, copy=True) if v.is_floating_point() else v.detach().cpu().clone())
             for k, v in sd.items()}
+
+
+def check_merge_target(merge: Optional[MergeConfig], model: torch.nn.Module) -> None:
+    """Refuse a ``merge.target`` folder whose tensors are not ``model``'s (names and shapes, from
+    the safetensors headers) when the trainer is set up, not after the run's last step at its
+    first merge. ValueError naming ``merge.target``."""
+    if merge is None or merge.target is None:
+        return
+    from rlhf_fast.distributed import unwrap
+
+    try:
+        check_same_keys(_model_shapes(unwrap(model)), target_shapes(merge.target))
+    except ValueError as e:
+        raise ValueError(f"merge.target {merge.target!r} cannot be merged with this run's policy: {e}") from e
+
+
+def _model_shapes(model: torch.nn.Module) -> Dict[str, tuple]:
+    """The global shape of each tensor ``model`` saves (tied names once), FSDP2 shards too."""
+    sd = model.state_dict()
+    local = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in sd.items()}
+    return {k: tuple(sd[k].shape) for k in unique_state_dict(local)}
 
 
 def _refuse_peft(model) -> None:
@@ -184,5 +209,5 @@ def merge_policy_into(trainer, folder: str, *, checkpoint: bool) -> str:
     return folder
 
 
-__all__ = ["MergeOptions", "MergeConfig", "check_merge_field", "initial_target", "save_merged", "setup_merge",
+__all__ = ["MergeOptions", "MergeConfig", "check_merge_field", "check_merge_target", "initial_target", "save_merged", "setup_merge",
            "merge_into", "setup_policy_merge", "merge_policy_into", "MERGED"]

@@ -1935,6 +1935,11 @@ class RLTrainer:
         n = _token_normalizer(mask, agg, budget)
         return self.ctx.all_reduce_sum(torch.tensor(float(n), device=mask.device))
 
+    def _row_mean_stats(self) -> frozenset:
+        """Keys of :meth:`policy_backward`'s statistics that are means over the answers (rows)
+        rather than over tokens, so :meth:`_global_stats` weights each rank's by its rows."""
+        return frozenset()
+
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
         """:meth:`policy_backward` statistics over every rank, as one process computes them:
         token-weighted means (row-weighted for sequence_sum's answer statistics), the loss parts
@@ -1942,12 +1947,15 @@ class RLTrainer:
         keys = sorted(k for k in st if k not in ("loss", "ratio_max") + _MIN_STATS + _MAX_STATS)
         n = float(mask.sum())
         rows = float(mask.shape[0]) if self.config.ppo.importance_sampling_level == "sequence_sum" else n
-        w = [rows if k in _ANSWER_STATS else n for k in keys]
-        vec = [st["loss"], n, rows] + [st[k] * wk if wk > 0 else 0.0 for k, wk in zip(keys, w)]
+        row_means = self._row_mean_stats()  # a subclass's per-answer means: weighted by answers
+        slot = {k: 2 if k in _ANSWER_STATS else 3 if k in row_means else 1 for k in keys}
+        weight = {1: n, 2: rows, 3: float(mask.shape[0])}
+        w = [weight[slot[k]] for k in keys]
+        vec = [st["loss"], n, rows, weight[3]] + [st[k] * wk if wk > 0 else 0.0 for k, wk in zip(keys, w)]
         vec = torch.tensor(vec, dtype=torch.float64, device=self.device)
         vec = self.ctx.all_reduce_sum(vec)
-        den = {k: max(float(vec[2] if k in _ANSWER_STATS else vec[1]), 1.0) for k in keys}
-        out = {"loss": float(vec[0]), **{k: float(v) / den[k] for k, v in zip(keys, vec[3:])}}
+        den = {k: max(float(vec[slot[k]]), 1.0) for k in keys}
+        out = {"loss": float(vec[0]), **{k: float(v) / den[k] for k, v in zip(keys, vec[4:])}}
         if "ratio_max" in st:
             out["ratio_max"] = float(self.ctx.all_reduce_max(torch.tensor(st["ratio_max"], dtype=torch.float64,
                                                                             device=self.device)))

@@ -79,7 +79,7 @@ from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_boo
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .compile import CompileOptions, compile_configured
-from .merging import MergeOptions, merge_into, setup_merge
+from .merging import MergeOptions, check_merge_target, merge_into, setup_merge
 from .common import metric_to_step_on, schedule_metric, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
@@ -549,6 +549,7 @@ def init_optimization(trainer) -> None:
     trainer.step = 0
     trainer.num_tokens = 0
     trainer.best = BestCheckpoint.for_config(trainer.cfg)  # load_best_model_at_end's tracker (None: off)
+    check_merge_target(getattr(trainer.cfg, "merge", None), trainer.model)
     if trainer._resume_from is None:
         begin_fresh_run(trainer.run, trainer.cfg, trainer.ctx.is_main)
 

@@ -660,6 +660,8 @@ def test_binary_records_are_validated_with_line_and_field(tmp_path):
         assert needle in text, needle
     path.write_text(path.read_text().splitlines()[0] + "\n" + path.read_text().splitlines()[5] + "\n")
     assert load_binary_records(str(path), dedup=True) == [BinaryRecord("describe: cat", "good dog", True)]
+    # dedup: false keeps the repeat (each one trains), as load_records does for the other kinds
+    assert load_binary_records(str(path), dedup=False) == [BinaryRecord("describe: cat", "good dog", True)] * 2
 
 
 def test_data_kinds(tmp_path, tok):

@@ -497,7 +497,7 @@ def load_records(
     kind: str,
     *,
     strict: bool = True,
-    dedup: bool = False,
+    dedup: Optional[bool] = None,
     triples: bool = False,
     key: Optional[str] = None,
 ) -> Union[List[Record], Tuple[List[Record], List[Problem]]]:
@@ -508,7 +508,8 @@ def load_records(
     With ``strict=True`` (default) any problem raises one ValueError whose first line
     counts them and whose next lines are ``file:line: field: message``; otherwise returns
     ``(valid records, problems)``. A record repeated with the same annotator is a problem
-    ("duplicate") unless ``dedup=True``, which drops the repeats silently. ``key``: the config
+    ("duplicate") with ``dedup=None`` (default); ``dedup=True`` drops the repeats silently and
+    ``dedup=False`` keeps them (a trainer's ``dedup: false``). ``key``: the config
     key or option that named a path ``source``, for the error when it is no file.
     """
     if kind not in KINDS:
@@ -536,12 +537,12 @@ def load_records(
                 continue
             first_of.setdefault(is_text, line)
         k = _key(rec)
-        if k in seen:
-            if not dedup:
+        if k in seen and dedup is not False:
+            if dedup is None:
                 what = "pair" if kind == "pairs" else "record"
                 problems.append(where("<record>", f"duplicate {what} (same as line {seen[k]})"))
             continue
-        seen[k] = line
+        seen.setdefault(k, line)
         records.append(rec)
     if strict:
         if problems:
@@ -559,6 +560,23 @@ def dedup_records(records: Sequence[Record], *, ignore_annotator: bool = False) 
             seen.add(k)
             out.append(r)
     return out
+
+
+def record_item_key(rec: Any) -> Optional[tuple]:
+    """The item a preference / score record judges, whoever judged it and however: its prompt and
+    its responses unordered (a pair's chosen and rejected, a ranking's responses), or a score's
+    prompt and response; None for another record (each one its own item). A hashable tuple, for
+    splits that keep every label of an item on one side (:func:`rlhf_fast.trainers.common.split_records`)."""
+    def text(x):
+        return x if isinstance(x, str) else json.dumps(x, sort_keys=True)
+
+    if isinstance(rec, PairRecord):
+        return ("pair", text(rec.prompt), tuple(sorted((text(rec.chosen), text(rec.rejected)))))
+    if isinstance(rec, RankingRecord):
+        return ("ranking", text(rec.prompt), tuple(sorted(text(r) for r in rec.responses)))
+    if isinstance(rec, ScoreRecord):
+        return ("score", text(rec.prompt), text(rec.response))
+    return None
 
 
 def response_text(response: Response) -> str:
@@ -724,5 +742,5 @@ __all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "Trip
            "extract_prompt",
            "response_text", "comparable_pairs", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
            "load_records", "read_rows", "check_input_file", "dedup_records", "filter_by_length", "rankings_to_pairs",
-           "render_prompt", "reward_input_ids", "pad_right",
+           "record_item_key", "render_prompt", "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

@@ -467,12 +467,13 @@ def _read_existing(path: str, mode: str) -> List[Dict[str, Any]]:
 def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[str, Any]]):
     """``(new records, number of input items already judged in existing)`` for the input."""
     from .formats import load_records
-    from .label import load_items
+    from .label import _record_key, load_items
 
     annotator = f"judge:{cfg.model}"
     if args.mode == "pairs":
         items = load_items(args.input)
-        done = {r["key"] for r in existing if r.get("annotator") == annotator}
+        # keys recomputed from each record's texts: files written before keys were side-free
+        done = {_record_key(r) for r in existing if r.get("annotator") == annotator}
         todo = [it for it in items if it["key"] not in done]
         out = judge.label_items(todo, tie_band=args.tie_band)
     else:

@@ -30,8 +30,15 @@ ANSWERS = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "s
 
 
 def item_key(prompt: Any, a: str, b: str) -> str:
-    """A stable id of an item (prompt and the two responses in the order shown)."""
-    return hashlib.sha256(json.dumps([prompt, a, b], sort_keys=True).encode()).hexdigest()[:16]
+    """A stable id of an item: its prompt and its two responses unordered, so an item shown with
+    its sides swapped (``--shuffle-sides``, another ``--seed``) is the same item."""
+    return hashlib.sha256(json.dumps([prompt, sorted([a, b])], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _record_key(rec: Dict[str, Any]) -> str:
+    """The :func:`item_key` of a label record, computed from its prompt and responses: files
+    written before keys were side-free carry keys of the order shown."""
+    return item_key(rec["prompt"], rec["a"], rec["b"])
 
 
 def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List[Dict[str, Any]]:
@@ -148,8 +155,8 @@ def label_pairs(
 
     all_labels = read_labels(out)
     by_key = {it["key"]: it for it in items}
-    mine = [r for r in all_labels if r.get("annotator") == annotator and r.get("key") in by_key]
-    done = {r["key"] for r in mine}
+    mine = [r for r in all_labels if r.get("annotator") == annotator and _record_key(r) in by_key]
+    done = {_record_key(r) for r in mine}
     undone = 0
     if done:
         console.print(f"[dim]resuming: {len(done)} of {len(items)} already labelled by {annotator}[/dim]")
@@ -190,10 +197,11 @@ def label_pairs(
             idx = max(i for i, r in enumerate(all_labels) if r is last)
             del all_labels[idx]
             atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in all_labels))
-            done.discard(last["key"])
+            last_key = _record_key(last)
+            done.discard(last_key)
             undone += 1
             # show the undone item next, even if earlier ones were skipped by resume
-            items = [by_key[last["key"]]] + [x for x in items if x["key"] != last["key"]]
+            items = [by_key[last_key]] + [x for x in items if x["key"] != last_key]
             continue
         rec = {"item": it["item"], "key": it["key"], "prompt": it["prompt"], "a": it["a"], "b": it["b"],
                "label": answer, "annotator": annotator, "time": round(time.time(), 3)}

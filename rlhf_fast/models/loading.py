@@ -10,7 +10,7 @@ import contextlib
 import copy
 import json
 import os
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -243,6 +243,22 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     return base
 
 
+def adapter_base(path: PathLike, key: str = "model") -> Optional[str]:
+    """The base model folder named by the peft adapter folder ``path`` (its adapter_config.json's
+    ``base_model_name_or_path``); None when ``path`` holds no adapter. ValueError naming ``key``
+    when that base is not a local folder (a ``tiny:`` base saves as null, a relative path holds
+    only from the folder it was trained in): loading it would look it up on the hub."""
+    adapter_cfg = os.path.join(os.fspath(path), "adapter_config.json")
+    if not os.path.exists(adapter_cfg):
+        return None
+    with open(adapter_cfg) as f:
+        base_path = json.load(f).get("base_model_name_or_path")
+    if not base_path or not os.path.isdir(base_path):
+        raise ValueError(f"{key} {os.fspath(path)!r}: the adapter there names base model {base_path!r}, which is "
+                         "not a local folder (from here); load the base and pass the adapter folder as lora=")
+    return base_path
+
+
 def load_policy(
     model_or_path,
     *,
@@ -280,13 +296,8 @@ def load_policy(
         path = os.fspath(model_or_path)
         if not os.path.isdir(path):
             raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
-        adapter_cfg = os.path.join(path, "adapter_config.json")
-        if os.path.exists(adapter_cfg):
-            with open(adapter_cfg) as f:
-                base_path = json.load(f).get("base_model_name_or_path")
-            if not base_path or not os.path.isdir(base_path):
-                raise ValueError(f"the adapter in {path!r} names base model {base_path!r}, which is not a local "
-                                 "directory; load the base and pass the adapter directory as lora=")
+        base_path = adapter_base(path, "model_or_path")
+        if base_path is not None:
             model = AutoModelForCausalLM.from_pretrained(base_path, **load_kw)
             lora = path if lora is None else lora
         else:
@@ -677,6 +688,38 @@ def load_reward_model(model_or_path, *, device=None, dtype=None, init_kwargs=Non
     return model.eval()
 
 
+def reward_model_sources(rc, *, models: Sequence = (), device=None, init_kwargs=None) -> List[tuple]:
+    """``[(source, weight)]`` of the reward models of an RL config's ``reward`` section ``rc``
+    (:class:`rlhf_fast.trainers.rl_config.RewardConfig`), as training scores with them: the
+    :class:`~rlhf_fast.algorithms.RewardModelReward` ``models`` given first, then ``rc``'s
+    ``reward_model`` folders (all checked before any is loaded, each loaded with ``init_kwargs``
+    on ``device``), each a source of its own weighted ``rc.reward_model_weight`` when
+    ``rc.reward_model_ensemble`` is ``sum``, else one ensemble of them. ``[]`` without reward models;
+    ValueError naming ``reward.reward_model_ensemble`` for an ensemble of fewer than two."""
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.algorithms import RewardModelEnsemble, RewardModelReward
+
+    rms = list(models)  # every reward model, the Python API's then the config's folders, in that order
+    folders = rc.reward_model_folders()
+    for key, path in folders:  # all checked before any is loaded
+        check_model_folder(path, key, tokenizer=True, reward=True)
+    # loaded with the policy's from_pretrained keywords, as TRL's GRPO / RLOO load reward-model paths
+    for _, path in folders:
+        rms.append(RewardModelReward(load_reward_model(path, device=device, init_kwargs=init_kwargs),
+                                     AutoTokenizer.from_pretrained(path, **tokenizer_kwargs(init_kwargs)),
+                                     name="reward_model"))
+    if rc.reward_model_ensemble == "sum":
+        # each model a source of its own (the behaviour before ensembles: same names, same sum)
+        return [(rm, rc.reward_model_weight) for rm in rms]
+    if len(rms) < 2:
+        raise ValueError(f"reward.reward_model_ensemble {rc.reward_model_ensemble!r} combines several reward "
+                         f"models, got {len(rms)} (list >= 2 folders in reward.reward_model, or pass "
+                         f"reward_models=[...]); use 'sum' for a single model")
+    coef = 1.0 if rc.ensemble_coef is None else rc.ensemble_coef
+    return [(RewardModelEnsemble(rms, rc.reward_model_ensemble, coef, name="reward_model"), rc.reward_model_weight)]
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index ``[B]`` int64 of each row's last attended token (left or right padding)."""
     T = attention_mask.shape[1]
@@ -727,6 +770,8 @@ __all__ = [
     "check_model_folder",
     "check_tokenizer_folder",
     "load_policy",
+    "adapter_base",
+    "reward_model_sources",
     "enable_activation_checkpointing",
     "make_reference",
     "AdapterDisabledReference",

@@ -753,15 +753,28 @@ def require_records(records: list, key: str, path: str) -> list:
     return records
 
 
-def split_records(records: list, eval_fraction: float, seed: int) -> Tuple[list, list]:
-    """(train, eval) split of ``records`` by a seeded shuffle."""
-    idx = list(range(len(records)))
+def split_records(records: list, eval_fraction: float, seed: int,
+                  key: Optional[Callable[[Any], Any]] = None) -> Tuple[list, list]:
+    """(train, eval) split of ``records`` by a seeded shuffle of their items, each side in file
+    order: every record of an item goes to the same side, so a pair labelled by several
+    annotators is never held out and trained on at once. ``key(record)`` names its item (None:
+    an item of its own); default :func:`rlhf_fast.feedback.formats.record_item_key` (the prompt
+    and the unordered responses). ``eval_fraction`` of the items are held out (at least one when
+    it is > 0 and there are two items or more)."""
+    if key is None:
+        from rlhf_fast.feedback.formats import record_item_key as key
+    item_of: Dict[Any, int] = {}
+    items = [item_of.setdefault(i if k is None else k, len(item_of))  # (the keys are tuples, never ints)
+             for i, k in enumerate(map(key, records))]
+    # the items numbered in first-occurrence order: with no repeats they are the records'
+    # indices, and the split is the same as a shuffle of the records
+    idx = list(range(len(item_of)))
     random.Random(seed).shuffle(idx)
-    n_eval = int(round(len(records) * eval_fraction))
-    if eval_fraction > 0 and len(records) >= 2:
+    n_eval = int(round(len(idx) * eval_fraction))
+    if eval_fraction > 0 and len(idx) >= 2:
         n_eval = max(1, n_eval)
     ev = set(idx[:n_eval])
-    return [r for i, r in enumerate(records) if i not in ev], [r for i, r in enumerate(records) if i in ev]
+    return [r for r, i in zip(records, items) if i not in ev], [r for r, i in zip(records, items) if i in ev]
 
 
 def _check_data_source(value, key: str) -> None:
@@ -782,24 +795,28 @@ def _check_data_source(value, key: str) -> None:
 
 
 def load_split_records(cfg, load: Callable[[str], list], synthetic: Callable[[], list], train_records=None,
-                       eval_records=None) -> Tuple[Any, Any]:
+                       eval_records=None, expand: Optional[Callable[[list], list]] = None) -> Tuple[Any, Any]:
     """The ``(train records, eval records)`` of an SFT / reward / DPO / KTO trainer. Records passed
     in are kept as they are (``eval_records`` None stays None); without ``train_records``:
     ``load(cfg.data)`` (:func:`require_records`: an empty file is refused), or ``synthetic()``
     without ``cfg.data`` (it may raise, for a data kind the synthetic task does not have); the eval
     records ``load(cfg.eval_data)``, or without ``cfg.eval_data`` a ``cfg.eval_fraction`` of the
-    training records held out (:func:`split_records`, seeded by ``cfg.seed``)."""
+    training records held out (:func:`split_records`, seeded by ``cfg.seed``). ``expand`` maps
+    the records loaded here, each side after the split (DPO's rankings to their pairs, so that
+    one ranking's pairs are never on both sides)."""
     if train_records is not None:
         return train_records, eval_records
     _check_data_source(cfg.data, "data")  # (the loaders' own message cannot name the key)
     records = require_records(load(cfg.data), "data", cfg.data) if cfg.data else synthetic()
+    expand = expand or (lambda recs: recs)
     if eval_records is None:
         if cfg.eval_data:
             _check_data_source(cfg.eval_data, "eval_data")
-            eval_records = require_records(load(cfg.eval_data), "eval_data", cfg.eval_data)
+            eval_records = expand(require_records(load(cfg.eval_data), "eval_data", cfg.eval_data))
         else:
             records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-    return records, eval_records
+            eval_records = expand(eval_records)
+    return expand(records), eval_records
 
 
 def annotator_weight_map(weights: Mapping[str, float], agreement_pairs: Optional[Sequence[Any]] = None
@@ -1476,9 +1493,12 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_fast.models.loading import check_model_folder, from_pretrained_kwargs, tokenizer_kwargs
+    from rlhf_fast.models.loading import adapter_base, check_model_folder, from_pretrained_kwargs, tokenizer_kwargs
 
     check_model_folder(spec, "model", tokenizer=tokenizer is None)
+    adapter_base(spec, "model")  # an adapter whose base is not a local folder: refused, not looked up on the hub
+    # absolute: peft saves a LoRA run's base by the path it was loaded from, which must hold from any folder
+    spec = os.path.abspath(spec)
     # float32 master weights whatever dtype the folder was saved in (transformers 5 loads the
     # saved dtype by default: a bf16 save would train in pure bf16), unless model_init_kwargs'
     # dtype asks otherwise; autocast does the rest

@@ -1053,15 +1053,24 @@ def wpo_weights(tok: torch.Tensor, lss: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def _load_pairs(path: str, kind: str, dedup: bool, triples: bool = False) -> list:
-    from rlhf_fast.feedback.formats import load_records, rankings_to_pairs
+    """The records of a ``data_kind`` ``kind`` file: PairRecords, or RankingRecords for
+    ``rankings`` (:func:`_ranking_pairs` expands them after the eval split)."""
+    from rlhf_fast.feedback.formats import load_records
 
     if kind == "labels":
         from .reward import _load_label_file
 
         return _load_label_file(path, "pairs", dedup=dedup)
     if kind == "rankings":
-        return rankings_to_pairs(load_records(path, "rankings", dedup=dedup))
+        return load_records(path, "rankings", dedup=dedup)
     return load_records(path, "pairs", dedup=dedup, triples=triples)  # (triples: TPO's gold reference)
+
+
+def _ranking_pairs(records: list) -> list:
+    """Every RankingRecord of ``records`` replaced by the pairs it implies (in place, in order)."""
+    from rlhf_fast.feedback.formats import RankingRecord, rankings_to_pairs
+
+    return [p for r in records for p in (rankings_to_pairs([r]) if isinstance(r, RankingRecord) else [r])]
 
 
 # ------------------------------------------------------------------ trainer
@@ -1083,7 +1092,8 @@ class DPOTrainer:
         open_offline_trainer(self, cfg)
         train_records, eval_records = load_split_records(
             cfg, lambda path: _load_pairs(path, cfg.data_kind, cfg.dedup, triples=tpo_loss_name(cfg) is not None),
-            lambda: synthetic_pairs(cfg.seed, cfg.data_kind, cfg.data_kind == "rankings"), train_records, eval_records)
+            lambda: synthetic_pairs(cfg.seed, cfg.data_kind, cfg.data_kind == "rankings"), train_records, eval_records,
+            expand=_ranking_pairs if cfg.data_kind == "rankings" else None)  # a ranking's pairs on one side
         train_records, eval_records = list(train_records), list(eval_records or [])
         self.weights = annotator_weight_map(cfg.annotator_weights,
                                             train_records if cfg.auto_annotator_weights else None)

@@ -212,7 +212,8 @@ def evaluate_policy(
             lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm, temperature=t)
         res["kl"] = float(((lp - lr) * rm).sum(1).mean())
         b_ref, rm_ref, out_ref = answer(reference)
-        res["reference/reward_mean"] = float(out_ref.total.mean())
+        # the answers no source scored are skipped, as in the policy's reward/mean
+        res["reference/reward_mean"] = float((out_ref.total[out_ref.valid] if trl else out_ref.total).mean())
         if references is not None:
             res.update({f"reference/overlap/{k}": v for k, v in overlap(b_ref.response_texts).items()})
         res["reference/length_mean"] = float(rm_ref.sum(1).float().mean())
@@ -349,6 +350,9 @@ def _check_args(args) -> None:
     if not math.isfinite(args.correct_threshold):
         raise ValueError(f"--correct-threshold must be a finite number, got {args.correct_threshold}")
     args.pass_k_list = _parse_pass_k(args.pass_k, args.n)
+    if args.n > 1 and args.temperature == 0:
+        raise ValueError(f"--n {args.n} at --temperature 0 (greedy) gives {args.n} copies of one answer, so pass@k "
+                         "would equal pass@1; sample with --temperature > 0 (say 1.0) or give --n 1")
 
 
 def _parse_pass_k(text: Optional[str], n: int) -> List[int]:
@@ -406,6 +410,10 @@ def run(args) -> int:
     _check_args(args)
     if args.out:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
+        for flag in ("--prompts", "--references"):  # the results would replace an input
+            src = getattr(args, flag[2:], None)
+            if src and os.path.exists(args.out) and os.path.exists(src) and os.path.samefile(args.out, src):
+                raise ValueError(f"--out {args.out} is the {flag} file itself; write the results to another file")
     records, reference, fns, split = None, None, list(args.reward_fn), None
     policy_path = args.policy
     init_kwargs = None  # a run's model.model_init_kwargs: its models load as it loaded them
@@ -429,6 +437,12 @@ def run(args) -> int:
         raise ValueError("give --policy PATH or --run RUN_DIR")
     if not os.path.isdir(policy_path):
         raise FileNotFoundError(f"policy folder not found: {policy_path}")
+    from rlhf_fast.models.loading import adapter_base
+
+    # an adapter whose base is not a local folder: one line, before the hub would be tried
+    adapter_base(policy_path, "--policy" if args.policy else "--run")
+    if args.reference:
+        adapter_base(args.reference, "--reference")
     if args.prompts:
         from rlhf_fast.trainers.rl import read_prompt_records
 
@@ -459,15 +473,24 @@ def run(args) -> int:
     if reference is not None:
         reference = reference.eval()
     sources = [CallableReward(load_callable(s), name=s.rsplit(":", 1)[1], convention=convention) for s in fns]
+    # a run's own functions and reward models weigh as they did in training
+    weights = list(cfg.reward.weights or [1.0] * len(fns)) if args.run and not args.reward_fn else [1.0] * len(fns)
     if args.reward_model:
         from rlhf_fast.models.loading import load_reward_model
 
         # (with --run, loaded as the run loaded its reward.reward_model folders)
         rm_tok = AutoTokenizer.from_pretrained(args.reward_model, **tokenizer_kwargs(init_kwargs))
         sources.append(RewardModelReward(load_reward_model(args.reward_model, init_kwargs=init_kwargs), rm_tok))
+        weights.append(1.0)
+    elif args.run:
+        from rlhf_fast.models.loading import reward_model_sources
+
+        for src, w in reward_model_sources(cfg.reward, init_kwargs=init_kwargs):
+            sources.append(src)
+            weights.append(w)
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
-    res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, convention=convention),
+    res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, weights, convention=convention),
                           reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,

@@ -325,12 +325,13 @@ class BinaryRecord:
     annotator: Optional[str] = None
 
 
-def load_binary_records(source: Any, *, dedup: bool = False) -> List[BinaryRecord]:
+def load_binary_records(source: Any, *, dedup: Optional[bool] = None) -> List[BinaryRecord]:
     """Read and validate ``{prompt, completion, label}`` records (optional ``annotator``) from a
     JSONL/Parquet path, a list of dicts or a ``datasets.Dataset``; ``label`` must be true or
     false. Every problem is collected with its line and field, then one ValueError lists them
     (as :func:`rlhf_fast.feedback.formats.load_records`). A record repeated with the same
-    annotator is a problem unless ``dedup``, which drops the repeats."""
+    annotator is a problem with ``dedup=None`` (default); ``dedup=True`` drops the repeats and
+    ``dedup=False`` keeps them (``dedup: false``), as ``load_records``."""
     import json
 
     from rlhf_fast.feedback.formats import (Problem, _annotator, _BadJSON, _check_prompt, _check_response, _shown,
@@ -366,18 +367,18 @@ def load_binary_records(source: Any, *, dedup: bool = False) -> List[BinaryRecor
             continue
         rec = BinaryRecord(prompt, completion, label, ann)
         key = json.dumps(dataclasses.asdict(rec), sort_keys=True)
-        if key in seen:
-            if not dedup:
+        if key in seen and dedup is not False:
+            if dedup is None:
                 problems.append(where("<record>", f"duplicate record (same as line {seen[key]})"))
             continue
-        seen[key] = line
+        seen.setdefault(key, line)
         records.append(rec)
     if problems:
         raise problems_error(name, "binary records", problems)
     return records
 
 
-def load_kto_records(source: Any, kind: str, *, dedup: bool = False) -> list:
+def load_kto_records(source: Any, kind: str, *, dedup: Optional[bool] = None) -> list:
     """The records of ``source`` of ``kind`` (``DATA_KINDS``), validated, not yet unpaired
     (:func:`to_binary` does that)."""
     from rlhf_fast.feedback.formats import load_records

@@ -526,6 +526,24 @@ def check_run_dir(run_dir: str) -> None:
                          "ppo / grpo / rloo write one)")
 
 
+# what the trainers write in a run folder (and resume, plot and evaluate from): never a report's --out
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
+RUN_FOLDERS = ("checkpoints", "final", "plots", "tb")
+
+
+def check_out_not_run_file(run_dir: str, out: str) -> None:
+    """ValueError naming --out when ``out`` is one of the files of the run ``run_dir``
+    (:data:`RUN_FILES`, anything under :data:`RUN_FOLDERS`, or another file there that is not
+    Markdown): the report would replace it."""
+    rel = os.path.relpath(os.path.realpath(out), os.path.realpath(run_dir))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return  # outside the run folder
+    top = rel.split(os.sep)[0]
+    if top in RUN_FILES or top in RUN_FOLDERS or (os.path.isfile(out) and not out.endswith(".md")):
+        raise ValueError(f"--out {out}: {rel} in RUN_DIR is the run's own (the report would replace it); "
+                         "write the report to a Markdown file elsewhere (default RUN_DIR/report.md)")
+
+
 def write_report(run_dir: str, out: Optional[str] = None, *, plot: bool = True, samples: int = 4) -> str:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.md``) atomically, the
     plots to ``RUN_DIR/plots``; returns the report's path. Every path is checked before anything
@@ -537,6 +555,7 @@ def write_report(run_dir: str, out: Optional[str] = None, *, plot: bool = True, 
         raise ValueError(f"--samples must be an int >= 0, got {samples!r}")
     out = out if out is not None else os.path.join(run_dir, "report.md")
     check_output_path(out, "--out")
+    check_out_not_run_file(run_dir, out)
     if plot:
         check_output_path(os.path.join(run_dir, "plots"), "the plots folder RUN_DIR/plots", folder=True)
     text = render_report(run_dir, os.path.dirname(os.path.abspath(out)), plot=plot, samples=samples)

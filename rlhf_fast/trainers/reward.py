@@ -150,6 +150,7 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOp
                              "data_kind 'scores' (one response per prompt)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_pairwise_only(self)
         for k, w in self.annotator_weights.items():
             finite(f"annotator_weights[{k!r}]", w, ">= 0")
         check_lora_field(self)
@@ -163,6 +164,22 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOp
             if self.data_kind == "scores":
                 raise ValueError("center_rewards_coefficient must be null for data_kind 'scores': the regression "
                                  "targets already fix the reward's offset (centring would pull against them)")
+
+
+def check_pairwise_only(cfg: RewardConfig) -> None:
+    """ValueError for an option of pairwise labels set with a ``data_kind`` that trains on
+    none: ``label_smoothing`` (the Bradley–Terry loss's ε; Plackett–Luce and the score
+    regression have no standard smoothed form) and ``auto_annotator_weights`` (agreement is
+    counted on pairs; rankings give theirs, scores none)."""
+    kind = "pairs" if cfg.data_kind == "rankings" and cfg.rankings_as_pairs else cfg.data_kind
+    if cfg.label_smoothing and kind in ("rankings", "scores"):
+        loss = "Plackett-Luce" if kind == "rankings" else "score regression"
+        raise ValueError(f"label_smoothing applies to the Bradley-Terry loss of pairs, got label_smoothing="
+                         f"{cfg.label_smoothing} with data_kind {cfg.data_kind!r} ({loss}); set it to 0"
+                         + (" or rankings_as_pairs: true" if kind == "rankings" else ""))
+    if cfg.auto_annotator_weights and kind == "scores":
+        raise ValueError("auto_annotator_weights derives weights from annotators' agreement on pairs (or the pairs "
+                         "of rankings), got data_kind 'scores'; set annotator_weights instead")
 
 
 def synthetic_preference_records(n: int = 512, *, seed: int = 0, flip: float = 0.0) -> list:
@@ -315,8 +332,10 @@ class RewardTrainer:
             train_records, kind = rankings_to_pairs(train_records), "pairs"
             eval_records = rankings_to_pairs(eval_records)
         self.kind = kind
-        self.weights = annotator_weight_map(cfg.annotator_weights,
-                                            train_records if cfg.auto_annotator_weights and kind == "pairs" else None)
+        agreement = None
+        if cfg.auto_annotator_weights:  # rankings agree through the pairs they imply (as with rankings_as_pairs)
+            agreement = rankings_to_pairs(train_records) if kind == "rankings" else train_records
+        self.weights = annotator_weight_map(cfg.annotator_weights, agreement)
         from rlhf_fast.models.loading import apply_tokenizer_overrides, check_chat_template_path
 
         check_chat_template_path(cfg.chat_template_path)  # before a model is loaded
@@ -586,11 +605,16 @@ def reward_metrics(sums: torch.Tensor, extremes: torch.Tensor, pairs: bool) -> D
 def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:
     """PairRecords from a file written by ``rlhf-fast label`` / ``rlhf-fast judge`` (A/B labels)."""
     from rlhf_fast.feedback.formats import dedup_records
-    from rlhf_fast.feedback.label import labels_to_pairs
+    from rlhf_fast.feedback.label import labels_to_pairs, read_labels
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labels file not found: {path}")
     recs = labels_to_pairs(path)
+    if not recs:  # (an empty file is refused as such by the caller)
+        n = len(read_labels(path))
+        if n:
+            raise ValueError(f"labels file {path} holds no A/B labels ({n} ties / skips carry no preference): "
+                             "a reward model or DPO trains on A/B labels only")
     return dedup_records(recs) if dedup else recs
 
 

@@ -71,7 +71,6 @@ from rlhf_fast.algorithms import (
 from rlhf_fast.algorithms.advantages import nanstd
 from rlhf_fast.algorithms.rewards import (
     RewardLog,
-    RewardModelEnsemble,
     TRLRewardInputs,
     clip_rewards,
     trl_completions,
@@ -808,36 +807,16 @@ class RLTrainer:
             sources.append(CallableReward(load_callable(spec), name=spec.rsplit(":", 1)[1],
                                           convention=rc.calling_convention))
             weights.append(w)
-        rms = []  # every reward model, the Python API's then the config's folders, in that order
+        from rlhf_fast.models.loading import reward_model_sources
+
+        api = []  # the Python API's reward models first, then the config's folders
         for i, rm in enumerate(reward_models):
             model, tok = rm if isinstance(rm, tuple) else (rm, None)
-            rms.append(RewardModelReward(model.to(self.device).eval(), tok, name=f"reward_model{i or ''}"))
-        folders = rc.reward_model_folders()
-        if folders:
-            from transformers import AutoTokenizer
-
-            from rlhf_fast.models.loading import check_model_folder, load_reward_model, tokenizer_kwargs
-
-            for key, path in folders:  # all checked before any is loaded
-                check_model_folder(path, key, tokenizer=True, reward=True)
-            # loaded with the policy's from_pretrained keywords, as TRL's GRPO / RLOO load reward-model paths
-            init_kwargs = self.config.model.model_init_kwargs
-            for _, path in folders:
-                rms.append(RewardModelReward(load_reward_model(path, device=self.device, init_kwargs=init_kwargs),
-                                             AutoTokenizer.from_pretrained(path, **tokenizer_kwargs(init_kwargs)),
-                                             name="reward_model"))
-        if rc.reward_model_ensemble == "sum":
-            # each model a source of its own (the behaviour before ensembles: same names, same sum)
-            sources += rms
-            weights += [rc.reward_model_weight] * len(rms)
-        elif len(rms) < 2:
-            raise ValueError(f"reward.reward_model_ensemble {rc.reward_model_ensemble!r} combines several reward "
-                             f"models, got {len(rms)} (list >= 2 folders in reward.reward_model, or pass "
-                             f"reward_models=[...]); use 'sum' for a single model")
-        else:
-            coef = 1.0 if rc.ensemble_coef is None else rc.ensemble_coef
-            sources.append(RewardModelEnsemble(rms, rc.reward_model_ensemble, coef, name="reward_model"))
-            weights.append(rc.reward_model_weight)
+            api.append(RewardModelReward(model.to(self.device).eval(), tok, name=f"reward_model{i or ''}"))
+        for src, w in reward_model_sources(rc, models=api, device=self.device,
+                                           init_kwargs=self.config.model.model_init_kwargs):
+            sources.append(src)
+            weights.append(w)
         if judge is not None:
             sources.append(JudgeReward(judge))
             weights.append(1.0)

@@ -73,7 +73,14 @@ RLHF_ROW_CLONES void row_fwd(const in_t* x, int64_t V, acc_t inv_t, bool scale, 
         bm = z > bm ? z : bm;
       }
     }
-    if (!(bm > neg_inf<acc_t>())) continue;  // an all -inf block adds nothing
+    if (!(bm > neg_inf<acc_t>())) {
+      // an all -inf block adds nothing; but the max comparisons skip NaN, so a block of NaN
+      // (and -inf) logits lands here too, and must make the row NaN as in log_softmax
+      bool nan = false;
+      for (int64_t j = 0; j < n; ++j) nan |= zbuf[j] != zbuf[j];
+      if (nan) s = t = std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
     if (bm > m) {
       if (s > 0) {
         // move the running sums to the new max: e^(z-m') = f·e^(z-m), (z-m') = (z-m) + (m-m')
@@ -105,6 +112,65 @@ RLHF_ROW_CLONES void row_fwd(const in_t* x, int64_t V, acc_t inv_t, bool scale, 
   ent_out = want_ent ? log_s - t / s : acc_t(0);
 }
 
+// Below this temperature x·(1/T) can overflow float for ordinary logits (1/T alone does below
+// 2.9e-39) and give inf - inf = NaN: such rows take tiny_row_* instead, in double from the raw
+// row max, (x - m) / T <= 0, which can only underflow, so T -> 0 reaches the greedy limit
+// (the argmax's logp 0). Never taken at ordinary temperatures, whose results stay as they were.
+constexpr double kTinyTemperature = 1e-20;
+
+struct TinyRow {
+  double m, log_s, ent;  // raw row max (NaN if any logit is), log Σ e^((x-m)/T), entropy
+};
+
+template <typename in_t>
+TinyRow tiny_row_stats(const in_t* x, int64_t V, double temperature) {
+  double m = -std::numeric_limits<double>::infinity();
+  bool nan = false;
+  for (int64_t j = 0; j < V; ++j) {
+    const double v = static_cast<double>(x[j]);
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  if (nan) m = std::numeric_limits<double>::quiet_NaN();
+  double s = 0, t = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double d = (static_cast<double>(x[j]) - m) / temperature;
+    const double e = std::exp(d);
+    s += e;
+    t += e > 0 ? e * d : 0.0;
+  }
+  const double log_s = std::log(s);
+  return {m, log_s, log_s - t / s};
+}
+
+template <typename in_t, typename acc_t>
+void tiny_row_fwd(const in_t* x, int64_t V, int64_t y, double temperature, int64_t ignore_index, bool want_ent,
+                  acc_t& logp, acc_t* ent, acc_t& lse) {
+  const TinyRow r = tiny_row_stats(x, V, temperature);
+  lse = static_cast<acc_t>(r.m / temperature + r.log_s);  // may be ±inf; the backward does not read it
+  if (y == ignore_index) {
+    logp = 0;
+    if (want_ent) *ent = 0;
+    return;
+  }
+  logp = static_cast<acc_t>((static_cast<double>(x[y]) - r.m) / temperature - r.log_s);
+  if (want_ent) *ent = static_cast<acc_t>(r.ent);
+}
+
+// gl, ge: the raw output gradients (1/T is applied last, in double, as it overflows float)
+template <typename in_t>
+void tiny_row_bwd(const in_t* x, in_t* out, int64_t V, int64_t y, double gl, double ge, bool with_ent,
+                  double temperature) {
+  const TinyRow r = tiny_row_stats(x, V, temperature);
+  const double H = with_ent ? r.ent : 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double lp = (static_cast<double>(x[j]) - r.m) / temperature - r.log_s;
+    const double p = std::exp(lp);
+    const double dh = with_ent && p > 0 ? -p * (lp + H) : 0.0;
+    out[j] = static_cast<in_t>(((j == y ? gl : 0.0) - gl * p + ge * dh) / temperature);
+  }
+}
+
 template <typename in_t, typename acc_t>
 void fwd_impl(const in_t* x, const int64_t* labels, int64_t N, int64_t V, double temperature, bool want_ent,
               int64_t ignore_index, acc_t* logp, acc_t* ent, acc_t* lse) {
@@ -112,10 +178,16 @@ void fwd_impl(const in_t* x, const int64_t* labels, int64_t N, int64_t V, double
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   // rows of V >= 64k are worth a thread each; small rows are grouped
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  const bool tiny = temperature < kTinyTemperature;
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> zbuf(static_cast<size_t>(std::min(kBlock, V)));
     for (int64_t r = r0; r < r1; ++r) {
       const in_t* row = x + r * V;
+      if (tiny) {
+        tiny_row_fwd<in_t, acc_t>(row, V, labels[r], temperature, ignore_index, want_ent, logp[r],
+                                  want_ent ? ent + r : nullptr, lse[r]);
+        continue;
+      }
       acc_t m, log_s, h;
       row_fwd<in_t, acc_t>(row, V, inv_t, scale, want_ent, zbuf.data(), m, log_s, h);
       lse[r] = m + log_s;
@@ -175,6 +247,11 @@ void bwd_impl(const acc_t* g_logp, const acc_t* g_ent, const in_t* x, const int6
       const int64_t y = labels[r];
       if (y == ignore_index) {
         std::fill(out + r * V, out + (r + 1) * V, in_t(0));
+        continue;
+      }
+      if (temperature < kTinyTemperature) {
+        tiny_row_bwd<in_t>(x + r * V, out + r * V, V, y, g_logp ? g_logp[r] : 0.0, g_ent ? g_ent[r] : 0.0,
+                           g_ent != nullptr, temperature);
         continue;
       }
       const acc_t gl = g_logp ? g_logp[r] * inv_t : acc_t(0);

@@ -163,8 +163,21 @@ int sample_row(const scalar_t* z, int64_t V, double u, float temperature, int64_
     m = std::max(m, xi);
   }
   if (nan) return kNaN;
-  if (m == std::numeric_limits<float>::infinity()) return kPosInf;
-  if (m == -std::numeric_limits<float>::infinity()) return kAllNegInf;
+  if (!std::isfinite(m)) {
+    // z / T overflowed (a tiny temperature: 1/T alone overflows float below 2.9e-39) or the
+    // logits hold ±inf. Rebased on the raw max instead, (z - max) / T <= 0 can only underflow,
+    // so T -> 0 reaches the greedy limit; the max itself is set to 0 directly, since 0 / T is
+    // NaN where a subnormal T is read as 0.
+    float mr = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < V; ++i) mr = std::max(mr, static_cast<float>(z[i]));
+    if (mr == std::numeric_limits<float>::infinity()) return kPosInf;
+    if (mr == -std::numeric_limits<float>::infinity()) return kAllNegInf;
+    for (int64_t i = 0; i < V; ++i) {
+      const float zi = static_cast<float>(z[i]);
+      xp[i] = zi == mr ? 0.0f : (zi - mr) / temperature;
+    }
+    m = 0.0f;
+  }
   exp_weights(xp, wp, m, V);
   const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0 || min_p > 0.0;
   if (!filtered) {

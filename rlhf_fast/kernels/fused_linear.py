@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import reference
+from rlhf_fast.ops import _native, reference
 
 from .ppo_loss import policy_loss_rows
 from .token_logprobs import token_logprobs_backward, token_logprobs_forward
@@ -338,6 +338,19 @@ def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, gra
     return dh.to(hidden.dtype), dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
 
 
+def _converted(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``t`` in the promoted dtype of ``t`` and ``other``, unit stride in its last dim (the
+    forward's operand)."""
+    t = t.to(torch.promote_types(t.dtype, other.dtype))
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _same_or_none(converted: torch.Tensor, original: torch.Tensor):
+    """``converted`` when it is ``original``'s memory (saving it costs nothing), else None."""
+    same = converted.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
+    return converted if same else None
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd for fused_linear_logprobs: outputs (logp, entropy) ``[N]`` fp32 (entropy is
     a dummy zero tensor when not requested), and with ``return_argmax`` a third, the rows'
@@ -355,7 +368,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         logp, ent, lse, *amax = fused_linear_forward(h, w, lab, bias, temperature, ignore_index, return_entropy,
                                                      allow_tf32=allow_tf32, split_v=split_v,
                                                      return_argmax=return_argmax)
-        ctx.save_for_backward(h, w, bias, lab, lse, ent)
+        # hidden and weight themselves (a second derivative needs them, in the graph); a converted
+        # copy is made again in the backward rather than kept alive beside them
+        ctx.save_for_backward(_same_or_none(h, hidden), _same_or_none(w, weight), bias, lab, lse, ent, hidden,
+                              weight)
         ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype, allow_tf32, backward)
         # a loss that ignores the entropy sends None, not a zero tensor to push through V
         ctx.set_materialize_grads(False)
@@ -369,12 +385,20 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent, *_grad_argmax):
-        h, w, bias, lab, lse, ent = ctx.saved_tensors
+        h, w, bias, lab, lse, ent, hidden, weight = ctx.saved_tensors
         temperature, ignore_index, chunk_size, h_dtype, w_dtype, allow_tf32, how = ctx.cfg
         if ent is None:
             grad_ent = None
         if grad_logp is None and grad_ent is None:
             return (None,) * 12
+        if torch.is_grad_enabled():  # create_graph=True: see rlhf_fast.ops._native.differentiable_backward
+            def f(hd, wt, b):
+                return reference.fused_linear_logprobs(hd, wt, lab, bias=b, temperature=temperature,
+                                                       return_entropy=ent is not None, ignore_index=ignore_index)
+
+            return _native.reference_grads(f, (hidden, weight, bias), (grad_logp, grad_ent)) + (None,) * 9
+        h = _converted(hidden, weight) if h is None else h
+        w = _converted(weight, hidden) if w is None else w
         if how == "triton":
             dh, dw, db = fused_linear_backward_triton(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
                                                       ignore_index, allow_tf32)
@@ -402,9 +426,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     """
     if backward not in ("chunked", "triton"):
         raise ValueError(f"backward must be 'chunked' or 'triton', got {backward!r}")
-    if torch.float64 in (hidden.dtype, weight.dtype):
-        from rlhf_fast.ops import reference
-
+    if torch.float64 in (hidden.dtype, weight.dtype) or temperature < reference.TINY_TEMPERATURE:
         return reference.fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                                return_entropy=return_entropy, ignore_index=ignore_index,
                                                return_top1=return_top1)
@@ -431,7 +453,7 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask,
     """
     if backward not in ("chunked", "triton"):
         raise ValueError(f"backward must be 'chunked' or 'triton', got {backward!r}")
-    if torch.float64 in (hidden.dtype, weight.dtype):
+    if torch.float64 in (hidden.dtype, weight.dtype) or temperature < reference.TINY_TEMPERATURE:
         return reference.fused_linear_policy_loss(
             hidden, weight, labels, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import reference
+from rlhf_fast.ops import _native, reference
 from rlhf_fast.ops.reference import KL_KINDS, LOG_RATIO_CLAMP
 
 # kind name -> constexpr code used inside the kernels
@@ -116,6 +116,9 @@ class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logp, ref_logp = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see rlhf_fast.ops._native.differentiable_backward
+            f = lambda lp: reference.kl_penalty(lp, ref_logp, ctx.kind)  # noqa: E731
+            return _native.reference_grads(f, (logp,), (grad,)) + (None, None)
         return kl_penalty_backward(grad, logp, ref_logp, ctx.kind), None, None
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import reference
+from rlhf_fast.ops import _native, reference
 from rlhf_fast.ops.reference import LOG_RATIO_CLAMP
 
 from .kl import KIND_CODE, kl_grad, kl_value
@@ -169,14 +169,17 @@ class PolicyRowsFunction(torch.autograd.Function):
         else:
             part.zero_()
             part[..., 6] = float("-inf")
-        ctx.save_for_backward(lp, old, adv, w, ref, ent)
+        # the inputs too: lp / ent may be contiguous copies, outside the graph (_reference_backward)
+        ctx.save_for_backward(lp, old, adv, w, ref, ent, logp, entropy)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(part)
         return part[..., 0].sum(1), part
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_part):
-        lp, old, adv, w, ref, ent = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see rlhf_fast.ops._native.differentiable_backward
+            return PolicyRowsFunction._reference_backward(ctx, grad_rows)
+        lp, old, adv, w, ref, ent, _, _ = ctx.saved_tensors
         clip_low, clip_high, dual_clip, kl_coef, kl_kind, ent_coef = ctx.cfg
         B, T = lp.shape
         n_tiles = max(triton.cdiv(T, BLOCK_T), 1)
@@ -191,6 +194,20 @@ class PolicyRowsFunction(torch.autograd.Function):
                 HAS_ENT=has_ent, KL_KIND=KIND_CODE[kl_kind], CLAMP=LOG_RATIO_CLAMP, BLOCK_T=BLOCK_T,
             )
         return dlogp, dent, None, None, None, None, None
+
+    @staticmethod
+    def _reference_backward(ctx, grad_rows):
+        _, old, adv, w, ref, _, logp, entropy = ctx.saved_tensors
+        clip_low, clip_high, dual_clip, kl_coef, kl_kind, ent_coef = ctx.cfg
+
+        def rows(lp, ent):
+            tok = reference.ppo_token_loss(lp, old, adv, clip_low=clip_low, clip_high=clip_high,
+                                           dual_clip=dual_clip)[0]
+            tok, _ = reference.add_kl_entropy(tok, lp, ent, ref, kl_coef=kl_coef, kl_kind=kl_kind,
+                                              entropy_coef=ent_coef)
+            return torch.where(w != 0, tok, torch.zeros_like(tok)).sum(1)
+
+        return _native.reference_grads(rows, (logp, entropy), (grad_rows,)) + (None,) * 5
 
 
 def aggregate_rows(rows: torch.Tensor, counts: torch.Tensor, T: int, agg: str, normalizer=None) -> torch.Tensor:
@@ -319,6 +336,16 @@ def _value_bwd_kernel(grow_ptr, v_ptr, old_ptr, ret_ptr, mask_ptr, dv_ptr, T, n_
     tl.store(dv_ptr + offs, tl.where(on, g * grad, 0.0).to(dv_ptr.dtype.element_ty), mask=inb)
 
 
+def _value_rows_reference(values, old, ret, w, clip):
+    """ValueRowsFunction's rows Σ_t m_t·value_loss_t in PyTorch (for a differentiable backward)."""
+    dt = reference.out_dtype(values.dtype)
+    v, old, ret = values.to(dt), old.to(dt), ret.to(dt)
+    tok = (v - ret) ** 2
+    if clip is not None:
+        tok = torch.maximum(tok, (old + torch.clamp(v - old, -clip, clip) - ret) ** 2)
+    return torch.where(w != 0, 0.5 * tok, torch.zeros_like(tok)).sum(1)
+
+
 class ValueRowsFunction(torch.autograd.Function):
     """Per-row sums Σ_t m_t·value_loss_t ``[B]`` fp32 and partial statistics; differentiable
     in values."""
@@ -333,14 +360,17 @@ class ValueRowsFunction(torch.autograd.Function):
         if B * T:
             _value_fwd_kernel[(B * n_tiles,)](v, old, ret, w, part, T, n_tiles, float(clip or 0.0),
                                               HAS_CLIP=clip is not None, NV=_NV, BLOCK_T=BLOCK_T)
-        ctx.save_for_backward(v, old, ret, w)
+        ctx.save_for_backward(v, old, ret, w, values)  # values: see PolicyRowsFunction
         ctx.clip = clip
         ctx.mark_non_differentiable(part)
         return part[..., 0].sum(1), part
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_part):
-        v, old, ret, w = ctx.saved_tensors
+        v, old, ret, w, values = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see rlhf_fast.ops._native.differentiable_backward
+            return _native.reference_grads(lambda x: _value_rows_reference(x, old, ret, w, ctx.clip), (values,),
+                                           (grad_rows,)) + (None,) * 4
         B, T = v.shape
         n_tiles = max(triton.cdiv(T, BLOCK_T), 1)
         dv = torch.empty_like(v)

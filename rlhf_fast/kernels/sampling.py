@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from rlhf_fast.kernels._grid import few_long_rows, sm_count
+from rlhf_fast.ops import reference
 
 BLOCK_V = 2048
 RADIX_BLOCK = 512
@@ -351,6 +352,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     """:func:`rlhf_fast.ops.sample` on Triton: logits ``[B, V]`` (validated by the op) →
     ``(tokens [B] int64, logp [B] float32)``, logp under the processed distribution (0 for
     greedy)."""
+    if 0 < temperature < reference.TINY_TEMPERATURE:
+        # z / T overflows float32 in the kernel (NaN log-probs); the reference reaches the greedy limit
+        return reference.sample(logits.detach(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=generator)
     z = logits.detach()
     if z.stride(1) != 1:
         z = z.contiguous()

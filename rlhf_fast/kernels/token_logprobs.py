@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import reference
+from rlhf_fast.ops import _native, reference
 
 
 @triton.jit
@@ -196,8 +196,12 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 x = x.contiguous()
         lab = labels.reshape(-1).contiguous()
         logp, ent, lse = token_logprobs_forward(x, lab, temperature, ignore_index, return_entropy)
-        ctx.save_for_backward(x, lab, lse, ent)
+        # the logits themselves (a second derivative needs them, in the graph); a reshaped copy is
+        # made again in the backward rather than kept alive beside them
+        copied = x.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
+        ctx.save_for_backward(None if copied else x, lab, lse, ent, logits)
         ctx.cfg = (temperature, ignore_index, inplace_backward, shape)
+        ctx.return_entropy = return_entropy
         lead = shape[:-1]
         if return_entropy:
             return logp.reshape(lead), ent.reshape(lead)
@@ -205,14 +209,31 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *rest):
-        x, lab, lse, ent = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see rlhf_fast.ops._native.differentiable_backward
+            return TokenLogprobsFunction._reference_backward(ctx, grad_logp, *rest)
+        x, lab, lse, ent, logits = ctx.saved_tensors
         temperature, ignore_index, inplace, shape = ctx.cfg
+        if x is None:  # the forward read a copy: the same one again
+            x = logits.reshape(-1, shape[-1])
+            x = x if x.stride(-1) == 1 else x.contiguous()
         grad_ent = rest[0] if rest else None
         glp = grad_logp.reshape(-1) if grad_logp is not None else None
         gen = grad_ent.reshape(-1) if grad_ent is not None else None
         dx = token_logprobs_backward(x, lab, lse, ent, glp, gen, temperature, ignore_index,
                                      out=x if inplace else None)
         return dx.reshape(shape), None, None, None, None, None
+
+    @staticmethod
+    def _reference_backward(ctx, grad_logp, *rest):
+        _, lab, _, _, logits = ctx.saved_tensors
+        temperature, ignore_index, _, shape = ctx.cfg
+        labels = lab.reshape(shape[:-1])
+
+        def f(z):
+            return reference.token_logprobs(z, labels, temperature=temperature, return_entropy=ctx.return_entropy,
+                                            ignore_index=ignore_index)
+
+        return _native.reference_grads(f, (logits,), (grad_logp, *rest)) + (None,) * 5
 
 
 def token_logprobs(
@@ -231,7 +252,7 @@ def token_logprobs(
     ``inplace_backward=True`` writes the logits gradient into the logits' storage (the caller
     must not use the logits after backward). float64 logits run the reference.
     """
-    if logits.dtype == torch.float64:
+    if logits.dtype == torch.float64 or temperature < reference.TINY_TEMPERATURE:
         return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                                         ignore_index=ignore_index)
     return TokenLogprobsFunction.apply(logits, labels, float(temperature), bool(return_entropy), int(ignore_index),

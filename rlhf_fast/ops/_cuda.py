@@ -88,6 +88,10 @@ def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator
 
 
 def _sample_cuda(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    if 0 < temperature < reference.TINY_TEMPERATURE:
+        # z / T overflows float32 in the kernel; the reference reaches the greedy limit
+        return reference.sample(logits.detach(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                generator=generator)
     if temperature == 0:
         seed, offset = 0, 0  # greedy consumes no randomness
     else:

@@ -15,12 +15,16 @@ def has_native() -> bool:
 
 
 def register_meta_and_autograd(name: str, fake: Callable, backward: Callable = None, setup_context: Callable = None,
-                               *, non_differentiable=()):
+                               *, non_differentiable=(), reference_backward: Callable = None):
     """Register ``fake`` (shapes only, for torch.compile) and, if given, autograd for
     ``rlhf_fast::name``; with ``backward``, return the eager ``torch.autograd.Function`` built
     from the same ``backward`` / ``setup_context`` (:func:`_eager_function`; pass it to
     :func:`call`), ``non_differentiable`` naming its outputs that get no gradient. No-op (None)
-    when rlhf_fast._C is not built."""
+    when rlhf_fast._C is not built.
+
+    ``reference_backward(ctx, *grads)``: the same gradients through the pure-PyTorch reference
+    with autograd (:func:`reference_grads`), run instead of ``backward`` when the backward is
+    itself differentiated (``create_graph=True``); without it such a backward raises."""
     if not has_native():
         return None
     if name not in _seen:
@@ -28,6 +32,7 @@ def register_meta_and_autograd(name: str, fake: Callable, backward: Callable = N
         qual = f"rlhf_fast::{name}"
         torch.library.register_fake(qual)(fake)
         if backward is not None:
+            backward = differentiable_backward(name, backward, reference_backward)
             torch.library.register_autograd(qual, backward, setup_context=setup_context)
             _functions[name] = _eager_function(name, backward, setup_context, non_differentiable)
     return _functions.get(name)
@@ -37,6 +42,42 @@ def register_meta_and_autograd(name: str, fake: Callable, backward: Callable = N
 # eager Function of each differentiable one
 _seen: set = set()
 _functions: dict = {}
+
+
+def differentiable_backward(name: str, backward: Callable, reference_backward: Callable = None) -> Callable:
+    """``backward`` (a native kernel: fast, but its result has no graph) for first-order
+    gradients; when the engine runs it with grad mode on (``create_graph=True``: Hessian-vector
+    products, gradient penalties), ``reference_backward``, whose gradients are differentiable
+    again, or a RuntimeError naming the op. Without this the kernel's gradient would enter the
+    graph as a constant and the op's own second-order term would silently be dropped."""
+
+    def run(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        if reference_backward is None:
+            raise RuntimeError(f"rlhf_fast::{name} has no second derivative on this backend (its backward "
+                               "ran with create_graph=True); use rlhf_fast.ops.use_backend('torch') for it")
+        return reference_backward(ctx, *grads)
+
+    return run
+
+
+def reference_grads(fn: Callable, primals: tuple, grads: tuple) -> tuple:
+    """Gradients of ``fn(*primals)`` (a tensor or a tuple of them) with respect to ``primals``,
+    for the output gradients ``grads`` (None where an output gets none), through autograd with
+    ``create_graph=True`` so that they can be differentiated again. One entry per primal: None
+    for one that is not a tensor requiring grad (or that the outputs do not depend on)."""
+    wants = [isinstance(p, torch.Tensor) and p.requires_grad for p in primals]
+    with torch.enable_grad():
+        outs = fn(*primals)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    if not pairs or not any(wants):
+        return (None,) * len(primals)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], [p for p, w in zip(primals, wants) if w],
+                                   [g for _, g in pairs], create_graph=True, allow_unused=True))
+    return tuple(next(got) if w else None for w in wants)
 
 
 def as_normalizer(normalizer, like: torch.Tensor):

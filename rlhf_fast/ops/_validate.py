@@ -84,9 +84,11 @@ def temperature(t, *, allow_zero: bool = False) -> float:
     than overflowing inside a backend)."""
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"temperature must be a number, got {type(t).__name__}")
-    if t < 0 or (t == 0 and not allow_zero) or t != t:
+    # inf is refused with NaN: -inf logits over an infinite temperature are NaN, and the T → inf
+    # limit (uniform over the finite logits) is not what any caller means
+    if t < 0 or (t == 0 and not allow_zero) or t != t or t == math.inf:
         want = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"temperature must be {want}, got {t}")
+        raise ValueError(f"temperature must be a finite number {want}, got {t}")
     return as_float("temperature", t)
 
 
@@ -100,6 +102,17 @@ def as_float(name: str, value) -> float:
     except OverflowError:
         raise ValueError(f"{name} must be representable as a float64, got an int of "
                          f"{value.bit_length()} bits") from None
+
+
+def int_like(value):
+    """``value`` as a Python int when it is an integer of another type (numpy's, read from a
+    config); anything else (bool, float, str, a tensor) unchanged, for the caller's own check."""
+    if type(value) is int or isinstance(value, (bool, torch.Tensor)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def integer(name: str, value, *, minimum: Optional[int] = None) -> int:
@@ -201,6 +214,7 @@ def chunk_size(value, rows: int) -> Optional[int]:
     batch (so a huge value never reaches a kernel's int64 argument)."""
     if value is None:
         return None
+    value = int_like(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {value!r}")
     return min(value, max(1, rows))

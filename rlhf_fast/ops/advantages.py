@@ -60,6 +60,7 @@ def group_advantages(
     (float64 for float64 scores).
     """
     _validate.tensor("scores", scores, floating=True, ndim=1)
+    group_size = _validate.int_like(group_size)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if group_size > _validate.INT64_MAX:

@@ -206,12 +206,33 @@ def _backward(ctx, grad_div, _grad_entropy):
 
 def _sum_setup(ctx, inputs, output):
     _, gh, gw, gb = output[1:]
-    ctx.save_for_backward(gh, gw, gb)
+    # the inputs only for _sum_reference_backward
+    ctx.save_for_backward(gh, gw, gb, *inputs[:7])
     ctx.needs = inputs[10:13]
+    ctx.beta, ctx.temperature = inputs[7], inputs[8]
+
+
+def _reference_grads(ctx, inputs, grad_div, reduction):
+    sh, sw, sb, th, tw, tb, mask = inputs
+
+    def f(h, w, b):
+        return reference.fused_linear_divergence(h, w, th, tw, beta=ctx.beta, temperature=ctx.temperature, mask=mask,
+                                                 student_bias=b, teacher_bias=tb, reduction=reduction)
+
+    with _no_autocast(sh.device):
+        return _native.reference_grads(f, (sh, sw, sb), (grad_div,))
+
+
+def _reference_backward(ctx, grad_div, _grad_entropy):
+    return _reference_grads(ctx, ctx.saved_tensors, grad_div, "none") + (None,) * 8
+
+
+def _sum_reference_backward(ctx, grad_loss, *_):
+    return _reference_grads(ctx, ctx.saved_tensors[3:], grad_loss, "sum") + (None,) * 11
 
 
 def _sum_backward(ctx, grad_loss, *_):
-    gh, gw, gb = ctx.saved_tensors
+    gh, gw, gb = ctx.saved_tensors[:3]
     if grad_loss is None:
         return (None,) * 14
     if _unit(grad_loss):
@@ -237,10 +258,11 @@ _FN = _SUM_FN = None
 if _built():
     # the entropy (output 1) has no gradient; nor do the sum op's precomputed gradients (2, 3, 4)
     _FN = _native.register_meta_and_autograd("fused_linear_divergence_fwd", _fwd_fake, _backward, _setup,
-                                             non_differentiable=(1,))
+                                             non_differentiable=(1,), reference_backward=_reference_backward)
     _native.register_meta_and_autograd("fused_linear_divergence_bwd", _bwd_fake)
     _SUM_FN = _native.register_meta_and_autograd("fused_linear_divergence_sum_fwd", _sum_fwd_fake, _sum_backward,
-                                                 _sum_setup, non_differentiable=(1, 2, 3, 4))
+                                                 _sum_setup, non_differentiable=(1, 2, 3, 4),
+                                                 reference_backward=_sum_reference_backward)
     _dispatch.register("fused_linear_divergence", "cpp", _fused_linear_divergence_cpp)
 
 _dispatch.register("fused_linear_divergence", "torch", reference.fused_linear_divergence)

@@ -34,6 +34,15 @@ def _dense_bias(bias):
     return bias if bias is None or bias.is_contiguous() else bias.contiguous()
 
 
+def _coef_scalar(coef, like: torch.Tensor):
+    # a [1] or float64 tensor coefficient would broadcast the loss to [1] or promote its dtype
+    # (as a normalizer would): every backend sees a 0-dim tensor in the loss dtype; the
+    # coefficient keeps its gradient, if any
+    if isinstance(coef, torch.Tensor):
+        return coef.reshape(()).to(out_dtype(like.dtype))
+    return coef
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -128,6 +137,7 @@ def fused_linear_policy_loss(
     _validate.dual_clip(dual_clip)
     _validate.coefficient("kl_coef", kl_coef)
     _validate.coefficient("entropy_coef", entropy_coef)
+    kl_coef, entropy_coef = _coef_scalar(kl_coef, hidden), _coef_scalar(entropy_coef, hidden)
     ppo_loss.check_normalizer(normalizer, hidden)
     normalizer = ppo_loss._as_scalar(normalizer, hidden)
     bias = _dense_bias(bias)
@@ -204,6 +214,7 @@ def _setup(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, _, ignore_index, chunk_size = inputs[:8]
     _, entropy, lse = output[:3]
     ctx.n_args = len(inputs)  # 9 with return_argmax
+    ctx.return_entropy = inputs[5]
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
@@ -232,8 +243,19 @@ def _fwd_returns() -> int:
 
 _FWD_RETURNS = _fwd_returns()
 # lse (output 2) is internal; argmax (output 3) is an integer, never differentiable
+def _reference_backward(ctx, grad_logp, grad_entropy, _grad_lse, *_grad_argmax):
+    hidden, weight, bias, labels, _, _ = ctx.saved_tensors
+
+    def f(h, w, b):
+        return reference.fused_linear_logprobs(h, w, labels, bias=b, temperature=ctx.temperature,
+                                               return_entropy=ctx.return_entropy, ignore_index=ctx.ignore_index)
+
+    grads = _native.reference_grads(f, (hidden, weight, bias), (grad_logp, grad_entropy))
+    return grads + (None,) * (ctx.n_args - 3)
+
+
 _FN = _native.register_meta_and_autograd("fused_linear_logprobs_fwd", _fwd_fake, _backward, _setup,
-                                         non_differentiable=(2,))
+                                         non_differentiable=(2,), reference_backward=_reference_backward)
 _native.register_meta_and_autograd("fused_linear_logprobs_bwd", _bwd_fake)
 
 _dispatch.register("fused_linear_logprobs", "torch", reference.fused_linear_logprobs)

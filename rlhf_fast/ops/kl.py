@@ -50,7 +50,14 @@ def _backward(ctx, grad):
     return torch.ops.rlhf_fast.kl_penalty_bwd(grad, logp, ref_logp, ctx.kind), None, None
 
 
-_KL_FN = _native.register_meta_and_autograd("kl_penalty_fwd", _fake, _backward, _setup)
+def _reference_backward(ctx, grad):
+    logp, ref_logp = ctx.saved_tensors
+    f = lambda lp: reference.kl_penalty(lp, ref_logp, ctx.kind)  # noqa: E731
+    return _native.reference_grads(f, (logp,), (grad,)) + (None, None)
+
+
+_KL_FN = _native.register_meta_and_autograd("kl_penalty_fwd", _fake, _backward, _setup,
+                                            reference_backward=_reference_backward)
 _native.register_meta_and_autograd("kl_penalty_bwd", lambda g, lp, r, k: torch.empty_like(lp))
 
 _dispatch.register("kl_penalty", "torch", reference.kl_penalty)

@@ -70,10 +70,11 @@ def _fwd_fake(logits, labels, temperature, return_entropy, ignore_index):
 
 
 def _setup(ctx, inputs, output):
-    logits, labels, temperature, _, ignore_index = inputs
+    logits, labels, temperature, return_entropy, ignore_index = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, labels, lse, entropy)
     ctx.temperature = temperature
+    ctx.return_entropy = return_entropy
     ctx.ignore_index = ignore_index
 
 
@@ -88,8 +89,19 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     return grad, None, None, None, None
 
 
+def _reference_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, _, _ = ctx.saved_tensors
+
+    def f(x):
+        return reference.token_logprobs(x, labels, temperature=ctx.temperature, return_entropy=ctx.return_entropy,
+                                        ignore_index=ctx.ignore_index)
+
+    return _native.reference_grads(f, (logits,), (grad_logp, grad_entropy)) + (None,) * 4
+
+
 # lse (output 2) is internal
-_FN = _native.register_meta_and_autograd("token_logprobs_fwd", _fwd_fake, _backward, _setup, non_differentiable=(2,))
+_FN = _native.register_meta_and_autograd("token_logprobs_fwd", _fwd_fake, _backward, _setup, non_differentiable=(2,),
+                                         reference_backward=_reference_backward)
 _native.register_meta_and_autograd(
     "token_logprobs_bwd", lambda gl, ge, logits, labels, lse, ent, t, ii: torch.empty_like(logits)
 )

@@ -177,12 +177,35 @@ def _value_backward(ctx, grad_loss, grad_stats):
     return (g,) + (None,) * 6
 
 
+def _policy_reference_backward(ctx, grad_loss, grad_stats):
+    logp, old_logp, advantages, mask, normalizer = ctx.saved_tensors
+    clip_low, clip_high, dual_clip, agg = ctx.args
+
+    def f(lp):
+        return reference.ppo_policy_loss(lp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                         dual_clip=dual_clip, agg=agg, normalizer=normalizer)[0]
+
+    return _native.reference_grads(f, (logp,), (grad_loss,)) + (None,) * 8
+
+
+def _value_reference_backward(ctx, grad_loss, grad_stats):
+    values, old_values, returns, mask, normalizer = ctx.saved_tensors
+    clip, agg = ctx.args
+
+    def f(v):
+        return reference.ppo_value_loss(v, old_values, returns, mask, clip=clip, agg=agg, normalizer=normalizer)[0]
+
+    return _native.reference_grads(f, (values,), (grad_loss,)) + (None,) * 6
+
+
 # the stats (output 1) are detached statistics
 _POLICY_FN = _native.register_meta_and_autograd("ppo_policy_loss_fwd", _loss_fake(len(POLICY_STATS)), _policy_backward,
-                                                _setup, non_differentiable=(1,))
+                                                _setup, non_differentiable=(1,),
+                                                reference_backward=_policy_reference_backward)
 _native.register_meta_and_autograd("ppo_policy_loss_bwd", lambda g, lp, *args: torch.empty_like(lp))
 _VALUE_FN = _native.register_meta_and_autograd("ppo_value_loss_fwd", _loss_fake(len(VALUE_STATS)), _value_backward,
-                                               _setup, non_differentiable=(1,))
+                                               _setup, non_differentiable=(1,),
+                                               reference_backward=_value_reference_backward)
 _native.register_meta_and_autograd("ppo_value_loss_bwd", lambda g, v, *args: torch.empty_like(v))
 
 _dispatch.register("ppo_policy_loss", "torch", reference.ppo_policy_loss)

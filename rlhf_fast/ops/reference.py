@@ -36,6 +36,23 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- log-probs
 
 
+# Below this temperature z·(1/T) can overflow float32 for ordinary logits (1/T alone does below
+# 2.9e-39): the C++ kernels compute such rows from the row max in double, the Triton and CUDA
+# launchers hand them to this module, whose scale_logits subtracts the max.
+TINY_TEMPERATURE = 1e-20
+
+
+def scale_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``z / temperature`` up to a per-row shift, which log_softmax ignores: the row max is
+    subtracted first, so that ``(z − max) / T <= 0`` can only underflow, and a tiny T (1e-40,
+    where z / T overflows to inf and gives NaN) reaches the greedy limit. T = 1 is z itself."""
+    if temperature == 1.0:
+        return z
+    # detached: the shift's gradient is zero (log_softmax is shift-invariant), and so is its
+    # second derivative
+    return (z - z.amax(-1, keepdim=True).detach()) / temperature
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -50,7 +67,7 @@ def token_logprobs(
     (and entropy ``[...]``), float32 (float64 for float64 logits). Positions whose label
     is ``ignore_index`` give 0 for both.
     """
-    z = logits.to(out_dtype(logits.dtype)) / temperature
+    z = scale_logits(logits.to(out_dtype(logits.dtype)), temperature)
     logp_all = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -638,7 +655,7 @@ def process_logits(
         out = torch.full_like(z, float("-inf"))
         out.scatter_(-1, z.argmax(-1, keepdim=True), 0.0)
         return out
-    logp = torch.log_softmax(z / temperature, dim=-1)
+    logp = torch.log_softmax(scale_logits(z, temperature), dim=-1)
     V = logp.shape[-1]
     if 0 < top_k < V:
         # a stable order keeps the first indices on ties, so exactly k survive

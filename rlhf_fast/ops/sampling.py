@@ -86,6 +86,7 @@ def _filtered(V: int, temperature: float, top_k: int, top_p: float) -> bool:
 def _effective_top_k(top_k: int, logits) -> int:
     """``top_k`` >= V keeps every token, as 0 does: passed on as 0, so a huge value (beyond
     int64) never reaches a kernel's argument."""
+    top_k = _validate.int_like(top_k)  # checked by _check_filters; a numpy int becomes an int
     return 0 if top_k >= logits.shape[-1] else top_k
 
 
@@ -95,6 +96,7 @@ def _check_filters(logits, temperature, top_k, top_p, min_p) -> float:
     if logits.shape[1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
     temperature = _validate.temperature(temperature, allow_zero=True)
+    top_k = _validate.int_like(top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):

@@ -75,6 +75,26 @@ def test_logprobs_matches_reference(dtype, N, H, V, split, chunk, bwd, bias, ent
             assert_close_to_oracle(a, e, o, atol=1e-3, what="gradient")
 
 
+@pytest.mark.parametrize("bwd", ["chunked", "triton"])
+def test_converted_operands(bwd):
+    """A bf16 hidden with an fp32 head, and a head whose hidden dimension is strided (a
+    transposed [H, V]), are converted for the kernel; the conversions are made again in the
+    backward (not kept beside the inputs) and the gradients equal the fp32 reference's."""
+    from rlhf_fast.kernels.fused_linear import fused_linear_logprobs as fl_triton
+
+    h, w, _, lab = _head(9, 32, 70, torch.float32)
+    for hid, head in ((h.to(torch.bfloat16).float().to(torch.bfloat16), w), (h, w.t().contiguous().t())):
+        ours = _leaves(hid, head)
+        ref = _leaves(hid.float(), head)
+        out = fl_triton(ours[0], ours[1], lab, temperature=0.9, return_entropy=True, allow_tf32=False, backward=bwd)
+        exp = reference.fused_linear_logprobs(ref[0], ref[1], lab, temperature=0.9, return_entropy=True)
+        for a, e in zip(out, exp):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+        for a, e, x in zip(_grads(out, ours), _grads(exp, ref), ours):
+            assert a.dtype == x.dtype
+            torch.testing.assert_close(a.float(), e.to(x.dtype).float(), rtol=2e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("V", [129920, 151936])
 def test_large_vocab(V):
     h, w, b, lab = _head(2, 16, V, torch.float32, n_ignore=0)

@@ -146,3 +146,25 @@ def test_sliced_logits_read_in_place(inplace):
     if inplace:
         assert g.data_ptr() == sl.data_ptr()
     torch.testing.assert_close(g.float(), expected[:, :-1].float(), **GTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logits_copied_for_the_kernel(inplace):
+    """Logits whose vocabulary dimension is strided (a transposed [V, N]) or of four dims are
+    copied for the kernel; the copy is made again in the backward (not kept beside the logits),
+    and the gradient equals the reference's."""
+    from rlhf_fast.kernels.token_logprobs import token_logprobs as tl_triton
+
+    g = torch.Generator().manual_seed(3)
+    for logits, labels in ((torch.randn(131, 6, generator=g).t(), torch.randint(0, 131, (6,), generator=g)),
+                           (torch.randn(2, 2, 3, 67, generator=g), torch.randint(0, 67, (2, 2, 3), generator=g))):
+        logits, labels = logits.to(device()), labels.to(device())
+        x = logits.detach().clone() if logits.dim() == 4 else logits.detach().t().clone().t()
+        x.requires_grad_()
+        xr = logits.detach().clone().requires_grad_()
+        lp, ent = tl_triton(x, labels, return_entropy=True, inplace_backward=inplace)
+        lpr, entr = reference.token_logprobs(xr, labels, return_entropy=True)
+        torch.testing.assert_close(lp, lpr, **TOL[torch.float32])
+        (ga,) = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), x)
+        (gb,) = torch.autograd.grad(lpr.sum() + 0.5 * entr.sum(), xr)
+        torch.testing.assert_close(ga, gb, **GTOL[torch.float32])

@@ -77,3 +77,13 @@ def timeline_memory(fn):
             cur -= size
         peak = max(peak, cur)
     return peak, big
+
+
+def run_rows(run) -> list:
+    """metrics.jsonl of the run folder ``run`` without the wall-clock timings (``time/*``,
+    ``tokens_per*``, ``step_time``), for tests that compare two runs record by record."""
+    import json
+
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
+                for ln in f]

@@ -21,6 +21,7 @@ from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import (A2POConfig, KLConfig, ModelConfig, OptimConfig, PPOConfig, RewardConfig,
                                           RLConfig, RolloutConfig)
 from tests.test_online_dpo import _Positioned, grads
+from tests.conftest import run_rows
 from tests.test_rl_learning import PROMPTS, frac_a, make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -263,10 +264,7 @@ def test_resume_restores_v_star_and_equals_uninterrupted(tmp_path):
     with open(os.path.join(latest_checkpoint(c.config.output_dir), "extra.json")) as f:
         assert json.load(f)["a2po"]["v_star"] == a.values.tolist()
 
-    def rows(run):  # the records without the wall-clock timings
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4] and "a2po/v_star_mean" in rc[0]

@@ -15,6 +15,7 @@ from rlhf_fast.trainers.a2po import A2POTrainer
 from rlhf_fast.trainers.checkpoint import latest_checkpoint
 from rlhf_fast.trainers.rl_config import A2POConfig, EvalConfig, PPOConfig, RolloutConfig
 from tests.test_a2po import Recorder, make_config, trl_compute_loss, trl_v_star
+from tests.conftest import run_rows
 from tests.test_rl_learning import PROMPTS, frac_a, make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -114,11 +115,6 @@ def test_evaluate_before_training_estimates_the_table(tmp_path):
     assert tr.eval_values is not None and tr.values is None and "eval/loss" in m
 
 
-def run_rows(run):
-    """metrics.jsonl without the wall-clock timings."""
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                for ln in f]
 
 
 def test_resume_restores_the_eval_table_and_equals_uninterrupted(tmp_path):

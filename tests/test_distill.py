@@ -17,6 +17,7 @@ from rlhf_fast.trainers.distill import DistillationTrainer
 from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import (DataConfig, DistillConfig, EvalConfig, KLConfig, ModelConfig, OptimConfig,
                                           PPOConfig, RLConfig, RolloutConfig)
+from tests.conftest import run_rows
 from tests.test_rl_learning import PROMPTS, frac_a, make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -228,10 +229,7 @@ def test_resume_equals_uninterrupted_and_keeps_no_teacher(tmp_path):
     assert not any("teacher" in p for _, dirs, files in os.walk(ck) for p in dirs + files)
     c = fresh("b", resume=b.config.output_dir)
     c.train()
-    def rows(run):  # the records without the wall-clock timings
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4]

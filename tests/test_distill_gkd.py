@@ -18,6 +18,7 @@ from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 from rlhf_fast.trainers.distill import DistillationTrainer, gkd_on_policy, gkd_uniform
 from rlhf_fast.trainers.rl_config import DistillConfig, PPOConfig, RLConfig, RolloutConfig
 from tests.test_distill import make_config, make_teacher
+from tests.conftest import run_rows
 from tests.test_rl_learning import make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -228,10 +229,7 @@ def test_exact_resume_with_lmbda_half_and_num_tokens(tmp_path):
     c = fresh("b", resume=b.config.output_dir)
     c.train()
 
-    def rows(run):
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4, 5, 6] and ra == rc

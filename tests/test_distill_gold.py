@@ -17,6 +17,7 @@ from rlhf_fast.algorithms import uld
 from rlhf_fast.models.tiny import tiny_causal_lm, train_tokenizer
 from rlhf_fast.trainers.distill import DistillationTrainer
 from rlhf_fast.trainers.rl_config import (DistillConfig, OptimConfig, PPOConfig, RLConfig, RolloutConfig)
+from tests.conftest import run_rows
 from tests.test_rl_learning import PROMPTS, TEXTS
 
 trl_gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
@@ -345,9 +346,6 @@ def test_trainer_refusals(tmp_path, toks):
 def test_resume_is_exact(tmp_path, toks):
     """GOLD adds no state (the teacher's tokenizer is read again from distill.teacher_tokenizer):
     2 steps, a checkpoint, 2 more = 4 straight, bit for bit."""
-    import json
-    import os
-
     def fresh(name, **kw):
         return gold_trainer(tmp_path / name, toks, steps=4, save_every=2, distill=dict(uld_crossentropy_weight=0.1),
                             **kw)
@@ -359,10 +357,7 @@ def test_resume_is_exact(tmp_path, toks):
     c = fresh("b", resume=b.config.output_dir)
     c.train()
 
-    def rows(run):
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4] and ra == rc

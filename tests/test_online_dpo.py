@@ -18,6 +18,7 @@ from rlhf_fast.trainers.online_dpo import (OnlineDPOTrainer, chosen_first_rows, 
 from rlhf_fast.trainers.rl import RLTrainer
 from rlhf_fast.trainers.rl_config import (KLConfig, ModelConfig, OnlineDPOConfig, OptimConfig, PPOConfig, RewardConfig,
                                           RLConfig, RolloutConfig)
+from tests.conftest import run_rows
 from tests.test_rl_learning import PROMPTS, frac_a, make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -371,10 +372,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     c = fresh("b", resume=b.config.output_dir)
     c.train()
 
-    def rows(run):  # the records without the wall-clock timings
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4]

@@ -12,6 +12,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from rlhf_fast.cli import main  # noqa: E402
 from rlhf_fast.trainers.rl_config import OptimConfig, PPOConfig, RLConfig, RolloutConfig, SDFTConfig
 from rlhf_fast.trainers.sdft import SDFTTrainer
+from tests.conftest import run_rows
 from tests.test_rl_learning import make_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -135,10 +136,7 @@ def test_ema_teacher_resume_equals_uninterrupted(tmp_path):
     c.train()  # (loads the checkpoint of step 2: the EMA weights and the count, 8)
     assert c.self_teacher.optimizer_steps == 16
 
-    def rows(run):
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
-                    for ln in f]
+    rows = run_rows  # metrics.jsonl without the wall-clock timings
 
     assert rows(a.config.output_dir) == rows(c.config.output_dir)
     for p, q, t in zip(a.teacher.parameters(), c.teacher.parameters(), a.policy.parameters()):

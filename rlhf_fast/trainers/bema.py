@@ -88,17 +88,11 @@ def check_bema_field(cfg, reference_free: Optional[str] = None, no_reference_upd
     ``sync_ref_model``, ``precompute_ref_logps`` and the ``reference_free`` loss named, or
     altogether where ``no_reference_update`` (why: a trainer other than DPO's) is given.
     ValueError / TypeError naming the key."""
-    b = cfg.bema
+    from rlhf_fast.trainers.config import section_config
+
+    b = section_config(cfg.bema, BEMAConfig, "bema", "BEMA settings")
     if b is None:
         return None
-    if isinstance(b, dict):
-        names = {f.name for f in dataclasses.fields(BEMAConfig)}
-        unknown = sorted(set(b) - names)
-        if unknown:
-            raise ValueError(f"unknown key bema.{unknown[0]} (valid keys: {', '.join(sorted(names))})")
-        b = BEMAConfig(**b)
-    elif not isinstance(b, BEMAConfig):
-        raise TypeError(f"bema must be null, a mapping of BEMA settings or a BEMAConfig, got {type(b).__name__}")
     if cfg.lora is not None:
         raise ValueError("bema cannot be used with lora: TRL's BEMACallback copies the policy as a plain model, and "
                          "the reference of a LoRA policy is the policy with its adapters disabled")

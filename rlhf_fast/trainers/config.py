@@ -344,6 +344,21 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     return _build(cls, data)
 
 
+def section_config(value: Any, cls: type, key: str, what: str) -> Any:
+    """A config section given from Python as None, a mapping of ``cls``'s fields or a ``cls``:
+    None or a ``cls``. ValueError naming ``key.<field>`` for an unknown field, TypeError naming
+    ``key`` for another type (``what``: the section's settings, for the message)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"unknown key {key}.{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+        return cls(**value)
+    raise TypeError(f"{key} must be null, a mapping of {what} or a {cls.__name__}, got {type(value).__name__}")
+
+
 def saved_run_kind(run_dir: str) -> Optional[str]:
     """The kind of the run in the folder ``run_dir`` as ``rlhf-fast report`` tells it
     (:func:`~rlhf_fast.trainers.report.run_kind` of its config.yaml: ``sft``, ``reward``,

@@ -33,6 +33,7 @@ from rlhf_fast.models.merge import (DTYPES, MergeConfig, check_model_dir, check_
                                     merge_state_dicts, read_state_dict, target_shapes, unique_state_dict,
                                     write_merged_folder)
 from rlhf_fast.trainers.common import _beside
+from rlhf_fast.trainers.config import section_config
 
 MERGED = "merged"  # the merged model's folder inside a checkpoint or final/
 
@@ -41,17 +42,9 @@ def check_merge_field(cfg, key: str = "merge", lora: Optional[object] = None) ->
     """``cfg.<key>`` (None, a mapping of :class:`MergeConfig` fields or a MergeConfig) as a
     MergeConfig or None; refused with ``lora`` (the config's LoRA setting) and a ``target`` that
     is not a safetensors model folder. ValueError / TypeError naming the key."""
-    m = getattr(cfg, key)
+    m = section_config(getattr(cfg, key), MergeConfig, key, "merge settings")
     if m is None:
         return None
-    if isinstance(m, dict):
-        names = {f.name for f in dataclasses.fields(MergeConfig)}
-        unknown = sorted(set(m) - names)
-        if unknown:
-            raise ValueError(f"unknown key {key}.{unknown[0]} (valid keys: {', '.join(sorted(names))})")
-        m = MergeConfig(**m)
-    elif not isinstance(m, MergeConfig):
-        raise TypeError(f"{key} must be null, a mapping of merge settings or a MergeConfig, got {type(m).__name__}")
     if lora is not None:
         raise ValueError(f"{key} cannot be used with lora: the policy's checkpoints hold an adapter, not a model "
                          "to merge (merge final/ into its base first, then use rlhf-fast merge)")

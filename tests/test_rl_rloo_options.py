@@ -462,7 +462,7 @@ def _stats_worker(rank, world, store, out):
     try:
         cfg = RLConfig(estimator="rloo", ppo=PPOConfig(**SEQ_SUM))
         stub = type("Stub", (), {"ctx": DistContext(rank=rank, world_size=world), "device": torch.device("cpu"),
-                                 "config": cfg})()
+                                 "config": cfg, "_row_mean_stats": RLTrainer._row_mean_stats})()
         # rank 0: 1 answer of 6 tokens, clipped; rank 1: 3 answers of 1 token, none clipped
         mask = torch.ones(1, 6, dtype=torch.bool) if rank == 0 else torch.ones(3, 1, dtype=torch.bool)
         st = {"loss": 0.5, "clip_frac": 1.0 - rank, "approx_kl": 0.1 * (rank + 1), "ratio_max": 2.0 - rank}

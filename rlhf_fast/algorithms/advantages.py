@@ -1,4 +1,5 @@
-"""Advantage estimators: GAE with a critic; GRPO, Dr.GRPO, RLOO and REINFORCE++ without one.
+"""Advantage estimators: GAE with a critic; GRPO, Dr.GRPO, RLOO, REINFORCE++ and
+REINFORCE++-baseline without one.
 
 Each estimator maps a batch of rewards (and values) to ``(advantages, returns)`` ``[B, T]``
 float32, zero outside the response mask, and does its per-token work through
@@ -9,7 +10,9 @@ when the KL is placed in the reward).
 Variants, where peers differ: GRPO's std is the unbiased one (TRL, verl); with the KL in the
 reward the group estimators subtract the sequence's summed KL from its score before the group
 baseline (TRL's RLOO; OpenRLHF instead keeps the KL per token and takes discounted returns);
-REINFORCE++ whitens over the whole (global) batch, never per group.
+REINFORCE++ whitens over the whole (global) batch, never per group; REINFORCE++-baseline
+(OpenRLHF's ``reinforce_baseline``) subtracts each prompt group's mean score first, then does
+the same (KL per token in the reward, returns, global whitening).
 
 TRL GRPOTrainer options: ``scale_rewards`` (group | batch | none: divide GRPO's centred score by
 its group's std, by the std of the whole global batch — PPO Lite — or by nothing, Dr.GRPO) and
@@ -34,9 +37,13 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.ops._validate import finite
 
-ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++")
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
 CRITIC_ESTIMATORS = ("gae",)
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+# a baseline per prompt group: the batch comes in groups of group_size rows (≥ 2), and a group
+# that lost an answer is dropped whole. The GROUP_ESTIMATORS' options (scale_rewards, whiten
+# "sequence", unscored answers, dynamic sampling) stay theirs alone.
+PROMPT_GROUP_ESTIMATORS = GROUP_ESTIMATORS + ("reinforce++_baseline",)
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 WHITEN_MODES = (False, True, "sequence")
@@ -75,7 +82,8 @@ def token_rewards(
     """Dense token rewards ``[B, T]`` float32: ``scores[b]`` on the last response token of row b,
     minus ``kl_coef · kl`` on every response token (KL in the reward, Ziegler et al.).
 
-    scores ``[B]``, mask ``[B, T]`` (bool or 0/1), kl ``[B, T]`` per-token estimate (k1) or None.
+    scores ``[B]``, mask ``[B, T]`` (bool or 0/1), kl ``[B, T]`` per-token estimate (k1, or the
+    trainer's ``kl.kind``) or None.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
         raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
@@ -301,6 +309,40 @@ def reinforce_pp_advantages(
     return ops.masked_whiten(returns, mask, group=group), returns
 
 
+def reinforce_pp_baseline_advantages(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    *,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    group=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (Hu et al.; OpenRLHF's ``advantage_estimator=reinforce_baseline``):
+    each score minus its prompt group's mean (no division by the group std), put on the last
+    response token with −kl_coef·kl on every response token (:func:`token_rewards`), summed
+    into undiscounted returns (γ = 1, as OpenRLHF forces), whitened over every response token
+    of the global batch as :func:`reinforce_pp_advantages` (unbiased variance: OpenRLHF's
+    population variance differs by sqrt((n − 1)/n), n the token count).
+
+    scores ``[B]`` float, rows in groups of ``group_size`` (≥ 2) consecutive answers to one
+    prompt; mask ``[B, T]``; kl ``[B, T]`` per-token estimate or None. ``group``: the process
+    group holding the rest of the batch (whitening statistics over every rank; the groups
+    themselves are rank-local). Returns ``(advantages, returns)`` ``[B, T]`` float32."""
+    _check_tensor("scores", scores)
+    _check_mask(mask, scores.shape[0])
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2 (the baseline is the mean of the prompt's "
+                         f"answers), got {group_size!r}")
+    B = scores.shape[0]
+    if B % group_size:
+        raise ValueError(f"group_size={group_size} must divide the number of rows B={B}")
+    s = scores.float().view(-1, group_size)
+    s = (s - s.mean(dim=1, keepdim=True)).view(-1)  # [B]
+    r = token_rewards(s, mask, kl=kl, kl_coef=kl_coef)
+    return reinforce_pp_advantages(r, mask, gamma=1.0, group=group)
+
+
 def compute_advantages(
     estimator: str,
     scores: torch.Tensor,
@@ -323,7 +365,7 @@ def compute_advantages(
 
     scores ``[B]`` sequence rewards; mask ``[B, T]`` response mask; values ``[B, T]`` (gae only),
     ``values[:, t]`` = V(s_t), the value of the state before response token t (see
-    :func:`rlhf_fast.trainers.rl.critic_values`); kl ``[B, T]`` per-token k1 estimate put in the
+    :func:`rlhf_fast.trainers.rl.critic_values`); kl ``[B, T]`` per-token KL estimate put in the
     reward with ``kl_coef`` (pass kl_coef=0 when the KL goes in the loss). For group estimators
     the KL term is summed per sequence and subtracted from the score before the group baseline
     (as TRL's RLOO). ``whiten`` (:data:`WHITEN_MODES`): True whitens the advantages over the
@@ -338,10 +380,13 @@ def compute_advantages(
     and ``reward_weights`` ``[K]`` instead of the group statistics of ``scores`` (which are
     still the returns, for logging).
 
+    ``reinforce++_baseline``: :func:`reinforce_pp_baseline_advantages` (``group_size`` ≥ 2,
+    ``gamma`` 1; already whitened, so ``whiten`` adds nothing, as for reinforce++).
+
     A NaN score (group estimators; with normalize_then_sum, a row of ``rewards_per_func`` that
     is all NaN) is an answer no reward function scored (TRL's None): out of every statistic,
-    advantage and return 0, and out of ``whiten=True``'s statistics; GAE and REINFORCE++
-    refuse it.
+    advantage and return 0, and out of ``whiten=True``'s statistics; GAE and REINFORCE++ (and
+    REINFORCE++-baseline) refuse it.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -378,6 +423,11 @@ def compute_advantages(
     elif estimator == "reinforce++":
         r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
         return reinforce_pp_advantages(r, mask, gamma=gamma, group=group)  # already whitened
+    elif estimator == "reinforce++_baseline":
+        if gamma != 1.0:
+            raise ValueError(f"gamma must be 1.0 for estimator 'reinforce++_baseline' (undiscounted "
+                             f"returns; OpenRLHF sets it to 1), got {gamma!r}")
+        return reinforce_pp_baseline_advantages(scores, mask, group_size, kl=kl, kl_coef=kl_coef, group=group)
     elif multi_objective_aggregation == "normalize_then_sum":
         if kl is not None and kl_coef != 0.0:
             raise ValueError("multi_objective_aggregation 'normalize_then_sum' takes no KL in the reward (kl_coef 0)")

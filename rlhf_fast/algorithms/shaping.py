@@ -15,7 +15,10 @@ from rlhf_fast.ops._validate import finite
 
 
 class RunningMoments:
-    """Running mean / variance of scalar rewards (Chan et al. parallel update); JSON state."""
+    """Running mean / variance of scalar rewards (Chan et al. parallel update); JSON state.
+
+    ``var`` is the population variance M2 / count (the saved state); :attr:`unbiased_var` is
+    what whitening divides by, as TRL's (< 0.12) RunningMoments.std."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 0.0
@@ -39,6 +42,12 @@ class RunningMoments:
         self.var = m2 / tot
         self.count = tot
 
+    @property
+    def unbiased_var(self) -> float:
+        """M2 / (count − 1): TRL's ``new_var * tot_count / (tot_count - 1)``; 0 with one value
+        or none (no spread to divide by)."""
+        return self.var * self.count / (self.count - 1) if self.count > 1 else 0.0
+
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
@@ -54,8 +63,9 @@ def shape_scores(
     moments: Optional[RunningMoments] = None,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Scores ``[B]`` float → ``[B]`` float32: whitened (batch statistics, or running ones when
-    ``moments`` is given, updated first), then clipped to ``[-clip, clip]``."""
+    """Scores ``[B]`` float → ``[B]`` float32: whitened, (s − mean) / sqrt(unbiased var + eps),
+    with batch statistics, or running ones when ``moments`` is given (updated first), then
+    clipped to ``[-clip, clip]``. Several ranks: pass the global batch (every rank's scores)."""
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
     finite("eps", eps, ">= 0")
@@ -65,7 +75,11 @@ def shape_scores(
     if whiten:
         if moments is not None:
             moments.update(s)
-            s = (s - moments.mean) / math.sqrt(moments.var + eps)
+            # unbiased, as the batch branch below and TRL's use_score_norm; one value in all has
+            # no spread: centred only, as the batch branch's single score
+            s = s - moments.mean
+            if moments.count > 1:
+                s = s / math.sqrt(moments.unbiased_var + eps)
         elif s.numel() > 1:
             s = (s - s.mean()) / torch.sqrt(s.var() + eps)
         else:

@@ -24,7 +24,7 @@ import re
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
-RL_FAMILIES = {"ppo": ("gae", "reinforce++"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
+RL_FAMILIES = {"ppo": ("gae", "reinforce++", "reinforce++_baseline"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
                "online-dpo": ("online_dpo",), "a2po": ("a2po",), "sdpo": ("sdpo",),
                "sdft": ("sdft",)}
 
@@ -50,7 +50,7 @@ KEY_SETTINGS = {
 }
 _RL_COMMON = ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "rollout.prompts_per_step",
               "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
-              "reward.reward_model", "kl.coef", "kl.placement", "kl.kind", "ppo.epochs", "ppo.mini_batch_size",
+              "reward.reward_model", "kl.coef", "kl.placement", "kl.reward_kind", "kl.kind", "ppo.epochs", "ppo.mini_batch_size",
               "ppo.clip_low", "ppo.clip_high", "optim.lr", "seed")
 KEY_SETTINGS.update({
     "ppo": _RL_COMMON + ("model.critic", "ppo.gamma", "ppo.lam", "ppo.value_coef", "optim.critic_lr"),

@@ -68,7 +68,7 @@ from rlhf_fast.algorithms import (
     make_kl_controller,
     shape_scores,
 )
-from rlhf_fast.algorithms.advantages import nanstd
+from rlhf_fast.algorithms.advantages import PROMPT_GROUP_ESTIMATORS, nanstd
 from rlhf_fast.algorithms.rewards import (
     RewardLog,
     TRLRewardInputs,
@@ -500,7 +500,8 @@ def with_estimator(config: RLConfig, estimator: str) -> RLConfig:
 
 class RLTrainer:
     """RL fine-tuning of a causal LM; the estimator (``config.estimator``) picks the algorithm:
-    ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++`` without one.
+    ``gae`` = PPO with a critic, ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++``, ``reinforce++_baseline``
+    without one.
 
     config: :class:`RLConfig`. policy / tokenizer: a HF causal LM and its tokenizer (built from
     ``config.model`` when None). reward_fns: callables ``fn(prompts, completions) -> list[float]``
@@ -1107,7 +1108,7 @@ class RLTrainer:
         keep = out.valid | unscored
         bad = ~keep
         G = ro.group_size
-        if cfg.estimator in GROUP_ESTIMATORS and not keep.all():
+        if cfg.estimator in PROMPT_GROUP_ESTIMATORS and not keep.all():
             # a group with a dropped answer cannot give group-relative advantages: drop it whole
             keep = keep.view(-1, G).all(dim=1).repeat_interleave(G)
         # (dropped, kept) of every rank: the step's totals, and every rank raises together
@@ -1129,8 +1130,7 @@ class RLTrainer:
         unscored_kept = unscored[keep.cpu()].to(dev)
         if unscored_kept.any():  # TRL: rewards[unscorable_mask] = torch.nan
             raw = raw.masked_fill(unscored_kept, float("nan"))
-        scores = _nan_shape(raw, lambda r: shape_scores(r, clip=cfg.reward.clip, whiten=cfg.reward.whiten,
-                                                        moments=self.reward_moments if cfg.reward.whiten else None))
+        scores = self._shaped_scores(raw)
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm, prompt_of = ids[idx], am[idx], rm[idx], prompt_of[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
@@ -1138,6 +1138,11 @@ class RLTrainer:
         entropy = entropy[idx] if entropy is not None else None
         kl_tok = (ops.kl_penalty(old_logp, ref_logp, "k1") * rm if ref_logp is not None
                   else torch.zeros_like(old_logp))  # [B, L]
+        # the reward's term: kl.reward_kind (verl's kl_penalty, OpenRLHF's kl_estimator; k1 by
+        # default, Ziegler et al.); the kl/* metrics and the adaptive controller stay on k1
+        kl_reward = kl_tok
+        if cfg.kl.reward_kind != "k1" and ref_logp is not None:
+            kl_reward = ops.kl_penalty(old_logp, ref_logp, cfg.kl.reward_kind) * rm
         beta = self.kl_ctl.value
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
         # rank's tokens, as one process would see them
@@ -1151,7 +1156,7 @@ class RLTrainer:
                          rewards_per_func=torch.stack([out.per_source[n] for n in names], 1)[keep.cpu()].to(dev),
                          reward_weights=torch.tensor([w for _, w in self.reward.sources], dtype=torch.float32))
         adv, ret = compute_advantages(
-            cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_tok,
+            cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_reward,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
             lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group, scale_rewards=cfg.scale_rewards,
             **multi)
@@ -1219,6 +1224,24 @@ class RLTrainer:
                              None if unscored[i] else float(out.total[i])) for i in idx.tolist()]
         self._last_columns = [{k: v[i] for k, v in out.columns.items()} for i in idx.tolist()]
         return data, m
+
+    def _shaped_scores(self, raw: torch.Tensor) -> torch.Tensor:
+        """``reward.whiten`` / ``reward.clip`` of this rank's raw scores ``[b]`` float32 (NaN =
+        unscored, stays NaN) → ``[b]`` float32. Whitening takes its statistics, and updates the
+        running moments, over every rank's scores, as one process has them: the shaped scores do
+        not depend on the rank count, and every rank's moments stay equal (rank 0's are saved).
+        Collective under ``reward.whiten`` on several ranks: every rank calls it."""
+        rc = self.config.reward
+
+        def shape(r):
+            moments = self.reward_moments if rc.whiten else None
+            return shape_scores(r, clip=rc.clip, whiten=rc.whiten, moments=moments)
+
+        if not (rc.whiten and self.ctx.distributed):
+            return _nan_shape(raw, shape)
+        parts = self.ctx.all_gather_objects(raw.detach().cpu())  # rank order: the one-process row order
+        start = sum(p.numel() for p in parts[:self.ctx.rank])
+        return _nan_shape(torch.cat(parts), shape)[start:start + raw.numel()].to(raw.device)
 
     def _is_weights(self, old_logp: torch.Tensor, beh: torch.Tensor, rm: torch.Tensor):
         """``ppo.is_cap`` / ``ppo.is_mode``: the importance weights ``[B, L]`` float32 (0 outside
@@ -1772,7 +1795,7 @@ class RLTrainer:
     def _loss_kwargs(self) -> dict:
         cfg = self.config
         in_loss = cfg.kl.placement == "loss"
-        return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.kind,
+        return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.loss_kind,
                     entropy_coef=self._entropy_coef(), temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
                     clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg,
                     importance_sampling_level=cfg.ppo.importance_sampling_level)

@@ -27,7 +27,7 @@ import argparse
 import importlib
 import os
 
-FAMILIES = {"ppo": ("gae", ("gae", "reinforce++")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
+FAMILIES = {"ppo": ("gae", ("gae", "reinforce++", "reinforce++_baseline")), "grpo": ("grpo", ("grpo", "dr_grpo")), "rloo": ("rloo", ("rloo",)),
             "distill": ("distill", ("distill",)), "online-dpo": ("online_dpo", ("online_dpo",)),
             "a2po": ("a2po", ("a2po",)), "sdft": ("sdft", ("sdft",)), "sdpo": ("sdpo", ("sdpo",))}
 

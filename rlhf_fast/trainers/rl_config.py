@@ -12,7 +12,8 @@ import warnings
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from rlhf_fast.algorithms.advantages import ESTIMATORS, GROUP_ESTIMATORS, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+from rlhf_fast.algorithms.advantages import (ESTIMATORS, GROUP_ESTIMATORS, MULTI_OBJECTIVE_AGGREGATIONS,
+                                             PROMPT_GROUP_ESTIMATORS, SCALE_REWARDS)
 from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP, LUSPO_AGG, POLICY_LOSSES,
                                                 SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS, SEQUENCE_SUM,
                                                 SEQUENCE_SUM_AGG, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
@@ -502,7 +503,8 @@ class RewardConfig:
     ``overlong_buffer`` (tokens, 0 = off): DAPO's soft overlong punishment, weighted by
     ``overlong_penalty`` — 0 up to ``rollout.max_new_tokens − overlong_buffer`` response tokens,
     then falling linearly to −1 at ``rollout.max_new_tokens`` (:class:`OverlongPenalty`).
-    Shaping: ``whiten`` (running statistics) then ``clip`` (symmetric, [−clip, clip]) or
+    Shaping: ``whiten`` (running mean and unbiased std over every score seen, on every rank
+    — TRL's ``use_score_scaling`` + ``use_score_norm``) then ``clip`` (symmetric, [−clip, clip]) or
     ``clip_range`` ([min, max], TRL RLOO's ``reward_clip_range``; one of the two). Both act on
     the weighted sum of the sources, before the KL-in-reward term and the group baseline, where
     TRL's RLOO clips. ``on_bad_reward``: raise | drop.
@@ -544,7 +546,8 @@ class RewardConfig:
     value)`` (the step's metric ``reward_fn/NAME``, the mean of its values), the prompt
     fields (and ``environments``); a None reward is NaN, "does not apply": the total is the
     NaN-skipping weighted sum, and an answer no source scored is kept with advantage 0, outside
-    the group statistics, as TRL's (dropped under gae / reinforce++). ``on_bad_reward`` still rules ±inf and
+    the group statistics, as TRL's (dropped under gae / reinforce++; under reinforce++_baseline with
+    its whole group). ``on_bad_reward`` still rules ±inf and
     exceptions (:class:`rlhf_fast.algorithms.rewards.CombinedReward`)."""
 
     functions: List[str] = field(default_factory=list)
@@ -649,14 +652,20 @@ class RewardConfig:
 
 @dataclass
 class KLConfig:
-    """KL to the reference: ``placement`` "reward" (per-token k1 in the reward) or "loss"
-    (``kind`` k1/k2/k3 through fused_linear_policy_loss's kl_coef). ``controller`` "fixed" or
+    """KL to the reference: ``placement`` "reward" (per-token KL estimate in the reward) or
+    "loss" (through fused_linear_policy_loss's kl_coef). The estimator of each placement, as
+    verl's two keys: ``reward_kind`` (verl's ``kl_penalty``, OpenRLHF's ``kl_estimator``; default
+    k1, the standard RLHF reward term of Ziegler et al.) for the reward, ``kind`` (verl's
+    ``kl_loss_type``; default k3, DeepSeekMath's GRPO) for the loss; the other placement's key is
+    refused away from its default. The ``kl/*`` metrics and the adaptive controller always
+    measure k1. ``controller`` "fixed" or
     "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples).
 
     Which variant each estimator gets: "reward" is the default for every estimator. It is
     PPO's (Ziegler et al., TRL's PPOTrainer) and REINFORCE++'s placement: −β·(logp − ref) on
-    every response token. For GRPO / Dr.GRPO / RLOO the per-sequence sum of that term is
-    subtracted from the score before the group baseline (as TRL's RLOO). GRPO as in
+    every response token (−β·k2 / −β·k3 with ``reward_kind``). For GRPO / Dr.GRPO / RLOO the
+    per-sequence sum of that term is subtracted from the score before the group baseline (as
+    TRL's RLOO). GRPO as in
     DeepSeekMath (and TRL's GRPOTrainer, verl's ``use_kl_loss``) puts the KL in the loss:
     ``placement: loss`` with ``kind: k3``. What each kind in the loss optimises, with d =
     logp − ref and samples from the policy: k2 (½d², gradient d·∇logp) is an unbiased gradient
@@ -681,6 +690,7 @@ class KLConfig:
     coef: float = 0.05
     placement: str = "reward"
     kind: str = "k3"
+    reward_kind: str = "k1"
     controller: str = "fixed"
     target: float = 6.0
     horizon: float = 10000.0
@@ -701,9 +711,24 @@ class KLConfig:
             raise ValueError(f"kl.ref_sync_alpha must be in (0, 1], got {self.ref_sync_alpha!r}")
         _choice("kl.placement", self.placement, KL_PLACEMENTS)
         _choice("kl.kind", self.kind, LOSS_KL_KINDS)
+        _choice("kl.reward_kind", self.reward_kind, LOSS_KL_KINDS)
+        # each placement has its own estimator key (verl's two): the other one would do nothing.
+        # With the KL in the reward, kind may still read k3 (its default, which older runs'
+        # config.yaml spell out) or the reward's own estimator
+        if self.placement == "reward" and self.kind not in ("k3", self.reward_kind):
+            raise ValueError(f"kl.kind is the estimator of the KL in the loss (kl.placement: loss); with "
+                             f"kl.placement 'reward' set kl.reward_kind instead, got kl.kind {self.kind!r}")
+        if self.placement == "loss" and self.reward_kind != "k1":
+            raise ValueError(f"kl.reward_kind is the estimator of the KL in the reward (kl.placement: reward); with "
+                             f"kl.placement 'loss' set kl.kind instead, got kl.reward_kind {self.reward_kind!r}")
         _choice("kl.controller", self.controller, KL_CONTROLLERS)
         _pos("kl.target", self.target)
         _pos("kl.horizon", self.horizon)
+
+    @property
+    def loss_kind(self) -> str:
+        """The estimator of the loss's KL term (``kind``)."""
+        return self.kind
 
 
 @dataclass
@@ -1665,7 +1690,9 @@ def _changed(section, prefix: str, keep=()) -> List[str]:
 @dataclass
 class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
-    reinforce++ | distill (on-policy distillation towards ``distill.teacher``, no reward:
+    reinforce++ | reinforce++_baseline (OpenRLHF's reinforce_baseline: score − group mean, then
+    REINFORCE++'s per-token KL, undiscounted returns and global whitening; ``rollout.group_size``
+    ≥ 2, ``ppo.gamma`` 1) | distill (on-policy distillation towards ``distill.teacher``, no reward:
     :class:`DistillConfig`) | online_dpo (a DPO loss on each prompt's two answers, the better
     by the rewards chosen: :class:`OnlineDPOConfig`) | a2po (A*-PO: one answer per prompt
     regressed onto r − V*, V* estimated before training: :class:`A2POConfig`). ``steps``
@@ -1823,9 +1850,12 @@ class RLConfig:
             raise ValueError(f"log_unique_prompts must be true or false, got {self.log_unique_prompts!r}")
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
         _pos("keep_checkpoints", self.keep_checkpoints, integer=True)
-        if self.estimator in GROUP_ESTIMATORS and self.rollout.group_size < 2:
+        if self.estimator in PROMPT_GROUP_ESTIMATORS and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 for estimator {self.estimator!r} "
                              f"(advantages compare answers within a group), got {self.rollout.group_size}")
+        if self.estimator == "reinforce++_baseline" and self.ppo.gamma != 1.0:
+            raise ValueError(f"ppo.gamma must be 1.0 for estimator 'reinforce++_baseline' (undiscounted returns, "
+                             f"as OpenRLHF's reinforce_baseline forces), got {self.ppo.gamma!r}")
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.ppo.mini_batch_size != 0:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "

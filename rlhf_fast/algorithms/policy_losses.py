@@ -26,6 +26,15 @@
   exp(Σ_t logp − Σ_t old_logp) — the likelihood ratio π(y|x)/π_old(y|x) itself, where GSPO's
   ``sequence`` level takes the exp of the *mean* log-ratio — clipped as a whole, the clipped
   surrogate of each answer averaged over answers (:func:`sequence_sum_policy_loss`).
+* ``clip_cov`` and ``kl_cov`` (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning
+  for Reasoning Language Models"; verl's ``compute_policy_loss_clip_cov`` / ``_kl_cov``): a small
+  share of the tokens, chosen by the covariance (A − Ā)·(logp − l̄) over the batch's loss tokens,
+  loses its gradient (clip-cov: a random ``clip_cov_ratio`` share of the unclipped tokens whose
+  covariance lies in (``clip_cov_lb``, ``clip_cov_ub``), on PPO's clipped surrogate) or takes a
+  penalty ``ppo_kl_coef``·|logp − old_logp| (kl-cov: the ``kl_cov_ratio`` share with the largest
+  covariance, on the unclipped surrogate −r·A) — :func:`clip_cov_mask`, :func:`kl_cov_mask`.
+* ``gpg`` (Group Policy Gradient, 2025; verl's ``compute_policy_loss_gpg``): −logp·A, no ratio,
+  no clip.
 
 The functions take per-token tensors aligned as :func:`rlhf_fast.models.logprobs.sequence_logprobs`
 gives them and return ``(loss, stats)`` like :func:`rlhf_fast.ops.reference.policy_loss_from_logp`,
@@ -45,7 +54,7 @@ import torch
 from rlhf_fast.ops import reference
 from rlhf_fast.ops.reference import LOG_RATIO_CLAMP, out_dtype
 
-POLICY_LOSSES = ("clip", "cispo", "sapo", "luspo", "vespo", "gmpo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "luspo", "vespo", "gmpo", "clip_cov", "kl_cov", "gpg")
 CLIP_LOSSES = ("clip", "luspo")  # PPO's clipped surrogate per token
 SAPO_TEMPERATURE_POS = 1.0  # TRL GRPOConfig.sapo_temperature_pos
 SAPO_TEMPERATURE_NEG = 1.05  # TRL GRPOConfig.sapo_temperature_neg
@@ -63,6 +72,14 @@ SEQUENCE_SUM_AGG = "seq-mean-token-sum"
 GMPO_CLIP = 0.4
 # one loss per answer (the token mean is inside its geometric mean), averaged over the answers
 GMPO_AGG = "seq-mean-token-mean"
+# verl's PolicyLossConfig defaults (verl/workers/config/actor.py); its loss functions fall back to
+# ppo_kl_coef 1.0 only when the key is None
+CLIP_COV_RATIO = 0.0002
+CLIP_COV_LB = 1.0
+CLIP_COV_UB = 5.0
+KL_COV_RATIO = 0.0002
+PPO_KL_COEF = 0.1
+COV_LOSSES = ("clip_cov", "kl_cov")
 # the log-space floor of VESPO's weights: log(1e-8), as the paper's code (and TRL) clamp
 _VESPO_LOG_FLOOR = math.log(1e-8)
 
@@ -155,13 +172,77 @@ def vespo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return torch.exp(lam + k * log_w - lam * w).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _verl_masked_mean(x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_mean`` (verl/utils/torch_functional.py) with a bool mask: the sum of the
+    masked-in entries over their count (its + 1e-8 vanishes in float32 for a count ≥ 1; the count
+    stays an integer tensor, so float64 divides by it exactly as verl's int mask does)."""
+    return torch.where(mb, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / (mb.sum() + 1e-8)
+
+
+@torch.no_grad()
+def clip_cov_mask(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                  clip_low: float = 0.2, clip_high: Optional[float] = None, clip_cov_ratio: float = CLIP_COV_RATIO,
+                  clip_cov_lb: float = CLIP_COV_LB, clip_cov_ub: float = CLIP_COV_UB,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Clip-Cov's tokens ``[B, T]`` bool, whose policy-loss term (and gradient) is dropped (verl's
+    ``compute_policy_loss_clip_cov``).
+
+    cov = (A − Ā)·(logp − l̄), Ā and l̄ the means over the loss tokens (``mask``) of this call. The
+    candidates are the loss tokens PPO does not clip (−A·clip(r) ≤ −A·r, r = exp(clamp(logp −
+    old_logp, ±20)), bounds ``clip_low`` / ``clip_high``) with ``clip_cov_lb`` < cov <
+    ``clip_cov_ub``; of them, max(⌊clip_cov_ratio·N⌋, 1) (N the loss tokens) are drawn uniformly
+    at random by one ``torch.randperm`` over the candidates in row-major order, on the CPU with
+    ``generator`` (None: the global generator, as verl — its stream is consumed only when there
+    is a candidate). Inputs ``[B, T]``; masked-out entries never change the result (NaN there is
+    harmless). Syncs with the host (the count, the candidates), as verl does."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    lp, adv = logp.detach().to(dt), advantages.detach().to(dt)
+    _, _, clipped, _ = reference.ppo_token_loss(lp, old_logp.detach(), adv, clip_low=clip_low, clip_high=clip_high)
+    cov = (adv - _verl_masked_mean(adv, mb)) * (lp - _verl_masked_mean(lp, mb))
+    cand = mb & ~clipped & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    n_clip = max(int(clip_cov_ratio * int(mb.sum())), 1)
+    idx = torch.nonzero(cand.reshape(-1), as_tuple=True)[0]  # row-major, as verl's torch.nonzero of [B, T]
+    sel = torch.zeros(mb.numel(), dtype=torch.bool, device=mb.device)
+    if idx.numel() > 0:
+        perm = torch.randperm(idx.numel(), generator=generator)
+        sel[idx[perm[: min(n_clip, idx.numel())].to(idx.device)]] = True
+    return sel.reshape(mb.shape)
+
+
+@torch.no_grad()
+def kl_cov_mask(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                kl_cov_ratio: float = KL_COV_RATIO) -> torch.Tensor:
+    """KL-Cov's tokens ``[B, T]`` bool, which take the penalty ppo_kl_coef·|logp − old_logp| (verl's
+    ``compute_policy_loss_kl_cov``): the max(⌊kl_cov_ratio·N⌋, 1) loss tokens (N of them, none
+    when N = 0) with the largest cov = (A − Ā)·(logp − l̄), the means over the loss tokens of
+    this call. As verl, the covariances are computed and ranked on the CPU (``Tensor.mean`` of
+    the loss tokens in row-major order, ``torch.topk``), so its tie-break holds on any device.
+    Inputs ``[B, T]``; masked-out entries are never read."""
+    mb = mask != 0
+    dt = out_dtype(logp.dtype)
+    flat = torch.nonzero(mb.reshape(-1), as_tuple=True)[0]
+    sel = torch.zeros(mb.numel(), dtype=torch.bool, device=mb.device)
+    if flat.numel() > 0:
+        adv = advantages.detach().to(dt)[mb].reshape(-1).cpu()
+        lp = logp.detach().to(dt)[mb].reshape(-1).cpu()
+        cov = (adv - adv.mean()) * (lp - lp.mean())
+        k = max(1, int(cov.numel() * kl_cov_ratio))
+        top = torch.topk(cov, k, largest=True).indices
+        sel[flat[top.to(flat.device)]] = True
+    return sel.reshape(mb.shape)
+
+
 def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, policy_loss: str = "clip",
                  clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                  sapo_temperature_pos: float = SAPO_TEMPERATURE_POS,
                  sapo_temperature_neg: float = SAPO_TEMPERATURE_NEG, mask: Optional[torch.Tensor] = None,
                  is_weight: Optional[torch.Tensor] = None, vespo_k_pos: float = VESPO_K_POS,
                  vespo_lambda_pos: float = VESPO_LAMBDA_POS, vespo_k_neg: float = VESPO_K_NEG,
-                 vespo_lambda_neg: float = VESPO_LAMBDA_NEG):
+                 vespo_lambda_neg: float = VESPO_LAMBDA_NEG, cov_mask: Optional[torch.Tensor] = None,
+                 clip_cov_ratio: float = CLIP_COV_RATIO, clip_cov_lb: float = CLIP_COV_LB,
+                 clip_cov_ub: float = CLIP_COV_UB, kl_cov_ratio: float = KL_COV_RATIO,
+                 ppo_kl_coef: float = PPO_KL_COEF):
     """Per-token policy loss ``[B, T]`` of ``policy_loss`` with r = exp(clamp(logp − old_logp, ±20)).
 
     Returns ``(loss, ratio, clipped, dual_clipped)`` as :func:`rlhf_fast.ops.reference.ppo_token_loss`:
@@ -175,6 +256,12 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
       sapo_temperature_neg; nothing is clipped (``clipped`` all False).
     * ``vespo``: −sg(φ)·A·logp, φ = :func:`vespo_weights` (needs ``mask``; ``is_weight`` and
       the ``vespo_*`` parameters go there); nothing is clipped.
+    * ``clip_cov``: PPO's clipped surrogate (clip_low / clip_high, no dual clip) times 0 on the
+      tokens of ``cov_mask`` (``[B, T]`` bool; None: :func:`clip_cov_mask` of ``mask`` with the
+      ``clip_cov_*`` parameters, which then needs ``mask``); ``clipped`` is PPO's.
+    * ``kl_cov``: −A·r, plus ppo_kl_coef·|logp − old_logp| on the tokens of ``cov_mask`` (None:
+      :func:`kl_cov_mask` of ``mask`` with ``kl_cov_ratio``); no clip.
+    * ``gpg``: −logp·A (no ratio; ``ratio`` is still returned for the statistics); no clip.
 
     logp differentiable; old_logp and advantages taken as constants. Float32 (float64 for
     float64 logp)."""
@@ -204,10 +291,37 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
         phi = vespo_weights(lp, old_logp, adv, mask, is_weight=is_weight, k_pos=vespo_k_pos,
                             lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
         return -phi * adv * lp, ratio, none, none
+    if policy_loss == "gpg":
+        return -lp * adv, ratio, none, none
+    if policy_loss in COV_LOSSES:
+        return _cov_token_losses(lp, old_logp.detach().to(dt), adv, ratio, mask, policy_loss=policy_loss,
+                                 clip_low=clip_low, clip_high=clip_high, cov_mask=cov_mask,
+                                 clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub,
+                                 kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef)
     if policy_loss == "gmpo":
         raise ValueError("policy_loss 'gmpo' has no per-token loss (one geometric-mean weight per answer): "
                          "use gmpo_sequence_loss or policy_loss_from_logp")
     raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+
+
+def _cov_token_losses(lp, old, adv, ratio, mask, *, policy_loss, clip_low, clip_high, cov_mask, clip_cov_ratio,
+                      clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef):
+    """:func:`token_losses` of ``clip_cov`` / ``kl_cov`` (lp float, old / adv detached, ratio of lp)."""
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    if cov_mask is None:
+        if mask is None:
+            raise ValueError(f"mask (the loss tokens, over which the covariance is taken) or cov_mask must be given "
+                             f"for policy_loss {policy_loss!r}")
+        cov_mask = (clip_cov_mask(lp, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
+                                  clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub)
+                    if policy_loss == "clip_cov" else kl_cov_mask(lp, adv, mask, kl_cov_ratio=kl_cov_ratio))
+    if policy_loss == "clip_cov":
+        loss, ratio, clipped, _ = reference.ppo_token_loss(lp, old, adv, clip_low=clip_low, clip_high=clip_high)
+        # verl multiplies by its 0/1 `corr`: the dropped tokens keep neither value nor gradient
+        return loss * (~cov_mask).to(loss.dtype), ratio, clipped, none
+    pg = -adv * ratio
+    # verl's unclamped |logp − old_logp| (its ratio has no ±20 clamp; ours does, as every ratio here)
+    return torch.where(cov_mask, pg + ppo_kl_coef * (lp - old).abs(), pg), ratio, none, none
 
 
 def gmpo_sequence_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -485,6 +599,12 @@ def policy_loss_from_logp(
     vespo_lambda_pos: float = VESPO_LAMBDA_POS,
     vespo_k_neg: float = VESPO_K_NEG,
     vespo_lambda_neg: float = VESPO_LAMBDA_NEG,
+    clip_cov_ratio: float = CLIP_COV_RATIO,
+    clip_cov_lb: float = CLIP_COV_LB,
+    clip_cov_ub: float = CLIP_COV_UB,
+    kl_cov_ratio: float = KL_COV_RATIO,
+    ppo_kl_coef: float = PPO_KL_COEF,
+    generator: Optional[torch.Generator] = None,
 ):
     """agg(keep·policy term + kl_coef·KL(logp, ref_logp) − entropy_coef·keep_H·entropy).
 
@@ -520,6 +640,12 @@ def policy_loss_from_logp(
     ``clip_ratio/region_mean``), ``clip_low_frac`` and ``clip_high_frac`` are shares of loss tokens;
     ``clip_low_min`` / ``clip_high_max`` (TRL's ``clip_ratio/low_min`` / ``high_max``) the least /
     largest share of one answer's loss tokens (:func:`clip_share_extremes`, NaN with none).
+    ``clip_cov`` / ``kl_cov`` (token level only): the covariance selection (:func:`clip_cov_mask`
+    with ``clip_cov_*`` and ``generator``, :func:`kl_cov_mask` with ``kl_cov_ratio``) is over this
+    call's loss tokens — one micro-batch in the trainer, as verl calls its loss per micro-batch
+    on each rank — before the high-entropy and off-policy masks; ``cov_frac`` (verl's
+    ``pg_clipfrac`` for clip_cov) is the share of loss tokens selected. ``gpg``: −logp·A, token
+    level only.
 
     Returns ``(loss, stats)``: a 0-dim float32 loss (float64 for float64 logp) and the stats
     of :func:`rlhf_fast.ops.reference.policy_loss_from_logp` (``clip_frac``: see
@@ -545,7 +671,7 @@ def policy_loss_from_logp(
             logp, entropy, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
             top_entropy_quantile=top_entropy_quantile, entropy_mask=entropy_mask, ref_logp=ref_logp, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, agg=agg, normalizer=normalizer, kl_fn=kl_fn)
-    if importance_sampling_level == "sequence" and policy_loss in ("cispo", "vespo"):
+    if importance_sampling_level == "sequence" and policy_loss in ("cispo", "vespo", "gpg") + COV_LOSSES:
         raise ValueError(f"importance_sampling_level 'sequence' is not supported with policy_loss {policy_loss!r}")
     if policy_loss == "luspo" and agg != LUSPO_AGG:
         raise ValueError(f"policy_loss 'luspo' sums each row's token losses: it needs agg {LUSPO_AGG!r}, got {agg!r}")
@@ -563,10 +689,18 @@ def policy_loss_from_logp(
         ratio_old = sequence_level_old_logp(logp.detach(), old_logp, mb)
     vespo_kw = dict(vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
                     vespo_lambda_neg=vespo_lambda_neg)
+    cov_mask = None
+    if policy_loss == "clip_cov":
+        cov_mask = clip_cov_mask(logp, old_logp, advantages, mb, clip_low=clip_low, clip_high=clip_high,
+                                 clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub,
+                                 generator=generator)
+    elif policy_loss == "kl_cov":
+        cov_mask = kl_cov_mask(logp, advantages, mb, kl_cov_ratio=kl_cov_ratio)
     loss_tok, ratio, clipped, dual = token_losses(
         logp, ratio_old, advantages, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        mask=mb, is_weight=is_weight if policy_loss == "vespo" else None, **vespo_kw)
+        mask=mb, is_weight=is_weight if policy_loss == "vespo" else None, cov_mask=cov_mask,
+        ppo_kl_coef=ppo_kl_coef, **vespo_kw)
     keep_h = entropy_mask
     if keep_h is None and top_entropy_quantile < 1.0:
         keep_h = high_entropy_mask(entropy.detach(), mb, top_entropy_quantile)
@@ -611,6 +745,8 @@ def policy_loss_from_logp(
             phi = vespo_weights(logp, ratio_old, advantages, mb, is_weight=is_weight, k_pos=vespo_k_pos,
                                 lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
             stats["vespo_phi_mean"] = reference.masked_mean(phi.expand_as(mb).to(dt), mb)
+        if cov_mask is not None:
+            stats["cov_frac"] = reference.masked_mean(cov_mask.to(dt), mb)
         stats["logp"] = logp_out.detach()
     return loss, stats
 
@@ -634,6 +770,14 @@ __all__ = [
     "VESPO_K_NEG",
     "VESPO_LAMBDA_NEG",
     "vespo_weights",
+    "CLIP_COV_RATIO",
+    "CLIP_COV_LB",
+    "CLIP_COV_UB",
+    "KL_COV_RATIO",
+    "PPO_KL_COEF",
+    "COV_LOSSES",
+    "clip_cov_mask",
+    "kl_cov_mask",
     "quantile",
     "high_entropy_threshold",
     "high_entropy_mask",

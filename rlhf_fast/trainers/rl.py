@@ -1741,7 +1741,9 @@ class RLTrainer:
             off_policy_mask_threshold=p.off_policy_mask_threshold,
             use_bias_correction_kl=self.config.kl.use_bias_correction_kl, is_weight=d.is_weight,
             vespo_k_pos=p.vespo_k_pos, vespo_lambda_pos=p.vespo_lambda_pos, vespo_k_neg=p.vespo_k_neg,
-            vespo_lambda_neg=p.vespo_lambda_neg, kl_fn=ops.kl_penalty, **extra)
+            vespo_lambda_neg=p.vespo_lambda_neg, clip_cov_ratio=p.clip_cov_ratio, clip_cov_lb=p.clip_cov_lb,
+            clip_cov_ub=p.clip_cov_ub, kl_cov_ratio=p.kl_cov_ratio, ppo_kl_coef=p.ppo_kl_coef, kl_fn=ops.kl_penalty,
+            **extra)
 
     @staticmethod
     def _clip_extremes(st: dict, d: "RolloutTensors", kw: dict) -> dict:
@@ -1836,7 +1838,7 @@ class RLTrainer:
             # a blank row's statistics are of no token: it adds the keys (the same on every
             # rank, for the reduction of the statistics) but no value (ratios are > 0)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy", "entropy_mask_frac",
-                      "off_policy_mask_frac", "vespo_phi_mean", "clip_low_frac", "clip_high_frac"):
+                      "off_policy_mask_frac", "vespo_phi_mean", "clip_low_frac", "clip_high_frac", "cov_frac"):
                 if k in st:
                     wk = w_row if k in _ANSWER_STATS else w
                     acc[k] = acc.get(k, 0.0) + (wk * float(st[k]) if real else 0.0)

@@ -18,6 +18,8 @@ from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP
                                                 SAPO_TEMPERATURE_NEG, SAPO_TEMPERATURE_POS, SEQUENCE_SUM,
                                                 SEQUENCE_SUM_AGG, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
                                                 VESPO_LAMBDA_POS)
+from rlhf_fast.algorithms.policy_losses import (CLIP_COV_LB, CLIP_COV_RATIO, CLIP_COV_UB, COV_LOSSES, KL_COV_RATIO,
+                                                PPO_KL_COEF)
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
@@ -812,6 +814,21 @@ class PPOConfig:
     ``clip_ratio/region_mean``, ``low_mean`` and ``high_mean``; ``clip_low_min`` / ``clip_high_max``
     its ``low_min`` / ``high_max``).
 
+    verl's loss modes (``actor.policy_loss.loss_mode``): ``clip_cov`` (Clip-Cov, Cui et al. 2025:
+    PPO's clipped surrogate — clip_low / clip_high — where a random ``clip_cov_ratio`` share of the
+    tokens PPO leaves unclipped whose covariance (A − Ā)·(logp − l̄) lies in (``clip_cov_lb``,
+    ``clip_cov_ub``) drop their term and gradient); ``kl_cov`` (KL-Cov: the unclipped −r·A, plus
+    ``ppo_kl_coef``·|logp − old_logp| on the ``kl_cov_ratio`` share of tokens with the largest
+    covariance; clip_high refused); ``gpg`` (GPG: −logp·A, no ratio, no clip; clip_high refused).
+    verl's defaults: clip_cov_ratio 0.0002, clip_cov_lb 1, clip_cov_ub 5, kl_cov_ratio 0.0002,
+    ppo_kl_coef 0.1 (its PolicyLossConfig; each key refused with the other losses). As verl, the
+    covariance, its means and the count max(⌊ratio·N⌋, 1) are over each micro-batch's loss tokens
+    on each rank, so the selection depends on ``micro_batch_size`` and the number of ranks (at
+    least one token per micro-batch: with the default ratio a micro-batch under 10,000 loss
+    tokens selects one or none); clip-cov's draw takes the global torch generator.
+    ``policy/cov_frac`` is the share of loss tokens selected (verl's ``pg_clipfrac`` for
+    clip_cov); ``policy/clip_frac`` is PPO's for clip_cov, 0 for kl_cov and gpg. Token level only.
+
     ``is_mode`` (with ``is_cap``; TRL's ``vllm_importance_sampling_mode``): how the weight
     between the sampler's and the recomputed log-probs is bounded: ``token_truncate`` (the
     default: per token, min(r, is_cap)), ``token_mask`` (per token, r or 0 where r > is_cap),
@@ -900,6 +917,11 @@ class PPOConfig:
     vespo_lambda_pos: float = VESPO_LAMBDA_POS
     vespo_k_neg: float = VESPO_K_NEG
     vespo_lambda_neg: float = VESPO_LAMBDA_NEG
+    clip_cov_ratio: float = CLIP_COV_RATIO
+    clip_cov_lb: float = CLIP_COV_LB
+    clip_cov_ub: float = CLIP_COV_UB
+    kl_cov_ratio: float = KL_COV_RATIO
+    ppo_kl_coef: float = PPO_KL_COEF
     use_adaptive_entropy: bool = False
     entropy_coef_min: float = ENTROPY_COEF_MIN
     entropy_coef_max: float = ENTROPY_COEF_MAX
@@ -1007,6 +1029,7 @@ class PPOConfig:
             raise ValueError(f"ppo.vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg only apply to "
                              f"ppo.policy_loss 'vespo', got policy_loss {self.policy_loss!r}")
         self._check_gmpo()
+        self._check_cov()
         if self.policy_loss == "luspo" and self.agg != LUSPO_AGG:
             raise ValueError(f"ppo.policy_loss 'luspo' sums each answer's token losses: set ppo.agg {LUSPO_AGG!r}, "
                              f"got {self.agg!r}")
@@ -1024,7 +1047,7 @@ class PPOConfig:
                                      f"e.g. 5.0) and must be set > 0 for {pl}, got {self.clip_high!r}")
                 if self.importance_sampling_level != "token":
                     raise ValueError(f"ppo.importance_sampling_level 'sequence' is not supported with {pl}")
-            if self.policy_loss in ("sapo", "vespo") and self.clip_high is not None:
+            if self.policy_loss in ("sapo", "vespo", "kl_cov", "gpg") and self.clip_high is not None:
                 raise ValueError(f"ppo.clip_high has no effect with {pl} (its gate has no clip); unset it")
             if self.policy_loss == "vespo":
                 if self.importance_sampling_level != "token":
@@ -1036,6 +1059,30 @@ class PPOConfig:
         if self.old_logp == "behaviour" and self.is_cap is not None:
             raise ValueError("ppo.is_cap needs ppo.old_logp 'recompute' (with 'behaviour' the importance "
                              "weight is 1 by construction)")
+
+    def _check_cov(self):
+        """verl's clip_cov / kl_cov keys: each only with its loss; token level only (with gpg)."""
+        for k in ("clip_cov_ratio", "kl_cov_ratio"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"ppo.{k} must be in (0, 1] (a share of the loss tokens), got {v!r}")
+        for k in ("clip_cov_lb", "clip_cov_ub"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # v != v: NaN
+                raise ValueError(f"ppo.{k} must be a number, got {v!r}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"ppo.clip_cov_lb ({self.clip_cov_lb}) must be less than ppo.clip_cov_ub "
+                             f"({self.clip_cov_ub})")
+        _pos("ppo.ppo_kl_coef", self.ppo_kl_coef, allow_zero=True)
+        for loss, keys, defaults in (
+                ("clip_cov", ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"), (CLIP_COV_RATIO, CLIP_COV_LB, CLIP_COV_UB)),
+                ("kl_cov", ("kl_cov_ratio", "ppo_kl_coef"), (KL_COV_RATIO, PPO_KL_COEF))):
+            if self.policy_loss != loss and tuple(getattr(self, k) for k in keys) != defaults:
+                raise ValueError(f"ppo.{' / ppo.'.join(keys)} only apply to ppo.policy_loss {loss!r}, "
+                                 f"got policy_loss {self.policy_loss!r}")
+        if self.policy_loss in COV_LOSSES + ("gpg",) and self.importance_sampling_level != "token":
+            raise ValueError(f"ppo.importance_sampling_level {self.importance_sampling_level!r} is not supported with "
+                             f"ppo.policy_loss {self.policy_loss!r} (verl's loss is per token)")
 
     def _check_gmpo(self):
         if self.policy_loss != "gmpo":

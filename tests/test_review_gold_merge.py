@@ -4,8 +4,6 @@ normalized linear weights summing to 0 were refused only at the first merge (aft
 ULD's per-answer divergence was averaged over ranks by tokens; a ``distill.teacher_tokenizer``
 folder without a tokenizer gave transformers' message, naming no key."""
 
-import os
-
 import pytest
 import torch
 

@@ -5,7 +5,6 @@ hand-built batches and on one real tiny-model rollout per estimator.
 The peers' lines are transcribed into the tests (a comment names the file and function). The
 tests under "bugs" were strict xfails of bugs the review found, since fixed."""
 
-import math
 
 import pytest
 import torch

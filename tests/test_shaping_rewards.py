@@ -2,7 +2,6 @@
 names repeat, and the source objects are not renamed."""
 
 import pytest
-import torch
 
 from rlhf_fast.algorithms.rewards import CombinedReward, RewardSource
 

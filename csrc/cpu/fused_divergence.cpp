@@ -99,11 +99,14 @@ struct RowStats {
 template <typename s_t, typename acc_t>
 RLHF_DIV_CLONES RowStats<acc_t> row_stats(const s_t* zs, const acc_t* zt, int64_t V, acc_t inv_t) {
   acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
-#pragma omp simd reduction(max : ms, mt)
+  int nan_s = 0, nan_t = 0;
+#pragma omp simd reduction(max : ms, mt) reduction(| : nan_s, nan_t)
   for (int64_t j = 0; j < V; ++j) {
     const acc_t a = static_cast<acc_t>(zs[j]), b = zt[j];
     ms = a > ms ? a : ms;
     mt = b > mt ? b : mt;
+    nan_s |= a != a;
+    nan_t |= b != b;
   }
   // scaling by a positive constant is monotone, so max(z)·(1/T) is the max of z·(1/T) exactly
   ms *= inv_t;
@@ -114,7 +117,12 @@ RLHF_DIV_CLONES RowStats<acc_t> row_stats(const s_t* zs, const acc_t* zt, int64_
     ss += exp_lp(static_cast<acc_t>(zs[j]) * inv_t - ms);
     st += exp_lp(zt[j] * inv_t - mt);
   }
-  return {ms, mt, std::log(ss), std::log(st)};
+  RowStats<acc_t> r{ms, mt, std::log(ss), std::log(st)};
+  // the max comparisons skip NaN (and exp_lp need not keep it), so a NaN logit would vanish
+  // from the row: mark that model's statistics NaN, as log_softmax makes its row
+  if (nan_s) r.ms = r.ls = std::numeric_limits<acc_t>::quiet_NaN();
+  if (nan_t) r.mt = r.lt = std::numeric_limits<acc_t>::quiet_NaN();
+  return r;
 }
 
 // Passes 2 (and 3): the divergence and the student's entropy of one row; with GRAD, dDiv/dz_s
@@ -125,6 +133,11 @@ template <int MODE, bool GRAD, typename s_t, typename acc_t>
 RLHF_DIV_CLONES void row_divergence(s_t* zs, const acc_t* zt, int64_t V, acc_t inv_t, acc_t beta, acc_t g, acc_t* bp,
                                     acc_t* bu, acc_t& div_out, acc_t& ent_out) {
   const RowStats<acc_t> r = row_stats<s_t, acc_t>(zs, zt, V, inv_t);
+  if (r.ms != r.ms) {  // a NaN student logit: NaN divergence, entropy and gradient
+    div_out = ent_out = std::numeric_limits<acc_t>::quiet_NaN();
+    if constexpr (GRAD) std::fill(zs, zs + V, static_cast<s_t>(div_out));
+    return;
+  }
   const acc_t cs = acc_t(1) - beta, ct = beta;
   acc_t d = 0, k = 0, h = 0;
 #pragma omp simd reduction(+ : d, k, h)
@@ -162,6 +175,11 @@ RLHF_DIV_CLONES void row_divergence(s_t* zs, const acc_t* zt, int64_t V, acc_t i
   }
   div_out = d;
   ent_out = h;
+  if (r.mt != r.mt) {  // a NaN teacher logit: NaN divergence and gradient (the entropy is the student's)
+    div_out = std::numeric_limits<acc_t>::quiet_NaN();
+    if constexpr (GRAD) std::fill(zs, zs + V, static_cast<s_t>(div_out));
+    return;
+  }
   if constexpr (GRAD && MODE != 0) {
     const acc_t kl = MODE == 1 ? d : k;
     const acc_t c = MODE == 1 ? g : g * cs;

@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 KINDS = ("sft", "pairs", "rankings", "scores")
@@ -564,8 +565,9 @@ def dedup_records(records: Sequence[Record], *, ignore_annotator: bool = False) 
 
 def record_item_key(rec: Any) -> Optional[tuple]:
     """The item a preference / score record judges, whoever judged it and however: its prompt and
-    its responses unordered (a pair's chosen and rejected, a ranking's responses), or a score's
-    prompt and response; None for another record (each one its own item). A hashable tuple, for
+    its responses unordered (a pair's chosen and rejected, a ranking's responses), a score's
+    prompt and response, or a KTO binary record's prompt and completion (every annotator's
+    thumbs on one side); None for another record (each one its own item). A hashable tuple, for
     splits that keep every label of an item on one side (:func:`rlhf_fast.trainers.common.split_records`)."""
     def text(x):
         return x if isinstance(x, str) else json.dumps(x, sort_keys=True)
@@ -576,6 +578,11 @@ def record_item_key(rec: Any) -> Optional[tuple]:
         return ("ranking", text(rec.prompt), tuple(sorted(text(r) for r in rec.responses)))
     if isinstance(rec, ScoreRecord):
         return ("score", text(rec.prompt), text(rec.response))
+    # KTO's BinaryRecord lives in rlhf_fast.trainers.kto, which imports this module; when that is
+    # not loaded no record can be one (and this module stays free of torch)
+    kto = sys.modules.get("rlhf_fast.trainers.kto")
+    if kto is not None and isinstance(rec, kto.BinaryRecord):
+        return ("binary", text(rec.prompt), text(rec.completion))
     return None
 
 

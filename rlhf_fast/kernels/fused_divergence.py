@@ -417,6 +417,12 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     row kernel's vocabulary tile (tests reach the multi-tile path with it on small V).
     """
     _check(beta, temperature, reduction, chunk_size, block_v)
+    if temperature < reference.NATIVE_DIVERGENCE_MIN_TEMPERATURE:
+        # float32 logits times a rounded 1/T drift from the reference there (and overflow below 1e-20)
+        return reference.fused_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta, temperature=temperature,
+            mask=mask, student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
+            return_entropy=return_entropy, chunk_size=chunk_size)
     N = student_hidden.shape[0]
     sdt = torch.promote_types(student_hidden.dtype, student_weight.dtype)
     tdt = torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)

@@ -296,7 +296,11 @@ def load_policy(
         path = os.fspath(model_or_path)
         if not os.path.isdir(path):
             raise ValueError(f"model_or_path must be a local directory (nothing is downloaded), got {path!r}")
+        # absolute: peft saves a LoRA run's base by the path it was loaded from, which must hold
+        # from any folder
+        path = os.path.abspath(path)
         base_path = adapter_base(path, "model_or_path")
+        base_path = None if base_path is None else os.path.abspath(base_path)
         if base_path is not None:
             model = AutoModelForCausalLM.from_pretrained(base_path, **load_kw)
             lora = path if lora is None else lora

@@ -5,6 +5,7 @@ device-side asserts on GPU (no host sync), and skipped while torch.compile trace
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Iterable, Optional, Sequence
 
@@ -81,8 +82,9 @@ def labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: i
 
 def temperature(t, *, allow_zero: bool = False) -> float:
     """Checks ``t`` and returns it as a float (an int beyond float64 is refused here rather
-    than overflowing inside a backend)."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
+    than overflowing inside a backend). Any real number but a bool is accepted: numpy's
+    scalars (np.int64, np.float32) come from configs and arrays."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(t).__name__}")
     # inf is refused with NaN: -inf logits over an infinite temperature are NaN, and the T → inf
     # limit (uniform over the finite logits) is not what any caller means

@@ -117,8 +117,14 @@ def _fused_linear_divergence_cpp(student_hidden, student_weight, teacher_hidden,
 
     A mask is applied by compacting the kept rows first (index_select; autograd scatters the
     gradient back), so masked rows are never projected; under torch.compile, where the kept
-    count would be data-dependent, the kernel skips them instead.
+    count would be data-dependent, the kernel skips them instead. Temperatures below
+    ``reference.NATIVE_DIVERGENCE_MIN_TEMPERATURE`` run the reference.
     """
+    if temperature < reference.NATIVE_DIVERGENCE_MIN_TEMPERATURE:
+        return reference.fused_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta, temperature=temperature,
+            mask=mask, student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
+            return_entropy=return_entropy, chunk_size=chunk_size)
     N = student_hidden.shape[0]
     # the teacher is a constant: detached, so that its requires_grad never routes a call
     # through autograd nor gives the output a grad_fn

@@ -41,13 +41,24 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
 # launchers hand them to this module, whose scale_logits subtracts the max.
 TINY_TEMPERATURE = 1e-20
 
+# Below this temperature the divergence kernels (C++ and Triton), which scale float32 logits by
+# a rounded 1/T and reduce with a fast exp, can drift from this module's result: measured on the
+# C++ kernel, they agree to float rounding up to |z| / T ~ 2e9 and fail from ~4e9 (at 1e-12 a
+# student equal to its teacher gave 2.7e4), so 1e-6 keeps logits up to ~2000 exact. Their
+# launchers hand smaller temperatures to this module.
+NATIVE_DIVERGENCE_MIN_TEMPERATURE = 1e-6
+
 
 def scale_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``z / temperature`` up to a per-row shift, which log_softmax ignores: the row max is
-    subtracted first, so that ``(z − max) / T <= 0`` can only underflow, and a tiny T (1e-40,
-    where z / T overflows to inf and gives NaN) reaches the greedy limit. T = 1 is z itself."""
+    """``z / temperature`` up to a per-row shift, which log_softmax ignores: below
+    ``TINY_TEMPERATURE`` the row max is subtracted first, so that ``(z − max) / T <= 0`` can
+    only underflow, and a tiny T (1e-40, where z / T overflows to inf and gives NaN) reaches the
+    greedy limit. At other temperatures it is ``z / T`` exactly (T = 1: z itself)."""
     if temperature == 1.0:
         return z
+    if temperature >= TINY_TEMPERATURE:
+        # no shift: the results at ordinary temperatures stay bit-identical to log_softmax(z / T)
+        return z / temperature
     # detached: the shift's gradient is zero (log_softmax is shift-invariant), and so is its
     # second derivative
     return (z - z.amax(-1, keepdim=True).detach()) / temperature
@@ -190,8 +201,9 @@ def fused_linear_divergence(
         zt = teacher_hidden @ teacher_weight.t()
         if teacher_bias is not None:
             zt = zt + teacher_bias
-    zs = zs.to(dt) / temperature
-    zt = zt.detach().to(dt) / temperature
+    # scale_logits: below TINY_TEMPERATURE z / T would overflow (inf - inf = NaN)
+    zs = scale_logits(zs.to(dt), temperature)
+    zt = scale_logits(zt.detach().to(dt), temperature)
     div, entropy = divergence_from_logits(zs, zt, beta)
     entropy = entropy.detach()
     if mask is not None:

@@ -95,8 +95,9 @@ def _check_args(args) -> None:
     from rlhf_fast.trainers.config import check_output_path
 
     check_output_path(args.out, "--out")
-    if os.path.exists(args.out) and os.path.exists(args.prompts) and os.path.samefile(args.out, args.prompts):
-        raise ValueError(f"--out {args.out} is the --prompts file itself; write the responses to another file")
+    from rlhf_fast.trainers.report import check_out_not_input
+
+    check_out_not_input(args.out, {"--prompts": args.prompts, "--model": args.model}, "the responses")
 
 
 def _row_seed(seed: int, prompt_index: int, sample: int) -> int:

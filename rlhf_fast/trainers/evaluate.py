@@ -398,6 +398,20 @@ def trained_policy_kwargs(init_kwargs=None) -> dict:
     return kw
 
 
+def _check_out_not_input(args) -> None:
+    """ValueError naming --out when the results would replace an input: the --prompts /
+    --references file, a file in the --policy / --reference / --reward-model folder, or one of
+    the --run folder's files (an earlier eval's .json results there may be rewritten)."""
+    from rlhf_fast.trainers.report import check_out_not_input, check_out_not_run_file
+
+    check_out_not_input(args.out, {flag: getattr(args, flag[2:].replace("-", "_"), None)
+                                   for flag in ("--prompts", "--references", "--policy", "--reference",
+                                                "--reward-model")}, "the results")
+    if args.run:
+        check_out_not_run_file(args.run, args.out, own=".json", what="the results",
+                               hint="write the results to a .json file elsewhere")
+
+
 def run(args) -> int:
     """Evaluate and print one JSON object (also written to ``--out``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -410,10 +424,7 @@ def run(args) -> int:
     _check_args(args)
     if args.out:
         check_output_path(args.out, "--out")  # before the evaluation, whose results it will hold
-        for flag in ("--prompts", "--references"):  # the results would replace an input
-            src = getattr(args, flag[2:], None)
-            if src and os.path.exists(args.out) and os.path.exists(src) and os.path.samefile(args.out, src):
-                raise ValueError(f"--out {args.out} is the {flag} file itself; write the results to another file")
+        _check_out_not_input(args)
     records, reference, fns, split = None, None, list(args.reward_fn), None
     policy_path = args.policy
     init_kwargs = None  # a run's model.model_init_kwargs: its models load as it loaded them
@@ -422,6 +433,11 @@ def run(args) -> int:
         from rlhf_fast.trainers.rl_config import RLConfig
 
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
+        if args.out:
+            from rlhf_fast.trainers.report import check_out_not_input
+
+            check_out_not_input(args.out, {"model.policy of --run": cfg.model.policy,
+                                           "model.reference of --run": cfg.model.reference}, "the results")
         init_kwargs = cfg.model.model_init_kwargs
         policy_path = policy_path or os.path.join(args.run, "final", "policy")
         if args.reference is None:

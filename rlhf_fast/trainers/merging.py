@@ -95,6 +95,7 @@ def check_merge_target(merge: Optional[MergeConfig], model: torch.nn.Module) -> 
     first merge. ValueError naming ``merge.target``."""
     if merge is None or merge.target is None:
         return
+    _refuse_peft(model)  # a peft model's names are not the target's: say why it cannot merge, not a shape
     from rlhf_fast.distributed import unwrap
 
     try:

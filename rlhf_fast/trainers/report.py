@@ -527,21 +527,43 @@ def check_run_dir(run_dir: str) -> None:
 
 
 # what the trainers write in a run folder (and resume, plot and evaluate from): never a report's --out
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "tracker_ids.json")
 RUN_FOLDERS = ("checkpoints", "final", "plots", "tb")
 
 
-def check_out_not_run_file(run_dir: str, out: str) -> None:
+_REPORT_HINT = "write the report to a Markdown file elsewhere (default RUN_DIR/report.md)"
+
+
+def check_out_not_run_file(run_dir: str, out: str, *, own: str = ".md", what: str = "the report",
+                           hint: str = _REPORT_HINT) -> None:
     """ValueError naming --out when ``out`` is one of the files of the run ``run_dir``
-    (:data:`RUN_FILES`, anything under :data:`RUN_FOLDERS`, or another file there that is not
-    Markdown): the report would replace it."""
+    (:data:`RUN_FILES`, anything under :data:`RUN_FOLDERS`, or another file there that does not
+    end in ``own``, the suffix of the files the command writes): ``what`` would replace it. The
+    message ends with ``hint``."""
     rel = os.path.relpath(os.path.realpath(out), os.path.realpath(run_dir))
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return  # outside the run folder
     top = rel.split(os.sep)[0]
-    if top in RUN_FILES or top in RUN_FOLDERS or (os.path.isfile(out) and not out.endswith(".md")):
-        raise ValueError(f"--out {out}: {rel} in RUN_DIR is the run's own (the report would replace it); "
-                         "write the report to a Markdown file elsewhere (default RUN_DIR/report.md)")
+    if top in RUN_FILES or top in RUN_FOLDERS or (os.path.isfile(out) and not out.endswith(own)):
+        raise ValueError(f"--out {out}: {rel} in RUN_DIR is the run's own ({what} would replace it); {hint}")
+
+
+def check_out_not_input(out: str, inputs: Dict[str, Optional[str]], what: str) -> None:
+    """ValueError naming --out when ``out`` would replace one of a command's ``inputs`` (option
+    -> path; None or a path that does not exist, such as a ``tiny:`` spec, is skipped): the file
+    itself, or any path inside a folder (a model's config.json, its tokenizer). ``what`` ("the
+    results") names what the command writes. Shared by ``eval`` and ``generate``."""
+    real_out = os.path.realpath(out)
+    for option, src in inputs.items():
+        if not src or not os.path.exists(src):
+            continue
+        if os.path.isdir(src):
+            rel = os.path.relpath(real_out, os.path.realpath(src))
+            if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+                raise ValueError(f"--out {out} is inside the {option} folder {src} ({what} would replace its "
+                                 f"{rel}); write {what} outside it")
+        elif os.path.exists(out) and os.path.samefile(out, src):
+            raise ValueError(f"--out {out} is the {option} file itself; write {what} to another file")
 
 
 def write_report(run_dir: str, out: Optional[str] = None, *, plot: bool = True, samples: int = 4) -> str:

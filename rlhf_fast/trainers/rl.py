@@ -455,8 +455,9 @@ def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequ
     """(training records, evaluation records) — each ``(prompt, fields)`` — of the RL run
     ``cfg``, from its training ``records`` and its one source of evaluation prompts:
     ``eval_prompts`` (the Python API), ``data.eval_prompts``, ``data.eval_prompts_file``, or
-    ``data.eval_fraction`` (held out of ``records`` by a permutation seeded with the run's seed
-    alone); the first ``eval.max_prompts`` of them, each read through ``convert`` as
+    ``data.eval_fraction`` (whole prompts held out of ``records``, every record of a prompt on one
+    side, by a permutation seeded with the run's seed alone); the first ``eval.max_prompts`` of
+    them, each read through ``convert`` as
     :func:`load_prompt_records` does. ``rlhf-fast eval --run`` splits the same way."""
     d = cfg.data
     src = d.eval_source()
@@ -473,21 +474,31 @@ def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequ
         ev = read_prompt_records(d.eval_prompts_file, d.prompt_key, "data.eval_prompts_file", "data.prompt_key",
                                  convert=convert)
     elif src == "data.eval_fraction":
-        n = len(records)
+        # whole prompts are held out (a prompt listed twice is never both held out and trained on),
+        # numbered in first-occurrence order: with no repeats they are the records' indices and
+        # the split is the permutation of the records it always was
+        item_of: dict = {}
+        items = [item_of.setdefault(_prompt_key(p), len(item_of)) for p, _ in records]
+        n = len(item_of)
         k = max(1, round(d.eval_fraction * n))
         if k >= n:
-            raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts: at least "
-                             f"one must remain for training")
+            raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts (each "
+                             f"counted once): at least one must remain for training")
         # its own stream (not the shuffle's): the split is a function of the seed and the prompts
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_999_937)
         held = set(torch.randperm(n, generator=g)[:k].tolist())
-        ev = [r for i, r in enumerate(records) if i in held]
-        records = [r for i, r in enumerate(records) if i not in held]
+        ev = [r for r, i in zip(records, items) if i in held]
+        records = [r for r, i in zip(records, items) if i not in held]
     else:
         ev = []
     if cfg.eval.max_prompts is not None:
         ev = ev[:cfg.eval.max_prompts]
     return records, ev
+
+
+def _prompt_key(prompt) -> str:
+    """A prompt (text or chat) as a hashable text, for grouping the records of one prompt."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
 
 
 def with_estimator(config: RLConfig, estimator: str) -> RLConfig:

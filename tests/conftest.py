@@ -87,3 +87,17 @@ def run_rows(run) -> list:
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "tokens_per", "step_time"))}
                 for ln in f]
+
+
+def save_tiny_model(folder) -> str:
+    """A tiny Llama (h=32, one layer) and its locally trained tokenizer saved to ``folder`` (what
+    `rlhf-fast sft` leaves in final/); returns the folder as a string."""
+    from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer
+
+    d = str(folder)
+    tok = train_tokenizer(sample_texts(), 256)
+    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=3,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -139,27 +139,3 @@ def test_report_out_check_unchanged(tmp_path):
     check_out_not_run_file(str(run), str(run / "report.md"))
     with pytest.raises(ValueError, match=r"the report would replace it\); write the report to a Markdown"):
         check_out_not_run_file(str(run), str(run / "old.json"))
-
-
-# --------------------------------------------------------------------------- RL LoRA base path
-
-
-def test_rl_lora_run_config_keeps_the_policy_path_as_written(tmp_path, monkeypatch):
-    from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer
-    from rlhf_fast.trainers.rl import RLTrainer
-    from rlhf_fast.trainers.rl_config import ModelConfig, PPOConfig, RLConfig, RolloutConfig
-    from tests.test_rl_learning import PROMPTS, frac_a
-
-    tok = train_tokenizer(sample_texts(), 256)
-    tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=3, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id).save_pretrained(str(tmp_path / "base"))
-    tok.save_pretrained(str(tmp_path / "base"))
-    monkeypatch.chdir(tmp_path)
-    cfg = RLConfig(estimator="grpo", steps=1, output_dir="run", progress=False,
-                   model=ModelConfig(policy="base", lora={"r": 2}),
-                   rollout=RolloutConfig(prompts_per_step=2, group_size=2, max_new_tokens=3),
-                   ppo=PPOConfig(epochs=1, mini_batch_size=4, micro_batch_size=4))
-    RLTrainer(cfg, reward_fns=[frac_a], prompts=PROMPTS).train()
-    assert "policy: base\n" in (tmp_path / "run" / "config.yaml").read_text()
-    adapter = json.loads((tmp_path / "run" / "final" / "policy" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(tmp_path / "base")

@@ -68,15 +68,9 @@ def test_divergence_cpp_at_small_temperature_matches_reference():
 @pytest.fixture
 def saved_model(tmp_path):
     """A tiny Llama and its tokenizer saved to tmp_path/base (what `rlhf-fast sft` leaves in final/)."""
-    from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer
+    from tests.conftest import save_tiny_model
 
-    d = str(tmp_path / "base")
-    tok = train_tokenizer(sample_texts(), 256)
-    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=3,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path / "base")
 
 
 def test_rl_lora_final_names_its_base_by_an_absolute_path(saved_model, tmp_path, monkeypatch):
@@ -93,6 +87,7 @@ def test_rl_lora_final_names_its_base_by_an_absolute_path(saved_model, tmp_path,
     base = json.loads((tmp_path / "run" / "final" / "policy" / "adapter_config.json").read_text())[
         "base_model_name_or_path"]
     assert os.path.isabs(base) and os.path.samefile(base, saved_model), base
+    assert "policy: base\n" in (tmp_path / "run" / "config.yaml").read_text()  # the path as the user wrote it
 
 
 # --------------------------------------------------------------------------- bc4d143: --out over inputs

@@ -136,15 +136,9 @@ def _main(*argv):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A tiny Llama and its tokenizer saved to a folder (what `rlhf-fast sft` leaves in final/)."""
-    from rlhf_fast.models import sample_texts, tiny_causal_lm, train_tokenizer
+    from tests.conftest import save_tiny_model
 
-    d = str(tmp_path_factory.mktemp("walk") / "model")
-    tok = train_tokenizer(sample_texts(), 256)
-    model = tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=3,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("walk") / "model")
 
 
 def test_generate_refuses_out_equal_to_prompts(saved_model, tmp_path, capsys):

@@ -558,6 +558,7 @@ class DistillationTrainer(RLTrainer):
     ``mean_abs_advantage``, ``mean_weight``, ``min_weight``, ``max_weight`` are logged (and
     ``eval/iw_opd/*``: the mean over the evaluation batches)."""
 
+    _uld = None  # GOLD's ULD state (set by __init__); None for subclasses that do not take it (SDFT)
     _distills = True
     convert_record = staticmethod(messages_record)  # GKD's {messages} records as {prompt, completion}
 

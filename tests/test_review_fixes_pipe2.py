@@ -111,6 +111,27 @@ def test_eval_refuses_out_in_reference_and_reward_model_folders(tmp_path):
     _check_out_not_input(args)
 
 
+def test_eval_refuses_out_in_an_adapters_base_folder(tmp_path):
+    """--policy / --reference naming an adapter folder also load its base folder: --out inside
+    that base is refused too; an adapter whose base is not a local folder is left to the load's
+    own refusal."""
+    from rlhf_fast.trainers.evaluate import _check_out_not_input
+
+    base, adapter, stray = tmp_path / "base", tmp_path / "adapter", tmp_path / "stray"
+    for d in (base, adapter, stray):
+        d.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (stray / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None}))
+    for flag in ("policy", "reference"):
+        args = argparse.Namespace(prompts=None, references=None, policy=None, reference=None, reward_model=None,
+                                  run=None, out=str(base / "config.json"))
+        setattr(args, flag, str(adapter))
+        with pytest.raises(ValueError, match=f"inside the base model of the --{flag} folder"):
+            _check_out_not_input(args)
+        setattr(args, flag, str(stray))
+        _check_out_not_input(args)
+
+
 def test_eval_run_may_rewrite_its_own_results_but_no_run_file(tmp_path):
     from rlhf_fast.trainers.evaluate import _check_out_not_input
 

@@ -402,11 +402,20 @@ def _check_out_not_input(args) -> None:
     """ValueError naming --out when the results would replace an input: the --prompts /
     --references file, a file in the --policy / --reference / --reward-model folder, or one of
     the --run folder's files (an earlier eval's .json results there may be rewritten)."""
+    from rlhf_fast.models.loading import adapter_base
     from rlhf_fast.trainers.report import check_out_not_input, check_out_not_run_file
 
-    check_out_not_input(args.out, {flag: getattr(args, flag[2:].replace("-", "_"), None)
-                                   for flag in ("--prompts", "--references", "--policy", "--reference",
-                                                "--reward-model")}, "the results")
+    inputs = {flag: getattr(args, flag[2:].replace("-", "_"), None)
+              for flag in ("--prompts", "--references", "--policy", "--reference", "--reward-model")}
+    for flag in ("--policy", "--reference"):  # an adapter folder loads its base folder too
+        if inputs[flag] and os.path.isdir(inputs[flag]):
+            try:
+                base = adapter_base(inputs[flag], flag)
+            except ValueError:  # a base that is not a local folder: refused when it loads
+                base = None
+            if base:
+                inputs[f"base model of the {flag}"] = base
+    check_out_not_input(args.out, inputs, "the results")
     if args.run:
         check_out_not_run_file(args.run, args.out, own=".json", what="the results",
                                hint="write the results to a .json file elsewhere")

@@ -79,7 +79,7 @@ def test_kto_binary_key_ignores_label_and_annotator():
 
 
 def test_check_out_not_input_edges(tmp_path):
-    from rlhf_fast.trainers.report import check_out_not_input
+    from rlhf_fast.trainers.config import check_out_not_input
 
     model = tmp_path / "m"
     (model / "sub").mkdir(parents=True)

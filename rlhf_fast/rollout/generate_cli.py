@@ -92,11 +92,9 @@ def _check_args(args) -> None:
         if given:
             raise ValueError(f"--num_beams {args.num_beams} (beam search) takes no sampling option; got "
                              + ", ".join("--" + k for k in given))
-    from rlhf_fast.trainers.config import check_output_path
+    from rlhf_fast.trainers.config import check_out_not_input, check_output_path
 
     check_output_path(args.out, "--out")
-    from rlhf_fast.trainers.report import check_out_not_input
-
     check_out_not_input(args.out, {"--prompts": args.prompts, "--model": args.model}, "the responses")
 
 

@@ -517,3 +517,27 @@ def check_output_path(path, option: str, *, folder: bool = False) -> None:
 
 
 __all__ = ["load_config", "to_dict", "save_config", "parse_overrides", "atomic_write_text", "check_output_path"]
+
+
+def path_inside(path, folder) -> Optional[str]:
+    """``path`` relative to ``folder`` (both resolved: links followed) when it is ``folder`` or
+    lies under it, else None."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(folder))
+    return None if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def check_out_not_input(out: str, inputs: Dict[str, Optional[str]], what: str) -> None:
+    """ValueError naming --out when ``out`` would replace one of a command's ``inputs`` (option
+    -> path; None or a path that does not exist, such as a ``tiny:`` spec, is skipped): the file
+    itself, or any path inside a folder (a model's config.json, its tokenizer). ``what`` ("the
+    results") names what the command writes. Shared by ``eval`` and ``generate``."""
+    for option, src in inputs.items():
+        if not src or not os.path.exists(src):
+            continue
+        if os.path.isdir(src):
+            rel = path_inside(out, src)
+            if rel is not None:
+                raise ValueError(f"--out {out} is inside the {option} folder {src} ({what} would replace its "
+                                 f"{rel}); write {what} outside it")
+        elif os.path.exists(out) and os.path.samefile(out, src):
+            raise ValueError(f"--out {out} is the {option} file itself; write {what} to another file")

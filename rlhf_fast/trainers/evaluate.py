@@ -403,7 +403,8 @@ def _check_out_not_input(args) -> None:
     --references file, a file in the --policy / --reference / --reward-model folder, or one of
     the --run folder's files (an earlier eval's .json results there may be rewritten)."""
     from rlhf_fast.models.loading import adapter_base
-    from rlhf_fast.trainers.report import check_out_not_input, check_out_not_run_file
+    from rlhf_fast.trainers.config import check_out_not_input
+    from rlhf_fast.trainers.report import check_out_not_run_file
 
     inputs = {flag: getattr(args, flag[2:].replace("-", "_"), None)
               for flag in ("--prompts", "--references", "--policy", "--reference", "--reward-model")}
@@ -443,7 +444,7 @@ def run(args) -> int:
 
         cfg = load_config(RLConfig, os.path.join(args.run, "config.yaml"))
         if args.out:
-            from rlhf_fast.trainers.report import check_out_not_input
+            from rlhf_fast.trainers.config import check_out_not_input
 
             check_out_not_input(args.out, {"model.policy of --run": cfg.model.policy,
                                            "model.reference of --run": cfg.model.reference}, "the results")

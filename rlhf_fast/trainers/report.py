@@ -24,8 +24,8 @@ import re
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # the CLI commands whose run folders this reads; each RL one covers these estimators
-RL_FAMILIES = {"ppo": ("gae", "reinforce++", "reinforce++_baseline"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "distill": ("distill",),
-               "online-dpo": ("online_dpo",), "a2po": ("a2po",), "sdpo": ("sdpo",),
+RL_FAMILIES = {"ppo": ("gae", "reinforce++", "reinforce++_baseline"), "grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",),
+               "distill": ("distill",), "online-dpo": ("online_dpo",), "a2po": ("a2po",), "sdpo": ("sdpo",),
                "sdft": ("sdft",)}
 
 # Keys that only one offline trainer's config holds (checked in this order: KTO and DPO both have
@@ -50,8 +50,8 @@ KEY_SETTINGS = {
 }
 _RL_COMMON = ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "rollout.prompts_per_step",
               "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
-              "reward.reward_model", "kl.coef", "kl.placement", "kl.reward_kind", "kl.kind", "ppo.epochs", "ppo.mini_batch_size",
-              "ppo.clip_low", "ppo.clip_high", "optim.lr", "seed")
+              "reward.reward_model", "kl.coef", "kl.placement", "kl.reward_kind", "kl.kind", "ppo.epochs",
+              "ppo.mini_batch_size", "ppo.clip_low", "ppo.clip_high", "optim.lr", "seed")
 KEY_SETTINGS.update({
     "ppo": _RL_COMMON + ("model.critic", "ppo.gamma", "ppo.lam", "ppo.value_coef", "optim.critic_lr"),
     "grpo": _RL_COMMON + ("scale_rewards", "ppo.importance_sampling_level", "ppo.policy_loss"),
@@ -540,30 +540,14 @@ def check_out_not_run_file(run_dir: str, out: str, *, own: str = ".md", what: st
     (:data:`RUN_FILES`, anything under :data:`RUN_FOLDERS`, or another file there that does not
     end in ``own``, the suffix of the files the command writes): ``what`` would replace it. The
     message ends with ``hint``."""
-    rel = os.path.relpath(os.path.realpath(out), os.path.realpath(run_dir))
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    from .config import path_inside
+
+    rel = path_inside(out, run_dir)
+    if rel is None:
         return  # outside the run folder
     top = rel.split(os.sep)[0]
     if top in RUN_FILES or top in RUN_FOLDERS or (os.path.isfile(out) and not out.endswith(own)):
         raise ValueError(f"--out {out}: {rel} in RUN_DIR is the run's own ({what} would replace it); {hint}")
-
-
-def check_out_not_input(out: str, inputs: Dict[str, Optional[str]], what: str) -> None:
-    """ValueError naming --out when ``out`` would replace one of a command's ``inputs`` (option
-    -> path; None or a path that does not exist, such as a ``tiny:`` spec, is skipped): the file
-    itself, or any path inside a folder (a model's config.json, its tokenizer). ``what`` ("the
-    results") names what the command writes. Shared by ``eval`` and ``generate``."""
-    real_out = os.path.realpath(out)
-    for option, src in inputs.items():
-        if not src or not os.path.exists(src):
-            continue
-        if os.path.isdir(src):
-            rel = os.path.relpath(real_out, os.path.realpath(src))
-            if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-                raise ValueError(f"--out {out} is inside the {option} folder {src} ({what} would replace its "
-                                 f"{rel}); write {what} outside it")
-        elif os.path.exists(out) and os.path.samefile(out, src):
-            raise ValueError(f"--out {out} is the {option} file itself; write {what} to another file")
 
 
 def write_report(run_dir: str, out: Optional[str] = None, *, plot: bool = True, samples: int = 4) -> str:

@@ -258,8 +258,6 @@ def _ddp_run(strategy: str, steps: int, out_dir: str):
 
 
 def worker(specs, root, out):
-
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         strategy, steps, name = spec.split(":")

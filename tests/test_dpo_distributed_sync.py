@@ -51,7 +51,6 @@ def _full(model):
 def worker(specs, root, out):
     from rlhf_fast.trainers.common import read_metrics
 
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         strategy, steps, name = spec.split(":")

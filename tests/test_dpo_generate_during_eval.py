@@ -212,8 +212,6 @@ def _dist_run(strategy, out_dir, tok):
 
 
 def worker(specs, root, out):
-
-    torch.set_num_threads(1)
     tok = preference_tokenizer()
     results = {}
     for strategy in specs:

@@ -185,7 +185,6 @@ def worker(specs, root, out):
     from rlhf_fast.trainers import mixed_precision as mp
     from rlhf_fast.trainers.common import read_metrics
 
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         kind, strategy, steps, name = spec.split(":")

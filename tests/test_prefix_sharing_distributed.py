@@ -10,7 +10,6 @@ if __name__ == "__main__":  # run as the worker: tests/ must not shadow packages
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from tests.torchrun_launch import launch, main  # noqa: E402
 
@@ -37,7 +36,6 @@ def _run(strategy: str, shared: bool, steps: int, out_dir: str):
 def worker(specs, root, out):
     from rlhf_fast.trainers.common import read_metrics
 
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         strategy, shared, steps = spec.split(":")

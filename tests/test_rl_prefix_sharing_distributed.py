@@ -58,7 +58,6 @@ def _run(spec: str, out_dir: str):
 def worker(specs, root, out):
     from rlhf_fast.distributed import full_state_dict, unwrap
 
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         folder = os.path.join(root, spec.replace(":", "_"))

@@ -436,7 +436,6 @@ def worker(specs, root, out):
     from rlhf_fast.distributed import DistributedConfig, unwrap
     from tests.test_rl_tools import tool_tokenizer
 
-    torch.set_num_threads(1)
     tk, results = tool_tokenizer(), {}
     for spec in specs:  # the strategy: ddp or none
         fn = Scripted(tk)

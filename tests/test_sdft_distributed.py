@@ -57,8 +57,6 @@ def _full(model, tr):
 
 
 def worker(specs, root, out):
-
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         tr, folder = _run(spec, root)

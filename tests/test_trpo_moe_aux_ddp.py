@@ -69,8 +69,6 @@ def _run(spec: str, out_dir: str):
 
 
 def worker(specs, root, out):
-
-    torch.set_num_threads(1)
     results = {}
     for spec in specs:
         folder = os.path.join(root, spec)

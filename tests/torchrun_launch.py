@@ -57,6 +57,9 @@ def main(worker) -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # one thread per rank, as launch() sets OMP_NUM_THREADS
     results = worker(a.runs.split(","), a.root, a.out)
     if results is None:
         return

@@ -75,6 +75,9 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
             if not isinstance(v, str) or not v.strip():
                 problems.append(Problem(name, line, f, "missing field" if v is None else "empty text"))
                 ok = False
+        if ok and a == b:  # no preference to give: data_kind pairs refuses it too
+            problems.append(Problem(name, line, fields[1], f"identical to {fields[0]}"))
+            ok = False
         if not ok:
             continue
         if shuffle_sides and rng.random() < 0.5:
@@ -118,8 +121,25 @@ def read_labels(path: str) -> List[Dict[str, Any]]:
         if missing or rec["label"] not in ("A", "B", "tie", "skip"):
             raise ValueError(f"{path}:{i + 1}: not a label record (expected the fields {', '.join(_LABEL_FIELDS)} "
                              f"with label A, B, tie or skip, as `rlhf-fast label` and `rlhf-fast judge` write)")
+        bad = _label_record_problem(rec)
+        if bad:
+            raise ValueError(f"{path}:{i + 1}: {bad}")
         out.append(rec)
     return out
+
+
+def _label_record_problem(rec: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a label record's prompt and responses ("field: message"), or None: a
+    hand-edited file must not reach the trainers with a number for a response or with A = B."""
+    prompt = rec["prompt"]
+    if not isinstance(prompt, (str, list)) or not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        return f"prompt: expected non-empty text or chat messages, got {prompt!r}"
+    for f in ("a", "b"):
+        if not isinstance(rec[f], str) or not rec[f].strip():
+            return f"{f}: expected non-empty text, got {rec[f]!r}"
+    if rec["a"] == rec["b"] and rec["label"] in ("A", "B"):
+        return "b: identical to a (a preference between two identical responses teaches nothing)"
+    return None
 
 
 def _append(path: str, record: Dict[str, Any]) -> None:

@@ -848,6 +848,21 @@ def check_bool_fields(cfg, names: Sequence[str]) -> None:
             raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
 
 
+def check_annotator_weights(cfg) -> None:
+    """``cfg.annotator_weights``: a mapping {annotator name: finite weight >= 0}; ValueError naming
+    the key otherwise. Records' annotators are text (a JSONL ``"annotator": 1`` is read as "1"), so
+    a non-text key (``{1: 0.5}`` from Python, ``yes`` from YAML) would never apply."""
+    from rlhf_fast.ops._validate import finite
+
+    if not isinstance(cfg.annotator_weights, dict):
+        raise ValueError("annotator_weights must be a mapping {annotator: weight}, got "
+                         f"{type(cfg.annotator_weights).__name__}")
+    for k, w in cfg.annotator_weights.items():
+        if not isinstance(k, str):
+            raise ValueError(f"annotator_weights keys must be annotator names (strings), got {k!r}")
+        finite(f"annotator_weights[{k!r}]", w, ">= 0")
+
+
 def check_tokenizer_override_fields(cfg) -> None:
     """TRL's tokenizer overrides ``eos_token``, ``pad_token`` and ``chat_template_path`` (SFT,
     reward): null or a non-empty string each; ValueError naming the key."""

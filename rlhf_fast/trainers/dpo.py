@@ -156,9 +156,9 @@ from rlhf_fast.models.moe_aux import RouterAux, check_coef, suspended
 from rlhf_fast.ops._validate import finite
 
 from .bema import BEMAConfig, check_bema_field, setup_bema  # (its other hooks: in sft's shared loop)
-from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
-                     check_training_schedule, disable_dropout, load_split_records, pad_token_id, record_weight,
-                     steps_for_epochs, trainer_commands, trainer_model)
+from .common import (annotator_weight_map, autocast_context, check_annotator_weights, check_bool_fields,
+                     check_lora_field, check_training_schedule, disable_dropout, load_split_records, pad_token_id,
+                     record_weight, steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
 from .merging import MergeOptions
@@ -323,8 +323,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         if self.use_margin and not set(names) <= MARGIN_LOSSES:
             raise ValueError(f"use_margin applies to loss_type 'sigmoid', 'robust' or 'hinge', not {names} "
                              "(IPO regresses onto a fixed gap of 1/(2·beta); the others have no margin form)")
-        for k, w in self.annotator_weights.items():
-            finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        check_annotator_weights(self)
         batch = sorted(set(names) & BATCH_LOSSES)
         if batch and (self.annotator_weights or self.auto_annotator_weights):
             raise ValueError(f"annotator_weights / auto_annotator_weights do not apply to loss_type {batch}: it sorts "

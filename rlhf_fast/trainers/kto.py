@@ -93,8 +93,8 @@ from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, response_text
 from rlhf_fast.ops._validate import finite
 
-from .common import (annotator_weight_map, autocast_context, check_bool_fields, load_split_records, record_weight,
-                     steps_for_epochs, trainer_commands)
+from .common import (annotator_weight_map, autocast_context, check_annotator_weights, check_bool_fields,
+                     load_split_records, record_weight, steps_for_epochs, trainer_commands)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
 from .merging import MergeOptions
@@ -199,13 +199,7 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         if self.prefix_sharing and self.loss_type != "kto":
             raise ValueError(f"prefix_sharing shares each example's prompt with its KL row: it needs loss_type 'kto' "
                              f"(loss_type {self.loss_type!r} has no KL rows)")
-        if not isinstance(self.annotator_weights, dict):
-            raise ValueError("annotator_weights must be a mapping {annotator: weight}, got "
-                             f"{type(self.annotator_weights).__name__}")
-        for k, w in self.annotator_weights.items():
-            if not isinstance(k, str):  # a YAML key such as 1 or yes would never match a record's annotator
-                raise ValueError(f"annotator_weights keys must be annotator names (strings), got {k!r}")
-            finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        check_annotator_weights(self)
         check_reference_fields(self)
         self.bema = check_bema_field(self, no_reference_update="TRL's experimental bema_for_ref_model moves "
                                      "DPOTrainer's reference only, not KTO's")

@@ -64,9 +64,10 @@ from rlhf_fast.feedback.losses import _weighted_mean, bradley_terry_loss, placke
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.ops._validate import finite
 
-from .common import (annotator_weight_map, autocast_context, check_bool_fields, check_lora_field,
-                     check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
-                     pad_token_id, record_weight, steps_for_epochs, trainer_commands, trainer_model)
+from .common import (annotator_weight_map, autocast_context, check_annotator_weights, check_bool_fields,
+                     check_lora_field, check_tokenizer_override_fields, check_training_schedule, disable_dropout,
+                     load_split_records, pad_token_id, record_weight, steps_for_epochs, trainer_commands,
+                     trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
 from .merging import MergeOptions
@@ -144,15 +145,15 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOp
         check_tokenizer_override_fields(self)
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
-        check_bool_fields(self, ("prefix_sharing",))
+        check_bool_fields(self, ("prefix_sharing", "use_margin", "rankings_as_pairs", "auto_annotator_weights", "dedup",
+                                 "resume"))
         if self.prefix_sharing and self.data_kind == "scores":
             raise ValueError("prefix_sharing applies to pairs and rankings (a prompt's responses share it), got "
                              "data_kind 'scores' (one response per prompt)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check_pairwise_only(self)
-        for k, w in self.annotator_weights.items():
-            finite(f"annotator_weights[{k!r}]", w, ">= 0")
+        check_annotator_weights(self)
         check_lora_field(self)
         if self.lora is not None and self.lora.get("task_type", "SEQ_CLS") not in ("SEQ_CLS", None):
             # another task type would leave the score head frozen at its random init

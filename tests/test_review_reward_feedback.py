@@ -1,8 +1,8 @@
 """Review of feedback data and reward models (training, evaluation, use as an RL reward).
 
-Each strict xfail pins one defect found in the review; the plain tests pin what was checked
-and found right (the Bradley-Terry / centring loss against TRL 1.16's RewardTrainer.compute_loss,
-Plackett-Luce against a hand computation)."""
+The first two tests pin what was checked and found right (the Bradley-Terry / centring loss
+against TRL 1.16's RewardTrainer.compute_loss, Plackett-Luce against a hand computation); each
+of the others pins one defect the review found, since fixed."""
 
 import copy
 import json
@@ -54,8 +54,6 @@ def test_plackett_luce_is_the_hand_computation_with_padding():
 
 # --------------------------------------------------------------------------- defects
 
-@pytest.mark.xfail(strict=True, reason="RL scores a chat prompt as the POLICY's template renders it, not with the "
-                                       "reward model's own tokenizer template (as training / score_texts / TRL do)")
 def test_rl_scores_chat_prompts_with_the_reward_models_template(tmp_path, monkeypatch):
     """A reward model whose tokenizer has its own chat template (e.g. trained with
     chat_template_path): RLTrainer hands RewardModelReward the prompt text rendered with the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,13 +49,15 @@ class RewardContext:
     """What a source may use besides the texts. input_ids / attention_mask ``[B, L]`` of the
     whole prompt+response rollout (left-padded prompt), response_lengths ``[B]`` tokens;
     fields: the prompt data's other fields (a reference answer, a test case…), name → list of
-    B values (None where a row's prompt lacks it)."""
+    B values (None where a row's prompt lacks it); prompts: each row's prompt as the data gives
+    it (text or chat messages, before the policy's template renders it)."""
 
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
     response_lengths: Optional[List[int]] = None
     fields: Optional[Dict[str, List]] = None
     trl: Optional["TRLRewardInputs"] = None
+    prompts: Optional[List[Any]] = None
 
     def row(self, i: int) -> "RewardContext":
         """The context of row ``i`` alone."""
@@ -64,7 +66,8 @@ class RewardContext:
             attention_mask=None if self.attention_mask is None else self.attention_mask[i:i + 1],
             response_lengths=None if self.response_lengths is None else self.response_lengths[i:i + 1],
             fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()},
-            trl=None if self.trl is None else self.trl.row(i))
+            trl=None if self.trl is None else self.trl.row(i),
+            prompts=None if self.prompts is None else self.prompts[i:i + 1])
 
 
 class RewardLog:
@@ -241,8 +244,10 @@ class RewardModelReward(RewardSource):
 
     With ``tokenizer`` the texts are re-tokenised as :class:`rlhf_fast.trainers.reward.RewardTrainer`
     encodes its pairs (:func:`rlhf_fast.feedback.formats.reward_input_ids`: prompt, response, eos;
-    the last ``max_length`` tokens); without, the rollout's own ``input_ids`` /
-    ``attention_mask`` are used (same vocabulary)."""
+    the last ``max_length`` tokens), the prompt as the data gives it (``ctx.prompts``) where the
+    caller passes it: a chat is then rendered with THIS tokenizer's template, as in training, not
+    the policy's; without a tokenizer, the rollout's own ``input_ids`` / ``attention_mask`` are
+    used (same vocabulary)."""
 
     def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
         if not isinstance(model, torch.nn.Module):
@@ -267,6 +272,8 @@ class RewardModelReward(RewardSource):
             # as the reward trainer encoded its pairs (prompt, response, eos; the end kept): the
             # head learned the score at that eos, and the joint text without it reads another token
             tok = self.tokenizer
+            if ctx is not None and ctx.prompts is not None:
+                prompts = ctx.prompts
             seqs = [reward_input_ids(tok, p, c, self.max_length) for p, c in zip(prompts, completions)]
             if not seqs:
                 return []

@@ -759,9 +759,7 @@ class DistillationTrainer(RLTrainer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batch = completion_batch([self._completions[i] for i in rows], g, pad, self.tokenizer,
                                  [self.prompts[i] for i in rows])
-        extra = None
-        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`, as _run_engine gives them
-            extra = {"_trl_prompts": [self._records["train"][i][0] for i in rows]}
+        extra = {"_prompts": [self._records["train"][i][0] for i in rows]}  # as _run_engine gives them
         return batch, [self.prompt_fields[i] for i in which], extra
 
     def _step_batch(self):

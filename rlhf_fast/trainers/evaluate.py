@@ -136,7 +136,8 @@ def evaluate_policy(
     the data gives them (chats as message lists; default ``prompts``), ``trainer_state`` a
     ``transformers.TrainerState`` (default: a fresh one); what they log with ``log_metric``
     comes back as ``reward_fn/NAME`` (the mean), and the reward mean / std skip the answers no
-    source scored (TRL's nanmean)."""
+    source scored (TRL's nanmean). Reward models read ``data_prompts`` too (a chat rendered with
+    the reward model's own template, as it was trained)."""
     from rlhf_fast.algorithms import CombinedReward, RewardContext, fields_per_row
     from rlhf_fast.algorithms.rewards import RewardLog, TRLRewardInputs, trl_completions
     from rlhf_fast.models.logprobs import sequence_logprobs
@@ -166,9 +167,12 @@ def evaluate_policy(
     log = RewardLog()
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
 
-    def trl_inputs(b):  # TRL's reward-function inputs of rollout b (see TRLRewardInputs)
+    def data_rows(b):  # each answer's prompt as the data gives it
         src = list(data_prompts if data_prompts is not None else prompts)
-        rows = [src[g] for g in b.group_index.tolist()]
+        return [src[g] for g in b.group_index.tolist()]
+
+    def trl_inputs(b):  # TRL's reward-function inputs of rollout b (see TRLRewardInputs)
+        rows = data_rows(b)
         P, am = b.prompt_length, b.attention_mask.bool()
         ids = [t[k].tolist() for t, k in zip(b.input_ids[:, P:].cpu(), am[:, P:].cpu())]
         return TRLRewardInputs(rows, trl_completions(rows, list(b.response_texts)), ids, trainer_state, log)
@@ -182,7 +186,7 @@ def evaluate_policy(
         out = reward(list(b.prompt_texts), list(b.response_texts),
                      RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(),
                                    fields=fields_per_row(fields, b.group_index.tolist()),
-                                   trl=trl_inputs(b) if trl else None))
+                                   trl=trl_inputs(b) if trl else None, prompts=data_rows(b)))
         return b, rm, out
 
     res: Dict[str, float] = {}

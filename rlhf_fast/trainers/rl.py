@@ -1334,14 +1334,15 @@ class RLTrainer:
         if per_row:  # the answers of one prompt are one group again
             g = torch.arange(len(which), device=batch.group_index.device).repeat_interleave(n)
             batch = replace(batch, group_index=g)
-        if self.config.reward.calling_convention == "trl":  # TRL's `prompts`: each row's as the data gives it,
-            recs = self._records[split]                        # with what its environment's reset() appended
-            rows = [recs[which[g]][0] for g in batch.group_index.tolist()]
-            if obs is not None:
-                from rlhf_fast.rollout.environments import with_observation
+        # each row's prompt as the data gives it, with what its environment's reset() appended: TRL's
+        # `prompts`, and what a reward model renders with its own tokenizer's template
+        recs = self._records[split]
+        rows = [recs[which[g]][0] for g in batch.group_index.tolist()]
+        if obs is not None:
+            from rlhf_fast.rollout.environments import with_observation
 
-                rows = [p if o is None else with_observation(p, o) for p, o in zip(rows, obs)]
-            extra["_trl_prompts"] = rows
+            rows = [p if o is None else with_observation(p, o) for p, o in zip(rows, obs)]
+        extra["_prompts"] = rows
         return batch, extra or None, counts
 
     def _custom_rollout(self, which: List[int], n: int, split: str, texts: List[str], obs=None) -> tuple:
@@ -1424,17 +1425,19 @@ class RLTrainer:
         ids, am, rm = self._batch_masks(batch)
         per_row = fields_per_row(fields, batch.group_index.tolist())
         lengths = rm.sum(1)
-        trl = None
-        if extra and "_trl_prompts" in extra:
+        trl = raw = None
+        if extra and "_prompts" in extra:
             extra = dict(extra)
-            trl = self._trl_inputs(batch, ids, am, extra.pop("_trl_prompts"), extra.get("completion_messages"))
+            raw = extra.pop("_prompts")
+            if self.config.reward.calling_convention == "trl":
+                trl = self._trl_inputs(batch, ids, am, raw, extra.get("completion_messages"))
         if extra:
             per_row = {**(per_row or {}), **extra}
         if self.tools:
             lengths = am[:, batch.prompt_length:].sum(1)
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
                            RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths.tolist(),
-                                         fields=per_row, trl=trl))
+                                         fields=per_row, trl=trl, prompts=raw))
 
     def _trl_inputs(self, batch, ids: torch.Tensor, am: torch.Tensor, prompts: list, messages=None):
         """TRL's reward-function inputs of ``batch`` (ids / am ``[B, L]``, the left-padded

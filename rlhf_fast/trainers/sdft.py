@@ -424,10 +424,8 @@ class SDFTTrainer(SelfTeacherTrainer, DistillationTrainer):
         if not self.config.sdft.generate_from_teacher:
             return super()._run_engine(which, params, split)
         batch = self.engine.generate([self._teacher_text[split][i] for i in which], params)
-        extra = None
-        if self.config.reward.calling_convention == "trl":
-            recs = self._records[split]
-            extra = {"_trl_prompts": [recs[which[g]][0] for g in batch.group_index.tolist()]}
+        recs = self._records[split]  # the data's prompts (TRL's `prompts`; what a reward model renders)
+        extra = {"_prompts": [recs[which[g]][0] for g in batch.group_index.tolist()]}
         return batch, extra, [0, 0, 0]
 
     def rollout(self) -> tuple:

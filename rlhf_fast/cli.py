@@ -18,6 +18,8 @@ COMMANDS = {
     "demo": ("rlhf_fast.demo.cli", "the main job: an end-to-end RLHF run on the CPU in minutes"),
     "sft": ("rlhf_fast.trainers.sft", "supervised fine-tuning: rlhf-fast sft CONFIG.yaml [--key value ...]"),
     "reward": ("rlhf_fast.trainers.reward", "train a reward model: rlhf-fast reward CONFIG.yaml [--key value ...]"),
+    "prm": ("rlhf_fast.trainers.prm",
+            "train a process reward model (per-step labels): rlhf-fast prm CONFIG.yaml [--key value ...]"),
     "dpo": ("rlhf_fast.trainers.dpo", "DPO-family preference optimisation: rlhf-fast dpo CONFIG.yaml [--key value ...]"),
     "kto": ("rlhf_fast.trainers.kto", "KTO from unpaired thumbs-up/down or scores: rlhf-fast kto CONFIG.yaml [--key value ...]"),
     "label": ("rlhf_fast.feedback.label", "label pairs in the terminal: rlhf-fast label PAIRS.jsonl --out LABELS.jsonl"),

@@ -32,6 +32,7 @@ RL_FAMILIES = {"ppo": ("gae", "reinforce++", "reinforce++_baseline"), "grpo": ("
 # beta / loss_type / ref_model, the reward and DPO configs both use_margin). Several per kind, so
 # a config written by an older version that lacked one is still recognised.
 KIND_MARKERS = (
+    ("prm", ("step_separator", "train_on_last_step_only")),  # before dpo: a PRM config has max_prompt_length too
     ("kto", ("desirable_weight", "undesirable_weight", "score_threshold")),
     ("dpo", ("rpo_alpha", "f_divergence_type", "simpo_gamma", "max_prompt_length")),
     ("reward", ("center_rewards_coefficient", "rankings_as_pairs")),
@@ -47,6 +48,8 @@ KEY_SETTINGS = {
     "dpo": ("ref_model",) + _OFFLINE_COMMON + ("beta", "loss_type", "label_smoothing", "rpo_alpha",
                                                "precompute_ref_logps"),
     "kto": ("ref_model",) + _OFFLINE_COMMON + ("beta", "loss_type", "desirable_weight", "undesirable_weight"),
+    "prm": _OFFLINE_COMMON + ("max_prompt_length", "max_completion_length", "step_separator",
+                              "train_on_last_step_only"),
 }
 _RL_COMMON = ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "rollout.prompts_per_step",
               "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
@@ -88,6 +91,8 @@ KEY_METRICS = {
             "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
     "kto": ("loss", "kl", "rewards/margin", "rewards/chosen", "rewards/rejected", "entropy", "logits/*", "eval_loss",
             "eval_kl", "eval_rewards/margin", "num_tokens", "train_tokens_per_second") + _OFFLINE_TAIL,
+    "prm": ("loss", "eval_loss", "eval_accuracy", "eval_solution_accuracy", "num_tokens",
+            "train_tokens_per_second") + _OFFLINE_TAIL,
 }
 KEY_METRICS.update(dict.fromkeys(("ppo", "grpo", "rloo"), (
     "reward/total", "reward/*", "eval/*", "kl/seq", "kl/token", "kl/coef", "entropy", "policy/loss",
@@ -130,7 +135,7 @@ def run_kind(config: Dict[str, Any]) -> str:
     for kind, keys in KIND_MARKERS:
         if any(k in config for k in keys):
             return kind
-    raise ValueError("config.yaml: not the config of an rlhf-fast run (sft, reward, dpo, kto, ppo, grpo or rloo): "
+    raise ValueError("config.yaml: not the config of an rlhf-fast run (sft, reward, prm, dpo, kto, ppo, grpo, rloo, ...): "
                      "it has none of their keys")
 
 
@@ -324,7 +329,8 @@ def _setting(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (dict, list)):
+    if isinstance(v, (dict, list)) or (isinstance(v, str) and (v != v.strip() or not v or not v.isprintable())):
+        # (a string with spaces at its ends or control characters, e.g. a step separator "\n", shown as JSON)
         return md_text(json.dumps(v, ensure_ascii=False), limit=120)
     return md_text(str(v), limit=120)
 

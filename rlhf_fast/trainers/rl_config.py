@@ -20,6 +20,7 @@ from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP
                                                 VESPO_LAMBDA_POS)
 from rlhf_fast.algorithms.policy_losses import (CLIP_COV_LB, CLIP_COV_RATIO, CLIP_COV_UB, COV_LOSSES, KL_COV_RATIO,
                                                 PPO_KL_COEF)
+from rlhf_fast.algorithms.process_rewards import PROCESS_AGGREGATIONS
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
@@ -550,7 +551,14 @@ class RewardConfig:
     NaN-skipping weighted sum, and an answer no source scored is kept with advantage 0, outside
     the group statistics, as TRL's (dropped under gae / reinforce++; under reinforce++_baseline with
     its whole group). ``on_bad_reward`` still rules ±inf and
-    exceptions (:class:`rlhf_fast.algorithms.rewards.CombinedReward`)."""
+    exceptions (:class:`rlhf_fast.algorithms.rewards.CombinedReward`).
+
+    ``process_model``: a process reward model folder (``rlhf-fast prm``'s ``final/``), one more
+    source of weight ``process_model_weight``: each completion split into steps at the PRM's
+    ``step_separator``, P(step correct) read at each step's separator token, and the steps'
+    probabilities aggregated by ``process_aggregation``: ``min`` (the default, the usual choice
+    of PRM best-of-N work), ``last``, ``mean`` or ``prod``
+    (:mod:`rlhf_fast.algorithms.process_rewards`)."""
 
     functions: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
@@ -558,6 +566,9 @@ class RewardConfig:
     reward_model_weight: float = 1.0
     reward_model_ensemble: str = "sum"
     ensemble_coef: Optional[float] = None
+    process_model: Optional[str] = None  # a PRM folder (rlhf-fast prm); null: none
+    process_model_weight: float = 1.0
+    process_aggregation: str = "min"  # min | last | mean | prod of the step probabilities
     length_penalty: float = 0.0
     length_target: Optional[int] = None
     repetition_penalty: float = 0.0
@@ -582,6 +593,7 @@ class RewardConfig:
             raise ValueError("reward.whiten / reward.clip / reward.clip_range shape the summed reward, which "
                              "reward.multi_objective_aggregation 'normalize_then_sum' does not use; unset them")
         self._check_reward_models()
+        self._check_process_model()
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"reward.weights must have one entry per reward.functions entry "
                              f"({len(self.functions)}), got {len(self.weights)}")
@@ -616,6 +628,12 @@ class RewardConfig:
             raise ValueError("reward.clip and reward.clip_range are both set; give one ([-clip, clip] is "
                              "clip_range [-clip, clip])")
         self.clip_range = [float(v) for v in r]
+
+    def _check_process_model(self):
+        if self.process_model is not None and (not isinstance(self.process_model, str) or not self.process_model):
+            raise ValueError(f"reward.process_model must be a PRM folder (a non-empty path), got {self.process_model!r}")
+        _choice("reward.process_aggregation", self.process_aggregation, PROCESS_AGGREGATIONS)
+        finite("reward.process_model_weight", self.process_model_weight)
 
     def reward_model_folders(self) -> List[tuple]:
         """``(config key, folder)`` of each reward-model folder: the key is

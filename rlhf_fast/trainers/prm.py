@@ -1,0 +1,412 @@
+"""Process reward models (PRM): ``rlhf-fast prm CONFIG.yaml [--key value ...]``.
+
+TRL 0.x's ``PRMTrainer`` / ``PRMConfig`` (dropped from TRL 1.x; OpenRLHF's ``train_prm``): a
+token classifier (``AutoModelForTokenClassification``, 2 labels) learns whether each step of a
+step-by-step solution is correct. Data: TRL's "stepwise supervision" records, one JSON object a
+line, ``{"prompt": str, "completions": [step, ...], "labels": [bool per step]}``
+(:func:`load_stepwise_records`). Each record is tokenised as TRL's ``PRMTrainer.tokenize_row``
+(:func:`tokenize_steps`): bos + the prompt, then every step followed by ``step_separator``, the
+step's label (1 correct, 0 wrong) on the LAST token of its separator and -100 everywhere else;
+``max_prompt_length`` keeps the prompt's last tokens, ``max_completion_length`` the steps' first,
+``max_len`` (TRL's ``max_length``) the row's first; ``train_on_last_step_only`` labels only the
+last step of training rows (evaluation rows keep every label, as TRL's ``is_eval``). The loss is
+the cross-entropy at the labelled tokens, averaged over every labelled token of the global batch
+(all micro-batches and ranks: transformers' ``num_items_in_batch`` with TRL's
+``average_tokens_across_devices=True``).
+
+Held-out metrics: ``eval_loss``, ``eval_accuracy`` (TRL's ``compute_accuracy``: the fraction of
+labelled steps whose argmax is the label, a tie read as 0 as ``np.argmax`` reads it) and
+``eval_solution_accuracy`` (a solution is correct iff all its labelled steps are; the fraction of
+solutions whose predicted verdict, all steps predicted correct, is the label's).
+
+The model is built from ``model``: a local folder (a causal LM's backbone gets a fresh 2-label
+head, as TRL's ``AutoModelForTokenClassification.from_pretrained(..., num_labels=2)``) or a
+``tiny:`` spec (the tiny causal LM's backbone likewise). ``final/`` holds ``save_pretrained`` of
+the token classifier plus its tokenizer, and ``config.json`` records ``step_separator``, which
+``reward.process_model`` in RL reads (:mod:`rlhf_fast.algorithms.process_rewards`).
+Checkpoints, exact resume, torchrun (ddp / fsdp2), evaluation and the final save are the
+SFT / reward trainers' (:mod:`rlhf_fast.trainers.sft`). Not here yet: LoRA, BEMA, merging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import chain
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from rlhf_fast.distributed import DistributedConfig
+
+from .common import (LoggingOptions, ModelInitOptions, OptimizerOptions, autocast_context, check_bool_fields,
+                     check_training_schedule, disable_dropout, load_split_records, pad_token_id, steps_for_epochs,
+                     trainer_commands)
+from .compile import CompileOptions
+from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
+                  optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
+
+IGNORE = -100  # transformers' ignore_index: tokens that carry no label
+SEPARATOR_KEY = "step_separator"  # the saved model config's attribute that RL reads
+
+
+@dataclasses.dataclass
+class PRMConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
+    """Process-reward-model settings (TRL 0.x's PRMConfig; see the module docstring).
+    ``data`` / ``eval_data``: JSONL / Parquet of stepwise records (None: a synthetic arithmetic
+    task, :func:`synthetic_stepwise_records`, so the defaults run); ``max_len`` is TRL's
+    ``max_length``; ``max_prompt_length`` / ``max_completion_length``: null for no cap;
+    ``step_separator``: the text after each step (its last token carries the step's label);
+    ``train_on_last_step_only``: label only the last step of training rows."""
+
+    model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.1
+    output_dir: str = "runs/prm"
+    max_len: int = 1024  # TRL's max_length (its default)
+    max_prompt_length: Optional[int] = 512  # TRL's default; the prompt's last tokens
+    max_completion_length: Optional[int] = None  # the steps' first tokens (separators included)
+    step_separator: str = "\n"
+    train_on_last_step_only: bool = False
+    pad_to_multiple_of: Optional[int] = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    bf16: Optional[bool] = None  # bf16 autocast, on CUDA only (null: true unless fp16, TRL's default)
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    activation_offloading: bool = False
+    disable_dropout: bool = True  # TRL's default (the token-classification head has dropout 0.1)
+    num_train_epochs: Optional[float] = None
+    eval_every: int = 50
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = True
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        check_training_schedule(self)
+        check_bool_fields(self, ("train_on_last_step_only",))
+        for name in ("max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be null or an int >= 1, got {v!r}")
+        if not isinstance(self.step_separator, str) or not self.step_separator:
+            raise ValueError(f"step_separator must be a non-empty string, got {self.step_separator!r}")
+
+
+@dataclasses.dataclass
+class StepwiseRecord:
+    """One solution: ``prompt``, its ``completions`` (the steps, in order) and one bool label per
+    step (True: the step is correct)."""
+
+    prompt: str
+    completions: List[str]
+    labels: List[bool]
+
+
+def _row_problems(row: Any) -> List[tuple]:
+    """``[(field, message)]`` of what is wrong with one stepwise row (empty when it is valid)."""
+    if not isinstance(row, dict):
+        return [("row", f"expected a JSON object, got {type(row).__name__}")]
+    out = []
+    if not isinstance(row.get("prompt"), str):
+        out.append(("prompt", "missing" if "prompt" not in row else f"expected text, got {row['prompt']!r:.60}"))
+    steps, labels = row.get("completions"), row.get("labels")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        out.append(("completions", "missing" if "completions" not in row else
+                    f"expected a non-empty list of step strings, got {steps!r:.60}"))
+    if "labels" not in row:
+        out.append(("labels", "missing (one true/false per step)"))
+    elif not isinstance(labels, list) or not all(isinstance(x, bool) for x in labels):
+        out.append(("labels", f"expected a list of true/false, one per step, got {labels!r:.60}"))
+    elif isinstance(steps, list) and len(labels) != len(steps):
+        out.append(("labels", f"expected one label per step: {len(steps)} completions, {len(labels)} labels"))
+    return out
+
+
+def load_stepwise_records(source: Any, key: str = "data") -> List[StepwiseRecord]:
+    """StepwiseRecords from a JSONL / Parquet path or a list of rows (dicts or StepwiseRecords).
+    ValueError naming ``key``, the line and the field (``prompt``, ``completions``, ``labels``)
+    for every bad row: labels missing, not bools, or not one per step."""
+    from rlhf_fast.feedback.formats import Problem, _BadJSON, problems_error, read_rows
+
+    if isinstance(source, (list, tuple)):
+        source = [dataclasses.asdict(r) if isinstance(r, StepwiseRecord) else r for r in source]
+    name, rows = read_rows(source, key)
+    problems, out = [], []
+    for line, row in rows:
+        if isinstance(row, _BadJSON):
+            problems.append(Problem(name, line, "row", row.message))
+            continue
+        bad = _row_problems(row)
+        problems += [Problem(name, line, f, m) for f, m in bad]
+        if not bad:
+            out.append(StepwiseRecord(row["prompt"], list(row["completions"]), list(row["labels"])))
+    if problems:
+        raise problems_error(key, name, problems)
+    return out
+
+
+def synthetic_stepwise_records(n: int = 512, *, seed: int = 0, max_steps: int = 3,
+                               max_digit: int = 2) -> List[StepwiseRecord]:
+    """Solutions of small additions whose steps are decidable from their text: a step "a+b=c"
+    (a, b in 0..``max_digit``) is correct iff c = a + b; half the steps are wrong, c then 3 to 5
+    too large (so a tiny model learns it in tens of steps; chance step accuracy is ~0.5)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        steps, labels = [], []
+        for _ in range(rng.randint(1, max_steps)):
+            a, b = rng.randint(0, max_digit), rng.randint(0, max_digit)
+            ok = rng.random() < 0.5
+            steps.append(f"{a}+{b}={a + b if ok else a + b + rng.choice([3, 4, 5])}")
+            labels.append(ok)
+        out.append(StepwiseRecord("add the numbers:", steps, labels))
+    return out
+
+
+def tokenize_steps(tokenizer, prompt: str, completions: Sequence[str], labels: Sequence[bool], *,
+                   step_separator: str = "\n", max_len: Optional[int] = None,
+                   max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None,
+                   train_on_last_step_only: bool = False, is_eval: bool = False) -> Dict[str, List[int]]:
+    """TRL 0.x's ``PRMTrainer.tokenize_row``: ``{"input_ids": [T], "labels": [T]}`` (int lists).
+    The prompt without special tokens after the tokenizer's bos (if any), each step without
+    special tokens followed by ``step_separator``'s ids; a step's label (0/1) on its separator's
+    last token, -100 elsewhere (and on every step but the last with ``train_on_last_step_only``,
+    unless ``is_eval``); the prompt's last ``max_prompt_length`` tokens, the steps' first
+    ``max_completion_length``, then the row's first ``max_len`` (each None: no cut)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    step_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in completions]
+    if train_on_last_step_only and not is_eval:
+        lab = [IGNORE] * (len(labels) - 1) + [int(labels[-1])]
+    else:
+        lab = [int(x) for x in labels]
+    sep = tokenizer.encode(step_separator, add_special_tokens=False)
+    step_ids = [list(s) + sep for s in step_ids]
+    completion = list(chain(*step_ids))
+    step_labels = list(chain(*([IGNORE] * (len(s) - 1) + [x] for s, x in zip(step_ids, lab))))
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + list(prompt_ids)
+    if max_prompt_length is not None:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    if max_completion_length is not None:
+        completion, step_labels = completion[:max_completion_length], step_labels[:max_completion_length]
+    ids, out_labels = list(prompt_ids) + completion, [IGNORE] * len(prompt_ids) + step_labels
+    if max_len is not None:
+        ids, out_labels = ids[:max_len], out_labels[:max_len]
+    return {"input_ids": ids, "labels": out_labels}
+
+
+def check_separator(tokenizer, step_separator: str, key: str = "step_separator") -> None:
+    """ValueError naming ``key`` when ``step_separator`` encodes to no token (no label position)."""
+    if not tokenizer.encode(step_separator, add_special_tokens=False):
+        raise ValueError(f"{key} {step_separator!r} encodes to no token with this tokenizer; choose a separator "
+                         "the tokenizer keeps (its last token carries each step's label)")
+
+
+def check_token_classifier(model, key: str = "model") -> None:
+    """ValueError naming ``key`` unless ``model`` is a token classifier with 2 labels."""
+    from rlhf_fast.distributed import unwrap
+    from rlhf_fast.models.logprobs import unwrap as base_of
+
+    base = base_of(unwrap(model))
+    name = type(base).__name__
+    if not name.endswith("ForTokenClassification") or getattr(base.config, "num_labels", None) != 2:
+        raise ValueError(f"{key}: expected a token-classification model with 2 labels (as `rlhf-fast prm` saves), "
+                         f"got {name} with num_labels={getattr(base.config, 'num_labels', None)}")
+
+
+def token_classifier_from(causal) -> torch.nn.Module:
+    """A fresh 2-label AutoModelForTokenClassification over ``causal``'s backbone (its weights
+    copied; the head initialised from the global RNG): what TRL's ``from_pretrained(causal folder,
+    num_labels=2)`` builds, for a model built in memory (a ``tiny:`` spec)."""
+    import copy
+
+    from transformers import AutoModelForTokenClassification
+
+    cfg = copy.deepcopy(causal.config)
+    cfg.num_labels, cfg.architectures = 2, None
+    model = AutoModelForTokenClassification.from_config(cfg)
+    getattr(model, model.base_model_prefix).load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+    return model.to(dtype=next(causal.parameters()).dtype).eval()
+
+
+def load_prm_model(spec: str, *, texts: Sequence[str] = (), tokenizer=None, init_kwargs=None):
+    """``(model, tokenizer)``: a 2-label token classifier from a local folder (a causal LM's or a
+    PRM's) or a ``tiny:`` spec (the tiny causal LM's backbone, :func:`token_classifier_from`)."""
+    import os
+
+    from .common import load_causal_lm
+
+    if isinstance(spec, str) and spec.startswith("tiny:"):
+        causal, tok = load_causal_lm(spec, texts=list(texts), kind="causal", tokenizer=tokenizer,
+                                     init_kwargs=init_kwargs)
+        return token_classifier_from(causal), tok
+    if not isinstance(spec, str) or not os.path.isdir(spec):
+        raise ValueError(f"model must be a local folder or a 'tiny:' spec; {spec!r} is neither (nothing is downloaded)")
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from rlhf_fast.models.loading import (check_model_folder, check_model_init_kwargs, from_pretrained_kwargs,
+                                          tokenizer_kwargs)
+
+    check_model_folder(spec, "model", tokenizer=tokenizer is None)
+    load_kw = from_pretrained_kwargs(check_model_init_kwargs(init_kwargs or {}))
+    tok = tokenizer or AutoTokenizer.from_pretrained(spec, **tokenizer_kwargs(load_kw))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForTokenClassification.from_pretrained(spec, num_labels=2, **load_kw), tok
+
+
+def pad_rows(items: Sequence[Dict[str, List[int]]], pad_id: int, pad_to_multiple_of: Optional[int] = None):
+    """``(input_ids, attention_mask, labels)`` ``[B, T]`` int64 of tokenised rows, right-padded
+    (labels with -100)."""
+    from rlhf_fast.feedback.formats import pad_right
+
+    ids, attn = pad_right([it["input_ids"] for it in items], pad_id, pad_to_multiple_of)
+    labels = torch.full_like(ids, IGNORE)
+    for i, it in enumerate(items):
+        labels[i, :len(it["labels"])] = torch.tensor(it["labels"], dtype=torch.long)
+    return ids, attn, labels
+
+
+def step_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over labelled tokens (labels != -100) of the cross-entropy of ``logits`` ``[B, T, 2]``
+    against ``labels`` ``[B, T]`` int64: a 0-dim float32 (divide by the labelled-token count of
+    the global batch for TRL's mean)."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+
+
+class PRMTrainer:
+    """Trains a process reward model (see the module docstring). ``model`` / ``tokenizer`` /
+    ``train_records`` / ``eval_records`` (StepwiseRecords or dicts) override what the config
+    would load. ``train()`` returns the final metrics dict."""
+
+    def __init__(self, cfg: PRMConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):
+        if not isinstance(cfg, PRMConfig):
+            raise TypeError(f"cfg must be a PRMConfig, got {type(cfg).__name__}")
+        open_trainer(self, cfg)
+        train_records, eval_records = load_split_records(
+            cfg, lambda path: load_stepwise_records(path, "eval_data" if path == cfg.eval_data else "data"),
+            lambda: synthetic_stepwise_records(seed=cfg.seed), train_records, eval_records)
+        train_records = load_stepwise_records(list(train_records), "train_records")
+        eval_records = load_stepwise_records(list(eval_records or []), "eval_records")
+        if model is None:
+            texts = [t for r in train_records[:2000] for t in [r.prompt, cfg.step_separator.join(r.completions)]]
+            model, tokenizer = load_prm_model(cfg.model, texts=texts, tokenizer=tokenizer,
+                                              init_kwargs=cfg.model_init_kwargs)
+        elif tokenizer is None:
+            raise ValueError("tokenizer must be given together with model")
+        check_token_classifier(model)
+        check_separator(tokenizer, cfg.step_separator)
+        self.model, self.tokenizer = model.to(self.device), tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.pad_id
+        setattr(self.model.config, SEPARATOR_KEY, cfg.step_separator)  # saved in final/config.json for RL
+        if cfg.gradient_checkpointing:
+            from rlhf_fast.models.loading import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
+        if cfg.disable_dropout:
+            disable_dropout(self.model)
+        self.model = wrap_configured(self.model, cfg.distributed, self.ctx)
+        # rows with no label left after truncation train nothing: dropped (TRL keeps them, loss 0)
+        self.train_items = [it for it in (self._encode(r, False) for r in train_records) if it["n_labels"]]
+        self.eval_items = [it for it in (self._encode(r, True) for r in eval_records) if it["n_labels"]]
+        self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
+        steps_for_epochs(cfg, len(self.train_items))
+        init_optimization(self)
+
+    def _encode(self, r: StepwiseRecord, is_eval: bool) -> Dict[str, Any]:
+        c = self.cfg
+        row = tokenize_steps(self.tokenizer, r.prompt, r.completions, r.labels, step_separator=c.step_separator,
+                             max_len=c.max_len, max_prompt_length=c.max_prompt_length,
+                             max_completion_length=c.max_completion_length,
+                             train_on_last_step_only=c.train_on_last_step_only, is_eval=is_eval)
+        row["n_labels"] = sum(x != IGNORE for x in row["labels"])
+        return row
+
+    def _logits(self, items: Sequence[Dict[str, Any]]):
+        """``(logits [B, T, 2], labels [B, T])`` of a micro-batch, on the trainer's device."""
+        ids, attn, labels = pad_rows(items, self.pad_id, self.cfg.pad_to_multiple_of)
+        with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        return logits, labels.to(self.device)
+
+    def loss(self, items: Sequence[Dict[str, Any]]) -> torch.Tensor:
+        """The mean cross-entropy over the labelled tokens of ``items`` (0-dim float32)."""
+        logits, labels = self._logits(items)
+        return step_loss_sum(logits, labels) / max(sum(it["n_labels"] for it in items), 1)
+
+    @torch.no_grad()
+    def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
+        """``eval_loss``, ``eval_accuracy`` (per labelled step) and ``eval_solution_accuracy``
+        (per solution: all steps predicted correct vs all labelled correct) on ``items``."""
+        items = self.eval_items if items is None else items
+        if not items:
+            return {}
+        loss, n, correct, sol_ok = 0.0, 0, 0, 0
+        with eval_mode(self.model):
+            for i in range(0, len(items), self.cfg.batch_size):
+                chunk = items[i: i + self.cfg.batch_size]
+                logits, labels = self._logits(chunk)
+                loss += float(step_loss_sum(logits, labels))
+                mask = labels != IGNORE
+                pred = (logits[..., 1] > logits[..., 0]).long()  # np.argmax: a tie is label 0
+                correct += int(((pred == labels) & mask).sum())
+                n += int(mask.sum())
+                ok = lambda x: torch.where(mask, x == 1, torch.ones_like(mask)).all(-1)  # noqa: E731
+                sol_ok += int((ok(pred) == ok(labels)).sum())
+        return {"eval_loss": loss / max(n, 1), "eval_accuracy": correct / max(n, 1),
+                "eval_solution_accuracy": sol_ok / len(items)}
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; the loss is normalised by the
+        labelled tokens of all of them (on every rank), as transformers' ``num_items_in_batch``."""
+        cfg, ctx = self.cfg, self.ctx
+        self.model.train()
+        batches = [self.batches.next() for _ in range(cfg.grad_accum)]
+        n_global = max(sum(self.train_items[i]["n_labels"] for idx in batches for i in idx), 1)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for idx in batches:
+            chunk, real = local_share(idx, self.train_items, ctx)
+            with offload_context(self):
+                logits, labels = self._logits(chunk)
+                loss = step_loss_sum(logits, labels) * (float(real) / n_global)
+                # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
+                self.scaler.scale(loss * ctx.grad_scale).backward()
+            total += loss.detach().double()
+        gnorm = optimizer_step(self)
+        m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": gnorm, **self.scaler.metrics(),
+             "lr": self.scheduler.get_last_lr()[0]}
+        m.update(count_tokens(self, sum(len(self.train_items[i]["input_ids"]) for idx in batches for i in idx)))
+        return ctx.mean_metrics(m)
+
+    def _save(self) -> None:
+        save_supervised(self, "prm")
+
+    def train(self) -> Dict[str, float]:
+        """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""
+        resume_supervised(self, "prm")
+        return training_loop(self, has_eval=bool(self.eval_items))
+
+
+add_arguments, run = trainer_commands("prm", PRMConfig, PRMTrainer)  # what rlhf_fast.cli calls
+
+
+__all__ = ["PRMConfig", "PRMTrainer", "StepwiseRecord", "load_stepwise_records", "synthetic_stepwise_records",
+           "tokenize_steps", "step_loss_sum", "load_prm_model", "token_classifier_from", "check_token_classifier",
+           "add_arguments", "run"]

@@ -168,15 +168,13 @@ def test_learns_saves_reloads_and_scores_as_rl_reward(tmp_path, tok):
 
     # the RL reward: split at the separator, P(label 1) at each separator's last token, aggregated
     prompts = ["add the numbers:", "add the numbers:", "add the numbers:", "add the numbers:"]
-    completions = ["1+1=2\n2+2=8\n", "0+2=2\n1+0=1", "2+2=9", ""]
+    completions = ["1+1=2\n2+2=8\n", "0+2=2\n\n1+0=1", "2+2=9", "1+2=3\n"]
     from transformers import AutoTokenizer
 
     rtok = AutoTokenizer.from_pretrained(final)
     hand = []
     for p, c in zip(prompts, completions):
-        steps = c.split("\n")
-        if len(steps) > 1 and steps[-1] == "":
-            steps = steps[:-1]
+        steps = [s for s in c.split("\n") if s]  # (a blank line between steps is no step)
         row = trl_tokenize_row({"prompt": p, "completions": steps, "labels": [True] * len(steps)}, rtok, "\n",
                                None, None, None, False, True)
         with torch.no_grad():
@@ -193,7 +191,9 @@ def test_learns_saves_reloads_and_scores_as_rl_reward(tmp_path, tok):
         assert src.separator == "\n"
         assert src(prompts, completions, None) == pytest.approx(want[agg], rel=1e-5, abs=1e-6), agg
     assert aggregate_steps([torch.tensor([])], "min")[0] != aggregate_steps([torch.tensor([])], "min")[0]  # NaN
-    assert split_steps("a\nb\n", "\n") == ["a", "b"] and split_steps("a\n\nb", "\n") == ["a", "", "b"]
+    assert split_steps("a\nb\n", "\n") == ["a", "b"] and split_steps("a\n \nb", "\n") == ["a", "b"]
+    assert split_steps("", "\n") == [] and split_steps("\n\n", "\n") == []
+    assert math.isnan(load_process_reward_model(final)(["p"], [" \n"], None)[0])  # no step: NaN
 
 
 def test_rl_step_with_process_model(tmp_path, tok):

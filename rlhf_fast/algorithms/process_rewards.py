@@ -15,8 +15,10 @@ last token. The step probabilities p_1..p_S of a completion become one scalar re
 - ``prod``: Π_s p_s (the probability that every step is correct, if they were independent).
 
 The scores are in [0, 1]; ``reward.process_model_weight`` weighs them against the other sources.
-A completion with no scored step (none survives: the text is empty after splitting) gets NaN,
-which ``reward.on_bad_reward`` raises or drops. Token-level rewards at each step's end (verl's
+Pieces of only whitespace are no steps (an empty answer, a blank line between steps); a row
+longer than the PRM's positions (``max_position_embeddings``) keeps its first tokens, as the
+trainer's ``max_len``, and the steps whose separator it cuts off are not scored. A completion
+with no scored step gets NaN, which ``reward.on_bad_reward`` raises or drops. Token-level rewards at each step's end (verl's
 PRM-as-dense-reward for GAE) are not implemented.
 """
 
@@ -34,29 +36,43 @@ DEFAULT_SEPARATOR = "\n"  # TRL's PRMConfig default, for a PRM saved without ste
 
 
 def split_steps(completion: str, separator: str) -> List[str]:
-    """The steps of ``completion``: the pieces between separators, the last one dropped when
-    it is empty (a completion that ends with the separator, as every training row does)."""
-    steps = completion.split(separator)
-    if len(steps) > 1 and steps[-1] == "":
-        steps.pop()
-    return steps
+    """The steps of ``completion``: the pieces between separators that hold more than whitespace
+    (an empty completion has none; a trailing separator, as every training row has, or a blank
+    line between steps adds none)."""
+    return [s for s in completion.split(separator) if s.strip()]
 
 
-def step_positions(tokenizer, prompt: str, steps: Sequence[str], separator: str):
-    """``(input_ids [T] list, positions [S] list)``: the row the PRM trainer would build for
-    ``steps`` (no truncation) and the index of each step's separator's last token, where the
-    step's label was trained."""
+def max_positions(model) -> Optional[int]:
+    """The longest row ``model`` reads (its config's ``max_position_embeddings`` / ``n_positions``),
+    None when the config names none."""
+    conf = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(conf, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def step_positions(tokenizer, prompt: str, steps: Sequence[str], separator: str, *, max_len: Optional[int] = None,
+                   add_bos: bool = True):
+    """``(input_ids [T] list, positions [S'] list)``: the row the PRM trainer would build for
+    ``steps`` (its first ``max_len`` tokens; ``add_bos`` False for a prompt whose rendered text
+    already holds it, as a chat template writes it) and the index of each step's separator's
+    last token, where the step's label was trained (S' <= S: the steps whose separator survives)."""
     from rlhf_fast.trainers.prm import IGNORE, tokenize_steps
 
-    row = tokenize_steps(tokenizer, prompt, steps, [True] * len(steps), step_separator=separator)
+    row = tokenize_steps(tokenizer, prompt, steps, [True] * len(steps), step_separator=separator, max_len=max_len,
+                         add_bos=add_bos)
     return row["input_ids"], [i for i, x in enumerate(row["labels"]) if x != IGNORE]
 
 
 @torch.no_grad()
 def step_probabilities(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], separator: str, *,
-                       batch_size: int = 64) -> List[torch.Tensor]:
+                       batch_size: int = 64, add_bos: Optional[Sequence[bool]] = None) -> List[torch.Tensor]:
     """Per completion, ``[S]`` float32 on the CPU: softmax(PRM logits)[1] at each of its S steps'
-    separator tokens (:func:`step_positions`). ``prompts`` / ``completions``: B texts each."""
+    separator tokens (:func:`step_positions`; rows cut to the model's positions). ``prompts`` /
+    ``completions``: B texts each; ``add_bos``: per row, whether the tokenizer's bos goes before
+    the prompt (default: every row, as the trainer's rows)."""
     from rlhf_fast.feedback.formats import pad_right
 
     if len(prompts) != len(completions):
@@ -64,7 +80,10 @@ def step_probabilities(model, tokenizer, prompts: Sequence[str], completions: Se
                          f"{len(completions)}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows = [step_positions(tokenizer, p, split_steps(c, separator), separator) for p, c in zip(prompts, completions)]
+    limit = max_positions(model)
+    bos = [True] * len(prompts) if add_bos is None else list(add_bos)
+    rows = [step_positions(tokenizer, p, split_steps(c, separator), separator, max_len=limit, add_bos=b)
+            for p, c, b in zip(prompts, completions, bos)]
     out: List[torch.Tensor] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
@@ -84,17 +103,27 @@ def aggregate_steps(probs: Sequence[torch.Tensor], aggregation: str = "min") -> 
     return [float(fn[aggregation](p)) if p.numel() else float("nan") for p in probs]
 
 
-def _text(x: Any) -> str:
-    from rlhf_fast.feedback.formats import response_text
-
-    return x if isinstance(x, str) else response_text(x)  # chat messages: their contents
+def _text(x: Any, separator: str) -> str:
+    """A completion as the PRM reads it: text as it is; chat messages as the text of the assistant
+    turns (a tool call's turn has none; tool results are not the policy's steps), each turn ending
+    a step."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        x = [x]
+    if not isinstance(x, (list, tuple)) or not all(isinstance(m, dict) for m in x):
+        raise TypeError(f"a completion must be text or a list of chat messages, got {type(x).__name__}")
+    said = [m["content"] for m in x if m.get("role", "assistant") == "assistant" and isinstance(m.get("content"), str)]
+    return separator.join(said)
 
 
 class ProcessRewardModel(RewardSource):
     """A trained PRM as a reward source: ``__call__(prompts, completions, ctx)`` -> B floats
     (:func:`step_probabilities` aggregated by ``aggregation``). The prompts are the data's
     (``ctx.prompts``) where the caller passes them, a chat rendered with the PRM tokenizer's
-    template; chat completions are read as their text."""
+    template (which writes its own special tokens, as :func:`rlhf_fast.feedback.formats.reward_input_ids`
+    keeps them: no bos is added before it); chat completions are read as the text of their
+    assistant turns (:func:`_text`)."""
 
     def __init__(self, model, tokenizer, separator: Optional[str] = None, aggregation: str = "min",
                  name: str = "process_model"):
@@ -115,8 +144,9 @@ class ProcessRewardModel(RewardSource):
         if ctx is not None and ctx.prompts is not None:  # the data's prompts: a chat in the PRM's own template
             prompts = ctx.prompts
         ps = [render_prompt(p, self.tokenizer) for p in prompts]
-        cs = [_text(c) for c in completions]
-        return aggregate_steps(step_probabilities(self.model, self.tokenizer, ps, cs, self.separator),
+        cs = [_text(c, self.separator) for c in completions]
+        bos = [isinstance(p, str) for p in prompts]  # a text prompt: the trainer's bos; a chat: the template's
+        return aggregate_steps(step_probabilities(self.model, self.tokenizer, ps, cs, self.separator, add_bos=bos),
                                self.aggregation)
 
 
@@ -155,5 +185,5 @@ def load_process_reward_model(path: str, *, aggregation: str = "min", key: str =
     return ProcessRewardModel(model, tok, sep, aggregation)
 
 
-__all__ = ["PROCESS_AGGREGATIONS", "split_steps", "step_positions", "step_probabilities", "aggregate_steps",
+__all__ = ["PROCESS_AGGREGATIONS", "split_steps", "max_positions", "step_positions", "step_probabilities", "aggregate_steps",
            "ProcessRewardModel", "load_process_reward_model"]

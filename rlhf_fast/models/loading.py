@@ -698,8 +698,10 @@ def reward_model_sources(rc, *, models: Sequence = (), device=None, init_kwargs=
     :class:`~rlhf_fast.algorithms.RewardModelReward` ``models`` given first, then ``rc``'s
     ``reward_model`` folders (all checked before any is loaded, each loaded with ``init_kwargs``
     on ``device``), each a source of its own weighted ``rc.reward_model_weight`` when
-    ``rc.reward_model_ensemble`` is ``sum``, else one ensemble of them. ``[]`` without reward models;
-    ValueError naming ``reward.reward_model_ensemble`` for an ensemble of fewer than two."""
+    ``rc.reward_model_ensemble`` is ``sum``, else one ensemble of them; then ``rc.process_model``'s
+    process reward model (:mod:`rlhf_fast.algorithms.process_rewards`), weighted
+    ``rc.process_model_weight``. ``[]`` without reward models; ValueError naming
+    ``reward.reward_model_ensemble`` for an ensemble of fewer than two."""
     from transformers import AutoTokenizer
 
     from rlhf_fast.algorithms import RewardModelEnsemble, RewardModelReward
@@ -715,13 +717,21 @@ def reward_model_sources(rc, *, models: Sequence = (), device=None, init_kwargs=
                                      name="reward_model"))
     if rc.reward_model_ensemble == "sum":
         # each model a source of its own (the behaviour before ensembles: same names, same sum)
-        return [(rm, rc.reward_model_weight) for rm in rms]
-    if len(rms) < 2:
+        out = [(rm, rc.reward_model_weight) for rm in rms]
+    elif len(rms) < 2:
         raise ValueError(f"reward.reward_model_ensemble {rc.reward_model_ensemble!r} combines several reward "
                          f"models, got {len(rms)} (list >= 2 folders in reward.reward_model, or pass "
                          f"reward_models=[...]); use 'sum' for a single model")
-    coef = 1.0 if rc.ensemble_coef is None else rc.ensemble_coef
-    return [(RewardModelEnsemble(rms, rc.reward_model_ensemble, coef, name="reward_model"), rc.reward_model_weight)]
+    else:
+        coef = 1.0 if rc.ensemble_coef is None else rc.ensemble_coef
+        out = [(RewardModelEnsemble(rms, rc.reward_model_ensemble, coef, name="reward_model"),
+                rc.reward_model_weight)]
+    if getattr(rc, "process_model", None) is not None:  # a process reward model (rlhf-fast prm)
+        from rlhf_fast.algorithms.process_rewards import load_process_reward_model
+
+        out.append((load_process_reward_model(rc.process_model, aggregation=rc.process_aggregation, device=device,
+                                              init_kwargs=init_kwargs), rc.process_model_weight))
+    return out
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

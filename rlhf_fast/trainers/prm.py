@@ -180,13 +180,15 @@ def synthetic_stepwise_records(n: int = 512, *, seed: int = 0, max_steps: int = 
 def tokenize_steps(tokenizer, prompt: str, completions: Sequence[str], labels: Sequence[bool], *,
                    step_separator: str = "\n", max_len: Optional[int] = None,
                    max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None,
-                   train_on_last_step_only: bool = False, is_eval: bool = False) -> Dict[str, List[int]]:
+                   train_on_last_step_only: bool = False, is_eval: bool = False,
+                   add_bos: bool = True) -> Dict[str, List[int]]:
     """TRL 0.x's ``PRMTrainer.tokenize_row``: ``{"input_ids": [T], "labels": [T]}`` (int lists).
     The prompt without special tokens after the tokenizer's bos (if any), each step without
     special tokens followed by ``step_separator``'s ids; a step's label (0/1) on its separator's
     last token, -100 elsewhere (and on every step but the last with ``train_on_last_step_only``,
     unless ``is_eval``); the prompt's last ``max_prompt_length`` tokens, the steps' first
-    ``max_completion_length``, then the row's first ``max_len`` (each None: no cut)."""
+    ``max_completion_length``, then the row's first ``max_len`` (each None: no cut). ``add_bos``
+    False (ours): no bos before a prompt whose text already holds one (a chat template's)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     step_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in completions]
     if train_on_last_step_only and not is_eval:
@@ -197,7 +199,7 @@ def tokenize_steps(tokenizer, prompt: str, completions: Sequence[str], labels: S
     step_ids = [list(s) + sep for s in step_ids]
     completion = list(chain(*step_ids))
     step_labels = list(chain(*([IGNORE] * (len(s) - 1) + [x] for s, x in zip(step_ids, lab))))
-    if tokenizer.bos_token_id is not None:
+    if add_bos and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + list(prompt_ids)
     if max_prompt_length is not None:
         prompt_ids = prompt_ids[-max_prompt_length:]
@@ -325,6 +327,10 @@ class PRMTrainer:
         self.model = wrap_configured(self.model, cfg.distributed, self.ctx)
         # rows with no label left after truncation train nothing: dropped (TRL keeps them, loss 0)
         self.train_items = [it for it in (self._encode(r, False) for r in train_records) if it["n_labels"]]
+        if train_records and not self.train_items:
+            raise ValueError(f"no training row keeps a labelled step after truncation (max_len {cfg.max_len}, "
+                             f"max_prompt_length {cfg.max_prompt_length}, max_completion_length "
+                             f"{cfg.max_completion_length}): raise them")
         self.eval_items = [it for it in (self._encode(r, True) for r in eval_records) if it["n_labels"]]
         self.batches = _Batches(len(self.train_items), cfg.batch_size, cfg.seed)
         steps_for_epochs(cfg, len(self.train_items))

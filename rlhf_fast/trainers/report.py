@@ -53,7 +53,7 @@ KEY_SETTINGS = {
 }
 _RL_COMMON = ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "rollout.prompts_per_step",
               "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
-              "reward.reward_model", "kl.coef", "kl.placement", "kl.reward_kind", "kl.kind", "ppo.epochs",
+              "reward.reward_model", "reward.process_model", "kl.coef", "kl.placement", "kl.reward_kind", "kl.kind", "ppo.epochs",
               "ppo.mini_batch_size", "ppo.clip_low", "ppo.clip_high", "optim.lr", "seed")
 KEY_SETTINGS.update({
     "ppo": _RL_COMMON + ("model.critic", "ppo.gamma", "ppo.lam", "ppo.value_coef", "optim.critic_lr"),
@@ -65,14 +65,16 @@ KEY_SETTINGS.update({
     "online-dpo": ("estimator", "steps", "num_train_epochs", "model.reference", "model.lora", "online_dpo.beta",
                    "online_dpo.loss_type", "online_dpo.missing_eos_penalty", "online_dpo.judge",
                    "rollout.prompts_per_step", "rollout.max_new_tokens", "rollout.temperature", "reward.functions",
-                   "reward.reward_model", "ppo.epochs", "ppo.mini_batch_size", "optim.lr", "seed"),
+                   "reward.reward_model", "reward.process_model", "ppo.epochs", "ppo.mini_batch_size", "optim.lr",
+                   "seed"),
     "a2po": ("estimator", "steps", "num_train_epochs", "model.lora", "a2po.num_value_samples", "a2po.beta1",
              "a2po.beta2", "a2po.filter_all_incorrect", "rollout.prompts_per_step", "rollout.max_new_tokens",
-             "rollout.temperature", "reward.functions", "reward.reward_model", "optim.lr", "seed"),
+             "rollout.temperature", "reward.functions", "reward.reward_model",
+             "reward.process_model", "optim.lr", "seed"),
     "sdpo": ("estimator", "steps", "num_train_epochs", "model.lora", "sdpo.distillation_weight",
              "sdpo.distillation_mode", "sdpo.teacher_model_kind", "sdpo.success_reward_threshold",
              "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
-             "reward.functions", "reward.reward_model", "optim.lr", "seed"),
+             "reward.functions", "reward.reward_model", "reward.process_model", "optim.lr", "seed"),
     "sdft": ("estimator", "steps", "num_train_epochs", "model.lora", "sdft.teacher_model_kind",
              "sdft.distillation_mode", "sdft.distillation_alpha", "sdft.distillation_topk",
              "rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",

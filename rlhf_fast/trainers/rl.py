@@ -829,13 +829,6 @@ class RLTrainer:
                                            init_kwargs=self.config.model.model_init_kwargs):
             sources.append(src)
             weights.append(w)
-        if rc.process_model is not None:  # a process reward model (rlhf-fast prm): its steps' scores aggregated
-            from rlhf_fast.algorithms.process_rewards import load_process_reward_model
-
-            sources.append(load_process_reward_model(rc.process_model, aggregation=rc.process_aggregation,
-                                                     device=self.device,
-                                                     init_kwargs=self.config.model.model_init_kwargs))
-            weights.append(rc.process_model_weight)
         if judge is not None:
             sources.append(JudgeReward(judge))
             weights.append(1.0)

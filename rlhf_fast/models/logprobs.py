@@ -78,15 +78,19 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def position_table_size(model: nn.Module) -> Optional[int]:
-    """Rows of a learned absolute position-embedding table (GPT-2's ``wpe``), or None for
-    models with relative positions (RoPE), which have no table to run past."""
+    """Positions of a learned absolute position-embedding table (GPT-2's ``wpe``, OPT's
+    ``decoder.embed_positions`` less its ``offset`` of 2 reserved rows), or None for models
+    with relative positions (RoPE), which have no table to run past."""
     base = unwrap(model)
     prefix = getattr(base, "base_model_prefix", None)
     inner = (getattr(base, prefix, None) if prefix else None) or base
-    for name in ("wpe", "embed_positions", "position_embeddings"):
-        emb = getattr(inner, name, None)
-        if isinstance(emb, nn.Embedding):
-            return emb.num_embeddings
+    for holder in (inner, getattr(inner, "decoder", None)):  # OPT keeps its table in model.decoder
+        for name in ("wpe", "embed_positions", "position_embeddings"):
+            emb = getattr(holder, name, None)
+            if isinstance(emb, nn.Embedding):
+                # OPT looks up row position + offset
+                offset = getattr(emb, "offset", 0)
+                return emb.num_embeddings - (offset if isinstance(offset, int) else 0)
     return None
 
 

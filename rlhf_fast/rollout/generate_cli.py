@@ -14,7 +14,9 @@ sampling; ``--n`` responses per prompt are consecutive lines. The file is writte
 once every prompt is answered. Sampling draws each response from its own seed (derived from
 ``--seed``, the prompt's index and the sample's), so the output does not depend on
 ``--batch_size``. Beam search (``--num_beams`` > 1) returns the best beam per prompt and
-takes no sampling option. Bad input: exit code 2 and one line.
+takes no sampling option; greedy decoding (``--temperature 0``) takes no ``--top_k``,
+``--top_p``, ``--min_p`` or ``--n`` > 1 (the penalties, ``--stop`` and ``--min_new_tokens``
+apply to it). Bad input: exit code 2 and one line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import json
 import os
 from typing import Any, Dict, List
 
+# options that greedy decoding (--temperature 0) ignores, with the value that means "off"
+_NOT_GREEDY = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "n": 1}
 # options that only sampling (not beam search) takes, with the value that means "off"
 _SAMPLING_ONLY = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                   "frequency_penalty": 0.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "n": 1}
@@ -71,8 +75,11 @@ def _sampling_params(args):
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
     except (ValueError, TypeError) as e:
-        # the messages start with the field's name, which is the option's
-        raise ValueError(f"--{e}") from None
+        # the messages start with the field's name, which is the option's (--stop: stop_strings)
+        msg = str(e)
+        if msg.startswith("stop_strings"):
+            msg = "stop" + msg[len("stop_strings"):]
+        raise ValueError(f"--{msg}") from None
 
 
 def _check_args(args) -> None:
@@ -92,6 +99,13 @@ def _check_args(args) -> None:
         if given:
             raise ValueError(f"--num_beams {args.num_beams} (beam search) takes no sampling option; got "
                              + ", ".join("--" + k for k in given))
+    elif args.temperature == 0:
+        # greedy: the filters change nothing and --n would write n copies of one answer
+        given = [k for k, off in _NOT_GREEDY.items() if getattr(args, k) != off]
+        if given:
+            raise ValueError("--temperature 0 (greedy) takes no " + ", ".join("--" + k for k in given)
+                             + ": greedy decoding ignores the sampling filters, and --n > 1 would write copies of "
+                               "one answer; sample with --temperature > 0 or drop them")
     from rlhf_fast.trainers.config import check_out_not_input, check_output_path
 
     check_output_path(args.out, "--out")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import numbers
 import time
 import warnings
 from typing import List, Optional, Sequence
@@ -20,7 +21,7 @@ from rlhf_fast import ops
 
 from ..distributed import gathered_params
 from ..models.logprobs import default_position_ids, position_table_size, unwrap
-from ..ops.sampling import sample_with_uniforms, sample_with_uniforms_unchecked
+from ..ops.sampling import _effective_top_k, sample_with_uniforms, sample_with_uniforms_unchecked
 from .llama_decode import _CUDAGraphStep, _LlamaDecoder
 from .penalties import Penalties
 from .types import Prompts, RolloutBatch, RolloutEngine, SamplingParams
@@ -74,6 +75,14 @@ class HFRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        V = self._vocab_size()
+        if not 0 <= self.pad_id < V:
+            # it pads the prompts and the finished rows: fails deep in torch once a batch is padded
+            which = "pad_token_id" if tokenizer.pad_token_id is not None else "pad_token_id (None: the eos_token_id)"
+            raise ValueError(f"the tokenizer's {which} {self.pad_id} is outside the model's vocabulary [0, {V}): "
+                             f"a pad token added to the tokenizer needs "
+                             f"model.resize_token_embeddings(len(tokenizer)), or use an existing token "
+                             f"(tokenizer.pad_token = tokenizer.eos_token)")
         self.cuda_graphs = cuda_graphs
         # decode steps between host reads of "all rows finished": None = 1 on the CPU, 8 on a GPU
         self.alive_check_every: Optional[int] = None
@@ -213,9 +222,17 @@ class HFRolloutEngine(RolloutEngine):
         return sorted(ids)
 
     def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
+        """``[S]`` int64: ``params.stop_token_ids`` (ValueError for one the model cannot produce)
+        and, unless ignore_eos, the eos ids inside the vocabulary (one outside it is never drawn,
+        and min_new_tokens would index the logits with it)."""
+        V = self._vocab_size()
+        bad = [t for t in params.stop_token_ids if t >= V]
+        if bad:
+            raise ValueError(f"stop_token_ids holds {bad[0]}, outside the model's vocabulary [0, {V}): it could "
+                             f"never be generated")
         stop = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop.update(self._eos_ids())
+            stop.update(t for t in self._eos_ids() if t < V)
         return torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
 
     def _hits_stop_string(self, tokens: List[int], stop_strings: Sequence[str]) -> bool:
@@ -233,8 +250,10 @@ class HFRolloutEngine(RolloutEngine):
         Finished rows draw too (with uniforms no live row uses) and are masked by the caller,
         as with ``ops.sample``. ``checked``: the arguments were checked on an earlier step."""
         draw = sample_with_uniforms_unchecked if checked else sample_with_uniforms
-        t, v = draw(logits, uniforms, temperature=float(params.temperature), top_k=params.top_k,
-                    top_p=float(params.top_p), min_p=float(params.min_p))
+        # top_k >= V means off (0), as in the checked call: a value past int64 never reaches the op
+        t, v = draw(logits, uniforms, temperature=float(params.temperature),
+                    top_k=_effective_top_k(params.top_k, logits), top_p=float(params.top_p),
+                    min_p=float(params.min_p))
         return t, v.float()
 
     def generate(self, prompts: Prompts, params: Optional[SamplingParams] = None) -> RolloutBatch:
@@ -409,15 +428,18 @@ class HFRolloutEngine(RolloutEngine):
         prefill per prompt shared by its beams. Deterministic beam search only (no sampling,
         no n-gram / repetition processors); the scores are not returned.
         """
-        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
                 or not abs(length_penalty) < float("inf"):
             raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+        # numpy scalars as Python numbers (an np.int64 beam count would make the buffers' shapes)
+        num_beams, max_new_tokens, length_penalty = int(num_beams), int(max_new_tokens), float(length_penalty)
         ids, texts = self._encode(prompts)
         self._check_length(max(len(p) for p in ids), max_new_tokens)
         t0 = time.perf_counter()

@@ -168,6 +168,26 @@ def _native_layers(layers: List[_Layer], norm) -> Optional[List[tuple]]:
     return None if any(a is None for a in args) else args
 
 
+def _has_forward_hooks(model: nn.Module, gathered: bool) -> bool:
+    """Whether a forward hook or pre-hook would see a forward of ``model`` or of one of its
+    submodules (an activation-steering hook on a layer, a probe on an MLP), or a global module
+    hook any forward: the decoder and its C++ op read the layers' weights without calling the
+    modules, so such hooks would be skipped. Not counted: transformers' output-capturing hooks
+    (installed on the layers by the first forward asked for hidden states or attentions, and
+    idle in any other forward, such as the decoder's), and with ``gathered`` FSDP2's own hooks
+    (its parameters are already gathered for the call)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    ignored = ("transformers.utils.output_capturing",) + (("torch.distributed.fsdp.",) if gathered else ())
+    for m in model.modules():
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            if not (getattr(hook, "__module__", None) or "").startswith(ignored):
+                return True
+    return False
+
+
 class _LlamaDecoder:
     """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2, Qwen3: pre-norm, RoPE, sdpa)
     on a preallocated ``[B, kv_heads, P + R, d]`` KV buffer.
@@ -189,11 +209,11 @@ class _LlamaDecoder:
 
     @classmethod
     def supported(cls, model, *, gathered: bool = False) -> bool:
-        """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks) full-attention
-        Llama-style LM on sdpa, in eval mode, whose RoPE does not depend on the sequence
-        length. ``gathered``: ``model`` is an FSDP2 model whose parameters
-        :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is then
-        FSDP's subclass and its hooks are FSDP's, which have nothing left to do."""
+        """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks on it or on any
+        submodule, no global module hooks) full-attention Llama-style LM on sdpa, in eval mode,
+        whose RoPE does not depend on the sequence length. ``gathered``: ``model`` is an FSDP2
+        model whose parameters :func:`rlhf_fast.distributed.gathered_params` holds gathered;
+        its class is then FSDP's subclass, and FSDP's own hooks have nothing left to do."""
         from ..models.logprobs import unwrap
 
         if unwrap(model) is not model or model.training:
@@ -203,7 +223,7 @@ class _LlamaDecoder:
             classes = [b for b in type(model).__bases__ if b.__name__ != "FSDPModule"]
         if not any(c.__name__ in cls._CLASSES for c in classes):
             return False
-        if not gathered and (model._forward_hooks or model._forward_pre_hooks):  # they see the forward
+        if _has_forward_hooks(model, gathered):
             return False
         cfg = model.config
         layers = getattr(getattr(model, "model", None), "layers", None)

@@ -8,12 +8,24 @@ convention of :func:`rlhf_fast.models.sequence_logprobs`).
 from __future__ import annotations
 
 import abc
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
+
+
+def _as_int(v):
+    """An integral scalar (numpy's included) as an int; anything else (a bool too) as it is, for
+    the checks to refuse."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+
+def _as_float(v):
+    """A real scalar (numpy's included) as a float; anything else (a bool too) as it is."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
 
 
 @dataclass
@@ -68,6 +80,8 @@ class SamplingParams:
     that lands on a boundary of the inverse CDF) — how the RL trainer makes a run
     independent of the number of ranks. Slower: one sampler
     call per live row and decode step instead of one per step.
+    Every number may also be a numpy scalar (``np.float32(0.7)``, ``np.int64(5)``): it is
+    stored as the Python int / float.
     """
 
     temperature: float = 1.0
@@ -87,7 +101,16 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
 
+    _INTS = ("top_k", "max_new_tokens", "n", "seed", "no_repeat_ngram_size", "min_new_tokens")
+    _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
     def __post_init__(self):
+        # numpy scalars (a value read from an array, a config computed with numpy) as Python
+        # numbers, as ops.sample takes them
+        for name in self._INTS:
+            setattr(self, name, _as_int(getattr(self, name)))
+        for name in self._FLOATS:
+            setattr(self, name, _as_float(getattr(self, name)))
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
@@ -103,7 +126,7 @@ class SamplingParams:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if isinstance(self.stop_token_ids, int) or isinstance(self.stop_strings, str):
             raise TypeError("stop_token_ids and stop_strings must be sequences (e.g. a tuple), not a single value")
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_token_ids = tuple(_as_int(t) for t in self.stop_token_ids)
         self.stop_strings = tuple(self.stop_strings)
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
@@ -126,7 +149,7 @@ class SamplingParams:
         if self.sample_seeds is not None:
             if isinstance(self.sample_seeds, (int, str, torch.Tensor)):
                 raise TypeError("sample_seeds must be a sequence of ints (one per response row) or None")
-            self.sample_seeds = tuple(self.sample_seeds)
+            self.sample_seeds = tuple(_as_int(v) for v in self.sample_seeds)
             ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
                      for v in self.sample_seeds)
             if not self.sample_seeds or not ok:

@@ -263,6 +263,8 @@ def _stop_value(value: Any) -> Any:
 class RolloutConfig:
     """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2).
 
+    ``min_p``: 0 = off; null (TRL's default) is read as 0.
+
     ``per_sample_seeds``: seed every response from (seed, step, its index in the step's global
     batch) instead of one generator per rank, so a step samples the same responses on any
     number of ranks (slower sampling: one sampler call per live row and token). ``None``
@@ -329,9 +331,10 @@ class RolloutConfig:
     ``generation_kwargs`` (TRL GRPOConfig's / RLOOConfig's, passed there to transformers'
     ``GenerationConfig`` or vLLM's ``SamplingParams``): a mapping whose keys, under either
     library's name, set the rollout keys above — ``temperature``, ``top_p``, ``top_k`` (vLLM's
-    −1 = 0, off), ``min_p``, ``repetition_penalty``, ``presence_penalty``,
-    ``frequency_penalty``, ``no_repeat_ngram_size``, ``max_new_tokens`` / ``max_tokens``,
-    ``min_new_tokens`` / ``min_tokens``, ``stop_strings`` / ``stop`` (a string or a list);
+    −1 = 0, off), ``min_p`` (null, transformers' default, = 0, off), ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``, ``no_repeat_ngram_size``, ``max_new_tokens`` /
+    ``max_tokens``, ``min_new_tokens`` / ``min_tokens``, ``stop_strings`` / ``stop`` (a string
+    or a list);
     ``do_sample: true`` is accepted (rollouts always sample). Any other key is refused, as is a
     value that differs from a rollout key set away from its default (TRL lets the mapping win;
     here the config says one thing once). Text values are read as YAML
@@ -395,6 +398,8 @@ class RolloutConfig:
             value = gk[key] = _stop_value(raw) if target == "stop_strings" else _yaml_scalar(raw)
             if key == "top_k" and value == -1 and not isinstance(value, bool):
                 value = 0  # vLLM's "no top-k"
+            if key == "min_p" and value is None:
+                value = 0.0  # transformers' GenerationConfig default: off
             f = RolloutConfig.__dataclass_fields__[target]
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             current = getattr(self, target)
@@ -405,6 +410,8 @@ class RolloutConfig:
         return origin
 
     def __post_init__(self):
+        if self.min_p is None:  # TRL's default (GRPOConfig / RLOOConfig min_p: None): off
+            self.min_p = 0.0
         origin = self._apply_generation_kwargs()
         try:
             self._check()
@@ -430,10 +437,11 @@ class RolloutConfig:
         _pos("rollout.max_new_tokens", self.max_new_tokens, integer=True)
         _pos("rollout.temperature", self.temperature)
         _pos("rollout.top_k", self.top_k, allow_zero=True, integer=True)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"rollout.min_p must be in [0, 1), got {self.min_p!r}")
+        # the type first: None or a text would fail the comparison with a TypeError naming no key
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1] (a number), got {self.top_p!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
+            raise ValueError(f"rollout.min_p must be in [0, 1) (a number; 0 or null = off), got {self.min_p!r}")
         if self.per_sample_seeds not in (None, True, False):
             raise ValueError(f"rollout.per_sample_seeds must be true, false or null, "
                              f"got {self.per_sample_seeds!r}")

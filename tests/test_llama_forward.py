@@ -356,6 +356,25 @@ def test_models_it_must_leave_to_transformers(monkeypatch):
     assert not llama_forward.supported(backbone(tiny_causal_lm(V, family="gpt2", hidden_size=32, num_heads=4)), T)
 
 
+def test_transformers_output_capturing_hooks_keep_it():
+    """A forward asked for hidden states installs transformers' output-capturing hooks on the
+    layers for good; they record nothing in our forward, so it must stay on (it was off for the
+    rest of the run after one such call) and give the transformers forward's states."""
+    m = _model("llama", 2)
+    base = backbone(m)
+    ids = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        m(ids, output_hidden_states=True)
+    assert any(h.__module__.startswith("transformers.utils.output_capturing")
+               for mod in base.modules() for h in mod._forward_hooks.values())
+    assert llama_forward.supported(base, 11)
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = llama_forward.hidden_states(base, ids, am, default_position_ids(am))
+        want = base(input_ids=ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_is_kept_and_gives_the_same_gradients(reentrant):
     """With transformers' activation checkpointing on, each layer runs under its checkpoint

@@ -326,8 +326,8 @@ def _plain_class(module: nn.Module, names, fsdp: bool = False) -> bool:
     if _fsdp_module(module) and not fsdp:
         return False
     forward_hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-    return (all(_is_fsdp_hook(module, h) for h in forward_hooks) and not module._backward_hooks
-            and not module._backward_pre_hooks)
+    return (all(_is_fsdp_hook(module, h) or idle_transformers_hook(h) for h in forward_hooks)
+            and not module._backward_hooks and not module._backward_pre_hooks)
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -351,6 +351,14 @@ def _own_class(module: nn.Module) -> type:
     if _fsdp_module(module) and len(cls.__bases__) == 2:
         return cls.__bases__[1]
     return cls
+
+
+def idle_transformers_hook(hook) -> bool:
+    """Whether ``hook`` is one of transformers' output-capturing hooks: the first forward asked
+    for hidden states or attentions installs them on the layers for good, and they record only
+    inside such a forward (never inside ours, which calls no module), so they must not turn the
+    fast path off for the rest of the run."""
+    return (getattr(hook, "__module__", None) or "").startswith("transformers.utils.output_capturing")
 
 
 def _is_fsdp_hook(module: nn.Module, hook) -> bool:

@@ -180,10 +180,12 @@ def _has_forward_hooks(model: nn.Module, gathered: bool) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    ignored = ("transformers.utils.output_capturing",) + (("torch.distributed.fsdp.",) if gathered else ())
+    from rlhf_fast.models.llama_forward import idle_transformers_hook
+
+    ignored = ("torch.distributed.fsdp.",) if gathered else ()
     for m in model.modules():
         for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
-            if not (getattr(hook, "__module__", None) or "").startswith(ignored):
+            if not (idle_transformers_hook(hook) or (getattr(hook, "__module__", None) or "").startswith(ignored)):
                 return True
     return False
 

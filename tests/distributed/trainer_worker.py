@@ -77,10 +77,22 @@ def run_rl(strategy: str, steps: int, out_dir: str, estimator: str, resume: bool
     trainer = RLTrainer(_rl_config(strategy, steps, out_dir, estimator, resume, **kw), reward_fns=[reward])
     from rlhf_fast.distributed import unwrap
 
-    # the dtype generation computes the logits in (bf16 under FSDP2 mixed precision)
-    unwrap(trainer.policy).lm_head.register_forward_pre_hook(
-        lambda mod, args: LM_HEAD_DTYPES.add(str(args[0].dtype)))
-    trainer.train()
+    # the dtype generation computes the logits in (bf16 under FSDP2 mixed precision), recorded by
+    # the head's class forward for the run: a hook on the head would itself send decoding to the
+    # transformers forward (the fast decoder would skip it)
+    head = unwrap(trainer.policy).lm_head
+    cls, forward = type(head), type(head).forward
+
+    def recording_forward(self, x, *a, **k):
+        if self is head:
+            LM_HEAD_DTYPES.add(str(x.dtype))
+        return forward(self, x, *a, **k)
+
+    cls.forward = recording_forward
+    try:
+        trainer.train()
+    finally:
+        cls.forward = forward
     trainer.run = trainer.run_dir
     return trainer
 

@@ -2,7 +2,8 @@
 
 The adaptive controller moves β so the measured KL tracks ``target``:
 e = clip(KL / target − 1, −0.2, 0.2); β ← β · (1 + e · n_steps / horizon).
-Both keep their state in a JSON-able dict for checkpoints.
+Both keep their state in a JSON-able dict for checkpoints; a resumed run continues only the
+adaptive β from it (``resume_from``), the settings coming from its new config.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = finite("state['value']", state["value"], ">= 0")
+
+    def resume_from(self, state: dict) -> None:
+        """Continue a run from its checkpoint's :meth:`state_dict` under this controller's
+        settings (the resumed run's config, as the learning rate: ``keeping_hyperparameters``).
+        A fixed coefficient is a setting, not state: nothing is restored."""
 
 
 class AdaptiveKLController(FixedKLController):
@@ -64,6 +70,14 @@ class AdaptiveKLController(FixedKLController):
         self.value = finite("state['value']", state["value"], ">= 0")
         self.target = finite("state['target']", state.get("target", self.target), "> 0")
         self.horizon = finite("state['horizon']", state.get("horizon", self.horizon), "> 0")
+
+    def resume_from(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`: β is state and continues; ``target``
+        and ``horizon`` are settings and stay this controller's (the resumed run's config). The
+        state of a fixed controller (no ``target``: a run switched to adaptive) leaves β at
+        ``init``, where the config starts it."""
+        if "target" in state:
+            self.value = finite("state['value']", state["value"], ">= 0")
 
 
 def make_kl_controller(kind: str, init: float, target: Optional[float] = None, horizon: float = 10000):

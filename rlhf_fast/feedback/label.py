@@ -143,8 +143,15 @@ def _label_record_problem(rec: Dict[str, Any]) -> Optional[str]:
 
 
 def _append(path: str, record: Dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    # a last record without its newline (written by another tool, or cut before it) must not
+    # run into this one: the file would no longer read
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        lead = b""
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            lead = b"" if f.read(1) == b"\n" else b"\n"
+        f.write(lead + (json.dumps(record) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 

@@ -365,6 +365,7 @@ class A2POTrainer(RLTrainer):
         if not cfg.resume and (self.values is None or (self.global_step == 0 and self.eval_prompts
                                                         and self.eval_values is None)):
             if self.run_dir is None:  # refused before Stage 1's work rather than after it
+                self._check_run_kind(cfg.output_dir, "output_dir")  # (another kind's folder: not "continue it")
                 check_fresh_run_dir(cfg.output_dir, resume_hint=f"resume: {cfg.output_dir}, or --resume "
                                                                 f"{cfg.output_dir}")
             self._stage1()

@@ -30,8 +30,11 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
-# rlhf_fast.distributed.save_sharded's temporary and replaced folders
-_SHARDED_LEFTOVER_RE = re.compile(r"^step_\d+\.(tmp|old)$")
+# rlhf_fast.distributed.save_sharded's temporary and replaced folders (of a checkpoint or of a
+# companion beside it: reference_step_N, bema_step_N)
+_SHARDED_LEFTOVER_RE = re.compile(r"^(?:[a-z]+_)?step_\d+\.(tmp|old)$")
+# replace_folder's name for the folder it moves aside
+_OLD_PREFIX = ".old-"
 
 
 def _fsync_dir(path: str) -> None:
@@ -49,17 +52,78 @@ def _fsync_dir(path: str) -> None:
 
 def replace_folder(tmp: str, path: str) -> None:
     """Put the finished folder ``tmp`` at ``path``. os.replace cannot replace a non-empty
-    folder, so an existing one is moved aside first (to a ``.old-*`` sibling, which
-    :func:`prune_checkpoints` removes if a crash leaves it) and deleted only once the new one
-    is in place: a crash leaves the old folder or the new one at ``path``, never neither."""
+    folder, so an existing one is moved aside first (to a sibling ``.old-<name>-*``) and deleted
+    only once the new one is in place. An exception between the two renames (Ctrl-C, a full
+    disk) puts the old one back; a kill there leaves it aside, where :func:`latest_checkpoint`
+    and :func:`prune_checkpoints` move a checkpoint's back (:func:`recover_replaced`): the old
+    folder or the new one stays at ``path``, never neither."""
     if not os.path.exists(path):
         os.replace(tmp, path)
         return
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(path)))
+    parent, name = os.path.split(os.path.abspath(path))
+    old = tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{name}-", dir=parent)
     os.rmdir(old)
     os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if not os.path.exists(path):
+            os.replace(old, path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _replaced_name(entry: str) -> Optional[str]:
+    """The folder name that ``entry`` (``.old-<name>-<random>``, :func:`replace_folder`) was
+    moved aside from; None for any other entry."""
+    if not entry.startswith(_OLD_PREFIX) or "-" not in entry[len(_OLD_PREFIX):]:
+        return None
+    return entry[len(_OLD_PREFIX):].rsplit("-", 1)[0] or None
+
+
+def recover_replaced(root: str) -> None:
+    """Move back each complete folder that :func:`replace_folder` had moved aside inside
+    ``root`` (a checkpoints folder) when nothing took its place: a process killed between its
+    two renames would otherwise leave a checkpoint (or its companion) only under ``.old-*``,
+    invisible to a resume and removed by the next prune."""
+    if not os.path.isdir(root):
+        return
+    for entry in sorted(os.listdir(root)):
+        name = _replaced_name(entry)
+        if name is None or os.path.exists(os.path.join(root, name)):
+            continue
+        if os.path.isfile(os.path.join(root, entry, "COMPLETE")):
+            try:
+                os.replace(os.path.join(root, entry), os.path.join(root, name))
+            except OSError:
+                pass  # (another process moved it back first)
+
+
+@contextlib.contextmanager
+def staged_folder(path: str):
+    """Context: a new, empty folder in which to write everything that belongs at ``path`` (a
+    final model); when the block ends without an exception it replaces ``path``
+    (:func:`replace_folder`, fsynced), otherwise it is removed, so a failed write (a full disk,
+    a Ctrl-C) leaves ``path`` as it was instead of a torn model. The folder is ``path``'s name
+    inside a hidden ``.tmp-<name>-*`` sibling; those a killed process left are removed first
+    (one writer at a time: rank 0)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    for entry in sorted(os.listdir(parent)):
+        if _replaced_name(entry) == name and not os.path.exists(os.path.join(parent, name)):
+            os.replace(os.path.join(parent, entry), os.path.join(parent, name))  # a kill between the renames
+        elif entry.startswith(f".tmp-{name}-") or _replaced_name(entry) == name:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    stage = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:
+        tmp = os.path.join(stage, name)  # (named as the target: what is written there carries its name)
+        os.makedirs(tmp)
+        yield tmp
+        _fsync_tree(tmp)
+        replace_folder(tmp, os.path.join(parent, name))
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _fsync_tree(root: str) -> None:
@@ -461,10 +525,12 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The complete checkpoint with the highest step under ``run_dir/checkpoints`` (or None)."""
+    """The complete checkpoint with the highest step under ``run_dir/checkpoints`` (or None),
+    after moving back one a killed :func:`replace_folder` left aside (:func:`recover_replaced`)."""
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return None
+    recover_replaced(root)
     best, best_step = None, -1
     for name in os.listdir(root):
         m = _STEP_RE.match(name)
@@ -491,17 +557,21 @@ def prune_checkpoints(run_dir: str, keep: int, best_step: Optional[int] = None) 
     """Delete all but the ``keep`` most recent complete checkpoints (keep <= 0 keeps all), and
     never the complete one of ``best_step`` (load_best_model_at_end's best): it is kept beside
     the ``max(keep - 1, 1)`` most recent, as transformers' ``rotate_checkpoints`` keeps its
-    ``best_model_checkpoint`` (so ``keep`` 1 may keep 2)."""
-    if keep <= 0:
-        return
+    ``best_model_checkpoint`` (so ``keep`` 1 may keep 2). First, whatever ``keep``, a folder a killed
+    :func:`replace_folder` left aside is moved back (:func:`recover_replaced`) and the temporary
+    folders of interrupted saves are removed."""
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return
+    recover_replaced(root)
     for n in os.listdir(root):
-        # what an interrupted save_checkpoint / save_sharded left (a whole model copy each): no
-        # save is under way while the run prunes, right after its own save finished
-        if n.startswith((".tmp-step_", ".old-")) or _SHARDED_LEFTOVER_RE.match(n):
+        # what an interrupted save_checkpoint / save_sharded of a checkpoint or a companion left
+        # (a whole model copy each; a complete checkpoint is never named so): no save is under
+        # way while the run prunes, right after its own save finished
+        if n.startswith((".tmp-", _OLD_PREFIX)) or _SHARDED_LEFTOVER_RE.match(n):
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    if keep <= 0:
+        return
     steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_RE.match(n)))
     # only complete checkpoints count: an incomplete or stray step_* folder with a higher step
     # (an interrupted sharded save, a damaged copy) must not push the good ones out
@@ -516,4 +586,5 @@ def prune_checkpoints(run_dir: str, keep: int, best_step: Optional[int] = None) 
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_state_dtypes", "latest_checkpoint", "checkpoint_dir",
-           "prune_checkpoints", "checkpoint_step", "restoring_extra", "keeping_hyperparameters", "rng_state", "set_rng_state"]
+           "prune_checkpoints", "replace_folder", "recover_replaced", "staged_folder", "checkpoint_step",
+           "restoring_extra", "keeping_hyperparameters", "rng_state", "set_rng_state"]

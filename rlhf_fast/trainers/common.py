@@ -584,18 +584,26 @@ def truncate_metrics(run_dir: str, step: int) -> None:
 
 def log_records_up_to(path: str, step: int) -> list:
     """The lines of the JSONL log ``path`` whose record has ``step`` <= ``step``. A torn last
-    line (the process died mid-write, after the checkpoint it resumes from) is dropped; a bad
+    line (the process died mid-write, after the checkpoint it resumes from) is dropped, also
+    one cut inside a multi-byte character (a log written with ``ensure_ascii=False``); a bad
     line elsewhere is a ValueError naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        raw = f.readlines()
     keep = []
-    for i, line in enumerate(lines):
+    for i, data in enumerate(raw):
+        torn = i == len(raw) - 1 and not data.endswith(b"\n")
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError:
+            if torn:
+                break
+            raise ValueError(f"{path}:{i + 1}: not UTF-8 text in the run's log") from None
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1 and not line.endswith("\n"):
+            if torn:
                 break
             raise ValueError(f"{path}:{i + 1}: invalid JSON in the run's log") from None
         if not isinstance(rec, dict):
@@ -603,6 +611,13 @@ def log_records_up_to(path: str, step: int) -> list:
         if rec.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     return keep
+
+
+def step_logged(path: str, step: int) -> bool:
+    """Whether the JSONL log ``path`` (absent: no) holds a record of ``step``."""
+    if not os.path.isfile(path):
+        return False
+    return any(json.loads(line).get("step") == step for line in log_records_up_to(path, step))
 
 
 class RunDir:
@@ -690,9 +705,10 @@ def open_supervised_run(cfg, is_main: bool):
     """The run folder of an SFT / reward / DPO / KTO trainer (not made yet) and the checkpoint it
     will resume from (None for a fresh start). A folder holding a run of another kind is refused
     (:func:`check_run_kind`); ``cfg.resume`` continues the latest complete checkpoint of
-    ``cfg.output_dir``; a fresh start into a folder holding another run is refused
-    (``check_fresh_run_dir``), except that with ``resume`` the log of a run interrupted before its
-    first checkpoint is dropped and the run starts again. Nothing is written now: a fresh start
+    ``cfg.output_dir`` (with the model and data that run names: :func:`check_same_run`); a fresh
+    start into a folder holding another run is refused (``check_fresh_run_dir``), except that with
+    ``resume`` the log of a run interrupted before its first checkpoint is dropped and the run
+    starts again. Nothing is written now: a fresh start
     makes the folder and its config.yaml once data and model have loaded
     (:func:`begin_fresh_run`), a resumed run writes config.yaml once its checkpoint has loaded
     (``write_config``), so a run refused on the way leaves no folder, or the folder as it was."""
@@ -704,7 +720,43 @@ def open_supervised_run(cfg, is_main: bool):
     ck = latest_checkpoint(path) if cfg.resume else None
     if ck is None:
         check_fresh_run_dir(path, include_log=not cfg.resume, resume_hint=None if cfg.resume else "resume: true")
+    else:
+        check_same_run(path, cfg)
     return RunDir(cfg.output_dir, create=False), ck
+
+
+# the config keys that say which run a folder holds: a resume must keep them (others, such as
+# lr or max_steps, may change)
+RUN_DEFINING_KEYS = ("model", "data", "eval_data")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b or os.path.normpath(a) == os.path.normpath(b)
+    return a == b
+
+
+def check_same_run(path: str, cfg, keys: Sequence[str] = RUN_DEFINING_KEYS) -> None:
+    """Refuse to resume the run in the folder ``path`` with ``cfg`` when one of ``keys`` (the
+    model and data it trains on) differs from the run's config.yaml: another experiment sent to
+    the same output_dir would otherwise be taken for that run's continuation (its checkpoint
+    loaded, config.yaml rewritten to name the new data). A key the saved config (or ``cfg``)
+    lacks, or a config.yaml that cannot be read, is not compared. ValueError naming the key,
+    both values and the folder."""
+    from .report import read_config
+
+    try:
+        saved = read_config(path)
+    except (ValueError, OSError):
+        return
+    for key in keys:
+        if key not in saved or not hasattr(cfg, key):
+            continue
+        theirs, ours = saved[key], getattr(cfg, key)
+        if not _same_value(theirs, ours):
+            raise ValueError(f"output_dir {path} holds a run with {key} {theirs!r} (its config.yaml), but this "
+                             f"one has {key} {ours!r}: resuming its checkpoint needs the same {key}; choose another "
+                             f"output_dir for a new run, or set {key} back to continue that one")
 
 
 def begin_fresh_run(run: RunDir, cfg, is_main: bool) -> None:

@@ -536,10 +536,12 @@ class RewardTrainer:
         trained score head in the original's place) with ``save_pretrained``, plus the
         tokenizer, to ``folder``, replacing what it held: a plain AutoModelForSequenceClassification
         folder, as a full fine-tune saves. The trainer's own model stays unmerged. Under FSDP2
-        every rank takes part in gathering the weights; rank 0 writes."""
-        import shutil
-
+        every rank takes part in gathering the weights; rank 0 writes, beside ``folder``, and renames
+        it into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`: a failed merge leaves
+        the folder as it was)."""
         from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
+
+        from .checkpoint import staged_folder
 
         sd = full_state_dict(self.model, self.ctx, self.cfg.distributed.strategy)  # a collective under FSDP2
         if self.ctx.is_main:
@@ -558,14 +560,11 @@ class RewardTrainer:
                     replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]), adapter_name=name)
                     replica.load_state_dict(sd)
                 merged = replica.merge_and_unload()
-            tmp = folder.rstrip(os.sep) + ".merging"
-            shutil.rmtree(tmp, ignore_errors=True)
-            merged.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            # a new folder, not written over the old: a folder with adapter_config.json loads as base + adapter
+            with staged_folder(folder) as tmp:
+                merged.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
             del replica, merged
-            # the adapter files must go: a folder with adapter_config.json loads as base + adapter
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
         self.ctx.barrier()
 
 

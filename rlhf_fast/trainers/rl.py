@@ -2360,7 +2360,7 @@ class RLTrainer:
         step = checkpoint_step(ck, extra, ("step", "prompt_pos", "kl_ctl", "reward_moments"))
         with restoring_extra(ck):
             self.prompt_pos = int(extra["prompt_pos"])
-            self.kl_ctl.load_state_dict(extra["kl_ctl"])
+            self.kl_ctl.resume_from(extra["kl_ctl"])  # (a fixed kl.coef, target, horizon: the config's)
             self.reward_moments.load_state_dict(extra["reward_moments"])
             self.dropped_total = int(extra.get("dropped_total", 0))
             ent = extra.get("entropy_ctl")
@@ -2382,6 +2382,61 @@ class RLTrainer:
         self.ctx.barrier()
         return self.global_step
 
+    def _check_run_kind(self, path: str, option: str) -> None:
+        """Refuse the folder ``path`` (config key ``option``) when it holds a run of another kind
+        than this config's — another trainer's, or another RL command's
+        (:func:`~rlhf_fast.trainers.config.saved_run_kind`) — or one whose estimator differs from
+        this one in having a critic (gae; reinforce++ of the same ``ppo`` family has none): its
+        checkpoints hold other models and state, and its config.yaml, log and checkpoints would be
+        overwritten by those of this run. ValueError naming ``option``, the folder and both kinds,
+        before anything in it is touched; a folder without a config.yaml rlhf-fast can read, or
+        one holding no log, checkpoint or final model, has nothing to compare."""
+        from rlhf_fast.trainers.common import run_contents
+        from rlhf_fast.trainers.config import saved_run_kind
+        from rlhf_fast.trainers.report import read_config, run_kind
+
+        theirs = saved_run_kind(path)
+        if theirs is None or not run_contents(path):
+            return
+        their_est = read_config(path).get("estimator")
+        ours = run_kind({"estimator": self.config.estimator, "rollout": {}})
+        critic = {e: "with a critic" if e in CRITIC_ESTIMATORS else "without a critic"
+                  for e in (their_est, self.config.estimator)}
+        if theirs == ours and critic[their_est] == critic[self.config.estimator]:
+            return
+        held = f"rlhf-fast {theirs}" + (f" (estimator {their_est}, {critic[their_est]})" if their_est else "")
+        how = (f"continue it with estimator {their_est} (rlhf-fast {theirs}), or start this run in another "
+               "output_dir" if option == "resume" and their_est
+               else f"choose another {option}, or remove that folder first")
+        raise ValueError(f"{option} {path} holds a run of {held}, not of rlhf-fast {ours} (estimator "
+                         f"{self.config.estimator}, {critic[self.config.estimator]}): {how}")
+
+    def _restarts(self, path: str) -> bool:
+        """Whether resuming the run folder ``path`` starts its run again from step 0, as the
+        offline trainers do (:func:`~rlhf_fast.trainers.common.open_supervised_run`): the run
+        (its config.yaml) was stopped before its first checkpoint (``save_every`` 0 saves only at
+        the end), so its log and samples are dropped. FileNotFoundError for a folder that holds
+        no run; ValueError for one holding a final model but no checkpoint."""
+        from rlhf_fast.trainers.checkpoint import latest_checkpoint
+        from rlhf_fast.trainers.common import check_fresh_run_dir
+
+        if latest_checkpoint(path) is not None:
+            return False
+        if not os.path.isfile(os.path.join(path, "config.yaml")):
+            raise FileNotFoundError(f"resume: no complete checkpoint under "
+                                    f"{os.path.join(path, 'checkpoints')} and no run (config.yaml) in {path}")
+        check_fresh_run_dir(path, option="resume", resume_hint=None, include_log=False)
+        if self.ctx.is_main:
+            import sys
+
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if os.path.exists(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
+            print(f"resume {path}: no checkpoint yet (the run stopped before its first); starting it again "
+                  "from step 0", file=sys.stderr)
+        self.ctx.barrier()
+        return True
+
     def train(self, steps: Optional[int] = None) -> List[Dict[str, float]]:
         """Run until ``config.steps`` (or ``steps`` more steps) in the run folder
         ``config.output_dir`` (or ``config.resume`` to continue it). Returns the metrics of the
@@ -2393,10 +2448,13 @@ class RLTrainer:
 
         cfg = self.config
         out_dir = cfg.resume or cfg.output_dir
-        if self.run_dir is None and not cfg.resume:  # a new run (a later train() call continues this one)
+        if self.run_dir is None:  # (a later train() call continues this trainer's run)
+            self._check_run_kind(out_dir, "resume" if cfg.resume else "output_dir")
+        if self.run_dir is None and not cfg.resume:  # a new run
             check_fresh_run_dir(out_dir, resume_hint=f"resume: {out_dir}, or --resume {out_dir}")
+        restart = bool(cfg.resume) and self.run_dir is None and self._restarts(cfg.resume)
         self.run_dir = RunDir(out_dir)
-        if cfg.resume:
+        if cfg.resume and not restart:
             self.load(cfg.resume)  # before config.yaml is rewritten: a failed resume leaves the run as it was
             if cfg.steps < self.global_step:
                 # training on would do nothing, and config.yaml would then record a run shorter than its log
@@ -2449,8 +2507,11 @@ class RLTrainer:
         return {"reward": f"{m['reward/total']:.3f}", "kl": f"{m.get('kl/seq', float('nan')):.3f}"}
 
     def save_final(self) -> str:
-        """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``."""
+        """save_pretrained of the policy, tokenizer (and critic) under ``RUN_DIR/final``, written
+        beside it and renamed into place by rank 0
+        (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`: a failed save leaves no torn model)."""
         from rlhf_fast.distributed import full_state_dict, unwrap
+        from rlhf_fast.trainers.checkpoint import staged_folder
 
         path = os.path.join(self.run_dir.path, "final")
         # FSDP2: every rank helps gather the full weights (None otherwise)
@@ -2458,13 +2519,14 @@ class RLTrainer:
         policy_sd = full_state_dict(self.policy, self.ctx, strategy)
         critic_sd = full_state_dict(self.critic, self.ctx, strategy) if self.critic is not None else None
         if self.ctx.is_main:  # DDP: every rank holds the same full weights
-            kw = {"state_dict": policy_sd} if policy_sd is not None else {}
-            unwrap(self.policy).save_pretrained(os.path.join(path, "policy"), **kw)
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(os.path.join(path, "policy"))
-            critic = unwrap(self.critic) if self.critic is not None else None
-            if critic is not None and hasattr(critic, "save_pretrained"):
-                _save_critic(critic, os.path.join(path, "critic"), critic_sd)
+            with staged_folder(path) as tmp:
+                kw = {"state_dict": policy_sd} if policy_sd is not None else {}
+                unwrap(self.policy).save_pretrained(os.path.join(tmp, "policy"), **kw)
+                if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                    self.tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+                critic = unwrap(self.critic) if self.critic is not None else None
+                if critic is not None and hasattr(critic, "save_pretrained"):
+                    _save_critic(critic, os.path.join(tmp, "critic"), critic_sd)
         self.ctx.barrier()
         from rlhf_fast.trainers.merging import merge_policy_into
 

@@ -1771,7 +1771,11 @@ class RLConfig:
     regressed onto r − V*, V* estimated before training: :class:`A2POConfig`). ``steps``
     rollout+update steps; a run folder ``output_dir`` gets
     config.yaml, metrics.jsonl, samples.jsonl (every ``sample_every``), checkpoints (every ``save_every``,
-    0 = only at the end). ``resume``: a run folder to continue exactly.
+    0 = only at the end; the ``keep_checkpoints`` most recent are kept, 0 = all: TRL's
+    ``save_total_limit`` null). ``resume``: a run folder to continue exactly
+    (the resuming config's settings apply: ``optim.lr``, a fixed ``kl.coef``, ``kl.target`` /
+    ``kl.horizon``, while the adaptive β continues; a run stopped before its first checkpoint starts
+    again from step 0).
     ``num_train_epochs`` (TRL's; null by default): when set, ``steps`` becomes
     ceil(epochs × training prompts / ``rollout.prompts_per_step``), the steps in which the
     training prompts (after any held-out ``data.eval_fraction``) are drawn that many times over
@@ -1922,7 +1926,7 @@ class RLConfig:
         if not isinstance(self.log_unique_prompts, bool):
             raise ValueError(f"log_unique_prompts must be true or false, got {self.log_unique_prompts!r}")
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
-        _pos("keep_checkpoints", self.keep_checkpoints, integer=True)
+        _pos("keep_checkpoints", self.keep_checkpoints, allow_zero=True, integer=True)  # 0: keep all
         if self.estimator in PROMPT_GROUP_ESTIMATORS and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 for estimator {self.estimator!r} "
                              f"(advantages compare answers within a group), got {self.rollout.group_size}")

@@ -72,7 +72,7 @@ from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.models.moe_aux import RouterAux, check_coef
 
 from .checkpoint import (checkpoint_dir, checkpoint_step, keeping_hyperparameters, load_checkpoint, prune_checkpoints,
-                         restoring_extra, save_checkpoint)
+                         restoring_extra, save_checkpoint, staged_folder)
 from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_bool_fields, check_lora_field,
                      check_tokenizer_override_fields, check_training_schedule, disable_dropout, load_split_records,
                      open_supervised_run, pad_token_id, resolve_device, seed_everything, split_records,
@@ -80,7 +80,7 @@ from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_boo
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .compile import CompileOptions, compile_configured
 from .merging import MergeOptions, check_merge_target, merge_into, setup_merge
-from .common import metric_to_step_on, schedule_metric, steps_on_metric
+from .common import metric_to_step_on, schedule_metric, step_logged, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
 from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema, save_bema_model,
@@ -807,12 +807,13 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 if (cfg.save_every and trainer.step % cfg.save_every == 0) or signum:
                     trainer._save()
                 if signum:
-                    raise TrainingStopped(signum, trainer.step, trainer.run.path, "the same command")
+                    raise TrainingStopped(signum, trainer.step, trainer.run.path, continue_hint(cfg))
                 last = m
             if "eval_loss" not in last and has_eval:  # nothing left to train (a finished run resumed)
                 # (a plateau scheduler is not stepped: the run stepped on this evaluation before it ended)
                 last.update(trainer.evaluate())
-                log.log(trainer.step, last)
+                if not (trainer.ctx.is_main and step_logged(trainer.run.metrics_path, trainer.step)):
+                    log.log(trainer.step, last)  # (else that step keeps its one record in the log)
         trainer._save()
         if best is not None:  # transformers' _load_best_model, after the last checkpoint, before final/
             load_best_model(trainer, best.part)
@@ -822,6 +823,16 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
     if getattr(trainer, "_bema", None) is not None:  # TRL's BEMACallback.on_train_end
         save_bema_model(trainer)
     return last
+
+
+def continue_hint(cfg) -> str:
+    """How to continue an offline run stopped at a checkpoint (:class:`TrainingStopped`'s
+    ``resume``): its command again, which resumes by default; a run started with ``resume``
+    false needs it true, since the same command would be refused as a fresh start into a folder
+    that holds a run (:func:`~rlhf_fast.trainers.common.check_fresh_run_dir`)."""
+    if getattr(cfg, "resume", True):
+        return "the same command"
+    return "the same command with resume: true (--resume true)"
 
 
 def evaluate_and_step(trainer) -> Dict[str, float]:
@@ -847,18 +858,21 @@ def step_throughput(trainer, step_s: float) -> Dict[str, float]:
 
 
 def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: str) -> None:
-    """``save_pretrained`` of the full model (and tokenizer) by rank 0; under FSDP2 every
-    rank takes part in gathering the full state dict first."""
+    """``save_pretrained`` of the full model (and tokenizer) to ``folder`` by rank 0, written
+    beside it and renamed into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`), so a
+    failed save leaves no torn model that reads as a finished run; under FSDP2 every rank takes
+    part in gathering the full state dict first."""
     from rlhf_fast.distributed import full_state_dict, unwrap
 
     sd = full_state_dict(model, ctx, strategy)
     if ctx.is_main:
         base = unwrap(model)
-        if sd is not None:
-            base.save_pretrained(folder, state_dict=sd)
-        else:
-            base.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        with staged_folder(folder) as tmp:
+            if sd is not None:
+                base.save_pretrained(tmp, state_dict=sd)
+            else:
+                base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     ctx.barrier()
 
 

@@ -1009,7 +1009,7 @@ class RLTrainer:
                 idx = list(range(lo + c * per_call, min(hi, lo + (c + 1) * per_call)))
                 real = bool(idx)
                 if not real:  # this rank's share ran out: a call on prompt 0 whose results count nothing
-                    self._reward_log.pop_metrics()
+                    kept = {k: list(v) for k, v in self._reward_log.metrics.items()}  # (the real calls' logs)
                     idx = [0]
                 seeds = [_sample_seed(cfg.seed, self.global_step, _EVAL_INDEX + i * G + k) for i in idx for k in range(G)]
                 params = SamplingParams(temperature=self.config.eval.temperature, top_k=ro.top_k, top_p=ro.top_p,
@@ -1017,6 +1017,8 @@ class RLTrainer:
                                         stop_strings=tuple(ro.stop_strings), **ro.penalties(), sample_seeds=seeds)
                 batch, extra, (calls, failures, rows) = self._run_engine(idx, params, "eval")
                 res = self._eval_batch_sums(batch, idx, extra, G)
+                if not real:  # what the reward functions logged in the stand-in call counts nothing either
+                    self._reward_log.metrics = kept
                 if self.tools:
                     res.update({"tools/call_frequency": (float(calls), float(rows)),
                                 "tools/failure_frequency": (float(failures), float(calls))})
@@ -2209,7 +2211,7 @@ class RLTrainer:
             m["time/eval"] = time.perf_counter() - t2
         if self._logger is not None:
             self._logger.log(self.global_step, m)
-            self._write_samples()
+        self._write_samples()  # (every rank: its rows are gathered; rank 0 writes)
         return m
 
     @torch.no_grad()
@@ -2236,9 +2238,11 @@ class RLTrainer:
 
     def _write_samples(self) -> None:
         every = self.config.sample_every
-        if not every or self.global_step % every != 0 or self.run_dir is None or not self.ctx.is_main:
+        if not every or self.global_step % every != 0 or self.run_dir is None:
             return
-        rows = self._sample_rows()
+        rows = self._sample_rows()  # (every rank: the rows are gathered)
+        if not self.ctx.is_main:
+            return
         with open(os.path.join(self.run_dir.path, "samples.jsonl"), "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, default=str) + "\n")
@@ -2248,19 +2252,25 @@ class RLTrainer:
 
     def _sample_rows(self) -> List[Dict[str, Any]]:
         """The rows samples.jsonl gets this step: the answers of the first two prompts, or with
-        ``log_unique_prompts`` the first answer of each prompt (TRL's unique-prompt table)."""
+        ``log_unique_prompts`` the first answer of each prompt (TRL's unique-prompt table), of
+        the whole step: under torchrun every rank's rows are gathered, in the global row order
+        (a collective: every rank calls it), so the rows are those one process writes."""
         columns = getattr(self, "_last_columns", ())
+        unique, first = self.config.log_unique_prompts, 2 * self.config.rollout.group_size
+        rows = [{"step": self.global_step, "prompt": p, "completion": c, "reward": r,
+                 **(columns[k] if k < len(columns) else {})}
+                for k, (p, c, r) in enumerate(self._last_texts if unique else self._last_texts[:first])]
+        if self.ctx.distributed:
+            rows = [row for part in self.ctx.all_gather_objects(rows) for row in part]
         picked, seen = [], set()
-        for k, (p, c, r) in enumerate(self._last_texts):
-            if self.config.log_unique_prompts:
-                key = json.dumps(p, sort_keys=True, default=str)  # chat prompts are lists of messages
+        for k, row in enumerate(rows):
+            if unique:
+                key = json.dumps(row["prompt"], sort_keys=True, default=str)  # chat prompts are lists of messages
                 if key in seen:
                     continue
                 seen.add(key)
-            elif k >= 2 * self.config.rollout.group_size:
+            elif k >= first:
                 break
-            row = {"step": self.global_step, "prompt": p, "completion": c, "reward": r}
-            row.update(columns[k] if k < len(columns) else {})
             picked.append(row)
         return picked
 

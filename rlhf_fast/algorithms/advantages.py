@@ -44,6 +44,9 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 # that lost an answer is dropped whole. The GROUP_ESTIMATORS' options (scale_rewards, whiten
 # "sequence", unscored answers, dynamic sampling) stay theirs alone.
 PROMPT_GROUP_ESTIMATORS = GROUP_ESTIMATORS + ("reinforce++_baseline",)
+# the estimators whose returns are sums of per-token rewards: the ones that can take dense rewards
+# (a PRM's step rewards); the others turn one score per answer into its advantage
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce++")
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 WHITEN_MODES = (False, True, "sequence")
@@ -78,12 +81,16 @@ def token_rewards(
     *,
     kl: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
+    dense: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense token rewards ``[B, T]`` float32: ``scores[b]`` on the last response token of row b,
-    minus ``kl_coef · kl`` on every response token (KL in the reward, Ziegler et al.).
+    plus ``dense`` on the response tokens, minus ``kl_coef · kl`` on every response token (KL in
+    the reward, Ziegler et al.).
 
     scores ``[B]``, mask ``[B, T]`` (bool or 0/1), kl ``[B, T]`` per-token estimate (k1, or the
-    trainer's ``kl.kind``) or None.
+    trainer's ``kl.kind``) or None; dense ``[B, T]`` float per-token rewards (a PRM's step
+    rewards where the steps end, :func:`rlhf_fast.algorithms.process_rewards.step_token_rewards`;
+    verl's ``token_level_scores``) or None.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
         raise ValueError(f"scores must be a [B] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
@@ -94,11 +101,15 @@ def token_rewards(
     finite("kl_coef", kl_coef)
     if kl is not None:
         _check_tensor("kl", kl, mask.shape)
+    if dense is not None:
+        _check_tensor("dense", dense, mask.shape)
     m = mask.bool()
     r = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
     idx = last_token_index(m)
     has = m.any(dim=1)
     r[torch.arange(m.shape[0], device=m.device), idx] = torch.where(has, scores.float(), torch.zeros_like(scores.float()))
+    if dense is not None:
+        r = r + dense.float() * m
     if kl is not None and kl_coef != 0.0:
         r = r - kl_coef * kl.float() * m
     return r
@@ -360,6 +371,7 @@ def compute_advantages(
     multi_objective_aggregation: str = "sum_then_normalize",
     rewards_per_func: Optional[torch.Tensor] = None,
     reward_weights: Optional[torch.Tensor] = None,
+    dense_rewards: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns ``[B, T]`` float32 for one of :data:`ESTIMATORS`.
 
@@ -387,6 +399,10 @@ def compute_advantages(
     is all NaN) is an answer no reward function scored (TRL's None): out of every statistic,
     advantage and return 0, and out of ``whiten=True``'s statistics; GAE and REINFORCE++ (and
     REINFORCE++-baseline) refuse it.
+
+    ``dense_rewards`` ``[B, T]`` (``reward.process_aggregation: steps``): per-token rewards added
+    to the token rewards (:func:`token_rewards`' ``dense``) — estimators ``gae`` and
+    ``reinforce++`` only, the ones that take token-level rewards; the others refuse them.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -410,6 +426,9 @@ def compute_advantages(
         _check_tensor("kl", kl, mask.shape)
     if values is not None:
         _check_tensor("values", values, mask.shape)
+    if dense_rewards is not None and estimator not in TOKEN_REWARD_ESTIMATORS:
+        raise ValueError(f"dense_rewards (per-token rewards) need an estimator that takes token-level rewards "
+                         f"({', '.join(TOKEN_REWARD_ESTIMATORS)}), got {estimator!r}")
     scored = ~torch.isnan(scores)  # [B]
     unscored = not bool(scored.all())
     if unscored and estimator not in GROUP_ESTIMATORS:
@@ -418,10 +437,10 @@ def compute_advantages(
     if estimator == "gae":
         if values is None:
             raise ValueError("values must be given (a [B, T] tensor from the critic) for estimator 'gae'")
-        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef, dense=dense_rewards)
         adv, ret = gae_advantages(r, values, mask, gamma=gamma, lam=lam)
     elif estimator == "reinforce++":
-        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+        r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef, dense=dense_rewards)
         return reinforce_pp_advantages(r, mask, gamma=gamma, group=group)  # already whitened
     elif estimator == "reinforce++_baseline":
         if gamma != 1.0:

@@ -441,7 +441,13 @@ class RewardOutput:
     unscored ``[B]`` bool or None (none): the answers no source scored under the TRL
     convention (every one returned None), otherwise sound — ``valid`` False and ``total`` 0
     for them, so that a reader of ``valid`` leaves them out of reward statistics (TRL's
-    nanmean), while the RL trainer keeps them with advantage 0, as TRL."""
+    nanmean), while the RL trainer keeps them with advantage 0, as TRL.
+
+    With a dense source (``dense`` True: ``reward.process_aggregation: steps``) also ``steps``,
+    per row the ``(character end in the completion, weighted reward)`` of each step (empty where
+    invalid), and ``scalar`` ``[B]`` float32, the part of ``total`` that is not the steps' (the
+    other sources' weighted sum: the last token's reward); ``total`` holds each answer's sum of
+    its step rewards too. Both None without a dense source."""
 
     total: torch.Tensor
     per_source: Dict[str, torch.Tensor]
@@ -449,6 +455,8 @@ class RewardOutput:
     dropped: Dict[str, int] = field(default_factory=dict)
     columns: Dict[str, list] = field(default_factory=dict)
     unscored: Optional[torch.Tensor] = None
+    steps: Optional[List[List[tuple]]] = None
+    scalar: Optional[torch.Tensor] = None
 
     def unscored_rows(self) -> torch.Tensor:
         """:attr:`unscored` as a ``[B]`` bool tensor (all False when None)."""
@@ -465,13 +473,17 @@ class RewardOutput:
         for k in sorted({c for o in outs for c in o.columns}):  # None where a batch did not log it
             vals = [v for o in outs for v in o.columns.get(k, [None] * len(o.total))]
             columns[k] = vals if rows is None else [vals[i] for i in rows.tolist()]
-        unscored = None
+        unscored = steps = scalar = None
         if any(o.unscored is not None for o in outs):
             unscored = cat(o.unscored_rows().to(o.valid.device) for o in outs)
+        if any(o.steps is not None for o in outs):
+            steps = [r for o in outs for r in (o.steps if o.steps is not None else [[] for _ in o.total])]
+            steps = steps if rows is None else [steps[i] for i in rows.tolist()]
+            scalar = cat(o.total if o.scalar is None else o.scalar for o in outs)
         return RewardOutput(total=cat(o.total for o in outs), per_source=per_source,
                             valid=cat(o.valid for o in outs),
                             dropped={k: int((~torch.isfinite(v)).sum()) for k, v in per_source.items()},
-                            columns=columns, unscored=unscored)
+                            columns=columns, unscored=unscored, steps=steps, scalar=scalar)
 
 
 class CombinedReward:
@@ -542,19 +554,23 @@ class CombinedReward:
 
     @staticmethod
     def _score(src: RewardSource, prompts, completions, ctx):
-        """(the source's output, its extras dict: {} for a source without extra_names)."""
+        """(the source's output, its extras dict: {} for a source without extra_names, its step
+        rewards: B lists of (character end, reward) for a dense source, else None)."""
+        if getattr(src, "dense", False):
+            return src.score_steps(prompts, completions, ctx)
         if getattr(src, "extra_names", None):
-            return src.score_with_extras(prompts, completions, ctx)
-        return src(prompts, completions, ctx), {}
+            return (*src.score_with_extras(prompts, completions, ctx), None)
+        return src(prompts, completions, ctx), {}, None
 
     def _call_one(self, src: RewardSource, name: str, prompts, completions, ctx):
         """(B floats, {extra name: ``[B]`` float32} — NaN on a row whose scoring failed, the
-        indices of those rows)."""
+        indices of those rows, a dense source's B lists of step rewards — empty on a failed
+        row — or None)."""
         B = len(completions)
         log = ctx.trl.log if ctx.trl is not None else None
         logged = {k: list(v) for k, v in log.extra.items()} if log is not None else None
         try:
-            out, extras = self._score(src, prompts, completions, ctx)
+            out, extras, steps = self._score(src, prompts, completions, ctx)
         except RewardError:  # a configuration error (a missing prompt field): no sample would score
             raise
         except Exception as e:  # noqa: BLE001 - reported with the source's name
@@ -565,19 +581,22 @@ class CombinedReward:
             # Isolate the failing samples by scoring one at a time.
             nan = float("nan")
             vals, extras, failed = [], {e: [nan] * B for e in getattr(src, "extra_names", ())}, []
+            steps = [[] for _ in range(B)] if getattr(src, "dense", False) else None
             for i in range(B):
                 try:
-                    v, ex = self._score(src, [prompts[i]], [completions[i]], ctx.row(i))
+                    v, ex, st = self._score(src, [prompts[i]], [completions[i]], ctx.row(i))
                     v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
                     vals.append(_reward_value(v[0]) if len(v) == 1 else nan)
                     if len(v) != 1:
                         failed.append(i)
                     for e, t in ex.items():
                         extras[e][i] = float(t[0])
+                    if st is not None and len(v) == 1:
+                        steps[i] = list(st[0])
                 except Exception:  # noqa: BLE001
                     vals.append(nan)
                     failed.append(i)
-            return vals, {e: torch.tensor(v, dtype=torch.float32) for e, v in extras.items()}, failed
+            return vals, {e: torch.tensor(v, dtype=torch.float32) for e, v in extras.items()}, failed, steps
         try:
             vals = [_reward_value(v) for v in (out.tolist() if isinstance(out, torch.Tensor) else out)]
         except (TypeError, ValueError, OverflowError) as e:
@@ -585,7 +604,7 @@ class CombinedReward:
                               f"{type(out).__name__}: {e}") from e
         if len(vals) != B:
             raise RewardError(f"reward source {name!r} returned {len(vals)} rewards for {B} completions")
-        return vals, extras, []
+        return vals, extras, [], steps
 
     def __call__(self, prompts: List[str], completions: List[str], ctx: Optional[RewardContext] = None) -> RewardOutput:
         """Score B completions. Returns a :class:`RewardOutput`; raises :class:`RewardError`
@@ -597,10 +616,11 @@ class CombinedReward:
         if self.convention == "trl":
             return self._combine_trl(prompts, completions, ctx)
         total = torch.zeros(B, dtype=torch.float32)
+        scalar = torch.zeros(B, dtype=torch.float32)  # total without the dense sources' step sums
         valid = torch.ones(B, dtype=torch.bool)
-        per, dropped = {}, {}
+        per, dropped, steps = {}, {}, None
         for (src, w), name in zip(self.sources, self.names):
-            vals, extras, _ = self._call_one(src, name, prompts, completions, ctx)
+            vals, extras, _, st = self._call_one(src, name, prompts, completions, ctx)
             bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
             if bad and self.on_bad_reward == "raise":
                 # an ensemble's NaN comes from a member: name the member(s) that gave it
@@ -617,16 +637,28 @@ class CombinedReward:
             ok = torch.isfinite(t)
             valid &= ok
             total += w * torch.where(ok, t, torch.zeros_like(t))
+            if st is None:
+                scalar += w * torch.where(ok, t, torch.zeros_like(t))
+            else:
+                steps = _add_steps(steps, st, w, B)
         total = torch.where(valid, total, torch.zeros_like(total))
-        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped)
+        if steps is None:
+            return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped)
+        return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped,
+                            steps=[row if v else [] for row, v in zip(steps, valid.tolist())],
+                            scalar=torch.where(valid, scalar, torch.zeros_like(scalar)))
 
     def _combine_trl(self, prompts, completions, ctx: RewardContext) -> RewardOutput:
         """TRL's combination (see the class docstring): NaN = does not apply, nansum of the
         weighted rewards, all-NaN rows invalid; ±inf per ``on_bad_reward``."""
         B = len(completions)
-        per, dropped, cols, ok = {}, {}, [], torch.ones(B, dtype=torch.bool)
+        per, dropped, cols, ok, steps = {}, {}, [], torch.ones(B, dtype=torch.bool), None
+        dense = []  # [K] bool: the sources whose rewards go on their steps' tokens
         for (src, w), name in zip(self.sources, self.names):
-            vals, extras, failed = self._call_one(src, name, prompts, completions, ctx)
+            vals, extras, failed, st = self._call_one(src, name, prompts, completions, ctx)
+            dense.append(st is not None)
+            if st is not None:
+                steps = _add_steps(steps, st, w, B)
             t = torch.tensor(vals, dtype=torch.float32)
             bad = torch.isinf(t)
             bad[failed] = True  # (on_bad_reward drop) a row whose call raised: bad, not "does not apply"
@@ -654,9 +686,26 @@ class CombinedReward:
         valid = ok & ~unscorable
         total = torch.where(valid, total, torch.zeros_like(total))
         columns = ctx.trl.log.pop_extra(B) if ctx.trl is not None else {}
+        extra = {}
+        if steps is not None:
+            w_last = weights.masked_fill(torch.tensor(dense), 0.0)
+            scalar = (rewards_per_func * w_last.unsqueeze(0)).nansum(dim=1)
+            extra = dict(steps=[row if v else [] for row, v in zip(steps, valid.tolist())],
+                         scalar=torch.where(valid, scalar, torch.zeros_like(scalar)))
         # a row that also failed a source (on_bad_reward drop) is a bad reward, not unscored
         return RewardOutput(total=total, per_source=per, valid=valid, dropped=dropped, columns=columns,
-                            unscored=unscorable & ok)
+                            unscored=unscorable & ok, **extra)
+
+
+def _add_steps(steps: Optional[List[list]], new: Sequence[Sequence[tuple]], w: float, B: int) -> List[list]:
+    """``steps`` (B lists of (character end, weighted reward); None: none yet) with a dense
+    source's B lists ``new`` appended, their rewards weighted by ``w``."""
+    if len(new) != B:
+        raise RewardError(f"a dense reward source returned step rewards for {len(new)} completions, expected {B}")
+    steps = steps if steps is not None else [[] for _ in range(B)]
+    for row, more in zip(steps, new):
+        row.extend((int(e), w * float(r)) for e, r in more)
+    return steps
 
 
 def clip_rewards(scores: torch.Tensor, clip_range: Optional[Sequence[float]]) -> torch.Tensor:

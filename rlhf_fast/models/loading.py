@@ -730,7 +730,9 @@ def reward_model_sources(rc, *, models: Sequence = (), device=None, init_kwargs=
         from rlhf_fast.algorithms.process_rewards import load_process_reward_model
 
         out.append((load_process_reward_model(rc.process_model, aggregation=rc.process_aggregation, device=device,
-                                              init_kwargs=init_kwargs), rc.process_model_weight))
+                                              init_kwargs=init_kwargs,
+                                              step_reward=getattr(rc, "process_step_reward", "log")),
+                    rc.process_model_weight))
     return out
 
 

@@ -1143,7 +1143,9 @@ class RLTrainer:
         unscored_kept = unscored[keep.cpu()].to(dev)
         if unscored_kept.any():  # TRL: rewards[unscorable_mask] = torch.nan
             raw = raw.masked_fill(unscored_kept, float("nan"))
-        scores = self._shaped_scores(raw)
+        # reward.process_aggregation steps: the last token carries the other sources' part of the
+        # total (the PRM's step rewards go on their own tokens: _step_rewards)
+        scores = self._shaped_scores(raw if out.steps is None else out.scalar[keep.cpu()].to(dev))
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm, prompt_of = ids[idx], am[idx], rm[idx], prompt_of[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
@@ -1172,7 +1174,7 @@ class RLTrainer:
             cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_reward,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
             lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group, scale_rewards=cfg.scale_rewards,
-            **multi)
+            dense_rewards=self._step_rewards(batch, out, idx, ids, rm), **multi)
         if recompute:  # (zero by construction otherwise)
             gap = logprob_gap(beh, old_logp, rm)
             m["logprob_gap/mean"] = float(gap["mean"])
@@ -1237,6 +1239,22 @@ class RLTrainer:
                              None if unscored[i] else float(out.total[i])) for i in idx.tolist()]
         self._last_columns = [{k: v[i] for k, v in out.columns.items()} for i in idx.tolist()]
         return data, m
+
+    def _step_rewards(self, batch, out, idx: torch.Tensor, ids: torch.Tensor, rm: torch.Tensor):
+        """``[b, L]`` float32 of the kept rows ``idx`` (``ids`` / ``rm`` already those rows): each
+        step reward of ``out.steps`` on the response token where its step ends
+        (:func:`rlhf_fast.algorithms.process_rewards.step_token_rewards`); None without a dense
+        reward source."""
+        if out.steps is None:
+            return None
+        from rlhf_fast.algorithms.process_rewards import step_token_rewards
+
+        if self.tools or self.tokenizer is None:
+            raise ValueError("reward.process_aggregation 'steps' needs the policy's tokenizer and answers without "
+                             "tool results (it maps each step's end in the text to the policy's token)")
+        rows = idx.tolist()
+        return step_token_rewards(self.tokenizer, ids, rm, [batch.response_texts[i] for i in rows],
+                                  [out.steps[i] for i in rows])
 
     def _shaped_scores(self, raw: torch.Tensor) -> torch.Tensor:
         """``reward.whiten`` / ``reward.clip`` of this rank's raw scores ``[b]`` float32 (NaN =

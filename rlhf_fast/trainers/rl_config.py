@@ -20,7 +20,7 @@ from rlhf_fast.algorithms.policy_losses import (CLIP_LOSSES, GMPO_AGG, GMPO_CLIP
                                                 VESPO_LAMBDA_POS)
 from rlhf_fast.algorithms.policy_losses import (CLIP_COV_LB, CLIP_COV_RATIO, CLIP_COV_UB, COV_LOSSES, KL_COV_RATIO,
                                                 PPO_KL_COEF)
-from rlhf_fast.algorithms.process_rewards import PROCESS_AGGREGATIONS
+from rlhf_fast.algorithms.process_rewards import PROCESS_AGGREGATIONS, STEP_REWARDS
 from rlhf_fast.algorithms.rewards import ENSEMBLE_MODES
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
@@ -566,7 +566,16 @@ class RewardConfig:
     ``step_separator``, P(step correct) read at each step's separator token, and the steps'
     probabilities aggregated by ``process_aggregation``: ``min`` (the default, the usual choice
     of PRM best-of-N work), ``last``, ``mean`` or ``prod``
-    (:mod:`rlhf_fast.algorithms.process_rewards`)."""
+    (:mod:`rlhf_fast.algorithms.process_rewards`). ``process_aggregation: steps``: no
+    aggregation — each step's reward log P(correct) goes, weighted, on the response token where
+    the step ends (the process reward as a dense reward, verl's ``token_level_scores``), added to
+    the token rewards; it needs estimator gae or reinforce++ (token-level rewards), no ``whiten``
+    / ``clip`` / ``clip_range`` (they shape one score per answer) and no tools.
+    ``process_step_reward`` (with ``steps``): each step's reward, ``log`` (log P(correct), <= 0:
+    extra steps never pay, so an answer with fewer steps loses less; pair it with an outcome
+    reward), ``prob`` (P, Math-Shepherd's PPO) or ``centered`` (P − 0.5).
+    ``reward/process_model`` then logs each answer's sum of its step rewards (unweighted) and
+    ``reward/process_steps`` the scored steps per answer."""
 
     functions: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
@@ -576,7 +585,8 @@ class RewardConfig:
     ensemble_coef: Optional[float] = None
     process_model: Optional[str] = None  # a PRM folder (rlhf-fast prm); null: none
     process_model_weight: float = 1.0
-    process_aggregation: str = "min"  # min | last | mean | prod of the step probabilities
+    process_aggregation: str = "min"  # min | last | mean | prod of the step probabilities; steps: dense
+    process_step_reward: str = "log"  # with process_aggregation steps: log | prob | centered
     length_penalty: float = 0.0
     length_target: Optional[int] = None
     repetition_penalty: float = 0.0
@@ -640,8 +650,21 @@ class RewardConfig:
     def _check_process_model(self):
         if self.process_model is not None and (not isinstance(self.process_model, str) or not self.process_model):
             raise ValueError(f"reward.process_model must be a PRM folder (a non-empty path), got {self.process_model!r}")
-        _choice("reward.process_aggregation", self.process_aggregation, PROCESS_AGGREGATIONS)
+        if self.process_aggregation not in PROCESS_AGGREGATIONS + ("steps",):
+            raise ValueError(f"reward.process_aggregation must be one of {PROCESS_AGGREGATIONS} (one score per "
+                             f"answer) or 'steps' (a reward per step), got {self.process_aggregation!r}")
         finite("reward.process_model_weight", self.process_model_weight)
+        _choice("reward.process_step_reward", self.process_step_reward, STEP_REWARDS)
+        if self.process_step_reward != "log" and self.process_aggregation != "steps":
+            raise ValueError(f"reward.process_step_reward {self.process_step_reward!r} sets the reward of each step "
+                             f"of reward.process_aggregation 'steps', not of {self.process_aggregation!r}: unset it")
+        shaping = [f"reward.{k}" for k in ("whiten", "clip", "clip_range") if getattr(self, k) not in (False, None)]
+        if self.process_aggregation == "steps" and shaping:
+            # the step rewards sit on their own tokens: shaping the per-answer score would leave them
+            # unshaped, and shaping each step by the answer's statistics has no standard definition
+            raise ValueError(f"{', '.join(shaping)} shape one score per answer; reward.process_aggregation 'steps' "
+                             "puts the PRM's rewards on the steps' tokens: unset them (ppo.whiten_advantages "
+                             "normalises the advantages instead)")
 
     def reward_model_folders(self) -> List[tuple]:
         """``(config key, folder)`` of each reward-model folder: the key is
@@ -1896,6 +1919,7 @@ class RLConfig:
             if self.kl.placement == "reward" and (self.kl.coef != 0 or self.kl.controller != "fixed"):
                 raise ValueError(f"{what} normalises each reward source's scores: the KL cannot be one of them; set "
                                  f"kl.placement 'loss' or kl.coef 0")
+        self._check_process_steps()
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be true or false, got {self.bf16!r}")
         from rlhf_fast.trainers.mixed_precision import check_precision_fields
@@ -1960,6 +1984,24 @@ class RLConfig:
             # likewise: the sampler's log-probs are those of the penalised distribution
             raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
                              f"set); use ppo.old_logp 'recompute'")
+
+    def _check_process_steps(self):
+        """``reward.process_aggregation: steps`` puts rewards on tokens: it needs an estimator
+        that sums token rewards into returns, and answers whose text is the policy's tokens
+        alone (tool results would shift the steps' characters off the policy's tokens)."""
+        if self.reward.process_aggregation != "steps":
+            return
+        from rlhf_fast.algorithms.advantages import TOKEN_REWARD_ESTIMATORS
+
+        if self.estimator not in TOKEN_REWARD_ESTIMATORS:
+            raise ValueError(f"reward.process_aggregation 'steps' gives token-level rewards (one per step), which "
+                             f"estimator {self.estimator!r} cannot take (it needs one score per answer); use estimator "
+                             f"{' or '.join(repr(e) for e in TOKEN_REWARD_ESTIMATORS)}, or a scalar aggregation "
+                             f"(min, last, mean, prod)")
+        if self.rollout.tools or self.rollout.environment_factory:
+            raise ValueError("reward.process_aggregation 'steps' places each step's reward on the policy's token "
+                             "where it ends; with rollout.tools / rollout.environment_factory the answers hold "
+                             "tool results: use a scalar aggregation (min, last, mean, prod)")
 
     def _estimator_section(self, name: str, cls: type, estimator: str, command: str) -> bool:
         """Whether the run is ``estimator``, whose own section ``name`` (a ``cls``) then applies;

@@ -12,26 +12,12 @@ import yaml
 
 from rlhf_fast.trainers import checkpoint as ckpt
 from rlhf_fast.trainers.common import log_records_up_to, open_supervised_run, read_metrics, truncate_metrics
-from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer, continue_hint, synthetic_sft_records
+from rlhf_fast.trainers.sft import SFTTrainer, continue_hint, synthetic_sft_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SFT_TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2,vocab_size=300"
-
-
-@pytest.fixture(scope="module")
-def sft_tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    return train_tokenizer(sample_texts(64) + [r.prompt + r.completion for r in synthetic_sft_records(64)], 300,
-                           padding_side="right")
-
-
-def _sft_cfg(out, **kw):
-    base = dict(model=SFT_TINY, output_dir=str(out), max_steps=3, batch_size=4, eval_every=0, save_every=0,
-                log_every=1, max_len=48, device="cpu", lr=1e-2)
-    base.update(kw)
-    return SFTConfig(**base)
+# the review's tiny SFT setup (its sft_tok fixture too)
+from tests.test_review_resume import SFT_TINY, _sft_cfg, sft_tok  # noqa: E402,F401
 
 
 def _save(run, step, model):

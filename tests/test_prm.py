@@ -190,10 +190,10 @@ def test_learns_saves_reloads_and_scores_as_rl_reward(tmp_path, tok):
         src = load_process_reward_model(final, aggregation=agg)
         assert src.separator == "\n"
         assert src(prompts, completions, None) == pytest.approx(want[agg], rel=1e-5, abs=1e-6), agg
-    assert aggregate_steps([torch.tensor([])], "min")[0] != aggregate_steps([torch.tensor([])], "min")[0]  # NaN
+    assert [aggregate_steps([torch.tensor([])], agg)[0] for agg in PROCESS_AGGREGATIONS] == [0.0] * 4  # no step
     assert split_steps("a\nb\n", "\n") == ["a", "b"] and split_steps("a\n \nb", "\n") == ["a", "b"]
     assert split_steps("", "\n") == [] and split_steps("\n\n", "\n") == []
-    assert math.isnan(load_process_reward_model(final)(["p"], [" \n"], None)[0])  # no step: NaN
+    assert load_process_reward_model(final)(["p"], [" \n"], None)[0] == 0.0  # no step: the lowest score
 
 
 def test_rl_step_with_process_model(tmp_path, tok):

@@ -92,18 +92,17 @@ def test_report_of_an_rl_run_names_its_process_model(root, tmp_path):
 
 # --------------------------------------------------------------------------- the process reward
 
-def test_empty_completion_gets_nan(root):
-    """process_rewards' module docstring: 'A completion with no scored step (none survives: the text
-    is empty after splitting) gets NaN, which reward.on_bad_reward raises or drops'. split_steps
-    never returns an empty list, so that NaN is unreachable: "" gets the PRM's probability at a
-    separator that follows the prompt directly, a step no training row holds (under `min` an
-    empty answer escapes every wrong step)."""
+def test_empty_completion_gets_the_lowest_score(root):
+    """An empty answer has no step (it was scored as one empty step, the PRM's probability at a
+    separator right after the prompt, a step no training row holds: under `min` it escaped every
+    wrong step). It first got NaN; the regression review showed NaN reads as "does not apply"
+    under the TRL convention, so it now scores 0, the lowest."""
     from rlhf_fast.algorithms.process_rewards import load_process_reward_model
 
     src = load_process_reward_model(str(root / "prm_llama"))
     got = src(["the cat", "the cat"], ["", "a b\nc d\n"], None)
     assert math.isfinite(got[1])
-    assert math.isnan(got[0]), got
+    assert got[0] == 0.0, got  # (since the regression review: the lowest score, not NaN)
 
 
 def test_completion_longer_than_the_prm_positions(root):

@@ -18,7 +18,9 @@ The scores are in [0, 1]; ``reward.process_model_weight`` weighs them against th
 Pieces of only whitespace are no steps (an empty answer, a blank line between steps); a row
 longer than the PRM's positions (``max_position_embeddings``) keeps its first tokens, as the
 trainer's ``max_len``, and the steps whose separator it cuts off are not scored. A completion
-with no scored step gets NaN, which ``reward.on_bad_reward`` raises or drops.
+with no scored step scores 0, the least any answer can (no step shown correct): an empty answer
+never escapes its steps' scores, under either calling convention (a NaN would read as "does not
+apply" under TRL's), and never stops the run.
 
 ``steps``: no aggregation — the process reward as a dense reward (Math-Shepherd's step-by-step
 PPO, Wang et al. 2024 §3.3: the PRM's score at the end of each step; verl's ``token_level_scores``
@@ -135,11 +137,11 @@ def step_probabilities(model, tokenizer, prompts: Sequence[str], completions: Se
 
 def aggregate_steps(probs: Sequence[torch.Tensor], aggregation: str = "min") -> List[float]:
     """One reward per completion from its step probabilities ``[S]`` (see the module
-    docstring); NaN for a completion with no step."""
+    docstring); 0.0 (the lowest score) for a completion with no step."""
     if aggregation not in PROCESS_AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {PROCESS_AGGREGATIONS}, got {aggregation!r}")
     fn = {"min": lambda p: p.min(), "last": lambda p: p[-1], "mean": lambda p: p.mean(), "prod": lambda p: p.prod()}
-    return [float(fn[aggregation](p)) if p.numel() else float("nan") for p in probs]
+    return [float(fn[aggregation](p)) if p.numel() else 0.0 for p in probs]
 
 
 def _text(x: Any, separator: str) -> str:
@@ -195,7 +197,8 @@ class ProcessRewardModel(RewardSource):
 
         if ctx is not None and ctx.prompts is not None:  # the data's prompts: a chat in the PRM's own template
             prompts = ctx.prompts
-        ps = [render_prompt(p, self.tokenizer) for p in prompts]
+        kw = ctx.chat_template_kwargs if ctx is not None else None  # the run's data.chat_template_kwargs
+        ps = [render_prompt(p, self.tokenizer, chat_template_kwargs=kw) for p in prompts]
         cs = [_text(c, self.separator) for c in completions]
         bos = [isinstance(p, str) for p in prompts]  # a text prompt: the trainer's bos; a chat: the template's
         return step_probabilities(self.model, self.tokenizer, ps, cs, self.separator, add_bos=bos, log=log), cs

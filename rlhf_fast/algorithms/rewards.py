@@ -50,7 +50,9 @@ class RewardContext:
     whole prompt+response rollout (left-padded prompt), response_lengths ``[B]`` tokens;
     fields: the prompt data's other fields (a reference answer, a test case…), name → list of
     B values (None where a row's prompt lacks it); prompts: each row's prompt as the data gives
-    it (text or chat messages, before the policy's template renders it)."""
+    it (text or chat messages, before the policy's template renders it); chat_template_kwargs:
+    the extra variables the run gives chat templates (``data.chat_template_kwargs``), for a
+    source that renders those prompts with its own template."""
 
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
@@ -58,6 +60,7 @@ class RewardContext:
     fields: Optional[Dict[str, List]] = None
     trl: Optional["TRLRewardInputs"] = None
     prompts: Optional[List[Any]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
 
     def row(self, i: int) -> "RewardContext":
         """The context of row ``i`` alone."""
@@ -67,7 +70,8 @@ class RewardContext:
             response_lengths=None if self.response_lengths is None else self.response_lengths[i:i + 1],
             fields=None if self.fields is None else {k: v[i:i + 1] for k, v in self.fields.items()},
             trl=None if self.trl is None else self.trl.row(i),
-            prompts=None if self.prompts is None else self.prompts[i:i + 1])
+            prompts=None if self.prompts is None else self.prompts[i:i + 1],
+            chat_template_kwargs=self.chat_template_kwargs)
 
 
 class RewardLog:
@@ -274,7 +278,9 @@ class RewardModelReward(RewardSource):
             tok = self.tokenizer
             if ctx is not None and ctx.prompts is not None:
                 prompts = ctx.prompts
-            seqs = [reward_input_ids(tok, p, c, self.max_length) for p, c in zip(prompts, completions)]
+            kw = ctx.chat_template_kwargs if ctx is not None else None
+            seqs = [reward_input_ids(tok, p, c, self.max_length, chat_template_kwargs=kw)
+                    for p, c in zip(prompts, completions)]
             if not seqs:
                 return []
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

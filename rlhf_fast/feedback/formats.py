@@ -692,7 +692,8 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequenc
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
-def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None) -> List[int]:
+def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None,
+                     chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     """The token ids a reward model scores for ``response`` to ``prompt``, as the reward
     trainer encodes them: the rendered prompt (a plain-text prompt with the tokenizer's
     special tokens, e.g. bos; a chat with its template's), the response without special
@@ -701,14 +702,17 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len
     chat template writes for those turns after the prompt (content and end of turn,
     :func:`rlhf_fast.trainers.sft_data.completion_tokens`; TRL's RewardTrainer ids), and
     the eos still follows: the head is always read at an eos. Score texts with this encoding
-    wherever a trained reward model is used: its head was trained at that final eos."""
+    wherever a trained reward model is used: its head was trained at that final eos.
+    ``chat_template_kwargs``: extra variables a chat prompt's template reads (the RL run's
+    ``data.chat_template_kwargs``, as TRL passes them to the reward model's template)."""
     if not isinstance(response, str):
         from rlhf_fast.trainers.sft_data import completion_tokens
 
         p, (c,) = completion_tokens(tokenizer, prompt, response)
         ids = p + c  # the whole conversation as the template renders it
     else:
-        ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"]
+        text = render_prompt(prompt, tokenizer, chat_template_kwargs=chat_template_kwargs)
+        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
         ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

@@ -229,10 +229,10 @@ class HTTPBackend:
 
 def _verdict(answer: str) -> float:
     """1.0 for an "A" verdict, 0.0 for "B", 0.5 when unclear: the answer itself when it is the
-    one letter (either case, punctuation around it allowed), else the first capital A or B
-    standing alone (a lower-case "a" there is the article: "a bit weak, but B is better")."""
+    one letter (either case, punctuation around it allowed), else the first A, B or b standing
+    alone (a lower-case "a" there is the article: "a bit weak, but B is better")."""
     bare = re.fullmatch(r"\W*([ABab])\W*", answer)
-    m = bare or re.search(r"\b([AB])\b", answer)
+    m = bare or re.search(r"\b([ABb])\b", answer)
     if not m:
         return 0.5
     return 1.0 if m.group(1).upper() == "A" else 0.0

@@ -312,12 +312,14 @@ def save_bema_model(trainer) -> None:
     """TRL's ``on_train_end``: the BEMA weights as a model (``save_pretrained`` of the policy's
     class, and the tokenizer) in ``RUN_DIR/bema``, by the main process."""
     from rlhf_fast.distributed import unwrap
+    from rlhf_fast.trainers.checkpoint import staged_folder
 
     if trainer.ctx.is_main:
         policy = unwrap(trainer.model)
-        folder = os.path.join(trainer.run.path, "bema")
-        policy.save_pretrained(folder, state_dict=trainer._bema.model_state_dict(policy))
-        trainer.tokenizer.save_pretrained(folder)
+        # written beside it and renamed into place, as final/: a failed save leaves no torn model
+        with staged_folder(os.path.join(trainer.run.path, "bema")) as folder:
+            policy.save_pretrained(folder, state_dict=trainer._bema.model_state_dict(policy))
+            trainer.tokenizer.save_pretrained(folder)
     trainer.ctx.barrier()
 
 

@@ -524,13 +524,16 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step_{int(step):08d}")
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
+def latest_checkpoint(run_dir: str, recover: bool = True) -> Optional[str]:
     """The complete checkpoint with the highest step under ``run_dir/checkpoints`` (or None),
-    after moving back one a killed :func:`replace_folder` left aside (:func:`recover_replaced`)."""
+    after moving back one a killed :func:`replace_folder` left aside (:func:`recover_replaced`);
+    ``recover`` False for a reader beside a live run (``rlhf-fast report``), which must never
+    move a folder the run is replacing."""
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return None
-    recover_replaced(root)
+    if recover:
+        recover_replaced(root)
     best, best_step = None, -1
     for name in os.listdir(root):
         m = _STEP_RE.match(name)

@@ -732,7 +732,8 @@ RUN_DEFINING_KEYS = ("model", "data", "eval_data")
 
 def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, str) and isinstance(b, str):
-        return a == b or os.path.normpath(a) == os.path.normpath(b)
+        # (a path given relative in one run and absolute in the other names the same file)
+        return a == b or (not a.startswith("tiny:") and os.path.realpath(a) == os.path.realpath(b))
     return a == b
 
 

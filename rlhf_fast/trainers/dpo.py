@@ -311,7 +311,7 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         finite("discopop_tau", self.discopop_tau, "> 0")
         finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         check_bool_fields(self, ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free",
-                                 "prefix_sharing"))
+                                 "prefix_sharing", "resume", "dedup"))
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
         if self.f_divergence_type != "reverse_kl" and not set(names) <= F_DIVERGENCE_LOSSES:

@@ -95,7 +95,7 @@ class PRMConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
 
     def __post_init__(self):
         check_training_schedule(self)
-        check_bool_fields(self, ("train_on_last_step_only",))
+        check_bool_fields(self, ("train_on_last_step_only", "resume"))
         for name in ("max_prompt_length", "max_completion_length"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

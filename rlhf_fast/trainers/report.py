@@ -422,7 +422,7 @@ def _header(run_dir: str, out_dir: str, kind: str, cfg: Dict[str, Any], records:
     done = max((int(r["step"]) for r in records), default=0)
     from .checkpoint import latest_checkpoint
 
-    ck = latest_checkpoint(run_dir)
+    ck = latest_checkpoint(run_dir, recover=False)  # (read-only: the run may be saving)
     if ck:  # a checkpoint past the last logged step (log_every > 1) counts too
         done = max(done, _checkpoint_step(ck))
     hint = ("continue with " + md_code(f"rlhf-fast {kind} --resume {run_dir}") if rl

@@ -1457,7 +1457,8 @@ class RLTrainer:
             lengths = am[:, batch.prompt_length:].sum(1)
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
                            RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths.tolist(),
-                                         fields=per_row, trl=trl, prompts=raw))
+                                         fields=per_row, trl=trl, prompts=raw,
+                                         chat_template_kwargs=self.config.data.chat_template_kwargs))
 
     def _trl_inputs(self, batch, ids: torch.Tensor, am: torch.Tensor, prompts: list, messages=None):
         """TRL's reward-function inputs of ``batch`` (ids / am ``[B, L]``, the left-padded

@@ -168,6 +168,8 @@ class DataConfig:
         return given[0] if given else None
 
     def __post_init__(self):
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"data.shuffle must be true or false, got {self.shuffle!r}")
         self._check_eval()
         self.chat_template_kwargs = _template_kwargs("data.chat_template_kwargs", self.chat_template_kwargs)
         if self.prompts_file is None and not self.prompts:
@@ -346,7 +348,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    min_p: float = 0.0
+    min_p: Optional[float] = 0.0  # (null, TRL's default, is read as 0: off)
     stop_strings: List[str] = field(default_factory=list)
     per_sample_seeds: Optional[bool] = None
     cuda_graphs: bool = True
@@ -437,6 +439,9 @@ class RolloutConfig:
         _pos("rollout.max_new_tokens", self.max_new_tokens, integer=True)
         _pos("rollout.temperature", self.temperature)
         _pos("rollout.top_k", self.top_k, allow_zero=True, integer=True)
+        from rlhf_fast.rollout.types import _as_float
+
+        self.top_p, self.min_p = _as_float(self.top_p), _as_float(self.min_p)  # (numpy scalars: floats)
         # the type first: None or a text would fail the comparison with a TypeError naming no key
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1] (a number), got {self.top_p!r}")
@@ -601,6 +606,8 @@ class RewardConfig:
     calling_convention: str = "ours"
 
     def __post_init__(self):
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"reward.whiten must be true or false, got {self.whiten!r}")
         _choice("reward.on_bad_reward", self.on_bad_reward, ("raise", "drop"))
         _choice("reward.calling_convention", self.calling_convention, ("ours", "trl"))
         _choice("reward.multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
@@ -1009,6 +1016,8 @@ class PPOConfig:
                              f"ppo.importance_sampling_level {SEQUENCE_SUM!r}")
 
     def __post_init__(self):
+        if not isinstance(self.trpo, bool):
+            raise ValueError(f"ppo.trpo must be true or false, got {self.trpo!r}")
         _pos("ppo.epochs", self.epochs, integer=True)
         _pos("ppo.mini_batch_size", self.mini_batch_size, integer=True)
         _pos("ppo.micro_batch_size", self.micro_batch_size, integer=True)
@@ -1896,6 +1905,8 @@ class RLConfig:
 
     def __post_init__(self):
         _choice("estimator", self.estimator, RL_ESTIMATORS)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be true or false, got {self.progress!r}")
         self._check_distill()
         self._check_online_dpo()
         self._check_a2po()

@@ -159,7 +159,7 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         check_training_schedule(self)
         check_lora_field(self)
         self.bema = check_bema_field(self, no_reference_update="the SFT trainer has no reference model")
-        check_bool_fields(self, ("completion_only_loss", "assistant_only_loss"))
+        check_bool_fields(self, ("completion_only_loss", "assistant_only_loss", "resume", "dedup"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.truncation_mode not in TRUNCATION_MODES:

@@ -578,11 +578,12 @@ def _first_line(e: BaseException) -> str:
 
 def _mem_ratio(other: Optional[int], cpp: Optional[int]) -> Optional[float]:
     # blocks under glibc's 64 KiB mmap threshold may come from heap pages already resident,
-    # so 64 KiB is the resolution: a smaller cpp peak counts as 64 KiB (finite, conservative),
-    # and when the other side is below it too the two cannot be told apart (no ratio)
-    if other is None or cpp is None or other < MEM_RESOLUTION:
+    # so 64 KiB is the resolution: a smaller peak on either side counts as 64 KiB (a smaller cpp
+    # peak understates the ratio; a smaller peer peak gives an upper bound, ≤ 1 since cpp is above
+    # it), and only when both sides are below it can the two not be told apart (no ratio)
+    if other is None or cpp is None or (other < MEM_RESOLUTION and cpp < MEM_RESOLUTION):
         return None
-    return other / max(cpp, MEM_RESOLUTION)
+    return max(other, MEM_RESOLUTION) / max(cpp, MEM_RESOLUTION)
 
 
 def _goal_verdict(case: Case, sp: Optional[float], mr: Optional[float], mem_measured: bool) -> List[str]:
@@ -733,8 +734,8 @@ def _run_cases(scale, memory, rep, max_time_s, cases, compile_, compile_timeout_
         "(VmHWM after /proc/self/clear_refs; glibc forced to mmap ≥ 64 KiB blocks)",
         "speedup / mem_ratio: on 'cpp vs torch' reference ÷ cpp; on a peer row that peer ÷ cpp; on "
         "'cpp vs best peer' the fastest peer's time ÷ cpp and the leanest peer's extra peak ÷ cpp "
-        "(a cpp peak below the 64 KiB resolution counts as 64 KiB; no memory ratio when the other side is "
-        "below it too)",
+        "(a peak below the 64 KiB resolution counts as 64 KiB; no memory ratio when both sides are "
+        "below it)",
         "goals are the foundation issue's targets, stated next to the measured ratios (against the reference "
         "and against the best peer), not asserted",
         "gae / discounted_returns use right-padded masks: the peers' loops zero masked positions instead of "

@@ -42,9 +42,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ kernels (default: torch's; subprocesses inherit it)")
-    parser.add_argument("--algos", default="ppo,grpo,dpo",
-                        help="e2e: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo, distill, online_dpo, "
-                             "sft, reward, sdft, sdpo, iw_opd (default: ppo,grpo,dpo)")
+    parser.add_argument("--algos", default=None,
+                        help="e2e / all: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo, "
+                             "distill, online_dpo, sft, reward, sdft, sdpo, iw_opd (default: ppo,grpo,dpo)")
 
 
 def _as_tables(x) -> List[Table]:
@@ -90,6 +90,22 @@ def ops_tables(device: str = "cpu", quick: bool = False) -> List[Table]:
     return tables
 
 
+def _algos(args):
+    """The e2e algorithms ``--algos`` picks (None for the ops suite, which has none); a selection
+    the suite would ignore, or an unknown algorithm, is a ValueError naming --algos."""
+    given = getattr(args, "algos", None)
+    if args.suite == "ops":
+        if given is not None:
+            raise ValueError("--algos applies to the e2e and all suites, not ops")
+        return None
+    from . import e2e
+
+    try:
+        return e2e._check_algos(e2e.ALGOS if given is None else given)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+
+
 def run(args) -> int:
     """Run the chosen suites, print the tables, write the results files."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,10 +115,7 @@ def run(args) -> int:
     # (a new run is appended to it; one that cannot be read is refused, not written over)
     paths = results_paths(args.device, args.out)
     check_results_paths(paths, "--out")
-    if args.suite in ("e2e", "all"):  # a wrong --algos is refused before the long work
-        from . import e2e
-
-        e2e._check_algos(getattr(args, "algos", e2e.ALGOS))
+    algos = _algos(args)  # a wrong --algos is refused before the long work
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -114,8 +127,7 @@ def run(args) -> int:
     if args.suite in ("e2e", "all"):
         from . import e2e
 
-        tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick,
-                                           algos=getattr(args, "algos", e2e.ALGOS)))
+        tables += _as_tables(e2e.run_suite(device=args.device, quick=args.quick, algos=algos))
     for t in tables:
         print(t.markdown() + "\n")
     paths = write_results(tables, device=args.device, suite=f"bench {args.suite}" + (" --quick" if args.quick else ""),

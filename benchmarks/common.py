@@ -449,7 +449,7 @@ def write_results(tables: Sequence[Table], *, device: str = "cpu", out_dir: Opti
     header = (f"## {suite or 'bench'} — {env['time_utc']}\n\n"
               f"device: {env['device']} ({env['cpu_threads']} threads, load avg {env['load_avg_1m']}) · torch {env['torch']} · "
               f"triton {env['triton']} · cuda {env['cuda']} · commit {env['git_commit']}\n\npeers: {peers}\n")
-    with open(mpath, "a") as f:
+    with open(mpath, "a", encoding="utf-8") as f:  # the tables hold ×, ÷, – whatever the locale
         f.write(header + "\n" + "\n\n".join(t.markdown() for t in tables) + "\n\n")
     return {"json": jpath, "md": mpath}
 

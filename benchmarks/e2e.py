@@ -2251,8 +2251,12 @@ def _add_algo_rows(table: Table, algo: str, cfg: E2EConfig, timeout_s: float, re
     for fw in ("trl", "rlhf_fast"):
         row = dict(algo=label, framework=fw if fw == "rlhf_fast" else trl_name)
         if fw in errors:
-            what = "rlhf_fast trainer not available" if fw == "rlhf_fast" else "TRL side failed"
-            row["note"] = f"{what}: {errors[fw]}"
+            if fw == "rlhf_fast":  # our own step failing is the suite's failure (exit 1), a peer's is a note
+                row["error"] = f"rlhf_fast side failed: {errors[fw]}"
+                if "error" not in table.columns:
+                    table.columns.append("error")
+            else:
+                row["note"] = f"TRL side failed: {errors[fw]}"
             table.rows.append(row)
             continue
         r = got[fw] = _median_runs(runs[fw])
@@ -2709,7 +2713,9 @@ if __name__ == "__main__":
                                   ("rl_prefix_sharing", a.rl_prefix_sharing or None),
                                   ("dpo_prompt_tokens", a.dpo_prompt_tokens),
                                   ("rl_prompt_tokens", a.rl_prompt_tokens)) if v is not None}
-        main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos, overrides=over)
+        tables = main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos,
+                      overrides=over)
+        sys.exit(1 if any(r.get("error") for t in tables for r in t.rows) else 0)  # as `rlhf-fast bench e2e`
     else:
         known = {f.name for f in fields(E2EConfig)}
         c = E2EConfig(**{k: v for k, v in json.loads(a.config or "{}").items() if k in known})

@@ -230,7 +230,7 @@ def test_e2e_trl_step_runs_and_reports_missing_trainer(monkeypatch):
     ours = [r for t in (rl, dpo) for r in t.rows if r["framework"] == "rlhf_fast"]
     assert [r["algo"] for r in ours] == ["ppo", "grpo", "dpo"]
     for r in ours:
-        assert "rlhf_fast trainer not available" in r["note"] and r.get("step_s") is None
+        assert "rlhf_fast side failed" in r["error"] and r.get("step_s") is None  # (an error: the run exits 1)
 
 
 def test_e2e_trl_side_uses_trls_own_logprob_path_and_optimiser():

@@ -23,13 +23,14 @@ def _ensemble_options(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
-                        help="preference (SFT → annotators → reward model → RL) or arithmetic (GRPO, verifiable reward)")
+    parser.add_argument("--task", choices=("preference", "arithmetic"), default=None,
+                        help="preference (SFT → annotators → reward model → RL; the default) or arithmetic "
+                        "(GRPO, verifiable reward)")
     parser.add_argument("--algo", choices=("ppo", "grpo", "rloo", "dpo"), default=None,
                         help="how the preference task tunes the policy (default ppo; dpo: straight from the "
                         "labelled pairs, no RL); the arithmetic task runs GRPO")
     parser.add_argument("--out", default=None, help="run folder (default runs/demo-TASK-TIMESTAMP)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="an int in [0, 2**63) (default 0)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by the tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--reward-ensemble", type=int, default=None, metavar="K",
@@ -45,11 +46,24 @@ def add_arguments(parser) -> None:
                         "correctness and speed table")
 
 
+# the options of a demo run, which --ops-report (a table, no run) would ignore
+_RUN_OPTIONS = ("task", "algo", "out", "seed", "reward_ensemble", "ensemble_mode", "ensemble_coef")
+
+
 def run(args) -> int:
     if args.ops_report:
+        given = [f"--{k.replace('_', '-')}" for k in _RUN_OPTIONS if getattr(args, k) is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to a demo run, not --ops-report (which takes --quick)")
         from rlhf_fast.benchmarks.ops_report import main as ops_report
 
         return ops_report(quick=args.quick)
+    from rlhf_fast.trainers.common import check_seed
+
+    args.task = args.task or "preference"
+    args.seed = 0 if args.seed is None else args.seed
+    check_seed("--seed", args.seed)  # before minutes of work and an --out folder, naming the flag
     if args.task == "arithmetic" and args.algo not in (None, "grpo"):
         raise ValueError(f"--algo {args.algo} applies to --task preference; the arithmetic task runs GRPO")
     ensemble = _ensemble_options(args)

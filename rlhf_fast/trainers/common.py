@@ -221,13 +221,21 @@ def supervised_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.l
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().float().item() if v.numel() == 1 else v.detach().cpu().tolist()
+    if isinstance(v, torch.Tensor):  # its floats through the non-finite check below, as Python's
+        v = v.detach()
+        return _jsonable(v.float().item()) if v.numel() == 1 else _finite_items(v.cpu().tolist())
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep the line parseable by strict readers
     if hasattr(v, "item") and callable(v.item):  # numpy scalars
         return _jsonable(v.item())
     return v
+
+
+def _finite_items(x: Any) -> Any:
+    """A tensor's ``tolist()`` (nested lists of numbers) with every non-finite float as its text."""
+    if isinstance(x, list):
+        return [_finite_items(e) for e in x]
+    return _jsonable(x)
 
 
 # transformers' report_to names of the trackers MetricsLogger feeds, in the order of its
@@ -529,7 +537,11 @@ class MetricsLogger:
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if self._trackers:
-            scalars = record_scalars(rec)
+            # a one-value tensor's NaN / inf (text in the JSON line) still reaches the trackers as a
+            # number, as before it was written as text: a loss turning NaN shows on their plots
+            scalars = record_scalars({**rec, **{str(k): float(v) for k, v in metrics.items()
+                                                if isinstance(v, torch.Tensor) and v.numel() == 1
+                                                and not math.isfinite(float(v))}})
             for t in self._trackers:
                 t.log(int(step), scalars)
         return rec

@@ -231,6 +231,8 @@ def direction(key: str) -> int:
         return -1
     if base.startswith("reward/") and not any(w in base for w in ("std", "dropped")):
         return 1
+    if base == "reward":  # a2po's mean reward of the step's answers
+        return 1
     if "accuracy" in base or base.endswith("margin") or base in ("value/explained_variance", "win_rate"):
         return 1
     # online DPO's (TRL's names): the pairs' accuracy and margin, and the scores of its answers

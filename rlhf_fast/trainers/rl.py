@@ -2224,11 +2224,16 @@ class RLTrainer:
         if every and self.global_step % every == 0:
             self._sync_reference()
         m["time/step"] = time.perf_counter() - t0
-        if self._eval_due():  # after the step's update: the policy as trained so far
+        evaluated = self._eval_due()
+        if evaluated:  # after the step's update: the policy as trained so far
             t2 = time.perf_counter()
             m.update(self.evaluate())
             m["time/eval"] = time.perf_counter() - t2
-        if self._logger is not None:
+        # log_every (TRL's logging_steps) as the offline trainers: those steps, the last one and
+        # the ones with an evaluation
+        logged = (self.global_step % self.config.log_every == 0 or self.global_step == self.config.steps
+                  or evaluated)
+        if self._logger is not None and logged:
             self._logger.log(self.global_step, m)
         self._write_samples()  # (every rank: its rows are gathered; rank 0 writes)
         return m

@@ -32,6 +32,8 @@ TensorBoard events and atomic checkpoints from which ``resume`` continues exactl
 one shared-prefix row of the whole batch, the update's shuffle permutes whole groups and each
 micro-batch is one such row; a ValueModel critic (gae) runs on the same rows
 (:func:`rlhf_fast.models.shared_values.shared_critic_values`), any other critic stays padded.
+``ppo.padding_free`` runs the same rows with each row its own group: every forward one
+padding-free row, the shuffle the padded run's.
 """
 
 from __future__ import annotations
@@ -383,21 +385,28 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
 
 
-def _critic_shares(critic, prefix_sharing: bool, seq_len: int) -> bool:
-    """Whether the critic's values come from the shared-prefix row (``ppo.prefix_sharing`` and a
-    critic :func:`~rlhf_fast.models.shared_values.critic_sharing_reason` accepts). A critic it
-    cannot run keeps its padded forward, with one warning: unlike the policy's log-probs, the
-    critic's values have an exact padded path, and refusing would take the policy's sharing away
+def _critic_shares(critic, key: Optional[str], seq_len: int) -> bool:
+    """Whether the critic's values come from the shared-prefix row (``key``, the config key that
+    packs the rows — ``ppo.prefix_sharing`` or ``ppo.padding_free``, None: neither — and a critic
+    :func:`~rlhf_fast.models.shared_values.critic_sharing_reason` accepts). A critic it cannot run
+    keeps its padded forward, with one warning naming ``key``: unlike the policy's log-probs, the
+    critic's values have an exact padded path, and refusing would take the policy's packing away
     too."""
-    if critic is None or not prefix_sharing:
+    if critic is None or key is None:
         return False
     from rlhf_fast.models.shared_values import critic_sharing_reason
 
     why = critic_sharing_reason(critic, seq_len)
     if why is not None:
-        warnings.warn(f"ppo.prefix_sharing: the critic keeps its padded forward (each prompt once per "
+        warnings.warn(f"{key}: the critic keeps its padded forward (each prompt once per "
                       f"answer) because {why}", RuntimeWarning, stacklevel=3)
     return why is None
+
+
+def _packing_key(ppo) -> Optional[str]:
+    """The config key under which the RL forwards run packed rows: ``ppo.prefix_sharing`` (which
+    is padding-free too, so it wins), ``ppo.padding_free``, or None (padded)."""
+    return "ppo.prefix_sharing" if ppo.prefix_sharing else "ppo.padding_free" if ppo.padding_free else None
 
 
 def _blank_row(data: "RolloutTensors") -> "RolloutTensors":
@@ -674,10 +683,10 @@ class RLTrainer:
                              "adapters disabled), so there is nothing to offload")
         if cfg.kl.ref_sync_steps:
             _check_syncable(self.policy, reference)
-        if cfg.ppo.prefix_sharing:  # no transformers fallback for its attention: refused now, not mid-run
+        if _packing_key(cfg.ppo):  # no transformers fallback for its attention: refused now, not mid-run
             from rlhf_fast.trainers.packing import check_prefix_shareable
 
-            check_prefix_shareable("ppo.prefix_sharing", cfg.rollout.max_new_tokens + 1, self.policy, reference,
+            check_prefix_shareable(_packing_key(cfg.ppo), cfg.rollout.max_new_tokens + 1, self.policy, reference,
                                    alternative=None)
         self.reference = reference
         self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
@@ -687,7 +696,7 @@ class RLTrainer:
                 self.policy, cfg.model.critic, cfg.model.model_init_kwargs)).to(self.device)
             self.critic.eval()
         # (checked before a DDP / FSDP2 wrapper adds its hooks)
-        self._critic_shared = _critic_shares(self.critic, cfg.ppo.prefix_sharing,
+        self._critic_shared = _critic_shares(self.critic, _packing_key(cfg.ppo),
                                              cfg.rollout.max_new_tokens + 1)
         if engine is None:
             from rlhf_fast.rollout import HFRolloutEngine
@@ -1703,13 +1712,16 @@ class RLTrainer:
 
     def _share_kwargs(self, group: Optional[torch.Tensor], n_rows: int) -> dict:
         """``sequence_logprobs``' keywords for ``n_rows`` rows whose groups are ``group`` ``[B]``
-        (None: each row its own): none without ``ppo.prefix_sharing``, else the groups'
-        shared-prefix row."""
-        if not self.config.ppo.prefix_sharing:
+        (None: each row its own): none for the padded forward; with ``ppo.prefix_sharing`` the
+        groups' shared-prefix row; with ``ppo.padding_free`` alone that row of one-row groups,
+        which is the padding-free row (each sequence its own causal block)."""
+        p = self.config.ppo
+        if not (p.prefix_sharing or p.padding_free):
             return {}
         from rlhf_fast.models.logprobs import row_groups
 
-        groups = row_groups(group) if group is not None else torch.arange(n_rows, device=self.device)[:, None]
+        groups = (row_groups(group) if p.prefix_sharing and group is not None
+                  else torch.arange(n_rows, device=self.device)[:, None])
         return dict(prefix_sharing=True, prefix_groups=groups)
 
     def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -1717,7 +1729,8 @@ class RLTrainer:
         """The critic's V(s_t) ``[B, L]`` float32 (:func:`critic_values`) of rows whose groups are
         ``group`` ``[B]`` (None: each row its own); with ``ppo.prefix_sharing`` from the groups'
         shared-prefix row (:func:`rlhf_fast.models.shared_values.shared_critic_values`: the response
-        tokens' values, 0 elsewhere) unless the critic keeps its padded forward."""
+        tokens' values, 0 elsewhere; ``ppo.padding_free``: the padding-free row, :meth:`_share_kwargs`)
+        unless the critic keeps its padded forward."""
         if not self._critic_shared:
             return critic_values(self.critic, input_ids, attention_mask)
         from rlhf_fast.models.shared_values import shared_critic_values
@@ -1726,9 +1739,10 @@ class RLTrainer:
         return shared_critic_values(self.critic, input_ids, attention_mask, response_mask, groups)
 
     def _shuffle_units(self, data: "RolloutTensors") -> Optional[List[int]]:
-        """What the update's shuffle permutes: None, single rows; with ``ppo.prefix_sharing`` the
-        groups, as their row counts in the global row order (rank by rank; a group never spans
-        ranks), so each mini- and micro-batch holds whole groups."""
+        """What the update's shuffle permutes: None, single rows (``ppo.padding_free`` too: any
+        rows pack); with ``ppo.prefix_sharing`` the groups, as their row counts in the global row
+        order (rank by rank; a group never spans ranks), so each mini- and micro-batch holds whole
+        groups."""
         if not self.config.ppo.prefix_sharing or data.group is None:
             return None
         g = data.group

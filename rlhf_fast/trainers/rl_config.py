@@ -932,6 +932,17 @@ class PPOConfig:
     the trainer's start otherwise. A ValueModel critic (estimator gae) runs on the same shared rows
     (rlhf_fast.models.shared_values); a critic llama_forward cannot compute keeps its padded forward,
     with a warning.
+    ``padding_free`` (off by default; OpenRLHF's ``--packing_samples``, verl's
+    ``use_remove_padding``): every RL forward — the rollout's scoring (old log-probs and
+    entropies, reference log-probs, a ValueModel critic's values) and the update's forward and
+    backward — runs each (micro-)batch as one packed row without padding, each answer attending
+    only to its own prompt and itself (``prefix_sharing``'s row with each row its own group); the
+    values are the padded path's up to float rounding. Unlike ``prefix_sharing`` it shuffles
+    single rows and puts no constraint on ``mini_batch_size`` / ``micro_batch_size``. With
+    ``prefix_sharing`` as well it changes nothing (``prefix_sharing``'s row is already
+    padding-free, each prompt once per group). Model requirements and the critic's fallback are
+    ``prefix_sharing``'s, the errors naming ``ppo.padding_free``; not with ``torch_compile`` nor
+    estimator ``distill`` (there ``prefix_sharing`` packs).
     ``router_aux_loss_coef`` (TRL's GRPO / RLOO ``router_aux_loss_coef``): the weight of a
     Mixture-of-Experts policy's router load-balancing loss in the policy update, coef × aux / the
     mini-batch's micro-batches (TRL's gradient-accumulation steps; on several ranks every rank's
@@ -984,6 +995,7 @@ class PPOConfig:
     entropy_coef_delta: float = ENTROPY_COEF_DELTA
     entropy_target: float = ENTROPY_TARGET
     prefix_sharing: bool = False
+    padding_free: bool = False
     router_aux_loss_coef: Optional[float] = None
 
     @property
@@ -1026,6 +1038,8 @@ class PPOConfig:
                              f"({self.mini_batch_size})")
         if not isinstance(self.prefix_sharing, bool):
             raise ValueError(f"ppo.prefix_sharing must be true or false, got {self.prefix_sharing!r}")
+        if not isinstance(self.padding_free, bool):
+            raise ValueError(f"ppo.padding_free must be true or false, got {self.padding_free!r}")
         _pos("ppo.clip_low", self.clip_low, allow_zero=True)
         if self.clip_high is not None:
             _pos("ppo.clip_high", self.clip_high, allow_zero=True)
@@ -1520,7 +1534,8 @@ class OnlineDPOConfig:
 
 
 # the ppo keys that the online DPO update uses (its loss is DPO's, over pairs of rows)
-ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing")
+ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing",
+                       "padding_free")
 
 
 @dataclass
@@ -1715,7 +1730,7 @@ SDPO_MODES = ("sampled_token", "full_logits", "topk_logits")
 # the ppo keys that sdpo.distillation_weight 1 (no policy-gradient loss) still reads: the batches, the
 # clipping, the early stop on the ratio's approx KL, π_old of the importance clip, the shared prefix, MoE's term
 SDPO_DISTILL_ONLY_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "target_kl",
-                              "old_logp", "prefix_sharing", "router_aux_loss_coef")
+                              "old_logp", "prefix_sharing", "padding_free", "router_aux_loss_coef")
 SDPO_TEACHERS = ("ema", "base", "live")
 
 # sdft.distillation_mode / teacher_model_kind (TRL SDFTConfig's)
@@ -1907,6 +1922,7 @@ class RLConfig:
         _choice("estimator", self.estimator, RL_ESTIMATORS)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be true or false, got {self.progress!r}")
+        self._check_padding_free()
         self._check_distill()
         self._check_online_dpo()
         self._check_a2po()
@@ -1939,6 +1955,10 @@ class RLConfig:
         from rlhf_fast.trainers.compile import check_rl_compile_options
 
         check_rl_compile_options(self)
+        if self.torch_compile and self.ppo.padding_free:  # (a backend or mode has turned it on by now)
+            raise ValueError("torch_compile: true cannot run with ppo.padding_free: true (only rlhf_fast's eager "
+                             "Llama-family forward computes the packed row, and compile runs transformers' "
+                             "forward); set one of them to false")
         from rlhf_fast.trainers.merging import check_merge_field
 
         self.merge = check_merge_field(self, lora=self.model.lora)
@@ -1995,6 +2015,14 @@ class RLConfig:
             # likewise: the sampler's log-probs are those of the penalised distribution
             raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
                              f"set); use ppo.old_logp 'recompute'")
+
+    def _check_padding_free(self):
+        """``ppo.padding_free`` with estimator distill: refused, named (before _check_distill's
+        generic "no effect"), since the distillation trainer's teacher check and its ULD refusal
+        read ``ppo.prefix_sharing`` alone."""
+        if self.ppo.padding_free and self.estimator == DISTILL:
+            raise ValueError("ppo.padding_free is not supported with estimator 'distill'; ppo.prefix_sharing packs "
+                             "its rows padding-free (each prompt once per group of its answers)")
 
     def _check_process_steps(self):
         """``reward.process_aggregation: steps`` puts rewards on tokens: it needs an estimator

@@ -258,3 +258,47 @@ def test_judge_verdict_reads_a_lower_case_b_in_a_sentence(answer):
     from rlhf_fast.feedback.judge import _verdict
 
     assert _verdict(answer) == 0.0
+
+
+def test_eval_run_renders_chat_prompts_with_the_runs_chat_template_kwargs(tmp_path, monkeypatch):
+    """Outside the reviewed commits (found by the regression review): `rlhf-fast eval --run`
+    rendered the run's chat prompts without its data.chat_template_kwargs, for the policy and for
+    the reward models; training renders them with (RLTrainer._render, RewardContext)."""
+    import shutil
+
+    from rlhf_fast import cli
+    from rlhf_fast.feedback import formats
+    from rlhf_fast.models.tiny import sample_texts, tiny_causal_lm, train_tokenizer
+    from rlhf_fast.trainers.config import load_config, save_config
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    tok = train_tokenizer(sample_texts(32), 300)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if flag %}[flag] {% endif %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    pol = tmp_path / "policy"
+    tiny_causal_lm(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=0, pad_token_id=tok.pad_token_id,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(str(pol))
+    tok.save_pretrained(str(pol))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": c}]}) + "\n"
+                               for c in ("the cat", "a dog")))
+    (tmp_path / "rw.py").write_text("def one(prompts, completions):\n    return [1.0 for _ in completions]\n")
+    run = tmp_path / "run"
+    cfg = load_config(RLConfig, None, ["--model.policy", str(pol), "--data.prompts_file", str(prompts),
+                                       "--steps", "1", "--output_dir", str(run),
+                                       "--reward.functions", f"{tmp_path / 'rw.py'}:one"])
+    cfg.data.chat_template_kwargs = {"flag": True}
+    run.mkdir()
+    save_config(cfg, str(run / "config.yaml"))
+    shutil.copytree(pol, run / "final" / "policy")
+    seen, real = [], formats.render_prompt
+
+    def spy(prompt, tokenizer=None, tools=None, chat_template_kwargs=None):
+        if isinstance(prompt, list):
+            seen.append(chat_template_kwargs)
+        return real(prompt, tokenizer, tools, chat_template_kwargs)
+
+    monkeypatch.setattr(formats, "render_prompt", spy)
+    out = tmp_path / "res.json"
+    assert cli.main(["eval", "--run", str(run), "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert seen and all(kw == {"flag": True} for kw in seen), seen

@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -118,6 +118,7 @@ def evaluate_policy(
     correct_threshold: float = 1.0,
     data_prompts: Optional[Sequence] = None,
     trainer_state=None,
+    chat_template_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
@@ -137,7 +138,8 @@ def evaluate_policy(
     ``transformers.TrainerState`` (default: a fresh one); what they log with ``log_metric``
     comes back as ``reward_fn/NAME`` (the mean), and the reward mean / std skip the answers no
     source scored (TRL's nanmean). Reward models read ``data_prompts`` too (a chat rendered with
-    the reward model's own template, as it was trained)."""
+    the reward model's own template, as it was trained, with ``chat_template_kwargs``: a run's
+    ``data.chat_template_kwargs``)."""
     from rlhf_fast.algorithms import CombinedReward, RewardContext, fields_per_row
     from rlhf_fast.algorithms.rewards import RewardLog, TRLRewardInputs, trl_completions
     from rlhf_fast.models.logprobs import sequence_logprobs
@@ -186,7 +188,8 @@ def evaluate_policy(
         out = reward(list(b.prompt_texts), list(b.response_texts),
                      RewardContext(b.input_ids, b.attention_mask, rm.sum(1).tolist(),
                                    fields=fields_per_row(fields, b.group_index.tolist()),
-                                   trl=trl_inputs(b) if trl else None, prompts=data_rows(b)))
+                                   trl=trl_inputs(b) if trl else None, prompts=data_rows(b),
+                                   chat_template_kwargs=chat_template_kwargs))
         return b, rm, out
 
     res: Dict[str, float] = {}
@@ -452,6 +455,7 @@ def run(args) -> int:
     records, reference, fns, split = None, None, list(args.reward_fn), None
     policy_path = args.policy
     init_kwargs = None  # a run's model.model_init_kwargs: its models load as it loaded them
+    template_kwargs = None  # a run's data.chat_template_kwargs: its chats render as in training
     if args.run:
         from rlhf_fast.trainers.config import load_config
         from rlhf_fast.trainers.rl_config import RLConfig
@@ -463,6 +467,7 @@ def run(args) -> int:
             check_out_not_input(args.out, {"model.policy of --run": cfg.model.policy,
                                            "model.reference of --run": cfg.model.reference}, "the results")
         init_kwargs = cfg.model.model_init_kwargs
+        template_kwargs = cfg.data.chat_template_kwargs or None
         policy_path = policy_path or os.path.join(args.run, "final", "policy")
         if args.reference is None:
             ref_path = cfg.model.reference or cfg.model.policy
@@ -505,7 +510,8 @@ def run(args) -> int:
     tok.padding_side = "left"
     from rlhf_fast.feedback.formats import render_prompt
 
-    prompts = [render_prompt(p, tok) for p, _ in records]  # chats with the policy's chat template
+    # chats with the policy's chat template (and the run's data.chat_template_kwargs)
+    prompts = [render_prompt(p, tok, chat_template_kwargs=template_kwargs) for p, _ in records]
     fields = [f for _, f in records]
     policy = AutoModelForCausalLM.from_pretrained(policy_path, **trained_policy_kwargs(init_kwargs)).eval()
     if args.reference and args.run:  # loaded as the run loaded its models
@@ -541,7 +547,8 @@ def run(args) -> int:
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,
                           pass_k=args.pass_k_list, correct_threshold=args.correct_threshold,
-                          data_prompts=[p for p, _ in records], trainer_state=state)
+                          data_prompts=[p for p, _ in records], trainer_state=state,
+                          chat_template_kwargs=template_kwargs)
     if split is not None:
         res["split"] = split
     text = json.dumps(res, indent=2)

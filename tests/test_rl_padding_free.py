@@ -185,8 +185,7 @@ def test_refusals_name_the_key(tmp_path):
     # no constraint on the batch sizes (prefix_sharing's multiples of group_size)
     RLConfig(estimator="grpo", rollout=RolloutConfig(prompts_per_step=3, group_size=4),
              ppo=PPOConfig(mini_batch_size=6, micro_batch_size=3, padding_free=True))
-    with pytest.raises(ValueError, match=r"ppo.padding_free is not supported with estimator 'distill'"):
-        RLConfig(estimator="distill", ppo=PPOConfig(padding_free=True))
+    RLConfig(estimator="distill", ppo=PPOConfig(padding_free=True))  # (distillation takes it: test below)
     for compile_kw in (dict(torch_compile=True), dict(torch_compile_backend="eager")):
         with pytest.raises(ValueError, match=r"torch_compile: true cannot run with ppo.padding_free"):
             RLConfig(estimator="grpo", ppo=PPOConfig(padding_free=True), **compile_kw)
@@ -255,3 +254,41 @@ def test_sdpo_step_equals_the_padded(tmp_path, monkeypatch, weight):
     assert any(k.startswith("self_distillation/") and v for k, v in mb.items())  # the term was active
     for p, q in zip(a.policy.parameters(), b.policy.parameters()):
         assert float((q.detach() - p.detach()).abs().max()) <= 1e-2 * 5e-3  # well under one Adam step (lr 1e-2)
+
+
+def test_a_distillation_step_equals_the_padded(tmp_path, monkeypatch):
+    """Estimator distill takes ppo.padding_free: the student's and the teacher's forwards packed,
+    one on-policy step (loss, metrics, weights) equal to the padded run's; the teacher must be a
+    model the packed path runs, and GOLD's cross-tokenizer teacher refuses it, naming the key."""
+    from rlhf_fast.trainers.distill import DistillationTrainer
+    from rlhf_fast.trainers.rl_config import DistillConfig
+    from tests.test_distill import make_config, make_teacher
+    from tests.test_rl_learning import PROMPTS, make_policy
+
+    import rlhf_fast.trainers.distill as D
+
+    groups, real = [], D.distillation_loss
+
+    def spy(*a, **kw):  # the update's loss: packed rows (each row its own group) only with the key
+        groups.append(kw.get("prefix_groups"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(D, "distillation_loss", spy)
+    runs = []
+    for packed in (False, True):
+        groups.clear()
+        pol, tok = make_policy()
+        cfg = make_config(tmp_path / str(packed), 0.5, distill=DistillConfig(beta=0.5),
+                          rollout=RolloutConfig(prompts_per_step=3, group_size=2, max_new_tokens=6, temperature=0.9),
+                          ppo=PPOConfig(epochs=2, mini_batch_size=3, micro_batch_size=3, padding_free=packed))
+        t = DistillationTrainer(cfg, pol, tok, prompts=PROMPTS, teacher_model=make_teacher(tok))
+        runs.append((t, t.step()))
+        assert groups and all((g is not None) == packed for g in groups)
+        assert all(g.shape[1] == 1 for g in groups if g is not None)  # each row its own group
+    (a, ma), (b, mb) = runs
+    keys = {k for k in ma if not k.startswith(("time/", "step_time", "tokens_per_s"))}
+    assert ma["loss"] > 0.05
+    for k in sorted(keys):
+        assert mb[k] == pytest.approx(ma[k], rel=2e-5, abs=1e-7), k
+    for p, q in zip(a.policy.parameters(), b.policy.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)

@@ -97,7 +97,8 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.models import lm_head
 from rlhf_fast.models.lm_head import HeadTransform, head_logits
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _chat_or_text, _micro_batches, with_estimator
+from rlhf_fast.trainers.rl import (RLTrainer, RolloutTensors, _chat_or_text, _micro_batches, _packing_key,
+                                   with_estimator)
 from rlhf_fast.trainers.rl_config import DISTILL, RLConfig
 
 # the field of a training record that holds its completion (SFT's prompt-completion format)
@@ -588,10 +589,11 @@ class DistillationTrainer(RLTrainer):
         self._uld = self._uld_setup_tokenizer()  # GOLD (distill.use_uld_loss); None otherwise
         self.teacher = self._load_teacher(teacher_model)
         self._vocab_rows = self._check_vocabulary() if self._uld is None else self._uld_check_teacher()
-        if self.config.ppo.prefix_sharing:  # (the student's checked by RLTrainer; checked before FSDP2 wraps it)
+        packing = _packing_key(self.config.ppo)  # ppo.prefix_sharing / ppo.padding_free: the teacher's rows too
+        if packing:  # (the student's checked by RLTrainer; checked before FSDP2 wraps it)
             from rlhf_fast.trainers.packing import check_prefix_shareable
 
-            check_prefix_shareable("ppo.prefix_sharing", self.config.rollout.max_new_tokens + 1, self.teacher,
+            check_prefix_shareable(packing, self.config.rollout.max_new_tokens + 1, self.teacher,
                                    alternative="the teacher, distill.teacher, is the model it cannot run")
         self.teacher_sharded = False
         if self.ctx.distributed and self.config.distributed.strategy == "fsdp2":
@@ -876,9 +878,10 @@ class DistillationTrainer(RLTrainer):
         d = self.config.distill
         if not d.use_uld_loss:
             return None
-        if self.config.ppo.prefix_sharing:
-            raise ValueError("ppo.prefix_sharing: the teacher of distill.use_uld_loss reads its own tokenization of "
-                             "each answer, which shares no prefix row with the student's; set it false")
+        packing = _packing_key(self.config.ppo)
+        if packing:
+            raise ValueError(f"{packing}: the teacher of distill.use_uld_loss reads its own tokenization of each "
+                             "answer, which shares no packed row with the student's; set it false")
         if self.tools or self._env_factories:
             raise ValueError("distill.use_uld_loss: tool results inside an answer would be scored by the teacher "
                              "as answer text (TRL's GOLD has no tools); remove the tools / environments")

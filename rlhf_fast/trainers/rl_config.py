@@ -941,8 +941,9 @@ class PPOConfig:
     single rows and puts no constraint on ``mini_batch_size`` / ``micro_batch_size``. With
     ``prefix_sharing`` as well it changes nothing (``prefix_sharing``'s row is already
     padding-free, each prompt once per group). Model requirements and the critic's fallback are
-    ``prefix_sharing``'s, the errors naming ``ppo.padding_free``; not with ``torch_compile`` nor
-    estimator ``distill`` (there ``prefix_sharing`` packs).
+    ``prefix_sharing``'s, the errors naming ``ppo.padding_free``; not with ``torch_compile``. In
+    distillation the teacher's forward is packed too (as under ``prefix_sharing``; not with
+    ``distill.use_uld_loss``, whose teacher reads its own tokenization).
     ``router_aux_loss_coef`` (TRL's GRPO / RLOO ``router_aux_loss_coef``): the weight of a
     Mixture-of-Experts policy's router load-balancing loss in the policy update, coef × aux / the
     mini-batch's micro-batches (TRL's gradient-accumulation steps; on several ranks every rank's
@@ -1470,7 +1471,8 @@ class DistillConfig:
 
 
 # the ppo keys that the distillation update uses; every other one belongs to the policy loss
-DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing")
+DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_norm", "prefix_sharing",
+                    "padding_free")
 
 
 @dataclass
@@ -1922,7 +1924,6 @@ class RLConfig:
         _choice("estimator", self.estimator, RL_ESTIMATORS)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be true or false, got {self.progress!r}")
-        self._check_padding_free()
         self._check_distill()
         self._check_online_dpo()
         self._check_a2po()
@@ -2015,14 +2016,6 @@ class RLConfig:
             # likewise: the sampler's log-probs are those of the penalised distribution
             raise ValueError(f"ppo.old_logp 'behaviour' needs no sampling penalties (rollout.{', rollout.'.join(penalised)} "
                              f"set); use ppo.old_logp 'recompute'")
-
-    def _check_padding_free(self):
-        """``ppo.padding_free`` with estimator distill: refused, named (before _check_distill's
-        generic "no effect"), since the distillation trainer's teacher check and its ULD refusal
-        read ``ppo.prefix_sharing`` alone."""
-        if self.ppo.padding_free and self.estimator == DISTILL:
-            raise ValueError("ppo.padding_free is not supported with estimator 'distill'; ppo.prefix_sharing packs "
-                             "its rows padding-free (each prompt once per group of its answers)")
 
     def _check_process_steps(self):
         """``reward.process_aggregation: steps`` puts rewards on tokens: it needs an estimator

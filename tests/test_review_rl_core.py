@@ -359,8 +359,10 @@ def test_reward_whiten_uses_every_ranks_scores(tmp_path):
     get_global_statistics), not of each rank's own half (rank 0's 0,0,1,1 → ±1)."""
     import torch.multiprocessing as mp
 
+    # spawn, not fork: a fork of this multi-threaded process (tqdm's and huggingface_hub's threads,
+    # xdist's) can deadlock in the child (it hung a CI run)
     mp.start_processes(_whiten_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     parts = [torch.load(tmp_path / f"scores.{k}") for k in range(2)]
     got, raw = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     assert sorted(raw.tolist()) == [0.0, 0, 1, 1, 2, 2, 3, 3]

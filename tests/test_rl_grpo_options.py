@@ -170,9 +170,9 @@ def test_batch_statistics_do_not_depend_on_the_rank_count(tmp_path):
 
     s, r = _scores(10), _scores(10, K=2, seed=1)
     w = torch.tensor([1.0, 0.3])
-    # fork: the children need no fresh interpreter (a spawn re-imports torch and this module: seconds)
+    # spawn, not fork: a fork of the multi-threaded test process can deadlock in the child
     mp.start_processes(_ranks_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     parts = [torch.load(tmp_path / f"out.{k}") for k in range(2)]
     mask = torch.ones(40, 2, dtype=torch.bool)
     one, _ = A.compute_advantages("grpo", s, mask, group_size=4, scale_rewards="batch")

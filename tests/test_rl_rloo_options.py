@@ -255,7 +255,7 @@ def test_normalization_statistics_are_over_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
     mp.start_processes(_ranks_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     got = torch.cat([torch.load(tmp_path / f"out.{k}") for k in range(2)])
     r, w, mask, old, ref = _rollout_like()
     s = clip_rewards((r * w).sum(1), [-1.0, 1.5])
@@ -477,7 +477,7 @@ def test_answer_statistics_over_ranks_are_weighed_by_answers(tmp_path):
     import torch.multiprocessing as mp
 
     mp.start_processes(_stats_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     for k in range(2):
         got = torch.load(tmp_path / f"out.{k}")
         assert got["clip_frac"] == pytest.approx(1 / 4)  # 1 of 4 answers (token-weighted: 6/9)

@@ -7,14 +7,14 @@ as long as the batch's attended tokens, each sequence its own block; one update 
 the loss, PPO with its critic, a composed loss, micro-batches that split prompt groups) equal —
 loss, logged metrics, gradients, weights after; whole ``step()``\\ s of PPO and GRPO and of online
 DPO, SDPO (distillation weight 0.5 and 1) equal; with ``prefix_sharing`` too it is prefix_sharing's
-run; refusals named. Two gloo ranks (DDP, FSDP2): tests/test_rl_padding_free_distributed.py."""
+run; refusals named. Two gloo ranks (DDP, FSDP2): tests/test_rl_prefix_sharing_distributed.py."""
 
 import pytest
 import torch
 
 from rlhf_fast.models import llama_forward
 from rlhf_fast.trainers.rl import RLTrainer
-from rlhf_fast.trainers.rl_config import KLConfig, ModelConfig, PPOConfig, RLConfig, RolloutConfig
+from rlhf_fast.trainers.rl_config import KLConfig, PPOConfig, RLConfig, RolloutConfig
 from tests.test_rl_learning import make_config, make_policy
 from tests.test_rl_prefix_sharing import _close, _grads, _reward, _same_metrics
 
@@ -192,34 +192,6 @@ def test_refusals_name_the_key(tmp_path):
     for est, name in (("a2po", r"A\*-PO"), ("sdft", "SDFT")):  # (as prefix_sharing: their steps read neither key)
         with pytest.raises(ValueError, match=rf"^ppo.padding_free: no effect in {name}"):
             RLConfig(estimator=est, rollout=RolloutConfig(group_size=1), ppo=PPOConfig(padding_free=True))
-    # models it cannot run: refused at the trainer's start, naming the key
-    pol, tok = make_policy()
-    pol.config.logits_scaling = 2.0  # an unfusable head (Granite's)
-    cfg = make_config(tmp_path / "h", "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4),
-                      ppo=PPOConfig(padding_free=True))
-    with pytest.raises(ValueError, match=r"ppo.padding_free: true needs .*logits_scaling"):
-        RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
-    from rlhf_fast.ops import use_backend
-
-    with use_backend("torch"), pytest.raises(ValueError, match=r"ppo.padding_free: true needs .*torch backend"):
-        _trainer(tmp_path / "t", True)
-    with pytest.raises(ValueError, match=r"ppo.padding_free: true needs .*not one rlhf_fast.models.llama_forward"):
-        _trainer(tmp_path / "l", True, model=ModelConfig(lora={"r": 4}))
-
-
-def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path):
-    from rlhf_fast.models import loading, tiny_causal_lm
-
-    pol, tok = make_policy()
-    gpt2 = loading.ValueModel(tiny_causal_lm(len(tok), family="gpt2", hidden_size=32, num_layers=1, num_heads=2))
-    cfg = make_config(tmp_path, "gae", steps=1, rollout=RolloutConfig(prompts_per_step=2, group_size=2,
-                                                                      max_new_tokens=4),
-                      ppo=PPOConfig(epochs=1, mini_batch_size=4, micro_batch_size=2, padding_free=True))
-    with pytest.warns(RuntimeWarning, match=r"ppo.padding_free: the critic keeps its padded forward .*GPT2"):
-        tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS, critic=gpt2)
-    assert not tr._critic_shared
-    m = tr.step()
-    assert m["value/loss"] == m["value/loss"]
 
 
 @pytest.mark.parametrize("weight", [0.5, 1.0])

@@ -369,20 +369,28 @@ def test_refusals_name_the_key(tmp_path):
         with pytest.raises(ValueError, match=rf"ppo.prefix_sharing .* ppo.{key} .* multiple of rollout.group_size"):
             RLConfig(estimator="grpo", rollout=ro,
                      ppo=PPOConfig(mini_batch_size=mini, micro_batch_size=micro, prefix_sharing=True))
-    # models it cannot run: refused at the trainer's start, naming the key
-    pol, tok = make_policy()
-    pol.config.logits_scaling = 2.0  # an unfusable head (Granite's)
-    cfg = make_config(tmp_path / "h", "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4),
-                      ppo=PPOConfig(prefix_sharing=True))
-    with pytest.raises(ValueError, match=r"ppo.prefix_sharing: true needs .*logits_scaling"):
-        RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
+
+
+@pytest.mark.parametrize("key", ["prefix_sharing", "padding_free"])
+def test_models_it_cannot_run_are_refused_naming_the_key(tmp_path, key):
+    """Both switches run the policy through rlhf_fast's own forward: a model it cannot run is
+    refused at the trainer's start, naming the switch."""
     from rlhf_fast.ops import use_backend
 
-    with use_backend("torch"), pytest.raises(ValueError, match=r"ppo.prefix_sharing: true needs .*torch backend"):
-        _trainer(tmp_path / "t", True)
-    lora = ModelConfig(lora={"r": 4})
-    with pytest.raises(ValueError, match=r"ppo.prefix_sharing: true needs .*not one rlhf_fast.models.llama_forward"):
-        _trainer(tmp_path / "l", True, model=lora)
+    def trainer(folder, policy=None, **kw):
+        pol, tok = policy or make_policy()
+        cfg = make_config(tmp_path / folder, "grpo", rollout=RolloutConfig(prompts_per_step=2, group_size=4),
+                          ppo=PPOConfig(**{key: True}), **kw)
+        return RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS)
+
+    pol, tok = make_policy()
+    pol.config.logits_scaling = 2.0  # an unfusable head (Granite's)
+    with pytest.raises(ValueError, match=rf"ppo.{key}: true needs .*logits_scaling"):
+        trainer("h", (pol, tok))
+    with use_backend("torch"), pytest.raises(ValueError, match=rf"ppo.{key}: true needs .*torch backend"):
+        trainer("t")
+    with pytest.raises(ValueError, match=rf"ppo.{key}: true needs .*not one rlhf_fast.models.llama_forward"):
+        trainer("l", model=ModelConfig(lora={"r": 4}))
 
 
 def test_e2e_grpo_step_takes_prefix_sharing(monkeypatch):

@@ -150,7 +150,8 @@ def test_ppo_critic_on_shared_rows_equals_the_padded(tmp_path, monkeypatch, kw):
         _close(q.detach(), p.detach(), rel=1e-4)
 
 
-def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key", ["prefix_sharing", "padding_free"])
+def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path, key):
     from rlhf_fast.models import loading, tiny_causal_lm
     from rlhf_fast.trainers.rl import RLTrainer
     from rlhf_fast.trainers.rl_config import PPOConfig, RolloutConfig
@@ -162,8 +163,8 @@ def test_a_critic_it_cannot_run_stays_padded_with_a_warning(tmp_path, monkeypatc
                                              num_heads=2))
     cfg = make_config(tmp_path, "gae", steps=1, rollout=RolloutConfig(prompts_per_step=2, group_size=2,
                                                                       max_new_tokens=4),
-                      ppo=PPOConfig(epochs=1, mini_batch_size=4, micro_batch_size=2, prefix_sharing=True))
-    with pytest.warns(RuntimeWarning, match=r"ppo.prefix_sharing: the critic keeps its padded forward .*GPT2"):
+                      ppo=PPOConfig(epochs=1, mini_batch_size=4, micro_batch_size=2, **{key: True}))
+    with pytest.warns(RuntimeWarning, match=rf"ppo.{key}: the critic keeps its padded forward .*GPT2"):
         tr = RLTrainer(cfg, pol, tok, reward_fns=[_reward], prompts=PROMPTS, critic=gpt2)
     assert not tr._critic_shared
     m = tr.step()

@@ -789,17 +789,27 @@ def check_output_dir(value: Any, key: str = "output_dir") -> None:
         raise ValueError(f"{key} must be a non-empty path, got {value!r}")
 
 
+def held_run_kind(path: str) -> Optional[str]:
+    """The kind of run (``rlhf-fast report``'s name, :func:`~rlhf_fast.trainers.config.saved_run_kind`)
+    the folder ``path`` holds, or None when it has no config.yaml rlhf-fast can read or holds no
+    log, checkpoint or final model (a config.yaml alone: a run refused before its step 1): the
+    kind the trainers compare theirs with before they write into a folder."""
+    from .config import saved_run_kind
+
+    theirs = saved_run_kind(path)
+    return theirs if theirs is not None and run_contents(path) else None
+
+
 def check_run_kind(path: str, cfg, option: str = "output_dir") -> None:
     """Refuse to train ``cfg`` (an offline trainer's config) into the folder ``path`` when it
     holds a run of another kind (as ``rlhf-fast report`` tells it,
     :func:`~rlhf_fast.trainers.config.saved_run_kind`): a DPO trainer would otherwise resume an
     SFT run's checkpoint and overwrite its config.yaml, log and final model. A folder without
     a config.yaml rlhf-fast can read has no kind to compare. ValueError naming ``option``."""
-    from .config import saved_run_kind
     from .report import run_kind
 
-    theirs = saved_run_kind(path)
-    if theirs is None or not run_contents(path):  # (a config.yaml alone: a run refused before its step 1)
+    theirs = held_run_kind(path)
+    if theirs is None:
         return
     try:
         ours = run_kind(to_dict(cfg))

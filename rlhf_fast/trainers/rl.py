@@ -2439,12 +2439,11 @@ class RLTrainer:
         overwritten by those of this run. ValueError naming ``option``, the folder and both kinds,
         before anything in it is touched; a folder without a config.yaml rlhf-fast can read, or
         one holding no log, checkpoint or final model, has nothing to compare."""
-        from rlhf_fast.trainers.common import run_contents
-        from rlhf_fast.trainers.config import saved_run_kind
+        from rlhf_fast.trainers.common import held_run_kind
         from rlhf_fast.trainers.report import read_config, run_kind
 
-        theirs = saved_run_kind(path)
-        if theirs is None or not run_contents(path):
+        theirs = held_run_kind(path)
+        if theirs is None:
             return
         their_est = read_config(path).get("estimator")
         ours = run_kind({"estimator": self.config.estimator, "rollout": {}})

@@ -201,6 +201,9 @@ class E2EConfig:
     # rlhf_fast's PPO / GRPO side with ppo.prefix_sharing (each prompt computed once per group of answers, by
     # the reference's scoring, the PPO critic and in the update; TRL has no such option, its side is unchanged)
     rl_prefix_sharing: bool = False
+    # rlhf_fast's PPO / GRPO side with ppo.padding_free (every forward one packed row without padding: the
+    # scoring, the critic, the update; TRL has no such option in its GRPO step, its side is unchanged)
+    rl_padding_free: bool = False
     # the PPO / GRPO prompts' length in tokens (both sides): 0, PROMPTS as they are (2-5 tokens); else
     # each padded with single-token words to this length (rl_prompts), the regime of rl_prefix_sharing
     rl_prompt_tokens: int = 0
@@ -239,8 +242,9 @@ class E2EConfig:
             raise ValueError(f"dpo_beta must be a number > 0, got {self.dpo_beta!r}")
         if not isinstance(self.dpo_prefix_sharing, bool):
             raise ValueError(f"dpo_prefix_sharing must be true or false, got {self.dpo_prefix_sharing!r}")
-        if not isinstance(self.rl_prefix_sharing, bool):
-            raise ValueError(f"rl_prefix_sharing must be true or false, got {self.rl_prefix_sharing!r}")
+        for f in ("rl_prefix_sharing", "rl_padding_free"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.sft_packing, bool):
             raise ValueError(f"sft_packing must be true or false, got {self.sft_packing!r}")
         if isinstance(self.rl_prompt_tokens, bool) or not isinstance(self.rl_prompt_tokens, int) or \
@@ -566,7 +570,8 @@ class RLHFFastStep:
                           clip_low=cfg.clip, value_clip=cfg.value_clip, value_coef=cfg.value_coef, gamma=cfg.gamma,
                           lam=cfg.lam, whiten_advantages=ppo, max_grad_norm=1.0,
                           # as the TRL side: PPO's log-probs from generation, GRPO's on-policy shortcut
-                          old_logp="behaviour", prefix_sharing=cfg.rl_prefix_sharing),
+                          old_logp="behaviour", prefix_sharing=cfg.rl_prefix_sharing,
+                          padding_free=cfg.rl_padding_free),
             optim=OptimConfig(lr=cfg.lr, critic_lr=cfg.lr),
         )
         self.trainer = RLTrainer(rl_cfg, model, tok, reward_fns=[digit_reward], prompts=list(prompts))
@@ -2329,7 +2334,9 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
             "tokens/s counts each side's own generated tokens (random tiny models stop at EOS at different times)",
         ] + (["rlhf_fast side with ppo.prefix_sharing: each prompt computed once per group of answers (the "
               "policy's and the reference's scoring, the PPO critic, the update); TRL has no such option"]
-             if cfg.rl_prefix_sharing else []))
+             if cfg.rl_prefix_sharing else [])
+        + (["rlhf_fast side with ppo.padding_free: every forward (scoring, critic, update) one packed row "
+            "without padding; TRL's side is unchanged"] if cfg.rl_padding_free else []))
 
 
 @_with_tokenizer
@@ -2703,6 +2710,8 @@ if __name__ == "__main__":
     p.add_argument("--dpo-prompt-tokens", type=int, default=None, help="the DPO pairs' prompt length in tokens")
     p.add_argument("--rl-prefix-sharing", action="store_true",
                    help="rlhf_fast's PPO / GRPO step with ppo.prefix_sharing (each prompt computed once per group)")
+    p.add_argument("--rl-padding-free", action="store_true",
+                   help="rlhf_fast's PPO / GRPO step with ppo.padding_free (every forward one packed row)")
     p.add_argument("--rl-prompt-tokens", type=int, default=None,
                    help="the PPO / GRPO prompts' length in tokens (default: the prompts as they are, 2-5 tokens)")
     a = p.parse_args()
@@ -2711,6 +2720,7 @@ if __name__ == "__main__":
     if a.framework is None:
         over = {k: v for k, v in (("dpo_prefix_sharing", a.dpo_prefix_sharing or None),
                                   ("rl_prefix_sharing", a.rl_prefix_sharing or None),
+                                  ("rl_padding_free", a.rl_padding_free or None),
                                   ("dpo_prompt_tokens", a.dpo_prompt_tokens),
                                   ("rl_prompt_tokens", a.rl_prompt_tokens)) if v is not None}
         tables = main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos,

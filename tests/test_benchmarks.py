@@ -133,6 +133,48 @@ def test_bench_cli_e2e_algos(tmp_path, capsys, monkeypatch):
     assert "algos" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_bench_cli_e2e_step_options(tmp_path, capsys, monkeypatch):
+    """`rlhf-fast bench e2e`'s step options (those docs/performance.md names) reach the suite as
+    E2EConfig overrides and the results' suite line; with ops, or with a value E2EConfig refuses,
+    they are refused naming the option, before anything runs."""
+    import json
+
+    from rlhf_fast.benchmarks import e2e
+    from rlhf_fast.cli import main
+
+    got = []
+    monkeypatch.setattr(e2e, "run_suite", lambda **kw: got.append(kw["overrides"]) or [])
+    assert main(["bench", "e2e", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "e2e", "--quick", "--rl-padding-free", "--rl-prompt-tokens", "64", "--dpo-prefix-sharing",
+                 "--out", str(tmp_path)]) == 0
+    assert got == [None, {"rl_padding_free": True, "rl_prompt_tokens": 64, "dpo_prefix_sharing": True}]
+    runs = json.loads(next(tmp_path.glob("*.json")).read_text())
+    runs = runs if isinstance(runs, list) else runs.get("runs", [runs])
+    assert any("--rl-prompt-tokens 64 --rl-padding-free --dpo-prefix-sharing" in json.dumps(r) for r in runs)
+    capsys.readouterr()
+    for argv, opt in ((["bench", "ops", "--rl-prefix-sharing"], "--rl-prefix-sharing"),
+                      (["bench", "e2e", "--dpo-prompt-tokens", "0"], "--dpo-prompt-tokens")):
+        assert main(argv + ["--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and opt in err[0], err
+    assert len(got) == 2 and not (tmp_path / "x").exists()
+
+
+def test_e2e_rl_step_takes_padding_free():
+    """E2EConfig.rl_padding_free sets our PPO / GRPO step's ppo.padding_free (and only ours)."""
+    from dataclasses import replace
+
+    from rlhf_fast.benchmarks import e2e
+
+    with pytest.raises(ValueError, match="rl_padding_free"):
+        e2e.E2EConfig(rl_padding_free=1)
+    cfg = e2e.E2EConfig.quick()
+    for algo in ("grpo", "ppo"):
+        on = e2e.RLHFFastStep(replace(cfg, rl_padding_free=True), algo).trainer.config.ppo
+        off = e2e.RLHFFastStep(cfg, algo).trainer.config.ppo
+        assert on.padding_free and not off.padding_free
+
+
 def test_bench_timing_percentiles():
     calls = []
     t = common.bench(lambda: calls.append(1), warmup=2, rep=7, max_time_s=10)

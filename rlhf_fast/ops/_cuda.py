@@ -1,8 +1,9 @@
 """Registration of the CUDA C++ implementations (csrc/cuda/*.cu in rlhf_fast._C) with the
 dispatch, under backend ``cuda``.
 
-The wrappers take exactly the public ops' arguments. As in the cpp glue, an input that requires
-grad hands gae / discounted_returns / group_advantages / masked_whiten over to the reference
+The wrappers take exactly the public ops' arguments; the advantage ops' are the cpp glue's
+(rlhf_fast.ops.advantages: the same torch.ops calls reach the CUDA kernels for CUDA tensors), so an
+input that requires grad hands gae / discounted_returns / group_advantages / masked_whiten over to the reference
 (whose autograd graph the result keeps), and masked_mean keeps its registered autograd, so a
 result never silently drops a gradient on one device that it keeps on another. ``sample`` on
 CUDA uses the in-kernel Philox variant (``sample_philox``): its seed and offset are read from
@@ -19,41 +20,15 @@ from typing import Optional
 import torch
 
 from . import _dispatch, _native, reference
-from .advantages import _wants_grad
+# the glue is the C++ backend's: torch.ops.rlhf_fast.* dispatches on the tensors' device to the CUDA kernels
+from .advantages import _gae_cpp as _gae_cuda
+from .advantages import _group_cpp as _group_advantages_cuda
+from .advantages import _masked_mean_cpp as _masked_mean_cuda
+from .advantages import _returns_cpp as _discounted_returns_cuda
+from .advantages import _whiten_cpp as _masked_whiten_cuda
 
 _U64 = 1 << 64
 PHILOX_INCREMENT = 4  # one Philox4x32 block per subsequence (a row's 4 consecutive vocabulary entries)
-
-
-def _gae_cuda(rewards, values, mask, *, gamma=1.0, lam=0.95):
-    if _wants_grad(rewards, values):
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    return torch.ops.rlhf_fast.gae(rewards, values, mask, float(gamma), float(lam))
-
-
-def _discounted_returns_cuda(rewards, mask, *, gamma=1.0):
-    if _wants_grad(rewards):
-        return reference.discounted_returns(rewards, mask, gamma=gamma)
-    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, float(gamma))
-
-
-def _group_advantages_cuda(scores, group_size, *, kind="grpo", normalize_std=True, eps=1e-6):
-    if _wants_grad(scores):
-        return reference.group_advantages(scores, group_size, kind=kind, normalize_std=normalize_std, eps=eps)
-    return torch.ops.rlhf_fast.group_advantages(scores, int(group_size), kind, bool(normalize_std), float(eps))
-
-
-def _masked_mean_cuda(x, mask, dim=None, *, group=None):
-    if dim is not None or group is not None:
-        return reference.masked_mean(x, mask, dim, group=group)
-    # not detached: rlhf_fast::masked_mean has a registered backward (m / n)
-    return torch.ops.rlhf_fast.masked_mean(x, mask)
-
-
-def _masked_whiten_cuda(x, mask, *, shift_mean=True, eps=1e-8, group=None):
-    if group is not None or _wants_grad(x):
-        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, group=group)
-    return torch.ops.rlhf_fast.masked_whiten(x, mask, bool(shift_mean), float(eps))
 
 
 def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator] = None,

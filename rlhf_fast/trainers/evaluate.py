@@ -1,7 +1,9 @@
 """``rlhf-fast eval``: a policy's reward, win-rate against the reference, KL and length.
 
 Both models answer the same prompts (greedy by default); every answer is scored by the
-reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie); KL is the mean
+reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie) over the answer pairs
+scored on both sides (an answer no source scored is left out, as from the reward means; NaN when
+no pair is left); KL is the mean
 per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased estimate of
 KL(π‖π_ref) when sampled; with greedy answers it is only their log-ratio). ``--run RUN_DIR``
 takes the final policy of an RL run, loads the reference it trained against (its
@@ -46,6 +48,8 @@ def require_overlap_libraries() -> None:
 def _ref_lists(hypotheses: Sequence[str], references: References) -> List[List[str]]:
     if isinstance(hypotheses, str) or isinstance(references, str):
         raise TypeError("hypotheses and references must be lists (one entry per hypothesis)")
+    if len(hypotheses) == 0:  # sacrebleu fails with an IndexError, ROUGE would be a mean of nothing
+        raise ValueError("hypotheses must be a non-empty list of texts")
     if len(hypotheses) != len(references):
         raise ValueError(f"one reference (or list of references) per hypothesis: got {len(hypotheses)} hypotheses "
                          f"and {len(references)} references")
@@ -130,7 +134,7 @@ def evaluate_policy(
     reference policy's, as ``reference/overlap/...``. ``fields``: one dict per prompt (its
     answer, test cases…) handed to reward functions as keyword arguments, as in RL training.
     ``pass_k`` (each 1 ≤ k ≤ n): ``pass@k``, the unbiased estimate (Chen et al. 2021) of the
-    chance that one of k of a prompt's answers is correct — total reward ≥
+    chance that one of k of a prompt's answers is correct — scored, with total reward ≥
     ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`).
     A ``reward`` with ``convention="trl"`` calls its functions as TRL does
     (:class:`~rlhf_fast.algorithms.rewards.TRLRewardInputs`): ``data_prompts`` are the prompts as
@@ -203,7 +207,8 @@ def evaluate_policy(
     res["length/mean"] = float(rm.sum(1).float().mean())
     res["length/max"] = float(rm.sum(1).max())
     if pass_k:
-        correct = (out.total >= correct_threshold).view(len(prompts), n)  # the n answers of prompt i: row i
+        # an answer no source scored is not correct (its total 0 is a placeholder, not a reward)
+        correct = (out.valid & (out.total >= correct_threshold)).view(len(prompts), n)  # prompt i: row i
         for k in pass_k:
             res[f"pass@{k}"] = pass_at_k(correct, k)
 
@@ -225,7 +230,9 @@ def evaluate_policy(
             res.update({f"reference/overlap/{k}": v for k, v in overlap(b_ref.response_texts).items()})
         res["reference/length_mean"] = float(rm_ref.sum(1).float().mean())
         wins = (out.total > out_ref.total).float() + 0.5 * (out.total == out_ref.total).float()
-        res["win_rate"] = float(wins.mean())
+        # only the pairs scored on both sides, as the reward means skip unscored answers (NaN: none)
+        both = out.valid & out_ref.valid
+        res["win_rate"] = float(wins[both].mean()) if bool(both.any()) else float("nan")
     res["num_prompts"] = len(prompts)
     return res
 
@@ -300,23 +307,28 @@ def read_references(path: str) -> List[List[str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--references: no such file {path!r}")
     out: List[List[str]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not path.endswith(".jsonl"):
-                out.append([line.rstrip("\n")])
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"--references {path}, line {n}: not a JSON object ({e})") from None
-            refs = rec.get("references", rec.get("reference")) if isinstance(rec, dict) else None
-            refs = [refs] if isinstance(refs, str) else refs
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise ValueError(f"--references {path}, line {n}: expected 'reference': text or "
-                                 "'references': [texts]")
-            out.append(refs)
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first reference
+        with open(path, encoding="utf-8-sig") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--references {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            out.append([line.rstrip("\n")])
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"--references {path}, line {n}: not a JSON object ({e})") from None
+        refs = rec.get("references", rec.get("reference")) if isinstance(rec, dict) else None
+        refs = [refs] if isinstance(refs, str) else refs
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"--references {path}, line {n}: expected 'reference': text or "
+                             "'references': [texts]")
+        out.append(refs)
     if not out:
         raise ValueError(f"--references {path} holds no references")
     return out

@@ -173,7 +173,7 @@ def read_rows(source: Any, key: Optional[str] = None) -> Tuple[str, List[Tuple[i
             rows = pq.read_table(path).to_pylist()
             return path, [(i + 1, r) for i, r in enumerate(rows)]
         out = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is no part of the first record)
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -484,7 +484,7 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[st
 
         check_input_file(args.input, "INPUT")
         items = []
-        with open(args.input, encoding="utf-8") as f:
+        with open(args.input, encoding="utf-8-sig") as f:  # (a byte-order mark: no part of line 1)
             for i, line in enumerate(f):
                 if not line.strip():
                     continue

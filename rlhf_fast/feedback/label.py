@@ -103,7 +103,7 @@ def read_labels(path: str) -> List[Dict[str, Any]]:
     if not os.path.isfile(path):
         found = "a folder" if os.path.isdir(path) else "a device or other special file"
         raise ValueError(f"{path}: expected a labels file, found {found}")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a file edited by hand may start with a byte-order mark)
         text = f.read()
     lines = text.splitlines()
     out = []

@@ -224,7 +224,7 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
             record(rec, f"row {n}")
     else:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is no part of the first prompt)
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue

@@ -308,6 +308,9 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
                              f"(TRL's CPOTrainer losses), got {names}")
         finite("simpo_gamma", self.simpo_gamma)
         check_tpo_fields(self)
+        if not any(w > 0 for n, w in terms if n != "sft") and self.nll_weight == 0:
+            raise ValueError(f"loss_weights {[w for _, w in terms]} and the NLL weight (rpo_alpha / cpo_alpha / "
+                             f"tpo_alpha) are all 0 for loss_type {names}: the loss would be 0 and nothing trained")
         finite("discopop_tau", self.discopop_tau, "> 0")
         finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         check_bool_fields(self, ("use_margin", "auto_annotator_weights", "precompute_ref_logps", "padding_free",
@@ -577,8 +580,12 @@ def token_logps(model, batch: Dict[str, torch.Tensor], full_rows: int = 0, *, pa
 
 
 def response_mask(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[N, T]`` bool: the attended response tokens of ``batch``'s rows."""
-    return batch["response_mask"].bool() & batch["attention_mask"].bool()
+    """``[N, T]`` bool: the attended response tokens of ``batch``'s rows that are scored — not
+    column 0, which no token predicts (a row keep_end cut to its response alone starts there),
+    so LD-DPO's positions run over TRL's shifted completion mask."""
+    mask = batch["response_mask"].bool() & batch["attention_mask"].bool()
+    mask[:, 0] = False
+    return mask
 
 
 def response_logps(model, batch: Dict[str, torch.Tensor], *, ld_alpha: Optional[float] = None,
@@ -1174,12 +1181,13 @@ class DPOTrainer:
 
     def _nll_tokens(self, item: Dict[str, Any]) -> int:
         """The tokens of ``item``'s chosen row its NLL term counts: the response; for orpo every
-        token after the first (TRL's ORPO NLL spans prompt and response); for TPO its gold row's response."""
-        if "gold" in item:
-            return len(item["gold"])
+        token after the first (TRL's ORPO NLL spans prompt and response); for TPO its gold row's response.
+        Only scored tokens count: a row keep_end cut to its response alone has no token before its first."""
         if self.cfg.loss_terms[0][0] == "orpo":
             return len(item["prompt"]) + len(item["chosen"]) - 1
-        return len(item["chosen"])
+        key = "gold" if "gold" in item else "chosen"
+        p, y = item.get(key + "_prompt", item["prompt"]), item[key]
+        return max(0, min(len(y), len(p) + len(y) - 1))  # (TRL's shifted completion mask)
 
     def _pair_stats(self, items, batch) -> Dict[str, torch.Tensor]:
         """Policy (with gradients) and reference log-probs of a micro-batch, and its per-pair

@@ -199,7 +199,7 @@ def dpo_loss(
     if any(n in REFERENCE_FREE_LOSSES for n in names):
         raise ValueError(f"loss_type {names[0]!r} is reference-free: use reference_free_loss")
     finite("beta", beta, "> 0")
-    if not 0.0 <= label_smoothing < 0.5:
+    if not 0.0 <= finite("label_smoothing", label_smoothing, ">= 0") < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if "exo_pair" in names and label_smoothing == 0:
         raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (its target [1-eps, eps] has log eps; "
@@ -304,7 +304,7 @@ def reference_free_loss(
         raise ValueError(f"loss_type must be one of {REFERENCE_FREE_LOSSES}, got {loss_type!r}")
     finite("beta", beta, "> 0")
     finite("simpo_gamma", simpo_gamma)
-    if not 0.0 <= label_smoothing < 0.5:
+    if not 0.0 <= finite("label_smoothing", label_smoothing, ">= 0") < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if loss_type in ("orpo", "cpo_hinge", "cpo_ipo", "tpo_hinge", "tpo_ipo") and label_smoothing > 0:
         raise ValueError(f"label_smoothing does not apply to loss_type {loss_type!r}")

@@ -34,6 +34,10 @@ def ascending_digits(prompts: List[str], completions: List[str]) -> List[float]:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# GSM8K's "#### 72 apples": a number ending at a space, the end or a final punctuation (not "3\sqrt{2}")
+_LEADING_NUMBER = re.compile(r"(?:" + _NUMBER.pattern + r")(?=[.,;:!?)]*(?:\s|$))")
+# a whole answer that is one LaTeX fraction: \frac{a}{b}, \dfrac / \tfrac, \frac12 (digit arguments)
+_FRAC = re.compile(r"(-?)\s*\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
 
 
 def _last_boxed(text: str) -> Optional[str]:
@@ -51,14 +55,33 @@ def _last_boxed(text: str) -> Optional[str]:
 
 def extract_answer(text: str) -> Optional[str]:
     r"""The final answer of a solution: the content of its last ``\boxed{...}``, else what follows
-    its last ``####`` (GSM8K's marker), else its last number; None if it has none of them."""
+    its last ``####`` (GSM8K's marker: the number it starts with, as verl's gsm8k scorer, else
+    its first line), else its last number; None if it has none of them. A Unicode minus (U+2212)
+    is read as "-"."""
+    text = text.replace("\u2212", "-")  # else "−5" would read as 5
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip()
+        tail = text.rsplit("####", 1)[1].strip()
+        num = _LEADING_NUMBER.match(tail.lstrip("$ "))  # "#### 72 apples" / "#### 72\nQuestion: ..." -> 72
+        return num.group() if num else tail.split("\n", 1)[0].strip()
     nums = _NUMBER.findall(text)
     return nums[-1] if nums else None
+
+
+def _plain(s: str) -> str:
+    r"""An answer's LaTeX number forms as plain text: ``\$`` as ``$``, ``\dfrac`` / ``\tfrac`` as
+    ``\frac``, and a whole answer ``\frac{a}{b}`` (``\frac12``, a leading ``-``) with numeric
+    a and b as ``a/b`` (verl's ``strip_string`` normalises the same forms)."""
+    s = s.replace("\u2212", "-").replace("\\$", "$").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    m = _FRAC.fullmatch(s.strip())
+    if m is None:
+        return s
+    sign, a, b = m.group(1), (m.group(2) or m.group(3)).strip(), (m.group(4) or m.group(5)).strip()
+    if _as_number(a) is None or _as_number(b) is None or "/" in a + b:
+        return s  # a symbolic fraction stays text
+    return f"{sign}{a}/{b}"
 
 
 def _as_number(s: str) -> Optional[float]:
@@ -76,24 +99,39 @@ def _normal_text(s: str) -> str:
     return "".join(s.replace("$", "").split()).rstrip(".").lower()
 
 
-def answer_match(prompts: List[str], completions: List[str], answer: List) -> List[float]:
+def _completion_text(c) -> str:
+    """A completion as text: a string as it is; TRL's messages (``reward.calling_convention:
+    trl`` with chat prompts, tool turns included) as their assistant turns' contents."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(m, dict) for m in c):
+        return "\n".join(str(m.get("content") or "") for m in c if m.get("role") == "assistant")
+    raise TypeError(f"answer_match: each completion must be text or a list of chat messages, "
+                    f"got {type(c).__name__}")
+
+
+def answer_match(prompts: List[str], completions: List, answer: List) -> List[float]:
     r"""Verifiable correctness: 1.0 where a completion's final answer (:func:`extract_answer`)
     equals the prompt's reference ``answer`` field, else 0.0. A reference holding ``\boxed{}`` or
-    ``####`` is reduced the same way. Compared as numbers when both parse (commas, ``$`` and
-    ``%`` ignored, ``a/b`` a fraction; equal within 1e-6 relative), else as text without spaces,
-    ``$``, case or a final period. Give the prompts as records ``{"prompt": ..., "answer": ...}``
-    (a JSONL ``data.prompts_file``); for symbolic maths use a checker such as math-verify in a
-    reward function of your own, which receives ``answer`` the same way."""
+    ``####`` is reduced the same way. Compared as numbers when both parse (commas, ``$`` /
+    ``\$`` and ``%`` ignored, ``a/b`` and a whole ``\frac{a}{b}`` / ``\dfrac`` / ``\frac12``
+    fractions; equal within 1e-6 relative), else as text without spaces, ``$``, case or a final
+    period (``\dfrac`` / ``\tfrac`` read as ``\frac``). Give the prompts as records
+    ``{"prompt": ..., "answer": ...}`` (a JSONL ``data.prompts_file``); for symbolic maths use a
+    checker such as math-verify in a reward function of your own, which receives ``answer`` the
+    same way. A completion may also be TRL's messages (``reward.calling_convention: trl``): the
+    assistant turns' text is read."""
     out = []
     for c, ref in zip(completions, answer):
         if ref is None:
             raise ValueError("answer_match: a prompt has no 'answer' field")
         ref = str(ref)
         want = extract_answer(ref) if ("\\boxed{" in ref or "####" in ref) else ref.strip()
-        got = extract_answer(c)
+        got = extract_answer(_completion_text(c))
         if got is None or want is None:
             out.append(0.0)
             continue
+        got, want = _plain(got), _plain(want)
         a, b = _as_number(got), _as_number(want)
         if a is not None and b is not None:
             out.append(float(abs(a - b) <= 1e-6 * max(1.0, abs(b))))

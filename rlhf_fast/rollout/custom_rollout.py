@@ -119,8 +119,9 @@ def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max
     ``max_new_tokens`` (longer ones are refused: the loss normalisers and the model's positions
     are sized by it; TRL does not cut them), prompt and completion together at most
     ``max_length`` (the policy's positions); ``logprobs`` one finite float per completion
-    token; ``env_mask`` 0/1 per completion token. ``fields``: the other keys, name → ``n_rows``
-    values (a list as it is; anything else repeated for every row, as TRL merges them).
+    token; ``env_mask`` 0/1 per completion token (None: none, as TRL). ``fields``: the other
+    keys, name → ``n_rows`` values (a list as it is; anything else repeated for every row, as
+    TRL merges them).
     Missing keys raise TRL's message; every other fault a ValueError naming the key and row."""
     if not isinstance(out, Mapping):
         raise TypeError(f"{key} must return a dict with keys {list(REQUIRED_KEYS)}, got {type(out).__name__}")
@@ -142,7 +143,7 @@ def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max
                              f"than the policy's {max_length} positions (max_position_embeddings)")
     lp = [_float_list(v, "logprobs", i, len(c)) for i, (v, c) in enumerate(zip(logps, c_ids))]
     env = None
-    if "env_mask" in out:
+    if out.get("env_mask") is not None:  # (None: no mask, as TRL's extra_fields.pop("env_mask", None))
         masks = _rows(out, "env_mask", n_rows, key)
         env = [_mask_list(v, "env_mask", i, len(c)) for i, (v, c) in enumerate(zip(masks, c_ids))]
     fields = {}

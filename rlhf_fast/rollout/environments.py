@@ -29,7 +29,7 @@ import copy
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from rlhf_fast.algorithms.rewards import RewardError, RewardSource
+from rlhf_fast.algorithms.rewards import RewardError, RewardSource, _reward_value
 
 Factory = Callable[[], Any]
 # reset(**record) and get_reward() are the environment's protocol, never tools (TRL's exclusions)
@@ -160,7 +160,9 @@ class EnvironmentReward(RewardSource):
     """The reward of environments of class ``cls`` that own it: ``env.get_reward()`` (sync or
     async) of each answer's instance, read from the ``environments`` field, after its rollout.
     Answers of another environment class score 0 (TRL gives None, left out of its weighted
-    nansum: the same total; our ``reward/NAME`` mean counts them as 0)."""
+    nansum: the same total; our ``reward/NAME`` mean counts them as 0). A ``get_reward()`` of
+    None is NaN: "does not apply" under ``calling_convention="trl"`` (TRL's), else handled by
+    ``on_bad_reward`` as a reward function's None."""
 
     def __init__(self, cls: type):
         self.cls, self.name = cls, cls.__name__
@@ -178,7 +180,9 @@ class EnvironmentReward(RewardSource):
             if isinstance(v, BaseException):
                 raise v
             out[i] = v
-        return [float(v) for v in out]
+        # None: "does not apply" (NaN), as TRL's get_reward source; under our convention NaN
+        # follows reward.on_bad_reward like a reward function's None
+        return [float("nan") if v is None else _reward_value(v) for v in out]
 
 
 def reward_sources(probes: Mapping[Optional[str], Any]) -> List[EnvironmentReward]:

@@ -19,11 +19,12 @@ multi-turn loop over a :class:`~rlhf_fast.rollout.types.RolloutEngine`
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import inspect
 import json
+import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -240,14 +241,30 @@ def parse_turn(tokenizer, ids: Sequence[int], prefix: Optional[Sequence[int]] = 
 # ----------------------------------------------------------------------------- running tools
 
 
+_LOOP: Dict[str, Any] = {}  # this process's event loop for async tools / get_reward, and its pid
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for async calls, started on first use in a daemon thread and
+    kept (TRL's ``start_event_loop_in_daemon``): what an async tool keeps across calls (a client
+    session, a semaphore) stays bound to one live loop. A forked child starts its own."""
+    with _LOOP_LOCK:
+        loop = _LOOP.get("loop")
+        if loop is None or loop.is_closed() or _LOOP.get("pid") != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="rlhf_fast-async-tools", daemon=True).start()
+            _LOOP.update(loop=loop, pid=os.getpid())
+        return loop
+
+
 def _run_coroutines(coros: List[Any]) -> List[Any]:
-    """Results (or exceptions) of ``coros``, run concurrently on a fresh event loop in a worker
-    thread, so it works whether or not the caller is inside a running loop (a notebook)."""
+    """Results (or exceptions) of ``coros``, run concurrently on :func:`_event_loop` (another
+    thread's loop, so it works whether or not the caller is inside a running loop: a notebook)."""
     async def gather():
         return await asyncio.gather(*coros, return_exceptions=True)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, gather()).result()
+    return asyncio.run_coroutine_threadsafe(gather(), _event_loop()).result()
 
 
 def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable]) -> Tuple[List[Tuple[str, Any]], int]:
@@ -265,12 +282,13 @@ def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable]) -> Tuple[L
             failures += 1
             results.append((call.get("name", "unknown"), {"error": f"Unsupported tool call type: {call['type']}"}))
             continue
-        f = call["function"]
+        f = call.get("function", call)  # (a parser's flat {"name", "arguments"}: _check_calls takes it)
         name = f["name"]
         try:
             if name not in tools:
                 raise ValueError(f"Tool {name} not found.")
-            out = tools[name](**f["arguments"])
+            args = f.get("arguments")
+            out = tools[name](**({} if args is None else args))
             if inspect.isawaitable(out):
                 pending.append((name, out))
             else:

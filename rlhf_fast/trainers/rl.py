@@ -1448,8 +1448,8 @@ class RLTrainer:
     def _score(self, batch, fields: List[dict], extra: Optional[dict] = None):
         """The reward sources on ``batch`` (``fields``: those of each prompt it answers;
         ``extra``: per-row fields, name → B values, which win over a prompt field of that name):
-        a RewardOutput. With tools the response lengths count the tool results' tokens too (the
-        completion budget's measure, as TRL's ``completion_ids``). With
+        a RewardOutput. With tools (or a rollout_func's env_mask) the response lengths count the
+        tool results' tokens too (the completion budget's measure, as TRL's ``completion_ids``). With
         ``reward.calling_convention: trl`` also TRL's inputs (:meth:`_trl_inputs`)."""
         ids, am, rm = self._batch_masks(batch)
         per_row = fields_per_row(fields, batch.group_index.tolist())
@@ -1462,7 +1462,7 @@ class RLTrainer:
                 trl = self._trl_inputs(batch, ids, am, raw, extra.get("completion_messages"))
         if extra:
             per_row = {**(per_row or {}), **extra}
-        if self.tools:
+        if self.tools or self.rollout_func is not None:  # (a rollout_func's env_mask holes count too)
             lengths = am[:, batch.prompt_length:].sum(1)
         return self.reward(list(batch.prompt_texts), list(batch.response_texts),
                            RewardContext(input_ids=ids, attention_mask=am, response_lengths=lengths.tolist(),

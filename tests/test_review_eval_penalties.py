@@ -89,3 +89,18 @@ def test_read_references_names_a_file_that_is_not_utf8(tmp_path):
     path.write_bytes("the cat\n".encode("utf-16"))
     with pytest.raises(ValueError, match=r"--references .*refs\.txt.*not UTF-8"):
         evaluate.read_references(str(path))
+
+
+def test_min_new_tokens_above_max_new_tokens_is_refused():
+    """No answer could end before the cap (EOS suppressed throughout): refused, as vLLM's
+    SamplingParams refuses min_tokens > max_tokens, in the sampling parameters and RL's rollout
+    section alike."""
+    from rlhf_fast.rollout.types import SamplingParams
+    from rlhf_fast.trainers.rl_config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"min_new_tokens \(9\) must be <= max_new_tokens \(8\)"):
+        SamplingParams(max_new_tokens=8, min_new_tokens=9)
+    with pytest.raises(ValueError, match=r"^rollout.min_new_tokens \(9\) must be <= max_new_tokens \(8\)"):
+        RolloutConfig(max_new_tokens=8, min_new_tokens=9)
+    assert SamplingParams(max_new_tokens=8, min_new_tokens=8).min_new_tokens == 8
+    assert RolloutConfig(max_new_tokens=512, min_new_tokens=100).min_new_tokens == 100

@@ -146,6 +146,9 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
+        if self.min_new_tokens > self.max_new_tokens:  # (vLLM refuses it too: no answer could end before the cap)
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                             f"({self.max_new_tokens})")
         if self.sample_seeds is not None:
             if isinstance(self.sample_seeds, (int, str, torch.Tensor)):
                 raise TypeError("sample_seeds must be a sequence of ints (one per response row) or None")

@@ -431,7 +431,7 @@ class RolloutConfig:
         from rlhf_fast.rollout.types import SamplingParams
 
         try:  # SamplingParams owns the ranges; its message gains the section's prefix
-            SamplingParams(**self.penalties())
+            SamplingParams(**self.penalties(), max_new_tokens=self.max_new_tokens)
         except (TypeError, ValueError) as e:
             raise ValueError(f"rollout.{e}") from None
         _pos("rollout.prompts_per_step", self.prompts_per_step, integer=True)

@@ -745,6 +745,9 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     if segments is not None:
         position_ids = _check_segments(segments, B, T, attention_mask, position_ids, input_ids.device)
     q0 = shift = 0
+    # the RoPE tables of the whole row, cut below with the columns: dynamic and LongRoPE
+    # frequencies depend on the call's longest position, as in transformers' forward of the row
+    rope_pos, rope_T = position_ids, T
     if columns is not None:
         a, b = (int(c) for c in columns)
         if not 0 <= a < b <= T:
@@ -764,7 +767,10 @@ def hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     if position_ids is None:
         position_ids = torch.arange(T, device=input_ids.device)[None]
     position_ids = position_ids.expand(B, T)
-    cos, sin = base.rotary_emb(h, position_ids)  # [B, T, d] in h's dtype
+    if rope_pos is None:
+        rope_pos = torch.arange(rope_T, device=input_ids.device)[None]
+    cos, sin = base.rotary_emb(h, rope_pos.expand(B, rope_T))  # [B, rope_T, d] in h's dtype
+    cos, sin = (cos, sin) if rope_T == T else (cos[:, :T], sin[:, :T])
     half = cos.shape[-1] // 2
     cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # [B, 1, T, d]
     if segments is None:
@@ -873,7 +879,9 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def _residual(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``h + out`` for ``out`` a fresh projection output no backward reads: added in place
     into it where that gives h + out's dtype (the same values: IEEE addition commutes)."""
-    same = out.dtype == torch.promote_types(out.dtype, h.dtype) and out.shape == h.shape
+    # (not into a view: F.linear with a bias returns one, which autograd forbids modifying in
+    # place as the output of _SwiGLUDownFn, Llama's mlp_bias)
+    same = out.dtype == torch.promote_types(out.dtype, h.dtype) and out.shape == h.shape and not out._is_view()
     return out.add_(h) if same else h + out
 
 

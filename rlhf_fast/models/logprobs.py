@@ -27,6 +27,14 @@ from rlhf_fast.ops import _dispatch
 # (transformers' masking_utils), checked packed == padded in tests/test_models.py.
 PACKED_TESTED = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2"})
 
+# More model types whose forward keeps packed sequences apart, checked packed == padded in
+# tests/test_review_forward_families.py. Any other model type runs a packed row through the
+# padded forward (:func:`packed_states`; the same values, without the padding-free speed-up):
+# OPT, Bloom and MPT, for example, build their masks without the position ids, so one packed row
+# would let each sequence attend to the ones before it.
+PACKED_CHECKED = frozenset({"gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere", "gpt_neox",
+                            "qwen2_moe", "qwen3_moe", "mixtral", "starcoder2", "phi", "stablelm", "falcon"})
+
 # Rows of logits the Python chunk loop materialises at once when the op runs on the
 # PyTorch reference (which holds all rows of logits it is given): 4M logits = 16 MB fp32.
 _REFERENCE_CHUNK_ELEMS = 1 << 22
@@ -286,9 +294,9 @@ def _warn_unfused(reason: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _warn_packed_untested(model_type) -> None:
-    warnings.warn(f"rlhf_fast: packed=True is untested for model_type={model_type!r}; it is exact only if the "
-                  "model's attention separates sequences by their position ids (check packed == padded once)",
-                  RuntimeWarning, stacklevel=4)
+    warnings.warn(f"rlhf_fast: packed=True runs the padded forward for model_type={model_type!r}, whose attention "
+                  "is not known to keep packed sequences apart by their position ids: the same values, without the "
+                  "padding-free speed-up", RuntimeWarning, stacklevel=4)
 
 
 def _fallback_reason(model: nn.Module) -> Optional[str]:
@@ -511,10 +519,30 @@ def packed_states(model: nn.Module, pk: PackedTargets) -> torch.Tensor:
     (``select``), so a DPO row's prompts cost only their keys and values there (16 rows, prompts
     of 512 tokens, responses 65-129, h = 64, 2 layers, V = 256, 1 thread, forward + backward, min
     of 15: 284 -> 188 ms, the padded path's 187). No target: every state, so the (zero)
-    gradients reach every weight."""
+    gradients reach every weight. A model type not known to keep packed sequences apart (not in
+    :data:`PACKED_TESTED` / :data:`PACKED_CHECKED`): the same states from the padded forward of
+    the row's sequences (:func:`_padded_states`)."""
+    if getattr(unwrap(model).config, "model_type", None) not in PACKED_TESTED | PACKED_CHECKED:
+        return _padded_states(model, pk)
     if not pk.src.numel():
         return hidden_states(model, pk.ids, None, pk.position_ids)[0, pk.src]
     return hidden_states(model, pk.ids, None, pk.position_ids, select=(torch.zeros_like(pk.src), pk.src))
+
+
+def _padded_states(model: nn.Module, pk: PackedTargets) -> torch.Tensor:
+    """:func:`packed_states` through the padded forward: the row's sequences (position ids
+    restarting, as transformers' ``find_packed_sequence_indices`` finds them) as right-padded rows
+    ``[S, L]`` with their own position ids, the states at ``pk.src`` read back from them."""
+    pos = pk.position_ids[0]
+    seq = (torch.diff(pos, prepend=pos[:1] - 1) != 1).cumsum(0)  # [N] each token's sequence
+    lengths = torch.bincount(seq)
+    col = torch.arange(pos.numel(), device=pos.device) - (lengths.cumsum(0) - lengths)[seq]
+    S, L = lengths.numel(), int(lengths.max())
+    ids, am, p = (torch.zeros(S, L, dtype=t.dtype, device=pos.device) for t in (pk.ids, pos, pos))
+    ids[seq, col], am[seq, col], p[seq, col] = pk.ids[0], 1, pos
+    if not pk.src.numel():  # every state, so the (zero) gradients reach every weight
+        return hidden_states(model, ids, am, p)[seq[pk.src], col[pk.src]]
+    return hidden_states(model, ids, am, p, select=(seq[pk.src], col[pk.src]))
 
 
 class SharedRows(NamedTuple):
@@ -743,7 +771,7 @@ def sequence_logprobs(
         if pk.ids.numel() == 0:  # no attended token in any row (nonzero above has synced already)
             return _zeros(B, T, input_ids.device, **stats)
         mtype = getattr(unwrap(model).config, "model_type", None)
-        if mtype not in PACKED_TESTED:
+        if mtype not in PACKED_TESTED | PACKED_CHECKED:
             _warn_packed_untested(mtype)
         tr, tc = pk.rows, pk.cols
         h_sel, labels = packed_states(model, pk), pk.ids[0, pk.src + 1]

@@ -29,7 +29,8 @@ applies to matrices only, not to biases and norm gains
 ``packing`` is padding-free packing: each micro-batch's rows become one row whose position
 ids restart at every document and whose attention stays inside each document (as TRL's
 ``padding_free`` / "bfd" with flash attention, not the simple packing whose attention
-crosses documents; exact for the model types in ``logprobs.PACKED_TESTED``, others warn), so
+crosses documents; packed for the model types in ``logprobs.PACKED_TESTED`` / ``PACKED_CHECKED``,
+others run the padded forward with a warning: the same values either way), so
 it changes speed, not the loss. ``packing_strategy: wrapped`` is TRL's other packing: every
 document tokenised whole, the documents concatenated in record order and cut into ``max_len``
 chunks that train as plain rows (one causal attention and positions 0..max_len-1 over the chunk,

@@ -25,12 +25,21 @@ head, as TRL's ``AutoModelForTokenClassification.from_pretrained(..., num_labels
 the token classifier plus its tokenizer, and ``config.json`` records ``step_separator``, which
 ``reward.process_model`` in RL reads (:mod:`rlhf_fast.algorithms.process_rewards`).
 Checkpoints, exact resume, torchrun (ddp / fsdp2), evaluation and the final save are the
-SFT / reward trainers' (:mod:`rlhf_fast.trainers.sft`). Not here yet: LoRA, BEMA, merging.
+SFT / reward trainers' (:mod:`rlhf_fast.trainers.sft`).
+
+``lora`` (peft LoraConfig fields, as the reward trainer's; task_type TOKEN_CLS) trains fresh
+adapters on the linear layers and, as peft does for TOKEN_CLS, the whole token-classification
+head (``modules_to_save``; the head is added to ``exclude_modules`` so "all-linear" puts no
+adapter on it, :func:`prm_lora`); the base weights stay frozen. A peft model passed as ``model``
+keeps its own adapters. Either way ``final/`` holds the MERGED model (a plain token classifier
+with ``step_separator`` in its config, what ``reward.process_model`` loads); checkpoints keep the
+unmerged peft state (its trainable weights) and resume exactly. Not here yet: BEMA, merging.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from itertools import chain
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -39,8 +48,8 @@ import torch
 from rlhf_fast.distributed import DistributedConfig
 
 from .common import (LoggingOptions, ModelInitOptions, OptimizerOptions, autocast_context, check_bool_fields,
-                     check_training_schedule, disable_dropout, load_split_records, pad_token_id, steps_for_epochs,
-                     trainer_commands)
+                     check_lora_field, check_training_schedule, disable_dropout, load_split_records, pad_token_id,
+                     steps_for_epochs, trainer_commands)
 from .compile import CompileOptions
 from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
                   optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
@@ -56,7 +65,8 @@ class PRMConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
     task, :func:`synthetic_stepwise_records`, so the defaults run); ``max_len`` is TRL's
     ``max_length``; ``max_prompt_length`` / ``max_completion_length``: null for no cap;
     ``step_separator``: the text after each step (its last token carries the step's label);
-    ``train_on_last_step_only``: label only the last step of training rows."""
+    ``train_on_last_step_only``: label only the last step of training rows. ``lora``: None, or
+    LoraConfig fields ({} for r=8, alpha=16, every linear layer but the head; task TOKEN_CLS)."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
     data: Optional[str] = None
@@ -91,11 +101,17 @@ class PRMConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
     seed: int = 0
     device: str = "auto"
     resume: bool = True
+    lora: Optional[Dict[str, Any]] = None  # LoraConfig fields ({}: r=8, alpha=16, every linear layer but the head)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         check_training_schedule(self)
         check_bool_fields(self, ("train_on_last_step_only", "resume"))
+        check_lora_field(self)
+        if self.lora is not None and self.lora.get("task_type", "TOKEN_CLS") not in ("TOKEN_CLS", None):
+            # another task type would leave the token-classification head frozen at its random init
+            raise ValueError(f"lora.task_type must be 'TOKEN_CLS' for a process reward model (or left out), "
+                             f"got {self.lora['task_type']!r}")
         for name in ("max_prompt_length", "max_completion_length"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -175,6 +191,42 @@ def synthetic_stepwise_records(n: int = 512, *, seed: int = 0, max_steps: int = 
             labels.append(ok)
         out.append(StepwiseRecord("add the numbers:", steps, labels))
     return out
+
+
+# Verifiable checks of an answer made of "a+b=c" lines (the synthetic additions' steps), as RL
+# reward functions (``reward.functions: ["rlhf_fast.trainers.prm:synthetic_step_accuracy"]``): what
+# a PRM's dense rewards should raise, logged with weight 0, or a format reward with weight 1.
+_ADDITION_STEP = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*$")
+
+
+def _line_fraction(completions: Sequence[str], test) -> List[float]:
+    """Per completion: the fraction of its non-blank lines whose match (or None) passes ``test``
+    (0 for an answer without a line)."""
+    out = []
+    for c in completions:
+        lines = [s for s in c.split("\n") if s.strip()]
+        out.append(sum(bool(test(_ADDITION_STEP.match(s))) for s in lines) / len(lines) if lines else 0.0)
+    return out
+
+
+def synthetic_well_formed(prompts, completions: Sequence[str], **fields) -> List[float]:
+    """Format only: the fraction of an answer's lines that read "a+b=c"."""
+    return _line_fraction(completions, lambda m: m is not None)
+
+
+def synthetic_step_accuracy(prompts, completions: Sequence[str], **fields) -> List[float]:
+    """The fraction of an answer's lines that read "a+b=c" with c = a + b."""
+    return _line_fraction(completions, lambda m: m is not None and int(m[1]) + int(m[2]) == int(m[3]))
+
+
+def synthetic_seen_errors(prompts, completions: Sequence[str], **fields) -> List[float]:
+    """The fraction of an answer's lines wrong as :func:`synthetic_stepwise_records`' are (c = a + b + 3..5)."""
+    return _line_fraction(completions, lambda m: m is not None and 3 <= int(m[3]) - int(m[1]) - int(m[2]) <= 5)
+
+
+def synthetic_num_steps(prompts, completions: Sequence[str], **fields) -> List[float]:
+    """An answer's non-blank lines."""
+    return [float(sum(1 for s in c.split("\n") if s.strip())) for c in completions]
 
 
 def tokenize_steps(tokenizer, prompt: str, completions: Sequence[str], labels: Sequence[bool], *,
@@ -271,6 +323,33 @@ def load_prm_model(spec: str, *, texts: Sequence[str] = (), tokenizer=None, init
     return AutoModelForTokenClassification.from_pretrained(spec, num_labels=2, **load_kw), tok
 
 
+HEAD_NAMES = ("classifier", "score")  # peft's token-classification head names (its modules_to_save)
+
+
+def prm_lora(lora: Dict[str, Any], model) -> Dict[str, Any]:
+    """``lora`` (LoraConfig fields) for the token classifier ``model``: task TOKEN_CLS (peft then
+    trains the head whole, as ``modules_to_save``) and the head kept out of the LoRA targets
+    (added to ``exclude_modules``): peft's "all-linear" leaves out a causal LM's output layer and
+    a SEQ_CLS head only, and a layer cannot carry LoRA and be saved whole (peft's TypeError).
+    ValueError naming ``lora.target_modules`` when it lists the head."""
+    from rlhf_fast.models.logprobs import unwrap as base_of
+
+    base = base_of(model)
+    heads = [n for n in HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)]
+    targets = lora.get("target_modules")
+    if isinstance(targets, (list, tuple)) and set(heads) & set(targets):
+        raise ValueError(f"lora.target_modules must not name the token-classification head {heads[0]!r}: it trains "
+                         f"whole (peft's modules_to_save for TOKEN_CLS), got {list(targets)!r}")
+    excl = lora.get("exclude_modules")
+    if excl is None:
+        excl = heads
+    elif isinstance(excl, str):  # peft reads a string as one regex over the full module name
+        excl = "|".join([f"(?:{excl})", *heads])
+    else:
+        excl = list(excl) + [h for h in heads if h not in excl]
+    return {**lora, "task_type": "TOKEN_CLS", "exclude_modules": excl}
+
+
 def pad_rows(items: Sequence[Dict[str, List[int]]], pad_id: int, pad_to_multiple_of: Optional[int] = None):
     """``(input_ids, attention_mask, labels)`` ``[B, T]`` int64 of tokenised rows, right-padded
     (labels with -100)."""
@@ -318,11 +397,17 @@ class PRMTrainer:
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.pad_id
         setattr(self.model.config, SEPARATOR_KEY, cfg.step_separator)  # saved in final/config.json for RL
-        if cfg.gradient_checkpointing:
-            from rlhf_fast.models.loading import enable_activation_checkpointing
+        from rlhf_fast.models.loading import _is_peft, enable_activation_checkpointing, load_policy
 
+        if cfg.lora is not None or _is_peft(self.model):
+            # fresh adapters (task TOKEN_CLS: peft trains the head whole, as modules_to_save), or a
+            # peft model's own; checkpointing then keeps input gradients past the frozen embeddings
+            lora = None if cfg.lora is None else prm_lora(cfg.lora, self.model)
+            self.model = load_policy(self.model, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
+        elif cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
-        if cfg.disable_dropout:
+        self.is_peft = _is_peft(self.model)
+        if cfg.disable_dropout:  # after the adapters, so lora_dropout goes too (as the reward trainer)
             disable_dropout(self.model)
         self.model = wrap_configured(self.model, cfg.distributed, self.ctx)
         # rows with no label left after truncation train nothing: dropped (TRL keeps them, loss 0)
@@ -405,14 +490,59 @@ class PRMTrainer:
         save_supervised(self, "prm")
 
     def train(self) -> Dict[str, float]:
-        """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final``."""
+        """Train to ``max_steps`` (resuming when ``resume``); save to ``output_dir/final`` (a
+        LoRA / peft run: the merged model, see :meth:`save_merged`)."""
+        import os
+
         resume_supervised(self, "prm")
-        return training_loop(self, has_eval=bool(self.eval_items))
+        out = training_loop(self, has_eval=bool(self.eval_items))
+        if self.is_peft:
+            # training_loop saved the adapter there; reward.process_model needs a plain token classifier
+            self.save_merged(os.path.join(self.run.path, "final"))
+        return out
+
+    def save_merged(self, folder: str) -> None:
+        """Write the peft PRM merged (each adapter folded into its base weight, the trained head in
+        the original's place; ``step_separator`` in its config) with ``save_pretrained``, plus the
+        tokenizer, to ``folder``, replacing what it held: a plain AutoModelForTokenClassification
+        folder, as a full fine-tune saves. The trainer's model stays unmerged. Under FSDP2 every
+        rank takes part in gathering the weights; rank 0 writes beside ``folder`` and renames it
+        into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`), as the reward trainer's."""
+        import copy
+
+        from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
+
+        from .checkpoint import staged_folder
+
+        sd = full_state_dict(self.model, self.ctx, self.cfg.distributed.strategy)  # a collective under FSDP2
+        if self.ctx.is_main:
+            peft_model = ddp_unwrap(self.model)
+            with torch.no_grad():
+                if sd is None:  # the process holds the full weights: merge a copy
+                    replica = copy.deepcopy(peft_model)
+                else:  # FSDP2: an unsharded CPU replica of the same peft model, given the gathered weights
+                    import peft
+                    from transformers import AutoModelForTokenClassification
+
+                    from rlhf_fast.models.logprobs import unwrap as base_of
+
+                    name = peft_model.active_adapter
+                    base = AutoModelForTokenClassification.from_config(base_of(peft_model).config)
+                    replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]),
+                                                  adapter_name=name)
+                    replica.load_state_dict(sd)
+                merged = replica.merge_and_unload()
+            # a new folder, not written over the old: a folder with adapter_config.json loads as base + adapter
+            with staged_folder(folder) as tmp:
+                merged.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            del replica, merged
+        self.ctx.barrier()
 
 
 add_arguments, run = trainer_commands("prm", PRMConfig, PRMTrainer)  # what rlhf_fast.cli calls
 
 
 __all__ = ["PRMConfig", "PRMTrainer", "StepwiseRecord", "load_stepwise_records", "synthetic_stepwise_records",
-           "tokenize_steps", "step_loss_sum", "load_prm_model", "token_classifier_from", "check_token_classifier",
-           "add_arguments", "run"]
+           "tokenize_steps", "step_loss_sum", "load_prm_model", "prm_lora", "token_classifier_from",
+           "check_token_classifier", "add_arguments", "run"]

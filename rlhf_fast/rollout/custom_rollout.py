@@ -4,7 +4,7 @@ A user's function replaces generation: ``rollout_func(prompts, trainer) -> dict`
 process's prompts as the data gives them (chat messages kept; each prompt repeated
 ``group_size`` times, consecutive, one answer per entry) and the trainer, and returns
 ``prompt_ids``, ``completion_ids`` and ``logprobs`` (one list per row; one log-prob per
-completion token, the sampler's), optionally ``env_mask`` (per completion token: 1 a model
+completion token, the sampler's; None: unknown, the trainer scores them), optionally ``env_mask`` (per completion token: 1 a model
 token, 0 an environment / tool token kept as context but out of every loss) and any other keys,
 which reach the reward functions as per-row fields (a list: one value per row; anything else:
 the same value for every row). External vLLM servers, agent loops and OpenEnv integrations
@@ -111,15 +111,17 @@ def _rows(out: Mapping, name: str, n_rows: int, key: str) -> Sequence:
 def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  max_length: Optional[int] = None, key: str = "rollout_func") -> tuple:
     """What a rollout function returned for ``n_rows`` prompts, checked and as plain lists:
-    ``(prompt_ids, completion_ids, logprobs, env_mask or None, fields)`` — ``list[list[int]]``,
-    ``list[list[int]]``, ``list[list[float]]``, ``list[list[int]]`` or None, ``dict[str, list]``.
+    ``(prompt_ids, completion_ids, logprobs or None, env_mask or None, fields)`` —
+    ``list[list[int]]``, ``list[list[int]]``, ``list[list[float]]`` or None, ``list[list[int]]``
+    or None, ``dict[str, list]``.
 
     ``prompt_ids`` / ``completion_ids``: one list of int ids in ``[0, vocab_size)`` per row
     (tensors are read as lists), a prompt at least one token, a completion at most
     ``max_new_tokens`` (longer ones are refused: the loss normalisers and the model's positions
     are sized by it; TRL does not cut them), prompt and completion together at most
     ``max_length`` (the policy's positions); ``logprobs`` one finite float per completion
-    token; ``env_mask`` 0/1 per completion token (None: none, as TRL). ``fields``: the other
+    token, or None as a whole (TRL's: no sampler log-probs; the caller scores them);
+    ``env_mask`` 0/1 per completion token (None: none, as TRL). ``fields``: the other
     keys, name → ``n_rows`` values (a list as it is; anything else repeated for every row, as
     TRL merges them).
     Missing keys raise TRL's message; every other fault a ValueError naming the key and row."""
@@ -128,7 +130,9 @@ def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max
     missing = sorted(set(REQUIRED_KEYS) - set(out.keys()))
     if missing:
         raise ValueError(f"rollout_func must return keys {missing} in its output dict.")
-    prompts, completions, logps = (_rows(out, name, n_rows, key) for name in REQUIRED_KEYS)
+    prompts, completions = (_rows(out, name, n_rows, key) for name in ("prompt_ids", "completion_ids"))
+    # (TRL accepts logprobs None: no importance-sampling correction, its old log-probs by a forward)
+    logps = None if out["logprobs"] is None else _rows(out, "logprobs", n_rows, key)
     p_ids = [_int_list(p, "prompt_ids", i, vocab_size) for i, p in enumerate(prompts)]
     for i, p in enumerate(p_ids):
         if not p:
@@ -141,7 +145,8 @@ def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max
         if max_length is not None and len(p_ids[i]) + len(c) > max_length:
             raise ValueError(f"prompt_ids[{i}] and completion_ids[{i}] are {len(p_ids[i]) + len(c)} tokens, more "
                              f"than the policy's {max_length} positions (max_position_embeddings)")
-    lp = [_float_list(v, "logprobs", i, len(c)) for i, (v, c) in enumerate(zip(logps, c_ids))]
+    lp = None if logps is None else [_float_list(v, "logprobs", i, len(c))
+                                     for i, (v, c) in enumerate(zip(logps, c_ids))]
     env = None
     if out.get("env_mask") is not None:  # (None: no mask, as TRL's extra_fields.pop("env_mask", None))
         masks = _rows(out, "env_mask", n_rows, key)
@@ -176,8 +181,9 @@ def _left_padded(prompts: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, t
 
 def rollout_batch(out: Any, prompt_texts: Sequence[str], group_size: int, *, tokenizer, pad_id: int,
                   stop_ids: Sequence[int], vocab_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
-                  max_length: Optional[int] = None, elapsed: float = 0.0,
-                  key: str = "rollout_func") -> Tuple[RolloutBatch, Dict[str, List]]:
+                  max_length: Optional[int] = None, elapsed: float = 0.0, key: str = "rollout_func",
+                  score: Optional[Callable[[RolloutBatch], torch.Tensor]] = None
+                  ) -> Tuple[RolloutBatch, Dict[str, List]]:
     """A rollout function's output ``out`` (:func:`check_output`) as a RolloutBatch of
     ``len(prompt_texts)`` rows, each group of ``group_size`` consecutive rows one prompt, and its
     extra fields (name → one value per row).
@@ -185,7 +191,9 @@ def rollout_batch(out: Any, prompt_texts: Sequence[str], group_size: int, *, tok
     input_ids ``[B, P+R]`` int64: the returned prompt ids left-padded with ``pad_id``, then the
     completion ids right-padded; attention 1 on both; ``response_mask`` 1 on the completion
     tokens, 0 where ``env_mask`` is 0 (holes: context the policy reads, out of every loss);
-    ``behaviour_logp`` ``[B, P+R]`` float32 the returned log-probs, 0 on holes;
+    ``behaviour_logp`` ``[B, P+R]`` float32 the returned log-probs, 0 on holes — with
+    ``logprobs`` None, ``score(batch)`` (``[B, P+R]``: the policy's log-probs by a scoring
+    forward, TRL's recomputed old log-probs) on the response tokens, 0 without ``score``;
     ``response_texts`` the whole completions decoded without special tokens (environment tokens
     included, as TRL's ``completions``); ``finish_reasons`` "stop" when a completion ends in one
     of ``stop_ids`` (TRL's eos ids and pad id) or is empty, else "length";
@@ -207,10 +215,14 @@ def rollout_batch(out: Any, prompt_texts: Sequence[str], group_size: int, *, tok
                          group_index=torch.arange(B // group_size).repeat_interleave(group_size),
                          num_generated_tokens=0, tokens_per_second=0.0, prompt_length=ids.shape[1],
                          finish_reasons=reasons)
-    rows = [_Row(prompt=p, ids=c, mask=env[i] if env is not None else [1] * len(c), logp=lp, reason=r,
-                 messages=[], grown=True)
-            for i, (p, c, lp, r) in enumerate(zip(p_ids, c_ids, logps, reasons))]
-    return _pack(first, rows, tokenizer, pad_id, elapsed), fields
+    rows = [_Row(prompt=p, ids=c, mask=env[i] if env is not None else [1] * len(c),
+                 logp=logps[i] if logps is not None else [0.0] * len(c), reason=r, messages=[], grown=True)
+            for i, (p, c, r) in enumerate(zip(p_ids, c_ids, reasons))]
+    batch = _pack(first, rows, tokenizer, pad_id, elapsed)
+    if logps is None and score is not None:
+        rm = batch.response_mask
+        batch.behaviour_logp = score(batch).float().to(rm.device) * rm
+    return batch, fields
 
 
 def run_rollout_func(fn: Callable, prompts: List[Any], trainer, prompt_texts: Sequence[str], group_size: int,

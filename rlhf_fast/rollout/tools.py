@@ -340,7 +340,10 @@ def _mix_seed(seed: int, turn: int) -> int:
 def _turn_params(params: SamplingParams, rows: Sequence[int], turn: int, max_new_tokens: int) -> SamplingParams:
     """The sampling of continuation ``turn`` for the answers ``rows``: the rollout's, one sample
     each, its seeds derived from the rows' own (or the batch's)."""
-    kw: Dict[str, Any] = {"n": 1, "max_new_tokens": max_new_tokens, "sample_seeds": None, "seed": None}
+    kw: Dict[str, Any] = {"n": 1, "max_new_tokens": max_new_tokens, "sample_seeds": None, "seed": None,
+                          # (a continuation shorter than min_new_tokens cannot end early: the same tokens as
+                          # TRL's full-length turn cut to the room; SamplingParams refuses a larger value)
+                          "min_new_tokens": min(params.min_new_tokens, max_new_tokens)}
     if params.sample_seeds is not None:
         kw["sample_seeds"] = tuple(_mix_seed(params.sample_seeds[i], turn) for i in rows)
     elif params.seed is not None:
@@ -404,6 +407,39 @@ def _pack(first: RolloutBatch, rows: List[_Row], tokenizer, pad_id: int, elapsed
         finish_reasons=[r.reason for r in rows] if len(first.finish_reasons) == B else [])
 
 
+def _cap(row: _Row, suffix: Sequence[int], budget: int, max_length: Optional[int]) -> int:
+    """How many tokens ``row`` may generate after ``suffix`` (>= 0): its own completion budget
+    left, and its own positions left under ``max_length``."""
+    cap = budget - len(row.ids) - len(suffix)
+    if max_length is not None:
+        cap = min(cap, max_length - len(row.prompt) - len(row.ids) - len(suffix))
+    return max(0, cap)
+
+
+def _room_calls(go: Sequence[int], lengths: Sequence[int], caps: Sequence[int],
+                max_length: Optional[int]) -> List[Tuple[List[int], int]]:
+    """The generate calls continuing the rows ``go`` (sequence ``lengths``, own rooms ``caps``):
+    ``[(rows, max_new_tokens), ...]``. A call generates up to its largest room and each row is
+    cut to its own afterwards (with per-row seeds its tokens are those of a call of its own);
+    only ``max_length`` splits the rows: a call's longest sequence plus its room must fit in the
+    positions (left padding puts every row at the longest one's width), so a row near the limit
+    gets a call of its own room instead of cutting every other row to it. Without a position
+    limit, or when the rows fit together: one call, of the largest room (at least 1)."""
+    order = sorted(range(len(go)), key=lambda k: -caps[k])
+    out = []
+    while order:
+        room, top, take, rest = max(1, caps[order[0]]), 0, [], []
+        for k in order:
+            if not take or max_length is None or max(top, lengths[k]) + room <= max_length:
+                take.append(k)
+                top = max(top, lengths[k])
+            else:
+                rest.append(k)
+        out.append(([go[k] for k in sorted(take)], room))
+        order = rest
+    return out
+
+
 def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams, *, tools: Sequence[Callable],
                  tokenizer, max_iterations: Optional[int] = None, max_length: Optional[int] = None,
                  row_tools: Optional[Sequence[Sequence[Callable]]] = None,
@@ -419,7 +455,8 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
     seeded from the answer's own seed and the round). A result that would take the completion
     (model and tool tokens) past ``params.max_new_tokens`` — or the sequence to ``max_length``
     positions — is rolled back and the answer ends as it was; a continuation is cut at the
-    budget (finish reason "length").
+    answer's own budget and positions left (finish reason "length"), whatever the other
+    answers' rooms (:func:`_room_calls`: rows near ``max_length`` get calls of their own).
 
     ``tools``: the callables (``row_tools``: one list per answer instead, e.g. the methods of
     each answer's environment). ``sync_any(flag) -> bool``: whether any rank has an answer to
@@ -452,39 +489,41 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
     pad_id = getattr(engine, "pad_id", None)
     pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                 else tokenizer.eos_token_id)
-    while stats.iterations < limit and sync_any(bool(active)):
-        go, suffixes = [], {}
-        for i in active:
-            r = rows[i]
-            results, failed = run_tool_calls(r.messages[-1]["tool_calls"], by_name[i])
-            stats.calls += len(results)
-            stats.failures += failed
-            msgs = tool_messages(results)
-            suffix = tool_suffix_ids(tokenizer, msgs, chat_template_kwargs=chat_template_kwargs)
-            grown = len(r.ids) + len(suffix)
-            if grown > budget or (max_length is not None and len(r.prompt) + grown >= max_length):
-                continue  # rolled back: the answer ends with its tool call
-            r.messages.extend(msgs)
-            suffixes[i] = suffix
-            go.append(i)
-        stats.iterations += 1
-        if not sync_any(bool(go)):
-            break
-        room = max([budget - len(rows[i].ids) - len(suffixes[i]) for i in go] or [1])
-        if max_length is not None and go:
-            room = min(room, max_length - max(len(rows[i].prompt) + len(rows[i].ids) + len(suffixes[i]) for i in go))
-        room = max(1, room)
-        if not go:  # another rank continues: make the same call, discard it
-            engine.generate([rows[0].prompt[:1]], SamplingParams(temperature=0.0, max_new_tokens=1))
+    calls: List[Tuple[List[int], int]] = []  # this round's generate calls still to make: (rows, room)
+    suffixes: Dict[int, List[int]] = {}
+    # every rank makes the same sync_any calls and generate calls (one per pass): a rank with
+    # more calls this round, or a new round, continues; one with neither makes a discarded call
+    while sync_any(bool(calls) or (bool(active) and stats.iterations < limit)):
+        if not calls and active and stats.iterations < limit:
+            go, suffixes = [], {}
+            for i in sorted(active):
+                r = rows[i]
+                results, failed = run_tool_calls(r.messages[-1]["tool_calls"], by_name[i])
+                stats.calls += len(results)
+                stats.failures += failed
+                msgs = tool_messages(results)
+                suffix = tool_suffix_ids(tokenizer, msgs, chat_template_kwargs=chat_template_kwargs)
+                grown = len(r.ids) + len(suffix)
+                if grown > budget or (max_length is not None and len(r.prompt) + grown >= max_length):
+                    continue  # rolled back: the answer ends with its tool call
+                r.messages.extend(msgs)
+                suffixes[i] = suffix
+                go.append(i)
+            stats.iterations += 1
             active = []
+            calls = _room_calls(go, [len(rows[i].prompt) + len(rows[i].ids) + len(suffixes[i]) for i in go],
+                                [_cap(rows[i], suffixes[i], budget, max_length) for i in go], max_length)
+        if not sync_any(bool(calls)):
+            break
+        if not calls:  # another rank continues: make the same call, discard it
+            engine.generate([rows[0].prompt[:1]], SamplingParams(temperature=0.0, max_new_tokens=1))
             continue
+        go, room = calls.pop(0)
         seqs = [rows[i].prompt + rows[i].ids + suffixes[i] for i in go]
         more = engine.generate(seqs, _turn_params(params, go, stats.iterations, room))
-        new = _rows_of(more)
-        active = []
-        for i, n in zip(go, new):
+        for i, n in zip(go, _rows_of(more)):
             r, s = rows[i], suffixes[i]
-            left = budget - len(r.ids) - len(s)
+            left = _cap(r, s, budget, max_length)  # this row's own room, whatever the call's
             ids, logp, reason = n.ids[:left], n.logp[:left], n.reason
             if len(n.ids) > left or not ids:
                 reason = "length"

@@ -1402,8 +1402,18 @@ class RLTrainer:
         gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         gen = gen.flatten().tolist() if isinstance(gen, torch.Tensor) else gen
         stops.update([gen] if isinstance(gen, int) else list(gen or []))
+
+        def score(batch):  # logprobs None: the policy's by a scoring forward (TRL's old log-probs then)
+            from rlhf_fast.models.logprobs import sequence_logprobs
+
+            ids, am, rm = self._batch_masks(batch)
+            share = self._share_kwargs(batch.group_index.to(self.device), ids.shape[0])
+            with torch.no_grad(), self._autocast():
+                return sequence_logprobs(self.policy, ids, am, response_mask=rm,
+                                         temperature=self.config.rollout.temperature, **share)
+
         return run_rollout_func(self.rollout_func, rows, self, texts, n, tokenizer=self.tokenizer, pad_id=pad,
-                                stop_ids=sorted(stops), vocab_size=vocab,
+                                stop_ids=sorted(stops), vocab_size=vocab, score=score,
                                 max_new_tokens=self.config.rollout.max_new_tokens, max_length=self._max_positions)
 
     def _generate(self, rnd: int):

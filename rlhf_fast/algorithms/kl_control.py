@@ -1,7 +1,8 @@
 """KL coefficient controllers: fixed, and adaptive as in Ziegler et al. (2019).
 
 The adaptive controller moves β so the measured KL tracks ``target``:
-e = clip(KL / target − 1, −0.2, 0.2); β ← β · (1 + e · n_steps / horizon).
+e = clip(KL / target − 1, −0.2, 0.2); β ← β · (1 + e · n_steps / horizon), as TRL's (0.x) and
+OpenRLHF's ``AdaptiveKLController`` (where that factor is ≤ 0, 1 + e: β never changes sign).
 Both keep their state in a JSON-able dict for checkpoints; a resumed run continues only the
 adaptive β from it (``resume_from``), the settings coming from its new config.
 """
@@ -9,6 +10,7 @@ adaptive β from it (``resume_from``), the settings coming from its new config.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -50,17 +52,21 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move β after ``n_steps`` samples (or steps) with measured KL ``current_kl``; returns β.
 
-        A non-finite KL leaves β unchanged (the trainer reports it separately)."""
-        if isinstance(current_kl, torch.Tensor) and current_kl.numel() == 1:
-            current_kl = float(current_kl)
+        Both may be Python, numpy or one-element tensor numbers. The multiplier is TRL's /
+        OpenRLHF's 1 + e·n/horizon; where that would leave β ≤ 0 (e·n/horizon ≤ −1: a step of
+        5 horizons or more below target) β moves by one horizon's factor 1 + e instead. A
+        non-finite KL leaves β unchanged (the trainer reports it separately)."""
+        current_kl, n_steps = _plain(current_kl), _plain(n_steps)
         if isinstance(current_kl, bool) or not isinstance(current_kl, (int, float)):
             raise TypeError(f"current_kl must be a number, got {type(current_kl).__name__}")
-        finite("n_steps", n_steps, ">= 0")
+        n = finite("n_steps", n_steps, ">= 0")
         if not math.isfinite(current_kl):
             return self.value
         err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        # at most one horizon per update: beyond it β would change sign (1 - 0.2 · n / horizon < 0)
-        self.value *= 1.0 + err * min(n_steps / self.horizon, 1.0)
+        mult = 1.0 + err * n / self.horizon
+        if mult <= 0.0:  # the peers' β would change sign: one horizon's change at most
+            mult = 1.0 + err * min(n / self.horizon, 1.0)
+        self.value *= mult
         return self.value
 
     def state_dict(self) -> dict:
@@ -78,6 +84,15 @@ class AdaptiveKLController(FixedKLController):
         ``init``, where the config starts it."""
         if "target" in state:
             self.value = finite("state['value']", state["value"], ">= 0")
+
+
+def _plain(x):
+    """``x`` as a Python number when it is a numpy scalar or a one-element tensor (else as is)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    if not isinstance(x, (bool, int, float)) and isinstance(x, numbers.Real):
+        return int(x) if isinstance(x, numbers.Integral) else float(x)
+    return x
 
 
 def make_kl_controller(kind: str, init: float, target: Optional[float] = None, horizon: float = 10000):

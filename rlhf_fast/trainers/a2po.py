@@ -110,6 +110,13 @@ class A2POTrainer(RLTrainer):
         if kwargs.get("reference") is not None:
             raise ValueError("reference=...: A*-PO's reference is a frozen copy of the initial policy, which also "
                              "answers Stage 1 (as TRL); leave it out")
+        init = (config.model.lora or {}).get("init_lora_weights", True)
+        if config.model.lora is not None and init not in (True, "gaussian"):
+            # the reference is the policy with its adapters off: the initial policy (Stage 1's sampler)
+            # only when fresh adapters add 0 (B = 0: peft's default and gaussian init)
+            raise ValueError(f"model.lora.init_lora_weights {init!r}: A*-PO's reference, the policy with its adapters "
+                             "disabled, must be the initial policy that answers Stage 1, so the fresh adapters must "
+                             "add nothing (true or 'gaussian'; false, PiSSA, OLoRA, LoftQ, CorDA change the model)")
         super().__init__(config, policy, tokenizer, **kwargs)
         # the training prompts as given; a2po.filter_all_incorrect keeps a subset of them
         self._given = (self.prompts, self.prompt_fields, self._records["train"], self._env_names["train"])
@@ -140,6 +147,11 @@ class A2POTrainer(RLTrainer):
         if self.global_step != 0:
             raise RuntimeError(f"a2po: Stage 1 samples the initial policy; step {self.global_step} has updated it")
         train = split == "train"
+        if train:  # (called again: the filter of the last call undone, the given prompts answered)
+            prompts, fields, records, envs = self._given
+            self.prompts, self.prompt_fields = prompts, fields
+            self._records = {**self._records, "train": records}
+            self._env_names = {**self._env_names, "train": envs}
         fields = self._given[1] if train else self.eval_fields
         if not fields:
             raise ValueError("no evaluation prompts: set data.eval_prompts, data.eval_prompts_file or "

@@ -2058,12 +2058,10 @@ class RLTrainer:
         ``data`` (no grad), over every rank's rows (``norm``: the global normaliser), so all ranks
         take the same line-search decisions. The KL is 0.5·(logp − pre_logp)² averaged over the
         response tokens, which were sampled from that policy: to second order KL(pre ‖ current).
-        With the MoE term on, the loss is :meth:`_moe_surrogate_loss` (``n_micro`` as there)."""
-        if self.moe.enabled:
-            loss, logp = self._moe_surrogate_loss(data, norm, n_micro)
-        else:
-            loss, st = self._policy_loss(data, norm, self._loss_kwargs())
-            logp = st["logp"]
+        The loss is :meth:`_moe_surrogate_loss`'s, by ``ppo.micro_batch_size`` micro-batches as the
+        update's backward (the whole mini-batch in one forward could run out of memory where they
+        fit; ``n_micro`` as there), with the MoE term when it is on."""
+        loss, logp = self._moe_surrogate_loss(data, norm, n_micro)
         d = logp - pre_logp
         if not self.ctx.distributed:
             return float(loss), float(ops.masked_mean(0.5 * d * d, data.response_mask))
@@ -2116,11 +2114,10 @@ class RLTrainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = self._global_normalizer(data.response_mask, self.config.ppo.agg)
         n_micro = None
-        if self.moe.enabled and self.ctx.distributed:  # update()'s micro-batch count (the gradient's aux term)
-            mb = cfg.micro_batch_size
+        if self.ctx.distributed:  # update()'s micro-batch count: as many surrogate forwards on every rank
+            mb = cfg.micro_batch_size  # (FSDP2 gathers the weights in each; and the gradient's aux term)
             n_micro = max(1, max(-(-c[0] // mb) for c in self.ctx.all_gather_ints([data.input_ids.shape[0]])))
-        if data.input_ids.shape[0] == 0 and not self.moe.enabled:  # this rank holds none of the mini-batch:
-            data = _blank_row(data)  # still run the forwards (the MoE surrogate runs n_micro blank ones)
+        # (a rank holding none of the mini-batch runs n_micro blank micro-batches)
         # the rollout policy's log-probs of the sampled tokens: the trust region's centre
         pre_logp = data.old_logp
         loss0, _ = self._surrogate(data, pre_logp, norm, n_micro)

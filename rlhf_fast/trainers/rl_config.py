@@ -717,7 +717,8 @@ class KLConfig:
     ``kl_loss_type``; default k3, DeepSeekMath's GRPO) for the loss; the other placement's key is
     refused away from its default. The ``kl/*`` metrics and the adaptive controller always
     measure k1. ``controller`` "fixed" or
-    "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples).
+    "adaptive" (Ziegler et al.: ``target`` KL per sequence in nats, ``horizon`` samples; both
+    refused away from their defaults with "fixed", which they would not change).
 
     Which variant each estimator gets: "reward" is the default for every estimator. It is
     PPO's (Ziegler et al., TRL's PPOTrainer) and REINFORCE++'s placement: −β·(logp − ref) on
@@ -782,6 +783,10 @@ class KLConfig:
         _choice("kl.controller", self.controller, KL_CONTROLLERS)
         _pos("kl.target", self.target)
         _pos("kl.horizon", self.horizon)
+        moved = _moved(self, "kl", ("target", "horizon")) if self.controller == "fixed" else []
+        if moved:  # (TRL 0.x's PPOConfig had the adaptive controller on by default; ours is fixed)
+            raise ValueError(f"{', '.join(moved)} apply to kl.controller 'adaptive' only (the fixed β is kl.coef); "
+                             f"set kl.controller: adaptive or remove them")
 
     @property
     def loss_kind(self) -> str:

@@ -271,8 +271,9 @@ def load_policy(
     """A causal-LM policy from a local directory or an in-memory ``PreTrainedModel``.
 
     A directory holding a peft adapter (``adapter_config.json``) loads base + adapter,
-    trainable. ``lora`` (a dict of LoraConfig fields, defaults r=8, alpha=16, all linear
-    layers; or a ``peft.LoraConfig``) wraps the model in a trainable peft model.
+    trainable (the base's token embeddings first resized to the rows the adapter saved them
+    with, when a run added tokens). ``lora`` (a dict of LoraConfig fields, defaults r=8,
+    alpha=16, all linear layers; or a ``peft.LoraConfig``) wraps the model in a trainable peft model.
     ``lora`` may also be a saved adapter directory (loaded trainable onto the base).
     ``gradient_checkpointing`` turns it on (non-reentrant) and the KV cache off.
 
@@ -328,26 +329,132 @@ def load_policy(
 
             if not os.path.exists(os.path.join(os.fspath(lora), "adapter_config.json")):
                 raise ValueError(f"lora must be a directory holding adapter_config.json, got {os.fspath(lora)!r}")
+            _resize_to_adapter(model, os.fspath(lora))
             model = PeftModel.from_pretrained(model, os.fspath(lora), is_trainable=True)
         else:
             from peft import get_peft_model
 
             model = get_peft_model(model, _lora_config(lora))
+            setattr(model, _FRESH_ADAPTERS, True)  # (its reference: the adapters disabled)
     return model
 
 
-class AdapterDisabledReference:
-    """The reference model of a peft policy: the same weights with adapters disabled.
+def load_merged(path: PathLike, *, init_kwargs=None) -> nn.Module:
+    """The causal LM in the folder ``path`` as one plain model (:func:`load_policy`; an adapter
+    folder's adapter merged into its base): a reference folder stands for the model it holds,
+    whose reference would otherwise be that base with the adapter disabled."""
+    model = load_policy(path, init_kwargs=init_kwargs)
+    return model.merge_and_unload() if _is_peft(model) else model
 
-    No second copy of the base model. Calls (and :func:`rlhf_fast.models.sequence_logprobs`,
-    which honours :meth:`rlhf_context`) run under ``policy.disable_adapter()`` and
-    ``torch.no_grad()``.
+
+def merged_adapter(model: nn.Module, folder: PathLike) -> nn.Module:
+    """``model`` (a base, e.g. a sequence classifier of a causal adapter's base) with the peft
+    adapter in ``folder`` merged into its weights: a plain model (embeddings first resized to the
+    adapter's, as :func:`load_policy` does)."""
+    from peft import PeftConfig, PeftModel
+
+    _resize_to_adapter(model, os.fspath(folder))
+    config = PeftConfig.from_pretrained(os.fspath(folder))
+    config.task_type = None  # (a causal adapter on another head: the generic wrapper, which only merges)
+    # (peft froze the base: trainable again, as any model from_pretrained gives)
+    merged = PeftModel.from_pretrained(model, os.fspath(folder), config=config).merge_and_unload()
+    return merged.requires_grad_(True)
+
+
+def _resize_to_adapter(model, folder: str) -> None:
+    """Resize ``model``'s token embeddings to the rows the adapter in ``folder`` saved them with:
+    a run that added tokens (chat_template_path) trained on resized embeddings, which peft saves
+    in the adapter, but its base folder still holds the old vocabulary (the new tokens' ids would
+    index past it)."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    emb = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if not name or not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        rows = {f.get_slice(k).get_shape()[0] for k in f.keys()
+                if f".{name}." in f".{k}" and k.endswith(".weight") and "lora_" not in k}
+    if len(rows) == 1 and rows != {emb.num_embeddings}:
+        model.resize_token_embeddings(rows.pop(), mean_resizing=False)
+
+
+# the frozen copy of a trained adapter that a peft policy's reference runs (TRL 1.16 names it "ref")
+REF_ADAPTER = "rlhf_fast_ref"
+# set on a peft model whose adapters load_policy created fresh (lora B = 0: the model is its base)
+_FRESH_ADAPTERS = "_rlhf_fast_fresh_adapters"
+
+
+def _rename_adapter(name: str, adapter: str, new: str) -> Optional[str]:
+    """``name`` (a parameter's) with its ``adapter`` segment renamed ``new``; None without one."""
+    parts = name.split(".")
+    return ".".join(new if x == adapter else x for x in parts) if adapter in parts else None
+
+
+def _adapter_is_identity(policy) -> bool:
+    """Whether ``policy``'s active adapter leaves its base model's outputs unchanged: created
+    fresh by :func:`load_policy`, or a plain LoRA whose B matrices are all zero (peft's default
+    init). Anything else (a trained adapter, DoRA, modules_to_save, trainable tokens) counts as
+    trained: its reference must keep a copy of it."""
+    if getattr(policy, _FRESH_ADAPTERS, False):
+        return True
+    cfg = policy.peft_config.get(policy.active_adapter)
+    if getattr(cfg, "peft_type", None) != "LORA" or getattr(cfg, "use_dora", False) or \
+            getattr(cfg, "modules_to_save", None) or getattr(cfg, "trainable_token_indices", None):
+        return False
+    return all(not bool(p.detach().any()) for n, p in policy.named_parameters()
+               if ("lora_B" in n or "lora_embedding_B" in n) and policy.active_adapter in n.split("."))
+
+
+def _frozen_adapter_copy(policy) -> str:
+    """Add to ``policy`` a frozen copy of its active adapter (:data:`REF_ADAPTER`), as TRL 1.16's
+    trainers add their "ref" adapter for a model with a pretrained adapter; returns its name.
+    A copy made before (an earlier reference of the same policy) is kept: it holds the adapter as
+    it was when the first reference was made."""
+    if REF_ADAPTER in policy.peft_config:
+        return REF_ADAPTER
+    active = policy.active_adapter
+    policy.add_adapter(REF_ADAPTER, copy.deepcopy(policy.peft_config[active]))
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, p in list(params.items()):
+            ref = _rename_adapter(name, active, REF_ADAPTER)
+            if ref is not None:
+                if ref not in params:
+                    raise ValueError(f"cannot copy the peft adapter {active!r} as the reference: {ref!r} "
+                                     "not found")
+                params[ref].copy_(p)
+    for name, p in params.items():
+        if REF_ADAPTER in name.split("."):
+            p.requires_grad_(False)
+    return REF_ADAPTER
+
+
+def peft_save_kwargs(model) -> dict:
+    """``save_pretrained`` keywords of ``model``: a peft model saves its own adapters, not the
+    reference's frozen copy (:data:`REF_ADAPTER`, which would land in a sub-folder)."""
+    if not _is_peft(model) or REF_ADAPTER not in model.peft_config:
+        return {}
+    return {"selected_adapters": [n for n in model.peft_config if n != REF_ADAPTER]}
+
+
+class AdapterDisabledReference:
+    """The reference model of a peft policy: the policy as it is now, run frozen.
+
+    Fresh adapters (the model is its base): the same weights with the adapters disabled. A
+    trained adapter (e.g. a LoRA SFT run's final/ as the policy): a frozen copy of it added as a
+    second adapter (:data:`REF_ADAPTER`, as TRL 1.16's "ref" adapter) and run instead of the
+    policy's, so the reference is the initial policy, not the base. No second copy of the base
+    model either way. Calls (and :func:`rlhf_fast.models.sequence_logprobs`, which honours
+    :meth:`rlhf_context`) run under that context and ``torch.no_grad()``.
     """
 
     def __init__(self, policy):
         if not _is_peft(policy):
             raise TypeError(f"policy must be a peft model, got {type(policy).__name__}")
         self.policy = policy
+        self.adapter = None if _adapter_is_identity(policy) else _frozen_adapter_copy(policy)
 
     @property
     def rlhf_wrapped(self):
@@ -355,8 +462,21 @@ class AdapterDisabledReference:
 
     @contextlib.contextmanager
     def rlhf_context(self):
-        with self.policy.disable_adapter(), torch.no_grad():
-            yield
+        if self.adapter is None:
+            with self.policy.disable_adapter(), torch.no_grad():
+                yield
+            return
+        # set_adapter flips requires_grad; the policy's own flags are put back as they were
+        flags = [(p, p.requires_grad) for p in self.policy.parameters()]
+        active = self.policy.active_adapter
+        self.policy.set_adapter(self.adapter)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.policy.set_adapter(active)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def __call__(self, *args, **kwargs):
         with self.rlhf_context():
@@ -374,9 +494,9 @@ class AdapterDisabledReference:
 def make_reference(policy, *, device=None, dtype=None):
     """A frozen eval-mode reference of ``policy`` for KL penalties.
 
-    A peft policy gives an :class:`AdapterDisabledReference` (no copy; ``device``/``dtype``
-    must then be None). Otherwise a deep copy with ``requires_grad=False``, moved to
-    ``device``/``dtype`` when given.
+    A peft policy gives an :class:`AdapterDisabledReference` (no copy of the base; a trained
+    adapter's frozen copy added beside it; ``device``/``dtype`` must then be None). Otherwise a
+    deep copy with ``requires_grad=False``, moved to ``device``/``dtype`` when given.
     """
     _check_dtype_device(dtype, device)
     if not isinstance(policy, nn.Module):

@@ -404,6 +404,9 @@ def check_model_dir(path: str, key: str) -> None:
     """ValueError naming ``key`` unless ``path`` is a folder with config.json and .safetensors weights."""
     if not isinstance(path, str) or not os.path.isdir(path):
         raise ValueError(f"{key} must be a model folder (save_pretrained output); {path!r} is not a folder")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA run's final/
+        raise ValueError(f"{key}: {path} holds a peft (LoRA) adapter, not a model: merge it into its base first "
+                         "(peft's merge_and_unload, then save_pretrained) and merge that folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{key}: {path} has no config.json (not a save_pretrained model folder)")
     if not any(n.endswith(".safetensors") for n in os.listdir(path)):

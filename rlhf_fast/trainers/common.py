@@ -959,6 +959,29 @@ def check_lora_field(cfg, name: str = "lora") -> None:
 
     # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
     cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
+    _check_lora_values(cfg.lora, name)
+
+
+def _check_lora_values(lora: Mapping[str, Any], name: str) -> None:
+    """ValueError naming ``name.key`` for a field peft's LoraConfig lacks or a value it would
+    only refuse at the model load (lora_alpha text fails inside a layer, a dropout outside
+    [0, 1] in torch), so a bad setting stops the run before any model is loaded."""
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is a declared dependency here
+        return
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    for key, v in lora.items():
+        if key not in known:
+            raise ValueError(f"{name}.{key} is not a peft LoraConfig field (r, lora_alpha, lora_dropout, "
+                             "target_modules, modules_to_save, ... )")
+    r, alpha, dropout = lora.get("r", 8), lora.get("lora_alpha", 16), lora.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{name}.r must be a positive integer (the adapters' rank), got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{name}.lora_alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"{name}.lora_dropout must be a number in [0, 1], got {dropout!r}")
 
 
 # transformers' Trainer names (TrainingArguments.optim) of the optimizers that need no other
@@ -1549,6 +1572,9 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
     ``init_kwargs``: a config's checked ``model_init_kwargs`` (:class:`ModelInitOptions`), the
     ``from_pretrained`` keywords of a folder (float32 unless its ``dtype`` says otherwise; its
     ``trust_remote_code`` also reaches the tokenizer), applied to a tiny model once built.
+    A folder holding a peft adapter (a LoRA run's final/) gives its base with the adapter: as a
+    trainable peft model for "causal" (:func:`rlhf_fast.models.loading.load_policy`), merged into
+    the sequence classifier's backbone for "reward".
     """
     if kind not in ("causal", "reward"):
         raise ValueError(f"kind must be 'causal' or 'reward', got {kind!r}")
@@ -1586,7 +1612,8 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
     from rlhf_fast.models.loading import adapter_base, check_model_folder, from_pretrained_kwargs, tokenizer_kwargs
 
     check_model_folder(spec, "model", tokenizer=tokenizer is None)
-    adapter_base(spec, "model")  # an adapter whose base is not a local folder: refused, not looked up on the hub
+    # an adapter whose base is not a local folder: refused, not looked up on the hub
+    adapter = adapter_base(spec, "model")
     # absolute: peft saves a LoRA run's base by the path it was loaded from, which must hold from any folder
     spec = os.path.abspath(spec)
     # float32 master weights whatever dtype the folder was saved in (transformers 5 loads the
@@ -1596,8 +1623,19 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
     tok = tokenizer or AutoTokenizer.from_pretrained(spec, **tokenizer_kwargs(load_kw))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if kind == "causal":
+    if kind == "causal" and adapter:
+        from rlhf_fast.models.loading import load_policy
+
+        # a LoRA run's final/: base + adapter as a trainable peft model (transformers' own loading
+        # of the folder freezes every weight, and a fresh `lora` would replace the adapter)
+        model = load_policy(spec, init_kwargs=init_kwargs)
+    elif kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(spec, **load_kw)
+    elif adapter:  # a LoRA SFT run's final/ starting a reward model: the adapter merged into its backbone
+        from rlhf_fast.models.loading import merged_adapter
+
+        model = merged_adapter(AutoModelForSequenceClassification.from_pretrained(
+            os.path.abspath(adapter), num_labels=1, **load_kw), spec)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, **load_kw)
         if model.config.pad_token_id is None:

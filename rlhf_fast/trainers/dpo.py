@@ -69,8 +69,9 @@ the chosen / rejected response tokens: h·mean_v(W) per token, no logits) and me
 (the chosen response tokens that are the argmax of their logits, from the fused head's own pass).
 
 Reference: a frozen copy of the initial policy (``ref_model``: a saved model folder instead);
-with LoRA (``lora``: LoraConfig fields, or a peft model passed as ``model``) the base with its
-adapters disabled, no second copy. ``precompute_ref_logps`` scores every pair with the
+with LoRA (``lora``: LoraConfig fields, or a peft model / adapter folder as ``model``) the base
+with its adapters disabled, no second copy (a trained adapter: a frozen copy of it beside it, as
+TRL's "ref" adapter, so the reference is still the initial policy). ``precompute_ref_logps`` scores every pair with the
 reference once, before training (``precompute_ref_batch_size`` pairs a forward; null: ``batch_size``),
 and keeps no reference model (a run resumed recomputes them from the initial weights,
 deterministically). ``sync_ref_model`` (TR-DPO, Gorbatovski et al. 2024; TRL's keys) makes the
@@ -729,12 +730,13 @@ def offline_reference(cfg, model, is_peft: bool, device):
     ``precompute_ref_logps``), before any update: a ``ref_model`` folder (checked to share the
     policy's vocabulary); else, when its log-probs are precomputed, the initial policy itself
     (scored before any update: no copy); else a frozen copy — for a peft policy the base with
-    its adapters disabled (no copy)."""
+    its adapters disabled, or a trained adapter's frozen copy (no copy of the base). A
+    ``ref_model`` adapter folder is merged into its base (the model it holds)."""
     from rlhf_fast.models import loading
 
     if cfg.ref_model:
         # loaded as the policy is (TRL builds its reference with the same model_init_kwargs)
-        ref = loading.load_policy(cfg.ref_model, init_kwargs=cfg.model_init_kwargs)
+        ref = loading.load_merged(cfg.ref_model, init_kwargs=cfg.model_init_kwargs)  # (an adapter: merged)
         reference = loading.make_reference(ref, device=device)
         n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
         if n_ref != n_pol:
@@ -1087,7 +1089,8 @@ class DPOTrainer:
 
     ``model`` / ``tokenizer`` / ``train_records`` / ``eval_records`` (PairRecords) override what
     the config would load; ``model`` may be a peft model (its adapters train, the reference is
-    the base). ``train()`` returns the final metrics dict.
+    the initial policy: :func:`rlhf_fast.models.loading.make_reference`). ``train()`` returns the
+    final metrics dict.
     """
 
     def __init__(self, cfg: DPOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):

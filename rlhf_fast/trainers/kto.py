@@ -443,8 +443,8 @@ class KTOTrainer:
 
     ``model`` / ``tokenizer`` / ``train_records`` / ``eval_records`` override what the config
     would load; records may be BinaryRecords, ScoreRecords or PairRecords (:func:`to_binary`);
-    ``model`` may be a peft model (its adapters train, the reference is the base). ``train()``
-    returns the final metrics dict.
+    ``model`` may be a peft model (its adapters train, the reference is the initial policy:
+    :func:`rlhf_fast.models.loading.make_reference`). ``train()`` returns the final metrics dict.
     """
 
     def __init__(self, cfg: KTOConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None):

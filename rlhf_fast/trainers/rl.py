@@ -666,7 +666,7 @@ class RLTrainer:
             if cfg.model.reference:
                 loading.check_model_folder(cfg.model.reference, "model.reference")
             # a folder loads as the policy did (TRL builds its reference with the same model_init_kwargs)
-            reference = (loading.make_reference(loading.load_policy(cfg.model.reference,
+            reference = (loading.make_reference(loading.load_merged(cfg.model.reference,
                                                                     init_kwargs=cfg.model.model_init_kwargs))
                          if cfg.model.reference else loading.make_reference(self.policy))
         if reference is None:
@@ -2574,7 +2574,10 @@ class RLTrainer:
         critic_sd = full_state_dict(self.critic, self.ctx, strategy) if self.critic is not None else None
         if self.ctx.is_main:  # DDP: every rank holds the same full weights
             with staged_folder(path) as tmp:
+                from rlhf_fast.models.loading import peft_save_kwargs
+
                 kw = {"state_dict": policy_sd} if policy_sd is not None else {}
+                kw.update(peft_save_kwargs(unwrap(self.policy)))  # (not a LoRA reference's adapter copy)
                 unwrap(self.policy).save_pretrained(os.path.join(tmp, "policy"), **kw)
                 if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                     self.tokenizer.save_pretrained(os.path.join(tmp, "policy"))

@@ -39,8 +39,9 @@ across its documents, as TRL's wrapped rows; :func:`sft_rows`), which changes th
 under ``bfd`` its loss is the same packed or not. Eval loss is the token-weighted mean
 over the whole eval set (perplexity its exp), whatever the batch size. Also LR warm-up,
 bf16 autocast on GPU, atomic checkpoints and exact resume. ``lora`` (LoraConfig fields) wraps
-the model in fresh LoRA adapters, and a peft model passed as ``model`` keeps its own: either
-way the adapters alone train and ``final/`` holds the adapter (no merge is done). ``bema``
+the model in fresh LoRA adapters, and a peft model passed as ``model`` (or an adapter folder
+named by it) keeps its own: either way the adapters alone train and ``final/`` holds the
+adapter (no merge is done). ``bema``
 (TRL's ``BEMACallback``: :mod:`rlhf_fast.trainers.bema`) keeps the bias-corrected EMA of the
 weights, saved as a model to ``RUN_DIR/bema`` at the end; its hooks live in the functions this
 module shares with the reward, DPO and KTO trainers (``optimizer_step``, ``save_supervised``,
@@ -339,8 +340,9 @@ def apply_sft_tokenizer_overrides(cfg: SFTConfig, model, tokenizer) -> List[int]
 
 def lora_with_new_tokens(lora, added: List[int]):
     """``lora`` (LoraConfig fields) with the ``added`` token ids' embedding rows trainable (peft's
-    ``trainable_token_indices`` on ``embed_tokens``), as TRL's SFTTrainer does after cloning a
-    chat template; ``lora`` itself unchanged when nothing was added."""
+    ``trainable_token_indices`` on ``embed_tokens``) and ``lm_head`` in ``modules_to_save``, as
+    TRL's SFTTrainer does after cloning a chat template; ``lora`` itself unchanged when nothing
+    was added (a copy is changed)."""
     if not added or lora is None:
         return lora
     import warnings
@@ -356,8 +358,16 @@ def lora_with_new_tokens(lora, added: List[int]):
         lora = {**lora, "trainable_token_indices": _merge_token_indices(lora.get("trainable_token_indices"), added)}
         mts = lora.get("modules_to_save")
     if not mts or "lm_head" not in mts:
+        # as TRL 1.16's SFTTrainer: warned, and lm_head added, so the new tokens (the cloned
+        # template's eos among them) can be learnt as outputs
         warnings.warn("chat_template_path added tokens to the tokenizer, but 'lm_head' is not in lora's "
-                      "modules_to_save: the model may not learn to generate them (as TRL warns)", stacklevel=2)
+                      "modules_to_save: added to it (as TRL does), so the model can learn to generate them",
+                      stacklevel=2)
+        mts = list(mts or []) + ["lm_head"]
+        if isinstance(lora, dict):
+            lora["modules_to_save"] = mts
+        else:
+            lora.modules_to_save = mts
     return lora
 
 
@@ -868,11 +878,14 @@ def save_final_model(model, tokenizer, folder: str, ctx: DistContext, strategy: 
     sd = full_state_dict(model, ctx, strategy)
     if ctx.is_main:
         base = unwrap(model)
+        from rlhf_fast.models.loading import peft_save_kwargs
+
+        kw = peft_save_kwargs(base)  # (a peft policy's adapters, not its reference's frozen copy)
         with staged_folder(folder) as tmp:
             if sd is not None:
-                base.save_pretrained(tmp, state_dict=sd)
+                base.save_pretrained(tmp, state_dict=sd, **kw)
             else:
-                base.save_pretrained(tmp)
+                base.save_pretrained(tmp, **kw)
             tokenizer.save_pretrained(tmp)
     ctx.barrier()
 

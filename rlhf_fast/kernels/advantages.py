@@ -107,9 +107,11 @@ def _rows_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma_hi, gamma_lo, c
 @triton.jit
 def _tile_maps_kernel(r_ptr, v_ptr, m_ptr, maps_ptr, T, n_tiles, gamma_hi, gamma_lo, c_hi, c_lo,
                       HAS_VALUES: tl.constexpr, BLOCK: tl.constexpr):
-    """Split rows, step 1 — grid (B, tiles): each tile's composed map, maps[row, tile, 0:5]."""
-    row = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    """Split rows, step 1 — grid (tiles, B): each tile's composed map, maps[row, tile, 0:5].
+    The tiles go on grid axis 0 (up to 2^31 − 1 programs; axis 1 takes at most 65535): a
+    packed row of 67M tokens has more tiles than that."""
+    k = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, BLOCK)
     acc_t: tl.constexpr = maps_ptr.dtype.element_ty
     gamma, c = _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t)
@@ -155,9 +157,9 @@ def _carry_kernel(maps_ptr, carry_ptr, n_tiles, CHUNK: tl.constexpr):
 @triton.jit
 def _apply_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, carry_ptr, T, n_tiles, gamma_hi, gamma_lo, c_hi, c_lo,
                   HAS_VALUES: tl.constexpr, BLOCK: tl.constexpr):
-    """Split rows, step 3 — grid (B, tiles): each tile again, from the state entering it."""
-    row = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    """Split rows, step 3 — grid (tiles, B): each tile again, from the state entering it."""
+    k = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
     acc_t: tl.constexpr = adv_ptr.dtype.element_ty
     gamma, c = _coefs(gamma_hi, gamma_lo, c_hi, c_lo, acc_t)
     base = row * T
@@ -203,9 +205,9 @@ def _launch(r, v, m, adv, ret, gamma, c, has_values):
         return
     maps = torch.empty(B, n_tiles, 5, dtype=adv.dtype, device=adv.device)
     carry = torch.empty(B, n_tiles, 2, dtype=adv.dtype, device=adv.device)
-    _tile_maps_kernel[(B, n_tiles)](r, v, m, maps, T, n_tiles, *args, HAS_VALUES=has_values, BLOCK=blk)
+    _tile_maps_kernel[(n_tiles, B)](r, v, m, maps, T, n_tiles, *args, HAS_VALUES=has_values, BLOCK=blk)
     _carry_kernel[(B,)](maps, carry, n_tiles, CHUNK=min(CARRY_CHUNK, max(2, triton.next_power_of_2(n_tiles))))
-    _apply_kernel[(B, n_tiles)](r, v, m, adv, ret, carry, T, n_tiles, *args, HAS_VALUES=has_values, BLOCK=blk)
+    _apply_kernel[(n_tiles, B)](r, v, m, adv, ret, carry, T, n_tiles, *args, HAS_VALUES=has_values, BLOCK=blk)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95):

@@ -502,42 +502,15 @@ class PRMTrainer:
         return out
 
     def save_merged(self, folder: str) -> None:
-        """Write the peft PRM merged (each adapter folded into its base weight, the trained head in
-        the original's place; ``step_separator`` in its config) with ``save_pretrained``, plus the
-        tokenizer, to ``folder``, replacing what it held: a plain AutoModelForTokenClassification
-        folder, as a full fine-tune saves. The trainer's model stays unmerged. Under FSDP2 every
-        rank takes part in gathering the weights; rank 0 writes beside ``folder`` and renames it
-        into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`), as the reward trainer's."""
-        import copy
+        """Write the peft PRM merged (``step_separator`` in its config) to ``folder``
+        (:func:`~rlhf_fast.trainers.reward.save_merged_peft`): a plain
+        AutoModelForTokenClassification folder, as a full fine-tune saves."""
+        from transformers import AutoModelForTokenClassification
 
-        from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
+        from .reward import save_merged_peft
 
-        from .checkpoint import staged_folder
-
-        sd = full_state_dict(self.model, self.ctx, self.cfg.distributed.strategy)  # a collective under FSDP2
-        if self.ctx.is_main:
-            peft_model = ddp_unwrap(self.model)
-            with torch.no_grad():
-                if sd is None:  # the process holds the full weights: merge a copy
-                    replica = copy.deepcopy(peft_model)
-                else:  # FSDP2: an unsharded CPU replica of the same peft model, given the gathered weights
-                    import peft
-                    from transformers import AutoModelForTokenClassification
-
-                    from rlhf_fast.models.logprobs import unwrap as base_of
-
-                    name = peft_model.active_adapter
-                    base = AutoModelForTokenClassification.from_config(base_of(peft_model).config)
-                    replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]),
-                                                  adapter_name=name)
-                    replica.load_state_dict(sd)
-                merged = replica.merge_and_unload()
-            # a new folder, not written over the old: a folder with adapter_config.json loads as base + adapter
-            with staged_folder(folder) as tmp:
-                merged.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-            del replica, merged
-        self.ctx.barrier()
+        save_merged_peft(self.model, self.tokenizer, folder, self.ctx, self.cfg.distributed.strategy,
+                         AutoModelForTokenClassification)
 
 
 add_arguments, run = trainer_commands("prm", PRMConfig, PRMTrainer)  # what rlhf_fast.cli calls

@@ -532,40 +532,48 @@ class RewardTrainer:
         return out
 
     def save_merged(self, folder: str) -> None:
-        """Write the peft reward model merged (each adapter folded into its base weight, the
-        trained score head in the original's place) with ``save_pretrained``, plus the
-        tokenizer, to ``folder``, replacing what it held: a plain AutoModelForSequenceClassification
-        folder, as a full fine-tune saves. The trainer's own model stays unmerged. Under FSDP2
-        every rank takes part in gathering the weights; rank 0 writes, beside ``folder``, and renames
-        it into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`: a failed merge leaves
-        the folder as it was)."""
-        from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
+        """Write the peft reward model merged to ``folder`` (:func:`save_merged_peft`): a plain
+        AutoModelForSequenceClassification folder, as a full fine-tune saves."""
+        from transformers import AutoModelForSequenceClassification
 
-        from .checkpoint import staged_folder
+        save_merged_peft(self.model, self.tokenizer, folder, self.ctx, self.cfg.distributed.strategy,
+                         AutoModelForSequenceClassification)
 
-        sd = full_state_dict(self.model, self.ctx, self.cfg.distributed.strategy)  # a collective under FSDP2
-        if self.ctx.is_main:
-            peft_model = ddp_unwrap(self.model)
-            with torch.no_grad():
-                if sd is None:  # the process holds the full weights: merge a copy
-                    replica = copy.deepcopy(peft_model)
-                else:  # FSDP2: an unsharded CPU replica of the same peft model, given the gathered weights
-                    import peft
-                    from transformers import AutoModelForSequenceClassification
 
-                    from rlhf_fast.models.logprobs import unwrap as base_of
+def save_merged_peft(model, tokenizer, folder: str, ctx, strategy: str, auto_class) -> None:
+    """Write the peft classifier ``model`` (a reward model's or a PRM's) merged — each adapter
+    folded into its base weight, the trained head in the original's place — with
+    ``save_pretrained``, plus ``tokenizer``, to ``folder``, replacing what it held: a plain
+    ``auto_class`` folder, as a full fine-tune saves. ``model`` itself stays unmerged. Under
+    FSDP2 (``strategy``) every rank takes part in gathering the weights; rank 0 writes, beside
+    ``folder``, and renames it into place (:func:`~rlhf_fast.trainers.checkpoint.staged_folder`:
+    a failed merge leaves the folder as it was)."""
+    from rlhf_fast.distributed import full_state_dict, unwrap as ddp_unwrap
 
-                    name = peft_model.active_adapter
-                    base = AutoModelForSequenceClassification.from_config(base_of(peft_model).config)
-                    replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]), adapter_name=name)
-                    replica.load_state_dict(sd)
-                merged = replica.merge_and_unload()
-            # a new folder, not written over the old: a folder with adapter_config.json loads as base + adapter
-            with staged_folder(folder) as tmp:
-                merged.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-            del replica, merged
-        self.ctx.barrier()
+    from .checkpoint import staged_folder
+
+    sd = full_state_dict(model, ctx, strategy)  # a collective under FSDP2
+    if ctx.is_main:
+        peft_model = ddp_unwrap(model)
+        with torch.no_grad():
+            if sd is None:  # the process holds the full weights: merge a copy
+                replica = copy.deepcopy(peft_model)
+            else:  # FSDP2: an unsharded CPU replica of the same peft model, given the gathered weights
+                import peft
+
+                from rlhf_fast.models.logprobs import unwrap as base_of
+
+                name = peft_model.active_adapter
+                base = auto_class.from_config(base_of(peft_model).config)
+                replica = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config[name]), adapter_name=name)
+                replica.load_state_dict(sd)
+            merged = replica.merge_and_unload()
+        # a new folder, not written over the old: a folder with adapter_config.json loads as base + adapter
+        with staged_folder(folder) as tmp:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        del replica, merged
+    ctx.barrier()
 
 
 N_REWARD_SUMS = 5  # reward_sums: Σ score, scores, Σ [r_c > r_r], Σ (r_c − r_r), pairs

@@ -236,3 +236,47 @@ def test_merge_of_an_adapter_folder_says_it_is_an_adapter(folders, tmp_path, cap
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and "peft" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_loads_adapter_folders_as_the_models_they_hold(folders, tmp_path, monkeypatch):
+    # rlhf-fast eval loaded --policy / --reference with AutoModelForCausalLM.from_pretrained: an
+    # adapter saved over resized embeddings (a LoRA run with chat_template_path) failed with an
+    # IndexError / size mismatch at load. Both are now base + adapter merged: the policy's logits
+    # are the adapted model's.
+    import json
+
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_fast import cli
+    from rlhf_fast.trainers import evaluate
+
+    base, adapter = folders
+    model = AutoModelForCausalLM.from_pretrained(base)
+    n = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(n + 6, mean_resizing=False)
+    torch.manual_seed(2)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                       trainable_token_indices=list(range(n, n + 6))))
+    resized = str(tmp_path / "resized")
+    model.save_pretrained(resized)
+    AutoTokenizer.from_pretrained(base).save_pretrained(resized)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\na dog\n")
+    seen = {}
+    real = evaluate.evaluate_policy
+
+    def spy(policy, tokenizer, texts, reward, **kw):
+        seen["policy"], seen["reference"] = policy, kw.get("reference")
+        return real(policy, tokenizer, texts, reward, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", spy)
+    out, fn = tmp_path / "res.json", "rlhf_fast.algorithms.rule_rewards:ascending_digits"
+    assert cli.main(["eval", "--policy", resized, "--prompts", str(prompts), "--reward-fn", fn,
+                     "--max-new-tokens", "3", "--out", str(out)]) == 0
+    ids = torch.tensor([[5, 9, n + 3, 23, n + 5]])
+    torch.testing.assert_close(_logits(seen["policy"], ids), _logits(model.eval(), ids))
+    assert cli.main(["eval", "--policy", base, "--reference", adapter, "--prompts", str(prompts), "--reward-fn", fn,
+                     "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert "win_rate" in json.loads(out.read_text())
+    torch.testing.assert_close(_logits(seen["reference"]), _logits(_adapted(base, adapter)))

@@ -200,7 +200,8 @@ def evaluate_policy(
     b, rm, out = answer(policy)
     scored = out.total[out.valid] if trl else out.total
     res["reward/mean"] = float(scored.mean())
-    res["reward/std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    # (no scored answer: NaN, as the mean; one: 0)
+    res["reward/std"] = float(scored.std()) if scored.numel() > 1 else (0.0 if scored.numel() else float("nan"))
     res.update({f"reward_fn/{k}": v / c for k, (v, c) in sorted(log.pop_metrics().items()) if c})
     for k, v in out.per_source.items():
         res[f"reward/{k}"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else float("nan")
@@ -525,13 +526,17 @@ def run(args) -> int:
     # chats with the policy's chat template (and the run's data.chat_template_kwargs)
     prompts = [render_prompt(p, tok, chat_template_kwargs=template_kwargs) for p, _ in records]
     fields = [f for _, f in records]
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, **trained_policy_kwargs(init_kwargs)).eval()
-    if args.reference and args.run:  # loaded as the run loaded its models
-        from rlhf_fast.models.loading import load_policy
+    from rlhf_fast.models.loading import adapter_base, load_merged
 
-        reference = load_policy(args.reference, init_kwargs=init_kwargs)
+    if adapter_base(policy_path, "--policy"):  # a LoRA run's final/: base + adapter, merged (embeddings resized
+        policy = load_merged(policy_path, init_kwargs=init_kwargs).eval()  # to the adapter's first)
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, **trained_policy_kwargs(init_kwargs)).eval()
+    if args.reference and args.run:  # loaded as the run loaded its models (an adapter folder: merged)
+        reference = load_merged(args.reference, init_kwargs=init_kwargs)
     elif args.reference:
-        reference = AutoModelForCausalLM.from_pretrained(args.reference)
+        reference = (load_merged(args.reference) if adapter_base(args.reference, "--reference")
+                     else AutoModelForCausalLM.from_pretrained(args.reference))
     if reference is not None:
         what = "--reference" if args.reference else "the reference of --run"
         check_same_vocabulary(policy, reference, what)

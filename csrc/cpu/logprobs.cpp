@@ -236,6 +236,44 @@ RLHF_ROW_CLONES void row_bwd(const in_t* row, in_t* orow, int64_t V, int64_t y, 
   orow[y] = gy;  // with its one-hot term, rounded once
 }
 
+// Above this |lse| (128 in float), p = exp(z - lse) read from the saved lse is off by up to
+// ulp(lse)/2 in log p (and z·(1/T) recomputed with a fused multiply-add is not the forward's
+// rounded z, another ulp(z)/2): 6e-5 relative at |z| ~ 600, 1.5% at 1e5, inf at T = 1e-15.
+// Such rows (low temperatures, logits of ±1e4) take row_bwd_exact; ordinary ones are unchanged.
+template <typename acc_t>
+constexpr acc_t kLargeLse = acc_t(1) / (acc_t(65536) * std::numeric_limits<acc_t>::epsilon());
+
+// row_bwd for a row of large |lse|: the forward's statistics recomputed (row_fwd: max m and
+// log s of the rounded z), then log p = (z - m) - log s as log_softmax, with each block's z
+// rounded into zbuf first (a separate loop, so no multiply-add fuses it into z - m). About twice
+// row_bwd's time (one more pass with exp).
+template <typename in_t, typename acc_t>
+RLHF_ROW_CLONES void row_bwd_exact(const in_t* row, in_t* orow, int64_t V, int64_t y, acc_t gl, acc_t ge, acc_t H, bool with_ent,
+                   acc_t inv_t, bool scale, acc_t* zbuf) {
+  acc_t m, log_s, unused;
+  row_fwd<in_t, acc_t>(row, V, inv_t, scale, false, zbuf, m, log_s, unused);
+  // the label's entry first, before a block may overwrite it (volatile: z rounded as stored)
+  volatile acc_t zy = scale ? static_cast<acc_t>(row[y]) * inv_t : static_cast<acc_t>(row[y]);
+  const acc_t lpy = (zy - m) - log_s;
+  const acc_t py = exp_nonpos(lpy);
+  const acc_t dhy = py > 0 ? -py * (lpy + H) : acc_t(0);
+  const in_t gy = static_cast<in_t>(gl * (acc_t(1) - py) + ge * dhy);
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - b0);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      zbuf[j] = scale ? static_cast<acc_t>(row[b0 + j]) * inv_t : static_cast<acc_t>(row[b0 + j]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t lp = (zbuf[j] - m) - log_s;
+      const acc_t p = exp_nonpos(lp);
+      const acc_t dh = with_ent && p > 0 ? -p * (lp + H) : acc_t(0);
+      orow[b0 + j] = static_cast<in_t>(-gl * p + ge * dh);
+    }
+  }
+  orow[y] = gy;
+}
+
 template <typename in_t, typename acc_t>
 void bwd_impl(const acc_t* g_logp, const acc_t* g_ent, const in_t* x, const int64_t* labels, const acc_t* lse,
               const acc_t* ent, int64_t N, int64_t V, double temperature, int64_t ignore_index, in_t* out) {
@@ -243,6 +281,7 @@ void bwd_impl(const acc_t* g_logp, const acc_t* g_ent, const in_t* x, const int6
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> zbuf;  // for row_bwd_exact only, allocated on its first row
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t y = labels[r];
       if (y == ignore_index) {
@@ -257,6 +296,12 @@ void bwd_impl(const acc_t* g_logp, const acc_t* g_ent, const in_t* x, const int6
       const acc_t gl = g_logp ? g_logp[r] * inv_t : acc_t(0);
       const acc_t ge = g_ent ? g_ent[r] * inv_t : acc_t(0);
       const acc_t H = g_ent ? ent[r] : acc_t(0);
+      if (std::abs(lse[r]) > kLargeLse<acc_t> && std::isfinite(lse[r])) {
+        if (zbuf.empty()) zbuf.resize(static_cast<size_t>(std::min(kBlock, V)));
+        row_bwd_exact<in_t, acc_t>(x + r * V, out + r * V, V, y, gl, ge, H, g_ent != nullptr, inv_t, scale,
+                                   zbuf.data());
+        continue;
+      }
       row_bwd<in_t, acc_t>(x + r * V, out + r * V, V, y, lse[r], gl, ge, H, g_ent != nullptr, inv_t, scale);
     }
   });

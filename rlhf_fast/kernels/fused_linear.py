@@ -17,7 +17,7 @@ N = 16k tokens and V = 152k that is ~15 GB of temporaries. Here:
   ``argmax == label`` is torch.argmax's answer, ties included, without another pass.
 * backward — recompute, chunked over rows: the logits of ``chunk_size`` rows are rebuilt
   with one cuBLAS matmul, turned into dlogits *in place* by the token_logprobs backward
-  kernel (from the saved fp32 lse/entropy), then dHidden = dlogits @ W and
+  kernel (from the saved fp64 lse, fp32 entropy), then dHidden = dlogits @ W and
   dW += dlogitsᵀ @ hidden. Only fp32 per-token statistics are saved by the forward.
   Why recompute rather than Liger's grads-in-forward: the forward is also used without
   grad (old/ref log-probs, the bulk of RLHF log-prob calls), where computing dW would
@@ -145,7 +145,10 @@ def _fused_linear_bwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    logp = tl.where(col_ok[None, :], acc / temperature - lse[:, None], -float("inf"))
+    # the float64 lse as float32 hi + lo (token_logprobs' backward kernel): exact near the max
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).to(tl.float32)
+    logp = tl.where(col_ok[None, :], (acc / temperature - lse_hi[:, None]) - lse_lo[:, None], -float("inf"))
     p = tl.exp(logp)
     g_lp = tl.zeros([BLOCK_N], tl.float32)
     if HAS_GLOGP:
@@ -186,7 +189,8 @@ def _merge_argmax(part: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_splits(part: torch.Tensor):
-    """Merge per-split statistics ``[N, S, 4]`` (m, s, w, z_target) into lse and entropy ``[N]``."""
+    """Merge per-split statistics ``[N, S, 4]`` (m, s, w, z_target) into lse (float64), entropy
+    and the target's log-prob ``[N]`` (float32)."""
     m, s, w, zt = part.unbind(-1)
     M = m.max(dim=1).values
     M_safe = torch.where(torch.isinf(M) & (M < 0), torch.zeros_like(M), M)
@@ -194,9 +198,12 @@ def _merge_splits(part: torch.Tensor):
     shift = torch.where(s > 0, (m - M_safe[:, None]) * s, torch.zeros_like(s))
     s_tot = (a * s).sum(1)
     w_tot = (a * (w + shift)).sum(1)
-    lse = M_safe + torch.log(s_tot)
-    ent = torch.log(s_tot) - w_tot / s_tot
-    return lse, ent, zt.sum(1)
+    log_s = torch.log(s_tot)
+    # float64: rounded to float32, lse is off by ulp(lse)/2, which z - lse carries into log p
+    # (see token_logprobs_forward); the log-prob is (z - M) - log s, as log_softmax
+    lse = M_safe.double() + log_s.double()
+    ent = log_s - w_tot / s_tot
+    return lse, ent, (zt.sum(1) - M_safe) - log_s
 
 
 def _use_tf32(allow_tf32) -> bool:
@@ -224,8 +231,8 @@ def _config(N: int, V: int, H: int, device: torch.device):
 def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
                          allow_tf32=None, split_v=None, return_argmax=False):
     """Launch the forward: hidden ``[N, H]``, weight ``[V, H]`` (same dtype, unit stride in
-    H), bias ``[V]`` or None, labels ``[N]``. Returns ``(logp, entropy, lse)`` ``[N]`` fp32
-    (entropy always computed when ``return_entropy``, else None), and with ``return_argmax``
+    H), bias ``[V]`` or None, labels ``[N]``. Returns ``(logp, entropy, lse)`` ``[N]`` fp32, lse
+    fp64 (entropy always computed when ``return_entropy``, else None), and with ``return_argmax``
     a fourth, each row's first argmax ``[N]`` int64 (of the logits divided by the temperature)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -253,10 +260,10 @@ def fused_linear_forward(hidden, weight, labels, bias, temperature, ignore_index
             UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
             BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4, num_stages=3,
         )
-    lse, ent, zt = _merge_splits(part)
+    lse, ent, lp_t = _merge_splits(part)
     valid = labels != ignore_index
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, zt - lse, zero)
+    zero = torch.zeros_like(lp_t)
+    logp = torch.where(valid, lp_t, zero)
     ent = torch.where(valid, ent, zero) if return_entropy else None
     if idx is not None:
         return logp, ent, lse, _merge_argmax(part, idx)
@@ -354,7 +361,7 @@ def _same_or_none(converted: torch.Tensor, original: torch.Tensor):
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd for fused_linear_logprobs: outputs (logp, entropy) ``[N]`` fp32 (entropy is
     a dummy zero tensor when not requested), and with ``return_argmax`` a third, the rows'
-    argmax ``[N]`` int64 (no gradient); saves hidden, weight, bias and fp32 lse/entropy."""
+    argmax ``[N]`` int64 (no gradient); saves hidden, weight, bias, fp64 lse and fp32 entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, return_entropy, ignore_index, chunk_size,

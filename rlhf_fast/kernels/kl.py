@@ -43,7 +43,7 @@ def kl_grad(d, KIND: tl.constexpr, CLAMP: tl.constexpr):
     """d(KL)/d(logp) for the log-ratio d, matching torch's autograd of the reference
     (clamp passes the gradient on the closed interval, sign(0) = 0)."""
     if KIND == 0:
-        g = d * 0.0 + 1.0
+        g = tl.zeros_like(d) + 1.0  # not d·0 + 1: NaN for an infinite log-ratio
     elif KIND == 1:
         g = d
     elif KIND == 2:

@@ -3,7 +3,7 @@
 Naive version (``rlhf_fast.ops.reference.token_logprobs``): cast the ``[N, V]`` logits to
 fp32 (write 4·N·V bytes), log_softmax (read + write), gather, and for the entropy exp and
 a product (two more [N, V] fp32 tensors). Here the forward reads the logits once in their
-own dtype and writes three fp32 numbers per row (logp, entropy, lse); the backward reads
+own dtype and writes three numbers per row (logp, entropy fp32; lse fp64); the backward reads
 the logits once more and writes the gradient once — into the logits' own storage when the
 caller allows (``inplace_backward``, as flash-attn's cross-entropy), so backward needs no
 [N, V] allocation at all.
@@ -63,13 +63,17 @@ def _token_logprobs_fwd_kernel(
         m = m_new
     m_safe = tl.where(m == -float("inf"), 0.0, m)
     s = tl.where(row_ok, s, 1.0)  # padding rows of the last program: no log(0)
-    lse = m_safe + tl.log(s)
+    log_s = tl.log(s)
+    # lse in float64 (into a float64 buffer): rounded to float32 it is off by ulp(lse)/2, which
+    # z - lse then carries into log p (1.6 at |z| ~ 1e7, 5e-4 at logits of 1e4)
+    lse = m_safe.to(tl.float64) + log_s.to(tl.float64)
     safe_label = tl.where(valid, label, 0)
     z_t = tl.load(base + safe_label, mask=row_ok, other=0.0).to(tl.float32) / temperature
-    tl.store(logp_ptr + rows, tl.where(valid, z_t - lse, 0.0), mask=row_ok)
+    # (z - m) - log s, as log_softmax: exact for the likely tokens
+    tl.store(logp_ptr + rows, tl.where(valid, (z_t - m_safe) - log_s, 0.0), mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     if ENTROPY:
-        ent = tl.log(s) - w / s
+        ent = log_s - w / s
         tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
 
@@ -87,6 +91,10 @@ def _token_logprobs_bwd_kernel(
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = label != ignore_index
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    # a float64 lse (the forward's) as float32 hi + lo: z - hi is exact near the max, so
+    # log p = (z - hi) - lo keeps float32 accuracy at large |z| (a float32 lse gives lo = 0)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).to(tl.float32)
     g_lp = tl.zeros([ROWS], tl.float32)
     g_en = tl.zeros([ROWS], tl.float32)
     if HAS_GLOGP:
@@ -101,12 +109,13 @@ def _token_logprobs_bwd_kernel(
         cols = start + cols0
         inb = row_ok[:, None] & (cols < V)[None, :]
         x = tl.load(base[:, None] + cols[None, :], mask=inb, other=-float("inf")).to(tl.float32)
-        logp = x / temperature - lse[:, None]
+        logp = (x / temperature - lse_hi[:, None]) - lse_lo[:, None]
         p = tl.exp(logp)
         dz = tl.where(cols[None, :] == label[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
         if HAS_GENT:
             dz -= g_en[:, None] * p * (tl.where(p > 0, logp, 0.0) + ent[:, None])
-        dz = dz / temperature
+        # ignored rows get 0, not 0·p: an all -inf row's p is exp(-inf + inf) = NaN
+        dz = tl.where(valid[:, None], dz / temperature, 0.0)
         tl.store(dbase[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty), mask=inb)
 
 
@@ -132,12 +141,13 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperatu
     """Launch the forward on logits ``[N, V]`` or ``[B, T, V]`` (any strides but a unit
     stride in V) and labels ``[N]`` (``N = B·T``).
 
-    Returns ``(logp [N], entropy [N] or None, lse [N])``, all float32.
+    Returns ``(logp [N], entropy [N] or None, lse [N])``: float32, lse float64 (for the
+    backward's accuracy at large |logits / T|; the backward also takes a float32 one).
     """
     N, V = logits.numel() // logits.shape[-1], logits.shape[-1]
     dev = logits.device
     logp = torch.empty(N, dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float64, device=dev)
     ent = torch.empty(N, dtype=torch.float32, device=dev) if return_entropy else lse
     if N:
         rows, bv, nw = _launch_cfg(N, V, dev)
@@ -183,7 +193,7 @@ def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: tor
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """Autograd for token_logprobs. Saves the logits (no copy) and fp32 lse/entropy per row."""
+    """Autograd for token_logprobs. Saves the logits (no copy), fp64 lse and fp32 entropy per row."""
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, inplace_backward):

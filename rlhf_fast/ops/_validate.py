@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -87,10 +88,12 @@ def temperature(t, *, allow_zero: bool = False) -> float:
     if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(t).__name__}")
     # inf is refused with NaN: -inf logits over an infinite temperature are NaN, and the T → inf
-    # limit (uniform over the finite logits) is not what any caller means
-    if t < 0 or (t == 0 and not allow_zero) or t != t or t == math.inf:
+    # limit (uniform over the finite logits) is not what any caller means. So is a T beyond
+    # float32's largest value, which the kernels compute with as inf (NaN log-probs).
+    if t < 0 or (t == 0 and not allow_zero) or t != t or t > FLOAT32_MAX:
         want = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"temperature must be a finite number {want}, got {t}")
+        raise ValueError(f"temperature must be a finite number {want} (at most {FLOAT32_MAX:.4g}, float32's "
+                         f"largest), got {t}")
     return as_float("temperature", t)
 
 

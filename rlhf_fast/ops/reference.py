@@ -60,8 +60,9 @@ def scale_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
         # no shift: the results at ordinary temperatures stay bit-identical to log_softmax(z / T)
         return z / temperature
     # detached: the shift's gradient is zero (log_softmax is shift-invariant), and so is its
-    # second derivative
-    return (z - z.amax(-1, keepdim=True).detach()) / temperature
+    # second derivative. Divided in float64: a T below float32's smallest subnormal (1e-50) is 0
+    # there, and the max's 0 / 0 was NaN.
+    return ((z - z.amax(-1, keepdim=True).detach()).double() / temperature).to(z.dtype)
 
 
 def token_logprobs(
@@ -79,8 +80,11 @@ def token_logprobs(
     is ``ignore_index`` give 0 for both.
     """
     z = scale_logits(logits.to(out_dtype(logits.dtype)), temperature)
-    logp_all = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
+    # ignored positions never reach log_softmax: an all -inf row there (masked padding) has a
+    # NaN log_softmax whose backward would put NaN into the gradient despite the 0 output
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    logp_all = torch.log_softmax(z, dim=-1)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
@@ -158,7 +162,12 @@ def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, beta: float):
     elif beta == 1.0:
         div = kl(ps, log_ps, log_pt)
     else:
-        log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt + math.log(beta))
+        # a token of probability 0 in both has log m = -inf; logaddexp(-inf, -inf)'s backward is
+        # NaN (and fills the row's gradient), so such entries are taken out before it
+        both0 = (ps == 0) & (pt == 0)
+        a = torch.where(both0, torch.zeros_like(log_ps), log_ps + math.log(1.0 - beta))
+        b = torch.where(both0, torch.zeros_like(log_pt), log_pt + math.log(beta))
+        log_m = torch.where(both0, torch.full_like(a, float("-inf")), torch.logaddexp(a, b))
         div = beta * kl(pt, log_pt, log_m) + (1.0 - beta) * kl(ps, log_ps, log_m)
     entropy = -(ps * torch.where(ps > 0, log_ps, torch.zeros_like(ps))).sum(-1)
     return div, entropy

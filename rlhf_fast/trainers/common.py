@@ -955,10 +955,10 @@ def check_lora_field(cfg, name: str = "lora") -> None:
         return
     if not isinstance(cfg.lora, dict):
         raise ValueError(f"{name} must be null or a mapping of LoraConfig fields, got {cfg.lora!r}")
-    import yaml
+    from .config import yaml_value
 
-    # `--lora.r 16` arrives as text: read each value as YAML (16, 0.05, [q_proj, v_proj])
-    cfg.lora = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
+    # `--lora.r 16` arrives as text: read each value as YAML (16, 5e-2, [q_proj, v_proj])
+    cfg.lora = {k: yaml_value(v) if isinstance(v, str) else v for k, v in cfg.lora.items()}
     _check_lora_values(cfg.lora, name)
 
 

@@ -53,7 +53,11 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
         return _convert(value, inner, key, from_string)
     origin = typing.get_origin(tp)
     if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if from_string and isinstance(value, str) and value.strip()[:1] == "[" and value.strip()[-1:] == "]":
+            # a YAML sequence goes to the union's list member first (loss_type: a name or a list)
+            args = sorted(args, key=lambda a: typing.get_origin(a) not in (list, tuple))
+        for arg in args:
             try:
                 return _convert(value, arg, key, from_string)
             except ValueError:
@@ -130,6 +134,15 @@ def _convert(value: Any, tp, key: str, from_string: bool) -> Any:
         raise err
     if origin in (list, tuple, List, Tuple, Sequence) or tp in (list, tuple):
         args = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+            # a YAML sequence, as a mapping may be given as YAML text: --data.prompts '[a, b]'
+            import yaml
+
+            try:
+                parsed = yaml_value(value)
+            except (yaml.YAMLError, ValueError):
+                parsed = None
+            value = parsed if isinstance(parsed, list) else value
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")] if value.strip() else []
         if not isinstance(value, (list, tuple)):
@@ -175,26 +188,43 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _unknown_key(cls, prefix: str, key: str, names) -> ValueError:
+    """The error for ``key``, no field of ``cls`` (the section ``prefix``): the close spellings
+    among ``names``, else the keys of ``cls``'s sections that end in ``key`` (``lr`` →
+    ``optim.lr``), then every valid key."""
+    import difflib
+
+    close = ([prefix + n for n in difflib.get_close_matches(key, sorted(names), n=3, cutoff=0.75)]
+             if isinstance(key, str) else [])
+    if not close and isinstance(key, str):
+        close = [prefix + k for k, _, _ in config_keys(cls) if k.rsplit(".", 1)[-1] == key][:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown config key {prefix + str(key)!r}{hint} "
+                      f"(valid keys: {', '.join(sorted(names))})")
+
+
 def _build(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            raise ValueError(f"unknown config key {prefix + k!r} (valid keys: {', '.join(sorted(names))})")
+            raise _unknown_key(cls, prefix, k, names)
         kwargs[k] = _convert(v, hints[k], prefix + k, from_string=False)
     return cls(**kwargs)
 
 
 def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
     """Set ``data[a][b] = raw`` for ``--a.b raw``, checking the key against ``cls``."""
-    parts = dotted.split(".")
+    raw_parts = dotted.split(".")
+    # --key-name spells a config key; the NAME of --mapping.NAME is data (an annotator 'gpt-4o')
+    parts = [p.replace("-", "_") for p in raw_parts]
     cur_cls, cur = cls, data
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(cur_cls) if f.init}
         key = ".".join(parts[: i + 1])
         if part not in names:
-            raise ValueError(f"unknown config key {key!r} (valid keys: {', '.join(sorted(names))})")
+            raise _unknown_key(cur_cls, ".".join(parts[:i]) + "." if i else "", part, names)
         tp = _hints(cur_cls)[part]
         _, inner = _is_optional(tp)
         if i == len(parts) - 1:
@@ -205,7 +235,9 @@ def _set_path(data: Dict[str, Any], cls, dotted: str, raw: str) -> None:
                 raise ValueError(f"config key {key!r} is a mapping; set one entry with --{key}.NAME value")
             args = typing.get_args(inner)
             sub = dict(cur.get(part) or {})
-            name = parts[-1]
+            # a mapping of keyword arguments (lora, optim_args: values Any) reads dashes as any
+            # key; one of data (annotator_weights: annotator id -> weight) keeps the name as given
+            name = parts[-1] if not args or args[1] is Any else raw_parts[-1]
             sub[name] = _convert(raw, args[1] if args else Any, f"{key}.{name}", from_string=True)
             cur[part] = sub
             return
@@ -229,7 +261,13 @@ class _BareFlag(str):
 
 
 def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
-    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``[("a.b", "1"), ("c", "x"), ("flag", "true")]``."""
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``[("a.b", "1"), ("c", "x"), ("flag", "true")]``
+    (dashes in the keys read as underscores)."""
+    return [(k.replace("-", "_"), v) for k, v in _split_overrides(overrides)]
+
+
+def _split_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
+    """:func:`parse_overrides` with the keys as given (``--annotator_weights.gpt-4o``)."""
     out: List[Tuple[str, str]] = []
     items = list(overrides)
     i = 0
@@ -248,7 +286,7 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
         else:
             k, v = body, _BareFlag("true")  # a bare --flag sets a bool
             i += 1
-        out.append((k.replace("-", "_"), v))
+        out.append((k, v))
     return out
 
 
@@ -303,8 +341,37 @@ def unique_key_loader():
                             pass
                 super().flatten_mapping(node)
 
+        # YAML 1.2 (and a reader's eye) takes 5e-2 and 1.0e5 for numbers; PyYAML's YAML 1.1 leaves
+        # them text, which a free-form mapping (lora, rollout.generation_kwargs) would pass on
+        import re
+
+        UniqueKeyLoader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+            list("-+0123456789."))
         _UNIQUE_KEY_LOADER = UniqueKeyLoader
     return _UNIQUE_KEY_LOADER
+
+
+def yaml_value(text: str) -> Any:
+    """``text`` (a command-line value, ``--lora.lora_dropout 5e-2``) read as YAML the way a config
+    file is (:func:`unique_key_loader`: 5e-2 is a number); yaml.YAMLError / DuplicateKeyError
+    for text that is no YAML."""
+    import yaml
+
+    return yaml.load(text, Loader=unique_key_loader())
+
+
+def _yaml_problem(e) -> str:
+    """': CAUSE at line L, column C' of the YAML error ``e`` (PyYAML's first line alone names
+    neither: "while scanning for the next token")."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    text = f": {problem or str(e).splitlines()[0]}"
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    if problem and "'\\t'" in problem:
+        text += " (YAML indents with spaces, not tabs)"
+    return text
 
 
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
@@ -330,16 +397,19 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
             try:
                 loaded = yaml.load(f, Loader=unique_key_loader())
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+                raise ValueError(f"{path}: invalid YAML{_yaml_problem(e)}") from None
             except DuplicateKeyError as e:
                 raise ValueError(f"{path}: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config "
+                                 f"as UTF-8") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
         # validated only once overrides are applied, so an override may fix a YAML value
         data = loaded
-    for key, raw in parse_overrides(overrides):
+    for key, raw in _split_overrides(overrides):
         _set_path(data, cls, key, raw)
     return _build(cls, data)
 

@@ -32,6 +32,13 @@ FAMILIES = {"ppo": ("gae", ("gae", "reinforce++", "reinforce++_baseline")), "grp
             "a2po": ("a2po", ("a2po",)), "sdft": ("sdft", ("sdft",)), "sdpo": ("sdpo", ("sdpo",))}
 
 
+# the rollout defaults a command runs with in place of RLConfig's (which it refuses) when neither
+# the file nor the command line sets them: online DPO takes two answers per prompt; A*-PO one,
+# and 8 prompts (rows) a step, the default mini-batch. --help states them.
+COMMAND_DEFAULTS = {"online-dpo": {"rollout.group_size": 2},
+                    "a2po": {"rollout.group_size": 1, "rollout.prompts_per_step": 8}}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CONFIG.yaml then ``--key value`` overrides (any RLConfig key, dotted for sections).
 
@@ -45,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "[--print-config]")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     command = parser.prog.split()[-1]  # "rlhf-fast ppo": the estimator defaults to the family's
-    parser.epilog = config_keys_help(RLConfig, {"estimator": FAMILIES[command][0]} if command in FAMILIES else None)
+    defaults = None
+    if command in FAMILIES:  # the estimator of the command's family, and the rollout defaults it sets
+        defaults = {"estimator": FAMILIES[command][0], **COMMAND_DEFAULTS.get(command, {})}
+    parser.epilog = config_keys_help(RLConfig, defaults)
 
     def parse_args(args=None, namespace=None):
         ns, extra = parser.parse_known_args(args, namespace)
@@ -119,14 +129,9 @@ def build_config(command: str, tokens):
             raise ValueError(f"--resume {resume}: that run used estimator {estimator!r}; resume it with "
                              f"rlhf-fast {_family_of(estimator)}")
         overrides = overrides + ["--estimator", default]
-    if command == "online-dpo" and _override_value(overrides, "rollout.group_size") is None \
-            and _file_value(path, "rollout", "group_size") is None:
-        # two answers per prompt is what online DPO takes (RLConfig's default, 4, it refuses)
-        overrides = ["--rollout.group_size", "2"] + overrides
-    if command == "a2po":  # one answer per prompt (RLConfig's default, 4, it refuses), 8 rows: the default mini-batch
-        for key, value in (("group_size", "1"), ("prompts_per_step", "8")):
-            if _override_value(overrides, f"rollout.{key}") is None and _file_value(path, "rollout", key) is None:
-                overrides = [f"--rollout.{key}", value] + overrides
+    for key, value in COMMAND_DEFAULTS.get(command, {}).items():
+        if _override_value(overrides, key) is None and _file_value(path, *key.split(".")) is None:
+            overrides = [f"--{key}", str(value)] + overrides
     cfg = load_config(RLConfig, path, overrides)
     from rlhf_fast.trainers.common import check_output_dir
 

@@ -242,14 +242,17 @@ GENERATION_KWARGS = {
 
 
 def _yaml_scalar(value: Any) -> Any:
-    """A command-line text value read as YAML (``--KEY.NAME 0.7`` arrives as the text '0.7')."""
+    """A command-line text value read as YAML (``--KEY.NAME 0.7`` arrives as the text '0.7'; 5e-2
+    is a number, as in a config file)."""
     import yaml
+
+    from rlhf_fast.trainers.config import yaml_value
 
     if not isinstance(value, str):
         return value
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return yaml_value(value)
+    except (yaml.YAMLError, ValueError):
         return value
 
 

@@ -14,20 +14,12 @@ import pytest
 import torch
 
 from rlhf_fast.trainers.prm import PRMConfig, PRMTrainer, synthetic_stepwise_records
+from tests.test_prm import tok  # noqa: F401  (the PRM tests' tokenizer fixture)
 
 TINY = "tiny:llama:hidden_size=32,num_layers=1,num_heads=2"
 LORA = {"r": 4, "lora_alpha": 8}
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
-
-    recs = synthetic_stepwise_records(200, seed=9)
-    return train_tokenizer(sample_texts(64) + [r.prompt + "\n" + "\n".join(r.completions) for r in recs], 300,
-                           padding_side="right")
 
 
 def _cfg(tmp_path, name, **kw):

@@ -95,7 +95,9 @@ def run(args) -> int:
         print(f"  {k:34s} {v:.3f}" if isinstance(v, float) else f"  {k:34s} {v}")
     if cfg.task == "preference":
         rm = report["stages"]["reward_model"]
-        print(f"  {'rm_heldout_agreement_vs_hidden':34s} {rm['rm_heldout_agreement_vs_hidden']}")
+        agree = rm["rm_heldout_agreement_vs_hidden"]  # None without a strictly ordered held-out pair
+        print(f"  {'rm_heldout_agreement_vs_hidden':34s} " + (f"{agree:.3f}" if isinstance(agree, float)
+                                                              else f"{agree}"))
         ens = report["stages"].get("reward_ensemble", {})
         if ens:
             print("  reward-model ensemble (see the report):")

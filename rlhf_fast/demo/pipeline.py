@@ -184,18 +184,20 @@ def _generate(model, tok, prompts: List[str], *, n: int = 1, max_new_tokens: int
 def _train_rm(cfg: DemoConfig, tok, records, n_eval: int, run_dir: str, k: int = 0):
     """Reward model ``k`` of the run on the labelled pairs (held-out: the first ``n_eval``).
     Model 0 is the single-reward-model demo's (init seed ``seed + 1``, batch order ``seed``,
-    folder ``reward``); ensemble member k >= 1 differs only in those two seeds (+1000·k) and
+    folder ``reward``); ensemble member k >= 1 differs only in those two seeds (+1000·k, modulo 2**63) and
     its folder ``reward_rm{k}``. Returns (model in eval mode, its trainer)."""
     from rlhf_fast.models.tiny import tiny_reward_model
     from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer
 
+    # modulo 2**63: --seed takes [0, 2**63), and so do the trainers (a seed near the top went past it)
+    order_seed = (cfg.seed + 1000 * k) % 2**63
     rm = tiny_reward_model(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                           seed=cfg.seed + 1 + 1000 * k, pad_token_id=tok.pad_token_id,
+                           seed=(order_seed + 1) % 2**63, pad_token_id=tok.pad_token_id,
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     rcfg = RewardConfig(output_dir=os.path.join(run_dir, "reward" if k == 0 else f"reward_rm{k}"),
                         batch_size=cfg.rm_batch_size, lr=cfg.rm_lr,
                         max_steps=cfg.rm_steps, warmup_steps=min(20, cfg.rm_steps // 5), eval_every=0, log_every=10,
-                        label_smoothing=cfg.label_smoothing, seed=cfg.seed + 1000 * k, device="cpu", resume=False,
+                        label_smoothing=cfg.label_smoothing, seed=order_seed, device="cpu", resume=False,
                         max_len=96)
     trainer = RewardTrainer(rcfg, model=rm, tokenizer=tok, train_records=records[n_eval:],
                             eval_records=records[:n_eval])
@@ -408,7 +410,9 @@ def run_preference(cfg: DemoConfig) -> Dict:
         eval_prompts = world.prompts(cfg.eval_prompts, seed=cfg.seed + 31)
         before = _generate(sft_model, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 41)
         after_batches: list = []
-        after = _generate(policy, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 41,
+        # another seed: a win-rate compares independent draws (one seed for both coupled them: equal
+        # policies gave equal answers, and a better one measured 0.72 where independent draws give 0.67)
+        after = _generate(policy, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 51,
                           batches=after_batches)
         u_before = [world.true_utility(r) for r in before]
         u_after = [world.true_utility(r) for r in after]
@@ -461,7 +465,7 @@ def run_arithmetic(cfg: DemoConfig) -> Dict:
     # a short SFT teaches the format, not the sums: accuracy starts low and GRPO must raise it
     sft_cfg = copy.copy(cfg)
     sft_cfg.sft_steps = max(20, cfg.sft_steps // 6)
-    report: Dict = {"config": asdict(cfg), "stages": {}}
+    report: Dict = {"config": {**asdict(cfg), "sft_steps": sft_cfg.sft_steps}, "stages": {}}  # the sizes run
     report["stages"]["sft"] = _sft(sft_cfg, model, tok, problems, cfg.out_dir)
     model.eval()
     sft_model = copy.deepcopy(model).eval()
@@ -481,6 +485,7 @@ def run_arithmetic(cfg: DemoConfig) -> Dict:
     acfg.max_new_tokens = 4
     acfg.rl_steps = cfg.arithmetic_rl_steps
     acfg.group_size = max(cfg.group_size, 8) if not cfg.quick else cfg.group_size
+    report["config"].update(rl_steps=acfg.rl_steps, group_size=acfg.group_size, max_new_tokens=acfg.max_new_tokens)
     rl = _rl(acfg, model, tok, train_prompts, cfg.out_dir, reward_fns=[world.arithmetic_reward], estimator="grpo")
     policy, run_path = rl["trainer"].policy.eval(), rl["trainer"].run_dir.path
     acc_after, sampled_after = accuracy(policy), accuracy(policy, 1.0, 8)

@@ -89,6 +89,13 @@ def write_report(cfg, report: Dict, run_path: str) -> str:
     lines += ["", "## Results", "", "| measure | value |", "|---|---|"]
     for k, v in ev.items():
         lines.append(f"| {k} | {_fmt(v)} |")
+    if cfg.task == "arithmetic":
+        lines += ["", f"How it is measured: `accuracy_*_greedy` is the accuracy of the greedy answer to each of "
+                  f"the {cfg.eval_prompts} evaluation sums, `accuracy_*_sampled` that of 8 answers per sum sampled at "
+                  "temperature 1 (the same sampling seed for both policies); an answer is right when its first "
+                  "word is the exact sum; `accuracy_ratio`: tuned / SFT, greedy. The evaluation sums (two "
+                  "operands 0–9) come from the same 100 sums the SFT and GRPO prompts cover: this measures "
+                  "learning them, not generalising to unseen sums."]
     if cfg.task == "preference":
         rm = report["stages"].get("reward_model", {})
         lines += ["", "## Reward model", "", "| measure | value |", "|---|---|"]
@@ -101,7 +108,16 @@ def write_report(cfg, report: Dict, run_path: str) -> str:
                   f"{cfg.length_bias} utility per word, and their {cfg.annotator_noise:.0%} label noise). "
                   "The hidden utility itself can be gamed too: `on_topic_rate` (the response names the "
                   "prompt's subject and no other) and the samples below show what neither the annotators "
-                  "nor the reward model check."]
+                  "nor the reward model check.",
+                  "", f"How it is measured: each policy answers each of the {cfg.eval_prompts} evaluation prompts "
+                  "once, sampled at temperature 1 (independent draws: a sampling seed each); "
+                  "`true_win_rate_tuned_vs_sft` is the fraction of prompts whose tuned answer has the higher "
+                  "hidden utility, ties count half (`rm_win_rate_tuned_vs_sft` the same by the reward model's score). "
+                  "`kl_tuned_vs_sft_per_sequence`: the mean over the tuned policy's answers of Σ_t (log π_tuned − "
+                  "log π_SFT) over the tokens it generated (the k1 estimate of KL(tuned ‖ SFT), in nats). "
+                  "`length_words_*`: words split at whitespace. `rm_heldout_agreement_vs_hidden`: on the held-out "
+                  "labelled pairs (a fifth, at least 8, not trained on) that the hidden utility strictly "
+                  "orders (`rm_heldout_pairs_strict`), the fraction the reward model orders the same way."]
     ens = report["stages"].get("reward_ensemble", {})
     if ens:
         coef = f", λ = {ens['coef']}" if ens.get("coef") is not None else ""

@@ -431,7 +431,7 @@ class _StepBatches(_Batches):
     example's KL partner is fixed."""
 
     def _make_perm(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003)
+        g = torch.Generator().manual_seed(self.seed * 1000003 % 2**63)  # (any seed in [0, 2**63))
         return torch.randperm(self.n, generator=g).tolist()
 
 
@@ -482,7 +482,7 @@ class KTOTrainer:
         self.step_size = cfg.batch_size * cfg.grad_accum
         batches = _StepBatches if self.kl_rows else _Batches
         self.batches = batches(len(self.train_items), self.step_size, cfg.seed)
-        g = torch.Generator().manual_seed(cfg.seed * 1000003 + 1)
+        g = torch.Generator().manual_seed((cfg.seed * 1000003 + 1) % 2**63)
         self.eval_order = torch.randperm(len(self.eval_items), generator=g).tolist()
         if self.kl_rows:
             self._attach_kl(self.train_items, kl_partners(self.batches._perm, self.step_size))

@@ -494,7 +494,7 @@ def split_eval_records(cfg: RLConfig, records: list, eval_prompts: Optional[Sequ
             raise ValueError(f"data.eval_fraction ({d.eval_fraction}) holds out {k} of the {n} prompts (each "
                              f"counted once): at least one must remain for training")
         # its own stream (not the shuffle's): the split is a function of the seed and the prompts
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_999_937)
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + 999_999_937) % 2**63)
         held = set(torch.randperm(n, generator=g)[:k].tolist())
         ev = [r for r, i in zip(records, items) if i in held]
         records = [r for r, i in zip(records, items) if i not in held]
@@ -1063,7 +1063,7 @@ class RLTrainer:
         for pos in range(self.prompt_pos, self.prompt_pos + k):
             epoch, i = divmod(pos, n)
             if self.config.data.shuffle:
-                g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) % 2**63)
                 i = int(torch.randperm(n, generator=g)[i])
             out.append(i)
         self.prompt_pos += k
@@ -2150,7 +2150,7 @@ class RLTrainer:
         cfg = self.config.ppo
         # rows on every rank: the global batch one process would hold, numbered rank by rank
         counts = [c[0] for c in self.ctx.all_gather_ints([data.input_ids.shape[0]])]
-        g = torch.Generator().manual_seed(self.config.seed * 7919 + self.global_step)
+        g = torch.Generator().manual_seed((self.config.seed * 7919 + self.global_step) % 2**63)
         units = self._shuffle_units(data)  # ppo.prefix_sharing: whole groups
         sums: Dict[str, float] = {}
         skipped: Dict[str, int] = {}  # the mini-batches whose min / max statistic had no answer

@@ -481,7 +481,7 @@ class _Batches:
         self._perm = self._make_perm()
 
     def _make_perm(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) % 2**63)  # (any seed in [0, 2**63))
         return torch.randperm(self.n, generator=g).tolist()
 
     def next(self) -> List[int]:

@@ -45,17 +45,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--algos", default=None,
                         help="e2e / all: algorithms to run, comma-separated among ppo, grpo, dpo, kto, simpo, "
                              "distill, online_dpo, sft, reward, sdft, sdpo, iw_opd (default: ppo,grpo,dpo)")
-    # e2e / all: rlhf_fast-side switches and prompt lengths of the steps (benchmarks/e2e.py's E2EConfig fields)
-    parser.add_argument("--rl-prompt-tokens", type=int, default=None,
-                        help="e2e: the PPO / GRPO prompts' length in tokens (default: the prompts as they are)")
-    parser.add_argument("--rl-prefix-sharing", action="store_true",
-                        help="e2e: our PPO / GRPO step with ppo.prefix_sharing (each prompt once per group)")
-    parser.add_argument("--rl-padding-free", action="store_true",
-                        help="e2e: our PPO / GRPO step with ppo.padding_free (every forward one packed row)")
-    parser.add_argument("--dpo-prompt-tokens", type=int, default=None,
-                        help="e2e: the DPO pairs' prompt length in tokens")
-    parser.add_argument("--dpo-prefix-sharing", action="store_true",
-                        help="e2e: our DPO step with prefix_sharing (each pair's prompt scored once)")
+    from .e2e import add_step_arguments
+
+    add_step_arguments(parser, "e2e: ")  # (our side's switches and prompt lengths: E2EConfig fields)
 
 
 def _as_tables(x) -> List[Table]:
@@ -117,23 +109,16 @@ def _algos(args):
         raise ValueError(f"--{e}") from None
 
 
-# the e2e step options of `rlhf-fast bench`: (argument, E2EConfig field)
-E2E_OPTIONS = (("--rl-prompt-tokens", "rl_prompt_tokens"), ("--rl-prefix-sharing", "rl_prefix_sharing"),
-               ("--rl-padding-free", "rl_padding_free"), ("--dpo-prompt-tokens", "dpo_prompt_tokens"),
-               ("--dpo-prefix-sharing", "dpo_prefix_sharing"))
-
-
 def _e2e_overrides(args) -> dict:
     """The E2EConfig fields the e2e options set (those given: a switch on, a number); with the ops
     suite, which has no steps, any of them is a ValueError naming it, and a value E2EConfig
     refuses is a ValueError naming the option."""
-    given = {opt: field for opt, field in E2E_OPTIONS
-             if getattr(args, field, None) is not None and getattr(args, field) is not False}
-    if given and args.suite == "ops":
-        raise ValueError(f"{next(iter(given))} applies to the e2e and all suites, not ops")
-    over = {field: getattr(args, field) for field in given.values()}
     from . import e2e
 
+    over = e2e.step_overrides(args)
+    given = {flag: name for flag, name, _, _ in e2e.STEP_OPTIONS if name in over}
+    if given and args.suite == "ops":
+        raise ValueError(f"{next(iter(given))} applies to the e2e and all suites, not ops")
     try:
         e2e.E2EConfig(**over)
     except ValueError as e:
@@ -168,9 +153,11 @@ def run(args) -> int:
                                            overrides=overrides or None))
     for t in tables:
         print(t.markdown() + "\n")
+    from .e2e import STEP_OPTIONS
+
     suite = f"bench {args.suite}" + (" --quick" if args.quick else "") + "".join(
         f" {opt}" + ("" if overrides[field] is True else f" {overrides[field]}")
-        for opt, field in E2E_OPTIONS if field in overrides)
+        for opt, field, _, _ in STEP_OPTIONS if field in overrides)
     paths = write_results(tables, device=args.device, suite=suite, paths=paths)
     print(f"wrote {paths['json']} and {paths['md']} ({time.perf_counter() - t0:.1f} s)")
     failed = [r for t in tables for r in t.rows if r.get("error")]

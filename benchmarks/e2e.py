@@ -145,6 +145,41 @@ def digit_reward(prompts: List[str], completions: List[str]) -> List[float]:
     return out
 
 
+# The step options of `rlhf-fast bench e2e` and of this module's command line: (flag, E2EConfig
+# field, type — None for a switch —, help). They change the rlhf_fast side only.
+STEP_OPTIONS = (
+    ("--rl-prompt-tokens", "rl_prompt_tokens", int,
+     "the PPO / GRPO prompts' length in tokens (default: the prompts as they are, 2-5 tokens)"),
+    ("--rl-prefix-sharing", "rl_prefix_sharing", None,
+     "our PPO / GRPO step with ppo.prefix_sharing (each prompt computed once per group)"),
+    ("--rl-padding-free", "rl_padding_free", None, "our PPO / GRPO step with ppo.padding_free (every forward one "
+     "packed row)"),
+    ("--dpo-prompt-tokens", "dpo_prompt_tokens", int, "the DPO pairs' prompt length in tokens"),
+    ("--dpo-prefix-sharing", "dpo_prefix_sharing", None,
+     "our DPO step with prefix_sharing (each pair's prompt scored once)"),
+)
+
+
+def add_step_arguments(parser, note: str = "") -> None:
+    """Add :data:`STEP_OPTIONS` to the argparse ``parser`` (``note`` prefixed to each help)."""
+    for flag, _, tp, text in STEP_OPTIONS:
+        if tp is None:
+            parser.add_argument(flag, action="store_true", help=note + text)
+        else:
+            parser.add_argument(flag, type=tp, default=None, help=note + text)
+
+
+def step_overrides(args) -> Dict[str, object]:
+    """``{E2EConfig field: value}`` of the :data:`STEP_OPTIONS` given in the parsed ``args`` (a
+    switch on, a number given), in :data:`STEP_OPTIONS`' order."""
+    out = {}
+    for _, name, _, _ in STEP_OPTIONS:
+        v = getattr(args, name, None)
+        if v is not None and v is not False:
+            out[name] = v
+    return out
+
+
 @dataclass
 class E2EConfig:
     """One step's configuration, shared by both frameworks.
@@ -2705,24 +2740,12 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="subprocess runs per side (median), alternating sides")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/results/cpu-<date>.{json,md}")
-    p.add_argument("--dpo-prefix-sharing", action="store_true",
-                   help="rlhf_fast's DPO step with prefix_sharing (each pair's prompt scored once)")
-    p.add_argument("--dpo-prompt-tokens", type=int, default=None, help="the DPO pairs' prompt length in tokens")
-    p.add_argument("--rl-prefix-sharing", action="store_true",
-                   help="rlhf_fast's PPO / GRPO step with ppo.prefix_sharing (each prompt computed once per group)")
-    p.add_argument("--rl-padding-free", action="store_true",
-                   help="rlhf_fast's PPO / GRPO step with ppo.padding_free (every forward one packed row)")
-    p.add_argument("--rl-prompt-tokens", type=int, default=None,
-                   help="the PPO / GRPO prompts' length in tokens (default: the prompts as they are, 2-5 tokens)")
+    add_step_arguments(p)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.framework is None:
-        over = {k: v for k, v in (("dpo_prefix_sharing", a.dpo_prefix_sharing or None),
-                                  ("rl_prefix_sharing", a.rl_prefix_sharing or None),
-                                  ("rl_padding_free", a.rl_padding_free or None),
-                                  ("dpo_prompt_tokens", a.dpo_prompt_tokens),
-                                  ("rl_prompt_tokens", a.rl_prompt_tokens)) if v is not None}
+        over = step_overrides(a)
         tables = main(quick=a.quick, repeats=a.repeats, write=a.write, device=a.device, algos=a.algos,
                       overrides=over)
         sys.exit(1 if any(r.get("error") for t in tables for r in t.rows) else 0)  # as `rlhf-fast bench e2e`

@@ -22,6 +22,17 @@ def _score(completion: str, answer: str) -> float:
 # ----------------------------------------------------------------------------- rule rewards
 
 
+@pytest.mark.parametrize("completion, answer, want", [
+    (r"\boxed{5\text{ cm}}", "5", 1.0), (r"\boxed{3\,\text{m}}", "3", 1.0), (r"\boxed{5\text{ cm}}", "6", 0.0),
+    (r"\boxed{90^\circ}", "90", 1.0), (r"\boxed{90^{\circ}}", "90", 1.0), (r"\boxed{x = 5}", "5", 1.0),
+    (r"\boxed{x=5}", "x=5", 1.0), (r"\boxed{\left(3\right)}", "(3)", 1.0), (r"\boxed{1,\!000}", "1000", 1.0),
+    (r"\boxed{x^2}", "x^2", 1.0), (r"\boxed{6}", "5", 0.0)])
+def test_answer_match_drops_units_degrees_spacing_and_an_assignment(completion, answer, want):
+    # verl's strip_string drops a trailing \text{} unit, ^\circ, LaTeX spacing and \left / \right,
+    # and a leading "x =": "5\text{ cm}", "90^\circ" and "x = 5" scored 0 against 5 / 90
+    assert _score(completion, answer) == want
+
+
 def test_answer_match_latex_fractions_are_numbers():
     r"""``\boxed{\frac{1}{2}}`` is the canonical MATH answer form; verl's ``strip_string``
     maps ``\dfrac`` / ``\tfrac`` to ``\frac``, ``\frac12`` to ``\frac{1}{2}`` and ``1/2`` to

@@ -70,11 +70,22 @@ def extract_answer(text: str) -> Optional[str]:
     return nums[-1] if nums else None
 
 
+# what verl's strip_string drops around a number: a degree sign, a trailing unit in \text{} /
+# \mbox{} after a number, LaTeX spacing and \left / \right, a leading "x =" (one letter)
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?")
+_UNIT = re.compile(r"(?<=[\d}.])\s*\\(?:text|mbox)\s*\{[^{}]*\}\s*$")
+_SPACING = re.compile(r"\\[,!;: ]|\\(?:left|right)\b")
+_ASSIGNMENT = re.compile(r"^\s*[A-Za-z]\s*=\s*(?=\S)")
+
+
 def _plain(s: str) -> str:
     r"""An answer's LaTeX number forms as plain text: ``\$`` as ``$``, ``\dfrac`` / ``\tfrac`` as
-    ``\frac``, and a whole answer ``\frac{a}{b}`` (``\frac12``, a leading ``-``) with numeric
-    a and b as ``a/b`` (verl's ``strip_string`` normalises the same forms)."""
+    ``\frac``, a whole answer ``\frac{a}{b}`` (``\frac12``, a leading ``-``) with numeric a and b
+    as ``a/b``; without a degree sign (``90^\circ``), a trailing unit (``5\text{ cm}``), LaTeX
+    spacing / ``\left`` / ``\right`` or a leading one-letter ``x =`` (verl's ``strip_string``
+    normalises the same forms)."""
     s = s.replace("\u2212", "-").replace("\\$", "$").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _ASSIGNMENT.sub("", _UNIT.sub("", _SPACING.sub("", _DEGREES.sub("", s))))
     m = _FRAC.fullmatch(s.strip())
     if m is None:
         return s

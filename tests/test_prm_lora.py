@@ -75,7 +75,7 @@ def test_lora_trains_adapters_and_head_resumes_exactly_and_final_is_merged(tmp_p
     from rlhf_fast.algorithms.process_rewards import ProcessRewardModel
     from rlhf_fast.models.loading import reward_model_sources
     from rlhf_fast.trainers.rl_config import RewardConfig
-    from tests.test_trainer_common import untimed_metrics
+    from tests.test_trainer_common import assert_resumes_exactly
 
     recs, held = synthetic_stepwise_records(300, seed=1), synthetic_stepwise_records(64, seed=2)
 
@@ -107,17 +107,7 @@ def test_lora_trains_adapters_and_head_resumes_exactly_and_final_is_merged(tmp_p
     assert out["eval_loss"] < start["eval_loss"] - 0.08 and out["eval_accuracy"] > start["eval_accuracy"] + 0.1, \
         (start, out)
 
-    part = trainer("resumed")
-    while part.step < 10:
-        part.train_step()
-    part._save()
-    resumed = trainer("resumed")
-    resumed.train()
-    assert resumed.step == 20
-    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
-    # (steps 1-10 ran outside train(), unlogged) the resumed steps log what the uninterrupted run did
-    assert untimed_metrics(str(tmp_path / "resumed")) == untimed_metrics(str(tmp_path / "full"))[10:]
+    assert assert_resumes_exactly(trainer, full, 10).step == 20
 
     final = str(tmp_path / "full" / "final")
     assert not os.path.exists(os.path.join(final, "adapter_config.json"))

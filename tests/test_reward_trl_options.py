@@ -14,7 +14,7 @@ from rlhf_fast.trainers.common import read_metrics
 from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
 
 from tests.test_reward import TINY, preference_tokenizer
-from tests.test_trainer_common import untimed_metrics
+from tests.test_trainer_common import assert_resumes_exactly
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -98,17 +98,7 @@ def test_lora_matches_trl_trainables_freezes_the_base_resumes_and_saves_a_loadab
     assert full.evaluate(full.train_items)["eval_loss"] < fresh.evaluate(fresh.train_items)["eval_loss"] - 0.03
     assert "eval_accuracy" in out
 
-    part = trainer("resumed")
-    while part.step < 2:
-        part.train_step()
-    part._save()
-    resumed = trainer("resumed")
-    resumed.train()
-    assert resumed.step == 4
-    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
-    # (steps 1-2 ran outside train(), unlogged) the resumed steps log what the uninterrupted run did
-    assert untimed_metrics(str(tmp_path / "resumed")) == untimed_metrics(str(tmp_path / "full"))[2:]
+    assert assert_resumes_exactly(trainer, full, 2).step == 4
 
     final = str(tmp_path / "full" / "final")
     assert not os.path.exists(os.path.join(final, "adapter_config.json"))
@@ -288,12 +278,4 @@ def test_num_train_epochs_counts_steps_and_resumes_exactly(tmp_path, tok):
     assert full.batches.state() == {"epoch": 1, "pos": 8}
     assert trainer("ga", grad_accum=2).cfg.max_steps == 2
 
-    part = trainer("resumed")
-    while part.step < 2:
-        part.train_step()
-    part._save()
-    resumed = trainer("resumed")
-    resumed.train()
-    assert untimed_metrics(str(tmp_path / "resumed")) == untimed_metrics(str(tmp_path / "full"))[2:]
-    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
+    assert_resumes_exactly(trainer, full, 2)

@@ -159,18 +159,9 @@ def test_with_prefix_sharing_it_is_prefix_sharings_run(tmp_path, monkeypatch):
 
 
 def test_online_dpo_equals_the_padded(tmp_path, monkeypatch):
-    from rlhf_fast.trainers.online_dpo import OnlineDPOTrainer
-    from rlhf_fast.trainers.rl_config import OnlineDPOConfig, OptimConfig
+    from tests.test_rl_prefix_sharing import online_dpo_trainer
 
-    def one(pf):
-        pol, tok = make_policy()
-        cfg = RLConfig(estimator="online_dpo", steps=1, output_dir=str(tmp_path / str(pf)), progress=False,
-                       rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=10),
-                       ppo=PPOConfig(epochs=2, mini_batch_size=4, micro_batch_size=2, padding_free=pf),
-                       optim=OptimConfig(lr=5e-3), online_dpo=OnlineDPOConfig(beta=0.5))
-        return OnlineDPOTrainer(cfg, pol, tok, prompts=PROMPTS, reward_fns=[_reward])
-
-    a, b = one(False), one(True)
+    a, b = (online_dpo_trainer(tmp_path / str(on), PROMPTS, 10, padding_free=on) for on in (False, True))
     ma = a.step()
     seen = _spy(monkeypatch)
     mb = b.step()

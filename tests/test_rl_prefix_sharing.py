@@ -301,19 +301,22 @@ def test_update_micro_batches_hold_whole_groups(tmp_path):
     assert tr._shuffle_units(d) == [2, 1, 2, 1]
 
 
-def test_online_dpo_equals_the_padded(tmp_path):
+def online_dpo_trainer(folder, prompts, max_new_tokens: int, **ppo):
+    """One step's online DPO trainer of the tiny policy (4 prompts × 2 answers, two epochs of
+    micro-batches of 2), ``ppo`` the PPOConfig switch under test (prefix_sharing / padding_free)."""
     from rlhf_fast.trainers.online_dpo import OnlineDPOTrainer
     from rlhf_fast.trainers.rl_config import OnlineDPOConfig, OptimConfig
 
-    def one(shared):
-        pol, tok = make_policy()
-        cfg = RLConfig(estimator="online_dpo", steps=1, output_dir=str(tmp_path / str(shared)), progress=False,
-                       rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=6),
-                       ppo=PPOConfig(epochs=2, mini_batch_size=4, micro_batch_size=2, prefix_sharing=shared),
-                       optim=OptimConfig(lr=5e-3), online_dpo=OnlineDPOConfig(beta=0.5))
-        return OnlineDPOTrainer(cfg, pol, tok, prompts=PROMPTS, reward_fns=[_reward])
+    pol, tok = make_policy()
+    cfg = RLConfig(estimator="online_dpo", steps=1, output_dir=str(folder), progress=False,
+                   rollout=RolloutConfig(prompts_per_step=4, group_size=2, max_new_tokens=max_new_tokens),
+                   ppo=PPOConfig(epochs=2, mini_batch_size=4, micro_batch_size=2, **ppo),
+                   optim=OptimConfig(lr=5e-3), online_dpo=OnlineDPOConfig(beta=0.5))
+    return OnlineDPOTrainer(cfg, pol, tok, prompts=prompts, reward_fns=[_reward])
 
-    a, b = one(False), one(True)
+
+def test_online_dpo_equals_the_padded(tmp_path):
+    a, b = (online_dpo_trainer(tmp_path / str(on), PROMPTS, 6, prefix_sharing=on) for on in (False, True))
     seen = []
     real = llama_forward.hidden_states
 

@@ -156,6 +156,23 @@ def test_rl_optim_min_lr_ratio(tmp_path):
 TIMED_METRICS = ("time/step", "train_tokens_per_second")
 
 
+def assert_resumes_exactly(trainer, full, stop_at: int):
+    """``trainer("resumed")`` (an offline trainer of ``trainer(name)``'s runs) stopped after
+    ``stop_at`` steps and saved, then resumed by a fresh ``trainer("resumed")``: it ends with the
+    uninterrupted run ``full``'s weights and logs what ``full`` logged after step ``stop_at``
+    (steps 1..stop_at ran outside train(), unlogged). Returns the resumed trainer."""
+    part = trainer("resumed")
+    while part.step < stop_at:
+        part.train_step()
+    part._save()
+    resumed = trainer("resumed")
+    resumed.train()
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    assert untimed_metrics(resumed.cfg.output_dir) == untimed_metrics(full.cfg.output_dir)[stop_at:]
+    return resumed
+
+
 def untimed_metrics(run_dir: str) -> list:
     """metrics.jsonl of ``run_dir`` without the timings (``TIMED_METRICS``: the wall-clock seconds
     of a step and the throughput made of them), which differ between two runs of the same steps

@@ -294,7 +294,8 @@ def test_cli_refuses_timeouts_that_are_not_finite_positive_seconds(tmp_path, cap
 
 @pytest.mark.parametrize("content,needle", [
     ("[1, 2]", "found a JSON list"),
-    ('{"a": 1}\n{"b": 2}\n', ":2: invalid JSON (Extra data at column 1)"),
+    ('{"a": 1}\n{"b": 2}\n', ':1: found {"a": 1}'),
+    ('{"key": "a", "value": 1}\n{"key": "b", "value": 2\n{"key": "c", "value": 3}\n', ":2: invalid JSON"),
     ('{"k": "seven"}', "entry 'k' holds \"seven\""),
 ])
 def test_cli_names_a_bad_cache_file_and_what_it_should_hold(tmp_path, capsys, content, needle):
@@ -306,3 +307,40 @@ def test_cli_names_a_bad_cache_file_and_what_it_should_hold(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert f"judge cache {cache}" in err and needle in err and "mapping cache keys to numbers" in err, err
     assert len(err.strip().splitlines()) == 1 and cache.read_text() == content
+
+
+def test_cache_appends_one_line_per_answer_and_survives_a_torn_append(tmp_path, monkeypatch):
+    """Each new answer is one appended line (the whole file was rewritten per answer: O(n^2)
+    bytes over a run); a torn last line is dropped and the next answer rewrites the file whole."""
+    from rlhf_fast.feedback import judge as judge_mod
+    from rlhf_fast.trainers import config as config_mod
+
+    path = tmp_path / "c" / "cache.json"
+    rewrites = []
+    real = config_mod.atomic_write_text
+    monkeypatch.setattr(config_mod, "atomic_write_text", lambda p, t: (rewrites.append(p), real(p, t)))
+    cache = judge_mod.JsonCache(str(path))
+    for i in range(5):
+        cache.put(f"k{i}", i / 10)
+    assert rewrites == [] and len(path.read_text().splitlines()) == 5
+    assert judge_mod.JsonCache(str(path)).data == {f"k{i}": i / 10 for i in range(5)}
+    with open(path, "a") as f:
+        f.write('{"key": "k5", "val')  # killed mid-append
+    torn = judge_mod.JsonCache(str(path))
+    assert torn.data == {f"k{i}": i / 10 for i in range(5)}
+    torn.put("k6", 0.6)
+    assert len(rewrites) == 1
+    assert judge_mod.JsonCache(str(path)).data == {**{f"k{i}": i / 10 for i in range(5)}, "k6": 0.6}
+
+
+@pytest.mark.parametrize("old", ['{"k0": 0.25, "k1": 1}', "{}", '{"key": "k0", "value": 0.25}'])
+def test_cache_reads_the_one_object_format_and_a_last_line_without_newline(tmp_path, old):
+    from rlhf_fast.feedback.judge import JsonCache
+
+    path = tmp_path / "cache.json"
+    path.write_text(old)
+    cache = JsonCache(str(path))
+    before = dict(cache.data)
+    cache.put("k2", 0.5)
+    assert JsonCache(str(path)).data == {**before, "k2": 0.5}
+    assert all(line.startswith('{"key": ') for line in path.read_text().splitlines())

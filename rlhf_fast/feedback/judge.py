@@ -92,41 +92,69 @@ class JudgeError(RuntimeError):
 
 
 class JsonCache:
-    """A JSON object on disk mapping cache keys to numbers (the judge's answers); written
-    atomically after every new entry."""
+    """The judge's answers on disk: JSON Lines of ``{"key": K, "value": number}``, one line
+    appended (and fsynced) per new answer, so a run of n answers writes O(n) bytes, not the
+    O(n^2) of rewriting a whole object each time, and a killed run keeps every finished answer.
+    A torn last line (killed mid-append) is dropped. The one-object format of earlier releases
+    (a JSON object mapping keys to numbers) is read too and rewritten as lines on the first new
+    answer."""
+
+    EXPECTED = ('JSON lines of {"key": ..., "value": number} or one JSON object mapping cache keys '
+                'to numbers, as `rlhf-fast judge` writes')
 
     def __init__(self, path: Optional[str]):
         self.path = path
         self.data: Dict[str, Any] = {}
         self.hits = self.misses = 0
+        # the file must be rewritten as lines before the next append: it is in the old
+        # one-object format, or ends in a torn line
+        self._rewrite = False
         if path and os.path.exists(path):
-            self.data = self._read(path)
+            self.data, self._rewrite = self._read(path)
 
-    @staticmethod
-    def _read(path: str) -> Dict[str, Any]:
-        expected = "a JSON object mapping cache keys to numbers, as `rlhf-fast judge` writes"
+    @classmethod
+    def _fail(cls, path: str, where: str, what: str) -> ValueError:
         how = "delete it or give another --cache to start over"
+        return ValueError(f"judge cache {path}{where}: {what}; expected {cls.EXPECTED} ({how})")
+
+    @classmethod
+    def _read(cls, path: str):
         if not os.path.isfile(path):
             raise ValueError(f"judge cache {path}: expected a file, found a folder")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except UnicodeDecodeError:
-            raise ValueError(f"judge cache {path}: not UTF-8 text; expected {expected} ({how})") from None
+            raise cls._fail(path, "", "not UTF-8 text") from None
         if not text.strip():
-            return {}
+            return {}, False
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"judge cache {path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                             f"expected {expected} ({how})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"judge cache {path}: found a JSON {type(data).__name__}; expected {expected} ({how})")
-        for k, v in data.items():
-            if not _is_real(v):
-                raise ValueError(f"judge cache {path}: entry {k[:16]!r} holds {json.dumps(v)[:40]}; "
-                                 f"expected {expected} ({how})")
-        return data
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if whole is not None and not (isinstance(whole, dict) and set(whole) == {"key", "value"}):
+            if not isinstance(whole, dict):
+                raise cls._fail(path, "", f"found a JSON {type(whole).__name__}")
+            for k, v in whole.items():
+                if not _is_real(v):
+                    raise cls._fail(path, "", f"entry {k[:16]!r} holds {json.dumps(v)[:40]}")
+            return whole, True
+        data: Dict[str, Any] = {}
+        lines = text.split("\n")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines):  # the last line, with no newline after it: a torn append
+                    return data, True
+                raise cls._fail(path, f":{i}", f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not (isinstance(rec, dict) and set(rec) == {"key", "value"} and isinstance(rec["key"], str)
+                    and _is_real(rec["value"])):
+                raise cls._fail(path, f":{i}", f"found {line.strip()[:40]}")
+            data[rec["key"]] = rec["value"]
+        return data, not text.endswith("\n")  # an append must start a line
 
     def get(self, key: str) -> Any:
         """The cached value of ``key`` or None (counts hits and misses)."""
@@ -136,13 +164,27 @@ class JsonCache:
         self.misses += 1
         return None
 
+    @staticmethod
+    def _line(key: str, value: Any) -> str:
+        return json.dumps({"key": key, "value": value}) + "\n"
+
     def put(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key`` and rewrite the file atomically."""
+        """Store ``value`` under ``key``: one line appended to the file (the whole file
+        rewritten atomically, as lines, only the first time after an old-format or torn file)."""
         self.data[key] = value
-        if self.path:
+        if not self.path:
+            return
+        if self._rewrite:
             from rlhf_fast.trainers.config import atomic_write_text
 
-            atomic_write_text(self.path, json.dumps(self.data))
+            atomic_write_text(self.path, "".join(self._line(k, v) for k, v in self.data.items()))
+            self._rewrite = False
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(self._line(key, value))
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def cache_key(*parts: Any) -> str:
@@ -365,7 +407,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", choices=("http", "local"), default=None)
     parser.add_argument("--model", default=None, help="endpoint model name, or a local path / tiny: spec")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default $OPENAI_BASE_URL)")
-    parser.add_argument("--cache", default=None, help="JSON cache file")
+    parser.add_argument("--cache", default=None, help="cache file of the answers (JSON lines, one appended per answer)")
     parser.add_argument("--max-retries", default=None)
     parser.add_argument("--backoff", default=None, type=_seconds(">= 0"),
                         help="seconds before the first retry (doubles each time)")

@@ -129,3 +129,14 @@ def test_win_rate_compares_independent_draws_of_the_two_policies(tmp_path):
     report = run(cfg)
     assert report["stages"]["evaluation"]["kl_tuned_vs_sft_per_sequence"] == 0.0
     assert any(ex["sft"] != ex["tuned"] for ex in report["examples"])
+
+
+def test_democonfig_algo_defaults_by_task_and_refuses_what_the_arithmetic_task_ignores():
+    """DemoConfig(task="arithmetic", algo="ppo") built in Python ran GRPO silently (only the CLI refused it)."""
+    from rlhf_fast.demo.pipeline import DemoConfig
+
+    assert DemoConfig(out_dir="x").algo == "ppo"
+    assert DemoConfig(task="arithmetic", out_dir="x").algo == "grpo"
+    for algo in ("ppo", "rloo", "dpo"):
+        with pytest.raises(ValueError, match=f"--algo {algo} applies to --task preference"):
+            DemoConfig(task="arithmetic", algo=algo, out_dir="x")

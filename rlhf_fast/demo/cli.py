@@ -64,22 +64,15 @@ def run(args) -> int:
     args.task = args.task or "preference"
     args.seed = 0 if args.seed is None else args.seed
     check_seed("--seed", args.seed)  # before minutes of work and an --out folder, naming the flag
-    if args.task == "arithmetic" and args.algo not in (None, "grpo"):
-        raise ValueError(f"--algo {args.algo} applies to --task preference; the arithmetic task runs GRPO")
     ensemble = _ensemble_options(args)
-    if ensemble and args.task == "arithmetic":
-        raise ValueError("--reward-ensemble applies to --task preference (the arithmetic task's reward is "
-                         "verifiable: no reward model to ensemble)")
-    if ensemble and args.algo == "dpo":
-        raise ValueError("--reward-ensemble needs RL against reward models: use --algo ppo, grpo or rloo "
-                         "(--algo dpo learns from the labelled pairs, no reward model)")
     import torch
 
     from .pipeline import DemoConfig
     from .pipeline import run as run_demo
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    cfg = DemoConfig(task=args.task, algo=args.algo or "ppo", out_dir=args.out, seed=args.seed, quick=args.quick,
+    # DemoConfig refuses an --algo or an ensemble the task does not take, before any work
+    cfg = DemoConfig(task=args.task, algo=args.algo, out_dir=args.out, seed=args.seed, quick=args.quick,
                      progress=not args.no_progress, **ensemble)
     from rlhf_fast.trainers.stop import TrainingStopped
 

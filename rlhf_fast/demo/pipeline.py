@@ -40,7 +40,7 @@ class DemoConfig:
     """Sizes of every stage; ``quick`` shrinks them for the test suite."""
 
     task: str = "preference"
-    algo: str = "ppo"
+    algo: Optional[str] = None  # None: ppo for the preference task, grpo for the arithmetic one
     out_dir: Optional[str] = None
     seed: int = 0
     quick: bool = False
@@ -88,8 +88,12 @@ class DemoConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.algo is None:
+            self.algo = "grpo" if self.task == "arithmetic" else "ppo"
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.task == "arithmetic" and self.algo != "grpo":  # it was silently run as GRPO
+            raise ValueError(f"--algo {self.algo} applies to --task preference; the arithmetic task runs GRPO")
         if not 0.0 <= self.annotator_noise <= 0.5:
             raise ValueError(f"annotator_noise must be in [0, 0.5], got {self.annotator_noise}")
         self._check_ensemble()

@@ -83,7 +83,7 @@ def write_report(cfg, report: Dict, run_path: str) -> str:
 
     ev = report["stages"].get("evaluation", {})
     lines = [f"# rlhf_fast demo — {cfg.task}", ""]
-    lines.append(f"Run folder: `{out}` · algorithm: {cfg.algo if cfg.task == 'preference' else 'grpo'} · "
+    lines.append(f"Run folder: `{out}` · algorithm: {cfg.algo} · "
                  f"wall time: {report.get('wall_seconds', 0):.0f} s on the CPU · seed {cfg.seed}"
                  + (" · QUICK (tiny sizes)" if cfg.quick else ""))
     lines += ["", "## Results", "", "| measure | value |", "|---|---|"]

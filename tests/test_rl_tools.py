@@ -573,3 +573,53 @@ def test_cli_override(tmp_path):
                                 "2"])
     assert cfg.rollout.tools == ["a.b:c", "d.py:e"] and cfg.rollout.max_tool_calling_iterations == 2
     assert build_config("grpo", ["none"]).rollout.max_tool_calling_iterations is None
+
+
+def test_tool_timeout_answers_a_hung_call_and_goes_on():
+    """rollout.tool_timeout: a sync or async call still running after it gives the model a
+    timed-out error and counts as a failure (with no timeout a hung tool stalled the run for
+    ever); a TimeoutError the tool raises itself stays its own error; calls that finish in time
+    give their results, in TRL's order."""
+    import asyncio
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hang():
+        release.wait(30)
+        return "late"
+
+    async def ahang():
+        await asyncio.sleep(30)
+
+    def raises_timeout():
+        raise TimeoutError("socket timed out")
+
+    calls = [{"type": "function", "function": {"name": n, "arguments": {}}}
+             for n in ("hang", "ahang", "raises_timeout")]
+    calls.insert(1, {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3"}}})
+    tools = {"hang": hang, "ahang": ahang, "raises_timeout": raises_timeout, "calculator": calculator}
+    t0 = time.monotonic()
+    res, failures = T.run_tool_calls(calls, tools, timeout=0.2)
+    assert time.monotonic() - t0 < 10
+    release.set()
+    assert failures == 3
+    assert res == [("hang", {"error": "Tool hang timed out after 0.2 s."}), ("calculator", "5"),
+                   ("raises_timeout", {"error": "socket timed out"}),
+                   ("ahang", {"error": "Tool ahang timed out after 0.2 s."})]
+    # in time: the plain results
+    assert T.run_tool_calls(calls[1:2], tools, timeout=5.0) == ([("calculator", "5")], 0)
+    for bad in (0, -1, float("nan"), "5"):
+        with pytest.raises(ValueError, match="rollout.tool_timeout"):
+            RolloutConfig(tool_timeout=bad)
+
+
+def test_tool_timeout_reaches_the_rollout(tmp_path, tok, monkeypatch):
+    seen = []
+    real = T.run_tool_calls
+    monkeypatch.setattr(T, "run_tool_calls", lambda calls, tools, timeout=None: (seen.append(timeout),
+                                                                                  real(calls, tools, timeout))[1])
+    tr = _trainer(tmp_path, tok, tool_timeout=7.5)
+    tr.train()
+    assert seen and set(seen) == {7.5}

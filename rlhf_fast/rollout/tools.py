@@ -267,13 +267,56 @@ def _run_coroutines(coros: List[Any]) -> List[Any]:
     return asyncio.run_coroutine_threadsafe(gather(), _event_loop()).result()
 
 
-def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable]) -> Tuple[List[Tuple[str, Any]], int]:
+class _ToolTimeout(Exception):
+    """A tool call passed ``rollout.tool_timeout`` (apart from a TimeoutError the tool raises)."""
+
+
+def _timed_out(name: str, timeout: float) -> dict:
+    return {"error": f"Tool {name} timed out after {timeout:g} s."}
+
+
+def _call_within(fn: Callable, kwargs: dict, timeout: Optional[float]) -> Any:
+    """``fn(**kwargs)``, or _ToolTimeout when it has not returned within ``timeout`` seconds (it
+    then runs on in a daemon thread, its result dropped: Python cannot stop a thread)."""
+    if timeout is None:
+        return fn(**kwargs)
+    box: Dict[str, Any] = {}
+
+    def target():
+        try:
+            box["out"] = fn(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=target, name="rlhf_fast-tool", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise _ToolTimeout
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+async def _await_within(awaitable, timeout: float) -> Any:
+    """``awaitable``'s result, or _ToolTimeout (the awaitable cancelled) after ``timeout`` s."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise _ToolTimeout from None
+
+
+def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable],
+                   timeout: Optional[float] = None) -> Tuple[List[Tuple[str, Any]], int]:
     """Run one turn's ``calls`` (as :func:`parse_turn` gives them) with ``tools`` ``{name: fn}``.
 
     Returns ``([(name, result), ...], failures)``. As TRL's ``_tool_call_loop``: a call of an
     unknown tool, bad arguments or a tool that raises gives ``{"error": str(exception)}`` and
     counts as a failure; async tools of the turn run concurrently, and their results follow
-    those of the sync tools (TRL's order, which fixes the order of the tool messages)."""
+    those of the sync tools (TRL's order, which fixes the order of the tool messages).
+    ``timeout`` (seconds per call; None: none, as TRL): a call still running then gives
+    ``{"error": "Tool NAME timed out after T s."}`` and counts as a failure (a sync tool runs
+    in a thread for it, left running in the background; an async one is cancelled)."""
     results: List[Tuple[str, Any]] = []
     pending: List[Tuple[str, Any]] = []
     failures = 0
@@ -288,11 +331,14 @@ def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable]) -> Tuple[L
             if name not in tools:
                 raise ValueError(f"Tool {name} not found.")
             args = f.get("arguments")
-            out = tools[name](**({} if args is None else args))
+            out = _call_within(tools[name], {} if args is None else args, timeout)
             if inspect.isawaitable(out):
-                pending.append((name, out))
+                pending.append((name, out if timeout is None else _await_within(out, timeout)))
             else:
                 results.append((name, out))
+        except _ToolTimeout:
+            failures += 1
+            results.append((name, _timed_out(name, timeout)))
         except Exception as e:  # noqa: BLE001 - any tool error goes back to the model, as in TRL
             failures += 1
             results.append((name, {"error": str(e)}))
@@ -300,7 +346,7 @@ def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable]) -> Tuple[L
         for (name, _), out in zip(pending, _run_coroutines([c for _, c in pending])):
             if isinstance(out, BaseException):
                 failures += 1
-                out = {"error": str(out)}
+                out = _timed_out(name, timeout) if isinstance(out, _ToolTimeout) else {"error": str(out)}
             results.append((name, out))
     return results, failures
 
@@ -444,7 +490,8 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
                  tokenizer, max_iterations: Optional[int] = None, max_length: Optional[int] = None,
                  row_tools: Optional[Sequence[Sequence[Callable]]] = None,
                  sync_any: Optional[Callable[[bool], bool]] = None,
-                 chat_template_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[RolloutBatch, ToolRolloutStats]:
+                 chat_template_kwargs: Optional[Dict[str, Any]] = None,
+                 tool_timeout: Optional[float] = None) -> Tuple[RolloutBatch, ToolRolloutStats]:
     """Generate with tool calls: TRL GRPOTrainer's ``_tool_call_loop`` over ``engine``.
 
     ``engine.generate(prompts, params)`` answers first (exactly the call made without tools).
@@ -463,7 +510,8 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
     continue (distributed runs: every rank then makes the same generate calls, which FSDP2's
     weight gathering needs; a rank with none makes a one-token call it discards).
     ``chat_template_kwargs``: template variables for rendering the tool results
-    (:func:`tool_suffix_ids`), those the prompts were rendered with.
+    (:func:`tool_suffix_ids`), those the prompts were rendered with. ``tool_timeout``: seconds
+    per tool call (:func:`run_tool_calls`; None: no limit).
 
     Returns the RolloutBatch (``[B, P+R]``, R ≤ ``params.max_new_tokens``; ``response_mask`` and
     ``behaviour_logp`` 0 on tool tokens; ``response_texts`` the whole completion, tool turns
@@ -498,7 +546,7 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
             go, suffixes = [], {}
             for i in sorted(active):
                 r = rows[i]
-                results, failed = run_tool_calls(r.messages[-1]["tool_calls"], by_name[i])
+                results, failed = run_tool_calls(r.messages[-1]["tool_calls"], by_name[i], tool_timeout)
                 stats.calls += len(results)
                 stats.failures += failed
                 msgs = tool_messages(results)

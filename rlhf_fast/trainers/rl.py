@@ -1357,7 +1357,8 @@ class RLTrainer:
             batch, st = tool_rollout(self.engine, prompts, params, tools=self.tools, tokenizer=self.tokenizer,
                                      max_iterations=self.config.rollout.max_tool_calling_iterations,
                                      max_length=self._max_positions, row_tools=row_tools, sync_any=sync,
-                                     chat_template_kwargs=self.config.data.chat_template_kwargs)
+                                     chat_template_kwargs=self.config.data.chat_template_kwargs,
+                                     tool_timeout=self.config.rollout.tool_timeout)
             extra["completion_messages"] = st.messages
             counts = [st.calls, st.failures, st.rows]
         if per_row:  # the answers of one prompt are one group again

@@ -311,7 +311,10 @@ class RolloutConfig:
     ``max_tool_calling_iterations``: rounds of tool execution per answer (null: no limit, as
     TRL; 0: the tools are described in the prompt but never run). ``max_new_tokens`` bounds the
     whole completion, tool results included; a result that would pass it is dropped and the
-    answer ends there. Logs ``tools/call_count``, ``tools/call_frequency`` (calls per answer)
+    answer ends there. ``tool_timeout``: seconds a tool call may run (null: no limit, as TRL);
+    a call still running then gives the model ``{"error": "Tool NAME timed out after T s."}``
+    and counts as a failure (a hung sync tool is left running in a daemon thread; an async
+    one is cancelled). Logs ``tools/call_count``, ``tools/call_frequency`` (calls per answer)
     and ``tools/failure_frequency`` (calls that raised or named no tool, per call).
 
     ``environment_factory`` (TRL GRPOTrainer's; ``RLTrainer(environment_factory=...)`` takes
@@ -365,6 +368,7 @@ class RolloutConfig:
     min_new_tokens: int = 0
     tools: List[str] = field(default_factory=list)
     max_tool_calling_iterations: Optional[int] = None
+    tool_timeout: Optional[float] = None
     environment_factory: Optional[Union[str, Dict[str, str]]] = None
     generation_kwargs: Dict[str, Any] = field(default_factory=dict)
     rollout_func: Optional[str] = None
@@ -474,6 +478,8 @@ class RolloutConfig:
         if self.max_tool_calling_iterations is not None:
             _pos("rollout.max_tool_calling_iterations", self.max_tool_calling_iterations, allow_zero=True,
                  integer=True)
+        if self.tool_timeout is not None:
+            _pos("rollout.tool_timeout", self.tool_timeout)
         env = self.environment_factory
         if isinstance(env, str) and env.lstrip().startswith("{"):  # a mapping given on the command line
             import yaml

@@ -218,6 +218,33 @@ def _measure(op, shape, providers, device, budget_s, bw, nbytes) -> List[dict]:
     return out
 
 
+def rows_table(rows: List[dict], where: str) -> common.Table:
+    """The rows of :func:`run_gae` / :func:`run_sampling` as a results :class:`common.Table` (``where``:
+    the device's name, in the title)."""
+    t = common.Table(f"GAE and sampling, ours vs the peers' ways ({where})",
+                     ["op", "shape", "provider", "median_ms", "p20_ms", "p80_ms", "vs_ours", "bw_frac", "reps", "burst"])
+    for r in rows:
+        t.add(**{k: r.get(k) for k in t.columns})
+    t.notes += ["median / p20 / p80: ms per call (on a GPU, bursts of back-to-back calls between CUDA events)",
+                "vs_ours = this provider's median ÷ ours (> 1: ours is faster)",
+                "bw_frac = the minimum bytes the op moves ÷ its time ÷ the measured device-copy bandwidth"]
+    return t
+
+
+def run_suite(device: str = "cpu", quick: bool = False) -> List[common.Table]:
+    """Entry point of `rlhf-fast bench ops --device cuda` (``quick``: the quick shapes): GAE and
+    sampling on the GPU, one table. On the CPU nothing: bench_cpu_ops measures both there against
+    the same peers."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return []
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    budget = 0.3 if quick else 1.0
+    rows = run_gae(dev, GAE_SHAPES_QUICK if quick else GAE_SHAPES, budget, bw)
+    rows += run_sampling(dev, SAMPLE_B_QUICK if quick else SAMPLE_B, SAMPLE_V, budget, bw)
+    return [rows_table(rows, torch.cuda.get_device_name(dev) + (f", copy bandwidth {bw:.0f} GB/s" if bw else ""))]
+
+
 def print_table(rows: List[dict]) -> None:
     has_bw = any("bw_frac" in r for r in rows)
     head = f"{'op':7s} {'shape':36s} {'provider':14s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} {'x ours':>8s}"
@@ -264,7 +291,9 @@ def main(argv=None) -> int:
         rows += run_sampling(device, SAMPLE_B_QUICK if args.quick else SAMPLE_B, SAMPLE_V, budget, bw)
     print_table(rows)
     if args.out:
-        meta = {"device": name, "torch": torch.__version__, "commit": _commit(), "time": time.time()}
+        env = common.environment(device.type)  # versions of Triton, CUDA and every peer (flashinfer, vllm) too
+        meta = {"device": name, "torch": torch.__version__, "commit": _commit(), "time": time.time(),
+                **{k: env[k] for k in ("triton", "cuda", "rlhf_fast", "peers", "load_avg_1m")}}
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")

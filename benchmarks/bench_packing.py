@@ -168,6 +168,9 @@ def main(argv=None) -> int:
         ap.error(f"--trainers: expected a comma list of dpo, sft, got {bad or args.trainers}")
     if not 1 <= args.min_response <= args.max_response:
         ap.error("--min-response must be >= 1 and <= --max-response")
+    small = [f"--{k} ({getattr(args, k)})" for k in ("steps", "pairs", "threads") if getattr(args, k) < 1]
+    if small:  # (no timed step: no median to give, after building both trainers)
+        ap.error(f"{', '.join(small)} must be >= 1")
     table = run(args)
     print(table.markdown())
     if args.write:

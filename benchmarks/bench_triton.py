@@ -1,12 +1,15 @@
 """Triton kernels of rlhf_fast against the PyTorch reference, torch.compile(reference) and
 the peers that are installed (Liger-Kernel, TRL, flash-attn).
 
-GPU (default shapes): bf16, B·T ∈ {4096, 16384, 65536}, H = 4096, V ∈ {32000, 151936}
+GPU (default shapes): bf16 logits, hidden states and weights (kl_penalty and the PPO losses:
+fp32 log-probs, :func:`op_dtype`), B·T ∈ {4096, 16384, 65536}, H = 4096, V ∈ {32000, 151936}
 (fused_linear_divergence: a Qwen2.5-0.5B student, H = 896, distilled from a 1.5B teacher,
 Ht = 1536, V = 151936, against TRL 1.16's ChunkedDivergenceFunction); modes ``fwd`` and
-``fwd+bwd``; per row the median time with 20th/80th percentiles, the extra peak memory
+``fwd+bwd``; per row the median time with 20th/80th percentiles (on our rows also the
+reference's and the fastest peer's time ÷ ours at the same shape and mode), the extra peak memory
 of one call, and the fraction of a measured device limit reached: the copy bandwidth (a
-large ``clone``) for the memory-bound ops — counting the minimum bytes the op must move —
+large ``clone``) for the memory-bound ops — counting the minimum bytes the op must move, each
+input and output once (with the backward, each input gradient once too) —
 or the bf16 matmul peak (a large ``torch.mm``) for the fused LM-head ops. A provider that
 runs out of memory is recorded as ``OOM``.
 
@@ -38,8 +41,34 @@ OPS = ("token_logprobs", "fused_linear_logprobs", "fused_linear_policy_loss", "k
        "ppo_value_loss", "fused_linear_divergence")
 # fused_linear_divergence: student width, teacher width and vocabulary of Qwen2.5-0.5B / 1.5B
 DIVERGENCE_H, DIVERGENCE_HT, DIVERGENCE_V = 896, 1536, 151936
-COLUMNS = ["op", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem", "frac_of_limit",
-           "limit", "error"]
+COLUMNS = ["op", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "vs_reference", "vs_best_peer",
+           "best_peer", "peak_mem", "frac_of_limit", "limit", "error"]
+
+
+def op_dtype(op: str) -> str:
+    """The dtype of ``op``'s main inputs in the GPU tables: bf16 logits, hidden states and weights;
+    kl_penalty and the PPO losses take fp32 log-probs, values and advantages (as the trainers pass them)."""
+    return "bf16" if op == "token_logprobs" or op.startswith("fused_linear") else "fp32"
+
+
+def _add_ratios(rows: List[dict]) -> None:
+    """On each of our rows (provider ``rlhf_fast-…``) of one (shape, mode): ``vs_reference`` = the
+    reference's median ÷ ours, ``vs_best_peer`` = the fastest peer's median ÷ ours (> 1: ours is
+    faster), that peer named in ``best_peer``. The peers are every other provider that ran (not
+    OOM, not failed) but the reference: torch.compile of it, TRL, Liger, flash-attn."""
+    def ms(r):
+        return r.get("median_ms")
+
+    ref = next((ms(r) for r in rows if r["provider"] == "reference" and ms(r)), None)
+    peers = [r for r in rows if not r["provider"].startswith("rlhf_fast") and r["provider"] != "reference" and ms(r)]
+    best = min(peers, key=ms) if peers else None
+    for r in rows:
+        if not r["provider"].startswith("rlhf_fast") or not ms(r):
+            continue
+        if ref:
+            r["vs_reference"] = ref / ms(r)
+        if best is not None:
+            r.update(vs_best_peer=ms(best) / ms(r), best_peer=best["provider"])
 
 
 # --------------------------------------------------------------------------- device limits
@@ -222,12 +251,19 @@ def _providers(op: str, compile_peer: bool = True) -> Dict[str, Callable]:
 
 
 def _bytes_moved(op: str, x: Dict[str, torch.Tensor], backward: bool) -> int:
-    """Minimum bytes an op must read and write (inputs once, outputs once)."""
+    """Minimum bytes an op must read and write: every input once and every output once — forward
+    kl_penalty's ``[B, T]`` penalty (the losses return scalars); with ``backward`` also the gradient
+    of each input that gets one (not the inputs a second time)."""
     if op == "token_logprobs":
         n = x["logits"].numel() * x["logits"].element_size()
         return n * (3 if backward else 1)  # backward: read logits again, write dlogits
-    per = sum(t.numel() * t.element_size() for t in x.values())
-    return per * (2 if backward else 1)
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    total = sum(size(t) for t in x.values())
+    if op == "kl_penalty":
+        total += size(x["logp"])  # the penalty, logp's shape and dtype
+    if backward:
+        total += sum(size(t) for t in x.values() if t.requires_grad)
+    return total
 
 
 def _flops(op: str, x: Dict[str, torch.Tensor], backward: bool) -> int:
@@ -251,9 +287,11 @@ def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, de
     limits = measured_limits(device) if on_gpu else {"copy_Bps": float("nan"), "mm_flops": float("nan")}
     tables = []
     for op in ops:
-        t = Table(f"bench_triton: {op} (bf16)", COLUMNS)
+        t = Table(f"bench_triton: {op} ({op_dtype(op)})", list(COLUMNS))
         t.notes.append(f"limits measured here: copy {limits['copy_Bps'] / 1e9:.0f} GB/s, "
                        f"bf16 mm {limits['mm_flops'] / 1e12:.0f} TFLOP/s")
+        t.notes.append("vs_reference / vs_best_peer (our rows): the reference's / the fastest peer's median ÷ ours "
+                       "at the same shape and mode (> 1: ours faster); best_peer names it")
         matmul = op.startswith("fused_linear")
         vs = vocabs if (matmul or op == "token_logprobs") else (None,)
         h_op, extra = hidden, ""
@@ -299,6 +337,7 @@ def run_gpu(ops=OPS, sizes=BT_SIZES, vocabs=VOCABS, hidden=HIDDEN, *, rep=10, de
                         print(f"bench_triton: {op} {shape} {mode} {name}: "
                               + (f"{row['median_ms']:.3f} ms" if row.get("median_ms") is not None
                                  else str(row.get("error") or row.get("peak_mem"))), file=sys.stderr, flush=True)
+                    _add_ratios(t.rows[-len(providers):])  # this (shape, mode)'s rows, measured together
         tables.append(t)
     return tables
 

@@ -2,8 +2,9 @@
 
 * ``ops``: on the CPU, the ops report (every op × live backend: error, time, speed-up)
   and the C++-vs-reference foundation benchmark (bench_cpu_ops); with ``--device cuda``
-  the GPU op benchmarks other modules of this package expose (bench_triton,
-  bench_gae_sampling), when present.
+  the GPU op benchmarks other modules of this package expose as ``run_suite(device=, quick=)``
+  (bench_triton: the Triton kernels vs peers; bench_gae_sampling: GAE and sampling vs the
+  peers' ways, with the fraction of the copy bandwidth).
 * ``e2e``: one PPO, one GRPO and one DPO step of rlhf_fast against TRL's (``--algos`` picks;
   KTO, SimPO, distillation, online DPO, SFT, the reward model, SDFT, SDPO and IW-OPD too).
 * ``all``: both.
@@ -58,6 +59,17 @@ def _as_tables(x) -> List[Table]:
     return [t for t in x if isinstance(t, Table)]
 
 
+def _takes_device_and_quick(fn) -> bool:
+    """Whether ``fn`` can be called as ``fn(device=..., quick=...)``."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(device="cpu", quick=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _optional_suites(device: str, quick: bool) -> List[Table]:
     tables: List[Table] = []
     for name in OPTIONAL_OP_SUITES:
@@ -66,13 +78,11 @@ def _optional_suites(device: str, quick: bool) -> List[Table]:
         except ModuleNotFoundError:
             continue
         fn = getattr(mod, "run_suite", None)
-        if fn is None:
-            continue
+        if fn is None or not _takes_device_and_quick(fn):
+            continue  # a different signature: not ours to guess
         try:
             tables += _as_tables(fn(device=device, quick=quick))
-        except TypeError:
-            continue  # a different signature: not ours to guess
-        except Exception as e:
+        except Exception as e:  # (a TypeError from inside the suite too: reported, not taken for a signature)
             t = Table(f"{name} failed", ["error"])
             t.add(error=f"{type(e).__name__}: {e}")
             tables.append(t)
@@ -142,6 +152,15 @@ def run(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.suite == "all" and overrides.get("rl_prompt_tokens") and any(a in ("ppo", "grpo") for a in algos):
+        # (the e2e suite checks it before its own runs; here before the op benchmarks too)
+        from . import e2e
+
+        for c in e2e.suite_configs(args.device, args.quick, overrides=overrides):
+            try:
+                e2e.check_rl_prompt_tokens(c)
+            except ValueError as e:
+                raise ValueError(f"--rl-prompt-tokens: {e}") from None
     t0 = time.perf_counter()
     tables: List[Table] = []
     if args.suite in ("ops", "all"):

@@ -42,8 +42,11 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Packages whose versions are recorded with every result (the peers we compare against
 # and the libraries the numbers depend on); absent ones are recorded as None.
-PEERS = ("trl", "transformers", "accelerate", "peft", "liger_kernel", "flash_attn", "vllm", "deepspeed",
-         "openrlhf", "verl", "numpy", "tokenizers")
+PEERS = ("trl", "transformers", "accelerate", "peft", "liger_kernel", "flash_attn", "flashinfer", "vllm",
+         "deepspeed", "openrlhf", "verl", "numpy", "tokenizers")
+# distributions published under another name than the import name (flashinfer: bench_gae_sampling's GPU
+# sampling peer, on PyPI as flashinfer-python)
+_DIST_NAMES = {"flashinfer": ("flashinfer-python",)}
 
 
 # --------------------------------------------------------------------------- timing
@@ -303,7 +306,7 @@ def git_commit() -> Optional[str]:
 def _version(pkg: str) -> Optional[str]:
     from importlib import metadata
 
-    for name in (pkg, pkg.replace("_", "-")):
+    for name in (pkg, pkg.replace("_", "-"), *_DIST_NAMES.get(pkg, ())):
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -337,12 +340,15 @@ def environment(device: str = "cpu") -> Dict[str, object]:
 
 @dataclass
 class Table:
-    """A titled table of result rows (dicts with the same keys), printable as Markdown."""
+    """A titled table of result rows (dicts with the same keys), printable as Markdown; ``meta``:
+    what the rows were measured with (e.g. the e2e step's configuration), kept in the results
+    JSON, not printed."""
 
     title: str
     columns: List[str]
     rows: List[Dict[str, object]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    meta: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.columns:

@@ -398,14 +398,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class _SyncedClock:
+    """Stands in for the ``time`` module inside a trainer's modules during a timed step: its
+    ``perf_counter`` first waits for queued GPU work (:func:`_sync`), so the trainer's own phase
+    timers (``time/generate``, ``time/logprobs``, ``time/update``) end where the TRL side's
+    synchronised ones do, instead of leaving a phase's kernels to the next one."""
+
+    def __init__(self, device: str):
+        self._device = device
+
+    def perf_counter(self) -> float:
+        _sync(self._device)
+        return time.perf_counter()
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def _timed_step(trainer, device: str) -> Tuple[Dict[str, float], float]:
     """``(metrics, wall seconds)`` of one ``trainer.step()`` of an rlhf_fast RL-family trainer,
-    its GPU work included."""
-    _sync(device)
-    t0 = time.perf_counter()
-    m = trainer.step()
-    _sync(device)
-    return m, time.perf_counter() - t0
+    its GPU work included; the trainer's phase timers synchronise too (:class:`_SyncedClock`, set
+    in the modules of its class and base classes for the step only; a no-op on the CPU)."""
+    mods = {sys.modules[c.__module__] for c in type(trainer).__mro__ if c.__module__ in sys.modules}
+    mods = [m for m in mods if getattr(m, "time", None) is time]
+    clock = _SyncedClock(device)
+    for m in mods:
+        m.time = clock
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        m = trainer.step()
+        _sync(device)
+        return m, time.perf_counter() - t0
+    finally:
+        for mod in mods:
+            mod.time = time
 
 
 # --------------------------------------------------------------------------- TRL side
@@ -642,7 +669,9 @@ def rl_prompts(cfg: E2EConfig, tok) -> List[str]:
     for p in PROMPTS:
         room = cfg.rl_prompt_tokens - len(tok(p)["input_ids"])
         if room < 0:
-            raise ValueError(f"rl_prompt_tokens ({cfg.rl_prompt_tokens}) is shorter than the prompt {p!r}")
+            raise ValueError(f"rl_prompt_tokens ({cfg.rl_prompt_tokens}) is shorter than the prompt {p!r}, "
+                             f"{len(tok(p)['input_ids'])} tokens with the V={cfg.vocab_size} tokenizer (give 0, the "
+                             f"prompts as they are, or at least the longest prompt's length)")
         out.append(p + "".join(" " + rng.choice(words) for _ in range(room)))
     return out
 
@@ -2185,15 +2214,42 @@ def run_suite(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     algos = _check_algos(algos)
+    cfgs = suite_configs(device, quick, cfg, overrides)
+    if not (any(c.rl_prompt_tokens for c in cfgs) and any(a in RL_ALGOS for a in algos)):
+        return [t for c in cfgs for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
+    # rl_prompt_tokens shorter than a prompt under one configuration's tokenizer (prompts tokenise to
+    # more tokens at V=32768 than at V=256) is refused before any configuration runs: each tokenizer is
+    # trained here once and handed to run_config
+    with tempfile.TemporaryDirectory(prefix="rlhf_fast_e2e_tok_") as d:
+        ready = []
+        for i, c in enumerate(cfgs):
+            if c.tokenizer_dir is None:
+                build_tokenizer(c).save_pretrained(f"{d}/{i}")
+                c = replace(c, tokenizer_dir=f"{d}/{i}")
+            check_rl_prompt_tokens(c)
+            ready.append(c)
+        return [t for c in ready for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
+
+
+def suite_configs(device: str = "cpu", quick: bool = False, cfg: Optional[E2EConfig] = None,
+                  overrides: Optional[Dict[str, object]] = None) -> List[E2EConfig]:
+    """The configurations :func:`run_suite` runs: ``cfg`` if given, else on CUDA
+    :meth:`E2EConfig.gpu_0p5b`, else the quick one or the tiny model with V=256 and V=32768;
+    ``overrides`` set on each."""
     if cfg is not None:
         cfgs = [cfg]
     elif device == "cuda":
         cfgs = [E2EConfig.gpu_0p5b(quick=quick)]
     else:
         cfgs = [E2EConfig.quick()] if quick else [E2EConfig(), E2EConfig.large_vocab()]
-    if overrides:
-        cfgs = [replace(c, **overrides) for c in cfgs]
-    return [t for c in cfgs for t in run_config(c, timeout_s=timeout_s, repeats=repeats, algos=algos)]
+    return [replace(c, **overrides) for c in cfgs] if overrides else cfgs
+
+
+def check_rl_prompt_tokens(cfg: E2EConfig) -> None:
+    """ValueError naming ``rl_prompt_tokens`` when a prompt of :data:`PROMPTS` is longer than that under
+    ``cfg``'s tokenizer (:func:`rl_prompts`; trained here unless ``cfg.tokenizer_dir`` holds it)."""
+    if cfg.rl_prompt_tokens:
+        rl_prompts(cfg, _load_tokenizer(cfg))
 
 
 
@@ -2258,8 +2314,8 @@ def _mem_ratio(trl: Dict[str, object], ours: Dict[str, object], key: str) -> Opt
 
 def _memory_note(cfg: E2EConfig) -> str:
     if cfg.device == "cuda":
-        return ("CUDA: each side's step is timed between torch.cuda.synchronize() calls; rlhf_fast's phase split "
-                "comes from its own timers, which do not synchronise (the step total does); extra_peak = "
+        return ("CUDA: each side's step and phases are timed between torch.cuda.synchronize() calls (rlhf_fast's "
+                "phase split from its trainer's own timers, made to synchronise for the benchmark); extra_peak = "
                 "torch.cuda.max_memory_allocated above the allocation before the step")
     return ("extra_peak = the torch allocator's peak during one more step above what was allocated before it "
             "(the profiler's allocation events: the CPU counterpart of torch.cuda.max_memory_allocated); "
@@ -2328,6 +2384,12 @@ def _step_table(cfg: E2EConfig, title: str, phases: tuple, sides: List[Tuple[str
         ["algo", "framework", *(f"{p}_s" for p in phases), "step_s", "tokens_per_s", "extra_peak", "extra_rss",
          "note"],
     )
+    # what a row means beyond the title: every setting of the step, the same on both sides (the
+    # tokenizer's temporary folder left out), in the results JSON
+    conf = {k: v for k, v in asdict(cfg).items() if k != "tokenizer_dir"}
+    conf.update(batch_size=cfg.batch_size, dtype="float32", tf32_matmuls=cfg.device == "cuda",
+                gradient_checkpointing=False)
+    table.meta.update(config=conf, repeats=repeats)
     for algo, trl_name in sides:
         _add_algo_rows(table, algo, cfg, timeout_s, repeats, phases, trl_name)
     table.notes += [what, "median over timed steps after one warm-up; each framework in a fresh subprocess" + timing,
@@ -2351,6 +2413,7 @@ def run_table(cfg: E2EConfig, timeout_s: float = 600.0, repeats: int = 1, algos=
     algos = _check_algos(algos)
     if any(a not in RL_ALGOS for a in algos):
         raise ValueError(f"run_table runs {RL_ALGOS}; DPO has its own table (run_dpo_table), got {algos!r}")
+    check_rl_prompt_tokens(cfg)  # before the subprocesses, each of which would fail on it
     return _step_table(
         cfg, f"one RL step on a {cfg.family} model from a config (B={cfg.batch_size}, ≤{cfg.max_new_tokens} new tokens"
         + (f", prompts of {cfg.rl_prompt_tokens} tokens" if cfg.rl_prompt_tokens else ""),

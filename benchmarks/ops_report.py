@@ -213,9 +213,16 @@ def _cotangents(outs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
 
 
-def _run(fn, args, kwargs, case: OpCase, upcast: bool):
-    """Forward (+ backward): returns ``(forward tensors, gradient tensors)``."""
-    a = _prepare(args, case.grad_args, upcast)
+def _run(fn, args, kwargs, case: OpCase, upcast: bool, prepared: Optional[list] = None):
+    """Forward (+ backward): returns ``(forward tensors, gradient tensors)``. ``prepared``: leaf inputs
+    from :func:`_prepare` to run on (their gradients reset) instead of fresh copies — the timed calls,
+    which time the op, not the copy of its inputs."""
+    if prepared is None:
+        a = _prepare(args, case.grad_args, upcast)
+    else:
+        a = prepared
+        for i in case.grad_args:
+            a[i].grad = None
     kw = _upcast_kwargs(kwargs, upcast)
     if case.seeded:
         kw = dict(kw, generator=torch.Generator().manual_seed(7))
@@ -291,11 +298,22 @@ def collect(quick: bool = False, ops: Optional[Sequence[str]] = None) -> Table:
                 else:
                     row["fwd_err"] = _max_err(got[0], want[0])
                 row["bwd_err"] = _max_err(got[1], want[1]) if case.grad_args else None
-                t = bench(call, warmup=1, rep=rep, max_time_s=max_time)
+                inputs = _prepare(args, case.grad_args, False)  # copied once, outside the timed calls
+
+                def timed():
+                    with use_backend(backend):
+                        return _run(fn, args, kwargs, case, upcast=False, prepared=inputs)
+
+                t = bench(timed, warmup=1, rep=rep, max_time_s=max_time)
                 row.update(ms=t.median_ms, p20=t.p20_ms, p80=t.p80_ms)
                 if backend == "torch":
                     ref_ms = t.median_ms
                 row["speedup"] = (ref_ms / t.median_ms) if (ref_ms and backend != "triton") else None
+                # _max_err reads a NaN as inf: either is a broken backend, not a large error
+                bad = [k for k in ("fwd_err", "bwd_err") if row.get(k) is not None and not math.isfinite(row[k])]
+                if bad:
+                    row["error"] = (f"non-finite {' / '.join(bad)}: NaN or inf where the reference is finite "
+                                    f"(or a sampled token outside the kept set)")
             except Exception as e:  # a broken backend is a row in the report, not a crash
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             table.rows.append(row)
@@ -310,7 +328,8 @@ def collect(quick: bool = False, ops: Optional[Sequence[str]] = None) -> Table:
 
 
 def main(quick: bool = False) -> int:
-    """Print the ops table. Returns 0, or 1 when a backend raised or returned NaN."""
+    """Print the ops table. Returns 0, or 1 when a backend raised or returned NaN / inf where the
+    reference is finite (an infinite error)."""
     import rlhf_fast
 
     t0 = time.perf_counter()
@@ -322,7 +341,7 @@ def main(quick: bool = False) -> int:
     print(table.markdown())
     print(f"\n({time.perf_counter() - t0:.1f} s)")
     bad = [r for r in table.rows if r.get("error") or any(
-        isinstance(r.get(k), float) and math.isnan(r[k]) for k in ("fwd_err", "bwd_err"))]
+        isinstance(r.get(k), float) and not math.isfinite(r[k]) for k in ("fwd_err", "bwd_err"))]
     return 1 if bad else 0
 
 

@@ -120,6 +120,18 @@ def int_like(value):
         return value
 
 
+def real_like(value):
+    """``value`` as a Python int / float when it is a number of another type (numpy's np.float32,
+    np.int64: a config array's entry, a schedule), as :func:`temperature` takes them; anything
+    else (None, bool, int, float, a tensor, a str) unchanged, for the caller's own check."""
+    if value is None or type(value) in (int, float) or isinstance(value, (bool, torch.Tensor)):
+        return value
+    value = int_like(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value)  # (numpy's bool is no numbers.Real: it stays a bool-like refusal)
+    return value
+
+
 def integer(name: str, value, *, minimum: Optional[int] = None) -> int:
     """An int (numpy integers too, not bool) in the int64 range, at least ``minimum``;
     returned as a Python int."""

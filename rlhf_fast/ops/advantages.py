@@ -35,6 +35,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     ``(advantages, returns)`` ``[B, T]`` float32 (float64 for float64 input), 0 where masked.
     """
     _check_rows(("rewards", "values"), (rewards, values), "mask", mask)
+    gamma, lam = _validate.real_like(gamma), _validate.real_like(lam)  # numpy scalars are numbers
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
     return _dispatch.call("gae", rewards.device, rewards, values, mask, gamma=gamma, lam=lam)
@@ -46,6 +47,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
     rewards, mask ``[B, T]``. Returns ``[B, T]`` float32 (float64 for float64), 0 where masked.
     """
     _check_rows(("rewards",), (rewards,), "mask", mask)
+    gamma = _validate.real_like(gamma)  # a numpy scalar is a number
     _check_discount("gamma", gamma)
     return _dispatch.call("discounted_returns", rewards.device, rewards, mask, gamma=gamma)
 
@@ -70,6 +72,7 @@ def group_advantages(
     _validate.choice("kind", kind, GROUP_KINDS)
     if kind == "rloo" and group_size < 2:
         raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
+    eps = _validate.real_like(eps)  # a numpy scalar is a number
     _validate.nonneg("eps", eps)
     normalize_std = _validate.flag("normalize_std", normalize_std)
     if scores.shape[0] == 0:
@@ -105,6 +108,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     _validate.tensor("x", x, floating=True)
     _validate.mask("mask", mask, x.shape)
     _validate.same_device(("x", "mask"), (x, mask))
+    eps = _validate.real_like(eps)  # a numpy scalar is a number
     _validate.nonneg("eps", eps)
     shift_mean = _validate.flag("shift_mean", shift_mean)
     if group is not None:

@@ -35,6 +35,7 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, beta,
     _validate.same_device(
         ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "mask"),
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask))
+    beta = _validate.real_like(beta)  # a numpy scalar (a config array's entry) is a number
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}")
     if not 0.0 <= beta <= 1.0:

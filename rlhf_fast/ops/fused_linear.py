@@ -118,6 +118,9 @@ def fused_linear_policy_loss(
     """
     temperature, ignore_index, chunk_size = _check_head(hidden, weight, bias, labels, temperature, ignore_index,
                                                         chunk_size, 3)
+    # numpy scalars (a config array's entry, a schedule) are numbers: Python ones from here on
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, normalizer = map(
+        _validate.real_like, (clip_low, clip_high, dual_clip, kl_coef, entropy_coef, normalizer))
     shape = tuple(labels.shape)
     for name, t in (("old_logp", old_logp), ("advantages", advantages)):
         _validate.tensor(name, t, floating=True)

@@ -66,6 +66,9 @@ def ppo_policy_loss(
     ``(loss, stats)``: loss 0-dim float32 (float64 for float64 logp), differentiable in logp;
     stats: clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max (0-dim, detached).
     """
+    # numpy scalars (a config array's entry) are numbers: Python ones from here on
+    clip_low, clip_high, dual_clip, normalizer = map(_validate.real_like,
+                                                     (clip_low, clip_high, dual_clip, normalizer))
     names = ("logp", "old_logp", "advantages")
     for n, t in zip(names, (logp, old_logp, advantages)):
         _validate.tensor(n, t, floating=True, ndim=2)
@@ -102,6 +105,7 @@ def ppo_value_loss(
     0.5·(v − R)². Aggregated as :func:`ppo_policy_loss`. Returns ``(loss, stats)`` with stats
     clip_frac and values_mean; differentiable in values.
     """
+    clip, normalizer = _validate.real_like(clip), _validate.real_like(normalizer)  # numpy scalars: numbers
     names = ("values", "old_values", "returns")
     for n, t in zip(names, (values, old_values, returns)):
         _validate.tensor(n, t, floating=True, ndim=2)

@@ -41,6 +41,7 @@ def sample(
     [0, V)), since raising would cost a host sync. Greedy (temperature 0) is defined with
     +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
+    top_p, min_p = _validate.real_like(top_p), _validate.real_like(min_p)  # numpy scalars are numbers
     temperature = _check_filters(logits, temperature, top_k, top_p, min_p)
     top_k = _effective_top_k(top_k, logits)
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -24,6 +24,9 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, beta,
                            ("teacher", (teacher_hidden, teacher_weight, teacher_bias))):
         _validate.linear_head(h, w, b, names=(f"{who}_hidden", f"{who}_weight", f"{who}_bias"))
     N, V = student_hidden.shape[0], student_weight.shape[0]
+    if V == 0:  # no distribution to compare: every backend would return a divergence of 0
+        raise ValueError(f"student_weight must have a non-empty vocabulary (V > 0 rows), got shape "
+                         f"{tuple(student_weight.shape)}")
     if teacher_hidden.shape[0] != N:
         raise ValueError(f"teacher_hidden must have N = student_hidden.shape[0] = {N} rows, "
                          f"got shape {tuple(teacher_hidden.shape)}")

@@ -81,7 +81,10 @@ number of rows. Real checkpoints pad their heads past the tokenizer to different
 (Qwen2.5-0.5B 151936 rows, Qwen2.5-7B 152064, one 151665-token tokenizer): when the heads
 differ but both cover the tokenizer, only the tokenizer's rows are compared (the padding rows
 map to no token; the student's mass on its own padding rows is left out of its
-distribution). Heads that do not cover the tokenizer are refused.
+distribution). Heads that do not cover the tokenizer are refused. The sampler (the student, or
+the teacher with ``seq_kd``) still draws from its whole head: an answer ends before a token past
+the tokenizer (:func:`cut_unknown_tokens`), which the other model's embedding may not hold;
+with ULD, before a token past the student's tokenizer (no token piece to align).
 """
 
 from __future__ import annotations
@@ -180,6 +183,17 @@ def completion_batch(rows: Sequence[Tuple[List[int], List[int], bool]], group_si
                         group_index=torch.arange(B // group_size).repeat_interleave(group_size),
                         num_generated_tokens=0, tokens_per_second=0.0, prompt_length=P,
                         finish_reasons=["length" if cut else "stop" for _, _, cut in rows])
+
+
+def cut_unknown_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                       rows: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence cut before its first attended token id >= ``rows`` (a head's padding row
+    past the tokenizer, which maps to no token: a padded head samples it, and the other model's
+    embedding may not hold it). input_ids ``[B, T]`` int64, attention_mask / response_mask
+    ``[B, T]`` bool. Returns the three, ``pad_id`` and False from the cut on. No host sync."""
+    unknown = (input_ids >= rows) & attention_mask  # [B, T]
+    cut = unknown.long().cumsum(1) > 0  # [B, T]: the first unknown token and every token after it
+    return input_ids.masked_fill(cut, pad_id), attention_mask & ~cut, response_mask & ~cut
 
 
 def head_transform(model) -> HeadTransform:
@@ -576,6 +590,12 @@ class DistillationTrainer(RLTrainer):
                              "'tiny:FAMILY'), or pass teacher_model=...")
         if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError(f"teacher_model must be a causal LM (torch.nn.Module), got {type(teacher_model).__name__}")
+        if teacher_model is not None and isinstance(policy, torch.nn.Module) and \
+                not {id(p) for p in policy.parameters()}.isdisjoint(id(p) for p in teacher_model.parameters()):
+            # the teacher is frozen in place: the student's shared weights would stop training
+            raise ValueError("teacher_model=... is the policy itself (or shares its parameters); the teacher is "
+                             "frozen, which would freeze the student: pass a separate copy (copy.deepcopy(policy)), "
+                             "or use SDFT (estimator sdft) to distill the policy from itself")
         if teacher_model is not None and d.teacher_model_init_kwargs:
             # TRL's DistillationTrainer / GKDTrainer raise here too: a built teacher takes no from_pretrained keywords
             raise ValueError(f"distill.teacher_model_init_kwargs ({d.teacher_model_init_kwargs}) loads distill.teacher "
@@ -589,6 +609,8 @@ class DistillationTrainer(RLTrainer):
         self._uld = self._uld_setup_tokenizer()  # GOLD (distill.use_uld_loss); None otherwise
         self.teacher = self._load_teacher(teacher_model)
         self._vocab_rows = self._check_vocabulary() if self._uld is None else self._uld_check_teacher()
+        # answers end before a sampled id past these rows (a head's padding row: no token); None: no cut
+        self._answer_rows = self._vocab_rows if self._uld is None else self._uld_answer_rows()
         packing = _packing_key(self.config.ppo)  # ppo.prefix_sharing / ppo.padding_free: the teacher's rows too
         if packing:  # (the student's checked by RLTrainer; checked before FSDP2 wraps it)
             from rlhf_fast.trainers.packing import check_prefix_shareable
@@ -935,6 +957,12 @@ class DistillationTrainer(RLTrainer):
                              f"give the teacher's own tokenizer")
         return None
 
+    def _uld_answer_rows(self) -> Optional[int]:
+        """The student tokenizer's size when the student's head has rows past it (padding rows: no
+        token piece, no text, no byte offsets), else None."""
+        vs = _head(self.policy, "the student's LM head")[0].shape[0]
+        return len(self.tokenizer) if vs > len(self.tokenizer) else None
+
     def uld_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                  rows=None, tokens=None):
         """TRL GOLD's ULD loss (:mod:`rlhf_fast.algorithms.uld`) of the policy towards the teacher on a batch
@@ -1062,6 +1090,20 @@ class DistillationTrainer(RLTrainer):
         self._last_columns = columns
         return data, m
 
+    def _batch_masks(self, batch):
+        """:meth:`RLTrainer._batch_masks`; when the heads are compared over the tokenizer's rows
+        only (padded to different sizes), each answer ends before its first token past them
+        (:func:`cut_unknown_tokens`): the sampler — the student, or the teacher with seq_kd — draws
+        from its whole head, and the other model's embedding may not hold its padding rows. With
+        ULD the same past the student's tokenizer, whose padding rows have no token to align."""
+        ids, am, rm = super()._batch_masks(batch)
+        rows = getattr(self, "_answer_rows", None)  # (None in subclasses that compare no heads)
+        if rows is None:
+            return ids, am, rm
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cut_unknown_tokens(ids, am, rm, rows, pad)
+
     def _count_tokens(self, prompt_mask: torch.Tensor, answer_mask: torch.Tensor) -> int:
         """Add the step's prompt tokens (``prompt_mask`` ``[B, P]``, each answer's prompt counted
         once per answer) and answer tokens (``answer_mask`` ``[B, T]``, tool results out) over
@@ -1142,5 +1184,6 @@ class DistillationTrainer(RLTrainer):
 
 
 __all__ = ["COMPLETION_KEY", "IW_OPD_METRICS", "MESSAGES_KEY", "DistillationTrainer", "HeadTransform",
-           "completion_batch", "distillation_loss", "gkd_on_policy", "gkd_uniform", "head_logits", "head_transform",
-           "iw_opd_loss", "iw_opd_metrics", "iw_opd_token_loss", "messages_record", "transformed_divergence"]
+           "completion_batch", "cut_unknown_tokens", "distillation_loss", "gkd_on_policy", "gkd_uniform",
+           "head_logits", "head_transform", "iw_opd_loss", "iw_opd_metrics", "iw_opd_token_loss", "messages_record",
+           "transformed_divergence"]

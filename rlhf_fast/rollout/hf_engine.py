@@ -2,7 +2,8 @@
 token drawn by :func:`rlhf_fast.ops.sample`, the behaviour log-prob recorded as it is drawn.
 
 One prefill per prompt: the prompt cache is computed once for the distinct prompts and
-repeated ``n`` times (``DynamicCache.batch_repeat_interleave``) for the group of samples.
+repeated ``n`` times (``DynamicCache.batch_repeat_interleave``, or ``reorder_cache`` for the
+linear-attention / SSM states of hybrid models) for the group of samples.
 """
 
 from __future__ import annotations
@@ -34,15 +35,37 @@ def _cache_kwarg(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _returned_cache(out):
-    """The KV cache of a causal LM's output, under either name."""
+def _returned_cache(out, model):
+    """The KV cache of ``model``'s output ``out``, under either name; TypeError when it has none
+    (RWKV keeps its recurrent state in ``out.state``, RecurrentGemma inside its modules)."""
     cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
+    if cache is None:
+        raise TypeError(f"{type(unwrap(model)).__name__}'s forward returned no transformers Cache (no cache / "
+                        f"past_key_values in its output): HFRolloutEngine decodes on one; models that keep their "
+                        f"recurrent state elsewhere (RWKV, RecurrentGemma) are not supported")
+    return cache
+
+
+def _repeat_rows(cache, n: int, rows: int, device) -> None:
+    """Repeat each of the ``rows`` batch rows of ``cache`` ``n`` times in place (consecutive
+    copies). ``batch_repeat_interleave`` repeats keys / values only: transformers' linear-attention
+    / conv / SSM cache layers (Mamba, LFM2, Qwen3-Next, Jamba, ...) have none, and its "hybrid"
+    layers (Falcon-H1, Zamba) inherit the key / value one and would keep their states at ``rows``;
+    for those caches ``reorder_cache`` (beam search's gather, defined by every layer) with the
+    repeated row indices repeats everything."""
+    layers = getattr(cache, "layers", None) or ()
+    if all(hasattr(layer, "batch_repeat_interleave") and not hasattr(layer, "conv_states") for layer in layers):
+        cache.batch_repeat_interleave(n)
+    else:
+        cache.reorder_cache(torch.arange(rows, device=device).repeat_interleave(n))
 
 
 class HFRolloutEngine(RolloutEngine):
     """Generation engine on a transformers causal LM (plain or peft) and its tokenizer.
 
+    Text prompts are encoded with the tokenizer's special tokens, except that a text already
+    starting with the bos (a chat rendered by its template) keeps one bos, not two.
     ``device``: where prompts go (default: the model's device). The model is used as is
     (no copy): weights updated by the trainer are picked up by the next call.
     ``cuda_graphs``: on a CUDA device, with a model the preallocated-KV decoder supports (bare
@@ -97,6 +120,13 @@ class HFRolloutEngine(RolloutEngine):
         if all(isinstance(p, str) for p in prompts):
             ids = [list(p) for p in self.tokenizer(list(prompts))["input_ids"]]  # one batched call
             texts = list(prompts)
+            # a chat rendered by a template that writes the bos (Llama-3, Gemma) gets a second one
+            # from a tokenizer that adds it: one, as the SFT / DPO trainers and TRL's GRPO encode
+            # rendered chats (add_special_tokens=False) and apply_chat_template(tokenize=True) does
+            bos, bos_text = self.tokenizer.bos_token_id, getattr(self.tokenizer, "bos_token", None)
+            if bos is not None and isinstance(bos_text, str) and bos_text:
+                ids = [p[1:] if len(p) > 1 and p[0] == p[1] == bos and t.startswith(bos_text) else p
+                       for p, t in zip(ids, texts)]
         elif all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
             ids = [list(p) for p in prompts]
             texts = None  # decoded once the ids are checked
@@ -171,20 +201,41 @@ class HFRolloutEngine(RolloutEngine):
         return torch.compiler.set_stance("force_eager") if compiled(base) else contextlib.nullcontext()
 
     def _prefill(self, prompt_ids, prompt_mask):
-        """One forward over the left-padded prompts ``[Bp, P]`` filling a fresh DynamicCache;
-        only the last position's logits are computed where the model supports it."""
+        """One forward over the left-padded prompts ``[Bp, P]`` filling a fresh DynamicCache (or
+        the model's own cache class); only the last position's logits are computed where the
+        model supports it."""
         from transformers import DynamicCache
 
-        kw = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=default_position_ids(prompt_mask),
-                  use_cache=True)
-        kw[self._cache_kw] = DynamicCache(config=unwrap(self.model).config)
+        base = unwrap(self.model)
+        # a model with a cache class of its own (MiniMax; generate knows them by
+        # _supports_default_dynamic_cache) refuses a DynamicCache: it makes its own when given none
+        supports = getattr(type(base), "_supports_default_dynamic_cache", None)
+        own = supports is not None and not supports()
+
+        def args():
+            kw = dict(input_ids=prompt_ids, attention_mask=prompt_mask,
+                      position_ids=default_position_ids(prompt_mask), use_cache=True)
+            if not own:
+                kw[self._cache_kw] = DynamicCache(config=base.config)
+            return kw
+
         try:
-            return self.model(**kw, logits_to_keep=1)
+            return self.model(**args(), logits_to_keep=1)
         except TypeError as e:  # older/custom models without logits_to_keep
             if "logits_to_keep" not in str(e):
                 raise
-            kw[self._cache_kw] = DynamicCache(config=unwrap(self.model).config)
-            return self.model(**kw)
+            return self.model(**args())
+
+    # model types whose decode steps take no attention mask: generate's prepare_inputs_for_generation
+    # drops it after the prefill, and their mixer multiplies the one new token's states by the mask,
+    # so a [B, K] mask broadcasts them to K tokens (wrong logits, no error)
+    _NO_STEP_MASK = ("mamba", "falcon_mamba", "mamba2")
+
+    def _step_mask(self, mask):
+        """The attention mask a decode step passes on to the model: ``mask`` (``[B, K]``), or
+        None for the model types of ``_NO_STEP_MASK``."""
+        model_type = getattr(getattr(unwrap(self.model), "config", None), "model_type", None)
+        return None if model_type in self._NO_STEP_MASK else mask
 
     def _bool_mask_ok(self) -> bool:
         """Whether decode steps may pass a ready 4D boolean mask: sdpa attention on a
@@ -235,12 +286,22 @@ class HFRolloutEngine(RolloutEngine):
             stop.update(t for t in self._eos_ids() if t < V)
         return torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
 
-    def _hits_stop_string(self, tokens: List[int], stop_strings: Sequence[str]) -> bool:
+    def _hits_stop_string(self, tokens: List[int], stop_strings: Sequence[str], before: int) -> bool:
+        """Whether the generated ``tokens`` end a row on one of ``stop_strings``; ``before``: the
+        token before the response (the prompt's last)."""
         # a stop string of L characters spans at most 4·L byte-level tokens; only the tail can
         # hold a new match (an earlier one would have stopped the row already)
         window = 4 * max(len(s) for s in stop_strings) + 1
-        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
-        return any(s in tail for s in stop_strings)
+        tail = tokens[-window:]
+        # decoded after the token before it, whose own text is then cut off: decoded first, a
+        # SentencePiece-style token loses its leading space ("▁blu" alone is "blu", which a stop
+        # string " blu" misses, while generate's StopStringCriteria stops on it); a context that
+        # does not decode to a prefix of the whole (bytes of one character) falls back to the tail
+        ctx = tokens[-window - 1] if len(tokens) > window else before
+        pre = self.tokenizer.decode([ctx], skip_special_tokens=False)
+        text = self.tokenizer.decode([ctx] + tail, skip_special_tokens=False)
+        text = text[len(pre):] if text.startswith(pre) else self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
 
     def _sample_rows(self, logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams, checked: bool):
         """One draw per row of ``logits [B, V]`` from that row's own uniform (``uniforms [B]``
@@ -296,10 +357,10 @@ class HFRolloutEngine(RolloutEngine):
             else:
                 out = self._prefill(prompt_ids, prompt_mask)
                 logits = out.logits[:, -1]  # [Bp, V]
-                cache = _returned_cache(out)
+                cache = _returned_cache(out, self.model)
                 if n > 1:
                     # the group shares one prefill: repeat the prompt's cache rows n times
-                    cache.batch_repeat_interleave(n)
+                    _repeat_rows(cache, n, Bp, self.device)
                     logits = logits.repeat_interleave(n, dim=0)
                 if fast is not None:
                     fast.load_cache(cache)
@@ -327,6 +388,8 @@ class HFRolloutEngine(RolloutEngine):
             if params.stop_strings:  # decoded on the host every step anyway
                 check_every = 1
             texts_so_far: List[List[int]] = [[] for _ in range(B)]
+            # each row's last prompt token (left padding: the last column is always a real token)
+            prompt_last = prompt_ids[:, -1].repeat_interleave(n).tolist() if params.stop_strings else None
             R_used = 0
             for step in range(R):
                 if pen is not None:
@@ -350,7 +413,8 @@ class HFRolloutEngine(RolloutEngine):
                     tl = tok.tolist()
                     for i in alive.nonzero().flatten().tolist():
                         texts_so_far[i].append(tl[i])
-                        if not stopped[i] and self._hits_stop_string(texts_so_far[i], params.stop_strings):
+                        if not stopped[i] and self._hits_stop_string(texts_so_far[i], params.stop_strings,
+                                                                          prompt_last[i]):
                             stopped[i] = True
                 finished_by_stop |= stopped
                 # finished rows keep feeding pad tokens, masked out, so shapes stay rectangular
@@ -386,10 +450,10 @@ class HFRolloutEngine(RolloutEngine):
                 if fast is not None:
                     logits = fast.step(tok, mask_arg, pos_ids, P + step)
                     continue
-                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=mask_arg, position_ids=pos_ids,
-                                 use_cache=True, **{self._cache_kw: cache})
+                out = self.model(input_ids=tok.unsqueeze(1), attention_mask=self._step_mask(mask_arg),
+                                 position_ids=pos_ids, use_cache=True, **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
-                cache = _returned_cache(out)
+                cache = _returned_cache(out, self.model)
         if check_every > 1:  # drop the steps run after every row had finished
             R_used = int(resp_mask[:, :R_used].any(0).nonzero().max()) + 1
         resp, resp_mask = resp[:, :R_used], resp_mask[:, :R_used]
@@ -466,8 +530,8 @@ class HFRolloutEngine(RolloutEngine):
 
         with self._eval_mode(), gathered_params(self.model):
             out = self._prefill(prompt_ids, prompt_mask)
-            cache = _returned_cache(out)
-            cache.batch_repeat_interleave(nb)
+            cache = _returned_cache(out, self.model)
+            _repeat_rows(cache, nb, Bp, dev)
             logits = out.logits[:, -1].repeat_interleave(nb, dim=0)  # [Bp·nb, V]
             attn = prompt_mask.repeat_interleave(nb, dim=0)
             cur = P
@@ -506,10 +570,11 @@ class HFRolloutEngine(RolloutEngine):
                 cache.reorder_cache(beam_idx)
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
                 pos = (attn.sum(-1, keepdim=True) - 1).clamp(min=0)
-                out = self.model(input_ids=running[:, :, cur - 1].reshape(-1, 1), attention_mask=attn,
-                                 position_ids=pos, use_cache=True, **{self._cache_kw: cache})
+                out = self.model(input_ids=running[:, :, cur - 1].reshape(-1, 1),
+                                 attention_mask=self._step_mask(attn), position_ids=pos, use_cache=True,
+                                 **{self._cache_kw: cache})
                 logits = out.logits[:, -1]
-                cache = _returned_cache(out)
+                cache = _returned_cache(out, self.model)
         resp = finished[:, 0, P:cur]
         return self._pack_fixed(prompt_ids, prompt_mask, resp, texts, time.perf_counter() - t0)
 

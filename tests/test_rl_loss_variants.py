@@ -208,13 +208,13 @@ def test_cispo_stats_and_float32_and_masked_nan():
 
 
 def test_entropy_bonus_acts_on_the_high_entropy_tokens_only():
-    """Entropy bonus: agg over the loss tokens of keep_H·entropy (TRL masks the bonus the same
-    way, though it normalises it on its own)."""
+    """Entropy bonus: under token-mean the mean entropy over the loss tokens keep_H keeps, TRL's
+    (tests/test_review_grpo_parity.py checks it against TRL's _compute_loss)."""
     logp, old, ref, ent, adv, mask = _inputs()
     ent.requires_grad_(True)
     loss, _ = pl.policy_loss_from_logp(logp, ent, old, adv, mask, top_entropy_quantile=0.3, entropy_coef=0.5)
     keep = pl.high_entropy_mask(ent.detach(), mask, 0.3)
-    want = torch.where(keep, -0.5 * torch.ones_like(ent), torch.zeros_like(ent)) / mask.sum()
+    want = torch.where(keep, -0.5 * torch.ones_like(ent), torch.zeros_like(ent)) / keep.sum()
     torch.testing.assert_close(_grad(loss, ent), want)
 
 

@@ -605,6 +605,7 @@ def policy_loss_from_logp(
     kl_cov_ratio: float = KL_COV_RATIO,
     ppo_kl_coef: float = PPO_KL_COEF,
     generator: Optional[torch.Generator] = None,
+    entropy_normalizer=None,
 ):
     """agg(keep·policy term + kl_coef·KL(logp, ref_logp) − entropy_coef·keep_H·entropy).
 
@@ -616,7 +617,11 @@ def policy_loss_from_logp(
     as TRL) and the off-policy mask (:func:`off_policy_mask` against ``old_logp`` when
     ``off_policy_mask_threshold`` is set); keep_H is the high-entropy mask alone (TRL applies
     it to the entropy bonus too); the KL term is never masked. Masking zeroes terms, it does
-    not change the denominator of ``agg`` (as TRL). ``importance_sampling_level="sequence"``:
+    not change the denominator of ``agg`` (as TRL), except the entropy bonus's under ``agg``
+    ``token-mean`` with the high-entropy mask: TRL's bonus is the mean entropy over the tokens it
+    acts on, so its sum over the kept tokens is divided by their count (``entropy_normalizer``: the
+    whole mini-batch's kept tokens, a number or device tensor; None: this call's), not by the
+    loss tokens'. ``importance_sampling_level="sequence"``:
     GSPO's sequence ratio through :func:`rlhf_fast.models.logprobs.sequence_level_old_logp`
     (clip, luspo and sapo; the off-policy mask still uses the per-token ``old_logp``).
     ``"sequence_sum"``: TRL RLOO's loss, :func:`sequence_sum_policy_loss` of each row summed
@@ -721,10 +726,15 @@ def policy_loss_from_logp(
                 lp = logp.to(loss_tok.dtype)
                 kl_term = kl * torch.exp(torch.clamp(lp - ratio_old.to(lp.dtype), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
             total = total + kl_coef * kl_term
-    if entropy_coef != 0.0:
+    # TRL's bonus is a mean over the tokens it acts on: under token-mean the kept tokens' own count
+    ent_apart = entropy_coef != 0.0 and keep_h is not None and agg == "token-mean"
+    if entropy_coef != 0.0 and not ent_apart:
         ent = entropy if keep_h is None else torch.where(keep_h, entropy, torch.zeros_like(entropy))
         total = total - entropy_coef * ent
     loss = reference.aggregate(total, mb, agg, normalizer)
+    if ent_apart:
+        ent_mean = reference.aggregate(entropy.to(loss.dtype), mb & keep_h, agg, entropy_normalizer)
+        loss = loss - entropy_coef * ent_mean
     stats = reference.policy_stats(logp, ratio_old, ratio, clipped, dual, mb)
     with torch.no_grad():
         dt = loss.dtype

@@ -315,6 +315,19 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return (x * 0xD6E8FEB86659FD93 % (2**64)) >> 1
 
 
+def _is_weight_mean_parts(w: torch.Tensor, rm: torch.Tensor, per_answer: bool) -> tuple:
+    """(sum, count) float64 0-dim tensors of ``is_weight/mean`` of the weights ``w`` ``[B, L]`` on
+    the response tokens ``rm`` ``[B, L]`` bool: over the tokens, or (``per_answer``: a sequence
+    ``ppo.is_mode``, one weight per answer on each of its tokens) over the answers with a
+    response token, each once, as TRL's ``sampling/importance_sampling_ratio/mean`` of its
+    ``(B, 1)`` weights (a token mean would weigh long answers more)."""
+    if not per_answer:
+        return (w * rm).double().sum(), rm.double().sum()
+    rows = rm.any(1)
+    row_w = (w * rm).double().sum(1) / rm.sum(1).clamp(min=1).double()
+    return row_w[rows].sum(), rows.double().sum()
+
+
 def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple:
     """(min, max) floats of ``x`` ``[B, L]`` where ``mask`` ``[B, L]`` bool; (inf, -inf) with
     no token, the neutral values of a min / max reduction over ranks."""
@@ -1193,7 +1206,8 @@ class RLTrainer:
         if cfg.ppo.is_cap is not None:
             # importance sampling: the rollout came from the behaviour distribution
             w, is_masked = self._is_weights(old_logp, beh, rm)
-            m["is_weight/mean"] = float(ops.masked_mean(w, rm))
+            w_sum, w_n = _is_weight_mean_parts(w, rm, cfg.ppo.is_mode.startswith("sequence"))
+            m["is_weight/mean"] = float(w_sum / w_n.clamp(min=1))
             # over the response tokens after the bound, masked zeros included (TRL's min / max)
             m["is_weight/min"], m["is_weight/max"] = _masked_min_max(w, rm)
             if is_masked is not None:
@@ -1228,7 +1242,8 @@ class RLTrainer:
         if self.ctx.distributed:  # the same numbers from every rank's rows together
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
                                                   values, (beh - old_logp).abs() * rm if recompute else None,
-                                                  w, truncated, is_masked))
+                                                  w, truncated, is_masked,
+                                                  is_per_answer=cfg.ppo.is_mode.startswith("sequence")))
         if ref_logp is None:
             for k in ("kl/seq", "kl/token"):
                 m.pop(k, None)
@@ -1612,13 +1627,14 @@ class RLTrainer:
         return torch.tensor([r == "length" for r in reasons], dtype=torch.bool)
 
     def _global_rollout_metrics(self, per_source, raw, scores, kl_tok, rm, entropy, adv, ret, values, gap,
-                                is_w, truncated, is_masked=None):
+                                is_w, truncated, is_masked=None, is_per_answer=False):
         """The rollout metrics of every rank's rows together, as one process computes them
         on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
         second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
         recomputed log-prob| on response tokens, ``is_w`` the importance weights or None,
         ``truncated`` ``[b]`` bool the rows cut at max_new_tokens, ``is_masked`` ``[b, L]`` bool
-        the tokens a mask mode of ``ppo.is_mode`` zeroed (or None);
+        the tokens a mask mode of ``ppo.is_mode`` zeroed (or None), ``is_per_answer``: a sequence
+        ``ppo.is_mode`` (``is_weight/mean`` over the answers, :func:`_is_weight_mean_parts`);
         ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward)."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
@@ -1638,7 +1654,7 @@ class RLTrainer:
         if gap is not None:
             parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
         if is_w is not None:
-            parts["is_weight/mean"] = (d(is_w * rm), tok)
+            parts["is_weight/mean"] = _is_weight_mean_parts(is_w, rm, is_per_answer)
         if is_masked is not None:
             parts["is_weight/masked_frac"] = (d(is_masked & rm), tok)
         if self.critic is not None:
@@ -1854,13 +1870,20 @@ class RLTrainer:
         real = sum(-(-c[0] // mb) for c in self.ctx.all_gather_ints([rows]))
         return max(real, 1) / self.ctx.world_size
 
-    def _loss_kwargs(self) -> dict:
+    def _loss_kwargs(self, data: Optional["RolloutTensors"] = None) -> dict:
+        """The loss's keywords for the mini-batch ``data``; with an entropy bonus on the
+        high-entropy tokens under ``ppo.agg: token-mean``, ``entropy_normalizer``: their count over
+        the whole mini-batch (every rank; collective), TRL's bonus being a mean over them."""
         cfg = self.config
         in_loss = cfg.kl.placement == "loss"
-        return dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.loss_kind,
-                    entropy_coef=self._entropy_coef(), temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
-                    clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg,
-                    importance_sampling_level=cfg.ppo.importance_sampling_level)
+        kw = dict(kl_coef=self.kl_ctl.value if in_loss else 0.0, kl_kind=cfg.kl.loss_kind,
+                  entropy_coef=self._entropy_coef(), temperature=cfg.rollout.temperature, clip_low=cfg.ppo.clip_low,
+                  clip_high=cfg.ppo.clip_high, dual_clip=cfg.ppo.dual_clip, agg=cfg.ppo.agg,
+                  importance_sampling_level=cfg.ppo.importance_sampling_level)
+        if (data is not None and data.entropy_mask is not None and kw["entropy_coef"] != 0.0
+                and cfg.ppo.top_entropy_quantile < 1.0 and cfg.ppo.agg == "token-mean"):
+            kw["entropy_normalizer"] = self._global_normalizer(data.entropy_mask, "token-mean")
+        return kw
 
     def policy_backward(self, data: RolloutTensors, micro_batch_size: Optional[int] = None,
                         n_micro: Optional[int] = None) -> Dict[str, float]:
@@ -1872,7 +1895,7 @@ class RLTrainer:
         backwards, as FSDP2 needs, however many rows it holds (``data`` may be empty).
         Returns the loss and statistics, averaged over micro-batches by token count."""
         mb = micro_batch_size or self.config.ppo.micro_batch_size
-        kw = self._loss_kwargs()
+        kw = self._loss_kwargs(data)
         norm = self._global_normalizer(data.response_mask, kw["agg"])
         ntok = data.response_mask.sum().clamp(min=1).float()
         per_answer = kw["importance_sampling_level"] == "sequence_sum"
@@ -2079,7 +2102,7 @@ class RLTrainer:
         add nothing), each one's policy loss plus coef × its aux loss / :meth:`_aux_steps`, that
         term divided by the world size (DDP averages it over ranks; the policy loss's grad_scale makes
         its part a sum, as the caller's all-reduce does)."""
-        kw = self._loss_kwargs()
+        kw = self._loss_kwargs(data)
         mb = self.config.ppo.micro_batch_size
         B = data.input_ids.shape[0]
         steps = max(-(-B // mb) if n_micro is None else max(n_micro, -(-B // mb)), 1)  # policy_backward's

@@ -849,7 +849,8 @@ class PPOConfig:
     ``policy/clip_frac`` is then, for cispo, the share of tokens whose weight is capped (r >
     ε_max, any sign of A) and 0 for sapo. ``top_entropy_quantile`` ρ (1 = off): only the
     response tokens whose entropy is at least the (1 − ρ) quantile keep their policy-loss and
-    entropy-bonus terms (Wang et al. 2025's 80/20 rule; the paper and TRL use 0.2). The
+    entropy-bonus terms (Wang et al. 2025's 80/20 rule; the paper and TRL use 0.2); under
+    ``agg: token-mean`` the bonus is then the mean entropy over the kept tokens (TRL's). The
     threshold and the mask come from the rollout policy's entropies over the whole rollout
     batch's loss tokens (every rank's), so they do not depend on micro-batching, mini-batches
     or epochs (TRL takes the quantile over each micro-batch, gathered over ranks);
@@ -908,8 +909,8 @@ class PPOConfig:
     as TRL). ``is_cap_min`` (None = no lower bound; TRL's ``vllm_importance_sampling_clip_min``,
     needs ``is_cap``, below it): the truncate modes clamp the weight to [is_cap_min, is_cap],
     the mask modes also zero the weights below it. ``is_weight/mean``, ``is_weight/min`` and
-    ``is_weight/max`` (over response tokens, after the bound; TRL's
-    ``sampling/importance_sampling_ratio/*``) and, for the mask modes, ``is_weight/masked_frac``
+    ``is_weight/max`` (over response tokens, after the bound — the mean of the sequence modes over
+    answers, each once; TRL's ``sampling/importance_sampling_ratio/*``) and, for the mask modes, ``is_weight/masked_frac``
     (share of response tokens whose weight is 0) are logged.
 
     ``use_adaptive_entropy`` (Skywork-OR1; TRL's option): ``entropy_coef`` is the initial

@@ -244,15 +244,38 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
 
 
 def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
-    """The critic: a saved ValueModel ``path`` loaded with ``init_kwargs`` (model.model_init_kwargs),
-    else one built from the policy's backbone (in the policy's dtype)."""
+    """The critic: ``path`` (model.critic) loaded with ``init_kwargs`` (model.model_init_kwargs) —
+    a saved ValueModel, or a reward-model folder (one label; TRL 0.x PPO's ``value_model``: its
+    backbone, and its score head as the value head) — else one built from the policy's backbone
+    (in the policy's dtype). ValueError naming model.critic for a folder of neither kind."""
     from rlhf_fast.models import loading
 
     if path is not None:
-        return loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
+        if os.path.isfile(os.path.join(path, loading._VALUE_HEAD_FILE)):
+            return loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
+        what = "expected a saved ValueModel folder (a ppo run's final/critic) or a reward model (one label)"
+        try:
+            loading.check_model_folder(path, "model.critic", reward=True)  # names the key and the folder
+        except ValueError as e:
+            raise ValueError(f"{e} ({what}, {loading._VALUE_HEAD_FILE} missing)") from None
+        rm = loading.load_reward_model(path, init_kwargs=init_kwargs)
+        score = getattr(rm, "score", None)
+        if not isinstance(score, torch.nn.Linear) or score.out_features != 1:
+            # ValueModel would start a fresh head: not the reward model's values
+            raise ValueError(f"model.critic {path!r}: {type(rm).__name__} has no one-output `score` head; {what}")
+        return loading.ValueModel(rm)
     if hasattr(loading.ValueModel, "from_policy"):
         return loading.ValueModel.from_policy(policy)
     return loading.ValueModel(policy)
+
+
+def missing_eos_scores(scores: torch.Tensor, truncated: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
+    """``reward.missing_eos_penalty`` (TRL 0.x PPO's ``scores[~contain_eos_token] -= penalty``):
+    ``scores`` ``[B]`` float minus ``penalty`` where ``truncated`` ``[B]`` bool (the answer was cut
+    at ``rollout.max_new_tokens``: no eos); ``penalty`` None: ``scores`` unchanged. Same dtype."""
+    if penalty is None:
+        return scores
+    return scores - penalty * truncated.to(device=scores.device, dtype=scores.dtype)
 
 
 def _check_syncable(policy, reference) -> None:
@@ -1161,13 +1184,15 @@ class RLTrainer:
                               f"{out.dropped}); check the reward sources")
         idx = keep.nonzero(as_tuple=True)[0].to(dev)
         truncated = self._truncated_rows(batch).to(dev)[idx]  # [b] bool: cut at max_new_tokens
-        raw = out.total[keep.cpu()].to(dev)
+        pen = cfg.reward.missing_eos_penalty  # TRL 0.x PPO: on the answers without an eos, before the rest
+        raw = missing_eos_scores(out.total[keep.cpu()].to(dev), truncated, pen)
         unscored_kept = unscored[keep.cpu()].to(dev)
         if unscored_kept.any():  # TRL: rewards[unscorable_mask] = torch.nan
             raw = raw.masked_fill(unscored_kept, float("nan"))
         # reward.process_aggregation steps: the last token carries the other sources' part of the
         # total (the PRM's step rewards go on their own tokens: _step_rewards)
-        scores = self._shaped_scores(raw if out.steps is None else out.scalar[keep.cpu()].to(dev))
+        scores = self._shaped_scores(raw if out.steps is None
+                                     else missing_eos_scores(out.scalar[keep.cpu()].to(dev), truncated, pen))
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm, prompt_of = ids[idx], am[idx], rm[idx], prompt_of[idx]
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
@@ -1620,6 +1645,9 @@ class RLTrainer:
         reasons = list(getattr(batch, "finish_reasons", None) or [])
         B = batch.input_ids.shape[0]
         if len(reasons) != B:
+            if self.config.reward.missing_eos_penalty is not None:
+                raise ValueError(f"reward.missing_eos_penalty needs the engine's finish_reasons (one per row, "
+                                 f"{B}); {type(self.engine).__name__} gave {len(reasons)}")
             if self.config.rollout.mask_truncated:
                 raise ValueError(f"rollout.mask_truncated needs the engine's finish_reasons (one per row, "
                                  f"{B}); {type(self.engine).__name__} gave {len(reasons)}")
@@ -2636,4 +2664,5 @@ class RLOOTrainer(RLTrainer):
 
 
 __all__ = ["RLTrainer", "PPOTrainer", "GRPOTrainer", "RLOOTrainer", "RolloutTensors", "build_tiny_policy",
-           "load_prompts", "load_prompt_records", "prompt_record", "read_prompt_records", "critic_values"]
+           "load_prompts", "load_prompt_records", "prompt_record", "read_prompt_records", "critic_values",
+           "missing_eos_scores"]

@@ -73,7 +73,9 @@ def _choice(name, v, options):
 class ModelConfig:
     """policy: a local HF path or ``tiny:FAMILY`` (a random tiny model with a BPE tokenizer
     trained locally, sized by the tiny_* fields). reference: defaults to a frozen copy of the
-    initial policy. critic: a saved ValueModel path, else built from the policy's backbone.
+    initial policy. critic: a saved ValueModel path (a ppo run's final/critic) or a reward-model
+    folder (one label, TRL 0.x PPO's value_model: its backbone and score head), else built from
+    the policy's backbone.
     gradient_checkpointing: transformers' activation checkpointing on the policy (and a critic
     built from it): each layer recomputed in the update's backward, for less memory.
     lora: None, or LoraConfig fields ({}: r=8, alpha=16, every linear layer): fresh adapters on
@@ -528,6 +530,10 @@ class RewardConfig:
     ``overlong_buffer`` (tokens, 0 = off): DAPO's soft overlong punishment, weighted by
     ``overlong_penalty`` — 0 up to ``rollout.max_new_tokens − overlong_buffer`` response tokens,
     then falling linearly to −1 at ``rollout.max_new_tokens`` (:class:`OverlongPenalty`).
+    ``missing_eos_penalty`` (TRL 0.x PPOConfig's; null = off, else >= 0): subtracted from the
+    summed reward of each answer cut at ``rollout.max_new_tokens`` (no eos, stop token or stop
+    string: TRL's answers without an eos), before the shaping below; ``reward/total`` includes it
+    (training rewards only, not ``eval/reward/*``).
     Shaping: ``whiten`` (running mean and unbiased std over every score seen, on every rank
     — TRL's ``use_score_scaling`` + ``use_score_norm``) then ``clip`` (symmetric, [−clip, clip]) or
     ``clip_range`` ([min, max], TRL RLOO's ``reward_clip_range``; one of the two). Both act on
@@ -607,6 +613,7 @@ class RewardConfig:
     repetition_ngram: int = 3
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    missing_eos_penalty: Optional[float] = None  # TRL 0.x PPOConfig's; null: off
     clip: Optional[float] = None
     clip_range: Optional[List[float]] = None
     whiten: bool = False
@@ -626,6 +633,9 @@ class RewardConfig:
             # the advantages come from each source's own scores: shaping the total would change nothing
             raise ValueError("reward.whiten / reward.clip / reward.clip_range shape the summed reward, which "
                              "reward.multi_objective_aggregation 'normalize_then_sum' does not use; unset them")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.missing_eos_penalty is not None:
+            raise ValueError("reward.missing_eos_penalty changes the summed reward, which "
+                             "reward.multi_objective_aggregation 'normalize_then_sum' does not use; unset it")
         self._check_reward_models()
         self._check_process_model()
         if self.weights and len(self.weights) != len(self.functions):
@@ -645,6 +655,8 @@ class RewardConfig:
         _pos("reward.repetition_ngram", self.repetition_ngram, integer=True)
         _pos("reward.overlong_buffer", self.overlong_buffer, allow_zero=True, integer=True)
         _pos("reward.overlong_penalty", self.overlong_penalty, allow_zero=True)
+        if self.missing_eos_penalty is not None:
+            _pos("reward.missing_eos_penalty", self.missing_eos_penalty, allow_zero=True)
         if self.length_target is not None:
             _pos("reward.length_target", self.length_target, allow_zero=True, integer=True)
 
@@ -817,6 +829,11 @@ class PPOConfig:
     trained on; other rows of the batch are not measured, so with several mini-batches or
     epochs the whole batch's KL can exceed it — for TRPO's single trust-region step take
     ``mini_batch_size`` = the batch and ``epochs`` 1.
+    The critic (estimator gae): ``value_coef`` scales its clipped value loss (0.5·max((v − R)²,
+    (old + clip(v − old, ±``value_clip``) − R)²); ``value_clip`` null: unclipped), stepped by its
+    own optimizer (``optim.critic_lr``); ``gamma`` / ``lam`` are GAE's. ``value_coef``,
+    ``value_clip``, ``lam`` and ``model.critic`` are refused away from their defaults by the
+    other policy-gradient estimators, which have no critic.
     ``is_cap``: truncated importance sampling weight cap for rollout/training log-prob
     mismatch (None = off). ``old_logp``: where the rollout-time policy log-probs (the
     ratio's denominator and the KL-in-reward term) come from: ``recompute`` (a no-grad
@@ -2015,6 +2032,11 @@ class RLConfig:
                                      f"({getattr(self.ppo, key)}) must be a multiple of rollout.group_size "
                                      f"({self.rollout.group_size}), so that every mini- and micro-batch holds whole "
                                      f"groups")
+        self._check_critic_keys()
+        if self.reward.missing_eos_penalty is not None and self.estimator not in ESTIMATORS:
+            hint = " (see online_dpo.missing_eos_penalty)" if self.estimator == ONLINE_DPO else ""
+            raise ValueError(f"reward.missing_eos_penalty applies to the policy-gradient estimators "
+                             f"({', '.join(ESTIMATORS)}), got estimator {self.estimator!r}{hint}")
         ro = self.rollout
         if ro.dynamic_sampling and self.estimator not in GROUP_ESTIMATORS:
             raise ValueError(f"rollout.dynamic_sampling needs a group estimator ({', '.join(GROUP_ESTIMATORS)}), "
@@ -2101,6 +2123,20 @@ class RLConfig:
             raise ValueError(f"{', '.join(rest)}: no effect in distillation (no policy-gradient loss, advantages or "
                              f"critic; of ppo only {', '.join('ppo.' + k for k in DISTILL_PPO_KEYS)} apply); "
                              f"remove these keys")
+
+    def _check_critic_keys(self) -> None:
+        """The critic's keys (model.critic, ppo.value_coef / value_clip / lam) set for a
+        policy-gradient estimator without a critic would do nothing: refused, naming them. (The
+        other estimators run their own checks; optim.critic_lr is left alone.)"""
+        from rlhf_fast.algorithms.advantages import CRITIC_ESTIMATORS
+
+        if self.estimator not in ESTIMATORS or self.estimator in CRITIC_ESTIMATORS:
+            return
+        keys = ["model.critic"] if self.model.critic is not None else []
+        keys += [k for k in _changed(self.ppo, "ppo.") if k in ("ppo.value_coef", "ppo.value_clip", "ppo.lam")]
+        if keys:
+            raise ValueError(f"{', '.join(keys)}: no effect with estimator {self.estimator!r} (no critic; they "
+                             f"belong to estimator 'gae', rlhf-fast ppo); unset them")
 
     def _no_policy_gradient_keys(self, ppo_keys, truncated_note: str = "") -> List[str]:
         """The keys set away from their defaults that a loss without policy gradient ignores

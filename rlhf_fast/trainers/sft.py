@@ -224,10 +224,12 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     ``assistant_only_loss`` and on every token without; cut to its first ``max_len`` tokens
     and dropped when no token after the first is left to train.
 
-    The prompt and the completion are tokenised separately (the prompt as generation sees
-    it: plain text with the tokenizer's special tokens such as bos, a chat through its
-    template with the generation prompt and no second bos), then concatenated, so the
-    prompt tokens are exactly those a rollout conditions on. One eos is appended to the
+    The prompt is tokenised as generation sees it (plain text with the tokenizer's special
+    tokens such as bos, a chat through its template with the generation prompt and no second
+    bos), so the prompt tokens are exactly those a rollout conditions on, and the completion
+    as its continuation (:func:`rlhf_fast.trainers.sft_data.continuation_ids`: prompt +
+    completion tokenised together, the prompt's tokens cut off, as TRL; alone where a token
+    merges across the boundary). One eos is appended to the
     completion unless its text already ends with the eos token (as TRL's ``add_eos`` and
     OpenRLHF's SFTDataset do). Truncation keeps the start (TRL's ``keep_start``): the whole
     prompt and the first completion tokens; a completion cut short loses its eos (unlike
@@ -248,9 +250,11 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     as much of the prompt's end as fits; the mask stays aligned with the ids, and a row is
     dropped when no token after the first is left to train (an empty prompt still drops the
     record, as with ``keep_start``)."""
+    from jinja2 import TemplateError
+
     from rlhf_fast.feedback.formats import ChatRecord, TextRecord, render_prompt
 
-    from .sft_data import chat_tokens
+    from .sft_data import chat_tokens, continuation_ids
 
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
@@ -260,7 +264,7 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
         raise ValueError(f"sft records mix {{'text'}} records ({n_text}) with prompt/completion or messages records "
                          f"({len(records) - n_text}), first at record {first}: use one format per dataset")
     rows, dropped = [], 0
-    for r in records:
+    for i, r in enumerate(records):
         if isinstance(r, TextRecord):
             ids = list(tokenizer(r.text)["input_ids"])  # the tokenizer's special tokens, as TRL's text rows
             eos = tokenizer.eos_token_id
@@ -273,7 +277,10 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
             rows.append({"input_ids": ids, "response_mask": [1] * len(ids)})
             continue
         if isinstance(r, ChatRecord):
-            ids, mask = chat_tokens(tokenizer, r.messages, assistant_only=assistant_only_loss)
+            try:
+                ids, mask = chat_tokens(tokenizer, r.messages, assistant_only=assistant_only_loss)
+            except ValueError as e:  # named, so a bad row among thousands can be found
+                raise ValueError(f"sft record {i}: {e}") from None
             ids, mask = _cut(ids, max_len, truncation_mode), _cut(mask, max_len, truncation_mode)
             if not any(mask[1:]):  # position 0 is never predicted
                 dropped += 1
@@ -281,8 +288,14 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
             rows.append({"input_ids": ids, "response_mask": mask})
             continue
         # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
-        p = tokenizer(render_prompt(r.prompt, tokenizer), add_special_tokens=isinstance(r.prompt, str))["input_ids"]
-        c = tokenizer(r.completion, add_special_tokens=False)["input_ids"]
+        try:
+            text = render_prompt(r.prompt, tokenizer)
+        except TemplateError as e:  # the template's raise_exception (Gemma: no system role, ...)
+            raise ValueError(f"sft record {i}: the chat template refuses its prompt "
+                             f"({type(e).__name__}: {e})") from None
+        special = isinstance(r.prompt, str)
+        p = tokenizer(text, add_special_tokens=special)["input_ids"]
+        c = continuation_ids(tokenizer, text, p, r.completion, add_special_tokens=special)
         eos = tokenizer.eos_token_id
         if eos is not None and not (c and c[-1] == eos):  # a completion that already ends with eos keeps one
             c = c + [eos]
@@ -491,6 +504,12 @@ class _Batches:
         idx = self._perm[self.pos: self.pos + self.bs]
         self.pos += len(idx)
         return idx
+
+    def epochs_done(self) -> float:
+        """transformers' ``state.epoch``: the epochs done, the current one by the share of its
+        batches taken (8 rows in batches of 4: 0.5 after one batch, 1.0 after two)."""
+        per_epoch = -(-self.n // self.bs)  # batches an epoch, the last one short
+        return self.epoch + -(-self.pos // self.bs) / per_epoch
 
     def state(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -1012,7 +1031,8 @@ class SFTTrainer:
         n_local = sum(int((b["response_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum())
                       for b in micro)
         n_tok = torch.tensor(n_local, dtype=torch.float64, device=self.device)
-        n_tok = max(int(ctx.all_reduce_sum(n_tok)), 1)
+        n_trained = int(ctx.all_reduce_sum(n_tok))
+        n_tok = max(n_trained, 1)  # (a step with nothing to train divides 0 by 1, as TRL's clamp)
         # (loss sum, nll sum, entropy sum, top-1 tokens)
         total = torch.zeros(4, dtype=torch.float64, device=self.device)
         aux_vals = []
@@ -1030,7 +1050,7 @@ class SFTTrainer:
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm, **self.scaler.metrics(),
-             "lr": self.scheduler.get_last_lr()[0], "tokens": n_tok, "epoch": self.batches.epoch}
+             "lr": self.scheduler.get_last_lr()[0], "tokens": n_trained, "epoch": self.batches.epochs_done()}
         if cfg.loss_type != "nll":
             m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types
         # TRL's entropy: the token mean over the trained tokens (here of the whole step, every rank)

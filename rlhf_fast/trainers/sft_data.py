@@ -30,8 +30,32 @@ from typing import Any, Dict, List, Sequence, Tuple
 def _render_ids(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool) -> List[int]:
     """Token ids of ``messages`` rendered by the chat template, as ``apply_chat_template(...,
     tokenize=True)`` encodes them (the rendered text without the tokenizer's special tokens:
-    the template writes its own, e.g. bos)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    the template writes its own, e.g. bos). ValueError (not jinja's TemplateError) when the
+    template refuses the messages (its ``raise_exception``: Gemma's "System role not
+    supported", Mistral's roles that must alternate)."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise ValueError(f"the chat template refuses the conversation ({type(e).__name__}: {e})") from None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def continuation_ids(tokenizer, prompt_text: str, prompt_ids: Sequence[int], text: str, *,
+                     add_special_tokens: bool) -> List[int]:
+    """The token ids (int list) of ``text`` written after ``prompt_text``, whose ids are
+    ``prompt_ids`` (encoded with ``add_special_tokens``): ``prompt_text + text`` encoded whole
+    and the prompt's ids cut off, where they start it (TRL's SFT / OpenRLHF's rule); else — a
+    token merging across the boundary — ``text`` encoded alone (no special tokens), so the
+    prompt keeps the ids generation conditions on. Not alone first: a SentencePiece tokenizer
+    (Llama-2, Mistral-v0.1, Phi-3) writes a prefix space before the first word of every text it
+    encodes, "red" alone is "▁red" where after "\\n" it is "red"."""
+    full = list(tokenizer(prompt_text + text, add_special_tokens=add_special_tokens)["input_ids"])
+    n = len(prompt_ids)
+    if len(full) > n and full[:n] == list(prompt_ids):
+        return full[n:]
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -146,4 +170,5 @@ def pack_wrapped(rows: Sequence[Dict[str, List[int]]], seq_length: int, *, block
     return out
 
 
-__all__ = ["chat_tokens", "check_chat_template", "completion_tokens", "pack_wrapped", "WRAP_BLOCK"]
+__all__ = ["chat_tokens", "check_chat_template", "completion_tokens", "continuation_ids", "pack_wrapped",
+           "WRAP_BLOCK"]

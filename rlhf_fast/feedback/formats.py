@@ -22,8 +22,10 @@ read as a :class:`TripleRecord`): text or messages as chosen is; with an implici
 start with that prompt, which is cut off as from chosen and rejected.
 
 A prompt is plain text or a chat (a list of ``{"role", "content"}`` messages), rendered
-with the tokenizer's chat template by :func:`render_prompt`. Sources: JSONL files, Parquet
-files (needs pyarrow), a ``datasets.Dataset`` or a list of dicts. Validation collects
+with the tokenizer's chat template by :func:`render_prompt`. Sources: JSONL files (.jsonl, or
+.json: JSON lines or one JSON array, as ``datasets``' json loader reads them), Parquet files
+(needs pyarrow), a ``Dataset.save_to_disk`` folder, a ``datasets.Dataset`` or a list of dicts;
+CSV is refused. Validation collects
 every problem with its file, line and field, then raises one ValueError listing them
 (or returns them with ``strict=False``).
 
@@ -39,6 +41,12 @@ pairs row without ``prompt`` takes the longest shared start of chosen and reject
 prompt (TRL's ``extract_prompt``: whole messages for conversations, characters for text, a space
 before the point where they part going to the responses); a pair that shares nothing, or whose
 one side is the start of the other, is a problem.
+
+An ``sft`` row ``{"conversations": [{"from", "value"}, ...]}`` (ShareGPT) is read as its
+``messages``, as TRL's SFTTrainer converts it (:func:`_sharegpt_row`). A row's ``images`` /
+``image``, and a conversational row's own ``tools`` / ``chat_template_kwargs``, which TRL feeds
+to a vision processor or the chat template, are problems (:func:`check_unrendered_fields`):
+dropped, they would train other tokens than TRL's.
 """
 
 from __future__ import annotations
@@ -145,26 +153,56 @@ class Problem:
 
 # --------------------------------------------------------------------------- reading
 
-def check_input_file(path: str, key: Optional[str] = None) -> None:
-    """FileNotFoundError / IsADirectoryError unless ``path`` is a file; the message names ``key``
-    (the config key or option that gave the path: ``data``, ``eval_data``) when given."""
+def saved_dataset_folder(path: str) -> bool:
+    """Whether ``path`` is a folder ``datasets``' ``save_to_disk`` wrote (a Dataset's: state.json;
+    a DatasetDict's: dataset_dict.json)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def saved_dataset_rows(path: str, key: Optional[str] = None) -> List[Tuple[int, Any]]:
+    """``[(row number from 1, row), ...]`` of a ``Dataset.save_to_disk`` folder (needs ``datasets``).
+    ValueError naming ``key`` and ``path`` for a DatasetDict's folder (naming its splits: one of
+    them is the data) or without ``datasets``."""
+    where = f"{key} {path}" if key else path
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise ValueError(f"{where}: a DatasetDict folder (splits {splits}): give one split's folder, e.g. "
+                         f"{os.path.join(path, splits[0] if splits else 'train')}")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{where}: reading a save_to_disk folder needs datasets "
+                         "(pip install 'rlhf_fast[data]')") from None
+    return [(i + 1, dict(r)) for i, r in enumerate(datasets.load_from_disk(path))]
+
+
+def check_input_file(path: str, key: Optional[str] = None, *, datasets_ok: bool = False) -> None:
+    """FileNotFoundError / IsADirectoryError unless ``path`` is a file (or, with ``datasets_ok``, a
+    ``save_to_disk`` folder: :func:`saved_dataset_folder`); the message names ``key`` (the config
+    key or option that gave the path: ``data``, ``eval_data``) when given."""
     where = f"{key} {path}" if key else path
     if os.path.isdir(path):
+        if datasets_ok and saved_dataset_folder(path):
+            return
         raise IsADirectoryError(f"{where}: expected a file, found a folder")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: no such file")
 
 
 def read_rows(source: Any, key: Optional[str] = None) -> Tuple[str, List[Tuple[int, Any]]]:
-    """``(source name, [(line, row), ...])`` from a JSONL/Parquet path, a Dataset or a list.
+    """``(source name, [(line, row), ...])`` from a JSONL / JSON / Parquet path (:func:`json_rows`:
+    a .json array's rows are numbered by item), a Dataset or a list.
 
     Lines that are not valid JSON come back as ``(line, _BadJSON(message))`` so validation
-    reports them with the others; blank lines are skipped. A path that is no file is refused
+    reports them with the others; blank lines are skipped. A ``Dataset.save_to_disk`` folder
+    gives its rows (:func:`saved_dataset_rows`); any other path that is no file is refused
     naming ``key`` (:func:`check_input_file`).
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        check_input_file(path, key)
+        check_input_file(path, key, datasets_ok=True)
+        if os.path.isdir(path):
+            return path, saved_dataset_rows(path, key)
         if path.endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
@@ -172,27 +210,68 @@ def read_rows(source: Any, key: Optional[str] = None) -> Tuple[str, List[Tuple[i
                 raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
             rows = pq.read_table(path).to_pylist()
             return path, [(i + 1, r) for i, r in enumerate(rows)]
-        out = []
-        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is no part of the first record)
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    out.append((i, _BadJSON(f"invalid JSON ({e.msg} at column {e.colno})")))
-        return path, out
+        refuse_unread_format(path, key)
+        return path, json_rows(path, key)[1]
     if isinstance(source, (list, tuple)):
         return "<list>", [(i + 1, r) for i, r in enumerate(source)]
+    if isinstance(getattr(source, "column_names", None), dict):  # a DatasetDict iterates its split names
+        splits = sorted(source.column_names)
+        raise TypeError(f"source is a DatasetDict of the splits {splits}: pass one split "
+                        f"(e.g. source[{splits[0]!r}])")
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
         return "<dataset>", [(i + 1, dict(r)) for i, r in enumerate(source)]
-    raise TypeError(f"source must be a path (.jsonl/.parquet), a list of dicts or a datasets.Dataset, "
+    raise TypeError(f"source must be a path (.jsonl/.json/.parquet), a list of dicts or a datasets.Dataset, "
                     f"got {type(source).__name__}")
 
 
 class _BadJSON:
     def __init__(self, message: str):
         self.message = message
+
+
+# tabular text that datasets' loaders read and ours do not: refused by name, never misread (as JSON
+# lines, or as prompts one per line: the header would become a prompt)
+_UNREAD_SUFFIXES = (".csv", ".tsv")
+
+
+def refuse_unread_format(path: str, key: Optional[str] = None) -> None:
+    """ValueError naming ``key`` (the config key or option) and ``path`` for a .csv / .tsv file."""
+    if path.lower().endswith(_UNREAD_SUFFIXES):
+        where = f"{key} {path}" if key else path
+        raise ValueError(f"{where}: CSV / TSV files are not read; convert it to .jsonl or .parquet (e.g. "
+                         "datasets.load_dataset('csv', data_files=PATH)['train'].to_json('data.jsonl'))")
+
+
+def json_rows(path: str, key: Optional[str] = None) -> Tuple[str, List[Tuple[int, Any]]]:
+    """``(unit, [(number, row), ...])`` of a JSON file, read as ``datasets``' json loader reads
+    one: JSON lines (unit ``"line"``: 1-based line numbers, blank lines skipped, a line that is
+    not JSON a ``_BadJSON`` row), or, for a ``.json`` file whose text starts with ``[``, one JSON
+    array (unit ``"item"``: 1-based item numbers) — what ``json.dump(rows)`` and
+    ``Dataset.to_json(lines=False)`` write. ValueError naming ``key`` and the file when it is
+    not UTF-8 text (a .gz, a binary file)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is no part of the first record)
+            text = f.read()
+    except UnicodeDecodeError as e:
+        where = f"{key} {path}" if key else path
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON") from None
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            return "line", [(e.lineno, _BadJSON(f"invalid JSON array ({e.msg} at column {e.colno})"))]
+        return "item", [(i + 1, r) for i, r in enumerate(items)]
+    out = []
+    # split at "\n" only (universal newlines turned \r\n and \r into it): str.splitlines would also
+    # split inside a JSON string holding a raw U+2028 or U+0085
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((i, _BadJSON(f"invalid JSON ({e.msg} at column {e.colno})")))
+    return "line", out
 
 
 # --------------------------------------------------------------------------- validation
@@ -263,9 +342,39 @@ def _check_messages(row: dict, problems: list, where) -> Optional[List[Dict[str,
     return [dict(m) for m in msgs] if ok else None
 
 
+def check_unrendered_fields(row: dict, problems: list, where, *, template: bool = True) -> None:
+    """Add a problem for each field of ``row`` that TRL's offline trainers use and ours would drop
+    silently, training on other tokens than TRL's: ``images`` / ``image`` (TRL feeds them to a
+    vision processor) and, with ``template`` (a conversational row), ``tools`` and
+    ``chat_template_kwargs`` (TRL renders the row's chat template with them). Empty values
+    change nothing and pass."""
+    for name in ("images", "image"):
+        if row.get(name) not in (None, [], ""):
+            problems.append(where(name, "images are not read here (text-only models; TRL feeds them to a "
+                                        "vision processor): drop the field"))
+    for name in ("tools", "chat_template_kwargs") if template else ():
+        if row.get(name) not in (None, [], {}, ""):
+            problems.append(where(name, f"a row's own {name} are not passed to the chat template here "
+                                        "(TRL renders the conversation with them): drop the field, or write "
+                                        "what they add into the messages"))
+
+
+def _sharegpt_row(row: dict) -> dict:
+    """A ShareGPT sft row ``{"conversations": [{"from", "value"}, ...]}`` as TRL's SFTTrainer reads
+    it (``trl.data_utils.maybe_convert_to_chatml``): its ``messages``, each message's ``from`` /
+    ``value`` keys renamed ``role`` / ``content`` and the roles kept as written (``human`` /
+    ``gpt`` stay so, as in TRL: the chat template sees them). Its problems name ``messages[j]``."""
+    msgs = row["conversations"]
+    if isinstance(msgs, list):
+        names = {"from": "role", "value": "content"}
+        msgs = [{names.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m for m in msgs]
+    return {**{k: v for k, v in row.items() if k != "conversations"}, "messages": msgs}
+
+
 def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_role: bool) -> bool:
     """Whether every item of ``msgs`` is {role: str, content: non-empty str} (with
-    ``check_role`` a non-empty role too); each problem is added, named ``field[j]``."""
+    ``check_role`` a non-empty role too); each problem is added, named ``field[j]``. A system
+    message may be empty: datasets carry ``{"role": "system", "content": ""}`` and TRL renders it."""
     ok = True
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -274,7 +383,7 @@ def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_ro
         elif check_role and not m["role"].strip():
             problems.append(where(f"{field}[{j}].role", "empty text"))
             ok = False
-        elif not m["content"].strip():
+        elif not m["content"].strip() and m["role"] != "system":
             problems.append(where(f"{field}[{j}].content", "empty text"))
             ok = False
     return ok
@@ -375,6 +484,8 @@ def _parse_pair(row: dict, problems: list, where, triples: bool = False) -> Opti
     elif margin < 0:
         problems.append(where("margin", f"must be >= 0, got {margin}"))
     gold = _gold_response(row, prompt if implicit else None, chosen, problems, where) if triples else None
+    check_unrendered_fields(row, problems, where, template=any(isinstance(row.get(k), list) for k in
+                                                               ("prompt", "chosen", "rejected")))
     if len(problems) > n0:
         return None
     if gold is not None:
@@ -416,6 +527,11 @@ def _parse_row(kind: str, row: Any, problems: list, where, triples: bool = False
         problems.append(where("<line>", f"expected a JSON object, got {type(row).__name__}"))
         return None
     n0 = len(problems)
+    if kind == "sft" and row.get("messages") is None and row.get("conversations") is not None:
+        row = _sharegpt_row(row)  # ShareGPT's {conversations: [{from, value}]}, as TRL's SFTTrainer reads it
+    if kind == "sft":  # TRL renders a conversation (messages, or a chat prompt) with the row's tools
+        check_unrendered_fields(row, problems, where, template=any(isinstance(row.get(k), list) for k in
+                                                                   ("messages", "prompt")))
     if kind == "sft" and row.get("messages") is not None:  # TRL's conversational format
         messages = _check_messages(row, problems, where)
         ann = _annotator(row, problems, where)
@@ -752,6 +868,8 @@ def write_jsonl(records: Iterable[Any], path: str) -> None:
 __all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "TripleRecord", "Response",
            "extract_prompt",
            "response_text", "comparable_pairs", "RankingRecord", "ScoreRecord", "Problem", "problems_error",
-           "load_records", "read_rows", "check_input_file", "dedup_records", "filter_by_length", "rankings_to_pairs",
+           "load_records", "read_rows", "json_rows", "refuse_unread_format", "check_unrendered_fields",
+           "check_input_file", "dedup_records",
+           "filter_by_length", "rankings_to_pairs",
            "record_item_key", "render_prompt", "reward_input_ids", "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

@@ -522,21 +522,17 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[st
         todo = [it for it in items if it["key"] not in done]
         out = judge.label_items(todo, tie_band=args.tie_band)
     else:
-        from rlhf_fast.feedback.formats import check_input_file
+        from rlhf_fast.feedback.formats import _BadJSON, read_rows
 
-        check_input_file(args.input, "INPUT")
+        # as every data file (and the pairs mode's INPUT): JSON lines, a .json array, Parquet, ...
+        _, rows = read_rows(args.input, "INPUT")
         items = []
-        with open(args.input, encoding="utf-8-sig") as f:  # (a byte-order mark: no part of line 1)
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.input}:{i + 1}: invalid JSON ({e.msg})") from None
-                if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
-                    raise ValueError(f"{args.input}:{i + 1}: response: missing field (need prompt and response)")
-                items.append(r)
+        for n, r in rows:
+            if isinstance(r, _BadJSON):
+                raise ValueError(f"{args.input}:{n}: {r.message}")
+            if not isinstance(r, dict) or "prompt" not in r or not isinstance(r.get("response"), str):
+                raise ValueError(f"{args.input}:{n}: response: missing field (need prompt and response)")
+            items.append(r)
         done = {cache_key(r["prompt"], r["response"]) for r in existing if r.get("annotator") == annotator}
         todo = [r for r in items if cache_key(r["prompt"], r["response"]) not in done]
         out = [{"prompt": r["prompt"], "response": r["response"], "score": judge.score(r["prompt"], r["response"]),

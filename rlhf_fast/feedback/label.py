@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from .formats import PairRecord, Problem, problems_error, read_rows, render_prompt
+from .formats import PairRecord, Problem, _BadJSON, problems_error, read_rows, render_prompt
 
 ANSWERS = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip",
            "u": "undo", "undo": "undo", "q": "quit", "quit": "quit"}
@@ -41,6 +41,15 @@ def _record_key(rec: Dict[str, Any]) -> str:
     return item_key(rec["prompt"], rec["a"], rec["b"])
 
 
+def _response_problem(v: Any) -> str:
+    """What is wrong with a response to label that is not non-empty text."""
+    if v is None:
+        return "missing field"
+    if isinstance(v, list):  # TRL's conversational pairs: dpo / reward read them, labelling shows texts
+        return "expected text, got a list of chat messages (items to label are text pairs)"
+    return "empty text" if isinstance(v, str) else f"expected text, got {type(v).__name__}"
+
+
 def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List[Dict[str, Any]]:
     """Items ``{"item", "key", "prompt", "a", "b"}`` from a pairs file; ValueError listing
     every malformed line (file:line: field: message). ``shuffle_sides`` swaps A and B for a
@@ -49,8 +58,9 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
     rng = random.Random(seed)
     items, problems = [], []
     for line, row in rows:
-        if not isinstance(row, dict):
-            problems.append(Problem(name, line, "<line>", "expected a JSON object"))
+        if not isinstance(row, dict):  # (a line that is no JSON keeps the parser's message)
+            problems.append(Problem(name, line, "<line>", row.message if isinstance(row, _BadJSON)
+                                    else f"expected a JSON object, got {type(row).__name__}"))
             continue
         a = b = None
         for ka, kb in (("a", "b"), ("response_a", "response_b"), ("chosen", "rejected")):
@@ -73,7 +83,7 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
             ok = False
         for f, v in zip(fields, (a, b)):
             if not isinstance(v, str) or not v.strip():
-                problems.append(Problem(name, line, f, "missing field" if v is None else "empty text"))
+                problems.append(Problem(name, line, f, _response_problem(v)))
                 ok = False
         if ok and a == b:  # no preference to give: data_kind pairs refuses it too
             problems.append(Problem(name, line, fields[1], f"identical to {fields[0]}"))

@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*names, dest=name, **kw)
 
     opt("model", required=True, help="a local model folder (save_pretrained) or a 'tiny:FAMILY[:k=v,...]' spec")
-    opt("prompts", required=True, help=".txt (one prompt per line), .jsonl or .parquet (records with a prompt)")
+    opt("prompts", required=True, help=".txt (one prompt per line), .jsonl / .json or .parquet (records with a prompt)")
     opt("out", required=True, help="output .jsonl: one {prompt, response, finish_reason[, logp]} per response")
-    opt("prompt_key", default="prompt", help="the prompt field of .jsonl / .parquet records (default: prompt)")
+    opt("prompt_key", default="prompt", help="the prompt field of .jsonl / .json / .parquet records (default: prompt)")
     opt("temperature", type=float, default=None, help="0 = greedy (default 1.0)")
     opt("top_k", type=int, default=0, help="0 = off")
     opt("top_p", type=float, default=1.0, help="1 = off")

@@ -861,7 +861,7 @@ def _check_data_source(value, key: str) -> None:
     if not value:
         return
     if isinstance(value, (str, os.PathLike)):
-        check_input_file(os.fspath(value), key)
+        check_input_file(os.fspath(value), key, datasets_ok=True)  # (a save_to_disk folder reads as its rows)
     elif not isinstance(value, (list, tuple)):
         records = "train_records" if key == "data" else "eval_records"
         raise TypeError(f"{key} must be a path to a JSONL / Parquet file or a list of rows, got "

@@ -281,7 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "else its initial policy), prompts and reward functions")
     parser.add_argument("--policy", default=None, help="policy path (save_pretrained folder with tokenizer)")
     parser.add_argument("--reference", default=None, help="reference policy path (default: none, or the run's)")
-    parser.add_argument("--prompts", default=None, help="prompts file (.txt one per line or .jsonl with 'prompt')")
+    parser.add_argument("--prompts", default=None,
+                        help="prompts file (.txt one per line, or .jsonl / .json / .parquet with 'prompt')")
     parser.add_argument("--split", choices=SPLITS, default="auto",
                         help="with --run: its evaluation prompts (eval: data.eval_prompts[_file] or the held-out "
                              "data.eval_fraction), its training prompts (train: without the held-out ones), or "
@@ -298,38 +299,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the total reward from which an answer counts as correct for --pass-k")
     parser.add_argument("--references", default=None,
                         help="reference answers, one per prompt in the prompts' order (.txt one per non-empty line, "
-                             "or .jsonl with 'reference': text or 'references': [texts]): adds BLEU / ROUGE")
+                             "or .jsonl / .json with 'reference': text or 'references': [texts]): adds BLEU / ROUGE")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
 def read_references(path: str) -> List[List[str]]:
     """The reference answers of ``--references``: per non-empty line of a .txt file its text;
-    per line of a .jsonl file its ``reference`` (text) or ``references`` (list of texts)."""
+    per record of a .jsonl / .json file (JSON lines, or one JSON array:
+    :func:`rlhf_fast.feedback.formats.json_rows`) its ``reference`` (text) or ``references``
+    (list of texts). A .csv / .tsv is refused (never read one reference a line)."""
+    from rlhf_fast.feedback.formats import _BadJSON, json_rows, refuse_unread_format
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--references: no such file {path!r}")
     out: List[List[str]] = []
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first reference
-        with open(path, encoding="utf-8-sig") as f:
-            lines = list(f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--references {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not path.endswith(".jsonl"):
-            out.append([line.rstrip("\n")])
-            continue
+    if not path.lower().endswith((".jsonl", ".json")):
+        refuse_unread_format(path, "--references")
         try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"--references {path}, line {n}: not a JSON object ({e})") from None
-        refs = rec.get("references", rec.get("reference")) if isinstance(rec, dict) else None
-        refs = [refs] if isinstance(refs, str) else refs
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"--references {path}, line {n}: expected 'reference': text or "
-                             "'references': [texts]")
-        out.append(refs)
+            # utf-8-sig: a byte-order mark (Windows editors) is no part of the first reference
+            with open(path, encoding="utf-8-sig") as f:
+                lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--references {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        out = [[line.rstrip("\n")] for line in lines if line.strip()]
+    else:
+        unit, rows = json_rows(path, "--references")
+        for n, rec in rows:
+            if isinstance(rec, _BadJSON):
+                raise ValueError(f"--references {path}, line {n}: not a JSON object ({rec.message})")
+            refs = rec.get("references", rec.get("reference")) if isinstance(rec, dict) else None
+            refs = [refs] if isinstance(refs, str) else refs
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                raise ValueError(f"--references {path}, {unit} {n}: expected 'reference': text or "
+                                 "'references': [texts]")
+            out.append(refs)
     if not out:
         raise ValueError(f"--references {path} holds no references")
     return out

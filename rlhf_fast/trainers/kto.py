@@ -329,7 +329,7 @@ def load_binary_records(source: Any, *, dedup: Optional[bool] = None) -> List[Bi
     import json
 
     from rlhf_fast.feedback.formats import (Problem, _annotator, _BadJSON, _check_prompt, _check_response, _shown,
-                                            problems_error, read_rows)
+                                            check_unrendered_fields, problems_error, read_rows)
 
     name, rows = read_rows(source)
     problems: List[Problem] = []
@@ -357,6 +357,8 @@ def load_binary_records(source: Any, *, dedup: Optional[bool] = None) -> List[Bi
             problems.append(where("label", "missing field"))
         elif not isinstance(label, bool):
             problems.append(where("label", f"expected true or false, got {_shown(label)}"))
+        check_unrendered_fields(row, problems, where, template=any(isinstance(row.get(k), list) for k in
+                                                                   ("prompt", "completion")))
         if len(problems) > n0:
             continue
         rec = BinaryRecord(prompt, completion, label, ann)

@@ -615,6 +615,8 @@ def _load_label_file(path: str, _kind: str, dedup: bool = True) -> list:
     from rlhf_fast.feedback.formats import dedup_records
     from rlhf_fast.feedback.label import labels_to_pairs, read_labels
 
+    if os.path.isdir(path):  # (a save_to_disk folder passes the data check; labels are rlhf-fast label's JSONL)
+        raise IsADirectoryError(f"labels file {path} is a folder; expected the JSONL file `rlhf-fast label` writes")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labels file not found: {path}")
     recs = labels_to_pairs(path)

@@ -175,11 +175,15 @@ def prompt_record(item, key: str = "prompt", where: str = "prompt", convert=None
         if key not in item or not _chat_or_text(item[key]):
             raise ValueError(f"{where}: expected text, a chat (list of {{role, content}} messages) or an object "
                              f"with such a field {key!r}, got an object with fields {sorted(item)}")
-        return item[key], {k: v for k, v in item.items() if k != key}
-    if not _chat_or_text(item):
+        prompt, fields = item[key], {k: v for k, v in item.items() if k != key}
+    elif not _chat_or_text(item):
         raise ValueError(f"{where}: expected text, a chat (list of {{role, content}} messages) or an object with "
                          f"a field {key!r}, got {type(item).__name__}")
-    return item, {}
+    else:
+        prompt, fields = item, {}
+    if prompt == "":  # as data.prompts refuses one: else the first rollout fails, naming no prompt
+        raise ValueError(f"{where}: empty text (a prompt needs a token)")
+    return prompt, fields
 
 
 def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "") -> List[str]:
@@ -191,13 +195,19 @@ def read_prompts_file(path: str, key: str = "prompt", name: str = "prompts file"
 def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts file", key_name: str = "",
                         chat: bool = True, convert=None) -> List[tuple]:
     """``(prompt, fields)`` of each prompt of a .txt file (one per non-empty line, no fields),
-    a .jsonl file or a .parquet file (pyarrow; one record per row) — a record's field ``key``
-    is the prompt (text, or with ``chat`` a list of ``{role, content}`` messages), its other
-    fields are ``fields`` (after ``convert(record, key, where)`` when given). Errors name the
-    setting ``name``, the file and the line or row."""
-    if os.path.isdir(path):
+    a .jsonl file, a .json file (JSON lines, as ``Dataset.to_json`` writes, or one JSON array:
+    :func:`rlhf_fast.feedback.formats.json_rows`) or a .parquet file (pyarrow; one record per
+    row) — a record's field ``key`` is the prompt (non-empty text, or with ``chat`` a list of
+    ``{role, content}`` messages), its other fields are ``fields`` (after ``convert(record,
+    key, where)`` when given); a .csv / .tsv is refused (read one prompt a line, its header
+    would be a prompt); a ``Dataset.save_to_disk`` folder gives its rows as a .parquet file does. Errors name
+    the setting ``name``, the file and the line, item or row."""
+    from rlhf_fast.feedback.formats import (_BadJSON, json_rows, refuse_unread_format, saved_dataset_folder,
+                                            saved_dataset_rows)
+
+    if os.path.isdir(path) and not saved_dataset_folder(path):
         raise IsADirectoryError(f"{name} {path} is a folder; expected a .txt or .jsonl file")
-    if not os.path.isfile(path):
+    if not os.path.isdir(path) and not os.path.isfile(path):
         raise FileNotFoundError(f"{name} not found: {path}")
     out = []
     what = "text or a chat (list of {role, content} messages)" if chat else "text"
@@ -209,9 +219,14 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
         if not (isinstance(p, str) or (chat and _chat_or_text(p))):
             raise ValueError(f"{name} {path}, {where}: expected an object with a field {key!r}"
                              + (f" ({key_name})" if key_name else "") + f" holding {what}")
+        if p == "":  # as data.prompts refuses one: else the first rollout fails, naming no line
+            raise ValueError(f"{name} {path}, {where}: field {key!r} is empty text (a prompt needs a token)")
         out.append((p, {k: v for k, v in rec.items() if k != key}))
 
-    if path.endswith(".parquet"):  # as verl's and Hugging Face datasets' files: one record per row
+    if os.path.isdir(path):  # Dataset.save_to_disk's folder: its rows numbered from 0, as a parquet file's
+        for n, rec in saved_dataset_rows(path, name):
+            record(rec, f"row {n - 1}")
+    elif path.endswith(".parquet"):  # as verl's and Hugging Face datasets' files: one record per row
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -222,19 +237,18 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
             raise ValueError(f"{name} {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
         for n, rec in enumerate(rows):
             record(rec, f"row {n}")
+    elif path.lower().endswith((".jsonl", ".json")):  # .json: JSON lines (Dataset.to_json) or one JSON array
+        unit, rows = json_rows(path, name)
+        for n, rec in rows:
+            if isinstance(rec, _BadJSON):
+                raise ValueError(f"{name} {path}, line {n}: not a JSON object ({rec.message})")
+            record(rec, f"{unit} {n}")
     else:
+        refuse_unread_format(path, name)  # a .csv read one prompt a line would make its header a prompt
         try:
             with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is no part of the first prompt)
                 for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    if path.endswith(".jsonl"):
-                        try:
-                            rec = json.loads(line)
-                        except ValueError as e:
-                            raise ValueError(f"{name} {path}, line {n}: not a JSON object ({e})") from None
-                        record(rec, f"line {n}")
-                    else:
+                    if line.strip():
                         out.append((line.rstrip("\n"), {}))
         except UnicodeDecodeError as e:
             raise ValueError(f"{name} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

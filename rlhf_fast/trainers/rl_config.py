@@ -131,7 +131,8 @@ DEFAULT_PROMPTS = ("count:", "list:", "go:", "write:")
 @dataclass
 class DataConfig:
     """Prompts inline (``prompts``) or from a file (``prompts_file``: .txt one per line, or
-    .jsonl / .parquet records whose ``prompt_key`` field is the prompt — text or a chat, a list
+    .jsonl / .json (JSON lines or one array) / .parquet records whose ``prompt_key`` field is
+    the prompt (a .csv is refused) — text or a chat, a list
     of ``{role, content}`` messages rendered with the tokenizer's chat template — and whose
     other fields reach reward functions as keyword arguments). Shuffled each pass with the
     run's seed.

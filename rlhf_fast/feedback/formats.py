@@ -811,13 +811,15 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequenc
 def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None,
                      chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     """The token ids a reward model scores for ``response`` to ``prompt``, as the reward
-    trainer encodes them: the rendered prompt (a plain-text prompt with the tokenizer's
-    special tokens, e.g. bos; a chat with its template's), the response without special
-    tokens, then eos; the last ``max_len`` ids when longer (the score is read at the last
+    trainer encodes them: a plain-text prompt and the response tokenized as one text with the
+    tokenizer's special tokens (e.g. bos), as TRL's RewardTrainer tokenizes prompt + chosen; a
+    chat prompt rendered with its template (its special tokens) then the response without
+    special tokens; then eos, unless the ids already end with it (TRL's ``add_eos``); the last
+    ``max_len`` ids when longer (the score is read at the last
     token, so the end is kept). A conversational response (chat messages) is the tokens the
     chat template writes for those turns after the prompt (content and end of turn,
     :func:`rlhf_fast.trainers.sft_data.completion_tokens`; TRL's RewardTrainer ids), and
-    the eos still follows: the head is always read at an eos. Score texts with this encoding
+    the eos still follows (where the turn does not end with it): the head is always read at an eos. Score texts with this encoding
     wherever a trained reward model is used: its head was trained at that final eos.
     ``chat_template_kwargs``: extra variables a chat prompt's template reads (the RL run's
     ``data.chat_template_kwargs``, as TRL passes them to the reward model's template)."""
@@ -828,9 +830,13 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len
         ids = p + c  # the whole conversation as the template renders it
     else:
         text = render_prompt(prompt, tokenizer, chat_template_kwargs=chat_template_kwargs)
-        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
-        ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
+        if isinstance(prompt, str):  # one text, as TRL's prompt + chosen: an implicit prompt may end mid-word
+            ids = list(tokenizer(text + response)["input_ids"])
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = list(ids) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    # TRL's add_eos: none added where the sequence already ends with it
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     return ids[-max_len:] if max_len else ids
 

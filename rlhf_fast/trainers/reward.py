@@ -228,8 +228,9 @@ def reward_lora(lora: Dict[str, Any], added: List[int]) -> Dict[str, Any]:
 def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
     from rlhf_fast.feedback.formats import reward_input_ids
 
-    # prompt (a chat template writes its own special tokens, plain text gets the tokenizer's),
-    # response (chat messages: the template's turns after the prompt), eos; the end kept: the
+    # prompt (a chat template writes its own special tokens; plain text is tokenized with the
+    # response as one text, with the tokenizer's), response (chat messages: the template's turns
+    # after the prompt), eos (unless already last); the end kept: the
     # score is read at the last token
     return reward_input_ids(tokenizer, prompt, response, max_len)
 
@@ -348,8 +349,9 @@ class RewardTrainer:
                                           chat_template_path=cfg.chat_template_path)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         self.pad_id = pad_token_id(tokenizer)
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.pad_id
+        # as TRL: transformers' forward reads the last token that is not config.pad_token_id, so
+        # it must be the id the rows are padded with (a model's other pad id read padding)
+        self.model.config.get_text_config().pad_token_id = self.pad_id
         dcfg = cfg.distributed
         from rlhf_fast.models.loading import _is_peft
 

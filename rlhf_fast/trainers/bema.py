@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -159,6 +160,7 @@ class BEMAState(torch.nn.Module):
                 self.register_buffer(f"ema_{i}", theta0.clone())
                 self.register_buffer(f"running_{i}", theta0.clone())  # TRL's running_model: a copy of the policy
         self._ref_pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.span_checked = False  # maybe_bema_update's warning, once per process
         if reference is not None:
             self._ref_pairs = reference_pairs(named, reference, self.names, self.running)
 
@@ -251,10 +253,30 @@ def setup_bema(trainer) -> None:
 
 def maybe_bema_update(trainer) -> bool:
     """After an optimizer step: :meth:`BEMAState.step_end` at ``trainer.step`` (TRL's
-    ``on_step_end``); returns whether the reference was updated."""
-    if getattr(trainer, "_bema", None) is None:
+    ``on_step_end``); returns whether the reference was updated. At the first call a run too
+    short for any BEMA update is warned about (:func:`warn_if_no_update`)."""
+    bema = getattr(trainer, "_bema", None)
+    if bema is None:
         return False
-    return trainer._bema.step_end(trainer.step)
+    if not bema.span_checked:  # (max_steps is final by now: num_train_epochs has set it)
+        bema.span_checked = True
+        warn_if_no_update(bema.cfg, trainer.cfg.max_steps)
+    return bema.step_end(trainer.step)
+
+
+def warn_if_no_update(b: BEMAConfig, max_steps: int) -> bool:
+    """Warn (UserWarning) when no BEMA update falls within ``max_steps``: the first is at step
+    ``update_after + update_freq``, so RUN_DIR/bema would silently hold the initial weights (TRL's
+    defaults, update_freq 400, with our max_steps default of 200). Returns whether it warned."""
+    first = b.update_after + b.update_freq
+    if first <= max_steps:
+        return False
+    ref = " and the reference never moves" if b.update_ref_model else ""
+    warnings.warn(f"bema: no BEMA update happens in this run: the first is at step {first} (bema.update_after "
+                  f"{b.update_after} + bema.update_freq {b.update_freq}), after max_steps {max_steps}, so "
+                  f"RUN_DIR/bema will hold the initial weights{ref}; lower bema.update_freq", UserWarning,
+                  stacklevel=3)
+    return True
 
 
 def bema_checkpoint_dir(directory: str) -> str:
@@ -324,4 +346,4 @@ def save_bema_model(trainer) -> None:
 
 
 __all__ = ["BEMAConfig", "BEMAState", "check_bema_field", "ema_beta", "bema_alpha", "setup_bema", "maybe_bema_update",
-           "save_bema", "load_bema", "prune_bema", "save_bema_model", "bema_checkpoint_dir"]
+           "save_bema", "load_bema", "prune_bema", "save_bema_model", "bema_checkpoint_dir", "warn_if_no_update"]

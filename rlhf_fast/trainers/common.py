@@ -106,6 +106,9 @@ def make_scheduler(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
+    if kind == "constant" and min_ratio:
+        raise ValueError(f"min_ratio ends a 'linear' / 'cosine' decay; kind 'constant' has none, "
+                         f"got min_ratio={min_ratio}")
     if kind in HF_SCHEDULES:
         if min_ratio:
             raise ValueError(f"min_ratio applies to kind 'linear' / 'cosine'; {kind!r} takes its final LR from "
@@ -1198,6 +1201,10 @@ def check_schedule_fields(schedule, lr_scheduler_kwargs, min_lr_ratio, warmup_st
         if kwargs:
             raise ValueError(f"{prefix}lr_scheduler_kwargs apply to the transformers schedules {HF_SCHEDULES}; "
                              f"{prefix}{schedule_key} {schedule!r} takes {prefix}min_lr_ratio only, got {kwargs!r}")
+        if schedule == "constant" and min_lr_ratio:  # (it would be ignored: the LR never decays)
+            raise ValueError(f"{prefix}min_lr_ratio ends a 'linear' / 'cosine' decay; {prefix}{schedule_key} "
+                             f"'constant' has none (the LR stays at lr): set {prefix}min_lr_ratio to 0 or pick a "
+                             f"decaying schedule, got {prefix}min_lr_ratio={min_lr_ratio!r}")
         return kwargs
     if min_lr_ratio:
         raise ValueError(f"{prefix}min_lr_ratio applies to {prefix}{schedule_key} 'linear' / 'cosine'; for "

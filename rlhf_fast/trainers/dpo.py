@@ -439,12 +439,31 @@ def check_truncation_fields(cfg) -> None:
 # ------------------------------------------------------------------ data
 
 
-def response_ids(tokenizer, text: str) -> List[int]:
-    """A response's token ids: the text without special tokens, then one eos (not doubled when
-    the text ends with it)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token_id
-    return ids + [eos] if eos is not None and not (ids and ids[-1] == eos) else ids
+def with_eos(tokenizer, text: str) -> str:
+    """``text`` ending with the tokenizer's eos token text (appended unless it ends with it;
+    none without an eos token): TRL's DPO / KTO / TPO ``add_eos`` on text completions."""
+    eos = tokenizer.eos_token
+    return text + eos if eos and not text.endswith(eos) else text
+
+
+def encode_texts(tokenizer, prompt: Any, responses: Sequence[str]) -> Tuple[List[int], List[List[int]]]:
+    """``(prompt ids, [response ids, ...])`` (int lists) of text ``responses`` after ``prompt``
+    (text, or chat messages rendered with the generation prompt to text). Each response + eos
+    (:func:`with_eos`) is encoded as the continuation of the prompt text
+    (:func:`rlhf_fast.trainers.sft_data.continuation_ids`: prompt + response encoded whole, the
+    prompt's ids cut off), TRL's DPO / KTO / TPO ``tokenize_fn`` ids — not alone, where a
+    SentencePiece tokenizer writes a prefix space ("▁red") the text after the prompt does not
+    have. Where a token merges across the boundary TRL cuts the prompt to the ids it shares
+    with prompt + response; here that response is encoded alone and the prompt kept. Text
+    prompts get the tokenizer's special tokens (e.g. bos); a rendered chat template its own."""
+    from rlhf_fast.feedback.formats import render_prompt
+
+    from .sft_data import continuation_ids
+
+    text, special = render_prompt(prompt, tokenizer), isinstance(prompt, str)
+    p = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    return p, [continuation_ids(tokenizer, text, p, with_eos(tokenizer, t), add_special_tokens=special)
+               for t in responses]
 
 
 def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: Optional[int]
@@ -452,11 +471,10 @@ def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: Opt
     """``(prompt ids, chosen ids, rejected ids)`` of one pair, truncated to ``max_len`` tokens per
     row the ``balanced`` way (:func:`truncate_pair`; ``max_len`` None: not cut); None when the
     prompt has no token. ``chosen`` /
-    ``rejected`` are texts (ids + eos, :func:`response_ids`) or, after a chat prompt, chat
-    messages: the tokens the chat template writes for them after the prompt (content and end of
-    turn, no eos added; :func:`rlhf_fast.trainers.sft_data.completion_tokens`, TRL's encoding)."""
-    from rlhf_fast.feedback.formats import render_prompt
-
+    ``rejected`` are texts (+ eos, encoded after the prompt text: :func:`encode_texts`) or,
+    after a chat prompt, chat messages: the tokens the chat template writes for them after the
+    prompt (content and end of turn, no eos added;
+    :func:`rlhf_fast.trainers.sft_data.completion_tokens`); either way TRL's ids."""
     if not isinstance(chosen, str) or not isinstance(rejected, str):
         from .sft_data import completion_tokens
 
@@ -467,9 +485,7 @@ def encode_pair(tokenizer, prompt: Any, chosen: Any, rejected: Any, max_len: Opt
 
         p, (c, r) = completion_tokens(tokenizer, prompt, chosen, rejected)  # one prompt for both rows, as TRL
     else:
-        # a chat template already writes its special tokens; plain text gets the tokenizer's (e.g. bos)
-        p = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))["input_ids"])
-        c, r = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
+        p, (c, r) = encode_texts(tokenizer, prompt, (chosen, rejected))
     if not p:
         return None
     if max_len is None:
@@ -872,8 +888,20 @@ def maybe_sync_reference(trainer) -> bool:
     """After an optimizer step: mix the policy into the reference when ``trainer.step`` is a
     multiple of ``ref_model_sync_steps`` (TRL's ``on_step_end``: its global step already
     counts the step, so the first sync follows step ``ref_model_sync_steps``, before that
-    step's evaluation and checkpoint). Returns whether it synced."""
-    if trainer._sync_pairs is None or trainer.step % trainer.cfg.ref_model_sync_steps:
+    step's evaluation and checkpoint). Returns whether it synced. At the first call a run too
+    short for any sync is warned about (TRL's default 512 steps exceeds our max_steps default)."""
+    if trainer._sync_pairs is None:
+        return False
+    if not getattr(trainer, "_sync_span_checked", False):  # (max_steps is final by now)
+        trainer._sync_span_checked = True
+        k, n = trainer.cfg.ref_model_sync_steps, trainer.cfg.max_steps
+        if k > n:
+            import warnings
+
+            warnings.warn(f"sync_ref_model: the reference never moves in this run: the first sync is at step {k} "
+                          f"(ref_model_sync_steps), after max_steps {n}; lower ref_model_sync_steps", UserWarning,
+                          stacklevel=2)
+    if trainer.step % trainer.cfg.ref_model_sync_steps:
         return False
     sync_reference(trainer._sync_pairs, trainer.cfg.ref_model_mixup_alpha)
     return True
@@ -928,13 +956,14 @@ def weighted_share(losses: torch.Tensor, weights: torch.Tensor, weight_total: fl
 def offline_optimizer_step(trainer) -> Dict[str, float]:
     """The end of a DPO / KTO step once its gradients are in: :func:`optimizer_step`, then
     TR-DPO's reference update (:func:`maybe_sync_reference`, TRL's ``on_step_end``); returns the
-    step's ``grad_norm``, ``lr`` (after the scheduler's step) and ``epoch`` metrics."""
+    step's ``grad_norm``, ``lr`` (the one the step trained with) and ``epoch`` metrics."""
     # (BEMA's update ran in optimizer_step, before TR-DPO's: they commute, since bema.update_ref_model and
     # sync_ref_model are refused together and the BEMA buffers do not depend on the reference)
     gnorm = optimizer_step(trainer)
     maybe_sync_reference(trainer)
-    return {"grad_norm": gnorm, **trainer.scaler.metrics(), "lr": trainer.scheduler.get_last_lr()[0],
-            "epoch": trainer.batches.epoch}
+    # epoch: transformers' state.epoch (epochs done, counted in micro-batches), not the 0-based index
+    return {"grad_norm": gnorm, **trainer.scaler.metrics(), "lr": trainer.step_lr,
+            "epoch": trainer.batches.epochs_done(trainer.cfg.batch_size)}
 
 
 def prepare_offline_models(cfg, policy, reference) -> None:

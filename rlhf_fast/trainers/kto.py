@@ -74,8 +74,13 @@ eval split is held out before unpairing, so both halves of a pair stay on one si
 
 Reference (with ``precompute_ref_batch_size``, TR-DPO's moving reference ``sync_ref_model`` /
 ``ref_model_mixup_alpha`` / ``ref_model_sync_steps``, ``disable_dropout`` and ``num_train_epochs``
-— counted in training examples, after unpairing), encoding, truncation (a KL row keeps its prompt and cuts the borrowed completion,
-tokenised whole, to ``max_len``: TRL's keep-start), checkpoints, exact resume, DDP / FSDP2, bf16
+— counted in training examples, after unpairing), encoding, truncation by ``truncation_mode`` (ours:
+TRL's KTOConfig has no such key; each example's row cut as DPO cuts a chosen row: ``balanced``, the
+default, or ``keep_start`` — TRL 1.16's KTOTrainer's fixed cut, each row's first ``max_len`` tokens, an
+example whose prompt fills ``max_len`` dropped — or ``keep_end``, each row's last ``max_len`` tokens; a
+KL row keeps its example's prompt and cuts the borrowed completion, tokenised whole, to ``max_len``:
+TRL's keep-start; with ``keep_end`` it is the last ``max_len`` tokens of the whole prompt and the
+borrowed completion), checkpoints, exact resume, DDP / FSDP2, bf16
 autocast and the final model as in :mod:`rlhf_fast.trainers.dpo`; so is ``bema`` (TRL's
 ``BEMACallback``), but not its ``update_ref_model`` (TRL's experimental reference update is DPO's only).
 """
@@ -91,7 +96,7 @@ import torch.nn.functional as F
 
 from rlhf_fast.distributed import DistributedConfig
 from rlhf_fast.feedback.formats import PairRecord, Prompt, Response, ScoreRecord, response_text
-from rlhf_fast.ops._validate import finite
+from rlhf_fast.ops._validate import finite, tensor
 
 from .common import (annotator_weight_map, autocast_context, check_annotator_weights, check_bool_fields,
                      load_split_records, record_weight, steps_for_epochs, trainer_commands)
@@ -99,13 +104,13 @@ from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
 from .merging import MergeOptions
 from .bema import BEMAConfig, check_bema_field
-from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, encode_pair,
-                  load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
-                  prepare_offline_models, prompt_response_rows, reference_logps, response_ids, response_logps,
-                  response_logps_metrics, save_offline, train_offline, weighted_share, wrap_offline_models)
+from .dpo import (TRUNCATION_MODES, attach_reference_logps, check_policy_fields, check_reference_fields,
+                  encode_pair, load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
+                  prepare_offline_models, prompt_response_rows, reference_logps, response_logps,
+                  response_logps_metrics, save_offline, train_offline, truncate_pair, weighted_share,
+                  wrap_offline_models)
 from .sft import (_Batches, accumulation_context, collate, count_tokens, eval_mode, init_optimization, local_share,
                   offload_context)
-from .sft_data import completion_tokens
 
 DATA_KINDS = ("binary", "scores", "pairs")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -133,6 +138,9 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
     eval_fraction: float = 0.1
     output_dir: str = "runs/kto"
     max_len: int = 256
+    # each row's cut to max_len (ours; TRL's KTOConfig has none): "balanced" (DPO's default), "keep_start" (TRL
+    # 1.16's KTOTrainer: each row's first max_len tokens, an example whose prompt fills max_len dropped), "keep_end"
+    truncation_mode: str = "balanced"
     # TRL's: each batch's length rounded up to a multiple of this (tensor-core / kernel-friendly shapes); null: none
     pad_to_multiple_of: Optional[int] = None
     batch_size: int = 8  # examples per micro-batch (twice as many rows with the KL rows of loss_type kto)
@@ -199,6 +207,8 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         if self.prefix_sharing and self.loss_type != "kto":
             raise ValueError(f"prefix_sharing shares each example's prompt with its KL row: it needs loss_type 'kto' "
                              f"(loss_type {self.loss_type!r} has no KL rows)")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         check_annotator_weights(self)
         check_reference_fields(self)
         self.bema = check_bema_field(self, no_reference_update="TRL's experimental bema_for_ref_model moves "
@@ -214,6 +224,8 @@ def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     ``kl_logps`` / ``ref_kl_logps`` ``[B]``: summed response log-probs of the mismatched rows
     (:func:`kl_partners`) under the policy and the reference. Over several ranks or micro-batches
     the mean runs over all their rows (what :class:`KTOTrainer` does)."""
+    tensor("kl_logps", kl_logps)
+    tensor("ref_kl_logps", ref_kl_logps)
     if kl_logps.shape != ref_kl_logps.shape or kl_logps.dim() != 1 or kl_logps.numel() == 0:
         raise ValueError(f"kl_logps and ref_kl_logps must be the same non-empty [B], got {tuple(kl_logps.shape)} "
                          f"and {tuple(ref_kl_logps.shape)}")
@@ -247,6 +259,8 @@ def kto_loss(
     finite("beta", beta, "> 0")
     finite("desirable_weight", desirable_weight, ">= 0")
     finite("undesirable_weight", undesirable_weight, ">= 0")
+    for name, t in (("logps", logps), ("ref_logps", ref_logps), ("desirable", desirable)):
+        tensor(name, t)
     shape = tuple(logps.shape)
     if len(shape) != 1:
         raise ValueError(f"logps must be [B], got {shape}")
@@ -389,11 +403,20 @@ def load_kto_records(source: Any, kind: str, *, dedup: Optional[bool] = None) ->
 def to_binary(records: Sequence[Any], score_threshold: float = 0.0) -> List[BinaryRecord]:
     """BinaryRecords from BinaryRecords (kept), ScoreRecords (desirable when score ≥
     ``score_threshold``) and PairRecords (TRL's ``unpair_preference_dataset``: every chosen
-    response as desirable, then every rejected one as undesirable), in that order per kind."""
+    response as desirable, then every rejected one as undesirable), in that order per kind. A
+    BinaryRecord's label must be a bool (0 / 1 read as False / True); else TypeError."""
     out, rejected = [], []
-    for r in records:
+    for i, r in enumerate(records):
         if isinstance(r, BinaryRecord):
-            out.append(r)
+            lab = r.label
+            # bool("false") is True: a label given as text (or None, 2, ...) would silently train as desirable
+            try:  # (numpy / torch bools and 0 / 1 are the bools they equal)
+                ok = not isinstance(lab, str) and lab is not None and lab in (0, 1)
+            except (TypeError, ValueError, RuntimeError):  # e.g. an array of several values
+                ok = False
+            if not ok:
+                raise TypeError(f"records[{i}].label must be a bool (True: desirable), got {lab!r}")
+            out.append(r if isinstance(lab, bool) else dataclasses.replace(r, label=bool(lab)))
         elif isinstance(r, ScoreRecord):
             out.append(BinaryRecord(r.prompt, r.response, bool(r.score >= score_threshold), r.annotator))
         elif isinstance(r, PairRecord):
@@ -472,7 +495,9 @@ class KTOTrainer:
         self.train_items, self.dropped = self._encode(train_records)
         self.eval_items, _ = self._encode(eval_records)
         if train_records and not self.train_items:
-            raise ValueError(f"no training example left: each of the {len(train_records)} prompts is empty")
+            why = (f"is empty or, with truncation_mode keep_start, has max_len ({cfg.max_len}) tokens or more"
+                   if cfg.truncation_mode == "keep_start" else "is empty")
+            raise ValueError(f"no training example left: each of the {len(train_records)} prompts {why}")
         n_d = sum(it["label"] for it in self.train_items)
         self.weight_advice = weight_advice(n_d, len(self.train_items) - n_d, cfg.desirable_weight,
                                            cfg.undesirable_weight)
@@ -509,34 +534,50 @@ class KTOTrainer:
     # -------------------------------------------------------------- data
 
     def _encode(self, records: Sequence[BinaryRecord]) -> Tuple[List[Dict[str, Any]], int]:
-        """Items ``{prompt, completion, label, weight}`` (+ ``full`` for kto): the row as
-        :func:`dpo.encode_pair` encodes and truncates it, its annotator's weight w_i, and the
-        whole completion (+ eos) for the KL row another prompt borrows."""
+        """Items ``{prompt, completion, label, weight}`` (+ ``full`` for kto, + ``whole_prompt``
+        with keep_end): the row as :func:`dpo.encode_pair` encodes it, cut by ``truncation_mode``
+        (:func:`dpo.truncate_pair`), its annotator's weight w_i, and the whole completion (+ eos)
+        for the KL row another prompt borrows; an example with an empty prompt (or, keep_start,
+        one of ``max_len`` tokens or more) is dropped."""
         items, dropped = [], 0
+        mode = self.cfg.truncation_mode
         for i, r in enumerate(records):
             try:
-                enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, self.cfg.max_len)
+                enc = encode_pair(self.tokenizer, r.prompt, r.completion, r.completion, None)
             except ValueError as e:  # a conversational completion the chat template cannot split
                 raise ValueError(f"example {i}: {e}") from None
-            if enc is None:
+            cut = None if enc is None else truncate_pair(enc[0], enc[1], enc[2], self.cfg.max_len, mode)
+            if cut is None:
                 dropped += 1
                 continue
             w = record_weight(self.weights, r.annotator)
-            it = {"prompt": enc[0], "completion": enc[1], "label": bool(r.label), "weight": float(w)}
+            it = {"prompt": cut["prompt"], "completion": cut["chosen"], "label": bool(r.label), "weight": float(w)}
+            if self.kl_rows and mode == "keep_end":  # its KL row: the end of the whole prompt + borrowed completion
+                it["whole_prompt"] = enc[0]
             if self.kl_rows:
-                # whole, for the KL row another prompt borrows (a conversation's turns as its own prompt renders them)
-                it["full"] = (response_ids(self.tokenizer, r.completion) if isinstance(r.completion, str)
-                              else completion_tokens(self.tokenizer, r.prompt, r.completion)[1][0])
+                # whole, for the KL row another prompt borrows: the ids as encoded after its own prompt
+                # (TRL's KL_completion_ids are the partner's completion_ids)
+                it["full"] = enc[1]
             items.append(it)
         return items, dropped
 
     def _attach_kl(self, items: List[Dict[str, Any]], partners: List[int]) -> None:
         """``item["kl"]``: the partner's whole completion, cut to fit ``max_len`` after this prompt
-        (TRL's collator cuts the KL row to ``max_length`` the same way, keeping its start)."""
+        (TRL's collator cuts the KL row to ``max_length`` the same way, keeping its start); with
+        keep_end the last ``max_len`` tokens of the whole prompt and that completion
+        (``item["kl_prompt"]`` where they keep other prompt tokens than the example's row)."""
         for it, j in zip(items, partners):
-            it["kl"] = items[j]["full"][: self.cfg.max_len - len(it["prompt"])]
+            if "whole_prompt" in it:
+                full = items[j]["full"]
+                cut = truncate_pair(it["whole_prompt"], full, full, self.cfg.max_len, "keep_end")
+                it["kl"] = cut["chosen"]
+                if cut["prompt"] != it["prompt"]:
+                    it["kl_prompt"] = cut["prompt"]
+            else:
+                it["kl"] = items[j]["full"][: self.cfg.max_len - len(it["prompt"])]
         for it in items:
             del it["full"]
+            it.pop("whole_prompt", None)
 
     def _micro(self, idx: List[int], items) -> List[Tuple[List[Dict[str, Any]], bool]]:
         """The step batch ``idx`` cut into micro-batches of ``batch_size``, and this rank's

@@ -491,20 +491,20 @@ class RewardTrainer:
         # Σ loss, then the sums of the reward metrics (reward_sums); the extremes [max, −min] apart
         total = torch.zeros(1 + N_REWARD_SUMS, dtype=torch.float64, device=self.device)
         extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)
-        step_tokens = 0
-        for _ in range(cfg.grad_accum):
-            idx = self.batches.next()
-            step_tokens += sum(len(s) for i in idx for s in self.train_items[i]["seqs"])
-            # an empty share (fewer items than ranks) still runs one item, at weight 0
-            chunk, real = local_share(idx, self.train_items, ctx)
-            w_local = sum(it["weight"] for it in chunk) if real else 0.0
-            # the loss is a weighted mean: this rank's mean times its share of the global weight
-            w_global = torch.tensor(w_local, dtype=torch.float64, device=self.device)
-            w_global = float(ctx.all_reduce_sum(w_global))
-            frac = w_local / w_global if w_global > 0 else (len(chunk) if real else 0) / len(idx)
+        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        step_tokens = sum(len(s) for idx in idxs for i in idx for s in self.train_items[i]["seqs"])
+        # an empty share (fewer items than ranks) still runs one item, at weight 0
+        micro = [local_share(idx, self.train_items, ctx) for idx in idxs]
+        w_locals = [sum(it["weight"] for it in chunk) if real else 0.0 for chunk, real in micro]
+        # the weight of the whole global step (all micro-batches, all ranks), as DPO / KTO: the
+        # loss is Σ w·loss / Σ w over the step, so the micro-batch split does not change it
+        w_total = float(ctx.all_reduce_sum(torch.tensor(sum(w_locals), dtype=torch.float64, device=self.device)))
+        for (chunk, real), w_local in zip(micro, w_locals):
+            # this micro-batch's weighted mean times its share of the step's weight
+            frac = w_local / w_total if w_total > 0 else 0.0
             with offload_context(self):
                 scores = self._scores(chunk)
-                loss = self.loss(chunk, scores) * (frac / cfg.grad_accum)
+                loss = self.loss(chunk, scores) * frac
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 self.scaler.scale(loss * ctx.grad_scale).backward()  # fp16: times the loss scale
             total[0] += loss.detach().double()
@@ -515,7 +515,7 @@ class RewardTrainer:
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]), "grad_norm": gnorm, **self.scaler.metrics(),
-             "lr": self.scheduler.get_last_lr()[0]}
+             "lr": self.step_lr}
         m.update(reward_metrics(total[1:], ctx.all_reduce_max(extremes), self.kind == "pairs"))
         m.update(count_tokens(self, step_tokens))
         return ctx.mean_metrics(m)

@@ -2220,7 +2220,7 @@ class RLTrainer:
         units = self._shuffle_units(data)  # ppo.prefix_sharing: whole groups
         sums: Dict[str, float] = {}
         skipped: Dict[str, int] = {}  # the mini-batches whose min / max statistic had no answer
-        n_updates, stopped = 0, False
+        n_updates, stopped, step_lr = 0, False, None
         for _ in range(cfg.epochs):
             perm = self._permutation(g, sum(counts), units).to(data.input_ids.device)
             for rows, n_micro in self._minibatches(perm, counts):
@@ -2240,6 +2240,7 @@ class RLTrainer:
                     gnorm = self.scaler.clip_grad_norm_(self.optimizer, self.policy.parameters(), cfg.max_grad_norm)
                     st["grad_norm"] = scalar_norm(gnorm)
                 stepped = True
+                step_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with: logged
                 if cfg.trpo:  # (not with fp16)
                     st.update(self._trpo_step(mini))
                 else:
@@ -2279,7 +2280,8 @@ class RLTrainer:
             out.pop("policy/kl", None)
         out["policy/updates"] = n_updates
         out["policy/early_stopped"] = int(stopped)
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        # the last optimizer step's LR, before its scheduler step (transformers 5's learning_rate)
+        out["lr"] = step_lr if step_lr is not None else self.scheduler.get_last_lr()[0]
         out.update(self.scaler.metrics("policy/loss_scale"))  # fp16 only
         if self.critic is not None:
             out.update(self.critic_scaler.metrics("value/loss_scale"))

@@ -505,11 +505,14 @@ class _Batches:
         self.pos += len(idx)
         return idx
 
-    def epochs_done(self) -> float:
+    def epochs_done(self, micro_batch: Optional[int] = None) -> float:
         """transformers' ``state.epoch``: the epochs done, the current one by the share of its
-        batches taken (8 rows in batches of 4: 0.5 after one batch, 1.0 after two)."""
-        per_epoch = -(-self.n // self.bs)  # batches an epoch, the last one short
-        return self.epoch + -(-self.pos // self.bs) / per_epoch
+        batches taken (8 rows in batches of 4: 0.5 after one batch, 1.0 after two). transformers
+        counts micro-batches: ``micro_batch`` is their size where a batch here is several (KTO's
+        step batches of batch_size × grad_accum); None: the batch size."""
+        b = micro_batch or self.bs
+        per_epoch = -(-self.n // b)  # batches an epoch, the last one short
+        return self.epoch + -(-self.pos // b) / per_epoch
 
     def state(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -700,12 +703,15 @@ def optimizer_step(trainer) -> float:
     """The end of an SFT / reward / DPO / KTO step once its gradients are in: clip them to
     ``cfg.grad_clip`` (0: no clipping), step the optimizer and LR scheduler (unless it steps on a
     metric: :func:`evaluate_and_step`), clear the gradients
-    and count the step. Returns the gradient norm before clipping. Under fp16 (``trainer.scaler``)
+    and count the step. Returns the gradient norm before clipping; ``trainer.step_lr`` is the LR
+    the step trained with (read before the scheduler moves it: the ``lr`` the trainers log, as
+    transformers 5 logs ``learning_rate``). Under fp16 (``trainer.scaler``)
     the norm is the unscaled gradient's (inf / nan on an overflow), and an overflowed step moves
     neither the weights nor the LR scheduler, as transformers' (it still counts)."""
     clip = trainer.cfg.grad_clip
     gnorm = trainer.scaler.clip_grad_norm_(trainer.optimizer, trainer.model.parameters(),
                                            clip if clip > 0 else float("inf"))
+    trainer.step_lr = trainer.optimizer.param_groups[0]["lr"]
     stepped = trainer.scaler.step(trainer.optimizer)
     # reduce_lr_on_plateau / greedy step after evaluations (training_loop)
     if stepped and not steps_on_metric(trainer.scheduler):
@@ -1050,7 +1056,7 @@ class SFTTrainer:
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]) / n_tok, "grad_norm": gnorm, **self.scaler.metrics(),
-             "lr": self.scheduler.get_last_lr()[0], "tokens": n_trained, "epoch": self.batches.epochs_done()}
+             "lr": self.step_lr, "tokens": n_trained, "epoch": self.batches.epochs_done()}
         if cfg.loss_type != "nll":
             m["nll"] = float(total[1]) / n_tok  # comparable with eval_loss and across loss types
         # TRL's entropy: the token mean over the trained tokens (here of the whole step, every rank)

@@ -72,11 +72,12 @@ def gold_rows(cfg) -> bool:
 def encode_triple(tokenizer, record, loss_type: str) -> Optional[Tuple[List[int], List[int], List[int], List[int]]]:
     """``(prompt ids, chosen ids, rejected ids, gold ids)`` of a TPO ``record`` (a pair with a
     gold ``reference``), not truncated; None when the prompt has no token. Text responses as
-    :func:`rlhf_fast.trainers.dpo.encode_pair` encodes them (ids + eos); conversational ones as
+    :func:`rlhf_fast.trainers.dpo.encode_texts` encodes them (+ eos, after the prompt text, the
+    prompt cut to the ids it shares with all three: TRL's TPO); conversational ones as
     TRL's TPO: the prompt is the tokens the template's prompt shares with all three of
     prompt + response (:func:`rlhf_fast.trainers.sft_data.completion_tokens`). ValueError naming
     ``reference`` when the record has none."""
-    from .dpo import encode_pair, response_ids
+    from .dpo import encode_texts
 
     gold = getattr(record, "reference", None)
     if gold is None:
@@ -84,11 +85,14 @@ def encode_triple(tokenizer, record, loss_type: str) -> Optional[Tuple[List[int]
                          "(TRL's TPO triple-preference format: prompt, chosen, rejected, reference)")
     prompt, chosen, rejected = record.prompt, record.chosen, record.rejected
     if isinstance(chosen, str):
-        enc = encode_pair(tokenizer, prompt, chosen, rejected, None)
-        return None if enc is None else (*enc, response_ids(tokenizer, gold))
-    from .sft_data import completion_tokens
+        if not (isinstance(rejected, str) and isinstance(gold, str)):
+            raise ValueError("a text TPO triple needs text chosen, rejected and reference responses, got "
+                             f"{type(chosen).__name__}, {type(rejected).__name__}, {type(gold).__name__}")
+        p, (c, r, g) = encode_texts(tokenizer, prompt, (chosen, rejected, gold))
+    else:
+        from .sft_data import completion_tokens
 
-    p, (c, r, g) = completion_tokens(tokenizer, prompt, chosen, rejected, gold)
+        p, (c, r, g) = completion_tokens(tokenizer, prompt, chosen, rejected, gold)
     return (p, c, r, g) if p else None
 
 

@@ -10,6 +10,7 @@ or with ``on_bad_reward="drop"`` marks the sample invalid and counts it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -183,13 +184,20 @@ class CallableReward(RewardSource):
     log_extra=, log_metric=, **columns)`` (columns: the prompt fields, and ``environments``
     with environments), from ``ctx.trl`` (:class:`TRLRewardInputs`); a function without
     ``**kwargs`` gets the names it lists (TRL would raise TypeError); a None reward is NaN,
-    "does not apply to this completion" (:class:`CombinedReward` with ``convention="trl"``)."""
+    "does not apply to this completion" (:class:`CombinedReward` with ``convention="trl"``); an
+    ``async def`` function is awaited (TRL gathers them on an event loop). A ``trl.rewards``
+    function with ``convention="ours"`` is refused (ValueError naming ``calling_convention``)."""
 
     def __init__(self, fn: Callable, name: Optional[str] = None, convention: str = "ours"):
         if not callable(fn):
             raise TypeError(f"fn must be callable (prompts, completions) -> list[float], got {type(fn).__name__}")
         if convention not in CALLING_CONVENTIONS:
             raise ValueError(f"convention must be one of {CALLING_CONVENTIONS}, got {convention!r}")
+        if convention == "ours" and _is_trl_reward(fn):
+            # TRL's functions take TRL's keyword arguments (completions as messages, completion_ids):
+            # called as ours (prompt texts, completion texts) they would fail at the first step
+            raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} is TRL's (trl.rewards): "
+                             "it needs reward.calling_convention: trl (RewardConfig(calling_convention='trl'))")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
         self.convention = convention
@@ -222,9 +230,38 @@ class CallableReward(RewardSource):
         if not self._all:
             kw = {k: v for k, v in kw.items() if k in self._named}
         out = self.fn(**kw)
+        if inspect.isawaitable(out):  # TRL also takes ``async def`` reward functions
+            out = _await(out)
         # TRL: "Convert None values to NaN" (this function does not score that completion)
         out = out.tolist() if isinstance(out, torch.Tensor) else out
         return [float("nan") if r is None else r for r in out]
+
+
+def _await(awaitable):
+    """The result of an async reward function's call: run on a fresh event loop (in a thread of
+    its own when the caller already runs one, e.g. a notebook), as TRL runs them on a loop."""
+    import asyncio
+
+    async def wait():
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def _is_trl_reward(fn: Callable) -> bool:
+    """Whether ``fn`` is one of TRL's ``trl.rewards`` functions (a function, or the callable
+    object a ``get_*`` factory returns)."""
+    mod = getattr(fn, "__module__", None) or ""
+    if not isinstance(mod, str) or not mod.startswith("trl."):
+        mod = type(fn).__module__ or ""
+    return mod == "trl.rewards" or mod.startswith("trl.rewards.")
 
 
 def _keyword_params(fn: Callable, skip: int = 2):

@@ -576,7 +576,9 @@ class RewardConfig:
     prompt), ``trainer_state`` (a ``transformers.TrainerState``: global_step, max_steps,
     epoch…), ``log_extra(column, values)`` (a column of samples.jsonl), ``log_metric(name,
     value)`` (the step's metric ``reward_fn/NAME``, the mean of its values), the prompt
-    fields (and ``environments``); a None reward is NaN, "does not apply": the total is the
+    fields (and ``environments``); an ``async def`` function is awaited; ``trl.rewards``
+    functions need this convention (``ours`` refuses them); a None reward is NaN, "does not
+    apply": the total is the
     NaN-skipping weighted sum, and an answer no source scored is kept with advantage 0, outside
     the group statistics, as TRL's (dropped under gae / reinforce++; under reinforce++_baseline with
     its whole group). ``on_bad_reward`` still rules ±inf and

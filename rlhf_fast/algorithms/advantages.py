@@ -109,9 +109,9 @@ def token_rewards(
     has = m.any(dim=1)
     r[torch.arange(m.shape[0], device=m.device), idx] = torch.where(has, scores.float(), torch.zeros_like(scores.float()))
     if dense is not None:
-        r = r + dense.float() * m
+        r = r + torch.where(m, dense.float(), 0.0)
     if kl is not None and kl_coef != 0.0:
-        r = r - kl_coef * kl.float() * m
+        r = r - kl_coef * torch.where(m, kl.float(), 0.0)  # NaN padding of kl never read
     return r
 
 
@@ -251,6 +251,11 @@ def group_estimator_advantages(
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     _check_scale_rewards(kind, scale_rewards)
+    # checked here too: the NaN (unscored) path reshapes without ops.group_advantages' own checks
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"group_size={group_size} must divide the number of scores B={scores.shape[0]}")
     s = scores.float()
     a = _group_row_advantages(s, group_size, kind, eps, scale_rewards, group)
     if normalize_answers:
@@ -393,7 +398,9 @@ def compute_advantages(
     still the returns, for logging).
 
     ``reinforce++_baseline``: :func:`reinforce_pp_baseline_advantages` (``group_size`` ≥ 2,
-    ``gamma`` 1; already whitened, so ``whiten`` adds nothing, as for reinforce++).
+    ``gamma`` 1; already whitened, so ``whiten`` adds nothing, as for reinforce++). The group
+    estimators (one advantage per answer, nothing to discount) refuse ``gamma`` ≠ 1, and every
+    estimator refuses an infinite score.
 
     A NaN score (group estimators; with normalize_then_sum, a row of ``rewards_per_func`` that
     is all NaN) is an answer no reward function scored (TRL's None): out of every statistic,
@@ -429,6 +436,12 @@ def compute_advantages(
     if dense_rewards is not None and estimator not in TOKEN_REWARD_ESTIMATORS:
         raise ValueError(f"dense_rewards (per-token rewards) need an estimator that takes token-level rewards "
                          f"({', '.join(TOKEN_REWARD_ESTIMATORS)}), got {estimator!r}")
+    if estimator in GROUP_ESTIMATORS and gamma != 1.0:
+        raise ValueError(f"gamma has no effect with estimator {estimator!r} (one advantage per answer, nothing to "
+                         f"discount): leave it at 1.0, got {gamma!r}")
+    if torch.isinf(scores).any():
+        raise ValueError(f"scores must be finite (or NaN for an unscored answer under a group estimator), got "
+                         f"{scores[torch.isinf(scores)][0].item()} for estimator {estimator!r}")
     scored = ~torch.isnan(scores)  # [B]
     unscored = not bool(scored.all())
     if unscored and estimator not in GROUP_ESTIMATORS:
@@ -468,7 +481,8 @@ def compute_advantages(
     else:
         s = scores.float()
         if kl is not None and kl_coef != 0.0:
-            s = s - kl_coef * (kl.float() * mask.to(torch.float32)).sum(dim=1)
+            # torch.where, not a product: whatever kl holds outside the mask (NaN padding) is never read
+            s = s - kl_coef * torch.where(mask.bool(), kl.float(), 0.0).sum(dim=1)
         adv, ret = group_estimator_advantages(s, mask, group_size, kind=estimator, scale_rewards=scale_rewards,
                                               group=group, normalize_answers=per_answer)
     if whiten is True:

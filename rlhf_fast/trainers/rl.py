@@ -1219,6 +1219,10 @@ class RLTrainer:
         kl_reward = kl_tok
         if cfg.kl.reward_kind != "k1" and ref_logp is not None:
             kl_reward = ops.kl_penalty(old_logp, ref_logp, cfg.kl.reward_kind) * rm
+        if ro.mask_truncated and cfg.estimator in GROUP_ESTIMATORS:
+            # TRL's RLOO sums the KL over a completion mask that mask_truncated_completions has
+            # zeroed: a truncated answer enters its group's baseline with its raw score, no KL
+            kl_reward = kl_reward * ~truncated[:, None]
         beta = self.kl_ctl.value
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
         # rank's tokens, as one process would see them

@@ -285,7 +285,8 @@ class RolloutConfig:
     ``mask_truncated``: leave out of the policy and value losses every answer cut at
     ``max_new_tokens`` (no eos, stop token or stop string; DAPO's overlong filtering, TRL's
     ``mask_truncated_completions``). They are still scored and still count in their group's
-    advantage statistics; ``rollout/truncated_frac`` is logged either way.
+    advantage statistics (with the KL in the reward, a group estimator's, as TRL's RLOO, without
+    their KL); ``rollout/truncated_frac`` is logged either way.
 
     ``dynamic_sampling`` (group estimators): DAPO's dynamic sampling — groups whose answers all
     got the same reward (no policy gradient) are replaced by groups of further prompts, sampled
@@ -836,7 +837,9 @@ class PPOConfig:
     (old + clip(v − old, ±``value_clip``) − R)²); ``value_clip`` null: unclipped), stepped by its
     own optimizer (``optim.critic_lr``); ``gamma`` / ``lam`` are GAE's. ``value_coef``,
     ``value_clip``, ``lam`` and ``model.critic`` are refused away from their defaults by the
-    other policy-gradient estimators, which have no critic.
+    other policy-gradient estimators, which have no critic; ``gamma`` (also REINFORCE++'s
+    discount) is refused away from 1 by grpo / dr_grpo / rloo (one advantage per answer) and
+    reinforce++_baseline.
     ``is_cap``: truncated importance sampling weight cap for rollout/training log-prob
     mismatch (None = off). ``old_logp``: where the rollout-time policy log-probs (the
     ratio's denominator and the KL-in-reward term) come from: ``recompute`` (a no-grad
@@ -2024,6 +2027,10 @@ class RLConfig:
         if self.estimator == "reinforce++_baseline" and self.ppo.gamma != 1.0:
             raise ValueError(f"ppo.gamma must be 1.0 for estimator 'reinforce++_baseline' (undiscounted returns, "
                              f"as OpenRLHF's reinforce_baseline forces), got {self.ppo.gamma!r}")
+        if self.estimator in GROUP_ESTIMATORS and self.ppo.gamma != 1.0:
+            # one advantage per answer: nothing to discount (OpenRLHF forces 1 for rloo / group_norm / dr_grpo)
+            raise ValueError(f"ppo.gamma has no effect with estimator {self.estimator!r} (one advantage per answer, "
+                             f"nothing to discount): leave it at 1.0, got {self.ppo.gamma!r}")
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.ppo.mini_batch_size != 0:
             raise ValueError(f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide the rollout batch "

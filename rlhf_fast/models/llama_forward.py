@@ -53,6 +53,7 @@ gathering and gradient reduction are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import List, Optional, Sequence, Tuple, Union
@@ -828,6 +829,45 @@ def _short_queries(device: torch.device) -> bool:
 
 def _non_reentrant(ckpt) -> bool:
     return isinstance(ckpt, functools.partial) and ckpt.keywords.get("use_reentrant") is False
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_training(cls: type) -> bool:
+    """Whether the ``forward`` of the layer class ``cls`` reads ``self.training`` itself (e.g. a
+    functional dropout); True when its source cannot be read."""
+    import inspect
+
+    try:
+        return "self.training" in inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):
+        return True
+
+
+@contextlib.contextmanager
+def checkpointing_in_eval(model: nn.Module):
+    """transformers' activation checkpointing of ``model``'s layers in eval mode too, as
+    :func:`hidden_states` runs it, for a forward through transformers' own code (GPT-2, flash
+    attention, MoE, ...): transformers checkpoints a layer only in training mode, and an RL
+    policy (and critic) trains in eval mode (no dropout), so ``gradient_checkpointing`` did
+    nothing there. Within the block each checkpointed decoder layer (non-reentrant, whose own
+    forward reads no ``self.training``) is flagged training — the layer alone: its dropout and
+    attention modules stay in eval mode, so no value changes — and put back after. Nothing
+    changes without gradients, checkpointing or an eval-mode layer."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: its layers checkpoint through the model's forward
+        GradientCheckpointingLayer = ()
+    flipped = [m for m in model.modules()
+               if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer) and not m.training
+               and getattr(m, "gradient_checkpointing", False) and _non_reentrant(_checkpoint_fn(m))
+               and not _forward_reads_training(type(m))] if torch.is_grad_enabled() else []
+    for m in flipped:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.training = False
 
 
 def _checkpoint_fn(module: nn.Module):

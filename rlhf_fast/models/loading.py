@@ -144,7 +144,8 @@ def check_model_init_kwargs(value, key: str = "model_init_kwargs") -> dict:
       weights under a float16 autocast and a loss scale).
     * ``attn_implementation``: ``eager``, ``sdpa``, or a flash / flex implementation whose
       package this machine has (:data:`ATTN_IMPLEMENTATIONS`).
-    * ``trust_remote_code``, ``low_cpu_mem_usage``: true or false, passed on.
+    * ``trust_remote_code``, ``low_cpu_mem_usage``: true or false, passed on (transformers 5
+      drops ``low_cpu_mem_usage`` unread: it always loads that way).
     * ``device_map``: null only, and dropped (the trainers place the model: ``device``,
       ``distributed``). ``revision`` and ``quantization_config`` are refused, as is any other key."""
     if value is None:
@@ -581,8 +582,9 @@ class ValueModel(nn.Module):
         if llama_forward.supported(self.backbone, input_ids.shape[1]):
             h = llama_forward.hidden_states(self.backbone, input_ids, attention_mask, position_ids)  # [B, T, H]
         else:
-            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, return_dict=True).last_hidden_state
+            with llama_forward.checkpointing_in_eval(self.backbone):  # (an RL critic trains in eval mode)
+                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False, return_dict=True).last_hidden_state
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def save_pretrained(self, save_directory: PathLike, **kwargs) -> None:

@@ -189,16 +189,18 @@ def hidden_states(
     if _data_parallel_root(model):
         # DDP / FSDP2: run the wrapped root's forward so DDP synchronises gradients and FSDP2
         # gathers the root parameters; logits_to_keep=1 limits the LM head to one position.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1, return_dict=True,
-                    **moe_aux.forward_kwargs(aux))
+        with llama_forward.checkpointing_in_eval(base):  # (an RL policy trains in eval mode)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, output_hidden_states=True, logits_to_keep=1, return_dict=True,
+                        **moe_aux.forward_kwargs(aux))
         if aux is not None:
             aux.record(out, attention_mask)
         return _columns(out.hidden_states[-1], columns, select)
     if fast:
         return llama_forward.hidden_states(base, input_ids, attention_mask, position_ids, columns, select, **seg)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-               return_dict=True, **moe_aux.forward_kwargs(aux))
+    with llama_forward.checkpointing_in_eval(base):  # (an RL policy trains in eval mode)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   return_dict=True, **moe_aux.forward_kwargs(aux))
     if aux is not None:
         aux.record(out, attention_mask)
     return _columns(out.last_hidden_state, columns, select)
@@ -781,8 +783,9 @@ def sequence_logprobs(
             check_input_ids(model, input_ids, positions=position_ids is None)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
             aux = moe_aux.active(model)
-            full = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
-                         **moe_aux.forward_kwargs(aux))
+            with llama_forward.checkpointing_in_eval(backbone(model)):  # (an RL policy trains in eval mode)
+                full = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                             **moe_aux.forward_kwargs(aux))
             if aux is not None:
                 aux.record(full, attention_mask)
             logits = full.logits  # [B, T, V]: this head cannot be fused

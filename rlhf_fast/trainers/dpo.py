@@ -458,8 +458,10 @@ def encode_texts(tokenizer, prompt: Any, responses: Sequence[str]) -> Tuple[List
     prompts get the tokenizer's special tokens (e.g. bos); a rendered chat template its own."""
     from rlhf_fast.feedback.formats import render_prompt
 
-    from .sft_data import continuation_ids
+    from .sft_data import check_chat_template, continuation_ids
 
+    if not isinstance(prompt, str):  # (TRL fails alike; "role: content" lines would be a format of our own)
+        check_chat_template(tokenizer)
     text, special = render_prompt(prompt, tokenizer), isinstance(prompt, str)
     p = list(tokenizer(text, add_special_tokens=special)["input_ids"])
     return p, [continuation_ids(tokenizer, text, p, with_eos(tokenizer, t), add_special_tokens=special)

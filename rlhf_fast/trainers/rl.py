@@ -257,6 +257,34 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
     return out
 
 
+def _embedding_rows(model) -> Optional[int]:
+    """Rows of ``model``'s input embeddings (a causal LM, a peft / DDP wrapper of one, a
+    reference wrapper or a ValueModel); None when it has none to read."""
+    from rlhf_fast.models.logprobs import unwrap
+
+    inner = unwrap(getattr(model, "rlhf_wrapped", None) or model)
+    inner = getattr(inner, "backbone", inner)  # a ValueModel: its transformer backbone
+    get = getattr(inner, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(emb, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def check_policy_vocabulary(policy, model, key: str) -> None:
+    """ValueError naming ``key`` unless ``model`` (a reference or a critic loaded from a folder)
+    has as many input-embedding rows as ``policy``: both read the policy's token ids, and over
+    another vocabulary the KL (or the values) would be those of other tokens (DPO's ``ref_model``
+    and ``rlhf-fast eval --reference`` are refused alike). Passes when either has no embeddings
+    to read."""
+    mine, theirs = _embedding_rows(policy), _embedding_rows(model)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"{key}: its vocabulary has {theirs} tokens (input-embedding rows), the policy's {mine}; it "
+                         "must share the policy's vocabulary (the same tokenizer and embedding size)")
+
+
 def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
     """The critic: ``path`` (model.critic) loaded with ``init_kwargs`` (model.model_init_kwargs) —
     a saved ValueModel, or a reward-model folder (one label; TRL 0.x PPO's ``value_model``: its
@@ -266,7 +294,9 @@ def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
 
     if path is not None:
         if os.path.isfile(os.path.join(path, loading._VALUE_HEAD_FILE)):
-            return loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
+            critic = loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
+            check_policy_vocabulary(policy, critic, f"model.critic {path!r}")
+            return critic
         what = "expected a saved ValueModel folder (a ppo run's final/critic) or a reward model (one label)"
         try:
             loading.check_model_folder(path, "model.critic", reward=True)  # names the key and the folder
@@ -277,6 +307,7 @@ def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
         if not isinstance(score, torch.nn.Linear) or score.out_features != 1:
             # ValueModel would start a fresh head: not the reward model's values
             raise ValueError(f"model.critic {path!r}: {type(rm).__name__} has no one-output `score` head; {what}")
+        check_policy_vocabulary(policy, rm, f"model.critic {path!r}")
         return loading.ValueModel(rm)
     if hasattr(loading.ValueModel, "from_policy"):
         return loading.ValueModel.from_policy(policy)
@@ -719,6 +750,8 @@ class RLTrainer:
             reference = (loading.make_reference(loading.load_merged(cfg.model.reference,
                                                                     init_kwargs=cfg.model.model_init_kwargs))
                          if cfg.model.reference else loading.make_reference(self.policy))
+            if cfg.model.reference:  # (its KL reads the policy's token ids)
+                check_policy_vocabulary(self.policy, reference, f"model.reference {cfg.model.reference!r}")
         if reference is None:
             pass  # kl_free: no reference, so no forward and no kl/* metrics
         elif isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)
@@ -950,6 +983,12 @@ class RLTrainer:
         ``data.chat_template_kwargs`` (a text prompt is the user's as written)."""
         from rlhf_fast.feedback.formats import render_prompt
 
+        if not isinstance(prompt, str) and not getattr(self.tokenizer, "chat_template", None):
+            # TRL's apply_chat_template fails alike (and SFT refuses such data): "role: content"
+            # lines would train the policy on a format of our own
+            raise ValueError("the prompts hold conversations (chat messages) but the policy's tokenizer has no chat "
+                             "template: use a model.policy (or model.tokenizer) folder whose tokenizer has one, or "
+                             "set tokenizer.chat_template")
         tools = self._tools_of(env)
         return render_prompt(prompt, self.tokenizer, tools=tools or None,
                              chat_template_kwargs=self.config.data.chat_template_kwargs)

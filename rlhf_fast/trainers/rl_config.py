@@ -115,6 +115,11 @@ class ModelConfig:
             family = self.policy.split(":", 1)[1] or "llama"
             if family not in FAMILIES:
                 raise ValueError(f"model.policy 'tiny:FAMILY' needs a family in {FAMILIES}, got {self.policy!r}")
+            if self.tokenizer is not None:  # (it would be dropped: a tiny policy trains its own tokenizer)
+                raise ValueError(f"model.tokenizer ({self.tokenizer!r}) is read with a model.policy folder only; "
+                                 f"{self.policy!r} trains its own tokenizer: leave model.tokenizer null")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ValueError(f"model.tokenizer must be null or a local tokenizer folder, got {self.tokenizer!r}")
         # the tokenizer needs its 4 special tokens and 2 more; heads must split hidden_size evenly
         if self.tiny_vocab_size < 6:
             raise ValueError(f"model.tiny_vocab_size must be >= 6, got {self.tiny_vocab_size!r}")

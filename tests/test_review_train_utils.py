@@ -208,3 +208,28 @@ def test_docs_list_the_training_defaults_that_differ_from_trl():
     assert "warmup_steps" in differ and "grad_clip" not in differ
     missing = [o for o in differ if f"`{o}" not in intro]
     assert not missing, missing
+
+
+def test_reward_and_prm_log_the_epochs_done(tmp_path):
+    """transformers' Trainer logs ``epoch`` (state.epoch: epochs done, counted in micro-batches)
+    for every trainer; the reward and PRM trainers logged none."""
+    from rlhf_fast.trainers.prm import PRMTrainer, synthetic_stepwise_records
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, synthetic_preference_records
+    from tests.test_prm import _cfg as prm_cfg
+    from tests.test_reward import preference_tokenizer
+
+    cfg = RewardConfig(model=TINY, output_dir=str(tmp_path / "rm"), batch_size=4, lr=1e-3, warmup_steps=0,
+                       eval_every=0, max_len=48, max_steps=3)
+    tr = RewardTrainer(cfg, train_records=synthetic_preference_records(8, seed=7), eval_records=[],
+                       tokenizer=preference_tokenizer())
+    assert len(tr.train_items) == 8
+    assert [tr.train_step()["epoch"] for _ in range(3)] == [0.5, 1.0, 1.5]
+    from rlhf_fast.models.tiny import sample_texts, train_tokenizer
+
+    recs = synthetic_stepwise_records(8, seed=3)
+    ptok = train_tokenizer(sample_texts(64) + [r.prompt + "\n" + "\n".join(r.completions) for r in recs], 300,
+                           padding_side="right")
+    pr = PRMTrainer(prm_cfg(tmp_path, "prm", batch_size=4, max_steps=3), train_records=recs, eval_records=[],
+                    tokenizer=ptok)
+    assert len(pr.train_items) == 8
+    assert [pr.train_step()["epoch"] for _ in range(3)] == [0.5, 1.0, 1.5]

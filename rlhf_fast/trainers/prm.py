@@ -482,7 +482,7 @@ class PRMTrainer:
             total += loss.detach().double()
         gnorm = optimizer_step(self)
         m = {"loss": float(ctx.all_reduce_sum(total)), "grad_norm": gnorm, **self.scaler.metrics(),
-             "lr": self.step_lr}
+             "lr": self.step_lr, "epoch": self.batches.epochs_done()}  # transformers' state.epoch
         m.update(count_tokens(self, sum(len(self.train_items[i]["input_ids"]) for idx in batches for i in idx)))
         return ctx.mean_metrics(m)
 

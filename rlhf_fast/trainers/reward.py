@@ -515,7 +515,7 @@ class RewardTrainer:
         gnorm = optimizer_step(self)
         total = ctx.all_reduce_sum(total)
         m = {"loss": float(total[0]), "grad_norm": gnorm, **self.scaler.metrics(),
-             "lr": self.step_lr}
+             "lr": self.step_lr, "epoch": self.batches.epochs_done()}  # transformers' state.epoch
         m.update(reward_metrics(total[1:], ctx.all_reduce_max(extremes), self.kind == "pairs"))
         m.update(count_tokens(self, step_tokens))
         return ctx.mean_metrics(m)

@@ -492,6 +492,31 @@ class AdapterDisabledReference:
         return unwrap(self.policy).config
 
 
+def _embedding_rows(model) -> Optional[int]:
+    """Rows of ``model``'s input embeddings (a causal LM, a peft / DDP / reference wrapper of one,
+    or a ValueModel); None when it has none to read."""
+    inner = unwrap(model)
+    inner = getattr(inner, "backbone", inner)  # a ValueModel: its transformer backbone
+    get = getattr(inner, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(emb, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def check_same_vocabulary(policy, model, key: str) -> None:
+    """ValueError naming ``key`` unless ``model`` (a reference, a critic) has as many
+    input-embedding rows as ``policy``: both read the policy's token ids, and over another
+    vocabulary the KL (or the values, or a win rate of another tokenizer's ids) would be those
+    of other tokens. Passes when either has no embeddings to read."""
+    mine, theirs = _embedding_rows(policy), _embedding_rows(model)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"{key}: its vocabulary has {theirs} tokens (input-embedding rows), the policy's {mine}; it "
+                         "must share the policy's vocabulary (the same tokenizer and embedding size)")
+
+
 def make_reference(policy, *, device=None, dtype=None):
     """A frozen eval-mode reference of ``policy`` for KL penalties.
 

@@ -756,10 +756,7 @@ def offline_reference(cfg, model, is_peft: bool, device):
         # loaded as the policy is (TRL builds its reference with the same model_init_kwargs)
         ref = loading.load_merged(cfg.ref_model, init_kwargs=cfg.model_init_kwargs)  # (an adapter: merged)
         reference = loading.make_reference(ref, device=device)
-        n_ref, n_pol = (loading.unwrap(m).get_input_embeddings().num_embeddings for m in (reference, model))
-        if n_ref != n_pol:
-            raise ValueError(f"ref_model {cfg.ref_model!r} has a vocabulary of {n_ref} tokens, the policy {n_pol}; "
-                             "the reference must share the policy's tokenizer")
+        loading.check_same_vocabulary(model, reference, f"ref_model {cfg.ref_model!r}")
         return reference
     if cfg.precompute_ref_logps and not is_peft:
         return model

@@ -408,16 +408,6 @@ def run_initial_policy(cfg):
     return load_policy(cfg.model.policy, init_kwargs=init_kwargs)
 
 
-def check_same_vocabulary(policy, reference, name: str) -> None:
-    """ValueError naming ``name`` unless ``reference`` has as many input-embedding rows as
-    ``policy``: the KL sums log-probabilities of the same token ids, and over two vocabularies
-    it (and the win rate of answers sampled from another tokenizer's ids) means nothing."""
-    n_pol, n_ref = (m.get_input_embeddings().weight.shape[0] for m in (policy, reference))
-    if n_pol != n_ref:
-        raise ValueError(f"{name}: its vocabulary has {n_ref} tokens (input-embedding rows), the policy's "
-                         f"{n_pol}; the reference must share the policy's vocabulary")
-
-
 def trained_policy_kwargs(init_kwargs=None) -> dict:
     """The ``from_pretrained`` keywords of a run's trained policy folder, given the run's checked
     ``model.model_init_kwargs`` (None: no run, nothing added): its attention implementation and
@@ -542,6 +532,8 @@ def run(args) -> int:
                      else AutoModelForCausalLM.from_pretrained(args.reference))
     if reference is not None:
         what = "--reference" if args.reference else "the reference of --run"
+        from rlhf_fast.models.loading import check_same_vocabulary
+
         check_same_vocabulary(policy, reference, what)
         reference = reference.eval()
     sources = [CallableReward(load_callable(s), name=s.rsplit(":", 1)[1], convention=convention) for s in fns]

@@ -257,34 +257,6 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
     return out
 
 
-def _embedding_rows(model) -> Optional[int]:
-    """Rows of ``model``'s input embeddings (a causal LM, a peft / DDP wrapper of one, a
-    reference wrapper or a ValueModel); None when it has none to read."""
-    from rlhf_fast.models.logprobs import unwrap
-
-    inner = unwrap(getattr(model, "rlhf_wrapped", None) or model)
-    inner = getattr(inner, "backbone", inner)  # a ValueModel: its transformer backbone
-    get = getattr(inner, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
-    rows = getattr(emb, "num_embeddings", None)
-    return rows if isinstance(rows, int) else None
-
-
-def check_policy_vocabulary(policy, model, key: str) -> None:
-    """ValueError naming ``key`` unless ``model`` (a reference or a critic loaded from a folder)
-    has as many input-embedding rows as ``policy``: both read the policy's token ids, and over
-    another vocabulary the KL (or the values) would be those of other tokens (DPO's ``ref_model``
-    and ``rlhf-fast eval --reference`` are refused alike). Passes when either has no embeddings
-    to read."""
-    mine, theirs = _embedding_rows(policy), _embedding_rows(model)
-    if mine is not None and theirs is not None and mine != theirs:
-        raise ValueError(f"{key}: its vocabulary has {theirs} tokens (input-embedding rows), the policy's {mine}; it "
-                         "must share the policy's vocabulary (the same tokenizer and embedding size)")
-
-
 def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
     """The critic: ``path`` (model.critic) loaded with ``init_kwargs`` (model.model_init_kwargs) —
     a saved ValueModel, or a reward-model folder (one label; TRL 0.x PPO's ``value_model``: its
@@ -295,7 +267,7 @@ def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
     if path is not None:
         if os.path.isfile(os.path.join(path, loading._VALUE_HEAD_FILE)):
             critic = loading.ValueModel.from_pretrained(path, init_kwargs=init_kwargs)
-            check_policy_vocabulary(policy, critic, f"model.critic {path!r}")
+            loading.check_same_vocabulary(policy, critic, f"model.critic {path!r}")
             return critic
         what = "expected a saved ValueModel folder (a ppo run's final/critic) or a reward model (one label)"
         try:
@@ -307,7 +279,7 @@ def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
         if not isinstance(score, torch.nn.Linear) or score.out_features != 1:
             # ValueModel would start a fresh head: not the reward model's values
             raise ValueError(f"model.critic {path!r}: {type(rm).__name__} has no one-output `score` head; {what}")
-        check_policy_vocabulary(policy, rm, f"model.critic {path!r}")
+        loading.check_same_vocabulary(policy, rm, f"model.critic {path!r}")
         return loading.ValueModel(rm)
     if hasattr(loading.ValueModel, "from_policy"):
         return loading.ValueModel.from_policy(policy)
@@ -751,7 +723,7 @@ class RLTrainer:
                                                                     init_kwargs=cfg.model.model_init_kwargs))
                          if cfg.model.reference else loading.make_reference(self.policy))
             if cfg.model.reference:  # (its KL reads the policy's token ids)
-                check_policy_vocabulary(self.policy, reference, f"model.reference {cfg.model.reference!r}")
+                loading.check_same_vocabulary(self.policy, reference, f"model.reference {cfg.model.reference!r}")
         if reference is None:
             pass  # kl_free: no reference, so no forward and no kl/* metrics
         elif isinstance(reference, torch.nn.Module):  # (a peft policy's reference is a wrapper)

@@ -800,10 +800,20 @@ def apply_tokenizer_overrides(model, tokenizer, *, eos_token: Optional[str] = No
     if pad_token is not None:
         _token_in_vocab(tokenizer, pad_token, "pad_token")
         tokenizer.pad_token = pad_token
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        mirror_pad_id(model, tokenizer.pad_token_id)
     return added
+
+
+def mirror_pad_id(model, pad_id: Optional[int]) -> None:
+    """The tokenizer's pad id ``pad_id`` onto the causal LM ``model``'s config and generation
+    config, as TRL 1.16's SFT / DPO / KTO trainers mirror it ("the model must agree with the
+    tokenizer on the pad token"), so ``final/``'s config.json and generation_config.json name
+    the pad its tokenizer pads with (an eos given as pad to a tokenizer without one, or a
+    ``pad_token`` override)."""
+    model.config.get_text_config().pad_token_id = pad_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = pad_id
 
 
 def load_reward_model(model_or_path, *, device=None, dtype=None, init_kwargs=None):

@@ -1648,19 +1648,10 @@ def load_causal_lm(spec: str, *, texts: Optional[list] = None, kind: str = "caus
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     if kind == "causal":
-        _mirror_pad_id(model, tok.pad_token_id)
+        from rlhf_fast.models.loading import mirror_pad_id
+
+        mirror_pad_id(model, tok.pad_token_id)
     return model, tok
-
-
-def _mirror_pad_id(model, pad_id: Optional[int]) -> None:
-    """The tokenizer's pad id ``pad_id`` onto the causal LM ``model``'s config and generation
-    config, as TRL 1.16's SFT / DPO / KTO trainers mirror it ("the model must agree with the
-    tokenizer on the pad token"), so ``final/``'s config.json and generation_config.json name
-    the pad its tokenizer pads with (an eos given as pad to a tokenizer without one)."""
-    model.config.get_text_config().pad_token_id = pad_id
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.pad_token_id = pad_id
 
 
 def trainer_model(cfg, model, tokenizer, texts: Callable[[], Sequence[str]], kind: str = "causal"):

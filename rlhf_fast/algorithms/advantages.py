@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.ops import _validate
 from rlhf_fast.ops._validate import finite
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
@@ -251,11 +252,8 @@ def group_estimator_advantages(
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     _check_scale_rewards(kind, scale_rewards)
-    # checked here too: the NaN (unscored) path reshapes without ops.group_advantages' own checks
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if scores.shape[0] % group_size:
-        raise ValueError(f"group_size={group_size} must divide the number of scores B={scores.shape[0]}")
+    # checked here too (the op's own check): the NaN (unscored) path reshapes without the op
+    group_size = _validate.group_size(group_size, scores.shape[0])
     s = scores.float()
     a = _group_row_advantages(s, group_size, kind, eps, scale_rewards, group)
     if normalize_answers:

@@ -132,6 +132,19 @@ def real_like(value):
     return value
 
 
+def group_size(value, n: int) -> int:
+    """``value`` as the group size of ``n`` scores: a positive int (numpy's too, not bool) in the
+    int64 range that divides ``n``; returned as a Python int. ValueError naming group_size."""
+    value = int_like(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"group_size must be a positive int, got {value!r}")
+    if value > INT64_MAX:
+        raise ValueError(f"group_size must be at most 2**63 - 1, got {value}")
+    if n % value != 0:
+        raise ValueError(f"group_size={value} must divide the number of scores B={n}")
+    return value
+
+
 def integer(name: str, value, *, minimum: Optional[int] = None) -> int:
     """An int (numpy integers too, not bool) in the int64 range, at least ``minimum``;
     returned as a Python int."""

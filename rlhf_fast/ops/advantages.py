@@ -62,13 +62,7 @@ def group_advantages(
     (float64 for float64 scores).
     """
     _validate.tensor("scores", scores, floating=True, ndim=1)
-    group_size = _validate.int_like(group_size)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if group_size > _validate.INT64_MAX:
-        raise ValueError(f"group_size must be at most 2**63 - 1, got {group_size}")
-    if scores.shape[0] % group_size != 0:
-        raise ValueError(f"group_size={group_size} must divide the number of scores B={scores.shape[0]}")
+    group_size = _validate.group_size(group_size, scores.shape[0])
     _validate.choice("kind", kind, GROUP_KINDS)
     if kind == "rloo" and group_size < 2:
         raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")

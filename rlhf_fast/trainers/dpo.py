@@ -419,11 +419,16 @@ def check_policy_fields(cfg) -> None:
         raise ValueError(f"max_len must be >= 2, got {cfg.max_len}")
 
 
+def check_truncation_mode(mode) -> None:
+    """ValueError naming truncation_mode unless ``mode`` is one of :data:`TRUNCATION_MODES`."""
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+
+
 def check_truncation_fields(cfg) -> None:
     """``truncation_mode`` (one of :data:`TRUNCATION_MODES`) and ``max_prompt_length`` /
     ``max_completion_length`` (null or an int >= 1); ValueError naming the field."""
-    if cfg.truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {cfg.truncation_mode!r}")
+    check_truncation_mode(cfg.truncation_mode)
     for name in ("max_prompt_length", "max_completion_length"):
         n = getattr(cfg, name)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):

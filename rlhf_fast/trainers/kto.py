@@ -104,7 +104,7 @@ from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
 from .merging import MergeOptions
 from .bema import BEMAConfig, check_bema_field
-from .dpo import (TRUNCATION_MODES, attach_reference_logps, check_policy_fields, check_reference_fields,
+from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, check_truncation_mode,
                   encode_pair, load_offline_policy, offline_optimizer_step, offline_reference, open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_logps,
                   response_logps_metrics, save_offline, train_offline, truncate_pair, weighted_share,
@@ -207,8 +207,7 @@ class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         if self.prefix_sharing and self.loss_type != "kto":
             raise ValueError(f"prefix_sharing shares each example's prompt with its KL row: it needs loss_type 'kto' "
                              f"(loss_type {self.loss_type!r} has no KL rows)")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        check_truncation_mode(self.truncation_mode)
         check_annotator_weights(self)
         check_reference_fields(self)
         self.bema = check_bema_field(self, no_reference_update="TRL's experimental bema_for_ref_model moves "

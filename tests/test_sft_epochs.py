@@ -31,11 +31,12 @@ def _cfg(tmp_path, name, **kw):
     return SFTConfig(**base)
 
 
-@pytest.mark.parametrize("epochs, batch_size, grad_accum, steps", [(2, 10, 1, 4), (1.5, 4, 2, 4)])
+@pytest.mark.parametrize("epochs, batch_size, grad_accum, steps", [(2, 10, 1, 4), (1.5, 4, 2, 5)])
 def test_num_train_epochs_sets_the_logged_steps(tmp_path, tok, epochs, batch_size, grad_accum, steps):
     """20 training rows (a 21st record is dropped: its prompt fills max_len, and it must not
-    count): ceil(epochs x 20 / (batch_size x grad_accum)) optimizer steps are logged, the LR
-    schedule ends there, and config.yaml records them."""
+    count): ceil(epochs x ceil(ceil(20 / batch_size) / grad_accum)) optimizer steps (transformers':
+    an epoch's last step takes the micro-batches left, 5 batches of 4 at 2 a step are 3 steps) are
+    logged, the LR schedule ends there, and config.yaml records them."""
     recs = synthetic_sft_records(20) + [SFTRecord("one two three " * 10, "one")]
     cfg = _cfg(tmp_path, "run", num_train_epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                lr_schedule="linear")

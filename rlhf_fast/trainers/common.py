@@ -1780,8 +1780,10 @@ def steps_for_epochs(cfg, n_examples: int, *, batch: Optional[int] = None, batch
     pass over ``n_examples`` training examples that many times (TRL / transformers'
     ``num_train_epochs``; like theirs, a fractional count is allowed). An epoch is
     ceil(n_examples / batch) batches, its last one short when ``batch`` does not divide the
-    examples (as the trainers' batchers cut it), and a step takes ``batches_per_step`` of them:
-    max(1, ceil(epochs × ceil(n_examples / batch) / batches_per_step)). ``batch`` defaults to
+    examples (as the trainers' batchers cut it), and a step takes ``batches_per_step`` of them,
+    the epoch's last step those left (no step crosses an epoch's end: ``_Batches.step``), so
+    transformers' count: max(1, ceil(epochs × ceil(ceil(n_examples / batch) / batches_per_step))).
+    ``batch`` defaults to
     ``cfg.batch_size`` and ``batches_per_step`` to ``cfg.grad_accum`` (micro-batches); a trainer
     that batches whole steps passes batch = batch_size × grad_accum and batches_per_step = 1.
     Call it once the training examples are known and before the LR scheduler is built; a
@@ -1793,9 +1795,10 @@ def steps_for_epochs(cfg, n_examples: int, *, batch: Optional[int] = None, batch
         raise ValueError("num_train_epochs needs training examples, and there are none")
     batch = cfg.batch_size if batch is None else batch
     per_step = cfg.grad_accum if batches_per_step is None else batches_per_step
-    per_epoch = -(-n_examples // batch)
-    # the small slack keeps 0.3 × 10 batches at 3 steps, not 4, against float rounding
-    cfg.max_steps = max(1, math.ceil(epochs * per_epoch / per_step - 1e-9))
+    batches = -(-n_examples // batch)  # an epoch's batches, the last one short
+    per_epoch = -(-batches // per_step)  # an epoch's steps, the last one taking the batches left
+    # the small slack keeps 0.3 × 10 steps at 3, not 4, against float rounding
+    cfg.max_steps = max(1, math.ceil(epochs * per_epoch - 1e-9))
 
 
 def disable_dropout(model: torch.nn.Module) -> int:

@@ -1387,10 +1387,11 @@ class DPOTrainer:
         return m
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches (fewer at an epoch's end:
+        ``_Batches.step``); returns its metrics."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        idxs = self.batches.step(cfg.grad_accum)
         micro = [local_share(idx, self.train_items, ctx) for idx in idxs]
         # the denominators of the whole global step (all micro-batches, all ranks): the weighted
         # mean over pairs and the token mean of the RPO term do not depend on the split

@@ -751,8 +751,10 @@ class KTOTrainer:
                 loss = weighted_share(st["loss"], st["weight"] * (1.0 if real else 0.0), w_total)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 loss = loss * ctx.grad_scale
-                # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / grad_accum
-                loss = self.moe.with_term(loss, aux, self.cfg.grad_accum, aux_vals, counts=real)
+                # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / the step's
+                # micro-batches (an epoch's short last step has fewer than grad_accum: TRL's
+                # current_gradient_accumulation_steps)
+                loss = self.moe.with_term(loss, aux, len(micro), aux_vals, counts=real)
                 self.scaler.scale(loss).backward()  # fp16: times the loss scale
             tot += self._sums(st, z0, real)
         step = offline_optimizer_step(self)

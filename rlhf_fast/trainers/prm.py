@@ -465,11 +465,12 @@ class PRMTrainer:
                 "eval_solution_accuracy": sol_ok / len(items)}
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; the loss is normalised by the
+        """One optimizer step over ``grad_accum`` micro-batches (fewer at an epoch's end:
+        ``_Batches.step``); the loss is normalised by the
         labelled tokens of all of them (on every rank), as transformers' ``num_items_in_batch``."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        batches = [self.batches.next() for _ in range(cfg.grad_accum)]
+        batches = self.batches.step(cfg.grad_accum)
         n_global = max(sum(self.train_items[i]["n_labels"] for idx in batches for i in idx), 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for idx in batches:

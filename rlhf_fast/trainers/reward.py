@@ -485,13 +485,14 @@ class RewardTrainer:
         return out
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+        """One optimizer step over ``grad_accum`` micro-batches (fewer at an epoch's end:
+        ``_Batches.step``)."""
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
         # Σ loss, then the sums of the reward metrics (reward_sums); the extremes [max, −min] apart
         total = torch.zeros(1 + N_REWARD_SUMS, dtype=torch.float64, device=self.device)
         extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)
-        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        idxs = self.batches.step(cfg.grad_accum)
         step_tokens = sum(len(s) for idx in idxs for i in idx for s in self.train_items[i]["seqs"])
         # an empty share (fewer items than ranks) still runs one item, at weight 0
         micro = [local_share(idx, self.train_items, ctx) for idx in idxs]

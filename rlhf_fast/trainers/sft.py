@@ -22,7 +22,8 @@ loss stays the NLL). ``num_train_epochs`` sets ``max_steps`` from the training r
 the default) or its last (``keep_end``: the completion or last turns and their eos), with its
 mask cut alike (:func:`tokenize_sft`); under bfd ``packing`` too, where TRL ignores it.
 ``batch_size`` rows per micro-batch, ``grad_accum``
-micro-batches per optimizer step; ``max_steps``, ``warmup_steps`` and the LR schedule count
+micro-batches per optimizer step (an epoch's last step those left, as transformers: no step
+crosses an epoch's end); ``max_steps``, ``warmup_steps`` and the LR schedule count
 optimizer steps; gradients are clipped once, on the accumulated gradient. AdamW's weight decay
 applies to matrices only, not to biases and norm gains
 (:func:`rlhf_fast.trainers.common.decay_param_groups`).
@@ -147,7 +148,7 @@ class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
     loss_type: str = "nll"  # "nll", or "dft": each token's NLL weighted by its detached probability
     # TRL's: weight of an MoE model's router load-balancing loss (null: the model config's own; 0 if dense)
     router_aux_loss_coef: Optional[float] = None
-    num_train_epochs: Optional[float] = None  # set: max_steps = ceil(epochs x train rows / (batch_size x grad_accum))
+    num_train_epochs: Optional[float] = None  # set: max_steps = ceil(epochs x ceil(batches an epoch / grad_accum))
     disable_dropout: bool = False  # p = 0 in every dropout (TRL's SFTConfig has no such key, nor do we by default)
     # TRL's tokenizer overrides (null: the tokenizer's own); final/ saves the changed tokenizer
     eos_token: Optional[str] = None  # a token of the vocabulary: the eos appended to completions and texts
@@ -504,6 +505,17 @@ class _Batches:
         idx = self._perm[self.pos: self.pos + self.bs]
         self.pos += len(idx)
         return idx
+
+    def step(self, micro_batches: int) -> List[List[int]]:
+        """The batches (lists of example indices) of one optimizer step: ``micro_batches`` of
+        them, fewer when the epoch ends first (transformers' last accumulation step of an epoch
+        takes the batches left, ``_run_epoch``'s remainder), so no step crosses an epoch's end
+        and each epoch trains every example once: 10 examples in batches of 4, 2 a step, are
+        steps of 4 + 4 and 2."""
+        idxs = [self.next()]
+        while len(idxs) < micro_batches and self.pos < self.n:
+            idxs.append(self.next())
+        return idxs
 
     def epochs_done(self, micro_batch: Optional[int] = None) -> float:
         """transformers' ``state.epoch``: the epochs done, the current one by the share of its
@@ -1026,11 +1038,12 @@ class SFTTrainer:
         resume_supervised(self, "policy")
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches (fewer at an epoch's end:
+        :meth:`_Batches.step`); returns its metrics."""
         cfg = self.cfg
         self.model.train()
         ctx = self.ctx
-        idxs = [self.batches.next() for _ in range(cfg.grad_accum)]
+        idxs = self.batches.step(cfg.grad_accum)
         micro = [self._local_batch(idx, self.train_rows) for idx in idxs]
         # normalise by the completion tokens of the whole global step (all micro-batches, all
         # ranks), so neither the micro-batch split nor the number of ranks changes the loss

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 from typing import List, Optional
 
 
@@ -33,19 +35,26 @@ def ascending_digits(prompts: List[str], completions: List[str]) -> List[float]:
     return out
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# a comma only as a thousands separator ("1,000"): "x = 1,5" is the numbers 1 and 5, not 15
+_NUMBER = re.compile(r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 # GSM8K's "#### 72 apples": a number ending at a space, the end or a final punctuation (not "3\sqrt{2}")
 _LEADING_NUMBER = re.compile(r"(?:" + _NUMBER.pattern + r")(?=[.,;:!?)]*(?:\s|$))")
 # a whole answer that is one LaTeX fraction: \frac{a}{b}, \dfrac / \tfrac, \frac12 (digit arguments)
 _FRAC = re.compile(r"(-?)\s*\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
+# the opening of a box: \boxed{ or \fbox{ (MATH's solutions use both; verl's last_boxed_only_string
+# reads both), a space allowed before the brace as in LaTeX
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# \sqrt2 is \sqrt{2} (verl's strip_string _fix_sqrt; one character, LaTeX's argument)
+_SQRT = re.compile(r"\\sqrt\s*([0-9A-Za-z])")
 
 
 def _last_boxed(text: str) -> Optional[str]:
-    r"""The content of the last ``\boxed{...}`` (nested braces kept), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    r"""The content of the last ``\boxed{...}`` or ``\fbox{...}`` (nested braces kept), or None."""
+    opens = list(_BOX.finditer(text))
+    if not opens:
         return None
-    i, depth = start + len("\\boxed{"), 1
+    i, depth = opens[-1].end(), 1
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
@@ -54,18 +63,23 @@ def _last_boxed(text: str) -> Optional[str]:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    r"""The final answer of a solution: the content of its last ``\boxed{...}``, else what follows
-    its last ``####`` (GSM8K's marker: the number it starts with, as verl's gsm8k scorer, else
-    its first line), else its last number; None if it has none of them. A Unicode minus (U+2212)
-    is read as "-"."""
+    r"""The final answer of a solution: the content of its last ``\boxed{...}`` (or
+    ``\fbox{...}``), else what follows its ``####`` (GSM8K's marker: the number after the last
+    one followed by a number, as verl's gsm8k scorer, else the last one's first line), else its
+    last number; None if it has none of them. A Unicode minus (U+2212) is read as "-"."""
     text = text.replace("\u2212", "-")  # else "−5" would read as 5
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        num = _LEADING_NUMBER.match(tail.lstrip("$ "))  # "#### 72 apples" / "#### 72\nQuestion: ..." -> 72
-        return num.group() if num else tail.split("\n", 1)[0].strip()
+        # the last marker followed by a number, as verl's strict findall (a later markdown
+        # "#### Explanation" heading is no answer); none: the last one's first line
+        tails = [t.strip() for t in text.split("####")[1:]]
+        for tail in reversed(tails):
+            num = _LEADING_NUMBER.match(tail.lstrip("$ "))  # "#### 72 apples" / "#### 72\nQuestion" -> 72
+            if num:
+                return num.group()
+        return tails[-1].split("\n", 1)[0].strip()
     nums = _NUMBER.findall(text)
     return nums[-1] if nums else None
 
@@ -82,9 +96,10 @@ def _plain(s: str) -> str:
     r"""An answer's LaTeX number forms as plain text: ``\$`` as ``$``, ``\dfrac`` / ``\tfrac`` as
     ``\frac``, a whole answer ``\frac{a}{b}`` (``\frac12``, a leading ``-``) with numeric a and b
     as ``a/b``; without a degree sign (``90^\circ``), a trailing unit (``5\text{ cm}``), LaTeX
-    spacing / ``\left`` / ``\right`` or a leading one-letter ``x =`` (verl's ``strip_string``
-    normalises the same forms)."""
+    spacing / ``\left`` / ``\right`` or a leading one-letter ``x =``; ``\sqrt2`` as ``\sqrt{2}``
+    (verl's ``strip_string`` normalises the same forms)."""
     s = s.replace("\u2212", "-").replace("\\$", "$").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _SQRT.sub(r"\\sqrt{\1}", s)
     s = _ASSIGNMENT.sub("", _UNIT.sub("", _SPACING.sub("", _DEGREES.sub("", s))))
     m = _FRAC.fullmatch(s.strip())
     if m is None:
@@ -95,15 +110,30 @@ def _plain(s: str) -> str:
     return f"{sign}{a}/{b}"
 
 
-def _as_number(s: str) -> Optional[float]:
-    t = s.strip().replace(",", "").replace("$", "").replace("\\%", "").rstrip("%").rstrip(".").strip()
+def _as_number(s: str) -> Optional[Fraction]:
+    """``s`` as an exact number (``$``, ``%`` and thousands commas ignored; ``a/b``), or None:
+    for text, a comma that is not a thousands separator ("2,3": a list) and inf / nan (text)."""
+    t = s.strip().replace("$", "").replace("\\%", "").rstrip("%").rstrip(".").strip()
     try:
-        if "/" in t:
-            a, b = t.split("/", 1)
-            return float(a) / float(b)
-        return float(t)
-    except (ValueError, ZeroDivisionError):
+        parts = [_exact(p) for p in t.split("/", 1)]
+        return parts[0] / parts[1] if len(parts) == 2 else parts[0]
+    except (ValueError, ZeroDivisionError, OverflowError):
         return None
+
+
+def _exact(t: str) -> Fraction:
+    """A decimal literal as a Fraction (ValueError if it is not one, or not finite)."""
+    t = t.strip()
+    if "," in t:
+        if not _THOUSANDS.fullmatch(t):
+            raise ValueError(t)
+        t = t.replace(",", "")
+    if "e" in t.lower():  # 1e5; through float, so a huge exponent cannot build a huge integer
+        v = float(t)
+        if not math.isfinite(v):
+            raise ValueError(t)
+        return Fraction(v)
+    return Fraction(t)  # ValueError for text, inf and nan
 
 
 def _normal_text(s: str) -> str:
@@ -125,27 +155,35 @@ def answer_match(prompts: List[str], completions: List, answer: List) -> List[fl
     r"""Verifiable correctness: 1.0 where a completion's final answer (:func:`extract_answer`)
     equals the prompt's reference ``answer`` field, else 0.0. A reference holding ``\boxed{}`` or
     ``####`` is reduced the same way. Compared as numbers when both parse (commas, ``$`` /
-    ``\$`` and ``%`` ignored, ``a/b`` and a whole ``\frac{a}{b}`` / ``\dfrac`` / ``\frac12``
-    fractions; equal within 1e-6 relative), else as text without spaces, ``$``, case or a final
-    period (``\dfrac`` / ``\tfrac`` read as ``\frac``). Give the prompts as records
+    ``\$`` and ``%`` ignored, a comma only as a thousands separator, ``a/b`` and a whole
+    ``\frac{a}{b}`` / ``\dfrac`` / ``\frac12`` fractions; an integer reference exactly, any
+    other within 1e-6 relative), else as text without spaces, ``$``, case or a final period
+    (``\dfrac`` / ``\tfrac`` read as ``\frac``, ``\sqrt2`` as ``\sqrt{2}``). An empty answer
+    scores 0; a reference that is missing (None, NaN) or holds no answer (blank, an empty box)
+    is a ValueError. Give the prompts as records
     ``{"prompt": ..., "answer": ...}`` (a JSONL ``data.prompts_file``); for symbolic maths use a
     checker such as math-verify in a reward function of your own, which receives ``answer`` the
     same way. A completion may also be TRL's messages (``reward.calling_convention: trl``): the
     assistant turns' text is read."""
     out = []
     for c, ref in zip(completions, answer):
-        if ref is None:
+        if ref is None or (isinstance(ref, float) and math.isnan(ref)):  # (NaN: pandas' missing value)
             raise ValueError("answer_match: a prompt has no 'answer' field")
         ref = str(ref)
-        want = extract_answer(ref) if ("\\boxed{" in ref or "####" in ref) else ref.strip()
+        want = extract_answer(ref) if (_BOX.search(ref) or "####" in ref) else ref.strip()
+        if want is None or not _normal_text(_plain(want)):
+            # else an empty \boxed{} would match it
+            raise ValueError(f"answer_match: a prompt's 'answer' field holds no answer: {ref[:60]!r}")
         got = extract_answer(_completion_text(c))
-        if got is None or want is None:
+        if got is None or not _normal_text(_plain(got)):
             out.append(0.0)
             continue
         got, want = _plain(got), _plain(want)
         a, b = _as_number(got), _as_number(want)
         if a is not None and b is not None:
-            out.append(float(abs(a - b) <= 1e-6 * max(1.0, abs(b))))
+            # an integer exactly (1000000 is not 1000001); else within 1e-6 relative (0.333333 ~ 1/3)
+            close = a == b if b.denominator == 1 else abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
+            out.append(float(close))
         else:
             out.append(float(_normal_text(got) == _normal_text(want)))
     return out

@@ -247,3 +247,16 @@ def test_async_reward_function(tmp_path, tok):
     want = asyncio.run(async_length_reward(**trl_inputs(tok, CHAT, roll.completion_ids[-1])))
     got = _nan_list(out.per_source["async_length_reward"])
     assert got == pytest.approx(want, nan_ok=True) and None in got and len(set(got)) > 2
+
+
+def test_async_reward_function_under_our_convention():
+    """An ``async def`` reward called as ours ``(prompts, completions, **fields)`` is awaited too
+    (it was returned unawaited, a coroutine the combination refused)."""
+    from rlhf_fast.algorithms.rewards import CallableReward, RewardContext
+
+    async def lengths(prompts, completions, answer):
+        return [float(len(c)) + float(a) for c, a in zip(completions, answer)]
+
+    src = CallableReward(lengths)
+    out = src(["p", "q"], ["abc", "de"], RewardContext(fields={"answer": [1, 2]}))
+    assert list(out) == [4.0, 4.0]

@@ -185,7 +185,8 @@ class CallableReward(RewardSource):
     with environments), from ``ctx.trl`` (:class:`TRLRewardInputs`); a function without
     ``**kwargs`` gets the names it lists (TRL would raise TypeError); a None reward is NaN,
     "does not apply to this completion" (:class:`CombinedReward` with ``convention="trl"``); an
-    ``async def`` function is awaited (TRL gathers them on an event loop). A ``trl.rewards``
+    ``async def`` function is awaited (TRL gathers them on an event loop; so it is under
+    ``convention="ours"``). A ``trl.rewards``
     function with ``convention="ours"`` is refused (ValueError naming ``calling_convention``)."""
 
     def __init__(self, fn: Callable, name: Optional[str] = None, convention: str = "ours"):
@@ -212,7 +213,8 @@ class CallableReward(RewardSource):
             raise RewardError(f"reward function {self.name!r} needs the prompt field(s) {missing}; the prompts "
                              f"have {sorted(fields) or 'none'} (give them in the prompts' JSONL records)")
         kw = dict(fields) if self._all else {k: v for k, v in fields.items() if k in self._named}
-        return self.fn(list(prompts), list(completions), **kw)
+        out = self.fn(list(prompts), list(completions), **kw)
+        return _await(out) if inspect.isawaitable(out) else out
 
     def _call_trl(self, ctx):
         t = ctx.trl if ctx is not None else None

@@ -398,41 +398,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class _SyncedClock:
-    """Stands in for the ``time`` module inside a trainer's modules during a timed step: its
-    ``perf_counter`` first waits for queued GPU work (:func:`_sync`), so the trainer's own phase
-    timers (``time/generate``, ``time/logprobs``, ``time/update``) end where the TRL side's
-    synchronised ones do, instead of leaving a phase's kernels to the next one."""
-
-    def __init__(self, device: str):
-        self._device = device
-
-    def perf_counter(self) -> float:
-        _sync(self._device)
-        return time.perf_counter()
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
 def _timed_step(trainer, device: str) -> Tuple[Dict[str, float], float]:
     """``(metrics, wall seconds)`` of one ``trainer.step()`` of an rlhf_fast RL-family trainer,
-    its GPU work included; the trainer's phase timers synchronise too (:class:`_SyncedClock`, set
-    in the modules of its class and base classes for the step only; a no-op on the CPU)."""
-    mods = {sys.modules[c.__module__] for c in type(trainer).__mro__ if c.__module__ in sys.modules}
-    mods = [m for m in mods if getattr(m, "time", None) is time]
-    clock = _SyncedClock(device)
-    for m in mods:
-        m.time = clock
-    try:
-        _sync(device)
-        t0 = time.perf_counter()
-        m = trainer.step()
-        _sync(device)
-        return m, time.perf_counter() - t0
-    finally:
-        for mod in mods:
-            mod.time = time
+    its GPU work included. The trainer's phase timers (``time/generate``, ``time/logprobs``,
+    ``time/update``) synchronise too, through its own switch (``trainer.phase_clock``, the
+    config's ``sync_phase_timers``; a no-op on the CPU), so they end where the TRL side's
+    synchronised ones do instead of leaving a phase's kernels to the next one."""
+    trainer.phase_clock.synchronize = True
+    _sync(device)
+    t0 = time.perf_counter()
+    m = trainer.step()
+    _sync(device)
+    return m, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- TRL side

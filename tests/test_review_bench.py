@@ -15,18 +15,18 @@ def test_e2e_rlhf_fast_phase_timers_synchronise_like_the_trl_side(monkeypatch):
     # trainer's own perf_counter calls (time/generate, time/logprobs, time/update). On CUDA those must
     # wait for the queued kernels too, or the logprobs / update work lands in reward_adv (the H200 run:
     # GRPO logprobs 0.018 s and reward_adv 0.048 s on our side, 0.060 / 0.006 s on TRL's).
-    syncs = []
+    # They do through the trainer's own switch (phase_clock / sync_phase_timers), not by patching modules.
+    syncs, clock_syncs = [], []
     monkeypatch.setattr(e2e, "_sync", lambda device: syncs.append(device))
     runner = e2e.RLHFFastStep(e2e.E2EConfig.quick(), "grpo")
+    assert runner.trainer.phase_clock.synchronize is False  # off until the benchmark times a step
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: clock_syncs.append(device))
+    runner.trainer.phase_clock.device = torch.device("cuda")  # the clock's CUDA path on this CPU run
     syncs.clear()
     runner.step()
-    # _timed_step's own two, plus one per trainer timer read (rollout start, generate, logprobs, update, step)
-    assert len(syncs) > 2, syncs
-    import time
-
-    import rlhf_fast.trainers.rl as rl_mod
-
-    assert rl_mod.time is time  # restored after the step
+    assert len(syncs) == 2, syncs  # _timed_step's own two
+    # one wait per trainer timer read (rollout start, generate, logprobs, update, step)
+    assert runner.trainer.phase_clock.synchronize is True and len(clock_syncs) >= 5, clock_syncs
 
 
 def test_e2e_table_records_the_step_configuration(monkeypatch, tmp_path):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -157,7 +156,7 @@ class A2POTrainer(RLTrainer):
             raise ValueError("no evaluation prompts: set data.eval_prompts, data.eval_prompts_file or "
                              "data.eval_fraction (or pass eval_prompts=[...])")
         cfg, ro, a = self.config, self.config.rollout, self.config.a2po
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         n, P, W = a.num_value_samples, len(fields), self.ctx.world_size
         # (the evaluation prompts' answers drawn past the training prompts': their own seeds)
         first, salt = (_VALUE_INDEX, 0) if train else (_EVAL_VALUE_INDEX, 15_485_863)
@@ -195,13 +194,13 @@ class A2POTrainer(RLTrainer):
             raise RuntimeError(f"a2po: Stage 1 gathered {len(table)} values for {P} prompts")
         if not train:
             self._apply_eval_values([t[1] for t in table])
-            self._stage1_metrics["time/eval_value_estimation"] = time.perf_counter() - t0
+            self._stage1_metrics["time/eval_value_estimation"] = self.phase_clock.now() - t0
             return self.eval_values
         self._apply_values([t[1] for t in table], [t[2] for t in table])
         self._stage1_metrics.update({"a2po/v_star_mean": float(self.values.mean()),
                                      "a2po/prompts_kept": len(self._kept),
                                      "a2po/prompts_dropped": P - len(self._kept),
-                                     "time/value_estimation": time.perf_counter() - t0})
+                                     "time/value_estimation": self.phase_clock.now() - t0})
         return self.values
 
     def _apply_eval_values(self, values: Sequence[float]) -> None:
@@ -277,10 +276,10 @@ class A2POTrainer(RLTrainer):
             self._stage1()
         m: Dict[str, float] = dict(self._stage1_metrics)
         self._stage1_metrics = {}
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._tool_counts = [0, 0, 0]
         batch, fields, extra = self._generate(0)
-        m["time/generate"] = time.perf_counter() - t0
+        m["time/generate"] = self.phase_clock.now() - t0
         ids, am, rm = self._batch_masks(batch)
         dev, B = self.device, ids.shape[0]
         which = torch.tensor([self._kept[i] for i in self._local_prompts()], dtype=torch.long)
@@ -295,13 +294,13 @@ class A2POTrainer(RLTrainer):
         m.update(self._reward_fn_metrics())
         if self.tools:
             m.update(self._tool_metrics())
-        t1 = time.perf_counter()
+        t1 = self.phase_clock.now()
         with torch.no_grad(), self._autocast(), self._reference_on_device():
             # temperature 1: TRL's _get_sequence_logps takes the plain log-softmax whatever it sampled at
             ref_logp = sequence_logprobs(self.reference, ids, am, response_mask=rm, temperature=1.0)
         if self.reference_sharded:  # free the root's gathered copy (kept after its forward for the head)
             reshard(self.reference)
-        m["time/logprobs"] = time.perf_counter() - t1
+        m["time/logprobs"] = self.phase_clock.now() - t1
         target = r - v_star  # [B] the optimal advantage estimate
         truncated = self._truncated_rows(batch).to(dev)
         m.update({"reward": float(r.mean()), "v_star": float(v_star.mean()), "advantage": float(target.mean()),
@@ -354,7 +353,7 @@ class A2POTrainer(RLTrainer):
     def update(self, data: RolloutTensors) -> Dict[str, float]:
         """:meth:`RLTrainer.update` (epochs, mini-batches, clipping, schedule) with the A*-PO
         loss; the statistics under TRL's names, ``implicit_reward`` over every rank's answers."""
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._first_pass, self._rows_left = [], data.input_ids.shape[0]
         out = super().update(data)
         out = {_RENAMED.get(k, k): v for k, v in out.items()}
@@ -363,7 +362,7 @@ class A2POTrainer(RLTrainer):
             sums = self.ctx.all_reduce_sum(sums.to(self.device)).cpu()
         if float(sums[1]) > 0:
             out["implicit_reward"] = float(sums[0] / sums[1])
-        out["step_time"] = time.perf_counter() - t0
+        out["step_time"] = self.phase_clock.now() - t0
         return out
 
     # ------------------------------------------------------------------ run folder

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -1517,6 +1518,44 @@ def autocast_context(device: torch.device, bf16: bool, fp16: bool = False):
     if bf16 and torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class PhaseClock:
+    """The clock of a trainer's phase timers (``time/generate``, ``time/logprobs``,
+    ``time/update``, ``time/step``, ``step_time``...): :meth:`now` is ``time.perf_counter()``.
+
+    CUDA runs kernels asynchronously, so a phase that only queues work ends before its kernels
+    do and its time lands in whichever later phase waits for them. With ``synchronize`` on
+    (config ``sync_phase_timers``, or ``trainer.phase_clock.synchronize = True`` after
+    construction) and ``device`` a CUDA device, :meth:`now` first waits for the device's queued
+    work, so each phase holds its own GPU time. Off by default: every wait stalls the CPU's
+    queueing of the next kernels, which costs throughput. Elsewhere (CPU) it never waits.
+
+    device: a ``torch.device`` or its string (``"cpu"``, ``"cuda:0"``); synchronize: bool."""
+
+    def __init__(self, device, synchronize: bool = False):
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
+        self.synchronize = synchronize
+
+    @property
+    def synchronize(self) -> bool:
+        """Whether :meth:`now` waits for the CUDA device's queued work first."""
+        return self._synchronize
+
+    @synchronize.setter
+    def synchronize(self, value: bool) -> None:
+        if not isinstance(value, bool):  # ("false" would be truthy: a silent slowdown)
+            raise TypeError(f"synchronize must be a bool, got {value!r}")
+        self._synchronize = value
+
+    def now(self) -> float:
+        """Seconds of ``time.perf_counter()``, after the device's queued work when synchronising."""
+        if self._synchronize and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -92,7 +92,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -869,13 +868,13 @@ class DistillationTrainer(RLTrainer):
     def update(self, data: RolloutTensors) -> Dict[str, float]:
         """:meth:`RLTrainer.update` (epochs, mini-batches, clipping, schedule) with the
         distillation loss; the statistics under TRL's names."""
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._iw_opd_stats = []
         out = super().update(data)
         out = {_RENAMED.get(k, k): v for k, v in out.items()}
         if self.config.distill.objective == "iw_opd":
             out.update(self._iw_opd_means(self._iw_opd_stats))
-        out["step_time"] = time.perf_counter() - t0
+        out["step_time"] = self.phase_clock.now() - t0
         return out
 
     def _iw_opd_means(self, stats: List[Dict[str, float]]) -> Dict[str, float]:
@@ -1046,10 +1045,10 @@ class DistillationTrainer(RLTrainer):
         ``behaviour_logp`` with ``distill.objective: iw_opd`` (the sampler's, on the loss tokens)."""
         ro = self.config.rollout
         m: Dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._tool_counts = [0, 0, 0]
         batch, fields, extra, on_policy = self._step_batch()
-        m["time/generate"] = time.perf_counter() - t0
+        m["time/generate"] = self.phase_clock.now() - t0
         if self.config.distill.lmbda < 1.0:
             m["distill/on_policy"] = float(on_policy)
         ids, am, rm = self._batch_masks(batch)

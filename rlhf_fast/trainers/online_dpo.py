@@ -37,7 +37,6 @@ off), DDP / FSDP2 are the RL trainer's; the judge holds no state.
 from __future__ import annotations
 
 import numbers
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -251,10 +250,10 @@ class OnlineDPOTrainer(RLTrainer):
         od = self.config.online_dpo
         self._beta = self.beta_of_step(self.global_step)
         m: Dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._tool_counts = [0, 0, 0]
         batch, fields, extra = self._generate(0)
-        m["time/generate"] = time.perf_counter() - t0
+        m["time/generate"] = self.phase_clock.now() - t0
         ids, am, rm = self._batch_masks(batch)
         dev, B = self.device, ids.shape[0]
         has_eos = self.contains_eos(ids, rm)  # [B]
@@ -284,7 +283,7 @@ class OnlineDPOTrainer(RLTrainer):
             m["objective/scores"] = float(scores.mean())
             m["objective/scores_margin"] = float((scores[0::2] - scores[1::2]).mean())
         m["val/contain_eos_token"] = float(has_eos.float().mean())
-        t1 = time.perf_counter()
+        t1 = self.phase_clock.now()
         pair = torch.arange(B, device=dev) // 2  # each pair's two rows share its prompt (ppo.prefix_sharing)
         with torch.no_grad(), self._autocast(), self._reference_on_device():
             # temperature 1: TRL's _forward takes the plain log-softmax whatever it sampled at
@@ -292,7 +291,7 @@ class OnlineDPOTrainer(RLTrainer):
                                          **self._share_kwargs(pair, B))
         if self.reference_sharded:  # free the root's gathered copy (kept after its forward for the head)
             reshard(self.reference)
-        m["time/logprobs"] = time.perf_counter() - t1
+        m["time/logprobs"] = self.phase_clock.now() - t1
         truncated = self._truncated_rows(batch).to(dev)[rows]
         n_own = rm.sum(1).float()
         m.update({"response_length/mean": float(n_own.mean()),
@@ -362,7 +361,7 @@ class OnlineDPOTrainer(RLTrainer):
         """:meth:`RLTrainer.update` (epochs, mini-batches of pairs, clipping, schedule) with the
         DPO loss; the statistics under TRL's names, the pairs' (:func:`pair_metrics`) over every
         rank's pairs."""
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._first_pass, self._pairs_left = [], data.input_ids.shape[0] // 2
         out = super().update(data)
         out = {_RENAMED.get(k, k): v for k, v in out.items()}
@@ -370,7 +369,7 @@ class OnlineDPOTrainer(RLTrainer):
         if self.ctx.distributed:
             sums = self.ctx.all_reduce_sum(sums.to(self.device)).cpu()
         out.update(_metrics_from_sums(sums, self._beta, with_scores=self.reward is not None))
-        out["step_time"] = time.perf_counter() - t0
+        out["step_time"] = self.phase_clock.now() - t0
         return out
 
     # ------------------------------------------------------------------ evaluation and progress

@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
@@ -78,7 +77,7 @@ from rlhf_fast.algorithms.rewards import (
     trl_completions,
 )
 from rlhf_fast.models.moe_aux import RouterAux
-from rlhf_fast.trainers.common import autocast_context, random_states_kept
+from rlhf_fast.trainers.common import PhaseClock, autocast_context, random_states_kept
 from rlhf_fast.trainers.compile import compile_rl_models
 from rlhf_fast.trainers.mixed_precision import LossScaler, fp16_autocast, fp16_on
 from rlhf_fast.trainers.console_samples import print_samples
@@ -669,6 +668,8 @@ class RLTrainer:
 
         self.config = cfg = config
         self.ctx, self.device = setup_distributed(cfg.distributed, cfg.device)
+        # every phase timer reads this clock (sync_phase_timers; settable after construction)
+        self.phase_clock = PhaseClock(self.device, synchronize=cfg.sync_phase_timers)
         if self.ctx.distributed and cfg.rollout.prompts_per_step % self.ctx.world_size != 0:
             raise ValueError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be divisible by the "
                              f"number of ranks ({self.ctx.world_size})")
@@ -1140,10 +1141,10 @@ class RLTrainer:
 
         cfg, ro = self.config, self.config.rollout
         m: Dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = self.phase_clock.now()
         self._tool_counts = [0, 0, 0]
         batch, fields, extra = self._generate(0)
-        t_gen = time.perf_counter() - t0
+        t_gen = self.phase_clock.now() - t0
         out = self._score(batch, fields, extra)
         if ro.dynamic_sampling:
             batch, out, t_more, m["rollout/sampling_rounds"] = self._fill_informative_groups(batch, out)
@@ -1155,7 +1156,7 @@ class RLTrainer:
             # groups whose answers all scored alike (or lost one to a bad reward) teach nothing:
             # TRL's frac_reward_zero_std
             m["rollout/uniform_group_frac"] = _uniform_group_frac(out, ro.group_size)
-        t1 = time.perf_counter()
+        t1 = self.phase_clock.now()
         ids, am, rm = self._batch_masks(batch)
         dev = self.device
         beh = batch.behaviour_logp.to(dev).float() * rm
@@ -1181,7 +1182,7 @@ class RLTrainer:
                 reshard(self.reference)
             values = (self._critic_values(ids, am, rm, prompt_of) * rm if self.critic is not None
                       else torch.zeros_like(old_logp))
-        t2 = time.perf_counter()
+        t2 = self.phase_clock.now()
         for name, v in out.per_source.items():
             fin = torch.isfinite(v)
             m[f"reward/{name}"] = float(v[fin].mean()) if fin.any() else float("nan")
@@ -1612,9 +1613,9 @@ class RLTrainer:
         t_gen = 0.0
         while (len(batches) < ro.max_sampling_rounds
                and sum(f for rnd in rounds for r in rnd for f in r) < P):
-            t = time.perf_counter()
+            t = self.phase_clock.now()
             more, fields, extra = self._generate(len(batches))
-            t_gen += time.perf_counter() - t
+            t_gen += self.phase_clock.now() - t
             batches.append(more)
             outs.append(self._score(more, fields, extra))
             rounds.append(flags(outs[-1]))
@@ -2309,11 +2310,12 @@ class RLTrainer:
     def step(self) -> Dict[str, float]:
         """One rollout + update. Returns the step's metrics (also logged when a run folder is open)."""
         compile_rl_models(self)  # (a no-op without torch_compile, and once every model is compiled)
-        t0 = time.perf_counter()
+        clock = self.phase_clock
+        t0 = clock.now()
         data, m = self.rollout()
-        t1 = time.perf_counter()
+        t1 = clock.now()
         m.update(self.update(data))
-        m["time/update"] = time.perf_counter() - t1
+        m["time/update"] = clock.now() - t1
         m = self.ctx.mean_metrics(m)  # every rank then updates β with the same numbers
         # Ziegler et al. update β with the measured sequence KL, counted in samples: the kept rows
         # with a response on every rank (ranks may drop different numbers), masked-out truncated
@@ -2327,12 +2329,12 @@ class RLTrainer:
         every = self.config.kl.ref_sync_steps
         if every and self.global_step % every == 0:
             self._sync_reference()
-        m["time/step"] = time.perf_counter() - t0
+        m["time/step"] = clock.now() - t0
         evaluated = self._eval_due()
         if evaluated:  # after the step's update: the policy as trained so far
-            t2 = time.perf_counter()
+            t2 = clock.now()
             m.update(self.evaluate())
-            m["time/eval"] = time.perf_counter() - t2
+            m["time/eval"] = clock.now() - t2
         # log_every (TRL's logging_steps) as the offline trainers: those steps, the last one and
         # the ones with an evaluation
         logged = (self.global_step % self.config.log_every == 0 or self.global_step == self.config.steps

@@ -1907,6 +1907,13 @@ class RLConfig:
     the default: none) prints the first that many of those rows as a table on the console at the
     same steps (rank 0) — not TRL's random pick, which would draw from the run's random state.
 
+    ``sync_phase_timers`` (false by default): the phase timers of metrics.jsonl (``time/generate``,
+    ``time/logprobs``, ``time/update``, ``time/step``, ``step_time``...) wait for the CUDA device's
+    queued work before reading the clock, so each phase holds its own GPU time rather than
+    leaving it to the next phase that waits; the waits cost throughput, and on the CPU it changes
+    nothing (:class:`rlhf_fast.trainers.common.PhaseClock`; ``trainer.phase_clock.synchronize``
+    sets it after construction).
+
     ``scale_rewards`` (TRL's GRPO option; estimator grpo): ``group`` (the default, None: each
     answer's s − group mean divided by its group's unbiased std + 1e-6), ``batch`` (divided by
     the unbiased std of every score of the step, over all ranks: PPO Lite) or ``none`` (not
@@ -1937,6 +1944,7 @@ class RLConfig:
     torch_compile_backend: Optional[str] = None
     torch_compile_mode: Optional[str] = None
     log_every: int = 1
+    sync_phase_timers: bool = False
     report_to: Union[str, List[str]] = "auto"
     run_name: Optional[str] = None
     sample_every: int = 5
@@ -2024,6 +2032,8 @@ class RLConfig:
             _pos("num_completions_to_print", self.num_completions_to_print, integer=True)
         if not isinstance(self.log_unique_prompts, bool):
             raise ValueError(f"log_unique_prompts must be true or false, got {self.log_unique_prompts!r}")
+        if not isinstance(self.sync_phase_timers, bool):
+            raise ValueError(f"sync_phase_timers must be true or false, got {self.sync_phase_timers!r}")
         _pos("save_every", self.save_every, allow_zero=True, integer=True)
         _pos("keep_checkpoints", self.keep_checkpoints, allow_zero=True, integer=True)  # 0: keep all
         if self.estimator in PROMPT_GROUP_ESTIMATORS and self.rollout.group_size < 2:

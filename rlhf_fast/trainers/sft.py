@@ -836,6 +836,9 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                     best.value(start)
                 log.log(0, start)
             while trainer.step < cfg.max_steps:
+                # a whole step's wall time, not a phase split, so no PhaseClock: train_step returns
+                # Python floats read after the optimizer step (their .item() waits for the device),
+                # so this already holds the step's GPU work and a synchronising clock changes nothing
                 t0 = time.perf_counter()
                 m = trainer.train_step()
                 step_s = time.perf_counter() - t0  # logged, not returned: callers compare the metrics

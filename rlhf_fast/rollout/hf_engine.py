@@ -53,12 +53,27 @@ def _repeat_rows(cache, n: int, rows: int, device) -> None:
     / conv / SSM cache layers (Mamba, LFM2, Qwen3-Next, Jamba, ...) have none, and its "hybrid"
     layers (Falcon-H1, Zamba) inherit the key / value one and would keep their states at ``rows``;
     for those caches ``reorder_cache`` (beam search's gather, defined by every layer) with the
-    repeated row indices repeats everything."""
+    repeated row indices repeats everything (:func:`_select_rows`, MiniMax's states too)."""
     layers = getattr(cache, "layers", None) or ()
-    if all(hasattr(layer, "batch_repeat_interleave") and not hasattr(layer, "conv_states") for layer in layers):
+    if not hasattr(cache, "linear_cache") and all(
+            hasattr(layer, "batch_repeat_interleave") and not hasattr(layer, "conv_states") for layer in layers):
         cache.batch_repeat_interleave(n)
     else:
-        cache.reorder_cache(torch.arange(rows, device=device).repeat_interleave(n))
+        _select_rows(cache, torch.arange(rows, device=device).repeat_interleave(n))
+
+
+def _select_rows(cache, idx: torch.Tensor) -> None:
+    """Make ``cache``'s batch rows ``idx`` (``[b]`` int64, rows may repeat) its rows, in place:
+    ``reorder_cache`` of every layer, and the linear-attention states MiniMax's cache keeps in a
+    ``linear_cache`` list of its own, which that ``reorder_cache`` (DynamicCache's) leaves alone
+    (and whose ``batch_repeat_interleave`` indexes the list past its last linear layer: IndexError
+    when the last layer is full attention; generate never repeats it, it expands the inputs)."""
+    cache.reorder_cache(idx)
+    states = getattr(cache, "linear_cache", None)
+    if isinstance(states, list):
+        for i, s in enumerate(states):
+            if isinstance(s, torch.Tensor):  # ([] for a layer with no linear state)
+                states[i] = s.index_select(0, idx.to(s.device))
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -567,7 +582,7 @@ class HFRolloutEngine(RolloutEngine):
                     and not bool(hits.all())
                 if not go_on:
                     break
-                cache.reorder_cache(beam_idx)
+                _select_rows(cache, beam_idx)
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
                 pos = (attn.sum(-1, keepdim=True) - 1).clamp(min=0)
                 out = self.model(input_ids=running[:, :, cur - 1].reshape(-1, 1),

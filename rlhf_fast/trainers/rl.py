@@ -1155,7 +1155,7 @@ class RLTrainer:
         if cfg.estimator in GROUP_ESTIMATORS:
             # groups whose answers all scored alike (or lost one to a bad reward) teach nothing:
             # TRL's frac_reward_zero_std
-            m["rollout/uniform_group_frac"] = _uniform_group_frac(out, ro.group_size)
+            m["rollout/uniform_group_frac"] = _uniform_group_frac(self._penalised(out, batch), ro.group_size)
         t1 = self.phase_clock.now()
         ids, am, rm = self._batch_masks(batch)
         dev = self.device
@@ -1221,6 +1221,13 @@ class RLTrainer:
                                      else missing_eos_scores(out.scalar[keep.cpu()].to(dev), truncated, pen))
         scores = clip_rewards(scores, cfg.reward.clip_range)  # TRL RLOO's: before the KL and the baseline
         ids, am, rm, prompt_of = ids[idx], am[idx], rm[idx], prompt_of[idx]
+        # rollout.mask_truncated: truncated answers are scored and in their groups' statistics,
+        # but no part of any loss: their tokens leave the loss mask (the sample count of the
+        # adaptive KL still has them). The metrics of the loss's quantities (kl/token, entropy,
+        # logprob_gap, is_weight) are over these tokens, as TRL's kl / entropy / sampling ratios
+        # over its masked completion_mask; response_length over every answer (TRL's
+        # completions/mean_length), kl/seq too (the adaptive controller's measure, per sample)
+        loss_rm = rm & ~truncated[:, None] if ro.mask_truncated else rm
         old_logp, beh, values = (t[idx] for t in (old_logp, beh, values))
         ref_logp = ref_logp[idx] if ref_logp is not None else None
         entropy = entropy[idx] if entropy is not None else None
@@ -1253,20 +1260,23 @@ class RLTrainer:
             lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group, scale_rewards=cfg.scale_rewards,
             dense_rewards=self._step_rewards(batch, out, idx, ids, rm), **multi)
         if recompute:  # (zero by construction otherwise)
-            gap = logprob_gap(beh, old_logp, rm)
+            gap = logprob_gap(beh, old_logp, loss_rm)
             m["logprob_gap/mean"] = float(gap["mean"])
             m["logprob_gap/max"] = float(gap["max"])
-            m["entropy"] = float(ops.masked_mean(entropy, rm))
+            m["entropy"] = float(ops.masked_mean(entropy, loss_rm))
         w = is_masked = is_weight = None
         if cfg.ppo.is_cap is not None:
             # importance sampling: the rollout came from the behaviour distribution
             w, is_masked = self._is_weights(old_logp, beh, rm)
-            w_sum, w_n = _is_weight_mean_parts(w, rm, cfg.ppo.is_mode.startswith("sequence"))
+            # the metrics over the loss tokens (TRL's over its masked completion_mask)
+            w_sum, w_n = _is_weight_mean_parts(w, loss_rm, cfg.ppo.is_mode.startswith("sequence"))
             m["is_weight/mean"] = float(w_sum / w_n.clamp(min=1))
-            # over the response tokens after the bound, masked zeros included (TRL's min / max)
-            m["is_weight/min"], m["is_weight/max"] = _masked_min_max(w, rm)
+            # over the response tokens after the bound, masked zeros included (TRL's min / max;
+            # 0 with no loss token, as TRL's)
+            lo, hi = _masked_min_max(w, loss_rm)
+            m["is_weight/min"], m["is_weight/max"] = (lo, hi) if lo <= hi else (0.0, 0.0)
             if is_masked is not None:
-                m["is_weight/masked_frac"] = float(ops.masked_mean(is_masked.float(), rm))
+                m["is_weight/masked_frac"] = float(ops.masked_mean(is_masked.float(), loss_rm))
             if cfg.ppo.policy_loss == "vespo":  # its sequence weight takes them (TRL): not in the advantages
                 is_weight = w
             else:
@@ -1276,7 +1286,7 @@ class RLTrainer:
         m.update({
             "reward/total": float(raw.mean()), "reward/shaped": float(scores.mean()),
             "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
-            "kl/seq": float(seq_kl), "kl/token": float(ops.masked_mean(kl_tok, rm)), "kl/coef": beta,
+            "kl/seq": float(seq_kl), "kl/token": float(ops.masked_mean(kl_tok, loss_rm)), "kl/coef": beta,
             "response_length/mean": float(rm.sum(1).float().mean()),
             "response_length/max": float(rm.sum(1).max()),
             "advantages/mean": float(ops.masked_mean(adv, rm)),
@@ -1298,17 +1308,12 @@ class RLTrainer:
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
                                                   values, (beh - old_logp).abs() * rm if recompute else None,
                                                   w, truncated, is_masked,
-                                                  is_per_answer=cfg.ppo.is_mode.startswith("sequence")))
+                                                  is_per_answer=cfg.ppo.is_mode.startswith("sequence"),
+                                                  loss_rm=loss_rm))
         if ref_logp is None:
             for k in ("kl/seq", "kl/token"):
                 m.pop(k, None)
         self._sampled_rows = int(rm.any(dim=1).sum())
-        if ro.mask_truncated:
-            # scored and in their groups' statistics above, but no part of any loss: their
-            # tokens leave the loss mask (the sample count of the adaptive KL still has them)
-            loss_rm = rm & ~truncated[:, None]
-        else:
-            loss_rm = rm
         ent_mask = loss_rm.clone()  # every loss token, unless ppo.top_entropy_quantile keeps fewer
         if cfg.ppo.top_entropy_quantile < 1.0:
             ent_mask, m["rollout/entropy_threshold"] = self._high_entropy_mask(entropy, loss_rm)
@@ -1605,11 +1610,13 @@ class RLTrainer:
         G, P = ro.group_size, ro.prompts_per_step
         width = -(-P // ctx.world_size)  # the longest share of a round's groups (shares may differ by one)
 
-        def flags(o):  # every rank's informative flags for its groups of one round, in rank order
-            mine = [int(x) for x in _informative_groups(o, G).tolist()]
+        def flags(o, b):  # every rank's informative flags for its groups of one round, in rank order
+            # judged on the rewards the estimator sees: reward.missing_eos_penalty included (verl's
+            # filter_groups and TRL's frac_reward_zero_std look at the final scores)
+            mine = [int(x) for x in _informative_groups(self._penalised(o, b), G).tolist()]
             return [[f for f in r if f >= 0] for r in ctx.all_gather_ints(mine + [-1] * (width - len(mine)))]
 
-        batches, outs, rounds = [batch], [out], [flags(out)]
+        batches, outs, rounds = [batch], [out], [flags(out, batch)]
         t_gen = 0.0
         while (len(batches) < ro.max_sampling_rounds
                and sum(f for rnd in rounds for r in rnd for f in r) < P):
@@ -1618,7 +1625,7 @@ class RLTrainer:
             t_gen += self.phase_clock.now() - t
             batches.append(more)
             outs.append(self._score(more, fields, extra))
-            rounds.append(flags(outs[-1]))
+            rounds.append(flags(outs[-1], more))
         # every group of the step as (round, rank, index on that rank): the sampled order,
         # the one process's prompt order
         keys = [(k, r, j) for k, rnd in enumerate(rounds) for r, fl in enumerate(rnd) for j in range(len(fl))]
@@ -1659,6 +1666,16 @@ class RLTrainer:
         return (RolloutBatch.concat([p[2] for p in parts], pad, rows),
                 RewardOutput.concat([p[3] for p in parts], rows), t_gen, len(batches))
 
+    def _penalised(self, out, batch):
+        """``out`` (a RewardOutput of ``batch``) with ``reward.missing_eos_penalty`` taken off the
+        ``total`` ``[B]`` of the answers cut at ``rollout.max_new_tokens``, as :meth:`rollout`
+        takes it before the advantages: what DAPO's filter and ``rollout/uniform_group_frac``
+        judge. ``out`` itself without a penalty."""
+        pen = self.config.reward.missing_eos_penalty
+        if pen is None:
+            return out
+        return replace(out, total=missing_eos_scores(out.total, self._truncated_rows(batch), pen))
+
     def _tool_metrics(self) -> Dict[str, float]:
         """``tools/call_count`` (the step's tool calls, every rank and sampling round),
         ``tools/call_frequency`` (per answer generated, TRL's) and ``tools/failure_frequency``
@@ -1685,7 +1702,7 @@ class RLTrainer:
         return torch.tensor([r == "length" for r in reasons], dtype=torch.bool)
 
     def _global_rollout_metrics(self, per_source, raw, scores, kl_tok, rm, entropy, adv, ret, values, gap,
-                                is_w, truncated, is_masked=None, is_per_answer=False):
+                                is_w, truncated, is_masked=None, is_per_answer=False, loss_rm=None):
         """The rollout metrics of every rank's rows together, as one process computes them
         on the whole batch: sums, counts and second moments in one all-reduce, maxima in a
         second. All ``[b, L]`` tensors are this rank's kept rows; ``gap`` is |behaviour −
@@ -1693,9 +1710,14 @@ class RLTrainer:
         ``truncated`` ``[b]`` bool the rows cut at max_new_tokens, ``is_masked`` ``[b, L]`` bool
         the tokens a mask mode of ``ppo.is_mode`` zeroed (or None), ``is_per_answer``: a sequence
         ``ppo.is_mode`` (``is_weight/mean`` over the answers, :func:`_is_weight_mean_parts`);
-        ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward)."""
+        ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward);
+        ``loss_rm`` ``[b, L]`` bool the loss tokens (``rollout.mask_truncated``: ``rm`` without the
+        truncated rows; None: ``rm``), which ``kl/token``, ``entropy``, ``logprob_gap/*`` and
+        ``is_weight/*`` are over (0 with none, as TRL's clamp(min=1))."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
+        lrm = rm if loss_rm is None else loss_rm
+        ltok = d(lrm)
         parts = {f"reward/{k}": (d(v[torch.isfinite(v)]), d(torch.isfinite(v)))
                  for k, v in per_source.items()}
         scored = ~torch.isnan(raw)  # [b] (unscored answers: TRL's nanmean / nanstd leave them out)
@@ -1705,16 +1727,16 @@ class RLTrainer:
             ret_rm = (d(ret * rm * scored[:, None]), d(rm & scored[:, None]))
         parts.update({
             "reward/total": (d(r), n_r), "reward/shaped": (d(s), n_r), "kl/seq": (d(kl_tok), rows),
-            "kl/token": (d(kl_tok * rm), tok), "response_length/mean": (tok, rows),
+            "kl/token": (d(kl_tok * lrm), ltok), "response_length/mean": (tok, rows),
             "advantages/mean": (d(adv * rm), tok), "returns/mean": ret_rm,
             "reward/sq": (d(r * r), n_r), "rollout/truncated_frac": (d(truncated), rows),
         })
         if gap is not None:
-            parts.update({"entropy": (d(entropy * rm), tok), "logprob_gap/mean": (d(gap), tok)})
+            parts.update({"entropy": (d(entropy * lrm), ltok), "logprob_gap/mean": (d(gap * lrm), ltok)})
         if is_w is not None:
-            parts["is_weight/mean"] = _is_weight_mean_parts(is_w, rm, is_per_answer)
+            parts["is_weight/mean"] = _is_weight_mean_parts(is_w, lrm, is_per_answer)
         if is_masked is not None:
-            parts["is_weight/masked_frac"] = (d(is_masked & rm), tok)
+            parts["is_weight/masked_frac"] = (d(is_masked & lrm), ltok)
         if self.critic is not None:
             err = ret - values
             parts.update({"value/mean": (d(values * rm), tok), "value/ret_sq": (d(ret * ret * rm), tok),
@@ -1723,6 +1745,10 @@ class RLTrainer:
         vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu().view(-1, 2)
         tot = {k: (float(v[0]), float(v[1])) for k, v in zip(parts, vec)}
         out = {k: (s / n if n > 0 else float("nan")) for k, (s, n) in tot.items() if k not in ("reward/sq",)}
+        for k in ("kl/token", "entropy", "logprob_gap/mean", "is_weight/mean", "is_weight/masked_frac"):
+            # no loss token anywhere: 0, as one process
+            if k in tot and tot[k][1] == 0:
+                out[k] = 0.0
 
         def var(s, sq, n):  # unbiased, as torch.var
             return (sq - s * s / n) / (n - 1) if n > 1 else 0.0
@@ -1738,15 +1764,16 @@ class RLTrainer:
             out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
             for k in ("value/ret_sq", "value/err", "value/err_sq"):
                 out.pop(k)
-        lo_hi = _masked_min_max(is_w, rm) if is_w is not None else (0.0, 0.0)
-        mx = torch.tensor([float(rm.sum(1).max()), float(gap.max()) if gap is not None else 0.0,
+        lo_hi = _masked_min_max(is_w, lrm) if is_w is not None else (0.0, 0.0)
+        mx = torch.tensor([float(rm.sum(1).max()), float((gap * lrm).max()) if gap is not None else 0.0,
                            -lo_hi[0], lo_hi[1]], dtype=torch.float64, device=self.device)
         mx = self.ctx.all_reduce_max(mx).cpu()
         out["response_length/max"] = float(mx[0])
         if gap is not None:
             out["logprob_gap/max"] = float(mx[1])
         if is_w is not None:
-            out["is_weight/min"], out["is_weight/max"] = -float(mx[2]), float(mx[3])
+            lo, hi = -float(mx[2]), float(mx[3])
+            out["is_weight/min"], out["is_weight/max"] = (lo, hi) if lo <= hi else (0.0, 0.0)  # (no loss token)
         return out
 
     @contextlib.contextmanager

@@ -145,22 +145,44 @@ def start(factories: Dict[Optional[str], Factory], records: Sequence[Tuple[Any, 
           names: Sequence[Optional[str]], n: int) -> Tuple[List[Any], List[Optional[str]]]:
     """Fresh instances for ``n`` answers to each of ``records`` (``(prompt, fields)``, whose
     environments are ``names``), each reset with its record, in row order (prompt-major, as
-    the rollout's rows). Returns ``(instances, observations)``, B = len(records)·n each."""
+    the rollout's rows). Returns ``(instances, observations)``, B = len(records)·n each; a
+    ``reset`` that raises, or returns neither a string nor None, is an error naming the
+    environment and the prompt (:func:`_reset`)."""
     multi = list(factories) != [None]
     envs, obs = [], []
     for (prompt, fields), name in zip(records, names):
         for _ in range(n):
             env = factories[name]()
             envs.append(env)
-            obs.append(env.reset(**reset_kwargs(prompt, fields, multi)))
+            obs.append(_reset(env, name, prompt, reset_kwargs(prompt, fields, multi)))
     return envs, obs
+
+
+def _reset(env: Any, name: Optional[str], prompt: Any, record: Dict[str, Any]) -> Optional[str]:
+    """``env.reset(**record)``: a string or None. What it raises is a RuntimeError (the
+    environment's exception as its cause), a value of another type a TypeError, both naming
+    the environment and the prompt: with many prompts and environments the bare exception of
+    the user's code would not say which one failed."""
+    where = type(env).__name__ if name is None else f"{name!r} ({type(env).__name__})"
+    text = repr(prompt)
+    text = text if len(text) <= 200 else text[:200] + "..."
+    try:
+        out = env.reset(**record)
+    except Exception as e:  # noqa: BLE001 - re-raised with the environment and the prompt named
+        raise RuntimeError(f"environment {where}: {type(env).__name__}.reset(**record) raised "
+                           f"{type(e).__name__}: {e} (prompt {text})") from e
+    if out is not None and not isinstance(out, str):
+        raise TypeError(f"environment {where}: {type(env).__name__}.reset() must return a string or None, "
+                        f"got {type(out).__name__} (prompt {text})")
+    return out
 
 
 class EnvironmentReward(RewardSource):
     """The reward of environments of class ``cls`` that own it: ``env.get_reward()`` (sync or
     async) of each answer's instance, read from the ``environments`` field, after its rollout.
-    Answers of another environment class score 0 (TRL gives None, left out of its weighted
-    nansum: the same total; our ``reward/NAME`` mean counts them as 0). A ``get_reward()`` of
+    Answers of another environment class score NaN under ``calling_convention="trl"`` (TRL's
+    None: left out of the weighted nansum and of ``reward/NAME``; an answer no source scores is
+    unscored), 0 under ours (where NaN would be a bad reward). A ``get_reward()`` of
     None is NaN: "does not apply" under ``calling_convention="trl"`` (TRL's), else handled by
     ``on_bad_reward`` as a reward function's None."""
 
@@ -174,7 +196,11 @@ class EnvironmentReward(RewardSource):
         if envs is None or len(envs) != len(completions):
             raise RewardError(f"reward source {self.name!r} reads each answer's environment (get_reward); "
                               f"this batch has none")
-        out: List[Any] = [e.get_reward() if type(e) is self.cls else 0.0 for e in envs]
+        # another class's answers: TRL's None ("does not apply": NaN) under its calling convention
+        # (the context then holds TRL's inputs), so an answer no source scores is unscored as in
+        # TRL; 0 under ours, where NaN would be a bad reward
+        other = None if ctx.trl is not None else 0.0
+        out: List[Any] = [e.get_reward() if type(e) is self.cls else other for e in envs]
         pending = [i for i, v in enumerate(out) if inspect.isawaitable(v)]
         for i, v in zip(pending, _run_coroutines([out[i] for i in pending]) if pending else []):
             if isinstance(v, BaseException):

@@ -102,11 +102,14 @@ def position_table_size(model: nn.Module) -> Optional[int]:
     return None
 
 
-def check_input_ids(model: nn.Module, input_ids: torch.Tensor, *, positions: bool = True) -> None:
+def check_input_ids(model: nn.Module, input_ids: torch.Tensor, *, positions: bool = True,
+                    position_ids: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError/TypeError for ``input_ids [B, T]`` the model's embedding cannot take: not
     an integer tensor, ids outside ``[0, vocab)`` (checked on the host for CPU tensors; on a GPU
     an asynchronous device assert, no sync, as :mod:`rlhf_fast.ops` does for labels), or, with
-    ``positions``, more columns than a learned position table holds (default position ids)."""
+    ``positions``, more columns than a learned position table holds (default position ids);
+    without ``positions``, given ``position_ids`` (a packed row's, restarting per sequence) past
+    that table, checked the same way as the ids."""
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
     base = unwrap(model)
@@ -115,6 +118,8 @@ def check_input_ids(model: nn.Module, input_ids: torch.Tensor, *, positions: boo
         if table is not None and input_ids.shape[1] > table:
             raise ValueError(f"input_ids has {input_ids.shape[1]} columns, more than the {table} positions of the "
                              f"model's position embeddings")
+    elif position_ids is not None:
+        _check_position_ids(position_ids, position_table_size(base))
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     V = getattr(emb, "num_embeddings", None)
     if V is None or input_ids.numel() == 0 or torch.compiler.is_compiling():
@@ -126,6 +131,22 @@ def check_input_ids(model: nn.Module, input_ids: torch.Tensor, *, positions: boo
                              f"found {input_ids[bad][0].item()}")
     else:
         torch._assert_async(~bad.any(), f"input_ids must be token ids in [0, {V}) (the model's vocabulary)")
+
+
+def _check_position_ids(position_ids: torch.Tensor, table: Optional[int]) -> None:
+    """ValueError (CPU; an asynchronous device assert elsewhere) when ``position_ids`` reach past a
+    learned position ``table`` (None: relative positions, nothing to check): the embedding would
+    index out of range (an IndexError, or a device-side assert on CUDA), e.g. for a packed
+    row's sequence longer than the table, which the padded path refuses by its columns."""
+    if table is None or position_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (position_ids < 0) | (position_ids >= table)
+    msg = f"position_ids must be in [0, {table}) (the positions of the model's position embeddings)"
+    if position_ids.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(f"{msg}; found {position_ids[bad][0].item()}: a sequence longer than {table} tokens")
+    else:
+        torch._assert_async(~bad.any(), msg)
 
 
 @_honour_context
@@ -158,7 +179,7 @@ def hidden_states(
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have at least one row and one column, got shape {tuple(input_ids.shape)}")
-    check_input_ids(model, input_ids, positions=position_ids is None)
+    check_input_ids(model, input_ids, positions=position_ids is None, position_ids=position_ids)
     if columns is not None:
         a, b = (int(c) for c in columns)
         T = input_ids.shape[1]
@@ -171,6 +192,8 @@ def hidden_states(
     # a trainer's MoE load-balancing loss collects this forward's router logits (None: no change)
     aux = moe_aux.active(model)
     n_cols = input_ids.shape[1] if segments is None else segments.max_len
+    if segments is None and attention_mask is None and position_ids is not None:
+        n_cols = _packed_span(base, position_ids, n_cols)
     fast = aux is None and llama_forward.supported(base, n_cols)
     # the default call stays the old one (tests wrap llama_forward.hidden_states positionally)
     seg = {} if segments is None else {"segments": segments}
@@ -204,6 +227,19 @@ def hidden_states(
     if aux is not None:
         aux.record(out, attention_mask)
     return _columns(out.last_hidden_state, columns, select)
+
+
+def _packed_span(base: nn.Module, position_ids: torch.Tensor, n_cols: int) -> int:
+    """The longest run a sliding window must cover in a row of ``n_cols`` columns without an
+    attention mask: its attention stays inside each sequence its ``position_ids`` mark (a packed
+    row, ids restarting per sequence; transformers' ``find_packed_sequence_indices``), and a
+    sequence spans at most max(position id) + 1 tokens, so a packed row longer than the window
+    still runs llama_forward's per-sequence attention when every sequence fits (``n_cols``
+    itself when the config has no window the row outgrows: no sync then)."""
+    window = getattr(getattr(base, "config", None), "sliding_window", None)
+    if not isinstance(window, int) or n_cols <= window or not position_ids.numel():
+        return n_cols
+    return min(n_cols, int(position_ids.max()) + 1)
 
 
 def _columns(h: torch.Tensor, columns: Optional[Tuple[int, int]], select) -> torch.Tensor:
@@ -780,7 +816,7 @@ def sequence_logprobs(
     else:
         tr, tc = target.nonzero(as_tuple=True)
         if why is not None and logits_head is None:
-            check_input_ids(model, input_ids, positions=position_ids is None)
+            check_input_ids(model, input_ids, positions=position_ids is None, position_ids=position_ids)
             pos = position_ids if position_ids is not None else default_position_ids(attention_mask)
             aux = moe_aux.active(model)
             with llama_forward.checkpointing_in_eval(backbone(model)):  # (an RL policy trains in eval mode)

@@ -102,6 +102,17 @@ class LossScaler:
                                "through LossScaler.scale (a backward called on the bare loss); every backward "
                                "of an fp16 run must be scaled")
 
+    @staticmethod
+    def _check_float32_grads(optimizer: torch.optim.Optimizer) -> None:
+        # GradScaler refuses float16 gradients ("Attempting to unscale FP16 gradients."), at the
+        # first step, after its forward and backward: said here with the setting and the way out
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dtype == torch.float16:
+                    raise ValueError("fp16: true trains float32 weights under a float16 autocast with a loss scale, "
+                                     "but the optimizer's parameters are float16 (a model passed in float16?): pass "
+                                     "the model in float32 (fp16 keeps the float16 compute), or use bf16")
+
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter],
                         max_norm: float) -> torch.Tensor:
         """Unscale ``optimizer``'s gradients (once per step), then
@@ -110,6 +121,7 @@ class LossScaler:
         overflowed (its step is then skipped, so the clipping does not matter)."""
         if self.enabled:
             self._check_scaled()
+            self._check_float32_grads(optimizer)
             self._scaler.unscale_(optimizer)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -121,6 +133,7 @@ class LossScaler:
             optimizer.step()
             return True
         self._check_scaled()
+        self._check_float32_grads(optimizer)
         before = self._scaler.get_scale()
         self._scaler.step(optimizer)  # unscales first when clip_grad_norm_ did not
         self._scaler.update()

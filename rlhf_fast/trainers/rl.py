@@ -784,6 +784,7 @@ class RLTrainer:
         # evaluation during training (eval_every): the prompts rendered alike, and their fields
         self.eval_prompts = [self._render(p, e) for (p, _), e in zip(eval_records, self._env_names["eval"])]
         self.eval_fields = [f for _, f in eval_records]
+        self._check_packed_prompts()
         if cfg.eval_every and not self.eval_prompts:
             raise ValueError(f"eval_every ({cfg.eval_every}) needs evaluation prompts: set data.eval_prompts, "
                              "data.eval_prompts_file or data.eval_fraction (or pass eval_prompts=[...])")
@@ -950,6 +951,23 @@ class RLTrainer:
     def _tools_of(self, env: Optional[str]) -> list:
         """The tools an answer of environment ``env`` may call (its prompt lists them)."""
         return self._env_tools[env] if self._env_factories else self.tools
+
+    def _check_packed_prompts(self) -> None:
+        """``ppo.padding_free`` / ``ppo.prefix_sharing``: the start-up check of the policy and
+        reference (:func:`~rlhf_fast.trainers.packing.check_prefix_shareable`) again, with the
+        longest rendered prompt's tokens + ``max_new_tokens`` + 1 as the row length (it ran
+        before the prompts were rendered, with the answer alone): a sliding window the rows
+        outgrow is refused now, naming the key, not at the first scoring. Rows a tool call
+        lengthens are still checked where they are scored."""
+        key = _packing_key(self.config.ppo)
+        texts = [p for p in self.prompts + self.eval_prompts if isinstance(p, str)]
+        if not key or not texts or self.tokenizer is None:
+            return
+        from rlhf_fast.trainers.packing import check_prefix_shareable
+
+        longest = max(len(ids) for ids in self.tokenizer(texts)["input_ids"])
+        check_prefix_shareable(key, longest + self.config.rollout.max_new_tokens + 1, self.policy, self.reference,
+                               alternative=None)
 
     def _render(self, prompt, env: Optional[str] = None) -> str:
         """A prompt as the policy reads it: a chat rendered with its tools' schemas and

@@ -1,24 +1,26 @@
 """``rlhf-fast eval``: a policy's reward, win-rate against the reference, KL and length.
 
-Both models answer the same prompts (greedy by default); every answer is scored by the
-reward sources; win-rate = P(policy reward > reference reward) + ½ P(tie) over the answer pairs
-scored on both sides (an answer no source scored is left out, as from the reward means; NaN when
-no pair is left); KL is the mean
-per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased estimate of
-KL(π‖π_ref) when sampled; with greedy answers it is only their log-ratio). ``--run RUN_DIR``
+Both models answer the same prompts (greedy by default; sampled, each with a seed of its own,
+so their draws are independent); every answer is scored by the reward sources; win-rate =
+P(policy reward > reference reward) + ½ P(tie) over the answer pairs scored on both sides (an
+answer no source scored is left out, as from the reward means; NaN when no pair is left); KL is
+the mean per-sequence Σ (log π − log π_ref) over the policy's own answers (k1, an unbiased
+estimate of KL(π‖π_ref) when sampled, both models' logits divided by the sampling temperature;
+with greedy answers it is only their log-ratio at temperature 1). ``--run RUN_DIR``
 takes the final policy of an RL run, loads the reference it trained against (its
-``model.reference`` folder, else its initial policy, rebuilt), and reuses
-its reward functions and its prompts: by default (``--split auto``) the evaluation prompts the
-run evaluated on during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it
-held out, split exactly as the trainer split it), else its training prompts. ``--reward-model``
-scores as ``rlhf-fast reward`` trained it (prompt, response, eos). ``--references FILE`` adds
-BLEU (sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score without stemming) of
-the answers.
+``model.reference`` folder, else its initial policy, rebuilt), and reuses its reward functions
+(raising or dropping a bad reward as its ``reward.on_bad_reward``, unless ``--on-bad-reward``
+says) and its prompts: by default (``--split auto``) the evaluation prompts the run evaluated on
+during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it held out, split
+exactly as the trainer split it), else its training prompts. ``--reward-model`` scores as
+``rlhf-fast reward`` trained it (prompt, response, eos). ``--references FILE`` adds BLEU
+(sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score without stemming) of the answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -126,8 +128,10 @@ def evaluate_policy(
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
-    mean/std, per-source means, and with ``reference``: reference reward, win_rate, kl
-    (mean sequence k1), plus response length mean/max for both. With ``references`` (one
+    mean/std (over the answers scored: not those no source scored, nor those a bad reward dropped
+    — ``on_bad_reward="drop"``), per-source means, and with ``reference`` (its answers drawn with
+    :func:`reference_seed` of ``seed``, independently of the policy's): reference reward,
+    win_rate, kl (mean sequence k1), plus response length mean/max for both. With ``references`` (one
     reference text, or a list of them, per prompt): ``overlap/bleu`` (corpus BLEU, 0–100) and
     ``overlap/rouge1`` / ``rouge2`` / ``rougeL`` (mean F1, 0–1) of the policy's answers (every
     one of the ``n`` per prompt), see :func:`overlap_metrics`; with ``reference`` also the
@@ -149,6 +153,8 @@ def evaluate_policy(
     from rlhf_fast.models.logprobs import sequence_logprobs
     from rlhf_fast.rollout import HFRolloutEngine, SamplingParams
 
+    if isinstance(prompts, (str, bytes)):  # (iterating a text would evaluate one prompt per character)
+        raise TypeError(f"prompts must be a list of prompt texts, got a {type(prompts).__name__} (one prompt: [text])")
     if not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     if references is not None:
@@ -183,7 +189,7 @@ def evaluate_policy(
         ids = [t[k].tolist() for t, k in zip(b.input_ids[:, P:].cpu(), am[:, P:].cpu())]
         return TRLRewardInputs(rows, trl_completions(rows, list(b.response_texts)), ids, trainer_state, log)
 
-    def answer(model):
+    def answer(model, params):
         b = HFRolloutEngine(model, tokenizer).generate(list(prompts), params)
         if len(b.response_texts) != len(prompts) * n:
             raise RuntimeError(f"the rollout returned {len(b.response_texts)} answers for {len(prompts)} prompts x {n}")
@@ -197,8 +203,10 @@ def evaluate_policy(
         return b, rm, out
 
     res: Dict[str, float] = {}
-    b, rm, out = answer(policy)
-    scored = out.total[out.valid] if trl else out.total
+    b, rm, out = answer(policy, params)
+    # the answers no source scored (trl) or a source's bad reward dropped (on_bad_reward drop) are
+    # skipped: their total 0 is a placeholder, as in the RL trainer's eval/reward/total
+    scored = out.total[out.valid]
     res["reward/mean"] = float(scored.mean())
     # (no scored answer: NaN, as the mean; one: 0)
     res["reward/std"] = float(scored.std()) if scored.numel() > 1 else (0.0 if scored.numel() else float("nan"))
@@ -224,9 +232,11 @@ def evaluate_policy(
             lp = sequence_logprobs(policy, b.input_ids, b.attention_mask, response_mask=rm, temperature=t)
             lr = sequence_logprobs(reference, b.input_ids, b.attention_mask, response_mask=rm, temperature=t)
         res["kl"] = float(((lp - lr) * rm).sum(1).mean())
-        b_ref, rm_ref, out_ref = answer(reference)
+        # a seed of its own: a win-rate compares independent draws (one seed for both coupled them:
+        # equal policies gave equal answers, every pair a tie)
+        b_ref, rm_ref, out_ref = answer(reference, dataclasses.replace(params, seed=reference_seed(seed)))
         # the answers no source scored are skipped, as in the policy's reward/mean
-        res["reference/reward_mean"] = float((out_ref.total[out_ref.valid] if trl else out_ref.total).mean())
+        res["reference/reward_mean"] = float(out_ref.total[out_ref.valid].mean())
         if references is not None:
             res.update({f"reference/overlap/{k}": v for k, v in overlap(b_ref.response_texts).items()})
         res["reference/length_mean"] = float(rm_ref.sum(1).float().mean())
@@ -238,12 +248,22 @@ def evaluate_policy(
     return res
 
 
+def reference_seed(seed: int) -> int:
+    """The sampling seed of the reference's answers in :func:`evaluate_policy` given the policy's
+    ``seed``: never ``seed`` itself (the policy's draws), so the two answer independently."""
+    return (seed * 1_000_003 + 1) % 2**63  # (seed·1000002 + 1 is odd: never ≡ 0, so never seed)
+
+
 def pass_at_k(correct: torch.Tensor, k: int) -> float:
     """The unbiased pass@k of Chen et al. (2021): ``correct`` ``[P, n]`` bool (the n answers of
     each of P prompts); per prompt with c correct, 1 − C(n − c, k) / C(n, k); the mean over
-    prompts. Needs 1 ≤ k ≤ n."""
+    prompts. Needs 1 ≤ k ≤ n; ValueError for values other than flags (bool or 0 / 1: threshold
+    rewards first)."""
     if correct.dim() != 2 or correct.shape[0] == 0:
         raise ValueError(f"correct must be a [P, n] tensor with P >= 1, got shape {tuple(correct.shape)}")
+    if correct.dtype != torch.bool and not bool(((correct == 0) | (correct == 1)).all()):
+        # (rewards handed in would be summed and truncated: a silent wrong count of correct answers)
+        raise ValueError("correct must hold correct flags (bool, or 0 / 1), not scores: threshold the rewards first")
     n = correct.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
@@ -300,6 +320,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--references", default=None,
                         help="reference answers, one per prompt in the prompts' order (.txt one per non-empty line, "
                              "or .jsonl / .json with 'reference': text or 'references': [texts]): adds BLEU / ROUGE")
+    parser.add_argument("--on-bad-reward", choices=("raise", "drop"), default=None,
+                        help="a NaN / inf reward: raise (exit 2) or drop that answer from the reward means, pass@k "
+                             "and win-rate (default: a --run's reward.on_bad_reward, else raise)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -554,7 +577,10 @@ def run(args) -> int:
             weights.append(w)
     if not sources:
         raise ValueError("no reward source: give --reward-fn module:function and/or --reward-model PATH")
-    res = evaluate_policy(policy, tok, prompts, CombinedReward(sources, weights, convention=convention),
+    # bad rewards (NaN / inf): --on-bad-reward, else a run's as in training (reward.on_bad_reward)
+    on_bad = getattr(args, "on_bad_reward", None) or (cfg.reward.on_bad_reward if args.run else "raise")
+    reward = CombinedReward(sources, weights, on_bad_reward=on_bad, convention=convention)
+    res = evaluate_policy(policy, tok, prompts, reward,
                           reference=reference,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,

@@ -184,3 +184,12 @@ def test_a_checkpoint_without_the_eval_table(tmp_path):
         trainer(tmp_path / "x").estimate_values("test")
     with pytest.raises(ValueError, match="no evaluation prompts"):
         trainer(tmp_path / "y", eval_prompts=None).estimate_values("eval")
+
+
+def test_eval_logs_maj_at_k_when_the_prompts_have_answers(tmp_path):
+    """eval.group_size 2 with an ``answer`` field on every evaluation prompt: A*-PO's eval logs
+    verl's maj@k beside mean@G / best@k, as RLTrainer's (it passed no answer texts: no maj@k)."""
+    ev = [{"prompt": p, "answer": "1"} for p in EVAL[:4]]
+    tr = trainer(tmp_path, eval_prompts=ev, eval=EvalConfig(temperature=1.0, group_size=2))
+    m = tr.evaluate()
+    assert {"eval/mean@2", "eval/best@2", "eval/maj@2"} <= set(m)

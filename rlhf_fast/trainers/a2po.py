@@ -445,7 +445,11 @@ class A2POTrainer(RLTrainer):
 
         out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
         ids, am, rm = self._batch_masks(batch)
-        res = _eval_sums(out, rm, group_size)
+        from rlhf_fast.trainers.evaluate import has_answer_fields
+
+        # maj@k as RLTrainer's: when every evaluation prompt has an answer field
+        texts = list(batch.response_texts) if has_answer_fields(self.eval_fields) else None
+        res = _eval_sums(out, rm, group_size, texts)
         if self.eval_values is None:
             return res
         dev, B = self.device, ids.shape[0]

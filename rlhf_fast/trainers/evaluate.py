@@ -12,7 +12,10 @@ takes the final policy of an RL run, loads the reference it trained against (its
 (raising or dropping a bad reward as its ``reward.on_bad_reward``, unless ``--on-bad-reward``
 says) and its prompts: by default (``--split auto``) the evaluation prompts the run evaluated on
 during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it held out, split
-exactly as the trainer split it), else its training prompts. ``--reward-model`` scores as
+exactly as the trainer split it), else its training prompts; it samples as the run did (its
+rollout's length, stop strings, top-k / top-p / min-p and penalties: :func:`run_sampling`;
+``--max-new-tokens`` / ``--stop`` win). With ``--n`` > 1 verl's ``mean@n``, ``best@k`` /
+``worst@k`` and ``maj@k`` come too (:func:`validation_metrics`). ``--reward-model`` scores as
 ``rlhf-fast reward`` trained it (prompt, response, eos). ``--references FILE`` adds BLEU
 (sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score without stemming) of the answers.
 """
@@ -125,6 +128,7 @@ def evaluate_policy(
     data_prompts: Optional[Sequence] = None,
     trainer_state=None,
     chat_template_kwargs: Optional[Dict[str, Any]] = None,
+    sampling: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     """Evaluate ``policy`` on ``prompts`` (list of str) under ``reward`` (a CombinedReward or a
     callable ``fn(prompts, completions) -> list[float]``). Returns a dict of floats: reward
@@ -140,6 +144,12 @@ def evaluate_policy(
     ``pass_k`` (each 1 ≤ k ≤ n): ``pass@k``, the unbiased estimate (Chen et al. 2021) of the
     chance that one of k of a prompt's answers is correct — scored, with total reward ≥
     ``correct_threshold`` — from its n answers, averaged over prompts (:func:`pass_at_k`).
+    With n > 1 also verl's validation metrics of the total rewards (:func:`validation_metrics`;
+    a prompt with an answer not scored is left out): ``mean@n``, ``best@k`` / ``worst@k`` (exact
+    expectations over k-subsets) and, when every prompt's ``fields`` has an ``answer``
+    (:func:`has_answer_fields`), ``maj@k`` (majority vote over the answers' final answers), for
+    k = 2, 4, … < n and n. ``sampling``: more :class:`~rlhf_fast.rollout.SamplingParams`
+    keywords (``stop_strings``, ``top_p``, penalties…; ``rlhf-fast eval --run``: the run's).
     A ``reward`` with ``convention="trl"`` calls its functions as TRL does
     (:class:`~rlhf_fast.algorithms.rewards.TRLRewardInputs`): ``data_prompts`` are the prompts as
     the data gives them (chats as message lists; default ``prompts``), ``trainer_state`` a
@@ -177,7 +187,8 @@ def evaluate_policy(
 
         trainer_state = TrainerState()
     log = RewardLog()
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed,
+                            **dict(sampling or {}))
 
     def data_rows(b):  # each answer's prompt as the data gives it
         src = list(data_prompts if data_prompts is not None else prompts)
@@ -220,6 +231,12 @@ def evaluate_policy(
         correct = (out.valid & (out.total >= correct_threshold)).view(len(prompts), n)  # prompt i: row i
         for k in pass_k:
             res[f"pass@{k}"] = pass_at_k(correct, k)
+    if n > 1:  # verl's mean@n / best@k / worst@k (/ maj@k) over the n answers of each prompt
+        keys = None
+        if has_answer_fields(fields):
+            texts = list(b.response_texts)
+            keys = [[vote_key(texts[i * n + j]) for j in range(n)] for i in range(len(prompts))]
+        res.update(validation_metrics(out.total.view(len(prompts), n), keys, out.valid.view(len(prompts), n)))
 
     def overlap(texts):  # the rollout holds the n answers of prompt i at rows i·n .. i·n + n − 1
         return overlap_metrics(list(texts), [references[i // n] for i in range(len(texts))])
@@ -271,6 +288,153 @@ def pass_at_k(correct: torch.Tensor, k: int) -> float:
     return float(sum(1.0 - math.comb(n - int(c), k) / total for c in correct.sum(1).tolist()) / correct.shape[0])
 
 
+# ------------------------------------------------------------ verl's validation metrics
+# mean@n, best@k / worst@k and maj@k of n answers per prompt (verl's process_validation_metrics)
+
+# maj@k enumerates every k-subset up to this many; above it, _MAJ_DRAWS seeded subsets
+_MAJ_EXACT_LIMIT = 20_000
+_MAJ_DRAWS = 1_000
+_MAJ_SEED = 42  # verl's bootstrap seed
+
+
+def validation_ks(n: int) -> List[int]:
+    """verl's subset sizes of ``n`` answers per prompt: 2, 4, 8, … below ``n``, then ``n``
+    (``[]`` for ``n`` = 1: one answer has no best-of or vote)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    ks, k = [], 2
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n] if n > 1 else []
+
+
+def _check_k(rewards: Sequence[float], k: int) -> int:
+    n = len(rewards)
+    if n == 0:
+        raise ValueError("rewards must hold at least one answer's reward")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    return n
+
+
+def best_of_k(rewards: Sequence[float], k: int) -> float:
+    """best@k of one prompt's n answers (``rewards``: n floats): the expected maximum reward of
+    k answers drawn without replacement, computed exactly over every k-subset, not by verl's
+    bootstrap (1000 draws with replacement, seed 42): with the rewards sorted ascending
+    r_(1) ≤ … ≤ r_(n), E[max] = Σ_i r_(i) · C(i − 1, k − 1) / C(n, k) (r_(i) is the largest of
+    the C(i − 1, k − 1) subsets that take it and k − 1 of the i − 1 below it). With 0 / 1
+    rewards it is the unbiased pass@k (:func:`pass_at_k`); best@n is the maximum, best@1 the mean."""
+    n = _check_k(rewards, k)
+    r = sorted(float(x) for x in rewards)
+    total = math.comb(n, k)
+    return float(sum(v * (math.comb(i, k - 1) / total) for i, v in enumerate(r) if i >= k - 1))
+
+
+def worst_of_k(rewards: Sequence[float], k: int) -> float:
+    """worst@k: the expected minimum reward of k of the n answers drawn without replacement,
+    exactly (:func:`best_of_k` of the negated rewards, negated)."""
+    return 0.0 - best_of_k([-float(x) for x in rewards], k)  # (0.0 -: never a -0.0 in the results)
+
+
+def vote_key(text: str) -> Optional[str]:
+    r"""The final answer a text votes for in :func:`majority_of_k`, or None (no final answer):
+    :func:`~rlhf_fast.algorithms.rule_rewards.extract_answer` normalised as
+    :func:`~rlhf_fast.algorithms.rule_rewards.answer_match` normalises it — a number as its exact
+    value (``1,000`` = ``1000.0`` = ``\frac{2000}{2}``), else the text without spaces, ``$``, case
+    or a final period. (Numbers vote by exact equality, where answer_match allows 1e-6 relative.)"""
+    from rlhf_fast.algorithms.rule_rewards import _as_number, _normal_text, _plain, extract_answer
+
+    got = extract_answer(text)
+    if got is None:
+        return None
+    plain = _plain(got)
+    if not _normal_text(plain):  # an empty \boxed{}: no answer, as answer_match scores it
+        return None
+    num = _as_number(plain)
+    return f"number:{num}" if num is not None else f"text:{_normal_text(plain)}"
+
+
+def _vote(rewards: Sequence[float], keys: Sequence[Optional[str]], subset: Sequence[int]) -> float:
+    """The reward of the majority vote of the answers ``subset`` (indices, ascending)."""
+    counts: Dict[str, int] = {}
+    for i in subset:  # insertion order = first appearance: max() keeps the first of tied counts
+        if keys[i] is not None:
+            counts[keys[i]] = counts.get(keys[i], 0) + 1
+    if not counts:  # no answer has a final answer: the vote is its first answer
+        return float(rewards[subset[0]])
+    winner = max(counts, key=counts.get)
+    return float(next(rewards[i] for i in subset if keys[i] == winner))
+
+
+def majority_of_k(rewards: Sequence[float], keys: Sequence[Optional[str]], k: int) -> float:
+    """maj@k of one prompt's n answers: the expected reward of the majority vote of k answers
+    drawn without replacement. ``rewards`` n floats, ``keys`` each answer's final answer
+    (:func:`vote_key`; None: it has none). The vote of a subset (answers in their order):
+    the final answer most of them give — answers without one do not vote; tied counts go to
+    the answer given first, as verl's ``calc_maj_val`` (``max`` over a dict in first-seen
+    order) —, and its reward is that of the subset's first answer giving it (verl's
+    ``vote2vals[maj_vote][0]``); a subset without any final answer takes its first answer's
+    reward. Exact, the mean over every k-subset, when there are at most 20 000 of them (every n
+    ≤ 16; k = n: the vote of all n); else the mean over 1 000 subsets drawn without replacement
+    with seed 42 (verl's bootstrap: 1 000 draws with replacement, seed 42)."""
+    import itertools
+    import random
+
+    n = _check_k(rewards, k)
+    if len(keys) != n:
+        raise ValueError(f"keys must hold one final answer (or None) per reward ({n}), got {len(keys)}")
+    if math.comb(n, k) <= _MAJ_EXACT_LIMIT:
+        votes = [_vote(rewards, keys, s) for s in itertools.combinations(range(n), k)]
+    else:
+        rng = random.Random(_MAJ_SEED)
+        votes = [_vote(rewards, keys, sorted(rng.sample(range(n), k))) for _ in range(_MAJ_DRAWS)]
+    return float(sum(votes) / len(votes))
+
+
+def validation_sums(rewards: torch.Tensor, keys: Optional[Sequence[Sequence[Optional[str]]]] = None,
+                    valid: Optional[torch.Tensor] = None) -> Dict[str, tuple]:
+    """``{name: (sum over prompts, prompts)}`` of verl's validation metrics, the sums that
+    :func:`validation_metrics` divides (and the RL trainer's evaluation sums over calls and
+    ranks). ``rewards`` ``[P, n]`` float (prompt i's n answers in row i), ``valid`` ``[P, n]``
+    bool (default all): a prompt with an answer not valid (no source scored it, a bad reward
+    dropped it) is left out, as from ``reward_std``. Names: ``mean@n``, and for n > 1 and each k
+    of :func:`validation_ks` ``best@k``, ``worst@k`` and, with ``keys`` (``[P][n]`` final
+    answers, :func:`vote_key`), ``maj@k``."""
+    if rewards.dim() != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
+        raise ValueError(f"rewards must be a [P, n] tensor with P, n >= 1, got shape {tuple(rewards.shape)}")
+    P, n = rewards.shape
+    if keys is not None and (len(keys) != P or any(len(row) != n for row in keys)):
+        raise ValueError(f"keys must hold n={n} final answers for each of the P={P} prompts")
+    ok = torch.ones(P, n, dtype=torch.bool) if valid is None else valid.bool().cpu()
+    ok = ok & torch.isfinite(rewards.cpu())
+    rows = [i for i in range(P) if bool(ok[i].all())]
+    r = rewards.double().cpu().tolist()
+    names = {f"mean@{n}": lambda i: sum(r[i]) / n}
+    for k in validation_ks(n):
+        names[f"best@{k}"] = lambda i, k=k: best_of_k(r[i], k)
+        names[f"worst@{k}"] = lambda i, k=k: worst_of_k(r[i], k)
+        if keys is not None:
+            names[f"maj@{k}"] = lambda i, k=k: majority_of_k(r[i], keys[i], k)
+    return {name: (float(sum(f(i) for i in rows)), float(len(rows))) for name, f in names.items()}
+
+
+def validation_metrics(rewards: torch.Tensor, keys=None, valid=None) -> Dict[str, float]:
+    """verl's validation metrics of n answers per prompt, each the mean over the prompts
+    (``rewards`` ``[P, n]``; ``keys`` / ``valid`` as :func:`validation_sums`): ``mean@n`` (the
+    mean reward), ``best@k`` / ``worst@k`` (:func:`best_of_k` / :func:`worst_of_k`, exact) and
+    ``maj@k`` (:func:`majority_of_k`) for k = 2, 4, … < n and n (:func:`validation_ks`); NaN
+    where no prompt has all its answers valid."""
+    return {k: (s / c if c else float("nan")) for k, (s, c) in validation_sums(rewards, keys, valid).items()}
+
+
+def has_answer_fields(fields: Optional[Sequence[dict]]) -> bool:
+    """Whether maj@k is reported for prompts with ``fields`` (one dict per prompt): when every
+    prompt has an ``answer`` field — the verifiable-answer setting (:func:`~rlhf_fast.algorithms.
+    rule_rewards.answer_match`), whose answers have a final answer to vote on."""
+    return bool(fields) and all(isinstance(f, dict) and f.get("answer") is not None for f in fields)
+
+
 SPLITS = ("auto", "eval", "train")
 
 
@@ -309,9 +473,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: eval when the run has evaluation prompts, else train")
     parser.add_argument("--reward-fn", action="append", default=[], help="module:function (repeatable)")
     parser.add_argument("--reward-model", default=None, help="reward model path")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length in tokens (default: a --run's rollout.max_new_tokens, else 16)")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="a stop string (repeatable; default: a --run's rollout.stop_strings, else none). With "
+                             "--run the answers are also sampled with its rollout.top_k / top_p / min_p, penalties "
+                             "and min_new_tokens (the eos is blocked for that many tokens), as its own evaluation")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--n", type=int, default=1,
+                        help="samples per prompt; > 1 adds verl's mean@n, best@k / worst@k (exact) and, when every "
+                             "prompt has an 'answer' field, maj@k, for k = 2, 4, ... < n and n")
     parser.add_argument("--pass-k", default=None,
                         help="comma list of k (each <= --n): pass@k, an answer counting as correct when its "
                              "total reward >= --correct-threshold")
@@ -389,8 +560,11 @@ def _check_args(args) -> None:
             raise ValueError(f"--run {args.run}: that folder holds a run of rlhf-fast {kind}, not an RL run; "
                              f"evaluate its model with --policy {os.path.join(args.run, 'final')}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--n", args.n)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value}")
+    for i, stop in enumerate(getattr(args, "stop", None) or []):
+        if not stop:
+            raise ValueError(f"--stop {i + 1}: a stop string must be non-empty")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.correct_threshold):
@@ -466,6 +640,25 @@ def _check_out_not_input(args) -> None:
     if args.run:
         check_out_not_run_file(args.run, args.out, own=".json", what="the results",
                                hint="write the results to a .json file elsewhere")
+
+
+def run_sampling(cfg, args) -> tuple:
+    """``(max_new_tokens, sampling keywords)`` of ``rlhf-fast eval``: with a run's config
+    ``cfg``, its rollout's length, stop strings, top-k / top-p / min-p and penalties (with
+    ``min_new_tokens``), as its own evaluation samples; the flags ``--max-new-tokens`` and
+    ``--stop`` win; without a run 16 tokens and no stop string."""
+    sampling: Dict[str, Any] = {}
+    max_new_tokens = 16
+    if cfg is not None:
+        ro = cfg.rollout
+        max_new_tokens = ro.max_new_tokens
+        sampling = dict(top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p or 0.0,
+                        stop_strings=tuple(ro.stop_strings), **ro.penalties())
+    if getattr(args, "max_new_tokens", None) is not None:
+        max_new_tokens = args.max_new_tokens
+    if getattr(args, "stop", None):
+        sampling["stop_strings"] = tuple(args.stop)
+    return max_new_tokens, sampling
 
 
 def run(args) -> int:
@@ -580,9 +773,10 @@ def run(args) -> int:
     # bad rewards (NaN / inf): --on-bad-reward, else a run's as in training (reward.on_bad_reward)
     on_bad = getattr(args, "on_bad_reward", None) or (cfg.reward.on_bad_reward if args.run else "raise")
     reward = CombinedReward(sources, weights, on_bad_reward=on_bad, convention=convention)
+    max_new_tokens, sampling = run_sampling(cfg if args.run else None, args)
     res = evaluate_policy(policy, tok, prompts, reward,
-                          reference=reference,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
+                          reference=reference, sampling=sampling,
+                          max_new_tokens=max_new_tokens, temperature=args.temperature, n=args.n,
                           references=references, fields=fields,
                           pass_k=args.pass_k_list, correct_threshold=args.correct_threshold,
                           data_prompts=[p for p, _ in records], trainer_state=state,

@@ -380,11 +380,13 @@ def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple:
 _EVAL_INDEX = 2**40
 
 
-def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
+def _eval_sums(out, rm: torch.Tensor, group_size: int, texts: Optional[List[str]] = None) -> Dict[str, tuple]:
     """``{name: (sum, count)}`` of one evaluation batch (``out``: its RewardOutput, ``rm``
     ``[B, L]`` bool its response mask, rows grouped by prompt): the valid rows' total
     rewards, each source's finite values, the response lengths and, for ``group_size`` > 1,
-    the unbiased std of the totals of each group whose answers are all valid. Sums over ranks
+    the unbiased std of the totals of each group whose answers are all valid and verl's
+    ``mean@G``, ``best@k`` / ``worst@k`` and, with ``texts`` (the B answers), ``maj@k`` of each
+    such group (:func:`rlhf_fast.trainers.evaluate.validation_sums`). Sums over ranks
     and calls give the means of :meth:`RLTrainer.evaluate`."""
     d = lambda t: float(t.double().sum())  # noqa: E731
     total = out.total.double()
@@ -398,6 +400,13 @@ def _eval_sums(out, rm: torch.Tensor, group_size: int) -> Dict[str, tuple]:
         groups = ok.view(-1, group_size).all(dim=1)
         std = total.view(-1, group_size)[groups].std(dim=1)
         res["reward_std"] = (d(std), float(groups.sum()))
+        from rlhf_fast.trainers.evaluate import validation_sums, vote_key
+
+        keys = None
+        if texts is not None:
+            flat = [vote_key(t) for t in texts]
+            keys = [flat[i:i + group_size] for i in range(0, len(flat), group_size)]
+        res.update(validation_sums(total.view(-1, group_size), keys, ok.view(-1, group_size)))
     return res
 
 
@@ -1073,7 +1082,10 @@ class RLTrainer:
         filters and penalties, ``eval.temperature``; answer k of prompt i seeded from (seed,
         step, i·group_size + k), so no rank count changes it), scored by the run's reward
         sources. Returns floats ``eval/reward/total``, ``eval/reward/<source>``,
-        ``eval/response_length`` and, for group_size > 1, ``eval/reward_std`` (see
+        ``eval/response_length`` and, for group_size > 1, ``eval/reward_std`` and verl's
+        ``eval/mean@G``, ``eval/best@k``, ``eval/worst@k`` (k = 2, 4, … < G and G; exact
+        expectations over k-subsets) and, when every evaluation prompt has an ``answer`` field,
+        ``eval/maj@k`` (:func:`rlhf_fast.trainers.evaluate.validation_metrics`) (see
         :class:`~rlhf_fast.trainers.rl_config.RLConfig`) — with tools also
         ``eval/tools/call_frequency`` and ``eval/tools/failure_frequency`` (answers call them as
         in training) —, over every rank's share of the prompts.
@@ -1132,8 +1144,12 @@ class RLTrainer:
         """``{name: (sum, count)}`` of one evaluation batch answering the evaluation prompts
         ``idx`` (:func:`_eval_sums` of its rewards); :meth:`evaluate` sums them over calls and
         ranks into the means ``eval/NAME``."""
+        from rlhf_fast.trainers.evaluate import has_answer_fields
+
         out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
-        return _eval_sums(out, self._batch_masks(batch)[2], group_size)
+        # maj@k when every evaluation prompt (not only this batch's: the same names on every rank) has an answer
+        texts = list(batch.response_texts) if has_answer_fields(self.eval_fields) else None
+        return _eval_sums(out, self._batch_masks(batch)[2], group_size, texts)
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation

@@ -517,7 +517,10 @@ class EvalConfig:
     the current policy answers each evaluation prompt ``group_size`` times (TRL's
     ``num_generations_eval``) at ``temperature`` (0 = greedy, the default: evaluations are then
     comparable step to step), with the rollout's engine, length, stop strings, filters and
-    penalties; ``max_prompts``: the first that many evaluation prompts (None = all)."""
+    penalties; ``max_prompts``: the first that many evaluation prompts (None = all). With
+    ``group_size`` G > 1 the evaluation also logs verl's ``eval/mean@G``, ``eval/best@k`` /
+    ``eval/worst@k`` and (every prompt with an ``answer`` field) ``eval/maj@k``, k = 2, 4, … < G
+    and G."""
 
     group_size: int = 1
     temperature: float = 0.0

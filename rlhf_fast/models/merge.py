@@ -28,8 +28,9 @@ policy). The methods, as TRL configures mergekit (0.1.5, ``mergekit/merge_method
 
 A setting given as a list (TRL's default densities ``[1.0, 0.7, 0.1]``) is a mergekit
 *gradient* over the layers: the tensor of layer i of N reads the list, linearly interpolated, at
-i / (N − 1) (N = 1: at 1), and the tensors outside the layers (embeddings, final norm, head) at 0
-(mergekit's ``config.evaluate_setting`` and ``plan.py``).
+i / (N − 1) (N = 1: at 1; N the layers of its own stack: a vision tower's blocks count apart from
+the text layers, as mergekit plans each module), and the tensors outside the layers (embeddings,
+final norm, head) at 0 (mergekit's ``config.evaluate_setting`` and ``plan.py``).
 
 ``dtype`` (TRL's default ``float16``): mergekit loads both models in it and writes the merge in
 it; here too, with mergekit's arithmetic: linear and slerp in float32 (float64 for float64),
@@ -39,6 +40,7 @@ configurations) except dare_ties' random draws (tests/test_merge.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,7 +173,7 @@ def target_shapes(path: str) -> Dict[str, tuple]:
     shapes: Dict[str, tuple] = {}
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
+            with _readable(os.path.join(path, name)), safe_open(os.path.join(path, name), "pt") as f:
                 for k in f.keys():
                     shapes[k] = tuple(f.get_slice(k).get_shape())
     return shapes
@@ -266,7 +268,9 @@ def ties_tensor(policy: torch.Tensor, target: torch.Tensor, weight: float, densi
     dtype = policy.dtype
     delta = target.to(dtype) - policy
     delta = random_sparsify(delta, density, generator) if dare else magnitude_sparsify(delta, density)
-    w = torch.tensor([weight], dtype=dtype)
+    # 0-dim (mergekit's weight broadcasts over its task-vector axis, which it sums away): a
+    # scalar parameter keeps its shape
+    w = torch.tensor(weight, dtype=dtype)
     delta = delta * w
     # get_mask "sum" over the task vectors: here one, whose entries agree with themselves unless 0
     majority = (delta >= 0).to(dtype) * 2 - 1
@@ -325,17 +329,17 @@ def merge_state_dicts(policy: Mapping[str, torch.Tensor], target: Mapping[str, t
 
     Each floating tensor (any shape, any float dtype) is first cast to ``dtype`` (as mergekit
     loads it) and merged into a new CPU tensor of that dtype; a non-floating tensor (an integer
-    buffer) must be equal in both and is copied. ``num_layers`` (for list settings; null: the
-    largest layer index + 1) places each tensor on the layer gradient. Returns a new dict in
-    ``policy``'s key order. ValueError naming the first key that differs."""
+    buffer) must be equal in both and is copied. ``num_layers`` (for list settings; null: each
+    layer stack's own count, :func:`layer_stacks`, so a vision tower's blocks and the text
+    layers each span the whole gradient, as mergekit's modules) places each tensor on the layer
+    gradient. Returns a new dict in ``policy``'s key order. ValueError naming the first key
+    that differs."""
     cfg = MergeConfig(method=method, policy_model_weight=policy_model_weight, target_model_weight=target_model_weight,
                       policy_model_density=policy_model_density, target_model_density=target_model_density,
                       normalize=normalize, t_values=t_values, dtype=dtype, seed=seed)
     check_same_keys(policy, target)
     out_dtype = DTYPES[cfg.dtype]
-    if num_layers is None:
-        found = [int(m.group(1)) for m in map(_LAYER_RE.search, policy) if m]
-        num_layers = max(found) + 1 if found else 1
+    stacks = layer_stacks(policy)
     merged = {}
     for name, p in policy.items():
         t = target[name]
@@ -345,8 +349,31 @@ def merge_state_dicts(policy: Mapping[str, torch.Tensor], target: Mapping[str, t
             merged[name] = p.detach().cpu().clone()
             continue
         merged[name] = _merge_tensor(cfg, name, p.detach().to("cpu", out_dtype), t.detach().to("cpu", out_dtype),
-                                     layer_fraction(name, num_layers))
+                                     _stack_fraction(name, stacks, num_layers))
     return merged
+
+
+def layer_stacks(names) -> Dict[str, int]:
+    """``{stack: layers}``: each layer stack among the tensor ``names`` (a name up to its layer
+    index: ``model.layers.``, a vision tower's ``visual.blocks.``) and its layer count, the
+    largest index + 1."""
+    stacks: Dict[str, int] = {}
+    for name in names:
+        m = _LAYER_RE.search(name)
+        if m:
+            stack = name[:m.start(1)]
+            stacks[stack] = max(stacks.get(stack, 0), int(m.group(1)) + 1)
+    return stacks
+
+
+def _stack_fraction(name: str, stacks: Dict[str, int], num_layers: Optional[int]) -> float:
+    """:func:`layer_fraction` of ``name`` in its own stack (mergekit plans each module's layers on
+    its own gradient), or over ``num_layers`` when given, at most 1 (an index past it reads
+    the gradient's end, never past its list)."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return 0.0
+    return min(1.0, layer_fraction(name, stacks[name[:m.start(1)]] if num_layers is None else num_layers))
 
 
 def _merge_tensor(cfg: MergeConfig, name: str, p: torch.Tensor, t: torch.Tensor, where: float) -> torch.Tensor:
@@ -420,8 +447,22 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     sd: Dict[str, torch.Tensor] = {}
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
-            sd.update(load_file(os.path.join(path, name)))
+            with _readable(os.path.join(path, name)):
+                sd.update(load_file(os.path.join(path, name)))
     return sd
+
+
+@contextlib.contextmanager
+def _readable(file: str):
+    """Context: safetensors' error reading ``file`` (a torn download, another format) as a
+    ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file}: not a readable safetensors file ({why})") from None
 
 
 def config_num_layers(config: Mapping[str, Any]) -> Optional[int]:
@@ -470,16 +511,22 @@ def merge_model_folders(policy_dir: str, target_dir: str, out_dir: str, config: 
         raise TypeError(f"config must be a MergeConfig, got {type(config).__name__}")
     check_model_dir(policy_dir, "policy")
     check_model_dir(target_dir, "target")
-    out = os.path.abspath(out_dir)
+    from rlhf_fast.trainers.config import check_output_path, path_inside
+
+    check_output_path(out_dir, "out_dir", folder=True)
     for key, src in (("policy", policy_dir), ("target", target_dir)):
-        if out == os.path.abspath(src):  # (a folder inside it is fine: TRL writes checkpoint-N/merged)
+        # (a folder inside it is fine: TRL writes checkpoint-N/merged)
+        rel = path_inside(src, out_dir)  # links followed
+        if rel == os.curdir:
             raise ValueError(f"out_dir {out_dir!r} must not be the {key} folder itself")
+        if rel is not None:  # replacing out_dir would delete the model being merged
+            raise ValueError(f"out_dir {out_dir!r} holds the {key} folder ({src}): write the merge elsewhere")
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
         raise ValueError(f"out_dir {out_dir!r} exists and is not empty (pass --overwrite to replace it)")
     with open(os.path.join(policy_dir, "config.json"), encoding="utf-8") as f:
         model_config = json.load(f)
     merged = merge_state_dicts(read_state_dict(policy_dir), read_state_dict(target_dir),
-                               num_layers=config_num_layers(model_config), **config.method_kwargs())
+                               **config.method_kwargs())  # (each layer stack on its own gradient)
 
     def rest(tmp: str) -> None:
         for name in sorted(os.listdir(policy_dir)):
@@ -501,5 +548,5 @@ def merge_model_folders(policy_dir: str, target_dir: str, out_dir: str, config: 
 
 __all__ = ["MergeConfig", "METHODS", "DTYPES", "merge_state_dicts", "merge_model_folders", "linear_tensor",
            "ties_tensor", "slerp_tensor", "magnitude_sparsify", "random_sparsify", "setting_at", "layer_fraction",
-           "tensor_generator", "check_same_keys", "unique_state_dict", "read_state_dict", "write_merged_folder",
-           "check_model_dir", "config_num_layers"]
+           "tensor_generator", "layer_stacks", "check_same_keys", "unique_state_dict", "read_state_dict",
+           "write_merged_folder", "check_model_dir", "config_num_layers"]

@@ -29,9 +29,8 @@ from typing import Dict, Optional
 
 import torch
 
-from rlhf_fast.models.merge import (DTYPES, MergeConfig, check_model_dir, check_same_keys, config_num_layers,
-                                    merge_state_dicts, read_state_dict, target_shapes, unique_state_dict,
-                                    write_merged_folder)
+from rlhf_fast.models.merge import (DTYPES, MergeConfig, check_model_dir, check_same_keys, merge_state_dicts,
+                                    read_state_dict, target_shapes, unique_state_dict, write_merged_folder)
 from rlhf_fast.trainers.common import _beside
 from rlhf_fast.trainers.config import section_config
 
@@ -83,7 +82,7 @@ def initial_target(merge: Optional[MergeConfig], model: torch.nn.Module, ctx, st
     sd = full_state_dict(model, ctx, strategy)
     if not ctx.is_main:
         return None
-    sd = unique_state_dict(sd if sd is not None else unwrap(model).state_dict())
+    sd = _saved_once(unwrap(model), sd)
     dtype = DTYPES[merge.dtype]
     return {k: (v.detach().to("cpu", dtype, copy=True) if v.is_floating_point() else v.detach().cpu().clone())
             for k, v in sd.items()}
@@ -111,6 +110,16 @@ def _model_shapes(model: torch.nn.Module) -> Dict[str, tuple]:
     return {k: tuple(sd[k].shape) for k in unique_state_dict(local)}
 
 
+def _saved_once(model: torch.nn.Module, gathered: Optional[Dict[str, torch.Tensor]]
+                ) -> Dict[str, torch.Tensor]:
+    """``model``'s weights under the names it saves (tied ones once): from ``gathered`` (FSDP2's
+    full state dict, which holds tied names as separate copies, so the model's own shared
+    storage decides) or, when None, from its own state dict."""
+    if gathered is None:
+        return unique_state_dict(model.state_dict())
+    return {k: gathered[k] for k in _model_shapes(model)}
+
+
 def _refuse_peft(model) -> None:
     from rlhf_fast.distributed import unwrap
     from rlhf_fast.models.loading import _is_peft
@@ -133,11 +142,10 @@ def save_merged(merge: MergeConfig, target: Optional[Dict[str, torch.Tensor]], m
     out = None
     if ctx.is_main:
         base = unwrap(model)
-        policy = unique_state_dict(sd if sd is not None else base.state_dict())
+        policy = _saved_once(base, sd)
         if merge.target is not None:
             target = read_state_dict(merge.target)
-        merged = merge_state_dicts(policy, target, num_layers=config_num_layers(base.config.to_dict()),
-                                   **merge.method_kwargs())
+        merged = merge_state_dicts(policy, target, **merge.method_kwargs())  # (layer stacks: their counts)
         out = os.path.join(folder, MERGED)
         write_merged_folder(out, merged, lambda tmp: _write_config_and_tokenizer(base, tokenizer, tmp, merge.dtype))
     ctx.barrier()

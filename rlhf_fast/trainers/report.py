@@ -229,6 +229,8 @@ def direction(key: str) -> int:
         return 0
     if base == "loss" or base.endswith("/loss") or base == "ppl" or base.endswith("/divergence"):
         return -1
+    if base.endswith("_loss") and not base.endswith("policy_loss"):  # distillation, auxiliary losses
+        return -1
     if base.startswith("reward/") and not any(w in base for w in ("std", "dropped")):
         return 1
     if base == "reward":  # a2po's mean reward of the step's answers

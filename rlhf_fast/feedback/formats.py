@@ -789,10 +789,43 @@ def rankings_to_pairs(records: Iterable[RankingRecord], *, adjacent_only: bool =
     return out
 
 
+class RenderedChat(str):
+    """A chat prompt rendered to text by :func:`render_prompt` (a ``str`` in every other
+    respect). Its token ids are the text's WITHOUT the tokenizer's special tokens
+    (:func:`prompt_token_ids`): the chat template writes its own, a bos where it has one — as
+    ``apply_chat_template(tokenize=True)``, TRL's trainers and our SFT / DPO / reward rows
+    encode a rendered chat, so generation reads the prefix training did."""
+
+    __slots__ = ()
+
+
+def prompt_token_ids(tokenizer: Any, texts: Sequence[str]) -> List[List[int]]:
+    """The token ids (one int list per text) of prompts as the policy reads them, at generation
+    and in training alike: a :class:`RenderedChat` without the tokenizer's special tokens (its
+    template wrote its own), plain text with them (e.g. a bos; TRL's ``tokenizer(text)``), except
+    that a plain text already starting with the bos token (a chat rendered elsewhere) keeps one
+    bos, not two. The rollout engine, SDFT / SDPO's teacher and student prompts, distillation's
+    data rows and the local judge encode prompts with it."""
+    texts = list(texts)
+    out: List[List[int]] = [[] for _ in texts]
+    for chat in (True, False):  # one batched call per kind
+        idx = [i for i, t in enumerate(texts) if isinstance(t, RenderedChat) == chat]
+        if idx:
+            enc = tokenizer([str(texts[i]) for i in idx], add_special_tokens=not chat)["input_ids"]
+            for i, ids in zip(idx, enc):
+                out[i] = list(ids)
+    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos is not None and isinstance(bos_text, str) and bos_text:
+        out = [p[1:] if not isinstance(t, RenderedChat) and len(p) > 1 and p[0] == p[1] == bos
+               and t.startswith(bos_text) else p for p, t in zip(out, texts)]
+    return out
+
+
 def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequence[Any]] = None,
                   chat_template_kwargs: Optional[Dict[str, Any]] = None) -> str:
     """The prompt as text: plain text unchanged; a chat rendered with the tokenizer's chat
-    template and the generation prompt (or "role: content" lines without a template).
+    template and the generation prompt (or "role: content" lines without a template), as a
+    :class:`RenderedChat` (encoded without the tokenizer's special tokens: :func:`prompt_token_ids`).
     ``tools``: callables (or JSON schemas) the template describes to the model, as
     ``apply_chat_template(tools=...)`` renders them; ``chat_template_kwargs``: extra variables
     the template reads (e.g. ``{"enable_thinking": False}`` for Qwen3), TRL's
@@ -803,9 +836,10 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequenc
         raise TypeError(f"prompt must be text or a list of chat messages, got {type(prompt).__name__}")
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         kw = {"tools": list(tools)} if tools else {}
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kw,
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kw,
                                              **(chat_template_kwargs or {}))
-    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+        return RenderedChat(text)
+    return RenderedChat("".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: ")
 
 
 def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None,
@@ -877,5 +911,6 @@ __all__ = ["KINDS", "SFTRecord", "ChatRecord", "TextRecord", "PairRecord", "Trip
            "load_records", "read_rows", "json_rows", "refuse_unread_format", "check_unrendered_fields",
            "check_input_file", "dedup_records",
            "filter_by_length", "rankings_to_pairs",
-           "record_item_key", "render_prompt", "reward_input_ids", "pad_right",
+           "record_item_key", "render_prompt", "RenderedChat", "prompt_token_ids", "reward_input_ids",
+           "pad_right",
            "format_problems", "record_texts", "write_jsonl"]

@@ -291,10 +291,11 @@ class LocalBackend:
     def _continuation_logps(self, text: str, continuations: Sequence[str]) -> List[float]:
         import torch
 
+        from rlhf_fast.feedback.formats import prompt_token_ids
         from rlhf_fast.models.logprobs import sequence_logprobs
 
         tok = self.tokenizer
-        prefix = tok(text, add_special_tokens=False)["input_ids"]
+        prefix = prompt_token_ids(tok, [text])[0]  # plain text: the tokenizer's special tokens (a bos)
         rows, masks = [], []
         for c in continuations:
             ids = tok(c, add_special_tokens=False)["input_ids"]

@@ -79,8 +79,10 @@ def _select_rows(cache, idx: torch.Tensor) -> None:
 class HFRolloutEngine(RolloutEngine):
     """Generation engine on a transformers causal LM (plain or peft) and its tokenizer.
 
-    Text prompts are encoded with the tokenizer's special tokens, except that a text already
-    starting with the bos (a chat rendered by its template) keeps one bos, not two.
+    Text prompts are encoded by :func:`rlhf_fast.feedback.formats.prompt_token_ids`: a chat
+    rendered by ``render_prompt`` without the tokenizer's special tokens (its template writes
+    its own bos, or none: TRL's ``apply_chat_template(tokenize=True)``, the SFT / DPO rows), other
+    text with them, except that a text already starting with the bos keeps one bos, not two.
     ``device``: where prompts go (default: the model's device). The model is used as is
     (no copy): weights updated by the trainer are picked up by the next call.
     ``cuda_graphs``: on a CUDA device, with a model the preallocated-KV decoder supports (bare
@@ -133,15 +135,12 @@ class HFRolloutEngine(RolloutEngine):
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise TypeError("prompts must be a non-empty list of str or a non-empty list of lists of token ids")
         if all(isinstance(p, str) for p in prompts):
-            ids = [list(p) for p in self.tokenizer(list(prompts))["input_ids"]]  # one batched call
-            texts = list(prompts)
-            # a chat rendered by a template that writes the bos (Llama-3, Gemma) gets a second one
-            # from a tokenizer that adds it: one, as the SFT / DPO trainers and TRL's GRPO encode
-            # rendered chats (add_special_tokens=False) and apply_chat_template(tokenize=True) does
-            bos, bos_text = self.tokenizer.bos_token_id, getattr(self.tokenizer, "bos_token", None)
-            if bos is not None and isinstance(bos_text, str) and bos_text:
-                ids = [p[1:] if len(p) > 1 and p[0] == p[1] == bos and t.startswith(bos_text) else p
-                       for p, t in zip(ids, texts)]
+            from rlhf_fast.feedback.formats import prompt_token_ids
+
+            # a chat rendered by render_prompt without the tokenizer's special tokens (its template
+            # writes its own bos, or none), plain text with them: the SFT / DPO rows' and TRL's ids
+            ids = prompt_token_ids(self.tokenizer, prompts)
+            texts = [str(p) for p in prompts]
         elif all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
             ids = [list(p) for p in prompts]
             texts = None  # decoded once the ids are checked

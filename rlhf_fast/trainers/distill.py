@@ -727,13 +727,13 @@ class DistillationTrainer(RLTrainer):
 
     def completion_ids(self, i: int) -> Tuple[List[int], List[int], bool]:
         """``(prompt ids, completion ids, cut)`` of training record ``i``: the prompt as the rollout
-        engine encodes it (the rendered prompt through the tokenizer, its special tokens
-        included), then its ``completion`` field — text: its tokens without special tokens and one
-        eos unless it already ends with one (SFT's rule); a list of assistant messages after a chat
-        prompt: the tokens the chat template writes for them after the rendered prompt (content and
-        end of turn, no eos added). Cut to its first ``rollout.max_new_tokens`` tokens (``cut``
-        True then), as the student's answers are. ValueError naming the record when the field is
-        missing or malformed."""
+        engine encodes it (:func:`rlhf_fast.feedback.formats.prompt_token_ids`: a chat's template
+        writes its special tokens, a text gets the tokenizer's), then its ``completion`` field —
+        text: its tokens without special tokens and one eos unless it already ends with one (SFT's
+        rule); a list of assistant messages after a chat prompt: the tokens the chat template
+        writes for them after the rendered prompt (content and end of turn, no eos added). Cut to
+        its first ``rollout.max_new_tokens`` tokens (``cut`` True then), as the student's answers
+        are. ValueError naming the record when the field is missing or malformed."""
         tok, d = self.tokenizer, self.config.distill
         prompt, fields = self._records["train"][i]
         text = self.prompts[i]
@@ -766,7 +766,9 @@ class DistillationTrainer(RLTrainer):
         if not ids:
             raise ValueError(f"{where}: its {COMPLETION_KEY!r} has no tokens")
         budget = self.config.rollout.max_new_tokens
-        return list(tok(text)["input_ids"]), ids[:budget], len(ids) > budget
+        from rlhf_fast.feedback.formats import prompt_token_ids
+
+        return prompt_token_ids(tok, [text])[0], ids[:budget], len(ids) > budget
 
     def _data_batch(self):
         """:meth:`_generate`'s ``(batch, fields, extra)`` with the data's completions for answers:

@@ -390,7 +390,9 @@ class SDFTTrainer(SelfTeacherTrainer, DistillationTrainer):
         return out
 
     def _encode(self, texts: Sequence[str]) -> List[List[int]]:
-        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]] if texts else []
+        from rlhf_fast.feedback.formats import prompt_token_ids
+
+        return prompt_token_ids(self.tokenizer, texts) if texts else []  # the rollout engine's ids
 
     def _rewards_optional(self) -> bool:
         return True

@@ -294,7 +294,9 @@ class SDPOTrainer(SelfTeacherTrainer, RLTrainer):
         texts = [self._render(p) for p in ctx.prompts]
         answer_mask = answer_mask.to(self.device)
         # TRL's _tokenize_teacher_messages: each teacher prompt's last max_reprompt_len tokens, left-padded
-        kept = [list(r)[-self.sd.max_reprompt_len:] for r in self.tokenizer(texts)["input_ids"]]
+        from rlhf_fast.feedback.formats import prompt_token_ids
+
+        kept = [r[-self.sd.max_reprompt_len:] for r in prompt_token_ids(self.tokenizer, texts)]
         t_ids, t_am, _ = prompt_layout(kept, answer_ids.to(self.device), answer_mask, answer_mask, self.engine.pad_id)
         sd_mask = torch.tensor(ctx.mask, dtype=torch.float32, device=self.device)
         return t_ids, t_am, sd_mask, ctx.metrics

@@ -256,6 +256,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+@contextlib.contextmanager
+def no_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    """Hold back the gradient reduction of the backward passes of ``model`` run inside the
+    block (their forwards too: DDP decides at the forward): DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync(False)`` (back on at the exit, also after an error). The
+    gradients accumulate locally and the next backward outside the block reduces them all, as
+    transformers / accelerate do for every micro-batch of an optimizer step but the last.
+    Nothing for a model that is neither (one process, strategy none)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2
+        FSDPModule = ()
+    sharded = isinstance(model, FSDPModule)  # the root unit: the setting recurses into the others
+    if sharded:
+        model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        if sharded:
+            model.set_requires_gradient_sync(True)
+
+
 def fsdp_units(model: torch.nn.Module) -> List[torch.nn.Module]:
     """The ``fully_shard`` units inside ``model`` (itself included), in module order; empty
     when ``model`` is not sharded with FSDP2."""

@@ -218,11 +218,18 @@ class RouterAux:
             vals.append(a)
         return loss if term is None else loss + term
 
-    def add_metrics(self, m: Dict[str, float], vals: List[float]) -> None:
+    def add_metrics(self, m: Dict[str, float], vals: List[float], ctx=None) -> None:
         """TRL's ``aux_loss`` metric (the mean of the micro-batches' ``vals``) and its weighted term
-        in ``m["loss"]``; nothing without values."""
-        if vals:
-            m["aux_loss"] = sum(vals) / len(vals)
+        in ``m["loss"]``; nothing without values. ``ctx`` (a
+        :class:`~rlhf_fast.distributed.DistContext`) on several ranks: the mean over every rank's
+        values, as TRL's ``gather_for_metrics(aux_loss).mean()`` (a collective while the term is
+        on: every rank calls it, also one without values)."""
+        total, n = float(sum(vals)), len(vals)
+        if ctx is not None and ctx.distributed and self.enabled:
+            t = ctx.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=ctx.device))
+            total, n = float(t[0]), int(t[1])
+        if n:
+            m["aux_loss"] = total / n
             m["loss"] += self.coef * m["aux_loss"]
 
     def eval_sums(self, col: Optional[RouterLogits], counts: bool = True, device=None) -> Optional[torch.Tensor]:

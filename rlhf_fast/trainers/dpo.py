@@ -1418,7 +1418,7 @@ class DPOTrainer:
             tot += self._sums(st, w, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), w_total)
-        self.moe.add_metrics(m, aux_vals)
+        self.moe.add_metrics(m, aux_vals, ctx)  # (every rank's micro-batches)
         m.update(step)
         m.update(count_tokens(self, sum(pair_tokens(self.train_items[i]) for idx in idxs for i in idx)))
         return m

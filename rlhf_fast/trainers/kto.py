@@ -759,7 +759,7 @@ class KTOTrainer:
             tot += self._sums(st, z0, real)
         step = offline_optimizer_step(self)
         m = self._metrics(ctx.all_reduce_sum(tot), kl=self.kl_rows)
-        self.moe.add_metrics(m, aux_vals)
+        self.moe.add_metrics(m, aux_vals, ctx)  # (every rank's micro-batches)
         m.update(step)
         # TRL's num_tokens: the example rows (prompt + completion), not the KL rows
         rows = prompt_response_rows([self.train_items[i] for i in idx], "completion")

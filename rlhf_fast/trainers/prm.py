@@ -51,8 +51,9 @@ from .common import (LoggingOptions, ModelInitOptions, OptimizerOptions, autocas
                      check_lora_field, check_training_schedule, disable_dropout, load_split_records, pad_token_id,
                      steps_for_epochs, trainer_commands)
 from .compile import CompileOptions
-from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
-                  optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
+from .sft import (_Batches, accumulation_context, count_tokens, eval_mode, init_optimization, local_share,
+                  offload_context, open_trainer, optimizer_step, resume_supervised, save_supervised, training_loop,
+                  wrap_configured)
 
 IGNORE = -100  # transformers' ignore_index: tokens that carry no label
 SEPARATOR_KEY = "step_separator"  # the saved model config's attribute that RL reads
@@ -473,9 +474,10 @@ class PRMTrainer:
         batches = self.batches.step(cfg.grad_accum)
         n_global = max(sum(self.train_items[i]["n_labels"] for idx in batches for i in idx), 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for idx in batches:
+        for i, idx in enumerate(batches):
             chunk, real = local_share(idx, self.train_items, ctx)
-            with offload_context(self):
+            # DDP / FSDP2: the gradients reduced once, after the step's last micro-batch
+            with accumulation_context(self.model, i, len(batches)), offload_context(self):
                 logits, labels = self._logits(chunk)
                 loss = step_loss_sum(logits, labels) * (float(real) / n_global)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum

@@ -75,8 +75,9 @@ from rlhf_fast.distributed import DistributedConfig
 
 from .bema import BEMAConfig, check_bema_field, setup_bema
 
-from .sft import (_Batches, count_tokens, eval_mode, init_optimization, local_share, offload_context, open_trainer,
-                  optimizer_step, resume_supervised, save_supervised, training_loop, wrap_configured)
+from .sft import (_Batches, accumulation_context, count_tokens, eval_mode, init_optimization, local_share,
+                  offload_context, open_trainer, optimizer_step, resume_supervised, save_supervised, training_loop,
+                  wrap_configured)
 
 
 @dataclasses.dataclass
@@ -500,10 +501,11 @@ class RewardTrainer:
         # the weight of the whole global step (all micro-batches, all ranks), as DPO / KTO: the
         # loss is Σ w·loss / Σ w over the step, so the micro-batch split does not change it
         w_total = float(ctx.all_reduce_sum(torch.tensor(sum(w_locals), dtype=torch.float64, device=self.device)))
-        for (chunk, real), w_local in zip(micro, w_locals):
+        for i, ((chunk, real), w_local) in enumerate(zip(micro, w_locals)):
             # this micro-batch's weighted mean times its share of the step's weight
             frac = w_local / w_total if w_total > 0 else 0.0
-            with offload_context(self):
+            # DDP / FSDP2: the gradients reduced once, after the step's last micro-batch
+            with accumulation_context(self.model, i, len(micro)), offload_context(self):
                 scores = self._scores(chunk)
                 loss = self.loss(chunk, scores) * frac
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum

@@ -2118,18 +2118,14 @@ class RLTrainer:
     def _no_sync(self, model, skip: bool):
         """No gradient reduction for this micro-batch (``skip``; DDP ``no_sync``, FSDP2
         ``set_requires_gradient_sync(False)``): gradients accumulate locally and are reduced
-        once per mini-batch, on its last micro-batch."""
+        once per mini-batch, on its last micro-batch (:func:`rlhf_fast.distributed.no_gradient_sync`)."""
         if not (skip and self.ctx.distributed):
             yield
-        elif hasattr(model, "no_sync"):
-            with model.no_sync():
-                yield
         else:
-            model.set_requires_gradient_sync(False)
-            try:
+            from rlhf_fast.distributed import no_gradient_sync
+
+            with no_gradient_sync(model):
                 yield
-            finally:
-                model.set_requires_gradient_sync(True)
 
     def _global_normalizer(self, mask: torch.Tensor, agg: str):
         """:func:`_token_normalizer` of every rank's rows together (one process: unchanged)."""

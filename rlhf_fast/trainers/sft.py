@@ -68,8 +68,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, save_sharded,
-                                   wrap_model)
+from rlhf_fast.distributed import (DistContext, DistributedConfig, init_distributed, load_sharded, no_gradient_sync,
+                                   save_sharded, wrap_model)
 from rlhf_fast.feedback.formats import padded_length
 from rlhf_fast.models.loading import enable_activation_checkpointing
 from rlhf_fast.models.moe_aux import RouterAux, check_coef
@@ -614,14 +614,12 @@ def local_share(idx: List[int], items: Sequence[Any], ctx: DistContext) -> Tuple
     return ([items[i] for i in idx[lo:hi]], True) if hi > lo else ([items[idx[0]]], False)
 
 
-def _is_ddp(model) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-
 def accumulation_context(model, i: int, n: int):
-    """The context of the backward of micro-batch ``i`` of the ``n`` of an optimizer step: under
-    DDP ``no_sync`` but for the last one, so the gradients are all-reduced once, after it."""
-    return model.no_sync() if i < n - 1 and _is_ddp(model) else contextlib.nullcontext()
+    """The context of the forward and backward of micro-batch ``i`` of the ``n`` of an optimizer
+    step (``n``: the step's own count, fewer than grad_accum at an epoch's end): under DDP and
+    FSDP2 no gradient reduction (:func:`~rlhf_fast.distributed.no_gradient_sync`) but for the
+    last one, so the gradients are reduced once, after it."""
+    return no_gradient_sync(model) if i < n - 1 else contextlib.nullcontext()
 
 
 def offload_context(trainer):

@@ -36,6 +36,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Sequence
 
+from rlhf_fast.trainers.config import typed_config
+
 PAIR_TEMPLATE = (
     "You are comparing two responses to the same prompt.\n\n"
     "Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
@@ -47,6 +49,7 @@ SCORE_TEMPLATE = (
 )
 
 
+@typed_config()
 @dataclasses.dataclass
 class JudgeConfig:
     """Judge settings. ``backend`` "http" or "local"; ``model``: the endpoint's model name,
@@ -76,6 +79,8 @@ class JudgeConfig:
                 raise ValueError(f"{name} must contain {', '.join(keys)}; missing {', '.join(missing)}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if isinstance(self.max_tokens, int) and self.max_tokens < 1:  # (an endpoint refuses each request)
+            raise ValueError(f"max_tokens must be an int >= 1 (the judge's answer), got {self.max_tokens}")
         # inf / nan would reach socket.settimeout and time.sleep, which fail mid-run
         if not _is_real(self.timeout) or not math.isfinite(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")

@@ -53,6 +53,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
+from rlhf_fast.trainers.config import typed_config
+
 METHODS = ("linear", "ties", "dare_ties", "slerp")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # mergekit's slerp: beyond this |cos| the two vectors are taken as colinear and interpolated linearly
@@ -72,6 +74,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 Setting = Union[float, List[float]]
 
 
+@typed_config("merge.")
 @dataclasses.dataclass
 class MergeConfig:
     """The ``merge`` section: TRL's ``MergeConfig`` attributes and per-method defaults (a field

@@ -5,16 +5,19 @@ and from the command line are converted to each field's annotated type (bool, in
 float, str, Optional[...], Literal[...], tuple/list of those, dict), so a typo in a key
 or a value of the wrong type fails early with a ValueError that names the dotted key
 and the type that was expected. Validation of ranges stays in each dataclass's
-``__post_init__``, which runs again once every value is set.
+``__post_init__``, which runs again once every value is set; :func:`typed_config` gives a
+config built from Python (no conversion) the type check of its values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 T = TypeVar("T")
@@ -349,6 +352,15 @@ def unique_key_loader():
             "tag:yaml.org,2002:float",
             re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
             list("-+0123456789."))
+        # YAML 1.1 reads 010 as octal 8 and 10:30 as base-60 630, where the command line reads
+        # 10 and '10:30': such a numeral stays text here, which an int key reads as the command
+        # line does (_convert: int("010") is 10) and a str key keeps. (Every numeral still read
+        # as an int is one YAML 1.1 reads so too: config.yaml's safe_dump quotes the text ones.)
+        int_tag = "tag:yaml.org,2002:int"
+        for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items():  # (the class's own copy)
+            UniqueKeyLoader.yaml_implicit_resolvers[first] = [r for r in resolvers if r[0] != int_tag]
+        UniqueKeyLoader.add_implicit_resolver(
+            int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"), list("-+0123456789"))
         _UNIQUE_KEY_LOADER = UniqueKeyLoader
     return _UNIQUE_KEY_LOADER
 
@@ -427,6 +439,106 @@ def section_config(value: Any, cls: type, key: str, what: str) -> Any:
             raise ValueError(f"unknown key {key}.{unknown[0]} (valid keys: {', '.join(sorted(names))})")
         return cls(**value)
     raise TypeError(f"{key} must be null, a mapping of {what} or a {cls.__name__}, got {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls) -> Dict[str, Any]:
+    return _hints(cls)
+
+
+def _conforms(value: Any, tp) -> bool:
+    """Whether ``value`` already is of the annotated type ``tp`` (an int passes for a float, a
+    tuple for a list); unlike :func:`_convert`, no text is read as a number or a bool: a config
+    built from Python keeps the values it was given."""
+    if tp is Any:
+        return True
+    optional, inner = _is_optional(tp)
+    if optional:
+        return value is None or _conforms(value, inner)
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return any(_conforms(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return any(value == c and isinstance(value, type(c)) for c in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):  # (bool is an int: True is no step count)
+        return isinstance(value, int if tp is int else (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple, List, Tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(tp)
+        if args and (origin is tuple or tp is tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        args = typing.get_args(tp)
+        return isinstance(value, Mapping) and (not args or all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()))
+    return isinstance(value, tp) if isinstance(tp, type) else True  # an annotation not read here: no check
+
+
+def _wrong_typed_field(cfg: Any, prefix: str, loose: Sequence[str] = ()) -> Optional[Tuple[str, Any, Any]]:
+    """(dotted key, annotation, value) of the first init field of the dataclass instance ``cfg``,
+    other than those named in ``loose``, whose value is not of its annotated type; None when
+    every one is."""
+    hints = _field_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.init and f.name not in loose and not _conforms(getattr(cfg, f.name), hints[f.name]):
+            return prefix + f.name, hints[f.name], getattr(cfg, f.name)
+    return None
+
+
+def check_field_types(cfg: Any, prefix: str = "", loose: Sequence[str] = ()) -> None:
+    """ValueError naming the key (``prefix`` + the field: ``ppo.gamma``) and the type expected for
+    the first field of the dataclass instance ``cfg`` (but those named in ``loose``) whose value
+    is not of its annotated type (:func:`_conforms`: ``True`` for an int, ``"false"`` for a bool,
+    a list for a name)."""
+    bad = _wrong_typed_field(cfg, prefix, loose)
+    if bad is not None:
+        key, tp, value = bad
+        raise ValueError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+
+
+def typed_config(prefix: str = "", loose: Sequence[str] = ()):
+    """Class decorator of a config dataclass whose ``__post_init__`` checks ranges (``prefix``:
+    its section's ``"ppo."``, or ``""``; ``loose``: fields it takes beyond their annotation and
+    checks itself, as an offline config's ``data`` may hold the rows). :func:`load_config`
+    converts each value to its field's type first; a config built from Python gets the type
+    check here, around the class's own checks, which keep their messages:
+
+    * before them, a mapping given for a section (a field whose type is a config dataclass)
+      becomes that dataclass, as :func:`load_config` builds it (a misspelt key is named, with
+      the close spellings);
+    * a check that fails on a value of the wrong type with an unrelated TypeError or
+      AttributeError (``'<=' not supported``, ``'list' object has no attribute 'startswith'``)
+      raises instead the ValueError of :func:`check_field_types` naming that key;
+    * after them, a value of another type that they let through (``True`` for a discount,
+      ``"false"`` for a bool: truthy) is refused by :func:`check_field_types`."""
+
+    def wrap(cls):
+        checks = cls.__post_init__
+
+        @functools.wraps(checks)
+        def __post_init__(self):
+            hints = _field_hints(type(self))
+            for f in dataclasses.fields(self):
+                tp, value = hints[f.name], getattr(self, f.name)
+                section = dataclasses.is_dataclass(tp) and isinstance(tp, type)
+                if f.init and section and isinstance(value, dict):
+                    setattr(self, f.name, _build(tp, value, prefix=f"{prefix}{f.name}."))
+            try:
+                checks(self)
+            except (TypeError, AttributeError) as e:
+                bad = _wrong_typed_field(self, prefix, loose)
+                if bad is None or bad[0].rsplit(".", 1)[-1] in str(e):  # (its own message names the key)
+                    raise
+            check_field_types(self, prefix, loose)  # (the ValueError for the value behind a failed check)
+
+        cls.__post_init__ = __post_init__
+        return cls
+
+    return wrap
 
 
 def saved_run_kind(run_dir: str) -> Optional[str]:

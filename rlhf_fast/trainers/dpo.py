@@ -162,6 +162,7 @@ from .common import (annotator_weight_map, autocast_context, check_annotator_wei
                      record_weight, steps_for_epochs, trainer_commands, trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .config import typed_config
 from .merging import MergeOptions
 from .preference_losses import (ALPHA_LOSSES, BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, MARGIN_LOSSES,
                                 SMOOTHED_LOSSES, TPO_LOSSES, dpo_loss, is_reference_free, ld_weighted_logps,
@@ -183,6 +184,7 @@ N_SUMS = 19
 TOKEN_STATS = dict(return_entropy=True, return_top1=True, return_mean_logit=True)
 
 
+@typed_config(loose=("data", "eval_data"))  # (rows or a path: common._check_data_source)
 @dataclasses.dataclass
 class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """DPO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs

@@ -102,6 +102,7 @@ from .common import (annotator_weight_map, autocast_context, check_annotator_wei
                      load_split_records, record_weight, steps_for_epochs, trainer_commands)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .config import typed_config
 from .merging import MergeOptions
 from .bema import BEMAConfig, check_bema_field
 from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, check_truncation_mode,
@@ -119,6 +120,7 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 N_SUMS = 15
 
 
+@typed_config(loose=("data", "eval_data"))  # (rows or a path: common._check_data_source)
 @dataclasses.dataclass
 class KTOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """KTO settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: synthetic pairs with

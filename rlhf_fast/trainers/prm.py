@@ -51,6 +51,7 @@ from .common import (LoggingOptions, ModelInitOptions, OptimizerOptions, autocas
                      check_lora_field, check_training_schedule, disable_dropout, load_split_records, pad_token_id,
                      steps_for_epochs, trainer_commands)
 from .compile import CompileOptions
+from .config import typed_config
 from .sft import (_Batches, accumulation_context, count_tokens, eval_mode, init_optimization, local_share,
                   offload_context, open_trainer, optimizer_step, resume_supervised, save_supervised, training_loop,
                   wrap_configured)
@@ -59,6 +60,7 @@ IGNORE = -100  # transformers' ignore_index: tokens that carry no label
 SEPARATOR_KEY = "step_separator"  # the saved model config's attribute that RL reads
 
 
+@typed_config(loose=("data", "eval_data"))  # (rows or a path: common._check_data_source)
 @dataclasses.dataclass
 class PRMConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions):
     """Process-reward-model settings (TRL 0.x's PRMConfig; see the module docstring).

@@ -70,6 +70,7 @@ from .common import (annotator_weight_map, autocast_context, check_annotator_wei
                      trainer_model)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions
 from .compile import CompileOptions
+from .config import typed_config
 from .merging import MergeOptions
 from rlhf_fast.distributed import DistributedConfig
 
@@ -80,6 +81,7 @@ from .sft import (_Batches, accumulation_context, count_tokens, eval_mode, init_
                   wrap_configured)
 
 
+@typed_config(loose=("data", "eval_data"))  # (rows or a path: common._check_data_source)
 @dataclasses.dataclass
 class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """Reward-model settings. ``data``: JSONL/Parquet of ``data_kind`` records (None: a

@@ -27,6 +27,7 @@ from rlhf_fast.models.logprobs import IMPORTANCE_SAMPLING_LEVELS
 from rlhf_fast.models.merge import MergeConfig
 from rlhf_fast.ops._validate import finite
 from rlhf_fast.ops.reference import AGG_MODES
+from rlhf_fast.trainers.config import typed_config
 from rlhf_fast.trainers.common import (LR_SCHEDULES, check_optimizer_fields, check_schedule_fields,
                                       check_seed)
 
@@ -69,6 +70,7 @@ def _choice(name, v, options):
         raise ValueError(f"{name} must be one of {options}, got {v!r}")
 
 
+@typed_config("model.")
 @dataclass
 class ModelConfig:
     """policy: a local HF path or ``tiny:FAMILY`` (a random tiny model with a BPE tokenizer
@@ -133,6 +135,7 @@ class ModelConfig:
 DEFAULT_PROMPTS = ("count:", "list:", "go:", "write:")
 
 
+@typed_config("data.")
 @dataclass
 class DataConfig:
     """Prompts inline (``prompts``) or from a file (``prompts_file``: .txt one per line, or
@@ -272,6 +275,7 @@ def _stop_value(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+@typed_config("rollout.")
 @dataclass
 class RolloutConfig:
     """prompts_per_step prompts, each answered group_size times (group estimators need ≥ 2).
@@ -511,6 +515,7 @@ class RolloutConfig:
                              f"got {fn!r}")
 
 
+@typed_config("eval.")
 @dataclass
 class EvalConfig:
     """Evaluation during training (``eval_every``; TRL GRPOTrainer's ``eval_strategy: steps``):
@@ -533,6 +538,7 @@ class EvalConfig:
             _pos("eval.max_prompts", self.max_prompts, integer=True)
 
 
+@typed_config("reward.")
 @dataclass
 class RewardConfig:
     """Sources: ``functions`` ("module:function" or "file.py:function"), a reward model path,
@@ -741,6 +747,7 @@ class RewardConfig:
             _pos("reward.ensemble_coef", self.ensemble_coef, allow_zero=True)
 
 
+@typed_config("kl.")
 @dataclass
 class KLConfig:
     """KL to the reference: ``placement`` "reward" (per-token KL estimate in the reward) or
@@ -827,6 +834,7 @@ class KLConfig:
         return self.kind
 
 
+@typed_config("ppo.")
 @dataclass
 class PPOConfig:
     """The update: ``epochs`` passes over the rollout in mini-batches of ``mini_batch_size``
@@ -1254,6 +1262,7 @@ class PPOConfig:
             raise ValueError("ppo.use_adaptive_entropy is not supported with ppo.trpo")
 
 
+@typed_config("optim.")
 @dataclass
 class OptimConfig:
     """The optimizer of the policy (``lr``) and of the critic (``critic_lr``): ``name``, TRL's
@@ -1304,6 +1313,7 @@ ULD_KEYS = ("teacher_tokenizer", "uld_token_merge_strategy", "use_extended_uld",
             "uld_skip_teacher_eos")
 
 
+@typed_config("distill.")
 @dataclass
 class DistillConfig:
     """On-policy distillation (``estimator: distill``; TRL's ``DistillationTrainer``,
@@ -1521,6 +1531,7 @@ DISTILL_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_grad_n
                     "padding_free")
 
 
+@typed_config("online_dpo.")
 @dataclass
 class OnlineDPOConfig:
     """Online DPO (``estimator: online_dpo``; TRL's experimental ``OnlineDPOTrainer``,
@@ -1586,6 +1597,7 @@ ONLINE_DPO_PPO_KEYS = ("epochs", "mini_batch_size", "micro_batch_size", "max_gra
                        "padding_free")
 
 
+@typed_config("a2po.")
 @dataclass
 class A2POConfig:
     """A*-PO (``estimator: a2po``; TRL's experimental ``A2POTrainer``, ``rlhf-fast a2po``,
@@ -1670,6 +1682,7 @@ def _refuse_ema_keys_off_ema(section, prefix: str) -> None:
                              f"{section.teacher_model_kind!r}; remove them")
 
 
+@typed_config("sdpo.")
 @dataclass
 class SDPOConfig:
     """SDPO (``estimator: sdpo``; TRL's experimental ``SDPOTrainer``, ``rlhf-fast sdpo``,
@@ -1786,6 +1799,7 @@ SDFT_MODES = ("topk_logits", "full_logits", "sampled_token")
 SDFT_TEACHERS = ("base", "live", "ema")
 
 
+@typed_config("sdft.")
 @dataclass
 class SDFTConfig:
     """SDFT, self-distillation fine-tuning (``estimator: sdft``; TRL's experimental ``SDFTTrainer``,
@@ -1855,6 +1869,7 @@ def _changed(section, prefix: str, keep=()) -> List[str]:
     return out
 
 
+@typed_config("")
 @dataclass
 class RLConfig:
     """The whole RL run. ``estimator``: gae (PPO with a critic) | grpo | dr_grpo | rloo |
@@ -1947,9 +1962,9 @@ class RLConfig:
     torch_compile_backend: Optional[str] = None
     torch_compile_mode: Optional[str] = None
     log_every: int = 1
-    sync_phase_timers: bool = False
     report_to: Union[str, List[str]] = "auto"
     run_name: Optional[str] = None
+    sync_phase_timers: bool = False
     sample_every: int = 5
     num_completions_to_print: Optional[int] = None
     log_unique_prompts: bool = False

@@ -82,6 +82,7 @@ from .common import (MetricsLogger, autocast_context, begin_fresh_run, check_boo
                      steps_for_epochs, supervised_scheduler, trainer_commands, trainer_model, truncate_metrics)
 from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervised_optimizer
 from .compile import CompileOptions, compile_configured
+from .config import typed_config
 from .merging import MergeOptions, check_merge_target, merge_into, setup_merge
 from .common import metric_to_step_on, schedule_metric, step_logged, steps_on_metric
 from .mixed_precision import LossScaler
@@ -98,6 +99,7 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 PACKING_STRATEGIES = ("bfd", "wrapped")
 
 
+@typed_config(loose=("data", "eval_data"))  # (rows or a path: common._check_data_source)
 @dataclasses.dataclass
 class SFTConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptions, MergeOptions):
     """SFT settings. ``data``: a JSONL/Parquet of {prompt, completion} or {messages} records

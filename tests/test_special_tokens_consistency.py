@@ -136,19 +136,11 @@ TURN_EOS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}
                      "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-@pytest.mark.xfail(strict=True, reason="an RM trained on conversational pairs is scored in RL at other ids")
-def test_rl_scores_a_chat_answer_at_the_ids_a_conversational_reward_model_trained_on(monkeypatch):
-    """The reward trainer encodes a conversational pair's response as the template's turn and
-    an eos after it ("a b<eos>\\n<eos>"); RL scores the policy's answer to that chat prompt
-    as the answer text and an eos ("a b<eos>"), so the head is read after tokens it never saw
-    in training. TRL reads both at the same ids: its RewardTrainer renders the conversation,
-    its GRPO renders the prompt + the answer as an assistant message with the same template."""
+def rl_scored_ids(monkeypatch, model, tok, prompt, answer):
+    """The attended ids RL's RewardModelReward hands ``reward_scores`` for ``answer`` to ``prompt``."""
     import rlhf_fast.models.loading as loading
     from rlhf_fast.algorithms.rewards import RewardContext, RewardModelReward
-    from rlhf_fast.trainers.reward import _encode
 
-    tok = bos_tokenizer(TURN_EOS_TEMPLATE)
-    trained = _encode(tok, CHAT, [{"role": "assistant", "content": "a b"}], 512)
     seen = []
 
     def spy(model, ids, am):
@@ -156,8 +148,87 @@ def test_rl_scores_a_chat_answer_at_the_ids_a_conversational_reward_model_traine
         return torch.zeros(ids.shape[0])
 
     monkeypatch.setattr(loading, "reward_scores", spy)
-    RewardModelReward(torch.nn.Linear(1, 1), tok)(["ignored"], ["a b"], RewardContext(prompts=[CHAT]))
-    assert seen[0] == trained
+    RewardModelReward(model, tok)(["ignored"], [answer], RewardContext(prompts=[prompt]))
+    return seen[0]
+
+
+def stub_reward_model(reward_format=None):
+    """A module standing in for a reward model, its config recording ``reward_format`` (or nothing)."""
+    from transformers import PretrainedConfig
+
+    m = torch.nn.Linear(1, 1)
+    kw = {} if reward_format is None else {"rlhf_fast_reward_format": reward_format}
+    m.config = PretrainedConfig(**kw)
+    return m
+
+
+def test_rl_scores_a_chat_answer_at_the_ids_a_conversational_reward_model_trained_on(monkeypatch):
+    """The reward trainer encodes a conversational pair's response as the template's turn and
+    an eos after it ("a b<eos>\\n<eos>"); RL scored the policy's answer to that chat prompt
+    as the answer text and an eos ("a b<eos>"), so the head was read after tokens it never saw
+    in training. TRL reads both at the same ids: its RewardTrainer renders the conversation,
+    its GRPO renders the prompt + the answer as an assistant message with the same template.
+    A model whose config records conversational training now reads the answer as that turn."""
+    from rlhf_fast.trainers.reward import _encode
+
+    tok = bos_tokenizer(TURN_EOS_TEMPLATE)
+    trained = _encode(tok, CHAT, [{"role": "assistant", "content": "a b"}], 512)
+    assert rl_scored_ids(monkeypatch, stub_reward_model("conversational"), tok, CHAT, "a b") == trained
+    # a text prompt has no turns: read as text, as the trainer encodes text pairs
+    assert rl_scored_ids(monkeypatch, stub_reward_model("conversational"), tok, "q: a", " a b") == \
+        _encode(tok, "q: a", " a b", 512)
+
+
+@pytest.mark.parametrize("reward_format", ["text", "mixed", None])
+def test_rl_scores_a_text_or_unmarked_reward_model_at_the_text_ids(monkeypatch, reward_format):
+    """A reward model trained on (chat prompt, text response) pairs, on a mix, or whose config
+    says nothing (older folders, TRL's, hand-built) is scored as before: rendered prompt, the
+    answer text, eos — the ids a text pair trains at."""
+    from rlhf_fast.trainers.reward import _encode
+
+    tok = bos_tokenizer(TURN_EOS_TEMPLATE)
+    text_ids = _encode(tok, CHAT, "a b", 512)
+    assert text_ids != _encode(tok, CHAT, [{"role": "assistant", "content": "a b"}], 512)
+    assert rl_scored_ids(monkeypatch, stub_reward_model(reward_format), tok, CHAT, "a b") == text_ids
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_reward_trainer_saves_its_response_format_and_rl_scores_the_folder_with_it(tmp_path, monkeypatch,
+                                                                                   conversational):
+    """A tiny reward run records in final/'s config whether it trained on conversational or text
+    responses; the folder, loaded as RL loads it, is scored at the ids it trained on."""
+    from transformers import AutoConfig
+
+    from rlhf_fast.feedback.formats import PairRecord
+    from rlhf_fast.models.loading import load_reward_model
+    from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, _encode
+
+    tok = bos_tokenizer(TURN_EOS_TEMPLATE)
+    turn = (lambda t: [{"role": "assistant", "content": t}]) if conversational else (lambda t: t)
+    recs = [PairRecord(CHAT, turn("a b"), turn("b a")), PairRecord([{"role": "user", "content": "q: b"}],
+                                                                   turn("b"), turn("a"))]
+    cfg = RewardConfig(model="tiny:llama:hidden_size=32,num_layers=1,num_heads=2",
+                       output_dir=str(tmp_path / "rm"), batch_size=2, max_steps=1, eval_every=0, log_every=1,
+                       max_len=64, device="cpu")
+    RewardTrainer(cfg, train_records=recs, tokenizer=tok).train()
+    final = tmp_path / "rm" / "final"
+    want = "conversational" if conversational else "text"
+    assert AutoConfig.from_pretrained(str(final)).rlhf_fast_reward_format == want
+    assert rl_scored_ids(monkeypatch, load_reward_model(str(final)), tok, CHAT, "a b") == \
+        _encode(tok, CHAT, turn("a b"), 1024)
+
+
+def test_reward_response_format_of_records():
+    """Every response chat messages: conversational; every one text: text; both: mixed."""
+    from rlhf_fast.feedback.formats import PairRecord, RankingRecord, ScoreRecord
+    from rlhf_fast.trainers.reward import reward_response_format
+
+    msg = [{"role": "assistant", "content": "a"}]
+    conv, text = PairRecord(CHAT, msg, msg + msg), PairRecord(CHAT, "a", "b")
+    assert reward_response_format([conv, conv]) == "conversational"
+    others = [ScoreRecord("p", "r", 1.0), RankingRecord("p", ["a", "b"], [0, 1])]
+    assert reward_response_format([text, *others]) == "text"
+    assert reward_response_format([conv, text]) == "mixed"
 
 
 def test_local_judge_reads_its_prompt_with_the_tokenizers_bos(monkeypatch):

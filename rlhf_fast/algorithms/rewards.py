@@ -282,6 +282,15 @@ def _keyword_params(fn: Callable, skip: int = 2):
     return takes_all, named, required
 
 
+def _reward_format(model) -> Optional[str]:
+    """The response format a reward model's config records (``rlhf_fast_reward_format``:
+    "text", "conversational", "mixed"), None where it has no config or no such attribute."""
+    from rlhf_fast.feedback.formats import REWARD_FORMAT_ATTR
+    from rlhf_fast.models.logprobs import unwrap
+
+    return getattr(getattr(unwrap(model), "config", None), REWARD_FORMAT_ATTR, None)
+
+
 class RewardModelReward(RewardSource):
     """A scalar reward model scored with :func:`rlhf_fast.models.loading.reward_scores`.
 
@@ -290,7 +299,12 @@ class RewardModelReward(RewardSource):
     the last ``max_length`` tokens), the prompt as the data gives it (``ctx.prompts``) where the
     caller passes it: a chat is then rendered with THIS tokenizer's template, as in training, not
     the policy's; without a tokenizer, the rollout's own ``input_ids`` / ``attention_mask`` are
-    used (same vocabulary)."""
+    used (same vocabulary). A model whose config says it was trained on conversational pairs
+    (``config.rlhf_fast_reward_format == "conversational"``, which the reward trainer saves)
+    scores a text answer to a chat prompt as an assistant message after it (the template's turn,
+    then eos: the ids it trained on, as TRL's GRPO renders the completion for a reward model);
+    any other model (text-trained, "mixed", or without the attribute: older folders, TRL's or
+    hand-built models, which may set it) reads the answer text after the rendered prompt."""
 
     def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
         if not isinstance(model, torch.nn.Module):
@@ -298,6 +312,7 @@ class RewardModelReward(RewardSource):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
+        self.conversational = _reward_format(model) == "conversational"
 
     @torch.no_grad()
     def __call__(self, prompts, completions, ctx):
@@ -318,6 +333,10 @@ class RewardModelReward(RewardSource):
             if ctx is not None and ctx.prompts is not None:
                 prompts = ctx.prompts
             kw = ctx.chat_template_kwargs if ctx is not None else None
+            if self.conversational:  # a chat prompt's answer as the assistant turn it was trained on
+                completions = [[{"role": "assistant", "content": c}]
+                               if isinstance(p, list) and isinstance(c, str) else c
+                               for p, c in zip(prompts, completions)]
             seqs = [reward_input_ids(tok, p, c, self.max_length, chat_template_kwargs=kw)
                     for p, c in zip(prompts, completions)]
             if not seqs:

@@ -842,6 +842,12 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequenc
     return RenderedChat("".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: ")
 
 
+# the config attribute in which the reward trainer records the form of the responses it trained
+# on: "text", "conversational" (chat messages) or "mixed"; RL scores a text answer to a chat prompt
+# as an assistant message where it says "conversational" (RewardModelReward)
+REWARD_FORMAT_ATTR = "rlhf_fast_reward_format"
+
+
 def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None,
                      chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     """The token ids a reward model scores for ``response`` to ``prompt``, as the reward
@@ -854,7 +860,9 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len
     chat template writes for those turns after the prompt (content and end of turn,
     :func:`rlhf_fast.trainers.sft_data.completion_tokens`; TRL's RewardTrainer ids), and
     the eos still follows (where the turn does not end with it): the head is always read at an eos. Score texts with this encoding
-    wherever a trained reward model is used: its head was trained at that final eos.
+    wherever a trained reward model is used: its head was trained at that final eos (and, for a
+    model whose config's :data:`REWARD_FORMAT_ATTR` is "conversational", with the answer to a
+    chat prompt as an assistant message, as it was trained).
     ``chat_template_kwargs``: extra variables a chat prompt's template reads (the RL run's
     ``data.chat_template_kwargs``, as TRL passes them to the reward model's template)."""
     if not isinstance(response, str):

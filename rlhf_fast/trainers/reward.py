@@ -238,6 +238,24 @@ def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
     return reward_input_ids(tokenizer, prompt, response, max_len)
 
 
+def reward_response_format(records: Sequence[Any]) -> str:
+    """The form of the responses of reward ``records`` (pairs' chosen / rejected, rankings'
+    responses, scores' response): "conversational" when all are chat messages, "text" when all
+    are text (or there are none), "mixed" otherwise. The reward trainer saves it in the model's
+    config (:data:`rlhf_fast.feedback.formats.REWARD_FORMAT_ATTR`) for RL's
+    :class:`rlhf_fast.algorithms.RewardModelReward`."""
+    forms = set()
+    for r in records:
+        if hasattr(r, "chosen"):
+            responses = [r.chosen, r.rejected]
+        else:
+            responses = list(r.responses) if hasattr(r, "responses") else [r.response]
+        forms.update(isinstance(x, str) for x in responses)
+    if len(forms) > 1:
+        return "mixed"
+    return "conversational" if forms == {False} else "text"
+
+
 def check_reward_prefix_sharing(model, kind: str, max_len: int) -> None:
     """ValueError naming ``prefix_sharing`` when the reward trainer cannot run it: items that are
     neither pairs nor rankings, or a backbone :mod:`rlhf_fast.models.llama_forward` does not compute (a LoRA /
@@ -355,6 +373,10 @@ class RewardTrainer:
         # as TRL: transformers' forward reads the last token that is not config.pad_token_id, so
         # it must be the id the rows are padded with (a model's other pad id read padding)
         self.model.config.get_text_config().pad_token_id = self.pad_id
+        from rlhf_fast.feedback.formats import REWARD_FORMAT_ATTR
+
+        # saved with the config (final/, checkpoints): RL then scores a chat answer as it trained
+        setattr(self.model.config, REWARD_FORMAT_ATTR, reward_response_format(train_records))
         dcfg = cfg.distributed
         from rlhf_fast.models.loading import _is_peft
 

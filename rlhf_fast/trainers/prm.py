@@ -448,22 +448,26 @@ class PRMTrainer:
     @torch.no_grad()
     def evaluate(self, items: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
         """``eval_loss``, ``eval_accuracy`` (per labelled step) and ``eval_solution_accuracy``
-        (per solution: all steps predicted correct vs all labelled correct) on ``items``."""
+        (per solution: all steps predicted correct vs all labelled correct) on ``items``. Several
+        ranks: each evaluates its share of every batch (:func:`local_share`; a blank share still
+        runs its forward, which FSDP2 needs, and counts nothing), the sums all-reduced: one
+        process's metrics. Collective then: every rank calls it."""
         items = self.eval_items if items is None else items
         if not items:
             return {}
-        loss, n, correct, sol_ok = 0.0, 0, 0, 0
+        tot = torch.zeros(4, dtype=torch.float64, device=self.device)  # (loss sum, labels, correct, solutions ok)
         with eval_mode(self.model):
             for i in range(0, len(items), self.cfg.batch_size):
-                chunk = items[i: i + self.cfg.batch_size]
+                chunk, real = local_share(list(range(i, min(i + self.cfg.batch_size, len(items)))), items, self.ctx)
                 logits, labels = self._logits(chunk)
-                loss += float(step_loss_sum(logits, labels))
                 mask = labels != IGNORE
                 pred = (logits[..., 1] > logits[..., 0]).long()  # np.argmax: a tie is label 0
-                correct += int(((pred == labels) & mask).sum())
-                n += int(mask.sum())
                 ok = lambda x: torch.where(mask, x == 1, torch.ones_like(mask)).all(-1)  # noqa: E731
-                sol_ok += int((ok(pred) == ok(labels)).sum())
+                if real:
+                    tot += torch.stack([step_loss_sum(logits, labels).double(), mask.sum().double(),
+                                        ((pred == labels) & mask).sum().double(),
+                                        (ok(pred) == ok(labels)).sum().double()])
+        loss, n, correct, sol_ok = self.ctx.all_reduce_sum(tot).tolist()  # the sums over every rank's share
         return {"eval_loss": loss / max(n, 1), "eval_accuracy": correct / max(n, 1),
                 "eval_solution_accuracy": sol_ok / len(items)}
 

@@ -177,9 +177,8 @@ class A2POTrainer(RLTrainer):
                 else:
                     seeds = {"seed": (cfg.seed * 1_000_003 + 7919 * self.ctx.rank + 1_299_709 * (c + 1) + salt)
                              % (2**31)}
-                params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
-                                        max_new_tokens=ro.max_new_tokens, n=n, stop_strings=tuple(ro.stop_strings),
-                                        **ro.penalties(), **seeds)
+                params = SamplingParams(temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, n=n,
+                                        **ro.sampling_kwargs(), **seeds)
                 batch, extra, _ = self._run_engine(idx, params, split)
                 out = self._score(batch, [fields[i] for i in idx], extra)
                 # (an answer no TRL-convention function scored has total 0: TRL's nansum)

@@ -652,8 +652,7 @@ def run_sampling(cfg, args) -> tuple:
     if cfg is not None:
         ro = cfg.rollout
         max_new_tokens = ro.max_new_tokens
-        sampling = dict(top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p or 0.0,
-                        stop_strings=tuple(ro.stop_strings), **ro.penalties())
+        sampling = ro.sampling_kwargs()
     if getattr(args, "max_new_tokens", None) is not None:
         max_new_tokens = args.max_new_tokens
     if getattr(args, "stop", None):

@@ -1113,9 +1113,8 @@ class RLTrainer:
                     kept = {k: list(v) for k, v in self._reward_log.metrics.items()}  # (the real calls' logs)
                     idx = [0]
                 seeds = [_sample_seed(cfg.seed, self.global_step, _EVAL_INDEX + i * G + k) for i in idx for k in range(G)]
-                params = SamplingParams(temperature=self.config.eval.temperature, top_k=ro.top_k, top_p=ro.top_p,
-                                        min_p=ro.min_p, max_new_tokens=ro.max_new_tokens, n=G,
-                                        stop_strings=tuple(ro.stop_strings), **ro.penalties(), sample_seeds=seeds)
+                params = SamplingParams(temperature=self.config.eval.temperature, max_new_tokens=ro.max_new_tokens,
+                                        n=G, **ro.sampling_kwargs(), sample_seeds=seeds)
                 batch, extra, (calls, failures, rows) = self._run_engine(idx, params, "eval")
                 res = self._eval_batch_sums(batch, idx, extra, G)
                 if not real:  # what the reward functions logged in the stand-in call counts nothing either
@@ -1547,9 +1546,8 @@ class RLTrainer:
             first = lo * ro.group_size + rnd * cfg.batch_size
             seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + i)
                                       for i in range(len(prompts) * ro.group_size)]}
-        params = SamplingParams(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p, min_p=ro.min_p,
-                                max_new_tokens=ro.max_new_tokens, n=ro.group_size,
-                                stop_strings=tuple(ro.stop_strings), **ro.penalties(), **seeds)
+        params = SamplingParams(temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, n=ro.group_size,
+                                **ro.sampling_kwargs(), **seeds)
         with torch.no_grad():
             batch, extra, counts = self._run_engine(which, params)
         self._tool_counts = [a + b for a, b in zip(self._tool_counts, counts)]

@@ -390,6 +390,14 @@ class RolloutConfig:
         """The sampling-penalty fields, as :class:`rlhf_fast.rollout.SamplingParams` keywords."""
         return {name: getattr(self, name) for name in _PENALTIES}
 
+    def sampling_kwargs(self) -> dict:
+        """The rollout's filters (top-k / top-p / min-p), stop strings and penalties as
+        :class:`rlhf_fast.rollout.SamplingParams` keywords: what training rollouts, the periodic
+        eval and ``rlhf-fast eval --run`` sample with (temperature, length, n and seeds are the
+        caller's)."""
+        return dict(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, stop_strings=tuple(self.stop_strings),
+                    **self.penalties())
+
     def _apply_generation_kwargs(self) -> Dict[str, str]:
         """Set the rollout keys that ``generation_kwargs`` names (:data:`GENERATION_KWARGS`);
         returns ``{field: 'rollout.generation_kwargs.KEY'}`` of those it set. A key we do not

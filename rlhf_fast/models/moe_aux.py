@@ -208,6 +208,20 @@ class RouterAux:
             return None, None
         return self.coef * aux / steps, float(aux.detach())
 
+    def term_steps(self, ctx, real: int, steps: int) -> float:
+        """The divisor of a micro-batch's term (coef × aux / it, :meth:`term`): ``steps``, the
+        step's micro-batches (TRL's accumulation steps), on one process or with the term off; on
+        several ranks the micro-batches holding rows on every rank (``real``: this rank's) over
+        the world size, so that DDP's average of the ranks' gradients makes the term coef × the
+        mean aux over every rank's real micro-batches, as one process has it, also when a rank
+        holds fewer rows or none (``steps`` there would weigh a rank without rows as one with
+        aux 0). Equal to ``steps`` when every rank holds as many. Collective while the term is on
+        and ``ctx`` distributed: every rank calls it."""
+        if not (self.enabled and ctx.distributed):
+            return steps
+        total = ctx.all_reduce_sum(torch.tensor(float(real), dtype=torch.float64, device=ctx.device))
+        return max(float(total), 1.0) / ctx.world_size
+
     def with_term(self, loss: torch.Tensor, col: Optional[RouterLogits], steps: int, vals: List[float],
                   counts: bool = True) -> torch.Tensor:
         """An offline trainer's micro-batch ``loss`` plus its MoE term (:meth:`term`: coef × aux /

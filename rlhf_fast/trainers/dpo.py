@@ -959,21 +959,6 @@ def weighted_share(losses: torch.Tensor, weights: torch.Tensor, weight_total: fl
     return (losses * weights).sum() / (weight_total if weight_total > 0 else 1.0)
 
 
-def moe_steps(moe, ctx, micro: Sequence[Tuple[Any, bool]]) -> float:
-    """The divisor of a micro-batch's MoE term (coef × aux / it) in a DPO / KTO step of ``micro``
-    (this rank's ``(items, real)`` shares): ``len(micro)`` on one process (TRL's accumulation
-    steps); on several (the term on), the real shares of every rank over the world size, so that
-    DDP's average of the ranks' gradients makes the term coef × the mean aux over every rank's
-    real micro-batches, as one process has it, also when a rank's share is blank (an epoch's last
-    batch with fewer rows than ranks). Equal to ``len(micro)`` when every share is real.
-    Collective while the term is on: every rank calls it."""
-    if not (moe.enabled and ctx.distributed):
-        return len(micro)
-    real = ctx.all_reduce_sum(torch.tensor(float(sum(bool(r) for _, r in micro)), dtype=torch.float64,
-                                           device=ctx.device))
-    return max(float(real), 1.0) / ctx.world_size
-
-
 def offline_optimizer_step(trainer) -> Dict[str, float]:
     """The end of a DPO / KTO step once its gradients are in: :func:`optimizer_step`, then
     TR-DPO's reference update (:func:`maybe_sync_reference`, TRL's ``on_step_end``); returns the
@@ -1418,7 +1403,7 @@ class DPOTrainer:
         w_total, n_chosen = float(den[0]), float(den[1])
         nll_weight = cfg.nll_weight
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
-        aux_vals, aux_steps = [], moe_steps(self.moe, ctx, micro)
+        aux_vals, aux_steps = [], self.moe.term_steps(ctx, sum(bool(r) for _, r in micro), len(micro))
         for i, (items, real) in enumerate(micro):
             with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
                 st = self._pair_stats(items, self._batch(items))
@@ -1430,7 +1415,7 @@ class DPOTrainer:
                     loss = loss + nll_weight * nll / max(n_chosen, 1.0)
                 # DDP/FSDP2 average gradients over ranks; grad_scale turns that into the sum
                 # TRL's MoE term (the policy's forward): coef × aux / grad_accum, left to DDP's average
-                # (moe_steps: a blank share's rank adds none, so the real ones weigh more)
+                # (term_steps: a blank share's rank adds none, so the real ones weigh more)
                 loss = self.moe.with_term(loss * ctx.grad_scale, aux, aux_steps, aux_vals, counts=real)
                 self.scaler.scale(loss).backward()  # fp16: times the loss scale
             tot += self._sums(st, w, real)

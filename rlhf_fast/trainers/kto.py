@@ -106,7 +106,7 @@ from .config import typed_config
 from .merging import MergeOptions
 from .bema import BEMAConfig, check_bema_field
 from .dpo import (attach_reference_logps, check_policy_fields, check_reference_fields, check_truncation_mode,
-                  encode_pair, load_offline_policy, moe_steps, offline_optimizer_step, offline_reference,
+                  encode_pair, load_offline_policy, offline_optimizer_step, offline_reference,
                   open_offline_trainer,
                   prepare_offline_models, prompt_response_rows, reference_logps, response_logps,
                   response_logps_metrics, save_offline, train_offline, truncate_pair, weighted_share,
@@ -746,7 +746,7 @@ class KTOTrainer:
         # Σ w of the whole step, every rank's examples: idx is the same on every rank, so no all-reduce
         w_total = sum(self.train_items[i]["weight"] for i in idx)
         tot = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
-        aux_vals, aux_steps = [], moe_steps(self.moe, ctx, micro)
+        aux_vals, aux_steps = [], self.moe.term_steps(ctx, sum(bool(r) for _, r in micro), len(micro))
         for i, ((items, real), ref) in enumerate(zip(micro, refs)):
             with accumulation_context(self.model, i, len(micro)), offload_context(self), self.moe.collect() as aux:
                 st = self._example_stats(items, ref, z0)
@@ -756,7 +756,7 @@ class KTOTrainer:
                 loss = loss * ctx.grad_scale
                 # TRL's MoE term (the examples' forward, not the KL rows'): coef × aux / the step's
                 # micro-batches (an epoch's short last step has fewer than grad_accum: TRL's
-                # current_gradient_accumulation_steps; moe_steps: a blank share's rank adds none)
+                # current_gradient_accumulation_steps; term_steps: a blank share's rank adds none)
                 loss = self.moe.with_term(loss, aux, aux_steps, aux_vals, counts=real)
                 self.scaler.scale(loss).backward()  # fp16: times the loss scale
             tot += self._sums(st, z0, real)

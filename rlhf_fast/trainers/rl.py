@@ -1975,17 +1975,10 @@ class RLTrainer:
         self.last_entropy = entropy
 
     def _aux_steps(self, rows: int, mb: int, steps: int):
-        """The divisor of a micro-batch's MoE term (coef × aux / it): ``steps``, the mini-batch's
-        micro-batches (TRL's accumulation steps), on one process; on several (the MoE term on),
-        the micro-batches holding rows on every rank over the world size, so that DDP's average of
-        the ranks' gradients makes the term coef × the mean aux over every rank's micro-batches, as
-        one process has it, also when the ranks hold different numbers of rows of the mini-batch
-        (or none; ``steps`` there would weigh a rank without rows as one with aux 0). Equal to
-        ``steps`` when every rank holds as many micro-batches. Collective: every rank calls it."""
-        if not (self.moe.enabled and self.ctx.distributed):
-            return steps
-        real = sum(-(-c[0] // mb) for c in self.ctx.all_gather_ints([rows]))
-        return max(real, 1) / self.ctx.world_size
+        """The divisor of a micro-batch's MoE term of a mini-batch of ``steps`` micro-batches of
+        ``mb`` rows, this rank holding ``rows`` of its rows (:meth:`RouterAux.term_steps`: the
+        micro-batches holding rows on every rank over the world size). Collective."""
+        return self.moe.term_steps(self.ctx, -(-rows // mb), steps)
 
     def _loss_kwargs(self, data: Optional["RolloutTensors"] = None) -> dict:
         """The loss's keywords for the mini-batch ``data``; with an entropy bonus on the

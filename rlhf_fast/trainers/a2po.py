@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _eval_sums, _sample_seed, with_estimator
+from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _sample_seed, with_estimator
 from rlhf_fast.trainers.rl_config import A2PO, RLConfig
 
 # update statistics under TRL's names
@@ -442,13 +442,8 @@ class A2POTrainer(RLTrainer):
         from rlhf_fast.distributed import reshard
         from rlhf_fast.models.logprobs import sequence_logprobs
 
-        out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
         ids, am, rm = self._batch_masks(batch)
-        from rlhf_fast.trainers.evaluate import has_answer_fields
-
-        # maj@k as RLTrainer's: when every evaluation prompt has an answer field
-        texts = list(batch.response_texts) if has_answer_fields(self.eval_fields) else None
-        res = _eval_sums(out, rm, group_size, texts)
+        out, res = self._scored_eval_sums(batch, idx, extra, group_size, rm)
         if self.eval_values is None:
             return res
         dev, B = self.device, ids.shape[0]

@@ -1143,12 +1143,18 @@ class RLTrainer:
         """``{name: (sum, count)}`` of one evaluation batch answering the evaluation prompts
         ``idx`` (:func:`_eval_sums` of its rewards); :meth:`evaluate` sums them over calls and
         ranks into the means ``eval/NAME``."""
+        return self._scored_eval_sums(batch, idx, extra, group_size, self._batch_masks(batch)[2])[1]
+
+    def _scored_eval_sums(self, batch, idx: List[int], extra, group_size: int, rm: torch.Tensor):
+        """``(RewardOutput, sums)`` of one evaluation batch: its rewards and their
+        :func:`_eval_sums` (``rm`` ``[B, L]`` bool its response mask), with the answers' texts for
+        maj@k when every evaluation prompt has an answer field (all of them, not only this
+        batch's: the same names on every rank)."""
         from rlhf_fast.trainers.evaluate import has_answer_fields
 
         out = self._score(batch, [self.eval_fields[i] for i in idx], extra)
-        # maj@k when every evaluation prompt (not only this batch's: the same names on every rank) has an answer
         texts = list(batch.response_texts) if has_answer_fields(self.eval_fields) else None
-        return _eval_sums(out, self._batch_masks(batch)[2], group_size, texts)
+        return out, _eval_sums(out, rm, group_size, texts)
 
     def _next_prompts(self) -> List[int]:
         """The indices of the next ``prompts_per_step`` prompts; a fresh seeded permutation

@@ -308,19 +308,22 @@ def normalize_then_sum_advantages(
 
 
 def reinforce_pp_advantages(
-    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, group=None
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, group=None,
+    whiten_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++: token-level discounted returns of the rewards (KL already in them), whitened
     over all response tokens of the global batch (not per prompt group). rewards, mask ``[B, T]``.
 
     ``group``: a ``torch.distributed`` process group when the batch is split over ranks; the
     whitening statistics are then all-reduced, so every rank normalises by the global batch
-    (as OpenRLHF's ``replay_buffer.normalize``), not by its own share.
+    (as OpenRLHF's ``replay_buffer.normalize``), not by its own share. ``whiten_mask``
+    ``[B, T]`` bool (default ``mask``): the tokens the whitening's statistics are over (0
+    outside them); :func:`compute_advantages`.
     Returns ``(advantages, returns)`` ``[B, T]`` float32.
     """
     _check_tensor("rewards", rewards)
     returns = ops.discounted_returns(rewards.float(), mask, gamma=gamma)
-    return ops.masked_whiten(returns, mask, group=group), returns
+    return ops.masked_whiten(returns, mask if whiten_mask is None else whiten_mask, group=group), returns
 
 
 def reinforce_pp_baseline_advantages(
@@ -331,6 +334,7 @@ def reinforce_pp_baseline_advantages(
     kl: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     group=None,
+    whiten_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++-baseline (Hu et al.; OpenRLHF's ``advantage_estimator=reinforce_baseline``):
     each score minus its prompt group's mean (no division by the group std), put on the last
@@ -342,7 +346,8 @@ def reinforce_pp_baseline_advantages(
     scores ``[B]`` float, rows in groups of ``group_size`` (≥ 2) consecutive answers to one
     prompt; mask ``[B, T]``; kl ``[B, T]`` per-token estimate or None. ``group``: the process
     group holding the rest of the batch (whitening statistics over every rank; the groups
-    themselves are rank-local). Returns ``(advantages, returns)`` ``[B, T]`` float32."""
+    themselves are rank-local). ``whiten_mask``: as :func:`reinforce_pp_advantages`'.
+    Returns ``(advantages, returns)`` ``[B, T]`` float32."""
     _check_tensor("scores", scores)
     _check_mask(mask, scores.shape[0])
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
@@ -354,7 +359,7 @@ def reinforce_pp_baseline_advantages(
     s = scores.float().view(-1, group_size)
     s = (s - s.mean(dim=1, keepdim=True)).view(-1)  # [B]
     r = token_rewards(s, mask, kl=kl, kl_coef=kl_coef)
-    return reinforce_pp_advantages(r, mask, gamma=1.0, group=group)
+    return reinforce_pp_advantages(r, mask, gamma=1.0, group=group, whiten_mask=whiten_mask)
 
 
 def compute_advantages(
@@ -375,6 +380,7 @@ def compute_advantages(
     rewards_per_func: Optional[torch.Tensor] = None,
     reward_weights: Optional[torch.Tensor] = None,
     dense_rewards: Optional[torch.Tensor] = None,
+    whiten_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns ``[B, T]`` float32 for one of :data:`ESTIMATORS`.
 
@@ -408,6 +414,12 @@ def compute_advantages(
     ``dense_rewards`` ``[B, T]`` (``reward.process_aggregation: steps``): per-token rewards added
     to the token rewards (:func:`token_rewards`' ``dense``) — estimators ``gae`` and
     ``reinforce++`` only, the ones that take token-level rewards; the others refuse them.
+
+    ``whiten_mask`` ``[B, T]`` bool within ``mask`` (default: ``mask``): the tokens whose
+    statistics the token whitening takes (``whiten=True``, and REINFORCE++'s /
+    REINFORCE++-baseline's own); the advantages are 0 outside it, the returns unchanged.
+    ``rollout.mask_truncated`` passes the loss tokens, as verl-tool's ``mask_overlong_loss``
+    and SkyRL's ``apply_overlong_filtering`` zero the mask their whitening reads.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -431,6 +443,11 @@ def compute_advantages(
         _check_tensor("kl", kl, mask.shape)
     if values is not None:
         _check_tensor("values", values, mask.shape)
+    if whiten_mask is not None and (not isinstance(whiten_mask, torch.Tensor)
+                                    or whiten_mask.shape != mask.shape):
+        raise ValueError(f"whiten_mask must be a [B, T] tensor of mask's shape {tuple(mask.shape)}, got "
+                         f"{getattr(whiten_mask, 'shape', type(whiten_mask).__name__)}")
+    wmask = mask if whiten_mask is None else whiten_mask.bool()
     if dense_rewards is not None and estimator not in TOKEN_REWARD_ESTIMATORS:
         raise ValueError(f"dense_rewards (per-token rewards) need an estimator that takes token-level rewards "
                          f"({', '.join(TOKEN_REWARD_ESTIMATORS)}), got {estimator!r}")
@@ -452,12 +469,14 @@ def compute_advantages(
         adv, ret = gae_advantages(r, values, mask, gamma=gamma, lam=lam)
     elif estimator == "reinforce++":
         r = token_rewards(scores, mask, kl=kl, kl_coef=kl_coef, dense=dense_rewards)
-        return reinforce_pp_advantages(r, mask, gamma=gamma, group=group)  # already whitened
+        # (already whitened)
+        return reinforce_pp_advantages(r, mask, gamma=gamma, group=group, whiten_mask=wmask)
     elif estimator == "reinforce++_baseline":
         if gamma != 1.0:
             raise ValueError(f"gamma must be 1.0 for estimator 'reinforce++_baseline' (undiscounted "
                              f"returns; OpenRLHF sets it to 1), got {gamma!r}")
-        return reinforce_pp_baseline_advantages(scores, mask, group_size, kl=kl, kl_coef=kl_coef, group=group)
+        return reinforce_pp_baseline_advantages(scores, mask, group_size, kl=kl, kl_coef=kl_coef, group=group,
+                                                whiten_mask=wmask)
     elif multi_objective_aggregation == "normalize_then_sum":
         if kl is not None and kl_coef != 0.0:
             raise ValueError("multi_objective_aggregation 'normalize_then_sum' takes no KL in the reward (kl_coef 0)")
@@ -485,5 +504,5 @@ def compute_advantages(
                                               group=group, normalize_answers=per_answer)
     if whiten is True:
         # unscored answers keep advantage 0, out of the statistics (masked_whiten gives 0 there)
-        adv = ops.masked_whiten(adv, mask.bool() & scored[:, None] if unscored else mask, group=group)
+        adv = ops.masked_whiten(adv, wmask.bool() & scored[:, None] if unscored else wmask, group=group)
     return adv, ret

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 def letter_a_fraction(prompts: List[str], completions: List[str]) -> List[float]:
@@ -140,6 +140,34 @@ def _normal_text(s: str) -> str:
     return "".join(s.replace("$", "").split()).rstrip(".").lower()
 
 
+def _answer_forms(answer: str) -> Optional[Tuple[Optional[Fraction], str]]:
+    """An extracted answer as (its exact number or None, its normalised text), both of its
+    :func:`_plain` form; None when that text is empty (blank, an empty ``\\boxed{}``): the one
+    normalisation behind :func:`normal_answer` and :func:`answer_match`."""
+    plain = _plain(answer)
+    text = _normal_text(plain)
+    return None if not text else (_as_number(plain), text)
+
+
+def normal_answer(answer: str) -> Optional[str]:
+    r"""The normalised form of a final answer (:func:`extract_answer`'s text), the key
+    :func:`answer_match` compares and majority votes group by
+    (:func:`rlhf_fast.trainers.evaluate.vote_key`): ``"number:<exact value>"`` when it reads as
+    a number (``1,000`` = ``1000.`` = ``\frac{2000}{2}`` → ``number:1000``; ``$``, ``%`` and
+    thousands commas ignored; ``a/b`` as a fraction in lowest terms), else ``"text:<text>"``
+    without spaces, ``$``, case or a final period (``\dfrac`` / ``\tfrac`` read as ``\frac``,
+    ``\sqrt2`` as ``\sqrt{2}``); None when nothing is left (blank, an empty ``\boxed{}``).
+    answer_match scores two answers with equal keys 1.0; it also accepts numbers within 1e-6
+    relative of a non-integer reference, and a number against a text of equal normalised text."""
+    if not isinstance(answer, str):
+        raise TypeError(f"normal_answer: answer must be text (a final answer), got {type(answer).__name__}")
+    forms = _answer_forms(answer)
+    if forms is None:
+        return None
+    num, text = forms
+    return f"number:{num}" if num is not None else f"text:{text}"
+
+
 def _completion_text(c) -> str:
     """A completion as text: a string as it is; TRL's messages (``reward.calling_convention:
     trl`` with chat prompts, tool turns included) as their assistant turns' contents."""
@@ -171,19 +199,19 @@ def answer_match(prompts: List[str], completions: List, answer: List) -> List[fl
             raise ValueError("answer_match: a prompt has no 'answer' field")
         ref = str(ref)
         want = extract_answer(ref) if (_BOX.search(ref) or "####" in ref) else ref.strip()
-        if want is None or not _normal_text(_plain(want)):
-            # else an empty \boxed{} would match it
+        wanted = None if want is None else _answer_forms(want)
+        if wanted is None:  # else an empty \boxed{} would match it
             raise ValueError(f"answer_match: a prompt's 'answer' field holds no answer: {ref[:60]!r}")
         got = extract_answer(_completion_text(c))
-        if got is None or not _normal_text(_plain(got)):
+        given = None if got is None else _answer_forms(got)
+        if given is None:
             out.append(0.0)
             continue
-        got, want = _plain(got), _plain(want)
-        a, b = _as_number(got), _as_number(want)
+        (a, got_text), (b, want_text) = given, wanted
         if a is not None and b is not None:
             # an integer exactly (1000000 is not 1000001); else within 1e-6 relative (0.333333 ~ 1/3)
             close = a == b if b.denominator == 1 else abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
             out.append(float(close))
         else:
-            out.append(float(_normal_text(got) == _normal_text(want)))
+            out.append(float(got_text == want_text))
     return out

@@ -13,11 +13,12 @@ takes the final policy of an RL run, loads the reference it trained against (its
 says) and its prompts: by default (``--split auto``) the evaluation prompts the run evaluated on
 during training (``data.eval_prompts[_file]``, or the ``data.eval_fraction`` it held out, split
 exactly as the trainer split it), else its training prompts; it samples as the run did (its
-rollout's length, stop strings, top-k / top-p / min-p and penalties: :func:`run_sampling`;
-``--max-new-tokens`` / ``--stop`` win). With ``--n`` > 1 verl's ``mean@n``, ``best@k`` /
-``worst@k`` and ``maj@k`` come too (:func:`validation_metrics`). ``--reward-model`` scores as
-``rlhf-fast reward`` trained it (prompt, response, eos). ``--references FILE`` adds BLEU
-(sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score without stemming) of the answers.
+rollout's length, stop strings, top-k / top-p / min-p and penalties: :func:`run_sampling`, at its
+``eval.temperature``; ``--max-new-tokens`` / ``--stop`` / ``--temperature`` win). With ``--n`` > 1
+verl's ``mean@n``, ``best@k`` / ``worst@k`` and ``maj@k`` come too (:func:`validation_metrics`).
+``--reward-model`` scores as ``rlhf-fast reward`` trained it (prompt, response, eos).
+``--references FILE`` adds BLEU (sacrebleu's corpus_bleu defaults) and ROUGE-1/2/L F1 (rouge-score
+without stemming) of the answers.
 """
 
 from __future__ import annotations
@@ -339,20 +340,15 @@ def worst_of_k(rewards: Sequence[float], k: int) -> float:
 
 def vote_key(text: str) -> Optional[str]:
     r"""The final answer a text votes for in :func:`majority_of_k`, or None (no final answer):
-    :func:`~rlhf_fast.algorithms.rule_rewards.extract_answer` normalised as
-    :func:`~rlhf_fast.algorithms.rule_rewards.answer_match` normalises it — a number as its exact
-    value (``1,000`` = ``1000.0`` = ``\frac{2000}{2}``), else the text without spaces, ``$``, case
-    or a final period. (Numbers vote by exact equality, where answer_match allows 1e-6 relative.)"""
-    from rlhf_fast.algorithms.rule_rewards import _as_number, _normal_text, _plain, extract_answer
+    :func:`~rlhf_fast.algorithms.rule_rewards.extract_answer` as
+    :func:`~rlhf_fast.algorithms.rule_rewards.normal_answer` keys it, the key answer_match
+    compares — a number as its exact value (``1,000`` = ``1000.0`` = ``\frac{2000}{2}``), else
+    the text without spaces, ``$``, case or a final period; an empty ``\boxed{}`` has none.
+    (Numbers vote by exact equality, where answer_match allows 1e-6 relative.)"""
+    from rlhf_fast.algorithms.rule_rewards import extract_answer, normal_answer
 
     got = extract_answer(text)
-    if got is None:
-        return None
-    plain = _plain(got)
-    if not _normal_text(plain):  # an empty \boxed{}: no answer, as answer_match scores it
-        return None
-    num = _as_number(plain)
-    return f"number:{num}" if num is not None else f"text:{_normal_text(plain)}"
+    return None if got is None else normal_answer(got)
 
 
 def _vote(rewards: Sequence[float], keys: Sequence[Optional[str]], subset: Sequence[int]) -> float:
@@ -479,7 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a stop string (repeatable; default: a --run's rollout.stop_strings, else none). With "
                              "--run the answers are also sampled with its rollout.top_k / top_p / min_p, penalties "
                              "and min_new_tokens (the eos is blocked for that many tokens), as its own evaluation")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature, 0 = greedy (default: a --run's eval.temperature, as "
+                             "its own evaluation sampled, else 0)")
     parser.add_argument("--n", type=int, default=1,
                         help="samples per prompt; > 1 adds verl's mean@n, best@k / worst@k (exact) and, when every "
                              "prompt has an 'answer' field, maj@k, for k = 2, 4, ... < n and n")
@@ -565,6 +563,8 @@ def _check_args(args) -> None:
     for i, stop in enumerate(getattr(args, "stop", None) or []):
         if not stop:
             raise ValueError(f"--stop {i + 1}: a stop string must be non-empty")
+    if args.temperature is None:  # a run answers as its own evaluation did; else greedy
+        args.temperature = run_eval_temperature(args.run) if args.run is not None else 0.0
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.correct_threshold):
@@ -573,6 +573,15 @@ def _check_args(args) -> None:
     if args.n > 1 and args.temperature == 0:
         raise ValueError(f"--n {args.n} at --temperature 0 (greedy) gives {args.n} copies of one answer, so pass@k "
                          "would equal pass@1; sample with --temperature > 0 (say 1.0) or give --n 1")
+
+
+def run_eval_temperature(run_dir: str) -> float:
+    """The ``eval.temperature`` of the RL run in ``run_dir`` (its ``config.yaml``): the
+    temperature its own evaluation sampled at, the default ``--temperature`` of ``--run``."""
+    from rlhf_fast.trainers.config import load_config
+    from rlhf_fast.trainers.rl_config import RLConfig
+
+    return float(load_config(RLConfig, os.path.join(run_dir, "config.yaml")).eval.temperature)
 
 
 def _parse_pass_k(text: Optional[str], n: int) -> List[int]:

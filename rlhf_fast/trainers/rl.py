@@ -1263,7 +1263,7 @@ class RLTrainer:
         # rollout.mask_truncated: truncated answers are scored and in their groups' statistics,
         # but no part of any loss: their tokens leave the loss mask (the sample count of the
         # adaptive KL still has them). The metrics of the loss's quantities (kl/token, entropy,
-        # logprob_gap, is_weight) are over these tokens, as TRL's kl / entropy / sampling ratios
+        # logprob_gap, is_weight, advantages) are over these tokens, as TRL's kl / entropy / sampling ratios
         # over its masked completion_mask; response_length over every answer (TRL's
         # completions/mean_length), kl/seq too (the adaptive controller's measure, per sample)
         loss_rm = rm & ~truncated[:, None] if ro.mask_truncated else rm
@@ -1283,7 +1283,10 @@ class RLTrainer:
             kl_reward = kl_reward * ~truncated[:, None]
         beta = self.kl_ctl.value
         # whitening (ppo.whiten_advantages, and REINFORCE++'s own) takes its statistics over every
-        # rank's tokens, as one process would see them
+        # rank's tokens, as one process would see them; under rollout.mask_truncated over the loss
+        # tokens only, as verl-tool's mask_overlong_loss / SkyRL's overlong filtering (the mask they
+        # zero is the one their whitening reads; TRL RLOO's per-answer normalize_advantages, our
+        # 'sequence', keeps every answer, as here)
         group = (self.ctx.group or torch.distributed.group.WORLD) if self.ctx.distributed else None
         multi = {}
         if cfg.reward.multi_objective_aggregation == "normalize_then_sum":
@@ -1297,7 +1300,8 @@ class RLTrainer:
             cfg.estimator, scores, rm, values=values if self.critic is not None else None, kl=kl_reward,
             kl_coef=beta if cfg.kl.placement == "reward" else 0.0, group_size=G, gamma=cfg.ppo.gamma,
             lam=cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages, group=group, scale_rewards=cfg.scale_rewards,
-            dense_rewards=self._step_rewards(batch, out, idx, ids, rm), **multi)
+            dense_rewards=self._step_rewards(batch, out, idx, ids, rm),
+            whiten_mask=loss_rm if ro.mask_truncated else None, **multi)
         if recompute:  # (zero by construction otherwise)
             gap = logprob_gap(beh, old_logp, loss_rm)
             m["logprob_gap/mean"] = float(gap["mean"])
@@ -1328,7 +1332,7 @@ class RLTrainer:
             "kl/seq": float(seq_kl), "kl/token": float(ops.masked_mean(kl_tok, loss_rm)), "kl/coef": beta,
             "response_length/mean": float(rm.sum(1).float().mean()),
             "response_length/max": float(rm.sum(1).max()),
-            "advantages/mean": float(ops.masked_mean(adv, rm)),
+            "advantages/mean": float(ops.masked_mean(adv, loss_rm)),  # the loss's advantages
             "returns/mean": float(ops.masked_mean(ret, rm)),
             "tokens_per_second": float(getattr(batch, "tokens_per_second", 0.0) or 0.0),
             "time/generate": t_gen, "time/logprobs": t2 - t1,
@@ -1706,13 +1710,22 @@ class RLTrainer:
 
     def _penalised(self, out, batch):
         """``out`` (a RewardOutput of ``batch``) with ``reward.missing_eos_penalty`` taken off the
-        ``total`` ``[B]`` of the answers cut at ``rollout.max_new_tokens``, as :meth:`rollout`
-        takes it before the advantages: what DAPO's filter and ``rollout/uniform_group_frac``
-        judge. ``out`` itself without a penalty."""
-        pen = self.config.reward.missing_eos_penalty
-        if pen is None:
-            return out
-        return replace(out, total=missing_eos_scores(out.total, self._truncated_rows(batch), pen))
+        ``total`` ``[B]`` of the answers cut at ``rollout.max_new_tokens``, then clipped
+        (``reward.clip_range``, ``reward.clip``), as :meth:`rollout` takes them before the
+        advantages: what DAPO's filter and ``rollout/uniform_group_frac`` judge (verl's
+        filter_groups judges ``seq_final_reward``, the rewards the estimator sees), so a group
+        whose scores differ only beyond the clip is uniform. Under ``reward.whiten`` the clips act
+        on whitened scores, whose statistics only the step's batch gives: not applied here (the
+        whitening itself, affine, keeps a group's spread). ``out`` itself when none applies."""
+        rc = self.config.reward
+        total = out.total
+        if rc.missing_eos_penalty is not None:
+            total = missing_eos_scores(total, self._truncated_rows(batch), rc.missing_eos_penalty)
+        if not rc.whiten:  # (NaN, an unscored answer, stays NaN)
+            if rc.clip is not None:
+                total = total.clamp(-rc.clip, rc.clip)
+            total = clip_rewards(total, rc.clip_range)
+        return out if total is out.total else replace(out, total=total)
 
     def _tool_metrics(self) -> Dict[str, float]:
         """``tools/call_count`` (the step's tool calls, every rank and sampling round),
@@ -1750,8 +1763,8 @@ class RLTrainer:
         ``ppo.is_mode`` (``is_weight/mean`` over the answers, :func:`_is_weight_mean_parts`);
         ``entropy`` and ``gap`` are None with ``ppo.old_logp='behaviour'`` (no forward);
         ``loss_rm`` ``[b, L]`` bool the loss tokens (``rollout.mask_truncated``: ``rm`` without the
-        truncated rows; None: ``rm``), which ``kl/token``, ``entropy``, ``logprob_gap/*`` and
-        ``is_weight/*`` are over (0 with none, as TRL's clamp(min=1))."""
+        truncated rows; None: ``rm``), which ``kl/token``, ``entropy``, ``logprob_gap/*``,
+        ``is_weight/*`` and ``advantages/mean`` are over (0 with none, as TRL's clamp(min=1))."""
         d = lambda t: t.double().sum()  # noqa: E731
         rows, tok = float(raw.numel()), d(rm)
         lrm = rm if loss_rm is None else loss_rm
@@ -1766,7 +1779,7 @@ class RLTrainer:
         parts.update({
             "reward/total": (d(r), n_r), "reward/shaped": (d(s), n_r), "kl/seq": (d(kl_tok), rows),
             "kl/token": (d(kl_tok * lrm), ltok), "response_length/mean": (tok, rows),
-            "advantages/mean": (d(adv * rm), tok), "returns/mean": ret_rm,
+            "advantages/mean": (d(adv * lrm), ltok), "returns/mean": ret_rm,
             "reward/sq": (d(r * r), n_r), "rollout/truncated_frac": (d(truncated), rows),
         })
         if gap is not None:
@@ -1783,7 +1796,8 @@ class RLTrainer:
         vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu().view(-1, 2)
         tot = {k: (float(v[0]), float(v[1])) for k, v in zip(parts, vec)}
         out = {k: (s / n if n > 0 else float("nan")) for k, (s, n) in tot.items() if k not in ("reward/sq",)}
-        for k in ("kl/token", "entropy", "logprob_gap/mean", "is_weight/mean", "is_weight/masked_frac"):
+        for k in ("kl/token", "entropy", "logprob_gap/mean", "is_weight/mean", "is_weight/masked_frac",
+                  "advantages/mean"):
             # no loss token anywhere: 0, as one process
             if k in tot and tot[k][1] == 0:
                 out[k] = 0.0

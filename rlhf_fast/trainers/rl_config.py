@@ -295,10 +295,12 @@ class RolloutConfig:
     ``max_new_tokens`` (no eos, stop token or stop string; DAPO's overlong filtering, TRL's
     ``mask_truncated_completions``). They are still scored and still count in their group's
     advantage statistics (with the KL in the reward, a group estimator's, as TRL's RLOO, without
-    their KL); ``rollout/truncated_frac`` is logged either way.
+    their KL), but not in the token whitening's (``ppo.whiten_advantages: true``, REINFORCE++'s
+    own: over the loss tokens, as verl-tool / SkyRL); ``rollout/truncated_frac`` is logged either way.
 
     ``dynamic_sampling`` (group estimators): DAPO's dynamic sampling — groups whose answers all
-    got the same reward (no policy gradient) are replaced by groups of further prompts, sampled
+    got the same reward (after ``reward.missing_eos_penalty`` and, without ``reward.whiten``,
+    ``reward.clip`` / ``clip_range``: no policy gradient) are replaced by groups of further prompts, sampled
     in up to ``max_sampling_rounds`` rounds in all (the first included), so the batch is filled
     with groups that teach something; when the rounds run out, uniform groups fill the rest.
     Each extra round consumes ``prompts_per_step`` more prompts. Logs

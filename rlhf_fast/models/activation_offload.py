@@ -171,7 +171,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         # float8 tensors, as TRL does, whose copies would not be theirs)
         if self._keeps(t):
             self.kept += 1
-            return t
+            # with saved-tensor hooks autograd no longer checks at the backward that a saved
+            # tensor was not changed in place since ("modified by an inplace operation"): a kept
+            # tensor is the live one, so its version is kept to check as plain autograd does
+            return t, t._version
         pin = self.pin_memory and t.device.type != "cpu"
         # a dense tensor keeps its strides (so the backward's kernels see what they saw); a
         # strided view with gaps comes back contiguous, as in TRL
@@ -191,8 +194,13 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     @staticmethod
     def _unpack(packed) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
+        t, where = packed
+        if not isinstance(where, torch.device):  # kept: (the tensor, its version when saved)
+            if t._version != where:
+                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                                   f"expected version {where} instead (under activation_offloading)")
+            return t
         host, device = packed
         # Queued on the current stream, which autograd sets to the stream of the node's forward
         # (where the copy out was queued), before the backward kernels that read it; dropping
@@ -212,7 +220,9 @@ def activation_offloading(model: nn.Module, *, min_offload_size: int = MIN_OFFLO
     the host when it lives where ``offloadable(tensor)`` holds (default :func:`on_accelerator`:
     any device but the CPU) and holds at least ``min_offload_size`` bytes (int >= 0, TRL's 1024);
     ``pin_memory``: into pinned host memory (faster, asynchronous copies). Dtypes and shapes come
-    back as they went; values bit for bit.
+    back as they went; values bit for bit. A kept tensor changed in place between the forward and
+    the backward raises autograd's own error ("modified by an inplace operation"), as without the
+    hooks; an offloaded one comes back with the values the forward saved.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -271,7 +271,11 @@ def warn_if_no_update(b: BEMAConfig, max_steps: int) -> bool:
     first = b.update_after + b.update_freq
     if first <= max_steps:
         return False
-    ref = " and the reference never moves" if b.update_ref_model else ""
+    ref = ""
+    if b.update_ref_model:  # (its first update: at ref_model_update_after, or one period in when that is 0)
+        ref_first = b.ref_model_update_after or b.ref_model_update_freq
+        ref = (" and the reference, at each of its updates, takes those initial policy weights"
+               if ref_first <= max_steps else " and the reference never moves")
     warnings.warn(f"bema: no BEMA update happens in this run: the first is at step {first} (bema.update_after "
                   f"{b.update_after} + bema.update_freq {b.update_freq}), after max_steps {max_steps}, so "
                   f"RUN_DIR/bema will hold the initial weights{ref}; lower bema.update_freq", UserWarning,

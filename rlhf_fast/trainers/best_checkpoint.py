@@ -21,7 +21,9 @@ then keeps a later, better checkpoint from being chosen); here only the evaluati
 checkpoint compete. Its last step is a candidate only when it falls on an evaluation; here the
 last step always evaluates and saves. With ``save_total_limit`` 1 it deletes every checkpoint but
 the best at the end of training; here the last one stays, so that a finished run resumed does not
-train again from the best one.
+train again from the best one. Resumed after the best checkpoint's folder was removed, it keeps that
+checkpoint's metric as the bar a later evaluation must beat; here the best is chosen afresh among
+the later checkpoints.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class BestCheckpoint:
     def load(self, state: Any, run_dir: str) -> None:
         """Continue from a checkpoint's ``state`` (None: it was written without
         ``load_best_model_at_end``, so nothing is known yet). A best checkpoint that no longer
-        exists is dropped with a warning (as transformers does on resume), and so is a state
+        exists is dropped with its metric, with a warning (transformers drops the folder only and
+        keeps the metric as the bar a later evaluation must beat), and so is a state
         kept for another metric or direction (its values cannot be compared with this one's)."""
         if state is None:
             return
@@ -137,7 +140,8 @@ class BestCheckpoint:
         step = state["best_global_step"]
         if step is not None and not _is_checkpoint(run_dir, step):
             warnings.warn(f"the best checkpoint (step {step}) recorded in the resumed state does not exist anymore; "
-                          "ignoring it for this run (transformers does the same)", UserWarning, stacklevel=2)
+                          "ignoring it and its metric: the best is chosen among the later checkpoints (transformers "
+                          "forgets the folder but keeps its metric as the bar to beat)", UserWarning, stacklevel=2)
             return
         self.metric, self.step = state["best_metric"], step
 

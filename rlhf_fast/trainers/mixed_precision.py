@@ -167,12 +167,12 @@ class LossScaler:
                 warnings.warn(f"{where} was written without fp16 loss scaling; this run uses it (fp16: "
                               "true): the loss scale starts afresh", RuntimeWarning, stacklevel=2)
             return
-        if not self.enabled:
-            warnings.warn(f"{where} was written by an fp16 run (loss scale {state.get('scale')!r}); this run "
+        scale = state.get("scale") if isinstance(state, Mapping) else None
+        if not self.enabled:  # (a damaged state is dropped too: this run does not read it)
+            warnings.warn(f"{where} was written by an fp16 run (loss scale {scale!r}); this run "
                           "does not scale its loss (fp16 off, or not on CUDA): the loss scale is dropped",
                           RuntimeWarning, stacklevel=2)
             return
-        scale = state.get("scale") if isinstance(state, Mapping) else None
         keys = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
         if not (isinstance(state, Mapping) and all(k in state for k in keys)
                 and isinstance(scale, (int, float)) and not isinstance(scale, bool)

@@ -36,8 +36,8 @@ def sample(
     ``(tokens [B] int64, logp [B] float32)``: logp of each chosen token under the processed
     distribution (0 for greedy). ``generator`` seeds the draw (reproducible).
 
-    Rows whose logits contain NaN or +inf, or are all -inf, have no distribution: the cpp
-    backend raises ValueError; the cuda backend returns logp = NaN for them (and a token in
+    Rows whose logits contain NaN or +inf, or are all -inf, have no distribution: on CPU
+    tensors every backend raises ValueError; the cuda backend returns logp = NaN for them (and a token in
     [0, V)), since raising would cost a host sync. Greedy (temperature 0) is defined with
     +inf: every backend returns the first maximum (+inf included) with logp 0.
     """
@@ -71,7 +71,28 @@ def sample(
         # (benchmarks/results/nvidia-h200-2026-12-04.md). Few rows of a long vocabulary go to
         # the reference; use_backend("cuda") still runs the kernel.
         impl = reference.sample
+    elif name == "torch" and logits.device.type == "cpu":
+        _refuse_rows_without_distribution(logits, temperature)  # as the C++ kernel: no sync to avoid
     return impl(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+
+
+def _refuse_rows_without_distribution(logits: torch.Tensor, temperature: float) -> None:
+    """ValueError naming the first row of CPU ``logits [B, V]`` that has no distribution to draw
+    from, with the C++ kernel's message: a NaN; at ``temperature`` > 0 a +inf; every logit -inf.
+    The pure-PyTorch reference would draw a token with a NaN log-prob there (the GPU backends'
+    behaviour, where a check would cost a host sync), so on the CPU every backend refuses them."""
+    bad = torch.isnan(logits).any(-1)
+    inf = torch.isposinf(logits).any(-1) if temperature > 0 else torch.zeros_like(bad)
+    none = torch.isneginf(logits).all(-1)
+    broken = bad | inf | none
+    if not bool(broken.any()):
+        return
+    row = int(broken.nonzero()[0, 0])
+    if bool(bad[row]):
+        raise ValueError(f"sample: logits contain NaN (row {row})")
+    if bool(inf[row]):
+        raise ValueError(f"sample: logits contain +inf (row {row}); the sampling distribution is undefined")
+    raise ValueError(f"sample: every logit of row {row} is -inf; the sampling distribution is undefined")
 
 
 # where the automatic choice sends filtered CUDA draws to the sort-based reference (see sample)
@@ -145,6 +166,8 @@ def sample_with_uniforms_unchecked(logits, uniforms, *, temperature, top_k, top_
     kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p))
     if _dispatch.select("sample", logits.device)[0] == "cpp":
         return _cpp_from_uniforms(logits, uniforms.to(torch.float64), **kw)
+    if logits.device.type == "cpu":
+        _refuse_rows_without_distribution(logits, kw["temperature"])
     return reference.sample(logits, uniforms=uniforms.to(device=logits.device, dtype=torch.float64), **kw)
 
 

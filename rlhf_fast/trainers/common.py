@@ -1732,7 +1732,19 @@ def add_config_arguments(parser, config_cls=None) -> None:
                         help="--key value overrides (--a.b for nested keys); --print-config")
     if config_cls is not None:
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.epilog = config_keys_help(config_cls)
+        parser.epilog = config_keys_help(config_cls, resolved_null_defaults(config_cls))
+
+
+def resolved_null_defaults(config_cls) -> Dict[str, Any]:
+    """{key: value} for the keys of ``config_cls`` whose declared default is null but which the
+    config resolves when it is built — ``bf16``: true unless ``fp16`` (TRL's rule) — so that
+    ``--help`` states the value the command runs with, as ``--print-config`` shows it (read from
+    the field defaults: building a config would import transformers for its optimizer check)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    bf16, fp16 = fields.get("bf16"), fields.get("fp16")
+    if bf16 is not None and bf16.default is None and fp16 is not None and isinstance(fp16.default, bool):
+        return {"bf16": not fp16.default}
+    return {}
 
 
 def quiet_hf_progress() -> None:

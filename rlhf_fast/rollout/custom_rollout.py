@@ -24,6 +24,7 @@ import numbers
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .types import RolloutBatch
@@ -48,7 +49,16 @@ def load_rollout_func(spec: str, key: str = "rollout.rollout_func") -> Callable:
                          f"got {spec!r} ({e})") from None
 
 
+def _from_numpy(v):
+    """A numeric / bool numpy array as a tensor (TRL builds its tensors with ``torch.tensor(ids)``,
+    which takes them: ``return_tensors="np"`` ids); anything else as it is."""
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
 def _int_list(v, key: str, row: int, vocab_size: Optional[int]) -> List[int]:
+    v = _from_numpy(v)
     if isinstance(v, torch.Tensor):
         if v.dim() != 1 or v.dtype.is_floating_point or v.dtype == torch.bool:
             raise ValueError(f"{key}[{row}] must be a 1-D list of int token ids, got a tensor of shape "
@@ -67,6 +77,7 @@ def _int_list(v, key: str, row: int, vocab_size: Optional[int]) -> List[int]:
 
 
 def _float_list(v, key: str, row: int, length: int) -> List[float]:
+    v = _from_numpy(v)
     if isinstance(v, torch.Tensor):
         v = v.flatten().tolist() if v.dim() <= 1 else v
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
@@ -83,6 +94,7 @@ def _float_list(v, key: str, row: int, length: int) -> List[float]:
 
 
 def _mask_list(v, key: str, row: int, length: int) -> List[int]:
+    v = _from_numpy(v)
     if isinstance(v, torch.Tensor):
         v = v.flatten().tolist() if v.dim() <= 1 else v
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
@@ -97,7 +109,7 @@ def _mask_list(v, key: str, row: int, length: int) -> List[int]:
 
 
 def _rows(out: Mapping, name: str, n_rows: int, key: str) -> Sequence:
-    v = out[name]
+    v = _from_numpy(out[name])
     if isinstance(v, torch.Tensor) and v.dim() >= 1:  # (a [B, T] tensor's rows, as TRL's torch.tensor(ids) takes)
         v = list(v)
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
@@ -116,7 +128,7 @@ def check_output(out: Any, n_rows: int, *, vocab_size: Optional[int] = None, max
     or None, ``dict[str, list]``.
 
     ``prompt_ids`` / ``completion_ids``: one list of int ids in ``[0, vocab_size)`` per row
-    (tensors are read as lists), a prompt at least one token, a completion at most
+    (tensors and numpy arrays are read as lists), a prompt at least one token, a completion at most
     ``max_new_tokens`` (longer ones are refused: the loss normalisers and the model's positions
     are sized by it; TRL does not cut them), prompt and completion together at most
     ``max_length`` (the policy's positions); ``logprobs`` one finite float per completion

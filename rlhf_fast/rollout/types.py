@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
@@ -64,11 +65,12 @@ class SamplingParams:
     repetition_penalty / no_repeat_ngram_size / min_new_tokens is ``generate``'s
     (``do_sample=False`` with the same arguments) token for token. Beam search
     (:meth:`HFRolloutEngine.beam_search`) takes none of them.
-    stop_token_ids: extra stop tokens; the eos ids always stop unless ignore_eos: the
-    tokenizer's eos and every id of the model's ``generation_config.eos_token_id`` (a list
-    for many chat models), as ``generate`` stops on them. The stop token stays in the response
-    (``response_mask`` 1, dropped from ``response_texts`` when it is a special token).
-    stop_strings: generation of a row stops at the token that completes one of them; that
+    stop_token_ids: extra stop tokens (None: none, as vLLM's); the eos ids always stop unless
+    ignore_eos (a bool): the tokenizer's eos and every id of the model's
+    ``generation_config.eos_token_id`` (a list for many chat models), as ``generate`` stops on
+    them. The stop token stays in the response (``response_mask`` 1, dropped from
+    ``response_texts`` when it is a special token).
+    stop_strings (None: none): generation of a row stops at the token that completes one of them; that
     token, the string and any text after it inside that token stay in the response (as
     transformers' StopStringCriteria; vLLM instead cuts the text at the string). Only the
     generated text is matched: a string begun in the prompt and completed by the response
@@ -78,8 +80,8 @@ class SamplingParams:
     tokens depend only on its prompt and its seed, not on which other rows share the batch
     (up to float rounding of the logits under another left padding, which can flip a draw
     that lands on a boundary of the inverse CDF) — how the RL trainer makes a run
-    independent of the number of ranks. Slower: one sampler
-    call per live row and decode step instead of one per step.
+    independent of the number of ranks. Slower: one host-side uniform per row and step (each
+    row's CPU generator), still one batched sampler call per step (the inverse CDF).
     Every number may also be a numpy scalar (``np.float32(0.7)``, ``np.int64(5)``): it is
     stored as the Python int / float.
     """
@@ -124,8 +126,18 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if isinstance(self.stop_token_ids, int) or isinstance(self.stop_strings, str):
-            raise TypeError("stop_token_ids and stop_strings must be sequences (e.g. a tuple), not a single value")
+        for name in ("stop_token_ids", "stop_strings"):
+            v = getattr(self, name)
+            if v is None:  # no stop, as vLLM's stop / stop_token_ids None
+                setattr(self, name, ())
+            elif isinstance(v, (numbers.Number, str, bytes)) or not hasattr(v, "__iter__"):
+                raise TypeError(f"{name} must be a sequence (e.g. a tuple) or None, not a single "
+                                f"{type(v).__name__} ({v!r})")
+        if isinstance(self.ignore_eos, np.bool_):  # numpy's bool, as the numbers above
+            self.ignore_eos = bool(self.ignore_eos)
+        if not isinstance(self.ignore_eos, bool):
+            # a string such as "false" would be truthy and silently generate past every eos
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         self.stop_token_ids = tuple(_as_int(t) for t in self.stop_token_ids)
         self.stop_strings = tuple(self.stop_strings)
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
@@ -266,7 +278,8 @@ def logprob_gap(behaviour_logp: torch.Tensor, recomputed_logp: torch.Tensor, res
     """How far the trainer's recomputed log-probs drift from the sampler's.
 
     All ``[B, T]``. Returns ``{"mean": mean |Δ|, "max": max |Δ|}`` over response tokens as
-    0-dim float32 tensors (no host sync); 0 when the mask is empty.
+    0-dim float32 tensors (no host sync); 0 when the mask is empty. Values outside the mask
+    (-inf / NaN included) are ignored.
     """
     for name, t in (("behaviour_logp", behaviour_logp), ("recomputed_logp", recomputed_logp),
                     ("response_mask", response_mask)):
@@ -275,7 +288,9 @@ def logprob_gap(behaviour_logp: torch.Tensor, recomputed_logp: torch.Tensor, res
         if tuple(t.shape) != tuple(behaviour_logp.shape):
             raise ValueError(f"{name} must have shape {tuple(behaviour_logp.shape)}, got {tuple(t.shape)}")
     m = response_mask.bool()
-    d = (behaviour_logp.float() - recomputed_logp.float()).abs() * m
+    # where, not `* m`: a -inf / NaN at a masked position (a pad scored under a filtered
+    # distribution) would make inf * 0 = NaN of both numbers
+    d = torch.where(m, (behaviour_logp.float() - recomputed_logp.float()).abs(), 0.0)
     count = m.sum().clamp(min=1)
     return {"mean": d.sum() / count, "max": d.max() if d.numel() else d.new_zeros(())}
 

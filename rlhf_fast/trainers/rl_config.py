@@ -284,7 +284,8 @@ class RolloutConfig:
 
     ``per_sample_seeds``: seed every response from (seed, step, its index in the step's global
     batch) instead of one generator per rank, so a step samples the same responses on any
-    number of ranks (slower sampling: one sampler call per live row and token). ``None``
+    number of ranks (slower sampling: one host-side uniform per row and token, still one
+    batched sampler call per token). ``None``
     (default): on exactly when ``distributed.strategy`` is ddp or fsdp2, so one-process runs of
     strategy ``none`` keep the faster single-generator path and its numbers.
 

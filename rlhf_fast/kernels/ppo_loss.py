@@ -44,7 +44,10 @@ _NV = 5
 def _policy_token(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr, CLAMP: tl.constexpr):
     """Per-token PPO loss, its derivative in logp, ratio, clipped and dual flags (fp32)."""
     lr_raw = lp - old
-    lr = tl.minimum(tl.maximum(lr_raw, -CLAMP), CLAMP)
+    # NaN propagates (PropagateNan.ALL) as in torch's clamp / maximum / minimum: by default
+    # tl.maximum / tl.minimum return the non-NaN operand, which made a NaN log-ratio a ratio of
+    # e^-20 with no gradient and the loss finite where the reference's is NaN
+    lr = tl.clamp(lr_raw, -CLAMP, CLAMP, propagate_nan=tl.PropagateNan.ALL)
     lr_in = (lr_raw >= -CLAMP) & (lr_raw <= CLAMP)
     ratio = tl.exp(lr)
     lo = 1.0 - clip_low
@@ -53,7 +56,7 @@ def _policy_token(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.con
     l2 = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
     d1 = l1
     d2 = tl.where((ratio >= lo) & (ratio <= hi), l1, 0.0)
-    loss = tl.maximum(l1, l2)
+    loss = tl.maximum(l1, l2, propagate_nan=tl.PropagateNan.ALL)
     dl = tl.where(l1 > l2, d1, tl.where(l2 > l1, d2, 0.5 * (d1 + d2)))
     clipped = l2 > l1
     dual = ratio < 0.0  # all False: exp(·) ≥ 0
@@ -62,7 +65,7 @@ def _policy_token(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.con
         neg = adv < 0
         dual = neg & (l3 < loss)
         dl = tl.where(neg, tl.where(loss < l3, dl, tl.where(loss == l3, 0.5 * dl, 0.0)), dl)
-        loss = tl.where(neg, tl.minimum(loss, l3), loss)
+        loss = tl.where(neg, tl.minimum(loss, l3, propagate_nan=tl.PropagateNan.ALL), loss)
     dl = tl.where(lr_in, dl, 0.0)
     return loss, dl, ratio, clipped, dual
 
@@ -287,7 +290,8 @@ def _value_token(v, old, ret, clip, HAS_CLIP: tl.constexpr):
         err_c = ec * ec
         g1 = e
         g2 = tl.where((dv >= -clip) & (dv <= clip), ec, 0.0)
-        loss = 0.5 * tl.maximum(err, err_c)
+        # NaN propagates, as in torch.maximum (see _policy_token)
+        loss = 0.5 * tl.maximum(err, err_c, propagate_nan=tl.PropagateNan.ALL)
         grad = tl.where(err > err_c, g1, tl.where(err_c > err, g2, 0.5 * (g1 + g2)))
         clipped = err_c > err
     else:

@@ -70,8 +70,9 @@ def group_advantages(
     _validate.nonneg("eps", eps)
     normalize_std = _validate.flag("normalize_std", normalize_std)
     if scores.shape[0] == 0:
-        # no groups (any group_size divides 0): nothing to launch
-        return scores.new_empty((0,), dtype=out_dtype(scores.dtype))
+        # no groups (any group_size divides 0): nothing to launch; scores that require grad
+        # keep their (empty) graph, as a non-empty batch's do
+        return scores.to(out_dtype(scores.dtype)) * 0
     return _dispatch.call("group_advantages", scores.device, scores, group_size, kind=kind,
                           normalize_std=normalize_std, eps=eps)
 
@@ -115,12 +116,17 @@ def _check_dim(dim, ndim: int) -> None:
     if dim is None:
         return
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    seen = set()
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, int):
             raise TypeError(f"dim must be None, an int or a tuple of ints, got {dim!r}")
         if not -max(ndim, 1) <= d < max(ndim, 1):
             raise ValueError(f"dim must be in [{-max(ndim, 1)}, {max(ndim, 1) - 1}] for x of {ndim} dimension(s), "
                              f"got {d}")
+        # (1, -1) names one dimension twice: torch.sum would raise a RuntimeError
+        if d % max(ndim, 1) in seen:
+            raise ValueError(f"dim must name each dimension once, got {dim!r} for x of {ndim} dimension(s)")
+        seen.add(d % max(ndim, 1))
 
 
 def _check_group(group) -> None:
@@ -196,7 +202,10 @@ _native.register_meta_and_autograd(
 _native.register_meta_and_autograd(
     "group_advantages", lambda s, g, kind, norm, eps: s.new_empty(s.shape, dtype=out_dtype(s.dtype)))
 _native.register_meta_and_autograd(
-    "masked_mean", lambda x, m: x.new_empty((), dtype=out_dtype(x.dtype)), _masked_mean_backward, _masked_mean_setup)
+    "masked_mean", lambda x, m: x.new_empty((), dtype=out_dtype(x.dtype)), _masked_mean_backward, _masked_mean_setup,
+    # its backward is torch ops, differentiable again: a double backward (create_graph, a
+    # Hessian-vector product) runs it too instead of being refused
+    reference_backward=_masked_mean_backward)
 _native.register_meta_and_autograd(
     "masked_whiten", lambda x, m, shift, eps: x.new_empty(x.shape, dtype=out_dtype(x.dtype)))
 

@@ -302,23 +302,28 @@ def masked_whiten(
     mb = mask != 0
     m = mb.to(xf.dtype)
     xf = _select(xf, mb)  # masked-out entries (NaN/inf padding included) are never read
-    stats = torch.stack([xf.sum(), m.sum()])
+    # The statistics in float64 (the mean, then the squared deviations about it), as the C++ and
+    # CUDA kernels: in float32 the mean of a constant is an ulp off it, which the division by a
+    # std of ~0 (+ eps) made ±0.8 for a whitened constant 1000.1, where the answer is 0.
+    x64 = xf.to(torch.float64)
+    stats = torch.stack([x64.sum(), m.sum(dtype=torch.float64)])
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(stats, group=group)
     n = stats[1]
     mean = stats[0] / n.clamp(min=1)
-    sq = ((xf - mean) ** 2 * m).sum()
+    sq = ((x64 - mean) ** 2 * m).sum()
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(sq, group=group)
     # Bessel's correction, as TRL/verl's masked_var; a single entry has variance 0.
     var = sq / (n - 1).clamp(min=1)
-    out = (xf - mean) * torch.rsqrt(var + eps)
+    mean_x = mean.to(xf.dtype)  # applied in x's math dtype, as the kernels do
+    out = (xf - mean_x) * torch.rsqrt(var + eps).to(xf.dtype)
     if not shift_mean:
-        out = out + mean
+        out = out + mean_x
     return _select(out, mb)
 
 
@@ -393,23 +398,32 @@ def group_advantages(
     answers of its group (needs group_size ≥ 2). ``dr_grpo``: s − group mean.
     Returns ``[B]`` float32 (float64 for float64 input).
     """
-    dt = out_dtype(scores.dtype)
-    s = scores.to(dt).reshape(-1, group_size)
+    # The statistics in float64, as the C++ and CUDA kernels: in float32 the mean of a group of
+    # equal scores is an ulp off them, and (s − mean) / (std + eps) made that ulp advantages of
+    # ±0.2 (a group of 7 scores of 3.3) where the answer is 0.
+    s = scores.to(torch.float64).reshape(-1, group_size)
+    adv = _group_advantages64(s, group_size, kind, normalize_std, eps)
+    return adv.reshape(-1).to(out_dtype(scores.dtype))
+
+
+def _group_advantages64(s: torch.Tensor, group_size: int, kind: str, normalize_std: bool, eps: float):
+    """:func:`group_advantages` of the float64 groups ``s [n_groups, group_size]``."""
     mean = s.mean(dim=1, keepdim=True)
     if kind == "dr_grpo":
-        return (s - mean).reshape(-1)
+        return s - mean
     if kind == "rloo":
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
         others = (s.sum(dim=1, keepdim=True) - s) / (group_size - 1)
-        return (s - others).reshape(-1)
+        return s - others
     if kind == "grpo":
         if not normalize_std:
-            return (s - mean).reshape(-1)
+            return s - mean
         if group_size == 1:
-            return torch.zeros_like(s).reshape(-1)
+            # 0, with the graph kept (a zero gradient): scores that require grad can backward()
+            return _select(s, torch.zeros_like(s, dtype=torch.bool))
         std = s.std(dim=1, keepdim=True)
-        return ((s - mean) / (std + eps)).reshape(-1)
+        return (s - mean) / (std + eps)
     raise ValueError(f"kind must be one of {GROUP_KINDS}, got {kind!r}")
 
 

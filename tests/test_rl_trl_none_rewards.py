@@ -328,6 +328,11 @@ def test_trainer_loss_counts_unscored_answers(tmp_path, tok):
             warnings.simplefilter("ignore")
             data, _ = tr.rollout()
         mask = data.response_mask.float()
+        kept = ~torch.isnan(data.scores)  # dropping the unscored answers would change the normaliser
+        # the scored answers' advantages + 1: group advantages sum to 0 over equal-length answers,
+        # where any normaliser gives the same 0 loss; the unscored ones stay at 0
+        data.advantages = torch.where(kept[:, None] & data.response_mask.bool(), data.advantages + 1.0,
+                                      data.advantages)
         per_token_loss = -data.advantages  # TRL: -min(coef_1·A, coef_2·A) at coef 1
         if agg == "token-mean":
             trl_loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)  # dapo, one process
@@ -335,7 +340,6 @@ def test_trainer_loss_counts_unscored_answers(tmp_path, tok):
             trl_loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()  # grpo
         st = tr.policy_backward(data)
         assert st["loss"] == pytest.approx(float(trl_loss), rel=1e-4, abs=1e-6)
-        kept = ~torch.isnan(data.scores)  # dropping the unscored answers would change the normaliser
         assert float(trl_loss) != pytest.approx(float(per_token_loss[kept].mul(mask[kept]).sum() / mask[kept].sum()))
 
 

@@ -200,21 +200,23 @@ def _unscored_group_advantages(s: torch.Tensor, group_size: int, kind: str, eps:
     ``_generate_and_score_completions``). NaN where TRL's ``nan_to_num`` gives 0: the unscored
     answers, and the scored ones whose group statistic is undefined (the only scored answer
     of its group, under grpo's group std and rloo's baseline)."""
-    g = s.view(-1, group_size)
+    # the statistics in float64, as ops.group_advantages': in float32 a group of equal scores
+    # has a mean an ulp off them, which the division by its std (~0) + eps made ±0.2 advantages
+    g = s.to(torch.float64).view(-1, group_size)
     if kind == "rloo":
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for kind='rloo', got {group_size}")
         # the baseline averages the scorable siblings: (sum − own) / (scorable − 1); 0/0 alone
         n = (~torch.isnan(g)).sum(dim=1, keepdim=True)
-        return (g - (torch.nansum(g, dim=1, keepdim=True) - g) / (n - 1)).view(-1)
+        return (g - (torch.nansum(g, dim=1, keepdim=True) - g) / (n - 1)).view(-1).to(s.dtype)
     centred = g - torch.nanmean(g, dim=1, keepdim=True)
     scale = scale_rewards or ("group" if kind == "grpo" else "none")
     if scale == "none":
-        return centred.view(-1)
+        return centred.view(-1).to(s.dtype)
     if scale == "batch":
         _, std = global_mean_std(s, group)
-        return centred.view(-1) / (std + eps)
-    return (centred / (nanstd(g, dim=1, keepdim=True) + eps)).view(-1)
+        return (centred.view(-1) / (std + eps)).to(s.dtype)
+    return (centred / (nanstd(g, dim=1, keepdim=True) + eps)).view(-1).to(s.dtype)
 
 
 def _group_row_advantages(s: torch.Tensor, group_size: int, kind: str, eps: float, scale_rewards: Optional[str],

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -235,6 +236,13 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _non_finite_number(v: Any) -> bool:
+    """Whether ``v`` is a NaN / inf float (Python, numpy) or one-value tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not math.isfinite(float(v))
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(float(v))
+
+
 def _finite_items(x: Any) -> Any:
     """A tensor's ``tolist()`` (nested lists of numbers) with every non-finite float as its text."""
     if isinstance(x, list):
@@ -334,12 +342,13 @@ def _save_tracker_id(run_dir: str, name: str, run_id: str) -> None:
 
 
 class _TensorBoard:
-    """Scalars as TensorBoard events in ``run_dir/tb``."""
+    """Scalars as TensorBoard events in ``run_dir/tb``; ``purge_step`` (SummaryWriter's): the
+    events of that step and later that earlier writers left there are hidden."""
 
-    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any]):
+    def __init__(self, run_dir: str, run_name: str, config: Dict[str, Any], purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._w = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+        self._w = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), purge_step=purge_step)
 
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         for k, v in scalars.items():
@@ -488,21 +497,28 @@ class MetricsLogger:
     Open it on rank 0 only. A resumed run opens it after ``truncate_metrics``: the W&B and
     MLflow runs continue under the ids saved in ``run_dir/tracker_ids.json``, and the steps the
     run had logged after its checkpoint are logged to them again (as a resumed TRL run does),
-    while metrics.jsonl holds each step once. A tracker named explicitly that fails to start
+    while metrics.jsonl holds each step once. ``resume_step``: the step the run continues from
+    (0: a fresh start): TensorBoard hides the events of the later steps that an earlier attempt
+    wrote in ``run_dir/tb`` (SummaryWriter's ``purge_step``), so it too shows each step once;
+    None keeps every event. A tracker named explicitly that fails to start
     raises; under ``"auto"`` a TensorBoard that cannot start is skipped, as before."""
 
     def __init__(self, run_dir: str, *, tensorboard: bool = True, append: bool = True, report_to: Any = "auto",
-                 run_name: Optional[str] = None, config: Optional[Mapping[str, Any]] = None):
+                 run_name: Optional[str] = None, config: Optional[Mapping[str, Any]] = None,
+                 resume_step: Optional[int] = None):
         check_run_name(run_name)
         names = [n for n in resolve_report_to(report_to) if tensorboard or n != "tensorboard"]
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         name = run_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
         self._trackers = []
+        # (a fresh start hides all: an aborted attempt's step 0, e.g. the evaluation at the start)
+        purge = None if resume_step is None else (int(resume_step) + 1 if resume_step else 0)
         try:
             for n in names:
                 try:
-                    self._trackers.append(TRACKER_CLASSES[n](run_dir, name, dict(config or {})))
+                    kw = {"purge_step": purge} if n == "tensorboard" else {}
+                    self._trackers.append(TRACKER_CLASSES[n](run_dir, name, dict(config or {}), **kw))
                 except Exception:
                     if report_to != "auto":
                         raise
@@ -513,10 +529,10 @@ class MetricsLogger:
         self._f = open(self.path, "a" if append else "w", encoding="utf-8")
 
     @classmethod
-    def for_config(cls, run_dir: str, cfg: Any) -> "MetricsLogger":
+    def for_config(cls, run_dir: str, cfg: Any, *, resume_step: Optional[int] = None) -> "MetricsLogger":
         """The logger of a trainer whose config ``cfg`` has ``report_to`` and ``run_name`` (a config
         without them gets the defaults), with the run's config.yaml (written by then; else ``cfg``)
-        as the trackers' config."""
+        as the trackers' config; ``resume_step``: the trainer's step as its loop starts."""
         import yaml
 
         path = os.path.join(run_dir, "config.yaml")
@@ -526,7 +542,7 @@ class MetricsLogger:
         else:
             config = to_dict(cfg)
         return cls(run_dir, report_to=getattr(cfg, "report_to", "auto"), run_name=getattr(cfg, "run_name", None),
-                   config=config)
+                   config=config, resume_step=resume_step)
 
     @property
     def trackers(self) -> List[str]:
@@ -541,11 +557,11 @@ class MetricsLogger:
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if self._trackers:
-            # a one-value tensor's NaN / inf (text in the JSON line) still reaches the trackers as a
-            # number, as before it was written as text: a loss turning NaN shows on their plots
+            # a NaN / inf (text in the JSON line) of a float or a one-value tensor still reaches the
+            # trackers as a number, as transformers' callbacks write every float: a loss turning
+            # NaN shows on their plots
             scalars = record_scalars({**rec, **{str(k): float(v) for k, v in metrics.items()
-                                                if isinstance(v, torch.Tensor) and v.numel() == 1
-                                                and not math.isfinite(float(v))}})
+                                                if _non_finite_number(v)}})
             for t in self._trackers:
                 t.log(int(step), scalars)
         return rec
@@ -578,6 +594,60 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def window_keeps_last(key: str) -> bool:
+    """Whether :class:`LogWindow` logs metric ``key`` as of the logged step rather than averaged
+    over the steps since the last log: the learning rate, epoch and gradient norms (transformers
+    logs the last step's), running counts (TRL's ``num_tokens``, ``reward/dropped_total``,
+    ``sdft/teacher_syncs``) and the current β / loss scale."""
+    return (key in ("lr", "epoch", "num_tokens", "kl/coef", "beta", "sdft/teacher_syncs")
+            or key.endswith(("grad_norm", "loss_scale", "_total")))
+
+
+def _window_number(v: Any) -> Optional[float]:
+    """A metric value as a float when it is one number (int, float, numpy scalar, one-value
+    tensor; not a bool), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, torch.Tensor):
+        return float(v.item()) if v.numel() == 1 else None
+    if hasattr(v, "item") and getattr(v, "size", None) == 1:  # a numpy scalar
+        return float(v.item())
+    return None
+
+
+class LogWindow:
+    """The metrics of the steps since the last logged one (``log_every``), given as one record
+    when a step is logged (:meth:`pop`): each number the mean of its values over the steps that
+    have it, NaN ones left out (NaN when all are), as TRL 1.16 averages its metrics between two
+    logs (and transformers its loss); :func:`window_keeps_last`'s keys and anything that is not
+    one number are the last step's. A window of one step gives its metrics unchanged. The
+    trainers also log each checkpoint's step, so that a resumed run's windows are those of the
+    uninterrupted run (transformers starts a new one at any resume)."""
+
+    def __init__(self):
+        self._steps: List[Dict[str, Any]] = []
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        """Add one step's metrics."""
+        self._steps.append(dict(metrics))
+
+    def pop(self) -> Dict[str, Any]:
+        """The record of the steps added since the last ``pop`` (``{}`` for none); empties the window."""
+        steps, self._steps = self._steps, []
+        out: Dict[str, Any] = {}
+        for k in dict.fromkeys(k for m in steps for k in m):
+            vals = [m[k] for m in steps if k in m]
+            nums = [_window_number(v) for v in vals]
+            if len(vals) == 1 or window_keeps_last(str(k)) or any(n is None for n in nums):
+                out[k] = vals[-1]
+                continue
+            real = [n for n in nums if not math.isnan(n)]
+            out[k] = sum(real) / len(real) if real else float("nan")
+        return out
 
 
 def read_metrics(run_dir: str) -> list:
@@ -1583,7 +1653,7 @@ def resolve_device(device: str) -> torch.device:
 __all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "steps_on_metric", "schedule_metric",
            "metric_to_step_on", "check_metric_fields", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
-           "ModelInitOptions", "check_model_init_field",
+           "ModelInitOptions", "check_model_init_field", "LogWindow",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "random_states_kept", "resolve_device", "to_dict"]
 

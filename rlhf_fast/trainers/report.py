@@ -221,7 +221,8 @@ def metric_value(v: Any) -> Optional[float]:
 
 
 def direction(key: str) -> int:
-    """+1 when a larger value of metric ``key`` is better (rewards, accuracies, margins), -1 when
+    """+1 when a larger value of metric ``key`` is better (rewards, verl's ``mean@n`` / ``best@k`` /
+    ``worst@k`` / ``maj@k`` of RL's evaluation, accuracies, margins), -1 when
     a smaller one is (losses, perplexity, a distillation divergence), 0 when neither is (KL, entropy, lengths, the policy
     loss of an advantage-weighted objective, ...)."""
     base = re.sub(r"^eval[_/]", "", key)
@@ -234,6 +235,8 @@ def direction(key: str) -> int:
     if base.startswith("reward/") and not any(w in base for w in ("std", "dropped")):
         return 1
     if base == "reward":  # a2po's mean reward of the step's answers
+        return 1
+    if re.fullmatch(r"(mean|best|worst|maj|pass)@\d+", base):  # verl's validation rewards, pass@k
         return 1
     if "accuracy" in base or base.endswith("margin") or base in ("value/explained_variance", "win_rate"):
         return 1
@@ -392,26 +395,54 @@ def _status(run_dir: str, ck: Optional[str], done: int, planned: Any, resume_hin
 
 
 def _timing(records: Sequence[Dict[str, Any]], cfg: Dict[str, Any]) -> List[str]:
-    def finite(key):
-        return [v for r in records for v in [metric_value(r.get(key))] if v is not None and math.isfinite(v)]
+    """The wall time / throughput lines. With ``log_every`` > 1 a record's value is the mean of
+    the steps since the previous record (:class:`~rlhf_fast.trainers.common.LogWindow`), so each
+    counts for those steps (a log from before that averaging: the logged step's value stands for
+    them)."""
+    def finite(key):  # [(value, the steps since the previous record)]
+        prev, out = 0, []
+        for r in records:
+            v, step = metric_value(r.get(key)), int(r["step"])
+            if v is not None and math.isfinite(v):
+                out.append((v, max(step - prev, 1)))
+            prev = step
+        return out
+
+    def total(pts):
+        return sum(v * w for v, w in pts)
+
+    def mean(pts):
+        return total(pts) / sum(w for _, w in pts)
 
     lines = []
     every = cfg.get("log_every", 1)
-    partial = "" if every == 1 else f" (log_every {every}: only the logged steps)"
     step_times, tps, tokens = finite("time/step"), finite("tokens_per_second"), finite("tokens")
     trained_tps = finite("train_tokens_per_second")
+
+    windows = []  # whether a line counts records for several steps each
+
+    def over(pts, what="steps"):  # the steps the records stand for
+        n = sum(w for _, w in pts)
+        if every == 1 or n == len(pts):
+            return f"{len(pts)} {'logged ' if what == 'logged' else ''}steps"
+        windows.append(True)
+        return f"the {n} steps of {len(pts)} logged records"
+
     if step_times:
-        lines.append(f"- **Wall time**: {format_number(sum(step_times))} s, the sum of `time/step` over "
-                     f"{len(step_times)} logged steps{partial}")
+        lines.append(f"- **Wall time**: {format_number(total(step_times))} s, the sum of `time/step` over "
+                     f"{over(step_times, 'logged')}")
     if tps:
-        lines.append(f"- **Throughput**: {format_number(sum(tps) / len(tps))} generated tokens/s "
-                     f"(mean `tokens_per_second` over {len(tps)} steps)")
+        lines.append(f"- **Throughput**: {format_number(mean(tps))} generated tokens/s "
+                     f"(mean `tokens_per_second` over {over(tps)})")
     if trained_tps:
-        lines.append(f"- **Throughput**: {format_number(sum(trained_tps) / len(trained_tps))} trained (input) tokens/s "
-                     f"(mean `train_tokens_per_second` over {len(trained_tps)} steps)")
+        lines.append(f"- **Throughput**: {format_number(mean(trained_tps))} trained (input) tokens/s "
+                     f"(mean `train_tokens_per_second` over {over(trained_tps)})")
     if tokens:
-        lines.append(f"- **Tokens trained**: {format_number(sum(tokens))} (sum of `tokens` over {len(tokens)} "
-                     f"logged steps{partial})")
+        lines.append(f"- **Tokens trained**: {format_number(total(tokens))} (sum of `tokens` over "
+                     f"{over(tokens, 'logged')})")
+    if windows:
+        lines.append(f"- (log_every {every}: each logged value is the mean of the steps since the previous "
+                     "record, counted once for each of them)")
     if not lines:
         lines.append("- **Wall time / throughput**: not logged")
     return lines

@@ -2403,12 +2403,15 @@ class RLTrainer:
             t2 = clock.now()
             m.update(self.evaluate())
             m["time/eval"] = clock.now() - t2
-        # log_every (TRL's logging_steps) as the offline trainers: those steps, the last one and
-        # the ones with an evaluation
+        # log_every (TRL's logging_steps) as the offline trainers: those steps, the last one, the
+        # ones with an evaluation and those of a checkpoint (a resume then logs as the uninterrupted run)
+        save_every = self.config.save_every
         logged = (self.global_step % self.config.log_every == 0 or self.global_step == self.config.steps
-                  or evaluated)
-        if self._logger is not None and logged:
-            self._logger.log(self.global_step, m)
+                  or evaluated or bool(save_every and self.global_step % save_every == 0))
+        if self._logger is not None:  # log_every > 1: the steps since the last log averaged, as TRL
+            self._log_window.add(m)
+            if logged:
+                self._logger.log(self.global_step, self._log_window.pop())
         self._write_samples()  # (every rank: its rows are gathered; rank 0 writes)
         return m
 
@@ -2649,7 +2652,7 @@ class RLTrainer:
         ``config.output_dir`` (or ``config.resume`` to continue it). Returns the metrics of the
         steps run here. Saves a checkpoint every ``save_every`` steps and at the end, and the
         final policy (and critic) under ``RUN_DIR/final``."""
-        from rlhf_fast.trainers.common import MetricsLogger, RunDir, check_fresh_run_dir
+        from rlhf_fast.trainers.common import LogWindow, MetricsLogger, RunDir, check_fresh_run_dir
         from rlhf_fast.trainers.stop import StopOnSignal, TrainingStopped
         from rlhf_fast.trainers.config import save_config
 
@@ -2671,7 +2674,9 @@ class RLTrainer:
             # output_dir: where the run really is (a resumed run stays in its own folder)
             save_config(replace(cfg, resume=None, output_dir=out_dir), os.path.join(self.run_dir.path, "config.yaml"))
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
-        self._logger = MetricsLogger.for_config(self.run_dir.path, cfg) if self.ctx.is_main else None
+        self._logger = (MetricsLogger.for_config(self.run_dir.path, cfg, resume_step=self.global_step)
+                        if self.ctx.is_main else None)
+        self._log_window = LogWindow()
         history = []
         bar = None
         if cfg.progress and self.ctx.is_main:
@@ -2705,6 +2710,9 @@ class RLTrainer:
             if bar is not None:
                 bar.close()
             if self._logger is not None:
+                pending = self._log_window.pop()  # the steps up to a stop's or this call's checkpoint
+                if pending:
+                    self._logger.log(self.global_step, pending)
                 self._logger.close()
             self._logger = None
         return history

@@ -84,7 +84,7 @@ from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervis
 from .compile import CompileOptions, compile_configured
 from .config import typed_config
 from .merging import MergeOptions, check_merge_target, merge_into, setup_merge
-from .common import metric_to_step_on, schedule_metric, step_logged, steps_on_metric
+from .common import LogWindow, metric_to_step_on, schedule_metric, step_logged, steps_on_metric
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
 from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema, save_bema_model,
@@ -825,8 +825,10 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
         raise ValueError(f"load_best_model_at_end compares {best.name} of the evaluations, but the eval split is "
                          "empty: give eval_data or a larger eval_fraction")
     last: Dict[str, float] = {}
+    window = LogWindow()  # log_every > 1: TRL / transformers average the steps between two logs
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
-        with (MetricsLogger.for_config(trainer.run.path, cfg) if trainer.ctx.is_main else NullLogger()) as log, \
+        with (MetricsLogger.for_config(trainer.run.path, cfg, resume_step=trainer.step) if trainer.ctx.is_main
+              else NullLogger()) as log, \
                 _exposed_logger(trainer, log):
             if eval_at_start and trainer.step == 0 and has_eval:
                 start = trainer.evaluate()
@@ -849,13 +851,17 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                     if best is not None:  # judged when this step's checkpoint is saved (save_supervised)
                         best.observe(trainer.step, ev)
                     m.update(ev)
-                if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m:
-                    # that step's seconds, as RL logs, and its throughput (timings: not returned either)
-                    log.log(trainer.step, {**m, "time/step": step_s, **step_throughput(trainer, step_s)})
+                # that step's seconds, as RL logs, and its throughput (timings: not returned either)
+                window.add({**m, "time/step": step_s, **step_throughput(trainer, step_s)})
                 # a stop signal ends the run at this step with a checkpoint (the last step goes on
                 # to its final save anyway)
                 signum = 0 if final else stop.requested(trainer.ctx)
-                if (cfg.save_every and trainer.step % cfg.save_every == 0) or signum:
+                saves = bool(cfg.save_every and trainer.step % cfg.save_every == 0) or bool(signum)
+                # the steps since the last log, averaged; a checkpoint's step too, so that a run
+                # resumed from it logs what the uninterrupted run logs
+                if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m or saves:
+                    log.log(trainer.step, window.pop())
+                if saves:
                     trainer._save()
                 if signum:
                     raise TrainingStopped(signum, trainer.step, trainer.run.path, continue_hint(cfg))

@@ -106,10 +106,42 @@ def _check_args(args) -> None:
             raise ValueError("--temperature 0 (greedy) takes no " + ", ".join("--" + k for k in given)
                              + ": greedy decoding ignores the sampling filters, and --n > 1 would write copies of "
                                "one answer; sample with --temperature > 0 or drop them")
+    _check_output_fits(args.n, [("", {})])  # --n alone, before the prompts are read
+    from rlhf_fast.feedback.formats import saved_dataset_folder
     from rlhf_fast.trainers.config import check_out_not_input, check_output_path
 
+    if os.path.isdir(args.prompts) and not saved_dataset_folder(args.prompts):
+        # before the --out checks: an --out inside it is not what is wrong
+        raise ValueError(f"--prompts {args.prompts} is a folder; expected a .txt, .jsonl / .json or .parquet "
+                         "file (or a datasets save_to_disk folder)")
     check_output_path(args.out, "--out")
     check_out_not_input(args.out, {"--prompts": args.prompts, "--model": args.model}, "the responses")
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes (0: unknown, nothing is refused)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_output_fits(n: int, records: List[tuple]) -> None:
+    """ValueError naming --n when the ``n`` × ``len(records)`` responses cannot fit in memory: the
+    file is written once every prompt is answered, so its lines are held until then, each at
+    least its JSON with an empty response. A lower bound, not a cap: a run it refuses would be
+    killed for memory (a huge --n was, building its seeds)."""
+    memory = _memory_bytes()
+    if memory <= 0 or not records:
+        return
+    line = min(len(json.dumps({"prompt": p, "response": "", "finish_reason": "stop"}, ensure_ascii=False)) + 1
+               for p, _ in records)
+    need = n * len(records) * line
+    if need > memory:
+        prompts = f" × {len(records)} prompts" if len(records) > 1 else ""
+        raise ValueError(f"--n {n}{prompts} = {n * len(records)} responses: held until the file is "
+                         f"written, they take at least {need:.3g} bytes ({line} a response), more than this "
+                         f"machine's memory ({memory / 2**30:.1f} GiB); lower --n or split --prompts")
 
 
 def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
@@ -131,6 +163,7 @@ def run(args) -> int:
 
     _check_args(args)
     records = read_prompt_records(args.prompts, key=args.prompt_key, name="--prompts")
+    _check_output_fits(args.n, records)
     device = resolve_device(args.device)
     # a tiny model's tokenizer is trained on the prompts (chats as their plain rendering)
     model, tok = load_causal_lm(args.model, texts=[render_prompt(p) for p, _ in records])

@@ -219,7 +219,9 @@ class RolloutBatch:
         """Several batches as one, then the rows ``rows`` (``[b]`` int64 into the concatenation;
         None: all): prompts re-padded on the left to the widest prompt, responses on the right
         to the longest response (``pad_id``, attention 0); ``group_index`` numbered on across
-        the batches. tokens_per_second is of all of them together."""
+        the batches. tokens_per_second is of all of them together. ValueError for no ``batches``."""
+        if len(batches) == 0:  # (max() would fail naming nothing)
+            raise ValueError("batches must hold at least one RolloutBatch to concatenate, got none")
         P = max(b.prompt_length for b in batches)
         R = max(b.input_ids.shape[1] - b.prompt_length for b in batches)
 

@@ -34,7 +34,7 @@ import sys
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
-from .common import metric_to_step_on, schedule_metric
+from .common import metric_to_step_on, same_metric, schedule_metric
 
 # the key of the tracker's state in a checkpoint's extra.json, and the run folder's record
 EXTRA_KEY = "best_checkpoint"
@@ -126,12 +126,15 @@ class BestCheckpoint:
         ``load_best_model_at_end``, so nothing is known yet). A best checkpoint that no longer
         exists is dropped with its metric, with a warning (transformers drops the folder only and
         keeps the metric as the bar a later evaluation must beat), and so is a state
-        kept for another metric or direction (its values cannot be compared with this one's)."""
+        kept for another metric or direction (its values cannot be compared with this one's; TRL's
+        name of a metric is the same metric as ours: :func:`~.common.same_metric`)."""
         if state is None:
             return
         if not isinstance(state, dict) or not {"best_metric", "best_global_step"} <= set(state):
             raise ValueError(f"{EXTRA_KEY} in the checkpoint's extra.json is not a best-checkpoint state: {state!r}")
-        if (state.get("metric_for_best_model"), state.get("greater_is_better")) != (self.name, self.greater_is_better):
+        kept = state.get("metric_for_best_model")
+        if ((same_metric(kept) if isinstance(kept, str) else kept, state.get("greater_is_better"))
+                != (same_metric(self.name), self.greater_is_better)):
             warnings.warn(f"the checkpoint's best {state.get('metric_for_best_model')} (greater_is_better "
                           f"{state.get('greater_is_better')}) was kept for another metric than {self.name} "
                           f"(greater_is_better {self.greater_is_better}): the best checkpoint is chosen afresh",

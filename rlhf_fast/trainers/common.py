@@ -193,12 +193,27 @@ def schedule_metric(cfg) -> Tuple[str, bool]:
     return (name if name.startswith("eval_") else "eval_" + name), gib
 
 
+# TRL's names of the offline trainers' metrics that are logged here under another name
+# (docs/from_trl.md): a config ported from TRL may name them in metric_for_best_model
+TRL_METRIC_NAMES = {"rewards/accuracies": "rewards/accuracy", "rewards/margins": "rewards/margin"}
+
+
+def same_metric(name: str) -> str:
+    """``name`` (with or without ``eval_``) with a TRL name of ``TRL_METRIC_NAMES`` as ours:
+    ``"eval_rewards/accuracies"`` -> ``"eval_rewards/accuracy"``; any other name as it is."""
+    base = name[len("eval_"):] if name.startswith("eval_") else name
+    return name[:len(name) - len(base)] + TRL_METRIC_NAMES[base] if base in TRL_METRIC_NAMES else name
+
+
 def metric_to_step_on(cfg, metrics: Mapping[str, Any], *, user: Optional[str] = None) -> float:
     """The value in an evaluation's ``metrics`` of the metric ``cfg``'s schedule steps on
-    (:func:`schedule_metric`); ValueError naming ``metric_for_best_model`` and the metrics
+    (:func:`schedule_metric`; a TRL name the evaluation did not log: ours, :func:`same_metric`);
+    ValueError naming ``metric_for_best_model`` and the metrics
     the evaluation logged when it has none (transformers: a KeyError at the same point).
     ``user``: who reads the metric, for the message (None: the ``lr_schedule``, "steps on")."""
     name, _ = schedule_metric(cfg)
+    if name not in metrics and same_metric(name) in metrics:
+        return metrics[same_metric(name)]
     if name not in metrics:
         who = user or f"lr_schedule {cfg.lr_schedule!r} steps on"
         raise ValueError(f"metric_for_best_model {getattr(cfg, 'metric_for_best_model', None)!r}: {who} "
@@ -1651,6 +1666,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 __all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "steps_on_metric", "schedule_metric",
+           "TRL_METRIC_NAMES", "same_metric",
            "metric_to_step_on", "check_metric_fields", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
            "ModelInitOptions", "check_model_init_field", "LogWindow",

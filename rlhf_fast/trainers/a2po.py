@@ -66,7 +66,13 @@ _EVAL_VALUE_INDEX = 3 * 2**40
 def optimal_values(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
     """V* ``[P]`` float64 of ``rewards`` ``[P, N]`` (N answers to each of P prompts):
     β1·log((1/N)·Σ_i exp(r_i/β1)), through a log-sum-exp (no overflow for small β1), as TRL
-    A2POTrainer._estimate_optimal_values."""
+    A2POTrainer._estimate_optimal_values. ValueError for another shape, no answers, or a β1 that
+    is not a finite number > 0."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] < 1:
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"rewards must be a [P, N] tensor (N >= 1 answers to each prompt), got {shape}")
+    if isinstance(beta1, bool) or not isinstance(beta1, (int, float)) or not 0 < beta1 < math.inf:
+        raise ValueError(f"beta1 must be a finite number > 0, got {beta1!r}")
     r = rewards.double()
     return beta1 * (torch.logsumexp(r / beta1, dim=1) - math.log(r.shape[1]))
 
@@ -367,19 +373,33 @@ class A2POTrainer(RLTrainer):
     # ------------------------------------------------------------------ run folder
 
     def train(self, steps: Optional[int] = None) -> List[Dict[str, float]]:
-        """:meth:`RLTrainer.train`, Stage 1 first in a new run (before config.yaml is written:
-        ``num_train_epochs`` counts the kept prompts); a resumed run restores the tables."""
+        """:meth:`RLTrainer.train`, Stage 1 first in a new run — and in a resumed one that starts
+        again from step 0 (stopped before its first checkpoint) — before config.yaml is written
+        and the step count fixed (``num_train_epochs`` counts the kept prompts); a resumed run
+        restores the tables."""
         from rlhf_fast.trainers.common import check_fresh_run_dir
 
         cfg = self.config
-        if not cfg.resume and (self.values is None or (self.global_step == 0 and self.eval_prompts
-                                                        and self.eval_values is None)):
-            if self.run_dir is None:  # refused before Stage 1's work rather than after it
+        restart = bool(cfg.resume) and self.run_dir is None and self._resume_restarts(cfg.resume)
+        if (not cfg.resume or restart) and (self.values is None or (self.global_step == 0 and self.eval_prompts
+                                                                    and self.eval_values is None)):
+            if self.run_dir is None and restart:  # refused before Stage 1's work rather than after it
+                self._check_run_kind(cfg.resume, "resume")
+            elif self.run_dir is None:
                 self._check_run_kind(cfg.output_dir, "output_dir")  # (another kind's folder: not "continue it")
                 check_fresh_run_dir(cfg.output_dir, resume_hint=f"resume: {cfg.output_dir}, or --resume "
                                                                 f"{cfg.output_dir}")
             self._stage1()
         return super().train(steps)
+
+    @staticmethod
+    def _resume_restarts(path: str) -> bool:
+        """Whether resuming the run folder ``path`` starts it again from step 0 (it holds a
+        config.yaml and no checkpoint yet: :meth:`RLTrainer._restarts`' case), so that, as in a
+        new run, Stage 1 runs before the run's step count and config.yaml are fixed."""
+        from rlhf_fast.trainers.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(path) is None and os.path.isfile(os.path.join(path, "config.yaml"))
 
     def _stage1(self) -> None:
         """Stage 1 over the training prompts and, when the run has them, the evaluation prompts

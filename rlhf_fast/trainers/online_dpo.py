@@ -49,17 +49,33 @@ from rlhf_fast.trainers.rl_config import ONLINE_DPO, RLConfig
 _RENAMED = {"policy/loss": "loss", "policy/grad_norm": "grad_norm"}
 
 
+def _check_pairs(name: str, t, like: Optional[torch.Tensor] = None) -> None:
+    """ValueError naming ``name`` unless ``t`` is a 1-D tensor of an even number of rows (pair i
+    at rows 2i, 2i + 1; an odd count would broadcast one half against the other), of ``like``'s
+    shape when given."""
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() % 2 or (like is not None
+                                                                          and t.shape != like.shape):
+        want = f"of shape {tuple(like.shape)}" if like is not None else "of 2N rows"
+        raise ValueError(f"{name} must be a 1-D tensor {want} (pair i at rows 2i, 2i + 1), got {shape}")
+
+
 def first_is_chosen(scores: torch.Tensor) -> torch.Tensor:
     """``[N]`` bool: whether each pair's first answer is the chosen one. ``scores`` ``[2N]``
     float, the two answers of pair i at rows 2i and 2i + 1. TRL's rule: the first wins ties
-    (``first_half >= second_half``)."""
+    (``first_half >= second_half``). ValueError for another shape."""
+    _check_pairs("scores", scores)
     return scores[0::2] >= scores[1::2]
 
 
 def chosen_first_rows(first: torch.Tensor) -> torch.Tensor:
     """``[2N]`` int64: the rows of a ``[2N]`` batch of pairs (rows 2i, 2i + 1) reordered to
     chosen, rejected, chosen, … — pair i's chosen answer at 2i. ``first`` ``[N]`` bool from
-    :func:`first_is_chosen` (or a judge)."""
+    :func:`first_is_chosen` (or a judge); TypeError for another dtype or shape (``~`` of an
+    int mask is no negation)."""
+    if not isinstance(first, torch.Tensor) or first.dtype != torch.bool or first.dim() != 1:
+        got = f"{first.dtype} {tuple(first.shape)}" if isinstance(first, torch.Tensor) else type(first).__name__
+        raise TypeError(f"first must be a 1-D bool tensor (one per pair), got {got}")
     base = 2 * torch.arange(first.numel(), device=first.device)
     pick = (~first).long()
     return torch.stack([base + pick, base + 1 - pick], dim=1).reshape(-1)
@@ -87,7 +103,11 @@ def pair_metrics(logp: torch.Tensor, ref: torch.Tensor, beta: float, scores: Opt
     ``objective/rlhf_reward`` (mean of score − β·(logp − ref)), ``rewards/chosen`` /
     ``rewards/rejected`` (mean β·(logp − ref) of each side), ``rewards/margins``,
     ``rewards/accuracies`` (share of pairs whose chosen reward is strictly the larger),
-    ``logps/chosen`` / ``logps/rejected`` and ``beta``."""
+    ``logps/chosen`` / ``logps/rejected`` and ``beta``. ValueError for other shapes."""
+    _check_pairs("logp", logp)
+    _check_pairs("ref", ref, logp)
+    if scores is not None:
+        _check_pairs("scores", scores, logp)
     return _metrics_from_sums(_pair_sums(logp, ref, beta, scores), beta)
 
 
@@ -130,8 +150,10 @@ def load_pairwise_judge(spec: str) -> Callable:
 
 
 def _whole(r) -> bool:
-    """An int a judge may give for a pair: a Python / numpy int or a one-element tensor."""
-    return isinstance(r, numbers.Integral) or (isinstance(r, torch.Tensor) and r.numel() == 1)
+    """An int a judge may give for a pair: a Python / numpy int or a one-element integer (or
+    bool) tensor; not a float one, which int() would truncate (0.9 → 0, the first answer)."""
+    return isinstance(r, numbers.Integral) or (isinstance(r, torch.Tensor) and r.numel() == 1
+                                               and not (r.is_floating_point() or r.is_complex()))
 
 
 def _judge_callable(obj, key: str) -> Callable:

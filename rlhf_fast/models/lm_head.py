@@ -6,11 +6,16 @@ Granite, Falcon-H1, Muse, HyperCLOVA X) or a tanh softcap (Gemma 2/3, Muse, Recu
 This module names those config attributes once, for the fused paths (which must not take such a
 head: :func:`active_logit_transforms`) and for the logits paths that compute them exactly
 (:func:`head_transform`, :func:`head_logits`). Multimodal wrappers keep them on their text config
-(``config.text_config``), which is read too.
+(``config.text_config``), which is read too. :func:`pre_head_reason` names the heads that are
+not ``h @ W.T`` for another reason: a prediction transform before the output embedding (BERT,
+RoBERTa, Electra, ModernBERT decoder), whose logits only the model's own forward gives.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -97,6 +102,43 @@ def transform_logits(z: torch.Tensor, transform: HeadTransform, temperature: flo
     return z / temperature if temperature != 1.0 else z
 
 
+def pre_head_reason(model: Any) -> Optional[str]:
+    """Why the logits of the causal LM ``model`` (a transformers model, unwrapped) are not its
+    output embedding applied to its backbone's last hidden state, or None: the output embedding
+    sits inside a prediction-head module that the forward runs whole (BERT's ``cls.predictions``,
+    RoBERTa's ``lm_head``: dense, activation, LayerNorm, then the decoder Linear), or the forward
+    applies another of the model's modules to the state before it (Electra's
+    ``generator_predictions``, ModernBERT decoder's ``lm_head`` before its ``decoder``). Such a
+    head's log-probs come only from the model's own logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(model, "named_children"):
+        return None
+    children = dict(model.named_children())
+    name = next((n for n, c in children.items() if c is head), None)
+    if name is None:  # nested: inside a head module (a wrapped language model's own head is fine)
+        from transformers import PreTrainedModel
+
+        owner = next((n for n, c in children.items() if any(m is head for m in c.modules())), None)
+        if owner is None or isinstance(children[owner], PreTrainedModel):
+            return None
+        return (f"the LM head is inside {owner} ({type(children[owner]).__name__}), which transforms the "
+                f"hidden state before it")
+    other = _module_before_head(type(model), name)
+    return None if other is None else f"the forward applies self.{other} to the hidden state before the LM head"
+
+
+@functools.lru_cache(maxsize=None)
+def _module_before_head(cls: type, name: str) -> Optional[str]:
+    """The attribute X of ``self.<name>(self.X(...))`` in the source of ``cls.forward`` (the LM
+    head ``name`` applied to another module's output), or None (also when it cannot be read)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    hit = re.search(rf"self\.{re.escape(name)}\(\s*self\.(\w+)\(", src)
+    return None if hit is None else hit.group(1)
+
+
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transform: HeadTransform,
                 temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """A model's logits ``[n, V]`` in ``dtype`` at ``temperature`` from its last hidden states
@@ -108,4 +150,4 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 __all__ = ["HeadTransform", "KNOWN_TRANSFORM_ATTRS", "LOGIT_TRANSFORM_ATTRS", "active_logit_transforms",
-           "head_configs", "head_logits", "head_transform", "transform_logits"]
+           "head_configs", "head_logits", "head_transform", "pre_head_reason", "transform_logits"]

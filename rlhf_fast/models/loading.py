@@ -547,6 +547,17 @@ _VALUE_HEAD_FILE = "value_head.pt"
 _VALUE_META_FILE = "value_model.json"
 
 
+def _state_width(config) -> int:
+    """The width of a backbone's last hidden state, which the value head reads: OPT-350m projects
+    it out of ``hidden_size`` to ``word_embed_proj_dim`` (TRL's ValueHead reads that first), else
+    ``hidden_size`` (GPT-2: ``n_embd``)."""
+    for name in ("word_embed_proj_dim", "hidden_size", "n_embd"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot read the hidden size of a {type(config).__name__} (no word_embed_proj_dim, "
+                     f"hidden_size or n_embd) to size the value head")
+
+
 class ValueModel(nn.Module):
     """A critic: a transformer backbone plus a scalar value head.
 
@@ -566,7 +577,7 @@ class ValueModel(nn.Module):
             self.backbone = copy.deepcopy(backbone(base))
         else:
             self.backbone = base  # already a base model (from_pretrained)
-        H = self.backbone.config.hidden_size if hasattr(self.backbone.config, "hidden_size") else self.backbone.config.n_embd
+        H = _state_width(self.backbone.config)
         self.value_head = nn.Linear(H, 1, bias=True, dtype=torch.float32)
         score = getattr(base, "score", None)
         with torch.no_grad():

@@ -283,6 +283,9 @@ def unfusable_reason(model: nn.Module) -> Optional[str]:
     if hasattr(head, "base_layer"):
         # a peft-wrapped head (LoRA on lm_head): its output is not weight @ h
         return "the LM head carries a peft adapter"
+    pre = lm_head.pre_head_reason(m)  # (BERT-style heads: a transform before the output embedding)
+    if pre is not None:
+        return pre
     active = lm_head.active_logit_transforms(getattr(m, "config", None))
     if active:
         name, val = active[0]
@@ -439,7 +442,7 @@ def _logits_head(model: nn.Module) -> Optional[Tuple[nn.Module, "lm_head.HeadTra
     m = unwrap(model)
     head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
     linear = head.base_layer if hasattr(head, "base_layer") else head
-    if not isinstance(linear, nn.Linear) or _fsdp_root(model):
+    if not isinstance(linear, nn.Linear) or _fsdp_root(model) or lm_head.pre_head_reason(m) is not None:
         return None
     cfg = getattr(m, "config", None)
     names = {name for name, _ in lm_head.active_logit_transforms(cfg)}

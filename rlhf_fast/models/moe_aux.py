@@ -29,6 +29,8 @@ model's path is the one it was, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import sys
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -63,8 +65,14 @@ def text_config(model: nn.Module):
 
 def is_moe(model: nn.Module) -> bool:
     """Whether ``model`` returns router logits on request: its text config declares
-    ``output_router_logits`` (TRL's test of a Mixture-of-Experts model)."""
-    return hasattr(text_config(model), "output_router_logits")
+    ``output_router_logits`` (TRL's test of a Mixture-of-Experts model) and does not make it a
+    dense member of its family — Doge's ``is_moe: false`` (every released Doge) or Granite 4.0's
+    ``num_local_experts: 0`` (GraniteMoeHybrid without experts), whose forwards return no router
+    logits and no ``aux_loss`` (TRL fails there at the first forward)."""
+    tc = text_config(model)
+    if not hasattr(tc, "output_router_logits") or getattr(tc, "is_moe", True) is False:
+        return False
+    return all(getattr(tc, name, None) != 0 for name in ("num_local_experts", "num_experts"))
 
 
 def resolve_coef(model: nn.Module, coef: Optional[float], key: str = KEY) -> float:
@@ -73,10 +81,10 @@ def resolve_coef(model: nn.Module, coef: Optional[float], key: str = KEY) -> flo
     not a Mixture of Experts (:func:`is_moe`) is a ValueError naming ``key``."""
     check_coef(coef, key)
     tc = text_config(model)
-    if coef and not hasattr(tc, "output_router_logits"):
+    if coef and not is_moe(model):
         raise ValueError(f"{key} is {coef!r} but {type(_unwrap(model)).__name__} is not a Mixture-of-Experts "
-                         f"model that returns router logits (its config has no output_router_logits), so there "
-                         f"is no load-balancing loss to weight: leave {key} null or set it to 0")
+                         f"model that returns router logits (its config has no output_router_logits, or no "
+                         f"experts), so there is no load-balancing loss to weight: leave {key} null or set it to 0")
     if coef is not None:
         return float(coef)
     own = getattr(tc, "router_aux_loss_coef", 0.0)
@@ -134,12 +142,33 @@ class RouterLogits:
             return None
         if len(self.parts) == 1:
             logits, mask = self.parts[0]
-        else:
-            logits = tuple(torch.cat(layer) for layer in zip(*(p[0] for p in self.parts)))
-            masks = [m.reshape(-1) if m is not None else torch.ones(p[0].shape[0], device=p[0].device)
+        else:  # the tokens are dim -2 of a layer's logits ([N, E]; Doge's [2, N, K])
+            logits = tuple(torch.cat(layer, dim=-2) for layer in zip(*(p[0] for p in self.parts)))
+            masks = [m.reshape(-1) if m is not None else torch.ones(p[0].shape[-2], device=p[0].device)
                      for p, m in self.parts]
-            mask = None if all(m is None for _, m in self.parts) else torch.cat([m.float() for m in masks])
-        return self.fn(logits, self.num_experts, self.top_k, mask)
+            # [1, N]: one row of every token (Doge's loss reads the mask as [B, T])
+            mask = None if all(m is None for _, m in self.parts) else torch.cat([m.float() for m in masks])[None]
+        return call_loss_fn(self.fn, logits, self.num_experts, self.top_k, mask)
+
+
+def call_loss_fn(fn: Callable, logits: Tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fn`` (a ``load_balancing_loss_func``) called as the model's CausalLM forward calls it:
+    ``(gate_logits, num_experts, top_k, attention_mask)`` by keyword, and for Doge's product-key
+    routers (a ``num_keys`` parameter before ``top_k``) with ``floor(sqrt(num_experts))`` keys,
+    as ``DogeForCausalLM`` passes them. A 0-dim tensor (float32; Doge's: the logits' dtype)."""
+    params = _parameters(fn)
+    if not {"num_experts", "top_k", "attention_mask"} <= params:
+        return fn(logits, num_experts, top_k, mask)  # an unknown signature: the common order
+    keys = {"num_keys": math.isqrt(num_experts)} if "num_keys" in params else {}
+    return fn(logits, num_experts=num_experts, top_k=top_k, attention_mask=mask, **keys)
+
+
+def _parameters(fn: Callable) -> frozenset:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin or a callable without a signature
+        return frozenset()
 
 
 def forward_kwargs(col: Optional[RouterLogits]) -> dict:
@@ -268,5 +297,5 @@ class RouterAux:
         m[prefix + "loss"] += self.coef * m[prefix + "aux_loss"]
 
 
-__all__ = ["KEY", "RouterAux", "RouterLogits", "active", "check_coef", "expert_counts", "forward_kwargs",
+__all__ = ["KEY", "RouterAux", "RouterLogits", "active", "call_loss_fn", "check_coef", "expert_counts", "forward_kwargs",
            "is_moe", "load_balancing_fn", "resolve_coef", "suspended", "text_config"]

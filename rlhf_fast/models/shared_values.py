@@ -60,6 +60,17 @@ def critic_sharing_reason(critic, seq_len: int) -> Optional[str]:
     return None
 
 
+def _check_shapes(input_ids, attention_mask, response_mask) -> None:
+    """ValueError naming the argument unless input_ids is ``[B, T]`` and both masks are too (a
+    mismatch would otherwise surface as a broadcast error deep inside the packing)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    for name, t in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+
+
 def shared_critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          response_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """V(s_t) ``[B, T]`` float32 of the response tokens from one forward of the shared-prefix row of
@@ -74,6 +85,7 @@ def shared_critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.
     rows that share their leading tokens (:func:`rlhf_fast.models.logprobs.row_groups`; -1 fills a
     group of fewer rows). Differentiable in the critic's parameters (a batch with no response token
     still runs every state, so each parameter gets its zero gradient, as on every other rank)."""
+    _check_shapes(input_ids, attention_mask, response_mask)
     vm = _inner(critic)
     B, T = input_ids.shape
     pk = pack_shared_targets(input_ids, attention_mask, _target_mask(attention_mask, response_mask), groups)

@@ -217,7 +217,7 @@ def _head(model, key: str):
         return (*lm_head_params(model), None)
     m = unwrap(model)
     head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer"):
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer") or lm_head.pre_head_reason(m):
         raise ValueError(f"{key}: {why}; distillation needs a linear LM head (a logit scale or softcapping after "
                          f"it is fine)")
     other = [(name, val) for name, val in lm_head.active_logit_transforms(getattr(m, "config", None))

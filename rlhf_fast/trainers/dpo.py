@@ -1041,6 +1041,7 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     ``return_top1`` / ``return_mean_logit``: further values in that order (``[N, T]`` bool / float32,
     as :func:`~rlhf_fast.models.logprobs.sequence_logprobs` gives them), from the same pass too."""
     from rlhf_fast.models import logprobs as L
+    from rlhf_fast.models import moe_aux
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     B, T = ids.shape
@@ -1057,8 +1058,12 @@ def wpo_token_logps(model, batch: Dict[str, torch.Tensor], *, packed: bool = Fal
     # a head the fused op cannot take but whose logits we can compute: those, a chunk at a time
     logits_head = None if L.unfusable_reason(model) is None else L._logits_head(model)
     if not (packed or prefix_sharing) and L.unfusable_reason(model) is not None and logits_head is None:
-        logits = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am),
-                       use_cache=False).logits  # [B, T, V]: only the model's own forward gives them
+        aux = moe_aux.active(model)  # an MoE policy's router logits, as sequence_logprobs' own fallback
+        out = model(input_ids=ids, attention_mask=am, position_ids=L.default_position_ids(am), use_cache=False,
+                    **moe_aux.forward_kwargs(aux))
+        if aux is not None:
+            aux.record(out, am)
+        logits = out.logits  # [B, T, V]: only the model's own forward gives them
         z = logits[tr, tc - 1]
         lp = L.logits_token_stats(z, labels, **stats)
         with torch.no_grad():

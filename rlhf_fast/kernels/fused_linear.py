@@ -118,6 +118,7 @@ def _fused_linear_bwd_kernel(
     N, V, H, stride_h, stride_w, temperature, ignore_index, n_row_tiles,
     HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    NEED_H: tl.constexpr = True, NEED_W: tl.constexpr = True, NEED_B: tl.constexpr = True,
 ):
     # One (row tile, V tile) per program: recompute the logits tile exactly as the forward
     # (same fp32 accumulation, so the saved lse is consistent), turn it into dz, and add
@@ -160,7 +161,7 @@ def _fused_linear_bwd_kernel(
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         dz -= g_en[:, None] * p * (tl.where(p > 0, logp, 0.0) + ent[:, None])
     dz = dz / temperature
-    if HAS_BIAS:
+    if HAS_BIAS and NEED_B:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
     # the gradient GEMMs run on tensor cores in the inputs' dtype, as the reference's do
     if UPCAST:
@@ -175,10 +176,12 @@ def _fused_linear_bwd_kernel(
         if UPCAST:
             wt = wt.to(tl.float32)
             ht = ht.to(tl.float32)
-        dh = tl.dot(dzc, wt, input_precision=PREC)  # [BLOCK_N, BLOCK_K]
-        tl.atomic_add(dh_ptr + rows[:, None] * H + k[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
-        dw = tl.dot(tl.trans(dzc), ht, input_precision=PREC)  # [BLOCK_V, BLOCK_K]
-        tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+        if NEED_H:
+            dh = tl.dot(dzc, wt, input_precision=PREC)  # [BLOCK_N, BLOCK_K]
+            tl.atomic_add(dh_ptr + rows[:, None] * H + k[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
+        if NEED_W:
+            dw = tl.dot(tl.trans(dzc), ht, input_precision=PREC)  # [BLOCK_V, BLOCK_K]
+            tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
 def _merge_argmax(part: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -276,16 +279,17 @@ def _default_chunk(N: int, V: int) -> int:
 
 
 def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                          ignore_index, chunk_size=None):
+                          ignore_index, chunk_size=None, needs=(True, True, True)):
     """Gradients ``(d_hidden [N, H], d_weight [V, H], d_bias [V] or None)`` in the inputs'
-    dtypes, recomputing the logits one chunk of rows at a time."""
+    dtypes, recomputing the logits one chunk of rows at a time. ``needs``: which of hidden,
+    weight, bias want one (None for the others: a frozen head forms no [V, H] buffer)."""
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = chunk_size or _default_chunk(N, V)
-    dh = torch.empty_like(hidden)
+    dh = torch.empty_like(hidden) if needs[0] else None
     # fp32 accumulation of dW / db across chunks; a single chunk writes the result directly
-    dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
-    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if needs[1] else None
+    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None and needs[2] else None
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         h = hidden[c0:c1]
@@ -309,15 +313,17 @@ def fused_linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp,
             grad_logp[c0:c1] if grad_logp is not None else None,
             grad_entropy[c0:c1] if grad_entropy is not None else None, temperature, ignore_index, out=logits,
         )
-        torch.mm(dz, weight, out=dh[c0:c1])
-        dw += (dz.t() @ h).float()
+        if dh is not None:
+            torch.mm(dz, weight, out=dh[c0:c1])
+        if dw is not None:
+            dw += (dz.t() @ h).float()
         if db is not None:
             db += dz.float().sum(0)
-    return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+    return dh, (dw.to(weight.dtype) if dw is not None else None), (db.to(bias.dtype) if db is not None else None)
 
 
 def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                                 ignore_index, allow_tf32=None):
+                                 ignore_index, allow_tf32=None, needs=(True, True, True)):
     """Same contract as :func:`fused_linear_backward`, in one Triton kernel over (row tile,
     V tile) with fp32 atomics into dHidden / dW: nothing of size [·, V] is allocated, at
     the price of non-deterministic summation order and [N, H] + [V, H] fp32 buffers."""
@@ -327,22 +333,25 @@ def fused_linear_backward_triton(hidden, weight, bias, labels, lse, entropy, gra
     BN, BV, BK = _config(N, V, H, dev)
     if dev.type != "cpu":
         BN, BV, BK = 64, 64, 64  # three [·, 64] operand tiles + the logits tile fit in registers
-    dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
-    dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
+    dh = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if needs[1] else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None and needs[2] else None
+    dummy = lse
     n_row_tiles = triton.cdiv(N, BN)
     if N and (grad_logp is not None or grad_entropy is not None):
         _fused_linear_bwd_kernel[(n_row_tiles * triton.cdiv(V, BV),)](
             hidden, weight, bias if bias is not None else weight, labels, lse,
             entropy if entropy is not None else lse,
             grad_logp.contiguous() if grad_logp is not None else lse,
-            grad_entropy.contiguous() if grad_entropy is not None else lse, dh, dw, db if db is not None else dw,
+            grad_entropy.contiguous() if grad_entropy is not None else lse, dh if dh is not None else dummy,
+            dw if dw is not None else dummy, db if db is not None else dummy,
             N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index), n_row_tiles,
             HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
             PREC=_precision(allow_tf32), UPCAST=dev.type == "cpu" and hidden.dtype != torch.float32,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4, num_stages=2,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, NEED_H=dh is not None, NEED_W=dw is not None, NEED_B=db is not None,
+            num_warps=4, num_stages=2,
         )
-    return dh.to(hidden.dtype), dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+    return tuple(g.to(t.dtype) if g is not None else None for g, t in ((dh, hidden), (dw, weight), (db, bias)))
 
 
 def _converted(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -380,6 +389,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         ctx.save_for_backward(_same_or_none(h, hidden), _same_or_none(w, weight), bias, lab, lse, ent, hidden,
                               weight)
         ctx.cfg = (temperature, ignore_index, chunk_size, hidden.dtype, weight.dtype, allow_tf32, backward)
+        ctx.device_type = hidden.device.type
         # a loss that ignores the entropy sends None, not a zero tensor to push through V
         ctx.set_materialize_grads(False)
         if ent is None:
@@ -392,6 +402,13 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent, *_grad_argmax):
+        # the forward computes in the inputs' dtypes whatever autocast region encloses it, and so
+        # does the backward, which may run inside one (its h @ W.T turned bf16, then failed)
+        with torch.autocast(ctx.device_type, enabled=False):
+            return FusedLinearLogprobsFunction._backward(ctx, grad_logp, grad_ent)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_ent):
         h, w, bias, lab, lse, ent, hidden, weight = ctx.saved_tensors
         temperature, ignore_index, chunk_size, h_dtype, w_dtype, allow_tf32, how = ctx.cfg
         if ent is None:
@@ -406,13 +423,15 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             return _native.reference_grads(f, (hidden, weight, bias), (grad_logp, grad_ent)) + (None,) * 9
         h = _converted(hidden, weight) if h is None else h
         w = _converted(weight, hidden) if w is None else w
+        needs = tuple(ctx.needs_input_grad[:3])  # a frozen head (LoRA) gets no [V, H] gradient buffer
         if how == "triton":
             dh, dw, db = fused_linear_backward_triton(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
-                                                      ignore_index, allow_tf32)
+                                                      ignore_index, allow_tf32, needs=needs)
         else:
             dh, dw, db = fused_linear_backward(h, w, bias, lab, lse, ent, grad_logp, grad_ent, temperature,
-                                               ignore_index, chunk_size)
-        return dh.to(h_dtype), dw.to(w_dtype), db, None, None, None, None, None, None, None, None, None
+                                               ignore_index, chunk_size, needs=needs)
+        dh, dw = (g.to(dt) if g is not None else None for g, dt in ((dh, h_dtype), (dw, w_dtype)))
+        return dh, dw, db, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False,
@@ -447,6 +466,17 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     return out if len(out) > 1 else logp
 
 
+def _coefficient_terms(logp, ent, ref_logp, mask, kl_coef, kl_kind, entropy_coef, agg, normalizer):
+    """``kl_coef·agg(KL) − entropy_coef·agg(entropy)`` over ``[B, T]`` tensors, through autograd
+    (the coefficients' gradients kept, their values never read): agg is linear, so adding it to
+    agg(ppo loss) gives agg(ppo + kl_coef·KL − entropy_coef·entropy) as the reference."""
+    lp, ent, ref = reference._masked_inputs(mask, logp, ent, ref_logp)  # masked entries never read
+    terms = -entropy_coef * reference.aggregate(ent, mask, agg, normalizer)
+    if ref is not None:
+        terms = terms + kl_coef * reference.aggregate(reference.kl_penalty(lp, ref, kl_kind), mask, agg, normalizer)
+    return terms
+
+
 def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
                              kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None,
                              dual_clip=None, agg="token-mean", normalizer=None, bias=None, chunk_size=None,
@@ -472,11 +502,16 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask,
         int(ignore_index), chunk_size, _use_tf32(allow_tf32), split_v, backward)
     logp = logp.reshape(B, T)
     ent = ent.reshape(B, T)
+    ref_logp = ref_logp.detach() if ref_logp is not None else None
+    # the kernel takes the coefficients as Python floats: a tensor one (adaptive, on the device)
+    # would be read (a host sync) and lose its gradient, so its term is added apart
+    tensor_coefs = isinstance(kl_coef, torch.Tensor) or isinstance(entropy_coef, torch.Tensor)
     loss, stats = policy_loss_rows(
-        logp, ent, old_logp.detach(), advantages.detach(), mask,
-        ref_logp=ref_logp.detach() if ref_logp is not None else None, kl_coef=kl_coef, kl_kind=kl_kind,
-        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-        normalizer=normalizer)
+        logp, ent, old_logp.detach(), advantages.detach(), mask, ref_logp=ref_logp,
+        kl_coef=0.0 if tensor_coefs else kl_coef, kl_kind=kl_kind, entropy_coef=0.0 if tensor_coefs else entropy_coef,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer)
+    if tensor_coefs:
+        loss = loss + _coefficient_terms(logp, ent, ref_logp, mask, kl_coef, kl_kind, entropy_coef, agg, normalizer)
     if ref_logp is None:
         stats["kl"] = torch.zeros((), dtype=loss.dtype, device=loss.device)
     stats["logp"] = logp.detach()

@@ -17,6 +17,8 @@ from .reference import AGG_MODES, KL_KINDS, out_dtype
 
 def _check_head(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, hidden_ndim):
     _validate.linear_head(hidden, weight, bias, hidden_ndim=hidden_ndim)
+    if weight.shape[0] == 0:  # no distribution: the backends failed unclearly (reference, Triton) or gave 0 (C++)
+        raise ValueError(f"weight must have a non-empty vocabulary (V > 0 rows), got shape {tuple(weight.shape)}")
     _validate.tensor("labels", labels, integer=True)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
@@ -32,6 +34,15 @@ def _dense_bias(bias):
     # an expanded (stride-0) or strided bias: the Triton kernels read it as contiguous
     # (silently wrong log-probs); a contiguous copy of [V] is cheap and keeps the gradient
     return bias if bias is None or bias.is_contiguous() else bias.contiguous()
+
+
+def _no_autocast(device: torch.device):
+    """The ops compute in their inputs' dtypes whatever autocast region encloses them, on every
+    backend, as fused_linear_divergence: the reference's matmul (and the C++ kernel's at::mm)
+    followed the region into bf16 / fp16 logits while the Triton kernel did not, the C++
+    backward recomputed fp32 logits against a bf16 lse (a biased gradient), and a backward run
+    inside the region failed on a bf16 chunk of logits ("Expected out tensor to have dtype")."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _coef_scalar(coef, like: torch.Tensor):
@@ -59,8 +70,9 @@ def fused_linear_logprobs(
 
     hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]`` int (or
     ``ignore_index``, giving 0). Returns logp ``[N]`` (and entropy ``[N]``) float32 (float64 for
-    float64 hidden). Gradients flow to hidden, weight and bias. Native backends never hold
-    more than ``chunk_size`` rows of logits at once.
+    float64 hidden). Gradients flow to hidden, weight and bias (a frozen weight gets no [V, H]
+    buffer). Native backends never hold more than ``chunk_size`` rows of logits at once. The op
+    computes in its inputs' dtypes whatever autocast region encloses it, on every backend.
 
     ``return_top1``: one more output last, ``[N]`` bool, whether the label is the argmax of its
     row's logits (``logits.argmax(-1) == labels``: on a tie only the first maximal index counts,
@@ -79,10 +91,11 @@ def fused_linear_logprobs(
                                                return_top1=return_top1)
     # the default call stays exactly the backends' old one
     top1 = {"return_top1": True} if return_top1 else {}
-    return _dispatch.call(
-        "fused_linear_logprobs", hidden.device, hidden, weight, labels, bias=bias, temperature=temperature,
-        return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index, **top1,
-    )
+    with _no_autocast(hidden.device):
+        return _dispatch.call(
+            "fused_linear_logprobs", hidden.device, hidden, weight, labels, bias=bias, temperature=temperature,
+            return_entropy=return_entropy, chunk_size=chunk_size, ignore_index=ignore_index, **top1,
+        )
 
 
 def fused_linear_policy_loss(
@@ -114,7 +127,8 @@ def fused_linear_policy_loss(
     every term aggregated with the same ``agg`` (and ``normalizer``, a number or device tensor
     replacing the denominator). Returns ``(loss, stats)``: loss 0-dim float32; stats as
     :func:`ppo_policy_loss` plus ``kl``, ``entropy`` (masked means) and ``logp`` ``[B, T]``
-    (detached). Gradients to hidden, weight (and bias).
+    (detached). Gradients to hidden, weight (and bias); tensor coefficients keep theirs. In
+    the inputs' dtypes whatever autocast region encloses it.
     """
     temperature, ignore_index, chunk_size = _check_head(hidden, weight, bias, labels, temperature, ignore_index,
                                                         chunk_size, 3)
@@ -151,12 +165,13 @@ def fused_linear_policy_loss(
             entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias, chunk_size=chunk_size,
             ignore_index=ignore_index)
-    return _dispatch.call(
-        "fused_linear_policy_loss", hidden.device, hidden, weight, labels, old_logp, advantages, mask,
-        ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias,
-        chunk_size=chunk_size, ignore_index=ignore_index,
-    )
+    with _no_autocast(hidden.device):
+        return _dispatch.call(
+            "fused_linear_policy_loss", hidden.device, hidden, weight, labels, old_logp, advantages, mask,
+            ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, temperature=temperature,
+            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer, bias=bias,
+            chunk_size=chunk_size, ignore_index=ignore_index,
+        )
 
 
 # ------------------------------------------------------------------ PyTorch reference backend
@@ -228,12 +243,42 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse, *_grad_argmax):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = lse.new_zeros(lse.shape)
-    # the logits are recomputed chunk by chunk; lse is internal and gets no gradient
-    grad_hidden, grad_weight, grad_bias = torch.ops.rlhf_fast.fused_linear_logprobs_bwd(
-        grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature, ctx.ignore_index,
-        ctx.chunk_size,
-    )
+    with _no_autocast(hidden.device):  # (a backward run inside an autocast region)
+        if not ctx.needs_input_grad[1]:
+            grad_weight = None
+            grad_hidden, grad_bias = _frozen_head_grads(ctx, grad_logp, grad_entropy, hidden, weight, bias, labels,
+                                                        lse, entropy)
+        else:
+            # the logits are recomputed chunk by chunk; lse is internal and gets no gradient
+            grad_hidden, grad_weight, grad_bias = torch.ops.rlhf_fast.fused_linear_logprobs_bwd(
+                grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature,
+                ctx.ignore_index, ctx.chunk_size,
+            )
     return (grad_hidden, grad_weight, (grad_bias if bias is not None else None)) + (None,) * (ctx.n_args - 3)
+
+
+def _frozen_head_grads(ctx, grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy):
+    """``(d_hidden [N, H], d_bias [V] or None)`` for a head whose weight needs no gradient (frozen:
+    LoRA on the backbone), the C++ backward's chunks without its ``[V, H]`` fp32 weight gradient
+    (formed whatever is asked: 2.2 GB and a third of the backward for Qwen2.5-7B's head)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = lse.dtype
+    chunk = ctx.chunk_size or max(1, (32 << 20) // (4 * max(V, 1)))  # csrc/cpu/fused_linear.cpp's auto chunk
+    ge = grad_entropy if grad_entropy is not None and entropy.numel() == N else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_b else None
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        h = hidden[c0:c1]
+        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+        dz = torch.ops.rlhf_fast.token_logprobs_bwd(
+            grad_logp[c0:c1], ge[c0:c1] if ge is not None else None, logits, labels[c0:c1], lse[c0:c1],
+            entropy[c0:c1] if ge is not None else entropy, ctx.temperature, ctx.ignore_index)
+        torch.mm(dz, weight, out=grad_hidden[c0:c1])
+        if grad_bias is not None:
+            grad_bias += dz.to(acc).sum(0)
+    return grad_hidden, (grad_bias.to(bias.dtype) if grad_bias is not None else None)
 
 
 def _fwd_returns() -> int:
@@ -253,7 +298,8 @@ def _reference_backward(ctx, grad_logp, grad_entropy, _grad_lse, *_grad_argmax):
         return reference.fused_linear_logprobs(h, w, labels, bias=b, temperature=ctx.temperature,
                                                return_entropy=ctx.return_entropy, ignore_index=ctx.ignore_index)
 
-    grads = _native.reference_grads(f, (hidden, weight, bias), (grad_logp, grad_entropy))
+    with _no_autocast(hidden.device):
+        grads = _native.reference_grads(f, (hidden, weight, bias), (grad_logp, grad_entropy))
     return grads + (None,) * (ctx.n_args - 3)
 
 

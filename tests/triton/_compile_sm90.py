@@ -58,7 +58,7 @@ def variants(dtypes=("fp32", "bf16")):
                 V="i32", H="i32", stride_h="i64", stride_w="i64", temperature="fp32", ignore_index="i32",
                 n_row_tiles="i32"), dict(
                 HAS_BIAS=bias, HAS_GLOGP=True, HAS_GENT=ent, PREC="tf32", UPCAST=False, BLOCK_N=64, BLOCK_V=64,
-                BLOCK_K=64), 4
+                BLOCK_K=64, NEED_H=True, NEED_W=ent, NEED_B=bias), 4
         # kl
         for kind in (0, 1, 2, 3):
             yield "kl_fwd", kl._kl_fwd_kernel, dict(logp_ptr=f"*{dt}", ref_ptr=f"*{dt}", out_ptr="*fp32", n="i64"), dict(

@@ -291,6 +291,20 @@ def _reward_format(model) -> Optional[str]:
     return getattr(getattr(unwrap(model), "config", None), REWARD_FORMAT_ATTR, None)
 
 
+def _reward_template_kwargs(model) -> Optional[Dict[str, Any]]:
+    """The ``chat_template_kwargs`` a reward model's config records it was trained with
+    (``rlhf_fast_reward_chat_template_kwargs``, {} for none), None where it records none
+    (older folders, TRL's or hand-built models). TypeError where it is not a mapping."""
+    from rlhf_fast.feedback.formats import REWARD_TEMPLATE_KWARGS_ATTR
+    from rlhf_fast.models.logprobs import unwrap
+
+    kw = getattr(getattr(unwrap(model), "config", None), REWARD_TEMPLATE_KWARGS_ATTR, None)
+    if kw is not None and not isinstance(kw, dict):
+        raise TypeError(f"the reward model's config.{REWARD_TEMPLATE_KWARGS_ATTR} must be a mapping of "
+                        f"template variables, got {type(kw).__name__}")
+    return kw
+
+
 class RewardModelReward(RewardSource):
     """A scalar reward model scored with :func:`rlhf_fast.models.loading.reward_scores`.
 
@@ -304,7 +318,12 @@ class RewardModelReward(RewardSource):
     scores a text answer to a chat prompt as an assistant message after it (the template's turn,
     then eos: the ids it trained on, as TRL's GRPO renders the completion for a reward model);
     any other model (text-trained, "mixed", or without the attribute: older folders, TRL's or
-    hand-built models, which may set it) reads the answer text after the rendered prompt."""
+    hand-built models, which may set it) reads the answer text after the rendered prompt.
+    Chats are rendered with the template variables the model's config records it was trained
+    with (``rlhf_fast_reward_chat_template_kwargs``, which the reward trainer saves from its
+    ``chat_template_kwargs``; {} included), so scoring reads the ids training read whatever the
+    policy's template variables are; only a model that records none takes the run's
+    ``ctx.chat_template_kwargs`` (``data.chat_template_kwargs``, as TRL's GRPO passes them)."""
 
     def __init__(self, model, tokenizer=None, name: str = "reward_model", max_length: int = 1024):
         if not isinstance(model, torch.nn.Module):
@@ -313,6 +332,7 @@ class RewardModelReward(RewardSource):
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
         self.conversational = _reward_format(model) == "conversational"
+        self.trained_template_kwargs = _reward_template_kwargs(model)
 
     @torch.no_grad()
     def __call__(self, prompts, completions, ctx):
@@ -332,7 +352,9 @@ class RewardModelReward(RewardSource):
             tok = self.tokenizer
             if ctx is not None and ctx.prompts is not None:
                 prompts = ctx.prompts
-            kw = ctx.chat_template_kwargs if ctx is not None else None
+            kw = self.trained_template_kwargs  # the variables it trained under, where it saved them
+            if kw is None:
+                kw = ctx.chat_template_kwargs if ctx is not None else None
             if self.conversational:  # a chat prompt's answer as the assistant turn it was trained on
                 completions = [[{"role": "assistant", "content": c}]
                                if isinstance(p, list) and isinstance(c, str) else c

@@ -846,6 +846,9 @@ def render_prompt(prompt: Prompt, tokenizer: Any = None, tools: Optional[Sequenc
 # on: "text", "conversational" (chat messages) or "mixed"; RL scores a text answer to a chat prompt
 # as an assistant message where it says "conversational" (RewardModelReward)
 REWARD_FORMAT_ATTR = "rlhf_fast_reward_format"
+# and the config attribute in which it records its ``chat_template_kwargs`` (a mapping, {} for
+# none): RewardModelReward renders chats with them, so RL scores at the ids the head trained on
+REWARD_TEMPLATE_KWARGS_ATTR = "rlhf_fast_reward_chat_template_kwargs"
 
 
 def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len: Optional[int] = None,
@@ -863,12 +866,13 @@ def reward_input_ids(tokenizer: Any, prompt: Prompt, response: Response, max_len
     wherever a trained reward model is used: its head was trained at that final eos (and, for a
     model whose config's :data:`REWARD_FORMAT_ATTR` is "conversational", with the answer to a
     chat prompt as an assistant message, as it was trained).
-    ``chat_template_kwargs``: extra variables a chat prompt's template reads (the RL run's
-    ``data.chat_template_kwargs``, as TRL passes them to the reward model's template)."""
+    ``chat_template_kwargs``: extra variables the chat template reads, for a chat prompt and a
+    conversational response alike (the reward trainer's ``chat_template_kwargs``; in RL those
+    the model saved, :data:`REWARD_TEMPLATE_KWARGS_ATTR`, else the run's ``data.chat_template_kwargs``)."""
     if not isinstance(response, str):
         from rlhf_fast.trainers.sft_data import completion_tokens
 
-        p, (c,) = completion_tokens(tokenizer, prompt, response)
+        p, (c,) = completion_tokens(tokenizer, prompt, response, chat_template_kwargs=chat_template_kwargs)
         ids = p + c  # the whole conversation as the template renders it
     else:
         text = render_prompt(prompt, tokenizer, chat_template_kwargs=chat_template_kwargs)

@@ -92,7 +92,10 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOp
     alpha=16, every linear layer; task_type is SEQ_CLS, so the score head trains whole);
     ``center_rewards_coefficient``: None or c >= 0 (pairs and rankings, see the module
     docstring); ``disable_dropout``: zero the model's dropout (TRL's default, true);
-    ``num_train_epochs``: None, or the passes over the training items that set ``max_steps``."""
+    ``num_train_epochs``: None, or the passes over the training items that set ``max_steps``;
+    ``chat_template_kwargs``: template variables (e.g. ``{enable_thinking: false}``) for every chat
+    the pairs render, prompt and conversational response alike (text values read as YAML), saved in
+    the model's config (``rlhf_fast_reward_chat_template_kwargs``) so RL scores chats with them."""
 
     model: str = "tiny:llama:hidden_size=64,num_layers=2,num_heads=4"
     data: Optional[str] = None
@@ -139,13 +142,19 @@ class RewardConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOp
     eos_token: Optional[str] = None  # a token of the vocabulary: the eos that ends every scored sequence
     pad_token: Optional[str] = None  # a token of the vocabulary: the padding (and the model config's pad id)
     chat_template_path: Optional[str] = None  # a .jinja / .j2 file, or a tokenizer folder to clone the template of
+    # template variables for every chat rendered (e.g. {enable_thinking: false}; TRL: a row's own
+    # chat_template_kwargs column); saved in final/'s config, RL scores chats with them
+    chat_template_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     # TRL's BEMACallback (its argument names and defaults; rlhf_fast.trainers.bema): BEMA weights saved to RUN_DIR/bema
     bema: Optional[BEMAConfig] = None
 
     def __post_init__(self):
+        from .rl_config import _template_kwargs
+
         check_training_schedule(self)
         check_tokenizer_override_fields(self)
+        self.chat_template_kwargs = _template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         if self.data_kind not in ("pairs", "rankings", "scores", "labels"):
             raise ValueError(f"data_kind must be 'pairs', 'rankings', 'scores' or 'labels', got {self.data_kind!r}")
         check_bool_fields(self, ("prefix_sharing", "use_margin", "rankings_as_pairs", "auto_annotator_weights", "dedup",
@@ -228,14 +237,15 @@ def reward_lora(lora: Dict[str, Any], added: List[int]) -> Dict[str, Any]:
     return lora
 
 
-def _encode(tokenizer, prompt: Any, response: Any, max_len: int) -> List[int]:
+def _encode(tokenizer, prompt: Any, response: Any, max_len: int,
+            chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     from rlhf_fast.feedback.formats import reward_input_ids
 
     # prompt (a chat template writes its own special tokens; plain text is tokenized with the
     # response as one text, with the tokenizer's), response (chat messages: the template's turns
     # after the prompt), eos (unless already last); the end kept: the
-    # score is read at the last token
-    return reward_input_ids(tokenizer, prompt, response, max_len)
+    # score is read at the last token; chats rendered with the config's chat_template_kwargs
+    return reward_input_ids(tokenizer, prompt, response, max_len, chat_template_kwargs=chat_template_kwargs)
 
 
 def reward_response_format(records: Sequence[Any]) -> str:
@@ -373,10 +383,12 @@ class RewardTrainer:
         # as TRL: transformers' forward reads the last token that is not config.pad_token_id, so
         # it must be the id the rows are padded with (a model's other pad id read padding)
         self.model.config.get_text_config().pad_token_id = self.pad_id
-        from rlhf_fast.feedback.formats import REWARD_FORMAT_ATTR
+        from rlhf_fast.feedback.formats import REWARD_FORMAT_ATTR, REWARD_TEMPLATE_KWARGS_ATTR
 
-        # saved with the config (final/, checkpoints): RL then scores a chat answer as it trained
+        # saved with the config (final/, checkpoints): RL then scores a chat answer as it trained,
+        # rendered with the same template variables ({} too: a model trained without any)
         setattr(self.model.config, REWARD_FORMAT_ATTR, reward_response_format(train_records))
+        setattr(self.model.config, REWARD_TEMPLATE_KWARGS_ATTR, dict(cfg.chat_template_kwargs))
         dcfg = cfg.distributed
         from rlhf_fast.models.loading import _is_peft
 
@@ -403,7 +415,8 @@ class RewardTrainer:
         init_optimization(self)
 
     def _encode_record(self, r) -> Dict[str, Any]:
-        enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len)  # noqa: E731
+        enc = lambda text: _encode(self.tokenizer, r.prompt, text, self.cfg.max_len,  # noqa: E731
+                                   self.cfg.chat_template_kwargs)
         w = record_weight(self.weights, r.annotator)
         if self.kind == "pairs":
             return {"seqs": [enc(r.chosen), enc(r.rejected)], "margin": r.margin if self.cfg.use_margin else 0.0,

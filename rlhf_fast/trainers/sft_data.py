@@ -24,20 +24,23 @@ training on a misaligned mask.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
-def _render_ids(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool) -> List[int]:
+def _render_ids(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool,
+                chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
     """Token ids of ``messages`` rendered by the chat template, as ``apply_chat_template(...,
     tokenize=True)`` encodes them (the rendered text without the tokenizer's special tokens:
     the template writes its own, e.g. bos). ValueError (not jinja's TemplateError) when the
     template refuses the messages (its ``raise_exception``: Gemma's "System role not
-    supported", Mistral's roles that must alternate)."""
+    supported", Mistral's roles that must alternate). ``chat_template_kwargs``: extra variables
+    the template reads (e.g. ``{"enable_thinking": False}``)."""
     from jinja2 import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             **(chat_template_kwargs or {}))
     except TemplateError as e:
         raise ValueError(f"the chat template refuses the conversation ({type(e).__name__}: {e})") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -111,7 +114,8 @@ def chat_tokens(tokenizer, messages: Sequence[Dict[str, Any]], *, assistant_only
 _warned_split = False
 
 
-def completion_tokens(tokenizer, prompt: Sequence[Dict[str, Any]], *completions: Sequence[Dict[str, Any]]
+def completion_tokens(tokenizer, prompt: Sequence[Dict[str, Any]], *completions: Sequence[Dict[str, Any]],
+                      chat_template_kwargs: Optional[Dict[str, Any]] = None
                       ) -> Tuple[List[int], List[List[int]]]:
     """``(prompt ids, [completion ids, ...])`` of a chat prompt and one or more completions (lists
     of messages: a pair's chosen and rejected, a KTO completion), int lists. The rule of an
@@ -123,13 +127,17 @@ def completion_tokens(tokenizer, prompt: Sequence[Dict[str, Any]], *completions:
     differently, or a token merging across the boundary, e.g. "assistant: " + "hi" → " hi"), the
     prompt is cut to the tokens all of them share and each completion starts there, with a
     warning — TRL's DPO / KTO ``common_prefix_length`` rule, so the ids equal TRL's for any
-    template (the sft mask refuses such templates instead: it has no prompt to cut)."""
+    template (the sft mask refuses such templates instead: it has no prompt to cut).
+    ``chat_template_kwargs``: extra template variables, for the prompt and every completion alike
+    (the reward trainer's ``chat_template_kwargs``, as TRL renders a row with its own)."""
     global _warned_split
     check_chat_template(tokenizer)
     if isinstance(prompt, str):
         raise ValueError("conversational completions (chat messages) need a chat prompt (a list of messages), got text")
-    head = _render_ids(tokenizer, prompt, add_generation_prompt=True)
-    fulls = [_render_ids(tokenizer, list(prompt) + list(c), add_generation_prompt=False) for c in completions]
+    kw = chat_template_kwargs
+    head = _render_ids(tokenizer, prompt, add_generation_prompt=True, chat_template_kwargs=kw)
+    fulls = [_render_ids(tokenizer, list(prompt) + list(c), add_generation_prompt=False,
+                         chat_template_kwargs=kw) for c in completions]
     n = len(head)
     for full in fulls:
         k = 0

@@ -48,6 +48,10 @@ def flip_rate_from_disagreement(d: float) -> float:
     return 0.5 if d >= 0.5 else (1.0 - math.sqrt(1.0 - 2.0 * d)) / 2.0
 
 
+def _text(x) -> str:
+    return x if isinstance(x, str) else json.dumps(x, sort_keys=True)
+
+
 def agreement_stats(records: Sequence[PairRecord]) -> AgreementStats:
     """Per-annotator agreement and the flip-rate estimate from ``records`` (PairRecords;
     records without an annotator count as anonymous labellers)."""
@@ -55,9 +59,12 @@ def agreement_stats(records: Sequence[PairRecord]) -> AgreementStats:
     for i, r in enumerate(records):
         if not isinstance(r, PairRecord):
             raise TypeError(f"records must be PairRecord, got {type(r).__name__}")
-        a, b = sorted([r.chosen, r.rejected])
-        key = json.dumps([r.prompt, a, b])
-        items[key].append((r.annotator if r.annotator is not None else f"<anon {i}>", r.chosen == a))
+        # texts, as record_item_key keys an item: a chat prompt whatever its dicts' key order,
+        # conversational responses (message lists do not sort against each other)
+        chosen = _text(r.chosen)
+        a, b = sorted([chosen, _text(r.rejected)])
+        key = json.dumps([_text(r.prompt), a, b])
+        items[key].append((r.annotator if r.annotator is not None else f"<anon {i}>", chosen == a))
     agree = total = 0
     per = defaultdict(lambda: {"labels": 0, "compared": 0, "agreed": 0, "maj_compared": 0, "maj_agreed": 0})
     for labels in items.values():

@@ -710,8 +710,8 @@ def response_text(response: Response) -> str:
 
 def comparable_pairs(records: Sequence[Any]) -> List[Any]:
     """``records`` with every conversational response of a PairRecord replaced by its JSON text,
-    so that :func:`rlhf_fast.feedback.agreement.agreement_stats` can sort and key responses
-    (it orders the two responses of an item; a message list does not order against another)."""
+    as :func:`rlhf_fast.feedback.agreement.agreement_stats` keys an item's responses (it reads
+    message lists that way itself)."""
     out = []
     for r in records:
         if isinstance(r, PairRecord) and not (isinstance(r.chosen, str) and isinstance(r.rejected, str)):
@@ -774,12 +774,16 @@ def rankings_to_pairs(records: Iterable[RankingRecord], *, adjacent_only: bool =
     """Every (better, worse) pair implied by each ranking: K·(K−1)/2 pairs per record
     (K−1 with ``adjacent_only``: each response over the next one). Margins are 0; the
     annotator is kept. A pair of two identical texts carries no preference and is left out
-    (``load_records`` refuses such rankings; records built in code may hold them)."""
+    (``load_records`` refuses such rankings; records built in code may hold them). A ranking that
+    is not a permutation of the responses' indices is a ValueError."""
     out = []
     for r in records:
         if not isinstance(r, RankingRecord):
             raise TypeError(f"records must be RankingRecord, got {type(r).__name__}")
         order = r.ranking
+        if sorted(order) != list(range(len(r.responses))):  # -1 would read the last response as the worst
+            raise ValueError(f"ranking must be a permutation of 0..{len(r.responses) - 1} (the indices of the "
+                             f"responses, best first), got {_shown(order)}")
         for i in range(len(order)):
             for j in range(i + 1, (i + 2) if adjacent_only else len(order)):
                 if j < len(order):

@@ -5,8 +5,8 @@ Two backends:
 * ``http``: an OpenAI-compatible ``/v1/chat/completions`` endpoint (base URL and key from
   the config or ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``), called with ``urllib``; 5xx, 429,
   connection errors and timeouts are retried with exponential back-off. When the server
-  returns token log-probs the preference is P(A) / (P(A) + P(B)) of the first token,
-  otherwise 1 / 0 / 0.5 from the text's verdict.
+  returns token log-probs and the answer's first token is its verdict (A or B), the preference
+  is P(A) / (P(A) + P(B)) of that token, otherwise 1 / 0 / 0.5 from the text's verdict.
 * ``local``: a transformers causal LM; the preference is the softmax over the summed
   log-probs of the continuations " A" and " B" after the prompt template (computed with
   the fused :func:`rlhf_fast.models.logprobs.sequence_logprobs`).
@@ -18,8 +18,8 @@ a re-run costs nothing.
 
 ``rlhf-fast judge ... --out FILE`` adds to an existing output file, as ``rlhf-fast label``
 does: the records already there are kept, and only the items this judge (annotator
-``judge:MODEL``) has not yet judged there are judged and appended; the file is rewritten
-atomically.
+``judge:MODEL``) has not yet judged there are judged and appended, once each (a pair listed
+twice, sides swapped or not, is one item); the file is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ class HTTPBackend:
         raise JudgeError(f"{self.url}: no answer after {self.cfg.max_retries + 1} attempts (last: {last})")
 
     def ask(self, text: str, *, want_logprobs: bool) -> Dict[str, Any]:
-        """``{"text": answer, "top_logprobs": {token: logp} or None}`` for one user message."""
+        """``{"text": answer, "top_logprobs": {token: logp} or None, "token": the answer's first token
+        or None}`` for one user message."""
         body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}],
                 "temperature": 0, "max_tokens": self.cfg.max_tokens}
         if want_logprobs:
@@ -247,23 +248,28 @@ class HTTPBackend:
             answer = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise JudgeError(f"{self.url}: unexpected response shape: {json.dumps(out)[:200]}") from None
-        top = None
+        top = token = None
         lp = choice.get("logprobs") or {}
         content = lp.get("content") if isinstance(lp, dict) else None
         if content:
+            token = content[0].get("token")
             top = {t["token"]: t["logprob"] for t in content[0].get("top_logprobs", []) if "token" in t}
-        return {"text": answer, "top_logprobs": top}
+        return {"text": answer, "top_logprobs": top, "token": token}
 
     def prefer_first(self, text: str) -> float:
         """P(the judge answers A) for the rendered pair prompt ``text``."""
         out = self.ask(text, want_logprobs=True)
         top = out["top_logprobs"]
-        if top:
+        verdict = _verdict(out["text"])
+        # the first token's alternatives are the judge's odds only when that token is its verdict:
+        # after "Response" (of "Response B") an "A" in the top log-probs is no answer
+        first = (out.get("token") or "").strip().upper()
+        if top and first in ("A", "B") and verdict != 0.5:
             pa = sum(math.exp(v) for k, v in top.items() if k.strip().upper() == "A")
             pb = sum(math.exp(v) for k, v in top.items() if k.strip().upper() == "B")
             if pa + pb > 0:
                 return pa / (pa + pb)
-        return _verdict(out["text"])
+        return verdict
 
     def score(self, text: str) -> float:
         """The number in the judge's answer to the rendered score prompt ``text``."""
@@ -324,10 +330,16 @@ class LocalBackend:
         return 1.0 / (1.0 + math.exp(lb - la))
 
     def score(self, text: str) -> float:
-        lps = self._continuation_logps(text, [f" {k}" for k in range(1, 11)])
+        conts = [f" {k}" for k in range(1, 11)]
+        lps = self._continuation_logps(text, conts)
         m = max(lps)
         w = [math.exp(v - m) for v in lps]
-        return sum(k * wk for k, wk in zip(range(1, 11), w)) / sum(w)
+        # where digits are tokens of their own (Llama-2, Mistral, Qwen2), the ids of " 1" begin
+        # those of " 10": P(" 1") holds P(" 10") too, which must not count as a 1
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+        exact = [max(0.0, wi - sum(wj for j, wj in enumerate(w) if j != i and len(ids[j]) > len(ids[i])
+                                   and ids[j][:len(ids[i])] == ids[i])) for i, wi in enumerate(w)]
+        return sum(k * wk for k, wk in zip(range(1, 11), exact)) / sum(exact)
 
 
 # --------------------------------------------------------------------------- judge
@@ -515,6 +527,16 @@ def _read_existing(path: str, mode: str) -> List[Dict[str, Any]]:
     return out
 
 
+def _first_of_each(items: Sequence[Any], keys: Sequence[str], done: set) -> List[Any]:
+    """``items`` whose key is not in ``done``, each key's first only (a repeat is the same item)."""
+    seen, out = set(done), []
+    for key, it in zip(keys, items):
+        if key not in seen:
+            seen.add(key)
+            out.append(it)
+    return out
+
+
 def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[str, Any]]):
     """``(new records, number of input items already judged in existing)`` for the input."""
     from .formats import load_records
@@ -525,8 +547,10 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[st
         items = load_items(args.input)
         # keys recomputed from each record's texts: files written before keys were side-free
         done = {_record_key(r) for r in existing if r.get("annotator") == annotator}
-        todo = [it for it in items if it["key"] not in done]
+        # a pair listed twice (sides swapped or not) is one item, judged once, as `rlhf-fast label` labels it
+        todo = _first_of_each(items, [it["key"] for it in items], done)
         out = judge.label_items(todo, tie_band=args.tie_band)
+        kept = len({it["key"] for it in items} & done)
     else:
         from rlhf_fast.feedback.formats import _BadJSON, read_rows
 
@@ -540,13 +564,15 @@ def _judge_file(judge: Judge, cfg: JudgeConfig, args, existing: Sequence[Dict[st
                 raise ValueError(f"{args.input}:{n}: response: missing field (need prompt and response)")
             items.append(r)
         done = {cache_key(r["prompt"], r["response"]) for r in existing if r.get("annotator") == annotator}
-        todo = [r for r in items if cache_key(r["prompt"], r["response"]) not in done]
+        keys = [cache_key(r["prompt"], r["response"]) for r in items]
+        todo = _first_of_each(items, keys, done)  # one score per (prompt, response)
+        kept = len(set(keys) & done)
         out = [{"prompt": r["prompt"], "response": r["response"], "score": judge.score(r["prompt"], r["response"]),
                 "annotator": annotator} for r in todo]
         load_records(out, "scores")  # the output must itself be valid score records
     if not items:
         raise ValueError(f"{args.input}: no items to judge (the file holds no records)")
-    return out, len(items) - len(todo)
+    return out, kept
 
 
 __all__ = ["JudgeConfig", "Judge", "JudgeError", "HTTPBackend", "LocalBackend", "JsonCache", "cache_key",

@@ -75,12 +75,14 @@ def plackett_luce_loss(
     scores [B, K] float (reward of each response); ranking [B, K] int64, the indices of the
     responses best first, padded with −1 for items with fewer than K responses. Per item
     −Σ_i [s_{π_i} − logsumexp_{j ≥ i} s_{π_j}] over its ranked positions (the last term is 0);
-    weighted mean over items with ``weights`` [B]. Returns a 0-dim float32.
+    weighted mean over items with ``weights`` [B]. Returns a 0-dim float32. ValueError for a row
+    that repeats an index or holds one outside [0, K) other than the −1 padding.
     """
     if scores.dim() != 2 or ranking.shape != scores.shape:
         raise ValueError(f"scores and ranking must both be [B, K], got {tuple(scores.shape)} and {tuple(ranking.shape)}")
     dt = _out_dtype(scores)
     ranking = ranking.long()
+    _check_ranking(ranking, scores.shape[1])
     valid = ranking >= 0
     s = scores.to(dt).gather(1, ranking.clamp_min(0))  # [B, K] in ranked order
     s = s.masked_fill(~valid, float("-inf"))
@@ -88,6 +90,18 @@ def plackett_luce_loss(
     tail = torch.logcumsumexp(s.flip(1), dim=1).flip(1)
     terms = torch.where(valid, s - tail, torch.zeros_like(s))
     return _weighted_mean(-terms.sum(1), weights)
+
+
+def _check_ranking(ranking: torch.Tensor, k: int) -> None:
+    """ValueError unless each row of ``ranking`` [B, K] (int64) lists distinct response indices in
+    [0, K), the rest −1: a repeated index would be ranked twice (a silently wrong likelihood), an
+    index out of range fails inside ``gather`` with a message that names nothing."""
+    if ((ranking < -1) | (ranking >= k)).any():
+        raise ValueError(f"ranking must hold response indices in [0, {k}) or -1 (padding), got values "
+                         f"{int(ranking.min())}..{int(ranking.max())}")
+    srt = ranking.sort(dim=1).values
+    if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
+        raise ValueError("ranking must list each response at most once per row (a permutation, padded with -1)")
 
 
 def score_regression_loss(

@@ -14,7 +14,8 @@ difference from TRL 1.16: :mod:`rlhf_fast.trainers.preference_losses`):
   DPO (cDPO), which bounds the pull of a flipped label — the option for noisy labels; ε = 0 is
   DPO (TRL's and OpenRLHF's ``sigmoid`` loss; TRL 1.x dropped ε from it);
 * ``robust`` (rDPO, Chowdhury et al. 2024): (−(1−ε)·log σ(βz) + ε·log σ(−βz)) / (1 − 2ε), an
-  unbiased estimate of the clean-label loss when labels flip with probability ε (TRL's ``robust``);
+  unbiased estimate of the clean-label loss when labels flip with probability ε (TRL's ``robust``;
+  with ``use_margin`` no longer unbiased: the margin is subtracted inside both terms);
 * ``ipo``: (z' − 1/(2β))² with z' built from per-token-mean log-ratios (l / response tokens),
   as TRL does;
 * ``hinge`` (SLiC): relu(1 − βz);

@@ -62,8 +62,11 @@ def active_logit_transforms(config: Any) -> List[Tuple[str, Any]]:
     """``(name, value)`` of every :data:`LOGIT_TRANSFORM_ATTRS` entry ``config`` (or its text
     config) sets to a value that changes the logits, in that table's order; [] for a plain head."""
     out = []
+    # once, not per attribute: transformers' get_text_config costs ~10 us a call, and every
+    # log-prob forward asks this (unfusable_reason) several times a training step
+    configs = head_configs(config)
     for name, neutral in LOGIT_TRANSFORM_ATTRS:
-        for cfg in head_configs(config):
+        for cfg in configs:
             val = getattr(cfg, name, None)
             if val not in neutral:
                 out.append((name, val))

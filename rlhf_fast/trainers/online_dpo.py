@@ -139,9 +139,15 @@ def _metrics_from_sums(v: torch.Tensor, beta: float, with_scores: bool = True) -
 def load_pairwise_judge(spec: str) -> Callable:
     """The ``judge(prompts, pairs)`` callable of ``online_dpo.judge`` (``module:name`` or
     ``file.py:name``): the object's ``judge`` method (a class is instantiated first, without
-    arguments), or the object itself when it is a plain function."""
+    arguments), or the object itself when it is a plain function. ValueError naming
+    ``online_dpo.judge`` where it cannot be loaded (a missing ``.py`` file: the judge's file)."""
+    import os
+
     from rlhf_fast.algorithms import load_callable
 
+    path = spec.rsplit(":", 1)[0] if isinstance(spec, str) else ""
+    if path.endswith(".py") and not os.path.exists(path):  # load_callable would call it a reward function's
+        raise ValueError(f"online_dpo.judge {spec!r}: the judge file {path!r} does not exist")
     try:
         obj = load_callable(spec)
     except (ValueError, FileNotFoundError) as e:
@@ -214,6 +220,13 @@ class OnlineDPOTrainer(RLTrainer):
 
     def _rewards_optional(self) -> bool:
         return self._pairwise_judge is not None
+
+    def _no_reward_message(self) -> str:
+        # RL's `judge` is a pointwise scorer; the pairwise judge that picks a pair on its own is ours alone
+        return ("no reward source: online DPO picks each pair's chosen answer with a pairwise judge "
+                "(pairwise_judge=... or online_dpo.judge in the config) or by the scores of reward sources "
+                "(reward_fns / reward_models / judge, a pointwise AI judge, or reward.functions, reward.reward_model "
+                "or reward.process_model in the config, or an environment with get_reward); give one")
 
     # ------------------------------------------------------------------ β
 

@@ -924,14 +924,19 @@ class RLTrainer:
         if not sources and self._rewards_optional():
             return None  # distillation (or a judged online DPO) needs no reward: sources are only logged
         if not sources:
-            raise ValueError("no reward source: pass reward_fns / reward_models / judge, or set reward.functions "
-                             "or reward.reward_model in the config (or an environment with get_reward)")
+            raise ValueError(self._no_reward_message())
         return CombinedReward(sources, weights, on_bad_reward=rc.on_bad_reward, convention=rc.calling_convention)
 
     def _rewards_optional(self) -> bool:
         """Whether the run trains without reward sources (distillation; online DPO with a
         pairwise judge, :class:`~rlhf_fast.trainers.online_dpo.OnlineDPOTrainer`)."""
         return self.config.estimator == DISTILL
+
+    def _no_reward_message(self) -> str:
+        """The error of a run given no reward source: every way to give one (online DPO adds its
+        pairwise judge)."""
+        return ("no reward source: pass reward_fns / reward_models / judge, or set reward.functions, "
+                "reward.reward_model or reward.process_model in the config (or an environment with get_reward)")
 
     def _build_environments(self, factory) -> tuple:
         """``({name: factory}, {name: probe instance})`` of ``environment_factory=`` or

@@ -61,10 +61,11 @@ averaged with per-annotator weights (``annotator_weights``, ``auto_annotator_wei
 reward trainer) over every pair of the step, whatever the micro-batch split or number of ranks
 (except the batch-level ``aot`` losses).
 Logged per step (and on the eval split with an ``eval_`` prefix): loss, rewards/chosen and
-rewards/rejected (β·l, means over pairs; reference-free: β·log π, β·its token mean for simpo /
-orpo, as TRL's CPO / ORPO trainers), rewards/accuracy (share with the chosen reward strictly
-higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs; token means for simpo /
-orpo), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), lr, grad_norm;
+rewards/rejected (β·l, means over pairs; reference-free: β·log π, β·its token mean for the
+token-mean losses simpo / cpo_ipo / orpo / tpo_ipo / tpo_l, β × the shaped score with AlphaPO's
+alpha, as TRL's CPO / ORPO / TPO trainers), rewards/accuracy (share with the chosen reward strictly
+higher), rewards/margin, logps/chosen, logps/rejected (summed log-probs; token means for those
+token-mean losses), nll (when an NLL term is on), log_odds_ratio and log_odds_chosen (orpo), lr, grad_norm;
 TRL's entropy, logits/chosen and logits/rejected (the logit averaged over the vocabulary, then over
 the chosen / rejected response tokens: h·mean_v(W) per token, no logits) and mean_token_accuracy
 (the chosen response tokens that are the argmax of their logits, from the fused head's own pass).

@@ -26,7 +26,8 @@ scores s = f'(l) (:func:`f_divergence_scores`; s = l for the default ``reverse_k
   objective; per-pair weights (``annotator_weights``) are refused with them (TRL refuses WPO
   weighting for the same reason);
 * ``apo_zero``: 1 − σ(βl_c) + σ(βl_r); ``apo_down``: σ(βl_c) + 1 − σ(β(l_c − l_r));
-* ``discopop``: (1 − m)·(−log σ(βδ)) + m·exp(−βδ), m = σ(βδ / τ), τ = ``discopop_tau``;
+* ``discopop``: (1 − m)·(−log σ(βδ)) + m·exp(−βδ), m = σ(βδ / τ), τ = ``discopop_tau`` (m·exp(−βδ)
+  computed as exp(log σ(βδ / τ) − βδ): finite where TRL's e^(−βδ) × m is inf × 0 = NaN, βδ < −88.7);
 * ``sigmoid_norm``: −log σ(βδ'), δ' the per-token-mean difference of ``ipo``;
 * ``sft``: the token-mean NLL of the chosen responses (a token-level term, not a per-pair
   loss: the trainer adds it, like ``rpo_alpha``).
@@ -78,7 +79,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.ops._validate import finite
+from rlhf_fast.ops._validate import finite, tensor
 
 REFERENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
@@ -157,6 +158,16 @@ def f_divergence_scores(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor
     raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {kind!r}")
 
 
+def _check_tensors(required: Dict[str, object], optional: Dict[str, object]) -> None:
+    """TypeError naming the first of ``required`` (name → value) that is not a tensor, or of
+    ``optional`` that is neither None nor a tensor."""
+    for name, t in required.items():
+        tensor(name, t)
+    for name, t in optional.items():
+        if t is not None:
+            tensor(name, t)
+
+
 def _smoothed(logits: torch.Tensor, eps: float) -> torch.Tensor:
     loss = -(1.0 - eps) * F.logsigmoid(logits)
     return loss - eps * F.logsigmoid(-logits) if eps > 0 else loss
@@ -209,6 +220,9 @@ def dpo_loss(
     if f_divergence_type != "reverse_kl" and not set(names) <= F_DIVERGENCE_LOSSES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} applies to loss types {sorted(F_DIVERGENCE_LOSSES)} "
                          f"only, got {names}")
+    _check_tensors(dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                        ref_rejected_logps=ref_rejected_logps),
+                   dict(margin=margin, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens))
     shape = tuple(chosen_logps.shape)
     for name, t in (("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps), ("margin", margin), ("chosen_tokens", chosen_tokens),
@@ -265,7 +279,8 @@ def dpo_loss(
             loss = torch.sigmoid(beta * cr) + 1 - torch.sigmoid(beta * (cr - rj))
         elif name == "discopop":
             mod = torch.sigmoid(logits / discopop_tau)
-            loss = -F.logsigmoid(logits) * (1 - mod) + torch.exp(-logits) * mod
+            # e^(−x)·σ(x/τ) as exp(−x + log σ(x/τ)): TRL's e^(−x) × σ(x/τ) is inf × 0 = NaN once x < −88.7
+            loss = -F.logsigmoid(logits) * (1 - mod) + torch.exp(F.logsigmoid(logits / discopop_tau) - logits)
         else:  # sigmoid_norm
             loss = -F.logsigmoid(beta * per_token_delta())
         total = total + w * loss
@@ -311,6 +326,8 @@ def reference_free_loss(
     finite("alpha", alpha)
     if alpha != 0 and loss_type not in ALPHA_LOSSES:
         raise ValueError(f"alpha (AlphaPO) applies to loss_type {sorted(ALPHA_LOSSES)} only, not {loss_type!r}")
+    _check_tensors(dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps),
+                   dict(chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens))
     shape = tuple(chosen_logps.shape)
     if len(shape) != 1:
         raise ValueError(f"chosen_logps must be [B], got {shape}")
@@ -361,6 +378,7 @@ def ld_weighted_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: f
     or bool), the first min(len_c, len_r) response tokens of each row at weight 1 and the rest
     of the longer response at ``ld_alpha`` (TRL's ``ld_alpha``)."""
     finite("ld_alpha", ld_alpha, ">= 0")
+    _check_tensors(dict(token_logps=token_logps, mask=mask), {})
     if token_logps.dim() != 2 or tuple(mask.shape) != tuple(token_logps.shape) or token_logps.shape[0] % 2:
         raise ValueError(f"token_logps and mask must be [2B, T] of one shape, got {tuple(token_logps.shape)} and "
                          f"{tuple(mask.shape)}")

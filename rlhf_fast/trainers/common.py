@@ -515,12 +515,14 @@ class MetricsLogger:
     while metrics.jsonl holds each step once. ``resume_step``: the step the run continues from
     (0: a fresh start): TensorBoard hides the events of the later steps that an earlier attempt
     wrote in ``run_dir/tb`` (SummaryWriter's ``purge_step``), so it too shows each step once;
-    None keeps every event. A tracker named explicitly that fails to start
-    raises; under ``"auto"`` a TensorBoard that cannot start is skipped, as before."""
+    None keeps every event; ``relogged``: the record of ``resume_step`` itself is logged again (a
+    stop's partial log window, restored from its checkpoint), so its events go too. A tracker
+    named explicitly that fails to start raises; under ``"auto"`` a TensorBoard that cannot start
+    is skipped, as before."""
 
     def __init__(self, run_dir: str, *, tensorboard: bool = True, append: bool = True, report_to: Any = "auto",
                  run_name: Optional[str] = None, config: Optional[Mapping[str, Any]] = None,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, relogged: bool = False):
         check_run_name(run_name)
         names = [n for n in resolve_report_to(report_to) if tensorboard or n != "tensorboard"]
         os.makedirs(run_dir, exist_ok=True)
@@ -529,6 +531,8 @@ class MetricsLogger:
         self._trackers = []
         # (a fresh start hides all: an aborted attempt's step 0, e.g. the evaluation at the start)
         purge = None if resume_step is None else (int(resume_step) + 1 if resume_step else 0)
+        if relogged and resume_step:  # the checkpoint's own step is logged again: its event goes too
+            purge = int(resume_step)
         try:
             for n in names:
                 try:
@@ -544,7 +548,8 @@ class MetricsLogger:
         self._f = open(self.path, "a" if append else "w", encoding="utf-8")
 
     @classmethod
-    def for_config(cls, run_dir: str, cfg: Any, *, resume_step: Optional[int] = None) -> "MetricsLogger":
+    def for_config(cls, run_dir: str, cfg: Any, *, resume_step: Optional[int] = None,
+                   relogged: bool = False) -> "MetricsLogger":
         """The logger of a trainer whose config ``cfg`` has ``report_to`` and ``run_name`` (a config
         without them gets the defaults), with the run's config.yaml (written by then; else ``cfg``)
         as the trackers' config; ``resume_step``: the trainer's step as its loop starts."""
@@ -557,7 +562,7 @@ class MetricsLogger:
         else:
             config = to_dict(cfg)
         return cls(run_dir, report_to=getattr(cfg, "report_to", "auto"), run_name=getattr(cfg, "run_name", None),
-                   config=config, resume_step=resume_step)
+                   config=config, resume_step=resume_step, relogged=relogged)
 
     @property
     def trackers(self) -> List[str]:
@@ -634,6 +639,9 @@ def _window_number(v: Any) -> Optional[float]:
     return None
 
 
+LOG_WINDOW_KEY = "log_window"  # a checkpoint's extra.json: the steps of a stop's unfinished log window
+
+
 class LogWindow:
     """The metrics of the steps since the last logged one (``log_every``), given as one record
     when a step is logged (:meth:`pop`): each number the mean of its values over the steps that
@@ -641,7 +649,9 @@ class LogWindow:
     logs (and transformers its loss); :func:`window_keeps_last`'s keys and anything that is not
     one number are the last step's. A window of one step gives its metrics unchanged. The
     trainers also log each checkpoint's step, so that a resumed run's windows are those of the
-    uninterrupted run (transformers starts a new one at any resume)."""
+    uninterrupted run (transformers starts a new one at any resume); a stop signal's checkpoint
+    keeps the steps of its unfinished window (:meth:`state`), whose record the stop logs and the
+    resumed run replaces (:meth:`load`), for the same reason."""
 
     def __init__(self):
         self._steps: List[Dict[str, Any]] = []
@@ -649,6 +659,34 @@ class LogWindow:
     def add(self, metrics: Mapping[str, Any]) -> None:
         """Add one step's metrics."""
         self._steps.append(dict(metrics))
+
+    def peek(self) -> Dict[str, Any]:
+        """The record :meth:`pop` would give, the window left as it is."""
+        steps = self._steps
+        out = self.pop()
+        self._steps = steps
+        return out
+
+    def state(self) -> List[Dict[str, Any]]:
+        """The steps added since the last ``pop`` as JSON-able records (one-number values as
+        Python numbers, NaN / inf kept as floats, the rest as the log writes them): what the
+        checkpoint of a stop inside a window keeps, so that the resumed run logs the window of the
+        uninterrupted run (:meth:`load`). ``[]`` when every step has been logged."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                return float(v.detach().float().item())  # (as the log writes a one-value tensor)
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                return v
+            return v.item() if _window_number(v) is not None else _jsonable(v)
+
+        return [{str(k): plain(v) for k, v in m.items()} for m in self._steps]
+
+    def load(self, steps: Any) -> None:
+        """Put back the steps a checkpoint kept (:meth:`state`) in front of the window; TypeError
+        for anything but a list of dicts."""
+        if not isinstance(steps, list) or not all(isinstance(m, dict) for m in steps):
+            raise TypeError(f"a log window's state must be a list of dicts (LogWindow.state), got {steps!r}")
+        self._steps = [dict(m) for m in steps] + self._steps
 
     def pop(self) -> Dict[str, Any]:
         """The record of the steps added since the last ``pop`` (``{}`` for none); empties the window."""
@@ -1669,7 +1707,7 @@ __all__ = ["check_seed", "seed_everything", "lr_lambda", "make_scheduler", "step
            "TRL_METRIC_NAMES", "same_metric",
            "metric_to_step_on", "check_metric_fields", "make_optimizer", "OptimizerOptions",
            "LoggingOptions", "warmup_steps_for", "MetricsLogger", "check_report_to", "resolve_report_to", "read_metrics", "RunDir",
-           "ModelInitOptions", "check_model_init_field", "LogWindow",
+           "ModelInitOptions", "check_model_init_field", "LogWindow", "LOG_WINDOW_KEY",
            "load_causal_lm", "parse_tiny_spec", "truncate_metrics",
            "autocast_context", "random_states_kept", "resolve_device", "to_dict"]
 

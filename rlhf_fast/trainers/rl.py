@@ -2489,6 +2489,11 @@ class RLTrainer:
         if self.config.ppo.use_adaptive_entropy:  # (inf, before any measurement, is no JSON number)
             out["entropy_ctl"] = {"coef": self.entropy_coef,
                                   "last_entropy": None if self.last_entropy == float("inf") else self.last_entropy}
+        window = getattr(self, "_log_window", None)
+        if self._logger is not None and window is not None and window.state():
+            from rlhf_fast.trainers.common import LOG_WINDOW_KEY
+
+            out[LOG_WINDOW_KEY] = window.state()  # a stop inside a log window: its steps so far
         return out
 
     def _ckpt_parts(self):
@@ -2588,13 +2593,19 @@ class RLTrainer:
         if self.critic is not None:
             self.critic_scaler.load_state_dict(scalers.get("critic"), f"checkpoint {ck} (critic)")
         self.global_step = step
+        # a stop inside a log window logged its steps so far at its step: that record goes, and its
+        # steps go back into the window (train()), which the next log averages as the uninterrupted run
+        from rlhf_fast.trainers.common import LOG_WINDOW_KEY
+
+        self._resumed_window = extra.get(LOG_WINDOW_KEY) or []
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = os.path.join(run_dir, name)
             if os.path.exists(p) and self.ctx.is_main:
                 from rlhf_fast.trainers.common import log_records_up_to
                 from rlhf_fast.trainers.config import atomic_write_text
 
-                atomic_write_text(p, "".join(log_records_up_to(p, self.global_step)))
+                upto = self.global_step - (bool(self._resumed_window) and name == "metrics.jsonl")
+                atomic_write_text(p, "".join(log_records_up_to(p, upto)))
         self.ctx.barrier()
         return self.global_step
 
@@ -2679,9 +2690,11 @@ class RLTrainer:
             # output_dir: where the run really is (a resumed run stays in its own folder)
             save_config(replace(cfg, resume=None, output_dir=out_dir), os.path.join(self.run_dir.path, "config.yaml"))
         end = cfg.steps if steps is None else min(cfg.steps, self.global_step + steps)
-        self._logger = (MetricsLogger.for_config(self.run_dir.path, cfg, resume_step=self.global_step)
-                        if self.ctx.is_main else None)
+        resumed, self._resumed_window = getattr(self, "_resumed_window", []), []
+        self._logger = (MetricsLogger.for_config(self.run_dir.path, cfg, resume_step=self.global_step,
+                                                 relogged=bool(resumed)) if self.ctx.is_main else None)
         self._log_window = LogWindow()
+        self._log_window.load(resumed)  # (the steps of a stop's window, from its checkpoint)
         history = []
         bar = None
         if cfg.progress and self.ctx.is_main:

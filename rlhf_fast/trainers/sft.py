@@ -84,7 +84,8 @@ from .common import LoggingOptions, ModelInitOptions, OptimizerOptions, supervis
 from .compile import CompileOptions, compile_configured
 from .config import typed_config
 from .merging import MergeOptions, check_merge_target, merge_into, setup_merge
-from .common import LogWindow, metric_to_step_on, schedule_metric, step_logged, steps_on_metric
+from .common import (LOG_WINDOW_KEY, LogWindow, metric_to_step_on, schedule_metric, step_logged,
+                     steps_on_metric)
 from .mixed_precision import LossScaler
 from .best_checkpoint import EXTRA_KEY as BEST_KEY, BestCheckpoint, load_best_model
 from .bema import (BEMAConfig, check_bema_field, load_bema, maybe_bema_update, prune_bema, save_bema, save_bema_model,
@@ -743,6 +744,9 @@ def save_supervised(trainer, part: str) -> None:
         save_bema(trainer)
     extra = {"step": trainer.step, "data": trainer.batches.state(),
              "num_tokens": trainer.num_tokens}
+    window = getattr(trainer, "_log_window", None)
+    if window is not None and window.state():  # a stop inside a log window: its steps so far
+        extra[LOG_WINDOW_KEY] = window.state()
     if trainer.scaler.enabled:  # fp16's loss scale (transformers' scaler.pt)
         extra["scaler"] = trainer.scaler.state_dict()
     best = getattr(trainer, "best", None)
@@ -794,8 +798,11 @@ def resume_supervised(trainer, part: str, load_companions=None) -> None:
         load_companions(ck, step)
     if getattr(trainer, "_bema", None) is not None:
         load_bema(trainer, ck, step)
+    # a stop inside a log window logged its steps so far at its step: that record goes, and its
+    # steps go back into the window, which the next log averages as the uninterrupted run does
+    trainer._resumed_window = extra.get(LOG_WINDOW_KEY) or []
     if trainer.ctx.is_main:
-        truncate_metrics(trainer.run.path, trainer.step)
+        truncate_metrics(trainer.run.path, trainer.step - 1 if trainer._resumed_window else trainer.step)
         trainer.run.write_config(trainer.cfg)
     trainer.ctx.barrier()
 
@@ -825,10 +832,14 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
         raise ValueError(f"load_best_model_at_end compares {best.name} of the evaluations, but the eval split is "
                          "empty: give eval_data or a larger eval_fraction")
     last: Dict[str, float] = {}
-    window = LogWindow()  # log_every > 1: TRL / transformers average the steps between two logs
+    # log_every > 1: TRL / transformers average the steps between two logs
+    window = trainer._log_window = LogWindow()
+    resumed, trainer._resumed_window = getattr(trainer, "_resumed_window", []), []
+    window.load(resumed)  # (the steps of a stop's window, from its checkpoint)
     with StopOnSignal() as stop:  # held through the final save: a signal then lets the run end
-        with (MetricsLogger.for_config(trainer.run.path, cfg, resume_step=trainer.step) if trainer.ctx.is_main
-              else NullLogger()) as log, \
+        with (MetricsLogger.for_config(trainer.run.path, cfg, resume_step=trainer.step,
+                                       relogged=bool(resumed))
+              if trainer.ctx.is_main else NullLogger()) as log, \
                 _exposed_logger(trainer, log):
             if eval_at_start and trainer.step == 0 and has_eval:
                 start = trainer.evaluate()
@@ -856,11 +867,14 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 # a stop signal ends the run at this step with a checkpoint (the last step goes on
                 # to its final save anyway)
                 signum = 0 if final else stop.requested(trainer.ctx)
-                saves = bool(cfg.save_every and trainer.step % cfg.save_every == 0) or bool(signum)
+                scheduled = bool(cfg.save_every and trainer.step % cfg.save_every == 0)
                 # the steps since the last log, averaged; a checkpoint's step too, so that a run
                 # resumed from it logs what the uninterrupted run logs
-                if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m or saves:
+                if trainer.step % cfg.log_every == 0 or final or "eval_loss" in m or scheduled:
                     log.log(trainer.step, window.pop())
+                elif signum:  # shown now; the checkpoint keeps the window for the resumed run's log
+                    log.log(trainer.step, window.peek())
+                saves = scheduled or bool(signum)
                 if saves:
                     trainer._save()
                 if signum:

@@ -605,7 +605,7 @@ class DistillationTrainer(RLTrainer):
 
             check_model_folder(d.teacher, "distill.teacher")  # before the student is loaded
         super().__init__(config, policy, tokenizer, **kwargs)
-        self._uld = self._uld_setup_tokenizer()  # GOLD (distill.use_uld_loss); None otherwise
+        self._uld = self._uld_setup_tokenizer(teacher_model)  # GOLD (distill.use_uld_loss); None otherwise
         self.teacher = self._load_teacher(teacher_model)
         self._vocab_rows = self._check_vocabulary() if self._uld is None else self._uld_check_teacher()
         # answers end before a sampled id past these rows (a head's padding row: no token); None: no cut
@@ -892,10 +892,11 @@ class DistillationTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ GOLD: a teacher with another tokenizer
 
-    def _uld_setup_tokenizer(self) -> Optional["_ULDState"]:
+    def _uld_setup_tokenizer(self, teacher_model=None) -> Optional["_ULDState"]:
         """None without ``distill.use_uld_loss``; else the teacher's tokenizer (``distill.teacher_tokenizer``,
-        else the ``distill.teacher`` folder's, else the student's — TRL's default), the loss settings and,
-        with ``uld_use_hybrid_loss``, the matched vocabulary. ValueError for what ULD cannot run."""
+        else the teacher's own folder's — ``distill.teacher``, or a ``teacher_model`` instance's
+        ``config._name_or_path`` as TRL reads it —, else the student's), the loss settings and, with
+        ``uld_use_hybrid_loss``, the matched vocabulary. ValueError for what ULD cannot run."""
         from rlhf_fast.algorithms import uld
 
         d = self.config.distill
@@ -910,9 +911,12 @@ class DistillationTrainer(RLTrainer):
                              "as answer text (TRL's GOLD has no tools); remove the tools / environments")
         tok = self.tokenizer
         folder = d.teacher_tokenizer
-        if folder is None and d.teacher is not None and not d.teacher.startswith("tiny:") and any(
-                os.path.isfile(os.path.join(d.teacher, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-            folder = d.teacher
+        # else the teacher's own folder (TRL: teacher_model's path, or an instance's config._name_or_path)
+        own = d.teacher if d.teacher is not None and not d.teacher.startswith("tiny:") else \
+            getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
+        if folder is None and isinstance(own, str) and own and any(
+                os.path.isfile(os.path.join(own, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            folder = own
         if folder is not None:
             from transformers import AutoTokenizer
 

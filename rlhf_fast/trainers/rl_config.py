@@ -1396,8 +1396,9 @@ class DistillConfig:
     GOLD (TRL's experimental ``GOLDTrainer``, its keys by their names): ``use_uld_loss`` trains with
     the Universal Logit Distillation loss (rlhf_fast.algorithms.uld, TRL's ``ULDLoss``) in place of
     the divergence, so the teacher may have another tokenizer: ``teacher_tokenizer`` (TRL's
-    ``teacher_tokenizer_name_or_path``: a local folder; null: the ``teacher`` folder's own tokenizer,
-    else the student's; a ``tiny:`` teacher is built on it). Each answer's prompt and text, decoded
+    ``teacher_tokenizer_name_or_path``: a local folder; null: the ``teacher`` folder's own tokenizer
+    (a ``teacher_model=`` instance's: its ``config._name_or_path`` folder's, as TRL), else the
+    student's; a ``tiny:`` teacher is built on it). Each answer's prompt and text, decoded
     from the student's tokens, are re-tokenized by it and scored by the teacher; per answer the
     two models' probabilities (at ``uld_student_temperature`` / ``uld_teacher_temperature``, not
     ``rollout.temperature``) over the answer are aligned — ``use_extended_uld`` (default true;
@@ -1507,6 +1508,11 @@ class DistillConfig:
             if hyb:
                 raise ValueError(f"{', '.join(hyb)} apply to distill.uld_use_hybrid_loss true only (beta: the "
                                  f"divergence over the matched tokens); set it or remove them")
+        no_distill = self.uld_distillation_weight == 0 or (self.uld_use_hybrid_loss and mw == 0 and uw == 0)
+        if no_distill and self.uld_crossentropy_weight == 0:  # (as DPO's all-zero loss_weights)
+            raise ValueError(f"distill.uld_distillation_weight ({self.uld_distillation_weight}), the hybrid weights "
+                             f"({mw}, {uw}) and distill.uld_crossentropy_weight (0) make the loss 0 on every batch: "
+                             f"nothing would train; give one term a weight > 0")
         if self.objective != "jsd":
             raise ValueError(f"distill.use_uld_loss replaces the divergence; distill.objective "
                              f"{self.objective!r} cannot go with it (TRL's GOLD has no other objective)")

@@ -229,13 +229,15 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     and dropped when no token after the first is left to train.
 
     The prompt is tokenised as generation sees it (plain text with the tokenizer's special
-    tokens such as bos, a chat through its template with the generation prompt and no second
-    bos), so the prompt tokens are exactly those a rollout conditions on, and the completion
-    as its continuation (:func:`rlhf_fast.trainers.sft_data.continuation_ids`: prompt +
-    completion tokenised together, the prompt's tokens cut off, as TRL; alone where a token
-    merges across the boundary). One eos is appended to the
+    tokens such as bos — one bos where the text already starts with it, as
+    :func:`~rlhf_fast.feedback.formats.prompt_token_ids`; TRL keeps two —, a chat through its
+    template with the generation prompt and no second bos), so the prompt tokens are exactly
+    those a rollout conditions on, and the completion as its continuation
+    (:func:`rlhf_fast.trainers.sft_data.continuation_ids`: prompt + completion tokenised together,
+    the prompt's tokens cut off, as TRL; alone where a token merges across the boundary). One eos
+    is appended to the
     completion unless its text already ends with the eos token (as TRL's ``add_eos`` and
-    OpenRLHF's SFTDataset do). Truncation keeps the start (TRL's ``keep_start``): the whole
+    OpenRLHF's SFTDataset do); a tokenizer without an eos is a ValueError naming ``eos_token``. Truncation keeps the start (TRL's ``keep_start``): the whole
     prompt and the first completion tokens; a completion cut short loses its eos (unlike
     OpenRLHF, which overwrites the last token with eos). For a chat prompt the completion
     is plain text followed by eos, not re-rendered by the template, so an end-of-turn
@@ -256,7 +258,7 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
     record, as with ``keep_start``)."""
     from jinja2 import TemplateError
 
-    from rlhf_fast.feedback.formats import ChatRecord, TextRecord, render_prompt
+    from rlhf_fast.feedback.formats import ChatRecord, TextRecord, prompt_token_ids, render_prompt
 
     from .sft_data import chat_tokens, continuation_ids
 
@@ -269,6 +271,14 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
                          f"({len(records) - n_text}), first at record {first}: use one format per dataset")
     rows, dropped = [], 0
     for i, r in enumerate(records):
+        why = not_an_sft_record(f"sft record {i}", r)
+        if why:
+            raise TypeError(why)
+        if tokenizer.eos_token_id is None and not isinstance(r, ChatRecord):
+            # (TRL fails in its add_eos): rows without an end would teach the model never to stop
+            raise ValueError(f"sft record {i}: the tokenizer has no eos token to end its "
+                             f"{'text' if isinstance(r, TextRecord) else 'completion'} with, so the model would "
+                             "never learn to stop: set eos_token (a token of the vocabulary)")
         if isinstance(r, TextRecord):
             ids = list(tokenizer(r.text)["input_ids"])  # the tokenizer's special tokens, as TRL's text rows
             eos = tokenizer.eos_token_id
@@ -300,6 +310,8 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
         special = isinstance(r.prompt, str)
         p = tokenizer(text, add_special_tokens=special)["input_ids"]
         c = continuation_ids(tokenizer, text, p, r.completion, add_special_tokens=special)
+        # the ids generation conditions on: a text that already starts with the bos text keeps one bos, not two
+        p = prompt_token_ids(tokenizer, [text])[0]
         eos = tokenizer.eos_token_id
         if eos is not None and not (c and c[-1] == eos):  # a completion that already ends with eos keeps one
             c = c + [eos]
@@ -324,6 +336,21 @@ def tokenize_sft(records: Sequence[Any], tokenizer, max_len: int, *, completion_
         c = c[: max_len - len(p)]
         rows.append({"input_ids": p + c, "response_mask": [0] * len(p) + [1] * len(c)})
     return rows, dropped
+
+
+def not_an_sft_record(where: str, r: Any) -> Optional[str]:
+    """Why ``r`` is not a record :func:`tokenize_sft` reads (an SFTRecord with a text completion,
+    a ChatRecord or a TextRecord), the message starting with ``where``; None when it is one."""
+    from rlhf_fast.feedback.formats import ChatRecord, SFTRecord, TextRecord
+
+    if not isinstance(r, (SFTRecord, ChatRecord, TextRecord)):
+        hint = " (rows as dicts go to SFTConfig.data)" if isinstance(r, dict) else ""
+        return f"{where}: expected an SFTRecord, ChatRecord or TextRecord, got {type(r).__name__}{hint}"
+    if isinstance(r, SFTRecord) and not isinstance(r.completion, str):
+        return (f"{where}: the completion must be text, got {type(r.completion).__name__} (a conversational "
+                "completion, TRL's list of messages, is not read: give the conversation as a ChatRecord, "
+                "its messages the prompt's then the completion's, with assistant_only_loss: true)")
+    return None
 
 
 def sft_rows(records: Sequence[Any], tokenizer, cfg: SFTConfig, split: str
@@ -966,6 +993,10 @@ class SFTTrainer:
         train_records, eval_records = load_split_records(
             cfg, lambda path: load_records(path, "sft", dedup=cfg.dedup), lambda: synthetic_sft_records(seed=cfg.seed),
             train_records, eval_records)
+        for name, recs in (("train_records", train_records), ("eval_records", eval_records or [])):
+            why = next(filter(None, (not_an_sft_record(f"{name}[{j}]", r) for j, r in enumerate(recs))), None)
+            if why:  # (before a tiny tokenizer is trained on their texts)
+                raise TypeError(why)
         self.eval_records = list(eval_records or [])
         from rlhf_fast.models.loading import check_chat_template_path
 
@@ -1006,6 +1037,10 @@ class SFTTrainer:
             raise ValueError(f"max_len ({cfg.max_len}) leaves no training example: each of the {len(train_records)} "
                              "records has no token left to train within max_len (an empty prompt, a prompt of at "
                              "least max_len tokens, or no assistant turn); raise max_len")
+        if self.eval_records and not self.eval_rows:  # (else the run would go on without any evaluation)
+            raise ValueError(f"max_len ({cfg.max_len}) leaves no eval example: each of the {len(self.eval_records)} "
+                             "eval records has no token left to score within max_len (a prompt of at least max_len "
+                             "tokens, or no assistant turn); raise max_len, or give other eval_data")
         steps_for_epochs(cfg, len(self.train_rows))  # before the scheduler, which counts max_steps
         self.batches = _Batches(len(self.train_rows), cfg.batch_size, cfg.seed)
         init_optimization(self)

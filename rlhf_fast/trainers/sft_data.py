@@ -6,7 +6,8 @@ and the fixed-length chunks of SFT's ``packing_strategy: wrapped`` (:func:`pack_
 The mask works with any chat template, with or without ``{% generation %}`` markers: the
 conversation's prefixes are rendered message by message and their token ids compared. Assistant
 turn k (``messages[k]``) trains the tokens after ``messages[:k]`` rendered with the generation
-prompt, up to the end of ``messages[:k+1]``: its content and whatever the template writes to
+prompt (for an assistant turn that opens the conversation, k = 0, after what the template writes
+before its content), up to the end of ``messages[:k+1]``: its content and whatever the template writes to
 close the turn (an end-of-turn token such as ``<|im_end|>`` / ``<|eot_id|>``, and the separator
 after it). The end-of-turn token must train, or the model never learns to stop; the role header
 (the generation prompt) must not, since at inference it is given, not generated. Where a
@@ -70,6 +71,29 @@ def _divergence(tokenizer, prefix: List[int], full: List[int]) -> str:
             f"{tokenizer.decode(full[n:n + 8])!r}")
 
 
+# an assistant content no template writes by itself: where it lands in the rendered turn, the header ends
+_CONTENT_MARK = "<<rlhf_fast:assistant_content>>"
+# the fields of an assistant message that hold what the model generates (besides content): left out of
+# the opening turn rendered for its header, where a template writing them before the content would put them
+_GENERATED_FIELDS = ("reasoning_content", "reasoning", "thinking", "tool_calls")
+
+
+def _opening_head(tokenizer, message: Dict[str, Any]) -> List[int]:
+    """The token ids (int list) the chat template writes before the content of ``message``, an
+    assistant turn that opens the conversation: its header (a bos, a default system prompt, the
+    role line), which the mask leaves out as it leaves out a later turn's generation prompt.
+    ``messages[:0]`` cannot be rendered (transformers refuses an empty conversation), so the turn
+    is rendered with a marker for its content and the text before the marker encoded; ValueError
+    when the template does not write the content as given."""
+    header_only = {k: v for k, v in message.items() if k not in _GENERATED_FIELDS}
+    text = tokenizer.apply_chat_template([{**header_only, "content": _CONTENT_MARK}], tokenize=False,
+                                         add_generation_prompt=False)
+    at = text.find(_CONTENT_MARK)
+    if at < 0:
+        raise ValueError("the template does not write an opening assistant message's content as given")
+    return list(tokenizer(text[:at], add_special_tokens=False)["input_ids"])
+
+
 def check_chat_template(tokenizer) -> None:
     """ValueError unless ``tokenizer`` has a chat template (conversational records need one)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -91,15 +115,17 @@ def chat_tokens(tokenizer, messages: Sequence[Dict[str, Any]], *, assistant_only
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        try:
-            head = _render_ids(tokenizer, messages[:k], add_generation_prompt=True)
+        try:  # (transformers renders no empty conversation: an opening turn's header is found in it)
+            head = (_render_ids(tokenizer, messages[:k], add_generation_prompt=True) if k
+                    else _opening_head(tokenizer, m))
             turn = _render_ids(tokenizer, messages[:k + 1], add_generation_prompt=False)
         except Exception as e:  # a template that cannot render this prefix (e.g. no message before the turn)
             raise ValueError(f"assistant_only_loss: the chat template cannot render the conversation up to "
                              f"messages[{k}] ({type(e).__name__}: {e}), which the per-turn mask needs") from None
         for name, ids in (("with the generation prompt", head), ("", turn)):
             if full[:len(ids)] != ids:
-                what = f"messages[:{k}] {name}" if name else f"messages[:{k + 1}]"
+                what = f"messages[:{k}] {name}" if k else "messages[0]'s header"  # (k 0: _opening_head)
+                what = what if name else f"messages[:{k + 1}]"
                 raise ValueError(f"assistant_only_loss: the chat template is not prefix-stable: {what} does not render "
                                  f"as the start of the whole conversation ({_divergence(tokenizer, ids, full)}); "
                                  "use a template that renders earlier messages the same whatever follows, "

@@ -398,12 +398,14 @@ def test_rl_fp16_trains_close_to_fp32(tmp_path, estimator, cpu_fp16, autocast_se
         assert y["policy/loss_scale"] == 65536.0
         assert ("value/loss_scale" in y) == (estimator == "gae")
         assert all(math.isfinite(y[k]) for k in keys + ["policy/grad_norm"]), y
-    # the same answers at the first step (generation is not autocast), scored and trained through
-    # fp16 matmuls: close to fp32's numbers (later steps sample from weights that differ a little)
+    # the same answers at the first step (generation is not autocast), scored and trained under
+    # fp16 autocast: close to fp32's numbers (later steps sample from weights that differ a little)
     assert ma[0]["reward/total"] == mb[0]["reward/total"]
     for k in keys + ["policy/grad_norm"]:
         assert mb[0][k] == pytest.approx(ma[0][k], rel=0.05, abs=0.02), k
-    assert mb[0]["entropy"] != ma[0]["entropy"]
+    # (the fused LM head computes in its inputs' dtypes under autocast, as the Triton kernel and
+    # fused_linear_divergence: fp32 weights and hidden states give fp32 logits, so the CPU
+    # numbers may equal fp32's; the autocast regions are checked above)
 
 
 def test_rl_overflow_skips_and_resume_keeps_the_scales(tmp_path, cpu_fp16):

@@ -285,6 +285,22 @@ def _make_critic(policy, path: Optional[str] = None, init_kwargs=None):
     return loading.ValueModel(policy)
 
 
+def _given_critic(policy, critic):
+    """``RLTrainer(critic=...)``: a sequence-classification model with one label (TRL 0.x PPO's
+    ``value_model``) becomes a ValueModel of a copy of its backbone and its score head, as a
+    ``model.critic`` reward-model folder does (called as it is, it returned a model output, not
+    values); any other module is used as it is."""
+    from transformers import PreTrainedModel
+
+    from rlhf_fast.models import loading
+
+    score = getattr(critic, "score", None)
+    if isinstance(critic, PreTrainedModel) and isinstance(score, torch.nn.Linear) and score.out_features == 1:
+        loading.check_same_vocabulary(policy, critic, "critic")
+        return loading.ValueModel(critic)
+    return critic
+
+
 def missing_eos_scores(scores: torch.Tensor, truncated: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
     """``reward.missing_eos_penalty`` (TRL 0.x PPO's ``scores[~contain_eos_token] -= penalty``):
     ``scores`` ``[B]`` float minus ``penalty`` where ``truncated`` ``[B]`` bool (the answer was cut
@@ -376,6 +392,19 @@ def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple:
     return float(v.min()), float(v.max())
 
 
+# value/explained_variance: returns whose variance is under this share of the mean of returns² +
+# values² (a relative std of 1e-6, ~8 float32 ulps) are constant up to rounding
+_EV_RTOL = 1e-12
+
+
+def _explained_variance(var_err: float, var_ret: float, scale_sq: float) -> float:
+    """``value/explained_variance`` 1 − var(returns − values) / var(returns); 0 when the returns
+    are constant (their variance ≤ ``_EV_RTOL`` × ``scale_sq``, the mean of returns² + values²):
+    returns = advantages + values carry float32 rounding, and equal returns (one-token answers all
+    scored alike) gave rounding noise over rounding noise, ~ −9e11."""
+    return 1.0 - var_err / var_ret if var_ret > _EV_RTOL * scale_sq else 0.0
+
+
 # the evaluation's answers are seeded by their index past every training rollout's indices
 _EVAL_INDEX = 2**40
 
@@ -441,8 +470,14 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     token t, so V(s_t) is its output at t − 1 — as TRL (``full_value[:, context_length - 1 : -1]``),
     OpenRLHF and verl (``values[:, -response_length - 1 : -1]``) take it. Its output at t itself
     has seen the action: a baseline that depends on the action biases the policy gradient, and at
-    the last token it predicts the score and cancels the reward."""
-    v = critic(input_ids, attention_mask).float()
+    the last token it predicts the score and cancels the reward. ValueError naming the critic
+    when it returns anything but a ``[B, L]`` tensor."""
+    v = critic(input_ids, attention_mask)
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(input_ids.shape):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"critic must return a tensor of values [B, L] = {list(input_ids.shape)} (the value after "
+                         f"reading each token, as rlhf_fast.models.loading.ValueModel), got {got}")
+    v = v.float()
     return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
 
 
@@ -592,7 +627,9 @@ class RLTrainer:
     responses)``). prompts: list of prompt strings (else from ``config.data``). reference /
     critic / engine: override the frozen reference, the ValueModel or the RolloutEngine (a
     critic maps ``(input_ids, attention_mask)`` to ``[B, L]`` values of the state after reading
-    each token, as ValueModel does; the trainer shifts them by one, see :func:`critic_values`).
+    each token, as ValueModel does; the trainer shifts them by one, see :func:`critic_values`; a
+    one-label sequence-classification model, TRL 0.x PPO's ``value_model``, becomes a ValueModel of a
+    copy of its backbone and score head).
     eval_prompts: the evaluation prompts (texts, chats or records, as ``prompts``) in place of
     ``config.data``'s eval_prompts / eval_prompts_file / eval_fraction, for ``eval_every`` and
     :meth:`evaluate`.
@@ -757,8 +794,13 @@ class RLTrainer:
         self.reference_sharded = False  # FSDP2 shards it below (distributed.offload_reference off)
         self.critic = None
         if cfg.estimator in CRITIC_ESTIMATORS:
-            self.critic = (critic if critic is not None else _make_critic(
+            self.critic = (_given_critic(self.policy, critic) if critic is not None else _make_critic(
                 self.policy, cfg.model.critic, cfg.model.model_init_kwargs)).to(self.device)
+            if critic is None and cfg.model.critic is not None and cfg.model.gradient_checkpointing:
+                # a critic loaded from a folder (one copied from the policy inherits the policy's)
+                from rlhf_fast.models.loading import enable_activation_checkpointing
+
+                enable_activation_checkpointing(self.critic.backbone)
             self.critic.eval()
         # (checked before a DDP / FSDP2 wrapper adds its hooks)
         self._critic_shared = _critic_shares(self.critic, _packing_key(cfg.ppo),
@@ -1348,9 +1390,10 @@ class RLTrainer:
             m.update({"reward/total": float(torch.nanmean(raw)), "reward/shaped": float(torch.nanmean(scores)),
                       "reward/std": float(nanstd(raw)), "returns/mean": float(ops.masked_mean(ret, scored_rm))})
         if self.critic is not None:
-            var_r = torch.var(ret[rm]) if rm.sum() > 1 else torch.tensor(0.0)
-            ev = 1.0 - torch.var((ret - values)[rm]) / var_r if var_r > 0 else torch.tensor(0.0)
-            m["value/explained_variance"] = float(ev)
+            var_r = float(torch.var(ret[rm])) if rm.sum() > 1 else 0.0
+            var_e = float(torch.var((ret - values)[rm])) if rm.sum() > 1 else 0.0
+            m["value/explained_variance"] = _explained_variance(var_e, var_r,
+                                                                float(ops.masked_mean(ret * ret + values * values, rm)))
             m["value/mean"] = float(ops.masked_mean(values, rm))
         if self.ctx.distributed:  # the same numbers from every rank's rows together
             m.update(self._global_rollout_metrics(out.per_source, raw, scores, kl_tok, rm, entropy, adv, ret,
@@ -1796,7 +1839,8 @@ class RLTrainer:
         if self.critic is not None:
             err = ret - values
             parts.update({"value/mean": (d(values * rm), tok), "value/ret_sq": (d(ret * ret * rm), tok),
-                          "value/err": (d(err * rm), tok), "value/err_sq": (d(err * err * rm), tok)})
+                          "value/err": (d(err * rm), tok), "value/err_sq": (d(err * err * rm), tok),
+                          "value/v_sq": (d(values * values * rm), tok)})
         vec = torch.tensor([float(x) for pair in parts.values() for x in pair], dtype=torch.float64)
         vec = self.ctx.all_reduce_sum(vec.to(self.device)).cpu().view(-1, 2)
         tot = {k: (float(v[0]), float(v[1])) for k, v in zip(parts, vec)}
@@ -1818,8 +1862,9 @@ class RLTrainer:
             n = tot["returns/mean"][1]
             var_r = var(tot["returns/mean"][0], tot["value/ret_sq"][0], n)
             var_e = var(tot["value/err"][0], tot["value/err_sq"][0], n)
-            out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
-            for k in ("value/ret_sq", "value/err", "value/err_sq"):
+            scale = (tot["value/ret_sq"][0] + tot["value/v_sq"][0]) / max(n, 1)
+            out["value/explained_variance"] = _explained_variance(var_e, var_r, scale)
+            for k in ("value/ret_sq", "value/err", "value/err_sq", "value/v_sq"):
                 out.pop(k)
         lo_hi = _masked_min_max(is_w, lrm) if is_w is not None else (0.0, 0.0)
         mx = torch.tensor([float(rm.sum(1).max()), float((gap * lrm).max()) if gap is not None else 0.0,

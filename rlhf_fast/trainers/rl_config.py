@@ -78,8 +78,9 @@ class ModelConfig:
     initial policy. critic: a saved ValueModel path (a ppo run's final/critic) or a reward-model
     folder (one label, TRL 0.x PPO's value_model: its backbone and score head), else built from
     the policy's backbone.
-    gradient_checkpointing: transformers' activation checkpointing on the policy (and a critic
-    built from it): each layer recomputed in the update's backward, for less memory.
+    gradient_checkpointing: transformers' activation checkpointing on the policy (and the critic,
+    built from it or loaded from ``critic``): each layer recomputed in the update's backward,
+    for less memory.
     lora: None, or LoraConfig fields ({}: r=8, alpha=16, every linear layer): fresh adapters on
     the policy train alone, and the reference is the base with them disabled (no copy).
     model_init_kwargs (TRL's): the from_pretrained keywords of the policy, the reference and

@@ -4,7 +4,6 @@ against TRL 1.16's GKDTrainer / GOLDTrainer and on awkward inputs: one test per 
 import os
 
 import pytest
-import torch
 
 from rlhf_fast.models.tiny import tiny_causal_lm, train_tokenizer
 

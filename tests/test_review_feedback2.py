@@ -9,7 +9,6 @@ import torch
 
 from rlhf_fast import cli
 from rlhf_fast.feedback import PairRecord, RankingRecord, agreement_stats, rankings_to_pairs
-from rlhf_fast.feedback import judge as judge_mod
 from rlhf_fast.feedback.judge import HTTPBackend, JudgeConfig
 from rlhf_fast.feedback.losses import plackett_luce_loss
 

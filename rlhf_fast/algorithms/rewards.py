@@ -808,18 +808,20 @@ def clip_rewards(scores: torch.Tensor, clip_range: Optional[Sequence[float]]) ->
     return scores.clamp(min=lo, max=hi)
 
 
-def load_callable(spec: str) -> Callable:
-    """Import ``module:function`` (or ``path/to/file.py:function``) and return the function."""
+def load_callable(spec: str, *, what: str = "reward function") -> Callable:
+    """Import ``module:function`` (or ``path/to/file.py:function``) and return the function.
+    ``what`` names the kind of callable in the errors (tools, environments, rollout functions and
+    judges load through here too)."""
     import importlib
     import importlib.util
     import os
 
     if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"reward function must be given as 'module:function', got {spec!r}")
+        raise ValueError(f"{what} must be given as 'module:function', got {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
         if not os.path.exists(mod_name):
-            raise FileNotFoundError(f"reward function file {mod_name!r} does not exist")
+            raise FileNotFoundError(f"{what} file {mod_name!r} does not exist")
         s = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
         mod = importlib.util.module_from_spec(s)
         s.loader.exec_module(mod)
@@ -827,7 +829,8 @@ def load_callable(spec: str) -> Callable:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
-            raise ValueError(f"cannot import reward module {mod_name!r} from {spec!r}: {e}") from e
+            kind = "reward" if what == "reward function" else what  # the default keeps its old wording
+            raise ValueError(f"cannot import {kind} module {mod_name!r} from {spec!r}: {e}") from e
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"{spec!r}: module {mod_name!r} has no callable {fn_name!r}")

@@ -327,7 +327,8 @@ def _check_prompt(row: dict, problems: list, where) -> Optional[Prompt]:
 
 def _check_messages(row: dict, problems: list, where) -> Optional[List[Dict[str, Any]]]:
     """The ``messages`` of a conversational sft row: a non-empty list of {role: str, content:
-    non-empty str} (extra keys kept); a row with prompt or completion beside it is ambiguous."""
+    non-empty str} (extra keys kept; an assistant turn with a ``tool_calls`` list may have empty,
+    None or no content, as in TRL); a row with prompt or completion beside it is ambiguous."""
     clash = [k for k in ("prompt", "completion") if row.get(k) is not None]
     if clash:
         problems.append(where("messages", f"a conversation cannot also have {' and '.join(clash)} "
@@ -338,7 +339,7 @@ def _check_messages(row: dict, problems: list, where) -> Optional[List[Dict[str,
         problems.append(where("messages", "expected a non-empty list of chat messages, got "
                                           + ("an empty list" if isinstance(msgs, list) else type(msgs).__name__)))
         return None
-    ok = _chat_messages_ok(msgs, "messages", problems, where, check_role=True)
+    ok = _chat_messages_ok(msgs, "messages", problems, where, check_role=True, tool_calls=True)
     return [dict(m) for m in msgs] if ok else None
 
 
@@ -352,11 +353,15 @@ def check_unrendered_fields(row: dict, problems: list, where, *, template: bool 
         if row.get(name) not in (None, [], ""):
             problems.append(where(name, "images are not read here (text-only models; TRL feeds them to a "
                                         "vision processor): drop the field"))
+    # where template variables go instead: one set for the run, not per row (commit 70ae0f0)
+    keys = ("; template variables for every row are set by the config key data.chat_template_kwargs "
+            "(RL / SFT / DPO) or chat_template_kwargs (reward config)")
     for name in ("tools", "chat_template_kwargs") if template else ():
         if row.get(name) not in (None, [], {}, ""):
             problems.append(where(name, f"a row's own {name} are not passed to the chat template here "
                                         "(TRL renders the conversation with them): drop the field, or write "
-                                        "what they add into the messages"))
+                                        "what they add into the messages"
+                                        + (keys if name == "chat_template_kwargs" else "")))
 
 
 def _sharegpt_row(row: dict) -> dict:
@@ -371,13 +376,40 @@ def _sharegpt_row(row: dict) -> dict:
     return {**{k: v for k, v in row.items() if k != "conversations"}, "messages": msgs}
 
 
-def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_role: bool) -> bool:
+def _tool_call_turn(m: Any, field: str, problems: list, where) -> Optional[bool]:
+    """Whether ``m`` is an assistant message that calls tools (a non-empty ``tool_calls`` list)
+    with empty, None or no ``content``, as TRL's SFTTrainer passes it to the chat template
+    (which reads ``tool_calls`` itself); None, with the problem added, when its ``tool_calls`` is
+    not a list."""
+    if not isinstance(m, dict) or m.get("tool_calls") is None:
+        return False
+    if not isinstance(m["tool_calls"], list):
+        problems.append(where(f"{field}.tool_calls", f"expected a list of tool calls, got "
+                                                     f"{type(m['tool_calls']).__name__}"))
+        return None
+    return bool(m["tool_calls"]) and m.get("role") == "assistant" and m.get("content") in (None, "")
+
+
+def _chat_messages_ok(msgs: list, field: str, problems: list, where, *, check_role: bool,
+                      tool_calls: bool = False) -> bool:
     """Whether every item of ``msgs`` is {role: str, content: non-empty str} (with
     ``check_role`` a non-empty role too); each problem is added, named ``field[j]``. A system
-    message may be empty: datasets carry ``{"role": "system", "content": ""}`` and TRL renders it."""
+    message may be empty: datasets carry ``{"role": "system", "content": ""}`` and TRL renders it.
+    With ``tool_calls`` (sft ``messages``, kept whole for the template) an assistant turn that only
+    calls tools may have empty, None or no content."""
     ok = True
     for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        calls = _tool_call_turn(m, f"{field}[{j}]", problems, where) if tool_calls else False
+        if not tool_calls and isinstance(m, dict) and m.get("tool_calls") not in (None, []):
+            # a prompt / response keeps only role and content: the calls would be dropped silently
+            problems.append(where(f"{field}[{j}].tool_calls", "tool calls are read only in sft "
+                                                             "conversations (messages): drop the field"))
+            ok = False
+        elif calls is None:
+            ok = False
+        elif calls:
+            continue
+        elif not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             problems.append(where(f"{field}[{j}]", "chat message must be {role: str, content: str}"))
             ok = False
         elif check_role and not m["role"].strip():
@@ -726,7 +758,7 @@ def record_texts(rec: Record) -> List[str]:
     if isinstance(rec, SFTRecord):
         return [rec.completion]
     if isinstance(rec, ChatRecord):
-        return [m["content"] for m in rec.messages if m["role"] == "assistant"]
+        return [m.get("content") or "" for m in rec.messages if m["role"] == "assistant"]  # a tool call: None
     if isinstance(rec, TextRecord):
         return [rec.text]
     if isinstance(rec, PairRecord):

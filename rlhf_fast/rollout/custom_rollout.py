@@ -43,7 +43,7 @@ def load_rollout_func(spec: str, key: str = "rollout.rollout_func") -> Callable:
     from rlhf_fast.algorithms import load_callable
 
     try:
-        return load_callable(spec)
+        return load_callable(spec, what="rollout function")
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{key}: expected 'module:function' or 'file.py:function' naming a rollout function, "
                          f"got {spec!r} ({e})") from None

@@ -69,7 +69,7 @@ def load_factories(spec: Union[str, Mapping[str, str], None],
 
     def load(s, k):
         try:
-            return load_callable(s)
+            return load_callable(s, what="environment")
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"{k}: expected 'module:Class' or 'file.py:Class' naming an environment class, "
                              f"got {s!r} ({e})") from None

@@ -89,7 +89,7 @@ def load_tools(specs: Sequence[str], key: str = "rollout.tools") -> List[Callabl
     out = []
     for i, spec in enumerate(specs):
         try:
-            out.append(load_callable(spec))
+            out.append(load_callable(spec, what="tool"))
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"{key}[{i}]: expected 'module:function' or 'file.py:function' naming a callable, "
                              f"got {spec!r} ({e})") from None

@@ -331,6 +331,10 @@ class DPOConfig(ModelInitOptions, OptimizerOptions, LoggingOptions, CompileOptio
         if self.use_margin and not set(names) <= MARGIN_LOSSES:
             raise ValueError(f"use_margin applies to loss_type 'sigmoid', 'robust' or 'hinge', not {names} "
                              "(IPO regresses onto a fixed gap of 1/(2·beta); the others have no margin form)")
+        if self.use_margin and set(names) <= {"sft"}:  # MARGIN_LOSSES admits sft only beside a margin loss
+            raise ValueError(f"use_margin needs loss_type 'sigmoid', 'robust' or 'hinge' (alone or beside 'sft'), "
+                             f"got {names}: 'sft' (the chosen responses' NLL) has no beta·δ to subtract a margin "
+                             "from, so the margins would be unused")
         check_annotator_weights(self)
         batch = sorted(set(names) & BATCH_LOSSES)
         if batch and (self.annotator_weights or self.auto_annotator_weights):

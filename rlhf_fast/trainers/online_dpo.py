@@ -146,10 +146,10 @@ def load_pairwise_judge(spec: str) -> Callable:
     from rlhf_fast.algorithms import load_callable
 
     path = spec.rsplit(":", 1)[0] if isinstance(spec, str) else ""
-    if path.endswith(".py") and not os.path.exists(path):  # load_callable would call it a reward function's
+    if path.endswith(".py") and not os.path.exists(path):  # refused here to name the key with the file
         raise ValueError(f"online_dpo.judge {spec!r}: the judge file {path!r} does not exist")
     try:
-        obj = load_callable(spec)
+        obj = load_callable(spec, what="judge")
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"online_dpo.judge: {e}") from None
     return _judge_callable(obj, "online_dpo.judge")

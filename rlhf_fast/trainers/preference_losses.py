@@ -95,7 +95,8 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 SMOOTHED_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo",
                              "tpo", "tpo_l"})
-MARGIN_LOSSES = frozenset({"sigmoid", "robust", "hinge", "sft"})  # sft has no βδ; a margin leaves it as is
+# sft has no βδ: a margin leaves it as is, so it may only stand beside a margin loss (DPOConfig refuses it alone)
+MARGIN_LOSSES = frozenset({"sigmoid", "robust", "hinge", "sft"})
 BATCH_LOSSES = frozenset({"aot", "aot_unpaired"})
 LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo_ipo", "orpo", "tpo_ipo", "tpo_l"})
 

@@ -431,7 +431,7 @@ def record_text(r: Any) -> str:
     from rlhf_fast.feedback.formats import ChatRecord, TextRecord
 
     if isinstance(r, ChatRecord):
-        return " ".join(m["content"] for m in r.messages)
+        return " ".join(m.get("content") or "" for m in r.messages)  # a tool-call turn may have none
     if isinstance(r, TextRecord):
         return r.text
     return str(r.prompt) + " " + r.completion

@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import json
 import math
-import numbers
 import os
 import random
 import re
@@ -252,10 +251,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def _non_finite_number(v: Any) -> bool:
-    """Whether ``v`` is a NaN / inf float (Python, numpy) or one-value tensor."""
-    if isinstance(v, torch.Tensor):
-        return v.numel() == 1 and not math.isfinite(float(v))
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(float(v))
+    """Whether ``v`` is one number (:func:`_window_number`) that is NaN / inf."""
+    n = _window_number(v)
+    return n is not None and not math.isfinite(n)
 
 
 def _finite_items(x: Any) -> Any:

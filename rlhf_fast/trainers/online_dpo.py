@@ -141,13 +141,8 @@ def load_pairwise_judge(spec: str) -> Callable:
     ``file.py:name``): the object's ``judge`` method (a class is instantiated first, without
     arguments), or the object itself when it is a plain function. ValueError naming
     ``online_dpo.judge`` where it cannot be loaded (a missing ``.py`` file: the judge's file)."""
-    import os
-
     from rlhf_fast.algorithms import load_callable
 
-    path = spec.rsplit(":", 1)[0] if isinstance(spec, str) else ""
-    if path.endswith(".py") and not os.path.exists(path):  # refused here to name the key with the file
-        raise ValueError(f"online_dpo.judge {spec!r}: the judge file {path!r} does not exist")
     try:
         obj = load_callable(spec, what="judge")
     except (ValueError, FileNotFoundError) as e:

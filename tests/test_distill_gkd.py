@@ -233,8 +233,10 @@ def test_exact_resume_with_lmbda_half_and_num_tokens(tmp_path):
 
     ra, rc = rows(a.config.output_dir), rows(c.config.output_dir)
     assert [r["step"] for r in rc] == [1, 2, 3, 4, 5, 6] and ra == rc
-    assert {r["distill/on_policy"] for r in ra} == {0.0, 1.0}  # both kinds, on both sides of the resume
-    assert [r["distill/on_policy"] == 1.0 for r in ra] == [gkd_on_policy(0, s, 0.5) for s in range(6)]
+    # one draw per micro-batch of 2 rows (one prompt of group_size 2): the student's share of each step
+    on = [sum(gkd_on_policy(0, s, 0.5, p) for p in range(4)) / 4 for s in range(6)]
+    assert [r["distill/on_policy"] for r in ra] == on
+    assert len(set(on[:3])) > 1 and len(set(on[3:])) > 1  # different mixes, on both sides of the resume
     for p, q in zip(a.policy.parameters(), c.policy.parameters()):
         assert torch.equal(p, q)
     assert c.num_tokens == a.num_tokens == ra[-1]["num_tokens"]
@@ -299,7 +301,9 @@ def test_cli_gkd_run_from_a_prompt_completion_file(tmp_path, capsys):
     assert main(args + ["--output_dir", run, "--steps", "4", "--save_every", "2",
                         "--data.prompts_file", str(data)]) == 0
     rows = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
-    assert [r["distill/on_policy"] == 1.0 for r in rows] == [gkd_on_policy(0, s, 0.5) for s in range(4)]
+    # 4 prompts × 4 answers in micro-batches of 8 rows: two draws per step, two prompts each
+    assert [r["distill/on_policy"] for r in rows] == [sum(gkd_on_policy(0, s, 0.5, j) for j in range(2)) / 2
+                                                      for s in range(4)]
     assert main(["distill", "--resume", run, "--steps", "5"]) == 0
     more = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in more] == [1, 2, 3, 4, 5] and more[-1]["num_tokens"] > rows[-1]["num_tokens"]

@@ -52,7 +52,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.rl import RLTrainer, RolloutTensors, _sample_seed, with_estimator
+from rlhf_fast.trainers.rl import (RLTrainer, RolloutTensors, _sample_seed, restarts_from_step_zero,
+                                   with_estimator)
 from rlhf_fast.trainers.rl_config import A2PO, RLConfig
 
 # update statistics under TRL's names
@@ -380,7 +381,9 @@ class A2POTrainer(RLTrainer):
         from rlhf_fast.trainers.common import check_fresh_run_dir
 
         cfg = self.config
-        restart = bool(cfg.resume) and self.run_dir is None and self._resume_restarts(cfg.resume)
+        # (RLTrainer._restarts' predicate: so that, as in a new run, Stage 1 runs before the step count and
+        # config.yaml are fixed)
+        restart = bool(cfg.resume) and self.run_dir is None and restarts_from_step_zero(cfg.resume)
         if (not cfg.resume or restart) and (self.values is None or (self.global_step == 0 and self.eval_prompts
                                                                     and self.eval_values is None)):
             if self.run_dir is None and restart:  # refused before Stage 1's work rather than after it
@@ -391,15 +394,6 @@ class A2POTrainer(RLTrainer):
                                                                 f"{cfg.output_dir}")
             self._stage1()
         return super().train(steps)
-
-    @staticmethod
-    def _resume_restarts(path: str) -> bool:
-        """Whether resuming the run folder ``path`` starts it again from step 0 (it holds a
-        config.yaml and no checkpoint yet: :meth:`RLTrainer._restarts`' case), so that, as in a
-        new run, Stage 1 runs before the run's step count and config.yaml are fixed."""
-        from rlhf_fast.trainers.checkpoint import latest_checkpoint
-
-        return latest_checkpoint(path) is None and os.path.isfile(os.path.join(path, "config.yaml"))
 
     def _stage1(self) -> None:
         """Stage 1 over the training prompts and, when the run has them, the evaluation prompts

@@ -20,9 +20,12 @@ out of the loss. Evaluation, checkpoints and exact resume, ``num_train_epochs``,
 FSDP2 are the RL trainer's; the teacher is never checkpointed (a resume rebuilds it from
 ``distill.teacher``).
 
-GKD (TRL's experimental ``GKDTrainer``): with ``distill.lmbda`` < 1 a step is on-policy with
-probability lmbda (:func:`gkd_on_policy`, TRL's ``random.random() <= lmbda`` with a draw seeded by
-the run's seed and the step); the other steps train on the data's completions (each training
+GKD (TRL's experimental ``GKDTrainer``): with ``distill.lmbda`` < 1 each micro-batch of a step
+(``ppo.micro_batch_size`` rows of this rank's answers: TRL draws in ``training_step``, once per
+micro-batch under gradient accumulation) is on-policy with probability lmbda
+(:func:`gkd_on_policy`, TRL's ``random.random() <= lmbda`` with a draw seeded by the run's seed,
+the step and the micro-batch; :meth:`DistillationTrainer._step_batch`); the other micro-batches
+train on the data's completions (each training
 record's ``completion``, tokenized after the prompt as the rollout engine encodes it:
 :meth:`DistillationTrainer.completion_ids`) or, with ``distill.seq_kd``, on answers the teacher
 samples through a rollout engine of its own. The loss is the same on every kind of step. GKD's
@@ -115,19 +118,21 @@ _RENAMED = {"policy/loss": "loss", "policy/entropy": "entropy", "policy/divergen
             "policy/unmatched_loss": "unmatched_loss"}
 
 
-def gkd_uniform(seed: int, step: int) -> float:
-    """The uniform number in [0, 1) that picks the kind of step ``step`` (GKD's
-    ``random.random()``): a function of the run's ``seed`` and the step alone — the same on
-    every rank, and after a resume — from a generator of its own (Python's, as TRL's), so no
-    other random stream moves."""
-    return random.Random(f"rlhf_fast.distill.lmbda:{seed}:{step}").random()
+def gkd_uniform(seed: int, step: int, micro: int = 0) -> float:
+    """The uniform number in [0, 1) that picks the kind of micro-batch ``micro`` of step
+    ``step`` (GKD's ``random.random()``, one per ``training_step``, i.e. per micro-batch): a
+    function of the run's ``seed``, the step and the micro-batch alone — the same on every rank
+    (as TRL's, seeded alike on every process), and after a resume — from a generator of its own
+    (Python's, as TRL's), so no other random stream moves. (Micro-batch 0 keeps the key of the
+    former per-step draw: a step of one micro-batch draws as before.)"""
+    return random.Random(f"rlhf_fast.distill.lmbda:{seed}:{step}" + (f":{micro}" if micro else "")).random()
 
 
-def gkd_on_policy(seed: int, step: int, lmbda: float) -> bool:
-    """Whether step ``step`` trains on the student's own answers: TRL GKDTrainer.training_step's
-    ``random.random() <= self.lmbda`` with :func:`gkd_uniform`. ``lmbda`` 1 draws nothing (every
-    step is on-policy, as that rule gives)."""
-    return lmbda >= 1.0 or gkd_uniform(seed, step) <= lmbda
+def gkd_on_policy(seed: int, step: int, lmbda: float, micro: int = 0) -> bool:
+    """Whether micro-batch ``micro`` of step ``step`` trains on the student's own answers: TRL
+    GKDTrainer.training_step's ``random.random() <= self.lmbda`` with :func:`gkd_uniform`.
+    ``lmbda`` 1 draws nothing (every micro-batch is on-policy, as that rule gives)."""
+    return lmbda >= 1.0 or gkd_uniform(seed, step, micro) <= lmbda
 
 
 def messages_record(item, key: str = "prompt", where: str = "record"):
@@ -561,8 +566,9 @@ class DistillationTrainer(RLTrainer):
     ``max_terminated_length`` (tokens after the prompt, tool results included, over every rank's
     answers), ``response_length/mean`` / ``max`` (the student's own tokens), TRL's ``num_tokens``
     (prompt + answer tokens of every step so far, every rank; checkpointed) and, with
-    ``distill.lmbda`` < 1, ``distill/on_policy`` (1 for a step on the student's answers, 0 for one
-    on the data's completions or the teacher's answers); evaluation adds
+    ``distill.lmbda`` < 1, ``distill/on_policy`` (the share of the step's answers, over every
+    rank, that are the student's, the rest the data's completions or the teacher's answers: 1 or
+    0 for a step of one micro-batch); evaluation adds
     ``eval/loss``, ``eval/entropy`` and ``eval/distill/divergence`` (per token, the answers
     sampled at ``eval.temperature``, the divergence at ``rollout.temperature``).
 
@@ -697,9 +703,10 @@ class DistillationTrainer(RLTrainer):
                          f"({vs}) and does not cover the tokenizer's {n} tokens; distillation needs the student's "
                          f"vocabulary")
 
-    def _teacher_generate(self):
-        """:meth:`_generate` with the teacher answering (distill.seq_kd): a rollout engine of its own
-        on the teacher, the rollout's sampling settings, seeds and tools."""
+    def _teacher_generate(self, which: Optional[List[int]] = None, pick: Optional[Sequence[int]] = None):
+        """:meth:`_generate` (``which`` / ``pick`` as there) with the teacher answering
+        (distill.seq_kd): a rollout engine of its own on the teacher, the rollout's sampling
+        settings, seeds and tools."""
         if self._teacher_engine is None:
             from rlhf_fast.rollout import HFRolloutEngine
 
@@ -707,7 +714,7 @@ class DistillationTrainer(RLTrainer):
                                                    cuda_graphs=self.config.rollout.cuda_graphs)
         engine, self.engine = self.engine, self._teacher_engine
         try:
-            return self._generate(0)
+            return self._generate(0, which, pick)
         finally:
             self.engine = engine
 
@@ -770,16 +777,19 @@ class DistillationTrainer(RLTrainer):
 
         return prompt_token_ids(tok, [text])[0], ids[:budget], len(ids) > budget
 
-    def _data_batch(self):
+    def _data_batch(self, which: Optional[List[int]] = None, pick: Optional[Sequence[int]] = None):
         """:meth:`_generate`'s ``(batch, fields, extra)`` with the data's completions for answers:
-        this rank's share of the next prompts, each completion ``rollout.group_size`` times."""
+        this rank's share of the next prompts (``which`` / ``pick`` as :meth:`_generate`'s), each
+        completion ``rollout.group_size`` times."""
         g = self.config.rollout.group_size
-        which = self._next_prompts()
+        which = self._next_prompts() if which is None else which
         if self.ctx.distributed:
             from rlhf_fast.trainers.sft import local_span
 
             lo, hi = local_span(len(which), self.ctx)
             which = which[lo:hi]
+        if pick is not None:
+            which = [which[j] for j in pick]
         rows = [i for i in which for _ in range(g)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         batch = completion_batch([self._completions[i] for i in rows], g, pad, self.tokenizer,
@@ -788,12 +798,75 @@ class DistillationTrainer(RLTrainer):
         return batch, [self.prompt_fields[i] for i in which], extra
 
     def _step_batch(self):
-        """The step's answers: ``(batch, fields, extra, on-policy)`` — the student's
-        (:func:`gkd_on_policy`), else the teacher's (distill.seq_kd) or the data's."""
-        d = self.config.distill
-        if gkd_on_policy(self.config.seed, self.global_step, d.lmbda):
-            return (*self._generate(0), True)
-        return (*(self._teacher_generate() if d.seq_kd else self._data_batch()), False)
+        """The step's answers: ``(batch, fields, extra, on-policy fraction)``. As TRL GKD's
+        ``training_step``, which draws once per micro-batch (gradient accumulation), each of this
+        rank's micro-batches of ``ppo.micro_batch_size`` rows (its prompts' groups in order, a
+        group taken with the micro-batch of its first row) is on-policy or not
+        (:func:`gkd_on_policy` of the step and the micro-batch's index: micro-batch j of every
+        rank alike, as TRL's draws): its prompts answered by the student, else by the teacher
+        (distill.seq_kd) or with the data's completions. The fraction: of the step's answers on
+        every rank that are the student's."""
+        d, G = self.config.distill, self.config.rollout.group_size
+        if d.lmbda >= 1.0:
+            return (*self._generate(0), 1.0)
+        which = self._next_prompts()
+        n = len(which)
+        if self.ctx.distributed:
+            from rlhf_fast.trainers.sft import local_span
+
+            lo, hi = local_span(n, self.ctx)
+            n = hi - lo
+        mb = self.config.ppo.micro_batch_size
+        on = [gkd_on_policy(self.config.seed, self.global_step, d.lmbda, p * G // mb) for p in range(n)]
+        mine = [p for p in range(n) if on[p]]
+        rest = [p for p in range(n) if not on[p]]
+        # every rank holds as many prompts (prompts_per_step is a multiple of the ranks) and draws
+        # alike: all ranks generate with a model or none does (FSDP2 gathers its weights in each call)
+        parts = []  # (positions, (batch, fields, extra))
+        if mine:
+            parts.append((mine, self._generate(0, which, mine)))
+        if rest:
+            parts.append((rest, (self._teacher_generate if d.seq_kd else self._data_batch)(which, rest)))
+        frac = len(mine) / max(n, 1)  # (the same on every rank)
+        if len(parts) == 1:
+            return (*parts[0][1], frac)
+        return (*self._merge_parts(parts, n), frac)
+
+    def _merge_parts(self, parts, n: int):
+        """One ``(batch, fields, extra)`` of this rank's ``n`` prompts, in their order, from the
+        parts ``[(positions, (batch, fields, extra))]`` that answered some of them (a per-row
+        field one part lacks is None on its rows)."""
+        from dataclasses import replace
+
+        from rlhf_fast.rollout.types import RolloutBatch
+
+        G = self.config.rollout.group_size
+        where = {}  # prompt position → its first row in the parts' concatenation
+        first = 0
+        for pos, (b, _, _) in parts:
+            for k, p in enumerate(pos):
+                where[p] = first + k * G
+            first += b.batch_size
+        rows = torch.tensor([where[p] + r for p in range(n) for r in range(G)], dtype=torch.int64)
+        tok = self.tokenizer
+        pad = getattr(self.engine, "pad_id", None)
+        if pad is None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batch = RolloutBatch.concat([b for _, (b, _, _) in parts], pad, rows)
+        # each prompt's answers one group again, numbered by the prompt's position (its fields' index)
+        batch = replace(batch, group_index=torch.arange(n).repeat_interleave(G))
+        fields = [None] * n
+        for pos, (_, f, _) in parts:
+            for p, x in zip(pos, f):
+                fields[p] = x
+        keys = []
+        for _, (_, _, e) in parts:
+            keys += [k for k in (e or {}) if k not in keys]
+        extra = {}
+        for k in keys:
+            col = [x for pos, (b, _, e) in parts for x in ((e or {}).get(k) or [None] * b.batch_size)]
+            extra[k] = [col[i] for i in rows.tolist()]
+        return batch, fields, extra or None
 
     # ------------------------------------------------------------------ the loss
 
@@ -1053,7 +1126,7 @@ class DistillationTrainer(RLTrainer):
         m: Dict[str, float] = {}
         t0 = self.phase_clock.now()
         self._tool_counts = [0, 0, 0]
-        batch, fields, extra, on_policy = self._step_batch()
+        batch, fields, extra, on_policy = self._step_batch()  # (on_policy: the student's share)
         m["time/generate"] = self.phase_clock.now() - t0
         if self.config.distill.lmbda < 1.0:
             m["distill/on_policy"] = float(on_policy)

@@ -34,7 +34,12 @@ z0 (``kto`` only) estimates KL(π ‖ π_ref) from mismatched pairs, as TRL buil
 batch of n examples the completions are rotated by one, (x_1, y_n), (x_2, y_1), …,
 (x_n, y_{n−1}), and z0 = max(0, mean over those rows of log π(y' | x) − log π_ref(y' | x)),
 detached (no gradient flows through it), the mean taken over every rank's rows (TRL averages
-the per-rank means: the same for equal shares). Those rows use no label, so no annotator
+the per-rank means: the same for equal shares). A block of one example (an epoch's last step
+batch, or the eval split's last block, when the examples leave one over) pairs that example
+with itself, so its z0 is its own clamped log-ratio: TRL 1.16 does the same (its rotation is a
+``datasets.map`` over batches of the per-device batch size, whose last batch may hold one
+example; only a per-device batch size of 1 is refused, as ours refuses ``batch_size ×
+grad_accum`` 1). Those rows use no label, so no annotator
 weight enters z0 (an annotator of weight 0 still lends its prompts and completions to the
 estimate of the policy's drift). ``apo_zero_unpaired`` builds no such rows (TRL's
 ``calculate_KL`` false): no KL forward of the policy or the reference, no all-reduce of z0 —

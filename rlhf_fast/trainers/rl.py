@@ -531,6 +531,16 @@ def _micro_batches(data: "RolloutTensors", mb: int, n_micro: Optional[int]):
         yield d, real, j + 1 < n
 
 
+def restarts_from_step_zero(path: str) -> bool:
+    """Whether resuming the run folder ``path`` starts its run again from step 0: it holds a run
+    (its config.yaml) stopped before its first complete checkpoint. The one predicate of
+    :meth:`RLTrainer._restarts` (which also refuses a folder with neither) and of
+    :meth:`rlhf_fast.trainers.a2po.A2POTrainer.train` (Stage 1 before the run starts again)."""
+    from rlhf_fast.trainers.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(path) is None and os.path.isfile(os.path.join(path, "config.yaml"))
+
+
 def _save_critic(critic, folder: str, full: Optional[dict]) -> None:
     """``critic.save_pretrained(folder)``; ``full``: its gathered state dict (FSDP2 holds only
     shards in the module), written in place of the module's own tensors."""
@@ -1583,27 +1593,31 @@ class RLTrainer:
                                 stop_ids=sorted(stops), vocab_size=vocab, score=score,
                                 max_new_tokens=self.config.rollout.max_new_tokens, max_length=self._max_positions)
 
-    def _generate(self, rnd: int):
+    def _generate(self, rnd: int, which: Optional[List[int]] = None, pick: Optional[Sequence[int]] = None):
         """This rank's share of the next ``prompts_per_step`` prompts, answered ``group_size``
         times: (the RolloutBatch of sampling round ``rnd`` — 0, then 1, 2, … with
         ``rollout.dynamic_sampling``, each round its own seeds —, the prompts' fields, and the
-        per-row reward fields of :meth:`_run_engine`)."""
+        per-row reward fields of :meth:`_run_engine`). ``which``: the step's prompts already
+        taken (None: the next ones); ``pick``: the positions in this rank's share of those to
+        answer (None: all; GKD's per-micro-batch mixing, rlhf_fast.trainers.distill), each
+        answer with the seed its row has in the whole step."""
         from rlhf_fast.rollout import SamplingParams
 
         cfg, ro = self.config, self.config.rollout
-        which = self._next_prompts()
+        which = self._next_prompts() if which is None else which
         lo = 0
         if self.ctx.distributed:  # this rank's contiguous share of the step's prompts (whole groups)
             from rlhf_fast.trainers.sft import local_span
 
             lo, hi = local_span(len(which), self.ctx)
             which = which[lo:hi]
-        prompts = [self.prompts[i] for i in which]
+        pos = list(range(len(which))) if pick is None else list(pick)
+        which = [which[j] for j in pos]
         seeds = {"seed": (cfg.seed * 1_000_003 + self.global_step + 7919 * self.ctx.rank + 104_729 * rnd) % (2**31)}
         if self.per_sample_seeds:  # by the row's index in the step's global batch: any number of ranks
-            first = lo * ro.group_size + rnd * cfg.batch_size
-            seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + i)
-                                      for i in range(len(prompts) * ro.group_size)]}
+            G, first = ro.group_size, lo * ro.group_size + rnd * cfg.batch_size
+            seeds = {"sample_seeds": [_sample_seed(cfg.seed, self.global_step, first + j * G + r)
+                                      for j in pos for r in range(G)]}
         params = SamplingParams(temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, n=ro.group_size,
                                 **ro.sampling_kwargs(), **seeds)
         with torch.no_grad():
@@ -2691,9 +2705,9 @@ class RLTrainer:
         from rlhf_fast.trainers.checkpoint import latest_checkpoint
         from rlhf_fast.trainers.common import check_fresh_run_dir
 
-        if latest_checkpoint(path) is not None:
-            return False
-        if not os.path.isfile(os.path.join(path, "config.yaml")):
+        if not restarts_from_step_zero(path):
+            if latest_checkpoint(path) is not None:
+                return False
             raise FileNotFoundError(f"resume: no complete checkpoint under "
                                     f"{os.path.join(path, 'checkpoints')} and no run (config.yaml) in {path}")
         check_fresh_run_dir(path, option="resume", resume_hint=None, include_log=False)

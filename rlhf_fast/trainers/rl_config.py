@@ -1359,13 +1359,16 @@ class DistillConfig:
 
     GKD's mixing (TRL's experimental ``GKDTrainer``, Agarwal et al. 2024): ``lmbda`` (default
     1.0: every step on-policy, as ``DistillationTrainer``; TRL GKDConfig's default is 0.5) is
-    the probability that a step trains on the student's own answers; otherwise it trains on the
+    the probability that a micro-batch (``ppo.micro_batch_size`` rows of a rank's answers; TRL
+    draws once per ``training_step``, i.e. per micro-batch under gradient accumulation) trains on
+    the student's own answers; otherwise it trains on the
     data's completions (the training records' ``completion`` field: text, or the assistant
     messages after a chat prompt — SFT's prompt–completion format — each repeated
     ``rollout.group_size`` times), or with ``seq_kd`` on answers the teacher samples with the
-    rollout's settings (sequence-level KD). Step s is on-policy when u ≤ ``lmbda`` (TRL's
-    ``random.random() <= lmbda``), u a uniform number drawn from the run's ``seed`` and s
-    alone: the same on every rank and after a resume. ``seq_kd`` with ``lmbda`` 1 is refused
+    rollout's settings (sequence-level KD). Micro-batch j of step s is on-policy when u ≤
+    ``lmbda`` (TRL's ``random.random() <= lmbda``), u a uniform number drawn from the run's
+    ``seed``, s and j alone: the same on every rank (micro-batch j of each, as TRL's) and after a
+    resume. ``seq_kd`` with ``lmbda`` 1 is refused
     (never used), as are the data's completions with tools or environments (they hold no tool
     calls) and, by the trainer, ``lmbda`` < 1 without ``seq_kd`` on records that lack a
     ``completion``. GKD's loss is this one (its ``beta`` is ours, its per-token mean ours) but

@@ -39,6 +39,12 @@ def _model(family="llama", kv_heads=None, seed=0):
     return m
 
 
+# Weights after Adam steps: Adam divides a gradient by its own size, so one that cancels to
+# ~1e-10 (float noise of the summation order, which differs between CPUs) moves its weight by a
+# share of lr either way; a real layout error moves weights by ~lr (here 5e-3), 10x this bound
+ADAM_REL = 5e-3
+
+
 def _close(got, want, rel=2e-5):
     """max |got − want| ≤ rel · max |want| (gradients of cancelling terms near 0)."""
     assert got.shape == want.shape
@@ -332,7 +338,7 @@ def test_online_dpo_equals_the_padded(tmp_path):
     assert seen.count(True) == seen.count(False) > 0  # every forward of b shared, none of a
     _same_metrics(ma, mb, rel=2e-5)
     for p, q in zip(a.policy.parameters(), b.policy.parameters()):
-        _close(q.detach(), p.detach(), rel=1e-4)
+        _close(q.detach(), p.detach(), rel=ADAM_REL)
 
 
 def test_resume_with_prefix_sharing_is_exact(tmp_path):

@@ -87,7 +87,10 @@ _VESPO_LOG_FLOOR = math.log(1e-8)
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(x, q)`` (linear interpolation) of a 1-D tensor, without its input-size
     limit (2^24 elements: a large rollout's tokens exceed it). Same arithmetic: sort, then
-    ``torch.lerp`` between the neighbours of rank q·(n − 1). ``x`` non-empty."""
+    ``torch.lerp`` between the neighbours of rank q·(n − 1). ``x`` non-empty; q in [0, 1] (else
+    ValueError, as torch.quantile refuses it: a negative rank would wrap around)."""
+    if not 0.0 <= float(q) <= 1.0:  # NaN fails too
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
     s = torch.sort(x).values
     n = s.numel()
     rank = torch.tensor(q, dtype=s.dtype, device=s.device) * (n - 1)
@@ -101,7 +104,9 @@ def high_entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_quanti
 
     entropy ``[...]`` float, mask ``[...]`` bool or 0/1. Returns a 0-dim tensor in float32
     (float64 for float64 entropy), or None when no token is masked in. As TRL's
-    ``get_high_entropy_mask`` (which computes it in float32)."""
+    ``get_high_entropy_mask`` (which computes it in float32). ``top_quantile`` in [0, 1]."""
+    if not 0.0 <= float(top_quantile) <= 1.0:  # NaN fails too
+        raise ValueError(f"top_quantile must be in [0, 1] (the share of tokens kept), got {top_quantile!r}")
     vals = entropy[mask != 0].to(out_dtype(entropy.dtype))
     if vals.numel() == 0:
         return None
@@ -457,6 +462,29 @@ def _sequence_sum_loss_from_logp(logp, entropy, old_logp, advantages, mask, *, c
     return loss, stats
 
 
+def answer_stats(ratio: torch.Tensor, clipped: torch.Tensor, dual: torch.Tensor, mask: torch.Tensor) -> dict:
+    """``clip_frac``, ``dual_clip_frac`` and ``ratio_mean`` of the ``sequence`` importance-sampling
+    level as means over the answers, as TRL's ``clip_ratio/region_mean`` of its one ratio per answer
+    (``global_masked_mean`` of a ``[B, 1]`` flag): each row's share of its flagged loss tokens (its
+    0/1 flag under one advantage per answer) and its ratio (the same at each of its tokens), a row
+    without loss tokens counting with share 0 and ratio exp(0) = 1, as TRL's.
+
+    ratio ``[B, T]`` float, clipped / dual / mask ``[B, T]`` bool. Returns 0-dim tensors in
+    ratio's dtype (0 / 1 for B = 0); masked-out entries are never read."""
+    with torch.no_grad():
+        mb = mask != 0
+        dt = ratio.dtype
+        n = mb.sum(-1).to(dt)
+        zero = torch.zeros((), dtype=dt, device=ratio.device)
+        share = lambda x: (x & mb).sum(-1).to(dt) / n.clamp(min=1)  # noqa: E731
+        r = torch.where(n > 0, torch.where(mb, ratio.detach(), zero).sum(-1) / n.clamp(min=1),
+                        torch.ones_like(n))
+        rows = max(mb.shape[0], 1)
+        one = torch.ones((), dtype=dt, device=ratio.device)
+        return {"clip_frac": share(clipped).sum() / rows, "dual_clip_frac": share(dual).sum() / rows,
+                "ratio_mean": r.sum() / rows if mb.shape[0] else one}
+
+
 def clip_share_extremes(low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor, dtype=torch.float32,
                         count_empty: bool = False):
     """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max`` of one batch (``nanmin`` /
@@ -623,7 +651,9 @@ def policy_loss_from_logp(
     whole mini-batch's kept tokens, a number or device tensor; None: this call's), not by the
     loss tokens'. ``importance_sampling_level="sequence"``:
     GSPO's sequence ratio through :func:`rlhf_fast.models.logprobs.sequence_level_old_logp`
-    (clip, luspo and sapo; the off-policy mask still uses the per-token ``old_logp``).
+    (clip, luspo and sapo; the off-policy mask still uses the per-token ``old_logp``); its stats
+    ``clip_frac``, ``dual_clip_frac`` and ``ratio_mean`` are over the answers (:func:`answer_stats`,
+    TRL's ``clip_ratio/region_mean``).
     ``"sequence_sum"``: TRL RLOO's loss, :func:`sequence_sum_policy_loss` of each row summed
     over ``agg``'s row normaliser (``clip`` and ``agg`` ``seq-mean-token-sum`` only; no token
     masks, weights or bias-corrected KL); its stats ``clip_frac`` (TRL's
@@ -662,6 +692,8 @@ def policy_loss_from_logp(
     if importance_sampling_level not in ("token", "sequence", SEQUENCE_SUM):
         raise ValueError(f"importance_sampling_level must be 'token', 'sequence' or {SEQUENCE_SUM!r}, "
                          f"got {importance_sampling_level!r}")
+    if not 0.0 <= float(top_entropy_quantile) <= 1.0:  # NaN fails too (it was silently off)
+        raise ValueError(f"top_entropy_quantile must be in [0, 1] (1 = off), got {top_entropy_quantile!r}")
     if importance_sampling_level == SEQUENCE_SUM:
         _check_sequence_sum(policy_loss, agg, top_entropy_quantile, entropy_mask, off_policy_mask_threshold,
                             use_bias_correction_kl, is_weight)
@@ -736,6 +768,8 @@ def policy_loss_from_logp(
         ent_mean = reference.aggregate(entropy.to(loss.dtype), mb & keep_h, agg, entropy_normalizer)
         loss = loss - entropy_coef * ent_mean
     stats = reference.policy_stats(logp, ratio_old, ratio, clipped, dual, mb)
+    if importance_sampling_level == "sequence":  # one ratio per answer: its stats over the answers (TRL's)
+        stats.update(answer_stats(ratio, clipped, dual, mb))
     with torch.no_grad():
         dt = loss.dtype
         stats["kl"] = reference.masked_mean(kl, mb) if kl is not None else torch.zeros((), dtype=dt, device=loss.device)
@@ -772,6 +806,7 @@ __all__ = [
     "GMPO_AGG",
     "gmpo_sequence_loss",
     "clip_share_extremes",
+    "answer_stats",
     "clip_region_extremes",
     "SAPO_TEMPERATURE_POS",
     "SAPO_TEMPERATURE_NEG",

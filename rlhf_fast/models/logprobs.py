@@ -937,7 +937,9 @@ def policy_loss(
     (GSPO, Zheng et al. 2025): every token of a row takes the row's ratio
     exp(mean over its loss tokens of (logp − old_logp)), clipped as a whole, with the gradient
     of GSPO-token (each token's own log-prob carries it; see :func:`sequence_level_old_logp`).
-    Clip, ``approx_kl`` and ratio statistics are then of the sequence ratios.
+    ``clip_frac``, ``dual_clip_frac`` and ``ratio_mean`` are then means over the answers (TRL's
+    ``clip_ratio/region_mean``; :func:`rlhf_fast.algorithms.policy_losses.answer_stats`),
+    ``approx_kl`` still over the tokens.
 
     ``prefix_groups`` ``[G, K]`` int64 (None: the padded forward): the groups of rows sharing their
     leading tokens (an RL batch's answers to one prompt), the forward one shared-prefix row in
@@ -977,8 +979,18 @@ def policy_loss(
         if sequence_level:
             old_logp = sequence_level_old_logp(logp.detach(), old_logp, mask)
         kw = {k: v for k, v in loss_kwargs.items() if k not in ("temperature", "chunk_size")}
-        return reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask, ref_logp=ref_logp,
-                                               kl_fn=ops.kl_penalty, **kw)
+        loss, stats = reference.policy_loss_from_logp(logp, entropy, old_logp, advantages, mask,
+                                                      ref_logp=ref_logp, kl_fn=ops.kl_penalty, **kw)
+        if sequence_level:  # one ratio per answer: its clip and ratio statistics over the answers (TRL's)
+            from rlhf_fast.algorithms.policy_losses import answer_stats
+
+            with torch.no_grad():
+                lp, old, adv = reference._masked_inputs(mask, logp.detach(), old_logp, advantages.detach())
+                _, ratio, clipped, dual = reference.ppo_token_loss(
+                    lp, old, adv, clip_low=kw.get("clip_low", 0.2), clip_high=kw.get("clip_high"),
+                    dual_clip=kw.get("dual_clip"))
+            stats.update(answer_stats(ratio, clipped, dual, mask))
+        return loss, stats
     B, T = shape
     # Only the columns holding loss tokens go through the LM head: the prompt's logits are never
     # used (a rollout batch's responses start at one column, after the left-padded prompts).

@@ -439,8 +439,10 @@ def _eval_sums(out, rm: torch.Tensor, group_size: int, texts: Optional[List[str]
     return res
 
 
-# statistics of importance_sampling_level sequence_sum taken over answers, not tokens
+# statistics of importance_sampling_level sequence_sum and sequence (one ratio per answer, TRL's
+# clip_ratio/*_mean over its [B, 1] flags) taken over answers, not tokens
 _ANSWER_STATS = ("clip_frac", "clip_low_frac", "clip_high_frac", "dual_clip_frac", "ratio_mean")
+_ANSWER_LEVELS = ("sequence", "sequence_sum")
 # TRL's clip_ratio/low_min and high_max (gmpo): extremes over the answers, so reduced over
 # micro-batches and ranks by min / max, not averaged (+inf / -inf: no answer had a loss token)
 _MIN_STATS = ("clip_low_min",)
@@ -2092,7 +2094,7 @@ class RLTrainer:
         kw = self._loss_kwargs(data)
         norm = self._global_normalizer(data.response_mask, kw["agg"])
         ntok = data.response_mask.sum().clamp(min=1).float()
-        per_answer = kw["importance_sampling_level"] == "sequence_sum"
+        per_answer = kw["importance_sampling_level"] in _ANSWER_LEVELS
         acc: Dict[str, float] = {}
         B = data.input_ids.shape[0]
         steps = max(-(-B // mb) if n_micro is None else max(n_micro, -(-B // mb)), 1)  # TRL's accumulation steps
@@ -2109,7 +2111,7 @@ class RLTrainer:
                 # key on every rank, a blank micro-batch's part 0, for the reduction of the statistics
                 acc["aux_loss"] = acc.get("aux_loss", 0.0) + (aux_val[0] / steps if aux_val else 0.0)
             w = float(d.response_mask.sum()) / float(ntok)
-            # sequence_sum's clip and ratio statistics are shares of answers: weighed by rows
+            # the sequence levels' clip and ratio statistics are shares of answers: weighed by rows
             w_row = d.response_mask.shape[0] / max(data.response_mask.shape[0], 1) if per_answer else w
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
             # a blank row's statistics are of no token: it adds the keys (the same on every
@@ -2219,11 +2221,11 @@ class RLTrainer:
 
     def _global_stats(self, st: Dict[str, float], mask: torch.Tensor) -> Dict[str, float]:
         """:meth:`policy_backward` statistics over every rank, as one process computes them:
-        token-weighted means (row-weighted for sequence_sum's answer statistics), the loss parts
+        token-weighted means (row-weighted for the sequence levels' answer statistics), the loss parts
         summed, ratio_max the maximum, clip_low_min / clip_high_max the minimum / maximum."""
         keys = sorted(k for k in st if k not in ("loss", "ratio_max") + _MIN_STATS + _MAX_STATS)
         n = float(mask.sum())
-        rows = float(mask.shape[0]) if self.config.ppo.importance_sampling_level == "sequence_sum" else n
+        rows = float(mask.shape[0]) if self.config.ppo.importance_sampling_level in _ANSWER_LEVELS else n
         row_means = self._row_mean_stats()  # a subclass's per-answer means: weighted by answers
         slot = {k: 2 if k in _ANSWER_STATS else 3 if k in row_means else 1 for k in keys}
         weight = {1: n, 2: rows, 3: float(mask.shape[0])}

@@ -878,7 +878,9 @@ class PPOConfig:
     ``importance_sampling_level``: ``token`` (PPO) or ``sequence`` (GSPO: each answer's ratio is
     exp of the mean of its tokens' log-ratios, clipped as a whole — TRL's option of the same
     name, verl's ``gspo`` loss; the GSPO paper clips at about 3e-4 / 4e-4, e.g. ``clip_low:
-    0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``) or ``sequence_sum``
+    0.0003, clip_high: 0.0004``, and aggregates with ``seq-mean-token-mean``; ``policy/clip_frac``,
+    ``dual_clip_frac`` and ``ratio_mean`` are then over answers, as TRL's ``clip_ratio/region_mean``)
+    or ``sequence_sum``
     (TRL's RLOOTrainer: each answer's ratio is exp of the *sum* of its tokens' log-ratios,
     π(y|x)/π_old(y|x) itself, clipped as a whole, and the answers' clipped losses are averaged:
     needs ``policy_loss: clip``, ``agg: seq-mean-token-sum`` and a group estimator; no

@@ -692,13 +692,18 @@ def pack_shared_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, t
     row i with row i + N/2 (N even; DPO's chosen and rejected rows). Each group is laid out once
     (:func:`pack_shared_rows`): ``[shared, rest of its first row, rest of its second, ...]``. ``src``
     indexes the state that predicts each target (``rows``, ``cols``: its place in the batch; the
-    label is ``input_ids[rows, cols]``)."""
+    label is ``input_ids[rows, cols]``): its row's previous attended token, holes read through as
+    :func:`pack_targets` reads them; a target no state predicts (padding, a row's first token) is
+    dropped, as there."""
     if groups is None:
         groups = pair_groups(input_ids.shape[0], input_ids.device)
     sr = pack_shared_rows(input_ids, attention_mask, groups)
-    tr, tc = target.nonzero(as_tuple=True)
-    src = sr.at[tr, tc - 1]  # the predecessor of a target is attended (_target_mask): the column before
-    return PackedTargets(sr.ids, sr.position_ids, src, tr, tc, sr.segments)
+    # each position's previous attended token in its row, by packed index (increasing along a row,
+    # -1 at padding): the running max one column back; -1 where no token comes before
+    prev = sr.at.cummax(1).values
+    prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)
+    tr, tc = (target.bool() & attention_mask.bool() & (prev >= 0)).nonzero(as_tuple=True)
+    return PackedTargets(sr.ids, sr.position_ids, prev[tr, tc], tr, tc, sr.segments)
 
 
 def shared_states(model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor,

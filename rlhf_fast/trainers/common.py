@@ -1592,14 +1592,17 @@ def check_training_schedule(cfg) -> None:
 
 def check_pad_to_multiple_of(cfg) -> None:
     """``pad_to_multiple_of`` (TRL's): null or an int >= 1, for padded batches only — a packed
-    row (SFT ``packing``, ``padding_free``, ``prefix_sharing``) has no padding to round, so the
-    pair is refused rather than ignored. ValueError naming the keys."""
+    row (SFT ``packing`` bfd, ``padding_free``, ``prefix_sharing``) has no padding to round, so the
+    pair is refused rather than ignored. SFT's ``packing_strategy: wrapped`` chunks are padded rows
+    (a block's last chunk is shorter), rounded as TRL's collator rounds them. ValueError naming the keys."""
     m = getattr(cfg, "pad_to_multiple_of", None)
     if m is None:
         return
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"pad_to_multiple_of must be null or an int >= 1, got {m!r}")
     for key in ("packing", "padding_free", "prefix_sharing"):
+        if key == "packing" and getattr(cfg, "packing_strategy", "bfd") == "wrapped":
+            continue
         if getattr(cfg, key, False):
             raise ValueError(f"pad_to_multiple_of rounds a padded batch's length; {key}: true packs the rows without "
                              f"padding: set one of them")

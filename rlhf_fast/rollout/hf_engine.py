@@ -16,6 +16,7 @@ import time
 import warnings
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from rlhf_fast import ops
@@ -504,20 +505,29 @@ class HFRolloutEngine(RolloutEngine):
         the same early-stopping heuristic; a hypothesis ends on any eos id: the tokenizer's and
         the model's ``generation_config.eos_token_id``), on this engine's KV cache with one
         prefill per prompt shared by its beams. Deterministic beam search only (no sampling,
-        no n-gram / repetition processors); the scores are not returned.
+        no n-gram / repetition processors); the scores are not returned. ``num_beams=1`` is
+        greedy search, as ``generate(num_beams=1)``: early_stopping and length_penalty do not
+        change it. early_stopping: True, False or "never" (a numpy bool is read as the bool).
         """
         if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
             raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if early_stopping not in (True, False, "never"):
+        if isinstance(early_stopping, np.bool_):
+            early_stopping = bool(early_stopping)  # numpy's bool, as the numbers below
+        # the algorithm tests `is True`: 1 or "true" (== True / truthy) would silently act as False
+        if not (isinstance(early_stopping, bool) or (type(early_stopping) is str and early_stopping == "never")):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
                 or not abs(length_penalty) < float("inf"):
             raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
         # numpy scalars as Python numbers (an np.int64 beam count would make the buffers' shapes)
         num_beams, max_new_tokens, length_penalty = int(num_beams), int(max_new_tokens), float(length_penalty)
+        if num_beams == 1:
+            # generate(num_beams=1) is greedy search, which early_stopping / length_penalty (beam
+            # options) do not change; one beam with early_stopping="never" would outlive an eos
+            return self.greedy(prompts, max_new_tokens=max_new_tokens)
         ids, texts = self._encode(prompts)
         self._check_length(max(len(p) for p in ids), max_new_tokens)
         t0 = time.perf_counter()

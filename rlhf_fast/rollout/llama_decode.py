@@ -24,7 +24,8 @@ from torch.nn import functional as F
 # transformers' RMSNorm / gated MLP classes of the Llama family (the training forward's list):
 # the same formula each, written out in _RMSNorm / _Layer.mlp; other classes (Liger's, a hub
 # kernel's) are called as they are
-from ..models.llama_forward import _GATED_MLPS, _RMS_NORMS, _is_silu, _rms_forward, _transformers_class
+from ..models.llama_forward import (_ATTENTIONS, _BACKBONES, _GATED_MLPS, _LAYERS, _RMS_NORMS, _is_silu, _own_class,
+                                    _rms_forward, _transformers_class)
 
 
 class _RMSNorm:
@@ -50,8 +51,9 @@ def _norm(module: nn.Module):
 
 def _linear(module: nn.Module):
     """``module`` as a function of ``x [B, in]``: ``F.linear`` on its weights for a plain
-    ``nn.Linear`` (no module call), else the module itself."""
-    if type(module) is not nn.Linear:
+    ``nn.Linear`` (no module call), else the module itself (a subclass, or a forward set on
+    the instance)."""
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
         return module
     weight, bias = module.weight, module.bias
     return lambda x: F.linear(x, weight, bias)
@@ -115,8 +117,8 @@ class _Layer:
         a, mlp = self.attn, self.mlp_module
         qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
         linears = qkv + [a.o_proj] + gate_up + [mlp.down_proj]
-        if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-                   for m in linears):
+        if not all(type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
+                   and m.weight.device.type == "cpu" for m in linears):
             return None
         stack = sum(m.weight.numel() * 4 for m in linears) <= _STACK_MAX_BYTES
         (o,), (o_b,) = _as_in_out([a.o_proj], False)
@@ -190,6 +192,22 @@ def _has_forward_hooks(model: nn.Module, gathered: bool) -> bool:
     return False
 
 
+def _own_forward(module: nn.Module, names, *, compiled_ok: bool = False) -> bool:
+    """Whether ``module`` (seen through FSDP2's subclass) is one of transformers' classes
+    ``names`` and runs its class's forward: the decoder computes the backbone, its layers and
+    their attention from the weights, so a forward set on the instance (an attention patch such
+    as SelfExtend's, steering by method patching) would be skipped. ``compiled_ok``: the
+    class's own forward compiled in place by the trainers' ``torch_compile``
+    (:func:`rlhf_fast.trainers.compile.compile_module`) computes the same and is allowed."""
+    if not _transformers_class(_own_class(module), names):
+        return False
+    if "forward" not in module.__dict__:
+        return True
+    from ..trainers.compile import compiled
+
+    return compiled_ok and compiled(module)
+
+
 class _LlamaDecoder:
     """Decode steps of a Llama-style causal LM (Llama, Mistral, Qwen2, Qwen3: pre-norm, RoPE, sdpa)
     on a preallocated ``[B, kv_heads, P + R, d]`` KV buffer.
@@ -213,9 +231,12 @@ class _LlamaDecoder:
     def supported(cls, model, *, gathered: bool = False) -> bool:
         """Whether ``model`` is a bare (no peft / DDP wrapper, no forward hooks on it or on any
         submodule, no global module hooks) full-attention Llama-style LM on sdpa, in eval mode,
-        whose RoPE does not depend on the sequence length. ``gathered``: ``model`` is an FSDP2
-        model whose parameters :func:`rlhf_fast.distributed.gathered_params` holds gathered;
-        its class is then FSDP's subclass, and FSDP's own hooks have nothing left to do."""
+        whose RoPE does not depend on the sequence length, and whose model, backbone, layers and
+        attention modules are transformers' classes running their own forwards
+        (:func:`_own_forward`; norms, MLPs and linears of other kinds are called as they are).
+        ``gathered``: ``model`` is an FSDP2 model whose parameters
+        :func:`rlhf_fast.distributed.gathered_params` holds gathered; its class is then FSDP's
+        subclass, and FSDP's own hooks have nothing left to do."""
         from ..models.logprobs import unwrap
 
         if unwrap(model) is not model or model.training:
@@ -223,12 +244,16 @@ class _LlamaDecoder:
         classes = [type(model)]
         if gathered:  # fully_shard swaps in a subclass of (FSDPModule, the model's class)
             classes = [b for b in type(model).__bases__ if b.__name__ != "FSDPModule"]
-        if not any(c.__name__ in cls._CLASSES for c in classes):
+        # transformers' own classes (a same-named remote-code class may compute something else)
+        if not any(_transformers_class(c, cls._CLASSES) for c in classes) or "forward" in model.__dict__:
             return False
         if _has_forward_hooks(model, gathered):
             return False
         cfg = model.config
         layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None or not _own_forward(model.model, _BACKBONES, compiled_ok=True) or not all(
+                _own_forward(layer, _LAYERS) and _own_forward(layer.self_attn, _ATTENTIONS) for layer in layers):
+            return False
         # RoPE whose frequencies depend on the sequence length seen so far ("dynamic" NTK,
         # "longrope"): transformers recomputes them as the sequence grows, while the decoder
         # builds one table for all P + R positions up front (and that call would leave the
@@ -315,7 +340,7 @@ class _LlamaDecoder:
         return self.head(torch.ops.rlhf_fast.rms_norm(h, self.norm.weight.detach(), self.norm.eps))
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:
-        if type(self.embed) is nn.Embedding:
+        if type(self.embed) is nn.Embedding and "forward" not in self.embed.__dict__:
             e = self.embed
             return F.embedding(tok, e.weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
         return self.embed(tok[:, None])[:, 0]

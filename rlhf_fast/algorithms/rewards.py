@@ -339,8 +339,13 @@ class RewardModelReward(RewardSource):
         from rlhf_fast.models.loading import reward_scores
 
         device = next(self.model.parameters()).device
+        if ctx is not None and ctx.prompts is not None:  # the data's prompts, one per completion
+            prompts = ctx.prompts
+        if len(prompts) != len(completions):  # (zip would score the first rows and drop the rest)
+            raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and "
+                             f"{len(completions)}")
         if self.tokenizer is None:
-            if ctx.input_ids is None:
+            if ctx is None or ctx.input_ids is None:
                 raise ValueError(f"reward source {self.name!r} needs a tokenizer or the rollout's input_ids")
             am = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(ctx.input_ids)
             ids, am = ctx.input_ids.to(device), am.to(device)
@@ -350,8 +355,6 @@ class RewardModelReward(RewardSource):
             # as the reward trainer encoded its pairs (prompt, response, eos; the end kept): the
             # head learned the score at that eos, and the joint text without it reads another token
             tok = self.tokenizer
-            if ctx is not None and ctx.prompts is not None:
-                prompts = ctx.prompts
             kw = self.trained_template_kwargs  # the variables it trained under, where it saved them
             if kw is None:
                 kw = ctx.chat_template_kwargs if ctx is not None else None

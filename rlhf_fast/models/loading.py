@@ -915,8 +915,10 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     """Scores ``[B]`` float32: the reward head at each row's last attended token.
 
     input_ids / attention_mask ``[B, T]``; left or right padding (the attention mask, not the
-    pad id, locates the last token, so a pad id that also occurs in text is harmless).
-    Differentiable in the model's parameters.
+    pad id, locates the last token, so a pad id that also occurs in text is harmless). A model
+    with a ``classifier`` head instead of a decoder's ``score`` (an encoder: BERT, DeBERTa,
+    RoBERTa read their first token through a pooler) is scored by its own forward, as
+    transformers and TRL's GRPO score it, left-padded rows moved to the right first. Differentiable in the model's parameters.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -926,8 +928,16 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     base = unwrap(model)
     head = getattr(base, "score", None)
-    if head is None:
-        head = getattr(base, "classifier", None)
+    if head is None and isinstance(getattr(base, "classifier", None), nn.Module):
+        # an encoder's head reads its first token through a pooler (or its own head module):
+        # its forward knows which state and layers, the last token's state alone does not
+        if not bool(attention_mask[:, 0].all()):  # left padding: position 0 would be a pad token
+            order = torch.sort((attention_mask == 0).to(torch.int8), dim=1, stable=True).indices
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        out = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if out.shape[-1] != 1:
+            raise ValueError(f"the reward head must output one score, got {out.shape[-1]}")
+        return out[:, 0].float()
     if not isinstance(head, nn.Module):
         raise TypeError(f"model must be a sequence-classification model with a `score` head, got {type(base).__name__}")
     last = last_token_index(attention_mask)

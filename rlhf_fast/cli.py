@@ -154,10 +154,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(name: str, rest: List[str]) -> int:
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = ArgumentParser(prog=f"rlhf-fast {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:  # (importing a command's module takes seconds: torch, transformers)
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = ArgumentParser(prog=f"rlhf-fast {name}", description=COMMANDS[name][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+    except KeyboardInterrupt:
+        return _interrupted(name)
     args.command = name
     from rlhf_fast.trainers.stop import TrainingStopped
 
@@ -173,12 +176,7 @@ def _main(name: str, rest: List[str]) -> int:
         _report(f"rlhf-fast {name}: error: {msg}", everywhere=not _group_joined())
         return 2
     except KeyboardInterrupt:
-        # checkpoints are written atomically, so what was saved before Ctrl-C is intact; under
-        # torchrun the launcher passes Ctrl-C to every rank, and rank 0 says so for all
-        if _launch_env()[1] == 0:
-            print(f"rlhf-fast {name}: interrupted; a training run continues from its last checkpoint "
-                  "(ppo/grpo/rloo: --resume RUN_DIR; sft/reward/dpo/kto: the same command)", file=sys.stderr)
-        return 130
+        return _interrupted(name)
     except Exception as e:
         if not (_launch_env()[0] > 1 and _lost_peer(e)):
             raise
@@ -191,6 +189,33 @@ def _main(name: str, rest: List[str]) -> int:
                "summary)")
         _report(f"rlhf-fast {name}: error: {why}: {first}", consequence=True)
         return 1
+
+
+# the training commands whose run continues with the same command (resume: true by default);
+# those of rlhf_fast.trainers.rl_cli continue with --resume RUN_DIR
+OFFLINE_TRAINERS = ("sft", "reward", "prm", "dpo", "kto")
+
+
+def _interrupted(name: str) -> int:
+    """Exit code 130 after Ctrl-C, with one line saying how ``rlhf-fast name`` continues."""
+    # checkpoints are written atomically, so what was saved before Ctrl-C is intact; under
+    # torchrun the launcher passes Ctrl-C to every rank, and rank 0 says so for all
+    if _launch_env()[1] != 0:
+        return 130
+    intact = "the checkpoints saved so far are intact"
+    if COMMANDS[name][0] == "rlhf_fast.trainers.rl_cli":
+        how = f"{intact}: rlhf-fast {name} --resume RUN_DIR continues the run from the last one"
+    elif name in OFFLINE_TRAINERS:
+        how = (f"{intact}: rlhf-fast {name} continues the run from the last one with the same command "
+               "(with --resume true for a run started with resume: false)")
+    elif name == "demo":
+        how = "a demo starts afresh: run rlhf-fast demo again"
+    else:
+        rl = "/".join(n for n, (module, _) in COMMANDS.items() if module == "rlhf_fast.trainers.rl_cli")
+        how = (f"a training run continues from its last checkpoint ({rl}: --resume RUN_DIR; "
+               f"{'/'.join(OFFLINE_TRAINERS)}: the same command)")
+    print(f"rlhf-fast {name}: interrupted; {how}", file=sys.stderr)
+    return 130
 
 
 def entry() -> None:

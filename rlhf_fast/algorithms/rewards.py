@@ -822,17 +822,20 @@ def load_callable(spec: str, *, what: str = "reward function") -> Callable:
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"{what} must be given as 'module:function', got {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
+    kind = "reward" if what == "reward function" else what  # the default keeps its old wording
     if mod_name.endswith(".py"):
         if not os.path.exists(mod_name):
             raise FileNotFoundError(f"{what} file {mod_name!r} does not exist")
         s = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
         mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
+        try:
+            s.loader.exec_module(mod)
+        except (ImportError, SyntaxError) as e:  # (str(e) of a SyntaxError names the file and line)
+            raise ValueError(f"cannot import {kind} file {mod_name!r} from {spec!r}: {e}") from e
     else:
         try:
             mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            kind = "reward" if what == "reward function" else what  # the default keeps its old wording
+        except (ImportError, SyntaxError) as e:
             raise ValueError(f"cannot import {kind} module {mod_name!r} from {spec!r}: {e}") from e
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .config import save_config, to_dict
+from .config import check_output_path, save_config, to_dict
 
 
 def check_seed(name: str, seed) -> None:
@@ -765,9 +765,9 @@ class RunDir:
 
     def __init__(self, path: str, config: Optional[Any] = None, *, create: bool = True):
         check_output_dir(path)
+        # a file, a folder below a file or one that cannot be written: named now, not as an OSError
+        check_output_path(path, "output_dir", folder=True)
         self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(f"output_dir {path}: expected a folder, found a file")
         if create:
             self.create()
         self.checkpoints = os.path.join(self.path, "checkpoints")
@@ -1858,6 +1858,18 @@ def add_config_arguments(parser, config_cls=None) -> None:
     if config_cls is not None:
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.epilog = config_keys_help(config_cls, resolved_null_defaults(config_cls))
+    parse = parser.parse_args
+
+    def parse_args(args=None, namespace=None):
+        # REMAINDER takes a --help after CONFIG as an override ("unknown config key 'help'"):
+        # it asks for the help, as it does before CONFIG and for the RL commands
+        ns = parse(args, namespace)
+        if any(t in ("-h", "--help") for t in ns.overrides):
+            parser.print_help()
+            parser.exit(0)
+        return ns
+
+    parser.parse_args = parse_args
 
 
 def resolved_null_defaults(config_cls) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ layers) is written with commas: ``--target-density 1.0,0.5``.
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def _setting(text: str):
@@ -52,14 +53,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
+# MergeConfig's keys, which its errors name (merge.KEY), as this command's options
+OPTIONS = {"policy_model_weight": "--policy-weight", "target_model_weight": "--target-weight",
+           "policy_model_density": "--policy-density", "target_model_density": "--target-density",
+           "normalize": "--normalize", "t_values": "--t", "dtype": "--dtype", "seed": "--seed", "method": "--method"}
+
+
+def _as_options(message: str) -> str:
+    """A MergeConfig error ``message`` led by the options its ``merge.KEY`` names stand for
+    (``--t: merge.t_values ...``: the key is also a trainer config's)."""
+    flags = dict.fromkeys(OPTIONS[k] for k in re.findall(r"\bmerge\.(\w+)", message) if k in OPTIONS)
+    message = message.replace("leave it null", "leave it out")
+    return f"{', '.join(flags)}: {message}" if flags else message
+
+
 def run(args) -> int:
     """Entry point of ``rlhf-fast merge``."""
     from rlhf_fast.models.merge import MergeConfig, merge_model_folders
 
     names = ("policy_model_weight", "target_model_weight", "policy_model_density", "target_model_density",
              "normalize", "t_values")
-    config = MergeConfig(method=args.method, dtype=args.dtype, seed=args.seed,
-                         **{n: getattr(args, n) for n in names})
+    try:
+        config = MergeConfig(method=args.method, dtype=args.dtype, seed=args.seed,
+                             **{n: getattr(args, n) for n in names})
+    except ValueError as e:
+        raise ValueError(_as_options(str(e))) from None
     info = merge_model_folders(args.policy_dir, args.target_dir, args.out_dir, config, overwrite=args.overwrite)
     print(f"merge: {info['method']} of {args.policy_dir} and {args.target_dir} -> {args.out_dir} "
           f"({info['tensors']} tensors, {info['parameters']} parameters, {info['dtype']})")

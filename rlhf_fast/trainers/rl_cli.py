@@ -97,6 +97,8 @@ def build_config(command: str, tokens):
         raise ValueError(f"command must be one of {tuple(FAMILIES)}, got {command!r}")
     config, overrides, resume = split_args(tokens)
     if resume is not None:
+        if os.path.exists(resume) and not os.path.isdir(resume):
+            raise ValueError(f"--resume {resume}: expected a run folder, found a file")
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"--resume: run folder not found: {resume}")
         _check_rl_run(resume)
@@ -130,9 +132,24 @@ def build_config(command: str, tokens):
                              f"rlhf-fast {_family_of(estimator)}")
         overrides = overrides + ["--estimator", default]
     for key, value in COMMAND_DEFAULTS.get(command, {}).items():
-        if _override_value(overrides, key) is None and _file_value(path, *key.split(".")) is None:
+        section, name = key.split(".")
+        end, given = _whole_section(overrides, section)
+        if end is not None:
+            # a section given whole (--rollout '{...}') replaces the file's and the earlier keys: the
+            # command's default follows it unless the mapping or a later --section.key sets the key
+            if _override_value(overrides[end:], key) is None and name not in given:
+                overrides = overrides[:end] + [f"--{key}", str(value)] + overrides[end:]
+        elif _override_value(overrides, key) is None and _file_value(path, section, name) is None:
             overrides = [f"--{key}", str(value)] + overrides
     cfg = load_config(RLConfig, path, overrides)
+    if resume is None and cfg.resume is not None:
+        # a config file's resume: RUN, as --resume RUN: the run continues in RUN, so an output_dir
+        # naming another folder (the file's or the command line's) would be ignored
+        moved = _override_value(overrides, "output_dir")
+        moved = _file_value(path, "output_dir") if moved is None else moved
+        if moved is not None and os.path.abspath(str(moved)) != os.path.abspath(cfg.resume):
+            raise ValueError(f"output_dir {moved} with resume {cfg.resume}: a resumed run continues in its own "
+                             f"folder; copy the folder first to continue a copy of it elsewhere")
     from rlhf_fast.trainers.common import check_output_dir
 
     check_output_dir(cfg.output_dir)  # now, not once the models are built (RLConfig does not check it)
@@ -176,14 +193,47 @@ def _file_value(path, *keys):
 
 
 def _override_value(overrides, key: str):
-    """The value of ``--key value`` / ``--key=value`` among the override tokens (the last), or None."""
+    """The value of ``--key value`` / ``--key=value`` among the override tokens (the last), or None.
+    Dashes in a token's key read as underscores, as :func:`~rlhf_fast.trainers.config.load_config`
+    reads them (``--output-dir``)."""
     found = None
     for i, t in enumerate(overrides):
-        if t == f"--{key}" and i + 1 < len(overrides):
+        if not t.startswith("--"):
+            continue
+        name, eq, value = t[2:].partition("=")
+        if name.replace("-", "_") != key:
+            continue
+        if eq:
+            found = value
+        elif i + 1 < len(overrides):
             found = overrides[i + 1]
-        elif t.startswith(f"--{key}="):
-            found = t.split("=", 1)[1]
     return found
+
+
+def _whole_section(overrides, section: str):
+    """(index after the last ``--section VALUE`` / ``--section=VALUE`` among the override tokens,
+    the keys its YAML mapping sets), or (None, ()) when the section is not given whole. A value
+    that is no mapping sets no key (:func:`load_config` reports it)."""
+    from rlhf_fast.trainers.config import yaml_value
+
+    end, text = None, None
+    for i, t in enumerate(overrides):
+        name, eq, value = t[2:].partition("=") if t.startswith("--") else ("", "", "")
+        if name.replace("-", "_") != section:
+            continue
+        if eq:
+            end, text = i + 1, value
+        elif i + 1 < len(overrides):
+            end, text = i + 2, overrides[i + 1]
+    if end is None:
+        return None, ()
+    import yaml
+
+    try:
+        given = yaml_value(text)
+    except (yaml.YAMLError, ValueError):  # (no YAML, or a repeated key: load_config names it)
+        given = None
+    return end, (tuple(k.replace("-", "_") for k in given if isinstance(k, str)) if isinstance(given, dict) else ())
 
 
 def _family_of(estimator: str) -> str:
@@ -213,6 +263,10 @@ def run(args) -> int:
     if show:  # the resolved config (what the run's config.yaml would hold); nothing loaded
         print(config_yaml(cfg), end="")
         return 0
+    if cfg.resume is None:  # a file, a folder below a file, no permission: named before the models load
+        from rlhf_fast.trainers.config import check_output_path
+
+        check_output_path(cfg.output_dir, "output_dir", folder=True)
     from rlhf_fast.trainers.common import quiet_hf_progress
 
     quiet_hf_progress()

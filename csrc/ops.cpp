@@ -31,8 +31,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // (logp, entropy or [0], lse, argmax [N] int64 or [0]): argmax the first index of each row's
   // maximal logit (torch.argmax's choice on a tie), only when return_argmax.
   m.def("fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, bool return_entropy, int ignore_index, int chunk_size, bool return_argmax=False) -> (Tensor, Tensor, Tensor, Tensor)");
-  // returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])
-  m.def("fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // returns (grad_hidden [N, H], grad_weight [V, H] or [0] without need_weight, grad_bias [V] or [0])
+  m.def("fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index, int chunk_size, bool need_weight=True) -> (Tensor, Tensor, Tensor)");
 
   // ---- distillation divergence from two LM heads (csrc/cpu/fused_divergence.cpp) ----
   // student_hidden [N, H], student_weight [V, H], student_bias [V]; teacher_hidden [N, Ht],

@@ -12,7 +12,8 @@
 // version with std::exp took ~12 ns a token a pass; see the block kernels below.
 //
 // Gradients follow torch autograd of reference.py exactly: clamp passes gradient on
-// its closed interval, maximum/minimum split it in half at ties.
+// its closed interval (none at NaN), maximum/minimum split it in half at ties and send all
+// of it to both operands when one is NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -267,8 +268,10 @@ __attribute__((always_inline)) inline PolicyToken<acc_t> policy_token(acc_t lp, 
     const acc_t g1 = (l1 > l2 ? acc_t(1) : acc_t(0)) + (l1 == l2 ? acc_t(0.5) : acc_t(0));
     const acc_t g2 = acc_t(1) - g1;
     const acc_t cg = (t.ratio >= p.lo) & (t.ratio <= p.hi) ? acc_t(1) : acc_t(0);
-    const acc_t inside = (t.d >= -kLogRatioClamp) & (t.d <= kLogRatioClamp) ? acc_t(1) : acc_t(0);
-    t.grad = -A * gmin * (g1 + g2 * cg) * t.ratio * inside;
+    // the log-ratio clamp passes no gradient outside [-20, 20], a NaN log-ratio included: a
+    // select, as torch.clamp's backward (a product with a 0/1 flag gave NaN · 0 = NaN there)
+    const bool inside = (t.d >= -kLogRatioClamp) & (t.d <= kLogRatioClamp);
+    t.grad = inside ? -A * gmin * (g1 + g2 * cg) * t.ratio : acc_t(0);
   } else {
     t.grad = 0;
   }
@@ -447,7 +450,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& log
   s[1] = tot.dual / n;                                // dual_clip_frac
   s[2] = tot.kl / n;                                  // approx_kl: masked mean of ½(logp − old)²
   s[3] = tot.ratio / n;                               // ratio_mean
-  s[4] = tot.count > 0 ? tot.ratio_max : 0.0;         // ratio_max (0 when nothing is masked in)
+  // ratio_max (0 when nothing is masked in). NaN when a counted ratio is NaN, as torch.max:
+  // the running std::max drops NaN, but the ratio sum keeps it (each ratio is within e^±20)
+  s[4] = tot.count > 0 ? (std::isnan(tot.ratio) ? tot.ratio : tot.ratio_max) : 0.0;
   return {at::scalar_tensor(loss, opts), stats.to(opts.dtype())};
 }
 
@@ -490,13 +495,24 @@ __attribute__((always_inline)) inline ValueToken<acc_t> value_token(acc_t v, acc
   const acc_t vc = old + std::min<acc_t>(std::max<acc_t>(dv, -c), c);
   const acc_t ec = vc - R;
   const acc_t errc = ec * ec;
-  t.loss = acc_t(0.5) * std::max(err, errc);
+  // NaN propagates, as torch.maximum (std::max(err, NaN) is err: a NaN old value gave a finite
+  // loss). errc is NaN whenever err is (a NaN v or R reaches vc through the clamp, whose
+  // std::max / std::min keep a NaN first operand), so one select does it (testing both took
+  // the value loss's forward + backward from 245 to 315 us, B·T = 65536, one thread)
+  const bool unordered = errc != errc;
+  t.loss = acc_t(0.5) * (err > errc ? err : errc);
   t.clipped = errc > err ? acc_t(1) : acc_t(0);
   if (kGrad) {
-    const acc_t g1 = (err > errc ? acc_t(1) : acc_t(0)) + (err == errc ? acc_t(0.5) : acc_t(0));
-    const acc_t cg = (dv >= -c) & (dv <= c) ? acc_t(1) : acc_t(0);
-    // d ½max(err, errc) = ½(g1·2e + (1 − g1)·2ec·cg)
-    t.grad = g1 * e + (acc_t(1) - g1) * ec * cg;
+    // torch.maximum's backward: the larger operand's share, half each at a tie, and the whole
+    // gradient to both when one is NaN; the clamp passes none outside [-c, c] (NaN included),
+    // a select: (vc − R) · 0 is NaN when vc − R is infinite or NaN
+    const acc_t tie = err == errc ? acc_t(0.5) : acc_t(0);
+    const acc_t both = unordered ? acc_t(1) : acc_t(0);
+    const acc_t g1 = (err > errc ? acc_t(1) : acc_t(0)) + tie + both;
+    const acc_t g2 = (errc > err ? acc_t(1) : acc_t(0)) + tie + both;
+    const bool cg = (dv >= -c) & (dv <= c);
+    // d ½max(err, errc) = ½(g1·2e + g2·2ec·cg)
+    t.grad = g1 * e + (cg ? g2 * ec : acc_t(0));
   } else {
     t.grad = 0;
   }

@@ -12,7 +12,8 @@ aggregation for us. The backward kernel gets dL/dS_b per row and writes dL/dlogp
 dL/dentropy) in one pass.
 
 Gradients follow torch's autograd of the reference exactly, ties included: clamp passes
-the gradient on the closed interval, maximum/minimum split it evenly on ties.
+the gradient on the closed interval (none at NaN), maximum/minimum split it evenly on ties
+and send all of it to both operands when one is NaN.
 
 float64 inputs run the reference (exact fp64 for gradcheck).
 """
@@ -249,6 +250,10 @@ def policy_loss_rows(logp, entropy, old_logp, advantages, mask, *, ref_logp=None
     loss = aggregate_rows(rows, tot[:, 1], logp.shape[1], agg, normalizer)
     n = tot[:, 9].sum()
     rmax = part[..., 6].max() if part.numel() else torch.tensor(float("-inf"), device=logp.device)
+    # NaN when a counted ratio is NaN, as torch.max: tl.max drops NaN, the ratio sum keeps it
+    # (each ratio is within e^±20, so the sum is otherwise finite)
+    ratio_sum = tot[:, 5].sum()
+    rmax = torch.where(ratio_sum.isnan(), ratio_sum, rmax)
     stats = {
         "clip_frac": _safe_div(tot[:, 2].sum(), n),
         "dual_clip_frac": _safe_div(tot[:, 3].sum(), n),
@@ -292,7 +297,8 @@ def _value_token(v, old, ret, clip, HAS_CLIP: tl.constexpr):
         g2 = tl.where((dv >= -clip) & (dv <= clip), ec, 0.0)
         # NaN propagates, as in torch.maximum (see _policy_token)
         loss = 0.5 * tl.maximum(err, err_c, propagate_nan=tl.PropagateNan.ALL)
-        grad = tl.where(err > err_c, g1, tl.where(err_c > err, g2, 0.5 * (g1 + g2)))
+        # torch.maximum's backward: half each at a tie, the whole gradient to both when one is NaN
+        grad = tl.where(err > err_c, g1, tl.where(err_c > err, g2, tl.where(err == err_c, 0.5 * (g1 + g2), g1 + g2)))
         clipped = err_c > err
     else:
         loss = 0.5 * err

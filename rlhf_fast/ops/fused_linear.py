@@ -223,9 +223,13 @@ def _fwd_fake(hidden, weight, bias, labels, temperature, return_entropy, ignore_
     return out
 
 
-def _bwd_fake(gl, ge, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size):
-    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,), dtype=out_dtype(hidden.dtype))
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+def _bwd_fake(gl, ge, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size,
+              need_weight=True):
+    def none():  # a [0] tensor of its own for each output not formed
+        return hidden.new_empty((0,), dtype=out_dtype(hidden.dtype))
+
+    return (torch.empty_like(hidden), torch.empty_like(weight) if need_weight else none(),
+            torch.empty_like(bias) if bias is not None else none())
 
 
 def _setup(ctx, inputs, output):
@@ -243,42 +247,16 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse, *_grad_argmax):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = lse.new_zeros(lse.shape)
+    # a frozen head (LoRA on the backbone) forms no [V, H] weight gradient
+    need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
     with _no_autocast(hidden.device):  # (a backward run inside an autocast region)
-        if not ctx.needs_input_grad[1]:
-            grad_weight = None
-            grad_hidden, grad_bias = _frozen_head_grads(ctx, grad_logp, grad_entropy, hidden, weight, bias, labels,
-                                                        lse, entropy)
-        else:
-            # the logits are recomputed chunk by chunk; lse is internal and gets no gradient
-            grad_hidden, grad_weight, grad_bias = torch.ops.rlhf_fast.fused_linear_logprobs_bwd(
-                grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature,
-                ctx.ignore_index, ctx.chunk_size,
-            )
-    return (grad_hidden, grad_weight, (grad_bias if bias is not None else None)) + (None,) * (ctx.n_args - 3)
-
-
-def _frozen_head_grads(ctx, grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy):
-    """``(d_hidden [N, H], d_bias [V] or None)`` for a head whose weight needs no gradient (frozen:
-    LoRA on the backbone), the C++ backward's chunks without its ``[V, H]`` fp32 weight gradient
-    (formed whatever is asked: 2.2 GB and a third of the backward for Qwen2.5-7B's head)."""
-    N, V = hidden.shape[0], weight.shape[0]
-    acc = lse.dtype
-    chunk = ctx.chunk_size or max(1, (32 << 20) // (4 * max(V, 1)))  # csrc/cpu/fused_linear.cpp's auto chunk
-    ge = grad_entropy if grad_entropy is not None and entropy.numel() == N else None
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    need_b = bias is not None and ctx.needs_input_grad[2]
-    grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_b else None
-    for c0 in range(0, N, chunk):
-        c1 = min(N, c0 + chunk)
-        h = hidden[c0:c1]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        dz = torch.ops.rlhf_fast.token_logprobs_bwd(
-            grad_logp[c0:c1], ge[c0:c1] if ge is not None else None, logits, labels[c0:c1], lse[c0:c1],
-            entropy[c0:c1] if ge is not None else entropy, ctx.temperature, ctx.ignore_index)
-        torch.mm(dz, weight, out=grad_hidden[c0:c1])
-        if grad_bias is not None:
-            grad_bias += dz.to(acc).sum(0)
-    return grad_hidden, (grad_bias.to(bias.dtype) if grad_bias is not None else None)
+        # the logits are recomputed chunk by chunk; lse is internal and gets no gradient
+        grad_hidden, grad_weight, grad_bias = torch.ops.rlhf_fast.fused_linear_logprobs_bwd(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature,
+            ctx.ignore_index, ctx.chunk_size, *(() if need_w else (False,)),  # the default call: the old one
+        )
+    return ((grad_hidden, grad_weight if need_w else None, grad_bias if need_b else None)
+            + (None,) * (ctx.n_args - 3))
 
 
 def _fwd_returns() -> int:

@@ -512,7 +512,9 @@ def ppo_policy_loss(
     ``clip_frac``, ``dual_clip_frac``, ``approx_kl`` (masked mean of ½(logp − old_logp)²),
     ``ratio_mean``, ``ratio_max`` over the masked tokens. Differentiable in ``logp`` only:
     old_logp and advantages are constants (as on every native backend); masked-out tokens
-    are never read, so NaN/inf padding neither reaches the loss nor its gradient.
+    are never read, so NaN/inf padding neither reaches the loss nor its gradient. A NaN at a
+    counted token makes the loss NaN (and ratio_mean / ratio_max where the log-ratio is NaN);
+    its gradient is torch's autograd of this function, 0 at a NaN log-ratio (the clamp's).
     """
     logp, old_logp, advantages = _masked_inputs(mask, logp, old_logp.detach(), advantages.detach())
     loss_tok, ratio, clipped, dual = ppo_token_loss(

@@ -251,7 +251,9 @@ def test_policy_loss_equals_composition(backend, agg, kl_kind):
         torch.testing.assert_close(stats[name], exp_stats[name], rtol=1e-5, atol=1e-6, msg=name)
     assert stats["logp"].shape == labels.shape and not stats["logp"].requires_grad
     for g, e, name in zip(grads, exp_grads, ("hidden", "weight", "bias")):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+        # atol on the gradient's scale: the k3 term's bias gradient sums terms of ~1e4 that cancel
+        # to ~0.1 (float32 summation order differs between CPUs: 1.5e-5 off on an AMD EPYC)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()), msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

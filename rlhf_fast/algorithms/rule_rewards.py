@@ -47,6 +47,15 @@ _FRAC = re.compile(r"(-?)\s*\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # \sqrt2 is \sqrt{2} (verl's strip_string _fix_sqrt; one character, LaTeX's argument)
 _SQRT = re.compile(r"\\sqrt\s*([0-9A-Za-z])")
+# LaTeX's digit-group separators between a digit and a group of three: "10{,}000" (a bare comma
+# in maths mode adds a space) is the comma it stands for; a thin space "10\,000" (also in
+# decimals, "3.141\,592") goes, as _SPACING drops it
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(\{,\}|\\,)(?=\d{3}(?!\d))")
+
+
+def _latex_thousands(s: str) -> str:
+    """``s`` with :data:`_LATEX_THOUSANDS`' separators as plain text (``{,}``: a comma; ``\\,``: none)."""
+    return _LATEX_THOUSANDS.sub(lambda m: "," if m.group(1) == "{,}" else "", s)
 
 
 def _last_boxed(text: str) -> Optional[str]:
@@ -66,8 +75,10 @@ def extract_answer(text: str) -> Optional[str]:
     r"""The final answer of a solution: the content of its last ``\boxed{...}`` (or
     ``\fbox{...}``), else what follows its ``####`` (GSM8K's marker: the number after the last
     one followed by a number, as verl's gsm8k scorer, else the last one's first line), else its
-    last number; None if it has none of them. A Unicode minus (U+2212) is read as "-"."""
+    last number; None if it has none of them. A Unicode minus (U+2212) is read as "-", LaTeX's
+    thousands separators ``10{,}000`` / ``10\,000`` as ``10,000`` / ``10000``."""
     text = text.replace("\u2212", "-")  # else "−5" would read as 5
+    text = _latex_thousands(text)  # else "10{,}000" / "10\,000" would read as 000
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -95,9 +106,11 @@ _ASSIGNMENT = re.compile(r"^\s*[A-Za-z]\s*=\s*(?=\S)")
 def _plain(s: str) -> str:
     r"""An answer's LaTeX number forms as plain text: ``\$`` as ``$``, ``\dfrac`` / ``\tfrac`` as
     ``\frac``, a whole answer ``\frac{a}{b}`` (``\frac12``, a leading ``-``) with numeric a and b
-    as ``a/b``; without a degree sign (``90^\circ``), a trailing unit (``5\text{ cm}``), LaTeX
+    as ``a/b``, LaTeX's thousands separators (``1{,}000``, ``1\,000``) as ``1,000`` / ``1000``;
+    without a degree sign (``90^\circ``), a trailing unit (``5\text{ cm}``), LaTeX
     spacing / ``\left`` / ``\right`` or a leading one-letter ``x =``; ``\sqrt2`` as ``\sqrt{2}``
     (verl's ``strip_string`` normalises the same forms)."""
+    s = _latex_thousands(s)  # 10{,}000 as 10,000, 10\,000 as 10000
     s = s.replace("\u2212", "-").replace("\\$", "$").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _SQRT.sub(r"\\sqrt{\1}", s)
     s = _ASSIGNMENT.sub("", _UNIT.sub("", _SPACING.sub("", _DEGREES.sub("", s))))

@@ -670,7 +670,8 @@ def run_sampling(cfg, args) -> tuple:
 
 
 def run(args) -> int:
-    """Evaluate and print one JSON object (also written to ``--out``)."""
+    """Evaluate and print one JSON object (also written to ``--out``); a NaN / inf metric is the
+    text ``"nan"`` / ``"inf"`` / ``"-inf"`` there (JSON has none), as in metrics.jsonl."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_fast.algorithms import CallableReward, CombinedReward, RewardModelReward, load_callable
@@ -791,7 +792,10 @@ def run(args) -> int:
                           chat_template_kwargs=template_kwargs)
     if split is not None:
         res["split"] = split
-    text = json.dumps(res, indent=2)
+    # JSON has no NaN / inf: a non-finite metric as its text ("nan"), as the run logs write it,
+    # so strict readers (jq, JSON.parse) read the results
+    text = json.dumps({k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in res.items()},
+                      indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)

@@ -203,7 +203,7 @@ def read_rows(source: Any, key: Optional[str] = None) -> Tuple[str, List[Tuple[i
         check_input_file(path, key, datasets_ok=True)
         if os.path.isdir(path):
             return path, saved_dataset_rows(path, key)
-        if path.endswith(".parquet"):
+        if path.lower().endswith(".parquet"):  # (any case, as .json and .csv are told)
             try:
                 import pyarrow.parquet as pq
             except ImportError:
@@ -779,7 +779,8 @@ def filter_by_length(
     """Keep records whose prompt and every response fit the limits.
 
     Lengths are in tokens when ``tokenizer`` is given (prompt rendered with its chat
-    template), in characters otherwise. ``None`` means no limit.
+    template), in characters otherwise. ``None`` means no limit. A conversation without an
+    assistant text has no response to limit (kept when its prompt fits).
     """
     def length(text: str) -> int:
         if tokenizer is None:
@@ -793,10 +794,13 @@ def filter_by_length(
             prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt))
         if max_prompt_len is not None and length(p) > max_prompt_len:
             continue
-        lens = [length(t) for t in record_texts(r)]
-        if max_response_len is not None and max(lens) > max_response_len:
+        texts = record_texts(r)
+        if isinstance(r, ChatRecord):  # an assistant turn that only calls tools (content None) is no answer
+            texts = [t for t in texts if t]
+        lens = [length(t) for t in texts]  # (none for a conversation without an answer: all fit)
+        if max_response_len is not None and lens and max(lens) > max_response_len:
             continue
-        if min(lens) < min_response_len:
+        if lens and min(lens) < min_response_len:
             continue
         out.append(r)
     return out

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from .formats import PairRecord, Problem, _BadJSON, problems_error, read_rows, render_prompt
+from .formats import PairRecord, Problem, _BadJSON, _check_prompt, problems_error, read_rows, render_prompt
 
 ANSWERS = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip",
            "u": "undo", "undo": "undo", "q": "quit", "quit": "quit"}
@@ -77,10 +77,10 @@ def load_items(path: str, *, shuffle_sides: bool = False, seed: int = 0) -> List
                                                           "chosen/rejected or responses[2])"))
                 continue
         prompt = row.get("prompt")
-        ok = True
-        if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or not isinstance(prompt, (str, list)):
-            problems.append(Problem(name, line, "prompt", "missing field" if prompt is None else "empty or not text/chat"))
-            ok = False
+        n0 = len(problems)  # text or chat messages, checked as a pairs file's prompt (a list of anything
+        # else was labelled, then crashed the session or made the labels file unreadable)
+        _check_prompt(row, problems, lambda field, message, _line=line: Problem(name, _line, field, message))
+        ok = len(problems) == n0
         for f, v in zip(fields, (a, b)):
             if not isinstance(v, str) or not v.strip():
                 problems.append(Problem(name, line, f, _response_problem(v)))
@@ -115,7 +115,9 @@ def read_labels(path: str) -> List[Dict[str, Any]]:
         raise ValueError(f"{path}: expected a labels file, found {found}")
     with open(path, encoding="utf-8-sig") as f:  # (a file edited by hand may start with a byte-order mark)
         text = f.read()
-    lines = text.splitlines()
+    # split at "\n" only (universal newlines turned \r\n and \r into it), as json_rows: str.splitlines
+    # would also split inside a JSON string holding a raw U+2028 or U+0085
+    lines = text.split("\n")
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

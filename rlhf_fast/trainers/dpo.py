@@ -1272,9 +1272,14 @@ class DPOTrainer:
                 else:  # the NLL (sft / rpo) is unweighted, as TRL's sft loss
                     nll, nll_tokens = -resp[:B].sum(-1), count[:B]
             ref = None  # reference-free: none
-            if not cfg.reference_free and "ref" in items[0]:
+            if not cfg.reference_free and all("ref" in it for it in items):
                 ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device).t().reshape(-1)
             elif not cfg.reference_free:
+                if self.reference is None:  # precompute_ref_logps keeps no reference model (as TRL refuses too)
+                    raise ValueError("these pairs have no precomputed reference log-probs and, with "
+                                     "precompute_ref_logps, no reference model is kept to score them: pass pairs "
+                                     "scored before training (the trainer's eval pairs), or set "
+                                     "precompute_ref_logps false")
                 ref = reference_logps(self.reference, batch, self._reference_sharded, ld_alpha=cfg.ld_alpha,
                                       **packed)
         st = {"nll": nll, "nll_tokens": nll_tokens, "tokens": count, **tstats}
@@ -1290,10 +1295,13 @@ class DPOTrainer:
                   if cfg.use_margin else None)
         pair_terms = [(n, w) for n, w in terms if n != "sft"]
         if pair_terms:
+            # ipo / sigmoid_norm divide by TRL's unshifted completion mask: every response token, also one at
+            # column 0 (a keep_end row cut to its response alone), though that one has no log-prob
+            comp = (batch["response_mask"] * batch["attention_mask"]).sum(-1)  # [2B]
             loss, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B].detach(), ref[B:].detach(), beta=cfg.beta,
                                     loss_type=[n for n, _ in pair_terms], loss_weights=[w for _, w in pair_terms],
-                                    label_smoothing=cfg.label_smoothing, margin=margin, chosen_tokens=count[:B],
-                                    rejected_tokens=count[B:], f_divergence_type=cfg.f_divergence_type,
+                                    label_smoothing=cfg.label_smoothing, margin=margin, chosen_tokens=comp[:B],
+                                    rejected_tokens=comp[B:2 * B], f_divergence_type=cfg.f_divergence_type,
                                     f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
                                     discopop_tau=cfg.discopop_tau)
             if wpo is not None:  # WPO: each pair's loss × its two responses' weights (TRL's use_weighting)

@@ -172,15 +172,23 @@ def _check_calls(calls) -> None:
 def _hermes_turn(tokenizer, ids: Sequence[int]) -> dict:
     """An answer in the Hermes format parsed as TRL's Qwen response template parses it: the
     text before the first ``<tool_call>`` is the content, each ``<tool_call>`` block a JSON
-    object ``{"name", "arguments"}``. A block that is not such an object is a ValueError
+    object ``{"name", "arguments"}``; a leading ``<think>`` block is ``reasoning_content``
+    (the calls in it are thought, not made). A block that is not such an object is a ValueError
     (the caller then keeps the answer as plain text, without calls)."""
     specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
     text = tokenizer.decode(list(ids), skip_special_tokens=False)
     for s in specials:  # special tokens end the turn; tool tags are plain text in Hermes vocabularies
         text = text.replace(s, "")
+    reasoning = None
+    if text.startswith("<think>"):
+        # Qwen3's reasoning block (TRL's qwen3 response template): what it holds, a <tool_call> the
+        # model only thought about included, is reasoning_content, not calls; unclosed, it is all
+        reasoning, sep, rest = text[len("<think>"):].partition("</think>")
+        reasoning, text = reasoning.strip(), rest.lstrip() if sep else ""
+    out = {"role": "assistant", "reasoning_content": reasoning} if reasoning else {"role": "assistant"}
     blocks = _TOOL_CALL_RE.findall(text)
     if not blocks:
-        return {"role": "assistant", "content": text}
+        return {**out, "content": text}
     calls = []
     for b in blocks:
         obj = json.loads(b)  # ValueError on malformed JSON
@@ -193,7 +201,7 @@ def _hermes_turn(tokenizer, ids: Sequence[int]) -> dict:
                 pass  # left as text: calling the tool with it fails, counted as a failure
         calls.append({"type": "function", "function": obj})
     content = text[:text.index("<tool_call>")]
-    return {"role": "assistant", "content": content[:-1] if content.endswith("\n") else content, "tool_calls": calls}
+    return {**out, "content": content[:-1] if content.endswith("\n") else content, "tool_calls": calls}
 
 
 def _parse_with_template(tokenizer, ids, prefix, tools) -> Optional[dict]:
@@ -236,6 +244,43 @@ def parse_turn(tokenizer, ids: Sequence[int], prefix: Optional[Sequence[int]] = 
     except (ValueError, TypeError):
         parsed = {"role": "assistant", "content": tokenizer.decode(list(ids), skip_special_tokens=True)}
     return parsed
+
+
+def check_call_parsing(tokenizer, tools: Sequence[Callable],
+                       chat_template_kwargs: Optional[Dict[str, Any]] = None) -> None:
+    """ValueError when a tool call written as the chat template writes an assistant's
+    ``tool_calls`` does not parse back to that call (:func:`parse_turn`): the model's calls
+    would never run. TRL sets the response template of the templates it knows
+    (``add_response_schema``: Qwen3.5, Llama 3.1, GLM-4-MoE, GPT-OSS, ...); here the Hermes
+    parser is the fallback, and a template in another format must bring its
+    ``tokenizer.response_template``. A template that renders an answer apart from its
+    generation prompt (or not at all) cannot be checked this way and passes."""
+    from jinja2 import TemplateError
+
+    name = tool_name(tools[0])
+    call = [{"type": "function", "function": {"name": name, "arguments": {}}}]
+    user = [{"role": "user", "content": "dummy"}]
+    kw = dict(tokenize=True, return_dict=False, tools=list(tools), **(chat_template_kwargs or {}))
+    try:
+        head = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, **kw))
+        full = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "", "tool_calls": call}],
+                                                  **kw))
+    except (TemplateError, TypeError, ValueError):
+        return
+    if full[:len(head)] != head:
+        return
+    turn = full[len(head):]
+    if tokenizer.eos_token_id in turn:  # the model's turn ends at its eos (the template may write "\n" after)
+        turn = turn[:turn.index(tokenizer.eos_token_id) + 1]
+    parsed = parse_turn(tokenizer, turn, head, tools)
+    if [c.get("function", c).get("name") for c in parsed.get("tool_calls") or []] != [name]:
+        raise ValueError(f"an answer's tool call as this chat template writes it "
+                         f"({tokenizer.decode(turn, skip_special_tokens=False)!r}) is not parsed back to the call, "
+                         f"so no call of the model would run: set tokenizer.response_template to the template's "
+                         f"response format (transformers' parse_response; "
+                         f"trl.chat_template_utils.add_response_schema(tokenizer) sets it for the templates TRL "
+                         f"knows) — without one, calls are read in the Hermes / Qwen2.5 "
+                         f"<tool_call>{{json}}</tool_call> format")
 
 
 # ----------------------------------------------------------------------------- running tools
@@ -300,10 +345,13 @@ def _call_within(fn: Callable, kwargs: dict, timeout: Optional[float]) -> Any:
 
 async def _await_within(awaitable, timeout: float) -> Any:
     """``awaitable``'s result, or _ToolTimeout (the awaitable cancelled) after ``timeout`` s."""
-    try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:
-        raise _ToolTimeout from None
+    # (not wait_for: it would take a TimeoutError the tool raises itself, an HTTP client's, for ours)
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        raise _ToolTimeout
+    return task.result()
 
 
 def run_tool_calls(calls: Sequence[dict], tools: Dict[str, Callable],
@@ -588,5 +636,5 @@ def tool_rollout(engine: RolloutEngine, prompts: Prompts, params: SamplingParams
     return _pack(first, rows, tokenizer, pad_id, time.perf_counter() - t0), stats
 
 
-__all__ = ["ToolRolloutStats", "check_tools", "load_tools", "parse_turn", "run_tool_calls", "supports_tool_calling",
-           "tool_messages", "tool_name", "tool_rollout", "tool_schemas", "tool_suffix_ids"]
+__all__ = ["ToolRolloutStats", "check_call_parsing", "check_tools", "load_tools", "parse_turn", "run_tool_calls",
+           "supports_tool_calling", "tool_messages", "tool_name", "tool_rollout", "tool_schemas", "tool_suffix_ids"]

@@ -1059,7 +1059,8 @@ class RLTrainer:
         With environments, each one's tools (those, then its methods) in ``_env_tools`` — the
         same checks — and the result is the union (TRL's ``self.tools``)."""
         from rlhf_fast.rollout.environments import environment_tools
-        from rlhf_fast.rollout.tools import check_tools, load_tools, supports_tool_calling, tool_name, tool_suffix_ids
+        from rlhf_fast.rollout.tools import (check_call_parsing, check_tools, load_tools, supports_tool_calling,
+                                             tool_name, tool_suffix_ids)
 
         if tools is not None and (isinstance(tools, (str, bytes)) or not isinstance(tools, (list, tuple))):
             raise TypeError(f"tools must be a list of callables, got {type(tools).__name__}")
@@ -1092,6 +1093,8 @@ class RLTrainer:
         try:
             tool_suffix_ids(tok, [{"role": "tool", "name": tool_name(out[0]), "content": "0"}],
                             chat_template_kwargs=self.config.data.chat_template_kwargs)
+            # (a call format the parser cannot read would leave every tool silently unused)
+            check_call_parsing(tok, out, chat_template_kwargs=self.config.data.chat_template_kwargs)
         except ValueError as e:
             raise ValueError(f"tools: {e}") from None
         return out
@@ -1440,6 +1443,13 @@ class RLTrainer:
             raise ValueError("reward.process_aggregation 'steps' needs the policy's tokenizer and answers without "
                              "tool results (it maps each step's end in the text to the policy's token)")
         rows = idx.tolist()
+        P, keep = batch.prompt_length, idx.cpu()
+        if (batch.attention_mask[keep, P:].bool() & ~batch.response_mask[keep, P:].bool()).any():
+            # a rollout function's env_mask holes: the texts hold the environment's tokens, the policy's
+            # tokens do not, so every step after an environment turn would land on the answer's last token
+            raise ValueError("reward.process_aggregation 'steps' needs answers of the policy's tokens alone; the "
+                             "rollout function returned env_mask zeros (environment tokens in the answers): use a "
+                             "scalar aggregation (min, last, mean, prod)")
         return step_token_rewards(self.tokenizer, ids, rm, [batch.response_texts[i] for i in rows],
                                   [out.steps[i] for i in rows])
 

@@ -351,6 +351,10 @@ def _dcp_quiet(ctx: "DistContext"):
         yield
 
 
+# a sharded checkpoint's RNG states, one file per rank
+_RNG_FILE = "rng_{rank}.pt"
+
+
 def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], ctx: DistContext,
                  extra: Optional[Dict[str, Any]] = None, *, complete_marker: bool = False) -> str:
     """Save model (and optimiser) state with ``torch.distributed.checkpoint``: every rank
@@ -359,8 +363,9 @@ def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
     ``extra`` (JSON-able: step, data position, ...) goes to ``extra.json``; with
     ``complete_marker`` a ``COMPLETE`` file too, before the rename (a checkpoint folder that
     :func:`rlhf_fast.trainers.checkpoint.latest_checkpoint` accepts from the moment it
-    exists). An older folder at ``path`` is moved aside and removed only once the new one is
-    in place. Loadable on any number of ranks with :func:`load_sharded`."""
+    exists). Each rank's RNG states go to ``rng_<rank>.pt``. An older folder at ``path`` is
+    moved aside and removed only once the new one is in place. Loadable on any number of ranks
+    with :func:`load_sharded`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -374,6 +379,11 @@ def save_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
         state["optim"] = osd
     with _dcp_quiet(ctx):
         dcp.save(state, checkpoint_id=tmp)
+    from rlhf_fast.trainers.checkpoint import rng_state
+
+    # each rank's generators (dropout masks...), as transformers' rng_state_{rank}.pth: a resume
+    # restores them (load_sharded's restore_rng) so its next step equals the straight run's
+    torch.save(rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=ctx.rank)))
     ctx.barrier()
     if ctx.is_main:
         names = ["extra.json"] + (["COMPLETE"] if complete_marker else [])
@@ -440,9 +450,12 @@ def load_full_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
 
 
 def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 ctx: DistContext, init_key: str = "model_init_kwargs") -> Dict[str, Any]:
+                 ctx: DistContext, init_key: str = "model_init_kwargs",
+                 restore_rng: bool = False) -> Dict[str, Any]:
     """Load a :func:`save_sharded` checkpoint into ``model`` (and ``optimizer``), however
     they are wrapped now and on however many ranks (DCP reshards). Returns ``extra``.
+    ``restore_rng`` (a resume): this rank's RNG states saved with it too, when the checkpoint
+    has them (one written on fewer ranks, or before they were saved, lacks this rank's).
     ValueError naming ``init_key`` when the saved weights have another floating dtype than the
     model's (DCP would cast them silently: a bf16 run resumed in float32, or the reverse)."""
     import torch.distributed.checkpoint as dcp
@@ -464,5 +477,10 @@ def load_sharded(path: str, model: torch.nn.Module, optimizer: Optional[torch.op
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
+    rng = os.path.join(path, _RNG_FILE.format(rank=ctx.rank))
+    if restore_rng and os.path.isfile(rng):
+        from rlhf_fast.trainers.checkpoint import set_rng_state
+
+        set_rng_state(torch.load(rng, weights_only=False))
     with open(os.path.join(path, "extra.json")) as f:
         return json.load(f)

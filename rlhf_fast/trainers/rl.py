@@ -2640,7 +2640,9 @@ class RLTrainer:
                 from rlhf_fast.distributed import load_sharded
 
                 for name, model, opt, sched in self._sharded_parts():
-                    state = load_sharded(os.path.join(ck, name), model, opt, self.ctx, init_key="model.model_init_kwargs")
+                    # (each part holds the same RNG states: restored once)
+                    state = load_sharded(os.path.join(ck, name), model, opt, self.ctx,
+                                         init_key="model.model_init_kwargs", restore_rng=name == "policy")
                     if sched is not None:
                         sched.load_state_dict(state["scheduler"])
                 with restoring_extra(ck), open(os.path.join(ck, "extra.json"), encoding="utf-8") as f:

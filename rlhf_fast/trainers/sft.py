@@ -723,10 +723,11 @@ def load_any_checkpoint(directory: str, name: str, model, optimizer, scheduler,
                         ctx: DistContext) -> Dict[str, Any]:
     """Load a sharded checkpoint (written on any number of ranks, loaded into this wrapping)
     or a single-process one (``save_checkpoint`` format, into an unsharded model); returns
-    the trainer's ``extra`` state. The optimizer keeps the settings (lr, ...) it was built with."""
+    the trainer's ``extra`` state, with the RNG states. The optimizer keeps the settings (lr, ...) it was
+    built with."""
     with keeping_hyperparameters([optimizer], [scheduler]):
         if is_sharded_checkpoint(directory):
-            extra = load_sharded(directory, model, optimizer, ctx)
+            extra = load_sharded(directory, model, optimizer, ctx, restore_rng=True)
             if not isinstance(extra, dict) or "scheduler" not in extra:
                 checkpoint_step(directory, extra, ("step", "scheduler"))  # names the damage
             with restoring_extra(directory):
@@ -875,6 +876,7 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 if best is not None:  # likewise (the start's evaluation has no checkpoint: it never competes)
                     best.value(start)
                 log.log(0, start)
+            saved_step = None  # the step of this session's latest checkpoint
             while trainer.step < cfg.max_steps:
                 # a whole step's wall time, not a phase split, so no PhaseClock: train_step returns
                 # Python floats read after the optimizer step (their .item() waits for the device),
@@ -904,6 +906,7 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 saves = scheduled or bool(signum)
                 if saves:
                     trainer._save()
+                    saved_step = trainer.step
                 if signum:
                     raise TrainingStopped(signum, trainer.step, trainer.run.path, continue_hint(cfg))
                 last = m
@@ -912,7 +915,8 @@ def training_loop(trainer, *, has_eval: bool, eval_at_start: bool = False) -> Di
                 last.update(trainer.evaluate())
                 if not (trainer.ctx.is_main and step_logged(trainer.run.metrics_path, trainer.step)):
                     log.log(trainer.step, last)  # (else that step keeps its one record in the log)
-        trainer._save()
+        if saved_step != trainer.step:  # (the last step's scheduled checkpoint is not written twice)
+            trainer._save()
         if best is not None:  # transformers' _load_best_model, after the last checkpoint, before final/
             load_best_model(trainer, best.part)
         save_final_model(trainer.model, trainer.tokenizer, os.path.join(trainer.run.path, "final"), trainer.ctx,

@@ -1,7 +1,6 @@
 """Second review of feedback ingestion (rlhf_fast/feedback/formats.py, label.py): file kinds by
 their suffix, length filters over conversations, and the labelling tool's items and labels files."""
 
-import io
 import json
 
 import pytest

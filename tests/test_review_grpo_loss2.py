@@ -12,32 +12,12 @@ import pytest
 import torch
 
 from rlhf_fast.algorithms import policy_losses as pl
+from tests.test_review_grpo_parity import _Accel  # what _compute_loss uses of an Accelerator
 from tests.test_rl_loss_variants import _inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "from_trl.md"
-
-
-class _Accel:
-    """What ``_compute_loss`` uses of an Accelerator, on one process."""
-
-    num_processes = 1
-    sync_gradients = True
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(x, reduction="sum"):
-        return x
-
-    @staticmethod
-    def pad_across_processes(x, dim=0, pad_index=0):
-        return x
 
 
 def trl_loss(loss_type, logp, ent, old, adv_row, mask, *, eps_low=0.2, eps_high=0.28, level="token",

@@ -320,3 +320,34 @@ def test_gkd_micro_batch_j_draws_alike_on_every_rank(tmp_path):
         assert fields == [tr.prompt_fields[i] for i in mine]
         assert extra["_prompts"] == [tr._records["train"][i][0] for i in mine for _ in range(2)]
         assert batch.group_index.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_evaluate_examples_without_precomputed_reference_logps_names_the_option(tmp_path, loss_type):
+    """KTO under precompute_ref_logps keeps no reference model: examples without their stored
+    reference log-probs are refused by name (as DPO's), one of a batch included, not a TypeError
+    deep in the log-prob code or a KeyError."""
+    from tests.test_kto import _trainer
+    from tests.test_reward import preference_tokenizer
+
+    tr = _trainer(tmp_path, preference_tokenizer(), precompute_ref_logps=True, loss_type=loss_type)
+    assert tr.reference is None
+    assert tr.evaluate(tr.train_items[:4])["eval_loss"] > 0  # examples scored before training: fine
+    fresh = [{k: v for k, v in it.items() if k != "ref"} for it in tr.train_items[:4]]
+    with pytest.raises(ValueError, match="precompute_ref_logps"):
+        tr.evaluate(fresh)
+    with pytest.raises(ValueError, match="precompute_ref_logps"):
+        tr.evaluate(tr.train_items[:3] + fresh[3:])
+
+
+def test_rl_prompts_parquet_suffix_in_any_case(tmp_path):
+    """A prompts file named ``.PARQUET`` is read as Parquet, as the feedback reader does (it was
+    read as JSON lines: 'not UTF-8 text')."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from rlhf_fast.trainers.rl import read_prompt_records
+
+    path = tmp_path / "train.PARQUET"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "2 + 2 =", "answer": "4"}]), str(path))
+    assert read_prompt_records(str(path)) == [("2 + 2 =", {"answer": "4"})]

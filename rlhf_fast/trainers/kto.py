@@ -614,6 +614,19 @@ class KTOTrainer:
 
     # -------------------------------------------------------------- loss
 
+    def _stored_refs(self, items) -> bool:
+        """Whether every item holds its precomputed reference log-probs (else the reference model
+        scores them); ValueError when one does not and ``precompute_ref_logps`` kept no reference
+        model (as DPO's, and TRL's refusal)."""
+        if all("ref" in it for it in items):
+            return True
+        if self.reference is None:
+            raise ValueError("these examples have no precomputed reference log-probs and, with "
+                             "precompute_ref_logps, no reference model is kept to score them: pass examples "
+                             "scored before training (the trainer's eval examples), or set "
+                             "precompute_ref_logps false")
+        return False
+
     @torch.no_grad()
     def _reference_point(self, micro) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
         """z0 of a step batch (0-dim float32, the mean over every micro-batch's and rank's KL rows,
@@ -622,7 +635,7 @@ class KTOTrainer:
         if not self.kl_rows:  # the reference's own rows only: no KL row is built, scored or reduced
             refs = []
             for items, _ in micro:
-                if "ref" in items[0]:
+                if self._stored_refs(items):
                     refs.append(torch.tensor([it["ref"][0] for it in items], dtype=torch.float32, device=self.device))
                     continue
                 with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
@@ -632,7 +645,7 @@ class KTOTrainer:
         refs = []
         for items, real in micro:
             with autocast_context(self.device, self.cfg.bf16, self.cfg.fp16):
-                if "ref" in items[0]:
+                if self._stored_refs(items):
                     ref = torch.tensor([it["ref"] for it in items], dtype=torch.float32, device=self.device)
                     ref_main, ref_kl = ref[:, 0], ref[:, 1]
                 else:  # the two kinds of row in one reference forward (with prefix_sharing: row i and its

@@ -225,7 +225,7 @@ def read_prompt_records(path: str, key: str = "prompt", name: str = "prompts fil
     if os.path.isdir(path):  # Dataset.save_to_disk's folder: its rows numbered from 0, as a parquet file's
         for n, rec in saved_dataset_rows(path, name):
             record(rec, f"row {n - 1}")
-    elif path.endswith(".parquet"):  # as verl's and Hugging Face datasets' files: one record per row
+    elif path.lower().endswith(".parquet"):  # (any case) as verl's and Hugging Face datasets' files: one record per row
         try:
             import pyarrow.parquet as pq
         except ImportError:

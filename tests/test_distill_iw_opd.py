@@ -164,7 +164,9 @@ def _equal_trl(tr, data, mb):
     st = tr.policy_backward(data, mb)
     assert st["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-7)
     for a, b in zip(student_grads(tr), g_trl):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        # atol on the gradient's scale: an entry that cancels to ~1e-4 of it carries the float32
+        # noise of the summation order, which differs between CPUs (1.3e-7 on an AMD EPYC)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     ours = tr._iw_opd_means(tr._iw_opd_stats)
     for k in IW_OPD_METRICS:
         assert ours[k] == pytest.approx(sum(lists[k]) / len(lists[k]), rel=1e-5, abs=1e-7), k

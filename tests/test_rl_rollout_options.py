@@ -40,7 +40,9 @@ def test_behaviour_gives_the_recomputed_update(tmp_path, estimator):
     for k in ("reward/total", "kl/seq", "policy/loss", "policy/approx_kl", "policy/clip_frac", "policy/kl"):
         assert mb[k] == pytest.approx(ma[k], rel=1e-3, abs=1e-5), k
     for pa, pb in zip(a.policy.parameters(), b.policy.parameters()):
-        torch.testing.assert_close(pb, pa, atol=2e-5, rtol=1e-4)
+        # (Adam's normalised step turns a near-zero gradient's rounding into a share of lr: 2.3e-5
+        # on an AMD EPYC; a wrong update moves weights by ~lr)
+        torch.testing.assert_close(pb, pa, atol=1e-4, rtol=1e-4)
     assert "logprob_gap/max" not in mb and "entropy" in ma
 
 

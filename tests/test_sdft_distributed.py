@@ -90,8 +90,8 @@ def _weights(runs, spec):
 
 def _assert_close(a, b):
     assert a.keys() == b.keys()
-    for k in b:  # (AdamW's normalised step magnifies rounding of near-zero gradients)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
+    for k in b:  # (AdamW's normalised step magnifies rounding of near-zero gradients: 2e-4 on an AMD EPYC)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[p[0] for p in PAIRS])

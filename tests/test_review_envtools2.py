@@ -168,3 +168,17 @@ def test_async_tools_own_timeout_error_is_its_error():
     for timeout in (None, 30.0):
         res, failures = T.run_tool_calls(calls, {"upstream": upstream}, timeout)
         assert res == [("upstream", {"error": "upstream 504"})] and failures == 1
+
+
+def test_observation_after_content_blocks_is_one_more_text_block():
+    """reset()'s observation after a last message whose content is a list of blocks is appended
+    as a text block, as TRL's GRPOTrainer does (it raised a TypeError: list + str); the record is
+    left untouched."""
+    from rlhf_fast.rollout.environments import with_observation
+
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Guess the number."}]}]
+    got = with_observation(prompt, " It is between 1 and 10.")
+    assert got == [{"role": "user", "content": [{"type": "text", "text": "Guess the number."},
+                                                {"type": "text", "text": " It is between 1 and 10."}]}]
+    assert prompt == [{"role": "user", "content": [{"type": "text", "text": "Guess the number."}]}]
+    assert with_observation([{"role": "user", "content": "a"}], "b") == [{"role": "user", "content": "ab"}]

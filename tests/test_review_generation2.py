@@ -192,3 +192,24 @@ def test_plain_and_compiled_backbones_keep_the_decoder(tok):
     assert "forward" in model.model.__dict__
     got, steps = _decoder_steps(HFRolloutEngine(model, tok), PROMPTS)
     assert steps > 0 and got == plain
+
+
+def test_training_forward_honours_forwards_replaced_on_linears_and_the_embedding():
+    """The training forward (models/llama_forward) computes linears and the embedding from their
+    weights, as the decoder does: one whose ``forward`` was replaced on the instance sends the
+    caller to transformers' forward (which calls it), as a replaced layer or attention forward
+    already did."""
+    from rlhf_fast.models import llama_forward
+    from rlhf_fast.models.tiny import tiny_causal_lm
+
+    m = tiny_causal_lm(61, family="llama", hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48)
+    base = m.model
+    assert llama_forward.supported(base, 8)
+    lin = base.layers[0].self_attn.v_proj
+    lin.forward = lambda x: torch.nn.functional.linear(x, lin.weight) * 2
+    assert not llama_forward.supported(base, 8)
+    del lin.forward
+    assert llama_forward.supported(base, 8)
+    emb = base.embed_tokens
+    emb.forward = lambda ids: torch.nn.Embedding.forward(emb, ids) * 2
+    assert not llama_forward.supported(base, 8)

@@ -385,7 +385,9 @@ def call_as_forward(module: nn.Module, fn, *args):
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and _no_hooks(module)
+    """A bare ``nn.Linear``: no subclass, hooks or forward replaced on the instance (the
+    functions below compute it from its weights, so they would skip any of those)."""
+    return type(module) is nn.Linear and "forward" not in module.__dict__ and _no_hooks(module)
 
 
 def _global_hooks() -> bool:
@@ -413,7 +415,8 @@ def supported(base: nn.Module, seq_len: int) -> bool:
         return False
     if getattr(base, "gradient_checkpointing", False) and _checkpoint_fn(base) is None:
         return False  # checkpointing on, but no function of transformers' to run a layer under
-    if type(base.embed_tokens) is not nn.Embedding or not _plain_class(base.norm, _RMS_NORMS):
+    if type(base.embed_tokens) is not nn.Embedding or "forward" in base.embed_tokens.__dict__ or \
+            not _plain_class(base.norm, _RMS_NORMS):
         return False
     rotary = getattr(base, "rotary_emb", None)  # one per backbone (transformers >= 4.45)
     if rotary is None or rotary._forward_hooks or rotary._forward_pre_hooks:

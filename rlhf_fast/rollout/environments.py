@@ -129,8 +129,8 @@ def reset_kwargs(prompt: Any, fields: Mapping[str, Any], multi: bool) -> Dict[st
 
 def with_observation(prompt: Any, observation: Optional[str]) -> Any:
     """``prompt`` with what ``reset`` returned appended: to the content of a chat's last
-    message (a new message, the record untouched), to a text prompt's end; unchanged for
-    None. TRL's ``_generate_and_score_completions`` (text contents)."""
+    message (a new message, the record untouched; a text block appended to a content-block
+    list), to a text prompt's end; unchanged for None. TRL's ``_generate_and_score_completions``."""
     if observation is None:
         return prompt
     if not isinstance(observation, str):
@@ -138,7 +138,10 @@ def with_observation(prompt: Any, observation: Optional[str]) -> Any:
     if isinstance(prompt, str):
         return prompt + observation
     last = prompt[-1]
-    return list(prompt[:-1]) + [{**last, "content": last["content"] + observation}]
+    content = last["content"]
+    if isinstance(content, list):  # content blocks: the observation as one more text block, as TRL's
+        return list(prompt[:-1]) + [{**last, "content": content + [{"type": "text", "text": observation}]}]
+    return list(prompt[:-1]) + [{**last, "content": content + observation}]
 
 
 def start(factories: Dict[Optional[str], Factory], records: Sequence[Tuple[Any, Mapping[str, Any]]],

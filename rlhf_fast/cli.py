@@ -135,7 +135,8 @@ def _report(line: str, *, everywhere: bool = False, consequence: bool = False) -
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        # asked for: the help on stdout, exit 0; no command: a usage error, on stderr (as argparse's)
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

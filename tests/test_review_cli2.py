@@ -304,3 +304,16 @@ def test_what_the_command_line_sets_after_or_inside_a_whole_section_wins(command
     # a group size the command refuses, set in the mapping, is the user's: refused, not replaced
     with pytest.raises(ValueError, match="rollout.group_size must be"):
         build_config(command, ["none", "--rollout", "{group_size: 4}"])
+
+
+def test_no_command_is_a_usage_error_on_stderr(capsys):
+    """``rlhf-fast`` alone is a usage error: exit 2 with the usage on stderr (as argparse reports
+    one), while ``rlhf-fast --help`` prints it on stdout with exit 0."""
+    from rlhf_fast.cli import main
+
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "usage" in err.lower()
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "usage" in out.lower() and err == ""

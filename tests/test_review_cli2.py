@@ -317,3 +317,15 @@ def test_no_command_is_a_usage_error_on_stderr(capsys):
     assert main(["--help"]) == 0
     out, err = capsys.readouterr()
     assert "usage" in out.lower() and err == ""
+
+
+def test_rl_output_dir_holding_a_run_is_refused_before_the_models_load(tmp_path, capsys, no_training):
+    """A new RL run into a folder that already holds one was refused only once the policy,
+    reference and reward models were built; now before, with the same message."""
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(GRPO_YAML)
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / "metrics.jsonl").write_text('{"step": 1}\n')
+    line = _one_line(capsys, ["grpo", str(cfg), "--output_dir", str(held)])
+    assert "already holds a run" in line and f"--resume {held}" in line, line

@@ -264,9 +264,12 @@ def run(args) -> int:
         print(config_yaml(cfg), end="")
         return 0
     if cfg.resume is None:  # a file, a folder below a file, no permission: named before the models load
+        from rlhf_fast.trainers.common import check_fresh_run_dir
         from rlhf_fast.trainers.config import check_output_path
 
         check_output_path(cfg.output_dir, "output_dir", folder=True)
+        # a folder holding a run, too (RLTrainer.train refuses it again, for callers from Python)
+        check_fresh_run_dir(cfg.output_dir, resume_hint=f"resume: {cfg.output_dir}, or --resume {cfg.output_dir}")
     from rlhf_fast.trainers.common import quiet_hf_progress
 
     quiet_hf_progress()

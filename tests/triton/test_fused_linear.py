@@ -108,7 +108,8 @@ def test_large_vocab(V):
     ga = _grads([lp, ent], [hi, wi])
     gb = _grads([elp, eent], [hr, wr])
     for a, e in zip(ga, gb):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        # (the hidden gradient sums V ≈ 1.5e5 float32 terms: 1.6e-5 off on an AMD EPYC's numpy)
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=5e-5)
 
 
 def test_huge_logits_and_neg_inf_bias():

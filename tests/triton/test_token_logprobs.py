@@ -22,7 +22,7 @@ def _inputs(shape, V, dtype, seed=0, scale=3.0, n_ignore=1):
     return logits.to(device()), labels.to(device())
 
 
-def _check(logits, labels, *, temperature, entropy, grad=True):
+def _check(logits, labels, *, temperature, entropy, grad=True, tol=None):
     dtype = logits.dtype
     x = logits.detach().clone().requires_grad_()
     xr = logits.detach().clone().requires_grad_()
@@ -34,7 +34,7 @@ def _check(logits, labels, *, temperature, entropy, grad=True):
     exp = exp if entropy else (exp,)
     for a, b in zip(out, exp):
         assert a.dtype == torch.float32 and a.shape == labels.shape
-        torch.testing.assert_close(a, b, **TOL[dtype])
+        torch.testing.assert_close(a, b, **(tol or TOL[dtype]))
     if not grad:
         return
     g = torch.Generator().manual_seed(1)
@@ -58,7 +58,9 @@ def test_matches_reference(dtype, shape, V, entropy, temperature):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_vocab(V, dtype):
     logits, labels = _inputs((2,), V, dtype, n_ignore=0)
-    _check(logits, labels, temperature=1.0, entropy=True)
+    # float32 sums of ~1.5e5 terms in another order carry ~sqrt(V)·eps ≈ 2e-5 relative noise
+    # (1.3e-5 on an AMD EPYC's numpy, which the interpreter runs on)
+    _check(logits, labels, temperature=1.0, entropy=True, tol=dict(rtol=1e-4, atol=1e-4))
 
 
 def test_extreme_and_neg_inf_logits():

@@ -4,70 +4,13 @@ of the high-entropy quantile, GSPO's gradient under per-token importance weights
 and the clip metric of GSPO's sequence level (TRL's ``clip_ratio/region_mean``, one flag per
 answer)."""
 
-import types
-from collections import defaultdict
-from pathlib import Path
-
 import pytest
 import torch
 
 from rlhf_fast.algorithms import policy_losses as pl
-from tests.test_review_grpo_parity import _Accel  # what _compute_loss uses of an Accelerator
-from tests.test_rl_loss_variants import _inputs
+from tests.test_review_grpo_parity import _case, _row, trl_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "from_trl.md"
-
-
-def trl_loss(loss_type, logp, ent, old, adv_row, mask, *, eps_low=0.2, eps_high=0.28, level="token",
-             is_ratio=None):
-    """TRL 1.16 ``GRPOTrainer._compute_loss`` itself on a stub (``logp`` / ``ent`` ``[B, T]`` the
-    policy's per-token log-probs and entropies, the completion the whole row; ``adv_row`` ``[B]``;
-    ``is_ratio`` ``[B, T]``: its vLLM importance-sampling ratios, with
-    ``vllm_importance_sampling_correction``). Returns ``(loss, metrics)``, each metric the value
-    this call logged."""
-    GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
-    B, T = logp.shape
-    stub = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True), accelerator=_Accel(),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, loss_type=loss_type, epsilon_low=eps_low,
-        epsilon_high=eps_high, beta=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level=level, use_vllm=is_ratio is not None,
-        vllm_importance_sampling_correction=is_ratio is not None, current_gradient_accumulation_steps=1,
-        max_completion_length=T, _entropy_bonus_enabled=False, entropy_coef=0.0, use_adaptive_entropy=False,
-        aux_loss_enabled=False,
-        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1))
-    stub._get_per_token_logps_and_entropies = lambda *a, **kw: (logp, ent, None)
-    m = mask.to(logp.dtype)
-    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": m, "advantages": adv_row,
-              "old_per_token_logps": old, "num_items_in_batch": m.sum()}
-    if is_ratio is not None:
-        inputs["importance_sampling_ratio"] = is_ratio
-    loss = GRPOTrainer._compute_loss(stub, None, inputs)
-    return loss, {k: v[-1] for k, v in stub._metrics["train"].items()}
-
-
-def _case():
-    """tests/test_rl_loss_variants.py's awkward inputs (holes in the mask, a row without loss
-    tokens, ratios on both sides of the clip); ours per token, TRL's advantages one per row."""
-    logp, old, _, ent, adv, mask = _inputs()
-    adv_row = adv[:, 1].clone()
-    adv_row[2] = 0.0
-    return logp, old, ent, adv, adv_row, mask
-
-
-def _row(trl_cell: str) -> str:
-    """The notes of the GRPOTrainer table's row whose TRL cell is ``trl_cell``."""
-    text = DOC.read_text()
-    section = text[text.index("### GRPOTrainer / GRPOConfig"):]
-    section = section[:section.index("\n### ", 10)]
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[0] == trl_cell:
-            return cells[2]
-    raise AssertionError(f"no row {trl_cell}")
 
 
 # --------------------------------------------------------------------------- 1. the quantile's bad input
@@ -110,7 +53,7 @@ def test_sequence_level_row_names_is_cap_where_the_gradient_is_gspo_tokens():
     lo, lt = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     ours, _ = pl.policy_loss_from_logp(lo, ent, old, adv * w, mask, clip_high=0.28, agg="seq-mean-token-mean",
                                        importance_sampling_level="sequence")
-    want, _ = trl_loss("grpo", lt, ent, old, adv_row, mask, level="sequence", is_ratio=w)
+    want, _ = trl_loss("grpo", lt, ent, old, adv_row, mask, level="sequence", is_ratio=w, metrics=True)
     torch.testing.assert_close(ours, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(torch.autograd.grad(ours, lo)[0], torch.autograd.grad(want, lt)[0])
     # with one weight per answer (the sequence modes) it is TRL's gradient
@@ -118,7 +61,8 @@ def test_sequence_level_row_names_is_cap_where_the_gradient_is_gspo_tokens():
     lo2, lt2 = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     ours2, _ = pl.policy_loss_from_logp(lo2, ent, old, adv * w_row, mask, clip_high=0.28, agg="seq-mean-token-mean",
                                         importance_sampling_level="sequence")
-    want2, _ = trl_loss("grpo", lt2, ent, old, adv_row, mask, level="sequence", is_ratio=w_row)
+    want2, _ = trl_loss("grpo", lt2, ent, old, adv_row, mask, level="sequence", is_ratio=w_row,
+                        metrics=True)
     torch.testing.assert_close(torch.autograd.grad(ours2, lo2)[0], torch.autograd.grad(want2, lt2)[0],
                                rtol=1e-12, atol=1e-12)
     row = _row("`importance_sampling_level`")
@@ -139,7 +83,7 @@ def test_sequence_level_clip_frac_is_trls_region_mean(ours, trl_type, agg):
     logp, old, ent, adv, adv_row, mask = _case()
     _, st = pl.policy_loss_from_logp(logp, ent, old, adv, mask, policy_loss=ours, clip_high=0.28, agg=agg,
                                      importance_sampling_level="sequence")
-    _, met = trl_loss(trl_type, logp, ent, old, adv_row, mask, level="sequence")
+    _, met = trl_loss(trl_type, logp, ent, old, adv_row, mask, level="sequence", metrics=True)
     assert met["clip_ratio/region_mean"] == pytest.approx(0.4)
     assert float(st["clip_frac"]) == pytest.approx(met["clip_ratio/region_mean"], abs=1e-7)  # TRL's in float32
     # the ratio is one per answer too: its mean over the answers (a row without loss tokens: exp(0))
@@ -148,7 +92,7 @@ def test_sequence_level_clip_frac_is_trls_region_mean(ours, trl_type, agg):
     assert float(st["ratio_mean"]) == pytest.approx(float(s.mean()), rel=1e-12)
     # the token level stays TRL's token share
     _, st_t = pl.policy_loss_from_logp(logp, ent, old, adv, mask, policy_loss=ours, clip_high=0.28, agg=agg)
-    _, met_t = trl_loss(trl_type, logp, ent, old, adv_row, mask)
+    _, met_t = trl_loss(trl_type, logp, ent, old, adv_row, mask, metrics=True)
     assert float(st_t["clip_frac"]) == pytest.approx(met_t["clip_ratio/region_mean"], abs=1e-7)
 
 
@@ -188,7 +132,7 @@ def test_trainer_sequence_level_clip_frac_is_trls(tmp_path, ppo):
                                  temperature=tr.config.rollout.temperature).double()
     adv_row = (torch.where(mask, data.advantages, torch.zeros(())).sum(1) / mask.sum(1).clamp(min=1)).double()
     _, met = trl_loss("grpo", logp, torch.zeros_like(logp), data.old_logp.double(), adv_row, mask, eps_low=0.002,
-                      eps_high=0.002, level="sequence")
+                      eps_high=0.002, level="sequence", metrics=True)
     assert sorted(mask.sum(1).tolist())[:4] == [0, 2, 2, 6]
     assert 0 < met["clip_ratio/region_mean"] < 1
     for st in (s8, s2):

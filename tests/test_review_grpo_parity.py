@@ -43,18 +43,20 @@ class _Accel:
 
 
 def trl_loss(loss_type, logp, ent, old, adv_row, mask, *, eps_low=0.2, eps_high=0.28, level="token", delta=None,
-             q=1.0, entropy_coef=0.0, ga=1, spg=1, num_items=None):
+             q=1.0, entropy_coef=0.0, ga=1, spg=1, num_items=None, is_ratio=None, metrics=False):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` itself on a stub: ``logp`` / ``ent`` ``[B, T]`` are the
     policy's per-token log-probs and entropies (the completion is the whole row), ``adv_row`` ``[B]``;
     ``ga`` / ``spg`` its gradient-accumulation steps and steps_per_generation, ``num_items`` the
-    generation batch's loss tokens (default: this batch's)."""
+    generation batch's loss tokens (default: this batch's); ``is_ratio`` its vLLM importance-sampling
+    ratios (None: off). With ``metrics``: (loss, the metrics it logged, last value each)."""
     GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
     B, T = logp.shape
     stub = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=_Accel(),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, loss_type=loss_type, epsilon_low=eps_low,
         epsilon_high=eps_high, beta=0.0, top_entropy_quantile=q, off_policy_mask_threshold=None,
-        importance_sampling_level=level, use_vllm=False, vllm_importance_sampling_correction=False,
+        importance_sampling_level=level, use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None,
         current_gradient_accumulation_steps=ga, max_completion_length=T, _entropy_bonus_enabled=entropy_coef != 0,
         entropy_coef=entropy_coef, use_adaptive_entropy=False, aux_loss_enabled=False,
         args=types.SimpleNamespace(delta=delta, use_bias_correction_kl=False, steps_per_generation=spg))
@@ -64,7 +66,10 @@ def trl_loss(loss_type, logp, ent, old, adv_row, mask, *, eps_low=0.2, eps_high=
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
               "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": m, "advantages": adv_row,
               "old_per_token_logps": old, "num_items_in_batch": m.sum() if num_items is None else num_items}
-    return GRPOTrainer._compute_loss(stub, None, inputs)
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    return (loss, {k: v[-1] for k, v in stub._metrics["train"].items()}) if metrics else loss
 
 
 def _case():

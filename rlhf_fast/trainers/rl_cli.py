@@ -192,11 +192,11 @@ def _file_value(path, *keys):
     return data
 
 
-def _override_value(overrides, key: str):
-    """The value of ``--key value`` / ``--key=value`` among the override tokens (the last), or None.
-    Dashes in a token's key read as underscores, as :func:`~rlhf_fast.trainers.config.load_config`
-    reads them (``--output-dir``)."""
-    found = None
+def _last_option(overrides, key: str):
+    """(index after the last ``--key value`` / ``--key=value`` among the override tokens, its
+    value), or (None, None). Dashes in a token's key read as underscores, as
+    :func:`~rlhf_fast.trainers.config.load_config` reads them (``--output-dir``)."""
+    end, found = None, None
     for i, t in enumerate(overrides):
         if not t.startswith("--"):
             continue
@@ -204,10 +204,16 @@ def _override_value(overrides, key: str):
         if name.replace("-", "_") != key:
             continue
         if eq:
-            found = value
+            end, found = i + 1, value
         elif i + 1 < len(overrides):
-            found = overrides[i + 1]
-    return found
+            end, found = i + 2, overrides[i + 1]
+    return end, found
+
+
+def _override_value(overrides, key: str):
+    """The value of ``--key value`` / ``--key=value`` among the override tokens (the last), or None
+    (:func:`_last_option`)."""
+    return _last_option(overrides, key)[1]
 
 
 def _whole_section(overrides, section: str):
@@ -216,15 +222,7 @@ def _whole_section(overrides, section: str):
     that is no mapping sets no key (:func:`load_config` reports it)."""
     from rlhf_fast.trainers.config import yaml_value
 
-    end, text = None, None
-    for i, t in enumerate(overrides):
-        name, eq, value = t[2:].partition("=") if t.startswith("--") else ("", "", "")
-        if name.replace("-", "_") != section:
-            continue
-        if eq:
-            end, text = i + 1, value
-        elif i + 1 < len(overrides):
-            end, text = i + 2, overrides[i + 1]
+    end, text = _last_option(overrides, section)
     if end is None:
         return None, ()
     import yaml
